@@ -1,0 +1,447 @@
+"""Configuration: ModelConfig (one flat dataclass, HF DeepseekV3 names where they exist),
+TrainConfig and DataConfig, grouped in RunConfig, loaded from YAML with dotted overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from minimoe.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # sizes
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 1024
+    # attention
+    attn_type: Literal["mla", "gqa"] = "mla"
+    n_kv_heads: int | None = None  # gqa only; None = n_heads (MHA)
+    head_dim: int | None = None  # gqa only; None = hidden_size // n_heads
+    q_lora_rank: int | None = None  # mla: None = direct q_proj
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+    #        "mscale", "mscale_all_dim"}; None = plain RoPE
+    rope_scaling: dict | None = None
+    # feed-forward
+    intermediate_size: int = 512  # dense SwiGLU layers
+    first_k_dense: int = 1  # the first k layers are dense, the rest MoE
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
+    expert_act: Literal["swiglu", "gelu"] = "swiglu"
+    # routing
+    scoring_func: Literal["softmax", "sigmoid"] = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_jitter: float = 0.0  # multiplicative noise eps in training (Switch/MyMoE style)
+    # balancing
+    aux_free_bias: bool = True  # DeepSeek-V3 auxiliary-loss-free bias (selection only)
+    bias_update_speed: float = 0.001
+    aux_loss_alpha: float = 0.0  # token-level (batch) balance loss
+    seq_aux_loss_alpha: float = 0.0  # sequence-wise balance loss (V3 eq. 17-20)
+    z_loss_coef: float = 0.0
+    capacity_factor: float | None = None  # None = dropless
+    moe_impl: Literal["auto", "grouped_mm", "loop"] = "auto"
+    # multi-token prediction
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+    # misc
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    dropout: float = 0.0  # residual branches
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+
+    # ---- derived ----
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head."""
+        return self.qk_rope_head_dim if self.attn_type == "mla" else self.gqa_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense and self.n_routed_experts > 0
+
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError with one sentence naming the field if the config is not buildable."""
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "max_seq_len", "intermediate_size"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.attn_type in ("mla", "gqa"), f"attn_type must be 'mla' or 'gqa', got {self.attn_type!r}")
+        if self.attn_type == "gqa":
+            if self.head_dim is None:
+                need(
+                    self.hidden_size % self.n_heads == 0,
+                    f"n_heads ({self.n_heads}) does not divide hidden_size ({self.hidden_size})",
+                )
+            need(self.gqa_head_dim > 0, f"head_dim must be positive, got {self.head_dim}")
+            need(self.gqa_head_dim % 2 == 0, f"head_dim ({self.gqa_head_dim}) must be even for RoPE")
+            need(
+                1 <= self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
+                f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})",
+            )
+        else:
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(self.qk_nope_head_dim >= 0, f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim}")
+            need(
+                self.qk_rope_head_dim % 2 == 0,
+                f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for RoPE",
+            )
+            need(
+                self.q_lora_rank is None or self.q_lora_rank > 0,
+                f"q_lora_rank must be positive or null, got {self.q_lora_rank}",
+            )
+        need(
+            0 <= self.first_k_dense <= self.n_layers,
+            f"first_k_dense ({self.first_k_dense}) must be between 0 and n_layers ({self.n_layers})",
+        )
+        need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
+        if self.n_routed_experts > 0:
+            need(
+                self.num_experts_per_tok >= 1,
+                f"num_experts_per_tok must be at least 1, got {self.num_experts_per_tok}",
+            )
+            need(
+                self.num_experts_per_tok <= self.n_routed_experts,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) is larger than "
+                f"n_routed_experts ({self.n_routed_experts})",
+            )
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
+            need(self.n_group >= 1, f"n_group must be at least 1, got {self.n_group}")
+            need(
+                self.n_routed_experts % self.n_group == 0,
+                f"n_routed_experts ({self.n_routed_experts}) is not divisible into n_group ({self.n_group}) groups",
+            )
+            need(
+                1 <= self.topk_group <= self.n_group,
+                f"topk_group ({self.topk_group}) must be between 1 and n_group ({self.n_group})",
+            )
+            per_group = self.n_routed_experts // self.n_group
+            need(
+                self.num_experts_per_tok <= self.topk_group * per_group,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in topk_group "
+                f"({self.topk_group}) groups of {per_group}",
+            )
+            if self.n_group > 1 and self.scoring_func == "sigmoid":
+                # V3 scores a group by the sum of its top-2 experts
+                need(per_group >= 2, "group-limited sigmoid routing needs at least 2 experts per group")
+        need(
+            self.scoring_func in ("softmax", "sigmoid"),
+            f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}",
+        )
+        need(self.expert_act in ("swiglu", "gelu"), f"expert_act must be 'swiglu' or 'gelu', got {self.expert_act!r}")
+        need(
+            self.moe_impl in ("auto", "grouped_mm", "loop"),
+            f"moe_impl must be auto, grouped_mm or loop, got {self.moe_impl!r}",
+        )
+        need(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            f"capacity_factor must be positive or null, got {self.capacity_factor}",
+        )
+        need(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
+        for name in ("aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_coef", "bias_update_speed", "mtp_loss_weight"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout", "attn_dropout"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            need(isinstance(rs, dict), "rope_scaling must be a mapping or null")
+            need(rs.get("type", rs.get("rope_type", "yarn")) == "yarn", "rope_scaling type must be 'yarn'")
+            need(float(rs.get("factor", 0)) >= 1, "rope_scaling.factor must be >= 1")
+            need(
+                int(rs.get("original_max_position_embeddings", 0)) > 0,
+                "rope_scaling.original_max_position_embeddings must be positive",
+            )
+        return self
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME; None = built-in corpus
+    tokenizer: str = "byte"  # byte | bpe:VOCAB | path to tokenizer.json or folder
+    text_field: str = "text"
+    glob: str = "**/*"
+    val_fraction: float = 0.01
+    cache_dir: str | None = None  # None = RUN_DIR/data
+    workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 0  # 0 = at eval steps and at the end
+    keep_last: int = 2
+    early_stop_patience: int = 0  # evals without improvement; 0 = off
+    seed: int = 1337
+    device: str = "auto"
+    threads: int = 0  # 0 = torch default
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "minimoe"
+    sample_tokens: int = 200  # sample printed at the end
+    sample_prompt: str = ""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        t = self.train
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {t.lr}")
+        if t.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        return self
+
+
+# ---------------------------------------------------------------- dict / YAML plumbing
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the dataclass field type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, str):
+            import yaml
+
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
+
+
+def dataclass_from_dict(cls: type, d: dict, where: str = "") -> Any:
+    """Build a dataclass from a dict, coercing types and rejecting unknown keys."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            raise _unknown_key(str(k), names, where)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = dataclass_from_dict(tp, v or {}, f"{where}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{where}{k}")
+    return cls(**kwargs)
+
+
+def set_dotted(cfg: Any, key: str, value: Any) -> None:
+    """Apply one `section.field=value` override in place."""
+    parts = key.split(".")
+    obj = cfg
+    path = ""
+    for p in parts[:-1]:
+        names = [f.name for f in fields(obj)]
+        if p not in names:
+            raise _unknown_key(p, names, path)
+        obj = getattr(obj, p)
+        path += p + "."
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"config key '{path.rstrip('.')}' has no sub-keys")
+    last = parts[-1]
+    names = [f.name for f in fields(obj)]
+    if last not in names:
+        raise _unknown_key(last, names, path)
+    tp = typing.get_type_hints(type(obj))[last]
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        # keep strings that YAML would turn into something else only if the field wants a str
+        value = value if tp is str else parsed
+    setattr(obj, last, _coerce(value, tp, f"{path}{last}"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a directory, not a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"override '{it}' is not of the form key=value")
+        k, v = it.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def build_run_config(
+    preset: str | None = None, config_path: str | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Preset, then YAML file, then dotted overrides; validated."""
+    from minimoe.presets import get_preset, preset_train_defaults
+
+    cfg = RunConfig()
+    if preset is not None:
+        cfg.model = get_preset(preset)
+        for k, v in preset_train_defaults(preset).items():
+            set_dotted(cfg, k, v)
+    if config_path is not None:
+        d = load_yaml(config_path)
+        if "preset" in d:
+            cfg.model = get_preset(d.pop("preset"))
+        for section in ("model", "train", "data"):
+            sub = d.pop(section, None) or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping")
+            for k, v in sub.items():
+                set_dotted(cfg, f"{section}.{k}", v)
+        if d:
+            raise _unknown_key(next(iter(d)), ["model", "train", "data", "preset"], "")
+    for k, v in parse_overrides(overrides or []):
+        set_dotted(cfg, k, v)
+    return cfg.validate()
