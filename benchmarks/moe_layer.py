@@ -1,0 +1,115 @@
+"""Forward + backward time of one MoE layer against a naive per-expert mask loop and a dense SwiGLU MLP
+with the same activated FLOPs (intermediate = K * moe_intermediate + shared intermediate).
+
+    python benchmarks/moe_layer.py            # prints a Markdown table
+    python benchmarks/moe_layer.py --quick    # fewer repeats
+
+All numbers in one table come from one run (fp32, CPU threads as given, warm-up then median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minimoe.config import ModelConfig
+from minimoe.model.experts import MLP, resolve_impl
+from minimoe.model.moe import MoE
+
+SIZES = [  # (hidden D, experts E, top-k K, expert intermediate I, shared experts)
+    (256, 8, 2, 256, 0),
+    (512, 16, 2, 512, 0),
+    (256, 32, 8, 64, 0),
+    (256, 32, 6, 64, 2),  # DeepSeekMoE-style fine-grained experts plus shared experts
+]
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 reference style (inference/model.py): `torch.where(indices == i)` per expert."""
+    B, S, D = x.shape
+    x_TD = x.reshape(-1, D)
+    r = moe.gate(x)
+    y_TD = torch.zeros_like(x_TD)
+    counts = r.counts.tolist()
+    e = moe.experts
+    for i in range(moe.n_experts):
+        if counts[i] == 0:
+            continue
+        tok, slot = torch.where(r.topk_idx == i)
+        h = F.silu(x_TD[tok] @ e.gate_proj[i].T) * (x_TD[tok] @ e.up_proj[i].T)
+        y_TD[tok] += (h @ e.down_proj[i].T) * r.topk_weight[tok, slot, None]
+    if moe.shared_experts is not None:
+        y_TD = y_TD + moe.shared_experts(x_TD)
+    return y_TD.view(B, S, D)
+
+
+def time_fwd_bwd(fn, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn(x) forward + backward."""
+    times = []
+    for i in range(warmup + repeats):
+        xi = x.detach().requires_grad_()
+        t0 = time.perf_counter()
+        y = fn(xi)
+        y.backward(torch.ones_like(y))
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return 1e3 * statistics.median(times)
+
+
+def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        hidden_size=D,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        moe_intermediate_size=I,
+        n_shared_experts=shared,
+        scoring_func="sigmoid",
+        aux_free_bias=True,
+    ).validate()
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.normal_(0.0, 0.5)  # roughly balanced routing, as after training
+    dense = MLP(D, K * I + shared * I)
+    seq = 512
+    x = torch.randn(tokens // seq, seq, D)
+    rows = []
+    for impl in ("auto", "grouped_mm", "loop"):
+        moe.experts.impl = impl
+        label = f"moe {impl}" + (f" ({resolve_impl(impl, x.view(-1, D), D, I)})" if impl == "auto" else "")
+        rows.append((label, time_fwd_bwd(lambda t: moe(t)[0], x, warmup, repeats)))
+    moe.experts.impl = "auto"
+    rows.append(("naive mask loop", time_fwd_bwd(lambda t: naive_moe(moe, t), x, warmup, repeats)))
+    rows.append(("dense FLOP-equal", time_fwd_bwd(dense, x, warmup, repeats)))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and only 2048 tokens")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096, 2048 with --quick)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tokens = args.tokens or (2048 if args.quick else 4096)
+    warmup, repeats = (2, 5) if args.quick else (3, 15)
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, T = {tokens} tokens, fwd+bwd, median ms\n")
+    print("| D | E | K | I | shared | dense I | method | ms | vs dense | vs naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for D, E, K, I, shared in SIZES:
+        rows = dict(bench_size(D, E, K, I, shared, tokens, warmup, repeats))
+        dense, naive = rows["dense FLOP-equal"], rows["naive mask loop"]
+        for name, ms in rows.items():
+            print(
+                f"| {D} | {E} | {K} | {I} | {shared} | {K * I + shared * I} | {name} | {ms:.1f} "
+                f"| {ms / dense:.2f}x | {ms / naive:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()

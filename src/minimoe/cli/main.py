@@ -1,0 +1,62 @@
+"""`minimoe` command line: one module per subcommand, each with add_parser(subparsers) and run(args).
+
+User mistakes (MinimoeError) become one sentence on stderr and exit code 2; unexpected errors print a
+one-line summary and exit 1, with the traceback behind --debug."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from minimoe.errors import MinimoeError
+
+COMMANDS = {
+    "train": "minimoe.cli.train",
+    "generate": "minimoe.cli.generate",
+    "params": "minimoe.cli.params",
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one sentence (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"minimoe: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minimoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return importlib.import_module(COMMANDS[args.command]).run(args) or 0
+    except MinimoeError as e:
+        sys.stderr.write(f"minimoe {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("minimoe: interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI boundary
+        if args.debug:
+            raise
+        sys.stderr.write(
+            f"minimoe {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n"
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

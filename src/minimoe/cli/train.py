@@ -1,0 +1,63 @@
+"""`minimoe train`: train a model on raw text (the built-in corpus when no --data is given)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from minimoe.errors import MinimoeError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from raw text",
+        description="Train a model. Config: --preset, then --config YAML, then dotted overrides "
+        "(e.g. train.max_steps=500 model.n_layers=2).",
+    )
+    p.add_argument("--preset", help="named model config (default: tiny when no --config is given)")
+    p.add_argument("--config", help="YAML file with model/train/data sections")
+    p.add_argument("--data", help="text file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME (default: built-in corpus)")
+    p.add_argument("--val-data", help="separate validation source (default: a split of --data)")
+    p.add_argument("--tokenizer", help="byte, bpe:VOCAB, or a tokenizer.json file/folder (sets data.tokenizer)")
+    p.add_argument("--out", help="run directory (default: runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides key=value")
+
+
+def run(args) -> int:
+    from minimoe.train.run import train_from_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.resume and (args.preset or args.config):
+        raise MinimoeError("--resume takes its config from the run directory; drop --preset/--config")
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.tokenizer is not None:
+        overrides.append(f"data.tokenizer={args.tokenizer}")
+    result = train_from_config(
+        preset=args.preset,
+        config_path=args.config,
+        overrides=overrides,
+        run_dir=Path(args.resume or args.out or f"runs/{args.preset or 'tiny'}"),
+        resume=bool(args.resume),
+        val_source=args.val_data,
+        progress=not args.no_progress,
+        sample=not args.no_sample,
+    )
+    print(
+        f"step {result.step}  tokens {result.tokens:,}  "
+        f"val_loss {result.val_loss:.4f}  val_bpb {result.val_bpb:.4f}  "
+        f"{result.tokens_per_s:,.0f} tok/s  {result.elapsed_s / 60:.1f} min  ({result.stopped})"
+        if result.val_loss is not None
+        else f"step {result.step} ({result.stopped})"
+    )
+    print(f"checkpoint: {result.checkpoint}")
+    if result.sample is not None:
+        print("--- sample ---")
+        print(result.sample)
+    return 0

@@ -1,0 +1,493 @@
+"""Document sources: text files and folders, JSONL, Parquet, Hugging Face datasets, already-tokenized
+arrays, and the built-in corpus (the Python standard library's own source).
+
+`open_source(spec)` returns a `Corpus`. A text corpus yields *segments* `(text, end_of_document)`:
+documents over `SEGMENT_CHARS` are cut at a newline into several segments, so one huge file is
+tokenized in parallel and never held in memory whole; EOS goes only after the last segment.
+`describe()` lists the files with sizes and mtimes (a cheap change check) and `content_hash()`
+hashes what the documents are made of (the cache key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from minimoe.errors import MinimoeError
+
+EOT = "<|endoftext|>"
+# Documents longer than this many characters are tokenized in pieces cut at a newline.
+SEGMENT_CHARS = 1 << 22
+READ_CHARS = 1 << 22
+TEXT_SUFFIXES_JSONL = (".jsonl", ".ndjson")
+TOKEN_SUFFIXES = (".npy", ".bin")
+
+# Built-in corpus: stdlib *.py minus tests, GUI/demo code, vendored or deprecated trees and
+# generated tables (encodings/ are charmap tables, pydoc_data/ is prose, _sysconfigdata* is
+# machine-specific). What is left is 389 files, 7.8 MB of ordinary Python on CPython 3.11.
+BUILTIN_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "distutils",
+        "ensurepip",
+        "encodings",
+        "pydoc_data",
+        "site-packages",
+        "dist-packages",
+        "lib-dynload",
+        "__pycache__",
+    }
+)
+
+
+def split_documents(chunks: Iterable[str], max_chars: int = SEGMENT_CHARS) -> Iterator[tuple[str, bool]]:
+    """Split a text stream into documents at lines holding just `<|endoftext|>`.
+
+    Args:
+        chunks: consecutive pieces of one file's text.
+        max_chars: longer documents come out as several segments cut before a newline.
+    Returns:
+        An iterator of `(text, end_of_document)`. Whitespace-only documents are dropped; a file
+        without separator lines is one document, its text unchanged.
+    """
+    sep = "\n" + EOT + "\n"
+    # A virtual "\n" before the stream and after it lets separators on the first or last line
+    # match too; each document then starts with exactly one "\n" that is not its own.
+    buf, start, at_doc_start = "\n", 0, True
+    for chunk in itertools.chain(chunks, [None]):
+        final = chunk is None
+        buf = buf[start:] + ("\n" if final else chunk)
+        start = 0
+        while (j := buf.find(sep, start)) >= 0:
+            text = buf[start + 1 if at_doc_start else start : j]
+            if not at_doc_start or text.strip():
+                yield text, True
+            start, at_doc_start = j + len(sep) - 1, True  # keep the "\n": it starts the next doc
+        if final:
+            text = buf[start + 1 if at_doc_start else start : -1]
+            if not at_doc_start or text.strip():
+                yield text, True
+            return
+        while len(buf) - start > max_chars + len(sep):
+            # No separator in buf[start:], so cutting before a newline cannot split one.
+            i = buf.rfind("\n", start + 1, start + max_chars)
+            i = start + max_chars if i < 0 else i
+            yield buf[start + 1 if at_doc_start else start : i], False
+            start, at_doc_start = i, False
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat(path: Path, root: Path | None = None) -> list:
+    st = path.stat()
+    return [str(path.relative_to(root)) if root else str(path), st.st_size, st.st_mtime_ns]
+
+
+class Corpus:
+    """A source of documents. Subclasses set `kind`, `name` and `files`, and yield segments."""
+
+    kind: str = "corpus"
+    pretokenized: bool = False
+
+    def __init__(self, name: str, files: list[Path], root: Path | None = None, params: dict | None = None):
+        self.name = name  # how messages refer to it
+        self.files = files
+        self.root = root
+        self.params = params or {}
+        # Files skipped while iterating a folder (binary, not UTF-8); filled by segments().
+        self.skipped: dict[str, int] = {}
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        """`(text, end_of_document)` pairs; see `split_documents`."""
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[str]:
+        """Whole documents (segments joined); for BPE training and tests."""
+        parts: list[str] = []
+        for text, end in self.segments():
+            parts.append(text)
+            if end:
+                yield "".join(parts)
+                parts = []
+
+    def describe(self) -> dict[str, Any]:
+        """Kind, parameters and files with size and mtime: equal descriptions mean unchanged input."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "params": self.params,
+            "files": [_stat(f, self.root) for f in self.files],
+        }
+
+    def content_hash(self) -> str:
+        """sha256 over the kind, parameters and the bytes of every file, in order."""
+        h = hashlib.sha256(json.dumps([self.kind, self.params], sort_keys=True).encode())
+        for f in self.files:
+            h.update(str(f.relative_to(self.root) if self.root else f.name).encode() + b"\0")
+            h.update(_file_hash(f).encode())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, files={len(self.files)})"
+
+
+class TextFileCorpus(Corpus):
+    """One UTF-8 text file; documents separated by `<|endoftext|>` lines, else one document."""
+
+    kind = "text"
+
+    def __init__(self, path: Path):
+        super().__init__(str(path), [path])
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        path = self.files[0]
+        with open(path, "rb") as f:
+            if b"\0" in f.read(8192):
+                raise MinimoeError(f"{path} is a binary file (it contains NUL bytes), not text")
+        try:
+            yield from split_documents(_read_chunks(path))
+        except UnicodeDecodeError:
+            raise MinimoeError(f"{path} is not UTF-8 text; convert it to UTF-8 first") from None
+
+
+def _read_chunks(path: Path) -> Iterator[str]:
+    # newline="": keep "\r\n" as written, so token counts and bytes match the file
+    with open(path, encoding="utf-8", newline="") as f:
+        first = True
+        while chunk := f.read(READ_CHARS):
+            if first and chunk.startswith("\ufeff"):
+                chunk = chunk[1:]  # a UTF-8 byte-order mark is not text
+            first = False
+            yield chunk
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob over '/'-separated relative paths: `**/` is zero or more folders, `*` and `?` stay
+    within one name, `[...]` is a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (j := pattern.find("]", i + 2)) > 0:
+            body = pattern[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body[0] == "!" else body).replace("\\", "\\\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _walk(root: Path, glob: str, skip_dirs: frozenset) -> list[Path]:
+    """Files under `root` matching `glob`, sorted by relative path. Hidden names and `skip_dirs`
+    are pruned while walking, so a .git or .venv inside the folder costs nothing."""
+    match = _glob_regex(glob.removeprefix("./")).match
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        for f in filenames:
+            if not f.startswith(".") and match(prefix + f):
+                found.append((prefix + f, Path(dirpath) / f))
+    return [p for _, p in sorted(found) if p.is_file()]
+
+
+class FolderCorpus(Corpus):
+    """Text files under a folder matching a glob, in sorted order; binary and non-UTF-8 files are
+    skipped and counted in `skipped`. Hidden files and folders (names starting with '.') are
+    left out."""
+
+    kind = "folder"
+
+    def __init__(
+        self, root: Path, glob: str = "**/*", name: str | None = None, skip_dirs: frozenset = frozenset()
+    ):
+        files = _walk(root, glob, skip_dirs)
+        super().__init__(name or str(root), files, root=root, params={"glob": glob})
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        self.skipped = {"binary": 0, "not_utf8": 0}
+        for f in self.files:
+            data = f.read_bytes()
+            if b"\0" in data:
+                self.skipped["binary"] += 1
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.skipped["not_utf8"] += 1
+                continue
+            yield from split_documents([text.removeprefix("\ufeff")])
+
+
+class BuiltinCorpus(FolderCorpus):
+    """The Python standard library's *.py files (see BUILTIN_SKIP_DIRS): present on every machine."""
+
+    kind = "builtin"
+
+    def __init__(self) -> None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        super().__init__(
+            root, "**/*.py", name="the built-in corpus (Python stdlib)", skip_dirs=BUILTIN_SKIP_DIRS
+        )
+        self.files = [f for f in self.files if not f.name.startswith("_sysconfigdata")]
+        self.params["python"] = ".".join(map(str, sys.version_info[:3]))
+
+
+class JsonlCorpus(Corpus):
+    """JSON Lines: one document per record, taken from `text_field`."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: Path, text_field: str = "text"):
+        super().__init__(str(path), [path], params={"text_field": text_field})
+        self.text_field = text_field
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        path, field = self.files[0], self.text_field
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise MinimoeError(f"{path} line {n} is not valid JSON") from None
+                    if not isinstance(rec, dict) or field not in rec:
+                        keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
+                        raise MinimoeError(f"{path} line {n} has no '{field}' field (it has: {keys})")
+                    yield from _record(rec[field], f"{path} line {n}", field)
+        except UnicodeDecodeError:
+            raise MinimoeError(f"{path} is not UTF-8 text; convert it to UTF-8 first") from None
+
+
+def _record(value: Any, where: str, field: str) -> Iterator[tuple[str, bool]]:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise MinimoeError(f"{where}: field '{field}' holds {type(value).__name__}, not text")
+    if value.strip():
+        yield value, True
+
+
+class ParquetCorpus(Corpus):
+    """Parquet: one document per row, from the string column `text_field` (read in batches)."""
+
+    kind = "parquet"
+
+    def __init__(self, path: Path, text_field: str = "text"):
+        super().__init__(str(path), [path], params={"text_field": text_field})
+        self.text_field = text_field
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        import pyarrow.parquet as pq
+
+        path, field = self.files[0], self.text_field
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
+            raise MinimoeError(f"{path} is not a readable Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise MinimoeError(f"{path} has no column '{field}' (it has: {', '.join(names)})")
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                yield from _record(value, str(path), field)
+
+
+class HFCorpus(Corpus):
+    """A Hugging Face `datasets` dataset: `hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]`.
+
+    A local data file (.json/.jsonl/.csv/.parquet/.txt) or folder is read with datasets' packaged
+    builders; a hub name needs the network.
+    """
+
+    kind = "hf"
+    BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+    def __init__(self, spec: str, text_field: str = "text", cache_dir: str | None = None):
+        target, _, query = spec[3:].partition("?")
+        opts = dict(parse_qsl(query))
+        unknown = set(opts) - {"name", "split", "revision"}
+        if not target or unknown:
+            raise MinimoeError(f"data source {spec!r} must be hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]")
+        local = Path(target).expanduser()
+        if local.is_dir():
+            files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+            root: Path | None = local
+        elif local.is_file():
+            files, root = [local], None
+        else:
+            files, root = [], None
+        params = {"target": target, "text_field": text_field, **opts}
+        super().__init__(spec, files, root=root, params=params)
+        self.local = local if (local.is_dir() or local.is_file()) else None
+        self.target, self.opts, self.text_field, self.cache_dir = target, opts, text_field, cache_dir
+        self._ds = None
+
+    def dataset(self):
+        """The loaded dataset split (loaded once per Corpus object)."""
+        if self._ds is not None:
+            return self._ds
+        import datasets
+
+        split = self.opts.get("split", "train")
+        kwargs: dict[str, Any] = {"split": split, "cache_dir": self.cache_dir}
+        try:
+            if self.local is not None and self.local.is_file():
+                builder = self.BUILDERS.get(self.local.suffix.lower())
+                if builder is None:
+                    raise MinimoeError(
+                        f"{self.local} has a suffix datasets cannot read ({', '.join(self.BUILDERS)})"
+                    )
+                ds = datasets.load_dataset(builder, data_files=str(self.local), **kwargs)
+            else:
+                ds = datasets.load_dataset(
+                    self.target, self.opts.get("name"), revision=self.opts.get("revision"), **kwargs
+                )
+        except MinimoeError:
+            raise
+        except Exception as e:  # offline hub lookups, missing splits, bad files: all one sentence
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            where = "local files" if self.local is not None else "the hub (this needs the network)"
+            raise MinimoeError(
+                f"could not load Hugging Face dataset {self.target!r} from {where}: {first}"
+            ) from None
+        if self.text_field not in ds.column_names:
+            raise MinimoeError(
+                f"dataset {self.target!r} has no column '{self.text_field}' (it has: {', '.join(ds.column_names)})"
+            )
+        self._ds = ds
+        return ds
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        ds = self.dataset()
+        for batch in ds.select_columns([self.text_field]).iter(batch_size=1000):
+            for value in batch[self.text_field]:
+                yield from _record(value, self.target, self.text_field)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        if self.local is None:
+            d["fingerprint"] = self.dataset()._fingerprint
+        return d
+
+    def content_hash(self) -> str:
+        if self.local is not None:
+            return super().content_hash()
+        # hub dataset: datasets' fingerprint identifies the cached arrow data
+        return hashlib.sha256(json.dumps([self.params, self.dataset()._fingerprint]).encode()).hexdigest()
+
+
+class TokenArrayCorpus(Corpus):
+    """Already-tokenized ids: a 1-D integer `.npy`, or a nanoGPT-style `.bin` of raw uint16.
+
+    They bypass tokenization; pass the tokenizer they were made with.
+    """
+
+    kind = "tokens"
+    pretokenized = True
+
+    def __init__(self, path: Path):
+        super().__init__(str(path), [path])
+
+    def tokens(self) -> np.ndarray:
+        """The ids, memory-mapped (not read into memory)."""
+        path = self.files[0]
+        if path.suffix == ".npy":
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise MinimoeError(f"{path} is not a readable .npy array ({e})") from None
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise MinimoeError(
+                    f"{path} holds a {arr.ndim}-D {arr.dtype} array; token ids must be 1-D integers"
+                )
+        else:
+            size = path.stat().st_size
+            if size % 2:
+                raise MinimoeError(
+                    f"{path} has an odd size ({size} bytes); a .bin must be raw uint16 token ids"
+                )
+            if size == 0:
+                raise MinimoeError(f"{path} contains no tokens")
+            arr = np.memmap(path, dtype=np.uint16, mode="r")
+        if arr.size == 0:
+            raise MinimoeError(f"{path} contains no tokens")
+        return arr
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        raise MinimoeError(f"{self.name} holds token ids, not text")
+
+
+def open_source(
+    spec: str | Path | Corpus | None,
+    text_field: str = "text",
+    glob: str = "**/*",
+    cache_dir: str | None = None,
+) -> Corpus:
+    """Open a document source.
+
+    Args:
+        spec: None (built-in corpus), a text file, a folder, a .jsonl/.ndjson or .parquet file,
+            a .npy/.bin token array, `hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]`, or a Corpus.
+        text_field: the text field of JSONL/Parquet/datasets records.
+        glob: which files of a folder to read.
+        cache_dir: the `datasets` cache for `hf:` sources (None = its default).
+    Returns:
+        The Corpus. Raises MinimoeError for a missing path.
+    """
+    if isinstance(spec, Corpus):
+        return spec
+    if spec is None:
+        return BuiltinCorpus()
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        return HFCorpus(spec, text_field=text_field, cache_dir=cache_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise MinimoeError(f"data path {path} does not exist")
+    if path.is_dir():
+        return FolderCorpus(path, glob)
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES_JSONL:
+        return JsonlCorpus(path, text_field)
+    if suffix == ".parquet":
+        return ParquetCorpus(path, text_field)
+    if suffix in TOKEN_SUFFIXES:
+        return TokenArrayCorpus(path)
+    return TextFileCorpus(path)

@@ -1,0 +1,208 @@
+"""Attention: grouped-query (GQA/MHA) and DeepSeek multi-head latent attention (MLA), with a KV cache.
+
+MLA keeps two paths in one module (as DeepSeek-V3's reference does):
+- naive: expand the latent through kv_b_proj into per-head keys/values and call SDPA (training, prefill);
+- absorbed: fold kv_b_proj into the query (keys) and the output (values) and attend over the cached
+  latent directly, so the cache holds only `kv_lora_rank + qk_rope_head_dim` numbers per token.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H heads, D hidden, r kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimoe.config import ModelConfig
+from minimoe.model.norm import RMSNorm
+from minimoe.model.rope import apply_rope, softmax_scale
+
+
+class LayerCache:
+    """Preallocated per-layer cache of two tensors `a`, `b` of shape (B, max_len, ...).
+
+    GQA stores a=keys, b=values (B, L, H_kv, d); MLA stores a=normalised latent (B, L, r),
+    b=RoPE'd shared key (B, L, d_rope).
+    """
+
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], dtype, device):
+        self.a = torch.zeros(a_shape, dtype=dtype, device=device)
+        self.b = torch.zeros(b_shape, dtype=dtype, device=device)
+
+    def update(self, a: torch.Tensor, b: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write T new entries at [start, start+T) and return views of everything up to start+T."""
+        end = start + a.shape[1]
+        if end > self.a.shape[1]:
+            raise ValueError(f"KV cache is full: {end} tokens > capacity {self.a.shape[1]}")
+        self.a[:, start:end] = a.to(self.a.dtype)
+        self.b[:, start:end] = b.to(self.b.dtype)
+        return self.a[:, :end], self.b[:, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search, dropping finished sequences)."""
+        self.a = self.a.index_select(0, index)
+        self.b = self.b.index_select(0, index)
+
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+
+def _causal_mask(t: int, s: int, start: int, device) -> torch.Tensor | None:
+    """Boolean (T, S) mask: new token i (absolute position start+i) sees positions <= start+i."""
+    if t == 1:
+        return None  # a single new token sees the whole cache
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def _sdpa(q, k, v, scale: float, start: int, dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA over (B, H, T, d) tensors with a causal mask offset by `start` cached tokens."""
+    t, s = q.shape[-2], k.shape[-2]
+    dv = v.shape[-1]
+    if q.is_cuda and dv != q.shape[-1]:
+        # flash kernels need equal QK and V head dims: pad V and slice the output
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    if start == 0 and t == s:
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa
+        )
+    else:
+        mask = _causal_mask(t, s, start, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa
+        )
+    return out[..., :dv]
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with half-split RoPE (Llama/Mixtral/Qwen layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.gqa_head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.scale = softmax_scale(self.head_dim, cfg.rope_scaling)
+        self.attn_dropout = cfg.attn_dropout
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache:
+        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        return LayerCache(shape, shape, dtype, device)
+
+    def cache_numbers_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
+
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = apply_rope(q, cos, sin, interleaved=False)
+        k = apply_rope(k, cos, sin, interleaved=False)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # (B, S, Hkv, d)
+        q, k, v = (t.transpose(1, 2) for t in (q, k.to(q.dtype), v.to(q.dtype)))  # (B, H*, S, d)
+        p = self.attn_dropout if self.training else 0.0
+        y = _sdpa(q, k, v, self.scale, start, p, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
+        return self.o_proj(y)
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention, HF parameter names, interleaved RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, H = cfg.hidden_size, cfg.n_heads
+        self.n_heads = H
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = self.nope + self.rope
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, d, bias=False)
+        self.scale = softmax_scale(self.qk_dim, cfg.rope_scaling)
+        self.attn_dropout = cfg.attn_dropout
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache:
+        return LayerCache((batch, max_len, self.kv_lora_rank), (batch, max_len, self.rope), dtype, device)
+
+    def cache_numbers_per_token(self) -> int:
+        return self.kv_lora_rank + self.rope
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)  # (B, T, H, nope+rope)
+        return q.split([self.nope, self.rope], dim=-1)
+
+    def forward(
+        self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, absorb: bool | None = None
+    ) -> torch.Tensor:
+        """absorb=None picks naive for full sequences and prefill, absorbed when decoding from a cache."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self._query(x)  # (B, T, H, nope), (B, T, H, rope)
+        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, interleaved=True).squeeze(2)  # (B, T, rope)
+        if absorb is None:
+            absorb = cache is not None and start > 0
+        if cache is not None:
+            c_kv_all, k_pe_all = cache.update(c_kv, k_pe, start)  # (B, S, r), (B, S, rope)
+        else:
+            c_kv_all, k_pe_all = c_kv, k_pe
+        if absorb:
+            y = self._absorbed(q_nope, q_pe, c_kv_all.to(x.dtype), k_pe_all.to(x.dtype), start)
+        else:
+            if cache is not None and start > 0:
+                c_kv, k_pe = c_kv_all.to(x.dtype), k_pe_all.to(x.dtype)
+            y = self._naive(q_nope, q_pe, c_kv, k_pe, start)
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
+        """Expand the latent into per-head keys and values; returns (B, T, H, v)."""
+        B, S, _ = c_kv.shape
+        H = self.n_heads
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope + self.v_dim)  # (B, S, H, nope+v)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, qk)
+        p = self.attn_dropout if self.training else 0.0
+        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start, p)
+        return y.transpose(1, 2)  # (B, T, H, v)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
+        """Attend over the cached latent with kv_b_proj folded in; returns (B, T, H, v)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
+        scores = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
+        scores = scores.float() * self.scale  # (B, H, T, S)
+        mask = _causal_mask(q_nope.shape[1], c_kv.shape[1], start, c_kv.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        if self.training and self.attn_dropout > 0:
+            probs = F.dropout(probs, self.attn_dropout)
+        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)  # (B, T, H, r)
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)  # (B, T, H, v)
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)

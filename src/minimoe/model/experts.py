@@ -1,0 +1,216 @@
+"""Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts
+with two kernels over tokens already sorted by expert: `torch._grouped_mm` and a loop over slices.
+
+Shape suffixes: N (token, expert) rows sorted by expert, D hidden, I expert intermediate, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimoe.errors import ConfigError
+
+
+def _activate(gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU when there is a gate projection, GELU otherwise."""
+    return F.gelu(up) if gate is None else F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    """Dense FFN with HF names: SwiGLU `down(silu(gate(x)) * up(x))`, or GELU `down(gelu(up(x)))`
+    (no `gate_proj`). Used for dense layers and for the shared experts."""
+
+    def __init__(self, hidden: int, inter: int, act: str = "swiglu"):
+        super().__init__()
+        if act not in ("swiglu", "gelu"):
+            raise ValueError(f"act must be 'swiglu' or 'gelu', got {act!r}")
+        self.act = act
+        self.gate_proj = nn.Linear(hidden, inter, bias=False) if act == "swiglu" else None
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., D) -> (..., D)."""
+        gate = self.gate_proj(x) if self.gate_proj is not None else None
+        return self.down_proj(_activate(gate, self.up_proj(x)))
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: `_grouped_mm`'s backward rejects
+    stride-0 gradients such as the one `y.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _gmm(x_NK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    # Pass the weight transposed rather than storing it [E, K, N]: that is the layout whose backward
+    # works in torch 2.13 on CPU (see REFERENCE.md, Kernels).
+    return _ContiguousGrad.apply(torch._grouped_mm(x_NK, w_ENK.transpose(-2, -1), offs=offs_E))
+
+
+def grouped_mm_experts(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """Experts as three grouped GEMMs over expert offsets; no host sync.
+
+    Args:
+        x_ND: (N, D) rows sorted by expert, contiguous.
+        counts_E: (E,) rows per expert, summing to N.
+        gate_EID: (E, I, D) or None (GELU); up_EID: (E, I, D); down_EDI: (E, D, I).
+    Returns:
+        (N, D) expert outputs in the same row order.
+    """
+    offs_E = torch.cumsum(counts_E, dim=0).to(torch.int32)  # grouped_mm wants int32 end offsets
+    gate_NI = _gmm(x_ND, gate_EID, offs_E) if gate_EID is not None else None
+    h_NI = _activate(gate_NI, _gmm(x_ND, up_EID, offs_E))
+    return _gmm(h_NI, down_EDI, offs_E)
+
+
+def loop_experts(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """Experts as one small MLP per contiguous slice. Same arguments and result as `grouped_mm_experts`."""
+    # One host sync for all split sizes; a per-expert `.item()` would stall a GPU E times.
+    sizes = counts_E.tolist()
+    # unbind once: indexing w[e] per expert would make backward allocate a full (E, I, D) zero
+    # gradient per expert (measured ~2x slower at E=16).
+    gates = gate_EID.unbind(0) if gate_EID is not None else [None] * len(sizes)
+    ups, downs = up_EID.unbind(0), down_EDI.unbind(0)
+    ys = []
+    for e, x_nD in enumerate(x_ND.split(sizes)):
+        if x_nD.shape[0] == 0:
+            continue
+        gate_nI = F.linear(x_nD, gates[e]) if gates[e] is not None else None
+        ys.append(F.linear(_activate(gate_nI, F.linear(x_nD, ups[e])), downs[e]))
+    return torch.cat(ys) if ys else x_ND * 0.0  # no rows at all: stay in the graph
+
+
+def _aligned(n: int, dtype: torch.dtype) -> bool:
+    return n * torch.empty((), dtype=dtype).element_size() % 16 == 0
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype, d_aligned: bool, i_aligned: bool) -> bool:
+    """Whether `torch._grouped_mm` gives the loop's outputs and gradients on this backend.
+
+    Probed once per key on a tiny case whose dims have the same 16-byte alignment as the real ones
+    (grouped_mm needs 16-byte-aligned strides; fp64 is not supported at all). Cached, not global state:
+    the answer depends only on the key.
+
+    Args:
+        device_type: "cpu", "cuda", ...
+        dtype: compute dtype.
+        d_aligned, i_aligned: whether hidden / intermediate rows are a multiple of 16 bytes.
+    Returns:
+        True when forward and backward run and match the loop.
+    """
+    if not hasattr(torch, "_grouped_mm") or device_type == "meta":
+        return False
+    d = 16 if d_aligned else 17
+    i = 16 if i_aligned else 17
+    counts = [3, 0, 5, 2]  # includes an empty expert, which real batches have
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            gen = torch.Generator().manual_seed(0)
+            tensors = [
+                torch.randn(sum(counts), d, generator=gen),
+                torch.randn(4, i, d, generator=gen),
+                torch.randn(4, i, d, generator=gen),
+                torch.randn(4, d, i, generator=gen),
+            ]
+            tensors = [t.to(device=device_type, dtype=dtype) for t in tensors]
+            counts_E = torch.tensor(counts, device=device_type)
+            results = []
+            for kernel in (grouped_mm_experts, loop_experts):
+                leaves = [t.detach().requires_grad_() for t in tensors]
+                y = kernel(leaves[0], counts_E, *leaves[1:])
+                y.backward(torch.ones_like(y))
+                results.append([y.detach()] + [t.grad for t in leaves])
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(*results))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
+    """Pick the expert kernel for `x`'s device and dtype.
+
+    "auto" takes grouped_mm wherever the probe says it works. On CPU (torch 2.13, 2 threads, fp32,
+    fwd+bwd, benchmarks/moe_layer.py) it is never slower than the loop: about equal at E=8 and
+    5-10% faster at E=16-32; on GPU it also avoids the loop's host sync. "grouped_mm" on a backend
+    where it does not work raises ConfigError instead of a stride error deep in torch.
+
+    Args:
+        impl: "auto", "grouped_mm" or "loop".
+        x: the (N, D) input, for its device and dtype.
+        hidden, inter: D and I.
+    Returns:
+        "grouped_mm" or "loop".
+    """
+    if impl == "loop":
+        return impl
+    works = grouped_mm_works(x.device.type, x.dtype, _aligned(hidden, x.dtype), _aligned(inter, x.dtype))
+    if impl == "grouped_mm" and not works:
+        raise ConfigError(
+            f"moe_impl 'grouped_mm' does not work for {x.dtype} on {x.device.type} with hidden_size "
+            f"{hidden} and moe_intermediate_size {inter} (needs 16-byte-aligned rows); use auto or loop"
+        )
+    return "grouped_mm" if works else "loop"
+
+
+class GroupedExperts(nn.Module):
+    """E routed experts stored stacked in HF/torchtitan layout: `gate_proj` (E, I, D) (SwiGLU only),
+    `up_proj` (E, I, D), `down_proj` (E, D, I); `unbind(0)` gives HF's per-expert weights."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, act: str = "swiglu", impl: str = "auto"):
+        super().__init__()
+        if act not in ("swiglu", "gelu"):
+            raise ValueError(f"act must be 'swiglu' or 'gelu', got {act!r}")
+        self.n_experts, self.hidden, self.inter, self.act, self.impl = n_experts, hidden, inter, act, impl
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, hidden)) if act == "swiglu" else None
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in self.parameters():
+            nn.init.normal_(p, std=std)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Run each expert on its contiguous slice.
+
+        Args:
+            x_ND: (N, D) tokens sorted by expert.
+            counts_E: (E,) int tokens per expert, summing to N.
+        Returns:
+            (N, D) outputs, same order.
+        """
+        impl = resolve_impl(self.impl, x_ND, self.hidden, self.inter)
+        # grouped_mm's backward rejects an empty input (every pair dropped); the loop handles it
+        use_gmm = impl == "grouped_mm" and x_ND.shape[0] > 0
+        kernel = grouped_mm_experts if use_gmm else loop_experts
+        return kernel(x_ND.contiguous(), counts_E, self.gate_proj, self.up_proj, self.down_proj)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, act={self.act}"

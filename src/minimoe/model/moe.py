@@ -1,0 +1,125 @@
+"""The MoE layer (DeepSeekMoE / DeepSeek-V3): route -> dispatch -> experts -> combine (+ shared experts).
+
+Dispatch follows torchtitan: flatten the (token, slot) pairs, sort them by expert (stable, so each
+expert sees its tokens in token order), gather the tokens, run every expert once on its contiguous
+slice (grouped GEMM or a loop over slices), scale by the gate weights and scatter-add back. No dense
+all-experts computation, no per-token loop.
+
+Shape suffixes:
+    B batch, S sequence length, T tokens (B * S), D hidden size,
+    E routed experts, K experts per token, N (token, slot) pairs handed to the experts (T * K, fewer
+    when a capacity drops some).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minimoe.config import ModelConfig
+from minimoe.model.experts import MLP, GroupedExperts
+from minimoe.model.router import Router
+
+
+@dataclass
+class MoEStats:
+    """Per-layer routing statistics of one forward."""
+
+    aux_loss: torch.Tensor  # scalar, token-level + sequence-wise, already weighted; 0 when off
+    z_loss: torch.Tensor  # scalar, already weighted; 0 when off
+    load: torch.Tensor  # (E,) float token-slot counts as routed (before capacity), detached
+    dropped: torch.Tensor  # int64 scalar: (token, slot) pairs dropped by the capacity
+
+
+def max_vio(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max_i load_i / mean load - 1 (0 when perfectly balanced). load: (E,) -> scalar."""
+    load = load.float()
+    return load.max() / load.mean() - 1.0
+
+
+def expert_capacity(capacity_factor: float, n_tokens: int, k: int, n_experts: int) -> int:
+    """Slots per expert for one forward: ceil(capacity_factor * T * K / E)."""
+    return math.ceil(capacity_factor * n_tokens * k / n_experts)
+
+
+def capacity_keep(expert_sorted_N: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Which sorted pairs fit: the first `capacity` of each expert in token order (first come, first
+    served), so the sort must be stable.
+
+    Args:
+        expert_sorted_N: (N,) expert of each pair, sorted.
+        counts_E: (E,) pairs per expert.
+        capacity: slots per expert.
+    Returns:
+        (N,) bool mask of kept pairs.
+    """
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    rank_N = torch.arange(expert_sorted_N.numel(), device=expert_sorted_N.device) - starts_E[expert_sorted_N]
+    return rank_N < capacity
+
+
+class MoE(nn.Module):
+    """Routed experts plus optional always-on shared experts.
+
+    Submodules use HF names: `gate` (Router), `experts` (GroupedExperts), `shared_experts` (MLP with
+    intermediate `moe_intermediate_size * n_shared_experts`, or None).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.capacity_factor = cfg.capacity_factor
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_act, cfg.moe_impl
+        )
+        self.experts.reset_parameters(cfg.init_std)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.expert_act)
+            if cfg.n_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """Args:
+            x: (B, S, D) hidden states.
+        Returns:
+            y: (B, S, D) routed (+ shared) expert output.
+            stats: MoEStats of this forward.
+        """
+        B, S, D = x.shape
+        r = self.gate(x)
+        x_TD = x.reshape(B * S, D)  # (T, D)
+        K = self.top_k
+
+        # dispatch: pairs in token-major order, stably sorted by expert
+        expert_N = r.topk_idx.reshape(-1)  # (T*K,)
+        expert_sorted_N, order_N = torch.sort(expert_N, stable=True)  # grouped by expert, token order inside
+        counts_E = torch.bincount(expert_N, minlength=self.n_experts)
+        dropped = counts_E.new_zeros(())
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(self.capacity_factor, B * S, K, self.n_experts)
+            keep_N = capacity_keep(expert_sorted_N, counts_E, capacity)
+            dropped = (~keep_N).sum()
+            # boolean indexing needs the kept count on the host: one sync, only on the capacity path
+            order_N = order_N[keep_N]
+            counts_E = counts_E.clamp(max=capacity)
+        token_N = order_N // K  # token of each pair
+        x_ND = x_TD.index_select(0, token_N)  # index_select's backward is one index_add_
+
+        y_ND = self.experts(x_ND, counts_E)
+
+        # combine: scale by the gate weight and scatter-add into the tokens; accumulate in the gate's
+        # fp32 (as HF does) so K bf16 contributions do not round at every add
+        w_N = r.topk_weight.reshape(-1).index_select(0, order_N)  # (N,)
+        out_TD = torch.zeros(B * S, D, dtype=w_N.dtype, device=x.device)
+        out_TD = out_TD.index_add(0, token_N, y_ND * w_N.unsqueeze(-1))
+        out_TD = out_TD.to(x.dtype)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
+        return out_TD.view(B, S, D), stats

@@ -1,0 +1,32 @@
+"""DeepSeek-V3 multi-token prediction (MTP) modules.
+
+Depth k predicts token i+k+1 from the depth k-1 hidden state at i and the embedding of token i+k:
+h'_i = Block(eh_proj(cat[enorm(emb(t_{i+k})), hnorm(h_i)])), logits = head(norm(h'_i)).
+Embedding first in the concatenation, as the released checkpoints store it (the paper's
+equation writes the other order). Embedding and output head are shared with the main model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minimoe.config import ModelConfig
+from minimoe.model.norm import RMSNorm
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig, block: nn.Module):
+        super().__init__()
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.block = block
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, cache=None, start: int = 0):
+        """h_prev, emb_next: (B, T, D) -> (new hidden (B, T, D), normed hidden for the head, MoE stats)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T, D)
+        h, stats = self.block(x, cos, sin, cache, start)
+        return h, self.norm(h), stats

@@ -1,0 +1,284 @@
+"""Router: expert scores, group-limited top-k with the selection-only balancing bias, jitter, and the
+balance losses (token-level and sequence-wise aux loss, z-loss) as small pure functions.
+
+Shape suffixes: B batch, S sequence length, T tokens (B*S), D hidden, E routed experts,
+K experts per token, G expert groups.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimoe.config import ModelConfig
+
+
+def router_scores(logits_TE: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Affinities from router logits.
+
+    Args:
+        logits_TE: (T, E) router logits (fp32 or wider).
+        scoring_func: "softmax" (DeepSeekMoE, Mixtral) or "sigmoid" (DeepSeek-V3).
+    Returns:
+        (T, E) scores, same dtype as the logits.
+    """
+    if scoring_func == "softmax":
+        return logits_TE.softmax(dim=-1)
+    if scoring_func == "sigmoid":
+        return logits_TE.sigmoid()
+    raise ValueError(f"unknown scoring_func {scoring_func!r}")
+
+
+def group_limited_topk(
+    choice_TE: torch.Tensor, k: int, n_group: int = 1, topk_group: int = 1, scoring_func: str = "sigmoid"
+) -> torch.Tensor:
+    """Top-k experts per token, restricted to the `topk_group` best of `n_group` expert groups.
+
+    A group's score is the sum of its top-2 scores for sigmoid (DeepSeek-V3, `noaux_tc`) and its
+    maximum score for softmax (DeepSeek-V2 `group_limited_greedy`).
+
+    Args:
+        choice_TE: (T, E) selection scores (scores plus the balancing bias when it is on).
+        k: experts per token.
+        n_group: number of contiguous expert groups; 1 disables group limiting.
+        topk_group: groups kept per token.
+        scoring_func: selects the group score rule.
+    Returns:
+        (T, K) int64 expert indices, in descending order of choice score.
+    """
+    T, E = choice_TE.shape
+    if n_group > 1 and topk_group < n_group:
+        choice_TGe = choice_TE.view(T, n_group, E // n_group)  # (T, G, E/G)
+        if scoring_func == "sigmoid":
+            group_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_TG = choice_TGe.amax(dim=-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG.repeat_interleave(E // n_group, dim=1)  # (T, E)
+        # HF DeepseekV3 masks unselected groups with 0.0, not -inf: with negative biased scores it can
+        # then pick an expert from a dropped group. -inf keeps the selection inside the kept groups.
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    return choice_TE.topk(k, dim=-1).indices
+
+
+def route(
+    scores_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    k: int,
+    *,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scoring_func: str = "sigmoid",
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts and their gate weights.
+
+    The bias only steers selection (DeepSeek-V3 aux-loss-free balancing); the gate weights are the
+    unbiased scores of the chosen experts, optionally renormalised over them, times the scaling factor.
+
+    Args:
+        scores_TE: (T, E) scores from `router_scores`.
+        bias_E: (E,) selection bias, or None.
+        k: experts per token.
+        n_group, topk_group, scoring_func: group-limited routing, see `group_limited_topk`.
+        norm_topk_prob: renormalise the k weights to sum to 1 (only when k > 1: with k = 1 it would make
+            every weight 1.0 and cut the router off from the LM loss; HF DeepSeek-V2 does the same).
+        routed_scaling_factor: multiplies the final weights (DeepSeek-V3: 2.5).
+    Returns:
+        topk_idx_TK: (T, K) int64 expert indices.
+        topk_weight_TK: (T, K) gate weights, dtype of `scores_TE`.
+    """
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    topk_idx_TK = group_limited_topk(choice_TE, k, n_group, topk_group, scoring_func)
+    topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+    if norm_topk_prob and k > 1:
+        # HF adds 1e-20 for sigmoid, whose top-k scores need not sum to anything in particular
+        eps = 1e-20 if scoring_func == "sigmoid" else 0.0
+        topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + eps)
+    return topk_idx_TK, topk_weight_TK * routed_scaling_factor
+
+
+def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(..., K) expert indices -> (E,) float token-slot counts per expert."""
+    return torch.bincount(topk_idx.reshape(-1), minlength=n_experts).float()
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    # V3 eq. 19: s_i / sum_j s_j (a no-op for softmax); the epsilon guards all-underflowed sigmoids
+    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def load_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Token-level (batch) balance loss, alpha * sum_i f_i * P_i.
+
+    f_i = E / (K * T) * count_i (1.0 everywhere when balanced), P_i = mean over tokens of s_i / sum_j s_j.
+    Only P carries gradient.
+
+    Args:
+        scores_TE: (T, E) unbiased scores.
+        topk_idx_TK: (T, K) chosen experts.
+        alpha: loss weight.
+    Returns:
+        scalar loss in the scores' dtype.
+    """
+    T, E = scores_TE.shape
+    K = topk_idx_TK.shape[1]
+    f_E = expert_counts(topk_idx_TK, E).to(scores_TE.dtype) * (E / (K * T))
+    P_E = _normalised(scores_TE).mean(dim=0)
+    return alpha * (f_E * P_E).sum()
+
+
+def seq_load_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss (DeepSeek-V3 eq. 17-20): the token-level loss per sequence, averaged
+    over sequences.
+
+    Args:
+        scores_BSE: (B, S, E) unbiased scores.
+        topk_idx_BSK: (B, S, K) chosen experts.
+        alpha: loss weight.
+    Returns:
+        scalar loss in the scores' dtype.
+    """
+    B, S, E = scores_BSE.shape
+    K = topk_idx_BSK.shape[-1]
+    counts_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
+    counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), counts_BE.new_ones(B, S * K))
+    f_BE = counts_BE * (E / (K * S))
+    P_BE = _normalised(scores_BSE).mean(dim=1)
+    return alpha * (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
+    """ST-MoE router z-loss: coef * mean over tokens of logsumexp(logits)^2. logits_TE: (T, E)."""
+    return coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def bias_update(load_E: torch.Tensor, speed: float, scoring_func: str) -> torch.Tensor:
+    """Delta for the aux-loss-free balancing bias from one step's loads.
+
+    Sigmoid: speed * sign(mean_load - load_i) (DeepSeek-V3). Softmax: the paper's appendix finds the sign
+    rule works poorly there and uses a proportional rule; we use speed * (mean_load - load_i) / mean_load,
+    normalised so the step size does not depend on the batch size. Both rules are invariant to scaling
+    all loads, so counts doubled by activation checkpointing re-running the forward do no harm.
+
+    Args:
+        load_E: (E,) token counts per expert.
+        speed: update speed u.
+        scoring_func: picks the rule.
+    Returns:
+        (E,) fp32 delta to add to the bias (zero when nothing was routed).
+    """
+    load_E = load_E.float()
+    mean = load_E.mean()
+    if scoring_func == "sigmoid":
+        return speed * torch.sign(mean - load_E)
+    return speed * (mean - load_E) / mean.clamp_min(1e-9)
+
+
+class RouterOutput(NamedTuple):
+    topk_idx: torch.Tensor  # (T, K) int64
+    topk_weight: torch.Tensor  # (T, K) fp32 (fp64 for fp64 inputs)
+    counts: torch.Tensor  # (E,) float token-slot counts, detached, before any capacity dropping
+    aux_loss: torch.Tensor  # scalar: token-level + sequence-wise, already weighted; 0 when off
+    z_loss: torch.Tensor  # scalar, already weighted; 0 when off
+
+
+class Router(nn.Module):
+    """DeepSeek-style gate: `weight` (E, D) (HF `mlp.gate.weight`), fp32 selection bias buffer
+    `e_score_correction_bias` (E,) when `aux_free_bias`, and a non-persistent `load_counts` (E,) that
+    accumulates token-slot counts over training forwards until `update_bias()`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.scoring_func = cfg.scoring_func
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.jitter = cfg.router_jitter
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.seq_aux_loss_alpha = cfg.seq_aux_loss_alpha
+        self.z_loss_coef = cfg.z_loss_coef
+        self.bias_update_speed = cfg.bias_update_speed
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        # Only models that use the bias carry it, so checkpoints and parameter counts match HF
+        # (DeepSeek-V3 stores it; DeepSeekMoE 16B has none).
+        bias = torch.zeros(self.n_experts, dtype=torch.float32) if cfg.aux_free_bias else None
+        counts = torch.zeros(self.n_experts, dtype=torch.float32) if cfg.aux_free_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
+        self.register_buffer("load_counts", counts, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the balancing state fp32 under model.to(bfloat16): bias steps of 1e-3 vanish in bf16.
+        # Only the device follows `fn`.
+        saved = {n: getattr(self, n) for n in ("e_score_correction_bias", "load_counts")}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if old is not None and new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        return self
+
+    def forward(self, x_BSD: torch.Tensor) -> RouterOutput:
+        """Route every token.
+
+        Args:
+            x_BSD: (B, S, D) hidden states.
+        Returns:
+            RouterOutput with (T, K) indices and weights, T = B * S.
+        """
+        B, S, D = x_BSD.shape
+        if self.training and self.jitter > 0:
+            # Switch-style multiplicative noise on the router input only
+            noise = torch.empty_like(x_BSD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_BSD = x_BSD * noise
+        # Router math in fp32 even for bf16 models (fp64 stays fp64 so float64 tests prove the math).
+        dt = torch.promote_types(x_BSD.dtype, torch.float32)
+        logits_TE = F.linear(x_BSD.reshape(B * S, D).to(dt), self.weight.to(dt))  # (T, E)
+        scores_TE = router_scores(logits_TE, self.scoring_func)
+        topk_idx_TK, topk_weight_TK = route(
+            scores_TE,
+            self.e_score_correction_bias,
+            self.top_k,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            scoring_func=self.scoring_func,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+        counts_E = expert_counts(topk_idx_TK, self.n_experts)
+        if self.training and self.load_counts is not None:
+            self.load_counts += counts_E
+
+        zero = logits_TE.new_zeros(())
+        aux = zero
+        if self.aux_loss_alpha > 0:
+            aux = aux + load_balance_loss(scores_TE, topk_idx_TK, self.aux_loss_alpha)
+        if self.seq_aux_loss_alpha > 0:
+            aux = aux + seq_load_balance_loss(
+                scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), self.seq_aux_loss_alpha
+            )
+        z = router_z_loss(logits_TE, self.z_loss_coef) if self.z_loss_coef > 0 else zero
+        return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor | None = None) -> None:
+        """Aux-loss-free balancing step; call after each optimizer step. No-op without `aux_free_bias`.
+
+        Args:
+            counts: (E,) token counts of the step, already all-reduced across ranks; None uses the
+                locally accumulated `load_counts`. Either way `load_counts` is reset to zero.
+        """
+        if self.e_score_correction_bias is None:
+            return
+        load_E = self.load_counts if counts is None else counts.to(self.load_counts.device)
+        self.e_score_correction_bias += bias_update(load_E, self.bias_update_speed, self.scoring_func)
+        self.load_counts.zero_()

@@ -1,0 +1,199 @@
+"""The decoder-only transformer: pre-norm blocks (attention, then dense MLP or MoE), final norm,
+LM head, optional MTP modules; forward returns logits, a loss split into parts, and routing stats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minimoe.config import ModelConfig
+from minimoe.model.attention import LayerCache, build_attention
+from minimoe.model.experts import MLP
+from minimoe.model.moe import MoE, MoEStats
+from minimoe.model.mtp import MTPModule
+from minimoe.model.norm import RMSNorm
+from minimoe.model.rope import rope_cos_sin
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V) or (B, keep, V)
+    loss: torch.Tensor | None = None  # ce + aux + z + mtp
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "ce", "aux", "z", "mtp"
+    moe_stats: dict[int, MoEStats] = field(default_factory=dict)  # layer index -> stats (MTP: n_layers + k)
+    hidden: torch.Tensor | None = None  # (B, T, D) last hidden state before the final norm
+
+
+class KVCache:
+    """Per-layer caches plus the number of tokens already written (`pos`)."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+        self.pos = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for c in self.layers:
+            c.reorder(index)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = build_attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, "swiglu")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start))
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, stats = self.mlp(h)
+        else:
+            y, stats = self.mlp(h), None
+        return x + self.dropout(y), stats
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth)
+        )
+        cos, sin = rope_cos_sin(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for matrices; output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scaled = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def moe_layers(self) -> dict[int, MoE]:
+        """Layer index -> MoE module, main layers then MTP blocks (index n_layers + k)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return {b.layer_idx: b.mlp for b in blocks if b.is_moe}
+
+    @torch.no_grad()
+    def update_bias(self, loads: dict[int, torch.Tensor]) -> None:
+        """Auxiliary-loss-free balancing: call after each optimizer step with the token counts per expert
+        of that step (summed over micro-batches, all-reduced across ranks when distributed)."""
+        moes = self.moe_layers()
+        for i, load in loads.items():
+            moes[i].gate.update_bias(load)
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        max_len = max_len or self.cfg.max_seq_len
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
+        return KVCache([b.self_attn.make_cache(batch, max_len, dtype, device) for b in self.layers])
+
+    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """KV-cache bytes per token over all main layers (MLA: (kv_lora_rank + rope) * bytes per layer)."""
+        per_layer = self.layers[0].self_attn.cache_numbers_per_token()
+        return per_layer * len(self.layers) * torch.empty((), dtype=dtype).element_size()
+
+    # ------------------------------------------------------------------ forward
+    def _run_block(self, block: nn.Module, x, cos, sin, cache, start):
+        if self.gradient_checkpointing and self.training and cache is None:
+            return checkpoint(block, x, cos, sin, None, 0, use_reentrant=False)
+        return block(x, cos, sin, cache, start)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        num_logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Args:
+            input_ids: (B, T) token ids.
+            targets: (B, T) next-token ids (-100 = ignore); enables the loss and the MTP heads.
+            cache: a KVCache from make_cache(); the new tokens are appended at cache.pos.
+            num_logits_to_keep: if > 0, compute logits only for the last positions (decoding).
+        Returns:
+            ModelOutput with logits (B, T or keep, V) and, with targets, the loss and its parts.
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len ({self.cfg.max_seq_len})")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
+        stats: dict[int, MoEStats] = {}
+        for i, block in enumerate(self.layers):
+            x, st = self._run_block(block, x, cos, sin, cache.layers[i] if cache is not None else None, start)
+            if st is not None:
+                stats[i] = st
+        if cache is not None:
+            cache.pos += T
+        hidden = x
+        h = self.norm(x)
+        logits = self.lm_head(h[:, -num_logits_to_keep:] if num_logits_to_keep else h)
+        out = ModelOutput(logits=logits, moe_stats=stats, hidden=hidden)
+        if targets is None:
+            return out
+
+        zero = logits.new_zeros((), dtype=torch.float32)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        mtp = self._mtp_loss(hidden, input_ids, targets, stats) if self.cfg.mtp_depth else zero
+        aux = sum((s.aux_loss for s in stats.values()), zero)
+        z = sum((s.z_loss for s in stats.values()), zero)
+        out.losses = {"ce": ce, "aux": aux, "z": z, "mtp": mtp}
+        out.loss = ce + aux + z + self.cfg.mtp_loss_weight * mtp
+        return out
+
+    def _mtp_loss(self, hidden, input_ids, targets, stats) -> torch.Tensor:
+        """Mean over depths of the MTP cross-entropy (unweighted; forward() applies mtp_loss_weight).
+        Depth k sees positions i < T-k: it combines h_i with emb(t_{i+k}) and predicts targets[i+k]."""
+        T = input_ids.shape[1]
+        h = hidden
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
+            h, h_normed, st = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k])
+            if st is not None:
+                stats[self.cfg.n_layers + k - 1] = st
+            logits = self.lm_head(h_normed)  # (B, T-k, V)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100))
+        return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embedding else n

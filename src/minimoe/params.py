@@ -1,0 +1,130 @@
+"""Exact parameter accounting, counted from the real modules built on the meta device (no memory).
+
+Conventions (publishers differ, so both are reported):
+- total: every parameter plus the `e_score_correction_bias` buffers (DeepSeek-V3's checkpoint stores them).
+- activated per token: everything a token passes through, with routed experts scaled by top_k / n_experts
+  and the router's full weight (every token is scored against every expert). Reported with and without
+  the input-embedding lookup: DeepSeekMoE 16B, Mixtral and OLMoE count it; DeepSeek-V2/V3 do not.
+- MTP modules are reported apart from the main model; for a DeepSeek-V3-style checkpoint the stored
+  MTP layer also holds its own copies of the embedding and output head (`hf_checkpoint_total`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minimoe.config import ModelConfig
+
+COMPONENTS = ("embedding", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts", "lm_head")
+
+
+@dataclass
+class ParamReport:
+    total: int  # main model, incl. router bias buffers
+    activated: int  # per token, without the embedding lookup (DeepSeek-V2/V3 convention)
+    activated_with_embedding: int  # per token, with it (DeepSeekMoE / Mixtral / OLMoE convention)
+    mtp_total: int  # unique parameters of the MTP modules (shared embedding/head not counted)
+    mtp_activated: int
+    hf_checkpoint_total: int  # main + MTP + the embedding/head copies a DeepSeek-V3 checkpoint stores
+    components: dict[str, int]  # main-model total per component
+    kv_cache_bytes_per_token: dict[str, int]  # per dtype, all layers
+    kv_cache_bytes_per_token_per_layer: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _component(name: str) -> str:
+    if name.startswith("embed_tokens"):
+        return "embedding"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    for marker, comp in (
+        (".self_attn.", "attention"),  # includes q_a_layernorm / kv_a_layernorm, as HF counts them
+        (".mlp.gate.", "router"),
+        (".mlp.experts.", "routed_experts"),
+        (".mlp.shared_experts.", "shared_experts"),
+        (".mlp.", "dense_mlp"),
+    ):
+        if marker in name:
+            return comp
+    return "norms"  # input/post-attention norms, final norm, MTP enorm/hnorm/norm
+
+
+def _tally(named: list[tuple[str, torch.Tensor]], cfg: ModelConfig) -> tuple[dict[str, int], int]:
+    comps = dict.fromkeys(COMPONENTS, 0)
+    comps["mtp_proj"] = 0
+    for name, t in named:
+        key = "mtp_proj" if name.endswith("eh_proj.weight") else _component(name)
+        comps[key] += t.numel()
+    routed_active = comps["routed_experts"] * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1)
+    activated = sum(v for k, v in comps.items() if k not in ("routed_experts", "embedding")) + routed_active
+    return comps, activated
+
+
+def count_params(cfg: ModelConfig) -> ParamReport:
+    """Count parameters of `cfg` exactly without allocating (meta device)."""
+    from minimoe.model.transformer import Transformer
+
+    cfg.validate()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    seen: set[int] = set()
+    main, mtp = [], []
+    tensors = list(model.named_parameters(remove_duplicate=False)) + [
+        (n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")
+    ]
+    for name, t in tensors:
+        if id(t) in seen:  # tied embedding/head counted once (as the head)
+            continue
+        seen.add(id(t))
+        (mtp if name.startswith("mtp.") else main).append((name.removeprefix("mtp."), t))
+    if cfg.tie_word_embeddings:
+        # named_parameters lists embed_tokens first; credit the shared matrix to the head, which every
+        # token uses, so "without the embedding lookup" does not drop it.
+        main = [("lm_head.weight", t) if n == "embed_tokens.weight" else (n, t) for n, t in main]
+    comps, act = _tally(main, cfg)
+    mtp_comps, mtp_act = _tally([("layers." + n.split("block.", 1)[-1], t) for n, t in mtp], cfg)
+    total = sum(comps.values())
+    emb = comps["embedding"]
+    # a DeepSeek-V3 checkpoint's MTP layer stores embed_tokens and shared_head.head again
+    emb_and_head = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    mtp_total = sum(mtp_comps.values())
+    per_layer_numbers = model.layers[0].self_attn.cache_numbers_per_token()
+    kv_layer = {name: per_layer_numbers * size for name, size in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    return ParamReport(
+        total=total,
+        activated=act,
+        activated_with_embedding=act + emb,
+        mtp_total=mtp_total,
+        mtp_activated=mtp_act,
+        hf_checkpoint_total=total + mtp_total + (emb_and_head * cfg.mtp_depth),
+        components={k: v for k, v in comps.items() if v},
+        kv_cache_bytes_per_token={k: v * cfg.n_layers for k, v in kv_layer.items()},
+        kv_cache_bytes_per_token_per_layer=kv_layer,
+    )
+
+
+def memory_estimate(cfg: ModelConfig, report: ParamReport | None = None, context: int | None = None) -> dict:
+    """Bytes for weights, gradients and AdamW state (two fp32 moments) per weight dtype, and the KV cache
+    for one sequence of `context` tokens (default max_seq_len)."""
+    report = report or count_params(cfg)
+    n = report.total + report.mtp_total
+    context = context or cfg.max_seq_len
+    out = {}
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        weights = n * size
+        grads = n * size
+        adam = n * 8  # exp_avg + exp_avg_sq in fp32
+        master = n * 4 if size < 4 else 0  # fp32 master weights for bf16 training
+        out[dtype] = {
+            "weights": weights,
+            "gradients": grads,
+            "adamw_state": adam + master,
+            "training_total": weights + grads + adam + master,
+            "kv_cache_per_token": report.kv_cache_bytes_per_token[dtype],
+            "kv_cache_per_sequence": report.kv_cache_bytes_per_token[dtype] * context,
+        }
+    return {"context": context, "by_dtype": out}

@@ -1,0 +1,35 @@
+"""Expert health from per-layer token counts: load fractions, MaxVio, dead and dominant experts."""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_vio(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max_i load_i / mean load - 1 (aux-loss-free paper): 0 is perfectly balanced."""
+    load = load.float()
+    return load.max() / load.mean().clamp_min(1e-9) - 1
+
+
+def expert_health(loads: dict[int, torch.Tensor], dominant_factor: float = 4.0) -> dict:
+    """Summarise token counts per expert, accumulated over a logging window.
+
+    Returns a JSON-ready dict: per-layer load fractions and MaxVio, the mean MaxVio over layers, and
+    lists of (layer, expert) that got no tokens (dead) or more than `dominant_factor` x their fair share.
+    """
+    if not loads:
+        return {}
+    layers = sorted(loads)
+    stacked = torch.stack([loads[i].float().cpu() for i in layers])  # (L, E); one host sync per log step
+    frac = stacked / stacked.sum(-1, keepdim=True).clamp_min(1)
+    vio = stacked.max(-1).values / stacked.mean(-1).clamp_min(1e-9) - 1
+    n_exp = stacked.shape[-1]
+    dead = [[layers[li], e] for li, e in (stacked == 0).nonzero().tolist()]
+    dominant = [[layers[li], e] for li, e in (frac > dominant_factor / n_exp).nonzero().tolist()]
+    return {
+        "max_vio": {str(i): round(v, 4) for i, v in zip(layers, vio.tolist())},
+        "max_vio_mean": round(vio.mean().item(), 4),
+        "load_frac": {str(i): [round(x, 4) for x in row] for i, row in zip(layers, frac.tolist())},
+        "dead_experts": dead,
+        "dominant_experts": dominant,
+    }

@@ -1,0 +1,95 @@
+"""From a config to a finished run: resolve the config, prepare (or reuse) the tokenized data,
+train, and sample from the result. Shared by `minimoe train` and the Python API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from minimoe.config import build_run_config, load_yaml
+from minimoe.errors import MinimoeError
+from minimoe.train.trainer import Trainer, TrainResult
+
+
+def data_cache_dir(cfg_data, val_source: str | None) -> Path:
+    """Where prepared shards for this source + tokenizer live; the same inputs map to the same folder,
+    so a second run reuses them (prepare() itself checks the content hash)."""
+    root = Path(cfg_data.cache_dir or os.environ.get("MINIMOE_CACHE") or Path.home() / ".cache" / "minimoe")
+    src = str(Path(cfg_data.path).resolve()) if cfg_data.path and not cfg_data.path.startswith("hf:") else cfg_data.path
+    val = str(Path(val_source).resolve()) if val_source else None
+    key = json.dumps(
+        [src, val, cfg_data.tokenizer, cfg_data.text_field, cfg_data.glob, cfg_data.val_fraction], sort_keys=True
+    )
+    name = Path(src).name if src else "builtin"
+    return root / "prepared" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _explicit(key: str, config_path: str | None, overrides: list[str]) -> bool:
+    if any(o.split("=", 1)[0].strip() == key for o in overrides):
+        return True
+    if config_path:
+        section, name = key.split(".")
+        return name in (load_yaml(config_path).get(section) or {})
+    return False
+
+
+def train_from_config(
+    preset: str | None = None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    run_dir: str | Path = "runs/tiny",
+    resume: bool = False,
+    val_source: str | None = None,
+    progress: bool = True,
+    sample: bool = True,
+) -> TrainResult:
+    """Train a model and return its TrainResult (with a generated sample when `sample`).
+
+    Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64).
+    """
+    from minimoe.data import Tokenizer, prepare
+
+    overrides = list(overrides or [])
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise MinimoeError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
+        cfg = build_run_config(config_path=str(run_dir / "config.yaml"), overrides=overrides)
+        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    else:
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise MinimoeError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+            )
+        if preset is None and config_path is None:
+            preset = "tiny"
+        cfg = build_run_config(preset, config_path, overrides)
+        tokenizer = cfg.data.tokenizer
+    data = prepare(
+        cfg.data.path,
+        tokenizer,
+        data_cache_dir(cfg.data, val_source),
+        val_fraction=cfg.data.val_fraction,
+        workers=cfg.data.workers,
+        val_source=val_source,
+        text_field=cfg.data.text_field,
+        glob=cfg.data.glob,
+        progress=progress,
+    )
+    if not resume:
+        tokenizer = data.tokenizer()
+        if not _explicit("model.vocab_size", config_path, overrides):
+            cfg.model.vocab_size = -(-tokenizer.vocab_size // 64) * 64
+        cfg.validate()
+    trainer = Trainer(cfg, run_dir, data, tokenizer, resume=resume, progress=progress)
+    result = trainer.fit()
+    if sample and cfg.train.sample_tokens > 0:
+        from minimoe.infer.generate import generate_text
+
+        result.sample = generate_text(
+            trainer.model.eval(), tokenizer, cfg.train.sample_prompt,
+            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed,
+        )  # fmt: skip
+    return result

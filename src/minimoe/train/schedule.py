@@ -1,0 +1,33 @@
+"""Learning-rate schedules as pure functions of the step: a multiplier in [0, 1] on the peak lr."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_multiplier(
+    step: int, max_steps: int, schedule: str, warmup: int, min_ratio: float = 0.1, decay_fraction: float = 0.2
+) -> float:
+    """Args:
+        step: 0-based optimizer step.
+        schedule: "cosine" (warmup, then cosine to min_ratio), "linear" (warmup, then linear to min_ratio),
+            "constant" (warmup, then 1), "wsd" (warmup-stable-decay: warmup, flat, then linear to min_ratio
+            over the last `decay_fraction` of the steps).
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(max_steps - warmup, 1)
+    progress = min(max((step - warmup) / span, 0.0), 1.0)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - (1 - min_ratio) * progress
+    if schedule == "wsd":
+        decay_start = max_steps - int(decay_fraction * max_steps)
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(max_steps - decay_start, 1)
+        return 1.0 - (1 - min_ratio) * min(frac, 1.0)
+    raise ValueError(f"unknown schedule {schedule!r}")

@@ -1,0 +1,407 @@
+"""The training loop: data -> model -> AdamW with a schedule, aux-free bias updates after each optimizer
+step, periodic evaluation, expert-health logging and atomic, exactly resumable checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from minimoe.config import RunConfig
+from minimoe.errors import MinimoeError
+from minimoe.model.transformer import Transformer
+from minimoe.train import checkpoint as ckpt_lib
+from minimoe.train.health import expert_health, max_vio
+from minimoe.train.optim import build_optimizer
+from minimoe.train.schedule import lr_multiplier
+
+log = logging.getLogger("minimoe.train")
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    val_loss: float | None
+    val_bpb: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    stopped: str  # "max_steps" | "max_minutes" | "early_stop" | "interrupted"
+    checkpoint: Path | None
+    sample: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MinimoeError(f"train.device '{name}' is not a valid torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MinimoeError("train.device is cuda but no CUDA GPU is available")
+    return dev
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise MinimoeError(f"cannot write to output directory {run_dir} ({e.strerror})") from None
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag the loop checks after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Trainer:
+    """Owns model, optimizer, data and run directory for one training run.
+
+    Args:
+        cfg: the validated RunConfig (saved to RUN_DIR/config.yaml).
+        run_dir: output directory; with resume=True, the run to continue from its latest checkpoint.
+        data: a `minimoe.data.PreparedData` with train and val splits.
+        tokenizer: the tokenizer that made `data` (saved in every checkpoint).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data, tokenizer, resume: bool = False, progress: bool = True):
+        from minimoe.data import EvalWindows, TokenWindows
+
+        self.cfg, self.run_dir, self.data, self.tokenizer = cfg, Path(run_dir), data, tokenizer
+        self.progress = progress
+        tc, mc = cfg.train, cfg.model
+        if tokenizer.vocab_size > mc.vocab_size:
+            raise MinimoeError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {mc.vocab_size}; "
+                f"set model.vocab_size={tokenizer.vocab_size} or larger"
+            )
+        self.device = resolve_device(tc.device)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise MinimoeError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        check_run_dir_writable(self.run_dir)
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+        random.seed(tc.seed)
+
+        self.model = Transformer(mc).to(self.device)
+        self.model.gradient_checkpointing = tc.activation_checkpointing
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
+        self.train_windows = TokenWindows(data, "train", tc.seq_len, tc.batch_size, seed=tc.seed)
+        self.val_windows = EvalWindows(data, "val", tc.seq_len, tc.batch_size, max_batches=tc.eval_batches)
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.best_val: float | None = None
+        self.evals_since_best = 0
+        self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        if resume:
+            self._resume()
+        else:
+            (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
+            tokenizer.save(self.run_dir / "tokenizer")
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._writers: list = []
+
+    # ------------------------------------------------------------------ state
+    def _resume(self) -> None:
+        ckpt = ckpt_lib.find_checkpoint(self.run_dir, "latest")
+        ckpt_lib.load_weights(self.model, ckpt)
+        state = ckpt_lib.load_state(ckpt)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.train_windows.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+            self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+            self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def save(self, val_loss: float | None = None, is_best: bool = False) -> Path:
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.train_windows.state_dict(),
+            "rng": rng_state(),
+            "best_val": self.best_val,
+            "evals_since_best": self.evals_since_best,
+        }
+        meta = {"step": self.step, "tokens": self.tokens, "val_loss": val_loss, "time": time.time()}
+        return ckpt_lib.save_checkpoint(
+            self.run_dir, self.step, self.model, state, meta, self.config_text, self.tokenizer,
+            keep_last=self.cfg.train.keep_last, is_best=is_best,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ logging
+    def _open_writers(self) -> None:
+        tc = self.cfg.train
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MinimoeError("train.tensorboard=true needs tensorboard (pip install tensorboard)") from None
+            self._writers.append(("tb", SummaryWriter(str(self.run_dir / "tb"))))
+        if tc.wandb:
+            try:
+                import wandb  # type: ignore[import-not-found]
+            except ImportError:
+                raise MinimoeError("train.wandb=true needs wandb (pip install wandb)") from None
+            os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; `wandb sync` later
+            run = wandb.init(project=tc.wandb_project, dir=str(self.run_dir), config=self.cfg.to_dict())
+            self._writers.append(("wandb", run))
+
+    def _log(self, row: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        for kind, w in self._writers:
+            if kind == "tb":
+                for k, v in scalars.items():
+                    w.add_scalar(k, v, row["step"])
+                w.flush()
+            else:
+                w.log(scalars, step=row["step"])
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation cross-entropy over fixed windows, perplexity, bits per byte, global MaxVio."""
+        tc = self.cfg.train
+        self.model.eval()
+        total, count = 0.0, 0
+        loads: dict[int, torch.Tensor] = {}
+        for x, y in self.val_windows:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast_context(tc.precision, self.device):
+                out = self.model(x, targets=y)
+            total += out.losses["ce"].item() * y.numel()
+            count += y.numel()
+            for i, s in out.moe_stats.items():
+                loads[i] = loads.get(i, 0) + s.load
+        self.model.train()
+        loss = total / max(count, 1)
+        tpb = self.data.tokens_per_byte("val")
+        res = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) * tpb if tpb else None}
+        if loads:
+            vios = [max_vio(v).item() for v in loads.values()]
+            res["val_max_vio_global"] = sum(vios) / len(vios)
+        return res
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        tc, mc = self.cfg.train, self.cfg.model
+        self.model.train()
+        self._open_writers()
+        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+        window_loads: dict[int, torch.Tensor] = {}
+        window_start, window_tokens = time.perf_counter(), 0
+        t0 = time.perf_counter() - self.elapsed
+        stopped, last_ckpt, val, bad_steps = "max_steps", None, {}, 0
+        sum_loss = torch.zeros((), device=self.device)
+        parts_sum = {k: torch.zeros((), device=self.device) for k in ("ce", "aux", "z", "mtp")}
+        n_in_window = 0
+        bar = _progress(self.progress, tc.max_steps, self.step)
+        with _Interrupt() as interrupt:
+            while self.step < tc.max_steps:
+                lr = tc.lr * lr_multiplier(
+                    self.step, tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio, tc.decay_fraction
+                )
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                step_loads: dict[int, torch.Tensor] = {}
+                step_loss = torch.zeros((), device=self.device)
+                for _ in range(tc.grad_accum):
+                    x, y = next(self.train_windows)
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    with autocast_context(tc.precision, self.device):
+                        out = self.forward(x, targets=y)
+                    self.scaler.scale(out.loss / tc.grad_accum).backward()
+                    step_loss += out.loss.detach() / tc.grad_accum
+                    for k in parts_sum:
+                        parts_sum[k] += out.losses[k].detach() / tc.grad_accum
+                    for i, s in out.moe_stats.items():
+                        step_loads[i] = step_loads.get(i, 0) + s.load
+                # one host sync per step: a non-finite loss must not reach the weights
+                if not torch.isfinite(step_loss).item():
+                    bad_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, bad_steps)
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise MinimoeError(
+                            f"training diverged: {bad_steps} consecutive non-finite losses at step {self.step}; "
+                            f"the last good checkpoint in {self.run_dir / 'checkpoints'} is intact (lower train.lr?)"
+                        )
+                    continue
+                bad_steps = 0
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                if mc.aux_free_bias and step_loads:
+                    self.model.update_bias(step_loads)
+                self.step += 1
+                self.tokens += tokens_per_step
+                window_tokens += tokens_per_step
+                sum_loss += step_loss
+                n_in_window += 1
+                for i, v in step_loads.items():
+                    window_loads[i] = window_loads.get(i, 0) + v
+                bar.update(1)
+
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    now = time.perf_counter()
+                    row = {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "loss": sum_loss.item() / n_in_window,
+                        **{k: v.item() / n_in_window for k, v in parts_sum.items()},
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "elapsed_s": now - t0,
+                        "peak_mem_mb": _peak_mem_mb(self.device),
+                    }
+                    health = expert_health(window_loads)
+                    if health:
+                        row.update(health)
+                        row["bias_range"] = self._bias_ranges()
+                        for li, e in health["dead_experts"][:3]:
+                            log.warning("layer %s expert %s received no tokens in the last %d steps", li, e, n_in_window)
+                    self._log(row)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        maxvio=f"{health.get('max_vio_mean', 0):.2f}",
+                    )  # fmt: skip
+                    window_loads, window_start, window_tokens, n_in_window = {}, now, 0, 0
+                    sum_loss.zero_()
+                    for v in parts_sum.values():
+                        v.zero_()
+
+                self.elapsed = time.perf_counter() - t0
+                at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
+                out_of_time = tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60
+                if out_of_time or interrupt.requested:
+                    at_eval = True
+                if at_eval:
+                    val = self.evaluate()
+                    improved = self.best_val is None or val["val_loss"] < self.best_val
+                    if improved:
+                        self.best_val, self.evals_since_best = val["val_loss"], 0
+                    else:
+                        self.evals_since_best += 1
+                    self._log({"step": self.step, "tokens": self.tokens, **val})
+                    bar.set_postfix(val_loss=f"{val['val_loss']:.3f}", val_bpb=f"{val['val_bpb']:.3f}")
+                    last_ckpt = self.save(val["val_loss"], is_best=improved)
+                elif tc.save_every and self.step % tc.save_every == 0:
+                    last_ckpt = self.save()
+                if interrupt.requested:
+                    stopped = "interrupted"
+                    break
+                if out_of_time:
+                    stopped = "max_minutes"
+                    break
+                if tc.early_stop_patience and self.evals_since_best >= tc.early_stop_patience:
+                    stopped = "early_stop"
+                    break
+        bar.close()
+        for kind, w in self._writers:
+            w.close() if kind == "tb" else w.finish()
+        elapsed = time.perf_counter() - t0
+        return TrainResult(
+            run_dir=self.run_dir, step=self.step, tokens=self.tokens,
+            val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"), best_val_loss=self.best_val,
+            tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, stopped=stopped,
+            checkpoint=last_ckpt,
+        )  # fmt: skip
+
+    def _bias_ranges(self) -> dict[str, list[float]]:
+        out = {}
+        for i, moe in self.model.moe_layers().items():
+            b = moe.gate.e_score_correction_bias
+            out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
+        return out
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:  # pragma: no cover - Windows
+        return 0.0
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train")

@@ -1,0 +1,148 @@
+"""Attention and RoPE: fast paths against slow references (float64)."""
+
+import math
+
+import pytest
+import torch
+
+from minimoe.config import ModelConfig
+from minimoe.model.attention import GQAttention, MLAttention
+from minimoe.model.rope import apply_rope, rope_cos_sin, softmax_scale, yarn_get_mscale, yarn_inv_freq
+from reference import explicit_attention
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=64, hidden_size=40, n_layers=2, n_heads=4, max_seq_len=64, kv_lora_rank=12,
+        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10, n_routed_experts=0,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def _tables(cfg, n):
+    cos, sin = rope_cos_sin(cfg.rope_dim, n, cfg.rope_theta, cfg.rope_scaling)
+    return cos.double(), sin.double()
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 8])
+def test_mla_naive_matches_explicit_attention(q_lora_rank):
+    torch.manual_seed(0)
+    cfg = _cfg(q_lora_rank=q_lora_rank)
+    attn = MLAttention(cfg)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    cos, sin = _tables(cfg, 9)
+    y = attn(x, cos, sin)
+    # slow path: build per-head q, k, v by hand and attend with an explicit causal mask
+    q_nope, q_pe = attn._query(x)
+    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+    c, k_pe = attn.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
+    kv = attn.kv_b_proj(attn.kv_a_layernorm(c)).view(2, 9, 4, -1)
+    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
+    k_pe = apply_rope(k_pe[:, :, None], cos, sin, interleaved=True).expand(2, 9, 4, -1)
+    q = torch.cat([q_nope, q_pe], -1)
+    k = torch.cat([k_nope, k_pe], -1)
+    ref = explicit_attention(q, k, v, attn.scale)
+    ref = attn.o_proj(ref.reshape(2, 9, -1))
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 8])
+def test_mla_absorbed_incremental_decode_matches_naive_full(q_lora_rank):
+    torch.manual_seed(1)
+    cfg = _cfg(q_lora_rank=q_lora_rank)
+    attn = MLAttention(cfg).eval()
+    x = torch.randn(2, 11, cfg.hidden_size)
+    cos, sin = _tables(cfg, 11)
+    full = attn(x, cos, sin)
+    cache = attn.make_cache(2, 16, torch.float64, "cpu")
+    # prefill 3 tokens (naive), then 1 token at a time (absorbed), then a chunk of 3 (absorbed, masked)
+    outs, pos = [], 0
+    for n in (3, 1, 1, 1, 1, 1, 3):
+        outs.append(attn(x[:, pos : pos + n], cos[pos : pos + n], sin[pos : pos + n], cache, pos))
+        pos += n
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    # forced absorbed mode on a full sequence equals naive as well
+    torch.testing.assert_close(attn(x, cos, sin, absorb=True), full)
+
+
+def test_mla_cache_holds_only_latent_and_rope_key():
+    cfg = _cfg()
+    attn = MLAttention(cfg)
+    cache = attn.make_cache(1, 10, torch.bfloat16, "cpu")
+    assert cache.nbytes() == 10 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    assert attn.cache_numbers_per_token() == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_gqa_cached_decode_matches_full_and_reference(n_kv_heads):
+    torch.manual_seed(2)
+    cfg = _cfg(attn_type="gqa", n_kv_heads=n_kv_heads)
+    attn = GQAttention(cfg).eval()
+    x = torch.randn(3, 10, cfg.hidden_size)
+    cos, sin = _tables(cfg, 10)
+    full = attn(x, cos, sin)
+    hd = cfg.gqa_head_dim
+    q = apply_rope(attn.q_proj(x).view(3, 10, 4, hd), cos, sin, interleaved=False)
+    k = apply_rope(attn.k_proj(x).view(3, 10, n_kv_heads, hd), cos, sin, interleaved=False)
+    v = attn.v_proj(x).view(3, 10, n_kv_heads, hd)
+    rep = 4 // n_kv_heads
+    ref = explicit_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), attn.scale)
+    torch.testing.assert_close(full, attn.o_proj(ref.reshape(3, 10, -1)))
+    cache = attn.make_cache(3, 10, torch.float64, "cpu")
+    outs, pos = [], 0
+    for n in (4, 1, 2, 1, 1, 1):
+        outs.append(attn(x[:, pos : pos + n], cos[pos : pos + n], sin[pos : pos + n], cache, pos))
+        pos += n
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    assert cache.nbytes() == 3 * 10 * 2 * n_kv_heads * hd * 8
+
+
+def test_rope_is_relative_and_layouts_agree():
+    torch.manual_seed(3)
+    cos, sin = rope_cos_sin(8, 32, 10000.0)
+    q, k = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    for interleaved in (True, False):
+
+        def dot(m, n, interleaved=interleaved):
+            qm = apply_rope(q, cos[m : m + 1].double(), sin[m : m + 1].double(), interleaved)
+            kn = apply_rope(k, cos[n : n + 1].double(), sin[n : n + 1].double(), interleaved)
+            return (qm * kn).sum()
+
+        torch.testing.assert_close(dot(5, 2), dot(13, 10))
+    # interleaved layout == half-split layout after permuting dims (2i, 2i+1) -> (i, i + d/2)
+    perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
+    a = apply_rope(q, cos[7:8].double(), sin[7:8].double(), interleaved=True)[..., perm]
+    b = apply_rope(q[..., perm], cos[7:8].double(), sin[7:8].double(), interleaved=False)
+    torch.testing.assert_close(a, b)
+
+
+def test_yarn_frequencies_match_the_formula():
+    dim, base = 64, 10000.0
+    rs = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
+    got = yarn_inv_freq(dim, base, rs)
+
+    def corr(rot):  # dimension index whose wavelength turns `rot` times over the original context
+        return dim * math.log(4096 / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr(32)), 0), min(math.ceil(corr(1)), dim - 1)
+    for i in range(dim // 2):
+        theta = base ** (-2 * i / dim)
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        want = theta * (1 - ramp) + (theta / 40) * ramp  # extrapolate fast dims, interpolate slow ones
+        assert got[i].item() == pytest.approx(want, rel=1e-12)
+    assert got[0].item() == pytest.approx(1.0)  # fastest dim untouched
+    assert got[-1].item() == pytest.approx(base ** (-(dim - 2) / dim) / 40)  # slowest fully interpolated
+    assert yarn_get_mscale(40, 1.0) == pytest.approx(0.1 * math.log(40) + 1)
+    rs_v3 = dict(rs, mscale=1.0, mscale_all_dim=1.0)
+    assert softmax_scale(192, rs_v3) == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2)
+    cos, _ = rope_cos_sin(dim, 4, base, rs_v3)  # mscale / mscale_all_dim = 1: no cos/sin scaling
+    assert cos[0, 0].item() == pytest.approx(1.0)

@@ -1,0 +1,521 @@
+"""minimoe.data: tokenizers, sources, prepare (cache, atomicity, splits) and loaders.
+
+All data is generated here; only the GPT-2 tokenizer test reads /work/shared and skips without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minimoe.data import (
+    EvalWindows,
+    PreparedData,
+    Tokenizer,
+    TokenWindows,
+    open_source,
+    prepare,
+    resolve_tokenizer,
+    split_documents,
+    train_bpe,
+)
+from minimoe.errors import MinimoeError
+
+EOT = "<|endoftext|>"
+GPT2 = Path("/work/shared/data/tokenizers/gpt2")
+SAMPLES = ["hello world", "Grüße, 世界! 😀 tabs\tand\nnewlines\r\n", "", "  leading", "a<|endoftext|>b"]
+
+
+def words(rng: random.Random, n: int) -> str:
+    vocab = "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom said".split()
+    return " ".join(rng.choice(vocab) for _ in range(n)) + "."
+
+
+def write_stories(path: Path, n_docs: int, seed: int = 0, words_per_doc: int = 40) -> list[str]:
+    rng = random.Random(seed)
+    docs = [words(rng, words_per_doc) for _ in range(n_docs)]
+    path.write_text("".join(d + "\n" + EOT + "\n" for d in docs), encoding="utf-8")
+    return docs
+
+
+def tiny_hf_tokenizer(folder: Path, eos: str = "</s>", extra: int = 0) -> Path:
+    """A word-level tokenizer.json built here, standing in for a downloaded pretrained one."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+
+    vocab = {"[UNK]": 0}
+    for w in "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom said .".split():
+        vocab.setdefault(w, len(vocab))
+    for i in range(extra):
+        vocab[f"w{i}"] = len(vocab)
+    hf = HF(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.decoder = decoders.WordPiece()  # joins words with spaces
+    hf.add_special_tokens([AddedToken(eos, special=True)])
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def read_split(data: PreparedData, split: str) -> np.ndarray:
+    maps = data.memmaps(split)
+    return np.concatenate([np.asarray(m) for m in maps]) if maps else np.zeros(0, dtype=data.dtype)
+
+
+# ---------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip_and_exact_hf_file(tmp_path):
+    from tokenizers import Tokenizer as HF
+
+    tok = Tokenizer.byte()
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.bos_id) == (258, 256, 257, None)
+    for s in SAMPLES:
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s.replace(EOT, "")
+        assert tok.decode(ids, skip_special_tokens=False) == s
+    assert tok.encode("hé") == list("hé".encode())
+    assert tok.encode("a<|endoftext|>b") == [97, 256, 98]  # special strings match, as in HF
+    assert tok.decode([104, 105, 9999]) == "hi"  # out-of-vocab ids are dropped, as in HF
+    tok.save(tmp_path / "t")
+    hf = HF.from_file(str(tmp_path / "t" / "tokenizer.json"))  # the saved file gives the same ids
+    rng = random.Random(0)
+    for _ in range(200):
+        s = "".join(
+            rng.choice(["a", " ", "\n", "é", "日本", "😀", EOT, "<|pad|>", "<|", "\x00"]) for _ in range(20)
+        )
+        assert hf.encode(s, add_special_tokens=False).ids == tok.encode(s)
+    loaded = Tokenizer.load(tmp_path / "t")
+    assert loaded.kind == "byte" and loaded.hash() == tok.hash() == Tokenizer.byte().hash()
+
+
+@pytest.fixture(scope="module")
+def bpe_tok() -> Tokenizer:
+    rng = random.Random(1)
+    return train_bpe((words(rng, 50) for _ in range(200)), vocab_size=300)
+
+
+def test_bpe_train_round_trip_save_load(bpe_tok, tmp_path):
+    assert bpe_tok.kind == "bpe" and 258 < bpe_tok.vocab_size <= 300
+    assert bpe_tok.id_to_token(bpe_tok.eos_id) == EOT
+    assert len(bpe_tok.encode("the cat sat on the mat")) < len("the cat sat on the mat")  # merges learnt
+    for s in SAMPLES:
+        assert bpe_tok.decode(bpe_tok.encode(s)) == s.replace(EOT, "")
+    bpe_tok.chat_template = "{{ messages }}"
+    bpe_tok.save(tmp_path / "bpe")
+    assert {p.name for p in (tmp_path / "bpe").iterdir()} == {"tokenizer.json", "minimoe_tokenizer.json"}
+    loaded = Tokenizer.load(tmp_path / "bpe")
+    assert (loaded.kind, loaded.eos_id, loaded.chat_template) == ("bpe", bpe_tok.eos_id, "{{ messages }}")
+    assert loaded.hash() == bpe_tok.hash()  # stable across save/load; chat template not hashed
+    assert loaded.encode_batch(SAMPLES) == bpe_tok.encode_batch(SAMPLES)
+    assert loaded.hash() != Tokenizer.byte().hash()
+
+
+def test_pretrained_tokenizer_json_built_here(tmp_path):
+    file = tiny_hf_tokenizer(tmp_path / "tiny")
+    for p in (file, file.parent):  # the file itself or its folder
+        tok = Tokenizer.load(p)
+        assert tok.kind == "pretrained" and tok.eos_token == "</s>" and tok.pad_id == tok.eos_id
+        assert tok.decode(tok.encode("the cat sat on a mat")) == "the cat sat on a mat"
+    # tokenizer_config.json decides when present
+    (file.parent / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "</s>"}, "bos_token": "the", "chat_template": "T"})
+    )
+    tok = Tokenizer.load(file.parent)
+    assert (tok.bos_id, tok.chat_template) == (tok.encode("the")[0], "T")
+    tok.save(tmp_path / "saved")
+    assert Tokenizer.load(tmp_path / "saved").hash() == tok.hash()
+
+
+def test_pretrained_without_eos_is_an_error(tmp_path):
+    file = tiny_hf_tokenizer(tmp_path / "noeos", eos="[SEP]")
+    with pytest.raises(MinimoeError, match="no end-of-text token"):
+        Tokenizer.load(file)
+
+
+@pytest.mark.skipif(not (GPT2 / "tokenizer.json").is_file(), reason="shared GPT-2 tokenizer.json not present")
+def test_gpt2_tokenizer():
+    tok = resolve_tokenizer(str(GPT2))
+    assert (tok.vocab_size, tok.eos_id, tok.bos_id) == (50257, 50256, 50256)
+    assert tok.encode("Hello world") == [15496, 995]
+    for s in SAMPLES:
+        assert tok.decode(tok.encode(s)) == s.replace(EOT, "")
+
+
+def test_resolve_tokenizer_specs_and_errors(tmp_path):
+    assert resolve_tokenizer("byte").kind == "byte"
+    tok = resolve_tokenizer("bpe:280", lambda: iter(["the cat sat"] * 50))
+    assert tok.kind == "bpe"
+    for spec, msg in [
+        ("bpe:many", "integer VOCAB"),
+        ("bpe:100", "at least 258"),
+        ("sentencepiece", "is not 'byte', 'bpe:VOCAB'"),
+        (str(tmp_path / "missing.json"), "is not 'byte'"),
+    ]:
+        with pytest.raises(MinimoeError, match=msg):
+            resolve_tokenizer(spec, lambda: iter(["some text"]))
+    with pytest.raises(MinimoeError, match="no training text"):
+        resolve_tokenizer("bpe:300")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(MinimoeError, match="not a valid Hugging Face tokenizer.json"):
+        resolve_tokenizer(str(tmp_path / "bad"))
+
+
+# ---------------------------------------------------------------------- sources
+
+
+def test_split_documents_matches_line_reference():
+    def reference(text: str) -> list[str]:
+        groups: list[list[str]] = [[]]
+        for line in text.split("\n"):
+            groups.append([]) if line == EOT else groups[-1].append(line)
+        return [d for d in ("\n".join(g) for g in groups) if d.strip()]
+
+    rng = random.Random(0)
+    pieces = ["a", "b", " ", "\n", EOT, "\n" + EOT + "\n", "xy\n\n", "<|", "endoftext|>"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        step = rng.randint(1, 20)
+        docs, cur = [], []
+        for seg, end in split_documents([text[i : i + step] for i in range(0, len(text), step)], max_chars=7):
+            assert len(seg) <= 8 or end
+            cur.append(seg)
+            if end:
+                docs.append("".join(cur))
+                cur = []
+        assert not cur and [d for d in docs if d.strip()] == reference(text)
+
+
+def test_text_file_source(tmp_path):
+    docs = write_stories(tmp_path / "s.txt", 5)
+    c = open_source(tmp_path / "s.txt")
+    assert list(c.documents()) == docs
+    (tmp_path / "plain.txt").write_text("one\n\ntwo\n")
+    assert list(open_source(tmp_path / "plain.txt").documents()) == ["one\n\ntwo\n"]  # no separators: one doc
+
+
+def test_folder_source_glob_skips_binary_and_non_utf8(tmp_path):
+    root = tmp_path / "code"
+    (root / "pkg").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "b.py").write_text("print('b')\n")
+    (root / "pkg" / "a.py").write_text("x = 1\n")
+    (root / "notes.md").write_text("# notes\n")
+    (root / "pkg" / "blob.py").write_bytes(b"\x00\x01binary")
+    (root / "pkg" / "latin.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    (root / ".git" / "x.py").write_text("hidden = 1\n")
+    c = open_source(root)
+    assert [f.relative_to(root).as_posix() for f in c.files] == [
+        "b.py",
+        "notes.md",
+        "pkg/a.py",
+        "pkg/blob.py",
+        "pkg/latin.py",
+    ]
+    assert list(c.documents()) == ["print('b')\n", "# notes\n", "x = 1\n"]
+    assert c.skipped == {"binary": 1, "not_utf8": 1}
+    py = open_source(root, glob="**/*.py")
+    assert list(py.documents()) == ["print('b')\n", "x = 1\n"]
+    for glob, want in [
+        ("*.py", ["b.py"]),
+        ("pkg/*", ["a.py", "blob.py", "latin.py"]),
+        ("**/[ab].py", ["b.py", "a.py"]),
+    ]:
+        assert [f.name for f in open_source(root, glob=glob).files] == want
+
+
+def test_jsonl_parquet_and_hf_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": "first doc", "id": 1}, {"text": "second doc", "id": 2}, {"text": None, "id": 3}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert list(open_source(tmp_path / "d.jsonl").documents()) == ["first doc", "second doc"]
+    pq.write_table(pa.table({"body": ["p1", "p2", "p3"]}), tmp_path / "d.parquet")
+    assert list(open_source(tmp_path / "d.parquet", text_field="body").documents()) == ["p1", "p2", "p3"]
+    with pytest.raises(MinimoeError, match="no column 'text'.*body"):
+        list(open_source(tmp_path / "d.parquet").documents())
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "x"}\n')
+    with pytest.raises(MinimoeError, match="line 2 has no 'text' field"):
+        list(open_source(tmp_path / "bad.jsonl").documents())
+    # Hugging Face datasets over local JSON files (the packaged json builder; no network)
+    hf = open_source(f"hf:{tmp_path / 'd.jsonl'}", cache_dir=str(tmp_path / "hf_cache"))
+    assert list(hf.documents()) == ["first doc", "second doc"]
+    assert hf.content_hash() == open_source(f"hf:{tmp_path / 'd.jsonl'}").content_hash()
+    with pytest.raises(MinimoeError, match="must be hf:NAME_OR_PATH"):
+        open_source("hf:x?splt=train")
+
+
+def test_token_array_sources(tmp_path):
+    ids = np.arange(300, dtype=np.uint16) % 258
+    np.save(tmp_path / "t.npy", ids.astype(np.int32))
+    ids.tofile(tmp_path / "t.bin")
+    for name in ("t.npy", "t.bin"):
+        c = open_source(tmp_path / name)
+        assert c.pretokenized and np.array_equal(np.asarray(c.tokens()), ids)
+    np.save(tmp_path / "2d.npy", np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(MinimoeError, match="1-D integers"):
+        open_source(tmp_path / "2d.npy").tokens()
+
+
+def test_builtin_corpus_finds_stdlib_code():
+    c = open_source(None)
+    assert c.kind == "builtin" and len(c.files) > 100
+    names = {f.name for f in c.files}
+    assert {"os.py", "argparse.py"} <= names
+    assert not any(part in ("test", "site-packages", "idlelib") for f in c.files for part in f.parts[-3:-1])
+    first = next(c.documents())
+    assert isinstance(first, str) and first
+
+
+# ---------------------------------------------------------------------- prepare
+
+
+def test_prepare_writes_shards_meta_and_eos(tmp_path):
+    docs = write_stories(tmp_path / "s.txt", 100)
+    data = prepare(tmp_path / "s.txt", "byte", tmp_path / "out", val_fraction=0.1, workers=0, progress=False)
+    m = data.meta
+    assert not data.cached and m["split_mode"] == "document" and m["dtype"] == "uint16"
+    assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"], m["documents"]) == (
+        90,
+        10,
+        100,
+    )
+    assert set(m["files"]) == {
+        "train_000.bin",
+        "val_000.bin",
+        "tokenizer/tokenizer.json",
+        "tokenizer/minimoe_tokenizer.json",
+    }
+    tok = data.tokenizer()
+    train = read_split(data, "train")
+    assert train[-1] == tok.eos_id and np.count_nonzero(train == tok.eos_id) == 90
+    decoded = tok.decode(train.tolist(), skip_special_tokens=False).split(EOT)[:-1]
+    val_docs = [d for i, d in enumerate(docs) if i % 10 == 9]  # evenly spread: every 10th
+    assert decoded == [d for i, d in enumerate(docs) if i % 10 != 9]
+    assert tok.decode(read_split(data, "val").tolist(), skip_special_tokens=False).split(EOT)[:-1] == val_docs
+    assert m["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in val_docs)
+    assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] == sum(len(d) + 1 for d in docs)
+    assert m["max_token_id"] == 256
+    assert PreparedData.load(tmp_path / "out").meta == m
+
+
+def test_prepare_rerun_is_noop_and_change_reprepares(tmp_path):
+    src = tmp_path / "s.txt"
+    write_stories(src, 20)
+    out = tmp_path / "out"
+    first = prepare(src, "byte", out, workers=0, progress=False)
+    mtime = (out / "train_000.bin").stat().st_mtime_ns
+    again = prepare(src, "byte", out, workers=0, progress=False)
+    assert again.cached and (out / "train_000.bin").stat().st_mtime_ns == mtime
+    os.utime(src, ns=(1, 1))  # touched, same content: still cached, meta remembers the new mtime
+    touched = prepare(src, "byte", out, workers=0, progress=False)
+    assert touched.cached and touched.meta["sources"]["train"]["files"][0][2] == 1
+    assert (out / "train_000.bin").stat().st_mtime_ns == mtime
+    write_stories(src, 20, seed=5)
+    changed = prepare(src, "byte", out, workers=0, progress=False)
+    assert not changed.cached and changed.meta["content_hash"] != first.meta["content_hash"]
+    other_split = prepare(src, "byte", out, val_fraction=0.2, workers=0, progress=False)
+    assert not other_split.cached
+    assert not prepare(
+        src, Tokenizer.load(tiny_hf_tokenizer(tmp_path / "tk")), out, workers=0, progress=False
+    ).cached
+
+
+def test_interrupted_runs_are_not_trusted(tmp_path):
+    src = tmp_path / "s.txt"
+    write_stories(src, 20)
+    out = tmp_path / "out"
+    prepare(src, "byte", out, workers=0, progress=False)
+    # a shard shorter than meta.json says (killed while rewriting)
+    with open(out / "train_000.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(MinimoeError, match="train_000.bin is missing or not"):
+        PreparedData.load(out)
+    assert not prepare(src, "byte", out, workers=0, progress=False).cached
+    # shards without meta.json
+    (out / "meta.json").unlink()
+    with pytest.raises(MinimoeError, match="no meta.json"):
+        PreparedData.load(out)
+    assert not prepare(src, "byte", out, workers=0, progress=False).cached
+    # a temp folder left by a killed run (dead pid) is cleaned, a live one is left alone
+    dead = tmp_path / ".out.tmp-999999999-abcdef12"
+    live = tmp_path / f".out.tmp-{os.getpid()}-abcdef12"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "train_000.bin").write_bytes(b"\0" * 8)
+    write_stories(src, 20, seed=9)
+    prepare(src, "byte", out, workers=0, progress=False)
+    assert not dead.exists() and live.exists()
+    # a folder with someone else's files is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(MinimoeError, match="did not write"):
+        prepare(src, "byte", tmp_path / "mine", workers=0, progress=False)
+
+
+def test_prepare_stream_split_explicit_val_and_shards(tmp_path):
+    rng = random.Random(3)
+    text = "\n".join(words(rng, 30) for _ in range(40))  # one long document
+    (tmp_path / "one.txt").write_text(text)
+    data = prepare(
+        tmp_path / "one.txt",
+        "byte",
+        tmp_path / "a",
+        val_fraction=0.1,
+        workers=0,
+        shard_tokens=1000,
+        progress=False,
+    )
+    assert data.meta["split_mode"] == "stream"
+    train, val = read_split(data, "train"), read_split(data, "val")
+    assert len(val) == int(0.1 * (len(text) + 1)) and len(data.shard_paths("train")) > 1
+    assert bytes(np.concatenate([train, val])[:-1].astype(np.uint8)) == text.encode()
+    assert data.num_bytes("train") + data.num_bytes("val") == len(text.encode())
+    (tmp_path / "valid.txt").write_text("held out text\n")
+    data = prepare(
+        tmp_path / "one.txt",
+        "byte",
+        tmp_path / "b",
+        val_source=tmp_path / "valid.txt",
+        workers=0,
+        progress=False,
+    )
+    assert data.meta["split_mode"] == "explicit" and data.num_tokens("train") == len(text) + 1
+    assert read_split(data, "val").tolist() == list(b"held out text\n") + [256]
+
+
+def test_prepare_pool_matches_in_process_and_bpe_cache(tmp_path):
+    write_stories(tmp_path / "s.txt", 2000, words_per_doc=50)  # > 2 worker tasks of text
+    a = prepare(tmp_path / "s.txt", "bpe:300", tmp_path / "a", workers=2, progress=False)
+    b = prepare(tmp_path / "s.txt", a.tokenizer(), tmp_path / "b", workers=0, progress=False)
+    for s in ("train", "val"):
+        assert np.array_equal(read_split(a, s), read_split(b, s))
+    assert a.meta["splits"] == b.meta["splits"]
+    again = prepare(tmp_path / "s.txt", "bpe:300", tmp_path / "a", workers=2, progress=False)
+    assert again.cached and again.tokenizer().hash() == a.tokenizer().hash()
+
+
+def test_prepare_pretokenized_and_uint32(tmp_path):
+    ids = (np.arange(5000) * 7 % 258).astype(np.uint16)
+    ids.tofile(tmp_path / "t.bin")
+    data = prepare(tmp_path / "t.bin", "byte", tmp_path / "a", val_fraction=0.1, workers=0, progress=False)
+    assert np.array_equal(np.concatenate([read_split(data, "train"), read_split(data, "val")]), ids)
+    assert data.num_bytes("train") is None and data.num_bytes("val") == int(
+        np.count_nonzero(ids[-500:] < 256)
+    )
+    with pytest.raises(MinimoeError, match="holds token id 300 but the tokenizer has 258"):
+        np.array([1, 300], dtype=np.uint16).tofile(tmp_path / "big.bin")
+        prepare(tmp_path / "big.bin", "byte", tmp_path / "b", workers=0, progress=False)
+    big = Tokenizer.load(tiny_hf_tokenizer(tmp_path / "tk", extra=70000))
+    write_stories(tmp_path / "s.txt", 10)
+    data = prepare(tmp_path / "s.txt", big, tmp_path / "c", val_fraction=0, workers=0, progress=False)
+    assert data.meta["dtype"] == "uint32" and data.num_tokens("val") == 0
+    assert big.decode(read_split(data, "train")[:5].tolist()) in (tmp_path / "s.txt").read_text()
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(MinimoeError, match="does not exist"):
+        prepare(tmp_path / "nope.txt", "byte", tmp_path / "o", progress=False)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(MinimoeError, match="empty.txt contains no text"):
+        prepare(tmp_path / "empty.txt", "byte", tmp_path / "o", progress=False)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(MinimoeError, match="latin.txt is not UTF-8 text"):
+        prepare(tmp_path / "latin.txt", "byte", tmp_path / "o", progress=False)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(MinimoeError, match="contains no text"):
+        prepare(tmp_path / "empty_dir", "byte", tmp_path / "o", progress=False)
+    (tmp_path / "ok.txt").write_text("some text")
+    with pytest.raises(MinimoeError, match="bpe:VOCAB"):
+        prepare(tmp_path / "ok.txt", "bpe:x", tmp_path / "o", progress=False)
+    with pytest.raises(MinimoeError, match="val_fraction"):
+        prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=1.5, progress=False)
+    data = prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    with pytest.raises(MinimoeError, match="has 10 tokens, fewer than one window of seq_len\\+1 = 17"):
+        TokenWindows(data, "train", seq_len=16, batch_size=2)
+    with pytest.raises(MinimoeError, match="no validation split"):
+        EvalWindows(data, "val", seq_len=4)
+    assert not list(tmp_path.glob(".o.tmp-*"))  # failed runs leave no temp folders
+
+
+# ---------------------------------------------------------------------- loaders
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> PreparedData:
+    d = tmp_path_factory.mktemp("loader")
+    write_stories(d / "s.txt", 200)
+    return prepare(
+        d / "s.txt", "byte", d / "out", val_fraction=0.1, workers=0, shard_tokens=4000, progress=False
+    )
+
+
+def test_token_windows_deterministic_and_real(prepared):
+    a = TokenWindows(prepared, "train", seq_len=32, batch_size=4, seed=7)
+    b = TokenWindows(prepared.dir, "train", seq_len=32, batch_size=4, seed=7)
+    c = TokenWindows(prepared, "train", seq_len=32, batch_size=4, seed=8)
+    for _ in range(3):
+        (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, xc)
+    assert xa.shape == (4, 32) and xa.dtype == torch.int64 and xa.is_contiguous()
+    assert torch.equal(xa[:, 1:], ya[:, :-1])
+    shards = [np.asarray(m) for m in prepared.memmaps("train")]
+    assert len(shards) > 1
+    for row, tgt in zip(xa.numpy(), ya.numpy()):  # each window is a real slice of one shard
+        window = np.concatenate([row, tgt[-1:]])
+        assert any(
+            np.array_equal(s[i : i + 33], window)
+            for s in shards
+            for i in np.flatnonzero(s[: len(s) - 32] == row[0])
+        )
+
+
+def test_token_windows_resume(prepared):
+    run = TokenWindows(prepared, "train", seq_len=16, batch_size=3, seed=1)
+    for _ in range(5):
+        next(run)
+    state = run.state_dict()
+    expected = [next(run) for _ in range(3)]
+    resumed = TokenWindows(prepared, "train", seq_len=16, batch_size=3, seed=999)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    for (x, y), (ex, ey) in zip((next(resumed) for _ in range(3)), expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_token_windows_rank_slices(prepared):
+    full = TokenWindows(prepared, "train", seq_len=16, batch_size=8, seed=3)
+    ranks = [
+        TokenWindows(prepared, "train", seq_len=16, batch_size=4, seed=3, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    for _ in range(3):
+        x, _ = next(full)
+        parts = [next(r)[0] for r in ranks]
+        assert torch.equal(torch.cat(parts), x)
+    with pytest.raises(MinimoeError, match="rank"):
+        TokenWindows(prepared, "train", seq_len=16, batch_size=4, rank=2, world_size=2)
+
+
+def test_eval_windows_cover_split(prepared):
+    val = read_split(prepared, "val")
+    ev = EvalWindows(prepared, "val", seq_len=10, batch_size=4)
+    batches = list(ev)
+    assert len(batches) == len(ev) and all(torch.equal(x, y) for (x, _), (y, _) in zip(batches, ev))
+    targets = torch.cat([y.reshape(-1) for _, y in batches]).numpy()
+    n = (len(val) - 1) // 10 * 10
+    assert ev.num_targets == n and np.array_equal(targets, val[1 : n + 1])
+    halves = [EvalWindows(prepared, "val", seq_len=10, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
+    assert halves[0].num_windows == halves[1].num_windows == (n // 10) // 2
+    rows = torch.cat([x for x, _ in batches])
+    for r, h in enumerate(halves):  # rank r takes every 2nd window: disjoint, same count
+        assert torch.equal(torch.cat([x for x, _ in h]), rows[r::2][: h.num_windows])
+    few = EvalWindows(prepared, "val", seq_len=10, batch_size=4, max_batches=2)
+    assert len(few) == 2 and few.num_windows == 8

@@ -1,0 +1,179 @@
+"""The whole transformer: loss parts, MTP, caching, checkpointing, config validation, parameter counts."""
+
+import pytest
+import torch
+
+from minimoe.config import ModelConfig, RunConfig, build_run_config, set_dotted
+from minimoe.errors import ConfigError
+from minimoe.model.transformer import Transformer
+from minimoe.params import count_params
+from minimoe.presets import PRESETS, get_preset
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=97, hidden_size=36, n_layers=3, n_heads=3, max_seq_len=64, kv_lora_rank=12,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, intermediate_size=48, first_k_dense=1,
+        n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=20,
+        mtp_depth=1, seq_aux_loss_alpha=0.01, aux_loss_alpha=0.01, z_loss_coef=0.001,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_forward_returns_loss_parts_and_stats(attn_type):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(attn_type=attn_type, n_kv_heads=1 if attn_type == "gqa" else None)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(idx, targets=idx.roll(-1, 1))
+    assert out.logits.shape == (2, 16, cfg.vocab_size)
+    assert set(out.losses) == {"ce", "aux", "z", "mtp"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert out.losses["aux"] > 0 and out.losses["z"] > 0 and out.losses["mtp"] > 0
+    want = out.losses["ce"] + out.losses["aux"] + out.losses["z"] + cfg.mtp_loss_weight * out.losses["mtp"]
+    torch.testing.assert_close(out.loss, want)
+    # stats for MoE layers 1, 2 and the MTP block (layer index 3)
+    assert sorted(out.moe_stats) == [1, 2, 3]
+    assert out.moe_stats[1].load.sum().item() == 2 * 16 * cfg.num_experts_per_tok
+    out.loss.backward()
+    assert model.mtp[0].eh_proj.weight.grad is not None
+    assert model.layers[2].mlp.experts.gate_proj.grad.abs().sum() > 0
+    # untrained model predicts near-uniformly
+    assert abs(out.losses["ce"].item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_cached_decoding_matches_full_forward(attn_type):
+    torch.manual_seed(1)
+    cfg = tiny_cfg(attn_type=attn_type, mtp_depth=0)
+    model = Transformer(cfg).double().eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    full = model(idx).logits
+    cache = model.make_cache(2, 12)
+    steps = [model(idx[:, :5], cache=cache).logits]
+    for t in range(5, 12):
+        steps.append(model(idx[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    assert cache.pos == 12
+
+
+def test_mla_cache_bytes_per_token():
+    cfg = get_preset("deepseek-v3")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.cache_bytes_per_token(torch.bfloat16) == (512 + 64) * 2 * 61
+    rep = count_params(cfg)
+    assert rep.kv_cache_bytes_per_token_per_layer["bf16"] == 1152  # REFERENCE: (512 + 64) x 2
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(2)
+    cfg = tiny_cfg()
+    model = Transformer(cfg).double()
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    model(idx, targets=idx).loss.backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(idx, targets=idx).loss.backward()
+    for a, p in zip(g1, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_tied_embeddings_share_storage_and_eval_keeps_bias():
+    cfg = tiny_cfg(tie_word_embeddings=True)
+    model = Transformer(cfg)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 8)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_update_bias_moves_selection_bias():
+    cfg = tiny_cfg(bias_update_speed=0.01)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(idx, targets=idx)
+    model.update_bias({i: s.load for i, s in out.moe_stats.items()})
+    b = model.layers[1].mlp.gate.e_score_correction_bias
+    assert b.abs().max().item() == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(num_experts_per_tok=9, n_routed_experts=8), "num_experts_per_tok"),
+        (dict(attn_type="gqa", n_heads=5), "n_heads"),
+        (dict(attn_type="gqa", n_kv_heads=3), "n_kv_heads"),
+        (dict(n_group=4, topk_group=5, n_routed_experts=8), "topk_group"),
+        (dict(n_group=3, n_routed_experts=8), "n_group"),
+        (dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
+        (dict(first_k_dense=9), "first_k_dense"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(scoring_func="relu"), "scoring_func"),
+    ],
+)
+def test_invalid_configs_name_the_field(kw, field):
+    base = dict(n_routed_experts=8, num_experts_per_tok=2, n_heads=4, hidden_size=64)
+    base.update(kw)
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**base).validate()
+
+
+def test_overrides_and_unknown_keys():
+    cfg = build_run_config("tiny", overrides=["model.n_layers=2", "train.lr=1e-3", "model.q_lora_rank=16"])
+    assert cfg.model.n_layers == 2 and cfg.train.lr == 1e-3 and cfg.model.q_lora_rank == 16
+    with pytest.raises(ConfigError, match="did you mean 'model.n_layers'"):
+        set_dotted(RunConfig(), "model.n_layer", "2")
+    with pytest.raises(ConfigError, match="integer"):
+        set_dotted(RunConfig(), "model.n_layers", "two")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_run_config("tinyy")
+
+
+# ---------------------------------------------------------------- parameter accounting
+
+
+def test_param_counts_match_hand_formula():
+    cfg = tiny_cfg(mtp_depth=0)
+    D, V, H, r, rope, nope, v = 36, 97, 3, 12, 4, 8, 10
+    E, K, Im, S, I = 6, 2, 20, 1, 48
+    attn = D * H * (nope + rope) + D * (r + rope) + r + r * H * (nope + v) + H * v * D
+    dense, moe_routed, shared, router = 3 * D * I, 3 * E * Im * D, 3 * D * Im * S, E * D + E
+    norms = 2 * D * 3 + D
+    total = 2 * V * D + 3 * attn + dense + 2 * (moe_routed + shared + router) + norms
+    rep = count_params(cfg)
+    assert rep.total == total
+    assert rep.activated == total - V * D - 2 * moe_routed * (E - K) // E
+    assert rep.activated_with_embedding == rep.activated + V * D
+    real = Transformer(cfg)
+    assert rep.total == real.num_params() + 2 * E  # + the two bias buffers
+
+
+def test_deepseek_moe_16b_published_counts():
+    rep = count_params(get_preset("deepseek-moe-16b"))
+    assert rep.total == 16_375_728_128
+    assert rep.activated_with_embedding == 2_828_650_496  # DeepSeekMoE counts the embedding
+
+
+def test_deepseek_v3_published_counts():
+    rep = count_params(get_preset("deepseek-v3"))
+    assert rep.total == 671_026_419_200
+    assert rep.activated == 36_625_618_432  # V3 leaves the embedding lookup out: "37B"
+    assert rep.activated_with_embedding == 37_552_297_472
+    assert rep.mtp_total == 11_610_068_224
+    assert rep.hf_checkpoint_total == 684_489_845_504  # "671B + 14B = 685B"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_counts_on_meta(name):
+    rep = count_params(get_preset(name))
+    assert 0 < rep.activated < rep.total

@@ -1,0 +1,380 @@
+"""MoE layer: router math, dispatch kernels against the per-token reference, capacity, balancing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import brute_force_group_topk, moe_reference
+
+from minimoe.config import ModelConfig
+from minimoe.errors import ConfigError
+from minimoe.model.experts import (
+    MLP,
+    GroupedExperts,
+    grouped_mm_experts,
+    grouped_mm_works,
+    loop_experts,
+    resolve_impl,
+)
+from minimoe.model.moe import MoE, capacity_keep, expert_capacity, max_vio
+from minimoe.model.router import (
+    Router,
+    bias_update,
+    group_limited_topk,
+    load_balance_loss,
+    router_z_loss,
+    seq_load_balance_loss,
+)
+
+
+def make_cfg(**kw) -> ModelConfig:
+    base = dict(
+        hidden_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_shared_experts=1,
+        scoring_func="sigmoid",
+        moe_impl="loop",
+        init_std=0.3,
+    )
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def make_moe(dtype=torch.float64, seed=0, **kw) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(make_cfg(**kw)).to(dtype)
+    with torch.no_grad():
+        moe.gate.weight.normal_(0.0, 1.0)  # well separated scores: no near-ties between fast and slow path
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias.normal_(0.0, 0.3)
+    return moe
+
+
+def grads(module: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {"x": x.grad.clone()}
+    out.update({n: p.grad.clone() for n, p in module.named_parameters()})
+    return out
+
+
+def run_both(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    g = torch.randn_like(x)
+    x1 = x.clone().requires_grad_()
+    y, _ = moe(x1)
+    (y * g).sum().backward()
+    g_fast = grads(moe, x1)
+    moe.zero_grad()
+    x2 = x.clone().requires_grad_()
+    y_ref = moe_reference(moe, x2)
+    (y_ref * g).sum().backward()
+    return y, y_ref, g_fast, grads(moe, x2)
+
+
+# ------------------------------------------------------------------------------- dispatch vs reference
+
+ROUTINGS = {
+    "v3-sigmoid-groups": dict(
+        scoring_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5, aux_free_bias=True
+    ),
+    "v2-softmax-gelu": dict(
+        scoring_func="softmax",
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=False,
+        aux_free_bias=False,
+        expert_act="gelu",
+        n_shared_experts=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_loop_dispatch_matches_reference_fp64(routing):
+    moe = make_moe(torch.float64, **ROUTINGS[routing])
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    y, y_ref, g, g_ref = run_both(moe, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_grouped_mm_dispatch_matches_reference_fp32(routing):
+    # grouped_mm has no fp64 kernel, so this runs in fp32 with fp32 tolerances
+    if not grouped_mm_works("cpu", torch.float32, True, True):
+        pytest.skip("torch._grouped_mm does not work on this CPU build")
+    moe = make_moe(torch.float32, moe_impl="grouped_mm", **ROUTINGS[routing])
+    x = torch.randn(3, 8, 16)
+    assert resolve_impl("grouped_mm", x.view(-1, 16), 16, 8) == "grouped_mm"
+    y, y_ref, g, g_ref = run_both(moe, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kernels_agree_on_empty_experts_and_stride0_grad():
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 3, 0, 8])
+    x = torch.randn(16, 16)
+    ws = [torch.randn(5, 8, 16), torch.randn(5, 8, 16), torch.randn(5, 16, 8)]
+    results = []
+    for kernel in (grouped_mm_experts, loop_experts):
+        leaves = [t.clone().requires_grad_() for t in [x, *ws]]
+        y = kernel(leaves[0], counts, *leaves[1:])
+        y.sum().backward()  # a stride-0 gradient, which grouped_mm's own backward rejects
+        results.append([y, *(t.grad for t in leaves)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_handle_no_rows():
+    experts = GroupedExperts(4, 16, 8)
+    x = torch.zeros(0, 16, requires_grad=True)
+    y = experts(x, torch.zeros(4, dtype=torch.long))
+    assert y.shape == (0, 16)
+    y.sum().backward()
+
+
+# ------------------------------------------------------------------------------- group-limited top-k
+
+
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("n_group,topk_group,k", [(4, 2, 3), (4, 1, 2), (8, 3, 4), (1, 1, 4)])
+def test_group_limited_topk_matches_brute_force(scoring_func, n_group, topk_group, k):
+    torch.manual_seed(1)
+    # shift negative: with biased scores below 0, HF's 0.0 mask would pick experts of dropped groups
+    choice = torch.rand(64, 16, dtype=torch.float64) - 0.7
+    idx = group_limited_topk(choice, k, n_group, topk_group, scoring_func)
+    for t in range(choice.shape[0]):
+        expected = brute_force_group_topk(choice[t].tolist(), k, n_group, topk_group, scoring_func)
+        assert idx[t].tolist() == expected
+
+
+# ------------------------------------------------------------------------------- invariants
+
+
+def test_one_expert_top1_equals_dense_swiglu():
+    """megablocks dmoe_test: 1 expert, top-1, no shared expert, softmax == the dense FFN."""
+    moe = make_moe(
+        n_routed_experts=1, num_experts_per_tok=1, n_shared_experts=0, scoring_func="softmax", aux_free_bias=False
+    )
+    mlp = MLP(16, 8).to(torch.float64)
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(moe.experts.gate_proj[0])
+        mlp.up_proj.weight.copy_(moe.experts.up_proj[0])
+        mlp.down_proj.weight.copy_(moe.experts.down_proj[0])
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y, _ = moe(x)
+    torch.testing.assert_close(y, mlp(x), rtol=1e-12, atol=1e-12)
+
+
+def test_huge_capacity_equals_dropless():
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    dropless = make_moe(capacity_factor=None)
+    capped = make_moe(capacity_factor=100.0)
+    capped.load_state_dict(dropless.state_dict())
+    y0, s0 = dropless(x)
+    y1, s1 = capped(x)
+    assert s1.dropped.item() == 0 and s0.dropped.item() == 0
+    torch.testing.assert_close(y0, y1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_drops_exactly_the_overflow(k):
+    # selection-only bias of 100 on the first k experts sends every token there
+    moe = make_moe(n_routed_experts=4, num_experts_per_tok=k, n_shared_experts=0, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.zero_()[:k] = 100.0
+    x = torch.randn(2, 5, 16, dtype=torch.float64)  # T = 10 tokens
+    capacity = expert_capacity(1.0, 10, k, 4)
+    assert capacity == math.ceil(10 * k / 4)
+    y, stats = moe(x)
+    assert stats.load[:k].tolist() == [10.0] * k and stats.load[k:].sum() == 0
+    assert stats.dropped.item() == k * (10 - capacity)
+    moe.capacity_factor = None
+    y_full, _ = moe(x)
+    y, y_full = y.view(10, 16), y_full.view(10, 16)
+    # first come, first served (not bit-equal: the expert matmul sees fewer rows)
+    torch.testing.assert_close(y[:capacity], y_full[:capacity], rtol=1e-12, atol=1e-12)
+    assert (y[capacity:] == 0).all()
+
+
+def test_capacity_keep_matches_python_loop():
+    torch.manual_seed(2)
+    E, capacity = 5, 3
+    expert_N = torch.randint(0, E, (40,))
+    sorted_N, order_N = torch.sort(expert_N, stable=True)
+    keep = capacity_keep(sorted_N, torch.bincount(expert_N, minlength=E), capacity)
+    seen = [0] * E
+    expected_kept = set()
+    for pair, e in enumerate(expert_N.tolist()):  # pairs in token order
+        if seen[e] < capacity:
+            expected_kept.add(pair)
+        seen[e] += 1
+    assert set(order_N[keep].tolist()) == expected_kept
+
+
+# ------------------------------------------------------------------------------- balancing
+
+
+def skewed_moe(scoring_func: str, speed: float) -> tuple[MoE, torch.Tensor]:
+    moe = make_moe(
+        torch.float32,
+        scoring_func=scoring_func,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        bias_update_speed=speed,
+        aux_free_bias=True,
+    )
+    torch.manual_seed(3)
+    mean_dir = torch.ones(16) / 4.0
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.zero_()
+        # expert e's logit grows with e along the inputs' mean direction: later experts dominate
+        moe.gate.weight.copy_(0.1 * torch.randn(8, 16) + torch.linspace(-1, 1, 8)[:, None] * mean_dir)
+    x = torch.randn(4, 64, 16) * 0.5 + mean_dir * 2
+    return moe, x
+
+
+# the proportional softmax rule steps by up to (E/K - 1) * speed, so it needs a smaller speed not to oscillate
+@pytest.mark.parametrize("scoring_func,speed", [("sigmoid", 0.01), ("softmax", 0.003)])
+def test_aux_free_bias_lowers_maxvio(scoring_func, speed):
+    moe, x = skewed_moe(scoring_func, speed)
+    moe.train()
+    with torch.no_grad():
+        first = max_vio(moe(x)[1].load).item()
+        for _ in range(200):
+            moe(x)
+            moe.gate.update_bias()
+        last = max_vio(moe(x)[1].load).item()
+    assert first > 1.0, first
+    assert last < 0.25 * first and last < 0.5, (first, last)
+
+
+def test_eval_changes_no_bias_or_counter():
+    moe = make_moe(router_jitter=0.1)
+    bias = moe.gate.e_score_correction_bias.clone()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    moe.eval()
+    y1, _ = moe(x)
+    y2, _ = moe(x)
+    assert torch.equal(y1, y2)  # no jitter in eval
+    assert moe.gate.load_counts.sum() == 0
+    assert torch.equal(moe.gate.e_score_correction_bias, bias)
+    moe.train()
+    moe(x)
+    assert moe.gate.load_counts.sum() == 2 * 6 * 2
+    assert torch.equal(moe.gate.e_score_correction_bias, bias)  # forward never moves the bias
+
+
+def test_update_bias_rules_and_counts_argument():
+    moe = make_moe(bias_update_speed=0.1)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.zero_()
+        moe.gate.load_counts.fill_(7.0)
+    load = torch.tensor([4.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])  # mean 2
+    moe.gate.update_bias(load)  # an all-reduced count overrides the local one, which is reset
+    expected = torch.tensor([-0.1, 0.1, 0, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, expected)
+    assert moe.gate.load_counts.sum() == 0
+    torch.testing.assert_close(bias_update(load, 0.1, "softmax"), torch.tensor([-0.1, 0.1, 0, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(bias_update(torch.tensor([3.0, 1.0]), 0.1, "softmax"), torch.tensor([-0.05, 0.05]))
+    assert bias_update(torch.zeros(4), 0.1, "softmax").abs().sum() == 0  # nothing routed: no step
+
+    plain = make_moe(aux_free_bias=False)
+    assert plain.gate.e_score_correction_bias is None
+    plain.gate.update_bias(load)  # no-op
+    plain.train()
+    plain(torch.randn(1, 3, 16, dtype=torch.float64))
+
+
+def test_hand_computed_losses():
+    # D = E = 3 and an identity router: logits are the inputs. Softmax scores p, top-1.
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.6, 0.2, 0.2], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    shift = torch.tensor([1.0, 2.0, 0.0, -1.0], dtype=torch.float64)  # logsumexp of each token's logits
+    logits = p.log() + shift[:, None]
+    idx = torch.tensor([[0], [1], [0], [2]])
+    # f = 3/(1*4) * [2, 1, 1]; P = [1.4, 1.1, 1.5] / 4; sum f P = 1.0125
+    torch.testing.assert_close(load_balance_loss(p, idx, 0.1), torch.tensor(0.10125, dtype=torch.float64))
+    # sequences (t0, t1) and (t2, t3): 1.125 and 1.275, mean 1.2
+    seq = seq_load_balance_loss(p.view(2, 2, 3), idx.view(2, 2, 1), 0.01)
+    torch.testing.assert_close(seq, torch.tensor(0.012, dtype=torch.float64))
+    # mean of (1, 4, 0, 1)
+    torch.testing.assert_close(router_z_loss(logits, 0.01), torch.tensor(0.015, dtype=torch.float64))
+
+    cfg = make_cfg(
+        hidden_size=3,
+        n_routed_experts=3,
+        num_experts_per_tok=1,
+        n_shared_experts=0,
+        scoring_func="softmax",
+        aux_free_bias=False,
+        aux_loss_alpha=0.1,
+        seq_aux_loss_alpha=0.01,
+        z_loss_coef=0.01,
+    )
+    moe = MoE(cfg).to(torch.float64)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(3))
+    _, stats = moe(logits.view(2, 2, 3))
+    assert stats.load.tolist() == [2.0, 1.0, 1.0]
+    torch.testing.assert_close(stats.aux_loss, torch.tensor(0.10125 + 0.012, dtype=torch.float64))
+    torch.testing.assert_close(stats.z_loss, torch.tensor(0.015, dtype=torch.float64))
+
+    # sigmoid: P uses s / sum(s): s = [0.9, 0.3, 0.3] -> [0.6, 0.2, 0.2]; f = 3/1 * [1, 0, 0]
+    s = torch.tensor([[0.9, 0.3, 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(load_balance_loss(s, torch.tensor([[0]]), 1.0), torch.tensor(1.8, dtype=torch.float64))
+
+
+def test_router_weights_and_scaling():
+    router = Router(make_cfg(routed_scaling_factor=2.5, aux_free_bias=True)).double()
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    out = router(x)
+    torch.testing.assert_close(out.topk_weight.sum(-1), torch.full((5,), 2.5, dtype=torch.float64))
+    assert out.topk_idx.shape == (5, 2)
+    # the bias changes the selection only, never the weights of what is selected
+    with torch.no_grad():
+        router.e_score_correction_bias[out.topk_idx[0, 0]] += 10.0
+    again = router(x)
+    scores = F.linear(x[0], router.weight).sigmoid()
+    chosen = scores.gather(1, again.topk_idx)
+    torch.testing.assert_close(again.topk_weight, 2.5 * chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_max_vio():
+    assert max_vio(torch.tensor([2.0, 2.0, 2.0, 2.0])).item() == 0.0
+    assert max_vio(torch.tensor([4.0, 0.0, 2.0, 2.0])).item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------- backend choice
+
+
+def test_unaligned_hidden_falls_back_to_loop():
+    # hidden 18 fp32 = 72 bytes per row, not a multiple of 16 (hidden 20 would be 80: aligned in fp32)
+    moe = make_moe(torch.float32, hidden_size=18, moe_impl="auto")
+    x = torch.randn(2, 5, 18)
+    assert resolve_impl("auto", x.view(-1, 18), 18, 8) == "loop"
+    with pytest.raises(ConfigError, match="grouped_mm"):
+        resolve_impl("grouped_mm", x.view(-1, 18), 18, 8)
+    y, y_ref, g, g_ref = run_both(moe, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert resolve_impl("auto", x.double(), 16, 8) == "loop"  # no fp64 grouped_mm
+
+
+def test_state_dict_names_and_fp32_bias_under_bf16():
+    moe = make_moe(torch.float32)
+    keys = set(moe.state_dict())
+    assert {"gate.weight", "gate.e_score_correction_bias", "experts.gate_proj", "experts.up_proj"} <= keys
+    assert "shared_experts.down_proj.weight" in keys and "gate.load_counts" not in keys
+    assert moe.experts.gate_proj.shape == (8, 8, 16) and moe.experts.down_proj.shape == (8, 16, 8)
+    bias = moe.gate.e_score_correction_bias.clone()
+    moe.to(torch.bfloat16)
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(moe.gate.e_score_correction_bias, bias)
+    y, stats = moe(torch.randn(2, 4, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and stats.aux_loss.dtype == torch.float32
