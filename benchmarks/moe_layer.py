@@ -93,12 +93,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and only 2048 tokens")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096, 2048 with --quick)")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens per batch (default 4096, 2048 with --quick)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tokens = args.tokens or (2048 if args.quick else 4096)
     warmup, repeats = (2, 5) if args.quick else (3, 15)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, T = {tokens} tokens, fwd+bwd, median ms\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, fp32, T = {tokens} tokens, fwd+bwd, median ms\n"
+    )
     print("| D | E | K | I | shared | dense I | method | ms | vs dense | vs naive |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for D, E, K, I, shared in SIZES:

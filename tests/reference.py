@@ -23,7 +23,9 @@ def brute_force_group_topk(
         group_score = [sum(sorted(g, reverse=True)[:2]) for g in groups]
     else:
         group_score = [max(g) for g in groups]
-    best = max(itertools.combinations(range(n_group), topk_group), key=lambda c: sum(group_score[g] for g in c))
+    best = max(
+        itertools.combinations(range(n_group), topk_group), key=lambda c: sum(group_score[g] for g in c)
+    )
     allowed = [e for g in best for e in range(g * per, (g + 1) * per)]
     return sorted(allowed, key=lambda e: -choice[e])[:k]
 

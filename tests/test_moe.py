@@ -161,7 +161,11 @@ def test_group_limited_topk_matches_brute_force(scoring_func, n_group, topk_grou
 def test_one_expert_top1_equals_dense_swiglu():
     """megablocks dmoe_test: 1 expert, top-1, no shared expert, softmax == the dense FFN."""
     moe = make_moe(
-        n_routed_experts=1, num_experts_per_tok=1, n_shared_experts=0, scoring_func="softmax", aux_free_bias=False
+        n_routed_experts=1,
+        num_experts_per_tok=1,
+        n_shared_experts=0,
+        scoring_func="softmax",
+        aux_free_bias=False,
     )
     mlp = MLP(16, 8).to(torch.float64)
     with torch.no_grad():
@@ -283,7 +287,9 @@ def test_update_bias_rules_and_counts_argument():
     torch.testing.assert_close(moe.gate.e_score_correction_bias, expected)
     assert moe.gate.load_counts.sum() == 0
     torch.testing.assert_close(bias_update(load, 0.1, "softmax"), torch.tensor([-0.1, 0.1, 0, 0, 0, 0, 0, 0]))
-    torch.testing.assert_close(bias_update(torch.tensor([3.0, 1.0]), 0.1, "softmax"), torch.tensor([-0.05, 0.05]))
+    torch.testing.assert_close(
+        bias_update(torch.tensor([3.0, 1.0]), 0.1, "softmax"), torch.tensor([-0.05, 0.05])
+    )
     assert bias_update(torch.zeros(4), 0.1, "softmax").abs().sum() == 0  # nothing routed: no step
 
     plain = make_moe(aux_free_bias=False)
@@ -295,7 +301,9 @@ def test_update_bias_rules_and_counts_argument():
 
 def test_hand_computed_losses():
     # D = E = 3 and an identity router: logits are the inputs. Softmax scores p, top-1.
-    p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.6, 0.2, 0.2], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    p = torch.tensor(
+        [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.6, 0.2, 0.2], [0.1, 0.1, 0.8]], dtype=torch.float64
+    )
     shift = torch.tensor([1.0, 2.0, 0.0, -1.0], dtype=torch.float64)  # logsumexp of each token's logits
     logits = p.log() + shift[:, None]
     idx = torch.tensor([[0], [1], [0], [2]])
@@ -328,7 +336,9 @@ def test_hand_computed_losses():
 
     # sigmoid: P uses s / sum(s): s = [0.9, 0.3, 0.3] -> [0.6, 0.2, 0.2]; f = 3/1 * [1, 0, 0]
     s = torch.tensor([[0.9, 0.3, 0.3]], dtype=torch.float64)
-    torch.testing.assert_close(load_balance_loss(s, torch.tensor([[0]]), 1.0), torch.tensor(1.8, dtype=torch.float64))
+    torch.testing.assert_close(
+        load_balance_loss(s, torch.tensor([[0]]), 1.0), torch.tensor(1.8, dtype=torch.float64)
+    )
 
 
 def test_router_weights_and_scaling():

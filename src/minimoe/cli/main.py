@@ -37,7 +37,17 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # dotted `key=value` overrides may sit anywhere on the line, between options too
+        args, extra = parser.parse_known_args(argv)
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        unknown = [a for a in extra if a not in overrides]
+        if unknown or (overrides and not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+        if overrides:
+            args.overrides = list(args.overrides) + overrides
+    except SystemExit as e:  # --help, or a bad argument already reported in one line
+        return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 2

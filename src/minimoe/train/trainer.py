@@ -41,7 +41,7 @@ class TrainResult:
     best_val_loss: float | None
     tokens_per_s: float
     elapsed_s: float
-    stopped: str  # "max_steps" | "max_minutes" | "early_stop" | "interrupted"
+    stopped: str  # "max_steps" | "max_minutes" | "early_stop" | "interrupted" | "paused"
     checkpoint: Path | None
     sample: str | None = None
 
@@ -255,8 +255,11 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> TrainResult:
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train until max_steps (or a time limit, early stop, Ctrl-C). `stop_after` ends this session
+        after that many steps with a checkpoint, as an interruption would (resume continues exactly)."""
         tc, mc = self.cfg.train, self.cfg.model
+        session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
         self._open_writers()
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
@@ -348,7 +351,8 @@ class Trainer:
                 self.elapsed = time.perf_counter() - t0
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
                 out_of_time = tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60
-                if out_of_time or interrupt.requested:
+                paused = session_end is not None and self.step >= session_end
+                if out_of_time or interrupt.requested or paused:
                     at_eval = True
                 if at_eval:
                     val = self.evaluate()
@@ -362,8 +366,8 @@ class Trainer:
                     last_ckpt = self.save(val["val_loss"], is_best=improved)
                 elif tc.save_every and self.step % tc.save_every == 0:
                     last_ckpt = self.save()
-                if interrupt.requested:
-                    stopped = "interrupted"
+                if interrupt.requested or paused:
+                    stopped = "interrupted" if interrupt.requested else "paused"
                     break
                 if out_of_time:
                     stopped = "max_minutes"

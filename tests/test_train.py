@@ -1,0 +1,262 @@
+"""Trainer, checkpoints and the train/generate CLI on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimoe.cli.main import main
+from minimoe.errors import MinimoeError
+from minimoe.train import checkpoint as ckpt_lib
+from minimoe.train.run import train_from_config
+from minimoe.train.schedule import lr_multiplier
+
+TINY = [
+    "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+    "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
+    "model.num_experts_per_tok=2", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
+    "train.eval_batches=2", "train.log_every=1", "train.warmup_steps=2", "data.tokenizer=byte",
+    "data.workers=0", "train.sample_tokens=0",
+]  # fmt: skip
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(400)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def _train(run_dir, data, *extra, **kw):
+    return train_from_config(
+        overrides=TINY + [f"data.path={data}", *extra], run_dir=run_dir, progress=False, **kw
+    )
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_training_learns_and_logs(tmp_path, corpus):
+    res = _train(tmp_path / "run", corpus, "train.max_steps=30", "train.eval_every=15", "train.lr=1e-2")
+    assert res.step == 30 and res.stopped == "max_steps"
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    for key in ("step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "max_vio", "load_frac"):
+        assert key in first, key
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert all(r["val_bpb"] > 0 for r in evals)
+    losses = _losses(tmp_path / "run")
+    assert losses[30] < losses[1] - 1.0  # byte-level text with 16 words is easy
+    ck = ckpt_lib.find_checkpoint(tmp_path / "run")
+    assert ck.name == "step_00000030" and (ck / "tokenizer").is_dir()
+    model, tok, cfg, meta = ckpt_lib.load_run(tmp_path / "run")
+    assert meta["step"] == 30 and cfg.model.vocab_size == 320  # 257 byte tokens rounded up to 64
+
+
+def test_resume_is_exact(tmp_path, corpus):
+    common = ("train.max_steps=8", "train.eval_every=100", "model.router_jitter=0.1", "model.dropout=0.1")
+    _train(tmp_path / "a", corpus, *common)
+    full = _losses(tmp_path / "a")
+    from minimoe.config import build_run_config
+    from minimoe.data import prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    cfg = build_run_config("tiny", None, TINY + [f"data.path={corpus}", *common])
+    data = prepare(corpus, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    cfg.model.vocab_size = 320
+    first = Trainer(cfg, tmp_path / "b", data, data.tokenizer(), progress=False).fit(stop_after=4)
+    assert first.stopped == "paused" and first.step == 4
+    _train(tmp_path / "b", corpus, resume=True)
+    resumed = _losses(tmp_path / "b")
+    assert sorted(resumed) == list(range(1, 9))
+    for s in range(1, 9):
+        assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
+
+
+def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2")
+    root = tmp_path / "run" / "checkpoints"
+    good = ckpt_lib.find_checkpoint(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    model, tok, cfg, _ = ckpt_lib.load_run(tmp_path / "run")
+    with pytest.raises(OSError):
+        ckpt_lib.save_checkpoint(tmp_path / "run", 3, model, {}, {"step": 3}, "x: 1\n", tok)
+    # the failed write left no trusted checkpoint and did not move `latest`
+    assert ckpt_lib.find_checkpoint(tmp_path / "run") == good
+    assert not (root / "step_00000003" / "meta.json").exists()
+    assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == before
+    # a directory without meta.json (crash before the rename finished) is never chosen
+    (root / "step_00000009").mkdir()
+    (root / "latest").write_text("step_00000009\n")
+    assert ckpt_lib.find_checkpoint(tmp_path / "run") == good
+
+
+def test_keep_last_and_best(tmp_path, corpus):
+    _train(tmp_path / "run", corpus, "train.max_steps=6", "train.eval_every=1", "train.keep_last=2", "train.lr=1e-2")
+    root = tmp_path / "run" / "checkpoints"
+    steps = sorted(p.name for p in root.glob("step_*"))
+    best = (root / "best").read_text().strip()
+    assert set(steps) <= {"step_00000005", "step_00000006", best}
+    assert len(steps) <= 3
+
+
+def test_schedules():
+    assert lr_multiplier(0, 100, "cosine", 10) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, "cosine", 10) == pytest.approx(1.0)
+    assert lr_multiplier(100, 100, "cosine", 10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(55, 100, "linear", 10, min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_multiplier(50, 100, "constant", 10) == 1.0
+    assert lr_multiplier(79, 100, "wsd", 10, decay_fraction=0.2) == 1.0
+    assert lr_multiplier(90, 100, "wsd", 10, min_ratio=0.0, decay_fraction=0.2) == pytest.approx(0.5)
+
+
+def test_tensorboard_logging(tmp_path, corpus):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tmp_path / "run", corpus, "train.max_steps=3", "train.eval_every=3", "train.tensorboard=true")
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    assert {"loss", "lr", "val_loss"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- CLI and bad input
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_train_then_generate(tmp_path, corpus, capsys):
+    code, out, err = _cli(
+        capsys, "train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--no-progress",
+        *TINY, "train.max_steps=4", "train.eval_every=4", "train.sample_tokens=10",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "val_loss" in out and "--- sample ---" in out
+    code, out, err = _cli(
+        capsys, "generate", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens", "8",
+        "--temperature", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("the cat") and len(out) > len("the cat")
+
+
+def _one_sentence(code: int, err: str, *words: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize(
+    "setup, args, words",
+    [
+        (None, ["--data", "{tmp}/missing.txt"], ["does not exist"]),
+        ("empty", ["--data", "{tmp}/empty.txt"], ["no text"]),
+        ("binary", ["--data", "{tmp}/bad.txt"], ["UTF-8"]),
+        ("short", ["--data", "{tmp}/short.txt"], ["window"]),
+        ("ok", ["--data", "{tmp}/ok.txt", "model.vocab_size=100"], ["vocab_size"]),
+        ("ok", ["--data", "{tmp}/ok.txt", "train.lrr=1"], ["did you mean 'train.lr'"]),
+        ("ok", ["--data", "{tmp}/ok.txt", "train.max_steps=ten"], ["train.max_steps", "integer"]),
+        ("ok", ["--data", "{tmp}/ok.txt", "--out", "{tmp}/ok.txt/run"], ["cannot write"]),
+        ("ok", ["--data", "{tmp}/ok.txt", "model.num_experts_per_tok=9"], ["num_experts_per_tok"]),
+        ("ok", ["--data", "{tmp}/ok.txt", "--tokenizer", "bpe:abc"], ["bpe:VOCAB"]),
+        ("ok", ["--config", "{tmp}/missing.yaml"], ["does not exist"]),
+    ],
+)
+def test_train_bad_input(tmp_path, capsys, monkeypatch, setup, args, words):
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    files = {
+        "empty": ("empty.txt", b""),
+        "binary": ("bad.txt", b"hello \xff\xfe world\n" * 50),
+        "short": ("short.txt", b"hi\n"),
+        "ok": ("ok.txt", b"some ordinary text that is long enough for a window or two. " * 40),
+    }
+    if setup:
+        name, content = files[setup]
+        (tmp_path / name).write_bytes(content)
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-progress", *TINY, "train.max_steps=1"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, _, err = _cli(capsys, *argv)
+    _one_sentence(code, err, *words)
+
+
+def test_resume_corrupt_checkpoint_is_refused_and_untouched(tmp_path, corpus, capsys):
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2")
+    ck = ckpt_lib.find_checkpoint(tmp_path / "run")
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    code, _, err = _cli(capsys, "train", "--resume", str(tmp_path / "run"), "--no-progress", "train.max_steps=4")
+    _one_sentence(code, err, "corrupt")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == snapshot
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus, capsys):
+    _train(tmp_path / "run", corpus, "train.max_steps=1", "train.eval_every=1")
+    code, _, err = _cli(
+        capsys, "train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--no-progress", *TINY
+    )
+    _one_sentence(code, err, "--resume")
+
+
+def test_generate_bad_run_dir(tmp_path, capsys):
+    code, _, err = _cli(capsys, "generate", str(tmp_path / "nope"), "--prompt", "x")
+    _one_sentence(code, err, "does not exist")
+    (tmp_path / "empty").mkdir()
+    code, _, err = _cli(capsys, "generate", str(tmp_path / "empty"), "--prompt", "x")
+    _one_sentence(code, err, "no complete checkpoint")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus):
+    env = dict(os.environ, MINIMOE_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "minimoe", "train", "--data", str(corpus), "--out", str(tmp_path / "run"),
+           "--no-progress", *TINY, "train.max_steps=100000", "train.eval_every=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out
+    ck = ckpt_lib.find_checkpoint(tmp_path / "run")
+    assert ckpt_lib.load_state(ck)["step"] >= 1
+
+
+def test_load_weights_rejects_other_config(tmp_path, corpus):
+    _train(tmp_path / "run", corpus, "train.max_steps=1", "train.eval_every=1")
+    from minimoe.config import build_run_config
+    from minimoe.model.transformer import Transformer
+
+    other = build_run_config("tiny", None, TINY + ["model.hidden_size=48", "model.vocab_size=320"]).model
+    with pytest.raises(MinimoeError, match="different model config"):
+        ckpt_lib.load_weights(Transformer(other), ckpt_lib.find_checkpoint(tmp_path / "run"))
