@@ -11,7 +11,6 @@ from minimoe.model.rope import apply_rope, rope_cos_sin, softmax_scale, yarn_get
 from reference import explicit_attention
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     torch.set_default_dtype(torch.float64)
@@ -127,7 +126,13 @@ def test_rope_is_relative_and_layouts_agree():
 
 def test_yarn_frequencies_match_the_formula():
     dim, base = 64, 10000.0
-    rs = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
+    rs = {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
     got = yarn_inv_freq(dim, base, rs)
 
     def corr(rot):  # dimension index whose wavelength turns `rot` times over the original context

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import brute_force_group_topk, moe_reference
 
 from minimoe.config import ModelConfig
 from minimoe.errors import ConfigError
@@ -28,6 +27,7 @@ from minimoe.model.router import (
     router_z_loss,
     seq_load_balance_loss,
 )
+from reference import brute_force_group_topk, moe_reference
 
 
 def make_cfg(**kw) -> ModelConfig:

@@ -114,7 +114,14 @@ def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
 
 
 def test_keep_last_and_best(tmp_path, corpus):
-    _train(tmp_path / "run", corpus, "train.max_steps=6", "train.eval_every=1", "train.keep_last=2", "train.lr=1e-2")
+    _train(
+        tmp_path / "run",
+        corpus,
+        "train.max_steps=6",
+        "train.eval_every=1",
+        "train.keep_last=2",
+        "train.lr=1e-2",
+    )
     root = tmp_path / "run" / "checkpoints"
     steps = sorted(p.name for p in root.glob("step_*"))
     best = (root / "best").read_text().strip()
@@ -214,7 +221,9 @@ def test_resume_corrupt_checkpoint_is_refused_and_untouched(tmp_path, corpus, ca
     f = ck / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     snapshot = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    code, _, err = _cli(capsys, "train", "--resume", str(tmp_path / "run"), "--no-progress", "train.max_steps=4")
+    code, _, err = _cli(
+        capsys, "train", "--resume", str(tmp_path / "run"), "--no-progress", "train.max_steps=4"
+    )
     _one_sentence(code, err, "corrupt")
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == snapshot
 
@@ -260,3 +269,41 @@ def test_load_weights_rejects_other_config(tmp_path, corpus):
     other = build_run_config("tiny", None, TINY + ["model.hidden_size=48", "model.vocab_size=320"]).model
     with pytest.raises(MinimoeError, match="different model config"):
         ckpt_lib.load_weights(Transformer(other), ckpt_lib.find_checkpoint(tmp_path / "run"))
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
+    res = _train(tmp_path / "run", corpus, "train.max_steps=3", "train.eval_every=3", "train.precision=bf16")
+    assert res.step == 3 and res.val_loss is not None and res.val_loss == res.val_loss  # finite, not NaN
+
+
+def test_early_stopping(tmp_path, corpus, monkeypatch):
+    from minimoe.train.trainer import Trainer
+
+    vals = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(vals), "val_bpb": 1.0})
+    res = _train(
+        tmp_path / "run", corpus, "train.max_steps=50", "train.eval_every=1", "train.early_stop_patience=2"
+    )
+    assert res.stopped == "early_stop" and res.step == 4 and res.best_val_loss == 2.0
+    assert (tmp_path / "run/checkpoints/best").read_text().strip() == "step_00000002"
+
+
+def test_non_finite_loss_skips_steps_then_stops(tmp_path, corpus, monkeypatch):
+    from minimoe.model.transformer import Transformer
+
+    real = Transformer.forward
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if out.loss is not None and calls["n"] > 2:  # steps 1-2 fine, then NaN forever
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", flaky)
+    with pytest.raises(MinimoeError, match="diverged"):
+        _train(tmp_path / "run", corpus, "train.max_steps=20", "train.eval_every=2")
+    ck = ckpt_lib.find_checkpoint(tmp_path / "run")
+    assert ck.name == "step_00000002"
+    ckpt_lib.load_run(tmp_path / "run")  # the last good checkpoint still loads

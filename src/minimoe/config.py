@@ -162,7 +162,10 @@ class ModelConfig:
             self.scoring_func in ("softmax", "sigmoid"),
             f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}",
         )
-        need(self.expert_act in ("swiglu", "gelu"), f"expert_act must be 'swiglu' or 'gelu', got {self.expert_act!r}")
+        need(
+            self.expert_act in ("swiglu", "gelu"),
+            f"expert_act must be 'swiglu' or 'gelu', got {self.expert_act!r}",
+        )
         need(
             self.moe_impl in ("auto", "grouped_mm", "loop"),
             f"moe_impl must be auto, grouped_mm or loop, got {self.moe_impl!r}",
@@ -172,7 +175,13 @@ class ModelConfig:
             f"capacity_factor must be positive or null, got {self.capacity_factor}",
         )
         need(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
-        for name in ("aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_coef", "bias_update_speed", "mtp_loss_weight"):
+        for name in (
+            "aux_loss_alpha",
+            "seq_aux_loss_alpha",
+            "z_loss_coef",
+            "bias_update_speed",
+            "mtp_loss_weight",
+        ):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "attn_dropout"):
             need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -254,7 +263,9 @@ class RunConfig:
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
         if t.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+            raise ConfigError(
+                f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         return self

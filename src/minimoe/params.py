@@ -17,7 +17,16 @@ import torch
 
 from minimoe.config import ModelConfig
 
-COMPONENTS = ("embedding", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts", "lm_head")
+COMPONENTS = (
+    "embedding",
+    "attention",
+    "norms",
+    "dense_mlp",
+    "router",
+    "shared_experts",
+    "routed_experts",
+    "lm_head",
+)
 
 
 @dataclass

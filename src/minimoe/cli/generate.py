@@ -9,7 +9,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run")
     p.add_argument("run_dir", help="run directory or checkpoint directory")
     p.add_argument("--prompt", default=None, help="prompt text (default: read standard input if piped)")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load")
+    p.add_argument(
+        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")

@@ -14,7 +14,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("params", help="count total and activated parameters of a preset or config")
     p.add_argument("target", nargs="?", help=f"a preset ({', '.join(PRESETS)}) or a YAML config file")
     p.add_argument("--preset", help="preset name (alternative to the positional argument)")
-    p.add_argument("--memory", action="store_true", help="add bytes of weights, gradients, AdamW state, KV cache")
+    p.add_argument(
+        "--memory", action="store_true", help="add bytes of weights, gradients, AdamW state, KV cache"
+    )
     p.add_argument("--context", type=int, default=None, help="tokens per sequence for the KV-cache estimate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model.n_layers=4")

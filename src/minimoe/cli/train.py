@@ -18,11 +18,17 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--preset", help="named model config (default: tiny when no --config is given)")
     p.add_argument("--config", help="YAML file with model/train/data sections")
-    p.add_argument("--data", help="text file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME (default: built-in corpus)")
+    p.add_argument(
+        "--data", help="text file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME (default: built-in corpus)"
+    )
     p.add_argument("--val-data", help="separate validation source (default: a split of --data)")
-    p.add_argument("--tokenizer", help="byte, bpe:VOCAB, or a tokenizer.json file/folder (sets data.tokenizer)")
+    p.add_argument(
+        "--tokenizer", help="byte, bpe:VOCAB, or a tokenizer.json file/folder (sets data.tokenizer)"
+    )
     p.add_argument("--out", help="run directory (default: runs/PRESET)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
     p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides key=value")

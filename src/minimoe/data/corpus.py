@@ -28,7 +28,7 @@ from minimoe.errors import MinimoeError
 
 EOT = "<|endoftext|>"
 # Documents longer than this many characters are tokenized in pieces cut at a newline.
-SEGMENT_CHARS = 1 << 22
+SEGMENT_CHARS = 1 << 20
 READ_CHARS = 1 << 22
 TEXT_SUFFIXES_JSONL = (".jsonl", ".ndjson")
 TOKEN_SUFFIXES = (".npy", ".bin")

@@ -166,9 +166,9 @@ class EvalWindows:
         self.data, self._maps = _open(prepared, split, seq_len)
         self.seq_len, self.batch_size = seq_len, batch_size
         per_shard = [max((len(m) - 1) // seq_len, 0) for m in self._maps]
-        windows = np.array(
-            [(s, k * seq_len) for s, n in enumerate(per_shard) for k in range(n)], dtype=np.int64
-        )
+        windows = np.concatenate(
+            [np.stack([np.full(n, s), np.arange(n) * seq_len], axis=1) for s, n in enumerate(per_shard)]
+        ).astype(np.int64)  # [num_windows, 2]: (shard, start)
         n = len(windows)
         keep = n if max_batches is None else min(n, max_batches * batch_size * world_size)
         windows = windows[(np.arange(keep) * n) // keep]  # evenly spread, in order

@@ -102,8 +102,13 @@ class PreparedData:
         return [np.memmap(p, dtype=self.dtype, mode="r") for p in self.shard_paths(split)]
 
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer the shards were made with."""
-        return Tokenizer.load(self.dir / "tokenizer")
+        """The tokenizer the shards were made with (checked against the hash in meta.json)."""
+        tok = Tokenizer.load(self.dir / "tokenizer")
+        if tok.hash() != self.meta["tokenizer"]["hash"]:
+            raise MinimoeError(
+                f"the tokenizer in {self.dir / 'tokenizer'} is not the one the shards were made with"
+            )
+        return tok
 
 
 # ---------------------------------------------------------------------- trust checks

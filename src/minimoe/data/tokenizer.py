@@ -133,7 +133,8 @@ class Tokenizer:
             raise MinimoeError(f"tokenizer path {p} does not exist")
         folder, file = (p, p / HF_FILE) if p.is_dir() else (p.parent, p)
         meta_path = folder / META_FILE
-        if meta_path.is_file() and p.is_dir():
+        # our metadata applies to the tokenizer.json saved next to it
+        if meta_path.is_file() and file.name == HF_FILE:
             meta = _read_json(meta_path)
             if meta.get("kind") == "byte":
                 tok = cls.byte()
@@ -189,19 +190,28 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the vocabulary are dropped (as HF does); invalid UTF-8
         becomes U+FFFD."""
-        ids = [int(i) for i in ids]
         if self.kind != "byte":
-            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+            return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        arr = np.fromiter(ids, dtype=np.int64) if not isinstance(ids, np.ndarray) else ids.astype(np.int64)
+        is_byte = (arr >= 0) & (arr < 256)
         by_id = {v: k for k, v in self._specials.items()}
-        out, buf = [], bytearray()
-        for i in ids:
-            if 0 <= i < 256:
-                buf.append(i)
-            elif i in by_id and not skip_special_tokens:
-                out.append(buf.decode("utf-8", errors="replace"))
-                out.append(by_id[i])
-                buf = bytearray()
-        out.append(buf.decode("utf-8", errors="replace"))
+        if skip_special_tokens or not np.isin(arr, list(by_id)).any():
+            return arr[is_byte].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        out, start = [], 0
+        for j in np.flatnonzero(np.isin(arr, list(by_id))).tolist():
+            chunk = arr[start:j]
+            out.append(
+                chunk[(chunk >= 0) & (chunk < 256)]
+                .astype(np.uint8)
+                .tobytes()
+                .decode("utf-8", errors="replace")
+            )
+            out.append(by_id[int(arr[j])])
+            start = j + 1
+        chunk = arr[start:]
+        out.append(
+            chunk[(chunk >= 0) & (chunk < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        )
         return "".join(out)
 
     def id_to_token(self, i: int) -> str | None:

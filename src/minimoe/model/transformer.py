@@ -77,9 +77,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(
-            MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth)
-        )
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth))
         cos, sin = rope_cos_sin(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -191,7 +189,9 @@ class Transformer(nn.Module):
             if st is not None:
                 stats[self.cfg.n_layers + k - 1] = st
             logits = self.lm_head(h_normed)  # (B, T-k, V)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100))
+            losses.append(
+                F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
+            )
         return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
 
     def num_params(self, exclude_embedding: bool = False) -> int:

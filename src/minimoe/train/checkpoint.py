@@ -163,7 +163,9 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
 
 
 def _is_tied_alias(model: nn.Module, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(model, "cfg", None) is not None and model.cfg.tie_word_embeddings
+    return (
+        key == "lm_head.weight" and getattr(model, "cfg", None) is not None and model.cfg.tie_word_embeddings
+    )
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

@@ -17,10 +17,15 @@ def data_cache_dir(cfg_data, val_source: str | None) -> Path:
     """Where prepared shards for this source + tokenizer live; the same inputs map to the same folder,
     so a second run reuses them (prepare() itself checks the content hash)."""
     root = Path(cfg_data.cache_dir or os.environ.get("MINIMOE_CACHE") or Path.home() / ".cache" / "minimoe")
-    src = str(Path(cfg_data.path).resolve()) if cfg_data.path and not cfg_data.path.startswith("hf:") else cfg_data.path
+    src = (
+        str(Path(cfg_data.path).resolve())
+        if cfg_data.path and not cfg_data.path.startswith("hf:")
+        else cfg_data.path
+    )
     val = str(Path(val_source).resolve()) if val_source else None
     key = json.dumps(
-        [src, val, cfg_data.tokenizer, cfg_data.text_field, cfg_data.glob, cfg_data.val_fraction], sort_keys=True
+        [src, val, cfg_data.tokenizer, cfg_data.text_field, cfg_data.glob, cfg_data.val_fraction],
+        sort_keys=True,
     )
     name = Path(src).name if src else "builtin"
     return root / "prepared" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

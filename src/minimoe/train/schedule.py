@@ -9,10 +9,10 @@ def lr_multiplier(
     step: int, max_steps: int, schedule: str, warmup: int, min_ratio: float = 0.1, decay_fraction: float = 0.2
 ) -> float:
     """Args:
-        step: 0-based optimizer step.
-        schedule: "cosine" (warmup, then cosine to min_ratio), "linear" (warmup, then linear to min_ratio),
-            "constant" (warmup, then 1), "wsd" (warmup-stable-decay: warmup, flat, then linear to min_ratio
-            over the last `decay_fraction` of the steps).
+    step: 0-based optimizer step.
+    schedule: "cosine" (warmup, then cosine to min_ratio), "linear" (warmup, then linear to min_ratio),
+        "constant" (warmup, then 1), "wsd" (warmup-stable-decay: warmup, flat, then linear to min_ratio
+        over the last `decay_fraction` of the steps).
     """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup

@@ -122,7 +122,9 @@ class Trainer:
         tokenizer: the tokenizer that made `data` (saved in every checkpoint).
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, data, tokenizer, resume: bool = False, progress: bool = True):
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, data, tokenizer, resume: bool = False, progress: bool = True
+    ):
         from minimoe.data import EvalWindows, TokenWindows
 
         self.cfg, self.run_dir, self.data, self.tokenizer = cfg, Path(run_dir), data, tokenizer
@@ -206,7 +208,9 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise MinimoeError("train.tensorboard=true needs tensorboard (pip install tensorboard)") from None
+                raise MinimoeError(
+                    "train.tensorboard=true needs tensorboard (pip install tensorboard)"
+                ) from None
             self._writers.append(("tb", SummaryWriter(str(self.run_dir / "tb"))))
         if tc.wandb:
             try:
@@ -248,7 +252,11 @@ class Trainer:
         self.model.train()
         loss = total / max(count, 1)
         tpb = self.data.tokens_per_byte("val")
-        res = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) * tpb if tpb else None}
+        res = {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50)),
+            "val_bpb": loss / math.log(2) * tpb if tpb else None,
+        }
         if loads:
             vios = [max_vio(v).item() for v in loads.values()]
             res["val_max_vio_global"] = sum(vios) / len(vios)
@@ -304,7 +312,9 @@ class Trainer:
                     continue
                 bad_steps = 0
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), tc.grad_clip or float("inf")
+                )
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -337,7 +347,12 @@ class Trainer:
                         row.update(health)
                         row["bias_range"] = self._bias_ranges()
                         for li, e in health["dead_experts"][:3]:
-                            log.warning("layer %s expert %s received no tokens in the last %d steps", li, e, n_in_window)
+                            log.warning(
+                                "layer %s expert %s received no tokens in the last %d steps",
+                                li,
+                                e,
+                                n_in_window,
+                            )
                     self._log(row)
                     bar.set_postfix(
                         loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
@@ -408,4 +423,6 @@ def _peak_mem_mb(device: torch.device) -> float:
 def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train")
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train"
+    )
