@@ -47,21 +47,18 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return y_TD.view(B, S, D)
 
 
-def time_fwd_bwd(fn, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn(x) forward + backward."""
-    times = []
-    for i in range(warmup + repeats):
-        xi = x.detach().requires_grad_()
-        t0 = time.perf_counter()
-        y = fn(xi)
-        y.backward(torch.ones_like(y))
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-    return 1e3 * statistics.median(times)
+def fwd_bwd_ms(fn, x: torch.Tensor) -> float:
+    """Milliseconds of one forward + backward of fn(x)."""
+    xi = x.detach().requires_grad_()
+    t0 = time.perf_counter()
+    y = fn(xi)
+    y.backward(torch.ones_like(y))
+    return 1e3 * (time.perf_counter() - t0)
 
 
-def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> list[tuple[str, float]]:
+def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> dict[str, float]:
+    """Median fwd+bwd ms per method. Methods run round-robin within each repeat, so a burst of load
+    from other processes hits all of them alike instead of skewing one row."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         hidden_size=D,
@@ -78,15 +75,29 @@ def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> list[tuple[str, f
     dense = MLP(D, K * I + shared * I)
     seq = 512
     x = torch.randn(tokens // seq, seq, D)
-    rows = []
-    for impl in ("auto", "grouped_mm", "loop"):
-        moe.experts.impl = impl
-        label = f"moe {impl}" + (f" ({resolve_impl(impl, x.view(-1, D), D, I)})" if impl == "auto" else "")
-        rows.append((label, time_fwd_bwd(lambda t: moe(t)[0], x, warmup, repeats)))
-    moe.experts.impl = "auto"
-    rows.append(("naive mask loop", time_fwd_bwd(lambda t: naive_moe(moe, t), x, warmup, repeats)))
-    rows.append(("dense FLOP-equal", time_fwd_bwd(dense, x, warmup, repeats)))
-    return rows
+
+    def moe_with(impl: str):
+        def run(t: torch.Tensor) -> torch.Tensor:
+            moe.experts.impl = impl
+            return moe(t)[0]
+
+        return run
+
+    auto = resolve_impl("auto", x.view(-1, D), D, I)
+    methods = {
+        f"moe auto ({auto})": moe_with("auto"),
+        "moe grouped_mm": moe_with("grouped_mm"),
+        "moe loop": moe_with("loop"),
+        "naive mask loop": lambda t: naive_moe(moe, t),
+        "dense FLOP-equal": dense,
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(warmup + repeats):
+        for name, fn in methods.items():
+            ms = fwd_bwd_ms(fn, x)
+            if i >= warmup:
+                times[name].append(ms)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -106,7 +117,7 @@ def main() -> None:
     print("| D | E | K | I | shared | dense I | method | ms | vs dense | vs naive |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for D, E, K, I, shared in SIZES:
-        rows = dict(bench_size(D, E, K, I, shared, tokens, warmup, repeats))
+        rows = bench_size(D, E, K, I, shared, tokens, warmup, repeats)
         dense, naive = rows["dense FLOP-equal"], rows["naive mask loop"]
         for name, ms in rows.items():
             print(

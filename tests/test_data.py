@@ -113,6 +113,7 @@ def test_bpe_train_round_trip_save_load(bpe_tok, tmp_path):
     loaded = Tokenizer.load(tmp_path / "bpe")
     assert (loaded.kind, loaded.eos_id, loaded.chat_template) == ("bpe", bpe_tok.eos_id, "{{ messages }}")
     assert loaded.hash() == bpe_tok.hash()  # stable across save/load; chat template not hashed
+    assert Tokenizer.load(tmp_path / "bpe" / "tokenizer.json").hash() == bpe_tok.hash()  # metadata beside it
     assert loaded.encode_batch(SAMPLES) == bpe_tok.encode_batch(SAMPLES)
     assert loaded.hash() != Tokenizer.byte().hash()
 

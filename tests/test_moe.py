@@ -388,3 +388,14 @@ def test_state_dict_names_and_fp32_bias_under_bf16():
     assert torch.equal(moe.gate.e_score_correction_bias, bias)
     y, stats = moe(torch.randn(2, 4, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and stats.aux_loss.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    # fp32 takes the loop under compile (grouped_mm's fake-tensor rule is bf16-only in torch 2.13)
+    moe = make_moe(torch.float32, aux_loss_alpha=0.01, z_loss_coef=0.001, moe_impl="auto")
+    x = torch.randn(2, 8, 16)
+    y0, s0 = moe(x)
+    y1, s1 = torch.compile(moe)(x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s1.aux_loss, s0.aux_loss)

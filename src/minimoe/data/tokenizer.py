@@ -190,28 +190,19 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the vocabulary are dropped (as HF does); invalid UTF-8
         becomes U+FFFD."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
         if self.kind != "byte":
-            return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        arr = np.fromiter(ids, dtype=np.int64) if not isinstance(ids, np.ndarray) else ids.astype(np.int64)
-        is_byte = (arr >= 0) & (arr < 256)
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        arr = np.asarray(ids, dtype=np.int64)
         by_id = {v: k for k, v in self._specials.items()}
-        if skip_special_tokens or not np.isin(arr, list(by_id)).any():
-            return arr[is_byte].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        special = np.isin(arr, list(by_id))
+        if skip_special_tokens or not special.any():
+            return _utf8(arr)
         out, start = [], 0
-        for j in np.flatnonzero(np.isin(arr, list(by_id))).tolist():
-            chunk = arr[start:j]
-            out.append(
-                chunk[(chunk >= 0) & (chunk < 256)]
-                .astype(np.uint8)
-                .tobytes()
-                .decode("utf-8", errors="replace")
-            )
-            out.append(by_id[int(arr[j])])
+        for j in np.flatnonzero(special).tolist():
+            out += [_utf8(arr[start:j]), by_id[int(arr[j])]]
             start = j + 1
-        chunk = arr[start:]
-        out.append(
-            chunk[(chunk >= 0) & (chunk < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-        )
+        out.append(_utf8(arr[start:]))
         return "".join(out)
 
     def id_to_token(self, i: int) -> str | None:
@@ -291,6 +282,11 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _utf8(ids: np.ndarray) -> str:
+    """Text of byte ids; other ids are dropped and invalid UTF-8 becomes U+FFFD."""
+    return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def _read_json(path: Path) -> dict:

@@ -111,15 +111,16 @@ class MoE(nn.Module):
         token_N = order_N // K  # token of each pair
         x_ND = x_TD.index_select(0, token_N)  # index_select's backward is one index_add_
 
-        y_ND = self.experts(x_ND, counts_E)
+        w_N = r.topk_weight.reshape(-1).index_select(0, order_N)  # gate weight of each pair
+        y_ND = self.experts(x_ND, counts_E, scale_N=w_N)  # already multiplied by the gate weights
 
-        # combine: scale by the gate weight and scatter-add into the tokens; accumulate in the gate's
-        # fp32 (as HF does) so K bf16 contributions do not round at every add
-        w_N = r.topk_weight.reshape(-1).index_select(0, order_N)  # (N,)
-        out_TD = torch.zeros(B * S, D, dtype=w_N.dtype, device=x.device)
-        out_TD = out_TD.index_add(0, token_N, y_ND * w_N.unsqueeze(-1))
-        out_TD = out_TD.to(x.dtype)
+        # combine: scatter-add into the tokens, on top of the shared experts' output; accumulate in at
+        # least fp32 (as HF does) so K bf16 contributions do not round at every add
+        acc = torch.promote_types(x.dtype, torch.float32)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            out_TD = self.shared_experts(x_TD).to(acc)
+        else:
+            out_TD = torch.zeros(B * S, D, dtype=acc, device=x.device)
+        out_TD = out_TD.index_add_(0, token_N, y_ND.to(acc)).to(x.dtype)
         stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
         return out_TD.view(B, S, D), stats
