@@ -307,3 +307,21 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path, corpus, monkeypatch):
     ck = ckpt_lib.find_checkpoint(tmp_path / "run")
     assert ck.name == "step_00000002"
     ckpt_lib.load_run(tmp_path / "run")  # the last good checkpoint still loads
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_state_file_that_would_run_code_is_refused(tmp_path, corpus):
+    _train(tmp_path / "run", corpus, "train.max_steps=1", "train.eval_every=1")
+    ck = ckpt_lib.find_checkpoint(tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "payload": _RunsCode(marker)}, ck / "state.pt")
+    with pytest.raises(MinimoeError, match="refusing"):
+        ckpt_lib.load_state(ck)
+    assert not marker.exists()

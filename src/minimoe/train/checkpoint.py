@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,11 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     if not f.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no state.pt, so it cannot be resumed")
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        # weights_only: a state file is data; anything that would run code on load is refused
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise MinimoeError(f"checkpoint {f} holds objects other than tensors and plain values; refusing to load it") from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means a damaged file
         raise MinimoeError(f"checkpoint {f} is corrupt or truncated ({type(e).__name__})") from None
 
 
