@@ -78,3 +78,30 @@ def explicit_attention(q, k, v, scale: float):
     mask = torch.ones(T, S, dtype=torch.bool).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)  # (B, T, H, dv)
+
+
+# ---- generation references ----
+
+
+@torch.no_grad()
+def greedy_no_cache(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """Greedy decoding by re-running the full forward over the whole sequence at every step."""
+    seq = list(prompt)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([seq])).logits[0, -1]
+        tok = int(logits.argmax())
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        seq.append(tok)
+    return out
+
+
+@torch.no_grad()
+def sequence_logprob(model, prompt: list[int], tokens: list[int]) -> float:
+    """Summed log-probability of `tokens` following `prompt`, from one full forward."""
+    seq = torch.tensor([list(prompt) + list(tokens)])
+    logp = model(seq).logits[0].double().log_softmax(-1)  # (T, V)
+    pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))
+    return float(logp[pos, torch.tensor(tokens)].sum())

@@ -246,10 +246,23 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """How a `torchrun` launch splits the work; ignored in a single process. train.batch_size stays the
+    global batch whatever the number of processes."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # how dense weights are replicated: DDP, or FSDP2 sharding
+    expert_parallel: int = 1  # E: routed experts sharded over groups of E ranks (all-to-all dispatch)
+    pipeline_parallel: int = 1  # P: transformer blocks split into P pipeline stages
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pp_microbatches: int = 0  # micro-batches per pipeline step; 0 = P (must divide the batch)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -268,6 +281,17 @@ class RunConfig:
             )
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        d = self.dist
+        for name in ("expert_parallel", "pipeline_parallel"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"dist.{name} must be at least 1, got {getattr(d, name)}")
+        if d.pp_microbatches < 0:
+            raise ConfigError(f"dist.pp_microbatches must be >= 0, got {d.pp_microbatches}")
+        if d.expert_parallel > 1 and self.model.n_routed_experts % d.expert_parallel:
+            raise ConfigError(
+                f"dist.expert_parallel ({d.expert_parallel}) does not divide "
+                f"model.n_routed_experts ({self.model.n_routed_experts})"
+            )
         return self
 
 
@@ -445,14 +469,14 @@ def build_run_config(
         d = load_yaml(config_path)
         if "preset" in d:
             cfg.model = get_preset(d.pop("preset"))
-        for section in ("model", "train", "data"):
+        for section in ("model", "train", "data", "dist"):
             sub = d.pop(section, None) or {}
             if not isinstance(sub, dict):
                 raise ConfigError(f"config section '{section}' must be a mapping")
             for k, v in sub.items():
                 set_dotted(cfg, f"{section}.{k}", v)
         if d:
-            raise _unknown_key(next(iter(d)), ["model", "train", "data", "preset"], "")
+            raise _unknown_key(next(iter(d)), ["model", "train", "data", "dist", "preset"], "")
     for k, v in parse_overrides(overrides or []):
         set_dotted(cfg, k, v)
     return cfg.validate()

@@ -15,6 +15,15 @@ COMMANDS = {
     "train": "minimoe.cli.train",
     "generate": "minimoe.cli.generate",
     "params": "minimoe.cli.params",
+    "export": "minimoe.cli.export",
+    "import": "minimoe.cli.import_",
+    "upcycle": "minimoe.cli.upcycle",
+    "sft": "minimoe.cli.sft",
+    "lora": "minimoe.cli.lora",
+    "eval": "minimoe.cli.eval",
+    "serve": "minimoe.cli.serve",
+    "quantize": "minimoe.cli.quantize",
+    "compare": "minimoe.cli.compare",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from minimoe.train.run import train_from_config
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # under torchrun only rank 0 reports progress; the other ranks log warnings only
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.resume and (args.preset or args.config):
         raise MinimoeError("--resume takes its config from the run directory; drop --preset/--config")
     overrides = list(args.overrides)
@@ -55,6 +58,8 @@ def run(args) -> int:
         progress=not args.no_progress,
         sample=not args.no_sample,
     )
+    if not result.is_main:
+        return 0
     print(
         f"step {result.step}  tokens {result.tokens:,}  "
         f"val_loss {result.val_loss:.4f}  val_bpb {result.val_bpb:.4f}  "

@@ -1,8 +1,40 @@
-"""Turning next-token logits into a token: temperature, top-k, top-p, greedy (pure functions)."""
+"""Turning next-token logits into a token: repetition penalty, temperature, top-k, top-p, greedy
+(pure functions, plus the small `SamplingParams` record that carries the knobs)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from minimoe.errors import MinimoeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. temperature 0 = greedy; top_k 0 and top_p 1 switch filtering off;
+    repetition_penalty 1 switches the penalty off."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def validate(self) -> SamplingParams:
+        """Raise MinimoeError naming the first bad field."""
+        if self.temperature < 0:
+            raise MinimoeError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MinimoeError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MinimoeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise MinimoeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -20,6 +52,38 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (Keskar et al. 2019, as HF applies it) on tokens already in the context.
+
+    A seen token's logit is divided by `penalty` when positive and multiplied by it when negative, so
+    penalty > 1 always makes it less likely.
+
+    Args:
+        logits: (B, V) next-token logits.
+        seen: (B, V) bool, True for tokens present in the prompt or generated so far.
+        penalty: > 0; 1 leaves the logits unchanged.
+    Returns:
+        (B, V) logits.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, V) raw logits -> (B, V) fp32 logits to take the argmax of (greedy) or to sample from: the
+    repetition penalty, then temperature, top-k and top-p (filtered entries are -inf)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    return filter_logits(logits / params.temperature, params.top_k, params.top_p)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -34,3 +98,30 @@ def sample_next(
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None,
+    generators: list[torch.Generator] | None,
+) -> torch.Tensor:
+    """Choose one token per row.
+
+    Each row samples with its own generator, so a row of a batch draws exactly what it would draw
+    alone with the same seed.
+
+    Args:
+        logits: (B, V) raw next-token logits.
+        params: the sampling knobs.
+        seen: (B, V) bool tokens already in each row's context (repetition penalty), or None.
+        generators: one per row (ignored when greedy).
+    Returns:
+        (B,) int64 token ids.
+    """
+    x = process_logits(logits, params, seen)
+    if params.greedy:
+        return x.argmax(-1)
+    probs = x.softmax(-1)
+    assert generators is not None and len(generators) == probs.shape[0]
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])

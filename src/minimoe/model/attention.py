@@ -57,14 +57,39 @@ def _causal_mask(t: int, s: int, start: int, device) -> torch.Tensor | None:
     return k_pos <= q_pos
 
 
-def _sdpa(q, k, v, scale: float, start: int, dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
-    """SDPA over (B, H, T, d) tensors with a causal mask offset by `start` cached tokens."""
+def padding_causal_mask(key_valid: torch.Tensor, t: int, start: int) -> torch.Tensor:
+    """Causal mask that also hides padded keys, for left-padded batches.
+
+    Args:
+        key_valid: (B, S) bool, True for real tokens, over the cached and the T new positions.
+        t: number of new tokens (queries), at absolute cache positions [start, start + t).
+        start: tokens already in the cache.
+    Returns:
+        (B, 1, T, S) bool, True where a query may attend. A padded query sees only itself, so its
+        softmax stays finite (its output is never read by a real token).
+    """
+    s = key_valid.shape[1]
+    q_pos = torch.arange(start, start + t, device=key_valid.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(s, device=key_valid.device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos) & key_valid[:, None, :]  # (B, T, S)
+    return (mask | (k_pos == q_pos)).unsqueeze(1)  # (B, 1, T, S)
+
+
+def _sdpa(
+    q, k, v, scale: float, start: int, dropout_p: float, enable_gqa: bool = False, attn_mask=None
+) -> torch.Tensor:
+    """SDPA over (B, H, T, d) tensors with a causal mask offset by `start` cached tokens, or with
+    `attn_mask` (B, 1, T, S) when given (padded batches)."""
     t, s = q.shape[-2], k.shape[-2]
     dv = v.shape[-1]
     if q.is_cuda and dv != q.shape[-1]:
         # flash kernels need equal QK and V head dims: pad V and slice the output
         v = F.pad(v, (0, q.shape[-1] - dv))
-    if start == 0 and t == s:
+    if attn_mask is not None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa
+        )
+    elif start == 0 and t == s:
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa
         )
@@ -97,7 +122,10 @@ class GQAttention(nn.Module):
     def cache_numbers_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None
+    ) -> torch.Tensor:
+        """attn_mask: optional (B, 1, T, S) bool from `padding_causal_mask` (replaces the causal mask)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, d)
@@ -108,7 +136,7 @@ class GQAttention(nn.Module):
             k, v = cache.update(k, v, start)  # (B, S, Hkv, d)
         q, k, v = (t.transpose(1, 2) for t in (q, k.to(q.dtype), v.to(q.dtype)))  # (B, H*, S, d)
         p = self.attn_dropout if self.training else 0.0
-        y = _sdpa(q, k, v, self.scale, start, p, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = _sdpa(q, k, v, self.scale, start, p, self.n_kv_heads != self.n_heads, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
         return self.o_proj(y)
 
@@ -152,9 +180,17 @@ class MLAttention(nn.Module):
         return q.split([self.nope, self.rope], dim=-1)
 
     def forward(
-        self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, absorb: bool | None = None
+        self,
+        x,
+        cos,
+        sin,
+        cache: LayerCache | None = None,
+        start: int = 0,
+        absorb: bool | None = None,
+        attn_mask=None,
     ) -> torch.Tensor:
-        """absorb=None picks naive for full sequences and prefill, absorbed when decoding from a cache."""
+        """absorb=None picks naive for full sequences and prefill, absorbed when decoding from a cache.
+        attn_mask: optional (B, 1, T, S) bool from `padding_causal_mask` (replaces the causal mask)."""
         B, T, _ = x.shape
         q_nope, q_pe = self._query(x)  # (B, T, H, nope), (B, T, H, rope)
         q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
@@ -168,14 +204,14 @@ class MLAttention(nn.Module):
         else:
             c_kv_all, k_pe_all = c_kv, k_pe
         if absorb:
-            y = self._absorbed(q_nope, q_pe, c_kv_all.to(x.dtype), k_pe_all.to(x.dtype), start)
+            y = self._absorbed(q_nope, q_pe, c_kv_all.to(x.dtype), k_pe_all.to(x.dtype), start, attn_mask)
         else:
             if cache is not None and start > 0:
                 c_kv, k_pe = c_kv_all.to(x.dtype), k_pe_all.to(x.dtype)
-            y = self._naive(q_nope, q_pe, c_kv, k_pe, start)
+            y = self._naive(q_nope, q_pe, c_kv, k_pe, start, attn_mask)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.v_dim))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start: int, attn_mask=None) -> torch.Tensor:
         """Expand the latent into per-head keys and values; returns (B, T, H, v)."""
         B, S, _ = c_kv.shape
         H = self.n_heads
@@ -184,10 +220,10 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, qk)
         p = self.attn_dropout if self.training else 0.0
-        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start, p)
+        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start, p, False, attn_mask)
         return y.transpose(1, 2)  # (B, T, H, v)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start: int, attn_mask=None) -> torch.Tensor:
         """Attend over the cached latent with kv_b_proj folded in; returns (B, T, H, v)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, v, r)
@@ -195,6 +231,7 @@ class MLAttention(nn.Module):
         scores = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
         scores = scores.float() * self.scale  # (B, H, T, S)
         mask = _causal_mask(q_nope.shape[1], c_kv.shape[1], start, c_kv.device)
+        mask = attn_mask if attn_mask is not None else mask  # (B, 1, T, S) or (T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)

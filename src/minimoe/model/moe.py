@@ -83,6 +83,10 @@ class MoE(nn.Module):
             if cfg.n_shared_experts > 0
             else None
         )
+        # Expert parallelism hands the layer a dispatcher from outside (minimoe.dist.ep.shard_experts):
+        # a callable (experts, x_ND, counts_E, w_N) -> y_ND that runs the experts held by other ranks.
+        # None: every routed expert is local.
+        self.dispatcher = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         """Args:
@@ -112,7 +116,10 @@ class MoE(nn.Module):
         x_ND = x_TD.index_select(0, token_N)  # index_select's backward is one index_add_
 
         w_N = r.topk_weight.reshape(-1).index_select(0, order_N)  # gate weight of each pair
-        y_ND = self.experts(x_ND, counts_E, scale_N=w_N)  # already multiplied by the gate weights
+        if self.dispatcher is None:
+            y_ND = self.experts(x_ND, counts_E, scale_N=w_N)  # already multiplied by the gate weights
+        else:
+            y_ND = self.dispatcher(self.experts, x_ND, counts_E, w_N)
 
         # combine: scatter-add into the tokens, on top of the shared experts' output; accumulate in at
         # least fp32 (as HF does) so K bf16 contributions do not round at every add

@@ -81,11 +81,12 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the last dim of x (..., T, H, d) by position tables cos/sin (T, d/2)."""
+    """Rotate the last dim of x (..., T, H, d) by position tables cos/sin (T, d/2), or (B, T, d/2) when
+    each row has its own positions (left-padded batches)."""
     dtype = x.dtype
     x = x.float()
-    cos = cos[:, None, :]  # (T, 1, d/2): broadcast over heads
-    sin = sin[:, None, :]
+    cos = cos.unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2): broadcast over heads
+    sin = sin.unsqueeze(-2)
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]  # pairs (2i, 2i+1)
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minimoe.config import ModelConfig
-from minimoe.model.attention import LayerCache, build_attention
+from minimoe.model.attention import LayerCache, build_attention, padding_causal_mask
 from minimoe.model.experts import MLP
 from minimoe.model.moe import MoE, MoEStats
 from minimoe.model.mtp import MTPModule
@@ -55,8 +55,9 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, "swiglu")
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start))
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn_mask=attn_mask)
+        x = x + self.dropout(a)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, stats = self.mlp(h)
@@ -126,10 +127,10 @@ class Transformer(nn.Module):
         return per_layer * len(self.layers) * torch.empty((), dtype=dtype).element_size()
 
     # ------------------------------------------------------------------ forward
-    def _run_block(self, block: nn.Module, x, cos, sin, cache, start):
+    def _run_block(self, block: nn.Module, x, cos, sin, cache, start, attn_mask=None):
         if self.gradient_checkpointing and self.training and cache is None:
-            return checkpoint(block, x, cos, sin, None, 0, use_reentrant=False)
-        return block(x, cos, sin, cache, start)
+            return checkpoint(block, x, cos, sin, None, 0, attn_mask, use_reentrant=False)
+        return block(x, cos, sin, cache, start, attn_mask)
 
     def forward(
         self,
@@ -137,12 +138,16 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         num_logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Args:
             input_ids: (B, T) token ids.
             targets: (B, T) next-token ids (-100 = ignore); enables the loss and the MTP heads.
             cache: a KVCache from make_cache(); the new tokens are appended at cache.pos.
             num_logits_to_keep: if > 0, compute logits only for the last positions (decoding).
+            attention_mask: optional (B, cache.pos + T) mask, 1 for real tokens and 0 for padding, over
+                the cached and the new tokens (as in HF). Each row's RoPE positions then count its real
+                tokens only, so a left-padded row computes what it would alone.
         Returns:
             ModelOutput with logits (B, T or keep, V) and, with targets, the loss and its parts.
         """
@@ -150,11 +155,21 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len ({self.cfg.max_seq_len})")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        attn_mask = None
+        if attention_mask is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, d/2)
+        else:
+            if tuple(attention_mask.shape) != (B, start + T):
+                raise ValueError(f"attention_mask must be (B, cache.pos + T) = {(B, start + T)}")
+            valid = attention_mask.bool()
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T) real tokens before each
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, T, d/2)
+            attn_mask = padding_causal_mask(valid, T, start)  # (B, 1, T, S)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.layers):
-            x, st = self._run_block(block, x, cos, sin, cache.layers[i] if cache is not None else None, start)
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, st = self._run_block(block, x, cos, sin, layer_cache, start, attn_mask)
             if st is not None:
                 stats[i] = st
         if cache is not None:

@@ -58,16 +58,21 @@ def step_dir_name(step: int) -> str:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     state: dict[str, Any],
     meta: dict[str, Any],
     config_text: str,
     tokenizer=None,
     keep_last: int = 2,
     is_best: bool = False,
+    weights_metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` (and `best`) at it, prune old ones."""
-    from safetensors.torch import save_model
+    """Write checkpoint `step` atomically, point `latest` (and `best`) at it, prune old ones.
+
+    `model` is a module, or its full state dict (what a distributed run gathers on rank 0), written with
+    `weights_metadata` as the safetensors header metadata.
+    """
+    from safetensors.torch import save_file, save_model
 
     root = Path(run_dir) / CKPT
     root.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,11 @@ def save_checkpoint(
     if not (final / "meta.json").exists():
         tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
+        if isinstance(model, nn.Module):
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            weights = {k: v.contiguous() for k, v in model.items()}
+            save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
         torch.save(state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
         if tokenizer is not None:
@@ -135,8 +144,8 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     return found
 
 
-def load_weights(model: nn.Module, ckpt: Path) -> None:
-    """Load model.safetensors into `model`, with one clear sentence for a corrupt or mismatched file."""
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors of a checkpoint as a CPU state dict, with one clear sentence for a corrupt file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -144,9 +153,21 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     if not f.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no model.safetensors")
     try:
-        sd = load_file(str(f))
+        return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise MinimoeError(f"checkpoint {f} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    """Load model.safetensors into `model`, with one clear sentence for a corrupt or mismatched file."""
+    sd = read_weights(ckpt)
+    check_weights(sd, model, ckpt)
+    model.load_state_dict(sd, strict=False)
+
+
+def check_weights(sd: dict[str, torch.Tensor], model: nn.Module, ckpt: Path) -> None:
+    """Raise MinimoeError unless `sd` has exactly `model`'s tensors (names and shapes); `model` may live
+    on the meta device."""
     own = model.state_dict()
     # tied weights are stored once by safetensors' save_model
     missing = [k for k in own if k not in sd and not _is_tied_alias(model, k)]
@@ -160,7 +181,6 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
                 f"checkpoint {ckpt} was written for a different model config "
                 f"({k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model)"
             )
-    model.load_state_dict(sd, strict=False)
 
 
 def _is_tied_alias(model: nn.Module, key: str) -> bool:
@@ -177,13 +197,16 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         # weights_only: a state file is data; anything that would run code on load is refused
         return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise MinimoeError(f"checkpoint {f} holds objects other than tensors and plain values; refusing to load it") from None
+        raise MinimoeError(
+            f"checkpoint {f} holds objects other than tensors and plain values; refusing to load it"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any other unpickling failure means a damaged file
         raise MinimoeError(f"checkpoint {f} is corrupt or truncated ({type(e).__name__})") from None
 
 
 def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
-    """Load a model, its tokenizer and config from a run or checkpoint directory.
+    """Load a model, its tokenizer and config from a run or checkpoint directory. A checkpoint written
+    by `minimoe quantize` (meta.json has `quantization`) comes back with its int8/int4 weights.
 
     Returns:
         (model in eval mode, tokenizer, RunConfig, checkpoint meta dict)
@@ -195,11 +218,15 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     ckpt = find_checkpoint(path, which)
     cfg = dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
     model = Transformer(cfg.model)
+    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    if meta.get("quantization"):  # written by `minimoe quantize`: integer weights and scales
+        from minimoe.infer.quantize import quantize_model
+
+        quantize_model(model, **meta["quantization"])
     load_weights(model, ckpt)
     tok_dir = ckpt / "tokenizer"
     if not tok_dir.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no tokenizer/ directory")
     tokenizer = Tokenizer.load(tok_dir)
-    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     meta["path"] = str(ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta

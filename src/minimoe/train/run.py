@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from minimoe.config import build_run_config, load_yaml
+from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
 from minimoe.train.trainer import Trainer, TrainResult
 
@@ -72,29 +73,44 @@ def train_from_config(
             preset = "tiny"
         cfg = build_run_config(preset, config_path, overrides)
         tokenizer = cfg.data.tokenizer
-    data = prepare(
-        cfg.data.path,
-        tokenizer,
-        data_cache_dir(cfg.data, val_source),
-        val_fraction=cfg.data.val_fraction,
-        workers=cfg.data.workers,
-        val_source=val_source,
-        text_field=cfg.data.text_field,
-        glob=cfg.data.glob,
-        progress=progress,
-    )
-    if not resume:
-        tokenizer = data.tokenizer()
-        if not _explicit("model.vocab_size", config_path, overrides):
-            cfg.model.vocab_size = -(-tokenizer.vocab_size // 64) * 64
-        cfg.validate()
-    trainer = Trainer(cfg, run_dir, data, tokenizer, resume=resume, progress=progress)
-    result = trainer.fit()
-    if sample and cfg.train.sample_tokens > 0:
+    # Under torchrun: join the process group; rank 0 tokenizes first, the others then reuse its shards.
+    ctx = init_distributed(cfg.train.device)
+    try:
+        data = main_first(
+            lambda: prepare(
+                cfg.data.path,
+                tokenizer,
+                data_cache_dir(cfg.data, val_source),
+                val_fraction=cfg.data.val_fraction,
+                workers=cfg.data.workers,
+                val_source=val_source,
+                text_field=cfg.data.text_field,
+                glob=cfg.data.glob,
+                progress=progress and ctx.is_main,
+            ),
+            ctx,
+        )
+        if not resume:
+            tokenizer = data.tokenizer()
+            if not _explicit("model.vocab_size", config_path, overrides):
+                cfg.model.vocab_size = -(-tokenizer.vocab_size // 64) * 64
+            cfg.validate()
+        trainer = Trainer(cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx)
+        result = trainer.fit()
+        barrier(ctx)
+    finally:
+        shutdown(ctx)
+    if sample and cfg.train.sample_tokens > 0 and result.is_main:
         from minimoe.infer.generate import generate_text
 
-        result.sample = generate_text(
-            trainer.model.eval(), tokenizer, cfg.train.sample_prompt,
-            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed,
-        )  # fmt: skip
+        model = trainer.model
+        if ctx.distributed:  # this rank holds a part of the model: sample from the full checkpoint
+            from minimoe.train.checkpoint import load_run
+
+            model = load_run(result.checkpoint, device=ctx.device)[0] if result.checkpoint else None
+        if model is not None:
+            result.sample = generate_text(
+                model.eval(), tokenizer, cfg.train.sample_prompt,
+                max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed,
+            )  # fmt: skip
     return result

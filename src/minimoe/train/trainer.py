@@ -1,5 +1,11 @@
 """The training loop: data -> model -> AdamW with a schedule, aux-free bias updates after each optimizer
-step, periodic evaluation, expert-health logging and atomic, exactly resumable checkpoints."""
+step, periodic evaluation, expert-health logging and atomic, exactly resumable checkpoints.
+
+Under torchrun the same loop runs on every rank: `minimoe.dist.parallelize` decides what each rank holds
+(DDP, FSDP2, expert or pipeline parallelism) and the loop only calls its methods. train.batch_size is
+the global batch; losses, eval sums and expert loads are summed across ranks, so every rank takes the
+same decisions (bias updates, skipped steps, early stopping) and rank 0 alone writes files.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import torch
 import yaml
 
 from minimoe.config import RunConfig
+from minimoe.dist.init import DistContext, all_gather_object, broadcast_object, on_main, resolve_device
+from minimoe.dist.parallel import parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.transformer import Transformer
 from minimoe.train import checkpoint as ckpt_lib
@@ -29,6 +37,7 @@ from minimoe.train.schedule import lr_multiplier
 log = logging.getLogger("minimoe.train")
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
+LOSS_PARTS = ("ce", "aux", "z", "mtp")
 
 
 @dataclass
@@ -44,18 +53,7 @@ class TrainResult:
     stopped: str  # "max_steps" | "max_minutes" | "early_stop" | "interrupted" | "paused"
     checkpoint: Path | None
     sample: str | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise MinimoeError(f"train.device '{name}' is not a valid torch device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MinimoeError("train.device is cuda but no CUDA GPU is available")
-    return dev
+    is_main: bool = True  # False on ranks > 0 of a distributed run (they print and write nothing)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -124,10 +122,18 @@ class Trainer:
         run_dir: output directory; with resume=True, the run to continue from its latest checkpoint.
         data: a `minimoe.data.PreparedData` with train and val splits.
         tokenizer: the tokenizer that made `data` (saved in every checkpoint).
+        ctx: the process group context from `minimoe.dist.init_distributed`; None = one process.
     """
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, data, tokenizer, resume: bool = False, progress: bool = True
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        data,
+        tokenizer,
+        resume: bool = False,
+        progress: bool = True,
+        ctx: DistContext | None = None,
     ):
         from minimoe.data import EvalWindows, TokenWindows
 
@@ -139,7 +145,8 @@ class Trainer:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {mc.vocab_size}; "
                 f"set model.vocab_size={tokenizer.vocab_size} or larger"
             )
-        self.device = resolve_device(tc.device)
+        self.ctx = ctx if ctx is not None else DistContext(device=resolve_device(tc.device))
+        self.device = self.ctx.device
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise MinimoeError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         if tc.threads:
@@ -147,67 +154,133 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        check_run_dir_writable(self.run_dir)
+        on_main(lambda: check_run_dir_writable(self.run_dir), self.ctx)
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed % 2**32)
         random.seed(tc.seed)
 
-        self.model = Transformer(mc).to(self.device)
-        self.model.gradient_checkpointing = tc.activation_checkpointing
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        # every rank builds the same full model from the same seed, then keeps its part
+        model = Transformer(mc)
+        if cfg.dist.pipeline_parallel == 1 or not self.ctx.distributed:
+            model = model.to(self.device)  # a pipeline moves only its stage
+        model.gradient_checkpointing = tc.activation_checkpointing
+        self.par = parallelize(model, cfg, self.ctx)
+        self.model = self.par.model
+        if self.ctx.distributed:  # dropout and router jitter: a different stream per rank
+            torch.manual_seed(tc.seed + 1_000_003 * self.ctx.rank)
+        fwd = self.par.forward
+        self.forward = torch.compile(fwd) if tc.compile and fwd is not None else fwd
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
-        self.train_windows = TokenWindows(data, "train", tc.seq_len, tc.batch_size, seed=tc.seed)
-        self.val_windows = EvalWindows(data, "val", tc.seq_len, tc.batch_size, max_batches=tc.eval_batches)
+        B, rank, world = tc.batch_size // self.par.dp_size, self.par.dp_rank, self.par.dp_size
+        self.train_windows = TokenWindows(
+            data, "train", tc.seq_len, B, seed=tc.seed, rank=rank, world_size=world
+        )
+        self.val_windows = EvalWindows(
+            data, "val", tc.seq_len, B, max_batches=tc.eval_batches, rank=rank, world_size=world
+        )
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best_val: float | None = None
         self.evals_since_best = 0
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if resume:
             self._resume()
-        else:
+        elif self.ctx.is_main:
             (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
             tokenizer.save(self.run_dir / "tokenizer")
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._writers: list = []
 
     # ------------------------------------------------------------------ state
-    def _resume(self) -> None:
+    def _read_checkpoint(self) -> tuple[Path, dict, dict]:
+        """Rank 0: the latest checkpoint's weights (checked against the full model) and state."""
         ckpt = ckpt_lib.find_checkpoint(self.run_dir, "latest")
-        ckpt_lib.load_weights(self.model, ckpt)
-        state = ckpt_lib.load_state(ckpt)
+        weights = ckpt_lib.read_weights(ckpt)
+        with torch.device("meta"):
+            reference = Transformer(self.cfg.model)
+        ckpt_lib.check_weights(weights, reference, ckpt)
+        if self.cfg.model.tie_word_embeddings:  # stored once, as save_model does
+            weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
+        return ckpt, weights, ckpt_lib.load_state(ckpt)
+
+    def _resume(self) -> None:
+        # Rank 0 reads the checkpoint; the state reaches the other ranks through the process group.
+        ckpt = weights = state = optim = error = None
+        legacy = False
+        if self.ctx.is_main:
+            try:
+                ckpt, weights, state = self._read_checkpoint()
+                if "optimizer" not in state:
+                    raise MinimoeError(f"checkpoint {ckpt} cannot be resumed (its state has no optimizer)")
+                optim = state.pop("optimizer")
+                # written before checkpoints keyed the optimizer state by parameter name
+                legacy = any(isinstance(k, int) for k in optim["state"])
+            except MinimoeError as e:
+                error = str(e)
+        error = broadcast_object(error, self.ctx)
+        if error is not None:
+            raise MinimoeError(error)
+        ckpt, state, legacy = broadcast_object((ckpt, state, legacy), self.ctx)
+        if legacy and self.ctx.distributed:
+            raise MinimoeError(
+                f"checkpoint {ckpt} predates distributed resume; resume it in one process first"
+            )
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if legacy:
+                self.par.load_state(None, weights, None)
+                self.optimizer.load_state_dict(optim)
+            else:
+                self.par.load_state(self.optimizer, weights, optim)
             self.scaler.load_state_dict(state["scaler"])
             self.train_windows.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks")
+            if ranks is not None and len(ranks) == self.ctx.world_size:
+                set_rng_state(ranks[self.ctx.rank])
+            else:
+                set_rng_state(state["rng"])
+                if self.ctx.rank > 0:  # saved by another number of ranks: a fresh stream per rank
+                    torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.ctx.rank + state["step"])
             self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
             self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
         except (KeyError, ValueError, RuntimeError) as e:
             raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", ckpt, self.step)
 
     def save(self, val_loss: float | None = None, is_best: bool = False) -> Path:
+        """Write a checkpoint in the one-process format (every rank must call it; rank 0 writes)."""
+        weights, optim = self.par.gather_state(self.optimizer)
+        rngs = all_gather_object(rng_state(), self.ctx)
+        if not self.ctx.is_main:
+            return self.run_dir / ckpt_lib.CKPT / ckpt_lib.step_dir_name(self.step)
+        metadata = None
+        if self.cfg.model.tie_word_embeddings:  # one tensor in the file, as safetensors' save_model does
+            weights.pop("lm_head.weight", None)
+            metadata = {"lm_head.weight": "embed_tokens.weight"}
         state = {
             "step": self.step,
             "tokens": self.tokens,
             "elapsed": self.elapsed,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim,
             "scaler": self.scaler.state_dict(),
             "loader": self.train_windows.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
             "best_val": self.best_val,
             "evals_since_best": self.evals_since_best,
         }
+        if self.ctx.distributed:
+            state["rng_ranks"] = rngs
         meta = {"step": self.step, "tokens": self.tokens, "val_loss": val_loss, "time": time.time()}
         return ckpt_lib.save_checkpoint(
-            self.run_dir, self.step, self.model, state, meta, self.config_text, self.tokenizer,
-            keep_last=self.cfg.train.keep_last, is_best=is_best,
+            self.run_dir, self.step, weights, state, meta, self.config_text, self.tokenizer,
+            keep_last=self.cfg.train.keep_last, is_best=is_best, weights_metadata=metadata,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ logging
     def _open_writers(self) -> None:
         tc = self.cfg.train
+        if not self.ctx.is_main:
+            return
         if tc.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -226,6 +299,8 @@ class Trainer:
             self._writers.append(("wandb", run))
 
     def _log(self, row: dict) -> None:
+        if not self.ctx.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
@@ -245,15 +320,25 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         loads: dict[int, torch.Tensor] = {}
+        pipe = self.par.pipeline
         for x, y in self.val_windows:
             x, y = x.to(self.device), y.to(self.device)
             with autocast_context(tc.precision, self.device):
-                out = self.model(x, targets=y)
-            total += out.losses["ce"].item() * y.numel()
+                if pipe is not None:
+                    vals, batch_loads = pipe.eval_batch(x, y)
+                    ce = vals[0]
+                else:
+                    out = self.model(x, targets=y)
+                    ce, batch_loads = out.losses["ce"], {i: s.load for i, s in out.moe_stats.items()}
+            total += ce.item() * y.numel()
             count += y.numel()
-            for i, s in out.moe_stats.items():
-                loads[i] = loads.get(i, 0) + s.load
+            for i, load in batch_loads.items():
+                loads[i] = loads.get(i, 0) + load
         self.model.train()
+        if self.ctx.distributed and pipe is None:
+            sums = self.par.reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device))
+            total, count = sums[0].item(), int(sums[1].item())
+            loads = self._reduce_loads(loads)
         loss = total / max(count, 1)
         tpb = self.data.tokens_per_byte("val")
         res = {
@@ -280,9 +365,9 @@ class Trainer:
         t0 = time.perf_counter() - self.elapsed
         stopped, last_ckpt, val, bad_steps = "max_steps", None, {}, 0
         sum_loss = torch.zeros((), device=self.device)
-        parts_sum = {k: torch.zeros((), device=self.device) for k in ("ce", "aux", "z", "mtp")}
+        parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         n_in_window = 0
-        bar = _progress(self.progress, tc.max_steps, self.step)
+        bar = _progress(self.progress and self.ctx.is_main, tc.max_steps, self.step)
         with _Interrupt() as interrupt:
             while self.step < tc.max_steps:
                 lr = tc.lr * lr_multiplier(
@@ -290,20 +375,10 @@ class Trainer:
                 )
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                step_loads: dict[int, torch.Tensor] = {}
-                step_loss = torch.zeros((), device=self.device)
-                for _ in range(tc.grad_accum):
-                    x, y = next(self.train_windows)
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    with autocast_context(tc.precision, self.device):
-                        out = self.forward(x, targets=y)
-                    self.scaler.scale(out.loss / tc.grad_accum).backward()
-                    step_loss += out.loss.detach() / tc.grad_accum
-                    for k in parts_sum:
-                        parts_sum[k] += out.losses[k].detach() / tc.grad_accum
-                    for i, s in out.moe_stats.items():
-                        step_loads[i] = step_loads.get(i, 0) + s.load
-                # one host sync per step: a non-finite loss must not reach the weights
+                step_vals, step_loads = self._train_step()  # [loss, ce, aux, z, mtp], summed over ranks
+                step_loss = step_vals[0]
+                # one host sync per step: a non-finite loss must not reach the weights (every rank sees
+                # the same reduced loss, so all skip together)
                 if not torch.isfinite(step_loss).item():
                     bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -315,10 +390,11 @@ class Trainer:
                         )
                     continue
                 bad_steps = 0
+                for k, v in zip(LOSS_PARTS, step_vals[1:]):
+                    parts_sum[k] += v
+                self.par.finish_grads()
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), tc.grad_clip or float("inf")
-                )
+                grad_norm = self.par.clip_grad_norm(tc.grad_clip or float("inf"))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -350,7 +426,7 @@ class Trainer:
                     if health:
                         row.update(health)
                         row["bias_range"] = self._bias_ranges()
-                        for li, e in health["dead_experts"][:3]:
+                        for li, e in health["dead_experts"][:3] if self.ctx.is_main else []:
                             log.warning(
                                 "layer %s expert %s received no tokens in the last %d steps",
                                 li,
@@ -370,6 +446,8 @@ class Trainer:
                 self.elapsed = time.perf_counter() - t0
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
                 out_of_time = tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60
+                if self.ctx.distributed:  # clocks and Ctrl-C differ per rank: stop together or not at all
+                    out_of_time, interrupt.requested = self._agree(out_of_time, interrupt.requested)
                 paused = session_end is not None and self.step >= session_end
                 if out_of_time or interrupt.requested or paused:
                     at_eval = True
@@ -402,8 +480,63 @@ class Trainer:
             run_dir=self.run_dir, step=self.step, tokens=self.tokens,
             val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"), best_val_loss=self.best_val,
             tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, stopped=stopped,
-            checkpoint=last_ckpt,
+            checkpoint=last_ckpt, is_main=self.ctx.is_main,
         )  # fmt: skip
+
+    def _train_step(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Forward and backward over grad_accum micro-batches.
+
+        Returns:
+            (5,) [loss, ce, aux, z, mtp] averaged over micro-batches and data-parallel ranks, and
+            {layer: (E,) expert loads} summed over micro-batches and ranks.
+        """
+        tc = self.cfg.train
+        vals = torch.zeros(1 + len(LOSS_PARTS), device=self.device)
+        loads: dict[int, torch.Tensor] = {}
+        pipe = self.par.pipeline
+        for micro in range(tc.grad_accum):
+            x, y = next(self.train_windows)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if pipe is not None:  # already summed over stages
+                with autocast_context(tc.precision, self.device):
+                    parts, batch_loads = pipe.train_step(x, y, 1.0 / tc.grad_accum)
+                ce, aux, z = parts
+                vals += torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]) / tc.grad_accum
+                for i, load in batch_loads.items():
+                    loads[i] = loads.get(i, 0) + load
+                continue
+            with self.par.no_sync(last_micro=micro == tc.grad_accum - 1):
+                with autocast_context(tc.precision, self.device):
+                    out = self.forward(x, targets=y)
+                self.scaler.scale(out.loss / tc.grad_accum).backward()
+            vals += (
+                torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
+                / tc.grad_accum
+            )
+            for i, s in out.moe_stats.items():
+                loads[i] = loads.get(i, 0) + s.load
+        if self.ctx.distributed and pipe is None:
+            # one all-reduce for the losses and the loads of every layer
+            keys = sorted(loads)
+            flat = torch.cat([vals] + [loads[i].float().reshape(-1) for i in keys])
+            self.par.reduce_sum(flat)
+            vals = flat[: vals.numel()] / self.par.dp_size
+            loads = dict(zip(keys, flat[vals.numel() :].view(len(keys), -1))) if keys else {}
+        return vals, loads
+
+    def _reduce_loads(self, loads: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Expert loads summed over data-parallel ranks (every rank has the same layers)."""
+        if not loads:
+            return loads
+        keys = sorted(loads)
+        flat = self.par.reduce_sum(torch.stack([loads[i].float() for i in keys]))
+        return dict(zip(keys, flat))
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on any rank -> true on every rank."""
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t)
+        return [bool(v > 0) for v in t.tolist()]
 
     def _bias_ranges(self) -> dict[str, list[float]]:
         out = {}

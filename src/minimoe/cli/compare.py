@@ -1,0 +1,54 @@
+"""`minimoe compare SWEEP.yaml`: train the sweep's variants at one token or FLOPs budget, write report.md."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train variants of a config at equal tokens or FLOPs and write a report",
+        description="Train every variant x seed of a sweep file at the same token or training-FLOPs budget "
+        "(max_steps computed per variant from exact activated-parameter FLOPs), then write report.md "
+        "(mean ± std over seeds) and figures. Finished runs are skipped, so a rerun resumes the sweep.",
+    )
+    p.add_argument("sweep", help="sweep YAML file (see minimoe.lab.compare for the format)")
+    p.add_argument("--out", help="output directory (default: runs/sweeps/<sweep name>)")
+    p.add_argument("--data", help="training data, replacing the sweep file's `data`")
+    p.add_argument("--val-data", help="validation data, replacing the sweep file's `val_data`")
+    p.add_argument("--plan", action="store_true", help="print the runs and their budgets, train nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from the runs already there")
+
+
+def run(args) -> int:
+    from minimoe.lab.compare import load_sweep, plan, run_sweep, write_report
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    sweep = load_sweep(args.sweep, data=args.data, val_data=args.val_data)
+    out = Path(args.out or f"runs/sweeps/{sweep.name}")
+    if args.plan or args.report_only:
+        runs = plan(sweep)
+        if args.plan:
+            for r in runs:
+                t = r.cfg.train
+                tokens = t.max_steps * t.batch_size * t.seq_len * t.grad_accum
+                print(
+                    f"{r.name:32s} steps {t.max_steps:6d}  tokens {tokens:>11,}  "
+                    f"FLOPs/token {r.train_flops_per_token:,.0f}  total FLOPs {r.train_flops_per_token * tokens:.3g}"
+                )
+            return 0
+        print(f"report: {write_report(sweep, out, runs)}")
+        return 0
+    t0 = time.perf_counter()
+
+    def event(kind: str, r, detail: str) -> None:
+        stamp = f"[{(time.perf_counter() - t0) / 60:5.1f} min]"
+        print(f"{stamp} {kind:6s} {r.name}  ({r.cfg.train.max_steps} steps)  {detail}", flush=True)
+
+    report = run_sweep(sweep, out, on_event=event)
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,230 @@
+"""`minimoe eval RUN_DIR --task TASK --data PATH`: perplexity / bits per byte, multiple choice, minimal
+pairs or generation metrics of a trained run; a table on stdout (or `--json`) and a JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from minimoe.errors import MinimoeError
+
+TASKS = ("perplexity", "multiple-choice", "minimal-pairs", "generation")
+ROLES = {
+    "perplexity": (),
+    "multiple-choice": ("context", "choices", "label"),
+    "minimal-pairs": ("sentence_good", "sentence_bad"),
+    "generation": ("prompt", "reference"),
+}
+# options that only one kind of task reads (dest -> tasks)
+ONLY_FOR = {
+    "text_field": ("perplexity",),
+    "window": ("perplexity",),
+    "stride": ("perplexity",),
+    "delimiter": ("multiple-choice",),
+    "field_good": ("minimal-pairs",),
+    "field_bad": ("minimal-pairs",),
+    "max_new_tokens": ("generation",),
+    "temperature": ("generation",),
+    "top_k": ("generation",),
+    "top_p": ("generation",),
+    "seed": ("generation",),
+    "stop": ("generation",),
+    "predictions": ("generation",),
+}
+SKIP_KEYS = {"task", "data", "checkpoint", "settings", "config", "seconds", "per_file", "skipped"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained run: perplexity, multiple choice, minimal pairs, generation",
+        description="Evaluate a run's checkpoint on one task. Results are printed as a table (or one JSON "
+        "object with --json) and written to --out (default RUN_DIR/eval/TASK-DATA-stepN-HASH.json).",
+    )
+    p.add_argument("run_dir", help="run directory or checkpoint directory")
+    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="perplexity: a text file, folder, .jsonl/.parquet or hf:NAME; other tasks: a .jsonl file or a folder of them",
+    )
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8 / 16)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N documents / examples per file")
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--text-field", default=None, help="text field of JSONL/Parquet records (default: text)")
+    g.add_argument("--window", type=int, default=None, help="tokens per window (default: the model context)")
+    g.add_argument(
+        "--stride", type=int, default=None, help="tokens between window starts (default: the window, no overlap)"
+    )
+    g = p.add_argument_group("JSONL tasks")
+    g.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME",
+        help="read ROLE from field NAME, e.g. --field choices=endings (roles: context, choices, label; "
+        "sentence_good, sentence_bad; prompt, reference)",
+    )
+    g.add_argument("--field-good", default=None, help="minimal pairs: field of the good sentence")
+    g.add_argument("--field-bad", default=None, help="minimal pairs: field of the bad sentence")
+    g.add_argument("--delimiter", default=None, help="multiple choice: put between context and choice (default ' ')")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (example i uses seed + i)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); end-of-text always stops")
+    g.add_argument("--predictions", default=None, help="write each prompt, reference and generation to this JSONL")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    g.add_argument("--out", default=None, help="results JSON file (default: under RUN_DIR/eval/)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fields(args) -> dict[str, str]:
+    roles = ROLES[args.task]
+    fields: dict[str, str] = {}
+    for item in args.field:
+        role, sep, name = item.partition("=")
+        if not sep or not name:
+            raise MinimoeError(f"--field takes ROLE=NAME, got {item!r}")
+        if role not in roles:
+            raise MinimoeError(
+                f"--field role {role!r} does not apply to --task {args.task} (roles: {', '.join(roles) or 'none'})"
+            )
+        fields[role] = name
+    if args.field_good:
+        fields["sentence_good"] = args.field_good
+    if args.field_bad:
+        fields["sentence_bad"] = args.field_bad
+    return fields
+
+
+def _options(args) -> dict:
+    for dest, tasks in ONLY_FOR.items():
+        if getattr(args, dest) is not None and args.task not in tasks:
+            flag = "--" + dest.replace("_", "-")
+            raise MinimoeError(f"{flag} applies only to --task {' / '.join(tasks)}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise MinimoeError(f"--batch-size must be positive, got {args.batch_size}")
+    opts: dict = {"limit": args.limit}
+    if args.task == "perplexity":
+        opts.update(
+            text_field=args.text_field, window=args.window, stride=args.stride, batch_size=args.batch_size or 8
+        )
+        if args.field:
+            raise MinimoeError("--field does not apply to --task perplexity (use --text-field)")
+        return opts
+    opts["fields"] = _fields(args)
+    if args.task == "generation":
+        if args.temperature is not None and args.temperature < 0:
+            raise MinimoeError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
+        opts.update(
+            max_new_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )  # fmt: skip
+    else:
+        opts["batch_size"] = args.batch_size or 16
+        if args.task == "multiple-choice":
+            opts["delimiter"] = args.delimiter
+    return opts
+
+
+def _finite(obj):
+    """NaN / inf -> None, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.4f}" if abs(v) < 1e6 else f"{v:.4g}"
+    return str(v)
+
+
+def _print_table(res: dict, out_path: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    t = Table(title=f"{res['task']}  ·  {res['data']['path']}  ·  step {res['checkpoint']['step']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in res.items():
+        if k not in SKIP_KEYS and not isinstance(v, dict | list):
+            t.add_row(k, _fmt(v))
+    console.print(t)
+    per_file = res.get("per_file")
+    if per_file:
+        cols = [k for k, v in next(iter(per_file.values())).items() if not isinstance(v, dict | list)]
+        if res["task"] == "perplexity":
+            cols = [c for c in ("loss", "perplexity", "bits_per_byte", "tokens", "n") if c in cols]
+        elif res["task"] == "generation":
+            cols = [c for c in ("bleu", "rougeL", "f1", "exact_match", "n") if c in cols]
+        pt = Table(title="per file")
+        pt.add_column("file")
+        for c in cols:
+            pt.add_column(c, justify="right")
+        for f, row in per_file.items():
+            pt.add_row(f, *(_fmt(row.get(c)) for c in cols))
+        console.print(pt)
+    if res.get("skipped"):
+        console.print(f"skipped {len(res['skipped'])} binary or non-UTF-8 files")
+    console.print(f"data sha256 {res['data']['sha256'][:16]}…  ·  {res['seconds']:.1f} s")
+    if out_path is not None:
+        console.print(f"results written to {out_path}")
+
+
+def run(args) -> int:
+    from minimoe.eval.runner import default_results_path, evaluate_run
+
+    opts = _options(args)
+    pred_file = None
+    if args.task == "generation" and args.predictions:
+        try:
+            pred_file = open(args.predictions, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise MinimoeError(f"cannot write predictions to {args.predictions} ({e.strerror})") from None
+
+        def save(rec, text: str) -> None:
+            pred_file.write(json.dumps({"file": rec.file, "line": rec.line, **rec.data, "generation": text}) + "\n")
+
+        opts["on_prediction"] = save
+    try:
+        res = evaluate_run(
+            args.run_dir, args.task, args.data, checkpoint=args.checkpoint, device=args.device,
+            dtype=args.dtype, progress=not args.no_progress, **opts,
+        )  # fmt: skip
+    finally:
+        if pred_file is not None:
+            pred_file.close()
+    res = _finite(res)
+    out_path = Path(args.out) if args.out else default_results_path(res)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise MinimoeError(f"cannot write results to {out_path} ({e.strerror}); choose another --out") from None
+    if args.json:
+        sys.stdout.write(json.dumps(res) + "\n")
+        sys.stderr.write(f"results written to {out_path}\n")
+    else:
+        _print_table(res, out_path)
+    return 0

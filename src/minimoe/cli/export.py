@@ -1,0 +1,58 @@
+"""`minimoe export RUN_DIR --out DIR`: write a Hugging Face checkpoint folder (DeepSeek-V3 for MLA models)."""
+
+from __future__ import annotations
+
+import sys
+
+from minimoe.hf.formats import ARCHITECTURES
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run to a Hugging Face folder (transformers, vLLM)",
+        description="Export a trained model as a Hugging Face checkpoint folder: config.json, safetensors, "
+        "tokenizer files, generation_config.json. MLA models become DeepSeek-V3 (or V2 for softmax routing), "
+        "GQA models GLM-4-MoE, Mixtral or Qwen2-MoE; a feature no format can express is refused.",
+    )
+    p.add_argument("run_dir", help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to export")
+    p.add_argument("--format", choices=list(ARCHITECTURES), default=None, help="target format (default: the best fit)")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype on disk"
+    )
+    p.add_argument(
+        "--dropless", action="store_true", help="accept exporting a capacity-limited model as dropless"
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--verify", action="store_true", help="load the folder with transformers and compare logits"
+    )
+
+
+def run(args) -> int:
+    import torch
+
+    from minimoe.hf.export import compare_logits, export_model
+    from minimoe.train.checkpoint import load_run
+
+    model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
+    res = export_model(
+        model, tok, args.out, fmt=args.format, shard_size=args.shard_size, dtype=args.dtype,
+        dropless=args.dropless, force=args.force,
+    )  # fmt: skip
+    print(f"exported {res.format} ({res.weight_bytes / 2**20:.1f} MiB of weights) to {res.out_dir}")
+    for f in res.files:
+        print(f"  {f}")
+    for n in res.notes:
+        print(f"note: {n}", file=sys.stderr)
+    if args.verify:
+        ids = torch.randint(0, tok.vocab_size, (2, min(32, model.cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+        diff = compare_logits(model, res.out_dir, ids)
+        print(f"max |logit difference| against transformers: {diff:.2e}")
+        if args.dtype == "float32" and diff > 1e-4:
+            print("warning: the exported model's logits differ by more than 1e-4", file=sys.stderr)
+            return 1
+    return 0

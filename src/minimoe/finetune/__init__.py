@@ -1,0 +1,1 @@
+"""Fine-tuning: supervised fine-tuning on chat data with loss masking, LoRA / QLoRA through PEFT."""

@@ -1,0 +1,153 @@
+"""LoRA and QLoRA on minimoe models through PEFT.
+
+Targets:
+- "attention": q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa (MLA), q/k/v_proj (GQA), o_proj;
+  `kv_b_proj` is left out because absorbed MLA decoding reads its weight directly (a LoRA on it
+  would be skipped when generating with the cache until merged);
+- "experts": the stacked routed-expert tensors (E, I, D) through PEFT's `target_parameters`
+  (one rank-r factor pair per expert, peft >= 0.17);
+- "mlp": dense-layer and shared-expert SwiGLU projections.
+Routers, norms, embedding and head stay frozen, and so does the aux-free balancing bias.
+
+QLoRA stores the targeted nn.Linear weights in 4-bit NF4 (bitsandbytes `Linear4bit`, CUDA only)
+and trains LoRA factors on top; the stacked experts have no 4-bit container there and stay in
+bf16 with their LoRA factors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minimoe.errors import MinimoeError
+
+TARGETS = ("attention", "experts", "mlp")
+_ATTN = r"self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|k_proj|v_proj|o_proj)"
+_MLP = r"mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise MinimoeError("LoRA needs peft (pip install 'minimoe[hf]')") from None
+    return peft
+
+
+def target_spec(targets: tuple[str, ...] | list[str] = TARGETS) -> tuple[str | None, list[str]]:
+    """(regex for `target_modules`, names for `target_parameters`) of the chosen target groups."""
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise MinimoeError(f"LoRA targets must be among {', '.join(TARGETS)}, got {', '.join(targets) or 'none'}")
+    alts = ([_ATTN] if "attention" in targets else []) + ([_MLP] if "mlp" in targets else [])
+    regex = rf".*\.({'|'.join(alts)})" if alts else None
+    params = ["experts.gate_proj", "experts.up_proj", "experts.down_proj"] if "experts" in targets else []
+    return regex, params
+
+
+def qlora_available() -> str | None:
+    """None when QLoRA can run here, else the reason in one sentence."""
+    try:
+        import bitsandbytes  # noqa: F401  # type: ignore[import-not-found]
+    except ImportError:
+        return "QLoRA needs bitsandbytes (pip install bitsandbytes), which is not installed; use plain LoRA"
+    if not torch.cuda.is_available():
+        return "QLoRA's 4-bit NF4 kernels run on a CUDA GPU and this machine has none; use plain LoRA"
+    return None
+
+
+def _quantize_linears(model: nn.Module, regex: str) -> None:
+    """Swap the matched nn.Linear layers for bitsandbytes NF4 `Linear4bit` (quantized on .cuda())."""
+    import re
+
+    import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+    pattern = re.compile(regex)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and pattern.fullmatch(name):
+            q = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+            )
+            q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    model.cuda()
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=TARGETS, qlora: bool = False):
+    """Wrap a minimoe Transformer with LoRA adapters (only they train).
+
+    Args:
+        model: a minimoe Transformer.
+        r: rank; alpha: LoRA alpha (update scaled by alpha / r).
+        targets: subset of TARGETS.
+        qlora: quantize the targeted linear layers to 4-bit NF4 first (CUDA + bitsandbytes).
+    Returns:
+        The peft PeftModel; call it like the model.
+    """
+    peft = _peft()
+    if r <= 0:
+        raise MinimoeError(f"--rank must be positive, got {r}")
+    regex, params = target_spec(tuple(targets))
+    if params and not any(m.is_moe for m in model.layers):
+        params = []  # a dense model has no stacked experts
+    if qlora:
+        why = qlora_available()
+        if why:
+            raise MinimoeError(why)
+        if regex:
+            _quantize_linears(model, regex)
+        model.to(torch.bfloat16)
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=regex, target_parameters=params or None
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise MinimoeError(f"PEFT could not place LoRA adapters ({e})") from None
+
+
+def save_adapter(peft_model, directory: str | Path, base: str | None = None) -> Path:
+    """Write the adapter (PEFT's adapter_config.json + adapter_model.safetensors) and the base run."""
+    d = Path(directory)
+    peft_model.save_pretrained(str(d))
+    (d / "minimoe_base.json").write_text(json.dumps({"base_run": base}, indent=2), encoding="utf-8")
+    return d
+
+
+def load_adapter(model: nn.Module, directory: str | Path):
+    """Attach a saved adapter to a freshly loaded base model (inference mode)."""
+    peft = _peft()
+    d = Path(directory)
+    if not (d / "adapter_config.json").is_file():
+        raise MinimoeError(f"{d} is not a LoRA adapter folder (no adapter_config.json)")
+    return peft.PeftModel.from_pretrained(model, str(d))
+
+
+def merge_lora(peft_model) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain minimoe Transformer."""
+    merged = peft_model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged
+
+
+def merge_saved_adapter(run_dir: str | Path, adapter: str | Path, out_dir: str | Path, which: str = "best") -> Path:
+    """Load the base run, attach a saved adapter, merge it, and write the result as a new run.
+
+    Returns:
+        The checkpoint directory written.
+    """
+    from minimoe.hf.load import write_run
+    from minimoe.train.checkpoint import CKPT, load_run
+
+    out = Path(out_dir)
+    if (out / CKPT).exists() and any((out / CKPT).iterdir()):
+        raise MinimoeError(f"{out} already holds a run; choose another --out")
+    model, tok, cfg, meta = load_run(run_dir, which)
+    merged = merge_lora(load_adapter(model, adapter))
+    info = {"source": str(Path(meta["path"]).resolve()), "adapter": str(Path(adapter).resolve())}
+    return write_run(out, merged, tok, info, run_cfg=cfg)

@@ -1,0 +1,259 @@
+"""Supervised fine-tuning on chat JSONL with loss on the assistant's tokens only, full or LoRA.
+
+Reuses the pretraining pieces: `build_optimizer` (AdamW, decay on matrices), `lr_multiplier`
+(warmup + schedule), `autocast_context`, and `save_checkpoint`, so the result is an ordinary run
+directory that `minimoe generate`, `eval` and `export` read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from minimoe.config import set_dotted
+from minimoe.errors import ConfigError, MinimoeError
+from minimoe.finetune.chat import DEFAULT_CHAT_TEMPLATE, encode_conversation, inputs_and_targets, read_conversations
+
+
+@dataclass
+class SFTResult:
+    out_dir: Path
+    steps: int
+    examples: int  # training sequences (packed windows with packing)
+    dropped: int  # conversations with no trainable token left after truncation
+    response_tokens: int  # trainable tokens seen
+    final_loss: float
+    val_loss: float | None
+    checkpoint: Path | None  # None for an unmerged LoRA run (adapter only)
+    adapter: Path | None = None
+
+
+def build_examples(
+    tokenizer, conversations: list[list[dict]], template: str, seq_len: int, packing: bool = False, seed: int = 0
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Token (x, y) pairs for training; y is -100 outside assistant turns.
+
+    Args:
+        tokenizer: the model's Tokenizer.
+        conversations: message lists from `read_conversations`.
+        template: the chat template.
+        seq_len: longest training sequence.
+        packing: concatenate conversations (in a seeded random order) and cut windows of seq_len,
+            instead of one truncated sequence per conversation. Windows may span two conversations
+            (attention is not reset at the boundary; the loss mask still holds).
+        seed: order of the packed stream.
+    Returns:
+        (list of (x, y) int64 arrays of equal length <= seq_len, conversations dropped for having
+        no trainable token within seq_len).
+    """
+    encoded = [encode_conversation(tokenizer, m, template) for m in conversations]
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    dropped = 0
+    if not packing:
+        for ids, mask in encoded:
+            x, y = inputs_and_targets(ids[: seq_len + 1], mask[: seq_len + 1])
+            if (y != -100).any():
+                out.append((x, y))
+            else:
+                dropped += 1
+        return out, dropped
+    order = np.random.default_rng(seed).permutation(len(encoded))
+    ids = np.concatenate([encoded[i][0] for i in order])
+    mask = np.concatenate([encoded[i][1] for i in order])
+    for start in range(0, max(len(ids) - 1, 0), seq_len):
+        x, y = inputs_and_targets(ids[start : start + seq_len + 1], mask[start : start + seq_len + 1])
+        if (y != -100).any():
+            out.append((x, y))
+    return out, dropped
+
+
+def batches(
+    examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int, pad_id: int, seed: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (x, y) batches in a seeded order, right-padded (x with pad_id, y with -100):
+    causal attention never lets a real token see the padding after it."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    for s in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[s : s + batch_size]]
+        T = max(len(x) for x, _ in chunk)
+        X = np.full((len(chunk), T), pad_id, dtype=np.int64)
+        Y = np.full((len(chunk), T), -100, dtype=np.int64)
+        for r, (x, y) in enumerate(chunk):
+            X[r, : len(x)], Y[r, : len(y)] = x, y
+        yield torch.from_numpy(X), torch.from_numpy(Y)
+
+
+@torch.no_grad()
+def masked_loss(model, examples, batch_size: int, pad_id: int, device) -> float:
+    """Mean cross-entropy over the trainable tokens of `examples`."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches(examples, batch_size, pad_id, seed=0, epoch=0):
+        logits = model(x.to(device)).logits.float()
+        y = y.to(device)
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
+    model.train(was)
+    return total / max(count, 1)
+
+
+def _apply_overrides(cfg, overrides: list[str]) -> None:
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        if key.strip().startswith("model.") and key.strip() not in ("model.dropout", "model.attn_dropout", "model.router_jitter"):
+            raise ConfigError(f"{key.strip()} cannot change when fine-tuning (only dropout, attn_dropout, router_jitter)")
+        set_dotted(cfg, key.strip(), value)
+    cfg.validate()
+
+
+def finetune(
+    run_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    val_data: str | Path | None = None,
+    packing: bool = False,
+    epochs: float = 1.0,
+    which: str = "best",
+    lora: dict | None = None,
+    merge: bool = True,
+    progress: bool = True,
+) -> SFTResult:
+    """Fine-tune the model of `run_dir` on chat JSONL and write a new run directory.
+
+    Defaults: the source run's batch size and sequence length; a tenth of its peak lr for full
+    fine-tuning (the full lr for LoRA); `epochs` passes over the data unless `train.max_steps` is
+    given; warmup of 10% of the steps. Dotted `train.*` overrides win.
+
+    Args:
+        run_dir: source run (or checkpoint) directory.
+        data: chat JSONL (`read_conversations`).
+        out_dir: new run directory.
+        overrides: `train.KEY=VALUE` (and model.dropout/attn_dropout/router_jitter).
+        val_data: optional chat JSONL for a masked validation loss at the end.
+        packing: pack conversations into full windows (see `build_examples`).
+        epochs: passes over the data when train.max_steps is not given.
+        which: "best" or "latest" checkpoint of the source.
+        lora: None for full fine-tuning, else keyword arguments of `apply_lora` (r, alpha, targets, qlora).
+        merge: with LoRA, also write the merged model as a checkpoint (else the adapter only).
+        progress: show a progress bar.
+    Returns:
+        SFTResult.
+    """
+    from tqdm.auto import tqdm
+
+    from minimoe.train import checkpoint as ckpt_lib
+    from minimoe.train.optim import build_optimizer
+    from minimoe.train.schedule import lr_multiplier
+    from minimoe.train.trainer import autocast_context, check_run_dir_writable, resolve_device
+
+    out = Path(out_dir)
+    if (out / ckpt_lib.CKPT).exists() and any((out / ckpt_lib.CKPT).iterdir()):
+        raise MinimoeError(f"{out} already holds a run; choose another --out")
+    if (out / "adapter").exists():
+        raise MinimoeError(f"{out} already holds an adapter; choose another --out")
+    model, tok, cfg, meta = ckpt_lib.load_run(run_dir, which)
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE  # stored with the new run's tokenizer
+    tc = cfg.train
+    tc.lr = tc.lr if lora else tc.lr * 0.1
+    explicit = {o.split("=", 1)[0].strip() for o in overrides or []}
+    _apply_overrides(cfg, list(overrides or []))
+    train_ex, dropped = build_examples(tok, read_conversations(data), tok.chat_template, tc.seq_len, packing, tc.seed)
+    if not train_ex:
+        raise MinimoeError(f"no example in {data} has an assistant token within train.seq_len={tc.seq_len}")
+    val_ex = build_examples(tok, read_conversations(val_data), tok.chat_template, tc.seq_len)[0] if val_data else None
+    per_epoch = math.ceil(len(train_ex) / tc.batch_size)
+    if "train.max_steps" not in explicit:
+        tc.max_steps = max(1, math.ceil(per_epoch * epochs))
+    if "train.warmup_steps" not in explicit:
+        tc.warmup_steps = tc.max_steps // 10
+    cfg.validate()
+
+    device = resolve_device(tc.device)
+    check_run_dir_writable(out)
+    torch.manual_seed(tc.seed)
+    model = model.to(device).train()
+    for m in model.modules():  # the loaded model was built with the source's dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.model.dropout
+    for blk in model.layers:
+        blk.self_attn.attn_dropout = cfg.model.attn_dropout
+    trained = model
+    if lora:
+        from minimoe.finetune.lora import apply_lora
+
+        trained = apply_lora(model, **lora)
+    optimizer = build_optimizer(trained, tc, device)
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    bar = tqdm(total=tc.max_steps, disable=not progress, unit="step", desc="sft", dynamic_ncols=True)
+    step, seen, loss_v, epoch = 0, 0, float("nan"), 0
+    t0 = time.perf_counter()
+    try:
+        while step < tc.max_steps:
+            for x, y in batches(train_ex, tc.batch_size, tok.pad_id, tc.seed, epoch):
+                if step >= tc.max_steps:
+                    break
+                lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio, tc.decay_fraction)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                x, y = x.to(device), y.to(device)
+                with autocast_context(tc.precision, device):
+                    res = trained(x, targets=y)
+                res.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in trained.parameters() if p.requires_grad], tc.grad_clip or float("inf")
+                )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.model.aux_free_bias and not lora:  # LoRA leaves the base model (and its bias) alone
+                    model.update_bias({i: s.load for i, s in res.moe_stats.items()})
+                step += 1
+                seen += int((y != -100).sum())
+                loss_v = res.loss.item()
+                if not math.isfinite(loss_v):
+                    raise MinimoeError(f"fine-tuning diverged at step {step} (non-finite loss); lower train.lr")
+                row = {"step": step, "loss": loss_v, "ce": res.losses["ce"].item(), "lr": lr,
+                       "grad_norm": float(grad_norm), "response_tokens": seen, "elapsed_s": time.perf_counter() - t0}  # fmt: skip
+                metrics.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.3f}")
+            epoch += 1
+    finally:
+        bar.close()
+        metrics.close()
+
+    val_loss = masked_loss(trained, val_ex, tc.batch_size, tok.pad_id, device) if val_ex else None
+    if val_loss is not None:
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+    source = str(Path(meta["path"]).resolve())
+    adapter = None
+    if lora:
+        from minimoe.finetune.lora import merge_lora, save_adapter
+
+        adapter = save_adapter(trained, out / "adapter", base=source)
+        if not merge:
+            tok.save(out / "tokenizer")
+            return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter)
+        model = merge_lora(trained)
+    cfg.model = model.cfg
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (out / "config.yaml").write_text(text, encoding="utf-8")
+    tok.save(out / "tokenizer")
+    info = {"step": step, "tokens": seen, "val_loss": val_loss, "source": source,
+            "sft": {"data": str(Path(data).resolve()), "packing": packing, "lora": lora}}  # fmt: skip
+    ck = ckpt_lib.save_checkpoint(out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True)
+    return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, ck, adapter)

@@ -1,0 +1,232 @@
+"""Which Hugging Face format can hold a minimoe config exactly, and its config.json.
+
+| minimoe config | format | how |
+| --- | --- | --- |
+| MLA, sigmoid scoring | `deepseek_v3` | native (bias, groups, scaling, shared experts, MTP) |
+| MLA, softmax scoring, no top-k renormalisation | `deepseek_v2` | native (`greedy` / `group_limited_greedy`) |
+| GQA, sigmoid scoring | `glm4_moe` | DeepSeek-V3 routing with GQA, full-width half-split RoPE |
+| GQA, softmax, no shared/dense layers, renormalised top-k (k > 1) | `mixtral` | scaling folded into down_proj |
+| GQA, softmax otherwise | `qwen2_moe` | shared expert gate fixed at sigmoid(0) = 1/2, down_proj doubled |
+
+Anything else is refused with one sentence naming the feature (`refusal`), never approximated.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minimoe.config import ModelConfig
+from minimoe.model.rope import yarn_attention_factor, yarn_get_mscale
+
+ARCHITECTURES = {
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
+# preference order when the user does not name a format
+PREFERENCE = {"mla": ("deepseek_v3", "deepseek_v2"), "gqa": ("glm4_moe", "mixtral", "qwen2_moe")}
+
+
+def _group_limited(cfg: ModelConfig) -> bool:
+    return cfg.n_group > 1 and cfg.topk_group < cfg.n_group
+
+
+def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
+    """Why `fmt` cannot hold `cfg` exactly, as a clause naming the feature; None when it can.
+
+    Args:
+        cfg: the model config.
+        fmt: a format name (ARCHITECTURES key).
+        bias_nonzero: whether any aux-free balancing bias is nonzero (it changes expert selection).
+    """
+    attn = "mla" if fmt in ("deepseek_v3", "deepseek_v2") else "gqa"
+    if cfg.attn_type != attn:
+        return f"{fmt} has {attn.upper()} attention, the model uses {cfg.attn_type.upper()}"
+    if cfg.n_routed_experts > 0 and cfg.expert_act != "swiglu":
+        return "GELU experts (expert_act=gelu) have no Hugging Face MoE format: all of them use SwiGLU experts"
+    if cfg.n_routed_experts == 0 and attn == "gqa":
+        return "a dense GQA model (n_routed_experts=0) has no MoE format; minimoe exports MoE models"
+    if fmt in ("deepseek_v3", "glm4_moe"):
+        if cfg.scoring_func != "sigmoid" and cfg.n_routed_experts > 0:
+            return f"{fmt} scores experts with a sigmoid, the model uses softmax (scoring_func=softmax)"
+        return None
+    # softmax formats
+    if cfg.n_routed_experts > 0 and cfg.scoring_func != "softmax":
+        return f"{fmt} scores experts with a softmax, the model uses sigmoid (scoring_func=sigmoid)"
+    if bias_nonzero:
+        return f"{fmt} has no aux-free balancing bias and this model's bias is nonzero (it changes which experts are chosen)"
+    k = cfg.num_experts_per_tok
+    if fmt == "deepseek_v2":
+        if cfg.norm_topk_prob and k > 1:
+            return "deepseek_v2 does not renormalise the top-k weights (norm_topk_prob=true)"
+        return None
+    if _group_limited(cfg):
+        return f"{fmt} has no group-limited routing (n_group={cfg.n_group}, topk_group={cfg.topk_group})"
+    if fmt == "mixtral":
+        if cfg.n_shared_experts > 0:
+            return "mixtral has no shared experts"
+        if cfg.first_k_dense > 0:
+            return "mixtral has no dense layers (first_k_dense > 0)"
+        if not cfg.norm_topk_prob or k == 1:
+            return "mixtral always renormalises the top-k weights (the model does not, norm_topk_prob=false or top-1)"
+    return None
+
+
+def choose_format(cfg: ModelConfig, bias_nonzero: bool, fmt: str | None = None) -> tuple[str, str | None]:
+    """The format to export to: `fmt` if given, else the first that fits in PREFERENCE order.
+
+    Returns:
+        (format, None) or (the format tried first, the reason nothing fits).
+    """
+    if fmt is not None:
+        return fmt, refusal(cfg, fmt, bias_nonzero)
+    reasons = []
+    for f in PREFERENCE[cfg.attn_type]:
+        why = refusal(cfg, f, bias_nonzero)
+        if why is None:
+            return f, None
+        reasons.append(why)
+    return PREFERENCE[cfg.attn_type][0], "; ".join(dict.fromkeys(reasons))
+
+
+def rope_config(cfg: ModelConfig, fmt: str) -> dict:
+    """`rope_theta`, `rope_scaling` (legacy key that vLLM and DeepSeek's files use) and `rope_parameters`
+    (transformers 5) for config.json, giving the same cos/sin tables and softmax scale as minimoe."""
+    out: dict = {"rope_theta": cfg.rope_theta}
+    rs = cfg.rope_scaling
+    if not rs:
+        out["rope_scaling"] = None
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        return out
+    factor = float(rs["factor"])
+    d = {
+        "type": "yarn",
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
+        "beta_fast": float(rs.get("beta_fast", 32)),
+        "beta_slow": float(rs.get("beta_slow", 1)),
+    }
+    ours = yarn_attention_factor(rs)  # what minimoe multiplies cos/sin by
+    if cfg.attn_type == "mla":
+        # DeepSeek YaRN keys, read the same way by HF's deepseek_v2/v3 and by vLLM
+        for key in ("mscale", "mscale_all_dim"):
+            if key in rs:
+                d[key] = float(rs[key])
+        ms, ms_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        hf = yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all) if ms and ms_all else yarn_get_mscale(factor)
+        if not math.isclose(hf, ours, rel_tol=0, abs_tol=1e-12):
+            d["attention_factor"] = ours  # HF tests truthiness, minimoe presence: pin the value
+    else:
+        # GQA formats scale scores by head_dim**-0.5 only; minimoe also multiplies the softmax scale
+        # by mscale(factor, mscale_all_dim)^2. RoPE covers the whole head here, so that factor moves
+        # exactly into the cos/sin multiplier: q.k scales by attention_factor^2.
+        ms_all = rs.get("mscale_all_dim")
+        d["attention_factor"] = ours * (yarn_get_mscale(factor, float(ms_all)) if ms_all else 1.0)
+    d["rope_theta"] = cfg.rope_theta
+    out["rope_scaling"] = dict(d)
+    out["rope_parameters"] = {k: v for k, v in d.items() if k != "type"}
+    return out
+
+
+def hf_config(cfg: ModelConfig, fmt: str, tokenizer, dtype: str, mtp_layers: int) -> dict:
+    """config.json for `fmt` (real transformers keys, plus `topk_method` / `scoring_func` that
+    vLLM and SGLang read).
+
+    Args:
+        cfg: the model config (already accepted by `refusal`).
+        fmt: the target format.
+        tokenizer: for the special-token ids.
+        dtype: "float32", "bfloat16" or "float16", the dtype of the written weights.
+        mtp_layers: MTP modules written after the main layers (0 when dropped).
+    """
+    k = cfg.num_experts_per_tok
+    # minimoe skips the renormalisation for top-1 (it would make every weight 1.0); so must HF
+    norm = cfg.norm_topk_prob and k > 1
+    c: dict = {
+        "architectures": [ARCHITECTURES[fmt]],
+        "model_type": fmt,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads if cfg.attn_type == "gqa" else cfg.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_dropout": cfg.attn_dropout,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        **rope_config(cfg, fmt),
+    }
+    if cfg.attn_type == "mla":
+        c.update(
+            q_lora_rank=cfg.q_lora_rank,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            attention_bias=False,
+        )
+    else:
+        c["head_dim"] = cfg.gqa_head_dim
+    dense = cfg.first_k_dense if cfg.n_routed_experts > 0 else cfg.n_layers
+    if fmt in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
+        c.update(
+            n_routed_experts=cfg.n_routed_experts,
+            n_shared_experts=cfg.n_shared_experts,
+            num_experts_per_tok=k,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            first_k_dense_replace=dense,
+            moe_layer_freq=1,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+    if fmt == "deepseek_v3":
+        c.update(
+            norm_topk_prob=norm, topk_method="noaux_tc", scoring_func="sigmoid",
+            rope_interleave=True, num_nextn_predict_layers=mtp_layers,
+        )  # fmt: skip
+    elif fmt == "deepseek_v2":
+        greedy = "group_limited_greedy" if _group_limited(cfg) else "greedy"
+        c.update(norm_topk_prob=False, topk_method=greedy, scoring_func="softmax", mlp_bias=False)
+    elif fmt == "glm4_moe":
+        c.update(
+            norm_topk_prob=norm, topk_method="noaux_tc", scoring_func="sigmoid", partial_rotary_factor=1.0,
+            attention_bias=False, use_qk_norm=False, num_nextn_predict_layers=mtp_layers,
+        )  # fmt: skip
+        c["rope_parameters"]["partial_rotary_factor"] = 1.0
+    elif fmt == "mixtral":
+        c.update(
+            intermediate_size=cfg.moe_intermediate_size,  # Mixtral's experts use intermediate_size
+            num_local_experts=cfg.n_routed_experts,
+            num_experts_per_tok=k,
+            sliding_window=None,
+            router_jitter_noise=cfg.router_jitter,
+            router_aux_loss_coef=cfg.aux_loss_alpha,
+        )
+    elif fmt == "qwen2_moe":
+        c.update(
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            shared_expert_intermediate_size=cfg.moe_intermediate_size * cfg.n_shared_experts,
+            num_experts=cfg.n_routed_experts,
+            num_experts_per_tok=k,
+            norm_topk_prob=norm,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(dense)),
+            qkv_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            router_aux_loss_coef=cfg.aux_loss_alpha,
+        )
+    return c

@@ -1,0 +1,138 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and its error shape.
+
+Fields follow OpenAI's API reference. Unknown fields are accepted and ignored, as OpenAI-compatible
+servers do, except those that would change the output in a way minimoe cannot honour (penalties,
+logprobs, tools, ...): a non-default value for one of them is a 400, not a silent no-op.
+`top_k` is an extension (as in vLLM).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# parameters minimoe does not implement; a "set" value (see `unsupported_param`) is refused
+UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "suffix",
+    "tools",
+    "functions",
+    "response_format",
+)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions. None means "use the default"."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1, le=32)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(s == "" for s in stops):
+            raise APIError(400, "Stop strings must not be empty.", param="stop")
+        return tuple(stops)
+
+    def unsupported_param(self) -> str | None:
+        """The first parameter given a value minimoe cannot honour (falsy values are defaults)."""
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of"
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            value = extra.get(name)
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if value:
+                return name
+        return None
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or lists of them."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions. `max_completion_tokens` is OpenAI's newer name for max_tokens."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+
+def describe_validation_error(err: ValidationError) -> APIError:
+    """The first problem pydantic found, as one sentence naming the parameter."""
+    e = err.errors()[0]
+    loc = [str(x) for x in e["loc"]]
+    # drop pydantic's union-branch labels such as "str" or "list[int]" from the location
+    param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float"))
+    if e["type"] == "missing":
+        return APIError(
+            400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    got = e.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) or len(repr(got)) < 60 else type(got).__name__
+    return APIError(
+        400, f"Invalid value for '{param}': {e['msg']} (got {shown}).", param=param, code="invalid_value"
+    )

@@ -1,0 +1,523 @@
+"""Evaluation: continuation scoring, sliding-window perplexity, multiple choice, minimal pairs,
+generation metrics, the `minimoe eval` CLI and the lm-evaluation-harness adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from minimoe.cli.main import main
+from minimoe.config import ModelConfig, RunConfig, TrainConfig
+from minimoe.data import Tokenizer, train_bpe
+from minimoe.eval import metrics
+from minimoe.eval.perplexity import evaluate_perplexity, rolling_windows, window_pairs
+from minimoe.eval.scoring import encode_pair, score_pairs, token_logprobs
+from minimoe.eval.tasks import evaluate_minimal_pairs, evaluate_multiple_choice
+from minimoe.model.transformer import Transformer
+from minimoe.train.checkpoint import save_checkpoint
+
+V = 320  # 258 byte tokens rounded up to 64, as training does
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=V, hidden_size=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+        n_routed_experts=4, num_experts_per_tok=2, max_seq_len=64,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_model(seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(tiny_cfg(**kw)).eval()
+    with torch.no_grad():  # larger weights than the init, so log-probs differ clearly between tokens
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def unigram_model(prefs: dict[int, float]) -> tuple[Transformer, torch.Tensor]:
+    """A Transformer that ignores its input: every block's output projections are zero, so the last
+    hidden state is the token embedding, and every token has the same embedding e_0. The logits are
+    then lm_head[:, 0] * norm(e_0)[0] at every position: a unigram model with known log-probs.
+
+    Returns:
+        (model, (V,) log-probabilities of the next token at any position).
+    """
+    model = Transformer(tiny_cfg()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                p.zero_()
+        model.embed_tokens.weight.zero_()
+        model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight.zero_()
+        for t, v in prefs.items():
+            model.lm_head.weight[t, 0] = v
+        h0 = model.norm(model.embed_tokens.weight[:1])[0, 0]
+        logp = F.log_softmax((model.lm_head.weight[:, 0] * h0).double(), dim=-1)
+    return model, logp
+
+
+def save_run(model: Transformer, run_dir: Path, step: int = 7) -> Path:
+    cfg = RunConfig(model=model.cfg, train=TrainConfig(seq_len=32))
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(text)
+    meta = {"step": step, "tokens": 0, "val_loss": None}
+    save_checkpoint(run_dir, step, model, {}, meta, text, Tokenizer.byte(), is_best=True)
+    return run_dir
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def cli_json(capsys, *argv) -> dict:
+    assert main(["eval", *map(str, argv), "--json", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def cli_error(capsys, *argv) -> str:
+    assert main(["eval", *map(str, argv), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------------- scoring
+
+
+class _LmEvalTokenizerShim:
+    """Just enough of a TemplateLM for lm_eval's own _encode_pair to run on our tokenizer."""
+
+    backend = "causal"
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def tok_encode(self, s, add_special_tokens=None):
+        return self.tok.encode(s)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_encode_pair_splits_like_lm_eval(kind):
+    from lm_eval.api.model import TemplateLM
+
+    words = "the cat sat on the mat and the dog ran to the red ball while a bird sang Paris is nice".split()
+    tok = Tokenizer.byte() if kind == "byte" else train_bpe([" ".join(words * 20)], 300)
+    shim = _LmEvalTokenizerShim(tok)
+    cases = [("The cat sat on the ", "mat"), ("Paris is", " nice"), ("a  \n", "b c"), ("the", " red ball")]
+    for ctx, cont in cases:
+        assert encode_pair(tok, ctx, cont) == tuple(TemplateLM._encode_pair(shim, ctx, cont))
+    ctx_ids, cont_ids = encode_pair(tok, "Paris is ", "nice")
+    assert tok.decode(cont_ids) == " nice" and tok.decode(ctx_ids) == "Paris is"
+    assert encode_pair(tok, "", "hi") == ([tok.eos_id], tok.encode("hi"))  # empty context: end-of-text
+
+
+def test_continuation_loglik_equals_plain_forward():
+    model = random_model()
+    tok = Tokenizer.byte()
+    g = torch.Generator().manual_seed(1)
+    pairs = []
+    for n_ctx, n_cont in [(1, 1), (5, 3), (20, 9), (100, 4), (3, 64), (63, 1), (0, 5)]:
+        ctx = torch.randint(0, 256, (n_ctx,), generator=g).tolist() or [tok.eos_id]
+        pairs.append((ctx, torch.randint(0, 256, (n_cont,), generator=g).tolist()))
+    pairs.append(encode_pair(tok, "Once upon a time ", "there was"))
+    # the context is cut from the left to fit 64 inputs
+    want = [token_logprobs(model, (ctx + cont)[-65:])[-len(cont) :].sum().item() for ctx, cont in pairs]
+    for bs in (1, 3, 16):
+        scores = score_pairs(model, pairs, batch_size=bs)
+        assert [s.logprob for s in scores] == pytest.approx(want, abs=1e-4)
+        assert [s.n_tokens for s in scores] == [len(cont) for _, cont in pairs]
+    # greedy: a continuation made of the argmax tokens is greedy, another one is not
+    ctx = [10, 20, 30]
+    x = torch.tensor([ctx])
+    best = int(model(x).logits[0, -1].argmax())
+    worst = int(model(x).logits[0, -1].argmin())
+    assert [s.greedy for s in score_pairs(model, [(ctx, [best]), (ctx, [worst])])] == [True, False]
+
+
+def test_continuation_longer_than_context_is_an_error():
+    from minimoe.errors import MinimoeError
+
+    with pytest.raises(MinimoeError, match="does not fit the model context of 64"):
+        score_pairs(random_model(), [([1], list(range(65)))])
+
+
+# ---------------------------------------------------------------------- perplexity
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40, 48])
+@pytest.mark.parametrize("window,stride", [(16, 16), (16, 5), (16, 1), (7, 3)])
+def test_rolling_windows_score_each_token_once(n, window, stride):
+    wins = rolling_windows(n, window, stride)
+    scored = [t for b, e, k in wins for t in range(e - k + 1, e + 1)]
+    assert scored == list(range(1, n + 1))
+    for b, e, k in wins:
+        assert 0 <= b < e and e - b <= window and 1 <= k <= e - b
+        if b > 0:  # after the first window every scored token sees >= window - stride tokens of context
+            assert e - k + 1 - b >= window - stride
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40])
+def test_disjoint_windows_match_lm_eval(n):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    ids = list(range(100, 100 + n))
+    ours = window_pairs(ids, 0, 16, 16)
+    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 0, 16, 1)]
+    assert [(list(a), list(b)) for a, b in theirs] == ours
+
+
+def test_stride_equal_to_window_is_the_non_overlapping_computation(tmp_path):
+    model = random_model()
+    tok = Tokenizer.byte()
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(128))  # 128 targets = 2 windows of 64
+    (tmp_path / "a.txt").write_text(text)
+    res = evaluate_perplexity(model, tok, tmp_path / "a.txt", window=64, stride=64)
+    ids = torch.tensor([[tok.eos_id, *tok.encode(text)]])  # (1, 129)
+    nll = sum(
+        F.cross_entropy(model(ids[:, i : i + 64]).logits[0], ids[0, i + 1 : i + 65], reduction="sum").item()
+        for i in (0, 64)
+    )
+    assert res["tokens"] == 128 and res["bytes"] == 128 and res["n"] == 1
+    assert res["loss"] == pytest.approx(nll / 128, rel=1e-5)
+    assert res["bits_per_byte"] == pytest.approx(nll / math.log(2) / 128, rel=1e-5)
+    # overlapping windows see more context: same tokens, a different loss
+    res2 = evaluate_perplexity(model, tok, tmp_path / "a.txt", window=64, stride=16, batch_size=3)
+    assert res2["tokens"] == 128 and res2["loss"] != pytest.approx(res["loss"], rel=1e-6)
+
+
+def test_uniform_model_has_perplexity_vocab_size(tmp_path):
+    model = random_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: uniform over the V outputs
+    docs = ["Hello there.", "A second, longer document " * 9, "x"]
+    (tmp_path / "d.txt").write_text("\n<|endoftext|>\n".join(docs))
+    res = evaluate_perplexity(model, Tokenizer.byte(), tmp_path / "d.txt", window=32, stride=8)
+    assert res["perplexity"] == pytest.approx(V, rel=1e-5)
+    assert res["bits_per_byte"] == pytest.approx(math.log2(V), rel=1e-5)  # ASCII: one byte per token
+    assert res["n"] == 3 and res["tokens"] == res["bytes"] == sum(len(d) for d in docs)
+
+
+def test_perplexity_sources_and_per_file(tmp_path):
+    model, logp = unigram_model({ord("a"): 3.0})
+    tok = Tokenizer.byte()
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f/one.txt").write_text("aaaa")
+    (tmp_path / "f/two.txt").write_text("abab")
+    (tmp_path / "f/bin.dat").write_bytes(b"\0\1\2")
+    res = evaluate_perplexity(model, tok, tmp_path / "f")
+    a, b = logp[ord("a")].item(), logp[ord("b")].item()
+    assert res["per_file"]["one.txt"]["loss"] == pytest.approx(-a, abs=1e-5)
+    assert res["per_file"]["two.txt"]["loss"] == pytest.approx(-(a + b) / 2, abs=1e-5)
+    assert res["loss"] == pytest.approx(-(6 * a + 2 * b) / 8, abs=1e-5)
+    assert res["skipped"] == ["bin.dat"] and res["n"] == 2
+    write_jsonl(tmp_path / "t.jsonl", [{"body": "aaaa"}, {"body": "abab"}])
+    res2 = evaluate_perplexity(model, tok, tmp_path / "t.jsonl", text_field="body")
+    assert res2["loss"] == pytest.approx(res["loss"], abs=1e-6) and res2["n"] == 2
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"body": ["aaaa", "abab"]}), tmp_path / "t.parquet")
+    res3 = evaluate_perplexity(model, tok, tmp_path / "t.parquet", text_field="body")
+    assert res3["loss"] == pytest.approx(res["loss"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------- tasks
+
+
+def test_multiple_choice_and_minimal_pairs_with_known_answers(tmp_path):
+    A, B, Z = ord("a"), ord("b"), ord("z")
+    model, logp = unigram_model({A: 4.0, B: 2.0, Z: -3.0})
+    tok = Tokenizer.byte()
+    rows = [
+        {"context": "pick", "choices": ["zzz", "aaa", "bbb"], "label": 1},  # raw and normalised: aaa
+        {"context": "pick", "choices": ["bbbbbbbbbb", "a"], "label": 1},  # raw: a; per char: a
+        {"context": "pick", "choices": ["a", "bbb"], "label": 1},  # wrong for every criterion
+    ]
+    res = evaluate_multiple_choice(model, tok, write_jsonl(tmp_path / "mc.jsonl", rows))
+    assert res["n"] == 3 and res["accuracy"] == pytest.approx(2 / 3)
+    assert res["accuracy_norm"] == pytest.approx(2 / 3) and res["accuracy_per_byte"] == pytest.approx(2 / 3)
+    assert "per_file" not in res
+    # the unigram model scores a continuation as the sum of its tokens' log-probs (" " delimiter too)
+    got = score_pairs(model, [encode_pair(tok, "pick", " aaa")])[0].logprob
+    assert got == pytest.approx((logp[ord(" ")] + 3 * logp[A]).item(), abs=1e-5)
+
+    # per-token normalisation picks differently from the raw sum when lengths differ
+    res = evaluate_multiple_choice(
+        model, tok, write_jsonl(tmp_path / "len.jsonl", [{"context": "x", "choices": ["z", "bbbb"], "label": 1}])
+    )
+    assert res["accuracy"] == 0.0 and res["accuracy_per_token"] == 1.0 and res["accuracy_norm"] == 1.0
+
+    good_bad = [{"sentence_good": "aaa", "sentence_bad": "aza"}, {"sentence_good": "ab", "sentence_bad": "bb"}]
+    folder = tmp_path / "blimp"
+    write_jsonl(folder / "p1.jsonl", good_bad)
+    write_jsonl(folder / "p2.jsonl", [{"sentence_good": "zz", "sentence_bad": "aa"}])
+    res = evaluate_minimal_pairs(model, tok, folder)
+    assert res["n"] == 3 and res["accuracy"] == pytest.approx(2 / 3)
+    assert res["per_file"] == {"p1.jsonl": {"accuracy": 1.0, "n": 2}, "p2.jsonl": {"accuracy": 0.0, "n": 1}}
+    assert res["accuracy_macro"] == pytest.approx(0.5)
+    renamed = [{"g": r["sentence_good"], "b": r["sentence_bad"]} for r in good_bad]
+    res = evaluate_minimal_pairs(
+        model, tok, write_jsonl(tmp_path / "r.jsonl", renamed), fields={"sentence_good": "g", "sentence_bad": "b"}
+    )
+    assert res["accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_metrics_match_the_packages():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    hyps = ["the cat sat on the mat", "a dog ran in the park today", "hello"]
+    refs = ["the cat is on the mat", "the dog ran in the park", "hello world"]
+    got = metrics.bleu(hyps, [[r] for r in refs])
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    # a repeated reference changes nothing, so examples may have different numbers of references
+    two = metrics.bleu(hyps, [[refs[0], "a cat on a mat"], [refs[1]], [refs[2]]])
+    both = sacrebleu.corpus_bleu(hyps, [refs, ["a cat on a mat", refs[1], refs[2]]]).score
+    assert two["bleu"] == pytest.approx(both)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    r = metrics.rouge(hyps, [[x] for x in refs])
+    for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert r[k] == pytest.approx(sum(scorer.score(t, h)[k].fmeasure for h, t in zip(hyps, refs)) / 3)
+    # SQuAD: normalisation drops case, punctuation and articles
+    assert metrics.normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert metrics.exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
+    assert metrics.exact_match("Eiffel", ["Paris", "Eiffel Tower"]) == 0.0
+    # pred "eiffel tower in paris" vs ref "eiffel tower": 2 common, P = 2/4, R = 2/2 -> F1 = 2/3
+    assert metrics.token_f1("The Eiffel Tower, in Paris", "Eiffel Tower") == pytest.approx(2 / 3)
+    assert metrics.token_f1("x", ["y", "x y"]) == pytest.approx(2 / 3)  # best reference
+    assert metrics.token_f1("the", "a") == 1.0 and metrics.token_f1("the", "cat") == 0.0  # empty after normalising
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+@pytest.fixture()
+def unigram_run(tmp_path) -> Path:
+    model, _ = unigram_model({ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0})
+    return save_run(model, tmp_path / "run")
+
+
+def test_cli_perplexity_json_and_results_file(tmp_path, capsys, unigram_run):
+    text = tmp_path / "valid.txt"
+    text.write_text("ab" * 100)
+    res = cli_json(capsys, unigram_run, "--task", "perplexity", "--data", text, "--window", 32, "--stride", 16)
+    for key in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "n", "data", "checkpoint", "config"):
+        assert key in res, key
+    assert res["tokens"] == res["bytes"] == 200 and res["checkpoint"]["step"] == 7
+    assert res["settings"]["window"] == 32 and res["settings"]["stride"] == 16
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
+    files = list((unigram_run / "eval").glob("perplexity-valid-step7-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == res
+    # the table
+    out = tmp_path / "r.json"
+    assert main(["eval", str(unigram_run), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "bits_per_byte" in table and "perplexity" in table and out.exists()
+    # a folder gives per-file results
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/x.txt").write_text("aaaa")
+    (tmp_path / "docs/y.txt").write_text("bbbb")
+    res = cli_json(capsys, unigram_run, "--task", "perplexity", "--data", tmp_path / "docs", "--out", out)
+    assert set(res["per_file"]) == {"x.txt", "y.txt"} and res["n"] == 2
+
+
+def test_cli_jsonl_tasks(tmp_path, capsys, unigram_run):
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"ctx": "q", "endings": ["zz", "aa"], "gold": 1}] * 3)
+    res = cli_json(
+        capsys, unigram_run, "--task", "multiple-choice", "--data", mc, "--field", "context=ctx",
+        "--field", "choices=endings", "--field", "label=gold", "--batch-size", 2,
+    )  # fmt: skip
+    assert res["accuracy"] == 1.0 and res["accuracy_norm"] == 1.0 and res["n"] == 3
+    assert len(res["data"]["sha256"]) == 64
+    mp = write_jsonl(tmp_path / "mp.jsonl", [{"good": "aab", "bad": "azb"}])
+    res = cli_json(capsys, unigram_run, "--task", "minimal-pairs", "--data", mp, "--field-good", "good", "--field-bad", "bad")
+    assert res["accuracy"] == 1.0 and res["n"] == 1
+    # the unigram model greedily writes "aaaa..."; stop at "\n" never fires (it prefers "a")
+    gen = write_jsonl(
+        tmp_path / "gen.jsonl",
+        [{"prompt": "Say a:", "reference": "aaaa"}, {"prompt": "Say b:", "reference": ["bbbb", "aaaa"]}],
+    )
+    preds = tmp_path / "preds.jsonl"
+    res = cli_json(
+        capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4, "--predictions", preds
+    )
+    assert res["exact_match"] == 1.0 and res["f1"] == 1.0 and res["bleu"] >= 0 and res["rougeL"] == 1.0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["generation"] for r in rows] == ["aaaa", "aaaa"] and rows[1]["line"] == 2
+    res = cli_json(
+        capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 6, "--stop", "aaa"
+    )
+    assert res["exact_match"] == 0.0  # generation cut before the stop string: empty
+
+
+def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
+    """A model trained for a few steps on one repeated sentence picks it in multiple choice and
+    minimal pairs, and reaches a low perplexity on it."""
+    from minimoe.train.run import train_from_config
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 300)
+    overrides = [
+        "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
+        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+        "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
+        "model.num_experts_per_tok=2", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
+        "train.eval_batches=1", "train.warmup_steps=2", "data.tokenizer=byte", "data.workers=0",
+        "train.sample_tokens=0", "train.max_steps=30", "train.eval_every=30", "train.lr=1e-2",
+        f"data.path={corpus}",
+    ]  # fmt: skip
+    train_from_config(overrides=overrides, run_dir=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"context": "the cat sat on the", "choices": ["mat.", "qjx!"], "label": 0},
+            {"context": "the cat", "choices": ["xyz on", "sat on"], "label": 1},
+        ],
+    )
+    assert cli_json(capsys, run, "--task", "multiple-choice", "--data", mc)["accuracy"] == 1.0
+    mp = write_jsonl(tmp_path / "mp.jsonl", [{"sentence_good": "the cat sat on the mat.", "sentence_bad": "the mat sat on the cat."}])
+    assert cli_json(capsys, run, "--task", "minimal-pairs", "--data", mp)["accuracy"] == 1.0
+    (tmp_path / "held_out.txt").write_text("the cat sat on the mat.\n" * 4)
+    res = cli_json(capsys, run, "--task", "perplexity", "--data", tmp_path / "held_out.txt")
+    assert res["bits_per_byte"] < 3.0 and res["tokens"] == 96  # untrained: log2(320) = 8.3
+
+
+@pytest.mark.parametrize(
+    "rows,extra,message",
+    [
+        (None, [], "is empty"),
+        (['{"context": "a", "choices": ["b", "c"], "label": 0}', "{not json"], [], "line 2 is not valid JSON"),
+        ([{"context": "a", "label": 0}], [], "line 1 has no 'choices' field"),
+        ([{"context": "a", "choices": ["b", "c"], "label": 2}], [], "label 2 is not an index"),
+        ([{"context": "a", "choices": ["b", ""], "label": 0}], [], "choice 1 is empty"),
+        ([{"context": "a", "choices": ["b", "x" * 80], "label": 0}], [], "longer than the model context (64"),
+        ([{"context": "a", "choices": ["b", "c"], "label": 0}], ["--window", "8"], "--window applies only"),
+        ([{"context": "a", "choices": ["b", "c"], "label": 0}], ["--field", "prompt=x"], "does not apply"),
+    ],
+)
+def test_cli_bad_multiple_choice_input(tmp_path, capsys, unigram_run, rows, extra, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("" if rows is None else "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    err = cli_error(capsys, unigram_run, "--task", "multiple-choice", "--data", path, *extra)
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_bad_input_other_tasks(tmp_path, capsys, unigram_run):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"sentence_good": "a" * 70, "sentence_bad": "b"}])
+    assert "line 1: 'sentence_good' is 70 tokens, longer than the model context" in cli_error(
+        capsys, unigram_run, "--task", "minimal-pairs", "--data", long
+    )
+    missing = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "x"}])
+    assert "has no 'reference' field" in cli_error(capsys, unigram_run, "--task", "generation", "--data", missing)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "contains no text" in cli_error(capsys, unigram_run, "--task", "perplexity", "--data", empty)
+    assert "does not exist" in cli_error(capsys, unigram_run, "--task", "perplexity", "--data", tmp_path / "nope")
+    assert "--stride must be between 1 and the window (16)" in cli_error(
+        capsys, unigram_run, "--task", "perplexity", "--data", tmp_path / "long.jsonl", "--text-field",
+        "sentence_good", "--window", 16, "--stride", 20,
+    )  # fmt: skip
+    assert "holds no complete checkpoint" in cli_error(
+        capsys, tmp_path, "--task", "perplexity", "--data", empty
+    )
+
+
+# ---------------------------------------------------------------------- lm-evaluation-harness
+
+
+def _lm_eval_tasks(folder: Path, data: Path) -> None:
+    mc = {
+        "task": "mm_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data / "mc.jsonl")}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
+        "doc_to_choice": "choices", "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }  # fmt: skip
+    ppl = {
+        "task": "mm_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data / "text.jsonl")}},
+        "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
+        "doc_to_target": "{{text}}", "metric_list": [{"metric": "bits_per_byte"}, {"metric": "byte_perplexity"}],
+    }  # fmt: skip
+    gen = {
+        "task": "mm_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data / "gen.jsonl")}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{reference}}", "generation_kwargs": {"until": ["b"], "max_gen_toks": 5, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    }  # fmt: skip
+    folder.mkdir()
+    for cfg in (mc, ppl, gen):
+        (folder / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_lm_eval_adapter_offline(tmp_path, unigram_run):
+    """`python -m minimoe.eval.lm_eval --model minimoe` runs lm_eval's own CLI on local task YAMLs,
+    and its numbers agree with minimoe's own evaluation of the same data."""
+    data = tmp_path / "data"
+    mc_rows = [
+        {"context": "pick", "choices": ["zzz", "aaa", "bbb"], "label": 1},
+        {"context": "pick", "choices": ["bbbbbbbbbb", "a"], "label": 1},
+        {"context": "pick", "choices": ["a", "bbb"], "label": 1},
+        {"context": "pick", "choices": ["zb", "bz"], "label": 0},
+    ]
+    write_jsonl(data / "mc.jsonl", mc_rows)
+    texts = ["aabba ab", "zzz a b", "a" * 150]  # the last is longer than the 64-token context
+    write_jsonl(data / "text.jsonl", [{"text": t} for t in texts])
+    # greedy unigram output is "aaaaa"; the stop string "b" never appears, so 5 tokens come back
+    write_jsonl(data / "gen.jsonl", [{"prompt": "x", "reference": "aaaaa"}, {"prompt": "y", "reference": "bb"}])
+    _lm_eval_tasks(tmp_path / "tasks", data)
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "minimoe.eval.lm_eval", "--model", "minimoe", "--model_args",
+        f"path={unigram_run}", "--batch_size", "4", "--tasks", "mm_mc,mm_ppl,mm_gen", "--include_path",
+        str(tmp_path / "tasks"), "--output_path", str(out_dir),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result_files = list(out_dir.rglob("results_*.json"))
+    assert len(result_files) == 1, proc.stderr[-2000:]
+    results = json.loads(result_files[0].read_text())["results"]
+    model, _ = unigram_model({ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0})
+    tok = Tokenizer.byte()
+    ours = evaluate_multiple_choice(model, tok, data / "mc.jsonl")
+    assert results["mm_mc"]["acc,none"] == pytest.approx(ours["accuracy"])
+    assert results["mm_mc"]["acc_norm,none"] == pytest.approx(ours["accuracy_norm"])
+    ppl = evaluate_perplexity(model, tok, data / "text.jsonl")  # stride = window: lm-eval's disjoint windows
+    assert results["mm_ppl"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-5)
+    assert results["mm_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+
+def test_lm_eval_bad_model_args_is_one_sentence(tmp_path, unigram_run):
+    from minimoe.errors import MinimoeError
+    from minimoe.eval.lm_eval import MinimoeLM
+
+    with pytest.raises(MinimoeError, match="unknown minimoe model_args: pretrained"):
+        MinimoeLM.create_from_arg_string(f"path={unigram_run},pretrained=x")
+    with pytest.raises(MinimoeError, match="needs model_args path=RUN_DIR"):
+        MinimoeLM()
+    lm = MinimoeLM.create_from_arg_string(f"path={unigram_run}", {"batch_size": "auto", "device": None})
+    assert lm.batch_size == 8 and lm.max_length == 64

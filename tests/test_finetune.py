@@ -1,0 +1,200 @@
+"""Supervised fine-tuning (loss masking, packing, CLI) and LoRA through PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimoe.cli.main import main
+from minimoe.config import ModelConfig
+from minimoe.data import Tokenizer
+from minimoe.errors import MinimoeError
+from minimoe.finetune.chat import DEFAULT_CHAT_TEMPLATE, encode_conversation, read_conversations
+from minimoe.finetune.sft import batches, build_examples
+from minimoe.hf.load import write_run
+from minimoe.model.transformer import Transformer
+from minimoe.train.checkpoint import load_run
+
+TINY = dict(
+    vocab_size=320, hidden_size=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+    qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+    num_experts_per_tok=2, max_seq_len=128, mtp_depth=1,
+)  # fmt: skip
+SEQ_TRAIN = ["train.seq_len=48", "train.batch_size=8", "train.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.byte()
+
+
+def _conv(prompt: str, response: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def test_prompt_tokens_carry_no_loss(tok):
+    ids, mask = encode_conversation(tok, _conv("What is 2+2?", "four"), DEFAULT_CHAT_TEMPLATE)
+    assert tok.decode(ids, skip_special_tokens=False) == "<|user|>\nWhat is 2+2?<|endoftext|><|assistant|>\nfour<|endoftext|>"
+    assert tok.decode(ids[mask], skip_special_tokens=False) == "four<|endoftext|>"  # only the answer and its end
+    (x, y), = build_examples(tok, [_conv("What is 2+2?", "four")], DEFAULT_CHAT_TEMPLATE, seq_len=64)[0]  # fmt: skip
+    assert (y != -100).sum() == len("four") + 1
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, "mtp_depth": 0})).eval()
+    X, Y = torch.from_numpy(x)[None], torch.from_numpy(y)[None]
+    loss = model(X, targets=Y).losses["ce"]
+    # by hand: mean -log p over the response positions only
+    logp = F.log_softmax(model(X).logits[0].float(), dim=-1)
+    pos = np.flatnonzero(mask[1:])
+    hand = -torch.stack([logp[t, int(ids[t + 1])] for t in pos]).mean()
+    torch.testing.assert_close(loss, hand)
+    # the prompt's tokens could be anything as targets: the loss does not see them
+    Y2 = Y.clone()
+    Y2[Y2 == -100] = -100
+    X2 = X.clone()
+    assert model(X2, targets=Y2).losses["ce"].item() == pytest.approx(loss.item())
+
+
+def test_multi_turn_masks_every_assistant_turn_only(tok):
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]
+    ids, mask = encode_conversation(tok, msgs, DEFAULT_CHAT_TEMPLATE)
+    assert tok.decode(ids[mask], skip_special_tokens=False) == "hello<|endoftext|>ciao<|endoftext|>"
+    # the pieces tokenized separately give the same ids as the whole rendered text (byte level)
+    from minimoe.finetune.chat import render
+
+    assert ids.tolist() == tok.encode(render(DEFAULT_CHAT_TEMPLATE, msgs, tok))
+
+
+def test_packing_keeps_every_trainable_target(tok):
+    convs = [_conv(f"question {i}", "answer " * (i % 4 + 1)) for i in range(30)]
+    plain, _ = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=200)
+    packed, _ = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=64, packing=True)
+    assert all(len(x) == 64 for x, _ in packed[:-1])
+    count = lambda exs: sum(int((y != -100).sum()) for _, y in exs)  # noqa: E731
+    assert count(packed) == count(plain)  # nothing truncated, nothing lost at window edges
+    X, Y = next(batches(plain, 4, tok.pad_id, seed=0, epoch=0))
+    assert X.shape == Y.shape and ((X == tok.pad_id) <= (Y == -100)).all()  # padding never has a target
+
+
+def test_read_conversations_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
+    with pytest.raises(MinimoeError, match="line 2"):
+        read_conversations(bad)
+    bad.write_text('{"messages": [{"role": "user", "content": "only a question"}]}\n')
+    with pytest.raises(MinimoeError, match="no assistant message"):
+        read_conversations(bad)
+    with pytest.raises(MinimoeError, match="does not exist"):
+        read_conversations(tmp_path / "missing.jsonl")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    write_run(root / "base", Transformer(ModelConfig(**{**TINY, "mtp_depth": 0})), tok, {"source": "test"})
+    rows = [{"prompt": f"Say the word for {i}", "response": "yes"} for i in range(24)]
+    rows += [{"messages": _conv("hello there", "yes")}]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def _losses(run) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_cli_sft_learns_the_responses(base_run, tmp_path, capsys):
+    out = tmp_path / "sft"
+    argv = ["sft", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(out), "--no-progress"]
+    assert main([*argv, *SEQ_TRAIN, "train.max_steps=20", "--val-data", str(base_run / "chat.jsonl")]) == 0
+    losses = _losses(out)
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
+    model, tok2, cfg, meta = load_run(out)
+    assert tok2.chat_template == DEFAULT_CHAT_TEMPLATE and meta["sft"]["packing"] is False
+    assert meta["val_loss"] < losses[0]
+    assert main(["generate", str(out), "--prompt", "<|user|>\nhi<|endoftext|><|assistant|>\n", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0  # fmt: skip
+    assert "yes" in capsys.readouterr().out
+    assert main(argv) == 2  # the output run exists: refused, untouched
+    assert main([*argv[:-2], str(tmp_path / "x"), "model.hidden_size=64"]) == 2
+
+
+def test_cli_sft_packing(base_run, tmp_path):
+    out = tmp_path / "packed"
+    argv = ["sft", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(out)]
+    assert main([*argv, "--packing", "--no-progress", *SEQ_TRAIN, "--epochs", "2"]) == 0
+    assert load_run(out)[3]["sft"]["packing"] is True and len(_losses(out)) >= 2
+
+
+# ------------------------------------------------------------------ LoRA / QLoRA
+
+peft = pytest.importorskip("peft")
+
+
+def test_lora_targets_attention_and_stacked_experts(tok):
+    from minimoe.finetune.lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY)).eval()
+    x = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = model(x).logits.detach()
+    pm = apply_lora(model, r=4, alpha=8, targets=["experts"])
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("mlp.experts" in n for n in trainable) and not any("self_attn" in n for n in trainable)
+    torch.testing.assert_close(pm(x).logits, base)  # B = 0 at start: the model is unchanged
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    adapted = pm(x).logits.detach()
+    assert (adapted - base).abs().max() > 1e-3  # the expert adapters act on the routed experts
+    merged = merge_lora(pm)
+    assert type(merged) is Transformer
+    torch.testing.assert_close(merged(x).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
+    out = tmp_path / "lora"
+    data = ["--data", str(base_run / "chat.jsonl")]
+    argv = ["lora", str(base_run / "base"), *data, "--out", str(out), "--rank", "4", "--merge", "--no-progress"]
+    assert main([*argv, *SEQ_TRAIN, "train.max_steps=12"]) == 0
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["target_parameters"]
+    losses = _losses(out)
+    assert losses[-1] < losses[0]
+    merged, _, _, meta = load_run(out)
+    base = load_run(base_run / "base")[0]
+    assert meta["sft"]["lora"]["r"] == 4
+    # frozen base: only the LoRA product changed weights, so non-targeted tensors are identical
+    b, m = base.state_dict(), merged.state_dict()
+    assert torch.equal(b["embed_tokens.weight"], m["embed_tokens.weight"])
+    assert torch.equal(b["layers.1.mlp.gate.weight"], m["layers.1.mlp.gate.weight"])
+    assert not torch.equal(b["layers.1.mlp.experts.up_proj"], m["layers.1.mlp.experts.up_proj"])
+    # merging the saved adapter again gives the same weights
+    assert main(["lora", str(base_run / "base"), "--adapter", str(adapter), "--merge", "--out", str(tmp_path / "m2")]) == 0
+    m2 = load_run(tmp_path / "m2")[0].state_dict()
+    assert all(torch.allclose(m[k], m2[k], atol=1e-6) for k in m)
+
+
+def test_qlora_needs_bitsandbytes_and_cuda(base_run, tmp_path, capsys):
+    from minimoe.finetune.lora import qlora_available
+
+    argv = ["lora", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(tmp_path / "q")]
+    if qlora_available() is None:
+        pytest.skip("bitsandbytes and CUDA are present: QLoRA runs")
+    assert main([*argv, "--qlora", "--no-progress", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "QLoRA" in err and "use plain LoRA" in err

@@ -1,0 +1,366 @@
+"""Hugging Face export / import / upcycling against the real `transformers` package (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from minimoe.cli.main import main  # noqa: E402
+from minimoe.config import ModelConfig  # noqa: E402
+from minimoe.data import Tokenizer  # noqa: E402
+from minimoe.errors import MinimoeError  # noqa: E402
+from minimoe.hf.export import export_model, parse_size  # noqa: E402
+from minimoe.hf.load import import_hf, write_run  # noqa: E402
+from minimoe.hf.upcycle import upcycle  # noqa: E402
+from minimoe.model.transformer import Transformer  # noqa: E402
+from minimoe.train.checkpoint import load_run  # noqa: E402
+
+hf_logging.set_verbosity_error()  # the MTP layer is "unexpected" for transformers unless it is layer 61
+
+TOL = 1e-4
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1}
+BASE = dict(
+    vocab_size=320, hidden_size=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+    qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+    num_experts_per_tok=2, max_seq_len=64, first_k_dense=1, init_std=0.2,
+)  # fmt: skip
+CASES = {
+    # MLA, sigmoid, shared expert, group-limited routing with a nonzero bias, YaRN, low-rank q, MTP
+    "deepseek_v3": dict(
+        n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, mtp_depth=1, q_lora_rank=12,
+        rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    "deepseek_v3_plain": dict(n_shared_experts=0, first_k_dense=0, num_experts_per_tok=1, tie_word_embeddings=True),
+    "deepseek_v2": dict(scoring_func="softmax", norm_topk_prob=False, aux_free_bias=False, n_group=4, topk_group=2),
+    "glm4_moe": dict(
+        attn_type="gqa", n_kv_heads=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, mtp_depth=1,
+        rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 0.8},
+    ),
+    "mixtral": dict(
+        attn_type="gqa", n_kv_heads=1, scoring_func="softmax", aux_free_bias=False, n_shared_experts=0,
+        first_k_dense=0, routed_scaling_factor=2.0, rope_scaling=YARN,
+    ),
+    "qwen2_moe": dict(
+        attn_type="gqa", scoring_func="softmax", aux_free_bias=False, n_shared_experts=2, head_dim=12,
+        rope_scaling={**YARN, "mscale_all_dim": 1.0},
+    ),
+}  # fmt: skip
+
+
+def _model(seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(**{**BASE, **kw})).eval()
+    with torch.no_grad():
+        for mod in m.moe_layers().values():
+            if mod.gate.e_score_correction_bias is not None:
+                mod.gate.e_score_correction_bias.normal_(0, 0.3)  # selection differs from the unbiased one
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    t = Tokenizer.byte()
+    t.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    return t
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tok):
+    """Each case exported once: name -> (model, folder, ExportResult)."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, kw in CASES.items():
+        m = _model(**kw)
+        out[name] = (m, root / name, export_model(m, tok, root / name))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_loads_in_transformers_with_same_logits(exported, ids, name):
+    model, folder, res = exported[name]
+    assert res.format == name.removesuffix("_plain")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(hf).__name__ == json.loads((folder / "config.json").read_text())["architectures"][0]
+    ours, theirs = _logits(model, ids), _logits(hf, ids)
+    assert ours.abs().max() > 1.0  # logits large enough that a wrong weight would show
+    assert (ours - theirs).abs().max().item() <= TOL
+
+
+def test_export_config_has_deepseek_v3_keys(exported):
+    c = json.loads((exported["deepseek_v3"][1] / "config.json").read_text())
+    for key in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "n_group",
+                "topk_group", "routed_scaling_factor", "norm_topk_prob", "rope_scaling"):  # fmt: skip
+        assert key in c, key
+    assert c["topk_method"] == "noaux_tc" and c["scoring_func"] == "sigmoid" and c["rope_interleave"] is True
+    assert c["num_nextn_predict_layers"] == 1 and c["rope_scaling"]["type"] == "yarn"
+    from safetensors import safe_open
+
+    with safe_open(str(exported["deepseek_v3"][1] / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys  # per-expert hub names
+    for part in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"):
+        assert any(k.startswith(f"model.layers.3.{part}.") for k in keys), part  # MTP = layer num_hidden_layers
+    gen = json.loads((exported["deepseek_v3"][1] / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 256
+
+
+def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
+    hf_tok = AutoTokenizer.from_pretrained(exported["deepseek_v3"][1])
+    text = "hello <|endoftext|> wörld"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.decode(tok.encode("héllo")) == "héllo"
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen2_moe", "mixtral"])
+def test_export_import_round_trip(exported, tmp_path, ids, name):
+    model, folder, _ = exported[name]
+    ckpt, fmt, _ = import_hf(folder, tmp_path / "run")
+    back, tok2, cfg, _ = load_run(tmp_path / "run")
+    assert fmt == name and cfg.model.mtp_depth == model.cfg.mtp_depth
+    assert (_logits(back, ids) - _logits(model, ids)).abs().max().item() <= 1e-5
+    if name == "deepseek_v3":  # lossless: every tensor, MTP and balancing bias included
+        a, b = model.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_export_loads(tmp_path, tok, ids):
+    m = _model(**CASES["deepseek_v3"])
+    res = export_model(m, tok, tmp_path / "hf", shard_size="40KB", dtype="float32")
+    shards = [f for f in res.files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in res.files
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    assert (_logits(load_run(tmp_path / "run")[0], ids) - _logits(m, ids)).abs().max().item() <= 1e-5
+    with pytest.raises(MinimoeError, match="already exists"):
+        export_model(m, tok, tmp_path / "hf")
+
+
+def test_bf16_export_keeps_bias_fp32(tmp_path, tok):
+    export_model(_model(**CASES["deepseek_v3"]), tok, tmp_path / "hf", dtype="bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+    assert parse_size("5GB") == 5_000_000_000 and parse_size("2MiB") == 2 * 2**20
+
+
+@pytest.mark.parametrize(
+    "kw, fmt, match",
+    [
+        (dict(expert_act="gelu"), None, "GELU experts"),
+        (dict(scoring_func="softmax", aux_free_bias=False), None, "norm_topk_prob"),
+        (dict(capacity_factor=1.25), None, "capacity_factor"),
+        (dict(attn_type="gqa", scoring_func="softmax"), None, "bias is nonzero"),
+        (dict(attn_type="gqa", scoring_func="softmax", aux_free_bias=False, n_group=4, topk_group=2), None, "group-limited"),
+        (dict(attn_type="gqa", scoring_func="softmax", aux_free_bias=False), "mixtral", "shared experts"),
+        (dict(), "mixtral", "GQA attention"),
+    ],
+)  # fmt: skip
+def test_export_refuses_what_the_format_cannot_express(tmp_path, tok, kw, fmt, match):
+    with pytest.raises(MinimoeError, match=match):
+        export_model(_model(**kw), tok, tmp_path / "hf", fmt=fmt)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_dropless_export_is_explicit(tmp_path, tok, ids):
+    m = _model(capacity_factor=1.0)
+    res = export_model(m, tok, tmp_path / "hf", dropless=True)
+    assert any("dropless" in n for n in res.notes)
+
+
+# ------------------------------------------------------------------ checkpoints made by transformers
+
+HF_COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)  # fmt: skip
+
+
+def _scaled(m):
+    """Weights large enough that a misplaced tensor changes the logits visibly."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _hf_models():
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    v3 = DeepseekV3Config(**HF_COMMON, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=8,
+                          kv_lora_rank=16, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+                          n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, rope_scaling=yarn)  # fmt: skip
+    v3_half = DeepseekV3Config(**HF_COMMON, moe_intermediate_size=16, n_shared_experts=0, n_routed_experts=4,
+                               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+                               n_group=1, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=0,
+                               rope_interleave=False)  # fmt: skip
+    mixtral = MixtralConfig(**HF_COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    qwen = Qwen2MoeConfig(**HF_COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=16, shared_expert_intermediate_size=32, qkv_bias=True,
+                          mlp_only_layers=[0])  # fmt: skip
+    return {
+        "deepseek_v3": DeepseekV3ForCausalLM(v3),
+        "deepseek_v3_half_split_rope": DeepseekV3ForCausalLM(v3_half),
+        "mixtral": MixtralForCausalLM(mixtral),
+        "qwen2_moe": Qwen2MoeForCausalLM(qwen),
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_made")
+    out = {}
+    torch.manual_seed(0)
+    for name, m in _hf_models().items():
+        _scaled(m)
+        with torch.no_grad():
+            for layer in m.model.layers:
+                gate = getattr(layer.mlp, "gate", None)
+                if getattr(gate, "e_score_correction_bias", None) is not None:
+                    gate.e_score_correction_bias.normal_(0, 0.3)
+                if hasattr(layer.mlp, "shared_expert_gate"):
+                    layer.mlp.shared_expert_gate.weight.zero_()  # a learned gate is refused, see below
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    b = getattr(getattr(layer.self_attn, proj, None), "bias", None)
+                    if b is not None:
+                        b.zero_()
+        m.save_pretrained(root / name)
+        out[name] = (m, root / name)
+    return out
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3_half_split_rope", "mixtral", "qwen2_moe"])
+def test_import_checkpoint_made_by_transformers(hf_saved, tmp_path, name):
+    hf, folder = hf_saved[name]
+    ckpt, fmt, notes = import_hf(folder, tmp_path / "run", tokenizer="byte")
+    ours = load_run(tmp_path / "run")[0]
+    x = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(1))
+    theirs = _logits(hf, x)
+    assert theirs.abs().max() > 1.0
+    assert (_logits(ours, x) - theirs).abs().max().item() <= TOL
+
+
+def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_saved["qwen2_moe"]
+    bad = tmp_path / "learned_gate"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.layers.1.mlp.shared_expert_gate.weight"] = torch.ones_like(sd["model.layers.1.mlp.shared_expert_gate.weight"])
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(MinimoeError, match="shared_expert_gate"):
+        import_hf(bad, tmp_path / "run", tokenizer="byte")
+    q3 = tmp_path / "qwen3"
+    q3.mkdir()
+    (q3 / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 1}))
+    save_file({"x": torch.zeros(1)}, str(q3 / "model.safetensors"))
+    with pytest.raises(MinimoeError, match="q_norm/k_norm"):
+        import_hf(q3, tmp_path / "run", tokenizer="byte")
+    with pytest.raises(MinimoeError, match="no tokenizer.json"):
+        import_hf(folder, tmp_path / "run")
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_export_import_generate(tmp_path, tok, capsys):
+    m = _model(**CASES["deepseek_v3"])
+    write_run(tmp_path / "run", m, tok, {"source": "test"})
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--shard-size", "50KB", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "exported deepseek_v3" in out and "model.safetensors.index.json" in out
+    diff = float(out.split("against transformers:")[1].split()[0])
+    assert diff <= TOL
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert main(["generate", str(tmp_path / "back"), "--prompt", "ab", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2  # exists: untouched
+    assert "already exists" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "run"), "--out", str(tmp_path / "y")]) == 2  # not an HF folder
+
+
+# ------------------------------------------------------------------ upcycling
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    m = _scaled(LlamaForCausalLM(cfg))
+    d = tmp_path_factory.mktemp("llama")
+    m.save_pretrained(d)
+    return m, d
+
+
+@pytest.mark.parametrize(
+    "kw, exact",
+    [
+        (dict(experts=1, top_k=1), True),  # a single expert: the dense MLP
+        (dict(experts=4, top_k=2), True),  # identical copies, renormalised weights summing to 1
+        (dict(experts=4, top_k=4, granularity=4, router_std=0.0), True),  # all slices, each weight 1
+        (dict(experts=8, top_k=2, granularity=4, dense_layers=1, scoring="sigmoid"), False),
+    ],
+)
+def test_upcycled_llama_reproduces_dense_logits(llama_dir, tmp_path, kw, exact):
+    dense, d = llama_dir
+    upcycle(d, tmp_path / "run", tokenizer="byte", **kw)
+    moe, _, cfg, _ = load_run(tmp_path / "run")
+    assert cfg.model.attn_type == "gqa" and cfg.model.n_routed_experts == kw["experts"]
+    x = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(2))
+    diff = (_logits(moe, x) - _logits(dense, x)).abs().max().item()
+    assert diff <= TOL if exact else diff > 0.1
+
+
+def test_cli_upcycle_and_errors(llama_dir, tmp_path, capsys):
+    _, d = llama_dir
+    argv = ["upcycle", str(d), "--experts", "4", "--top-k", "2", "--granularity", "2", "--tokenizer", "byte"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "model.aux_free_bias=false"]) == 0
+    _, _, cfg, meta = load_run(tmp_path / "run")
+    assert cfg.model.moe_intermediate_size == 32 and not cfg.model.aux_free_bias
+    assert meta["upcycled"]["granularity"] == 2
+    assert main(["upcycle", str(d), "--experts", "4", "--top-k", "2", "--granularity", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "does not divide intermediate_size" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "y"), "model.hidden_size=64"]) == 2

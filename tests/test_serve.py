@@ -1,0 +1,469 @@
+"""The OpenAI-compatible server: the real `minimoe serve` process on loopback, spoken to with the
+official `openai` client (completions, chat, streaming, n, seed, stop) and raw HTTP (every error
+case, concurrent clients); the engine and the stop-string streamer on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY
+
+from minimoe.cli.main import main
+from minimoe.infer.generate import generate_text
+from minimoe.serve.chat import DEFAULT_CHAT_TEMPLATE, make_renderer, render_default
+from minimoe.serve.engine import Delta, Engine, Finish, Job, JobParams, TextStream, partial_stop_len
+from minimoe.train.checkpoint import load_run
+from minimoe.train.run import train_from_config
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+NAME = "tiny-serve"
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this module runs: the model is tiny, and with threads competing
+    for two shared cores, OpenMP spinning costs far more CPU than it saves. It also makes the
+    in-process reference generation run exactly like the server (OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(400)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    overrides = TINY + [
+        f"data.path={root / 'corpus.txt'}",
+        f"data.cache_dir={root / 'cache'}",
+        f"model.max_seq_len={CONTEXT}",
+        "train.max_steps=40",
+        "train.eval_every=1000",
+        "train.lr=1e-2",
+    ]
+    train_from_config(overrides=overrides, run_dir=root / "run", progress=False, sample=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    model, tok, _, _ = load_run(run_dir)
+    return model, tok
+
+
+def _read_lines(stream, out: queue.Queue) -> None:
+    for line in stream:
+        out.put(line)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory) -> str:
+    """`python -m minimoe serve RUN --port 0` in a subprocess; its base URL (the port it printed)."""
+    log = open(tmp_path_factory.mktemp("serve-log") / "stderr.txt", "w+")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "minimoe", "serve", str(run_dir), "--port", "0", "--model-name", NAME]
+    proc = subprocess.Popen(
+        cmd + ["--log-level", "warning"], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        first = lines.get(timeout=60)
+        url = first.strip().rsplit(" ", 1)[-1].removesuffix("/v1")
+        assert url.startswith("http://127.0.0.1:"), first
+        deadline = time.time() + 30
+        while True:  # the socket listens from the start; answers come once the app has started
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    except queue.Empty:
+        log.seek(0)
+        pytest.fail(f"the server did not start: {log.read()}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def _post(url: str, path: str, body) -> httpx.Response:
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+# ---------------------------------------------------------------------- openai client
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_completion_equals_library_generation(client, loaded):
+    model, tok = loaded
+    prompt = "the cat sat"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0)
+    want = generate_text(model, tok, prompt, max_new_tokens=24, temperature=0)
+    (choice,) = r.choices
+    assert choice.text == want and choice.index == 0
+    assert r.object == "text_completion" and r.model == NAME
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.usage.completion_tokens == len(tok.encode(choice.text))  # byte tokenizer, ASCII text
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert choice.finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop")
+    # the documented default of 16 tokens, and echo
+    r16 = client.completions.create(model=NAME, prompt=prompt, temperature=0, echo=True)
+    assert r16.usage.completion_tokens == 16 and r16.choices[0].text == prompt + want[:16]
+
+
+def test_completion_stream_and_usage(client):
+    kw = dict(model=NAME, prompt="a bird sang", max_tokens=20, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert len(chunks) > 3  # really streamed, not one blob
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_chat_default_template_and_stream(client, loaded):
+    model, tok = loaded
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the dog"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
+    rendered = render_default(messages)
+    assert rendered == "system: be brief\nuser: the dog\nassistant:"
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == generate_text(
+        model, tok, rendered, max_new_tokens=20, temperature=0
+    )
+    assert r.usage.prompt_tokens == len(tok.encode(rendered))
+    stream = list(
+        client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in stream)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # content as a list of text parts is the same message
+    parts = [
+        messages[0],
+        {"role": "user", "content": [{"type": "text", "text": "the "}, {"type": "text", "text": "dog"}]},
+    ]
+    again = client.chat.completions.create(model=NAME, messages=parts, max_tokens=20, temperature=0)
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+
+def test_n_and_seed(client):
+    kw = dict(model=NAME, prompt="the red", max_tokens=24, temperature=1.0, seed=7)
+    r = client.completions.create(**kw, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    if all(c.finish_reason == "length" for c in r.choices):
+        assert r.usage.completion_tokens == 2 * 24
+    assert r.usage.prompt_tokens == len("the red")
+    again = client.completions.create(**kw, n=2)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded: reproducible
+    assert r.choices[0].text != r.choices[1].text  # choice j samples with seed + j
+    assert client.completions.create(**{**kw, "seed": 8}).choices[0].text == r.choices[1].text
+    # chat, streamed, n=2: each choice opens with the role and ends with a finish reason
+    msgs = [{"role": "user", "content": "a cat"}]
+    chunks = list(
+        client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, n=2, seed=3, stream=True)
+    )
+    text = {0: "", 1: ""}
+    for c in chunks:
+        text[c.choices[0].index] += c.choices[0].delta.content or ""
+    whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, n=2, seed=3)
+    assert [text[0], text[1]] == [c.message.content for c in whole.choices]
+    assert sum(1 for c in chunks if c.choices[0].finish_reason) == 2
+
+
+def test_stop_strings(client):
+    kw = dict(model=NAME, prompt="the ball", max_tokens=40, temperature=1.0, seed=11)
+    full = client.completions.create(**kw).choices[0].text
+    assert len(full) > 15, full
+    stop = full[10:13]  # three bytes, so three tokens: the match is assembled across steps
+    cut = full.index(stop)
+    r = client.completions.create(**kw, stop=[stop, "never-there"])
+    assert r.choices[0].text == full[:cut] and r.choices[0].finish_reason == "stop"
+    if full.isascii():  # then one character is one token (byte tokenizer)
+        assert r.usage.completion_tokens == cut + len(stop)  # generation ends on the stop's last token
+    streamed = list(client.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == full[:cut]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=30, temperature=0
+    )
+    text = chat.choices[0].message.content
+    assert len(text) > 5, text
+    short = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=30, temperature=0, stop=text[3:5]
+    )
+    assert short.choices[0].message.content == text[: text.index(text[3:5])]
+
+
+def test_openai_client_raises_on_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="x", max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+# ---------------------------------------------------------------------- raw HTTP: errors
+
+
+ERRORS = [
+    # (path, body, status, param, code)
+    ("/v1/completions", '{"model": "tiny-serve", "prompt": ', 400, None, "invalid_json"),
+    ("/v1/completions", "", 400, None, "invalid_json"),
+    ("/v1/completions", "[1, 2]", 400, None, "invalid_json"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model", "missing_required_parameter"),
+    ("/v1/completions", {"model": NAME}, 400, "prompt", "missing_required_parameter"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "temperature": -0.1}, 400, "temperature", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "n": 0}, 400, "n", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ""}, 400, "stop", None),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "presence_penalty": 1}, 400, "presence_penalty", "unsupported_parameter"),
+    ("/v1/completions", {"model": NAME, "prompt": [1, 2, 100000]}, 400, "prompt", None),
+    ("/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt", None),
+    ("/v1/completions", {"model": NAME, "prompt": "x" * CONTEXT}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {"model": NAME, "prompt": "x" * 100, "max_tokens": 29}, 400, "max_tokens", "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages", "invalid_value"),
+    ("/v1/chat/completions", {"model": NAME}, 400, "messages", "missing_required_parameter"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x" * CONTEXT}]}, 400, "messages", "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, 400, "max_completion_tokens", "invalid_value"),
+]  # fmt: skip
+
+
+def test_errors_have_openai_shape_and_server_keeps_serving(server):
+    for path, body, status, param, code in ERRORS:
+        r = _post(server, path, body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["type"] == "invalid_request_error" and err["message"].endswith(".")
+        assert (err["param"], err["code"]) == (param, code), (body, err)
+    r = httpx.get(f"{server}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server}/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    # the exact fit is fine: 100 prompt tokens + 28 = the 128-token context
+    ok = _post(
+        server, "/v1/completions", {"model": NAME, "prompt": "x" * 100, "max_tokens": 28, "temperature": 0}
+    )
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 100
+    assert httpx.get(f"{server}/v1/models").json()["data"][0]["id"] == NAME
+
+
+def test_concurrent_clients_get_what_a_lone_request_gets(server):
+    prompts = ["the cat", "a dog ran to", "while a bird sang and the", "red", "the mat", "on a"]
+    reqs = [
+        {
+            "model": NAME,
+            "prompt": p,
+            "max_tokens": 20 + 3 * i,
+            "temperature": 0 if i % 2 else 1.0,
+            "seed": 100 + i,
+        }
+        for i, p in enumerate(prompts)
+    ]
+
+    def ask(req: dict, stream: bool) -> str:
+        if not stream:
+            return _post(server, "/v1/completions", req).json()["choices"][0]["text"]
+        text = ""
+        with httpx.stream("POST", f"{server}/v1/completions", json={**req, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    alone = [ask(req, stream=False) for req in reqs]
+    assert len(set(alone)) > 2  # the requests really differ, so a mix-up would show
+    with ThreadPoolExecutor(len(reqs) * 2) as pool:
+        futures = [pool.submit(ask, req, stream) for req in reqs for stream in (False, True)]
+        together = [f.result() for f in futures]
+    assert together == [a for a in alone for _ in range(2)]
+
+
+# ---------------------------------------------------------------------- a tokenizer with its own template
+
+
+def test_in_process_server_tokenizer_template_and_disconnect(loaded):
+    pytest.importorskip("jinja2")
+    from minimoe.cli.serve import listen
+    from minimoe.serve import build_app
+
+    model, tok = loaded
+    tok = type(tok).byte()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    sock = listen("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(build_app(model, tok, "t"), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        while not srv.started:
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(
+            model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+        )
+        rendered = "<user>hi<|endoftext|><assistant>"
+        assert r.usage.prompt_tokens == len(tok.encode(rendered)) == 2 + 6 + 1 + 11  # EOS is one token
+        assert r.choices[0].message.content == generate_text(
+            model, tok, rendered, max_new_tokens=5, temperature=0
+        )
+        bad = _post(
+            url, "/v1/chat/completions", {"model": "t", "messages": [{"role": "system", "content": "x"}]}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["message"] == "no system messages"
+        # a client that leaves mid-stream: its generation stops instead of running to max_tokens
+        before = httpx.get(f"{url}/health").json()["generated_tokens"]
+        body = {"model": "t", "prompt": "the", "max_tokens": 120, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+            next(line for line in resp.iter_lines() if line.startswith("data: "))
+        deadline = time.time() + 10
+        while (health := httpx.get(f"{url}/health").json())["active_jobs"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert health["active_jobs"] == 0 and health["generated_tokens"] - before < 60
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_default_template_jinja_equals_python():
+    pytest.importorskip("jinja2")
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u\nv"},
+        {"role": "assistant", "content": "a"},
+    ]
+    assert make_renderer(DEFAULT_CHAT_TEMPLATE)(messages) == render_default(messages)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def test_serve_cli_errors(run_dir, tmp_path, capsys):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"port {port} on 127.0.0.1 is already in use" in err
+    finally:
+        busy.close()
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2
+    assert "--port must be between 0 and 65535" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- engine and streamer, no HTTP
+
+
+def test_text_stream_holds_back_partial_stops_and_utf8():
+    data = "ab\u00e9XYcdXYZ tail".encode()
+    stream = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), stop=["XYZ", "Q"])
+    deltas = [stream.push(b) for b in data]
+    assert "".join(deltas) == "ab\u00e9XYcd" and stream.text == "ab\u00e9XYcd" and stream.stopped
+    assert "\ufffd" not in "".join(deltas)  # the two bytes of é come out together
+    assert deltas[4] == "" and deltas[5] == "" and deltas[6] == "XYc"  # "XY" waited: it could start "XYZ"
+    assert stream.ids == list(data[: data.index(b"XYZ") + 3])
+    assert partial_stop_len("abXY", ["XYZ"]) == 2 and partial_stop_len("abX", ["Q", "XYZ"]) == 1
+    plain = TextStream(lambda ids: bytes(ids).decode())
+    assert "".join(plain.push(b) for b in b"hello") + plain.flush() == "hello"
+
+
+def test_engine_interleaves_and_cancels(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok)
+    events: list = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def post(e):
+        with lock:
+            events.append(e)
+            if sum(isinstance(x, Finish) for x in events) == 2:
+                done.set()
+
+    params = JobParams(max_tokens=12, temperature=0)
+    jobs = [Job(i, tok.encode(p), params, post) for i, p in enumerate(["the cat", "a dog", "red", "on"])]
+    jobs[2].cancelled.set()  # cancelled while queued: never generated
+
+    def post_then_cancel(e):  # job 3 is cancelled by its owner after 3 deltas (a client that left)
+        post(e)
+        if sum(isinstance(x, Delta) and x.index == 3 for x in events) == 3:
+            jobs[3].cancelled.set()
+
+    jobs[3].post = post_then_cancel
+    for job in jobs:
+        engine.submit(job)  # queued before start, so the worker admits all of them at once
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.close()
+    order = [e.index for e in events if isinstance(e, Delta)]
+    assert order[:9] == [0, 1, 3] * 3 and order.count(3) == 3  # one token each, in turn
+    assert order[9:19] == [0, 1] * 5
+    finishes = {e.index: e for e in events if isinstance(e, Finish)}
+    for i, p in enumerate(["the cat", "a dog"]):
+        want = generate_text(model, tok, p, max_new_tokens=12, temperature=0)
+        assert (
+            finishes[i].text
+            == want
+            == "".join(e.text for e in events if isinstance(e, Delta) and e.index == i)
+        )
+        assert (finishes[i].reason, finishes[i].completion_tokens) == ("length", 12)
