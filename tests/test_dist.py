@@ -29,6 +29,7 @@ TINY = [
     "model.num_experts_per_tok=2", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
     "train.eval_batches=2", "train.log_every=1", "train.warmup_steps=2", "data.tokenizer=byte",
     "data.workers=0", "train.sample_tokens=0", "train.lr=1e-2", "train.eval_every=4",
+    "data.val_fraction=0.05",  # enough validation windows for 2 ranks to evaluate the same ones
 ]  # fmt: skip
 STEPS = ["train.max_steps=4"]
 # pipeline stages: no MTP, untied head; two micro-batches of 2 sequences
@@ -126,7 +127,7 @@ def _paused_run(run_dir: Path, overrides: list[str], steps: int, ctx=None) -> No
     from minimoe.train.run import data_cache_dir
     from minimoe.train.trainer import Trainer
 
-    cfg = build_run_config(None, None, overrides)
+    cfg = build_run_config("tiny", None, overrides)  # what train_from_config uses without a preset
     data = prepare(cfg.data.path, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
     cfg.model.vocab_size = 320
     Trainer(cfg, run_dir, data, data.tokenizer(), progress=False, ctx=ctx).fit(stop_after=steps)

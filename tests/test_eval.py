@@ -26,6 +26,7 @@ from minimoe.model.transformer import Transformer
 from minimoe.train.checkpoint import save_checkpoint
 
 V = 320  # 258 byte tokens rounded up to 64, as training does
+UNIGRAM_PREFS = {ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0}
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -262,11 +263,16 @@ def test_multiple_choice_and_minimal_pairs_with_known_answers(tmp_path):
 
     # per-token normalisation picks differently from the raw sum when lengths differ
     res = evaluate_multiple_choice(
-        model, tok, write_jsonl(tmp_path / "len.jsonl", [{"context": "x", "choices": ["z", "bbbb"], "label": 1}])
+        model,
+        tok,
+        write_jsonl(tmp_path / "len.jsonl", [{"context": "x", "choices": ["z", "bbbb"], "label": 1}]),
     )
     assert res["accuracy"] == 0.0 and res["accuracy_per_token"] == 1.0 and res["accuracy_norm"] == 1.0
 
-    good_bad = [{"sentence_good": "aaa", "sentence_bad": "aza"}, {"sentence_good": "ab", "sentence_bad": "bb"}]
+    good_bad = [
+        {"sentence_good": "aaa", "sentence_bad": "aza"},
+        {"sentence_good": "ab", "sentence_bad": "bb"},
+    ]
     folder = tmp_path / "blimp"
     write_jsonl(folder / "p1.jsonl", good_bad)
     write_jsonl(folder / "p2.jsonl", [{"sentence_good": "zz", "sentence_bad": "aa"}])
@@ -276,7 +282,10 @@ def test_multiple_choice_and_minimal_pairs_with_known_answers(tmp_path):
     assert res["accuracy_macro"] == pytest.approx(0.5)
     renamed = [{"g": r["sentence_good"], "b": r["sentence_bad"]} for r in good_bad]
     res = evaluate_minimal_pairs(
-        model, tok, write_jsonl(tmp_path / "r.jsonl", renamed), fields={"sentence_good": "g", "sentence_bad": "b"}
+        model,
+        tok,
+        write_jsonl(tmp_path / "r.jsonl", renamed),
+        fields={"sentence_good": "g", "sentence_bad": "b"},
     )
     assert res["accuracy"] == 1.0
 
@@ -308,7 +317,9 @@ def test_metrics_match_the_packages():
     # pred "eiffel tower in paris" vs ref "eiffel tower": 2 common, P = 2/4, R = 2/2 -> F1 = 2/3
     assert metrics.token_f1("The Eiffel Tower, in Paris", "Eiffel Tower") == pytest.approx(2 / 3)
     assert metrics.token_f1("x", ["y", "x y"]) == pytest.approx(2 / 3)  # best reference
-    assert metrics.token_f1("the", "a") == 1.0 and metrics.token_f1("the", "cat") == 0.0  # empty after normalising
+    assert (
+        metrics.token_f1("the", "a") == 1.0 and metrics.token_f1("the", "cat") == 0.0
+    )  # empty after normalising
 
 
 # ---------------------------------------------------------------------- CLI
@@ -316,15 +327,27 @@ def test_metrics_match_the_packages():
 
 @pytest.fixture()
 def unigram_run(tmp_path) -> Path:
-    model, _ = unigram_model({ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0})
+    model, _ = unigram_model(UNIGRAM_PREFS)
     return save_run(model, tmp_path / "run")
 
 
 def test_cli_perplexity_json_and_results_file(tmp_path, capsys, unigram_run):
     text = tmp_path / "valid.txt"
     text.write_text("ab" * 100)
-    res = cli_json(capsys, unigram_run, "--task", "perplexity", "--data", text, "--window", 32, "--stride", 16)
-    for key in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "n", "data", "checkpoint", "config"):
+    res = cli_json(
+        capsys, unigram_run, "--task", "perplexity", "--data", text, "--window", 32, "--stride", 16
+    )
+    for key in (
+        "loss",
+        "perplexity",
+        "bits_per_byte",
+        "tokens",
+        "bytes",
+        "n",
+        "data",
+        "checkpoint",
+        "config",
+    ):
         assert key in res, key
     assert res["tokens"] == res["bytes"] == 200 and res["checkpoint"]["step"] == 7
     assert res["settings"]["window"] == 32 and res["settings"]["stride"] == 16
@@ -333,7 +356,9 @@ def test_cli_perplexity_json_and_results_file(tmp_path, capsys, unigram_run):
     assert len(files) == 1 and json.loads(files[0].read_text()) == res
     # the table
     out = tmp_path / "r.json"
-    assert main(["eval", str(unigram_run), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
+    assert (
+        main(["eval", str(unigram_run), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
+    )
     table = capsys.readouterr().out
     assert "bits_per_byte" in table and "perplexity" in table and out.exists()
     # a folder gives per-file results
@@ -353,7 +378,18 @@ def test_cli_jsonl_tasks(tmp_path, capsys, unigram_run):
     assert res["accuracy"] == 1.0 and res["accuracy_norm"] == 1.0 and res["n"] == 3
     assert len(res["data"]["sha256"]) == 64
     mp = write_jsonl(tmp_path / "mp.jsonl", [{"good": "aab", "bad": "azb"}])
-    res = cli_json(capsys, unigram_run, "--task", "minimal-pairs", "--data", mp, "--field-good", "good", "--field-bad", "bad")
+    res = cli_json(
+        capsys,
+        unigram_run,
+        "--task",
+        "minimal-pairs",
+        "--data",
+        mp,
+        "--field-good",
+        "good",
+        "--field-bad",
+        "bad",
+    )
     assert res["accuracy"] == 1.0 and res["n"] == 1
     # the unigram model greedily writes "aaaa..."; stop at "\n" never fires (it prefers "a")
     gen = write_jsonl(
@@ -362,7 +398,16 @@ def test_cli_jsonl_tasks(tmp_path, capsys, unigram_run):
     )
     preds = tmp_path / "preds.jsonl"
     res = cli_json(
-        capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4, "--predictions", preds
+        capsys,
+        unigram_run,
+        "--task",
+        "generation",
+        "--data",
+        gen,
+        "--max-new-tokens",
+        4,
+        "--predictions",
+        preds,
     )
     assert res["exact_match"] == 1.0 and res["f1"] == 1.0 and res["bleu"] >= 0 and res["rougeL"] == 1.0
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
@@ -400,7 +445,10 @@ def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
         ],
     )
     assert cli_json(capsys, run, "--task", "multiple-choice", "--data", mc)["accuracy"] == 1.0
-    mp = write_jsonl(tmp_path / "mp.jsonl", [{"sentence_good": "the cat sat on the mat.", "sentence_bad": "the mat sat on the cat."}])
+    mp = write_jsonl(
+        tmp_path / "mp.jsonl",
+        [{"sentence_good": "the cat sat on the mat.", "sentence_bad": "the mat sat on the cat."}],
+    )
     assert cli_json(capsys, run, "--task", "minimal-pairs", "--data", mp)["accuracy"] == 1.0
     (tmp_path / "held_out.txt").write_text("the cat sat on the mat.\n" * 4)
     res = cli_json(capsys, run, "--task", "perplexity", "--data", tmp_path / "held_out.txt")
@@ -411,7 +459,11 @@ def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
     "rows,extra,message",
     [
         (None, [], "is empty"),
-        (['{"context": "a", "choices": ["b", "c"], "label": 0}', "{not json"], [], "line 2 is not valid JSON"),
+        (
+            ['{"context": "a", "choices": ["b", "c"], "label": 0}', "{not json"],
+            [],
+            "line 2 is not valid JSON",
+        ),
         ([{"context": "a", "label": 0}], [], "line 1 has no 'choices' field"),
         ([{"context": "a", "choices": ["b", "c"], "label": 2}], [], "label 2 is not an index"),
         ([{"context": "a", "choices": ["b", ""], "label": 0}], [], "choice 1 is empty"),
@@ -422,7 +474,9 @@ def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
 )
 def test_cli_bad_multiple_choice_input(tmp_path, capsys, unigram_run, rows, extra, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text("" if rows is None else "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    path.write_text(
+        "" if rows is None else "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows)
+    )
     err = cli_error(capsys, unigram_run, "--task", "multiple-choice", "--data", path, *extra)
     assert message in err and "Traceback" not in err
 
@@ -433,11 +487,15 @@ def test_cli_bad_input_other_tasks(tmp_path, capsys, unigram_run):
         capsys, unigram_run, "--task", "minimal-pairs", "--data", long
     )
     missing = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "x"}])
-    assert "has no 'reference' field" in cli_error(capsys, unigram_run, "--task", "generation", "--data", missing)
+    assert "has no 'reference' field" in cli_error(
+        capsys, unigram_run, "--task", "generation", "--data", missing
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     assert "contains no text" in cli_error(capsys, unigram_run, "--task", "perplexity", "--data", empty)
-    assert "does not exist" in cli_error(capsys, unigram_run, "--task", "perplexity", "--data", tmp_path / "nope")
+    assert "does not exist" in cli_error(
+        capsys, unigram_run, "--task", "perplexity", "--data", tmp_path / "nope"
+    )
     assert "--stride must be between 1 and the window (16)" in cli_error(
         capsys, unigram_run, "--task", "perplexity", "--data", tmp_path / "long.jsonl", "--text-field",
         "sentence_good", "--window", 16, "--stride", 20,
@@ -473,9 +531,7 @@ def _lm_eval_tasks(folder: Path, data: Path) -> None:
         (folder / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def test_lm_eval_adapter_offline(tmp_path, unigram_run):
-    """`python -m minimoe.eval.lm_eval --model minimoe` runs lm_eval's own CLI on local task YAMLs,
-    and its numbers agree with minimoe's own evaluation of the same data."""
+def _lm_eval_data(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     mc_rows = [
         {"context": "pick", "choices": ["zzz", "aaa", "bbb"], "label": 1},
@@ -487,9 +543,51 @@ def test_lm_eval_adapter_offline(tmp_path, unigram_run):
     texts = ["aabba ab", "zzz a b", "a" * 150]  # the last is longer than the 64-token context
     write_jsonl(data / "text.jsonl", [{"text": t} for t in texts])
     # greedy unigram output is "aaaaa"; the stop string "b" never appears, so 5 tokens come back
-    write_jsonl(data / "gen.jsonl", [{"prompt": "x", "reference": "aaaaa"}, {"prompt": "y", "reference": "bb"}])
+    write_jsonl(
+        data / "gen.jsonl", [{"prompt": "x", "reference": "aaaaa"}, {"prompt": "y", "reference": "bb"}]
+    )
     _lm_eval_tasks(tmp_path / "tasks", data)
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    return data
+
+
+def test_lm_eval_adapter_agrees_with_minimoe(tmp_path, unigram_run, monkeypatch):
+    """lm_eval's evaluator drives the registered `minimoe` model through all three request types
+    (multiple_choice -> loglikelihood, loglikelihood_rolling, generate_until) on local task YAMLs,
+    and its numbers equal minimoe's own evaluation of the same data."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import minimoe.eval.lm_eval  # noqa: F401 - registers "minimoe"
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    data = _lm_eval_data(tmp_path)
+    # include_defaults=False skips indexing lm_eval's ~15k built-in task files (the CLI test pays that)
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model="minimoe", model_args=f"path={unigram_run}", tasks=["mm_mc", "mm_ppl", "mm_gen"],
+        batch_size=3, device="cpu", task_manager=tm,
+    )  # fmt: skip
+    results = out["results"]
+    model, _ = unigram_model(UNIGRAM_PREFS)
+    tok = Tokenizer.byte()
+    ours = evaluate_multiple_choice(model, tok, data / "mc.jsonl")
+    assert results["mm_mc"]["acc,none"] == pytest.approx(ours["accuracy"]) == 0.75
+    assert results["mm_mc"]["acc_norm,none"] == pytest.approx(ours["accuracy_norm"])
+    ppl = evaluate_perplexity(model, tok, data / "text.jsonl")  # stride = window: lm-eval's disjoint windows
+    assert results["mm_ppl"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-5)
+    assert results["mm_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line(tmp_path, unigram_run):
+    """`python -m minimoe.eval.lm_eval --model minimoe ...` is lm_eval's own command line with the
+    model registered (about 10 s of it is lm_eval indexing its built-in tasks)."""
+    _lm_eval_data(tmp_path)
+    env = dict(
+        os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf")
+    )
     out_dir = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "minimoe.eval.lm_eval", "--model", "minimoe", "--model_args",
@@ -501,14 +599,10 @@ def test_lm_eval_adapter_offline(tmp_path, unigram_run):
     result_files = list(out_dir.rglob("results_*.json"))
     assert len(result_files) == 1, proc.stderr[-2000:]
     results = json.loads(result_files[0].read_text())["results"]
-    model, _ = unigram_model({ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0})
-    tok = Tokenizer.byte()
-    ours = evaluate_multiple_choice(model, tok, data / "mc.jsonl")
-    assert results["mm_mc"]["acc,none"] == pytest.approx(ours["accuracy"])
-    assert results["mm_mc"]["acc_norm,none"] == pytest.approx(ours["accuracy_norm"])
-    ppl = evaluate_perplexity(model, tok, data / "text.jsonl")  # stride = window: lm-eval's disjoint windows
-    assert results["mm_ppl"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-5)
+    assert results["mm_mc"]["acc,none"] == pytest.approx(0.75)
     assert results["mm_gen"]["exact_match,none"] == pytest.approx(0.5)
+    assert results["mm_ppl"]["bits_per_byte,none"] > 0
+    assert "minimoe" in proc.stdout  # lm_eval's results table names the model
 
 
 def test_lm_eval_bad_model_args_is_one_sentence(tmp_path, unigram_run):

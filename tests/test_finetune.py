@@ -38,8 +38,13 @@ def _conv(prompt: str, response: str) -> list[dict]:
 
 def test_prompt_tokens_carry_no_loss(tok):
     ids, mask = encode_conversation(tok, _conv("What is 2+2?", "four"), DEFAULT_CHAT_TEMPLATE)
-    assert tok.decode(ids, skip_special_tokens=False) == "<|user|>\nWhat is 2+2?<|endoftext|><|assistant|>\nfour<|endoftext|>"
-    assert tok.decode(ids[mask], skip_special_tokens=False) == "four<|endoftext|>"  # only the answer and its end
+    assert (
+        tok.decode(ids, skip_special_tokens=False)
+        == "<|user|>\nWhat is 2+2?<|endoftext|><|assistant|>\nfour<|endoftext|>"
+    )
+    assert (
+        tok.decode(ids[mask], skip_special_tokens=False) == "four<|endoftext|>"
+    )  # only the answer and its end
     (x, y), = build_examples(tok, [_conv("What is 2+2?", "four")], DEFAULT_CHAT_TEMPLATE, seq_len=64)[0]  # fmt: skip
     assert (y != -100).sum() == len("four") + 1
     torch.manual_seed(0)
@@ -51,11 +56,18 @@ def test_prompt_tokens_carry_no_loss(tok):
     pos = np.flatnonzero(mask[1:])
     hand = -torch.stack([logp[t, int(ids[t + 1])] for t in pos]).mean()
     torch.testing.assert_close(loss, hand)
-    # the prompt's tokens could be anything as targets: the loss does not see them
-    Y2 = Y.clone()
-    Y2[Y2 == -100] = -100
-    X2 = X.clone()
-    assert model(X2, targets=Y2).losses["ce"].item() == pytest.approx(loss.item())
+    # no gradient reaches the logits at prompt positions, all response positions get one
+    seen = {}
+
+    def keep(module, inputs, logits):  # returns None: the output is unchanged
+        logits.retain_grad()
+        seen["logits"] = logits
+
+    hook = model.lm_head.register_forward_hook(keep)
+    model(X, targets=Y).losses["ce"].backward()
+    hook.remove()
+    g = seen["logits"].grad[0].abs().amax(dim=-1)  # (T,)
+    assert (g[torch.from_numpy(~mask[1:])] == 0).all() and (g[torch.from_numpy(mask[1:])] > 0).all()
 
 
 def test_multi_turn_masks_every_assistant_turn_only(tok):
@@ -115,7 +127,15 @@ def _losses(run) -> list[float]:
 
 def test_cli_sft_learns_the_responses(base_run, tmp_path, capsys):
     out = tmp_path / "sft"
-    argv = ["sft", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(out), "--no-progress"]
+    argv = [
+        "sft",
+        str(base_run / "base"),
+        "--data",
+        str(base_run / "chat.jsonl"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main([*argv, *SEQ_TRAIN, "train.max_steps=20", "--val-data", str(base_run / "chat.jsonl")]) == 0
     losses = _losses(out)
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
@@ -132,7 +152,9 @@ def test_cli_sft_learns_the_responses(base_run, tmp_path, capsys):
 def test_cli_sft_packing(base_run, tmp_path):
     out = tmp_path / "packed"
     argv = ["sft", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(out)]
-    assert main([*argv, "--packing", "--no-progress", *SEQ_TRAIN, "--epochs", "2"]) == 0
+    assert (
+        main([*argv, "--packing", "--no-progress", *SEQ_TRAIN, "--epochs", "2", "train.batch_size=16"]) == 0
+    )
     assert load_run(out)[3]["sft"]["packing"] is True and len(_losses(out)) >= 2
 
 
@@ -167,7 +189,17 @@ def test_lora_targets_attention_and_stacked_experts(tok):
 def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     out = tmp_path / "lora"
     data = ["--data", str(base_run / "chat.jsonl")]
-    argv = ["lora", str(base_run / "base"), *data, "--out", str(out), "--rank", "4", "--merge", "--no-progress"]
+    argv = [
+        "lora",
+        str(base_run / "base"),
+        *data,
+        "--out",
+        str(out),
+        "--rank",
+        "4",
+        "--merge",
+        "--no-progress",
+    ]
     assert main([*argv, *SEQ_TRAIN, "train.max_steps=12"]) == 0
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -184,7 +216,20 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     assert torch.equal(b["layers.1.mlp.gate.weight"], m["layers.1.mlp.gate.weight"])
     assert not torch.equal(b["layers.1.mlp.experts.up_proj"], m["layers.1.mlp.experts.up_proj"])
     # merging the saved adapter again gives the same weights
-    assert main(["lora", str(base_run / "base"), "--adapter", str(adapter), "--merge", "--out", str(tmp_path / "m2")]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                str(base_run / "base"),
+                "--adapter",
+                str(adapter),
+                "--merge",
+                "--out",
+                str(tmp_path / "m2"),
+            ]
+        )
+        == 0
+    )
     m2 = load_run(tmp_path / "m2")[0].state_dict()
     assert all(torch.allclose(m[k], m2[k], atol=1e-6) for k in m)
 
@@ -192,7 +237,14 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
 def test_qlora_needs_bitsandbytes_and_cuda(base_run, tmp_path, capsys):
     from minimoe.finetune.lora import qlora_available
 
-    argv = ["lora", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(tmp_path / "q")]
+    argv = [
+        "lora",
+        str(base_run / "base"),
+        "--data",
+        str(base_run / "chat.jsonl"),
+        "--out",
+        str(tmp_path / "q"),
+    ]
     if qlora_available() is None:
         pytest.skip("bitsandbytes and CUDA are present: QLoRA runs")
     assert main([*argv, "--qlora", "--no-progress", "train.max_steps=1"]) == 2

@@ -38,7 +38,13 @@ from minimoe.train.checkpoint import load_run  # noqa: E402
 hf_logging.set_verbosity_error()  # the MTP layer is "unexpected" for transformers unless it is layer 61
 
 TOL = 1e-4
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
 BASE = dict(
     vocab_size=320, hidden_size=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
     qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
@@ -133,7 +139,9 @@ def test_export_config_has_deepseek_v3_keys(exported):
         keys = set(f.keys())
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys  # per-expert hub names
     for part in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"):
-        assert any(k.startswith(f"model.layers.3.{part}.") for k in keys), part  # MTP = layer num_hidden_layers
+        assert any(k.startswith(f"model.layers.3.{part}.") for k in keys), (
+            part
+        )  # MTP = layer num_hidden_layers
     gen = json.loads((exported["deepseek_v3"][1] / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 256
 
@@ -143,7 +151,9 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
     text = "hello <|endoftext|> wörld"
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     assert hf_tok.eos_token_id == tok.eos_id and hf_tok.decode(tok.encode("héllo")) == "héllo"
-    assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|endoftext|>"
+    assert (
+        hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|endoftext|>"
+    )
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen2_moe", "mixtral"])
@@ -288,7 +298,9 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text((folder / "config.json").read_text())
     sd = load_file(str(folder / "model.safetensors"))
-    sd["model.layers.1.mlp.shared_expert_gate.weight"] = torch.ones_like(sd["model.layers.1.mlp.shared_expert_gate.weight"])
+    sd["model.layers.1.mlp.shared_expert_gate.weight"] = torch.ones_like(
+        sd["model.layers.1.mlp.shared_expert_gate.weight"]
+    )
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.raises(MinimoeError, match="shared_expert_gate"):
         import_hf(bad, tmp_path / "run", tokenizer="byte")
@@ -308,13 +320,40 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
 def test_cli_export_import_generate(tmp_path, tok, capsys):
     m = _model(**CASES["deepseek_v3"])
     write_run(tmp_path / "run", m, tok, {"source": "test"})
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--shard-size", "50KB", "--verify"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "hf"),
+                "--shard-size",
+                "50KB",
+                "--verify",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "exported deepseek_v3" in out and "model.safetensors.index.json" in out
     diff = float(out.split("against transformers:")[1].split()[0])
     assert diff <= TOL
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    assert main(["generate", str(tmp_path / "back"), "--prompt", "ab", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "back"),
+                "--prompt",
+                "ab",
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2  # exists: untouched
     assert "already exists" in capsys.readouterr().err
@@ -361,6 +400,22 @@ def test_cli_upcycle_and_errors(llama_dir, tmp_path, capsys):
     _, _, cfg, meta = load_run(tmp_path / "run")
     assert cfg.model.moe_intermediate_size == 32 and not cfg.model.aux_free_bias
     assert meta["upcycled"]["granularity"] == 2
-    assert main(["upcycle", str(d), "--experts", "4", "--top-k", "2", "--granularity", "3", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "upcycle",
+                str(d),
+                "--experts",
+                "4",
+                "--top-k",
+                "2",
+                "--granularity",
+                "3",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "does not divide intermediate_size" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "y"), "model.hidden_size=64"]) == 2

@@ -278,12 +278,12 @@ def test_beams_find_a_likelier_sequence_than_greedy():
         greedy = list(generate_tokens(model, prompt, 2, temperature=0.0))
         best = beam_search(model, prompt, num_beams=3, max_new_tokens=2, length_penalty=0.0)[0]
         # with 2 tokens the beam holds greedy's first token, so this is guaranteed
-        assert best.logprob >= sequence_logprob(model, prompt, greedy) - 1e-9
+        assert best.logprob >= sequence_logprob(model, prompt, greedy) - 1e-6
         greedy = list(generate_tokens(model, prompt, 12, temperature=0.0))
         hyps = beam_search(model, prompt, num_beams=4, max_new_tokens=12, length_penalty=0.0)
         assert len(hyps) == 4 and hyps[0].score >= hyps[-1].score
         assert abs(hyps[0].logprob - sequence_logprob(model, prompt, hyps[0].tokens)) < 1e-6
-        assert hyps[0].logprob >= sequence_logprob(model, prompt, greedy) - 1e-9
+        assert hyps[0].logprob >= sequence_logprob(model, prompt, greedy) - 1e-6
 
 
 def test_length_penalty_prefers_longer_hypotheses():

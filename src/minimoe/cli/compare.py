@@ -28,6 +28,8 @@ def run(args) -> int:
     from minimoe.lab.compare import load_sweep, plan, run_sweep, write_report
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    # per-step dead-expert warnings would drown the sweep's own progress lines; the report has MaxVio
+    logging.getLogger("minimoe.train").setLevel(logging.ERROR)
     sweep = load_sweep(args.sweep, data=args.data, val_data=args.val_data)
     out = Path(args.out or f"runs/sweeps/{sweep.name}")
     if args.plan or args.report_only:

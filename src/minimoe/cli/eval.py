@@ -50,16 +50,23 @@ def add_parser(sub) -> None:
         required=True,
         help="perplexity: a text file, folder, .jsonl/.parquet or hf:NAME; other tasks: a .jsonl file or a folder of them",
     )
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load")
+    p.add_argument(
+        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8 / 16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N documents / examples per file")
     g = p.add_argument_group("perplexity")
     g.add_argument("--text-field", default=None, help="text field of JSONL/Parquet records (default: text)")
     g.add_argument("--window", type=int, default=None, help="tokens per window (default: the model context)")
     g.add_argument(
-        "--stride", type=int, default=None, help="tokens between window starts (default: the window, no overlap)"
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts (default: the window, no overlap)",
     )
     g = p.add_argument_group("JSONL tasks")
     g.add_argument(
@@ -72,15 +79,21 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--field-good", default=None, help="minimal pairs: field of the good sentence")
     g.add_argument("--field-bad", default=None, help="minimal pairs: field of the bad sentence")
-    g.add_argument("--delimiter", default=None, help="multiple choice: put between context and choice (default ' ')")
+    g.add_argument(
+        "--delimiter", default=None, help="multiple choice: put between context and choice (default ' ')"
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (example i uses seed + i)")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); end-of-text always stops")
-    g.add_argument("--predictions", default=None, help="write each prompt, reference and generation to this JSONL")
+    g.add_argument(
+        "--stop", action="append", default=None, help="stop string (repeatable); end-of-text always stops"
+    )
+    g.add_argument(
+        "--predictions", default=None, help="write each prompt, reference and generation to this JSONL"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     g.add_argument("--out", default=None, help="results JSON file (default: under RUN_DIR/eval/)")
@@ -116,7 +129,10 @@ def _options(args) -> dict:
     opts: dict = {"limit": args.limit}
     if args.task == "perplexity":
         opts.update(
-            text_field=args.text_field, window=args.window, stride=args.stride, batch_size=args.batch_size or 8
+            text_field=args.text_field,
+            window=args.window,
+            stride=args.stride,
+            batch_size=args.batch_size or 8,
         )
         if args.field:
             raise MinimoeError("--field does not apply to --task perplexity (use --text-field)")
@@ -204,7 +220,9 @@ def run(args) -> int:
             raise MinimoeError(f"cannot write predictions to {args.predictions} ({e.strerror})") from None
 
         def save(rec, text: str) -> None:
-            pred_file.write(json.dumps({"file": rec.file, "line": rec.line, **rec.data, "generation": text}) + "\n")
+            pred_file.write(
+                json.dumps({"file": rec.file, "line": rec.line, **rec.data, "generation": text}) + "\n"
+            )
 
         opts["on_prediction"] = save
     try:
@@ -221,7 +239,9 @@ def run(args) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
-        raise MinimoeError(f"cannot write results to {out_path} ({e.strerror}); choose another --out") from None
+        raise MinimoeError(
+            f"cannot write results to {out_path} ({e.strerror}); choose another --out"
+        ) from None
     if args.json:
         sys.stdout.write(json.dumps(res) + "\n")
         sys.stderr.write(f"results written to {out_path}\n")

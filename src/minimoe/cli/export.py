@@ -17,9 +17,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("run_dir", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to export")
-    p.add_argument("--format", choices=list(ARCHITECTURES), default=None, help="target format (default: the best fit)")
-    p.add_argument("--shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to export"
+    )
+    p.add_argument(
+        "--format", choices=list(ARCHITECTURES), default=None, help="target format (default: the best fit)"
+    )
+    p.add_argument(
+        "--shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)"
+    )
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype on disk"
     )
@@ -49,7 +55,9 @@ def run(args) -> int:
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)
     if args.verify:
-        ids = torch.randint(0, tok.vocab_size, (2, min(32, model.cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, tok.vocab_size, (2, min(32, model.cfg.max_seq_len)), generator=torch.Generator().manual_seed(0)
+        )
         diff = compare_logits(model, res.out_dir, ids)
         print(f"max |logit difference| against transformers: {diff:.2e}")
         if args.dtype == "float32" and diff > 1e-4:

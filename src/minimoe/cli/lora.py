@@ -17,9 +17,7 @@ def add_parser(sub) -> None:
     add_common(p)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha (update scaled by alpha / r)")
-    p.add_argument(
-        "--targets", default="attention,experts,mlp", help="comma list of attention, experts, mlp"
-    )
+    p.add_argument("--targets", default="attention,experts,mlp", help="comma list of attention, experts, mlp")
     p.add_argument("--merge", action="store_true", help="also write the merged model as a run directory")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA)")
     p.add_argument("--adapter", help="merge this saved adapter instead of training (needs --merge)")

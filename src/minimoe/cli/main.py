@@ -24,6 +24,8 @@ COMMANDS = {
     "serve": "minimoe.cli.serve",
     "quantize": "minimoe.cli.quantize",
     "compare": "minimoe.cli.compare",
+    "plot": "minimoe.cli.plot",
+    "inspect": "minimoe.cli.inspect",
 }
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 def add_common(p) -> None:
     """Arguments shared by `sft` and `lora`."""
     p.add_argument("run_dir", help="run directory (or checkpoint directory) to fine-tune")
-    p.add_argument("--data", help='chat JSONL: {"prompt", "response"} or {"messages": [{"role", "content"}]} per line')
+    p.add_argument(
+        "--data", help='chat JSONL: {"prompt", "response"} or {"messages": [{"role", "content"}]} per line'
+    )
     p.add_argument("--val-data", help="chat JSONL for a masked validation loss at the end")
     p.add_argument("--out", required=True, help="new run directory")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which source checkpoint")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (unless train.max_steps is set)")
+    p.add_argument(
+        "--epochs", type=float, default=1.0, help="passes over the data (unless train.max_steps is set)"
+    )
     p.add_argument("--packing", action="store_true", help="pack conversations into full windows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", default=[], help="dotted train.KEY=VALUE overrides")

@@ -16,12 +16,18 @@ def add_parser(sub) -> None:
     p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument(
-        "--granularity", type=int, default=1, help="slices of the dense intermediate dimension per expert copy"
+        "--granularity",
+        type=int,
+        default=1,
+        help="slices of the dense intermediate dimension per expert copy",
     )
     p.add_argument("--dense-layers", type=int, default=0, help="leading layers kept dense")
     p.add_argument("--scoring", choices=["softmax", "sigmoid"], default="softmax", help="router scoring")
     p.add_argument(
-        "--router-std", type=float, default=None, help="std of the fresh router (default init_std; 0 = uniform)"
+        "--router-std",
+        type=float,
+        default=None,
+        help="std of the fresh router (default init_std; 0 = uniform)",
     )
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer folder, when the folder has none")
     p.add_argument("--seed", type=int, default=0, help="router initialisation seed")
@@ -38,5 +44,7 @@ def run(args) -> int:
         dense_layers=args.dense_layers, scoring=args.scoring, router_std=args.router_std,
         tokenizer=args.tokenizer, overrides=args.overrides, seed=args.seed, force=args.force,
     )  # fmt: skip
-    print(f"upcycled {args.dense_dir} into {ckpt} ({args.experts} experts, top-{args.top_k}, granularity {args.granularity})")
+    print(
+        f"upcycled {args.dense_dir} into {ckpt} ({args.experts} experts, top-{args.top_k}, granularity {args.granularity})"
+    )
     return 0

@@ -147,6 +147,26 @@ class PipelineStageModule(nn.Module):
         return x
 
 
+def _stage_shapes(cfg: RunConfig, first: bool, last: bool, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Meta tensors shaped like a stage's input and output for one micro-batch of `micro` sequences.
+
+    The residual stream stays fp32 under autocast (fp32 embeddings plus bf16 branches promote to fp32);
+    the LM head's logits follow autocast.
+    """
+    T, D, V = cfg.train.seq_len, cfg.model.hidden_size, cfg.model.vocab_size
+    meta = torch.device("meta")
+    if first:
+        x = torch.empty(micro, T, dtype=torch.long, device=meta)
+    else:
+        x = torch.empty(micro, T, D, dtype=torch.float32, device=meta, requires_grad=True)
+    if last:
+        dt = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        y = torch.empty(micro, T, V, dtype=dt, device=meta, requires_grad=True)
+    else:
+        y = torch.empty(micro, T, D, dtype=torch.float32, device=meta, requires_grad=True)
+    return x, y
+
+
 class PipelineRunner:
     """Owns this rank's stage and the schedule; runs training steps and evaluation batches.
 
@@ -167,7 +187,12 @@ class PipelineRunner:
         ranges = split_layers(cfg.model.n_layers, P)
         self.module = PipelineStageModule(model, ranges[ctx.rank], self.first, self.last).to(ctx.device)
         self.n_micro = cfg.dist.pp_microbatches or P
-        self.stage = PipelineStage(self.module, ctx.rank, P, ctx.device)
+        # Static shapes: without them the stage infers them by running an extra forward at the first
+        # step, which would count that forward's routing statistics (and draw from the RNG).
+        in_args, out_args = _stage_shapes(cfg, self.first, self.last, cfg.train.batch_size // self.n_micro)
+        self.stage = PipelineStage(
+            self.module, ctx.rank, P, ctx.device, input_args=in_args, output_args=out_args
+        )
         schedule_cls = Schedule1F1B if cfg.dist.pp_schedule == "1f1b" else ScheduleGPipe
         self.schedule = schedule_cls(self.stage, self.n_micro, loss_fn=self._loss_fn, scale_grads=True)
         # every MoE layer of the full model, in a fixed order, so stages can sum their statistics

@@ -114,7 +114,9 @@ class MinimoeLM(LM):
         ctx = model_context(model)
         self.max_length = int(max_length or ctx)
         if not 1 <= self.max_length <= ctx:
-            raise MinimoeError(f"max_length must be between 1 and the model context ({ctx}), got {max_length}")
+            raise MinimoeError(
+                f"max_length must be between 1 and the model context ({ctx}), got {max_length}"
+            )
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.model.embed_tokens.weight.device
 

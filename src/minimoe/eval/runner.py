@@ -103,4 +103,6 @@ def default_results_path(result: dict[str, Any]) -> Path:
     key = repr([result["task"], result["data"]["sha256"], sorted(result["settings"].items())])
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     step = result["checkpoint"]["step"]
-    return run_root(result["checkpoint"]["path"]) / "eval" / f"{result['task']}-{name}-step{step}-{digest}.json"
+    return (
+        run_root(result["checkpoint"]["path"]) / "eval" / f"{result['task']}-{name}-step{step}-{digest}.json"
+    )

@@ -200,7 +200,9 @@ def evaluate_multiple_choice(
         context = _text(rec, fields, "context", allow_empty=True)
         choices = _field(rec, fields, "choices")
         if not isinstance(choices, list) or len(choices) < 2:
-            raise MinimoeError(f"{rec.where}: '{fields.get('choices', 'choices')}' must be a list of 2 or more texts")
+            raise MinimoeError(
+                f"{rec.where}: '{fields.get('choices', 'choices')}' must be a list of 2 or more texts"
+            )
         for j, c in enumerate(choices):
             if not isinstance(c, str) or not c:
                 raise MinimoeError(f"{rec.where}: choice {j} is {'empty' if c == '' else 'not text'}")
@@ -228,7 +230,9 @@ def evaluate_multiple_choice(
                 "accuracy_per_byte": float(
                     np.argmax(ll / np.array([len(c.encode("utf-8")) for c in choices])) == label
                 ),
-                "accuracy_per_token": float(np.argmax(ll / np.array([max(s.n_tokens, 1) for s in sc])) == label),
+                "accuracy_per_token": float(
+                    np.argmax(ll / np.array([max(s.n_tokens, 1) for s in sc])) == label
+                ),
             }
         )
     return _summary(data, values, "accuracy")
@@ -315,7 +319,9 @@ def generate_until(
 
     ctx = model_context(model)
     if not 1 <= max_new_tokens < ctx:
-        raise MinimoeError(f"max new tokens ({max_new_tokens}) must be between 1 and the model context - 1 ({ctx - 1})")
+        raise MinimoeError(
+            f"max new tokens ({max_new_tokens}) must be between 1 and the model context - 1 ({ctx - 1})"
+        )
     ids = tokenizer.encode(prompt)[-(ctx - max_new_tokens) :] if prompt else [tokenizer.eos_id]
     stop = [s for s in stop if s]
     produced: list[int] = []
@@ -374,11 +380,17 @@ def evaluate_generation(
         ref = _field(rec, fields, "reference")
         ref_list = [ref] if isinstance(ref, str) else ref
         if not isinstance(ref_list, list) or not ref_list or not all(isinstance(r, str) for r in ref_list):
-            raise MinimoeError(f"{rec.where}: '{fields.get('reference', 'reference')}' must be a text or a list of texts")
+            raise MinimoeError(
+                f"{rec.where}: '{fields.get('reference', 'reference')}' must be a text or a list of texts"
+            )
         refs.append(ref_list)
     hyps = []
-    for i, (rec, prompt) in enumerate(tqdm(list(zip(records, prompts)), desc="generation", disable=not progress, leave=False)):
-        text = generate_until(model, tokenizer, prompt, max_new_tokens, stop, temperature, top_k, top_p, seed + i)
+    for i, (rec, prompt) in enumerate(
+        tqdm(list(zip(records, prompts)), desc="generation", disable=not progress, leave=False)
+    ):
+        text = generate_until(
+            model, tokenizer, prompt, max_new_tokens, stop, temperature, top_k, top_p, seed + i
+        )
         hyps.append(text.strip())
         if on_prediction is not None:
             on_prediction(rec, text)

@@ -57,7 +57,9 @@ def _messages(obj, where: str) -> list[dict]:
         if not isinstance(msgs, list) or not msgs:
             raise MinimoeError(f"{where}: 'messages' must be a non-empty list")
         for m in msgs:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            if not (
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            ):
                 raise MinimoeError(f"{where}: every message needs a string 'role' and 'content'")
             if m["role"] not in ROLES:
                 raise MinimoeError(f"{where}: unknown role {m['role']!r} (use {', '.join(ROLES)})")
@@ -66,7 +68,10 @@ def _messages(obj, where: str) -> list[dict]:
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
         msgs = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) else []
-        return msgs + [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+        return msgs + [
+            {"role": "user", "content": obj["prompt"]},
+            {"role": "assistant", "content": obj["response"]},
+        ]
     raise MinimoeError(f"{where} needs string 'prompt' and 'response' fields or a 'messages' list")
 
 

@@ -41,7 +41,9 @@ def target_spec(targets: tuple[str, ...] | list[str] = TARGETS) -> tuple[str | N
     """(regex for `target_modules`, names for `target_parameters`) of the chosen target groups."""
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
-        raise MinimoeError(f"LoRA targets must be among {', '.join(TARGETS)}, got {', '.join(targets) or 'none'}")
+        raise MinimoeError(
+            f"LoRA targets must be among {', '.join(TARGETS)}, got {', '.join(targets) or 'none'}"
+        )
     alts = ([_ATTN] if "attention" in targets else []) + ([_MLP] if "mlp" in targets else [])
     regex = rf".*\.({'|'.join(alts)})" if alts else None
     params = ["experts.gate_proj", "experts.up_proj", "experts.down_proj"] if "experts" in targets else []
@@ -69,7 +71,11 @@ def _quantize_linears(model: nn.Module, regex: str) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and pattern.fullmatch(name):
             q = bnb.nn.Linear4bit(
-                module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+                module.in_features,
+                module.out_features,
+                bias=False,
+                compute_dtype=torch.bfloat16,
+                quant_type="nf4",
             )
             q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
             parent_name, _, child = name.rpartition(".")
@@ -98,11 +104,16 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=TARGETS, q
         why = qlora_available()
         if why:
             raise MinimoeError(why)
+        model.to(torch.bfloat16)  # before quantizing: Params4bit quantizes what it is given on .cuda()
         if regex:
             _quantize_linears(model, regex)
-        model.to(torch.bfloat16)
     config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=regex, target_parameters=params or None
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=regex,
+        target_parameters=params or None,
     )
     try:
         return peft.get_peft_model(model, config)
@@ -135,7 +146,9 @@ def merge_lora(peft_model) -> nn.Module:
     return merged
 
 
-def merge_saved_adapter(run_dir: str | Path, adapter: str | Path, out_dir: str | Path, which: str = "best") -> Path:
+def merge_saved_adapter(
+    run_dir: str | Path, adapter: str | Path, out_dir: str | Path, which: str = "best"
+) -> Path:
     """Load the base run, attach a saved adapter, merge it, and write the result as a new run.
 
     Returns:

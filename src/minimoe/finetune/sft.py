@@ -20,7 +20,12 @@ import yaml
 
 from minimoe.config import set_dotted
 from minimoe.errors import ConfigError, MinimoeError
-from minimoe.finetune.chat import DEFAULT_CHAT_TEMPLATE, encode_conversation, inputs_and_targets, read_conversations
+from minimoe.finetune.chat import (
+    DEFAULT_CHAT_TEMPLATE,
+    encode_conversation,
+    inputs_and_targets,
+    read_conversations,
+)
 
 
 @dataclass
@@ -37,7 +42,12 @@ class SFTResult:
 
 
 def build_examples(
-    tokenizer, conversations: list[list[dict]], template: str, seq_len: int, packing: bool = False, seed: int = 0
+    tokenizer,
+    conversations: list[list[dict]],
+    template: str,
+    seq_len: int,
+    packing: bool = False,
+    seed: int = 0,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Token (x, y) pairs for training; y is -100 outside assistant turns.
 
@@ -100,7 +110,9 @@ def masked_loss(model, examples, batch_size: int, pad_id: int, device) -> float:
     for x, y in batches(examples, batch_size, pad_id, seed=0, epoch=0):
         logits = model(x.to(device)).logits.float()
         y = y.to(device)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((y != -100).sum())
     model.train(was)
     return total / max(count, 1)
@@ -111,8 +123,14 @@ def _apply_overrides(cfg, overrides: list[str]) -> None:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        if key.strip().startswith("model.") and key.strip() not in ("model.dropout", "model.attn_dropout", "model.router_jitter"):
-            raise ConfigError(f"{key.strip()} cannot change when fine-tuning (only dropout, attn_dropout, router_jitter)")
+        if key.strip().startswith("model.") and key.strip() not in (
+            "model.dropout",
+            "model.attn_dropout",
+            "model.router_jitter",
+        ):
+            raise ConfigError(
+                f"{key.strip()} cannot change when fine-tuning (only dropout, attn_dropout, router_jitter)"
+            )
         set_dotted(cfg, key.strip(), value)
     cfg.validate()
 
@@ -171,10 +189,16 @@ def finetune(
     tc.lr = tc.lr if lora else tc.lr * 0.1
     explicit = {o.split("=", 1)[0].strip() for o in overrides or []}
     _apply_overrides(cfg, list(overrides or []))
-    train_ex, dropped = build_examples(tok, read_conversations(data), tok.chat_template, tc.seq_len, packing, tc.seed)
+    train_ex, dropped = build_examples(
+        tok, read_conversations(data), tok.chat_template, tc.seq_len, packing, tc.seed
+    )
     if not train_ex:
         raise MinimoeError(f"no example in {data} has an assistant token within train.seq_len={tc.seq_len}")
-    val_ex = build_examples(tok, read_conversations(val_data), tok.chat_template, tc.seq_len)[0] if val_data else None
+    val_ex = (
+        build_examples(tok, read_conversations(val_data), tok.chat_template, tc.seq_len)[0]
+        if val_data
+        else None
+    )
     per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     if "train.max_steps" not in explicit:
         tc.max_steps = max(1, math.ceil(per_epoch * epochs))
@@ -206,7 +230,9 @@ def finetune(
             for x, y in batches(train_ex, tc.batch_size, tok.pad_id, tc.seed, epoch):
                 if step >= tc.max_steps:
                     break
-                lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio, tc.decay_fraction)
+                lr = tc.lr * lr_multiplier(
+                    step, tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio, tc.decay_fraction
+                )
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 x, y = x.to(device), y.to(device)
@@ -224,7 +250,9 @@ def finetune(
                 seen += int((y != -100).sum())
                 loss_v = res.loss.item()
                 if not math.isfinite(loss_v):
-                    raise MinimoeError(f"fine-tuning diverged at step {step} (non-finite loss); lower train.lr")
+                    raise MinimoeError(
+                        f"fine-tuning diverged at step {step} (non-finite loss); lower train.lr"
+                    )
                 row = {"step": step, "loss": loss_v, "ce": res.losses["ce"].item(), "lr": lr,
                        "grad_norm": float(grad_norm), "response_tokens": seen, "elapsed_s": time.perf_counter() - t0}  # fmt: skip
                 metrics.write(json.dumps(row) + "\n")
@@ -255,5 +283,7 @@ def finetune(
     tok.save(out / "tokenizer")
     info = {"step": step, "tokens": seen, "val_loss": val_loss, "source": source,
             "sft": {"data": str(Path(data).resolve()), "packing": packing, "lora": lora}}  # fmt: skip
-    ck = ckpt_lib.save_checkpoint(out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True)
+    ck = ckpt_lib.save_checkpoint(
+        out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True
+    )
     return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, ck, adapter)

@@ -231,14 +231,18 @@ def export_model(
     notes = []
     mtp_layers = cfg.mtp_depth if keymap.MOE_NAMES[fmt].mtp else 0
     if cfg.mtp_depth and not mtp_layers:
-        notes.append(f"the {cfg.mtp_depth} MTP module(s) are not exported: {fmt} has no place for them (logits unchanged)")
+        notes.append(
+            f"the {cfg.mtp_depth} MTP module(s) are not exported: {fmt} has no place for them (logits unchanged)"
+        )
     if cfg.capacity_factor is not None:
         notes.append("exported dropless: Hugging Face models have no expert capacity")
     hub, more = hub_tensors(sd, cfg, fmt, mtp_layers)
     notes += more
     target = DTYPES[dtype]
     hub = {
-        k: (v if k.endswith("e_score_correction_bias") or not v.is_floating_point() else v.to(target)).contiguous()
+        k: (
+            v if k.endswith("e_score_correction_bias") or not v.is_floating_point() else v.to(target)
+        ).contiguous()
         for k, v in hub.items()
     }
 
@@ -281,7 +285,14 @@ def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise MinimoeError("checking the export needs transformers (pip install 'minimoe[hf]')") from None
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers calls an MTP layer that is not layer 61 "unexpected"
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    finally:
+        hf_logging.set_verbosity(level)
     with torch.no_grad():
         ours = model.float().eval()(input_ids).logits
         theirs = hf(input_ids).logits

@@ -45,7 +45,9 @@ def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
     if cfg.attn_type != attn:
         return f"{fmt} has {attn.upper()} attention, the model uses {cfg.attn_type.upper()}"
     if cfg.n_routed_experts > 0 and cfg.expert_act != "swiglu":
-        return "GELU experts (expert_act=gelu) have no Hugging Face MoE format: all of them use SwiGLU experts"
+        return (
+            "GELU experts (expert_act=gelu) have no Hugging Face MoE format: all of them use SwiGLU experts"
+        )
     if cfg.n_routed_experts == 0 and attn == "gqa":
         return "a dense GQA model (n_routed_experts=0) has no MoE format; minimoe exports MoE models"
     if fmt in ("deepseek_v3", "glm4_moe"):
@@ -116,7 +118,11 @@ def rope_config(cfg: ModelConfig, fmt: str) -> dict:
             if key in rs:
                 d[key] = float(rs[key])
         ms, ms_all = rs.get("mscale"), rs.get("mscale_all_dim")
-        hf = yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all) if ms and ms_all else yarn_get_mscale(factor)
+        hf = (
+            yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
+            if ms and ms_all
+            else yarn_get_mscale(factor)
+        )
         if not math.isclose(hf, ours, rel_tol=0, abs_tol=1e-12):
             d["attention_factor"] = ours  # HF tests truthiness, minimoe presence: pin the value
     else:

@@ -78,12 +78,16 @@ def _rope(c: dict, attn: str) -> tuple[float, dict | None]:
     if kind == "default":
         return theta, None
     if kind != "yarn":
-        raise MinimoeError(f"RoPE scaling of type {kind!r} has no minimoe equivalent (only YaRN is supported)")
+        raise MinimoeError(
+            f"RoPE scaling of type {kind!r} has no minimoe equivalent (only YaRN is supported)"
+        )
     factor = float(rp.get("factor") or c["max_position_embeddings"] / rp["original_max_position_embeddings"])
     rs = {
         "type": "yarn",
         "factor": factor,
-        "original_max_position_embeddings": int(rp.get("original_max_position_embeddings", c["max_position_embeddings"])),
+        "original_max_position_embeddings": int(
+            rp.get("original_max_position_embeddings", c["max_position_embeddings"])
+        ),
         "beta_fast": float(rp.get("beta_fast") or 32),
         "beta_slow": float(rp.get("beta_slow") or 1),
     }
@@ -97,14 +101,22 @@ def _rope(c: dict, attn: str) -> tuple[float, dict | None]:
         elif ms_all:
             rs["mscale_all_dim"] = float(ms_all)
         if af is not None:
-            implied = yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all) if ms and ms_all else yarn_get_mscale(factor)
+            implied = (
+                yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
+                if ms and ms_all
+                else yarn_get_mscale(factor)
+            )
             if not math.isclose(float(af), implied, rel_tol=1e-9):
                 raise MinimoeError(f"an MLA YaRN attention_factor of {af} has no minimoe equivalent")
         return theta, rs
     # GQA: q.k is scaled by attention_factor^2 (RoPE covers the whole head). minimoe gives
     # mscale(f, m)^2 with mscale = mscale_all_dim = m (cos/sin factor 1, softmax factor mscale^2).
     if af is None:
-        af = yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all) if ms and ms_all else yarn_get_mscale(factor)
+        af = (
+            yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
+            if ms and ms_all
+            else yarn_get_mscale(factor)
+        )
     af = float(af)
     if factor > 1 and not math.isclose(af, yarn_get_mscale(factor), rel_tol=1e-12):
         m = (af - 1.0) / (0.1 * math.log(factor))
@@ -137,8 +149,13 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
         raise MinimoeError(f"model_type {fmt!r} is not importable; minimoe imports {', '.join(SUPPORTED)}")
     notes: list[str] = []
     L = int(c["num_hidden_layers"])
-    _need(c.get("hidden_act", "silu") == "silu", f"hidden_act={c.get('hidden_act')!r} (minimoe's FFNs are SwiGLU)")
-    _need(not c.get("attention_bias", False) or fmt in ("qwen2_moe",), "attention biases (attention_bias=true)")
+    _need(
+        c.get("hidden_act", "silu") == "silu",
+        f"hidden_act={c.get('hidden_act')!r} (minimoe's FFNs are SwiGLU)",
+    )
+    _need(
+        not c.get("attention_bias", False) or fmt in ("qwen2_moe",), "attention biases (attention_bias=true)"
+    )
     _need(not c.get("mlp_bias", False), "MLP biases (mlp_bias=true)")
     attn = "mla" if fmt in ("deepseek_v3", "deepseek_v2") else "gqa"
     theta, rope_scaling = _rope(c, attn)
@@ -200,7 +217,9 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
             kw.update(scoring_func="softmax", norm_topk_prob=False, aux_free_bias=False)
         else:
             norm = bool(c.get("norm_topk_prob", True))
-            _need(not (norm and k == 1), "top-1 routing with norm_topk_prob=true (every weight is a constant)")
+            _need(
+                not (norm and k == 1), "top-1 routing with norm_topk_prob=true (every weight is a constant)"
+            )
             kw.update(scoring_func="sigmoid", norm_topk_prob=norm, aux_free_bias=True)
     elif fmt == "mixtral":
         _need(k > 1, "top-1 Mixtral routing (its renormalised weight is a constant 1)")
@@ -242,7 +261,9 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
             mtp += 1
         listed = int(c.get("num_nextn_predict_layers", 0) or 0)
         if listed != mtp:
-            notes.append(f"config.json lists {listed} MTP layer(s), the checkpoint holds {mtp}: imported {mtp}")
+            notes.append(
+                f"config.json lists {listed} MTP layer(s), the checkpoint holds {mtp}: imported {mtp}"
+            )
     kw["mtp_depth"] = mtp
     try:
         return ModelConfig(**kw).validate(), fmt, notes
@@ -271,7 +292,10 @@ def _undo_reparameterisation(hub: dict, c: dict, cfg: ModelConfig, fmt: str) -> 
             if gate is not None:
                 handled.add(pre + "mlp.shared_expert_gate.weight")
                 if cfg.n_shared_experts > 0:
-                    _need(bool((gate == 0).all()), "a learned sigmoid gate on the shared expert (shared_expert_gate)")
+                    _need(
+                        bool((gate == 0).all()),
+                        "a learned sigmoid gate on the shared expert (shared_expert_gate)",
+                    )
                     d = pre + "mlp.shared_expert.down_proj.weight"
                     hub[d] = hub[d] * 0.5  # sigmoid(0) = 1/2, a power of two: exact
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -280,7 +304,9 @@ def _undo_reparameterisation(hub: dict, c: dict, cfg: ModelConfig, fmt: str) -> 
                 _need(bool((hub[b] == 0).all()), f"attention biases ({proj}.bias is not zero)")
                 handled.add(b)
         if cfg.n_shared_experts == 0:  # zero-size shared experts, as HF saves them
-            handled.update(n for n in hub if n.startswith(pre) and "shared_expert" in n and hub[n].numel() == 0)
+            handled.update(
+                n for n in hub if n.startswith(pre) and "shared_expert" in n and hub[n].numel() == 0
+            )
             if fmt == "qwen2_moe":
                 handled.add(pre + "mlp.shared_expert_gate.weight")
         if fmt in ("deepseek_v3", "glm4_moe") and i >= L:
@@ -312,8 +338,13 @@ def import_state_dict(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
         leftover.discard("lm_head.weight")  # some tools save the tied head too
     leftover = sorted(n for n in leftover if not n.endswith("rotary_emb.inv_freq"))
     if leftover:
-        raise MinimoeError(f"the checkpoint has weight {leftover[0]}, which has no place in the minimoe model")
-    sd = {k: v.to(torch.float32) if k.endswith("e_score_correction_bias") or v.is_floating_point() else v for k, v in sd.items()}
+        raise MinimoeError(
+            f"the checkpoint has weight {leftover[0]}, which has no place in the minimoe model"
+        )
+    sd = {
+        k: v.to(torch.float32) if k.endswith("e_score_correction_bias") or v.is_floating_point() else v
+        for k, v in sd.items()
+    }
     return cfg, sd, fmt, notes
 
 
@@ -351,7 +382,9 @@ def import_hf(
     cfg, sd, fmt, notes = import_state_dict(hf_dir)
     tok = _tokenizer(hf_dir, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
-        raise MinimoeError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} embeddings")
+        raise MinimoeError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} embeddings"
+        )
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
     return write_run(out, model, tok, {"source": str(hf_dir.resolve()), "format": fmt}), fmt, notes

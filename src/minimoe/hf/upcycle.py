@@ -49,7 +49,9 @@ def upcycle_config(
     """
     mt = c.get("model_type")
     if mt not in DENSE_TYPES:
-        raise MinimoeError(f"upcycling reads dense Llama-family checkpoints ({', '.join(DENSE_TYPES)}), not {mt!r}")
+        raise MinimoeError(
+            f"upcycling reads dense Llama-family checkpoints ({', '.join(DENSE_TYPES)}), not {mt!r}"
+        )
     if c.get("hidden_act", "silu") != "silu":
         raise MinimoeError(f"the dense MLP uses {c.get('hidden_act')!r}, not SwiGLU (silu)")
     if c.get("mlp_bias"):
@@ -60,7 +62,9 @@ def upcycle_config(
     if granularity < 1 or inter % granularity:
         raise MinimoeError(f"--granularity {granularity} does not divide intermediate_size ({inter})")
     if experts < 1 or experts % granularity:
-        raise MinimoeError(f"--experts ({experts}) must be a positive multiple of --granularity ({granularity})")
+        raise MinimoeError(
+            f"--experts ({experts}) must be a positive multiple of --granularity ({granularity})"
+        )
     L = int(c["num_hidden_layers"])
     if not 0 <= dense_layers < L:
         raise MinimoeError(f"--dense-layers must be between 0 and {L - 1}, got {dense_layers}")
@@ -137,10 +141,18 @@ def upcycle_state_dict(
             sd[f"{ours}self_attn.{proj}.weight"] = take(f"{pre}self_attn.{proj}.weight")
             bias = dense.get(f"{pre}self_attn.{proj}.bias")
             if bias is not None and bool((bias != 0).any()):
-                raise MinimoeError(f"the dense model has attention biases ({proj}.bias), which minimoe does not have")
+                raise MinimoeError(
+                    f"the dense model has attention biases ({proj}.bias), which minimoe does not have"
+                )
         gate, up, down = (take(f"{pre}mlp.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
         if not cfg.is_moe_layer(i):
-            sd.update({f"{ours}mlp.gate_proj.weight": gate, f"{ours}mlp.up_proj.weight": up, f"{ours}mlp.down_proj.weight": down})
+            sd.update(
+                {
+                    f"{ours}mlp.gate_proj.weight": gate,
+                    f"{ours}mlp.up_proj.weight": up,
+                    f"{ours}mlp.down_proj.weight": down,
+                }
+            )
             continue
         slice_of = [e % granularity for e in range(E)]
         gate_GID = gate.view(granularity, I, -1)  # (G, I/G, D): row slices of the intermediate dim
@@ -192,14 +204,23 @@ def upcycle(
     cfg = upcycle_config(c, experts, top_k, granularity, dense_layers, scoring, list(overrides or []))
     tok = _tokenizer(dense_dir, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
-        raise MinimoeError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} embeddings")
+        raise MinimoeError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} embeddings"
+        )
     std = cfg.init_std if router_std is None else router_std
     sd = upcycle_state_dict(load_tensors(dense_dir), cfg, granularity, std, seed)
     torch.manual_seed(seed)  # MTP modules, if asked for by an override, start fresh
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    fresh = [k for k in missing if not k.startswith("mtp.") and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    fresh = [
+        k
+        for k in missing
+        if not k.startswith("mtp.") and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    ]
     if fresh or unexpected:
         raise MinimoeError(f"upcycling produced a mismatched state dict ({(fresh or unexpected)[0]})")
-    info = {"source": str(dense_dir.resolve()), "upcycled": {"experts": experts, "top_k": top_k, "granularity": granularity}}
+    info = {
+        "source": str(dense_dir.resolve()),
+        "upcycled": {"experts": experts, "top_k": top_k, "granularity": granularity},
+    }
     return write_run(out, model, tok, info)

@@ -77,7 +77,8 @@ def beam_search(
     # every beam starts as the prompt; only beam 0 may expand at the first step
     cache.reorder(torch.zeros(n, dtype=torch.long, device=device))
     logits = logits.expand(n, V)
-    beam_lp = torch.full((n,), float("-inf"), device=device)
+    # log-probabilities accumulate in fp64, so scores are exact sums for any model dtype
+    beam_lp = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
     beam_lp[0] = 0.0
     seqs: list[list[int]] = [[] for _ in range(n)]
     seen = _seen_mask([ids] * n, V, device) if repetition_penalty != 1.0 else None
@@ -88,7 +89,7 @@ def beam_search(
         stats.prefill_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     for step in range(budget):
-        x = logits.float()
+        x = logits.double()
         if seen is not None:
             x = apply_repetition_penalty(x, seen, repetition_penalty)
         cand = (beam_lp[:, None] + x.log_softmax(-1)).view(-1)  # (n * V,)
@@ -114,7 +115,7 @@ def beam_search(
         if stats is not None:
             stats.new_tokens += len(keep_tok)
         if step == budget - 1:
-            beam_lp = torch.tensor(keep_lp, device=device)
+            beam_lp = torch.tensor(keep_lp, dtype=torch.float64, device=device)
             break
         index = torch.tensor(keep_beam, device=device)
         toks = torch.tensor(keep_tok, device=device)
@@ -122,7 +123,7 @@ def beam_search(
         if seen is not None:
             seen = seen.index_select(0, index)
             seen[torch.arange(len(keep_tok), device=device), toks] = True
-        beam_lp = torch.tensor(keep_lp, device=device)
+        beam_lp = torch.tensor(keep_lp, dtype=torch.float64, device=device)
         logits = model(toks.view(-1, 1), cache=cache, num_logits_to_keep=1).logits[:, -1]
         if stats is not None:
             stats.forward_calls += 1

@@ -1,0 +1,114 @@
+"""`minimoe inspect RUN_DIR`: which experts tokens go to (--text), and routing statistics (--corpus)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minimoe.errors import MinimoeError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show expert routing for a text, or routing statistics over a corpus sample",
+        description="--text: per-token, per-layer expert assignment (colour-coded terminal view, "
+        "--html for a page). --corpus: top tokens per expert, routing entropy, expert co-activation "
+        "(--coact-png), share of tokens per routed and shared expert, dead and dominant experts.",
+    )
+    p.add_argument("run_dir", help="run or checkpoint directory")
+    p.add_argument("--text", help="text to route token by token")
+    p.add_argument("--html", help="with --text: write an HTML page here")
+    p.add_argument("--corpus", help="text source to sample (file, folder, .jsonl, .parquet)")
+    p.add_argument("--max-tokens", type=int, default=20000, help="tokens read from --corpus (default 20000)")
+    p.add_argument("--top", type=int, default=8, help="top tokens listed per expert (default 8)")
+    p.add_argument("--coact-png", help="with --corpus: write the co-activation heatmaps here")
+    p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _print_corpus(console, stats: dict) -> None:
+    from rich.table import Table
+
+    n_shared = stats["n_shared_experts"]
+    console.print(
+        f"[bold]{stats['tokens']:,} tokens[/bold], {stats['n_routed_experts']} routed experts"
+        + (f" + {n_shared} shared (every token)" if n_shared else "")
+    )
+    for name, layer in stats["layers"].items():
+        ent = layer["entropy"]
+        console.print(
+            f"\n[bold]layer {name}[/bold]: MaxVio {layer['max_vio']:.3f}, load entropy "
+            f"{ent['load_normalised']:.3f} of max, mean per-token score entropy {ent['mean_token_nats']:.3f} nats "
+            f"({ent['mean_token_normalised']:.3f} of max)"
+        )
+        t = Table(show_header=True, header_style="bold")
+        for col in ("expert", "routed share", "tokens visiting", "share of all expert work", "top tokens (count, share of that token)"):
+            t.add_column(col)
+        for e, share in enumerate(layer["routed_share"]):
+            tops = "  ".join(f"{x['token']!r} {x['count']} ({x['frac_of_token']:.0%})" for x in layer["top_tokens"][e][:5])
+            flag = " [red]dead[/red]" if e in layer["dead_experts"] else ""
+            flag += " [yellow]dominant[/yellow]" if e in layer["dominant_experts"] else ""
+            t.add_row(
+                f"{e}{flag}", f"{share:.3f}", f"{layer['token_frac'][e]:.3f}",
+                f"{layer['slot_share']['routed'][e]:.3f}", tops,
+            )  # fmt: skip
+        for s in range(n_shared):
+            t.add_row(f"shared {s}", "–", "1.000", f"{layer['slot_share']['shared'][s]:.3f}", "(every token)")
+        console.print(t)
+        console.print(
+            f"dead experts: {layer['dead_experts'] or 'none'}; dominant (> 2x fair share): "
+            f"{layer['dominant_experts'] or 'none'}"
+        )
+
+
+def run(args) -> int:
+    from minimoe.lab.inspect import (
+        corpus_ids,
+        corpus_stats,
+        rich_text_view,
+        route_text,
+        save_coactivation,
+        text_html,
+    )
+    from minimoe.train.checkpoint import load_run
+
+    if args.text is None and args.corpus is None:
+        raise MinimoeError("give --text TEXT and/or --corpus PATH")
+    if args.html and args.text is None:
+        raise MinimoeError("--html needs --text")
+    if args.coact_png and args.corpus is None:
+        raise MinimoeError("--coact-png needs --corpus")
+    model, tokenizer, cfg, _ = load_run(args.run_dir, which=args.which)
+    out: dict = {}
+    from rich.console import Console
+
+    console = Console()
+    if args.text is not None:
+        tr = route_text(model, tokenizer, args.text)
+        out["text"] = tr.to_dict()
+        if args.html:
+            path = Path(args.html)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text_html(tr, f"routing: {Path(args.run_dir).name}"), encoding="utf-8")
+            except OSError as e:
+                raise MinimoeError(f"cannot write {path} ({e.strerror})") from None
+            out["html"] = str(path)
+        if not args.json:
+            console.print(rich_text_view(tr))
+            if args.html:
+                console.print(f"HTML: {args.html}")
+    if args.corpus is not None:
+        ids = corpus_ids(args.corpus, tokenizer, args.max_tokens)
+        stats = corpus_stats(model, tokenizer, ids, seq_len=cfg.train.seq_len, top_n=args.top)
+        out["corpus"] = stats
+        if args.coact_png:
+            out["coactivation_png"] = str(save_coactivation(stats, args.coact_png))
+        if not args.json:
+            _print_corpus(console, stats)
+            if args.coact_png:
+                console.print(f"co-activation: {args.coact_png}")
+    if args.json:
+        print(json.dumps(out))
+    return 0
