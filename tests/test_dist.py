@@ -128,7 +128,9 @@ def _paused_run(run_dir: Path, overrides: list[str], steps: int, ctx=None) -> No
     from minimoe.train.trainer import Trainer
 
     cfg = build_run_config("tiny", None, overrides)  # what train_from_config uses without a preset
-    data = prepare(cfg.data.path, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    data = prepare(
+        cfg.data.path, "byte", data_cache_dir(cfg.data, None), cfg.data.val_fraction, workers=0, progress=False
+    )
     cfg.model.vocab_size = 320
     Trainer(cfg, run_dir, data, data.tokenizer(), progress=False, ctx=ctx).fit(stop_after=steps)
 

@@ -325,3 +325,15 @@ def test_state_file_that_would_run_code_is_refused(tmp_path, corpus):
     with pytest.raises(MinimoeError, match="refusing"):
         ckpt_lib.load_state(ck)
     assert not marker.exists()
+
+
+def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus):
+    res = _train(
+        tmp_path / "run", corpus, "train.max_steps=100000", "train.max_minutes=0.05", "train.eval_every=100000",
+        "train.min_lr_ratio=0.1", "train.lr=1e-3",
+    )  # fmt: skip
+    assert res.stopped == "max_minutes" and 0 < res.step < 100000
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.3e-3  # the cosine ran on the clock: near its 1e-4 floor at the end, not at the peak
+    assert rows[-1]["step"] == res.step and "val_loss" in rows[-1]  # evaluated and saved at the stop

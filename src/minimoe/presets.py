@@ -198,7 +198,17 @@ PRESETS: dict[str, ModelConfig] = {
 
 # Training defaults that go with a preset (dotted keys), applied before the user's config.
 TRAIN_DEFAULTS: dict[str, dict[str, object]] = {
-    "tiny": {"train.seq_len": 256, "train.batch_size": 16, "data.tokenizer": "bpe:4096"},
+    # the quickstart: at most 8 minutes of training on 2 cores, whatever the machine's speed
+    "tiny": {
+        "train.seq_len": 256,
+        "train.batch_size": 16,
+        "train.max_steps": 2000,
+        "train.max_minutes": 8,
+        "train.warmup_steps": 30,
+        "train.eval_every": 100,
+        "train.eval_batches": 8,
+        "data.tokenizer": "bpe:4096",
+    },
     "small": {"train.seq_len": 512, "train.batch_size": 16, "data.tokenizer": "bpe:16384"},
     "mymoe": {"train.seq_len": 128},
     "deepseek-mini": {"train.seq_len": 128},

@@ -130,12 +130,14 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
         scale = run.train_flops_per_token if x == "flops" else 1.0
         xs = [t * scale for t in run.tokens_at("train")]
         if run.train:
-            ax_t.plot(xs, [r["loss"] for r in run.train], color=c, lw=1.2, label=run.label, alpha=0.9)
+            # cross-entropy when logged: the total loss adds aux/z/MTP terms that differ between variants
+            ys = [r.get("ce", r["loss"]) for r in run.train]
+            ax_t.plot(xs, ys, color=c, lw=1.2, label=run.label, alpha=0.9)
         if run.evals:
             xv = [t * scale for t in run.tokens_at("eval")]
             ax_v.plot(xv, [r["val_loss"] for r in run.evals], "o-", color=c, lw=1.5, ms=4, label=run.label)
     xlabel = "tokens seen" if x == "tokens" else "training FLOPs (activated parameters + attention)"
-    for ax, title in ((ax_t, "training loss (CE + aux + z + MTP)"), (ax_v, "validation loss (CE)")):
+    for ax, title in ((ax_t, "training cross-entropy (per logging window)"), (ax_v, "validation loss (CE)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(title)

@@ -371,8 +371,9 @@ class Trainer:
         with _Interrupt() as interrupt:
             while self.step < tc.max_steps:
                 lr = tc.lr * lr_multiplier(
-                    self.step, tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio, tc.decay_fraction
-                )
+                    self._schedule_step(t0), tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio,
+                    tc.decay_fraction,
+                )  # fmt: skip
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 step_vals, step_loads = self._train_step()  # [loss, ce, aux, z, mtp], summed over ranks
@@ -537,6 +538,15 @@ class Trainer:
         t = torch.tensor([float(f) for f in flags], device=self.device)
         torch.distributed.all_reduce(t)
         return [bool(v > 0) for v in t.tolist()]
+
+    def _schedule_step(self, t0: float) -> int:
+        """The step the LR schedule sees. With train.max_minutes the schedule follows whichever of steps
+        or wall time is further along, so a run cut by the clock still finishes its decay."""
+        tc = self.cfg.train
+        if tc.max_minutes is None:
+            return self.step
+        by_time = int((time.perf_counter() - t0) / (tc.max_minutes * 60) * tc.max_steps)
+        return max(self.step, min(by_time, tc.max_steps))
 
     def _bias_ranges(self) -> dict[str, list[float]]:
         out = {}
