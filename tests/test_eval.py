@@ -615,3 +615,50 @@ def test_lm_eval_bad_model_args_is_one_sentence(tmp_path, unigram_run):
         MinimoeLM()
     lm = MinimoeLM.create_from_arg_string(f"path={unigram_run}", {"batch_size": "auto", "device": None})
     assert lm.batch_size == 8 and lm.max_length == 64
+
+
+@pytest.mark.slow
+def test_exported_model_gives_the_same_numbers_with_lm_eval_hf(tmp_path, monkeypatch):
+    """The README's second route: `minimoe export` then lm_eval's own `hf` backend. Per-request
+    log-likelihoods equal the `minimoe` adapter's on a model where attention and routing matter."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import minimoe.eval.lm_eval  # noqa: F401
+    from minimoe.hf.export import export_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1)
+    run = save_run(model, tmp_path / "run")
+    export_model(model, Tokenizer.byte(), tmp_path / "exported")
+    _lm_eval_data(tmp_path)
+    resps = {}
+    for name, args in [
+        ("minimoe", f"path={run}"),
+        ("hf", f"pretrained={tmp_path / 'exported'},dtype=float32"),
+    ]:
+        tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+        out = lm_eval.simple_evaluate(
+            model=name, model_args=args, tasks=["mm_mc", "mm_ppl"], batch_size=3, device="cpu",
+            task_manager=tm, log_samples=True,
+        )  # fmt: skip
+        # each request's response: [(loglikelihood, is_greedy)] or [loglikelihood] (rolling)
+        resps[name] = {
+            t: [
+                r[0][0] if isinstance(r[0], tuple | list) else r[0]
+                for s in out["samples"][t]
+                for r in s["resps"]
+            ]
+            for t in ("mm_mc", "mm_ppl")
+        }
+    for t in ("mm_mc", "mm_ppl"):
+        ours, theirs = resps["minimoe"][t], resps["hf"][t]
+        assert len(ours) == len(theirs) == {"mm_mc": 9, "mm_ppl": 3}[t]
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-3), t

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import greedy_no_cache, sequence_logprob
 
 from minimoe.cli.main import main
 from minimoe.config import ModelConfig
@@ -33,6 +32,7 @@ from minimoe.infer.sampling import (
     pick_tokens,
 )
 from minimoe.model.transformer import Transformer
+from reference import greedy_no_cache, sequence_logprob
 
 
 def tiny_cfg(attn_type: str = "mla", **kw) -> ModelConfig:
@@ -144,9 +144,7 @@ def test_batched_equals_single(attn_type):
     assert collect(stream_batch(model, PROMPTS, 16, GREEDY, stop_ids=stop), len(PROMPTS)) == single
     # sampling: each row has its own generator, seeded alike, so it draws what it would alone
     params = SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.2)
-    single = [
-        list(generate_tokens(model, p, 12, 1.0, 20, seed=3, repetition_penalty=1.2)) for p in PROMPTS
-    ]
+    single = [list(generate_tokens(model, p, 12, 1.0, 20, seed=3, repetition_penalty=1.2)) for p in PROMPTS]
     assert collect(stream_batch(model, PROMPTS, 12, params, seed=3), len(PROMPTS)) == single
 
 
@@ -205,9 +203,7 @@ def test_speculative_equals_greedy_random_weights(attn_type, mtp_depth):
     stop = (plain[7],)
     want = list(generate_tokens(model, PROMPTS[1], 24, 0.0, stop_ids=stop, repetition_penalty=1.3))
     got = list(
-        generate_tokens(
-            model, PROMPTS[1], 24, 0.0, stop_ids=stop, repetition_penalty=1.3, speculative=True
-        )
+        generate_tokens(model, PROMPTS[1], 24, 0.0, stop_ids=stop, repetition_penalty=1.3, speculative=True)
     )
     assert got == want and len(got) < 24
 
@@ -235,7 +231,7 @@ def test_speculative_sampling_keeps_the_distribution():
     q = torch.tensor([[0.05, 0.6, 0.05, 0.2, 0.1]])  # a poor draft distribution
     params = SamplingParams(temperature=1.0)
     gen = torch.Generator().manual_seed(0)
-    n, counts = 20000, torch.zeros(5)
+    n, counts = 6000, torch.zeros(5)
     drafts = torch.multinomial(q[0], n, replacement=True, generator=gen).tolist()
     accepted = 0
     for d in drafts:
@@ -243,8 +239,8 @@ def test_speculative_sampling_keeps_the_distribution():
         counts[tok] += 1
         accepted += ok
     p = logits.softmax(-1)[0]
-    assert (counts / n - p).abs().max() < 0.015
-    assert abs(accepted / n - torch.minimum(p, q[0]).sum()) < 0.015  # P(accept) = sum min(p, q)
+    assert (counts / n - p).abs().max() < 0.03  # ~5 standard errors; wrong rules miss by > 0.1
+    assert abs(accepted / n - torch.minimum(p, q[0]).sum()) < 0.03  # P(accept) = sum min(p, q)
     # end to end: seeded speculative sampling is reproducible and stays inside top-k
     model = tiny_model()
     kw = dict(temperature=1.0, top_k=3, seed=5, speculative=True)
@@ -346,7 +342,12 @@ def test_complete_keeps_prompt_order_in_batches():
     alone = [complete(model, tok, [p], **kw)[0].text for p in prompts]
     pieces: dict[int, str] = {}
     results = complete(
-        model, tok, prompts, batch_size=3, on_text=lambda i, s: pieces.__setitem__(i, pieces.get(i, "") + s), **kw
+        model,
+        tok,
+        prompts,
+        batch_size=3,
+        on_text=lambda i, s: pieces.__setitem__(i, pieces.get(i, "") + s),
+        **kw,
     )
     assert [r.text for r in results] == alone
     assert [pieces.get(i, "") for i in range(4)] == alone
@@ -357,14 +358,18 @@ def test_complete_keeps_prompt_order_in_batches():
 # ----------------------------------------------------------------------------------- CLI (trained)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A tiny MLA model with one MTP module, trained for a few dozen steps on a 16-word corpus."""
+    """A tiny MLA model with one MTP module, trained for a few dozen steps on a 16-word corpus.
+    test_quantize imports this fixture too; the fixed folder makes the session train only once."""
     from test_train import TINY
 
     from minimoe.train.run import train_from_config
 
-    root = tmp_path_factory.mktemp("infer")
+    root = tmp_path_factory.getbasetemp() / "trained_mtp_run"
+    if (root / "run" / "checkpoints" / "latest").exists():
+        return root / "run"
+    root.mkdir(exist_ok=True)
     mp = pytest.MonkeyPatch()
     mp.setenv("MINIMOE_CACHE", str(root / "cache"))
     words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
@@ -390,7 +395,9 @@ def test_speculative_equals_greedy_trained(trained_run):
         ids = tok.encode(text)
         for rp in (1.0, 1.5):
             stats = GenerationStats()
-            spec = list(generate_tokens(model, ids, 40, 0.0, repetition_penalty=rp, speculative=True, stats=stats))
+            spec = list(
+                generate_tokens(model, ids, 40, 0.0, repetition_penalty=rp, speculative=True, stats=stats)
+            )
             assert spec == list(generate_tokens(model, ids, 40, 0.0, repetition_penalty=rp))
             drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
     # the trained MTP head drafts well, but not perfectly: both branches run
@@ -409,7 +416,9 @@ def test_cli_prompts_from_file_jsonl_and_stdin(trained_run, tmp_path, capsys, mo
     base = [str(trained_run), "--max-new-tokens", "12", "--temperature", "0"]
     lines = tmp_path / "prompts.txt"
     lines.write_text("the cat\n\na dog\n", encoding="utf-8")
-    code, out, _ = run_cli(base + ["--prompt-file", str(lines), "--output", "jsonl", "--batch-size", "2"], capsys)
+    code, out, _ = run_cli(
+        ["generate"] + base + ["--prompt-file", str(lines), "--output", "jsonl", "--batch-size", "2"], capsys
+    )
     recs = [json.loads(x) for x in out.splitlines()]
     assert code == 0 and [r["prompt"] for r in recs] == ["the cat", "a dog"]
     assert all(r["num_tokens"] > 0 and r["finish_reason"] in ("stop", "length") for r in recs)
@@ -425,7 +434,10 @@ def test_cli_prompts_from_file_jsonl_and_stdin(trained_run, tmp_path, capsys, mo
     code, out3, _ = run_cli(["generate"] + base, capsys, stdin="the cat", monkeypatch=monkeypatch)
     assert code == 0 and out3 == "the cat" + recs[0]["completion"] + "\n"
     code, out4, _ = run_cli(
-        ["generate"] + base + ["--prompt-file", "-", "--output", "jsonl"], capsys, "the cat\na dog\n", monkeypatch
+        ["generate"] + base + ["--prompt-file", "-", "--output", "jsonl"],
+        capsys,
+        "the cat\na dog\n",
+        monkeypatch,
     )
     assert out4 == out2
 
@@ -436,7 +448,16 @@ def cli(capsys, monkeypatch):
 
 
 def test_cli_generation_options(trained_run, cli):
-    base = ["generate", str(trained_run), "--prompt", "the cat", "--max-new-tokens", "20", "--temperature", "0"]
+    base = [
+        "generate",
+        str(trained_run),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+    ]
     code, plain, _ = cli(base)
     code, spec, err = cli(base + ["--speculative", "--stats"])
     assert code == 0 and spec == plain
@@ -447,10 +468,34 @@ def test_cli_generation_options(trained_run, cli):
     code, cut, _ = cli(base + ["--stop", stop])
     assert cut == plain[: plain.index(stop, len("the cat"))] + "\n"
     code, sampled, _ = cli(
-        base[:-2] + ["--temperature", "0.9", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "1"]
+        base[:-2]
+        + [
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "5",
+            "--top-p",
+            "0.9",
+            "--repetition-penalty",
+            "1.2",
+            "--seed",
+            "1",
+        ]
     )
     code, again, _ = cli(
-        base[:-2] + ["--temperature", "0.9", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "1"]
+        base[:-2]
+        + [
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "5",
+            "--top-p",
+            "0.9",
+            "--repetition-penalty",
+            "1.2",
+            "--seed",
+            "1",
+        ]
     )
     assert code == 0 and sampled == again
     code, q8, err = cli(base + ["--quantize", "8", "--stats"])

@@ -180,7 +180,7 @@ def _print_table(res: dict, out_path: Path | None) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
-    t = Table(title=f"{res['task']}  ·  {res['data']['path']}  ·  step {res['checkpoint']['step']}")
+    t = Table(title=f"{res['task']} · step {res['checkpoint']['step']} · {Path(res['data']['path']).name}")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in res.items():
@@ -203,7 +203,9 @@ def _print_table(res: dict, out_path: Path | None) -> None:
         console.print(pt)
     if res.get("skipped"):
         console.print(f"skipped {len(res['skipped'])} binary or non-UTF-8 files")
-    console.print(f"data sha256 {res['data']['sha256'][:16]}…  ·  {res['seconds']:.1f} s")
+    console.print(
+        f"data {res['data']['path']} (sha256 {res['data']['sha256'][:12]}) · {res['seconds']:.1f} s"
+    )
     if out_path is not None:
         console.print(f"results written to {out_path}")
 

@@ -43,10 +43,18 @@ def _print_corpus(console, stats: dict) -> None:
             f"({ent['mean_token_normalised']:.3f} of max)"
         )
         t = Table(show_header=True, header_style="bold")
-        for col in ("expert", "routed share", "tokens visiting", "share of all expert work", "top tokens (count, share of that token)"):
+        for col in (
+            "expert",
+            "routed share",
+            "tokens visiting",
+            "share of all expert work",
+            "top tokens (count, share of that token)",
+        ):
             t.add_column(col)
         for e, share in enumerate(layer["routed_share"]):
-            tops = "  ".join(f"{x['token']!r} {x['count']} ({x['frac_of_token']:.0%})" for x in layer["top_tokens"][e][:5])
+            tops = "  ".join(
+                f"{x['token']!r} {x['count']} ({x['frac_of_token']:.0%})" for x in layer["top_tokens"][e][:5]
+            )
             flag = " [red]dead[/red]" if e in layer["dead_experts"] else ""
             flag += " [yellow]dominant[/yellow]" if e in layer["dominant_experts"] else ""
             t.add_row(

@@ -21,6 +21,12 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=32768, help="tokens of --eval-data to score")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: train.seq_len)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (0 = torch default; 1 is often fastest for decoding)",
+    )
 
 
 def run(args) -> int:
@@ -36,8 +42,14 @@ def run(args) -> int:
     from minimoe.train.checkpoint import load_run
 
     check_quant_args(args.bits, args.group_size)
+    if args.threads < 0:
+        raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
     if args.eval_tokens < 2:
         raise MinimoeError(f"--eval-tokens must be at least 2, got {args.eval_tokens}")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok, cfg, meta = load_run(args.run_dir, args.checkpoint, args.device)
     if getattr(model, "quantization", None):
         raise MinimoeError(f"{meta['path']} is already quantized")

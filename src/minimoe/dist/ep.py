@@ -68,8 +68,8 @@ class ExpertParallel:
         n_experts: E, the layer's global number of routed experts (divisible by R).
 
     Attributes:
-        bytes_sent: bytes of token rows this rank sent through the all-to-alls (forward, both ways),
-            for benchmarks; reset it yourself.
+        bytes_sent: bytes of token rows this rank sent to other ranks in forward passes (dispatch and
+            combine; backward sends as many again), for benchmarks; reset it yourself.
     """
 
     def __init__(self, group, n_experts: int):
@@ -117,7 +117,9 @@ class ExpertParallel:
         y_sorted = experts(x_recv.index_select(0, order), recv_RL.sum(0))  # (N_recv, D)
         y_recv = torch.zeros_like(y_sorted).index_copy(0, order, y_sorted)  # back to arrival order
         y_ND = all_to_all(y_recv, send_R, recv_R, self.group)  # (N, D), the order of x_ND
-        self.bytes_sent += (sum(send_R) + sum(recv_R)) * x_ND.shape[1] * x_ND.element_size()
+        # rows leaving this rank (dispatch, then combine); the rows a rank keeps are a local copy
+        remote_rows = sum(send_R) - send_R[self.rank] + sum(recv_R) - recv_R[self.rank]
+        self.bytes_sent += remote_rows * x_ND.shape[1] * x_ND.element_size()
         # down_proj is linear: scaling the output equals the one-process scaling of its input
         return y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
 

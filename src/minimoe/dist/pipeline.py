@@ -105,7 +105,7 @@ class PipelineStageModule(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.gradient_checkpointing = model.gradient_checkpointing
-        self.loss_scale = 1.0  # set by the runner: 1 / grad_accum while training
+        self.loss_scale = 1.0  # set by the runner: 1 / (grad_accum * micro-batches) while training
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -194,7 +194,10 @@ class PipelineRunner:
             self.module, ctx.rank, P, ctx.device, input_args=in_args, output_args=out_args
         )
         schedule_cls = Schedule1F1B if cfg.dist.pp_schedule == "1f1b" else ScheduleGPipe
-        self.schedule = schedule_cls(self.stage, self.n_micro, loss_fn=self._loss_fn, scale_grads=True)
+        # The loss is divided by the micro-batch count here rather than by the schedule: its
+        # scale_grads divides every accumulated gradient at each step, which would also shrink the
+        # gradients of earlier gradient-accumulation steps.
+        self.schedule = schedule_cls(self.stage, self.n_micro, loss_fn=self._loss_fn, scale_grads=False)
         # every MoE layer of the full model, in a fixed order, so stages can sum their statistics
         self.moe_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         self.n_experts = cfg.model.n_routed_experts
@@ -238,7 +241,7 @@ class PipelineRunner:
             ([ce, aux, z] of the batch, identical on every rank; loads {layer: (E,)} summed over stages).
         """
         m = self.module
-        m.loss_scale = loss_scale
+        m.loss_scale = loss_scale / self.n_micro  # mean over micro-batches, as one batch in one process
         m.reset_stats()
         losses: list[torch.Tensor] = []
         x, y = x.to(self.ctx.device), y.to(self.ctx.device)
@@ -251,7 +254,7 @@ class PipelineRunner:
         else:
             self.schedule.step()
         ce_sum = (
-            torch.stack([loss.detach() for loss in losses]).sum() / loss_scale
+            torch.stack([loss.detach() for loss in losses]).sum() / m.loss_scale
             if self.last
             else torch.zeros((), device=self.ctx.device)
         )

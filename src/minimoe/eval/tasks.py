@@ -166,6 +166,46 @@ def join_choice(context: str, choice: str, delimiter: str = " ") -> str:
     return delimiter + choice
 
 
+def multiple_choice_example(rec: Record, fields: dict[str, str]) -> tuple[str, list[str], int]:
+    """(context, choices, label) of a record, or MinimoeError naming the line. A label may be an int
+    or a string of digits (as HellaSwag stores it)."""
+    context = _text(rec, fields, "context", allow_empty=True)
+    choices = _field(rec, fields, "choices")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise MinimoeError(
+            f"{rec.where}: '{fields.get('choices', 'choices')}' must be a list of 2 or more texts"
+        )
+    for j, c in enumerate(choices):
+        if not isinstance(c, str) or not c:
+            raise MinimoeError(f"{rec.where}: choice {j} is {'empty' if c == '' else 'not text'}")
+    label = _field(rec, fields, "label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise MinimoeError(
+            f"{rec.where}: label {label!r} is not an index into its {len(choices)} choices (0-{len(choices) - 1})"
+        )
+    return context, choices, label
+
+
+def choice_correct(
+    logprobs: Sequence[float], n_tokens: Sequence[int], choices: Sequence[str], label: int
+) -> dict:
+    """Whether each criterion picks `label`: the raw log-likelihood, and divided by the choice's
+    characters (lm-eval acc_norm), UTF-8 bytes (acc_bytes) or tokens. np.argmax takes the first of
+    equal scores, as lm-eval does."""
+    ll = np.asarray(logprobs, dtype=np.float64)
+    chars = np.array([len(c) for c in choices], dtype=np.float64)
+    nbytes = np.array([len(c.encode("utf-8")) for c in choices], dtype=np.float64)
+    toks = np.maximum(np.asarray(n_tokens, dtype=np.float64), 1.0)
+    return {
+        "accuracy": float(np.argmax(ll) == label),
+        "accuracy_norm": float(np.argmax(ll / chars) == label),
+        "accuracy_per_byte": float(np.argmax(ll / nbytes) == label),
+        "accuracy_per_token": float(np.argmax(ll / toks) == label),
+    }
+
+
 def evaluate_multiple_choice(
     model,
     tokenizer,
@@ -189,28 +229,14 @@ def evaluate_multiple_choice(
     Returns:
         {"accuracy", "accuracy_norm" (lm-eval acc_norm: by characters), "accuracy_per_byte"
         (lm-eval acc_bytes), "accuracy_per_token", "accuracy_stderr", "n", "data_sha256"}, plus
-        "per_file" for a folder.
+        "per_file" and "accuracy_macro" for a folder.
     """
     fields = fields or {}
     data = load_records(path, limit)
-    records = data.records
     ctx_len = model_context(model)
     examples, pairs = [], []
-    for rec in records:
-        context = _text(rec, fields, "context", allow_empty=True)
-        choices = _field(rec, fields, "choices")
-        if not isinstance(choices, list) or len(choices) < 2:
-            raise MinimoeError(
-                f"{rec.where}: '{fields.get('choices', 'choices')}' must be a list of 2 or more texts"
-            )
-        for j, c in enumerate(choices):
-            if not isinstance(c, str) or not c:
-                raise MinimoeError(f"{rec.where}: choice {j} is {'empty' if c == '' else 'not text'}")
-        label = _field(rec, fields, "label")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-            raise MinimoeError(
-                f"{rec.where}: label {label!r} is not an index into its {len(choices)} choices (0-{len(choices) - 1})"
-            )
+    for rec in data.records:
+        context, choices, label = multiple_choice_example(rec, fields)
         for j, c in enumerate(choices):
             ctx_ids, cont_ids = encode_pair(tokenizer, context, join_choice(context, c, delimiter))
             _check_fits(len(cont_ids), ctx_len, rec.where, f"choice {j}")
@@ -221,20 +247,7 @@ def evaluate_multiple_choice(
     for choices, label in examples:
         sc = scores[i : i + len(choices)]
         i += len(choices)
-        ll = np.array([s.logprob for s in sc])
-        # np.argmax takes the first of equal scores, as lm-eval does
-        values.append(
-            {
-                "accuracy": float(np.argmax(ll) == label),
-                "accuracy_norm": float(np.argmax(ll / np.array([len(c) for c in choices])) == label),
-                "accuracy_per_byte": float(
-                    np.argmax(ll / np.array([len(c.encode("utf-8")) for c in choices])) == label
-                ),
-                "accuracy_per_token": float(
-                    np.argmax(ll / np.array([max(s.n_tokens, 1) for s in sc])) == label
-                ),
-            }
-        )
+        values.append(choice_correct([s.logprob for s in sc], [s.n_tokens for s in sc], choices, label))
     return _summary(data, values, "accuracy")
 
 

@@ -285,9 +285,7 @@ class TextStream:
         return piece
 
 
-def stream_text(
-    model, tokenizer, prompt: str, stop: Sequence[str] = (), **kw
-) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, stop: Sequence[str] = (), **kw) -> Iterator[str]:
     """Yield the continuation of `prompt` in text pieces as it is generated.
 
     Args:

@@ -142,7 +142,9 @@ class QuantTensor(nn.Module):
 
     def extra_repr(self) -> str:
         shape = (*self.qweight.shape[:-1], self.in_features)
-        return f"shape={shape}, bits={self.bits}" + (f", group_size={self.group_size}" if self.bits == 4 else "")
+        return f"shape={shape}, bits={self.bits}" + (
+            f", group_size={self.group_size}" if self.bits == 4 else ""
+        )
 
 
 class QuantLinear(QuantTensor):
@@ -229,7 +231,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None = None, batch_size: int = 8) -> float:
+def perplexity(
+    model, ids: torch.Tensor, seq_len: int, max_windows: int | None = None, batch_size: int = 8
+) -> float:
     """Perplexity of held-out tokens: non-overlapping windows of seq_len + 1 tokens, each scoring its
     last seq_len tokens (the first token of a window is context only).
 

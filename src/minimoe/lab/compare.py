@@ -110,7 +110,9 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         raise MinimoeError(str(e)) from None
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
-        raise MinimoeError(f"sweep file {path}: unknown key '{unknown[0]}' (expected {', '.join(SWEEP_KEYS)})")
+        raise MinimoeError(
+            f"sweep file {path}: unknown key '{unknown[0]}' (expected {', '.join(SWEEP_KEYS)})"
+        )
     variants = d.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise MinimoeError(f"sweep file {path} needs a 'variants' mapping of name -> overrides")
@@ -139,7 +141,9 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         raise MinimoeError(f"sweep file {path}: base must be a mapping (preset, config, overrides)")
     bad = [k for k in base if k not in ("preset", "config", "overrides")]
     if bad:
-        raise MinimoeError(f"sweep file {path}: unknown key 'base.{bad[0]}' (expected preset, config, overrides)")
+        raise MinimoeError(
+            f"sweep file {path}: unknown key 'base.{bad[0]}' (expected preset, config, overrides)"
+        )
     here = path.resolve().parent
     cwd = Path.cwd()
     return Sweep(
@@ -420,22 +424,28 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
 
 
 def _report_figures(out_dir: Path, runs: list[PlannedRun]) -> list[str]:
-    """Overlaid loss curves (first seed of each variant) and MaxVio; returns file names in out_dir."""
+    """Overlaid loss curves (every seed; one colour per variant) and MaxVio (first seed of each MoE
+    variant); returns file names in out_dir."""
     from minimoe.lab.plot import _plt, load_run_data, loss_figure, maxvio_figure, moe_runs
 
-    first = {}
-    for r in runs:
+    data = []
+    for r in sorted(runs, key=lambda r: list(dict.fromkeys(x.variant for x in runs)).index(r.variant)):
         d = out_dir / r.variant / f"seed_{r.seed}"
-        if r.variant not in first and (d / "metrics.jsonl").is_file():
-            first[r.variant] = (d, r)
-    if not first:
+        if (d / "metrics.jsonl").is_file():
+            run = load_run_data(d, f"{r.variant} (seed {r.seed})")
+            run.group = r.variant
+            data.append(run)
+    if not data:
         return []
-    data = [load_run_data(d, f"{v} (seed {r.seed})") for v, (d, r) in first.items()]
     plt = _plt()
     names = []
-    figs = [("loss_vs_tokens.png", loss_figure(data, "tokens")), ("loss_vs_flops.png", loss_figure(data, "flops"))]
-    if moe_runs(data):
-        figs.append(("maxvio.png", maxvio_figure(data)))
+    figs = [
+        ("loss_vs_tokens.png", loss_figure(data, "tokens")),
+        ("loss_vs_flops.png", loss_figure(data, "flops")),
+    ]
+    first = list({r.group: r for r in reversed(data)}.values())[::-1]  # first seed of each variant
+    if moe_runs(first):
+        figs.append(("maxvio.png", maxvio_figure(first)))
     for name, fig in figs:
         fig.savefig(out_dir / name, dpi=100)
         plt.close(fig)

@@ -139,7 +139,8 @@ def training_flops(cfg: RunConfig, steps: int | None = None) -> float:
 
 
 def steps_for_budget(cfg: RunConfig, tokens: float | None = None, flops: float | None = None) -> int:
-    """Optimizer steps that spend a token budget or a training-FLOPs budget (rounded down, at least 1).
+    """Optimizer steps that spend a token budget or a training-FLOPs budget (rounded down; a budget
+    below one step is an error).
 
     Args:
         cfg: the run config (batch size, sequence length, gradient accumulation, model).
@@ -155,7 +156,14 @@ def steps_for_budget(cfg: RunConfig, tokens: float | None = None, flops: float |
         if flops <= 0:
             raise MinimoeError(f"the FLOPs budget must be positive, got {flops}")
         per_step_flops = flops_per_token(cfg.model, cfg.train.seq_len).train_per_token * per_step
-        return max(1, int(flops // per_step_flops))
+        steps = int(flops // per_step_flops)
+        if steps < 1:
+            raise MinimoeError(
+                f"a FLOPs budget of {flops:.3g} is less than one step ({per_step_flops:.3g} FLOPs)"
+            )
+        return steps
     if tokens <= 0:
         raise MinimoeError(f"the token budget must be positive, got {tokens}")
-    return max(1, int(tokens // per_step))
+    if tokens < per_step:
+        raise MinimoeError(f"a budget of {tokens:,.0f} tokens is less than one step ({per_step:,} tokens)")
+    return int(tokens // per_step)

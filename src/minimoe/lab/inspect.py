@@ -68,7 +68,9 @@ def record_routing(model):
             scores_TE = router_scores(logits_TE, module.scoring_func)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             records[i].append(
-                LayerRouting(output.topk_idx.detach().cpu(), output.topk_weight.detach().float().cpu(), probs_TE.cpu())
+                LayerRouting(
+                    output.topk_idx.detach().cpu(), output.topk_weight.detach().float().cpu(), probs_TE.cpu()
+                )
             )
 
         return hook
@@ -210,7 +212,9 @@ def layer_stats(
         top = []
         for tid, n in c.most_common(top_n):
             tok = token_strings(tokenizer, [tid])[0]
-            top.append({"token": tok, "id": tid, "count": n, "frac_of_token": round(n / total_by_token[tid], 4)})
+            top.append(
+                {"token": tok, "id": tid, "count": n, "frac_of_token": round(n / total_by_token[tid], 4)}
+            )
         top_tokens.append(top)
     slot_den = K + n_shared
     fair = 1.0 / E
@@ -296,7 +300,8 @@ def corpus_stats(
         "n_routed_experts": model.cfg.n_routed_experts,
         "n_shared_experts": n_shared,
         "layers": {
-            str(i): layer_stats(_cat(v), kept, tokenizer, n_shared, top_n=top_n) for i, v in sorted(parts.items())
+            str(i): layer_stats(_cat(v), kept, tokenizer, n_shared, top_n=top_n)
+            for i, v in sorted(parts.items())
         },
     }
 
@@ -353,8 +358,12 @@ def text_html(tr: TextRouting, title: str = "minimoe routing") -> str:
             tip = ", ".join(f"expert {e}: {w:.3f}" for e, w in zip(experts, weights))
             tok = html.escape(_visible(tr.tokens[t]))
             color = expert_color(experts[0], tr.n_experts)
-            spans.append(f'<span class="tok" style="background:{color}" title="{html.escape(tip)}">{tok}</span>')
-        rows.append(f'<div class="layer"><div class="name">layer {i}</div><div class="text">{"".join(spans)}</div></div>')
+            spans.append(
+                f'<span class="tok" style="background:{color}" title="{html.escape(tip)}">{tok}</span>'
+            )
+        rows.append(
+            f'<div class="layer"><div class="name">layer {i}</div><div class="text">{"".join(spans)}</div></div>'
+        )
     legend = "".join(
         f'<span class="tok" style="background:{expert_color(e, tr.n_experts)}">expert {e}</span> '
         for e in range(tr.n_experts)

@@ -27,6 +27,7 @@ class RunData:
     train: list[dict] = field(default_factory=list)  # rows with "loss"
     evals: list[dict] = field(default_factory=list)  # rows with "val_loss"
     train_flops_per_token: float = 0.0
+    group: str | None = None  # runs of one group (seeds of a variant) share a colour, differ in dash
 
     def series(self, key: str, rows: str = "train") -> tuple[list[float], list[float]]:
         """(steps, values) of `key` in the train or eval rows that have it."""
@@ -113,6 +114,19 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _styles(runs: list[RunData]) -> list[tuple]:
+    """(colour, line style) per run: one colour per group, a different dash per run inside a group."""
+    groups = list(dict.fromkeys(r.group or r.label for r in runs))
+    colors = dict(zip(groups, _colors(len(groups))))
+    seen: dict[str, int] = {}
+    out = []
+    for r in runs:
+        g = r.group or r.label
+        out.append((colors[g], ("-", "--", ":", "-.")[seen.get(g, 0) % 4]))
+        seen[g] = seen.get(g, 0) + 1
+    return out
+
+
 def loss_figure(runs: list[RunData], x: str = "tokens"):
     """Two panels: training loss and validation loss against tokens seen or training FLOPs.
 
@@ -126,16 +140,17 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
         raise ValueError(f"x must be tokens or flops, got {x!r}")
     plt = _plt()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for run, c in zip(runs, _colors(len(runs))):
+    for run, (c, ls) in zip(runs, _styles(runs)):
         scale = run.train_flops_per_token if x == "flops" else 1.0
         xs = [t * scale for t in run.tokens_at("train")]
         if run.train:
             # cross-entropy when logged: the total loss adds aux/z/MTP terms that differ between variants
             ys = [r.get("ce", r["loss"]) for r in run.train]
-            ax_t.plot(xs, ys, color=c, lw=1.2, label=run.label, alpha=0.9)
+            ax_t.plot(xs, ys, color=c, ls=ls, lw=1.0, label=run.label, alpha=0.85)
         if run.evals:
             xv = [t * scale for t in run.tokens_at("eval")]
-            ax_v.plot(xv, [r["val_loss"] for r in run.evals], "o-", color=c, lw=1.5, ms=4, label=run.label)
+            ys = [r["val_loss"] for r in run.evals]
+            ax_v.plot(xv, ys, marker="o", color=c, ls=ls, lw=1.5, ms=4, label=run.label)
     xlabel = "tokens seen" if x == "tokens" else "training FLOPs (activated parameters + attention)"
     for ax, title in ((ax_t, "training cross-entropy (per logging window)"), (ax_v, "validation loss (CE)")):
         ax.set_xlabel(xlabel)
@@ -155,9 +170,9 @@ def lr_figure(runs: list[RunData]):
     """Learning rate against optimizer step, one line per run. Returns a Figure with 1 axis."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    for run, c in zip(runs, _colors(len(runs))):
+    for run, (c, ls) in zip(runs, _styles(runs)):
         steps, lr = run.series("lr")
-        ax.plot(steps, lr, color=c, label=run.label)
+        ax.plot(steps, lr, color=c, ls=ls, label=run.label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title("learning-rate schedule")

@@ -220,7 +220,9 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, qk)
         p = self.attn_dropout if self.training else 0.0
-        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start, p, False, attn_mask)
+        y = _sdpa(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start, p, False, attn_mask
+        )
         return y.transpose(1, 2)  # (B, T, H, v)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start: int, attn_mask=None) -> torch.Tensor:

@@ -552,7 +552,8 @@ class Trainer:
         out = {}
         for i, moe in self.model.moe_layers().items():
             b = moe.gate.e_score_correction_bias
-            out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
+            if b is not None:  # None without aux_free_bias
+                out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
         return out
 
 

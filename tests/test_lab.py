@@ -1,0 +1,334 @@
+"""MoE lab: exact training FLOPs, figures (panels and labels), inspect numbers that add up, compare sweeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimoe.cli.main import main
+from minimoe.config import ModelConfig, build_run_config
+from minimoe.errors import MinimoeError
+from minimoe.lab import compare, flops
+from minimoe.lab import inspect as lab_inspect
+from minimoe.lab import plot as lab_plot
+from minimoe.train.run import train_from_config
+
+pytest.importorskip("matplotlib")
+
+TINY = [
+    "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+    "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
+    "model.num_experts_per_tok=2", "model.n_shared_experts=1", "model.first_k_dense=0", "model.mtp_depth=0",
+    "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.eval_batches=2",
+    "train.log_every=2", "train.warmup_steps=2", "data.tokenizer=byte", "data.workers=0",
+    "train.sample_tokens=0",
+]  # fmt: skip
+
+
+def _corpus(path: Path) -> Path:
+    words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(300)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny MoE run (12 steps, evaluations at 6 and 12) shared by the plot and inspect tests."""
+    root = tmp_path_factory.mktemp("lab")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINIMOE_CACHE", str(root / "cache"))
+    data = _corpus(root / "corpus.txt")
+    run = root / "run"
+    train_from_config(
+        overrides=TINY + [f"data.path={data}", "train.max_steps=12", "train.eval_every=6"],
+        run_dir=run,
+        progress=False,
+        sample=False,
+    )
+    yield run, data
+    mp.undo()
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def _hand_cfg(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=320, hidden_size=32, n_layers=2, n_heads=2, max_seq_len=64, attn_type="mla",
+        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        intermediate_size=64, first_k_dense=1, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, n_shared_experts=1, aux_free_bias=True, mtp_depth=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_flops_match_a_hand_count():
+    cfg = _hand_cfg()
+    D, H, S = 32, 2, 32
+    attn = D * H * 16 + D * (16 + 8) + 16 * H * (8 + 8) + H * 8 * D  # q, kv_a, kv_b, o = 2816
+    dense = 3 * D * 64  # layer 0
+    moe = 4 * D + 2 * 3 * D * 16 + 3 * D * 16  # router, 2 of 4 routed experts, 1 shared
+    head = 320 * D
+    n_mm = 2 * attn + dense + moe + head
+    assert n_mm == 26752
+    rep = flops.flops_per_token(cfg, S)
+    assert rep.matmul_params == n_mm
+    pair = 2 * H * (16 + 8)  # score + value FLOPs of one query-key pair in one layer
+    attn_fwd = 2 * pair * (S + 1) / 2  # 2 layers, causal: on average (S + 1) / 2 keys per query
+    assert rep.forward_attention == attn_fwd
+    assert rep.train_per_token == 3 * (2 * n_mm + attn_fwd) == 170016
+
+    # GQA: 2 query heads of 16, 1 KV head
+    g = _hand_cfg(attn_type="gqa", n_kv_heads=1, head_dim=16)
+    g_attn = D * 32 + 2 * D * 16 + 32 * D
+    rep_g = flops.flops_per_token(g, S)
+    assert rep_g.matmul_params == 2 * g_attn + dense + moe + head
+    assert rep_g.forward_attention == 2 * (2 * H * (16 + 16)) * (S + 1) / 2
+
+    # one MTP depth: eh_proj + a MoE block + the shared head, on S - 1 of S positions
+    m = _hand_cfg(mtp_depth=1)
+    rep_m = flops.flops_per_token(m, S)
+    mtp_mm = 2 * D * D + attn + moe + head
+    assert rep_m.mtp_matmul_params == mtp_mm
+    expect = (2 * mtp_mm * (S - 1) + pair * (S - 1) * S / 2) / S
+    assert rep_m.forward_mtp == pytest.approx(expect, rel=1e-12)
+
+
+def test_matmul_params_equal_the_model_matrices():
+    """Independent check: count 2-D weights of a real model, routed experts scaled by top-k / E."""
+    from minimoe.model.transformer import Transformer
+
+    for kw in (
+        {},
+        {"tie_word_embeddings": True, "q_lora_rank": 12},
+        {"attn_type": "gqa", "aux_free_bias": False},
+    ):
+        cfg = _hand_cfg(**kw)
+        model = Transformer(cfg)
+        n = 0
+        seen = set()
+        for name, p in model.named_parameters():
+            if id(p) in seen or p.dim() < 2 or name.startswith(("embed_tokens", "mtp.")):
+                continue
+            seen.add(id(p))
+            scale = cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1
+            n += p.numel() * scale
+        if cfg.tie_word_embeddings:
+            n += model.lm_head.weight.numel()  # the tied head is a matmul even though it is the embedding
+        assert flops.matmul_params(cfg) == n, kw
+
+
+def test_steps_for_budget():
+    cfg = build_run_config(overrides=TINY + ["model.vocab_size=320"])
+    per_step = 4 * 32
+    assert flops.steps_for_budget(cfg, tokens=per_step * 10 + 5) == 10
+    fpt = flops.flops_per_token(cfg.model, 32).train_per_token
+    assert flops.steps_for_budget(cfg, flops=fpt * per_step * 7.5) == 7
+    assert flops.training_flops(cfg, 7) == pytest.approx(fpt * per_step * 7)
+    with pytest.raises(MinimoeError):
+        flops.steps_for_budget(cfg)
+    with pytest.raises(MinimoeError):
+        flops.steps_for_budget(cfg, flops=-1.0)
+    with pytest.raises(MinimoeError, match="less than one step"):
+        flops.steps_for_budget(cfg, flops=fpt * per_step * 0.5)
+
+
+# ---------------------------------------------------------------- plot
+
+
+def test_read_metrics_keeps_the_last_row_of_a_step(tmp_path):
+    rows = [
+        {"step": 1, "tokens": 10, "loss": 5.0},
+        {"step": 2, "tokens": 20, "loss": 4.0},
+        {"step": 2, "tokens": 20, "val_loss": 4.5},
+        {"step": 2, "tokens": 20, "loss": 3.9},  # resumed run logs step 2 again
+        {"step": 3, "tokens": 30, "loss": 3.5},
+    ]
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 4, "lo')  # torn last line
+    train, evals = lab_plot.read_metrics(p)
+    assert [r["step"] for r in train] == [1, 2, 3] and train[1]["loss"] == 3.9
+    assert [r["val_loss"] for r in evals] == [4.5]
+    p.write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 1}\n')
+    with pytest.raises(MinimoeError, match="line 2"):
+        lab_plot.read_metrics(p)
+
+
+def test_figures_have_the_expected_panels(trained):
+    run, _ = trained
+    data = lab_plot.load_run_data(run, "a")
+    twin = lab_plot.load_run_data(run, "b")  # overlay two runs
+    fig = lab_plot.loss_figure([data, twin], "tokens")
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    assert axes[0].get_xlabel() == "tokens seen" and "nats" in axes[0].get_ylabel()
+    assert "validation" in axes[1].get_title()
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["a", "b"]
+    assert len(axes[1].lines) == 2 and list(axes[1].lines[0].get_xdata()) == [6 * 128, 12 * 128]
+    fig_f = lab_plot.loss_figure([data], "flops")
+    x_flops = fig_f.get_axes()[1].lines[0].get_xdata()
+    assert x_flops[-1] == pytest.approx(12 * 128 * data.train_flops_per_token)
+    assert "FLOPs" in fig_f.get_axes()[0].get_xlabel()
+    assert fig.get_axes()[0].get_xlabel() != fig_f.get_axes()[0].get_xlabel()
+    lr = lab_plot.lr_figure([data])
+    assert len(lr.get_axes()) == 1 and lr.get_axes()[0].get_ylabel() == "learning rate"
+    mv = lab_plot.maxvio_figure([data, twin])
+    assert len([a for a in mv.get_axes() if a.get_visible()]) == 2
+    labels = [t.get_text() for t in mv.get_axes()[0].get_legend().get_texts()]
+    assert labels == ["layer 0", "layer 1", "mean over layers"]
+    hm = lab_plot.load_heatmap_figure(data, [2, 12])
+    heat_axes = [a for a in hm.get_axes() if a.get_images()]
+    assert len(heat_axes) == 2 and len(hm.get_axes()) == 3  # two steps + colour bar
+    img = heat_axes[1].get_images()[0].get_array()
+    assert img.shape == (2, 4)  # layers x experts
+    assert img.sum(axis=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # shares per layer
+    assert heat_axes[0].get_title().startswith("step 2")
+
+
+def test_plot_cli_writes_pngs(trained, tmp_path, capsys):
+    run, _ = trained
+    assert main(["plot", str(run), "--out", str(tmp_path / "p"), "--steps", "4,10"]) == 0
+    names = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
+    assert names == ["expert_load_run.png", "loss_vs_flops.png", "loss_vs_tokens.png", "lr.png", "maxvio.png"]
+    assert all((tmp_path / "p" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["plot", str(run), "--steps", "x"]) == 2
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def test_inspect_numbers_add_up(trained):
+    from minimoe.train.checkpoint import load_run
+
+    run, data = trained
+    model, tok, cfg, _ = load_run(run)
+    ids = lab_inspect.corpus_ids(str(data), tok, 700)
+    assert len(ids) == 700
+    stats = lab_inspect.corpus_stats(model, tok, ids, seq_len=32, batch_size=4)
+    assert stats["tokens"] == 700 and set(stats["layers"]) == {"0", "1"}
+    K, E = 2, 4
+    for layer in stats["layers"].values():
+        assert sum(layer["routed_share"]) == pytest.approx(1.0, abs=1e-9)
+        assert sum(layer["slot_share"]["routed"]) + sum(layer["slot_share"]["shared"]) == pytest.approx(1.0)
+        assert layer["slot_share"]["shared"] == [pytest.approx(1 / 3)]  # K = 2 routed + 1 shared
+        assert sum(layer["token_frac"]) == pytest.approx(K)
+        co = torch.tensor(layer["coactivation"])
+        assert torch.allclose(co, co.T) and co.diagonal().abs().sum() == 0
+        # each token that visits i also visits K - 1 others
+        assert co.sum(1).tolist() == pytest.approx([f * (K - 1) for f in layer["token_frac"]])
+        for e in range(E):
+            n_e = round(layer["token_frac"][e] * 700)
+            assert sum(t["count"] for t in layer["top_tokens"][e]) <= n_e
+        assert 0 <= layer["entropy"]["load_normalised"] <= 1 + 1e-9
+        assert layer["dead_experts"] == [e for e in range(E) if layer["routed_share"][e] == 0]
+
+    # the hooks see exactly what the model's own routing statistics count
+    x = torch.tensor([ids[:32], ids[32:64]])
+    routing = lab_inspect.route_ids(model, x)
+    with torch.no_grad():
+        out = model(x)
+    for i, st in out.moe_stats.items():
+        assert torch.equal(torch.bincount(routing[i].topk_idx.reshape(-1), minlength=E).float(), st.load)
+    assert all(h == {} for h in (g._forward_hooks for g in lab_inspect.moe_gates(model).values()))
+
+
+def test_inspect_text_and_cli(trained, tmp_path, capsys):
+    from minimoe.train.checkpoint import load_run
+
+    run, data = trained
+    model, tok, _, _ = load_run(run)
+    tr = lab_inspect.route_text(model, tok, "the cat sat")
+    assert tr.tokens == list("the cat sat") and set(tr.layers) == {0, 1}
+    assert tr.layers[0].topk_idx.shape == (11, 2)
+    page = lab_inspect.text_html(tr)
+    assert page.count('class="tok"') == 2 * 11 + 4  # tokens per layer + legend
+
+    html_path = tmp_path / "r.html"
+    png = tmp_path / "co.png"
+    argv = ["inspect", str(run), "--text", "the dog", "--html", str(html_path), "--corpus", str(data),
+            "--max-tokens", "300", "--coact-png", str(png), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"]["tokens"] == list("the dog") and len(out["text"]["layers"]["1"]["experts"]) == 7
+    assert out["corpus"]["tokens"] == 300 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "expert 0:" in html_path.read_text()
+    assert main(["inspect", str(run), "--text", "the cat"]) == 0  # rich terminal view
+    assert "layer 1" in capsys.readouterr().out
+    assert main(["inspect", str(run)]) == 2
+    assert "--text" in capsys.readouterr().err
+
+
+def test_inspect_refuses_a_dense_model(tmp_path):
+    from minimoe.model.transformer import Transformer
+
+    model = Transformer(_hand_cfg(n_routed_experts=0))
+    with pytest.raises(MinimoeError, match="dense"):
+        lab_inspect.route_ids(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_compare_equal_flops_sweep(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    sweep_file = tmp_path / "sweep.yaml"
+    base = [o for o in TINY if not o.startswith("train.log_every")] + [
+        "train.log_every=1",
+        "train.eval_every=100",
+    ]
+    # 4 routed experts top-2 + shared vs a dense MLP twice as wide: different FLOPs per token
+    sweep_file.write_text(
+        "name: tiny\n"
+        "base:\n  overrides: " + json.dumps(base) + "\n"
+        "data: corpus.txt\n"
+        "budget: {flops: 2.0e8}\n"
+        "seeds: [3]\n"
+        # the MoE without the balancing bias: the trainer must log a model that has none
+        "variants:\n  moe: [model.aux_free_bias=false]\n  dense: [model.n_routed_experts=0, model.intermediate_size=128]\n"
+    )
+    sweep = compare.load_sweep(sweep_file)
+    runs = compare.plan(sweep)
+    assert [r.variant for r in runs] == ["moe", "dense"]
+    for r in runs:
+        assert r.cfg.model.vocab_size == 320 and r.cfg.train.seed == 3
+        per_step = flops.flops_per_token(r.cfg.model, 32).train_per_token * 4 * 32
+        assert r.cfg.train.max_steps == int(2.0e8 // per_step)
+        assert r.train_flops_per_token * 128 * r.cfg.train.max_steps <= 2.0e8
+    assert runs[0].cfg.train.max_steps != runs[1].cfg.train.max_steps
+
+    out = tmp_path / "out"
+    assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("start") == 2 and log.count("done") == 2
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| variant |") and len(table) == 4  # header, rule, two rows
+    assert table[2].startswith("| moe | 1/1 |") and table[3].startswith("| dense | 1/1 |")
+    assert "| – | – |" in table[3] and "| – |" not in table[2]  # a dense model has no MaxVio
+    assert (out / "loss_vs_flops.png").is_file() and "![loss_vs_flops.png]" in report
+    for r in runs:
+        rows = [
+            json.loads(x) for x in (out / r.variant / "seed_3" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert rows[-1]["step"] == r.cfg.train.max_steps and "val_loss" in rows[-1]
+
+    # a rerun skips finished runs and reproduces the report
+    assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skip") == 2
+    assert (out / "report.md").read_text() == report
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants: {a: []}\nbudget: {steps: 3}\n")
+    assert main(["compare", str(bad)]) == 2
+    assert "budget" in capsys.readouterr().err
