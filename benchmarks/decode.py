@@ -81,7 +81,9 @@ def decode_no_cache(model, prompts: torch.Tensor, n_new: int) -> int:
 
 
 def decode_cached(model, prompts: torch.Tensor, n_new: int) -> int:
-    return sum(sum(t is not None for t in step) for step in stream_batch(model, prompts.tolist(), n_new, GREEDY))
+    return sum(
+        sum(t is not None for t in step) for step in stream_batch(model, prompts.tolist(), n_new, GREEDY)
+    )
 
 
 def section_cache(quick: bool) -> str:
@@ -94,13 +96,19 @@ def section_cache(quick: bool) -> str:
             prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g)
             r = median_rates(
                 {
-                    "cache": lambda: decode_cached(model, prompts, n_new),
-                    "recompute": lambda: decode_no_cache(model, prompts, n_new),
+                    "cache": lambda p=prompts: decode_cached(model, p, n_new),
+                    "recompute": lambda p=prompts: decode_no_cache(model, p, n_new),
                 },
                 repeats,
             )
             rows.append(
-                [batch, prompt_len, f"{r['recompute']:.1f}", f"{r['cache']:.1f}", f"**{r['cache'] / r['recompute']:.1f}x**"]
+                [
+                    batch,
+                    prompt_len,
+                    f"{r['recompute']:.1f}",
+                    f"{r['cache']:.1f}",
+                    f"**{r['cache'] / r['recompute']:.1f}x**",
+                ]
             )
     head = (
         f"### KV cache vs full recompute\n\n`tiny` preset (MLA, {model.num_params() / 1e6:.1f}M parameters), "
@@ -153,7 +161,14 @@ def section_mla(quick: bool) -> str:
                 times[absorb].append(n / dt)
         a, nv = statistics.median(times[True]), statistics.median(times[False])
         rows.append(
-            [ctx, f"{latent * ctx / 2**20:.2f}", f"{expanded * ctx / 2**20:.2f}", f"{nv:.1f}", f"{a:.1f}", f"**{a / nv:.2f}x**"]
+            [
+                ctx,
+                f"{latent * ctx / 2**20:.2f}",
+                f"{expanded * ctx / 2**20:.2f}",
+                f"{nv:.1f}",
+                f"{a:.1f}",
+                f"**{a / nv:.2f}x**",
+            ]
         )
     set_absorb(model, True)
     head = (
@@ -179,7 +194,9 @@ def trained_model(args) -> tuple[Transformer, object, str, str]:
     from minimoe.train.run import train_from_config
 
     have_stories = (TINYSTORIES / "train.txt").exists()
-    heldout = str(TINYSTORIES / "valid.txt") if have_stories else str(Path(__file__).parents[1] / "src/minimoe")
+    heldout = (
+        str(TINYSTORIES / "valid.txt") if have_stories else str(Path(__file__).parents[1] / "src/minimoe")
+    )
     if args.run_dir:
         model, tok, cfg, _ = load_run(args.run_dir)
         return model, tok, f"`{args.run_dir}` ({cfg.data.path or 'built-in corpus'})", heldout
@@ -189,15 +206,16 @@ def trained_model(args) -> tuple[Transformer, object, str, str]:
         overrides = [
             f"train.max_steps={steps}", "train.batch_size=8", "train.seq_len=128", "train.lr=3e-3",
             "train.warmup_steps=20", f"train.eval_every={steps}", "train.eval_batches=4", "train.sample_tokens=0",
-            "model.mtp_depth=1", "data.tokenizer=byte", "data.workers=1",
+            "model.mtp_depth=1", "data.tokenizer=byte", "data.workers=1", "train.max_minutes=null",
         ]  # fmt: skip
         if have_stories:
             overrides.append(f"data.path={TINYSTORIES / 'train.txt'}")
         print(f"training {run} ({steps} steps)...", file=sys.stderr)
         train_from_config("tiny", overrides=overrides, run_dir=run, progress=False, sample=False)
-    model, tok, _, _ = load_run(run)
+    model, tok, cfg, meta = load_run(run)
     data = "TinyStories (1,000 stories)" if have_stories else "the built-in corpus"
-    return model, tok, f"`tiny` preset, byte tokenizer, {steps} steps on {data}", heldout
+    shape = f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens"
+    return model, tok, f"`tiny` preset, byte tokenizer, {meta['step']} steps of {shape} on {data}", heldout
 
 
 def prompts_for(tok, heldout: str, n: int, length: int) -> list[list[int]]:
@@ -244,7 +262,8 @@ def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
         f"verification is one main-model forward over 2 tokens.\n\n"
     )
     return head + table(
-        ["decoding", "tok/s", "tokens per main forward", "acceptance", "speedup", "same tokens as greedy"], rows
+        ["decoding", "tok/s", "tokens per main forward", "acceptance", "speedup", "same tokens as greedy"],
+        rows,
     )
 
 
@@ -254,7 +273,7 @@ def section_quant(model, tok, trained_on: str, heldout: str, quick: bool) -> str
     ids = heldout_ids(tok, heldout, eval_tokens)
     prompt = ids[:32].tolist()
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
-    for bits, gs in ((8, 0), (4, 128), (4, 64), (4, 32)):
+    for bits, gs in ((8, 0), (4, 64), (4, 32)):  # group sizes that divide the tiny preset's widths
         name = "int8 (per channel)" if bits == 8 else f"int4 (group {gs})"
         variants[name] = quantize_model(copy.deepcopy(model), bits, gs or 64)
 
@@ -304,19 +323,16 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
         f"{', --quick' if args.quick else ''}\n"
     )
-    parts = []
     if args.section in ("all", "cache"):
-        parts.append(section_cache(args.quick))
+        print(section_cache(args.quick) + "\n", flush=True)
     if args.section in ("all", "mla"):
-        parts.append(section_mla(args.quick))
+        print(section_mla(args.quick) + "\n", flush=True)
     if args.section in ("all", "spec", "quant"):
         model, tok, trained_on, heldout = trained_model(args)
         if args.section in ("all", "spec"):
-            parts.append(section_spec(model, tok, trained_on, heldout, args.quick))
+            print(section_spec(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
         if args.section in ("all", "quant"):
-            parts.append(section_quant(model, tok, trained_on, heldout, args.quick))
-    for part in parts:
-        print(part + "\n", flush=True)
+            print(section_quant(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
 
 
 if __name__ == "__main__":

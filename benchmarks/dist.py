@@ -35,18 +35,22 @@ TRAIN = [
     "train.seq_len=128", "train.batch_size=8", "train.eval_batches=1", "train.sample_tokens=0",
     "data.tokenizer=byte", "data.workers=0", "train.warmup_steps=2",
 ]  # fmt: skip
-LAUNCHES = {  # name -> (processes, extra overrides)
-    "1 process": (1, []),
-    "2 x DDP": (2, ["dist.strategy=ddp"]),
-    "2 x FSDP2": (2, ["dist.strategy=fsdp"]),
-    "2 x EP (4 experts/rank)": (2, ["dist.expert_parallel=2"]),
+CORES = os.cpu_count() or 2
+LAUNCHES = {  # name -> (processes, CPU threads per process, extra overrides)
+    "1 process, 1 thread": (1, 1, []),
+    f"1 process, {CORES} threads": (1, CORES, []),
+    "2 x DDP": (2, max(1, CORES // 2), ["dist.strategy=ddp"]),
+    "2 x FSDP2": (2, max(1, CORES // 2), ["dist.strategy=fsdp"]),
+    "2 x EP (4 experts/rank)": (2, max(1, CORES // 2), ["dist.expert_parallel=2"]),
 }
 
 
 def make_corpus(path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     words = "the a cat dog sat ran on to red big ball mat bird sang while and of in it was".split()
-    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (16,), generator=g)) for _ in range(3000)]
+    lines = [
+        " ".join(words[i] for i in torch.randint(0, len(words), (16,), generator=g)) for _ in range(3000)
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -109,17 +113,13 @@ def worker_ep(args) -> None:
 # ---------------------------------------------------------------------------------------- driver
 
 
-def launch(nproc: int, worker: str, result: Path, extra: list[str]) -> dict:
+def launch(nproc: int, threads: int, worker: str, result: Path, extra: list[str]) -> dict:
     script = [str(Path(__file__).resolve()), "--worker", worker, "--result", str(result), *extra]
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *script]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
-    if nproc > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
-    else:
-        env.pop("OMP_NUM_THREADS")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{worker} with {nproc} processes failed:\n{proc.stderr[-3000:]}")
@@ -141,38 +141,50 @@ def main() -> None:
     if args.worker == "ep":
         return worker_ep(args)
 
-    steps = 6 if args.quick else 12
+    steps, rounds = (6, 1) if args.quick else (12, 2)
     gpus = torch.cuda.device_count()
-    device = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"CPU ({os.cpu_count()} cores, gloo)"
+    device = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"CPU ({CORES} cores, gloo)"
+    launches = dict(LAUNCHES)
+    if gpus:  # NCCL: one GPU per process, and CPU threads hardly matter
+        launches = {k: v for k, v in LAUNCHES.items() if v[0] <= gpus and k != f"1 process, {CORES} threads"}
+    best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("MINIMOE_CACHE", str(tmp / "cache"))
         corpus = tmp / "corpus.txt"
         make_corpus(corpus)
-        rows = []
-        for i, (name, (nproc, extra)) in enumerate(LAUNCHES.items()):
-            if gpus and nproc > gpus:
-                continue  # NCCL needs one GPU per process
-            res = launch(
-                nproc, "train", tmp / f"r{i}.json",
-                ["--corpus", str(corpus), "--run-dir", str(tmp / f"run{i}"), "--steps", str(steps), *extra],
-            )  # fmt: skip
-            rows.append((name, res["tokens_per_s"]))
-        ep = launch(2, "ep", tmp / "ep.json", []) if not gpus or gpus >= 2 else None
+        # rounds interleave the launches, and each keeps its best: a burst of load from other
+        # programs then hits one sample, not one launch
+        for r in range(rounds):
+            for i, (name, (nproc, threads, extra)) in enumerate(launches.items()):
+                run_args = [
+                    "--corpus",
+                    str(corpus),
+                    "--run-dir",
+                    str(tmp / f"run{r}-{i}"),
+                    "--steps",
+                    str(steps),
+                ]
+                res = launch(nproc, threads, "train", tmp / f"r{r}-{i}.json", [*run_args, *extra])
+                best[name] = max(best.get(name, 0.0), res["tokens_per_s"])
+        ep = launch(2, max(1, CORES // 2), "ep", tmp / "ep.json", []) if not gpus or gpus >= 2 else None
 
-    base = rows[0][1]
+    one = best[next(iter(best))]
+    allc = best.get(f"1 process, {CORES} threads", one)
     print(f"### Training throughput, same global batch ({device}, torch {torch.__version__})\n")
-    print("model: hidden 128, 4 layers (1 dense + 3 MoE, 8 experts top-2 + 1 shared), MLA, seq 128, ")
-    print(f"global batch 8, fp32, {steps} steps, steady-state tokens/s (second half)\n")
-    print("| launch | tokens/s | vs 1 process |")
-    print("| --- | ---: | ---: |")
-    for name, tps in rows:
-        print(f"| {name} | {tps:,.0f} | {tps / base:.2f}x |")
+    print("model: hidden 128, 4 layers (1 dense + 3 MoE, 8 experts top-2 + 1 shared), MLA, seq 128,")
+    print(f"global batch 8, fp32, {steps} steps, steady-state tokens/s (second half), best of {rounds}\n")
+    print(f"| launch | tokens/s | vs 1 process, 1 thread | vs 1 process, {CORES} threads |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, tps in best.items():
+        print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x | {tps / allc:.2f}x |")
     if ep is not None:
         print("\n### Expert-parallel all-to-all volume (2 ranks, 4 of 8 experts each)\n")
         print("| per rank and step | bytes |")
         print("| --- | ---: |")
-        print(f"| token rows sent, forward (dispatch + combine, {ep['layers']} MoE layers) | {ep['fwd_bytes']:,.0f} |")
+        print(
+            f"| token rows sent, forward (dispatch + combine, {ep['layers']} MoE layers) | {ep['fwd_bytes']:,.0f} |"
+        )
         print(f"| same, forward + backward | {2 * ep['fwd_bytes']:,.0f} |")
         print(f"| estimate for balanced routing, forward | {ep['est_fwd_bytes']:,.0f} |")
         print(f"| expert counts exchanged, forward | {ep['counts_bytes']:,.0f} |")

@@ -4,12 +4,15 @@ with the same activated FLOPs (intermediate = K * moe_intermediate + shared inte
     python benchmarks/moe_layer.py            # prints a Markdown table
     python benchmarks/moe_layer.py --quick    # fewer repeats
 
-All numbers in one table come from one run (fp32, CPU threads as given, warm-up then median).
+All numbers in one table come from one run (fp32, CPU threads as given, warm-up, then the median and
+the best of the repeats; the best is the least disturbed by other processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import statistics
 import time
 
@@ -57,8 +60,8 @@ def fwd_bwd_ms(fn, x: torch.Tensor) -> float:
 
 
 def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> dict[str, float]:
-    """Median fwd+bwd ms per method. Methods run round-robin within each repeat, so a burst of load
-    from other processes hits all of them alike instead of skewing one row."""
+    """(median, min) fwd+bwd ms per method. Every repeat runs all methods in a fresh random order, so
+    neither a burst of load from other processes nor the position in the round skews one row."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         hidden_size=D,
@@ -92,12 +95,15 @@ def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> dict[str, float]:
         "dense FLOP-equal": dense,
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
+    order = list(methods)
+    rng = random.Random(0)
     for i in range(warmup + repeats):
-        for name, fn in methods.items():
-            ms = fwd_bwd_ms(fn, x)
+        rng.shuffle(order)
+        for name in order:
+            ms = fwd_bwd_ms(methods[name], x)
             if i >= warmup:
                 times[name].append(ms)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -112,18 +118,24 @@ def main() -> None:
     tokens = args.tokens or (2048 if args.quick else 4096)
     warmup, repeats = (2, 5) if args.quick else (3, 15)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, fp32, T = {tokens} tokens, fwd+bwd, median ms\n"
+        f"torch {torch.__version__}, {args.threads} threads, fp32, T = {tokens} tokens, fwd+bwd; "
+        f"median and best of {repeats} repeats after {warmup} warm-up; load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("| D | E | K | I | shared | dense I | method | ms | vs dense | vs naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| D | E | K | I | shared | dense I | method | median ms | vs dense | vs naive | best ms | best vs dense |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for D, E, K, I, shared in SIZES:
         rows = bench_size(D, E, K, I, shared, tokens, warmup, repeats)
-        dense, naive = rows["dense FLOP-equal"], rows["naive mask loop"]
-        for name, ms in rows.items():
+        (dense, dense_best), (naive, _) = rows["dense FLOP-equal"], rows["naive mask loop"]
+        for name, (ms, best) in rows.items():
             print(
                 f"| {D} | {E} | {K} | {I} | {shared} | {K * I + shared * I} | {name} | {ms:.1f} "
-                f"| {ms / dense:.2f}x | {ms / naive:.2f}x |"
+                f"| {ms / dense:.2f}x | {ms / naive:.2f}x | {best:.1f} | {best / dense_best:.2f}x |"
             )
+    print(
+        f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine skew timings)"
+    )
 
 
 if __name__ == "__main__":

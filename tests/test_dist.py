@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -31,11 +33,15 @@ TINY = [
     "data.workers=0", "train.sample_tokens=0", "train.lr=1e-2", "train.eval_every=4",
     "data.val_fraction=0.05",  # enough validation windows for 2 ranks to evaluate the same ones
 ]  # fmt: skip
-STEPS = ["train.max_steps=4"]
-# pipeline stages: no MTP, untied head; two micro-batches of 2 sequences
-PP_MODEL = ["model.mtp_depth=0", "model.tie_word_embeddings=false", "model.n_layers=3"]
+STEPS = ["train.max_steps=4", "train.grad_accum=2"]  # accumulation: DDP/FSDP no_sync, pipeline scaling
+# pipeline stages: no MTP, untied head, a z-loss added where it arises; 2 micro-batches of 2 sequences
+PP_MODEL = [
+    "model.mtp_depth=0",
+    "model.tie_word_embeddings=false",
+    "model.n_layers=3",
+    "model.z_loss_coef=1e-3",
+]
 SCENARIOS = {  # name -> overrides of a 4-step 2-rank run, compared with the same run in one process
-    "ddp": ["dist.strategy=ddp"],
     "fsdp": ["dist.strategy=fsdp"],
     "ep": ["dist.expert_parallel=2"],
     "pp": PP_MODEL + ["dist.pipeline_parallel=2", "dist.pp_microbatches=2"],
@@ -129,7 +135,12 @@ def _paused_run(run_dir: Path, overrides: list[str], steps: int, ctx=None) -> No
 
     cfg = build_run_config("tiny", None, overrides)  # what train_from_config uses without a preset
     data = prepare(
-        cfg.data.path, "byte", data_cache_dir(cfg.data, None), cfg.data.val_fraction, workers=0, progress=False
+        cfg.data.path,
+        "byte",
+        data_cache_dir(cfg.data, None),
+        cfg.data.val_fraction,
+        workers=0,
+        progress=False,
     )
     cfg.model.vocab_size = 320
     Trainer(cfg, run_dir, data, data.tokenizer(), progress=False, ctx=ctx).fit(stop_after=steps)
@@ -196,13 +207,21 @@ def two_ranks(env):
     mp.spawn(_rank_main, args=(_free_port(), str(root), str(corpus), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert "error" not in result, result["error"]
+    # DDP through the command line: torchrun's environment, the process group made by minimoe itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "minimoe", "train", "--data", str(corpus), "--out", str(root / "2r-ddp"), "--no-progress"]
+    proc = subprocess.run(cmd + TINY + STEPS + ["dist.strategy=ddp"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result["cli_stdout"] = proc.stdout
     return result
 
 
 def _one_process(root: Path, corpus: Path, name: str, extra: list[str], steps=STEPS) -> Path:
     run = root / f"1p-{name}"
     if not run.exists():
-        train_from_config(overrides=TINY + [f"data.path={corpus}"] + steps + extra, run_dir=run, progress=False)
+        train_from_config(
+            overrides=TINY + [f"data.path={corpus}"] + steps + extra, run_dir=run, progress=False
+        )
     return run
 
 
@@ -219,7 +238,7 @@ def test_expert_parallel_layer_matches_one_process(two_ranks, case):
     assert max(diffs.values()) < tol, diffs
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", ["ddp", *SCENARIOS])
 def test_two_ranks_match_one_process(env, two_ranks, name):
     """Same global batch on 2 ranks and in 1 process: same losses, same validation loss."""
     root, corpus = env
@@ -231,6 +250,8 @@ def test_two_ranks_match_one_process(env, two_ranks, name):
     for s in l1:
         assert l2[s] == pytest.approx(l1[s], abs=TOL), (name, s, l1, l2)
     assert _val(two)[4] == pytest.approx(_val(one)[4], abs=TOL)
+    if name == "ddp":  # rank 0 alone printed the summary
+        assert two_ranks["cli_stdout"].count("checkpoint:") == 1, two_ranks["cli_stdout"]
     # rank 0 alone wrote the run: one metrics row per step, one checkpoint, the one-process format
     from minimoe.train.checkpoint import load_run
 
@@ -301,8 +322,12 @@ def test_dist_config_errors():
         (["dist.pipeline_parallel=2", "model.mtp_depth=1"], 2, "does not support MTP"),
         (["dist.pipeline_parallel=2", "model.mtp_depth=0"], 2, "untied embeddings"),
         (
-            ["dist.pipeline_parallel=2", "model.mtp_depth=0", "model.tie_word_embeddings=false",
-             "dist.pp_microbatches=1"],
+            [
+                "dist.pipeline_parallel=2",
+                "model.mtp_depth=0",
+                "model.tie_word_embeddings=false",
+                "dist.pp_microbatches=1",
+            ],
             2,
             "at least as many micro-batches",
         ),  # fmt: skip

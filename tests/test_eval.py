@@ -413,9 +413,11 @@ def test_cli_jsonl_tasks(tmp_path, capsys, unigram_run):
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r["generation"] for r in rows] == ["aaaa", "aaaa"] and rows[1]["line"] == 2
     res = cli_json(
-        capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 6, "--stop", "aaa"
-    )
+        capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 6, "--stop", "aaa",
+        "--stop", "\\n",
+    )  # fmt: skip
     assert res["exact_match"] == 0.0  # generation cut before the stop string: empty
+    assert res["settings"]["stop"] == ["aaa", "\n"]  # a shell's "\n" means the newline
 
 
 def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):

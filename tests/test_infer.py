@@ -526,3 +526,8 @@ def test_cli_missing_run_dir_and_bad_prompt_file(tmp_path, cli):
     bad.write_text('{"text": "no prompt field"}\n', encoding="utf-8")
     code, _, err = cli(["generate", str(tmp_path), "--prompt-file", str(bad)])
     assert code == 2 and "'prompt' field" in err
+
+
+def test_cli_warns_when_a_prompt_is_cut(trained_run, cli):
+    code, out, err = cli(["generate", str(trained_run), "--prompt", "the cat " * 20, "--max-new-tokens", "3"])
+    assert code == 0 and "has 160 tokens; keeping its last 63" in err  # max_seq_len 64, byte tokens

@@ -89,7 +89,10 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (example i uses seed + i)")
     g.add_argument(
-        "--stop", action="append", default=None, help="stop string (repeatable); end-of-text always stops"
+        "--stop",
+        action="append",
+        default=None,
+        help="stop string (repeatable; \\n and \\t mean newline and tab); end-of-text always stops",
     )
     g.add_argument(
         "--predictions", default=None, help="write each prompt, reference and generation to this JSONL"
@@ -143,8 +146,9 @@ def _options(args) -> dict:
             raise MinimoeError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
+        stop = [_unescape(x) for x in args.stop] if args.stop else None
         opts.update(
-            max_new_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, stop=stop, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         )  # fmt: skip
     else:
@@ -152,6 +156,11 @@ def _options(args) -> dict:
         if args.task == "multiple-choice":
             opts["delimiter"] = args.delimiter
     return opts
+
+
+def _unescape(s: str) -> str:
+    """`--stop "\\n"` from a shell arrives as a backslash and an n; it means the newline."""
+    return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _finite(obj):

@@ -137,6 +137,11 @@ def run(args) -> int:
     if args.speculative and not len(model.mtp):
         raise MinimoeError("--speculative needs a model trained with MTP modules (model.mtp_depth >= 1)")
 
+    limit = model.cfg.max_seq_len - 1
+    for i, prompt in enumerate(prompts):
+        n = len(tok.encode(prompt))
+        if n > limit:
+            sys.stderr.write(f"minimoe generate: prompt {i} has {n} tokens; keeping its last {limit}\n")
     stats = GenerationStats()
     kw = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

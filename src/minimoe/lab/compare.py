@@ -326,7 +326,7 @@ def mean_std(values: list[float | None], fmt: str = ".4f") -> str:
         return "–"
     if len(vals) == 1:
         return format(vals[0], fmt)
-    return f"{statistics.fmean(vals):{fmt}} ± {statistics.stdev(vals):{fmt}}"
+    return f"{statistics.fmean(vals):{fmt}} ± {statistics.stdev(vals):{fmt.replace('+', '')}}"
 
 
 def _human(n: float) -> str:
@@ -358,6 +358,7 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
                 "total": rep.total,
                 "cache_bytes": rep.kv_cache_bytes_per_token["bf16"],
                 "val_loss": [s.val_loss for s in done],
+                "val_loss_by_seed": {s.seed: s.val_loss for s in done if s.val_loss is not None},
                 "val_bpb": [s.val_bpb for s in done],
                 "max_vio_global": [s.max_vio_global for s in done],
                 "max_vio_batch": [s.max_vio_batch for s in done],
@@ -365,12 +366,17 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
                 "is_moe": cfg.model.n_routed_experts > 0,
             }
         )
+    # paired by seed against the first variant: a seed fixes the data order, and much of the
+    # seed-to-seed spread is shared by all variants, so per-seed differences are less noisy
+    ref = rows[0]["val_loss_by_seed"] if rows else {}
+    for r in rows:
+        r["delta_vs_first"] = [v - ref[seed] for seed, v in r["val_loss_by_seed"].items() if seed in ref]
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| variant | seeds | steps | tokens | train FLOPs | val loss | val bpb | MaxVio global (val) "
+        "| variant | seeds | steps | tokens | train FLOPs | val loss | Δ val loss (paired) | val bpb | MaxVio global (val) "
         "| MaxVio batch (train) | tokens/s | activated params | total params | KV cache B/token (bf16) |"
     )
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
@@ -378,7 +384,8 @@ def markdown_table(rows: list[dict]) -> str:
         moe = r["is_moe"]
         lines.append(
             f"| {r['variant']} | {r['seeds_done']}/{r['seeds']} | {r['steps']} | {_human(r['tokens'])} "
-            f"| {r['train_flops']:.3g} | {mean_std(r['val_loss'])} | {mean_std(r['val_bpb'])} "
+            f"| {r['train_flops']:.3g} | {mean_std(r['val_loss'])} "
+            f"| {'–' if r is rows[0] else mean_std(r['delta_vs_first'], '+.4f')} | {mean_std(r['val_bpb'])} "
             f"| {mean_std(r['max_vio_global'], '.3f') if moe else '–'} "
             f"| {mean_std(r['max_vio_batch'], '.3f') if moe else '–'} "
             f"| {mean_std(r['tokens_per_s'], '.0f')} | {r['activated']:,} | {r['total']:,} | {r['cache_bytes']:,} |"
@@ -404,7 +411,9 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
         "",
         "Cells are mean ± sample standard deviation over seeds. Validation numbers are from the final "
         "evaluation; MaxVio batch is the mean over the last 10% of logged training windows; tokens/s is the "
-        "median over logging windows (wall clock, noisy on a shared machine).",
+        "median over logging windows (wall clock, noisy on a shared machine). Δ val loss is the "
+        f"variant's loss minus `{rows[0]['variant'] if rows else ''}`'s with the same seed (same data "
+        "order), mean ± std over seeds; negative is better.",
         "",
         markdown_table(rows),
         "",
@@ -412,7 +421,7 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
         "",
     ]
     for r in rows:
-        vals = ", ".join(f"{v:.4f}" for v in r["val_loss"]) or "not run yet"
+        vals = ", ".join(f"seed {k}: {v:.4f}" for k, v in r["val_loss_by_seed"].items()) or "not run yet"
         parts.append(f"- {r['variant']}: {vals}")
     if figures:
         names = _report_figures(out_dir, runs)

@@ -446,9 +446,11 @@ class Trainer:
 
                 self.elapsed = time.perf_counter() - t0
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
+                if self.ctx.distributed:
+                    # clocks and Ctrl-C differ per rank: every rank takes the slowest clock (the LR
+                    # schedule of a time-limited run reads it) and stops together or not at all
+                    self.elapsed, interrupt.requested = self._agree(self.elapsed, interrupt.requested)
                 out_of_time = tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60
-                if self.ctx.distributed:  # clocks and Ctrl-C differ per rank: stop together or not at all
-                    out_of_time, interrupt.requested = self._agree(out_of_time, interrupt.requested)
                 paused = session_end is not None and self.step >= session_end
                 if out_of_time or interrupt.requested or paused:
                     at_eval = True
@@ -533,11 +535,11 @@ class Trainer:
         flat = self.par.reduce_sum(torch.stack([loads[i].float() for i in keys]))
         return dict(zip(keys, flat))
 
-    def _agree(self, *flags: bool) -> list[bool]:
-        """Each flag true on any rank -> true on every rank."""
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        torch.distributed.all_reduce(t)
-        return [bool(v > 0) for v in t.tolist()]
+    def _agree(self, elapsed: float, stop: bool) -> tuple[float, bool]:
+        """The largest elapsed time of all ranks, and whether any rank asked to stop."""
+        t = torch.tensor([elapsed, float(stop)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t[0].item(), bool(t[1].item() > 0)
 
     def _schedule_step(self, t0: float) -> int:
         """The step the LR schedule sees. With train.max_minutes the schedule follows whichever of steps
@@ -545,7 +547,9 @@ class Trainer:
         tc = self.cfg.train
         if tc.max_minutes is None:
             return self.step
-        by_time = int((time.perf_counter() - t0) / (tc.max_minutes * 60) * tc.max_steps)
+        # distributed: the clock all ranks agreed on at the end of the last step, so they share the LR
+        now = self.elapsed if self.ctx.distributed else time.perf_counter() - t0
+        by_time = int(now / (tc.max_minutes * 60) * tc.max_steps)
         return max(self.step, min(by_time, tc.max_steps))
 
     def _bias_ranges(self) -> dict[str, list[float]]:
