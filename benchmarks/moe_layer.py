@@ -50,16 +50,16 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return y_TD.view(B, S, D)
 
 
-def fwd_bwd_ms(fn, x: torch.Tensor) -> float:
+def fwd_bwd_ms(fn, x: torch.Tensor, clock=time.perf_counter) -> float:
     """Milliseconds of one forward + backward of fn(x)."""
     xi = x.detach().requires_grad_()
-    t0 = time.perf_counter()
+    t0 = clock()
     y = fn(xi)
     y.backward(torch.ones_like(y))
-    return 1e3 * (time.perf_counter() - t0)
+    return 1e3 * (clock() - t0)
 
 
-def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> dict[str, float]:
+def bench_size(D, E, K, I, shared, tokens, warmup, repeats, clock=time.perf_counter) -> dict:
     """(median, min) fwd+bwd ms per method. Every repeat runs all methods in a fresh random order, so
     neither a burst of load from other processes nor the position in the round skews one row."""
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def bench_size(D, E, K, I, shared, tokens, warmup, repeats) -> dict[str, float]:
     for i in range(warmup + repeats):
         rng.shuffle(order)
         for name in order:
-            ms = fwd_bwd_ms(methods[name], x)
+            ms = fwd_bwd_ms(methods[name], x, clock)
             if i >= warmup:
                 times[name].append(ms)
     return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
@@ -111,14 +111,21 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and only 2048 tokens")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="1 thread, timed by the CPU time of that thread: robust when other processes load the machine",
+    )
+    p.add_argument(
         "--tokens", type=int, default=None, help="tokens per batch (default 4096, 2048 with --quick)"
     )
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = 1 if args.cpu_time else args.threads
+    torch.set_num_threads(threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     tokens = args.tokens or (2048 if args.quick else 4096)
     warmup, repeats = (2, 5) if args.quick else (3, 15)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, fp32, T = {tokens} tokens, fwd+bwd; "
+        f"torch {torch.__version__}, {threads} thread(s), {'CPU' if args.cpu_time else 'wall'} time, fp32, T = {tokens} tokens, fwd+bwd; "
         f"median and best of {repeats} repeats after {warmup} warm-up; load average {os.getloadavg()[0]:.1f}\n"
     )
     print(
@@ -126,7 +133,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for D, E, K, I, shared in SIZES:
-        rows = bench_size(D, E, K, I, shared, tokens, warmup, repeats)
+        rows = bench_size(D, E, K, I, shared, tokens, warmup, repeats, clock)
         (dense, dense_best), (naive, _) = rows["dense FLOP-equal"], rows["naive mask loop"]
         for name, (ms, best) in rows.items():
             print(

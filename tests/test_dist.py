@@ -46,6 +46,11 @@ SCENARIOS = {  # name -> overrides of a 4-step 2-rank run, compared with the sam
     "ep": ["dist.expert_parallel=2"],
     "pp": PP_MODEL + ["dist.pipeline_parallel=2", "dist.pp_microbatches=2"],
 }
+RESUME_ON_2 = {  # one-process checkpoints continued on 2 ranks: each way of loading a full state
+    "ep": ["dist.expert_parallel=2"],
+    "fsdp": ["dist.strategy=fsdp"],
+    "pp": ["dist.pipeline_parallel=2"],
+}
 TOL = 1e-5
 
 
@@ -166,9 +171,8 @@ def _rank_main(rank: int, port: int, root: str, corpus: str, out_json: str) -> N
         # by the test), and one process's paused run continues here on 2 ranks
         for name, extra in (("ep", SCENARIOS["ep"]), ("fsdp", SCENARIOS["fsdp"])):
             _paused_run(root_p / f"pause2-{name}", base + ["train.max_steps=8"] + extra, 4, ctx)
-        train_from_config(
-            overrides=["dist.strategy=ddp"], run_dir=root_p / "pause1", resume=True, progress=False
-        )
+        for name, extra in RESUME_ON_2.items():
+            train_from_config(overrides=extra, run_dir=root_p / f"pause1-{name}", resume=True, progress=False)
         result["ok"] = True
     except Exception:  # noqa: BLE001 - reported to the test instead of a bare spawn failure
         result["error"] = traceback.format_exc()
@@ -202,7 +206,9 @@ def two_ranks(env):
     """Run every 2-rank scenario once; return what rank 0 reported."""
     root, corpus = env
     base = TINY + [f"data.path={corpus}"]
-    _paused_run(root / "pause1", base + ["train.max_steps=8"], 4)  # continued on 2 ranks
+    for name in RESUME_ON_2:  # continued on 2 ranks
+        model = PP_MODEL if name == "pp" else []
+        _paused_run(root / f"pause1-{name}", base + ["train.max_steps=8"] + model, 4)
     out = root / "ranks.json"
     mp.spawn(_rank_main, args=(_free_port(), str(root), str(corpus), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
@@ -277,10 +283,13 @@ def test_two_rank_checkpoint_resumes_in_one_process(env, two_ranks, name):
         assert resumed[s] == pytest.approx(full[s], abs=TOL), (s, resumed, full)
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(env, two_ranks):
+@pytest.mark.parametrize("name", list(RESUME_ON_2))
+def test_one_process_checkpoint_resumes_on_two_ranks(env, two_ranks, name):
     root, corpus = env
-    full = _losses(_one_process(root, corpus, "8steps", [], steps=["train.max_steps=8"]))
-    resumed = _losses(root / "pause1")
+    model = PP_MODEL if name == "pp" else []
+    ref = "8steps-pp" if name == "pp" else "8steps"
+    full = _losses(_one_process(root, corpus, ref, model, steps=["train.max_steps=8"]))
+    resumed = _losses(root / f"pause1-{name}")
     assert sorted(resumed) == list(range(1, 9))
     for s in range(1, 9):
         assert resumed[s] == pytest.approx(full[s], abs=TOL), (s, resumed, full)

@@ -642,8 +642,9 @@ def test_exported_model_gives_the_same_numbers_with_lm_eval_hf(tmp_path, monkeyp
     export_model(model, Tokenizer.byte(), tmp_path / "exported")
     _lm_eval_data(tmp_path)
     resps = {}
+    # hf reads max_position_embeddings (64); minimoe would default to the training length (32)
     for name, args in [
-        ("minimoe", f"path={run}"),
+        ("minimoe", f"path={run},max_length=64"),
         ("hf", f"pretrained={tmp_path / 'exported'},dtype=float32"),
     ]:
         tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)

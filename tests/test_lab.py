@@ -315,7 +315,12 @@ def test_compare_equal_flops_sweep(tmp_path, monkeypatch, capsys):
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| variant |") and len(table) == 4  # header, rule, two rows
     assert table[2].startswith("| moe | 1/1 |") and table[3].startswith("| dense | 1/1 |")
-    assert "| – | – |" in table[3] and "| – |" not in table[2]  # a dense model has no MaxVio
+    cols = [c.strip() for c in table[0].strip("|").split("|")]
+    moe_row, dense_row = (dict(zip(cols, (c.strip() for c in t.strip("|").split("|")))) for t in table[2:])
+    assert dense_row["MaxVio global (val)"] == dense_row["MaxVio batch (train)"] == "–"  # dense: no MaxVio
+    assert float(moe_row["MaxVio global (val)"]) >= 0 and moe_row["Δ val loss (paired)"] == "–"
+    moe_loss, dense_loss = float(moe_row["val loss"]), float(dense_row["val loss"])
+    assert float(dense_row["Δ val loss (paired)"]) == pytest.approx(dense_loss - moe_loss, abs=2e-4)
     assert (out / "loss_vs_flops.png").is_file() and "![loss_vs_flops.png]" in report
     for r in runs:
         rows = [

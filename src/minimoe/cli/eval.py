@@ -61,7 +61,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N documents / examples per file")
     g = p.add_argument_group("perplexity")
     g.add_argument("--text-field", default=None, help="text field of JSONL/Parquet records (default: text)")
-    g.add_argument("--window", type=int, default=None, help="tokens per window (default: the model context)")
+    g.add_argument(
+        "--window", type=int, default=None, help="tokens per window (default: the run's train.seq_len)"
+    )
     g.add_argument(
         "--stride",
         type=int,

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         "(e.g. train.max_steps=500 model.n_layers=2).",
     )
     p.add_argument("--preset", help="named model config (default: tiny when no --config is given)")
-    p.add_argument("--config", help="YAML file with model/train/data sections")
+    p.add_argument("--config", help="YAML file with model/train/data/dist sections")
     p.add_argument(
         "--data", help="text file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME (default: built-in corpus)"
     )

@@ -14,8 +14,8 @@ command line unchanged. From Python, importing this module is enough::
     lm_eval.simple_evaluate(model="minimoe", model_args="path=runs/tiny", tasks=["hellaswag"])
 
 Model arguments: path (run or checkpoint directory), checkpoint (best | latest), device, dtype
-(float32 | bfloat16 | float16), batch_size, max_length (default: the model context), max_gen_toks
-(default 256). Scoring and tokenisation are minimoe's own (`minimoe.eval.scoring`), which follow
+(float32 | bfloat16 | float16), batch_size, max_length (default: the run's training sequence
+length, capped by the model context), max_gen_toks (default 256). Scoring and tokenisation are minimoe's own (`minimoe.eval.scoring`), which follow
 lm-eval's HF backend: trailing context whitespace moves to the continuation, an empty context is the
 end-of-text token, long contexts are cut from the left, rolling windows are disjoint.
 """
@@ -63,7 +63,8 @@ class MinimoeLM(LM):
         device: "cpu", "cuda", ... (lm_eval's --device).
         dtype: weight dtype name.
         batch_size: sequences per forward pass (lm_eval's --batch_size).
-        max_length: tokens of context per forward pass (default and maximum: the model context).
+        max_length: tokens per forward pass (default: the run's training length; at most the model
+            context).
         max_gen_toks: default generation budget when a task gives none.
         model, tokenizer: an already loaded model and tokenizer (Python use).
     """
@@ -101,9 +102,11 @@ class MinimoeLM(LM):
                 # lm_eval's CLI defaults to cuda:0; its HF backend falls back to the CPU the same way
                 log.warning("minimoe: %s is not available, evaluating on the CPU", device)
                 device = "cpu"
-            model, tokenizer, _, meta = load_run(str(path), checkpoint, device)
+            model, tokenizer, cfg, meta = load_run(str(path), checkpoint, device)
             model = model.to(DTYPES[dtype])
             self.info = {"path": meta["path"], "step": meta.get("step")}
+            # positions past the training length were never trained
+            max_length = max_length or min(cfg.train.seq_len, cfg.model.max_seq_len)
         elif tokenizer is None:
             raise MinimoeError("pass the tokenizer together with the model")
         else:

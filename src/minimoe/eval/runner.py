@@ -63,6 +63,8 @@ def evaluate_run(
     t0 = time.perf_counter()
     opts = {k: v for k, v in options.items() if v is not None}
     if task == "perplexity":
+        # positions past the training length were never trained: by default read windows of that length
+        opts.setdefault("window", min(cfg.train.seq_len, cfg.model.max_seq_len))
         res = perplexity.evaluate_perplexity(model, tok, str(data), progress=progress, **opts)
         res["data_sha256"] = _source_hash(data, opts.get("text_field", "text"))
     elif task == "multiple-choice":

@@ -107,7 +107,7 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     try:
         d = load_yaml(path)
     except ConfigError as e:
-        raise MinimoeError(str(e)) from None
+        raise MinimoeError(str(e).replace("config file", "sweep file", 1)) from None
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
         raise MinimoeError(

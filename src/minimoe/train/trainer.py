@@ -558,6 +558,9 @@ class Trainer:
             b = moe.gate.e_score_correction_bias
             if b is not None:  # None without aux_free_bias
                 out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
+        if self.par.pipeline is not None:  # each stage holds its own layers' biases
+            merged = {k: v for part in all_gather_object(out, self.ctx) for k, v in part.items()}
+            out = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
         return out
 
 
