@@ -32,6 +32,7 @@ TINY = [
     "train.eval_batches=2", "train.log_every=1", "train.warmup_steps=2", "data.tokenizer=byte",
     "data.workers=0", "train.sample_tokens=0", "train.lr=1e-2", "train.eval_every=4",
     "data.val_fraction=0.05",  # enough validation windows for 2 ranks to evaluate the same ones
+    "train.device=cpu",  # gloo everywhere, also on a machine with one GPU
 ]  # fmt: skip
 STEPS = ["train.max_steps=4", "train.grad_accum=2"]  # accumulation: DDP/FSDP no_sync, pipeline scaling
 # pipeline stages: no MTP, untied head, a z-loss added where it arises; 2 micro-batches of 2 sequences
@@ -295,15 +296,18 @@ def test_one_process_checkpoint_resumes_on_two_ranks(env, two_ranks, name):
         assert resumed[s] == pytest.approx(full[s], abs=TOL), (s, resumed, full)
 
 
-def test_export_and_generate_work_on_a_distributed_run(env, two_ranks):
+def test_export_and_generate_work_on_a_distributed_run(env, two_ranks, capsys):
+    from minimoe.cli.main import main
     from minimoe.infer.generate import generate_text
     from minimoe.train.checkpoint import load_run
 
     root, _ = env
-    model, tok, cfg, _ = load_run(root / "2r-ep")
+    model, tok, cfg, _ = load_run(root / "2r-ep")  # experts were sharded over 2 ranks
     assert cfg.dist.expert_parallel == 2 and model.layers[1].mlp.experts.up_proj.shape[0] == 4
     text = generate_text(model, tok, "the", max_new_tokens=5, temperature=0.0)
     assert isinstance(text, str)
+    assert main(["export", str(root / "2r-ep"), "--out", str(root / "hf-ep")]) == 0
+    assert (root / "hf-ep" / "config.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -577,7 +577,8 @@ def test_lm_eval_adapter_agrees_with_minimoe(tmp_path, unigram_run, monkeypatch)
     ours = evaluate_multiple_choice(model, tok, data / "mc.jsonl")
     assert results["mm_mc"]["acc,none"] == pytest.approx(ours["accuracy"]) == 0.75
     assert results["mm_mc"]["acc_norm,none"] == pytest.approx(ours["accuracy_norm"])
-    ppl = evaluate_perplexity(model, tok, data / "text.jsonl")  # stride = window: lm-eval's disjoint windows
+    # stride = window: lm-eval's disjoint windows, of the run's training length (32)
+    ppl = evaluate_perplexity(model, tok, data / "text.jsonl", window=32)
     assert results["mm_ppl"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-5)
     assert results["mm_gen"]["exact_match,none"] == pytest.approx(0.5)
 
@@ -616,7 +617,7 @@ def test_lm_eval_bad_model_args_is_one_sentence(tmp_path, unigram_run):
     with pytest.raises(MinimoeError, match="needs model_args path=RUN_DIR"):
         MinimoeLM()
     lm = MinimoeLM.create_from_arg_string(f"path={unigram_run}", {"batch_size": "auto", "device": None})
-    assert lm.batch_size == 8 and lm.max_length == 64
+    assert lm.batch_size == 8 and lm.max_length == 32  # the run's train.seq_len
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from minimoe.config import ModelConfig
 from minimoe.errors import ConfigError
 from minimoe.model.experts import (
+    FUSE_GATE_UP_BELOW,
     MLP,
     GroupedExperts,
     grouped_mm_experts,
@@ -117,11 +118,12 @@ def test_grouped_mm_dispatch_matches_reference_fp32(routing):
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_kernels_agree_on_empty_experts_and_stride0_grad():
+@pytest.mark.parametrize("inter", [8, FUSE_GATE_UP_BELOW])  # fused and separate gate/up GEMMs
+def test_kernels_agree_on_empty_experts_and_stride0_grad(inter):
     torch.manual_seed(0)
     counts = torch.tensor([5, 0, 3, 0, 8])
     x = torch.randn(16, 16)
-    ws = [torch.randn(5, 8, 16), torch.randn(5, 8, 16), torch.randn(5, 16, 8)]
+    ws = [torch.randn(5, inter, 16), torch.randn(5, inter, 16), torch.randn(5, 16, inter)]
     results = []
     for kernel in (grouped_mm_experts, loop_experts):
         leaves = [t.clone().requires_grad_() for t in [x, *ws]]
