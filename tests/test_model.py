@@ -177,3 +177,17 @@ def test_deepseek_v3_published_counts():
 def test_every_preset_counts_on_meta(name):
     rep = count_params(get_preset(name))
     assert 0 < rep.activated < rep.total
+
+
+def test_activation_checkpointing_with_auto_kernel_probe():
+    # the first forward probes the expert kernel; under a checkpointed block that probe must not
+    # disturb the recomputation's saved-tensor count
+    from minimoe.model.experts import grouped_mm_works
+
+    grouped_mm_works.__wrapped__.cache_clear()  # probe afresh, inside the checkpointed block
+    cfg = tiny_cfg(moe_impl="auto", hidden_size=32, n_heads=2, moe_intermediate_size=16)
+    model = Transformer(cfg)
+    model.gradient_checkpointing = True
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    model(idx, targets=idx).loss.backward()
+    assert model.layers[1].mlp.experts.up_proj.grad is not None
