@@ -306,10 +306,11 @@ def section_quant(model, tok, trained_on: str, heldout: str, quick: bool) -> str
             ]
         )
     emb = model.embed_tokens.weight
+    tied = model.lm_head.weight is emb
     head = (
         f"### Weight-only int8 / int4\n\n{trained_on}; perplexity on {ids.numel()} held-out tokens "
         f"(windows of 128), decode {n_new} tokens greedy at batch 1. All linear and routed-expert weights "
-        f"are quantized; the (tied) embedding, norms and router stay in the model dtype "
+        f"are quantized; the {'tied ' if tied else ''}embedding, norms and router stay in the model dtype "
         f"({emb.numel() * emb.element_size() / 2**20:.2f} MiB of embedding in fp32). Weights are "
         f"dequantized on the fly (int8 on CPU/fp32 through `torch._weight_int8pack_mm`).\n\n"
     )
