@@ -158,7 +158,11 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype, d_aligned: bool, i_al
         # identity saved-tensor hooks shield the probe from an enclosing activation checkpoint, whose
         # hooks would otherwise count the probe's tensors and fail on recomputation (probe is cached)
         identity = (lambda t: t, lambda t: t)
-        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*identity):
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(*identity),
+        ):
             gen = torch.Generator().manual_seed(0)
             tensors = [
                 torch.randn(sum(counts), d, generator=gen),
