@@ -337,3 +337,12 @@ def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus):
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] < 0.3e-3  # the cosine ran on the clock: near its 1e-4 floor at the end, not at the peak
     assert rows[-1]["step"] == res.step and "val_loss" in rows[-1]  # evaluated and saved at the stop
+
+
+def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2", "train.wandb=true")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run file `wandb sync` uploads
