@@ -346,3 +346,15 @@ def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):
     _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2", "train.wandb=true")
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run file `wandb sync` uploads
+
+
+def test_resume_keeps_the_separate_validation_data(tmp_path, corpus):
+    val = tmp_path / "val.txt"
+    val.write_text("a completely different validation text, held out from training. " * 30, encoding="utf-8")
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2", val_source=str(val))
+    first = _losses(tmp_path / "run")
+    res = _train(tmp_path / "run", corpus, "train.max_steps=4", "train.eval_every=2", resume=True)
+    from minimoe.config import RunConfig, dataclass_from_dict, load_yaml
+
+    cfg = dataclass_from_dict(RunConfig, load_yaml(tmp_path / "run" / "config.yaml"))
+    assert cfg.data.val_path == str(val) and res.step == 4 and len(_losses(tmp_path / "run")) > len(first)

@@ -201,6 +201,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME; None = built-in corpus
+    val_path: str | None = None  # a separate validation source; None = split val_fraction off `path`
     tokenizer: str = "byte"  # byte | bpe:VOCAB | path to tokenizer.json or folder
     text_field: str = "text"
     glob: str = "**/*"

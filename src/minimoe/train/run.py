@@ -73,6 +73,9 @@ def train_from_config(
             preset = "tiny"
         cfg = build_run_config(preset, config_path, overrides)
         tokenizer = cfg.data.tokenizer
+    if val_source is not None:  # kept in config.yaml, so a resumed run validates on the same data
+        cfg.data.val_path = val_source
+    val_source = cfg.data.val_path
     # Under torchrun: join the process group; rank 0 tokenizes first, the others then reuse its shards.
     ctx = init_distributed(cfg.train.device)
     try:
