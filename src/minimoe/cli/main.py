@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning. Measured on a 2-core machine
+# with one other busy process: tiny-preset training at 3,957 tokens/s passive vs 515 spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minimoe.errors import MinimoeError
 
