@@ -64,7 +64,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 # Below this expert width, grouped_mm_experts concatenates gate and up into one GEMM per call. Measured
 # on CPU (1 thread, fwd+bwd, interleaved A/B): 6-11% faster at I=64 (a 64-column GEMM runs well below
-# peak, and x's gradient needs one fewer (N, D) add); even at I=256; 12% slower at I=512, where copying
+# peak, and x's gradient needs one fewer (N, D) add); about even at I=256; 12% slower at I=512, where copying
 # the (E, 2I, D) weights every call costs more than it saves.
 FUSE_GATE_UP_BELOW = 128
 
@@ -83,7 +83,7 @@ def grouped_mm_experts(
     down_EDI: torch.Tensor,
     scale_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Experts as three grouped GEMMs over expert offsets; no host sync.
+    """Experts as grouped GEMMs over expert offsets (gate+up fused for thin experts); no host sync.
 
     Args:
         x_ND: (N, D) rows sorted by expert, contiguous.

@@ -163,8 +163,9 @@ def bias_update(load_E: torch.Tensor, speed: float, scoring_func: str) -> torch.
 
     Sigmoid: speed * sign(mean_load - load_i) (DeepSeek-V3). Softmax: the paper's appendix finds the sign
     rule works poorly there and uses a proportional rule; we use speed * (mean_load - load_i) / mean_load,
-    normalised so the step size does not depend on the batch size. Both rules are invariant to scaling
-    all loads, so counts doubled by activation checkpointing re-running the forward do no harm.
+    normalised so the step size does not depend on the batch size. An expert that took every token moves
+    by (E/K - 1) * speed, so this rule wants a smaller speed than the sign rule. Both rules are invariant
+    to scaling all loads, so counts doubled by activation checkpointing re-running the forward do no harm.
 
     Args:
         load_E: (E,) token counts per expert.
