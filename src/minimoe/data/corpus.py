@@ -279,21 +279,31 @@ class JsonlCorpus(Corpus):
 
     def segments(self) -> Iterator[tuple[str, bool]]:
         path, field = self.files[0], self.text_field
-        try:
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise MinimoeError(f"{path} line {n} is not valid JSON") from None
-                    if not isinstance(rec, dict) or field not in rec:
-                        keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
-                        raise MinimoeError(f"{path} line {n} has no '{field}' field (it has: {keys})")
-                    yield from _record(rec[field], f"{path} line {n}", field)
-        except UnicodeDecodeError:
-            raise MinimoeError(f"{path} is not UTF-8 text; convert it to UTF-8 first") from None
+        for n, rec in iter_jsonl(path):
+            if not isinstance(rec, dict) or field not in rec:
+                keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
+                raise MinimoeError(f"{path} line {n} has no '{field}' field (it has: {keys})")
+            yield from _record(rec[field], f"{path} line {n}", field)
+
+
+def iter_jsonl(path: Path, name: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON Lines file.
+
+    Raises MinimoeError naming the file (as `name`, default its path) and line for invalid JSON, and the
+    file for bytes that are not UTF-8. Callers check the shape of each value themselves.
+    """
+    name = name or str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MinimoeError(f"{name} line {n} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise MinimoeError(f"{name} is not UTF-8 text; convert it to UTF-8 first") from None
 
 
 def _record(value: Any, where: str, field: str) -> Iterator[tuple[str, bool]]:

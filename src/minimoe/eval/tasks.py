@@ -15,7 +15,6 @@ remapped (`fields={"sentence_good": "good"}`). Bad input raises MinimoeError nam
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from minimoe.data.corpus import iter_jsonl
 from minimoe.errors import MinimoeError
 from minimoe.eval.scoring import encode_pair, model_context, score_pairs
 
@@ -70,20 +70,10 @@ def read_jsonl(path: Path, name: str | None = None) -> list[Record]:
     """
     name = name or str(path)
     records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MinimoeError(f"{name} line {n} is not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise MinimoeError(f"{name} line {n} is a JSON {type(rec).__name__}, not an object")
-                records.append(Record(name, n, rec))
-    except UnicodeDecodeError:
-        raise MinimoeError(f"{name} is not UTF-8 text") from None
+    for n, rec in iter_jsonl(path, name):
+        if not isinstance(rec, dict):
+            raise MinimoeError(f"{name} line {n} is a JSON {type(rec).__name__}, not an object")
+        records.append(Record(name, n, rec))
     if not records:
         raise MinimoeError(f"{name} is empty (no JSON records)")
     return records

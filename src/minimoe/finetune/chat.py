@@ -7,12 +7,12 @@ Templates are Jinja, rendered as transformers renders `chat_template` (sandboxed
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from minimoe.data.corpus import iter_jsonl
 from minimoe.errors import MinimoeError
 
 # Used when the tokenizer has no template. The end-of-text token closes every turn, so a model
@@ -35,15 +35,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     if not p.is_file():
         raise MinimoeError(f"chat data {p} does not exist")
     convs = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise MinimoeError(f"{p} line {n} is not valid JSON") from None
-            convs.append(_messages(obj, f"{p} line {n}"))
+    for n, obj in iter_jsonl(p):
+        convs.append(_messages(obj, f"{p} line {n}"))
     if not convs:
         raise MinimoeError(f"{p} holds no examples")
     return convs
