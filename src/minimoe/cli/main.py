@@ -31,6 +31,7 @@ COMMANDS = {
     "compare": "minimoe.cli.compare",
     "plot": "minimoe.cli.plot",
     "inspect": "minimoe.cli.inspect",
+    "bench": "minimoe.cli.bench",
 }
 
 

@@ -1,0 +1,325 @@
+"""`minimoe bench`: training, prefill and decode speed, peak memory and MFU of one config, optionally
+side by side with its Hugging Face twin, every number taken in the same process run.
+
+Each measurement runs once to warm up, then `repeats` times with the subjects (minimoe, hf) taking
+turns within every repeat, and keeps the median: a burst of load from another process hits both
+alike, so the ratios hold even where the absolute numbers drift. MFU is training FLOPs per token
+(`minimoe.lab.flops`, the 6N + attention count) times tokens/s over the matmul peak that the same
+run measures first on the same device, dtype and thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from minimoe.config import RunConfig
+from minimoe.infer.generate import stream_batch
+from minimoe.infer.sampling import SamplingParams
+from minimoe.lab.flops import flops_per_token
+from minimoe.train.optim import build_optimizer
+from minimoe.train.trainer import autocast_context
+
+GREEDY = SamplingParams(temperature=0.0)
+# (batch, prompt) of the decode measurements; every one generates `new_tokens` greedy tokens
+DECODE_SHAPES = {
+    "decode_b1": (1, 32),
+    "decode_b8": (8, 32),
+    "decode_b1_p512": (1, 512),
+    "decode_b8_p512": (8, 512),
+}
+# published dense bf16 tensor-core peaks (TFLOP/s), for GPU MFU next to the measured one
+PUBLISHED_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0, "T4": 65.0}
+
+
+@dataclass
+class BenchSettings:
+    repeats: int = 5
+    new_tokens: int = 64
+    prefill_shape: tuple[int, int] = (8, 512)
+    peak_size: int = 1024  # matmul peak: square matrices of this side
+    decode_shapes: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DECODE_SHAPES))
+
+    @classmethod
+    def quick(cls) -> BenchSettings:
+        return cls(repeats=3, new_tokens=32, prefill_shape=(4, 256))
+
+
+# ------------------------------------------------------------------------------------- hardware
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Sustained GFLOP/s of a square (size x size) @ (size x size) matmul: the best of `repeats` timed
+    batches, each long enough (>= ~0.2 s) to hide the timer."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    flops = 2.0 * size**3
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    a @ b
+    _sync(device)
+    n = max(1, int(0.2 / max(time.perf_counter() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a @ b
+        _sync(device)
+        best = max(best, n * flops / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+class PeakMemory:
+    """Peak memory of a block in MiB: allocated bytes on CUDA; resident set on Linux (the kernel's
+    high-water mark, reset through /proc/self/clear_refs), else the process's lifetime maximum."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.mib = max(self.mib, torch.cuda.max_memory_allocated(self.device) / 2**20)
+            return
+        try:
+            with open("/proc/self/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            self.mib = max(self.mib, int(hwm.split()[1]) / 1024)
+        except (OSError, StopIteration):
+            import resource
+
+            self.mib = max(self.mib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, core count, GPU name and library versions, for the report."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    import os
+
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    return info
+
+
+# ------------------------------------------------------------------------------------- subjects
+
+
+class Subject:
+    """One model under test: a training step, a prefill and a greedy decode, each returning the
+    number of tokens it processed."""
+
+    name = ""
+
+    def __init__(self, model, rc: RunConfig, device: torch.device):
+        self.model, self.rc, self.device = model, rc, device
+        self.optimizer = build_optimizer(model, rc.train, device)  # the trainer's AdamW, for both
+        for g in self.optimizer.param_groups:
+            g["lr"] = 1e-5  # tiny steps: the weights stay close to where the logits were checked
+
+    def autocast(self):
+        return autocast_context(self.rc.train.precision, self.device)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        self.model.train()
+        with self.autocast():
+            loss = self.loss(x, y)
+        loss.backward()
+        if self.rc.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.rc.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_step()
+        return x.numel()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, prompts: torch.Tensor, new_tokens: int) -> int:
+        raise NotImplementedError
+
+
+class MinimoeSubject(Subject):
+    name = "minimoe"
+
+    def __init__(self, model, rc: RunConfig, device: torch.device):
+        super().__init__(model, rc, device)
+        self.forward = torch.compile(model) if rc.train.compile else model
+        self._loads: dict[int, torch.Tensor] = {}
+
+    def loss(self, x, y):
+        out = self.forward(x, targets=y)
+        self._loads = {i: s.load for i, s in out.moe_stats.items()}
+        return out.loss
+
+    def after_step(self) -> None:
+        if self.model.cfg.aux_free_bias and self._loads:
+            self.model.update_bias(self._loads)
+
+    @torch.no_grad()
+    def prefill(self, x):
+        self.model.eval()
+        cache = self.model.make_cache(x.shape[0], x.shape[1])
+        with self.autocast():
+            self.model(x, cache=cache, num_logits_to_keep=1)
+        return x.numel()
+
+    @torch.no_grad()
+    def decode(self, prompts, new_tokens):
+        self.model.eval()
+        n = 0
+        with self.autocast():
+            for step in stream_batch(self.model, prompts.tolist(), new_tokens, GREEDY):
+                n += sum(t is not None for t in step)
+        return n
+
+
+class HFSubject(Subject):
+    name = "hf"
+
+    def loss(self, x, y):
+        logits = self.model(input_ids=x, logits_to_keep=0).logits  # (B, T, V)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    @torch.no_grad()
+    def prefill(self, x):
+        self.model.eval()
+        with self.autocast():
+            self.model(input_ids=x, use_cache=True, logits_to_keep=1)
+        return x.numel()
+
+    @torch.no_grad()
+    def decode(self, prompts, new_tokens):
+        self.model.eval()
+        with self.autocast():
+            out = self.model.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+            )  # fmt: skip
+        return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
+
+
+# ------------------------------------------------------------------------------------- the suite
+
+
+def _median_rates(
+    fns: dict[str, Callable[[], int]], repeats: int, device: torch.device, mem: dict[str, PeakMemory]
+) -> dict[str, float]:
+    """Warm each fn up once, then run them in turn `repeats` times; median tokens/s per name."""
+    for name, fn in fns.items():
+        with mem[name]:
+            fn()
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            with mem[name]:
+                n = fn()
+                _sync(device)
+            rates[name].append(n / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def measurements(settings: BenchSettings) -> list[str]:
+    return ["train", "prefill", *settings.decode_shapes]
+
+
+def run_bench(
+    subjects: list[Subject], rc: RunConfig, device: torch.device, settings: BenchSettings, on_step=None
+) -> Iterator[tuple[str, dict]]:
+    """Measure every subject; yields (measurement, {key: value}) as each finishes.
+
+    Keys are `{measurement}_tok_s` for minimoe and `hf_{measurement}_tok_s` for the twin, plus
+    `peak_mem_{measurement}_mib` (and the hf_ form). `on_step(measurement)` is called after every call.
+    """
+    gen = torch.Generator().manual_seed(0)
+    V, tc = rc.model.vocab_size, rc.train
+    max_len = rc.model.max_seq_len
+
+    def tick(key: str, fn: Callable[[], int]) -> Callable[[], int]:
+        def wrapped() -> int:
+            n = fn()
+            if on_step is not None:
+                on_step(key)
+            return n
+
+        return wrapped
+
+    def prefix(s: Subject) -> str:
+        return "" if s.name == "minimoe" else f"{s.name}_"
+
+    def measure(key: str, make: Callable[[Subject], Callable[[], int]]) -> tuple[str, dict]:
+        mem = {s.name: PeakMemory(device) for s in subjects}
+        rates = _median_rates({s.name: tick(key, make(s)) for s in subjects}, settings.repeats, device, mem)
+        out = {}
+        for s in subjects:
+            out[f"{prefix(s)}{key}_tok_s"] = rates[s.name]
+            out[f"{prefix(s)}peak_mem_{key}_mib"] = mem[s.name].mib
+        return key, out
+
+    seq = torch.randint(0, V, (tc.batch_size, tc.seq_len + 1), generator=gen).to(device)
+    x, y = seq[:, :-1], seq[:, 1:]
+    yield measure("train", lambda s: lambda: s.train_step(x, y))
+    b, p = settings.prefill_shape
+    pre = torch.randint(0, V, (b, min(p, max_len)), generator=gen).to(device)
+    yield measure("prefill", lambda s: lambda: s.prefill(pre))
+    for key, (b, p) in settings.decode_shapes.items():
+        p = min(p, max_len - settings.new_tokens)
+        prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
+        yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
+
+
+def mfu(rc: RunConfig, train_tok_s: float, peak_gflops: float) -> float:
+    """Model FLOPs utilisation: training FLOPs/s over the measured matmul peak."""
+    per_token = flops_per_token(rc.model, rc.train.seq_len).train_per_token
+    return train_tok_s * per_token / (peak_gflops * 1e9)
+
+
+def published_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PUBLISHED_BF16_TFLOPS.items() if k in name), None)
