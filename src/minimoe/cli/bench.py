@@ -73,47 +73,43 @@ def run(args) -> int:
     device = resolve_device(rc.train.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[rc.train.precision]
 
-    from tqdm.auto import tqdm
-
-    n_subjects = 2 if args.against else 1
-    total = 1 + len(M.measurements(settings)) * n_subjects * (settings.repeats + 1)
-    bar = tqdm(total=total, desc="bench", unit="run", disable=args.no_progress, file=sys.stderr)
     result: dict = {
-        "config": args.config or args.preset or "default",
+        "config": args.config or args.preset,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "dtype": rc.train.precision,
         "batch": [rc.train.batch_size, rc.train.seq_len],
         **M.machine_info(device),
     }
-    bar.set_description("matmul peak")
-    result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, dtype, settings.peak_size)
-    bar.update(1)
-
+    # everything that can refuse the config happens before the first timed run
     torch.manual_seed(rc.train.seed)
     model = Transformer(rc.model).to(device)
     subjects: list[M.Subject] = [M.MinimoeSubject(model, rc, device)]
     if args.against == "hf":
         from minimoe.bench.hf import hf_twin, max_logit_diff
 
-        bar.set_description("building the HF twin")
         hf = hf_twin(model)
         probe = torch.randint(0, rc.model.vocab_size, (2, min(64, rc.model.max_seq_len)), device=device)
-        diff = max_logit_diff(model, hf, probe)
-        result["logits_max_abs_diff"] = diff
+        result["logits_max_abs_diff"] = diff = max_logit_diff(model, hf, probe)
         if not diff < 1e-3:
             raise RuntimeError(f"the HF twin computes a different function (max logit difference {diff:.3g})")
         subjects.append(M.HFSubject(hf, rc, device))
 
-    def step(key: str) -> None:
-        bar.set_description(key)
+    from tqdm.auto import tqdm
+
+    total = 1 + len(M.measurements(settings)) * len(subjects) * (settings.repeats + 1)
+    with tqdm(total=total, desc="matmul peak", unit="run", disable=args.no_progress, file=sys.stderr) as bar:
+        result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, dtype, settings.peak_size)
         bar.update(1)
 
-    for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
-        result.update(values)
-        if args.against:
-            result[f"{key}_ratio"] = values[f"{key}_tok_s"] / values[f"hf_{key}_tok_s"]
-    bar.close()
+        def step(key: str) -> None:
+            bar.set_description(key)
+            bar.update(1)
+
+        for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
+            result.update(values)
+            if args.against:
+                result[f"{key}_ratio"] = values[f"{key}_tok_s"] / values[f"hf_{key}_tok_s"]
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     if args.against:
         result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])

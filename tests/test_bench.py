@@ -1,0 +1,120 @@
+"""`minimoe bench`: the Hugging Face twin computes the same function, and the JSON report is complete.
+
+Correctness only: no test here asserts a timing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimoe.bench.hf import hf_twin, max_logit_diff, pack_experts
+from minimoe.cli.main import main
+from minimoe.config import build_run_config
+from minimoe.errors import MinimoeError
+from minimoe.model.transformer import Transformer
+
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "hf-reference.yaml"
+# the reference config's shape at a size that runs in seconds
+SMALLER = ["model.hidden_size=64", "model.n_layers=2", "model.kv_lora_rank=32", "model.vocab_size=512",
+           "model.moe_intermediate_size=64", "model.intermediate_size=128", "model.max_seq_len=640",
+           "train.batch_size=2", "train.seq_len=32"]  # fmt: skip
+REQUIRED_KEYS = [
+    "train_tok_s", "hf_train_tok_s", "decode_b1_tok_s", "hf_decode_b1_tok_s", "decode_b8_tok_s",
+    "hf_decode_b8_tok_s", "decode_b1_p512_tok_s", "hf_decode_b1_p512_tok_s", "matmul_peak_gflops", "mfu",
+    "device", "threads", "dtype",
+]  # fmt: skip
+
+
+def _model(overrides: list[str]) -> Transformer:
+    rc = build_run_config(None, str(REFERENCE), overrides)
+    torch.manual_seed(0)
+    return Transformer(rc.model)
+
+
+def test_reference_config_is_the_documented_shape():
+    m = build_run_config(None, str(REFERENCE), []).model
+    assert (m.hidden_size, m.n_layers, m.n_heads, m.vocab_size) == (256, 4, 4, 4096)
+    assert (m.kv_lora_rank, m.q_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (
+        64,
+        None,
+        32,
+        16,
+        32,
+    )
+    assert (m.first_k_dense, m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts) == (1, 8, 2, 1)
+    assert m.scoring_func == "sigmoid" and not m.tie_word_embeddings and m.mtp_depth == 0
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.n_group=4", "model.topk_group=2", "model.q_lora_rank=48"]])
+def test_hf_twin_gives_the_same_logits(overrides):
+    model = _model(overrides).eval()
+    # a nonzero balancing bias changes which experts are chosen: the twin must copy it too
+    with torch.no_grad():
+        for block in (b for b in model.layers if b.is_moe):
+            block.mlp.gate.e_score_correction_bias.copy_(torch.randn(model.cfg.n_routed_experts) * 0.05)
+    hf = hf_twin(model)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 48))
+    assert max_logit_diff(model, hf, ids) < 1e-4
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_pack_experts_layout():
+    hub = {
+        f"m.experts.{e}.{k}_proj.weight": torch.full((3, 2) if k != "down" else (2, 3), float(e))
+        for e in range(4)
+        for k in ("gate", "up", "down")
+    }
+    hub["m.gate.weight"] = torch.zeros(4, 2)
+    out = pack_experts(hub)
+    assert out["m.experts.gate_up_proj"].shape == (4, 6, 2) and out["m.experts.down_proj"].shape == (4, 2, 3)
+    assert out["m.experts.gate_up_proj"][2].eq(2).all() and "m.gate.weight" in out
+
+
+def test_hf_twin_refuses_what_transformers_cannot_hold():
+    with pytest.raises(MinimoeError, match="mtp_depth"):
+        hf_twin(_model(["model.mtp_depth=1"]))
+    with pytest.raises(MinimoeError, match="softmax"):
+        hf_twin(_model(["model.scoring_func=softmax"]))
+
+
+def test_bench_quick_json_has_every_key(capsys):
+    code = main(["bench", "--config", str(REFERENCE), "--against", "hf", "--quick", "--json", "--repeats", "1",
+                 "--no-progress", *SMALLER])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    r = json.loads(out)
+    for key in REQUIRED_KEYS:
+        assert key in r, key
+    for key in REQUIRED_KEYS[:-3]:
+        assert isinstance(r[key], float) and r[key] > 0, (key, r[key])
+    assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["threads"] >= 1
+    assert r["logits_max_abs_diff"] < 1e-4
+    assert r["train_ratio"] == pytest.approx(r["train_tok_s"] / r["hf_train_tok_s"])
+    assert r["peak_mem_train_mib"] > 0 and "torch" in r and "cpu" in r
+
+
+def test_bench_table_without_hf(capsys):
+    code = main(["bench", "--preset", "tiny", "--quick", "--repeats", "1", "--no-progress",
+                 "model.n_layers=2", "model.max_seq_len=600", "train.batch_size=2", "train.seq_len=32"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| train |" in out and "| decode_b1_p512 |" in out and "MFU" in out and "hf tok/s" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--against", "vllm"], "invalid choice"),
+        (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "--config", "missing.yaml"], "missing.yaml"),
+        (["bench", "--preset", "tiny", "model.mtp_depth=1", "--against", "hf", "--quick"], "mtp_depth"),
+    ],
+)
+def test_bench_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
