@@ -1,0 +1,206 @@
+"""minimoe against Hugging Face transformers' DeepseekV3 on the same configs and weights, via `minimoe bench`.
+
+    python benchmarks/vs_hf.py                  # reference config + `small` preset, Markdown on stdout
+    python benchmarks/vs_hf.py --quick          # reference config only, `--quick` settings
+    python benchmarks/vs_hf.py --write          # also insert the result at the top of BENCHMARKS.md's section
+    python benchmarks/vs_hf.py --profile        # add where the time goes, by kernel family, for both models
+
+Every table comes from one `minimoe bench --against hf --json` process, in which both models take turns
+within every repeat: compare the ratios, not the absolute numbers (other load on the machine moves
+both). The bf16 line measures the matmul peak in bf16 and fp32 in this process, which bounds what
+bf16 autocast can gain on this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from minimoe.bench.measure import HFSubject, MinimoeSubject, matmul_peak_gflops
+from minimoe.config import build_run_config
+from minimoe.model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = "benchmarks/configs/hf-reference.yaml"
+SECTION = "## minimoe vs Hugging Face transformers (`minimoe bench`)"
+ROWS = ["train", "prefill", "decode_b1", "decode_b8", "decode_b1_p512", "decode_b8_p512"]
+LABELS = {
+    "train": "training (fwd + bwd + AdamW)",
+    "prefill": "prefill",
+    "decode_b1": "decode, batch 1, prompt 32",
+    "decode_b8": "decode, batch 8, prompt 32",
+    "decode_b1_p512": "decode, batch 1, prompt 512",
+    "decode_b8_p512": "decode, batch 8, prompt 512",
+}
+
+
+def bench(argv: list[str]) -> tuple[str, dict]:
+    """Run `minimoe bench ... --json` in a fresh process; returns (the command, its JSON)."""
+    cmd = ["minimoe", "bench", *argv, "--against", "hf", "--json"]
+    print("running:", " ".join(cmd), file=sys.stderr)
+    out = subprocess.run(
+        [sys.executable, "-m", "minimoe", *cmd[1:]], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    return " ".join(cmd), json.loads(out.stdout)
+
+
+def table(cmd: str, r: dict) -> str:
+    lines = [
+        f"`{cmd}`: {r['config']}, batch {r['batch'][0]} x {r['batch'][1]}, {r['dtype']}, {r['threads']} threads on "
+        f"{r.get('gpu') or r['cpu']} ({r['cores']} cores), torch {r['torch']}, transformers {r.get('transformers')}, "
+        f"{r['date']}. Matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; training MFU minimoe "
+        f"{r['mfu']:.1%}, HF {r['hf_mfu']:.1%}; max logit difference {r['logits_max_abs_diff']:.1e}.",
+        "",
+        "| measurement | minimoe tok/s | HF tok/s | minimoe / HF | peak MiB minimoe | peak MiB HF |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for k in ROWS:
+        if f"{k}_tok_s" in r:
+            lines.append(
+                f"| {LABELS[k]} | {r[f'{k}_tok_s']:,.0f} | {r[f'hf_{k}_tok_s']:,.0f} | **{r[f'{k}_ratio']:.2f}x** | "
+                f"{r[f'peak_mem_{k}_mib']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def bf16_line(threads: int) -> str:
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    fp32, bf16 = matmul_peak_gflops(cpu, torch.float32), matmul_peak_gflops(cpu, torch.bfloat16)
+    return (
+        f"bf16 on this CPU: matmul peak {bf16:.2f} GFLOP/s against {fp32:.1f} in fp32 ({bf16 / fp32:.3f}x, "
+        f"{threads} threads, 1024 x 1024). Without bf16 arithmetic in hardware (AVX-512 BF16 / AMX) bf16 "
+        "autocast can only be slower than fp32 here; run `minimoe bench --precision bf16` on a machine that has it."
+    )
+
+
+# kernel families for the profile: first matching prefix wins
+FAMILIES = [
+    (
+        "matmul (mm, bmm, grouped_mm)",
+        ("aten::mm", "aten::bmm", "aten::_grouped_mm", "aten::addmm", "aten::baddbmm"),
+    ),
+    ("attention kernels (SDPA)", ("aten::_scaled_dot_product",)),
+    ("softmax / cross-entropy", ("aten::_log_softmax", "aten::_softmax", "aten::nll_loss")),
+    ("optimizer (AdamW)", ("aten::_fused_adamw", "aten::lerp", "aten::addcdiv", "aten::_foreach")),
+    (
+        "routing, sort, gather / scatter",
+        (
+            "aten::sort",
+            "aten::topk",
+            "aten::index",
+            "aten::scatter",
+            "aten::gather",
+            "aten::bincount",
+            "aten::cumsum",
+            "aten::nonzero",
+            "aten::where",
+            "aten::one_hot",
+        ),
+    ),
+    ("copies, cat, casts", ("aten::copy_", "aten::cat", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+]
+
+
+def family(name: str) -> str:
+    for label, prefixes in FAMILIES:
+        if name.startswith(prefixes):
+            return label
+    return "other elementwise / bookkeeping"
+
+
+def profile_breakdown(threads: int) -> str:
+    """Self CPU time per kernel family of one training step and one 16-token batch-1 decode, for both
+    models at the reference config (profiled once each after a warm-up)."""
+    from torch.profiler import profile
+
+    from minimoe.bench.hf import hf_twin
+
+    torch.set_num_threads(threads)
+    rc = build_run_config(None, str(ROOT / REFERENCE), [])
+    torch.manual_seed(0)
+    model = Transformer(rc.model)
+    cpu = torch.device("cpu")
+    subjects = [MinimoeSubject(model, rc, cpu), HFSubject(hf_twin(model), rc, cpu)]
+    seq = torch.randint(0, rc.model.vocab_size, (rc.train.batch_size, rc.train.seq_len + 1))
+    prompt = torch.randint(0, rc.model.vocab_size, (1, 32))
+    work = {
+        "training step": lambda s: s.train_step(seq[:, :-1], seq[:, 1:]),
+        "decode b1": lambda s: s.decode(prompt, 16),
+    }
+    cols: dict[str, dict[str, float]] = {}
+    for what, fn in work.items():
+        for s in subjects:
+            fn(s)
+            with profile() as prof:
+                fn(s)
+            ms: dict[str, float] = {}
+            for e in prof.key_averages():
+                if e.key.startswith("aten::"):
+                    ms[family(e.key)] = ms.get(family(e.key), 0.0) + e.self_cpu_time_total / 1e3
+            cols[f"{what}: {s.name}"] = ms
+    labels = [label for label, _ in FAMILIES] + ["other elementwise / bookkeeping"]
+    lines = ["| kernel family | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for label in labels:
+        cells = []
+        for ms in cols.values():
+            total = sum(ms.values())
+            cells.append(f"{ms.get(label, 0.0):,.1f} ms ({ms.get(label, 0.0) / total:.0%})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| total (self CPU time of aten ops) | "
+        + " | ".join(f"{sum(ms.values()):,.1f} ms" for ms in cols.values())
+        + " |"
+    )
+    return (
+        "Where the time goes (`python benchmarks/vs_hf.py --profile`, torch.profiler, reference config, "
+        f"{threads} threads; the profiler adds its own overhead per kernel, which inflates the decode columns):\n\n"
+        + "\n".join(lines)
+    )
+
+
+def write(markdown: str, path: Path) -> None:
+    """Insert `markdown` right under SECTION in `path` (newest first), creating the section if needed."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRegenerate: `python benchmarks/vs_hf.py --write`.\n"
+    head, tail = text.split(SECTION, 1)
+    intro, sep, rest = tail.partition("\n### ")
+    path.write_text(
+        head + SECTION + intro.rstrip("\n") + "\n\n" + markdown.strip() + "\n" + (sep + rest if sep else ""),
+        encoding="utf-8",
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reference config only, with --quick settings")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="insert the result into BENCHMARKS.md")
+    ap.add_argument("--profile", action="store_true", help="add a per-kernel-family profile of both models")
+    args = ap.parse_args()
+    common = ["--threads", str(args.threads), "--no-progress"] + (["--quick"] if args.quick else [])
+    runs = [bench(["--config", REFERENCE, *common])]
+    if not args.quick:
+        runs.append(
+            bench(["--preset", "small", "model.mtp_depth=0", "train.batch_size=8", "--repeats", "3", *common])
+        )
+    date = runs[0][1]["date"]
+    parts = [f"### {date}: {runs[0][1]['cpu']}, {args.threads} threads"]
+    parts += [table(cmd, r) for cmd, r in runs]
+    parts.append(bf16_line(args.threads))
+    if args.profile:
+        parts.append(profile_breakdown(args.threads))
+    markdown = "\n\n".join(parts)
+    print(markdown)
+    if args.write:
+        write(markdown, ROOT / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
