@@ -118,6 +118,21 @@ def test_grouped_mm_dispatch_matches_reference_fp32(routing):
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_decode_path_matches_reference_fp64(routing):
+    # a few tokens under no_grad take MoE._decode (expert by expert, no sort); it must equal the reference
+    moe = make_moe(torch.float64, **ROUTINGS[routing]).eval()
+    tokens = max(1, moe.n_experts // moe.top_k)
+    x = torch.randn(1, tokens, 16, dtype=torch.float64)
+    assert moe._few_tokens(x.view(-1, 16)) is False  # grad is on here
+    with torch.no_grad():
+        assert moe._few_tokens(x.view(-1, 16))
+        y, stats = moe(x)
+    y_ref = moe_reference(moe, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert stats.load.sum() == tokens * moe.top_k
+
+
 @pytest.mark.parametrize("inter", [8, FUSE_GATE_UP_BELOW])  # fused and separate gate/up GEMMs
 def test_kernels_agree_on_empty_experts_and_stride0_grad(inter):
     torch.manual_seed(0)

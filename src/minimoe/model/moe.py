@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minimoe.config import ModelConfig
-from minimoe.model.experts import MLP, GroupedExperts
+from minimoe.model.experts import MLP, GroupedExperts, _activate
 from minimoe.model.router import Router
 
 
@@ -99,6 +100,8 @@ class MoE(nn.Module):
         r = self.gate(x)
         x_TD = x.reshape(B * S, D)  # (T, D)
         K = self.top_k
+        if self._few_tokens(x_TD):
+            return self._decode(x_TD, r).view(B, S, D), self._stats(r, x_TD.new_zeros((), dtype=torch.long))
 
         # dispatch: pairs in token-major order, stably sorted by expert
         expert_N = r.topk_idx.reshape(-1)  # (T*K,)
@@ -129,5 +132,40 @@ class MoE(nn.Module):
         else:
             out_TD = torch.zeros(B * S, D, dtype=acc, device=x.device)
         out_TD = out_TD.index_add_(0, token_N, y_ND.to(acc)).to(x.dtype)
-        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
-        return out_TD.view(B, S, D), stats
+        return out_TD.view(B, S, D), self._stats(r, dropped)
+
+    @staticmethod
+    def _stats(r, dropped: torch.Tensor) -> MoEStats:
+        return MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
+
+    def _few_tokens(self, x_TD: torch.Tensor) -> bool:
+        """Decoding on CPU: no gradient, plain (not quantized) local experts, no capacity, at most E
+        (token, slot) pairs."""
+        return (
+            isinstance(self.experts, GroupedExperts) and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
+            and self.dispatcher is None
+            and self.capacity_factor is None and x_TD.shape[0] * self.top_k <= self.n_experts
+        )  # fmt: skip
+
+    def _decode(self, x_TD: torch.Tensor, r) -> torch.Tensor:
+        """The routed + shared output of a few tokens, expert by expert, with no sort or gather.
+
+        A decoded token runs K experts: a handful of matrix-vector products whose cost is reading the
+        weights, so the ~30 bookkeeping kernels of the sorted dispatch (sort, bincount, index_select,
+        offsets, index_add) cost more than the experts themselves. Same result as `forward`'s path.
+        """
+        acc = torch.promote_types(x_TD.dtype, torch.float32)
+        out_TD = (
+            self.shared_experts(x_TD).to(acc)
+            if self.shared_experts is not None
+            else torch.zeros_like(x_TD, dtype=acc)
+        )
+        ex = self.experts
+        w_TK = r.topk_weight
+        for t, experts in enumerate(r.topk_idx.tolist()):  # one host sync for every pair (CPU only)
+            x_1D = x_TD[t : t + 1]
+            for j, e in enumerate(experts):
+                gate = F.linear(x_1D, ex.gate_proj[e]) if ex.gate_proj is not None else None
+                h = _activate(gate, F.linear(x_1D, ex.up_proj[e])) * w_TK[t, j].to(x_TD.dtype)
+                out_TD[t] += F.linear(h, ex.down_proj[e])[0].to(acc)
+        return out_TD.to(x_TD.dtype)
