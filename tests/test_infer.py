@@ -20,6 +20,7 @@ from minimoe.infer.generate import (
     GenerationStats,
     TextStream,
     complete,
+    decode_threads,
     generate_text,
     generate_tokens,
     stream_batch,
@@ -531,3 +532,25 @@ def test_cli_missing_run_dir_and_bad_prompt_file(tmp_path, cli):
 def test_cli_warns_when_a_prompt_is_cut(trained_run, cli):
     code, out, err = cli(["generate", str(trained_run), "--prompt", "the cat " * 20, "--max-new-tokens", "3"])
     assert code == 0 and "has 160 tokens; keeping its last 63" in err  # max_seq_len 64, byte tokens
+
+
+def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count():
+    model = tiny_model().eval()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        for _ in stream_batch(model, [[1, 2, 3]], 4, SamplingParams(temperature=0.0)):
+            seen.append(torch.get_num_threads())
+        assert seen and set(seen) == {1}  # inside the decode loop
+        assert torch.get_num_threads() == 2  # and back afterwards
+        # a big enough step (here: a huge batch) keeps the thread pool
+        with decode_threads(model, batch=10**9):
+            assert torch.get_num_threads() == 2
+        # stopping early (the caller abandons the stream) restores the count too
+        stream = stream_batch(model, [[1, 2, 3]], 8, SamplingParams(temperature=0.0))
+        next(stream)
+        stream.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

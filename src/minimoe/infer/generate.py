@@ -13,6 +13,7 @@ Layers, bottom up:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,43 @@ class GenerationStats:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate)
         return d
+
+
+# Below this many FLOPs per decode step, CPU decoding runs on one intra-op thread. A decoded token is
+# ~100 tiny kernels per layer; with two threads every parallel kernel first wakes the sleeping worker,
+# which cost 10-25 us per kernel here (bmm / softmax of one token: 2-5 us on one thread, 13-27 us on
+# two; 2-core AMD EPYC, OMP_WAIT_POLICY=PASSIVE), far more than a second core saves on matrix-vector
+# products that are bound by memory bandwidth anyway (8.9 GiB/s on one thread, 9.2 on two). About
+# 20 ms of single-core work: past it, the extra cores pay for their wake-ups.
+SINGLE_THREAD_DECODE_FLOPS = 1e9
+
+
+def _decode_flops(model, batch: int) -> float:
+    """2 x activated matrix entries x rows: the FLOPs of one decode step (routed experts at top-k/E)."""
+    cfg = model.cfg
+    share = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
+    n = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 3:  # stacked routed experts
+            n += p.numel() * share
+        elif p.dim() == 2 and "embed_tokens" not in name and not name.startswith("mtp."):
+            n += p.numel()
+    return 2.0 * n * batch
+
+
+@contextlib.contextmanager
+def decode_threads(model, batch: int) -> Iterator[None]:
+    """One intra-op thread while a small CPU model decodes a small batch; the old count comes back after."""
+    saved = torch.get_num_threads()
+    small = _decode_flops(model, batch) < SINGLE_THREAD_DECODE_FLOPS
+    if model.embed_tokens.weight.device.type != "cpu" or saved == 1 or not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _check_max_new_tokens(n: int) -> None:
@@ -157,40 +195,41 @@ def stream_batch(
         stats.prefill_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        for step in range(budget):
-            nxt = pick_tokens(logits, params, seen, gens)  # (B_active,)
-            toks = nxt.tolist()  # host sync per step: the caller streams the tokens
-            out: list[int | None] = [None] * B
-            keep = []
-            for r, (i, t) in enumerate(zip(active, toks)):
-                if t in stop:
-                    continue
-                out[i] = t
-                keep.append(r)
-            if stats is not None:
-                stats.new_tokens += len(keep)
-            if keep:
-                yield out
-            keep = [r for r in keep if active[r] not in cancelled]
-            if not keep or step == budget - 1:
-                break
-            if len(keep) < len(active):  # drop finished rows from everything batched
-                index = torch.tensor(keep, device=device)
-                cache.reorder(index)
-                nxt = nxt.index_select(0, index)
-                mask = mask.index_select(0, index) if mask is not None else None
-                seen = seen.index_select(0, index) if seen is not None else None
-                gens = [gens[r] for r in keep] if gens is not None else None
-                active = [active[r] for r in keep]
-            if seen is not None:
-                seen[torch.arange(len(active), device=device), nxt] = True
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (B, S + 1)
-            logits = model(nxt.view(-1, 1), cache=cache, num_logits_to_keep=1, attention_mask=mask).logits
-            logits = logits[:, -1]
-            if stats is not None:
-                stats.forward_calls += 1
-                stats.note_cache(cache)
+        with decode_threads(model, B):  # per-token kernels are too small for a thread pool
+            for step in range(budget):
+                nxt = pick_tokens(logits, params, seen, gens)  # (B_active,)
+                toks = nxt.tolist()  # host sync per step: the caller streams the tokens
+                out: list[int | None] = [None] * B
+                keep = []
+                for r, (i, t) in enumerate(zip(active, toks)):
+                    if t in stop:
+                        continue
+                    out[i] = t
+                    keep.append(r)
+                if stats is not None:
+                    stats.new_tokens += len(keep)
+                if keep:
+                    yield out
+                keep = [r for r in keep if active[r] not in cancelled]
+                if not keep or step == budget - 1:
+                    break
+                if len(keep) < len(active):  # drop finished rows from everything batched
+                    index = torch.tensor(keep, device=device)
+                    cache.reorder(index)
+                    nxt = nxt.index_select(0, index)
+                    mask = mask.index_select(0, index) if mask is not None else None
+                    seen = seen.index_select(0, index) if seen is not None else None
+                    gens = [gens[r] for r in keep] if gens is not None else None
+                    active = [active[r] for r in keep]
+                if seen is not None:
+                    seen[torch.arange(len(active), device=device), nxt] = True
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (B, S + 1)
+                logits = model(nxt.view(-1, 1), cache=cache, num_logits_to_keep=1, attention_mask=mask).logits
+                logits = logits[:, -1]
+                if stats is not None:
+                    stats.forward_calls += 1
+                    stats.note_cache(cache)
     finally:
         if stats is not None:
             stats.note_cache(cache)
