@@ -157,7 +157,11 @@ class ModelConfig:
             )
             if self.n_group > 1 and self.scoring_func == "sigmoid":
                 # V3 scores a group by the sum of its top-2 experts
-                need(per_group >= 2, "group-limited sigmoid routing needs at least 2 experts per group")
+                need(
+                    per_group >= 2,
+                    f"n_group ({self.n_group}) leaves {per_group} expert per group; group-limited sigmoid "
+                    "routing needs at least 2",
+                )
         need(
             self.scoring_func in ("softmax", "sigmoid"),
             f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}",

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from minimoe.errors import MinimoeError
+from minimoe.errors import MinimoeError, describe_os_error
 
 TASKS = ("perplexity", "multiple-choice", "minimal-pairs", "generation")
 ROLES = {
@@ -125,12 +125,17 @@ def _fields(args) -> dict[str, str]:
 
 
 def _options(args) -> dict:
+    from minimoe.dist.init import resolve_device
+
     for dest, tasks in ONLY_FOR.items():
         if getattr(args, dest) is not None and args.task not in tasks:
             flag = "--" + dest.replace("_", "-")
             raise MinimoeError(f"{flag} applies only to --task {' / '.join(tasks)}")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise MinimoeError(f"--batch-size must be positive, got {args.batch_size}")
+    for dest in ("batch_size", "window", "stride", "limit"):
+        value = getattr(args, dest)
+        if value is not None and value <= 0:
+            raise MinimoeError(f"--{dest.replace('_', '-')} must be positive, got {value}")
+    resolve_device(args.device, what="--device")
     opts: dict = {"limit": args.limit}
     if args.task == "perplexity":
         opts.update(
@@ -144,8 +149,12 @@ def _options(args) -> dict:
         return opts
     opts["fields"] = _fields(args)
     if args.task == "generation":
-        if args.temperature is not None and args.temperature < 0:
+        if args.temperature is not None and not 0 <= args.temperature < math.inf:  # NaN too
             raise MinimoeError(f"--temperature must be >= 0, got {args.temperature}")
+        for dest in ("max_new_tokens", "top_k"):
+            value = getattr(args, dest)
+            if value is not None and value < 0:
+                raise MinimoeError(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
         stop = [_unescape(x) for x in args.stop] if args.stop else None
@@ -230,7 +239,7 @@ def run(args) -> int:
         try:
             pred_file = open(args.predictions, "w", encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as e:
-            raise MinimoeError(f"cannot write predictions to {args.predictions} ({e.strerror})") from None
+            raise MinimoeError(f"cannot write predictions ({describe_os_error(e) or e.strerror})") from None
 
         def save(rec, text: str) -> None:
             pred_file.write(
@@ -253,7 +262,7 @@ def run(args) -> int:
         out_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise MinimoeError(
-            f"cannot write results to {out_path} ({e.strerror}); choose another --out"
+            f"cannot write results ({describe_os_error(e) or e.strerror}); choose another --out"
         ) from None
     if args.json:
         sys.stdout.write(json.dumps(res) + "\n")

@@ -68,9 +68,14 @@ def read_prompt_file(path: str) -> list[str]:
         text = sys.stdin.read()
     else:
         f = Path(path)
+        if f.is_dir():
+            raise MinimoeError(f"prompt file {f} is a directory, not a file")
         if not f.is_file():
             raise MinimoeError(f"prompt file {f} does not exist")
-        text = f.read_text(encoding="utf-8")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MinimoeError(f"prompt file {f} is not UTF-8 text") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise MinimoeError(f"prompt file {path} holds no prompts")
@@ -89,9 +94,11 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def _validate(args) -> None:
+    from minimoe.dist.init import resolve_device
     from minimoe.errors import MinimoeError
     from minimoe.infer.sampling import SamplingParams
 
+    resolve_device(args.device, what="--device")
     if args.max_new_tokens < 0:
         raise MinimoeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty).validate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minimoe.errors import MinimoeError
+from minimoe.errors import MinimoeError, describe_os_error
 
 
 def add_parser(sub) -> None:
@@ -87,6 +87,8 @@ def run(args) -> int:
         raise MinimoeError("--html needs --text")
     if args.coact_png and args.corpus is None:
         raise MinimoeError("--coact-png needs --corpus")
+    if args.top < 1:
+        raise MinimoeError(f"--top must be at least 1, got {args.top}")
     model, tokenizer, cfg, _ = load_run(args.run_dir, which=args.which)
     out: dict = {}
     from rich.console import Console
@@ -101,7 +103,9 @@ def run(args) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text_html(tr, f"routing: {Path(args.run_dir).name}"), encoding="utf-8")
             except OSError as e:
-                raise MinimoeError(f"cannot write {path} ({e.strerror})") from None
+                raise MinimoeError(
+                    f"cannot write the HTML page ({describe_os_error(e) or e.strerror})"
+                ) from None
             out["html"] = str(path)
         if not args.json:
             console.print(rich_text_view(tr))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minimoe.cli.sft import add_common, report
+from minimoe.cli.sft import add_common, check_epochs, report
 
 
 def add_parser(sub) -> None:
@@ -37,6 +37,9 @@ def run(args) -> int:
         return 0
     if not args.data:
         raise MinimoeError("--data is required (a chat JSONL file), or --adapter with --merge")
+    check_epochs(args.epochs)
+    if args.alpha <= 0:
+        raise MinimoeError(f"--alpha must be positive, got {args.alpha}")
     res = finetune(
         args.run_dir, args.data, args.out, args.overrides, val_data=args.val_data, packing=args.packing,
         epochs=args.epochs, which=args.checkpoint, progress=not args.no_progress,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from minimoe.config import build_run_config
+from minimoe.errors import MinimoeError
 from minimoe.params import count_params, memory_estimate
 from minimoe.presets import PRESETS
 
@@ -49,6 +50,8 @@ def run(args) -> int:
             config = target
     if preset is None and config is None:
         preset = "tiny"
+    if args.context is not None and args.context < 1:
+        raise MinimoeError(f"--context must be at least 1 token, got {args.context}")
     cfg = build_run_config(preset=preset, config_path=config, overrides=overrides).model
     rep = count_params(cfg)
     out = {"name": preset or config, **rep.to_dict()}

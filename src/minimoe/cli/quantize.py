@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from minimoe.dist.init import resolve_device
     from minimoe.errors import MinimoeError
     from minimoe.infer.quantize import (
         check_quant_args,
@@ -46,6 +47,9 @@ def run(args) -> int:
         raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
     if args.eval_tokens < 2:
         raise MinimoeError(f"--eval-tokens must be at least 2, got {args.eval_tokens}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise MinimoeError(f"--seq-len must be at least 2, got {args.seq_len}")
+    resolve_device(args.device, what="--device")
     if args.threads > 0:
         import torch
 

@@ -31,6 +31,13 @@ def add_parser(sub) -> None:
     add_common(p)
 
 
+def check_epochs(epochs: float) -> None:
+    from minimoe.errors import MinimoeError
+
+    if not 0 < epochs < float("inf"):  # NaN too
+        raise MinimoeError(f"--epochs must be a positive number, got {epochs}")
+
+
 def report(res) -> None:
     val = f"  val_loss {res.val_loss:.4f}" if res.val_loss is not None else ""
     print(
@@ -49,6 +56,7 @@ def run(args) -> int:
 
     if not args.data:
         raise MinimoeError("--data is required (a chat JSONL file)")
+    check_epochs(args.epochs)
     res = finetune(
         args.run_dir, args.data, args.out, args.overrides, val_data=args.val_data, packing=args.packing,
         epochs=args.epochs, which=args.checkpoint, progress=not args.no_progress,

@@ -53,24 +53,29 @@ def env_world_size() -> int:
         raise MinimoeError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when a GPU is visible, else cpu; other names are checked.
 
     Args:
         name: train.device ("auto", "cpu", "cuda", "cuda:1", ...).
         local_rank: this process's index on its node; picks the GPU for "auto" and "cuda".
+        what: how error messages name the setting (e.g. "--device" for a command-line flag).
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise MinimoeError(f"train.device '{name}' is not a valid torch device") from None
+        raise MinimoeError(f"{what} '{name}' is not a valid torch device") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise MinimoeError("train.device is cuda but no CUDA GPU is available")
+            raise MinimoeError(f"{what} is cuda but no CUDA GPU is available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif dev.index >= torch.cuda.device_count():
+            raise MinimoeError(
+                f"{what} '{name}' names GPU {dev.index}, but {torch.cuda.device_count()} are visible"
+            )
     return dev
 
 

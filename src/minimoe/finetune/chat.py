@@ -32,6 +32,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         One message list per line. Raises MinimoeError naming the first bad line.
     """
     p = Path(path)
+    if p.is_dir():
+        raise MinimoeError(f"chat data {p} is a directory; give a JSONL file")
     if not p.is_file():
         raise MinimoeError(f"chat data {p} does not exist")
     convs = []

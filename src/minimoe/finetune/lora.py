@@ -135,6 +135,11 @@ def load_adapter(model: nn.Module, directory: str | Path):
     d = Path(directory)
     if not (d / "adapter_config.json").is_file():
         raise MinimoeError(f"{d} is not a LoRA adapter folder (no adapter_config.json)")
+    if not (d / "adapter_model.safetensors").is_file():
+        # PEFT would fall back to a pickled adapter_model.bin; minimoe reads weights from safetensors only
+        raise MinimoeError(
+            f"{d} has no adapter_model.safetensors (minimoe loads adapter weights from safetensors only)"
+        )
     return peft.PeftModel.from_pretrained(model, str(d))
 
 

@@ -28,6 +28,8 @@ SUPPORTED = keymap.FORMATS
 def read_config(hf_dir: Path) -> dict:
     """config.json of a checkpoint folder, with one clear sentence when it is missing or broken."""
     f = hf_dir / "config.json"
+    if not hf_dir.exists():
+        raise MinimoeError(f"{hf_dir} does not exist")
     if not hf_dir.is_dir():
         raise MinimoeError(f"{hf_dir} is not a directory")
     if not f.is_file():
@@ -131,6 +133,25 @@ def _need(cond: bool, feature: str) -> None:
         raise MinimoeError(f"the checkpoint uses {feature}, which minimoe cannot express")
 
 
+# config.json fields that model_config reads as numbers
+_NUMERIC = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "rms_norm_eps", "initializer_range", "intermediate_size", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok",
+    "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
+    "n_group", "topk_group", "routed_scaling_factor", "num_local_experts", "router_aux_loss_coef", "num_experts",
+    "shared_expert_intermediate_size", "decoder_sparse_step", "num_nextn_predict_layers",
+)  # fmt: skip
+
+
+def _check_numbers(c: dict) -> None:
+    """One sentence naming the first config.json field that should be a number and is not."""
+    for key in _NUMERIC:
+        v = c.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise MinimoeError(f"config.json field {key!r} must be a number, got {v!r}")
+
+
 def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, str, list[str]]:
     """Translate config.json into a ModelConfig.
 
@@ -147,6 +168,7 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
         )
     if fmt not in SUPPORTED:
         raise MinimoeError(f"model_type {fmt!r} is not importable; minimoe imports {', '.join(SUPPORTED)}")
+    _check_numbers(c)
     notes: list[str] = []
     L = int(c["num_hidden_layers"])
     _need(
@@ -328,7 +350,10 @@ def import_state_dict(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     hf_dir = Path(hf_dir)
     c = read_config(hf_dir)
     hub = load_tensors(hf_dir)
-    cfg, fmt, notes = model_config(c, hub)
+    try:
+        cfg, fmt, notes = model_config(c, hub)
+    except KeyError as e:  # a field model_config needs for this model_type
+        raise MinimoeError(f"{hf_dir / 'config.json'} has no {e.args[0]!r}") from None
     hub, handled = _undo_reparameterisation(hub, c, cfg, fmt)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}

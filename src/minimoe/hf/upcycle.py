@@ -34,6 +34,26 @@ _FIXED = {
 }  # fmt: skip
 
 
+_REQUIRED = object()
+
+
+def _reader(c: dict):
+    """num(key, cast=int, default): c[key] as a number; a missing required key or a value that is not a
+    number is one sentence naming the key."""
+
+    def num(key: str, cast=int, default=_REQUIRED):
+        v = c.get(key)
+        if v is None:
+            if default is _REQUIRED:
+                raise MinimoeError(f"config.json has no {key!r}, which upcycling needs")
+            return default
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise MinimoeError(f"config.json field {key!r} must be a number, got {v!r}")
+        return cast(v)
+
+    return num
+
+
 def upcycle_config(
     c: dict, experts: int, top_k: int, granularity: int, dense_layers: int, scoring: str, overrides: list[str]
 ) -> ModelConfig:
@@ -58,25 +78,26 @@ def upcycle_config(
         raise MinimoeError("the dense MLP has biases (mlp_bias=true), which minimoe experts do not have")
     if c.get("sliding_window") and c.get("use_sliding_window", mt == "mistral"):
         raise MinimoeError("the checkpoint uses sliding-window attention, which minimoe does not have")
-    inter = int(c["intermediate_size"])
+    num = _reader(c)
+    inter = num("intermediate_size")
     if granularity < 1 or inter % granularity:
         raise MinimoeError(f"--granularity {granularity} does not divide intermediate_size ({inter})")
     if experts < 1 or experts % granularity:
         raise MinimoeError(
             f"--experts ({experts}) must be a positive multiple of --granularity ({granularity})"
         )
-    L = int(c["num_hidden_layers"])
+    L = num("num_hidden_layers")
     if not 0 <= dense_layers < L:
         raise MinimoeError(f"--dense-layers must be between 0 and {L - 1}, got {dense_layers}")
     theta, rope_scaling = _rope(c, "gqa")
     cfg = ModelConfig(
-        vocab_size=int(c["vocab_size"]),
-        hidden_size=int(c["hidden_size"]),
+        vocab_size=num("vocab_size"),
+        hidden_size=num("hidden_size"),
         n_layers=L,
-        n_heads=int(c["num_attention_heads"]),
-        n_kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-        head_dim=int(c["head_dim"]) if c.get("head_dim") else None,
-        max_seq_len=int(c.get("max_position_embeddings", 2048)),
+        n_heads=num("num_attention_heads"),
+        n_kv_heads=num("num_key_value_heads", default=num("num_attention_heads")),
+        head_dim=num("head_dim", default=None),
+        max_seq_len=num("max_position_embeddings", default=2048),
         attn_type="gqa",
         rope_theta=theta,
         rope_scaling=rope_scaling,
@@ -90,9 +111,9 @@ def upcycle_config(
         norm_topk_prob=True,
         # each selected slice carries ~G/k of the dense MLP's weight: with k = G and a uniform router, exactly 1
         routed_scaling_factor=float(granularity),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=num("rms_norm_eps", float, 1e-6),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        init_std=float(c.get("initializer_range", 0.02)),
+        init_std=num("initializer_range", float, 0.02),
     )
     holder = RunConfig(model=cfg)
     for item in overrides:
@@ -198,6 +219,8 @@ def upcycle(
     from minimoe.model.transformer import Transformer
 
     dense_dir, out = Path(dense_dir), Path(out_dir)
+    if router_std is not None and not 0 <= router_std < float("inf"):  # NaN too
+        raise MinimoeError(f"--router-std must be a finite number >= 0, got {router_std}")
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not force:
         raise MinimoeError(f"{out} already holds a run; choose another --out or pass --force")
     c = read_config(dense_dir)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +27,17 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         """Raise MinimoeError naming the first bad field."""
-        if self.temperature < 0:
-            raise MinimoeError(f"temperature must be >= 0, got {self.temperature}")
+        # written as `not (ok)` so that NaN, which fails every comparison, is refused too
+        if not 0 <= self.temperature < math.inf:
+            raise MinimoeError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise MinimoeError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MinimoeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise MinimoeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise MinimoeError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
         return self
 
 

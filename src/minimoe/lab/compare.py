@@ -23,6 +23,7 @@ skipped, an unfinished one is resumed, so running the sweep again continues it.
 
 from __future__ import annotations
 
+import difflib
 import math
 import shutil
 import statistics
@@ -110,9 +111,9 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         raise MinimoeError(str(e).replace("config file", "sweep file", 1)) from None
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
-        raise MinimoeError(
-            f"sweep file {path}: unknown key '{unknown[0]}' (expected {', '.join(SWEEP_KEYS)})"
-        )
+        close = difflib.get_close_matches(str(unknown[0]), SWEEP_KEYS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"expected {', '.join(SWEEP_KEYS)}"
+        raise MinimoeError(f"sweep file {path}: unknown key '{unknown[0]}' ({hint})")
     variants = d.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise MinimoeError(f"sweep file {path} needs a 'variants' mapping of name -> overrides")

@@ -47,11 +47,16 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     Returns:
         train rows (those with "loss") and eval rows (with "val_loss"), each sorted by step.
     """
+    if path.is_dir():
+        raise MinimoeError(f"{path} is a directory, not a file")
     if not path.is_file():
         raise MinimoeError(f"{path} does not exist; is {path.parent} a run directory?")
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise MinimoeError(f"{path} is not UTF-8 text") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -74,8 +79,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 def load_run_data(run_dir: str | Path, label: str | None = None) -> RunData:
     """Read a run directory's config.yaml and metrics.jsonl."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise MinimoeError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise MinimoeError(f"{run_dir} is a file, not a run directory")
     if not (run_dir / "config.yaml").is_file():
         raise MinimoeError(f"{run_dir} is not a run directory (no config.yaml)")
     try:

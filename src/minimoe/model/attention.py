@@ -96,12 +96,14 @@ def _sdpa(
     """SDPA over (B, H, T, d) tensors with a causal mask offset by `start` cached tokens, or with
     `attn_mask` (B, 1, T, S) when given (padded batches)."""
     t, s = q.shape[-2], k.shape[-2]
-    dv = v.shape[-1]
-    if dv != q.shape[-1]:
+    dv, dqk = v.shape[-1], q.shape[-1]
+    if dv < dqk:
         # flash kernels (CUDA, and the CPU one) need equal QK and V head dims: pad V and slice the
         # output. Without it CPU SDPA falls back to the math path: measured 1.3x slower fwd+bwd at
         # B=8, H=4, T=256, d_qk=48, d_v=32.
-        v = F.pad(v, (0, q.shape[-1] - dv))
+        v = F.pad(v, (0, dqk - dv))
+    elif dv > dqk:  # (MLA with v_head_dim > nope + rope) zero columns add nothing to q.k; scale is explicit
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
     if attn_mask is not None:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa

@@ -1,0 +1,163 @@
+"""Property tests for ModelConfig.validate(): a config it accepts builds a Transformer whose forward pass
+on a (2, 8) batch gives finite losses (and gradients) and logits of the right shape; a config it rejects
+raises ConfigError with one line that names a field. Hypothesis draws the fields from small ranges that
+include invalid values, so both sides are exercised."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from minimoe.config import ModelConfig
+from minimoe.errors import ConfigError
+from minimoe.model.transformer import Transformer
+
+B, T = 2, 8
+FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+YARN = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
+
+
+# field -> (valid values, invalid values). Valid values can still combine into an invalid config (heads
+# that do not divide the width, top-k above the expert count, ...): those combinations are the point.
+SPACE: dict[str, tuple[list, list]] = {
+    "vocab_size": ([17, 32, 61], [0, -5]),
+    "hidden_size": ([8, 12, 16, 24], [0, -4]),
+    "n_layers": ([1, 2, 3], [0]),
+    "n_heads": ([1, 2, 3, 4], [0, -1]),
+    "max_seq_len": ([8, 16, 32], [0]),
+    "attn_type": (["gqa", "mla"], ["flash"]),
+    "n_kv_heads": ([None, None, 1], [0, 5]),
+    "head_dim": ([None, 4, 6, 8], [3, 0, -2]),
+    "q_lora_rank": ([None, 4, 8], [0, -1]),
+    "kv_lora_rank": ([4, 8, 12], [0]),
+    "qk_nope_head_dim": ([0, 4, 6], [-2]),
+    "qk_rope_head_dim": ([2, 4, 8], [3, 0]),
+    "v_head_dim": ([4, 6], [0]),
+    "rope_theta": ([10000.0, 500.0], []),
+    "rope_scaling": ([None, YARN], [{**YARN, "factor": 0.5}, {"type": "linear", "factor": 2.0}, {"type": "yarn"}]),
+    "intermediate_size": ([8, 20, 32], [0]),
+    "first_k_dense": ([0, 1], [5, -1]),
+    "n_routed_experts": ([0, 2, 4, 6, 8], [-1]),
+    "n_shared_experts": ([0, 1, 2], [-1]),
+    "num_experts_per_tok": ([1, 2, 3], [0, -1]),
+    "moe_intermediate_size": ([4, 8, 12], [0]),
+    "expert_act": (["swiglu", "gelu"], ["relu"]),
+    "scoring_func": (["softmax", "sigmoid"], ["tanh"]),
+    "norm_topk_prob": ([True, False], []),
+    "routed_scaling_factor": ([1.0, 2.5], []),
+    "n_group": ([1, 1, 2], [0, 3]),
+    "topk_group": ([1, 1, 2], [0, 5]),
+    "router_jitter": ([0.0, 0.1], [-0.1]),
+    "aux_free_bias": ([True, False], []),
+    "bias_update_speed": ([0.001], [-0.1]),
+    "aux_loss_alpha": ([0.0, 0.01], [-0.01]),
+    "seq_aux_loss_alpha": ([0.0, 0.001], [-1.0]),
+    "z_loss_coef": ([0.0, 0.001], [-1.0]),
+    "capacity_factor": ([None, 0.5, 1.25, 8.0], [0.0, -1.0]),
+    "moe_impl": (["auto", "loop", "grouped_mm"], ["fast"]),
+    "mtp_depth": ([0, 1, 2], [-1]),
+    "mtp_loss_weight": ([0.0, 0.3], [-0.3]),
+    "tie_word_embeddings": ([True, False], []),
+    "dropout": ([0.0, 0.1], [1.0, -0.1]),
+    "attn_dropout": ([0.0, 0.1], [1.5]),
+}  # fmt: skip
+CORRUPTIBLE = [k for k, (_, bad) in SPACE.items() if bad]
+
+
+@st.composite
+def model_configs(draw) -> dict:
+    """Keyword arguments for ModelConfig: a valid value for every field, then up to two fields set to an
+    invalid one."""
+    kw = {k: draw(st.sampled_from(good)) for k, (good, _) in SPACE.items()}
+    for k in draw(st.lists(st.sampled_from(CORRUPTIBLE), max_size=2, unique=True)):
+        kw[k] = draw(st.sampled_from(SPACE[k][1]))
+    return kw
+
+
+def _check_rejection(e: ConfigError) -> None:
+    msg = str(e)
+    assert msg and "\n" not in msg, repr(msg)
+    assert any(name in msg for name in FIELDS), f"the message names no ModelConfig field: {msg!r}"
+
+
+def _check_model(cfg: ModelConfig, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).train()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    out = model(ids, targets=targets)
+    assert out.logits.shape == (B, T, cfg.vocab_size)
+    assert torch.isfinite(out.loss), out.losses
+    for name, part in out.losses.items():
+        assert torch.isfinite(torch.as_tensor(part)).all(), (name, part)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    model.eval()
+    with torch.no_grad():  # inference keeps the shape without targets
+        assert model(ids).logits.shape == (B, T, cfg.vocab_size)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kw=model_configs(), seed=st.integers(0, 2**16))
+def test_validate_accepts_only_buildable_configs(kw, seed):
+    cfg = ModelConfig(**kw)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        event("rejected")
+        _check_rejection(e)
+        with pytest.raises(ConfigError):  # the model refuses it too, with the same error
+            Transformer(cfg)
+        return
+    event("accepted")
+    _check_model(cfg, seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["hidden_size", "n_heads", "n_layers", "vocab_size", "intermediate_size"]),
+    value=st.integers(-3, 0),
+)
+def test_non_positive_sizes_name_the_field(name, value):
+    with pytest.raises(ConfigError, match=name):
+        ModelConfig(**{name: value}).validate()
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(num_experts_per_tok=9, n_routed_experts=8), "num_experts_per_tok"),
+        (dict(attn_type="gqa", hidden_size=30, n_heads=4), "n_heads"),
+        (dict(attn_type="mla", kv_lora_rank=0), "kv_lora_rank"),
+        (dict(attn_type="gqa", n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(n_routed_experts=8, n_group=8, topk_group=4, scoring_func="sigmoid"), "n_group"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling"),
+    ],
+)
+def test_known_invalid_combinations(kw, field):
+    with pytest.raises(ConfigError, match=field) as e:
+        ModelConfig(**kw).validate()
+    _check_rejection(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        # found by the property test: v_head_dim > qk_nope_head_dim + qk_rope_head_dim truncated V in SDPA
+        dict(attn_type="mla", qk_nope_head_dim=0, qk_rope_head_dim=2, v_head_dim=4, kv_lora_rank=4),
+        dict(attn_type="mla", qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=12, q_lora_rank=4),
+        dict(attn_type="gqa", n_heads=4, n_kv_heads=1, head_dim=6, hidden_size=12),
+        dict(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, capacity_factor=0.5),
+    ],
+)
+def test_accepted_edge_configs_run(kw):
+    small = dict(vocab_size=32, hidden_size=16, n_layers=2, n_heads=2, max_seq_len=16, intermediate_size=16)
+    small.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, mtp_depth=1)
+    _check_model(ModelConfig(**{**small, **kw}).validate(), seed=0)
