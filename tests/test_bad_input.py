@@ -763,21 +763,10 @@ def ctx(world, tmp_path, monkeypatch):
         d.chmod(0o700)
 
 
-# load_run (train/checkpoint.py, changed concurrently for crash safety) does not yet compare the tokenizer
-# with model.vocab_size, so these load a run whose tokenizer is larger than the model's vocabulary and
-# carry on. Strict: once load_run refuses it, they pass and this set must be emptied.
-PENDING_LOAD_RUN_VOCAB_CHECK = {
-    f"{cmd}-tokenizer-larger-than-vocab"
-    for cmd in ("generate", "eval", "serve", "quantize", "sft", "inspect")
-}
-
-
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_bad_input(case: Case, ctx: Ctx, capsys, request):
+def test_bad_input(case: Case, ctx: Ctx, capsys):
     if case.nonroot and not PERMISSIONS_ENFORCED:
         pytest.skip("file permissions are not enforced for this user (root)")
-    if case.id in PENDING_LOAD_RUN_VOCAB_CHECK:
-        request.applymarker(pytest.mark.xfail(reason="load_run has no tokenizer size check yet", strict=True))
     argv = [str(a) for a in case.argv(ctx)]
     rc = main(argv)
     out, err = capsys.readouterr()

@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -32,6 +33,10 @@ uvicorn = pytest.importorskip("uvicorn")
 
 NAME = "tiny-serve"
 CONTEXT = 128
+KEY = "sk-test-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_TOKENS_LIMIT = 100  # below the context, so the two limits give different errors
+MAX_PROMPT_TOKENS = 110
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,10 +82,13 @@ def _read_lines(stream, out: queue.Queue) -> None:
 
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory) -> str:
-    """`python -m minimoe serve RUN --port 0` in a subprocess; its base URL (the port it printed)."""
+    """`python -m minimoe serve RUN --port 0` in a subprocess; its base URL (the port it printed).
+    It needs the API key KEY (--api-key wins over the environment variable) and has low limits."""
     log = open(tmp_path_factory.mktemp("serve-log") / "stderr.txt", "w+")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIMOE_API_KEY": "not-" + KEY}
     cmd = [sys.executable, "-m", "minimoe", "serve", str(run_dir), "--port", "0", "--model-name", NAME]
+    cmd += ["--api-key", KEY, "--max-tokens-limit", str(MAX_TOKENS_LIMIT)]
+    cmd += ["--max-prompt-tokens", str(MAX_PROMPT_TOKENS)]
     proc = subprocess.Popen(
         cmd + ["--log-level", "warning"], stdout=subprocess.PIPE, stderr=log, text=True, env=env
     )
@@ -114,12 +122,13 @@ def server(run_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def _post(url: str, path: str, body) -> httpx.Response:
     content = body if isinstance(body, str | bytes) else json.dumps(body)
-    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+    headers = {"content-type": "application/json", **AUTH}
+    return httpx.post(url + path, content=content, headers=headers, timeout=60)
 
 
 # ---------------------------------------------------------------------- openai client
@@ -285,16 +294,16 @@ def test_errors_have_openai_shape_and_server_keeps_serving(server):
         assert set(err) == {"message", "type", "param", "code"}
         assert err["type"] == "invalid_request_error" and err["message"].endswith(".")
         assert (err["param"], err["code"]) == (param, code), (body, err)
-    r = httpx.get(f"{server}/v1/nothing-here")
+    r = httpx.get(f"{server}/v1/nothing-here", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = httpx.get(f"{server}/v1/completions")
+    r = httpx.get(f"{server}/v1/completions", headers=AUTH)
     assert r.status_code == 405 and "error" in r.json()
     # the exact fit is fine: 100 prompt tokens + 28 = the 128-token context
     ok = _post(
         server, "/v1/completions", {"model": NAME, "prompt": "x" * 100, "max_tokens": 28, "temperature": 0}
     )
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 100
-    assert httpx.get(f"{server}/v1/models").json()["data"][0]["id"] == NAME
+    assert httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"] == NAME
 
 
 def test_concurrent_clients_get_what_a_lone_request_gets(server):
@@ -314,7 +323,8 @@ def test_concurrent_clients_get_what_a_lone_request_gets(server):
         if not stream:
             return _post(server, "/v1/completions", req).json()["choices"][0]["text"]
         text = ""
-        with httpx.stream("POST", f"{server}/v1/completions", json={**req, "stream": True}, timeout=60) as r:
+        body = {**req, "stream": True}
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     text += json.loads(line[6:])["choices"][0]["text"]
@@ -326,6 +336,109 @@ def test_concurrent_clients_get_what_a_lone_request_gets(server):
         futures = [pool.submit(ask, req, stream) for req in reqs for stream in (False, True)]
         together = [f.result() for f in futures]
     assert together == [a for a in alone for _ in range(2)]
+
+
+# ---------------------------------------------------------------------- API key, limits, disconnects
+
+
+def test_api_key_is_required_everywhere_but_health(server, client):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="not-" + KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.completions.create(model=NAME, prompt="the", max_tokens=2)
+    assert e.value.status_code == 401
+    assert e.value.body == {
+        "message": "Incorrect API key provided.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    for headers in (
+        {},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": "Bearer"},
+    ):
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/nope")]:
+            r = httpx.request(method, server + path, headers=headers, timeout=60)
+            assert r.status_code == 401, (headers, path, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server}/health").status_code == 200  # open: liveness probes carry no key
+    r = client.completions.create(model=NAME, prompt="the", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens <= 3
+
+
+def test_limits_refuse_in_openai_shape_and_the_server_keeps_serving(server, client):
+    with pytest.raises(openai.APIStatusError) as e:  # the real client, a 1 MiB + 1 KiB prompt
+        client.completions.create(model=NAME, prompt="x" * ((1 << 20) + 1024), max_tokens=1)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = httpx.post(f"{server}/v1/completions", content=chunks(), headers=AUTH, timeout=60)
+    assert r.status_code == 413 and "1048576 bytes" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="x", max_tokens=MAX_TOKENS_LIMIT + 1)
+    assert e.value.body["param"] == "max_tokens" and f"limit of {MAX_TOKENS_LIMIT}" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=MAX_TOKENS_LIMIT + 1
+        )
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="x" * (MAX_PROMPT_TOKENS + 1), max_tokens=1)
+    assert (e.value.body["param"], e.value.body["code"]) == ("prompt", "prompt_too_long")
+    for body in ("[" * 100_000, b"\xff\xfe{}", '{"model": "tiny-serve", "prompt": "x", "max_tokens": 1'):
+        r = _post(server, "/v1/completions", body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    # chat without max_tokens gets what fits, up to the limit; the server still answers
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], temperature=0)
+    assert 0 < r.usage.completion_tokens <= MAX_TOKENS_LIMIT
+    r = client.completions.create(model=NAME, prompt="x" * MAX_PROMPT_TOKENS, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == MAX_PROMPT_TOKENS
+
+
+def test_client_gone_mid_stream_stops_its_generation(server, client):
+    """A raw socket that reads the first chunk of a stream and then resets the connection."""
+    before = httpx.get(f"{server}/health").json()["generated_tokens"]
+    host, port = server.removeprefix("http://").split(":")
+    req = {"model": NAME, "prompt": "the", "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0}
+    body = json.dumps({**req, "stream": True})
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request.encode())
+        assert b"data: " in sock.recv(65536) or b"data: " in sock.recv(65536)
+        # RST instead of FIN: the abrupt way a client dies
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.time() + 20
+    while (health := httpx.get(f"{server}/health").json())["active_jobs"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert health["active_jobs"] == 0
+    assert health["generated_tokens"] - before < MAX_TOKENS_LIMIT // 2  # it stopped early
+    # the next request is answered, and shows that the stream would have run to the limit
+    r = client.completions.create(**req)
+    assert r.usage.completion_tokens == MAX_TOKENS_LIMIT and r.choices[0].finish_reason == "length"
+
+
+def test_api_key_comes_from_the_flag_or_the_environment():
+    from minimoe.cli.serve import MAX_BODY_BYTES, MAX_TOKENS_LIMIT, resolve_api_key
+    from minimoe.errors import MinimoeError
+    from minimoe.serve import app
+
+    assert resolve_api_key(None, {}) is None
+    assert resolve_api_key(None, {"MINIMOE_API_KEY": " k1 "}) == "k1"
+    assert resolve_api_key(None, {"MINIMOE_API_KEY": ""}) is None
+    assert resolve_api_key("k2", {"MINIMOE_API_KEY": "k1"}) == "k2"
+    with pytest.raises(MinimoeError, match="--api-key must not be empty"):
+        resolve_api_key(" ", {})
+    assert (MAX_BODY_BYTES, MAX_TOKENS_LIMIT) == (app.MAX_BODY_BYTES, app.MAX_TOKENS_LIMIT)
 
 
 # ---------------------------------------------------------------------- a tokenizer with its own template
@@ -407,6 +520,11 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
     assert err.count("\n") == 0 and "does not exist" in err
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "--port must be between 0 and 65535" in capsys.readouterr().err
+    for flag in ("--max-body-bytes", "--max-tokens-limit", "--max-prompt-tokens"):
+        assert main(["serve", str(run_dir), "--port", "0", flag, "0"]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--port", "0", "--api-key", ""]) == 2
+    assert "--api-key must not be empty" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- engine and streamer, no HTTP

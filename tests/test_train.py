@@ -101,7 +101,7 @@ def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     model, tok, cfg, _ = ckpt_lib.load_run(tmp_path / "run")
-    with pytest.raises(OSError):
+    with pytest.raises(MinimoeError, match="No space left on device.*step_00000002 is intact"):
         ckpt_lib.save_checkpoint(tmp_path / "run", 3, model, {}, {"step": 3}, "x: 1\n", tok)
     # the failed write left no trusted checkpoint and did not move `latest`
     assert ckpt_lib.find_checkpoint(tmp_path / "run") == good

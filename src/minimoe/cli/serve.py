@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+import os
 import socket
+import sys
 from pathlib import Path
 
 from minimoe.errors import MinimoeError
+
+# the same numbers as minimoe.serve.app (not imported: the serve extra may be missing)
+MAX_BODY_BYTES = 1 << 20
+MAX_TOKENS_LIMIT = 4096
+API_KEY_ENV = "MINIMOE_API_KEY"
 
 
 def add_parser(sub) -> None:
@@ -23,6 +31,30 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--max-active", type=int, default=64, help="requests generated at the same time; more wait in a queue"
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
+        f"{API_KEY_ENV} environment variable, which keeps the key out of the process list)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help=f"larger request bodies get a 413 (default {MAX_BODY_BYTES})",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=MAX_TOKENS_LIMIT,
+        help=f"the most tokens one request may ask for; more is a 400 (default {MAX_TOKENS_LIMIT})",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="the longest prompt in tokens; longer is a 400 (default: what fits the context)",
     )
     p.add_argument(
         "--log-level",
@@ -58,9 +90,34 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def resolve_api_key(flag: str | None, environ=os.environ) -> str | None:
+    """The API key: --api-key if given, else $MINIMOE_API_KEY; None (no key) when neither is set."""
+    if flag is not None:
+        if not flag.strip():
+            raise MinimoeError("--api-key must not be empty")
+        return flag.strip()
+    return environ.get(API_KEY_ENV, "").strip() or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(args) -> int:
-    if args.max_active < 1:
-        raise MinimoeError(f"--max-active must be >= 1, got {args.max_active}")
+    for flag, value in (
+        ("--max-active", args.max_active),
+        ("--max-body-bytes", args.max_body_bytes),
+        ("--max-tokens-limit", args.max_tokens_limit),
+        ("--max-prompt-tokens", args.max_prompt_tokens),
+    ):
+        if value is not None and value < 1:
+            raise MinimoeError(f"{flag} must be >= 1, got {value}")
+    api_key = resolve_api_key(args.api_key)
     try:
         import uvicorn
 
@@ -69,8 +126,10 @@ def run(args) -> int:
         raise MinimoeError(
             f"serving needs the serve extra ({e.name} is missing): pip install 'minimoe[serve]'"
         ) from None
+    from minimoe.dist.init import resolve_device
     from minimoe.train.checkpoint import load_run
 
+    resolve_device(args.device, what="--device")
     if not Path(args.run_dir).exists():
         raise MinimoeError(f"run directory {args.run_dir} does not exist")
     # bind first: a busy port is reported before the model is loaded, and nothing can take the port
@@ -79,10 +138,21 @@ def run(args) -> int:
     try:
         model, tokenizer, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
         name = args.model_name or Path(args.run_dir).resolve().name
-        app = build_app(model, tokenizer, name, max_active=args.max_active)
+        app = build_app(
+            model, tokenizer, name, max_active=args.max_active, api_key=api_key,
+            max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )  # fmt: skip
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving {name} from {meta['path']} on http://{shown}:{port}/v1", flush=True)
+        if api_key is None and not _is_loopback(args.host):
+            print(
+                f"warning: listening on {args.host} without an API key; anyone who can reach this port "
+                f"can use the model (set {API_KEY_ENV} or --api-key)",
+                file=sys.stderr,
+                flush=True,
+            )
         config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
         try:
             uvicorn.Server(config).run(sockets=[sock])

@@ -27,10 +27,14 @@ class LayerCache:
     buffer, so MLA's absorbed decode reads [latent | rope key] as one key tensor without a copy.
     """
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], dtype, device, joint: bool = False):
+    def __init__(
+        self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], dtype, device, joint: bool = False
+    ):
         self.a_dim = a_shape[-1]
         if joint:
-            self._set_buffer(torch.zeros(*a_shape[:-1], a_shape[-1] + b_shape[-1], dtype=dtype, device=device))
+            self._set_buffer(
+                torch.zeros(*a_shape[:-1], a_shape[-1] + b_shape[-1], dtype=dtype, device=device)
+            )
         else:
             self.buf = None
             self.a = torch.zeros(a_shape, dtype=dtype, device=device)

@@ -249,10 +249,6 @@ class GroupedExperts(nn.Module):
         impl = resolve_impl(self.impl, x_ND, self.hidden, self.inter)
         # grouped_mm's backward rejects an empty input (every pair dropped); the loop handles it
         use_gmm = impl == "grouped_mm" and x_ND.shape[0] > 0
-        if use_gmm and x_ND.device.type == "cpu" and not torch.is_grad_enabled() and x_ND.shape[0] <= self.n_experts:
-            # decoding: a few rows touch a few experts; the loop reads only those experts' weights and
-            # skips grouped_mm's per-call setup (measured 1.3x faster at 2 rows, E=8, D=256, I=512)
-            use_gmm = False
         kernel = grouped_mm_experts if use_gmm else loop_experts
         return kernel(x_ND.contiguous(), counts_E, self.gate_proj, self.up_proj, self.down_proj, scale_N)
 

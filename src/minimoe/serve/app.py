@@ -9,11 +9,19 @@ Routes: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 Every error, including malformed JSON and unknown routes, is a JSON body in OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for the client's mistakes.
 The model runs in one worker thread (`engine.Engine`); see there for how requests interleave.
+
+Limits, so that one client cannot exhaust the server: with `api_key`, every route but `/health` (left
+open for liveness probes; it shows only counters) answers 401 unless the request carries
+`Authorization: Bearer KEY`. Request bodies above `max_body_bytes` get a 413 (read in chunks and
+counted, never buffered past the limit), `max_tokens` above `max_tokens_limit` a 400, prompts longer
+than `max_prompt_tokens` (default: the context) a 400. A client that disconnects mid-stream cancels
+its generation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -39,9 +47,21 @@ from minimoe.serve.schemas import (
 )
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+MAX_BODY_BYTES = 1 << 20
+MAX_TOKENS_LIMIT = 4096  # each generated token grows a KV cache; this bounds one choice's memory
+OPEN_PATHS = ("/health",)  # reachable without the API key
 
 
-def build_app(model, tokenizer, model_name: str, max_active: int = 64) -> FastAPI:
+def build_app(
+    model,
+    tokenizer,
+    model_name: str,
+    max_active: int = 64,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_tokens_limit: int = MAX_TOKENS_LIMIT,
+    max_prompt_tokens: int | None = None,
+) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`.
 
     Args:
@@ -49,10 +69,14 @@ def build_app(model, tokenizer, model_name: str, max_active: int = 64) -> FastAP
         tokenizer: its Tokenizer; its `chat_template` (if any) formats chat requests.
         model_name: the id clients pass as `model`.
         max_active: choices generated at the same time (more wait in the engine's queue).
+        api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
+        max_body_bytes: larger request bodies are refused with 413.
+        max_tokens_limit: the most tokens one choice may ask for (and the default cap for chat).
+        max_prompt_tokens: the longest prompt in tokens; None = whatever fits the context.
     Returns:
         The app. Its lifespan starts and stops the engine's worker thread.
     """
-    service = Service(model, tokenizer, model_name, max_active)
+    service = Service(model, tokenizer, model_name, max_active, max_tokens_limit, max_prompt_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -65,6 +89,8 @@ def build_app(model, tokenizer, model_name: str, max_active: int = 64) -> FastAP
     app = FastAPI(title="minimoe", summary="OpenAI-compatible API", lifespan=lifespan)
     app.state.service = service
     _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(_RequireKey, key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -86,11 +112,11 @@ def build_app(model, tokenizer, model_name: str, max_active: int = 64) -> FastAP
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await service.completions(await _parse(request, CompletionRequest))
+        return await service.completions(await _parse(request, CompletionRequest, max_body_bytes))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await service.chat(await _parse(request, ChatCompletionRequest))
+        return await service.chat(await _parse(request, ChatCompletionRequest, max_body_bytes))
 
     return app
 
@@ -112,11 +138,21 @@ def app_from_run(
 class Service:
     """What the routes share: the engine, the tokenizer, the chat renderer and the context size."""
 
-    def __init__(self, model, tokenizer, model_name: str, max_active: int = 64) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str,
+        max_active: int = 64,
+        max_tokens_limit: int = MAX_TOKENS_LIMIT,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
         self.engine = Engine(model, tokenizer, max_active)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context = model.cfg.max_seq_len
+        self.max_tokens_limit = max_tokens_limit
+        self.max_prompt_tokens = max_prompt_tokens
         self.created = int(time.time())
         # built now so that a broken template (or missing jinja2) fails at startup
         self.render = make_renderer(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
@@ -159,7 +195,8 @@ class Service:
         )
 
     def _max_tokens(self, n_prompt: int, requested: int | None, default: int | None, param: str) -> int:
-        """The completion budget: what was asked, which must fit in the context with the prompt."""
+        """The completion budget: what was asked, within the server's limit, which must fit in the
+        context with the prompt."""
         if n_prompt >= self.context:
             raise APIError(
                 400,
@@ -168,7 +205,22 @@ class Service:
                 param=param,
                 code="context_length_exceeded",
             )
-        room = self.context - n_prompt
+        if self.max_prompt_tokens is not None and n_prompt > self.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"The prompt has {n_prompt} tokens, more than this server's limit of "
+                f"{self.max_prompt_tokens}.",
+                param=param,
+                code="prompt_too_long",
+            )
+        if requested is not None and requested > self.max_tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens is {requested}, more than this server's limit of {self.max_tokens_limit}.",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        room = min(self.context - n_prompt, self.max_tokens_limit)
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
@@ -425,11 +477,37 @@ def _chat_chunks(meta: _Meta, n_choices: int, prompt_tokens: int, include_usage:
 # ---------------------------------------------------------------------- parsing and errors
 
 
-async def _parse(request: Request, cls):
-    """The request body as `cls`, or an APIError(400) naming what is wrong with it."""
-    raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or APIError(413) once it passes `limit` bytes. What follows the limit is read and
+    dropped (up to a bound) rather than left unread: closing a connection with unread data makes the
+    kernel reset it, and the client would see a broken connection instead of the 413."""
+    too_large = APIError(
+        413,
+        f"The request body is larger than this server's limit of {limit} bytes.",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > 64 * limit:  # not worth reading at all
+        raise too_large
+    body, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            body += chunk
+        elif size > 64 * limit:
+            break
+    if size > limit:
+        raise too_large
+    return bytes(body)
+
+
+async def _parse(request: Request, cls, max_body_bytes: int = MAX_BODY_BYTES):
+    """The request body as `cls`, or an APIError (413 too large, else 400) naming what is wrong."""
+    raw = await _read_body(request, max_body_bytes)
     try:
         data = json.loads(raw)
+    except RecursionError:  # nesting deeper than the parser's stack, e.g. "[[[[..."
+        raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = (
             f"The request body is not valid JSON ({e})."
@@ -443,6 +521,34 @@ async def _parse(request: Request, cls):
         return cls.model_validate(data)
     except ValidationError as e:
         raise describe_validation_error(e) from None
+
+
+class _RequireKey:
+    """ASGI middleware: 401 in OpenAI's shape unless `Authorization: Bearer KEY` (paths in OPEN_PATHS
+    excepted). It runs before routing and before any body is read, so a client without the key costs
+    nothing; keys are compared in constant time."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization")
+        if given is None:
+            err = APIError(
+                401,
+                "You didn't provide an API key; send it as 'Authorization: Bearer KEY'.",
+                code="invalid_api_key",
+            )
+        else:
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                return await self.app(scope, receive, send)
+            err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -8,15 +8,22 @@ RUN_DIR/
   checkpoints/latest, best    one line naming a step directory, replaced atomically
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place; the `latest`
-pointer moves only after that. A crash at any moment leaves the previous checkpoint loadable.
+pointer moves only after that. A crash at any moment leaves the previous checkpoint loadable (tested
+by SIGKILLing a saving process at random moments, tests/test_reliability.py), and the next save
+removes what the crash left (`.tmp-*` directories, pointer temp files). A write that fails (a full
+disk) removes its temporary directory and raises a MinimoeError that says the previous checkpoint is
+intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +49,52 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader sees the old or the new content, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+# what a crash mid-save leaves in checkpoints/: never trusted, removed by the next save
+_LEFTOVER = re.compile(r"^\.tmp-.+|^\.(latest|best)\.tmp\d+$")
+# errors of a write that failed for lack of room or a broken disk, as safetensors and torch word them
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for p in root.iterdir():
+        if _LEFTOVER.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why a write failed (e.g. "No space left on device"); None when `e` is a bug, not a failed write."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    if "write failed" in text or "os error" in text:  # torch's zip writer; Rust's io::Error
+        return text.splitlines()[0]
+    return None
+
+
+def _failed(what: str, root: Path, reason: str) -> MinimoeError:
+    prev = _read_pointer(root, "latest")
+    kept = f"the previous checkpoint {prev.name} is intact" if prev else "no earlier checkpoint exists"
+    return MinimoeError(f"could not write {what} in {root} ({reason}); {kept}")
 
 
 def step_dir_name(step: int) -> str:
@@ -70,41 +116,73 @@ def save_checkpoint(
     """Write checkpoint `step` atomically, point `latest` (and `best`) at it, prune old ones.
 
     `model` is a module, or its full state dict (what a distributed run gathers on rank 0), written with
-    `weights_metadata` as the safetensors header metadata.
+    `weights_metadata` as the safetensors header metadata. A step directory that already exists is
+    replaced. A write that fails (no space left, file too large, ...) raises MinimoeError; the
+    temporary files are removed and `latest` still names the previous checkpoint.
+
+    Returns:
+        The checkpoint directory, RUN_DIR/checkpoints/step_NNNNNNNN.
     """
-    from safetensors.torch import save_file, save_model
+    from safetensors import SafetensorError
 
     root = Path(run_dir) / CKPT
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-write; never trusted
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_leftovers(root)
     final = root / step_dir_name(step)
-    if not (final / "meta.json").exists():
-        tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-        tmp.mkdir()
-        if isinstance(model, nn.Module):
-            save_model(model, str(tmp / "model.safetensors"))
-        else:
-            weights = {k: v.contiguous() for k, v in model.items()}
-            save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():  # a directory without meta.json is an incomplete leftover
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    atomic_write_text(root / "latest", final.name + "\n")
-    if is_best:
-        atomic_write_text(root / "best", final.name + "\n")
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        _write_dir(tmp, model, state, meta, config_text, tokenizer, weights_metadata)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the room a full disk needs
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        raise _failed(f"checkpoint {final.name}", root, reason) from None
+    old = None
+    if final.exists():
+        # An earlier save of this step: what a run killed between this rename and moving `latest`
+        # left behind. The resumed run's own step replaces it (after a crash between these two renames,
+        # `latest` names no directory and find_checkpoint falls back to the newest complete one).
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    try:
+        atomic_write_text(root / "latest", final.name + "\n")
+        if is_best:
+            atomic_write_text(root / "best", final.name + "\n")
+    except OSError as e:
+        raise _failed(f"the pointer to checkpoint {final.name}", root, e.strerror or str(e)) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep_last)
     return final
+
+
+def _write_dir(tmp: Path, model, state: dict, meta: dict, config_text: str, tokenizer, metadata) -> None:
+    """Every file of a checkpoint into the new directory `tmp`, fsynced; meta.json last."""
+    from safetensors.torch import save_file, save_model
+
+    tmp.mkdir()
+    if isinstance(model, nn.Module):
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        weights = {k: v.contiguous() for k, v in model.items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(tmp / "tokenizer")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    _fsync_dir(tmp)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint `latest` names in a run directory, or None before the first save."""
+    return _read_pointer(Path(run_dir) / CKPT, "latest")
 
 
 def _read_pointer(root: Path, name: str) -> Path | None:
@@ -122,7 +200,11 @@ def _prune(root: Path, keep_last: int) -> None:
     protect = {_read_pointer(root, "latest"), _read_pointer(root, "best")}
     for d in steps[:-keep_last]:
         if d not in protect:
-            shutil.rmtree(d, ignore_errors=True)
+            # renamed first: a crash mid-delete must not leave a step directory with meta.json but
+            # without some of its files
+            doomed = root / f".tmp-pruned-{d.name}-{os.getpid()}"
+            os.rename(d, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -194,8 +276,11 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     if not f.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no state.pt, so it cannot be resumed")
     try:
-        # weights_only: a state file is data; anything that would run code on load is refused
-        return torch.load(f, map_location="cpu", weights_only=True)
+        # weights_only: a state file is data; anything that would run code on load is refused. torch
+        # warns about a bare (non-zip) pickle before refusing it; the refusal below says it in one line.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise MinimoeError(
             f"checkpoint {f} holds objects other than tensors and plain values; refusing to load it"
@@ -228,5 +313,10 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     if not tok_dir.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no tokenizer/ directory")
     tokenizer = Tokenizer.load(tok_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise MinimoeError(
+            f"checkpoint {ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{cfg.model.vocab_size} embeddings (model.vocab_size)"
+        )
     meta["path"] = str(ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta

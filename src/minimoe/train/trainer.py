@@ -36,7 +36,7 @@ from minimoe.train.schedule import lr_multiplier
 
 log = logging.getLogger("minimoe.train")
 
-MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
+MAX_BAD_STEPS = 5  # consecutive skipped steps (non-finite loss or gradient) before a run stops
 LOSS_PARTS = ("ce", "aux", "z", "mtp")
 
 
@@ -378,24 +378,31 @@ class Trainer:
                     g["lr"] = lr
                 step_vals, step_loads = self._train_step()  # [loss, ce, aux, z, mtp], summed over ranks
                 step_loss = step_vals[0]
-                # one host sync per step: a non-finite loss must not reach the weights (every rank sees
-                # the same reduced loss, so all skip together)
-                if not torch.isfinite(step_loss).item():
+                self.par.finish_grads()
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = self.par.clip_grad_norm(tc.grad_clip or float("inf"))
+                # One host sync per step: a non-finite loss, or a finite loss with a non-finite gradient
+                # (clipping would spread it to every weight), must not reach the weights. Every rank
+                # sees the same reduced loss and global norm, so all skip together. Under fp16 the
+                # GradScaler itself skips steps whose scaled gradients overflow.
+                finite = torch.isfinite(step_loss)
+                if not self.scaler.is_enabled():
+                    finite = finite & torch.isfinite(grad_norm)
+                if not finite.item():
                     bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, bad_steps)
+                    self.scaler.update()  # ends the iteration unscale_ began (a no-op without fp16)
+                    log.warning(
+                        "step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                        self.step + 1,
+                        bad_steps,
+                    )
                     if bad_steps >= MAX_BAD_STEPS:
-                        raise MinimoeError(
-                            f"training diverged: {bad_steps} consecutive non-finite losses at step {self.step}; "
-                            f"the last good checkpoint in {self.run_dir / 'checkpoints'} is intact (lower train.lr?)"
-                        )
+                        raise MinimoeError(self._diverged(bad_steps))
                     continue
                 bad_steps = 0
                 for k, v in zip(LOSS_PARTS, step_vals[1:]):
                     parts_sum[k] += v
-                self.par.finish_grads()
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = self.par.clip_grad_norm(tc.grad_clip or float("inf"))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -485,6 +492,14 @@ class Trainer:
             tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, stopped=stopped,
             checkpoint=last_ckpt, is_main=self.ctx.is_main,
         )  # fmt: skip
+
+    def _diverged(self, bad_steps: int) -> str:
+        last = ckpt_lib.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
+        return (
+            f"training diverged: {bad_steps} consecutive batches gave a non-finite loss or gradient at "
+            f"step {self.step + 1}; {kept} (lower train.lr?)"
+        )
 
     def _train_step(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Forward and backward over grad_accum micro-batches.
