@@ -170,10 +170,12 @@ def write(markdown: str, path: Path) -> None:
     if SECTION not in text:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRegenerate: `python benchmarks/vs_hf.py --write`.\n"
     head, tail = text.split(SECTION, 1)
-    intro, sep, rest = tail.partition("\n### ")
+    # the section's intro ends at its first dated subsection or at the next section, whichever is first
+    ends = [i for i in (tail.find("\n### "), tail.find("\n## ")) if i >= 0]
+    cut = min(ends) if ends else len(tail)
+    intro, rest = tail[:cut], tail[cut:]
     path.write_text(
-        head + SECTION + intro.rstrip("\n") + "\n\n" + markdown.strip() + "\n" + (sep + rest if sep else ""),
-        encoding="utf-8",
+        head + SECTION + intro.rstrip("\n") + "\n\n" + markdown.strip() + "\n" + rest, encoding="utf-8"
     )
 
 
