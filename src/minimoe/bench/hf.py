@@ -54,7 +54,7 @@ def hf_twin(model, attn_implementation: str = "sdpa"):
     try:
         from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     except ImportError:
-        raise MinimoeError("--against hf needs transformers (pip install 'minimoe[hf]')") from None
+        raise MinimoeError("--against hf needs transformers (pip install 'minimoe[bench]')") from None
     cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     fmt, why = formats.choose_format(cfg, bias_nonzero=False, fmt="deepseek_v3")
