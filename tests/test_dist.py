@@ -23,14 +23,11 @@ import torch.multiprocessing as mp
 from minimoe.config import ModelConfig, RunConfig, build_run_config
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.train.run import train_from_config
+from tiny import TINY_TRAIN
 
 TINY = [
-    "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
-    "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
-    "model.num_experts_per_tok=2", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
-    "train.eval_batches=2", "train.log_every=1", "train.warmup_steps=2", "data.tokenizer=byte",
-    "data.workers=0", "train.sample_tokens=0", "train.lr=1e-2", "train.eval_every=4",
+    *TINY_TRAIN,
+    "train.lr=1e-2", "train.eval_every=4",
     "data.val_fraction=0.05",  # enough validation windows for 2 ranks to evaluate the same ones
     "train.device=cpu",  # gloo everywhere, also on a machine with one GPU
 ]  # fmt: skip

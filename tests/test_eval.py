@@ -24,6 +24,7 @@ from minimoe.eval.scoring import encode_pair, score_pairs, token_logprobs
 from minimoe.eval.tasks import evaluate_minimal_pairs, evaluate_multiple_choice
 from minimoe.model.transformer import Transformer
 from minimoe.train.checkpoint import save_checkpoint
+from tiny import TINY_TRAIN
 
 V = 320  # 258 byte tokens rounded up to 64, as training does
 UNIGRAM_PREFS = {ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0}
@@ -429,12 +430,8 @@ def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat.\n" * 300)
     overrides = [
-        "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
-        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
-        "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
-        "model.num_experts_per_tok=2", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
-        "train.eval_batches=1", "train.warmup_steps=2", "data.tokenizer=byte", "data.workers=0",
-        "train.sample_tokens=0", "train.max_steps=30", "train.eval_every=30", "train.lr=1e-2",
+        *TINY_TRAIN,
+        "train.eval_batches=1", "train.max_steps=30", "train.eval_every=30", "train.lr=1e-2",
         f"data.path={corpus}",
     ]  # fmt: skip
     train_from_config(overrides=overrides, run_dir=tmp_path / "run", progress=False)

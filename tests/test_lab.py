@@ -15,17 +15,13 @@ from minimoe.lab import compare, flops
 from minimoe.lab import inspect as lab_inspect
 from minimoe.lab import plot as lab_plot
 from minimoe.train.run import train_from_config
+from tiny import TINY_TRAIN
 
 pytest.importorskip("matplotlib")
 
 TINY = [
-    "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
-    "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
-    "model.num_experts_per_tok=2", "model.n_shared_experts=1", "model.first_k_dense=0", "model.mtp_depth=0",
-    "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.eval_batches=2",
-    "train.log_every=2", "train.warmup_steps=2", "data.tokenizer=byte", "data.workers=0",
-    "train.sample_tokens=0",
+    *TINY_TRAIN,
+    "model.n_shared_experts=1", "model.first_k_dense=0", "model.mtp_depth=0", "train.log_every=2",
 ]  # fmt: skip
 
 
