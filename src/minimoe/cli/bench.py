@@ -100,6 +100,17 @@ def run(args) -> int:
     total = 1 + len(M.measurements(settings)) * len(subjects) * (settings.repeats + 1)
     with tqdm(total=total, desc="matmul peak", unit="run", disable=args.no_progress, file=sys.stderr) as bar:
         result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, dtype, settings.peak_size)
+        if dtype != torch.float32:
+            fp32 = result["matmul_peak_fp32_gflops"] = M.matmul_peak_gflops(
+                device, torch.float32, settings.peak_size
+            )
+            if result["matmul_peak_gflops"] < 0.5 * fp32:
+                bar.write(
+                    f"minimoe bench: note: {rc.train.precision} matmuls run at {result['matmul_peak_gflops']:.1f} "
+                    f"GFLOP/s here against {fp32:.1f} in fp32 (no {rc.train.precision} arithmetic in hardware); "
+                    "expect every measurement to be slower than fp32",
+                    file=sys.stderr,
+                )
         bar.update(1)
 
         def step(key: str) -> None:
