@@ -191,3 +191,22 @@ def test_activation_checkpointing_with_auto_kernel_probe():
     idx = torch.randint(0, cfg.vocab_size, (2, 8))
     model(idx, targets=idx).loss.backward()
     assert model.layers[1].mlp.experts.up_proj.grad is not None
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_bf16_model_prefills_and_decodes_close_to_fp32(attn_type):
+    # a model cast to bf16 casts its RoPE tables too; every kernel must accept that, cached or not
+    torch.manual_seed(0)
+    ref = Transformer(tiny_cfg(attn_type=attn_type)).eval()
+    half = Transformer(tiny_cfg(attn_type=attn_type)).eval()
+    half.load_state_dict(ref.state_dict())
+    half = half.to(torch.bfloat16)
+    ids = torch.randint(0, ref.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = ref(ids).logits
+        cache = half.make_cache(2, 12)
+        pre = half(ids[:, :8], cache=cache).logits
+        steps = [half(ids[:, t : t + 1], cache=cache).logits for t in range(8, 12)]
+    got = torch.cat([pre, *steps], dim=1).float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got - full).abs().max() < 0.1 * full.abs().max()

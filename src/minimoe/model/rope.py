@@ -88,7 +88,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if interleaved:
         # pairs (2i, 2i+1) are complex numbers: one complex multiply rotates them all (3 kernels
         # instead of 12 per call; RoPE runs twice per layer per decoded token)
-        rot = torch.complex(cos, sin).unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2)
+        rot = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2)
         x_c = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())  # (..., d/2)
         return torch.view_as_real(x_c * rot).flatten(-2).to(dtype)
     cos = cos.unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2): broadcast over heads
