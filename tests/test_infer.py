@@ -468,36 +468,20 @@ def test_cli_generation_options(trained_run, cli):
     stop = plain[len("the cat") :][3:5]
     code, cut, _ = cli(base + ["--stop", stop])
     assert cut == plain[: plain.index(stop, len("the cat"))] + "\n"
-    code, sampled, _ = cli(
-        base[:-2]
-        + [
-            "--temperature",
-            "0.9",
-            "--top-k",
-            "5",
-            "--top-p",
-            "0.9",
-            "--repetition-penalty",
-            "1.2",
-            "--seed",
-            "1",
-        ]
-    )
-    code, again, _ = cli(
-        base[:-2]
-        + [
-            "--temperature",
-            "0.9",
-            "--top-k",
-            "5",
-            "--top-p",
-            "0.9",
-            "--repetition-penalty",
-            "1.2",
-            "--seed",
-            "1",
-        ]
-    )
+    sampling = [
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--seed",
+        "1",
+    ]
+    code, sampled, _ = cli(base[:-2] + sampling)
+    code, again, _ = cli(base[:-2] + sampling)  # the same seed samples the same text
     assert code == 0 and sampled == again
     code, q8, err = cli(base + ["--quantize", "8", "--stats"])
     assert code == 0 and "(int8)" in err and q8.startswith("the cat")
