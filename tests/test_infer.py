@@ -538,3 +538,14 @@ def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True, "mtp_depth": 1}])
+def test_decode_flops_count_the_activated_matrices(kw):
+    # the fast count from live parameters must equal the parameter accounting's (tied head counted once
+    # as a matmul, MTP modules and the embedding lookup not at all, routed experts at top-k / E)
+    from minimoe.infer.generate import _decode_flops
+    from minimoe.lab.flops import matmul_params
+
+    model = tiny_model(**kw)
+    assert _decode_flops(model, batch=3) == 2 * 3 * matmul_params(model.cfg)
