@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -123,8 +124,6 @@ def machine_info(device: torch.device) -> dict:
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    import os
-
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
