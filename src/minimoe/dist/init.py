@@ -126,14 +126,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor, ctx: DistContext, group=None) -> torch.Tensor:
-    """Sum `t` over the ranks of `group` (all ranks by default), in place; a no-op in one process.
-    (gloo has no AVG, so callers divide.)"""
-    if ctx.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
-
-
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
     """Rank `src`'s picklable `obj` on every rank (rank 0's value in one process)."""
     if not ctx.distributed:

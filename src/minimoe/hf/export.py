@@ -270,14 +270,6 @@ def export_model(
     return ExportResult(out_dir=out, format=fmt, files=files, weight_bytes=nbytes, notes=notes)
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", **kw) -> ExportResult:
-    """`export_model` for the model and tokenizer of a run or checkpoint directory."""
-    from minimoe.train.checkpoint import load_run
-
-    model, tokenizer, _, _ = load_run(run_dir, which)
-    return export_model(model, tokenizer, out_dir, **kw)
-
-
 def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
     """Max |logit difference| between `model` and the Hugging Face model in `hf_dir` on `input_ids`
     (B, T), both in fp32 on the CPU. Needs `transformers`."""

@@ -58,11 +58,6 @@ class GenerationStats:
         self.cache_bytes_allocated = max(self.cache_bytes_allocated, allocated)
         self.cache_bytes_used = max(self.cache_bytes_used, allocated * cache.pos // max(capacity, 1))
 
-    def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate)
-        return d
-
 
 # Below this many FLOPs per decode step, CPU decoding runs on one intra-op thread. A decoded token is
 # ~100 tiny kernels per layer; with two threads every parallel kernel first wakes the sleeping worker,

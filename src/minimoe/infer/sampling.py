@@ -88,22 +88,6 @@ def process_logits(
     return filter_logits(logits / params.temperature, params.top_k, params.top_p)
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids; temperature 0 means greedy."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 def pick_tokens(
     logits: torch.Tensor,
     params: SamplingParams,
