@@ -53,7 +53,7 @@ def run(args) -> int:
     import torch
 
     from minimoe.bench import measure as M
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.dist.init import resolve_device
     from minimoe.model.transformer import Transformer
 

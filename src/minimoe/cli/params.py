@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minimoe.config import build_run_config
+from minimoe.config_yaml import build_run_config
 from minimoe.errors import MinimoeError
 from minimoe.params import count_params, memory_estimate
-from minimoe.presets import PRESETS
+from minimoe.presets import NOTES, PRESETS
 
 
 def add_parser(sub) -> None:
@@ -55,6 +55,8 @@ def run(args) -> int:
     cfg = build_run_config(preset=preset, config_path=config, overrides=overrides).model
     rep = count_params(cfg)
     out = {"name": preset or config, **rep.to_dict()}
+    if preset in NOTES:  # where a seed preset departs from its document
+        out["notes"] = NOTES[preset]
     if args.memory:
         out["memory"] = memory_estimate(cfg, rep, args.context)
     if args.json:
@@ -93,6 +95,10 @@ def run(args) -> int:
         )
     console = Console()
     console.print(t)
+    if out.get("notes"):
+        console.print(f"where {preset} departs from its seed document:")
+        for note in out["notes"]:
+            console.print(f"  - {note}", highlight=False)
     if args.memory:
         m = out["memory"]
         mt = Table(title=f"memory (AdamW, one sequence of {m['context']:,} tokens)")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from minimoe.data.pretrained import KNOWN, is_named, named_tokenizer_path
 from minimoe.errors import MinimoeError
 
 Kind = Literal["byte", "bpe", "pretrained"]
@@ -400,8 +401,9 @@ def resolve_tokenizer(spec: str, texts_for_training: Callable[[], Iterator[str]]
     """Build a tokenizer from a spec string.
 
     Args:
-        spec: `byte`, `bpe:VOCAB` (train on `texts_for_training()`), or a path to a
-            tokenizer.json file or a folder holding one.
+        spec: `byte`, `bpe:VOCAB` (train on `texts_for_training()`), a path to a
+            tokenizer.json file or a folder holding one, or a pretrained tokenizer found locally by
+            name (`gpt2`, `smollm2`, `deepseek-moe`) or repo id (`hf:ORG/NAME`); see data/pretrained.py.
         texts_for_training: returns a fresh iterator of training documents; needed for `bpe:`.
     Returns:
         The tokenizer. Raises MinimoeError for a malformed spec or a missing path.
@@ -422,6 +424,9 @@ def resolve_tokenizer(spec: str, texts_for_training: Callable[[], Iterator[str]]
     p = Path(s).expanduser()
     if p.exists():
         return Tokenizer.load(p)
+    if is_named(s):  # gpt2, smollm2, deepseek-moe, hf:ORG/NAME: found locally, never downloaded
+        return Tokenizer.load(named_tokenizer_path(s))
     raise MinimoeError(
-        f"tokenizer {spec!r} is not 'byte', 'bpe:VOCAB' or an existing tokenizer.json file or folder"
+        f"tokenizer {spec!r} is not 'byte', 'bpe:VOCAB', a known name ({', '.join(KNOWN)}), 'hf:ORG/NAME' "
+        "or an existing tokenizer.json file or folder"
     )

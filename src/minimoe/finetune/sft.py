@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from minimoe.config import set_dotted
+from minimoe.config_yaml import set_dotted
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.finetune.chat import (
     DEFAULT_CHAT_TEMPLATE,

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from minimoe.config import ModelConfig, RunConfig, set_dotted
+from minimoe.config import ModelConfig, RunConfig
+from minimoe.config_yaml import set_dotted
 from minimoe.errors import MinimoeError
 from minimoe.hf.load import _rope, _tokenizer, load_tensors, read_config, write_run
 

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minimoe.config import RunConfig, build_run_config, load_yaml
+from minimoe.config import RunConfig
+from minimoe.config_yaml import build_run_config, load_yaml
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.lab.flops import flops_per_token, steps_for_budget, tokens_per_step
 from minimoe.params import count_params

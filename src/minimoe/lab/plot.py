@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minimoe.config import RunConfig, build_run_config
+from minimoe.config import RunConfig
+from minimoe.config_yaml import build_run_config
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.lab.flops import flops_per_token
 

@@ -296,7 +296,8 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     Returns:
         (model in eval mode, tokenizer, RunConfig, checkpoint meta dict)
     """
-    from minimoe.config import RunConfig, dataclass_from_dict, load_yaml
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import dataclass_from_dict, load_yaml
     from minimoe.data import Tokenizer
     from minimoe.model.transformer import Transformer
 

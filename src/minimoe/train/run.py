@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
-from minimoe.config import build_run_config, load_yaml
+from minimoe.config_yaml import build_run_config, load_yaml
 from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
+from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS
 from minimoe.train.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
 
 
 def data_cache_dir(cfg_data, val_source: str | None) -> Path:
@@ -41,6 +45,29 @@ def _explicit(key: str, config_path: str | None, overrides: list[str]) -> bool:
     return False
 
 
+def _seed_recipe(preset: str | None, config_path: str | None, overrides: list[str], cfg) -> bool:
+    """For a seed preset trained with its own tokenizer: log where the preset departs from its seed,
+    swap in the stated fallback tokenizer when the seed's is not on this machine, and return True (the
+    preset's vocabulary is then kept, so the model is the one `minimoe params` reports)."""
+    from minimoe.data.pretrained import find_named_tokenizer, is_named, minimoe_tokenizer_dir
+
+    if config_path is not None:  # a `preset:` key in the YAML file wins over --preset
+        preset = load_yaml(config_path).get("preset", preset)
+    if preset not in SEED_PRESETS or _explicit("data.tokenizer", config_path, overrides):
+        return False
+    for note in NOTES.get(preset, []):
+        log.info("preset %s: %s", preset, note)
+    spec, fallback = cfg.data.tokenizer, TOKENIZER_FALLBACKS.get(preset)
+    if fallback and is_named(spec) and find_named_tokenizer(spec) is None:
+        log.warning(
+            "tokenizer %r (the %s seed's) was not found, so a %s tokenizer is trained on the data instead; "
+            "for the seed's own, put its tokenizer.json in %s/ or pass --tokenizer PATH",
+            spec, preset, fallback, minimoe_tokenizer_dir(spec),
+        )  # fmt: skip
+        cfg.data.tokenizer = fallback
+    return True
+
+
 def train_from_config(
     preset: str | None = None,
     config_path: str | None = None,
@@ -53,7 +80,8 @@ def train_from_config(
 ) -> TrainResult:
     """Train a model and return its TrainResult (with a generated sample when `sample`).
 
-    Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64).
+    Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64); a seed
+    preset trained with its own tokenizer keeps its vocabulary.
     """
     from minimoe.data import Tokenizer, prepare
 
@@ -72,12 +100,17 @@ def train_from_config(
         if preset is None and config_path is None:
             preset = "tiny"
         cfg = build_run_config(preset, config_path, overrides)
+        seed_vocab = _seed_recipe(preset, config_path, overrides, cfg)
         tokenizer = cfg.data.tokenizer
     if val_source is not None:  # kept in config.yaml, so a resumed run validates on the same data
         cfg.data.val_path = val_source
     val_source = cfg.data.val_path
     # Under torchrun: join the process group; rank 0 tokenizes first, the others then reuse its shards.
     ctx = init_distributed(cfg.train.device)
+    if not resume and cfg.train.precision == "fp16" and ctx.device.type != "cuda":
+        if not _explicit("train.precision", config_path, overrides):  # a preset's recipe asked for it
+            log.warning("train.precision=fp16 needs a CUDA GPU; training in bf16 autocast on %s", ctx.device)
+            cfg.train.precision = "bf16"
     try:
         data = main_first(
             lambda: prepare(
@@ -95,7 +128,7 @@ def train_from_config(
         )
         if not resume:
             tokenizer = data.tokenizer()
-            if not _explicit("model.vocab_size", config_path, overrides):
+            if not _explicit("model.vocab_size", config_path, overrides) and not seed_vocab:
                 cfg.model.vocab_size = -(-tokenizer.vocab_size // 64) * 64
             cfg.validate()
         trainer = Trainer(cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx)

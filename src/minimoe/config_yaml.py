@@ -1,0 +1,206 @@
+"""Reading configs: YAML files, `section.field=value` overrides and type coercion into the config
+dataclasses, and `build_run_config` (preset, then YAML, then overrides).
+
+This module sits above `minimoe.config` (the dataclasses) and `minimoe.presets`; neither imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+from minimoe.config import RunConfig
+from minimoe.errors import ConfigError
+from minimoe.presets import get_preset, preset_train_defaults
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the dataclass field type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, str):
+            import yaml
+
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
+
+
+def dataclass_from_dict(cls: type, d: dict, where: str = "") -> Any:
+    """Build a dataclass from a dict, coercing types and rejecting unknown keys."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            raise _unknown_key(str(k), names, where)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = dataclass_from_dict(tp, v or {}, f"{where}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{where}{k}")
+    return cls(**kwargs)
+
+
+def set_dotted(cfg: Any, key: str, value: Any) -> None:
+    """Apply one `section.field=value` override in place."""
+    parts = key.split(".")
+    obj = cfg
+    path = ""
+    for p in parts[:-1]:
+        names = [f.name for f in fields(obj)]
+        if p not in names:
+            raise _unknown_key(p, names, path)
+        obj = getattr(obj, p)
+        path += p + "."
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"config key '{path.rstrip('.')}' has no sub-keys")
+    last = parts[-1]
+    names = [f.name for f in fields(obj)]
+    if last not in names:
+        raise _unknown_key(last, names, path)
+    tp = typing.get_type_hints(type(obj))[last]
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        # keep strings that YAML would turn into something else only if the field wants a str
+        value = value if tp is str else parsed
+    setattr(obj, last, _coerce(value, tp, f"{path}{last}"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a directory, not a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"override '{it}' is not of the form key=value")
+        k, v = it.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def build_run_config(
+    preset: str | None = None, config_path: str | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Preset (its model and training recipe), then YAML file (whose `preset:` key wins over
+    `preset`), then dotted overrides; validated."""
+    cfg = RunConfig()
+
+    def use_preset(name: str) -> None:
+        cfg.model = get_preset(name)
+        for k, v in preset_train_defaults(name).items():
+            set_dotted(cfg, k, v)
+
+    if preset is not None:
+        use_preset(preset)
+    if config_path is not None:
+        d = load_yaml(config_path)
+        if "preset" in d:
+            use_preset(str(d.pop("preset")))
+        for section in ("model", "train", "data", "dist"):
+            sub = d.pop(section, None) or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping")
+            for k, v in sub.items():
+                set_dotted(cfg, f"{section}.{k}", v)
+        if d:
+            raise _unknown_key(next(iter(d)), ["model", "train", "data", "dist", "preset"], "")
+    for k, v in parse_overrides(overrides or []):
+        set_dotted(cfg, k, v)
+    return cfg.validate()

@@ -1,0 +1,366 @@
+"""The seed presets as the seed systems: exact sizes, their tokenizers found locally by name (never
+downloaded), their training recipes, and the config/presets/YAML module structure."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from minimoe.cli.main import main
+from minimoe.config import ModelConfig
+from minimoe.config_yaml import build_run_config
+from minimoe.data import Tokenizer, resolve_tokenizer, train_bpe
+from minimoe.data.pretrained import find_named_tokenizer
+from minimoe.errors import MinimoeError
+from minimoe.model.transformer import Transformer
+from minimoe.params import count_params
+from minimoe.presets import NOTES, PRESET_FIELDS, PRESETS, SEED_PRESETS, TRAIN_DEFAULTS, get_preset
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "minimoe"
+WORDS = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
+
+# (total, activated without the embedding lookup, MTP modules): pinned, so that listing presets as
+# differences from the defaults (or changing a default) cannot change any preset's model
+COUNTS = {
+    "tiny": (3_451_352, 2_124_248, 833_032),
+    "small": (96_339_568, 30_148_208, 11_430_544),
+    "optimal-moe": (207_176_768, 75_056_192, 0),
+    "mymoe": (144_839_424, 102_372_096, 0),
+    "deepseek-mini": (529_883_568, 211_378_608, 0),
+    "deepseek-moe-16b": (16_375_728_128, 2_618_935_296, 0),
+    "deepseek-v3": (671_026_419_200, 36_625_618_432, 11_610_068_224),
+}
+
+
+# ---------------------------------------------------------------- presets as data
+
+
+def test_every_preset_has_pinned_counts():
+    assert set(COUNTS) == set(PRESETS)
+    for name, want in COUNTS.items():
+        rep = count_params(get_preset(name))
+        assert (rep.total, rep.activated, rep.mtp_total) == want, name
+
+
+def test_presets_list_only_what_differs_from_the_defaults():
+    defaults = dataclasses.asdict(ModelConfig())
+    for name, fields in PRESET_FIELDS.items():
+        for key, value in fields.items():
+            assert key in defaults, f"{name}: unknown field {key}"
+            assert value != defaults[key], f"{name}.{key} restates the default {value!r}"
+        assert PRESETS[name] == get_preset(name)
+
+
+def test_get_preset_returns_independent_copies():
+    a = get_preset("deepseek-v3")
+    a.rope_scaling["factor"] = 1
+    assert get_preset("deepseek-v3").rope_scaling["factor"] == 40
+
+
+def test_seed_presets_carry_recipe_tokenizer_and_notes():
+    for name in SEED_PRESETS:
+        recipe = TRAIN_DEFAULTS[name]
+        assert recipe["data.tokenizer"] in ("gpt2", "smollm2", "deepseek-moe")
+        assert NOTES[name], name
+        cfg = build_run_config(name)  # the recipe validates against its model
+        assert cfg.train.seq_len <= cfg.model.max_seq_len
+    opt = build_run_config("optimal-moe").train
+    assert (opt.lr, opt.warmup_steps, opt.batch_size, opt.grad_accum, opt.seq_len, opt.precision) == (
+        3e-4, 2000, 4, 16, 512, "bf16",
+    )  # fmt: skip
+    mini = build_run_config("deepseek-mini").train
+    assert (mini.lr, mini.warmup_steps, mini.batch_size, mini.seq_len, mini.precision) == (
+        3e-4, 20, 8, 128, "fp16",
+    )  # fmt: skip
+    big = build_run_config("deepseek-moe-16b")
+    assert big.train.batch_size * big.train.grad_accum == 4608 and big.train.lr == 4.2e-4
+    # the published model: no renormalisation of the top-6 weights, MHA
+    assert not big.model.norm_topk_prob and big.model.kv_heads == big.model.n_heads == 16
+
+
+def test_yaml_preset_key_brings_its_recipe(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: optimal-moe\ntrain:\n  lr: 1.0e-4\n")
+    cfg = build_run_config(config_path=str(f))
+    assert cfg.model == get_preset("optimal-moe")
+    assert (cfg.train.lr, cfg.train.seq_len, cfg.data.tokenizer) == (1e-4, 512, "gpt2")
+
+
+# ---------------------------------------------------------------- module structure
+
+
+def _minimoe_imports(path: Path, skip_function: str | None = None) -> set[str]:
+    """Every minimoe module `path` imports, at module level or inside functions."""
+    tree = ast.parse(path.read_text())
+    skipped = set()
+    if skip_function:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == skip_function:
+                skipped |= {id(n) for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minimoe"):
+            out |= {
+                f"{node.module}.{a.name}" if node.module == "minimoe" else node.module for a in node.names
+            }
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("minimoe")}
+    return out
+
+
+def test_config_presets_and_yaml_form_no_cycle():
+    # config (the dataclasses) <- presets <- config_yaml; only config's compatibility __getattr__ for
+    # names that moved reaches up, and nothing in the package uses it
+    assert _minimoe_imports(SRC / "config.py", skip_function="__getattr__") == {"minimoe.errors"}
+    assert _minimoe_imports(SRC / "presets.py") == {"minimoe.config", "minimoe.errors"}
+    assert _minimoe_imports(SRC / "config_yaml.py") == {"minimoe.config", "minimoe.errors", "minimoe.presets"}
+    moved = ("build_run_config", "set_dotted", "load_yaml", "dataclass_from_dict", "parse_overrides")
+    for f in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "minimoe.config":
+                used = {a.name for a in node.names} & set(moved)
+                assert not used, f"{f.relative_to(SRC)} imports {used} from minimoe.config"
+
+
+def test_importing_config_loads_neither_presets_nor_yaml_and_old_names_resolve():
+    code = (
+        "import sys, minimoe.config as c\n"
+        "assert 'minimoe.presets' not in sys.modules and 'minimoe.config_yaml' not in sys.modules\n"
+        "from minimoe.config import build_run_config, set_dotted\n"
+        "import minimoe.config_yaml as y\n"
+        "assert build_run_config is y.build_run_config and set_dotted is y.set_dotted\n"
+        "try:\n    c.nope\nexcept AttributeError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------- named tokenizers
+
+
+def _tok_json(folder: Path, texts: list[str] | None = None) -> Tokenizer:
+    """A small real BPE tokenizer.json (with `<|endoftext|>`) in `folder`."""
+    tok = train_bpe(texts or [" ".join(WORDS)] * 20, 300)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_hf_json(), encoding="utf-8")
+    return tok
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    """No tokenizer anywhere: empty minimoe and Hugging Face caches, no MINIMOE_TOKENIZERS."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "mcache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("MINIMOE_TOKENIZERS", raising=False)
+    return tmp_path
+
+
+def test_named_tokenizer_lookup_order(clean_env, monkeypatch):
+    root = clean_env
+    assert find_named_tokenizer("gpt2") is None
+    # Hugging Face cache: the snapshot refs/main names, not an older one
+    repo = root / "hf" / "hub" / "models--openai-community--gpt2"
+    _tok_json(repo / "snapshots" / "old")
+    _tok_json(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    assert find_named_tokenizer("gpt2") == repo / "snapshots" / "abc123"
+    assert find_named_tokenizer("hf:openai-community/gpt2") == repo / "snapshots" / "abc123"
+    # minimoe's cache wins over the Hugging Face cache, MINIMOE_TOKENIZERS over both
+    _tok_json(root / "mcache" / "tokenizers" / "gpt2")
+    assert find_named_tokenizer("gpt2") == root / "mcache" / "tokenizers" / "gpt2"
+    monkeypatch.setenv("MINIMOE_TOKENIZERS", str(root / "mine"))
+    want = _tok_json(root / "mine" / "gpt2")
+    assert find_named_tokenizer("gpt2") == root / "mine" / "gpt2"
+    got = resolve_tokenizer("gpt2")
+    assert got.kind == "pretrained" and got.encode("the cat sat") == want.encode("the cat sat")
+    # a second name of the same tokenizer: SmolLM2 found under its Instruct repo
+    _tok_json(root / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "r1")
+    assert find_named_tokenizer("smollm2").name == "r1"
+
+
+def test_missing_named_tokenizer_is_one_sentence_saying_where_to_put_it(clean_env):
+    with pytest.raises(MinimoeError) as e:
+        resolve_tokenizer("gpt2")
+    where = clean_env / "mcache" / "tokenizers" / "gpt2"
+    assert str(e.value) == (
+        f"tokenizer 'gpt2' (GPT-2's 50257-token BPE) was not found and nothing is downloaded: put its "
+        f"tokenizer.json in {where}/ (or in $MINIMOE_TOKENIZERS/gpt2/), keep openai-community/gpt2 in the "
+        "Hugging Face cache, or pass --tokenizer PATH"
+    )
+    with pytest.raises(MinimoeError, match="is not in the Hugging Face cache"):
+        resolve_tokenizer("hf:nobody/nothing")
+
+
+# ---------------------------------------------------------------- `minimoe train --preset SEED`
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(150)) for _ in range(60)]
+    f = tmp_path / "d.txt"
+    f.write_text("\n\n".join(docs))
+    return f
+
+
+class Stop(BaseException):
+    """Ends `minimoe train` where a test has seen enough (the CLI catches only Exception subclasses)."""
+
+
+class Recorder:
+    """Stands in for Trainer: records what `minimoe train` would train, builds the model on the meta
+    device (a 530M-parameter model is too big to allocate in a unit test) and stops."""
+
+    seen: dict = {}
+
+    def __init__(self, cfg, run_dir, data, tokenizer, **kw):
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        biases = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+        Recorder.seen = {"cfg": cfg, "tokenizer": tokenizer, "params": model.num_params() + biases}
+        raise Stop  # nothing below Trainer runs
+
+
+def _train(args, monkeypatch, recorder=True) -> dict:
+    if recorder:
+        monkeypatch.setattr("minimoe.train.run.Trainer", Recorder)
+        Recorder.seen = {}
+        with pytest.raises(Stop):
+            main(["train", *args])
+        return Recorder.seen
+    return {"code": main(["train", *args])}
+
+
+COMMON = ["--no-progress", "--no-sample", "data.val_fraction=0.3"]
+
+
+@pytest.mark.parametrize("name", ["mymoe", "deepseek-mini"])
+def test_seed_preset_trains_the_model_params_reports(name, clean_env, text_file, monkeypatch, caplog):
+    # the seed's tokenizer is on this machine (a stand-in tokenizer.json under its name)
+    tok_name = TRAIN_DEFAULTS[name]["data.tokenizer"]
+    monkeypatch.setenv("MINIMOE_TOKENIZERS", str(clean_env / "toks"))
+    _tok_json(clean_env / "toks" / tok_name)
+    with caplog.at_level(logging.INFO, logger="minimoe.train.run"):
+        seen = _train(
+            ["--preset", name, "--data", str(text_file), "--out", str(clean_env / "r"), *COMMON], monkeypatch
+        )
+    assert seen["cfg"].model == get_preset(name)  # the vocabulary is the seed's, not refitted
+    assert seen["params"] == count_params(get_preset(name)).total == COUNTS[name][0]
+    assert seen["cfg"].data.tokenizer == tok_name and seen["tokenizer"].vocab_size < 400
+    assert sum(f"preset {name}: " in r.getMessage() for r in caplog.records) == len(NOTES[name])
+    if name == "deepseek-mini":  # fp16 + GradScaler is the recipe, and needs CUDA: bf16 on the CPU
+        assert seen["cfg"].train.precision == "bf16"
+
+
+def test_deepseek_mini_without_smollm2_trains_the_stated_fallback(clean_env, text_file, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="minimoe.train.run"):
+        seen = _train(
+            ["--preset", "deepseek-mini", "--data", str(text_file), "--out", str(clean_env / "r"), *COMMON],
+            monkeypatch,
+        )
+    assert seen["cfg"].data.tokenizer == "bpe:49152" and seen["tokenizer"].kind == "bpe"
+    assert seen["cfg"].model.vocab_size == 49152 and seen["params"] == COUNTS["deepseek-mini"][0]
+    (warning,) = [r.getMessage() for r in caplog.records if "smollm2" in r.getMessage()]
+    assert str(clean_env / "mcache" / "tokenizers" / "smollm2") in warning and "--tokenizer PATH" in warning
+
+
+def test_seed_preset_with_another_tokenizer_refits_the_vocabulary(clean_env, text_file, monkeypatch):
+    seen = _train(
+        [
+            "--preset",
+            "mymoe",
+            "--tokenizer",
+            "byte",
+            "--data",
+            str(text_file),
+            "--out",
+            str(clean_env / "r"),
+            *COMMON,
+        ],
+        monkeypatch,
+    )
+    assert seen["cfg"].model.vocab_size == 320  # 258 byte tokens, rounded up to 64
+    assert dataclasses.replace(seen["cfg"].model, vocab_size=50304) == get_preset("mymoe")
+
+
+def test_seed_preset_without_its_tokenizer_stops_with_one_sentence(clean_env, text_file, capsys):
+    code = main(
+        ["train", "--preset", "optimal-moe", "--data", str(text_file), "--out", str(clean_env / "r"), *COMMON]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("minimoe train: error: tokenizer 'gpt2' (GPT-2's 50257-token BPE) was not found")
+
+
+def test_explicit_fp16_on_cpu_is_refused(clean_env, text_file, monkeypatch, capsys):
+    monkeypatch.setenv("MINIMOE_TOKENIZERS", str(clean_env / "toks"))
+    _tok_json(clean_env / "toks" / "smollm2")
+    code = main(
+        [
+            "train",
+            "--preset",
+            "deepseek-mini",
+            "--data",
+            str(text_file),
+            "--out",
+            str(clean_env / "r"),
+            *COMMON,
+            "train.precision=fp16",
+        ]
+    )
+    assert code == 2 and "train.precision=fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_train_optimal_moe_builds_the_model_params_reports(clean_env, text_file, monkeypatch, capsys):
+    """`minimoe train --preset optimal-moe train.max_steps=1`, the real Trainer up to its first step:
+    the model it builds has exactly the parameters `minimoe params optimal-moe` reports."""
+    from minimoe.train.trainer import Trainer
+
+    monkeypatch.setenv("MINIMOE_TOKENIZERS", str(clean_env / "toks"))
+    _tok_json(clean_env / "toks" / "gpt2")
+    built = {}
+
+    def fit(self, stop_after=None):
+        biases = sum(m.gate.e_score_correction_bias.numel() for m in self.model.moe_layers().values())
+        built["params"] = sum(p.numel() for p in self.model.parameters()) + biases
+        built["cfg"] = self.cfg
+        raise Stop
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    run = clean_env / "r"
+    with pytest.raises(Stop):
+        main(
+            [
+                "train",
+                "--preset",
+                "optimal-moe",
+                "--data",
+                str(text_file),
+                "--out",
+                str(run),
+                *COMMON,
+                "train.max_steps=1",
+            ]
+        )
+    assert main(["params", "optimal-moe", "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert built["params"] == reported["total"] == COUNTS["optimal-moe"][0]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"] == dataclasses.asdict(get_preset("optimal-moe"))
+    assert saved["data"]["tokenizer"] == "gpt2" and saved["train"]["precision"] == "bf16"
+    assert reported["notes"] == NOTES["optimal-moe"]
