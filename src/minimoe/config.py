@@ -233,6 +233,12 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20
     log_every: int = 10
+    # routing alerts (train/alerts.py): an expert under alert_low_load x its fair share 1/E of tokens for
+    # alert_window steps in a row (0.4 = the Optimal MoE seed's 5% at 8 experts), or a step's z-loss above
+    # alert_z_spike x its running mean; 0 turns either off
+    alert_low_load: float = 0.4
+    alert_window: int = 100
+    alert_z_spike: float = 2.0
     save_every: int = 0  # 0 = at eval steps and at the end
     keep_last: int = 2
     early_stop_patience: int = 0  # evals without improvement; 0 = off
@@ -274,6 +280,9 @@ class RunConfig:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        for name in ("alert_low_load", "alert_window", "alert_z_spike"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
         if t.seq_len > self.model.max_seq_len:

@@ -30,6 +30,7 @@ from minimoe.dist.parallel import parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.transformer import Transformer
 from minimoe.train import checkpoint as ckpt_lib
+from minimoe.train.alerts import RoutingMonitor
 from minimoe.train.health import expert_health, max_vio
 from minimoe.train.optim import build_optimizer
 from minimoe.train.schedule import lr_multiplier
@@ -189,6 +190,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
             tokenizer.save(self.run_dir / "tokenizer")
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.monitor = RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
         self._writers: list = []
 
     # ------------------------------------------------------------------ state
@@ -415,6 +417,7 @@ class Trainer:
                 n_in_window += 1
                 for i, v in step_loads.items():
                     window_loads[i] = window_loads.get(i, 0) + v
+                self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 bar.update(1)
 
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
@@ -431,6 +434,10 @@ class Trainer:
                         "peak_mem_mb": _peak_mem_mb(self.device),
                     }
                     health = expert_health(window_loads)
+                    alerts, warnings = self.monitor.report(self.par.reduce_sum)
+                    row.update(alerts)
+                    for w in warnings if self.ctx.is_main else []:
+                        log.warning("step %d: %s", self.step, w)
                     if health:
                         row.update(health)
                         row["bias_range"] = self._bias_ranges()
@@ -533,6 +540,7 @@ class Trainer:
             )
             for i, s in out.moe_stats.items():
                 loads[i] = loads.get(i, 0) + s.load
+            self.monitor.count_dropped(out.moe_stats)
         if self.ctx.distributed and pipe is None:
             # one all-reduce for the losses and the loads of every layer
             keys = sorted(loads)
