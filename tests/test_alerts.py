@@ -107,6 +107,23 @@ def test_per_step_work_makes_no_host_sync(monkeypatch):
     assert _low(m.report(NO_REDUCE)) == [(1, 0, 3)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_per_step_work_makes_no_cuda_sync():
+    m = RoutingMonitor(low_load=0.4, window=2, z_spike=2.0, capacity=True)
+    dev = torch.device("cuda")
+    zero, two, z = (torch.tensor(v, device=dev) for v in (0.0, 2, 0.5))
+    stats = {1: MoEStats(zero, zero, zero, two)}
+    loads = {1: torch.tensor([0.0, 4.0, 4.0, 4.0], device=dev)}
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        for _ in range(3):
+            m.count_dropped(stats)
+            m.observe(loads, z)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert _low(m.report(NO_REDUCE)) == [(1, 0, 3)]
+
+
 # ---------------------------------------------------------------- a real run
 
 

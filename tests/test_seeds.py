@@ -249,7 +249,7 @@ def _train(args, monkeypatch, recorder=True) -> dict:
 COMMON = ["--no-progress", "--no-sample", "data.val_fraction=0.3"]
 
 
-@pytest.mark.parametrize("name", ["mymoe", "deepseek-mini"])
+@pytest.mark.parametrize("name", SEED_PRESETS)
 def test_seed_preset_trains_the_model_params_reports(name, clean_env, text_file, monkeypatch, caplog):
     # the seed's tokenizer is on this machine (a stand-in tokenizer.json under its name)
     tok_name = TRAIN_DEFAULTS[name]["data.tokenizer"]
