@@ -298,6 +298,56 @@ def test_seed_preset_with_another_tokenizer_refits_the_vocabulary(clean_env, tex
     assert dataclasses.replace(seen["cfg"].model, vocab_size=50304) == get_preset("mymoe")
 
 
+def test_seed_preset_keeps_its_vocabulary_for_its_own_tokenizer_however_named(
+    clean_env, text_file, monkeypatch
+):
+    # data.tokenizer=gpt2 said explicitly, and a 50257-token tokenizer.json given as a path (GPT-2's size;
+    # refitting would round it up to 50304 for optimal-moe)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    monkeypatch.setenv("MINIMOE_TOKENIZERS", str(clean_env / "toks"))
+    _tok_json(clean_env / "toks" / "gpt2")
+    seen = _train(
+        [
+            "--preset",
+            "optimal-moe",
+            "--data",
+            str(text_file),
+            "--out",
+            str(clean_env / "a"),
+            *COMMON,
+            "data.tokenizer=gpt2",
+        ],
+        monkeypatch,
+    )
+    assert seen["cfg"].model == get_preset("optimal-moe")
+    vocab = (
+        {w: i for i, w in enumerate(WORDS[:13])}
+        | {f"w{i}": i for i in range(13, 50256)}
+        | {"<|endoftext|>": 50256}
+    )
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    (clean_env / "big").mkdir()
+    hf.save(str(clean_env / "big" / "tokenizer.json"))
+    seen = _train(
+        [
+            "--preset",
+            "optimal-moe",
+            "--tokenizer",
+            str(clean_env / "big"),
+            "--data",
+            str(text_file),
+            "--out",
+            str(clean_env / "b"),
+            *COMMON,
+        ],
+        monkeypatch,
+    )
+    assert seen["tokenizer"].vocab_size == 50257 and seen["cfg"].model == get_preset("optimal-moe")
+
+
 def test_seed_preset_without_its_tokenizer_stops_with_one_sentence(clean_env, text_file, capsys):
     code = main(
         ["train", "--preset", "optimal-moe", "--data", str(text_file), "--out", str(clean_env / "r"), *COMMON]

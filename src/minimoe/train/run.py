@@ -12,7 +12,7 @@ from pathlib import Path
 from minimoe.config_yaml import build_run_config, load_yaml
 from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
-from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS
+from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS, TRAIN_DEFAULTS
 from minimoe.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -45,27 +45,39 @@ def _explicit(key: str, config_path: str | None, overrides: list[str]) -> bool:
     return False
 
 
-def _seed_recipe(preset: str | None, config_path: str | None, overrides: list[str], cfg) -> bool:
-    """For a seed preset trained with its own tokenizer: log where the preset departs from its seed,
-    swap in the stated fallback tokenizer when the seed's is not on this machine, and return True (the
-    preset's vocabulary is then kept, so the model is the one `minimoe params` reports)."""
+def _seed_preset(preset: str | None, config_path: str | None, overrides: list[str], cfg) -> str | None:
+    """The seed preset this run trains, if any: log where it departs from its seed document and, unless
+    the user chose the tokenizer, swap in the preset's stated fallback when the seed's own tokenizer is
+    not on this machine."""
     from minimoe.data.pretrained import find_named_tokenizer, is_named, minimoe_tokenizer_dir
 
     if config_path is not None:  # a `preset:` key in the YAML file wins over --preset
         preset = load_yaml(config_path).get("preset", preset)
-    if preset not in SEED_PRESETS or _explicit("data.tokenizer", config_path, overrides):
-        return False
+    if preset not in SEED_PRESETS:
+        return None
     for note in NOTES.get(preset, []):
         log.info("preset %s: %s", preset, note)
     spec, fallback = cfg.data.tokenizer, TOKENIZER_FALLBACKS.get(preset)
-    if fallback and is_named(spec) and find_named_tokenizer(spec) is None:
+    chosen = _explicit("data.tokenizer", config_path, overrides)
+    if fallback and not chosen and is_named(spec) and find_named_tokenizer(spec) is None:
         log.warning(
             "tokenizer %r (the %s seed's) was not found, so a %s tokenizer is trained on the data instead; "
             "for the seed's own, put its tokenizer.json in %s/ or pass --tokenizer PATH",
             spec, preset, fallback, minimoe_tokenizer_dir(spec),
         )  # fmt: skip
         cfg.data.tokenizer = fallback
-    return True
+    return preset
+
+
+def _keeps_vocab(seed: str | None, cfg, tokenizer) -> bool:
+    """A seed preset keeps its vocabulary (the model `minimoe params` reports) when it trains with its
+    own tokenizer: the recipe's, its stated fallback, or one that fills the vocabulary up to padding
+    (the seed's tokenizer given as a path)."""
+    if seed is None:
+        return False
+    if cfg.data.tokenizer in (TRAIN_DEFAULTS[seed]["data.tokenizer"], TOKENIZER_FALLBACKS.get(seed)):
+        return True
+    return cfg.model.vocab_size - 64 < tokenizer.vocab_size <= cfg.model.vocab_size
 
 
 def train_from_config(
@@ -91,7 +103,7 @@ def train_from_config(
         if not (run_dir / "config.yaml").exists():
             raise MinimoeError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
         cfg = build_run_config(config_path=str(run_dir / "config.yaml"), overrides=overrides)
-        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+        tokenizer, seed = Tokenizer.load(run_dir / "tokenizer"), None
     else:
         if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
             raise MinimoeError(
@@ -100,7 +112,7 @@ def train_from_config(
         if preset is None and config_path is None:
             preset = "tiny"
         cfg = build_run_config(preset, config_path, overrides)
-        seed_vocab = _seed_recipe(preset, config_path, overrides, cfg)
+        seed = _seed_preset(preset, config_path, overrides, cfg)
         tokenizer = cfg.data.tokenizer
     if val_source is not None:  # kept in config.yaml, so a resumed run validates on the same data
         cfg.data.val_path = val_source
@@ -128,7 +140,9 @@ def train_from_config(
         )
         if not resume:
             tokenizer = data.tokenizer()
-            if not _explicit("model.vocab_size", config_path, overrides) and not seed_vocab:
+            if not _explicit("model.vocab_size", config_path, overrides) and not _keeps_vocab(
+                seed, cfg, tokenizer
+            ):
                 cfg.model.vocab_size = -(-tokenizer.vocab_size // 64) * 64
             cfg.validate()
         trainer = Trainer(cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx)
