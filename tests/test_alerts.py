@@ -206,3 +206,13 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
     warned = [r.getMessage() for r in caplog.records]
     assert sum("expert 0 has received under 0.4" in w for w in warned) == 2  # once per layer
     assert sum("z-loss spiked" in w for w in warned) == len(want)
+
+
+@pytest.mark.parametrize("key", ["alert_low_load", "alert_window", "alert_z_spike"])
+def test_negative_alert_settings_are_refused(key):
+    from minimoe.config_yaml import build_run_config
+    from minimoe.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        build_run_config("tiny", overrides=[f"train.{key}=-1"])
+    assert str(e.value) == f"train.{key} must be >= 0, got -1" + (".0" if key != "alert_window" else "")
