@@ -167,7 +167,7 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
     monkeypatch.setattr(MoE, "forward", forward)
     monkeypatch.setattr(Trainer, "fit", fit)
     monkeypatch.setattr(Trainer, "_train_step", train_step)
-    with caplog.at_level(logging.WARNING, logger="minimoe.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="minimoe.train"):
         train_from_config(
             overrides=[*TINY_TRAIN, f"data.path={corpus}", "train.max_steps=6", "train.eval_every=100",
                        "train.alert_window=3", "model.z_loss_coef=1e-3", "model.capacity_factor=1.0",

@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,10 @@ def test_named_tokenizer_lookup_order(clean_env, monkeypatch):
     assert find_named_tokenizer("gpt2") is None
     # Hugging Face cache: the snapshot refs/main names, not an older one
     repo = root / "hf" / "hub" / "models--openai-community--gpt2"
-    _tok_json(repo / "snapshots" / "old")
     _tok_json(repo / "snapshots" / "abc123")
+    _tok_json(repo / "snapshots" / "newer")
+    os.utime(repo / "snapshots" / "newer" / "tokenizer.json", (2e9, 2e9))  # newest, but not refs/main
+    assert find_named_tokenizer("gpt2") == repo / "snapshots" / "newer"  # without refs: the newest
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     assert find_named_tokenizer("gpt2") == repo / "snapshots" / "abc123"
