@@ -50,8 +50,9 @@ def minimoe_tokenizer_dir(name: str) -> Path:
 
 def hf_hub_dirs() -> list[Path]:
     """The Hugging Face hub cache folders to search, as huggingface_hub resolves them."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return [Path(os.environ["HF_HUB_CACHE"])]
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # the latter: older name
+    if hub:
+        return [Path(hub)]
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     return [home / "hub"]
 
