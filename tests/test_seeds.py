@@ -164,6 +164,7 @@ def clean_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "mcache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.delenv("MINIMOE_TOKENIZERS", raising=False)
     return tmp_path
 
