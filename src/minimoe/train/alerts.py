@@ -78,7 +78,7 @@ class RoutingMonitor:
             ({"alerts": [...], "dropped": {layer: pairs}, "dropped_frac": ...}, warning lines).
         """
         alerts, warnings = [], []
-        if self._streak is not None:  # one host sync, on a logging step
+        if self._streak is not None and self._load is not None:  # one host sync, on a logging step
             streak = self._streak.cpu()
             share = (self._load / self._load.sum(-1, keepdim=True).clamp_min(1)).cpu()
             for li, e in (streak >= self.window).nonzero().tolist():
