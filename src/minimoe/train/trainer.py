@@ -29,8 +29,8 @@ from minimoe.dist.init import DistContext, all_gather_object, broadcast_object, 
 from minimoe.dist.parallel import parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.transformer import Transformer
+from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
-from minimoe.train.alerts import RoutingMonitor
 from minimoe.train.health import expert_health, max_vio
 from minimoe.train.optim import build_optimizer
 from minimoe.train.schedule import lr_multiplier
@@ -183,6 +183,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best_val: float | None = None
         self.evals_since_best = 0
+        self.monitor = alerts.RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if resume:
             self._resume()
@@ -190,7 +191,6 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
             tokenizer.save(self.run_dir / "tokenizer")
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.monitor = RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
         self._writers: list = []
 
     # ------------------------------------------------------------------ state
@@ -413,11 +413,11 @@ class Trainer:
                 self.step += 1
                 self.tokens += tokens_per_step
                 window_tokens += tokens_per_step
+                self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 sum_loss += step_loss
                 n_in_window += 1
                 for i, v in step_loads.items():
                     window_loads[i] = window_loads.get(i, 0) + v
-                self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 bar.update(1)
 
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
@@ -434,8 +434,8 @@ class Trainer:
                         "peak_mem_mb": _peak_mem_mb(self.device),
                     }
                     health = expert_health(window_loads)
-                    alerts, warnings = self.monitor.report(self.par.reduce_sum)
-                    row.update(alerts)
+                    fields, warnings = self.monitor.report(self.par.reduce_sum)
+                    row.update(fields)  # alerts, dropped pairs
                     for w in warnings if self.ctx.is_main else []:
                         log.warning("step %d: %s", self.step, w)
                     if health:
@@ -534,13 +534,13 @@ class Trainer:
                 with autocast_context(tc.precision, self.device):
                     out = self.forward(x, targets=y)
                 self.scaler.scale(out.loss / tc.grad_accum).backward()
+            self.monitor.count_dropped(out.moe_stats)
             vals += (
                 torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
                 / tc.grad_accum
             )
             for i, s in out.moe_stats.items():
                 loads[i] = loads.get(i, 0) + s.load
-            self.monitor.count_dropped(out.moe_stats)
         if self.ctx.distributed and pipe is None:
             # one all-reduce for the losses and the loads of every layer
             keys = sorted(loads)
