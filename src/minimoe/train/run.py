@@ -92,8 +92,7 @@ def train_from_config(
 ) -> TrainResult:
     """Train a model and return its TrainResult (with a generated sample when `sample`).
 
-    Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64); a seed
-    preset trained with its own tokenizer keeps its vocabulary.
+    Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64).
     """
     from minimoe.data import Tokenizer, prepare
 
