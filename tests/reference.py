@@ -11,15 +11,18 @@ import torch.nn.functional as F
 
 
 def brute_force_group_topk(
-    choice: list[float], k: int, n_group: int, topk_group: int, scoring_func: str
+    choice: list[float], k: int, n_group: int, topk_group: int, topk_method: str
 ) -> list[int]:
-    """Group-limited top-k for one token by enumeration: score each group (sum of its top-2 for sigmoid,
-    max for softmax), try every set of `topk_group` groups, keep the set with the largest total, then
-    take the k best experts inside it. Returns expert ids, best first."""
+    """Group-limited top-k for one token by enumeration: score each group (sum of its top-2 for noaux_tc,
+    max for group_limited_greedy), try every set of `topk_group` groups, keep the set with the largest
+    total, then take the k best experts inside it (greedy: the k best of all). Returns expert ids, best
+    first."""
     E = len(choice)
+    if topk_method == "greedy":
+        n_group = topk_group = 1
     per = E // n_group
     groups = [choice[g * per : (g + 1) * per] for g in range(n_group)]
-    if scoring_func == "sigmoid" and n_group > 1:
+    if topk_method == "noaux_tc" and n_group > 1:
         group_score = [sum(sorted(g, reverse=True)[:2]) for g in groups]
     else:
         group_score = [max(g) for g in groups]
@@ -52,7 +55,7 @@ def moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
         scores = logits.softmax(-1) if gate.scoring_func == "softmax" else logits.sigmoid()
         choice = scores if bias is None else scores + bias
         chosen = brute_force_group_topk(
-            choice.tolist(), gate.top_k, gate.n_group, gate.topk_group, gate.scoring_func
+            choice.tolist(), gate.top_k, gate.n_group, gate.topk_group, gate.topk_method
         )
         weights = [scores[e] for e in chosen]
         if gate.norm_topk_prob and gate.top_k > 1:

@@ -30,10 +30,10 @@ from minimoe.config import ModelConfig  # noqa: E402
 from minimoe.data import Tokenizer  # noqa: E402
 from minimoe.errors import MinimoeError  # noqa: E402
 from minimoe.hf.export import export_model, parse_size  # noqa: E402
-from minimoe.hf.load import import_hf, write_run  # noqa: E402
+from minimoe.hf.load import import_hf  # noqa: E402
 from minimoe.hf.upcycle import upcycle  # noqa: E402
 from minimoe.model.transformer import Transformer  # noqa: E402
-from minimoe.train.checkpoint import load_run  # noqa: E402
+from minimoe.train.checkpoint import load_run, write_run  # noqa: E402
 
 hf_logging.set_verbosity_error()  # the MTP layer is "unexpected" for transformers unless it is layer 61
 
@@ -304,12 +304,12 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.raises(MinimoeError, match="shared_expert_gate"):
         import_hf(bad, tmp_path / "run", tokenizer="byte")
-    q3 = tmp_path / "qwen3"
-    q3.mkdir()
-    (q3 / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 1}))
-    save_file({"x": torch.zeros(1)}, str(q3 / "model.safetensors"))
-    with pytest.raises(MinimoeError, match="q_norm/k_norm"):
-        import_hf(q3, tmp_path / "run", tokenizer="byte")
+    other = tmp_path / "jamba"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "jamba", "num_hidden_layers": 1}))
+    save_file({"x": torch.zeros(1)}, str(other / "model.safetensors"))
+    with pytest.raises(MinimoeError, match="model_type 'jamba' is not importable; minimoe imports deepseek_v3, "):
+        import_hf(other, tmp_path / "run", tokenizer="byte")
     with pytest.raises(MinimoeError, match="no tokenizer.json"):
         import_hf(folder, tmp_path / "run")
 

@@ -160,15 +160,15 @@ def test_experts_handle_no_rows():
 # ------------------------------------------------------------------------------- group-limited top-k
 
 
-@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("topk_method", ["noaux_tc", "group_limited_greedy", "greedy"])
 @pytest.mark.parametrize("n_group,topk_group,k", [(4, 2, 3), (4, 1, 2), (8, 3, 4), (1, 1, 4)])
-def test_group_limited_topk_matches_brute_force(scoring_func, n_group, topk_group, k):
+def test_group_limited_topk_matches_brute_force(topk_method, n_group, topk_group, k):
     torch.manual_seed(1)
     # shift negative: with biased scores below 0, HF's 0.0 mask would pick experts of dropped groups
     choice = torch.rand(64, 16, dtype=torch.float64) - 0.7
-    idx = group_limited_topk(choice, k, n_group, topk_group, scoring_func)
+    idx = group_limited_topk(choice, k, n_group, topk_group, topk_method)
     for t in range(choice.shape[0]):
-        expected = brute_force_group_topk(choice[t].tolist(), k, n_group, topk_group, scoring_func)
+        expected = brute_force_group_topk(choice[t].tolist(), k, n_group, topk_group, topk_method)
         assert idx[t].tolist() == expected
 
 

@@ -22,6 +22,9 @@ class ModelConfig:
     attn_type: Literal["mla", "gqa"] = "mla"
     n_kv_heads: int | None = None  # gqa only; None = n_heads (MHA)
     head_dim: int | None = None  # gqa only; None = hidden_size // n_heads
+    # gqa only: RMSNorm on queries and keys before RoPE. "head": over each head (Qwen3-MoE, GLM-4.5
+    # use_qk_norm); "full": over the whole q/k projection (OLMoE). HF names: q_norm, k_norm
+    qk_norm: Literal["none", "head", "full"] = "none"
     q_lora_rank: int | None = None  # mla: None = direct q_proj
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
@@ -45,6 +48,10 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    # how a group is scored (HF names): "noaux_tc" sum of its top-2 (DeepSeek-V3), "group_limited_greedy"
+    # its best expert (DeepSeek-V2), "greedy" no group limit; None = sigmoid: noaux_tc, softmax: the
+    # V2 rule (configs written before this field existed)
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] | None = None
     router_jitter: float = 0.0  # multiplicative noise eps in training (Switch/MyMoE style)
     # balancing
     aux_free_bias: bool = True  # DeepSeek-V3 auxiliary-loss-free bias (selection only)
@@ -82,6 +89,21 @@ class ModelConfig:
         """Dimensions RoPE rotates per head."""
         return self.qk_rope_head_dim if self.attn_type == "mla" else self.gqa_head_dim
 
+    @property
+    def effective_topk_method(self) -> str:
+        """topk_method, or the rule a config without one has always had (the only place it is derived)."""
+        if self.topk_method is not None:
+            return self.topk_method
+        if self.scoring_func == "sigmoid":
+            return "noaux_tc"
+        return "group_limited_greedy" if self.n_group > 1 else "greedy"
+
+    @property
+    def group_limited(self) -> bool:
+        """Whether routing keeps only `topk_group` of `n_group` expert groups per token."""
+        grouped = self.n_group > 1 and self.topk_group < self.n_group
+        return grouped and self.effective_topk_method != "greedy"
+
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense and self.n_routed_experts > 0
 
@@ -107,7 +129,12 @@ class ModelConfig:
                 1 <= self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
                 f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})",
             )
+            need(
+                self.qk_norm in ("none", "head", "full"),
+                f"qk_norm must be none, head or full, got {self.qk_norm!r}",
+            )
         else:
+            need(self.qk_norm == "none", f"qk_norm ({self.qk_norm}) is a GQA option; MLA has no q/k norm")
             for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
                 need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
             need(self.qk_nope_head_dim >= 0, f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim}")
@@ -151,12 +178,22 @@ class ModelConfig:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in topk_group "
                 f"({self.topk_group}) groups of {per_group}",
             )
-            if self.n_group > 1 and self.scoring_func == "sigmoid":
+            method = self.effective_topk_method
+            need(
+                method in ("greedy", "group_limited_greedy", "noaux_tc"),
+                f"topk_method must be greedy, group_limited_greedy or noaux_tc, got {method!r}",
+            )
+            need(
+                method != "greedy" or self.n_group == 1 or self.topk_group == self.n_group,
+                f"topk_method greedy limits no groups; n_group ({self.n_group}) and topk_group "
+                f"({self.topk_group}) need group_limited_greedy or noaux_tc",
+            )
+            if self.n_group > 1 and method == "noaux_tc":
                 # V3 scores a group by the sum of its top-2 experts
                 need(
                     per_group >= 2,
-                    f"n_group ({self.n_group}) leaves {per_group} expert per group; group-limited sigmoid "
-                    "routing needs at least 2",
+                    f"n_group ({self.n_group}) leaves {per_group} expert per group; topk_method noaux_tc "
+                    "needs at least 2",
                 )
         need(
             self.scoring_func in ("softmax", "sigmoid"),

@@ -159,8 +159,7 @@ def merge_saved_adapter(
     Returns:
         The checkpoint directory written.
     """
-    from minimoe.hf.load import write_run
-    from minimoe.train.checkpoint import CKPT, load_run
+    from minimoe.train.checkpoint import CKPT, load_run, write_run
 
     out = Path(out_dir)
     if (out / CKPT).exists() and any((out / CKPT).iterdir()):

@@ -8,6 +8,9 @@ minimoe already uses HF DeepSeek-V3 names inside a layer, so the table is short.
 - the MoE block, gate/up/down and shared-expert names per format (table `MOE_NAMES`);
 - MTP modules (DeepSeek-V3, GLM-4.5): module k is the decoder layer `num_hidden_layers + k` with
   `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and copies of `embed_tokens` and `shared_head.head`.
+
+config.json keys follow the same rule: a ModelConfig field keeps its name there unless `config_key`
+says otherwise (six fields everywhere, a few per format).
 """
 
 from __future__ import annotations
@@ -19,7 +22,35 @@ import torch
 
 from minimoe.errors import MinimoeError
 
-FORMATS = ("deepseek_v3", "deepseek_v2", "glm4_moe", "mixtral", "qwen2_moe")
+FORMATS = ("deepseek_v3", "deepseek_v2", "deepseek", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MLA_FORMATS = ("deepseek_v3", "deepseek_v2")
+
+# ModelConfig fields whose config.json key differs in every format
+CONFIG_RENAMED = {
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "init_std": "initializer_range",
+    "first_k_dense": "first_k_dense_replace",
+}
+_ROUTER = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef"}
+# ... and those a format names its own way (Mixtral and OLMoE experts use `intermediate_size`)
+FORMAT_RENAMED = {
+    "mixtral": {
+        **_ROUTER,
+        "n_routed_experts": "num_local_experts",
+        "moe_intermediate_size": "intermediate_size",
+    },
+    "olmoe": {**_ROUTER, "moe_intermediate_size": "intermediate_size"},
+    "qwen2_moe": _ROUTER,
+    "qwen3_moe": _ROUTER,
+}
+
+
+def config_key(field: str, fmt: str) -> str:
+    """The config.json key of ModelConfig `field` in format `fmt`."""
+    return FORMAT_RENAMED.get(fmt, {}).get(field) or CONFIG_RENAMED.get(field, field)
 
 
 @dataclass(frozen=True)
@@ -33,8 +64,11 @@ class MoENames:
 MOE_NAMES = {
     "deepseek_v3": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", True),
     "deepseek_v2": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False),
+    "deepseek": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False),
     "glm4_moe": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", True),
     "qwen2_moe": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert", False),
+    "qwen3_moe": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), None, False),
+    "olmoe": MoENames("mlp", ("gate_proj", "up_proj", "down_proj"), None, False),
     "mixtral": MoENames("block_sparse_moe", ("w1", "w3", "w2"), None, False),
 }
 _PROJ = ("gate_proj", "up_proj", "down_proj")

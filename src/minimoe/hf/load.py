@@ -1,26 +1,24 @@
-"""Import a local Hugging Face checkpoint folder (DeepSeek-V3/V2, GLM-4-MoE, Mixtral, Qwen2-MoE)
-into a minimoe run directory with the same logits.
+"""Import a local Hugging Face checkpoint folder (DeepSeek-V3/V2, DeepSeekMoE, Moonlight, GLM-4-MoE,
+Mixtral, Qwen2/Qwen3-MoE, OLMoE) into a minimoe run directory with the same logits.
 
-Each format's config maps to one `ModelConfig`; weights are renamed by `keymap.from_hub` and the
-exact re-parameterisations of the exporter are undone. A feature minimoe cannot express (attention
-biases that are not zero, a learned shared-expert gate, q/k norms, sliding windows, half-split MLA
-RoPE is fine: its rows are permuted) is refused with one sentence naming it.
+Each format's config maps to one `ModelConfig` (`import_config`); weights are renamed by
+`keymap.from_hub` and the exact re-parameterisations of the exporter are undone. A feature minimoe
+cannot express (attention biases that are not zero, a learned shared-expert gate, sliding windows;
+half-split MLA RoPE is fine: its rows are permuted) is refused with one sentence naming it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
-from minimoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from minimoe.config import ModelConfig
 from minimoe.errors import MinimoeError
 from minimoe.hf import keymap
-from minimoe.model.rope import yarn_get_mscale
+from minimoe.hf.import_config import model_config, need
+from minimoe.train.checkpoint import write_run
 
 SUPPORTED = keymap.FORMATS
 
@@ -72,227 +70,6 @@ def load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rope(c: dict, attn: str) -> tuple[float, dict | None]:
-    """(rope_theta, minimoe rope_scaling) from `rope_parameters` (transformers 5) or the legacy keys."""
-    rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
-    kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind != "yarn":
-        raise MinimoeError(
-            f"RoPE scaling of type {kind!r} has no minimoe equivalent (only YaRN is supported)"
-        )
-    factor = float(rp.get("factor") or c["max_position_embeddings"] / rp["original_max_position_embeddings"])
-    rs = {
-        "type": "yarn",
-        "factor": factor,
-        "original_max_position_embeddings": int(
-            rp.get("original_max_position_embeddings", c["max_position_embeddings"])
-        ),
-        "beta_fast": float(rp.get("beta_fast") or 32),
-        "beta_slow": float(rp.get("beta_slow") or 1),
-    }
-    ms, ms_all, af = rp.get("mscale"), rp.get("mscale_all_dim"), rp.get("attention_factor")
-    if attn == "mla":
-        # HF scales cos/sin by mscale(f, mscale) / mscale(f, mscale_all_dim) when both are truthy, and
-        # the softmax by mscale(f, mscale_all_dim)^2 when mscale_all_dim is truthy; minimoe does the same
-        # for keys that are present, so copy only truthy keys.
-        if ms and ms_all:
-            rs["mscale"], rs["mscale_all_dim"] = float(ms), float(ms_all)
-        elif ms_all:
-            rs["mscale_all_dim"] = float(ms_all)
-        if af is not None:
-            implied = (
-                yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
-                if ms and ms_all
-                else yarn_get_mscale(factor)
-            )
-            if not math.isclose(float(af), implied, rel_tol=1e-9):
-                raise MinimoeError(f"an MLA YaRN attention_factor of {af} has no minimoe equivalent")
-        return theta, rs
-    # GQA: q.k is scaled by attention_factor^2 (RoPE covers the whole head). minimoe gives
-    # mscale(f, m)^2 with mscale = mscale_all_dim = m (cos/sin factor 1, softmax factor mscale^2).
-    if af is None:
-        af = (
-            yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
-            if ms and ms_all
-            else yarn_get_mscale(factor)
-        )
-    af = float(af)
-    if factor > 1 and not math.isclose(af, yarn_get_mscale(factor), rel_tol=1e-12):
-        m = (af - 1.0) / (0.1 * math.log(factor))
-        rs["mscale"] = rs["mscale_all_dim"] = m
-    elif factor <= 1 and af != 1.0:
-        raise MinimoeError(f"a YaRN attention_factor of {af} with factor {factor} has no minimoe equivalent")
-    return theta, rs
-
-
-def _need(cond: bool, feature: str) -> None:
-    if not cond:
-        raise MinimoeError(f"the checkpoint uses {feature}, which minimoe cannot express")
-
-
-# config.json fields that model_config reads as numbers
-_NUMERIC = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "max_position_embeddings", "rms_norm_eps", "initializer_range", "intermediate_size", "q_lora_rank",
-    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok",
-    "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
-    "n_group", "topk_group", "routed_scaling_factor", "num_local_experts", "router_aux_loss_coef", "num_experts",
-    "shared_expert_intermediate_size", "decoder_sparse_step", "num_nextn_predict_layers",
-)  # fmt: skip
-
-
-def _check_numbers(c: dict) -> None:
-    """One sentence naming the first config.json field that should be a number and is not."""
-    for key in _NUMERIC:
-        v = c.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise MinimoeError(f"config.json field {key!r} must be a number, got {v!r}")
-
-
-def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, str, list[str]]:
-    """Translate config.json into a ModelConfig.
-
-    Args:
-        c: the parsed config.json.
-        hub: the checkpoint's tensors (to count MTP layers and check optional tensors).
-    Returns:
-        (ModelConfig, format, notes).
-    """
-    fmt = c.get("model_type")
-    if fmt in ("qwen3_moe", "olmoe"):
-        raise MinimoeError(
-            f"{fmt} normalises queries and keys per head (q_norm/k_norm), which minimoe attention does not have"
-        )
-    if fmt not in SUPPORTED:
-        raise MinimoeError(f"model_type {fmt!r} is not importable; minimoe imports {', '.join(SUPPORTED)}")
-    _check_numbers(c)
-    notes: list[str] = []
-    L = int(c["num_hidden_layers"])
-    _need(
-        c.get("hidden_act", "silu") == "silu",
-        f"hidden_act={c.get('hidden_act')!r} (minimoe's FFNs are SwiGLU)",
-    )
-    _need(
-        not c.get("attention_bias", False) or fmt in ("qwen2_moe",), "attention biases (attention_bias=true)"
-    )
-    _need(not c.get("mlp_bias", False), "MLP biases (mlp_bias=true)")
-    attn = "mla" if fmt in ("deepseek_v3", "deepseek_v2") else "gqa"
-    theta, rope_scaling = _rope(c, attn)
-    kw = dict(
-        vocab_size=int(c["vocab_size"]),
-        hidden_size=int(c["hidden_size"]),
-        n_layers=L,
-        n_heads=int(c["num_attention_heads"]),
-        max_seq_len=int(c.get("max_position_embeddings", 4096)),
-        attn_type=attn,
-        rope_theta=theta,
-        rope_scaling=rope_scaling,
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        init_std=float(c.get("initializer_range", 0.02)),
-        intermediate_size=int(c.get("intermediate_size", 1)),
-        router_jitter=0.0,
-    )
-    if attn == "mla":
-        kw.update(
-            q_lora_rank=c.get("q_lora_rank"),
-            kv_lora_rank=int(c["kv_lora_rank"]),
-            qk_nope_head_dim=int(c["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(c["qk_rope_head_dim"]),
-            v_head_dim=int(c["v_head_dim"]),
-        )
-    else:
-        kw.update(n_kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]))
-        head_dim = c.get("head_dim")
-        if head_dim:
-            kw["head_dim"] = int(head_dim)
-        _need(not c.get("use_qk_norm", False), "per-head q/k norms (use_qk_norm=true)")
-        prf = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor"))
-        if prf is None:
-            prf = 0.5 if fmt == "glm4_moe" else 1.0  # GLM's config default
-        _need(float(prf) == 1.0, f"partial rotary embeddings (partial_rotary_factor={prf})")
-        sliding = c.get("use_sliding_window", c.get("sliding_window") is not None and fmt == "mixtral")
-        _need(not sliding, "sliding-window attention")
-
-    k = int(c.get("num_experts_per_tok") or 1)
-    if fmt in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
-        E = int(c.get("n_routed_experts") or 0)
-        first_dense = min(int(c.get("first_k_dense_replace") or 0), L)
-        _need(int(c.get("moe_layer_freq", 1)) == 1, "MoE layers only every moe_layer_freq layers")
-        kw.update(
-            n_routed_experts=E,
-            n_shared_experts=int(c.get("n_shared_experts") or 0),
-            moe_intermediate_size=int(c.get("moe_intermediate_size", 1)),
-            first_k_dense=first_dense if E > 0 else L,
-            n_group=int(c.get("n_group") or 1),
-            topk_group=int(c.get("topk_group") or 1),
-            routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
-        )
-        if fmt == "deepseek_v2":
-            method = c.get("topk_method", "greedy")
-            _need(method in ("greedy", "group_limited_greedy"), f"topk_method={method!r}")
-            if method == "greedy":
-                kw.update(n_group=1, topk_group=1)
-            kw.update(scoring_func="softmax", norm_topk_prob=False, aux_free_bias=False)
-        else:
-            norm = bool(c.get("norm_topk_prob", True))
-            _need(
-                not (norm and k == 1), "top-1 routing with norm_topk_prob=true (every weight is a constant)"
-            )
-            kw.update(scoring_func="sigmoid", norm_topk_prob=norm, aux_free_bias=True)
-    elif fmt == "mixtral":
-        _need(k > 1, "top-1 Mixtral routing (its renormalised weight is a constant 1)")
-        kw.update(
-            n_routed_experts=int(c["num_local_experts"]),
-            n_shared_experts=0,
-            moe_intermediate_size=int(c["intermediate_size"]),
-            first_k_dense=0,
-            scoring_func="softmax",
-            norm_topk_prob=True,
-            aux_free_bias=False,
-            aux_loss_alpha=float(c.get("router_aux_loss_coef", 0.0) or 0.0),
-        )
-    elif fmt == "qwen2_moe":
-        E = int(c.get("num_experts") or 0)
-        mis = int(c.get("moe_intermediate_size", 1))
-        shared = int(c.get("shared_expert_intermediate_size") or 0)
-        _need(shared % mis == 0, "a shared expert whose width is not a multiple of moe_intermediate_size")
-        only = sorted(int(i) for i in (c.get("mlp_only_layers") or []))
-        _need(int(c.get("decoder_sparse_step", 1)) == 1, "MoE layers only every decoder_sparse_step layers")
-        _need(only == list(range(len(only))), "dense layers that are not the first ones (mlp_only_layers)")
-        norm = bool(c.get("norm_topk_prob", False))
-        _need(not (norm and k == 1), "top-1 routing with norm_topk_prob=true (every weight is a constant)")
-        kw.update(
-            n_routed_experts=E,
-            n_shared_experts=shared // mis,
-            moe_intermediate_size=mis,
-            first_k_dense=len(only) if E > 0 else L,
-            scoring_func="softmax",
-            norm_topk_prob=norm,
-            aux_free_bias=False,
-            aux_loss_alpha=float(c.get("router_aux_loss_coef", 0.0) or 0.0),
-        )
-    kw["num_experts_per_tok"] = k
-    # MTP modules: the layers after the main ones that the checkpoint really holds
-    mtp = 0
-    if fmt in ("deepseek_v3", "glm4_moe"):
-        while f"model.layers.{L + mtp}.eh_proj.weight" in hub:
-            mtp += 1
-        listed = int(c.get("num_nextn_predict_layers", 0) or 0)
-        if listed != mtp:
-            notes.append(
-                f"config.json lists {listed} MTP layer(s), the checkpoint holds {mtp}: imported {mtp}"
-            )
-    kw["mtp_depth"] = mtp
-    try:
-        return ModelConfig(**kw).validate(), fmt, notes
-    except MinimoeError as e:
-        raise MinimoeError(f"the checkpoint's config does not give a valid minimoe model: {e}") from None
-
-
 def _deinterleave_rows(w: torch.Tensor, heads: int, head_dim: int, nope: int, rope: int) -> torch.Tensor:
     """Permute the RoPE rows of a projection from the half-split layout (pairs i, i + d/2) to the
     interleaved one (pairs 2i, 2i+1). q.k is unchanged: both sides get the same permutation."""
@@ -314,7 +91,7 @@ def _undo_reparameterisation(hub: dict, c: dict, cfg: ModelConfig, fmt: str) -> 
             if gate is not None:
                 handled.add(pre + "mlp.shared_expert_gate.weight")
                 if cfg.n_shared_experts > 0:
-                    _need(
+                    need(
                         bool((gate == 0).all()),
                         "a learned sigmoid gate on the shared expert (shared_expert_gate)",
                     )
@@ -323,7 +100,7 @@ def _undo_reparameterisation(hub: dict, c: dict, cfg: ModelConfig, fmt: str) -> 
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             b = pre + f"self_attn.{proj}.bias"
             if b in hub:
-                _need(bool((hub[b] == 0).all()), f"attention biases ({proj}.bias is not zero)")
+                need(bool((hub[b] == 0).all()), f"attention biases ({proj}.bias is not zero)")
                 handled.add(b)
         if cfg.n_shared_experts == 0:  # zero-size shared experts, as HF saves them
             handled.update(
@@ -413,33 +190,3 @@ def import_hf(
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
     return write_run(out, model, tok, {"source": str(hf_dir.resolve()), "format": fmt}), fmt, notes
-
-
-def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None = None) -> Path:
-    """Write `model` as step 0 of a new run directory (shared by import, upcycle and adapter merging).
-
-    Checkpoints already in `out` are replaced (the callers ask for --force first).
-
-    Args:
-        out: the run directory.
-        model: a minimoe Transformer.
-        tokenizer: saved in RUN/tokenizer and in the checkpoint.
-        info: extra checkpoint metadata (source, format, ...).
-        run_cfg: train/data settings to record; default TrainConfig with seq_len <= max_seq_len.
-    Returns:
-        The checkpoint directory.
-    """
-    from minimoe.train.checkpoint import CKPT, save_checkpoint
-
-    cfg = model.cfg
-    if run_cfg is None:
-        train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
-        run_cfg = RunConfig(model=cfg, train=train, data=DataConfig())
-    run_cfg.model = cfg
-    text = yaml.safe_dump(run_cfg.validate().to_dict(), sort_keys=False)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / CKPT, ignore_errors=True)  # save_checkpoint would keep an existing step_00000000
-    (out / "config.yaml").write_text(text, encoding="utf-8")
-    tokenizer.save(out / "tokenizer")
-    meta = {"step": 0, "tokens": 0, "val_loss": None, **info}
-    return save_checkpoint(out, 0, model, {"step": 0}, meta, text, tokenizer, is_best=True)

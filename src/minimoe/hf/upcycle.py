@@ -24,7 +24,9 @@ import torch
 from minimoe.config import ModelConfig, RunConfig
 from minimoe.config_yaml import set_dotted
 from minimoe.errors import MinimoeError
-from minimoe.hf.load import _rope, _tokenizer, load_tensors, read_config, write_run
+from minimoe.hf.import_config import read_rope
+from minimoe.hf.load import _tokenizer, load_tensors, read_config
+from minimoe.train.checkpoint import write_run
 
 DENSE_TYPES = ("llama", "mistral", "qwen2")
 # fields fixed by the dense checkpoint and the command's options; overrides may change the rest
@@ -90,7 +92,7 @@ def upcycle_config(
     L = num("num_hidden_layers")
     if not 0 <= dense_layers < L:
         raise MinimoeError(f"--dense-layers must be between 0 and {L - 1}, got {dense_layers}")
-    theta, rope_scaling = _rope(c, "gqa")
+    theta, rope_scaling = read_rope(c, "gqa")
     cfg = ModelConfig(
         vocab_size=num("vocab_size"),
         hidden_size=num("hidden_size"),

@@ -125,7 +125,12 @@ def _sdpa(
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention with half-split RoPE (Llama/Mixtral/Qwen layout)."""
+    """Grouped-query attention with half-split RoPE (Llama/Mixtral/Qwen layout).
+
+    `cfg.qk_norm` adds RMSNorms `q_norm`, `k_norm` on queries and keys before RoPE: "head" normalises
+    each head's d numbers with one (d,) weight shared by the heads (Qwen3-MoE), "full" the whole
+    projection output with an (H*d,) weight (OLMoE).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -135,6 +140,11 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(self.head_dim * (self.n_heads if full else 1), cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim * (self.n_kv_heads if full else 1), cfg.rms_norm_eps)
         self.scale = softmax_scale(self.head_dim, cfg.rope_scaling)
         self.attn_dropout = cfg.attn_dropout
 
@@ -150,9 +160,14 @@ class GQAttention(nn.Module):
     ) -> torch.Tensor:
         """attn_mask: optional (B, 1, T, S) bool from `padding_causal_mask` (replaces the causal mask)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, d)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*d), (B, T, Hkv*d)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin, interleaved=False)
         k = apply_rope(k, cos, sin, interleaved=False)
         if cache is not None:

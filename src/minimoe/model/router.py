@@ -33,26 +33,26 @@ def router_scores(logits_TE: torch.Tensor, scoring_func: str) -> torch.Tensor:
 
 
 def group_limited_topk(
-    choice_TE: torch.Tensor, k: int, n_group: int = 1, topk_group: int = 1, scoring_func: str = "sigmoid"
+    choice_TE: torch.Tensor, k: int, n_group: int = 1, topk_group: int = 1, topk_method: str = "noaux_tc"
 ) -> torch.Tensor:
     """Top-k experts per token, restricted to the `topk_group` best of `n_group` expert groups.
 
-    A group's score is the sum of its top-2 scores for sigmoid (DeepSeek-V3, `noaux_tc`) and its
-    maximum score for softmax (DeepSeek-V2 `group_limited_greedy`).
+    `topk_method` (HF names) scores a group: "noaux_tc" by the sum of its top-2 choices (DeepSeek-V3),
+    "group_limited_greedy" by its best one (DeepSeek-V2); "greedy" limits no groups.
 
     Args:
         choice_TE: (T, E) selection scores (scores plus the balancing bias when it is on).
         k: experts per token.
         n_group: number of contiguous expert groups; 1 disables group limiting.
         topk_group: groups kept per token.
-        scoring_func: selects the group score rule.
+        topk_method: the group score rule (`ModelConfig.effective_topk_method`).
     Returns:
         (T, K) int64 expert indices, in descending order of choice score.
     """
     T, E = choice_TE.shape
-    if n_group > 1 and topk_group < n_group:
+    if n_group > 1 and topk_group < n_group and topk_method != "greedy":
         choice_TGe = choice_TE.view(T, n_group, E // n_group)  # (T, G, E/G)
-        if scoring_func == "sigmoid":
+        if topk_method == "noaux_tc":
             group_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_TG = choice_TGe.amax(dim=-1)
@@ -72,6 +72,7 @@ def route(
     *,
     n_group: int = 1,
     topk_group: int = 1,
+    topk_method: str = "noaux_tc",
     scoring_func: str = "sigmoid",
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
@@ -85,7 +86,8 @@ def route(
         scores_TE: (T, E) scores from `router_scores`.
         bias_E: (E,) selection bias, or None.
         k: experts per token.
-        n_group, topk_group, scoring_func: group-limited routing, see `group_limited_topk`.
+        n_group, topk_group, topk_method: group-limited routing, see `group_limited_topk`.
+        scoring_func: "sigmoid" adds HF's 1e-20 to the renormalisation's denominator.
         norm_topk_prob: renormalise the k weights to sum to 1 (only when k > 1: with k = 1 it would make
             every weight 1.0 and cut the router off from the LM loss; HF DeepSeek-V2 does the same).
         routed_scaling_factor: multiplies the final weights (DeepSeek-V3: 2.5).
@@ -94,7 +96,7 @@ def route(
         topk_weight_TK: (T, K) gate weights, dtype of `scores_TE`.
     """
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
-    topk_idx_TK = group_limited_topk(choice_TE, k, n_group, topk_group, scoring_func)
+    topk_idx_TK = group_limited_topk(choice_TE, k, n_group, topk_group, topk_method)
     topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
     if norm_topk_prob and k > 1:
         # HF adds 1e-20 for sigmoid, whose top-k scores need not sum to anything in particular
@@ -201,6 +203,7 @@ class Router(nn.Module):
         self.scoring_func = cfg.scoring_func
         self.n_group = cfg.n_group
         self.topk_group = cfg.topk_group
+        self.topk_method = cfg.effective_topk_method
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.jitter = cfg.router_jitter
@@ -251,6 +254,7 @@ class Router(nn.Module):
             self.top_k,
             n_group=self.n_group,
             topk_group=self.topk_group,
+            topk_method=self.topk_method,
             scoring_func=self.scoring_func,
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,

@@ -25,12 +25,15 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from minimoe.errors import MinimoeError
+
+if TYPE_CHECKING:
+    from minimoe.config import RunConfig
 
 CKPT = "checkpoints"
 
@@ -321,3 +324,35 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
         )
     meta["path"] = str(ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta
+
+
+def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None = None) -> Path:
+    """Write `model` as step 0 of a new run directory (Hugging Face import, upcycling, adapter merging).
+
+    Checkpoints already in `out` are replaced (the callers ask for --force first).
+
+    Args:
+        out: the run directory.
+        model: a minimoe Transformer.
+        tokenizer: saved in RUN/tokenizer and in the checkpoint.
+        info: extra checkpoint metadata (source, format, ...).
+        run_cfg: train/data settings to record; default TrainConfig with seq_len <= max_seq_len.
+    Returns:
+        The checkpoint directory.
+    """
+    import yaml
+
+    from minimoe.config import DataConfig, RunConfig, TrainConfig
+
+    cfg = model.cfg
+    if run_cfg is None:
+        train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
+        run_cfg = RunConfig(model=cfg, train=train, data=DataConfig())
+    run_cfg.model = cfg
+    text = yaml.safe_dump(run_cfg.validate().to_dict(), sort_keys=False)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / CKPT, ignore_errors=True)  # save_checkpoint would keep an existing step_00000000
+    (out / "config.yaml").write_text(text, encoding="utf-8")
+    tokenizer.save(out / "tokenizer")
+    meta = {"step": 0, "tokens": 0, "val_loss": None, **info}
+    return save_checkpoint(out, 0, model, {"step": 0}, meta, text, tokenizer, is_best=True)
