@@ -308,7 +308,9 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "jamba", "num_hidden_layers": 1}))
     save_file({"x": torch.zeros(1)}, str(other / "model.safetensors"))
-    with pytest.raises(MinimoeError, match="model_type 'jamba' is not importable; minimoe imports deepseek_v3, "):
+    with pytest.raises(
+        MinimoeError, match="model_type 'jamba' is not importable; minimoe imports deepseek_v3, "
+    ):
         import_hf(other, tmp_path / "run", tokenizer="byte")
     with pytest.raises(MinimoeError, match="no tokenizer.json"):
         import_hf(folder, tmp_path / "run")

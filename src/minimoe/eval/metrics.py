@@ -1,5 +1,6 @@
-"""Text-overlap metrics for generation tasks: BLEU and chrF (sacrebleu), ROUGE (rouge-score), and
-token F1 / exact match with SQuAD-style answer normalisation.
+"""Text-overlap metrics for generation tasks: BLEU and chrF (sacrebleu), ROUGE (rouge-score),
+token F1 / exact match with SQuAD-style answer normalisation, and final-answer accuracy for GSM8K-style
+data (references end in "#### 42"; a model's answer is the last number it writes).
 
 Scales follow each package: BLEU and chrF 0-100 (sacrebleu), ROUGE F-measures 0-1 (rouge-score),
 F1 and exact match 0-1 (means over examples, like accuracy).
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = frozenset(string.punctuation)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ANSWER_MARK = "####"  # GSM8K: the reference's reasoning, then "#### <final answer>"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def normalize_answer(text: str) -> str:
@@ -49,6 +52,32 @@ def token_f1(prediction: str, references: str | Sequence[str]) -> float:
             precision, recall = same / len(pred), same / len(ref)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+def final_answer(text: str) -> str | None:
+    """The final numeric answer of a GSM8K-style text, normalised; None when it holds no number.
+
+    The first number after the last "####" when the text has one (a GSM8K reference), else the last
+    number in the text (a model's worked answer). Thousands commas and a trailing ".0" go, so
+    "$1,000.00" and "1000" are the same answer.
+    """
+    if ANSWER_MARK in text:
+        found = _NUMBER.findall(text.rsplit(ANSWER_MARK, 1)[1])[:1]
+    else:
+        found = _NUMBER.findall(text)[-1:]
+    if not found:
+        return None
+    num = found[0].replace(",", "")
+    if "." in num:
+        num = num.rstrip("0").rstrip(".")
+    return "0" if num in ("-0", "") else num
+
+
+def answer_match(prediction: str, references: str | Sequence[str]) -> float:
+    """1.0 if the prediction's final number equals that of any reference, else 0.0 (`final_answer`)."""
+    refs = [references] if isinstance(references, str) else references
+    pred = final_answer(prediction)
+    return float(pred is not None and any(pred == final_answer(r) for r in refs))
 
 
 def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -93,7 +122,8 @@ def rouge(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
 
 
 def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """BLEU, chrF, ROUGE, token F1 and exact match of generated texts against references."""
+    """BLEU, chrF, ROUGE, token F1 and exact match of generated texts against references, plus
+    "answer_accuracy" (`answer_match`) when every reference marks its final answer with "####"."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
     n = max(len(hypotheses), 1)
@@ -101,4 +131,6 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
     out.update(rouge(hypotheses, references))
     out["f1"] = sum(token_f1(h, r) for h, r in zip(hypotheses, references)) / n
     out["exact_match"] = sum(exact_match(h, r) for h, r in zip(hypotheses, references)) / n
+    if references and all(ANSWER_MARK in r for refs in references for r in refs):
+        out["answer_accuracy"] = sum(answer_match(h, r) for h, r in zip(hypotheses, references)) / n
     return out

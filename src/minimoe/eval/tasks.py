@@ -6,7 +6,8 @@
 - minimal pairs, `{"sentence_good", "sentence_bad"}` (BLiMP): the fraction of pairs where the good
   sentence has the strictly higher total log-probability.
 - generation, `{"prompt", "reference"}`: generate from the prompt and score against the reference
-  (a string or a list of strings) with BLEU, chrF, ROUGE, token F1 and exact match.
+  (a string or a list of strings) with BLEU, chrF, ROUGE, token F1 and exact match; GSM8K-style
+  references ("... #### 42") add the accuracy of the final number (`metrics.final_answer`).
 
 A task file is a .jsonl file or a folder of them (results then also per file). Field names can be
 remapped (`fields={"sentence_good": "good"}`). Bad input raises MinimoeError naming the file and line.
@@ -367,7 +368,8 @@ def evaluate_generation(
         on_prediction: called with each record and its generated text (to save predictions).
     Returns:
         {"bleu", "bleu_brevity_penalty", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "f1",
-        "exact_match", "n", "data_sha256"}, plus "per_file" for a folder. The generated text is
+        "exact_match", "n", "data_sha256"}, "answer_accuracy" when every reference has a "#### answer",
+        plus "per_file" for a folder. The generated text is
         compared after stripping surrounding whitespace.
     """
     from tqdm.auto import tqdm

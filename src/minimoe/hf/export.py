@@ -67,8 +67,8 @@ def hub_tensors(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Re-parameterise a minimoe state dict exactly for `fmt`, then rename it to hub names.
 
-    - routed_scaling_factor, where the format has none (mixtral, qwen2_moe), multiplies every routed
-      expert's down_proj (the routed sum is linear in it);
+    - routed_scaling_factor, where the format has none (all but the DeepSeek and GLM ones), multiplies
+      every routed expert's down_proj (the routed sum is linear in it);
     - qwen2_moe gates its shared expert by sigmoid(w.x): w = 0 gives 1/2, so down_proj is doubled
       (a power of two: bit-exact);
     - formats whose MoE block always has shared experts / a bias get zero-size / zero tensors,
@@ -80,7 +80,7 @@ def hub_tensors(
     sd = {k: v for k, v in sd.items() if not (k.startswith("mtp.") and int(k.split(".")[1]) >= mtp_layers)}
     notes = []
     D, inter = cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts
-    fold = fmt in ("mixtral", "qwen2_moe") and cfg.routed_scaling_factor != 1.0
+    fold = fmt not in ("deepseek_v3", "deepseek_v2", "glm4_moe") and cfg.routed_scaling_factor != 1.0
     if fold:
         notes.append(
             f"routed_scaling_factor {cfg.routed_scaling_factor} is folded into the routed experts' down_proj "
@@ -93,7 +93,7 @@ def hub_tensors(
             sd.setdefault(p + "gate.e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         else:
             sd.pop(p + "gate.e_score_correction_bias", None)  # zero (refused otherwise): no effect
-        if fmt == "mixtral":
+        if keymap.MOE_NAMES[fmt].shared is None:
             continue
         if cfg.n_shared_experts == 0:
             dt = sd[p + "experts.up_proj"].dtype

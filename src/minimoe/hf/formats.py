@@ -4,9 +4,11 @@
 | --- | --- | --- |
 | MLA, sigmoid scoring | `deepseek_v3` | native (bias, groups, scaling, shared experts, MTP) |
 | MLA, softmax scoring, no top-k renormalisation | `deepseek_v2` | native (`greedy` / `group_limited_greedy`) |
-| GQA, sigmoid scoring | `glm4_moe` | DeepSeek-V3 routing with GQA, full-width half-split RoPE |
+| GQA, sigmoid scoring | `glm4_moe` | DeepSeek-V3 routing with GQA, full-width half-split RoPE, `use_qk_norm` |
 | GQA, softmax, no shared/dense layers, renormalised top-k (k > 1) | `mixtral` | scaling folded into down_proj |
-| GQA, softmax otherwise | `qwen2_moe` | shared expert gate fixed at sigmoid(0) = 1/2, down_proj doubled |
+| GQA, softmax, no q/k norm otherwise | `qwen2_moe` | shared expert gate fixed at sigmoid(0) = 1/2, down_proj doubled |
+| GQA, softmax, per-head q/k norm, no shared experts | `qwen3_moe` | scaling folded into down_proj |
+| GQA, softmax, whole-projection q/k norm, no shared/dense layers | `olmoe` | scaling folded into down_proj |
 
 Anything else is refused with one sentence naming the feature (`refusal`), never approximated.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 
 from minimoe.config import ModelConfig
+from minimoe.hf.keymap import MLA_FORMATS, MOE_NAMES, config_key
 from minimoe.model.rope import yarn_attention_factor, yarn_get_mscale
 
 ARCHITECTURES = {
@@ -24,13 +27,13 @@ ARCHITECTURES = {
     "glm4_moe": "Glm4MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 # preference order when the user does not name a format
-PREFERENCE = {"mla": ("deepseek_v3", "deepseek_v2"), "gqa": ("glm4_moe", "mixtral", "qwen2_moe")}
-
-
-def _group_limited(cfg: ModelConfig) -> bool:
-    return cfg.n_group > 1 and cfg.topk_group < cfg.n_group
+PREFERENCE = {"mla": MLA_FORMATS, "gqa": ("glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")}
+# the q/k norms each GQA format has (glm4_moe: either, by use_qk_norm)
+QK_NORMS = {"glm4_moe": ("none", "head"), "qwen3_moe": ("head",), "olmoe": ("full",)}
 
 
 def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
@@ -41,7 +44,7 @@ def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
         fmt: a format name (ARCHITECTURES key).
         bias_nonzero: whether any aux-free balancing bias is nonzero (it changes expert selection).
     """
-    attn = "mla" if fmt in ("deepseek_v3", "deepseek_v2") else "gqa"
+    attn = "mla" if fmt in MLA_FORMATS else "gqa"
     if cfg.attn_type != attn:
         return f"{fmt} has {attn.upper()} attention, the model uses {cfg.attn_type.upper()}"
     if cfg.n_routed_experts > 0 and cfg.expert_act != "swiglu":
@@ -50,9 +53,15 @@ def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
         )
     if cfg.n_routed_experts == 0 and attn == "gqa":
         return "a dense GQA model (n_routed_experts=0) has no MoE format; minimoe exports MoE models"
+    if attn == "gqa" and cfg.qk_norm not in QK_NORMS.get(fmt, ("none",)):
+        have = " or ".join(QK_NORMS.get(fmt, ("none",)))
+        return f"{fmt} has qk_norm={have}, the model uses qk_norm={cfg.qk_norm}"
+    method = cfg.effective_topk_method
     if fmt in ("deepseek_v3", "glm4_moe"):
         if cfg.scoring_func != "sigmoid" and cfg.n_routed_experts > 0:
             return f"{fmt} scores experts with a sigmoid, the model uses softmax (scoring_func=softmax)"
+        if cfg.group_limited and method != "noaux_tc":
+            return f"{fmt} scores a group by its two best experts (noaux_tc), the model uses topk_method={method}"
         return None
     # softmax formats
     if cfg.n_routed_experts > 0 and cfg.scoring_func != "softmax":
@@ -63,16 +72,21 @@ def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
     if fmt == "deepseek_v2":
         if cfg.norm_topk_prob and k > 1:
             return "deepseek_v2 does not renormalise the top-k weights (norm_topk_prob=true)"
+        if cfg.group_limited and method != "group_limited_greedy":
+            return f"deepseek_v2 scores a group by its best expert, the model uses topk_method={method}"
         return None
-    if _group_limited(cfg):
+    if cfg.group_limited:
         return f"{fmt} has no group-limited routing (n_group={cfg.n_group}, topk_group={cfg.topk_group})"
-    if fmt == "mixtral":
-        if cfg.n_shared_experts > 0:
-            return "mixtral has no shared experts"
-        if cfg.first_k_dense > 0:
-            return "mixtral has no dense layers (first_k_dense > 0)"
-        if not cfg.norm_topk_prob or k == 1:
-            return "mixtral always renormalises the top-k weights (the model does not, norm_topk_prob=false or top-1)"
+    if MOE_NAMES[fmt].shared is None and cfg.n_shared_experts > 0:
+        return f"{fmt} has no shared experts"
+    if fmt in ("mixtral", "olmoe") and cfg.first_k_dense > 0:
+        return f"{fmt} has no dense layers (first_k_dense > 0)"
+    if fmt == "mixtral" and (not cfg.norm_topk_prob or k == 1):
+        return "mixtral always renormalises the top-k weights (the model does not, norm_topk_prob=false or top-1)"
+    if fmt == "olmoe" and cfg.gqa_head_dim * cfg.n_heads != cfg.hidden_size:
+        return (
+            f"olmoe sizes its q/k norms by hidden_size, so head_dim ({cfg.head_dim}) * n_heads must equal it"
+        )
     return None
 
 
@@ -137,6 +151,15 @@ def rope_config(cfg: ModelConfig, fmt: str) -> dict:
     return out
 
 
+# fields every format writes, then per family (names from `keymap.config_key`)
+_COMMON = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+           "init_std", "rms_norm_eps", "tie_word_embeddings", "num_experts_per_tok", "norm_topk_prob")  # fmt: skip
+_MLA = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_DEEPSEEK = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense", "n_group",
+             "topk_group", "routed_scaling_factor", "topk_method", "scoring_func")  # fmt: skip
+_SOFTMAX = ("n_routed_experts", "moe_intermediate_size", "aux_loss_alpha")
+
+
 def hf_config(cfg: ModelConfig, fmt: str, tokenizer, dtype: str, mtp_layers: int) -> dict:
     """config.json for `fmt` (real transformers keys, plus `topk_method` / `scoring_func` that
     vLLM and SGLang read).
@@ -148,91 +171,52 @@ def hf_config(cfg: ModelConfig, fmt: str, tokenizer, dtype: str, mtp_layers: int
         dtype: "float32", "bfloat16" or "float16", the dtype of the written weights.
         mtp_layers: MTP modules written after the main layers (0 when dropped).
     """
-    k = cfg.num_experts_per_tok
-    # minimoe skips the renormalisation for top-1 (it would make every weight 1.0); so must HF
-    norm = cfg.norm_topk_prob and k > 1
-    c: dict = {
-        "architectures": [ARCHITECTURES[fmt]],
-        "model_type": fmt,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads if cfg.attn_type == "gqa" else cfg.n_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "use_cache": True,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_dropout": cfg.attn_dropout,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        "torch_dtype": dtype,
-        "dtype": dtype,
-        **rope_config(cfg, fmt),
+    values = {
+        "n_kv_heads": cfg.kv_heads if cfg.attn_type == "gqa" else cfg.n_heads,
+        # minimoe skips the renormalisation for top-1 (it would make every weight 1.0); so must HF
+        "norm_topk_prob": cfg.norm_topk_prob and cfg.num_experts_per_tok > 1,
+        "first_k_dense": cfg.first_k_dense if cfg.n_routed_experts > 0 else cfg.n_layers,
+        "topk_method": cfg.effective_topk_method if cfg.group_limited else "greedy",
     }
-    if cfg.attn_type == "mla":
-        c.update(
-            q_lora_rank=cfg.q_lora_rank,
-            kv_lora_rank=cfg.kv_lora_rank,
-            qk_nope_head_dim=cfg.qk_nope_head_dim,
-            qk_rope_head_dim=cfg.qk_rope_head_dim,
-            v_head_dim=cfg.v_head_dim,
-            attention_bias=False,
-        )
-    else:
+    if fmt in ("deepseek_v3", "glm4_moe"):
+        values.update(topk_method="noaux_tc", scoring_func="sigmoid")
+    mla = fmt in MLA_FORMATS
+    fields = _COMMON + (_MLA if mla else ()) + (_DEEPSEEK if fmt in (*MLA_FORMATS, "glm4_moe") else _SOFTMAX)
+    c: dict = {"architectures": [ARCHITECTURES[fmt]], "model_type": fmt}
+    c.update({config_key(f, fmt): values[f] if f in values else getattr(cfg, f) for f in fields})
+    c.update(
+        hidden_act="silu",
+        use_cache=True,
+        attention_dropout=cfg.attn_dropout,
+        attention_bias=False,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        torch_dtype=dtype,
+        dtype=dtype,
+        **rope_config(cfg, fmt),
+    )
+    if not mla:
         c["head_dim"] = cfg.gqa_head_dim
-    dense = cfg.first_k_dense if cfg.n_routed_experts > 0 else cfg.n_layers
-    if fmt in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
-        c.update(
-            n_routed_experts=cfg.n_routed_experts,
-            n_shared_experts=cfg.n_shared_experts,
-            num_experts_per_tok=k,
-            moe_intermediate_size=cfg.moe_intermediate_size,
-            first_k_dense_replace=dense,
-            moe_layer_freq=1,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-        )
+    if fmt in (*MLA_FORMATS, "glm4_moe"):
+        c["moe_layer_freq"] = 1
     if fmt == "deepseek_v3":
-        c.update(
-            norm_topk_prob=norm, topk_method="noaux_tc", scoring_func="sigmoid",
-            rope_interleave=True, num_nextn_predict_layers=mtp_layers,
-        )  # fmt: skip
+        c.update(rope_interleave=True, num_nextn_predict_layers=mtp_layers)
     elif fmt == "deepseek_v2":
-        greedy = "group_limited_greedy" if _group_limited(cfg) else "greedy"
-        c.update(norm_topk_prob=False, topk_method=greedy, scoring_func="softmax", mlp_bias=False)
+        c.update(norm_topk_prob=False, mlp_bias=False)
     elif fmt == "glm4_moe":
         c.update(
-            norm_topk_prob=norm, topk_method="noaux_tc", scoring_func="sigmoid", partial_rotary_factor=1.0,
-            attention_bias=False, use_qk_norm=False, num_nextn_predict_layers=mtp_layers,
-        )  # fmt: skip
+            partial_rotary_factor=1.0, use_qk_norm=cfg.qk_norm == "head", num_nextn_predict_layers=mtp_layers
+        )
         c["rope_parameters"]["partial_rotary_factor"] = 1.0
     elif fmt == "mixtral":
-        c.update(
-            intermediate_size=cfg.moe_intermediate_size,  # Mixtral's experts use intermediate_size
-            num_local_experts=cfg.n_routed_experts,
-            num_experts_per_tok=k,
-            sliding_window=None,
-            router_jitter_noise=cfg.router_jitter,
-            router_aux_loss_coef=cfg.aux_loss_alpha,
-        )
-    elif fmt == "qwen2_moe":
-        c.update(
-            moe_intermediate_size=cfg.moe_intermediate_size,
-            shared_expert_intermediate_size=cfg.moe_intermediate_size * cfg.n_shared_experts,
-            num_experts=cfg.n_routed_experts,
-            num_experts_per_tok=k,
-            norm_topk_prob=norm,
-            decoder_sparse_step=1,
-            mlp_only_layers=list(range(dense)),
-            qkv_bias=False,
-            use_sliding_window=False,
-            sliding_window=None,
-            router_aux_loss_coef=cfg.aux_loss_alpha,
-        )
+        c.update(sliding_window=None, router_jitter_noise=cfg.router_jitter)
+    elif fmt in ("qwen2_moe", "qwen3_moe"):
+        c.update(decoder_sparse_step=1, mlp_only_layers=list(range(values["first_k_dense"])))
+        c.update(use_sliding_window=False, sliding_window=None)
+        if fmt == "qwen2_moe":
+            shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+            c.update(shared_expert_intermediate_size=shared, qkv_bias=False)
+    elif fmt == "olmoe":
+        c.update(clip_qkv=None)
     return c
