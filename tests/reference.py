@@ -83,6 +83,78 @@ def explicit_attention(q, k, v, scale: float):
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)  # (B, T, H, dv)
 
 
+# ---- published checkpoint references ----
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _swiglu(x: torch.Tensor, t: dict, pre: str) -> torch.Tensor:
+    gate, up, down = (t[f"{pre}{n}_proj.weight"] for n in ("gate", "up", "down"))
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def deepseek_moe_forward(t: dict[str, torch.Tensor], c: dict, ids: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE 16B (`model_type: deepseek`, DeepSeek's remote modeling code) straight from its
+    published tensor names and config.json keys, in float64, routing one token at a time.
+
+    As the published model describes it: Llama attention (q/k/v/o_proj, `num_key_value_heads` heads of
+    keys and values, half-split RoPE over the whole head, scale head_dim^-0.5, causal); layer i is MoE
+    when i >= first_k_dense_replace and i % moe_layer_freq == 0, else a SwiGLU MLP of intermediate_size.
+    The MoE gate `mlp.gate.weight` scores all experts with a softmax, keeps the num_experts_per_tok
+    best, renormalises their weights only when norm_topk_prob and k > 1, and adds `mlp.shared_experts`
+    (one SwiGLU of width n_shared_experts * moe_intermediate_size) for every token. Pre-norm RMSNorm
+    blocks, a final `model.norm`, an untied `lm_head`.
+
+    Args:
+        t: tensor name -> tensor, as in the checkpoint.
+        c: the parsed config.json.
+        ids: (B, T) token ids.
+    Returns:
+        (B, T, vocab_size) float64 logits.
+    """
+    t = {k: v.double() for k, v in t.items()}
+    H, Hkv, D = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
+    d, eps, k = D // H, c["rms_norm_eps"], c["num_experts_per_tok"]
+    B, T = ids.shape
+    inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq  # (T, d/2)
+    angle = torch.cat([angle, angle], dim=-1)[:, None, :]  # (T, 1, d): pairs (i, i + d/2)
+
+    def rope(x):  # (B, T, heads, d)
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * angle.cos() + torch.cat([-x2, x1], dim=-1) * angle.sin()
+
+    h = t["model.embed_tokens.weight"][ids]  # (B, T, D)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = _rms_norm(h, t[p + "input_layernorm.weight"], eps)
+        q = F.linear(x, t[p + "self_attn.q_proj.weight"]).view(B, T, H, d)
+        key = F.linear(x, t[p + "self_attn.k_proj.weight"]).view(B, T, Hkv, d)
+        v = F.linear(x, t[p + "self_attn.v_proj.weight"]).view(B, T, Hkv, d)
+        key, v = key.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+        a = explicit_attention(rope(q), rope(key), v, d**-0.5).reshape(B, T, D)
+        h = h + F.linear(a, t[p + "self_attn.o_proj.weight"])
+        x = _rms_norm(h, t[p + "post_attention_layernorm.weight"], eps)
+        if i >= c["first_k_dense_replace"] and i % c["moe_layer_freq"] == 0:
+            rows = []
+            for x_t in x.reshape(B * T, D):
+                scores = F.linear(x_t, t[p + "mlp.gate.weight"]).softmax(dim=-1)
+                weights, experts = scores.topk(k)
+                if c["norm_topk_prob"] and k > 1:
+                    weights = weights / weights.sum()
+                y_t = sum(
+                    w * _swiglu(x_t, t, f"{p}mlp.experts.{e}.") for w, e in zip(weights, experts.tolist())
+                )
+                rows.append(y_t + _swiglu(x_t, t, p + "mlp.shared_experts."))
+            y = torch.stack(rows).view(B, T, D)
+        else:
+            y = _swiglu(x, t, p + "mlp.")
+        h = h + y
+    return F.linear(_rms_norm(h, t["model.norm.weight"], eps), t["lm_head.weight"])
+
+
 # ---- generation references ----
 
 
