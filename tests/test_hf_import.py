@@ -15,7 +15,6 @@ import torch
 pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from reference import deepseek_moe_forward  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
@@ -24,7 +23,6 @@ from transformers import (  # noqa: E402
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
-    Glm4MoeConfig,
     OlmoeConfig,
     OlmoeForCausalLM,
     Qwen3MoeConfig,
@@ -40,6 +38,7 @@ from minimoe.hf.export import export_model  # noqa: E402
 from minimoe.hf.load import import_hf  # noqa: E402
 from minimoe.model.transformer import Transformer  # noqa: E402
 from minimoe.train.checkpoint import load_run  # noqa: E402
+from reference import deepseek_moe_forward  # noqa: E402
 
 hf_logging.set_verbosity_error()
 TOL = 1e-4
