@@ -9,8 +9,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "import",
         help="import a Hugging Face MoE checkpoint folder as a run",
-        description="Import a local DeepSeek-V3/V2, GLM-4-MoE, Mixtral or Qwen2-MoE checkpoint folder "
-        "(config.json + safetensors) into a run directory that generate, eval and train read.",
+        description="Import a local DeepSeek-V3/V2 (Moonlight), DeepSeekMoE, GLM-4-MoE, Mixtral, Qwen2-MoE, "
+        "Qwen3-MoE or OLMoE checkpoint folder (config.json + safetensors) into a run directory that "
+        "generate, eval and train read.",
     )
     p.add_argument("hf_dir", help="checkpoint folder")
     p.add_argument("--out", required=True, help="run directory to create")
