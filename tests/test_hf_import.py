@@ -36,9 +36,10 @@ from minimoe.data import Tokenizer  # noqa: E402
 from minimoe.errors import MinimoeError  # noqa: E402
 from minimoe.hf.export import export_model  # noqa: E402
 from minimoe.hf.load import import_hf  # noqa: E402
+from minimoe.infer.generate import generate_tokens  # noqa: E402
 from minimoe.model.transformer import Transformer  # noqa: E402
 from minimoe.train.checkpoint import load_run  # noqa: E402
-from reference import deepseek_moe_forward  # noqa: E402
+from reference import deepseek_moe_forward, greedy_no_cache  # noqa: E402
 
 hf_logging.set_verbosity_error()
 TOL = 1e-4
@@ -295,6 +296,22 @@ def test_qk_norm_export_matches_transformers_and_imports_back(tmp_path, fmt):
     back, _, cfg, _ = load_run(tmp_path / "run")
     assert cfg.model.qk_norm == m.cfg.qk_norm
     assert (_logits(back) - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_cached_decoding_equals_uncached(qk_norm):
+    """Keys are normalised before RoPE and cached that way: decoding with the cache equals re-running
+    the whole sequence, and the norm weights change the output (they are used)."""
+    model = _export_model(
+        qk_norm=qk_norm, scoring_func="softmax", aux_free_bias=False, first_k_dense=0
+    ).double()
+    prompt = [5, 17, 99, 3, 250]
+    want = greedy_no_cache(model, prompt, 12)
+    assert list(generate_tokens(model, prompt, 12, temperature=0.0)) == want
+    before = _logits(model, torch.tensor([prompt]))
+    with torch.no_grad():
+        model.layers[0].self_attn.k_norm.weight.mul_(2.0)
+    assert (_logits(model, torch.tensor([prompt])) - before).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
