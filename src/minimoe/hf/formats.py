@@ -151,7 +151,8 @@ def rope_config(cfg: ModelConfig, fmt: str) -> dict:
     return out
 
 
-# fields every format writes, then per family (names from `keymap.config_key`)
+# fields every format writes, then per family (names from `keymap.config_key`; where a format calls the
+# experts' width `intermediate_size`, the later moe_intermediate_size entry overwrites the dense one)
 _COMMON = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
            "init_std", "rms_norm_eps", "tie_word_embeddings", "num_experts_per_tok", "norm_topk_prob")  # fmt: skip
 _MLA = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
