@@ -38,7 +38,7 @@ from minimoe.hf.export import export_model  # noqa: E402
 from minimoe.hf.load import import_hf  # noqa: E402
 from minimoe.infer.generate import generate_tokens  # noqa: E402
 from minimoe.model.transformer import Transformer  # noqa: E402
-from minimoe.train.checkpoint import load_run  # noqa: E402
+from minimoe.train.checkpoint import load_run, write_run  # noqa: E402
 from reference import deepseek_moe_forward, greedy_no_cache  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -359,6 +359,20 @@ def test_configs_without_topk_method_keep_their_group_rule():
     assert torch.equal(gate_a(x).topk_idx, gate_b(x).topk_idx)
     gate_b.topk_method = "noaux_tc"  # the other rule picks other experts for some tokens
     assert not torch.equal(gate_a(x).topk_idx, gate_b(x).topk_idx)
+
+
+def test_cli_export_olmoe_verified_and_refusal(tmp_path, capsys):
+    write_run(tmp_path / "run", _export_model(**EXPORT_CASES["olmoe"]), Tokenizer.byte(), {"source": "test"})
+    argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "olmoe", "--verify"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "exported olmoe" in out and float(out.split("against transformers:")[1].split()[0]) <= TOL
+    argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "q3"), "--format", "qwen3_moe"]
+    assert main(argv) == 2 and not (tmp_path / "q3").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "cannot export to a Hugging Face format: qwen3_moe has qk_norm=head, the model uses qk_norm=full"
+    )
 
 
 def test_cli_import_qwen3_layout_and_generate(published, tmp_path, capsys):

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         help="export a run to a Hugging Face folder (transformers, vLLM)",
         description="Export a trained model as a Hugging Face checkpoint folder: config.json, safetensors, "
         "tokenizer files, generation_config.json. MLA models become DeepSeek-V3 (or V2 for softmax routing), "
-        "GQA models GLM-4-MoE, Mixtral or Qwen2-MoE; a feature no format can express is refused.",
+        "GQA models GLM-4-MoE, Mixtral, Qwen2-MoE, or Qwen3-MoE / OLMoE (q/k norms); a feature no format "
+        "can express is refused.",
     )
     p.add_argument("run_dir", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="folder to create")
