@@ -148,8 +148,12 @@ def _attention(c: dict, fmt: str) -> dict:
     # q/k norms: Qwen3 per head; OLMoE over the whole projection; GLM-4.5 per head when use_qk_norm
     qk = {"qwen3_moe": "head", "olmoe": "full"}.get(fmt, "head" if c.get("use_qk_norm") else "none")
     kw["qk_norm"] = qk
-    if qk == "full" and kw.get("head_dim", 0) * kw["n_heads"] not in (0, kw["hidden_size"]):
-        need(False, f"OLMoE q/k norms with head_dim ({kw['head_dim']}) * heads != hidden_size")
+    if qk == "full" and "head_dim" in kw:  # transformers sizes OLMoE's q_norm by hidden_size
+        heads_width = int(kw["head_dim"]) * int(kw["n_heads"])
+        need(
+            heads_width == kw["hidden_size"],
+            f"OLMoE q/k norms with head_dim * heads ({heads_width}) != hidden_size",
+        )
     need(c.get("clip_qkv") is None, f"clipped q/k/v (clip_qkv={c.get('clip_qkv')})")
     prf = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor"))
     if prf is None:
