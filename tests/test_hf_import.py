@@ -125,11 +125,16 @@ PUBLISHED_KEYS = {
 
 
 def _randomise(model) -> None:
-    """Weights large enough that a misplaced tensor shows, rounded to bf16 (the published dtype)."""
+    """Weights large enough that a misplaced tensor shows, rounded to bf16 (the published dtype).
+
+    The MLA latent projection is small: its RMSNorm's eps then matters (DeepSeek's code uses 1e-6 there
+    whatever rms_norm_eps says; Moonlight's is 1e-5, a 14% change in the normalised latent here)."""
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if "norm" in name else torch.randn_like(p) * 0.2)
+            if name.endswith("kv_a_proj_with_mqa.weight"):
+                p.mul_(0.005)
             p.copy_(p.bfloat16().float())
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

@@ -189,14 +189,17 @@ class MLAttention(nn.Module):
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.qk_dim = self.nope + self.rope
+        # DeepSeek's code (its inference/model.py, the remote modeling files, transformers) builds the
+        # latent norms with the default eps 1e-6 whatever rms_norm_eps says (Moonlight: 1e-5)
+        latent_eps = 1e-6
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(d, H * self.qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, latent_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, d, bias=False)
         self.scale = softmax_scale(self.qk_dim, cfg.rope_scaling)
