@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.generate import GenerationStats, _fit_prompt, _seen_mask
+from minimoe.infer.common import GenerationStats, fit_prompt, seen_mask
 from minimoe.infer.sampling import apply_repetition_penalty
 
 
@@ -65,7 +65,7 @@ def beam_search(
         raise MinimoeError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     device = model.embed_tokens.weight.device
     max_len, V = model.cfg.max_seq_len, model.cfg.vocab_size
-    ids = _fit_prompt(prompt_ids, max_len)
+    ids = fit_prompt(prompt_ids, max_len)
     budget = min(max_new_tokens, max_len - len(ids))
     if budget <= 0:
         return [Hypothesis([], 0.0, 0.0, False)]
@@ -81,7 +81,7 @@ def beam_search(
     beam_lp = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
     beam_lp[0] = 0.0
     seqs: list[list[int]] = [[] for _ in range(n)]
-    seen = _seen_mask([ids] * n, V, device) if repetition_penalty != 1.0 else None
+    seen = seen_mask([ids] * n, V, device) if repetition_penalty != 1.0 else None
     done: list[Hypothesis] = []
     if stats is not None:
         stats.prompt_tokens += len(ids)

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.generate import GenerationStats, _fit_prompt, _generators
+from minimoe.infer.common import GenerationStats, fit_prompt, make_generator
 from minimoe.infer.sampling import SamplingParams, process_logits
 from minimoe.model.transformer import KVCache
 
@@ -119,14 +119,14 @@ def speculative_tokens(
     params = params.validate()
     device = model.embed_tokens.weight.device
     max_len = model.cfg.max_seq_len
-    ids = _fit_prompt(prompt_ids, max_len)
+    ids = fit_prompt(prompt_ids, max_len)
     P = len(ids)
     budget = min(max_new_tokens, max_len - P)
     if budget <= 0:
         return
     stop = set(stop_ids)
     stats = stats if stats is not None else GenerationStats()
-    gen = None if params.greedy else _generators(1, seed, device)[0]
+    gen = None if params.greedy else make_generator(seed, device)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(1, model.cfg.vocab_size, dtype=torch.bool, device=device)

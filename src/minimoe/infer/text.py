@@ -1,0 +1,71 @@
+"""Tokens to text, as they arrive: the one incremental detokenizer that `generate` and `serve` share.
+
+`TextStream` holds back an incomplete UTF-8 character and any tail that could be the start of a stop
+string, and cuts the text where a stop string begins, so the pieces it hands out always add up to
+the final, trimmed text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+def partial_stop_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class TextStream:
+    """Incremental detokenization with stop strings, for one sequence.
+
+    The whole token list is decoded each time (not just the new token): tokenizers such as
+    SentencePiece's only give the right spaces in context.
+
+    Args:
+        decode: token ids -> text (a tokenizer's `decode`).
+        stop: strings that end the text (cut just before the first one that appears).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self._decode = decode
+        self.stop = tuple(s for s in stop if s)
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""  # the text so far (final once `stopped` or after `flush`)
+        self.sent = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show (maybe ""). No-op once stopped."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        self.text = self._decode(self.ids)
+        if self.stop:
+            # a match cannot start inside text already sent (its start was held back), but look a
+            # little earlier anyway in case decoding changed the tail
+            start = max(0, self.sent - self._longest)
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.stopped = True
+                self.text = self.text[: max(min(hits), self.sent)]
+                return self._take(len(self.text))
+        # U+FFFD at the end is usually the first bytes of a character still being generated
+        stable = len(self.text.rstrip("\ufffd"))
+        return self._take(stable - partial_stop_len(self.text[:stable], self.stop))
+
+    def flush(self) -> str:
+        """The sequence ended: return everything not handed out yet."""
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : end], end
+        return out
