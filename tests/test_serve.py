@@ -22,8 +22,9 @@ from test_train import TINY
 
 from minimoe.cli.main import main
 from minimoe.infer.generate import generate_text
-from minimoe.serve.chat import DEFAULT_CHAT_TEMPLATE, make_renderer, render_default
-from minimoe.serve.engine import Delta, Engine, Finish, Job, JobParams, TextStream, partial_stop_len
+from minimoe.data.chat_template import PLAIN_CHAT_TEMPLATE, make_renderer, render_plain
+from minimoe.infer.text import TextStream, partial_stop_len
+from minimoe.serve.engine import Delta, Engine, Finish, Job, JobParams
 from minimoe.train.checkpoint import load_run
 from minimoe.train.run import train_from_config
 
@@ -87,7 +88,7 @@ def server(run_dir, tmp_path_factory) -> str:
     log = open(tmp_path_factory.mktemp("serve-log") / "stderr.txt", "w+")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIMOE_API_KEY": "not-" + KEY}
     cmd = [sys.executable, "-m", "minimoe", "serve", str(run_dir), "--port", "0", "--model-name", NAME]
-    cmd += ["--api-key", KEY, "--max-tokens-limit", str(MAX_TOKENS_LIMIT)]
+    cmd += ["--api-key", KEY, "--max-tokens", str(MAX_TOKENS_LIMIT)]
     cmd += ["--max-prompt-tokens", str(MAX_PROMPT_TOKENS)]
     proc = subprocess.Popen(
         cmd + ["--log-level", "warning"], stdout=subprocess.PIPE, stderr=log, text=True, env=env
@@ -174,7 +175,7 @@ def test_chat_default_template_and_stream(client, loaded):
     model, tok = loaded
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the dog"}]
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
-    rendered = render_default(messages)
+    rendered = render_plain(messages)
     assert rendered == "system: be brief\nuser: the dog\nassistant:"
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
@@ -428,9 +429,8 @@ def test_client_gone_mid_stream_stops_its_generation(server, client):
 
 
 def test_api_key_comes_from_the_flag_or_the_environment():
-    from minimoe.cli.serve import MAX_BODY_BYTES, MAX_TOKENS_LIMIT, resolve_api_key
+    from minimoe.cli.serve import resolve_api_key
     from minimoe.errors import MinimoeError
-    from minimoe.serve import app
 
     assert resolve_api_key(None, {}) is None
     assert resolve_api_key(None, {"MINIMOE_API_KEY": " k1 "}) == "k1"
@@ -438,7 +438,6 @@ def test_api_key_comes_from_the_flag_or_the_environment():
     assert resolve_api_key("k2", {"MINIMOE_API_KEY": "k1"}) == "k2"
     with pytest.raises(MinimoeError, match="--api-key must not be empty"):
         resolve_api_key(" ", {})
-    assert (MAX_BODY_BYTES, MAX_TOKENS_LIMIT) == (app.MAX_BODY_BYTES, app.MAX_TOKENS_LIMIT)
 
 
 # ---------------------------------------------------------------------- a tokenizer with its own template
@@ -498,7 +497,7 @@ def test_default_template_jinja_equals_python():
         {"role": "user", "content": "u\nv"},
         {"role": "assistant", "content": "a"},
     ]
-    assert make_renderer(DEFAULT_CHAT_TEMPLATE)(messages) == render_default(messages)
+    assert make_renderer(PLAIN_CHAT_TEMPLATE)(messages) == render_plain(messages)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -520,9 +519,9 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
     assert err.count("\n") == 0 and "does not exist" in err
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "--port must be between 0 and 65535" in capsys.readouterr().err
-    for flag in ("--max-body-bytes", "--max-tokens-limit", "--max-prompt-tokens"):
+    for flag in ("--max-body-bytes", "--max-tokens", "--max-prompt-tokens", "--max-active", "--body-timeout"):
         assert main(["serve", str(run_dir), "--port", "0", flag, "0"]) == 2
-        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+        assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--port", "0", "--api-key", ""]) == 2
     assert "--api-key must not be empty" in capsys.readouterr().err
 

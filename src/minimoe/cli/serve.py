@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -10,10 +12,8 @@ import sys
 from pathlib import Path
 
 from minimoe.errors import MinimoeError
+from minimoe.serve.limits import Limits
 
-# the same numbers as minimoe.serve.app (not imported: the serve extra may be missing)
-MAX_BODY_BYTES = 1 << 20
-MAX_TOKENS_LIMIT = 4096
 API_KEY_ENV = "MINIMOE_API_KEY"
 
 
@@ -30,32 +30,34 @@ def add_parser(sub) -> None:
         "--model-name", default=None, help="the model id clients ask for (default: the run's name)"
     )
     p.add_argument(
-        "--max-active", type=int, default=64, help="requests generated at the same time; more wait in a queue"
-    )
-    p.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
         f"{API_KEY_ENV} environment variable, which keeps the key out of the process list)",
     )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0 = torch's default)")
+    d = Limits()
+    limits = [
+        ("--max-active", int, "cache slots: sequences decoded together in one batch; each holds a "
+         "context-sized cache row allocated at start-up"),
+        ("--max-queued", int, "choices waiting for a slot; a request that would go past it gets 429"),
+        ("--max-queued-per-client", int, "of those, the most from one client address (default: half)"),
+        ("--max-choices", int, "prompts x n in one request; more is a 400"),
+        ("--max-request-tokens", int, "prompt + completion tokens summed over a request's choices; more is a 400"),
+        ("--max-tokens", int, "the most completion tokens one choice may ask for; more is a 400"),
+        ("--max-prompt-tokens", int, "the longest prompt in tokens; longer is a 400 (default: what fits the context)"),
+        ("--max-body-bytes", int, "larger request bodies get a 413"),
+        ("--header-timeout", float, "seconds a connection may take to send its request head"),
+        ("--body-timeout", float, "seconds a request may take to send its body (then 408)"),
+        ("--prefill-chunk", int, "prompt tokens prefilled per step, between decode steps"),
+    ]  # fmt: skip
+    for flag, kind, text in limits:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        shown = f" (default {default})" if default is not None and "default:" not in text else ""
+        p.add_argument(flag, type=kind, default=default, help=text + shown)
     p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=MAX_BODY_BYTES,
-        help=f"larger request bodies get a 413 (default {MAX_BODY_BYTES})",
-    )
-    p.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        default=MAX_TOKENS_LIMIT,
-        help=f"the most tokens one request may ask for; more is a 400 (default {MAX_TOKENS_LIMIT})",
-    )
-    p.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=None,
-        help="the longest prompt in tokens; longer is a 400 (default: what fits the context)",
-    )
+        "--max-tokens-limit", type=int, dest="max_tokens", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # the old name of --max-tokens
     p.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -108,20 +110,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def limits_from_args(args) -> Limits:
+    """The Limits the flags give, checked (a MinimoeError names the first bad flag)."""
+    names = [f.name for f in dataclasses.fields(Limits)]
+    return Limits(**{name: getattr(args, name) for name in names}).validate()
+
+
 def run(args) -> int:
-    for flag, value in (
-        ("--max-active", args.max_active),
-        ("--max-body-bytes", args.max_body_bytes),
-        ("--max-tokens-limit", args.max_tokens_limit),
-        ("--max-prompt-tokens", args.max_prompt_tokens),
-    ):
-        if value is not None and value < 1:
-            raise MinimoeError(f"{flag} must be >= 1, got {value}")
+    limits = limits_from_args(args)
+    if args.threads < 0:
+        raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
     api_key = resolve_api_key(args.api_key)
     try:
-        import uvicorn
-
-        from minimoe.serve import build_app
+        from minimoe.serve.app import build_app, run_server
     except ImportError as e:
         raise MinimoeError(
             f"serving needs the serve extra ({e.name} is missing): pip install 'minimoe[serve]'"
@@ -132,20 +133,25 @@ def run(args) -> int:
     resolve_device(args.device, what="--device")
     if not Path(args.run_dir).exists():
         raise MinimoeError(f"run directory {args.run_dir} does not exist")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     # bind first: a busy port is reported before the model is loaded, and nothing can take the port
     # between the check and uvicorn's start
     sock = listen(args.host, args.port)
     try:
         model, tokenizer, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
         name = args.model_name or Path(args.run_dir).resolve().name
-        app = build_app(
-            model, tokenizer, name, max_active=args.max_active, api_key=api_key,
-            max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-            max_prompt_tokens=args.max_prompt_tokens,
-        )  # fmt: skip
+        app = build_app(model, tokenizer, name, api_key=api_key, limits=limits)
+        pool = app.state.service.engine.pool
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving {name} from {meta['path']} on http://{shown}:{port}/v1", flush=True)
+        print(
+            f"cache: {pool.slots} slots x {pool.max_len} tokens, {pool.nbytes() / 2**20:.1f} MiB allocated",
+            flush=True,
+        )
         if api_key is None and not _is_loopback(args.host):
             print(
                 f"warning: listening on {args.host} without an API key; anyone who can reach this port "
@@ -153,11 +159,11 @@ def run(args) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            run_server(app, sock, args.log_level)
         except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
-            print("server stopped", flush=True)
+            pass
+        print("server stopped", flush=True)
     finally:
         sock.close()
     return 0

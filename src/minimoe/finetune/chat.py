@@ -1,26 +1,22 @@
 """Chat data for supervised fine-tuning: JSONL conversations, the chat template, and token ids with
 a mask that marks the assistant's tokens (the only ones that carry loss).
 
-Templates are Jinja, rendered as transformers renders `chat_template` (sandboxed, `trim_blocks`,
-`lstrip_blocks`), so a template stored with the tokenizer works in both places.
+Templates are rendered by `minimoe.data.chat_template` (as transformers renders `chat_template`), the
+module serving uses too, so a template stored with the tokenizer works in both places. Without one,
+fine-tuning stores `SFT_CHAT_TEMPLATE` (here `DEFAULT_CHAT_TEMPLATE`) with the new run.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from minimoe.data import chat_template
+from minimoe.data.chat_template import SFT_CHAT_TEMPLATE as DEFAULT_CHAT_TEMPLATE  # noqa: F401 (sft.py)
 from minimoe.data.corpus import iter_jsonl
 from minimoe.errors import MinimoeError
 
-# Used when the tokenizer has no template. The end-of-text token closes every turn, so a model
-# fine-tuned with it stops generating at the end of its answer.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -70,31 +66,15 @@ def _messages(obj, where: str) -> list[dict]:
     raise MinimoeError(f"{where} needs string 'prompt' and 'response' fields or a 'messages' list")
 
 
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise MinimoeError(f"chat template error: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise MinimoeError(f"the chat template does not parse ({e})") from None
-
-
 def render(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
-    """The template's text for `messages` (special tokens as strings, as transformers passes them)."""
-    return _compile(template).render(
-        messages=messages,
-        add_generation_prompt=add_generation_prompt,
-        eos_token=tokenizer.eos_token,
-        bos_token=tokenizer.bos_token or "",
-        pad_token=tokenizer.pad_token,
-    )
+    """The template's text for `messages`, with this tokenizer's special tokens."""
+    try:
+        return chat_template.render(
+            template, messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+            pad_token=tokenizer.pad_token, add_generation_prompt=add_generation_prompt,
+        )  # fmt: skip
+    except chat_template.ChatTemplateError as e:
+        raise MinimoeError(f"chat template error: {e}") from None
 
 
 def encode_conversation(tokenizer, messages: list[dict], template: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,28 +1,32 @@
-"""One worker thread owns the model; requests reach it through a queue.
+"""The serving engine: one worker thread owns the model and batches every client's sequences.
 
-Every choice of every request is a `Job`: a prompt, sampling parameters and a callback that the
-worker calls with `Delta`, `Finish` or `Failure` events. The worker keeps the admitted jobs in a
-list and advances them round-robin, one token each per turn, so concurrent (streaming) requests
-progress together and a short request is not stuck behind a long one. Each job has its own
-`generate_tokens` iterator, hence its own KV cache; the model itself is only ever called from the
-worker thread, so requests cannot corrupt one another. (Jobs are not batched into one forward:
-each token is a batch-1 step.)
-
-`TextStream` turns a job's tokens into text deltas: it holds back an incomplete UTF-8 character
-and any tail that could be the start of a stop string, and cuts the text where a stop string
-begins, so the streamed deltas always add up to the final, trimmed text.
+Every choice of every request is a `Job`: a prompt, sampling parameters, the client it came from and
+a callback that the worker calls with `Delta`, `Finish` or `Failure` events. Each step the worker
+1. drops cancelled jobs (a client that went away) from the queue, the prefill and the batch;
+2. prefills waiting prompts, `prefill_chunk` tokens per step at most, so a long prompt delays the
+   running sequences by one chunk per step rather than by its whole length;
+3. advances every running sequence by one token in one forward pass over the slot pool
+   (`minimoe.infer.slots`): continuous batching, where sequences join after their prefill and leave
+   as soon as they finish, with no waiting for the batch to drain.
+Sampling parameters, seeds and stop strings stay per sequence, so a sequence generates what it
+would alone. Admission is bounded: at most `max_queued` jobs wait (`max_queued_per_client` from one
+client); a submit beyond that raises `QueueFull`, and waiting jobs take free slots round-robin over
+clients, so one client's burst cannot starve another's request.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from minimoe.infer.generate import generate_tokens
+from minimoe.infer.common import decode_threads, fit_prompt, make_generator
+from minimoe.infer.sampling import SamplingParams, process_logits
+from minimoe.infer.slots import Prefill, SlotPool
+from minimoe.infer.text import TextStream
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,11 @@ class Finish:
 
 @dataclass(frozen=True)
 class Failure:
-    """Generating choice `index` raised; the message says what."""
+    """Choice `index` could not be generated; `status` is the HTTP status to answer with."""
 
     index: int
     message: str
+    status: int = 500
 
 
 Event = Delta | Finish | Failure
@@ -74,71 +79,25 @@ class Job:
     prompt_ids: list[int]
     params: JobParams
     post: Callable[[Event], None]
+    client: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-def partial_stop_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+class QueueFull(Exception):
+    """The engine cannot take more jobs now; retry after `retry_after` seconds."""
 
-
-class TextStream:
-    """Incremental detokenization with stop strings, for one choice.
-
-    The whole token list is decoded each time (not just the new token): tokenizers such as
-    SentencePiece's only give the right spaces in context. Fine for the sequence lengths served here.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
-        self._decode = decode
-        self.stop = tuple(s for s in stop if s)
-        self._longest = max((len(s) for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.text = ""  # the text so far (final once `stopped` or after `flush`)
-        self.sent = 0  # characters of `text` already handed out
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """Add a token; return the text that is now safe to send (maybe ""). No-op once stopped."""
-        if self.stopped:
-            return ""
-        self.ids.append(token)
-        self.text = self._decode(self.ids)
-        if self.stop:
-            # a match cannot start inside text already sent (its start was held back), but look a
-            # little earlier anyway in case decoding changed the tail
-            start = max(0, self.sent - self._longest)
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                self.stopped = True
-                self.text = self.text[: max(min(hits), self.sent)]
-                return self._take(len(self.text))
-        # U+FFFD at the end is usually the first bytes of a character still being generated
-        stable = len(self.text.rstrip("\ufffd"))
-        return self._take(stable - partial_stop_len(self.text[:stable], self.stop))
-
-    def flush(self) -> str:
-        """The generation ended: return everything not sent yet."""
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        if end <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent : end], end
-        return out
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
-class _Running:
+class _Seq:
     job: Job
-    tokens: Iterator[int]
     stream: TextStream
+    sampling: SamplingParams
+    gen: torch.Generator | None
+    next_token: int = 0  # sampled, not yet written to the cache
     count: int = 0
 
 
@@ -146,100 +105,264 @@ class Engine:
     """The model's single worker thread.
 
     Args:
-        model: a Transformer in eval mode (only this thread calls it).
+        model: a Transformer in eval mode (only the worker calls it).
         tokenizer: the run's Tokenizer (decode, eos_id).
-        max_active: jobs generated at the same time; more wait in the queue (each holds a KV cache).
+        max_active: cache slots: sequences decoded at once (each holds a context-sized cache row).
+        max_queued: jobs that may wait for a slot; more are refused with QueueFull.
+        max_queued_per_client: of those, the most from one client (default: half of max_queued).
+        prefill_chunk: prompt tokens prefilled per step at most.
     """
 
-    def __init__(self, model, tokenizer, max_active: int = 64) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_active: int = 64,
+        max_queued: int = 256,
+        max_queued_per_client: int | None = None,
+        prefill_chunk: int = 256,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_active = max_active
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self.pool = SlotPool(model, max_active)
+        self.max_queued = max_queued
+        self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
+        self.prefill_chunk = prefill_chunk
+        self._lock = threading.Lock()
+        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # client -> its waiting jobs
+        self._queued = 0
+        self._wake = threading.Event()
+        self._stopping = False
         self._thread: threading.Thread | None = None
+        self._running: list[_Seq] = []  # row i of the pool is _running[i]
+        self._prefill: tuple[_Seq, Prefill] | None = None
         self.generated_tokens = 0  # since start, over all jobs (written by the worker only)
-        self.active_jobs = 0
+        self.steps = 0
+
+    # ------------------------------------------------------------------ outside the worker
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._running) + (self._prefill is not None)
+
+    @property
+    def queued_jobs(self) -> int:
+        return self._queued
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="minimoe-engine", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
-        """Stop the worker after its current step; unfinished jobs get no further events."""
+    def shutdown(self) -> None:
+        """Stop taking jobs; the worker fails every queued and running job (503) at its next step and
+        exits. Safe to call from a signal handler (it only sets flags)."""
+        self._stopping = True
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """shutdown(), then wait for the worker (at most `timeout` seconds)."""
+        self.shutdown()
         if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, job: Job) -> None:
-        """Queue a job (thread-safe); jobs submitted before `start` wait for it."""
-        self._queue.put(job)
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs of one request, all or none (thread-safe).
+
+        Raises:
+            QueueFull: the queue, or this client's share of it, cannot take them all.
+        """
+        if not jobs:
+            return
+        client = jobs[0].client
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("The server is shutting down.", retry_after=5)
+            mine = len(self._queues.get(client, ()))
+            free = self.pool.slots - self.active_jobs  # jobs that will not wait long
+            if self._queued + len(jobs) > self.max_queued + max(free, 0):
+                raise QueueFull(
+                    f"The server is busy: {self._queued} requests are waiting, the limit is "
+                    f"{self.max_queued}; retry later.",
+                    self._retry_after(),
+                )
+            if mine + len(jobs) > self.max_queued_per_client + max(free, 0):
+                raise QueueFull(
+                    f"Too many requests from this client are waiting ({mine}, the limit is "
+                    f"{self.max_queued_per_client}); retry later.",
+                    self._retry_after(),
+                )
+            self._queues.setdefault(client, deque()).extend(jobs)
+            self._queued += len(jobs)
+        self._wake.set()
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has drained a slot's worth, roughly (one batch of waiting jobs)."""
+        return 1 + self._queued // max(self.pool.slots, 1)
+
+    # ------------------------------------------------------------------ the worker
 
     def _loop(self) -> None:
-        active: list[_Running] = []
-        with torch.no_grad():
-            while True:
-                # block while idle, otherwise admit whatever arrived without waiting
-                while len(active) < self.max_active:
-                    try:
-                        job = self._queue.get(block=not active)
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        return
-                    run = self._begin(job)
-                    if run is not None:
-                        active.append(run)
-                active = [run for run in active if self._step(run)]
-                self.active_jobs = len(active)
-
-    def _begin(self, job: Job) -> _Running | None:
-        if job.cancelled.is_set():
-            return None
-        if job.params.max_tokens == 0:
-            _post(job, Finish(job.index, "length", 0, ""))
-            return None
-        p = job.params
-        tokens = generate_tokens(
-            self.model,
-            job.prompt_ids,
-            p.max_tokens,
-            p.temperature,
-            p.top_k,
-            p.top_p,
-            p.seed,
-            (self.tokenizer.eos_id,),
-        )
-        return _Running(job, tokens, TextStream(self.tokenizer.decode, p.stop))
-
-    def _step(self, run: _Running) -> bool:
-        """Advance one job by one token; False once it is finished (or failed, or cancelled)."""
-        job = run.job
-        if job.cancelled.is_set():
-            run.tokens.close()
-            return False
         try:
-            token = next(run.tokens)
-        except StopIteration:  # EOS, or the generator ran out of context
-            _post(job, Delta(job.index, run.stream.flush()))
-            reason = "length" if run.count >= job.params.max_tokens else "stop"
-            _post(job, Finish(job.index, reason, run.count, run.stream.text))
-            return False
-        except Exception as e:  # noqa: BLE001 - one request failing must not stop the worker
-            _post(job, Failure(job.index, f"{type(e).__name__}: {e}"))
-            return False
-        run.count += 1
+            with torch.no_grad():
+                while not self._stopping:
+                    self._wake.clear()
+                    if not self._running and self._prefill is None and not self._queued:
+                        self._wake.wait(0.5)
+                        continue
+                    self._step()
+        finally:
+            self._fail_all("The server is shutting down; the request was not completed.", 503)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        budget = self.prefill_chunk
+        while budget > 0 and not self._stopping:
+            if self._prefill is None and not self._begin_prefill():
+                break
+            seq, pre = self._prefill
+            left = pre.left
+            try:
+                logits = pre.step(budget)
+            except Exception as e:  # noqa: BLE001 - one request failing must not stop the worker
+                self._prefill = None
+                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            budget -= min(left, budget)
+            if logits is not None:
+                self._prefill = None
+                if not self._emit(seq, self._pick(logits, [seq])[0]):
+                    self.pool.add(len(pre.ids))
+                    self._running.append(seq)
+        if self._running and not self._stopping:
+            self._decode()
+        self.steps += 1
+
+    def _begin_prefill(self) -> bool:
+        """Take the next waiting job (clients in turn) into the prefill row, if a slot is free."""
+        while self.pool.n < self.pool.slots:
+            job = self._next_job()
+            if job is None:
+                return False
+            if job.params.max_tokens == 0:
+                _post(job, Finish(job.index, "length", 0, ""))
+                continue
+            p = job.params
+            sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
+            gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
+            seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen)
+            self._prefill = (seq, Prefill(self.pool, fit_prompt(job.prompt_ids, self.pool.max_len)))
+            return True
+        return False
+
+    def _next_job(self) -> Job | None:
+        with self._lock:
+            while self._queues:
+                client, jobs = next(iter(self._queues.items()))
+                job = jobs.popleft()
+                self._queued -= 1
+                if jobs:
+                    self._queues.move_to_end(client)  # round-robin: this client waits its turn
+                else:
+                    del self._queues[client]
+                if not job.cancelled.is_set():
+                    return job
+        return None
+
+    def _decode(self) -> None:
+        device = self.pool.cache.layers[0].a.device
+        tokens = torch.tensor([s.next_token for s in self._running], device=device)
+        try:
+            with decode_threads(self.model, len(self._running)):  # one step, not held between steps
+                logits = self.pool.decode(tokens)
+            picked = self._pick(logits, self._running)
+        except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
+            for seq in self._running:
+                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+            self._running = []
+            self.pool.lengths = []
+            return
+        done = [i for i, (seq, tok) in enumerate(zip(self._running, picked)) if self._emit(seq, tok)]
+        for i in reversed(done):
+            self._remove(i)
+
+    def _emit(self, seq: _Seq, token: int) -> bool:
+        """Hand `token` to its sequence; True when the sequence is finished (and told so)."""
+        job = seq.job
+        if token == self.tokenizer.eos_id:
+            return self._finish(seq, "stop")
+        seq.count += 1
         self.generated_tokens += 1
-        _post(job, Delta(job.index, run.stream.push(token)))
-        if run.stream.stopped or run.count >= job.params.max_tokens:
-            # finish now: another next() would run one more forward pass for nothing
-            run.tokens.close()
-            _post(job, Delta(job.index, run.stream.flush()))
-            reason = "stop" if run.stream.stopped else "length"
-            _post(job, Finish(job.index, reason, run.count, run.stream.text))
-            return False
+        _post(job, Delta(job.index, seq.stream.push(token)))
+        if seq.stream.stopped:
+            return self._finish(seq, "stop")
+        if seq.count >= job.params.max_tokens or len(job.prompt_ids) + seq.count >= self.pool.max_len:
+            return self._finish(seq, "length")
+        seq.next_token = token
+        return False
+
+    def _finish(self, seq: _Seq, reason: str) -> bool:
+        job = seq.job
+        _post(job, Delta(job.index, seq.stream.flush()))
+        _post(job, Finish(job.index, reason, seq.count, seq.stream.text))
         return True
+
+    def _pick(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        """One token per row of (n, V) logits, each with its sequence's own parameters and generator.
+        Rows with the same parameters are filtered together; each sampled row draws from its own
+        generator, so it draws what it would alone."""
+        out = [0] * len(seqs)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(seq.sampling, []).append(i)
+        for params, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            x = process_logits(logits.index_select(0, index), params)
+            if params.greedy:
+                toks = x.argmax(-1).tolist()  # host sync per step: the tokens are streamed
+            else:
+                probs = x.softmax(-1)
+                toks = [int(torch.multinomial(p, 1, generator=seqs[r].gen)) for p, r in zip(probs, rows)]
+            for r, t in zip(rows, toks):
+                out[r] = t
+        return out
+
+    def _remove(self, row: int) -> None:
+        self.pool.remove(row)
+        last = self._running.pop()
+        if row < len(self._running):
+            self._running[row] = last
+
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self._running))):
+            if self._running[i].job.cancelled.is_set():
+                self._remove(i)
+        if self._prefill is not None and self._prefill[0].job.cancelled.is_set():
+            self._prefill = None
+        with self._lock:
+            for client in list(self._queues):
+                jobs = self._queues[client]
+                kept = deque(j for j in jobs if not j.cancelled.is_set())
+                self._queued -= len(jobs) - len(kept)
+                if kept:
+                    self._queues[client] = kept
+                else:
+                    del self._queues[client]
+
+    def _fail_all(self, message: str, status: int) -> None:
+        jobs = [s.job for s in self._running]
+        if self._prefill is not None:
+            jobs.append(self._prefill[0].job)
+        with self._lock:
+            for q in self._queues.values():
+                jobs.extend(q)
+            self._queues.clear()
+            self._queued = 0
+        self._running, self._prefill = [], None
+        self.pool.lengths = []
+        for job in jobs:
+            _post(job, Failure(job.index, message, status))
 
 
 def _post(job: Job, event: Event) -> None:

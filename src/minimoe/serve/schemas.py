@@ -4,6 +4,10 @@ Fields follow OpenAI's API reference. Unknown fields are accepted and ignored, a
 servers do, except those that would change the output in a way minimoe cannot honour (penalties,
 logprobs, tools, ...): a non-default value for one of them is a 400, not a silent no-op.
 `top_k` is an extension (as in vLLM).
+
+Validation is strict: no coercion (`true` is not the number 1, `"5"` is not 5), numbers must be
+finite, integers must fit their range (a seed is a signed 64-bit integer), so every bad value is a
+400 naming the field rather than a surprise later.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -48,26 +54,33 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+INT64 = 1 << 63
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; each is searched for after every token
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions. None means "use the default"."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
-    n: int | None = Field(None, ge=1, le=32)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     best_of: int | None = Field(None, ge=1)
+    user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -97,12 +110,14 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -126,7 +141,9 @@ def describe_validation_error(err: ValidationError) -> APIError:
     e = err.errors()[0]
     loc = [str(x) for x in e["loc"]]
     # drop pydantic's union-branch labels such as "str" or "list[int]" from the location
-    param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float"))
+    param = ".".join(
+        x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool")
+    )
     if e["type"] == "missing":
         return APIError(
             400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"

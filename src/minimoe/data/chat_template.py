@@ -1,0 +1,107 @@
+"""Chat templates: the one place that turns a list of messages into prompt text, for fine-tuning
+(`minimoe.finetune.chat`), serving (`minimoe.serve`) and anything else that formats chats.
+
+A tokenizer may carry a chat template (a Jinja string, as in Hugging Face `tokenizer_config.json`).
+It is rendered as transformers renders `chat_template`: jinja2 in a sandbox with `trim_blocks` and
+`lstrip_blocks`, and the variables Hugging Face passes (`messages`, `add_generation_prompt`,
+`bos_token`, `eos_token`, `pad_token`, `raise_exception`, `strftime_now`).
+
+Two defaults, for tokenizers without a template:
+- `PLAIN_CHAT_TEMPLATE` suits base models trained on raw text; one `role: content` line per message,
+  then `assistant:` for the reply (no space: the model writes it). It is also rendered in pure
+  Python (`render_plain`), so serving a model without a template does not need jinja2.
+- `SFT_CHAT_TEMPLATE` is what `minimoe sft` stores with a fine-tuned run: `<|role|>` headers, and the
+  end-of-text token closing every turn, so the tuned model stops at the end of its answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from functools import lru_cache
+
+from minimoe.errors import MinimoeError
+
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+SFT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ChatTemplateError(MinimoeError):
+    """The template refused the messages (its `raise_exception`) or failed while rendering them."""
+
+
+def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """PLAIN_CHAT_TEMPLATE without jinja2."""
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant:" if add_generation_prompt else "")
+
+
+@lru_cache(maxsize=8)
+def compile_template(template: str):
+    """The sandboxed jinja2 template; MinimoeError when jinja2 is missing or the template does not parse."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise MinimoeError("rendering a chat template needs jinja2 (pip install jinja2)") from None
+
+    def raise_exception(message: str):
+        raise ChatTemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise MinimoeError(f"the chat template does not parse ({e})") from None
+
+
+def render(
+    template: str,
+    messages: list[dict],
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The template's text for `messages` (special tokens as strings, as transformers passes them).
+
+    Raises:
+        ChatTemplateError: the template rejected the messages or failed on them.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return compile_template(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token or "",
+            eos_token=eos_token or "",
+            pad_token=pad_token or "",
+        )
+    except ChatTemplateError:
+        raise
+    except (TemplateError, TypeError, ValueError, KeyError) as e:
+        raise ChatTemplateError(f"the chat template failed on these messages ({e})") from None
+
+
+def make_renderer(
+    template: str | None, bos_token: str | None = None, eos_token: str | None = None
+) -> Callable[[list[dict[str, str]]], str]:
+    """A function messages -> prompt text with the generation prompt added, from a Jinja chat template
+    or (None) the plain default. A template that does not parse, or jinja2 missing, raises
+    MinimoeError here, at start-up, rather than on the first request."""
+    if template is None:
+        return render_plain
+    compile_template(template)
+    return lambda messages: render(
+        template, messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True
+    )

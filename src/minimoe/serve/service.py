@@ -1,0 +1,349 @@
+"""Requests -> engine jobs -> responses: validation against the model and the server's limits, and
+the OpenAI response bodies of both routes (streamed ones are built in `sse.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from minimoe.data.chat_template import ChatTemplateError, make_renderer
+from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams, QueueFull
+from minimoe.serve.http import log, until_disconnected
+from minimoe.serve.limits import Limits
+from minimoe.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+from minimoe.serve.sse import Meta, chat_chunks, completion_chunks, sse, usage
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+
+
+class Service:
+    """What the routes share: the engine, the tokenizer, the chat renderer, the context and the limits."""
+
+    def __init__(self, model, tokenizer, model_name: str, limits: Limits) -> None:
+        self.limits = limits
+        self.engine = Engine(
+            model, tokenizer, limits.max_active, limits.max_queued, limits.max_queued_per_client,
+            limits.prefill_chunk,
+        )  # fmt: skip
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.context = model.cfg.max_seq_len
+        self.created = int(time.time())
+        # built now so that a broken template (or missing jinja2) fails at startup
+        self.render = make_renderer(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "minimoe",
+            "max_model_len": self.context,
+        }
+
+    def check_model(self, name: str, param: str | None = "model") -> None:
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                param=param,
+                code="model_not_found",
+            )
+
+    # ------------------------------------------------------------------ validation
+
+    def _common(self, req) -> JobParams:
+        """Checks shared by both routes; the sampling parameters without max_tokens."""
+        self.check_model(req.model)
+        bad = req.unsupported_param()
+        if bad is not None:
+            raise APIError(
+                400, f"'{bad}' is not supported by this server.", param=bad, code="unsupported_parameter"
+            )
+        return JobParams(
+            max_tokens=0,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k or 0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=req.stop_strings(),
+        )
+
+    def _check_choices(self, n_prompts: int, n: int) -> None:
+        """Before any tokenizing: prompts x n within --max-choices."""
+        cap = self.limits.max_choices
+        if n_prompts * n > cap:
+            raise APIError(
+                400,
+                f"This request asks for {n_prompts * n} completions ({n_prompts} prompts x n={n}), more "
+                f"than this server's limit of {cap} per request (--max-choices).",
+                param="n" if n_prompts == 1 else "prompt",
+                code="too_many_choices",
+            )
+
+    def _check_request_tokens(self, prompt_lens: list[int], max_tokens: list[int], n: int) -> None:
+        total = n * sum(p + m for p, m in zip(prompt_lens, max_tokens))
+        cap = self.limits.max_request_tokens
+        if total > cap:
+            raise APIError(
+                400,
+                f"This request asks for {total} tokens in all (prompts plus max_tokens, times n), more "
+                f"than this server's limit of {cap} per request (--max-request-tokens).",
+                param="max_tokens",
+                code="too_many_tokens",
+            )
+
+    def _max_tokens(self, n_prompt: int, requested: int | None, default: int | None, param: str) -> int:
+        """The completion budget: what was asked, within the server's limit, which must fit in the
+        context with the prompt."""
+        if n_prompt >= self.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens, but the prompt has "
+                f"{n_prompt} tokens (at least one must be left for the completion).",
+                param=param,
+                code="context_length_exceeded",
+            )
+        cap_prompt = self.limits.max_prompt_tokens
+        if cap_prompt is not None and n_prompt > cap_prompt:
+            raise APIError(
+                400,
+                f"The prompt has {n_prompt} tokens, more than this server's limit of {cap_prompt}.",
+                param=param,
+                code="prompt_too_long",
+            )
+        limit = self.limits.max_tokens
+        if requested is not None and requested > limit:
+            raise APIError(
+                400,
+                f"max_tokens is {requested}, more than this server's limit of {limit}.",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        room = min(self.context - n_prompt, limit)
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested > room:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens, but {n_prompt + requested} "
+                f"were requested ({n_prompt} in the prompt, {requested} for the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def _encode(self, text: str) -> list[int]:
+        # an empty prompt starts from the end-of-text token, as at a document boundary
+        return self.tokenizer.encode(text) or [self.tokenizer.eos_id]
+
+    def _prompts(self, prompt) -> list[tuple[list[int], str]]:
+        """The (token ids, text) of each prompt of a completion request."""
+        if isinstance(prompt, str):
+            return [(self._encode(prompt), prompt)]
+        if isinstance(prompt[0], str):
+            return [(self._encode(p), p) for p in prompt]
+        lists = [prompt] if isinstance(prompt[0], int) else prompt
+        out = []
+        for ids in lists:
+            if not ids:
+                ids = [self.tokenizer.eos_id]
+            bad = [i for i in ids if not 0 <= i < self.tokenizer.vocab_size]
+            if bad:
+                raise APIError(
+                    400,
+                    f"token id {bad[0]} in 'prompt' is outside the vocabulary (0..{self.tokenizer.vocab_size - 1}).",
+                    param="prompt",
+                )
+            out.append((list(ids), self.tokenizer.decode(ids)))
+        return out
+
+    @staticmethod
+    def _count_prompts(prompt) -> int:
+        if isinstance(prompt, str):
+            return 1
+        if not prompt:
+            raise APIError(400, "'prompt' must not be an empty list.", param="prompt")
+        return 1 if isinstance(prompt[0], int) else len(prompt)
+
+    def _jobs(self, prompts: list[list[int]], params: list[JobParams], n: int, client: str) -> list[Job]:
+        """One job per choice: choice j of prompt i has index i*n + j and seed seed + j, so a seeded
+        choice does not depend on the other prompts in the request. Events go nowhere until `Batch`
+        connects them."""
+        jobs = []
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            for j in range(n):
+                seed = None if p.seed is None else p.seed + j
+                jobs.append(Job(i * n + j, ids, replace(p, seed=seed), _nowhere, client))
+        return jobs
+
+    # ------------------------------------------------------------------ routes
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        base = self._common(req)
+        n = req.n or 1
+        self._check_choices(self._count_prompts(req.prompt), n)
+        prompts = self._prompts(req.prompt)
+        budgets = [
+            self._max_tokens(len(ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
+            for ids, _ in prompts
+        ]
+        self._check_request_tokens([len(ids) for ids, _ in prompts], budgets, n)
+        params = [replace(base, max_tokens=m) for m in budgets]
+        jobs = self._jobs([ids for ids, _ in prompts], params, n, _client(request))
+        echo = [text if req.echo else "" for _, text in prompts for _ in range(n)]
+        usage_prompt = sum(len(ids) for ids, _ in prompts)
+        meta = Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", self.model_name)
+        batch = Batch(self.engine, jobs)  # submitted now: a full queue is a 429 before any output
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse(batch, completion_chunks(meta, echo, usage_prompt, include_usage), request)
+        finishes = await collect(batch, request)
+        if finishes is None:
+            return _gone()
+        return {
+            **meta.head(),
+            "choices": [
+                {
+                    "index": f.index,
+                    "text": echo[f.index] + f.text,
+                    "logprobs": None,
+                    "finish_reason": f.reason,
+                }
+                for f in finishes
+            ],
+            "usage": usage(usage_prompt, finishes),
+        }
+
+    async def chat(self, req: ChatCompletionRequest, request: Request):
+        base = self._common(req)
+        n = req.n or 1
+        self._check_choices(1, n)
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in req.messages
+        ]
+        try:
+            ids = self._encode(self.render(messages))
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        budget = self._max_tokens(len(ids), requested, None, "messages")
+        self._check_request_tokens([len(ids)], [budget], n)
+        jobs = self._jobs([ids], [replace(base, max_tokens=budget)], n, _client(request))
+        meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name)
+        batch = Batch(self.engine, jobs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse(batch, chat_chunks(meta, len(jobs), len(ids), include_usage), request)
+        finishes = await collect(batch, request)
+        if finishes is None:
+            return _gone()
+        return {
+            **meta.head(),
+            "choices": [
+                {
+                    "index": f.index,
+                    "message": {"role": "assistant", "content": f.text},
+                    "logprobs": None,
+                    "finish_reason": f.reason,
+                }
+                for f in finishes
+            ],
+            "usage": usage(len(ids), finishes),
+        }
+
+
+def _nowhere(event) -> None:
+    raise RuntimeError("job events before the batch was connected")
+
+
+def _client(request: Request) -> str:
+    """Who a request counts against for per-client fairness: the peer address."""
+    return request.client.host if request.client else ""
+
+
+def _gone() -> JSONResponse:
+    # never delivered (the client has gone); 499 is the status proxies log for it
+    return JSONResponse({"error": None}, status_code=499)
+
+
+class Batch:
+    """The choices of one request, submitted to the engine at once (all or none); their events
+    arrive on an asyncio queue. Raises APIError 429 (with Retry-After) when the engine's queue is full."""
+
+    def __init__(self, engine: Engine, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+        def post(event) -> None:  # called from the worker thread
+            loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        for job in jobs:
+            job.post = post
+        self.jobs = jobs
+        self.finished = False  # every choice ran to its end
+        self.failed = False  # the engine reported a failure (not the client's doing)
+        try:
+            engine.submit(jobs)
+        except QueueFull as e:
+            raise APIError(
+                429, str(e), code="rate_limit_exceeded", type="rate_limit_error",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None  # fmt: skip
+
+    async def events(self) -> AsyncIterator[Delta | Finish]:
+        """The jobs' events until each has finished; a failure raises APIError with its status.
+        Leaving early (an error, a client that went away) cancels what is left."""
+        pending = len(self.jobs)
+        try:
+            while pending:
+                event = await self.queue.get()
+                if isinstance(event, Failure):
+                    self.failed = True
+                    raise APIError(event.status, event.message)
+                pending -= isinstance(event, Finish)
+                yield event
+            self.finished = True
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Tell the engine to drop what is left of these jobs (a no-op for finished ones)."""
+        for job in self.jobs:
+            job.cancelled.set()
+
+
+async def collect(batch: Batch, request: Request) -> list[Finish] | None:
+    """Run all choices to the end; their Finish events in index order, or None when the client hung
+    up first (then the choices are cancelled, within one engine step)."""
+
+    async def finishes() -> list[Finish]:
+        return [e async for e in batch.events() if isinstance(e, Finish)]
+
+    run = asyncio.ensure_future(finishes())
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not run.done():
+            run.cancel()
+            batch.cancel()
+    if not run.done() or run.cancelled():
+        log.info(
+            "client %s went away; its request (%d choices) was cancelled", _peer(request), len(batch.jobs)
+        )
+        return None
+    return sorted(run.result(), key=lambda f: f.index)
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"

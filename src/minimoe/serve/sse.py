@@ -1,0 +1,112 @@
+"""Server-sent events: the chunk shapes of streamed completions and chat completions, and the
+streaming response that carries them (`data: {json}` per chunk, then `data: [DONE]`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from minimoe.serve.engine import Delta, Finish
+from minimoe.serve.http import log
+from minimoe.serve.schemas import APIError
+
+
+class Meta:
+    """id, object type, creation time and model of one response (shared by all its chunks)."""
+
+    def __init__(self, id: str, object: str, model: str) -> None:
+        self.id, self.object, self.model, self.created = id, object, model, int(time.time())
+
+    def head(self, object: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": object or self.object, "created": self.created, "model": self.model}
+
+
+def usage(prompt_tokens: int, finishes: list[Finish]) -> dict[str, int]:
+    completion = sum(f.completion_tokens for f in finishes)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def sse(batch, chunks: Callable, request: Request) -> StreamingResponse:
+    """A server-sent-events response: one `data: {json}` per chunk that `chunks(batch.events())`
+    yields, then `data: [DONE]`. A failure mid-stream is sent as an error object (the status is
+    already 200); a client that goes away cancels the batch (one log line)."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks(batch.events()):
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        finally:  # also when the client goes away mid-stream (this generator is cancelled or closed)
+            batch.cancel()
+            if not batch.finished and not batch.failed:
+                peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
+                log.info(
+                    "client %s went away mid-stream; its request (%d choices) was cancelled",
+                    peer,
+                    len(batch.jobs),
+                )
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def completion_chunks(meta: Meta, echo: list[str], prompt_tokens: int, include_usage: bool):
+    async def chunks(events: AsyncIterator) -> AsyncIterator[dict]:
+        def chunk(index: int, text: str, reason: str | None) -> dict:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            return {**meta.head(), "choices": [choice], **({"usage": None} if include_usage else {})}
+
+        for index, text in enumerate(echo):
+            if text:
+                yield chunk(index, text, None)
+        finishes = []
+        async for e in events:
+            if isinstance(e, Delta):
+                yield chunk(e.index, e.text, None)
+            else:
+                finishes.append(e)
+                yield chunk(e.index, "", e.reason)
+        if include_usage:
+            yield {**meta.head(), "choices": [], "usage": usage(prompt_tokens, finishes)}
+
+    return chunks
+
+
+def chat_chunks(meta: Meta, n_choices: int, prompt_tokens: int, include_usage: bool):
+    async def chunks(events: AsyncIterator) -> AsyncIterator[dict]:
+        def chunk(index: int, delta: dict, reason: str | None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {
+                **meta.head("chat.completion.chunk"),
+                "choices": [choice],
+                **({"usage": None} if include_usage else {}),
+            }
+
+        for index in range(n_choices):  # OpenAI opens each choice with the role
+            yield chunk(index, {"role": "assistant", "content": ""}, None)
+        finishes = []
+        async for e in events:
+            if isinstance(e, Delta):
+                yield chunk(e.index, {"content": e.text}, None)
+            else:
+                finishes.append(e)
+                yield chunk(e.index, {}, e.reason)
+        if include_usage:
+            yield {
+                **meta.head("chat.completion.chunk"),
+                "choices": [],
+                "usage": usage(prompt_tokens, finishes),
+            }
+
+    return chunks
