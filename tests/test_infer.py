@@ -181,6 +181,37 @@ def test_streaming_iterator_and_stats():
     assert stats.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_slot_pool_decode_equals_uncached_forward(attn_type):
+    """The pooled decode step (rows of different lengths in one forward, per-row positions and masks,
+    rows leaving and joining) against the plain uncached forward over each whole sequence."""
+    from minimoe.infer.slots import Prefill, SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=3)
+    assert pool.nbytes() == model.cache_bytes_per_token(torch.float64) * 64 * (3 + 1)
+    seqs = [list(p) for p in PROMPTS[:3]]
+    nxt = []
+    for i, p in enumerate(seqs):
+        pre = Prefill(pool, p)
+        logits = None
+        while logits is None:  # chunks of 2 tokens: the later chunks attend to the cached ones
+            logits = pre.step(2)
+        assert pool.add(len(p)) == i
+        nxt.append(int(logits.argmax()))
+    for step in range(6):
+        if step == 2:  # row 0 leaves: the last row moves into its place
+            pool.remove(0)
+            seqs[0], nxt[0] = seqs.pop(), nxt.pop()
+        logits = pool.decode(torch.tensor(nxt))
+        for r, s in enumerate(seqs):
+            s.append(nxt[r])
+            want = model(torch.tensor([s])).logits[0, -1]
+            torch.testing.assert_close(logits[r], want)
+        nxt = logits.argmax(-1).tolist()
+    assert pool.lengths == [len(s) for s in seqs]
+
+
 def test_max_seq_len_bounds_generation():
     model = tiny_model()  # max_seq_len 64
     out = list(generate_tokens(model, list(range(1, 61)), 50, temperature=0.0))

@@ -542,45 +542,118 @@ def test_text_stream_holds_back_partial_stops_and_utf8():
     assert "".join(plain.push(b) for b in b"hello") + plain.flush() == "hello"
 
 
-def test_engine_interleaves_and_cancels(loaded):
-    model, tok = loaded
-    engine = Engine(model, tok)
+def _engine_run(engine: Engine, jobs: list[Job], timeout: float = 120) -> list:
+    """Submit `jobs` (grouped by client, in order) before starting `engine`; every event, in order."""
     events: list = []
     lock = threading.Lock()
     done = threading.Event()
+    posts = {id(j): j.post for j in jobs}
 
-    def post(e):
-        with lock:
-            events.append(e)
-            if sum(isinstance(x, Finish) for x in events) == 2:
-                done.set()
+    def record(job):
+        def post(e):
+            with lock:
+                events.append(e)
+                if sum(isinstance(x, Finish) for x in events) == len(jobs):
+                    done.set()
+            posts[id(job)](e)
 
-    params = JobParams(max_tokens=12, temperature=0)
-    jobs = [Job(i, tok.encode(p), params, post) for i, p in enumerate(["the cat", "a dog", "red", "on"])]
-    jobs[2].cancelled.set()  # cancelled while queued: never generated
+        return post
 
-    def post_then_cancel(e):  # job 3 is cancelled by its owner after 3 deltas (a client that left)
-        post(e)
-        if sum(isinstance(x, Delta) and x.index == 3 for x in events) == 3:
-            jobs[3].cancelled.set()
-
-    jobs[3].post = post_then_cancel
     for job in jobs:
-        engine.submit(job)  # queued before start, so the worker admits all of them at once
+        job.post = record(job)
+    i = 0
+    while i < len(jobs):  # one submit per client run, as one request's choices
+        k = i
+        while k < len(jobs) and jobs[k].client == jobs[i].client:
+            k += 1
+        engine.submit(jobs[i:k])
+        i = k
     engine.start()
     try:
-        assert done.wait(60)
+        assert done.wait(timeout)
     finally:
         engine.close()
-    order = [e.index for e in events if isinstance(e, Delta)]
-    assert order[:9] == [0, 1, 3] * 3 and order.count(3) == 3  # one token each, in turn
-    assert order[9:19] == [0, 1] * 5
-    finishes = {e.index: e for e in events if isinstance(e, Finish)}
-    for i, p in enumerate(["the cat", "a dog"]):
-        want = generate_text(model, tok, p, max_new_tokens=12, temperature=0)
-        assert (
-            finishes[i].text
-            == want
-            == "".join(e.text for e in events if isinstance(e, Delta) and e.index == i)
-        )
-        assert (finishes[i].reason, finishes[i].completion_tokens) == ("length", 12)
+    return events
+
+
+def _texts(events) -> dict[int, str]:
+    return {e.index: e.text for e in events if isinstance(e, Finish)}
+
+
+def test_engine_batches_every_sequence_and_each_equals_alone(loaded):
+    model, tok = loaded
+    specs = [
+        ("the cat", JobParams(max_tokens=20, temperature=0)),
+        ("a dog ran to the red ball while the bird", JobParams(max_tokens=14, temperature=0)),
+        ("red", JobParams(max_tokens=18, temperature=1.0, seed=5)),
+        ("on a mat", JobParams(max_tokens=16, temperature=0.8, top_k=5, top_p=0.9, seed=9)),
+        ("the dog", JobParams(max_tokens=30, temperature=1.0, seed=2, stop=("ball",))),
+    ]
+
+    def jobs():
+        return [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]
+
+    # prefill_chunk 4: the longer prompts are prefilled over several steps, between decode steps
+    alone = [_texts(_engine_run(Engine(model, tok, prefill_chunk=4), [job]))[job.index] for job in jobs()]
+    assert len(set(alone)) == len(alone)  # they differ, so a mix-up would show
+    engine = Engine(model, tok, max_active=8, prefill_chunk=4)
+    sizes = []
+    decode = engine.pool.decode
+    engine.pool.decode = lambda tokens: sizes.append(len(tokens)) or decode(tokens)
+    events = _engine_run(engine, jobs())
+    together = _texts(events)
+    assert [together[i] for i in range(len(specs))] == alone
+    for i in range(len(specs)):  # the deltas add up to the final text
+        assert "".join(e.text for e in events if isinstance(e, Delta) and e.index == i) == alone[i]
+    # continuous batching: all five sequences advanced together in one forward, joining as their
+    # prefills completed and leaving as they finished
+    assert max(sizes) == len(specs) and sizes[0] < len(specs) and sizes[-1] < len(specs)
+    assert len(sizes) < sum(p.max_tokens for _, p in specs) // 2
+    assert engine.pool.n == 0 and engine.active_jobs == 0
+
+
+def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):
+    from minimoe.serve.engine import QueueFull
+
+    model, tok = loaded
+    params = JobParams(max_tokens=4, temperature=0)
+    a = [Job(i, tok.encode("the"), params, lambda e: None, client="a") for i in range(3)]
+    b = [Job(3, tok.encode("red"), params, lambda e: None, client="b")]
+    # one slot: client b's job goes second, not behind all of a's
+    events = _engine_run(Engine(model, tok, max_active=1), a + b)
+    assert [e.index for e in events if isinstance(e, Finish)] == [0, 3, 1, 2]
+
+    long = JobParams(max_tokens=60, temperature=0)
+    jobs = [Job(i, tok.encode("the cat"), long, lambda e: None) for i in range(2)]
+
+    def cancel_after_three(e):
+        if isinstance(e, Delta) and sum(isinstance(x, Delta) and x.index == 0 for x in seen) == 3:
+            jobs[0].cancelled.set()  # the client went away after three pieces of text
+
+    seen: list = []
+    jobs[0].post = lambda e: (seen.append(e), cancel_after_three(e))
+    engine = Engine(model, tok)
+    done = threading.Event()
+    jobs[1].post = lambda e: done.set() if isinstance(e, Finish) else None
+    engine.submit(jobs)
+    engine.start()
+    try:
+        assert done.wait(120)
+    finally:
+        engine.close()
+    # job 0 was dropped at the step after its cancellation: three deltas, no finish
+    assert sum(isinstance(e, Delta) for e in seen) == 3 and not any(isinstance(e, Finish) for e in seen)
+
+    # a bounded queue: 2 waiting jobs beyond the free slot, at most 1 per client
+    engine = Engine(model, tok, max_active=1, max_queued=2, max_queued_per_client=1)
+    job = lambda client: Job(0, [1], params, lambda e: None, client=client)  # noqa: E731
+    engine.submit([job("a"), job("a")])  # one takes the free slot, one waits
+    with pytest.raises(QueueFull, match="from this client") as e:
+        engine.submit([job("a")])
+    assert e.value.retry_after >= 1
+    engine.submit([job("b")])
+    with pytest.raises(QueueFull, match="requests are waiting"):
+        engine.submit([job("c")])
+    engine.shutdown()
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit([job("d")])
