@@ -714,9 +714,12 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
     assert err.count("\n") == 0 and "does not exist" in err
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "--port must be between 0 and 65535" in capsys.readouterr().err
-    for flag in ("--max-body-bytes", "--max-tokens", "--max-prompt-tokens", "--max-active", "--body-timeout"):
+    for flag in ("--max-body-bytes", "--max-tokens", "--max-prompt-tokens", "--max-active", "--max-choices"):
         assert main(["serve", str(run_dir), "--port", "0", flag, "0"]) == 2
-        assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    for flag in ("--header-timeout", "--body-timeout"):
+        assert main(["serve", str(run_dir), "--port", "0", flag, "nan"]) == 2
+        assert f"{flag} must be > 0, got nan" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--port", "0", "--api-key", ""]) == 2
     assert "--api-key must not be empty" in capsys.readouterr().err
 

@@ -211,7 +211,10 @@ class Engine:
                     if not self._running and self._prefill is None and not self._queued:
                         self._wake.wait(0.5)
                         continue
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as e:  # noqa: BLE001 - a bug must not leave later requests hanging
+                        self._fail_current(f"generation failed: {type(e).__name__}: {e}", 500)
         finally:
             self._fail_all("The server is shutting down; the request was not completed.", 503)
 
@@ -278,10 +281,10 @@ class Engine:
                 logits = self.pool.decode(tokens)
             picked = self._pick(logits, self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
-            for seq in self._running:
-                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
-            self._running = []
+            running, self._running = self._running, []
             self.pool.lengths = []
+            for seq in running:
+                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
             return
         done = [i for i, (seq, tok) in enumerate(zip(self._running, picked)) if self._emit(seq, tok)]
         for i in reversed(done):
@@ -349,6 +352,14 @@ class Engine:
                     self._queues[client] = kept
                 else:
                     del self._queues[client]
+
+    def _fail_current(self, message: str, status: int) -> None:
+        """Fail the running sequences and the prefill (the queue stays)."""
+        jobs = [s.job for s in self._running] + ([self._prefill[0].job] if self._prefill else [])
+        self._running, self._prefill = [], None
+        self.pool.lengths = []
+        for job in jobs:
+            _post(job, Failure(job.index, message, status))
 
     def _fail_all(self, message: str, status: int) -> None:
         jobs = [s.job for s in self._running]

@@ -44,6 +44,7 @@ class Limits:
         """MinimoeError naming the first limit that is not positive (as its flag)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None and not value > 0:
-                raise MinimoeError(f"--{f.name.replace('_', '-')} must be > 0, got {value}")
+            if value is not None and not value > 0:  # `not >`: NaN is refused too
+                bound = "> 0" if isinstance(value, float) else ">= 1"
+                raise MinimoeError(f"--{f.name.replace('_', '-')} must be {bound}, got {value}")
         return self
