@@ -808,6 +808,10 @@ def test_engine_batches_every_sequence_and_each_equals_alone(loaded):
     assert max(sizes) == len(specs) and sizes[0] < len(specs) and sizes[-1] < len(specs)
     assert len(sizes) < sum(p.max_tokens for _, p in specs) // 2
     assert engine.pool.n == 0 and engine.active_jobs == 0
+    # a budget past the context stops at the context (the routes refuse such requests before this)
+    full = Job(0, tok.encode("x" * (CONTEXT - 2)), JobParams(max_tokens=50, temperature=0), lambda e: None)
+    (finish,) = [e for e in _engine_run(Engine(model, tok), [full]) if isinstance(e, Finish)]
+    assert (finish.reason, finish.completion_tokens) in {("length", 2), ("stop", 0), ("stop", 1)}
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):

@@ -97,6 +97,7 @@ class _Seq:
     stream: TextStream
     sampling: SamplingParams
     gen: torch.Generator | None
+    prompt_len: int = 0
     next_token: int = 0  # sampled, not yet written to the cache
     count: int = 0
 
@@ -254,8 +255,9 @@ class Engine:
             p = job.params
             sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
             gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
-            seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen)
-            self._prefill = (seq, Prefill(self.pool, fit_prompt(job.prompt_ids, self.pool.max_len)))
+            ids = fit_prompt(job.prompt_ids, self.pool.max_len)
+            seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids))
+            self._prefill = (seq, Prefill(self.pool, ids))
             return True
         return False
 
@@ -300,7 +302,7 @@ class Engine:
         _post(job, Delta(job.index, seq.stream.push(token)))
         if seq.stream.stopped:
             return self._finish(seq, "stop")
-        if seq.count >= job.params.max_tokens or len(job.prompt_ids) + seq.count >= self.pool.max_len:
+        if seq.count >= job.params.max_tokens or seq.prompt_len + seq.count >= self.pool.max_len:
             return self._finish(seq, "length")
         seq.next_token = token
         return False
