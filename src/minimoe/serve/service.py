@@ -339,7 +339,7 @@ async def collect(batch: Batch, request: Request) -> list[Finish] | None:
             batch.cancel()
     if not run.done() or run.cancelled():
         log.info(
-            "client %s went away; its request (%d choices) was cancelled", _peer(request), len(batch.jobs)
+            "client %s went away; its request (choices: %d) was cancelled", _peer(request), len(batch.jobs)
         )
         return None
     return sorted(run.result(), key=lambda f: f.index)

@@ -52,7 +52,7 @@ def sse(batch, chunks: Callable, request: Request) -> StreamingResponse:
             if not batch.finished and not batch.failed:
                 peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
                 log.info(
-                    "client %s went away mid-stream; its request (%d choices) was cancelled",
+                    "client %s went away mid-stream; its request (choices: %d) was cancelled",
                     peer,
                     len(batch.jobs),
                 )
