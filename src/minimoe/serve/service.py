@@ -190,7 +190,8 @@ class Service:
         base = self._common(req)
         n = req.n or 1
         self._check_choices(self._count_prompts(req.prompt), n)
-        prompts = self._prompts(req.prompt)
+        # tokenizing up to a megabyte of text takes a while: off the event loop, so others are answered
+        prompts = await asyncio.to_thread(self._prompts, req.prompt)
         budgets = [
             self._max_tokens(len(ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
             for ids, _ in prompts
@@ -231,7 +232,7 @@ class Service:
             for m in req.messages
         ]
         try:
-            ids = self._encode(self.render(messages))
+            ids = await asyncio.to_thread(lambda: self._encode(self.render(messages)))
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
