@@ -58,7 +58,22 @@ def sse(batch, chunks: Callable, request: Request) -> StreamingResponse:
                 )
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _Stream(batch, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Stream(StreamingResponse):
+    """A StreamingResponse that cancels its batch however it ends, even when the client left before
+    the body generator started (then the generator's own cleanup never runs)."""
+
+    def __init__(self, batch, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.batch = batch
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.batch.cancel()
 
 
 def completion_chunks(meta: Meta, echo: list[str], prompt_tokens: int, include_usage: bool):
