@@ -373,6 +373,50 @@ def test_router_weights_and_scaling():
     torch.testing.assert_close(again.topk_weight, 2.5 * chosen / chosen.sum(-1, keepdim=True))
 
 
+def test_router_is_fp32_under_bf16_autocast():
+    # train.precision=bf16 runs the model under autocast, which would turn the router's F.linear (and so
+    # logits, scores, gate weights and z-loss) back to bf16
+    router = Router(
+        make_cfg(routed_scaling_factor=2.5, aux_loss_alpha=0.01, seq_aux_loss_alpha=0.001, z_loss_coef=0.01)
+    )
+    with torch.no_grad():
+        router.weight.normal_(0.0, 1.0)
+        router.e_score_correction_bias.normal_(0.0, 0.01)
+    x = torch.randn(2, 6, 16)
+    ref = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, router.weight).dtype == torch.bfloat16  # autocast is really on
+        out = router(x)
+    for name in ("topk_weight", "aux_loss", "z_loss"):
+        assert getattr(out, name).dtype == torch.float32, name
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+    assert torch.equal(out.topk_idx, ref.topk_idx)
+
+    # a 1e-3 bias step near score 0.5 (bf16 spacing there: 2^-8 = 0.0039). Identity router, top-1:
+    # logits are the inputs. Token 0: 0.50120 vs 0.50000 + 0.001 keeps expert 0; token 1: 0.50080 vs
+    # 0.50100 moves to expert 1. In bf16 both 0.5012 and 0.5008 round to 0.5 and both tokens would move.
+    cfg = make_cfg(hidden_size=4, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    logits = torch.tensor([[[0.0048, 0.0, -3.0, -3.0], [0.0032, 0.0, -3.0, -3.0]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = router(logits).topk_idx.flatten().tolist()
+        router.e_score_correction_bias[1] += 1e-3
+        after = router(logits)
+    assert before == [0, 0]
+    assert after.topk_idx.flatten().tolist() == [0, 1]
+    torch.testing.assert_close(after.topk_weight.flatten(), torch.sigmoid(torch.tensor([0.0048, 0.0])))
+
+    # through the MoE layer too
+    moe = make_moe(torch.float32, z_loss_coef=0.01)
+    ref_stats = moe(x)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, stats = moe(x)
+    assert stats.z_loss.dtype == torch.float32 and torch.equal(stats.z_loss, ref_stats.z_loss)
+    assert torch.equal(stats.load, ref_stats.load)
+
+
 def test_max_vio():
     assert max_vio(torch.tensor([2.0, 2.0, 2.0, 2.0])).item() == 0.0
     assert max_vio(torch.tensor([4.0, 0.0, 2.0, 2.0])).item() == pytest.approx(1.0)

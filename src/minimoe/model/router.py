@@ -245,34 +245,37 @@ class Router(nn.Module):
             noise = torch.empty_like(x_BSD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_BSD = x_BSD * noise
         # Router math in fp32 even for bf16 models (fp64 stays fp64 so float64 tests prove the math).
-        dt = torch.promote_types(x_BSD.dtype, torch.float32)
-        logits_TE = F.linear(x_BSD.reshape(B * S, D).to(dt), self.weight.to(dt))  # (T, E)
-        scores_TE = router_scores(logits_TE, self.scoring_func)
-        topk_idx_TK, topk_weight_TK = route(
-            scores_TE,
-            self.e_score_correction_bias,
-            self.top_k,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            topk_method=self.topk_method,
-            scoring_func=self.scoring_func,
-            norm_topk_prob=self.norm_topk_prob,
-            routed_scaling_factor=self.routed_scaling_factor,
-        )
-        counts_E = expert_counts(topk_idx_TK, self.n_experts)
-        if self.training and self.load_counts is not None:
-            self.load_counts += counts_E
-
-        zero = logits_TE.new_zeros(())
-        aux = zero
-        if self.aux_loss_alpha > 0:
-            aux = aux + load_balance_loss(scores_TE, topk_idx_TK, self.aux_loss_alpha)
-        if self.seq_aux_loss_alpha > 0:
-            aux = aux + seq_load_balance_loss(
-                scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), self.seq_aux_loss_alpha
+        # Autocast is off here: under train.precision=bf16 it would turn F.linear back to bf16, and a
+        # 1e-3 bias step is below bf16's resolution near 0.5.
+        with torch.autocast(x_BSD.device.type, enabled=False):
+            dt = torch.promote_types(x_BSD.dtype, torch.float32)
+            logits_TE = F.linear(x_BSD.reshape(B * S, D).to(dt), self.weight.to(dt))  # (T, E)
+            scores_TE = router_scores(logits_TE, self.scoring_func)
+            topk_idx_TK, topk_weight_TK = route(
+                scores_TE,
+                self.e_score_correction_bias,
+                self.top_k,
+                n_group=self.n_group,
+                topk_group=self.topk_group,
+                topk_method=self.topk_method,
+                scoring_func=self.scoring_func,
+                norm_topk_prob=self.norm_topk_prob,
+                routed_scaling_factor=self.routed_scaling_factor,
             )
-        z = router_z_loss(logits_TE, self.z_loss_coef) if self.z_loss_coef > 0 else zero
-        return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
+            counts_E = expert_counts(topk_idx_TK, self.n_experts)
+            if self.training and self.load_counts is not None:
+                self.load_counts += counts_E
+
+            zero = logits_TE.new_zeros(())
+            aux = zero
+            if self.aux_loss_alpha > 0:
+                aux = aux + load_balance_loss(scores_TE, topk_idx_TK, self.aux_loss_alpha)
+            if self.seq_aux_loss_alpha > 0:
+                aux = aux + seq_load_balance_loss(
+                    scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), self.seq_aux_loss_alpha
+                )
+            z = router_z_loss(logits_TE, self.z_loss_coef) if self.z_loss_coef > 0 else zero
+            return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor | None = None) -> None:
