@@ -27,15 +27,26 @@ def _cfg(**kw) -> ModelConfig:
     return ModelConfig(**base).validate()
 
 
+# DeepSeek-V3's config.json rope_scaling: mscale_all_dim makes the softmax scale mscale(40)^2 ~ 1.87 / sqrt(d)
+V3_YARN = {
+    "type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+}  # fmt: skip
+
+
 def _tables(cfg, n):
     cos, sin = rope_cos_sin(cfg.rope_dim, n, cfg.rope_theta, cfg.rope_scaling)
     return cos.double(), sin.double()
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 8])
-def test_mla_naive_matches_explicit_attention(q_lora_rank):
+@pytest.mark.parametrize(
+    "q_lora_rank,rope_scaling",
+    [(None, None), (8, None), (8, V3_YARN)],
+    ids=["plain", "q-lora", "q-lora-v3-yarn"],
+)
+def test_mla_naive_matches_explicit_attention(q_lora_rank, rope_scaling):
     torch.manual_seed(0)
-    cfg = _cfg(q_lora_rank=q_lora_rank)
+    cfg = _cfg(q_lora_rank=q_lora_rank, rope_scaling=rope_scaling)
     attn = MLAttention(cfg)
     x = torch.randn(2, 9, cfg.hidden_size)
     cos, sin = _tables(cfg, 9)
@@ -49,15 +60,23 @@ def test_mla_naive_matches_explicit_attention(q_lora_rank):
     k_pe = apply_rope(k_pe[:, :, None], cos, sin, interleaved=True).expand(2, 9, 4, -1)
     q = torch.cat([q_nope, q_pe], -1)
     k = torch.cat([k_nope, k_pe], -1)
-    ref = explicit_attention(q, k, v, attn.scale)
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    if rope_scaling:
+        scale *= (0.1 * math.log(40) + 1) ** 2  # YaRN mscale(factor, mscale_all_dim)^2
+    ref = explicit_attention(q, k, v, scale)
     ref = attn.o_proj(ref.reshape(2, 9, -1))
     torch.testing.assert_close(y, ref)
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 8])
-def test_mla_absorbed_incremental_decode_matches_naive_full(q_lora_rank):
+@pytest.mark.parametrize(
+    "q_lora_rank,rope_scaling",
+    [(None, None), (8, None), (None, V3_YARN), (8, V3_YARN)],
+    ids=["plain", "q-lora", "v3-yarn", "q-lora-v3-yarn"],
+)
+def test_mla_absorbed_incremental_decode_matches_naive_full(q_lora_rank, rope_scaling):
+    # with YaRN the absorbed path must apply the same mscale^2 softmax factor as the naive one
     torch.manual_seed(1)
-    cfg = _cfg(q_lora_rank=q_lora_rank)
+    cfg = _cfg(q_lora_rank=q_lora_rank, rope_scaling=rope_scaling)
     attn = MLAttention(cfg).eval()
     x = torch.randn(2, 11, cfg.hidden_size)
     cos, sin = _tables(cfg, 11)

@@ -44,10 +44,22 @@ def test_forward_returns_loss_parts_and_stats(attn_type):
     assert abs(out.losses["ce"].item() - torch.log(torch.tensor(97.0)).item()) < 0.5
 
 
-@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
-def test_cached_decoding_matches_full_forward(attn_type):
+# DeepSeek-V3's rope_scaling (its config.json): YaRN factor 40, softmax scale times mscale(40)^2 ~ 1.87
+V3_YARN = {
+    "type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "attn_type,rope_scaling",
+    [("mla", None), ("gqa", None), ("mla", V3_YARN)],
+    ids=["mla", "gqa", "mla-v3-yarn"],
+)
+def test_cached_decoding_matches_full_forward(attn_type, rope_scaling):
+    # MLA decodes through the absorbed path: with YaRN it must use the naive path's softmax scale
     torch.manual_seed(1)
-    cfg = tiny_cfg(attn_type=attn_type, mtp_depth=0)
+    cfg = tiny_cfg(attn_type=attn_type, mtp_depth=0, rope_scaling=rope_scaling)
     model = Transformer(cfg).double().eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 12))
     full = model(idx).logits
