@@ -155,6 +155,37 @@ def deepseek_moe_forward(t: dict[str, torch.Tensor], c: dict, ids: torch.Tensor)
     return F.linear(_rms_norm(h, t["model.norm.weight"], eps), t["lm_head.weight"])
 
 
+# ---- multi-token prediction ----
+
+
+def mtp_reference(model, input_ids: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """MTP logits of every depth, written out from the DeepSeek-V3 layout: depth k at position i is
+    head(norm(Block(eh_proj(cat[enorm(emb(t_{i+k})), hnorm(h_i)])))), where h is the previous depth's
+    block output (the main model's last hidden state, before its final norm, for depth 1) and
+    eh_proj's first D input columns take the embedding (as the released checkpoints store it).
+
+    Args:
+        model: a Transformer with MTP modules.
+        input_ids: (B, T) tokens.
+        hidden: (B, T, D) main-model hidden states (ModelOutput.hidden).
+    Returns:
+        one (B, T - k, V) logits tensor per depth k = 1, 2, ...
+    """
+    T, D = input_ids.shape[1], hidden.shape[-1]
+    eps = model.cfg.rms_norm_eps
+    h, out = hidden, []
+    for k, m in enumerate(model.mtp, start=1):
+        emb = model.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
+        w = m.eh_proj.weight  # (D, 2D)
+        x = (
+            _rms_norm(emb, m.enorm.weight, eps) @ w[:, :D].T
+            + _rms_norm(h[:, : T - k], m.hnorm.weight, eps) @ w[:, D:].T
+        )
+        h, _ = m.block(x, model.rope_cos[: T - k], model.rope_sin[: T - k])
+        out.append(model.lm_head(_rms_norm(h, m.norm.weight, eps)))
+    return out
+
+
 # ---- generation references ----
 
 

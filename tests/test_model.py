@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minimoe.config import ModelConfig, RunConfig, build_run_config, set_dotted
 from minimoe.errors import ConfigError
 from minimoe.model.transformer import Transformer
 from minimoe.params import count_params
 from minimoe.presets import PRESETS, get_preset
+from reference import mtp_reference
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -69,6 +71,30 @@ def test_cached_decoding_matches_full_forward(attn_type, rope_scaling):
         steps.append(model(idx[:, t : t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full)
     assert cache.pos == 12
+
+
+def test_mtp_matches_hand_written_eh_proj():
+    # eh_proj(cat[enorm(emb), hnorm(h)]): distinct norm weights, so swapping the halves or the norms fails
+    torch.manual_seed(4)
+    cfg = tiny_cfg(mtp_depth=2)
+    model = Transformer(cfg).double().eval()
+    with torch.no_grad():
+        for m in model.mtp:
+            m.enorm.weight.uniform_(0.5, 1.5)
+            m.hnorm.weight.uniform_(0.5, 1.5)
+            m.norm.weight.uniform_(0.5, 1.5)
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    targets = idx.roll(-1, 1)
+    out = model(idx, targets=targets)
+    ref = mtp_reference(model, idx, out.hidden)
+    want = torch.stack(
+        [F.cross_entropy(lg.flatten(0, 1), targets[:, k:].flatten()) for k, lg in enumerate(ref, start=1)]
+    ).mean()
+    torch.testing.assert_close(out.losses["mtp"], want.float())
+    # the module's own outputs, depth 1
+    emb = model.embed_tokens(idx[:, 1:])
+    _, normed, _ = model.mtp[0](out.hidden[:, :9], emb, model.rope_cos[:9], model.rope_sin[:9])
+    torch.testing.assert_close(model.lm_head(normed), ref[0])
 
 
 def test_mla_cache_bytes_per_token():

@@ -291,7 +291,8 @@ class MLAttention(nn.Module):
         if mask is not None:  # (T, S) or (B, 1, T, S)
             mask = mask.transpose(1, 2) if mask.dim() == 4 else mask[:, None, :]  # broadcast over H
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores.float() * self.scale, dim=-1).to(k.dtype)  # fp32 softmax
+        acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax (fp64 stays fp64)
+        probs = torch.softmax(scores.to(acc) * self.scale, dim=-1).to(k.dtype)
         if self.training and self.attn_dropout > 0:
             probs = F.dropout(probs, self.attn_dropout)
         o_lat = torch.bmm(probs.view(B, T * H, S), k[..., :r])  # (B, TH, r)

@@ -16,4 +16,5 @@ class RMSNorm(nn.Module):
         # op (F.rms_norm) in fp32 instead of five: it is called 2-3 times per layer per decoded token.
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64 (float64 tests)
+        return self.weight * F.rms_norm(x.to(acc), (x.shape[-1],), None, self.eps).to(x.dtype)

@@ -84,11 +84,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate the last dim of x (..., T, H, d) by position tables cos/sin (T, d/2), or (B, T, d/2) when
     each row has its own positions (left-padded batches)."""
     dtype = x.dtype
-    x = x.float()
+    # at least fp32; fp64 stays fp64, so float64 tests compare paths without fp32 rounding in between
+    x = x.to(torch.promote_types(dtype, torch.float32))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleaved:
         # pairs (2i, 2i+1) are complex numbers: one complex multiply rotates them all (3 kernels
         # instead of 12 per call; RoPE runs twice per layer per decoded token)
-        rot = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2)
+        rot = torch.complex(cos, sin).unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2)
         x_c = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())  # (..., d/2)
         return torch.view_as_real(x_c * rot).flatten(-2).to(dtype)
     cos = cos.unsqueeze(-2)  # (T, 1, d/2) or (B, T, 1, d/2): broadcast over heads
