@@ -294,6 +294,115 @@ def test_a_step_saved_again_replaces_the_old_files(tmp_path, trained_run):
     assert _leftovers(run) == []
 
 
+class FileOps:
+    """Records os.fsync / os.rename / os.replace in order: the path behind each fsynced descriptor with
+    the file's bytes at that moment, and whether `watch` existed at each operation."""
+
+    def __init__(self, monkeypatch, watch: Path):
+        self.events: list[
+            tuple[str, Path, Path | bytes | None, bool]
+        ] = []  # (kind, path, dst or bytes, existed)
+        real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+        def note(kind, path, extra):
+            self.events.append((kind, path, extra, watch.exists()))
+
+        def fsync(fd):
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            note("fsync", path, path.read_bytes() if path.is_file() else None)
+            real_fsync(fd)
+
+        def rename(src, dst, *a, **kw):
+            note("rename", Path(src), Path(dst))
+            real_rename(src, dst, *a, **kw)
+
+        def replace(src, dst, *a, **kw):
+            note("rename", Path(src), Path(dst))
+            real_replace(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def renames(self, src: Path | None = None, dst: Path | None = None) -> list[int]:
+        return [
+            i
+            for i, (k, p, x, _) in enumerate(self.events)
+            if k == "rename" and (src is None or p == src) and (dst is None or x == dst)
+        ]
+
+    def fsyncs(
+        self, path: Path, after: int = -1, before: int | None = None
+    ) -> list[tuple[int, bytes | None]]:
+        end = len(self.events) if before is None else before
+        return [
+            (i, x)
+            for i, (k, p, x, _) in enumerate(self.events)
+            if after < i < end and k == "fsync" and p == path
+        ]
+
+
+def _check_published(ops: FileOps, root: Path, final: Path, since: int = 0) -> int:
+    """The step directory was built under a temporary name, every file and directory in it fsynced
+    (files with their final bytes) before the one rename that published it, nothing existed under the
+    final name from event `since` until then, and `root` was fsynced after the rename.
+    Returns the index of that root fsync."""
+    (i_pub,) = ops.renames(dst=final)
+    tmp = ops.events[i_pub][1]
+    assert tmp.parent == root and not tmp.name.startswith("step_"), tmp  # never a name readers trust
+    assert not any(existed for *_, existed in ops.events[since:i_pub]), "files were written under step_N"
+    for f in [final, *final.rglob("*")]:
+        synced = ops.fsyncs(tmp / f.relative_to(final), before=i_pub)
+        assert synced, f"{f.relative_to(root)} was not fsynced before the rename that published it"
+        if f.is_file():
+            assert synced[-1][1] == f.read_bytes(), f"{f.name} changed after its fsync"
+    assert not [i for i, (_, _, x, _) in enumerate(ops.events) if isinstance(x, Path) and final in x.parents]
+    durable = ops.fsyncs(root, after=i_pub)
+    assert durable, "the checkpoints directory was not fsynced after the rename"
+    return durable[0][0]
+
+
+def _check_pointer(ops: FileOps, root: Path, name: str, target: str, after: int) -> None:
+    """`root/name` was replaced, after event `after`, by a fsynced temporary file naming `target`, and
+    the directory was fsynced after the replace."""
+    (i_ptr,) = ops.renames(dst=root / name)
+    assert i_ptr > after, f"{name} moved before the step directory's rename was durable"
+    synced = ops.fsyncs(ops.events[i_ptr][1], before=i_ptr)
+    assert synced and synced[-1][1] == (target + "\n").encode()
+    assert ops.fsyncs(root, after=i_ptr), f"the checkpoints directory was not fsynced after moving {name}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fsynced paths from /proc/self/fd")
+def test_checkpoint_file_operations_are_ordered_for_crash_safety(trained_run, tmp_path, monkeypatch):
+    """The SIGKILL trials cannot see a save without fsyncs (the page cache survives a killed process)
+    or one written straight into step_N, so record the file operations of two saves: the trainer's
+    (a module) with `best`, and a gathered state dict replacing an existing step."""
+    run = _copy_run(trained_run, tmp_path / "run")
+    model, tok, _, _ = ckpt_lib.load_run(run, "latest")
+    text = (ckpt_lib.find_checkpoint(run) / "config.yaml").read_text()
+    root = run / ckpt_lib.CKPT
+    final = root / ckpt_lib.step_dir_name(3)
+
+    with monkeypatch.context() as mp:
+        ops = FileOps(mp, final)
+        ckpt_lib.save_checkpoint(run, 3, model, {"step": 3}, {"step": 3}, text, tok, is_best=True)
+    durable = _check_published(ops, root, final)
+    _check_pointer(ops, root, "latest", final.name, durable)
+    _check_pointer(ops, root, "best", final.name, durable)
+    names = {f.relative_to(final).as_posix() for f in final.rglob("*")}
+    assert {"model.safetensors", "state.pt", "config.yaml", "meta.json", "tokenizer"} <= names
+
+    ours = {k: v + 1 for k, v in model.state_dict().items()}
+    with monkeypatch.context() as mp:
+        ops = FileOps(mp, final)
+        ckpt_lib.save_checkpoint(run, 3, ours, {"step": 3}, {"step": 3}, text, tok)
+    (moved,) = ops.renames(src=final)  # the old step 3 is moved aside, never written into
+    _check_pointer(ops, root, "latest", final.name, _check_published(ops, root, final, since=moved + 1))
+    got, _, _, _ = ckpt_lib.load_run(run, "latest")
+    assert all(torch.equal(got.state_dict()[k], ours[k]) for k in ours)
+    assert _leftovers(run) == []
+
+
 def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while not pred():

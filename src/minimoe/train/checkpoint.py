@@ -177,9 +177,10 @@ def _write_dir(tmp: Path, model, state: dict, meta: dict, config_text: str, toke
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            _fsync_file(f)
+    # every file, then every directory deepest first: a file's name lives in its directory (tokenizer/)
+    entries = sorted(tmp.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts)))
+    for p in entries:
+        (_fsync_dir if p.is_dir() else _fsync_file)(p)
     _fsync_dir(tmp)
 
 
