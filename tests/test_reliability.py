@@ -347,7 +347,9 @@ def _check_published(ops: FileOps, root: Path, final: Path, since: int = 0) -> i
     (files with their final bytes) before the one rename that published it, nothing existed under the
     final name from event `since` until then, and `root` was fsynced after the rename.
     Returns the index of that root fsync."""
-    (i_pub,) = ops.renames(dst=final)
+    published = ops.renames(dst=final)
+    assert len(published) == 1, f"{final.name} was not published by one rename: {ops.events}"
+    i_pub = published[0]
     tmp = ops.events[i_pub][1]
     assert tmp.parent == root and not tmp.name.startswith("step_"), tmp  # never a name readers trust
     assert not any(existed for *_, existed in ops.events[since:i_pub]), "files were written under step_N"
