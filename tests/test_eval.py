@@ -73,13 +73,13 @@ def unigram_model(prefs: dict[int, float]) -> tuple[Transformer, torch.Tensor]:
     return model, logp
 
 
-def save_run(model: Transformer, run_dir: Path, step: int = 7) -> Path:
+def save_run(model: Transformer, run_dir: Path, step: int = 7, tokenizer: Tokenizer | None = None) -> Path:
     cfg = RunConfig(model=model.cfg, train=TrainConfig(seq_len=32))
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(text)
     meta = {"step": step, "tokens": 0, "val_loss": None}
-    save_checkpoint(run_dir, step, model, {}, meta, text, Tokenizer.byte(), is_best=True)
+    save_checkpoint(run_dir, step, model, {}, meta, text, tokenizer or Tokenizer.byte(), is_best=True)
     return run_dir
 
 
@@ -216,6 +216,36 @@ def test_uniform_model_has_perplexity_vocab_size(tmp_path):
     assert res["perplexity"] == pytest.approx(V, rel=1e-5)
     assert res["bits_per_byte"] == pytest.approx(math.log2(V), rel=1e-5)  # ASCII: one byte per token
     assert res["n"] == 3 and res["tokens"] == res["bytes"] == sum(len(d) for d in docs)
+
+
+# Three documents with 2-, 3- and 4-byte UTF-8 characters, and their UTF-8 bytes counted by hand:
+# "naïve café, déjà vu: 東京 and 🙂 " = 6 + 1 + 5 + 1 + 1 + 6 + 1 + 3 + 1 + 6 + 1 + 3 + 1 + 4 + 1 = 41
+# (ï é à: 2 bytes; 東 京: 3; 🙂: 4), six times: 246. "plain ascii text here " = 22, five times: 110.
+# "Ünïcödé — “quotes” 中文 " = 11 + 1 + 3 + 1 + 3 + 6 + 3 + 1 + 6 + 1 = 36, four times: 144.
+MULTIBYTE_DOCS = [
+    "naïve café, déjà vu: 東京 and 🙂 " * 6,
+    "plain ascii text here " * 5,
+    "Ünïcödé — “quotes” 中文 " * 4,
+]
+MULTIBYTE_BYTES = 246 + 110 + 144
+
+
+def test_bits_per_byte_with_bpe_counts_utf8_bytes(tmp_path, capsys):
+    """With a BPE tokenizer tokens are not bytes: bits per byte is the summed NLL in bits over the
+    hand-counted UTF-8 bytes. A uniform model makes the NLL tokens * ln V exactly."""
+    assert sum(len(d.encode("utf-8")) for d in MULTIBYTE_DOCS) == MULTIBYTE_BYTES  # the hand count
+    tok = train_bpe(MULTIBYTE_DOCS, 300, min_frequency=2)
+    n_tokens = sum(len(tok.encode(d)) for d in MULTIBYTE_DOCS)
+    assert n_tokens < 0.6 * MULTIBYTE_BYTES  # merges happened: a token count would be far off
+    model = random_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: uniform over the V outputs
+    (tmp_path / "held_out.txt").write_text("\n<|endoftext|>\n".join(MULTIBYTE_DOCS), encoding="utf-8")
+    run = save_run(model, tmp_path / "run", tokenizer=tok)
+    res = cli_json(capsys, run, "--task", "perplexity", "--data", tmp_path / "held_out.txt")
+    assert (res["tokens"], res["bytes"], res["n"]) == (n_tokens, MULTIBYTE_BYTES, 3)
+    assert res["bits_per_byte"] == pytest.approx(n_tokens * math.log2(V) / MULTIBYTE_BYTES, rel=1e-5)
+    assert res["tokens_per_byte"] == pytest.approx(n_tokens / MULTIBYTE_BYTES)
 
 
 def test_perplexity_sources_and_per_file(tmp_path):

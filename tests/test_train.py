@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +62,35 @@ def test_training_learns_and_logs(tmp_path, corpus):
     assert ck.name == "step_00000030" and (ck / "tokenizer").is_dir()
     model, tok, cfg, meta = ckpt_lib.load_run(tmp_path / "run")
     assert meta["step"] == 30 and cfg.model.vocab_size == 320  # 257 byte tokens rounded up to 64
+
+
+def test_val_bpb_with_bpe_counts_utf8_bytes(tmp_path, monkeypatch):
+    """val_bpb = mean validation CE in bits * val tokens / val UTF-8 bytes; with BPE, tokens are not
+    bytes. The validation file's bytes are counted by hand (test_eval.MULTIBYTE_DOCS)."""
+    from test_eval import MULTIBYTE_BYTES, MULTIBYTE_DOCS
+
+    from minimoe.data import PreparedData
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    sep = "\n<|endoftext|>\n"
+    (tmp_path / "train.txt").write_text(sep.join([d * 3 for d in MULTIBYTE_DOCS] * 20), encoding="utf-8")
+    (tmp_path / "val.txt").write_text(sep.join(MULTIBYTE_DOCS), encoding="utf-8")
+    overrides = [
+        f"data.val_path={tmp_path / 'val.txt'}", "data.tokenizer=bpe:300", "train.max_steps=2",
+        "train.eval_every=2", "train.seq_len=16", "train.batch_size=2",
+    ]  # fmt: skip
+    _train(tmp_path / "run", tmp_path / "train.txt", *overrides)
+    _, tok, _, _ = ckpt_lib.load_run(tmp_path / "run")
+    assert tok.kind == "bpe"
+    (meta_file,) = (tmp_path / "cache").rglob("meta.json")
+    data = PreparedData.load(meta_file.parent)
+    n_tokens = sum(len(tok.encode(d)) + 1 for d in MULTIBYTE_DOCS)  # each document ends with EOS
+    assert (data.num_tokens("val"), data.num_bytes("val")) == (n_tokens, MULTIBYTE_BYTES)
+    assert n_tokens < 0.6 * MULTIBYTE_BYTES  # merges happened: a token count would be far off
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    (ev,) = [r for r in rows if "val_loss" in r]
+    want = ev["val_loss"] / math.log(2) * n_tokens / MULTIBYTE_BYTES
+    assert ev["val_bpb"] == pytest.approx(want, rel=1e-9)
 
 
 def test_resume_is_exact(tmp_path, corpus):
