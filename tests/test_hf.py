@@ -290,6 +290,42 @@ def test_import_checkpoint_made_by_transformers(hf_saved, tmp_path, name):
     assert (_logits(ours, x) - theirs).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("name", ["deepseek_v3", "mixtral", "qwen2_moe"])
+def test_import_fused_expert_layout_equals_per_expert(hf_saved, tmp_path, name):
+    """transformers keeps routed experts fused in memory (`experts.gate_up_proj` (E, 2I, D), gate rows
+    first; `experts.down_proj` (E, D, I)) and writes that layout with save_original_format=False.
+    Importing it must give exactly the weights the per-expert hub layout gives."""
+    from safetensors.torch import load_file
+
+    hf, per_expert = hf_saved[name]
+    fused = tmp_path / "fused"
+    hf.save_pretrained(fused, save_original_format=False)
+    f_sd, p_sd = load_file(str(fused / "model.safetensors")), load_file(str(per_expert / "model.safetensors"))
+    assert not [k for k in f_sd if ".experts.0." in k]  # really the fused layout
+    # the layout by hand, from the per-expert tensors of the same model
+    block, (w_gate, w_up, w_down) = (
+        ("block_sparse_moe", ("w1", "w3", "w2"))
+        if name == "mixtral"
+        else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    )
+    L = hf.config.num_hidden_layers - 1
+    gate_up, down = (
+        f_sd[f"model.layers.{L}.mlp.experts.gate_up_proj"],
+        f_sd[f"model.layers.{L}.mlp.experts.down_proj"],
+    )
+    for j in range(gate_up.shape[0]):
+        p = f"model.layers.{L}.{block}.experts.{j}."
+        assert torch.equal(gate_up[j], torch.cat([p_sd[p + f"{w_gate}.weight"], p_sd[p + f"{w_up}.weight"]]))
+        assert torch.equal(down[j], p_sd[p + f"{w_down}.weight"])
+
+    import_hf(per_expert, tmp_path / "a", tokenizer="byte")
+    import_hf(fused, tmp_path / "b", tokenizer="byte")
+    a, b = load_run(tmp_path / "a")[0].state_dict(), load_run(tmp_path / "b")[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(1))
+    assert (_logits(load_run(tmp_path / "b")[0], x) - _logits(hf, x)).abs().max().item() <= TOL
+
+
 def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
     from safetensors.torch import load_file, save_file
 

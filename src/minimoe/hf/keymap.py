@@ -168,6 +168,11 @@ def from_hub(
         if "{j}" in name:
             t = _stacked(hub, name, shape, used)
         else:
+            if name not in hub and ".block_sparse_moe." in name:
+                # transformers' in-memory Mixtral layout (save_pretrained(save_original_format=False))
+                # names the MoE block `mlp`, as it does for the fused experts below
+                alt = name.replace(".block_sparse_moe.", ".mlp.")
+                name = alt if alt in hub else name
             if name not in hub and key == "lm_head.weight" and "lm_head.weight" not in hub:
                 raise MinimoeError("the checkpoint has no lm_head.weight but its config does not tie it")
             if name not in hub:
