@@ -9,6 +9,8 @@ and a hand-made dense Llama folder are built once per module; cases that need a 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -34,9 +36,45 @@ CHAT = '{"prompt": "hi", "response": "hello there"}\n' * 8
 BINARY = bytes(range(128, 256)) * 8 + b"\xff\xfe\x00"  # no valid UTF-8 in it
 
 
+_CAP_DAC_OVERRIDE = 1  # linux/capability.h: bypass file read, write and execute permission checks
+
+
+def _capabilities(libc, effective: int | None = None) -> tuple[int, int]:
+    """(effective, permitted) low 32 capability bits of this thread; sets `effective` when given."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    if effective is not None:
+        data[0] = effective
+        if libc.capset(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+    return data[0], data[1]
+
+
+@contextlib.contextmanager
+def permissions_enforced_for_root():
+    """Root writes into a read-only directory through CAP_DAC_OVERRIDE; drop it from this thread's
+    effective set for the block (it stays permitted, so it comes back after), so that a mode-0500
+    directory is unwritable for root too. A no-op for other users and where capabilities are absent."""
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    effective, _ = _capabilities(libc)
+    if not effective & (1 << _CAP_DAC_OVERRIDE):
+        yield
+        return
+    _capabilities(libc, effective & ~(1 << _CAP_DAC_OVERRIDE))
+    try:
+        yield
+    finally:
+        _capabilities(libc, effective)
+
+
 def _permissions_enforced() -> bool:
     """False where a read-only directory can be written anyway (root, with CAP_DAC_OVERRIDE)."""
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, permissions_enforced_for_root():
         ro = Path(d) / "ro"
         ro.mkdir(mode=0o500)
         try:
@@ -207,6 +245,7 @@ class Ctx:
     def __init__(self, world: World, tmp: Path) -> None:
         self.w = world
         self.tmp = tmp
+        self.paths: dict[str, Path] = {}  # what `readonly` and `under_file` made, for exact messages
 
     def __getattr__(self, name: str):
         return getattr(self.w, name)
@@ -270,14 +309,16 @@ class Ctx:
         return self.file("s.yaml", sweep_yaml(**over) + extra)
 
     def readonly(self, name: str = "ro") -> Path:
-        """A directory nobody but root may write into; the output goes inside it."""
+        """An output path inside a mode-0500 directory (root too: see permissions_enforced_for_root)."""
         d = self.dir(name)
         d.chmod(0o500)
+        self.paths["ro"] = d / "out"
         return d / "out"
 
     def under_file(self) -> Path:
         """An output path whose parent is a regular file (fails for root too)."""
-        return self.file("plain_file", "x") / "out"
+        self.paths["under"] = self.file("plain_file", "x") / "out"
+        return self.paths["under"]
 
     def bigtok_dir(self) -> Path:
         """A tokenizer folder with 400 tokens."""
@@ -295,9 +336,10 @@ class Ctx:
 class Case:
     id: str
     argv: Callable[[Ctx], list]
-    expect: str  # a substring of the one-line message (case-insensitive)
+    expect: str  # a substring of the one-line message (case-insensitive); with `exact`, the whole line
     code: int = 2
-    nonroot: bool = False  # needs file permissions enforced (not root)
+    nonroot: bool = False  # needs file permissions enforced (for root: permissions_enforced_for_root)
+    exact: bool = False  # `expect` is the whole line, with {ro} / {under} for Ctx.readonly / under_file
 
 
 def sweep_yaml(**over) -> str:
@@ -414,7 +456,7 @@ CASES += [
     Case("train-tokenizer-bad-spec", lambda c: [*T(c), "--tokenizer", "bpe:lots"], "bpe:lots"),
     Case("train-tokenizer-larger-than-vocab", lambda c: [*T(c), "model.vocab_size=100"], "model.vocab_size is 100"),
     Case("train-big-tokenizer-larger-than-vocab", lambda c: [*T(c), "--tokenizer", c.bigtok_dir(), "model.vocab_size=320"], "400 tokens"),
-    Case("train-out-unwritable", lambda c: T(c, out=c.readonly()), "ro", nonroot=True),
+    Case("train-out-unwritable", lambda c: T(c, out=c.readonly()), "minimoe train: error: cannot write to output directory {ro} (Permission denied)", nonroot=True, exact=True),
     Case("train-out-under-file", lambda c: T(c, out=c.under_file()), "plain_file"),
 ]
 
@@ -485,9 +527,9 @@ CASES += [
     Case("eval-gen-max-new-tokens", lambda c: ["eval", c.run, "--task", "generation", "--data", c.gen(), "--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
     Case("eval-gen-top-k", lambda c: ["eval", c.run, "--task", "generation", "--data", c.gen(), "--top-k", "-5"], "--top-k must be >= 0"),
     Case("eval-device-unknown", lambda c: ["eval", c.run, *EV, "--data", c.text(), "--device", "gpu"], "--device 'gpu'"),
-    Case("eval-gen-predictions-unwritable", lambda c: ["eval", c.run, "--task", "generation", "--data", c.gen(), "--predictions", c.under_file()], "plain_file"),
+    Case("eval-gen-predictions-unwritable", lambda c: ["eval", c.run, "--task", "generation", "--data", c.gen(), "--predictions", c.under_file()], "minimoe eval: error: cannot write predictions ({under}: a parent of it is a file, not a directory)", exact=True),
     Case("eval-out-under-file", lambda c: ["eval", c.run, *EV, "--data", c.text(), "--out", c.under_file()], "plain_file already exists and is not a directory"),
-    Case("eval-out-unwritable", lambda c: ["eval", c.run, *EV, "--data", c.text(), "--out", c.readonly()], "ro", nonroot=True),
+    Case("eval-out-unwritable", lambda c: ["eval", c.run, *EV, "--data", c.text(), "--out", c.readonly()], "minimoe eval: error: cannot write results (permission denied for {ro}); choose another --out", nonroot=True, exact=True),
     Case("eval-dtype-choice", lambda c: ["eval", c.run, *EV, "--data", c.text(), "--dtype", "int8"], "invalid choice: 'int8'"),
 ]
 
@@ -501,7 +543,7 @@ CASES += [
     Case("export-shard-size-zero", lambda c: ["export", c.run, "--out", c.out, "--shard-size", "0MB"], "shard"),
     Case("export-out-not-empty", lambda c: ["export", c.run, "--out", c.file("exists/x.txt", "x").parent], "exists"),
     Case("export-out-under-file", lambda c: ["export", c.run, "--out", c.under_file()], "plain_file"),
-    Case("export-out-unwritable", lambda c: ["export", c.run, "--out", c.readonly()], "ro", nonroot=True),
+    Case("export-out-unwritable", lambda c: ["export", c.run, "--out", c.readonly()], "minimoe export: error: permission denied for {ro}", nonroot=True, exact=True),
     Case("export-format-choice", lambda c: ["export", c.run, "--out", c.out, "--format", "gpt2"], "invalid choice: 'gpt2'"),
     Case("export-format-cannot-express", lambda c: ["export", c.run, "--out", c.out, "--format", "mixtral"], "mixtral"),
     Case("import-missing", lambda c: ["import", c.missing, "--out", c.out], "missing.txt"),
@@ -522,7 +564,7 @@ CASES += [
     Case("import-tokenizer-missing", lambda c: ["import", c.hf, "--out", c.out, "--tokenizer", c.missing], "missing.txt"),
     Case("import-out-holds-run", lambda c: ["import", c.hf, "--out", c.run], "already holds a run"),
     Case("import-out-under-file", lambda c: ["import", c.hf, "--out", c.under_file()], "plain_file"),
-    Case("import-out-unwritable", lambda c: ["import", c.hf, "--out", c.readonly()], "ro", nonroot=True),
+    Case("import-out-unwritable", lambda c: ["import", c.hf, "--out", c.readonly()], "minimoe import: error: permission denied for {ro}", nonroot=True, exact=True),
 ]
 
 # ---- params
@@ -559,7 +601,7 @@ CASES += [
     Case("plot-steps-abc", lambda c: ["plot", c.run, "--out", c.out, "--steps", "1,b"], "--steps must be comma-separated integers"),
     Case("plot-steps-negative", lambda c: ["plot", c.run, "--out", c.out, "--steps", "-1"], "--steps must be non-negative"),
     Case("plot-out-under-file", lambda c: ["plot", c.run, "--out", c.under_file()], "plain_file"),
-    Case("plot-out-unwritable", lambda c: ["plot", c.run, "--out", c.readonly()], "ro", nonroot=True),
+    Case("plot-out-unwritable", lambda c: ["plot", c.run, "--out", c.readonly()], "minimoe plot: error: cannot create output directory {ro} (Permission denied)", nonroot=True, exact=True),
 ]
 
 # ---- serve
@@ -597,7 +639,7 @@ CASES += [
     Case("quantize-incompatible-config", lambda c: ["quantize", c.run_incompat, *Q, "--out", c.out], "different model config"),
     Case("quantize-out-holds-run", lambda c: ["quantize", c.run, *Q, "--out", c.run], "run"),
     Case("quantize-out-under-file", lambda c: ["quantize", c.run, *Q, "--out", c.under_file()], "plain_file"),
-    Case("quantize-out-unwritable", lambda c: ["quantize", c.run, *Q, "--out", c.readonly()], "ro", nonroot=True),
+    Case("quantize-out-unwritable", lambda c: ["quantize", c.run, *Q, "--out", c.readonly()], "minimoe quantize: error: permission denied for {ro}", nonroot=True, exact=True),
 ]
 
 # ---- sft / lora
@@ -620,7 +662,7 @@ CASES += [
     Case("sft-override-model", lambda c: [*base(c, "sft"), "model.hidden_size=64"], "model.hidden_size"),
     Case("sft-out-holds-run", lambda c: ["sft", c.run, "--data", c.chat(), "--out", c.run], "already holds a run"),
     Case("sft-out-under-file", lambda c: ["sft", c.run, "--data", c.chat(), "--out", c.under_file()], "plain_file"),
-    Case("sft-out-unwritable", lambda c: ["sft", c.run, "--data", c.chat(), "--out", c.readonly()], "ro", nonroot=True),
+    Case("sft-out-unwritable", lambda c: ["sft", c.run, "--data", c.chat(), "--out", c.readonly()], "minimoe sft: error: cannot write to output directory {ro} (Permission denied)", nonroot=True, exact=True),
     Case("lora-rank-zero", lambda c: [*base(c, "lora"), "--rank", "0"], "--rank"),
     Case("lora-rank-abc", lambda c: [*base(c, "lora"), "--rank", "r"], "invalid int value: 'r'"),
     Case("lora-alpha-zero", lambda c: [*base(c, "lora"), "--alpha", "0"], "--alpha"),
@@ -659,7 +701,7 @@ CASES += [
     Case("upcycle-tokenizer-larger-than-vocab", lambda c: ["upcycle", c.llama, "--experts", "4", "--top-k", "2", "--tokenizer", c.bigtok_dir(), "--out", c.out], "400 tokens"),
     Case("upcycle-out-holds-run", lambda c: ["upcycle", c.llama, *U, "--out", c.run], "already holds a run"),
     Case("upcycle-out-under-file", lambda c: ["upcycle", c.llama, *U, "--out", c.under_file()], "plain_file"),
-    Case("upcycle-out-unwritable", lambda c: ["upcycle", c.llama, *U, "--out", c.readonly()], "ro", nonroot=True),
+    Case("upcycle-out-unwritable", lambda c: ["upcycle", c.llama, *U, "--out", c.readonly()], "minimoe upcycle: error: permission denied for {ro}", nonroot=True, exact=True),
 ]
 
 # ---- compare
@@ -696,7 +738,7 @@ CASES += [
     Case("inspect-html-without-text", lambda c: ["inspect", c.run, "--corpus", c.text(), "--html", c.out], "--html needs --text"),
     Case("inspect-coact-without-corpus", lambda c: ["inspect", c.run, *I, "--coact-png", c.out], "--coact-png needs --corpus"),
     Case("inspect-html-under-file", lambda c: ["inspect", c.run, *I, "--html", c.under_file()], "plain_file"),
-    Case("inspect-html-unwritable", lambda c: ["inspect", c.run, *I, "--html", c.readonly()], "ro", nonroot=True),
+    Case("inspect-html-unwritable", lambda c: ["inspect", c.run, *I, "--html", c.readonly()], "minimoe inspect: error: cannot write the HTML page (permission denied for {ro})", nonroot=True, exact=True),
     Case("inspect-coact-under-file", lambda c: ["inspect", c.run, "--corpus", c.text(), "--coact-png", c.under_file()], "plain_file"),
     Case("inspect-which-choice", lambda c: ["inspect", c.run, *I, "--which", "worst"], "invalid choice: 'worst'"),
 ]
@@ -728,12 +770,15 @@ def _ids(cases: list[Case]) -> list[str]:
     return ids
 
 
-def _check(case: Case, rc: int, out: str, err: str) -> None:
+def _check(case: Case, rc: int, out: str, err: str, ctx: Ctx | None = None) -> None:
     assert "Traceback" not in out + err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
     assert rc == case.code, f"exit code {rc}, expected {case.code}: {err}"
-    assert case.expect.lower() in lines[0].lower(), f"{case.expect!r} not in {lines[0]!r}"
+    if case.exact:
+        assert lines[0] == case.expect.format(**ctx.paths)
+    else:
+        assert case.expect.lower() in lines[0].lower(), f"{case.expect!r} not in {lines[0]!r}"
 
 
 @pytest.fixture()
@@ -762,9 +807,10 @@ def test_bad_input(case: Case, ctx: Ctx, capsys):
     if case.nonroot and not PERMISSIONS_ENFORCED:
         pytest.skip("file permissions are not enforced for this user (root)")
     argv = [str(a) for a in case.argv(ctx)]
-    rc = main(argv)
+    with permissions_enforced_for_root() if case.nonroot else contextlib.nullcontext():
+        rc = main(argv)
     out, err = capsys.readouterr()
-    _check(case, rc, out, err)
+    _check(case, rc, out, err, ctx)
 
 
 def test_table_covers_every_command():

@@ -252,7 +252,10 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # name the --out the user chose, not our temporary directory beside it
+        raise OSError(e.errno, e.strerror, str(out)) from None
     try:
         files = save_sharded(hub, tmp, parse_size(shard_size))
         config = formats.hf_config(cfg, fmt, tokenizer, dtype, mtp_layers)

@@ -288,7 +288,10 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # name the --out the user chose, not our temporary directory beside it
+        raise OSError(e.errno, e.strerror, str(out)) from None
     try:
         save_model(model, str(tmp / "model.safetensors"))
         shutil.copy2(src / "config.yaml", tmp / "config.yaml")
