@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from minimoe.config import ModelConfig, RunConfig, build_run_config, set_dotted
 from minimoe.errors import ConfigError
+from minimoe.model.router import load_balance_loss, seq_load_balance_loss
 from minimoe.model.transformer import Transformer
 from minimoe.params import count_params
 from minimoe.presets import PRESETS, get_preset
@@ -29,19 +30,48 @@ def test_forward_returns_loss_parts_and_stats(attn_type):
     cfg = tiny_cfg(attn_type=attn_type, n_kv_heads=1 if attn_type == "gqa" else None)
     model = Transformer(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
-    out = model(idx, targets=idx.roll(-1, 1))
+    gate_inputs = {}  # MoE layer -> the (B, S, D) hidden states its router saw
+    hooks = [
+        moe.gate.register_forward_hook(lambda m, a, o, i=i: gate_inputs.__setitem__(i, a[0]))
+        for i, moe in model.moe_layers().items()
+    ]
+    targets = idx.roll(-1, 1)
+    out = model(idx, targets=targets)
+    for h in hooks:
+        h.remove()
     assert out.logits.shape == (2, 16, cfg.vocab_size)
     assert set(out.losses) == {"ce", "aux", "z", "mtp"}
-    assert all(torch.isfinite(v) for v in out.losses.values())
-    assert out.losses["aux"] > 0 and out.losses["z"] > 0 and out.losses["mtp"] > 0
+    # each loss part from its definition: aux and z summed over MoE layers 1, 2 and the MTP block (3),
+    # which sees 15 positions; mtp from the hand-written MTP module
+    assert sorted(gate_inputs) == sorted(out.moe_stats) == [1, 2, 3] and gate_inputs[3].shape[1] == 15
+    aux = z = 0.0
+    for i, x in gate_inputs.items():
+        logits = x.reshape(-1, cfg.hidden_size) @ model.moe_layers()[i].gate.weight.T  # (T, E)
+        scores = logits.sigmoid()
+        idx_TK = scores.topk(cfg.num_experts_per_tok, dim=-1).indices  # the bias is zero at init
+        aux = aux + load_balance_loss(scores, idx_TK, cfg.aux_loss_alpha)
+        S = x.shape[1]
+        aux = aux + seq_load_balance_loss(
+            scores.view(2, S, -1), idx_TK.view(2, S, -1), cfg.seq_aux_loss_alpha
+        )
+        z = z + cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        assert (
+            out.moe_stats[i].load.tolist() == torch.bincount(idx_TK.flatten(), minlength=6).float().tolist()
+        )
+    torch.testing.assert_close(out.losses["aux"], aux)
+    torch.testing.assert_close(out.losses["z"], z)
+    (mtp_logits,) = mtp_reference(model, idx, out.hidden)
+    torch.testing.assert_close(
+        out.losses["mtp"], F.cross_entropy(mtp_logits.flatten(0, 1), targets[:, 1:].flatten())
+    )
     want = out.losses["ce"] + out.losses["aux"] + out.losses["z"] + cfg.mtp_loss_weight * out.losses["mtp"]
     torch.testing.assert_close(out.loss, want)
-    # stats for MoE layers 1, 2 and the MTP block (layer index 3)
-    assert sorted(out.moe_stats) == [1, 2, 3]
     assert out.moe_stats[1].load.sum().item() == 2 * 16 * cfg.num_experts_per_tok
     out.loss.backward()
-    assert model.mtp[0].eh_proj.weight.grad is not None
-    assert model.layers[2].mlp.experts.gate_proj.grad.abs().sum() > 0
+    assert model.mtp[0].eh_proj.weight.grad.abs().amax() > 0
+    # an expert's weights get a gradient exactly when tokens were routed to it
+    grad_E = model.layers[2].mlp.experts.gate_proj.grad.abs().flatten(1).amax(dim=1)
+    assert ((grad_E > 0) == (out.moe_stats[2].load > 0)).all()
     # untrained model predicts near-uniformly
     assert abs(out.losses["ce"].item() - torch.log(torch.tensor(97.0)).item()) < 0.5
 
