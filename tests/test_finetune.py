@@ -56,7 +56,8 @@ def test_prompt_tokens_carry_no_loss(tok):
     pos = np.flatnonzero(mask[1:])
     hand = -torch.stack([logp[t, int(ids[t + 1])] for t in pos]).mean()
     torch.testing.assert_close(loss, hand)
-    # no gradient reaches the logits at prompt positions, all response positions get one
+    # the gradient of the mean CE with respect to the logits: (softmax - onehot(target)) / n at the n
+    # response positions, exactly zero at the prompt positions
     seen = {}
 
     def keep(module, inputs, logits):  # returns None: the output is unchanged
@@ -66,8 +67,12 @@ def test_prompt_tokens_carry_no_loss(tok):
     hook = model.lm_head.register_forward_hook(keep)
     model(X, targets=Y).losses["ce"].backward()
     hook.remove()
-    g = seen["logits"].grad[0].abs().amax(dim=-1)  # (T,)
-    assert (g[torch.from_numpy(~mask[1:])] == 0).all() and (g[torch.from_numpy(mask[1:])] > 0).all()
+    logits = seen["logits"].detach()[0]  # (T, V)
+    want = torch.zeros_like(logits)
+    resp = torch.from_numpy(mask[1:])
+    want[resp] = (logits[resp].softmax(-1) - F.one_hot(Y[0, resp], logits.shape[-1])) / int(resp.sum())
+    torch.testing.assert_close(seen["logits"].grad[0], want)
+    assert (seen["logits"].grad[0][~resp] == 0).all()
 
 
 def test_multi_turn_masks_every_assistant_turn_only(tok):

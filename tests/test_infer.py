@@ -178,7 +178,8 @@ def test_streaming_iterator_and_stats():
     assert per_token == (12 + 4) * 3 * 8
     assert stats.cache_bytes_allocated == per_token * (len(PROMPTS[1]) + 10)
     assert stats.cache_bytes_used == per_token * (len(PROMPTS[1]) + 9)  # the last token is not fed back
-    assert stats.tokens_per_s > 0
+    assert stats.prefill_s > 0 and stats.decode_s > 0  # both phases timed
+    assert stats.tokens_per_s == pytest.approx(10 / (stats.prefill_s + stats.decode_s))
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
@@ -498,7 +499,11 @@ def test_cli_prompts_from_file_jsonl_and_stdin(trained_run, tmp_path, capsys, mo
     )
     recs = [json.loads(x) for x in out.splitlines()]
     assert code == 0 and [r["prompt"] for r in recs] == ["the cat", "a dog"]
-    assert all(r["num_tokens"] > 0 and r["finish_reason"] in ("stop", "length") for r in recs)
+    for r in recs:  # 12 new tokens unless a stop token came first; byte tokens: one per byte of text
+        assert r["finish_reason"] in ("stop", "length") and (r["num_tokens"] == 12) == (
+            r["finish_reason"] == "length"
+        )
+        assert len(r["completion"].encode("utf-8")) == r["num_tokens"]
     # the same prompts one at a time (streamed) give the same completions
     code, out1, _ = run_cli(["generate"] + base + ["--prompt", "the cat", "--output", "jsonl"], capsys)
     assert json.loads(out1)["completion"] == recs[0]["completion"]

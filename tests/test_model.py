@@ -67,8 +67,12 @@ def test_forward_returns_loss_parts_and_stats(attn_type):
     want = out.losses["ce"] + out.losses["aux"] + out.losses["z"] + cfg.mtp_loss_weight * out.losses["mtp"]
     torch.testing.assert_close(out.loss, want)
     assert out.moe_stats[1].load.sum().item() == 2 * 16 * cfg.num_experts_per_tok
+    # eh_proj's gradient: the same through the model's MTP path as through the hand-written one
+    mtp_ref = F.cross_entropy(mtp_logits.flatten(0, 1), targets[:, 1:].flatten())
+    hand = out.losses["ce"] + aux + z + cfg.mtp_loss_weight * mtp_ref
+    (g_hand,) = torch.autograd.grad(hand, model.mtp[0].eh_proj.weight, retain_graph=True)
     out.loss.backward()
-    assert model.mtp[0].eh_proj.weight.grad.abs().amax() > 0
+    torch.testing.assert_close(model.mtp[0].eh_proj.weight.grad, g_hand)
     # an expert's weights get a gradient exactly when tokens were routed to it
     grad_E = model.layers[2].mlp.experts.gate_proj.grad.abs().flatten(1).amax(dim=1)
     assert ((grad_E > 0) == (out.moe_stats[2].load > 0)).all()
@@ -258,7 +262,11 @@ def test_activation_checkpointing_with_auto_kernel_probe():
     model.gradient_checkpointing = True
     idx = torch.randint(0, cfg.vocab_size, (2, 8))
     model(idx, targets=idx).loss.backward()
-    assert model.layers[1].mlp.experts.up_proj.grad is not None
+    got = model.layers[1].mlp.experts.up_proj.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing = False
+    model(idx, targets=idx).loss.backward()
+    torch.testing.assert_close(got, model.layers[1].mlp.experts.up_proj.grad)
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])

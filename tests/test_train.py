@@ -55,7 +55,14 @@ def test_training_learns_and_logs(tmp_path, corpus):
         assert key in first, key
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [15, 30]
-    assert all(r["val_bpb"] > 0 for r in evals)
+    # byte tokenizer: one token per byte, plus the corpus's one document's EOS at the end of the val tail
+    (meta_file,) = (corpus.parent / "cache").rglob("meta.json")
+    val = json.loads(meta_file.read_text())["splits"]["val"]
+    assert val["tokens"] == val["bytes"] + 1
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(
+            r["val_loss"] / math.log(2) * val["tokens"] / val["bytes"], rel=1e-12
+        )
     losses = _losses(tmp_path / "run")
     assert losses[30] < losses[1] - 1.0  # byte-level text with 16 words is easy
     ck = ckpt_lib.find_checkpoint(tmp_path / "run")
@@ -282,7 +289,10 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus):
     assert proc.returncode == 0, err
     assert "interrupted" in out
     ck = ckpt_lib.find_checkpoint(tmp_path / "run")
-    assert ckpt_lib.load_state(ck)["step"] >= 1
+    # the interrupted step is evaluated, logged last and saved
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert "val_loss" in last and ckpt_lib.load_state(ck)["step"] == last["step"] == int(ck.name[5:])
+    assert json.loads((ck / "meta.json").read_text())["val_loss"] == last["val_loss"]
 
 
 def test_load_weights_rejects_other_config(tmp_path, corpus):
