@@ -393,6 +393,25 @@ def test_prepare_stream_split_explicit_val_and_shards(tmp_path):
     assert read_split(data, "val").tolist() == list(b"held out text\n") + [256]
 
 
+def test_prepare_stream_split_counts_utf8_bytes_with_bpe(tmp_path):
+    """With BPE a token is several bytes: the val tail's byte count (behind val_bpb) is the UTF-8 bytes
+    its tokens stand for, not their number. Hand count: "naïve café, déjà vu: 東京 and 🙂 🙃 " is
+    41 + 5 = 46 bytes (ï é à: 2; 東 京: 3; 🙂 🙃: 4), 400 times: 18400."""
+    from minimoe.data.tokenizer import _bytes_to_unicode
+
+    unit = "naïve café, déjà vu: 東京 and 🙂 🙃 "
+    (tmp_path / "one.txt").write_text(unit * 400, encoding="utf-8")
+    tok = train_bpe([unit * 5], 300)
+    data = prepare(tmp_path / "one.txt", tok, tmp_path / "a", val_fraction=0.02, workers=0, progress=False)
+    assert data.meta["split_mode"] == "stream"
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}  # byte-level token text -> bytes
+    val = read_split(data, "val").tolist()
+    exact = sum(len(tok.id_to_token(i)) for i in val if i != tok.eos_id)  # one character per byte
+    assert all(c in byte_of for i in val if i != tok.eos_id for c in tok.id_to_token(i))
+    assert data.num_bytes("val") == exact and data.num_tokens("val") < exact / 3
+    assert data.num_bytes("train") + data.num_bytes("val") == 46 * 400
+
+
 def test_prepare_pool_matches_in_process_and_bpe_cache(tmp_path):
     write_stories(tmp_path / "s.txt", 2000, words_per_doc=50)  # > 2 worker tasks of text
     a = prepare(tmp_path / "s.txt", "bpe:300", tmp_path / "a", workers=2, progress=False)
