@@ -57,6 +57,7 @@ def run(args) -> int:
         val_source=args.val_data,
         progress=not args.no_progress,
         sample=not args.no_sample,
+        clock_start=getattr(args, "started", None),
     )
     if not result.is_main:
         return 0

@@ -98,11 +98,29 @@ def _score_corpus(model, tokenizer, corpus: Corpus, window, stride, batch_size, 
 
     def flush() -> None:
         nonlocal pairs, pending_bytes
-        for sc in score_pairs(model, pairs, batch_size=batch_size, max_len=window):
+        # the bar moves with every batch of windows, each batch worth its share of the round's bytes (one
+        # long document is one round of many windows: it must not sit at 0% until it is done)
+        done, credited = 0, 0
+
+        def on_batch(k: int) -> None:
+            nonlocal done, credited
+            done += k
+            share = pending_bytes * done // len(pairs)
+            bar.update(share - credited)
+            credited = share
+
+        scores = score_pairs(
+            model,
+            pairs,
+            batch_size=batch_size,
+            max_len=window,
+            on_batch=on_batch if bar is not None else None,
+        )
+        for sc in scores:
             tot.nll -= sc.logprob
             tot.tokens += sc.n_tokens
         if bar is not None:
-            bar.update(pending_bytes)
+            bar.update(pending_bytes - credited)
         pairs, pending_bytes = [], 0
 
     docs: list[str] = []

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from minimoe.config_yaml import build_run_config, load_yaml
@@ -16,6 +17,7 @@ from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS, TRAIN_DEFA
 from minimoe.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
+SAMPLE_RESERVE_S = 10.0  # most a time budget keeps back for the end-of-run sample
 
 
 def data_cache_dir(cfg_data, val_source: str | None) -> Path:
@@ -89,13 +91,18 @@ def train_from_config(
     val_source: str | None = None,
     progress: bool = True,
     sample: bool = True,
+    clock_start: float | None = None,
 ) -> TrainResult:
     """Train a model and return its TrainResult (with a generated sample when `sample`).
 
     Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64).
+    train.max_minutes counts from `clock_start` (a time.perf_counter() value; default: this call), and
+    covers data preparation, the final evaluation and checkpoint and the sample.
     """
     from minimoe.data import Tokenizer, prepare
 
+    if clock_start is None:
+        clock_start = time.perf_counter()
     overrides = list(overrides or [])
     run_dir = Path(run_dir)
     if resume:
@@ -144,13 +151,19 @@ def train_from_config(
             ):
                 cfg.model.vocab_size = -(-tokenizer.vocab_size // 64) * 64
             cfg.validate()
-        trainer = Trainer(cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx)
+        sampling = sample and cfg.train.sample_tokens > 0
+        # a share of a time budget for the sample, which is cut short when the budget runs out
+        reserve = min(SAMPLE_RESERVE_S, 0.03 * cfg.train.max_minutes * 60) if cfg.train.max_minutes else 0
+        trainer = Trainer(
+            cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx,
+            clock_start=clock_start, reserve_s=reserve if sampling else 0.0,
+        )  # fmt: skip
         result = trainer.fit()
         barrier(ctx)
     finally:
         shutdown(ctx)
-    if sample and cfg.train.sample_tokens > 0 and result.is_main:
-        from minimoe.infer.generate import generate_text
+    if sampling and result.is_main:
+        from minimoe.infer.generate import stream_text
 
         model = trainer.model
         if ctx.distributed:  # this rank holds a part of the model: sample from the full checkpoint
@@ -158,8 +171,14 @@ def train_from_config(
 
             model = load_run(result.checkpoint, device=ctx.device)[0] if result.checkpoint else None
         if model is not None:
-            result.sample = generate_text(
+            deadline = trainer.deadline  # the end of train.max_minutes, if set
+            pieces = []
+            for piece in stream_text(
                 model.eval(), tokenizer, cfg.train.sample_prompt,
                 max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed,
-            )  # fmt: skip
+            ):  # fmt: skip
+                pieces.append(piece)
+                if deadline is not None and time.perf_counter() >= deadline and pieces:
+                    break
+            result.sample = "".join(pieces)
     return result

@@ -33,6 +33,7 @@ from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train.health import expert_health, max_vio
 from minimoe.train.optim import build_optimizer
+from minimoe.train.progress import TrainProgress, si, truncate_metrics
 from minimoe.train.schedule import lr_multiplier
 
 log = logging.getLogger("minimoe.train")
@@ -135,11 +136,19 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         ctx: DistContext | None = None,
+        clock_start: float | None = None,
+        reserve_s: float = 0.0,
     ):
         from minimoe.data import EvalWindows, TokenWindows
 
         self.cfg, self.run_dir, self.data, self.tokenizer = cfg, Path(run_dir), data, tokenizer
         self.progress = progress
+        # train.max_minutes counts from `clock_start` (a time.perf_counter() value: the command's start,
+        # so data preparation and model building count too) and keeps `reserve_s` for what the caller
+        # does after fit() (the sample)
+        self.clock_start = time.perf_counter() if clock_start is None else clock_start
+        self.deadline: float | None = None  # perf_counter() at which train.max_minutes ends (set by fit)
+        self.reserve_s = reserve_s
         tc, mc = cfg.train, cfg.model
         if tokenizer.vocab_size > mc.vocab_size:
             raise MinimoeError(
@@ -191,7 +200,11 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
             tokenizer.save(self.run_dir / "tokenizer")
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume and self.ctx.is_main:
+            truncate_metrics(self.metrics_path, self.step)
         self._writers: list = []
+        self._eval_s: float | None = None  # the last evaluation's and checkpoint's wall time
+        self._save_s: float | None = None
 
     # ------------------------------------------------------------------ state
     def _read_checkpoint(self) -> tuple[Path, dict, dict]:
@@ -246,6 +259,18 @@ class Trainer:
             self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
         except (KeyError, ValueError, RuntimeError) as e:
             raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
+        tc = self.cfg.train
+        if self.step >= tc.max_steps:
+            raise MinimoeError(
+                f"the run in {self.run_dir} is already at step {self.step} and train.max_steps is "
+                f"{tc.max_steps}; resume with train.max_steps={self.step + tc.max_steps} (or any value "
+                f"above {self.step}) to train further"
+            )
+        if tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60:
+            raise MinimoeError(
+                f"the run in {self.run_dir} has already used {self.elapsed / 60:.1f} of its "
+                f"train.max_minutes={tc.max_minutes:g}; resume with a larger train.max_minutes to train further"
+            )
         if self.ctx.is_main:
             log.info("resumed from %s at step %d", ckpt, self.step)
 
@@ -364,14 +389,20 @@ class Trainer:
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         window_loads: dict[int, torch.Tensor] = {}
         window_start, window_tokens = time.perf_counter(), 0
-        t0 = time.perf_counter() - self.elapsed
+        t0 = self.clock_start - self.elapsed
+        self.deadline = t0 + tc.max_minutes * 60 if tc.max_minutes is not None else None
         stopped, last_ckpt, val, bad_steps = "max_steps", None, {}, 0
+        step_s: float | None = None  # a moving average of one optimizer step's wall time
+        session_steps = 0
         sum_loss = torch.zeros((), device=self.device)
         parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         n_in_window = 0
-        bar = _progress(self.progress and self.ctx.is_main, tc.max_steps, self.step)
+        if self.ctx.is_main:
+            log.info("%s", self.summary())
+        bar = TrainProgress(self.progress and self.ctx.is_main, tc.max_steps, tc.max_minutes, self.step)
         with _Interrupt() as interrupt:
             while self.step < tc.max_steps:
+                step_start = time.perf_counter()
                 lr = tc.lr * lr_multiplier(
                     self._schedule_step(t0), tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio,
                     tc.decay_fraction,
@@ -418,7 +449,11 @@ class Trainer:
                 n_in_window += 1
                 for i, v in step_loads.items():
                     window_loads[i] = window_loads.get(i, 0) + v
-                bar.update(1)
+                took = time.perf_counter() - step_start
+                if session_steps > 0:  # the first step of a session warms up (allocations): not typical
+                    step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
+                session_steps += 1
+                bar.advance(self.step, time.perf_counter() - t0)
 
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     now = time.perf_counter()
@@ -449,10 +484,10 @@ class Trainer:
                                 n_in_window,
                             )
                     self._log(row)
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                        maxvio=f"{health.get('max_vio_mean', 0):.2f}",
-                    )  # fmt: skip
+                    bar.note(
+                        f"loss {row['loss']:.3f}, {row['tokens_per_s']:,.0f} tok/s, "
+                        f"maxvio {health.get('max_vio_mean', 0):.2f}"
+                    )
                     window_loads, window_start, window_tokens, n_in_window = {}, now, 0, 0
                     sum_loss.zero_()
                     for v in parts_sum.values():
@@ -464,11 +499,14 @@ class Trainer:
                     # clocks and Ctrl-C differ per rank: every rank takes the slowest clock (the LR
                     # schedule of a time-limited run reads it) and stops together or not at all
                     self.elapsed, interrupt.requested = self._agree(self.elapsed, interrupt.requested)
-                out_of_time = tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60
+                out_of_time = tc.max_minutes is not None and not self._time_for_another_step(
+                    tc.max_minutes * 60 - self.elapsed, step_s, at_eval
+                )
                 paused = session_end is not None and self.step >= session_end
                 if out_of_time or interrupt.requested or paused:
                     at_eval = True
                 if at_eval:
+                    eval_start = time.perf_counter()
                     val = self.evaluate()
                     improved = self.best_val is None or val["val_loss"] < self.best_val
                     if improved:
@@ -476,10 +514,16 @@ class Trainer:
                     else:
                         self.evals_since_best += 1
                     self._log({"step": self.step, "tokens": self.tokens, **val})
-                    bar.set_postfix(val_loss=f"{val['val_loss']:.3f}", val_bpb=f"{val['val_bpb']:.3f}")
+                    bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
+                    bar.note(f"val_loss {val['val_loss']:.3f}{bpb}")
+                    save_start = time.perf_counter()
+                    self._eval_s = save_start - eval_start
                     last_ckpt = self.save(val["val_loss"], is_best=improved)
+                    self._save_s = time.perf_counter() - save_start
                 elif tc.save_every and self.step % tc.save_every == 0:
+                    save_start = time.perf_counter()
                     last_ckpt = self.save()
+                    self._save_s = time.perf_counter() - save_start
                 if interrupt.requested or paused:
                     stopped = "interrupted" if interrupt.requested else "paused"
                     break
@@ -489,7 +533,7 @@ class Trainer:
                 if tc.early_stop_patience and self.evals_since_best >= tc.early_stop_patience:
                     stopped = "early_stop"
                     break
-        bar.close()
+        bar.close(self.step, time.perf_counter() - t0, complete=stopped in ("max_steps", "max_minutes"))
         for kind, w in self._writers:
             w.close() if kind == "tb" else w.finish()
         elapsed = time.perf_counter() - t0
@@ -499,6 +543,42 @@ class Trainer:
             tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, stopped=stopped,
             checkpoint=last_ckpt, is_main=self.ctx.is_main,
         )  # fmt: skip
+
+    def summary(self) -> str:
+        """One line that says what this run is: parameters, data, device, threads, dtype and budget."""
+        from minimoe.params import count_params
+
+        tc = self.cfg.train
+        rep = count_params(self.cfg.model)
+        total = rep.total + rep.mtp_total
+        mtp = f" incl. {si(rep.mtp_total)} MTP" if rep.mtp_total else ""
+        val = self.data.num_tokens("val")
+        budget = f"{tc.max_steps:,} steps"
+        if tc.max_minutes is not None:
+            budget += f" or {tc.max_minutes:g} min, whichever comes first"
+        world = f" x {self.ctx.world_size} processes" if self.ctx.distributed else ""
+        return (
+            f"train: {si(total)} parameters{mtp}, {si(rep.activated)} activated per token; "
+            f"data {si(self.data.num_tokens('train'))} train + {si(val)} val tokens; "
+            f"{self.device.type}{world}, {torch.get_num_threads()} threads, {tc.precision}; "
+            f"{si(tc.batch_size * tc.seq_len * tc.grad_accum)} tokens/step; budget {budget}"
+        )
+
+    def _time_for_another_step(self, left_s: float, step_s: float | None, at_eval: bool) -> bool:
+        """Whether one more step still lets the run end within train.max_minutes: the step itself, then
+        the final evaluation and checkpoint (timed when they last ran, estimated before) and the caller's
+        reserve. A periodic evaluation due now counts twice (now and at the end)."""
+        if step_s is None:  # nothing measured yet
+            return left_s > 0
+        tc = self.cfg.train
+        # before the first evaluation: a forward pass costs about a third of a training step
+        eval_s = self._eval_s if self._eval_s is not None else step_s * tc.eval_batches / (3 * tc.grad_accum)
+        if self._save_s is not None:
+            save_s = self._save_s
+        else:  # weights and two AdamW moments in fp32, written at a modest 100 MB/s
+            save_s = 12 * sum(p.numel() for p in self.model.parameters()) / 100e6
+        finish = eval_s + save_s + self.reserve_s
+        return step_s + finish * (2 if at_eval else 1) <= left_s
 
     def _diverged(self, bad_steps: int) -> str:
         last = ckpt_lib.latest_checkpoint(self.run_dir)
@@ -596,11 +676,3 @@ def _peak_mem_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     except ImportError:  # pragma: no cover - Windows
         return 0.0
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train"
-    )

@@ -1,0 +1,93 @@
+"""What a training run shows while it runs: the progress bar (steps, or steps and minutes under
+train.max_minutes), and the metrics file trimmed back to a resumed checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def si(n: float) -> str:
+    """1234567 -> '1.2M'."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metrics rows written after `step` (a resume restarts there), so steps never go back."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a row cut short by a crash
+        if row_step <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+class TrainProgress:
+    """The training bar. Bounded by steps only, it counts steps. With train.max_minutes it shows the
+    fraction of whichever budget is further along (steps or minutes), and both counts, so a run the
+    clock ends reaches 100% instead of stopping at "96/2000"."""
+
+    def __init__(self, enabled: bool, max_steps: int, max_minutes: float | None, step: int):
+        from tqdm.auto import tqdm
+
+        self.max_steps, self.budget_s, self.step, self.elapsed = max_steps, None, step, 0.0
+        self.text = ""
+        if max_minutes is None:
+            self.bar = tqdm(total=max_steps, initial=step, disable=not enabled, unit="step",
+                            dynamic_ncols=True, desc="train")  # fmt: skip
+            return
+        self.budget_s = max_minutes * 60
+        self.bar = tqdm(total=1000, initial=0, disable=not enabled, dynamic_ncols=True)
+        self.advance(step, 0.0)
+
+    def _fraction(self) -> float:
+        return min(1.0, max(self.step / self.max_steps, self.elapsed / self.budget_s))
+
+    def _refresh(self) -> None:
+        left = max(0.0, self.budget_s - self.elapsed)
+        post = (
+            f"step {self.step:,}/{self.max_steps:,}, {self.elapsed / 60:.1f}/{self.budget_s / 60:g} min "
+            f"({left / 60:.1f} left)"
+        )
+        text = f"{post}, {self.text}" if self.text else post
+        self.bar.bar_format = "train {percentage:3.0f}%|{bar}| " + text.replace("{", "{{").replace("}", "}}")
+        self.bar.n = round(self._fraction() * 1000)
+        self.bar.refresh()
+
+    def advance(self, step: int, elapsed: float) -> None:
+        self.step, self.elapsed = step, elapsed
+        if self.budget_s is None:
+            self.bar.update(step - self.bar.n)
+        else:
+            self._refresh()
+
+    def note(self, text: str) -> None:
+        """Show the latest loss / validation numbers after the counts."""
+        self.text = text
+        if self.budget_s is None:
+            self.bar.set_postfix_str(text)
+        else:
+            self._refresh()
+
+    def close(self, step: int, elapsed: float, complete: bool) -> None:
+        """`complete`: the run used its whole budget (steps or minutes), so the bar ends at 100%."""
+        self.step, self.elapsed = step, elapsed
+        if self.budget_s is not None:
+            self._refresh()
+            if complete:
+                self.bar.n = self.bar.total
+                self.bar.refresh()
+        self.bar.close()

@@ -1,0 +1,134 @@
+"""What a run shows while it runs: the training bar under a time budget, the start-up summary, the stop
+decision that keeps the final evaluation, checkpoint and sample inside train.max_minutes, the metrics
+file after a resume, and evaluation progress inside one long document."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimoe.train.progress import TrainProgress, truncate_metrics
+from minimoe.train.run import train_from_config
+from tiny import TINY_TRAIN
+
+TINY = list(TINY_TRAIN)
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(300)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def _train(run_dir, data, *extra, **kw):
+    return train_from_config(
+        overrides=TINY + [f"data.path={data}", *extra], run_dir=run_dir, progress=False, **kw
+    )
+
+
+def test_bar_under_a_time_budget_counts_the_clock_and_ends_at_100():
+    bar = TrainProgress(True, max_steps=2000, max_minutes=2, step=0)
+    bar.advance(96, 60.0)  # half the minutes, 5% of the steps: the clock is further along
+    assert bar.bar.n == 500
+    assert "step 96/2,000" in bar.bar.bar_format and "1.0/2 min" in bar.bar.bar_format
+    bar.advance(1900, 61.0)  # now the steps are
+    assert bar.bar.n == 950
+    bar.close(1900, 119.0, complete=True)
+    assert bar.bar.n == bar.bar.total
+
+
+def test_bar_of_an_interrupted_run_stays_where_it_was():
+    bar = TrainProgress(True, max_steps=100, max_minutes=None, step=10)
+    bar.advance(40, 5.0)
+    bar.close(40, 5.0, complete=False)
+    assert bar.bar.n == 40 and bar.bar.total == 100
+
+
+def test_stop_decision_keeps_the_finish_inside_the_budget(tmp_path, corpus):
+    from minimoe.config import build_run_config
+    from minimoe.data import prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    cfg = build_run_config(overrides=TINY + [f"data.path={corpus}", "train.eval_batches=6"])
+    data = prepare(corpus, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    tr = Trainer(cfg, tmp_path / "r", data, data.tokenizer(), progress=False, reserve_s=1.0)
+    assert tr._time_for_another_step(0.5, None, False)  # nothing measured yet: time left is enough
+    tr._eval_s, tr._save_s = 2.0, 0.5  # measured: the finish costs 2 + 0.5 + 1 (reserve) = 3.5 s
+    assert tr._time_for_another_step(4.6, 1.0, False)  # 1 s step + 3.5 s finish fits 4.6 s
+    assert not tr._time_for_another_step(4.4, 1.0, False)
+    assert not tr._time_for_another_step(7.0, 1.0, True)  # an evaluation due now counts twice: 8 s
+    assert tr._time_for_another_step(8.1, 1.0, True)
+    tr._eval_s = None  # before the first evaluation: 6 batches at a third of a 1 s step each = 2 s
+    assert tr._time_for_another_step(4.6, 1.0, False) and not tr._time_for_another_step(4.4, 1.0, False)
+
+
+def test_start_up_summary_names_size_data_device_and_budget(tmp_path, corpus, caplog):
+    with caplog.at_level(logging.INFO, logger="minimoe.train"):
+        _train(tmp_path / "run", corpus, "train.max_steps=1", "train.eval_every=1", "train.max_minutes=5")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert len(lines) == 1, caplog.text
+    line = lines[0]
+    for part in ("parameters", "activated per token", "train +", "val tokens", "cpu", "threads", "fp32",
+                 "budget 1 steps or 5 min"):  # fmt: skip
+        assert part in line, (part, line)
+
+
+def test_resume_drops_metrics_rows_after_the_restored_checkpoint(tmp_path, corpus):
+    run = tmp_path / "run"
+    _train(run, corpus, "train.max_steps=4", "train.eval_every=2", "train.keep_last=5")
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if the run died after logging step 4
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    _train(run, corpus, "train.max_steps=4", "train.eval_every=2", resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), steps  # never backwards
+    assert steps.count(3) == 1 and steps.count(4) == 2  # step 4's train row and its eval row, once each
+
+
+def test_truncate_metrics_skips_a_half_written_row(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste', encoding="utf-8")
+    truncate_metrics(p, 2)
+    assert p.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+
+
+def test_perplexity_of_one_long_document_moves_the_bar_per_batch(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    from minimoe.config import ModelConfig
+    from minimoe.data import Tokenizer
+    from minimoe.eval.perplexity import evaluate_perplexity
+    from minimoe.model.transformer import Transformer
+
+    updates: list[float] = []
+
+    class Recorder:
+        def __init__(self, *a, total=None, **k):
+            self.total = total
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, hidden_size=32, n_layers=1, n_heads=2, max_seq_len=32,
+                                    first_k_dense=1, intermediate_size=64, attn_type="gqa")).eval()  # fmt: skip
+    doc = tmp_path / "one.txt"
+    doc.write_text("the cat sat on a mat " * 40, encoding="utf-8")  # one document, 840 bytes, 27 windows
+    evaluate_perplexity(model, Tokenizer.byte(), doc, window=32, batch_size=4, progress=True)
+    assert sum(updates) == doc.stat().st_size
+    assert len([u for u in updates if u > 0]) >= 5  # one update per batch of 4 windows, not one at the end
