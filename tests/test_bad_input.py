@@ -936,3 +936,125 @@ def test_os_error_without_a_path_is_internal(monkeypatch, capsys):
     monkeypatch.setattr(params, "run", fail)
     assert main(["params"]) == 1
     assert "internal error: OSError" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- inputs that used to crash or hang
+
+
+def _run_copy(c: Ctx, name: str, edit: Callable[[Path], None]) -> Path:
+    """A copy of the trained run with `edit` applied to each checkpoint directory."""
+    dst = c.tmp / name
+    shutil.copytree(c.w.run, dst)
+    for s in _steps(dst):
+        edit(s)
+    return dst
+
+
+def _huge_config(step: Path) -> None:
+    cfg = yaml.safe_load((step / "config.yaml").read_text())
+    cfg["model"]["moe_intermediate_size"] = 100_000_000  # about 150 GiB of fp32 expert weights
+    (step / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _nan_weight(step: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(step / "model.safetensors"))
+    name = next(k for k in sd if k.endswith("o_proj.weight"))
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(step / "model.safetensors"))
+
+
+def _loop(c: Ctx) -> Path:
+    a, b = c.tmp / "loop_a", c.tmp / "loop_b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    return a
+
+
+def _train_on(c: Ctx, data, *extra) -> list:
+    return ["train", "--data", data, "--out", c.out, "--no-progress", "--no-sample", *TINY, *extra]
+
+
+G = ["generate", "--prompt", "a", "--max-new-tokens", "2"]
+# fmt: off
+MORE_CASES: list[Case] = [
+    # a model far larger than memory is refused before anything is allocated
+    Case("train-model-exceeds-memory", lambda c: T(c, "model.moe_intermediate_size=100000000"), "needs at least"),
+    Case("generate-model-exceeds-memory", lambda c: [*G, _run_copy(c, "huge", _huge_config)], "needs at least"),
+    # device files never end: refused, not read forever
+    Case("train-data-device-file", lambda c: _train_on(c, "/dev/zero"), "not a regular file"),
+    Case("train-val-data-device-file", lambda c: T(c, "--val-data", "/dev/zero"), "not a regular file"),
+    Case("eval-data-device-file", lambda c: ["eval", c.run, "--task", "perplexity", "--data", "/dev/zero"], "not a regular file"),
+    Case("train-data-symlink-loop", lambda c: _train_on(c, _loop(c)), "symbolic link loop"),
+    # every number finite and in range, found before any work
+    Case("train-lr-nan", lambda c: T(c, "train.lr=nan"), "train.lr must be a finite number"),
+    Case("train-min-lr-ratio-nan", lambda c: T(c, "train.min_lr_ratio=nan"), "finite"),
+    Case("train-max-minutes-inf", lambda c: T(c, "train.max_minutes=inf"), "finite"),
+    Case("train-max-minutes-zero", lambda c: T(c, "train.max_minutes=0"), "train.max_minutes must be above 0"),
+    Case("train-seed-overflow", lambda c: T(c, f"train.seed={2**70}"), "64-bit"),
+    Case("train-seed-negative", lambda c: T(c, "train.seed=-1"), "train.seed must be between 0"),
+    Case("train-beta2-one", lambda c: T(c, "train.beta2=1"), "train.beta2 must be between"),
+    Case("train-eval-every-zero", lambda c: T(c, "train.eval_every=0"), "train.eval_every must be above 0"),
+    Case("train-grad-clip-negative", lambda c: T(c, "train.grad_clip=-1"), "train.grad_clip must be at least"),
+    Case("model-rope-theta-nan", lambda c: T(c, "model.rope_theta=nan"), "finite"),
+    Case("generate-length-penalty-nan", lambda c: [*G, c.run, "--length-penalty", "nan"], "finite number"),
+    Case("generate-seed-overflow", lambda c: [*G, c.run, "--seed", str(2**70)], "64-bit"),
+    Case("eval-window-huge", lambda c: [*base(c, "eval"), "--window", str(2**64)], "64-bit"),
+    # a damaged model is named at load, not inside sampling
+    Case("generate-nonfinite-weights", lambda c: [*G, _run_copy(c, "nan", _nan_weight)], "NaN or infinite"),
+    # resuming a run that is already past its new max_steps
+    Case("train-resume-max-steps-below", lambda c: ["train", "--resume", shutil.copytree(c.w.run, c.tmp / "rs"),
+                                                    "--no-progress", "train.max_steps=1"], "already at step 2"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", MORE_CASES, ids=_ids(MORE_CASES))
+def test_bad_input_more(case: Case, ctx: Ctx, capsys):
+    argv = [str(a) for a in case.argv(ctx)]
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    _check(case, rc, out, err)
+
+
+def test_params_of_an_absurd_size_answers(tmp_path):
+    """A million layers: the count comes from one layer of each kind, not a million modules (it used to
+    hang); the answer is the same as scaling the per-layer count by hand."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    p = subprocess.run(
+        [sys.executable, "-m", "minimoe", "params", "tiny", "--json", "model.n_layers=1000000", "model.mtp_depth=0"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    big = json.loads(p.stdout)
+    from minimoe.config import build_run_config
+    from minimoe.params import count_params
+
+    two = count_params(build_run_config("tiny", None, ["model.n_layers=2", "model.mtp_depth=0"]).model)
+    three = count_params(build_run_config("tiny", None, ["model.n_layers=3", "model.mtp_depth=0"]).model)
+    per_moe_layer = three.total - two.total
+    assert big["total"] == two.total + (1_000_000 - 2) * per_moe_layer
+
+
+def test_eval_out_is_checked_before_the_evaluation(ctx: Ctx, capsys, monkeypatch):
+    import minimoe.eval.runner
+
+    def started(*a, **k):
+        raise AssertionError("the evaluation ran before --out was checked")
+
+    monkeypatch.setattr(minimoe.eval.runner, "evaluate_run", started)
+    rc = main([str(a) for a in [*base(ctx, "eval"), "--out", ctx.under_file()]])
+    out, err = capsys.readouterr()
+    _check(Case("eval-out-first", lambda c: [], "--out cannot be written"), rc, out, err)
+
+
+def test_resume_from_another_directory(ctx: Ctx, capsys, monkeypatch):
+    """config.yaml stores the data path absolute, so a relative --data still resolves after a cd."""
+    ctx.file("rel.txt", "the cat sat on the mat\n" * 400)
+    assert main([str(a) for a in _train_on(ctx, "rel.txt")]) == 0
+    assert yaml.safe_load((ctx.out / "config.yaml").read_text())["data"]["path"] == str(ctx.tmp / "rel.txt")
+    elsewhere = ctx.dir("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(ctx.out), "--no-progress", "--no-sample", "train.max_steps=3"]) == 0
+    capsys.readouterr()

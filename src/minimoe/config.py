@@ -322,6 +322,7 @@ class RunConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
+        _check_train_ranges(t)
         if t.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
@@ -340,6 +341,29 @@ class RunConfig:
                 f"model.n_routed_experts ({self.model.n_routed_experts})"
             )
         return self
+
+
+def _check_train_ranges(t: TrainConfig) -> None:
+    """Ranges of the TrainConfig numbers (finiteness and 64-bit size are checked when they are read)."""
+    ranges = {
+        "max_minutes": (0.0, None, False), "min_lr_ratio": (0.0, 1.0, True), "warmup_steps": (0, None, True),
+        "decay_fraction": (0.0, 1.0, True), "weight_decay": (0.0, None, True), "beta1": (0.0, 1.0, "lo"),
+        "beta2": (0.0, 1.0, "lo"), "grad_clip": (0.0, None, True), "eval_every": (0, None, False),
+        "save_every": (0, None, True), "keep_last": (1, None, True), "early_stop_patience": (0, None, True),
+        "seed": (0, 2**63 - 1, True), "threads": (0, None, True), "sample_tokens": (0, None, True),
+    }  # fmt: skip
+    for name, (lo, hi, closed) in ranges.items():
+        v = getattr(t, name)
+        if v is None:
+            continue
+        low_ok = v >= lo if closed else v > lo
+        high_ok = hi is None or (v <= hi if closed is True else v < hi)
+        if not (low_ok and high_ok):
+            if hi is None:
+                need = f"at least {lo}" if closed else f"above {lo}"
+            else:
+                need = f"between {lo} and {hi}" + (" (exclusive of the upper end)" if closed == "lo" else "")
+            raise ConfigError(f"train.{name} must be {need}, got {v}")
 
 
 # Moved to minimoe.config_yaml; resolved lazily so `from minimoe.config import build_run_config` in code

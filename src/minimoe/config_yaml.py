@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import fields
@@ -17,6 +18,41 @@ from typing import Any, Literal
 from minimoe.config import RunConfig
 from minimoe.errors import ConfigError
 from minimoe.presets import get_preset, preset_train_defaults
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"{where} must be an integer, got {value!r}")
+
+
+def _in_int64(value: int, where: str) -> int:
+    """Every integer setting reaches torch or numpy as a 64-bit integer (seeds included)."""
+    if not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{where} must fit in a signed 64-bit integer, got {value}")
+    return value
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where} must be a number, got {value!r}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -48,29 +84,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return _in_int64(_to_int(value, where), where)
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        out = _to_float(value, where)
+        if not math.isfinite(out):  # nan passes every range check; inf is no setting's "off"
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

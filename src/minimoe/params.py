@@ -62,24 +62,46 @@ def _component(name: str) -> str:
     return "norms"  # input/post-attention norms, final norm, MTP enorm/hnorm/norm
 
 
-def _tally(named: list[tuple[str, torch.Tensor]], cfg: ModelConfig) -> tuple[dict[str, int], int]:
+def _tally(named: list[tuple[str, torch.Tensor, int]], cfg: ModelConfig) -> tuple[dict[str, int], int]:
     comps = dict.fromkeys(COMPONENTS, 0)
     comps["mtp_proj"] = 0
-    for name, t in named:
+    for name, t, times in named:
         key = "mtp_proj" if name.endswith("eh_proj.weight") else _component(name)
-        comps[key] += t.numel()
+        comps[key] += t.numel() * times
     routed_active = comps["routed_experts"] * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1)
     activated = sum(v for k, v in comps.items() if k not in ("routed_experts", "embedding")) + routed_active
     return comps, activated
 
 
+def _repeats(name: str, n_dense: int, n_moe: int, mtp_depth: int, small_dense: int) -> int:
+    """How many layers of the full model the tensor `name` of the reduced model stands for."""
+    if name.startswith("layers."):
+        return n_dense if int(name.split(".")[1]) < small_dense else n_moe
+    if name.startswith("mtp."):
+        return mtp_depth
+    return 1
+
+
 def count_params(cfg: ModelConfig) -> ParamReport:
-    """Count parameters of `cfg` exactly without allocating (meta device)."""
+    """Count parameters of `cfg` exactly without allocating (meta device).
+
+    Layers of one kind are identical, so a model with at most one dense layer, one MoE layer and one MTP
+    module is built and each of its layers counted as many times as the full model has it: the count
+    takes the same time for 4 layers or a million.
+    """
+    import copy
+
     from minimoe.model.transformer import Transformer
 
     cfg.validate()
+    n_dense = min(cfg.first_k_dense, cfg.n_layers) if cfg.n_routed_experts > 0 else cfg.n_layers
+    n_moe = cfg.n_layers - n_dense
+    small = copy.copy(cfg)
+    small.n_layers = min(n_dense, 1) + min(n_moe, 1)
+    small.first_k_dense = min(n_dense, 1)
+    small.mtp_depth = min(cfg.mtp_depth, 1)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(small)
     seen: set[int] = set()
     main, mtp = [], []
     tensors = list(model.named_parameters(remove_duplicate=False)) + [
@@ -89,13 +111,14 @@ def count_params(cfg: ModelConfig) -> ParamReport:
         if id(t) in seen:  # tied embedding/head counted once (as the head)
             continue
         seen.add(id(t))
-        (mtp if name.startswith("mtp.") else main).append((name.removeprefix("mtp."), t))
+        times = _repeats(name, n_dense, n_moe, cfg.mtp_depth, small.first_k_dense)
+        (mtp if name.startswith("mtp.") else main).append((name.removeprefix("mtp."), t, times))
     if cfg.tie_word_embeddings:
         # named_parameters lists embed_tokens first; credit the shared matrix to the head, which every
         # token uses, so "without the embedding lookup" does not drop it.
-        main = [("lm_head.weight", t) if n == "embed_tokens.weight" else (n, t) for n, t in main]
+        main = [("lm_head.weight", t, k) if n == "embed_tokens.weight" else (n, t, k) for n, t, k in main]
     comps, act = _tally(main, cfg)
-    mtp_comps, mtp_act = _tally([("layers." + n.split("block.", 1)[-1], t) for n, t in mtp], cfg)
+    mtp_comps, mtp_act = _tally([("layers." + n.split("block.", 1)[-1], t, k) for n, t, k in mtp], cfg)
     total = sum(comps.values())
     emb = comps["embedding"]
     # a DeepSeek-V3 checkpoint's MTP layer stores embed_tokens and shared_head.head again

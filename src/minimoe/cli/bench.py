@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+from minimoe.cli.args import integer
 from minimoe.errors import MinimoeError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,8 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--precision", choices=PRECISIONS, help="autocast precision (sets train.precision)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (sets train.device; default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
-    p.add_argument("--repeats", type=int, help="timed repeats per measurement (median kept)")
+    p.add_argument("--threads", type=integer, help="CPU threads (default: torch's default)")
+    p.add_argument("--repeats", type=integer, help="timed repeats per measurement (median kept)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides key=value")
 

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from minimoe.cli.args import check_writable, integer, number
 from minimoe.errors import MinimoeError, describe_os_error
 
 TASKS = ("perplexity", "multiple-choice", "minimal-pairs", "generation")
@@ -57,16 +58,20 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype"
     )
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8 / 16)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N documents / examples per file")
+    p.add_argument(
+        "--batch-size", type=integer, default=None, help="sequences per forward pass (default 8 / 16)"
+    )
+    p.add_argument(
+        "--limit", type=integer, default=None, help="only the first N documents / examples per file"
+    )
     g = p.add_argument_group("perplexity")
     g.add_argument("--text-field", default=None, help="text field of JSONL/Parquet records (default: text)")
     g.add_argument(
-        "--window", type=int, default=None, help="tokens per window (default: the run's train.seq_len)"
+        "--window", type=integer, default=None, help="tokens per window (default: the run's train.seq_len)"
     )
     g.add_argument(
         "--stride",
-        type=int,
+        type=integer,
         default=None,
         help="tokens between window starts (default: the window, no overlap)",
     )
@@ -85,11 +90,11 @@ def add_parser(sub) -> None:
         "--delimiter", default=None, help="multiple choice: put between context and choice (default ' ')"
     )
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (example i uses seed + i)")
+    g.add_argument("--max-new-tokens", type=integer, default=None, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=number, default=None, help="0 = greedy (the default)")
+    g.add_argument("--top-k", type=integer, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=number, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=integer, default=None, help="sampling seed (example i uses seed + i)")
     g.add_argument(
         "--stop",
         action="append",
@@ -234,6 +239,8 @@ def run(args) -> int:
     from minimoe.eval.runner import default_results_path, evaluate_run
 
     opts = _options(args)
+    if args.out:  # found out now, not after the evaluation
+        check_writable(args.out, "--out")
     pred_file = None
     if args.task == "generation" and args.predictions:
         try:

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from minimoe.cli.args import integer, number
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run")
@@ -25,35 +27,35 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
     )
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--max-new-tokens", type=integer, default=200, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=number, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=integer, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=number, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (1 = off)"
+        "--repetition-penalty", type=number, default=1.0, help="CTRL penalty on seen tokens (1 = off)"
     )
-    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1 = off)")
+    p.add_argument("--beams", type=integer, default=1, help="beam search with this many beams (1 = off)")
     p.add_argument(
-        "--length-penalty", type=float, default=1.0, help="beam scores are divided by length**this"
+        "--length-penalty", type=number, default=1.0, help="beam scores are divided by length**this"
     )
     p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--seed", type=integer, default=None, help="random seed")
+    p.add_argument("--batch-size", type=integer, default=8, help="prompts decoded together")
     p.add_argument(
         "--speculative",
         action="store_true",
         help="self-speculative decoding: draft with the MTP module, verify with the main model",
     )
     p.add_argument(
-        "--quantize", type=int, choices=[8, 4], default=None, help="quantize weights on load (int8/int4)"
+        "--quantize", type=integer, choices=[8, 4], default=None, help="quantize weights on load (int8/int4)"
     )
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument("--group-size", type=integer, default=64, help="int4 group size")
     p.add_argument("--output", choices=["text", "jsonl"], default="text", help="output format")
     p.add_argument("--stats", action="store_true", help="print tokens/s, cache bytes, acceptance to stderr")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--threads",
-        type=int,
+        type=integer,
         default=0,
         help="CPU threads (0 = torch default; 1 is often fastest for decoding)",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minimoe.cli.args import integer
 from minimoe.errors import MinimoeError, describe_os_error
 
 
@@ -20,8 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--text", help="text to route token by token")
     p.add_argument("--html", help="with --text: write an HTML page here")
     p.add_argument("--corpus", help="text source to sample (file, folder, .jsonl, .parquet)")
-    p.add_argument("--max-tokens", type=int, default=20000, help="tokens read from --corpus (default 20000)")
-    p.add_argument("--top", type=int, default=8, help="top tokens listed per expert (default 8)")
+    p.add_argument(
+        "--max-tokens", type=integer, default=20000, help="tokens read from --corpus (default 20000)"
+    )
+    p.add_argument("--top", type=integer, default=8, help="top tokens listed per expert (default 8)")
     p.add_argument("--coact-png", help="with --corpus: write the co-activation heatmaps here")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from minimoe.cli.args import integer
 from minimoe.cli.sft import add_common, check_epochs, report
 
 
@@ -15,8 +16,8 @@ def add_parser(sub) -> None:
         "merges an existing adapter.",
     )
     add_common(p)
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=int, default=16, help="LoRA alpha (update scaled by alpha / r)")
+    p.add_argument("--rank", type=integer, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=integer, default=16, help="LoRA alpha (update scaled by alpha / r)")
     p.add_argument("--targets", default="attention,experts,mlp", help="comma list of attention, experts, mlp")
     p.add_argument("--merge", action="store_true", help="also write the merged model as a run directory")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minimoe.cli.args import integer
 from minimoe.config_yaml import build_run_config
 from minimoe.errors import MinimoeError
 from minimoe.params import count_params, memory_estimate
@@ -18,7 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--memory", action="store_true", help="add bytes of weights, gradients, AdamW state, KV cache"
     )
-    p.add_argument("--context", type=int, default=None, help="tokens per sequence for the KV-cache estimate")
+    p.add_argument(
+        "--context", type=integer, default=None, help="tokens per sequence for the KV-cache estimate"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model.n_layers=4")
 

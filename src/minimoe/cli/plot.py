@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from minimoe.cli.args import integer
 from minimoe.errors import MinimoeError
 
 
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
         "--steps", help="comma-separated steps for the expert-load heatmaps (nearest logged step; "
         "default: first, middle, last)",
     )  # fmt: skip
-    p.add_argument("--dpi", type=int, default=110, help="resolution (default 110)")
+    p.add_argument("--dpi", type=integer, default=110, help="resolution (default 110)")
 
 
 def parse_steps(text: str | None) -> list[int] | None:

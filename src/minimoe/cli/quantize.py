@@ -7,23 +7,27 @@ held-out text before and after.
 
 from __future__ import annotations
 
+from minimoe.cli.args import integer
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a run's weights to int8 or int4")
     p.add_argument("run_dir", help="run directory or checkpoint directory")
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (per channel) or 4 (groups)")
-    p.add_argument("--group-size", type=int, default=64, help="int4: inputs sharing one scale")
+    p.add_argument(
+        "--bits", type=integer, choices=[8, 4], required=True, help="8 (per channel) or 4 (groups)"
+    )
+    p.add_argument("--group-size", type=integer, default=64, help="int4: inputs sharing one scale")
     p.add_argument("--out", required=True, help="new checkpoint directory to write")
     p.add_argument(
         "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
     )
     p.add_argument("--eval-data", default=None, help="held-out text for a perplexity check before/after")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="tokens of --eval-data to score")
-    p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: train.seq_len)")
+    p.add_argument("--eval-tokens", type=integer, default=32768, help="tokens of --eval-data to score")
+    p.add_argument("--seq-len", type=integer, default=None, help="perplexity window (default: train.seq_len)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--threads",
-        type=int,
+        type=integer,
         default=0,
         help="CPU threads (0 = torch default; 1 is often fastest for decoding)",
     )

@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
+from minimoe.cli.args import integer, number
 from minimoe.errors import MinimoeError
 from minimoe.serve.limits import Limits
 
@@ -21,7 +22,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API")
     p.add_argument("run_dir", help="run directory or checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at startup)")
+    p.add_argument(
+        "--port", type=integer, default=8000, help="TCP port (0: any free port, printed at startup)"
+    )
     p.add_argument(
         "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
     )
@@ -35,28 +38,34 @@ def add_parser(sub) -> None:
         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
         f"{API_KEY_ENV} environment variable, which keeps the key out of the process list)",
     )
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0 = torch's default)")
+    p.add_argument(
+        "--threads", type=integer, default=0, help="CPU threads for the model (0 = torch's default)"
+    )
     d = Limits()
     limits = [
-        ("--max-active", int, "cache slots: sequences decoded together in one batch; each holds a "
+        ("--max-active", integer, "cache slots: sequences decoded together in one batch; each holds a "
          "context-sized cache row allocated at start-up"),
-        ("--max-queued", int, "choices waiting for a slot; a request that would go past it gets 429"),
-        ("--max-queued-per-client", int, "of those, the most from one client address (default: half)"),
-        ("--max-choices", int, "prompts x n in one request; more is a 400"),
-        ("--max-request-tokens", int, "prompt + completion tokens summed over a request's choices; more is a 400"),
-        ("--max-tokens", int, "the most completion tokens one choice may ask for; more is a 400"),
-        ("--max-prompt-tokens", int, "the longest prompt in tokens; longer is a 400 (default: what fits the context)"),
-        ("--max-body-bytes", int, "larger request bodies get a 413"),
-        ("--header-timeout", float, "seconds a connection may take to send its request head"),
-        ("--body-timeout", float, "seconds a request may take to send its body (then 408)"),
-        ("--prefill-chunk", int, "prompt tokens prefilled per step, between decode steps"),
+        ("--max-queued", integer, "choices waiting for a slot; a request that would go past it gets 429"),
+        ("--max-queued-per-client", integer, "of those, the most from one client address (default: half)"),
+        ("--max-choices", integer, "prompts x n in one request; more is a 400"),
+        ("--max-request-tokens", integer, "prompt + completion tokens summed over a request's choices; more is a 400"),
+        ("--max-tokens", integer, "the most completion tokens one choice may ask for; more is a 400"),
+        ("--max-prompt-tokens", integer, "the longest prompt in tokens; longer is a 400 (default: what fits the context)"),
+        ("--max-body-bytes", integer, "larger request bodies get a 413"),
+        ("--header-timeout", number, "seconds a connection may take to send its request head"),
+        ("--body-timeout", number, "seconds a request may take to send its body (then 408)"),
+        ("--prefill-chunk", integer, "prompt tokens prefilled per step, between decode steps"),
     ]  # fmt: skip
     for flag, kind, text in limits:
         default = getattr(d, flag[2:].replace("-", "_"))
         shown = f" (default {default})" if default is not None and "default:" not in text else ""
         p.add_argument(flag, type=kind, default=default, help=text + shown)
     p.add_argument(
-        "--max-tokens-limit", type=int, dest="max_tokens", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        "--max-tokens-limit",
+        type=integer,
+        dest="max_tokens",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )  # the old name of --max-tokens
     p.add_argument(
         "--log-level",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from minimoe.cli.args import number
+
 
 def add_common(p) -> None:
     """Arguments shared by `sft` and `lora`."""
@@ -13,7 +15,7 @@ def add_common(p) -> None:
     p.add_argument("--out", required=True, help="new run directory")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which source checkpoint")
     p.add_argument(
-        "--epochs", type=float, default=1.0, help="passes over the data (unless train.max_steps is set)"
+        "--epochs", type=number, default=1.0, help="passes over the data (unless train.max_steps is set)"
     )
     p.add_argument("--packing", action="store_true", help="pack conversations into full windows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

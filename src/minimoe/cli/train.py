@@ -31,6 +31,11 @@ def add_parser(sub) -> None:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="train even when the estimated memory (weights, gradients, AdamW) exceeds what is available",
+    )
     p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
     p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides key=value")
 
@@ -58,6 +63,7 @@ def run(args) -> int:
         progress=not args.no_progress,
         sample=not args.no_sample,
         clock_start=getattr(args, "started", None),
+        memory_check=not args.skip_memory_check,
     )
     if not result.is_main:
         return 0

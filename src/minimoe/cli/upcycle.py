@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from minimoe.cli.args import integer, number
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -13,24 +15,24 @@ def add_parser(sub) -> None:
         "model.KEY=VALUE overrides set routing and balancing (e.g. model.aux_free_bias=false).",
     )
     p.add_argument("dense_dir", help="dense checkpoint folder (config.json + safetensors)")
-    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
-    p.add_argument("--top-k", type=int, required=True, help="experts per token")
+    p.add_argument("--experts", type=integer, required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=integer, required=True, help="experts per token")
     p.add_argument(
         "--granularity",
-        type=int,
+        type=integer,
         default=1,
         help="slices of the dense intermediate dimension per expert copy",
     )
-    p.add_argument("--dense-layers", type=int, default=0, help="leading layers kept dense")
+    p.add_argument("--dense-layers", type=integer, default=0, help="leading layers kept dense")
     p.add_argument("--scoring", choices=["softmax", "sigmoid"], default="softmax", help="router scoring")
     p.add_argument(
         "--router-std",
-        type=float,
+        type=number,
         default=None,
         help="std of the fresh router (default init_std; 0 = uniform)",
     )
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer folder, when the folder has none")
-    p.add_argument("--seed", type=int, default=0, help="router initialisation seed")
+    p.add_argument("--seed", type=integer, default=0, help="router initialisation seed")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--force", action="store_true", help="write into an existing run directory")
     p.add_argument("overrides", nargs="*", default=[], help="model.KEY=VALUE overrides")

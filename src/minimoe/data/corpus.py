@@ -465,6 +465,28 @@ class TokenArrayCorpus(Corpus):
         raise MinimoeError(f"{self.name} holds token ids, not text")
 
 
+def checked_path(spec: str | Path, what: str = "data path") -> Path:
+    """`spec` as an absolute path to an existing regular file or folder, or MinimoeError: a missing
+    path, a symlink loop, or a device, pipe or socket (reading /dev/zero would never end)."""
+    import stat
+
+    path = Path(spec).expanduser()
+    try:
+        mode = path.stat().st_mode
+        path = path.resolve()
+    except (OSError, RuntimeError) as e:  # Python 3.11 raises RuntimeError for a symlink loop in resolve()
+        if isinstance(e, FileNotFoundError):
+            raise MinimoeError(f"{what} {path} does not exist") from None
+        if isinstance(e, RuntimeError) or getattr(e, "errno", None) == 40:  # ELOOP
+            raise MinimoeError(f"{what} {path} is a symbolic link loop") from None
+        raise MinimoeError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise MinimoeError(
+            f"{what} {path} is not a regular file or folder (a device, pipe or socket); give a file or folder"
+        )
+    return path
+
+
 def open_source(
     spec: str | Path | Corpus | None,
     text_field: str = "text",
@@ -488,9 +510,7 @@ def open_source(
         return BuiltinCorpus()
     if isinstance(spec, str) and spec.startswith("hf:"):
         return HFCorpus(spec, text_field=text_field, cache_dir=cache_dir)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise MinimoeError(f"data path {path} does not exist")
+    path = checked_path(spec)
     if path.is_dir():
         return FolderCorpus(path, glob)
     suffix = path.suffix.lower()

@@ -293,6 +293,17 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise MinimoeError(f"checkpoint {f} is corrupt or truncated ({type(e).__name__})") from None
 
 
+def check_finite(model: torch.nn.Module, ckpt: Path) -> None:
+    """Raise MinimoeError naming the first weight that holds NaN or inf (a diverged or damaged run),
+    instead of failing later inside sampling."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MinimoeError(
+                f"checkpoint {ckpt}: weight {name} holds NaN or infinite values (the run diverged or the "
+                "file is damaged); load an earlier checkpoint"
+            )
+
+
 def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """Load a model, its tokenizer and config from a run or checkpoint directory. A checkpoint written
     by `minimoe quantize` (meta.json has `quantization`) comes back with its int8/int4 weights.
@@ -307,6 +318,11 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
 
     ckpt = find_checkpoint(path, which)
     cfg = dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
+    from minimoe.memory import SKIP_ENV, check_fits
+    from minimoe.params import count_params
+
+    rep = count_params(cfg.model)
+    check_fits(4 * (rep.total + rep.mtp_total), "cpu", f"loading {ckpt} (fp32 weights)", f"set {SKIP_ENV}=1")
     model = Transformer(cfg.model)
     meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     if meta.get("quantization"):  # written by `minimoe quantize`: integer weights and scales
@@ -314,6 +330,7 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
 
         quantize_model(model, **meta["quantization"])
     load_weights(model, ckpt)
+    check_finite(model, ckpt)
     tok_dir = ckpt / "tokenizer"
     if not tok_dir.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no tokenizer/ directory")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from minimoe.config_yaml import build_run_config, load_yaml
+from minimoe.data.corpus import checked_path
 from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
 from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS, TRAIN_DEFAULTS
@@ -92,6 +93,7 @@ def train_from_config(
     progress: bool = True,
     sample: bool = True,
     clock_start: float | None = None,
+    memory_check: bool = True,
 ) -> TrainResult:
     """Train a model and return its TrainResult (with a generated sample when `sample`).
 
@@ -122,6 +124,13 @@ def train_from_config(
         tokenizer = cfg.data.tokenizer
     if val_source is not None:  # kept in config.yaml, so a resumed run validates on the same data
         cfg.data.val_path = val_source
+    # config.yaml keeps absolute paths: --resume works from any working directory
+    for key in ("path", "val_path"):
+        spec = getattr(cfg.data, key)
+        if spec is not None and not spec.startswith("hf:"):
+            setattr(
+                cfg.data, key, str(checked_path(spec, "--val-data" if key == "val_path" else "data path"))
+            )
     val_source = cfg.data.val_path
     # Under torchrun: join the process group; rank 0 tokenizes first, the others then reuse its shards.
     ctx = init_distributed(cfg.train.device)
@@ -156,7 +165,7 @@ def train_from_config(
         reserve = min(SAMPLE_RESERVE_S, 0.03 * cfg.train.max_minutes * 60) if cfg.train.max_minutes else 0
         trainer = Trainer(
             cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx,
-            clock_start=clock_start, reserve_s=reserve if sampling else 0.0,
+            clock_start=clock_start, reserve_s=reserve if sampling else 0.0, memory_check=memory_check,
         )  # fmt: skip
         result = trainer.fit()
         barrier(ctx)

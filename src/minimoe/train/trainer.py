@@ -138,6 +138,7 @@ class Trainer:
         ctx: DistContext | None = None,
         clock_start: float | None = None,
         reserve_s: float = 0.0,
+        memory_check: bool = True,
     ):
         from minimoe.data import EvalWindows, TokenWindows
 
@@ -169,6 +170,14 @@ class Trainer:
         np.random.seed(tc.seed % 2**32)
         random.seed(tc.seed)
 
+        if memory_check and not self.ctx.distributed:  # one process holds it all; ranks hold shares
+            from minimoe.memory import check_fits
+            from minimoe.params import memory_estimate
+
+            # AdamW keeps fp32 weights under bf16 autocast too: the fp32 row is the one that applies
+            need = memory_estimate(mc)["by_dtype"]["fp32"]["training_total"]
+            check_fits(need, self.device, "training this model (fp32 weights, gradients and AdamW state)",
+                       "pass --skip-memory-check")  # fmt: skip
         # every rank builds the same full model from the same seed, then keeps its part
         model = Transformer(mc)
         if cfg.dist.pipeline_parallel == 1 or not self.ctx.distributed:

@@ -1,0 +1,49 @@
+"""argparse value types shared by the subcommands: numbers must be finite and integers must fit the
+64-bit integers torch and numpy take (a seed of 2**70 is a user error, not an overflow deep inside)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+
+def integer(text: str) -> int:
+    """An int that fits in a signed 64-bit integer."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} does not fit in a signed 64-bit integer")
+    return value
+
+
+def number(text: str) -> float:
+    """A finite float (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Raise MinimoeError now if the file `path` cannot be written, before any work that would be lost.
+    An existing file is left as it is; a probe file that did not exist is removed again."""
+    from minimoe.errors import MinimoeError, describe_os_error
+
+    p = Path(path)
+    if p.is_dir():
+        raise MinimoeError(f"{flag} {p} is a directory; give a file name")
+    existed = p.exists()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise MinimoeError(f"{flag} cannot be written ({describe_os_error(e) or e.strerror})") from None
+    if not existed:
+        p.unlink()
