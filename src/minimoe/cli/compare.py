@@ -7,6 +7,25 @@ import sys
 import time
 from pathlib import Path
 
+SWEEP_FORMAT = """\
+The sweep file (YAML):
+
+  name: balancing
+  description: one paragraph for the report
+  base:                       # what every variant starts from
+    preset: tiny              # optional
+    config: base.yaml         # optional, relative to the sweep file
+    overrides: [model.hidden_size=128, train.seq_len=128, ...]
+  data: ../data/train.txt     # relative to the sweep file; `--data` on the command line wins
+  val_data: ../data/valid.txt # optional
+  budget: {tokens: 400000}    # or {flops: 2.0e12}: max_steps is computed per variant
+  seeds: [1, 2]
+  variants:                   # name -> dotted overrides applied on top of the base
+    none: [model.aux_free_bias=false]
+    bias: [model.aux_free_bias=true]
+
+Relative paths are relative to the sweep file. Run directories are OUT/VARIANT/seed_S."""
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -15,8 +34,9 @@ def add_parser(sub) -> None:
         description="Train every variant x seed of a sweep file at the same token or training-FLOPs budget "
         "(max_steps computed per variant from exact activated-parameter FLOPs), then write report.md "
         "(mean ± std over seeds) and figures. Finished runs are skipped, so a rerun resumes the sweep.",
+        epilog=SWEEP_FORMAT,
     )
-    p.add_argument("sweep", help="sweep YAML file (see minimoe.lab.compare for the format)")
+    p.add_argument("sweep", help="sweep YAML file (format below)")
     p.add_argument("--out", help="output directory (default: runs/sweeps/<sweep name>)")
     p.add_argument("--data", help="training data, replacing the sweep file's `data`")
     p.add_argument("--val-data", help="validation data, replacing the sweep file's `val_data`")

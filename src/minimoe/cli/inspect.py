@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -26,7 +27,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--top", type=integer, default=8, help="top tokens listed per expert (default 8)")
     p.add_argument("--coact-png", help="with --corpus: write the co-activation heatmaps here")
-    p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load")
+    p.add_argument(
+        "--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint to load"
+    )
+    # the spelling before every command said --checkpoint; still accepted
+    p.add_argument("--which", dest="checkpoint", choices=("best", "latest"), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -92,7 +97,7 @@ def run(args) -> int:
         raise MinimoeError("--coact-png needs --corpus")
     if args.top < 1:
         raise MinimoeError(f"--top must be at least 1, got {args.top}")
-    model, tokenizer, cfg, _ = load_run(args.run_dir, which=args.which)
+    model, tokenizer, cfg, _ = load_run(args.run_dir, which=args.checkpoint)
     out: dict = {}
     from rich.console import Console
 

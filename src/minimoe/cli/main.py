@@ -1,8 +1,11 @@
-"""`minimoe` command line: one module per subcommand, each with add_parser(subparsers) and run(args).
+"""minimoe: train, study, evaluate and serve DeepSeek-V3-style Mixture-of-Experts language models.
 
-User mistakes (MinimoeError, and file-system errors that name a path: a missing file, a directory that
-cannot be written) become one sentence on stderr and exit code 2; unexpected errors print a one-line
-summary and exit 1, with the traceback behind --debug (before or after the command name)."""
+Start with `minimoe train` (the tiny preset on the built-in corpus, at most 8 minutes on a laptop
+CPU), then `minimoe generate runs/tiny --prompt "def main("`. `minimoe COMMAND --help` shows a
+command's options, their defaults and an example.
+
+A mistake in what you typed is one sentence on stderr and exit code 2; an unexpected error is one
+line and exit code 1 (add --debug for the traceback)."""
 
 from __future__ import annotations
 
@@ -12,29 +15,47 @@ import os
 import sys
 import time
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning. Measured on a 2-core machine
-# with one other busy process: tiny-preset training at 3,957 tokens/s passive vs 515 spinning.
+# Before torch loads OpenMP: idle threads sleep instead of spinning (a busy-waiting pool starves other
+# processes on a small machine; BENCHMARKS.md has the measurement).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minimoe.errors import MinimoeError, describe_os_error, one_line
 
-COMMANDS = {
-    "train": "minimoe.cli.train",
-    "generate": "minimoe.cli.generate",
-    "params": "minimoe.cli.params",
-    "export": "minimoe.cli.export",
-    "import": "minimoe.cli.import_",
-    "upcycle": "minimoe.cli.upcycle",
-    "sft": "minimoe.cli.sft",
-    "lora": "minimoe.cli.lora",
-    "eval": "minimoe.cli.eval",
-    "serve": "minimoe.cli.serve",
-    "quantize": "minimoe.cli.quantize",
-    "compare": "minimoe.cli.compare",
-    "plot": "minimoe.cli.plot",
-    "inspect": "minimoe.cli.inspect",
-    "bench": "minimoe.cli.bench",
-}
+# name -> (module, one line, an example). `minimoe --help` reads only this table: a command's module
+# (and torch behind it) is imported only when that command runs or shows its own help.
+COMMANDS_TABLE: dict[str, tuple[str, str, str]] = {
+    "train": ("minimoe.cli.train", "train a model from raw text",
+              "minimoe train --preset tiny --data notes.txt --out runs/notes train.max_minutes=10"),
+    "generate": ("minimoe.cli.generate", "generate text from a trained run",
+                 'minimoe generate runs/tiny --prompt "def main(" --max-new-tokens 100 --temperature 0.8'),
+    "params": ("minimoe.cli.params", "count total and activated parameters, KV-cache and training memory",
+               "minimoe params deepseek-v3 --memory"),
+    "export": ("minimoe.cli.export", "export a run to a Hugging Face folder (transformers, vLLM)",
+               "minimoe export runs/tiny --out hf/tiny"),
+    "import": ("minimoe.cli.import_", "import a Hugging Face MoE checkpoint folder as a run",
+               "minimoe import hf/tiny --out runs/imported"),
+    "upcycle": ("minimoe.cli.upcycle", "initialise an MoE from a dense Llama-family checkpoint",
+                "minimoe upcycle path/to/llama --experts 8 --top-k 2 --out runs/upcycled"),
+    "sft": ("minimoe.cli.sft", "supervised fine-tuning on chat JSONL",
+            "minimoe sft runs/tiny --data chats.jsonl --out runs/tiny-sft"),
+    "lora": ("minimoe.cli.lora", "LoRA / QLoRA fine-tuning on chat JSONL (PEFT)",
+             "minimoe lora runs/tiny --data chats.jsonl --out runs/tiny-lora --rank 8"),
+    "eval": ("minimoe.cli.eval", "evaluate a run: perplexity, multiple choice, minimal pairs, generation",
+             "minimoe eval runs/tiny --task perplexity --data valid.txt"),
+    "serve": ("minimoe.cli.serve", "serve a trained run over an OpenAI-compatible HTTP API",
+              "minimoe serve runs/tiny --port 8000"),
+    "quantize": ("minimoe.cli.quantize", "quantize a run's weights to int8 or int4 and check perplexity",
+                 "minimoe quantize runs/tiny --bits 8 --out runs/tiny-int8"),
+    "compare": ("minimoe.cli.compare", "train variants of a config at equal tokens or FLOPs; write a report",
+                "minimoe compare experiments/2_balancing.yaml --out runs/balancing"),
+    "plot": ("minimoe.cli.plot", "draw loss, learning-rate, MaxVio and expert-load figures to PNG",
+             "minimoe plot runs/tiny --out plots/tiny"),
+    "inspect": ("minimoe.cli.inspect", "show which experts each token goes to, or routing statistics",
+                'minimoe inspect runs/tiny --text "def main():"'),
+    "bench": ("minimoe.cli.bench", "measure training and decode speed and MFU, optionally against HF",
+              "minimoe bench --preset tiny"),
+}  # fmt: skip
+COMMANDS = {name: module for name, (module, _, _) in COMMANDS_TABLE.items()}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,20 +66,61 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="minimoe", description=__doc__.splitlines()[0])
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; each option's default shown, unless it is empty or the help
+    text already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is argparse.SUPPRESS
+            or default is None
+            or default is False
+            or default in ([], "")
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: {default})"
+
+
+def build_parser(commands: list[str] | None = None) -> ArgumentParser:
+    """The `minimoe` parser. Only the subcommands in `commands` (default: all) get their options, so
+    `minimoe --help` imports no command module and `minimoe train ...` imports one; the others are
+    listed by name and summary."""
+    parser = ArgumentParser(
+        prog="minimoe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands have the same flag for the same thing: --checkpoint best|latest, --device, --out.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    for module in COMMANDS.values():
-        importlib.import_module(module).add_parser(sub)
+    for name, (module, summary, example) in COMMANDS_TABLE.items():
+        if commands is None or name in commands:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
+        p = sub.choices[name]
+        p.formatter_class = HelpFormatter
+        p.description = p.description or summary[0].upper() + summary[1:] + "."
+        p.epilog = f"example:\n  {example}" + (f"\n\n{p.epilog}" if p.epilog else "")
     for p in sub.choices.values():  # `minimoe train --debug ...` too; SUPPRESS keeps the top-level value
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    return next((a for a in argv if a in COMMANDS_TABLE), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # the command's start: train.max_minutes counts from here
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    command = _command_in(argv)
+    parser = build_parser([command] if command else [])
     try:
         # dotted `key=value` overrides may sit anywhere on the line, between options too
         args, extra = parser.parse_known_args(argv)

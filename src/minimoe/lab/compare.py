@@ -1,21 +1,7 @@
 """Sweeps: train variants of one base config on the same data with the same seeds, at the same token
 budget or the same training FLOPs, and write a Markdown report with figures.
 
-A sweep file (YAML):
-
-    name: balancing
-    description: one paragraph for the report
-    base:                       # what every variant starts from
-      preset: tiny              # optional
-      config: base.yaml         # optional, relative to the sweep file
-      overrides: [model.hidden_size=128, train.seq_len=128, ...]
-    data: ../data/train.txt     # relative to the sweep file; `--data` on the command line wins
-    val_data: ../data/valid.txt # optional
-    budget: {tokens: 400000}    # or {flops: 2.0e12}: max_steps is computed per variant
-    seeds: [1, 2]
-    variants:                   # name -> dotted overrides applied on top of the base
-      none: [model.aux_free_bias=false]
-      bias: [model.aux_free_bias=true]
+The sweep file format is in `minimoe compare --help` (minimoe.cli.compare.SWEEP_FORMAT).
 
 Run directories: OUT/VARIANT/seed_S. A run whose latest checkpoint already reached its max_steps is
 skipped, an unfinished one is resumed, so running the sweep again continues it.
