@@ -35,9 +35,17 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def _print_corpus(console, stats: dict) -> None:
+def _layer_name(key: str, n_layers: int) -> str:
+    """Blocks after the last layer are the MTP modules."""
+    i = int(key)
+    return f"layer {i}" if i < n_layers else f"MTP module {i - n_layers + 1}"
+
+
+def _print_corpus(console, stats: dict, n_layers: int) -> None:
+    from rich import box
     from rich.table import Table
 
+    console.print("columns: share of routed slots, tokens visiting, share of all expert work")
     n_shared = stats["n_shared_experts"]
     console.print(
         f"[bold]{stats['tokens']:,} tokens[/bold], {stats['n_routed_experts']} routed experts"
@@ -46,19 +54,16 @@ def _print_corpus(console, stats: dict) -> None:
     for name, layer in stats["layers"].items():
         ent = layer["entropy"]
         console.print(
-            f"\n[bold]layer {name}[/bold]: MaxVio {layer['max_vio']:.3f}, load entropy "
-            f"{ent['load_normalised']:.3f} of max, mean per-token score entropy {ent['mean_token_nats']:.3f} nats "
-            f"({ent['mean_token_normalised']:.3f} of max)"
+            f"\n[bold]{_layer_name(name, n_layers)}[/bold]: MaxVio {layer['max_vio']:.3f}, load entropy "
+            f"{ent['load_normalised']:.3f} of max,\n  mean per-token score entropy {ent['mean_token_nats']:.3f} "
+            f"nats ({ent['mean_token_normalised']:.3f} of max)"
         )
-        t = Table(show_header=True, header_style="bold")
-        for col in (
-            "expert",
-            "routed share",
-            "tokens visiting",
-            "share of all expert work",
-            "top tokens (count, share of that token)",
-        ):
-            t.add_column(col)
+        # one line per expert in 80 columns: short headers, the top tokens cut with an ellipsis
+        t = Table(show_header=True, header_style="bold", box=box.SIMPLE, pad_edge=False)
+        t.add_column("expert", no_wrap=True, min_width=8)
+        for col in ("share", "visits", "work"):
+            t.add_column(col, justify="right", no_wrap=True, min_width=6)
+        t.add_column("top tokens (count, share of that token)", no_wrap=True, overflow="ellipsis", ratio=1)
         for e, share in enumerate(layer["routed_share"]):
             tops = "  ".join(
                 f"{x['token']!r} {x['count']} ({x['frac_of_token']:.0%})" for x in layer["top_tokens"][e][:5]
@@ -116,7 +121,9 @@ def run(args) -> int:
                 ) from None
             out["html"] = str(path)
         if not args.json:
-            console.print(rich_text_view(tr))
+            # ids in the text unless colour can carry them (a pipe, a file, an 8-colour terminal)
+            plain = not console.is_terminal or console.color_system not in ("256", "truecolor")
+            console.print(rich_text_view(tr, ids=plain))
             if args.html:
                 console.print(f"HTML: {args.html}")
     if args.corpus is not None:
@@ -126,7 +133,7 @@ def run(args) -> int:
         if args.coact_png:
             out["coactivation_png"] = str(save_coactivation(stats, args.coact_png))
         if not args.json:
-            _print_corpus(console, stats)
+            _print_corpus(console, stats, cfg.model.n_layers)
             if args.coact_png:
                 console.print(f"co-activation: {args.coact_png}")
     if args.json:

@@ -11,6 +11,17 @@ from minimoe.errors import MinimoeError
 from minimoe.params import count_params, memory_estimate
 from minimoe.presets import NOTES, PRESETS
 
+MEMORY_NOTES = """\
+weights: each parameter (main model + MTP) at 4 bytes (fp32) or 2 (bf16).
+gradients: one per weight, in the weights' dtype.
+AdamW state: two fp32 moments, 8 bytes per parameter; bf16 adds an fp32
+  master copy of the weights, 4 bytes.
+training total: weights + gradients + AdamW state for one process, without
+  activations (those grow with batch x sequence length). The bf16 and fp32
+  totals are equal: 2+2+8+4 = 4+4+8 = 16 bytes per parameter; bf16 saves
+  activation memory and time, not optimizer state.
+KV cache / seq: what one sequence of that many tokens adds when generating."""
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("params", help="count total and activated parameters of a preset or config")
@@ -117,4 +128,5 @@ def run(args) -> int:
                 _bytes(d["kv_cache_per_sequence"]),
             )
         console.print(mt)
+        console.print(MEMORY_NOTES)
     return 0

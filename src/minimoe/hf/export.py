@@ -21,6 +21,7 @@ import torch
 
 from minimoe.config import ModelConfig
 from minimoe.errors import MinimoeError
+from minimoe.files import as_umask_allows
 from minimoe.hf import formats, keymap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,6 +135,7 @@ def save_sharded(
     total = sum(sizes.values())
     if total <= shard_size:
         save_file(tensors, str(out_dir / "model.safetensors"), metadata=meta)
+        as_umask_allows(out_dir / "model.safetensors")
         return ["model.safetensors"]
     shards: list[list[str]] = [[]]
     used = 0
@@ -148,6 +150,7 @@ def save_sharded(
     for i, keys in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
         save_file({k: tensors[k] for k in keys}, str(out_dir / name), metadata=meta)
+        as_umask_allows(out_dir / name)
         names.append(name)
         weight_map.update(dict.fromkeys(keys, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe.errors import MinimoeError
+from minimoe.files import as_umask_allows
 from minimoe.model.experts import GroupedExperts, _activate, _scaled
 
 BITS = (8, 4)
@@ -294,6 +295,7 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
         raise OSError(e.errno, e.strerror, str(out)) from None
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        as_umask_allows(tmp / "model.safetensors")
         shutil.copy2(src / "config.yaml", tmp / "config.yaml")
         shutil.copytree(src / "tokenizer", tmp / "tokenizer")
         meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ Shape suffixes: B batch, S sequence, T tokens, D hidden, E routed experts, K exp
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections import Counter
@@ -309,40 +310,82 @@ def corpus_stats(
 # ---------------------------------------------------------------- rendering
 
 
+_LEVELS = (0, 95, 135, 175, 215, 255)  # the xterm 256-colour cube's channel values
+
+
+@functools.cache
+def terminal_palette() -> tuple[int, ...]:
+    """xterm 256-colour indices light enough for black text, ordered so that each next colour is the
+    one farthest from all before it: the first n are well apart for any n, and distinct indices stay
+    distinct colours on a 256-colour terminal (where nearby hex colours can collapse into one)."""
+
+    def luminance(c: tuple[int, int, int]) -> float:
+        return 0.2126 * _LEVELS[c[0]] + 0.7152 * _LEVELS[c[1]] + 0.0722 * _LEVELS[c[2]]
+
+    cube = [(r, g, b) for r in range(6) for g in range(6) for b in range(6)]
+    cube = [c for c in cube if 110 <= luminance(c) <= 235]  # black text stays readable; no near-white
+    rgb = {c: tuple(_LEVELS[x] for x in c) for c in cube}
+    order = [(5, 1, 1)]
+    dist = {c: sum((a - b) ** 2 for a, b in zip(rgb[c], rgb[order[0]])) for c in cube}
+    while len(order) < len(cube):
+        nxt = max((c for c in cube if c not in order), key=lambda c: dist[c])
+        order.append(nxt)
+        for c in cube:
+            dist[c] = min(dist[c], sum((a - b) ** 2 for a, b in zip(rgb[c], rgb[nxt])))
+    return tuple(16 + 36 * r + 6 * g + b for r, g, b in order)
+
+
+def _index_hex(idx: int) -> str:
+    v = idx - 16
+    r, g, b = _LEVELS[v // 36], _LEVELS[v // 6 % 6], _LEVELS[v % 6]
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 def expert_color(e: int, n: int) -> str:
-    """A distinct hex colour per expert (tab20, then hue steps)."""
+    """A hex colour per expert, distinct for every expert count: the terminal palette's colours while
+    there are enough of them (so the HTML page and the terminal agree), then hue steps."""
     import colorsys
 
-    tab20 = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-        "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
-        "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
-    ]  # fmt: skip
-    if n <= len(tab20):
-        return tab20[e]
+    pal = terminal_palette()
+    if n <= len(pal):
+        return _index_hex(pal[e])
     r, g, b = colorsys.hls_to_rgb((e / n) % 1.0, 0.55, 0.65)
-    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
 
 def _visible(tok: str) -> str:
     return tok.replace("\n", "⏎").replace("\t", "⇥")
 
 
-def rich_text_view(tr: TextRouting):
+def rich_text_view(tr: TextRouting, ids: bool = False):
     """A rich renderable: for each MoE layer, the text with every token on its top-1 expert's colour,
-    followed by a legend. Returns a rich Group."""
+    followed by a legend. With `ids` (output that is not a colour terminal, or more experts than
+    distinct colours) each token is followed by its expert id, `tok[3]`, so the view reads without
+    colour. Returns a rich Group."""
     from rich.console import Group
     from rich.text import Text
+
+    pal = terminal_palette()
+    ids = ids or tr.n_experts > len(pal)
+
+    def style(e: int) -> str:
+        return (
+            f"black on color({pal[e]})"
+            if tr.n_experts <= len(pal)
+            else f"black on {expert_color(e, tr.n_experts)}"
+        )
 
     items = []
     for i, r in tr.layers.items():
         line = Text(f"layer {i}: ", style="bold")
         for t, row in enumerate(r.topk_idx.tolist()):
-            line.append(_visible(tr.tokens[t]), style=f"black on {expert_color(row[0], tr.n_experts)}")
+            line.append(_visible(tr.tokens[t]), style=style(row[0]))
+            if ids:
+                line.append(f"[{row[0]}]", style="dim")
         items.append(line)
-    legend = Text("top-1 expert: ")
+    legend = Text("top-1 expert" + (" (id in brackets after each token): " if ids else ": "))
     for e in range(tr.n_experts):
-        legend.append(f" {e} ", style=f"black on {expert_color(e, tr.n_experts)}")
+        legend.append(f" {e} ", style=style(e))
         legend.append(" ")
     items.append(legend)
     return Group(*items)

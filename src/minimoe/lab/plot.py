@@ -217,7 +217,7 @@ def maxvio_figure(runs: list[RunData]):
         colors = _colors(len(layers))
         for layer, c in zip(layers, colors):
             pts = [(r["step"], r["max_vio"][layer]) for r in run.train if layer in r.get("max_vio", {})]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1, label=f"layer {layer}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1, label=layer_label(run, layer))
         steps, mean = run.series("max_vio_mean")
         ax.plot(steps, mean, color="black", lw=2, ls="--", label="mean over layers")
         ax.set_title(run.label, fontsize=10)
@@ -229,6 +229,14 @@ def maxvio_figure(runs: list[RunData]):
         ax.set_visible(False)
     fig.suptitle("expert load imbalance per layer (0 = perfectly balanced)")
     return fig
+
+
+def layer_label(run: RunData, key: str) -> str:
+    """How figures name the MoE layer logged as `key`: blocks after the last layer are MTP modules."""
+    i, n = int(key), run.cfg.model.n_layers
+    if i < n:
+        return f"layer {i}"
+    return "MTP" if run.cfg.model.mtp_depth == 1 else f"MTP {i - n + 1}"
 
 
 def pick_steps(run: RunData, steps: list[int] | None, n_default: int = 3) -> list[int]:
@@ -282,7 +290,9 @@ def load_heatmap_figure(run: RunData, steps: list[int] | None = None):
         ax.set_title(f"step {s} ({by_step[s]['tokens']:,} tokens)", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(layer_names)), layer_names)
+        ax.set_yticks(
+            range(len(layer_names)), [layer_label(run, k).removeprefix("layer ") for k in layer_names]
+        )
         ticks = range(0, n_exp, max(1, n_exp // 16))
         ax.set_xticks(list(ticks), [str(t) for t in ticks])
     cbar = fig.colorbar(im, ax=list(axes[0]), shrink=0.9)

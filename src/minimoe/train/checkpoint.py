@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from minimoe.errors import MinimoeError
+from minimoe.files import as_umask_allows
 
 if TYPE_CHECKING:
     from minimoe.config import RunConfig
@@ -172,6 +173,7 @@ def _write_dir(tmp: Path, model, state: dict, meta: dict, config_text: str, toke
     else:
         weights = {k: v.contiguous() for k, v in model.items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+    as_umask_allows(tmp / "model.safetensors")
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
     if tokenizer is not None:
