@@ -134,7 +134,7 @@ def run(args) -> int:
         from minimoe.serve.app import build_app, run_server
     except ImportError as e:
         raise MinimoeError(
-            f"serving needs the serve extra ({e.name} is missing): pip install 'minimoe[serve]'"
+            f"serving needs {e.name}, which minimoe installs; reinstall it: pip install -e ."
         ) from None
     from minimoe.dist.init import resolve_device
     from minimoe.train.checkpoint import load_run
