@@ -67,3 +67,13 @@ def test_compare_help_documents_the_sweep_file(capsys):
     out = capsys.readouterr().out
     for key in ("base:", "budget:", "seeds:", "variants:", "overrides:"):
         assert key in out, key
+
+
+def test_eval_task_options_are_the_library_table():
+    from minimoe.errors import MinimoeError
+    from minimoe.eval.runner import check_options
+
+    check_options("perplexity", {"window": 32, "temperature": None})
+    with pytest.raises(MinimoeError, match="window applies only to the perplexity task, not generation"):
+        check_options("generation", {"window": 32})
+    assert main(["eval", "r", "--task", "generation", "--data", "x.jsonl", "--window", "8"]) == 2

@@ -53,10 +53,8 @@ def _settings(args):
 def run(args) -> int:
     import torch
 
-    from minimoe.bench import measure as M
+    from minimoe.bench.run import benchmark, format_table, steps_of
     from minimoe.config_yaml import build_run_config
-    from minimoe.dist.init import resolve_device
-    from minimoe.model.transformer import Transformer
 
     overrides = list(args.overrides)
     if args.precision:
@@ -71,89 +69,32 @@ def run(args) -> int:
             raise MinimoeError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = _settings(args)
-    device = resolve_device(rc.train.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[rc.train.precision]
-
-    result: dict = {
-        "config": args.config or args.preset,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "dtype": rc.train.precision,
-        "batch": [rc.train.batch_size, rc.train.seq_len],
-        **M.machine_info(device),
-    }
-    # everything that can refuse the config happens before the first timed run
-    torch.manual_seed(rc.train.seed)
-    model = Transformer(rc.model).to(device)
-    subjects: list[M.Subject] = [M.MinimoeSubject(model, rc, device)]
-    if args.against == "hf":
-        from minimoe.bench.hf import hf_twin, max_logit_diff
-
-        hf = hf_twin(model)
-        probe = torch.randint(0, rc.model.vocab_size, (2, min(64, rc.model.max_seq_len)), device=device)
-        result["logits_max_abs_diff"] = diff = max_logit_diff(model, hf, probe)
-        if not diff < 1e-3:
-            raise RuntimeError(f"the HF twin computes a different function (max logit difference {diff:.3g})")
-        subjects.append(M.HFSubject(hf, rc, device))
 
     from tqdm.auto import tqdm
 
-    total = 1 + len(M.measurements(settings)) * len(subjects) * (settings.repeats + 1)
-    with tqdm(total=total, desc="matmul peak", unit="run", disable=args.no_progress, file=sys.stderr) as bar:
-        result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, dtype, settings.peak_size)
-        if dtype != torch.float32:
-            fp32 = result["matmul_peak_fp32_gflops"] = M.matmul_peak_gflops(
-                device, torch.float32, settings.peak_size
-            )
-            if result["matmul_peak_gflops"] < 0.5 * fp32:
-                bar.write(
-                    f"minimoe bench: note: {rc.train.precision} matmuls run at {result['matmul_peak_gflops']:.1f} "
-                    f"GFLOP/s here against {fp32:.1f} in fp32 (no {rc.train.precision} arithmetic in hardware); "
-                    "expect every measurement to be slower than fp32",
-                    file=sys.stderr,
-                )
-        bar.update(1)
+    bars: list = []  # opened at the first timed run, after everything that can refuse the config
 
-        def step(key: str) -> None:
-            bar.set_description(key)
-            bar.update(1)
+    def bar():
+        if not bars:
+            bars.append(tqdm(total=steps_of(settings, against=args.against), desc="matmul peak", unit="run",
+                             disable=args.no_progress, file=sys.stderr))  # fmt: skip
+        return bars[0]
 
-        for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
-            result.update(values)
-            if args.against:
-                result[f"{key}_ratio"] = values[f"{key}_tok_s"] / values[f"hf_{key}_tok_s"]
-    result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
-    if args.against:
-        result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
-    published = M.published_peak_tflops(device)
-    if published is not None:
-        result["published_peak_tflops"] = published
-        result["mfu_published"] = result["mfu"] * result["matmul_peak_gflops"] / (published * 1e3)
+    def step(key: str) -> None:
+        bar().set_description(key)
+        bar().update(1)
 
+    def note(text: str) -> None:
+        bar().write(f"minimoe bench: note: {text}", file=sys.stderr)
+
+    try:
+        result = benchmark(rc, args.config or args.preset, settings, against=args.against, on_step=step,
+                           on_note=note)  # fmt: skip
+    finally:
+        for b in bars:
+            b.close()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_table(result, bool(args.against)))
     return 0
-
-
-def format_table(r: dict, against: bool) -> str:
-    """The result as a Markdown table: one row per measurement, ratios when compared."""
-    lines = [
-        f"{r['config']} on {r.get('gpu') or r['cpu']} ({r['device']}, {r['threads']} threads, {r['dtype']}), "
-        f"torch {r['torch']}"
-        + (f", transformers {r['transformers']}" if against and "transformers" in r else ""),
-        f"matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; training MFU {r['mfu']:.1%}"
-        + (f" (hf {r['hf_mfu']:.1%})" if against else ""),
-        "",
-        "| measurement | minimoe tok/s | peak MiB |"
-        + (" hf tok/s | hf peak MiB | minimoe / hf |" if against else ""),
-        "|---|---:|---:|" + ("---:|---:|---:|" if against else ""),
-    ]
-    keys = [k[: -len("_tok_s")] for k in r if k.endswith("_tok_s") and not k.startswith("hf_")]
-    for k in keys:
-        row = f"| {k} | {r[k + '_tok_s']:,.0f} | {r[f'peak_mem_{k}_mib']:,.0f} |"
-        if against:
-            row += f" {r[f'hf_{k}_tok_s']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} | {r[f'{k}_ratio']:.2f}x |"
-        lines.append(row)
-    return "\n".join(lines)

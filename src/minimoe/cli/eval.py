@@ -10,29 +10,14 @@ from pathlib import Path
 
 from minimoe.cli.args import check_writable, integer, number
 from minimoe.errors import MinimoeError, describe_os_error
+from minimoe.eval.runner import ROLES, TASK_OPTIONS, TASKS
 
-TASKS = ("perplexity", "multiple-choice", "minimal-pairs", "generation")
-ROLES = {
-    "perplexity": (),
-    "multiple-choice": ("context", "choices", "label"),
-    "minimal-pairs": ("sentence_good", "sentence_bad"),
-    "generation": ("prompt", "reference"),
-}
-# options that only one kind of task reads (dest -> tasks)
+# the CLI's options that only some tasks read (argparse dest -> tasks), from the library's table
 ONLY_FOR = {
-    "text_field": ("perplexity",),
-    "window": ("perplexity",),
-    "stride": ("perplexity",),
-    "delimiter": ("multiple-choice",),
+    **{dest: tasks for dest, tasks in TASK_OPTIONS.items() if dest not in ("fields", "on_prediction")},
     "field_good": ("minimal-pairs",),
     "field_bad": ("minimal-pairs",),
-    "max_new_tokens": ("generation",),
-    "temperature": ("generation",),
-    "top_k": ("generation",),
-    "top_p": ("generation",),
-    "seed": ("generation",),
-    "stop": ("generation",),
-    "predictions": ("generation",),
+    "predictions": TASK_OPTIONS["on_prediction"],
 }
 SKIP_KEYS = {"task", "data", "checkpoint", "settings", "config", "seconds", "per_file", "skipped"}
 

@@ -13,6 +13,31 @@ import torch
 from minimoe.errors import MinimoeError
 
 TASKS = ("perplexity", "multiple-choice", "minimal-pairs", "generation")
+# the record fields each task reads; `fields={"ROLE": "name"}` reads a role from another field
+ROLES = {
+    "perplexity": (),
+    "multiple-choice": ("context", "choices", "label"),
+    "minimal-pairs": ("sentence_good", "sentence_bad"),
+    "generation": ("prompt", "reference"),
+}
+# options that only some tasks read (evaluate_run keyword -> tasks)
+GENERATION = ("generation",)
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "text_field": ("perplexity",), "window": ("perplexity",), "stride": ("perplexity",),
+    "fields": ("multiple-choice", "minimal-pairs", "generation"), "delimiter": ("multiple-choice",),
+    "max_new_tokens": GENERATION, "temperature": GENERATION, "top_k": GENERATION, "top_p": GENERATION,
+    "seed": GENERATION, "stop": GENERATION, "on_prediction": GENERATION,
+}  # fmt: skip
+
+
+def check_options(task: str, options: dict[str, Any]) -> None:
+    """MinimoeError naming the first option (not None) that `task` does not read."""
+    for name, value in options.items():
+        tasks = TASK_OPTIONS.get(name)
+        if value is not None and tasks is not None and task not in tasks:
+            raise MinimoeError(f"{name} applies only to the {' / '.join(tasks)} task, not {task}")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,6 +79,7 @@ def evaluate_run(
 
     if task not in TASKS:
         raise MinimoeError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    check_options(task, options)
     if dtype not in DTYPES:
         raise MinimoeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():

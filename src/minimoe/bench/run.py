@@ -1,0 +1,116 @@
+"""One benchmark of one config on this machine: the matmul peak, then training, prefill and decode
+tokens/s and peak memory of minimoe (and, against="hf", of transformers' DeepseekV3 with the same
+weights), and MFU. `minimoe bench` prints what `benchmark` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from minimoe.bench import measure as M
+from minimoe.config import RunConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def steps_of(settings: M.BenchSettings, against: str | None = None) -> int:
+    """How many times `benchmark` calls on_step (for a progress bar)."""
+    subjects = 2 if against else 1
+    return 1 + len(M.measurements(settings)) * subjects * (settings.repeats + 1)
+
+
+def benchmark(
+    rc: RunConfig,
+    name: str,
+    settings: M.BenchSettings,
+    against: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> dict:
+    """Measure `rc` with random weights.
+
+    Args:
+        rc: the config; train.batch_size x train.seq_len is the training batch, train.precision the dtype.
+        name: what the result calls the config (preset name or YAML path).
+        settings: repeats and sizes (BenchSettings.quick() for a fast run).
+        against: "hf" to measure transformers' DeepseekV3 with the same weights too.
+        on_step: called with a measurement's name after each timed run.
+        on_note: called with a sentence worth showing (e.g. no bf16 arithmetic in hardware).
+    Returns:
+        One flat dict: machine and config facts, `<measurement>_tok_s` and `peak_mem_<measurement>_mib`
+        (and `hf_...` and `<measurement>_ratio` when compared), `matmul_peak_gflops`, `mfu`.
+    """
+    from minimoe.dist.init import resolve_device
+    from minimoe.model.transformer import Transformer
+
+    step = on_step or (lambda key: None)
+    device = resolve_device(rc.train.device)
+    dtype = DTYPES[rc.train.precision]
+    result: dict = {
+        "config": name,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "dtype": rc.train.precision,
+        "batch": [rc.train.batch_size, rc.train.seq_len],
+        **M.machine_info(device),
+    }
+    # everything that can refuse the config happens before the first timed run
+    torch.manual_seed(rc.train.seed)
+    model = Transformer(rc.model).to(device)
+    subjects: list[M.Subject] = [M.MinimoeSubject(model, rc, device)]
+    if against == "hf":
+        from minimoe.bench.hf import hf_twin, max_logit_diff
+
+        hf = hf_twin(model)
+        probe = torch.randint(0, rc.model.vocab_size, (2, min(64, rc.model.max_seq_len)), device=device)
+        result["logits_max_abs_diff"] = diff = max_logit_diff(model, hf, probe)
+        if not diff < 1e-3:
+            raise RuntimeError(f"the HF twin computes a different function (max logit difference {diff:.3g})")
+        subjects.append(M.HFSubject(hf, rc, device))
+
+    result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, dtype, settings.peak_size)
+    if dtype != torch.float32:
+        fp32 = M.matmul_peak_gflops(device, torch.float32, settings.peak_size)
+        result["matmul_peak_fp32_gflops"] = fp32
+        if result["matmul_peak_gflops"] < 0.5 * fp32 and on_note is not None:
+            on_note(
+                f"{rc.train.precision} matmuls run at {result['matmul_peak_gflops']:.1f} GFLOP/s here against "
+                f"{fp32:.1f} in fp32 (no {rc.train.precision} arithmetic in hardware); expect every "
+                "measurement to be slower than fp32"
+            )
+    step("matmul peak")
+    for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
+        result.update(values)
+        if against:
+            result[f"{key}_ratio"] = values[f"{key}_tok_s"] / values[f"hf_{key}_tok_s"]
+    result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
+    if against:
+        result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
+    published = M.published_peak_tflops(device)
+    if published is not None:
+        result["published_peak_tflops"] = published
+        result["mfu_published"] = result["mfu"] * result["matmul_peak_gflops"] / (published * 1e3)
+    return result
+
+
+def format_table(r: dict, against: bool) -> str:
+    """The result as a Markdown table: one row per measurement, ratios when compared."""
+    lines = [
+        f"{r['config']} on {r.get('gpu') or r['cpu']} ({r['device']}, {r['threads']} threads, {r['dtype']}), "
+        f"torch {r['torch']}"
+        + (f", transformers {r['transformers']}" if against and "transformers" in r else ""),
+        f"matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; training MFU {r['mfu']:.1%}"
+        + (f" (hf {r['hf_mfu']:.1%})" if against else ""),
+        "",
+        "| measurement | minimoe tok/s | peak MiB |"
+        + (" hf tok/s | hf peak MiB | minimoe / hf |" if against else ""),
+        "|---|---:|---:|" + ("---:|---:|---:|" if against else ""),
+    ]
+    keys = [k[: -len("_tok_s")] for k in r if k.endswith("_tok_s") and not k.startswith("hf_")]
+    for k in keys:
+        row = f"| {k} | {r[k + '_tok_s']:,.0f} | {r[f'peak_mem_{k}_mib']:,.0f} |"
+        if against:
+            row += f" {r[f'hf_{k}_tok_s']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} | {r[f'{k}_ratio']:.2f}x |"
+        lines.append(row)
+    return "\n".join(lines)
