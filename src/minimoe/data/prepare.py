@@ -21,12 +21,9 @@ Train/validation split, in order of preference:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import multiprocessing as mp
 import os
-import re
 import shutil
 import time
 import uuid
@@ -36,21 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from minimoe.data.cache import FORMAT_VERSION, check_ours, clean_stale, lock, read_trusted, write_json_atomic
 from minimoe.data.corpus import Corpus, open_source
+from minimoe.data.shards import SPLITS, ShardWriter, copy_tokens, move_tail, tokenize_corpus
 from minimoe.data.tokenizer import Tokenizer, resolve_tokenizer, train_bpe
 from minimoe.errors import MinimoeError
 
-FORMAT_VERSION = 1
 SHARD_TOKENS = 64 * 2**20  # tokens per shard file (128 MiB as uint16)
 # With fewer expected validation documents than this, one document's length would decide the
 # size of the validation set, so the split falls back to the tail of the token stream.
 MIN_VAL_DOCS = 8
-TASK_CHARS = 1 << 18  # characters of text per worker task: small enough to spread ~1 MB over 2 workers
-SPLITS = ("train", "val")
-_SHARD_RE = re.compile(r"^(train|val)_\d{3,}\.bin$")
-_OWN_NAMES = {"meta.json", "meta.json.tmp", "tokenizer"}
 
 
 @dataclass
@@ -72,7 +65,7 @@ class PreparedData:
         """Open a prepared folder, checking every listed file's size. Raises MinimoeError if the
         folder is missing or incomplete."""
         d = Path(directory)
-        meta, why = _read_trusted(d)
+        meta, why = read_trusted(d)
         if meta is None:
             raise MinimoeError(f"{d} holds no complete prepared data ({why}); prepare it again")
         return cls(d, meta)
@@ -111,160 +104,6 @@ class PreparedData:
         return tok
 
 
-# ---------------------------------------------------------------------- trust checks
-
-
-def _read_trusted(d: Path) -> tuple[dict | None, str]:
-    """meta.json of `d` if every file it lists exists with its exact size, else (None, why)."""
-    mp_ = d / "meta.json"
-    if not mp_.is_file():
-        return None, "no meta.json" if d.is_dir() else "the folder does not exist"
-    try:
-        meta = json.loads(mp_.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None, "meta.json is not valid JSON"
-    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
-        return None, f"meta.json is not format version {FORMAT_VERSION}"
-    for rel, size in meta.get("files", {}).items():
-        p = d / rel
-        if not p.is_file() or p.stat().st_size != size:
-            return None, f"{rel} is missing or not {size} bytes"
-    return meta, ""
-
-
-def _check_ours(d: Path) -> None:
-    """Refuse to replace a folder holding files we did not write (it may be the user's)."""
-    if not d.exists():
-        return
-    if not d.is_dir():
-        raise MinimoeError(f"prepared-data path {d} is a file, not a folder")
-    for p in d.iterdir():
-        if p.name not in _OWN_NAMES and not _SHARD_RE.match(p.name):
-            raise MinimoeError(
-                f"{d} holds files minimoe did not write ({p.name}); choose an empty or new folder for prepared data"
-            )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(d: Path) -> None:
-    """Remove temp/old siblings left by runs whose process is gone (killed mid-write)."""
-    pat = re.compile(rf"^\.{re.escape(d.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
-    for p in d.parent.iterdir() if d.parent.is_dir() else []:
-        m = pat.match(p.name)
-        if m and not _pid_alive(int(m.group(2))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _lock(d: Path) -> Iterator[None]:
-    """An exclusive lock per prepared folder, so concurrent runs (e.g. torchrun ranks) prepare once."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; rank 0 should prepare alone
-        yield
-        return
-    d.parent.mkdir(parents=True, exist_ok=True)
-    with open(d.parent / f".{d.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------- shard writing
-
-
-class _ShardWriter:
-    """Appends token ids to `{split}_{i:03d}.bin` files of at most `shard_tokens` tokens."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.dir, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
-        self.shards: list[list] = []  # [file name, tokens]
-        self._f = None
-
-    def write(self, ids: np.ndarray) -> None:
-        ids = ids.astype(self.dtype, copy=False)
-        pos = 0
-        while pos < len(ids):
-            if self._f is None or self.shards[-1][1] == self.shard_tokens:
-                self._close_file()
-                name = f"{self.split}_{len(self.shards):03d}.bin"
-                self._f = open(self.dir / name, "wb")
-                self.shards.append([name, 0])
-            take = min(len(ids) - pos, self.shard_tokens - self.shards[-1][1])
-            self._f.write(ids[pos : pos + take].tobytes())
-            self.shards[-1][1] += take
-            pos += take
-
-    def _close_file(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())  # shards must be on disk before meta.json says they are
-            self._f.close()
-            self._f = None
-
-    def close(self) -> None:
-        self._close_file()
-
-
-# ---------------------------------------------------------------------- worker side
-
-# Each worker process builds the tokenizer once from the payload the pool initializer hands it;
-# this per-process slot is how multiprocessing.Pool passes state to its workers.
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(payload: dict, dtype: str) -> None:
-    _WORKER["tok"] = Tokenizer.from_payload(payload)
-    _WORKER["dtype"] = np.dtype(dtype)
-
-
-def _encode_task(task: tuple[list[str], list[bool], list[int]]) -> dict:
-    return _encode(_WORKER["tok"], _WORKER["dtype"], task)
-
-
-def _encode(tok: Tokenizer, dtype: np.dtype, task: tuple[list[str], list[bool], list[int]]) -> dict:
-    """Tokenize one task; returns per-split ids (EOS after each document end) and counts."""
-    texts, ends, splits = task
-    arrays = tok.encode_arrays(texts)
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    out: dict[str, Any] = {"max_id": -1, "chars": sum(map(len, texts))}
-    for s in (0, 1):
-        pieces, nbytes, ndocs = [], 0, 0
-        for text, end, split, ids in zip(texts, ends, splits, arrays):
-            if split != s:
-                continue
-            pieces.append(ids)
-            if end:
-                pieces.append(eos)
-                ndocs += 1
-            nbytes += len(text.encode("utf-8"))
-        ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-        if len(ids):
-            out["max_id"] = max(out["max_id"], int(ids.max()))
-        out[SPLITS[s]] = (ids.astype(dtype), nbytes, ndocs)
-    return out
-
-
 # ---------------------------------------------------------------------- prepare
 
 
@@ -280,32 +119,6 @@ def _count(corpus: Corpus) -> tuple[int, int]:
 def _is_val(i: int, f: float) -> bool:
     """Document i goes to validation: spreads exactly floor(n f) of n documents evenly."""
     return math.floor((i + 1) * f) > math.floor(i * f)
-
-
-def _tasks(corpus: Corpus, assign) -> Iterator[tuple[list[str], list[bool], list[int]]]:
-    texts: list[str] = []
-    ends: list[bool] = []
-    splits: list[int] = []
-    size, doc = 0, 0
-    for text, end in corpus.segments():
-        texts.append(text)
-        ends.append(end)
-        splits.append(assign(doc))
-        doc += end
-        size += len(text)
-        if size >= TASK_CHARS:
-            yield texts, ends, splits
-            texts, ends, splits, size = [], [], [], 0
-    if texts:
-        yield texts, ends, splits
-
-
-def _byte_count(tok: Tokenizer, ids: np.ndarray) -> int:
-    """UTF-8 bytes that `ids` decode to (exact for the byte kind; BPE decodes in chunks)."""
-    if tok.kind == "byte":
-        return int(np.count_nonzero(ids < 256))
-    step = 1 << 20
-    return sum(len(tok.decode(ids[i : i + step].tolist()).encode("utf-8")) for i in range(0, len(ids), step))
 
 
 def prepare(
@@ -367,8 +180,8 @@ def prepare(
         json.dumps({"train": corpus.describe(), "val": val_corpus and val_corpus.describe()})
     )
 
-    with _lock(out_dir):
-        meta, _ = _read_trusted(out_dir)
+    with lock(out_dir):
+        meta, _ = read_trusted(out_dir)
         same_setup = (
             meta is not None
             and meta.get("params") == params
@@ -385,10 +198,10 @@ def prepare(
             content = _content_hash(corpus, val_corpus)
             if meta["content_hash"] == content:
                 meta["sources"] = sources  # touched but unchanged: remember the new mtimes
-                _write_json_atomic(out_dir / "meta.json", meta)
+                write_json_atomic(out_dir / "meta.json", meta)
                 return PreparedData(out_dir, meta, cached=True)
-        _check_ours(out_dir)
-        _clean_stale(out_dir)
+        check_ours(out_dir)
+        clean_stale(out_dir)
         content = content or _content_hash(corpus, val_corpus)
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
@@ -398,7 +211,7 @@ def prepare(
             meta["files"] = {
                 p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
             }
-            _write_json_atomic(tmp / "meta.json", meta)  # last: it is what makes the folder trusted
+            write_json_atomic(tmp / "meta.json", meta)  # last: it is what makes the folder trusted
             if out_dir.exists():
                 old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.rename(out_dir, old)
@@ -460,7 +273,7 @@ def _build(
     tok.save(tmp / "tokenizer")
     # ids < vocab_size <= 65536 fit in uint16
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
-    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     stats = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in SPLITS}
     max_id = -1
     for c, forced in ((corpus, None), (val_corpus, "val")):
@@ -468,7 +281,7 @@ def _build(
             continue
         if c.pretokenized:
             max_id = max(
-                max_id, _copy_tokens(c, tok, writers[forced or "train"], stats[forced or "train"], progress)
+                max_id, copy_tokens(c, tok, writers[forced or "train"], stats[forced or "train"], progress)
             )
             stats[forced or "train"]["bytes"] = None
             continue
@@ -479,11 +292,11 @@ def _build(
             chars, a = n_c[1], (lambda i: 1)
         else:
             chars, a = n_chars, assign
-        max_id = max(max_id, _tokenize(c, tok, a, writers, stats, dtype, workers, chars, progress))
+        max_id = max(max_id, tokenize_corpus(c, tok, a, writers, stats, dtype, workers, chars, progress))
     for w in writers.values():
         w.close()
     if mode == "stream":
-        _move_tail(tmp, tok, writers, stats, val_fraction, dtype)
+        move_tail(tmp, tok, writers, stats, val_fraction, dtype)
     for s in SPLITS:
         stats[s]["shards"] = [{"file": n, "tokens": t} for n, t in writers[s].shards if t > 0]
     if stats["train"]["tokens"] == 0:
@@ -522,117 +335,3 @@ def _train_texts(corpus: Corpus, assign) -> Iterator[str]:
         if assign(doc) == 0:
             yield text
         doc += end
-
-
-def _tokenize(corpus, tok, assign, writers, stats, dtype, workers, chars, progress) -> int:
-    """Tokenize a text corpus into the writers, in a process pool when there is enough text."""
-    max_id = -1
-    bar = tqdm(
-        total=chars,
-        unit="char",
-        unit_scale=True,
-        desc=f"tokenize {Path(corpus.name).name}",
-        disable=not progress,
-    )
-    t0, n_tok = time.perf_counter(), 0
-    tasks = _tasks(corpus, assign)
-    with contextlib.ExitStack() as stack:
-        # The byte kind encodes at memory speed (~30M tokens/s in one process), faster than
-        # pickling its results back from workers, so only HF kinds use the pool.
-        if workers > 1 and chars > TASK_CHARS and tok.kind != "byte":
-            results = stack.enter_context(_pool(tok, dtype, workers)).imap(_encode_task, tasks)
-        else:
-            results = (_encode(tok, dtype, t) for t in tasks)
-        for r in results:
-            for s in SPLITS:
-                ids, nbytes, ndocs = r[s]
-                writers[s].write(ids)
-                stats[s]["tokens"] += len(ids)
-                stats[s]["bytes"] += nbytes
-                stats[s]["documents"] += ndocs
-                n_tok += len(ids)
-            max_id = max(max_id, r["max_id"])
-            bar.update(r["chars"])
-            bar.set_postfix(tok_per_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.3g}", refresh=False)
-    bar.close()
-    return max_id
-
-
-@contextlib.contextmanager
-def _pool(tok: Tokenizer, dtype: np.dtype, workers: int):
-    # fork where the platform has it: fast start, and no re-import of the caller's __main__
-    # (spawn would re-run an unguarded user script).
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    # HF tokenizers warns after a fork once its thread pool was used (e.g. by BPE training) unless
-    # TOKENIZERS_PARALLELISM is set; workers are single-threaded on purpose (one per process).
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = mp.get_context(method).Pool(
-            workers, initializer=_init_worker, initargs=(tok.payload(), dtype.name)
-        )
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-def _copy_tokens(corpus, tok: Tokenizer, writer: _ShardWriter, stat: dict, progress: bool) -> int:
-    """Copy a pre-tokenized array into shards, checking its ids fit the tokenizer."""
-    arr = corpus.tokens()
-    step = 1 << 24
-    max_id = -1
-    for i in tqdm(range(0, len(arr), step), desc=f"copy {Path(corpus.name).name}", disable=not progress):
-        chunk = np.asarray(arr[i : i + step])
-        lo, hi = int(chunk.min()), int(chunk.max())
-        if lo < 0:
-            raise MinimoeError(f"{corpus.name} holds a negative token id ({lo})")
-        if hi >= tok.vocab_size:
-            raise MinimoeError(
-                f"{corpus.name} holds token id {hi} but the tokenizer has {tok.vocab_size} entries; "
-                "pass the tokenizer the array was made with"
-            )
-        max_id = max(max_id, hi)
-        writer.write(chunk)
-    stat["tokens"] += len(arr)
-    return max_id
-
-
-def _move_tail(
-    tmp: Path, tok: Tokenizer, writers: dict, stats: dict, val_fraction: float, dtype: np.dtype
-) -> None:
-    """Stream split: move the last val_fraction of the train tokens into val shards."""
-    total = stats["train"]["tokens"]
-    k = int(total * val_fraction)
-    if k == 0:
-        return
-    tail, need = [], k
-    shards = writers["train"].shards
-    while need > 0:
-        name, n = shards[-1]
-        take = min(need, n)
-        path = tmp / name
-        arr = np.fromfile(path, dtype=dtype)
-        tail.append(arr[n - take :].copy())
-        del arr
-        os.truncate(path, (n - take) * dtype.itemsize)
-        shards[-1][1] -= take
-        if shards[-1][1] == 0:
-            path.unlink()
-            shards.pop()
-        need -= take
-    ids = np.concatenate(tail[::-1])
-    val_writer = writers["val"]
-    val_writer.write(ids)
-    val_writer.close()
-    stats["val"]["tokens"], stats["train"]["tokens"] = k, total - k
-    val_bytes = _byte_count(tok, ids)
-    stats["val"]["bytes"] = val_bytes
-    if stats["train"]["bytes"] is not None:
-        stats["train"]["bytes"] -= val_bytes
