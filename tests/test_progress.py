@@ -132,3 +132,33 @@ def test_perplexity_of_one_long_document_moves_the_bar_per_batch(tmp_path, monke
     evaluate_perplexity(model, Tokenizer.byte(), doc, window=32, batch_size=4, progress=True)
     assert sum(updates) == doc.stat().st_size
     assert len([u for u in updates if u > 0]) >= 5  # one update per batch of 4 windows, not one at the end
+
+
+def _agree_rank(rank: int, port: int, out: str) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from minimoe.train.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        me = types.SimpleNamespace(device=torch.device("cpu"))
+        # rank 1 finds no time for another step (its own timings), rank 0 does: both must stop
+        res = Trainer._agree(me, 10.0 + rank, False, rank == 1)
+        Path(out, f"{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_running_out_of_time(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [11.0, False, True]

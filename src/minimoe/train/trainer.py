@@ -504,13 +504,15 @@ class Trainer:
 
                 self.elapsed = time.perf_counter() - t0
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
-                if self.ctx.distributed:
-                    # clocks and Ctrl-C differ per rank: every rank takes the slowest clock (the LR
-                    # schedule of a time-limited run reads it) and stops together or not at all
-                    self.elapsed, interrupt.requested = self._agree(self.elapsed, interrupt.requested)
                 out_of_time = tc.max_minutes is not None and not self._time_for_another_step(
                     tc.max_minutes * 60 - self.elapsed, step_s, at_eval
                 )
+                if self.ctx.distributed:
+                    # clocks, timings and Ctrl-C differ per rank: every rank takes the slowest clock (the
+                    # LR schedule of a time-limited run reads it) and stops together or not at all
+                    self.elapsed, interrupt.requested, out_of_time = self._agree(
+                        self.elapsed, interrupt.requested, out_of_time
+                    )
                 paused = session_end is not None and self.step >= session_end
                 if out_of_time or interrupt.requested or paused:
                     at_eval = True
@@ -647,11 +649,12 @@ class Trainer:
         flat = self.par.reduce_sum(torch.stack([loads[i].float() for i in keys]))
         return dict(zip(keys, flat))
 
-    def _agree(self, elapsed: float, stop: bool) -> tuple[float, bool]:
-        """The largest elapsed time of all ranks, and whether any rank asked to stop."""
-        t = torch.tensor([elapsed, float(stop)], dtype=torch.float64, device=self.device)
+    def _agree(self, elapsed: float, stop: bool, out_of_time: bool) -> tuple[float, bool, bool]:
+        """The largest elapsed time of all ranks, whether any rank asked to stop, and whether any rank
+        found no time for another step."""
+        t = torch.tensor([elapsed, float(stop), float(out_of_time)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t[0].item(), bool(t[1].item() > 0)
+        return t[0].item(), bool(t[1].item() > 0), bool(t[2].item() > 0)
 
     def _schedule_step(self, t0: float) -> int:
         """The step the LR schedule sees. With train.max_minutes the schedule follows whichever of steps
