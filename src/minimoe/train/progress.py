@@ -1,5 +1,5 @@
-"""What a training run shows while it runs: the progress bar (steps, or steps and minutes under
-train.max_minutes), and the metrics file trimmed back to a resumed checkpoint."""
+"""What a training run shows while it runs: the start-up summary line, the progress bar (steps, or
+steps and minutes under train.max_minutes), and the metrics file trimmed back to a resumed checkpoint."""
 
 from __future__ import annotations
 
@@ -14,6 +14,31 @@ def si(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.1f}{suffix}"
     return f"{n:.0f}"
+
+
+def run_summary(cfg, data, device, world_size: int = 1) -> str:
+    """One line that says what a run is: parameters, data, device, threads, dtype and budget.
+
+    Args:
+        cfg: the RunConfig; data: its PreparedData; device: the torch device; world_size: processes.
+    """
+    import torch
+
+    from minimoe.params import count_params
+
+    tc = cfg.train
+    rep = count_params(cfg.model)
+    mtp = f" incl. {si(rep.mtp_total)} MTP" if rep.mtp_total else ""
+    budget = f"{tc.max_steps:,} steps"
+    if tc.max_minutes is not None:
+        budget += f" or {tc.max_minutes:g} min, whichever comes first"
+    world = f" x {world_size} processes" if world_size > 1 else ""
+    return (
+        f"train: {si(rep.total + rep.mtp_total)} parameters{mtp}, {si(rep.activated)} activated per token; "
+        f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
+        f"{device.type}{world}, {torch.get_num_threads()} threads, {tc.precision}; "
+        f"{si(tc.batch_size * tc.seq_len * tc.grad_accum)} tokens/step; budget {budget}"
+    )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

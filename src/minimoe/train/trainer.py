@@ -33,7 +33,7 @@ from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train.health import expert_health, max_vio
 from minimoe.train.optim import build_optimizer
-from minimoe.train.progress import TrainProgress, si, truncate_metrics
+from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
 from minimoe.train.schedule import lr_multiplier
 
 log = logging.getLogger("minimoe.train")
@@ -407,7 +407,7 @@ class Trainer:
         parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         n_in_window = 0
         if self.ctx.is_main:
-            log.info("%s", self.summary())
+            log.info("%s", run_summary(self.cfg, self.data, self.device, self.ctx.world_size))
         bar = TrainProgress(self.progress and self.ctx.is_main, tc.max_steps, tc.max_minutes, self.step)
         with _Interrupt() as interrupt:
             while self.step < tc.max_steps:
@@ -554,26 +554,6 @@ class Trainer:
             tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, stopped=stopped,
             checkpoint=last_ckpt, is_main=self.ctx.is_main,
         )  # fmt: skip
-
-    def summary(self) -> str:
-        """One line that says what this run is: parameters, data, device, threads, dtype and budget."""
-        from minimoe.params import count_params
-
-        tc = self.cfg.train
-        rep = count_params(self.cfg.model)
-        total = rep.total + rep.mtp_total
-        mtp = f" incl. {si(rep.mtp_total)} MTP" if rep.mtp_total else ""
-        val = self.data.num_tokens("val")
-        budget = f"{tc.max_steps:,} steps"
-        if tc.max_minutes is not None:
-            budget += f" or {tc.max_minutes:g} min, whichever comes first"
-        world = f" x {self.ctx.world_size} processes" if self.ctx.distributed else ""
-        return (
-            f"train: {si(total)} parameters{mtp}, {si(rep.activated)} activated per token; "
-            f"data {si(self.data.num_tokens('train'))} train + {si(val)} val tokens; "
-            f"{self.device.type}{world}, {torch.get_num_threads()} threads, {tc.precision}; "
-            f"{si(tc.batch_size * tc.seq_len * tc.grad_accum)} tokens/step; budget {budget}"
-        )
 
     def _time_for_another_step(self, left_s: float, step_s: float | None, at_eval: bool) -> bool:
         """Whether one more step still lets the run end within train.max_minutes: the step itself, then
