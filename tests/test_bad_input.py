@@ -1058,3 +1058,14 @@ def test_resume_from_another_directory(ctx: Ctx, capsys, monkeypatch):
     monkeypatch.chdir(elsewhere)
     assert main(["train", "--resume", str(ctx.out), "--no-progress", "--no-sample", "train.max_steps=3"]) == 0
     capsys.readouterr()
+
+
+def test_memory_check_names_both_numbers_and_has_an_override(monkeypatch):
+    import minimoe.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**30)
+    with pytest.raises(MinimoeError, match=r"needs at least 2\.0 GiB but cpu has 1\.0 GiB available"):
+        memory.check_fits(2 * 2**30, "cpu", "training this model", "pass --skip-memory-check")
+    memory.check_fits(2**29, "cpu", "training this model", "pass --skip-memory-check")  # fits
+    monkeypatch.setenv(memory.SKIP_ENV, "1")
+    memory.check_fits(2 * 2**30, "cpu", "training this model", "pass --skip-memory-check")  # overridden

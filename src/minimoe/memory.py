@@ -25,7 +25,11 @@ def _cgroup_room() -> int | None:
         limit = (root / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return max(0, int(limit) - int((root / "memory.current").read_text()))
+        used = int((root / "memory.current").read_text())
+        for line in (root / "memory.stat").read_text().splitlines():
+            if line.startswith("inactive_file "):  # page cache the kernel reclaims before failing
+                used -= int(line.split()[1])
+        return max(0, int(limit) - used)
     except (OSError, ValueError):
         return None
 
