@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from minimoe.cli.args import integer, number
+from minimoe.cli.args import integer
 from minimoe.errors import MinimoeError
 from minimoe.serve.limits import Limits
 
@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
         ("--max-tokens", integer, "the most completion tokens one choice may ask for; more is a 400"),
         ("--max-prompt-tokens", integer, "the longest prompt in tokens; longer is a 400 (default: what fits the context)"),
         ("--max-body-bytes", integer, "larger request bodies get a 413"),
-        ("--header-timeout", number, "seconds a connection may take to send its request head"),
-        ("--body-timeout", number, "seconds a request may take to send its body (then 408)"),
+        ("--header-timeout", float, "seconds a connection may take to send its request head"),
+        ("--body-timeout", float, "seconds a request may take to send its body (then 408)"),
         ("--prefill-chunk", integer, "prompt tokens prefilled per step, between decode steps"),
     ]  # fmt: skip
     for flag, kind, text in limits:
