@@ -1001,6 +1001,7 @@ MORE_CASES: list[Case] = [
     Case("generate-length-penalty-nan", lambda c: [*G, c.run, "--length-penalty", "nan"], "finite number"),
     Case("generate-seed-overflow", lambda c: [*G, c.run, "--seed", str(2**70)], "64-bit"),
     Case("eval-window-huge", lambda c: [*base(c, "eval"), "--window", str(2**64)], "64-bit"),
+    Case("params-weight-overflows", lambda c: ["params", "tiny", f"model.hidden_size={10**12}"], "too large to exist"),
     # a damaged model is named at load, not inside sampling
     Case("generate-nonfinite-weights", lambda c: [*G, _run_copy(c, "nan", _nan_weight)], "NaN or infinite"),
     # resuming a run that is already past its new max_steps

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from minimoe.config import ModelConfig
+from minimoe.errors import ConfigError
 
 COMPONENTS = (
     "embedding",
@@ -100,8 +101,17 @@ def count_params(cfg: ModelConfig) -> ParamReport:
     small.n_layers = min(n_dense, 1) + min(n_moe, 1)
     small.first_k_dense = min(n_dense, 1)
     small.mtp_depth = min(cfg.mtp_depth, 1)
-    with torch.device("meta"):
-        model = Transformer(small)
+    try:
+        with torch.device("meta"):
+            model = Transformer(small)
+    except RuntimeError as e:  # a weight whose element count overflows 64 bits
+        if "overflow" not in str(e):
+            raise
+        raise ConfigError(
+            f"the model is too large to exist: one of its weights would hold more than 2**63 elements "
+            f"(hidden_size {cfg.hidden_size}, intermediate sizes {cfg.intermediate_size} / "
+            f"{cfg.moe_intermediate_size}, vocab_size {cfg.vocab_size})"
+        ) from None
     seen: set[int] = set()
     main, mtp = [], []
     tensors = list(model.named_parameters(remove_duplicate=False)) + [
