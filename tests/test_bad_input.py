@@ -1047,7 +1047,7 @@ def test_eval_out_is_checked_before_the_evaluation(ctx: Ctx, capsys, monkeypatch
     monkeypatch.setattr(minimoe.eval.runner, "evaluate_run", started)
     rc = main([str(a) for a in [*base(ctx, "eval"), "--out", ctx.under_file()]])
     out, err = capsys.readouterr()
-    _check(Case("eval-out-first", lambda c: [], "--out cannot be written"), rc, out, err)
+    _check(Case("eval-out-first", lambda c: [], "cannot write results"), rc, out, err)
 
 
 def test_resume_from_another_directory(ctx: Ctx, capsys, monkeypatch):

@@ -30,20 +30,21 @@ def number(text: str) -> float:
     return value
 
 
-def check_writable(path: str | Path, flag: str) -> None:
+def check_writable(path: str | Path, flag: str, what: str = "the output") -> None:
     """Raise MinimoeError now if the file `path` cannot be written, before any work that would be lost.
     An existing file is left as it is; a probe file that did not exist is removed again."""
     from minimoe.errors import MinimoeError, describe_os_error
 
     p = Path(path)
     if p.is_dir():
-        raise MinimoeError(f"{flag} {p} is a directory; give a file name")
+        raise MinimoeError(f"cannot write {what} ({p} is a directory); choose another {flag}")
     existed = p.exists()
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "a", encoding="utf-8"):
             pass
     except OSError as e:
-        raise MinimoeError(f"{flag} cannot be written ({describe_os_error(e) or e.strerror})") from None
+        reason = describe_os_error(e) or e.strerror
+        raise MinimoeError(f"cannot write {what} ({reason}); choose another {flag}") from None
     if not existed:
         p.unlink()

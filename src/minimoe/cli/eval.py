@@ -225,7 +225,7 @@ def run(args) -> int:
 
     opts = _options(args)
     if args.out:  # found out now, not after the evaluation
-        check_writable(args.out, "--out")
+        check_writable(args.out, "--out", "results")
     pred_file = None
     if args.task == "generation" and args.predictions:
         try:
