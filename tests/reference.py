@@ -52,19 +52,23 @@ def moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
     rows = []
     for x_t in x.reshape(B * S, D):
         logits = gate.weight.to(dt) @ x_t.to(dt)
-        scores = logits.softmax(-1) if gate.scoring_func == "softmax" else logits.sigmoid()
+        scores = logits.softmax(-1) if gate.cfg.scoring_func == "softmax" else logits.sigmoid()
         choice = scores if bias is None else scores + bias
         chosen = brute_force_group_topk(
-            choice.tolist(), gate.top_k, gate.n_group, gate.topk_group, gate.topk_method
+            choice.tolist(),
+            gate.cfg.num_experts_per_tok,
+            gate.cfg.n_group,
+            gate.cfg.topk_group,
+            gate.cfg.effective_topk_method,
         )
         weights = [scores[e] for e in chosen]
-        if gate.norm_topk_prob and gate.top_k > 1:
+        if gate.cfg.norm_topk_prob and gate.cfg.num_experts_per_tok > 1:
             total = sum(weights)
             weights = [w / total for w in weights]
         y_t = torch.zeros_like(x_t)
         for e, w in zip(chosen, weights):
             h = F.gelu(ups[e] @ x_t) if gates is None else F.silu(gates[e] @ x_t) * (ups[e] @ x_t)
-            y_t = y_t + (w * gate.routed_scaling_factor).to(x.dtype) * (downs[e] @ h)
+            y_t = y_t + (w * gate.cfg.routed_scaling_factor).to(x.dtype) * (downs[e] @ h)
         if moe.shared_experts is not None:
             y_t = y_t + moe.shared_experts(x_t)
         rows.append(y_t)

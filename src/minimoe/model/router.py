@@ -66,16 +66,7 @@ def group_limited_topk(
 
 
 def route(
-    scores_TE: torch.Tensor,
-    bias_E: torch.Tensor | None,
-    k: int,
-    *,
-    n_group: int = 1,
-    topk_group: int = 1,
-    topk_method: str = "noaux_tc",
-    scoring_func: str = "sigmoid",
-    norm_topk_prob: bool = True,
-    routed_scaling_factor: float = 1.0,
+    scores_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose experts and their gate weights.
 
@@ -85,24 +76,25 @@ def route(
     Args:
         scores_TE: (T, E) scores from `router_scores`.
         bias_E: (E,) selection bias, or None.
-        k: experts per token.
-        n_group, topk_group, topk_method: group-limited routing, see `group_limited_topk`.
-        scoring_func: "sigmoid" adds HF's 1e-20 to the renormalisation's denominator.
-        norm_topk_prob: renormalise the k weights to sum to 1 (only when k > 1: with k = 1 it would make
-            every weight 1.0 and cut the router off from the LM loss; HF DeepSeek-V2 does the same).
-        routed_scaling_factor: multiplies the final weights (DeepSeek-V3: 2.5).
+        cfg: the model config; read here: `num_experts_per_tok` (k), group-limited routing (`n_group`,
+            `topk_group`, `effective_topk_method`, see `group_limited_topk`), `scoring_func` ("sigmoid"
+            adds HF's 1e-20 to the renormalisation's denominator), `norm_topk_prob` (renormalise the k
+            weights to sum to 1, only when k > 1: with k = 1 it would make every weight 1.0 and cut the
+            router off from the LM loss; HF DeepSeek-V2 does the same) and `routed_scaling_factor`
+            (multiplies the final weights; DeepSeek-V3: 2.5).
     Returns:
         topk_idx_TK: (T, K) int64 expert indices.
         topk_weight_TK: (T, K) gate weights, dtype of `scores_TE`.
     """
+    k = cfg.num_experts_per_tok
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
-    topk_idx_TK = group_limited_topk(choice_TE, k, n_group, topk_group, topk_method)
+    topk_idx_TK = group_limited_topk(choice_TE, k, cfg.n_group, cfg.topk_group, cfg.effective_topk_method)
     topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
-    if norm_topk_prob and k > 1:
+    if cfg.norm_topk_prob and k > 1:
         # HF adds 1e-20 for sigmoid, whose top-k scores need not sum to anything in particular
-        eps = 1e-20 if scoring_func == "sigmoid" else 0.0
+        eps = 1e-20 if cfg.scoring_func == "sigmoid" else 0.0
         topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + eps)
-    return topk_idx_TK, topk_weight_TK * routed_scaling_factor
+    return topk_idx_TK, topk_weight_TK * cfg.routed_scaling_factor
 
 
 def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -194,29 +186,19 @@ class RouterOutput(NamedTuple):
 class Router(nn.Module):
     """DeepSeek-style gate: `weight` (E, D) (HF `mlp.gate.weight`), fp32 selection bias buffer
     `e_score_correction_bias` (E,) when `aux_free_bias`, and a non-persistent `load_counts` (E,) that
-    accumulates token-slot counts over training forwards until `update_bias()`."""
+    accumulates token-slot counts over training forwards until `update_bias()`. Every routing setting
+    is read from `cfg` (the model config) when it is used."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_experts = cfg.n_routed_experts
-        self.top_k = cfg.num_experts_per_tok
-        self.scoring_func = cfg.scoring_func
-        self.n_group = cfg.n_group
-        self.topk_group = cfg.topk_group
-        self.topk_method = cfg.effective_topk_method
-        self.norm_topk_prob = cfg.norm_topk_prob
-        self.routed_scaling_factor = cfg.routed_scaling_factor
-        self.jitter = cfg.router_jitter
-        self.aux_loss_alpha = cfg.aux_loss_alpha
-        self.seq_aux_loss_alpha = cfg.seq_aux_loss_alpha
-        self.z_loss_coef = cfg.z_loss_coef
-        self.bias_update_speed = cfg.bias_update_speed
-        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         # Only models that use the bias carry it, so checkpoints and parameter counts match HF
         # (DeepSeek-V3 stores it; DeepSeekMoE 16B has none).
-        bias = torch.zeros(self.n_experts, dtype=torch.float32) if cfg.aux_free_bias else None
-        counts = torch.zeros(self.n_experts, dtype=torch.float32) if cfg.aux_free_bias else None
+        bias = torch.zeros(E, dtype=torch.float32) if cfg.aux_free_bias else None
+        counts = torch.zeros(E, dtype=torch.float32) if cfg.aux_free_bias else None
         self.register_buffer("e_score_correction_bias", bias)
         self.register_buffer("load_counts", counts, persistent=False)
 
@@ -239,10 +221,12 @@ class Router(nn.Module):
         Returns:
             RouterOutput with (T, K) indices and weights, T = B * S.
         """
+        cfg = self.cfg
         B, S, D = x_BSD.shape
-        if self.training and self.jitter > 0:
+        if self.training and cfg.router_jitter > 0:
             # Switch-style multiplicative noise on the router input only
-            noise = torch.empty_like(x_BSD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            jitter = cfg.router_jitter
+            noise = torch.empty_like(x_BSD).uniform_(1.0 - jitter, 1.0 + jitter)
             x_BSD = x_BSD * noise
         # Router math in fp32 even for bf16 models (fp64 stays fp64 so float64 tests prove the math).
         # Autocast is off here: under train.precision=bf16 it would turn F.linear back to bf16, and a
@@ -250,31 +234,21 @@ class Router(nn.Module):
         with torch.autocast(x_BSD.device.type, enabled=False):
             dt = torch.promote_types(x_BSD.dtype, torch.float32)
             logits_TE = F.linear(x_BSD.reshape(B * S, D).to(dt), self.weight.to(dt))  # (T, E)
-            scores_TE = router_scores(logits_TE, self.scoring_func)
-            topk_idx_TK, topk_weight_TK = route(
-                scores_TE,
-                self.e_score_correction_bias,
-                self.top_k,
-                n_group=self.n_group,
-                topk_group=self.topk_group,
-                topk_method=self.topk_method,
-                scoring_func=self.scoring_func,
-                norm_topk_prob=self.norm_topk_prob,
-                routed_scaling_factor=self.routed_scaling_factor,
-            )
-            counts_E = expert_counts(topk_idx_TK, self.n_experts)
+            scores_TE = router_scores(logits_TE, cfg.scoring_func)
+            topk_idx_TK, topk_weight_TK = route(scores_TE, self.e_score_correction_bias, cfg)
+            counts_E = expert_counts(topk_idx_TK, cfg.n_routed_experts)
             if self.training and self.load_counts is not None:
                 self.load_counts += counts_E
 
             zero = logits_TE.new_zeros(())
             aux = zero
-            if self.aux_loss_alpha > 0:
-                aux = aux + load_balance_loss(scores_TE, topk_idx_TK, self.aux_loss_alpha)
-            if self.seq_aux_loss_alpha > 0:
+            if cfg.aux_loss_alpha > 0:
+                aux = aux + load_balance_loss(scores_TE, topk_idx_TK, cfg.aux_loss_alpha)
+            if cfg.seq_aux_loss_alpha > 0:
                 aux = aux + seq_load_balance_loss(
-                    scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), self.seq_aux_loss_alpha
+                    scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), cfg.seq_aux_loss_alpha
                 )
-            z = router_z_loss(logits_TE, self.z_loss_coef) if self.z_loss_coef > 0 else zero
+            z = router_z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
             return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
 
     @torch.no_grad()
@@ -288,5 +262,5 @@ class Router(nn.Module):
         if self.e_score_correction_bias is None:
             return
         load_E = self.load_counts if counts is None else counts.to(self.load_counts.device)
-        self.e_score_correction_bias += bias_update(load_E, self.bias_update_speed, self.scoring_func)
+        self.e_score_correction_bias += bias_update(load_E, self.cfg.bias_update_speed, self.cfg.scoring_func)
         self.load_counts.zero_()
