@@ -8,8 +8,9 @@
 | `dist.expert_parallel=E` | replicated (DDP) | 1/E per rank, all-to-all dispatch | a 1/W slice |
 | `dist.pipeline_parallel=P` | blocks split into P stages | with their block | the whole batch, in micro-batches |
 
-The trainer calls the same methods whatever the launch (`no_sync`, `finish_grads`, `clip_grad_norm`,
-`reduce_sum`, `gather_state`, `load_state`), so one process runs exactly the code it ran before.
+The trainer calls the same methods whatever the launch (`micro_step`, `reduce_step`, `eval_batch`,
+`reduce_eval`, `finish_grads`, `clip_grad_norm`, `reduce_sum`, `gather_state`, `load_state`), so one
+process runs exactly the code it ran before and the loop never branches on the kind of parallelism.
 Checkpoints are always the one-process format: full tensors keyed by parameter name, for the weights
 and for the optimizer state, written by rank 0; any launch can resume any checkpoint.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from minimoe.config import RunConfig
-from minimoe.dist.init import DistContext, broadcast_object
+from minimoe.dist.init import DistContext, all_gather_object, broadcast_object
 from minimoe.errors import ConfigError
 
 log = logging.getLogger("minimoe.dist")
+
+LOSS_PARTS = ("ce", "aux", "z", "mtp")  # the parts of the training loss, after the total
 
 
 @dataclass
@@ -55,8 +59,87 @@ class Parallel:
     ep_group: Any = None
     replica_group: Any = None
     pipeline: Any = None  # PipelineRunner
+    step_forward: Any = None  # what micro_step calls: `forward`, or a compiled version of it
+
+    def __post_init__(self) -> None:
+        if self.step_forward is None:
+            self.step_forward = self.forward
 
     # ------------------------------------------------------------------ steps
+    def micro_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        n_micro: int,
+        last_micro: bool,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        scaler: torch.amp.GradScaler,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict]:
+        """Forward and backward of one micro-batch, whatever the parallelism; gradients accumulate.
+
+        Args:
+            x, y: (B, T) inputs and targets on this rank's device.
+            n_micro: micro-batches per optimizer step (grad_accum): the loss is divided by it.
+            last_micro: the last micro-batch of the step (the data-parallel gradient sync happens here).
+            autocast: returns the precision context the forward runs in.
+            scaler: the fp16 GradScaler (disabled otherwise).
+        Returns:
+            ((5,) [loss, ce, aux, z, mtp] of the micro-batch, unscaled and detached; loads {layer: (E,)};
+            the forward's per-layer MoEStats, {} under pipeline parallelism (the stages sum theirs)).
+        """
+        if self.pipeline is not None:  # already summed over stages
+            with autocast():
+                (ce, aux, z), loads = self.pipeline.train_step(x, y, 1.0 / n_micro)
+            return torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]), loads, {}
+        with self.no_sync(last_micro=last_micro):
+            with autocast():
+                out = self.step_forward(x, targets=y)
+            scaler.scale(out.loss / n_micro).backward()
+        vals = torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
+        return vals, {i: s.load for i, s in out.moe_stats.items()}, out.moe_stats
+
+    def reduce_step(
+        self, vals: torch.Tensor, loads: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """A step's losses averaged and its expert loads summed over the data-parallel ranks, in one
+        all-reduce (pipeline stages already agree: unchanged)."""
+        if not self.ctx.distributed or self.pipeline is not None:
+            return vals, loads
+        keys = sorted(loads)
+        flat = torch.cat([vals] + [loads[i].float().reshape(-1) for i in keys])
+        self.reduce_sum(flat)
+        vals = flat[: vals.numel()] / self.dp_size
+        return vals, (dict(zip(keys, flat[vals.numel() :].view(len(keys), -1))) if keys else {})
+
+    def eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Forward only (call under no_grad and autocast): (mean cross-entropy, loads {layer: (E,)})."""
+        if self.pipeline is not None:
+            vals, loads = self.pipeline.eval_batch(x, y)
+            return vals[0], loads
+        out = self.model(x, targets=y)
+        return out.losses["ce"], {i: s.load for i, s in out.moe_stats.items()}
+
+    def reduce_eval(
+        self, total: float, count: int, loads: dict[int, torch.Tensor]
+    ) -> tuple[float, int, dict[int, torch.Tensor]]:
+        """Evaluation sums over the data-parallel ranks (pipeline stages already agree: unchanged)."""
+        if not self.ctx.distributed or self.pipeline is not None:
+            return total, count, loads
+        sums = self.reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=self.ctx.device))
+        if loads:
+            keys = sorted(loads)
+            flat = self.reduce_sum(torch.stack([loads[i].float() for i in keys]))
+            loads = dict(zip(keys, flat))
+        return sums[0].item(), int(sums[1].item()), loads
+
+    def merge_layers(self, per_layer: dict[str, Any]) -> dict[str, Any]:
+        """{layer: value} of the whole model: pipeline stages each hold their own layers' (every rank
+        must call it then); other launches hold every layer already."""
+        if self.pipeline is None:
+            return per_layer
+        merged = {k: v for part in all_gather_object(per_layer, self.ctx) for k, v in part.items()}
+        return dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+
     def no_sync(self, last_micro: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
         if last_micro:

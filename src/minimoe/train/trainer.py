@@ -10,10 +10,8 @@ same decisions (bias updates, skipped steps, early stopping) and rank 0 alone wr
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -25,21 +23,23 @@ import torch
 import yaml
 
 from minimoe.config import RunConfig
-from minimoe.dist.init import DistContext, all_gather_object, broadcast_object, on_main, resolve_device
-from minimoe.dist.parallel import parallelize
+from minimoe.dist.init import DistContext, on_main, resolve_device
+from minimoe.dist.parallel import LOSS_PARTS, parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.transformer import Transformer
 from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
+from minimoe.train import state as run_state
 from minimoe.train.health import expert_health, max_vio
+from minimoe.train.metrics import MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
 from minimoe.train.schedule import lr_multiplier
+from minimoe.train.state import check_run_dir_writable, rng_state, set_rng_state  # noqa: F401 - re-exported
 
 log = logging.getLogger("minimoe.train")
 
 MAX_BAD_STEPS = 5  # consecutive skipped steps (non-finite loss or gradient) before a run stops
-LOSS_PARTS = ("ce", "aux", "z", "mtp")
 
 
 @dataclass
@@ -63,35 +63,6 @@ def autocast_context(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def rng_state() -> dict:
-    """RNG states as tensors and plain Python values, so they load with torch.load(weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    np_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_run_dir_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise MinimoeError(f"cannot write to output directory {run_dir} ({e.strerror})") from None
 
 
 class _Interrupt:
@@ -187,8 +158,8 @@ class Trainer:
         self.model = self.par.model
         if self.ctx.distributed:  # dropout and router jitter: a different stream per rank
             torch.manual_seed(tc.seed + 1_000_003 * self.ctx.rank)
-        fwd = self.par.forward
-        self.forward = torch.compile(fwd) if tc.compile and fwd is not None else fwd
+        if tc.compile and self.par.forward is not None:
+            self.par.step_forward = torch.compile(self.par.forward)
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
         B, rank, world = tc.batch_size // self.par.dp_size, self.par.dp_rank, self.par.dp_size
@@ -211,142 +182,17 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume and self.ctx.is_main:
             truncate_metrics(self.metrics_path, self.step)
-        self._writers: list = []
+        self.metrics = MetricWriters(self.metrics_path, enabled=self.ctx.is_main)
         self._eval_s: float | None = None  # the last evaluation's and checkpoint's wall time
         self._save_s: float | None = None
 
     # ------------------------------------------------------------------ state
-    def _read_checkpoint(self) -> tuple[Path, dict, dict]:
-        """Rank 0: the latest checkpoint's weights (checked against the full model) and state."""
-        ckpt = ckpt_lib.find_checkpoint(self.run_dir, "latest")
-        weights = ckpt_lib.read_weights(ckpt)
-        with torch.device("meta"):
-            reference = Transformer(self.cfg.model)
-        ckpt_lib.check_weights(weights, reference, ckpt)
-        if self.cfg.model.tie_word_embeddings:  # stored once, as save_model does
-            weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
-        return ckpt, weights, ckpt_lib.load_state(ckpt)
-
     def _resume(self) -> None:
-        # Rank 0 reads the checkpoint; the state reaches the other ranks through the process group.
-        ckpt = weights = state = optim = error = None
-        legacy = False
-        if self.ctx.is_main:
-            try:
-                ckpt, weights, state = self._read_checkpoint()
-                if "optimizer" not in state:
-                    raise MinimoeError(f"checkpoint {ckpt} cannot be resumed (its state has no optimizer)")
-                optim = state.pop("optimizer")
-                # written before checkpoints keyed the optimizer state by parameter name
-                legacy = any(isinstance(k, int) for k in optim["state"])
-            except MinimoeError as e:
-                error = str(e)
-        error = broadcast_object(error, self.ctx)
-        if error is not None:
-            raise MinimoeError(error)
-        ckpt, state, legacy = broadcast_object((ckpt, state, legacy), self.ctx)
-        if legacy and self.ctx.distributed:
-            raise MinimoeError(
-                f"checkpoint {ckpt} predates distributed resume; resume it in one process first"
-            )
-        try:
-            if legacy:
-                self.par.load_state(None, weights, None)
-                self.optimizer.load_state_dict(optim)
-            else:
-                self.par.load_state(self.optimizer, weights, optim)
-            self.scaler.load_state_dict(state["scaler"])
-            self.train_windows.load_state_dict(state["loader"])
-            ranks = state.get("rng_ranks")
-            if ranks is not None and len(ranks) == self.ctx.world_size:
-                set_rng_state(ranks[self.ctx.rank])
-            else:
-                set_rng_state(state["rng"])
-                if self.ctx.rank > 0:  # saved by another number of ranks: a fresh stream per rank
-                    torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.ctx.rank + state["step"])
-            self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-            self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
-        tc = self.cfg.train
-        if self.step >= tc.max_steps:
-            raise MinimoeError(
-                f"the run in {self.run_dir} is already at step {self.step} and train.max_steps is "
-                f"{tc.max_steps}; resume with train.max_steps={self.step + tc.max_steps} (or any value "
-                f"above {self.step}) to train further"
-            )
-        if tc.max_minutes is not None and self.elapsed >= tc.max_minutes * 60:
-            raise MinimoeError(
-                f"the run in {self.run_dir} has already used {self.elapsed / 60:.1f} of its "
-                f"train.max_minutes={tc.max_minutes:g}; resume with a larger train.max_minutes to train further"
-            )
-        if self.ctx.is_main:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+        run_state.resume(self)
 
     def save(self, val_loss: float | None = None, is_best: bool = False) -> Path:
         """Write a checkpoint in the one-process format (every rank must call it; rank 0 writes)."""
-        weights, optim = self.par.gather_state(self.optimizer)
-        rngs = all_gather_object(rng_state(), self.ctx)
-        if not self.ctx.is_main:
-            return self.run_dir / ckpt_lib.CKPT / ckpt_lib.step_dir_name(self.step)
-        metadata = None
-        if self.cfg.model.tie_word_embeddings:  # one tensor in the file, as safetensors' save_model does
-            weights.pop("lm_head.weight", None)
-            metadata = {"lm_head.weight": "embed_tokens.weight"}
-        state = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "elapsed": self.elapsed,
-            "optimizer": optim,
-            "scaler": self.scaler.state_dict(),
-            "loader": self.train_windows.state_dict(),
-            "rng": rngs[0],
-            "best_val": self.best_val,
-            "evals_since_best": self.evals_since_best,
-        }
-        if self.ctx.distributed:
-            state["rng_ranks"] = rngs
-        meta = {"step": self.step, "tokens": self.tokens, "val_loss": val_loss, "time": time.time()}
-        return ckpt_lib.save_checkpoint(
-            self.run_dir, self.step, weights, state, meta, self.config_text, self.tokenizer,
-            keep_last=self.cfg.train.keep_last, is_best=is_best, weights_metadata=metadata,
-        )  # fmt: skip
-
-    # ------------------------------------------------------------------ logging
-    def _open_writers(self) -> None:
-        tc = self.cfg.train
-        if not self.ctx.is_main:
-            return
-        if tc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise MinimoeError(
-                    "train.tensorboard=true needs tensorboard (pip install tensorboard)"
-                ) from None
-            self._writers.append(("tb", SummaryWriter(str(self.run_dir / "tb"))))
-        if tc.wandb:
-            try:
-                import wandb  # type: ignore[import-not-found]
-            except ImportError:
-                raise MinimoeError("train.wandb=true needs wandb (pip install wandb)") from None
-            os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; `wandb sync` later
-            run = wandb.init(project=tc.wandb_project, dir=str(self.run_dir), config=self.cfg.to_dict())
-            self._writers.append(("wandb", run))
-
-    def _log(self, row: dict) -> None:
-        if not self.ctx.is_main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        for kind, w in self._writers:
-            if kind == "tb":
-                for k, v in scalars.items():
-                    w.add_scalar(k, v, row["step"])
-                w.flush()
-            else:
-                w.log(scalars, step=row["step"])
+        return run_state.save(self, val_loss, is_best)
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -356,25 +202,16 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         loads: dict[int, torch.Tensor] = {}
-        pipe = self.par.pipeline
         for x, y in self.val_windows:
             x, y = x.to(self.device), y.to(self.device)
             with autocast_context(tc.precision, self.device):
-                if pipe is not None:
-                    vals, batch_loads = pipe.eval_batch(x, y)
-                    ce = vals[0]
-                else:
-                    out = self.model(x, targets=y)
-                    ce, batch_loads = out.losses["ce"], {i: s.load for i, s in out.moe_stats.items()}
+                ce, batch_loads = self.par.eval_batch(x, y)
             total += ce.item() * y.numel()
             count += y.numel()
             for i, load in batch_loads.items():
                 loads[i] = loads.get(i, 0) + load
         self.model.train()
-        if self.ctx.distributed and pipe is None:
-            sums = self.par.reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device))
-            total, count = sums[0].item(), int(sums[1].item())
-            loads = self._reduce_loads(loads)
+        total, count, loads = self.par.reduce_eval(total, count, loads)
         loss = total / max(count, 1)
         tpb = self.data.tokens_per_byte("val")
         res = {
@@ -394,7 +231,7 @@ class Trainer:
         tc, mc = self.cfg.train, self.cfg.model
         session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
-        self._open_writers()
+        self.metrics.open(self.cfg, self.run_dir)
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         window_loads: dict[int, torch.Tensor] = {}
         window_start, window_tokens = time.perf_counter(), 0
@@ -475,7 +312,7 @@ class Trainer:
                         "grad_norm": float(grad_norm),
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                         "elapsed_s": now - t0,
-                        "peak_mem_mb": _peak_mem_mb(self.device),
+                        "peak_mem_mb": peak_mem_mb(self.device),
                     }
                     health = expert_health(window_loads)
                     fields, warnings = self.monitor.report(self.par.reduce_sum)
@@ -492,7 +329,7 @@ class Trainer:
                                 e,
                                 n_in_window,
                             )
-                    self._log(row)
+                    self.metrics.log(row)
                     bar.note(
                         f"loss {row['loss']:.3f}, {row['tokens_per_s']:,.0f} tok/s, "
                         f"maxvio {health.get('max_vio_mean', 0):.2f}"
@@ -524,7 +361,7 @@ class Trainer:
                         self.best_val, self.evals_since_best = val["val_loss"], 0
                     else:
                         self.evals_since_best += 1
-                    self._log({"step": self.step, "tokens": self.tokens, **val})
+                    self.metrics.log({"step": self.step, "tokens": self.tokens, **val})
                     bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
                     bar.note(f"val_loss {val['val_loss']:.3f}{bpb}")
                     save_start = time.perf_counter()
@@ -545,8 +382,7 @@ class Trainer:
                     stopped = "early_stop"
                     break
         bar.close(self.step, time.perf_counter() - t0, complete=stopped in ("max_steps", "max_minutes"))
-        for kind, w in self._writers:
-            w.close() if kind == "tb" else w.finish()
+        self.metrics.close()
         elapsed = time.perf_counter() - t0
         return TrainResult(
             run_dir=self.run_dir, step=self.step, tokens=self.tokens,
@@ -589,45 +425,20 @@ class Trainer:
         tc = self.cfg.train
         vals = torch.zeros(1 + len(LOSS_PARTS), device=self.device)
         loads: dict[int, torch.Tensor] = {}
-        pipe = self.par.pipeline
         for micro in range(tc.grad_accum):
             x, y = next(self.train_windows)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if pipe is not None:  # already summed over stages
-                with autocast_context(tc.precision, self.device):
-                    parts, batch_loads = pipe.train_step(x, y, 1.0 / tc.grad_accum)
-                ce, aux, z = parts
-                vals += torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]) / tc.grad_accum
-                for i, load in batch_loads.items():
-                    loads[i] = loads.get(i, 0) + load
-                continue
-            with self.par.no_sync(last_micro=micro == tc.grad_accum - 1):
-                with autocast_context(tc.precision, self.device):
-                    out = self.forward(x, targets=y)
-                self.scaler.scale(out.loss / tc.grad_accum).backward()
-            self.monitor.count_dropped(out.moe_stats)
-            vals += (
-                torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
-                / tc.grad_accum
+            micro_vals, micro_loads, stats = self.par.micro_step(
+                x, y, tc.grad_accum, micro == tc.grad_accum - 1, self._autocast, self.scaler
             )
-            for i, s in out.moe_stats.items():
-                loads[i] = loads.get(i, 0) + s.load
-        if self.ctx.distributed and pipe is None:
-            # one all-reduce for the losses and the loads of every layer
-            keys = sorted(loads)
-            flat = torch.cat([vals] + [loads[i].float().reshape(-1) for i in keys])
-            self.par.reduce_sum(flat)
-            vals = flat[: vals.numel()] / self.par.dp_size
-            loads = dict(zip(keys, flat[vals.numel() :].view(len(keys), -1))) if keys else {}
-        return vals, loads
+            self.monitor.count_dropped(stats)
+            vals += micro_vals / tc.grad_accum
+            for i, load in micro_loads.items():
+                loads[i] = loads.get(i, 0) + load
+        return self.par.reduce_step(vals, loads)
 
-    def _reduce_loads(self, loads: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Expert loads summed over data-parallel ranks (every rank has the same layers)."""
-        if not loads:
-            return loads
-        keys = sorted(loads)
-        flat = self.par.reduce_sum(torch.stack([loads[i].float() for i in keys]))
-        return dict(zip(keys, flat))
+    def _autocast(self):
+        return autocast_context(self.cfg.train.precision, self.device)
 
     def _agree(self, elapsed: float, stop: bool, out_of_time: bool) -> tuple[float, bool, bool]:
         """The largest elapsed time of all ranks, whether any rank asked to stop, and whether any rank
@@ -653,18 +464,4 @@ class Trainer:
             b = moe.gate.e_score_correction_bias
             if b is not None:  # None without aux_free_bias
                 out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
-        if self.par.pipeline is not None:  # each stage holds its own layers' biases
-            merged = {k: v for part in all_gather_object(out, self.ctx) for k, v in part.items()}
-            out = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
-        return out
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    except ImportError:  # pragma: no cover - Windows
-        return 0.0
+        return self.par.merge_layers(out)  # pipeline: each stage holds its own layers' biases

@@ -1,0 +1,81 @@
+"""Where a run's metric rows go: RUN_DIR/metrics.jsonl always, TensorBoard and wandb when enabled.
+
+Only rank 0 writes; on the other ranks every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from minimoe.errors import MinimoeError
+
+
+class MetricWriters:
+    """One JSON line per row in `path`, plus the optional TensorBoard / wandb writers.
+
+    Args:
+        path: the metrics.jsonl file (appended to).
+        enabled: False on ranks > 0 (nothing is written).
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self._writers: list = []
+
+    def open(self, cfg, run_dir: Path) -> None:
+        """Start the writers cfg.train asks for (a missing package is a one-sentence MinimoeError)."""
+        tc = cfg.train
+        if not self.enabled:
+            return
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MinimoeError(
+                    "train.tensorboard=true needs tensorboard (pip install tensorboard)"
+                ) from None
+            self._writers.append(("tb", SummaryWriter(str(run_dir / "tb"))))
+        if tc.wandb:
+            try:
+                import wandb  # type: ignore[import-not-found]
+            except ImportError:
+                raise MinimoeError("train.wandb=true needs wandb (pip install wandb)") from None
+            os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; `wandb sync` later
+            run = wandb.init(project=tc.wandb_project, dir=str(run_dir), config=cfg.to_dict())
+            self._writers.append(("wandb", run))
+
+    def log(self, row: dict) -> None:
+        """Append one row ({"step": int, ...}); numbers also go to the open writers."""
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        for kind, w in self._writers:
+            if kind == "tb":
+                for k, v in scalars.items():
+                    w.add_scalar(k, v, row["step"])
+                w.flush()
+            else:
+                w.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        for kind, w in self._writers:
+            w.close() if kind == "tb" else w.finish()
+        self._writers = []
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:  # pragma: no cover - Windows
+        return 0.0

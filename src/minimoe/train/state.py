@@ -1,0 +1,154 @@
+"""A training run's state on disk and in the process: RNG streams, the checkpoint a run resumes from
+and the checkpoint it writes (weights, optimizer, scaler, data position, RNG streams, counters).
+
+`resume` and `save` take the `Trainer` (its model, optimizer, windows and counters); every rank calls
+them, rank 0 alone reads and writes files, and the state reaches the other ranks through the process
+group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minimoe.dist.init import all_gather_object, broadcast_object
+from minimoe.errors import MinimoeError
+from minimoe.model.transformer import Transformer
+from minimoe.train import checkpoint as ckpt_lib
+
+log = logging.getLogger("minimoe.train")
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain Python values, so they load with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise MinimoeError(f"cannot write to output directory {run_dir} ({e.strerror})") from None
+
+
+def read_checkpoint(tr) -> tuple[Path, dict, dict]:
+    """Rank 0: the latest checkpoint's weights (checked against the full model) and state."""
+    ckpt = ckpt_lib.find_checkpoint(tr.run_dir, "latest")
+    weights = ckpt_lib.read_weights(ckpt)
+    with torch.device("meta"):
+        reference = Transformer(tr.cfg.model)
+    ckpt_lib.check_weights(weights, reference, ckpt)
+    if tr.cfg.model.tie_word_embeddings:  # stored once, as save_model does
+        weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
+    return ckpt, weights, ckpt_lib.load_state(ckpt)
+
+
+def resume(tr) -> None:
+    """Load the latest checkpoint of tr.run_dir into the trainer `tr` (every rank must call it):
+    weights, optimizer, scaler, data position, RNG streams and counters."""
+    # Rank 0 reads the checkpoint; the state reaches the other ranks through the process group.
+    ckpt = weights = state = optim = error = None
+    legacy = False
+    if tr.ctx.is_main:
+        try:
+            ckpt, weights, state = read_checkpoint(tr)
+            if "optimizer" not in state:
+                raise MinimoeError(f"checkpoint {ckpt} cannot be resumed (its state has no optimizer)")
+            optim = state.pop("optimizer")
+            # written before checkpoints keyed the optimizer state by parameter name
+            legacy = any(isinstance(k, int) for k in optim["state"])
+        except MinimoeError as e:
+            error = str(e)
+    error = broadcast_object(error, tr.ctx)
+    if error is not None:
+        raise MinimoeError(error)
+    ckpt, state, legacy = broadcast_object((ckpt, state, legacy), tr.ctx)
+    if legacy and tr.ctx.distributed:
+        raise MinimoeError(f"checkpoint {ckpt} predates distributed resume; resume it in one process first")
+    try:
+        if legacy:
+            tr.par.load_state(None, weights, None)
+            tr.optimizer.load_state_dict(optim)
+        else:
+            tr.par.load_state(tr.optimizer, weights, optim)
+        tr.scaler.load_state_dict(state["scaler"])
+        tr.train_windows.load_state_dict(state["loader"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == tr.ctx.world_size:
+            set_rng_state(ranks[tr.ctx.rank])
+        else:
+            set_rng_state(state["rng"])
+            if tr.ctx.rank > 0:  # saved by another number of ranks: a fresh stream per rank
+                torch.manual_seed(tr.cfg.train.seed + 1_000_003 * tr.ctx.rank + state["step"])
+        tr.step, tr.tokens, tr.elapsed = state["step"], state["tokens"], state["elapsed"]
+        tr.best_val, tr.evals_since_best = state["best_val"], state["evals_since_best"]
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
+    tc = tr.cfg.train
+    if tr.step >= tc.max_steps:
+        raise MinimoeError(
+            f"the run in {tr.run_dir} is already at step {tr.step} and train.max_steps is "
+            f"{tc.max_steps}; resume with train.max_steps={tr.step + tc.max_steps} (or any value "
+            f"above {tr.step}) to train further"
+        )
+    if tc.max_minutes is not None and tr.elapsed >= tc.max_minutes * 60:
+        raise MinimoeError(
+            f"the run in {tr.run_dir} has already used {tr.elapsed / 60:.1f} of its "
+            f"train.max_minutes={tc.max_minutes:g}; resume with a larger train.max_minutes to train further"
+        )
+    if tr.ctx.is_main:
+        log.info("resumed from %s at step %d", ckpt, tr.step)
+
+
+def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
+    """Write the trainer `tr`'s checkpoint in the one-process format (every rank must call it; rank 0
+    writes)."""
+    weights, optim = tr.par.gather_state(tr.optimizer)
+    rngs = all_gather_object(rng_state(), tr.ctx)
+    if not tr.ctx.is_main:
+        return tr.run_dir / ckpt_lib.CKPT / ckpt_lib.step_dir_name(tr.step)
+    metadata = None
+    if tr.cfg.model.tie_word_embeddings:  # one tensor in the file, as safetensors' save_model does
+        weights.pop("lm_head.weight", None)
+        metadata = {"lm_head.weight": "embed_tokens.weight"}
+    state = {
+        "step": tr.step,
+        "tokens": tr.tokens,
+        "elapsed": tr.elapsed,
+        "optimizer": optim,
+        "scaler": tr.scaler.state_dict(),
+        "loader": tr.train_windows.state_dict(),
+        "rng": rngs[0],
+        "best_val": tr.best_val,
+        "evals_since_best": tr.evals_since_best,
+    }
+    if tr.ctx.distributed:
+        state["rng_ranks"] = rngs
+    meta = {"step": tr.step, "tokens": tr.tokens, "val_loss": val_loss, "time": time.time()}
+    return ckpt_lib.save_checkpoint(
+        tr.run_dir, tr.step, weights, state, meta, tr.config_text, tr.tokenizer,
+        keep_last=tr.cfg.train.keep_last, is_best=is_best, weights_metadata=metadata,
+    )  # fmt: skip
