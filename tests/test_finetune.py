@@ -163,6 +163,43 @@ def test_cli_sft_packing(base_run, tmp_path):
     assert load_run(out)[3]["sft"]["packing"] is True and len(_losses(out)) >= 2
 
 
+def test_sft_runs_in_the_training_loop(base_run, tmp_path, monkeypatch, caplog):
+    """Fine-tuning gets the pretraining loop's gradient accumulation, non-finite-step skipping, bias
+    balancing and resumable checkpoints."""
+    import logging
+
+    from minimoe.finetune.sft import finetune
+    from minimoe.train.checkpoint import find_checkpoint, load_state
+
+    real, calls = Transformer.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the first micro-batch of step 2
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    out = tmp_path / "acc"
+    with caplog.at_level(logging.WARNING, logger="minimoe.train"):
+        res = finetune(
+            base_run / "base", base_run / "chat.jsonl", out, [*SEQ_TRAIN, "train.max_steps=3", "train.grad_accum=2"],
+            progress=False,
+        )  # fmt: skip
+    assert res.steps == 3 and calls["n"] == 8  # 3 steps and the skipped one, 2 micro-batches each
+    assert any("step skipped" in r.getMessage() for r in caplog.records)
+    # 25 examples in batches of 8: 4 per epoch; 8 batches read = the whole of epochs 0 and 1
+    state = load_state(find_checkpoint(out, "latest"))
+    assert state["loader"]["epoch"] == 1 and state["loader"]["pos"] == 4
+    assert "optimizer" in state and state["step"] == 3
+    tuned, base = load_run(out)[0].state_dict(), load_run(base_run / "base")[0].state_dict()
+    bias = "layers.1.mlp.gate.e_score_correction_bias"  # full fine-tuning keeps balancing the experts
+    assert not torch.equal(tuned[bias], base[bias])
+    assert load_run(out)[3]["sft"]["packing"] is False
+
+
 # ------------------------------------------------------------------ LoRA / QLoRA
 
 peft = pytest.importorskip("peft")
@@ -219,6 +256,8 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     b, m = base.state_dict(), merged.state_dict()
     assert torch.equal(b["embed_tokens.weight"], m["embed_tokens.weight"])
     assert torch.equal(b["layers.1.mlp.gate.weight"], m["layers.1.mlp.gate.weight"])
+    bias = "layers.1.mlp.gate.e_score_correction_bias"  # LoRA leaves the balancing bias alone too
+    assert torch.equal(b[bias], m[bias])
     assert not torch.equal(b["layers.1.mlp.experts.up_proj"], m["layers.1.mlp.experts.up_proj"])
     # merging the saved adapter again gives the same weights
     assert (

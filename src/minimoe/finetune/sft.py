@@ -1,15 +1,16 @@
 """Supervised fine-tuning on chat JSONL with loss on the assistant's tokens only, full or LoRA.
 
-Reuses the pretraining pieces: `build_optimizer` (AdamW, decay on matrices), `lr_multiplier`
-(warmup + schedule), `autocast_context`, and `save_checkpoint`, so the result is an ordinary run
-directory that `minimoe generate`, `eval` and `export` read.
+A client of the pretraining loop (`minimoe.train.trainer.Trainer`): this module builds the model (the
+source run's, LoRA-wrapped or not), the batch source (right-padded batches whose targets are -100
+outside assistant turns) and the validation batches, and the loop brings gradient accumulation,
+non-finite-step skipping, the schedule, checkpoints, progress and metrics. The result is an ordinary
+run directory that `minimoe generate`, `eval` and `export` read.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,21 +102,55 @@ def batches(
         yield torch.from_numpy(X), torch.from_numpy(Y)
 
 
-@torch.no_grad()
-def masked_loss(model, examples, batch_size: int, pad_id: int, device) -> float:
-    """Mean cross-entropy over the trainable tokens of `examples`."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches(examples, batch_size, pad_id, seed=0, epoch=0):
-        logits = model(x.to(device)).logits.float()
-        y = y.to(device)
-        total += torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((y != -100).sum())
-    model.train(was)
-    return total / max(count, 1)
+class PaddedBatches:
+    """The training loop's batch source for fine-tuning: `batches` epoch after epoch, without end.
+
+    It counts the trainable (response) tokens it hands out, and its position (epoch, batch) is part
+    of the training loop's checkpoints like the pretraining windows'.
+    """
+
+    def __init__(
+        self, examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int, pad_id: int, seed: int
+    ):
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.epoch, self.pos, self.response_tokens = 0, 0, 0
+        self._it: Iterator | None = None
+
+    def __iter__(self) -> PaddedBatches:
+        return self
+
+    def _epoch_iter(self) -> Iterator:
+        it = batches(self.examples, self.batch_size, self.pad_id, self.seed, self.epoch)
+        return itertools.islice(it, self.pos, None)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._it = self._epoch_iter()
+        batch = next(self._it, None)
+        if batch is None:  # the epoch is over: the next one, in a new order
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._it = self._epoch_iter()
+            batch = next(self._it)
+        self.pos += 1
+        self.response_tokens += int((batch[1] != -100).sum())
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "response_tokens": self.response_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self.response_tokens = state["epoch"], state["pos"], state["response_tokens"]
+        self._it = None
+
+
+class ValBatches:
+    """Fixed validation batches (one pass of `batches` in a fixed order), re-read at every evaluation."""
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int, pad_id: int):
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return batches(self.examples, self.batch_size, self.pad_id, seed=0, epoch=0)
 
 
 def _apply_overrides(cfg, overrides: list[str]) -> None:
@@ -170,12 +205,8 @@ def finetune(
     Returns:
         SFTResult.
     """
-    from tqdm.auto import tqdm
-
     from minimoe.train import checkpoint as ckpt_lib
-    from minimoe.train.optim import build_optimizer
-    from minimoe.train.schedule import lr_multiplier
-    from minimoe.train.trainer import autocast_context, check_run_dir_writable, resolve_device
+    from minimoe.train.trainer import Trainer, resolve_device
 
     out = Path(out_dir)
     if (out / ckpt_lib.CKPT).exists() and any((out / ckpt_lib.CKPT).iterdir()):
@@ -188,6 +219,11 @@ def finetune(
     tc = cfg.train
     tc.lr = tc.lr if lora else tc.lr * 0.1
     explicit = {o.split("=", 1)[0].strip() for o in overrides or []}
+    # the source run's pretraining budget and plumbing do not carry over: one batch per step, a metrics
+    # row per step, no time limit, no compilation, unless given here
+    for key, value in (("grad_accum", 1), ("log_every", 1), ("max_minutes", None), ("compile", False)):
+        if f"train.{key}" not in explicit:
+            setattr(tc, key, value)
     _apply_overrides(cfg, list(overrides or []))
     train_ex, dropped = build_examples(
         tok, read_conversations(data), tok.chat_template, tc.seq_len, packing, tc.seed
@@ -201,13 +237,12 @@ def finetune(
     )
     per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     if "train.max_steps" not in explicit:
-        tc.max_steps = max(1, math.ceil(per_epoch * epochs))
+        tc.max_steps = max(1, math.ceil(per_epoch * epochs / tc.grad_accum))
     if "train.warmup_steps" not in explicit:
         tc.warmup_steps = tc.max_steps // 10
     cfg.validate()
 
     device = resolve_device(tc.device)
-    check_run_dir_writable(out)
     torch.manual_seed(tc.seed)
     model = model.to(device).train()
     for m in model.modules():  # the loaded model was built with the source's dropout
@@ -220,69 +255,31 @@ def finetune(
         from minimoe.finetune.lora import apply_lora
 
         trained = apply_lora(model, **lora)
-    optimizer = build_optimizer(trained, tc, device)
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    bar = tqdm(total=tc.max_steps, disable=not progress, unit="step", desc="sft", dynamic_ncols=True)
-    step, seen, loss_v, epoch = 0, 0, float("nan"), 0
-    t0 = time.perf_counter()
-    try:
-        while step < tc.max_steps:
-            for x, y in batches(train_ex, tc.batch_size, tok.pad_id, tc.seed, epoch):
-                if step >= tc.max_steps:
-                    break
-                lr = tc.lr * lr_multiplier(
-                    step, tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio, tc.decay_fraction
-                )
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                x, y = x.to(device), y.to(device)
-                with autocast_context(tc.precision, device):
-                    res = trained(x, targets=y)
-                res.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in trained.parameters() if p.requires_grad], tc.grad_clip or float("inf")
-                )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.model.aux_free_bias and not lora:  # LoRA leaves the base model (and its bias) alone
-                    model.update_bias({i: s.load for i, s in res.moe_stats.items()})
-                step += 1
-                seen += int((y != -100).sum())
-                loss_v = res.loss.item()
-                if not math.isfinite(loss_v):
-                    raise MinimoeError(
-                        f"fine-tuning diverged at step {step} (non-finite loss); lower train.lr"
-                    )
-                row = {"step": step, "loss": loss_v, "ce": res.losses["ce"].item(), "lr": lr,
-                       "grad_norm": float(grad_norm), "response_tokens": seen, "elapsed_s": time.perf_counter() - t0}  # fmt: skip
-                metrics.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.3f}")
-            epoch += 1
-    finally:
-        bar.close()
-        metrics.close()
-
-    val_loss = masked_loss(trained, val_ex, tc.batch_size, tok.pad_id, device) if val_ex else None
-    if val_loss is not None:
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
     source = str(Path(meta["path"]).resolve())
-    adapter = None
-    if lora:
-        from minimoe.finetune.lora import merge_lora, save_adapter
+    info = {"source": source, "sft": {"data": str(Path(data).resolve()), "packing": packing, "lora": lora}}
+    train_batches = PaddedBatches(train_ex, tc.batch_size, tok.pad_id, tc.seed)
+    trainer = Trainer(
+        cfg, out, None, tok, progress=progress, model=trained, train_batches=train_batches,
+        val_batches=ValBatches(val_ex, tc.batch_size, tok.pad_id) if val_ex else None,
+        balance=not lora,  # LoRA leaves the base model (and its balancing bias) alone
+        checkpoints=not lora,  # LoRA: the adapter, and the merged model written below
+        run_info=info,
+    )  # fmt: skip
+    res = trainer.fit()
+    step, seen, val_loss = res.step, train_batches.response_tokens, res.val_loss
+    loss_v = res.train_loss if res.train_loss is not None else float("nan")
+    if not lora:
+        return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, res.checkpoint)
+    from minimoe.finetune.lora import merge_lora, save_adapter
 
-        adapter = save_adapter(trained, out / "adapter", base=source)
-        if not merge:
-            tok.save(out / "tokenizer")
-            return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter)
-        model = merge_lora(trained)
+    adapter = save_adapter(trained, out / "adapter", base=source)
+    if not merge:
+        return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter)
+    model = merge_lora(trained)
     cfg.model = model.cfg
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     (out / "config.yaml").write_text(text, encoding="utf-8")
-    tok.save(out / "tokenizer")
-    info = {"step": step, "tokens": seen, "val_loss": val_loss, "source": source,
-            "sft": {"data": str(Path(data).resolve()), "packing": packing, "lora": lora}}  # fmt: skip
+    info = {"step": step, "tokens": res.tokens, "val_loss": val_loss, **info}
     ck = ckpt_lib.save_checkpoint(
         out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True
     )

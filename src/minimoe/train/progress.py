@@ -33,9 +33,12 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     if tc.max_minutes is not None:
         budget += f" or {tc.max_minutes:g} min, whichever comes first"
     world = f" x {world_size} processes" if world_size > 1 else ""
+    data_part = ""
+    if data is not None:
+        data_part = f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
     return (
         f"train: {si(rep.total + rep.mtp_total)} parameters{mtp}, {si(rep.activated)} activated per token; "
-        f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
+        f"{data_part}"
         f"{device.type}{world}, {torch.get_num_threads()} threads, {tc.precision}; "
         f"{si(tc.batch_size * tc.seq_len * tc.grad_accum)} tokens/step; budget {budget}"
     )

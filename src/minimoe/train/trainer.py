@@ -56,6 +56,7 @@ class TrainResult:
     checkpoint: Path | None
     sample: str | None = None
     is_main: bool = True  # False on ranks > 0 of a distributed run (they print and write nothing)
+    train_loss: float | None = None  # the last metrics row's training loss
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -96,6 +97,18 @@ class Trainer:
         data: a `minimoe.data.PreparedData` with train and val splits.
         tokenizer: the tokenizer that made `data` (saved in every checkpoint).
         ctx: the process group context from `minimoe.dist.init_distributed`; None = one process.
+
+    Fine-tuning uses the same loop with its own pieces (data may then be None):
+        model: a built model (e.g. loaded from a run, possibly LoRA-wrapped) instead of a fresh
+            `Transformer(cfg.model)`; its memory is the caller's business.
+        train_batches: the batch source: `next()` gives (x, y) int64 tensors (targets -100 where no
+            loss is taken), `state_dict()` / `load_state_dict()` its position. Default: `TokenWindows`.
+        val_batches: an iterable of (x, y) validation batches, re-iterated at every evaluation.
+            Default: `EvalWindows` of data; None with data None: no evaluation (the latest checkpoint
+            counts as the best).
+        balance: run the aux-free bias step (False leaves the biases as they are: LoRA).
+        checkpoints: write checkpoints (False: the caller saves the result itself).
+        run_info: extra entries for every checkpoint's meta.json.
     """
 
     def __init__(
@@ -110,6 +123,13 @@ class Trainer:
         clock_start: float | None = None,
         reserve_s: float = 0.0,
         memory_check: bool = True,
+        *,
+        model: torch.nn.Module | None = None,
+        train_batches=None,
+        val_batches=None,
+        balance: bool = True,
+        checkpoints: bool = True,
+        run_info: dict | None = None,
     ):
         from minimoe.data import EvalWindows, TokenWindows
 
@@ -141,7 +161,9 @@ class Trainer:
         np.random.seed(tc.seed % 2**32)
         random.seed(tc.seed)
 
-        if memory_check and not self.ctx.distributed:  # one process holds it all; ranks hold shares
+        if (
+            memory_check and model is None and not self.ctx.distributed
+        ):  # one process holds it all; ranks hold shares
             from minimoe.memory import check_fits
             from minimoe.params import memory_estimate
 
@@ -149,11 +171,11 @@ class Trainer:
             need = memory_estimate(mc)["by_dtype"]["fp32"]["training_total"]
             check_fits(need, self.device, "training this model (fp32 weights, gradients and AdamW state)",
                        "pass --skip-memory-check")  # fmt: skip
-        # every rank builds the same full model from the same seed, then keeps its part
-        model = Transformer(mc)
+        if model is None:  # every rank builds the same full model from the same seed, then keeps its part
+            model = Transformer(mc)
+            model.gradient_checkpointing = tc.activation_checkpointing
         if cfg.dist.pipeline_parallel == 1 or not self.ctx.distributed:
             model = model.to(self.device)  # a pipeline moves only its stage
-        model.gradient_checkpointing = tc.activation_checkpointing
         self.par = parallelize(model, cfg, self.ctx)
         self.model = self.par.model
         if self.ctx.distributed:  # dropout and router jitter: a different stream per rank
@@ -163,13 +185,18 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
         B, rank, world = tc.batch_size // self.par.dp_size, self.par.dp_rank, self.par.dp_size
-        self.train_windows = TokenWindows(
-            data, "train", tc.seq_len, B, seed=tc.seed, rank=rank, world_size=world
-        )
-        self.val_windows = EvalWindows(
-            data, "val", tc.seq_len, B, max_batches=tc.eval_batches, rank=rank, world_size=world
-        )
+        if train_batches is None:
+            train_batches = TokenWindows(
+                data, "train", tc.seq_len, B, seed=tc.seed, rank=rank, world_size=world
+            )
+        if val_batches is None and data is not None:
+            val_batches = EvalWindows(
+                data, "val", tc.seq_len, B, max_batches=tc.eval_batches, rank=rank, world_size=world
+            )
+        self.train_windows, self.val_windows = train_batches, val_batches
+        self.balance, self.checkpoints, self.run_info = balance, checkpoints, dict(run_info or {})
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.train_loss: float | None = None
         self.best_val: float | None = None
         self.evals_since_best = 0
         self.monitor = alerts.RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
@@ -190,15 +217,19 @@ class Trainer:
     def _resume(self) -> None:
         run_state.resume(self)
 
-    def save(self, val_loss: float | None = None, is_best: bool = False) -> Path:
-        """Write a checkpoint in the one-process format (every rank must call it; rank 0 writes)."""
-        return run_state.save(self, val_loss, is_best)
+    def save(self, val_loss: float | None = None, is_best: bool = False) -> Path | None:
+        """Write a checkpoint in the one-process format (every rank must call it; rank 0 writes).
+        None when this trainer writes no checkpoints."""
+        return run_state.save(self, val_loss, is_best) if self.checkpoints else None
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean validation cross-entropy over fixed windows, perplexity, bits per byte, global MaxVio."""
+        """Mean validation cross-entropy over the validation batches' target tokens, perplexity, bits per
+        byte, global MaxVio; {} without validation batches."""
         tc = self.cfg.train
+        if self.val_windows is None:
+            return {}
         self.model.eval()
         total, count = 0.0, 0
         loads: dict[int, torch.Tensor] = {}
@@ -206,14 +237,15 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with autocast_context(tc.precision, self.device):
                 ce, batch_loads = self.par.eval_batch(x, y)
-            total += ce.item() * y.numel()
-            count += y.numel()
+            n = int((y != -100).sum())  # ce is the mean over the targets that carry a loss
+            total += ce.item() * n
+            count += n
             for i, load in batch_loads.items():
                 loads[i] = loads.get(i, 0) + load
         self.model.train()
         total, count, loads = self.par.reduce_eval(total, count, loads)
         loss = total / max(count, 1)
-        tpb = self.data.tokens_per_byte("val")
+        tpb = self.data.tokens_per_byte("val") if self.data is not None else None
         res = {
             "val_loss": loss,
             "val_ppl": math.exp(min(loss, 50)),
@@ -285,7 +317,7 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                if mc.aux_free_bias and step_loads:
+                if mc.aux_free_bias and self.balance and step_loads:
                     self.model.update_bias(step_loads)
                 self.step += 1
                 self.tokens += tokens_per_step
@@ -330,6 +362,7 @@ class Trainer:
                                 n_in_window,
                             )
                     self.metrics.log(row)
+                    self.train_loss = row["loss"]
                     bar.note(
                         f"loss {row['loss']:.3f}, {row['tokens_per_s']:,.0f} tok/s, "
                         f"maxvio {health.get('max_vio_mean', 0):.2f}"
@@ -356,17 +389,21 @@ class Trainer:
                 if at_eval:
                     eval_start = time.perf_counter()
                     val = self.evaluate()
-                    improved = self.best_val is None or val["val_loss"] < self.best_val
-                    if improved:
-                        self.best_val, self.evals_since_best = val["val_loss"], 0
+                    loss = val.get("val_loss")  # None without validation: the latest counts as the best
+                    improved = loss is None or self.best_val is None or loss < self.best_val
+                    if loss is None:
+                        pass
+                    elif improved:
+                        self.best_val, self.evals_since_best = loss, 0
                     else:
                         self.evals_since_best += 1
-                    self.metrics.log({"step": self.step, "tokens": self.tokens, **val})
-                    bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
-                    bar.note(f"val_loss {val['val_loss']:.3f}{bpb}")
+                    if val:
+                        self.metrics.log({"step": self.step, "tokens": self.tokens, **val})
+                        bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
+                        bar.note(f"val_loss {loss:.3f}{bpb}")
                     save_start = time.perf_counter()
                     self._eval_s = save_start - eval_start
-                    last_ckpt = self.save(val["val_loss"], is_best=improved)
+                    last_ckpt = self.save(loss, is_best=improved)
                     self._save_s = time.perf_counter() - save_start
                 elif tc.save_every and self.step % tc.save_every == 0:
                     save_start = time.perf_counter()
@@ -388,7 +425,7 @@ class Trainer:
             run_dir=self.run_dir, step=self.step, tokens=self.tokens,
             val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"), best_val_loss=self.best_val,
             tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, stopped=stopped,
-            checkpoint=last_ckpt, is_main=self.ctx.is_main,
+            checkpoint=last_ckpt, is_main=self.ctx.is_main, train_loss=self.train_loss,
         )  # fmt: skip
 
     def _time_for_another_step(self, left_s: float, step_s: float | None, at_eval: bool) -> bool:
