@@ -166,12 +166,14 @@ def test_tied_embeddings_share_storage_and_eval_keeps_bias():
         assert torch.equal(v, before[k]), k
 
 
-def test_update_bias_moves_selection_bias():
+def test_balance_step_moves_selection_bias():
+    from minimoe.train.balance import balance_step
+
     cfg = tiny_cfg(bias_update_speed=0.01)
     model = Transformer(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     out = model(idx, targets=idx)
-    model.update_bias({i: s.load for i, s in out.moe_stats.items()})
+    balance_step(model, {i: s.load for i, s in out.moe_stats.items()})
     b = model.layers[1].mlp.gate.e_score_correction_bias
     assert b.abs().max().item() == pytest.approx(0.01)
 

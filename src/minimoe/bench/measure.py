@@ -26,6 +26,7 @@ from minimoe.config import RunConfig
 from minimoe.infer.generate import stream_batch
 from minimoe.infer.sampling import SamplingParams
 from minimoe.lab.flops import flops_per_token
+from minimoe.train.balance import balance_step
 from minimoe.train.optim import build_optimizer
 from minimoe.train.trainer import autocast_context
 
@@ -198,8 +199,7 @@ class MinimoeSubject(Subject):
         return out.loss
 
     def after_step(self) -> None:
-        if self.model.cfg.aux_free_bias and self._loads:
-            self.model.update_bias(self._loads)
+        balance_step(self.model, self._loads)
 
     @torch.no_grad()
     def prefill(self, x):

@@ -26,6 +26,7 @@ from minimoe.finetune.chat import (
     inputs_and_targets,
     read_conversations,
 )
+from minimoe.train.balance import balance_step
 
 
 @dataclass
@@ -244,8 +245,8 @@ def finetune(
                 )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if cfg.model.aux_free_bias and not lora:  # LoRA leaves the base model (and its bias) alone
-                    model.update_bias({i: s.load for i, s in res.moe_stats.items()})
+                if not lora:  # LoRA leaves the base model (and its bias) alone
+                    balance_step(model, {i: s.load for i, s in res.moe_stats.items()})
                 step += 1
                 seen += int((y != -100).sum())
                 loss_v = res.loss.item()

@@ -107,14 +107,6 @@ class Transformer(nn.Module):
         blocks = list(self.layers) + [m.block for m in self.mtp]
         return {b.layer_idx: b.mlp for b in blocks if b.is_moe}
 
-    @torch.no_grad()
-    def update_bias(self, loads: dict[int, torch.Tensor]) -> None:
-        """Auxiliary-loss-free balancing: call after each optimizer step with the token counts per expert
-        of that step (summed over micro-batches, all-reduced across ranks when distributed)."""
-        moes = self.moe_layers()
-        for i, load in loads.items():
-            moes[i].gate.update_bias(load)
-
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         max_len = max_len or self.cfg.max_seq_len
         dtype = dtype or self.embed_tokens.weight.dtype

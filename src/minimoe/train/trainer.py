@@ -28,10 +28,12 @@ from minimoe.config import RunConfig
 from minimoe.dist.init import DistContext, all_gather_object, broadcast_object, on_main, resolve_device
 from minimoe.dist.parallel import parallelize
 from minimoe.errors import MinimoeError
+from minimoe.model.moe import max_vio
 from minimoe.model.transformer import Transformer
 from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
-from minimoe.train.health import expert_health, max_vio
+from minimoe.train.balance import add_loads, balance_step
+from minimoe.train.health import expert_health
 from minimoe.train.optim import build_optimizer
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
 from minimoe.train.schedule import lr_multiplier
@@ -368,8 +370,7 @@ class Trainer:
                     ce, batch_loads = out.losses["ce"], {i: s.load for i, s in out.moe_stats.items()}
             total += ce.item() * y.numel()
             count += y.numel()
-            for i, load in batch_loads.items():
-                loads[i] = loads.get(i, 0) + load
+            add_loads(loads, batch_loads)
         self.model.train()
         if self.ctx.distributed and pipe is None:
             sums = self.par.reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device))
@@ -391,7 +392,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train until max_steps (or a time limit, early stop, Ctrl-C). `stop_after` ends this session
         after that many steps with a checkpoint, as an interruption would (resume continues exactly)."""
-        tc, mc = self.cfg.train, self.cfg.model
+        tc = self.cfg.train
         session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
         self._open_writers()
@@ -448,16 +449,14 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                if mc.aux_free_bias and step_loads:
-                    self.model.update_bias(step_loads)
+                balance_step(self.model, step_loads)  # once per optimizer step
                 self.step += 1
                 self.tokens += tokens_per_step
                 window_tokens += tokens_per_step
                 self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 sum_loss += step_loss
                 n_in_window += 1
-                for i, v in step_loads.items():
-                    window_loads[i] = window_loads.get(i, 0) + v
+                add_loads(window_loads, step_loads)
                 took = time.perf_counter() - step_start
                 if session_steps > 0:  # the first step of a session warms up (allocations): not typical
                     step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
@@ -598,8 +597,7 @@ class Trainer:
                     parts, batch_loads = pipe.train_step(x, y, 1.0 / tc.grad_accum)
                 ce, aux, z = parts
                 vals += torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]) / tc.grad_accum
-                for i, load in batch_loads.items():
-                    loads[i] = loads.get(i, 0) + load
+                add_loads(loads, batch_loads)
                 continue
             with self.par.no_sync(last_micro=micro == tc.grad_accum - 1):
                 with autocast_context(tc.precision, self.device):
@@ -610,8 +608,7 @@ class Trainer:
                 torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
                 / tc.grad_accum
             )
-            for i, s in out.moe_stats.items():
-                loads[i] = loads.get(i, 0) + s.load
+            add_loads(loads, {i: s.load for i, s in out.moe_stats.items()})
         if self.ctx.distributed and pipe is None:
             # one all-reduce for the losses and the loads of every layer
             keys = sorted(loads)
