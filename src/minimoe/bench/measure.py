@@ -194,7 +194,7 @@ class MinimoeSubject(Subject):
         self._loads: dict[int, torch.Tensor] = {}
 
     def loss(self, x, y):
-        out = self.forward(x, targets=y)
+        out = self.forward(x, targets=y, return_logits=False)
         self._loads = {i: s.load for i, s in out.moe_stats.items()}
         return out.loss
 

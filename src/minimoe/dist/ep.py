@@ -81,14 +81,14 @@ class ExpertParallel(GroupedExperts):
         if full.n_experts % size:
             raise ValueError(f"{full.n_experts} experts cannot be split over {size} ranks")
         n_local = full.n_experts // size
-        super().__init__(n_local, full.hidden, full.inter, full.act, full.impl)
+        with torch.device("meta"):  # shapes only: the weights are this rank's slice of `full`
+            super().__init__(n_local, full.hidden, full.inter, full.act, full.impl)
         self.group, self.size, self.rank = group, size, rank
         self.n_global = full.n_experts
         lo, hi = self.local_range
-        with torch.no_grad():
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                if getattr(full, name) is not None:
-                    getattr(self, name).copy_(getattr(full, name)[lo:hi])
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(full, name) is not None:
+                setattr(self, name, nn.Parameter(getattr(full, name).detach()[lo:hi].clone()))
         self.bytes_sent = 0
 
     @property

@@ -366,7 +366,7 @@ class Trainer:
                     vals, batch_loads = pipe.eval_batch(x, y)
                     ce = vals[0]
                 else:
-                    out = self.model(x, targets=y)
+                    out = self.model(x, targets=y, return_logits=False)
                     ce, batch_loads = out.losses["ce"], {i: s.load for i, s in out.moe_stats.items()}
             total += ce.item() * y.numel()
             count += y.numel()
@@ -601,7 +601,7 @@ class Trainer:
                 continue
             with self.par.no_sync(last_micro=micro == tc.grad_accum - 1):
                 with autocast_context(tc.precision, self.device):
-                    out = self.forward(x, targets=y)
+                    out = self.forward(x, targets=y, return_logits=False)
                 self.scaler.scale(out.loss / tc.grad_accum).backward()
             self.monitor.count_dropped(out.moe_stats)
             vals += (
