@@ -87,9 +87,12 @@ class TrainerSubject:
         self.name = name
         self.cfg = build_run_config(preset, None, overrides).validate()
         self.trainer = Trainer(self.cfg, root / name, data, data.tokenizer(), progress=False)
+        self.walls: list[float] = []  # seconds per turn, eval and checkpoint included
 
     def turn(self, steps: int) -> float:
+        t0 = time.perf_counter()
         self.trainer.fit(stop_after=steps)
+        self.walls.append(time.perf_counter() - t0)
         rows = [json.loads(line) for line in self.trainer.metrics_path.read_text().splitlines()]
         return [r for r in rows if "tokens_per_s" in r][-1]["tokens_per_s"]
 
@@ -135,11 +138,24 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
         f"| {a[2]:.2f} | >= 0.9x |",
         f"| B: minimoe Trainer / minimal nanoGPT-style loop (dense 6 x 192, block 128, batch 16) | {b[0]:.2f}x "
         f"| {b[1]:.2f} | {b[2]:.2f} | >= 1.0x |",
+    ]
+    if "C" in res["ratios"]:
+        c = res["ratios"]["C"]
+        lines.append(
+            f"| C: `tiny` MoE with train.compile=true / eager, after compiling | {c[0]:.2f}x | {c[1]:.2f} "
+            f"| {c[2]:.2f} | pays if C > 1 and the compile time below is earned back |"
+        )
+    lines += [
         "",
         "Median tokens/s on the shared machine, for orientation only: "
         + ", ".join(f"{k} {v:,.0f}" for k, v in t.items())
         + ".",
     ]
+    if "compile_s" in res:
+        lines.append(
+            f"The first (warm-up) turn of the compiled model took {res['compile_s']:.0f} s more than the eager "
+            "one's: the compile time a run pays once."
+        )
     return "\n".join(lines)
 
 
@@ -165,6 +181,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="training steps per turn of the tiny models")
     p.add_argument("--quick", action="store_true", help="2 rounds of 2-step turns")
     p.add_argument("--write", action="store_true", help="rewrite the section of BENCHMARKS.md")
+    p.add_argument(
+        "--compile", action="store_true", help="also time the tiny MoE under torch.compile (ratio C)"
+    )
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 2
@@ -182,7 +201,15 @@ def main() -> None:
         steps = {"tiny MoE": args.steps, "dense twin": args.steps, "minimoe dense": nano_steps}
         steps["reference loop"] = nano_steps
         pairs = {"A": ("tiny MoE", "dense twin"), "B": ("minimoe dense", "reference loop")}
+        if args.compile:
+            subjects["tiny MoE compiled"] = TrainerSubject(
+                "tiny MoE compiled", "tiny", common_a + ["train.compile=true"], data, tmp
+            )
+            steps["tiny MoE compiled"] = args.steps
+            pairs["C"] = ("tiny MoE compiled", "tiny MoE")
         res = measure(subjects, pairs, args.rounds, steps)
+        if args.compile:
+            res["compile_s"] = subjects["tiny MoE compiled"].walls[0] - moe.walls[0]
     text = table(res, args, (load0, os.getloadavg()[0]))
     print(text)
     if args.write:

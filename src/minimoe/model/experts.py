@@ -263,8 +263,11 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, hidden)) if act == "swiglu" else None
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
         for p in self.parameters():
-            nn.init.normal_(p, std=init_std)
+            nn.init.normal_(p, std=std)
 
     def forward(
         self, x_ND: torch.Tensor, counts_E: torch.Tensor, scale_N: torch.Tensor | None = None
