@@ -24,7 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: off
+import minimoe.cli.main  # noqa: F401 - the CLI's OpenMP wait policy, set before torch loads OpenMP
 import torch
+
+# isort: on
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
