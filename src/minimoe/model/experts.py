@@ -1,5 +1,10 @@
-"""Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts
-with two kernels over tokens already sorted by expert: `torch._grouped_mm` and a loop over slices.
+"""Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts.
+
+The MoE layer makes one call, `experts(x_ND, counts_E, w_N)`, on rows already sorted by expert.
+`GroupedExperts` answers it with one of two kernels, picked per call by `choose_kernel`:
+`torch._grouped_mm` over expert offsets, or a loop over contiguous slices (also the decode kernel:
+a few rows without gradient). Quantized experts (infer/quantize.py) and expert parallelism
+(dist/ep.py) are other modules with the same call, swapped in for `GroupedExperts`.
 
 Shape suffixes: N (token, expert) rows sorted by expert, D hidden, I expert intermediate, E experts.
 """
