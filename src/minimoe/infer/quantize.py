@@ -141,11 +141,9 @@ class QuantTensor(nn.Module):
             return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.dequantize(index, x.dtype))
 
-    def unbind(self, dim: int = 0) -> list:
-        """Per-slice callables x -> x @ W[e]^T, as `loop_experts` takes them (stacked experts only)."""
-        if dim != 0:
-            raise ValueError("a quantized tensor unbinds along dim 0 only")
-        return [functools.partial(self.matmul, index=e) for e in range(self.qweight.shape[0])]
+    def __getitem__(self, index: int):
+        """Slice `index` of stacked weights as a callable x -> x @ W[index]^T (what `loop_experts` calls)."""
+        return functools.partial(self.matmul, index=index)
 
     def extra_repr(self) -> str:
         shape = (*self.qweight.shape[:-1], self.in_features)

@@ -117,24 +117,32 @@ def loop_experts(
     scale_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Experts as one small MLP per contiguous slice. Same arguments and result as `grouped_mm_experts`,
-    except that the weights may be anything whose `unbind(0)` gives, per expert, a float (O, I) matrix
-    or a callable x -> x @ W_e^T (quantized weights, minimoe.infer.quantize.QuantTensor).
+    except that the weights may also be quantized (minimoe.infer.quantize.QuantTensor: `w[e]` is then a
+    callable x -> x @ W_e^T).
     """
     # One host sync for all split sizes; a per-expert `.item()` would stall a GPU E times.
     sizes = counts_E.tolist()
-    # unbind once: indexing w[e] per expert would make backward allocate a full (E, I, D) zero
-    # gradient per expert (measured ~2x slower at E=16).
-    gates = gate_EID.unbind(0) if gate_EID is not None else [None] * len(sizes)
-    ups, downs = up_EID.unbind(0), down_EDI.unbind(0)
-    scales = scale_N.split(sizes) if scale_N is not None else [None] * len(sizes)
-    ys = []
-    for e, x_nD in enumerate(x_ND.split(sizes)):
-        if x_nD.shape[0] == 0:
+    gates, ups, downs = (_per_expert(w) for w in (gate_EID, up_EID, down_EDI))
+    ys, start = [], 0
+    for e, n in enumerate(sizes):
+        if n == 0:
             continue
-        gate_nI = _matmul(x_nD, gates[e]) if gates[e] is not None else None
-        h_nI = _scaled(_activate(gate_nI, _matmul(x_nD, ups[e])), scales[e])
+        x_nD = x_ND[start : start + n]
+        scale_n = scale_N[start : start + n] if scale_N is not None else None
+        start += n
+        gate_nI = _matmul(x_nD, gates[e]) if gates is not None else None
+        h_nI = _scaled(_activate(gate_nI, _matmul(x_nD, ups[e])), scale_n)
         ys.append(_matmul(h_nI, downs[e]))
     return torch.cat(ys) if ys else x_ND * 0.0  # no rows at all: stay in the graph
+
+
+def _per_expert(w):
+    """Something indexable by expert. A float weight that autograd records is unbound once: indexing
+    w[e] per expert would make backward allocate a full (E, I, D) zero gradient per expert. Otherwise
+    (decoding, quantized weights) w[e] is taken for the experts that have rows only."""
+    if isinstance(w, torch.Tensor) and torch.is_grad_enabled() and w.requires_grad:
+        return w.unbind(0)
+    return w
 
 
 def _matmul(x: torch.Tensor, w) -> torch.Tensor:
