@@ -182,7 +182,7 @@ class Transformer(nn.Module):
 
         zero = h.new_zeros((), dtype=torch.float32)
         if fused:
-            ce = linear_cross_entropy(h, self.lm_head.weight, targets)
+            ce = linear_cross_entropy(h, self.lm_head.weight, targets).float()
         else:
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         mtp = self._mtp_loss(hidden, input_ids, targets, stats) if self.cfg.mtp_depth else zero
@@ -215,7 +215,7 @@ class Transformer(nn.Module):
             if st is not None:
                 stats[self.cfg.n_layers + k - 1] = st
             if self._fused_head_ok(h_normed):  # MTP logits are never returned
-                losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, targets[:, k:]))
+                losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, targets[:, k:]).float())
             else:
                 logits = self.lm_head(h_normed)  # (B, T-k, V)
                 losses.append(
