@@ -2,7 +2,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does; before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # tests share the cores; before torch loads OpenMP
 
 import torch  # noqa: E402
 

@@ -166,12 +166,14 @@ def test_tied_embeddings_share_storage_and_eval_keeps_bias():
         assert torch.equal(v, before[k]), k
 
 
-def test_update_bias_moves_selection_bias():
+def test_balance_step_moves_selection_bias():
+    from minimoe.train.balance import balance_step
+
     cfg = tiny_cfg(bias_update_speed=0.01)
     model = Transformer(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     out = model(idx, targets=idx)
-    model.update_bias({i: s.load for i, s in out.moe_stats.items()})
+    balance_step(model, {i: s.load for i, s in out.moe_stats.items()})
     b = model.layers[1].mlp.gate.e_score_correction_bias
     assert b.abs().max().item() == pytest.approx(0.01)
 
@@ -286,3 +288,47 @@ def test_bf16_model_prefills_and_decodes_close_to_fp32(attn_type):
     got = torch.cat([pre, *steps], dim=1).float()
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got - full).abs().max() < 0.1 * full.abs().max()
+
+
+# ---------------------------------------------------------------- fused head + cross-entropy
+
+
+@pytest.mark.parametrize("chunk_elements", [64, 1 << 21])  # several chunks (with a ragged last one), one
+def test_linear_cross_entropy_matches_plain_fp64(monkeypatch, chunk_elements):
+    from minimoe.model import loss as loss_lib
+
+    monkeypatch.setattr(loss_lib, "CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 12, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 10, (3, 7))
+    t[0, :3] = -100  # ignored positions count for nothing
+    fused = loss_lib.linear_cross_entropy(h, w, t)
+    gh, gw = torch.autograd.grad(2.5 * fused, (h, w))
+    plain = F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), ignore_index=-100)
+    rh, rw = torch.autograd.grad(2.5 * plain, (h, w))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(loss_lib.linear_cross_entropy(h, w, t), plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_loss_without_logits_matches_plain(tie):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(tie_word_embeddings=tie, mtp_depth=1))
+    idx = torch.randint(0, 97, (2, 12))
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(idx, targets=idx.roll(-1, 1), return_logits=return_logits)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, g_plain), (fused, g_fused) = results
+    assert fused.logits is None and plain.logits.shape == (2, 12, 97)
+    for k in ("ce", "mtp"):
+        torch.testing.assert_close(fused.losses[k], plain.losses[k], rtol=1e-5, atol=1e-6)
+    assert g_plain.keys() == g_fused.keys()
+    for n in g_plain:
+        torch.testing.assert_close(g_fused[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -392,3 +392,21 @@ def test_resume_keeps_the_separate_validation_data(tmp_path, corpus):
 
     cfg = dataclass_from_dict(RunConfig, load_yaml(tmp_path / "run" / "config.yaml"))
     assert cfg.data.val_path == str(val) and res.step == 4 and len(_losses(tmp_path / "run")) > len(first)
+
+
+def test_balance_step_runs_once_per_optimizer_step(tmp_path, corpus):
+    # sign rule: one balancing step moves every bias entry by exactly speed (or 0 for an expert at the
+    # mean load); a step per micro-batch would move most entries by 2 * speed (speed is too small to
+    # change the routing between the two micro-batches)
+    speed = 1e-3
+    res = _train(
+        tmp_path / "run", corpus, "train.max_steps=1", "train.grad_accum=2", "model.scoring_func=sigmoid",
+        "model.aux_free_bias=true", f"model.bias_update_speed={speed}",
+    )  # fmt: skip
+    from minimoe.train.checkpoint import load_run
+
+    model, *_ = load_run(res.checkpoint)
+    biases = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers().values()])
+    moved = biases.abs()
+    assert torch.all((moved < 1e-9) | ((moved - speed).abs() < 1e-9)), biases
+    assert moved.max() > 0

@@ -26,6 +26,7 @@ from minimoe.config import RunConfig
 from minimoe.infer.generate import stream_batch
 from minimoe.infer.sampling import SamplingParams
 from minimoe.lab.flops import flops_per_token
+from minimoe.train.balance import balance_step
 from minimoe.train.optim import build_optimizer
 from minimoe.train.trainer import autocast_context
 
@@ -193,13 +194,12 @@ class MinimoeSubject(Subject):
         self._loads: dict[int, torch.Tensor] = {}
 
     def loss(self, x, y):
-        out = self.forward(x, targets=y)
+        out = self.forward(x, targets=y, return_logits=False)
         self._loads = {i: s.load for i, s in out.moe_stats.items()}
         return out.loss
 
     def after_step(self) -> None:
-        if self.model.cfg.aux_free_bias and self._loads:
-            self.model.update_bias(self._loads)
+        balance_step(self.model, self._loads)
 
     @torch.no_grad()
     def prefill(self, x):

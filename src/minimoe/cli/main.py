@@ -15,11 +15,39 @@ import os
 import sys
 import time
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning (a busy-waiting pool starves other
-# processes on a small machine; BENCHMARKS.md has the measurement).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from minimoe.errors import MinimoeError, describe_os_error, one_line
+def _others_load(samples: int = 5, interval_s: float = 0.01) -> float:
+    """How many cores other processes keep busy now: the median over a few samples of the running
+    processes besides this one (Linux `/proc/stat`), else the 1-minute load average. The average would
+    lag both ways: a job started seconds ago barely shows, one that just ended still does."""
+    counts = []
+    try:
+        for i in range(samples):
+            with open("/proc/stat", encoding="ascii") as f:
+                counts.append(
+                    next(int(line.split()[1]) for line in f if line.startswith("procs_running")) - 1
+                )
+            if i + 1 < samples:
+                time.sleep(interval_s)
+    except (OSError, StopIteration, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return float(sorted(counts)[len(counts) // 2])
+
+
+def wait_policy(others_load: float) -> str:
+    """OpenMP wait policy for a process about to use every core (torch's default thread count).
+
+    Spinning idle threads (ACTIVE) is faster while the cores are otherwise idle, and ruinous when other
+    processes need them; sleeping (PASSIVE) costs a wake-up per parallel region. So spin only when the
+    others leave every core free (numbers in BENCHMARKS.md, "OpenMP wait policy").
+    """
+    return "ACTIVE" if others_load < 0.5 else "PASSIVE"
+
+
+# Before torch loads OpenMP (it reads the policy once); a value the user set wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = wait_policy(_others_load())
+from minimoe.errors import MinimoeError, describe_os_error, one_line  # noqa: E402 - after the policy
 
 # name -> (module, one line, an example). `minimoe --help` reads only this table: a command's module
 # (and torch behind it) is imported only when that command runs or shows its own help.

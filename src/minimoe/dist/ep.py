@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minimoe.model.experts import GroupedExperts
+
 
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits whose backward sends the gradients back the same way."""
@@ -60,47 +62,53 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-class ExpertParallel:
-    """The dispatcher a MoE layer calls instead of running all its experts locally.
+class ExpertParallel(GroupedExperts):
+    """A MoE layer's routed experts sharded over an EP group: the same `experts(x_ND, counts_E, w_N)`
+    call as GroupedExperts, with rows sorted by global expert; this rank holds E_loc of them under the
+    same parameter names (`gate_proj`, `up_proj`, `down_proj`, stacked along dim 0).
 
     Args:
+        full: the layer's GroupedExperts with all E experts (identical on every rank).
         group: the expert-parallel process group (R ranks).
-        n_experts: E, the layer's global number of routed experts (divisible by R).
 
     Attributes:
         bytes_sent: bytes of token rows this rank sent to other ranks in forward passes (dispatch and
             combine; backward sends as many again), for benchmarks; reset it yourself.
     """
 
-    def __init__(self, group, n_experts: int):
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        if n_experts % self.size:
-            raise ValueError(f"{n_experts} experts cannot be split over {self.size} ranks")
-        self.n_experts = n_experts
-        self.n_local = n_experts // self.size
+    def __init__(self, full: GroupedExperts, group):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if full.n_experts % size:
+            raise ValueError(f"{full.n_experts} experts cannot be split over {size} ranks")
+        n_local = full.n_experts // size
+        with torch.device("meta"):  # shapes only: the weights are this rank's slice of `full`
+            super().__init__(n_local, full.hidden, full.inter, full.act, full.impl)
+        self.group, self.size, self.rank = group, size, rank
+        self.n_global = full.n_experts
+        lo, hi = self.local_range
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(full, name) is not None:
+                setattr(self, name, nn.Parameter(getattr(full, name).detach()[lo:hi].clone()))
         self.bytes_sent = 0
 
     @property
     def local_range(self) -> tuple[int, int]:
         """[first, last) global expert ids held by this rank."""
-        return self.rank * self.n_local, (self.rank + 1) * self.n_local
+        return self.rank * self.n_experts, (self.rank + 1) * self.n_experts
 
-    def __call__(
-        self, experts: nn.Module, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, scale_N: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run the global experts on rows sorted by global expert.
 
         Args:
-            experts: this rank's GroupedExperts (E_loc experts).
             x_ND: (N, D) rows sorted by global expert.
             counts_E: (E,) int rows per global expert, summing to N.
-            w_N: (N,) gate weight of each row.
+            scale_N: optional (N,) gate weight of each row.
         Returns:
-            (N, D) expert outputs times the gate weights, in the order of x_ND.
+            (N, D) expert outputs (times scale_N), in the order of x_ND.
         """
-        R, L = self.size, self.n_local
+        R, L = self.size, self.n_experts
         counts_RL = counts_E.reshape(R, L).contiguous()  # rows for each destination rank's experts
         recv_RL = torch.empty_like(counts_RL)
         dist.all_to_all_single(recv_RL, counts_RL, group=self.group)  # row r: what rank r sends me
@@ -114,18 +122,21 @@ class ExpertParallel:
             torch.arange(L, device=x_ND.device).repeat(R), recv_RL.reshape(-1)
         )  # (N_recv,)
         order = torch.sort(expert_of_row, stable=True).indices
-        y_sorted = experts(x_recv.index_select(0, order), recv_RL.sum(0))  # (N_recv, D)
+        y_sorted = super().forward(x_recv.index_select(0, order), recv_RL.sum(0))  # (N_recv, D)
         y_recv = torch.zeros_like(y_sorted).index_copy(0, order, y_sorted)  # back to arrival order
         y_ND = all_to_all(y_recv, send_R, recv_R, self.group)  # (N, D), the order of x_ND
         # rows leaving this rank (dispatch, then combine); the rows a rank keeps are a local copy
         remote_rows = sum(send_R) - send_R[self.rank] + sum(recv_R) - recv_R[self.rank]
         self.bytes_sent += remote_rows * x_ND.shape[1] * x_ND.element_size()
         # down_proj is linear: scaling the output equals the one-process scaling of its input
-        return y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+        return y_ND if scale_N is None else y_ND * scale_N.to(y_ND.dtype).unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", of {self.n_global} over {self.size} ranks"
 
 
 def shard_experts(model: nn.Module, group) -> dict[str, nn.Parameter]:
-    """Keep only this rank's slice of every MoE layer's routed experts and hand the layer a dispatcher.
+    """Replace every MoE layer's routed experts by this rank's `ExpertParallel` slice.
 
     Call after the model is built identically on every rank (same seed) and before the optimizer is
     created.
@@ -136,28 +147,19 @@ def shard_experts(model: nn.Module, group) -> dict[str, nn.Parameter]:
     Returns:
         {fully qualified name: local parameter} of the sharded expert weights (stacked along dim 0).
     """
+    names = {id(m): n for n, m in model.named_modules()}
     sharded: dict[str, nn.Parameter] = {}
-    names = {id(p): n for n, p in model.named_parameters()}
     for moe in model.moe_layers().values():
-        ep = ExpertParallel(group, moe.n_experts)
-        lo, hi = ep.local_range
-        experts = moe.experts
-        for attr in ("gate_proj", "up_proj", "down_proj"):
-            full = getattr(experts, attr)
-            if full is None:
-                continue
-            name = names[id(full)]
-            local = nn.Parameter(full.detach()[lo:hi].clone())
-            setattr(experts, attr, local)
-            sharded[name] = local
-        experts.n_experts = ep.n_local
-        moe.dispatcher = ep
+        prefix = names[id(moe.experts)]
+        moe.experts = ExpertParallel(moe.experts, group)
+        for name, p in moe.experts.named_parameters():
+            sharded[f"{prefix}.{name}"] = p
     return sharded
 
 
 def dispatchers(model: nn.Module) -> list[ExpertParallel]:
-    """The EP dispatchers of a model's MoE layers (empty without expert parallelism)."""
-    return [m.dispatcher for m in model.moe_layers().values() if getattr(m, "dispatcher", None) is not None]
+    """The sharded experts of a model's MoE layers (empty without expert parallelism)."""
+    return [m.experts for m in model.moe_layers().values() if isinstance(m.experts, ExpertParallel)]
 
 
 def gather_experts(local: torch.Tensor, group) -> torch.Tensor:

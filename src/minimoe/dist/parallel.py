@@ -93,7 +93,7 @@ class Parallel:
             return torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]), loads, {}
         with self.no_sync(last_micro=last_micro):
             with autocast():
-                out = self.step_forward(x, targets=y)
+                out = self.step_forward(x, targets=y, return_logits=False)
             scaler.scale(out.loss / n_micro).backward()
         vals = torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
         return vals, {i: s.load for i, s in out.moe_stats.items()}, out.moe_stats
@@ -116,7 +116,7 @@ class Parallel:
         if self.pipeline is not None:
             vals, loads = self.pipeline.eval_batch(x, y)
             return vals[0], loads
-        out = self.model(x, targets=y)
+        out = self.model(x, targets=y, return_logits=False)
         return out.losses["ce"], {i: s.load for i, s in out.moe_stats.items()}
 
     def reduce_eval(

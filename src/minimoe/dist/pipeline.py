@@ -117,14 +117,6 @@ class PipelineStageModule(nn.Module):
     def moe_layers(self) -> dict:
         return {int(i): b.mlp for i, b in self.layers.items() if b.is_moe}
 
-    @torch.no_grad()
-    def update_bias(self, loads: dict[int, torch.Tensor]) -> None:
-        """Aux-free bias step for this stage's MoE layers (loads of other stages are ignored)."""
-        moes = self.moe_layers()
-        for i, load in loads.items():
-            if i in moes:
-                moes[i].gate.update_bias(load)
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.embed_tokens(h)) if self.first else h  # (B, T, D)
         T = x.shape[1]

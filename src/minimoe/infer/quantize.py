@@ -31,7 +31,7 @@ from torch import nn
 
 from minimoe.errors import MinimoeError
 from minimoe.files import as_umask_allows
-from minimoe.model.experts import GroupedExperts, _activate, _scaled
+from minimoe.model.experts import GroupedExperts, loop_experts
 
 BITS = (8, 4)
 
@@ -141,6 +141,10 @@ class QuantTensor(nn.Module):
             return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.dequantize(index, x.dtype))
 
+    def __getitem__(self, index: int):
+        """Slice `index` of stacked weights as a callable x -> x @ W[index]^T (what `loop_experts` calls)."""
+        return functools.partial(self.matmul, index=index)
+
     def extra_repr(self) -> str:
         shape = (*self.qweight.shape[:-1], self.in_features)
         return f"shape={shape}, bits={self.bits}" + (
@@ -161,8 +165,8 @@ class QuantLinear(QuantTensor):
 
 
 class QuantExperts(nn.Module):
-    """Drop-in for GroupedExperts with quantized stacked weights; only experts that received tokens are
-    dequantized (a loop over contiguous slices, like `loop_experts`)."""
+    """Drop-in for GroupedExperts with quantized stacked weights: the same `experts(x_ND, counts_E, w_N)`
+    call, run by `loop_experts`, so only experts that received tokens are dequantized."""
 
     def __init__(self, experts: GroupedExperts, bits: int, group_size: int):
         super().__init__()
@@ -178,16 +182,7 @@ class QuantExperts(nn.Module):
         self, x_ND: torch.Tensor, counts_E: torch.Tensor, scale_N: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Same contract as GroupedExperts.forward: (N, D) rows sorted by expert -> (N, D)."""
-        sizes = counts_E.tolist()  # one host sync for all slices, as in loop_experts
-        scales = scale_N.split(sizes) if scale_N is not None else [None] * len(sizes)
-        ys = []
-        for e, x_nD in enumerate(x_ND.split(sizes)):
-            if x_nD.shape[0] == 0:
-                continue
-            gate_nI = self.gate_proj.matmul(x_nD, e) if self.gate_proj is not None else None
-            h_nI = _scaled(_activate(gate_nI, self.up_proj.matmul(x_nD, e)), scales[e])
-            ys.append(self.down_proj.matmul(h_nI, e))
-        return torch.cat(ys) if ys else x_ND * 0.0
+        return loop_experts(x_ND, counts_E, self.gate_proj, self.up_proj, self.down_proj, scale_N)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from minimoe.errors import MinimoeError
-from minimoe.model.moe import MoE
+from minimoe.model.moe import MoE, max_vio
 from minimoe.model.router import router_scores
 
 
@@ -234,7 +234,7 @@ def layer_stats(
             "mean_token_normalised": (per_token_H.mean() / math.log(E)).item() if E > 1 else 0.0,
             "load_normalised": (entropy(routed_share) / math.log(E)).item() if E > 1 else 0.0,
         },
-        "max_vio": (counts_E.max() / counts_E.mean() - 1).item(),
+        "max_vio": max_vio(counts_E).item(),
         "coactivation": (coact_EE / T).tolist(),  # share of tokens that chose both experts
         "dead_experts": [e for e in range(E) if counts_E[e] == 0],
         "dominant_experts": [e for e in range(E) if routed_share[e] > dominant_factor * fair],

@@ -1,5 +1,10 @@
-"""Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts
-with two kernels over tokens already sorted by expert: `torch._grouped_mm` and a loop over slices.
+"""Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts.
+
+The MoE layer makes one call, `experts(x_ND, counts_E, w_N)`, on rows already sorted by expert.
+`GroupedExperts` answers it with one of two kernels, picked per call by `choose_kernel`:
+`torch._grouped_mm` over expert offsets, or a loop over contiguous slices (also the decode kernel:
+a few rows without gradient). Quantized experts (infer/quantize.py) and expert parallelism
+(dist/ep.py) are other modules with the same call, swapped in for `GroupedExperts`.
 
 Shape suffixes: N (token, expert) rows sorted by expert, D hidden, I expert intermediate, E experts.
 """
@@ -106,27 +111,42 @@ def grouped_mm_experts(
 def loop_experts(
     x_ND: torch.Tensor,
     counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
+    gate_EID,
+    up_EID,
+    down_EDI,
     scale_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Experts as one small MLP per contiguous slice. Same arguments and result as `grouped_mm_experts`."""
+    """Experts as one small MLP per contiguous slice. Same arguments and result as `grouped_mm_experts`,
+    except that the weights may also be quantized (minimoe.infer.quantize.QuantTensor: `w[e]` is then a
+    callable x -> x @ W_e^T).
+    """
     # One host sync for all split sizes; a per-expert `.item()` would stall a GPU E times.
     sizes = counts_E.tolist()
-    # unbind once: indexing w[e] per expert would make backward allocate a full (E, I, D) zero
-    # gradient per expert (measured ~2x slower at E=16).
-    gates = gate_EID.unbind(0) if gate_EID is not None else [None] * len(sizes)
-    ups, downs = up_EID.unbind(0), down_EDI.unbind(0)
-    scales = scale_N.split(sizes) if scale_N is not None else [None] * len(sizes)
-    ys = []
-    for e, x_nD in enumerate(x_ND.split(sizes)):
-        if x_nD.shape[0] == 0:
+    gates, ups, downs = (_per_expert(w) for w in (gate_EID, up_EID, down_EDI))
+    ys, start = [], 0
+    for e, n in enumerate(sizes):
+        if n == 0:
             continue
-        gate_nI = F.linear(x_nD, gates[e]) if gates[e] is not None else None
-        h_nI = _scaled(_activate(gate_nI, F.linear(x_nD, ups[e])), scales[e])
-        ys.append(F.linear(h_nI, downs[e]))
+        x_nD = x_ND[start : start + n]
+        scale_n = scale_N[start : start + n] if scale_N is not None else None
+        start += n
+        gate_nI = _matmul(x_nD, gates[e]) if gates is not None else None
+        h_nI = _scaled(_activate(gate_nI, _matmul(x_nD, ups[e])), scale_n)
+        ys.append(_matmul(h_nI, downs[e]))
     return torch.cat(ys) if ys else x_ND * 0.0  # no rows at all: stay in the graph
+
+
+def _per_expert(w):
+    """Something indexable by expert. A float weight that autograd records is unbound once: indexing
+    w[e] per expert would make backward allocate a full (E, I, D) zero gradient per expert. Otherwise
+    (decoding, quantized weights) w[e] is taken for the experts that have rows only."""
+    if isinstance(w, torch.Tensor) and torch.is_grad_enabled() and w.requires_grad:
+        return w.unbind(0)
+    return w
+
+
+def _matmul(x: torch.Tensor, w) -> torch.Tensor:
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
 def _aligned(n: int, dtype: torch.dtype) -> bool:
@@ -216,11 +236,39 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
     return "grouped_mm" if works else "loop"
 
 
+def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
+    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`.
+
+    Decoding (no gradient, on CPU, at most one row per expert) takes the loop: a handful of
+    matrix-vector products whose cost is reading the weights, where grouped_mm would add offsets and,
+    for thin experts, a copy of every expert's gate and up weights. No rows at all take the loop too
+    (grouped_mm's backward rejects an empty input). Otherwise `resolve_impl` decides.
+    """
+    N = x_ND.shape[0]
+    if N == 0 or (x_ND.device.type == "cpu" and not torch.is_grad_enabled() and N <= n_experts):
+        return loop_experts
+    return grouped_mm_experts if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm" else loop_experts
+
+
 class GroupedExperts(nn.Module):
     """E routed experts stored stacked in HF/torchtitan layout: `gate_proj` (E, I, D) (SwiGLU only),
-    `up_proj` (E, I, D), `down_proj` (E, D, I); `unbind(0)` gives HF's per-expert weights."""
+    `up_proj` (E, I, D), `down_proj` (E, D, I); `unbind(0)` gives HF's per-expert weights.
 
-    def __init__(self, n_experts: int, hidden: int, inter: int, act: str = "swiglu", impl: str = "auto"):
+    The MoE layer calls `experts(x_ND, counts_E, w_N)` on rows sorted by expert; this module picks the
+    kernel (`choose_kernel`). Other implementations of the same call plug in by replacing the module:
+    quantized weights (minimoe.infer.quantize.QuantExperts) and expert parallelism
+    (minimoe.dist.ep.ExpertParallel).
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        hidden: int,
+        inter: int,
+        act: str = "swiglu",
+        impl: str = "auto",
+        init_std: float = 0.02,
+    ):
         super().__init__()
         if act not in ("swiglu", "gelu"):
             raise ValueError(f"act must be 'swiglu' or 'gelu', got {act!r}")
@@ -228,7 +276,7 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, hidden)) if act == "swiglu" else None
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        self.reset_parameters()
+        self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         for p in self.parameters():
@@ -246,10 +294,7 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, D) outputs, same order.
         """
-        impl = resolve_impl(self.impl, x_ND, self.hidden, self.inter)
-        # grouped_mm's backward rejects an empty input (every pair dropped); the loop handles it
-        use_gmm = impl == "grouped_mm" and x_ND.shape[0] > 0
-        kernel = grouped_mm_experts if use_gmm else loop_experts
+        kernel = choose_kernel(self.impl, x_ND, self.n_experts, self.hidden, self.inter)
         return kernel(x_ND.contiguous(), counts_E, self.gate_proj, self.up_proj, self.down_proj, scale_N)
 
     def extra_repr(self) -> str:

@@ -17,11 +17,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minimoe.config import ModelConfig
-from minimoe.model.experts import MLP, GroupedExperts, _activate
+from minimoe.model.experts import MLP, GroupedExperts
 from minimoe.model.router import Router
 
 
@@ -36,9 +35,12 @@ class MoEStats:
 
 
 def max_vio(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio = max_i load_i / mean load - 1 (0 when perfectly balanced). load: (E,) -> scalar."""
+    """MaxVio = max_i load_i / mean load - 1 (aux-loss-free paper): 0 when perfectly balanced.
+
+    load: (..., E) token counts -> (...) MaxVio over the last dimension (e.g. (L, E) -> (L,)).
+    """
     load = load.float()
-    return load.max() / load.mean() - 1.0
+    return load.amax(dim=-1) / load.mean(dim=-1).clamp_min(1e-9) - 1.0
 
 
 def expert_capacity(capacity_factor: float, n_tokens: int, k: int, n_experts: int) -> int:
@@ -75,19 +77,20 @@ class MoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.capacity_factor = cfg.capacity_factor
         self.gate = Router(cfg)
+        # `experts(x_ND, counts_E, w_N)`: GroupedExperts picks a kernel; quantization
+        # (infer/quantize.py) and expert parallelism (dist/ep.py) replace the module with their own
+        # implementation of the same call.
         self.experts = GroupedExperts(
             cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_act, cfg.moe_impl
         )
+        # A second draw, kept so that every seed builds the same weights as before (the first one,
+        # in GroupedExperts, uses the default std); Transformer.reset_parameters redraws them anyway.
         self.experts.reset_parameters(cfg.init_std)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.expert_act)
             if cfg.n_shared_experts > 0
             else None
         )
-        # Expert parallelism hands the layer a dispatcher from outside (minimoe.dist.ep.shard_experts):
-        # a callable (experts, x_ND, counts_E, w_N) -> y_ND that runs the experts held by other ranks.
-        # None: every routed expert is local.
-        self.dispatcher = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         """Args:
@@ -100,8 +103,6 @@ class MoE(nn.Module):
         r = self.gate(x)
         x_TD = x.reshape(B * S, D)  # (T, D)
         K = self.top_k
-        if self._few_tokens(x_TD):
-            return self._decode(x_TD, r).view(B, S, D), self._stats(r, x_TD.new_zeros((), dtype=torch.long))
 
         # dispatch: pairs in token-major order, stably sorted by expert
         expert_N = r.topk_idx.reshape(-1)  # (T*K,)
@@ -117,12 +118,8 @@ class MoE(nn.Module):
             counts_E = counts_E.clamp(max=capacity)
         token_N = order_N // K  # token of each pair
         x_ND = x_TD.index_select(0, token_N)  # index_select's backward is one index_add_
-
         w_N = r.topk_weight.reshape(-1).index_select(0, order_N)  # gate weight of each pair
-        if self.dispatcher is None:
-            y_ND = self.experts(x_ND, counts_E, scale_N=w_N)  # already multiplied by the gate weights
-        else:
-            y_ND = self.dispatcher(self.experts, x_ND, counts_E, w_N)
+        y_ND = self.experts(x_ND, counts_E, w_N)  # already multiplied by the gate weights
 
         # combine: scatter-add into the tokens, on top of the shared experts' output; accumulate in at
         # least fp32 (as HF does) so K bf16 contributions do not round at every add
@@ -132,40 +129,5 @@ class MoE(nn.Module):
         else:
             out_TD = torch.zeros(B * S, D, dtype=acc, device=x.device)
         out_TD = out_TD.index_add_(0, token_N, y_ND.to(acc)).to(x.dtype)
-        return out_TD.view(B, S, D), self._stats(r, dropped)
-
-    @staticmethod
-    def _stats(r, dropped: torch.Tensor) -> MoEStats:
-        return MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
-
-    def _few_tokens(self, x_TD: torch.Tensor) -> bool:
-        """Decoding on CPU: no gradient, plain (not quantized) local experts, no capacity, at most E
-        (token, slot) pairs."""
-        return (
-            isinstance(self.experts, GroupedExperts) and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
-            and self.dispatcher is None
-            and self.capacity_factor is None and x_TD.shape[0] * self.top_k <= self.n_experts
-        )  # fmt: skip
-
-    def _decode(self, x_TD: torch.Tensor, r) -> torch.Tensor:
-        """The routed + shared output of a few tokens, expert by expert, with no sort or gather.
-
-        A decoded token runs K experts: a handful of matrix-vector products whose cost is reading the
-        weights, so the ~30 bookkeeping kernels of the sorted dispatch (sort, bincount, index_select,
-        offsets, index_add) cost more than the experts themselves. Same result as `forward`'s path.
-        """
-        acc = torch.promote_types(x_TD.dtype, torch.float32)
-        out_TD = (
-            self.shared_experts(x_TD).to(acc)
-            if self.shared_experts is not None
-            else torch.zeros_like(x_TD, dtype=acc)
-        )
-        ex = self.experts
-        w_TK = r.topk_weight
-        for t, experts in enumerate(r.topk_idx.tolist()):  # one host sync for every pair (CPU only)
-            x_1D = x_TD[t : t + 1]
-            for j, e in enumerate(experts):
-                gate = F.linear(x_1D, ex.gate_proj[e]) if ex.gate_proj is not None else None
-                h = _activate(gate, F.linear(x_1D, ex.up_proj[e])) * w_TK[t, j].to(x_TD.dtype)
-                out_TD[t] += F.linear(h, ex.down_proj[e])[0].to(acc)
-        return out_TD.to(x_TD.dtype)
+        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
+        return out_TD.view(B, S, D), stats

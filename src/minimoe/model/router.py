@@ -184,10 +184,10 @@ class RouterOutput(NamedTuple):
 
 
 class Router(nn.Module):
-    """DeepSeek-style gate: `weight` (E, D) (HF `mlp.gate.weight`), fp32 selection bias buffer
-    `e_score_correction_bias` (E,) when `aux_free_bias`, and a non-persistent `load_counts` (E,) that
-    accumulates token-slot counts over training forwards until `update_bias()`. Every routing setting
-    is read from `cfg` (the model config) when it is used."""
+    """DeepSeek-style gate: `weight` (E, D) (HF `mlp.gate.weight`) and the fp32 selection bias buffer
+    `e_score_correction_bias` (E,) when `aux_free_bias`. The forward only reads the bias; the training
+    loop moves it once per optimizer step (`update_bias`, called by minimoe.train.balance). Every routing
+    setting is read from `cfg` (the model config) when it is used."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -198,19 +198,16 @@ class Router(nn.Module):
         # Only models that use the bias carry it, so checkpoints and parameter counts match HF
         # (DeepSeek-V3 stores it; DeepSeekMoE 16B has none).
         bias = torch.zeros(E, dtype=torch.float32) if cfg.aux_free_bias else None
-        counts = torch.zeros(E, dtype=torch.float32) if cfg.aux_free_bias else None
         self.register_buffer("e_score_correction_bias", bias)
-        self.register_buffer("load_counts", counts, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Keep the balancing state fp32 under model.to(bfloat16): bias steps of 1e-3 vanish in bf16.
+        # Keep the balancing bias fp32 under model.to(bfloat16): bias steps of 1e-3 vanish in bf16.
         # Only the device follows `fn`.
-        saved = {n: getattr(self, n) for n in ("e_score_correction_bias", "load_counts")}
+        old = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        for name, old in saved.items():
-            new = getattr(self, name)
-            if old is not None and new.dtype != torch.float32:
-                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        new = self.e_score_correction_bias
+        if old is not None and new.dtype != torch.float32:
+            self.e_score_correction_bias = old.to(device=new.device, dtype=torch.float32)
         return self
 
     def forward(self, x_BSD: torch.Tensor) -> RouterOutput:
@@ -237,8 +234,6 @@ class Router(nn.Module):
             scores_TE = router_scores(logits_TE, cfg.scoring_func)
             topk_idx_TK, topk_weight_TK = route(scores_TE, self.e_score_correction_bias, cfg)
             counts_E = expert_counts(topk_idx_TK, cfg.n_routed_experts)
-            if self.training and self.load_counts is not None:
-                self.load_counts += counts_E
 
             zero = logits_TE.new_zeros(())
             aux = zero
@@ -252,15 +247,13 @@ class Router(nn.Module):
             return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
 
     @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor | None = None) -> None:
-        """Aux-loss-free balancing step; call after each optimizer step. No-op without `aux_free_bias`.
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step from one optimizer step's loads; no-op without `aux_free_bias`.
 
         Args:
-            counts: (E,) token counts of the step, already all-reduced across ranks; None uses the
-                locally accumulated `load_counts`. Either way `load_counts` is reset to zero.
+            load_E: (E,) token counts of the step (summed over micro-batches, all-reduced across ranks).
         """
         if self.e_score_correction_bias is None:
             return
-        load_E = self.load_counts if counts is None else counts.to(self.load_counts.device)
+        load_E = load_E.to(self.e_score_correction_bias.device)
         self.e_score_correction_bias += bias_update(load_E, self.cfg.bias_update_speed, self.cfg.scoring_func)
-        self.load_counts.zero_()

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from minimoe.config import ModelConfig
 from minimoe.model.attention import LayerCache, build_attention, padding_causal_mask
 from minimoe.model.experts import MLP
+from minimoe.model.loss import linear_cross_entropy
 from minimoe.model.moe import MoE, MoEStats
 from minimoe.model.mtp import MTPModule
 from minimoe.model.norm import RMSNorm
@@ -22,7 +23,7 @@ from minimoe.model.rope import rope_cos_sin
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V) or (B, keep, V)
+    logits: torch.Tensor | None  # (B, T, V) or (B, keep, V); None when return_logits=False
     loss: torch.Tensor | None = None  # ce + aux + z + mtp
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "ce", "aux", "z", "mtp"
     moe_stats: dict[int, MoEStats] = field(default_factory=dict)  # layer index -> stats (MTP: n_layers + k)
@@ -107,14 +108,6 @@ class Transformer(nn.Module):
         blocks = list(self.layers) + [m.block for m in self.mtp]
         return {b.layer_idx: b.mlp for b in blocks if b.is_moe}
 
-    @torch.no_grad()
-    def update_bias(self, loads: dict[int, torch.Tensor]) -> None:
-        """Auxiliary-loss-free balancing: call after each optimizer step with the token counts per expert
-        of that step (summed over micro-batches, all-reduced across ranks when distributed)."""
-        moes = self.moe_layers()
-        for i, load in loads.items():
-            moes[i].gate.update_bias(load)
-
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         max_len = max_len or self.cfg.max_seq_len
         dtype = dtype or self.embed_tokens.weight.dtype
@@ -139,6 +132,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         num_logits_to_keep: int = 0,
         attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Args:
             input_ids: (B, T) token ids.
@@ -148,6 +142,8 @@ class Transformer(nn.Module):
             attention_mask: optional (B, cache.pos + T) mask, 1 for real tokens and 0 for padding, over
                 the cached and the new tokens (as in HF). Each row's RoPE positions then count its real
                 tokens only, so a left-padded row computes what it would alone.
+            return_logits: False (with targets) skips the logits: the loss then takes the fused
+                chunked head + cross-entropy (model/loss.py), which is faster and never holds (B, T, V).
         Returns:
             ModelOutput with logits (B, T or keep, V) and, with targets, the loss and its parts.
         """
@@ -176,19 +172,34 @@ class Transformer(nn.Module):
             cache.pos += T
         hidden = x
         h = self.norm(x)
-        logits = self.lm_head(h[:, -num_logits_to_keep:] if num_logits_to_keep else h)
+        fused = targets is not None and not return_logits and self._fused_head_ok(h)
+        logits = None
+        if not fused:
+            logits = self.lm_head(h[:, -num_logits_to_keep:] if num_logits_to_keep else h)
         out = ModelOutput(logits=logits, moe_stats=stats, hidden=hidden)
         if targets is None:
             return out
 
-        zero = logits.new_zeros((), dtype=torch.float32)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        zero = h.new_zeros((), dtype=torch.float32)
+        if fused:
+            ce = linear_cross_entropy(h, self.lm_head.weight, targets).float()
+        else:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         mtp = self._mtp_loss(hidden, input_ids, targets, stats) if self.cfg.mtp_depth else zero
         aux = sum((s.aux_loss for s in stats.values()), zero)
         z = sum((s.z_loss for s in stats.values()), zero)
         out.losses = {"ce": ce, "aux": aux, "z": z, "mtp": mtp}
         out.loss = ce + aux + z + self.cfg.mtp_loss_weight * mtp
         return out
+
+    def _fused_head_ok(self, h: torch.Tensor) -> bool:
+        """The fused head + cross-entropy runs a plain float weight outside autocast (a quantized or
+        LoRA-wrapped head, or bf16 autocast, takes the plain path)."""
+        w = getattr(self.lm_head, "weight", None)
+        return (
+            isinstance(self.lm_head, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == h.dtype
+            and not torch.is_autocast_enabled(h.device.type)
+        )  # fmt: skip
 
     def _mtp_loss(self, hidden, input_ids, targets, stats) -> torch.Tensor:
         """Mean over depths of the MTP cross-entropy (unweighted; forward() applies mtp_loss_weight).
@@ -203,10 +214,13 @@ class Transformer(nn.Module):
             h, h_normed, st = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k])
             if st is not None:
                 stats[self.cfg.n_layers + k - 1] = st
-            logits = self.lm_head(h_normed)  # (B, T-k, V)
-            losses.append(
-                F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
-            )
+            if self._fused_head_ok(h_normed):  # MTP logits are never returned
+                losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, targets[:, k:]).float())
+            else:
+                logits = self.lm_head(h_normed)  # (B, T-k, V)
+                losses.append(
+                    F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
+                )
         return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
 
     def num_params(self, exclude_embedding: bool = False) -> int:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def max_vio(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio = max_i load_i / mean load - 1 (aux-loss-free paper): 0 is perfectly balanced."""
-    load = load.float()
-    return load.max() / load.mean().clamp_min(1e-9) - 1
+from minimoe.model.moe import max_vio
 
 
 def expert_health(loads: dict[int, torch.Tensor], dominant_factor: float = 4.0) -> dict:
@@ -22,7 +18,7 @@ def expert_health(loads: dict[int, torch.Tensor], dominant_factor: float = 4.0) 
     layers = sorted(loads)
     stacked = torch.stack([loads[i].float().cpu() for i in layers])  # (L, E); one host sync per log step
     frac = stacked / stacked.sum(-1, keepdim=True).clamp_min(1)
-    vio = stacked.max(-1).values / stacked.mean(-1).clamp_min(1e-9) - 1
+    vio = max_vio(stacked)  # (L,)
     n_exp = stacked.shape[-1]
     dead = [[layers[li], e] for li, e in (stacked == 0).nonzero().tolist()]
     dominant = [[layers[li], e] for li, e in (frac > dominant_factor / n_exp).nonzero().tolist()]

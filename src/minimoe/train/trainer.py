@@ -26,11 +26,13 @@ from minimoe.config import RunConfig
 from minimoe.dist.init import DistContext, on_main, resolve_device
 from minimoe.dist.parallel import LOSS_PARTS, parallelize
 from minimoe.errors import MinimoeError
+from minimoe.model.moe import max_vio
 from minimoe.model.transformer import Transformer
 from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train import state as run_state
-from minimoe.train.health import expert_health, max_vio
+from minimoe.train.balance import add_loads, balance_step
+from minimoe.train.health import expert_health
 from minimoe.train.metrics import MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
@@ -240,8 +242,7 @@ class Trainer:
             n = int((y != -100).sum())  # ce is the mean over the targets that carry a loss
             total += ce.item() * n
             count += n
-            for i, load in batch_loads.items():
-                loads[i] = loads.get(i, 0) + load
+            add_loads(loads, batch_loads)
         self.model.train()
         total, count, loads = self.par.reduce_eval(total, count, loads)
         loss = total / max(count, 1)
@@ -260,7 +261,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train until max_steps (or a time limit, early stop, Ctrl-C). `stop_after` ends this session
         after that many steps with a checkpoint, as an interruption would (resume continues exactly)."""
-        tc, mc = self.cfg.train, self.cfg.model
+        tc = self.cfg.train
         session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
         self.metrics.open(self.cfg, self.run_dir)
@@ -317,16 +318,15 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                if mc.aux_free_bias and self.balance and step_loads:
-                    self.model.update_bias(step_loads)
+                if self.balance:
+                    balance_step(self.model, step_loads)  # once per optimizer step
                 self.step += 1
                 self.tokens += tokens_per_step
                 window_tokens += tokens_per_step
                 self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 sum_loss += step_loss
                 n_in_window += 1
-                for i, v in step_loads.items():
-                    window_loads[i] = window_loads.get(i, 0) + v
+                add_loads(window_loads, step_loads)
                 took = time.perf_counter() - step_start
                 if session_steps > 0:  # the first step of a session warms up (allocations): not typical
                     step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
@@ -470,8 +470,7 @@ class Trainer:
             )
             self.monitor.count_dropped(stats)
             vals += micro_vals / tc.grad_accum
-            for i, load in micro_loads.items():
-                loads[i] = loads.get(i, 0) + load
+            add_loads(loads, micro_loads)
         return self.par.reduce_step(vals, loads)
 
     def _autocast(self):

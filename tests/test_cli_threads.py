@@ -1,0 +1,37 @@
+"""The CLI's OpenMP wait policy: spin only on otherwise idle cores, never override the user."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from minimoe.cli.main import wait_policy
+
+PROBE = "import os, minimoe.cli.main; print(os.environ['OMP_WAIT_POLICY'])"
+
+
+def _policy(env_value: str | None) -> str:
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if env_value is not None:
+        env["OMP_WAIT_POLICY"] = env_value
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_wait_policy_rule():
+    assert wait_policy(0.0) == "ACTIVE"
+    assert wait_policy(1.0) == "PASSIVE"
+
+
+def test_user_value_wins_and_a_busy_machine_gets_passive():
+    assert _policy("ACTIVE") == "ACTIVE"
+    assert _policy("PASSIVE") == "PASSIVE"
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert _policy(None) == "PASSIVE"  # another process keeps a core busy
+    finally:
+        hog.kill()
+        hog.wait()
