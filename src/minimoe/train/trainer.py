@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train import state as run_state
 from minimoe.train.balance import add_loads, balance_step
 from minimoe.train.health import expert_health
+from minimoe.train.interrupt import Interrupt
 from minimoe.train.metrics import MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
@@ -66,28 +66,6 @@ def autocast_context(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
-
-
-class _Interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # not the main thread
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 class Trainer:
@@ -279,7 +257,7 @@ class Trainer:
         if self.ctx.is_main:
             log.info("%s", run_summary(self.cfg, self.data, self.device, self.ctx.world_size))
         bar = TrainProgress(self.progress and self.ctx.is_main, tc.max_steps, tc.max_minutes, self.step)
-        with _Interrupt() as interrupt:
+        with Interrupt() as interrupt:
             while self.step < tc.max_steps:
                 step_start = time.perf_counter()
                 lr = tc.lr * lr_multiplier(
