@@ -361,3 +361,16 @@ def test_one_process_ignores_dist_settings():
     model = Transformer(cfg.model)
     par = parallelize(model, cfg, DistContext())
     assert par.kind == "single" and par.forward is model and par.dp_size == 1
+
+
+def test_the_loop_never_branches_on_the_kind_of_parallelism():
+    """The training loop calls Parallel's methods; the pipeline (and every other launch) is Parallel's
+    business, so the loop body names none of them."""
+    import inspect
+
+    from minimoe.train.trainer import Trainer
+
+    for method in (Trainer.fit, Trainer._train_step, Trainer.evaluate, Trainer._bias_ranges):
+        src = inspect.getsource(method)
+        for word in ("pipeline", "pipe ", "pipe.", ".kind", "no_sync"):
+            assert word not in src, f"Trainer.{method.__name__} mentions {word!r}"

@@ -5,6 +5,10 @@ Under torchrun the same loop runs on every rank: `minimoe.dist.parallelize` deci
 (DDP, FSDP2, expert or pipeline parallelism) and the loop only calls its methods. train.batch_size is
 the global batch; losses, eval sums and expert loads are summed across ranks, so every rank takes the
 same decisions (bias updates, skipped steps, early stopping) and rank 0 alone writes files.
+
+The loop is the only one: fine-tuning (minimoe.finetune.sft) hands it a built model, its own batch
+source and validation batches. The run state (RNG streams, resume, checkpoints) lives in
+train/state.py and the metric writers in train/metrics.py.
 """
 
 from __future__ import annotations
@@ -478,4 +482,4 @@ class Trainer:
             b = moe.gate.e_score_correction_bias
             if b is not None:  # None without aux_free_bias
                 out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
-        return self.par.merge_layers(out)  # pipeline: each stage holds its own layers' biases
+        return self.par.merge_layers(out)  # the whole model's, when ranks hold different layers
