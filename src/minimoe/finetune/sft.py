@@ -279,7 +279,7 @@ def finetune(
     cfg.model = model.cfg
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     (out / "config.yaml").write_text(text, encoding="utf-8")
-    info = {"step": step, "tokens": res.tokens, "val_loss": val_loss, **info}
+    info = {"step": step, "tokens": seen, "val_loss": val_loss, **info}
     ck = ckpt_lib.save_checkpoint(
         out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True
     )
