@@ -14,7 +14,7 @@ from minimoe.config import ModelConfig
 from minimoe.data import Tokenizer
 from minimoe.errors import MinimoeError
 from minimoe.finetune.chat import DEFAULT_CHAT_TEMPLATE, encode_conversation, read_conversations
-from minimoe.finetune.sft import batches, build_examples
+from minimoe.finetune.sft import PaddedBatches, batches, build_examples
 from minimoe.hf.load import write_run
 from minimoe.model.transformer import Transformer
 from minimoe.train.checkpoint import load_run
@@ -197,7 +197,16 @@ def test_sft_runs_in_the_training_loop(base_run, tmp_path, monkeypatch, caplog):
     tuned, base = load_run(out)[0].state_dict(), load_run(base_run / "base")[0].state_dict()
     bias = "layers.1.mlp.gate.e_score_correction_bias"  # full fine-tuning keeps balancing the experts
     assert not torch.equal(tuned[bias], base[bias])
-    assert load_run(out)[3]["sft"]["packing"] is False
+    _, tok2, cfg, meta = load_run(out)
+    assert meta["sft"]["packing"] is False
+    # tokens count the padded batches' positions, not batch_size x seq_len; the skipped step's two
+    # micro-batches (the 3rd and 4th read) are not counted
+    ex, _ = build_examples(
+        tok2, read_conversations(base_run / "chat.jsonl"), tok2.chat_template, 48, False, cfg.train.seed
+    )
+    source = PaddedBatches(ex, 8, tok2.pad_id, cfg.train.seed)
+    sizes = [next(source)[0].numel() for _ in range(8)]
+    assert meta["tokens"] == sum(sizes) - sizes[2] - sizes[3] < 6 * 8 * 48
 
 
 # ------------------------------------------------------------------ LoRA / QLoRA

@@ -247,7 +247,9 @@ class Trainer:
         session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
         self.metrics.open(self.cfg, self.run_dir)
-        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+        # token positions in one optimizer step (all ranks); _train_step counts the real batches, which
+        # fine-tuning's padded batches can make shorter
+        self._step_tokens = tc.batch_size * tc.seq_len * tc.grad_accum
         window_loads: dict[int, torch.Tensor] = {}
         window_start, window_tokens = time.perf_counter(), 0
         t0 = self.clock_start - self.elapsed
@@ -303,8 +305,8 @@ class Trainer:
                 if self.balance:
                     balance_step(self.model, step_loads)  # once per optimizer step
                 self.step += 1
-                self.tokens += tokens_per_step
-                window_tokens += tokens_per_step
+                self.tokens += self._step_tokens
+                window_tokens += self._step_tokens
                 self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 sum_loss += step_loss
                 n_in_window += 1
@@ -444,8 +446,10 @@ class Trainer:
         tc = self.cfg.train
         vals = torch.zeros(1 + len(LOSS_PARTS), device=self.device)
         loads: dict[int, torch.Tensor] = {}
+        self._step_tokens = 0
         for micro in range(tc.grad_accum):
             x, y = next(self.train_windows)
+            self._step_tokens += x.numel() * self.par.dp_size  # shapes only: no device sync
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             micro_vals, micro_loads, stats = self.par.micro_step(
                 x, y, tc.grad_accum, micro == tc.grad_accum - 1, self._autocast, self.scaler
