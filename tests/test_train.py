@@ -379,21 +379,21 @@ def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus):
 
 
 def test_cpu_clock_limits_by_process_time(tmp_path, corpus, monkeypatch):
-    """train.clock=cpu reads time.process_time: a fake CPU clock that runs 10 s per reading stops the run
-    after a few steps of a 1-minute budget; the same fake leaves a wall-clock run alone."""
+    """train.clock=cpu reads time.process_time: a fake CPU clock that runs 1 s per reading stops the run
+    within a 1-minute budget after a few steps; the same fake leaves a wall-clock run alone."""
     import minimoe.train.trainer as trainer_mod
 
-    ticks = iter(range(0, 10**6, 10))
+    ticks = iter(range(0, 10**7))  # one CPU-second per reading
     monkeypatch.setattr(trainer_mod.time, "process_time", lambda: float(next(ticks)))
-    common = ("train.max_steps=40", "train.max_minutes=1", "train.eval_every=1000", "train.warmup_steps=0")
-    cpu = _train(tmp_path / "cpu", corpus, *common, "train.clock=cpu")
-    assert cpu.stopped == "max_minutes" and 2 <= cpu.step <= 8
+    common = ("train.max_minutes=1", "train.eval_every=1000", "train.warmup_steps=0")
+    cpu = _train(tmp_path / "cpu", corpus, *common, "train.clock=cpu", "train.max_steps=500")
+    assert cpu.stopped == "max_minutes" and 3 <= cpu.step < 60
     meta = json.loads((ckpt_lib.find_checkpoint(tmp_path / "cpu") / "meta.json").read_text())
     assert meta["clock"] == "cpu" and meta["elapsed_s"] >= 60
     rows = [json.loads(line) for line in (tmp_path / "cpu/metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] < 0.5 * lrs[0]  # the schedule followed the CPU clock
-    wall = _train(tmp_path / "wall", corpus, *common, "train.clock=wall")
+    wall = _train(tmp_path / "wall", corpus, *common, "train.clock=wall", "train.max_steps=40")
     assert wall.stopped == "max_steps" and wall.step == 40
 
 

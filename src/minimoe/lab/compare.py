@@ -266,7 +266,9 @@ def run_state(run_dir: Path, max_steps: int, max_minutes: float | None = None) -
         step = m["step"]
     except (OSError, ValueError, KeyError):
         return "new"
-    if max_minutes is not None and m.get("elapsed_s", 0.0) >= max_minutes * 60:
+    # a time budget ends a little early (the trainer stops when the next step and the final evaluation
+    # would not fit) and records it in the checkpoint
+    if max_minutes is not None and (m.get("out_of_time") or m.get("elapsed_s", 0.0) >= max_minutes * 60):
         return "done"
     return "done" if step >= max_steps else "partial"
 

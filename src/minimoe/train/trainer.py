@@ -311,6 +311,7 @@ class Trainer:
         meta = {
             "step": self.step, "tokens": self.tokens, "val_loss": val_loss, "time": time.time(),
             "elapsed_s": self.elapsed, "clock": self.cfg.train.clock,
+            "out_of_time": getattr(self, "_out_of_time", False),
         }  # fmt: skip
         return ckpt_lib.save_checkpoint(
             self.run_dir, self.step, weights, state, meta, self.config_text, self.tokenizer,
@@ -528,6 +529,7 @@ class Trainer:
                 paused = session_end is not None and self.step >= session_end
                 if out_of_time or interrupt.requested or paused:
                     at_eval = True
+                self._out_of_time = out_of_time  # the checkpoint below records a stop on the clock
                 if at_eval:
                     eval_start = clock()
                     val = self.evaluate()
