@@ -14,6 +14,7 @@ from minimoe.errors import MinimoeError
 from minimoe.lab import compare, flops
 from minimoe.lab import inspect as lab_inspect
 from minimoe.lab import plot as lab_plot
+from minimoe.train.checkpoint import find_checkpoint
 from minimoe.train.run import train_from_config
 from tiny import TINY_TRAIN
 
@@ -308,8 +309,10 @@ def test_compare_equal_flops_sweep(tmp_path, monkeypatch, capsys):
     log = capsys.readouterr().out
     assert log.count("start") == 2 and log.count("done") == 2
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| variant |") and len(table) == 4  # header, rule, two rows
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variant |"))
+    table = lines[start : lines.index("", start)]
+    assert len(table) == 4  # header, rule, two rows
     assert table[2].startswith("| moe | 1/1 |") and table[3].startswith("| dense | 1/1 |")
     cols = [c.strip() for c in table[0].strip("|").split("|")]
     moe_row, dense_row = (dict(zip(cols, (c.strip() for c in t.strip("|").split("|")))) for t in table[2:])
@@ -330,6 +333,117 @@ def test_compare_equal_flops_sweep(tmp_path, monkeypatch, capsys):
     assert (out / "report.md").read_text() == report
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("variants: {a: []}\nbudget: {steps: 3}\n")
+    bad.write_text("variants: {a: []}\nbudget: {hours: 3}\n")
     assert main(["compare", str(bad)]) == 2
     assert "budget" in capsys.readouterr().err
+    bad.write_text("variants: {a: []}\nbudget: {tokens: 3, clock: cpu}\n")
+    assert main(["compare", str(bad)]) == 2
+    assert "clock" in capsys.readouterr().err
+    bad.write_text("variants: {a: []}\nbudget: {steps: 3}\ncontrasts: [[a, b]]\n")
+    assert main(["compare", str(bad)]) == 2
+    assert "unknown variant 'b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys, clock):
+    """{minutes: M, clock: ...}: every run stops on its clock (wall time, or its own CPU time), is done on
+    a rerun, and the report pairs the seeds of the two variants."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    sweep_file = tmp_path / "sweep.yaml"
+    base = [o for o in TINY if not o.startswith("train.log_every")] + [
+        "train.log_every=1", "train.eval_every=100000", "train.threads=1",
+    ]  # fmt: skip
+    sweep_file.write_text(
+        "name: timed\nbase:\n  overrides: " + json.dumps(base) + "\ndata: corpus.txt\n"
+        f"budget: {{minutes: 0.01, clock: {clock}}}\nseeds: [1, 2]\n"
+        "variants:\n  moe: []\n  dense: [model.n_routed_experts=0]\ncontrasts: [[dense, moe]]\n"
+    )
+    sweep = compare.load_sweep(sweep_file)
+    assert sweep.budget_kind == "minutes" and sweep.clock == clock
+    runs = compare.plan(sweep)
+    assert all(r.cfg.train.max_minutes == 0.01 and r.cfg.train.clock == clock for r in runs)
+    out = tmp_path / "out"
+    assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("done") == 4
+    for r in runs:
+        d = out / r.variant / f"seed_{r.seed}"
+        meta = json.loads((find_checkpoint(d) / "meta.json").read_text())
+        assert meta["clock"] == clock and meta["out_of_time"] and meta["step"] < r.cfg.train.max_steps
+        assert 0.2 <= meta["elapsed_s"] <= 0.6 + 1.0  # stops near the 0.6 s budget
+        if clock == "cpu":  # the report's speed: tokens per CPU-second of the training process
+            last = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][
+                -1
+            ]
+            speed = compare.summarize_run(d, r).tokens_per_s
+            assert speed == pytest.approx(last["tokens"] / last["elapsed_s"])
+    assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skip") == 4  # finished on the clock: not resumed
+    report = (out / "report.md").read_text()
+    assert (out / "loss_vs_time.png").is_file() and "![loss_vs_time.png]" in report
+    row = next(line for line in report.splitlines() if line.startswith("| dense − moe |"))
+    rows = compare.report_rows(sweep, out, runs)
+    diffs = [rows[1]["val_loss_by_seed"][s] - rows[0]["val_loss_by_seed"][s] for s in (1, 2)]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and float(cells[2].split(" ± ")[0]) == pytest.approx(sum(diffs) / 2, abs=1e-4)
+
+
+def test_paired_stats_match_student_t():
+    stats = pytest.importorskip("scipy.stats")
+    for diffs in ([0.1, -0.05], [0.03, 0.01, 0.02, 0.05, -0.01], [0.01 * i for i in range(40)]):
+        st = compare.paired_stats(diffs)
+        n = len(diffs)
+        mean = sum(diffs) / n
+        se = float(stats.sem(diffs))
+        lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=se)
+        assert st["n"] == n and st["mean"] == pytest.approx(mean) and st["se"] == pytest.approx(se)
+        tol = 1e-3 if n <= 31 else 0.03 * (hi - lo)  # beyond 30 degrees of freedom: the normal quantile
+        assert st["lo"] == pytest.approx(lo, abs=tol) and st["hi"] == pytest.approx(hi, abs=tol)
+    assert compare.paired_stats([0.1]) is None
+
+
+@pytest.mark.parametrize(
+    "sweep_file", sorted(Path(__file__).parents[1].glob("experiments/**/*.yaml")), ids=lambda p: p.stem
+)
+def test_sweep_file_smoke(sweep_file, tmp_path, monkeypatch):
+    """Each shipped sweep file: every variant trains two steps on a small generated corpus (CI checks the
+    files parse, their variants build and train; the real sweeps are not run in CI)."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    data = _corpus(tmp_path / "corpus.txt")
+    sweep = compare.load_sweep(sweep_file, data=str(data), val_data=str(data))
+    sweep.budget_kind, sweep.budget, sweep.seeds = "steps", 2, sweep.seeds[:1]
+    sweep.base_overrides += [
+        "train.eval_batches=1",
+        "train.batch_size=2",
+        "train.seq_len=32",
+        "data.workers=0",
+    ]
+    report = compare.run_sweep(sweep, tmp_path / "out", figures=False)
+    text = report.read_text()
+    for v in sweep.variants:
+        assert f"| {v} | 1/1 | 2 |" in text, v
+
+
+def test_split_sweep_reuses_reference_runs_and_refuses_another_config(tmp_path, monkeypatch, capsys):
+    """Two files of one sweep share its folder: the second reuses the first's reference runs (skipped, and
+    paired in its own report), and a reference with another config is refused, not silently reused."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = "base:\n  overrides: " + json.dumps(TINY + ["train.eval_every=100"]) + "\ndata: corpus.txt\n"
+    common = "name: split\n" + base + "budget: {steps: 2}\nseeds: [1, 2]\n"
+    (tmp_path / "a.yaml").write_text(
+        common + "report: report_a.md\nvariants:\n  ref: []\n  x: [train.lr=1e-3]\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        common + "report: report_b.md\nvariants:\n  ref: []\n  y: [train.lr=2e-3]\n"
+    )
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "a.yaml"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "b.yaml"), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("skip") == 2 and log.count("start") == 2  # ref reused, y trained
+    assert (out / "report_a.md").is_file() and "| y − ref | 2 |" in (out / "report_b.md").read_text()
+    (tmp_path / "c.yaml").write_text(common + "report: report_c.md\nvariants:\n  ref: [train.lr=5e-3]\n")
+    assert main(["compare", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
+    assert "another config (train.lr" in capsys.readouterr().err

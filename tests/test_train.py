@@ -100,8 +100,13 @@ def test_val_bpb_with_bpe_counts_utf8_bytes(tmp_path, monkeypatch):
     assert ev["val_bpb"] == pytest.approx(want, rel=1e-9)
 
 
-def test_resume_is_exact(tmp_path, corpus):
-    common = ("train.max_steps=8", "train.eval_every=100", "model.router_jitter=0.1", "model.dropout=0.1")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, corpus, optimizer):
+    # muon: both the Muon momentum buffers and the AdamW moments must come back
+    common = (
+        "train.max_steps=8", "train.eval_every=100", "model.router_jitter=0.1", "model.dropout=0.1",
+        f"train.optimizer={optimizer}", "model.mtp_depth=1",
+    )  # fmt: skip
     _train(tmp_path / "a", corpus, *common)
     full = _losses(tmp_path / "a")
     from minimoe.config import build_run_config
@@ -371,6 +376,87 @@ def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus):
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] < 0.3e-3  # the cosine ran on the clock: near its 1e-4 floor at the end, not at the peak
     assert rows[-1]["step"] == res.step and "val_loss" in rows[-1]  # evaluated and saved at the stop
+
+
+def test_cpu_clock_limits_by_process_time(tmp_path, corpus, monkeypatch):
+    """train.clock=cpu reads time.process_time: a fake CPU clock that runs 1 s per reading stops the run
+    within a 1-minute budget after a few steps; the same fake leaves a wall-clock run alone."""
+    import minimoe.train.trainer as trainer_mod
+
+    ticks = iter(range(0, 10**7))  # one CPU-second per reading
+    monkeypatch.setattr(trainer_mod.time, "process_time", lambda: float(next(ticks)))
+    common = ("train.max_minutes=1", "train.eval_every=1000", "train.warmup_steps=0")
+    cpu = _train(tmp_path / "cpu", corpus, *common, "train.clock=cpu", "train.max_steps=500")
+    assert cpu.stopped == "max_minutes" and 3 <= cpu.step < 60
+    meta = json.loads((ckpt_lib.find_checkpoint(tmp_path / "cpu") / "meta.json").read_text())
+    assert meta["clock"] == "cpu" and meta["elapsed_s"] >= 60
+    rows = [json.loads(line) for line in (tmp_path / "cpu/metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.5 * lrs[0]  # the schedule followed the CPU clock
+    wall = _train(tmp_path / "wall", corpus, *common, "train.clock=wall", "train.max_steps=40")
+    assert wall.stopped == "max_steps" and wall.step == 40
+
+
+def _muon_model_and_opt(*extra):
+    from minimoe.config import build_run_config
+    from minimoe.model.transformer import Transformer
+    from minimoe.train.optim import build_optimizer
+
+    cfg = build_run_config(None, None, TINY + ["model.mtp_depth=1", "train.optimizer=muon", *extra])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    return model, build_optimizer(model, cfg.train, torch.device("cpu"))
+
+
+def test_muon_trains_the_hidden_matrices_and_adamw_the_rest():
+    from minimoe.train.optim import muon_param_names
+
+    model, opt = _muon_model_and_opt("model.tie_word_embeddings=true")
+    names = muon_param_names(model)
+    assert "layers.1.mlp.experts.gate_proj" in names and "layers.0.self_attn.q_proj.weight" in names
+    assert "mtp.0.eh_proj.weight" in names and "layers.0.mlp.gate_proj.weight" in names
+    for n, p in model.named_parameters():
+        if p.dim() < 2 or n.startswith(("embed_tokens", "lm_head")) or n.endswith("mlp.gate.weight"):
+            assert n not in names, n  # norms, biases, the embedding (= tied head) and routers: AdamW
+    muon_ids = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    adam_ids = {id(p) for g in opt.param_groups if not g["use_muon"] for p in g["params"]}
+    assert not muon_ids & adam_ids and len(muon_ids | adam_ids) == len(list(model.parameters()))
+    x = torch.randint(0, 256, (2, 16))
+    for muon_on in (True, False):  # one step with only one kind of group switched on
+        model, opt = _muon_model_and_opt("model.tie_word_embeddings=true")
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 if g["use_muon"] == muon_on else 0.0
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(x, targets=x).loss.backward()
+        opt.step()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        kind = {n for n, _ in model.named_parameters() if (n in names) == muon_on}
+        assert changed <= kind, changed - kind
+        assert len(changed) >= 0.8 * len(kind)  # some parameters get no gradient in one step (e.g. MTP)
+
+
+def test_muon_step_matches_torch_muon():
+    """Reference: torch.optim.Muon (bf16 Newton-Schulz, 2-D only) with Moonlight's lr adjustment; ours runs
+    the iteration in fp32 and batches it over experts, so an (E, m, n) tensor must equal E matrices."""
+    from minimoe.train.optim import MuonAdamW, newton_schulz
+
+    torch.manual_seed(0)
+    w0 = torch.randn(24, 40)
+    grads = [torch.randn(24, 40) for _ in range(3)]
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = MuonAdamW([ours], [], lr=0.02, muon_lr=0.02)
+    tref = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for g in grads:
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        tref.step()
+    step = (ref - w0).norm()
+    assert (ours - ref).norm() < 0.02 * step  # bf16 against fp32 iterations
+    stack = torch.randn(3, 20, 12)
+    batched = newton_schulz(stack)
+    assert torch.allclose(batched, torch.stack([newton_schulz(m) for m in stack]), atol=1e-6)
+    sv = torch.linalg.svdvals(batched[0])
+    assert sv.min() > 0.5 and sv.max() < 1.3  # orthogonalised: singular values near 1
 
 
 def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):

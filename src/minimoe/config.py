@@ -251,6 +251,7 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 1000
     max_minutes: float | None = None
+    clock: Literal["wall", "cpu"] = "wall"  # what max_minutes counts: wall time or this process's CPU time
     batch_size: int = 16
     seq_len: int = 256
     grad_accum: int = 1
@@ -263,7 +264,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
+    muon_lr: float | None = None  # optimizer=muon: peak lr of the hidden matrices (None = train.lr)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     activation_checkpointing: bool = False
@@ -323,6 +325,8 @@ class RunConfig:
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {t.lr}")
         _check_train_ranges(t)
+        if t.muon_lr is not None and t.muon_lr <= 0:
+            raise ConfigError(f"train.muon_lr must be positive, got {t.muon_lr}")
         if t.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"

@@ -1,4 +1,5 @@
-"""`minimoe compare SWEEP.yaml`: train the sweep's variants at one token or FLOPs budget, write report.md."""
+"""`minimoe compare SWEEP.yaml`: train the sweep's variants at one token, FLOPs, step or time budget, write
+report.md with paired contrasts."""
 
 from __future__ import annotations
 
@@ -13,27 +14,36 @@ The sweep file (YAML):
   name: balancing
   description: one paragraph for the report
   base:                       # what every variant starts from
-    preset: tiny              # optional
+    preset: tiny              # optional; no preset and no config: tiny (as `minimoe train`)
     config: base.yaml         # optional, relative to the sweep file
     overrides: [model.hidden_size=128, train.seq_len=128, ...]
   data: ../data/train.txt     # relative to the sweep file; `--data` on the command line wins
   val_data: ../data/valid.txt # optional
-  budget: {tokens: 400000}    # or {flops: 2.0e12}: max_steps is computed per variant
+  budget: {tokens: 400000}    # or {flops: 2.0e12}: max_steps is computed per variant; or {steps: N};
+                              # or {minutes: M, clock: wall|cpu}: every run trains for M minutes
   seeds: [1, 2]
   variants:                   # name -> dotted overrides applied on top of the base
     none: [model.aux_free_bias=false]
     bias: [model.aux_free_bias=true]
+  contrasts:                  # optional: [variant, reference] pairs; default every variant vs the first
+    - [bias, none]
+  report: report.md           # optional: the report's file name (split sweeps sharing a folder)
 
-Relative paths are relative to the sweep file. Run directories are OUT/VARIANT/seed_S."""
+Relative paths are relative to the sweep file. Run directories are OUT/VARIANT/seed_S. A minutes budget
+with clock: cpu counts each training process's CPU time (fair on a shared machine when every run uses
+one thread, train.threads=1); clock: wall counts wall time. Several files may share one name and folder
+(a long sweep split in parts): later files reuse the earlier runs of a variant with the same config."""
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare",
-        help="train variants of a config at equal tokens or FLOPs and write a report",
-        description="Train every variant x seed of a sweep file at the same token or training-FLOPs budget "
-        "(max_steps computed per variant from exact activated-parameter FLOPs), then write report.md "
-        "(mean ± std over seeds) and figures. Finished runs are skipped, so a rerun resumes the sweep.",
+        help="train variants of a config at equal tokens, FLOPs, steps or minutes and write a report",
+        description="Train every variant x seed of a sweep file at the same budget: tokens, training FLOPs "
+        "(max_steps computed per variant from exact activated-parameter FLOPs), steps, or minutes of wall "
+        "clock or of CPU time; then write report.md (mean ± std over seeds, and paired contrasts with "
+        "standard errors and 95% intervals) and figures. Finished runs are skipped and unfinished ones "
+        "resumed, so a rerun continues the sweep.",
         epilog=SWEEP_FORMAT,
     )
     p.add_argument("sweep", help="sweep YAML file (format below)")
@@ -58,6 +68,12 @@ def run(args) -> int:
             for r in runs:
                 t = r.cfg.train
                 tokens = t.max_steps * t.batch_size * t.seq_len * t.grad_accum
+                if t.max_minutes is not None:
+                    print(
+                        f"{r.name:32s} {t.max_minutes:g} min ({t.clock} clock)  "
+                        f"FLOPs/token {r.train_flops_per_token:,.0f}"
+                    )
+                    continue
                 print(
                     f"{r.name:32s} steps {t.max_steps:6d}  tokens {tokens:>11,}  "
                     f"FLOPs/token {r.train_flops_per_token:,.0f}  total FLOPs {r.train_flops_per_token * tokens:.3g}"
@@ -69,7 +85,9 @@ def run(args) -> int:
 
     def event(kind: str, r, detail: str) -> None:
         stamp = f"[{(time.perf_counter() - t0) / 60:5.1f} min]"
-        print(f"{stamp} {kind:6s} {r.name}  ({r.cfg.train.max_steps} steps)  {detail}", flush=True)
+        t = r.cfg.train
+        limit = f"{t.max_minutes:g} {t.clock} min" if t.max_minutes is not None else f"{t.max_steps} steps"
+        print(f"{stamp} {kind:6s} {r.name}  ({limit})  {detail}", flush=True)
 
     report = run_sweep(sweep, out, on_event=event)
     print(f"report: {report}")

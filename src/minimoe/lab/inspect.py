@@ -66,7 +66,7 @@ def record_routing(model):
         def hook(module, inputs, output):
             x_BSD = inputs[0]
             logits_TE = F.linear(x_BSD.reshape(-1, x_BSD.shape[-1]).float(), module.weight.float())  # (T, E)
-            scores_TE = router_scores(logits_TE, module.scoring_func)
+            scores_TE = router_scores(logits_TE, module.cfg.scoring_func)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             records[i].append(
                 LayerRouting(

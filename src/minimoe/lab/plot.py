@@ -136,30 +136,39 @@ def _styles(runs: list[RunData]) -> list[tuple]:
 
 
 def loss_figure(runs: list[RunData], x: str = "tokens"):
-    """Two panels: training loss and validation loss against tokens seen or training FLOPs.
+    """Two panels: training loss and validation loss against tokens seen, training FLOPs or training time.
 
     Args:
         runs: the runs to overlay.
-        x: "tokens" or "flops".
+        x: "tokens", "flops" or "time" (the logged elapsed_s: seconds on the run's train.clock).
     Returns:
         Figure with 2 axes.
     """
-    if x not in ("tokens", "flops"):
-        raise ValueError(f"x must be tokens or flops, got {x!r}")
+    if x not in ("tokens", "flops", "time"):
+        raise ValueError(f"x must be tokens, flops or time, got {x!r}")
     plt = _plt()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for run, (c, ls) in zip(runs, _styles(runs)):
         scale = run.train_flops_per_token if x == "flops" else 1.0
         xs = [t * scale for t in run.tokens_at("train")]
+        if x == "time":  # an evaluation happens at the end of a logged step: that step's clock
+            at = {r["step"]: r["elapsed_s"] for r in run.train if "elapsed_s" in r}
+            xs = [r.get("elapsed_s", float("nan")) for r in run.train]
         if run.train:
             # cross-entropy when logged: the total loss adds aux/z/MTP terms that differ between variants
             ys = [r.get("ce", r["loss"]) for r in run.train]
             ax_t.plot(xs, ys, color=c, ls=ls, lw=1.0, label=run.label, alpha=0.85)
         if run.evals:
             xv = [t * scale for t in run.tokens_at("eval")]
+            if x == "time":
+                xv = [at.get(r["step"], max(at.values(), default=float("nan"))) for r in run.evals]
             ys = [r["val_loss"] for r in run.evals]
             ax_v.plot(xv, ys, marker="o", color=c, ls=ls, lw=1.5, ms=4, label=run.label)
-    xlabel = "tokens seen" if x == "tokens" else "training FLOPs (activated parameters + attention)"
+    xlabel = {
+        "tokens": "tokens seen",
+        "flops": "training FLOPs (activated parameters + attention)",
+        "time": "training time (s on the run's clock: wall, or CPU time of the process)",
+    }[x]
     for ax, title in ((ax_t, "training cross-entropy (per logging window)"), (ax_v, "validation loss (CE)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (nats/token)")
@@ -170,7 +179,7 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
     if x == "flops":
         for ax in (ax_t, ax_v):
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-    fig.suptitle(f"loss vs {'tokens' if x == 'tokens' else 'training FLOPs'}")
+    fig.suptitle(f"loss vs {({'tokens': 'tokens', 'flops': 'training FLOPs', 'time': 'training time'})[x]}")
     return fig
 
 

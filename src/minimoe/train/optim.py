@@ -1,12 +1,31 @@
-"""AdamW with weight decay on matrices only (nanoGPT's rule: p.dim() >= 2), optionally 8-bit."""
+"""Optimizers: AdamW with weight decay on matrices only (nanoGPT's rule: p.dim() >= 2), optionally 8-bit;
+and Muon for the hidden matrices with AdamW for everything else (Moonlight's split).
+
+Muon (momentum, then an approximate orthogonalisation of the update by a Newton-Schulz iteration) is
+used for the hidden weight matrices: attention and FFN projections, shared and routed experts (an
+(E, out, in) expert tensor is E matrices, orthogonalised one by one in a batch) and the MTP projection.
+The token embedding, the LM head, the router, norms and biases stay on AdamW. The update is scaled by
+0.2 * sqrt(max(out, in)) (Moonlight's rule), which gives it about the RMS of an AdamW update, so Muon
+can share AdamW's learning rate; `train.muon_lr` sets its own.
+
+The Newton-Schulz iteration here runs in the parameter's dtype (fp32 on the CPU) and batched over the
+leading dimensions; torch.optim.Muon runs it in bf16 on 2-D matrices only, which is slow on CPUs without
+bf16 matrix units and cannot take expert tensors. tests/test_train.py checks one step against it.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.optim.adamw as _adamw
 from torch import nn
 
 from minimoe.config import TrainConfig
 from minimoe.errors import MinimoeError
+
+# the quintic Newton-Schulz coefficients of Keller Jordan's Muon (also torch.optim.Muon's defaults)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -17,9 +36,152 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def muon_param_names(model: nn.Module) -> set[str]:
+    """Names of the hidden matrices Muon trains: parameters of two or more dimensions, except the token
+    embedding, the LM head (tied or not) and routers (their logits feed a top-k, not a hidden state)."""
+    from minimoe.model.router import Router
+
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    skip = set()
+    for attr in ("embed_tokens", "lm_head"):
+        mod = getattr(model, attr, None)
+        if mod is not None:
+            skip.update(id(p) for p in mod.parameters())
+    return {
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.dim() >= 2 and id(p) not in routers and id(p) not in skip
+    }
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise each matrix of g (..., m, n): the quintic iteration of Muon, which maps
+    the singular values into about [0.7, 1.2] and keeps the singular vectors. Batched over leading dims."""
+    a, b, c = NS_COEFFICIENTS
+    x = g
+    transposed = g.size(-2) > g.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer with two kinds of parameter group: `use_muon=True` groups take Muon steps, the others
+    AdamW steps. One object, so the trainer's LR schedule, gradient scaler, checkpoints and resume treat it
+    like any optimizer. Each group keeps its own peak `base_lr`; the trainer sets lr = base_lr x schedule.
+
+    Muon step for a matrix W with gradient G (momentum buffer B, nesterov):
+        B <- mu B + G;  U <- G + mu B;  W <- W (1 - lr wd) - lr * 0.2 sqrt(max(out, in)) * NS(U)
+    """
+
+    def __init__(
+        self,
+        muon_params: list[torch.Tensor],
+        adamw_groups: list[dict],
+        lr: float,
+        muon_lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        muon_weight_decay: float = 0.1,
+        ns_steps: int = 5,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum, ns_steps=ns_steps)
+        groups = [
+            {"params": muon_params, "use_muon": True, "lr": muon_lr, "base_lr": muon_lr,
+             "weight_decay": muon_weight_decay}
+        ]  # fmt: skip
+        for g in adamw_groups:
+            groups.append({**g, "use_muon": False, "lr": lr, "base_lr": lr})
+        super().__init__([g for g in groups if g["params"]], defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _muon_group(self, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)
+            update = newton_schulz(p.grad.add(buf, alpha=mu), group["ns_steps"])
+            scale = 0.2 * math.sqrt(max(p.size(-2), p.size(-1)))
+            p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-lr * scale)
+
+    def _adamw_group(self, group: dict) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=p.device
+                )  # fused kernels: on p's device
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        p = params[0]
+        beta1, beta2 = group["betas"]
+        _adamw.adamw(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            fused=p.device.type in ("cpu", "cuda"),
+        )  # fmt: skip
+
+
 def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, tc.weight_decay)
     betas = (tc.beta1, tc.beta2)
+    if tc.optimizer == "muon":
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise MinimoeError(
+                "train.optimizer=muon needs whole matrices; it runs in one process or under DDP, not with "
+                "FSDP or expert parallelism (use adamw there)"
+            )
+        names = muon_param_names(model)
+        muon, rest = [], []
+        seen = set()
+        for n, p in model.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (muon if n in names else rest).append(p)
+        decay = [p for p in rest if p.dim() >= 2]  # the embedding / LM head and routers
+        no_decay = [p for p in rest if p.dim() < 2]
+        adamw_groups = [
+            {"params": decay, "weight_decay": tc.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return MuonAdamW(
+            muon, adamw_groups, lr=tc.lr, muon_lr=tc.muon_lr if tc.muon_lr is not None else tc.lr,
+            betas=betas, muon_weight_decay=tc.weight_decay,
+        )  # fmt: skip
+    groups = param_groups(model, tc.weight_decay)
     if tc.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb  # type: ignore[import-not-found]

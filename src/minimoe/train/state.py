@@ -147,7 +147,11 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
     }
     if tr.ctx.distributed:
         state["rng_ranks"] = rngs
-    meta = {"step": tr.step, "tokens": tr.tokens, "val_loss": val_loss, "time": time.time(), **tr.run_info}
+    meta = {
+        "step": tr.step, "tokens": tr.tokens, "val_loss": val_loss, "time": time.time(),
+        "elapsed_s": tr.elapsed, "clock": tr.cfg.train.clock, "out_of_time": getattr(tr, "_out_of_time", False),
+        **tr.run_info,
+    }  # fmt: skip
     return ckpt_lib.save_checkpoint(
         tr.run_dir, tr.step, weights, state, meta, tr.config_text, tr.tokenizer,
         keep_last=tr.cfg.train.keep_last, is_best=is_best, weights_metadata=metadata,

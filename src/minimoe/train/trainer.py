@@ -252,8 +252,17 @@ class Trainer:
         self._step_tokens = tc.batch_size * tc.seq_len * tc.grad_accum
         window_loads: dict[int, torch.Tensor] = {}
         window_start, window_tokens = time.perf_counter(), 0
-        t0 = self.clock_start - self.elapsed
-        self.deadline = t0 + tc.max_minutes * 60 if tc.max_minutes is not None else None
+        # train.max_minutes (and the schedule of a time-limited run) read train.clock: wall time from the
+        # command's start, or the CPU time of this process from here on, which other jobs on a shared
+        # machine do not inflate (steps, evaluations and saves are timed on the same clock)
+        if tc.clock == "cpu":
+            clock = self._clock = time.process_time
+            t0 = clock() - self.elapsed
+            self.deadline = None  # no wall-clock end: the caller's sample is not squeezed into one
+        else:
+            clock = self._clock = time.perf_counter
+            t0 = self.clock_start - self.elapsed
+            self.deadline = t0 + tc.max_minutes * 60 if tc.max_minutes is not None else None
         stopped, last_ckpt, val, bad_steps = "max_steps", None, {}, 0
         step_s: float | None = None  # a moving average of one optimizer step's wall time
         session_steps = 0
@@ -265,13 +274,14 @@ class Trainer:
         bar = TrainProgress(self.progress and self.ctx.is_main, tc.max_steps, tc.max_minutes, self.step)
         with Interrupt() as interrupt:
             while self.step < tc.max_steps:
-                step_start = time.perf_counter()
-                lr = tc.lr * lr_multiplier(
+                step_start = clock()
+                mult = lr_multiplier(
                     self._schedule_step(t0), tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio,
                     tc.decay_fraction,
                 )  # fmt: skip
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                lr = tc.lr * mult
+                for g in self.optimizer.param_groups:  # Muon's groups carry their own peak lr
+                    g["lr"] = g.get("base_lr", tc.lr) * mult
                 step_vals, step_loads = self._train_step()  # [loss, ce, aux, z, mtp], summed over ranks
                 step_loss = step_vals[0]
                 self.par.finish_grads()
@@ -311,11 +321,11 @@ class Trainer:
                 sum_loss += step_loss
                 n_in_window += 1
                 add_loads(window_loads, step_loads)
-                took = time.perf_counter() - step_start
+                took = clock() - step_start
                 if session_steps > 0:  # the first step of a session warms up (allocations): not typical
                     step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
                 session_steps += 1
-                bar.advance(self.step, time.perf_counter() - t0)
+                bar.advance(self.step, clock() - t0)
 
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     now = time.perf_counter()
@@ -327,7 +337,7 @@ class Trainer:
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "elapsed_s": now - t0,
+                        "elapsed_s": clock() - t0,
                         "peak_mem_mb": peak_mem_mb(self.device),
                     }
                     health = expert_health(window_loads)
@@ -356,7 +366,7 @@ class Trainer:
                     for v in parts_sum.values():
                         v.zero_()
 
-                self.elapsed = time.perf_counter() - t0
+                self.elapsed = clock() - t0
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
                 out_of_time = tc.max_minutes is not None and not self._time_for_another_step(
                     tc.max_minutes * 60 - self.elapsed, step_s, at_eval
@@ -370,8 +380,9 @@ class Trainer:
                 paused = session_end is not None and self.step >= session_end
                 if out_of_time or interrupt.requested or paused:
                     at_eval = True
+                self._out_of_time = out_of_time  # the checkpoint below records a stop on the clock
                 if at_eval:
-                    eval_start = time.perf_counter()
+                    eval_start = clock()
                     val = self.evaluate()
                     loss = val.get("val_loss")  # None without validation: the latest counts as the best
                     improved = loss is None or self.best_val is None or loss < self.best_val
@@ -385,14 +396,14 @@ class Trainer:
                         self.metrics.log({"step": self.step, "tokens": self.tokens, **val})
                         bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
                         bar.note(f"val_loss {loss:.3f}{bpb}")
-                    save_start = time.perf_counter()
+                    save_start = clock()
                     self._eval_s = save_start - eval_start
                     last_ckpt = self.save(loss, is_best=improved)
-                    self._save_s = time.perf_counter() - save_start
+                    self._save_s = clock() - save_start
                 elif tc.save_every and self.step % tc.save_every == 0:
-                    save_start = time.perf_counter()
+                    save_start = clock()
                     last_ckpt = self.save()
-                    self._save_s = time.perf_counter() - save_start
+                    self._save_s = clock() - save_start
                 if interrupt.requested or paused:
                     stopped = "interrupted" if interrupt.requested else "paused"
                     break
@@ -402,9 +413,9 @@ class Trainer:
                 if tc.early_stop_patience and self.evals_since_best >= tc.early_stop_patience:
                     stopped = "early_stop"
                     break
-        bar.close(self.step, time.perf_counter() - t0, complete=stopped in ("max_steps", "max_minutes"))
+        bar.close(self.step, clock() - t0, complete=stopped in ("max_steps", "max_minutes"))
         self.metrics.close()
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         return TrainResult(
             run_dir=self.run_dir, step=self.step, tokens=self.tokens,
             val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"), best_val_loss=self.best_val,
@@ -476,7 +487,9 @@ class Trainer:
         if tc.max_minutes is None:
             return self.step
         # distributed: the clock all ranks agreed on at the end of the last step, so they share the LR
-        now = self.elapsed if self.ctx.distributed else time.perf_counter() - t0
+        if self.step < tc.warmup_steps:  # warmup counts steps, whatever the clock says
+            return self.step
+        now = self.elapsed if self.ctx.distributed else self._clock() - t0
         by_time = int(now / (tc.max_minutes * 60) * tc.max_steps)
         return max(self.step, min(by_time, tc.max_steps))
 
