@@ -74,7 +74,7 @@ def worker_train(args) -> None:
 
 def worker_ep(args) -> None:
     """A few EP training steps on random tokens; rank 0 reports the bytes sent per rank and step."""
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.dist.ep import dispatchers
     from minimoe.dist.init import init_distributed, shutdown
     from minimoe.dist.parallel import parallelize

@@ -41,7 +41,8 @@ NAME = "bench"
 def make_run(config: Path, root: Path) -> Path:
     """A run directory holding the config's model with random weights (seed 0) and the byte tokenizer;
     throughput does not depend on what the weights say."""
-    from minimoe.config import RunConfig, dataclass_from_dict, load_yaml
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import dataclass_from_dict, load_yaml
     from minimoe.data import Tokenizer
     from minimoe.model.transformer import Transformer
     from minimoe.train.checkpoint import save_checkpoint

@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from ref_gpt import GPTConfig, ReferenceLoop  # noqa: E402
 
-from minimoe.config import build_run_config  # noqa: E402
+from minimoe.config_yaml import build_run_config  # noqa: E402
 from minimoe.data import prepare  # noqa: E402
 from minimoe.lab.flops import flops_per_token  # noqa: E402
 from minimoe.train.trainer import Trainer  # noqa: E402

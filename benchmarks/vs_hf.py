@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from minimoe.bench.measure import HFSubject, MinimoeSubject, matmul_peak_gflops
-from minimoe.config import build_run_config
+from minimoe.config_yaml import build_run_config
 from minimoe.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1004,7 +1004,7 @@ MORE_CASES: list[Case] = [
     Case("generate-length-penalty-nan", lambda c: [*G, c.run, "--length-penalty", "nan"], "finite number"),
     Case("generate-seed-overflow", lambda c: [*G, c.run, "--seed", str(2**70)], "64-bit"),
     Case("eval-window-huge", lambda c: [*base(c, "eval"), "--window", str(2**64)], "64-bit"),
-    Case("params-weight-overflows", lambda c: ["params", "tiny", f"model.hidden_size={10**12}"], "too large to exist"),
+    Case("params-weight-overflows", lambda c: ["params", "tiny", f"model.hidden_size={10**16}"], "too large to exist"),
     # a damaged model is named at load, not inside sampling
     Case("generate-nonfinite-weights", lambda c: [*G, _run_copy(c, "nan", _nan_weight)], "NaN or infinite"),
     # resuming a run that is already past its new max_steps
@@ -1032,7 +1032,7 @@ def test_params_of_an_absurd_size_answers(tmp_path):
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     big = json.loads(p.stdout)
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.params import count_params
 
     two = count_params(build_run_config("tiny", None, ["model.n_layers=2", "model.mtp_depth=0"]).model)

@@ -12,7 +12,7 @@ import torch
 
 from minimoe.bench.hf import hf_twin, max_logit_diff, pack_experts
 from minimoe.cli.main import main
-from minimoe.config import build_run_config
+from minimoe.config_yaml import build_run_config
 from minimoe.errors import MinimoeError
 from minimoe.model.transformer import Transformer
 

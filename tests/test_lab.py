@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from minimoe.cli.main import main
-from minimoe.config import ModelConfig, build_run_config
+from minimoe.config import ModelConfig
+from minimoe.config_yaml import build_run_config
 from minimoe.errors import MinimoeError
 from minimoe.lab import compare, flops
 from minimoe.lab import inspect as lab_inspect
 from minimoe.lab import plot as lab_plot
+from minimoe.lab import report as lab_report
 from minimoe.train.checkpoint import find_checkpoint
 from minimoe.train.run import train_from_config
 from tiny import TINY_TRAIN
@@ -375,14 +377,14 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
             last = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][
                 -1
             ]
-            speed = compare.summarize_run(d, r).tokens_per_s
+            speed = lab_report.summarize_run(d, r).tokens_per_s
             assert speed == pytest.approx(last["tokens"] / last["elapsed_s"])
     assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("skip") == 4  # finished on the clock: not resumed
     report = (out / "report.md").read_text()
     assert (out / "loss_vs_time.png").is_file() and "![loss_vs_time.png]" in report
     row = next(line for line in report.splitlines() if line.startswith("| dense − moe |"))
-    rows = compare.report_rows(sweep, out, runs)
+    rows = lab_report.report_rows(sweep, out, runs)
     diffs = [rows[1]["val_loss_by_seed"][s] - rows[0]["val_loss_by_seed"][s] for s in (1, 2)]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and float(cells[2].split(" ± ")[0]) == pytest.approx(sum(diffs) / 2, abs=1e-4)
@@ -391,7 +393,7 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
 def test_paired_stats_match_student_t():
     stats = pytest.importorskip("scipy.stats")
     for diffs in ([0.1, -0.05], [0.03, 0.01, 0.02, 0.05, -0.01], [0.01 * i for i in range(40)]):
-        st = compare.paired_stats(diffs)
+        st = lab_report.paired_stats(diffs)
         n = len(diffs)
         mean = sum(diffs) / n
         se = float(stats.sem(diffs))
@@ -399,7 +401,7 @@ def test_paired_stats_match_student_t():
         assert st["n"] == n and st["mean"] == pytest.approx(mean) and st["se"] == pytest.approx(se)
         tol = 1e-3 if n <= 31 else 0.03 * (hi - lo)  # beyond 30 degrees of freedom: the normal quantile
         assert st["lo"] == pytest.approx(lo, abs=tol) and st["hi"] == pytest.approx(hi, abs=tol)
-    assert compare.paired_stats([0.1]) is None
+    assert lab_report.paired_stats([0.1]) is None
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimoe.config import ModelConfig, RunConfig, build_run_config, set_dotted
+from minimoe.config import ModelConfig, RunConfig
+from minimoe.config_yaml import build_run_config, set_dotted
 from minimoe.errors import ConfigError
 from minimoe.model.router import load_balance_loss, seq_load_balance_loss
 from minimoe.model.transformer import Transformer

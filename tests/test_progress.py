@@ -54,7 +54,7 @@ def test_bar_of_an_interrupted_run_stays_where_it_was():
 
 
 def test_stop_decision_keeps_the_finish_inside_the_budget(tmp_path, corpus):
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.data import prepare
     from minimoe.train.run import data_cache_dir
     from minimoe.train.trainer import Trainer

@@ -36,7 +36,7 @@ import torch
 from test_train import TINY
 
 from minimoe.cli.main import main
-from minimoe.config import build_run_config
+from minimoe.config_yaml import build_run_config
 from minimoe.errors import MinimoeError
 from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train.run import data_cache_dir, train_from_config

@@ -109,7 +109,7 @@ def test_resume_is_exact(tmp_path, corpus, optimizer):
     )  # fmt: skip
     _train(tmp_path / "a", corpus, *common)
     full = _losses(tmp_path / "a")
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.data import prepare
     from minimoe.train.run import data_cache_dir
     from minimoe.train.trainer import Trainer
@@ -302,7 +302,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus):
 
 def test_load_weights_rejects_other_config(tmp_path, corpus):
     _train(tmp_path / "run", corpus, "train.max_steps=1", "train.eval_every=1")
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.model.transformer import Transformer
 
     other = build_run_config("tiny", None, TINY + ["model.hidden_size=48", "model.vocab_size=320"]).model
@@ -398,7 +398,7 @@ def test_cpu_clock_limits_by_process_time(tmp_path, corpus, monkeypatch):
 
 
 def _muon_model_and_opt(*extra):
-    from minimoe.config import build_run_config
+    from minimoe.config_yaml import build_run_config
     from minimoe.model.transformer import Transformer
     from minimoe.train.optim import build_optimizer
 
@@ -474,7 +474,8 @@ def test_resume_keeps_the_separate_validation_data(tmp_path, corpus):
     _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2", val_source=str(val))
     first = _losses(tmp_path / "run")
     res = _train(tmp_path / "run", corpus, "train.max_steps=4", "train.eval_every=2", resume=True)
-    from minimoe.config import RunConfig, dataclass_from_dict, load_yaml
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import dataclass_from_dict, load_yaml
 
     cfg = dataclass_from_dict(RunConfig, load_yaml(tmp_path / "run" / "config.yaml"))
     assert cfg.data.val_path == str(val) and res.step == 4 and len(_losses(tmp_path / "run")) > len(first)

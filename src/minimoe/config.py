@@ -368,22 +368,3 @@ def _check_train_ranges(t: TrainConfig) -> None:
             else:
                 need = f"between {lo} and {hi}" + (" (exclusive of the upper end)" if closed == "lo" else "")
             raise ConfigError(f"train.{name} must be {need}, got {v}")
-
-
-# Moved to minimoe.config_yaml; resolved lazily so `from minimoe.config import build_run_config` in code
-# written against older versions keeps working. Nothing in minimoe imports these names from here.
-_MOVED_TO_CONFIG_YAML = (
-    "build_run_config",
-    "dataclass_from_dict",
-    "load_yaml",
-    "parse_overrides",
-    "set_dotted",
-)
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_CONFIG_YAML:
-        from minimoe import config_yaml
-
-        return getattr(config_yaml, name)
-    raise AttributeError(f"module 'minimoe.config' has no attribute {name!r}")

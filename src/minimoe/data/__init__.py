@@ -9,9 +9,10 @@ Typical use::
     x, y = next(batches)
 """
 
-from minimoe.data.corpus import Corpus, open_source, split_documents
+from minimoe.data.corpus import Corpus, split_documents
 from minimoe.data.loader import EvalWindows, TokenWindows
 from minimoe.data.prepare import PreparedData, prepare
+from minimoe.data.sources import open_source
 from minimoe.data.tokenizer import Tokenizer, resolve_tokenizer, train_bpe
 
 __all__ = [

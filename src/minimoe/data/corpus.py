@@ -1,7 +1,7 @@
 """Document sources: text files and folders, JSONL, Parquet, Hugging Face datasets, already-tokenized
 arrays, and the built-in corpus (the Python standard library's own source).
 
-`open_source(spec)` returns a `Corpus`. A text corpus yields *segments* `(text, end_of_document)`:
+`open_source(spec)` (in `sources.py`) returns a `Corpus`. A text corpus yields *segments* `(text, end_of_document)`:
 documents over `SEGMENT_CHARS` are cut at a newline into several segments, so one huge file is
 tokenized in parallel and never held in memory whole; EOS goes only after the last segment.
 `describe()` lists the files with sizes and mtimes (a cheap change check) and `content_hash()`
@@ -400,41 +400,3 @@ def checked_path(spec: str | Path, what: str = "data path") -> Path:
             f"{what} {path} is not a regular file or folder (a device, pipe or socket); give a file or folder"
         )
     return path
-
-
-def open_source(
-    spec: str | Path | Corpus | None,
-    text_field: str = "text",
-    glob: str = "**/*",
-    cache_dir: str | None = None,
-) -> Corpus:
-    """Open a document source.
-
-    Args:
-        spec: None (built-in corpus), a text file, a folder, a .jsonl/.ndjson or .parquet file,
-            a .npy/.bin token array, `hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]`, or a Corpus.
-        text_field: the text field of JSONL/Parquet/datasets records.
-        glob: which files of a folder to read.
-        cache_dir: the `datasets` cache for `hf:` sources (None = its default).
-    Returns:
-        The Corpus. Raises MinimoeError for a missing path.
-    """
-    if isinstance(spec, Corpus):
-        return spec
-    if spec is None:
-        return BuiltinCorpus()
-    if isinstance(spec, str) and spec.startswith("hf:"):
-        from minimoe.data.hf_source import HFCorpus
-
-        return HFCorpus(spec, text_field=text_field, cache_dir=cache_dir)
-    path = checked_path(spec)
-    if path.is_dir():
-        return FolderCorpus(path, glob)
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES_JSONL:
-        return JsonlCorpus(path, text_field)
-    if suffix == ".parquet":
-        return ParquetCorpus(path, text_field)
-    if suffix in TOKEN_SUFFIXES:
-        return TokenArrayCorpus(path)
-    return TextFileCorpus(path)

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from minimoe.data.cache import FORMAT_VERSION, check_ours, clean_stale, lock, read_trusted, write_json_atomic
-from minimoe.data.corpus import Corpus, open_source
+from minimoe.data.corpus import Corpus
 from minimoe.data.shards import SPLITS, ShardWriter, copy_tokens, move_tail, tokenize_corpus
+from minimoe.data.sources import open_source
 from minimoe.data.tokenizer import Tokenizer, resolve_tokenizer, train_bpe
 from minimoe.errors import MinimoeError
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from minimoe.data.corpus import Corpus, FolderCorpus, TextFileCorpus, open_source
+from minimoe.data.corpus import Corpus, FolderCorpus, TextFileCorpus
+from minimoe.data.sources import open_source
 from minimoe.errors import MinimoeError
 from minimoe.eval.scoring import model_context, prefix_id, score_pairs
 

@@ -118,7 +118,7 @@ def evaluate_run(
 
 
 def _source_hash(data: str | Path, text_field: str) -> str:
-    from minimoe.data.corpus import open_source
+    from minimoe.data.sources import open_source
 
     corpus = open_source(str(data), text_field=text_field)
     return corpus.content_hash()

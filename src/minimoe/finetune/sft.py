@@ -205,8 +205,9 @@ def finetune(
     Returns:
         SFTResult.
     """
+    from minimoe.dist.init import resolve_device
     from minimoe.train import checkpoint as ckpt_lib
-    from minimoe.train.trainer import Trainer, resolve_device
+    from minimoe.train.trainer import Trainer
 
     out = Path(out_dir)
     if (out / ckpt_lib.CKPT).exists() and any((out / ckpt_lib.CKPT).iterdir()):

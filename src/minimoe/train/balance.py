@@ -33,3 +33,14 @@ def balance_step(model: nn.Module, loads: dict[int, torch.Tensor]) -> None:
     for i, load in loads.items():
         if i in moes:
             moes[i].gate.update_bias(load)  # a no-op for routers without the bias
+
+
+def bias_ranges(model) -> dict[str, list[float]]:
+    """{layer: [min, max]} of each MoE layer's aux-free bias (layers without one are left out). A host
+    sync: call it on logging steps only."""
+    out = {}
+    for i, moe in model.moe_layers().items():
+        b = moe.gate.e_score_correction_bias
+        if b is not None:
+            out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
+    return out

@@ -34,14 +34,14 @@ from minimoe.model.transformer import Transformer
 from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train import state as run_state
-from minimoe.train.balance import add_loads, balance_step
+from minimoe.train.balance import add_loads, balance_step, bias_ranges
 from minimoe.train.health import expert_health
 from minimoe.train.interrupt import Interrupt
 from minimoe.train.metrics import MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
 from minimoe.train.schedule import lr_multiplier
-from minimoe.train.state import check_run_dir_writable, rng_state, set_rng_state  # noqa: F401 - re-exported
+from minimoe.train.state import check_run_dir_writable
 
 log = logging.getLogger("minimoe.train")
 
@@ -347,7 +347,7 @@ class Trainer:
                         log.warning("step %d: %s", self.step, w)
                     if health:
                         row.update(health)
-                        row["bias_range"] = self._bias_ranges()
+                        row["bias_range"] = self.par.merge_layers(bias_ranges(self.model))
                         for li, e in health["dead_experts"][:3] if self.ctx.is_main else []:
                             log.warning(
                                 "layer %s expert %s received no tokens in the last %d steps",
@@ -492,11 +492,3 @@ class Trainer:
         now = self.elapsed if self.ctx.distributed else self._clock() - t0
         by_time = int(now / (tc.max_minutes * 60) * tc.max_steps)
         return max(self.step, min(by_time, tc.max_steps))
-
-    def _bias_ranges(self) -> dict[str, list[float]]:
-        out = {}
-        for i, moe in self.model.moe_layers().items():
-            b = moe.gate.e_score_correction_bias
-            if b is not None:  # None without aux_free_bias
-                out[str(i)] = [round(b.min().item(), 5), round(b.max().item(), 5)]
-        return self.par.merge_layers(out)  # the whole model's, when ranks hold different layers

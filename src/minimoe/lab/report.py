@@ -1,0 +1,279 @@
+"""Sweep reports: per-run summaries read from the run directories, paired contrasts by seed (mean,
+standard error, 95% t-interval), the Markdown table and the figures that `minimoe compare` writes."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from minimoe.lab.flops import tokens_per_step
+from minimoe.lab.sweep import PlannedRun, Sweep
+from minimoe.params import count_params
+
+
+@dataclass
+class RunSummary:
+    variant: str
+    seed: int
+    steps: int
+    tokens: int
+    train_flops: float
+    val_loss: float | None
+    val_bpb: float | None
+    max_vio_global: float | None  # validation set, mean over layers
+    max_vio_batch: float | None  # training batches, mean over the last 10% of logged rows
+    tokens_per_s: float | None
+
+
+def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
+    """Final numbers of one finished run (None when it has no evaluation yet)."""
+    from minimoe.lab.plot import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    train, evals = read_metrics(run_dir / "metrics.jsonl")
+    if not evals:
+        return None
+    last = evals[-1]
+    tail = train[-max(1, math.ceil(len(train) / 10)) :] if train else []
+    vios = [row["max_vio_mean"] for row in tail if "max_vio_mean" in row]
+    # the first logged window includes start-up; leave it out of the speed when there are others
+    speeds = [row["tokens_per_s"] for row in train[1:] or train if "tokens_per_s" in row]
+    if r.cfg.train.clock == "cpu" and train and train[-1].get("elapsed_s"):
+        # a CPU-clock run: tokens per CPU-second of the process, which other jobs do not dilute
+        speeds = [train[-1]["tokens"] / train[-1]["elapsed_s"]]
+    return RunSummary(
+        variant=r.variant,
+        seed=r.seed,
+        steps=last["step"],
+        tokens=last["tokens"],
+        train_flops=last["tokens"] * r.train_flops_per_token,
+        val_loss=last.get("val_loss"),
+        val_bpb=last.get("val_bpb"),
+        max_vio_global=last.get("val_max_vio_global"),
+        max_vio_batch=statistics.fmean(vios) if vios else None,
+        tokens_per_s=statistics.median(speeds) if speeds else None,
+    )
+
+
+def mean_std(values: list[float | None], fmt: str = ".4f") -> str:
+    """'m ± s' over seeds (sample std), 'm' for one value, '–' when none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return format(vals[0], fmt)
+    return f"{statistics.fmean(vals):{fmt}} ± {statistics.stdev(vals):{fmt.replace('+', '')}}"
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond 30 the normal's 1.96 is
+# used; the error is under 2% there)
+T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def paired_stats(diffs: list[float]) -> dict | None:
+    """Mean, standard error and 95% t-interval of per-seed differences; None for fewer than 2."""
+    if len(diffs) < 2:
+        return None
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return {"n": n, "mean": mean, "se": se, "lo": mean - t * se, "hi": mean + t * se}
+
+
+def _paired(a: dict[int, float | None], b: dict[int, float | None]) -> list[float]:
+    return [a[k] - b[k] for k in a if k in b and a[k] is not None and b[k] is not None]
+
+
+def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
+    """The sweep's contrasts (default: every variant against the first), paired by seed."""
+    by_name = {r["variant"]: r for r in rows}
+    pairs = sweep.contrasts or [(r["variant"], rows[0]["variant"]) for r in rows[1:]]
+    out = []
+    for a, b in pairs:
+        ra, rb = by_name[a], by_name[b]
+        res = {"variant": a, "reference": b}
+        for key in ("val_loss", "val_bpb", "max_vio_batch", "max_vio_global"):
+            res[key] = paired_stats(_paired(ra[key + "_by_seed"], rb[key + "_by_seed"]))
+        res["both_moe"] = ra["is_moe"] and rb["is_moe"]
+        out.append(res)
+    return out
+
+
+def _fmt_stats(st: dict | None, fmt: str = "+.4f") -> str:
+    if st is None:
+        return "–"
+    return f"{st['mean']:{fmt}} ± {st['se']:.4f} [{st['lo']:{fmt}}, {st['hi']:{fmt}}]"
+
+
+def contrast_table(contrasts: list[dict]) -> str:
+    head = (
+        "| contrast | seeds | Δ val loss: mean ± SE [95% interval] | resolved | Δ val bpb: mean ± SE [95%] "
+        "| Δ MaxVio batch: mean ± SE [95%] |"
+    )
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for c in contrasts:
+        st = c["val_loss"]
+        resolved = "–" if st is None else ("yes" if st["lo"] > 0 or st["hi"] < 0 else "no")
+        lines.append(
+            f"| {c['variant']} − {c['reference']} | {st['n'] if st else 0} | {_fmt_stats(st)} | {resolved} "
+            f"| {_fmt_stats(c['val_bpb'])} | {_fmt_stats(c['max_vio_batch'], '+.3f') if c['both_moe'] else '–'} |"
+        )
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dict]:
+    """One dict per variant with the table's cells and the raw per-seed numbers."""
+    rows = []
+    for variant in sweep.variants:
+        vr = [r for r in runs if r.variant == variant]
+        sums = [summarize_run(out_dir / variant / f"seed_{r.seed}", r) for r in vr]
+        done = [s for s in sums if s is not None]
+        cfg = vr[0].cfg
+        rep = count_params(cfg.model)
+        steps = cfg.train.max_steps
+        if sweep.budget_kind == "minutes":  # the clock decides: the mean over finished seeds
+            steps = round(statistics.fmean(s.steps for s in done)) if done else 0
+        rows.append(
+            {
+                "variant": variant,
+                "seeds_done": len(done),
+                "seeds": len(vr),
+                "steps": steps,
+                "tokens": steps * tokens_per_step(cfg),
+                "train_flops": vr[0].train_flops_per_token * steps * tokens_per_step(cfg),
+                "flops_per_token": vr[0].train_flops_per_token,
+                "activated": rep.activated,
+                "total": rep.total,
+                "cache_bytes": rep.kv_cache_bytes_per_token["bf16"],
+                "val_loss": [s.val_loss for s in done],
+                "val_loss_by_seed": {s.seed: s.val_loss for s in done if s.val_loss is not None},
+                "val_bpb_by_seed": {s.seed: s.val_bpb for s in done},
+                "max_vio_batch_by_seed": {s.seed: s.max_vio_batch for s in done},
+                "max_vio_global_by_seed": {s.seed: s.max_vio_global for s in done},
+                "val_bpb": [s.val_bpb for s in done],
+                "max_vio_global": [s.max_vio_global for s in done],
+                "max_vio_batch": [s.max_vio_batch for s in done],
+                "tokens_per_s": [s.tokens_per_s for s in done],
+                "is_moe": cfg.model.n_routed_experts > 0,
+            }
+        )
+    # paired by seed against the first variant: a seed fixes the data order, and much of the
+    # seed-to-seed spread is shared by all variants, so per-seed differences are less noisy
+    ref = rows[0]["val_loss_by_seed"] if rows else {}
+    for r in rows:
+        r["delta_vs_first"] = [v - ref[seed] for seed, v in r["val_loss_by_seed"].items() if seed in ref]
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| variant | seeds | steps | tokens | train FLOPs | val loss | Δ val loss (paired) | val bpb | MaxVio global (val) "
+        "| MaxVio batch (train) | tokens/s | activated params | total params | KV cache B/token (bf16) |"
+    )
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for r in rows:
+        moe = r["is_moe"]
+        lines.append(
+            f"| {r['variant']} | {r['seeds_done']}/{r['seeds']} | {r['steps']} | {_human(r['tokens'])} "
+            f"| {r['train_flops']:.3g} | {mean_std(r['val_loss'])} "
+            f"| {'–' if r is rows[0] else mean_std(r['delta_vs_first'], '+.4f')} | {mean_std(r['val_bpb'])} "
+            f"| {mean_std(r['max_vio_global'], '.3f') if moe else '–'} "
+            f"| {mean_std(r['max_vio_batch'], '.3f') if moe else '–'} "
+            f"| {mean_std(r['tokens_per_s'], '.0f')} | {r['activated']:,} | {r['total']:,} | {r['cache_bytes']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: bool = True) -> Path:
+    """Write OUT/report.md (table, noise note, per-seed numbers, figures) and return its path."""
+    rows = report_rows(sweep, out_dir, runs)
+    budget = {
+        "tokens": f"{sweep.budget:,.0f} training tokens",
+        "flops": f"{sweep.budget:.3g} training FLOPs (6 x activated matmul parameters + causal attention, per token)",
+        "steps": f"{sweep.budget:,.0f} optimizer steps",
+        "minutes": f"{sweep.budget:g} minutes of "
+        + ("wall-clock time" if sweep.clock == "wall" else "CPU time of each training process"),
+    }[sweep.budget_kind]
+    parts = [f"# Sweep: {sweep.name}", ""]
+    if sweep.description:
+        parts += [sweep.description, ""]
+    parts += [
+        f"Budget: {budget}; seeds {sweep.seeds}; data `{Path(sweep.data).name if sweep.data else 'built-in'}`"
+        + (f", validation `{Path(sweep.val_data).name}`" if sweep.val_data else "")
+        + ".",
+        "",
+        "Cells are mean ± sample standard deviation over seeds. Validation numbers are from the final "
+        "evaluation; MaxVio batch is the mean over the last 10% of logged training windows; tokens/s is the "
+        "median over logging windows (wall clock, noisy on a shared machine), or tokens per CPU-second for "
+        "CPU-clock budgets. Δ val loss is the "
+        f"variant's loss minus `{rows[0]['variant'] if rows else ''}`'s with the same seed (same data "
+        "order), mean ± std over seeds; negative is better.",
+        "",
+        markdown_table(rows),
+        "",
+        "Contrasts, paired by seed: the mean of the per-seed differences, its standard error (std / √n) and "
+        "a 95% Student-t interval. A contrast is resolved when its interval excludes 0.",
+        "",
+        contrast_table(contrast_rows(sweep, rows)),
+        "",
+        "Per seed (final validation loss):",
+        "",
+    ]
+    for r in rows:
+        vals = ", ".join(f"seed {k}: {v:.4f}" for k, v in r["val_loss_by_seed"].items()) or "not run yet"
+        parts.append(f"- {r['variant']}: {vals}")
+    if figures:
+        prefix = "" if sweep.report == "report.md" else Path(sweep.report).stem
+        names = _report_figures(out_dir, runs, prefix=prefix)
+        parts += [""] + [f"![{n}]({n})" for n in names]
+    out = out_dir / sweep.report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return out
+
+
+def _report_figures(out_dir: Path, runs: list[PlannedRun], prefix: str = "") -> list[str]:
+    """Overlaid loss curves (every seed; one colour per variant) and MaxVio (first seed of each MoE
+    variant); returns file names in out_dir."""
+    from minimoe.lab.plot import _plt, load_run_data, loss_figure, maxvio_figure, moe_runs
+
+    data = []
+    for r in sorted(runs, key=lambda r: list(dict.fromkeys(x.variant for x in runs)).index(r.variant)):
+        d = out_dir / r.variant / f"seed_{r.seed}"
+        if (d / "metrics.jsonl").is_file():
+            run = load_run_data(d, f"{r.variant} (seed {r.seed})")
+            run.group = r.variant
+            data.append(run)
+    if not data:
+        return []
+    plt = _plt()
+    names = []
+    figs = [
+        ("loss_vs_tokens.png", loss_figure(data, "tokens")),
+        ("loss_vs_flops.png", loss_figure(data, "flops")),
+    ]
+    if any(r.cfg.train.max_minutes is not None for r in runs):
+        figs.append(("loss_vs_time.png", loss_figure(data, "time")))
+    first = list({r.group: r for r in reversed(data)}.values())[::-1]  # first seed of each variant
+    if moe_runs(first):
+        figs.append(("maxvio.png", maxvio_figure(first)))
+    for name, fig in figs:
+        name = f"{prefix}_{name}" if prefix else name
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names
