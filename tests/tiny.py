@@ -7,6 +7,7 @@ TINY_MODEL = [
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
     "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
     "model.num_experts_per_tok=2", "model.max_seq_len=64", "model.mtp_depth=1",
+    "model.bias_update_speed=0.001",  # the test model stays as it was when the tiny recipe changes
 ]  # fmt: skip
 TINY_TRAIN = TINY_MODEL + [
     "train.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "train.log_every=1",
