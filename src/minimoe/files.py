@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
+
+from minimoe.errors import MinimoeError
 
 
 def current_umask() -> int:
@@ -23,3 +27,27 @@ def as_umask_allows(path: str | Path) -> None:
     """Give `path` the permissions a plain open() would (0644 under the usual umask 022): safetensors
     writes its files 0600, which other users and tools that serve the folder could not read."""
     os.chmod(path, 0o666 & ~current_umask())
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object, with one clear sentence when it is not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MinimoeError(f"{path} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise MinimoeError(f"{path} does not hold a JSON object")
+    return data
+
+
+def fresh_temp_dir(out: Path, tag: str) -> Path:
+    """An empty directory beside `out`, to be renamed onto it once complete. An error creating it names
+    `out`, the path the user chose, not the temporary one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{tag}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from None
+    return tmp

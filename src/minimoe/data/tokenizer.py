@@ -23,6 +23,7 @@ import numpy as np
 
 from minimoe.data.pretrained import KNOWN, is_named, named_tokenizer_path
 from minimoe.errors import MinimoeError
+from minimoe.files import read_json_object
 
 Kind = Literal["byte", "bpe", "pretrained"]
 
@@ -136,7 +137,7 @@ class Tokenizer:
         meta_path = folder / META_FILE
         # our metadata applies to the tokenizer.json saved next to it
         if meta_path.is_file() and file.name == HF_FILE:
-            meta = _read_json(meta_path)
+            meta = read_json_object(meta_path)
             if meta.get("kind") == "byte":
                 tok = cls.byte()
                 tok.chat_template = meta.get("chat_template")
@@ -288,16 +289,6 @@ class Tokenizer:
 def _utf8(ids: np.ndarray) -> str:
     """Text of byte ids; other ids are dropped and invalid UTF-8 becomes U+FFFD."""
     return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MinimoeError(f"{path} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise MinimoeError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _read_hf(file: Path):

@@ -21,7 +21,7 @@ import torch
 
 from minimoe.config import ModelConfig
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows
+from minimoe.files import as_umask_allows, fresh_temp_dir
 from minimoe.hf import formats, keymap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -252,13 +252,7 @@ def export_model(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise MinimoeError(f"{out} already exists and is not empty; choose another --out or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as e:  # name the --out the user chose, not our temporary directory beside it
-        raise OSError(e.errno, e.strerror, str(out)) from None
+    tmp = fresh_temp_dir(out, "export")
     try:
         files = save_sharded(hub, tmp, parse_size(shard_size))
         config = formats.hf_config(cfg, fmt, tokenizer, dtype, mtp_layers)

@@ -16,6 +16,7 @@ import torch
 
 from minimoe.config import ModelConfig
 from minimoe.errors import MinimoeError
+from minimoe.files import read_json_object
 from minimoe.hf import keymap
 from minimoe.hf.import_config import model_config, need
 from minimoe.train.checkpoint import write_run
@@ -32,13 +33,7 @@ def read_config(hf_dir: Path) -> dict:
         raise MinimoeError(f"{hf_dir} is not a directory")
     if not f.is_file():
         raise MinimoeError(f"{hf_dir} has no config.json, so it is not a Hugging Face checkpoint folder")
-    try:
-        c = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MinimoeError(f"{f} is not valid JSON") from None
-    if not isinstance(c, dict):
-        raise MinimoeError(f"{f} does not hold a JSON object")
-    return c
+    return read_json_object(f)
 
 
 def load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows
+from minimoe.files import as_umask_allows, fresh_temp_dir
 from minimoe.model.experts import GroupedExperts, loop_experts
 
 BITS = (8, 4)
@@ -281,13 +281,7 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
         raise MinimoeError("the model is not quantized; call quantize_model first")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MinimoeError(f"{out} already exists and is not an empty directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as e:  # name the --out the user chose, not our temporary directory beside it
-        raise OSError(e.errno, e.strerror, str(out)) from None
+    tmp = fresh_temp_dir(out, "quantize")
     try:
         save_model(model, str(tmp / "model.safetensors"))
         as_umask_allows(tmp / "model.safetensors")

@@ -103,8 +103,7 @@ def _sdpa(
     dv, dqk = v.shape[-1], q.shape[-1]
     if dv < dqk:
         # flash kernels (CUDA, and the CPU one) need equal QK and V head dims: pad V and slice the
-        # output. Without it CPU SDPA falls back to the math path: measured 1.3x slower fwd+bwd at
-        # B=8, H=4, T=256, d_qk=48, d_v=32.
+        # output. Without it CPU SDPA falls back to the slower math path (BENCHMARKS.md).
         v = F.pad(v, (0, dqk - dv))
     elif dv > dqk:  # (MLA with v_head_dim > nope + rope) zero columns add nothing to q.k; scale is explicit
         q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))

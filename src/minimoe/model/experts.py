@@ -67,16 +67,15 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-# Below this expert width, grouped_mm_experts concatenates gate and up into one GEMM per call. Measured
-# on CPU (1 thread, fwd+bwd, interleaved A/B): 6-11% faster at I=64 (a 64-column GEMM runs well below
-# peak, and x's gradient needs one fewer (N, D) add); about even at I=256; 12% slower at I=512, where copying
-# the (E, 2I, D) weights every call costs more than it saves.
+# Below this expert width, grouped_mm_experts concatenates gate and up into one GEMM per call: a narrow
+# GEMM runs well below peak and x's gradient needs one fewer (N, D) add, while for wide experts copying
+# the (E, 2I, D) weights every call costs more than it saves (the A/B timing is in BENCHMARKS.md).
 FUSE_GATE_UP_BELOW = 128
 
 
 def _gmm(x_NK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     # Pass the weight transposed rather than storing it [E, K, N]: that is the layout whose backward
-    # works in torch 2.13 on CPU (see REFERENCE.md, Kernels).
+    # works in torch 2.13 on CPU (the [E, K, N] layout's backward fails there).
     return _ContiguousGrad.apply(torch._grouped_mm(x_NK, w_ENK.transpose(-2, -1), offs=offs_E))
 
 
