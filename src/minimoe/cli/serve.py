@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--threads", type=integer, default=0, help="CPU threads for the model (0 = torch's default)"
     )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding: every sequence drafts with the MTP module and the drafts of the "
+        "whole batch are verified in one forward (needs a run trained with model.mtp_depth >= 1)",
+    )
     d = Limits()
     limits = [
         ("--max-active", integer, "cache slots: sequences decoded together in one batch; each holds a "
@@ -152,7 +158,9 @@ def run(args) -> int:
     try:
         model, tokenizer, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
         name = args.model_name or Path(args.run_dir).resolve().name
-        app = build_app(model, tokenizer, name, api_key=api_key, limits=limits)
+        if args.speculative and not len(model.mtp):
+            raise MinimoeError("--speculative needs a run trained with MTP modules (model.mtp_depth >= 1)")
+        app = build_app(model, tokenizer, name, api_key=api_key, limits=limits, speculative=args.speculative)
         pool = app.state.service.engine.pool
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
