@@ -33,7 +33,8 @@ from minimoe.serve.engine import Engine, Finish, Job, JobParams  # noqa: E402
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int, list[str]]:
-    """Every prompt as one greedy job, all submitted at once; (seconds, tokens generated, texts)."""
+    """Every prompt as one greedy job, all submitted at once to a started engine; (seconds, tokens
+    generated, texts)."""
     texts: dict[int, str] = {}
     done = threading.Event()
     lock = threading.Lock()
@@ -47,16 +48,17 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tup
 
     params = JobParams(max_tokens=max_tokens, temperature=0)
     jobs = [Job(i, p, params, post, client=str(i)) for i, p in enumerate(prompts)]
+    before = engine.generated_tokens
     t0 = time.perf_counter()
     engine.submit(jobs)
+    if not done.wait(1800):
+        raise RuntimeError("the engine did not finish")
+    return time.perf_counter() - t0, engine.generated_tokens - before, [texts[i] for i in range(len(prompts))]
+
+
+def started(engine: Engine) -> Engine:
     engine.start()
-    try:
-        if not done.wait(1800):
-            raise RuntimeError("the engine did not finish")
-        seconds = time.perf_counter() - t0
-    finally:
-        engine.close()
-    return seconds, engine.generated_tokens, [texts[i] for i in range(len(prompts))]
+    return engine
 
 
 def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
@@ -64,17 +66,19 @@ def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
     rows = []
     for batch in (1, 8):
         prompts = prompts_for(tok, heldout, batch, 32)
-        rates: dict[str, list[float]] = {"plain": [], "spec": []}
+        engines = {name: started(Engine(model, tok, max_active=batch, speculative=name == "spec"))
+                   for name in ("plain", "spec")}  # fmt: skip
+        rates: dict[str, list[float]] = {name: [] for name in engines}
         texts: dict[str, list[str]] = {}
-        drafted = accepted = steps = tokens = 0
         for _ in range(repeats):
-            for name in rates:
-                engine = Engine(model, tok, max_active=batch, speculative=name == "spec")
+            for name, engine in engines.items():
                 s, n, texts[name] = run_engine(engine, prompts, max_tokens)
                 rates[name].append(n / s)
-                if name == "spec":
-                    drafted, accepted = drafted + engine.drafted, accepted + engine.accepted
-                    steps, tokens = steps + engine.steps, tokens + n
+        for engine in engines.values():
+            engine.close()
+        spec_engine = engines["spec"]
+        drafted, accepted = spec_engine.drafted, spec_engine.accepted
+        steps, tokens = spec_engine.steps, spec_engine.generated_tokens
         plain, spec = statistics.median(rates["plain"]), statistics.median(rates["spec"])
         rows.append([
             batch, f"{plain:.1f}", f"{spec:.1f}", f"{accepted / max(drafted, 1):.1%}",
@@ -97,17 +101,21 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
     rows = []
     for batch in (1, 8):
         prompts = prompts_for(tok, heldout, batch, 32)
-        t0 = time.perf_counter()
-        compiled = Engine(model, tok, max_active=batch, compile=True)
-        run_engine(compiled, prompts[:1], 2)  # the first step compiles
-        compile_s = time.perf_counter() - t0
-        rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+        engines = {
+            "eager": Engine(model, tok, max_active=batch),
+            "compiled": Engine(model, tok, max_active=batch, compile=True),
+        }
+        compile_s = engines["compiled"].warm_up()
+        for engine in engines.values():
+            engine.start()
+        rates: dict[str, list[float]] = {name: [] for name in engines}
         texts: dict[str, list[str]] = {}
         for _ in range(repeats):
-            for name in rates:
-                engine = Engine(model, tok, max_active=batch, compile=name == "compiled")
+            for name, engine in engines.items():
                 s, n, texts[name] = run_engine(engine, prompts, max_tokens)
                 rates[name].append(n / s)
+        for engine in engines.values():
+            engine.close()
         eager, comp = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
         rows.append([
             batch, f"{compile_s:.1f}", f"{eager:.1f}", f"{comp:.1f}", f"**{comp / eager:.2f}x**",
@@ -115,7 +123,7 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
         ])  # fmt: skip
     head = (
         f"{trained_on}; {max_tokens} new tokens per prompt, greedy, fp32, {torch.get_num_threads()} "
-        f"thread(s), median of {repeats}; compile time is the first engine's first step."
+        f"thread(s), median of {repeats}; compile time is `Engine.warm_up` (torch.compile, inductor)."
     )
     return (
         head

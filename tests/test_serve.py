@@ -727,6 +727,8 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
     assert main(["serve", str(run_dir), "--port", "0", "--speculative"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--speculative needs a run trained with MTP modules" in err
+    assert main(["serve", str(run_dir), "--port", "0", "--speculative", "--compile"]) == 2
+    assert "--compile and --speculative cannot be combined" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -905,6 +907,30 @@ def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible():
     assert oracle.drafted // 4 < oracle.accepted < oracle.drafted
     with pytest.raises(MinimoeError, match="MTP"):
         Engine(_mtp_model()[0].__class__(replace(model.cfg, mtp_depth=0)), tok, speculative=True)
+
+
+def test_engine_with_the_static_decode_step_equals_eager():
+    """Engine(compile=True) decodes through the fixed-shape step (traced here with torch.compile's
+    "eager" backend, which checks it is one graph without compiling C++; the inductor compilation is
+    the slow test in test_infer.py): the same texts as the eager engine."""
+    from minimoe.infer.static import StaticDecode
+
+    model, tok = _mtp_model()
+    specs = [("the cat", 14), ("a dog ran to the red ball", 9), ("r", 12)]
+    jobs = lambda: [Job(i, tok.encode(p), JobParams(max_tokens=m, temperature=0), lambda e: None)  # noqa: E731
+                    for i, (p, m) in enumerate(specs)]  # fmt: skip
+    want = _texts(_engine_run(Engine(model, tok, max_active=2, prefill_chunk=3), jobs()))
+    engine = Engine(model, tok, max_active=2, prefill_chunk=3, compile=True)
+    torch._dynamo.reset()
+    engine.static = StaticDecode(engine.pool, backend="eager")
+    steps = []
+    decode = engine.static.decode
+    engine.static.decode = lambda tokens: steps.append(len(tokens)) or decode(tokens)
+    assert engine.warm_up() > 0
+    assert _texts(_engine_run(engine, jobs())) == want
+    assert len(steps) > 10 and max(steps) == 2
+    with pytest.raises(MinimoeError, match="cannot be combined"):
+        Engine(model, tok, compile=True, speculative=True)
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):

@@ -96,6 +96,20 @@ class StaticDecode:
         return model.lm_head(model.norm(x))[:, 0]  # (B, V)
 
     @torch.no_grad()
+    def warm_up(self) -> float:
+        """Run the step once on an empty pool (so only free rows are written); seconds it took."""
+        if self.pool.n:
+            raise RuntimeError("warm_up needs an empty pool")
+        device = self.pool.cache.layers[0].a.device
+        zeros = torch.zeros(self.pool.slots, dtype=torch.long, device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self._fn(zeros, zeros)
+        self.compile_s = time.perf_counter() - t0
+        self._calls += 1
+        return self.compile_s
+
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """What `SlotPool.decode` does, at fixed shapes: (n,) tokens -> (n, V) logits."""
         pool = self.pool

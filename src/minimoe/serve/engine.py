@@ -36,6 +36,7 @@ from minimoe.infer.common import decode_threads, fit_prompt, make_generator
 from minimoe.infer.sampling import SamplingParams, process_logits
 from minimoe.infer.slots import Prefill, SlotPool
 from minimoe.infer.speculative import choose_token, verify_draft
+from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
 
 
@@ -125,6 +126,8 @@ class Engine:
         max_queued_per_client: of those, the most from one client (default: half of max_queued).
         prefill_chunk: prompt tokens prefilled per step at most.
         speculative: decode self-speculatively with the model's first MTP module (see above).
+        compile: decode with the fixed-shape step compiled by torch.compile
+            (`minimoe.infer.static.StaticDecode`; the first step compiles, or call `warm_up`).
     """
 
     def __init__(
@@ -136,7 +139,12 @@ class Engine:
         max_queued_per_client: int | None = None,
         prefill_chunk: int = 256,
         speculative: bool = False,
+        compile: bool = False,
     ) -> None:
+        if speculative and compile:
+            raise MinimoeError(
+                "compile and speculative cannot be combined: the compiled step decodes one token per row"
+            )
         if speculative and not len(model.mtp):
             raise MinimoeError(
                 "speculative decoding needs a model trained with MTP modules (model.mtp_depth >= 1)"
@@ -145,6 +153,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.speculative = speculative
         self.pool = SlotPool(model, max_active, mtp=speculative)
+        self.static = StaticDecode(self.pool) if compile else None
         self.max_queued = max_queued
         self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
         self.prefill_chunk = prefill_chunk
@@ -175,6 +184,10 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="minimoe-engine", daemon=True)
             self._thread.start()
+
+    def warm_up(self) -> float:
+        """Compile the decode step now (with compile=True) rather than at the first request; seconds."""
+        return self.static.warm_up() if self.static is not None else 0.0
 
     def shutdown(self) -> None:
         """Stop taking jobs; the worker fails every queued and running job (503) at its next step and
@@ -304,7 +317,7 @@ class Engine:
         tokens = torch.tensor([s.next_token for s in self._running], device=device)
         try:
             with decode_threads(self.model, len(self._running)):  # one step, not held between steps
-                logits = self.pool.decode(tokens)
+                logits = (self.static or self.pool).decode(tokens)
             picked = self._pick(logits, self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             running, self._running = self._running, []
