@@ -369,17 +369,17 @@ def speculative_against_reference(model, prompt: list[int], n: int, monkeypatch)
     equal a replay from those logits. Returns (drafted, accepted)."""
     import minimoe.infer.speculative as spec_mod
 
-    real_step, drafts = spec_mod._mtp_step, []
+    real_step, drafts = spec_mod.mtp_step, []
 
     def recording_step(model, cache, hidden, next_ids):
         logits = real_step(model, cache, hidden, next_ids)
         drafts.append((cache.pos - 1, logits[0]))  # the MTP logits at the last committed position
         return logits
 
-    monkeypatch.setattr(spec_mod, "_mtp_step", recording_step)
+    monkeypatch.setattr(spec_mod, "mtp_step", recording_step)
     stats = GenerationStats()
     spec = list(generate_tokens(model, prompt, n, temperature=0.0, speculative=True, stats=stats))
-    monkeypatch.setattr(spec_mod, "_mtp_step", real_step)
+    monkeypatch.setattr(spec_mod, "mtp_step", real_step)
     assert spec == greedy_no_cache(model, prompt, n)
     seq = prompt + spec
     with torch.no_grad():

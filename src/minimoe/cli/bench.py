@@ -64,6 +64,7 @@ def run_fair(args) -> int:
 
     from minimoe.bench import measure as M
     from minimoe.bench.fair import fair_compare
+    from minimoe.bench.run import format_table
     from minimoe.config_yaml import build_run_config
 
     if args.against != "hf":
