@@ -118,3 +118,46 @@ def test_bench_bad_input(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_fair_workers_run_under_the_setting_they_are_given():
+    """Each side's process gets its own OMP_WAIT_POLICY and thread count (read when OpenMP starts, so
+    only a fresh process can change it), and the settings tried cover both policies at 1 and all cores."""
+    from minimoe.bench.fair import run_worker, settings_to_try
+
+    assert settings_to_try(2) == [("PASSIVE", 1), ("PASSIVE", 2), ("ACTIVE", 1), ("ACTIVE", 2)]
+    assert settings_to_try(1) == [("PASSIVE", 1), ("ACTIVE", 1)]
+    base = ["--config", str(REFERENCE), "--quick", "--repeats", "1", *SMALLER]
+    r = run_worker(["probe", "hf", *base], "ACTIVE", 1)
+    assert r["omp_wait_policy"] == "ACTIVE" and r["threads"] == 1 and r["decode_b1_tok_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--fair", "--quick"], "--fair compares with transformers: add --against hf"),
+        (["bench", "--fair", "--against", "hf", "--threads", "2"], "chooses the threads itself"),
+        (["bench", "--fair", "--against", "hf", "model.mtp_depth=1"], "mtp_depth"),
+    ],
+)
+def test_fair_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
+@pytest.mark.slow
+def test_fair_comparison_end_to_end(capsys):
+    """`minimoe bench --against hf --fair --json`: every measurement for both sides, the settings each
+    side was measured at, and transformers alone."""
+    code = main(["bench", "--config", str(REFERENCE), "--against", "hf", "--fair", "--quick", "--json",
+                 "--repeats", "1", "--rounds", "1", "--no-progress", *SMALLER])  # fmt: skip
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in REQUIRED_KEYS:
+        assert key in r, key
+    assert r["decode_b1_ratio"] == pytest.approx(r["decode_b1_tok_s"] / r["hf_decode_b1_tok_s"])
+    for side in ("minimoe", "hf"):
+        assert r["settings"][side]["omp_wait_policy"] in ("PASSIVE", "ACTIVE")
+        assert len(r["probes"][side]) == len(set(r["probes"][side])) >= 2
+    assert r["hf_alone_decode_b1_tok_s"] > 0 and r["hf_alone_ratio"] > 0

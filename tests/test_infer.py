@@ -213,6 +213,128 @@ def test_slot_pool_decode_equals_uncached_forward(attn_type):
     assert pool.lengths == [len(s) for s in seqs]
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
+    """Pooled verify steps (two tokens per row, rows committing one or two of them) and the pooled MTP
+    draft against the uncached main forward and the uncached MTP module over each whole sequence."""
+    from minimoe.infer.slots import Prefill, SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=3, mtp=True)
+    assert pool.nbytes() > model.cache_bytes_per_token(torch.float64) * 64 * (3 + 1)  # + the MTP caches
+
+    @torch.no_grad()
+    def mtp_reference(committed: list[int], nxt: int) -> torch.Tensor:
+        """Draft logits of the MTP module run uncached: position j sees h_j and token j + 1."""
+        L = len(committed)
+        hidden = model(torch.tensor([committed])).hidden  # (1, L, D)
+        emb = model.embed_tokens(torch.tensor([committed[1:] + [nxt]]))
+        _, h_normed, _ = model.mtp[0](hidden, emb, model.rope_cos[:L], model.rope_sin[:L])
+        return model.lm_head(h_normed[0, -1])
+
+    seqs = [list(p) for p in PROMPTS[:3]]  # committed tokens (in the cache)
+    nxt, drafts = [], []
+    for i, p in enumerate(seqs):
+        pre = Prefill(pool, p)
+        logits = None
+        while logits is None:
+            logits = pre.step(3)  # chunks of 3: the MTP prefill spans chunks too
+        nxt.append(int(logits.argmax()))
+        d = pre.first_draft(nxt[-1])
+        torch.testing.assert_close(d[0], mtp_reference(p, nxt[-1]))
+        drafts.append(int(d.argmax()))
+        assert pool.add(len(p)) == i
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        if step == 3:  # row 1 leaves: the last row moves into its place
+            pool.remove(1)
+            seqs[1], nxt[1], drafts[1] = seqs.pop(), nxt.pop(), drafts.pop()
+        # some drafts right (the true next-but-one token would be), some random
+        drafts = [
+            d if torch.rand((), generator=g) < 0.5 else int(torch.randint(97, (), generator=g))
+            for d in drafts
+        ]
+        logits, hidden = pool.forward(torch.tensor([[a, b] for a, b in zip(nxt, drafts)]))
+        new = []
+        for r, s in enumerate(seqs):
+            want = model(torch.tensor([s + [nxt[r], drafts[r]]])).logits[0, -2:]
+            torch.testing.assert_close(logits[r], want)
+            keep = int(logits[r, 0].argmax()) == drafts[r] or r == 0  # row 0 always commits two
+            new.append([drafts[r], int(logits[r, 1].argmax())] if keep else [int(logits[r, 0].argmax())])
+        next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new])
+        take = torch.tensor([len(t) - 1 for t in new])
+        draft_logits = pool.draft(hidden, next_ids, take)
+        pool.advance([len(t) for t in new])
+        for r, s in enumerate(seqs):
+            s.append(nxt[r])
+            s.extend(new[r][:-1])
+            nxt[r] = new[r][-1]
+            torch.testing.assert_close(draft_logits[r], mtp_reference(s, nxt[r]))
+        drafts = draft_logits.argmax(-1).tolist()
+    assert pool.lengths == [len(s) for s in seqs]
+
+
+def _static_run(model, decoder_for, steps: int = 6):
+    """Decode three prompts in a 4-slot pool (row 0 leaving at step 2); the logits of every step."""
+    from minimoe.infer.slots import Prefill, SlotPool
+
+    pool = SlotPool(model, slots=4)
+    decoder = decoder_for(pool)
+    nxt, out = [], []
+    for p in PROMPTS[:3]:
+        pre = Prefill(pool, p)
+        logits = None
+        while logits is None:
+            logits = pre.step(4)
+        pool.add(len(p))
+        nxt.append(int(logits.argmax()))
+    for step in range(steps):
+        if step == 2:
+            pool.remove(0)
+            nxt[0] = nxt.pop()
+        logits = decoder.decode(torch.tensor(nxt))
+        out.append(logits)
+        nxt = logits.argmax(-1).tolist()
+    return out
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
+    """The fixed-shape step (every slot, every position, masked; every expert weighted by the routing)
+    against the eager pooled step; traced by torch.compile it is one graph for every step (rows of
+    growing lengths, rows leaving), with no graph break."""
+    from torch._dynamo.testing import CompileCounter
+
+    from minimoe.infer.static import StaticDecode
+
+    model = tiny_model(attn_type)
+    want = _static_run(model, lambda pool: pool)
+    got = _static_run(model, lambda pool: StaticDecode(pool, compile=False))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    got = _static_run(model, lambda pool: StaticDecode(pool, backend=counter))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_in_the_engine_equals_eager():
+    """torch.compile (inductor) of the fixed-shape step: greedy tokens identical to the eager engine,
+    logits close, one compilation."""
+    from minimoe.infer.static import StaticDecode
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    want = _static_run(model, lambda pool: pool, steps=8)
+    got = _static_run(model, lambda pool: StaticDecode(pool), steps=8)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
 def test_max_seq_len_bounds_generation():
     model = tiny_model()  # max_seq_len 64
     out = list(generate_tokens(model, list(range(1, 61)), 50, temperature=0.0))
@@ -247,17 +369,17 @@ def speculative_against_reference(model, prompt: list[int], n: int, monkeypatch)
     equal a replay from those logits. Returns (drafted, accepted)."""
     import minimoe.infer.speculative as spec_mod
 
-    real_step, drafts = spec_mod._mtp_step, []
+    real_step, drafts = spec_mod.mtp_step, []
 
     def recording_step(model, cache, hidden, next_ids):
         logits = real_step(model, cache, hidden, next_ids)
         drafts.append((cache.pos - 1, logits[0]))  # the MTP logits at the last committed position
         return logits
 
-    monkeypatch.setattr(spec_mod, "_mtp_step", recording_step)
+    monkeypatch.setattr(spec_mod, "mtp_step", recording_step)
     stats = GenerationStats()
     spec = list(generate_tokens(model, prompt, n, temperature=0.0, speculative=True, stats=stats))
-    monkeypatch.setattr(spec_mod, "_mtp_step", real_step)
+    monkeypatch.setattr(spec_mod, "mtp_step", real_step)
     assert spec == greedy_no_cache(model, prompt, n)
     seq = prompt + spec
     with torch.no_grad():
@@ -305,7 +427,7 @@ def test_speculative_accepts_when_the_draft_is_right():
 
 def test_speculative_sampling_keeps_the_distribution():
     """Draft d ~ q, accept with min(1, p/q), else resample from max(p - q, 0): the result is ~ p."""
-    from minimoe.infer.speculative import _verify
+    from minimoe.infer.speculative import verify_draft
 
     logits = torch.tensor([[2.0, 0.5, 0.0, -1.0, 1.0]])  # p
     q = torch.tensor([[0.05, 0.6, 0.05, 0.2, 0.1]])  # a poor draft distribution
@@ -315,7 +437,7 @@ def test_speculative_sampling_keeps_the_distribution():
     drafts = torch.multinomial(q[0], n, replacement=True, generator=gen).tolist()
     accepted = 0
     for d in drafts:
-        ok, tok = _verify(d, q, logits, params, None, gen)
+        ok, tok = verify_draft(d, q, logits, params, None, gen)
         counts[tok] += 1
         accepted += ok
     p = logits.softmax(-1)[0]

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from test_train import TINY
 
 from minimoe.cli.main import main
 from minimoe.data.chat_template import PLAIN_CHAT_TEMPLATE, make_renderer, render_plain
+from minimoe.errors import MinimoeError
 from minimoe.infer.generate import generate_text
 from minimoe.infer.text import TextStream, partial_stop_len
 from minimoe.serve.engine import Delta, Engine, Finish, Job, JobParams
@@ -722,6 +724,34 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
         assert f"{flag} must be > 0, got nan" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--port", "0", "--api-key", ""]) == 2
     assert "--api-key must not be empty" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--port", "0", "--speculative"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--speculative needs a run trained with MTP modules" in err
+    assert main(["serve", str(run_dir), "--port", "0", "--speculative", "--compile"]) == 2
+    assert "--compile and --speculative cannot be combined" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_speculative_answers_what_plain_greedy_generation_gives(run_dir, tmp_path):
+    """`minimoe serve --speculative` on a run trained with an MTP module: concurrent greedy requests
+    (batched, drafted and verified together) get exactly the library's plain greedy text."""
+    overrides = TINY + [
+        f"data.path={run_dir.parent / 'corpus.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"model.max_seq_len={CONTEXT}", "model.mtp_depth=1", "train.max_steps=40", "train.eval_every=1000",
+        "train.lr=1e-2",
+    ]  # fmt: skip
+    train_from_config(overrides=overrides, run_dir=tmp_path / "run", progress=False, sample=False)
+    model, tok, _, _ = load_run(tmp_path / "run")
+    prompts = ["the cat", "a dog ran to", "red ball while the"]
+    srv = Server(tmp_path / "run", tmp_path / "stderr.txt", ["--api-key", KEY, "--speculative"])
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        ask = lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=30, temperature=0)  # noqa: E731
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = [r.choices[0].text for r in pool.map(ask, prompts)]
+    finally:
+        srv.stop()
+    assert got == [generate_text(model, tok, p, max_new_tokens=30, temperature=0) for p in prompts]
 
 
 # ---------------------------------------------------------------------- engine and streamer, no HTTP
@@ -812,6 +842,95 @@ def test_engine_batches_every_sequence_and_each_equals_alone(loaded):
     full = Job(0, tok.encode("x" * (CONTEXT - 2)), JobParams(max_tokens=50, temperature=0), lambda e: None)
     (finish,) = [e for e in _engine_run(Engine(model, tok), [full]) if isinstance(e, Finish)]
     assert (finish.reason, finish.completion_tokens) in {("length", 2), ("stop", 0), ("stop", 1)}
+
+
+def _mtp_model(seed: int = 0):
+    """A random float64 tiny MLA MoE with one MTP module over the byte vocabulary (float64: greedy
+    equality compares argmaxes, and fp64 rules out near-tie flips between the 1- and 2-token steps)."""
+    from minimoe.config import ModelConfig
+    from minimoe.data import Tokenizer
+    from minimoe.model.transformer import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=258, hidden_size=32, n_layers=2, n_heads=2, max_seq_len=64, kv_lora_rank=12,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mtp_depth=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Transformer(cfg).double().eval(), Tokenizer.byte()
+
+
+def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible():
+    """MTP self-speculation in the batching engine: greedy rows generate exactly what the plain engine
+    does (drafts accepted or not, rows of different lengths verified in one forward); seeded sampled
+    rows generate the same alone as in a batch. Drafts from an oracle (the true greedy continuation,
+    or a wrong token on alternate steps) exercise the two-token path in every row."""
+    model, tok = _mtp_model()
+    greedy = JobParams(max_tokens=20, temperature=0)
+    specs = [("the cat", greedy), ("a dog ran to the red ball", greedy), ("r", greedy),
+             ("on a mat", JobParams(max_tokens=16, temperature=0.9, top_k=20, seed=3)),
+             ("dog", JobParams(max_tokens=12, temperature=1.0, seed=4))]  # fmt: skip
+
+    def jobs():
+        return [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]
+
+    plain = _texts(_engine_run(Engine(model, tok, prefill_chunk=3), jobs()))
+    spec = Engine(model, tok, prefill_chunk=3, speculative=True)
+    got = _texts(_engine_run(spec, jobs()))
+    assert [got[i] for i in range(3)] == [plain[i] for i in range(3)]
+    assert spec.drafted > 0
+    alone = [_texts(_engine_run(Engine(model, tok, speculative=True), [j]))[j.index] for j in jobs()[3:]]
+    assert [got[3], got[4]] == alone
+
+    # oracle drafts: every other draft is the main model's own next-but-one greedy token
+    oracle = Engine(model, tok, max_active=4, speculative=True)
+    from reference import greedy_no_cache
+
+    truth = {
+        i: tok.encode(specs[i][0]) + greedy_no_cache(model, tok.encode(specs[i][0]), 20) for i in range(3)
+    }
+    set_drafts = oracle._set_drafts
+    calls = [0]
+
+    def with_oracle(draft_logits, seqs):
+        set_drafts(draft_logits, seqs)
+        calls[0] += 1
+        for s in seqs:
+            ids = truth[s.job.index]
+            at = s.prompt_len + s.count  # the token after next_token (the count includes next_token)
+            if calls[0] % 2 and at < len(ids):
+                s.draft = ids[at]
+
+    oracle._set_drafts = with_oracle
+    got = _texts(_engine_run(oracle, jobs()[:3]))
+    assert [got[i] for i in range(3)] == [plain[i] for i in range(3)]
+    assert oracle.drafted // 4 < oracle.accepted < oracle.drafted
+    with pytest.raises(MinimoeError, match="MTP"):
+        Engine(_mtp_model()[0].__class__(replace(model.cfg, mtp_depth=0)), tok, speculative=True)
+
+
+def test_engine_with_the_static_decode_step_equals_eager():
+    """Engine(compile=True) decodes through the fixed-shape step (traced here with torch.compile's
+    "eager" backend, which checks it is one graph without compiling C++; the inductor compilation is
+    the slow test in test_infer.py): the same texts as the eager engine."""
+    from minimoe.infer.static import StaticDecode
+
+    model, tok = _mtp_model()
+    specs = [("the cat", 14), ("a dog ran to the red ball", 9), ("r", 12)]
+    jobs = lambda: [Job(i, tok.encode(p), JobParams(max_tokens=m, temperature=0), lambda e: None)  # noqa: E731
+                    for i, (p, m) in enumerate(specs)]  # fmt: skip
+    want = _texts(_engine_run(Engine(model, tok, max_active=2, prefill_chunk=3), jobs()))
+    engine = Engine(model, tok, max_active=2, prefill_chunk=3, compile=True)
+    torch._dynamo.reset()
+    engine.static = StaticDecode(engine.pool, backend="eager")
+    steps = []
+    decode = engine.static.decode
+    engine.static.decode = lambda tokens: steps.append(len(tokens)) or decode(tokens)
+    assert engine.warm_up() > 0
+    assert _texts(_engine_run(engine, jobs())) == want
+    assert len(steps) > 10 and max(steps) == 2
+    with pytest.raises(MinimoeError, match="cannot be combined"):
+        Engine(model, tok, compile=True, speculative=True)
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):

@@ -36,6 +36,14 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=integer, help="CPU threads (default: torch's default)")
     p.add_argument("--repeats", type=integer, help="timed repeats per measurement (median kept)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--fair",
+        action="store_true",
+        help="with --against hf on CPU: each side in its own processes, at the OpenMP wait policy and "
+        "thread count its own probe finds fastest, taking turns; transformers is also timed alone "
+        "(minimoe.bench.fair)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--fair: processes per side, median kept")
     p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides key=value")
 
 
@@ -50,7 +58,65 @@ def _settings(args):
     return s
 
 
+def run_fair(args) -> int:
+    """`--against hf --fair`: minimoe.bench.fair's comparison, reported as `run` reports its own."""
+    import torch
+
+    from minimoe.bench import measure as M
+    from minimoe.bench.fair import fair_compare
+    from minimoe.bench.run import format_table
+    from minimoe.config_yaml import build_run_config
+
+    if args.against != "hf":
+        raise MinimoeError("--fair compares with transformers: add --against hf")
+    if args.device not in (None, "cpu") or args.precision not in (None, "fp32") or args.threads is not None:
+        raise MinimoeError(
+            "--fair measures CPU fp32 and chooses the threads itself: drop --device, --precision and --threads"
+        )
+    if args.rounds < 1:
+        raise MinimoeError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.preset is None and args.config is None:
+        args.preset = "tiny"
+    rc = build_run_config(args.preset, args.config, list(args.overrides))  # refuses a bad config here
+    from minimoe.bench.hf import hf_twin
+    from minimoe.model.transformer import Transformer
+
+    hf_twin(Transformer(rc.model))  # and a model transformers cannot hold, before any process starts
+    base = ["--preset", args.preset] if args.preset else ["--config", args.config]
+    base += ["--quick"] if args.quick else []
+    base += ["--repeats", str(args.repeats)] if args.repeats else []
+    base += list(args.overrides)
+    device = torch.device("cpu")
+    result: dict = {
+        "config": args.config or args.preset, "device": "cpu", "dtype": "fp32", "fair": True,
+        "batch": [rc.train.batch_size, rc.train.seq_len], **M.machine_info(device),
+    }  # fmt: skip
+    if not args.no_progress:
+        print("minimoe bench --fair: probing each side's settings, then measuring...", file=sys.stderr)
+    result.update(fair_compare(base, rounds=args.rounds))
+    result["threads"] = result["settings"]["minimoe"]["threads"]
+    result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, torch.float32, _settings(args).peak_size)
+    result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
+    result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    st = result["settings"]
+    print(format_table(result, True))
+    print(
+        "\nsettings (chosen by a batch-1 decode probe): "
+        + ", ".join(
+            f"{k} OMP_WAIT_POLICY={v['omp_wait_policy']} threads={v['threads']}" for k, v in st.items()
+        )
+        + f"\ntransformers alone (its own process, decode batch 1): {result['hf_alone_decode_b1_tok_s']:,.0f} tok/s; "
+        f"the bench's HF side / alone = {result['hf_alone_ratio']:.2f}"
+    )
+    return 0
+
+
 def run(args) -> int:
+    if args.fair:
+        return run_fair(args)
     import torch
 
     from minimoe.bench.run import benchmark, format_table, steps_of

@@ -41,6 +41,18 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--threads", type=integer, default=0, help="CPU threads for the model (0 = torch's default)"
     )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding: every sequence drafts with the MTP module and the drafts of the "
+        "whole batch are verified in one forward (needs a run trained with model.mtp_depth >= 1)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a fixed-shape step (every cache slot, the full context, masked) compiled by "
+        "torch.compile at start-up; see BENCHMARKS.md for when it pays",
+    )
     d = Limits()
     limits = [
         ("--max-active", integer, "cache slots: sequences decoded together in one batch; each holds a "
@@ -129,6 +141,10 @@ def run(args) -> int:
     limits = limits_from_args(args)
     if args.threads < 0:
         raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
+    if args.compile and args.speculative:
+        raise MinimoeError(
+            "--compile and --speculative cannot be combined: the compiled step decodes one token per row"
+        )
     api_key = resolve_api_key(args.api_key)
     try:
         from minimoe.serve.app import build_app, run_server
@@ -152,8 +168,17 @@ def run(args) -> int:
     try:
         model, tokenizer, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
         name = args.model_name or Path(args.run_dir).resolve().name
-        app = build_app(model, tokenizer, name, api_key=api_key, limits=limits)
-        pool = app.state.service.engine.pool
+        if args.speculative and not len(model.mtp):
+            raise MinimoeError("--speculative needs a run trained with MTP modules (model.mtp_depth >= 1)")
+        app = build_app(
+            model, tokenizer, name, api_key=api_key, limits=limits, speculative=args.speculative,
+            compile=args.compile,
+        )  # fmt: skip
+        engine = app.state.service.engine
+        pool = engine.pool
+        if args.compile:
+            print(f"compiling the decode step ({pool.slots} slots x {pool.max_len} tokens)...", flush=True)
+            print(f"compiled in {engine.warm_up():.1f} s", flush=True)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving {name} from {meta['path']} on http://{shown}:{port}/v1", flush=True)

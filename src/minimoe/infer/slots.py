@@ -9,6 +9,11 @@ positions <= lengths[i] only, so every row computes what it would alone.
 
 A prompt is prefilled in a separate one-row cache, one chunk at a time (`Prefill`), then copied into
 the next free row (`SlotPool.add`), where it joins the decode batch.
+
+For self-speculative decoding, `forward` feeds several tokens per row (the last one and a draft)
+without committing them, `draft` runs the MTP module over the same positions in its own pooled
+cache, and `advance` commits each row's accepted count: a rejected entry lies past the row's length,
+masked, until the next step overwrites it.
 """
 
 from __future__ import annotations
@@ -17,39 +22,48 @@ from collections.abc import Sequence
 
 import torch
 
+from minimoe.infer.speculative import make_mtp_cache, mtp_step
 from minimoe.model.attention import LayerCache
+from minimoe.model.transformer import KVCache
 
 
 class _Rows:
-    """A LayerCache stand-in for the attention modules during a pooled decode step: it writes the
-    new entry of row i at position pos[i] and hands back rows [0, n) up to the longest length."""
+    """A LayerCache stand-in for the attention modules during a pooled step: it writes the T new
+    entries of row i at positions pos[i, :] and hands back rows [0, n) up to position S."""
 
     def __init__(self, layer: LayerCache, rows: torch.Tensor, pos: torch.Tensor, n: int, S: int) -> None:
         self.layer, self.rows, self.pos, self.n, self.S = layer, rows, pos, n, S
         self.buf = layer.buf[:n] if layer.buf is not None else None  # MLA reads [latent | rope key]
 
     def update(self, a: torch.Tensor, b: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """a, b: (n, 1, ...) one new entry per row."""
+        """a, b: (n, T, ...) T new entries per row."""
         L = self.layer
-        L.a[self.rows, self.pos] = a[:, 0].to(L.a.dtype)
-        L.b[self.rows, self.pos] = b[:, 0].to(L.b.dtype)
+        L.a[self.rows, self.pos] = a.to(L.a.dtype)  # rows (n, 1), pos (n, T)
+        L.b[self.rows, self.pos] = b.to(L.b.dtype)
         return L.a[: self.n, : self.S], L.b[: self.n, : self.S]
 
 
 class SlotPool:
     """`slots` preallocated cache rows of `max_len` positions for one model.
 
+    With `mtp`, the pool also holds a cache for the model's first MTP module (same rows, same
+    lengths), so sequences can draft their next token from it (`draft`) and verify the draft in the
+    next step (self-speculative decoding in `minimoe.serve.engine`).
+
     Args:
         model: a Transformer in eval mode.
         slots: the most sequences decoded at once.
         max_len: positions per row (default: the model's context).
+        mtp: also keep MTP module 0's cache (the model must have one).
     """
 
-    def __init__(self, model, slots: int, max_len: int | None = None) -> None:
+    def __init__(self, model, slots: int, max_len: int | None = None, mtp: bool = False) -> None:
         self.model = model
         self.max_len = max_len or model.cfg.max_seq_len
         self.cache = model.make_cache(slots, self.max_len)
         self.scratch = model.make_cache(1, self.max_len)  # where prompts are prefilled
+        self.mtp_cache = make_mtp_cache(model, slots, self.max_len) if mtp else None
+        self.mtp_scratch = make_mtp_cache(model, 1, self.max_len) if mtp else None
         self.lengths: list[int] = []  # tokens held by each occupied row, rows [0, n)
 
     @property
@@ -60,17 +74,24 @@ class SlotPool:
     def n(self) -> int:
         return len(self.lengths)
 
+    def _caches(self) -> list[tuple[KVCache, KVCache]]:
+        pairs = [(self.cache, self.scratch)]
+        if self.mtp_cache is not None:
+            pairs.append((self.mtp_cache, self.mtp_scratch))
+        return pairs
+
     def nbytes(self) -> int:
-        """Bytes of every cache row and of the prefill row."""
-        return self.cache.nbytes() + self.scratch.nbytes()
+        """Bytes of every cache row and of the prefill row (MTP caches included)."""
+        return sum(a.nbytes() + b.nbytes() for a, b in self._caches())
 
     def add(self, length: int) -> int:
         """Copy the prefill row's first `length` positions into the next free row; its index."""
         row = self.n
         if row >= self.slots:
             raise RuntimeError("every cache slot is taken")
-        for dst, src in zip(self.cache.layers, self.scratch.layers):
-            _copy_row(dst, row, src, 0, length)
+        for cache, scratch in self._caches():
+            for dst, src in zip(cache.layers, scratch.layers):
+                _copy_row(dst, row, src, 0, length)
         self.lengths.append(length)
         return row
 
@@ -78,10 +99,40 @@ class SlotPool:
         """Free `row`: the last row moves into it (callers mirror the move in their own lists)."""
         last = self.n - 1
         if row != last:
-            for layer in self.cache.layers:
-                _copy_row(layer, row, layer, last, self.lengths[last])
+            for cache, _ in self._caches():
+                for layer in cache.layers:
+                    _copy_row(layer, row, layer, last, self.lengths[last])
             self.lengths[row] = self.lengths[last]
         self.lengths.pop()
+
+    def _positions(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(n, T) positions of T new tokens per row, the (n, 1, T, S) mask where query t of row i
+        sees positions <= lengths[i] + t, and S."""
+        pos = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
+        S = max(self.lengths) + T
+        mask = torch.arange(S, device=device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
+        return pos, mask[:, None], S  # (n, 1, T, S) as padding_causal_mask gives it
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed T new tokens to every occupied row at its own positions; lengths do not change
+        (`advance` commits them, so a rejected draft's entry is simply overwritten later).
+
+        Args:
+            tokens: (n, T) the next tokens of each row (not in the cache yet).
+        Returns:
+            logits (n, T, V) and the hidden states before the final norm (n, T, D).
+        """
+        model, n = self.model, self.n
+        T = tokens.shape[1]
+        pos, mask, S = self._positions(T, tokens.device)
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (n, T, d/2)
+        rows = torch.arange(n, device=tokens.device)[:, None]  # (n, 1)
+        x = model.embed_tokens(tokens)  # (n, T, D)
+        for block, layer in zip(model.layers, self.cache.layers):
+            # start = S - T > 0: MLA takes the absorbed path, as in any cached decode step
+            x, _ = block(x, cos, sin, _Rows(layer, rows, pos, n, S), S - T, mask)
+        return model.lm_head(model.norm(x)), x
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,21 +143,35 @@ class SlotPool:
         Returns:
             (n, V) next-token logits; each row's length grows by one.
         """
+        logits, _ = self.forward(tokens.view(-1, 1))
+        self.advance([1] * self.n)
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+        """Run MTP module 0 over the positions `forward` just fed (before `advance`), as in training:
+        position j combines the main hidden state h_j with the embedding of token j + 1.
+
+        Args:
+            hidden: (n, T) main hidden states from `forward`.
+            next_ids: (n, T) the token after each position (anything past a row's committed ones).
+            take: (n,) long, the position of each row whose output drafts (its last committed one).
+        Returns:
+            (n, V) draft logits: the token after next of each row.
+        """
         model, n = self.model, self.n
-        device = tokens.device
-        pos = torch.tensor(self.lengths, device=device)  # (n,) where each new token goes
-        S = max(self.lengths) + 1
-        mask = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (n, S)
-        mask = mask[:, None, None, :]  # (n, 1, 1, S) as padding_causal_mask gives it
-        cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # (n, 1, d/2)
-        rows = torch.arange(n, device=device)
-        x = model.embed_tokens(tokens.view(n, 1))  # (n, 1, D)
-        for block, layer in zip(model.layers, self.cache.layers):
-            # start = S - 1 > 0: MLA takes the absorbed path, as in any cached decode step
-            x, _ = block(x, cos, sin, _Rows(layer, rows, pos, n, S), S - 1, mask)
-        logits = model.lm_head(model.norm(x))[:, -1]  # (n, V)
-        self.lengths = [length + 1 for length in self.lengths]
-        return logits
+        T = hidden.shape[1]
+        pos, mask, S = self._positions(T, hidden.device)
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (n, T, d/2)
+        rows = torch.arange(n, device=hidden.device)[:, None]  # (n, 1)
+        emb = model.embed_tokens(next_ids)  # (n, T, D)
+        cache = _Rows(self.mtp_cache.layers[0], rows, pos, n, S)
+        _, h_normed, _ = model.mtp[0](hidden, emb, cos, sin, cache, S - T, mask)  # (n, T, D)
+        return model.lm_head(h_normed[rows[:, 0], take])  # (n, V)
+
+    def advance(self, counts: Sequence[int]) -> None:
+        """Commit counts[i] of the tokens `forward` fed to row i."""
+        self.lengths = [length + c for length, c in zip(self.lengths, counts)]
 
 
 def _copy_row(dst: LayerCache, i: int, src: LayerCache, j: int, length: int) -> None:
@@ -128,7 +193,10 @@ class Prefill:
     def __init__(self, pool: SlotPool, ids: Sequence[int]) -> None:
         self.pool, self.ids = pool, list(ids)
         self.done = 0
+        self._last_hidden: torch.Tensor | None = None  # (1, 1, D) at the last prompt position
         pool.scratch.pos = 0
+        if pool.mtp_scratch is not None:
+            pool.mtp_scratch.pos = 0
 
     @property
     def left(self) -> int:
@@ -139,6 +207,24 @@ class Prefill:
         model, cache = self.pool.model, self.pool.scratch
         chunk = self.ids[self.done : self.done + max(budget, 1)]
         x = torch.tensor([chunk], device=model.embed_tokens.weight.device)
-        logits = model(x, cache=cache, num_logits_to_keep=1).logits[:, -1]  # (1, V)
+        out = model(x, cache=cache, num_logits_to_keep=1)
+        mtp = self.pool.mtp_scratch
+        if mtp is not None:
+            # MTP position j needs token j + 1: every chunk position but the prompt's last has it now
+            start, P = self.done, len(self.ids)
+            k = min(start + len(chunk), P - 1) - start
+            if k > 0:
+                next_ids = torch.tensor([self.ids[start + 1 : start + 1 + k]], device=x.device)
+                mtp_step(model, mtp, out.hidden[:, :k], next_ids)
+            self._last_hidden = out.hidden[:, -1:]
         self.done += len(chunk)
-        return logits if self.left == 0 else None
+        return out.logits[:, -1] if self.left == 0 else None  # (1, V)
+
+    @torch.no_grad()
+    def first_draft(self, token: int) -> torch.Tensor:
+        """With an MTP pool, after the last chunk: feed the prompt's last position and the first new
+        `token` to the MTP module; returns (1, V) draft logits for the token after it."""
+        device = self._last_hidden.device
+        return mtp_step(
+            self.pool.model, self.pool.mtp_scratch, self._last_hidden, torch.tensor([[token]], device=device)
+        )

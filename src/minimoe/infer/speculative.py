@@ -30,15 +30,16 @@ from minimoe.infer.sampling import SamplingParams, process_logits
 from minimoe.model.transformer import KVCache
 
 
-def _mtp_cache(model, max_len: int) -> KVCache:
+def make_mtp_cache(model, batch: int, max_len: int) -> KVCache:
+    """A cache for the first MTP module's block: `batch` rows of `max_len` positions."""
     block = model.mtp[0].block
     w = model.embed_tokens.weight
-    return KVCache([block.self_attn.make_cache(1, max_len, w.dtype, w.device)])
+    return KVCache([block.self_attn.make_cache(batch, max_len, w.dtype, w.device)])
 
 
-def _mtp_step(model, cache: KVCache, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-    """Run the first MTP module over new committed positions; returns draft logits (1, V) for the
-    token two after the last position.
+def mtp_step(model, cache: KVCache, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """Run the first MTP module over new committed positions of a one-row cache; returns draft logits
+    (1, V) for the token two after the last position.
 
     Args:
         cache: the MTP block's cache; the new positions start at cache.pos.
@@ -61,7 +62,7 @@ def _seen_with(seen: torch.Tensor | None, token: int) -> torch.Tensor | None:
     return seen
 
 
-def _choose(logits, params, seen, gen) -> tuple[int, torch.Tensor | None]:
+def choose_token(logits, params, seen, gen) -> tuple[int, torch.Tensor | None]:
     """Pick a token from (1, V) logits; returns (token, probabilities or None when greedy)."""
     x = process_logits(logits, params, seen)
     if params.greedy:
@@ -70,7 +71,7 @@ def _choose(logits, params, seen, gen) -> tuple[int, torch.Tensor | None]:
     return int(torch.multinomial(probs[0], 1, generator=gen).item()), probs
 
 
-def _verify(draft: int, q: torch.Tensor | None, logits0, params, seen, gen) -> tuple[bool, int]:
+def verify_draft(draft: int, q: torch.Tensor | None, logits0, params, seen, gen) -> tuple[bool, int]:
     """Accept or reject the draft against the main model's logits at its position.
 
     Returns:
@@ -133,10 +134,10 @@ def speculative_tokens(
         seen[0, torch.tensor(ids, device=device)] = True
 
     t0 = time.perf_counter()
-    cache, mtp_cache = model.make_cache(1, P + budget), _mtp_cache(model, P + budget)
+    cache, mtp_cache = model.make_cache(1, P + budget), make_mtp_cache(model, 1, P + budget)
     prompt = torch.tensor([ids], device=device)
     out = model(prompt, cache=cache)  # all positions' hidden states feed the MTP prefill
-    last, _ = _choose(out.logits[:, -1], params, seen, gen)
+    last, _ = choose_token(out.logits[:, -1], params, seen, gen)
     seen = _seen_with(seen, last)
     stats.prompt_tokens += P
     stats.forward_calls += 1
@@ -149,23 +150,23 @@ def speculative_tokens(
         yield last
         produced = 1
         next_ids = torch.tensor([ids[1:] + [last]], device=device)  # (1, P)
-        draft_logits = _mtp_step(model, mtp_cache, out.hidden, next_ids)
+        draft_logits = mtp_step(model, mtp_cache, out.hidden, next_ids)
         while produced < budget:
             n = cache.pos  # cache holds every committed token except `last`
             use_draft = budget - produced >= 2
-            draft, q = _choose(draft_logits, params, seen, gen) if use_draft else (None, None)
+            draft, q = choose_token(draft_logits, params, seen, gen) if use_draft else (None, None)
             inp = [last, draft] if use_draft else [last]
             out = model(torch.tensor([inp], device=device), cache=cache)
             stats.forward_calls += 1
             if use_draft:
                 stats.drafted += 1
-                accepted, tok = _verify(draft, q, out.logits[:, 0], params, seen, gen)
+                accepted, tok = verify_draft(draft, q, out.logits[:, 0], params, seen, gen)
             else:
-                accepted, tok = False, _choose(out.logits[:, 0], params, seen, gen)[0]
+                accepted, tok = False, choose_token(out.logits[:, 0], params, seen, gen)[0]
             if accepted:
                 stats.accepted += 1
                 seen_after = _seen_with(seen, draft)
-                bonus, _ = _choose(out.logits[:, 1], params, seen_after, gen)
+                bonus, _ = choose_token(out.logits[:, 1], params, seen_after, gen)
                 new = [draft, bonus]
                 seen = _seen_with(seen_after, bonus)
                 hidden = out.hidden  # (1, 2, D) at positions n, n+1
@@ -186,6 +187,6 @@ def speculative_tokens(
                 yield t
             last = new[-1]
             if produced < budget:
-                draft_logits = _mtp_step(model, mtp_cache, hidden, torch.tensor([new], device=device))
+                draft_logits = mtp_step(model, mtp_cache, hidden, torch.tensor([new], device=device))
     finally:
         stats.decode_s += time.perf_counter() - t0

@@ -25,8 +25,18 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, cache=None, start: int = 0):
-        """h_prev, emb_next: (B, T, D) -> (new hidden (B, T, D), normed hidden for the head, MoE stats)."""
+    def forward(
+        self,
+        h_prev: torch.Tensor,
+        emb_next: torch.Tensor,
+        cos,
+        sin,
+        cache=None,
+        start: int = 0,
+        attn_mask=None,
+    ):
+        """h_prev, emb_next: (B, T, D) -> (new hidden (B, T, D), normed hidden for the head, MoE stats).
+        attn_mask: optional (B, 1, T, S) bool, as Block takes it (rows of different lengths)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T, D)
-        h, stats = self.block(x, cos, sin, cache, start)
+        h, stats = self.block(x, cos, sin, cache, start, attn_mask)
         return h, self.norm(h), stats

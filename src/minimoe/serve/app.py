@@ -36,7 +36,13 @@ SHUTDOWN_GRACE_S = 2  # after SIGTERM, open connections get this long before the
 
 
 def build_app(
-    model, tokenizer, model_name: str, api_key: str | None = None, limits: Limits | None = None
+    model,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    speculative: bool = False,
+    compile: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`.
 
@@ -46,12 +52,15 @@ def build_app(
         model_name: the id clients pass as `model`.
         api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
         limits: the server's limits (default Limits()).
+        speculative: the engine decodes self-speculatively with the model's MTP module.
+        compile: the engine decodes with the compiled fixed-shape step (compiled at its first step,
+            or by `app.state.service.engine.warm_up()`).
     Returns:
         The app; `app.state.service.engine` is its engine. Its lifespan starts and stops the
         engine's worker thread.
     """
     limits = (limits or Limits()).validate()
-    service = Service(model, tokenizer, model_name, limits)
+    service = Service(model, tokenizer, model_name, limits, speculative=speculative, compile=compile)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

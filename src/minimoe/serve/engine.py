@@ -9,7 +9,15 @@ a callback that the worker calls with `Delta`, `Finish` or `Failure` events. Eac
    (`minimoe.infer.slots`): continuous batching, where sequences join after their prefill and leave
    as soon as they finish, with no waiting for the batch to drain.
 Sampling parameters, seeds and stop strings stay per sequence, so a sequence generates what it
-would alone. Admission is bounded: at most `max_queued` jobs wait (`max_queued_per_client` from one
+would alone.
+
+With `speculative`, step 3 is self-speculative (DeepSeek-V3 MTP, as in `minimoe.infer.speculative`):
+every sequence carries a draft of its next-but-one token from the model's first MTP module, and one
+forward over [last token, draft] per row verifies all drafts at once; each row keeps the draft and a
+bonus token when its draft is accepted, else the corrected token. Acceptance is per row: greedy rows
+accept when the draft is the main model's argmax (so they generate exactly what plain greedy does),
+sampled rows use speculative sampling's rule (`verify_draft`), which keeps the main model's
+distribution. The MTP module then runs over the same positions, batched, to draft the next step. Admission is bounded: at most `max_queued` jobs wait (`max_queued_per_client` from one
 client); a submit beyond that raises `QueueFull`, and waiting jobs take free slots round-robin over
 clients, so one client's burst cannot starve another's request.
 """
@@ -23,9 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_threads, fit_prompt, make_generator
 from minimoe.infer.sampling import SamplingParams, process_logits
 from minimoe.infer.slots import Prefill, SlotPool
+from minimoe.infer.speculative import choose_token, verify_draft
+from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
 
 
@@ -100,6 +111,8 @@ class _Seq:
     prompt_len: int = 0
     next_token: int = 0  # sampled, not yet written to the cache
     count: int = 0
+    draft: int = 0  # speculative: the drafted token after next_token ...
+    q: torch.Tensor | None = None  # ... and the (1, V) distribution it was sampled from (sampling only)
 
 
 class Engine:
@@ -112,6 +125,9 @@ class Engine:
         max_queued: jobs that may wait for a slot; more are refused with QueueFull.
         max_queued_per_client: of those, the most from one client (default: half of max_queued).
         prefill_chunk: prompt tokens prefilled per step at most.
+        speculative: decode self-speculatively with the model's first MTP module (see above).
+        compile: decode with the fixed-shape step compiled by torch.compile
+            (`minimoe.infer.static.StaticDecode`; the first step compiles, or call `warm_up`).
     """
 
     def __init__(
@@ -122,10 +138,22 @@ class Engine:
         max_queued: int = 256,
         max_queued_per_client: int | None = None,
         prefill_chunk: int = 256,
+        speculative: bool = False,
+        compile: bool = False,
     ) -> None:
+        if speculative and compile:
+            raise MinimoeError(
+                "compile and speculative cannot be combined: the compiled step decodes one token per row"
+            )
+        if speculative and not len(model.mtp):
+            raise MinimoeError(
+                "speculative decoding needs a model trained with MTP modules (model.mtp_depth >= 1)"
+            )
         self.model = model
         self.tokenizer = tokenizer
-        self.pool = SlotPool(model, max_active)
+        self.speculative = speculative
+        self.pool = SlotPool(model, max_active, mtp=speculative)
+        self.static = StaticDecode(self.pool) if compile else None
         self.max_queued = max_queued
         self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
         self.prefill_chunk = prefill_chunk
@@ -139,6 +167,8 @@ class Engine:
         self._prefill: tuple[_Seq, Prefill] | None = None
         self.generated_tokens = 0  # since start, over all jobs (written by the worker only)
         self.steps = 0
+        self.drafted = 0  # speculative: drafts verified ...
+        self.accepted = 0  # ... and accepted
 
     # ------------------------------------------------------------------ outside the worker
 
@@ -154,6 +184,10 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="minimoe-engine", daemon=True)
             self._thread.start()
+
+    def warm_up(self) -> float:
+        """Compile the decode step now (with compile=True) rather than at the first request; seconds."""
+        return self.static.warm_up() if self.static is not None else 0.0
 
     def shutdown(self) -> None:
         """Stop taking jobs; the worker fails every queued and running job (503) at its next step and
@@ -236,11 +270,14 @@ class Engine:
             budget -= min(left, budget)
             if logits is not None:
                 self._prefill = None
-                if not self._emit(seq, self._pick(logits, [seq])[0]):
+                token = self._pick(logits, [seq])[0]
+                if not self._emit(seq, token):
+                    if self.speculative:
+                        self._set_drafts(pre.first_draft(token), [seq])
                     self.pool.add(len(pre.ids))
                     self._running.append(seq)
         if self._running and not self._stopping:
-            self._decode()
+            self._decode_speculative() if self.speculative else self._decode()
         self.steps += 1
 
     def _begin_prefill(self) -> bool:
@@ -280,7 +317,7 @@ class Engine:
         tokens = torch.tensor([s.next_token for s in self._running], device=device)
         try:
             with decode_threads(self.model, len(self._running)):  # one step, not held between steps
-                logits = self.pool.decode(tokens)
+                logits = (self.static or self.pool).decode(tokens)
             picked = self._pick(logits, self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             running, self._running = self._running, []
@@ -291,6 +328,69 @@ class Engine:
         done = [i for i, (seq, tok) in enumerate(zip(self._running, picked)) if self._emit(seq, tok)]
         for i in reversed(done):
             self._remove(i)
+
+    def _decode_speculative(self) -> None:
+        """One verify forward over [next token, draft] of every row, then one batched MTP step."""
+        running = self._running
+        device = self.pool.cache.layers[0].a.device
+        tokens = torch.tensor([[s.next_token, s.draft] for s in running], device=device)  # (n, 2)
+        try:
+            with decode_threads(self.model, 2 * len(running)):
+                logits, hidden = self.pool.forward(tokens)  # (n, 2, V), (n, 2, D)
+                new = self._verify(logits, running)
+                accepted = [len(toks) == 2 for toks in new]
+                # MTP input per row: the committed positions' next tokens; a rejected row's second
+                # position is masked padding (its length advances by one)
+                next_ids = torch.tensor([toks if len(toks) == 2 else toks * 2 for toks in new], device=device)
+                take = torch.tensor(accepted, device=device, dtype=torch.long)
+                draft_logits = self.pool.draft(hidden, next_ids, take)  # (n, V)
+                self.pool.advance([len(toks) for toks in new])
+        except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
+            self._running = []
+            self.pool.lengths = []
+            for seq in running:
+                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        self.drafted += len(running)
+        self.accepted += sum(accepted)
+        done = []
+        for i, (seq, toks) in enumerate(zip(running, new)):
+            for tok in toks:
+                if self._emit(seq, tok):
+                    done.append(i)
+                    break
+        self._set_drafts(draft_logits, running)
+        for i in reversed(done):
+            self._remove(i)
+
+    def _verify(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[list[int]]:
+        """Each row's new tokens from the verify step's (n, 2, V) logits: [draft, bonus] when its draft
+        is accepted, else [the corrected token]. Greedy rows are checked together (argmax); sampled
+        rows draw from their own generators, as `minimoe.infer.speculative` does for one sequence."""
+        out: list[list[int]] = [[] for _ in seqs]
+        greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
+        if greedy:
+            index = torch.tensor(greedy, device=logits.device)
+            best = logits.index_select(0, index).argmax(-1).tolist()  # (g, 2)
+            for i, (tok, bonus) in zip(greedy, best):
+                out[i] = [tok, bonus] if tok == seqs[i].draft else [tok]
+        for i, seq in enumerate(seqs):
+            if seq.sampling.greedy:
+                continue
+            ok, tok = verify_draft(seq.draft, seq.q, logits[i, 0:1], seq.sampling, None, seq.gen)
+            out[i] = [tok, choose_token(logits[i, 1:2], seq.sampling, None, seq.gen)[0]] if ok else [tok]
+        return out
+
+    def _set_drafts(self, draft_logits: torch.Tensor, seqs: list[_Seq]) -> None:
+        """Each sequence's next draft from the MTP module's (n, V) logits."""
+        greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
+        if greedy:
+            index = torch.tensor(greedy, device=draft_logits.device)
+            for i, tok in zip(greedy, draft_logits.index_select(0, index).argmax(-1).tolist()):
+                seqs[i].draft = tok
+        for i, seq in enumerate(seqs):
+            if not seq.sampling.greedy:
+                seq.draft, seq.q = choose_token(draft_logits[i : i + 1], seq.sampling, None, seq.gen)
 
     def _emit(self, seq: _Seq, token: int) -> bool:
         """Hand `token` to its sequence; True when the sequence is finished (and told so)."""

@@ -26,11 +26,19 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 class Service:
     """What the routes share: the engine, the tokenizer, the chat renderer, the context and the limits."""
 
-    def __init__(self, model, tokenizer, model_name: str, limits: Limits) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str,
+        limits: Limits,
+        speculative: bool = False,
+        compile: bool = False,
+    ) -> None:
         self.limits = limits
         self.engine = Engine(
             model, tokenizer, limits.max_active, limits.max_queued, limits.max_queued_per_client,
-            limits.prefill_chunk,
+            limits.prefill_chunk, speculative=speculative, compile=compile,
         )  # fmt: skip
         self.tokenizer = tokenizer
         self.model_name = model_name

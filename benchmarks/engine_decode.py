@@ -1,0 +1,153 @@
+"""The serving engine's decode step: MTP self-speculation and the compiled static-shape step.
+
+    python benchmarks/engine_decode.py                  # both sections, Markdown on stdout
+    python benchmarks/engine_decode.py --section spec   # speculative vs plain greedy only
+    python benchmarks/engine_decode.py --quick          # fewer tokens and repeats
+
+Sections:
+  spec     `minimoe.serve.engine.Engine` with and without `speculative=True` on a trained `tiny`
+           model with one MTP module (trained once by benchmarks/decode.py's recipe and kept in
+           --work-dir, or --run-dir), greedy, batch 1 and 8: tokens/s, acceptance, same tokens;
+  compile  the engine's eager decode step vs the compiled static-shape one (`compile=True`):
+           compile time, steady-state tokens/s, same tokens.
+Both engines of a row run in this one process and take turns within every repeat (median kept), so
+load from other processes hits both alike: compare the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import prompts_for, table, trained_model  # noqa: E402
+
+from minimoe.serve.engine import Engine, Finish, Job, JobParams  # noqa: E402
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int, list[str]]:
+    """Every prompt as one greedy job, all submitted at once to a started engine; (seconds, tokens
+    generated, texts)."""
+    texts: dict[int, str] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def post(e) -> None:
+        if isinstance(e, Finish):
+            with lock:
+                texts[e.index] = e.text
+                if len(texts) == len(prompts):
+                    done.set()
+
+    params = JobParams(max_tokens=max_tokens, temperature=0)
+    jobs = [Job(i, p, params, post, client=str(i)) for i, p in enumerate(prompts)]
+    before = engine.generated_tokens
+    t0 = time.perf_counter()
+    engine.submit(jobs)
+    if not done.wait(1800):
+        raise RuntimeError("the engine did not finish")
+    return time.perf_counter() - t0, engine.generated_tokens - before, [texts[i] for i in range(len(prompts))]
+
+
+def started(engine: Engine) -> Engine:
+    engine.start()
+    return engine
+
+
+def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
+    max_tokens, repeats = (48, 1) if quick else (128, 3)
+    rows = []
+    for batch in (1, 8):
+        prompts = prompts_for(tok, heldout, batch, 32)
+        engines = {name: started(Engine(model, tok, max_active=batch, speculative=name == "spec"))
+                   for name in ("plain", "spec")}  # fmt: skip
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        texts: dict[str, list[str]] = {}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                s, n, texts[name] = run_engine(engine, prompts, max_tokens)
+                rates[name].append(n / s)
+        for engine in engines.values():
+            engine.close()
+        spec_engine = engines["spec"]
+        drafted, accepted = spec_engine.drafted, spec_engine.accepted
+        steps, tokens = spec_engine.steps, spec_engine.generated_tokens
+        plain, spec = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+        rows.append([
+            batch, f"{plain:.1f}", f"{spec:.1f}", f"{accepted / max(drafted, 1):.1%}",
+            f"{tokens / max(steps, 1) / batch:.2f}", f"**{spec / plain:.2f}x**",
+            "yes" if texts["spec"] == texts["plain"] else "no",
+        ])  # fmt: skip
+    head = (
+        f"{trained_on}; {max_tokens} new tokens per prompt (32-token held-out prompts), greedy, fp32, "
+        f"{torch.get_num_threads()} thread(s), engine steps include the prefill, median of {repeats}."
+    )
+    return head + "\n\n" + table(
+        ["batch", "plain tok/s", "speculative tok/s", "acceptance", "tokens per row per step", "speedup",
+         "same tokens"],
+        rows,
+    )  # fmt: skip
+
+
+def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
+    max_tokens, repeats = (48, 1) if quick else (128, 3)
+    rows = []
+    for batch in (1, 8):
+        prompts = prompts_for(tok, heldout, batch, 32)
+        engines = {
+            "eager": Engine(model, tok, max_active=batch),
+            "compiled": Engine(model, tok, max_active=batch, compile=True),
+        }
+        compile_s = engines["compiled"].warm_up()
+        for engine in engines.values():
+            engine.start()
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        texts: dict[str, list[str]] = {}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                s, n, texts[name] = run_engine(engine, prompts, max_tokens)
+                rates[name].append(n / s)
+        for engine in engines.values():
+            engine.close()
+        eager, comp = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
+        rows.append([
+            batch, f"{compile_s:.1f}", f"{eager:.1f}", f"{comp:.1f}", f"**{comp / eager:.2f}x**",
+            "yes" if texts["eager"] == texts["compiled"] else "no",
+        ])  # fmt: skip
+    head = (
+        f"{trained_on}; {max_tokens} new tokens per prompt, greedy, fp32, {torch.get_num_threads()} "
+        f"thread(s), median of {repeats}; compile time is `Engine.warm_up` (torch.compile, inductor)."
+    )
+    return (
+        head
+        + "\n\n"
+        + table(["batch", "compile s", "eager tok/s", "compiled tok/s", "speedup", "same tokens"], rows)
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    p.add_argument("--section", choices=["all", "spec", "compile"], default="all")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--run-dir", default=None, help="a trained run with model.mtp_depth >= 1")
+    p.add_argument("--work-dir", default="runs/bench-decode", help="where the trained model is kept")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.machine()} CPU, {torch.get_num_threads()} thread(s)\n")
+    model, tok, trained_on, heldout = trained_model(args)
+    if args.section in ("all", "spec"):
+        print(section_spec(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
+    if args.section in ("all", "compile"):
+        print(section_compile(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""`minimoe bench --against hf --fair`: each model at its own best CPU setting, each in its own process.
+
+The in-process comparison runs transformers under whatever OpenMP settings minimoe's process has
+(the CLI sets OMP_WAIT_POLICY=PASSIVE, which helps minimoe's one-thread decode and slows
+transformers' many small multi-threaded kernels). The wait policy is read once, when the OpenMP
+runtime starts, so a fair comparison needs processes:
+
+1. choose: for each side, a short decode probe (batch 1, prompt 32) runs in a fresh process under
+   every setting (OMP_WAIT_POLICY PASSIVE / ACTIVE x 1 thread / every core); the fastest is kept;
+2. measure: each side runs the whole suite in its own process at its setting; the two sides take
+   turns `rounds` times (process after process) and the median of each measurement is kept;
+3. check: transformers alone, in a process that imports only torch and transformers, loads the same
+   weights (saved by the HF side) and times `generate` at batch 1, prompt 32 at the HF side's
+   setting; its tokens/s should be close to the HF side's decode_b1 (`hf_alone_ratio` near 1).
+
+Every process builds the same random weights from the config's seed. `python -m minimoe.bench.fair`
+is the worker each process runs (one JSON line on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+POLICIES = ("PASSIVE", "ACTIVE")
+SIDES = ("minimoe", "hf")
+
+# transformers alone: nothing of minimoe is imported, only the saved HF model is loaded
+HF_ALONE = """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+new, repeats = int(sys.argv[2]), int(sys.argv[3])
+ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
+          use_cache=True, eos_token_id=None, pad_token_id=0)
+rates = []
+with torch.no_grad():
+    model.generate(ids, **kw)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+rates.sort()
+print(json.dumps({"decode_b1_tok_s": rates[len(rates) // 2]}))
+"""
+
+
+def settings_to_try(cores: int | None = None) -> list[tuple[str, int]]:
+    """(OMP_WAIT_POLICY, threads) pairs: each policy at 1 thread and at every core."""
+    cores = cores or os.cpu_count() or 1
+    return [(policy, threads) for policy in POLICIES for threads in sorted({1, cores})]
+
+
+def _env(policy: str, threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_WAIT_POLICY": policy, "OMP_NUM_THREADS": str(threads)}
+
+
+def run_worker(worker_args: list[str], policy: str, threads: int, timeout: float = 3600) -> dict:
+    """Run `python -m minimoe.bench.fair WORKER_ARGS` under the setting; its JSON answer."""
+    cmd = [sys.executable, "-m", "minimoe.bench.fair", *worker_args, "--threads", str(threads)]
+    proc = subprocess.run(cmd, env=_env(policy, threads), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"the benchmark process failed ({' '.join(worker_args[:2])}): {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def choose_setting(
+    side: str, base: list[str], settings: list[tuple[str, int]]
+) -> tuple[tuple[str, int], dict]:
+    """The fastest setting for one side's batch-1 decode probe; (setting, {"POLICY/threads": tok/s})."""
+    probes = {}
+    for policy, threads in settings:
+        probes[f"{policy}/{threads}"] = run_worker(["probe", side, *base], policy, threads)["decode_b1_tok_s"]
+    best = max(settings, key=lambda s: probes[f"{s[0]}/{s[1]}"])
+    return best, probes
+
+
+def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int]] | None = None) -> dict:
+    """The whole fair comparison (steps 1-3 above).
+
+    Args:
+        base: worker arguments naming the config: ["--preset", P] or ["--config", C], plus
+            "--quick", "--repeats N" and overrides as `minimoe bench` takes them.
+        rounds: processes per side in step 2 (median kept).
+        settings: the (policy, threads) pairs to try (default `settings_to_try()`).
+    Returns:
+        the `minimoe bench --json` keys for both sides ({key}_tok_s, hf_{key}_tok_s, {key}_ratio,
+        peak memory), plus `settings`, `probes`, `hf_alone_decode_b1_tok_s` and `hf_alone_ratio`.
+    """
+    settings = settings or settings_to_try()
+    result: dict = {"settings": {}, "probes": {}}
+    for side in SIDES:
+        best, probes = choose_setting(side, base, settings)
+        result["settings"][side] = {"omp_wait_policy": best[0], "threads": best[1]}
+        result["probes"][side] = probes
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for side in SIDES:
+                s = result["settings"][side]
+                extra = ["--save", tmp] if side == "hf" and r == 0 else []
+                runs[side].append(
+                    run_worker(["suite", side, *base, *extra], s["omp_wait_policy"], s["threads"])
+                )
+        s = result["settings"]["hf"]
+        new = "32" if "--quick" in base else "64"
+        cmd = [sys.executable, "-c", HF_ALONE, tmp, new, "3"]
+        proc = subprocess.run(
+            cmd, env=_env(s["omp_wait_policy"], s["threads"]), capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"transformers alone failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+            )
+        alone = json.loads(proc.stdout.strip().splitlines()[-1])["decode_b1_tok_s"]
+    for side in SIDES:
+        prefix = "" if side == "minimoe" else "hf_"
+        for key in runs[side][0]:
+            result[prefix + key] = statistics.median(run[key] for run in runs[side])
+    for key in [k[: -len("_tok_s")] for k in runs["minimoe"][0] if k.endswith("_tok_s")]:
+        result[f"{key}_ratio"] = result[f"{key}_tok_s"] / result[f"hf_{key}_tok_s"]
+    result["hf_alone_decode_b1_tok_s"] = alone
+    result["hf_alone_ratio"] = result["hf_decode_b1_tok_s"] / alone
+    return result
+
+
+# ------------------------------------------------------------------------------------- the worker
+
+
+def _worker(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="python -m minimoe.bench.fair")
+    p.add_argument("task", choices=["probe", "suite"])
+    p.add_argument("side", choices=SIDES)
+    p.add_argument("--preset")
+    p.add_argument("--config")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--save", help="(hf side) save the transformers model here for the alone check")
+    p.add_argument("overrides", nargs="*", default=[])
+    args = p.parse_intermixed_args(argv)  # overrides come after the options
+
+    import torch
+
+    from minimoe.bench import measure as M
+    from minimoe.config_yaml import build_run_config
+    from minimoe.model.transformer import Transformer
+
+    torch.set_num_threads(args.threads)
+    rc = build_run_config(args.preset, args.config, list(args.overrides))
+    device = torch.device("cpu")
+    torch.manual_seed(rc.train.seed)
+    model = Transformer(rc.model)
+    if args.side == "hf":
+        from minimoe.bench.hf import hf_twin
+
+        hf = hf_twin(model)
+        del model
+        if args.save:
+            hf.save_pretrained(args.save)
+        subject = M.HFSubject(hf, rc, device)
+    else:
+        subject = M.MinimoeSubject(model, rc, device)
+    settings = M.BenchSettings.quick() if args.quick else M.BenchSettings()
+    if args.repeats:
+        settings.repeats = args.repeats
+    if args.task == "probe":
+        settings.decode_shapes = {"decode_b1": M.DECODE_SHAPES["decode_b1"]}
+        prompts = torch.randint(0, rc.model.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+        mem = {subject.name: M.PeakMemory(device)}
+        fn = {subject.name: lambda: subject.decode(prompts, settings.new_tokens)}
+        rate = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
+        # what the process really ran under, so a caller can check the setting took effect
+        return {"decode_b1_tok_s": rate, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "threads": torch.get_num_threads()}  # fmt: skip
+    out: dict = {}
+    prefix = "" if args.side == "minimoe" else "hf_"
+    for _, values in M.run_bench([subject], rc, device, settings):
+        out.update({k[len(prefix) :]: v for k, v in values.items()})
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(sys.argv[1:])))

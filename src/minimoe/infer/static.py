@@ -1,0 +1,127 @@
+"""A decode step with fixed shapes, for `torch.compile` (gpt-fast's static cache, over the slot pool).
+
+The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest length, so its shapes
+change every step and a compiled version recompiles as the cache grows. This step always runs every
+row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
+overwrites before the row is used) over all `max_len` positions, masked per row, so one compiled
+graph serves every step. The MoE layers run every expert on every row and weight the outputs with
+the routing (zero for unselected experts): the same sum as the routed dispatch, with no
+data-dependent shapes or host syncs, and on a decode batch it reads each expert's weights once, as
+the routed path does. `SlotPool.decode` stays the reference; tests compare the two.
+
+Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minimoe.errors import MinimoeError
+from minimoe.infer.slots import SlotPool, _Rows
+from minimoe.model.experts import GroupedExperts, _activate
+from minimoe.model.router import route, router_scores
+
+
+def dense_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's output with every routed expert run on every token, weighted by the routing.
+
+    Args:
+        moe: a minimoe MoE module with plain (not quantized) GroupedExperts.
+        x_TD: (T, D) hidden states.
+    Returns:
+        (T, D) routed + shared output, equal to `moe(x)` up to the order of the sums.
+    """
+    gate, ex = moe.gate, moe.experts
+    dt = torch.promote_types(x_TD.dtype, torch.float32)  # router math in fp32, as Router does
+    scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.scoring_func)
+    idx_TK, w_TK = route(
+        scores_TE, gate.e_score_correction_bias, gate.top_k, n_group=gate.n_group, topk_group=gate.topk_group,
+        topk_method=gate.topk_method, scoring_func=gate.scoring_func, norm_topk_prob=gate.norm_topk_prob,
+        routed_scaling_factor=gate.routed_scaling_factor,
+    )  # fmt: skip
+    w_TE = torch.zeros_like(scores_TE).scatter(1, idx_TK, w_TK.to(dt)).to(x_TD.dtype)  # 0 = not selected
+    up_TEI = torch.einsum("td,eid->tei", x_TD, ex.up_proj)
+    g_TEI = torch.einsum("td,eid->tei", x_TD, ex.gate_proj) if ex.gate_proj is not None else None
+    h_TEI = _activate(g_TEI, up_TEI) * w_TE[..., None]
+    y_TD = torch.einsum("tei,edi->td", h_TEI, ex.down_proj).to(dt)
+    if moe.shared_experts is not None:
+        y_TD = y_TD + moe.shared_experts(x_TD).to(dt)
+    return y_TD.to(x_TD.dtype)
+
+
+class StaticDecode:
+    """The pool's decode step at fixed shapes, compiled once.
+
+    Args:
+        pool: the SlotPool whose cache it writes (no MTP caches are used).
+        compile: wrap the step in `torch.compile` (else it runs eagerly: the fixed-shape reference).
+        backend: torch.compile's backend ("inductor" fuses kernels; "eager" only traces, for tests).
+    """
+
+    def __init__(self, pool: SlotPool, compile: bool = True, backend: str = "inductor") -> None:
+        model = pool.model
+        for block in list(model.layers):
+            if block.is_moe and not isinstance(block.mlp.experts, GroupedExperts):
+                raise MinimoeError("the compiled decode step needs plain (not quantized) experts")
+        self.pool = pool
+        self.compile_s = 0.0  # seconds the first call took (compilation included)
+        self._calls = 0
+        # dynamic=False: every input has one shape for the whole run, so there is one graph
+        self._fn = (
+            torch.compile(self._step, dynamic=False, fullgraph=True, backend=backend)
+            if compile
+            else self._step
+        )
+
+    def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens, pos: (slots,) -> (slots, V) logits; writes each row's entry at pos."""
+        pool, model = self.pool, self.pool.model
+        B, L = pool.slots, pool.max_len
+        device = tokens.device
+        mask = (torch.arange(L, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # (B, 1, d/2)
+        rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+        x = model.embed_tokens(tokens[:, None])  # (B, 1, D)
+        for block, layer in zip(model.layers, pool.cache.layers):
+            cache = _Rows(layer, rows, pos[:, None], B, L)
+            x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, L - 1, attn_mask=mask)
+            h = block.post_attention_layernorm(x)
+            if block.is_moe:
+                x = x + dense_moe(block.mlp, h.view(B, -1)).view(B, 1, -1)
+            else:
+                x = x + block.mlp(h)
+        return model.lm_head(model.norm(x))[:, 0]  # (B, V)
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Run the step once on an empty pool (so only free rows are written); seconds it took."""
+        if self.pool.n:
+            raise RuntimeError("warm_up needs an empty pool")
+        device = self.pool.cache.layers[0].a.device
+        zeros = torch.zeros(self.pool.slots, dtype=torch.long, device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self._fn(zeros, zeros)
+        self.compile_s = time.perf_counter() - t0
+        self._calls += 1
+        return self.compile_s
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What `SlotPool.decode` does, at fixed shapes: (n,) tokens -> (n, V) logits."""
+        pool = self.pool
+        n = pool.n
+        padded = torch.zeros(pool.slots, dtype=torch.long, device=tokens.device)
+        padded[:n] = tokens
+        pos = torch.zeros(pool.slots, dtype=torch.long, device=tokens.device)
+        pos[:n] = torch.tensor(pool.lengths, device=tokens.device)
+        t0 = time.perf_counter()
+        logits = self._fn(padded, pos)[:n]
+        if self._calls == 0:
+            self.compile_s = time.perf_counter() - t0
+        self._calls += 1
+        pool.advance([1] * n)
+        return logits
