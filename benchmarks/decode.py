@@ -63,9 +63,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def random_model(preset: str, max_seq_len: int, seed: int = 0) -> Transformer:
+def random_model(preset: str, max_position_embeddings: int, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(replace(get_preset(preset), max_seq_len=max_seq_len, mtp_depth=0)).eval()
+    return Transformer(
+        replace(get_preset(preset), max_position_embeddings=max_position_embeddings, mtp_depth=0)
+    ).eval()
 
 
 # ------------------------------------------------------------------------------------ 1: cache
@@ -152,7 +154,9 @@ def section_mla(quick: bool) -> str:
     model = random_model("small", max(contexts) + n_new)
     cfg = model.cfg
     latent = model.cache_bytes_per_token(torch.float32)  # (kv_lora_rank + rope) per layer
-    expanded = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4  # HF-style K/V
+    expanded = (
+        cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+    )  # HF-style K/V
     rows = []
     for ctx in contexts:
         times: dict[bool, list[float]] = {True: [], False: []}
@@ -173,7 +177,7 @@ def section_mla(quick: bool) -> str:
         )
     set_absorb(model, True)
     head = (
-        f"### Absorbed vs naive MLA decoding\n\n`small` preset ({cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"### Absorbed vs naive MLA decoding\n\n`small` preset ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
         f"kv_lora_rank {cfg.kv_lora_rank}, rope {cfg.qk_rope_head_dim}, nope {cfg.qk_nope_head_dim}, "
         f"v {cfg.v_head_dim}), random weights, batch 1, fp32, {n_new} decode steps after a prefill of the "
         f"given context (prefill not timed). Both paths keep the same latent cache "

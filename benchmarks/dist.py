@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 MODEL = [
-    "model.hidden_size=128", "model.n_layers=4", "model.n_heads=4", "model.kv_lora_rank=32",
+    "model.hidden_size=128", "model.num_hidden_layers=4", "model.num_attention_heads=4", "model.kv_lora_rank=32",
     "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16", "model.v_head_dim=32",
-    "model.intermediate_size=256", "model.first_k_dense=1", "model.n_routed_experts=8",
+    "model.intermediate_size=256", "model.first_k_dense_replace=1", "model.n_routed_experts=8",
     "model.num_experts_per_tok=2", "model.moe_intermediate_size=64", "model.n_shared_experts=1",
-    "model.mtp_depth=0", "model.max_seq_len=128",
+    "model.mtp_depth=0", "model.max_position_embeddings=128",
 ]  # fmt: skip
 TRAIN = [
     "train.seq_len=128", "train.batch_size=8", "train.eval_batches=1", "train.sample_tokens=0",

@@ -42,9 +42,9 @@ from minimoe.train.trainer import Trainer  # noqa: E402
 
 BEGIN, END = "<!-- train_small:begin -->", "<!-- train_small:end -->"
 NANO = [  # minimoe's dense model of nanoGPT's shape, as issue 16 states it
-    "model.attn_type=gqa", "model.hidden_size=192", "model.n_layers=6", "model.n_heads=6",
+    "model.attn_type=gqa", "model.hidden_size=192", "model.num_hidden_layers=6", "model.num_attention_heads=6",
     "model.intermediate_size=512", "model.n_routed_experts=0", "model.mtp_depth=0",
-    "model.tie_word_embeddings=true", "model.max_seq_len=128", "model.vocab_size=320",
+    "model.tie_word_embeddings=true", "model.max_position_embeddings=128", "model.vocab_size=320",
     "train.seq_len=128", "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=100",
 ]  # fmt: skip
 

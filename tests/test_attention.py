@@ -20,7 +20,7 @@ def _float64():
 
 def _cfg(**kw) -> ModelConfig:
     base = dict(
-        vocab_size=64, hidden_size=40, n_layers=2, n_heads=4, max_seq_len=64, kv_lora_rank=12,
+        vocab_size=64, hidden_size=40, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, kv_lora_rank=12,
         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10, n_routed_experts=0,
     )  # fmt: skip
     base.update(kw)
@@ -100,19 +100,19 @@ def test_mla_cache_holds_only_latent_and_rope_key():
     assert attn.cache_numbers_per_token() == cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_gqa_cached_decode_matches_full_and_reference(n_kv_heads):
+@pytest.mark.parametrize("num_key_value_heads", [4, 2, 1])
+def test_gqa_cached_decode_matches_full_and_reference(num_key_value_heads):
     torch.manual_seed(2)
-    cfg = _cfg(attn_type="gqa", n_kv_heads=n_kv_heads)
+    cfg = _cfg(attn_type="gqa", num_key_value_heads=num_key_value_heads)
     attn = GQAttention(cfg).eval()
     x = torch.randn(3, 10, cfg.hidden_size)
     cos, sin = _tables(cfg, 10)
     full = attn(x, cos, sin)
     hd = cfg.gqa_head_dim
     q = apply_rope(attn.q_proj(x).view(3, 10, 4, hd), cos, sin, interleaved=False)
-    k = apply_rope(attn.k_proj(x).view(3, 10, n_kv_heads, hd), cos, sin, interleaved=False)
-    v = attn.v_proj(x).view(3, 10, n_kv_heads, hd)
-    rep = 4 // n_kv_heads
+    k = apply_rope(attn.k_proj(x).view(3, 10, num_key_value_heads, hd), cos, sin, interleaved=False)
+    v = attn.v_proj(x).view(3, 10, num_key_value_heads, hd)
+    rep = 4 // num_key_value_heads
     ref = explicit_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), attn.scale)
     torch.testing.assert_close(full, attn.o_proj(ref.reshape(3, 10, -1)))
     cache = attn.make_cache(3, 10, torch.float64, "cpu")
@@ -121,7 +121,7 @@ def test_gqa_cached_decode_matches_full_and_reference(n_kv_heads):
         outs.append(attn(x[:, pos : pos + n], cos[pos : pos + n], sin[pos : pos + n], cache, pos))
         pos += n
     torch.testing.assert_close(torch.cat(outs, 1), full)
-    assert cache.nbytes() == 3 * 10 * 2 * n_kv_heads * hd * 8
+    assert cache.nbytes() == 3 * 10 * 2 * num_key_value_heads * hd * 8
 
 
 def test_rope_is_relative_and_layouts_agree():

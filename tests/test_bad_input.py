@@ -345,7 +345,7 @@ class Case:
 def sweep_yaml(**over) -> str:
     """Sweep YAML training on text.txt next to it (see Ctx.sweep), with `over` replacing keys."""
     d = {
-        "budget": {"tokens": 100_000}, "variants": {"a": ["model.n_layers=2"]}, "data": "text.txt",
+        "budget": {"tokens": 100_000}, "variants": {"a": ["model.num_hidden_layers=2"]}, "data": "text.txt",
         "base": {"preset": "tiny", "overrides": [o for o in TINY if not o.startswith("train.max_steps")]},
     }  # fmt: skip
     d.update(over)
@@ -408,7 +408,7 @@ CASES += [
     Case("train-config-invalid-yaml", lambda c: ["train", "--config", c.file("b.yaml", "model: [1, 2\n")], "not valid YAML"),
     Case("train-config-list", lambda c: ["train", "--config", c.file("b.yaml", "- 1\n- 2\n")], "mapping"),
     Case("train-config-unknown-key", lambda c: ["train", "--config", c.file("b.yaml", "model:\n  hiden_size: 32\n")], "did you mean 'model.hidden_size'"),
-    Case("train-config-unknown-section", lambda c: ["train", "--config", c.file("b.yaml", "modle:\n  n_layers: 2\n")], "did you mean 'model'"),
+    Case("train-config-unknown-section", lambda c: ["train", "--config", c.file("b.yaml", "modle:\n  num_hidden_layers: 2\n")], "did you mean 'model'"),
     Case("train-config-section-not-mapping", lambda c: ["train", "--config", c.file("b.yaml", "train: 5\n")], "'train' must be a mapping"),
     Case("train-config-wrong-type", lambda c: ["train", "--config", c.file("b.yaml", "train:\n  max_steps: lots\n")], "train.max_steps must be an integer"),
     Case("train-config-bad-preset", lambda c: ["train", "--config", c.file("b.yaml", "preset: tinyy\n")], "tinyy"),
@@ -422,19 +422,19 @@ CASES += [
     Case("train-zero-batch", lambda c: ["train", "train.batch_size=0"], "train.batch_size must be positive"),
     Case("train-zero-steps", lambda c: ["train", "train.max_steps=0"], "train.max_steps must be positive"),
     Case("train-val-fraction", lambda c: ["train", "data.val_fraction=1.5"], "data.val_fraction"),
-    Case("train-seq-len-too-long", lambda c: ["train", "train.seq_len=4096"], "exceeds model.max_seq_len"),
+    Case("train-seq-len-too-long", lambda c: ["train", "train.seq_len=4096"], "exceeds model.max_position_embeddings"),
     Case("train-bad-choice", lambda c: ["train", "train.precision=fp8"], "train.precision must be one of"),
     Case("train-bad-attn-type", lambda c: ["train", "model.attn_type=flash"], "model.attn_type must be one of"),
     Case("train-topk-gt-experts", lambda c: ["train", "model.num_experts_per_tok=99"], "is larger than n_routed_experts"),
     Case("train-topk-zero", lambda c: ["train", "model.num_experts_per_tok=0"], "num_experts_per_tok must be at least 1"),
-    Case("train-heads-not-dividing", lambda c: ["train", "model.attn_type=gqa", "model.n_heads=3", "model.hidden_size=64"], "does not divide hidden_size"),
-    Case("train-kv-heads-not-dividing", lambda c: ["train", "model.attn_type=gqa", "model.n_heads=4", "model.n_kv_heads=3"], "n_kv_heads (3) must divide n_heads"),
+    Case("train-heads-not-dividing", lambda c: ["train", "model.attn_type=gqa", "model.num_attention_heads=3", "model.hidden_size=64"], "does not divide hidden_size"),
+    Case("train-kv-heads-not-dividing", lambda c: ["train", "model.attn_type=gqa", "model.num_attention_heads=4", "model.num_key_value_heads=3"], "num_key_value_heads (3) must divide num_attention_heads"),
     Case("train-mla-no-kv-lora", lambda c: ["train", "model.kv_lora_rank=null"], "kv_lora_rank"),
     Case("train-mla-zero-kv-lora", lambda c: ["train", "model.kv_lora_rank=0"], "kv_lora_rank must be positive"),
     Case("train-odd-rope-dim", lambda c: ["train", "model.qk_rope_head_dim=7"], "qk_rope_head_dim (7) must be even"),
     Case("train-groups-not-dividing", lambda c: ["train", "model.n_group=3"], "n_group (3)"),
     Case("train-topk-group-gt-groups", lambda c: ["train", "model.n_group=2", "model.topk_group=3"], "topk_group (3)"),
-    Case("train-first-k-dense", lambda c: ["train", "model.first_k_dense=99"], "first_k_dense (99)"),
+    Case("train-first-k-dense", lambda c: ["train", "model.first_k_dense_replace=99"], "first_k_dense_replace (99)"),
     Case("train-dropout-one", lambda c: ["train", "model.dropout=1.0"], "dropout must be in [0, 1)"),
     Case("train-capacity-zero", lambda c: ["train", "model.capacity_factor=0"], "capacity_factor must be positive"),
     Case("train-rope-scaling-type", lambda c: ["train", "model.rope_scaling={type: linear, factor: 2}"], "rope_scaling type"),
@@ -572,14 +572,14 @@ CASES += [
     Case("params-config-missing", lambda c: ["params", c.tmp / "nope.yaml"], "does not exist"),
     Case("params-config-dir", lambda c: ["params", c.dir("cfg.yaml")], "is a directory"),
     Case("params-config-binary", lambda c: ["params", c.binary("b.yaml")], "not UTF-8"),
-    Case("params-config-invalid-yaml", lambda c: ["params", c.file("b.yaml", "model: {n_layers: 2\n")], "not valid YAML"),
-    Case("params-config-unknown-key", lambda c: ["params", c.file("b.yaml", "model:\n  n_layer: 2\n")], "did you mean 'model.n_layers'"),
+    Case("params-config-invalid-yaml", lambda c: ["params", c.file("b.yaml", "model: {num_hidden_layers: 2\n")], "not valid YAML"),
+    Case("params-config-unknown-key", lambda c: ["params", c.file("b.yaml", "model:\n  n_layer: 2\n")], "did you mean 'model.num_hidden_layers'"),
     Case("params-preset-typo", lambda c: ["params", "deepseek-v4"], "deepseek-v4"),
     Case("params-context-abc", lambda c: ["params", "tiny", "--context", "abc"], "invalid int value: 'abc'"),
     Case("params-context-zero", lambda c: ["params", "tiny", "--memory", "--context", "0"], "--context"),
-    Case("params-override-unknown", lambda c: ["params", "tiny", "model.n_head=4"], "did you mean 'model.n_heads'"),
+    Case("params-override-unknown", lambda c: ["params", "tiny", "model.n_head=4"], "did you mean 'model.num_attention_heads'"),
     Case("params-topk-gt-experts", lambda c: ["params", "tiny", "model.num_experts_per_tok=64"], "is larger than n_routed_experts"),
-    Case("params-zero-heads", lambda c: ["params", "tiny", "model.n_heads=0"], "n_heads must be positive"),
+    Case("params-zero-heads", lambda c: ["params", "tiny", "model.num_attention_heads=0"], "num_attention_heads must be positive"),
     Case("params-negative-vocab", lambda c: ["params", "tiny", "model.vocab_size=-5"], "vocab_size must be positive"),
     Case("params-mtp-negative", lambda c: ["params", "tiny", "model.mtp_depth=-1"], "mtp_depth must be >= 0"),
     Case("params-scoring-choice", lambda c: ["params", "tiny", "model.scoring_func=relu"], "scoring_func must be one of"),
@@ -718,7 +718,7 @@ CASES += [
     Case("compare-sweep-bad-report", lambda c: ["compare", c.sweep(extra="report: ../r.md\n"), "--plan"], "report must be a file name"),
     Case("compare-sweep-negative-budget", lambda c: ["compare", c.sweep(budget={"tokens": -3}), "--plan"], "budget tokens must be positive"),
     Case("compare-sweep-bad-seeds", lambda c: ["compare", c.sweep(seeds="one"), "--plan"], "seeds"),
-    Case("compare-variant-unknown-key", lambda c: ["compare", c.sweep(variants={"a": ["model.n_layer=2"]}), "--plan"], "did you mean 'model.n_layers'"),
+    Case("compare-variant-unknown-key", lambda c: ["compare", c.sweep(variants={"a": ["model.n_layer=2"]}), "--plan"], "did you mean 'model.num_hidden_layers'"),
     Case("compare-variant-invalid-model", lambda c: ["compare", c.sweep(variants={"a": ["model.num_experts_per_tok=99"]}), "--plan"], "is larger than n_routed_experts"),
     Case("compare-data-missing", lambda c: ["compare", c.sweep(), "--plan", "--data", c.missing], "missing.txt"),
     Case("compare-out-under-file", lambda c: ["compare", c.sweep(), "--report-only", "--out", c.under_file()], "plain_file"),
@@ -752,7 +752,7 @@ CASES += [
     Case("bench-config-missing", lambda c: [*B, "--config", c.tmp / "nope.yaml"], "does not exist"),
     Case("bench-config-dir", lambda c: [*B, "--config", c.dir()], "is a directory"),
     Case("bench-config-binary", lambda c: [*B, "--config", c.binary("b.yaml")], "not UTF-8"),
-    Case("bench-config-invalid-yaml", lambda c: [*B, "--config", c.file("b.yaml", "model:\n  n_layers: [2\n")], "not valid YAML"),
+    Case("bench-config-invalid-yaml", lambda c: [*B, "--config", c.file("b.yaml", "model:\n  num_hidden_layers: [2\n")], "not valid YAML"),
     Case("bench-config-unknown-key", lambda c: [*B, "--config", c.file("b.yaml", "model:\n  n_expert: 4\n")], "did you mean"),
     Case("bench-override-unknown", lambda c: [*B, "train.batchsize=2"], "did you mean 'train.batch_size'"),
     Case("bench-invalid-model", lambda c: [*B, "model.num_experts_per_tok=99"], "is larger than n_routed_experts"),
@@ -881,9 +881,9 @@ def test_debug_reraises_before_or_after_the_command(monkeypatch, argv):
 
 
 def test_debug_shows_user_errors_too(capsys):
-    assert main(["params", "tiny", "model.n_heads=0"]) == 2
-    with pytest.raises(MinimoeError, match="n_heads must be positive"):
-        main(["params", "--debug", "tiny", "model.n_heads=0"])
+    assert main(["params", "tiny", "model.num_attention_heads=0"]) == 2
+    with pytest.raises(MinimoeError, match="num_attention_heads must be positive"):
+        main(["params", "--debug", "tiny", "model.num_attention_heads=0"])
 
 
 def test_debug_after_the_command_parses_like_before():
@@ -1027,7 +1027,7 @@ def test_params_of_an_absurd_size_answers(tmp_path):
     hang); the answer is the same as scaling the per-layer count by hand."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     p = subprocess.run(
-        [sys.executable, "-m", "minimoe", "params", "tiny", "--json", "model.n_layers=1000000", "model.mtp_depth=0"],
+        [sys.executable, "-m", "minimoe", "params", "tiny", "--json", "model.num_hidden_layers=1000000", "model.mtp_depth=0"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
@@ -1035,8 +1035,12 @@ def test_params_of_an_absurd_size_answers(tmp_path):
     from minimoe.config_yaml import build_run_config
     from minimoe.params import count_params
 
-    two = count_params(build_run_config("tiny", None, ["model.n_layers=2", "model.mtp_depth=0"]).model)
-    three = count_params(build_run_config("tiny", None, ["model.n_layers=3", "model.mtp_depth=0"]).model)
+    two = count_params(
+        build_run_config("tiny", None, ["model.num_hidden_layers=2", "model.mtp_depth=0"]).model
+    )
+    three = count_params(
+        build_run_config("tiny", None, ["model.num_hidden_layers=3", "model.mtp_depth=0"]).model
+    )
     per_moe_layer = three.total - two.total
     assert big["total"] == two.total + (1_000_000 - 2) * per_moe_layer
 

@@ -18,8 +18,8 @@ from minimoe.model.transformer import Transformer
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "hf-reference.yaml"
 # the reference config's shape at a size that runs in seconds
-SMALLER = ["model.hidden_size=64", "model.n_layers=2", "model.kv_lora_rank=32", "model.vocab_size=512",
-           "model.moe_intermediate_size=64", "model.intermediate_size=128", "model.max_seq_len=640",
+SMALLER = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.kv_lora_rank=32", "model.vocab_size=512",
+           "model.moe_intermediate_size=64", "model.intermediate_size=128", "model.max_position_embeddings=640",
            "train.batch_size=2", "train.seq_len=32"]  # fmt: skip
 REQUIRED_KEYS = [
     "train_tok_s", "hf_train_tok_s", "decode_b1_tok_s", "hf_decode_b1_tok_s", "decode_b8_tok_s",
@@ -36,7 +36,7 @@ def _model(overrides: list[str]) -> Transformer:
 
 def test_reference_config_is_the_documented_shape():
     m = build_run_config(None, str(REFERENCE), []).model
-    assert (m.hidden_size, m.n_layers, m.n_heads, m.vocab_size) == (256, 4, 4, 4096)
+    assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.vocab_size) == (256, 4, 4, 4096)
     assert (m.kv_lora_rank, m.q_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (
         64,
         None,
@@ -44,7 +44,12 @@ def test_reference_config_is_the_documented_shape():
         16,
         32,
     )
-    assert (m.first_k_dense, m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts) == (1, 8, 2, 1)
+    assert (m.first_k_dense_replace, m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts) == (
+        1,
+        8,
+        2,
+        1,
+    )
     assert m.scoring_func == "sigmoid" and not m.tie_word_embeddings and m.mtp_depth == 0
 
 
@@ -99,7 +104,7 @@ def test_bench_quick_json_has_every_key(capsys):
 
 def test_bench_table_without_hf(capsys):
     code = main(["bench", "--preset", "tiny", "--quick", "--repeats", "1", "--no-progress",
-                 "model.n_layers=2", "model.max_seq_len=600", "train.batch_size=2", "train.seq_len=32"])  # fmt: skip
+                 "model.num_hidden_layers=2", "model.max_position_embeddings=600", "train.batch_size=2", "train.seq_len=32"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     assert "| train |" in out and "| decode_b1_p512 |" in out and "MFU" in out and "hf tok/s" not in out

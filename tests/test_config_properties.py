@@ -26,11 +26,11 @@ YARN = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
 SPACE: dict[str, tuple[list, list]] = {
     "vocab_size": ([17, 32, 61], [0, -5]),
     "hidden_size": ([8, 12, 16, 24], [0, -4]),
-    "n_layers": ([1, 2, 3], [0]),
-    "n_heads": ([1, 2, 3, 4], [0, -1]),
-    "max_seq_len": ([8, 16, 32], [0]),
+    "num_hidden_layers": ([1, 2, 3], [0]),
+    "num_attention_heads": ([1, 2, 3, 4], [0, -1]),
+    "max_position_embeddings": ([8, 16, 32], [0]),
     "attn_type": (["gqa", "mla"], ["flash"]),
-    "n_kv_heads": ([None, None, 1], [0, 5]),
+    "num_key_value_heads": ([None, None, 1], [0, 5]),
     "head_dim": ([None, 4, 6, 8], [3, 0, -2]),
     "qk_norm": (["none", "none", "head", "full"], ["layer"]),
     "q_lora_rank": ([None, 4, 8], [0, -1]),
@@ -41,7 +41,7 @@ SPACE: dict[str, tuple[list, list]] = {
     "rope_theta": ([10000.0, 500.0], []),
     "rope_scaling": ([None, YARN], [{**YARN, "factor": 0.5}, {"type": "linear", "factor": 2.0}, {"type": "yarn"}]),
     "intermediate_size": ([8, 20, 32], [0]),
-    "first_k_dense": ([0, 1], [5, -1]),
+    "first_k_dense_replace": ([0, 1], [5, -1]),
     "n_routed_experts": ([0, 2, 4, 6, 8], [-1]),
     "n_shared_experts": ([0, 1, 2], [-1]),
     "num_experts_per_tok": ([1, 2, 3], [0, -1]),
@@ -124,7 +124,9 @@ def test_validate_accepts_only_buildable_configs(kw, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    name=st.sampled_from(["hidden_size", "n_heads", "n_layers", "vocab_size", "intermediate_size"]),
+    name=st.sampled_from(
+        ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"]
+    ),
     value=st.integers(-3, 0),
 )
 def test_non_positive_sizes_name_the_field(name, value):
@@ -136,9 +138,9 @@ def test_non_positive_sizes_name_the_field(name, value):
     "kw, field",
     [
         (dict(num_experts_per_tok=9, n_routed_experts=8), "num_experts_per_tok"),
-        (dict(attn_type="gqa", hidden_size=30, n_heads=4), "n_heads"),
+        (dict(attn_type="gqa", hidden_size=30, num_attention_heads=4), "num_attention_heads"),
         (dict(attn_type="mla", kv_lora_rank=0), "kv_lora_rank"),
-        (dict(attn_type="gqa", n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(attn_type="gqa", num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
         (dict(n_routed_experts=8, n_group=8, topk_group=4, scoring_func="sigmoid"), "n_group"),
         (dict(n_routed_experts=8, n_group=4, topk_group=2, topk_method="greedy"), "topk_method"),
         (dict(attn_type="mla", qk_norm="head"), "qk_norm"),
@@ -157,11 +159,48 @@ def test_known_invalid_combinations(kw, field):
         # found by the property test: v_head_dim > qk_nope_head_dim + qk_rope_head_dim truncated V in SDPA
         dict(attn_type="mla", qk_nope_head_dim=0, qk_rope_head_dim=2, v_head_dim=4, kv_lora_rank=4),
         dict(attn_type="mla", qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=12, q_lora_rank=4),
-        dict(attn_type="gqa", n_heads=4, n_kv_heads=1, head_dim=6, hidden_size=12),
+        dict(attn_type="gqa", num_attention_heads=4, num_key_value_heads=1, head_dim=6, hidden_size=12),
         dict(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, capacity_factor=0.5),
     ],
 )
 def test_accepted_edge_configs_run(kw):
-    small = dict(vocab_size=32, hidden_size=16, n_layers=2, n_heads=2, max_seq_len=16, intermediate_size=16)
+    small = dict(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        intermediate_size=16,
+    )
     small.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, mtp_depth=1)
     _check_model(ModelConfig(**{**small, **kw}).validate(), seed=0)
+
+
+def test_old_model_keys_are_read_as_their_hugging_face_names(tmp_path, caplog):
+    """Configs written before ModelConfig took the HF names (YAML files, run directories, overrides)."""
+    import logging
+
+    from minimoe.config_yaml import MODEL_KEY_ALIASES, build_run_config
+
+    old = {
+        "n_layers": 3,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "first_k_dense": 2,
+        "max_seq_len": 512,
+        "init_std": 0.01,
+    }
+    assert set(old) == set(MODEL_KEY_ALIASES)
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n" + "".join(f"  {k}: {v}\n" for k, v in old.items()) + "  attn_type: gqa\n")
+    with caplog.at_level(logging.WARNING, logger="minimoe.config"):
+        from_yaml = build_run_config(None, str(path), [])
+        from_overrides = build_run_config(
+            None, None, ["model.attn_type=gqa"] + [f"model.{k}={v}" for k, v in old.items()]
+        )
+    for cfg in (from_yaml, from_overrides):
+        m = cfg.model
+        got = (m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads, m.first_k_dense_replace)
+        assert got == (3, 4, 2, 2)
+        assert (m.max_position_embeddings, m.initializer_range) == (512, 0.01)
+    assert "model.n_layers is now called model.num_hidden_layers" in caplog.text

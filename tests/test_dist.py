@@ -37,7 +37,7 @@ STEPS = ["train.max_steps=4", "train.grad_accum=2"]  # accumulation: DDP/FSDP no
 PP_MODEL = [
     "model.mtp_depth=0",
     "model.tie_word_embeddings=false",
-    "model.n_layers=3",
+    "model.num_hidden_layers=3",
     "model.z_loss_coef=1e-3",
 ]
 SCENARIOS = {  # name -> overrides of a 4-step 2-rank run, compared with the same run in one process
@@ -79,7 +79,7 @@ def _ep_layer_check(rank: int, dtype: torch.dtype, impl: str, dead: list[int]) -
 
     cfg = ModelConfig(
         hidden_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
-        n_shared_experts=1, moe_impl=impl, init_std=0.3,
+        n_shared_experts=1, moe_impl=impl, initializer_range=0.3,
     ).validate()  # fmt: skip
     torch.manual_seed(0)
     ref = MoE(cfg).to(dtype)
@@ -357,7 +357,9 @@ def test_one_process_ignores_dist_settings():
     from minimoe.dist.parallel import parallelize
     from minimoe.model.transformer import Transformer
 
-    cfg = RunConfig(model=ModelConfig(hidden_size=32, n_layers=2, n_heads=2, vocab_size=64))
+    cfg = RunConfig(
+        model=ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64)
+    )
     cfg.dist.expert_parallel = 2
     model = Transformer(cfg.model)
     par = parallelize(model, cfg, DistContext())

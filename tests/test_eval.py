@@ -32,9 +32,9 @@ UNIGRAM_PREFS = {ord("a"): 4.0, ord("b"): 2.0, ord("z"): -3.0, ord("\n"): 1.0}
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(
-        vocab_size=V, hidden_size=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
         qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=16,
-        n_routed_experts=4, num_experts_per_tok=2, max_seq_len=64,
+        n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
     )  # fmt: skip
     base.update(kw)
     return ModelConfig(**base)

@@ -20,9 +20,9 @@ from minimoe.model.transformer import Transformer
 from minimoe.train.checkpoint import load_run
 
 TINY = dict(
-    vocab_size=320, hidden_size=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+    vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
     qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
-    num_experts_per_tok=2, max_seq_len=128, mtp_depth=1,
+    num_experts_per_tok=2, max_position_embeddings=128, mtp_depth=1,
 )  # fmt: skip
 SEQ_TRAIN = ["train.seq_len=48", "train.batch_size=8", "train.lr=1e-2"]
 

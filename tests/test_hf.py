@@ -46,9 +46,9 @@ YARN = {
     "beta_slow": 1,
 }
 BASE = dict(
-    vocab_size=320, hidden_size=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+    vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
     qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
-    num_experts_per_tok=2, max_seq_len=64, first_k_dense=1, init_std=0.2,
+    num_experts_per_tok=2, max_position_embeddings=64, first_k_dense_replace=1, initializer_range=0.2,
 )  # fmt: skip
 CASES = {
     # MLA, sigmoid, shared expert, group-limited routing with a nonzero bias, YaRN, low-rank q, MTP
@@ -56,15 +56,15 @@ CASES = {
         n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, mtp_depth=1, q_lora_rank=12,
         rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
-    "deepseek_v3_plain": dict(n_shared_experts=0, first_k_dense=0, num_experts_per_tok=1, tie_word_embeddings=True),
+    "deepseek_v3_plain": dict(n_shared_experts=0, first_k_dense_replace=0, num_experts_per_tok=1, tie_word_embeddings=True),
     "deepseek_v2": dict(scoring_func="softmax", norm_topk_prob=False, aux_free_bias=False, n_group=4, topk_group=2),
     "glm4_moe": dict(
-        attn_type="gqa", n_kv_heads=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, mtp_depth=1,
+        attn_type="gqa", num_key_value_heads=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, mtp_depth=1,
         rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 0.8},
     ),
     "mixtral": dict(
-        attn_type="gqa", n_kv_heads=1, scoring_func="softmax", aux_free_bias=False, n_shared_experts=0,
-        first_k_dense=0, routed_scaling_factor=2.0, rope_scaling=YARN,
+        attn_type="gqa", num_key_value_heads=1, scoring_func="softmax", aux_free_bias=False, n_shared_experts=0,
+        first_k_dense_replace=0, routed_scaling_factor=2.0, rope_scaling=YARN,
     ),
     "qwen2_moe": dict(
         attn_type="gqa", scoring_func="softmax", aux_free_bias=False, n_shared_experts=2, head_dim=12,

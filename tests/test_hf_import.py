@@ -185,8 +185,8 @@ def test_import_published_layout_matches_transformers(published, tmp_path, name)
         "deepseek_v2_lite": dict(attn_type="mla", topk_method="greedy", n_group=1, rope_scaling={"factor": 40.0}),
         "deepseek_v2_grouped": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2),
         "moonlight": dict(topk_method="noaux_tc", q_lora_rank=None, routed_scaling_factor=2.446, n_shared_experts=2),
-        "olmoe": dict(attn_type="gqa", qk_norm="full", first_k_dense=0, moe_intermediate_size=12, norm_topk_prob=False),
-        "qwen3_moe": dict(attn_type="gqa", qk_norm="head", head_dim=12, n_kv_heads=2, n_shared_experts=0),
+        "olmoe": dict(attn_type="gqa", qk_norm="full", first_k_dense_replace=0, moe_intermediate_size=12, norm_topk_prob=False),
+        "qwen3_moe": dict(attn_type="gqa", qk_norm="head", head_dim=12, num_key_value_heads=2, n_shared_experts=0),
     }[name]  # fmt: skip
     for field, value in expected.items():
         got = getattr(cfg, field)
@@ -226,7 +226,7 @@ def test_import_deepseek_moe_16b_matches_reference(tmp_path, norm_topk_prob):
     cfg = run_cfg.model
     assert fmt == "deepseek" and cfg.attn_type == "gqa" and cfg.kv_heads == 4 and cfg.qk_norm == "none"
     assert (cfg.scoring_func, cfg.topk_method, cfg.norm_topk_prob) == ("softmax", "greedy", norm_topk_prob)
-    assert not cfg.aux_free_bias and cfg.n_shared_experts == 2 and cfg.first_k_dense == 1
+    assert not cfg.aux_free_bias and cfg.n_shared_experts == 2 and cfg.first_k_dense_replace == 1
     stored = {
         k: v.float() for k, v in load_file(str(tmp_path / "deepseek-moe-16b" / "model.safetensors")).items()
     }
@@ -260,13 +260,13 @@ def test_import_refuses_what_minimoe_cannot_express(published, tmp_path, name, c
 
 # ------------------------------------------------------------------ q/k-norm export
 
-EXPORT_BASE = dict(vocab_size=320, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                   moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, max_seq_len=64,
-                   attn_type="gqa", init_std=0.2, n_shared_experts=0)  # fmt: skip
+EXPORT_BASE = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                   moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+                   attn_type="gqa", initializer_range=0.2, n_shared_experts=0)  # fmt: skip
 EXPORT_CASES = {
     "qwen3_moe": dict(qk_norm="head", head_dim=12, scoring_func="softmax", aux_free_bias=False,
-                      first_k_dense=1, routed_scaling_factor=2.0, norm_topk_prob=True),
-    "olmoe": dict(qk_norm="full", scoring_func="softmax", aux_free_bias=False, first_k_dense=0,
+                      first_k_dense_replace=1, routed_scaling_factor=2.0, norm_topk_prob=True),
+    "olmoe": dict(qk_norm="full", scoring_func="softmax", aux_free_bias=False, first_k_dense_replace=0,
                   norm_topk_prob=False, routed_scaling_factor=1.5),
     "glm4_moe": dict(qk_norm="head", n_shared_experts=1, n_group=2, topk_group=1, topk_method="noaux_tc"),
 }  # fmt: skip
@@ -308,7 +308,7 @@ def test_qk_norm_cached_decoding_equals_uncached(qk_norm):
     """Keys are normalised before RoPE and cached that way: decoding with the cache equals re-running
     the whole sequence, and the norm weights change the output (they are used)."""
     model = _export_model(
-        qk_norm=qk_norm, scoring_func="softmax", aux_free_bias=False, first_k_dense=0
+        qk_norm=qk_norm, scoring_func="softmax", aux_free_bias=False, first_k_dense_replace=0
     ).double()
     prompt = [5, 17, 99, 3, 250]
     want = greedy_no_cache(model, prompt, 12)
@@ -327,7 +327,7 @@ def test_qk_norm_cached_decoding_equals_uncached(qk_norm):
         (dict(qk_norm="head", scoring_func="softmax", aux_free_bias=False), "mixtral",
          "mixtral has qk_norm=none, the model uses qk_norm=head"),
         (dict(qk_norm="full"), None, "glm4_moe has qk_norm=none or head, the model uses qk_norm=full"),
-        (dict(qk_norm="full", scoring_func="softmax", aux_free_bias=False, head_dim=12, first_k_dense=0), "olmoe",
+        (dict(qk_norm="full", scoring_func="softmax", aux_free_bias=False, head_dim=12, first_k_dense_replace=0), "olmoe",
          "olmoe sizes its q/k norms by hidden_size"),
         (dict(qk_norm="head", n_shared_experts=1, scoring_func="softmax", aux_free_bias=False), "qwen3_moe",
          "qwen3_moe has no shared experts"),

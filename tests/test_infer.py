@@ -38,10 +38,10 @@ from reference import greedy_no_cache, mtp_reference, sequence_logprob
 
 def tiny_cfg(attn_type: str = "mla", **kw) -> ModelConfig:
     base = dict(
-        vocab_size=97, hidden_size=36, n_layers=3, n_heads=3, max_seq_len=64, kv_lora_rank=12,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, intermediate_size=48, first_k_dense=1,
+        vocab_size=97, hidden_size=36, num_hidden_layers=3, num_attention_heads=3, max_position_embeddings=64, kv_lora_rank=12,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, intermediate_size=48, first_k_dense_replace=1,
         n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=20,
-        mtp_depth=1, attn_type=attn_type, n_kv_heads=1 if attn_type == "gqa" else None,
+        mtp_depth=1, attn_type=attn_type, num_key_value_heads=1 if attn_type == "gqa" else None,
     )  # fmt: skip
     base.update(kw)
     return ModelConfig(**base).validate()
@@ -336,7 +336,7 @@ def test_compiled_static_decode_in_the_engine_equals_eager():
 
 
 def test_max_seq_len_bounds_generation():
-    model = tiny_model()  # max_seq_len 64
+    model = tiny_model()  # max_position_embeddings 64
     out = list(generate_tokens(model, list(range(1, 61)), 50, temperature=0.0))
     assert len(out) == 4
     assert list(generate_tokens(model, [1], 0)) == []
@@ -718,7 +718,9 @@ def test_cli_missing_run_dir_and_bad_prompt_file(tmp_path, cli):
 
 def test_cli_warns_when_a_prompt_is_cut(trained_run, cli):
     code, out, err = cli(["generate", str(trained_run), "--prompt", "the cat " * 20, "--max-new-tokens", "3"])
-    assert code == 0 and "has 160 tokens; keeping its last 63" in err  # max_seq_len 64, byte tokens
+    assert (
+        code == 0 and "has 160 tokens; keeping its last 63" in err
+    )  # max_position_embeddings 64, byte tokens
 
 
 def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count():

@@ -24,7 +24,7 @@ pytest.importorskip("matplotlib")
 
 TINY = [
     *TINY_TRAIN,
-    "model.n_shared_experts=1", "model.first_k_dense=0", "model.mtp_depth=0", "train.log_every=2",
+    "model.n_shared_experts=1", "model.first_k_dense_replace=0", "model.mtp_depth=0", "train.log_every=2",
 ]  # fmt: skip
 
 
@@ -59,9 +59,9 @@ def trained(tmp_path_factory):
 
 def _hand_cfg(**kw) -> ModelConfig:
     base = dict(
-        vocab_size=320, hidden_size=32, n_layers=2, n_heads=2, max_seq_len=64, attn_type="mla",
+        vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, attn_type="mla",
         q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        intermediate_size=64, first_k_dense=1, n_routed_experts=4, num_experts_per_tok=2,
+        intermediate_size=64, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=16, n_shared_experts=1, aux_free_bias=True, mtp_depth=0,
         tie_word_embeddings=False,
     )  # fmt: skip
@@ -86,7 +86,7 @@ def test_flops_match_a_hand_count():
     assert rep.train_per_token == 3 * (2 * n_mm + attn_fwd) == 170016
 
     # GQA: 2 query heads of 16, 1 KV head
-    g = _hand_cfg(attn_type="gqa", n_kv_heads=1, head_dim=16)
+    g = _hand_cfg(attn_type="gqa", num_key_value_heads=1, head_dim=16)
     g_attn = D * 32 + 2 * D * 16 + 32 * D
     rep_g = flops.flops_per_token(g, S)
     assert rep_g.matmul_params == 2 * g_attn + dense + moe + head

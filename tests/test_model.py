@@ -16,8 +16,8 @@ from reference import mtp_reference
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(
-        vocab_size=97, hidden_size=36, n_layers=3, n_heads=3, max_seq_len=64, kv_lora_rank=12,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, intermediate_size=48, first_k_dense=1,
+        vocab_size=97, hidden_size=36, num_hidden_layers=3, num_attention_heads=3, max_position_embeddings=64, kv_lora_rank=12,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, intermediate_size=48, first_k_dense_replace=1,
         n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=20,
         mtp_depth=1, seq_aux_loss_alpha=0.01, aux_loss_alpha=0.01, z_loss_coef=0.001,
     )  # fmt: skip
@@ -28,7 +28,7 @@ def tiny_cfg(**kw) -> ModelConfig:
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_forward_returns_loss_parts_and_stats(attn_type):
     torch.manual_seed(0)
-    cfg = tiny_cfg(attn_type=attn_type, n_kv_heads=1 if attn_type == "gqa" else None)
+    cfg = tiny_cfg(attn_type=attn_type, num_key_value_heads=1 if attn_type == "gqa" else None)
     model = Transformer(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     gate_inputs = {}  # MoE layer -> the (B, S, D) hidden states its router saw
@@ -186,30 +186,32 @@ def test_balance_step_moves_selection_bias():
     "kw, field",
     [
         (dict(num_experts_per_tok=9, n_routed_experts=8), "num_experts_per_tok"),
-        (dict(attn_type="gqa", n_heads=5), "n_heads"),
-        (dict(attn_type="gqa", n_kv_heads=3), "n_kv_heads"),
+        (dict(attn_type="gqa", num_attention_heads=5), "num_attention_heads"),
+        (dict(attn_type="gqa", num_key_value_heads=3), "num_key_value_heads"),
         (dict(n_group=4, topk_group=5, n_routed_experts=8), "topk_group"),
         (dict(n_group=3, n_routed_experts=8), "n_group"),
         (dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
-        (dict(first_k_dense=9), "first_k_dense"),
+        (dict(first_k_dense_replace=9), "first_k_dense_replace"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(scoring_func="relu"), "scoring_func"),
     ],
 )
 def test_invalid_configs_name_the_field(kw, field):
-    base = dict(n_routed_experts=8, num_experts_per_tok=2, n_heads=4, hidden_size=64)
+    base = dict(n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4, hidden_size=64)
     base.update(kw)
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**base).validate()
 
 
 def test_overrides_and_unknown_keys():
-    cfg = build_run_config("tiny", overrides=["model.n_layers=2", "train.lr=1e-3", "model.q_lora_rank=16"])
-    assert cfg.model.n_layers == 2 and cfg.train.lr == 1e-3 and cfg.model.q_lora_rank == 16
-    with pytest.raises(ConfigError, match="did you mean 'model.n_layers'"):
+    cfg = build_run_config(
+        "tiny", overrides=["model.num_hidden_layers=2", "train.lr=1e-3", "model.q_lora_rank=16"]
+    )
+    assert cfg.model.num_hidden_layers == 2 and cfg.train.lr == 1e-3 and cfg.model.q_lora_rank == 16
+    with pytest.raises(ConfigError, match="did you mean 'model.num_hidden_layers'"):
         set_dotted(RunConfig(), "model.n_layer", "2")
     with pytest.raises(ConfigError, match="integer"):
-        set_dotted(RunConfig(), "model.n_layers", "two")
+        set_dotted(RunConfig(), "model.num_hidden_layers", "two")
     with pytest.raises(ConfigError, match="unknown preset"):
         build_run_config("tinyy")
 
@@ -260,7 +262,7 @@ def test_activation_checkpointing_with_auto_kernel_probe():
     from minimoe.model.experts import grouped_mm_works
 
     grouped_mm_works.__wrapped__.cache_clear()  # probe afresh, inside the checkpointed block
-    cfg = tiny_cfg(moe_impl="auto", hidden_size=32, n_heads=2, moe_intermediate_size=16)
+    cfg = tiny_cfg(moe_impl="auto", hidden_size=32, num_attention_heads=2, moe_intermediate_size=16)
     model = Transformer(cfg)
     model.gradient_checkpointing = True
     idx = torch.randint(0, cfg.vocab_size, (2, 8))

@@ -41,7 +41,7 @@ def make_cfg(**kw) -> ModelConfig:
         n_shared_experts=1,
         scoring_func="sigmoid",
         moe_impl="loop",
-        init_std=0.3,
+        initializer_range=0.3,
     )
     base.update(kw)
     return ModelConfig(**base).validate()

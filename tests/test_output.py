@@ -83,7 +83,7 @@ def test_figures_name_the_mtp_module():
     from minimoe.lab.plot import RunData, layer_label
 
     cfg = RunConfig()
-    cfg.model.n_layers, cfg.model.mtp_depth = 4, 1
+    cfg.model.num_hidden_layers, cfg.model.mtp_depth = 4, 1
     rd = RunData(label="r", path=Path("."), cfg=cfg)
     assert [layer_label(rd, k) for k in ("1", "3", "4")] == ["layer 1", "layer 3", "MTP"]
     cfg.model.mtp_depth = 2

@@ -125,8 +125,8 @@ def test_perplexity_of_one_long_document_moves_the_bar_per_batch(tmp_path, monke
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=320, hidden_size=32, n_layers=1, n_heads=2, max_seq_len=32,
-                                    first_k_dense=1, intermediate_size=64, attn_type="gqa")).eval()  # fmt: skip
+    model = Transformer(ModelConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                                    first_k_dense_replace=1, intermediate_size=64, attn_type="gqa")).eval()  # fmt: skip
     doc = tmp_path / "one.txt"
     doc.write_text("the cat sat on a mat " * 40, encoding="utf-8")  # one document, 840 bytes, 27 windows
     evaluate_perplexity(model, Tokenizer.byte(), doc, window=32, batch_size=4, progress=True)

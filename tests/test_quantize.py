@@ -96,7 +96,7 @@ def test_int8_kernel_matches_dequantized_matmul():
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_quantized_model_stays_close(attn_type):
     torch.manual_seed(0)
-    model = Transformer(tiny_cfg(attn_type, init_std=0.1)).eval()
+    model = Transformer(tiny_cfg(attn_type, initializer_range=0.1)).eval()
     idx = torch.randint(0, 97, (2, 20))
     ref = model(idx).logits
     before = weight_bytes(model)

@@ -73,7 +73,7 @@ def test_seed_presets_carry_recipe_tokenizer_and_notes():
         assert recipe["data.tokenizer"] in ("gpt2", "smollm2", "deepseek-moe")
         assert NOTES[name], name
         cfg = build_run_config(name)  # the recipe validates against its model
-        assert cfg.train.seq_len <= cfg.model.max_seq_len
+        assert cfg.train.seq_len <= cfg.model.max_position_embeddings
     opt = build_run_config("optimal-moe").train
     assert (opt.lr, opt.warmup_steps, opt.batch_size, opt.grad_accum, opt.seq_len, opt.precision) == (
         3e-4, 2000, 4, 16, 512, "bf16",
@@ -85,7 +85,7 @@ def test_seed_presets_carry_recipe_tokenizer_and_notes():
     big = build_run_config("deepseek-moe-16b")
     assert big.train.batch_size * big.train.grad_accum == 4608 and big.train.lr == 4.2e-4
     # the published model: no renormalisation of the top-6 weights, MHA
-    assert not big.model.norm_topk_prob and big.model.kv_heads == big.model.n_heads == 16
+    assert not big.model.norm_topk_prob and big.model.kv_heads == big.model.num_attention_heads == 16
 
 
 def test_yaml_preset_key_brings_its_recipe(tmp_path):

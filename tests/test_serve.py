@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory) -> Path:
     overrides = TINY + [
         f"data.path={root / 'corpus.txt'}",
         f"data.cache_dir={root / 'cache'}",
-        f"model.max_seq_len={CONTEXT}",
+        f"model.max_position_embeddings={CONTEXT}",
         "train.max_steps=40",
         "train.eval_every=1000",
         "train.lr=1e-2",
@@ -737,7 +737,7 @@ def test_serve_speculative_answers_what_plain_greedy_generation_gives(run_dir, t
     (batched, drafted and verified together) get exactly the library's plain greedy text."""
     overrides = TINY + [
         f"data.path={run_dir.parent / 'corpus.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
-        f"model.max_seq_len={CONTEXT}", "model.mtp_depth=1", "train.max_steps=40", "train.eval_every=1000",
+        f"model.max_position_embeddings={CONTEXT}", "model.mtp_depth=1", "train.max_steps=40", "train.eval_every=1000",
         "train.lr=1e-2",
     ]  # fmt: skip
     train_from_config(overrides=overrides, run_dir=tmp_path / "run", progress=False, sample=False)
@@ -852,7 +852,7 @@ def _mtp_model(seed: int = 0):
     from minimoe.model.transformer import Transformer
 
     cfg = ModelConfig(
-        vocab_size=258, hidden_size=32, n_layers=2, n_heads=2, max_seq_len=64, kv_lora_rank=12,
+        vocab_size=258, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, kv_lora_rank=12,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mtp_depth=1,
     )  # fmt: skip

@@ -3,10 +3,10 @@
 Test files extend these dotted overrides; a later `key=value` wins over an earlier one."""
 
 TINY_MODEL = [
-    "model.hidden_size=32", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=16",
+    "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.kv_lora_rank=16",
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
     "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",
-    "model.num_experts_per_tok=2", "model.max_seq_len=64", "model.mtp_depth=1",
+    "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.mtp_depth=1",
     "model.bias_update_speed=0.001",  # the test model stays as it was when the tiny recipe changes
 ]  # fmt: skip
 TINY_TRAIN = TINY_MODEL + [

@@ -15,13 +15,13 @@ class ModelConfig:
     # sizes
     vocab_size: int = 4096
     hidden_size: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 1024
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 1024
     # attention
     attn_type: Literal["mla", "gqa"] = "mla"
-    n_kv_heads: int | None = None  # gqa only; None = n_heads (MHA)
-    head_dim: int | None = None  # gqa only; None = hidden_size // n_heads
+    num_key_value_heads: int | None = None  # gqa only; None = num_attention_heads (MHA)
+    head_dim: int | None = None  # gqa only; None = hidden_size // num_attention_heads
     # gqa only: RMSNorm on queries and keys before RoPE. "head": over each head (Qwen3-MoE, GLM-4.5
     # use_qk_norm); "full": over the whole q/k projection (OLMoE). HF names: q_norm, k_norm
     qk_norm: Literal["none", "head", "full"] = "none"
@@ -36,7 +36,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     # feed-forward
     intermediate_size: int = 512  # dense SwiGLU layers
-    first_k_dense: int = 1  # the first k layers are dense, the rest MoE
+    first_k_dense_replace: int = 1  # the first k layers are dense, the rest MoE
     n_routed_experts: int = 8
     n_shared_experts: int = 1
     num_experts_per_tok: int = 2
@@ -69,16 +69,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     dropout: float = 0.0  # residual branches
     attn_dropout: float = 0.0
-    init_std: float = 0.02
+    initializer_range: float = 0.02
 
     # ---- derived ----
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+        return self.num_key_value_heads or self.num_attention_heads
 
     @property
     def gqa_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.n_heads
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def qk_head_dim(self) -> int:
@@ -105,7 +105,7 @@ class ModelConfig:
         return grouped and self.effective_topk_method != "greedy"
 
     def is_moe_layer(self, i: int) -> bool:
-        return i >= self.first_k_dense and self.n_routed_experts > 0
+        return i >= self.first_k_dense_replace and self.n_routed_experts > 0
 
     def validate(self) -> ModelConfig:
         """Raise ConfigError with one sentence naming the field if the config is not buildable."""
@@ -114,20 +114,28 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "max_seq_len", "intermediate_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "intermediate_size",
+        ):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.attn_type in ("mla", "gqa"), f"attn_type must be 'mla' or 'gqa', got {self.attn_type!r}")
         if self.attn_type == "gqa":
             if self.head_dim is None:
                 need(
-                    self.hidden_size % self.n_heads == 0,
-                    f"n_heads ({self.n_heads}) does not divide hidden_size ({self.hidden_size})",
+                    self.hidden_size % self.num_attention_heads == 0,
+                    f"num_attention_heads ({self.num_attention_heads}) does not divide hidden_size ({self.hidden_size})",
                 )
             need(self.gqa_head_dim > 0, f"head_dim must be positive, got {self.head_dim}")
             need(self.gqa_head_dim % 2 == 0, f"head_dim ({self.gqa_head_dim}) must be even for RoPE")
             need(
-                1 <= self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
-                f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})",
+                1 <= self.kv_heads <= self.num_attention_heads
+                and self.num_attention_heads % self.kv_heads == 0,
+                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})",
             )
             need(
                 self.qk_norm in ("none", "head", "full"),
@@ -147,8 +155,8 @@ class ModelConfig:
                 f"q_lora_rank must be positive or null, got {self.q_lora_rank}",
             )
         need(
-            0 <= self.first_k_dense <= self.n_layers,
-            f"first_k_dense ({self.first_k_dense}) must be between 0 and n_layers ({self.n_layers})",
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            f"first_k_dense_replace ({self.first_k_dense_replace}) must be between 0 and num_hidden_layers ({self.num_hidden_layers})",
         )
         need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
         if self.n_routed_experts > 0:
@@ -327,9 +335,9 @@ class RunConfig:
         _check_train_ranges(t)
         if t.muon_lr is not None and t.muon_lr <= 0:
             raise ConfigError(f"train.muon_lr must be positive, got {t.muon_lr}")
-        if t.seq_len > self.model.max_seq_len:
+        if t.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
-                f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+                f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -15,9 +16,33 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from minimoe.config import RunConfig
+from minimoe.config import ModelConfig, RunConfig
 from minimoe.errors import ConfigError
 from minimoe.presets import get_preset, preset_train_defaults
+
+log = logging.getLogger("minimoe.config")
+
+# ModelConfig keys of minimoe before it took the Hugging Face names; still read (configs and run
+# directories written then), with a note saying the new name.
+MODEL_KEY_ALIASES = {
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "first_k_dense": "first_k_dense_replace",
+    "max_seq_len": "max_position_embeddings",
+    "init_std": "initializer_range",
+}
+
+
+def _current_key(cls: type, key: str, where: str) -> str:
+    """`key`, or its current name when it is an old ModelConfig key."""
+    new = MODEL_KEY_ALIASES.get(key) if cls is ModelConfig else None
+    if new is None:
+        return key
+    log.warning(
+        "%s%s is now called %s%s (the Hugging Face name); the old key still works", where, key, where, new
+    )
+    return new
 
 
 def _to_int(value: Any, where: str) -> int:
@@ -121,6 +146,7 @@ def dataclass_from_dict(cls: type, d: dict, where: str = "") -> Any:
     names = [f.name for f in fields(cls)]
     kwargs = {}
     for k, v in d.items():
+        k = _current_key(cls, k, where) if isinstance(k, str) else k
         if k not in names:
             raise _unknown_key(str(k), names, where)
         tp = hints[k]
@@ -144,7 +170,7 @@ def set_dotted(cfg: Any, key: str, value: Any) -> None:
         path += p + "."
         if not dataclasses.is_dataclass(obj):
             raise ConfigError(f"config key '{path.rstrip('.')}' has no sub-keys")
-    last = parts[-1]
+    last = _current_key(type(obj), parts[-1], path)
     names = [f.name for f in fields(obj)]
     if last not in names:
         raise _unknown_key(last, names, path)

@@ -95,11 +95,15 @@ def count_params(cfg: ModelConfig) -> ParamReport:
     from minimoe.model.transformer import Transformer
 
     cfg.validate()
-    n_dense = min(cfg.first_k_dense, cfg.n_layers) if cfg.n_routed_experts > 0 else cfg.n_layers
-    n_moe = cfg.n_layers - n_dense
+    n_dense = (
+        min(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+        if cfg.n_routed_experts > 0
+        else cfg.num_hidden_layers
+    )
+    n_moe = cfg.num_hidden_layers - n_dense
     small = copy.copy(cfg)
-    small.n_layers = min(n_dense, 1) + min(n_moe, 1)
-    small.first_k_dense = min(n_dense, 1)
+    small.num_hidden_layers = min(n_dense, 1) + min(n_moe, 1)
+    small.first_k_dense_replace = min(n_dense, 1)
     small.mtp_depth = min(cfg.mtp_depth, 1)
     try:
         with torch.device("meta"):
@@ -121,7 +125,7 @@ def count_params(cfg: ModelConfig) -> ParamReport:
         if id(t) in seen:  # tied embedding/head counted once (as the head)
             continue
         seen.add(id(t))
-        times = _repeats(name, n_dense, n_moe, cfg.mtp_depth, small.first_k_dense)
+        times = _repeats(name, n_dense, n_moe, cfg.mtp_depth, small.first_k_dense_replace)
         (mtp if name.startswith("mtp.") else main).append((name.removeprefix("mtp."), t, times))
     if cfg.tie_word_embeddings:
         # named_parameters lists embed_tokens first; credit the shared matrix to the head, which every
@@ -144,17 +148,17 @@ def count_params(cfg: ModelConfig) -> ParamReport:
         mtp_activated=mtp_act,
         hf_checkpoint_total=total + mtp_total + (emb_and_head * cfg.mtp_depth),
         components={k: v for k, v in comps.items() if v},
-        kv_cache_bytes_per_token={k: v * cfg.n_layers for k, v in kv_layer.items()},
+        kv_cache_bytes_per_token={k: v * cfg.num_hidden_layers for k, v in kv_layer.items()},
         kv_cache_bytes_per_token_per_layer=kv_layer,
     )
 
 
 def memory_estimate(cfg: ModelConfig, report: ParamReport | None = None, context: int | None = None) -> dict:
     """Bytes for weights, gradients and AdamW state (two fp32 moments) per weight dtype, and the KV cache
-    for one sequence of `context` tokens (default max_seq_len)."""
+    for one sequence of `context` tokens (default max_position_embeddings)."""
     report = report or count_params(cfg)
     n = report.total + report.mtp_total
-    context = context or cfg.max_seq_len
+    context = context or cfg.max_position_embeddings
     out = {}
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         weights = n * size

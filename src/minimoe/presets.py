@@ -23,54 +23,54 @@ PRESET_FIELDS: dict[str, dict[str, Any]] = {
     # bias update speed 0.01: V3's 0.001 balances too slowly for runs of hundreds to thousands of steps
     # (docs/RESULTS.md, recipe search); `small` keeps MTP.
     "tiny": dict(
-        hidden_size=192, max_seq_len=512, moe_intermediate_size=128, seq_aux_loss_alpha=1e-4,
+        hidden_size=192, max_position_embeddings=512, moe_intermediate_size=128, seq_aux_loss_alpha=1e-4,
         bias_update_speed=0.01, tie_word_embeddings=True,
     ),
     # ~100M total parameters: laptop / Colab.
     "small": dict(
-        vocab_size=16384, hidden_size=512, n_layers=8, n_heads=8, kv_lora_rank=128, qk_nope_head_dim=64,
+        vocab_size=16384, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, kv_lora_rank=128, qk_nope_head_dim=64,
         qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1536, n_routed_experts=16,
         moe_intermediate_size=384, seq_aux_loss_alpha=1e-4, mtp_depth=1,
     ),
     # Seed "Optimal MoE": 8 SwiGLU experts top-2 at 3.5 x dim, GQA 8/2, aux-free bias + z-loss, GPT-2
     # vocabulary, tied embedding.
     "optimal-moe": dict(
-        vocab_size=50257, hidden_size=512, n_layers=8, n_heads=8, max_seq_len=512, attn_type="gqa",
-        n_kv_heads=2, first_k_dense=0, n_shared_experts=0, moe_intermediate_size=1792, z_loss_coef=1e-3,
+        vocab_size=50257, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, max_position_embeddings=512, attn_type="gqa",
+        num_key_value_heads=2, first_k_dense_replace=0, n_shared_experts=0, moe_intermediate_size=1792, z_loss_coef=1e-3,
         tie_word_embeddings=True,
     ),
     # Seed "MyMoE": 2 experts top-1 with capacity, jitter and aux loss; GPT-2 vocabulary padded to 50304.
     "mymoe": dict(
-        vocab_size=50304, hidden_size=768, n_layers=12, max_seq_len=128, attn_type="gqa", n_kv_heads=2,
-        first_k_dense=0, n_routed_experts=2, n_shared_experts=0, num_experts_per_tok=1,
+        vocab_size=50304, hidden_size=768, num_hidden_layers=12, max_position_embeddings=128, attn_type="gqa", num_key_value_heads=2,
+        first_k_dense_replace=0, n_routed_experts=2, n_shared_experts=0, num_experts_per_tok=1,
         moe_intermediate_size=1536, scoring_func="softmax", norm_topk_prob=False, router_jitter=0.01,
         aux_free_bias=False, aux_loss_alpha=0.01, capacity_factor=1.25, tie_word_embeddings=True,
     ),
     # Seed "DeepSeek (Mini)": MLA with compression ratio 8 (kv_lora_rank = 576 / 8 = 72), head dim 72
     # split 48 nope + 24 rope; 8 GELU experts + 1 shared, top-2; SmolLM2's vocabulary, tied embedding.
     "deepseek-mini": dict(
-        vocab_size=49152, hidden_size=576, n_layers=30, n_heads=8, max_seq_len=128, kv_lora_rank=72,
-        qk_nope_head_dim=48, qk_rope_head_dim=24, v_head_dim=72, first_k_dense=0,
+        vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=8, max_position_embeddings=128, kv_lora_rank=72,
+        qk_nope_head_dim=48, qk_rope_head_dim=24, v_head_dim=72, first_k_dense_replace=0,
         moe_intermediate_size=1536, expert_act="gelu", scoring_func="softmax", aux_free_bias=False,
         aux_loss_alpha=0.01, z_loss_coef=1e-3, tie_word_embeddings=True,
     ),
-    # DeepSeekMoE 16B (arXiv 2401.06066; HF deepseek-moe-16b-base config.json). n_kv_heads = n_heads:
+    # DeepSeekMoE 16B (arXiv 2401.06066; HF deepseek-moe-16b-base config.json). num_key_value_heads = num_attention_heads:
     # the published model is MHA (see NOTES).
     "deepseek-moe-16b": dict(
-        vocab_size=102400, hidden_size=2048, n_layers=28, n_heads=16, max_seq_len=4096, attn_type="gqa",
-        n_kv_heads=16, intermediate_size=10944, n_routed_experts=64, n_shared_experts=2,
+        vocab_size=102400, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, max_position_embeddings=4096, attn_type="gqa",
+        num_key_value_heads=16, intermediate_size=10944, n_routed_experts=64, n_shared_experts=2,
         num_experts_per_tok=6, moe_intermediate_size=1408, scoring_func="softmax", norm_topk_prob=False,
         aux_free_bias=False, seq_aux_loss_alpha=0.001,
     ),
     # DeepSeek-V3 (arXiv 2412.19437; HF deepseek-ai/DeepSeek-V3 config.json).
     "deepseek-v3": dict(
-        vocab_size=129280, hidden_size=7168, n_layers=61, n_heads=128, max_seq_len=163840,
+        vocab_size=129280, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, max_position_embeddings=163840,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         rope_scaling={
             "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
         },
-        intermediate_size=18432, first_k_dense=3, n_routed_experts=256, num_experts_per_tok=8,
+        intermediate_size=18432, first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8,
         moe_intermediate_size=2048, routed_scaling_factor=2.5, n_group=8, topk_group=4,
         seq_aux_loss_alpha=1e-4, mtp_depth=1,
     ),

@@ -280,7 +280,7 @@ def run_bench(
     """
     gen = torch.Generator().manual_seed(0)
     V, tc = rc.model.vocab_size, rc.train
-    max_len = rc.model.max_seq_len
+    max_len = rc.model.max_position_embeddings
 
     def tick(key: str, fn: Callable[[], int]) -> Callable[[], int]:
         def wrapped() -> int:

@@ -63,7 +63,9 @@ def benchmark(
         from minimoe.bench.hf import hf_twin, max_logit_diff
 
         hf = hf_twin(model)
-        probe = torch.randint(0, rc.model.vocab_size, (2, min(64, rc.model.max_seq_len)), device=device)
+        probe = torch.randint(
+            0, rc.model.vocab_size, (2, min(64, rc.model.max_position_embeddings)), device=device
+        )
         result["logits_max_abs_diff"] = diff = max_logit_diff(model, hf, probe)
         if not diff < 1e-3:
             raise RuntimeError(f"the HF twin computes a different function (max logit difference {diff:.3g})")

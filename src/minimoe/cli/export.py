@@ -57,7 +57,10 @@ def run(args) -> int:
         print(f"note: {n}", file=sys.stderr)
     if args.verify:
         ids = torch.randint(
-            0, tok.vocab_size, (2, min(32, model.cfg.max_seq_len)), generator=torch.Generator().manual_seed(0)
+            0,
+            tok.vocab_size,
+            (2, min(32, model.cfg.max_position_embeddings)),
+            generator=torch.Generator().manual_seed(0),
         )
         diff = compare_logits(model, res.out_dir, ids)
         print(f"max |logit difference| against transformers: {diff:.2e}")

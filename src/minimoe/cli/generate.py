@@ -146,7 +146,7 @@ def run(args) -> int:
     if args.speculative and not len(model.mtp):
         raise MinimoeError("--speculative needs a model trained with MTP modules (model.mtp_depth >= 1)")
 
-    limit = model.cfg.max_seq_len - 1
+    limit = model.cfg.max_position_embeddings - 1
     for i, prompt in enumerate(prompts):
         n = len(tok.encode(prompt))
         if n > limit:

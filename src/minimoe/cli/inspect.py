@@ -35,13 +35,13 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def _layer_name(key: str, n_layers: int) -> str:
+def _layer_name(key: str, num_hidden_layers: int) -> str:
     """Blocks after the last layer are the MTP modules."""
     i = int(key)
-    return f"layer {i}" if i < n_layers else f"MTP module {i - n_layers + 1}"
+    return f"layer {i}" if i < num_hidden_layers else f"MTP module {i - num_hidden_layers + 1}"
 
 
-def _print_corpus(console, stats: dict, n_layers: int) -> None:
+def _print_corpus(console, stats: dict, num_hidden_layers: int) -> None:
     from rich import box
     from rich.table import Table
 
@@ -54,7 +54,7 @@ def _print_corpus(console, stats: dict, n_layers: int) -> None:
     for name, layer in stats["layers"].items():
         ent = layer["entropy"]
         console.print(
-            f"\n[bold]{_layer_name(name, n_layers)}[/bold]: MaxVio {layer['max_vio']:.3f}, load entropy "
+            f"\n[bold]{_layer_name(name, num_hidden_layers)}[/bold]: MaxVio {layer['max_vio']:.3f}, load entropy "
             f"{ent['load_normalised']:.3f} of max,\n  mean per-token score entropy {ent['mean_token_nats']:.3f} "
             f"nats ({ent['mean_token_normalised']:.3f} of max)"
         )
@@ -133,7 +133,7 @@ def run(args) -> int:
         if args.coact_png:
             out["coactivation_png"] = str(save_coactivation(stats, args.coact_png))
         if not args.json:
-            _print_corpus(console, stats, cfg.model.n_layers)
+            _print_corpus(console, stats, cfg.model.num_hidden_layers)
             if args.coact_png:
                 console.print(f"co-activation: {args.coact_png}")
     if args.json:

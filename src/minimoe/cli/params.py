@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
         "--context", type=integer, default=None, help="tokens per sequence for the KV-cache estimate"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model.n_layers=4")
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="dotted overrides, e.g. model.num_hidden_layers=4"
+    )
 
 
 def _human(n: float, unit: str = "") -> str:

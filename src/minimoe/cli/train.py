@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
         "train",
         help="train a model from raw text",
         description="Train a model. Config: --preset, then --config YAML, then dotted overrides "
-        "(e.g. train.max_steps=500 model.n_layers=2).",
+        "(e.g. train.max_steps=500 model.num_hidden_layers=2).",
     )
     p.add_argument("--preset", help="named model config (default: tiny when no --config is given)")
     p.add_argument("--config", help="YAML file with model/train/data/dist sections")

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         "--router-std",
         type=number,
         default=None,
-        help="std of the fresh router (default init_std; 0 = uniform)",
+        help="std of the fresh router (default initializer_range; 0 = uniform)",
     )
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer folder, when the folder has none")
     p.add_argument("--seed", type=integer, default=0, help="router initialisation seed")

@@ -39,10 +39,10 @@ class _AttachLoss(torch.autograd.Function):
         return grad, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad.device)
 
 
-def split_layers(n_layers: int, n_stages: int) -> list[range]:
+def split_layers(num_hidden_layers: int, n_stages: int) -> list[range]:
     """Contiguous, balanced block ranges per stage; earlier stages get the extra blocks (the last stage
     also runs the LM head)."""
-    base, extra = divmod(n_layers, n_stages)
+    base, extra = divmod(num_hidden_layers, n_stages)
     out, start = [], 0
     for s in range(n_stages):
         n = base + (s < extra)
@@ -61,8 +61,8 @@ def check_pipeline(cfg: RunConfig, world_size: int) -> None:
         )
     if cfg.dist.expert_parallel > 1:
         raise ConfigError("dist.pipeline_parallel does not combine with dist.expert_parallel")
-    if P > mc.n_layers:
-        raise ConfigError(f"dist.pipeline_parallel ({P}) is larger than model.n_layers ({mc.n_layers})")
+    if P > mc.num_hidden_layers:
+        raise ConfigError(f"dist.pipeline_parallel ({P}) is larger than model.num_hidden_layers ({mc.num_hidden_layers})")
     if mc.mtp_depth:
         raise ConfigError("dist.pipeline_parallel does not support MTP; set model.mtp_depth=0")
     if mc.tie_word_embeddings:
@@ -176,7 +176,7 @@ class PipelineRunner:
         P = cfg.dist.pipeline_parallel
         self.ctx, self.n_stages, self.stage_idx = ctx, P, ctx.rank
         self.first, self.last = ctx.rank == 0, ctx.rank == P - 1
-        ranges = split_layers(cfg.model.n_layers, P)
+        ranges = split_layers(cfg.model.num_hidden_layers, P)
         self.module = PipelineStageModule(model, ranges[ctx.rank], self.first, self.last).to(ctx.device)
         self.n_micro = cfg.dist.pp_microbatches or P
         # Static shapes: without them the stage infers them by running an extra forward at the first
@@ -191,7 +191,7 @@ class PipelineRunner:
         # gradients of earlier gradient-accumulation steps.
         self.schedule = schedule_cls(self.stage, self.n_micro, loss_fn=self._loss_fn, scale_grads=False)
         # every MoE layer of the full model, in a fixed order, so stages can sum their statistics
-        self.moe_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
+        self.moe_ids = [i for i in range(cfg.model.num_hidden_layers) if cfg.model.is_moe_layer(i)]
         self.n_experts = cfg.model.n_routed_experts
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class MinimoeLM(LM):
             model = model.to(DTYPES[dtype])
             self.info = {"path": meta["path"], "step": meta.get("step")}
             # positions past the training length were never trained
-            max_length = max_length or min(cfg.train.seq_len, cfg.model.max_seq_len)
+            max_length = max_length or min(cfg.train.seq_len, cfg.model.max_position_embeddings)
         elif tokenizer is None:
             raise MinimoeError("pass the tokenizer together with the model")
         else:

@@ -90,7 +90,7 @@ def evaluate_run(
     opts = {k: v for k, v in options.items() if v is not None}
     if task == "perplexity":
         # positions past the training length were never trained: by default read windows of that length
-        opts.setdefault("window", min(cfg.train.seq_len, cfg.model.max_seq_len))
+        opts.setdefault("window", min(cfg.train.seq_len, cfg.model.max_position_embeddings))
         res = perplexity.evaluate_perplexity(model, tok, str(data), progress=progress, **opts)
         res["data_sha256"] = _source_hash(data, opts.get("text_field", "text"))
     elif task == "multiple-choice":

@@ -69,7 +69,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def model_context(model) -> int:
     """The longest input the model accepts (its RoPE table length)."""
-    return int(model.cfg.max_seq_len)
+    return int(model.cfg.max_position_embeddings)
 
 
 def head_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:

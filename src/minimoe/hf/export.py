@@ -58,8 +58,8 @@ def _bias_nonzero(sd: dict[str, torch.Tensor]) -> bool:
 
 
 def _moe_prefixes(cfg: ModelConfig, mtp_layers: int) -> list[str]:
-    main = [f"layers.{i}.mlp." for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
-    mtp = [f"mtp.{k}.block.mlp." for k in range(mtp_layers) if cfg.is_moe_layer(cfg.n_layers + k)]
+    main = [f"layers.{i}.mlp." for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    mtp = [f"mtp.{k}.block.mlp." for k in range(mtp_layers) if cfg.is_moe_layer(cfg.num_hidden_layers + k)]
     return main + mtp
 
 
@@ -111,10 +111,10 @@ def hub_tensors(
         )
     # qwen2_moe's shared_expert_gate sits beside the gate, not inside it: move it after renaming
     gates = {k: sd.pop(k) for k in [k for k in sd if k.endswith("gate.shared_expert_gate")]}
-    hub = keymap.to_hub(sd, cfg.n_layers, fmt, cfg.tie_word_embeddings)
+    hub = keymap.to_hub(sd, cfg.num_hidden_layers, fmt, cfg.tie_word_embeddings)
     for k, v in gates.items():
         layer = re.search(r"layers\.(\d+)\.", k) or re.search(r"mtp\.(\d+)\.", k)
-        idx = int(layer.group(1)) + (cfg.n_layers if k.startswith("mtp.") else 0)
+        idx = int(layer.group(1)) + (cfg.num_hidden_layers if k.startswith("mtp.") else 0)
         hub[f"model.layers.{idx}.mlp.shared_expert_gate.weight"] = v
     return hub, notes
 
@@ -259,7 +259,7 @@ def export_model(
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2))
         files += ["config.json", "generation_config.json"]
-        files += write_tokenizer_files(tokenizer, tmp, cfg.max_seq_len)
+        files += write_tokenizer_files(tokenizer, tmp, cfg.max_position_embeddings)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

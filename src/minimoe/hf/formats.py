@@ -79,14 +79,12 @@ def refusal(cfg: ModelConfig, fmt: str, bias_nonzero: bool) -> str | None:
         return f"{fmt} has no group-limited routing (n_group={cfg.n_group}, topk_group={cfg.topk_group})"
     if MOE_NAMES[fmt].shared is None and cfg.n_shared_experts > 0:
         return f"{fmt} has no shared experts"
-    if fmt in ("mixtral", "olmoe") and cfg.first_k_dense > 0:
-        return f"{fmt} has no dense layers (first_k_dense > 0)"
+    if fmt in ("mixtral", "olmoe") and cfg.first_k_dense_replace > 0:
+        return f"{fmt} has no dense layers (first_k_dense_replace > 0)"
     if fmt == "mixtral" and (not cfg.norm_topk_prob or k == 1):
         return "mixtral always renormalises the top-k weights (the model does not, norm_topk_prob=false or top-1)"
-    if fmt == "olmoe" and cfg.gqa_head_dim * cfg.n_heads != cfg.hidden_size:
-        return (
-            f"olmoe sizes its q/k norms by hidden_size, so head_dim ({cfg.head_dim}) * n_heads must equal it"
-        )
+    if fmt == "olmoe" and cfg.gqa_head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        return f"olmoe sizes its q/k norms by hidden_size, so head_dim ({cfg.head_dim}) * num_attention_heads must equal it"
     return None
 
 
@@ -153,10 +151,10 @@ def rope_config(cfg: ModelConfig, fmt: str) -> dict:
 
 # fields every format writes, then per family (names from `keymap.config_key`; where a format calls the
 # experts' width `intermediate_size`, the later moe_intermediate_size entry overwrites the dense one)
-_COMMON = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
-           "init_std", "rms_norm_eps", "tie_word_embeddings", "num_experts_per_tok", "norm_topk_prob")  # fmt: skip
+_COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+           "initializer_range", "rms_norm_eps", "tie_word_embeddings", "num_experts_per_tok", "norm_topk_prob")  # fmt: skip
 _MLA = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-_DEEPSEEK = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense", "n_group",
+_DEEPSEEK = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "n_group",
              "topk_group", "routed_scaling_factor", "topk_method", "scoring_func")  # fmt: skip
 _SOFTMAX = ("n_routed_experts", "moe_intermediate_size", "aux_loss_alpha")
 
@@ -173,10 +171,12 @@ def hf_config(cfg: ModelConfig, fmt: str, tokenizer, dtype: str, mtp_layers: int
         mtp_layers: MTP modules written after the main layers (0 when dropped).
     """
     values = {
-        "n_kv_heads": cfg.kv_heads if cfg.attn_type == "gqa" else cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads if cfg.attn_type == "gqa" else cfg.num_attention_heads,
         # minimoe skips the renormalisation for top-1 (it would make every weight 1.0); so must HF
         "norm_topk_prob": cfg.norm_topk_prob and cfg.num_experts_per_tok > 1,
-        "first_k_dense": cfg.first_k_dense if cfg.n_routed_experts > 0 else cfg.n_layers,
+        "first_k_dense_replace": cfg.first_k_dense_replace
+        if cfg.n_routed_experts > 0
+        else cfg.num_hidden_layers,
         "topk_method": cfg.effective_topk_method if cfg.group_limited else "greedy",
     }
     if fmt in ("deepseek_v3", "glm4_moe"):
@@ -213,7 +213,7 @@ def hf_config(cfg: ModelConfig, fmt: str, tokenizer, dtype: str, mtp_layers: int
     elif fmt == "mixtral":
         c.update(sliding_window=None, router_jitter_noise=cfg.router_jitter)
     elif fmt in ("qwen2_moe", "qwen3_moe"):
-        c.update(decoder_sparse_step=1, mlp_only_layers=list(range(values["first_k_dense"])))
+        c.update(decoder_sparse_step=1, mlp_only_layers=list(range(values["first_k_dense_replace"])))
         c.update(use_sliding_window=False, sliding_window=None)
         if fmt == "qwen2_moe":
             shared = cfg.moe_intermediate_size * cfg.n_shared_experts

@@ -119,8 +119,8 @@ def _fields(c: dict, fmt: str, names: tuple[str, ...], required: tuple[str, ...]
     return out
 
 
-_SIZES = ("vocab_size", "hidden_size", "n_layers", "n_heads")
-_COMMON = (*_SIZES, "max_seq_len", "rms_norm_eps", "init_std")
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+_COMMON = (*_SIZES, "max_position_embeddings", "rms_norm_eps", "initializer_range")
 _MLA = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
@@ -134,7 +134,7 @@ def _attention(c: dict, fmt: str) -> dict:
     need(not c.get("attention_bias", False) or fmt == "qwen2_moe", "attention biases (attention_bias=true)")
     need(not c.get("mlp_bias", False), "MLP biases (mlp_bias=true)")
     theta, rope_scaling = read_rope(c, attn)
-    kw = {"max_seq_len": 4096, **_fields(c, fmt, _COMMON, required=_SIZES)}
+    kw = {"max_position_embeddings": 4096, **_fields(c, fmt, _COMMON, required=_SIZES)}
     kw.update(
         attn_type=attn,
         rope_theta=theta,
@@ -144,12 +144,12 @@ def _attention(c: dict, fmt: str) -> dict:
     )
     if attn == "mla":
         return {**kw, **_fields(c, fmt, _MLA, required=_MLA), "q_lora_rank": c.get("q_lora_rank")}
-    kw.update(_fields(c, fmt, ("n_kv_heads", "head_dim")))
+    kw.update(_fields(c, fmt, ("num_key_value_heads", "head_dim")))
     # q/k norms: Qwen3 per head; OLMoE over the whole projection; GLM-4.5 per head when use_qk_norm
     qk = {"qwen3_moe": "head", "olmoe": "full"}.get(fmt, "head" if c.get("use_qk_norm") else "none")
     kw["qk_norm"] = qk
     if qk == "full" and "head_dim" in kw:  # transformers sizes OLMoE's q_norm by hidden_size
-        heads_width = int(kw["head_dim"]) * int(kw["n_heads"])
+        heads_width = int(kw["head_dim"]) * int(kw["num_attention_heads"])
         need(
             heads_width == kw["hidden_size"],
             f"OLMoE q/k norms with head_dim * heads ({heads_width}) != hidden_size",
@@ -172,7 +172,7 @@ def _deepseek_family(c: dict, fmt: str, L: int, k: int) -> dict:
         n_routed_experts=E,
         n_shared_experts=int(c.get("n_shared_experts") or 0),
         moe_intermediate_size=int(c.get("moe_intermediate_size", 1)),
-        first_k_dense=min(int(c.get("first_k_dense_replace") or 0), L) if E > 0 else L,
+        first_k_dense_replace=min(int(c.get("first_k_dense_replace") or 0), L) if E > 0 else L,
         n_group=int(c.get("n_group") or 1),
         topk_group=int(c.get("topk_group") or 1),
         routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
@@ -222,7 +222,7 @@ def _softmax_family(c: dict, fmt: str, L: int, k: int) -> dict:
         n_routed_experts=E,
         n_shared_experts=shared // mis,
         moe_intermediate_size=mis,
-        first_k_dense=len(only) if E > 0 else L,
+        first_k_dense_replace=len(only) if E > 0 else L,
         scoring_func="softmax",
         topk_method="greedy",
         norm_topk_prob=norm,
@@ -275,7 +275,7 @@ def _cast(name: str, v):
     default = getattr(ModelConfig, name, None)
     if isinstance(default, bool) or v is None:
         return v
-    if isinstance(default, int) or name in ("n_kv_heads", "head_dim", "q_lora_rank"):
+    if isinstance(default, int) or name in ("num_key_value_heads", "head_dim", "q_lora_rank"):
         return int(v)
     if isinstance(default, float):
         return float(v)

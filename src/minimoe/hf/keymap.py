@@ -25,17 +25,9 @@ from minimoe.errors import MinimoeError
 FORMATS = ("deepseek_v3", "deepseek_v2", "deepseek", "glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 MLA_FORMATS = ("deepseek_v3", "deepseek_v2")
 
-# ModelConfig fields whose config.json key differs in every format
-CONFIG_RENAMED = {
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "max_seq_len": "max_position_embeddings",
-    "init_std": "initializer_range",
-    "first_k_dense": "first_k_dense_replace",
-}
+# ModelConfig fields carry the Hugging Face names; these are the ones a format names its own way
 _ROUTER = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef"}
-# ... and those a format names its own way (Mixtral and OLMoE experts use `intermediate_size`)
+# (Mixtral and OLMoE experts use `intermediate_size`)
 FORMAT_RENAMED = {
     "mixtral": {
         **_ROUTER,
@@ -50,7 +42,7 @@ FORMAT_RENAMED = {
 
 def config_key(field: str, fmt: str) -> str:
     """The config.json key of ModelConfig `field` in format `fmt`."""
-    return FORMAT_RENAMED.get(fmt, {}).get(field) or CONFIG_RENAMED.get(field, field)
+    return FORMAT_RENAMED.get(fmt, {}).get(field, field)
 
 
 @dataclass(frozen=True)
@@ -92,12 +84,14 @@ def _layer_key(fmt: str, layer: int, rest: str) -> str | list[str]:
     return pre + rest
 
 
-def to_hub(sd: dict[str, torch.Tensor], n_layers: int, fmt: str, tied: bool) -> dict[str, torch.Tensor]:
+def to_hub(
+    sd: dict[str, torch.Tensor], num_hidden_layers: int, fmt: str, tied: bool
+) -> dict[str, torch.Tensor]:
     """Rename a minimoe state dict to hub names (no numeric change).
 
     Args:
         sd: minimoe `state_dict()` (persistent tensors only).
-        n_layers: main decoder layers; MTP module k becomes layer `n_layers + k`.
+        num_hidden_layers: main decoder layers; MTP module k becomes layer `num_hidden_layers + k`.
         fmt: one of FORMATS.
         tied: the LM head is the embedding (then no `lm_head.weight` is written, as HF does).
     Returns:
@@ -119,7 +113,7 @@ def to_hub(sd: dict[str, torch.Tensor], n_layers: int, fmt: str, tied: bool) -> 
         elif m := re.fullmatch(r"mtp\.(\d+)\.(.+)", key):
             if not MOE_NAMES[fmt].mtp:
                 continue  # the exporter refuses or drops MTP before getting here
-            layer, rest = n_layers + int(m.group(1)), m.group(2)
+            layer, rest = num_hidden_layers + int(m.group(1)), m.group(2)
             if rest.startswith("block."):
                 _put(out, _layer_key(fmt, layer, rest[len("block.") :]), t)
             else:
@@ -142,7 +136,11 @@ def _put(out: dict, name: str, t: torch.Tensor) -> None:
 
 
 def from_hub(
-    hub: dict[str, torch.Tensor], expected: dict[str, torch.Size], n_layers: int, fmt: str, tied: bool
+    hub: dict[str, torch.Tensor],
+    expected: dict[str, torch.Size],
+    num_hidden_layers: int,
+    fmt: str,
+    tied: bool,
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Collect a minimoe state dict from hub-named tensors.
 
@@ -152,7 +150,7 @@ def from_hub(
     Args:
         hub: hub name -> tensor (all of the checkpoint).
         expected: minimoe key -> shape, from the target model's `state_dict()`.
-        n_layers: main decoder layers.
+        num_hidden_layers: main decoder layers.
         fmt: one of FORMATS.
         tied: the target model ties the head to the embedding.
     Returns:
@@ -164,7 +162,7 @@ def from_hub(
     for key, shape in expected.items():
         if key == "lm_head.weight" and tied:
             continue
-        name = _hub_name_of(key, n_layers, fmt)
+        name = _hub_name_of(key, num_hidden_layers, fmt)
         if "{j}" in name:
             t = _stacked(hub, name, shape, used)
         else:
@@ -185,7 +183,7 @@ def from_hub(
     return sd, used
 
 
-def _hub_name_of(key: str, n_layers: int, fmt: str) -> str:
+def _hub_name_of(key: str, num_hidden_layers: int, fmt: str) -> str:
     if key == "embed_tokens.weight":
         return "model.embed_tokens.weight"
     if key == "norm.weight":
@@ -195,7 +193,7 @@ def _hub_name_of(key: str, n_layers: int, fmt: str) -> str:
     if m := re.fullmatch(r"layers\.(\d+)\.(.+)", key):
         return _layer_key(fmt, int(m.group(1)), m.group(2))
     if m := re.fullmatch(r"mtp\.(\d+)\.(.+)", key):
-        layer, rest = n_layers + int(m.group(1)), m.group(2)
+        layer, rest = num_hidden_layers + int(m.group(1)), m.group(2)
         if rest.startswith("block."):
             return _layer_key(fmt, layer, rest[len("block.") :])
         part, _, leaf = rest.partition(".")

@@ -78,7 +78,7 @@ def _undo_reparameterisation(hub: dict, c: dict, cfg: ModelConfig, fmt: str) -> 
     """Fold format-specific tensors back into minimoe's parameterisation; returns (hub, names handled)."""
     hub = dict(hub)
     handled: set[str] = set()
-    L = cfg.n_layers
+    L = cfg.num_hidden_layers
     for i in range(L + cfg.mtp_depth):
         pre = f"model.layers.{i}."
         if fmt == "qwen2_moe" and cfg.is_moe_layer(i):
@@ -106,7 +106,7 @@ def _undo_reparameterisation(hub: dict, c: dict, cfg: ModelConfig, fmt: str) -> 
         if fmt in ("deepseek_v3", "glm4_moe") and i >= L:
             handled.update({pre + "embed_tokens.weight", pre + "shared_head.head.weight"})
         if fmt == "deepseek_v3" and c.get("rope_interleave", True) is False:
-            H, nope, rope = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+            H, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
             q = pre + ("self_attn.q_proj.weight" if cfg.q_lora_rank is None else "self_attn.q_b_proj.weight")
             if q in hub:
                 hub[q] = _deinterleave_rows(hub[q], H, nope + rope, nope, rope)
@@ -129,7 +129,7 @@ def import_state_dict(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     hub, handled = _undo_reparameterisation(hub, c, cfg, fmt)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
-    sd, used = keymap.from_hub(hub, shapes, cfg.n_layers, fmt, cfg.tie_word_embeddings)
+    sd, used = keymap.from_hub(hub, shapes, cfg.num_hidden_layers, fmt, cfg.tie_word_embeddings)
     leftover = set(hub) - used - handled
     if cfg.tie_word_embeddings:
         leftover.discard("lm_head.weight")  # some tools save the tied head too

@@ -31,8 +31,8 @@ from minimoe.train.checkpoint import write_run
 DENSE_TYPES = ("llama", "mistral", "qwen2")
 # fields fixed by the dense checkpoint and the command's options; overrides may change the rest
 _FIXED = {
-    "vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "attn_type", "intermediate_size",
-    "n_routed_experts", "moe_intermediate_size", "first_k_dense", "num_experts_per_tok", "tie_word_embeddings",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "attn_type", "intermediate_size",
+    "n_routed_experts", "moe_intermediate_size", "first_k_dense_replace", "num_experts_per_tok", "tie_word_embeddings",
     "n_shared_experts", "expert_act", "rope_theta", "rope_scaling", "rms_norm_eps",
 }  # fmt: skip
 
@@ -96,16 +96,16 @@ def upcycle_config(
     cfg = ModelConfig(
         vocab_size=num("vocab_size"),
         hidden_size=num("hidden_size"),
-        n_layers=L,
-        n_heads=num("num_attention_heads"),
-        n_kv_heads=num("num_key_value_heads", default=num("num_attention_heads")),
+        num_hidden_layers=L,
+        num_attention_heads=num("num_attention_heads"),
+        num_key_value_heads=num("num_key_value_heads", default=num("num_attention_heads")),
         head_dim=num("head_dim", default=None),
-        max_seq_len=num("max_position_embeddings", default=2048),
+        max_position_embeddings=num("max_position_embeddings", default=2048),
         attn_type="gqa",
         rope_theta=theta,
         rope_scaling=rope_scaling,
         intermediate_size=inter,
-        first_k_dense=dense_layers,
+        first_k_dense_replace=dense_layers,
         n_routed_experts=experts,
         n_shared_experts=0,
         num_experts_per_tok=top_k,
@@ -116,7 +116,7 @@ def upcycle_config(
         routed_scaling_factor=float(granularity),
         rms_norm_eps=num("rms_norm_eps", float, 1e-6),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        init_std=num("initializer_range", float, 0.02),
+        initializer_range=num("initializer_range", float, 0.02),
     )
     holder = RunConfig(model=cfg)
     for item in overrides:
@@ -157,7 +157,7 @@ def upcycle_state_dict(
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
     I, E = cfg.moe_intermediate_size, cfg.n_routed_experts
-    for i in range(cfg.n_layers):
+    for i in range(cfg.num_hidden_layers):
         pre, ours = f"model.layers.{i}.", f"layers.{i}."
         for name in ("input_layernorm", "post_attention_layernorm"):
             sd[f"{ours}{name}.weight"] = take(f"{pre}{name}.weight")
@@ -211,7 +211,7 @@ def upcycle(
         dense_dir: the dense checkpoint folder (config.json + safetensors).
         out_dir: run directory to create.
         experts, top_k, granularity, dense_layers, scoring: see `upcycle_config`.
-        router_std: fresh router std (None = the config's init_std; 0 = uniform).
+        router_std: fresh router std (None = the config's initializer_range; 0 = uniform).
         tokenizer: tokenizer spec when the folder has no tokenizer.json.
         overrides: dotted `model.KEY=VALUE` overrides.
         seed: router initialisation seed.
@@ -233,7 +233,7 @@ def upcycle(
         raise MinimoeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} embeddings"
         )
-    std = cfg.init_std if router_std is None else router_std
+    std = cfg.initializer_range if router_std is None else router_std
     sd = upcycle_state_dict(load_tensors(dense_dir), cfg, granularity, std, seed)
     torch.manual_seed(seed)  # MTP modules, if asked for by an override, start fresh
     model = Transformer(cfg)

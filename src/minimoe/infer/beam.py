@@ -47,7 +47,7 @@ def beam_search(
 
     Args:
         model: a Transformer in eval mode.
-        prompt_ids: the prompt (cut to its last max_seq_len - 1 tokens).
+        prompt_ids: the prompt (cut to its last max_position_embeddings - 1 tokens).
         num_beams: beams kept per step (1 = greedy).
         max_new_tokens: token budget per hypothesis.
         length_penalty: exponent of the length normalisation.
@@ -64,7 +64,7 @@ def beam_search(
     if repetition_penalty <= 0:
         raise MinimoeError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     device = model.embed_tokens.weight.device
-    max_len, V = model.cfg.max_seq_len, model.cfg.vocab_size
+    max_len, V = model.cfg.max_position_embeddings, model.cfg.vocab_size
     ids = fit_prompt(prompt_ids, max_len)
     budget = min(max_new_tokens, max_len - len(ids))
     if budget <= 0:

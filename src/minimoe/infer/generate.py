@@ -61,9 +61,9 @@ def stream_batch(
 
     Args:
         model: a Transformer in eval mode.
-        prompts: token id lists, any lengths (each is cut to its last max_seq_len - 1 tokens).
+        prompts: token id lists, any lengths (each is cut to its last max_position_embeddings - 1 tokens).
         max_new_tokens: at most this many new tokens per prompt; the batch also stops when the
-            longest prompt reaches max_seq_len.
+            longest prompt reaches max_position_embeddings.
         params: sampling knobs (default SamplingParams()).
         seed: seeds every row's generator, so a row samples exactly what it would alone.
         stop_ids: tokens that end a row (not yielded).
@@ -78,7 +78,7 @@ def stream_batch(
     if not prompts:
         return
     device = model.embed_tokens.weight.device
-    max_len = model.cfg.max_seq_len
+    max_len = model.cfg.max_position_embeddings
     rows = [fit_prompt(p, max_len) for p in prompts]
     B, L = len(rows), max(len(p) for p in rows)
     budget = min(max_new_tokens, max_len - L)
@@ -159,8 +159,8 @@ def generate_tokens(
 
     Args:
         model: a Transformer in eval mode.
-        prompt_ids: the prompt (cut to its last max_seq_len - 1 tokens; empty means [0]).
-        max_new_tokens: upper bound on yielded tokens (also bounded by max_seq_len).
+        prompt_ids: the prompt (cut to its last max_position_embeddings - 1 tokens; empty means [0]).
+        max_new_tokens: upper bound on yielded tokens (also bounded by max_position_embeddings).
         temperature, top_k, top_p, repetition_penalty: see SamplingParams (temperature 0 = greedy).
         seed: random seed for sampling.
         stop_ids: tokens that end generation (not yielded).
@@ -289,7 +289,7 @@ def complete(
     size = 1 if speculative else batch_size
     for b in range(0, len(order), size):
         group = order[b : b + size]
-        max_len = model.cfg.max_seq_len
+        max_len = model.cfg.max_position_embeddings
         budget = min(max_new_tokens, max_len - max(len(fit_prompt(encoded[i], max_len)) for i in group))
         streams = {i: TextStream(tokenizer.decode, stop) for i in group}
         cancelled: set[int] = set()

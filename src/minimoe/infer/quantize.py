@@ -236,13 +236,13 @@ def perplexity(
     Args:
         model: a Transformer in eval mode.
         ids: (N,) int token ids, N >= 2.
-        seq_len: tokens scored per window (<= max_seq_len).
+        seq_len: tokens scored per window (<= max_position_embeddings).
         max_windows: evaluate only the first windows (None = all).
         batch_size: windows per forward.
     Returns:
         exp(mean next-token cross-entropy).
     """
-    seq_len = min(seq_len, model.cfg.max_seq_len, ids.numel() - 1)
+    seq_len = min(seq_len, model.cfg.max_position_embeddings, ids.numel() - 1)
     if seq_len < 1:
         raise MinimoeError("the evaluation text is too short (needs at least 2 tokens)")
     n = (ids.numel() - 1) // seq_len

@@ -59,7 +59,7 @@ class SlotPool:
 
     def __init__(self, model, slots: int, max_len: int | None = None, mtp: bool = False) -> None:
         self.model = model
-        self.max_len = max_len or model.cfg.max_seq_len
+        self.max_len = max_len or model.cfg.max_position_embeddings
         self.cache = model.make_cache(slots, self.max_len)
         self.scratch = model.make_cache(1, self.max_len)  # where prompts are prefilled
         self.mtp_cache = make_mtp_cache(model, slots, self.max_len) if mtp else None

@@ -106,8 +106,8 @@ def speculative_tokens(
 
     Args:
         model: a Transformer with mtp_depth >= 1, in eval mode.
-        prompt_ids: the prompt (cut to its last max_seq_len - 1 tokens).
-        max_new_tokens: at most this many tokens (also bounded by max_seq_len).
+        prompt_ids: the prompt (cut to its last max_position_embeddings - 1 tokens).
+        max_new_tokens: at most this many tokens (also bounded by max_position_embeddings).
         params: sampling knobs; greedy gives exactly plain greedy decoding's tokens.
         seed: random seed (sampling only).
         stop_ids: tokens that end generation (not yielded).
@@ -119,7 +119,7 @@ def speculative_tokens(
         raise MinimoeError("speculative decoding needs a model with MTP modules (model.mtp_depth >= 1)")
     params = params.validate()
     device = model.embed_tokens.weight.device
-    max_len = model.cfg.max_seq_len
+    max_len = model.cfg.max_position_embeddings
     ids = fit_prompt(prompt_ids, max_len)
     P = len(ids)
     budget = min(max_new_tokens, max_len - P)

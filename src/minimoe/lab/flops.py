@@ -61,7 +61,7 @@ def _attention_pair_flops(cfg: ModelConfig) -> int:
         d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     else:
         d_qk = d_v = cfg.gqa_head_dim
-    return 2 * cfg.n_heads * (d_qk + d_v)
+    return 2 * cfg.num_attention_heads * (d_qk + d_v)
 
 
 def matmul_params(cfg: ModelConfig, report: ParamReport | None = None) -> int:
@@ -75,9 +75,9 @@ def matmul_params(cfg: ModelConfig, report: ParamReport | None = None) -> int:
         number of weight-matrix entries one token multiplies with (embedding lookup excluded).
     """
     rep = report or count_params(cfg)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     bias = n_moe * cfg.n_routed_experts if cfg.aux_free_bias else 0
-    attn_norms = cfg.n_layers * _attention_norm_params(cfg)
+    attn_norms = cfg.num_hidden_layers * _attention_norm_params(cfg)
     return rep.activated - rep.components.get("norms", 0) - attn_norms - bias
 
 
@@ -88,7 +88,9 @@ def mtp_matmul_params(cfg: ModelConfig, report: ParamReport | None = None) -> in
     rep = report or count_params(cfg)
     per_depth = rep.mtp_activated // cfg.mtp_depth
     # each depth has enorm, hnorm, the final norm (3 D) and one block's norms and bias
-    moe_block = cfg.n_routed_experts > 0  # MTP blocks have index >= n_layers >= first_k_dense
+    moe_block = (
+        cfg.n_routed_experts > 0
+    )  # MTP blocks have index >= num_hidden_layers >= first_k_dense_replace
     bias = cfg.n_routed_experts if (moe_block and cfg.aux_free_bias) else 0
     non_matmul = 3 * cfg.hidden_size + _block_norm_params(cfg) + bias
     return per_depth - non_matmul + cfg.vocab_size * cfg.hidden_size
@@ -109,7 +111,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsReport:
     n_mm = matmul_params(cfg, rep)
     pair = _attention_pair_flops(cfg)
     fwd_mm = 2.0 * n_mm
-    fwd_attn = cfg.n_layers * pair * (seq_len + 1) / 2
+    fwd_attn = cfg.num_hidden_layers * pair * (seq_len + 1) / 2
     mtp_mm = mtp_matmul_params(cfg, rep)
     fwd_mtp = 0.0
     for k in range(1, cfg.mtp_depth + 1):

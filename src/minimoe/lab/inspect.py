@@ -99,7 +99,7 @@ def route_ids(model, ids_BS: torch.Tensor) -> dict[int, LayerRouting]:
 
     Args:
         model: a Transformer.
-        ids_BS: (B, S) token ids, S <= max_seq_len.
+        ids_BS: (B, S) token ids, S <= max_position_embeddings.
     Returns:
         layer -> LayerRouting over T = B * S tokens in row-major order.
     """
@@ -151,11 +151,11 @@ class TextRouting:
 
 def route_text(model, tokenizer, text: str) -> TextRouting:
     """Which experts each token of `text` goes to in each MoE layer (one sequence; longer texts are cut
-    into max_seq_len windows that are routed independently)."""
+    into max_position_embeddings windows that are routed independently)."""
     ids = tokenizer.encode(text)
     if not ids:
         raise MinimoeError("the text is empty after tokenization")
-    L = model.cfg.max_seq_len
+    L = model.cfg.max_position_embeddings
     parts: dict[int, list[LayerRouting]] = {}
     for start in range(0, len(ids), L):
         chunk = torch.tensor([ids[start : start + L]])  # (1, S)
@@ -273,13 +273,13 @@ def corpus_stats(
         model: a Transformer with MoE layers.
         tokenizer: its tokenizer.
         ids: the sample's token ids.
-        seq_len: window length (default: the model's max_seq_len).
+        seq_len: window length (default: the model's max_position_embeddings).
         batch_size: windows per forward.
         top_n: top tokens listed per expert.
     Returns:
         {"tokens", "n_routed_experts", "n_shared_experts", "layers": {layer: layer_stats}}
     """
-    S = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    S = min(seq_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     windows = [ids[i : i + S] for i in range(0, len(ids), S)]
     parts: dict[int, list[LayerRouting]] = {}
     kept: list[int] = []

@@ -242,7 +242,7 @@ def maxvio_figure(runs: list[RunData]):
 
 def layer_label(run: RunData, key: str) -> str:
     """How figures name the MoE layer logged as `key`: blocks after the last layer are MTP modules."""
-    i, n = int(key), run.cfg.model.n_layers
+    i, n = int(key), run.cfg.model.num_hidden_layers
     if i < n:
         return f"layer {i}"
     return "MTP" if run.cfg.model.mtp_depth == 1 else f"MTP {i - n + 1}"

@@ -133,26 +133,30 @@ class GQAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.gqa_head_dim
+        self.num_attention_heads, self.num_key_value_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.kv_heads,
+            cfg.gqa_head_dim,
+        )
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = nn.Linear(d, self.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_attention_heads * self.head_dim, d, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm != "none":
             full = cfg.qk_norm == "full"
-            self.q_norm = RMSNorm(self.head_dim * (self.n_heads if full else 1), cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim * (self.n_kv_heads if full else 1), cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim * (self.num_attention_heads if full else 1), cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim * (self.num_key_value_heads if full else 1), cfg.rms_norm_eps)
         self.scale = softmax_scale(self.head_dim, cfg.rope_scaling)
         self.attn_dropout = cfg.attn_dropout
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache:
-        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        shape = (batch, max_len, self.num_key_value_heads, self.head_dim)
         return LayerCache(shape, shape, dtype, device)
 
     def cache_numbers_per_token(self) -> int:
-        return 2 * self.n_kv_heads * self.head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
 
     def forward(
         self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None
@@ -162,9 +166,9 @@ class GQAttention(nn.Module):
         q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*d), (B, T, Hkv*d)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, d)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = q.view(B, T, self.num_attention_heads, self.head_dim)  # (B, T, H, d)
+        k = k.view(B, T, self.num_key_value_heads, self.head_dim)  # (B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, self.num_key_value_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin, interleaved=False)
@@ -173,8 +177,10 @@ class GQAttention(nn.Module):
             k, v = cache.update(k, v, start)  # (B, S, Hkv, d)
         q, k, v = (t.transpose(1, 2) for t in (q, k.to(q.dtype), v.to(q.dtype)))  # (B, H*, S, d)
         p = self.attn_dropout if self.training else 0.0
-        y = _sdpa(q, k, v, self.scale, start, p, self.n_kv_heads != self.n_heads, attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
+        y = _sdpa(
+            q, k, v, self.scale, start, p, self.num_key_value_heads != self.num_attention_heads, attn_mask
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.num_attention_heads * self.head_dim)  # (B, T, H*d)
         return self.o_proj(y)
 
 
@@ -183,8 +189,8 @@ class MLAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, H = cfg.hidden_size, cfg.n_heads
-        self.n_heads = H
+        d, H = cfg.hidden_size, cfg.num_attention_heads
+        self.num_attention_heads = H
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.qk_dim = self.nope + self.rope
@@ -217,7 +223,7 @@ class MLAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, self.n_heads, self.qk_dim)  # (B, T, H, nope+rope)
+        q = q.view(B, T, self.num_attention_heads, self.qk_dim)  # (B, T, H, nope+rope)
         return q.split([self.nope, self.rope], dim=-1)
 
     def forward(
@@ -251,12 +257,12 @@ class MLAttention(nn.Module):
             if cache is not None and start > 0:
                 c_kv, k_pe = c_kv_all.to(x.dtype), k_pe_all.to(x.dtype)
             y = self._naive(q_nope, q_pe, c_kv, k_pe, start, attn_mask)
-        return self.o_proj(y.reshape(B, T, self.n_heads * self.v_dim))
+        return self.o_proj(y.reshape(B, T, self.num_attention_heads * self.v_dim))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, start: int, attn_mask=None) -> torch.Tensor:
         """Expand the latent into per-head keys and values; returns (B, T, H, v)."""
         B, S, _ = c_kv.shape
-        H = self.n_heads
+        H = self.num_attention_heads
         kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope + self.v_dim)  # (B, S, H, nope+v)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)

@@ -266,7 +266,7 @@ class GroupedExperts(nn.Module):
         inter: int,
         act: str = "swiglu",
         impl: str = "auto",
-        init_std: float = 0.02,
+        initializer_range: float = 0.02,
     ):
         super().__init__()
         if act not in ("swiglu", "gelu"):
@@ -275,7 +275,7 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, hidden)) if act == "swiglu" else None
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        self.reset_parameters(init_std)
+        self.reset_parameters(initializer_range)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         for p in self.parameters():

@@ -85,7 +85,7 @@ class MoE(nn.Module):
         )
         # A second draw, kept so that every seed builds the same weights as before (the first one,
         # in GroupedExperts, uses the default std); Transformer.reset_parameters redraws them anyway.
-        self.experts.reset_parameters(cfg.init_std)
+        self.experts.reset_parameters(cfg.initializer_range)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.expert_act)
             if cfg.n_shared_experts > 0

@@ -194,7 +194,7 @@ class Router(nn.Module):
         self.cfg = cfg
         E = cfg.n_routed_experts
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
-        nn.init.normal_(self.weight, std=cfg.init_std)
+        nn.init.normal_(self.weight, std=cfg.initializer_range)
         # Only models that use the bias carry it, so checkpoints and parameter counts match HF
         # (DeepSeek-V3 stores it; DeepSeekMoE 16B has none).
         bias = torch.zeros(E, dtype=torch.float32) if cfg.aux_free_bias else None

@@ -26,7 +26,9 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, T, V) or (B, keep, V); None when return_logits=False
     loss: torch.Tensor | None = None  # ce + aux + z + mtp
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "ce", "aux", "z", "mtp"
-    moe_stats: dict[int, MoEStats] = field(default_factory=dict)  # layer index -> stats (MTP: n_layers + k)
+    moe_stats: dict[int, MoEStats] = field(
+        default_factory=dict
+    )  # layer index -> stats (MTP: num_hidden_layers + k)
     hidden: torch.Tensor | None = None  # (B, T, D) last hidden state before the final norm
 
 
@@ -74,14 +76,16 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth))
-        cos, sin = rope_cos_sin(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim/2)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, Block(cfg, cfg.num_hidden_layers + k)) for k in range(cfg.mtp_depth)
+        )
+        cos, sin = rope_cos_sin(cfg.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_position_embeddings, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -89,12 +93,12 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, init_std) for matrices; output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
-        std = self.cfg.init_std
+        """N(0, initializer_range) for matrices; output projections scaled by 1/sqrt(2 num_hidden_layers) (GPT-2)."""
+        std = self.cfg.initializer_range
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 scaled = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.num_hidden_layers) if scaled else std)
             elif name.endswith("norm.weight"):
                 nn.init.ones_(p)
             else:
@@ -104,12 +108,12 @@ class Transformer(nn.Module):
                 b.zero_()
 
     def moe_layers(self) -> dict[int, MoE]:
-        """Layer index -> MoE module, main layers then MTP blocks (index n_layers + k)."""
+        """Layer index -> MoE module, main layers then MTP blocks (index num_hidden_layers + k)."""
         blocks = list(self.layers) + [m.block for m in self.mtp]
         return {b.layer_idx: b.mlp for b in blocks if b.is_moe}
 
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
-        max_len = max_len or self.cfg.max_seq_len
+        max_len = max_len or self.cfg.max_position_embeddings
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
         return KVCache([b.self_attn.make_cache(batch, max_len, dtype, device) for b in self.layers])
@@ -149,8 +153,10 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len ({self.cfg.max_seq_len})")
+        if start + T > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_position_embeddings ({self.cfg.max_position_embeddings})"
+            )
         attn_mask = None
         if attention_mask is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, d/2)
@@ -213,7 +219,7 @@ class Transformer(nn.Module):
             emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
             h, h_normed, st = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k])
             if st is not None:
-                stats[self.cfg.n_layers + k - 1] = st
+                stats[self.cfg.num_hidden_layers + k - 1] = st
             if self._fused_head_ok(h_normed):  # MTP logits are never returned
                 losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, targets[:, k:]).float())
             else:

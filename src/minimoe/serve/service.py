@@ -42,7 +42,7 @@ class Service:
         )  # fmt: skip
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.context = model.cfg.max_seq_len
+        self.context = model.cfg.max_position_embeddings
         self.created = int(time.time())
         # built now so that a broken template (or missing jinja2) fails at startup
         self.render = make_renderer(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)

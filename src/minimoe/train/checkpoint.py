@@ -356,7 +356,7 @@ def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None
         model: a minimoe Transformer.
         tokenizer: saved in RUN/tokenizer and in the checkpoint.
         info: extra checkpoint metadata (source, format, ...).
-        run_cfg: train/data settings to record; default TrainConfig with seq_len <= max_seq_len.
+        run_cfg: train/data settings to record; default TrainConfig with seq_len <= max_position_embeddings.
     Returns:
         The checkpoint directory.
     """
@@ -366,7 +366,7 @@ def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None
 
     cfg = model.cfg
     if run_cfg is None:
-        train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
+        train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_position_embeddings))
         run_cfg = RunConfig(model=cfg, train=train, data=DataConfig())
     run_cfg.model = cfg
     text = yaml.safe_dump(run_cfg.validate().to_dict(), sort_keys=False)
