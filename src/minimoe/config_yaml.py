@@ -133,7 +133,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
+    # an old ModelConfig name close to the key suggests its current name
+    old = {a: n for a, n in MODEL_KEY_ALIASES.items() if n in valid}
+    close = difflib.get_close_matches(key, valid + list(old), n=1)
+    close = [old.get(c, c) for c in close]
     hint = f"; did you mean '{where}{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
