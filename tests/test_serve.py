@@ -66,6 +66,7 @@ def run_dir(tmp_path_factory) -> Path:
         f"data.path={root / 'corpus.txt'}",
         f"data.cache_dir={root / 'cache'}",
         f"model.max_position_embeddings={CONTEXT}",
+        "model.mtp_depth=0",  # --speculative is refused for this run (the MTP run is built below)
         "train.max_steps=40",
         "train.eval_every=1000",
         "train.lr=1e-2",

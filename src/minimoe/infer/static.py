@@ -36,12 +36,8 @@ def dense_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
     """
     gate, ex = moe.gate, moe.experts
     dt = torch.promote_types(x_TD.dtype, torch.float32)  # router math in fp32, as Router does
-    scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.scoring_func)
-    idx_TK, w_TK = route(
-        scores_TE, gate.e_score_correction_bias, gate.top_k, n_group=gate.n_group, topk_group=gate.topk_group,
-        topk_method=gate.topk_method, scoring_func=gate.scoring_func, norm_topk_prob=gate.norm_topk_prob,
-        routed_scaling_factor=gate.routed_scaling_factor,
-    )  # fmt: skip
+    scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.cfg.scoring_func)
+    idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
     w_TE = torch.zeros_like(scores_TE).scatter(1, idx_TK, w_TK.to(dt)).to(x_TD.dtype)  # 0 = not selected
     up_TEI = torch.einsum("td,eid->tei", x_TD, ex.up_proj)
     g_TEI = torch.einsum("td,eid->tei", x_TD, ex.gate_proj) if ex.gate_proj is not None else None
