@@ -8,31 +8,12 @@ import json
 import logging
 from pathlib import Path
 
-import pytest
 import torch
 
+# the corpus fixture and the tiny run of the training tests
+from test_train import TINY, _train  # noqa: E402
+
 from minimoe.train.progress import TrainProgress, truncate_metrics
-from minimoe.train.run import train_from_config
-from tiny import TINY_TRAIN
-
-TINY = list(TINY_TRAIN)
-
-
-@pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
-    words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(300)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return p
-
-
-def _train(run_dir, data, *extra, **kw):
-    return train_from_config(
-        overrides=TINY + [f"data.path={data}", *extra], run_dir=run_dir, progress=False, **kw
-    )
 
 
 def test_bar_under_a_time_budget_counts_the_clock_and_ends_at_100():

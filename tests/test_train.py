@@ -24,17 +24,6 @@ from tiny import TINY_TRAIN
 TINY = list(TINY_TRAIN)
 
 
-@pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
-    words = "the cat sat on a mat and the dog ran to the red ball while a bird sang".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(400)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return p
-
-
 def _train(run_dir, data, *extra, **kw):
     return train_from_config(
         overrides=TINY + [f"data.path={data}", *extra], run_dir=run_dir, progress=False, **kw
