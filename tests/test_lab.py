@@ -390,6 +390,35 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
     assert cells[1] == "2" and float(cells[2].split(" ± ")[0]) == pytest.approx(sum(diffs) / 2, abs=1e-4)
 
 
+def test_compare_jobs_train_in_parallel_processes_with_the_same_results(tmp_path, monkeypatch, capsys):
+    """--jobs 2 trains runs in two worker processes at once; every run ends exactly where the same run
+    trained in this process ends (seeded, one thread), and a rerun skips them all."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    sweep_file = tmp_path / "sweep.yaml"
+    base = [o for o in TINY if not o.startswith("train.log_every")] + [
+        "train.eval_every=100",
+        "train.threads=1",
+    ]
+    sweep_file.write_text(
+        "name: par\nbase:\n  overrides: " + json.dumps(base) + "\ndata: corpus.txt\n"
+        "budget: {steps: 3}\nseeds: [1, 2]\nvariants:\n  moe: []\n  dense: [model.n_routed_experts=0]\n"
+    )
+    sweep = compare.load_sweep(sweep_file)
+    runs = compare.plan(sweep)
+    assert main(["compare", str(sweep_file), "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("start") == 4 and log.count("done") == 4
+    compare.run_sweep(sweep, tmp_path / "seq", figures=False)
+    rows = {d: lab_report.report_rows(sweep, tmp_path / d, runs) for d in ("par", "seq")}
+    for a, b in zip(rows["par"], rows["seq"]):
+        assert a["val_loss_by_seed"] == b["val_loss_by_seed"] and len(a["val_loss_by_seed"]) == 2
+    assert main(["compare", str(sweep_file), "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.count("skip") == 4
+    assert main(["compare", str(sweep_file), "--jobs", "0"]) == 2
+    assert "jobs" in capsys.readouterr().err
+
+
 def test_paired_stats_match_student_t():
     stats = pytest.importorskip("scipy.stats")
     for diffs in ([0.1, -0.05], [0.03, 0.01, 0.02, 0.05, -0.01], [0.01 * i for i in range(40)]):

@@ -50,6 +50,13 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="output directory (default: runs/sweeps/<sweep name>)")
     p.add_argument("--data", help="training data, replacing the sweep file's `data`")
     p.add_argument("--val-data", help="validation data, replacing the sweep file's `val_data`")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at the same time, one process each (default 1; give runs train.threads=1 and "
+        "use at most one job per core)",
+    )
     p.add_argument("--plan", action="store_true", help="print the runs and their budgets, train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from the runs already there")
 
@@ -89,6 +96,6 @@ def run(args) -> int:
         limit = f"{t.max_minutes:g} {t.clock} min" if t.max_minutes is not None else f"{t.max_steps} steps"
         print(f"{stamp} {kind:6s} {r.name}  ({limit})  {detail}", flush=True)
 
-    report = run_sweep(sweep, out, on_event=event)
+    report = run_sweep(sweep, out, on_event=event, jobs=args.jobs)
     print(f"report: {report}")
     return 0

@@ -262,11 +262,23 @@ def _check_same_config(run_dir: Path, r: PlannedRun) -> None:
             )
 
 
+def _train_run(kwargs: dict, train_log_level: int) -> tuple[float, float]:
+    """One run of a sweep (top level, so a worker process can run it): (val_loss, elapsed_s)."""
+    import logging
+
+    from minimoe.train.run import train_from_config
+
+    logging.getLogger("minimoe.train").setLevel(train_log_level)
+    res = train_from_config(**kwargs)
+    return res.val_loss, res.elapsed_s
+
+
 def run_sweep(
     sweep: Sweep,
     out_dir: str | Path,
     on_event: Callable[[str, PlannedRun, str], None] | None = None,
     figures: bool = True,
+    jobs: int = 1,
 ) -> Path:
     """Train every planned run that is not finished yet, then write OUT/report.md and figures.
 
@@ -275,13 +287,20 @@ def run_sweep(
         out_dir: sweep output directory (one run directory per variant x seed).
         on_event: called with (event, run, detail) for "skip", "start", "resume" and "done".
         figures: draw the figures (tests may turn them off).
+        jobs: runs trained at the same time, each in its own process (give each run
+            train.threads=1 and at most one job per core, or they slow each other down).
     Returns:
         the report path.
     """
-    from minimoe.train.run import train_from_config
+    import logging
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     out_dir = Path(out_dir)
     runs = plan(sweep)
+    todo = []
     for r in runs:
         run_dir = out_dir / r.variant / f"seed_{r.seed}"
         _check_same_config(run_dir, r)
@@ -291,8 +310,7 @@ def run_sweep(
             continue
         if state == "new" and run_dir.exists():
             shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint: start clean
-        on_event and on_event("resume" if state == "partial" else "start", r, str(run_dir))
-        res = train_from_config(
+        kwargs = dict(
             overrides=None if state == "partial" else r.overrides,
             preset=None if state == "partial" else sweep.base_preset,
             config_path=None if state == "partial" else sweep.base_config,
@@ -302,5 +320,26 @@ def run_sweep(
             progress=False,
             sample=False,
         )
-        on_event and on_event("done", r, f"val_loss {res.val_loss:.4f} in {res.elapsed_s:.0f} s")
+        todo.append((r, "resume" if state == "partial" else "start", kwargs))
+    level = logging.getLogger("minimoe.train").getEffectiveLevel()
+
+    def finished(r: PlannedRun, result: tuple[float, float]) -> None:
+        on_event and on_event("done", r, f"val_loss {result[0]:.4f} in {result[1]:.0f} s")
+
+    if jobs == 1:
+        for r, kind, kwargs in todo:
+            on_event and on_event(kind, r, str(kwargs["run_dir"]))
+            finished(r, _train_run(kwargs, level))
+    elif todo:
+        # spawn, not fork: a forked child would inherit this process's torch thread pools
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            queue, running = list(todo), {}
+            while queue or running:
+                while queue and len(running) < jobs:
+                    r, kind, kwargs = queue.pop(0)
+                    on_event and on_event(kind, r, str(kwargs["run_dir"]))
+                    running[pool.submit(_train_run, kwargs, level)] = r
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finished(running.pop(fut), fut.result())
     return write_report(sweep, out_dir, runs, figures=figures)
