@@ -465,9 +465,9 @@ def test_one_beam_is_greedy(attn_type):
         greedy = list(generate_tokens(model, prompt, 15, temperature=0.0))
         (best,) = beam_search(model, prompt, num_beams=1, max_new_tokens=15)
         assert best.tokens == greedy and not best.finished
-        stop = (greedy[5],)
+        stop = (greedy[5],)  # generation ends at its first occurrence, which is not included
         (best,) = beam_search(model, prompt, num_beams=1, max_new_tokens=15, stop_ids=stop)
-        assert best.tokens == greedy[:5] and best.finished
+        assert best.tokens == greedy[: greedy.index(stop[0])] and best.finished
 
 
 def test_beams_find_a_likelier_sequence_than_greedy():
@@ -579,7 +579,7 @@ def trained_run(tmp_path_factory) -> Path:
     lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(400)]
     (root / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     overrides = TINY + [
-        f"data.path={root / 'corpus.txt'}", "train.max_steps=30", "train.eval_every=30", "train.lr=1e-2",
+        f"data.path={root / 'corpus.txt'}", "train.max_steps=60", "train.eval_every=60", "train.lr=1e-2",
         "model.mtp_depth=1",
     ]  # fmt: skip
     train_from_config(overrides=overrides, run_dir=root / "run", progress=False, sample=False)

@@ -81,11 +81,13 @@ class MoE(nn.Module):
         # (infer/quantize.py) and expert parallelism (dist/ep.py) replace the module with their own
         # implementation of the same call.
         self.experts = GroupedExperts(
-            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_act, cfg.moe_impl
+            cfg.n_routed_experts,
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            cfg.expert_act,
+            cfg.moe_impl,
+            cfg.initializer_range,
         )
-        # A second draw, kept so that every seed builds the same weights as before (the first one,
-        # in GroupedExperts, uses the default std); Transformer.reset_parameters redraws them anyway.
-        self.experts.reset_parameters(cfg.initializer_range)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.expert_act)
             if cfg.n_shared_experts > 0
