@@ -77,3 +77,25 @@ def test_eval_task_options_are_the_library_table():
     with pytest.raises(MinimoeError, match="window applies only to the perplexity task, not generation"):
         check_options("generation", {"window": 32})
     assert main(["eval", "r", "--task", "generation", "--data", "x.jsonl", "--window", "8"]) == 2
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`minimoe compare --plan ... | head -1`: the reader leaves early; no traceback, no 'internal error'."""
+    import subprocess
+
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+    sweep = tmp_path / "many.yaml"
+    seeds = ", ".join(str(s) for s in range(1, 1501))  # ~100 KB of plan lines: more than a pipe holds
+    sweep.write_text(
+        "name: many\nbase:\n  overrides: [data.tokenizer=byte]\ndata: corpus.txt\n"
+        f"budget: {{steps: 2}}\nseeds: [{seeds}]\nvariants:\n  a: []\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minimoe", "compare", str(sweep), "--plan"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline().startswith(b"a/seed_1 ")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err

@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("minimoe: interrupted\n")
         return 130
+    except (
+        BrokenPipeError
+    ):  # the reader of stdout left (`minimoe ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail too
+        return 128 + 13  # SIGPIPE
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         if args.debug:
             raise
