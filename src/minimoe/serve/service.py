@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -21,6 +22,12 @@ from minimoe.serve.schemas import APIError, ChatCompletionRequest, CompletionReq
 from minimoe.serve.sse import Meta, chat_chunks, completion_chunks, sse, usage
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+
+
+def _within(value: int | None, cap: int | None, message: str, param: str, code: str) -> None:
+    """A 400 APIError with `message` when `value` is over `cap` (None on either side: nothing to check)."""
+    if value is not None and cap is not None and value > cap:
+        raise APIError(400, message, param=param, code=code)
 
 
 class Service:
@@ -87,65 +94,64 @@ class Service:
     def _check_choices(self, n_prompts: int, n: int) -> None:
         """Before any tokenizing: prompts x n within --max-choices."""
         cap = self.limits.max_choices
-        if n_prompts * n > cap:
-            raise APIError(
-                400,
-                f"This request asks for {n_prompts * n} completions ({n_prompts} prompts x n={n}), more "
-                f"than this server's limit of {cap} per request (--max-choices).",
-                param="n" if n_prompts == 1 else "prompt",
-                code="too_many_choices",
-            )
+        _within(
+            n_prompts * n,
+            cap,
+            f"This request asks for {n_prompts * n} completions ({n_prompts} prompts x n={n}), more "
+            f"than this server's limit of {cap} per request (--max-choices).",
+            param="n" if n_prompts == 1 else "prompt",
+            code="too_many_choices",
+        )
 
     def _check_request_tokens(self, prompt_lens: list[int], max_tokens: list[int], n: int) -> None:
         total = n * sum(p + m for p, m in zip(prompt_lens, max_tokens))
         cap = self.limits.max_request_tokens
-        if total > cap:
-            raise APIError(
-                400,
-                f"This request asks for {total} tokens in all (prompts plus max_tokens, times n), more "
-                f"than this server's limit of {cap} per request (--max-request-tokens).",
-                param="max_tokens",
-                code="too_many_tokens",
-            )
+        _within(
+            total,
+            cap,
+            f"This request asks for {total} tokens in all (prompts plus max_tokens, times n), more "
+            f"than this server's limit of {cap} per request (--max-request-tokens).",
+            param="max_tokens",
+            code="too_many_tokens",
+        )
 
     def _max_tokens(self, n_prompt: int, requested: int | None, default: int | None, param: str) -> int:
         """The completion budget: what was asked, within the server's limit, which must fit in the
         context with the prompt."""
-        if n_prompt >= self.context:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {self.context} tokens, but the prompt has "
-                f"{n_prompt} tokens (at least one must be left for the completion).",
-                param=param,
-                code="context_length_exceeded",
-            )
-        cap_prompt = self.limits.max_prompt_tokens
-        if cap_prompt is not None and n_prompt > cap_prompt:
-            raise APIError(
-                400,
-                f"The prompt has {n_prompt} tokens, more than this server's limit of {cap_prompt}.",
-                param=param,
-                code="prompt_too_long",
-            )
-        limit = self.limits.max_tokens
-        if requested is not None and requested > limit:
-            raise APIError(
-                400,
-                f"max_tokens is {requested}, more than this server's limit of {limit}.",
-                param="max_tokens",
-                code="invalid_value",
-            )
-        room = min(self.context - n_prompt, limit)
+        context, cap_prompt, limit = self.context, self.limits.max_prompt_tokens, self.limits.max_tokens
+        _within(
+            n_prompt,
+            context - 1,  # at least one position is left for the completion
+            f"This model's maximum context length is {context} tokens, but the prompt has "
+            f"{n_prompt} tokens (at least one must be left for the completion).",
+            param=param,
+            code="context_length_exceeded",
+        )
+        _within(
+            n_prompt,
+            cap_prompt,
+            f"The prompt has {n_prompt} tokens, more than this server's limit of {cap_prompt}.",
+            param=param,
+            code="prompt_too_long",
+        )
+        _within(
+            requested,
+            limit,
+            f"max_tokens is {requested}, more than this server's limit of {limit}.",
+            param="max_tokens",
+            code="invalid_value",
+        )
+        room = min(context - n_prompt, limit)
         if requested is None:
             return room if default is None else min(default, room)
-        if requested > room:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {self.context} tokens, but {n_prompt + requested} "
-                f"were requested ({n_prompt} in the prompt, {requested} for the completion).",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        _within(
+            requested,
+            room,
+            f"This model's maximum context length is {context} tokens, but {n_prompt + requested} "
+            f"were requested ({n_prompt} in the prompt, {requested} for the completion).",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
         return requested
 
     def _encode(self, text: str) -> list[int]:
@@ -210,26 +216,10 @@ class Service:
         echo = [text if req.echo else "" for _, text in prompts for _ in range(n)]
         usage_prompt = sum(len(ids) for ids, _ in prompts)
         meta = Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", self.model_name)
-        batch = Batch(self.engine, jobs)  # submitted now: a full queue is a 429 before any output
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(batch, completion_chunks(meta, echo, usage_prompt, include_usage), request)
-        finishes = await collect(batch, request)
-        if finishes is None:
-            return _gone()
-        return {
-            **meta.head(),
-            "choices": [
-                {
-                    "index": f.index,
-                    "text": echo[f.index] + f.text,
-                    "logprobs": None,
-                    "finish_reason": f.reason,
-                }
-                for f in finishes
-            ],
-            "usage": usage(usage_prompt, finishes),
-        }
+        chunks = partial(completion_chunks, meta, echo, usage_prompt)
+        return await self._respond(
+            req, request, jobs, meta, usage_prompt, chunks, lambda f: {"text": echo[f.index] + f.text}
+        )
 
     async def chat(self, req: ChatCompletionRequest, request: Request):
         base = self._common(req)
@@ -248,25 +238,43 @@ class Service:
         self._check_request_tokens([len(ids)], [budget], n)
         jobs = self._jobs([ids], [replace(base, max_tokens=budget)], n, _client(request))
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name)
-        batch = Batch(self.engine, jobs)
+        chunks = partial(chat_chunks, meta, len(jobs), len(ids))
+        return await self._respond(
+            req,
+            request,
+            jobs,
+            meta,
+            len(ids),
+            chunks,
+            lambda f: {"message": {"role": "assistant", "content": f.text}},
+        )
+
+    async def _respond(
+        self,
+        req,
+        request: Request,
+        jobs: list[Job],
+        meta: Meta,
+        prompt_tokens: int,
+        chunks: Callable[[bool], Callable],
+        content: Callable[[Finish], dict[str, Any]],
+    ):
+        """Submit the jobs and answer: an SSE stream of `chunks(include_usage)`, or, once every choice
+        has finished, the whole body with `content(finish)` in each choice."""
+        batch = Batch(self.engine, jobs)  # submitted now: a full queue is a 429 before any output
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(batch, chat_chunks(meta, len(jobs), len(ids), include_usage), request)
+            return sse(batch, chunks(include_usage), request)
         finishes = await collect(batch, request)
         if finishes is None:
             return _gone()
         return {
             **meta.head(),
             "choices": [
-                {
-                    "index": f.index,
-                    "message": {"role": "assistant", "content": f.text},
-                    "logprobs": None,
-                    "finish_reason": f.reason,
-                }
+                {"index": f.index, **content(f), "logprobs": None, "finish_reason": f.reason}
                 for f in finishes
             ],
-            "usage": usage(len(ids), finishes),
+            "usage": usage(prompt_tokens, finishes),
         }
 
 
