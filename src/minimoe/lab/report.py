@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,20 +113,33 @@ def _fmt_stats(st: dict | None, fmt: str = "+.4f") -> str:
     return f"{st['mean']:{fmt}} ± {st['se']:.4f} [{st['lo']:{fmt}}, {st['hi']:{fmt}}]"
 
 
-def contrast_table(contrasts: list[dict]) -> str:
-    head = (
-        "| contrast | seeds | Δ val loss: mean ± SE [95% interval] | resolved | Δ val bpb: mean ± SE [95%] "
-        "| Δ MaxVio batch: mean ± SE [95%] |"
-    )
-    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
-    for c in contrasts:
-        st = c["val_loss"]
-        resolved = "–" if st is None else ("yes" if st["lo"] > 0 or st["hi"] < 0 else "no")
-        lines.append(
-            f"| {c['variant']} − {c['reference']} | {st['n'] if st else 0} | {_fmt_stats(st)} | {resolved} "
-            f"| {_fmt_stats(c['val_bpb'])} | {_fmt_stats(c['max_vio_batch'], '+.3f') if c['both_moe'] else '–'} |"
-        )
+def _table(columns: list[tuple[str, Callable[[dict], str]]], items: list[dict]) -> str:
+    """A Markdown table: one column per (header, cell of an item), one line per item."""
+    lines = ["| " + " | ".join(head for head, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(item) for _, cell in columns) + " |" for item in items]
     return "\n".join(lines)
+
+
+def _resolved(st: dict | None) -> str:
+    """Whether a contrast's interval excludes 0."""
+    return "–" if st is None else ("yes" if st["lo"] > 0 or st["hi"] < 0 else "no")
+
+
+def contrast_table(contrasts: list[dict]) -> str:
+    return _table(
+        [
+            ("contrast", lambda c: f"{c['variant']} − {c['reference']}"),
+            ("seeds", lambda c: str(c["val_loss"]["n"] if c["val_loss"] else 0)),
+            ("Δ val loss: mean ± SE [95% interval]", lambda c: _fmt_stats(c["val_loss"])),
+            ("resolved", lambda c: _resolved(c["val_loss"])),
+            ("Δ val bpb: mean ± SE [95%]", lambda c: _fmt_stats(c["val_bpb"])),
+            (
+                "Δ MaxVio batch: mean ± SE [95%]",
+                lambda c: _fmt_stats(c["max_vio_batch"], "+.3f") if c["both_moe"] else "–",
+            ),
+        ],
+        contrasts,
+    )
 
 
 def _human(n: float) -> str:
@@ -180,22 +194,25 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = (
-        "| variant | seeds | steps | tokens | train FLOPs | val loss | Δ val loss (paired) | val bpb | MaxVio global (val) "
-        "| MaxVio batch (train) | tokens/s | activated params | total params | KV cache B/token (bf16) |"
+    return _table(
+        [
+            ("variant", lambda r: r["variant"]),
+            ("seeds", lambda r: f"{r['seeds_done']}/{r['seeds']}"),
+            ("steps", lambda r: str(r["steps"])),
+            ("tokens", lambda r: _human(r["tokens"])),
+            ("train FLOPs", lambda r: f"{r['train_flops']:.3g}"),
+            ("val loss", lambda r: mean_std(r["val_loss"])),
+            ("Δ val loss (paired)", lambda r: "–" if r is rows[0] else mean_std(r["delta_vs_first"], "+.4f")),
+            ("val bpb", lambda r: mean_std(r["val_bpb"])),
+            ("MaxVio global (val)", lambda r: mean_std(r["max_vio_global"], ".3f") if r["is_moe"] else "–"),
+            ("MaxVio batch (train)", lambda r: mean_std(r["max_vio_batch"], ".3f") if r["is_moe"] else "–"),
+            ("tokens/s", lambda r: mean_std(r["tokens_per_s"], ".0f")),
+            ("activated params", lambda r: f"{r['activated']:,}"),
+            ("total params", lambda r: f"{r['total']:,}"),
+            ("KV cache B/token (bf16)", lambda r: f"{r['cache_bytes']:,}"),
+        ],
+        rows,
     )
-    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
-    for r in rows:
-        moe = r["is_moe"]
-        lines.append(
-            f"| {r['variant']} | {r['seeds_done']}/{r['seeds']} | {r['steps']} | {_human(r['tokens'])} "
-            f"| {r['train_flops']:.3g} | {mean_std(r['val_loss'])} "
-            f"| {'–' if r is rows[0] else mean_std(r['delta_vs_first'], '+.4f')} | {mean_std(r['val_bpb'])} "
-            f"| {mean_std(r['max_vio_global'], '.3f') if moe else '–'} "
-            f"| {mean_std(r['max_vio_batch'], '.3f') if moe else '–'} "
-            f"| {mean_std(r['tokens_per_s'], '.0f')} | {r['activated']:,} | {r['total']:,} | {r['cache_bytes']:,} |"
-        )
-    return "\n".join(lines)
 
 
 def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: bool = True) -> Path:
