@@ -19,6 +19,7 @@ masked, until the next step overwrites it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +42,25 @@ class _Rows:
         L.a[self.rows, self.pos] = a.to(L.a.dtype)  # rows (n, 1), pos (n, T)
         L.b[self.rows, self.pos] = b.to(L.b.dtype)
         return L.a[: self.n, : self.S], L.b[: self.n, : self.S]
+
+
+@dataclass
+class _Step:
+    """What one pooled step over T new tokens per occupied row (n rows) needs, for every layer."""
+
+    pos: torch.Tensor  # (n, T) positions of the new entries
+    cos: torch.Tensor  # (n, T, d/2) RoPE at those positions
+    sin: torch.Tensor
+    mask: torch.Tensor  # (n, 1, T, S): query t of row i sees positions <= lengths[i] + t
+    rows: torch.Tensor  # (n, 1) row indices
+    S: int  # positions attended: the longest row's length + T
+
+    @property
+    def start(self) -> int:
+        return self.S - self.pos.shape[1]
+
+    def cache(self, layer: LayerCache) -> _Rows:
+        return _Rows(layer, self.rows, self.pos, self.rows.shape[0], self.S)
 
 
 class SlotPool:
@@ -105,13 +125,20 @@ class SlotPool:
             self.lengths[row] = self.lengths[last]
         self.lengths.pop()
 
-    def _positions(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(n, T) positions of T new tokens per row, the (n, 1, T, S) mask where query t of row i
-        sees positions <= lengths[i] + t, and S."""
+    def _step(self, T: int, device) -> _Step:
+        """Where T new tokens per occupied row go: row i's at positions lengths[i] + t."""
+        n, model = self.n, self.model
         pos = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
         S = max(self.lengths) + T
         mask = torch.arange(S, device=device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
-        return pos, mask[:, None], S  # (n, 1, T, S) as padding_causal_mask gives it
+        return _Step(
+            pos=pos,
+            cos=model.rope_cos[pos],  # (n, T, d/2)
+            sin=model.rope_sin[pos],
+            mask=mask[:, None],  # (n, 1, T, S) as padding_causal_mask gives it
+            rows=torch.arange(n, device=device)[:, None],  # (n, 1)
+            S=S,
+        )
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,15 +150,12 @@ class SlotPool:
         Returns:
             logits (n, T, V) and the hidden states before the final norm (n, T, D).
         """
-        model, n = self.model, self.n
-        T = tokens.shape[1]
-        pos, mask, S = self._positions(T, tokens.device)
-        cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (n, T, d/2)
-        rows = torch.arange(n, device=tokens.device)[:, None]  # (n, 1)
+        model = self.model
+        step = self._step(tokens.shape[1], tokens.device)
         x = model.embed_tokens(tokens)  # (n, T, D)
         for block, layer in zip(model.layers, self.cache.layers):
             # start = S - T > 0: MLA takes the absorbed path, as in any cached decode step
-            x, _ = block(x, cos, sin, _Rows(layer, rows, pos, n, S), S - T, mask)
+            x, _ = block(x, step.cos, step.sin, step.cache(layer), step.start, step.mask)
         return model.lm_head(model.norm(x)), x
 
     @torch.no_grad()
@@ -159,15 +183,13 @@ class SlotPool:
         Returns:
             (n, V) draft logits: the token after next of each row.
         """
-        model, n = self.model, self.n
-        T = hidden.shape[1]
-        pos, mask, S = self._positions(T, hidden.device)
-        cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (n, T, d/2)
-        rows = torch.arange(n, device=hidden.device)[:, None]  # (n, 1)
+        model = self.model
+        step = self._step(hidden.shape[1], hidden.device)
         emb = model.embed_tokens(next_ids)  # (n, T, D)
-        cache = _Rows(self.mtp_cache.layers[0], rows, pos, n, S)
-        _, h_normed, _ = model.mtp[0](hidden, emb, cos, sin, cache, S - T, mask)  # (n, T, D)
-        return model.lm_head(h_normed[rows[:, 0], take])  # (n, V)
+        cache = step.cache(self.mtp_cache.layers[0])
+        # h_normed: (n, T, D)
+        _, h_normed, _ = model.mtp[0](hidden, emb, step.cos, step.sin, cache, step.start, step.mask)
+        return model.lm_head(h_normed[step.rows[:, 0], take])  # (n, V)
 
     def advance(self, counts: Sequence[int]) -> None:
         """Commit counts[i] of the tokens `forward` fed to row i."""
