@@ -7,6 +7,8 @@ import argparse
 import math
 from pathlib import Path
 
+CHECKPOINTS = ("best", "latest")
+
 
 def integer(text: str) -> int:
     """An int that fits in a signed 64-bit integer."""
@@ -28,6 +30,35 @@ def number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def add_checkpoint_arg(p: argparse.ArgumentParser, help: str = "which checkpoint to load") -> None:
+    """--checkpoint best|latest: which checkpoint of a run directory `load_run` reads."""
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best", help=help)
+
+
+def add_device_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
+    """--device and, with `threads`, --threads (for commands that run the model; see `set_threads`)."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    if threads:
+        p.add_argument(
+            "--threads",
+            type=integer,
+            default=0,
+            help="CPU threads (0 = torch default; 1 is often fastest for decoding)",
+        )
+
+
+def set_threads(threads: int) -> None:
+    """Apply --threads: torch's intra-op threads for this process (0 leaves torch's default)."""
+    from minimoe.errors import MinimoeError
+
+    if threads < 0:
+        raise MinimoeError(f"--threads must be >= 0, got {threads}")
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def check_writable(path: str | Path, flag: str, what: str = "the output") -> None:

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from minimoe.cli.args import check_writable, integer, number
+from minimoe.cli.args import add_checkpoint_arg, add_device_args, check_writable, integer, number
 from minimoe.errors import MinimoeError, describe_os_error
 from minimoe.eval.runner import ROLES, TASK_OPTIONS, TASKS
 
@@ -36,10 +36,8 @@ def add_parser(sub) -> None:
         required=True,
         help="perplexity: a text file, folder, .jsonl/.parquet or hf:NAME; other tasks: a .jsonl file or a folder of them",
     )
-    p.add_argument(
-        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_checkpoint_arg(p)
+    add_device_args(p)
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from minimoe.cli.args import add_checkpoint_arg
 from minimoe.hf.formats import ARCHITECTURES
 
 
@@ -18,9 +19,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("run_dir", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument(
-        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to export"
-    )
+    add_checkpoint_arg(p, help="which checkpoint to export")
     p.add_argument(
         "--format", choices=list(ARCHITECTURES), default=None, help="target format (default: the best fit)"
     )

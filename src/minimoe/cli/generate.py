@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimoe.cli.args import integer, number
+from minimoe.cli.args import add_checkpoint_arg, add_device_args, integer, number, set_threads
 
 
 def add_parser(sub) -> None:
@@ -24,9 +24,7 @@ def add_parser(sub) -> None:
         default=None,
         help="file with one prompt per line, or JSONL with a 'prompt' field ('-' = standard input)",
     )
-    p.add_argument(
-        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--max-new-tokens", type=integer, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=number, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=integer, default=0, help="keep the k most likely tokens (0 = off)")
@@ -52,13 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=integer, default=64, help="int4 group size")
     p.add_argument("--output", choices=["text", "jsonl"], default="text", help="output format")
     p.add_argument("--stats", action="store_true", help="print tokens/s, cache bytes, acceptance to stderr")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--threads",
-        type=integer,
-        default=0,
-        help="CPU threads (0 = torch default; 1 is often fastest for decoding)",
-    )
+    add_device_args(p, threads=True)
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -110,8 +102,6 @@ def _validate(args) -> None:
         raise MinimoeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.speculative and args.beams > 1:
         raise MinimoeError("--speculative and --beams cannot be combined")
-    if args.threads < 0:
-        raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
 
 
 def _format_bytes(n: float) -> str:
@@ -129,15 +119,12 @@ def run(args) -> int:
     from minimoe.train.checkpoint import load_run
 
     _validate(args)
+    set_threads(args.threads)
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         prompts = ["" if sys.stdin.isatty() else sys.stdin.read()]
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
     model, tok, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
     if args.quantize:
         if getattr(model, "quantization", None):

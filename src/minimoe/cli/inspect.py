@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minimoe.cli.args import integer
+from minimoe.cli.args import CHECKPOINTS, add_checkpoint_arg, integer
 from minimoe.errors import MinimoeError, describe_os_error
 
 
@@ -27,11 +27,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--top", type=integer, default=8, help="top tokens listed per expert (default 8)")
     p.add_argument("--coact-png", help="with --corpus: write the co-activation heatmaps here")
-    p.add_argument(
-        "--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint to load"
-    )
+    add_checkpoint_arg(p)
     # the spelling before every command said --checkpoint; still accepted
-    p.add_argument("--which", dest="checkpoint", choices=("best", "latest"), help=argparse.SUPPRESS)
+    p.add_argument("--which", dest="checkpoint", choices=CHECKPOINTS, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 

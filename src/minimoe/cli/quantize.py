@@ -7,7 +7,7 @@ held-out text before and after.
 
 from __future__ import annotations
 
-from minimoe.cli.args import integer
+from minimoe.cli.args import add_checkpoint_arg, add_device_args, integer, set_threads
 
 
 def add_parser(sub) -> None:
@@ -18,19 +18,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--group-size", type=integer, default=64, help="int4: inputs sharing one scale")
     p.add_argument("--out", required=True, help="new checkpoint directory to write")
-    p.add_argument(
-        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--eval-data", default=None, help="held-out text for a perplexity check before/after")
     p.add_argument("--eval-tokens", type=integer, default=32768, help="tokens of --eval-data to score")
     p.add_argument("--seq-len", type=integer, default=None, help="perplexity window (default: train.seq_len)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--threads",
-        type=integer,
-        default=0,
-        help="CPU threads (0 = torch default; 1 is often fastest for decoding)",
-    )
+    add_device_args(p, threads=True)
 
 
 def run(args) -> int:
@@ -47,17 +39,12 @@ def run(args) -> int:
     from minimoe.train.checkpoint import load_run
 
     check_quant_args(args.bits, args.group_size)
-    if args.threads < 0:
-        raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
+    set_threads(args.threads)
     if args.eval_tokens < 2:
         raise MinimoeError(f"--eval-tokens must be at least 2, got {args.eval_tokens}")
     if args.seq_len is not None and args.seq_len < 2:
         raise MinimoeError(f"--seq-len must be at least 2, got {args.seq_len}")
     resolve_device(args.device, what="--device")
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
     model, tok, cfg, meta = load_run(args.run_dir, args.checkpoint, args.device)
     if getattr(model, "quantization", None):
         raise MinimoeError(f"{meta['path']} is already quantized")

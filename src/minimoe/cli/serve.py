@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from minimoe.cli.args import integer
+from minimoe.cli.args import add_checkpoint_arg, add_device_args, integer, set_threads
 from minimoe.errors import MinimoeError
 from minimoe.serve.limits import Limits
 
@@ -25,10 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--port", type=integer, default=8000, help="TCP port (0: any free port, printed at startup)"
     )
-    p.add_argument(
-        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint to load"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_checkpoint_arg(p)
+    add_device_args(p, threads=True)
     p.add_argument(
         "--model-name", default=None, help="the model id clients ask for (default: the run's name)"
     )
@@ -37,9 +35,6 @@ def add_parser(sub) -> None:
         default=None,
         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
         f"{API_KEY_ENV} environment variable, which keeps the key out of the process list)",
-    )
-    p.add_argument(
-        "--threads", type=integer, default=0, help="CPU threads for the model (0 = torch's default)"
     )
     p.add_argument(
         "--speculative",
@@ -139,8 +134,7 @@ def limits_from_args(args) -> Limits:
 
 def run(args) -> int:
     limits = limits_from_args(args)
-    if args.threads < 0:
-        raise MinimoeError(f"--threads must be >= 0, got {args.threads}")
+    set_threads(args.threads)
     if args.compile and args.speculative:
         raise MinimoeError(
             "--compile and --speculative cannot be combined: the compiled step decodes one token per row"
@@ -158,10 +152,6 @@ def run(args) -> int:
     resolve_device(args.device, what="--device")
     if not Path(args.run_dir).exists():
         raise MinimoeError(f"run directory {args.run_dir} does not exist")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     # bind first: a busy port is reported before the model is loaded, and nothing can take the port
     # between the check and uvicorn's start
     sock = listen(args.host, args.port)

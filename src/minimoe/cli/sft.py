@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minimoe.cli.args import number
+from minimoe.cli.args import add_checkpoint_arg, number
 
 
 def add_common(p) -> None:
@@ -13,7 +13,7 @@ def add_common(p) -> None:
     )
     p.add_argument("--val-data", help="chat JSONL for a masked validation loss at the end")
     p.add_argument("--out", required=True, help="new run directory")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which source checkpoint")
+    add_checkpoint_arg(p, help="which source checkpoint")
     p.add_argument(
         "--epochs", type=number, default=1.0, help="passes over the data (unless train.max_steps is set)"
     )
