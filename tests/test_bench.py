@@ -166,3 +166,32 @@ def test_fair_comparison_end_to_end(capsys):
         assert r["settings"][side]["omp_wait_policy"] in ("PASSIVE", "ACTIVE")
         assert len(r["probes"][side]) == len(set(r["probes"][side])) >= 2
     assert r["hf_alone_decode_b1_tok_s"] > 0 and r["hf_alone_ratio"] > 0
+
+
+def test_continuous_batching_sides_generate_the_same_tokens(tmp_path):
+    """benchmarks/hf_continuous.py's two sides on one mix: minimoe's serving engine and transformers'
+    `generate_batch` on the export of the same weights give every request the same greedy tokens, all
+    of the asked length (EOS off on both sides); the reference config is refused with the reason."""
+    import yaml
+
+    from minimoe.bench import continuous as C
+    from minimoe.data import Tokenizer
+    from minimoe.hf.export import export_model
+    from minimoe.train.checkpoint import save_checkpoint
+
+    pytest.importorskip("transformers")
+    refusal = C.paged_cache_refusal(build_run_config(None, str(REFERENCE), []).model)
+    assert "model.v_head_dim=48" in refusal
+    rc = build_run_config(None, str(REFERENCE), [*SMALLER, "model.v_head_dim=48"])
+    assert C.paged_cache_refusal(rc.model) is None
+    torch.manual_seed(0)
+    model = Transformer(rc.model).eval()
+    text = yaml.safe_dump(rc.to_dict(), sort_keys=False)
+    run = save_checkpoint(tmp_path / "run", 0, model, {}, {"step": 0}, text, Tokenizer.byte(), is_best=True)
+    export_model(model, Tokenizer.byte(), tmp_path / "hf")
+    prompts, warm = C.make_mix(5, 3, 40, 512, seed=0), C.make_mix(5, 3, 40, 512, seed=1)
+    ours, seconds = C.run_minimoe(str(run), warm, prompts, 6)
+    theirs, hf_seconds = C.run_hf(str(tmp_path / "hf"), warm, prompts, 6)
+    assert [len(o) for o in ours] == [6] * 5 and seconds > 0 and hf_seconds > 0
+    assert C.identical_fraction(ours, theirs) == 1.0, (ours, theirs)
+    assert len({tuple(o) for o in ours}) > 1  # not one degenerate answer for every prompt

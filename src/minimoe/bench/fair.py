@@ -57,14 +57,21 @@ def settings_to_try(cores: int | None = None) -> list[tuple[str, int]]:
     return [(policy, threads) for policy in POLICIES for threads in sorted({1, cores})]
 
 
-def _env(policy: str, threads: int) -> dict[str, str]:
+def omp_env(policy: str, threads: int) -> dict[str, str]:
+    """This process's environment with the OpenMP wait policy and thread count of a setting."""
     return {**os.environ, "OMP_WAIT_POLICY": policy, "OMP_NUM_THREADS": str(threads)}
 
 
-def run_worker(worker_args: list[str], policy: str, threads: int, timeout: float = 3600) -> dict:
-    """Run `python -m minimoe.bench.fair WORKER_ARGS` under the setting; its JSON answer."""
-    cmd = [sys.executable, "-m", "minimoe.bench.fair", *worker_args, "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=_env(policy, threads), capture_output=True, text=True, timeout=timeout)
+def run_worker(
+    worker_args: list[str],
+    policy: str,
+    threads: int,
+    timeout: float = 3600,
+    module: str = "minimoe.bench.fair",
+) -> dict:
+    """Run `python -m MODULE WORKER_ARGS --threads N` under the setting; its JSON answer (last line)."""
+    cmd = [sys.executable, "-m", module, *worker_args, "--threads", str(threads)]
+    proc = subprocess.run(cmd, env=omp_env(policy, threads), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the benchmark process failed ({' '.join(worker_args[:2])}): {tail[0]}")
@@ -72,12 +79,18 @@ def run_worker(worker_args: list[str], policy: str, threads: int, timeout: float
 
 
 def choose_setting(
-    side: str, base: list[str], settings: list[tuple[str, int]]
+    side: str,
+    base: list[str],
+    settings: list[tuple[str, int]],
+    module: str = "minimoe.bench.fair",
+    key: str = "decode_b1_tok_s",
 ) -> tuple[tuple[str, int], dict]:
-    """The fastest setting for one side's batch-1 decode probe; (setting, {"POLICY/threads": tok/s})."""
+    """The fastest setting for one side's probe (`python -m MODULE probe SIDE BASE`, its answer's `key`:
+    by default the batch-1 decode probe); (setting, {"POLICY/threads": tok/s})."""
     probes = {}
     for policy, threads in settings:
-        probes[f"{policy}/{threads}"] = run_worker(["probe", side, *base], policy, threads)["decode_b1_tok_s"]
+        answer = run_worker(["probe", side, *base], policy, threads, module=module)
+        probes[f"{policy}/{threads}"] = answer[key]
     best = max(settings, key=lambda s: probes[f"{s[0]}/{s[1]}"])
     return best, probes
 
@@ -113,7 +126,7 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         new = "32" if "--quick" in base else "64"
         cmd = [sys.executable, "-c", HF_ALONE, tmp, new, "3"]
         proc = subprocess.run(
-            cmd, env=_env(s["omp_wait_policy"], s["threads"]), capture_output=True, text=True
+            cmd, env=omp_env(s["omp_wait_policy"], s["threads"]), capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise RuntimeError(
