@@ -162,7 +162,9 @@ def test_export_import_round_trip(exported, tmp_path, ids, name):
     ckpt, fmt, _ = import_hf(folder, tmp_path / "run")
     back, tok2, cfg, _ = load_run(tmp_path / "run")
     assert fmt == name and cfg.model.mtp_depth == model.cfg.mtp_depth
-    assert (_logits(back, ids) - _logits(model, ids)).abs().max().item() <= 1e-5
+    assert (
+        (_logits(back, ids) - _logits(model, ids)).abs().max().item() <= 5e-5
+    )  # fp32 round-off: the weights are equal, the kernels may sum in another order
     if name == "deepseek_v3":  # lossless: every tensor, MTP and balancing bias included
         a, b = model.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
