@@ -102,6 +102,37 @@ def test_bench_quick_json_has_every_key(capsys):
     assert r["peak_mem_train_mib"] > 0 and "torch" in r and "cpu" in r
 
 
+def test_bench_compiled_decode_and_the_bandwidth_ceiling():
+    """`--compiled-decode`: every decode shape is also timed through the fixed-shape step, its ratio
+    taken against transformers' plain decode of the same shape, its compile seconds kept apart; the
+    batch-1 ceiling is the measured matrix-vector bandwidth over the activated weights' bytes."""
+    from minimoe.bench.measure import BenchSettings, decode_ceiling_tok_s
+    from minimoe.bench.run import benchmark, format_table
+    from minimoe.config_yaml import build_run_config
+    from minimoe.params import count_params
+
+    rc = build_run_config(None, str(REFERENCE), SMALLER)
+    settings = BenchSettings(repeats=1, new_tokens=4, prefill_shape=(1, 16), peak_size=64,
+                             decode_shapes={"decode_b1": (1, 8), "decode_b2": (2, 8)},
+                             compiled_decode=True, compile_backend="eager")  # fmt: skip
+    r = benchmark(rc, "ref", settings, against="hf")
+    for key in ("decode_b1", "decode_b2"):
+        assert r[f"{key}_compiled_tok_s"] > 0 and r[f"{key}_compile_s"] > 0
+        assert r[f"{key}_compiled_ratio"] == pytest.approx(r[f"{key}_compiled_tok_s"] / r[f"hf_{key}_tok_s"])
+    assert "hf_decode_b1_compiled_tok_s" not in r
+    activated = count_params(rc.model).activated
+    assert activated < count_params(rc.model).total
+    assert r["decode_ceiling_tok_s"] == pytest.approx(r["matvec_bandwidth_gib_s"] * 2**30 / (4 * activated))
+    assert decode_ceiling_tok_s(rc, 1.0) == pytest.approx(2**30 / (4 * activated))
+    assert r["decode_b1_compiled_ceiling_fraction"] == pytest.approx(
+        r["decode_b1_compiled_tok_s"] / r["decode_ceiling_tok_s"]
+    )
+    table = format_table(r, True)
+    assert (
+        "| decode_b2_compiled |" in table and "batch-1 decode ceiling" in table and "compile seconds" in table
+    )
+
+
 def test_bench_table_without_hf(capsys):
     code = main(["bench", "--preset", "tiny", "--quick", "--repeats", "1", "--no-progress",
                  "model.num_hidden_layers=2", "model.max_position_embeddings=600", "train.batch_size=2", "train.seq_len=32"])  # fmt: skip

@@ -320,6 +320,27 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("attn_type, seed", [("mla", 0), ("gqa", 1), ("mla", 2)])
+def test_static_greedy_equals_full_recompute(attn_type, seed):
+    """`static_greedy` (what `minimoe bench --compiled-decode` times): every prompt's greedy tokens
+    equal re-running the whole forward at every step, in a pool sized exactly to the longest prompt
+    plus its new tokens; the pool is emptied, so a second call on it gives the same tokens."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode, static_greedy
+
+    model = tiny_model(attn_type, seed=seed)
+    new = 7
+    want = [greedy_no_cache(model, p, new) for p in PROMPTS]
+    static = StaticDecode(
+        SlotPool(model, len(PROMPTS), max_len=max(map(len, PROMPTS)) + new - 1), compile=False
+    )
+    for _ in range(2):
+        assert static_greedy(static, PROMPTS, new).tolist() == want
+        assert static.pool.n == 0
+    with pytest.raises(ValueError, match="hold every prompt"):
+        static_greedy(static, PROMPTS, new + 1)
+
+
 @pytest.mark.slow
 def test_compiled_static_decode_in_the_engine_equals_eager():
     """torch.compile (inductor) of the fixed-shape step: greedy tokens identical to the eager engine,

@@ -100,7 +100,7 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
 
     Args:
         base: worker arguments naming the config: ["--preset", P] or ["--config", C], plus
-            "--quick", "--repeats N" and overrides as `minimoe bench` takes them.
+            "--quick", "--repeats N", "--compiled-decode" and overrides as `minimoe bench` takes them.
         rounds: processes per side in step 2 (median kept).
         settings: the (policy, threads) pairs to try (default `settings_to_try()`).
     Returns:
@@ -138,7 +138,8 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         for key in runs[side][0]:
             result[prefix + key] = statistics.median(run[key] for run in runs[side])
     for key in [k[: -len("_tok_s")] for k in runs["minimoe"][0] if k.endswith("_tok_s")]:
-        result[f"{key}_ratio"] = result[f"{key}_tok_s"] / result[f"hf_{key}_tok_s"]
+        hf_key = key.removesuffix("_compiled")  # a compiled decode is compared with HF's own decode
+        result[f"{key}_ratio"] = result[f"{key}_tok_s"] / result[f"hf_{hf_key}_tok_s"]
     result["hf_alone_decode_b1_tok_s"] = alone
     result["hf_alone_ratio"] = result["hf_decode_b1_tok_s"] / alone
     return result
@@ -157,6 +158,7 @@ def _worker(argv: list[str]) -> dict:
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--save", help="(hf side) save the transformers model here for the alone check")
+    p.add_argument("--compiled-decode", action="store_true", help="(minimoe side) also the compiled decode")
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_intermixed_args(argv)  # overrides come after the options
 
@@ -184,6 +186,7 @@ def _worker(argv: list[str]) -> dict:
     settings = M.BenchSettings.quick() if args.quick else M.BenchSettings()
     if args.repeats:
         settings.repeats = args.repeats
+    settings.compiled_decode = args.compiled_decode and args.side == "minimoe"
     if args.task == "probe":
         settings.decode_shapes = {"decode_b1": M.DECODE_SHAPES["decode_b1"]}
         prompts = torch.randint(0, rc.model.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))

@@ -25,12 +25,15 @@ import torch.nn.functional as F
 from minimoe.config import RunConfig
 from minimoe.infer.generate import stream_batch
 from minimoe.infer.sampling import SamplingParams
+from minimoe.infer.slots import SlotPool
+from minimoe.infer.static import StaticDecode, static_greedy
 from minimoe.lab.flops import flops_per_token
 from minimoe.train.balance import balance_step
 from minimoe.train.optim import build_optimizer
 from minimoe.train.trainer import autocast_context
 
 GREEDY = SamplingParams(temperature=0.0)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (batch, prompt) of the decode measurements; every one generates `new_tokens` greedy tokens
 DECODE_SHAPES = {
     "decode_b1": (1, 32),
@@ -49,6 +52,10 @@ class BenchSettings:
     prefill_shape: tuple[int, int] = (8, 512)
     peak_size: int = 1024  # matmul peak: square matrices of this side
     decode_shapes: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DECODE_SHAPES))
+    # also time minimoe's compiled fixed-shape decode step (`minimoe serve --compile`) at every decode
+    # shape, as `<shape>_compiled`; its ratio is taken against the other side's plain decode
+    compiled_decode: bool = False
+    compile_backend: str = "inductor"  # "eager" only traces (tests)
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -86,6 +93,41 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 102
         _sync(device)
         best = max(best, n * flops / (time.perf_counter() - t0))
     return best / 1e9
+
+
+def matvec_bandwidth_gib_s(
+    device: torch.device, dtype: torch.dtype, mib: int = 64, repeats: int = 5
+) -> float:
+    """GiB/s streamed by a one-row `F.linear` through a weight far larger than the caches: decoding's
+    access pattern at batch 1, where every activated weight is read once per token. Best of `repeats`
+    timed batches of >= ~0.2 s."""
+    k = 4096
+    w = torch.randn(mib * 2**20 // (k * torch.finfo(dtype).bits // 8), k, device=device, dtype=dtype)
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    F.linear(x, w)
+    _sync(device)
+    t0 = time.perf_counter()
+    F.linear(x, w)
+    _sync(device)
+    n = max(1, int(0.2 / max(time.perf_counter() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            F.linear(x, w)
+        _sync(device)
+        best = max(best, n * w.nbytes / (time.perf_counter() - t0))
+    return best / 2**30
+
+
+def decode_ceiling_tok_s(rc: RunConfig, bandwidth_gib_s: float) -> float:
+    """Batch-1 decode tokens/s if reading the activated weights once per token were the only cost:
+    the bandwidth over the bytes of the parameters a token passes through (`minimoe.params`'s
+    activated count, LM head included, embedding lookup and MTP modules not)."""
+    from minimoe.params import count_params
+
+    itemsize = torch.finfo(DTYPES[rc.train.precision]).bits // 8
+    return bandwidth_gib_s * 2**30 / (count_params(rc.model).activated * itemsize)
 
 
 class PeakMemory:
@@ -192,6 +234,8 @@ class MinimoeSubject(Subject):
         super().__init__(model, rc, device)
         self.forward = torch.compile(model) if rc.train.compile else model
         self._loads: dict[int, torch.Tensor] = {}
+        self._static: dict[tuple[int, int], StaticDecode] = {}  # (batch, positions) -> compiled step
+        self.compile_s: dict[tuple[int, int], float] = {}
 
     def loss(self, x, y):
         out = self.forward(x, targets=y, return_logits=False)
@@ -217,6 +261,20 @@ class MinimoeSubject(Subject):
             for step in stream_batch(self.model, prompts.tolist(), new_tokens, GREEDY):
                 n += sum(t is not None for t in step)
         return n
+
+    @torch.no_grad()
+    def decode_compiled(self, prompts: torch.Tensor, new_tokens: int, backend: str = "inductor") -> int:
+        """`decode` through the compiled fixed-shape step (`minimoe.infer.static`), one compiled graph
+        per (batch, prompt + new tokens), built at the first call (its seconds go to `compile_s`)."""
+        self.model.eval()
+        key = (prompts.shape[0], prompts.shape[1] + new_tokens)
+        if key not in self._static:
+            static = StaticDecode(SlotPool(self.model, key[0], max_len=key[1]), backend=backend)
+            with self.autocast():
+                self.compile_s[key] = static.warm_up()
+            self._static[key] = static
+        with self.autocast():
+            return static_greedy(self._static[key], prompts.tolist(), new_tokens).numel()
 
 
 class HFSubject(Subject):
@@ -267,7 +325,14 @@ def _median_rates(
 
 
 def measurements(settings: BenchSettings) -> list[str]:
-    return ["train", "prefill", *settings.decode_shapes]
+    compiled = [f"{k}_compiled" for k in settings.decode_shapes] if settings.compiled_decode else []
+    return ["train", "prefill", *settings.decode_shapes, *compiled]
+
+
+def baseline_key(key: str) -> str:
+    """The other side's measurement a minimoe measurement is compared with (the plain decode for a
+    compiled one: transformers runs its own default decode)."""
+    return key.removesuffix("_compiled")
 
 
 def run_bench(
@@ -294,11 +359,14 @@ def run_bench(
     def prefix(s: Subject) -> str:
         return "" if s.name == "minimoe" else f"{s.name}_"
 
-    def measure(key: str, make: Callable[[Subject], Callable[[], int]]) -> tuple[str, dict]:
-        mem = {s.name: PeakMemory(device) for s in subjects}
-        rates = _median_rates({s.name: tick(key, make(s)) for s in subjects}, settings.repeats, device, mem)
+    def measure(
+        key: str, make: Callable[[Subject], Callable[[], int]], only: list[Subject] | None = None
+    ) -> tuple[str, dict]:
+        them = subjects if only is None else only
+        mem = {s.name: PeakMemory(device) for s in them}
+        rates = _median_rates({s.name: tick(key, make(s)) for s in them}, settings.repeats, device, mem)
         out = {}
-        for s in subjects:
+        for s in them:
             out[f"{prefix(s)}{key}_tok_s"] = rates[s.name]
             out[f"{prefix(s)}peak_mem_{key}_mib"] = mem[s.name].mib
         return key, out
@@ -313,6 +381,16 @@ def run_bench(
         p = min(p, max_len - settings.new_tokens)
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
         yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
+        if settings.compiled_decode:
+            ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
+            name, out = measure(
+                f"{key}_compiled",
+                lambda s, prompts=prompts: lambda: s.decode_compiled(prompts, settings.new_tokens,
+                                                                     settings.compile_backend),
+                ours,
+            )  # fmt: skip
+            out[f"{key}_compile_s"] = ours[0].compile_s[(b, p + settings.new_tokens)]
+            yield name, out
 
 
 def mfu(rc: RunConfig, train_tok_s: float, peak_gflops: float) -> float:

@@ -11,13 +11,12 @@ import torch
 from minimoe.bench import measure as M
 from minimoe.config import RunConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def steps_of(settings: M.BenchSettings, against: str | None = None) -> int:
     """How many times `benchmark` calls on_step (for a progress bar)."""
     subjects = 2 if against else 1
-    return 1 + len(M.measurements(settings)) * subjects * (settings.repeats + 1)
+    timed = sum(1 if k.endswith("_compiled") else subjects for k in M.measurements(settings))
+    return 1 + timed * (settings.repeats + 1)
 
 
 def benchmark(
@@ -46,7 +45,7 @@ def benchmark(
 
     step = on_step or (lambda key: None)
     device = resolve_device(rc.train.device)
-    dtype = DTYPES[rc.train.precision]
+    dtype = M.DTYPES[rc.train.precision]
     result: dict = {
         "config": name,
         "device": str(device),
@@ -81,11 +80,14 @@ def benchmark(
                 f"{fp32:.1f} in fp32 (no {rc.train.precision} arithmetic in hardware); expect every "
                 "measurement to be slower than fp32"
             )
+    result["matvec_bandwidth_gib_s"] = bandwidth = M.matvec_bandwidth_gib_s(device, dtype)
+    result["decode_ceiling_tok_s"] = M.decode_ceiling_tok_s(rc, bandwidth)
     step("matmul peak")
     for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
         result.update(values)
         if against:
-            result[f"{key}_ratio"] = values[f"{key}_tok_s"] / values[f"hf_{key}_tok_s"]
+            result[f"{key}_ratio"] = values[f"{key}_tok_s"] / result[f"hf_{M.baseline_key(key)}_tok_s"]
+    add_ceiling_fractions(result)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     if against:
         result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
@@ -94,6 +96,12 @@ def benchmark(
         result["published_peak_tflops"] = published
         result["mfu_published"] = result["mfu"] * result["matmul_peak_gflops"] / (published * 1e3)
     return result
+
+
+def add_ceiling_fractions(r: dict) -> None:
+    """`<decode at batch 1>_ceiling_fraction`: tokens/s over the weight-bandwidth ceiling."""
+    for key in [k for k in r if k.startswith(("decode_b1", "hf_decode_b1")) and k.endswith("_tok_s")]:
+        r[key.removesuffix("_tok_s") + "_ceiling_fraction"] = r[key] / r["decode_ceiling_tok_s"]
 
 
 def format_table(r: dict, against: bool) -> str:
@@ -109,10 +117,26 @@ def format_table(r: dict, against: bool) -> str:
         + (" hf tok/s | hf peak MiB | minimoe / hf |" if against else ""),
         "|---|---:|---:|" + ("---:|---:|---:|" if against else ""),
     ]
-    keys = [k[: -len("_tok_s")] for k in r if k.endswith("_tok_s") and not k.startswith("hf_")]
+    keys = [k[: -len("_tok_s")] for k in r if k.endswith("_tok_s") and f"peak_mem_{k[:-6]}_mib" in r]
     for k in keys:
         row = f"| {k} | {r[k + '_tok_s']:,.0f} | {r[f'peak_mem_{k}_mib']:,.0f} |"
         if against:
-            row += f" {r[f'hf_{k}_tok_s']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} | {r[f'{k}_ratio']:.2f}x |"
+            h = M.baseline_key(k)
+            row += f" {r[f'hf_{h}_tok_s']:,.0f} | {r[f'hf_peak_mem_{h}_mib']:,.0f} | {r[f'{k}_ratio']:.2f}x |"
         lines.append(row)
+    if "decode_ceiling_tok_s" in r:
+        fracs = ", ".join(
+            f"{k.removesuffix('_ceiling_fraction')} {v:.0%}"
+            for k, v in r.items()
+            if k.endswith("_ceiling_fraction")
+        )
+        lines += [
+            "",
+            f"batch-1 decode ceiling {r['decode_ceiling_tok_s']:,.0f} tok/s (activated weights read once per token "
+            f"at the measured {r['matvec_bandwidth_gib_s']:.1f} GiB/s); reached: {fracs}",
+        ]
+    compiles = {k.removesuffix("_compile_s"): v for k, v in r.items() if k.endswith("_compile_s")}
+    if compiles:
+        lines.append("compile seconds (first call, not in tok/s): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in compiles.items()))  # fmt: skip
     return "\n".join(lines)

@@ -44,6 +44,12 @@ def add_parser(sub) -> None:
         "(minimoe.bench.fair)",
     )
     p.add_argument("--rounds", type=int, default=3, help="--fair: processes per side, median kept")
+    p.add_argument(
+        "--compiled-decode",
+        action="store_true",
+        help="also time minimoe's compiled fixed-shape decode step (what `minimoe serve --compile` runs) at "
+        "every decode shape; compile seconds are reported apart, not in tokens/s",
+    )
     p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides key=value")
 
 
@@ -55,6 +61,7 @@ def _settings(args):
         if args.repeats < 1:
             raise MinimoeError(f"--repeats must be at least 1, got {args.repeats}")
         s.repeats = args.repeats
+    s.compiled_decode = args.compiled_decode
     return s
 
 
@@ -64,7 +71,7 @@ def run_fair(args) -> int:
 
     from minimoe.bench import measure as M
     from minimoe.bench.fair import fair_compare
-    from minimoe.bench.run import format_table
+    from minimoe.bench.run import add_ceiling_fractions, format_table
     from minimoe.config_yaml import build_run_config
 
     if args.against != "hf":
@@ -85,6 +92,7 @@ def run_fair(args) -> int:
     base = ["--preset", args.preset] if args.preset else ["--config", args.config]
     base += ["--quick"] if args.quick else []
     base += ["--repeats", str(args.repeats)] if args.repeats else []
+    base += ["--compiled-decode"] if args.compiled_decode else []
     base += list(args.overrides)
     device = torch.device("cpu")
     result: dict = {
@@ -98,6 +106,9 @@ def run_fair(args) -> int:
     result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, torch.float32, _settings(args).peak_size)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
+    result["matvec_bandwidth_gib_s"] = M.matvec_bandwidth_gib_s(device, torch.float32)
+    result["decode_ceiling_tok_s"] = M.decode_ceiling_tok_s(rc, result["matvec_bandwidth_gib_s"])
+    add_ceiling_fractions(result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.slots import SlotPool, _Rows
+from minimoe.infer.slots import Prefill, SlotPool, _Rows
 from minimoe.model.experts import GroupedExperts, _activate
 from minimoe.model.router import route, router_scores
 
@@ -121,3 +121,32 @@ class StaticDecode:
         self._calls += 1
         pool.advance([1] * n)
         return logits
+
+
+@torch.no_grad()
+def static_greedy(static: StaticDecode, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """Greedy continuations through the fixed-shape step: each prompt prefilled whole into its own
+    row, then `new_tokens - 1` steps of `static.decode` (the first token comes from the prefill).
+
+    Args:
+        static: a StaticDecode whose pool is empty and has a slot for every prompt, and room for
+            the longest prompt plus `new_tokens` positions.
+        prompts: token ids, one list per row.
+        new_tokens: tokens generated per prompt (>= 1).
+    Returns:
+        (len(prompts), new_tokens) generated ids; the pool is empty again afterwards.
+    """
+    pool = static.pool
+    if pool.n or len(prompts) > pool.slots or max(map(len, prompts)) + new_tokens > pool.max_len + 1:
+        raise ValueError("the pool must be empty and hold every prompt and its new tokens")
+    first = []
+    for ids in prompts:
+        logits = Prefill(pool, ids).step(len(ids))  # (1, V)
+        pool.add(len(ids))
+        first.append(logits.argmax(-1))
+    tokens = [torch.cat(first)]  # each (n,)
+    for _ in range(new_tokens - 1):
+        tokens.append(static.decode(tokens[-1]).argmax(-1))
+    while pool.n:
+        pool.remove(pool.n - 1)
+    return torch.stack(tokens, dim=1)
