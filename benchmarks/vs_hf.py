@@ -4,6 +4,9 @@
     python benchmarks/vs_hf.py --quick          # reference config only, `--quick` settings
     python benchmarks/vs_hf.py --write          # also insert the result at the top of BENCHMARKS.md's section
     python benchmarks/vs_hf.py --profile        # add where the time goes, by kernel family, for both models
+    python benchmarks/vs_hf.py --fair --write   # each side in its own processes at its best setting
+                                                # (`minimoe bench --fair --compiled-decode`)
+    python benchmarks/vs_hf.py --fair --from-json ref.json [small.json]   # tables from saved results
 
 Every table comes from one `minimoe bench --against hf --json` process, in which both models take turns
 within every repeat: compare the ratios, not the absolute numbers (other load on the machine moves
@@ -67,6 +70,55 @@ def table(cmd: str, r: dict) -> str:
                 f"| {LABELS[k]} | {r[f'{k}_tok_s']:,.0f} | {r[f'hf_{k}_tok_s']:,.0f} | **{r[f'{k}_ratio']:.2f}x** | "
                 f"{r[f'peak_mem_{k}_mib']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} |"
             )
+    return "\n".join(lines)
+
+
+def fair_table(cmd: str, r: dict) -> str:
+    """One `minimoe bench --fair --compiled-decode --json` result: both decode paths of minimoe against
+    transformers' own decode, the settings each side was measured at, and the batch-1 ceiling."""
+    st = r["settings"]
+    lines = [
+        f"`{cmd}`: {r['config']}, fp32 on {r['cpu']} ({r['cores']} cores), torch {r['torch']}, "
+        f"transformers {r.get('transformers')}, {r['date']}. Settings chosen by each side's batch-1 decode "
+        f"probe: minimoe OMP_WAIT_POLICY={st['minimoe']['omp_wait_policy']}, {st['minimoe']['threads']} "
+        f"thread(s); transformers {st['hf']['omp_wait_policy']}, {st['hf']['threads']} thread(s). "
+        f"transformers alone (its own process, batch 1, prompt 32): {r['hf_alone_decode_b1_tok_s']:,.0f} "
+        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}.",
+        "",
+        "| measurement | minimoe tok/s | minimoe / HF | compiled decode tok/s | compiled / HF | compile s | HF tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in ROWS:
+        if f"{k}_tok_s" not in r:
+            continue
+        c = f"{k}_compiled"
+        comp = (
+            f"{r[c + '_tok_s']:,.0f} | **{r[c + '_ratio']:.2f}x** | {r[k + '_compile_s']:.0f}"
+            if c + "_tok_s" in r
+            else " | | "
+        )
+        lines.append(
+            f"| {LABELS[k]} | {r[k + '_tok_s']:,.0f} | **{r[k + '_ratio']:.2f}x** | {comp} | {r['hf_' + k + '_tok_s']:,.0f} |"
+        )
+    fracs = []
+    for k, v in r.items():
+        if k.endswith("_ceiling_fraction"):
+            key = k.removesuffix("_ceiling_fraction")
+            who = (
+                "HF"
+                if key.startswith("hf_")
+                else "minimoe compiled"
+                if key.endswith("_compiled")
+                else "minimoe"
+            )
+            shape = LABELS[key.removeprefix("hf_").removesuffix("_compiled")].removeprefix("decode, ")
+            fracs.append(f"{who} ({shape}) {v:.0%}")
+    fracs = "; ".join(fracs)
+    lines += [
+        "",
+        f"Batch-1 decode ceiling: {r['decode_ceiling_tok_s']:,.0f} tok/s (the activated weights, read once per "
+        f"token at the measured {r['matvec_bandwidth_gib_s']:.1f} GiB/s matrix-vector bandwidth). Reached: {fracs}.",
+    ]
     return "\n".join(lines)
 
 
@@ -205,7 +257,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="insert the result into BENCHMARKS.md")
     ap.add_argument("--profile", action="store_true", help="add a per-kernel-family profile of both models")
+    ap.add_argument("--fair", action="store_true", help="`--fair --compiled-decode` runs (no bf16 line)")
+    ap.add_argument("--from-json", nargs="+", type=Path, help="with --fair: render these saved results")
     args = ap.parse_args()
+    if args.fair:
+        return main_fair(args)
     common = ["--threads", str(args.threads), "--no-progress"] + (["--quick"] if args.quick else [])
     runs = [bench(["--config", REFERENCE, *common])]
     if not args.quick:
@@ -218,6 +274,26 @@ def main() -> None:
     parts.append(bf16_line(args.threads))
     if args.profile:
         parts.append(profile_breakdown(args.threads))
+    markdown = "\n\n".join(parts)
+    print(markdown)
+    if args.write:
+        write(markdown, ROOT / "BENCHMARKS.md")
+
+
+def main_fair(args) -> None:
+    base = "minimoe bench --against hf --fair --compiled-decode --json"
+    if args.from_json:
+        runs = [(base, json.loads(f.read_text())) for f in args.from_json]
+    else:
+        common = ["--fair", "--compiled-decode", "--no-progress"] + (["--quick"] if args.quick else [])
+        runs = [bench(["--config", REFERENCE, *common])]
+        if not args.quick:
+            runs.append(bench(["--preset", "small", "model.mtp_depth=0", "train.batch_size=8", "--repeats", "3",
+                               "--rounds", "1", *common]))  # fmt: skip
+    r0 = runs[0][1]
+    parts = [f"### {r0['date']}: {r0['cpu']}, each side at its own best setting (`--fair`)"]
+    parts += [fair_table(cmd if "--config" in cmd or "--preset" in cmd else f"{cmd} ({r['config']})", r)
+              for cmd, r in runs]  # fmt: skip
     markdown = "\n\n".join(parts)
     print(markdown)
     if args.write:
