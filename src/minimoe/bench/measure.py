@@ -70,54 +70,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """Sustained GFLOP/s of a square (size x size) matmul through `F.linear`, the call every model layer
-    makes: the best of `repeats` timed batches, each long enough (>= ~0.2 s) to hide the timer.
-
-    (`F.linear`, not `a @ b`: on a CPU without bf16 hardware, torch 2.13's bf16 `mm` takes a path
-    20x slower than the one `linear` takes, measured 0.9 against 19.9 GFLOP/s at size 1024.)"""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    flops = 2.0 * size**3
-    F.linear(a, b)
-    _sync(device)
-    t0 = time.perf_counter()
-    F.linear(a, b)
-    _sync(device)
-    n = max(1, int(0.2 / max(time.perf_counter() - t0, 1e-6)))
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            F.linear(a, b)
-        _sync(device)
-        best = max(best, n * flops / (time.perf_counter() - t0))
-    return best / 1e9
-
-
-def matvec_bandwidth_gib_s(
-    device: torch.device, dtype: torch.dtype, mib: int = 64, repeats: int = 5
-) -> float:
-    """GiB/s streamed by a one-row `F.linear` through a weight far larger than the caches: decoding's
-    access pattern at batch 1, where every activated weight is read once per token. Best of `repeats`
-    timed batches of >= ~0.2 s."""
-    k = 4096
-    w = torch.randn(mib * 2**20 // (k * torch.finfo(dtype).bits // 8), k, device=device, dtype=dtype)
-    x = torch.randn(1, k, device=device, dtype=dtype)
+def _best_linear_rate(x: torch.Tensor, w: torch.Tensor, work: float, repeats: int) -> float:
+    """`work` units per second of `F.linear(x, w)`: the best of `repeats` timed batches, each long
+    enough (>= ~0.2 s) to hide the timer."""
     F.linear(x, w)
-    _sync(device)
+    _sync(x.device)
     t0 = time.perf_counter()
     F.linear(x, w)
-    _sync(device)
+    _sync(x.device)
     n = max(1, int(0.2 / max(time.perf_counter() - t0, 1e-6)))
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(n):
             F.linear(x, w)
-        _sync(device)
-        best = max(best, n * w.nbytes / (time.perf_counter() - t0))
-    return best / 2**30
+        _sync(x.device)
+        best = max(best, n * work / (time.perf_counter() - t0))
+    return best
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Sustained GFLOP/s of a square (size x size) matmul through `F.linear`, the call every model layer
+    makes.
+
+    (`F.linear`, not `a @ b`: on a CPU without bf16 hardware, torch 2.13's bf16 `mm` takes a path
+    20x slower than the one `linear` takes, measured 0.9 against 19.9 GFLOP/s at size 1024.)"""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return _best_linear_rate(a, b, 2.0 * size**3, repeats) / 1e9
+
+
+def matvec_bandwidth_gib_s(
+    device: torch.device, dtype: torch.dtype, mib: int = 64, repeats: int = 5
+) -> float:
+    """GiB/s streamed by a one-row `F.linear` through a weight far larger than the caches: decoding's
+    access pattern at batch 1, where every activated weight is read once per token."""
+    k = 4096
+    w = torch.randn(mib * 2**20 // (k * torch.finfo(dtype).bits // 8), k, device=device, dtype=dtype)
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    return _best_linear_rate(x, w, w.nbytes, repeats) / 2**30
 
 
 def decode_ceiling_tok_s(rc: RunConfig, bandwidth_gib_s: float) -> float:
