@@ -182,12 +182,44 @@ def test_fair_bad_input(argv, message, capsys):
     assert message in err and err.count("\n") == 0
 
 
+def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, capsys):
+    """`--fair`'s own process waits while the measuring processes run: it must hold one thread then (an
+    OpenMP worker it had used would spin on a core under OMP_WAIT_POLICY=ACTIVE, against them), and
+    measure the matmul peak for MFU at minimoe's chosen thread count afterwards."""
+    import minimoe.bench.fair as fair
+
+    seen = {}
+
+    def fake_compare(base, rounds=3):
+        seen["threads"] = torch.get_num_threads()
+        return {"settings": {"minimoe": {"omp_wait_policy": "ACTIVE", "threads": 2},
+                             "hf": {"omp_wait_policy": "PASSIVE", "threads": 1}},
+                "train_tok_s": 10.0, "hf_train_tok_s": 8.0, "decode_b1_tok_s": 5.0, "hf_decode_b1_tok_s": 4.0}  # fmt: skip
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(fair, "fair_compare", fake_compare)
+    try:
+        code = main(["bench", "--config", str(REFERENCE), "--against", "hf", "--fair", "--quick", "--json",
+                     "--no-progress", *SMALLER])  # fmt: skip
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and seen["threads"] == 1 and after == 2
+    r = json.loads(capsys.readouterr().out)
+    assert r["decode_b1_ceiling_fraction"] == pytest.approx(5.0 / r["decode_ceiling_tok_s"])
+    assert r["matmul_peak_gflops"] > 0 and r["matvec_bandwidth_gib_s"] > 0
+
+
 @pytest.mark.slow
 def test_fair_comparison_end_to_end(capsys):
     """`minimoe bench --against hf --fair --json`: every measurement for both sides, the settings each
     side was measured at, and transformers alone."""
-    code = main(["bench", "--config", str(REFERENCE), "--against", "hf", "--fair", "--quick", "--json",
-                 "--repeats", "1", "--rounds", "1", "--no-progress", *SMALLER])  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "--config", str(REFERENCE), "--against", "hf", "--fair", "--quick", "--json",
+                     "--repeats", "1", "--rounds", "1", "--no-progress", *SMALLER])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     r = json.loads(capsys.readouterr().out)
     for key in REQUIRED_KEYS:

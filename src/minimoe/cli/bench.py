@@ -84,6 +84,11 @@ def run_fair(args) -> int:
         raise MinimoeError(f"--rounds must be at least 1, got {args.rounds}")
     if args.preset is None and args.config is None:
         args.preset = "tiny"
+    # This process only checks the config and waits for the measuring processes. Under the
+    # OMP_WAIT_POLICY=ACTIVE that the CLI picks on an idle machine, an OpenMP worker thread that ran
+    # one parallel region here would spin on a core for the whole comparison, against the processes
+    # being measured; with one thread there is no worker to spin.
+    torch.set_num_threads(1)
     rc = build_run_config(args.preset, args.config, list(args.overrides))  # refuses a bad config here
     from minimoe.bench.hf import hf_twin
     from minimoe.model.transformer import Transformer
@@ -103,6 +108,7 @@ def run_fair(args) -> int:
         print("minimoe bench --fair: probing each side's settings, then measuring...", file=sys.stderr)
     result.update(fair_compare(base, rounds=args.rounds))
     result["threads"] = result["settings"]["minimoe"]["threads"]
+    torch.set_num_threads(result["threads"])  # the peaks at minimoe's measured setting (MFU)
     result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, torch.float32, _settings(args).peak_size)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
