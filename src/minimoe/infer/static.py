@@ -4,10 +4,10 @@ The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest le
 change every step and a compiled version recompiles as the cache grows. This step always runs every
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
 overwrites before the row is used) over all `max_len` positions, masked per row, so one compiled
-graph serves every step. The MoE layers run every expert on every row and weight the outputs with
-the routing (zero for unselected experts): the same sum as the routed dispatch, with no
-data-dependent shapes or host syncs, and on a decode batch it reads each expert's weights once, as
-the routed path does. `SlotPool.decode` stays the reference; tests compare the two.
+graph serves every step. The MoE layers keep fixed shapes too: with few rows each row gathers its
+selected experts' weights (`gathered_moe`, reading rows x top-k experts), otherwise every expert runs
+on every row weighted by the routing (`dense_moe`, zero for unselected experts, reading each expert
+once); both are the routed dispatch's sum with no data-dependent shapes or host syncs. `SlotPool.decode` stays the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
@@ -48,6 +48,30 @@ def dense_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
     return y_TD.to(x_TD.dtype)
 
 
+def gathered_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's output with each token's selected experts' weights gathered for it: fixed shapes
+    (T, K, ...) like `dense_moe`, but a step reads T * K experts instead of all E, which is what
+    decoding a few rows is bound by (batch 1, top-2 of 8: a quarter of the routed weights).
+
+    Args:
+        moe: a minimoe MoE module with plain (not quantized) GroupedExperts.
+        x_TD: (T, D) hidden states.
+    Returns:
+        (T, D) routed + shared output, equal to `moe(x)` up to the order of the sums.
+    """
+    gate, ex = moe.gate, moe.experts
+    dt = torch.promote_types(x_TD.dtype, torch.float32)
+    scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.cfg.scoring_func)
+    idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
+    up_TKI = torch.einsum("td,tkid->tki", x_TD, ex.up_proj[idx_TK])
+    g_TKI = torch.einsum("td,tkid->tki", x_TD, ex.gate_proj[idx_TK]) if ex.gate_proj is not None else None
+    h_TKI = _activate(g_TKI, up_TKI) * w_TK.to(x_TD.dtype)[..., None]
+    y_TD = torch.einsum("tki,tkdi->td", h_TKI, ex.down_proj[idx_TK]).to(dt)
+    if moe.shared_experts is not None:
+        y_TD = y_TD + moe.shared_experts(x_TD).to(dt)
+    return y_TD.to(x_TD.dtype)
+
+
 class StaticDecode:
     """The pool's decode step at fixed shapes, compiled once.
 
@@ -63,6 +87,9 @@ class StaticDecode:
             if block.is_moe and not isinstance(block.mlp.experts, GroupedExperts):
                 raise MinimoeError("the compiled decode step needs plain (not quantized) experts")
         self.pool = pool
+        # gather the selected experts while that reads fewer weights than running all of them
+        cfg = model.cfg
+        self._moe = gathered_moe if pool.slots * cfg.num_experts_per_tok < cfg.n_routed_experts else dense_moe
         self.compile_s = 0.0  # seconds the first call took (compilation included)
         self._calls = 0
         # dynamic=False: every input has one shape for the whole run, so there is one graph
@@ -86,7 +113,7 @@ class StaticDecode:
             x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, L - 1, attn_mask=mask)
             h = block.post_attention_layernorm(x)
             if block.is_moe:
-                x = x + dense_moe(block.mlp, h.view(B, -1)).view(B, 1, -1)
+                x = x + self._moe(block.mlp, h.view(B, -1)).view(B, 1, -1)
             else:
                 x = x + block.mlp(h)
         return model.lm_head(model.norm(x))[:, 0]  # (B, V)
