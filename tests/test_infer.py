@@ -325,7 +325,7 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
 def test_fixed_shape_moe_paths_equal_the_routed_layer(seed, T):
     """Both fixed-shape MoE paths of the compiled decode step (every expert weighted by the routing;
     each row's selected experts gathered) against the routed MoE layer itself, fp64."""
-    from minimoe.infer.static import dense_moe, gathered_moe
+    from minimoe.infer.static import fixed_shape_moe
 
     model = tiny_model(seed=seed)
     moe = next(b.mlp for b in model.layers if b.is_moe)
@@ -334,12 +334,12 @@ def test_fixed_shape_moe_paths_equal_the_routed_layer(seed, T):
         T, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
     )
     want, _ = moe(x[None])
-    torch.testing.assert_close(dense_moe(moe, x), want[0])
-    torch.testing.assert_close(gathered_moe(moe, x), want[0])
+    torch.testing.assert_close(fixed_shape_moe(moe, x, gather=False), want[0])
+    torch.testing.assert_close(fixed_shape_moe(moe, x, gather=True), want[0])
 
 
-@pytest.mark.parametrize("slots, path", [(1, "gathered_moe"), (2, "gathered_moe"), (3, "dense_moe")])
-def test_static_decode_gathers_experts_only_while_that_reads_less(slots, path):
+@pytest.mark.parametrize("slots, gather", [(1, True), (2, True), (3, False)])
+def test_static_decode_gathers_experts_only_while_that_reads_less(slots, gather):
     """6 experts, top-2: a pool of 1 or 2 rows gathers its selected experts (2-4 reads of 6), one of
     3 rows runs them all; the greedy tokens equal full recompute either way."""
     from minimoe.infer.slots import SlotPool
@@ -347,7 +347,7 @@ def test_static_decode_gathers_experts_only_while_that_reads_less(slots, path):
 
     model = tiny_model(seed=slots)
     static = StaticDecode(SlotPool(model, slots, max_len=20), compile=False)
-    assert static._moe.__name__ == path
+    assert static.gather == gather
     prompts = PROMPTS[:slots]
     assert static_greedy(static, prompts, 6).tolist() == [greedy_no_cache(model, p, 6) for p in prompts]
 

@@ -5,8 +5,8 @@ change every step and a compiled version recompiles as the cache grows. This ste
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
 overwrites before the row is used) over all `max_len` positions, masked per row, so one compiled
 graph serves every step. The MoE layers keep fixed shapes too: with few rows each row gathers its
-selected experts' weights (`gathered_moe`, reading rows x top-k experts), otherwise every expert runs
-on every row weighted by the routing (`dense_moe`, zero for unselected experts, reading each expert
+selected experts' weights (reading rows x top-k experts), otherwise every expert runs
+on every row weighted by the routing (zero for unselected experts, reading each expert
 once); both are the routed dispatch's sum with no data-dependent shapes or host syncs. `SlotPool.decode` stays the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
@@ -25,12 +25,19 @@ from minimoe.model.experts import GroupedExperts, _activate
 from minimoe.model.router import route, router_scores
 
 
-def dense_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
-    """A MoE layer's output with every routed expert run on every token, weighted by the routing.
+def fixed_shape_moe(moe, x_TD: torch.Tensor, gather: bool) -> torch.Tensor:
+    """A MoE layer's output with no data-dependent shapes, two ways:
+
+    - gather=False: every routed expert runs on every token, its output weighted by the routing
+      (zero for experts not selected); a step reads each expert's weights once.
+    - gather=True: each token's selected experts' weights are gathered for it, (T, K, ...); a step
+      reads T * K experts instead of all E, which is what decoding a few rows is bound by (batch 1,
+      top-2 of 8: a quarter of the routed weights).
 
     Args:
         moe: a minimoe MoE module with plain (not quantized) GroupedExperts.
         x_TD: (T, D) hidden states.
+        gather: which of the two.
     Returns:
         (T, D) routed + shared output, equal to `moe(x)` up to the order of the sums.
     """
@@ -38,35 +45,19 @@ def dense_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
     dt = torch.promote_types(x_TD.dtype, torch.float32)  # router math in fp32, as Router does
     scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.cfg.scoring_func)
     idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
-    w_TE = torch.zeros_like(scores_TE).scatter(1, idx_TK, w_TK.to(dt)).to(x_TD.dtype)  # 0 = not selected
-    up_TEI = torch.einsum("td,eid->tei", x_TD, ex.up_proj)
-    g_TEI = torch.einsum("td,eid->tei", x_TD, ex.gate_proj) if ex.gate_proj is not None else None
-    h_TEI = _activate(g_TEI, up_TEI) * w_TE[..., None]
-    y_TD = torch.einsum("tei,edi->td", h_TEI, ex.down_proj).to(dt)
-    if moe.shared_experts is not None:
-        y_TD = y_TD + moe.shared_experts(x_TD).to(dt)
-    return y_TD.to(x_TD.dtype)
-
-
-def gathered_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
-    """A MoE layer's output with each token's selected experts' weights gathered for it: fixed shapes
-    (T, K, ...) like `dense_moe`, but a step reads T * K experts instead of all E, which is what
-    decoding a few rows is bound by (batch 1, top-2 of 8: a quarter of the routed weights).
-
-    Args:
-        moe: a minimoe MoE module with plain (not quantized) GroupedExperts.
-        x_TD: (T, D) hidden states.
-    Returns:
-        (T, D) routed + shared output, equal to `moe(x)` up to the order of the sums.
-    """
-    gate, ex = moe.gate, moe.experts
-    dt = torch.promote_types(x_TD.dtype, torch.float32)
-    scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.cfg.scoring_func)
-    idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
-    up_TKI = torch.einsum("td,tkid->tki", x_TD, ex.up_proj[idx_TK])
-    g_TKI = torch.einsum("td,tkid->tki", x_TD, ex.gate_proj[idx_TK]) if ex.gate_proj is not None else None
-    h_TKI = _activate(g_TKI, up_TKI) * w_TK.to(x_TD.dtype)[..., None]
-    y_TD = torch.einsum("tki,tkdi->td", h_TKI, ex.down_proj[idx_TK]).to(dt)
+    if gather:  # X = K: the token's selected experts
+        w_TX = w_TK.to(x_TD.dtype)
+        up, gp, down = ex.up_proj[idx_TK], ex.gate_proj, ex.down_proj[idx_TK]
+        gp = gp[idx_TK] if gp is not None else None
+        proj, back = "td,txid->txi", "txi,txdi->td"
+    else:  # X = E: every expert, weight 0 where not selected
+        w_TX = torch.zeros_like(scores_TE).scatter(1, idx_TK, w_TK.to(dt)).to(x_TD.dtype)
+        up, gp, down = ex.up_proj, ex.gate_proj, ex.down_proj
+        proj, back = "td,xid->txi", "txi,xdi->td"
+    up_TXI = torch.einsum(proj, x_TD, up)
+    g_TXI = torch.einsum(proj, x_TD, gp) if gp is not None else None
+    h_TXI = _activate(g_TXI, up_TXI) * w_TX[..., None]
+    y_TD = torch.einsum(back, h_TXI, down).to(dt)
     if moe.shared_experts is not None:
         y_TD = y_TD + moe.shared_experts(x_TD).to(dt)
     return y_TD.to(x_TD.dtype)
@@ -89,7 +80,7 @@ class StaticDecode:
         self.pool = pool
         # gather the selected experts while that reads fewer weights than running all of them
         cfg = model.cfg
-        self._moe = gathered_moe if pool.slots * cfg.num_experts_per_tok < cfg.n_routed_experts else dense_moe
+        self.gather = pool.slots * cfg.num_experts_per_tok < cfg.n_routed_experts
         self.compile_s = 0.0  # seconds the first call took (compilation included)
         self._calls = 0
         # dynamic=False: every input has one shape for the whole run, so there is one graph
@@ -113,7 +104,7 @@ class StaticDecode:
             x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, L - 1, attn_mask=mask)
             h = block.post_attention_layernorm(x)
             if block.is_moe:
-                x = x + self._moe(block.mlp, h.view(B, -1)).view(B, 1, -1)
+                x = x + fixed_shape_moe(block.mlp, h.view(B, -1), self.gather).view(B, 1, -1)
             else:
                 x = x + block.mlp(h)
         return model.lm_head(model.norm(x))[:, 0]  # (B, V)
