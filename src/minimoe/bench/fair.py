@@ -137,9 +137,10 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         prefix = "" if side == "minimoe" else "hf_"
         for key in runs[side][0]:
             result[prefix + key] = statistics.median(run[key] for run in runs[side])
+    from minimoe.bench.measure import baseline_key
+
     for key in [k[: -len("_tok_s")] for k in runs["minimoe"][0] if k.endswith("_tok_s")]:
-        hf_key = key.removesuffix("_compiled")  # a compiled decode is compared with HF's own decode
-        result[f"{key}_ratio"] = result[f"{key}_tok_s"] / result[f"hf_{hf_key}_tok_s"]
+        result[f"{key}_ratio"] = result[f"{key}_tok_s"] / result[f"hf_{baseline_key(key)}_tok_s"]
     result["hf_alone_decode_b1_tok_s"] = alone
     result["hf_alone_ratio"] = result["hf_decode_b1_tok_s"] / alone
     return result

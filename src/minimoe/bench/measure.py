@@ -225,8 +225,7 @@ class MinimoeSubject(Subject):
         super().__init__(model, rc, device)
         self.forward = torch.compile(model) if rc.train.compile else model
         self._loads: dict[int, torch.Tensor] = {}
-        self._static: dict[tuple[int, int], StaticDecode] = {}  # (batch, positions) -> compiled step
-        self.compile_s: dict[tuple[int, int], float] = {}
+        self.static: dict[tuple[int, int], StaticDecode] = {}  # (batch, positions) -> compiled step
 
     def loss(self, x, y):
         out = self.forward(x, targets=y, return_logits=False)
@@ -256,16 +255,16 @@ class MinimoeSubject(Subject):
     @torch.no_grad()
     def decode_compiled(self, prompts: torch.Tensor, new_tokens: int, backend: str = "inductor") -> int:
         """`decode` through the compiled fixed-shape step (`minimoe.infer.static`), one compiled graph
-        per (batch, prompt + new tokens), built at the first call (its seconds go to `compile_s`)."""
+        per (batch, prompt + new tokens) in `static`, built at the first call (its `compile_s` says how
+        long that took)."""
         self.model.eval()
         key = (prompts.shape[0], prompts.shape[1] + new_tokens)
-        if key not in self._static:
-            static = StaticDecode(SlotPool(self.model, key[0], max_len=key[1]), backend=backend)
+        if key not in self.static:
+            self.static[key] = StaticDecode(SlotPool(self.model, key[0], max_len=key[1]), backend=backend)
             with self.autocast():
-                self.compile_s[key] = static.warm_up()
-            self._static[key] = static
+                self.static[key].warm_up()
         with self.autocast():
-            return static_greedy(self._static[key], prompts.tolist(), new_tokens).numel()
+            return static_greedy(self.static[key], prompts.tolist(), new_tokens).numel()
 
 
 class HFSubject(Subject):
@@ -380,7 +379,7 @@ def run_bench(
                                                                      settings.compile_backend),
                 ours,
             )  # fmt: skip
-            out[f"{key}_compile_s"] = ours[0].compile_s[(b, p + settings.new_tokens)]
+            out[f"{key}_compile_s"] = ours[0].static[(b, p + settings.new_tokens)].compile_s
             yield name, out
 
 

@@ -80,14 +80,12 @@ def benchmark(
                 f"{fp32:.1f} in fp32 (no {rc.train.precision} arithmetic in hardware); expect every "
                 "measurement to be slower than fp32"
             )
-    result["matvec_bandwidth_gib_s"] = bandwidth = M.matvec_bandwidth_gib_s(device, dtype)
-    result["decode_ceiling_tok_s"] = M.decode_ceiling_tok_s(rc, bandwidth)
     step("matmul peak")
     for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
         result.update(values)
         if against:
             result[f"{key}_ratio"] = values[f"{key}_tok_s"] / result[f"hf_{M.baseline_key(key)}_tok_s"]
-    add_ceiling_fractions(result)
+    add_decode_ceiling(result, rc, device, dtype)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     if against:
         result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
@@ -98,8 +96,12 @@ def benchmark(
     return result
 
 
-def add_ceiling_fractions(r: dict) -> None:
-    """`<decode at batch 1>_ceiling_fraction`: tokens/s over the weight-bandwidth ceiling."""
+def add_decode_ceiling(r: dict, rc: RunConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Measure the matrix-vector bandwidth here and add it, the batch-1 decode ceiling it gives for
+    `rc`, and `<decode at batch 1>_ceiling_fraction` (tokens/s over that ceiling) for every decode
+    measurement at batch 1 already in `r`."""
+    r["matvec_bandwidth_gib_s"] = M.matvec_bandwidth_gib_s(device, dtype)
+    r["decode_ceiling_tok_s"] = M.decode_ceiling_tok_s(rc, r["matvec_bandwidth_gib_s"])
     for key in [k for k in r if k.startswith(("decode_b1", "hf_decode_b1")) and k.endswith("_tok_s")]:
         r[key.removesuffix("_tok_s") + "_ceiling_fraction"] = r[key] / r["decode_ceiling_tok_s"]
 

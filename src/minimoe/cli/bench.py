@@ -71,7 +71,7 @@ def run_fair(args) -> int:
 
     from minimoe.bench import measure as M
     from minimoe.bench.fair import fair_compare
-    from minimoe.bench.run import add_ceiling_fractions, format_table
+    from minimoe.bench.run import add_decode_ceiling, format_table
     from minimoe.config_yaml import build_run_config
 
     if args.against != "hf":
@@ -112,9 +112,7 @@ def run_fair(args) -> int:
     result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, torch.float32, _settings(args).peak_size)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
-    result["matvec_bandwidth_gib_s"] = M.matvec_bandwidth_gib_s(device, torch.float32)
-    result["decode_ceiling_tok_s"] = M.decode_ceiling_tok_s(rc, result["matvec_bandwidth_gib_s"])
-    add_ceiling_fractions(result)
+    add_decode_ceiling(result, rc, device, torch.float32)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

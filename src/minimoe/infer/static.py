@@ -4,10 +4,11 @@ The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest le
 change every step and a compiled version recompiles as the cache grows. This step always runs every
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
 overwrites before the row is used) over all `max_len` positions, masked per row, so one compiled
-graph serves every step. The MoE layers keep fixed shapes too: with few rows each row gathers its
-selected experts' weights (reading rows x top-k experts), otherwise every expert runs
-on every row weighted by the routing (zero for unselected experts, reading each expert
-once); both are the routed dispatch's sum with no data-dependent shapes or host syncs. `SlotPool.decode` stays the reference; tests compare the two.
+graph serves every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): with few rows each
+row gathers its selected experts' weights (reading rows x top-k experts), otherwise every expert runs
+on every row weighted by the routing (zero for unselected experts, reading each expert once); both
+are the routed dispatch's sum with no data-dependent shapes or host syncs. `SlotPool.decode` stays the
+reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
