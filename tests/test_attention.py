@@ -143,6 +143,21 @@ def test_rope_is_relative_and_layouts_agree():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rope_under_torch_compile_equals_the_eager_rotation(per_row):
+    """Traced by torch.compile, the interleaved rotation takes its real form (inductor has no complex
+    kernels); it equals the eager complex multiply, for shared (T, d/2) and per-row (B, T, d/2)
+    position tables."""
+    torch.manual_seed(4)
+    cos, sin = rope_cos_sin(16, 64, 10000.0)
+    pos = torch.tensor([[3, 9, 40], [0, 1, 2]]) if per_row else torch.tensor([5, 6, 7])
+    x = torch.randn(2, 3, 4, 16)  # (B, T, H, d)
+    want = apply_rope(x, cos[pos], sin[pos], interleaved=True)
+    torch._dynamo.reset()
+    got = torch.compile(apply_rope, backend="eager", fullgraph=True)(x, cos[pos], sin[pos], True)
+    torch.testing.assert_close(got, want)
+
+
 def test_yarn_frequencies_match_the_formula():
     dim, base = 64, 10000.0
     rs = {

@@ -4,11 +4,10 @@ The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest le
 change every step and a compiled version recompiles as the cache grows. This step always runs every
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
 overwrites before the row is used) over all `max_len` positions, masked per row, so one compiled
-graph serves every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): with few rows each
-row gathers its selected experts' weights (reading rows x top-k experts), otherwise every expert runs
-on every row weighted by the routing (zero for unselected experts, reading each expert once); both
-are the routed dispatch's sum with no data-dependent shapes or host syncs. `SlotPool.decode` stays the
-reference; tests compare the two.
+graph serves every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): the routed experts
+run inside one custom operator (`selected_experts`, opaque to the compiler) that reads only the
+selected experts' weights and returns (rows x top-k, D) whatever the routing. `SlotPool.decode` stays
+the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
@@ -22,23 +21,38 @@ import torch.nn.functional as F
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.slots import Prefill, SlotPool, _Rows
-from minimoe.model.experts import GroupedExperts, _activate
+from minimoe.model.experts import GroupedExperts, loop_experts
 from minimoe.model.router import route, router_scores
 
 
-def fixed_shape_moe(moe, x_TD: torch.Tensor, gather: bool) -> torch.Tensor:
-    """A MoE layer's output with no data-dependent shapes, two ways:
+@torch.library.custom_op("minimoe::selected_experts", mutates_args=())
+def selected_experts(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+    scale_N: torch.Tensor,
+) -> torch.Tensor:
+    """`loop_experts` as one opaque operator for torch.compile: inside it the experts with rows run as
+    matrix-vector products on views of their weights (no copy, experts without rows not read); the
+    compiled graph around it keeps fixed shapes, since the output is (N, D) whatever the routing."""
+    return loop_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)
 
-    - gather=False: every routed expert runs on every token, its output weighted by the routing
-      (zero for experts not selected); a step reads each expert's weights once.
-    - gather=True: each token's selected experts' weights are gathered for it, (T, K, ...); a step
-      reads T * K experts instead of all E, which is what decoding a few rows is bound by (batch 1,
-      top-2 of 8: a quarter of the routed weights).
+
+@selected_experts.register_fake
+def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
+    return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1])
+
+
+def fixed_shape_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's output with no data-dependent shapes: the (token, expert) pairs, sorted by
+    expert, go through `selected_experts`, which reads only the selected experts' weights (batch 1,
+    top-2 of 8: a quarter of the routed weights; decoding a few rows is bound by that reading).
 
     Args:
         moe: a minimoe MoE module with plain (not quantized) GroupedExperts.
         x_TD: (T, D) hidden states.
-        gather: which of the two.
     Returns:
         (T, D) routed + shared output, equal to `moe(x)` up to the order of the sums.
     """
@@ -46,19 +60,16 @@ def fixed_shape_moe(moe, x_TD: torch.Tensor, gather: bool) -> torch.Tensor:
     dt = torch.promote_types(x_TD.dtype, torch.float32)  # router math in fp32, as Router does
     scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.cfg.scoring_func)
     idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
-    if gather:  # X = K: the token's selected experts
-        w_TX = w_TK.to(x_TD.dtype)
-        up, gp, down = ex.up_proj[idx_TK], ex.gate_proj, ex.down_proj[idx_TK]
-        gp = gp[idx_TK] if gp is not None else None
-        proj, back = "td,txid->txi", "txi,txdi->td"
-    else:  # X = E: every expert, weight 0 where not selected
-        w_TX = torch.zeros_like(scores_TE).scatter(1, idx_TK, w_TK.to(dt)).to(x_TD.dtype)
-        up, gp, down = ex.up_proj, ex.gate_proj, ex.down_proj
-        proj, back = "td,xid->txi", "txi,xdi->td"
-    up_TXI = torch.einsum(proj, x_TD, up)
-    g_TXI = torch.einsum(proj, x_TD, gp) if gp is not None else None
-    h_TXI = _activate(g_TXI, up_TXI) * w_TX[..., None]
-    y_TD = torch.einsum(back, h_TXI, down).to(dt)
+    K, E = idx_TK.shape[1], scores_TE.shape[1]
+    expert_sorted_N, order_N = torch.sort(idx_TK.reshape(-1), stable=True)
+    # counts by scatter-add, not bincount, whose output size would depend on the data
+    ones_N = torch.ones_like(expert_sorted_N)
+    counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).scatter_add(0, expert_sorted_N, ones_N)
+    token_N = order_N // K
+    w_N = w_TK.reshape(-1).index_select(0, order_N).to(x_TD.dtype)
+    x_ND = x_TD.index_select(0, token_N)
+    y_ND = selected_experts(x_ND, counts_E, ex.gate_proj, ex.up_proj, ex.down_proj, w_N)
+    y_TD = torch.zeros_like(x_TD, dtype=dt).index_add(0, token_N, y_ND.to(dt))
     if moe.shared_experts is not None:
         y_TD = y_TD + moe.shared_experts(x_TD).to(dt)
     return y_TD.to(x_TD.dtype)
@@ -79,14 +90,15 @@ class StaticDecode:
             if block.is_moe and not isinstance(block.mlp.experts, GroupedExperts):
                 raise MinimoeError("the compiled decode step needs plain (not quantized) experts")
         self.pool = pool
-        # gather the selected experts while that reads fewer weights than running all of them
-        cfg = model.cfg
-        self.gather = pool.slots * cfg.num_experts_per_tok < cfg.n_routed_experts
         self.compile_s = 0.0  # seconds the first call took (compilation included)
         self._calls = 0
-        # dynamic=False: every input has one shape for the whole run, so there is one graph
+        # dynamic=False: every input has one shape for the whole run, so there is one graph. On CPU
+        # inductor's C++ wrapper calls the kernels without a Python line per kernel (+2-19% tokens/s
+        # at batch 1 on the bench's reference config, for ~10 s more compiling)
+        cpu = pool.cache.layers[0].a.device.type == "cpu"
+        options = {"cpp_wrapper": True} if backend == "inductor" and cpu else None
         self._fn = (
-            torch.compile(self._step, dynamic=False, fullgraph=True, backend=backend)
+            torch.compile(self._step, dynamic=False, fullgraph=True, backend=backend, options=options)
             if compile
             else self._step
         )
@@ -105,7 +117,7 @@ class StaticDecode:
             x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, L - 1, attn_mask=mask)
             h = block.post_attention_layernorm(x)
             if block.is_moe:
-                x = x + fixed_shape_moe(block.mlp, h.view(B, -1), self.gather).view(B, 1, -1)
+                x = x + fixed_shape_moe(block.mlp, h.view(B, -1)).view(B, 1, -1)
             else:
                 x = x + block.mlp(h)
         return model.lm_head(model.norm(x))[:, 0]  # (B, V)
@@ -116,10 +128,12 @@ class StaticDecode:
         if self.pool.n:
             raise RuntimeError("warm_up needs an empty pool")
         device = self.pool.cache.layers[0].a.device
-        zeros = torch.zeros(self.pool.slots, dtype=torch.long, device=device)
+        # two tensors, not one passed twice: the graph would guard on `tokens is pos` and compile
+        # again at the first real step
+        tokens, pos = (torch.zeros(self.pool.slots, dtype=torch.long, device=device) for _ in range(2))
         t0 = time.perf_counter()
         with torch.no_grad():
-            self._fn(zeros, zeros)
+            self._fn(tokens, pos)
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s
