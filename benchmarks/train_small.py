@@ -129,12 +129,15 @@ def measure(subjects: dict, pairs: dict, rounds: int, steps: dict) -> dict:
 def table(res: dict, args, load: tuple[float, float]) -> str:
     a, b = res["ratios"]["A"], res["ratios"]["B"]
     t = res["tokens_per_s"]
+    others = max(load) - torch.get_num_threads()
+    shared = f"; about {others:.1f} more cores' worth came from other processes" if others > 0.5 else ""
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}. "
-        f"**The machine was shared** (load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: "
-        "other processes ran), so absolute tokens/s are not meaningful; only the ratios are, each the "
-        f"median over {args.rounds} rounds of a within-round ratio (models taking turns).",
+        f"fp32, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (this script's own "
+        f"{torch.get_num_threads()} threads count in it{shared}). Absolute tokens/s move with the machine; "
+        f"the ratios are each the median over {args.rounds} rounds of {args.steps}-step turns (the "
+        "nanoGPT-shaped models twice as many) of a within-round ratio, models taking turns.",
         "",
         "| ratio | median | min | max | target |",
         "|---|---|---|---|---|",
@@ -151,9 +154,7 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
         )
     lines += [
         "",
-        "Median tokens/s on the shared machine, for orientation only: "
-        + ", ".join(f"{k} {v:,.0f}" for k, v in t.items())
-        + ".",
+        "Median tokens/s, for orientation only: " + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()) + ".",
     ]
     if "compile_s" in res:
         lines.append(
@@ -181,8 +182,13 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5, help="counted rounds of turns (one more warms up)")
-    p.add_argument("--steps", type=int, default=8, help="training steps per turn of the tiny models")
+    p.add_argument("--rounds", type=int, default=7, help="counted rounds of turns (one more warms up)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=16,
+        help="training steps per turn of the tiny models (8: ratios move +-0.05)",
+    )
     p.add_argument("--quick", action="store_true", help="2 rounds of 2-step turns")
     p.add_argument("--write", action="store_true", help="rewrite the section of BENCHMARKS.md")
     p.add_argument(
