@@ -359,6 +359,40 @@ def test_selected_experts_reads_only_the_selected_experts():
     torch.testing.assert_close(fixed_shape_moe(moe, x), want[0])
 
 
+@pytest.mark.parametrize("attn_type, seed", [("mla", 0), ("gqa", 1)])
+def test_static_verify_and_draft_equal_the_pooled_ones(attn_type, seed):
+    """Self-speculation's two calls at fixed shapes (`StaticDecode.forward` over [token, draft] per
+    row, `StaticDecode.draft` through the MTP module) against the pool's own, on the same cache: logits,
+    hidden states and draft logits equal, with rows accepting 2 or 1 tokens and a row leaving."""
+    from minimoe.infer.slots import Prefill, SlotPool
+    from minimoe.infer.static import StaticDecode
+
+    model = tiny_model(attn_type, seed=seed)
+    pool = SlotPool(model, slots=4, mtp=True)
+    static = StaticDecode(pool, compile=False)
+    for p in PROMPTS[:3]:
+        pre = Prefill(pool, p)
+        while pre.step(4) is None:
+            pass
+        pre.first_draft(1)
+        pool.add(len(p))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(4):
+        if step == 2:
+            pool.remove(0)
+        n = pool.n
+        tokens = torch.randint(0, model.cfg.vocab_size, (n, 2), generator=g)
+        next_ids = torch.randint(0, model.cfg.vocab_size, (n, 2), generator=g)
+        take = torch.randint(0, 2, (n,), generator=g)
+        want_logits, want_hidden = pool.forward(tokens)
+        want_draft = pool.draft(want_hidden, next_ids, take)
+        logits, hidden = static.forward(tokens)
+        torch.testing.assert_close(logits, want_logits)
+        torch.testing.assert_close(hidden, want_hidden)
+        torch.testing.assert_close(static.draft(hidden, next_ids, take), want_draft)
+        pool.advance((take + 1).tolist())
+
+
 @pytest.mark.parametrize("attn_type, seed", [("mla", 0), ("gqa", 1), ("mla", 2)])
 def test_static_greedy_equals_full_recompute(attn_type, seed):
     """`static_greedy` (what `minimoe bench --compiled-decode` times): every prompt's greedy tokens

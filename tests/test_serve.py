@@ -730,8 +730,6 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
     assert main(["serve", str(run_dir), "--port", "0", "--speculative"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--speculative needs a run trained with MTP modules" in err
-    assert main(["serve", str(run_dir), "--port", "0", "--speculative", "--compile"]) == 2
-    assert "--compile and --speculative cannot be combined" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -932,8 +930,31 @@ def test_engine_with_the_static_decode_step_equals_eager():
     assert engine.warm_up() > 0
     assert _texts(_engine_run(engine, jobs())) == want
     assert len(steps) > 10 and max(steps) == 2
-    with pytest.raises(MinimoeError, match="cannot be combined"):
-        Engine(model, tok, compile=True, speculative=True)
+
+
+def test_engine_speculative_through_the_static_step_equals_the_eager_speculative_engine():
+    """Engine(speculative=True, compile=True): the two-token verify forward and the MTP draft run at
+    fixed shapes (traced with the "eager" backend, one graph each); greedy and seeded sampled rows get
+    the same texts, and the same drafts are accepted, as in the eager speculative engine."""
+    from minimoe.infer.static import StaticDecode
+
+    model, tok = _mtp_model()
+    specs = [("the cat", JobParams(max_tokens=20, temperature=0)),
+             ("a dog ran to the red ball", JobParams(max_tokens=12, temperature=0)),
+             ("on a mat", JobParams(max_tokens=16, temperature=0.9, top_k=20, seed=3))]  # fmt: skip
+    jobs = lambda: [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]  # noqa: E731
+    eager = Engine(model, tok, max_active=3, prefill_chunk=3, speculative=True)
+    want = _texts(_engine_run(eager, jobs()))
+    engine = Engine(model, tok, max_active=3, prefill_chunk=3, speculative=True, compile=True)
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    engine.static = StaticDecode(engine.pool, backend=counter)
+    assert engine.warm_up() > 0
+    assert _texts(_engine_run(engine, jobs())) == want
+    assert (engine.drafted, engine.accepted) == (eager.drafted, eager.accepted) and engine.accepted > 0
+    assert counter.frame_count == 2  # the verify forward and the draft, each compiled once
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):

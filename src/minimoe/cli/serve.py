@@ -135,10 +135,6 @@ def limits_from_args(args) -> Limits:
 def run(args) -> int:
     limits = limits_from_args(args)
     set_threads(args.threads)
-    if args.compile and args.speculative:
-        raise MinimoeError(
-            "--compile and --speculative cannot be combined: the compiled step decodes one token per row"
-        )
     api_key = resolve_api_key(args.api_key)
     try:
         from minimoe.serve.app import build_app, run_server

@@ -75,85 +75,148 @@ def fixed_shape_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
     return y_TD.to(x_TD.dtype)
 
 
+def _fixed_block(block, x, cos, sin, cache, start: int, mask) -> torch.Tensor:
+    """`Block.forward` in eval mode, its MoE at fixed shapes: (B, T, D) -> (B, T, D)."""
+    B, T, D = x.shape
+    x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, start, attn_mask=mask)
+    h = block.post_attention_layernorm(x)
+    if block.is_moe:
+        return x + fixed_shape_moe(block.mlp, h.view(B * T, D)).view(B, T, D)
+    return x + block.mlp(h)
+
+
 class StaticDecode:
-    """The pool's decode step at fixed shapes, compiled once.
+    """The pool's decode step at fixed shapes, compiled once per shape.
+
+    Three calls mirror the pool's: `decode` (one token per row, committed), and for self-speculative
+    decoding `forward` (T tokens per row, not committed: last token and draft) and `draft` (the MTP
+    module over the same positions). Each runs every slot over all `max_len` positions, so the
+    compiled graph of each never changes.
 
     Args:
-        pool: the SlotPool whose cache it writes (no MTP caches are used).
-        compile: wrap the step in `torch.compile` (else it runs eagerly: the fixed-shape reference).
+        pool: the SlotPool whose caches it writes (its MTP cache too, for `draft`).
+        compile: wrap the steps in `torch.compile` (else they run eagerly: the fixed-shape reference).
         backend: torch.compile's backend ("inductor" fuses kernels; "eager" only traces, for tests).
     """
 
     def __init__(self, pool: SlotPool, compile: bool = True, backend: str = "inductor") -> None:
         model = pool.model
-        for block in list(model.layers):
+        blocks = list(model.layers) + ([model.mtp[0].block] if pool.mtp_cache is not None else [])
+        for block in blocks:
             if block.is_moe and not isinstance(block.mlp.experts, GroupedExperts):
                 raise MinimoeError("the compiled decode step needs plain (not quantized) experts")
         self.pool = pool
         self.compile_s = 0.0  # seconds the first call took (compilation included)
         self._calls = 0
-        # dynamic=False: every input has one shape for the whole run, so there is one graph. On CPU
-        # inductor's C++ wrapper calls the kernels without a Python line per kernel (+2-19% tokens/s
-        # at batch 1 on the bench's reference config, for ~10 s more compiling)
+        # dynamic=False: every input has one shape for the whole run, so there is one graph per
+        # call. On CPU inductor's C++ wrapper calls the kernels without a Python line per kernel
+        # (+2-19% tokens/s at batch 1 on the bench's reference config, for ~10 s more compiling)
         cpu = pool.cache.layers[0].a.device.type == "cpu"
         options = {"cpp_wrapper": True} if backend == "inductor" and cpu else None
-        self._fn = (
-            torch.compile(self._step, dynamic=False, fullgraph=True, backend=backend, options=options)
-            if compile
-            else self._step
-        )
 
-    def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """tokens, pos: (slots,) -> (slots, V) logits; writes each row's entry at pos."""
+        def wrap(fn):
+            if not compile:
+                return fn
+            return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
+
+        self._forward_fn, self._draft_fn = wrap(self._forward), wrap(self._draft)
+
+    def _where(self, pos: torch.Tensor, T: int):
+        """Where T new tokens per slot go, from each slot's length `pos` (slots,): positions (B, T),
+        RoPE tables (B, T, d/2), the (B, 1, T, max_len) mask and the (B, 1) row indices."""
+        model, B, L = self.pool.model, self.pool.slots, self.pool.max_len
+        device = pos.device
+        P = pos[:, None] + torch.arange(T, device=device)  # (B, T)
+        mask = (torch.arange(L, device=device)[None, None, :] <= P[:, :, None])[:, None]  # (B, 1, T, L)
+        return P, model.rope_cos[P], model.rope_sin[P], mask, torch.arange(B, device=device)[:, None]
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (slots, T), pos (slots,) -> logits (slots, T, V), hidden before the final norm
+        (slots, T, D); writes each row's entries at pos + t."""
         pool, model = self.pool, self.pool.model
-        B, L = pool.slots, pool.max_len
-        device = tokens.device
-        mask = (torch.arange(L, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # (B, 1, d/2)
-        rows = torch.arange(B, device=device)[:, None]  # (B, 1)
-        x = model.embed_tokens(tokens[:, None])  # (B, 1, D)
+        B, T = tokens.shape
+        P, cos, sin, mask, rows = self._where(pos, T)
+        x = model.embed_tokens(tokens)  # (B, T, D)
         for block, layer in zip(model.layers, pool.cache.layers):
-            cache = _Rows(layer, rows, pos[:, None], B, L)
-            x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, L - 1, attn_mask=mask)
-            h = block.post_attention_layernorm(x)
-            if block.is_moe:
-                x = x + fixed_shape_moe(block.mlp, h.view(B, -1)).view(B, 1, -1)
-            else:
-                x = x + block.mlp(h)
-        return model.lm_head(model.norm(x))[:, 0]  # (B, V)
+            # start = max_len - T > 0: MLA takes the absorbed path, as in any cached decode step
+            x = _fixed_block(
+                block, x, cos, sin, _Rows(layer, rows, P, B, pool.max_len), pool.max_len - T, mask
+            )
+        return model.lm_head(model.norm(x)), x
+
+    def _draft(self, hidden, next_ids, take, pos) -> torch.Tensor:
+        """`SlotPool.draft` at fixed shapes, every slot: -> (slots, V)."""
+        pool, model = self.pool, self.pool.model
+        B, T = next_ids.shape
+        P, cos, sin, mask, rows = self._where(pos, T)
+        mtp = model.mtp[0]
+        x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed_tokens(next_ids)), mtp.hnorm(hidden)], dim=-1))
+        cache = _Rows(pool.mtp_cache.layers[0], rows, P, B, pool.max_len)
+        h = _fixed_block(mtp.block, x, cos, sin, cache, pool.max_len - T, mask)  # (B, T, D)
+        return model.lm_head(mtp.norm(h[rows[:, 0], take]))  # (B, V)
+
+    def _padded(self, t: torch.Tensor) -> torch.Tensor:
+        """(n, ...) -> (slots, ...), zeros in the free rows."""
+        out = t.new_zeros((self.pool.slots, *t.shape[1:]))
+        out[: t.shape[0]] = t
+        return out
+
+    def _lengths(self, device) -> torch.Tensor:
+        return self._padded(torch.tensor(self.pool.lengths, dtype=torch.long, device=device))
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if self._calls == 0:
+            self.compile_s = time.perf_counter() - t0
+        self._calls += 1
+        return out
 
     @torch.no_grad()
     def warm_up(self) -> float:
-        """Run the step once on an empty pool (so only free rows are written); seconds it took."""
-        if self.pool.n:
+        """Compile now, on an empty pool (so only free rows are written): the one-token step, or with
+        an MTP cache the two-token forward and the draft (what speculative decoding runs); seconds."""
+        pool = self.pool
+        if pool.n:
             raise RuntimeError("warm_up needs an empty pool")
-        device = self.pool.cache.layers[0].a.device
-        # two tensors, not one passed twice: the graph would guard on `tokens is pos` and compile
-        # again at the first real step
-        tokens, pos = (torch.zeros(self.pool.slots, dtype=torch.long, device=device) for _ in range(2))
+        device = pool.cache.layers[0].a.device
+        T = 2 if pool.mtp_cache is not None else 1
+        # distinct tensors, not one passed twice: the graph would guard on `tokens is pos` and
+        # compile again at the first real step
+        tokens = torch.zeros(pool.slots, T, dtype=torch.long, device=device)
+        pos = torch.zeros(pool.slots, dtype=torch.long, device=device)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            self._fn(tokens, pos)
+        _, hidden = self._forward_fn(tokens, pos)
+        if T == 2:
+            self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone())
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s
 
     @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `SlotPool.forward` does, at fixed shapes: (n, T) tokens -> logits (n, T, V) and
+        hidden states (n, T, D); lengths do not change."""
+        n = self.pool.n
+        logits, hidden = self._timed(self._forward_fn, self._padded(tokens), self._lengths(tokens.device))
+        return logits[:n], hidden[:n]
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+        """What `SlotPool.draft` does, at fixed shapes: (n, V) draft logits."""
+        pad = self._padded
+        logits = self._draft_fn(pad(hidden), pad(next_ids), pad(take), self._lengths(hidden.device))
+        return logits[: self.pool.n]
+
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """What `SlotPool.decode` does, at fixed shapes: (n,) tokens -> (n, V) logits."""
-        pool = self.pool
-        n = pool.n
-        padded = torch.zeros(pool.slots, dtype=torch.long, device=tokens.device)
-        padded[:n] = tokens
-        pos = torch.zeros(pool.slots, dtype=torch.long, device=tokens.device)
-        pos[:n] = torch.tensor(pool.lengths, device=tokens.device)
-        t0 = time.perf_counter()
-        logits = self._fn(padded, pos)[:n]
-        if self._calls == 0:
-            self.compile_s = time.perf_counter() - t0
-        self._calls += 1
-        pool.advance([1] * n)
-        return logits
+        logits, _ = self.forward(tokens.view(-1, 1))
+        self.pool.advance([1] * self.pool.n)
+        return logits[:, -1]
+
+    def advance(self, counts) -> None:
+        self.pool.advance(counts)
 
 
 @torch.no_grad()

@@ -141,10 +141,6 @@ class Engine:
         speculative: bool = False,
         compile: bool = False,
     ) -> None:
-        if speculative and compile:
-            raise MinimoeError(
-                "compile and speculative cannot be combined: the compiled step decodes one token per row"
-            )
         if speculative and not len(model.mtp):
             raise MinimoeError(
                 "speculative decoding needs a model trained with MTP modules (model.mtp_depth >= 1)"
@@ -336,14 +332,15 @@ class Engine:
         tokens = torch.tensor([[s.next_token, s.draft] for s in running], device=device)  # (n, 2)
         try:
             with decode_threads(self.model, 2 * len(running)):
-                logits, hidden = self.pool.forward(tokens)  # (n, 2, V), (n, 2, D)
+                step = self.static or self.pool
+                logits, hidden = step.forward(tokens)  # (n, 2, V), (n, 2, D)
                 new = self._verify(logits, running)
                 accepted = [len(toks) == 2 for toks in new]
                 # MTP input per row: the committed positions' next tokens; a rejected row's second
                 # position is masked padding (its length advances by one)
                 next_ids = torch.tensor([toks if len(toks) == 2 else toks * 2 for toks in new], device=device)
                 take = torch.tensor(accepted, device=device, dtype=torch.long)
-                draft_logits = self.pool.draft(hidden, next_ids, take)  # (n, V)
+                draft_logits = step.draft(hidden, next_ids, take)  # (n, V)
                 self.pool.advance([len(toks) for toks in new])
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             self._running = []
