@@ -5,9 +5,10 @@
     python benchmarks/engine_decode.py --quick          # fewer tokens and repeats
 
 Sections:
-  spec     `minimoe.serve.engine.Engine` with and without `speculative=True` on a trained `tiny`
-           model with one MTP module (trained once by benchmarks/decode.py's recipe and kept in
-           --work-dir, or --run-dir), greedy, batch 1 and 8: tokens/s, acceptance, same tokens;
+  spec     `minimoe.serve.engine.Engine` with and without `speculative=True`, eager and compiled
+           (`compile=True`), on a trained `tiny` model with one MTP module (trained once by
+           benchmarks/decode.py's recipe and kept in --work-dir, or --run-dir), greedy, batch 1
+           and 8: tokens/s, acceptance, same tokens;
   compile  the engine's eager decode step vs the compiled static-shape one (`compile=True`):
            compile time, steady-state tokens/s, same tokens.
 Both engines of a row run in this one process and take turns within every repeat (median kept), so
@@ -62,12 +63,17 @@ def started(engine: Engine) -> Engine:
 
 
 def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
+    """Plain and speculative engines, eager and through the compiled fixed-shape step, taking turns."""
     max_tokens, repeats = (48, 1) if quick else (128, 3)
     rows = []
+    kinds = {"plain": {}, "spec": {"speculative": True}, "plain compiled": {"compile": True},
+             "spec compiled": {"speculative": True, "compile": True}}  # fmt: skip
     for batch in (1, 8):
         prompts = prompts_for(tok, heldout, batch, 32)
-        engines = {name: started(Engine(model, tok, max_active=batch, speculative=name == "spec"))
-                   for name in ("plain", "spec")}  # fmt: skip
+        engines = {name: Engine(model, tok, max_active=batch, **kw) for name, kw in kinds.items()}
+        compile_s = {name: e.warm_up() for name, e in engines.items()}
+        for engine in engines.values():
+            engine.start()
         rates: dict[str, list[float]] = {name: [] for name in engines}
         texts: dict[str, list[str]] = {}
         for _ in range(repeats):
@@ -76,22 +82,28 @@ def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
                 rates[name].append(n / s)
         for engine in engines.values():
             engine.close()
-        spec_engine = engines["spec"]
+        spec_engine = engines["spec compiled"]
         drafted, accepted = spec_engine.drafted, spec_engine.accepted
         steps, tokens = spec_engine.steps, spec_engine.generated_tokens
-        plain, spec = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+        r = {name: statistics.median(v) for name, v in rates.items()}
+        same = all(texts[name] == texts["plain"] for name in engines)
         rows.append([
-            batch, f"{plain:.1f}", f"{spec:.1f}", f"{accepted / max(drafted, 1):.1%}",
-            f"{tokens / max(steps, 1) / batch:.2f}", f"**{spec / plain:.2f}x**",
-            "yes" if texts["spec"] == texts["plain"] else "no",
+            batch, f"{r['plain']:.1f}", f"{r['spec']:.1f}", f"{r['spec'] / r['plain']:.2f}x",
+            f"{r['plain compiled']:.1f}", f"{r['spec compiled']:.1f}",
+            f"{r['spec compiled'] / r['plain compiled']:.2f}x", f"**{r['spec compiled'] / r['plain']:.2f}x**",
+            f"{compile_s['spec compiled']:.0f}", f"{accepted / max(drafted, 1):.1%}",
+            f"{tokens / max(steps, 1) / batch:.2f}", "yes" if same else "no",
         ])  # fmt: skip
     head = (
         f"{trained_on}; {max_tokens} new tokens per prompt (32-token held-out prompts), greedy, fp32, "
-        f"{torch.get_num_threads()} thread(s), engine steps include the prefill, median of {repeats}."
+        f"{torch.get_num_threads()} thread(s), engine steps include the prefill, median of {repeats}; "
+        "the four engines take turns within every repeat; compile s is the speculative engine's "
+        "`warm_up` (verify forward + draft, torch.compile inductor)."
     )
     return head + "\n\n" + table(
-        ["batch", "plain tok/s", "speculative tok/s", "acceptance", "tokens per row per step", "speedup",
-         "same tokens"],
+        ["batch", "plain tok/s", "speculative tok/s", "spec / plain", "compiled plain tok/s",
+         "compiled spec tok/s", "compiled spec / compiled plain", "compiled spec / plain", "compile s",
+         "acceptance", "tokens per row per step", "same tokens"],
         rows,
     )  # fmt: skip
 
