@@ -3,6 +3,7 @@
     python benchmarks/hf_continuous.py                     # reference config (random weights), 32 requests
     python benchmarks/hf_continuous.py --quick             # 8 short requests, one round (a minute or two)
     python benchmarks/hf_continuous.py --run runs/x        # a trained run instead (its weights, exported)
+    python benchmarks/hf_continuous.py --compile           # minimoe's engine as `minimoe serve --compile` runs
 
 One model (the reference config, `benchmarks/configs/hf-reference.yaml`, random weights from its seed,
 or `--run`) is saved as a minimoe run and exported with `minimoe.hf.export`; transformers loads the
@@ -72,7 +73,8 @@ def parse_settings(text: str | None) -> list[tuple[str, int]]:
 
 
 def table(r: dict, args, model_line: str) -> str:
-    names = {"minimoe": "minimoe `Engine` (what `minimoe serve` runs)",
+    engine = "`Engine(compile=True)` (what `minimoe serve --compile` runs)" if args.compile else "`Engine`"
+    names = {"minimoe": f"minimoe {engine}" + ("" if args.compile else " (what `minimoe serve` runs)"),
              "hf": f"transformers `generate_batch` ({args.hf_attn} attention)"}  # fmt: skip
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -121,6 +123,9 @@ def main() -> None:
         "--quick", action="store_true", help="8 requests of 8-32 tokens, 16 new tokens, one round"
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--compile", action="store_true",
+                    help="minimoe's engine with the compiled fixed-shape step (`minimoe serve --compile`), "
+                         "compiled before timing in every process")  # fmt: skip
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "paged|eager"],
                     help="transformers' attention implementation (both run on a CPU)")  # fmt: skip
     ap.add_argument("overrides", nargs="*",
@@ -165,7 +170,7 @@ def main() -> None:
         }
         (Path(tmp) / "mix.json").write_text(json.dumps(mix), encoding="utf-8")
         base = ["--run", str(run), "--hf", str(Path(tmp) / "hf"), "--mix", str(Path(tmp) / "mix.json")]
-        base += ["--hf-attn", args.hf_attn]
+        base += ["--hf-attn", args.hf_attn] + (["--compile"] if args.compile else [])
 
         from tqdm.auto import tqdm
 

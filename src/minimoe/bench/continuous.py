@@ -125,8 +125,11 @@ def engine_generate(engine, prompts: list[list[int]], max_new_tokens: int) -> li
     return outputs  # type: ignore[return-value]
 
 
-def run_minimoe(run: str, warm: list[list[int]], prompts: list[list[int]], new: int) -> tuple[list, float]:
-    """(outputs, seconds) of the timed pass through the serving engine, after a warm-up pass."""
+def run_minimoe(
+    run: str, warm: list[list[int]], prompts: list[list[int]], new: int, compile: bool = False
+) -> tuple[list, float]:
+    """(outputs, seconds) of the timed pass through the serving engine, after a warm-up pass; with
+    `compile`, the engine's compiled fixed-shape step, compiled before the warm-up pass."""
     from minimoe.serve.engine import Engine
     from minimoe.serve.limits import Limits
     from minimoe.train.checkpoint import load_run
@@ -135,8 +138,9 @@ def run_minimoe(run: str, warm: list[list[int]], prompts: list[list[int]], new: 
     lim = Limits()  # the server's defaults, passed as minimoe.serve.service passes them
     engine = Engine(
         model, TokenIds(model.cfg.vocab_size), lim.max_active, lim.max_queued, lim.max_queued_per_client,
-        lim.prefill_chunk,
+        lim.prefill_chunk, compile=compile,
     )  # fmt: skip
+    engine.warm_up()
     engine.start()
     try:
         engine_generate(engine, warm, min(WARM_UP_TOKENS, new))
@@ -249,12 +253,13 @@ def _worker(argv: list[str]) -> dict:
     p.add_argument("--mix", required=True, help="JSON: prompts, warm, max_new_tokens, probe_new_tokens")
     p.add_argument("--hf-attn", default="sdpa", help="transformers' attention implementation")
     p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--compile", action="store_true", help="minimoe: the compiled fixed-shape step")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     mix = json.loads(Path(args.mix).read_text(encoding="utf-8"))
     new = mix["probe_new_tokens" if args.task == "probe" else "max_new_tokens"]
     if args.side == "minimoe":
-        outputs, seconds = run_minimoe(args.run, mix["warm"], mix["prompts"], new)
+        outputs, seconds = run_minimoe(args.run, mix["warm"], mix["prompts"], new, args.compile)
     else:
         outputs, seconds = run_hf(args.hf, mix["warm"], mix["prompts"], new, args.hf_attn)
     tokens = sum(len(o) for o in outputs)
