@@ -305,24 +305,29 @@ def _warmed(static):
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
-    """The fixed-shape step (every slot, every position, masked) against the eager pooled step; traced
-    by torch.compile after `warm_up` it is one graph for every step (rows of growing lengths, rows
-    leaving), with no graph break."""
+    """The fixed-shape step (every slot, a bucket of positions, masked) against the eager pooled step,
+    over steps that outgrow the first bucket (16 -> 64 positions); traced by torch.compile after
+    `warm_up`, each bucket is one graph for every step (rows of growing lengths, rows leaving), with
+    no graph break and no compilation after `warm_up`."""
     from torch._dynamo.testing import CompileCounter
 
     from minimoe.infer.static import StaticDecode
 
     model = tiny_model(attn_type)
-    want = _static_run(model, lambda pool: pool)
-    got = _static_run(model, lambda pool: StaticDecode(pool, compile=False))
+    want = _static_run(model, lambda pool: pool, steps=10)
+    got = _static_run(model, lambda pool: StaticDecode(pool, compile=False), steps=10)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
     counter = CompileCounter()
-    got = _static_run(model, lambda pool: _warmed(StaticDecode(pool, backend=counter)))
+    made = []
+    got = _static_run(
+        model, lambda pool: made.append(StaticDecode(pool, backend=counter)) or _warmed(made[0]), steps=10
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-    assert counter.frame_count == 1  # warm_up's graph serves every step: no second compilation
+    assert made[0].buckets == [16, 64]
+    assert counter.frame_count == 2  # one graph per bucket, all built by warm_up
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

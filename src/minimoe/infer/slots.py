@@ -39,8 +39,13 @@ class _Rows:
     def update(self, a: torch.Tensor, b: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """a, b: (n, T, ...) T new entries per row."""
         L = self.layer
-        L.a[self.rows, self.pos] = a.to(L.a.dtype)  # rows (n, 1), pos (n, T)
-        L.b[self.rows, self.pos] = b.to(L.b.dtype)
+        if L.buf is not None:
+            # one write into the joint buffer, not one into each of its two views: compiled, a write
+            # into a view of a buffer that another view also writes became a copy of the whole cache
+            L.buf[self.rows, self.pos] = torch.cat([a.to(L.buf.dtype), b.to(L.buf.dtype)], dim=-1)
+        else:
+            L.a[self.rows, self.pos] = a.to(L.a.dtype)  # rows (n, 1), pos (n, T)
+            L.b[self.rows, self.pos] = b.to(L.b.dtype)
         return L.a[: self.n, : self.S], L.b[: self.n, : self.S]
 
 

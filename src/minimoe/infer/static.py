@@ -3,8 +3,9 @@
 The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest length, so its shapes
 change every step and a compiled version recompiles as the cache grows. This step always runs every
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
-overwrites before the row is used) over all `max_len` positions, masked per row, so one compiled
-graph serves every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): the routed experts
+overwrites before the row is used) over a fixed number of positions, masked per row: the smallest of
+a few buckets (max_len, max_len / 4, ...) that holds every row, so a handful of compiled graphs,
+all built at `warm_up`, serve every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): the routed experts
 run inside one custom operator (`selected_experts`, opaque to the compiler) that reads only the
 selected experts' weights and returns (rows x top-k, D) whatever the routing. `SlotPool.decode` stays
 the reference; tests compare the two.
@@ -90,8 +91,8 @@ class StaticDecode:
 
     Three calls mirror the pool's: `decode` (one token per row, committed), and for self-speculative
     decoding `forward` (T tokens per row, not committed: last token and draft) and `draft` (the MTP
-    module over the same positions). Each runs every slot over all `max_len` positions, so the
-    compiled graph of each never changes.
+    module over the same positions). Each runs every slot over the positions of one bucket
+    (`buckets`), so each call has one compiled graph per bucket, built by `warm_up`.
 
     Args:
         pool: the SlotPool whose caches it writes (its MTP cache too, for `draft`).
@@ -120,39 +121,44 @@ class StaticDecode:
             return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
 
         self._forward_fn, self._draft_fn = wrap(self._forward), wrap(self._draft)
+        # the positions a step attends over: the smallest bucket holding every row's new tokens, from
+        # max_len down by quarters to 16 (each bucket its own graph): short contexts in a large pool
+        # read a quarter or less of the cache, whose reading dominates the step with many slots
+        self.buckets = [pool.max_len]
+        while self.buckets[0] // 4 >= 16:
+            self.buckets.insert(0, self.buckets[0] // 4)
 
-    def _where(self, pos: torch.Tensor, T: int):
-        """Where T new tokens per slot go, from each slot's length `pos` (slots,): positions (B, T),
-        RoPE tables (B, T, d/2), the (B, 1, T, max_len) mask and the (B, 1) row indices."""
-        model, B, L = self.pool.model, self.pool.slots, self.pool.max_len
+    def _where(self, pos: torch.Tensor, T: int, L: int):
+        """Where T new tokens per slot go, from each slot's length `pos` (slots,), attending over the
+        first L positions: positions (B, T), RoPE tables (B, T, d/2), the (B, 1, T, L) mask and the
+        (B, 1) row indices."""
+        model, B = self.pool.model, self.pool.slots
         device = pos.device
         P = pos[:, None] + torch.arange(T, device=device)  # (B, T)
         mask = (torch.arange(L, device=device)[None, None, :] <= P[:, :, None])[:, None]  # (B, 1, T, L)
         return P, model.rope_cos[P], model.rope_sin[P], mask, torch.arange(B, device=device)[:, None]
 
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (slots, T), pos (slots,) -> logits (slots, T, V), hidden before the final norm
-        (slots, T, D); writes each row's entries at pos + t."""
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (slots, T), pos (slots,), L the positions attended (a bucket) -> logits
+        (slots, T, V), hidden before the final norm (slots, T, D); writes each row's entries at pos + t."""
         pool, model = self.pool, self.pool.model
         B, T = tokens.shape
-        P, cos, sin, mask, rows = self._where(pos, T)
+        P, cos, sin, mask, rows = self._where(pos, T, L)
         x = model.embed_tokens(tokens)  # (B, T, D)
         for block, layer in zip(model.layers, pool.cache.layers):
-            # start = max_len - T > 0: MLA takes the absorbed path, as in any cached decode step
-            x = _fixed_block(
-                block, x, cos, sin, _Rows(layer, rows, P, B, pool.max_len), pool.max_len - T, mask
-            )
+            # start = L - T > 0: MLA takes the absorbed path, as in any cached decode step
+            x = _fixed_block(block, x, cos, sin, _Rows(layer, rows, P, B, L), L - T, mask)
         return model.lm_head(model.norm(x)), x
 
-    def _draft(self, hidden, next_ids, take, pos) -> torch.Tensor:
-        """`SlotPool.draft` at fixed shapes, every slot: -> (slots, V)."""
+    def _draft(self, hidden, next_ids, take, pos, L: int) -> torch.Tensor:
+        """`SlotPool.draft` at fixed shapes, every slot, over the first L positions: -> (slots, V)."""
         pool, model = self.pool, self.pool.model
         B, T = next_ids.shape
-        P, cos, sin, mask, rows = self._where(pos, T)
+        P, cos, sin, mask, rows = self._where(pos, T, L)
         mtp = model.mtp[0]
         x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed_tokens(next_ids)), mtp.hnorm(hidden)], dim=-1))
-        cache = _Rows(pool.mtp_cache.layers[0], rows, P, B, pool.max_len)
-        h = _fixed_block(mtp.block, x, cos, sin, cache, pool.max_len - T, mask)  # (B, T, D)
+        cache = _Rows(pool.mtp_cache.layers[0], rows, P, B, L)
+        h = _fixed_block(mtp.block, x, cos, sin, cache, L - T, mask)  # (B, T, D)
         return model.lm_head(mtp.norm(h[rows[:, 0], take]))  # (B, V)
 
     def _padded(self, t: torch.Tensor) -> torch.Tensor:
@@ -160,6 +166,11 @@ class StaticDecode:
         out = t.new_zeros((self.pool.slots, *t.shape[1:]))
         out[: t.shape[0]] = t
         return out
+
+    def _bucket(self, T: int) -> int:
+        """The smallest bucket that holds T more tokens in every row."""
+        need = max(self.pool.lengths, default=0) + T
+        return next(L for L in self.buckets if L >= need)
 
     def _lengths(self, device) -> torch.Tensor:
         return self._padded(torch.tensor(self.pool.lengths, dtype=torch.long, device=device))
@@ -174,8 +185,9 @@ class StaticDecode:
 
     @torch.no_grad()
     def warm_up(self) -> float:
-        """Compile now, on an empty pool (so only free rows are written): the one-token step, or with
-        an MTP cache the two-token forward and the draft (what speculative decoding runs); seconds."""
+        """Compile now, on an empty pool (so only free rows are written), for every bucket: the
+        one-token step, or with an MTP cache the two-token forward and the draft (what speculative
+        decoding runs); seconds."""
         pool = self.pool
         if pool.n:
             raise RuntimeError("warm_up needs an empty pool")
@@ -186,9 +198,10 @@ class StaticDecode:
         tokens = torch.zeros(pool.slots, T, dtype=torch.long, device=device)
         pos = torch.zeros(pool.slots, dtype=torch.long, device=device)
         t0 = time.perf_counter()
-        _, hidden = self._forward_fn(tokens, pos)
-        if T == 2:
-            self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone())
+        for L in self.buckets:
+            _, hidden = self._forward_fn(tokens, pos, L)
+            if T == 2:
+                self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s
@@ -198,14 +211,15 @@ class StaticDecode:
         """What `SlotPool.forward` does, at fixed shapes: (n, T) tokens -> logits (n, T, V) and
         hidden states (n, T, D); lengths do not change."""
         n = self.pool.n
-        logits, hidden = self._timed(self._forward_fn, self._padded(tokens), self._lengths(tokens.device))
+        pos, L = self._lengths(tokens.device), self._bucket(tokens.shape[1])
+        logits, hidden = self._timed(self._forward_fn, self._padded(tokens), pos, L)
         return logits[:n], hidden[:n]
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
         """What `SlotPool.draft` does, at fixed shapes: (n, V) draft logits."""
-        pad = self._padded
-        logits = self._draft_fn(pad(hidden), pad(next_ids), pad(take), self._lengths(hidden.device))
+        pad, L = self._padded, self._bucket(next_ids.shape[1])
+        logits = self._draft_fn(pad(hidden), pad(next_ids), pad(take), self._lengths(hidden.device), L)
         return logits[: self.pool.n]
 
     @torch.no_grad()
@@ -214,9 +228,6 @@ class StaticDecode:
         logits, _ = self.forward(tokens.view(-1, 1))
         self.pool.advance([1] * self.pool.n)
         return logits[:, -1]
-
-    def advance(self, counts) -> None:
-        self.pool.advance(counts)
 
 
 @torch.no_grad()
