@@ -330,6 +330,23 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     assert counter.frame_count == 2  # one graph per bucket, all built by warm_up
 
 
+def test_many_static_decodes_in_one_process_stay_under_dynamo_recompile_limit():
+    """Every StaticDecode adds graphs of the same functions (one per bucket and shape); a process
+    holding several (a bench: one per batch x length) must not hit dynamo's recompile limit, which
+    fullgraph=True makes an error."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode, static_greedy
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    want = greedy_no_cache(model, PROMPTS[0], 6)
+    for slots in (1, 2, 3):
+        for max_len in (20, 64):  # 1 and 2 buckets
+            static = StaticDecode(SlotPool(model, slots, max_len=max_len), backend="eager")
+            static.warm_up()
+            assert static_greedy(static, [PROMPTS[0]] * slots, 6).tolist() == [want] * slots
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("T", [1, 2, 5])
 def test_fixed_shape_moe_equals_the_routed_layer(seed, T):

@@ -45,8 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="decode with a fixed-shape step (every cache slot, the full context, masked) compiled by "
-        "torch.compile at start-up; see BENCHMARKS.md for when it pays",
+        help="decode with fixed-shape steps (every cache slot, a bucket of the context, masked) compiled "
+        "by torch.compile at start-up; with --speculative the verify and draft steps too; see "
+        "BENCHMARKS.md for when it pays",
     )
     d = Limits()
     limits = [

@@ -127,6 +127,10 @@ class StaticDecode:
         self.buckets = [pool.max_len]
         while self.buckets[0] // 4 >= 16:
             self.buckets.insert(0, self.buckets[0] // 4)
+        if compile:
+            # dynamo counts the graphs of one function over every instance (a bench holds several
+            # pools), and with fullgraph=True reaching its limit is an error: make room for this one's
+            torch._dynamo.config.recompile_limit += 2 * len(self.buckets)  # T = 1 and 2 per bucket
 
     def _where(self, pos: torch.Tensor, T: int, L: int):
         """Where T new tokens per slot go, from each slot's length `pos` (slots,), attending over the
