@@ -73,8 +73,12 @@ def parse_settings(text: str | None) -> list[tuple[str, int]]:
 
 
 def table(r: dict, args, model_line: str) -> str:
-    engine = "`Engine(compile=True)` (what `minimoe serve --compile` runs)" if args.compile else "`Engine`"
-    names = {"minimoe": f"minimoe {engine}" + ("" if args.compile else " (what `minimoe serve` runs)"),
+    engine = (
+        "`Engine(compile=True)` (what `minimoe serve --compile` runs)"
+        if args.compile
+        else "`Engine` (what `minimoe serve` runs)"
+    )
+    names = {"minimoe": f"minimoe {engine}",
              "hf": f"transformers `generate_batch` ({args.hf_attn} attention)"}  # fmt: skip
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -4,10 +4,10 @@ The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest le
 change every step and a compiled version recompiles as the cache grows. This step always runs every
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
 overwrites before the row is used) over a fixed number of positions, masked per row: the smallest of
-a few buckets (max_len, max_len / 4, ...) that holds every row, so a handful of compiled graphs,
-all built at `warm_up`, serve every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): the routed experts
-run inside one custom operator (`selected_experts`, opaque to the compiler) that reads only the
-selected experts' weights and returns (rows x top-k, D) whatever the routing. `SlotPool.decode` stays
+a few buckets (max_len, max_len / 4, ...) that holds every row, so a handful of compiled graphs, all
+built at `warm_up`, serve every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): the
+routed experts run inside one custom operator (`selected_experts`, opaque to the compiler) that reads
+only the selected experts' weights and returns (rows x top-k, D) whatever the routing. `SlotPool.decode` stays
 the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from minimoe.errors import MinimoeError
 from minimoe.infer.slots import Prefill, SlotPool, _Rows
 from minimoe.model.experts import GroupedExperts, loop_experts
-from minimoe.model.router import route, router_scores
+from minimoe.model.router import expert_counts, route, router_scores
 
 
 @torch.library.custom_op("minimoe::selected_experts", mutates_args=())
@@ -63,9 +63,7 @@ def fixed_shape_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
     idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
     K, E = idx_TK.shape[1], scores_TE.shape[1]
     expert_sorted_N, order_N = torch.sort(idx_TK.reshape(-1), stable=True)
-    # counts by scatter-add, not bincount, whose output size would depend on the data
-    ones_N = torch.ones_like(expert_sorted_N)
-    counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).scatter_add(0, expert_sorted_N, ones_N)
+    counts_E = expert_counts(expert_sorted_N, E, torch.long)  # (E,): a fixed shape
     token_N = order_N // K
     w_N = w_TK.reshape(-1).index_select(0, order_N).to(x_TD.dtype)
     x_ND = x_TD.index_select(0, token_N)

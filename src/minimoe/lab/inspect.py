@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from minimoe.errors import MinimoeError
 from minimoe.model.moe import MoE, max_vio
-from minimoe.model.router import router_scores
+from minimoe.model.router import expert_counts, router_scores
 
 
 @dataclass
@@ -195,7 +195,7 @@ def layer_stats(
     """
     T, K = r.topk_idx.shape
     E = r.probs.shape[1]
-    counts_E = torch.bincount(r.topk_idx.reshape(-1), minlength=E).double()
+    counts_E = expert_counts(r.topk_idx, E, torch.float64)
     routed_share = counts_E / (T * K)
     # co-activation: tokens that chose both i and j; a token's K experts are distinct, so
     # sum_j coact[i, j] (j != i) = count_i * (K - 1)

@@ -21,7 +21,7 @@ from torch import nn
 
 from minimoe.config import ModelConfig
 from minimoe.model.experts import MLP, GroupedExperts
-from minimoe.model.router import Router
+from minimoe.model.router import Router, expert_counts
 
 
 @dataclass
@@ -109,7 +109,7 @@ class MoE(nn.Module):
         # dispatch: pairs in token-major order, stably sorted by expert
         expert_N = r.topk_idx.reshape(-1)  # (T*K,)
         expert_sorted_N, order_N = torch.sort(expert_N, stable=True)  # grouped by expert, token order inside
-        counts_E = torch.bincount(expert_N, minlength=self.n_experts)
+        counts_E = expert_counts(expert_N, self.n_experts, torch.long)
         dropped = counts_E.new_zeros(())
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, B * S, K, self.n_experts)

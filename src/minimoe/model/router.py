@@ -97,9 +97,13 @@ def route(
     return topk_idx_TK, topk_weight_TK * cfg.routed_scaling_factor
 
 
-def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(..., K) expert indices -> (E,) float token-slot counts per expert."""
-    return torch.bincount(topk_idx.reshape(-1), minlength=n_experts).float()
+def expert_counts(topk_idx: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(..., K) expert indices -> (E,) token-slot counts per expert, in `dtype`. A scatter-add rather
+    than bincount: the output is (E,) by construction, which torch.compile can trace as a fixed shape
+    (bincount's size depends on the data)."""
+    idx = topk_idx.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=dtype, device=idx.device)
+    return counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=dtype))
 
 
 def _normalised(scores: torch.Tensor) -> torch.Tensor:
