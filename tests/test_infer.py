@@ -347,38 +347,45 @@ def test_many_static_decodes_in_one_process_stay_under_dynamo_recompile_limit():
             assert static_greedy(static, [PROMPTS[0]] * slots, 6).tolist() == [want] * slots
 
 
+def _compiled_moe(moe):
+    """The MoE layer as the compiled decode step traces it: one graph (fullgraph), no gradients."""
+    torch._dynamo.reset()
+    step = torch.compile(moe, backend="eager", fullgraph=True)
+    return lambda x: step(x)[0]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("T", [1, 2, 5])
-def test_fixed_shape_moe_equals_the_routed_layer(seed, T):
-    """The compiled decode step's MoE (pairs sorted by expert through the `selected_experts` operator)
-    against the routed MoE layer itself, fp64, with a selection bias such as training leaves."""
-    from minimoe.infer.static import fixed_shape_moe
-
+def test_traced_moe_equals_the_eager_layer(seed, T):
+    """Traced by torch.compile without gradients (as in the compiled decode step), the MoE layer runs
+    its experts in the `selected_experts` operator, in one graph; it equals the eager layer, fp64, with
+    a selection bias such as training leaves."""
     model = tiny_model(seed=seed)
     moe = next(b.mlp for b in model.layers if b.is_moe)
     moe.gate.e_score_correction_bias.normal_()
     x = torch.randn(
-        T, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+        1, T, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
     )
-    want, _ = moe(x[None])
-    torch.testing.assert_close(fixed_shape_moe(moe, x), want[0])
+    with torch.no_grad():
+        want, _ = moe(x)
+        torch.testing.assert_close(_compiled_moe(moe)(x), want)
 
 
 def test_selected_experts_reads_only_the_selected_experts():
     """The operator runs the experts that have rows and no others (the saving at batch 1): with NaN
-    in every expert nobody selected, the output stays finite and equals the routed layer's."""
-    from minimoe.infer.static import fixed_shape_moe
-
+    in every expert nobody selected, the traced layer's output stays finite and equals the eager one."""
     model = tiny_model(seed=3)
     moe = next(b.mlp for b in model.layers if b.is_moe)
-    x = torch.randn(1, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    want, _ = moe(x[None])
-    chosen = moe.gate(x[None]).topk_idx.reshape(-1).tolist()
+    x = torch.randn(
+        1, 1, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
     with torch.no_grad():
+        want, _ = moe(x)
+        chosen = moe.gate(x).topk_idx.reshape(-1).tolist()
         for e in set(range(moe.n_experts)) - set(chosen):
             for w in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
                 w[e] = float("nan")
-    torch.testing.assert_close(fixed_shape_moe(moe, x), want[0])
+        torch.testing.assert_close(_compiled_moe(moe)(x), want)
 
 
 @pytest.mark.parametrize("attn_type, seed", [("mla", 0), ("gqa", 1)])

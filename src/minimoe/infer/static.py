@@ -5,10 +5,10 @@ change every step and a compiled version recompiles as the cache grows. This ste
 row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
 overwrites before the row is used) over a fixed number of positions, masked per row: the smallest of
 a few buckets (max_len, max_len / 4, ...) that holds every row, so a handful of compiled graphs, all
-built at `warm_up`, serve every step. The MoE layers keep fixed shapes too (`fixed_shape_moe`): the
-routed experts run inside one custom operator (`selected_experts`, opaque to the compiler) that reads
-only the selected experts' weights and returns (rows x top-k, D) whatever the routing. `SlotPool.decode` stays
-the reference; tests compare the two.
+built at `warm_up`, serve every step. The MoE layers keep fixed shapes too: traced without gradients,
+`GroupedExperts` runs the routed experts inside one custom operator (`selected_experts`, opaque to the
+compiler) that reads only the selected experts' weights and returns (rows x top-k, D) whatever the
+routing. `SlotPool.decode` stays the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
@@ -18,70 +18,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.slots import Prefill, SlotPool, _Rows
-from minimoe.model.experts import GroupedExperts, loop_experts
-from minimoe.model.router import expert_counts, route, router_scores
-
-
-@torch.library.custom_op("minimoe::selected_experts", mutates_args=())
-def selected_experts(
-    x_ND: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
-    scale_N: torch.Tensor,
-) -> torch.Tensor:
-    """`loop_experts` as one opaque operator for torch.compile: inside it the experts with rows run as
-    matrix-vector products on views of their weights (no copy, experts without rows not read); the
-    compiled graph around it keeps fixed shapes, since the output is (N, D) whatever the routing."""
-    return loop_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)
-
-
-@selected_experts.register_fake
-def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
-    return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1])
-
-
-def fixed_shape_moe(moe, x_TD: torch.Tensor) -> torch.Tensor:
-    """A MoE layer's output with no data-dependent shapes: the (token, expert) pairs, sorted by
-    expert, go through `selected_experts`, which reads only the selected experts' weights (batch 1,
-    top-2 of 8: a quarter of the routed weights; decoding a few rows is bound by that reading).
-
-    Args:
-        moe: a minimoe MoE module with plain (not quantized) GroupedExperts.
-        x_TD: (T, D) hidden states.
-    Returns:
-        (T, D) routed + shared output, equal to `moe(x)` up to the order of the sums.
-    """
-    gate, ex = moe.gate, moe.experts
-    dt = torch.promote_types(x_TD.dtype, torch.float32)  # router math in fp32, as Router does
-    scores_TE = router_scores(F.linear(x_TD.to(dt), gate.weight.to(dt)), gate.cfg.scoring_func)
-    idx_TK, w_TK = route(scores_TE, gate.e_score_correction_bias, gate.cfg)
-    K, E = idx_TK.shape[1], scores_TE.shape[1]
-    expert_sorted_N, order_N = torch.sort(idx_TK.reshape(-1), stable=True)
-    counts_E = expert_counts(expert_sorted_N, E, torch.long)  # (E,): a fixed shape
-    token_N = order_N // K
-    w_N = w_TK.reshape(-1).index_select(0, order_N).to(x_TD.dtype)
-    x_ND = x_TD.index_select(0, token_N)
-    y_ND = selected_experts(x_ND, counts_E, ex.gate_proj, ex.up_proj, ex.down_proj, w_N)
-    y_TD = torch.zeros_like(x_TD, dtype=dt).index_add(0, token_N, y_ND.to(dt))
-    if moe.shared_experts is not None:
-        y_TD = y_TD + moe.shared_experts(x_TD).to(dt)
-    return y_TD.to(x_TD.dtype)
-
-
-def _fixed_block(block, x, cos, sin, cache, start: int, mask) -> torch.Tensor:
-    """`Block.forward` in eval mode, its MoE at fixed shapes: (B, T, D) -> (B, T, D)."""
-    B, T, D = x.shape
-    x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, start, attn_mask=mask)
-    h = block.post_attention_layernorm(x)
-    if block.is_moe:
-        return x + fixed_shape_moe(block.mlp, h.view(B * T, D)).view(B, T, D)
-    return x + block.mlp(h)
+from minimoe.model.experts import GroupedExperts
 
 
 class StaticDecode:
@@ -149,7 +89,7 @@ class StaticDecode:
         x = model.embed_tokens(tokens)  # (B, T, D)
         for block, layer in zip(model.layers, pool.cache.layers):
             # start = L - T > 0: MLA takes the absorbed path, as in any cached decode step
-            x = _fixed_block(block, x, cos, sin, _Rows(layer, rows, P, B, L), L - T, mask)
+            x = block(x, cos, sin, _Rows(layer, rows, P, B, L), L - T, attn_mask=mask)[0]
         return model.lm_head(model.norm(x)), x
 
     def _draft(self, hidden, next_ids, take, pos, L: int) -> torch.Tensor:
@@ -160,7 +100,7 @@ class StaticDecode:
         mtp = model.mtp[0]
         x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed_tokens(next_ids)), mtp.hnorm(hidden)], dim=-1))
         cache = _Rows(pool.mtp_cache.layers[0], rows, P, B, L)
-        h = _fixed_block(mtp.block, x, cos, sin, cache, L - T, mask)  # (B, T, D)
+        h = mtp.block(x, cos, sin, cache, L - T, attn_mask=mask)[0]  # (B, T, D)
         return model.lm_head(mtp.norm(h[rows[:, 0], take]))  # (B, V)
 
     def _padded(self, t: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,27 @@ def loop_experts(
     return torch.cat(ys) if ys else x_ND * 0.0  # no rows at all: stay in the graph
 
 
+@torch.library.custom_op("minimoe::selected_experts", mutates_args=())
+def selected_experts(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+    scale_N: torch.Tensor | None,
+) -> torch.Tensor:
+    """`loop_experts` as one opaque operator for torch.compile (the compiled decode step,
+    minimoe.infer.static): inside it the experts with rows run as matrix-vector products on views of
+    their weights (no copy; experts without rows are not read), while the graph around it keeps fixed
+    shapes, since the output is (N, D) whatever the routing."""
+    return loop_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)
+
+
+@selected_experts.register_fake
+def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
+    return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1])
+
+
 def _per_expert(w):
     """Something indexable by expert. A float weight that autograd records is unbound once: indexing
     w[e] per expert would make backward allocate a full (E, I, D) zero gradient per expert. Otherwise
@@ -236,13 +257,16 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
 
 
 def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
-    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`.
+    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`, or
+    `selected_experts` when torch.compile traces inference (the loop, opaque to the compiler).
 
     Decoding (no gradient, on CPU, at most one row per expert) takes the loop: a handful of
     matrix-vector products whose cost is reading the weights, where grouped_mm would add offsets and,
     for thin experts, a copy of every expert's gate and up weights. No rows at all take the loop too
     (grouped_mm's backward rejects an empty input). Otherwise `resolve_impl` decides.
     """
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return selected_experts
     N = x_ND.shape[0]
     if N == 0 or (x_ND.device.type == "cpu" and not torch.is_grad_enabled() and N <= n_experts):
         return loop_experts
