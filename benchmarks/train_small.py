@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -122,8 +123,23 @@ def measure(subjects: dict, pairs: dict, rounds: int, steps: dict) -> dict:
     out = {"tokens_per_s": {k: statistics.median(v) for k, v in tps.items()}, "ratios": {}}
     for name, (a, b) in pairs.items():
         ratios = [x / y for x, y in zip(tps[a], tps[b])]
-        out["ratios"][name] = (statistics.median(ratios), min(ratios), max(ratios))
+        out["ratios"][name] = (statistics.median(ratios), min(ratios), max(ratios), interval(ratios))
     return out
+
+
+def interval(ratios: list[float]) -> tuple[float, float]:
+    """95% Student-t interval of the geometric mean of per-round ratios (the rounds are the samples)."""
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    if n < 2:
+        return (ratios[0], ratios[0])
+    t = T95[min(n - 1, len(T95)) - 1]
+    half = t * statistics.stdev(logs) / math.sqrt(n)
+    m = statistics.mean(logs)
+    return (math.exp(m - half), math.exp(m + half))
+
+
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145]
 
 
 def table(res: dict, args, load: tuple[float, float]) -> str:
@@ -139,18 +155,18 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
         f"the ratios are each the median over {args.rounds} rounds of {args.steps}-step turns (the "
         "nanoGPT-shaped models twice as many) of a within-round ratio, models taking turns.",
         "",
-        "| ratio | median | min | max | target |",
-        "|---|---|---|---|---|",
+        "| ratio | median | min | max | 95% interval (geometric mean over rounds) | target |",
+        "|---|---|---|---|---|---|",
         f"| A: `tiny` MoE / dense SwiGLU with equal training FLOPs (same Trainer) | {a[0]:.2f}x | {a[1]:.2f} "
-        f"| {a[2]:.2f} | >= 0.9x |",
+        f"| {a[2]:.2f} | {a[3][0]:.2f}-{a[3][1]:.2f} | >= 0.9x |",
         f"| B: minimoe Trainer / minimal nanoGPT-style loop (dense 6 x 192, block 128, batch 16) | {b[0]:.2f}x "
-        f"| {b[1]:.2f} | {b[2]:.2f} | >= 1.0x |",
+        f"| {b[1]:.2f} | {b[2]:.2f} | {b[3][0]:.2f}-{b[3][1]:.2f} | >= 1.0x |",
     ]
     if "C" in res["ratios"]:
         c = res["ratios"]["C"]
         lines.append(
             f"| C: `tiny` MoE with train.compile=true / eager, after compiling | {c[0]:.2f}x | {c[1]:.2f} "
-            f"| {c[2]:.2f} | pays if C > 1 and the compile time below is earned back |"
+            f"| {c[2]:.2f} | {c[3][0]:.2f}-{c[3][1]:.2f} | pays if C > 1 and the compile time below is earned back |"
         )
     lines += [
         "",
