@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -431,6 +432,22 @@ def test_paired_stats_match_student_t():
         tol = 1e-3 if n <= 31 else 0.03 * (hi - lo)  # beyond 30 degrees of freedom: the normal quantile
         assert st["lo"] == pytest.approx(lo, abs=tol) and st["hi"] == pytest.approx(hi, abs=tol)
     assert lab_report.paired_stats([0.1]) is None
+
+
+def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
+    """At the observed mean and spread, n seeds resolve and n - 1 do not (the interval's half-width
+    t(n-1) sd / sqrt(n) against |mean|); a contrast that already resolves needs no more seeds than it has."""
+    for diffs in ([0.03, -0.02, 0.05, 0.0, 0.04], [-0.01, 0.02, -0.03, -0.02, 0.0, -0.01], [0.2, 0.21, 0.19]):
+        st = lab_report.paired_stats(diffs)
+        n = lab_report.seeds_to_resolve(st)
+        sd = st["se"] * math.sqrt(st["n"])
+        half = lambda k, sd=sd: lab_report.t975(k - 1) * sd / math.sqrt(k)  # noqa: E731
+        assert half(n) < abs(st["mean"]) and (n == 2 or half(n - 1) >= abs(st["mean"]))
+        if st["lo"] > 0 or st["hi"] < 0:
+            assert n <= st["n"]
+        else:
+            assert n > st["n"]
+    assert lab_report.seeds_to_resolve(lab_report.paired_stats([0.1, -0.1])) is None  # mean 0
 
 
 @pytest.mark.parametrize(

@@ -84,8 +84,27 @@ def paired_stats(diffs: list[float]) -> dict | None:
     n = len(diffs)
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(n)
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    t = t975(n - 1)
     return {"n": n, "mean": mean, "se": se, "lo": mean - t * se, "hi": mean + t * se}
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with `df` degrees of freedom (1.96 beyond 30)."""
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def seeds_to_resolve(st: dict | None, limit: int = 1000) -> int | None:
+    """Seeds at which a contrast with this mean and this per-seed spread would resolve (its 95%
+    interval exclude 0): the smallest n with t(n - 1) * sd / sqrt(n) < |mean|. A planning number for
+    the next run, not a result (the mean itself moves as seeds are added). None when the mean is 0 or
+    it would take more than `limit`."""
+    if st is None:
+        return None
+    sd, mean = st["se"] * math.sqrt(st["n"]), abs(st["mean"])
+    for n in range(2, limit + 1):
+        if t975(n - 1) * sd / math.sqrt(n) < mean:
+            return n
+    return None
 
 
 def _paired(a: dict[int, float | None], b: dict[int, float | None]) -> list[float]:
@@ -125,6 +144,13 @@ def _resolved(st: dict | None) -> str:
     return "–" if st is None else ("yes" if st["lo"] > 0 or st["hi"] < 0 else "no")
 
 
+def _seeds_cell(st: dict | None) -> str:
+    if st is None:
+        return "–"
+    n = seeds_to_resolve(st)
+    return "> 1000" if n is None else str(n)
+
+
 def contrast_table(contrasts: list[dict]) -> str:
     return _table(
         [
@@ -132,6 +158,7 @@ def contrast_table(contrasts: list[dict]) -> str:
             ("seeds", lambda c: str(c["val_loss"]["n"] if c["val_loss"] else 0)),
             ("Δ val loss: mean ± SE [95% interval]", lambda c: _fmt_stats(c["val_loss"])),
             ("resolved", lambda c: _resolved(c["val_loss"])),
+            ("seeds to resolve at this mean and spread", lambda c: _seeds_cell(c["val_loss"])),
             ("Δ val bpb: mean ± SE [95%]", lambda c: _fmt_stats(c["val_bpb"])),
             (
                 "Δ MaxVio batch: mean ± SE [95%]",
