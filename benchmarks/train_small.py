@@ -168,14 +168,22 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
             f"| C: `tiny` MoE with train.compile=true / eager, after compiling | {c[0]:.2f}x | {c[1]:.2f} "
             f"| {c[2]:.2f} | {c[3][0]:.2f}-{c[3][1]:.2f} | pays if C > 1 and the compile time below is earned back |"
         )
+    if "D" in res["ratios"]:
+        d = res["ratios"]["D"]
+        lines.append(
+            f"| D: minimoe dense with train.compile=true / the reference loop (eager, as nanoGPT's CPU recipe "
+            f"runs), after compiling | {d[0]:.2f}x | {d[1]:.2f} | {d[2]:.2f} | {d[3][0]:.2f}-{d[3][1]:.2f} "
+            "| B's question with minimoe's compiler on |"
+        )
     lines += [
         "",
         "Median tokens/s, for orientation only: " + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()) + ".",
     ]
     if "compile_s" in res:
         lines.append(
-            f"The first (warm-up) turn of the compiled model took {res['compile_s']:.0f} s more than the eager "
-            "one's: the compile time a run pays once."
+            f"The first (warm-up) turn of the compiled tiny MoE took {res['compile_s']:.0f} s more than the "
+            f"eager one's, and the compiled dense model's {res['compile_s_dense']:.0f} s more: the compile "
+            "time a run pays once."
         )
     return "\n".join(lines)
 
@@ -233,9 +241,15 @@ def main() -> None:
             )
             steps["tiny MoE compiled"] = args.steps
             pairs["C"] = ("tiny MoE compiled", "tiny MoE")
+            subjects["minimoe dense compiled"] = TrainerSubject(
+                "minimoe dense compiled", None, common(nano_steps) + NANO + ["train.compile=true"], data, tmp
+            )
+            steps["minimoe dense compiled"] = nano_steps
+            pairs["D"] = ("minimoe dense compiled", "reference loop")
         res = measure(subjects, pairs, args.rounds, steps)
         if args.compile:
             res["compile_s"] = subjects["tiny MoE compiled"].walls[0] - moe.walls[0]
+            res["compile_s_dense"] = subjects["minimoe dense compiled"].walls[0] - nano.walls[0]
     text = table(res, args, (load0, os.getloadavg()[0]))
     print(text)
     if args.write:
