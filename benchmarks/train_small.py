@@ -39,6 +39,7 @@ from ref_gpt import GPTConfig, ReferenceLoop  # noqa: E402
 from minimoe.config_yaml import build_run_config  # noqa: E402
 from minimoe.data import prepare  # noqa: E402
 from minimoe.lab.flops import flops_per_token  # noqa: E402
+from minimoe.lab.report import t975  # noqa: E402
 from minimoe.train.trainer import Trainer  # noqa: E402
 
 BEGIN, END = "<!-- train_small:begin -->", "<!-- train_small:end -->"
@@ -133,13 +134,9 @@ def interval(ratios: list[float]) -> tuple[float, float]:
     n = len(logs)
     if n < 2:
         return (ratios[0], ratios[0])
-    t = T95[min(n - 1, len(T95)) - 1]
-    half = t * statistics.stdev(logs) / math.sqrt(n)
+    half = t975(n - 1) * statistics.stdev(logs) / math.sqrt(n)
     m = statistics.mean(logs)
     return (math.exp(m - half), math.exp(m + half))
-
-
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145]
 
 
 def table(res: dict, args, load: tuple[float, float]) -> str:
