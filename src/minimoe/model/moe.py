@@ -21,7 +21,7 @@ from torch import nn
 
 from minimoe.config import ModelConfig
 from minimoe.model.experts import MLP, GroupedExperts
-from minimoe.model.router import Router, expert_counts
+from minimoe.model.router import Router
 
 
 @dataclass
@@ -109,7 +109,7 @@ class MoE(nn.Module):
         # dispatch: pairs in token-major order, stably sorted by expert
         expert_N = r.topk_idx.reshape(-1)  # (T*K,)
         expert_sorted_N, order_N = torch.sort(expert_N, stable=True)  # grouped by expert, token order inside
-        counts_E = expert_counts(expert_N, self.n_experts, torch.long)
+        counts_E = r.counts
         dropped = counts_E.new_zeros(())
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, B * S, K, self.n_experts)
@@ -131,5 +131,5 @@ class MoE(nn.Module):
         else:
             out_TD = torch.zeros(B * S, D, dtype=acc, device=x.device)
         out_TD = out_TD.index_add_(0, token_N, y_ND.to(acc)).to(x.dtype)
-        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.detach(), dropped=dropped)
+        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.float(), dropped=dropped)
         return out_TD.view(B, S, D), stats

@@ -182,7 +182,7 @@ def bias_update(load_E: torch.Tensor, speed: float, scoring_func: str) -> torch.
 class RouterOutput(NamedTuple):
     topk_idx: torch.Tensor  # (T, K) int64
     topk_weight: torch.Tensor  # (T, K) fp32 (fp64 for fp64 inputs)
-    counts: torch.Tensor  # (E,) float token-slot counts, detached, before any capacity dropping
+    counts: torch.Tensor  # (E,) int64 token-slot counts, before any capacity dropping (exact at any T*K)
     aux_loss: torch.Tensor  # scalar: token-level + sequence-wise, already weighted; 0 when off
     z_loss: torch.Tensor  # scalar, already weighted; 0 when off
 
@@ -237,7 +237,7 @@ class Router(nn.Module):
             logits_TE = F.linear(x_BSD.reshape(B * S, D).to(dt), self.weight.to(dt))  # (T, E)
             scores_TE = router_scores(logits_TE, cfg.scoring_func)
             topk_idx_TK, topk_weight_TK = route(scores_TE, self.e_score_correction_bias, cfg)
-            counts_E = expert_counts(topk_idx_TK, cfg.n_routed_experts)
+            counts_E = expert_counts(topk_idx_TK, cfg.n_routed_experts, torch.long)
 
             zero = logits_TE.new_zeros(())
             aux = zero
