@@ -15,6 +15,7 @@ from minimoe.model.experts import (
     MLP,
     GroupedExperts,
     choose_kernel,
+    compiled_training_experts,
     grouped_mm_experts,
     grouped_mm_works,
     loop_experts,
@@ -453,12 +454,53 @@ def test_state_dict_names_and_fp32_bias_under_bf16():
     assert y.dtype == torch.bfloat16 and stats.aux_loss.dtype == torch.float32
 
 
-@pytest.mark.slow
-def test_torch_compile_matches_eager():
-    # fp32 takes the loop under compile (grouped_mm's fake-tensor rule is bf16-only in torch 2.13)
-    moe = make_moe(torch.float32, aux_loss_alpha=0.01, z_loss_coef=0.001, moe_impl="auto")
-    x = torch.randn(2, 8, 16)
-    y0, s0 = moe(x)
-    y1, s1 = torch.compile(moe)(x)
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s1.aux_loss, s0.aux_loss)
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trained_experts_operator_equals_autograd_through_the_loop(act, scaled, seed):
+    """`trained_experts` (what torch.compile runs for training) has a hand-written backward: its output
+    and every gradient (rows, each weight, the gate scale) equal autograd through `loop_experts`, fp64,
+    with an expert that gets no rows and uneven slices."""
+    g = torch.Generator().manual_seed(seed)
+    E, D, I = 4, 6, 5
+    counts = [3, 0, 5, 2] if seed == 0 else [1, 6, 0, 4]
+    tensors = [
+        torch.randn(sum(counts), D, generator=g, dtype=torch.float64),
+        torch.randn(E, I, D, generator=g, dtype=torch.float64) if act == "swiglu" else None,
+        torch.randn(E, I, D, generator=g, dtype=torch.float64),
+        torch.randn(E, D, I, generator=g, dtype=torch.float64),
+        torch.rand(sum(counts), generator=g, dtype=torch.float64) if scaled else None,
+    ]
+    dy = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
+    results = []
+    for kernel in (loop_experts, compiled_training_experts):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+        x, gate, up, down, scale = leaves
+        y = kernel(x, torch.tensor(counts), gate, up, down, scale)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_moe_training_is_one_graph_and_equals_eager(seed):
+    """torch.compile traces the MoE layer for training in one graph (fullgraph=True fails on a break,
+    such as the loop's host sync), through AOTAutograd; output, losses and all gradients equal the
+    eager layer's (fp32 takes `trained_experts`: grouped_mm's fake-tensor rule is bf16-only)."""
+    moe = make_moe(torch.float32, seed=seed, aux_loss_alpha=0.01, z_loss_coef=0.001, moe_impl="auto")
+    x0 = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(seed))
+
+    def loss(layer, x):
+        y, st = layer(x)
+        return (y * y.detach().sin()).sum() + st.aux_loss + st.z_loss
+
+    want, got = {}, {}
+    for out, layer in ((want, moe), (got, torch.compile(moe, backend="aot_eager", fullgraph=True))):
+        moe.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        out["loss"] = loss(layer, x)
+        out["loss"].backward()
+        out.update(grads(moe, x))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

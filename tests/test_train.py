@@ -304,6 +304,24 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
     assert res.step == 3 and res.val_loss is not None and res.val_loss == res.val_loss  # finite, not NaN
 
 
+def test_compiled_training_is_one_graph_and_trains_as_eager(tmp_path, corpus, monkeypatch):
+    """train.compile=true on the MoE test model (MLA, routed + shared experts, MTP, bias balancing):
+    the step's forward compiles into one graph through AOTAutograd (fullgraph=True fails on any graph
+    break, such as one per MoE layer) and the losses equal the eager run's step for step."""
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", fullgraph=True)
+    )
+    torch._dynamo.reset()
+    steps = ["train.max_steps=4", "train.eval_every=4", "model.aux_loss_alpha=0.01"]
+    _train(tmp_path / "eager", corpus, *steps)
+    _train(tmp_path / "compiled", corpus, *steps, "train.compile=true")
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert list(compiled) == [1, 2, 3, 4]
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
 def test_early_stopping(tmp_path, corpus, monkeypatch):
     from minimoe.train.trainer import Trainer
 

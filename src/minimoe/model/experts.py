@@ -3,8 +3,10 @@
 The MoE layer makes one call, `experts(x_ND, counts_E, w_N)`, on rows already sorted by expert.
 `GroupedExperts` answers it with one of two kernels, picked per call by `choose_kernel`:
 `torch._grouped_mm` over expert offsets, or a loop over contiguous slices (also the decode kernel:
-a few rows without gradient). Quantized experts (infer/quantize.py) and expert parallelism
-(dist/ep.py) are other modules with the same call, swapped in for `GroupedExperts`.
+a few rows without gradient); torch.compile gets the loop wrapped as custom operators
+(`selected_experts`, `trained_experts`), so the layer compiles as one graph. Quantized experts
+(infer/quantize.py) and expert parallelism (dist/ep.py) are other modules with the same call, swapped
+in for `GroupedExperts`.
 
 Shape suffixes: N (token, expert) rows sorted by expert, D hidden, I expert intermediate, E experts.
 """
@@ -156,6 +158,125 @@ def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
     return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1])
 
 
+@torch.library.custom_op("minimoe::trained_experts", mutates_args=())
+def trained_experts(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+    scale_N: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training experts as one opaque operator for torch.compile (`train.compile`), which cannot
+    trace grouped_mm in fp32 (its fake-tensor rule is bf16-only in torch 2.13) and would break the
+    graph at the loop's host sync in every MoE layer. One matmul per expert slice, as `loop_experts`.
+
+    Returns:
+        y_ND: (N, D) outputs times scale_N, as the other kernels.
+        pre_NH: the activation's inputs, saved for the backward: gate and up (N, 2I) for SwiGLU,
+            up (N, I) for GELU.
+    """
+    ys, pres, start = [], [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        x_nD = x_ND[start : start + n]
+        up_nI = F.linear(x_nD, _w(up_EID, e, x_ND))
+        gate_nI = F.linear(x_nD, _w(gate_EID, e, x_ND)) if gate_EID is not None else None
+        pres.append(up_nI if gate_nI is None else torch.cat([gate_nI, up_nI], dim=-1))
+        scale_n = scale_N[start : start + n] if scale_N is not None else None
+        ys.append(F.linear(_scaled(_activate(gate_nI, up_nI), scale_n), _w(down_EDI, e, x_ND)))
+        start += n
+    return torch.cat(ys), torch.cat(pres)
+
+
+@trained_experts.register_fake
+def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
+    width = up_EID.shape[1] * (1 if gate_EID is None else 2)
+    return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1]), x_ND.new_empty(x_ND.shape[0], width)
+
+
+@torch.library.custom_op("minimoe::trained_experts_backward", mutates_args=())
+def trained_experts_backward(
+    grad_ND: torch.Tensor,
+    x_ND: torch.Tensor,
+    pre_NH: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+    scale_N: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """Gradients of `trained_experts` for x, the weights present and scale_N (in that order), by the
+    chain rule per expert slice; tested against autograd through `loop_experts`."""
+    I = up_EID.shape[1]
+    if gate_EID is not None:
+        gate_NI, up_NI = pre_NH[:, :I], pre_NH[:, I:]
+        act_NI = F.silu(gate_NI)
+    else:
+        gate_NI, up_NI = None, pre_NH
+        act_NI = F.gelu(up_NI)
+    h_NI = act_NI * up_NI if gate_NI is not None else act_NI  # the activation's output, before scale
+    g_x = torch.empty_like(x_ND)
+    g_gate = torch.zeros_like(gate_EID) if gate_EID is not None else None
+    g_up, g_down = torch.zeros_like(up_EID), torch.zeros_like(down_EDI)
+    g_scale = torch.empty_like(scale_N) if scale_N is not None else None
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        dy_nD, x_nD, h_nI = grad_ND[rows], x_ND[rows], h_NI[rows]
+        hs_nI = h_nI if scale_N is None else h_nI * scale_N[rows].unsqueeze(-1)
+        g_down[e] = dy_nD.t() @ hs_nI
+        dhs_nI = dy_nD @ _w(down_EDI, e, x_ND)
+        if scale_N is not None:
+            g_scale[rows] = (dhs_nI * h_nI).sum(-1)
+            dhs_nI = dhs_nI * scale_N[rows].unsqueeze(-1)
+        if gate_EID is not None:
+            d_up_nI = dhs_nI * act_NI[rows]
+            d_gate_nI = torch.ops.aten.silu_backward(dhs_nI * up_NI[rows], gate_NI[rows])
+            g_gate[e] = d_gate_nI.t() @ x_nD
+            g_x[rows] = d_gate_nI @ _w(gate_EID, e, x_ND) + d_up_nI @ _w(up_EID, e, x_ND)
+        else:
+            d_up_nI = torch.ops.aten.gelu_backward(dhs_nI, up_NI[rows])
+            g_x[rows] = d_up_nI @ _w(up_EID, e, x_ND)
+        g_up[e] = d_up_nI.t() @ x_nD
+    return [t for t in (g_x, g_gate, g_up, g_down, g_scale) if t is not None]
+
+
+@trained_experts_backward.register_fake
+def _(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N):
+    return [torch.empty_like(t) for t in (x_ND, gate_EID, up_EID, down_EDI, scale_N) if t is not None]
+
+
+def _setup_trained(ctx, inputs, output):
+    x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N = inputs
+    ctx.has_gate, ctx.has_scale = gate_EID is not None, scale_N is not None
+    ctx.save_for_backward(x_ND, output[1], counts_E, gate_EID, up_EID, down_EDI, scale_N)
+
+
+def _backward_trained(ctx, grad_ND, _grad_pre):
+    grads = iter(trained_experts_backward(grad_ND.contiguous(), *ctx.saved_tensors))
+    g_x = next(grads)
+    g_gate = next(grads) if ctx.has_gate else None
+    g_up, g_down = next(grads), next(grads)
+    g_scale = next(grads) if ctx.has_scale else None
+    return g_x, None, g_gate, g_up, g_down, g_scale
+
+
+trained_experts.register_autograd(_backward_trained, setup_context=_setup_trained)
+
+
+def _w(w_EAB: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
+    # expert e's weight in the rows' dtype: under autocast the operator gets bf16 rows and fp32 weights
+    return w_EAB[e].to(x.dtype)
+
+
+def compiled_training_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N=None):
+    """The kernel `choose_kernel` gives torch.compile when it traces training: `trained_experts`."""
+    return trained_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)[0]
+
+
 def _per_expert(w):
     """Something indexable by expert. A float weight that autograd records is unbound once: indexing
     w[e] per expert would make backward allocate a full (E, I, D) zero gradient per expert. Otherwise
@@ -173,7 +294,9 @@ def _aligned(n: int, dtype: torch.dtype) -> bool:
     return n * torch.empty((), dtype=dtype).element_size() % 16 == 0
 
 
-@torch.compiler.disable  # run the probe eagerly: dynamo would trace through the cache into the graph
+# Under torch.compile the probe runs once at trace time and its answer is a constant of the graph
+# (a disabled function would break the graph at every MoE layer).
+@torch.compiler.assume_constant_result
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype, d_aligned: bool, i_aligned: bool) -> bool:
     """Whether `torch._grouped_mm` gives the loop's outputs and gradients on this backend.
@@ -243,10 +366,11 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
     """
     if impl == "loop":
         return impl
-    works = grouped_mm_works(x.device.type, x.dtype, _aligned(hidden, x.dtype), _aligned(inter, x.dtype))
     compiling = torch.compiler.is_compiling()
-    if compiling and x.dtype != torch.bfloat16:
-        works = False  # torch 2.13's fake-tensor rule for _grouped_mm accepts bf16 only
+    # torch 2.13's fake-tensor rule for _grouped_mm accepts bf16 only: other dtypes cannot be traced
+    works = (not compiling or x.dtype == torch.bfloat16) and grouped_mm_works(
+        x.device.type, x.dtype, _aligned(hidden, x.dtype), _aligned(inter, x.dtype)
+    )
     if impl == "grouped_mm" and not works:
         where = f"{x.dtype} on {x.device.type}" + (" under torch.compile" if compiling else "")
         raise ConfigError(
@@ -257,16 +381,22 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
 
 
 def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
-    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`, or
-    `selected_experts` when torch.compile traces inference (the loop, opaque to the compiler).
+    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`; under
+    torch.compile, grouped_mm where it traces (bf16), else the loop as one operator the compiler does
+    not look into: `selected_experts` for inference, `trained_experts` (with its backward) for training,
+    so that an MoE layer does not break the graph.
 
     Decoding (no gradient, on CPU, at most one row per expert) takes the loop: a handful of
     matrix-vector products whose cost is reading the weights, where grouped_mm would add offsets and,
     for thin experts, a copy of every expert's gate and up weights. No rows at all take the loop too
     (grouped_mm's backward rejects an empty input). Otherwise `resolve_impl` decides.
     """
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return selected_experts
+    if torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():
+            return selected_experts
+        if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm":
+            return grouped_mm_experts  # traceable where its fake-tensor rule allows (bf16)
+        return compiled_training_experts
     N = x_ND.shape[0]
     if N == 0 or (x_ND.device.type == "cpu" and not torch.is_grad_enabled() and N <= n_experts):
         return loop_experts
