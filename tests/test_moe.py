@@ -474,13 +474,37 @@ def test_trained_experts_operator_equals_autograd_through_the_loop(act, scaled, 
     dy = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
     results = []
     for kernel in (loop_experts, compiled_training_experts):
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
-        x, gate, up, down, scale = leaves
-        y = kernel(x, torch.tensor(counts), gate, up, down, scale)
-        y.backward(dy)
-        results.append([y.detach()] + [t.grad for t in leaves if t is not None])
+        _grads_of(kernel, tensors, counts, dy, results)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
+
+
+def test_trained_experts_operator_takes_bf16_rows_with_fp32_weights():
+    """The operator under mixed precision: bf16 rows and output gradient, fp32 weights and gate
+    scale; its gradients come back in each input's dtype and agree with fp64 autograd through the
+    loop to bf16 precision."""
+    g = torch.Generator().manual_seed(3)
+    counts, E, D, I = [4, 0, 6, 3], 4, 16, 8
+    tensors = [torch.randn(sum(counts), D, generator=g, dtype=torch.float64)]
+    tensors += [torch.randn(E, I, D, generator=g, dtype=torch.float64) * 0.3 for _ in range(2)]
+    tensors += [torch.randn(E, D, I, generator=g, dtype=torch.float64) * 0.3]
+    tensors += [torch.rand(sum(counts), generator=g, dtype=torch.float64)]
+    dy = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
+    want, got = [], []
+    _grads_of(loop_experts, tensors, counts, dy, want)
+    mixed = [tensors[0].bfloat16()] + [t.float() for t in tensors[1:]]
+    _grads_of(compiled_training_experts, mixed, counts, dy.bfloat16(), got)
+    for a, b, t in zip(got[0], want[0], [mixed[0]] + mixed):  # y, then each input's gradient
+        assert a.dtype == t.dtype
+        torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
+
+
+def _grads_of(kernel, tensors, counts, dy, results):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    x, gate, up, down, scale = leaves
+    y = kernel(x, torch.tensor(counts), gate, up, down, scale)
+    y.backward(dy)
+    results.append([y.detach()] + [t.grad for t in leaves if t is not None])
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -226,12 +226,13 @@ def trained_experts_backward(
         rows = slice(start, start + n)
         start += n
         dy_nD, x_nD, h_nI = grad_ND[rows], x_ND[rows], h_NI[rows]
-        hs_nI = h_nI if scale_N is None else h_nI * scale_N[rows].unsqueeze(-1)
+        s_n1 = scale_N[rows].to(h_nI.dtype).unsqueeze(-1) if scale_N is not None else None
+        hs_nI = h_nI if s_n1 is None else h_nI * s_n1
         g_down[e] = dy_nD.t() @ hs_nI
         dhs_nI = dy_nD @ _w(down_EDI, e, x_ND)
-        if scale_N is not None:
+        if s_n1 is not None:
             g_scale[rows] = (dhs_nI * h_nI).sum(-1)
-            dhs_nI = dhs_nI * scale_N[rows].unsqueeze(-1)
+            dhs_nI = dhs_nI * s_n1
         if gate_EID is not None:
             d_up_nI = dhs_nI * act_NI[rows]
             d_gate_nI = torch.ops.aten.silu_backward(dhs_nI * up_NI[rows], gate_NI[rows])
@@ -268,7 +269,7 @@ trained_experts.register_autograd(_backward_trained, setup_context=_setup_traine
 
 
 def _w(w_EAB: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
-    # expert e's weight in the rows' dtype: under autocast the operator gets bf16 rows and fp32 weights
+    # expert e's weight in the rows' dtype (bf16 rows may meet fp32 weights and gate scales)
     return w_EAB[e].to(x.dtype)
 
 
