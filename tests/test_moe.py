@@ -499,6 +499,50 @@ def test_trained_experts_operator_takes_bf16_rows_with_fp32_weights():
         torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
 
 
+def _compiled_vs_eager(moe, x0, backend, ctx=None):
+    """Loss and gradients of the MoE layer eager and under torch.compile(fullgraph=True)."""
+    import contextlib
+
+    out = []
+    for layer in (moe, torch.compile(moe, backend=backend, fullgraph=True)):
+        moe.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with ctx() if ctx else contextlib.nullcontext():
+            y, st = layer(x)
+        loss = (y.float() * y.detach().float().sin()).sum()
+        loss.backward()
+        out.append({"loss": loss.detach(), **grads(moe, x)})
+    return out
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+def test_compiled_moe_training_under_bf16_autocast_matches_eager_autocast(backend):
+    """train.precision=bf16 with train.compile: the experts compute in bf16 as eager autocast does
+    (the rows enter the operator in the autocast dtype; inside it autocast is off, as its fake
+    implementation assumes), in one graph, and the gradients agree to bf16 precision."""
+    torch._dynamo.reset()
+    moe = make_moe(torch.float32, seed=4, moe_impl="auto")
+    x0 = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4))
+    want, got = _compiled_vs_eager(moe, x0, backend, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0.03, atol=0.03, msg=name)
+    e = moe.experts
+    args = (x0.reshape(16, 16), torch.tensor([4, 0, 6, 6, 0, 0, 0, 0]), e.gate_proj, e.up_proj, e.down_proj)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compiled_training_experts(*args).dtype == loop_experts(*args).dtype == torch.bfloat16
+
+
+def test_compiled_bf16_moe_training_is_one_graph():
+    """A bf16 model takes grouped_mm under compile where it traces: the kernel probe is a constant
+    of the graph (not traced, not a break), and the layer's gradients agree with eager."""
+    torch._dynamo.reset()
+    moe = make_moe(torch.float32, seed=5, moe_impl="auto").to(torch.bfloat16)
+    x0 = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(5), dtype=torch.bfloat16)
+    want, got = _compiled_vs_eager(moe, x0, "aot_eager")
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=0.03, atol=0.03, msg=name)
+
+
 def _grads_of(kernel, tensors, counts, dy, results):
     leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
     x, gate, up, down, scale = leaves

@@ -176,6 +176,11 @@ def trained_experts(
         pre_NH: the activation's inputs, saved for the backward: gate and up (N, 2I) for SwiGLU,
             up (N, I) for GELU.
     """
+    with torch.autocast(x_ND.device.type, enabled=False):
+        return _trained_forward(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)
+
+
+def _trained_forward(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
     ys, pres, start = [], [], 0
     for e, n in enumerate(counts_E.tolist()):
         x_nD = x_ND[start : start + n]
@@ -207,6 +212,11 @@ def trained_experts_backward(
 ) -> list[torch.Tensor]:
     """Gradients of `trained_experts` for x, the weights present and scale_N (in that order), by the
     chain rule per expert slice; tested against autograd through `loop_experts`."""
+    with torch.autocast(x_ND.device.type, enabled=False):
+        return _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N)
+
+
+def _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N):
     I = up_EID.shape[1]
     if gate_EID is not None:
         gate_NI, up_NI = pre_NH[:, :I], pre_NH[:, I:]
@@ -274,7 +284,12 @@ def _w(w_EAB: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def compiled_training_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N=None):
-    """The kernel `choose_kernel` gives torch.compile when it traces training: `trained_experts`."""
+    """The kernel `choose_kernel` gives torch.compile when it traces training: `trained_experts`.
+    Under autocast the rows go in at the autocast dtype, so the experts compute in it as eager
+    autocast would (the operator itself runs with autocast off, as its fake implementation assumes)."""
+    device = x_ND.device.type
+    if torch.is_autocast_enabled(device):
+        x_ND = x_ND.to(torch.get_autocast_dtype(device))
     return trained_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)[0]
 
 
@@ -295,11 +310,17 @@ def _aligned(n: int, dtype: torch.dtype) -> bool:
     return n * torch.empty((), dtype=dtype).element_size() % 16 == 0
 
 
-# Under torch.compile the probe runs once at trace time and its answer is a constant of the graph
-# (a disabled function would break the graph at every MoE layer).
+# Under torch.compile the probe runs at trace time and its answer is a constant of the graph (a
+# disabled function would break the graph at every MoE layer). The marker sits on a plain function:
+# on the functools.cache wrapper itself dynamo would ignore it and trace the probe.
 @torch.compiler.assume_constant_result
-@functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype, d_aligned: bool, i_aligned: bool) -> bool:
+    """`_probe_grouped_mm`, cached per key (`grouped_mm_works.cache_clear()` probes afresh)."""
+    return _probe_grouped_mm(device_type, dtype, d_aligned, i_aligned)
+
+
+@functools.cache
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_aligned: bool, i_aligned: bool) -> bool:
     """Whether `torch._grouped_mm` gives the loop's outputs and gradients on this backend.
 
     Probed once per key on a tiny case whose dims have the same 16-byte alignment as the real ones
@@ -346,6 +367,9 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype, d_aligned: bool, i_al
         return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(*results))
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
+
+
+grouped_mm_works.cache_clear = _probe_grouped_mm.cache_clear
 
 
 def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
