@@ -479,6 +479,24 @@ def test_trained_experts_operator_equals_autograd_through_the_loop(act, scaled, 
         torch.testing.assert_close(got, want)
 
 
+def test_trained_experts_operator_with_frozen_weights_gives_the_row_gradients():
+    """Frozen experts (requires_grad off): the operator still gives the rows' and the gate scale's
+    gradients of autograd through the loop, and no weight gradient."""
+    g = torch.Generator().manual_seed(7)
+    counts, E, D, I = [2, 5, 0, 3], 4, 6, 5
+    x = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
+    ws = [torch.randn(E, I, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws.append(torch.randn(E, D, I, generator=g, dtype=torch.float64))
+    scale = torch.rand(sum(counts), generator=g, dtype=torch.float64)
+    out = []
+    for kernel in (loop_experts, compiled_training_experts):
+        xl, sl = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        kernel(xl, torch.tensor(counts), *ws, sl).square().sum().backward()
+        out.append((xl.grad, sl.grad))
+    torch.testing.assert_close(out[1], out[0])
+    assert all(w.grad is None for w in ws)
+
+
 def test_trained_experts_operator_takes_bf16_rows_with_fp32_weights():
     """The operator under mixed precision: bf16 rows and output gradient, fp32 weights and gate
     scale; its gradients come back in each input's dtype and agree with fp64 autograd through the

@@ -209,14 +209,18 @@ def trained_experts_backward(
     up_EID: torch.Tensor,
     down_EDI: torch.Tensor,
     scale_N: torch.Tensor | None,
+    weights: bool,
 ) -> list[torch.Tensor]:
     """Gradients of `trained_experts` for x, the weights present and scale_N (in that order), by the
-    chain rule per expert slice; tested against autograd through `loop_experts`."""
+    chain rule per expert slice; tested against autograd through `loop_experts`. Without `weights`
+    (frozen experts, e.g. LoRA elsewhere) the weight gradients are left zero and not computed."""
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N)
+        return _trained_backward(
+            grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N, weights
+        )
 
 
-def _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N):
+def _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N, weights):
     I = up_EID.shape[1]
     if gate_EID is not None:
         gate_NI, up_NI = pre_NH[:, :I], pre_NH[:, I:]
@@ -238,7 +242,8 @@ def _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_ED
         dy_nD, x_nD, h_nI = grad_ND[rows], x_ND[rows], h_NI[rows]
         s_n1 = scale_N[rows].to(h_nI.dtype).unsqueeze(-1) if scale_N is not None else None
         hs_nI = h_nI if s_n1 is None else h_nI * s_n1
-        g_down[e] = dy_nD.t() @ hs_nI
+        if weights:
+            g_down[e] = dy_nD.t() @ hs_nI
         dhs_nI = dy_nD @ _w(down_EDI, e, x_ND)
         if s_n1 is not None:
             g_scale[rows] = (dhs_nI * h_nI).sum(-1)
@@ -246,17 +251,19 @@ def _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_ED
         if gate_EID is not None:
             d_up_nI = dhs_nI * act_NI[rows]
             d_gate_nI = torch.ops.aten.silu_backward(dhs_nI * up_NI[rows], gate_NI[rows])
-            g_gate[e] = d_gate_nI.t() @ x_nD
+            if weights:
+                g_gate[e] = d_gate_nI.t() @ x_nD
             g_x[rows] = d_gate_nI @ _w(gate_EID, e, x_ND) + d_up_nI @ _w(up_EID, e, x_ND)
         else:
             d_up_nI = torch.ops.aten.gelu_backward(dhs_nI, up_NI[rows])
             g_x[rows] = d_up_nI @ _w(up_EID, e, x_ND)
-        g_up[e] = d_up_nI.t() @ x_nD
+        if weights:
+            g_up[e] = d_up_nI.t() @ x_nD
     return [t for t in (g_x, g_gate, g_up, g_down, g_scale) if t is not None]
 
 
 @trained_experts_backward.register_fake
-def _(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N):
+def _(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N, weights):
     return [torch.empty_like(t) for t in (x_ND, gate_EID, up_EID, down_EDI, scale_N) if t is not None]
 
 
@@ -267,11 +274,14 @@ def _setup_trained(ctx, inputs, output):
 
 
 def _backward_trained(ctx, grad_ND, _grad_pre):
-    grads = iter(trained_experts_backward(grad_ND.contiguous(), *ctx.saved_tensors))
+    weights = any(ctx.needs_input_grad[2:5])
+    grads = iter(trained_experts_backward(grad_ND.contiguous(), *ctx.saved_tensors, weights))
     g_x = next(grads)
     g_gate = next(grads) if ctx.has_gate else None
     g_up, g_down = next(grads), next(grads)
     g_scale = next(grads) if ctx.has_scale else None
+    if not weights:
+        g_gate = g_up = g_down = None
     return g_x, None, g_gate, g_up, g_down, g_scale
 
 
