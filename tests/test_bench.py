@@ -158,14 +158,21 @@ def test_bench_bad_input(argv, message, capsys):
 
 def test_fair_workers_run_under_the_setting_they_are_given():
     """Each side's process gets its own OMP_WAIT_POLICY and thread count (read when OpenMP starts, so
-    only a fresh process can change it), and the settings tried cover both policies at 1 and all cores."""
-    from minimoe.bench.fair import run_worker, settings_to_try
+    only a fresh process can change it), and the settings tried cover the three policies at 1 and all
+    cores."""
+    from minimoe.bench.fair import omp_env, run_worker, settings_to_try
 
-    assert settings_to_try(2) == [("PASSIVE", 1), ("PASSIVE", 2), ("ACTIVE", 1), ("ACTIVE", 2)]
-    assert settings_to_try(1) == [("PASSIVE", 1), ("ACTIVE", 1)]
+    assert settings_to_try(2) == [
+        ("PASSIVE", 1), ("PASSIVE", 2), ("ACTIVE", 1), ("ACTIVE", 2), ("unset", 1), ("unset", 2),
+    ]  # fmt: skip
+    assert settings_to_try(1) == [("PASSIVE", 1), ("ACTIVE", 1), ("unset", 1)]
     base = ["--config", str(REFERENCE), "--quick", "--repeats", "1", *SMALLER]
     r = run_worker(["probe", "hf", *base], "ACTIVE", 1)
     assert r["omp_wait_policy"] == "ACTIVE" and r["threads"] == 1 and r["decode_b1_tok_s"] > 0
+    # "unset" leaves the variable out of the worker's environment: the runtime's default policy
+    assert "OMP_WAIT_POLICY" not in omp_env("unset", 2) and omp_env("unset", 2)["OMP_NUM_THREADS"] == "2"
+    r = run_worker(["probe", "hf", *base], "unset", 1)
+    assert r["omp_wait_policy"] == "unset" and r["decode_b1_tok_s"] > 0
 
 
 @pytest.mark.parametrize(

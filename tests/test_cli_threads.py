@@ -24,6 +24,11 @@ def _policy(env_value: str | None) -> str:
 def test_wait_policy_rule():
     assert wait_policy(0.0) == "ACTIVE"
     assert wait_policy(1.0) == "PASSIVE"
+    # a server on idle cores gets the runtime's default (spin a while, then sleep), not ACTIVE's
+    # endless spinning between requests; on busy cores PASSIVE like every command
+    assert wait_policy(0.0, "serve") is None
+    assert wait_policy(1.0, "serve") == "PASSIVE"
+    assert wait_policy(0.0, "train") == "ACTIVE"
 
 
 def test_user_value_wins_and_a_busy_machine_gets_passive():

@@ -4,6 +4,7 @@ filters, stop strings, and the `minimoe generate` command line."""
 from __future__ import annotations
 
 import io
+import os
 import json
 import sys
 from pathlib import Path
@@ -846,7 +847,9 @@ def test_cli_warns_when_a_prompt_is_cut(trained_run, cli):
     )  # max_position_embeddings 64, byte tokens
 
 
-def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count():
+def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    # under passive waiting (the policy read from the environment, as OpenMP reads it)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     model = tiny_model().eval()
     saved = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -867,9 +870,47 @@ def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count():
         next(stream)
         stream.close()
         assert torch.get_num_threads() == 2
+        # with spinning workers (ACTIVE, or the runtime's default) a small step keeps the threads
+        for policy in ("ACTIVE", None):
+            if policy is None:
+                monkeypatch.delenv("OMP_WAIT_POLICY")
+            else:
+                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            with decode_threads(model, batch=1):
+                assert torch.get_num_threads() == 2
     finally:
         hook.remove()
         torch.set_num_threads(saved)
+
+
+RELEASE_PROBE = """
+import os, torch
+from minimoe.infer.common import _loaded_libgomp, release_openmp_threads
+torch.set_num_threads(2)
+x = torch.randn(512, 512)
+for _ in range(20):
+    x = (x @ x).tanh()  # parallel regions: the main thread's pool gets its worker
+before = len(os.listdir("/proc/self/task"))
+released = release_openmp_threads()
+after = len(os.listdir("/proc/self/task"))
+y = (x @ x).sum()  # OpenMP still works afterwards (a new pool)
+print(_loaded_libgomp() is not None, released, before, after, bool(torch.isfinite(y)))
+"""
+
+
+def test_release_openmp_threads_lets_the_callers_idle_workers_go():
+    # in a fresh process: this one's pools are shared with other tests
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("OMP_WAIT_POLICY", None)
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    gomp, released, before, after, finite = out.stdout.split()
+    if gomp != "True":
+        pytest.skip("torch here does not use libgomp")
+    assert released == "True" and int(after) == int(before) - 1 and finite == "True"
+
 
 
 @pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True, "mtp_depth": 1}])

@@ -1003,3 +1003,20 @@ def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue
     engine.shutdown()
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit([job("d")])
+
+
+def test_engine_start_lets_the_callers_openmp_workers_go(loaded, monkeypatch):
+    # the worker thread runs every step from then on; a parked pool of the caller's would make the
+    # worker's multi-threaded steps oversubscribed (minimoe.infer.common.release_openmp_threads)
+    import threading
+
+    import minimoe.serve.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "release_openmp_threads", lambda: calls.append(threading.get_ident()))
+    model, tok = loaded
+    engine = Engine(model, tok)
+    engine.start()
+    engine.start()  # already running: nothing more
+    engine.close()
+    assert calls == [threading.get_ident()]

@@ -264,7 +264,7 @@ def _worker(argv: list[str]) -> dict:
         outputs, seconds = run_hf(args.hf, mix["warm"], mix["prompts"], new, args.hf_attn)
     tokens = sum(len(o) for o in outputs)
     out = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "threads": torch.get_num_threads(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}  # fmt: skip
     if args.task == "measure":
         out["outputs"] = outputs
     return out

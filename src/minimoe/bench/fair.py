@@ -6,7 +6,7 @@ transformers' many small multi-threaded kernels). The wait policy is read once, 
 runtime starts, so a fair comparison needs processes:
 
 1. choose: for each side, a short decode probe (batch 1, prompt 32) runs in a fresh process under
-   every setting (OMP_WAIT_POLICY PASSIVE / ACTIVE x 1 thread / every core); the fastest is kept;
+   every setting (OMP_WAIT_POLICY PASSIVE / ACTIVE / unset x 1 thread / every core); the fastest is kept;
 2. measure: each side runs the whole suite in its own process at its setting; the two sides take
    turns `rounds` times (process after process) and the median of each measurement is kept;
 3. check: transformers alone, in a process that imports only torch and transformers, loads the same
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-POLICIES = ("PASSIVE", "ACTIVE")
+POLICIES = ("PASSIVE", "ACTIVE", "unset")  # unset: the OpenMP runtime's default (libgomp: spin, then sleep)
 SIDES = ("minimoe", "hf")
 
 # transformers alone: nothing of minimoe is imported, only the saved HF model is loaded
@@ -59,7 +59,10 @@ def settings_to_try(cores: int | None = None) -> list[tuple[str, int]]:
 
 def omp_env(policy: str, threads: int) -> dict[str, str]:
     """This process's environment with the OpenMP wait policy and thread count of a setting."""
-    return {**os.environ, "OMP_WAIT_POLICY": policy, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_WAIT_POLICY": policy, "OMP_NUM_THREADS": str(threads)}
+    if policy == "unset":
+        del env["OMP_WAIT_POLICY"]
+    return env
 
 
 def run_worker(
@@ -195,7 +198,7 @@ def _worker(argv: list[str]) -> dict:
         fn = {subject.name: lambda: subject.decode(prompts, settings.new_tokens)}
         rate = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
         # what the process really ran under, so a caller can check the setting took effect
-        return {"decode_b1_tok_s": rate, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        return {"decode_b1_tok_s": rate, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                 "threads": torch.get_num_threads()}  # fmt: skip
     out: dict = {}
     prefix = "" if args.side == "minimoe" else "hf_"

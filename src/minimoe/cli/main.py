@@ -34,19 +34,33 @@ def _others_load(samples: int = 5, interval_s: float = 0.01) -> float:
     return float(sorted(counts)[len(counts) // 2])
 
 
-def wait_policy(others_load: float) -> str:
-    """OpenMP wait policy for a process about to use every core (torch's default thread count).
+def wait_policy(others_load: float, command: str = "") -> str | None:
+    """OpenMP wait policy for a process about to use every core (torch's default thread count); None
+    leaves it to the OpenMP runtime (libgomp: spin a while, then sleep).
 
     Spinning idle threads (ACTIVE) is faster while the cores are otherwise idle, and ruinous when other
     processes need them; sleeping (PASSIVE) costs a wake-up per parallel region. So spin only when the
-    others leave every core free (numbers in BENCHMARKS.md, "OpenMP wait policy").
+    others leave every core free (numbers in BENCHMARKS.md, "OpenMP wait policy"). `serve` on idle cores
+    gets the runtime's default instead of ACTIVE: a server waits between requests, and ACTIVE workers
+    would keep a core busy all that time, while the default's spin covers the gaps between the kernels
+    of one decode step (BENCHMARKS.md, "Against transformers' continuous batching").
     """
-    return "ACTIVE" if others_load < 0.5 else "PASSIVE"
+    if others_load >= 0.5:
+        return "PASSIVE"
+    return None if command == "serve" else "ACTIVE"
+
+
+def _command() -> str:
+    """The subcommand this process runs (`minimoe serve ...` -> "serve"), as far as argv shows it."""
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return args[0] if args else ""
 
 
 # Before torch loads OpenMP (it reads the policy once); a value the user set wins.
 if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = wait_policy(_others_load())
+    _policy = wait_policy(_others_load(), _command())
+    if _policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = _policy
 from minimoe.errors import MinimoeError, describe_os_error, one_line  # noqa: E402 - after the policy
 
 # name -> (module, one line, an example). `minimoe --help` reads only this table: a command's module

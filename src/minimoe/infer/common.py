@@ -4,6 +4,8 @@ the stats record, prompt fitting, per-row generators, padding masks and the deco
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,11 +49,52 @@ class GenerationStats:
         self.cache_bytes_used = max(self.cache_bytes_used, allocated * cache.pos // max(capacity, 1))
 
 
-# Below this many FLOPs per decode step, CPU decoding runs on one intra-op thread: a decoded token is
-# ~100 tiny kernels per layer, and with more threads every parallel kernel first wakes the sleeping
-# workers, which costs more than the extra cores save on memory-bound matrix-vector products (the
-# measurement is in BENCHMARKS.md). About 20 ms of single-core work: past it, the cores pay off.
+# Below this many FLOPs per decode step, CPU decoding under OMP_WAIT_POLICY=PASSIVE runs on one
+# intra-op thread: a decoded token is ~100 tiny kernels per layer, and with passive waiting every
+# parallel kernel first wakes the sleeping workers, which costs more than the extra cores save on
+# memory-bound matrix-vector products (the measurement is in BENCHMARKS.md). About 20 ms of
+# single-core work: past it, the cores pay off. Under a spinning policy (ACTIVE, or libgomp's default
+# of spinning a while before sleeping) the workers are awake between kernels and every step keeps the
+# caller's threads: measured equal at batch 1 and 1.2-1.4x faster at batch 32-64 on two cores.
 SINGLE_THREAD_DECODE_FLOPS = 1e9
+
+
+def passive_openmp() -> bool:
+    """Whether this process's OpenMP workers sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE),
+    so that waking them costs more than a small kernel."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def release_openmp_threads() -> bool:
+    """Let the calling thread's idle OpenMP workers go (libgomp's `omp_pause_resource_all`); True if it
+    did. Call it from a thread that is about to hand all tensor work to another thread (the serving
+    engine's worker): libgomp keeps one pool of workers per thread that ever ran a parallel region, and
+    while the caller's pool stays parked, the other thread's workers count as oversubscribed and barely
+    spin (or, under ACTIVE, the parked ones spin on a core forever): two-thread decode steps of a worker
+    thread measured 1.5-2x slower than the same steps on the main thread until the pool was released.
+    A later parallel region on the calling thread starts a new pool. Only libgomp (torch's CPU wheels
+    on Linux) is handled; elsewhere it does nothing."""
+    path = _loaded_libgomp()
+    if path is None:
+        return False
+    try:
+        lib = ctypes.CDLL(path)
+        return lib.omp_pause_resource_all(2) == 0  # 2: omp_pause_hard
+    except (OSError, AttributeError):
+        return False
+
+
+def _loaded_libgomp() -> str | None:
+    """The path of the libgomp this process has loaded, from /proc/self/maps (Linux), else None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip()
+                if "/libgomp" in path and ".so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def decode_flops(model, batch: int) -> float:
@@ -75,13 +118,18 @@ def decode_flops(model, batch: int) -> float:
 
 @contextlib.contextmanager
 def decode_threads(model, batch: int) -> Iterator[None]:
-    """One intra-op thread for one small CPU decode step; the old count comes back on exit.
+    """One intra-op thread for one small CPU decode step under passive OpenMP waiting (see
+    SINGLE_THREAD_DECODE_FLOPS); the old count comes back on exit.
 
     Enter it around a single forward pass, never across a `yield`: the thread count is process-wide,
     and a caller's code must not run with it changed."""
     saved = torch.get_num_threads()
-    small = decode_flops(model, batch) < SINGLE_THREAD_DECODE_FLOPS
-    if model.embed_tokens.weight.device.type != "cpu" or saved == 1 or not small:
+    if (
+        saved == 1
+        or not passive_openmp()
+        or model.embed_tokens.weight.device.type != "cpu"
+        or decode_flops(model, batch) >= SINGLE_THREAD_DECODE_FLOPS
+    ):
         yield
         return
     torch.set_num_threads(1)

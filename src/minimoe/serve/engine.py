@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.common import decode_threads, fit_prompt, make_generator
+from minimoe.infer.common import decode_threads, fit_prompt, make_generator, release_openmp_threads
 from minimoe.infer.sampling import SamplingParams, process_logits
 from minimoe.infer.slots import Prefill, SlotPool
 from minimoe.infer.speculative import choose_token, verify_draft
@@ -177,7 +177,11 @@ class Engine:
         return self._queued
 
     def start(self) -> None:
+        """Start the worker thread. The calling thread's idle OpenMP workers are let go first
+        (`release_openmp_threads`): from here on the worker runs the tensor work, and a parked pool
+        of the caller's would slow the worker's multi-threaded steps."""
         if self._thread is None:
+            release_openmp_threads()
             self._thread = threading.Thread(target=self._loop, name="minimoe-engine", daemon=True)
             self._thread.start()
 
