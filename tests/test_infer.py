@@ -58,6 +58,25 @@ PROMPTS = [[5, 17, 3], [60, 2, 2, 9, 41, 8, 77, 30, 12], [11], [90, 4, 4, 4, 4, 
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def prefill_together(pool, prompts, budget: int, tokens=None):
+    """Prefill every prompt at once in the pool's prefill rows (`budget` positions per step, so the
+    longer prompts take several chunks while the shorter ones finish first), then add them to the pool
+    in order. Returns each prompt's (V,) logits after its last token and, with `tokens` (one first
+    new token per prompt) and an MTP pool, each one's (V,) first draft logits."""
+    from minimoe.infer.slots import Prefill
+
+    pre = Prefill(pool)
+    rows = [pre.add(p) for p in prompts]
+    first = {}
+    while len(first) < len(rows):
+        first.update(pre.step(budget))
+    drafts = pre.first_draft(rows, tokens) if tokens is not None else None
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        assert pool.add(len(p), src=r) == pool.n - 1
+        pre.release(r)
+    return [first[r][0] for r in rows], drafts
+
+
 def collect(steps, n: int) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in range(n)]
     for step in steps:
@@ -187,20 +206,18 @@ def test_streaming_iterator_and_stats():
 def test_slot_pool_decode_equals_uncached_forward(attn_type):
     """The pooled decode step (rows of different lengths in one forward, per-row positions and masks,
     rows leaving and joining) against the plain uncached forward over each whole sequence."""
-    from minimoe.infer.slots import Prefill, SlotPool
+    from minimoe.infer.slots import SlotPool
 
     model = tiny_model(attn_type)
-    pool = SlotPool(model, slots=3)
-    assert pool.nbytes() == model.cache_bytes_per_token(torch.float64) * 64 * (3 + 1)
+    pool = SlotPool(model, slots=3, prefill_rows=4)
+    assert pool.nbytes() == model.cache_bytes_per_token(torch.float64) * 64 * (3 + 4)
     seqs = [list(p) for p in PROMPTS[:3]]
-    nxt = []
-    for i, p in enumerate(seqs):
-        pre = Prefill(pool, p)
-        logits = None
-        while logits is None:  # chunks of 2 tokens: the later chunks attend to the cached ones
-            logits = pre.step(2)
-        assert pool.add(len(p)) == i
-        nxt.append(int(logits.argmax()))
+    # 6 positions for 3 prompts: chunks of 2, padded where a prompt has fewer left; the later chunks
+    # attend to the cached ones, and the short prompts finish while the long one goes on
+    first, _ = prefill_together(pool, seqs, budget=6)
+    for p, logits in zip(seqs, first):
+        torch.testing.assert_close(logits, model(torch.tensor([p])).logits[0, -1])
+    nxt = [int(logits.argmax()) for logits in first]
     for step in range(6):
         if step == 2:  # row 0 leaves: the last row moves into its place
             pool.remove(0)
@@ -218,11 +235,11 @@ def test_slot_pool_decode_equals_uncached_forward(attn_type):
 def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
     """Pooled verify steps (two tokens per row, rows committing one or two of them) and the pooled MTP
     draft against the uncached main forward and the uncached MTP module over each whole sequence."""
-    from minimoe.infer.slots import Prefill, SlotPool
+    from minimoe.infer.slots import SlotPool
 
     model = tiny_model(attn_type)
     pool = SlotPool(model, slots=3, mtp=True)
-    assert pool.nbytes() > model.cache_bytes_per_token(torch.float64) * 64 * (3 + 1)  # + the MTP caches
+    assert pool.nbytes() > model.cache_bytes_per_token(torch.float64) * 64 * (3 + 8)  # + the MTP caches
 
     @torch.no_grad()
     def mtp_reference(committed: list[int], nxt: int) -> torch.Tensor:
@@ -234,17 +251,12 @@ def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
         return model.lm_head(h_normed[0, -1])
 
     seqs = [list(p) for p in PROMPTS[:3]]  # committed tokens (in the cache)
-    nxt, drafts = [], []
-    for i, p in enumerate(seqs):
-        pre = Prefill(pool, p)
-        logits = None
-        while logits is None:
-            logits = pre.step(3)  # chunks of 3: the MTP prefill spans chunks too
-        nxt.append(int(logits.argmax()))
-        d = pre.first_draft(nxt[-1])
-        torch.testing.assert_close(d[0], mtp_reference(p, nxt[-1]))
-        drafts.append(int(d.argmax()))
-        assert pool.add(len(p)) == i
+    # the first tokens come from the uncached model (the prefill logits are tested above)
+    nxt = [int(model(torch.tensor([p])).logits[0, -1].argmax()) for p in seqs]
+    _, d = prefill_together(pool, seqs, budget=6, tokens=nxt)  # chunks of 2: the MTP prefill spans chunks
+    for p, t, row in zip(seqs, nxt, d):
+        torch.testing.assert_close(row, mtp_reference(p, t))
+    drafts = d.argmax(-1).tolist()
     g = torch.Generator().manual_seed(0)
     for step in range(5):
         if step == 3:  # row 1 leaves: the last row moves into its place
@@ -277,18 +289,13 @@ def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
 
 def _static_run(model, decoder_for, steps: int = 6):
     """Decode three prompts in a 4-slot pool (row 0 leaving at step 2); the logits of every step."""
-    from minimoe.infer.slots import Prefill, SlotPool
+    from minimoe.infer.slots import SlotPool
 
     pool = SlotPool(model, slots=4)
     decoder = decoder_for(pool)
-    nxt, out = [], []
-    for p in PROMPTS[:3]:
-        pre = Prefill(pool, p)
-        logits = None
-        while logits is None:
-            logits = pre.step(4)
-        pool.add(len(p))
-        nxt.append(int(logits.argmax()))
+    out = []
+    first, _ = prefill_together(pool, PROMPTS[:3], budget=12)
+    nxt = [int(logits.argmax()) for logits in first]
     for step in range(steps):
         if step == 2:
             pool.remove(0)
@@ -394,18 +401,13 @@ def test_static_verify_and_draft_equal_the_pooled_ones(attn_type, seed):
     """Self-speculation's two calls at fixed shapes (`StaticDecode.forward` over [token, draft] per
     row, `StaticDecode.draft` through the MTP module) against the pool's own, on the same cache: logits,
     hidden states and draft logits equal, with rows accepting 2 or 1 tokens and a row leaving."""
-    from minimoe.infer.slots import Prefill, SlotPool
+    from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode
 
     model = tiny_model(attn_type, seed=seed)
     pool = SlotPool(model, slots=4, mtp=True)
     static = StaticDecode(pool, compile=False)
-    for p in PROMPTS[:3]:
-        pre = Prefill(pool, p)
-        while pre.step(4) is None:
-            pass
-        pre.first_draft(1)
-        pool.add(len(p))
+    prefill_together(pool, PROMPTS[:3], budget=12, tokens=[1, 1, 1])
     g = torch.Generator().manual_seed(seed)
     for step in range(4):
         if step == 2:

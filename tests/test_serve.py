@@ -839,6 +839,15 @@ def test_engine_batches_every_sequence_and_each_equals_alone(loaded):
     assert max(sizes) == len(specs) and sizes[0] < len(specs) and sizes[-1] < len(specs)
     assert len(sizes) < sum(p.max_tokens for _, p in specs) // 2
     assert engine.pool.n == 0 and engine.active_jobs == 0
+    # prompts are prefilled several to a forward, within the step's budget of positions (padding
+    # included), and the texts are still each prompt's own (above)
+    shapes = []
+    engine = Engine(model, tok, max_active=8, prefill_chunk=12, prefill_rows=3)
+    step = engine._prefill.step
+    engine._prefill.step = lambda budget: shapes.append((len(engine._prefilling), budget)) or step(budget)
+    together = _texts(_engine_run(engine, jobs()))
+    assert [together[i] for i in range(len(specs))] == alone
+    assert max(rows for rows, _ in shapes) == 3 and all(budget == 12 for _, budget in shapes)
     # a budget past the context stops at the context (the routes refuse such requests before this)
     full = Job(0, tok.encode("x" * (CONTEXT - 2)), JobParams(max_tokens=50, temperature=0), lambda e: None)
     (finish,) = [e for e in _engine_run(Engine(model, tok), [full]) if isinstance(e, Finish)]

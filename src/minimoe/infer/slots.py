@@ -7,8 +7,9 @@ pool and attention reads a slice of it, never a gathered copy. Rows have their o
 token of row i is written at position lengths[i], rotated by RoPE at that position, and attends to
 positions <= lengths[i] only, so every row computes what it would alone.
 
-A prompt is prefilled in a separate one-row cache, one chunk at a time (`Prefill`), then copied into
-the next free row (`SlotPool.add`), where it joins the decode batch.
+Prompts are prefilled in a separate cache of a few rows, several prompts per forward and a chunk of
+each per step (`Prefill`), then copied into the next free row (`SlotPool.add`), where they join the
+decode batch.
 
 For self-speculative decoding, `forward` feeds several tokens per row (the last one and a draft)
 without committing them, `draft` runs the MTP module over the same positions in its own pooled
@@ -23,18 +24,31 @@ from dataclasses import dataclass
 
 import torch
 
-from minimoe.infer.speculative import make_mtp_cache, mtp_step
+from minimoe.infer.speculative import make_mtp_cache
 from minimoe.model.attention import LayerCache
 from minimoe.model.transformer import KVCache
 
 
 class _Rows:
     """A LayerCache stand-in for the attention modules during a pooled step: it writes the T new
-    entries of row i at positions pos[i, :] and hands back rows [0, n) up to position S."""
+    entries of row rows[i] at positions pos[i, :] and hands back those rows up to position S (rows
+    [0, n) as a view; other rows, with `gather`, as a copy)."""
 
-    def __init__(self, layer: LayerCache, rows: torch.Tensor, pos: torch.Tensor, n: int, S: int) -> None:
-        self.layer, self.rows, self.pos, self.n, self.S = layer, rows, pos, n, S
-        self.buf = layer.buf[:n] if layer.buf is not None else None  # MLA reads [latent | rope key]
+    def __init__(
+        self, layer: LayerCache, rows: torch.Tensor, pos: torch.Tensor, n: int, S: int, gather: bool = False
+    ) -> None:
+        self.layer, self.rows, self.pos, self.n, self.S, self.gather = layer, rows, pos, n, S, gather
+
+    def _read(self, t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, self.rows[:, 0])[:, : self.S] if self.gather else t[: self.n, : self.S]
+
+    @property
+    def buf(self) -> torch.Tensor | None:
+        """MLA's joint [latent | rope key] of the rows (read after `update`)."""
+        L = self.layer
+        if L.buf is None:
+            return None
+        return L.buf.index_select(0, self.rows[:, 0]) if self.gather else L.buf[: self.n]
 
     def update(self, a: torch.Tensor, b: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """a, b: (n, T, ...) T new entries per row."""
@@ -46,12 +60,12 @@ class _Rows:
         else:
             L.a[self.rows, self.pos] = a.to(L.a.dtype)  # rows (n, 1), pos (n, T)
             L.b[self.rows, self.pos] = b.to(L.b.dtype)
-        return L.a[: self.n, : self.S], L.b[: self.n, : self.S]
+        return self._read(L.a), self._read(L.b)
 
 
 @dataclass
 class _Step:
-    """What one pooled step over T new tokens per occupied row (n rows) needs, for every layer."""
+    """What one pooled step over T new tokens per row (n rows) needs, for every layer."""
 
     pos: torch.Tensor  # (n, T) positions of the new entries
     cos: torch.Tensor  # (n, T, d/2) RoPE at those positions
@@ -59,13 +73,37 @@ class _Step:
     mask: torch.Tensor  # (n, 1, T, S): query t of row i sees positions <= lengths[i] + t
     rows: torch.Tensor  # (n, 1) row indices
     S: int  # positions attended: the longest row's length + T
+    gather: bool = False  # rows are not [0, n)
 
     @property
     def start(self) -> int:
         return self.S - self.pos.shape[1]
 
     def cache(self, layer: LayerCache) -> _Rows:
-        return _Rows(layer, self.rows, self.pos, self.rows.shape[0], self.S)
+        return _Rows(layer, self.rows, self.pos, self.rows.shape[0], self.S, self.gather)
+
+
+def _step_at(
+    model, lengths: Sequence[int], T: int, device, limit: int, rows: Sequence[int] | None = None
+) -> _Step:
+    """Where T new tokens per row go: row i's at positions lengths[i] + t (rows [0, n) by default), in
+    a cache of `limit` positions. Positions past the last one are clamped to it: only padding entries
+    reach them (a real token always has a position), and no real query attends to them."""
+    last = limit - 1
+    pos = torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
+    pos = pos.clamp(max=last)
+    S = min(max(lengths) + T, last + 1)
+    mask = torch.arange(S, device=device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
+    index = torch.arange(len(lengths), device=device) if rows is None else torch.tensor(rows, device=device)
+    return _Step(
+        pos=pos,
+        cos=model.rope_cos[pos],  # (n, T, d/2)
+        sin=model.rope_sin[pos],
+        mask=mask[:, None],  # (n, 1, T, S) as padding_causal_mask gives it
+        rows=index[:, None],  # (n, 1)
+        S=S,
+        gather=rows is not None and list(rows) != list(range(len(rows))),
+    )
 
 
 class SlotPool:
@@ -80,15 +118,18 @@ class SlotPool:
         slots: the most sequences decoded at once.
         max_len: positions per row (default: the model's context).
         mtp: also keep MTP module 0's cache (the model must have one).
+        prefill_rows: prompts prefilled at once (`Prefill`), each in a row of its own.
     """
 
-    def __init__(self, model, slots: int, max_len: int | None = None, mtp: bool = False) -> None:
+    def __init__(
+        self, model, slots: int, max_len: int | None = None, mtp: bool = False, prefill_rows: int = 8
+    ) -> None:
         self.model = model
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.cache = model.make_cache(slots, self.max_len)
-        self.scratch = model.make_cache(1, self.max_len)  # where prompts are prefilled
+        self.scratch = model.make_cache(prefill_rows, self.max_len)  # where prompts are prefilled
         self.mtp_cache = make_mtp_cache(model, slots, self.max_len) if mtp else None
-        self.mtp_scratch = make_mtp_cache(model, 1, self.max_len) if mtp else None
+        self.mtp_scratch = make_mtp_cache(model, prefill_rows, self.max_len) if mtp else None
         self.lengths: list[int] = []  # tokens held by each occupied row, rows [0, n)
 
     @property
@@ -106,17 +147,17 @@ class SlotPool:
         return pairs
 
     def nbytes(self) -> int:
-        """Bytes of every cache row and of the prefill row (MTP caches included)."""
+        """Bytes of every cache row and of the prefill rows (MTP caches included)."""
         return sum(a.nbytes() + b.nbytes() for a, b in self._caches())
 
-    def add(self, length: int) -> int:
-        """Copy the prefill row's first `length` positions into the next free row; its index."""
+    def add(self, length: int, src: int = 0) -> int:
+        """Copy prefill row `src`'s first `length` positions into the next free row; its index."""
         row = self.n
         if row >= self.slots:
             raise RuntimeError("every cache slot is taken")
         for cache, scratch in self._caches():
-            for dst, src in zip(cache.layers, scratch.layers):
-                _copy_row(dst, row, src, 0, length)
+            for dst, from_ in zip(cache.layers, scratch.layers):
+                _copy_row(dst, row, from_, src, length)
         self.lengths.append(length)
         return row
 
@@ -132,18 +173,7 @@ class SlotPool:
 
     def _step(self, T: int, device) -> _Step:
         """Where T new tokens per occupied row go: row i's at positions lengths[i] + t."""
-        n, model = self.n, self.model
-        pos = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
-        S = max(self.lengths) + T
-        mask = torch.arange(S, device=device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
-        return _Step(
-            pos=pos,
-            cos=model.rope_cos[pos],  # (n, T, d/2)
-            sin=model.rope_sin[pos],
-            mask=mask[:, None],  # (n, 1, T, S) as padding_causal_mask gives it
-            rows=torch.arange(n, device=device)[:, None],  # (n, 1)
-            S=S,
-        )
+        return _step_at(self.model, self.lengths, T, device, self.max_len)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,48 +240,94 @@ def _copy_row(dst: LayerCache, i: int, src: LayerCache, j: int, length: int) -> 
 
 
 class Prefill:
-    """A prompt fed through the pool's prefill row a chunk at a time.
+    """Prompts prefilled together in the pool's prefill rows, one forward per step, before they join
+    the decode batch.
 
-    `step(budget)` runs up to `budget` more prompt tokens; it returns the (1, V) logits after the
-    last prompt token once the prompt is done (then `SlotPool.add(len(ids))` takes the row over),
-    else None. Only one Prefill may use a pool at a time.
+    `add(ids)` gives a prompt a free prefill row. `step(budget)` feeds every row its next chunk in one
+    forward over [rows, T] tokens at the rows' own positions (as `SlotPool.forward` feeds decode rows):
+    T is at most budget // rows, so a step costs at most `budget` token positions, padding included,
+    and a long prompt takes several steps. It returns, by row, the (1, V) logits after the last token
+    of each prompt that is now complete; `SlotPool.add(len(ids), src=row)` then copies the row into
+    the decode batch and `release(row)` frees it. With an MTP pool, the MTP module's cache is filled
+    over the same positions (position j with token j + 1), and `first_draft` drafts each finished
+    prompt's token after its first new one. Only one Prefill may use a pool at a time.
     """
 
-    def __init__(self, pool: SlotPool, ids: Sequence[int]) -> None:
-        self.pool, self.ids = pool, list(ids)
-        self.done = 0
-        self._last_hidden: torch.Tensor | None = None  # (1, 1, D) at the last prompt position
-        pool.scratch.pos = 0
-        if pool.mtp_scratch is not None:
-            pool.mtp_scratch.pos = 0
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+        self.rows = pool.scratch.layers[0].a.shape[0]
+        self.ids: dict[int, list[int]] = {}  # row -> its prompt
+        self.done: dict[int, int] = {}  # row -> tokens already fed
+        self._last_hidden: dict[int, torch.Tensor] = {}  # finished row -> (D,) at its last prompt token
 
     @property
-    def left(self) -> int:
-        return len(self.ids) - self.done
+    def free(self) -> int:
+        return self.rows - len(self.ids)
+
+    def add(self, ids: Sequence[int]) -> int:
+        """Take a free row for the prompt `ids` (non-empty); its row."""
+        row = next(r for r in range(self.rows) if r not in self.ids)
+        self.ids[row], self.done[row] = list(ids), 0
+        return row
+
+    def release(self, row: int) -> None:
+        self.ids.pop(row, None)
+        self.done.pop(row, None)
+        self._last_hidden.pop(row, None)
+
+    def left(self, row: int) -> int:
+        return len(self.ids[row]) - self.done[row]
 
     @torch.no_grad()
-    def step(self, budget: int) -> torch.Tensor | None:
-        model, cache = self.pool.model, self.pool.scratch
-        chunk = self.ids[self.done : self.done + max(budget, 1)]
-        x = torch.tensor([chunk], device=model.embed_tokens.weight.device)
-        out = model(x, cache=cache, num_logits_to_keep=1)
-        mtp = self.pool.mtp_scratch
-        if mtp is not None:
-            # MTP position j needs token j + 1: every chunk position but the prompt's last has it now
-            start, P = self.done, len(self.ids)
-            k = min(start + len(chunk), P - 1) - start
-            if k > 0:
-                next_ids = torch.tensor([self.ids[start + 1 : start + 1 + k]], device=x.device)
-                mtp_step(model, mtp, out.hidden[:, :k], next_ids)
-            self._last_hidden = out.hidden[:, -1:]
-        self.done += len(chunk)
-        return out.logits[:, -1] if self.left == 0 else None  # (1, V)
+    def step(self, budget: int) -> dict[int, torch.Tensor]:
+        pool, model = self.pool, self.pool.model
+        rows = sorted(r for r in self.ids if self.left(r) > 0)
+        if not rows:
+            return {}
+        device = model.embed_tokens.weight.device
+        T = max(1, min(max(self.left(r) for r in rows), budget // len(rows)))
+        takes = [min(self.left(r), T) for r in rows]
+        chunks = [self.ids[r][self.done[r] : self.done[r] + k] + [0] * (T - k) for r, k in zip(rows, takes)]
+        tokens = torch.tensor(chunks, device=device)  # (k, T), padded
+        step = _step_at(model, [self.done[r] for r in rows], T, device, pool.max_len, rows)
+        x = model.embed_tokens(tokens)
+        for block, layer in zip(model.layers, pool.scratch.layers):
+            x, _ = block(x, step.cos, step.sin, step.cache(layer), step.start, step.mask)
+        if pool.mtp_scratch is not None:
+            # MTP position j needs token j + 1: the prompt has it for every position but its last (that
+            # one is written by first_draft, with the first new token); padding writes are masked
+            nxt = [self.ids[r][self.done[r] + 1 : self.done[r] + 1 + T] for r in rows]
+            next_ids = torch.tensor([n + [0] * (T - len(n)) for n in nxt], device=device)
+            model.mtp[0](
+                x, model.embed_tokens(next_ids), step.cos, step.sin,
+                step.cache(pool.mtp_scratch.layers[0]), step.start, step.mask,
+            )  # fmt: skip
+        finished = []
+        for i, (r, k) in enumerate(zip(rows, takes)):
+            self.done[r] += k
+            if self.left(r) == 0:
+                finished.append((i, r))
+        if not finished:
+            return {}
+        index = torch.tensor([i for i, _ in finished], device=device)
+        last = torch.tensor([takes[i] - 1 for i, _ in finished], device=device)
+        hidden = x[index, last]  # (f, D) at each finished prompt's last token
+        logits = model.lm_head(model.norm(hidden))  # (f, V)
+        out = {}
+        for j, (_, r) in enumerate(finished):
+            out[r] = logits[j : j + 1]
+            self._last_hidden[r] = hidden[j]
+        return out
 
     @torch.no_grad()
-    def first_draft(self, token: int) -> torch.Tensor:
-        """With an MTP pool, after the last chunk: feed the prompt's last position and the first new
-        `token` to the MTP module; returns (1, V) draft logits for the token after it."""
-        device = self._last_hidden.device
-        return mtp_step(
-            self.pool.model, self.pool.mtp_scratch, self._last_hidden, torch.tensor([[token]], device=device)
-        )
+    def first_draft(self, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """With an MTP pool, for prompts `step` just finished: feed each one's last position and its
+        first new token to the MTP module; (len(rows), V) draft logits for the token after it."""
+        pool, model = self.pool, self.pool.model
+        device = model.embed_tokens.weight.device
+        hidden = torch.stack([self._last_hidden[r] for r in rows])[:, None]  # (f, 1, D)
+        step = _step_at(model, [len(self.ids[r]) - 1 for r in rows], 1, device, pool.max_len, rows)
+        emb = model.embed_tokens(torch.tensor(list(tokens), device=device)[:, None])  # (f, 1, D)
+        cache = step.cache(pool.mtp_scratch.layers[0])
+        _, h_normed, _ = model.mtp[0](hidden, emb, step.cos, step.sin, cache, step.start, step.mask)
+        return model.lm_head(h_normed[:, -1])  # (f, V)

@@ -190,8 +190,10 @@ def static_greedy(static: StaticDecode, prompts: list[list[int]], new_tokens: in
         raise ValueError("the pool must be empty and hold every prompt and its new tokens")
     first = []
     for ids in prompts:
-        logits = Prefill(pool, ids).step(len(ids))  # (1, V)
-        pool.add(len(ids))
+        prefill = Prefill(pool)
+        row = prefill.add(ids)
+        logits = prefill.step(len(ids))[row]  # (1, V)
+        pool.add(len(ids), src=row)
         first.append(logits.argmax(-1))
     tokens = [torch.cat(first)]  # each (n,)
     for _ in range(new_tokens - 1):

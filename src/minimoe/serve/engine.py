@@ -3,8 +3,9 @@
 Every choice of every request is a `Job`: a prompt, sampling parameters, the client it came from and
 a callback that the worker calls with `Delta`, `Finish` or `Failure` events. Each step the worker
 1. drops cancelled jobs (a client that went away) from the queue, the prefill and the batch;
-2. prefills waiting prompts, `prefill_chunk` tokens per step at most, so a long prompt delays the
-   running sequences by one chunk per step rather than by its whole length;
+2. prefills waiting prompts, several in one forward (`minimoe.infer.slots.Prefill`), `prefill_chunk`
+   token positions per step at most, so a long prompt delays the running sequences by one chunk per
+   step rather than by its whole length;
 3. advances every running sequence by one token in one forward pass over the slot pool
    (`minimoe.infer.slots`): continuous batching, where sequences join after their prefill and leave
    as soon as they finish, with no waiting for the batch to drain.
@@ -122,9 +123,10 @@ class Engine:
         model: a Transformer in eval mode (only the worker calls it).
         tokenizer: the run's Tokenizer (decode, eos_id).
         max_active: cache slots: sequences decoded at once (each holds a context-sized cache row).
+        prefill_rows: prompts prefilled at once (each holds a context-sized cache row too).
         max_queued: jobs that may wait for a slot; more are refused with QueueFull.
         max_queued_per_client: of those, the most from one client (default: half of max_queued).
-        prefill_chunk: prompt tokens prefilled per step at most.
+        prefill_chunk: prompt token positions prefilled per step at most (padding included).
         speculative: decode self-speculatively with the model's first MTP module (see above).
         compile: decode with the fixed-shape step compiled by torch.compile
             (`minimoe.infer.static.StaticDecode`; the first step compiles, or call `warm_up`).
@@ -140,6 +142,7 @@ class Engine:
         prefill_chunk: int = 256,
         speculative: bool = False,
         compile: bool = False,
+        prefill_rows: int = 8,
     ) -> None:
         if speculative and not len(model.mtp):
             raise MinimoeError(
@@ -148,7 +151,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.speculative = speculative
-        self.pool = SlotPool(model, max_active, mtp=speculative)
+        self.pool = SlotPool(model, max_active, mtp=speculative, prefill_rows=prefill_rows)
         self.static = StaticDecode(self.pool) if compile else None
         self.max_queued = max_queued
         self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
@@ -160,7 +163,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._running: list[_Seq] = []  # row i of the pool is _running[i]
-        self._prefill: tuple[_Seq, Prefill] | None = None
+        self._prefill = Prefill(self.pool)
+        self._prefilling: dict[int, _Seq] = {}  # prefill row -> its sequence
         self.generated_tokens = 0  # since start, over all jobs (written by the worker only)
         self.steps = 0
         self.drafted = 0  # speculative: drafts verified ...
@@ -170,7 +174,7 @@ class Engine:
 
     @property
     def active_jobs(self) -> int:
-        return len(self._running) + (self._prefill is not None)
+        return len(self._running) + len(self._prefilling)
 
     @property
     def queued_jobs(self) -> int:
@@ -243,7 +247,7 @@ class Engine:
             with torch.no_grad():
                 while not self._stopping:
                     self._wake.clear()
-                    if not self._running and self._prefill is None and not self._queued:
+                    if not self._running and not self._prefilling and not self._queued:
                         self._wake.wait(0.5)
                         continue
                     try:
@@ -255,37 +259,21 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        budget = self.prefill_chunk
-        while budget > 0 and not self._stopping:
-            if self._prefill is None and not self._begin_prefill():
-                break
-            seq, pre = self._prefill
-            left = pre.left
-            try:
-                logits = pre.step(budget)
-            except Exception as e:  # noqa: BLE001 - one request failing must not stop the worker
-                self._prefill = None
-                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
-                continue
-            budget -= min(left, budget)
-            if logits is not None:
-                self._prefill = None
-                token = self._pick(logits, [seq])[0]
-                if not self._emit(seq, token):
-                    if self.speculative:
-                        self._set_drafts(pre.first_draft(token), [seq])
-                    self.pool.add(len(pre.ids))
-                    self._running.append(seq)
+        self._admit()
+        if self._prefilling and not self._stopping:
+            self._prefill_step()
         if self._running and not self._stopping:
             self._decode_speculative() if self.speculative else self._decode()
         self.steps += 1
 
-    def _begin_prefill(self) -> bool:
-        """Take the next waiting job (clients in turn) into the prefill row, if a slot is free."""
-        while self.pool.n < self.pool.slots:
+    def _admit(self) -> None:
+        """Waiting jobs (clients in turn) take free prefill rows while decode slots remain for them;
+        at most `prefill_chunk` rows, so a step's prefill stays within its budget."""
+        rows = min(self._prefill.rows, self.prefill_chunk)
+        while len(self._prefilling) < rows and self.pool.n + len(self._prefilling) < self.pool.slots:
             job = self._next_job()
             if job is None:
-                return False
+                return
             if job.params.max_tokens == 0:
                 _post(job, Finish(job.index, "length", 0, ""))
                 continue
@@ -294,9 +282,28 @@ class Engine:
             gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
             ids = fit_prompt(job.prompt_ids, self.pool.max_len)
             seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids))
-            self._prefill = (seq, Prefill(self.pool, ids))
-            return True
-        return False
+            self._prefilling[self._prefill.add(ids)] = seq
+
+    def _prefill_step(self) -> None:
+        """One prefill forward over every prefilling prompt; the complete ones pick their first token
+        and join the decode batch."""
+        try:
+            finished = self._prefill.step(self.prefill_chunk)
+            rows = sorted(finished)
+            seqs = [self._prefilling[r] for r in rows]
+            tokens = self._pick(torch.cat([finished[r] for r in rows]), seqs) if rows else []
+            drafts = self._prefill.first_draft(rows, tokens) if rows and self.speculative else None
+        except Exception as e:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
+            self._fail_prefill(f"generation failed: {type(e).__name__}: {e}", 500)
+            return
+        for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
+            del self._prefilling[row]
+            if not self._emit(seq, token):
+                if drafts is not None:
+                    self._set_drafts(drafts[i : i + 1], [seq])
+                self.pool.add(seq.prompt_len, src=row)
+                self._running.append(seq)
+            self._prefill.release(row)
 
     def _next_job(self) -> Job | None:
         with self._lock:
@@ -444,8 +451,10 @@ class Engine:
         for i in reversed(range(len(self._running))):
             if self._running[i].job.cancelled.is_set():
                 self._remove(i)
-        if self._prefill is not None and self._prefill[0].job.cancelled.is_set():
-            self._prefill = None
+        for row, seq in list(self._prefilling.items()):
+            if seq.job.cancelled.is_set():
+                del self._prefilling[row]
+                self._prefill.release(row)
         with self._lock:
             for client in list(self._queues):
                 jobs = self._queues[client]
@@ -456,25 +465,27 @@ class Engine:
                 else:
                     del self._queues[client]
 
+    def _fail_prefill(self, message: str, status: int) -> None:
+        """Fail the prefilling prompts and free their rows."""
+        for row, seq in self._prefilling.items():
+            self._prefill.release(row)
+            _post(seq.job, Failure(seq.job.index, message, status))
+        self._prefilling = {}
+
     def _fail_current(self, message: str, status: int) -> None:
-        """Fail the running sequences and the prefill (the queue stays)."""
-        jobs = [s.job for s in self._running] + ([self._prefill[0].job] if self._prefill else [])
-        self._running, self._prefill = [], None
+        """Fail the running sequences and the prefilling ones (the queue stays)."""
+        running, self._running = self._running, []
         self.pool.lengths = []
-        for job in jobs:
-            _post(job, Failure(job.index, message, status))
+        for seq in running:
+            _post(seq.job, Failure(seq.job.index, message, status))
+        self._fail_prefill(message, status)
 
     def _fail_all(self, message: str, status: int) -> None:
-        jobs = [s.job for s in self._running]
-        if self._prefill is not None:
-            jobs.append(self._prefill[0].job)
         with self._lock:
-            for q in self._queues.values():
-                jobs.extend(q)
+            jobs = [job for q in self._queues.values() for job in q]
             self._queues.clear()
             self._queued = 0
-        self._running, self._prefill = [], None
-        self.pool.lengths = []
+        self._fail_current(message, status)
         for job in jobs:
             _post(job, Failure(job.index, message, status))
 
