@@ -351,6 +351,13 @@ def test_hand_computed_losses():
     assert stats.load.tolist() == [2.0, 1.0, 1.0]
     torch.testing.assert_close(stats.aux_loss, torch.tensor(0.10125 + 0.012, dtype=torch.float64))
     torch.testing.assert_close(stats.z_loss, torch.tensor(0.015, dtype=torch.float64))
+    # without gradients (evaluation, decoding) the training-only terms are not computed; routing is not
+    # touched by that
+    with torch.no_grad():
+        y_ng, stats_ng = moe(logits.view(2, 2, 3))
+    assert stats_ng.aux_loss.item() == 0.0 and stats_ng.z_loss.item() == 0.0
+    assert stats_ng.load.tolist() == [2.0, 1.0, 1.0]
+    torch.testing.assert_close(y_ng, moe(logits.view(2, 2, 3))[0].detach())
 
     # sigmoid: P uses s / sum(s): s = [0.9, 0.3, 0.3] -> [0.6, 0.2, 0.2]; f = 3/1 * [1, 0, 0]
     s = torch.tensor([[0.9, 0.3, 0.3]], dtype=torch.float64)

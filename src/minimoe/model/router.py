@@ -241,13 +241,16 @@ class Router(nn.Module):
 
             zero = logits_TE.new_zeros(())
             aux = zero
-            if cfg.aux_loss_alpha > 0:
+            # the balance and z losses are training terms: without gradients (evaluation reports the
+            # cross-entropy; decoding) they are zero rather than a dozen small kernels per layer
+            train = torch.is_grad_enabled()
+            if train and cfg.aux_loss_alpha > 0:
                 aux = aux + load_balance_loss(scores_TE, topk_idx_TK, cfg.aux_loss_alpha)
-            if cfg.seq_aux_loss_alpha > 0:
+            if train and cfg.seq_aux_loss_alpha > 0:
                 aux = aux + seq_load_balance_loss(
                     scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), cfg.seq_aux_loss_alpha
                 )
-            z = router_z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
+            z = router_z_loss(logits_TE, cfg.z_loss_coef) if train and cfg.z_loss_coef > 0 else zero
             return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
 
     @torch.no_grad()
