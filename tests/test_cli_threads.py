@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from minimoe.cli.main import wait_policy
+from minimoe.cli.main import _command, wait_policy
 
 PROBE = "import os, minimoe.cli.main; print(os.environ['OMP_WAIT_POLICY'])"
 
@@ -29,6 +29,13 @@ def test_wait_policy_rule():
     assert wait_policy(0.0, "serve") is None
     assert wait_policy(1.0, "serve") == "PASSIVE"
     assert wait_policy(0.0, "train") == "ACTIVE"
+
+
+def test_the_command_is_read_from_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["minimoe", "--debug", "serve", "runs/x", "--port", "8000"])
+    assert _command() == "serve"
+    monkeypatch.setattr(sys, "argv", ["minimoe"])
+    assert _command() == ""
 
 
 def test_user_value_wins_and_a_busy_machine_gets_passive():
