@@ -214,7 +214,13 @@ def test_slot_pool_decode_equals_uncached_forward(attn_type):
     seqs = [list(p) for p in PROMPTS[:3]]
     # 6 positions for 3 prompts: chunks of 2, padded where a prompt has fewer left; the later chunks
     # attend to the cached ones, and the short prompts finish while the long one goes on
-    first, _ = prefill_together(pool, seqs, budget=6)
+    shapes = []  # every prefill forward's (rows, T): within the budget of 6 positions, padding included
+    hook = model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        first, _ = prefill_together(pool, seqs, budget=6)
+    finally:
+        hook.remove()
+    assert shapes[0] == (3, 2) and all(rows * T <= 6 for rows, T in shapes)
     for p, logits in zip(seqs, first):
         torch.testing.assert_close(logits, model(torch.tensor([p])).logits[0, -1])
     nxt = [int(logits.argmax()) for logits in first]
@@ -232,14 +238,43 @@ def test_slot_pool_decode_equals_uncached_forward(attn_type):
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_prefill_pads_past_the_last_position_and_a_prompt_joins_midway(attn_type):
+    """A prompt of max_len - 1 tokens prefilled beside one that joins later: the second step's chunk
+    is as long as the newcomer's, so the long prompt's padding runs past the cache's last position
+    (clamped, masked); both prompts' logits equal the uncached forward. Prompts that leave no room for
+    a new token, and a full set of rows, are refused."""
+    from minimoe.infer.slots import Prefill, SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=2, max_len=16, prefill_rows=2)
+    g = torch.Generator().manual_seed(3)
+    a, c = (torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (15, 10))
+    pre = Prefill(pool)
+    ra = pre.add(a)
+    assert pre.step(10) == {}  # a: 10 of 15 tokens
+    rc = pre.add(c)
+    out = pre.step(20)  # T = 10: a takes its last 5 at positions 10-14, padding reaches 19 (> 15)
+    assert set(out) == {ra, rc}
+    for ids, row in ((a, ra), (c, rc)):
+        torch.testing.assert_close(out[row][0], model(torch.tensor([ids])).logits[0, -1])
+    with pytest.raises(RuntimeError, match="every prefill row"):
+        pre.add([1])
+    pre.release(ra)
+    with pytest.raises(ValueError, match="1 to 15 tokens"):
+        pre.add(list(range(16)))
+    with pytest.raises(ValueError, match="1 to 15 tokens"):
+        pre.add([])
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
     """Pooled verify steps (two tokens per row, rows committing one or two of them) and the pooled MTP
     draft against the uncached main forward and the uncached MTP module over each whole sequence."""
     from minimoe.infer.slots import SlotPool
 
     model = tiny_model(attn_type)
-    pool = SlotPool(model, slots=3, mtp=True)
-    assert pool.nbytes() > model.cache_bytes_per_token(torch.float64) * 64 * (3 + 8)  # + the MTP caches
+    pool = SlotPool(model, slots=3, mtp=True, prefill_rows=3)
+    assert pool.nbytes() > model.cache_bytes_per_token(torch.float64) * 64 * (3 + 3)  # + the MTP caches
 
     @torch.no_grad()
     def mtp_reference(committed: list[int], nxt: int) -> torch.Tensor:
@@ -291,7 +326,7 @@ def _static_run(model, decoder_for, steps: int = 6):
     """Decode three prompts in a 4-slot pool (row 0 leaving at step 2); the logits of every step."""
     from minimoe.infer.slots import SlotPool
 
-    pool = SlotPool(model, slots=4)
+    pool = SlotPool(model, slots=4, prefill_rows=3)
     decoder = decoder_for(pool)
     out = []
     first, _ = prefill_together(pool, PROMPTS[:3], budget=12)
@@ -405,7 +440,7 @@ def test_static_verify_and_draft_equal_the_pooled_ones(attn_type, seed):
     from minimoe.infer.static import StaticDecode
 
     model = tiny_model(attn_type, seed=seed)
-    pool = SlotPool(model, slots=4, mtp=True)
+    pool = SlotPool(model, slots=4, mtp=True, prefill_rows=3)
     static = StaticDecode(pool, compile=False)
     prefill_together(pool, PROMPTS[:3], budget=12, tokens=[1, 1, 1])
     g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ from minimoe.data.chat_template import PLAIN_CHAT_TEMPLATE, make_renderer, rende
 from minimoe.errors import MinimoeError
 from minimoe.infer.generate import generate_text
 from minimoe.infer.text import TextStream, partial_stop_len
-from minimoe.serve.engine import Delta, Engine, Finish, Job, JobParams
+from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams
 from minimoe.train.checkpoint import load_run
 from minimoe.train.run import train_from_config
 
@@ -1029,3 +1029,52 @@ def test_engine_start_lets_the_callers_openmp_workers_go(loaded, monkeypatch):
     engine.start()  # already running: nothing more
     engine.close()
     assert calls == [threading.get_ident()]
+
+
+def test_engine_frees_prefill_rows_on_cancellation_and_on_a_failed_join(loaded):
+    """A prompt cancelled while it is being prefilled gives its row back at the next step; a prompt
+    whose join fails after its prefill gets one Failure and its row back, and the others finish.
+    Prefill rows are never more than the decode slots."""
+    model, tok = loaded
+    assert Engine(model, tok, max_active=1)._prefill.rows == 1
+    params = JobParams(max_tokens=3, temperature=0)
+    engine = Engine(model, tok, max_active=4, prefill_chunk=4, prefill_rows=2)
+    jobs = [Job(i, tok.encode("a dog ran to the red ball"), params, lambda e: None) for i in range(2)]
+    engine.submit(jobs)
+    with torch.no_grad():
+        engine._step()  # both admitted, 2 of their tokens prefilled each
+        assert len(engine._prefilling) == 2 and engine._prefill.free == 0
+        jobs[0].cancelled.set()
+        engine._step()
+        assert len(engine._prefilling) == 1 and engine._prefill.free == 1
+    engine.close()
+
+    engine = Engine(model, tok, max_active=4, prefill_chunk=8, prefill_rows=4)
+    add = engine.pool.add
+    calls = []
+
+    def fail_once(length, src=0):
+        calls.append(src)
+        if len(calls) == 1:
+            raise RuntimeError("no room")
+        return add(length, src)
+
+    engine.pool.add = fail_once
+    events = []
+    done = threading.Event()
+
+    def post(e):
+        events.append(e)
+        if sum(isinstance(x, (Finish, Failure)) for x in events) == 4:
+            done.set()
+
+    engine.submit([Job(i, tok.encode("the cat"), params, post, client=str(i)) for i in range(4)])
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.close()
+    failures = [e for e in events if isinstance(e, Failure)]
+    assert len(failures) == 1 and "no room" in failures[0].message
+    assert sum(isinstance(e, Finish) for e in events) == 3
+    assert engine._prefill.free == engine._prefill.rows and not engine._prefilling

@@ -85,16 +85,18 @@ def release_openmp_threads() -> bool:
 
 
 def _loaded_libgomp() -> str | None:
-    """The path of the libgomp this process has loaded, from /proc/self/maps (Linux), else None."""
+    """The path of the libgomp this process has loaded, from /proc/self/maps (Linux), else None;
+    torch's own copy when there are several (the one its kernels run on)."""
+    found = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
                 path = line.split(maxsplit=5)[-1].strip()
-                if "/libgomp" in path and ".so" in path:
-                    return path
+                if "/libgomp" in path and ".so" in path and path not in found:
+                    found.append(path)
     except OSError:
-        pass
-    return None
+        return None
+    return next((p for p in found if "/torch/" in p), found[0] if found else None)
 
 
 def decode_flops(model, batch: int) -> float:

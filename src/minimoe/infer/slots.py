@@ -40,7 +40,8 @@ class _Rows:
         self.layer, self.rows, self.pos, self.n, self.S, self.gather = layer, rows, pos, n, S, gather
 
     def _read(self, t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(0, self.rows[:, 0])[:, : self.S] if self.gather else t[: self.n, : self.S]
+        """Rows' first S positions (a gather copies those only, not the whole context)."""
+        return t[:, : self.S].index_select(0, self.rows[:, 0]) if self.gather else t[: self.n, : self.S]
 
     @property
     def buf(self) -> torch.Tensor | None:
@@ -48,7 +49,7 @@ class _Rows:
         L = self.layer
         if L.buf is None:
             return None
-        return L.buf.index_select(0, self.rows[:, 0]) if self.gather else L.buf[: self.n]
+        return self._read(L.buf)
 
     def update(self, a: torch.Tensor, b: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """a, b: (n, T, ...) T new entries per row."""
@@ -118,11 +119,12 @@ class SlotPool:
         slots: the most sequences decoded at once.
         max_len: positions per row (default: the model's context).
         mtp: also keep MTP module 0's cache (the model must have one).
-        prefill_rows: prompts prefilled at once (`Prefill`), each in a row of its own.
+        prefill_rows: prompts prefilled at once (`Prefill`), each in a row of its own (the serving
+            engine uses up to 8).
     """
 
     def __init__(
-        self, model, slots: int, max_len: int | None = None, mtp: bool = False, prefill_rows: int = 8
+        self, model, slots: int, max_len: int | None = None, mtp: bool = False, prefill_rows: int = 1
     ) -> None:
         self.model = model
         self.max_len = max_len or model.cfg.max_position_embeddings
@@ -245,8 +247,8 @@ class Prefill:
 
     `add(ids)` gives a prompt a free prefill row. `step(budget)` feeds every row its next chunk in one
     forward over [rows, T] tokens at the rows' own positions (as `SlotPool.forward` feeds decode rows):
-    T is at most budget // rows, so a step costs at most `budget` token positions, padding included,
-    and a long prompt takes several steps. It returns, by row, the (1, V) logits after the last token
+    T is at most budget // rows (and at least 1), so a step costs at most `budget` token positions (or
+    one per row), padding included, and a long prompt takes several steps. It returns, by row, the (1, V) logits after the last token
     of each prompt that is now complete; `SlotPool.add(len(ids), src=row)` then copies the row into
     the decode batch and `release(row)` frees it. With an MTP pool, the MTP module's cache is filled
     over the same positions (position j with token j + 1), and `first_draft` drafts each finished
@@ -265,8 +267,13 @@ class Prefill:
         return self.rows - len(self.ids)
 
     def add(self, ids: Sequence[int]) -> int:
-        """Take a free row for the prompt `ids` (non-empty); its row."""
-        row = next(r for r in range(self.rows) if r not in self.ids)
+        """Take a free row for the prompt `ids` (1 to max_len - 1 tokens: room for one new token); its
+        row."""
+        if not 0 < len(ids) < self.pool.max_len:
+            raise ValueError(f"a prompt needs 1 to {self.pool.max_len - 1} tokens, got {len(ids)}")
+        row = next((r for r in range(self.rows) if r not in self.ids), None)
+        if row is None:
+            raise RuntimeError("every prefill row is taken")
         self.ids[row], self.done[row] = list(ids), 0
         return row
 

@@ -24,7 +24,7 @@ from minimoe.model.rope import rope_cos_sin
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, V) or (B, keep, V); None when return_logits=False
-    loss: torch.Tensor | None = None  # ce + aux + z + mtp
+    loss: torch.Tensor | None = None  # ce + aux + z + mtp (aux and z are 0 without gradients)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "ce", "aux", "z", "mtp"
     moe_stats: dict[int, MoEStats] = field(
         default_factory=dict

@@ -123,7 +123,8 @@ class Engine:
         model: a Transformer in eval mode (only the worker calls it).
         tokenizer: the run's Tokenizer (decode, eos_id).
         max_active: cache slots: sequences decoded at once (each holds a context-sized cache row).
-        prefill_rows: prompts prefilled at once (each holds a context-sized cache row too).
+        prefill_rows: prompts prefilled at once, at most (each holds a context-sized cache row too;
+            no more than max_active or prefill_chunk are allocated).
         max_queued: jobs that may wait for a slot; more are refused with QueueFull.
         max_queued_per_client: of those, the most from one client (default: half of max_queued).
         prefill_chunk: prompt token positions prefilled per step at most (padding included).
@@ -151,7 +152,9 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.speculative = speculative
-        self.pool = SlotPool(model, max_active, mtp=speculative, prefill_rows=prefill_rows)
+        # more prefill rows than decode slots or than positions per step could never all be used
+        rows = max(1, min(prefill_rows, max_active, prefill_chunk))
+        self.pool = SlotPool(model, max_active, mtp=speculative, prefill_rows=rows)
         self.static = StaticDecode(self.pool) if compile else None
         self.max_queued = max_queued
         self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
@@ -267,10 +270,8 @@ class Engine:
         self.steps += 1
 
     def _admit(self) -> None:
-        """Waiting jobs (clients in turn) take free prefill rows while decode slots remain for them;
-        at most `prefill_chunk` rows, so a step's prefill stays within its budget."""
-        rows = min(self._prefill.rows, self.prefill_chunk)
-        while len(self._prefilling) < rows and self.pool.n + len(self._prefilling) < self.pool.slots:
+        """Waiting jobs (clients in turn) take free prefill rows while decode slots remain for them."""
+        while self._prefill.free and self.pool.n + len(self._prefilling) < self.pool.slots:
             job = self._next_job()
             if job is None:
                 return
@@ -298,12 +299,16 @@ class Engine:
             return
         for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
             del self._prefilling[row]
-            if not self._emit(seq, token):
-                if drafts is not None:
-                    self._set_drafts(drafts[i : i + 1], [seq])
-                self.pool.add(seq.prompt_len, src=row)
-                self._running.append(seq)
-            self._prefill.release(row)
+            try:
+                if not self._emit(seq, token):
+                    if drafts is not None:
+                        self._set_drafts(drafts[i : i + 1], [seq])
+                    self.pool.add(seq.prompt_len, src=row)
+                    self._running.append(seq)
+            except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+            finally:
+                self._prefill.release(row)
 
     def _next_job(self) -> Job | None:
         with self._lock:
