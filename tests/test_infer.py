@@ -4,8 +4,8 @@ filters, stop strings, and the `minimoe generate` command line."""
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def prefill_together(pool, prompts, budget: int, tokens=None):
     while len(first) < len(rows):
         first.update(pre.step(budget))
     drafts = pre.first_draft(rows, tokens) if tokens is not None else None
-    for i, (r, p) in enumerate(zip(rows, prompts)):
+    for r, p in zip(rows, prompts):
         assert pool.add(len(p), src=r) == pool.n - 1
         pre.release(r)
     return [first[r][0] for r in rows], drafts
@@ -947,7 +947,6 @@ def test_release_openmp_threads_lets_the_callers_idle_workers_go():
     if gomp != "True":
         pytest.skip("torch here does not use libgomp")
     assert released == "True" and int(after) == int(before) - 1 and finite == "True"
-
 
 
 @pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True, "mtp_depth": 1}])
