@@ -98,7 +98,7 @@ class TokenIds:
 
 def engine_generate(engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Hand every prompt to a started Engine at once (greedy, `max_new_tokens` each); wait for all."""
-    from minimoe.serve.engine import Failure, Finish, Job, JobParams
+    from minimoe.serve.jobs import Failure, Finish, Job, JobParams
 
     outputs: list[list[int] | None] = [None] * len(prompts)
     errors: list[str] = []

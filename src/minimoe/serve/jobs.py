@@ -1,0 +1,71 @@
+"""What a client hands the serving engine (`Job`, with its `JobParams`) and what it gets back: the
+events `Delta`, `Finish` and `Failure`, posted from the engine's worker thread, or `QueueFull` at
+submission."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What one choice is generated with (already validated)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text for choice `index`."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Choice `index` is done: `reason` is "stop" (EOS or a stop string) or "length"."""
+
+    index: int
+    reason: str
+    completion_tokens: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Choice `index` could not be generated; `status` is the HTTP status to answer with."""
+
+    index: int
+    message: str
+    status: int = 500
+
+
+Event = Delta | Finish | Failure
+
+
+@dataclass
+class Job:
+    """One choice to generate. `post` is called from the worker thread with each Event."""
+
+    index: int
+    prompt_ids: list[int]
+    params: JobParams
+    post: Callable[[Event], None]
+    client: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class QueueFull(Exception):
+    """The engine cannot take more jobs now; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
