@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from minimoe.serve.jobs import Delta, Finish
 from minimoe.serve.http import log
+from minimoe.serve.jobs import Delta, Finish
 from minimoe.serve.schemas import APIError
 
 
