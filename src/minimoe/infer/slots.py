@@ -83,6 +83,24 @@ class _Step:
     def cache(self, layer: LayerCache) -> _Rows:
         return _Rows(layer, self.rows, self.pos, self.rows.shape[0], self.S, self.gather)
 
+    def blocks(self, model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The main layers over (n, T) tokens at these positions, writing `cache`; the hidden states
+        before the final norm (n, T, D). With start = S - T > 0 MLA takes the absorbed path, as in any
+        cached decode step."""
+        x = model.embed_tokens(tokens)
+        for block, layer in zip(model.layers, cache.layers):
+            x, _ = block(x, self.cos, self.sin, self.cache(layer), self.start, self.mask)
+        return x
+
+    def mtp(self, model, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """MTP module 0 at these positions, writing `cache`, as in training: position j combines the
+        main hidden state h_j (n, T, D) with the embedding of token j + 1 (`next_ids`, (n, T)); its
+        normed output (n, T, D)."""
+        emb = model.embed_tokens(next_ids)
+        cache_rows = self.cache(cache.layers[0])
+        _, h_normed, _ = model.mtp[0](hidden, emb, self.cos, self.sin, cache_rows, self.start, self.mask)
+        return h_normed
+
 
 def _step_at(
     model, lengths: Sequence[int], T: int, device, limit: int, rows: Sequence[int] | None = None
@@ -188,11 +206,7 @@ class SlotPool:
             logits (n, T, V) and the hidden states before the final norm (n, T, D).
         """
         model = self.model
-        step = self._step(tokens.shape[1], tokens.device)
-        x = model.embed_tokens(tokens)  # (n, T, D)
-        for block, layer in zip(model.layers, self.cache.layers):
-            # start = S - T > 0: MLA takes the absorbed path, as in any cached decode step
-            x, _ = block(x, step.cos, step.sin, step.cache(layer), step.start, step.mask)
+        x = self._step(tokens.shape[1], tokens.device).blocks(model, tokens, self.cache)  # (n, T, D)
         return model.lm_head(model.norm(x)), x
 
     @torch.no_grad()
@@ -220,13 +234,9 @@ class SlotPool:
         Returns:
             (n, V) draft logits: the token after next of each row.
         """
-        model = self.model
         step = self._step(hidden.shape[1], hidden.device)
-        emb = model.embed_tokens(next_ids)  # (n, T, D)
-        cache = step.cache(self.mtp_cache.layers[0])
-        # h_normed: (n, T, D)
-        _, h_normed, _ = model.mtp[0](hidden, emb, step.cos, step.sin, cache, step.start, step.mask)
-        return model.lm_head(h_normed[step.rows[:, 0], take])  # (n, V)
+        h_normed = step.mtp(self.model, hidden, next_ids, self.mtp_cache)  # (n, T, D)
+        return self.model.lm_head(h_normed[step.rows[:, 0], take])  # (n, V)
 
     def advance(self, counts: Sequence[int]) -> None:
         """Commit counts[i] of the tokens `forward` fed to row i."""
@@ -297,18 +307,13 @@ class Prefill:
         chunks = [self.ids[r][self.done[r] : self.done[r] + k] + [0] * (T - k) for r, k in zip(rows, takes)]
         tokens = torch.tensor(chunks, device=device)  # (k, T), padded
         step = _step_at(model, [self.done[r] for r in rows], T, device, pool.max_len, rows)
-        x = model.embed_tokens(tokens)
-        for block, layer in zip(model.layers, pool.scratch.layers):
-            x, _ = block(x, step.cos, step.sin, step.cache(layer), step.start, step.mask)
+        x = step.blocks(model, tokens, pool.scratch)
         if pool.mtp_scratch is not None:
             # MTP position j needs token j + 1: the prompt has it for every position but its last (that
             # one is written by first_draft, with the first new token); padding writes are masked
             nxt = [self.ids[r][self.done[r] + 1 : self.done[r] + 1 + T] for r in rows]
             next_ids = torch.tensor([n + [0] * (T - len(n)) for n in nxt], device=device)
-            model.mtp[0](
-                x, model.embed_tokens(next_ids), step.cos, step.sin,
-                step.cache(pool.mtp_scratch.layers[0]), step.start, step.mask,
-            )  # fmt: skip
+            step.mtp(model, x, next_ids, pool.mtp_scratch)
         finished = []
         for i, (r, k) in enumerate(zip(rows, takes)):
             self.done[r] += k
@@ -334,7 +339,5 @@ class Prefill:
         device = model.embed_tokens.weight.device
         hidden = torch.stack([self._last_hidden[r] for r in rows])[:, None]  # (f, 1, D)
         step = _step_at(model, [len(self.ids[r]) - 1 for r in rows], 1, device, pool.max_len, rows)
-        emb = model.embed_tokens(torch.tensor(list(tokens), device=device)[:, None])  # (f, 1, D)
-        cache = step.cache(pool.mtp_scratch.layers[0])
-        _, h_normed, _ = model.mtp[0](hidden, emb, step.cos, step.sin, cache, step.start, step.mask)
-        return model.lm_head(h_normed[:, -1])  # (f, V)
+        next_ids = torch.tensor(list(tokens), device=device)[:, None]  # (f, 1)
+        return model.lm_head(step.mtp(model, hidden, next_ids, pool.mtp_scratch)[:, -1])  # (f, V)
