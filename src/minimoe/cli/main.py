@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from minimoe.errors import MinimoeError, describe_os_error, one_line
+
 
 def _others_load(samples: int = 5, interval_s: float = 0.01) -> float:
     """How many cores other processes keep busy now: the median over a few samples of the running
@@ -49,19 +51,6 @@ def wait_policy(others_load: float, command: str = "") -> str | None:
         return "PASSIVE"
     return None if command == "serve" else "ACTIVE"
 
-
-def _command() -> str:
-    """The subcommand this process runs (`minimoe serve ...` -> "serve"), as far as argv shows it."""
-    args = [a for a in sys.argv[1:] if not a.startswith("-")]
-    return args[0] if args else ""
-
-
-# Before torch loads OpenMP (it reads the policy once); a value the user set wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    _policy = wait_policy(_others_load(), _command())
-    if _policy is not None:
-        os.environ["OMP_WAIT_POLICY"] = _policy
-from minimoe.errors import MinimoeError, describe_os_error, one_line  # noqa: E402 - after the policy
 
 # name -> (module, one line, an example). `minimoe --help` reads only this table: a command's module
 # (and torch behind it) is imported only when that command runs or shows its own help.
@@ -156,6 +145,14 @@ def build_parser(commands: list[str] | None = None) -> ArgumentParser:
 def _command_in(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first word that is one), if any."""
     return next((a for a in argv if a in COMMANDS_TABLE), None)
+
+
+# Before any command imports torch, which loads OpenMP (it reads the policy once); a value the user
+# set wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    _policy = wait_policy(_others_load(), _command_in(sys.argv[1:]) or "")
+    if _policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = _policy
 
 
 def main(argv: list[str] | None = None) -> int:
