@@ -272,10 +272,7 @@ class Engine:
                 logits = (self.static or self.pool).decode(tokens)
             picked = self._pick(logits, self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
-            running, self._running = self._running, []
-            self.pool.lengths = []
-            for seq in running:
-                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+            self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
             return
         done = [i for i, (seq, tok) in enumerate(zip(self._running, picked)) if self._emit(seq, tok)]
         for i in reversed(done):
@@ -299,10 +296,7 @@ class Engine:
                 draft_logits = step.draft(hidden, next_ids, take)  # (n, V)
                 self.pool.advance([len(toks) for toks in new])
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
-            self._running = []
-            self.pool.lengths = []
-            for seq in running:
-                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+            self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
             return
         self.drafted += len(running)
         self.accepted += sum(accepted)
@@ -417,12 +411,16 @@ class Engine:
             _post(seq.job, Failure(seq.job.index, message, status))
         self._prefilling = {}
 
-    def _fail_current(self, message: str, status: int) -> None:
-        """Fail the running sequences and the prefilling ones (the queue stays)."""
+    def _fail_running(self, message: str, status: int) -> None:
+        """Fail the running sequences and empty the pool."""
         running, self._running = self._running, []
         self.pool.lengths = []
         for seq in running:
             _post(seq.job, Failure(seq.job.index, message, status))
+
+    def _fail_current(self, message: str, status: int) -> None:
+        """Fail the running sequences and the prefilling ones (the queue stays)."""
+        self._fail_running(message, status)
         self._fail_prefill(message, status)
 
     def _fail_all(self, message: str, status: int) -> None:
