@@ -921,7 +921,7 @@ def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count(monkeypatc
 
 
 RELEASE_PROBE = """
-import os, torch
+import os, time, torch
 from minimoe.infer.common import _loaded_libgomp, release_openmp_threads
 torch.set_num_threads(2)
 x = torch.randn(512, 512)
@@ -929,6 +929,10 @@ for _ in range(20):
     x = (x @ x).tanh()  # parallel regions: the main thread's pool gets its worker
 before = len(os.listdir("/proc/self/task"))
 released = release_openmp_threads()
+# the released workers leave a barrier and exit on their own: on a busy machine that takes a while
+deadline = time.monotonic() + 10
+while len(os.listdir("/proc/self/task")) >= before and time.monotonic() < deadline:
+    time.sleep(0.01)
 after = len(os.listdir("/proc/self/task"))
 y = (x @ x).sum()  # OpenMP still works afterwards (a new pool)
 print(_loaded_libgomp() is not None, released, before, after, bool(torch.isfinite(y)))
