@@ -397,12 +397,26 @@ def _compiled_moe(moe):
     return lambda x: step(x)[0]
 
 
+def _force_expert_kernel(monkeypatch, kernel: str) -> list:
+    """Make the traced MoE layer take `kernel` ("gathered" or "selected") whatever its rows, and count
+    the calls to the gathered kernel (the list grows at every call, tracing included)."""
+    import minimoe.model.experts as experts
+
+    calls = []
+    gathered = experts.gathered_experts
+    monkeypatch.setattr(experts, "GATHER_ROWS_PER_EXPERT", 10**6 if kernel == "gathered" else 0)
+    monkeypatch.setattr(experts, "gathered_experts", lambda *a: calls.append(1) or gathered(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["gathered", "selected"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("T", [1, 2, 5])
-def test_traced_moe_equals_the_eager_layer(seed, T):
+def test_traced_moe_equals_the_eager_layer(seed, T, kernel, monkeypatch):
     """Traced by torch.compile without gradients (as in the compiled decode step), the MoE layer runs
-    its experts in the `selected_experts` operator, in one graph; it equals the eager layer, fp64, with
-    a selection bias such as training leaves."""
+    its experts in one graph, through `gathered_experts` (few rows) or the `selected_experts`
+    operator; either equals the eager layer, fp64, with a selection bias such as training leaves."""
+    calls = _force_expert_kernel(monkeypatch, kernel)
     model = tiny_model(seed=seed)
     moe = next(b.mlp for b in model.layers if b.is_moe)
     moe.gate.e_score_correction_bias.normal_()
@@ -412,11 +426,15 @@ def test_traced_moe_equals_the_eager_layer(seed, T):
     with torch.no_grad():
         want, _ = moe(x)
         torch.testing.assert_close(_compiled_moe(moe)(x), want)
+    assert bool(calls) == (kernel == "gathered")
 
 
-def test_selected_experts_reads_only_the_selected_experts():
-    """The operator runs the experts that have rows and no others (the saving at batch 1): with NaN
-    in every expert nobody selected, the traced layer's output stays finite and equals the eager one."""
+@pytest.mark.parametrize("kernel", ["gathered", "selected"])
+def test_traced_experts_read_only_the_selected_experts(kernel, monkeypatch):
+    """Both traced decode kernels run the experts that have rows and no others (the saving at batch
+    1): with NaN in every expert nobody selected, the traced layer's output stays finite and equals
+    the eager one."""
+    _force_expert_kernel(monkeypatch, kernel)
     model = tiny_model(seed=3)
     moe = next(b.mlp for b in model.layers if b.is_moe)
     x = torch.randn(

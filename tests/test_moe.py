@@ -10,17 +10,9 @@ import torch.nn.functional as F
 
 from minimoe.config import ModelConfig
 from minimoe.errors import ConfigError
-from minimoe.model.experts import (
-    FUSE_GATE_UP_BELOW,
-    MLP,
-    GroupedExperts,
-    choose_kernel,
-    compiled_training_experts,
-    grouped_mm_experts,
-    grouped_mm_works,
-    loop_experts,
-    resolve_impl,
-)
+from minimoe.model.compiled_experts import compiled_training_experts, gathered_experts
+from minimoe.model.expert_kernels import FUSE_GATE_UP_BELOW, grouped_mm_experts, loop_experts
+from minimoe.model.experts import MLP, GroupedExperts, choose_kernel, grouped_mm_works, resolve_impl
 from minimoe.model.moe import MoE, capacity_keep, expert_capacity, max_vio
 from minimoe.model.router import (
     Router,
@@ -151,6 +143,24 @@ def test_kernels_agree_on_empty_experts_and_stride0_grad(inter):
         results.append([y, *(t.grad for t in leaves)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate, scale", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("counts", [[5, 0, 3, 0, 8], [0, 0, 2, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 4]])
+def test_gathered_experts_equal_the_loop_fp64(gate, scale, counts):
+    # the compiled decode kernel, run eagerly: each row must meet its own expert, including after
+    # empty experts at the start, in the middle and at the end (SwiGLU and GELU, with and without scales)
+    g = torch.Generator().manual_seed(sum(counts))
+    counts_E = torch.tensor(counts)
+    N, E = sum(counts), len(counts)
+    x = torch.randn(N, 16, dtype=torch.float64, generator=g)
+    gate_EID = torch.randn(E, 8, 16, dtype=torch.float64, generator=g) if gate else None
+    up_EID = torch.randn(E, 8, 16, dtype=torch.float64, generator=g)
+    down_EDI = torch.randn(E, 16, 8, dtype=torch.float64, generator=g)
+    scale_N = torch.rand(N, dtype=torch.float64, generator=g) if scale else None
+    want = loop_experts(x, counts_E, gate_EID, up_EID, down_EDI, scale_N)
+    got = gathered_experts(x, counts_E, gate_EID, up_EID, down_EDI, scale_N)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_experts_handle_no_rows():

@@ -31,7 +31,8 @@ from torch import nn
 
 from minimoe.errors import MinimoeError
 from minimoe.files import as_umask_allows, fresh_temp_dir
-from minimoe.model.experts import GroupedExperts, loop_experts
+from minimoe.model.expert_kernels import loop_experts
+from minimoe.model.experts import GroupedExperts
 
 BITS = (8, 4)
 

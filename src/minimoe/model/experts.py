@@ -1,12 +1,11 @@
 """Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts.
 
 The MoE layer makes one call, `experts(x_ND, counts_E, w_N)`, on rows already sorted by expert.
-`GroupedExperts` answers it with one of two kernels, picked per call by `choose_kernel`:
-`torch._grouped_mm` over expert offsets, or a loop over contiguous slices (also the decode kernel:
-a few rows without gradient); torch.compile gets the loop wrapped as custom operators
-(`selected_experts`, `trained_experts`), so the layer compiles as one graph. Quantized experts
-(infer/quantize.py) and expert parallelism (dist/ep.py) are other modules with the same call, swapped
-in for `GroupedExperts`.
+`GroupedExperts` answers it with a kernel picked per call by `choose_kernel`: from
+model/expert_kernels.py (`torch._grouped_mm` over expert offsets, or a loop over contiguous slices,
+also the eager decode kernel), or under torch.compile from model/compiled_experts.py, so the layer
+compiles as one graph. Quantized experts (infer/quantize.py) and expert parallelism (dist/ep.py) are
+other modules with the same call, swapped in for `GroupedExperts`.
 
 Shape suffixes: N (token, expert) rows sorted by expert, D hidden, I expert intermediate, E experts.
 """
@@ -16,22 +15,16 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minimoe.errors import ConfigError
-
-
-def _activate(gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU when there is a gate projection, GELU otherwise."""
-    return F.gelu(up) if gate is None else F.silu(gate) * up
-
-
-def _scaled(h_NI: torch.Tensor, scale_N: torch.Tensor | None) -> torch.Tensor:
-    # down_proj is linear, so scaling its input row equals scaling its output row; on I columns
-    # instead of D that is cheaper, and a broadcast multiply over a wide (N, D) tensor was the
-    # single largest non-matmul cost of the layer on CPU (profiled at D=256, I=64).
-    return h_NI if scale_N is None else h_NI * scale_N.to(h_NI.dtype).unsqueeze(-1)
+from minimoe.model.compiled_experts import (
+    GATHER_ROWS_PER_EXPERT,
+    compiled_training_experts,
+    gathered_experts,
+    selected_experts,
+)
+from minimoe.model.expert_kernels import _activate, grouped_mm_experts, loop_experts
 
 
 class MLP(nn.Module):
@@ -51,269 +44,6 @@ class MLP(nn.Module):
         """x: (..., D) -> (..., D)."""
         gate = self.gate_proj(x) if self.gate_proj is not None else None
         return self.down_proj(_activate(gate, self.up_proj(x)))
-
-
-# ---------------------------------------------------------------------------------------- kernels
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: `_grouped_mm`'s backward rejects
-    stride-0 gradients such as the one `y.sum().backward()` produces."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-# Below this expert width, grouped_mm_experts concatenates gate and up into one GEMM per call: a narrow
-# GEMM runs well below peak and x's gradient needs one fewer (N, D) add, while for wide experts copying
-# the (E, 2I, D) weights every call costs more than it saves (the A/B timing is in BENCHMARKS.md).
-FUSE_GATE_UP_BELOW = 128
-
-
-def _gmm(x_NK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    # Pass the weight transposed rather than storing it [E, K, N]: that is the layout whose backward
-    # works in torch 2.13 on CPU (the [E, K, N] layout's backward fails there).
-    return _ContiguousGrad.apply(torch._grouped_mm(x_NK, w_ENK.transpose(-2, -1), offs=offs_E))
-
-
-def grouped_mm_experts(
-    x_ND: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
-    scale_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Experts as grouped GEMMs over expert offsets (gate+up fused for thin experts); no host sync.
-
-    Args:
-        x_ND: (N, D) rows sorted by expert, contiguous.
-        counts_E: (E,) rows per expert, summing to N.
-        gate_EID: (E, I, D) or None (GELU); up_EID: (E, I, D); down_EDI: (E, D, I).
-        scale_N: optional (N,) factor per row (the gate weights), applied before down_proj.
-    Returns:
-        (N, D) expert outputs in the same row order, times scale_N.
-    """
-    offs_E = torch.cumsum(counts_E, dim=0).to(torch.int32)  # grouped_mm wants int32 end offsets
-    if gate_EID is not None and gate_EID.shape[1] < FUSE_GATE_UP_BELOW:
-        # fine-grained experts: one (E, 2I, D) GEMM instead of two thin (E, I, D) ones
-        gate_NI, up_NI = _gmm(x_ND, torch.cat([gate_EID, up_EID], dim=1), offs_E).chunk(2, dim=-1)
-    else:
-        gate_NI = _gmm(x_ND, gate_EID, offs_E) if gate_EID is not None else None
-        up_NI = _gmm(x_ND, up_EID, offs_E)
-    return _gmm(_scaled(_activate(gate_NI, up_NI), scale_N), down_EDI, offs_E)
-
-
-def loop_experts(
-    x_ND: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID,
-    up_EID,
-    down_EDI,
-    scale_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Experts as one small MLP per contiguous slice. Same arguments and result as `grouped_mm_experts`,
-    except that the weights may also be quantized (minimoe.infer.quantize.QuantTensor: `w[e]` is then a
-    callable x -> x @ W_e^T).
-    """
-    # One host sync for all split sizes; a per-expert `.item()` would stall a GPU E times.
-    sizes = counts_E.tolist()
-    gates, ups, downs = (_per_expert(w) for w in (gate_EID, up_EID, down_EDI))
-    ys, start = [], 0
-    for e, n in enumerate(sizes):
-        if n == 0:
-            continue
-        x_nD = x_ND[start : start + n]
-        scale_n = scale_N[start : start + n] if scale_N is not None else None
-        start += n
-        gate_nI = _matmul(x_nD, gates[e]) if gates is not None else None
-        h_nI = _scaled(_activate(gate_nI, _matmul(x_nD, ups[e])), scale_n)
-        ys.append(_matmul(h_nI, downs[e]))
-    return torch.cat(ys) if ys else x_ND * 0.0  # no rows at all: stay in the graph
-
-
-@torch.library.custom_op("minimoe::selected_experts", mutates_args=())
-def selected_experts(
-    x_ND: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
-    scale_N: torch.Tensor | None,
-) -> torch.Tensor:
-    """`loop_experts` as one opaque operator for torch.compile (the compiled decode step,
-    minimoe.infer.static): inside it the experts with rows run as matrix-vector products on views of
-    their weights (no copy; experts without rows are not read), while the graph around it keeps fixed
-    shapes, since the output is (N, D) whatever the routing."""
-    return loop_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)
-
-
-@selected_experts.register_fake
-def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
-    return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1])
-
-
-@torch.library.custom_op("minimoe::trained_experts", mutates_args=())
-def trained_experts(
-    x_ND: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
-    scale_N: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training experts as one opaque operator for torch.compile (`train.compile`), which cannot
-    trace grouped_mm in fp32 (its fake-tensor rule is bf16-only in torch 2.13) and would break the
-    graph at the loop's host sync in every MoE layer. One matmul per expert slice, as `loop_experts`.
-
-    Returns:
-        y_ND: (N, D) outputs times scale_N, as the other kernels.
-        pre_NH: the activation's inputs, saved for the backward: gate and up (N, 2I) for SwiGLU,
-            up (N, I) for GELU.
-    """
-    with torch.autocast(x_ND.device.type, enabled=False):
-        return _trained_forward(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)
-
-
-def _trained_forward(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
-    ys, pres, start = [], [], 0
-    for e, n in enumerate(counts_E.tolist()):
-        x_nD = x_ND[start : start + n]
-        up_nI = F.linear(x_nD, _w(up_EID, e, x_ND))
-        gate_nI = F.linear(x_nD, _w(gate_EID, e, x_ND)) if gate_EID is not None else None
-        pres.append(up_nI if gate_nI is None else torch.cat([gate_nI, up_nI], dim=-1))
-        scale_n = scale_N[start : start + n] if scale_N is not None else None
-        ys.append(F.linear(_scaled(_activate(gate_nI, up_nI), scale_n), _w(down_EDI, e, x_ND)))
-        start += n
-    return torch.cat(ys), torch.cat(pres)
-
-
-@trained_experts.register_fake
-def _(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N):
-    width = up_EID.shape[1] * (1 if gate_EID is None else 2)
-    return x_ND.new_empty(x_ND.shape[0], down_EDI.shape[1]), x_ND.new_empty(x_ND.shape[0], width)
-
-
-@torch.library.custom_op("minimoe::trained_experts_backward", mutates_args=())
-def trained_experts_backward(
-    grad_ND: torch.Tensor,
-    x_ND: torch.Tensor,
-    pre_NH: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
-    scale_N: torch.Tensor | None,
-    weights: bool,
-) -> list[torch.Tensor]:
-    """Gradients of `trained_experts` for x, the weights present and scale_N (in that order), by the
-    chain rule per expert slice; tested against autograd through `loop_experts`. Without `weights`
-    (frozen experts, e.g. LoRA elsewhere) the weight gradients are left zero and not computed."""
-    with torch.autocast(x_ND.device.type, enabled=False):
-        return _trained_backward(
-            grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N, weights
-        )
-
-
-def _trained_backward(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N, weights):
-    I = up_EID.shape[1]
-    if gate_EID is not None:
-        gate_NI, up_NI = pre_NH[:, :I], pre_NH[:, I:]
-        act_NI = F.silu(gate_NI)
-    else:
-        gate_NI, up_NI = None, pre_NH
-        act_NI = F.gelu(up_NI)
-    h_NI = act_NI * up_NI if gate_NI is not None else act_NI  # the activation's output, before scale
-    g_x = torch.empty_like(x_ND)
-    g_gate = torch.zeros_like(gate_EID) if gate_EID is not None else None
-    g_up, g_down = torch.zeros_like(up_EID), torch.zeros_like(down_EDI)
-    g_scale = torch.empty_like(scale_N) if scale_N is not None else None
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        start += n
-        dy_nD, x_nD, h_nI = grad_ND[rows], x_ND[rows], h_NI[rows]
-        s_n1 = scale_N[rows].to(h_nI.dtype).unsqueeze(-1) if scale_N is not None else None
-        hs_nI = h_nI if s_n1 is None else h_nI * s_n1
-        if weights:
-            g_down[e] = dy_nD.t() @ hs_nI
-        dhs_nI = dy_nD @ _w(down_EDI, e, x_ND)
-        if s_n1 is not None:
-            g_scale[rows] = (dhs_nI * h_nI).sum(-1)
-            dhs_nI = dhs_nI * s_n1
-        if gate_EID is not None:
-            d_up_nI = dhs_nI * act_NI[rows]
-            d_gate_nI = torch.ops.aten.silu_backward(dhs_nI * up_NI[rows], gate_NI[rows])
-            if weights:
-                g_gate[e] = d_gate_nI.t() @ x_nD
-            g_x[rows] = d_gate_nI @ _w(gate_EID, e, x_ND) + d_up_nI @ _w(up_EID, e, x_ND)
-        else:
-            d_up_nI = torch.ops.aten.gelu_backward(dhs_nI, up_NI[rows])
-            g_x[rows] = d_up_nI @ _w(up_EID, e, x_ND)
-        if weights:
-            g_up[e] = d_up_nI.t() @ x_nD
-    return [t for t in (g_x, g_gate, g_up, g_down, g_scale) if t is not None]
-
-
-@trained_experts_backward.register_fake
-def _(grad_ND, x_ND, pre_NH, counts_E, gate_EID, up_EID, down_EDI, scale_N, weights):
-    return [torch.empty_like(t) for t in (x_ND, gate_EID, up_EID, down_EDI, scale_N) if t is not None]
-
-
-def _setup_trained(ctx, inputs, output):
-    x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N = inputs
-    ctx.has_gate, ctx.has_scale = gate_EID is not None, scale_N is not None
-    ctx.save_for_backward(x_ND, output[1], counts_E, gate_EID, up_EID, down_EDI, scale_N)
-
-
-def _backward_trained(ctx, grad_ND, _grad_pre):
-    weights = any(ctx.needs_input_grad[2:5])
-    grads = iter(trained_experts_backward(grad_ND.contiguous(), *ctx.saved_tensors, weights))
-    g_x = next(grads)
-    g_gate = next(grads) if ctx.has_gate else None
-    g_up, g_down = next(grads), next(grads)
-    g_scale = next(grads) if ctx.has_scale else None
-    if not weights:
-        g_gate = g_up = g_down = None
-    return g_x, None, g_gate, g_up, g_down, g_scale
-
-
-trained_experts.register_autograd(_backward_trained, setup_context=_setup_trained)
-
-
-def _w(w_EAB: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
-    # expert e's weight in the rows' dtype (bf16 rows may meet fp32 weights and gate scales)
-    return w_EAB[e].to(x.dtype)
-
-
-def compiled_training_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N=None):
-    """The kernel `choose_kernel` gives torch.compile when it traces training: `trained_experts`.
-    Under autocast the rows go in at the autocast dtype, so the experts compute in it as eager
-    autocast would (the operator itself runs with autocast off, as its fake implementation assumes)."""
-    device = x_ND.device.type
-    if torch.is_autocast_enabled(device):
-        x_ND = x_ND.to(torch.get_autocast_dtype(device))
-    return trained_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)[0]
-
-
-def _per_expert(w):
-    """Something indexable by expert. A float weight that autograd records is unbound once: indexing
-    w[e] per expert would make backward allocate a full (E, I, D) zero gradient per expert. Otherwise
-    (decoding, quantized weights) w[e] is taken for the experts that have rows only."""
-    if isinstance(w, torch.Tensor) and torch.is_grad_enabled() and w.requires_grad:
-        return w.unbind(0)
-    return w
-
-
-def _matmul(x: torch.Tensor, w) -> torch.Tensor:
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
 def _aligned(n: int, dtype: torch.dtype) -> bool:
@@ -428,7 +158,8 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     """
     if torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
-            return selected_experts
+            few = x_ND.shape[0] <= GATHER_ROWS_PER_EXPERT * n_experts
+            return gathered_experts if few else selected_experts
         if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm":
             return grouped_mm_experts  # traceable where its fake-tensor rule allows (bf16)
         return compiled_training_experts
