@@ -57,9 +57,22 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tup
     return time.perf_counter() - t0, engine.generated_tokens - before, [texts[i] for i in range(len(prompts))]
 
 
-def started(engine: Engine) -> Engine:
-    engine.start()
-    return engine
+def take_turns(
+    engines: dict[str, Engine], prompts: list[list[int]], max_tokens: int, repeats: int
+) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Start the engines, let each run every prompt in turn, `repeats` times, and close them: (median
+    tokens/s per engine, each engine's texts)."""
+    for engine in engines.values():
+        engine.start()
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    texts: dict[str, list[str]] = {}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            s, n, texts[name] = run_engine(engine, prompts, max_tokens)
+            rates[name].append(n / s)
+    for engine in engines.values():
+        engine.close()
+    return {name: statistics.median(v) for name, v in rates.items()}, texts
 
 
 def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
@@ -72,20 +85,10 @@ def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
         prompts = prompts_for(tok, heldout, batch, 32)
         engines = {name: Engine(model, tok, max_active=batch, **kw) for name, kw in kinds.items()}
         compile_s = {name: e.warm_up() for name, e in engines.items()}
-        for engine in engines.values():
-            engine.start()
-        rates: dict[str, list[float]] = {name: [] for name in engines}
-        texts: dict[str, list[str]] = {}
-        for _ in range(repeats):
-            for name, engine in engines.items():
-                s, n, texts[name] = run_engine(engine, prompts, max_tokens)
-                rates[name].append(n / s)
-        for engine in engines.values():
-            engine.close()
+        r, texts = take_turns(engines, prompts, max_tokens, repeats)
         spec_engine = engines["spec compiled"]
         drafted, accepted = spec_engine.drafted, spec_engine.accepted
         steps, tokens = spec_engine.steps, spec_engine.generated_tokens
-        r = {name: statistics.median(v) for name, v in rates.items()}
         same = all(texts[name] == texts["plain"] for name in engines)
         rows.append([
             batch, f"{r['plain']:.1f}", f"{r['spec']:.1f}", f"{r['spec'] / r['plain']:.2f}x",
@@ -118,17 +121,8 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
             "compiled": Engine(model, tok, max_active=batch, compile=True),
         }
         compile_s = engines["compiled"].warm_up()
-        for engine in engines.values():
-            engine.start()
-        rates: dict[str, list[float]] = {name: [] for name in engines}
-        texts: dict[str, list[str]] = {}
-        for _ in range(repeats):
-            for name, engine in engines.items():
-                s, n, texts[name] = run_engine(engine, prompts, max_tokens)
-                rates[name].append(n / s)
-        for engine in engines.values():
-            engine.close()
-        eager, comp = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
+        r, texts = take_turns(engines, prompts, max_tokens, repeats)
+        eager, comp = r["eager"], r["compiled"]
         rows.append([
             batch, f"{compile_s:.1f}", f"{eager:.1f}", f"{comp:.1f}", f"**{comp / eager:.2f}x**",
             "yes" if texts["eager"] == texts["compiled"] else "no",

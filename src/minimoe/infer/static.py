@@ -6,9 +6,11 @@ row of the pool (free rows are padding: they decode token 0 at position 0, which
 overwrites before the row is used) over a fixed number of positions, masked per row: the smallest of
 a few buckets (max_len, max_len / 4, ...) that holds every row, so a handful of compiled graphs, all
 built at `warm_up`, serve every step. The MoE layers keep fixed shapes too: traced without gradients,
-`GroupedExperts` runs the routed experts inside one custom operator (`selected_experts`, opaque to the
-compiler) that reads only the selected experts' weights and returns (rows x top-k, D) whatever the
-routing. `SlotPool.decode` stays the reference; tests compare the two.
+`GroupedExperts` runs the routed experts as `gathered_experts` (each row's expert weights read inside
+one product-and-sum the compiler fuses; up to a few rows per expert) or, with more rows, inside one
+custom operator opaque to the compiler (`selected_experts`); both read only the selected experts'
+weights and return (rows x top-k, D) whatever the routing. `SlotPool.decode` stays the reference;
+tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
