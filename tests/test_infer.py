@@ -323,7 +323,8 @@ def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
 
 
 def _static_run(model, decoder_for, steps: int = 6):
-    """Decode three prompts in a 4-slot pool (row 0 leaving at step 2); the logits of every step."""
+    """Decode three prompts in a 4-slot pool (row 0 leaving at steps 2 and 5: 3, 2, then 1 rows); the
+    logits of every step."""
     from minimoe.infer.slots import SlotPool
 
     pool = SlotPool(model, slots=4, prefill_rows=3)
@@ -332,7 +333,7 @@ def _static_run(model, decoder_for, steps: int = 6):
     first, _ = prefill_together(pool, PROMPTS[:3], budget=12)
     nxt = [int(logits.argmax()) for logits in first]
     for step in range(steps):
-        if step == 2:
+        if step in (2, 5):
             pool.remove(0)
             nxt[0] = nxt.pop()
         logits = decoder.decode(torch.tensor(nxt))
@@ -348,10 +349,10 @@ def _warmed(static):
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
-    """The fixed-shape step (every slot, a bucket of positions, masked) against the eager pooled step,
-    over steps that outgrow the first bucket (16 -> 64 positions); traced by torch.compile after
-    `warm_up`, each bucket is one graph for every step (rows of growing lengths, rows leaving), with
-    no graph break and no compilation after `warm_up`."""
+    """The fixed-shape step (a bucket of rows, a bucket of positions, masked) against the eager pooled
+    step, over steps that outgrow the first position bucket (16 -> 64) and drop to the one-row bucket;
+    traced by torch.compile after `warm_up`, each pair of buckets is one graph for every step (rows of
+    growing lengths, rows leaving), with no graph break and no compilation after `warm_up`."""
     from torch._dynamo.testing import CompileCounter
 
     from minimoe.infer.static import StaticDecode
@@ -369,8 +370,8 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-    assert made[0].buckets == [16, 64]
-    assert counter.frame_count == 2  # one graph per bucket, all built by warm_up
+    assert made[0].buckets == [16, 64] and made[0].row_buckets == [1, 4]
+    assert counter.frame_count == 4  # one graph per pair of buckets, all built by warm_up
 
 
 def test_many_static_decodes_in_one_process_stay_under_dynamo_recompile_limit():

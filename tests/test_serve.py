@@ -938,7 +938,7 @@ def test_engine_with_the_static_decode_step_equals_eager():
     engine.static.decode = lambda tokens: steps.append(len(tokens)) or decode(tokens)
     assert engine.warm_up() > 0
     assert _texts(_engine_run(engine, jobs())) == want
-    assert len(steps) > 10 and max(steps) == 2
+    assert len(steps) > 10 and max(steps) == 2 and min(steps) == 1  # both row buckets ran
 
 
 def test_engine_speculative_through_the_static_step_equals_the_eager_speculative_engine():
@@ -963,8 +963,10 @@ def test_engine_speculative_through_the_static_step_equals_the_eager_speculative
     assert engine.warm_up() > 0
     assert _texts(_engine_run(engine, jobs())) == want
     assert (engine.drafted, engine.accepted) == (eager.drafted, eager.accepted) and engine.accepted > 0
-    # the verify forward and the draft, each compiled once per bucket of positions, all at warm_up
-    assert counter.frame_count == 2 * len(engine.static.buckets)
+    # the verify forward and the draft, each compiled once per pair of row and position buckets, all
+    # at warm_up (three slots: buckets of 1 and 3 rows, and the jobs finishing one by one use both)
+    assert engine.static.row_buckets == [1, 3]
+    assert counter.frame_count == 2 * len(engine.static.buckets) * 2
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):

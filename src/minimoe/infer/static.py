@@ -1,11 +1,12 @@
 """A decode step with fixed shapes, for `torch.compile` (gpt-fast's static cache, over the slot pool).
 
 The eager pooled step (`SlotPool.decode`) reads rows [0, n) up to the longest length, so its shapes
-change every step and a compiled version recompiles as the cache grows. This step always runs every
-row of the pool (free rows are padding: they decode token 0 at position 0, which `SlotPool.add`
-overwrites before the row is used) over a fixed number of positions, masked per row: the smallest of
-a few buckets (max_len, max_len / 4, ...) that holds every row, so a handful of compiled graphs, all
-built at `warm_up`, serve every step. The MoE layers keep fixed shapes too: traced without gradients,
+change every step and a compiled version recompiles as the cache grows. This step runs a fixed number
+of rows, the smallest of a few buckets (1, 8 and every slot) that holds the occupied rows (rows past
+them are padding: they decode token 0 at position 0, which `SlotPool.add` overwrites before the row
+is used), over a fixed number of positions, masked per row: the smallest of a few buckets (max_len,
+max_len / 4, ...) that holds every row, so a handful of compiled graphs, all built at `warm_up`, serve
+every step. The MoE layers keep fixed shapes too: traced without gradients,
 `GroupedExperts` runs the routed experts as `gathered_experts` (each row's expert weights read inside
 one product-and-sum the compiler fuses; up to a few rows per expert) or, with more rows, inside one
 custom operator opaque to the compiler (`selected_experts`); both read only the selected experts'
@@ -31,8 +32,9 @@ class StaticDecode:
 
     Three calls mirror the pool's: `decode` (one token per row, committed), and for self-speculative
     decoding `forward` (T tokens per row, not committed: last token and draft) and `draft` (the MTP
-    module over the same positions). Each runs every slot over the positions of one bucket
-    (`buckets`), so each call has one compiled graph per bucket, built by `warm_up`.
+    module over the same positions). Each runs the rows of one row bucket (`row_buckets`) over the
+    positions of one position bucket (`buckets`), so each call has one compiled graph per pair of
+    buckets, built by `warm_up`.
 
     Args:
         pool: the SlotPool whose caches it writes (its MTP cache too, for `draft`).
@@ -67,24 +69,26 @@ class StaticDecode:
         self.buckets = [pool.max_len]
         while self.buckets[0] // 4 >= 16:
             self.buckets.insert(0, self.buckets[0] // 4)
+        # the rows a step runs: one request alone should not pay for every slot of a large pool
+        self.row_buckets = sorted({1, min(8, pool.slots), pool.slots})
         if compile:
             # dynamo counts the graphs of one function over every instance (a bench holds several
             # pools), and with fullgraph=True reaching its limit is an error: make room for this one's
-            torch._dynamo.config.recompile_limit += 2 * len(self.buckets)  # T = 1 and 2 per bucket
+            torch._dynamo.config.recompile_limit += 2 * len(self.buckets) * len(self.row_buckets)
 
     def _where(self, pos: torch.Tensor, T: int, L: int):
-        """Where T new tokens per slot go, from each slot's length `pos` (slots,), attending over the
-        first L positions: positions (B, T), RoPE tables (B, T, d/2), the (B, 1, T, L) mask and the
-        (B, 1) row indices."""
-        model, B = self.pool.model, self.pool.slots
+        """Where T new tokens per row go, from each row's length `pos` (B,), attending over the first
+        L positions: positions (B, T), RoPE tables (B, T, d/2), the (B, 1, T, L) mask and the (B, 1)
+        row indices."""
+        model, B = self.pool.model, pos.shape[0]
         device = pos.device
         P = pos[:, None] + torch.arange(T, device=device)  # (B, T)
         mask = (torch.arange(L, device=device)[None, None, :] <= P[:, :, None])[:, None]  # (B, 1, T, L)
         return P, model.rope_cos[P], model.rope_sin[P], mask, torch.arange(B, device=device)[:, None]
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (slots, T), pos (slots,), L the positions attended (a bucket) -> logits
-        (slots, T, V), hidden before the final norm (slots, T, D); writes each row's entries at pos + t."""
+        """tokens (B, T) for rows [0, B), pos (B,), L the positions attended (a bucket) -> logits
+        (B, T, V), hidden before the final norm (B, T, D); writes each row's entries at pos + t."""
         pool, model = self.pool, self.pool.model
         B, T = tokens.shape
         P, cos, sin, mask, rows = self._where(pos, T, L)
@@ -95,7 +99,7 @@ class StaticDecode:
         return model.lm_head(model.norm(x)), x
 
     def _draft(self, hidden, next_ids, take, pos, L: int) -> torch.Tensor:
-        """`SlotPool.draft` at fixed shapes, every slot, over the first L positions: -> (slots, V)."""
+        """`SlotPool.draft` at fixed shapes, rows [0, B), over the first L positions: -> (B, V)."""
         pool, model = self.pool, self.pool.model
         B, T = next_ids.shape
         P, cos, sin, mask, rows = self._where(pos, T, L)
@@ -106,8 +110,9 @@ class StaticDecode:
         return model.lm_head(mtp.norm(h[rows[:, 0], take]))  # (B, V)
 
     def _padded(self, t: torch.Tensor) -> torch.Tensor:
-        """(n, ...) -> (slots, ...), zeros in the free rows."""
-        out = t.new_zeros((self.pool.slots, *t.shape[1:]))
+        """(n, ...) -> (R, ...) for the row bucket R that holds the n occupied rows, zeros past them."""
+        R = next(R for R in self.row_buckets if R >= self.pool.n)
+        out = t.new_zeros((R, *t.shape[1:]))
         out[: t.shape[0]] = t
         return out
 
@@ -129,23 +134,24 @@ class StaticDecode:
 
     @torch.no_grad()
     def warm_up(self) -> float:
-        """Compile now, on an empty pool (so only free rows are written), for every bucket: the
-        one-token step, or with an MTP cache the two-token forward and the draft (what speculative
-        decoding runs); seconds."""
+        """Compile now, on an empty pool (so only free rows are written), for every pair of row and
+        position buckets: the one-token step, or with an MTP cache the two-token forward and the
+        draft (what speculative decoding runs); seconds."""
         pool = self.pool
         if pool.n:
             raise RuntimeError("warm_up needs an empty pool")
         device = pool.cache.layers[0].a.device
         T = 2 if pool.mtp_cache is not None else 1
-        # distinct tensors, not one passed twice: the graph would guard on `tokens is pos` and
-        # compile again at the first real step
-        tokens = torch.zeros(pool.slots, T, dtype=torch.long, device=device)
-        pos = torch.zeros(pool.slots, dtype=torch.long, device=device)
         t0 = time.perf_counter()
-        for L in self.buckets:
-            _, hidden = self._forward_fn(tokens, pos, L)
-            if T == 2:
-                self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
+        for R in self.row_buckets:
+            # distinct tensors, not one passed twice: the graph would guard on `tokens is pos` and
+            # compile again at the first real step
+            tokens = torch.zeros(R, T, dtype=torch.long, device=device)
+            pos = torch.zeros(R, dtype=torch.long, device=device)
+            for L in self.buckets:
+                _, hidden = self._forward_fn(tokens, pos, L)
+                if T == 2:
+                    self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s
