@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="decode with fixed-shape steps (every cache slot, a bucket of the context, masked) compiled "
+        help="decode with fixed-shape steps (a bucket of slots, a bucket of the context, masked) compiled "
         "by torch.compile at start-up; with --speculative the verify and draft steps too; see "
         "BENCHMARKS.md for when it pays",
     )
