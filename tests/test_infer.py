@@ -364,13 +364,21 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
     counter = CompileCounter()
-    made = []
-    got = _static_run(
-        model, lambda pool: made.append(StaticDecode(pool, backend=counter)) or _warmed(made[0]), steps=10
-    )
+    made, rows = [], []
+
+    def static_for(pool):
+        made.append(_warmed(StaticDecode(pool, backend=counter)))
+        forward = made[0]._forward_fn
+        made[0]._forward_fn = lambda tokens, pos, L: (
+            rows.append((pool.n, len(tokens))) or forward(tokens, pos, L)
+        )
+        return made[0]
+
+    got = _static_run(model, static_for, steps=10)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     assert made[0].buckets == [16, 64] and made[0].row_buckets == [1, 4]
+    assert sorted(set(rows)) == [(1, 1), (2, 4), (3, 4)]  # each step ran the smallest row bucket
     assert counter.frame_count == 4  # one graph per pair of buckets, all built by warm_up
 
 

@@ -163,6 +163,20 @@ def test_gathered_experts_equal_the_loop_fp64(gate, scale, counts):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_decode_kernel_choice(monkeypatch):
+    # traced without gradients: up to 8 rows per expert and 64 in all take gathered_experts, more the
+    # opaque operator; under autocast the operator too (gathered would compute in the weights' dtype)
+    from minimoe.model.compiled_experts import selected_experts
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        for E, fits in ((4, 32), (8, 64), (32, 64)):
+            assert choose_kernel("auto", torch.zeros(fits, 16), E, 16, 8) is gathered_experts
+            assert choose_kernel("auto", torch.zeros(fits + 1, 16), E, 16, 8) is selected_experts
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert choose_kernel("auto", torch.zeros(2, 16), 8, 16, 8) is selected_experts
+
+
 def test_experts_handle_no_rows():
     experts = GroupedExperts(4, 16, 8)
     x = torch.zeros(0, 16, requires_grad=True)

@@ -74,7 +74,9 @@ class StaticDecode:
         if compile:
             # dynamo counts the graphs of one function over every instance (a bench holds several
             # pools), and with fullgraph=True reaching its limit is an error: make room for this one's
-            torch._dynamo.config.recompile_limit += 2 * len(self.buckets) * len(self.row_buckets)
+            graphs = 2 * len(self.buckets) * len(self.row_buckets)  # T = 1 and 2 per pair of buckets
+            torch._dynamo.config.recompile_limit += graphs
+            torch._dynamo.config.accumulated_recompile_limit += graphs
 
     def _where(self, pos: torch.Tensor, T: int, L: int):
         """Where T new tokens per row go, from each row's length `pos` (B,), attending over the first

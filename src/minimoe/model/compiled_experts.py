@@ -182,12 +182,15 @@ def compiled_training_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_
     return trained_experts(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)[0]
 
 
-# A compiled step without gradients takes `gathered_experts` up to this many rows per expert on
-# average, above it `selected_experts`: each gathered row reads its expert's weights again, while the
-# loop reads an expert once for all its rows but pays a Python call per expert. Compiled on CPU, one
-# thread, E=8, D=256, I=512: 82 against 167 us at 2 rows, 336 against 928 at 16, 1.8 against 2.8 ms at
-# 64, 2.7 against 2.8 ms at 128; wider experts gain more from the loop's GEMMs as rows grow.
+# A compiled step without gradients takes `gathered_experts` for at most this many rows per expert on
+# average and this many rows in all, above that `selected_experts`: each gathered row reads its
+# expert's weights again, while the loop reads an expert once for all its rows but pays a Python call
+# per expert. Compiled on CPU, one thread, E=8, D=256, I=512: 82 against 167 us at 2 rows, 336 against
+# 928 at 16, 1.8 against 2.8 ms at 64, 2.7 against 2.8 ms at 128; wider experts gain more from the
+# loop's GEMMs as rows grow. The cap in all keeps many experts (E=256) from reading thousands of
+# experts' weights where the loop would read each selected one once.
 GATHER_ROWS_PER_EXPERT = 8
+GATHER_MAX_ROWS = 64
 
 
 def gathered_experts(

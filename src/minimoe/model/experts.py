@@ -19,6 +19,7 @@ from torch import nn
 
 from minimoe.errors import ConfigError
 from minimoe.model.compiled_experts import (
+    GATHER_MAX_ROWS,
     GATHER_ROWS_PER_EXPERT,
     compiled_training_experts,
     gathered_experts,
@@ -146,10 +147,11 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
 
 
 def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
-    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`; under
-    torch.compile, grouped_mm where it traces (bf16), else the loop as one operator the compiler does
-    not look into: `selected_experts` for inference, `trained_experts` (with its backward) for training,
-    so that an MoE layer does not break the graph.
+    """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`. Under
+    torch.compile without gradients: `gathered_experts` for few rows (`_gathered_fits`), which the
+    compiler fuses, else the loop as one operator it does not look into (`selected_experts`); with
+    gradients, grouped_mm where it traces (bf16), else `trained_experts` (the loop with its backward,
+    one operator). Either way an MoE layer does not break the graph.
 
     Decoding (no gradient, on CPU, at most one row per expert) takes the loop: a handful of
     matrix-vector products whose cost is reading the weights, where grouped_mm would add offsets and,
@@ -158,8 +160,7 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     """
     if torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
-            few = x_ND.shape[0] <= GATHER_ROWS_PER_EXPERT * n_experts
-            return gathered_experts if few else selected_experts
+            return gathered_experts if _gathered_fits(x_ND, n_experts) else selected_experts
         if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm":
             return grouped_mm_experts  # traceable where its fake-tensor rule allows (bf16)
         return compiled_training_experts
@@ -167,6 +168,15 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     if N == 0 or (x_ND.device.type == "cpu" and not torch.is_grad_enabled() and N <= n_experts):
         return loop_experts
     return grouped_mm_experts if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm" else loop_experts
+
+
+def _gathered_fits(x_ND: torch.Tensor, n_experts: int) -> bool:
+    """Whether a compiled step without gradients takes `gathered_experts` for these rows: few rows
+    (see GATHER_ROWS_PER_EXPERT), and no autocast (its product-and-sum would compute in the weights'
+    dtype where autocast's matmuls in the loop compute in the autocast dtype)."""
+    N = x_ND.shape[0]
+    few = N <= min(GATHER_MAX_ROWS, GATHER_ROWS_PER_EXPERT * n_experts)
+    return few and not torch.is_autocast_enabled(x_ND.device.type)
 
 
 class GroupedExperts(nn.Module):
