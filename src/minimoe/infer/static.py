@@ -23,7 +23,7 @@ import time
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.slots import Prefill, SlotPool, _Rows
+from minimoe.infer.slots import Prefill, SlotPool, _Step
 from minimoe.model.experts import GroupedExperts
 
 
@@ -78,38 +78,29 @@ class StaticDecode:
             torch._dynamo.config.recompile_limit += graphs
             torch._dynamo.config.accumulated_recompile_limit += graphs
 
-    def _where(self, pos: torch.Tensor, T: int, L: int):
+    def _where(self, pos: torch.Tensor, T: int, L: int) -> _Step:
         """Where T new tokens per row go, from each row's length `pos` (B,), attending over the first
-        L positions: positions (B, T), RoPE tables (B, T, d/2), the (B, 1, T, L) mask and the (B, 1)
-        row indices."""
+        L positions: the pooled step of rows [0, B) (positions, RoPE tables, mask), at fixed shapes."""
         model, B = self.pool.model, pos.shape[0]
         device = pos.device
         P = pos[:, None] + torch.arange(T, device=device)  # (B, T)
         mask = (torch.arange(L, device=device)[None, None, :] <= P[:, :, None])[:, None]  # (B, 1, T, L)
-        return P, model.rope_cos[P], model.rope_sin[P], mask, torch.arange(B, device=device)[:, None]
+        rows = torch.arange(B, device=device)[:, None]
+        return _Step(pos=P, cos=model.rope_cos[P], sin=model.rope_sin[P], mask=mask, rows=rows, S=L)
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) for rows [0, B), pos (B,), L the positions attended (a bucket) -> logits
         (B, T, V), hidden before the final norm (B, T, D); writes each row's entries at pos + t."""
-        pool, model = self.pool, self.pool.model
-        B, T = tokens.shape
-        P, cos, sin, mask, rows = self._where(pos, T, L)
-        x = model.embed_tokens(tokens)  # (B, T, D)
-        for block, layer in zip(model.layers, pool.cache.layers):
-            # start = L - T > 0: MLA takes the absorbed path, as in any cached decode step
-            x = block(x, cos, sin, _Rows(layer, rows, P, B, L), L - T, attn_mask=mask)[0]
+        model = self.pool.model
+        x = self._where(pos, tokens.shape[1], L).blocks(model, tokens, self.pool.cache)  # (B, T, D)
         return model.lm_head(model.norm(x)), x
 
     def _draft(self, hidden, next_ids, take, pos, L: int) -> torch.Tensor:
         """`SlotPool.draft` at fixed shapes, rows [0, B), over the first L positions: -> (B, V)."""
-        pool, model = self.pool, self.pool.model
-        B, T = next_ids.shape
-        P, cos, sin, mask, rows = self._where(pos, T, L)
-        mtp = model.mtp[0]
-        x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed_tokens(next_ids)), mtp.hnorm(hidden)], dim=-1))
-        cache = _Rows(pool.mtp_cache.layers[0], rows, P, B, L)
-        h = mtp.block(x, cos, sin, cache, L - T, attn_mask=mask)[0]  # (B, T, D)
-        return model.lm_head(mtp.norm(h[rows[:, 0], take]))  # (B, V)
+        model = self.pool.model
+        step = self._where(pos, next_ids.shape[1], L)
+        h_normed = step.mtp(model, hidden, next_ids, self.pool.mtp_cache)  # (B, T, D)
+        return model.lm_head(h_normed[step.rows[:, 0], take])  # (B, V)
 
     def _padded(self, t: torch.Tensor) -> torch.Tensor:
         """(n, ...) -> (R, ...) for the row bucket R that holds the n occupied rows, zeros past them."""
