@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 # the corpus fixture and the tiny run of the training tests
+from ranks import init_gloo, run_ranks  # noqa: E402
 from test_train import TINY, _train  # noqa: E402
 
 from minimoe.train.progress import TrainProgress, truncate_metrics
@@ -122,7 +123,7 @@ def _agree_rank(rank: int, port: int, out: str) -> None:
 
     from minimoe.train.trainer import Trainer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, port)
     try:
         me = types.SimpleNamespace(device=torch.device("cpu"))
         # rank 1 finds no time for another step (its own timings), rank 0 does: both must stop
@@ -133,13 +134,6 @@ def _agree_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_ranks_agree_on_running_out_of_time(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_agree_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_agree_rank, args=(str(tmp_path),), timeout_s=120)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == [11.0, False, True]
