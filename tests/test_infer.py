@@ -484,7 +484,65 @@ def test_static_verify_and_draft_equal_the_pooled_ones(attn_type, seed):
         torch.testing.assert_close(logits, want_logits)
         torch.testing.assert_close(hidden, want_hidden)
         torch.testing.assert_close(static.draft(hidden, next_ids, take), want_draft)
+        want = pool.speculate(tokens)  # the verify forward and the draft in one call (one graph)
+        got = static.speculate(tokens)
+        for name in want._fields:
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
         pool.advance((take + 1).tolist())
+
+
+def test_greedy_speculation_drafts_from_what_greedy_commits():
+    """A row whose draft is the argmax commits [draft, bonus] and drafts at position 1; a rejected
+    row commits the corrected token, drafts at position 0, and pads position 1 with that token."""
+    from minimoe.infer.slots import greedy_speculation
+
+    V, seen = 6, {}
+    best = torch.tensor([[2, 5], [3, 1], [0, 4]])  # the main model's argmax at each row's 2 positions
+    logits = torch.nn.functional.one_hot(best, V).float()
+
+    def forward(tokens):
+        seen["tokens"] = tokens
+        return logits, torch.zeros(3, 2, 4)
+
+    def draft(hidden, next_ids, take):
+        seen["next_ids"], seen["take"] = next_ids, take
+        return torch.zeros(3, V)
+
+    tokens = torch.tensor([[7, 2], [7, 4], [7, 0]])  # drafts: right, wrong, right
+    out = greedy_speculation(forward, draft, tokens)
+    assert out.best.tolist() == best.tolist()
+    assert seen["take"].tolist() == [1, 0, 1]
+    assert seen["next_ids"].tolist() == [[2, 5], [3, 3], [0, 4]]
+
+
+def test_fused_speculation_drafts_what_the_two_calls_draft():
+    """`SlotPool.speculate` against the engine's earlier two calls, with the next tokens chosen on
+    the host from the verify logits: the same logits, argmax and draft logits, on a real model."""
+    from minimoe.infer.slots import SlotPool
+
+    model = tiny_model("mla", seed=3)
+    pools = [SlotPool(model, slots=3, mtp=True, prefill_rows=3) for _ in range(2)]
+    for pool in pools:
+        prefill_together(pool, PROMPTS[:3], budget=12, tokens=[1, 1, 1])
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        first = torch.randint(0, model.cfg.vocab_size, (3, 1), generator=g)
+        logits, hidden = pools[0].forward(torch.cat([first, first], 1))
+        right = logits[:, 0].argmax(-1)  # row 0 drafts right, the others the wrong token
+        drafts = torch.where(torch.arange(3) == 0, right, (right + 1) % model.cfg.vocab_size)
+        tokens = torch.stack([first[:, 0], drafts], 1)
+        logits, hidden = pools[0].forward(tokens)
+        best = logits.argmax(-1).tolist()
+        new = [[b[0], b[1]] if b[0] == d else [b[0]] for b, d in zip(best, drafts.tolist())]
+        next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new])
+        take = torch.tensor([len(t) - 1 for t in new])
+        want = pools[0].draft(hidden, next_ids, take)
+        spec = pools[1].speculate(tokens)
+        assert spec.best.tolist() == best
+        torch.testing.assert_close(spec.logits, logits)
+        torch.testing.assert_close(spec.draft_logits, want)
+        for pool in pools:
+            pool.advance([len(t) for t in new])
 
 
 @pytest.mark.parametrize("attn_type, seed", [("mla", 0), ("gqa", 1), ("mla", 2)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -238,9 +239,44 @@ class SlotPool:
         h_normed = step.mtp(self.model, hidden, next_ids, self.mtp_cache)  # (n, T, D)
         return self.model.lm_head(h_normed[step.rows[:, 0], take])  # (n, V)
 
+    @torch.no_grad()
+    def speculate(self, tokens: torch.Tensor) -> Speculation:
+        """One greedy self-speculative step, uncommitted: `forward` over each row's [next token, draft],
+        then `draft` over what greedy decoding commits (see `greedy_speculation`)."""
+        return greedy_speculation(self.forward, self.draft, tokens)
+
     def advance(self, counts: Sequence[int]) -> None:
         """Commit counts[i] of the tokens `forward` fed to row i."""
         self.lengths = [length + c for length, c in zip(self.lengths, counts)]
+
+
+class Speculation(NamedTuple):
+    """One self-speculative step over n rows, as greedy decoding takes it (`greedy_speculation`)."""
+
+    logits: torch.Tensor  # (n, 2, V) the main model's, at each row's next token and its draft
+    hidden: torch.Tensor  # (n, 2, D) before the final norm: the MTP module's input
+    best: torch.Tensor  # (n, 2) argmax of logits: the corrected token, then the bonus one
+    draft_logits: torch.Tensor  # (n, V) the MTP module's, after the committed tokens
+
+
+def greedy_speculation(forward, draft, tokens: torch.Tensor) -> Speculation:
+    """Verify each row's draft and draft the next one, greedily, with no host sync in between.
+
+    A row whose draft (tokens[:, 1]) is the main model's argmax after its next token commits
+    [draft, bonus] and its next draft comes from the MTP module at the bonus position; otherwise it
+    commits the corrected token alone and drafts from there (its second position is padding). Rows
+    that sample decide on the host and call `draft` again with their own tokens.
+
+    Args:
+        forward: (n, T) tokens -> logits (n, T, V), hidden (n, T, D) (`SlotPool.forward`).
+        draft: hidden, next_ids (n, T), take (n,) -> (n, V) (`SlotPool.draft`).
+        tokens: (n, 2) each row's next token and its draft.
+    """
+    logits, hidden = forward(tokens)
+    best = logits.argmax(-1)  # (n, 2)
+    accepted = best[:, 0] == tokens[:, 1]
+    next_ids = torch.where(accepted[:, None], best, best[:, :1].expand_as(best))
+    return Speculation(logits, hidden, best, draft(hidden, next_ids, accepted.long()))
 
 
 def _copy_row(dst: LayerCache, i: int, src: LayerCache, j: int, length: int) -> None:

@@ -23,16 +23,17 @@ import time
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.slots import Prefill, SlotPool, _Step
+from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_speculation
 from minimoe.model.experts import GroupedExperts
 
 
 class StaticDecode:
     """The pool's decode step at fixed shapes, compiled once per shape.
 
-    Three calls mirror the pool's: `decode` (one token per row, committed), and for self-speculative
-    decoding `forward` (T tokens per row, not committed: last token and draft) and `draft` (the MTP
-    module over the same positions). Each runs the rows of one row bucket (`row_buckets`) over the
+    The calls mirror the pool's: `decode` (one token per row, committed), and for self-speculative
+    decoding `speculate` (the verify forward over each row's last token and draft, and the MTP draft,
+    in one graph), `forward` (T tokens per row, not committed) and `draft` (the MTP module over the
+    same positions: rows that sample draft again from their own tokens). Each runs the rows of one row bucket (`row_buckets`) over the
     positions of one position bucket (`buckets`), so each call has one compiled graph per pair of
     buckets, built by `warm_up`.
 
@@ -63,6 +64,7 @@ class StaticDecode:
             return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
 
         self._forward_fn, self._draft_fn = wrap(self._forward), wrap(self._draft)
+        self._speculate_fn = wrap(self._speculate)
         # the positions a step attends over: the smallest bucket holding every row's new tokens, from
         # max_len down by quarters to 16 (each bucket its own graph): short contexts in a large pool
         # read a quarter or less of the cache, whose reading dominates the step with many slots
@@ -74,7 +76,7 @@ class StaticDecode:
         if compile:
             # dynamo counts the graphs of one function over every instance (a bench holds several
             # pools), and with fullgraph=True reaching its limit is an error: make room for this one's
-            graphs = 2 * len(self.buckets) * len(self.row_buckets)  # T = 1 and 2 per pair of buckets
+            graphs = 3 * len(self.buckets) * len(self.row_buckets)  # forward, speculate, draft per pair
             torch._dynamo.config.recompile_limit += graphs
             torch._dynamo.config.accumulated_recompile_limit += graphs
 
@@ -102,6 +104,13 @@ class StaticDecode:
         h_normed = step.mtp(model, hidden, next_ids, self.pool.mtp_cache)  # (B, T, D)
         return model.lm_head(h_normed[step.rows[:, 0], take])  # (B, V)
 
+    def _speculate(self, tokens, pos, L: int) -> Speculation:
+        """`greedy_speculation` at fixed shapes, rows [0, B): the verify forward and the draft in one
+        graph (one call per step, no host sync between them)."""
+        return greedy_speculation(
+            lambda t: self._forward(t, pos, L), lambda h, n, k: self._draft(h, n, k, pos, L), tokens
+        )
+
     def _padded(self, t: torch.Tensor) -> torch.Tensor:
         """(n, ...) -> (R, ...) for the row bucket R that holds the n occupied rows, zeros past them."""
         R = next(R for R in self.row_buckets if R >= self.pool.n)
@@ -128,8 +137,8 @@ class StaticDecode:
     @torch.no_grad()
     def warm_up(self) -> float:
         """Compile now, on an empty pool (so only free rows are written), for every pair of row and
-        position buckets: the one-token step, or with an MTP cache the two-token forward and the
-        draft (what speculative decoding runs); seconds."""
+        position buckets: the one-token step, or with an MTP cache the speculative step and the draft
+        alone (what speculative decoding runs: the second for rows that sample); seconds."""
         pool = self.pool
         if pool.n:
             raise RuntimeError("warm_up needs an empty pool")
@@ -142,9 +151,11 @@ class StaticDecode:
             tokens = torch.zeros(R, T, dtype=torch.long, device=device)
             pos = torch.zeros(R, dtype=torch.long, device=device)
             for L in self.buckets:
-                _, hidden = self._forward_fn(tokens, pos, L)
-                if T == 2:
-                    self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
+                if T == 1:
+                    self._forward_fn(tokens, pos, L)
+                    continue
+                hidden = self._speculate_fn(tokens, pos, L).hidden
+                self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s
@@ -157,6 +168,13 @@ class StaticDecode:
         pos, L = self._lengths(tokens.device), self._bucket(tokens.shape[1])
         logits, hidden = self._timed(self._forward_fn, self._padded(tokens), pos, L)
         return logits[:n], hidden[:n]
+
+    @torch.no_grad()
+    def speculate(self, tokens: torch.Tensor) -> Speculation:
+        """What `SlotPool.speculate` does, at fixed shapes and in one compiled call."""
+        n, pad = self.pool.n, self._padded
+        out = self._timed(self._speculate_fn, pad(tokens), self._lengths(tokens.device), self._bucket(2))
+        return Speculation(*(t[:n] for t in out))
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
