@@ -102,7 +102,7 @@ def section_spec(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
         f"{trained_on}; {max_tokens} new tokens per prompt (32-token held-out prompts), greedy, fp32, "
         f"{torch.get_num_threads()} thread(s), engine steps include the prefill, median of {repeats}; "
         "the four engines take turns within every repeat; compile s is the speculative engine's "
-        "`warm_up` (verify forward + draft, torch.compile inductor)."
+        "`warm_up` (the one-graph speculative step and the draft alone, torch.compile inductor)."
     )
     return head + "\n\n" + table(
         ["batch", "plain tok/s", "speculative tok/s", "spec / plain", "compiled plain tok/s",
