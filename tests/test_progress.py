@@ -134,6 +134,6 @@ def _agree_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_ranks_agree_on_running_out_of_time(tmp_path):
-    run_ranks(_agree_rank, args=(str(tmp_path),), timeout_s=120)
+    run_ranks(_agree_rank, args=(str(tmp_path),), timeout_s=150)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == [11.0, False, True]

@@ -942,9 +942,10 @@ def test_engine_with_the_static_decode_step_equals_eager():
 
 
 def test_engine_speculative_through_the_static_step_equals_the_eager_speculative_engine():
-    """Engine(speculative=True, compile=True): the two-token verify forward and the MTP draft run at
-    fixed shapes (traced with the "eager" backend, one graph each); greedy and seeded sampled rows get
-    the same texts, and the same drafts are accepted, as in the eager speculative engine."""
+    """Engine(speculative=True, compile=True): the one-call greedy step (`speculate`), and the
+    two-token verify forward and the MTP draft of steps with a sampled row, run at fixed shapes (traced
+    with the "eager" backend, one graph each); greedy and seeded sampled rows get the same texts, and
+    the same drafts are accepted, as in the eager speculative engine."""
     from minimoe.infer.static import StaticDecode
 
     model, tok = _mtp_model()
@@ -961,12 +962,24 @@ def test_engine_speculative_through_the_static_step_equals_the_eager_speculative
     counter = CompileCounter()
     engine.static = StaticDecode(engine.pool, backend=counter)
     assert engine.warm_up() > 0
+    calls = {"speculate": 0, "forward": 0}
+    for name in calls:
+        real = getattr(engine.static, name)
+
+        def counted(*args, name=name, real=real):
+            calls[name] += 1
+            return real(*args)
+
+        setattr(engine.static, name, counted)
     assert _texts(_engine_run(engine, jobs())) == want
     assert (engine.drafted, engine.accepted) == (eager.drafted, eager.accepted) and engine.accepted > 0
-    # the verify forward and the draft, each compiled once per pair of row and position buckets, all
-    # at warm_up (three slots: buckets of 1 and 3 rows, and the jobs finishing one by one use both)
+    # steps with the sampled row take forward + draft; once it has finished, the greedy rows' steps
+    # are one call each
+    assert calls["forward"] > 0 and calls["speculate"] > 0
+    # the verify forward, the one-call step and the draft, each compiled once per pair of row and
+    # position buckets, all at warm_up (three slots: buckets of 1 and 3 rows, both used as jobs finish)
     assert engine.static.row_buckets == [1, 3]
-    assert counter.frame_count == 2 * len(engine.static.buckets) * 2
+    assert counter.frame_count == 3 * len(engine.static.buckets) * 2
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):

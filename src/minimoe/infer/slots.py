@@ -264,8 +264,8 @@ def greedy_speculation(forward, draft, tokens: torch.Tensor) -> Speculation:
 
     A row whose draft (tokens[:, 1]) is the main model's argmax after its next token commits
     [draft, bonus] and its next draft comes from the MTP module at the bonus position; otherwise it
-    commits the corrected token alone and drafts from there (its second position is padding). Rows
-    that sample decide on the host and call `draft` again with their own tokens.
+    commits the corrected token alone and drafts from there (its second position is padding). A
+    batch with rows that sample calls `forward` and `draft` itself, deciding on the host between them.
 
     Args:
         forward: (n, T) tokens -> logits (n, T, V), hidden (n, T, D) (`SlotPool.forward`).

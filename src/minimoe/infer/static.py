@@ -31,11 +31,11 @@ class StaticDecode:
     """The pool's decode step at fixed shapes, compiled once per shape.
 
     The calls mirror the pool's: `decode` (one token per row, committed), and for self-speculative
-    decoding `speculate` (the verify forward over each row's last token and draft, and the MTP draft,
-    in one graph), `forward` (T tokens per row, not committed) and `draft` (the MTP module over the
-    same positions: rows that sample draft again from their own tokens). Each runs the rows of one row bucket (`row_buckets`) over the
-    positions of one position bucket (`buckets`), so each call has one compiled graph per pair of
-    buckets, built by `warm_up`.
+    decoding `speculate` (greedy rows: the verify forward over each row's last token and draft, and
+    the MTP draft, in one graph), or `forward` (T tokens per row, not committed) and then `draft` (the
+    MTP module over the same positions) when a row samples and decides on the host. Each runs the
+    rows of one row bucket (`row_buckets`) over the positions of one position bucket (`buckets`), so
+    each call has one compiled graph per pair of buckets (and per token count T), built by `warm_up`.
 
     Args:
         pool: the SlotPool whose caches it writes (its MTP cache too, for `draft`).
@@ -76,7 +76,7 @@ class StaticDecode:
         if compile:
             # dynamo counts the graphs of one function over every instance (a bench holds several
             # pools), and with fullgraph=True reaching its limit is an error: make room for this one's
-            graphs = 3 * len(self.buckets) * len(self.row_buckets)  # forward, speculate, draft per pair
+            graphs = 3 * len(self.buckets) * len(self.row_buckets)  # forward, speculate and draft, per pair
             torch._dynamo.config.recompile_limit += graphs
             torch._dynamo.config.accumulated_recompile_limit += graphs
 
@@ -137,8 +137,8 @@ class StaticDecode:
     @torch.no_grad()
     def warm_up(self) -> float:
         """Compile now, on an empty pool (so only free rows are written), for every pair of row and
-        position buckets: the one-token step, or with an MTP cache the speculative step and the draft
-        alone (what speculative decoding runs: the second for rows that sample); seconds."""
+        position buckets: the one-token step, or with an MTP cache what speculative decoding runs
+        (`speculate` when every row is greedy, else the two-token `forward` and `draft`); seconds."""
         pool = self.pool
         if pool.n:
             raise RuntimeError("warm_up needs an empty pool")
@@ -151,11 +151,10 @@ class StaticDecode:
             tokens = torch.zeros(R, T, dtype=torch.long, device=device)
             pos = torch.zeros(R, dtype=torch.long, device=device)
             for L in self.buckets:
-                if T == 1:
-                    self._forward_fn(tokens, pos, L)
-                    continue
-                hidden = self._speculate_fn(tokens, pos, L).hidden
-                self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
+                _, hidden = self._forward_fn(tokens, pos, L)
+                if T == 2:
+                    self._speculate_fn(tokens, pos, L)
+                    self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s

@@ -34,7 +34,7 @@ import torch
 from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_threads, fit_prompt, make_generator, release_openmp_threads
 from minimoe.infer.sampling import SamplingParams, process_logits
-from minimoe.infer.slots import Prefill, SlotPool, Speculation
+from minimoe.infer.slots import Prefill, SlotPool
 from minimoe.infer.speculative import choose_token, verify_draft
 from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
@@ -279,25 +279,29 @@ class Engine:
             self._remove(i)
 
     def _decode_speculative(self) -> None:
-        """One verify forward over [next token, draft] of every row and one batched MTP step, greedy
-        acceptance between them (`speculate`: one compiled call with the static step); rows that
-        sample accept on the host, and then every row drafts again from what it committed."""
+        """One verify forward over [next token, draft] of every row, then one batched MTP step. When
+        every row is greedy, acceptance is decided between them on the device (`speculate`: one call,
+        one compiled graph with the static step); a row that samples accepts on the host, between
+        `forward` and `draft`."""
         running = self._running
         device = self.pool.cache.layers[0].a.device
         tokens = torch.tensor([[s.next_token, s.draft] for s in running], device=device)  # (n, 2)
         try:
             with decode_threads(self.model, 2 * len(running)):
                 step = self.static or self.pool
-                spec = step.speculate(tokens)
-                new = self._verify(spec, running)
-                accepted = [len(toks) == 2 for toks in new]
-                draft_logits = spec.draft_logits  # (n, V)
-                if not all(s.sampling.greedy for s in running):
+                if all(s.sampling.greedy for s in running):
+                    spec = step.speculate(tokens)
+                    new = self._verify(spec.logits, spec.best, running)
+                    draft_logits = spec.draft_logits  # (n, V)
+                else:
+                    logits, hidden = step.forward(tokens)  # (n, 2, V), (n, 2, D)
+                    new = self._verify(logits, logits.argmax(-1), running)
                     # MTP input per row: the committed positions' next tokens; a rejected row's second
                     # position is masked padding (its length advances by one)
-                    next_ids = [toks if len(toks) == 2 else toks * 2 for toks in new]
-                    take = torch.tensor(accepted, device=device, dtype=torch.long)
-                    draft_logits = step.draft(spec.hidden, torch.tensor(next_ids, device=device), take)
+                    next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new], device=device)
+                    take = torch.tensor([len(t) - 1 for t in new], device=device)
+                    draft_logits = step.draft(hidden, next_ids, take)
+                accepted = [len(toks) == 2 for toks in new]
                 self.pool.advance([len(toks) for toks in new])
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
@@ -314,13 +318,13 @@ class Engine:
         for i in reversed(done):
             self._remove(i)
 
-    def _verify(self, spec: Speculation, seqs: list[_Seq]) -> list[list[int]]:
-        """Each row's new tokens from the verify step: [draft, bonus] when its draft is accepted, else
-        [the corrected token]. Greedy rows read the step's argmax (one host sync for all); sampled rows
-        draw from their own generators, as `minimoe.infer.speculative` does for one sequence."""
+    def _verify(self, logits: torch.Tensor, best: torch.Tensor, seqs: list[_Seq]) -> list[list[int]]:
+        """Each row's new tokens from the verify step's (n, 2, V) logits and their argmax `best`
+        (n, 2): [draft, bonus] when its draft is accepted, else [the corrected token]. Greedy rows read
+        `best` (one host sync for all); sampled rows draw from their own generators, as
+        `minimoe.infer.speculative` does for one sequence."""
         out: list[list[int]] = [[] for _ in seqs]
-        logits = spec.logits
-        for i, (tok, bonus) in enumerate(spec.best.tolist()):  # (n, 2)
+        for i, (tok, bonus) in enumerate(best.tolist()):
             if seqs[i].sampling.greedy:
                 out[i] = [tok, bonus] if tok == seqs[i].draft else [tok]
         for i, seq in enumerate(seqs):
