@@ -227,27 +227,23 @@ def two_ranks(env):
 
 
 def _torchrun(cmd: list[str], run_dir: Path, timeout_s: float = 180) -> tuple[str, str, int]:
-    """Run a torchrun command; a start that hangs is stopped (SIGTERM: torchrun stops its workers)
-    and tried once more. (stdout, stderr, exit code)."""
+    """Run a torchrun command; a start that hangs is stopped and tried once more. (stdout, stderr,
+    exit code)."""
     for attempt in (1, 2):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(timeout=timeout_s)
             return out, err, proc.returncode
         except subprocess.TimeoutExpired:
-            proc.terminate()
+            proc.terminate()  # SIGTERM: torchrun stops its workers, which live in their own sessions
             try:
-                out, err = proc.communicate(timeout=30)
+                _, err = proc.communicate(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                out, err = proc.communicate()
-            if attempt == 2:
-                raise AssertionError(
-                    f"torchrun did not finish in {timeout_s:.0f} s twice: {err[-3000:]}"
-                ) from None
-            warnings.warn(f"torchrun hung and was started again: {err[-3000:]}", stacklevel=2)
-            shutil.rmtree(run_dir, ignore_errors=True)
-    raise AssertionError("unreachable")
+                _, err = proc.communicate()
+        warnings.warn(f"torchrun hung (attempt {attempt}): {err[-3000:]}", stacklevel=2)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    raise AssertionError(f"torchrun did not finish in {timeout_s:.0f} s twice")
 
 
 def _one_process(root: Path, corpus: Path, name: str, extra: list[str], steps=STEPS) -> Path:
