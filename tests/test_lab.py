@@ -335,6 +335,17 @@ def test_compare_equal_flops_sweep(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count("skip") == 2
     assert (out / "report.md").read_text() == report
 
+    # a run stopped half-way (its latest checkpoint before max_steps) has evaluations, but not its
+    # final one: the report leaves it out instead of averaging its last evaluation in
+    dense = out / "dense" / "seed_3" / "checkpoints"
+    meta = dense / (dense / "latest").read_text().strip() / "meta.json"
+    m = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**m, "step": m["step"] - 1}))
+    assert main(["compare", str(sweep_file), "--out", str(out), "--report-only"]) == 0
+    partial = (out / "report.md").read_text()
+    assert "| dense | 0/1 |" in partial and "| moe | 1/1 |" in partial
+    meta.write_text(json.dumps(m))
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("variants: {a: []}\nbudget: {hours: 3}\n")
     assert main(["compare", str(bad)]) == 2

@@ -29,7 +29,7 @@ from minimoe.config_yaml import build_run_config, load_yaml
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.lab.flops import flops_per_token, steps_for_budget
 from minimoe.lab.report import write_report
-from minimoe.lab.sweep import PlannedRun, Sweep
+from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 
 SWEEP_KEYS = (
     "name", "description", "base", "data", "val_data", "budget", "seeds", "variants", "contrasts", "report",
@@ -216,27 +216,6 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
     # still compares all variants
     out.sort(key=lambda r: sweep.seeds.index(r.seed))
     return out
-
-
-def run_state(run_dir: Path, max_steps: int, max_minutes: float | None = None) -> str:
-    """'done' (latest checkpoint at max_steps, or at max_minutes on its clock), 'partial' (a checkpoint
-    before that) or 'new'."""
-    import json
-
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return "new"
-    meta = run_dir / "checkpoints" / latest.read_text().strip() / "meta.json"
-    try:
-        m = json.loads(meta.read_text())
-        step = m["step"]
-    except (OSError, ValueError, KeyError):
-        return "new"
-    # a time budget ends a little early (the trainer stops when the next step and the final evaluation
-    # would not fit) and records it in the checkpoint
-    if max_minutes is not None and (m.get("out_of_time") or m.get("elapsed_s", 0.0) >= max_minutes * 60):
-        return "done"
-    return "done" if step >= max_steps else "partial"
 
 
 def _report_file(name, path: Path) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimoe.lab.flops import tokens_per_step
-from minimoe.lab.sweep import PlannedRun, Sweep
+from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 from minimoe.params import count_params
 
 
@@ -29,10 +29,13 @@ class RunSummary:
 
 
 def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
-    """Final numbers of one finished run (None when it has no evaluation yet)."""
+    """Final numbers of one finished run (None when it has not reached its budget: a run stopped
+    half-way has an evaluation, but not the final one)."""
     from minimoe.lab.plot import read_metrics
 
     if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    if run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes) != "done":
         return None
     train, evals = read_metrics(run_dir / "metrics.jsonl")
     if not evals:

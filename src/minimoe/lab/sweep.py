@@ -1,7 +1,9 @@
-"""The data of a sweep: a parsed sweep file (`Sweep`) and the runs it plans (`PlannedRun`)."""
+"""The data of a sweep: a parsed sweep file (`Sweep`), the runs it plans (`PlannedRun`) and how far
+each has got on disk (`run_state`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,3 +40,22 @@ class PlannedRun:
     @property
     def name(self) -> str:
         return f"{self.variant}/seed_{self.seed}"
+
+
+def run_state(run_dir: Path, max_steps: int, max_minutes: float | None = None) -> str:
+    """'done' (latest checkpoint at max_steps, or at max_minutes on its clock), 'partial' (a checkpoint
+    before that) or 'new'."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return "new"
+    meta = run_dir / "checkpoints" / latest.read_text().strip() / "meta.json"
+    try:
+        m = json.loads(meta.read_text())
+        step = m["step"]
+    except (OSError, ValueError, KeyError):
+        return "new"
+    # a time budget ends a little early (the trainer stops when the next step and the final evaluation
+    # would not fit) and records it in the checkpoint
+    if max_minutes is not None and (m.get("out_of_time") or m.get("elapsed_s", 0.0) >= max_minutes * 60):
+        return "done"
+    return "done" if step >= max_steps else "partial"
