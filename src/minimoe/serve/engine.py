@@ -323,15 +323,13 @@ class Engine:
         (n, 2): [draft, bonus] when its draft is accepted, else [the corrected token]. Greedy rows read
         `best` (one host sync for all); sampled rows draw from their own generators, as
         `minimoe.infer.speculative` does for one sequence."""
-        out: list[list[int]] = [[] for _ in seqs]
-        for i, (tok, bonus) in enumerate(best.tolist()):
-            if seqs[i].sampling.greedy:
-                out[i] = [tok, bonus] if tok == seqs[i].draft else [tok]
-        for i, seq in enumerate(seqs):
+        out: list[list[int]] = []
+        for seq, (tok, bonus), row in zip(seqs, best.tolist(), logits):
             if seq.sampling.greedy:
+                out.append([tok, bonus] if tok == seq.draft else [tok])
                 continue
-            ok, tok = verify_draft(seq.draft, seq.q, logits[i, 0:1], seq.sampling, None, seq.gen)
-            out[i] = [tok, choose_token(logits[i, 1:2], seq.sampling, None, seq.gen)[0]] if ok else [tok]
+            ok, tok = verify_draft(seq.draft, seq.q, row[0:1], seq.sampling, None, seq.gen)
+            out.append([tok, choose_token(row[1:2], seq.sampling, None, seq.gen)[0]] if ok else [tok])
         return out
 
     def _set_drafts(self, draft_logits: torch.Tensor, seqs: list[_Seq]) -> None:
