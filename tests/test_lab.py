@@ -372,6 +372,7 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
         "name: timed\nbase:\n  overrides: " + json.dumps(base) + "\ndata: corpus.txt\n"
         f"budget: {{minutes: 0.01, clock: {clock}}}\nseeds: [1, 2]\n"
         "variants:\n  moe: []\n  dense: [model.n_routed_experts=0]\ncontrasts: [[dense, moe]]\n"
+        "equivalence: 5.0\n"
     )
     sweep = compare.load_sweep(sweep_file)
     assert sweep.budget_kind == "minutes" and sweep.clock == clock
@@ -400,6 +401,8 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
     diffs = [rows[1]["val_loss_by_seed"][s] - rows[0]["val_loss_by_seed"][s] for s in (1, 2)]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and float(cells[2].split(" ± ")[0]) == pytest.approx(sum(diffs) / 2, abs=1e-4)
+    expected = lab_report.verdict(lab_report.paired_stats(diffs), 5.0)  # a 5-nat margin decides either way
+    assert cells[3] == expected != "no" and "inside ±5 nats" in report
 
 
 def test_compare_jobs_train_in_parallel_processes_with_the_same_results(tmp_path, monkeypatch, capsys):
@@ -459,6 +462,26 @@ def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
         else:
             assert n > st["n"]
     assert lab_report.seeds_to_resolve(lab_report.paired_stats([0.1, -0.1])) is None  # mean 0
+
+
+def test_verdict_is_a_difference_or_an_equivalence_decided_by_the_interval(tmp_path, capsys):
+    """An interval excluding 0 resolves as lower/higher; one inside the sweep's +-equivalence margin as
+    equal; one straddling 0 but reaching past the margin, or any tie without a margin, does not."""
+    st = lambda lo, hi: {"n": 10, "mean": (lo + hi) / 2, "se": (hi - lo) / 4, "lo": lo, "hi": hi}  # noqa: E731
+    assert lab_report.verdict(st(-0.03, -0.001), 0.02) == "yes: lower"
+    assert lab_report.verdict(st(0.001, 0.05)) == "yes: higher"
+    assert lab_report.verdict(st(-0.012, 0.007), 0.02) == "yes: equal within ±0.02"
+    assert lab_report.verdict(st(-0.012, 0.007)) == "no"  # no margin: a tie is not a decision
+    assert lab_report.verdict(st(-0.0216, 0.0153), 0.02) == "no"  # reaches past the margin
+    assert lab_report.verdict(st(-0.02, 0.01), 0.02) == "no"  # touching the margin is not inside it
+    assert lab_report.verdict(None, 0.02) == "–"
+    sweep_file = tmp_path / "eq.yaml"
+    sweep_file.write_text("variants: {a: [], b: []}\nbudget: {steps: 3}\nequivalence: 0.02\n")
+    assert compare.load_sweep(sweep_file).equivalence == 0.02
+    for bad in ("-0.01", "0", "true", ".nan", "'small'"):
+        sweep_file.write_text(f"variants: {{a: []}}\nbudget: {{steps: 3}}\nequivalence: {bad}\n")
+        assert main(["compare", str(sweep_file)]) == 2
+        assert "equivalence must be a positive margin" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,8 @@ from minimoe.lab.report import write_report
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 
 SWEEP_KEYS = (
-    "name", "description", "base", "data", "val_data", "budget", "seeds", "variants", "contrasts", "report",
+    "name", "description", "base", "data", "val_data", "budget", "seeds", "variants", "contrasts", "equivalence",
+    "report",
 )  # fmt: skip
 BUDGET_KINDS = ("tokens", "flops", "steps", "minutes")
 TIME_BUDGET_MAX_STEPS = 1_000_000  # a minutes budget stops on the clock; this only bounds the step count
@@ -132,6 +133,15 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         if missing:
             raise MinimoeError(f"sweep file {path}: contrast names an unknown variant '{missing[0]}'")
         contrasts.append((c[0], c[1]))
+    equivalence = d.get("equivalence")
+    if equivalence is not None and (
+        isinstance(equivalence, bool)
+        or not isinstance(equivalence, (int, float))
+        or not 0 < equivalence < float("inf")
+    ):
+        raise MinimoeError(
+            f"sweep file {path}: equivalence must be a positive margin in nats of val loss, got {equivalence!r}"
+        )
     here = path.resolve().parent
     cwd = Path.cwd()
     return Sweep(
@@ -144,6 +154,7 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         budget=value,
         clock=clock or "wall",
         contrasts=contrasts,
+        equivalence=None if equivalence is None else float(equivalence),
         report=_report_file(d.get("report", "report.md"), path),
         # neither preset nor config: `minimoe train`'s default, the tiny preset (what the runs train from)
         base_preset=base.get("preset") or (None if base.get("config") else "tiny"),

@@ -125,6 +125,7 @@ def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
         for key in ("val_loss", "val_bpb", "max_vio_batch", "max_vio_global"):
             res[key] = paired_stats(_paired(ra[key + "_by_seed"], rb[key + "_by_seed"]))
         res["both_moe"] = ra["is_moe"] and rb["is_moe"]
+        res["equivalence"] = sweep.equivalence
         out.append(res)
     return out
 
@@ -142,9 +143,18 @@ def _table(columns: list[tuple[str, Callable[[dict], str]]], items: list[dict]) 
     return "\n".join(lines)
 
 
-def _resolved(st: dict | None) -> str:
-    """Whether a contrast's interval excludes 0."""
-    return "–" if st is None else ("yes" if st["lo"] > 0 or st["hi"] < 0 else "no")
+def verdict(st: dict | None, equivalence: float | None = None) -> str:
+    """What a contrast's 95% interval decides: a difference when it excludes 0 ("lower" or "higher"),
+    a tie when it lies inside +-equivalence (when the sweep sets a margin), else nothing yet."""
+    if st is None:
+        return "–"
+    if st["hi"] < 0:
+        return "yes: lower"
+    if st["lo"] > 0:
+        return "yes: higher"
+    if equivalence is not None and -equivalence < st["lo"] and st["hi"] < equivalence:
+        return f"yes: equal within ±{equivalence:g}"
+    return "no"
 
 
 def _seeds_cell(st: dict | None) -> str:
@@ -160,7 +170,7 @@ def contrast_table(contrasts: list[dict]) -> str:
             ("contrast", lambda c: f"{c['variant']} − {c['reference']}"),
             ("seeds", lambda c: str(c["val_loss"]["n"] if c["val_loss"] else 0)),
             ("Δ val loss: mean ± SE [95% interval]", lambda c: _fmt_stats(c["val_loss"])),
-            ("resolved", lambda c: _resolved(c["val_loss"])),
+            ("resolved", lambda c: verdict(c["val_loss"], c["equivalence"])),
             ("seeds to resolve at this mean and spread", lambda c: _seeds_cell(c["val_loss"])),
             ("Δ val bpb: mean ± SE [95%]", lambda c: _fmt_stats(c["val_bpb"])),
             (
@@ -273,7 +283,12 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
         markdown_table(rows),
         "",
         "Contrasts, paired by seed: the mean of the per-seed differences, its standard error (std / √n) and "
-        "a 95% Student-t interval. A contrast is resolved when its interval excludes 0.",
+        "a 95% Student-t interval. A contrast is resolved when its interval excludes 0 (a difference)"
+        + (
+            f" or lies inside ±{sweep.equivalence:g} nats (equal to within that margin, the sweep's `equivalence`)."
+            if sweep.equivalence is not None
+            else "."
+        ),
         "",
         contrast_table(contrast_rows(sweep, rows)),
         "",

@@ -20,6 +20,8 @@ class Sweep:
     budget: float
     clock: str = "wall"  # minutes budgets: "wall" | "cpu"
     contrasts: list[tuple[str, str]] = field(default_factory=list)  # (variant, reference)
+    # a contrast whose 95% interval lies inside +-equivalence (nats of val loss) is resolved as a tie
+    equivalence: float | None = None
     report: str = "report.md"  # file name in the output folder
     base_preset: str | None = None
     base_config: str | None = None
