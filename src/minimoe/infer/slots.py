@@ -93,14 +93,19 @@ class _Step:
             x, _ = block(x, self.cos, self.sin, self.cache(layer), self.start, self.mask)
         return x
 
-    def mtp(self, model, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def mtp(
+        self, model, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, take: torch.Tensor
+    ) -> torch.Tensor:
         """MTP module 0 at these positions, writing `cache`, as in training: position j combines the
-        main hidden state h_j (n, T, D) with the embedding of token j + 1 (`next_ids`, (n, T)); its
-        normed output (n, T, D)."""
+        main hidden state h_j (n, T, D) with the embedding of token j + 1 (`next_ids`, (n, T)). Every
+        position writes its cache entry; the block's FFN runs at one position per row, take (n,): its
+        normed output (n, D)."""
         emb = model.embed_tokens(next_ids)
         cache_rows = self.cache(cache.layers[0])
-        _, h_normed, _ = model.mtp[0](hidden, emb, self.cos, self.sin, cache_rows, self.start, self.mask)
-        return h_normed
+        _, h_normed, _ = model.mtp[0](
+            hidden, emb, self.cos, self.sin, cache_rows, self.start, self.mask, keep=take[:, None]
+        )
+        return h_normed[:, 0]
 
 
 def _step_at(
@@ -236,8 +241,7 @@ class SlotPool:
             (n, V) draft logits: the token after next of each row.
         """
         step = self._step(hidden.shape[1], hidden.device)
-        h_normed = step.mtp(self.model, hidden, next_ids, self.mtp_cache)  # (n, T, D)
-        return self.model.lm_head(h_normed[step.rows[:, 0], take])  # (n, V)
+        return self.model.lm_head(step.mtp(self.model, hidden, next_ids, self.mtp_cache, take))  # (n, V)
 
     @torch.no_grad()
     def speculate(self, tokens: torch.Tensor) -> Speculation:
@@ -349,7 +353,7 @@ class Prefill:
             # one is written by first_draft, with the first new token); padding writes are masked
             nxt = [self.ids[r][self.done[r] + 1 : self.done[r] + 1 + T] for r in rows]
             next_ids = torch.tensor([n + [0] * (T - len(n)) for n in nxt], device=device)
-            step.mtp(model, x, next_ids, pool.mtp_scratch)
+            step.mtp(model, x, next_ids, pool.mtp_scratch, torch.zeros_like(next_ids[:, 0]))  # cache only
         finished = []
         for i, (r, k) in enumerate(zip(rows, takes)):
             self.done[r] += k
@@ -376,4 +380,5 @@ class Prefill:
         hidden = torch.stack([self._last_hidden[r] for r in rows])[:, None]  # (f, 1, D)
         step = _step_at(model, [len(self.ids[r]) - 1 for r in rows], 1, device, pool.max_len, rows)
         next_ids = torch.tensor(list(tokens), device=device)[:, None]  # (f, 1)
-        return model.lm_head(step.mtp(model, hidden, next_ids, pool.mtp_scratch)[:, -1])  # (f, V)
+        take = torch.zeros_like(next_ids[:, 0])  # (f,) its only position
+        return model.lm_head(step.mtp(model, hidden, next_ids, pool.mtp_scratch, take))  # (f, V)

@@ -49,9 +49,10 @@ def mtp_step(model, cache: KVCache, hidden: torch.Tensor, next_ids: torch.Tensor
     start, T = cache.pos, hidden.shape[1]
     cos, sin = model.rope_cos[start : start + T], model.rope_sin[start : start + T]
     emb = model.embed_tokens(next_ids)  # (1, T, D)
-    _, h_normed, _ = model.mtp[0](hidden, emb, cos, sin, cache.layers[0], start)
+    last = torch.full((1, 1), T - 1, dtype=torch.long, device=hidden.device)  # the FFN runs there only
+    _, h_normed, _ = model.mtp[0](hidden, emb, cos, sin, cache.layers[0], start, keep=last)
     cache.pos += T
-    return model.lm_head(h_normed[:, -1])  # (1, V)
+    return model.lm_head(h_normed[:, 0])  # (1, V)
 
 
 def _seen_with(seen: torch.Tensor | None, token: int) -> torch.Tensor | None:

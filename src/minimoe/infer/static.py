@@ -101,8 +101,7 @@ class StaticDecode:
         """`SlotPool.draft` at fixed shapes, rows [0, B), over the first L positions: -> (B, V)."""
         model = self.pool.model
         step = self._where(pos, next_ids.shape[1], L)
-        h_normed = step.mtp(model, hidden, next_ids, self.pool.mtp_cache)  # (B, T, D)
-        return model.lm_head(h_normed[step.rows[:, 0], take])  # (B, V)
+        return model.lm_head(step.mtp(model, hidden, next_ids, self.pool.mtp_cache, take))  # (B, V)
 
     def _speculate(self, tokens, pos, L: int) -> Speculation:
         """`greedy_speculation` at fixed shapes, rows [0, B): the verify forward and the draft in one

@@ -58,9 +58,16 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, "swiglu")
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None):
+    def forward(
+        self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None, keep=None
+    ):
+        """x (B, T, D) -> (B, T, D) and the MoE stats. keep: optional (B, K) long, the positions of each
+        row whose output is wanted (a decode step that needs the cache entries of every position but
+        the output of one): the FFN runs on those only and the output is (B, K, D)."""
         a = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn_mask=attn_mask)
         x = x + self.dropout(a)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, stats = self.mlp(h)
