@@ -347,6 +347,37 @@ def _warmed(static):
     return static
 
 
+def test_static_decode_compiles_and_runs_at_one_thread_count(monkeypatch):
+    """Under passive OpenMP waiting at two threads, a small fixed-shape step is built (`warm_up`) and
+    run at one thread, every call of it (the one-token step, the speculative step, the draft), and the
+    caller's two threads come back after each: inductor writes the thread count into the kernels it
+    generates, so the count a graph was compiled at must be the one it runs at."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        static = StaticDecode(SlotPool(tiny_model(mtp_depth=1), 2, max_len=32, mtp=True), compile=False)
+        seen = []
+        for name in ("_forward_fn", "_speculate_fn", "_draft_fn"):
+            fn = getattr(static, name)
+            setattr(static, name, lambda *a, f=fn, n=name: seen.append((n, torch.get_num_threads())) or f(*a))
+        static.warm_up()
+        assert {n for n, _ in seen} == {"_forward_fn", "_speculate_fn", "_draft_fn"}
+        assert {t for _, t in seen} == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        static.pool.add(3)
+        spec = static.speculate(torch.tensor([[4, 5]]))
+        static.draft(spec.hidden, spec.best, torch.tensor([1]))
+        static.decode(torch.tensor([7]))
+        assert [n for n, _ in seen] == ["_speculate_fn", "_draft_fn", "_forward_fn"]
+        assert {t for _, t in seen} == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     """The fixed-shape step (a bucket of rows, a bucket of positions, masked) against the eager pooled

@@ -23,6 +23,7 @@ import time
 import torch
 
 from minimoe.errors import MinimoeError
+from minimoe.infer.common import decode_threads
 from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_speculation
 from minimoe.model.experts import GroupedExperts
 
@@ -125,9 +126,17 @@ class StaticDecode:
     def _lengths(self, device) -> torch.Tensor:
         return self._padded(torch.tensor(self.pool.lengths, dtype=torch.long, device=device))
 
+    def _threads(self, rows: torch.Tensor):
+        """The intra-op threads of a call over `rows` ((R, T, ...): R x T token rows), the same when
+        it is compiled and every time it runs (`decode_threads`: one thread for a small step under
+        passive OpenMP waiting). Inductor writes the thread count into the kernels it generates, so a
+        graph compiled at two threads and run at one would still wake a second thread per kernel."""
+        return decode_threads(self.pool.model, rows.shape[0] * rows.shape[1])
+
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
-        out = fn(*args)
+        with self._threads(args[0]):
+            out = fn(*args)
         if self._calls == 0:
             self.compile_s = time.perf_counter() - t0
         self._calls += 1
@@ -150,10 +159,13 @@ class StaticDecode:
             tokens = torch.zeros(R, T, dtype=torch.long, device=device)
             pos = torch.zeros(R, dtype=torch.long, device=device)
             for L in self.buckets:
-                _, hidden = self._forward_fn(tokens, pos, L)
-                if T == 2:
-                    self._speculate_fn(tokens, pos, L)
-                    self._draft_fn(hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L)
+                with self._threads(tokens):
+                    _, hidden = self._forward_fn(tokens, pos, L)
+                    if T == 2:
+                        self._speculate_fn(tokens, pos, L)
+                        self._draft_fn(
+                            hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L
+                        )
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
         return self.compile_s
@@ -178,7 +190,9 @@ class StaticDecode:
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
         """What `SlotPool.draft` does, at fixed shapes: (n, V) draft logits."""
         pad, L = self._padded, self._bucket(next_ids.shape[1])
-        logits = self._draft_fn(pad(hidden), pad(next_ids), pad(take), self._lengths(hidden.device), L)
+        logits = self._timed(
+            self._draft_fn, pad(hidden), pad(next_ids), pad(take), self._lengths(hidden.device), L
+        )
         return logits[: self.pool.n]
 
     @torch.no_grad()
