@@ -347,35 +347,57 @@ def _warmed(static):
     return static
 
 
-def test_static_decode_compiles_and_runs_at_one_thread_count(monkeypatch):
-    """Under passive OpenMP waiting at two threads, a small fixed-shape step is built (`warm_up`) and
-    run at one thread, every call of it (the one-token step, the speculative step, the draft), and the
-    caller's two threads come back after each: inductor writes the thread count into the kernels it
-    generates, so the count a graph was compiled at must be the one it runs at."""
+def test_static_decode_compiles_and_runs_each_graph_at_one_thread_count(monkeypatch):
+    """Under passive OpenMP waiting at two threads, each fixed-shape graph is traced (`warm_up`) and run
+    at one thread count, whatever count the caller holds (the engine enters `decode_threads` around
+    every step, its eager rule): one thread for a small row bucket, the process's two for a large one
+    (the threshold is moved between the two buckets here), every call (the speculative step, the draft,
+    the two-token step), and the caller's count back after each call. Dynamo guards a graph on the
+    thread count it was traced at: a call at another count would compile it again."""
+    from torch._dynamo.testing import CompileCounter
+
+    from minimoe.infer import common
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    model = tiny_model(mtp_depth=1)
+    # a step of one row (two tokens) is small, one of two rows (four tokens) is not
+    monkeypatch.setattr(common, "SINGLE_THREAD_DECODE_FLOPS", common.decode_flops(model, 3))
     saved = torch.get_num_threads()
     torch.set_num_threads(2)
+    torch._dynamo.reset()
+    counter = CompileCounter()
     try:
-        static = StaticDecode(SlotPool(tiny_model(mtp_depth=1), 2, max_len=32, mtp=True), compile=False)
+        pool = SlotPool(model, 2, max_len=32, mtp=True)
+        static = StaticDecode(pool, backend=counter)
         seen = []
         for name in ("_forward_fn", "_speculate_fn", "_draft_fn"):
             fn = getattr(static, name)
-            setattr(static, name, lambda *a, f=fn, n=name: seen.append((n, torch.get_num_threads())) or f(*a))
+            setattr(
+                static,
+                name,
+                lambda *a, f=fn, n=name: seen.append((n, a[0].shape[0], torch.get_num_threads())) or f(*a),
+            )
         static.warm_up()
-        assert {n for n, _ in seen} == {"_forward_fn", "_speculate_fn", "_draft_fn"}
-        assert {t for _, t in seen} == {1} and torch.get_num_threads() == 2
-        seen.clear()
-        static.pool.add(3)
-        spec = static.speculate(torch.tensor([[4, 5]]))
-        static.draft(spec.hidden, spec.best, torch.tensor([1]))
-        static.decode(torch.tensor([7]))
-        assert [n for n, _ in seen] == ["_speculate_fn", "_draft_fn", "_forward_fn"]
-        assert {t for _, t in seen} == {1} and torch.get_num_threads() == 2
+        traced = counter.frame_count
+        assert traced == len(seen) == 6  # 3 calls x row buckets 1 and 2
+        assert {(rows, t) for _, rows, t in seen} == {(1, 1), (2, 2)} and torch.get_num_threads() == 2
+        for n in (1, 2):
+            pool.add(3)
+            for caller in (2, 1):
+                seen.clear()
+                with common.num_threads(caller):
+                    spec = static.speculate(torch.tensor([[4, 5]] * n))
+                    static.draft(spec.hidden, spec.best, torch.tensor([1] * n))
+                    static.forward(torch.tensor([[7, 8]] * n))  # the two-token step (sampled rows)
+                    assert torch.get_num_threads() == caller
+                assert [name for name, _, _ in seen] == ["_speculate_fn", "_draft_fn", "_forward_fn"]
+                assert {t for _, _, t in seen} == {n}
+        assert counter.frame_count == traced  # nothing compiled again
     finally:
         torch.set_num_threads(saved)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])

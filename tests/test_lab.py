@@ -478,7 +478,11 @@ def test_verdict_is_a_difference_or_an_equivalence_decided_by_the_interval(tmp_p
     sweep_file = tmp_path / "eq.yaml"
     sweep_file.write_text("variants: {a: [], b: []}\nbudget: {steps: 3}\nequivalence: 0.02\n")
     assert compare.load_sweep(sweep_file).equivalence == 0.02
-    for bad in ("-0.01", "0", "true", ".nan", "'small'"):
+    sweep_file.write_text(
+        "variants: {a: [], b: []}\nbudget: {steps: 3}\nequivalence: 1e-2\n"
+    )  # a YAML string
+    assert compare.load_sweep(sweep_file).equivalence == 0.01
+    for bad in ("-0.01", "0", "true", ".nan", ".inf", "'small'", "1" + "0" * 400):
         sweep_file.write_text(f"variants: {{a: []}}\nbudget: {{steps: 3}}\nequivalence: {bad}\n")
         assert main(["compare", str(sweep_file)]) == 2
         assert "equivalence must be a positive margin" in capsys.readouterr().err

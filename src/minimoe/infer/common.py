@@ -118,27 +118,39 @@ def decode_flops(model, batch: int) -> float:
     return 2.0 * n * batch
 
 
-@contextlib.contextmanager
-def decode_threads(model, batch: int) -> Iterator[None]:
-    """One intra-op thread for one small CPU decode step under passive OpenMP waiting (see
-    SINGLE_THREAD_DECODE_FLOPS); the old count comes back on exit.
-
-    Enter it around a single forward pass, never across a `yield`: the thread count is process-wide,
-    and a caller's code must not run with it changed."""
-    saved = torch.get_num_threads()
+def decode_thread_count(model, batch: int, threads: int) -> int:
+    """The intra-op threads for one CPU decode step of `batch` rows, for a caller holding `threads`:
+    one for a small step under passive OpenMP waiting (see SINGLE_THREAD_DECODE_FLOPS), else `threads`."""
     if (
-        saved == 1
+        threads == 1
         or not passive_openmp()
         or model.embed_tokens.weight.device.type != "cpu"
         or decode_flops(model, batch) >= SINGLE_THREAD_DECODE_FLOPS
     ):
+        return threads
+    return 1
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n inside, the old count back on exit."""
+    saved = torch.get_num_threads()
+    if n == saved:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def decode_threads(model, batch: int):
+    """A context for one decode step at `decode_thread_count` threads; the old count comes back on exit.
+
+    Enter it around a single forward pass, never across a `yield`: the thread count is process-wide,
+    and a caller's code must not run with it changed."""
+    return num_threads(decode_thread_count(model, batch, torch.get_num_threads()))
 
 
 def check_max_new_tokens(n: int) -> None:

@@ -23,7 +23,7 @@ import time
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.common import decode_threads
+from minimoe.infer.common import decode_thread_count, num_threads
 from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_speculation
 from minimoe.model.experts import GroupedExperts
 
@@ -51,6 +51,7 @@ class StaticDecode:
             if block.is_moe and not isinstance(block.mlp.experts, GroupedExperts):
                 raise MinimoeError("the compiled decode step needs plain (not quantized) experts")
         self.pool = pool
+        self._threads_at_init = torch.get_num_threads()
         self.compile_s = 0.0  # seconds the first call took (compilation included)
         self._calls = 0
         # dynamic=False: every input has one shape for the whole run, so there is one graph per
@@ -127,11 +128,14 @@ class StaticDecode:
         return self._padded(torch.tensor(self.pool.lengths, dtype=torch.long, device=device))
 
     def _threads(self, rows: torch.Tensor):
-        """The intra-op threads of a call over `rows` ((R, T, ...): R x T token rows), the same when
-        it is compiled and every time it runs (`decode_threads`: one thread for a small step under
-        passive OpenMP waiting). Inductor writes the thread count into the kernels it generates, so a
-        graph compiled at two threads and run at one would still wake a second thread per kernel."""
-        return decode_threads(self.pool.model, rows.shape[0] * rows.shape[1])
+        """The intra-op threads of a call over `rows` ((R, T, ...): R x T token rows): one count per
+        graph, set when it is compiled and at every call whatever the caller holds (one thread for a
+        small step under passive OpenMP waiting, else the threads the process had at construction).
+        Dynamo guards each graph on the thread count it was traced at (inductor writes the count
+        into the kernels it generates), so a call at another count would compile the graph again."""
+        return num_threads(
+            decode_thread_count(self.pool.model, rows.shape[0] * rows.shape[1], self._threads_at_init)
+        )
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()

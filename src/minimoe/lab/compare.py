@@ -20,6 +20,7 @@ names its own report with `report: report_2a.md` (default report.md).
 from __future__ import annotations
 
 import difflib
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -134,14 +135,17 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
             raise MinimoeError(f"sweep file {path}: contrast names an unknown variant '{missing[0]}'")
         contrasts.append((c[0], c[1]))
     equivalence = d.get("equivalence")
-    if equivalence is not None and (
-        isinstance(equivalence, bool)
-        or not isinstance(equivalence, (int, float))
-        or not 0 < equivalence < float("inf")
-    ):
-        raise MinimoeError(
-            f"sweep file {path}: equivalence must be a positive margin in nats of val loss, got {equivalence!r}"
-        )
+    if equivalence is not None:
+        try:  # YAML reads 1e-2 (no dot) as a string: take numeric strings too
+            margin = None if isinstance(equivalence, bool) else float(equivalence)
+        except (TypeError, ValueError, OverflowError):
+            margin = None
+        if margin is None or not (math.isfinite(margin) and margin > 0):
+            raise MinimoeError(
+                f"sweep file {path}: equivalence must be a positive margin in nats of val loss (e.g. 0.02), "
+                f"got {equivalence!r}"
+            )
+        equivalence = margin
     here = path.resolve().parent
     cwd = Path.cwd()
     return Sweep(
@@ -154,7 +158,7 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         budget=value,
         clock=clock or "wall",
         contrasts=contrasts,
-        equivalence=None if equivalence is None else float(equivalence),
+        equivalence=equivalence,
         report=_report_file(d.get("report", "report.md"), path),
         # neither preset nor config: `minimoe train`'s default, the tiny preset (what the runs train from)
         base_preset=base.get("preset") or (None if base.get("config") else "tiny"),

@@ -25,7 +25,6 @@ clients, so one client's burst cannot starve another's request.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -265,16 +264,12 @@ class Engine:
                     return job
         return None
 
-    def _threads(self, rows: int):
-        """The eager step's intra-op threads (`decode_threads`); the compiled step chooses its own, the
-        same at compile time and at every call (`StaticDecode`)."""
-        return contextlib.nullcontext() if self.static is not None else decode_threads(self.model, rows)
-
     def _decode(self) -> None:
         device = self.pool.cache.layers[0].a.device
         tokens = torch.tensor([s.next_token for s in self._running], device=device)
         try:
-            with self._threads(len(self._running)):  # one step, not held between steps
+            # one step, not held between steps (the compiled step sets its own count inside: StaticDecode)
+            with decode_threads(self.model, len(self._running)):
                 logits = (self.static or self.pool).decode(tokens)
             picked = self._pick(logits, self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
@@ -293,7 +288,7 @@ class Engine:
         device = self.pool.cache.layers[0].a.device
         tokens = torch.tensor([[s.next_token, s.draft] for s in running], device=device)  # (n, 2)
         try:
-            with self._threads(2 * len(running)):
+            with decode_threads(self.model, 2 * len(running)):
                 step = self.static or self.pool
                 if all(s.sampling.greedy for s in running):
                     spec = step.speculate(tokens)
