@@ -7,7 +7,10 @@
 Ratio A: the `tiny` preset (MoE) against a dense SwiGLU model with the same training FLOPs per token,
 both trained by minimoe's Trainer. Ratio B: minimoe's Trainer on a dense nanoGPT-shaped model
 (6 x 192, block 128, batch 16, byte vocabulary) against the minimal loop in `ref_gpt.py` with the
-same architecture and FLOPs. Each turn trains one model for a few steps; turns cycle through the
+same architecture and FLOPs, each as it runs by default: minimoe at `train.precision=auto` (bf16
+autocast where the CPU multiplies bf16 natively), the loop in fp32 as nanoGPT's train.py runs on a
+CPU. Where auto is not fp32, B32 repeats B with minimoe in fp32 (the machinery alone) and E is the
+`tiny` MoE at auto against fp32. Each turn trains one model for a few steps; turns cycle through the
 models, and each ratio is the median over rounds of (a's tokens/s / b's tokens/s) within a round,
 so load from other processes cancels as far as it can. The first round is warm-up and not counted.
 Data: byte-level tinyshakespeare from ../shared/data when present, else generated text.
@@ -40,6 +43,7 @@ from minimoe.config_yaml import build_run_config  # noqa: E402
 from minimoe.data import prepare  # noqa: E402
 from minimoe.lab.flops import flops_per_token  # noqa: E402
 from minimoe.lab.report import t975  # noqa: E402
+from minimoe.train.precision import resolve_precision  # noqa: E402
 from minimoe.train.trainer import Trainer  # noqa: E402
 
 BEGIN, END = "<!-- train_small:begin -->", "<!-- train_small:end -->"
@@ -142,11 +146,12 @@ def interval(ratios: list[float]) -> tuple[float, float]:
 def table(res: dict, args, load: tuple[float, float]) -> str:
     a, b = res["ratios"]["A"], res["ratios"]["B"]
     t = res["tokens_per_s"]
+    auto = resolve_precision("auto", torch.device("cpu"))
     others = max(load) - torch.get_num_threads()
     shared = f"; about {others:.1f} more cores' worth came from other processes" if others > 0.5 else ""
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+        f"train.precision=auto is {auto} here, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
         f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (this script's own "
         f"{torch.get_num_threads()} threads count in it{shared}). Absolute tokens/s move with the machine; "
         f"the ratios are each the median over {args.rounds} rounds of {args.steps}-step turns (the "
@@ -156,9 +161,19 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
         "|---|---|---|---|---|---|",
         f"| A: `tiny` MoE / dense SwiGLU with equal training FLOPs (same Trainer) | {a[0]:.2f}x | {a[1]:.2f} "
         f"| {a[2]:.2f} | {a[3][0]:.2f}-{a[3][1]:.2f} | >= 0.9x |",
-        f"| B: minimoe Trainer / minimal nanoGPT-style loop (dense 6 x 192, block 128, batch 16) | {b[0]:.2f}x "
-        f"| {b[1]:.2f} | {b[2]:.2f} | {b[3][0]:.2f}-{b[3][1]:.2f} | >= 1.0x |",
+        f"| B: minimoe Trainer ({auto}) / minimal nanoGPT-style loop (fp32; dense 6 x 192, block 128, batch "
+        f"16) | {b[0]:.2f}x | {b[1]:.2f} | {b[2]:.2f} | {b[3][0]:.2f}-{b[3][1]:.2f} | >= 1.0x |",
     ]
+    for key, what in (
+        ("B32", "B32: minimoe Trainer in fp32 / the same loop (the machinery alone) | |"),
+        ("E", f"E: `tiny` MoE at train.precision=auto ({auto}) / fp32 (same Trainer) | |"),
+    ):
+        if key in res["ratios"]:
+            r = res["ratios"][key]
+            name, target = what.rsplit(" | ", 1)
+            lines.append(
+                f"| {name} | {r[0]:.2f}x | {r[1]:.2f} | {r[2]:.2f} | {r[3][0]:.2f}-{r[3][1]:.2f} | {target.strip(' |')} |"
+            )
     if "C" in res["ratios"]:
         c = res["ratios"]["C"]
         lines.append(
@@ -232,6 +247,16 @@ def main() -> None:
         steps = {"tiny MoE": args.steps, "dense twin": args.steps, "minimoe dense": nano_steps}
         steps["reference loop"] = nano_steps
         pairs = {"A": ("tiny MoE", "dense twin"), "B": ("minimoe dense", "reference loop")}
+        if resolve_precision("auto", torch.device("cpu")) != "fp32":
+            fp32 = ["train.precision=fp32"]
+            subjects["minimoe dense fp32"] = TrainerSubject(
+                "minimoe dense fp32", None, common(nano_steps) + NANO + fp32, data, tmp
+            )
+            subjects["tiny MoE fp32"] = TrainerSubject("tiny MoE fp32", "tiny", common_a + fp32, data, tmp)
+            steps.update({"minimoe dense fp32": nano_steps, "tiny MoE fp32": args.steps})
+            pairs.update(
+                {"B32": ("minimoe dense fp32", "reference loop"), "E": ("tiny MoE", "tiny MoE fp32")}
+            )
         if args.compile:
             subjects["tiny MoE compiled"] = TrainerSubject(
                 "tiny MoE compiled", "tiny", common_a + ["train.compile=true"], data, tmp

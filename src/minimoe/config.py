@@ -274,7 +274,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     muon_lr: float | None = None  # optimizer=muon: peak lr of the hidden matrices (None = train.lr)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # autocast dtype; the weights and AdamW state stay fp32. auto = bf16 where the hardware multiplies bf16
+    # natively (CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32 (train/trainer.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     eval_every: int = 100

@@ -169,11 +169,10 @@ def _worker(argv: list[str]) -> dict:
     import torch
 
     from minimoe.bench import measure as M
-    from minimoe.config_yaml import build_run_config
     from minimoe.model.transformer import Transformer
 
     torch.set_num_threads(args.threads)
-    rc = build_run_config(args.preset, args.config, list(args.overrides))
+    rc = M.bench_config(args.preset, args.config, list(args.overrides))
     device = torch.device("cpu")
     torch.manual_seed(rc.train.seed)
     model = Transformer(rc.model)

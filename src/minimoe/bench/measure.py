@@ -30,10 +30,23 @@ from minimoe.infer.static import StaticDecode, static_greedy
 from minimoe.lab.flops import flops_per_token
 from minimoe.train.balance import balance_step
 from minimoe.train.optim import build_optimizer
-from minimoe.train.trainer import autocast_context
+from minimoe.train.precision import autocast_context
 
 GREEDY = SamplingParams(temperature=0.0)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_config(preset: str | None, config: str | None, overrides: list[str]) -> RunConfig:
+    """The run config a benchmark measures. train.precision=auto (the trainer's choice for its host) is
+    measured as fp32, the dtype both sides of a comparison share; a named precision is kept."""
+    from minimoe.config_yaml import build_run_config
+
+    rc = build_run_config(preset, config, overrides)
+    if rc.train.precision == "auto":
+        rc.train.precision = "fp32"
+    return rc
+
+
 # (batch, prompt) of the decode measurements; every one generates `new_tokens` greedy tokens
 DECODE_SHAPES = {
     "decode_b1": (1, 32),

@@ -45,6 +45,8 @@ def benchmark(
 
     step = on_step or (lambda key: None)
     device = resolve_device(rc.train.device)
+    if rc.train.precision == "auto":  # as M.bench_config: the dtype both sides of a comparison share
+        rc.train.precision = "fp32"
     dtype = M.DTYPES[rc.train.precision]
     result: dict = {
         "config": name,

@@ -71,8 +71,8 @@ def run_fair(args) -> int:
 
     from minimoe.bench import measure as M
     from minimoe.bench.fair import fair_compare
+    from minimoe.bench.measure import bench_config
     from minimoe.bench.run import add_decode_ceiling, format_table
-    from minimoe.config_yaml import build_run_config
 
     if args.against != "hf":
         raise MinimoeError("--fair compares with transformers: add --against hf")
@@ -89,7 +89,7 @@ def run_fair(args) -> int:
     # one parallel region here would spin on a core for the whole comparison, against the processes
     # being measured; with one thread there is no worker to spin.
     torch.set_num_threads(1)
-    rc = build_run_config(args.preset, args.config, list(args.overrides))  # refuses a bad config here
+    rc = bench_config(args.preset, args.config, list(args.overrides))  # refuses a bad config here
     from minimoe.bench.hf import hf_twin
     from minimoe.model.transformer import Transformer
 
@@ -134,8 +134,8 @@ def run(args) -> int:
         return run_fair(args)
     import torch
 
+    from minimoe.bench.measure import bench_config
     from minimoe.bench.run import benchmark, format_table, steps_of
-    from minimoe.config_yaml import build_run_config
 
     overrides = list(args.overrides)
     if args.precision:
@@ -144,7 +144,7 @@ def run(args) -> int:
         overrides.append(f"train.device={args.device}")
     if args.preset is None and args.config is None:
         args.preset = "tiny"  # what the quickstart trains
-    rc = build_run_config(args.preset, args.config, overrides)
+    rc = bench_config(args.preset, args.config, overrides)
     if args.threads is not None:
         if args.threads < 1:
             raise MinimoeError(f"--threads must be at least 1, got {args.threads}")

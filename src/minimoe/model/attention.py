@@ -99,6 +99,11 @@ def _sdpa(
 ) -> torch.Tensor:
     """SDPA over (B, H, T, d) tensors with a causal mask offset by `start` cached tokens, or with
     `attn_mask` (B, 1, T, S) when given (padded batches)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU autocast would run SDPA in bf16, whose flash-attention backward took 3.6x the fp32 one's
+        # time at the `tiny` shapes (AVX-512 BF16 host, torch 2.13; BENCHMARKS.md): attention stays fp32
+        with torch.autocast("cpu", enabled=False):
+            return _sdpa(q.float(), k.float(), v.float(), scale, start, dropout_p, enable_gqa, attn_mask)
     t, s = q.shape[-2], k.shape[-2]
     dv, dqk = v.shape[-1], q.shape[-1]
     if dv < dqk:

@@ -82,12 +82,15 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_aligned: bool, i_a
     counts = [3, 0, 5, 2]  # includes an empty expert, which real batches have
     try:
         # identity saved-tensor hooks shield the probe from an enclosing activation checkpoint, whose
-        # hooks would otherwise count the probe's tensors and fail on recomputation (probe is cached)
+        # hooks would otherwise count the probe's tensors and fail on recomputation (probe is cached);
+        # no autocast, which would run the loop's F.linear in another dtype than grouped_mm (a first
+        # call under autocast would otherwise cache "does not work" for `dtype` everywhere)
         identity = (lambda t: t, lambda t: t)
         with (
             torch.inference_mode(False),
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(*identity),
+            torch.autocast(device_type, enabled=False),
         ):
             gen = torch.Generator().manual_seed(0)
             tensors = [
@@ -223,8 +226,17 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, D) outputs, same order.
         """
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        device = x_ND.device.type
+        if torch.is_autocast_enabled(device):
+            # autocast casts every Linear's inputs but not torch._grouped_mm's: cast them here, so the
+            # experts' GEMMs run in the autocast dtype like the rest of the model (the loop's F.linear
+            # would cast anyway). Gradients reach the fp32 weights through the casts.
+            dt = torch.get_autocast_dtype(device)
+            x_ND, up, down = x_ND.to(dt), up.to(dt), down.to(dt)
+            gate = gate.to(dt) if gate is not None else None
         kernel = choose_kernel(self.impl, x_ND, self.n_experts, self.hidden, self.inter)
-        return kernel(x_ND.contiguous(), counts_E, self.gate_proj, self.up_proj, self.down_proj, scale_N)
+        return kernel(x_ND.contiguous(), counts_E, gate, up, down, scale_N)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, act={self.act}"

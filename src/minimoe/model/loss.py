@@ -18,15 +18,18 @@ import torch
 CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MiB in fp32): rows per chunk = CHUNK_ELEMENTS // V
 
 
-def _chunks(h_ND, w_VD, target_N, valid_N, grad_h_ND, grad_w_VD) -> torch.Tensor:
-    """Summed loss over the valid rows; fills grad_h_ND / grad_w_VD (un-normalised) when given."""
+def _chunks(h_ND, w_VD, target_N, valid_N, grad_h_ND, grad_w_VD, mm_dtype=None) -> torch.Tensor:
+    """Summed loss over the valid rows; fills grad_h_ND / grad_w_VD (un-normalised) when given.
+    With `mm_dtype` (autocast's bf16/fp16) the three matmuls run in it, the softmax in fp32."""
     N, V = h_ND.shape[0], w_VD.shape[0]
+    low_w_VD = w_VD if mm_dtype is None else w_VD.to(mm_dtype)
     rows = max(1, CHUNK_ELEMENTS // V)
     safe_N = target_N.masked_fill(~valid_N, 0)  # ignored rows read class 0, then count for nothing
     total = h_ND.new_zeros((), dtype=torch.promote_types(h_ND.dtype, torch.float32))
     for s in range(0, N, rows):
         h_nD, t_n1, v_n = h_ND[s : s + rows], safe_N[s : s + rows, None], valid_N[s : s + rows]
-        logits_nV = h_nD @ w_VD.T  # (n, V)
+        low_h_nD = h_nD if mm_dtype is None else h_nD.to(mm_dtype)
+        logits_nV = (low_h_nD @ low_w_VD.T).to(total.dtype)  # (n, V)
         lse_n = torch.logsumexp(logits_nV, dim=-1)
         total += ((lse_n - logits_nV.gather(1, t_n1).squeeze(1)) * v_n).sum()
         if grad_h_ND is None and grad_w_VD is None:
@@ -35,21 +38,28 @@ def _chunks(h_ND, w_VD, target_N, valid_N, grad_h_ND, grad_w_VD) -> torch.Tensor
         p_nV = logits_nV.sub_(lse_n[:, None]).exp_()  # softmax, in place
         p_nV.scatter_add_(1, t_n1, -vf_n1)  # minus the one-hot target
         p_nV.mul_(vf_n1)  # ignored rows get no gradient
+        if mm_dtype is None:
+            if grad_h_ND is not None:
+                torch.mm(p_nV, w_VD, out=grad_h_ND[s : s + rows])
+            if grad_w_VD is not None:
+                grad_w_VD.addmm_(p_nV.T, h_nD)
+            continue
+        p_nV = p_nV.to(mm_dtype)
         if grad_h_ND is not None:
-            torch.mm(p_nV, w_VD, out=grad_h_ND[s : s + rows])
+            grad_h_ND[s : s + rows] = p_nV @ low_w_VD
         if grad_w_VD is not None:
-            grad_w_VD.addmm_(p_nV.T, h_nD)
+            grad_w_VD += p_nV.T @ low_h_nD
     return total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, w_VD, target_N, ignore_index: int):
+    def forward(ctx, h_ND, w_VD, target_N, ignore_index: int, mm_dtype):
         valid_N = target_N != ignore_index
         n_valid = valid_N.sum()
         grad_h = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w_VD) if ctx.needs_input_grad[1] else None
-        total = _chunks(h_ND, w_VD, target_N, valid_N, grad_h, grad_w)
+        total = _chunks(h_ND, w_VD, target_N, valid_N, grad_h, grad_w, mm_dtype)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         return total / n_valid  # mean over valid targets; NaN when none, as F.cross_entropy
 
@@ -60,6 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
             grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
+            None,
             None,
             None,
         )
@@ -76,9 +87,15 @@ def linear_cross_entropy(
         targets: (...) class ids; `ignore_index` marks positions that do not count.
     Returns:
         scalar loss in h's dtype promoted to at least fp32; differentiable in h and weight.
+
+    Under autocast the matmuls run in autocast's dtype, as a plain `lm_head` Linear's would, and the
+    softmax and the loss in fp32, as autocast runs `cross_entropy`.
     """
     h_ND, target_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h_ND, weight, target_N, ignore_index)
-    valid_N = target_N != ignore_index
-    return _chunks(h_ND, weight, target_N, valid_N, None, None) / valid_N.sum()
+    device = h.device.type
+    mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    with torch.autocast(device, enabled=False):  # the chunks cast for themselves
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h_ND, weight, target_N, ignore_index, mm_dtype)
+        valid_N = target_N != ignore_index
+        return _chunks(h_ND, weight, target_N, valid_N, None, None, mm_dtype) / valid_N.sum()

@@ -206,13 +206,10 @@ class Transformer(nn.Module):
         return out
 
     def _fused_head_ok(self, h: torch.Tensor) -> bool:
-        """The fused head + cross-entropy runs a plain float weight outside autocast (a quantized or
-        LoRA-wrapped head, or bf16 autocast, takes the plain path)."""
+        """The fused head + cross-entropy runs a plain float weight (a quantized or LoRA-wrapped head
+        takes the plain path); under autocast it runs its matmuls in autocast's dtype."""
         w = getattr(self.lm_head, "weight", None)
-        return (
-            isinstance(self.lm_head, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == h.dtype
-            and not torch.is_autocast_enabled(h.device.type)
-        )  # fmt: skip
+        return isinstance(self.lm_head, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == h.dtype
 
     def _mtp_loss(self, hidden, input_ids, targets, stats) -> torch.Tensor:
         """Mean over depths of the MTP cross-entropy (unweighted; forward() applies mtp_loss_weight).

@@ -13,7 +13,6 @@ train/state.py and the metric writers in train/metrics.py.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -39,6 +38,7 @@ from minimoe.train.health import expert_health
 from minimoe.train.interrupt import Interrupt
 from minimoe.train.metrics import MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
+from minimoe.train.precision import autocast_context, resolve_precision
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
 from minimoe.train.schedule import lr_multiplier
 from minimoe.train.state import check_run_dir_writable
@@ -63,13 +63,6 @@ class TrainResult:
     sample: str | None = None
     is_main: bool = True  # False on ranks > 0 of a distributed run (they print and write nothing)
     train_loss: float | None = None  # the last metrics row's training loss
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class Trainer:
@@ -133,6 +126,7 @@ class Trainer:
             )
         self.ctx = ctx if ctx is not None else DistContext(device=resolve_device(tc.device))
         self.device = self.ctx.device
+        tc.precision = resolve_precision(tc.precision, self.device)  # config.yaml records what ran
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise MinimoeError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         if tc.threads:
@@ -210,8 +204,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean validation cross-entropy over the validation batches' target tokens, perplexity, bits per
-        byte, global MaxVio; {} without validation batches."""
-        tc = self.cfg.train
+        byte, global MaxVio; {} without validation batches. Computed in fp32 whatever train.precision
+        says, so runs in different precisions are scored alike (and as `minimoe eval` scores them)."""
         if self.val_windows is None:
             return {}
         self.model.eval()
@@ -219,8 +213,7 @@ class Trainer:
         loads: dict[int, torch.Tensor] = {}
         for x, y in self.val_windows:
             x, y = x.to(self.device), y.to(self.device)
-            with autocast_context(tc.precision, self.device):
-                ce, batch_loads = self.par.eval_batch(x, y)
+            ce, batch_loads = self.par.eval_batch(x, y)
             n = int((y != -100).sum())  # ce is the mean over the targets that carry a loss
             total += ce.item() * n
             count += n

@@ -1,0 +1,124 @@
+"""Autocast precision: what `train.precision=auto` resolves to, and that the pieces autocast does not
+cover by itself (the fused LM-head loss, the grouped expert GEMMs, CPU attention) run as documented."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from minimoe.model import attention as attention_lib
+from minimoe.model import loss as loss_lib
+from minimoe.model.expert_kernels import loop_experts
+from minimoe.model.experts import GroupedExperts
+from minimoe.train import precision as precision_lib
+from minimoe.train import trainer as trainer_lib
+from minimoe.train.run import train_from_config
+from tiny import TINY_TRAIN
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, want", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, avx512_bf16, amx, want):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert precision_lib.resolve_precision("auto", CPU) == want
+    for named in ("fp32", "bf16"):  # a named precision is kept whatever the hardware
+        assert precision_lib.resolve_precision(named, CPU) == named
+    assert precision_lib.resolve_precision("auto", torch.device("meta")) == "fp32"
+
+
+@pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])
+def test_a_run_records_the_precision_auto_chose(tmp_path, corpus, monkeypatch, native, want):
+    monkeypatch.setattr(precision_lib, "native_bf16", lambda device: native)
+    overrides = TINY_TRAIN + [f"data.path={corpus}", "train.max_steps=2", "train.precision=auto"]
+    res = train_from_config(overrides=overrides, run_dir=tmp_path / "run", progress=False)
+    assert res.step == 2 and res.val_loss == res.val_loss  # trained, finite
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["precision"] == want  # a resumed run trains as this one did
+
+
+@pytest.mark.parametrize("chunk_elements", [40, 1 << 21])  # several chunks (ragged last), one
+def test_fused_loss_under_autocast_matches_autocasts_plain_head(monkeypatch, chunk_elements):
+    """Under bf16 autocast the fused head multiplies in bf16 like an autocast Linear, the softmax in fp32
+    like autocast's cross_entropy: the plain path under autocast is the reference."""
+    monkeypatch.setattr(loss_lib, "CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    h = torch.randn(3, 9, 16, requires_grad=True)
+    w = torch.randn(11, 16, requires_grad=True)
+    t = torch.randint(0, 11, (3, 9))
+    t[1, :4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss_lib.linear_cross_entropy(h, w, t)
+        plain = F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), ignore_index=-100)
+    assert fused.dtype == torch.float32
+    gh, gw = torch.autograd.grad(fused, (h, w))
+    rh, rw = torch.autograd.grad(plain, (h, w))
+    assert gh.dtype == gw.dtype == torch.float32  # gradients reach fp32 weights in fp32
+    torch.testing.assert_close(fused, plain, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-3)
+    # and it is the bf16 product, not fp32's: at these magnitudes the two differ by far more than that
+    exact = loss_lib.linear_cross_entropy(h, w, t)
+    assert (exact - fused).abs() > 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation's loss-only path
+        torch.testing.assert_close(loss_lib.linear_cross_entropy(h, w, t), fused.detach(), rtol=0, atol=1e-6)
+
+
+def test_grouped_experts_run_in_the_autocast_dtype():
+    """torch._grouped_mm is not on autocast's list: GroupedExperts casts for it, so its output equals the
+    loop's F.linear products under autocast (which autocast does cast), and its weights get fp32 grads."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 16)
+    x = torch.randn(24, 32, requires_grad=True)
+    counts = torch.tensor([5, 0, 12, 7])
+    scale = torch.rand(24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, counts, scale)
+        ref = loop_experts(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj, scale)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert experts.up_proj.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_cpu_attention_stays_fp32_under_autocast():
+    """CPU autocast would run SDPA in bf16, whose backward is the slow one here: `_sdpa` runs it in fp32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_lib._sdpa(q, k, v, 16**-0.5, 0, 0.0)
+    assert out.dtype == torch.float32
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=16**-0.5)
+    torch.testing.assert_close(out, ref)
+
+
+def test_evaluation_is_fp32_whatever_the_training_precision(tmp_path, corpus):
+    """Validation scores the weights, not the autocast dtype: the same weights evaluate the same whether
+    the run trains in bf16 or in fp32."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import prepare
+
+    cfg = build_run_config(None, None, TINY_TRAIN + ["train.precision=bf16"]).validate()
+    data = prepare(str(corpus), "byte", tmp_path / "data", workers=0, progress=False)
+    trainer = trainer_lib.Trainer(cfg, tmp_path / "run", data, data.tokenizer(), progress=False)
+    bf16_val = trainer.evaluate()["val_loss"]
+    trainer.cfg.train.precision = "fp32"
+    assert trainer.evaluate()["val_loss"] == bf16_val
+
+
+def test_grouped_mm_probe_is_not_misled_by_autocast():
+    """The probe compares grouped_mm with the loop; under autocast the loop's F.linear would compute in
+    bf16 and the fp32 answer cached for every later call would be "does not work"."""
+    from minimoe.model.experts import grouped_mm_works
+
+    grouped_mm_works.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = grouped_mm_works("cpu", torch.float32, True, True)
+        grouped_mm_works.cache_clear()
+        assert under == grouped_mm_works("cpu", torch.float32, True, True)
+    finally:
+        grouped_mm_works.cache_clear()
