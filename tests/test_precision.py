@@ -122,3 +122,32 @@ def test_grouped_mm_probe_is_not_misled_by_autocast():
         assert under == grouped_mm_works("cpu", torch.float32, True, True)
     finally:
         grouped_mm_works.cache_clear()
+
+
+def test_grouped_mm_probe_accepts_bf16_on_cpu_despite_rounding():
+    """On CPU (torch 2.13) bf16 grouped_mm and the bf16 loop are equally close to fp64, but single
+    elements round differently; an element-wise tolerance rejected grouped_mm and left bf16 training on
+    the slower loop. Both kernels' errors against fp64 are checked here as well."""
+    from minimoe.model.expert_kernels import grouped_mm_experts
+    from minimoe.model.experts import grouped_mm_works
+
+    assert grouped_mm_works("cpu", torch.bfloat16, True, True)
+    torch.manual_seed(0)
+    counts = torch.tensor([70, 30, 0, 56])
+    tensors = [
+        torch.randn(156, 32),
+        *(0.1 * torch.randn(4, 16, 32) for _ in range(2)),
+        0.1 * torch.randn(4, 32, 16),
+    ]
+    grad_out = torch.randn(156, 32)
+
+    def run(kernel, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in tensors]
+        y = kernel(leaves[0], counts, *leaves[1:])
+        y.backward(grad_out.to(dtype))
+        return [y.detach().double()] + [t.grad.double() for t in leaves]
+
+    exact = run(loop_experts, torch.float64)
+    for kernel in (grouped_mm_experts, loop_experts):
+        for got, want in zip(run(kernel, torch.bfloat16), exact):
+            assert (got - want).norm() <= 1e-2 * want.norm(), kernel.__name__

@@ -107,8 +107,12 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_aligned: bool, i_a
                 y = kernel(leaves[0], counts_E, *leaves[1:])
                 y.backward(torch.ones_like(y))
                 results.append([y.detach()] + [t.grad for t in leaves])
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(*results))
+        if dtype in (torch.float32, torch.float64):
+            return all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*results))
+        # bf16/fp16: the two kernels round differently, so single elements of the sum differ by a few
+        # units of the last place (on CPU, bf16 grouped_mm and the loop are equally far from fp64: 0.5%
+        # relative error each at the `tiny` shapes); compare whole tensors instead
+        return all((a.float() - b.float()).norm() <= 2e-2 * b.float().norm() for a, b in zip(*results))
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
 
