@@ -151,3 +151,53 @@ def test_grouped_mm_probe_accepts_bf16_on_cpu_despite_rounding():
     for kernel in (grouped_mm_experts, loop_experts):
         for got, want in zip(run(kernel, torch.bfloat16), exact):
             assert (got - want).norm() <= 1e-2 * want.norm(), kernel.__name__
+
+
+@pytest.mark.parametrize("counts", [[70, 0, 5, 64], [64, 128, 0, 0], [1, 1, 1, 200]])
+def test_padded_expert_rows_give_the_unpadded_outputs_and_gradients(counts):
+    """`pad_expert_rows` (CPU bf16: oneDNN builds a kernel per new shape, so every expert's rows are padded
+    to a multiple of 64): zero rows add nothing, in fp64 to rounding."""
+    from minimoe.model.experts import pad_expert_rows
+
+    torch.manual_seed(0)
+    counts_E = torch.tensor(counts)
+    n = int(counts_E.sum())
+    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    down = torch.randn(4, 8, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(n, dtype=torch.float64, requires_grad=True)
+    leaves = [x, *ws, down, scale]
+    want = loop_experts(x, counts_E, *ws, down, scale)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    x_PD, padded_E, scale_P, dest_N = pad_expert_rows(x, counts_E, scale, 64)
+    assert (padded_E % 64 == 0).all() and int(padded_E.sum()) == x_PD.shape[0]
+    got = loop_experts(x_PD, padded_E, *ws, down, scale_P).index_select(0, dest_N)
+    got_grads = torch.autograd.grad(got.square().sum(), leaves)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_experts_pad_rows_only_for_low_precision_on_cpu(monkeypatch):
+    from minimoe.model import experts as experts_lib
+
+    seen = []
+
+    def recording(kernel):
+        def run(x, counts, *rest):
+            seen.append(counts.tolist())
+            return kernel(x, counts, *rest)
+
+        return run
+
+    real_choose = experts_lib.choose_kernel
+    monkeypatch.setattr(experts_lib, "choose_kernel", lambda *a: recording(real_choose(*a)))
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 16)
+    x = torch.randn(150, 32)
+    counts = torch.tensor([70, 0, 13, 67])
+    ref = experts(x, counts)  # fp32: the rows as they are
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, counts)
+    assert seen == [[70, 0, 13, 67], [128, 0, 64, 128]]
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)

@@ -186,6 +186,48 @@ def _gathered_fits(x_ND: torch.Tensor, n_experts: int) -> bool:
     return few and not torch.is_autocast_enabled(x_ND.device.type)
 
 
+# oneDNN, which runs bf16/fp16 matmuls on CPU, JIT-builds a kernel for every GEMM shape it has not seen,
+# and the experts' row counts change every step: building cost as much as running (the `tiny` MoE layer,
+# forward + backward under bf16 autocast, 1 thread: 50 ms with new counts every call, 28 ms with repeated
+# ones; fp32 51 ms either way). Padding every expert's rows with zeros to a multiple of this makes the
+# shapes repeat after a few steps, for at most this many wasted rows per expert.
+CPU_LOW_PRECISION_ROWS = 64
+
+
+def _pads_rows(x_ND: torch.Tensor, n_experts: int) -> bool:
+    """Whether `GroupedExperts` pads these rows: low precision on CPU, more rows than experts (decoding,
+    one row per expert at most, has one shape anyway), and not under torch.compile."""
+    low = x_ND.dtype in (torch.bfloat16, torch.float16)
+    return (
+        low and x_ND.device.type == "cpu" and x_ND.shape[0] > n_experts and not torch.compiler.is_compiling()
+    )
+
+
+def pad_expert_rows(
+    x_ND: torch.Tensor, counts_E: torch.Tensor, scale_N: torch.Tensor | None, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Rows sorted by expert, each expert's slice padded with zero rows to a multiple of `multiple`.
+
+    Zero rows give zero outputs and zero weight gradients (every activation maps 0 to 0), so
+    `kernel(x_PD, padded_E, ...).index_select(0, dest_N)` equals `kernel(x_ND, counts_E, ...)`.
+
+    Returns:
+        x_PD (P, D) padded rows, padded_E (E,) slice sizes, scale_P (P,) or None, and dest_N (N,) the
+        padded row of each original row.
+    """
+    N, E = x_ND.shape[0], counts_E.shape[0]
+    counts_E = counts_E.to(torch.long)
+    padded_E = (counts_E + multiple - 1) // multiple * multiple
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    padded_start_E = torch.cumsum(padded_E, 0) - padded_E
+    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
+    dest_N = torch.arange(N, device=x_ND.device) - start_E[expert_N] + padded_start_E[expert_N]
+    P = int(padded_E.sum())  # on CPU, where this path runs, reading it waits for nothing
+    x_PD = x_ND.new_zeros(P, x_ND.shape[1]).index_copy(0, dest_N, x_ND)
+    scale_P = None if scale_N is None else scale_N.new_zeros(P).index_copy(0, dest_N, scale_N)
+    return x_PD, padded_E, scale_P, dest_N
+
+
 class GroupedExperts(nn.Module):
     """E routed experts stored stacked in HF/torchtitan layout: `gate_proj` (E, I, D) (SwiGLU only),
     `up_proj` (E, I, D), `down_proj` (E, D, I); `unbind(0)` gives HF's per-expert weights.
@@ -240,6 +282,9 @@ class GroupedExperts(nn.Module):
             x_ND, up, down = x_ND.to(dt), up.to(dt), down.to(dt)
             gate = gate.to(dt) if gate is not None else None
         kernel = choose_kernel(self.impl, x_ND, self.n_experts, self.hidden, self.inter)
+        if _pads_rows(x_ND, self.n_experts):
+            x_PD, padded_E, scale_P, dest_N = pad_expert_rows(x_ND, counts_E, scale_N, CPU_LOW_PRECISION_ROWS)
+            return kernel(x_PD, padded_E, gate, up, down, scale_P).index_select(0, dest_N)
         return kernel(x_ND.contiguous(), counts_E, gate, up, down, scale_N)
 
     def extra_repr(self) -> str:
