@@ -38,18 +38,22 @@ def timed(fn, bf16: bool) -> float:
 
 def parts(model: Transformer) -> dict:
     D = model.cfg.hidden_size
-    x0 = torch.randn(BATCH, SEQ, D)
     cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
     moe_block = next(b for b in model.layers if type(b.mlp).__name__ == "MoE")
     dense_block = next((b for b in model.layers if type(b.mlp).__name__ == "MLP"), None)
-    ids = torch.randint(0, model.cfg.vocab_size, (BATCH, SEQ))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
+    # fresh inputs every call, as in training: the experts' row counts change from call to call (with
+    # repeated inputs oneDNN's per-shape kernels would be reused and bf16 would look faster than it is)
     def leaf():
-        return x0.clone().requires_grad_()
+        return torch.randn(BATCH, SEQ, D, requires_grad=True)
+
+    def ids():
+        return torch.randint(0, model.cfg.vocab_size, (BATCH, SEQ))
 
     def step():
-        out = model(ids, targets=ids.roll(-1, 1), return_logits=False)
+        tokens = ids()
+        out = model(tokens, targets=tokens.roll(-1, 1), return_logits=False)
         opt.zero_grad(set_to_none=True)  # the caller's backward fills the grads; step them next turn
         return out.loss
 
@@ -58,7 +62,7 @@ def parts(model: Transformer) -> dict:
             moe_block.input_layernorm(leaf()), cos, sin
         ),
         "MoE layer (8 x 128 top-2 + shared)": lambda: moe_block.mlp(leaf())[0],
-        "LM head + cross-entropy (fused)": lambda: linear_cross_entropy(leaf(), model.lm_head.weight, ids),
+        "LM head + cross-entropy (fused)": lambda: linear_cross_entropy(leaf(), model.lm_head.weight, ids()),
         "whole model, forward + backward": step,
     }
     if dense_block is not None:
