@@ -372,7 +372,7 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
         "name: timed\nbase:\n  overrides: " + json.dumps(base) + "\ndata: corpus.txt\n"
         f"budget: {{minutes: 0.01, clock: {clock}}}\nseeds: [1, 2]\n"
         "variants:\n  moe: []\n  dense: [model.n_routed_experts=0]\ncontrasts: [[dense, moe]]\n"
-        "equivalence: 5.0\n"
+        "equivalence: 1000\n"
     )
     sweep = compare.load_sweep(sweep_file)
     assert sweep.budget_kind == "minutes" and sweep.clock == clock
@@ -401,8 +401,10 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
     diffs = [rows[1]["val_loss_by_seed"][s] - rows[0]["val_loss_by_seed"][s] for s in (1, 2)]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and float(cells[2].split(" ± ")[0]) == pytest.approx(sum(diffs) / 2, abs=1e-4)
-    expected = lab_report.verdict(lab_report.paired_stats(diffs), 5.0)  # a 5-nat margin decides either way
-    assert cells[3] == expected != "no" and "inside ±5 nats" in report
+    # a 1000-nat margin decides either way, whatever the spread of two seeds on a loaded machine (the
+    # 95% interval of 2 seeds is +-12.7 standard errors wide)
+    expected = lab_report.verdict(lab_report.paired_stats(diffs), 1000.0)
+    assert cells[3] == expected != "no" and "inside ±1000 nats" in report
 
 
 def test_compare_jobs_train_in_parallel_processes_with_the_same_results(tmp_path, monkeypatch, capsys):
