@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from minimoe.config import ModelConfig
 from minimoe.model import attention as attention_lib
 from minimoe.model import loss as loss_lib
 from minimoe.model.expert_kernels import loop_experts
 from minimoe.model.experts import GroupedExperts
+from minimoe.model.moe import MoE
 from minimoe.train import precision as precision_lib
 from minimoe.train import trainer as trainer_lib
 from minimoe.train.run import train_from_config
@@ -82,6 +84,34 @@ def test_grouped_experts_run_in_the_autocast_dtype():
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
     y.float().sum().backward()
     assert experts.up_proj.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_moe_layer_routes_in_fp32_and_hands_the_experts_autocast_rows():
+    """Under autocast the MoE layer casts its tokens once, before the gather: the routed and shared experts
+    get bf16 rows, while the router reads the fp32 input (its bias step is below bf16's resolution) and
+    the layer returns the input's dtype; the result stays within bf16 rounding of the fp32 layer."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        hidden_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+    ).validate()
+    moe = MoE(cfg)
+    seen = {}
+    for name in ("gate", "experts", "shared_experts"):
+        getattr(moe, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].dtype)
+        )
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        want, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = moe(x)
+    assert seen == {"gate": torch.float32, "experts": torch.bfloat16, "shared_experts": torch.bfloat16}
+    assert got.dtype == torch.float32
+    assert (got - want).norm() <= 2e-2 * want.norm()
 
 
 def test_cpu_attention_stays_fp32_under_autocast():
