@@ -20,7 +20,9 @@ import time
 import torch
 
 from minimoe.config_yaml import build_run_config
+from minimoe.model.experts import MLP
 from minimoe.model.loss import linear_cross_entropy
+from minimoe.model.moe import MoE
 from minimoe.model.transformer import Transformer
 from minimoe.train.precision import native_bf16
 
@@ -39,8 +41,8 @@ def timed(fn, bf16: bool) -> float:
 def parts(model: Transformer) -> dict:
     D = model.cfg.hidden_size
     cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
-    moe_block = next(b for b in model.layers if type(b.mlp).__name__ == "MoE")
-    dense_block = next((b for b in model.layers if type(b.mlp).__name__ == "MLP"), None)
+    moe_block = next(b for b in model.layers if isinstance(b.mlp, MoE))
+    dense_block = next((b for b in model.layers if isinstance(b.mlp, MLP)), None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     # fresh inputs every call, as in training: the experts' row counts change from call to call (with

@@ -203,6 +203,13 @@ def _pads_rows(x_ND: torch.Tensor, n_experts: int) -> bool:
     )
 
 
+def rank_in_expert(expert_sorted_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """(N,) position of each row within its expert's slice (0, 1, ... per expert), for rows sorted by
+    expert: `expert_sorted_N` (N,) each row's expert, `counts_E` (E,) rows per expert."""
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    return torch.arange(expert_sorted_N.numel(), device=expert_sorted_N.device) - starts_E[expert_sorted_N]
+
+
 def pad_expert_rows(
     x_ND: torch.Tensor, counts_E: torch.Tensor, scale_N: torch.Tensor | None, multiple: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -218,10 +225,9 @@ def pad_expert_rows(
     N, E = x_ND.shape[0], counts_E.shape[0]
     counts_E = counts_E.to(torch.long)
     padded_E = (counts_E + multiple - 1) // multiple * multiple
-    start_E = torch.cumsum(counts_E, 0) - counts_E
     padded_start_E = torch.cumsum(padded_E, 0) - padded_E
     expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
-    dest_N = torch.arange(N, device=x_ND.device) - start_E[expert_N] + padded_start_E[expert_N]
+    dest_N = padded_start_E[expert_N] + rank_in_expert(expert_N, counts_E)
     P = int(padded_E.sum())  # on CPU, where this path runs, reading it waits for nothing
     x_PD = x_ND.new_zeros(P, x_ND.shape[1]).index_copy(0, dest_N, x_ND)
     scale_P = None if scale_N is None else scale_N.new_zeros(P).index_copy(0, dest_N, scale_N)
