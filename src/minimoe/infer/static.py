@@ -10,8 +10,10 @@ every step. The MoE layers keep fixed shapes too: traced without gradients,
 `GroupedExperts` runs the routed experts as `gathered_experts` (each row's expert weights read inside
 one product-and-sum the compiler fuses; up to a few rows per expert) or, with more rows, inside one
 custom operator opaque to the compiler (`selected_experts`); both read only the selected experts'
-weights and return (rows x top-k, D) whatever the routing. `SlotPool.decode` stays the reference;
-tests compare the two.
+weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
+captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
+with the cache tensors marked as static addresses, which the step writes in place. `SlotPool.decode`
+stays the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils._pytree import tree_map
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_thread_count, num_threads
@@ -42,9 +45,13 @@ class StaticDecode:
         pool: the SlotPool whose caches it writes (its MTP cache too, for `draft`).
         compile: wrap the steps in `torch.compile` (else they run eagerly: the fixed-shape reference).
         backend: torch.compile's backend ("inductor" fuses kernels; "eager" only traces, for tests).
+        cuda_graphs: with inductor on a CUDA device, replay each compiled step as a CUDA graph (None: on
+            whenever that applies).
     """
 
-    def __init__(self, pool: SlotPool, compile: bool = True, backend: str = "inductor") -> None:
+    def __init__(
+        self, pool: SlotPool, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | None = None
+    ) -> None:
         model = pool.model
         blocks = list(model.layers) + ([model.mtp[0].block] if pool.mtp_cache is not None else [])
         for block in blocks:
@@ -57,8 +64,16 @@ class StaticDecode:
         # dynamic=False: every input has one shape for the whole run, so there is one graph per
         # call. On CPU inductor's C++ wrapper calls the kernels without a Python line per kernel
         # (+2-19% tokens/s at batch 1 on the bench's reference config, for ~10 s more compiling)
-        cpu = pool.cache.layers[0].a.device.type == "cpu"
-        options = {"cpp_wrapper": True} if backend == "inductor" and cpu else None
+        device = pool.cache.layers[0].a.device.type
+        inductor = compile and backend == "inductor"
+        self.cuda_graphs = inductor and device == "cuda" and cuda_graphs is not False
+        options = {"cpp_wrapper": True} if inductor and device == "cpu" else None
+        if self.cuda_graphs:
+            # a CUDA graph replays fixed addresses: the caches it writes must never be copied in as
+            # fresh inputs (parameters and buffers are static already)
+            options = {"triton.cudagraphs": True}
+            for t in _cache_tensors(pool):
+                torch._dynamo.mark_static_address(t)
 
         def wrap(fn):
             if not compile:
@@ -139,8 +154,14 @@ class StaticDecode:
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
+        if self.cuda_graphs:
+            # a new step: the graphs' outputs from the last one are dead (their copies were returned)
+            torch.compiler.cudagraph_mark_step_begin()
         with self._threads(args[0]):
             out = fn(*args)
+        if self.cuda_graphs:
+            # a graph's outputs live in its memory pool and the next replay overwrites them
+            out = tree_map(torch.clone, out)
         if self._calls == 0:
             self.compile_s = time.perf_counter() - t0
         self._calls += 1
@@ -205,6 +226,13 @@ class StaticDecode:
         logits, _ = self.forward(tokens.view(-1, 1))
         self.pool.advance([1] * self.pool.n)
         return logits[:, -1]
+
+
+def _cache_tensors(pool: SlotPool):
+    """Every tensor the step writes in place: each layer's cache (its joint buffer and both views)."""
+    for cache in (pool.cache, pool.mtp_cache):
+        for layer in cache.layers if cache is not None else ():
+            yield from (t for t in (layer.buf, layer.a, layer.b) if t is not None)
 
 
 @torch.no_grad()

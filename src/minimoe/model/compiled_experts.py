@@ -203,13 +203,17 @@ def gathered_experts(
 ) -> torch.Tensor:
     """The experts of a compiled decode step, written for the compiler: each row's expert from the
     counts, then each projection as a product-and-sum over that expert's weights, `(w[e_N] * x).sum(-1)`.
-    Inductor fuses the weight gather into the reduction, so no (N, I, D) copy is made and no Python
-    runs per expert; run eagerly it does make the copy (the tests use it so, against `loop_experts`).
-    Same arguments and result as `loop_experts`; no gradient."""
+    Inductor fuses the weight gather into the reduction, so no (N, I, D) copy is made, no Python runs
+    per expert and nothing waits on the host (a CUDA graph can hold it); run eagerly it does make the
+    copy (the tests use it so, against `loop_experts`). Under autocast the rows and the gathered
+    weights are cast to the autocast dtype, as autocast's matmuls would cast them. Same arguments and
+    result as `loop_experts`; no gradient."""
     N = x_ND.shape[0]
+    device = x_ND.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_ND.dtype
     # row n belongs to the first expert whose cumulative count exceeds n
     e_N = torch.searchsorted(torch.cumsum(counts_E, 0), torch.arange(N, device=x_ND.device), right=True)
-    x_N1D = x_ND[:, None, :]
-    gate_NI = (gate_EID[e_N] * x_N1D).sum(-1) if gate_EID is not None else None
-    h_NI = _scaled(_activate(gate_NI, (up_EID[e_N] * x_N1D).sum(-1)), scale_N)
-    return (down_EDI[e_N] * h_NI[:, None, :]).sum(-1)
+    x_N1D = x_ND.to(dtype)[:, None, :]
+    gate_NI = (gate_EID[e_N].to(dtype) * x_N1D).sum(-1) if gate_EID is not None else None
+    h_NI = _scaled(_activate(gate_NI, (up_EID[e_N].to(dtype) * x_N1D).sum(-1)), scale_N)
+    return (down_EDI[e_N].to(dtype) * h_NI[:, None, :]).sum(-1)

@@ -155,8 +155,8 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
 
 def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
     """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`. Under
-    torch.compile without gradients: `gathered_experts` for few rows (`_gathered_fits`), which the
-    compiler fuses, else the loop as one operator it does not look into (`selected_experts`); with
+    torch.compile without gradients: `gathered_experts` for few rows (`_gathered_fits`) and on CUDA,
+    which the compiler fuses, else the loop as one operator it does not look into (`selected_experts`); with
     gradients, grouped_mm where it traces (bf16), else `trained_experts` (the loop with its backward,
     one operator). Either way an MoE layer does not break the graph.
 
@@ -167,7 +167,10 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     """
     if torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
-            return gathered_experts if _gathered_fits(x_ND, n_experts) else selected_experts
+            # on a GPU the compiled step is replayed as a CUDA graph, which cannot wait for the loop's
+            # split sizes on the host: the gathered kernel always
+            cuda = x_ND.device.type == "cuda"
+            return gathered_experts if cuda or _gathered_fits(x_ND, n_experts) else selected_experts
         if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm":
             return grouped_mm_experts  # traceable where its fake-tensor rule allows (bf16)
         return compiled_training_experts
