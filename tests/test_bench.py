@@ -148,6 +148,7 @@ def test_bench_table_without_hf(capsys):
         (["bench", "--repeats", "0"], "--repeats must be at least 1"),
         (["bench", "--config", "missing.yaml"], "missing.yaml"),
         (["bench", "--preset", "tiny", "model.mtp_depth=1", "--against", "hf", "--quick"], "mtp_depth"),
+        (["bench", "--preset", "tiny", "--against", "hf", "--quick"], "model.attn_type=mla"),  # tiny is MHA
     ],
 )
 def test_bench_bad_input(argv, message, capsys):

@@ -3,6 +3,7 @@
 Test files extend these dotted overrides; a later `key=value` wins over an earlier one."""
 
 TINY_MODEL = [
+    "model.attn_type=mla",  # the `tiny` preset is MHA since the bf16 recipe search: the tests keep MLA
     "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.kv_lora_rank=16",
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
     "model.intermediate_size=64", "model.moe_intermediate_size=16", "model.n_routed_experts=4",

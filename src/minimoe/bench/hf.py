@@ -57,11 +57,6 @@ def hf_twin(model, attn_implementation: str = "sdpa"):
         raise MinimoeError("--against hf needs transformers (pip install 'minimoe[bench]')") from None
     cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    fmt, why = formats.choose_format(cfg, bias_nonzero=False, fmt="deepseek_v3")
-    if why is not None:
-        raise MinimoeError(
-            f"--against hf compares with transformers' DeepseekV3, which cannot hold this model: {why}"
-        )
     if cfg.mtp_depth:
         raise MinimoeError(
             "--against hf needs model.mtp_depth=0: transformers' DeepseekV3 has no MTP training"
@@ -69,6 +64,15 @@ def hf_twin(model, attn_implementation: str = "sdpa"):
     if cfg.capacity_factor is not None:
         raise MinimoeError(
             "--against hf needs a dropless model (model.capacity_factor=null), as transformers is"
+        )
+    fmt, why = formats.choose_format(cfg, bias_nonzero=False, fmt="deepseek_v3")
+    if why is not None:
+        hint = (
+            " (model.attn_type=mla, or the reference config: --config benchmarks/configs/hf-reference.yaml)"
+        )
+        raise MinimoeError(
+            f"--against hf compares with transformers' DeepseekV3, which cannot hold this model: {why}"
+            + (hint if cfg.attn_type != "mla" else "")
         )
     ids = SimpleNamespace(bos_id=None, eos_id=None, pad_id=None)  # the benchmark never stops early
     conf = formats.hf_config(cfg, fmt, ids, "float32", mtp_layers=0)
