@@ -8,9 +8,9 @@ is used), over a fixed number of positions, masked per row: the smallest of a fe
 max_len / 4, ...) that holds every row, so a handful of compiled graphs, all built at `warm_up`, serve
 every step. The MoE layers keep fixed shapes too: traced without gradients,
 `GroupedExperts` runs the routed experts as `gathered_experts` (each row's expert weights read inside
-one product-and-sum the compiler fuses; up to a few rows per expert) or, with more rows, inside one
-custom operator opaque to the compiler (`selected_experts`); both read only the selected experts'
-weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
+one product-and-sum the compiler fuses; up to a few rows per expert, and always on CUDA) or, with more
+rows on the CPU, inside one custom operator opaque to the compiler (`selected_experts`); both read only
+the selected experts' weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. `SlotPool.decode`
 stays the reference; tests compare the two.
