@@ -155,7 +155,7 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
 
 def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
     """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`. Under
-    torch.compile without gradients: `gathered_experts` for few rows (`_gathered_fits`) and on CUDA,
+    torch.compile without gradients: `gathered_experts` where `_gathered_fits` (few rows, or CUDA),
     which the compiler fuses, else the loop as one operator it does not look into (`selected_experts`); with
     gradients, grouped_mm where it traces (bf16), else `trained_experts` (the loop with its backward,
     one operator). Either way an MoE layer does not break the graph.
@@ -167,10 +167,7 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     """
     if torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
-            # on a GPU the compiled step is replayed as a CUDA graph, which cannot wait for the loop's
-            # split sizes on the host: the gathered kernel always
-            cuda = x_ND.device.type == "cuda"
-            return gathered_experts if cuda or _gathered_fits(x_ND, n_experts) else selected_experts
+            return gathered_experts if _gathered_fits(x_ND, n_experts) else selected_experts
         if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm":
             return grouped_mm_experts  # traceable where its fake-tensor rule allows (bf16)
         return compiled_training_experts
@@ -181,9 +178,12 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
 
 
 def _gathered_fits(x_ND: torch.Tensor, n_experts: int) -> bool:
-    """Whether a compiled step without gradients takes `gathered_experts` for these rows: few rows
-    (see GATHER_ROWS_PER_EXPERT), and no autocast (its product-and-sum would compute in the weights'
-    dtype where autocast's matmuls in the loop compute in the autocast dtype)."""
+    """Whether a compiled step without gradients takes `gathered_experts` for these rows. On CUDA
+    always: the step is replayed as a CUDA graph, which cannot wait for the loop's split sizes on the
+    host. On the CPU for few rows (see GATHER_ROWS_PER_EXPERT) and without autocast (the thresholds
+    were measured in fp32; under CPU autocast the loop's oneDNN bf16 matmuls are kept)."""
+    if x_ND.device.type == "cuda":
+        return True
     N = x_ND.shape[0]
     few = N <= min(GATHER_MAX_ROWS, GATHER_ROWS_PER_EXPERT * n_experts)
     return few and not torch.is_autocast_enabled(x_ND.device.type)
