@@ -219,3 +219,57 @@ def test_cuda_graph_step_over_more_rows_than_the_cpu_gathers(autocast):
                 assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
             nxt = want.argmax(-1)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_engine_warms_up_on_its_worker_and_records_no_graph_while_serving(monkeypatch, speculative):
+    """The serving engine with the compiled step (`Engine(compile=True)`): `warm_up` runs on the
+    engine's worker thread (inductor's CUDA graph trees are per thread) and records every graph there,
+    so serving records none; the greedy texts equal the eager engine's (plain and speculative)."""
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from minimoe.data import Tokenizer
+    from minimoe.serve.engine import Engine
+    from minimoe.serve.jobs import Finish, Job, JobParams
+
+    recorded = []  # the thread of each CUDA graph recorded
+    real = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def record_function(self, *args, **kwargs):
+        recorded.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", record_function)
+    torch._dynamo.reset()
+    tok = Tokenizer.byte()
+    model = model_on(CUDA, "mla", vocab_size=tok.vocab_size, mtp_depth=1 if speculative else 0)
+    specs = [("the cat", 14), ("a dog ran to the red ball", 9), ("r", 12)]
+
+    def texts(engine: Engine) -> dict[int, str]:
+        finished, done = {}, threading.Event()
+
+        def post(e):
+            if isinstance(e, Finish):
+                finished[e.index] = e.text
+                if len(finished) == len(specs):
+                    done.set()
+
+        engine.submit([Job(i, tok.encode(p), JobParams(max_tokens=m, temperature=0), post)
+                       for i, (p, m) in enumerate(specs)])  # fmt: skip
+        engine.start()
+        try:
+            assert done.wait(300)
+        finally:
+            engine.close()
+        return finished
+
+    want = texts(Engine(model, tok, max_active=4, prefill_chunk=8, speculative=speculative))
+    engine = Engine(model, tok, max_active=4, prefill_chunk=8, speculative=speculative, compile=True)
+    assert engine.warm_up() > 0
+    at_warm_up = list(recorded)
+    assert set(at_warm_up) <= {"minimoe-engine"}
+    assert bool(at_warm_up) == (CUDA.type == "cuda")
+    assert texts(engine) == want
+    assert recorded == at_warm_up  # serving replays what warm_up recorded

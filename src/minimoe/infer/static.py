@@ -152,8 +152,8 @@ class StaticDecode:
             decode_thread_count(self.pool.model, rows.shape[0] * rows.shape[1], self._threads_at_init)
         )
 
-    def _timed(self, fn, *args):
-        t0 = time.perf_counter()
+    def _call(self, fn, *args):
+        """One step's call of a compiled function, as one step of the CUDA graph trees where they run."""
         if self.cuda_graphs:
             # a new step: the graphs' outputs from the last one are dead (their copies were returned)
             torch.compiler.cudagraph_mark_step_begin()
@@ -162,6 +162,11 @@ class StaticDecode:
         if self.cuda_graphs:
             # a graph's outputs live in its memory pool and the next replay overwrites them
             out = tree_map(torch.clone, out)
+        return out
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        out = self._call(fn, *args)
         if self._calls == 0:
             self.compile_s = time.perf_counter() - t0
         self._calls += 1
@@ -171,7 +176,12 @@ class StaticDecode:
     def warm_up(self) -> float:
         """Compile now, on an empty pool (so only free rows are written), for every pair of row and
         position buckets: the one-token step, or with an MTP cache what speculative decoding runs
-        (`speculate` when every row is greedy, else the two-token `forward` and `draft`); seconds."""
+        (`speculate` when every row is greedy, else the two-token `forward` and `draft`); seconds.
+
+        With CUDA graphs every call runs twice: inductor's graph trees run a function eagerly once
+        before they record it, and record at the second call, so no step records after this. The
+        trees belong to the calling thread: call this on the thread that will decode
+        (`Engine.warm_up` does)."""
         pool = self.pool
         if pool.n:
             raise RuntimeError("warm_up needs an empty pool")
@@ -184,12 +194,17 @@ class StaticDecode:
             tokens = torch.zeros(R, T, dtype=torch.long, device=device)
             pos = torch.zeros(R, dtype=torch.long, device=device)
             for L in self.buckets:
-                with self._threads(tokens):
-                    _, hidden = self._forward_fn(tokens, pos, L)
+                for _ in range(2 if self.cuda_graphs else 1):
+                    _, hidden = self._call(self._forward_fn, tokens, pos, L)
                     if T == 2:
-                        self._speculate_fn(tokens, pos, L)
-                        self._draft_fn(
-                            hidden, torch.zeros_like(tokens), torch.zeros_like(pos), pos.clone(), L
+                        self._call(self._speculate_fn, tokens, pos, L)
+                        self._call(
+                            self._draft_fn,
+                            hidden,
+                            torch.zeros_like(tokens),
+                            torch.zeros_like(pos),
+                            pos.clone(),
+                            L,
                         )
         self.compile_s = time.perf_counter() - t0
         self._calls += 1

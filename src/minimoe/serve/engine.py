@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,7 @@ class Engine:
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # client -> its waiting jobs
         self._queued = 0
         self._wake = threading.Event()
+        self._tasks: deque[tuple[Callable[[], float], Future]] = deque()  # run by the worker before a step
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._running: list[_Seq] = []  # row i of the pool is _running[i]
@@ -133,8 +136,19 @@ class Engine:
             self._thread.start()
 
     def warm_up(self) -> float:
-        """Compile the decode step now (with compile=True) rather than at the first request; seconds."""
-        return self.static.warm_up() if self.static is not None else 0.0
+        """Compile the decode step now (with compile=True) rather than at the first request; seconds.
+        It runs on the worker thread, started here if it is not running: that thread decodes with the
+        compiled step, and on CUDA the graphs it replays are recorded per thread."""
+        if self.static is None:
+            return 0.0
+        if self._stopping:
+            raise MinimoeError("the engine has been shut down")
+        done: Future[float] = Future()
+        with self._lock:
+            self._tasks.append((self.static.warm_up, done))
+        self.start()
+        self._wake.set()
+        return done.result()
 
     def shutdown(self) -> None:
         """Stop taking jobs; the worker fails every queued and running job (503) at its next step and
@@ -190,6 +204,12 @@ class Engine:
             with torch.no_grad():
                 while not self._stopping:
                     self._wake.clear()
+                    while self._tasks:
+                        fn, done = self._tasks.popleft()
+                        try:
+                            done.set_result(fn())
+                        except Exception as e:  # noqa: BLE001 - raised in the thread that asked
+                            done.set_exception(e)
                     if not self._running and not self._prefilling and not self._queued:
                         self._wake.wait(0.5)
                         continue
@@ -199,6 +219,8 @@ class Engine:
                         self._fail_current(f"generation failed: {type(e).__name__}: {e}", 500)
         finally:
             self._fail_all("The server is shutting down; the request was not completed.", 503)
+            while self._tasks:
+                self._tasks.popleft()[1].set_exception(MinimoeError("the engine has been shut down"))
 
     def _step(self) -> None:
         self._drop_cancelled()
