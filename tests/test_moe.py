@@ -98,6 +98,28 @@ def test_loop_dispatch_matches_reference_fp64(routing):
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("multiple", [1, 3, 64])
+@pytest.mark.parametrize("k", [1, 3])
+def test_padded_dispatch_matches_reference_fp64(monkeypatch, multiple, k):
+    """Each expert's rows padded to a multiple of `multiple` (what CPU bf16 does with 64), with 1 and 3
+    experts per token: pad rows (token 0, gate weight 0) change no output and no gradient."""
+    from minimoe.model import moe as moe_lib
+
+    monkeypatch.setattr(moe_lib, "pad_multiple", lambda *args: multiple)
+    seen = []
+    real = GroupedExperts.forward
+    monkeypatch.setattr(
+        GroupedExperts, "forward", lambda self, x, c, w=None: seen.append(c.tolist()) or real(self, x, c, w)
+    )
+    moe = make_moe(torch.float64, num_experts_per_tok=k, **ROUTINGS["v3-sigmoid-groups"])
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y, y_ref, g, g_ref = run_both(moe, x)
+    assert all(c % multiple == 0 for c in seen[0]) and sum(seen[0]) >= 18 * k
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_grouped_mm_dispatch_matches_reference_fp32(routing):
     # grouped_mm has no fp64 kernel, so this runs in fp32 with fp32 tolerances

@@ -183,51 +183,27 @@ def test_grouped_mm_probe_accepts_bf16_on_cpu_despite_rounding():
             assert (got - want).norm() <= 1e-2 * want.norm(), kernel.__name__
 
 
-@pytest.mark.parametrize("counts", [[70, 0, 5, 64], [64, 128, 0, 0], [1, 1, 1, 200]])
-def test_padded_expert_rows_give_the_unpadded_outputs_and_gradients(counts):
-    """`pad_expert_rows` (CPU bf16: oneDNN builds a kernel per new shape, so every expert's rows are padded
-    to a multiple of 64): zero rows add nothing, in fp64 to rounding."""
-    from minimoe.model.experts import pad_expert_rows
-
-    torch.manual_seed(0)
-    counts_E = torch.tensor(counts)
-    n = int(counts_E.sum())
-    x = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    ws = [torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    down = torch.randn(4, 8, 6, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(n, dtype=torch.float64, requires_grad=True)
-    leaves = [x, *ws, down, scale]
-    want = loop_experts(x, counts_E, *ws, down, scale)
-    want_grads = torch.autograd.grad(want.square().sum(), leaves)
-    x_PD, padded_E, scale_P, dest_N = pad_expert_rows(x, counts_E, scale, 64)
-    assert (padded_E % 64 == 0).all() and int(padded_E.sum()) == x_PD.shape[0]
-    got = loop_experts(x_PD, padded_E, *ws, down, scale_P).index_select(0, dest_N)
-    got_grads = torch.autograd.grad(got.square().sum(), leaves)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-
-
-def test_grouped_experts_pad_rows_only_for_low_precision_on_cpu(monkeypatch):
-    from minimoe.model import experts as experts_lib
-
+def test_moe_pads_expert_rows_only_for_low_precision_on_cpu(monkeypatch):
+    """Under CPU bf16 autocast (oneDNN builds a GEMM kernel per new shape) the MoE layer hands its experts
+    every expert's rows padded to a multiple of 64; in fp32 the rows as routed. The padded layer gives
+    the fp32 layer's output to bf16 rounding."""
     seen = []
+    real = GroupedExperts.forward
 
-    def recording(kernel):
-        def run(x, counts, *rest):
-            seen.append(counts.tolist())
-            return kernel(x, counts, *rest)
+    def recording(self, x, counts, scale=None):
+        seen.append(counts.tolist())
+        return real(self, x, counts, scale)
 
-        return run
-
-    real_choose = experts_lib.choose_kernel
-    monkeypatch.setattr(experts_lib, "choose_kernel", lambda *a: recording(real_choose(*a)))
+    monkeypatch.setattr(GroupedExperts, "forward", recording)
     torch.manual_seed(0)
-    experts = GroupedExperts(4, 32, 16)
-    x = torch.randn(150, 32)
-    counts = torch.tensor([70, 0, 13, 67])
-    ref = experts(x, counts)  # fp32: the rows as they are
+    moe = MoE(
+        ModelConfig(hidden_size=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    )
+    x = torch.randn(3, 50, 32)
+    ref, stats = moe(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = experts(x, counts)
-    assert seen == [[70, 0, 13, 67], [128, 0, 64, 128]]
+        y, _ = moe(x)
+    routed = stats.load.long().tolist()
+    assert seen[0] == routed and sum(routed) == 300
+    assert seen[1] == [(c + 63) // 64 * 64 for c in routed]
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)

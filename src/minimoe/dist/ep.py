@@ -9,7 +9,7 @@ The dispatcher then
      exchange), regroups the received rows by local expert, runs the local experts once on contiguous
      slices, restores the received order, and
   3. sends the outputs back (all_to_all again) and scales them by the gate weights; the MoE layer
-     scatter-adds them into its tokens as in one process.
+     sums them into its tokens as in one process.
 Rank j of the group owns experts [j * E_loc, (j + 1) * E_loc). Loads and the balancing bias use the
 global counts (the trainer all-reduces them), so every rank keeps the same bias.
 

@@ -192,18 +192,18 @@ def _gathered_fits(x_ND: torch.Tensor, n_experts: int) -> bool:
 # oneDNN, which runs bf16/fp16 matmuls on CPU, JIT-builds a kernel for every GEMM shape it has not seen,
 # and the experts' row counts change every step: building cost as much as running (the `tiny` MoE layer,
 # forward + backward under bf16 autocast, 1 thread: 50 ms with new counts every call, 28 ms with repeated
-# ones; fp32 51 ms either way). Padding every expert's rows with zeros to a multiple of this makes the
-# shapes repeat after a few steps, for at most this many wasted rows per expert.
+# ones; fp32 51 ms either way). The MoE layer pads every expert's rows to a multiple of this
+# (model/dispatch.py), so the shapes repeat after a few steps, for at most this many wasted rows per expert.
 CPU_LOW_PRECISION_ROWS = 64
 
 
-def _pads_rows(x_ND: torch.Tensor, n_experts: int) -> bool:
-    """Whether `GroupedExperts` pads these rows: low precision on CPU, more rows than experts (decoding,
-    one row per expert at most, has one shape anyway), and not under torch.compile."""
-    low = x_ND.dtype in (torch.bfloat16, torch.float16)
-    return (
-        low and x_ND.device.type == "cpu" and x_ND.shape[0] > n_experts and not torch.compiler.is_compiling()
-    )
+def pad_multiple(x: torch.Tensor, n_rows: int, n_experts: int) -> int:
+    """The multiple the MoE layer pads each expert's rows to: CPU_LOW_PRECISION_ROWS for bf16/fp16 rows on
+    the CPU with more rows than experts (decoding, one row per expert at most, has one shape anyway),
+    outside torch.compile; else 1 (no padding)."""
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    pads = low and x.device.type == "cpu" and n_rows > n_experts and not torch.compiler.is_compiling()
+    return CPU_LOW_PRECISION_ROWS if pads else 1
 
 
 def rank_in_expert(expert_sorted_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -211,30 +211,6 @@ def rank_in_expert(expert_sorted_N: torch.Tensor, counts_E: torch.Tensor) -> tor
     expert: `expert_sorted_N` (N,) each row's expert, `counts_E` (E,) rows per expert."""
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     return torch.arange(expert_sorted_N.numel(), device=expert_sorted_N.device) - starts_E[expert_sorted_N]
-
-
-def pad_expert_rows(
-    x_ND: torch.Tensor, counts_E: torch.Tensor, scale_N: torch.Tensor | None, multiple: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Rows sorted by expert, each expert's slice padded with zero rows to a multiple of `multiple`.
-
-    Zero rows give zero outputs and zero weight gradients (every activation maps 0 to 0), so
-    `kernel(x_PD, padded_E, ...).index_select(0, dest_N)` equals `kernel(x_ND, counts_E, ...)`.
-
-    Returns:
-        x_PD (P, D) padded rows, padded_E (E,) slice sizes, scale_P (P,) or None, and dest_N (N,) the
-        padded row of each original row.
-    """
-    N, E = x_ND.shape[0], counts_E.shape[0]
-    counts_E = counts_E.to(torch.long)
-    padded_E = (counts_E + multiple - 1) // multiple * multiple
-    padded_start_E = torch.cumsum(padded_E, 0) - padded_E
-    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
-    dest_N = padded_start_E[expert_N] + rank_in_expert(expert_N, counts_E)
-    P = int(padded_E.sum())  # on CPU, where this path runs, reading it waits for nothing
-    x_PD = x_ND.new_zeros(P, x_ND.shape[1]).index_copy(0, dest_N, x_ND)
-    scale_P = None if scale_N is None else scale_N.new_zeros(P).index_copy(0, dest_N, scale_N)
-    return x_PD, padded_E, scale_P, dest_N
 
 
 class GroupedExperts(nn.Module):
@@ -291,9 +267,6 @@ class GroupedExperts(nn.Module):
             x_ND, up, down = x_ND.to(dt), up.to(dt), down.to(dt)
             gate = gate.to(dt) if gate is not None else None
         kernel = choose_kernel(self.impl, x_ND, self.n_experts, self.hidden, self.inter)
-        if _pads_rows(x_ND, self.n_experts):
-            x_PD, padded_E, scale_P, dest_N = pad_expert_rows(x_ND, counts_E, scale_N, CPU_LOW_PRECISION_ROWS)
-            return kernel(x_PD, padded_E, gate, up, down, scale_P).index_select(0, dest_N)
         return kernel(x_ND.contiguous(), counts_E, gate, up, down, scale_N)
 
     def extra_repr(self) -> str:

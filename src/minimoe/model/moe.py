@@ -2,8 +2,9 @@
 
 Dispatch follows torchtitan: flatten the (token, slot) pairs, sort them by expert (stable, so each
 expert sees its tokens in token order), gather the tokens, run every expert once on its contiguous
-slice (grouped GEMM or a loop over slices), scale by the gate weights and scatter-add back. No dense
-all-experts computation, no per-token loop.
+slice (grouped GEMM or a loop over slices), scale by the gate weights and sum each token's outputs
+(model/dispatch.py, whose backward passes are gathers too). With a capacity, the kept pairs are
+gathered and scatter-added back. No dense all-experts computation, no per-token loop.
 
 Shape suffixes:
     B batch, S sequence length, T tokens (B * S), D hidden size,
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from minimoe.config import ModelConfig
-from minimoe.model.experts import MLP, GroupedExperts, rank_in_expert
+from minimoe.model.dispatch import combine, dispatch, expert_rows, row_weights
+from minimoe.model.experts import MLP, GroupedExperts, pad_multiple, rank_in_expert
 from minimoe.model.router import Router
 
 
@@ -107,32 +109,36 @@ class MoE(nn.Module):
             # here, so the gather moves half the bytes and the T*K gathered rows need no cast of their
             # own (the `tiny` MoE layer, forward + backward under CPU bf16: 1.06x)
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
-        K = self.top_k
-
-        # dispatch: pairs in token-major order, stably sorted by expert
-        expert_N = r.topk_idx.reshape(-1)  # (T*K,)
-        expert_sorted_N, order_N = torch.sort(expert_N, stable=True)  # grouped by expert, token order inside
-        counts_E = r.counts
-        dropped = counts_E.new_zeros(())
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(self.capacity_factor, B * S, K, self.n_experts)
-            keep_N = capacity_keep(expert_sorted_N, counts_E, capacity)
-            dropped = (~keep_N).sum()
-            # boolean indexing needs the kept count on the host: one sync, only on the capacity path
-            order_N = order_N[keep_N]
-            counts_E = counts_E.clamp(max=capacity)
-        token_N = order_N // K  # token of each pair
-        x_ND = x_TD.index_select(0, token_N)  # index_select's backward is one index_add_
-        w_N = r.topk_weight.reshape(-1).index_select(0, order_N)  # gate weight of each pair
-        y_ND = self.experts(x_ND, counts_E, w_N)  # already multiplied by the gate weights
-
-        # combine: scatter-add into the tokens, on top of the shared experts' output; accumulate in at
-        # least fp32 (as HF does) so K bf16 contributions do not round at every add
-        acc = torch.promote_types(x.dtype, torch.float32)
-        if self.shared_experts is not None:
-            out_TD = self.shared_experts(x_TD).to(acc)
+        acc = torch.promote_types(x.dtype, torch.float32)  # K bf16 outputs are summed in fp32, as in HF
+        out_TD = self.shared_experts(x_TD).to(acc) if self.shared_experts is not None else None
+        if self.capacity_factor is None:
+            y_TD, dropped = self._dropless(x_TD, r, acc), r.counts.new_zeros(())
         else:
-            out_TD = torch.zeros(B * S, D, dtype=acc, device=x.device)
-        out_TD = out_TD.index_add_(0, token_N, y_ND.to(acc)).to(x.dtype)
+            y_TD, dropped = self._with_capacity(x_TD, r, acc)
+        out_TD = y_TD.to(acc) if out_TD is None else out_TD + y_TD
         stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.float(), dropped=dropped)
-        return out_TD.view(B, S, D), stats
+        return out_TD.to(x.dtype).view(B, S, D), stats
+
+    def _dropless(self, x_TD: torch.Tensor, r, acc: torch.dtype) -> torch.Tensor:
+        """Every pair gets a row (model/dispatch.py): gather, experts, sum each token's K outputs."""
+        multiple = pad_multiple(x_TD, x_TD.shape[0] * self.top_k, self.n_experts)
+        if not isinstance(self.experts, GroupedExperts):
+            multiple = 1  # quantized or expert-parallel experts take the rows as they are
+        rows = expert_rows(r.topk_idx, r.counts, multiple)
+        y_PD = self.experts(dispatch(x_TD, rows), rows.counts_E, row_weights(r.topk_weight, rows))
+        return combine(y_PD, rows, acc)
+
+    def _with_capacity(self, x_TD: torch.Tensor, r, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `capacity` pairs of each expert in token order get a row, the rest are dropped:
+        gather the kept pairs, run the experts, scatter-add their outputs into the tokens."""
+        T, K = r.topk_idx.shape
+        expert_sorted_N, order_N = torch.sort(r.topk_idx.reshape(-1), stable=True)
+        capacity = expert_capacity(self.capacity_factor, T, K, self.n_experts)
+        keep_N = capacity_keep(expert_sorted_N, r.counts, capacity)
+        # boolean indexing needs the kept count on the host: one sync, only on the capacity path
+        order_N = order_N[keep_N]
+        token_N = order_N // K
+        w_N = r.topk_weight.reshape(-1).index_select(0, order_N)
+        y_ND = self.experts(x_TD.index_select(0, token_N), r.counts.clamp(max=capacity), w_N)
+        y_TD = y_ND.new_zeros(T, x_TD.shape[1], dtype=acc).index_add_(0, token_N, y_ND.to(acc))
+        return y_TD, (~keep_N).sum()
