@@ -1,0 +1,132 @@
+"""The `tiny` MoE layer's dispatch: the gathers of model/dispatch.py against the index_select /
+padding copy / index_add_ dispatch they replaced, and both against a dense SwiGLU MLP with the same
+activated FLOPs (intermediate K x moe_intermediate + shared), forward + backward under CPU bf16
+autocast, in one process.
+
+    python benchmarks/moe_dispatch.py              # 1 thread, 20 rounds
+    python benchmarks/moe_dispatch.py --threads 2
+
+Each round times 5 forward + backward passes of each layer in turn, on inputs cycled from a pool, so
+the routing (and the padded row counts) changes every call as in training; the table gives each
+layer's median and the median of the within-round ratios. The replaced dispatch is kept below as
+`ScatterMoE`; the script first checks that both give the same output and gradients (to bf16 rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+# isort: off
+import minimoe.cli.main  # noqa: F401 - the CLI's OpenMP wait policy, set before torch loads OpenMP
+import torch
+
+# isort: on
+
+from minimoe.config_yaml import build_run_config
+from minimoe.model.experts import CPU_LOW_PRECISION_ROWS, MLP, rank_in_expert
+from minimoe.model.moe import MoE, MoEStats
+
+
+class ScatterMoE(MoE):
+    """The dropless dispatch before model/dispatch.py: gather the sorted pairs, copy them into padded
+    rows, run the experts, pick the real rows back out, scatter-add them into the tokens (autograd
+    makes the gathers' backward scatter-adds)."""
+
+    def forward(self, x):
+        B, S, D = x.shape
+        r = self.gate(x)
+        dt = torch.get_autocast_dtype("cpu")
+        x_TD = x.reshape(B * S, D).to(dt)
+        K = self.top_k
+        expert_sorted_N, order_N = torch.sort(r.topk_idx.reshape(-1), stable=True)
+        token_N = order_N // K
+        x_ND = x_TD.index_select(0, token_N)
+        w_N = r.topk_weight.reshape(-1).index_select(0, order_N)
+        counts_E = r.counts.to(torch.long)
+        m = CPU_LOW_PRECISION_ROWS
+        padded_E = (counts_E + m - 1) // m * m
+        dest_N = (torch.cumsum(padded_E, 0) - padded_E)[expert_sorted_N] + rank_in_expert(
+            expert_sorted_N, counts_E
+        )
+        P = int(padded_E.sum())
+        x_PD = x_ND.new_zeros(P, D).index_copy(0, dest_N, x_ND)
+        w_P = w_N.new_zeros(P).index_copy(0, dest_N, w_N)
+        # the kernel GroupedExperts picks, called directly: GroupedExperts no longer pads
+        from minimoe.model.expert_kernels import grouped_mm_experts
+
+        e = self.experts
+        y_PD = grouped_mm_experts(
+            x_PD, padded_E, e.gate_proj.to(dt), e.up_proj.to(dt), e.down_proj.to(dt), w_P
+        )
+        y_ND = y_PD.index_select(0, dest_N)
+        out = self.shared_experts(x_TD).to(torch.float32).index_add_(0, token_N, y_ND.to(torch.float32))
+        return out.to(x.dtype).view(B, S, D), MoEStats(
+            r.aux_loss, r.z_loss, r.counts.float(), r.counts.new_zeros(())
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=20)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = build_run_config("tiny", None, []).validate().model
+    torch.manual_seed(0)
+    new = MoE(cfg)
+    old = ScatterMoE(cfg)
+    old.load_state_dict(new.state_dict())
+    inter = (
+        cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.n_shared_experts * cfg.moe_intermediate_size
+    )
+    dense = MLP(cfg.hidden_size, inter, "swiglu")
+    xs = [torch.randn(16, 128, cfg.hidden_size, requires_grad=True) for _ in range(61)]
+    calls = [0]
+
+    def step(m, x=None, grad=None):
+        calls[0] += 1
+        x = xs[calls[0] % len(xs)] if x is None else x
+        with torch.autocast("cpu", torch.bfloat16):
+            y = m(x)
+            y = y[0] if isinstance(y, tuple) else y
+        (y.float() * grad).sum().backward() if grad is not None else y.float().square().mean().backward()
+        return y
+
+    x, g = xs[0], torch.randn(cfg.hidden_size)
+    got = []
+    for m in (old, new):
+        x.grad = None
+        m.zero_grad()
+        y = step(m, x, g)
+        got.append(
+            [y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters() if p.grad is not None]
+        )
+    diff = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(*got))
+    layers = {
+        "gathers (model/dispatch.py)": new,
+        "scatter-add (replaced)": old,
+        f"dense SwiGLU {inter}": dense,
+    }
+    for m in layers.values():
+        for _ in range(2 * len(xs)):
+            step(m)
+    times = {k: [] for k in layers}
+    for _ in range(args.rounds):
+        for k, m in layers.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step(m)
+            times[k].append((time.perf_counter() - t0) / 5)
+    ref = times["gathers (model/dispatch.py)"]
+    print(f"`tiny` MoE layer, 2,048 tokens, forward + backward, CPU bf16 autocast, {args.threads} thread(s), "
+          f"{args.rounds} rounds; largest relative difference of output and gradients, old vs new: {diff:.1e}\n")  # fmt: skip
+    print("| layer | median ms | gathers / this (median of rounds) |\n|---|---|---|")
+    for k, v in times.items():
+        r = statistics.median(a / b for a, b in zip(ref, v))
+        print(f"| {k} | {statistics.median(v) * 1e3:.2f} | {r:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
