@@ -941,6 +941,32 @@ def test_engine_with_the_static_decode_step_equals_eager():
     assert len(rows) > 10 and set(rows) == {1, 2}  # two jobs at a time, then the last one alone
 
 
+def test_engine_warms_up_on_its_worker_thread_and_reports_failures():
+    """`Engine.warm_up` runs the compile on the worker thread (the one that decodes: CUDA graphs are
+    recorded per thread), starting it if needed; a failure is raised in the caller, and after
+    shutdown warm_up refuses with one sentence."""
+    from minimoe.errors import MinimoeError
+    from minimoe.infer.static import StaticDecode
+
+    model, tok = _mtp_model()
+    engine = Engine(model, tok, max_active=2, compile=True)
+    engine.static = StaticDecode(engine.pool, backend="eager")
+    threads = []
+    real = engine.static.warm_up
+    engine.static.warm_up = lambda: threads.append(threading.current_thread().name) or real()
+    assert engine.warm_up() > 0 and threads == ["minimoe-engine"]
+
+    def broken():
+        raise RuntimeError("no compiler")
+
+    engine.static.warm_up = broken
+    with pytest.raises(RuntimeError, match="no compiler"):
+        engine.warm_up()
+    engine.close()
+    with pytest.raises(MinimoeError, match="shut down"):
+        engine.warm_up()
+
+
 def test_engine_speculative_through_the_static_step_equals_the_eager_speculative_engine():
     """Engine(speculative=True, compile=True): the one-call greedy step (`speculate`), and the
     two-token verify forward and the MTP draft of steps with a sampled row, run at fixed shapes (traced
