@@ -6,6 +6,10 @@ autocast, in one process.
     python benchmarks/moe_dispatch.py              # 1 thread, 20 rounds
     python benchmarks/moe_dispatch.py --threads 2
 
+A fourth row is the same expert parameters in half as many experts, twice as wide, top-1 (e.g. 4 x 256
+top-1 + a shared 128 for `tiny`'s 8 x 128 top-2 + shared 128): the size of the expert GEMMs, not the
+dispatch, is most of the layer's distance from the dense MLP.
+
 Each round times 5 forward + backward passes of each layer in turn, on inputs cycled from a pool, so
 the routing (and the padded row counts) changes every call as in training; the table gives each
 layer's median and the median of the within-round ratios. The replaced dispatch is kept below as
@@ -15,6 +19,7 @@ layer's median and the median of the within-round ratios. The replaced dispatch 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -67,6 +72,17 @@ class ScatterMoE(MoE):
         )
 
 
+class Coarse(torch.nn.Module):
+    """A MoE layer with a shared expert of its own width (ModelConfig ties it to the routed width)."""
+
+    def __init__(self, cfg, shared: int):
+        super().__init__()
+        self.moe, self.shared = MoE(cfg), MLP(cfg.hidden_size, shared, "swiglu")
+
+    def forward(self, x):
+        return self.moe(x)[0] + self.shared(x)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -104,10 +120,20 @@ def main() -> None:
             [y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters() if p.grad is not None]
         )
     diff = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(*got))
+    # the same total and activated expert parameters in half as many, twice as wide experts, top-1:
+    # each expert's GEMMs twice as wide (routed 4 x 2I top-1 plus the shared expert of width I)
+    coarse_cfg = copy.deepcopy(cfg)
+    coarse_cfg.n_routed_experts = cfg.n_routed_experts // 2
+    coarse_cfg.num_experts_per_tok = cfg.num_experts_per_tok // 2
+    coarse_cfg.moe_intermediate_size = 2 * cfg.moe_intermediate_size
+    coarse_cfg.n_shared_experts = 0
+    coarse = Coarse(coarse_cfg.validate(), cfg.n_shared_experts * cfg.moe_intermediate_size)
+    layout = f"{coarse_cfg.n_routed_experts} x {coarse_cfg.moe_intermediate_size} top-{coarse_cfg.num_experts_per_tok} + shared"
     layers = {
         "gathers (model/dispatch.py)": new,
         "scatter-add (replaced)": old,
         f"dense SwiGLU {inter}": dense,
+        f"{layout} {cfg.n_shared_experts * cfg.moe_intermediate_size}, gathers (same parameters)": coarse,
     }
     for m in layers.values():
         for _ in range(2 * len(xs)):
