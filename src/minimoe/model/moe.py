@@ -115,7 +115,7 @@ class MoE(nn.Module):
             y_TD, dropped = self._dropless(x_TD, r, acc), r.counts.new_zeros(())
         else:
             y_TD, dropped = self._with_capacity(x_TD, r, acc)
-        out_TD = y_TD.to(acc) if out_TD is None else out_TD + y_TD
+        out_TD = y_TD if out_TD is None else out_TD + y_TD  # both in `acc`
         stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.float(), dropped=dropped)
         return out_TD.to(x.dtype).view(B, S, D), stats
 
