@@ -30,6 +30,7 @@ import torch
 # isort: on
 
 from minimoe.config_yaml import build_run_config
+from minimoe.model.expert_kernels import grouped_mm_experts
 from minimoe.model.experts import CPU_LOW_PRECISION_ROWS, MLP, rank_in_expert
 from minimoe.model.moe import MoE, MoEStats
 
@@ -59,8 +60,6 @@ class ScatterMoE(MoE):
         x_PD = x_ND.new_zeros(P, D).index_copy(0, dest_N, x_ND)
         w_P = w_N.new_zeros(P).index_copy(0, dest_N, w_N)
         # the kernel GroupedExperts picks, called directly: GroupedExperts no longer pads
-        from minimoe.model.expert_kernels import grouped_mm_experts
-
         e = self.experts
         y_PD = grouped_mm_experts(
             x_PD, padded_E, e.gate_proj.to(dt), e.up_proj.to(dt), e.down_proj.to(dt), w_P
