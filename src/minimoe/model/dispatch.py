@@ -50,9 +50,8 @@ def expert_rows(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, multiple: int
     counts_E = counts_E.to(torch.long)
     padded_E = (counts_E + multiple - 1) // multiple * multiple
     start_E = torch.cumsum(padded_E, 0) - padded_E
-    dest_N = start_E[expert_sorted_N] + rank_in_expert(
-        expert_sorted_N, counts_E
-    )  # padded row of each sorted pair
+    # the padded row of each sorted pair
+    dest_N = start_E[expert_sorted_N] + rank_in_expert(expert_sorted_N, counts_E)
     P = int(padded_E.sum())  # a host sync: padding runs on the CPU only, where it waits for nothing
     token_P = torch.zeros(P, dtype=torch.long, device=order_N.device).index_copy_(0, dest_N, order_N // K)
     slot_N = torch.empty_like(dest_N).index_copy_(0, order_N, dest_N)

@@ -121,9 +121,9 @@ class MoE(nn.Module):
 
     def _dropless(self, x_TD: torch.Tensor, r, acc: torch.dtype) -> torch.Tensor:
         """Every pair gets a row (model/dispatch.py): gather, experts, sum each token's K outputs."""
-        multiple = pad_multiple(x_TD, x_TD.shape[0] * self.top_k, self.n_experts)
-        if not isinstance(self.experts, GroupedExperts):
-            multiple = 1  # quantized or expert-parallel experts take the rows as they are
+        # quantized or expert-parallel experts take the rows as they are
+        grouped = isinstance(self.experts, GroupedExperts)
+        multiple = pad_multiple(x_TD, x_TD.shape[0] * self.top_k, self.n_experts) if grouped else 1
         rows = expert_rows(r.topk_idx, r.counts, multiple)
         y_PD = self.experts(dispatch(x_TD, rows), rows.counts_E, row_weights(r.topk_weight, rows))
         return combine(y_PD, rows, acc)

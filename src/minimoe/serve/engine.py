@@ -141,10 +141,10 @@ class Engine:
         compiled step, and on CUDA the graphs it replays are recorded per thread."""
         if self.static is None:
             return 0.0
-        if self._stopping:
-            raise MinimoeError("the engine has been shut down")
         done: Future[float] = Future()
-        with self._lock:
+        with self._lock:  # the worker fails what is queued here when it stops, under the same lock
+            if self._stopping:
+                raise MinimoeError("the engine has been shut down")
             self._tasks.append((self.static.warm_up, done))
         self.start()
         self._wake.set()
@@ -219,8 +219,9 @@ class Engine:
                         self._fail_current(f"generation failed: {type(e).__name__}: {e}", 500)
         finally:
             self._fail_all("The server is shutting down; the request was not completed.", 503)
-            while self._tasks:
-                self._tasks.popleft()[1].set_exception(MinimoeError("the engine has been shut down"))
+            with self._lock:
+                while self._tasks:
+                    self._tasks.popleft()[1].set_exception(MinimoeError("the engine has been shut down"))
 
     def _step(self) -> None:
         self._drop_cancelled()
