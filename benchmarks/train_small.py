@@ -3,6 +3,7 @@
     python benchmarks/train_small.py                # prints ratios A and B
     python benchmarks/train_small.py --write        # also rewrites its section of BENCHMARKS.md
     python benchmarks/train_small.py --quick        # fewer, shorter turns (a smoke run)
+    python benchmarks/train_small.py --threads 1    # one thread per model, as the lab's sweeps run
 
 Ratio A: the `tiny` preset (MoE) against a dense SwiGLU model with the same training FLOPs per token,
 both trained by minimoe's Trainer. Ratio B: minimoe's Trainer on a dense nanoGPT-shaped model
@@ -225,6 +226,12 @@ def main() -> None:
         default=16,
         help="training steps per turn of the tiny models (8: ratios move +-0.05)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: torch's, every core; the lab's sweeps run each model on 1)",
+    )
     p.add_argument("--quick", action="store_true", help="2 rounds of 2-step turns")
     p.add_argument("--write", action="store_true", help="rewrite the section of BENCHMARKS.md")
     p.add_argument(
@@ -233,6 +240,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
