@@ -58,9 +58,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves a block of more than its (adaptive) mmap threshold with a fresh mapping and
     trims the heap's free top, so each training step's activations and gradients, freed and allocated
-    again every step, come back as new zero-filled pages: about 5,000-9,500 page faults and 11-21 ms of
-    system CPU time per `tiny` training step on 2 cores, about 1.8 ms with this setting (BENCHMARKS.md,
-    "glibc malloc"). jemalloc and tcmalloc behave this way by default. Left alone where the user tuned
+    again every step, come back as new zero-filled pages: 6,000-10,000 page faults and 13-17 ms of system
+    CPU time per `tiny` training step on 2 cores, a few dozen and 1-3 ms with this setting, same peak
+    memory (BENCHMARKS.md, "glibc malloc"). jemalloc and tcmalloc behave this way by default. Left alone where the user tuned
     glibc (a MALLOC_* variable), preloads another allocator, sets MINIMOE_KEEP_FREED_MEMORY=0, or the C
     library is not glibc.
     """
