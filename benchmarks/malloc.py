@@ -4,7 +4,7 @@
     python benchmarks/malloc.py              # 6 pairs of processes
     python benchmarks/malloc.py --pairs 2    # a smoke run
 
-The setting is process-wide and glibc reads it at start-up, so each arm is its own process: pairs of
+The setting is process-wide and cannot be cleanly undone, so each arm is its own process: pairs of
 processes (default first, then kept; MINIMOE_KEEP_FREED_MEMORY=0 / 1) run one after the other, and
 each trains the `tiny` MoE and its dense twin (train_small.py's models, byte data) for a warm-up turn
 and then `--turns` turns of 16 steps each, reading its own page faults and CPU times from getrusage.
@@ -103,8 +103,8 @@ def main() -> None:
         f"{args.pairs} pairs of processes, {args.turns} turns of 16 steps per model each, {os.cpu_count()} CPUs\n"
     )
     print("| model | faults / step, default → kept | system CPU ms / step, default → kept "
-          "| tokens/s, kept / default (median over pairs, min-max) |")  # fmt: skip
-    print("|---|---|---|---|")
+          "| user CPU ms / step, default → kept | tokens/s, kept / default (median over pairs, min-max) |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for name in ("tiny MoE", "dense twin"):
         d = [a[name] for a, _ in pairs]
         k = [b[name] for _, b in pairs]
@@ -113,6 +113,7 @@ def main() -> None:
         print(
             f"| {name} | {med(d, 'faults'):,.0f} → {med(k, 'faults'):,.0f} "
             f"| {med(d, 'sys_ms'):.1f} → {med(k, 'sys_ms'):.1f} "
+            f"| {med(d, 'user_ms'):.0f} → {med(k, 'user_ms'):.0f} "
             f"| {statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
     peaks = [(a["peak_mib"], b["peak_mib"]) for a, b in pairs]

@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 # isort: off
-import minimoe.cli.main  # noqa: F401 - the CLI's OpenMP wait policy, set before torch loads OpenMP
+import minimoe.cli.main  # noqa: F401 - the CLI's process settings: OpenMP wait policy (before torch loads
+
+# OpenMP) and glibc keeping freed memory
 import torch
 
 # isort: on

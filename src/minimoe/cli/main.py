@@ -53,28 +53,32 @@ def wait_policy(others_load: float, command: str = "") -> str | None:
     return None if command == "serve" else "ACTIVE"
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(command: str = "") -> bool:
     """Have glibc keep freed memory for reuse instead of handing it back to the kernel; True if set.
 
     By default glibc serves a block of more than its (adaptive) mmap threshold with a fresh mapping and
     trims the heap's free top, so each training step's activations and gradients, freed and allocated
-    again every step, come back as new zero-filled pages: 6,000-10,000 page faults and 13-17 ms of system
-    CPU time per `tiny` training step on 2 cores, a few dozen and 1-3 ms with this setting, same peak
-    memory (BENCHMARKS.md, "glibc malloc"). jemalloc and tcmalloc behave this way by default. Left alone where the user tuned
-    glibc (a MALLOC_* variable), preloads another allocator, sets MINIMOE_KEEP_FREED_MEMORY=0, or the C
-    library is not glibc.
+    again every step, come back as new zero-filled pages: 6,000-10,000 page faults and 13-17 ms of
+    system CPU time per `tiny` training step on 2 cores, a few dozen and 1-3 ms with this setting, same
+    peak memory (BENCHMARKS.md, "glibc malloc"). jemalloc and tcmalloc keep freed memory by default.
+    Process-wide, for whatever imports this module. Left alone for `serve` (a server should give back
+    what a burst of requests took), where the user tuned glibc (a MALLOC_* variable or glibc.malloc
+    tunables), preloads another allocator or sets MINIMOE_KEEP_FREED_MEMORY=0, and off glibc.
     """
-    if os.environ.get("MINIMOE_KEEP_FREED_MEMORY", "1") == "0" or "LD_PRELOAD" in os.environ:
+    env = os.environ
+    if command == "serve" or env.get("MINIMOE_KEEP_FREED_MEMORY", "1") == "0" or "LD_PRELOAD" in env:
         return False
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+    if any(k.startswith("MALLOC_") for k in env) or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return False
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6)
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
     settings = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    return all([mallopt(param, value) == 1 for param, value in settings])  # a list: set every one
 
 
 # name -> (module, one line, an example). `minimoe --help` reads only this table: a command's module
@@ -178,7 +182,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
     _policy = wait_policy(_others_load(), _command_in(sys.argv[1:]) or "")
     if _policy is not None:
         os.environ["OMP_WAIT_POLICY"] = _policy
-keep_freed_memory()
+keep_freed_memory(_command_in(sys.argv[1:]) or "")
 
 
 def main(argv: list[str] | None = None) -> int:
