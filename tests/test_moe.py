@@ -10,10 +10,8 @@ import torch.nn.functional as F
 
 from minimoe.config import ModelConfig
 from minimoe.errors import ConfigError
-from minimoe.model import experts as experts_lib
 from minimoe.model.compiled_experts import compiled_training_experts, gathered_experts
-from minimoe.model.dispatch import expert_rows
-from minimoe.model.expert_kernels import FUSE_GATE_UP_BELOW, batched_experts, grouped_mm_experts, loop_experts
+from minimoe.model.expert_kernels import FUSE_GATE_UP_BELOW, grouped_mm_experts, loop_experts
 from minimoe.model.experts import MLP, GroupedExperts, choose_kernel, grouped_mm_works, resolve_impl
 from minimoe.model.moe import MoE, capacity_keep, expert_capacity, max_vio
 from minimoe.model.router import (
@@ -120,73 +118,6 @@ def test_padded_dispatch_matches_reference_fp64(monkeypatch, multiple, k):
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for name in g:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_equal_expert_slices_match_reference_fp64(monkeypatch, k):
-    """Every expert padded to the largest one's rows (what CPU bf16 with several threads does when it
-    adds little padding): the experts run as batched GEMMs, and output and every gradient equal the
-    per-token reference."""
-    from minimoe.model import moe as moe_lib
-
-    monkeypatch.setattr(moe_lib, "pad_multiple", lambda *args: 4)
-    monkeypatch.setattr(moe_lib, "pads_equally", lambda multiple: 100.0)  # always equal slices
-    seen, real = [], choose_kernel
-    monkeypatch.setattr(
-        experts_lib, "choose_kernel", lambda *a: seen.append((a[5].tolist(), real(*a).__name__)) or real(*a)
-    )
-    moe = make_moe(torch.float64, num_experts_per_tok=k, moe_impl="auto", **ROUTINGS["v3-sigmoid-groups"])
-    x = torch.randn(2, 9, 16, dtype=torch.float64)
-    y, y_ref, g, g_ref = run_both(moe, x)
-    counts, kernel = seen[0]
-    assert len(set(counts)) == 1 and counts[0] % 4 == 0 and sum(counts) >= 18 * k
-    assert kernel == "batched_experts"
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
-
-
-def test_expert_rows_pads_equally_only_within_the_slack():
-    """Equal slices only when they add at most `equal_slack` times the per-expert padding's rows; pad
-    rows point at token 0 and every pair keeps its own row."""
-    topk = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [0, 2]])  # loads 5, 2, 2, 1
-    per_expert = expert_rows(topk, torch.tensor([5, 2, 2, 1]), 2)
-    assert per_expert.counts_E.tolist() == [6, 2, 2, 2]  # 12 rows; equal slices would be 24
-    assert expert_rows(topk, torch.tensor([5, 2, 2, 1]), 2, 1.9).counts_E.tolist() == [6, 2, 2, 2]
-    equal = expert_rows(topk, torch.tensor([5, 2, 2, 1]), 2, 2.0)
-    assert equal.counts_E.tolist() == [6, 6, 6, 6]
-    rows = equal.token_P[equal.slot_TK]  # (T, K) token of each pair's row
-    assert torch.equal(rows, torch.arange(5).unsqueeze(1).expand(5, 2))
-    assert len(set(equal.slot_TK.flatten().tolist())) == 10  # one row per pair
-    assert (equal.token_P == 0).sum() == (24 - 10) + 2  # the pad rows and token 0's two pairs
-
-
-@pytest.mark.parametrize("act", ["swiglu", "gelu"])
-@pytest.mark.parametrize("scaled", [True, False])
-def test_batched_experts_equal_the_loop_fp64(act, scaled):
-    """`batched_experts` on equal slices: output and every gradient equal autograd through the loop."""
-    g = torch.Generator().manual_seed(5)
-    E, D, I, M = 4, 6, 5, 3
-    tensors = [
-        torch.randn(E * M, D, generator=g, dtype=torch.float64),
-        torch.randn(E, I, D, generator=g, dtype=torch.float64) if act == "swiglu" else None,
-        torch.randn(E, I, D, generator=g, dtype=torch.float64),
-        torch.randn(E, D, I, generator=g, dtype=torch.float64),
-        torch.rand(E * M, generator=g, dtype=torch.float64) if scaled else None,
-    ]
-    dy = torch.randn(E * M, D, generator=g, dtype=torch.float64)
-    results = []
-    for kernel in (loop_experts, batched_experts):
-        _grads_of(kernel, tensors, [M] * E, dy, results)
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want)
-    rows = tensors[0].float()
-    assert choose_kernel("auto", rows, E, D, I, torch.tensor([M] * E)) is batched_experts
-    assert (
-        choose_kernel("auto", rows, E, D, I, torch.tensor([M + 1, M - 1] + [M] * (E - 2)))
-        is not batched_experts
-    )
-    assert choose_kernel("loop", rows, E, D, I, torch.tensor([M] * E)) is loop_experts  # asked for the loop
 
 
 @pytest.mark.parametrize("routing", list(ROUTINGS))

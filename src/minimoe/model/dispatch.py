@@ -7,8 +7,7 @@ from the tokens (`token_P`) and each token's K rows (`slot_TK`). Autograd alone 
 the `tiny` MoE layer (forward + backward, CPU bf16) the scatter-adds and the padding copies they
 replace cost about a fifth of the layer's time. Each expert's rows may be padded to a multiple of
 `multiple` rows (`experts.pad_multiple`: CPU bf16, whose GEMM kernels are built per shape); a pad
-row holds token 0 with gate weight 0, so it adds nothing and its gradients vanish. With several threads
-every expert may be padded to the same rows instead (`experts.pads_equally`), for batched GEMMs.
+row holds token 0 with gate weight 0, so it adds nothing and its gradients vanish.
 
 Shape suffixes: T tokens, K experts per token, N = T * K pairs, P rows (N plus the padding), D hidden,
 E routed experts.
@@ -29,19 +28,14 @@ class ExpertRows(NamedTuple):
     counts_E: torch.Tensor  # (E,) rows per expert, padding included; rows are sorted by expert
 
 
-def expert_rows(
-    topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, multiple: int = 1, equal_slack: float | None = None
-) -> ExpertRows:
+def expert_rows(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, multiple: int = 1) -> ExpertRows:
     """Rows for the experts: the pairs stably sorted by expert (token order inside an expert), each
-    expert's slice padded to a multiple of `multiple` rows, or every slice to the largest one's rows.
+    expert's slice padded to a multiple of `multiple` rows.
 
     Args:
         topk_idx_TK: (T, K) expert of each pair.
         counts_E: (E,) pairs per expert.
         multiple: pad each expert's rows to a multiple of this (1: no padding, no host sync).
-        equal_slack: if given (with `multiple` > 1), pad every expert to the same rows (the largest
-            padded slice) when that makes at most `equal_slack` times the rows of padding each expert on
-            its own: the experts can then run as batched GEMMs (`batched_experts`).
     Returns:
         ExpertRows.
     """
@@ -55,10 +49,6 @@ def expert_rows(
         return ExpertRows(order_N // K, slot_N.view(T, K), counts_E)
     counts_E = counts_E.to(torch.long)
     padded_E = (counts_E + multiple - 1) // multiple * multiple
-    if equal_slack is not None:
-        largest = padded_E.max()
-        if int(largest) * padded_E.numel() <= equal_slack * int(padded_E.sum()):  # host syncs, CPU only
-            padded_E = largest.expand_as(padded_E).clone()
     start_E = torch.cumsum(padded_E, 0) - padded_E
     # the padded row of each sorted pair
     dest_N = start_E[expert_sorted_N] + rank_in_expert(expert_sorted_N, counts_E)

@@ -1,8 +1,7 @@
 """The routed experts' kernels: one call, `kernel(x_ND, counts_E, gate_EID, up_EID, down_EDI, scale_N)`,
 on rows already sorted by expert, answered by `torch._grouped_mm` over expert offsets
-(`grouped_mm_experts`), by batched GEMMs over equal slices (`batched_experts`) or by one small MLP per
-contiguous slice (`loop_experts`). `GroupedExperts` (model/experts.py) picks one per call;
-model/compiled_experts.py wraps them for torch.compile.
+(`grouped_mm_experts`) or by one small MLP per contiguous slice (`loop_experts`). `GroupedExperts`
+(model/experts.py) picks one per call; model/compiled_experts.py wraps them for torch.compile.
 
 Shape suffixes: N (token, expert) rows sorted by expert, D hidden, I expert intermediate, E experts.
 """
@@ -76,27 +75,6 @@ def grouped_mm_experts(
         gate_NI = _gmm(x_ND, gate_EID, offs_E) if gate_EID is not None else None
         up_NI = _gmm(x_ND, up_EID, offs_E)
     return _gmm(_scaled(_activate(gate_NI, up_NI), scale_N), down_EDI, offs_E)
-
-
-def batched_experts(
-    x_ND: torch.Tensor,
-    counts_E: torch.Tensor,
-    gate_EID: torch.Tensor | None,
-    up_EID: torch.Tensor,
-    down_EDI: torch.Tensor,
-    scale_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Experts as batched GEMMs when every expert has the same number of rows (N = E * M): one `bmm`
-    per projection over (E, M, D) views. Same arguments and result as `grouped_mm_experts`; `counts_E`
-    only has to be uniform (the caller checks). The MoE layer pads the experts' rows equally on the CPU
-    under bf16 with more than one thread, where one batched oneDNN GEMM runs faster than a GEMM per
-    expert (model/experts.py, `pads_equally`)."""
-    E, D, _ = down_EDI.shape
-    x_EMD = x_ND.view(E, -1, D)
-    gate = torch.bmm(x_EMD, gate_EID.transpose(1, 2)) if gate_EID is not None else None
-    h_EMI = _activate(gate, torch.bmm(x_EMD, up_EID.transpose(1, 2)))
-    h_EMI = _scaled(h_EMI.flatten(0, 1), scale_N).view_as(h_EMI)
-    return torch.bmm(h_EMI, down_EDI.transpose(1, 2)).view(-1, D)
 
 
 def loop_experts(

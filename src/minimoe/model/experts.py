@@ -25,7 +25,7 @@ from minimoe.model.compiled_experts import (
     gathered_experts,
     selected_experts,
 )
-from minimoe.model.expert_kernels import _activate, batched_experts, grouped_mm_experts, loop_experts
+from minimoe.model.expert_kernels import _activate, grouped_mm_experts, loop_experts
 
 
 class MLP(nn.Module):
@@ -153,14 +153,7 @@ def resolve_impl(impl: str, x: torch.Tensor, hidden: int, inter: int) -> str:
     return "grouped_mm" if works else "loop"
 
 
-def choose_kernel(
-    impl: str,
-    x_ND: torch.Tensor,
-    n_experts: int,
-    hidden: int,
-    inter: int,
-    counts_E: torch.Tensor | None = None,
-):
+def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, inter: int):
     """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`. Under
     torch.compile without gradients: `gathered_experts` where `_gathered_fits` (few rows, or CUDA),
     which the compiler fuses, else the loop as one operator it does not look into (`selected_experts`); with
@@ -170,9 +163,7 @@ def choose_kernel(
     Decoding (no gradient, on CPU, at most one row per expert) takes the loop: a handful of
     matrix-vector products whose cost is reading the weights, where grouped_mm would add offsets and,
     for thin experts, a copy of every expert's gate and up weights. No rows at all take the loop too
-    (grouped_mm's backward rejects an empty input). Rows on the CPU that the MoE layer padded to equal
-    slices (`counts_E` given and uniform, `impl` auto) take `batched_experts`. Otherwise `resolve_impl`
-    decides.
+    (grouped_mm's backward rejects an empty input). Otherwise `resolve_impl` decides.
     """
     if torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
@@ -183,8 +174,6 @@ def choose_kernel(
     N = x_ND.shape[0]
     if N == 0 or (x_ND.device.type == "cpu" and not torch.is_grad_enabled() and N <= n_experts):
         return loop_experts
-    if counts_E is not None and N > n_experts and impl == "auto" and bool(counts_E.min() == counts_E.max()):
-        return batched_experts  # equal slices (`pads_equally`); a host sync, taken on the CPU only
     return grouped_mm_experts if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm" else loop_experts
 
 
@@ -215,20 +204,6 @@ def pad_multiple(x: torch.Tensor, n_rows: int, n_experts: int) -> int:
     low = x.dtype in (torch.bfloat16, torch.float16)
     pads = low and x.device.type == "cpu" and n_rows > n_experts and not torch.compiler.is_compiling()
     return CPU_LOW_PRECISION_ROWS if pads else 1
-
-
-# With more than one thread, one batched oneDNN bf16 GEMM over equal expert slices runs faster than a
-# GEMM per expert (the `tiny` experts, 8 x 576 rows, forward + backward: 0.80x the grouped GEMMs' time
-# at 2 threads, 0.94x at 1), so the MoE layer pads every expert to the largest one's rows when that
-# adds at most this factor of rows to the per-expert padding (BENCHMARKS.md, "equal expert slices").
-EQUAL_ROWS_SLACK = 1.2
-
-
-def pads_equally(multiple: int) -> float | None:
-    """The slack for padding every expert to the same rows (`EQUAL_ROWS_SLACK`), or None: only where the
-    layer pads anyway (`multiple` > 1: CPU bf16/fp16, outside torch.compile) and more than one thread
-    runs the GEMMs."""
-    return EQUAL_ROWS_SLACK if multiple > 1 and torch.get_num_threads() > 1 else None
 
 
 def rank_in_expert(expert_sorted_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -291,10 +266,7 @@ class GroupedExperts(nn.Module):
             dt = torch.get_autocast_dtype(device)
             x_ND, up, down = x_ND.to(dt), up.to(dt), down.to(dt)
             gate = gate.to(dt) if gate is not None else None
-        on_cpu = x_ND.device.type == "cpu"  # equal slices are looked for on the CPU only (a host sync)
-        kernel = choose_kernel(
-            self.impl, x_ND, self.n_experts, self.hidden, self.inter, counts_E if on_cpu else None
-        )
+        kernel = choose_kernel(self.impl, x_ND, self.n_experts, self.hidden, self.inter)
         return kernel(x_ND.contiguous(), counts_E, gate, up, down, scale_N)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 
 from minimoe.config import ModelConfig
 from minimoe.model.dispatch import combine, dispatch, expert_rows, row_weights
-from minimoe.model.experts import MLP, GroupedExperts, pad_multiple, pads_equally, rank_in_expert
+from minimoe.model.experts import MLP, GroupedExperts, pad_multiple, rank_in_expert
 from minimoe.model.router import Router
 
 
@@ -124,7 +124,7 @@ class MoE(nn.Module):
         # quantized or expert-parallel experts take the rows as they are
         grouped = isinstance(self.experts, GroupedExperts)
         multiple = pad_multiple(x_TD, x_TD.shape[0] * self.top_k, self.n_experts) if grouped else 1
-        rows = expert_rows(r.topk_idx, r.counts, multiple, pads_equally(multiple))
+        rows = expert_rows(r.topk_idx, r.counts, multiple)
         y_PD = self.experts(dispatch(x_TD, rows), rows.counts_E, row_weights(r.topk_weight, rows))
         return combine(y_PD, rows, acc)
 
