@@ -265,11 +265,17 @@ def test_engine_warms_up_on_its_worker_and_records_no_graph_while_serving(monkey
             engine.close()
         return finished
 
+    from torch._dynamo.utils import counters
+
     want = texts(Engine(model, tok, max_active=4, prefill_chunk=8, speculative=speculative))
     engine = Engine(model, tok, max_active=4, prefill_chunk=8, speculative=speculative, compile=True)
+    counters.clear()
     assert engine.warm_up() > 0
     at_warm_up = list(recorded)
     assert set(at_warm_up) <= {"minimoe-engine"}
     assert bool(at_warm_up) == (CUDA.type == "cuda")
-    assert texts(engine) == want
+    # serving compiles nothing more: a recompile run only once would record no graph, so this catches it
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert texts(engine) == want
     assert recorded == at_warm_up  # serving replays what warm_up recorded
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

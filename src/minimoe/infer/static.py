@@ -200,7 +200,7 @@ class StaticDecode:
                         self._call(self._speculate_fn, tokens, pos, L)
                         self._call(
                             self._draft_fn,
-                            hidden,
+                            hidden.new_zeros(hidden.shape),  # contiguous, as `draft` passes it
                             torch.zeros_like(tokens),
                             torch.zeros_like(pos),
                             pos.clone(),
