@@ -30,9 +30,7 @@ import time
 from pathlib import Path
 
 # isort: off
-import minimoe.cli.main  # noqa: F401 - the CLI's process settings: OpenMP wait policy (before torch loads
-
-# OpenMP) and glibc keeping freed memory
+import minimoe.cli.main  # noqa: F401 - the CLI's process settings (OpenMP wait policy, glibc malloc)
 import torch
 
 # isort: on
