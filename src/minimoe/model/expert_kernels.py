@@ -38,9 +38,11 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 # Below this expert width, grouped_mm_experts concatenates gate and up into one GEMM per call: a narrow
-# GEMM runs well below peak and x's gradient needs one fewer (N, D) add, while for wide experts copying
-# the (E, 2I, D) weights every call costs more than it saves (the A/B timing is in BENCHMARKS.md).
-FUSE_GATE_UP_BELOW = 128
+# GEMM runs below peak, every expert's GEMM pays a fixed per-call cost on CPU, and x's gradient needs
+# one fewer (N, D) add; at 256 and above copying the (E, 2I, D) weights every call costs about what it
+# saves. The `tiny` MoE layer (I = 128, CPU bf16 autocast, forward + backward): fused 0.97x the separate
+# GEMMs' time at 2 threads and 0.98x at 1; I = 64: 0.95x; I = 256: 1.01x (BENCHMARKS.md).
+FUSE_GATE_UP_BELOW = 256
 
 
 def _gmm(x_NK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
