@@ -6,7 +6,9 @@ autocast, in one process.
     python benchmarks/moe_dispatch.py              # 1 thread, 20 rounds
     python benchmarks/moe_dispatch.py --threads 2
 
-A fourth row is the same expert parameters in half as many experts, twice as wide, top-1 (e.g. 4 x 256
+A fourth row runs the experts' gate and up projections as two grouped GEMMs each instead of one
+(`FUSE_GATE_UP_BELOW` in model/expert_kernels.py decides; `tiny`'s width 128 is fused since
+2026-12-05). A fifth row is the same expert parameters in half as many experts, twice as wide, top-1 (e.g. 4 x 256
 top-1 + a shared 128 for `tiny`'s 8 x 128 top-2 + shared 128): the size of the expert GEMMs, not the
 dispatch, is most of the layer's distance from the dense MLP.
 
@@ -30,6 +32,7 @@ import torch
 # isort: on
 
 from minimoe.config_yaml import build_run_config
+from minimoe.model import expert_kernels
 from minimoe.model.expert_kernels import grouped_mm_experts
 from minimoe.model.experts import CPU_LOW_PRECISION_ROWS, MLP, rank_in_expert
 from minimoe.model.moe import MoE, MoEStats
@@ -71,6 +74,18 @@ class ScatterMoE(MoE):
         )
 
 
+class SeparateGateUp(MoE):
+    """The layer with the experts' gate and up projections as separate grouped GEMMs (the autograd graph
+    keeps the choice for the backward)."""
+
+    def forward(self, x):
+        saved, expert_kernels.FUSE_GATE_UP_BELOW = expert_kernels.FUSE_GATE_UP_BELOW, 0
+        try:
+            return super().forward(x)
+        finally:
+            expert_kernels.FUSE_GATE_UP_BELOW = saved
+
+
 class Coarse(torch.nn.Module):
     """A MoE layer with a shared expert of its own width (ModelConfig ties it to the routed width)."""
 
@@ -93,6 +108,8 @@ def main() -> None:
     new = MoE(cfg)
     old = ScatterMoE(cfg)
     old.load_state_dict(new.state_dict())
+    separate = SeparateGateUp(cfg)
+    separate.load_state_dict(new.state_dict())
     inter = (
         cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.n_shared_experts * cfg.moe_intermediate_size
     )
@@ -111,14 +128,15 @@ def main() -> None:
 
     x, g = xs[0], torch.randn(cfg.hidden_size)
     got = []
-    for m in (old, new):
+    for m in (old, separate, new):
         x.grad = None
         m.zero_grad()
         y = step(m, x, g)
         got.append(
             [y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters() if p.grad is not None]
         )
-    diff = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(*got))
+    diff = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got[0], got[2]))
+    diff_sep = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got[1], got[2]))
     # the same total and activated expert parameters in half as many, twice as wide experts, top-1:
     # each expert's GEMMs twice as wide (routed 4 x 2I top-1 plus the shared expert of width I)
     coarse_cfg = copy.deepcopy(cfg)
@@ -131,6 +149,7 @@ def main() -> None:
     layers = {
         "gathers (model/dispatch.py)": new,
         "scatter-add (replaced)": old,
+        "gathers, gate and up as separate GEMMs": separate,
         f"dense SwiGLU {inter}": dense,
         f"{layout} {cfg.n_shared_experts * cfg.moe_intermediate_size}, gathers (same parameters)": coarse,
     }
@@ -146,7 +165,8 @@ def main() -> None:
             times[k].append((time.perf_counter() - t0) / 5)
     ref = times["gathers (model/dispatch.py)"]
     print(f"`tiny` MoE layer, 2,048 tokens, forward + backward, CPU bf16 autocast, {args.threads} thread(s), "
-          f"{args.rounds} rounds; largest relative difference of output and gradients, old vs new: {diff:.1e}\n")  # fmt: skip
+          f"{args.rounds} rounds; largest relative difference of output and gradients, old vs new: {diff:.1e}, "
+          f"separate vs fused gate and up: {diff_sep:.1e}\n")  # fmt: skip
     print("| layer | median ms | gathers / this (median of rounds) |\n|---|---|---|")
     for k, v in times.items():
         r = statistics.median(a / b for a, b in zip(ref, v))

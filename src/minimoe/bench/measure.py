@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from minimoe.config import RunConfig
-from minimoe.dist.parallel import clip_grads_
 from minimoe.infer.generate import stream_batch
 from minimoe.infer.sampling import SamplingParams
 from minimoe.infer.slots import SlotPool
@@ -211,8 +210,7 @@ class Subject:
             loss = self.loss(x, y)
         loss.backward()
         if self.rc.train.grad_clip:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            clip_grads_(grads, self.rc.train.grad_clip, torch.nn.utils.get_total_norm(grads))
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.rc.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.after_step()
