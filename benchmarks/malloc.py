@@ -35,8 +35,7 @@ def child(turns: int) -> None:
 
     from minimoe.data import prepare
 
-    kept = cli.keep_freed_memory()  # True only if it is on; setting it twice changes nothing
-    out = {"kept": kept}
+    out = {"kept": cli.KEEPS_FREED_MEMORY}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = prepare(

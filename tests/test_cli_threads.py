@@ -68,7 +68,7 @@ for i in range(6):
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(12):
     step(i)
-print(cli.keep_freed_memory(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 12)
+print(cli.KEEPS_FREED_MEMORY, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 12)
 """
 
 

@@ -182,7 +182,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
     _policy = wait_policy(_others_load(), _command_in(sys.argv[1:]) or "")
     if _policy is not None:
         os.environ["OMP_WAIT_POLICY"] = _policy
-keep_freed_memory(_command_in(sys.argv[1:]) or "")
+KEEPS_FREED_MEMORY = keep_freed_memory(_command_in(sys.argv[1:]) or "")  # what this process got
 
 
 def main(argv: list[str] | None = None) -> int:
