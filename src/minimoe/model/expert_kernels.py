@@ -41,7 +41,7 @@ class _ContiguousGrad(torch.autograd.Function):
 # GEMM runs below peak, every expert's GEMM pays a fixed per-call cost on CPU, and x's gradient needs
 # one fewer (N, D) add; at 256 and above copying the (E, 2I, D) weights every call costs about what it
 # saves. The `tiny` MoE layer (I = 128, CPU bf16 autocast, forward + backward): fused 0.97x the separate
-# GEMMs' time at 2 threads and 0.98x at 1; I = 64: 0.95x; I = 256: 1.01x (BENCHMARKS.md).
+# GEMMs' time at 2 threads and at 1; I = 64: 0.95x; I = 256: 1.01x (BENCHMARKS.md).
 FUSE_GATE_UP_BELOW = 256
 
 
