@@ -382,9 +382,11 @@ def T(c: Ctx, *extra, out: Path | None = None) -> list:
 CASES: list[Case] = []
 # ---- every command: an unknown flag, a stray argument, a missing required argument
 for _cmd in COMMANDS:
-    CASES.append(Case(f"{_cmd}-unknown-flag", lambda c, k=_cmd: [*base(c, k), "--bogus-flag"], "--bogus-flag"))
+    CASES.append(Case(f"{_cmd}-unknown-flag", lambda c, k=_cmd: [*base(c, k), "--bogus-flag"],
+                      f"--bogus-flag (see 'minimoe {_cmd} --help')"))
 for _cmd in ("generate", "eval", "export", "import", "plot", "serve", "quantize", "compare", "inspect"):
-    CASES.append(Case(f"{_cmd}-stray-argument", lambda c, k=_cmd: [*base(c, k), "stray"], "unrecognized"))
+    CASES.append(Case(f"{_cmd}-stray-argument", lambda c, k=_cmd: [*base(c, k), "stray"],
+                      f"unrecognized arguments: stray (see 'minimoe {_cmd} --help')"))
 for _cmd in ("train", "params", "sft", "lora", "upcycle"):  # they take dotted overrides
     CASES.append(Case(f"{_cmd}-not-an-override", lambda c, k=_cmd: [*base(c, k), "stray"], "stray"))
 CASES += [

@@ -94,6 +94,7 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
         [sys.executable, "-m", "minimoe", "compare", str(sweep), "--plan"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "MINIMOE_CACHE": str(tmp_path / "cache")},  # not the user's ~/.cache/minimoe
     )
     assert proc.stdout.readline().startswith(b"a/seed_1 ")
     proc.stdout.close()

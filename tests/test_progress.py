@@ -28,6 +28,15 @@ def test_bar_under_a_time_budget_counts_the_clock_and_ends_at_100():
     assert bar.bar.n == bar.bar.total
 
 
+def test_bar_under_a_time_budget_never_draws_its_internal_counter(capsys):
+    """tqdm draws on creation; the clock-bounded bar counts to 1,000 internally, which must not show."""
+    bar = TrainProgress(True, max_steps=2000, max_minutes=2, step=0)
+    bar.advance(10, 6.0)
+    bar.close(10, 6.0, complete=False)
+    drawn = capsys.readouterr().err
+    assert "train" in drawn and "/1000" not in drawn and "it/s" not in drawn
+
+
 def test_bar_of_an_interrupted_run_stays_where_it_was():
     bar = TrainProgress(True, max_steps=100, max_minutes=None, step=10)
     bar.advance(40, 5.0)

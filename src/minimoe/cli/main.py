@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import time
+from typing import NoReturn
 
 from minimoe.errors import MinimoeError, describe_os_error, one_line
 
@@ -118,12 +119,17 @@ COMMANDS_TABLE: dict[str, tuple[str, str, str]] = {
 COMMANDS = {name: module for name, (module, _, _) in COMMANDS_TABLE.items()}
 
 
+def _refuse(prog: str, message: str) -> NoReturn:
+    """A bad command line as one sentence naming the help to read, exit 2."""
+    sys.stderr.write(f"minimoe: error: {message} (see '{prog} --help')\n")
+    sys.exit(2)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one sentence (exit 2) instead of usage + error."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"minimoe: error: {message} (see '{self.prog} --help')\n")
-        sys.exit(2)
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        _refuse(self.prog, message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -196,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [a for a in extra if "=" in a and not a.startswith("-")]
         unknown = [a for a in extra if a not in overrides]
         if unknown or (overrides and not hasattr(args, "overrides")):
-            parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+            # the command's own help, which lists what it takes
+            prog = f"{parser.prog} {args.command}" if getattr(args, "command", None) else parser.prog
+            _refuse(prog, f"unrecognized arguments: {' '.join(unknown or overrides)}")
         if overrides:
             args.overrides = list(args.overrides) + overrides
     except SystemExit as e:  # --help, or a bad argument already reported in one line

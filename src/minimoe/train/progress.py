@@ -63,6 +63,9 @@ def truncate_metrics(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+BAR_FORMAT = "train {percentage:3.0f}%|{bar}| "  # the clock-bounded bar; the counts follow it
+
+
 class TrainProgress:
     """The training bar. Bounded by steps only, it counts steps. With train.max_minutes it shows the
     fraction of whichever budget is further along (steps or minutes), and both counts, so a run the
@@ -78,7 +81,9 @@ class TrainProgress:
                             dynamic_ncols=True, desc="train")  # fmt: skip
             return
         self.budget_s = max_minutes * 60
-        self.bar = tqdm(total=1000, initial=0, disable=not enabled, dynamic_ncols=True)
+        # the bar's own format from the first draw: tqdm draws once on creation, and its default format
+        # ("0%| | 0/1000 [00:00<?, ?it/s]") would show the internal per-mille counter
+        self.bar = tqdm(total=1000, initial=0, disable=not enabled, dynamic_ncols=True, bar_format=BAR_FORMAT)
         self.advance(step, 0.0)
 
     def _fraction(self) -> float:
@@ -91,7 +96,7 @@ class TrainProgress:
             f"({left / 60:.1f} left)"
         )
         text = f"{post}, {self.text}" if self.text else post
-        self.bar.bar_format = "train {percentage:3.0f}%|{bar}| " + text.replace("{", "{{").replace("}", "}}")
+        self.bar.bar_format = BAR_FORMAT + text.replace("{", "{{").replace("}", "}}")
         self.bar.n = round(self._fraction() * 1000)
         self.bar.refresh()
 
