@@ -12,6 +12,11 @@ A fourth row runs the experts' gate and up projections as two grouped GEMMs each
 top-1 + a shared 128 for `tiny`'s 8 x 128 top-2 + shared 128): the size of the expert GEMMs, not the
 dispatch, is most of the layer's distance from the dense MLP.
 
+A second table times one GEMM call at the experts' gate+up shape (rows x 192 by 192 x 256, bf16, as the
+grouped GEMM issues one per expert) and at a 64 x 64 weight, against fp32, for rows from 16 to 4,096:
+what a call costs before its arithmetic, and the rate at the experts' row counts against the dense
+layer's.
+
 Each round times 5 forward + backward passes of each layer in turn, on inputs cycled from a pool, so
 the routing (and the padded row counts) changes every call as in training; the table gives each
 layer's median and the median of the within-round ratios. The replaced dispatch is kept below as
@@ -171,6 +176,38 @@ def main() -> None:
     for k, v in times.items():
         r = statistics.median(a / b for a, b in zip(ref, v))
         print(f"| {k} | {statistics.median(v) * 1e3:.2f} | {r:.3f} |")
+
+    gemm_calls()
+
+
+def gemm_calls(repeat: int = 200) -> None:
+    """Median microseconds per `a @ w.T` call over 7 timed batches of `repeat` calls, after a warm-up."""
+
+    def per_call(a, w) -> float:
+        for _ in range(20):
+            a @ w.T
+        batches = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                a @ w.T
+            batches.append((time.perf_counter() - t0) / repeat)
+        return statistics.median(batches) * 1e6
+
+    print(
+        "\n| rows | bf16, 192 x 256 weight: us (GFLOP/s) | fp32, same: us | bf16, 64 x 64 weight: us | fp32, same: us |"
+    )
+    print("|---|---|---|---|---|")
+    for rows in (16, 64, 256, 512, 1024, 2048, 4096):
+        us = {}
+        for k, n in ((192, 256), (64, 64)):
+            for dt in (torch.bfloat16, torch.float32):
+                us[k, dt] = per_call(torch.randn(rows, k, dtype=dt), torch.randn(n, k, dtype=dt))
+        gf = 2 * rows * 192 * 256 / us[192, torch.bfloat16] / 1e3
+        print(
+            f"| {rows} | {us[192, torch.bfloat16]:.1f} ({gf:.0f}) | {us[192, torch.float32]:.1f} | "
+            f"{us[64, torch.bfloat16]:.1f} | {us[64, torch.float32]:.1f} |"
+        )
 
 
 if __name__ == "__main__":
