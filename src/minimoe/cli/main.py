@@ -184,11 +184,12 @@ def _command_in(argv: list[str]) -> str | None:
 
 # Before any command imports torch, which loads OpenMP (it reads the policy once); a value the user
 # set wins.
+_COMMAND = _command_in(sys.argv[1:]) or ""
 if "OMP_WAIT_POLICY" not in os.environ:
-    _policy = wait_policy(_others_load(), _command_in(sys.argv[1:]) or "")
+    _policy = wait_policy(_others_load(), _COMMAND)
     if _policy is not None:
         os.environ["OMP_WAIT_POLICY"] = _policy
-KEEPS_FREED_MEMORY = keep_freed_memory(_command_in(sys.argv[1:]) or "")  # what this process got
+KEEPS_FREED_MEMORY = keep_freed_memory(_COMMAND)  # what this process got
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in extra if a not in overrides]
         if unknown or (overrides and not hasattr(args, "overrides")):
             # the command's own help, which lists what it takes
-            prog = f"{parser.prog} {args.command}" if getattr(args, "command", None) else parser.prog
+            prog = f"{parser.prog} {args.command}" if args.command else parser.prog
             _refuse(prog, f"unrecognized arguments: {' '.join(unknown or overrides)}")
         if overrides:
             args.overrides = list(args.overrides) + overrides
