@@ -9,9 +9,8 @@ Sections:
            (`compile=True`), on a trained `tiny` model with one MTP module (trained once by
            benchmarks/decode.py's recipe and kept in --work-dir, or --run-dir), greedy, batch 1
            and 8: tokens/s, acceptance, same tokens;
-  compile  the engine's eager decode step vs the compiled static-shape one (`compile=True`), and
-           that one with its weights as graph inputs instead of frozen constants: compile time,
-           steady-state tokens/s, same tokens.
+  compile  the engine's eager decode step vs the compiled static-shape one (`compile=True`):
+           compile time, steady-state tokens/s, same tokens.
 Both engines of a row run in this one process and take turns within every repeat (median kept), so
 load from other processes hits both alike: compare the ratios, not the absolute numbers.
 """
@@ -31,7 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import prompts_for, table, trained_model  # noqa: E402
 
-from minimoe.infer.static import StaticDecode  # noqa: E402
 from minimoe.serve.engine import Engine, Finish, Job, JobParams  # noqa: E402
 from minimoe.serve.limits import Limits  # noqa: E402
 
@@ -127,9 +125,6 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
             "eager": Engine(model, tok, max_active=slots),
             "compiled": Engine(model, tok, max_active=slots, compile=True),
         }
-        # the same compiled step with the weights as graph inputs rather than constants
-        engines["not frozen"] = Engine(model, tok, max_active=slots, compile=True)
-        engines["not frozen"].static = StaticDecode(engines["not frozen"].pool, freeze=False)
         if slots > batch:
             engines["every slot"] = Engine(model, tok, max_active=slots, compile=True)
             engines["every slot"].static.row_buckets = [slots]
@@ -137,17 +132,14 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
         r, texts = take_turns(engines, prompts, max_tokens, repeats)
         eager, comp = r["eager"], r["compiled"]
         every = f"{r['every slot']:.1f}" if "every slot" in r else ""
-        thawed = r["not frozen"]
         rows.append([
-            batch, slots, f"{compile_s:.1f}", f"{eager:.1f}", f"{comp:.1f}", f"**{comp / eager:.2f}x**",
-            f"{thawed:.1f}", f"**{comp / thawed:.2f}x**", every,
+            batch, slots, f"{compile_s:.1f}", f"{eager:.1f}", f"{comp:.1f}", f"**{comp / eager:.2f}x**", every,
             "yes" if all(t == texts["eager"] for t in texts.values()) else "no",
         ])  # fmt: skip
     head = (
         f"{trained_on}; {max_tokens} new tokens per prompt, greedy, fp32, {torch.get_num_threads()} "
         f"thread(s), median of {repeats}; compile time is `Engine.warm_up` (torch.compile, inductor; "
-        'every compiled engine\'s); "weights not frozen" is the compiled step with the weights passed '
-        "as graph inputs (`StaticDecode(freeze=False)`) instead of constants packed at compile time."
+        "both compiled engines' in the large pool)."
     )
     return (
         head
@@ -160,8 +152,6 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
                 "eager tok/s",
                 "compiled tok/s",
                 "speedup",
-                "compiled, weights not frozen, tok/s",
-                "frozen / not frozen",
                 "compiled, every slot, tok/s",
                 "same tokens",
             ],

@@ -400,31 +400,6 @@ def test_static_decode_compiles_and_runs_each_graph_at_one_thread_count(monkeypa
         torch._dynamo.reset()
 
 
-def test_static_decode_freezes_the_weights_of_the_cpu_inductor_step(monkeypatch):
-    """On the CPU the inductor-compiled step takes the weights as constants (`freezing`: each linear
-    weight packed once at compile time) unless `freeze=False`; other backends get no inductor options."""
-    from minimoe.infer.slots import SlotPool
-    from minimoe.infer.static import StaticDecode
-
-    seen = []
-
-    def fake_compile(fn, **kwargs):
-        seen.append((kwargs["backend"], kwargs["options"]))
-        return fn
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    pool = SlotPool(tiny_model(), 1, max_len=16)
-    for kwargs in ({}, {"freeze": False}, {"backend": "eager"}):
-        seen.clear()
-        StaticDecode(pool, **kwargs)
-        assert len(seen) == 3  # the forward, the draft and the speculative step
-        assert {str(s) for s in seen} == {
-            str(("inductor", {"cpp_wrapper": True, "freezing": kwargs.get("freeze", True)}))
-            if "backend" not in kwargs
-            else str(("eager", None))
-        }
-
-
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     """The fixed-shape step (a bucket of rows, a bucket of positions, masked) against the eager pooled

@@ -47,17 +47,10 @@ class StaticDecode:
         backend: torch.compile's backend ("inductor" fuses kernels; "eager" only traces, for tests).
         cuda_graphs: with inductor on a CUDA device, replay each compiled step as a CUDA graph (None: on
             whenever that applies).
-        freeze: with inductor on the CPU, make the weights constants of the compiled graphs (see below);
-            off, a weight changed after `warm_up` reaches the step.
     """
 
     def __init__(
-        self,
-        pool: SlotPool,
-        compile: bool = True,
-        backend: str = "inductor",
-        cuda_graphs: bool | None = None,
-        freeze: bool = True,
+        self, pool: SlotPool, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | None = None
     ) -> None:
         model = pool.model
         blocks = list(model.layers) + ([model.mtp[0].block] if pool.mtp_cache is not None else [])
@@ -70,16 +63,11 @@ class StaticDecode:
         self._calls = 0
         # dynamic=False: every input has one shape for the whole run, so there is one graph per
         # call. On CPU inductor's C++ wrapper calls the kernels without a Python line per kernel
-        # (+2-19% tokens/s at batch 1 on the bench's reference config, for ~10 s more compiling), and
-        # freezing makes the weights constants of the graph, so each linear layer's weight is packed
-        # for the CPU's GEMM once at compile time instead of at every call, which at a few rows costs
-        # more than the product (BENCHMARKS.md, "Frozen weights"). The packed copies hold the linear
-        # layers' weights once more in memory, and a weight changed after `warm_up` does not reach
-        # the step.
+        # (+2-19% tokens/s at batch 1 on the bench's reference config, for ~10 s more compiling)
         device = pool.cache.layers[0].a.device.type
         inductor = compile and backend == "inductor"
         self.cuda_graphs = inductor and device == "cuda" and cuda_graphs is not False
-        options = {"cpp_wrapper": True, "freezing": freeze} if inductor and device == "cpu" else None
+        options = {"cpp_wrapper": True} if inductor and device == "cpu" else None
         if self.cuda_graphs:
             # a CUDA graph replays fixed addresses: the caches it writes must never be copied in as
             # fresh inputs (parameters and buffers are static already)
