@@ -207,6 +207,31 @@ def test_experts_handle_no_rows():
     y.sum().backward()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_expert_rows_are_summed_in_fp32(seed):
+    """Under CPU bf16 autocast the experts return bf16 rows (already times their gate weights); the layer
+    sums each token's K rows in fp32, as HF does, not in bf16: its output is the fp64 sum of the very rows
+    the experts returned to fp32 precision, far below the bf16 rounding of a bf16 sum (2^-9)."""
+    from minimoe.model.dispatch import expert_rows
+    from minimoe.model.experts import pad_multiple
+
+    moe = make_moe(torch.float32, seed=seed, num_experts_per_tok=6, n_shared_experts=0)
+    seen = {}
+    moe.gate.register_forward_hook(lambda m, args, out: seen.__setitem__("route", out))
+    moe.experts.register_forward_hook(lambda m, args, out: seen.__setitem__("rows", out))
+    x = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    r, y_PD = seen["route"], seen["rows"]
+    assert y.dtype == torch.float32 and y_PD.dtype == torch.bfloat16
+    multiple = pad_multiple(y_PD, 40 * 6, moe.n_experts)
+    rows = expert_rows(r.topk_idx, r.counts, multiple)
+    assert rows.token_P.shape[0] == y_PD.shape[0]
+    want = sum(y_PD.double().index_select(0, rows.slot_TK[:, k]) for k in range(6)).view(2, 20, 16)
+    err = (y.double() - want).abs().max() / want.abs().max()
+    assert err < 1e-6, err.item()
+
+
 # ------------------------------------------------------------------------------- group-limited top-k
 
 
