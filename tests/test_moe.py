@@ -437,6 +437,51 @@ def test_hand_computed_losses():
     )
 
 
+def _balance_loss_by_definition(scores_TE: torch.Tensor, idx_TK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * sum_i f_i * P_i for one batch of T tokens, by loops over the definition (DeepSeek-V3 eq.
+    17-20): f_i = E / (K * T) * (times expert i was chosen), P_i = mean over tokens of s_ti / sum_j s_tj."""
+    T, E = scores_TE.shape
+    K = idx_TK.shape[1]
+    chosen = idx_TK.tolist()
+    total = scores_TE.new_zeros(())
+    for i in range(E):
+        f_i = E / (K * T) * sum(row.count(i) for row in chosen)
+        P_i = sum(scores_TE[t, i] / scores_TE[t].sum() for t in range(T)) / T
+        total = total + f_i * P_i
+    return alpha * total
+
+
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balance_losses_match_their_definition(scoring_func, k, seed):
+    """Token-level and sequence-wise balance losses, values and score gradients, against the definition
+    with K > 1 and sigmoid scores (whose normalisation s / sum s is not a no-op), over 3 sequences."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, E = 3, 6, 8
+    logits = torch.randn(B, S, E, dtype=torch.float64, generator=g, requires_grad=True)
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
+    idx = torch.rand(B, S, E, generator=g).topk(k, dim=-1).indices  # (B, S, K) any routing
+    got = [
+        load_balance_loss(scores.view(B * S, E), idx.view(B * S, k), 0.1),
+        seq_load_balance_loss(scores, idx, 0.01),
+    ]
+    want = [
+        _balance_loss_by_definition(scores.view(B * S, E), idx.view(B * S, k), 0.1),
+        sum(_balance_loss_by_definition(scores[b], idx[b], 0.01) for b in range(B)) / B,
+    ]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        (ga,) = torch.autograd.grad(a, logits, retain_graph=True)
+        (gb,) = torch.autograd.grad(b, logits, retain_graph=True)
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-14)
+    # equal scores (P_i = 1/E): sum_i f_i P_i = (E / (K * T)) * K * T / E = 1 whatever the routing
+    flat = torch.full((B, S, E), 0.3, dtype=torch.float64)
+    alpha = torch.tensor(0.1, dtype=torch.float64)
+    torch.testing.assert_close(load_balance_loss(flat.view(B * S, E), idx.view(B * S, k), 0.1), alpha)
+    torch.testing.assert_close(seq_load_balance_loss(flat, idx, 0.1), alpha)
+
+
 def test_router_weights_and_scaling():
     router = Router(make_cfg(routed_scaling_factor=2.5, aux_free_bias=True)).double()
     x = torch.randn(1, 5, 16, dtype=torch.float64)
