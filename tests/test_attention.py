@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minimoe.config import ModelConfig
-from minimoe.model.attention import GQAttention, MLAttention
+from minimoe.model.attention import GQAttention, MLAttention, padding_causal_mask
 from minimoe.model.rope import apply_rope, rope_cos_sin, softmax_scale, yarn_get_mscale, yarn_inv_freq
 from reference import explicit_attention
 
@@ -90,6 +90,31 @@ def test_mla_absorbed_incremental_decode_matches_naive_full(q_lora_rank, rope_sc
     torch.testing.assert_close(torch.cat(outs, 1), full)
     # forced absorbed mode on a full sequence equals naive as well
     torch.testing.assert_close(attn(x, cos, sin, absorb=True), full)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mla_absorbed_equals_naive_on_a_left_padded_batch(seed):
+    """With a padding mask (left-padded rows) the absorbed path, which masks and softmaxes by hand, gives
+    the naive (SDPA) path's outputs at every position, all finite: a padded query sees only itself
+    (`padding_causal_mask`), where a row with no visible key would be a NaN softmax. And every real
+    token computes what it would in its row alone, without the padding."""
+    torch.manual_seed(seed)
+    cfg = _cfg(q_lora_rank=8)
+    attn = MLAttention(cfg).eval()
+    pads, T = [0, 2, 4], 7
+    x = torch.randn(len(pads), T, cfg.hidden_size)
+    valid = torch.arange(T)[None, :] >= torch.tensor(pads)[:, None]  # (B, T)
+    mask = padding_causal_mask(valid, T, 0)
+    assert mask.any(dim=-1).all()  # every query sees some key
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # RoPE positions count real tokens only
+    cos, sin = _tables(cfg, T)
+    naive = attn(x, cos[pos], sin[pos], attn_mask=mask)
+    absorbed = attn(x, cos[pos], sin[pos], absorb=True, attn_mask=mask)
+    assert torch.isfinite(absorbed).all()
+    torch.testing.assert_close(absorbed, naive)
+    for b, p in enumerate(pads):
+        alone = attn(x[b : b + 1, p:], cos[: T - p], sin[: T - p])
+        torch.testing.assert_close(naive[b : b + 1, p:], alone)
 
 
 def test_mla_cache_holds_only_latent_and_rope_key():
