@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from minimoe.infer.sampling import (
     apply_repetition_penalty,
     filter_logits,
     pick_tokens,
+    process_logits,
 )
 from minimoe.infer.text import TextStream
 from minimoe.model.transformer import Transformer
@@ -101,6 +103,43 @@ def test_filter_logits_top_k_and_top_p():
     assert kept.tolist() == [[True, True, True, False]]
     # the top token always survives, however small top_p is
     assert torch.isfinite(filter_logits(probs.log(), top_p=0.01)).sum() == 1
+
+
+def _reference_probs(row: list[float], params: SamplingParams) -> list[float]:
+    """The sampling distribution by its definition, in Python floats: logits / temperature, keep the
+    top_k largest, then the smallest prefix (largest first) of what is left whose renormalised mass
+    reaches top_p, and renormalise over the kept tokens."""
+    z = [x / params.temperature for x in row]
+    order = sorted(range(len(z)), key=lambda i: -z[i])
+    if params.top_k:
+        order = order[: params.top_k]
+    mass = [math.exp(z[i]) for i in order]
+    kept, cum = [], 0.0
+    for i, m in zip(order, mass):
+        kept.append(i)
+        cum += m / sum(mass)
+        if cum >= params.top_p:
+            break
+    total = sum(math.exp(z[i]) for i in kept)
+    return [math.exp(z[i]) / total if i in kept else 0.0 for i in range(len(z))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_processed_logits_give_the_defined_distribution(seed):
+    """Temperature first, then top-k, then top-p over what top-k kept: the kept set of top-p depends on
+    the temperature (at temperature 0.5 the mass is more peaked, so fewer tokens reach top_p), and
+    top-p's mass is measured after top-k."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 40, generator=g, dtype=torch.float64) * 2
+    for params in [
+        SamplingParams(temperature=0.5, top_p=0.8),
+        SamplingParams(temperature=2.0, top_p=0.6),
+        SamplingParams(temperature=1.3, top_k=6, top_p=0.7),
+        SamplingParams(temperature=0.7, top_k=9),
+    ]:
+        got = process_logits(logits, params).softmax(-1)
+        want = torch.tensor([_reference_probs(row, params) for row in logits.tolist()], dtype=torch.float64)
+        assert torch.allclose(got.double(), want, atol=1e-6), params
 
 
 def test_sampling_respects_filters_and_seed():
