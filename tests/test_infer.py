@@ -208,6 +208,29 @@ def test_batched_equals_single(attn_type):
     assert collect(stream_batch(model, PROMPTS, 12, params, seed=3), len(PROMPTS)) == single
 
 
+@pytest.mark.parametrize("seed", [3, 8])
+def test_sampled_rows_keep_their_generators_when_rows_leave_the_batch(seed):
+    """Rows that stop (a stop token) or are cancelled leave the batch; every remaining row goes on
+    drawing from its own generator, so it still samples what it would alone."""
+    model = tiny_model()
+    params = SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.2)
+    kw = dict(temperature=1.0, top_k=20, seed=seed, repetition_penalty=1.2)
+    free = [list(generate_tokens(model, p, 12, **kw)) for p in PROMPTS]
+    stop = (free[1][3],)
+    single = [list(generate_tokens(model, p, 12, stop_ids=stop, **kw)) for p in PROMPTS]
+    assert len({len(s) for s in single}) > 1
+    assert collect(stream_batch(model, PROMPTS, 12, params, seed=seed, stop_ids=stop), len(PROMPTS)) == single
+    cancelled: set[int] = set()
+    out: list[list[int]] = [[] for _ in PROMPTS]
+    for k, step in enumerate(stream_batch(model, PROMPTS, 12, params, seed=seed, cancelled=cancelled)):
+        for i, t in enumerate(step):
+            if t is not None:
+                out[i].append(t)
+        if k == 2:
+            cancelled.add(0)  # the first row leaves after three tokens; the others move up
+    assert out == [free[0][:3]] + free[1:]
+
+
 def test_padded_forward_matches_unpadded_logits():
     model = tiny_model()
     short, long = PROMPTS[0], PROMPTS[1]
