@@ -846,6 +846,27 @@ def test_beams_find_a_likelier_sequence_than_greedy():
         assert hyps[0].logprob >= sequence_logprob(model, prompt, greedy) - 1e-6
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_beam_search_equals_an_exhaustive_reference(attn_type):
+    """Without stop tokens, beam search keeps the n likeliest extensions of the n beams at every step;
+    the reference scores every (beam, token) pair with an uncached forward. Only the prompt is a
+    beam at the start: n copies of it would fill the beams with duplicates."""
+    model = tiny_model(attn_type, seed=3)
+    n, steps, V = 3, 5, model.cfg.vocab_size
+    for prompt in PROMPTS[:3]:
+        beams: list[tuple[list[int], float]] = [([], 0.0)]
+        with torch.no_grad():
+            for _ in range(steps):
+                cand = []
+                for seq, lp in beams:
+                    logp = model(torch.tensor([prompt + seq])).logits[0, -1].double().log_softmax(-1)
+                    cand += [(seq + [t], lp + float(logp[t])) for t in range(V)]
+                beams = sorted(cand, key=lambda c: -c[1])[:n]
+        hyps = beam_search(model, prompt, num_beams=n, max_new_tokens=steps, length_penalty=0.0)
+        assert [h.tokens for h in hyps] == [seq for seq, _ in beams]
+        assert all(abs(h.logprob - lp) < 1e-6 for h, (_, lp) in zip(hyps, beams))
+
+
 def test_length_penalty_prefers_longer_hypotheses():
     model = tiny_model()
     stop = (list(generate_tokens(model, PROMPTS[0], 20, temperature=0.0))[2],)
