@@ -903,6 +903,21 @@ class LetterTokenizer:
         return "".join(chr(97 + i % 26) for i in ids if i != self.eos_id)
 
 
+def test_text_stream_finds_a_stop_string_that_starts_in_text_already_sent():
+    """A decoder whose text is not prefix-stable (HF's clean_up_tokenization_spaces turns "a ." into
+    "a.") can complete a stop string that begins inside text already handed out: the stream still
+    stops there, and hands out nothing more."""
+    pieces = {0: "x", 1: "a", 2: " ", 3: ".", 4: "b", 5: "y"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(pieces[i] for i in ids).replace(" .", ".")
+
+    ts = TextStream(decode, stop=["a.b"])
+    sent = [ts.push(t) for t in [0, 1, 2, 3, 4]]
+    assert sent[:3] == ["x", "", "a "] and ts.stopped
+    assert ts.push(5) == "" and ts.flush() == "" and "a.b" not in ts.text and "y" not in "".join(sent)
+
+
 def test_stop_strings_in_generation():
     tok = LetterTokenizer()
     model = tiny_model()
