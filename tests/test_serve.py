@@ -1055,6 +1055,29 @@ def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue
         engine.submit([job("d")])
 
 
+def test_cancelled_queued_jobs_give_their_places_in_the_queue_back(loaded):
+    """Jobs cancelled while waiting leave the queue's count with them: the engine goes idle, and
+    the queue takes as many jobs again as before."""
+    model, tok = loaded
+    params = JobParams(max_tokens=2, temperature=0)
+    engine = Engine(model, tok, max_active=1, max_queued=3, max_queued_per_client=3)
+
+    def jobs(client: str, k: int) -> list[Job]:
+        return [Job(i, [1, 2], params, lambda e: None, client=client) for i in range(k)]
+
+    for round_ in range(2):
+        waiting = jobs("a", 2) + jobs("b", 2)  # one takes the free slot, three wait
+        engine.submit(waiting[:2])
+        engine.submit(waiting[2:])
+        assert engine.queued_jobs == 4
+        for job in waiting:
+            job.cancelled.set()
+        with torch.no_grad():
+            engine._step()
+        assert engine.queued_jobs == 0 and engine.active_jobs == 0, round_
+    engine.close()
+
+
 def test_engine_start_lets_the_callers_openmp_workers_go(loaded, monkeypatch):
     # the worker thread runs every step from then on; a parked pool of the caller's would make the
     # worker's multi-threaded steps oversubscribed (minimoe.infer.common.release_openmp_threads)
