@@ -919,6 +919,32 @@ def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible():
         Engine(_mtp_model()[0].__class__(replace(model.cfg, mtp_depth=0)), tok, speculative=True)
 
 
+def test_engine_speculative_sampling_draws_what_the_library_draws():
+    """A seeded sampled row of the speculative engine verifies its draft, draws its bonus token from the
+    logits after the draft and drafts from its last committed position, consuming its generator in the
+    library's order (`speculative_tokens`): the same tokens, up to the last one (the library samples
+    that one without a draft). The random model accepts some drafts and rejects others."""
+    from minimoe.infer.generate import generate_tokens
+
+    model, tok = _mtp_model()
+    specs = [("on a mat", JobParams(max_tokens=16, temperature=0.9, top_k=20, seed=3)),
+             ("dog", JobParams(max_tokens=12, temperature=1.0, seed=4)),
+             ("the cat", JobParams(max_tokens=30, temperature=0.7, top_p=0.9, seed=11))]  # fmt: skip
+    accepted = 0
+    for prompt, p in specs:
+        ids = tok.encode(prompt)
+        want = list(generate_tokens(
+            model, ids, p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, (tok.eos_id,), speculative=True
+        ))  # fmt: skip
+        engine, got = Engine(model, tok, speculative=True), []
+        engine._emit = lambda seq, t, got=got, emit=engine._emit: got.append(t) or emit(seq, t)
+        _engine_run(engine, [Job(0, ids, p, lambda e: None)])
+        got = got[:-1] if got[-1] == tok.eos_id else got
+        assert len(got) == len(want) and got[:-1] == want[:-1], prompt
+        accepted += engine.accepted
+    assert accepted >= 5
+
+
 def test_engine_with_the_static_decode_step_equals_eager():
     """Engine(compile=True) decodes through the fixed-shape step (traced here with torch.compile's
     "eager" backend, which checks it is one graph without compiling C++; the inductor compilation is
