@@ -1,8 +1,10 @@
 """Tokens to text, as they arrive: the one incremental detokenizer that `generate` and `serve` share.
 
 `TextStream` holds back an incomplete UTF-8 character and any tail that could be the start of a stop
-string, and cuts the text where a stop string begins, so the pieces it hands out always add up to
-the final, trimmed text.
+string, and cuts the text where a stop string begins, so the pieces it hands out add up to the final,
+trimmed text whenever decoding more tokens only appends to the text decoded before (minimoe's byte and
+BPE tokenizers do; a decoder that rewrites earlier text, such as one that removes the space before
+punctuation once the punctuation arrives, can make text already handed out differ from the final text).
 """
 
 from __future__ import annotations
