@@ -539,3 +539,21 @@ def test_eval_windows_cover_split(prepared):
         assert torch.equal(torch.cat([x for x, _ in h]), rows[r::2][: h.num_windows])
     few = EvalWindows(prepared, "val", seq_len=10, batch_size=4, max_batches=2)
     assert len(few) == 2 and few.num_windows == 8
+
+
+def test_token_windows_reach_the_last_window_of_a_shard(tmp_path):
+    """Every window that fits is a candidate, the one ending on a shard's last token included: with
+    11 tokens and seq_len 9 the starts are 0 and 1, and 80 seeded draws take both."""
+    (tmp_path / "t.txt").write_text("abcdefghij", encoding="utf-8")
+    data = prepare(tmp_path / "t.txt", "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    (shard,) = [np.asarray(m) for m in data.memmaps("train")]
+    assert len(shard) == 11
+    tw = TokenWindows(data, "train", seq_len=9, batch_size=4, seed=0)
+    starts, last_targets = set(), set()
+    for _ in range(20):
+        x, y = next(tw)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        starts.update(int(np.flatnonzero(shard == row[0])[0]) for row in x.numpy())  # tokens are distinct
+        last_targets.update(y[:, -1].tolist())
+    assert starts == {0, 1}
+    assert int(shard[-1]) in last_targets  # the shard's last token (the EOS) is a target
