@@ -504,3 +504,152 @@ def test_balance_step_runs_once_per_optimizer_step(tmp_path, corpus):
     moved = biases.abs()
     assert torch.all((moved < 1e-9) | ((moved - speed).abs() < 1e-9)), biases
     assert moved.max() > 0
+
+
+def test_schedule_edges_and_floors():
+    # the warmup ends at exactly the peak (step == warmup is the first post-warmup step, never above 1)
+    for sched in ("cosine", "linear", "constant", "wsd"):
+        assert lr_multiplier(10, 100, sched, 10) == pytest.approx(1.0), sched
+        mults = [lr_multiplier(s, 100, sched, 10, min_ratio=0.1) for s in range(101)]
+        assert all(0 < m <= 1.0 for m in mults), sched
+        after = mults[9:]
+        assert all(a >= b for a, b in zip(after, after[1:])), sched  # no rise after the warmup
+    # min_ratio is the floor of every decaying schedule, and scales the way there
+    assert lr_multiplier(100, 100, "linear", 10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(55, 100, "linear", 10, min_ratio=0.1) == pytest.approx(0.55)
+    assert lr_multiplier(100, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(0.1)
+    assert lr_multiplier(90, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(0.55)
+    assert lr_multiplier(80, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_weight_decay_spares_norms_and_biases(optimizer):
+    """AdamW decays matrices only: every 1-D parameter (norms, biases) sits in a group with weight decay
+    0, every AdamW matrix in one with train.weight_decay (Muon's matrices decay in their own group)."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.model.transformer import Transformer
+    from minimoe.train.optim import build_optimizer
+
+    cfg = build_run_config(None, None, TINY + [f"train.optimizer={optimizer}", "train.weight_decay=0.1"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    params = list(model.parameters())
+    assert len(wd) == len(params)
+    vectors = [p for p in params if p.dim() < 2]
+    assert vectors  # norms exist in the tiny model
+    assert all(wd[id(p)] == 0.0 for p in vectors)
+    assert all(wd[id(p)] == pytest.approx(0.1) for p in params if p.dim() >= 2)
+
+
+class _FixedBatches:
+    """A batch source that yields `parts` in turn, forever (the trainer's train_batches protocol)."""
+
+    def __init__(self, parts):
+        self.parts, self.i = parts, 0
+
+    def __next__(self):
+        xy = self.parts[self.i % len(self.parts)]
+        self.i += 1
+        return xy
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def _tiny_trainer(tmp_path, corpus, name, *extra, **kw):
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    cfg = build_run_config("tiny", None, TINY + [f"data.path={corpus}", *extra])
+    data = prepare(corpus, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    cfg.model.vocab_size = 320
+    torch.manual_seed(0)
+    return Trainer(cfg, tmp_path / name, data, data.tokenizer(), progress=False, **kw), data
+
+
+def test_grad_accum_averages_micro_batches(tmp_path, corpus):
+    """One step over a batch of 4 rows equals one step over 2 micro-batches of 2 rows: the same logged
+    loss and gradient norm (the loss is divided by grad_accum for the backward and for the log)."""
+    from minimoe.data import TokenWindows
+
+    rows: dict[str, dict] = {}
+    for name, bs, accum in (("whole", 4, 1), ("accum", 2, 2)):
+        common = ("train.max_steps=1", "train.eval_every=100", "train.grad_clip=0")
+        tr, data = _tiny_trainer(tmp_path, corpus, name, *common, f"train.batch_size={bs}",
+                                 f"train.grad_accum={accum}", "train.warmup_steps=0")  # fmt: skip
+        x, y = TokenWindows(data, "train", 32, 4, seed=5).batch_at(0)
+        tr.train_windows = _FixedBatches([(x, y)] if accum == 1 else [(x[:2], y[:2]), (x[2:], y[2:])])
+        tr.fit()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = next(r for r in map(json.loads, lines) if "loss" in r)
+    for key in ("loss", "grad_norm"):
+        assert rows["accum"][key] == pytest.approx(rows["whole"][key], rel=1e-4), key
+
+
+def test_resume_restores_the_run_counters(tmp_path, corpus):
+    """Resume brings back the step, tokens and early-stopping state (best val loss, evaluations since)
+    exactly as saved."""
+    common = ("train.max_steps=6", "train.eval_every=1")
+    first, _ = _tiny_trainer(tmp_path, corpus, "run", *common)
+    first.fit(stop_after=2)
+    first.best_val, first.evals_since_best = 0.125, 3  # distinct from anything a fresh trainer holds
+    first.save(0.5)
+    second, _ = _tiny_trainer(tmp_path, corpus, "run", *common, resume=True)
+    assert (second.step, second.tokens) == (2, 2 * 4 * 32) == (first.step, first.tokens)
+    assert (second.best_val, second.evals_since_best) == (0.125, 3)
+
+
+def test_expert_health_fractions_dead_and_dominant():
+    from minimoe.train.health import expert_health
+
+    h = expert_health({0: torch.tensor([6, 2, 0, 0]), 3: torch.tensor([1, 1, 1, 1])}, dominant_factor=2.0)
+    assert h["load_frac"] == {"0": [0.75, 0.25, 0.0, 0.0], "3": [0.25, 0.25, 0.25, 0.25]}
+    assert h["dead_experts"] == [[0, 2], [0, 3]]
+    assert h["dominant_experts"] == [[0, 0]]  # 0.75 > 2 x the fair 0.25
+    assert h["max_vio"]["3"] == 0.0 and h["max_vio"]["0"] > 0
+    assert expert_health({}) == {}
+
+
+def test_pruning_keeps_the_best_checkpoint(tmp_path, corpus):
+    _train(tmp_path / "run", corpus, "train.max_steps=1", "train.eval_every=1")
+    model, tok, _, _ = ckpt_lib.load_run(tmp_path / "run")
+    run = tmp_path / "run"
+    for step in range(2, 7):  # step 2 is the best; keep_last=2 prunes the others before 5
+        ckpt_lib.save_checkpoint(run, step, model, {"step": step}, {"step": step}, "x: 1\n", tok,
+                                 keep_last=2, is_best=step == 2)  # fmt: skip
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000005", "step_00000006"]
+    assert ckpt_lib.find_checkpoint(run, "best").name == "step_00000002"
+    assert ckpt_lib.find_checkpoint(run, "latest").name == "step_00000006"
+
+
+def test_muon_leaves_an_untied_lm_head_to_adamw():
+    from minimoe.train.optim import muon_param_names
+
+    model, opt = _muon_model_and_opt("model.tie_word_embeddings=false")
+    names = muon_param_names(model)
+    assert "lm_head.weight" not in names and "embed_tokens.weight" not in names
+    head = model.lm_head.weight
+    (group,) = [g for g in opt.param_groups if any(p is head for p in g["params"])]
+    assert not group["use_muon"]
+
+
+def test_evaluate_weights_batches_by_their_targets(tmp_path, corpus):
+    """The validation loss is the mean over target tokens, not over batches: batches of 1 and 3 rows
+    score as the same 4 rows in one batch."""
+    from minimoe.data import TokenWindows
+
+    tr, data = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=1")
+    x, y = TokenWindows(data, "train", 32, 4, seed=2).batch_at(0)
+    tr.val_windows = [(x[:1], y[:1]), (x[1:], y[1:])]
+    split = tr.evaluate()["val_loss"]
+    tr.val_windows = [(x, y)]
+    whole = tr.evaluate()["val_loss"]
+    assert split == pytest.approx(whole, rel=1e-5)
