@@ -178,8 +178,7 @@ class Parallel:
             dist.all_reduce(sq_sharded, group=self.ep_group)  # the EP group holds one copy of each expert
             total_sq = sq_local + sq_sharded
         norm = total_sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([p.grad for p in params], coef)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)  # torch's factor, from our norm
         return norm
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
