@@ -140,8 +140,7 @@ def main() -> None:
         got.append(
             [y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters() if p.grad is not None]
         )
-    diff = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got[0], got[2]))
-    diff_sep = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got[1], got[2]))
+    diff, diff_sep = (max_relative_difference(got[i], got[2]) for i in (0, 1))
     # the same total and activated expert parameters in half as many, twice as wide experts, top-1:
     # each expert's GEMMs twice as wide (routed 4 x 2I top-1 plus the shared expert of width I)
     coarse_cfg = copy.deepcopy(cfg)
@@ -178,6 +177,11 @@ def main() -> None:
         print(f"| {k} | {statistics.median(v) * 1e3:.2f} | {r:.3f} |")
 
     gemm_calls()
+
+
+def max_relative_difference(tensors: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """The largest relative (Frobenius) difference of each tensor from its reference."""
+    return max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(tensors, refs))
 
 
 def gemm_calls(repeat: int = 200) -> None:
