@@ -114,10 +114,11 @@ def _reference_probs(row: list[float], params: SamplingParams) -> list[float]:
     if params.top_k:
         order = order[: params.top_k]
     mass = [math.exp(z[i]) for i in order]
+    total_mass = sum(mass)
     kept, cum = [], 0.0
     for i, m in zip(order, mass):
         kept.append(i)
-        cum += m / sum(mass)
+        cum += m / total_mass
         if cum >= params.top_p:
             break
     total = sum(math.exp(z[i]) for i in kept)
