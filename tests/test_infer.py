@@ -697,6 +697,88 @@ def test_compiled_static_decode_in_the_engine_equals_eager():
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
 
 
+@pytest.mark.slow
+def test_compiled_speculative_step_of_one_row_equals_the_eager_one():
+    """The compiled CPU step (inductor; its one- and two-row products generated as reductions) of a
+    one-slot pool with an MTP module: the one-call greedy step (two-token verify and draft), the
+    two-token forward and the draft give the eager pool's logits, hidden states and tokens."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode
+
+    torch._dynamo.reset()
+    model = tiny_model(mtp_depth=1)
+    pools = [SlotPool(model, 1, max_len=16, mtp=True) for _ in range(2)]
+    static = StaticDecode(pools[1])
+    static.warm_up()
+    tokens = torch.tensor([[7, 30]])
+    got = []
+    for decoder, pool in ((pools[0], pools[0]), (static, pools[1])):
+        prefill_together(pool, [PROMPTS[1]], budget=16, tokens=[7])
+        spec = decoder.speculate(tokens)
+        logits, hidden = decoder.forward(tokens)
+        draft = decoder.draft(hidden, torch.tensor([[30, 2]]), torch.tensor([0]))
+        got.append([*spec, logits, hidden, draft])
+    torch._dynamo.reset()
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(got[0][2], got[1][2])  # the greedy tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_few_row_products_equal_the_matmul(dtype):
+    """`few_row_mm` and its addmm, the compiled CPU step's decomposition of one- and two-row products
+    by a weight's transpose (what F.linear makes), run eagerly: the product of the same (rounded)
+    operands in fp64, returned in their dtype; other products (more rows, an operand that is not a
+    transposed weight with contiguous rows) are left to inductor's BLAS call."""
+    from minimoe.infer.static import FEW_ROWS, _few_row_addmm, few_row_mm
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 19, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(37, generator=g, dtype=torch.float64).to(dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for M in range(1, FEW_ROWS + 1):
+        a = torch.randn(M, 19, generator=g, dtype=torch.float64).to(dtype)
+        want = a.double() @ w.double().t()
+        got = few_row_mm(a, w.t())
+        assert got.dtype == dtype and got.shape == (M, 37)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        got = _few_row_addmm(bias, a, w.t(), beta=2, alpha=0.5)
+        torch.testing.assert_close(got.double(), 2 * bias.double() + 0.5 * want, rtol=tol, atol=tol)
+    a = torch.randn(FEW_ROWS + 1, 19, dtype=torch.float64).to(dtype)
+    assert few_row_mm(a, w.t()) is NotImplemented
+    assert _few_row_addmm(bias, a, w.t()) is NotImplemented
+    assert few_row_mm(a[:1], w.t().contiguous()) is NotImplemented
+
+
+def test_compiled_cpu_step_generates_its_few_row_products():
+    """`cpu_inductor`, the compiled CPU decode step's backend: a one-row linear layer becomes a
+    reduction inductor generates (no BLAS call left in the code) with the layer's values; with
+    `few_rows=0` it stays a BLAS call. Compiled plainly, then with the decomposition, then plainly again
+    in one process: AOTAutograd's cache does not key decompositions, so neither may serve the other."""
+    import functools
+
+    from torch._inductor.utils import run_and_get_code
+    from torch.nn import functional as F
+
+    from minimoe.infer.static import cpu_inductor
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 64, generator=g), torch.randn(1, 64, generator=g)
+
+    def linear(x, w):
+        return F.linear(x, w)
+
+    blas = []
+    for few_rows in (0, 2, 0):
+        torch._dynamo.reset()
+        fn = torch.compile(linear, backend=functools.partial(cpu_inductor, few_rows=few_rows), dynamic=False)
+        y, code = run_and_get_code(fn, x, w)
+        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        blas.append("aoti_torch_cpu_mm_out" in "\n".join(code))
+    torch._dynamo.reset()
+    assert blas == [True, False, True]
+
+
 def test_max_seq_len_bounds_generation():
     model = tiny_model()  # max_position_embeddings 64
     out = list(generate_tokens(model, list(range(1, 61)), 50, temperature=0.0))

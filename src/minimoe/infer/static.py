@@ -12,14 +12,17 @@ one product-and-sum the compiler fuses; up to a few rows per expert, and always 
 rows on the CPU, inside one custom operator opaque to the compiler (`selected_experts`); both read only
 the selected experts' weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
-with the cache tensors marked as static addresses, which the step writes in place. `SlotPool.decode`
-stays the reference; tests compare the two.
+with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
+matrix products of one or two rows (every linear layer at batch 1) are generated as reductions over
+the weight's rows instead of BLAS calls (`few_row_mm`). `SlotPool.decode` stays the reference; tests
+compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -29,6 +32,66 @@ from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_thread_count, num_threads
 from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_speculation
 from minimoe.model.experts import GroupedExperts
+
+# Inductor hands every matrix product on the CPU to the BLAS (MKL). At one or two rows that is a
+# matrix-vector product, which MKL streamed at about 8.5 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md
+# with one thread or two, where the same product written as a product-and-sum over the weight's rows,
+# a reduction inductor generates and fuses itself, streamed 17-23 GiB/s on one thread and 23-48 on two.
+# At 4 and more rows the generated loop reads each weight row once per row and loses to the BLAS (the
+# compiled step at batch 8: 0.5-0.76x), hence the limit (`benchmarks/matvec.py`).
+FEW_ROWS = 2
+
+
+def _few(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
+    """Whether a (M, K) @ b (K, N) is at most `rows` rows on the CPU times the transpose of a weight
+    whose rows are contiguous (the product `F.linear` makes), which the reduction reads row by row."""
+    return a.device.type == "cpu" and a.dtype.is_floating_point and a.shape[0] <= rows and b.stride(0) == 1
+
+
+def few_row_mm(a: torch.Tensor, b: torch.Tensor, *, rows: int = FEW_ROWS, **kwargs) -> torch.Tensor:
+    """aten.mm(a (M, K), b (K, N)) for inductor's decomposition table: where `_few`, a product-and-sum
+    over the rows of the weight b is the transpose of, accumulated in fp32 (or wider); else inductor's own
+    decomposition (or its BLAS call)."""
+    if kwargs or not _few(a, b, rows):
+        return _inductor_decomposition(torch.ops.aten.mm.default)(a, b, **kwargs)
+    acc = torch.promote_types(a.dtype, torch.float32)
+    w_NK = b.t()
+    return (w_NK[:, None, :].to(acc) * a[None, :, :].to(acc)).sum(-1).t().to(a.dtype)  # (M, N)
+
+
+def _few_row_addmm(bias, a, b, *, beta=1, alpha=1, rows: int = FEW_ROWS, **kwargs) -> torch.Tensor:
+    """aten.addmm (a linear layer with a bias) through `few_row_mm` where `_few`."""
+    if kwargs or not _few(a, b, rows):
+        addmm = _inductor_decomposition(torch.ops.aten.addmm.default)
+        return addmm(bias, a, b, beta=beta, alpha=alpha, **kwargs)
+    return beta * bias + alpha * few_row_mm(a, b, rows=rows)
+
+
+def _inductor_decomposition(op):
+    """Inductor's own decomposition of `op` (which answers NotImplemented where it has none)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()[op]
+
+
+def cpu_inductor(gm, example_inputs, few_rows: int = FEW_ROWS):
+    """A torch.compile backend: inductor with its C++ wrapper (the kernels called without a Python
+    line each) and matrix products of up to `few_rows` rows generated as reductions (`few_row_mm`;
+    0: none)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    aten = torch.ops.aten
+    table = dict(select_decomp_table())
+    if not few_rows:
+        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True})
+    table[aten.mm.default] = functools.partial(few_row_mm, rows=few_rows)
+    table[aten.addmm.default] = functools.partial(_few_row_addmm, rows=few_rows)
+    # AOTAutograd's cache keys a graph without the decompositions it was compiled with, so it would
+    # hand a graph compiled without these to this call (and this one to a plain compile): off here.
+    # Inductor's own cache (of the generated code) keys the decomposed graph and still serves.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True}, decompositions=table)
 
 
 class StaticDecode:
@@ -47,10 +110,17 @@ class StaticDecode:
         backend: torch.compile's backend ("inductor" fuses kernels; "eager" only traces, for tests).
         cuda_graphs: with inductor on a CUDA device, replay each compiled step as a CUDA graph (None: on
             whenever that applies).
+        few_rows: with inductor on the CPU, matrix products of at most this many rows become
+            reductions (`few_row_mm`; 0: every product is a BLAS call).
     """
 
     def __init__(
-        self, pool: SlotPool, compile: bool = True, backend: str = "inductor", cuda_graphs: bool | None = None
+        self,
+        pool: SlotPool,
+        compile: bool = True,
+        backend: str = "inductor",
+        cuda_graphs: bool | None = None,
+        few_rows: int = FEW_ROWS,
     ) -> None:
         model = pool.model
         blocks = list(model.layers) + ([model.mtp[0].block] if pool.mtp_cache is not None else [])
@@ -67,7 +137,9 @@ class StaticDecode:
         device = pool.cache.layers[0].a.device.type
         inductor = compile and backend == "inductor"
         self.cuda_graphs = inductor and device == "cuda" and cuda_graphs is not False
-        options = {"cpp_wrapper": True} if inductor and device == "cpu" else None
+        options = None
+        if inductor and device == "cpu":
+            backend = functools.partial(cpu_inductor, few_rows=few_rows)
         if self.cuda_graphs:
             # a CUDA graph replays fixed addresses: the caches it writes must never be copied in as
             # fresh inputs (parameters and buffers are static already)
