@@ -34,11 +34,12 @@ from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_sp
 from minimoe.model.experts import GroupedExperts
 
 # Inductor hands every matrix product on the CPU to the BLAS (MKL). At one or two rows that is a
-# matrix-vector product, which MKL streamed at about 8.5 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md
-# with one thread or two, where the same product written as a product-and-sum over the weight's rows,
-# a reduction inductor generates and fuses itself, streamed 17-23 GiB/s on one thread and 23-48 on two.
-# At 4 and more rows the generated loop reads each weight row once per row and loses to the BLAS (the
-# compiled step at batch 8: 0.5-0.76x), hence the limit (`benchmarks/matvec.py`).
+# matrix-vector product, which MKL streamed at 4-9 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md with
+# one thread or two, where the same product written as a product-and-sum over the weight's rows, a
+# reduction inductor generates and fuses itself, streamed 15-21 GiB/s on one thread and 25-34 on two.
+# A lone product of 4 or 8 rows still gains, but decomposing every product of up to 16 rows made the
+# compiled step at batch 8 slower (0.50x on two threads, 0.76x on one), hence the limit of two rows
+# (`benchmarks/matvec.py`, BENCHMARKS.md).
 FEW_ROWS = 2
 
 
