@@ -133,6 +133,26 @@ def test_bench_compiled_decode_and_the_bandwidth_ceiling():
     )
 
 
+@pytest.mark.parametrize("linear_first", [True, False])
+def test_matvec_bandwidth_is_the_faster_of_the_one_row_linear_and_a_plain_read(monkeypatch, linear_first):
+    """The ceiling's bandwidth: whichever of the two reads of the weight is faster, the BLAS's
+    one-row product or a sum over its rows (the compiled step can read faster than the BLAS)."""
+    from minimoe.bench import measure
+
+    rates = iter([3.0, 5.0] if linear_first else [5.0, 3.0])
+    seen = []
+
+    def fake_rate(fn, work, repeats, device):
+        out = fn()
+        seen.append(tuple(out.shape))
+        return next(rates) * 2**30
+
+    monkeypatch.setattr(measure, "_best_rate", fake_rate)
+    assert measure.matvec_bandwidth_gib_s(torch.device("cpu"), torch.float32, mib=1) == 5.0
+    k = 4096
+    assert seen == [(1, 2**20 // (k * 4)), (2**20 // (k * 4),)]  # the one-row linear, then the row sums
+
+
 def test_bench_table_without_hf(capsys):
     code = main(["bench", "--preset", "tiny", "--quick", "--repeats", "1", "--no-progress",
                  "model.num_hidden_layers=2", "model.max_position_embeddings=600", "train.batch_size=2", "train.seq_len=32"])  # fmt: skip
