@@ -23,7 +23,9 @@ Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 from __future__ import annotations
 
 import functools
+import threading
 import time
+import unittest.mock
 
 import torch
 from torch.utils._pytree import tree_map
@@ -49,21 +51,23 @@ def _few(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
     return a.device.type == "cpu" and a.dtype.is_floating_point and a.shape[0] <= rows and b.stride(0) == 1
 
 
-def few_row_mm(a: torch.Tensor, b: torch.Tensor, *, rows: int = FEW_ROWS, **kwargs) -> torch.Tensor:
+def few_row_mm(
+    a: torch.Tensor, b: torch.Tensor, *, rows: int = FEW_ROWS, otherwise=None, **kwargs
+) -> torch.Tensor:
     """aten.mm(a (M, K), b (K, N)) for inductor's decomposition table: where `_few`, a product-and-sum
-    over the rows of the weight b is the transpose of, accumulated in fp32 (or wider); else inductor's own
-    decomposition (or its BLAS call)."""
+    over the rows of the weight b is the transpose of, accumulated in fp32 (or wider); else `otherwise`
+    (by default inductor's own decomposition, which leaves most products to the BLAS)."""
     if kwargs or not _few(a, b, rows):
-        return _inductor_decomposition(torch.ops.aten.mm.default)(a, b, **kwargs)
+        return (otherwise or _inductor_decomposition(torch.ops.aten.mm.default))(a, b, **kwargs)
     acc = torch.promote_types(a.dtype, torch.float32)
     w_NK = b.t()
     return (w_NK[:, None, :].to(acc) * a[None, :, :].to(acc)).sum(-1).t().to(a.dtype)  # (M, N)
 
 
-def _few_row_addmm(bias, a, b, *, beta=1, alpha=1, rows: int = FEW_ROWS, **kwargs) -> torch.Tensor:
-    """aten.addmm (a linear layer with a bias) through `few_row_mm` where `_few`."""
+def _few_row_addmm(bias, a, b, *, beta=1, alpha=1, rows: int = FEW_ROWS, otherwise=None, **kwargs):
+    """aten.addmm (a linear layer with a bias) through `few_row_mm` where `_few`; else `otherwise`."""
     if kwargs or not _few(a, b, rows):
-        addmm = _inductor_decomposition(torch.ops.aten.addmm.default)
+        addmm = otherwise or _inductor_decomposition(torch.ops.aten.addmm.default)
         return addmm(bias, a, b, beta=beta, alpha=alpha, **kwargs)
     return beta * bias + alpha * few_row_mm(a, b, rows=rows)
 
@@ -75,24 +79,37 @@ def _inductor_decomposition(op):
     return select_decomp_table()[op]
 
 
+_DECOMPOSING = threading.Lock()
+
+
 def cpu_inductor(gm, example_inputs, few_rows: int = FEW_ROWS):
     """A torch.compile backend: inductor with its C++ wrapper (the kernels called without a Python
     line each) and matrix products of up to `few_rows` rows generated as reductions (`few_row_mm`;
     0: none)."""
+    from torch._inductor import decomposition
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
-    aten = torch.ops.aten
-    table = dict(select_decomp_table())
+    patches = {"cpp_wrapper": True}
     if not few_rows:
-        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True})
-    table[aten.mm.default] = functools.partial(few_row_mm, rows=few_rows)
-    table[aten.addmm.default] = functools.partial(_few_row_addmm, rows=few_rows)
-    # AOTAutograd's cache keys a graph without the decompositions it was compiled with, so it would
-    # hand a graph compiled without these to this call (and this one to a plain compile): off here.
-    # Inductor's own cache (of the generated code) keys the decomposed graph and still serves.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True}, decompositions=table)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    # The decompositions go into inductor's own table for the length of this call, not through
+    # compile_fx's `decompositions`: a table passed in is pickled into the key of inductor's cache of
+    # generated code, and some of its entries cannot be, so every compile would start from nothing
+    # (20 s instead of 7 for the reference config's batch-1 step with the cache warm). AOTAutograd's
+    # cache keys neither, and would hand this call a graph compiled without them (or keep this one
+    # for a plain compile): it is off for this call. Inductor's cache keys the decomposed graph.
+    mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
+    with _DECOMPOSING:
+        table = decomposition.select_decomp_table()  # the dict compile_fx will ask for (cached by inductor)
+        ours = {
+            mm: functools.partial(few_row_mm, rows=few_rows, otherwise=table[mm]),
+            addmm: functools.partial(_few_row_addmm, rows=few_rows, otherwise=table[addmm]),
+        }
+        with (
+            unittest.mock.patch.dict(table, ours),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 class StaticDecode:
