@@ -1034,6 +1034,26 @@ def test_engine_speculative_through_the_static_step_equals_the_eager_speculative
     assert counter.frame_count == 3 * len(engine.static.buckets) * 2
 
 
+def test_compiled_engines_build_more_graphs_than_dynamos_default_limit_on_their_workers():
+    """Dynamo's config is per thread, and an engine compiles on its worker thread: plain and
+    speculative engines of 1 and 8 slots (12 graphs of the verify forward in the process, past
+    dynamo's default limit of 8, which fullgraph=True makes an error) all warm up and decode what the
+    eager engine does."""
+    from minimoe.infer.static import StaticDecode
+
+    model, tok = _mtp_model()
+    jobs = lambda: [Job(0, tok.encode("the cat"), JobParams(max_tokens=12, temperature=0), lambda e: None)]  # noqa: E731
+    want = _texts(_engine_run(Engine(model, tok, max_active=1), jobs()))
+    torch._dynamo.reset()
+    for slots in (1, 8):
+        for speculative in (False, True):
+            engine = Engine(model, tok, max_active=slots, speculative=speculative, compile=True)
+            engine.static = StaticDecode(engine.pool, backend="eager")
+            engine.warm_up()
+            assert _texts(_engine_run(engine, jobs())) == want
+    torch._dynamo.reset()
+
+
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):
     from minimoe.serve.engine import QueueFull
 

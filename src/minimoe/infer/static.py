@@ -112,6 +112,17 @@ def cpu_inductor(gm, example_inputs, few_rows: int = FEW_ROWS):
             return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def _allow_graphs(n: int) -> None:
+    """Dynamo's recompile limits raised to at least n graphs per function, in the calling thread: dynamo's
+    config is per thread (a value set on one thread is not seen on another), and the serving engine
+    compiles on its worker thread."""
+    config = torch._dynamo.config
+    if config.recompile_limit < n:
+        config.recompile_limit = n
+    if config.accumulated_recompile_limit < n:
+        config.accumulated_recompile_limit = n
+
+
 class StaticDecode:
     """The pool's decode step at fixed shapes, compiled once per shape.
 
@@ -131,6 +142,8 @@ class StaticDecode:
         few_rows: with inductor on the CPU, matrix products of at most this many rows become
             reductions (`few_row_mm`; 0: every product is a BLAS call).
     """
+
+    _graphs = 0  # the graphs every compiling StaticDecode of this process may build, per function
 
     def __init__(
         self,
@@ -182,10 +195,8 @@ class StaticDecode:
         self.row_buckets = sorted({1, min(8, pool.slots), pool.slots})
         if compile:
             # dynamo counts the graphs of one function over every instance (a bench holds several
-            # pools), and with fullgraph=True reaching its limit is an error: make room for this one's
-            graphs = 3 * len(self.buckets) * len(self.row_buckets)  # forward, speculate and draft, per pair
-            torch._dynamo.config.recompile_limit += graphs
-            torch._dynamo.config.accumulated_recompile_limit += graphs
+            # pools), and with fullgraph=True reaching its limit is an error: room for this one's
+            StaticDecode._graphs += 3 * len(self.buckets) * len(self.row_buckets)  # forward, speculate, draft
 
     def _where(self, pos: torch.Tensor, T: int, L: int) -> _Step:
         """Where T new tokens per row go, from each row's length `pos` (B,), attending over the first
@@ -244,6 +255,7 @@ class StaticDecode:
 
     def _call(self, fn, *args):
         """One step's call of a compiled function, as one step of the CUDA graph trees where they run."""
+        _allow_graphs(StaticDecode._graphs)
         if self.cuda_graphs:
             # a new step: the graphs' outputs from the last one are dead (their copies were returned)
             torch.compiler.cudagraph_mark_step_begin()
