@@ -1,4 +1,4 @@
-"""Matrix products of one or two rows on the CPU: the BLAS call (what `F.linear` makes eagerly and what
+"""Matrix products of one and a few rows on the CPU: the BLAS call (what `F.linear` makes eagerly and what
 inductor calls in a compiled graph) against the product-and-sum that the compiled decode step generates
 instead (`minimoe.infer.static.few_row_mm`), then the compiled decode step with and without it.
 
@@ -11,8 +11,8 @@ the decomposition, at one and two threads, on weights cycled from a pool larger 
 each is read from memory, as a decode step reads its weights), and gives the weight bytes read per
 second. Table 2 runs the `StaticDecode` step of the bench's reference config (random weights, greedy,
 64 new tokens after 32-token prompts, prefill included, as `minimoe bench` times decoding) with
-`few_rows=2` (the default) and `few_rows=0` (every product a BLAS call), the two taking turns in every
-round; the ratio is the median of the within-round ratios. One process; run it on an idle machine.
+`few_rows=FEW_ROWS` (the default) and `few_rows=0` (every product a BLAS call), the two taking turns in
+every round; the ratio is the median of the within-round ratios. One process; run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from minimoe.bench.measure import machine_info
 from minimoe.config_yaml import build_run_config
 from minimoe.infer.slots import SlotPool
-from minimoe.infer.static import StaticDecode, cpu_inductor, static_greedy
+from minimoe.infer.static import FEW_ROWS, StaticDecode, cpu_inductor, static_greedy
 from minimoe.model.transformer import Transformer
 
 HERE = Path(__file__).resolve().parent
@@ -110,7 +110,7 @@ def decode_step(quick: bool) -> str:
         prompts = torch.randint(0, rc.model.vocab_size, (batch, 32), generator=g).tolist()
         steps, compile_s = {}, {}
         with torch.no_grad():
-            for few in (2, 0):
+            for few in (FEW_ROWS, 0):
                 steps[few] = StaticDecode(SlotPool(model, batch, max_len=32 + new), few_rows=few)
                 compile_s[few] = steps[few].warm_up()
             tokens = {few: static_greedy(s, prompts, new) for few, s in steps.items()}
@@ -120,10 +120,10 @@ def decode_step(quick: bool) -> str:
                     t0 = time.perf_counter()
                     n = static_greedy(s, prompts, new).numel()
                     rates[few].append(n / (time.perf_counter() - t0))
-        ratios = [a / b for a, b in zip(rates[2], rates[0])]
-        out.append([batch, threads, f"{statistics.median(rates[0]):.0f}", f"{statistics.median(rates[2]):.0f}",
+        ratios = [a / b for a, b in zip(rates[FEW_ROWS], rates[0])]
+        out.append([batch, threads, f"{statistics.median(rates[0]):.0f}", f"{statistics.median(rates[FEW_ROWS]):.0f}",
                     f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f})",
-                    f"{compile_s[0]:.0f} / {compile_s[2]:.0f}", "yes" if torch.equal(tokens[0], tokens[2]) else "no"])  # fmt: skip
+                    f"{compile_s[0]:.0f} / {compile_s[FEW_ROWS]:.0f}", "yes" if torch.equal(tokens[0], tokens[FEW_ROWS]) else "no"])  # fmt: skip
     torch.set_num_threads(saved)
     return table(
         ["batch", "threads", "BLAS products tok/s", "few-row reductions tok/s", "ratio (min-max over rounds)",

@@ -699,8 +699,8 @@ def test_compiled_static_decode_in_the_engine_equals_eager():
 
 @pytest.mark.slow
 def test_compiled_speculative_step_of_one_row_equals_the_eager_one():
-    """The compiled CPU step (inductor; its one- and two-row products generated as reductions) of a
-    one-slot pool with an MTP module: the one-call greedy step (two-token verify and draft), the
+    """The compiled CPU step (inductor; its one-row products generated as reductions) of a one-slot
+    pool with an MTP module: the one-call greedy step (two-token verify and one-row draft), the
     two-token forward and the draft give the eager pool's logits, hidden states and tokens."""
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode
@@ -726,23 +726,24 @@ def test_compiled_speculative_step_of_one_row_equals_the_eager_one():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_few_row_products_equal_the_matmul(dtype):
-    """`few_row_mm` and its addmm, the compiled CPU step's decomposition of one- and two-row products
-    by a weight's transpose (what F.linear makes), run eagerly: the product of the same (rounded)
-    operands in fp64, returned in their dtype; other products (more rows, an operand that is not a
-    transposed weight with contiguous rows) are left to inductor's BLAS call."""
+    """`few_row_mm` and its addmm, the compiled CPU step's decomposition of few-row products by a
+    weight's transpose (what F.linear makes; one row in the step, up to `rows` as the benchmark asks),
+    run eagerly: the product of the same (rounded) operands in fp64, returned in their dtype; other
+    products (more rows, an operand that is not a transposed weight with contiguous rows) are left to
+    inductor's BLAS call."""
     from minimoe.infer.static import FEW_ROWS, _few_row_addmm, few_row_mm
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 19, generator=g, dtype=torch.float64).to(dtype)
     bias = torch.randn(37, generator=g, dtype=torch.float64).to(dtype)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    for M in range(1, FEW_ROWS + 1):
+    for M in (1, 3):
         a = torch.randn(M, 19, generator=g, dtype=torch.float64).to(dtype)
         want = a.double() @ w.double().t()
-        got = few_row_mm(a, w.t())
+        got = few_row_mm(a, w.t(), rows=M)
         assert got.dtype == dtype and got.shape == (M, 37)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-        got = _few_row_addmm(bias, a, w.t(), beta=2, alpha=0.5)
+        got = _few_row_addmm(bias, a, w.t(), beta=2, alpha=0.5, rows=M)
         torch.testing.assert_close(got.double(), 2 * bias.double() + 0.5 * want, rtol=tol, atol=tol)
     a = torch.randn(FEW_ROWS + 1, 19, dtype=torch.float64).to(dtype)
     assert few_row_mm(a, w.t()) is NotImplemented
@@ -769,7 +770,7 @@ def test_compiled_cpu_step_generates_its_few_row_products():
         return F.linear(x, w)
 
     blas = []
-    for few_rows in (0, 2, 0):
+    for few_rows in (0, 1, 0):
         torch._dynamo.reset()
         fn = torch.compile(linear, backend=functools.partial(cpu_inductor, few_rows=few_rows), dynamic=False)
         y, code = run_and_get_code(fn, x, w)

@@ -13,8 +13,8 @@ rows on the CPU, inside one custom operator opaque to the compiler (`selected_ex
 the selected experts' weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
-matrix products of one or two rows (every linear layer at batch 1) are generated as reductions over
-the weight's rows instead of BLAS calls (`few_row_mm`). `SlotPool.decode` stays the reference; tests
+matrix products of one row (every linear layer at batch 1) are generated as reductions over the
+weight's rows instead of BLAS calls (`few_row_mm`). `SlotPool.decode` stays the reference; tests
 compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
@@ -35,14 +35,15 @@ from minimoe.infer.common import decode_thread_count, num_threads
 from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_speculation
 from minimoe.model.experts import GroupedExperts
 
-# Inductor hands every matrix product on the CPU to the BLAS (MKL). At one or two rows that is a
-# matrix-vector product, which MKL streamed at 4-9 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md with
-# one thread or two, where the same product written as a product-and-sum over the weight's rows, a
-# reduction inductor generates and fuses itself, streamed 15-21 GiB/s on one thread and 25-34 on two.
-# A lone product of 4 or 8 rows still gains, but decomposing every product of up to 16 rows made the
-# compiled step at batch 8 slower (0.50x on two threads, 0.76x on one), hence the limit of two rows
+# Inductor hands every matrix product on the CPU to the BLAS (MKL). At one row that is a matrix-vector
+# product, which MKL streamed at 7-9 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md with one thread or
+# two, where the same product written as a product-and-sum over the weight's rows, a reduction inductor
+# generates and fuses itself, streamed 16-21 GiB/s on one thread and 25-33 on two. Lone products of 2-8
+# rows gain too, but not inside the step: with two-row reductions the speculative step's two-token
+# verify made the compiled speculative engine 0.55-0.59x as fast (the trained `tiny` model, batch 1),
+# and with up to 16 rows the compiled step at batch 8 ran at 0.50-0.76x. Hence one row
 # (`benchmarks/matvec.py`, BENCHMARKS.md).
-FEW_ROWS = 2
+FEW_ROWS = 1
 
 
 def _few(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
