@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from minimoe.bench.measure import machine_info
 from minimoe.config_yaml import build_run_config
+from minimoe.infer.inductor_cpu import FEW_ROWS, cpu_inductor
 from minimoe.infer.slots import SlotPool
-from minimoe.infer.static import FEW_ROWS, StaticDecode, cpu_inductor, static_greedy
+from minimoe.infer.static import StaticDecode, static_greedy
 from minimoe.model.transformer import Transformer
 
 HERE = Path(__file__).resolve().parent

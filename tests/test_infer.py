@@ -731,7 +731,7 @@ def test_few_row_products_equal_the_matmul(dtype):
     run eagerly: the product of the same (rounded) operands in fp64, returned in their dtype; other
     products (more rows, an operand that is not a transposed weight with contiguous rows) are left to
     inductor's BLAS call."""
-    from minimoe.infer.static import FEW_ROWS, _few_row_addmm, few_row_mm
+    from minimoe.infer.inductor_cpu import FEW_ROWS, _few_row_addmm, few_row_mm
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 19, generator=g, dtype=torch.float64).to(dtype)
@@ -761,7 +761,7 @@ def test_compiled_cpu_step_generates_its_few_row_products():
     from torch._inductor.utils import run_and_get_code
     from torch.nn import functional as F
 
-    from minimoe.infer.static import cpu_inductor
+    from minimoe.infer.inductor_cpu import cpu_inductor
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(300, 64, generator=g), torch.randn(1, 64, generator=g)

@@ -120,7 +120,7 @@ def matvec_bandwidth_gib_s(
     through it (decoding's access pattern at batch 1, where every activated weight is read once per
     token) and a sum over its rows (a plain read). The BLAS's matrix-vector product can stream well
     below the memory's read rate (MKL on the 2-core AMD EPYC of BENCHMARKS.md: about 16 against 33
-    GiB/s), and minimoe's compiled CPU step reads at more than the BLAS does (`infer.static.few_row_mm`),
+    GiB/s), and minimoe's compiled CPU step reads at more than the BLAS does (`infer.inductor_cpu.few_row_mm`),
     so the ceiling is the read rate wherever that is higher."""
     k = 4096
     w = torch.randn(mib * 2**20 // (k * torch.finfo(dtype).bits // 8), k, device=device, dtype=dtype)

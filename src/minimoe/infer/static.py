@@ -14,8 +14,8 @@ the selected experts' weights and return (rows x top-k, D) whatever the routing.
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
 matrix products of one row (every linear layer at batch 1) are generated as reductions over the
-weight's rows instead of BLAS calls (`few_row_mm`). `SlotPool.decode` stays the reference; tests
-compare the two.
+weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). `SlotPool.decode` stays the
+reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
@@ -23,94 +23,16 @@ Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 from __future__ import annotations
 
 import functools
-import threading
 import time
-import unittest.mock
 
 import torch
 from torch.utils._pytree import tree_map
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_thread_count, num_threads
+from minimoe.infer.inductor_cpu import FEW_ROWS, cpu_inductor
 from minimoe.infer.slots import Prefill, SlotPool, Speculation, _Step, greedy_speculation
 from minimoe.model.experts import GroupedExperts
-
-# Inductor hands every matrix product on the CPU to the BLAS (MKL). At one row that is a matrix-vector
-# product, which MKL streamed at 7-9 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md with one thread or
-# two, where the same product written as a product-and-sum over the weight's rows, a reduction inductor
-# generates and fuses itself, streamed 16-21 GiB/s on one thread and 25-33 on two. Lone products of 2-8
-# rows gain too, but not inside the step: with two-row reductions the speculative step's two-token
-# verify made the compiled speculative engine 0.55-0.59x as fast (the trained `tiny` model, batch 1),
-# and with up to 16 rows the compiled step at batch 8 ran at 0.50-0.76x. Hence one row
-# (`benchmarks/matvec.py`, BENCHMARKS.md).
-FEW_ROWS = 1
-
-
-def _few(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
-    """Whether a (M, K) @ b (K, N) is at most `rows` rows on the CPU times the transpose of a weight
-    whose rows are contiguous (the product `F.linear` makes), which the reduction reads row by row."""
-    return a.device.type == "cpu" and a.dtype.is_floating_point and a.shape[0] <= rows and b.stride(0) == 1
-
-
-def few_row_mm(
-    a: torch.Tensor, b: torch.Tensor, *, rows: int = FEW_ROWS, otherwise=None, **kwargs
-) -> torch.Tensor:
-    """aten.mm(a (M, K), b (K, N)) for inductor's decomposition table: where `_few`, a product-and-sum
-    over the rows of the weight b is the transpose of, accumulated in fp32 (or wider); else `otherwise`
-    (by default inductor's own decomposition, which leaves most products to the BLAS)."""
-    if kwargs or not _few(a, b, rows):
-        return (otherwise or _inductor_decomposition(torch.ops.aten.mm.default))(a, b, **kwargs)
-    acc = torch.promote_types(a.dtype, torch.float32)
-    w_NK = b.t()
-    return (w_NK[:, None, :].to(acc) * a[None, :, :].to(acc)).sum(-1).t().to(a.dtype)  # (M, N)
-
-
-def _few_row_addmm(bias, a, b, *, beta=1, alpha=1, rows: int = FEW_ROWS, otherwise=None, **kwargs):
-    """aten.addmm (a linear layer with a bias) through `few_row_mm` where `_few`; else `otherwise`."""
-    if kwargs or not _few(a, b, rows):
-        addmm = otherwise or _inductor_decomposition(torch.ops.aten.addmm.default)
-        return addmm(bias, a, b, beta=beta, alpha=alpha, **kwargs)
-    return beta * bias + alpha * few_row_mm(a, b, rows=rows)
-
-
-def _inductor_decomposition(op):
-    """Inductor's own decomposition of `op` (which answers NotImplemented where it has none)."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    return select_decomp_table()[op]
-
-
-_DECOMPOSING = threading.Lock()
-
-
-def cpu_inductor(gm, example_inputs, few_rows: int = FEW_ROWS):
-    """A torch.compile backend: inductor with its C++ wrapper (the kernels called without a Python
-    line each) and matrix products of up to `few_rows` rows generated as reductions (`few_row_mm`;
-    0: none)."""
-    from torch._inductor import decomposition
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = {"cpp_wrapper": True}
-    if not few_rows:
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    # The decompositions go into inductor's own table for the length of this call, not through
-    # compile_fx's `decompositions`: a table passed in is pickled into the key of inductor's cache of
-    # generated code, and some of its entries cannot be, so every compile would start from nothing
-    # (20 s instead of 7 for the reference config's batch-1 step with the cache warm). AOTAutograd's
-    # cache keys neither, and would hand this call a graph compiled without them (or keep this one
-    # for a plain compile): it is off for this call. Inductor's cache keys the decomposed graph.
-    mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
-    with _DECOMPOSING:
-        table = decomposition.select_decomp_table()  # the dict compile_fx will ask for (cached by inductor)
-        ours = {
-            mm: functools.partial(few_row_mm, rows=few_rows, otherwise=table[mm]),
-            addmm: functools.partial(_few_row_addmm, rows=few_rows, otherwise=table[addmm]),
-        }
-        with (
-            unittest.mock.patch.dict(table, ours),
-            torch._functorch.config.patch(enable_autograd_cache=False),
-        ):
-            return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _allow_graphs(n: int) -> None:
@@ -141,7 +63,7 @@ class StaticDecode:
         cuda_graphs: with inductor on a CUDA device, replay each compiled step as a CUDA graph (None: on
             whenever that applies).
         few_rows: with inductor on the CPU, matrix products of at most this many rows become
-            reductions (`few_row_mm`; 0: every product is a BLAS call).
+            reductions (`inductor_cpu.few_row_mm`; 0: every product is a BLAS call).
     """
 
     _graphs = 0  # the graphs every compiling StaticDecode of this process may build, per function
