@@ -32,20 +32,19 @@ import torch.nn.functional as F
 
 # isort: on
 
-from minimoe.bench.measure import machine_info
-from minimoe.config_yaml import build_run_config
-from minimoe.infer.inductor_cpu import FEW_ROWS, cpu_inductor
-from minimoe.infer.slots import SlotPool
-from minimoe.infer.static import StaticDecode, static_greedy
-from minimoe.model.transformer import Transformer
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from decode import table  # noqa: E402
+
+from minimoe.bench.measure import machine_info  # noqa: E402
+from minimoe.config_yaml import build_run_config  # noqa: E402
+from minimoe.infer.inductor_cpu import FEW_ROWS, cpu_inductor  # noqa: E402
+from minimoe.infer.slots import SlotPool  # noqa: E402
+from minimoe.infer.static import StaticDecode, static_greedy  # noqa: E402
+from minimoe.model.transformer import Transformer  # noqa: E402
+
 BEGIN, END = "<!-- matvec:begin -->", "<!-- matvec:end -->"
-
-
-def table(head: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def best_seconds(fn, calls: int, repeats: int) -> float:
