@@ -523,14 +523,15 @@ def _compiled_moe(moe):
 
 
 def _force_expert_kernel(monkeypatch, kernel: str) -> list:
-    """Make the traced MoE layer take `kernel` ("gathered" or "selected") whatever its rows, and count
-    the calls to the gathered kernel (the list grows at every call, tracing included)."""
+    """Make the traced MoE layer take `kernel` ("gathered": its pairs unsorted through `gathered_pairs`,
+    or "selected": sorted through the opaque operator) whatever its rows, and count the calls to the
+    gathered kernel (the list grows at every call, tracing included)."""
     import minimoe.model.experts as experts
 
     calls = []
-    gathered = experts.gathered_experts
+    gathered = experts.gathered_pairs
     monkeypatch.setattr(experts, "GATHER_ROWS_PER_EXPERT", 10**6 if kernel == "gathered" else 0)
-    monkeypatch.setattr(experts, "gathered_experts", lambda *a: calls.append(1) or gathered(*a))
+    monkeypatch.setattr(experts, "gathered_pairs", lambda *a: calls.append(1) or gathered(*a))
     return calls
 
 
@@ -539,7 +540,7 @@ def _force_expert_kernel(monkeypatch, kernel: str) -> list:
 @pytest.mark.parametrize("T", [1, 2, 5])
 def test_traced_moe_equals_the_eager_layer(seed, T, kernel, monkeypatch):
     """Traced by torch.compile without gradients (as in the compiled decode step), the MoE layer runs
-    its experts in one graph, through `gathered_experts` (few rows) or the `selected_experts`
+    its experts in one graph, through `gathered_pairs` (few rows, no sort) or the `selected_experts`
     operator; either equals the eager layer, fp64, with a selection bias such as training leaves."""
     calls = _force_expert_kernel(monkeypatch, kernel)
     model = tiny_model(seed=seed)

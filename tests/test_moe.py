@@ -195,8 +195,14 @@ def test_compiled_decode_kernel_choice(monkeypatch):
         for E, fits in ((4, 32), (8, 64), (32, 64)):
             assert choose_kernel("auto", torch.zeros(fits, 16), E, 16, 8) is gathered_experts
             assert choose_kernel("auto", torch.zeros(fits + 1, 16), E, 16, 8) is selected_experts
+            # the MoE layer hands the same pairs to `GroupedExperts.pairs` unsorted (T tokens x K = 2)
+            assert GroupedExperts(E, 16, 8).takes_pairs(torch.zeros(fits // 2, 16), 2)
+            assert not GroupedExperts(E, 16, 8).takes_pairs(torch.zeros(fits // 2 + 1, 16), 2)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert choose_kernel("auto", torch.zeros(2, 16), 8, 16, 8) is selected_experts
+            assert not GroupedExperts(8, 16, 8).takes_pairs(torch.zeros(1, 16), 2)
+    with torch.enable_grad():
+        assert not GroupedExperts(8, 16, 8).takes_pairs(torch.zeros(1, 16), 2)
 
 
 def test_experts_handle_no_rows():

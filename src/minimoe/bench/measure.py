@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -113,17 +114,36 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 102
     return _best_rate(lambda: F.linear(a, b), 2.0 * size**3, repeats, device) / 1e9
 
 
+def largest_cache_bytes(device: torch.device) -> int:
+    """The largest cache between the device's cores and its memory: a GPU's L2, a CPU's last-level cache
+    as Linux lists it (per core complex where an L3 is split), 0 where unknown."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        with contextlib.suppress(ValueError):
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+    return max(sizes, default=0)
+
+
 def matvec_bandwidth_gib_s(
-    device: torch.device, dtype: torch.dtype, mib: int = 64, repeats: int = 5
+    device: torch.device, dtype: torch.dtype, mib: int | None = None, repeats: int = 5
 ) -> float:
     """GiB/s that a weight far larger than the caches is read at, the faster of a one-row `F.linear`
     through it (decoding's access pattern at batch 1, where every activated weight is read once per
     token) and a sum over its rows (a plain read). The BLAS's matrix-vector product can stream well
     below the memory's read rate (MKL on the 2-core AMD EPYC of BENCHMARKS.md: about 16 against 33
     GiB/s), and minimoe's compiled CPU step reads at more than the BLAS does (`infer.inductor_cpu.few_row_mm`),
-    so the ceiling is the read rate wherever that is higher."""
+    so the ceiling is the read rate wherever that is higher.
+
+    The weight is `mib` MiB, by default eight times the largest cache and at least 64: a weight twice
+    the size of a 32 MiB L3 was partly read from it (two threads: 48 to 90 GiB/s from run to run on one
+    host, against a steady 50-52 at 256 MiB and more)."""
+    if mib is None:
+        mib = max(64, 8 * largest_cache_bytes(device) // 2**20)
     k = 4096
-    w = torch.randn(mib * 2**20 // (k * torch.finfo(dtype).bits // 8), k, device=device, dtype=dtype)
+    w = torch.full((mib * 2**20 // (k * torch.finfo(dtype).bits // 8), k), 0.01, device=device, dtype=dtype)
     x = torch.randn(1, k, device=device, dtype=dtype)
     linear = _best_rate(lambda: F.linear(x, w), w.nbytes, repeats, device)
     return max(linear, _best_rate(lambda: w.sum(-1), w.nbytes, repeats, device)) / 2**30

@@ -201,18 +201,37 @@ def gathered_experts(
     down_EDI: torch.Tensor,
     scale_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The experts of a compiled decode step, written for the compiler: each row's expert from the
-    counts, then each projection as a product-and-sum over that expert's weights, `(w[e_N] * x).sum(-1)`.
-    Inductor fuses the weight gather into the reduction, so no (N, I, D) copy is made, no Python runs
-    per expert and nothing waits on the host (a CUDA graph can hold it); run eagerly it does make the
-    copy (the tests use it so, against `loop_experts`). Under autocast the rows and the gathered
-    weights are cast to the autocast dtype, as autocast's matmuls would cast them. Same arguments and
-    result as `loop_experts`; no gradient."""
+    """`gathered_pairs` for rows sorted by expert: each row's expert from the counts. Same arguments
+    and result as `loop_experts`; no gradient."""
+    # row n belongs to the first expert whose cumulative count exceeds n
     N = x_ND.shape[0]
+    e_N = torch.searchsorted(torch.cumsum(counts_E, 0), torch.arange(N, device=x_ND.device), right=True)
+    return gathered_pairs(x_ND, e_N, gate_EID, up_EID, down_EDI, scale_N)
+
+
+def gathered_pairs(
+    x_ND: torch.Tensor,
+    e_N: torch.Tensor,
+    gate_EID: torch.Tensor | None,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+    scale_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The experts of a compiled decode step, written for the compiler: row n through expert e_N[n], each
+    projection a product-and-sum over that expert's weights, `(w[e_N] * x).sum(-1)`, in any row order
+    (no sort). Inductor fuses the weight gather into the reduction, so no (N, I, D) copy is made, no
+    Python runs per expert and nothing waits on the host (a CUDA graph can hold it); run eagerly it
+    does make the copy (the tests use it so, against `loop_experts`). Under autocast the rows and the
+    gathered weights are cast to the autocast dtype, as autocast's matmuls would cast them.
+
+    Args:
+        x_ND: (N, D) rows; e_N: (N,) the expert of each row; the weights as `loop_experts` takes them;
+        scale_N: optional (N,) factor per row.
+    Returns:
+        (N, D) outputs times scale_N; no gradient.
+    """
     device = x_ND.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_ND.dtype
-    # row n belongs to the first expert whose cumulative count exceeds n
-    e_N = torch.searchsorted(torch.cumsum(counts_E, 0), torch.arange(N, device=x_ND.device), right=True)
     x_N1D = x_ND.to(dtype)[:, None, :]
     gate_NI = (gate_EID[e_N].to(dtype) * x_N1D).sum(-1) if gate_EID is not None else None
     h_NI = _scaled(_activate(gate_NI, (up_EID[e_N].to(dtype) * x_N1D).sum(-1)), scale_N)

@@ -23,6 +23,7 @@ from minimoe.model.compiled_experts import (
     GATHER_ROWS_PER_EXPERT,
     compiled_training_experts,
     gathered_experts,
+    gathered_pairs,
     selected_experts,
 )
 from minimoe.model.expert_kernels import _activate, grouped_mm_experts, loop_experts
@@ -167,7 +168,7 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     """
     if torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
-            return gathered_experts if _gathered_fits(x_ND, n_experts) else selected_experts
+            return gathered_experts if _gathered_fits(x_ND, x_ND.shape[0], n_experts) else selected_experts
         if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm":
             return grouped_mm_experts  # traceable where its fake-tensor rule allows (bf16)
         return compiled_training_experts
@@ -177,16 +178,15 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     return grouped_mm_experts if resolve_impl(impl, x_ND, hidden, inter) == "grouped_mm" else loop_experts
 
 
-def _gathered_fits(x_ND: torch.Tensor, n_experts: int) -> bool:
-    """Whether a compiled step without gradients takes `gathered_experts` for these rows. On CUDA
-    always: the step is replayed as a CUDA graph, which cannot wait for the loop's split sizes on the
-    host. On the CPU for few rows (see GATHER_ROWS_PER_EXPERT) and without autocast (the thresholds
+def _gathered_fits(x: torch.Tensor, N: int, n_experts: int) -> bool:
+    """Whether a compiled step without gradients takes `gathered_experts` for N rows on x's device. On
+    CUDA always: the step is replayed as a CUDA graph, which cannot wait for the loop's split sizes on
+    the host. On the CPU for few rows (see GATHER_ROWS_PER_EXPERT) and without autocast (the thresholds
     were measured in fp32; under CPU autocast the loop's oneDNN bf16 matmuls are kept)."""
-    if x_ND.device.type == "cuda":
+    if x.device.type == "cuda":
         return True
-    N = x_ND.shape[0]
     few = N <= min(GATHER_MAX_ROWS, GATHER_ROWS_PER_EXPERT * n_experts)
-    return few and not torch.is_autocast_enabled(x_ND.device.type)
+    return few and not torch.is_autocast_enabled(x.device.type)
 
 
 # oneDNN, which runs bf16/fp16 matmuls on CPU, JIT-builds a kernel for every GEMM shape it has not seen,
@@ -268,6 +268,24 @@ class GroupedExperts(nn.Module):
             gate = gate.to(dt) if gate is not None else None
         kernel = choose_kernel(self.impl, x_ND, self.n_experts, self.hidden, self.inter)
         return kernel(x_ND.contiguous(), counts_E, gate, up, down, scale_N)
+
+    def takes_pairs(self, x_TD: torch.Tensor, k: int) -> bool:
+        """Whether the MoE layer should hand these T tokens to `pairs` instead of sorting their T * k
+        pairs by expert: under torch.compile without gradients where the pairs are few enough for
+        `gathered_experts` (the compiled decode step), which reads each pair's expert weights
+        itself and so needs no sort."""
+        compiling = torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        return compiling and _gathered_fits(x_TD, x_TD.shape[0] * k, self.n_experts)
+
+    def pairs(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, scale_TK: torch.Tensor) -> torch.Tensor:
+        """Every token through each of its K experts, in pair order: x_TD (T, D) tokens, idx_TK (T, K)
+        their experts, scale_TK (T, K) the gate weights -> (T, K, D) outputs times the gate weights
+        (`gathered_pairs`; no gradient, no sort). The experts' part of what `forward` computes on the
+        sorted pairs, for the compiled decode step (`takes_pairs`)."""
+        T, K = idx_TK.shape
+        x_ND = x_TD[:, None, :].expand(T, K, x_TD.shape[1]).reshape(T * K, -1)
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        return gathered_pairs(x_ND, idx_TK.reshape(-1), g, u, d, scale_TK.reshape(-1)).view(T, K, -1)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, act={self.act}"

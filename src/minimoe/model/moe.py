@@ -123,6 +123,9 @@ class MoE(nn.Module):
         """Every pair gets a row (model/dispatch.py): gather, experts, sum each token's K outputs."""
         # quantized or expert-parallel experts take the rows as they are
         grouped = isinstance(self.experts, GroupedExperts)
+        if grouped and self.experts.takes_pairs(x_TD, self.top_k):
+            # the compiled decode step: no sort, no gathers, each pair reads its expert's weights
+            return self.experts.pairs(x_TD, r.topk_idx, r.topk_weight).to(acc).sum(1)
         multiple = pad_multiple(x_TD, x_TD.shape[0] * self.top_k, self.n_experts) if grouped else 1
         rows = expert_rows(r.topk_idx, r.counts, multiple)
         y_PD = self.experts(dispatch(x_TD, rows), rows.counts_E, row_weights(r.topk_weight, rows))
