@@ -77,11 +77,18 @@ def fair_table(cmd: str, r: dict) -> str:
     """One `minimoe bench --fair --compiled-decode --json` result: both decode paths of minimoe against
     transformers' own decode, the settings each side was measured at, and the batch-1 ceiling."""
     st = r["settings"]
+    c = st.get("minimoe compiled")
+    compiled = (
+        f" (its compiled step, by a probe of its own: {c['omp_wait_policy']}, {c['threads']} thread(s))"
+        if c
+        else ""
+    )
     lines = [
         f"`{cmd}`: {r['config']}, fp32 on {r['cpu']} ({r['cores']} cores), torch {r['torch']}, "
         f"transformers {r.get('transformers')}, {r['date']}. Settings chosen by each side's batch-1 decode "
         f"probe: minimoe OMP_WAIT_POLICY={st['minimoe']['omp_wait_policy']}, {st['minimoe']['threads']} "
-        f"thread(s); transformers {st['hf']['omp_wait_policy']}, {st['hf']['threads']} thread(s). "
+        f"thread(s){compiled}; transformers {st['hf']['omp_wait_policy']}, {st['hf']['threads']} thread(s). "
+        "The ceiling's bandwidth is read with every core. "
         f"transformers alone (its own process, batch 1, prompt 32): {r['hf_alone_decode_b1_tok_s']:,.0f} "
         f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}.",
         "",

@@ -238,6 +238,54 @@ def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, ca
     assert r["matmul_peak_gflops"] > 0 and r["matvec_bandwidth_gib_s"] > 0
 
 
+def test_fair_compiled_decode_has_a_setting_and_processes_of_its_own(monkeypatch):
+    """With --compiled-decode the compiled step is probed for a setting of its own and measured in
+    processes of its own, at that setting; the plain suite runs without it, and the compiled numbers
+    join minimoe's, their ratios taken against transformers' plain decode."""
+    import minimoe.bench.fair as fair
+
+    calls = []
+
+    def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
+        task, side, compiled = args[0], args[1], "--compiled-decode" in args
+        calls.append((task, side, compiled, policy, threads))
+        if task == "probe":  # the compiled step is fastest on 2 spinning threads, the rest on 1 sleeping
+            best = (policy, threads) == (("ACTIVE", 2) if compiled else ("PASSIVE", 1))
+            return {"decode_b1_tok_s": 10.0 if best else 5.0}
+        if compiled:
+            return {"decode_b1_compiled_tok_s": 30.0 * threads, "decode_b1_compile_s": 4.0}
+        return {"decode_b1_tok_s": 12.0 if side == "minimoe" else 6.0}
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 6.0}), ""
+
+    monkeypatch.setattr(fair, "run_worker", fake_worker)
+    monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
+    r = fair.fair_compare(["--config", "c.yaml", "--compiled-decode"], rounds=2,
+                          settings=[("PASSIVE", 1), ("ACTIVE", 2)])  # fmt: skip
+    assert r["settings"]["minimoe"] == {"omp_wait_policy": "PASSIVE", "threads": 1}
+    assert r["settings"][fair.COMPILED] == {"omp_wait_policy": "ACTIVE", "threads": 2}
+    suites = [c for c in calls if c[0] == "suite"]
+    assert suites.count(("suite", "minimoe", True, "ACTIVE", 2)) == 2
+    assert suites.count(("suite", "minimoe", False, "PASSIVE", 1)) == 2
+    assert not any(c[1] == "hf" and c[2] for c in calls)  # transformers has no compiled step here
+    assert r["decode_b1_compiled_tok_s"] == 60.0 and r["decode_b1_compiled_ratio"] == 10.0
+    assert r["decode_b1_ratio"] == 2.0
+
+
+def test_only_compiled_measures_the_compiled_decode_alone():
+    """The compiled processes of --fair (`only_compiled`) time the compiled decode and nothing else."""
+    from minimoe.bench.measure import BenchSettings, MinimoeSubject, run_bench
+
+    rc = build_run_config(None, str(REFERENCE), SMALLER)
+    torch.manual_seed(0)
+    subject = MinimoeSubject(Transformer(rc.model), rc, torch.device("cpu"))
+    settings = BenchSettings(repeats=1, new_tokens=4, prefill_shape=(1, 16), decode_shapes={"decode_b1": (1, 8)},
+                             compiled_decode=True, compile_backend="eager", only_compiled=True)  # fmt: skip
+    names = [name for name, _ in run_bench([subject], rc, torch.device("cpu"), settings)]
+    assert names == ["decode_b1_compiled"]
+
+
 @pytest.mark.slow
 def test_fair_comparison_end_to_end(capsys):
     """`minimoe bench --against hf --fair --json`: every measurement for both sides, the settings each

@@ -6,9 +6,11 @@ transformers' many small multi-threaded kernels). The wait policy is read once, 
 runtime starts, so a fair comparison needs processes:
 
 1. choose: for each side, a short decode probe (batch 1, prompt 32) runs in a fresh process under
-   every setting (OMP_WAIT_POLICY PASSIVE / ACTIVE / unset x 1 thread / every core); the fastest is kept;
-2. measure: each side runs the whole suite in its own process at its setting; the two sides take
-   turns `rounds` times (process after process) and the median of each measurement is kept;
+   every setting (OMP_WAIT_POLICY PASSIVE / ACTIVE / unset x 1 thread / every core); the fastest is kept.
+   With --compiled-decode, minimoe's compiled step is probed the same way for a setting of its own;
+2. measure: each side runs the whole suite in its own process at its setting (the compiled decode in
+   processes of its own, at its setting); the sides take turns `rounds` times (process after process)
+   and the median of each measurement is kept;
 3. check: transformers alone, in a process that imports only torch and transformers, loads the same
    weights (saved by the HF side) and times `generate` at batch 1, prompt 32 at the HF side's
    setting; its tokens/s should be close to the HF side's decode_b1 (`hf_alone_ratio` near 1).
@@ -29,6 +31,7 @@ import tempfile
 
 POLICIES = ("PASSIVE", "ACTIVE", "unset")  # unset: the OpenMP runtime's default (libgomp: spin, then sleep)
 SIDES = ("minimoe", "hf")
+COMPILED = "minimoe compiled"  # the settings and probes of minimoe's compiled decode step (--compiled-decode)
 
 # transformers alone: nothing of minimoe is imported, only the saved HF model is loaded
 HF_ALONE = """
@@ -112,19 +115,28 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
     """
     settings = settings or settings_to_try()
     result: dict = {"settings": {}, "probes": {}}
-    for side in SIDES:
-        best, probes = choose_setting(side, base, settings)
-        result["settings"][side] = {"omp_wait_policy": best[0], "threads": best[1]}
-        result["probes"][side] = probes
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    # minimoe's compiled step is a mode of its own: its setting comes from a probe of its own, and it is
+    # measured in processes of its own (the eager decode's best setting is one thread, the compiled
+    # step's can be every core)
+    plain = [a for a in base if a != "--compiled-decode"]
+    suites = {side: (side, plain) for side in SIDES}
+    if plain != base:
+        suites[COMPILED] = ("minimoe", [*plain, "--compiled-decode"])
+    for name, (side, args) in suites.items():
+        best, probes = choose_setting(side, args, settings)
+        result["settings"][name] = {"omp_wait_policy": best[0], "threads": best[1]}
+        result["probes"][name] = probes
+    runs: dict[str, list[dict]] = {name: [] for name in suites}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for side in SIDES:
-                s = result["settings"][side]
+            for name, (side, args) in suites.items():
+                s = result["settings"][name]
                 extra = ["--save", tmp] if side == "hf" and r == 0 else []
-                runs[side].append(
-                    run_worker(["suite", side, *base, *extra], s["omp_wait_policy"], s["threads"])
+                runs[name].append(
+                    run_worker(["suite", side, *args, *extra], s["omp_wait_policy"], s["threads"])
                 )
+        for plain_run, compiled_run in zip(runs["minimoe"], runs.pop(COMPILED, [])):
+            plain_run.update(compiled_run)
         s = result["settings"]["hf"]
         new = "32" if "--quick" in base else "64"
         cmd = [sys.executable, "-c", HF_ALONE, tmp, new, "3"]
@@ -194,13 +206,18 @@ def _worker(argv: list[str]) -> dict:
         settings.decode_shapes = {"decode_b1": M.DECODE_SHAPES["decode_b1"]}
         prompts = torch.randint(0, rc.model.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
         mem = {subject.name: M.PeakMemory(device)}
-        fn = {subject.name: lambda: subject.decode(prompts, settings.new_tokens)}
+        if settings.compiled_decode:  # the compiled step's probe (compiled before it is timed)
+            subject.decode_compiled(prompts, settings.new_tokens)
+            fn = {subject.name: lambda: subject.decode_compiled(prompts, settings.new_tokens)}
+        else:
+            fn = {subject.name: lambda: subject.decode(prompts, settings.new_tokens)}
         rate = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
         # what the process really ran under, so a caller can check the setting took effect
         return {"decode_b1_tok_s": rate, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                 "threads": torch.get_num_threads()}  # fmt: skip
     out: dict = {}
     prefix = "" if args.side == "minimoe" else "hf_"
+    settings.only_compiled = settings.compiled_decode  # the plain measurements run in a process of their own
     for _, values in M.run_bench([subject], rc, device, settings):
         out.update({k[len(prefix) :]: v for k, v in values.items()})
     return out

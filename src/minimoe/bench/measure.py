@@ -70,6 +70,7 @@ class BenchSettings:
     # shape, as `<shape>_compiled`; its ratio is taken against the other side's plain decode
     compiled_decode: bool = False
     compile_backend: str = "inductor"  # "eager" only traces (tests)
+    only_compiled: bool = False  # with compiled_decode: that alone (the fair bench's compiled processes)
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -399,16 +400,20 @@ def run_bench(
             out[f"{prefix(s)}peak_mem_{key}_mib"] = mem[s.name].mib
         return key, out
 
+    plain = not (settings.compiled_decode and settings.only_compiled)
     seq = torch.randint(0, V, (tc.batch_size, tc.seq_len + 1), generator=gen).to(device)
     x, y = seq[:, :-1], seq[:, 1:]
-    yield measure("train", lambda s: lambda: s.train_step(x, y))
+    if plain:
+        yield measure("train", lambda s: lambda: s.train_step(x, y))
     b, p = settings.prefill_shape
     pre = torch.randint(0, V, (b, min(p, max_len)), generator=gen).to(device)
-    yield measure("prefill", lambda s: lambda: s.prefill(pre))
+    if plain:
+        yield measure("prefill", lambda s: lambda: s.prefill(pre))
     for key, (b, p) in settings.decode_shapes.items():
         p = min(p, max_len - settings.new_tokens)
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
-        yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
+        if plain:
+            yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
         if settings.compiled_decode:
             ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
             name, out = measure(
