@@ -194,6 +194,7 @@ def test_fair_workers_run_under_the_setting_they_are_given():
     assert "OMP_WAIT_POLICY" not in omp_env("unset", 2) and omp_env("unset", 2)["OMP_NUM_THREADS"] == "2"
     r = run_worker(["probe", "hf", *base], "unset", 1)
     assert r["omp_wait_policy"] == "unset" and r["decode_b1_tok_s"] > 0
+    assert run_worker(["bandwidth", "minimoe", *base], "ACTIVE", 1)["bandwidth_gib_s"] > 0
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,8 @@ def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, ca
         seen["threads"] = torch.get_num_threads()
         return {"settings": {"minimoe": {"omp_wait_policy": "ACTIVE", "threads": 2},
                              "hf": {"omp_wait_policy": "PASSIVE", "threads": 1}},
-                "train_tok_s": 10.0, "hf_train_tok_s": 8.0, "decode_b1_tok_s": 5.0, "hf_decode_b1_tok_s": 4.0}  # fmt: skip
+                "train_tok_s": 10.0, "hf_train_tok_s": 8.0, "decode_b1_tok_s": 5.0, "hf_decode_b1_tok_s": 4.0,
+                "bandwidth_gib_s": [1e6, 2.0]}  # fmt: skip
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(fair, "fair_compare", fake_compare)
@@ -235,7 +237,8 @@ def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, ca
     assert code == 0 and seen["threads"] == 1 and after == 2
     r = json.loads(capsys.readouterr().out)
     assert r["decode_b1_ceiling_fraction"] == pytest.approx(5.0 / r["decode_ceiling_tok_s"])
-    assert r["matmul_peak_gflops"] > 0 and r["matvec_bandwidth_gib_s"] > 0
+    assert r["matmul_peak_gflops"] > 0
+    assert r["matvec_bandwidth_gib_s"] == 1e6  # the best bandwidth of the run: its workers' here
 
 
 def test_fair_compiled_decode_has_a_setting_and_processes_of_its_own(monkeypatch):
@@ -249,6 +252,8 @@ def test_fair_compiled_decode_has_a_setting_and_processes_of_its_own(monkeypatch
     def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
         task, side, compiled = args[0], args[1], "--compiled-decode" in args
         calls.append((task, side, compiled, policy, threads))
+        if task == "bandwidth":
+            return {"bandwidth_gib_s": 7.0 + len(calls)}
         if task == "probe":  # the compiled step is fastest on 2 spinning threads, the rest on 1 sleeping
             best = (policy, threads) == (("ACTIVE", 2) if compiled else ("PASSIVE", 1))
             return {"decode_b1_tok_s": 10.0 if best else 5.0}
@@ -271,6 +276,10 @@ def test_fair_compiled_decode_has_a_setting_and_processes_of_its_own(monkeypatch
     assert not any(c[1] == "hf" and c[2] for c in calls)  # transformers has no compiled step here
     assert r["decode_b1_compiled_tok_s"] == 60.0 and r["decode_b1_compiled_ratio"] == 10.0
     assert r["decode_b1_ratio"] == 2.0
+    # the memory's bandwidth at every core, spinning, before the probes and after the measurements
+    bandwidth = [c for c in calls if c[0] == "bandwidth"]
+    assert [c[3:] for c in bandwidth] == [("ACTIVE", 2)] * 2
+    assert calls[0][0] == calls[-1][0] == "bandwidth" and r["bandwidth_gib_s"] == [8.0, 7.0 + len(calls)]
 
 
 def test_only_compiled_measures_the_compiled_decode_alone():

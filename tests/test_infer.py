@@ -498,6 +498,24 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     assert counter.frame_count == 4  # one graph per pair of buckets, all built by warm_up
 
 
+def test_warmed_static_decodes_of_different_models_each_run_their_own_graphs():
+    """After `warm_up` a call runs only the guards that tell the graphs apart (not one per parameter):
+    two warmed steps over models of different widths and depths (the same compiled functions, so
+    graphs of both in one cache), called in turns, each still runs its own model's graphs: the greedy
+    tokens of each equal its model's own."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode, static_greedy
+
+    torch._dynamo.reset()
+    models = [tiny_model(), tiny_model(seed=1, hidden_size=48, num_hidden_layers=3)]
+    want = [greedy_no_cache(m, PROMPTS[1], 5) for m in models]
+    steps = [_warmed(StaticDecode(SlotPool(m, 2, max_len=40), backend="eager")) for m in models]
+    for _ in range(2):
+        for static, tokens in zip(steps, want):
+            assert static_greedy(static, [PROMPTS[1]], 5).tolist() == [tokens]
+    torch._dynamo.reset()
+
+
 def test_many_static_decodes_in_one_process_stay_under_dynamo_recompile_limit():
     """Every StaticDecode adds graphs of the same functions (one per bucket and shape); a process
     holding several (a bench: one per batch x length) must not hit dynamo's recompile limit, which

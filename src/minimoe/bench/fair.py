@@ -111,7 +111,8 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         settings: the (policy, threads) pairs to try (default `settings_to_try()`).
     Returns:
         the `minimoe bench --json` keys for both sides ({key}_tok_s, hf_{key}_tok_s, {key}_ratio,
-        peak memory), plus `settings`, `probes`, `hf_alone_decode_b1_tok_s` and `hf_alone_ratio`.
+        peak memory), plus `settings`, `probes`, `hf_alone_decode_b1_tok_s`, `hf_alone_ratio` and
+        `bandwidth_gib_s` (the memory's read rate before the probes and after the measurements).
     """
     settings = settings or settings_to_try()
     result: dict = {"settings": {}, "probes": {}}
@@ -122,6 +123,9 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
     suites = {side: (side, plain) for side in SIDES}
     if plain != base:
         suites[COMPILED] = ("minimoe", [*plain, "--compiled-decode"])
+    # the memory's bandwidth, in a process at every core (not in this one: see `minimoe bench --fair`)
+    spinning = ("ACTIVE", max(threads for _, threads in settings))
+    result["bandwidth_gib_s"] = [run_worker(["bandwidth", "minimoe", *plain], *spinning)["bandwidth_gib_s"]]
     for name, (side, args) in suites.items():
         best, probes = choose_setting(side, args, settings)
         result["settings"][name] = {"omp_wait_policy": best[0], "threads": best[1]}
@@ -137,6 +141,9 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
                 )
         for plain_run, compiled_run in zip(runs["minimoe"], runs.pop(COMPILED, [])):
             plain_run.update(compiled_run)
+        result["bandwidth_gib_s"].append(
+            run_worker(["bandwidth", "minimoe", *plain], *spinning)["bandwidth_gib_s"]
+        )
         s = result["settings"]["hf"]
         new = "32" if "--quick" in base else "64"
         cmd = [sys.executable, "-c", HF_ALONE, tmp, new, "3"]
@@ -166,7 +173,7 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
 
 def _worker(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m minimoe.bench.fair")
-    p.add_argument("task", choices=["probe", "suite"])
+    p.add_argument("task", choices=["probe", "suite", "bandwidth"])
     p.add_argument("side", choices=SIDES)
     p.add_argument("--preset")
     p.add_argument("--config")
@@ -184,8 +191,10 @@ def _worker(argv: list[str]) -> dict:
     from minimoe.model.transformer import Transformer
 
     torch.set_num_threads(args.threads)
-    rc = M.bench_config(args.preset, args.config, list(args.overrides))
     device = torch.device("cpu")
+    if args.task == "bandwidth":
+        return {"bandwidth_gib_s": M.matvec_bandwidth_gib_s(device, torch.float32)}
+    rc = M.bench_config(args.preset, args.config, list(args.overrides))
     torch.manual_seed(rc.train.seed)
     model = Transformer(rc.model)
     if args.side == "hf":

@@ -112,7 +112,7 @@ def run_fair(args) -> int:
     result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, torch.float32, _settings(args).peak_size)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
-    add_decode_ceiling(result, rc, device, torch.float32)
+    add_decode_ceiling(result, rc, device, torch.float32, tuple(result["bandwidth_gib_s"]))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -7,14 +7,15 @@ them are padding: they decode token 0 at position 0, which `SlotPool.add` overwr
 is used), over a fixed number of positions, masked per row: the smallest of a few buckets (max_len,
 max_len / 4, ...) that holds every row, so a handful of compiled graphs, all built at `warm_up`, serve
 every step. The MoE layers keep fixed shapes too: traced without gradients,
-`GroupedExperts` runs the routed experts as `gathered_experts` (each row's expert weights read inside
+the MoE layer hands its pairs unsorted to `GroupedExperts.pairs` (each pair's expert weights read inside
 one product-and-sum the compiler fuses; up to a few rows per expert, and always on CUDA) or, with more
 rows on the CPU, inside one custom operator opaque to the compiler (`selected_experts`); both read only
 the selected experts' weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
 matrix products of one row (every linear layer at batch 1) are generated as reductions over the
-weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). `SlotPool.decode` stays the
+weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). Once `warm_up` has built every
+graph, a call runs only the guards that tell the graphs apart. `SlotPool.decode` stays the
 reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.

@@ -1,6 +1,7 @@
 """Feed-forward blocks: the dense MLP (dense layers, shared experts) and the stacked routed experts.
 
-The MoE layer makes one call, `experts(x_ND, counts_E, w_N)`, on rows already sorted by expert.
+The MoE layer makes one call, `experts(x_ND, counts_E, w_N)`, on rows already sorted by expert (in the
+compiled decode step, `experts.pairs(x_TD, idx_TK, w_TK)` on the unsorted pairs instead).
 `GroupedExperts` answers it with a kernel picked per call by `choose_kernel`: from
 model/expert_kernels.py (`torch._grouped_mm` over expert offsets, or a loop over contiguous slices,
 also the eager decode kernel), or under torch.compile from model/compiled_experts.py, so the layer

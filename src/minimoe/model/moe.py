@@ -4,7 +4,9 @@ Dispatch follows torchtitan: flatten the (token, slot) pairs, sort them by exper
 expert sees its tokens in token order), gather the tokens, run every expert once on its contiguous
 slice (grouped GEMM or a loop over slices), scale by the gate weights and sum each token's outputs
 (model/dispatch.py, whose backward passes are gathers too). With a capacity, the kept pairs are
-gathered and scatter-added back. No dense all-experts computation, no per-token loop.
+gathered and scatter-added back. No dense all-experts computation, no per-token loop. The compiled
+decode step (a few pairs, no gradient) skips the sort: each pair reads its own expert's weights
+(`GroupedExperts.pairs`).
 
 Shape suffixes:
     B batch, S sequence length, T tokens (B * S), D hidden size,
