@@ -90,7 +90,13 @@ def fair_table(cmd: str, r: dict) -> str:
         f"thread(s){compiled}; transformers {st['hf']['omp_wait_policy']}, {st['hf']['threads']} thread(s). "
         "The ceiling's bandwidth is read with every core. "
         f"transformers alone (its own process, batch 1, prompt 32): {r['hf_alone_decode_b1_tok_s']:,.0f} "
-        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}.",
+        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}."
+        + (
+            f" Training and prefill ran minimoe on {st['minimoe']['threads']} thread(s) and transformers on "
+            f"{st['hf']['threads']}: those rows are not a comparison."
+            if st["minimoe"]["threads"] != st["hf"]["threads"]
+            else ""
+        ),
         "",
         "| measurement | minimoe tok/s | minimoe / HF | compiled decode tok/s | compiled / HF | compile s | HF tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -499,9 +499,8 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
 
 
 def test_warmed_static_decodes_of_different_models_each_run_their_own_graphs():
-    """After `warm_up` a call runs only the guards that tell the graphs apart (not one per parameter):
-    two warmed steps over models of different widths and depths (the same compiled functions, so
-    graphs of both in one cache), called in turns, each still runs its own model's graphs: the greedy
+    """Two warmed steps over models of different widths and depths share the compiled functions (so
+    graphs of both sit in one cache); called in turns, each runs its own model's graphs: the greedy
     tokens of each equal its model's own."""
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode, static_greedy

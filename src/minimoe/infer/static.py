@@ -14,8 +14,7 @@ the selected experts' weights and return (rows x top-k, D) whatever the routing.
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
 matrix products of one row (every linear layer at batch 1) are generated as reductions over the
-weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). Once `warm_up` has built every
-graph, a call runs only the guards that tell the graphs apart. `SlotPool.decode` stays the
+weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). `SlotPool.decode` stays the
 reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
@@ -86,8 +85,6 @@ class StaticDecode:
         self._threads_at_init = torch.get_num_threads()
         self.compile_s = 0.0  # seconds the first call took (compilation included)
         self._calls = 0
-        self._compiled = compile
-        self._warm = False  # `warm_up` has built every graph: calls skip the guards that cannot differ
         # dynamic=False: every input has one shape for the whole run, so there is one graph per
         # call. On CPU inductor's C++ wrapper calls the kernels without a Python line per kernel
         # (+2-19% tokens/s at batch 1 on the bench's reference config, for ~10 s more compiling)
@@ -186,18 +183,7 @@ class StaticDecode:
             # a new step: the graphs' outputs from the last one are dead (their copies were returned)
             torch.compiler.cudagraph_mark_step_begin()
         with self._threads(args[0]):
-            if not self._warm:
-                out = fn(*args)
-            else:
-                # every graph exists (`warm_up` built one per input shape and bucket), and every input
-                # is made here with the shapes and dtypes it was built with, so dynamo need only run
-                # the guards that tell its graphs apart: the inputs' shapes, the bucket, the thread
-                # count, not one check per parameter (0.05 ms of a 0.8 ms step at the reference config)
-                stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-                try:
-                    out = fn(*args)
-                finally:
-                    stance.__exit__(None, None, None)  # the stance before (the call form: 5 us, `with`: 50)
+            out = fn(*args)
         if self.cuda_graphs:
             # a graph's outputs live in its memory pool and the next replay overwrites them
             out = tree_map(torch.clone, out)
@@ -247,7 +233,6 @@ class StaticDecode:
                         )
         self.compile_s = time.perf_counter() - t0
         self._calls += 1
-        self._warm = self._compiled
         return self.compile_s
 
     @torch.no_grad()
