@@ -123,9 +123,14 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
     suites = {side: (side, plain) for side in SIDES}
     if plain != base:
         suites[COMPILED] = ("minimoe", [*plain, "--compiled-decode"])
-    # the memory's bandwidth, in a process at every core (not in this one: see `minimoe bench --fair`)
-    spinning = ("ACTIVE", max(threads for _, threads in settings))
-    result["bandwidth_gib_s"] = [run_worker(["bandwidth", "minimoe", *plain], *spinning)["bandwidth_gib_s"]]
+
+    def bandwidth() -> float:
+        """The memory's read rate, in a process at every core, spinning (not in this one: see
+        `minimoe bench --fair`)."""
+        cores = max(threads for _, threads in settings)
+        return run_worker(["bandwidth", "minimoe", *plain], "ACTIVE", cores)["bandwidth_gib_s"]
+
+    result["bandwidth_gib_s"] = [bandwidth()]
     for name, (side, args) in suites.items():
         best, probes = choose_setting(side, args, settings)
         result["settings"][name] = {"omp_wait_policy": best[0], "threads": best[1]}
@@ -141,9 +146,7 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
                 )
         for plain_run, compiled_run in zip(runs["minimoe"], runs.pop(COMPILED, [])):
             plain_run.update(compiled_run)
-        result["bandwidth_gib_s"].append(
-            run_worker(["bandwidth", "minimoe", *plain], *spinning)["bandwidth_gib_s"]
-        )
+        result["bandwidth_gib_s"].append(bandwidth())
         s = result["settings"]["hf"]
         new = "32" if "--quick" in base else "64"
         cmd = [sys.executable, "-c", HF_ALONE, tmp, new, "3"]
