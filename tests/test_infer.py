@@ -679,20 +679,20 @@ def test_fused_speculation_drafts_what_the_two_calls_draft():
             pool.advance([len(t) for t in new])
 
 
-@pytest.mark.parametrize("attn_type, seed", [("mla", 0), ("gqa", 1), ("mla", 2)])
-def test_static_greedy_equals_full_recompute(attn_type, seed):
+@pytest.mark.parametrize("attn_type, seed, prefill_rows", [("mla", 0, 1), ("gqa", 1, 3), ("mla", 2, 4)])
+def test_static_greedy_equals_full_recompute(attn_type, seed, prefill_rows):
     """`static_greedy` (what `minimoe bench --compiled-decode` times): every prompt's greedy tokens
     equal re-running the whole forward at every step, in a pool sized exactly to the longest prompt
-    plus its new tokens; the pool is emptied, so a second call on it gives the same tokens."""
+    plus its new tokens, whether the prompts (of different lengths) are prefilled one at a time, in
+    groups or all together; the pool is emptied, so a second call on it gives the same tokens."""
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode, static_greedy
 
     model = tiny_model(attn_type, seed=seed)
     new = 7
     want = [greedy_no_cache(model, p, new) for p in PROMPTS]
-    static = StaticDecode(
-        SlotPool(model, len(PROMPTS), max_len=max(map(len, PROMPTS)) + new - 1), compile=False
-    )
+    pool = SlotPool(model, len(PROMPTS), max_len=max(map(len, PROMPTS)) + new - 1, prefill_rows=prefill_rows)
+    static = StaticDecode(pool, compile=False)
     for _ in range(2):
         assert static_greedy(static, PROMPTS, new).tolist() == want
         assert static.pool.n == 0
@@ -739,7 +739,7 @@ def test_compiled_speculative_step_of_one_row_equals_the_eager_one():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_few_row_products_equal_the_matmul(dtype):
     """`few_row_mm` and its addmm, the compiled CPU step's decomposition of few-row products by a
-    weight's transpose (what F.linear makes; one row in the step, up to `rows` as the benchmark asks),
+    weight's transpose (what F.linear makes; up to `FEW_ROWS` in the step, up to `rows` as asked),
     run eagerly: the product of the same (rounded) operands in fp64, returned in their dtype; other
     products (more rows, an operand that is not a transposed weight with contiguous rows) are left to
     inductor's BLAS call."""
@@ -749,7 +749,7 @@ def test_few_row_products_equal_the_matmul(dtype):
     w = torch.randn(37, 19, generator=g, dtype=torch.float64).to(dtype)
     bias = torch.randn(37, generator=g, dtype=torch.float64).to(dtype)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    for M in (1, 3):
+    for M in (1, 3, 8):
         a = torch.randn(M, 19, generator=g, dtype=torch.float64).to(dtype)
         want = a.double() @ w.double().t()
         got = few_row_mm(a, w.t(), rows=M)
@@ -764,8 +764,8 @@ def test_few_row_products_equal_the_matmul(dtype):
 
 
 def test_compiled_cpu_step_generates_its_few_row_products():
-    """`cpu_inductor`, the compiled CPU decode step's backend: a one-row linear layer becomes a
-    reduction inductor generates (no BLAS call left in the code) with the layer's values; with
+    """`cpu_inductor`, the compiled CPU decode step's backend: a linear layer of one or a few rows
+    becomes reductions inductor generates (no BLAS call left in the code) with the layer's values; with
     `few_rows=0` it stays a BLAS call. Compiled plainly, then with the decomposition, then plainly again
     in one process: AOTAutograd's cache does not key decompositions, so neither may serve the other."""
     import functools
@@ -776,20 +776,22 @@ def test_compiled_cpu_step_generates_its_few_row_products():
     from minimoe.infer.inductor_cpu import cpu_inductor
 
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(300, 64, generator=g), torch.randn(1, 64, generator=g)
+    w, x = torch.randn(300, 64, generator=g), torch.randn(5, 64, generator=g)
 
     def linear(x, w):
         return F.linear(x, w)
 
-    blas = []
-    for few_rows in (0, 1, 0):
-        torch._dynamo.reset()
-        fn = torch.compile(linear, backend=functools.partial(cpu_inductor, few_rows=few_rows), dynamic=False)
-        y, code = run_and_get_code(fn, x, w)
-        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
-        blas.append("aoti_torch_cpu_mm_out" in "\n".join(code))
+    for rows in (1, 5):
+        blas = []
+        for few_rows in (0, rows, 0):
+            torch._dynamo.reset()
+            backend = functools.partial(cpu_inductor, few_rows=few_rows)
+            fn = torch.compile(linear, backend=backend, dynamic=False)
+            y, code = run_and_get_code(fn, x[:rows], w)
+            torch.testing.assert_close(y, F.linear(x[:rows], w), rtol=1e-5, atol=1e-5)
+            blas.append("aoti_torch_cpu_mm_out" in "\n".join(code))
+        assert blas == [True, False, True]
     torch._dynamo.reset()
-    assert blas == [True, False, True]
 
 
 def test_max_seq_len_bounds_generation():

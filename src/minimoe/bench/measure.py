@@ -299,7 +299,9 @@ class MinimoeSubject(Subject):
         self.model.eval()
         key = (prompts.shape[0], prompts.shape[1] + new_tokens)
         if key not in self.static:
-            self.static[key] = StaticDecode(SlotPool(self.model, key[0], max_len=key[1]), backend=backend)
+            # every prompt prefilled in one forward, as transformers' generate and the serving engine do
+            pool = SlotPool(self.model, key[0], max_len=key[1], prefill_rows=key[0])
+            self.static[key] = StaticDecode(pool, backend=backend)
             with self.autocast():
                 self.static[key].warm_up()
         with self.autocast():

@@ -1,6 +1,6 @@
 """torch.compile's inductor backend for the CPU decode step (`minimoe.infer.static`): inductor with its
-C++ wrapper, and matrix products of one row generated as reductions over the weight's rows instead of
-BLAS calls (`few_row_mm`, handed to inductor as a decomposition by `cpu_inductor`).
+C++ wrapper, and matrix products of up to eight rows generated as reductions over the weight's rows
+instead of BLAS calls (`few_row_mm`, handed to inductor as a decomposition by `cpu_inductor`).
 
 Shape suffixes: M rows, K the reduced dimension, N output columns.
 """
@@ -13,15 +13,17 @@ import unittest.mock
 
 import torch
 
-# Inductor hands every matrix product on the CPU to the BLAS (MKL). At one row that is a matrix-vector
-# product, which MKL streamed at 7-9 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md with one thread or
-# two, where the same product written as a product-and-sum over the weight's rows, a reduction inductor
-# generates and fuses itself, streamed 16-21 GiB/s on one thread and 25-33 on two. Lone products of 2-8
-# rows gain too, but not inside the step: with two-row reductions the speculative step's two-token
-# verify made the compiled speculative engine 0.55-0.59x as fast (the trained `tiny` model, batch 1),
-# and with up to 16 rows the compiled step at batch 8 ran at 0.50-0.76x. Hence one row
-# (`benchmarks/matvec.py`, BENCHMARKS.md).
-FEW_ROWS = 1
+# Inductor hands every matrix product on the CPU to the BLAS (MKL). At one to eight rows MKL streams the
+# weight at 5-10 GiB/s on the 2-core AMD EPYC of BENCHMARKS.md, with one thread or two, where the same
+# product written as a product-and-sum over the weight's rows, a reduction inductor generates and fuses
+# itself, streams 16-21 GiB/s on one thread and 25-33 on two at one row. Several rows are written as one
+# such reduction per row over the same weight: inductor fuses them into one loop, parallel over the
+# weight's rows, that reads each weight row once and keeps an accumulator per input row. (The first
+# version wrote several rows as one reduction over a (N, M, K) product; inductor then vectorised it over
+# the M rows, read the weight one element at a time and opened a parallel region per output, which made
+# the compiled step at batch 8 0.50-0.76x as fast as with BLAS calls.) Up to 8 rows: batch 8 and the
+# speculative step's two-token verify (`benchmarks/matvec.py`, BENCHMARKS.md).
+FEW_ROWS = 8
 
 
 def _few(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
@@ -39,8 +41,9 @@ def few_row_mm(
     if kwargs or not _few(a, b, rows):
         return (otherwise or _inductor_decomposition(torch.ops.aten.mm.default))(a, b, **kwargs)
     acc = torch.promote_types(a.dtype, torch.float32)
-    w_NK = b.t()
-    return (w_NK[:, None, :].to(acc) * a[None, :, :].to(acc)).sum(-1).t().to(a.dtype)  # (M, N)
+    w_NK = b.t().to(acc)
+    rows_N = [(w_NK * a[m].to(acc)).sum(-1) for m in range(a.shape[0])]
+    return torch.stack(rows_N).to(a.dtype)  # (M, N)
 
 
 def _few_row_addmm(bias, a, b, *, beta=1, alpha=1, rows: int = FEW_ROWS, otherwise=None, **kwargs):

@@ -13,7 +13,7 @@ rows on the CPU, inside one custom operator opaque to the compiler (`selected_ex
 the selected experts' weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
-matrix products of one row (every linear layer at batch 1) are generated as reductions over the
+matrix products of up to eight rows (every linear layer up to batch 8) are generated as reductions over the
 weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). `SlotPool.decode` stays the
 reference; tests compare the two.
 
@@ -277,8 +277,10 @@ def _cache_tensors(pool: SlotPool):
 
 @torch.no_grad()
 def static_greedy(static: StaticDecode, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
-    """Greedy continuations through the fixed-shape step: each prompt prefilled whole into its own
-    row, then `new_tokens - 1` steps of `static.decode` (the first token comes from the prefill).
+    """Greedy continuations through the fixed-shape step: the prompts prefilled whole, as many at
+    once as the pool has prefill rows (as the serving engine prefills requests that arrive together),
+    each joining the decode batch in order, then `new_tokens - 1` steps of `static.decode` (the first
+    token comes from the prefill).
 
     Args:
         static: a StaticDecode whose pool is empty and has a slot for every prompt, and room for
@@ -292,12 +294,17 @@ def static_greedy(static: StaticDecode, prompts: list[list[int]], new_tokens: in
     if pool.n or len(prompts) > pool.slots or max(map(len, prompts)) + new_tokens > pool.max_len + 1:
         raise ValueError("the pool must be empty and hold every prompt and its new tokens")
     first = []
-    for ids in prompts:
+    group = Prefill(pool).rows
+    for start in range(0, len(prompts), group):
         prefill = Prefill(pool)
-        row = prefill.add(ids)
-        logits = prefill.step(len(ids))[row]  # (1, V)
-        pool.add(len(ids), src=row)
-        first.append(logits.argmax(-1))
+        batch = prompts[start : start + group]
+        rows = [prefill.add(ids) for ids in batch]
+        logits: dict[int, torch.Tensor] = {}
+        while len(logits) < len(rows):  # one step unless the prompts' lengths differ
+            logits.update(prefill.step(sum(map(len, batch))))
+        for ids, row in zip(batch, rows):
+            pool.add(len(ids), src=row)
+            first.append(logits[row].argmax(-1))
     tokens = [torch.cat(first)]  # each (n,)
     for _ in range(new_tokens - 1):
         tokens.append(static.decode(tokens[-1]).argmax(-1))
