@@ -111,7 +111,8 @@ def decode_step(quick: bool) -> str:
         steps, compile_s = {}, {}
         with torch.no_grad():
             for few in (FEW_ROWS, 0):
-                steps[few] = StaticDecode(SlotPool(model, batch, max_len=32 + new), few_rows=few)
+                pool = SlotPool(model, batch, max_len=32 + new, prefill_rows=batch)  # as `minimoe bench`
+                steps[few] = StaticDecode(pool, few_rows=few)
                 compile_s[few] = steps[few].warm_up()
             tokens = {few: static_greedy(s, prompts, new) for few, s in steps.items()}
             rates = {few: [] for few in steps}
