@@ -769,6 +769,7 @@ def test_compiled_cpu_step_generates_its_few_row_products():
     `few_rows=0` it stays a BLAS call. Compiled plainly, then with the decomposition, then plainly again
     in one process: AOTAutograd's cache does not key decompositions, so neither may serve the other."""
     import functools
+    import re
 
     from torch._inductor.utils import run_and_get_code
     from torch.nn import functional as F
@@ -789,7 +790,13 @@ def test_compiled_cpu_step_generates_its_few_row_products():
             fn = torch.compile(linear, backend=backend, dynamic=False)
             y, code = run_and_get_code(fn, x[:rows], w)
             torch.testing.assert_close(y, F.linear(x[:rows], w), rtol=1e-5, atol=1e-5)
-            blas.append("aoti_torch_cpu_mm_out" in "\n".join(code))
+            code = "\n".join(code)
+            blas.append("aoti_torch_cpu_mm_out" in code)
+            if few_rows:
+                # one generated loop over the weight's rows with an accumulator per input row (a
+                # (N, M, K) product-and-sum instead vectorises over the M rows: one accumulator, slow)
+                assert len(set(re.findall(r"void\s+(cpp_fused\w+)\(", code))) == 1
+                assert set(re.findall(r"\btmp_acc(\d+)\b", code)) == {str(m) for m in range(rows)}
         assert blas == [True, False, True]
     torch._dynamo.reset()
 
