@@ -330,6 +330,31 @@ def test_prefill_pads_past_the_last_position_and_a_prompt_joins_midway(attn_type
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_prefill_of_a_newcomer_beside_a_prompt_midway_keeps_the_mask(attn_type):
+    """A step whose rows all start at position 0 attends causally without a mask; a newcomer in the
+    first row beside a prompt midway in the second does not: the step keeps its mask, and every
+    prompt's logits equal the uncached forward."""
+    from minimoe.infer.slots import Prefill, SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=2, max_len=32, prefill_rows=2)
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 12, 6))
+    pre = Prefill(pool)
+    ra, rb = pre.add(a), pre.add(b)
+    first = pre.step(8)  # T = 4: a done, b at 4 of 12
+    assert set(first) == {ra}
+    pre.release(ra)
+    rc = pre.add(c)  # a's row
+    assert rc < rb  # the newcomer (position 0) comes first in the step
+    out = {}
+    while len(out) < 2:
+        out.update(pre.step(12))
+    for ids, got in ((a, first[ra]), (b, out[rb]), (c, out[rc])):
+        torch.testing.assert_close(got[0], model(torch.tensor([ids])).logits[0, -1])
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
     """Pooled verify steps (two tokens per row, rows committing one or two of them) and the pooled MTP
     draft against the uncached main forward and the uncached MTP module over each whole sequence."""

@@ -72,7 +72,7 @@ class _Step:
     pos: torch.Tensor  # (n, T) positions of the new entries
     cos: torch.Tensor  # (n, T, d/2) RoPE at those positions
     sin: torch.Tensor
-    mask: torch.Tensor  # (n, 1, T, S): query t of row i sees positions <= lengths[i] + t
+    mask: torch.Tensor | None  # (n, 1, T, S): query t of row i sees positions <= lengths[i] + t; None: causal
     rows: torch.Tensor  # (n, 1) row indices
     S: int  # positions attended: the longest row's length + T
     gather: bool = False  # rows are not [0, n)
@@ -118,13 +118,16 @@ def _step_at(
     pos = torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
     pos = pos.clamp(max=last)
     S = min(max(lengths) + T, last + 1)
-    mask = torch.arange(S, device=device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
+    # every row from position 0 (a prompt's first chunk): the mask is the causal one, which attention
+    # takes without a mask (flash attention then skips the blocks above the diagonal)
+    causal = not any(lengths) and T <= limit
+    mask = None if causal else (torch.arange(S, device=device)[None, None, :] <= pos[:, :, None])[:, None]
     index = torch.arange(len(lengths), device=device) if rows is None else torch.tensor(rows, device=device)
     return _Step(
         pos=pos,
         cos=model.rope_cos[pos],  # (n, T, d/2)
         sin=model.rope_sin[pos],
-        mask=mask[:, None],  # (n, 1, T, S) as padding_causal_mask gives it
+        mask=mask,  # (n, 1, T, S) as padding_causal_mask gives it, or None
         rows=index[:, None],  # (n, 1)
         S=S,
         gather=rows is not None and list(rows) != list(range(len(rows))),
