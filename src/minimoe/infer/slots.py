@@ -118,8 +118,8 @@ def _step_at(
     pos = torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
     pos = pos.clamp(max=last)
     S = min(max(lengths) + T, last + 1)
-    # every row from position 0 (a prompt's first chunk): the mask is the causal one, which attention
-    # takes without a mask (flash attention then skips the blocks above the diagonal)
+    # every row from position 0 (a prompt's first chunk): the mask is the causal one, and attention
+    # without a mask takes SDPA's causal path (1.015-1.05x a prefill's speed on the CPU, BENCHMARKS.md)
     causal = not any(lengths) and T <= limit
     mask = None if causal else (torch.arange(S, device=device)[None, None, :] <= pos[:, :, None])[:, None]
     index = torch.arange(len(lengths), device=device) if rows is None else torch.tensor(rows, device=device)
@@ -164,6 +164,10 @@ class SlotPool:
     @property
     def slots(self) -> int:
         return self.cache.layers[0].a.shape[0]
+
+    @property
+    def prefill_rows(self) -> int:
+        return self.scratch.layers[0].a.shape[0]
 
     @property
     def n(self) -> int:
@@ -310,7 +314,7 @@ class Prefill:
 
     def __init__(self, pool: SlotPool) -> None:
         self.pool = pool
-        self.rows = pool.scratch.layers[0].a.shape[0]
+        self.rows = pool.prefill_rows
         self.ids: dict[int, list[int]] = {}  # row -> its prompt
         self.done: dict[int, int] = {}  # row -> tokens already fed
         self._last_hidden: dict[int, torch.Tensor] = {}  # finished row -> (D,) at its last prompt token

@@ -13,9 +13,9 @@ rows on the CPU, inside one custom operator opaque to the compiler (`selected_ex
 the selected experts' weights and return (rows x top-k, D) whatever the routing. On a CUDA device each graph is also
 captured as a CUDA graph (inductor's cudagraph trees: one launch replays every kernel of the step),
 with the cache tensors marked as static addresses, which the step writes in place. On the CPU the
-matrix products of up to eight rows (every linear layer up to batch 8) are generated as reductions over the
-weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). `SlotPool.decode` stays the
-reference; tests compare the two.
+matrix products of up to eight rows (every linear layer up to batch 8) are generated as reductions
+over the weight's rows instead of BLAS calls (minimoe.infer.inductor_cpu). `SlotPool.decode` stays
+the reference; tests compare the two.
 
 Shape suffixes: T tokens (rows), D hidden, E experts, I expert intermediate.
 """
@@ -294,7 +294,7 @@ def static_greedy(static: StaticDecode, prompts: list[list[int]], new_tokens: in
     if pool.n or len(prompts) > pool.slots or max(map(len, prompts)) + new_tokens > pool.max_len + 1:
         raise ValueError("the pool must be empty and hold every prompt and its new tokens")
     first = []
-    group = Prefill(pool).rows
+    group = pool.prefill_rows
     for start in range(0, len(prompts), group):
         prefill = Prefill(pool)
         batch = prompts[start : start + group]
