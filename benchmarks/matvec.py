@@ -1,6 +1,6 @@
 """Matrix products of one and a few rows on the CPU: the BLAS call (what `F.linear` makes eagerly and what
 inductor calls in a compiled graph) against the product-and-sum that the compiled decode step generates
-instead (`minimoe.infer.static.few_row_mm`), then the compiled decode step with and without it.
+instead (`minimoe.infer.inductor_cpu.few_row_mm`), then the compiled decode step with and without it.
 
     python benchmarks/matvec.py            # both tables, Markdown on stdout
     python benchmarks/matvec.py --quick    # fewer shapes and rounds

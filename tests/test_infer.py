@@ -786,6 +786,40 @@ def test_few_row_products_equal_the_matmul(dtype):
     assert few_row_mm(a, w.t()) is NotImplemented
     assert _few_row_addmm(bias, a, w.t()) is NotImplemented
     assert few_row_mm(a[:1], w.t().contiguous()) is NotImplemented
+    assert few_row_mm(a[:0], w.t()) is NotImplemented  # no rows: nothing to stack
+
+
+def test_compiled_few_row_products_with_a_bias_no_rows_or_dynamic_rows():
+    """Through `cpu_inductor`: a bf16 linear layer with a bias (the addmm decomposition) gives what eager
+    gives; a product of no rows compiles; and a row count marked dynamic is left to the BLAS (a reduction
+    per row would pin it), so one graph serves 3 and 6 rows."""
+    import functools
+
+    from torch.nn import functional as F
+
+    from minimoe.infer.inductor_cpu import cpu_inductor
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(40, 24, generator=g), torch.randn(40, generator=g), torch.randn(6, 24, generator=g)
+
+    def linear(x, w, b):
+        return F.linear(x, w, b)
+
+    backend = functools.partial(cpu_inductor, few_rows=8)
+    torch._dynamo.reset()
+    wb, bb, xb = w.bfloat16(), b.bfloat16(), x.bfloat16()
+    got = torch.compile(linear, backend=backend, dynamic=False)(xb[:3], wb, bb)
+    torch.testing.assert_close(got.float(), F.linear(xb[:3], wb, bb).float(), rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+    got = torch.compile(linear, backend=backend, dynamic=False)(x[:0], w, b)
+    assert got.shape == (0, 40)
+    torch._dynamo.reset()
+    fn = torch.compile(linear, backend=backend)
+    for rows in (3, 6):
+        xr = x[:rows].clone()
+        torch._dynamo.mark_dynamic(xr, 0)
+        torch.testing.assert_close(fn(xr, w, b), F.linear(xr, w, b), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_compiled_cpu_step_generates_its_few_row_products():

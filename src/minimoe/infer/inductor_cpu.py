@@ -27,9 +27,12 @@ FEW_ROWS = 8
 
 
 def _few(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
-    """Whether a (M, K) @ b (K, N) is at most `rows` rows on the CPU times the transpose of a weight
-    whose rows are contiguous (the product `F.linear` makes), which the reduction reads row by row."""
-    return a.device.type == "cpu" and a.dtype.is_floating_point and a.shape[0] <= rows and b.stride(0) == 1
+    """Whether a (M, K) @ b (K, N) is one to `rows` rows on the CPU times the transpose of a weight whose
+    rows are contiguous (the product `F.linear` makes), which the reduction reads row by row. M must be
+    a number fixed by the graph: a reduction per row would pin a dynamic row count to one value."""
+    m = a.shape[0]
+    fixed = isinstance(m, int) and 0 < m <= rows
+    return fixed and a.device.type == "cpu" and a.dtype.is_floating_point and b.stride(0) == 1
 
 
 def few_row_mm(
