@@ -17,7 +17,9 @@ def si(n: float) -> str:
 
 
 def run_summary(cfg, data, device, world_size: int = 1) -> str:
-    """One line that says what a run is: parameters, data, device, threads, dtype and budget.
+    """One line that says what a run is: parameters, data, device, threads (on the CPU with OpenMP's wait
+    policy, which the CLI picks from the other processes' load at start and which moves tokens/s by a
+    quarter), dtype and budget.
 
     Args:
         cfg: the RunConfig; data: its PreparedData; device: the torch device; world_size: processes.
@@ -36,10 +38,13 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     data_part = ""
     if data is not None:
         data_part = f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
+    threads = f"{torch.get_num_threads()} threads"
+    if device.type == "cpu":
+        threads += f" (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
     return (
         f"train: {si(rep.total + rep.mtp_total)} parameters{mtp}, {si(rep.activated)} activated per token; "
         f"{data_part}"
-        f"{device.type}{world}, {torch.get_num_threads()} threads, {tc.precision}; "
+        f"{device.type}{world}, {threads}, {tc.precision}; "
         f"{si(tc.batch_size * tc.seq_len * tc.grad_accum)} tokens/step; budget {budget}"
     )
 
