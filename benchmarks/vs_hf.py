@@ -73,6 +73,24 @@ def table(cmd: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def _compute_settings(st: dict) -> str:
+    """The sentence on the training and prefill rows' settings (each side's own, by a prefill probe, since
+    2026-12-05; before, the decode probe's, so the rows compared only where the thread counts agreed)."""
+    key = " training and prefill"
+    if "minimoe" + key in st:
+        m, h = st["minimoe" + key], st["hf" + key]
+        return (
+            f" Training and prefill at the settings each side's prefill probe chose: minimoe {m['omp_wait_policy']}, "
+            f"{m['threads']} thread(s); transformers {h['omp_wait_policy']}, {h['threads']} thread(s)."
+        )
+    if st["minimoe"]["threads"] != st["hf"]["threads"]:
+        return (
+            f" Training and prefill ran minimoe on {st['minimoe']['threads']} thread(s) and transformers on "
+            f"{st['hf']['threads']}: those rows are not a comparison."
+        )
+    return ""
+
+
 def fair_table(cmd: str, r: dict) -> str:
     """One `minimoe bench --fair --compiled-decode --json` result: both decode paths of minimoe against
     transformers' own decode, the settings each side was measured at, and the batch-1 ceiling."""
@@ -90,13 +108,7 @@ def fair_table(cmd: str, r: dict) -> str:
         f"thread(s){compiled}; transformers {st['hf']['omp_wait_policy']}, {st['hf']['threads']} thread(s). "
         "The ceiling's bandwidth is read with every core. "
         f"transformers alone (its own process, batch 1, prompt 32): {r['hf_alone_decode_b1_tok_s']:,.0f} "
-        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}."
-        + (
-            f" Training and prefill ran minimoe on {st['minimoe']['threads']} thread(s) and transformers on "
-            f"{st['hf']['threads']}: those rows are not a comparison."
-            if st["minimoe"]["threads"] != st["hf"]["threads"]
-            else ""
-        ),
+        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}." + _compute_settings(st),
         "",
         "| measurement | minimoe tok/s | minimoe / HF | compiled decode tok/s | compiled / HF | compile s | HF tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|",

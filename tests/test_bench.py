@@ -241,25 +241,37 @@ def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, ca
     assert r["matvec_bandwidth_gib_s"] == 1e6  # the best bandwidth of the run: its workers' here
 
 
-def test_fair_compiled_decode_has_a_setting_and_processes_of_its_own(monkeypatch):
-    """With --compiled-decode the compiled step is probed for a setting of its own and measured in
-    processes of its own, at that setting; the plain suite runs without it, and the compiled numbers
-    join minimoe's, their ratios taken against transformers' plain decode."""
+def test_fair_settings_of_their_own_for_decoding_training_and_the_compiled_step(monkeypatch):
+    """Each side's decode measurements run at the setting its batch-1 decode probe picks, its training and
+    prefill at the one its prefill probe picks (in processes of their own where the two differ, one
+    process where they agree), and with --compiled-decode the compiled step at a setting of its own, in
+    processes of its own; the numbers join their side's, the compiled ratios taken against
+    transformers' plain decode."""
     import minimoe.bench.fair as fair
 
     calls = []
 
     def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
         task, side, compiled = args[0], args[1], "--compiled-decode" in args
-        calls.append((task, side, compiled, policy, threads))
+        groups = args[args.index("--groups") + 1] if "--groups" in args else None
+        calls.append((task, side, compiled, groups, policy, threads))
         if task == "bandwidth":
             return {"bandwidth_gib_s": 7.0 + len(calls)}
-        if task == "probe":  # the compiled step is fastest on 2 spinning threads, the rest on 1 sleeping
-            best = (policy, threads) == (("ACTIVE", 2) if compiled else ("PASSIVE", 1))
-            return {"decode_b1_tok_s": 10.0 if best else 5.0}
-        if compiled:
-            return {"decode_b1_compiled_tok_s": 30.0 * threads, "decode_b1_compile_s": 4.0}
-        return {"decode_b1_tok_s": 12.0 if side == "minimoe" else 6.0}
+        if task == "probe":  # decoding is fastest on 1 sleeping thread; prefill and the compiled step on 2
+            decode_best = (policy, threads) == (("ACTIVE", 2) if compiled else ("PASSIVE", 1))
+            prefill_best = (policy, threads) == (("PASSIVE", 1) if side == "hf" else ("ACTIVE", 2))
+            return {
+                "decode_b1_tok_s": 10.0 if decode_best else 5.0,
+                "prefill_tok_s": 9.0 if prefill_best else 3.0,
+            }
+        out = {}
+        if "compiled" in groups:
+            out.update({"decode_b1_compiled_tok_s": 30.0 * threads, "decode_b1_compile_s": 4.0})
+        if "decode" in groups:
+            out["decode_b1_tok_s"] = 12.0 if side == "minimoe" else 6.0
+        if "compute" in groups:
+            out["train_tok_s"] = 20.0 * threads
+        return out
 
     class Done:
         returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 6.0}), ""
@@ -268,31 +280,46 @@ def test_fair_compiled_decode_has_a_setting_and_processes_of_its_own(monkeypatch
     monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
     r = fair.fair_compare(["--config", "c.yaml", "--compiled-decode"], rounds=2,
                           settings=[("PASSIVE", 1), ("ACTIVE", 2)])  # fmt: skip
-    assert r["settings"]["minimoe"] == {"omp_wait_policy": "PASSIVE", "threads": 1}
+    assert r["settings"]["minimoe"] == r["settings"]["hf"] == {"omp_wait_policy": "PASSIVE", "threads": 1}
+    assert r["settings"]["minimoe" + fair.COMPUTE] == {"omp_wait_policy": "ACTIVE", "threads": 2}
+    assert r["settings"]["hf" + fair.COMPUTE] == {"omp_wait_policy": "PASSIVE", "threads": 1}
     assert r["settings"][fair.COMPILED] == {"omp_wait_policy": "ACTIVE", "threads": 2}
-    suites = [c for c in calls if c[0] == "suite"]
-    assert suites.count(("suite", "minimoe", True, "ACTIVE", 2)) == 2
-    assert suites.count(("suite", "minimoe", False, "PASSIVE", 1)) == 2
+    suites = [c[1:] for c in calls if c[0] == "suite"]
+    assert suites.count(("minimoe", False, "decode", "PASSIVE", 1)) == 2
+    assert suites.count(("minimoe", False, "compute", "ACTIVE", 2)) == 2
+    assert suites.count(("minimoe", True, "compiled", "ACTIVE", 2)) == 2
+    assert suites.count(("hf", False, "compute,decode", "PASSIVE", 1)) == 2  # one setting: one process
+    assert len(suites) == 8
     assert not any(c[1] == "hf" and c[2] for c in calls)  # transformers has no compiled step here
+    assert r["train_tok_s"] == 40.0 and r["hf_train_tok_s"] == 20.0 and r["train_ratio"] == 2.0
     assert r["decode_b1_compiled_tok_s"] == 60.0 and r["decode_b1_compiled_ratio"] == 10.0
     assert r["decode_b1_ratio"] == 2.0
+    assert r["probes"]["minimoe" + fair.COMPUTE] == {"PASSIVE/1": 3.0, "ACTIVE/2": 9.0}
     # the memory's bandwidth at every core, spinning, before the probes and after the measurements
     bandwidth = [c for c in calls if c[0] == "bandwidth"]
-    assert [c[3:] for c in bandwidth] == [("ACTIVE", 2)] * 2
+    assert [c[4:] for c in bandwidth] == [("ACTIVE", 2)] * 2
     assert calls[0][0] == calls[-1][0] == "bandwidth" and r["bandwidth_gib_s"] == [8.0, 7.0 + len(calls)]
 
 
-def test_only_compiled_measures_the_compiled_decode_alone():
-    """The compiled processes of --fair (`only_compiled`) time the compiled decode and nothing else."""
-    from minimoe.bench.measure import BenchSettings, MinimoeSubject, run_bench
+def test_bench_groups_measure_their_own_rows():
+    """`BenchSettings.groups` (each group of --fair runs in processes of its own): "compute" times training
+    and prefill, "decode" the plain decode, "compiled" the compiled decode, and nothing else each;
+    `measurements` names what `run_bench` yields."""
+    from minimoe.bench.measure import BenchSettings, MinimoeSubject, measurements, run_bench
 
     rc = build_run_config(None, str(REFERENCE), SMALLER)
     torch.manual_seed(0)
     subject = MinimoeSubject(Transformer(rc.model), rc, torch.device("cpu"))
-    settings = BenchSettings(repeats=1, new_tokens=4, prefill_shape=(1, 16), decode_shapes={"decode_b1": (1, 8)},
-                             compiled_decode=True, compile_backend="eager", only_compiled=True)  # fmt: skip
-    names = [name for name, _ in run_bench([subject], rc, torch.device("cpu"), settings)]
-    assert names == ["decode_b1_compiled"]
+    for groups, want in (
+        (("compiled",), ["decode_b1_compiled"]),
+        (("compute",), ["train", "prefill"]),
+        (("decode",), ["decode_b1"]),
+        (("compute", "decode", "compiled"), ["train", "prefill", "decode_b1", "decode_b1_compiled"]),
+    ):
+        settings = BenchSettings(repeats=1, new_tokens=4, prefill_shape=(1, 16), decode_shapes={"decode_b1": (1, 8)},
+                                 compiled_decode=True, compile_backend="eager", groups=groups)  # fmt: skip
+        names = [name for name, _ in run_bench([subject], rc, torch.device("cpu"), settings)]
+        assert names == want == measurements(settings), groups
 
 
 @pytest.mark.slow

@@ -5,12 +5,15 @@ The in-process comparison runs transformers under whatever OpenMP settings minim
 transformers' many small multi-threaded kernels). The wait policy is read once, when the OpenMP
 runtime starts, so a fair comparison needs processes:
 
-1. choose: for each side, a short decode probe (batch 1, prompt 32) runs in a fresh process under
-   every setting (OMP_WAIT_POLICY PASSIVE / ACTIVE / unset x 1 thread / every core); the fastest is kept.
-   With --compiled-decode, minimoe's compiled step is probed the same way for a setting of its own;
-2. measure: each side runs the whole suite in its own process at its setting (the compiled decode in
-   processes of its own, at its setting); the sides take turns `rounds` times (process after process)
-   and the median of each measurement is kept;
+1. choose: for each side, a short probe runs in a fresh process under every setting (OMP_WAIT_POLICY
+   PASSIVE / ACTIVE / unset x 1 thread / every core): a decode (batch 1, prompt 32) and a prefill. The
+   fastest decode sets the decode measurements' setting, the fastest prefill the setting of training and
+   prefill (matrix products that want every core where a small decode step may not). With
+   --compiled-decode, minimoe's compiled step is probed the same way for a setting of its own;
+2. measure: each side runs the suite in its own process at its settings (training and prefill in a
+   process of their own where their setting is not the decode's; the compiled decode in processes of its
+   own); the sides take turns `rounds` times (process after process) and the median of each measurement
+   is kept;
 3. check: transformers alone, in a process that imports only torch and transformers, loads the same
    weights (saved by the HF side) and times `generate` at batch 1, prompt 32 at the HF side's
    setting; its tokens/s should be close to the HF side's decode_b1 (`hf_alone_ratio` near 1).
@@ -32,6 +35,9 @@ import tempfile
 POLICIES = ("PASSIVE", "ACTIVE", "unset")  # unset: the OpenMP runtime's default (libgomp: spin, then sleep)
 SIDES = ("minimoe", "hf")
 COMPILED = "minimoe compiled"  # the settings and probes of minimoe's compiled decode step (--compiled-decode)
+COMPUTE = (
+    " training and prefill"  # "minimoe training and prefill": a side's setting for those (prefill probe)
+)
 
 # transformers alone: nothing of minimoe is imported, only the saved HF model is loaded
 HF_ALONE = """
@@ -93,11 +99,22 @@ def choose_setting(
 ) -> tuple[tuple[str, int], dict]:
     """The fastest setting for one side's probe (`python -m MODULE probe SIDE BASE`, its answer's `key`:
     by default the batch-1 decode probe); (setting, {"POLICY/threads": tok/s})."""
-    probes = {}
-    for policy, threads in settings:
-        answer = run_worker(["probe", side, *base], policy, threads, module=module)
-        probes[f"{policy}/{threads}"] = answer[key]
-    best = max(settings, key=lambda s: probes[f"{s[0]}/{s[1]}"])
+    return fastest(probe_settings(side, base, settings, module), key)
+
+
+def probe_settings(
+    side: str, base: list[str], settings: list[tuple[str, int]], module: str = "minimoe.bench.fair"
+) -> dict[tuple[str, int], dict]:
+    """One side's probe (`python -m MODULE probe SIDE BASE`) in a fresh process under every setting:
+    {setting: its answer}."""
+    return {(policy, threads): run_worker(["probe", side, *base], policy, threads, module=module)
+            for policy, threads in settings}  # fmt: skip
+
+
+def fastest(answers: dict[tuple[str, int], dict], key: str) -> tuple[tuple[str, int], dict]:
+    """The setting whose probe answered the most `key` tokens/s; (setting, {"POLICY/threads": tok/s})."""
+    probes = {f"{policy}/{threads}": answer[key] for (policy, threads), answer in answers.items()}
+    best = max(answers, key=lambda s: probes[f"{s[0]}/{s[1]}"])
     return best, probes
 
 
@@ -116,13 +133,7 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
     """
     settings = settings or settings_to_try()
     result: dict = {"settings": {}, "probes": {}}
-    # minimoe's compiled step is a mode of its own: its setting comes from a probe of its own, and it is
-    # measured in processes of its own (the eager decode's best setting is one thread, the compiled
-    # step's can be every core)
     plain = [a for a in base if a != "--compiled-decode"]
-    suites = {side: (side, plain) for side in SIDES}
-    if plain != base:
-        suites[COMPILED] = ("minimoe", [*plain, "--compiled-decode"])
 
     def bandwidth() -> float:
         """The memory's read rate, in a process at every core, spinning (not in this one: see
@@ -130,22 +141,45 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         cores = max(threads for _, threads in settings)
         return run_worker(["bandwidth", "minimoe", *plain], "ACTIVE", cores)["bandwidth_gib_s"]
 
-    result["bandwidth_gib_s"] = [bandwidth()]
-    for name, (side, args) in suites.items():
-        best, probes = choose_setting(side, args, settings)
+    def choose(name: str, answers: dict, key: str) -> tuple[str, int]:
+        best, result["probes"][name] = fastest(answers, key)
         result["settings"][name] = {"omp_wait_policy": best[0], "threads": best[1]}
-        result["probes"][name] = probes
+        return best
+
+    result["bandwidth_gib_s"] = [bandwidth()]
+    # suite name -> (side, worker arguments, measurement groups `run_bench` runs): each in processes of its own
+    suites: dict[str, tuple[str, list[str], str]] = {}
+    for side in SIDES:
+        answers = probe_settings(side, plain, settings)
+        decode, compute = (
+            choose(side, answers, "decode_b1_tok_s"),
+            choose(side + COMPUTE, answers, "prefill_tok_s"),
+        )
+        if decode == compute:
+            suites[side] = (side, plain, "compute,decode")
+        else:
+            suites[side], suites[side + COMPUTE] = (side, plain, "decode"), (side, plain, "compute")
+    if plain != base:
+        # minimoe's compiled step is a mode of its own: its setting comes from a probe of its own, and
+        # it is measured in processes of its own (the eager decode's best setting is one thread, the
+        # compiled step's can be every core)
+        compiled = [*plain, "--compiled-decode"]
+        choose(COMPILED, probe_settings("minimoe", compiled, settings), "decode_b1_tok_s")
+        suites[COMPILED] = ("minimoe", compiled, "compiled")
+    setting_of = {
+        name: result["settings"][name if name in result["settings"] else name + COMPUTE] for name in suites
+    }
     runs: dict[str, list[dict]] = {name: [] for name in suites}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for name, (side, args) in suites.items():
-                s = result["settings"][name]
-                extra = ["--save", tmp] if side == "hf" and r == 0 else []
-                runs[name].append(
-                    run_worker(["suite", side, *args, *extra], s["omp_wait_policy"], s["threads"])
-                )
-        for plain_run, compiled_run in zip(runs["minimoe"], runs.pop(COMPILED, [])):
-            plain_run.update(compiled_run)
+            for name, (side, args, groups) in suites.items():
+                s = setting_of[name]
+                extra = ["--save", tmp] if name == "hf" and r == 0 else []
+                argv = ["suite", side, *args, "--groups", groups, *extra]
+                runs[name].append(run_worker(argv, s["omp_wait_policy"], s["threads"]))
+        for name in [n for n in suites if n not in SIDES]:  # join each side's other processes to its own
+            for own, other in zip(runs[suites[name][0]], runs.pop(name)):
+                own.update(other)
         result["bandwidth_gib_s"].append(bandwidth())
         s = result["settings"]["hf"]
         new = "32" if "--quick" in base else "64"
@@ -185,6 +219,9 @@ def _worker(argv: list[str]) -> dict:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--save", help="(hf side) save the transformers model here for the alone check")
     p.add_argument("--compiled-decode", action="store_true", help="(minimoe side) also the compiled decode")
+    p.add_argument(
+        "--groups", default="compute,decode,compiled", help="(suite) the measurement groups to run"
+    )
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_intermixed_args(argv)  # overrides come after the options
 
@@ -218,18 +255,24 @@ def _worker(argv: list[str]) -> dict:
         settings.decode_shapes = {"decode_b1": M.DECODE_SHAPES["decode_b1"]}
         prompts = torch.randint(0, rc.model.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
         mem = {subject.name: M.PeakMemory(device)}
+        out = {}
         if settings.compiled_decode:  # the compiled step's probe (compiled before it is timed)
             subject.decode_compiled(prompts, settings.new_tokens)
             fn = {subject.name: lambda: subject.decode_compiled(prompts, settings.new_tokens)}
         else:
             fn = {subject.name: lambda: subject.decode(prompts, settings.new_tokens)}
-        rate = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
+            # and a prefill, the probe of the training and prefill measurements' setting (quick's shape)
+            b, p = M.BenchSettings.quick().prefill_shape
+            x = torch.randint(0, rc.model.vocab_size, (b, p), generator=torch.Generator().manual_seed(1))
+            prefill = {subject.name: lambda: subject.prefill(x)}
+            out["prefill_tok_s"] = M._median_rates(prefill, settings.repeats, device, mem)[subject.name]
+        out["decode_b1_tok_s"] = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
         # what the process really ran under, so a caller can check the setting took effect
-        return {"decode_b1_tok_s": rate, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        return {**out, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                 "threads": torch.get_num_threads()}  # fmt: skip
-    out: dict = {}
+    out = {}
     prefix = "" if args.side == "minimoe" else "hf_"
-    settings.only_compiled = settings.compiled_decode  # the plain measurements run in a process of their own
+    settings.groups = tuple(args.groups.split(","))
     for _, values in M.run_bench([subject], rc, device, settings):
         out.update({k[len(prefix) :]: v for k, v in values.items()})
     return out

@@ -70,7 +70,9 @@ class BenchSettings:
     # shape, as `<shape>_compiled`; its ratio is taken against the other side's plain decode
     compiled_decode: bool = False
     compile_backend: str = "inductor"  # "eager" only traces (tests)
-    only_compiled: bool = False  # with compiled_decode: that alone (the fair bench's compiled processes)
+    # the measurements to run (the fair bench runs each group at a setting of its own): "compute" training
+    # and prefill, "decode" the plain decode, "compiled" the compiled decode (with compiled_decode)
+    groups: tuple[str, ...] = ("compute", "decode", "compiled")
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -356,8 +358,12 @@ def _median_rates(
 
 
 def measurements(settings: BenchSettings) -> list[str]:
-    compiled = [f"{k}_compiled" for k in settings.decode_shapes] if settings.compiled_decode else []
-    return ["train", "prefill", *settings.decode_shapes, *compiled]
+    """The measurements `run_bench` makes with these settings, in its order (the groups interleave)."""
+    out = ["train", "prefill"] if "compute" in settings.groups else []
+    for key in settings.decode_shapes:
+        out += [key] if "decode" in settings.groups else []
+        out += [f"{key}_compiled"] if settings.compiled_decode and "compiled" in settings.groups else []
+    return out
 
 
 def baseline_key(key: str) -> str:
@@ -402,21 +408,21 @@ def run_bench(
             out[f"{prefix(s)}peak_mem_{key}_mib"] = mem[s.name].mib
         return key, out
 
-    plain = not (settings.compiled_decode and settings.only_compiled)
+    groups = settings.groups
     seq = torch.randint(0, V, (tc.batch_size, tc.seq_len + 1), generator=gen).to(device)
     x, y = seq[:, :-1], seq[:, 1:]
-    if plain:
+    if "compute" in groups:
         yield measure("train", lambda s: lambda: s.train_step(x, y))
     b, p = settings.prefill_shape
     pre = torch.randint(0, V, (b, min(p, max_len)), generator=gen).to(device)
-    if plain:
+    if "compute" in groups:
         yield measure("prefill", lambda s: lambda: s.prefill(pre))
     for key, (b, p) in settings.decode_shapes.items():
         p = min(p, max_len - settings.new_tokens)
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
-        if plain:
+        if "decode" in groups:
             yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
-        if settings.compiled_decode:
+        if settings.compiled_decode and "compiled" in groups:
             ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
             name, out = measure(
                 f"{key}_compiled",

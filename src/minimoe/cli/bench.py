@@ -70,7 +70,7 @@ def run_fair(args) -> int:
     import torch
 
     from minimoe.bench import measure as M
-    from minimoe.bench.fair import fair_compare
+    from minimoe.bench.fair import COMPUTE, SIDES, fair_compare
     from minimoe.bench.measure import bench_config
     from minimoe.bench.run import add_decode_ceiling, format_table
 
@@ -107,8 +107,10 @@ def run_fair(args) -> int:
     if not args.no_progress:
         print("minimoe bench --fair: probing each side's settings, then measuring...", file=sys.stderr)
     result.update(fair_compare(base, rounds=args.rounds))
-    result["threads"] = result["settings"]["minimoe"]["threads"]
-    torch.set_num_threads(result["threads"])  # the peaks at minimoe's measured setting (MFU)
+    st = result["settings"]
+    # the matmul peak (MFU) at the larger thread count the two sides trained at
+    result["threads"] = max(st.get(side + COMPUTE, st[side])["threads"] for side in SIDES)
+    torch.set_num_threads(result["threads"])
     result["matmul_peak_gflops"] = M.matmul_peak_gflops(device, torch.float32, _settings(args).peak_size)
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     result["hf_mfu"] = M.mfu(rc, result["hf_train_tok_s"], result["matmul_peak_gflops"])
@@ -116,10 +118,9 @@ def run_fair(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    st = result["settings"]
     print(format_table(result, True))
     print(
-        "\nsettings (chosen by a batch-1 decode probe): "
+        "\nsettings (decoding: chosen by a batch-1 decode probe; training and prefill: by a prefill probe): "
         + ", ".join(
             f"{k} OMP_WAIT_POLICY={v['omp_wait_policy']} threads={v['threads']}" for k, v in st.items()
         )
