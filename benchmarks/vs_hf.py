@@ -74,15 +74,16 @@ def table(cmd: str, r: dict) -> str:
 
 
 def _compute_settings(st: dict) -> str:
-    """The sentence on the training and prefill rows' settings (each side's own, by a prefill probe, since
-    2026-12-05; before, the decode probe's, so the rows compared only where the thread counts agreed)."""
-    key = " training and prefill"
-    if "minimoe" + key in st:
-        m, h = st["minimoe" + key], st["hf" + key]
-        return (
-            f" Training and prefill at the settings each side's prefill probe chose: minimoe {m['omp_wait_policy']}, "
-            f"{m['threads']} thread(s); transformers {h['omp_wait_policy']}, {h['threads']} thread(s)."
+    """The sentence on the other rows' settings: since 2026-12-05 (16:30) each side's batch-8 decode and its
+    training and prefill have settings of their own, by probes of their own; before, every row ran at the
+    batch-1 decode probe's, so training and prefill compared only where the thread counts agreed."""
+    others = {k: v for k, v in st.items() if k.endswith((" batch 8", " training and prefill"))}
+    if others:
+        named = "; ".join(
+            f"{k.replace('hf', 'transformers', 1)} {v['omp_wait_policy']}, {v['threads']} thread(s)"
+            for k, v in others.items()
         )
+        return f" The other rows at the settings their own probes chose: {named}."
     if st["minimoe"]["threads"] != st["hf"]["threads"]:
         return (
             f" Training and prefill ran minimoe on {st['minimoe']['threads']} thread(s) and transformers on "

@@ -242,14 +242,21 @@ def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, ca
 
 
 def test_fair_settings_of_their_own_for_decoding_training_and_the_compiled_step(monkeypatch):
-    """Each side's decode measurements run at the setting its batch-1 decode probe picks, its training and
-    prefill at the one its prefill probe picks (in processes of their own where the two differ, one
-    process where they agree), and with --compiled-decode the compiled step at a setting of its own, in
-    processes of its own; the numbers join their side's, the compiled ratios taken against
-    transformers' plain decode."""
+    """Each side's batch-1 decode rows run at the setting its batch-1 decode probe picks, its batch-8 rows
+    at the batch-8 probe's, its training and prefill at the prefill probe's; the measurements that share a
+    setting run in one process, the others in processes of their own; with --compiled-decode the
+    compiled step has settings and processes of its own. The numbers join their side's, the compiled
+    ratios taken against transformers' plain decode."""
     import minimoe.bench.fair as fair
 
     calls = []
+    # the fastest setting of each probe: decoding one sequence on 1 sleeping thread, the rest on 2
+    # spinning ones, except transformers' prefill (1 thread) and minimoe's eager batch 8 (1 thread)
+    best = {("minimoe", False): {"decode_b1_tok_s": ("PASSIVE", 1), "decode_b8_tok_s": ("PASSIVE", 1),
+                                 "prefill_tok_s": ("ACTIVE", 2)},
+            ("hf", False): {"decode_b1_tok_s": ("PASSIVE", 1), "decode_b8_tok_s": ("ACTIVE", 2),
+                            "prefill_tok_s": ("PASSIVE", 1)},
+            ("minimoe", True): {"decode_b1_tok_s": ("ACTIVE", 2), "decode_b8_tok_s": ("ACTIVE", 2)}}  # fmt: skip
 
     def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
         task, side, compiled = args[0], args[1], "--compiled-decode" in args
@@ -257,18 +264,17 @@ def test_fair_settings_of_their_own_for_decoding_training_and_the_compiled_step(
         calls.append((task, side, compiled, groups, policy, threads))
         if task == "bandwidth":
             return {"bandwidth_gib_s": 7.0 + len(calls)}
-        if task == "probe":  # decoding is fastest on 1 sleeping thread; prefill and the compiled step on 2
-            decode_best = (policy, threads) == (("ACTIVE", 2) if compiled else ("PASSIVE", 1))
-            prefill_best = (policy, threads) == (("PASSIVE", 1) if side == "hf" else ("ACTIVE", 2))
-            return {
-                "decode_b1_tok_s": 10.0 if decode_best else 5.0,
-                "prefill_tok_s": 9.0 if prefill_best else 3.0,
-            }
-        out = {}
+        if task == "probe":
+            return {k: 10.0 if v == (policy, threads) else 5.0 for k, v in best[side, compiled].items()}
+        out, groups = {}, groups.split(",")
         if "compiled" in groups:
             out.update({"decode_b1_compiled_tok_s": 30.0 * threads, "decode_b1_compile_s": 4.0})
+        if "compiled_batched" in groups:
+            out["decode_b8_compiled_tok_s"] = 100.0 * threads
         if "decode" in groups:
             out["decode_b1_tok_s"] = 12.0 if side == "minimoe" else 6.0
+        if "batched" in groups:
+            out["decode_b8_tok_s"] = 40.0 * threads
         if "compute" in groups:
             out["train_tok_s"] = 20.0 * threads
         return out
@@ -280,21 +286,25 @@ def test_fair_settings_of_their_own_for_decoding_training_and_the_compiled_step(
     monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
     r = fair.fair_compare(["--config", "c.yaml", "--compiled-decode"], rounds=2,
                           settings=[("PASSIVE", 1), ("ACTIVE", 2)])  # fmt: skip
-    assert r["settings"]["minimoe"] == r["settings"]["hf"] == {"omp_wait_policy": "PASSIVE", "threads": 1}
-    assert r["settings"]["minimoe" + fair.COMPUTE] == {"omp_wait_policy": "ACTIVE", "threads": 2}
-    assert r["settings"]["hf" + fair.COMPUTE] == {"omp_wait_policy": "PASSIVE", "threads": 1}
-    assert r["settings"][fair.COMPILED] == {"omp_wait_policy": "ACTIVE", "threads": 2}
+    one, two = {"omp_wait_policy": "PASSIVE", "threads": 1}, {"omp_wait_policy": "ACTIVE", "threads": 2}
+    assert r["settings"] == {
+        "minimoe": one, "minimoe" + fair.BATCHED: one, "minimoe" + fair.COMPUTE: two,
+        "hf": one, "hf" + fair.BATCHED: two, "hf" + fair.COMPUTE: one,
+        fair.COMPILED: two, fair.COMPILED + fair.BATCHED: two,
+    }  # fmt: skip
     suites = [c[1:] for c in calls if c[0] == "suite"]
-    assert suites.count(("minimoe", False, "decode", "PASSIVE", 1)) == 2
-    assert suites.count(("minimoe", False, "compute", "ACTIVE", 2)) == 2
-    assert suites.count(("minimoe", True, "compiled", "ACTIVE", 2)) == 2
-    assert suites.count(("hf", False, "compute,decode", "PASSIVE", 1)) == 2  # one setting: one process
-    assert len(suites) == 8
+    assert sorted(set(suites)) == sorted([
+        ("minimoe", False, "decode,batched", "PASSIVE", 1), ("minimoe", False, "compute", "ACTIVE", 2),
+        ("hf", False, "decode,compute", "PASSIVE", 1), ("hf", False, "batched", "ACTIVE", 2),
+        ("minimoe", True, "compiled,compiled_batched", "ACTIVE", 2),
+    ])  # fmt: skip
+    assert len(suites) == 10  # each twice (two rounds)
     assert not any(c[1] == "hf" and c[2] for c in calls)  # transformers has no compiled step here
     assert r["train_tok_s"] == 40.0 and r["hf_train_tok_s"] == 20.0 and r["train_ratio"] == 2.0
+    assert r["decode_b8_tok_s"] == 40.0 and r["hf_decode_b8_tok_s"] == 80.0 and r["decode_b8_ratio"] == 0.5
     assert r["decode_b1_compiled_tok_s"] == 60.0 and r["decode_b1_compiled_ratio"] == 10.0
-    assert r["decode_b1_ratio"] == 2.0
-    assert r["probes"]["minimoe" + fair.COMPUTE] == {"PASSIVE/1": 3.0, "ACTIVE/2": 9.0}
+    assert r["decode_b8_compiled_ratio"] == 2.5 and r["decode_b1_ratio"] == 2.0
+    assert r["probes"]["hf" + fair.BATCHED] == {"PASSIVE/1": 5.0, "ACTIVE/2": 10.0}
     # the memory's bandwidth at every core, spinning, before the probes and after the measurements
     bandwidth = [c for c in calls if c[0] == "bandwidth"]
     assert [c[4:] for c in bandwidth] == [("ACTIVE", 2)] * 2
@@ -302,21 +312,26 @@ def test_fair_settings_of_their_own_for_decoding_training_and_the_compiled_step(
 
 
 def test_bench_groups_measure_their_own_rows():
-    """`BenchSettings.groups` (each group of --fair runs in processes of its own): "compute" times training
-    and prefill, "decode" the plain decode, "compiled" the compiled decode, and nothing else each;
-    `measurements` names what `run_bench` yields."""
+    """`BenchSettings.groups` (--fair runs each group at a setting of its own): "compute" times training and
+    prefill, "decode" / "batched" the plain decode of one sequence / several, "compiled" /
+    "compiled_batched" the compiled decode of one / several, and nothing else each; `measurements` names
+    what `run_bench` yields."""
     from minimoe.bench.measure import BenchSettings, MinimoeSubject, measurements, run_bench
 
     rc = build_run_config(None, str(REFERENCE), SMALLER)
     torch.manual_seed(0)
     subject = MinimoeSubject(Transformer(rc.model), rc, torch.device("cpu"))
+    shapes = {"decode_b1": (1, 8), "decode_b2": (2, 8)}
     for groups, want in (
         (("compiled",), ["decode_b1_compiled"]),
+        (("compiled_batched",), ["decode_b2_compiled"]),
         (("compute",), ["train", "prefill"]),
         (("decode",), ["decode_b1"]),
-        (("compute", "decode", "compiled"), ["train", "prefill", "decode_b1", "decode_b1_compiled"]),
-    ):
-        settings = BenchSettings(repeats=1, new_tokens=4, prefill_shape=(1, 16), decode_shapes={"decode_b1": (1, 8)},
+        (("batched", "compute"), ["train", "prefill", "decode_b2"]),
+        (BenchSettings().groups,
+         ["train", "prefill", "decode_b1", "decode_b1_compiled", "decode_b2", "decode_b2_compiled"]),
+    ):  # fmt: skip
+        settings = BenchSettings(repeats=1, new_tokens=4, prefill_shape=(1, 16), decode_shapes=shapes,
                                  compiled_decode=True, compile_backend="eager", groups=groups)  # fmt: skip
         names = [name for name, _ in run_bench([subject], rc, torch.device("cpu"), settings)]
         assert names == want == measurements(settings), groups

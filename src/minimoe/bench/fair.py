@@ -6,14 +6,14 @@ transformers' many small multi-threaded kernels). The wait policy is read once, 
 runtime starts, so a fair comparison needs processes:
 
 1. choose: for each side, a short probe runs in a fresh process under every setting (OMP_WAIT_POLICY
-   PASSIVE / ACTIVE / unset x 1 thread / every core): a decode (batch 1, prompt 32) and a prefill. The
-   fastest decode sets the decode measurements' setting, the fastest prefill the setting of training and
-   prefill (matrix products that want every core where a small decode step may not). With
-   --compiled-decode, minimoe's compiled step is probed the same way for a setting of its own;
-2. measure: each side runs the suite in its own process at its settings (training and prefill in a
-   process of their own where their setting is not the decode's; the compiled decode in processes of its
-   own); the sides take turns `rounds` times (process after process) and the median of each measurement
-   is kept;
+   PASSIVE / ACTIVE / unset x 1 thread / every core): a decode at batch 1 and at batch 8 (prompt 32)
+   and a prefill. Each picks the setting of its measurements: the batch-1 decode rows, the batch-8
+   ones, training and prefill (a small decode step may want one thread where matrix products want
+   every core). With --compiled-decode, minimoe's compiled step is probed the same way for settings of
+   its own;
+2. measure: each side runs the suite in its own processes at its settings (one process for the
+   measurements that share a setting; the compiled decode in processes of its own); the sides take
+   turns `rounds` times (process after process) and the median of each measurement is kept;
 3. check: transformers alone, in a process that imports only torch and transformers, loads the same
    weights (saved by the HF side) and times `generate` at batch 1, prompt 32 at the HF side's
    setting; its tokens/s should be close to the HF side's decode_b1 (`hf_alone_ratio` near 1).
@@ -35,9 +35,13 @@ import tempfile
 POLICIES = ("PASSIVE", "ACTIVE", "unset")  # unset: the OpenMP runtime's default (libgomp: spin, then sleep)
 SIDES = ("minimoe", "hf")
 COMPILED = "minimoe compiled"  # the settings and probes of minimoe's compiled decode step (--compiled-decode)
-COMPUTE = (
-    " training and prefill"  # "minimoe training and prefill": a side's setting for those (prefill probe)
-)
+# A side's settings: its name alone for the batch-1 decode rows, with a suffix for the others
+BATCHED = " batch 8"  # decode rows of several sequences (a batch-8 decode probe)
+COMPUTE = " training and prefill"  # training and prefill (a prefill probe)
+# measurement group (`BenchSettings.groups`) -> (the probe's answer that picks its setting, the setting's suffix)
+PLAIN_GROUPS = {"decode": ("decode_b1_tok_s", ""), "batched": ("decode_b8_tok_s", BATCHED),
+                "compute": ("prefill_tok_s", COMPUTE)}  # fmt: skip
+COMPILED_GROUPS = {"compiled": ("decode_b1_tok_s", ""), "compiled_batched": ("decode_b8_tok_s", BATCHED)}
 
 # transformers alone: nothing of minimoe is imported, only the saved HF model is loaded
 HF_ALONE = """
@@ -147,36 +151,29 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         return best
 
     result["bandwidth_gib_s"] = [bandwidth()]
-    # suite name -> (side, worker arguments, measurement groups `run_bench` runs): each in processes of its own
-    suites: dict[str, tuple[str, list[str], str]] = {}
-    for side in SIDES:
-        answers = probe_settings(side, plain, settings)
-        decode, compute = (
-            choose(side, answers, "decode_b1_tok_s"),
-            choose(side + COMPUTE, answers, "prefill_tok_s"),
-        )
-        if decode == compute:
-            suites[side] = (side, plain, "compute,decode")
-        else:
-            suites[side], suites[side + COMPUTE] = (side, plain, "decode"), (side, plain, "compute")
+    plans = {side: (side, plain, PLAIN_GROUPS) for side in SIDES}
     if plain != base:
-        # minimoe's compiled step is a mode of its own: its setting comes from a probe of its own, and
-        # it is measured in processes of its own (the eager decode's best setting is one thread, the
-        # compiled step's can be every core)
-        compiled = [*plain, "--compiled-decode"]
-        choose(COMPILED, probe_settings("minimoe", compiled, settings), "decode_b1_tok_s")
-        suites[COMPILED] = ("minimoe", compiled, "compiled")
-    setting_of = {
-        name: result["settings"][name if name in result["settings"] else name + COMPUTE] for name in suites
-    }
+        # minimoe's compiled step is a mode of its own: its settings come from probes of its own (the eager
+        # decode's best setting is one thread, the compiled step's can be every core)
+        plans[COMPILED] = ("minimoe", [*plain, "--compiled-decode"], COMPILED_GROUPS)
+    # suite name -> (side, worker arguments, the measurement groups it runs, their setting): the groups of
+    # one plan that share a setting run in one process, the plan's first under the plan's name
+    suites: dict[str, tuple[str, list[str], str, tuple[str, int]]] = {}
+    for name, (side, args, groups) in plans.items():
+        answers = probe_settings(side, args, settings)
+        by_setting: dict[tuple[str, int], list[str]] = {}
+        for group, (key, suffix) in groups.items():
+            by_setting.setdefault(choose(name + suffix, answers, key), []).append(group)
+        for k, (setting, them) in enumerate(by_setting.items()):
+            suites[name if k == 0 else f"{name} ({'+'.join(them)})"] = (side, args, ",".join(them), setting)
     runs: dict[str, list[dict]] = {name: [] for name in suites}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for name, (side, args, groups) in suites.items():
-                s = setting_of[name]
+            for name, (side, args, groups, (policy, threads)) in suites.items():
                 extra = ["--save", tmp] if name == "hf" and r == 0 else []
-                argv = ["suite", side, *args, "--groups", groups, *extra]
-                runs[name].append(run_worker(argv, s["omp_wait_policy"], s["threads"]))
+                runs[name].append(
+                    run_worker(["suite", side, *args, "--groups", groups, *extra], policy, threads)
+                )
         for name in [n for n in suites if n not in SIDES]:  # join each side's other processes to its own
             for own, other in zip(runs[suites[name][0]], runs.pop(name)):
                 own.update(other)
@@ -220,7 +217,9 @@ def _worker(argv: list[str]) -> dict:
     p.add_argument("--save", help="(hf side) save the transformers model here for the alone check")
     p.add_argument("--compiled-decode", action="store_true", help="(minimoe side) also the compiled decode")
     p.add_argument(
-        "--groups", default="compute,decode,compiled", help="(suite) the measurement groups to run"
+        "--groups",
+        default=",".join([*PLAIN_GROUPS, *COMPILED_GROUPS]),
+        help="(suite) the measurement groups to run",
     )
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_intermixed_args(argv)  # overrides come after the options
@@ -252,21 +251,20 @@ def _worker(argv: list[str]) -> dict:
         settings.repeats = args.repeats
     settings.compiled_decode = args.compiled_decode and args.side == "minimoe"
     if args.task == "probe":
-        settings.decode_shapes = {"decode_b1": M.DECODE_SHAPES["decode_b1"]}
-        prompts = torch.randint(0, rc.model.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
         mem = {subject.name: M.PeakMemory(device)}
-        out = {}
-        if settings.compiled_decode:  # the compiled step's probe (compiled before it is timed)
-            subject.decode_compiled(prompts, settings.new_tokens)
-            fn = {subject.name: lambda: subject.decode_compiled(prompts, settings.new_tokens)}
-        else:
-            fn = {subject.name: lambda: subject.decode(prompts, settings.new_tokens)}
-            # and a prefill, the probe of the training and prefill measurements' setting (quick's shape)
-            b, p = M.BenchSettings.quick().prefill_shape
-            x = torch.randint(0, rc.model.vocab_size, (b, p), generator=torch.Generator().manual_seed(1))
+        gen, out = torch.Generator().manual_seed(0), {}
+        for key in ("decode_b1", "decode_b8"):  # the decode rows' settings: one sequence, several
+            prompts = torch.randint(0, rc.model.vocab_size, M.DECODE_SHAPES[key], generator=gen)
+            if settings.compiled_decode:  # the compiled step's probe (compiled before it is timed)
+                subject.decode_compiled(prompts, settings.new_tokens)
+                fn = {subject.name: lambda p=prompts: subject.decode_compiled(p, settings.new_tokens)}
+            else:
+                fn = {subject.name: lambda p=prompts: subject.decode(p, settings.new_tokens)}
+            out[f"{key}_tok_s"] = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
+        if not settings.compiled_decode:  # training and prefill's setting (a prefill of quick's shape)
+            x = torch.randint(0, rc.model.vocab_size, M.BenchSettings.quick().prefill_shape, generator=gen)
             prefill = {subject.name: lambda: subject.prefill(x)}
             out["prefill_tok_s"] = M._median_rates(prefill, settings.repeats, device, mem)[subject.name]
-        out["decode_b1_tok_s"] = M._median_rates(fn, settings.repeats, device, mem)[subject.name]
         # what the process really ran under, so a caller can check the setting took effect
         return {**out, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                 "threads": torch.get_num_threads()}  # fmt: skip

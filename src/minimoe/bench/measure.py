@@ -71,8 +71,9 @@ class BenchSettings:
     compiled_decode: bool = False
     compile_backend: str = "inductor"  # "eager" only traces (tests)
     # the measurements to run (the fair bench runs each group at a setting of its own): "compute" training
-    # and prefill, "decode" the plain decode, "compiled" the compiled decode (with compiled_decode)
-    groups: tuple[str, ...] = ("compute", "decode", "compiled")
+    # and prefill; "decode" and "batched" the plain decode of one sequence and of several; "compiled" and
+    # "compiled_batched" the same through the compiled step (with compiled_decode)
+    groups: tuple[str, ...] = ("compute", "decode", "batched", "compiled", "compiled_batched")
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -360,10 +361,16 @@ def _median_rates(
 def measurements(settings: BenchSettings) -> list[str]:
     """The measurements `run_bench` makes with these settings, in its order (the groups interleave)."""
     out = ["train", "prefill"] if "compute" in settings.groups else []
-    for key in settings.decode_shapes:
-        out += [key] if "decode" in settings.groups else []
-        out += [f"{key}_compiled"] if settings.compiled_decode and "compiled" in settings.groups else []
+    for key, (b, _) in settings.decode_shapes.items():
+        plain, compiled = decode_groups(b)
+        out += [key] if plain in settings.groups else []
+        out += [f"{key}_compiled"] if settings.compiled_decode and compiled in settings.groups else []
     return out
+
+
+def decode_groups(batch: int) -> tuple[str, str]:
+    """The measurement groups of a decode shape of `batch` sequences: (plain, compiled)."""
+    return ("decode", "compiled") if batch == 1 else ("batched", "compiled_batched")
 
 
 def baseline_key(key: str) -> str:
@@ -420,9 +427,10 @@ def run_bench(
     for key, (b, p) in settings.decode_shapes.items():
         p = min(p, max_len - settings.new_tokens)
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
-        if "decode" in groups:
+        plain, compiled = decode_groups(b)
+        if plain in groups:
             yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
-        if settings.compiled_decode and "compiled" in groups:
+        if settings.compiled_decode and compiled in groups:
             ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
             name, out = measure(
                 f"{key}_compiled",

@@ -120,7 +120,7 @@ def run_fair(args) -> int:
         return 0
     print(format_table(result, True))
     print(
-        "\nsettings (decoding: chosen by a batch-1 decode probe; training and prefill: by a prefill probe): "
+        "\nsettings (each by a probe of its own: batch-1 decode, batch-8 decode, prefill for training and prefill): "
         + ", ".join(
             f"{k} OMP_WAIT_POLICY={v['omp_wait_policy']} threads={v['threads']}" for k, v in st.items()
         )
