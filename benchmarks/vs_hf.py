@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from minimoe.bench.fair import BATCHED, COMPILED, COMPUTE
 from minimoe.bench.measure import HFSubject, MinimoeSubject, matmul_peak_gflops
 from minimoe.config_yaml import build_run_config
 from minimoe.model.transformer import Transformer
@@ -77,7 +78,7 @@ def _compute_settings(st: dict) -> str:
     """The sentence on the other rows' settings: since 2026-12-05 (16:30) each side's batch-8 decode and its
     training and prefill have settings of their own, by probes of their own; before, every row ran at the
     batch-1 decode probe's, so training and prefill compared only where the thread counts agreed."""
-    others = {k: v for k, v in st.items() if k.endswith((" batch 8", " training and prefill"))}
+    others = {k: v for k, v in st.items() if k.endswith((BATCHED, COMPUTE))}
     if others:
         named = "; ".join(
             f"{k.replace('hf', 'transformers', 1)} {v['omp_wait_policy']}, {v['threads']} thread(s)"
@@ -96,7 +97,7 @@ def fair_table(cmd: str, r: dict) -> str:
     """One `minimoe bench --fair --compiled-decode --json` result: both decode paths of minimoe against
     transformers' own decode, the settings each side was measured at, and the batch-1 ceiling."""
     st = r["settings"]
-    c = st.get("minimoe compiled")
+    c = st.get(COMPILED)
     compiled = (
         f" (its compiled step, by a probe of its own: {c['omp_wait_policy']}, {c['threads']} thread(s))"
         if c
