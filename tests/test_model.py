@@ -317,6 +317,66 @@ def test_linear_cross_entropy_matches_plain_fp64(monkeypatch, chunk_elements):
         torch.testing.assert_close(loss_lib.linear_cross_entropy(h, w, t), plain, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_of_a_low_precision_model_without_autocast(dtype):
+    """bf16/fp16 h and weight, no autocast: the products in that dtype, the softmax in fp32, as the plain
+    head and F.cross_entropy on its upcast logits compute it."""
+    from minimoe.model import loss as loss_lib
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 6, 16).to(dtype).requires_grad_()
+    w = (torch.randn(40, 16) * 0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, 40, (4, 6))
+    fused = loss_lib.linear_cross_entropy(h, w, t)
+    gh, gw = torch.autograd.grad(fused, (h, w))
+    plain = F.cross_entropy(F.linear(h, w).float().flatten(0, 1), t.flatten())
+    rh, rw = torch.autograd.grad(plain, (h, w))
+    assert fused.dtype == torch.float32 and gh.dtype == gw.dtype == dtype
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_a_bf16_model_with_mtp_trains_without_autocast():
+    """Weights in bf16 (model.to(torch.bfloat16)), no autocast: the loss, with its fused head and the MTP
+    head's, backpropagates, and equals the plain head's loss up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(mtp_depth=1)).to(torch.bfloat16)
+    idx = torch.randint(0, 97, (2, 12))
+    fused = model(idx, targets=idx.roll(-1, 1), return_logits=False)
+    fused.loss.backward()
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+    )
+    plain = model(idx, targets=idx.roll(-1, 1), return_logits=True)
+    torch.testing.assert_close(fused.losses["ce"], plain.losses["ce"], rtol=1e-2, atol=1e-2)
+
+
+def test_targets_with_num_logits_to_keep_are_refused():
+    model = Transformer(tiny_cfg())
+    idx = torch.randint(0, 97, (2, 8))
+    with pytest.raises(ValueError, match="num_logits_to_keep is for decoding"):
+        model(idx, targets=idx, num_logits_to_keep=1)
+
+
+def test_capacity_drops_in_training_only():
+    """With a capacity factor small enough to drop pairs, eval mode routes every pair: a row's logits do
+    not depend on the other rows of its batch, and equal the dropless model's."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(capacity_factor=0.5, mtp_depth=0)).double()
+    a, b = torch.randint(0, 97, (1, 10)), torch.full((1, 10), 3)
+    assert sum(s.dropped for s in model(torch.cat([a, b])).moe_stats.values()) > 0  # training mode drops
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.cat([a, b]))
+        alone = model(a).logits
+        assert sum(s.dropped for s in out.moe_stats.values()) == 0
+        torch.testing.assert_close(out.logits[:1], alone, rtol=1e-12, atol=1e-12)
+        for moe in model.moe_layers().values():
+            moe.capacity_factor = None
+        torch.testing.assert_close(model(torch.cat([a, b])).logits, out.logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_model_loss_without_logits_matches_plain(tie):
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0  # token-level (batch) balance loss
     seq_aux_loss_alpha: float = 0.0  # sequence-wise balance loss (V3 eq. 17-20)
     z_loss_coef: float = 0.0
-    capacity_factor: float | None = None  # None = dropless
+    capacity_factor: float | None = None  # None = dropless; drops only in training (eval mode is dropless)
     moe_impl: Literal["auto", "grouped_mm", "loop"] = "auto"
     # multi-token prediction
     mtp_depth: int = 0

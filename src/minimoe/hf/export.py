@@ -220,8 +220,8 @@ def export_model(
         raise MinimoeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if cfg.capacity_factor is not None and not dropless:
         raise MinimoeError(
-            f"the model drops tokens over capacity (capacity_factor={cfg.capacity_factor}), which no Hugging Face "
-            "format does; pass --dropless to export it routing every token"
+            f"the model was trained dropping tokens over capacity (capacity_factor={cfg.capacity_factor}), which no "
+            "Hugging Face format does; pass --dropless to export it routing every token (as minimoe's eval mode does)"
         )
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MinimoeError(

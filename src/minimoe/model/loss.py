@@ -89,11 +89,14 @@ def linear_cross_entropy(
         scalar loss in h's dtype promoted to at least fp32; differentiable in h and weight.
 
     Under autocast the matmuls run in autocast's dtype, as a plain `lm_head` Linear's would, and the
-    softmax and the loss in fp32, as autocast runs `cross_entropy`.
+    softmax and the loss in fp32, as autocast runs `cross_entropy`; a bf16 or fp16 model without autocast
+    multiplies in its own dtype the same way.
     """
     h_ND, target_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     device = h.device.type
     mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if mm_dtype is None and h.dtype in (torch.bfloat16, torch.float16):
+        mm_dtype = h.dtype  # the softmax still runs in fp32; the gradients come back in h's dtype
     with torch.autocast(device, enabled=False):  # the chunks cast for themselves
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h_ND, weight, target_N, ignore_index, mm_dtype)

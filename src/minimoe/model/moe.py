@@ -113,7 +113,9 @@ class MoE(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         acc = torch.promote_types(x.dtype, torch.float32)  # K bf16 outputs are summed in fp32, as in HF
         out_TD = self.shared_experts(x_TD).to(acc) if self.shared_experts is not None else None
-        if self.capacity_factor is None:
+        if self.capacity_factor is None or not self.training:
+            # capacity is a training setting: in eval mode every pair gets its expert, so a row's output
+            # does not depend on the other rows of its batch (and equals the dropless HF export's)
             y_TD, dropped = self._dropless(x_TD, r, acc), r.counts.new_zeros(())
         else:
             y_TD, dropped = self._with_capacity(x_TD, r, acc)

@@ -159,6 +159,8 @@ class Transformer(nn.Module):
             ModelOutput with logits (B, T or keep, V) and, with targets, the loss and its parts.
         """
         B, T = input_ids.shape
+        if targets is not None and num_logits_to_keep:
+            raise ValueError("num_logits_to_keep is for decoding: the loss needs every position's logits")
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_position_embeddings:
             raise ValueError(
