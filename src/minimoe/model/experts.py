@@ -159,8 +159,8 @@ def choose_kernel(impl: str, x_ND: torch.Tensor, n_experts: int, hidden: int, in
     """The kernel that runs the experts on these rows: `grouped_mm_experts` or `loop_experts`. Under
     torch.compile without gradients: `gathered_experts` where `_gathered_fits` (few rows, or CUDA),
     which the compiler fuses, else the loop as one operator it does not look into (`selected_experts`); with
-    gradients, grouped_mm where it traces (bf16), else `trained_experts` (the loop with its backward,
-    one operator). Either way an MoE layer does not break the graph.
+    gradients, grouped_mm where it traces (bf16), else `compiled_training_experts` (`trained_experts`: the
+    loop with its backward, one operator). Either way an MoE layer does not break the graph.
 
     Decoding (no gradient, on CPU, at most one row per expert) takes the loop: a handful of
     matrix-vector products whose cost is reading the weights, where grouped_mm would add offsets and,
