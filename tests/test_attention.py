@@ -51,21 +51,42 @@ def test_mla_naive_matches_explicit_attention(q_lora_rank, rope_scaling):
     x = torch.randn(2, 9, cfg.hidden_size)
     cos, sin = _tables(cfg, 9)
     y = attn(x, cos, sin)
-    # slow path: build per-head q, k, v by hand and attend with an explicit causal mask
-    q_nope, q_pe = attn._query(x)
-    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
-    c, k_pe = attn.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
-    kv = attn.kv_b_proj(attn.kv_a_layernorm(c)).view(2, 9, 4, -1)
-    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
-    k_pe = apply_rope(k_pe[:, :, None], cos, sin, interleaved=True).expand(2, 9, 4, -1)
-    q = torch.cat([q_nope, q_pe], -1)
-    k = torch.cat([k_nope, k_pe], -1)
     scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
     if rope_scaling:
         scale *= (0.1 * math.log(40) + 1) ** 2  # YaRN mscale(factor, mscale_all_dim)^2
-    ref = explicit_attention(q, k, v, scale)
-    ref = attn.o_proj(ref.reshape(2, 9, -1))
-    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y, _explicit_mla(attn, cfg, x, cos, sin, scale))
+
+
+def _explicit_mla(attn, cfg, x, cos, sin, scale):
+    """MLA the slow way: per-head q, k, v built by hand, attended with an explicit causal mask."""
+    B, T, _ = x.shape
+    q_nope, q_pe = attn._query(x)
+    q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+    c, k_pe = attn.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
+    kv = attn.kv_b_proj(attn.kv_a_layernorm(c)).view(B, T, cfg.num_attention_heads, -1)
+    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
+    k_pe = apply_rope(k_pe[:, :, None], cos, sin, interleaved=True).expand_as(q_pe)
+    q = torch.cat([q_nope, q_pe], -1)
+    k = torch.cat([k_nope, k_pe], -1)
+    return attn.o_proj(explicit_attention(q, k, v, scale).reshape(B, T, -1))
+
+
+def test_mla_with_values_wider_than_queries_matches_explicit_attention():
+    """v_head_dim above qk_nope + qk_rope (SDPA then pads queries and keys with zero columns): the
+    naive path over a whole sequence and over a chunk after a cached prefix, and the absorbed path,
+    equal explicit attention."""
+    torch.manual_seed(5)
+    cfg = _cfg(v_head_dim=16)
+    assert cfg.v_head_dim > cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attn = MLAttention(cfg).eval()
+    x = torch.randn(2, 9, cfg.hidden_size)
+    cos, sin = _tables(cfg, 9)
+    ref = _explicit_mla(attn, cfg, x, cos, sin, (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5)
+    torch.testing.assert_close(attn(x, cos, sin), ref)
+    for absorb in (False, True):
+        cache = attn.make_cache(2, 9, torch.float64, "cpu")
+        attn(x[:, :5], cos[:5], sin[:5], cache, 0)
+        torch.testing.assert_close(attn(x[:, 5:], cos[5:], sin[5:], cache, 5, absorb=absorb), ref[:, 5:])
 
 
 @pytest.mark.parametrize(
@@ -210,3 +231,30 @@ def test_yarn_frequencies_match_the_formula():
     assert softmax_scale(192, rs_v3) == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2)
     cos, _ = rope_cos_sin(dim, 4, base, rs_v3)  # mscale / mscale_all_dim = 1: no cos/sin scaling
     assert cos[0, 0].item() == pytest.approx(1.0)
+
+
+def test_yarn_attention_factor_scales_the_rope_tables():
+    """YaRN's cos/sin factor as HF computes it: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    when both are given, else mscale(factor); each (cos, sin) pair of the tables has that length. The
+    softmax scale changes only with mscale_all_dim."""
+    rs = {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
+
+    def mscale(m):
+        return 0.1 * m * math.log(40) + 1
+
+    cases = [
+        ({}, mscale(1.0)),
+        ({"mscale": 0.707, "mscale_all_dim": 1.0}, mscale(0.707) / mscale(1.0)),
+        ({"mscale": 1.0, "mscale_all_dim": 0.8}, mscale(1.0) / mscale(0.8)),
+    ]
+    for extra, factor in cases:
+        cos, sin = rope_cos_sin(16, 8, 10000.0, {**rs, **extra})
+        length = (cos.double().square() + sin.double().square()).sqrt()
+        torch.testing.assert_close(length, torch.full((8, 8), factor), rtol=1e-6, atol=0)
+    assert softmax_scale(16, rs) == pytest.approx(16**-0.5)

@@ -301,6 +301,26 @@ def test_slot_pool_decode_equals_uncached_forward(attn_type):
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_slot_pool_remove_moves_a_longer_last_row_whole(attn_type):
+    """Freeing a short row moves the last row, which holds more positions, into its place: every one
+    of its cached positions comes along, so its next steps equal the uncached forward."""
+    from minimoe.infer.slots import SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=2, prefill_rows=2)
+    seqs = [list(PROMPTS[2]), list(PROMPTS[1])]  # 1 and 9 tokens
+    first, _ = prefill_together(pool, seqs, budget=20)
+    pool.remove(0)
+    seq, nxt = seqs[1], int(first[1].argmax())
+    assert pool.lengths == [len(seq)]
+    for _ in range(2):
+        logits = pool.decode(torch.tensor([nxt]))
+        seq.append(nxt)
+        torch.testing.assert_close(logits[0], model(torch.tensor([seq])).logits[0, -1])
+        nxt = int(logits[0].argmax())
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
 def test_prefill_pads_past_the_last_position_and_a_prompt_joins_midway(attn_type):
     """A prompt of max_len - 1 tokens prefilled beside one that joins later: the second step's chunk
     is as long as the newcomer's, so the long prompt's padding runs past the cache's last position
@@ -648,6 +668,32 @@ def test_static_verify_and_draft_equal_the_pooled_ones(attn_type, seed):
         for name in want._fields:
             torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
         pool.advance((take + 1).tolist())
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_static_two_token_steps_take_the_bucket_that_holds_both(attn_type):
+    """A row one position short of the first position bucket (16): its one-token step fits there, its
+    verify and draft steps over two tokens do not and take the next bucket, so the second token
+    attends to itself; fixed-shape `speculate` and `draft` equal the pooled ones."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode
+
+    model = tiny_model(attn_type, seed=4)
+    pool = SlotPool(model, slots=2, mtp=True)
+    static = StaticDecode(pool, compile=False)
+    prompt = torch.randint(
+        0, model.cfg.vocab_size, (15,), generator=torch.Generator().manual_seed(4)
+    ).tolist()
+    prefill_together(pool, [prompt], budget=16, tokens=[1])
+    assert static.buckets[0] == 16 and pool.lengths == [15]
+    tokens = torch.tensor([[7, 9]])
+    want = pool.speculate(tokens)
+    got = static.speculate(tokens)
+    for name in want._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
+    next_ids, take = torch.tensor([[3, 5]]), torch.tensor([1])
+    want_draft = pool.draft(want.hidden, next_ids, take)
+    torch.testing.assert_close(static.draft(want.hidden, next_ids, take), want_draft)
 
 
 def test_greedy_speculation_drafts_from_what_greedy_commits():

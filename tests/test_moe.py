@@ -185,6 +185,26 @@ def test_gathered_experts_equal_the_loop_fp64(gate, scale, counts):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_gathered_experts_compute_in_the_autocast_dtype():
+    """Under bf16 autocast (the CUDA decode step's serving precision) the gathered kernel casts rows and
+    weights to bf16 as autocast's matmuls would: its output is bf16 and equals the loop's under the
+    same autocast to bf16 precision (the two round differently: whole tensors are compared)."""
+    g = torch.Generator().manual_seed(6)
+    counts_E = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(6, 16, generator=g)
+    ws = [
+        torch.randn(4, 8, 16, generator=g),
+        torch.randn(4, 8, 16, generator=g),
+        torch.randn(4, 16, 8, generator=g),
+    ]
+    scale_N = torch.rand(6, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = loop_experts(x, counts_E, *ws, scale_N)
+        got = gathered_experts(x, counts_E, *ws, scale_N)
+    assert want.dtype == got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
+
+
 def test_compiled_decode_kernel_choice(monkeypatch):
     # traced without gradients: up to 8 rows per expert and 64 in all take gathered_experts, more the
     # opaque operator; under autocast the operator too (gathered would compute in the weights' dtype)
