@@ -105,6 +105,24 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(filter_logits(probs.log(), top_p=0.01)).sum() == 1
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300),
+        SamplingParams(temperature=2e-38),
+        SamplingParams(temperature=1.0, top_p=1e-46),
+        SamplingParams(temperature=1e-300, top_k=2, top_p=1e-300),
+    ],
+)
+def test_extreme_temperature_and_top_p_sample_the_argmax(params):
+    """Values that pass validation but leave fp32's range (a temperature of 1e-300, a top_p that rounds
+    to 0): the distribution is their limit, all mass on the argmax, never NaN."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0, float("-inf")]])
+    probs = process_logits(logits, params.validate()).softmax(-1)
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
+    assert int(pick_tokens(logits, params, None, [torch.Generator().manual_seed(0)])) == 1
+
+
 def _reference_probs(row: list[float], params: SamplingParams) -> list[float]:
     """The sampling distribution by its definition, in Python floats: logits / temperature, keep the
     top_k largest, then the smallest prefix (largest first) of what is left whose renormalised mass

@@ -51,6 +51,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass strictly before it already reaches top_p (always keeps the first)
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[..., 0] = False  # a top_p below fp32's smallest number rounds to 0 and would drop it too
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -85,7 +86,12 @@ def process_logits(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits
-    return filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    # from each row's largest logit down, so that a tiny temperature sends the others to -inf rather
+    # than every logit to +-inf (whose softmax is NaN): its limit, the argmax, is what it samples. A
+    # temperature below the dtype's smallest normal number would round to 0 and is taken as that number.
+    finfo = torch.finfo(logits.dtype)
+    top = logits.amax(-1, keepdim=True).clamp(min=finfo.min)
+    return filter_logits((logits - top) / max(params.temperature, finfo.tiny), params.top_k, params.top_p)
 
 
 def pick_tokens(
