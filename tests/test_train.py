@@ -115,6 +115,51 @@ def test_resume_is_exact(tmp_path, corpus, optimizer):
         assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
 
 
+def _paused_then_resumed(tmp_path, corpus, common, pause_at):
+    """Train `common` in tmp_path / "b" for `pause_at` steps (a pause: what Ctrl-C does), then resume
+    it to the end; the resumed run's result."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    cfg = build_run_config("tiny", None, TINY + [f"data.path={corpus}", *common])
+    data = prepare(corpus, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    cfg.model.vocab_size = 320
+    first = Trainer(cfg, tmp_path / "b", data, data.tokenizer(), progress=False).fit(stop_after=pause_at)
+    assert first.stopped == "paused" and first.step == pause_at
+    return _train(tmp_path / "b", corpus, *common, resume=True)
+
+
+def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_does(tmp_path, corpus):
+    """With a row every 4 steps, a pause at step 6 falls inside a logging window: the resumed run's
+    row at step 8 still averages steps 5-8."""
+    common = ("train.max_steps=8", "train.eval_every=100", "train.log_every=4")
+    _train(tmp_path / "a", corpus, *common)
+    _paused_then_resumed(tmp_path, corpus, common, pause_at=6)
+    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(full) == sorted(resumed) == [4, 8]
+    for s in (4, 8):
+        assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
+
+
+def test_a_pause_does_not_change_early_stopping(tmp_path, corpus, monkeypatch):
+    """The evaluation a pause forces is logged and saved but does not count: with a validation loss
+    that is lowest at the pause's step, the resumed run still stops where the uninterrupted one does,
+    and its best checkpoint is the same step's."""
+    from minimoe.train.trainer import Trainer
+
+    losses = {4: 1.0, 6: 2.0, 12: 1.5, 18: 1.6, 24: 1.4}
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": losses[self.step], "val_bpb": None})
+    common = ("train.max_steps=24", "train.eval_every=6", "train.early_stop_patience=1")
+    full = _train(tmp_path / "a", corpus, *common)
+    assert (full.stopped, full.step) == ("early_stop", 18)
+    resumed = _paused_then_resumed(tmp_path, corpus, common, pause_at=4)
+    assert (resumed.stopped, resumed.step, resumed.best_val_loss) == ("early_stop", 18, 1.5)
+    best = (tmp_path / "b" / "checkpoints" / "best").read_text().strip()
+    assert best == (tmp_path / "a" / "checkpoints" / "best").read_text().strip() == "step_00000012"
+
+
 def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
     _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2")
     root = tmp_path / "run" / "checkpoints"

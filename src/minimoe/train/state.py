@@ -105,6 +105,10 @@ def resume(tr) -> None:
                 torch.manual_seed(tr.cfg.train.seed + 1_000_003 * tr.ctx.rank + state["step"])
         tr.step, tr.tokens, tr.elapsed = state["step"], state["tokens"], state["elapsed"]
         tr.best_val, tr.evals_since_best = state["best_val"], state["evals_since_best"]
+        if (
+            "log_window" in state
+        ):  # checkpoints before it: the first row after the resume averages fewer steps
+            tr.window.load_state_dict(state["log_window"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
     tc = tr.cfg.train
@@ -144,6 +148,7 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
         "rng": rngs[0],
         "best_val": tr.best_val,
         "evals_since_best": tr.evals_since_best,
+        "log_window": tr.window.state_dict(),
     }
     if tr.ctx.distributed:
         state["rng_ranks"] = rngs

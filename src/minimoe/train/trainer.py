@@ -65,6 +65,37 @@ class TrainResult:
     train_loss: float | None = None  # the last metrics row's training loss
 
 
+class LogWindow:
+    """What the optimizer steps since the last logged row add up to (a row logs their mean loss and
+    parts, their tokens per second and expert loads). Checkpoints keep it, so that a run paused or
+    interrupted between two logged rows and resumed logs the rows an uninterrupted run would."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.parts = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
+        self.steps, self.tokens, self.start = 0, 0, now
+        self.loads: dict[int, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {
+            "loss": self.loss.item(), "parts": {k: v.item() for k, v in self.parts.items()},
+            "steps": self.steps, "tokens": self.tokens, "seconds": time.perf_counter() - self.start,
+            "loads": {i: v.detach().cpu() for i, v in self.loads.items()},
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset(time.perf_counter() - state["seconds"])
+        self.loss.fill_(state["loss"])
+        for k, v in state["parts"].items():
+            self.parts[k].fill_(v)
+        self.steps, self.tokens = state["steps"], state["tokens"]
+        self.loads = {i: v.to(self.device) for i, v in state["loads"].items()}
+
+
 class Trainer:
     """Owns model, optimizer, data and run directory for one training run.
 
@@ -177,6 +208,7 @@ class Trainer:
         self.train_loss: float | None = None
         self.best_val: float | None = None
         self.evals_since_best = 0
+        self.window = LogWindow(self.device)  # the steps since the last logged row
         self.monitor = alerts.RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if resume:
@@ -243,8 +275,9 @@ class Trainer:
         # token positions in one optimizer step (all ranks); _train_step counts the real batches, which
         # fine-tuning's padded batches can make shorter
         self._step_tokens = tc.batch_size * tc.seq_len * tc.grad_accum
-        window_loads: dict[int, torch.Tensor] = {}
-        window_start, window_tokens = time.perf_counter(), 0
+        window = self.window  # restored by a resume when the checkpoint fell between two logged rows
+        if not window.steps:
+            window.start = time.perf_counter()
         # train.max_minutes (and the schedule of a time-limited run) read train.clock: wall time from the
         # command's start, or the CPU time of this process from here on, which other jobs on a shared
         # machine do not inflate (steps, evaluations and saves are timed on the same clock)
@@ -259,9 +292,6 @@ class Trainer:
         stopped, last_ckpt, val, bad_steps = "max_steps", None, {}, 0
         step_s: float | None = None  # a moving average of one optimizer step's wall time
         session_steps = 0
-        sum_loss = torch.zeros((), device=self.device)
-        parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
-        n_in_window = 0
         if self.ctx.is_main:
             log.info("%s", run_summary(self.cfg, self.data, self.device, self.ctx.world_size))
         bar = TrainProgress(self.progress and self.ctx.is_main, tc.max_steps, tc.max_minutes, self.step)
@@ -301,7 +331,7 @@ class Trainer:
                     continue
                 bad_steps = 0
                 for k, v in zip(LOSS_PARTS, step_vals[1:]):
-                    parts_sum[k] += v
+                    window.parts[k] += v
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -309,11 +339,11 @@ class Trainer:
                     balance_step(self.model, step_loads)  # once per optimizer step
                 self.step += 1
                 self.tokens += self._step_tokens
-                window_tokens += self._step_tokens
+                window.tokens += self._step_tokens
                 self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
-                sum_loss += step_loss
-                n_in_window += 1
-                add_loads(window_loads, step_loads)
+                window.loss += step_loss
+                window.steps += 1
+                add_loads(window.loads, step_loads)
                 took = clock() - step_start
                 if session_steps > 0:  # the first step of a session warms up (allocations): not typical
                     step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
@@ -325,15 +355,15 @@ class Trainer:
                     row = {
                         "step": self.step,
                         "tokens": self.tokens,
-                        "loss": sum_loss.item() / n_in_window,
-                        **{k: v.item() / n_in_window for k, v in parts_sum.items()},
+                        "loss": window.loss.item() / window.steps,
+                        **{k: v.item() / window.steps for k, v in window.parts.items()},
                         "lr": lr,
                         "grad_norm": float(grad_norm),
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
                         "elapsed_s": clock() - t0,
                         "peak_mem_mb": peak_mem_mb(self.device),
                     }
-                    health = expert_health(window_loads)
+                    health = expert_health(window.loads)
                     fields, warnings = self.monitor.report(self.par.reduce_sum)
                     row.update(fields)  # alerts, dropped pairs
                     for w in warnings if self.ctx.is_main else []:
@@ -346,7 +376,7 @@ class Trainer:
                                 "layer %s expert %s received no tokens in the last %d steps",
                                 li,
                                 e,
-                                n_in_window,
+                                window.steps,
                             )
                     self.metrics.log(row)
                     self.train_loss = row["loss"]
@@ -354,10 +384,7 @@ class Trainer:
                         f"loss {row['loss']:.3f}, {row['tokens_per_s']:,.0f} tok/s, "
                         f"maxvio {health.get('max_vio_mean', 0):.2f}"
                     )
-                    window_loads, window_start, window_tokens, n_in_window = {}, now, 0, 0
-                    sum_loss.zero_()
-                    for v in parts_sum.values():
-                        v.zero_()
+                    window.reset(now)
 
                 self.elapsed = clock() - t0
                 at_eval = self.step % tc.eval_every == 0 or self.step == tc.max_steps
@@ -371,15 +398,18 @@ class Trainer:
                         self.elapsed, interrupt.requested, out_of_time
                     )
                 paused = session_end is not None and self.step >= session_end
-                if out_of_time or interrupt.requested or paused:
-                    at_eval = True
+                # the run's own evaluations (the schedule's, and the last one when the clock ends it) count
+                # for early stopping and the best checkpoint; one at a pause or Ctrl-C is logged and saved
+                # only, so that the resumed run decides what an uninterrupted one would
+                counts = at_eval or out_of_time
+                at_eval = counts or interrupt.requested or paused
                 self._out_of_time = out_of_time  # the checkpoint below records a stop on the clock
                 if at_eval:
                     eval_start = clock()
                     val = self.evaluate()
                     loss = val.get("val_loss")  # None without validation: the latest counts as the best
-                    improved = loss is None or self.best_val is None or loss < self.best_val
-                    if loss is None:
+                    improved = loss is None or (counts and (self.best_val is None or loss < self.best_val))
+                    if loss is None or not counts:
                         pass
                     elif improved:
                         self.best_val, self.evals_since_best = loss, 0
