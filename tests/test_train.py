@@ -160,6 +160,26 @@ def test_a_pause_does_not_change_early_stopping(tmp_path, corpus, monkeypatch):
     assert best == (tmp_path / "a" / "checkpoints" / "best").read_text().strip() == "step_00000012"
 
 
+def test_overrides_given_at_a_resume_hold_for_the_next(tmp_path, corpus):
+    """`--resume RUN train.max_steps=12` on a run that ended at step 8, paused after 2 steps, then a
+    plain `--resume RUN`: it continues to step 12, not back to the first run's 8."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import Tokenizer, prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    _train(tmp_path / "r", corpus, "train.max_steps=8", "train.eval_every=100")
+    cfg = build_run_config(config_path=str(tmp_path / "r/config.yaml"), overrides=["train.max_steps=12"])
+    tok = Tokenizer.load(tmp_path / "r/tokenizer")
+    data = prepare(corpus, tok, data_cache_dir(cfg.data, None), workers=0, progress=False)
+    first = Trainer(cfg, tmp_path / "r", data, data.tokenizer(), resume=True, progress=False).fit(
+        stop_after=2
+    )
+    assert (first.stopped, first.step) == ("paused", 10)
+    res = train_from_config(overrides=[], run_dir=tmp_path / "r", resume=True, progress=False, sample=False)
+    assert (res.stopped, res.step) == ("max_steps", 12)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
     _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2")
     root = tmp_path / "run" / "checkpoints"

@@ -213,6 +213,8 @@ class Trainer:
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if resume:
             self._resume()
+            if self.ctx.is_main:  # overrides given with --resume hold for the next resume too
+                ckpt_lib.atomic_write_text(self.run_dir / "config.yaml", self.config_text)
         elif self.ctx.is_main:
             (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
             tokenizer.save(self.run_dir / "tokenizer")
