@@ -412,6 +412,20 @@ def test_prepare_stream_split_counts_utf8_bytes_with_bpe(tmp_path):
     assert data.num_bytes("train") + data.num_bytes("val") == 46 * 400
 
 
+def test_stream_split_bpe_learns_nothing_from_the_validation_tail(tmp_path):
+    """One long document (a stream split) whose last tenth is words found nowhere else: the tokenizer
+    trained by `prepare` has no merge made of those letters, so validation measures unseen text."""
+    text = "the cat sat on the mat. " * 400 + "qwzx vlkj " * 100  # the tail: 1,000 of 10,600 characters
+    (tmp_path / "book.txt").write_text(text)
+    data = prepare(
+        tmp_path / "book.txt", "bpe:300", tmp_path / "prep", val_fraction=0.1, workers=0, progress=False
+    )
+    assert data.meta["split_mode"] == "stream"
+    vocab = data.tokenizer()._hf.get_vocab()
+    assert [t for t in vocab if len(t.strip("Ġ")) > 1 and set(t.strip("Ġ")) <= set("qwzxvlkj")] == []
+    assert any("cat" in t for t in vocab)  # the training text was learned
+
+
 def test_prepare_pool_matches_in_process_and_bpe_cache(tmp_path):
     write_stories(tmp_path / "s.txt", 2000, words_per_doc=50)  # > 2 worker tasks of text
     a = prepare(tmp_path / "s.txt", "bpe:300", tmp_path / "a", workers=2, progress=False)

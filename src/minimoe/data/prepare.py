@@ -45,6 +45,8 @@ SHARD_TOKENS = 64 * 2**20  # tokens per shard file (128 MiB as uint16)
 # With fewer expected validation documents than this, one document's length would decide the
 # size of the validation set, so the split falls back to the tail of the token stream.
 MIN_VAL_DOCS = 8
+# A stream split's tokenizer learns from this share of the text before the validation tail.
+STREAM_BPE_MARGIN = 0.95
 
 
 @dataclass
@@ -270,7 +272,10 @@ def _build(
             raise MinimoeError(
                 f"{corpus.name} is already tokenized; pass the tokenizer it was made with, not {spec}"
             )
-        tok = train_bpe(_train_texts(corpus, assign), _bpe_vocab(spec))
+        # a stream split's validation tail is cut in tokens, after tokenizing: the tokenizer learns from
+        # the text before it, with a margin for a tail that tokenizes shorter than the average
+        limit = int(n_chars * (1 - val_fraction) * STREAM_BPE_MARGIN) if mode == "stream" else None
+        tok = train_bpe(_train_texts(corpus, assign, limit), _bpe_vocab(spec))
     tok.save(tmp / "tokenizer")
     # ids < vocab_size <= 65536 fit in uint16
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
@@ -330,9 +335,16 @@ def _skipped_note(c: Corpus) -> str:
     return f" ({n} binary or non-UTF-8 files were skipped)" if n else ""
 
 
-def _train_texts(corpus: Corpus, assign) -> Iterator[str]:
-    doc = 0
+def _train_texts(corpus: Corpus, assign, limit: int | None = None) -> Iterator[str]:
+    """The training documents' text (`assign(doc) == 0`), the first `limit` characters only if given."""
+    doc, left = 0, limit
     for text, end in corpus.segments():
         if assign(doc) == 0:
-            yield text
+            if left is not None:
+                text = text[:left]
+                left -= len(text)
+            if text:
+                yield text
+            if left == 0:
+                return
         doc += end
