@@ -204,15 +204,18 @@ def test_rope_under_torch_compile_equals_the_eager_rotation(per_row):
     torch.testing.assert_close(got, want)
 
 
+YARN_40 = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+
+
 def test_yarn_frequencies_match_the_formula():
     dim, base = 64, 10000.0
-    rs = {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    }
+    rs = dict(YARN_40)
     got = yarn_inv_freq(dim, base, rs)
 
     def corr(rot):  # dimension index whose wavelength turns `rot` times over the original context
@@ -237,13 +240,7 @@ def test_yarn_attention_factor_scales_the_rope_tables():
     """YaRN's cos/sin factor as HF computes it: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
     when both are given, else mscale(factor); each (cos, sin) pair of the tables has that length. The
     softmax scale changes only with mscale_all_dim."""
-    rs = {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    }
+    rs = dict(YARN_40)
 
     def mscale(m):
         return 0.1 * m * math.log(40) + 1
