@@ -555,6 +555,17 @@ def test_eval_windows_cover_split(prepared):
     assert len(few) == 2 and few.num_windows == 8
 
 
+def test_eval_windows_thinned_evenly_over_the_split(prepared):
+    """max_batches keeps windows spread evenly over the whole split, in order (window floor(i n / keep)
+    of the full set), not the first ones."""
+    full = torch.cat([x for x, _ in EvalWindows(prepared, "val", seq_len=10, batch_size=4)])
+    n = len(full)
+    few = torch.cat([x for x, _ in EvalWindows(prepared, "val", seq_len=10, batch_size=2, max_batches=3)])
+    keep = len(few)
+    assert keep == 6 and n > 2 * keep
+    assert torch.equal(few, full[[i * n // keep for i in range(keep)]])
+
+
 def test_token_windows_reach_the_last_window_of_a_shard(tmp_path):
     """Every window that fits is a candidate, the one ending on a shard's last token included: with
     11 tokens and seq_len 9 the starts are 0 and 1, and 80 seeded draws take both."""

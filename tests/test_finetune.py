@@ -237,6 +237,55 @@ def test_lora_targets_attention_and_stacked_experts(tok):
     torch.testing.assert_close(merged(x).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_update_is_scaled_by_alpha_over_rank():
+    """An adapted linear layer computes W x + (alpha / r) B A x, and merging folds exactly that product
+    into W."""
+    from minimoe.finetune.lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY)).eval()
+    name = "layers.0.self_attn.o_proj"
+    w = model.get_submodule(name).weight.detach().clone()
+    pm = apply_lora(model, r=4, alpha=12, targets=["attention"])
+    params = dict(pm.named_parameters())
+    a = next(p for n, p in params.items() if n.endswith(f"{name}.lora_A.default.weight"))
+    b = next(p for n, p in params.items() if n.endswith(f"{name}.lora_B.default.weight"))
+    with torch.no_grad():
+        b.normal_(0, 0.2)
+    x = torch.randn(3, w.shape[1])
+    layer = pm.get_submodule(f"base_model.model.{name}")
+    want = x @ w.T + 3.0 * (x @ a.T) @ b.T
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    merged = merge_lora(pm).get_submodule(name).weight
+    torch.testing.assert_close(merged, w + 3.0 * b.detach() @ a.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_lora_default_targets_every_documented_projection(attn_type):
+    """The default targets adapt every attention projection but kv_b_proj (q, kv_a and o for MLA;
+    q, k, v, o for GQA), the dense and shared-expert SwiGLU projections and the stacked routed experts;
+    never the router, the norms, the embedding or the head."""
+    from minimoe.finetune.lora import apply_lora
+
+    kw = dict(attn_type="gqa", num_key_value_heads=1) if attn_type == "gqa" else {}
+    model = Transformer(ModelConfig(**{**TINY, "first_k_dense_replace": 1, "n_shared_experts": 1, **kw}))
+    pm = apply_lora(model, r=2, alpha=4)
+    lora_a = [n for n, _ in pm.named_parameters() if ".lora_A" in n]
+    adapted = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n in lora_a}
+    attn = (
+        ["q_proj", "kv_a_proj_with_mqa", "o_proj"]
+        if attn_type == "mla"
+        else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    want = {f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in attn}
+    want |= {f"layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    want |= {f"layers.1.mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert want <= adapted, want - adapted
+    assert any("layers.1.mlp.experts" in n for n in adapted)
+    frozen = ("kv_b_proj", "mlp.gate.", "embed", "lm_head", "norm")
+    assert not [n for n in adapted if any(f in n + "." for f in frozen)], adapted
+
+
 def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     out = tmp_path / "lora"
     data = ["--data", str(base_run / "chat.jsonl")]

@@ -146,6 +146,32 @@ def test_export_config_has_deepseek_v3_keys(exported):
     assert gen["eos_token_id"] == 256
 
 
+def test_mtp_layer_holds_its_own_weights_and_copies_of_embedding_and_head():
+    """DeepSeek-V3's hub layout of MTP module 0 (layer num_hidden_layers): enorm, hnorm, eh_proj and
+    shared_head.norm are that module's tensors, embed_tokens and shared_head.head copies of the model's
+    embedding and (untied) LM head, and its decoder block the module's block."""
+    from minimoe.hf.export import hub_tensors
+
+    model = _model(**CASES["deepseek_v3"])
+    sd = model.state_dict()
+    hub, _ = hub_tensors(dict(sd), model.cfg, "deepseek_v3", 1)
+    L = model.cfg.num_hidden_layers
+    want = {
+        "enorm.weight": "mtp.0.enorm.weight",
+        "hnorm.weight": "mtp.0.hnorm.weight",
+        "eh_proj.weight": "mtp.0.eh_proj.weight",
+        "shared_head.norm.weight": "mtp.0.norm.weight",
+        "embed_tokens.weight": "embed_tokens.weight",
+        "shared_head.head.weight": "lm_head.weight",
+        "self_attn.o_proj.weight": "mtp.0.block.self_attn.o_proj.weight",
+        "input_layernorm.weight": "mtp.0.block.input_layernorm.weight",
+    }
+    assert not torch.equal(sd["embed_tokens.weight"], sd["lm_head.weight"])
+    assert not torch.equal(sd["mtp.0.enorm.weight"], sd["mtp.0.hnorm.weight"])
+    for hub_part, ours in want.items():
+        assert torch.equal(hub[f"model.layers.{L}.{hub_part}"], sd[ours]), hub_part
+
+
 def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
     hf_tok = AutoTokenizer.from_pretrained(exported["deepseek_v3"][1])
     text = "hello <|endoftext|> wörld"

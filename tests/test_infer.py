@@ -123,6 +123,27 @@ def test_extreme_temperature_and_top_p_sample_the_argmax(params):
     assert int(pick_tokens(logits, params, None, [torch.Generator().manual_seed(0)])) == 1
 
 
+def test_top_k_keeps_exactly_k_tokens_up_to_the_vocabulary():
+    """top_k keeps the k largest logits for every k below the vocabulary size (V - 1 drops only the
+    smallest); k >= V keeps everything."""
+    logits = torch.tensor([[0.5, -3.0, 2.0, 1.0, -1.0]])
+    order = logits[0].argsort(descending=True)
+    for k in range(1, 8):
+        kept = torch.isfinite(filter_logits(logits, top_k=k))[0]
+        want = torch.zeros(5, dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(kept, want), k
+
+
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """A set whose mass equals top_p exactly is enough: with four equal tokens (0.25 each, exact in
+    floating point) top_p 0.5 keeps two and top_p 0.75 keeps three."""
+    logits = torch.zeros(2, 4)
+    for top_p, n in ((0.25, 1), (0.5, 2), (0.75, 3), (0.8, 4)):
+        kept = torch.isfinite(filter_logits(logits, top_p=top_p)).sum(-1)
+        assert kept.tolist() == [n, n], top_p
+
+
 def _reference_probs(row: list[float], params: SamplingParams) -> list[float]:
     """The sampling distribution by its definition, in Python floats: logits / temperature, keep the
     top_k largest, then the smallest prefix (largest first) of what is left whose renormalised mass

@@ -179,6 +179,22 @@ def test_balance_step_moves_selection_bias():
     assert b.abs().max().item() == pytest.approx(0.01)
 
 
+def test_balance_step_moves_every_moe_layer():
+    """One balancing step moves the bias of every MoE layer (the MTP block's included) by the sign
+    rule, each from its own layer's loads."""
+    from minimoe.model.router import bias_update
+    from minimoe.train.balance import balance_step
+
+    cfg = tiny_cfg(bias_update_speed=0.01, scoring_func="sigmoid")
+    model = Transformer(cfg)
+    loads = {i: torch.randperm(cfg.n_routed_experts).float() for i in model.moe_layers()}
+    assert len(loads) >= 3
+    balance_step(model, loads)
+    for i, moe in model.moe_layers().items():
+        want = bias_update(loads[i], 0.01, "sigmoid")
+        torch.testing.assert_close(moe.gate.e_score_correction_bias, want, msg=f"layer {i}")
+
+
 # ---------------------------------------------------------------- config validation
 
 

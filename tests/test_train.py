@@ -587,6 +587,28 @@ def test_schedule_edges_and_floors():
     assert lr_multiplier(80, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(1.0)
 
 
+def test_cosine_scales_the_way_down_to_its_floor():
+    """The cosine runs from 1 at the end of the warmup to min_ratio at max_steps, scaled into
+    [min_ratio, 1] at every step between (not a plain cosine clipped at the floor)."""
+    warmup, total, floor = 10, 100, 0.2
+    for step in range(warmup, total + 1):
+        progress = (step - warmup) / (total - warmup)
+        want = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert lr_multiplier(step, total, "cosine", warmup, min_ratio=floor) == pytest.approx(want), step
+    assert lr_multiplier(55, 100, "cosine", 10, min_ratio=0.1) == pytest.approx(0.55)
+
+
+def test_muon_lr_is_the_peak_of_the_muon_group_only():
+    """train.muon_lr sets the Muon group's lr and base_lr (the peak the trainer's schedule scales); the
+    AdamW groups keep train.lr."""
+    model, opt = _muon_model_and_opt("train.lr=1e-3", "train.muon_lr=0.05")
+    groups = opt.param_groups
+    assert any(g["use_muon"] for g in groups) and any(not g["use_muon"] for g in groups)
+    for g in groups:
+        want = 0.05 if g["use_muon"] else 1e-3
+        assert g["lr"] == pytest.approx(want) and g["base_lr"] == pytest.approx(want), g["use_muon"]
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_weight_decay_spares_norms_and_biases(optimizer):
     """AdamW decays matrices only: every 1-D parameter (norms, biases) sits in a group with weight decay
@@ -669,6 +691,43 @@ def test_resume_restores_the_run_counters(tmp_path, corpus):
     second, _ = _tiny_trainer(tmp_path, corpus, "run", *common, resume=True)
     assert (second.step, second.tokens) == (2, 2 * 4 * 32) == (first.step, first.tokens)
     assert (second.best_val, second.evals_since_best) == (0.125, 3)
+
+
+def test_resume_restores_the_elapsed_clock(tmp_path, corpus):
+    """Resume brings back the time a run has used, so train.max_minutes and a clock-driven schedule
+    continue from it instead of starting over."""
+    common = ("train.max_steps=6", "train.eval_every=100")
+    first, _ = _tiny_trainer(tmp_path, corpus, "run", *common)
+    first.fit(stop_after=1)
+    first.elapsed = 12.5
+    first.save()
+    second, _ = _tiny_trainer(tmp_path, corpus, "run", *common, resume=True)
+    assert second.step == 1 and second.elapsed == 12.5
+
+
+def test_trainer_schedules_each_group_from_its_own_peak(tmp_path, corpus):
+    """The trainer sets every group's lr to its own base_lr x the schedule: with train.muon_lr the Muon
+    group runs at muon_lr, the AdamW groups at train.lr."""
+    tr, _ = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=1", "train.eval_every=100",
+                          "train.warmup_steps=0", "train.optimizer=muon", "train.lr=1e-3",
+                          "train.muon_lr=0.02")  # fmt: skip
+    tr.fit()
+    lrs = {g["use_muon"]: g["lr"] for g in tr.optimizer.param_groups}
+    assert lrs[True] == pytest.approx(0.02) and lrs[False] == pytest.approx(1e-3)
+
+
+def test_find_checkpoint_falls_back_to_the_newest_complete_step(tmp_path):
+    """Without a `latest` pointer that names a complete checkpoint, a run resolves to its newest step
+    directory that has meta.json (an incomplete newer one is skipped)."""
+    root = tmp_path / "run" / ckpt_lib.CKPT
+    for step in (1, 2, 3, 4):
+        d = root / ckpt_lib.step_dir_name(step)
+        d.mkdir(parents=True)
+        if step != 4:
+            (d / "meta.json").write_text("{}")
+    assert ckpt_lib.find_checkpoint(tmp_path / "run").name == "step_00000003"
+    (root / "latest").write_text("step_00000004\n")  # names a step without meta.json
+    assert ckpt_lib.find_checkpoint(tmp_path / "run").name == "step_00000003"
 
 
 def test_expert_health_fractions_dead_and_dominant():
