@@ -610,6 +610,31 @@ def test_lm_eval_adapter_agrees_with_minimoe(tmp_path, unigram_run, monkeypatch)
     assert results["mm_gen"]["exact_match,none"] == pytest.approx(0.5)
 
 
+def test_lm_eval_generation_reads_at_most_max_length_positions(monkeypatch):
+    """generate_until keeps the prompt's last max_length - max_gen_toks tokens, as lm-eval's hf model
+    does (and as loglikelihood keeps max_length): the model never reads past max_length positions."""
+    from lm_eval.api.instance import Instance
+
+    import minimoe.infer.generate as gen_lib
+    from minimoe.eval.lm_eval import MinimoeLM
+
+    fed = []
+    real = gen_lib.generate_tokens
+
+    def spy(model, ids, **kw):
+        fed.append((len(ids), kw["max_new_tokens"]))
+        yield from real(model, ids, **kw)
+
+    monkeypatch.setattr(gen_lib, "generate_tokens", spy)
+    lm = MinimoeLM(model=random_model(), tokenizer=Tokenizer.byte(), max_length=16)
+    for max_gen_toks in (4, 40):
+        request = Instance(
+            "generate_until", {}, ("x" * 50, {"until": ["\n"], "max_gen_toks": max_gen_toks}), 0
+        )
+        lm.generate_until([request], disable_tqdm=True)
+    assert fed == [(12, 4), (1, 15)]
+
+
 @pytest.mark.slow
 def test_lm_eval_command_line(tmp_path, unigram_run):
     """`python -m minimoe.eval.lm_eval --model minimoe ...` is lm_eval's own command line with the

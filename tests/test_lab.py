@@ -110,6 +110,8 @@ def test_matmul_params_equal_the_model_matrices():
         {},
         {"tie_word_embeddings": True, "q_lora_rank": 12},
         {"attn_type": "gqa", "aux_free_bias": False},
+        {"attn_type": "gqa", "num_key_value_heads": 2, "qk_norm": "head"},
+        {"attn_type": "gqa", "num_key_value_heads": 2, "qk_norm": "full"},
     ):
         cfg = _hand_cfg(**kw)
         model = Transformer(cfg)
@@ -438,16 +440,26 @@ def test_compare_jobs_train_in_parallel_processes_with_the_same_results(tmp_path
 
 def test_paired_stats_match_student_t():
     stats = pytest.importorskip("scipy.stats")
-    for diffs in ([0.1, -0.05], [0.03, 0.01, 0.02, 0.05, -0.01], [0.01 * i for i in range(40)]):
+    samples = [[0.1, -0.05], [0.03, 0.01, 0.02, 0.05, -0.01]] + [
+        [0.01 * i**1.5 for i in range(n)] for n in (32, 40, 61)
+    ]
+    for diffs in samples:
         st = lab_report.paired_stats(diffs)
         n = len(diffs)
         mean = sum(diffs) / n
         se = float(stats.sem(diffs))
         lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=se)
         assert st["n"] == n and st["mean"] == pytest.approx(mean) and st["se"] == pytest.approx(se)
-        tol = 1e-3 if n <= 31 else 0.03 * (hi - lo)  # beyond 30 degrees of freedom: the normal quantile
+        tol = 5e-4 * (hi - lo)  # the table's quantiles have three decimals
         assert st["lo"] == pytest.approx(lo, abs=tol) and st["hi"] == pytest.approx(hi, abs=tol)
     assert lab_report.paired_stats([0.1]) is None
+
+
+def test_t_quantile_beyond_the_table():
+    """Above 30 degrees of freedom the 95% quantile keeps Student's value (not the normal's 1.96)."""
+    for df, want in ((31, 2.0395134), (40, 2.0210754), (60, 2.0002978), (120, 1.9799304), (1000, 1.9623391)):
+        assert lab_report.t975(df) == pytest.approx(want, abs=2e-5), df
+    assert lab_report.t975(30) == 2.042
 
 
 def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():

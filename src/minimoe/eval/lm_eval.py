@@ -180,10 +180,12 @@ class MinimoeLM(LM):
             seed = kw.pop("seed", 0)
             if kw:
                 log.warning("minimoe ignores generation arguments %s", ", ".join(sorted(kw)))
-            max_new = max(1, min(max_new, model_context(self.model) - 1))
+            # as lm-eval's hf model: the prompt keeps its last max_length - max_gen_toks tokens
+            max_new = max(1, min(max_new, self.max_length - 1))
             text = generate_until(
-                self.model, self.tokenizer, context, max_new, until, temperature, top_k, top_p, seed
-            )
+                self.model, self.tokenizer, context, max_new, until, temperature, top_k, top_p, seed,
+                context=self.max_length,
+            )  # fmt: skip
             self.cache_hook.add_partial("generate_until", r.args, text)
             out.append(text)
         return out

@@ -314,17 +314,19 @@ def generate_until(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = 0,
+    context: int | None = None,
 ) -> str:
     """Generate a continuation of `prompt`, cut before the first stop string (or end-of-text).
 
-    The prompt is cut from the left so that prompt + max_new_tokens fit the model context.
+    The prompt is cut from the left so that prompt + max_new_tokens fit `context` positions (default:
+    the model context; lm-eval's `max_length` where the harness sets one).
     """
     from minimoe.infer.generate import generate_tokens
 
-    ctx = model_context(model)
+    ctx = min(context or model_context(model), model_context(model))
     if not 1 <= max_new_tokens < ctx:
         raise MinimoeError(
-            f"max new tokens ({max_new_tokens}) must be between 1 and the model context - 1 ({ctx - 1})"
+            f"max new tokens ({max_new_tokens}) must be between 1 and the context - 1 ({ctx - 1})"
         )
     ids = tokenizer.encode(prompt)[-(ctx - max_new_tokens) :] if prompt else [tokenizer.eos_id]
     stop = [s for s in stop if s]

@@ -28,7 +28,17 @@ from minimoe.model.rope import yarn_get_mscale
 
 def read_rope(c: dict, attn: str) -> tuple[float, dict | None]:
     """(rope_theta, minimoe rope_scaling) from `rope_parameters` (transformers 5) or the legacy keys."""
-    rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    rp = c.get(key) or {}
+    if not isinstance(rp, dict):
+        raise MinimoeError(f"config.json field {key!r} must be a mapping, got {rp!r}")
+    try:
+        return _read_rope(c, rp, attn)
+    except (TypeError, ValueError, KeyError) as e:
+        raise MinimoeError(f"config.json field {key!r} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _read_rope(c: dict, rp: dict, attn: str) -> tuple[float, dict | None]:
     theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind == "default":
@@ -98,12 +108,18 @@ _NUMERIC = (
 )  # fmt: skip
 
 
+_NOT_NULL = ("routed_scaling_factor",)
+
+
 def _check_numbers(c: dict) -> None:
     """One sentence naming the first config.json field that should be a number and is not."""
     for key in _NUMERIC:
         v = c.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
             raise MinimoeError(f"config.json field {key!r} must be a number, got {v!r}")
+    for key in _NOT_NULL:  # null where transformers multiplies by the value: neither side can run it
+        if key in c and c[key] is None:
+            raise MinimoeError(f"config.json field {key!r} must be a number, got null")
 
 
 def _fields(c: dict, fmt: str, names: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:

@@ -109,8 +109,8 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         value = float(value)
     except (TypeError, ValueError):
         raise MinimoeError(f"sweep file {path}: budget {kind} must be a number, got {value!r}") from None
-    if not value > 0:
-        raise MinimoeError(f"sweep file {path}: budget {kind} must be positive")
+    if not (math.isfinite(value) and value > 0):
+        raise MinimoeError(f"sweep file {path}: budget {kind} must be a positive finite number, got {value}")
     seeds = d.get("seeds", [1337])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise MinimoeError(f"sweep file {path}: seeds must be a list of integers")

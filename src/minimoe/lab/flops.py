@@ -44,10 +44,15 @@ class FlopsReport:
 
 
 def _attention_norm_params(cfg: ModelConfig) -> int:
-    """RMSNorm weights inside one attention module (MLA's q_a_layernorm and kv_a_layernorm)."""
-    if cfg.attn_type != "mla":
-        return 0
-    return (cfg.q_lora_rank or 0) + cfg.kv_lora_rank
+    """RMSNorm weights inside one attention module: MLA's q_a_layernorm and kv_a_layernorm, or GQA's
+    q_norm and k_norm (`qk_norm`: one head's width each, or every head's)."""
+    if cfg.attn_type == "mla":
+        return (cfg.q_lora_rank or 0) + cfg.kv_lora_rank
+    if cfg.qk_norm == "head":
+        return 2 * cfg.gqa_head_dim
+    if cfg.qk_norm == "full":
+        return (cfg.num_attention_heads + cfg.kv_heads) * cfg.gqa_head_dim
+    return 0
 
 
 def _block_norm_params(cfg: ModelConfig) -> int:
