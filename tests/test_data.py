@@ -254,6 +254,20 @@ def test_jsonl_parquet_and_hf_sources(tmp_path):
         open_source("hf:x?splt=train")
 
 
+def test_hf_source_reads_a_folder_written_by_save_to_disk(tmp_path):
+    """`hf:DIR` where DIR is what Dataset.save_to_disk or DatasetDict.save_to_disk wrote (offline)."""
+    datasets = pytest.importorskip("datasets")
+
+    one = datasets.Dataset.from_dict({"text": ["first doc", "second doc"]})
+    one.save_to_disk(str(tmp_path / "one"))
+    assert list(open_source(f"hf:{tmp_path / 'one'}").documents()) == ["first doc", "second doc"]
+    both = datasets.DatasetDict({"train": one, "test": datasets.Dataset.from_dict({"text": ["held out"]})})
+    both.save_to_disk(str(tmp_path / "both"))
+    assert list(open_source(f"hf:{tmp_path / 'both'}?split=test").documents()) == ["held out"]
+    with pytest.raises(MinimoeError, match="no split 'dev'"):
+        list(open_source(f"hf:{tmp_path / 'both'}?split=dev").documents())
+
+
 def test_token_array_sources(tmp_path):
     ids = np.arange(300, dtype=np.uint16) % 258
     np.save(tmp_path / "t.npy", ids.astype(np.int32))

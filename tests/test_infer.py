@@ -1182,6 +1182,21 @@ def test_stop_strings_in_generation():
     assert res.text == full and res.finish_reason == "length" and len(res.token_ids) == 30
 
 
+def test_complete_gives_a_short_prompt_its_budget_beside_one_that_fills_the_context():
+    """A batch stops when its longest prompt fills the context: a short prompt batched with one a few
+    tokens short of the context still gets all its new tokens, as alone."""
+    tok = LetterTokenizer()
+    model = tiny_model()
+    ctx = model.cfg.max_position_embeddings
+    prompts = ["ab", "c" * (ctx - 3)]
+    kw = dict(max_new_tokens=10, temperature=0.0, stop_ids=())
+    alone = [complete(model, tok, [p], **kw)[0] for p in prompts]
+    together = complete(model, tok, prompts, batch_size=2, **kw)
+    assert [len(r.token_ids) for r in alone] == [len(r.token_ids) for r in together] == [10, 3]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.finish_reason for r in together] == ["length", "length"]
+
+
 def test_complete_keeps_prompt_order_in_batches():
     tok = LetterTokenizer()
     model = tiny_model()
@@ -1295,6 +1310,19 @@ def test_cli_prompts_from_file_jsonl_and_stdin(trained_run, tmp_path, capsys, mo
 @pytest.fixture()
 def cli(capsys, monkeypatch):
     return lambda argv, stdin=None: run_cli(argv, capsys, stdin, monkeypatch)
+
+
+def test_cli_stop_strings_read_backslash_n_as_the_newline():
+    """`--stop "\\n"` arrives from a shell as a backslash and an n: generate, like eval, reads it as the
+    newline (and backslash-t as the tab)."""
+    import argparse
+
+    from minimoe.cli import generate as generate_cli
+
+    parser = argparse.ArgumentParser()
+    generate_cli.add_parser(parser.add_subparsers())
+    ns = parser.parse_args(["generate", "RUN", "--stop", "\\n", "--stop", "a\\tb", "--stop", "end"])
+    assert ns.stop == ["\n", "a\tb", "end"]
 
 
 def test_cli_generation_options(trained_run, cli):

@@ -32,6 +32,12 @@ def number(text: str) -> float:
     return value
 
 
+def stop_string(text: str) -> str:
+    """A `--stop` string: `--stop "\\n"` from a shell arrives as a backslash and an n; it means the
+    newline (and backslash-t the tab)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def add_checkpoint_arg(p: argparse.ArgumentParser, help: str = "which checkpoint to load") -> None:
     """--checkpoint best|latest: which checkpoint of a run directory `load_run` reads."""
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best", help=help)

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from minimoe.cli.args import add_checkpoint_arg, add_device_args, check_writable, integer, number
+from minimoe.cli.args import add_checkpoint_arg, add_device_args, check_writable, integer, number, stop_string
 from minimoe.errors import MinimoeError, describe_os_error
 from minimoe.eval.runner import ROLES, TASK_OPTIONS, TASKS
 
@@ -145,7 +145,7 @@ def _options(args) -> dict:
                 raise MinimoeError(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
-        stop = [_unescape(x) for x in args.stop] if args.stop else None
+        stop = [stop_string(x) for x in args.stop] if args.stop else None
         opts.update(
             max_new_tokens=args.max_new_tokens, stop=stop, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -155,11 +155,6 @@ def _options(args) -> dict:
         if args.task == "multiple-choice":
             opts["delimiter"] = args.delimiter
     return opts
-
-
-def _unescape(s: str) -> str:
-    """`--stop "\\n"` from a shell arrives as a backslash and an n; it means the newline."""
-    return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _finite(obj):

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimoe.cli.args import add_checkpoint_arg, add_device_args, integer, number, set_threads
+from minimoe.cli.args import add_checkpoint_arg, add_device_args, integer, number, set_threads, stop_string
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--length-penalty", type=number, default=1.0, help="beam scores are divided by length**this"
     )
-    p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
+    p.add_argument(
+        "--stop", action="append", default=[], type=stop_string,
+        help='stop string ("\\n" is the newline); repeat for several',
+    )  # fmt: skip
     p.add_argument("--seed", type=integer, default=None, help="random seed")
     p.add_argument("--batch-size", type=integer, default=8, help="prompts decoded together")
     p.add_argument(

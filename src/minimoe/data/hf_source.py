@@ -23,6 +23,7 @@ class HFCorpus(Corpus):
 
     kind = "hf"
     BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+    SAVED = ("state.json", "dataset_dict.json")  # a folder written by save_to_disk (Dataset, DatasetDict)
 
     def __init__(self, spec: str, text_field: str = "text", cache_dir: str | None = None):
         target, _, query = spec[3:].partition("?")
@@ -60,6 +61,12 @@ class HFCorpus(Corpus):
                         f"{self.local} has a suffix datasets cannot read ({', '.join(self.BUILDERS)})"
                     )
                 ds = datasets.load_dataset(builder, data_files=str(self.local), **kwargs)
+            elif self.local is not None and any((self.local / f).is_file() for f in self.SAVED):
+                ds = datasets.load_from_disk(str(self.local))  # Dataset(Dict).save_to_disk's folder
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise MinimoeError(f"{self.local} has no split {split!r} (it has: {', '.join(ds)})")
+                    ds = ds[split]
             else:
                 ds = datasets.load_dataset(
                     self.target, self.opts.get("name"), revision=self.opts.get("revision"), **kwargs

@@ -285,12 +285,18 @@ def complete(
             emit(i, res.text)
         return results
 
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    size = 1 if speculative else batch_size
-    for b in range(0, len(order), size):
-        group = order[b : b + size]
-        max_len = model.cfg.max_position_embeddings
-        budget = min(max_new_tokens, max_len - max(len(fit_prompt(encoded[i], max_len)) for i in group))
+    # batches of similar length whose prompts have the same budget: a batch stops when its longest prompt
+    # fills the context, which must not cut a shorter prompt's tokens short
+    max_len = model.cfg.max_position_embeddings
+    own = [min(max_new_tokens, max_len - len(fit_prompt(ids, max_len))) for ids in encoded]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: len(encoded[i])):
+        if groups and len(groups[-1]) < (1 if speculative else batch_size) and own[groups[-1][0]] == own[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        budget = own[group[0]]
         streams = {i: TextStream(tokenizer.decode, stop) for i in group}
         cancelled: set[int] = set()
         if speculative:
