@@ -332,8 +332,13 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
         )
         == 0
     )
-    m2 = load_run(tmp_path / "m2")[0].state_dict()
+    m2_model, m2_tok, _, _ = load_run(tmp_path / "m2")
+    m2 = m2_model.state_dict()
     assert all(torch.allclose(m[k], m2[k], atol=1e-6) for k in m)
+    # and the chat template the adapter was trained with, which the base run does not have
+    template = load_run(out)[1].chat_template
+    assert template and load_run(base_run / "base")[1].chat_template != template
+    assert m2_tok.chat_template == template
 
 
 def test_qlora_needs_bitsandbytes_and_cuda(base_run, tmp_path, capsys):

@@ -121,11 +121,14 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=TARGETS, q
         raise MinimoeError(f"PEFT could not place LoRA adapters ({e})") from None
 
 
-def save_adapter(peft_model, directory: str | Path, base: str | None = None) -> Path:
-    """Write the adapter (PEFT's adapter_config.json + adapter_model.safetensors) and the base run."""
+def save_adapter(peft_model, directory: str | Path, base: str | None = None, tokenizer=None) -> Path:
+    """Write the adapter (PEFT's adapter_config.json + adapter_model.safetensors), the base run, and the
+    tokenizer it was trained with (its chat template), which a later merge gives the merged run."""
     d = Path(directory)
     peft_model.save_pretrained(str(d))
     (d / "minimoe_base.json").write_text(json.dumps({"base_run": base}, indent=2), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(d / "tokenizer")
     return d
 
 
@@ -165,6 +168,10 @@ def merge_saved_adapter(
     if (out / CKPT).exists() and any((out / CKPT).iterdir()):
         raise MinimoeError(f"{out} already holds a run; choose another --out")
     model, tok, cfg, meta = load_run(run_dir, which)
+    if (Path(adapter) / "tokenizer").is_dir():  # the adapter's: the chat template it was trained with
+        from minimoe.data import Tokenizer
+
+        tok = Tokenizer.load(Path(adapter) / "tokenizer")
     merged = merge_lora(load_adapter(model, adapter))
     info = {"source": str(Path(meta["path"]).resolve()), "adapter": str(Path(adapter).resolve())}
     return write_run(out, merged, tok, info, run_cfg=cfg)

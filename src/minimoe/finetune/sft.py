@@ -273,7 +273,7 @@ def finetune(
         return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, res.checkpoint)
     from minimoe.finetune.lora import merge_lora, save_adapter
 
-    adapter = save_adapter(trained, out / "adapter", base=source)
+    adapter = save_adapter(trained, out / "adapter", base=source, tokenizer=tok)
     if not merge:
         return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter)
     model = merge_lora(trained)
