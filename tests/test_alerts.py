@@ -145,8 +145,8 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
     seen: list[tuple[int, float]] = []  # (dropped, pairs routed) of each training forward, layer order
     orig_forward, orig_fit, orig_step = MoE.forward, Trainer.fit, Trainer._train_step
 
-    def forward(self, x):
-        y, stats = orig_forward(self, x)
+    def forward(self, x, valid=None):
+        y, stats = orig_forward(self, x, valid)
         if self.training:
             seen.append((int(stats.dropped), float(stats.load.sum())))
         return y, stats

@@ -368,6 +368,36 @@ def test_a_bf16_model_with_mtp_trains_without_autocast():
     torch.testing.assert_close(fused.losses["ce"], plain.losses["ce"], rtol=1e-2, atol=1e-2)
 
 
+def test_padding_after_the_last_target_counts_for_no_moe_statistic():
+    """A fine-tuning batch pads a short row after its last scored target: those positions reach no loss,
+    so the expert loads (which move the balancing bias), the sequence-wise balance loss and the z-loss
+    equal those of the rows run alone without their padding (the MTP block's too)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(aux_loss_alpha=0.0, seq_aux_loss_alpha=0.01, z_loss_coef=0.001, mtp_depth=1)
+    model = Transformer(cfg).double()
+    short, long = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 12))
+    pad = torch.full((1, 5), 3)
+    x = torch.cat([torch.cat([short, pad], 1), long])
+    y = x.roll(-1, 1)
+    y[0, 6:] = -100  # the short row's padding (and its last real token, whose next token is padding)
+    y[:, -1] = -100
+    batched = model(x, targets=y)
+    alone = [model(short, targets=y[:1, :7]), model(long, targets=y[1:])]
+    for layer in batched.moe_stats:
+        want = sum(a.moe_stats[layer].load for a in alone)
+        torch.testing.assert_close(batched.moe_stats[layer].load, want, msg=f"layer {layer}")
+        seq_aux = sum(a.moe_stats[layer].aux_loss for a in alone) / 2  # the mean over the two sequences
+        torch.testing.assert_close(batched.moe_stats[layer].aux_loss, seq_aux, msg=f"layer {layer}")
+    assert batched.moe_stats[1].load.sum() == 2 * (6 + 11)  # top-2 slots of the tokens that reach a target
+    valid = torch.tensor([[True] * 6 + [False] * 6, [True] * 11 + [False]])
+    from minimoe.model.router import router_z_loss
+
+    logits = torch.randn(24, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        router_z_loss(logits, 0.5, valid.reshape(-1)), router_z_loss(logits[valid.reshape(-1)], 0.5)
+    )
+
+
 def test_targets_with_num_logits_to_keep_are_refused():
     model = Transformer(tiny_cfg())
     idx = torch.randint(0, 97, (2, 8))

@@ -25,7 +25,7 @@ from torch import nn
 from minimoe.config import ModelConfig
 from minimoe.model.dispatch import combine, dispatch, expert_rows, row_weights
 from minimoe.model.experts import MLP, GroupedExperts, pad_multiple, rank_in_expert
-from minimoe.model.router import Router
+from minimoe.model.router import Router, expert_counts
 
 
 @dataclass
@@ -96,15 +96,17 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """Args:
             x: (B, S, D) hidden states.
+            valid: optional (B, S) bool, the tokens the statistics count: the loads (which move the
+                balancing bias) and the balance and z losses. Every token is computed either way.
         Returns:
             y: (B, S, D) routed (+ shared) expert output.
             stats: MoEStats of this forward.
         """
         B, S, D = x.shape
-        r = self.gate(x)  # the router reads x as it is (fp32 under autocast): routing stays fp32
+        r = self.gate(x, valid)  # the router reads x as it is (fp32 under autocast): routing stays fp32
         x_TD = x.reshape(B * S, D)  # (T, D)
         if torch.is_autocast_enabled(x.device.type):
             # the routed and shared experts multiply in the autocast dtype anyway: cast the T tokens once
@@ -120,7 +122,12 @@ class MoE(nn.Module):
         else:
             y_TD, dropped = self._with_capacity(x_TD, r, acc)
         out_TD = y_TD if out_TD is None else out_TD + y_TD  # both in `acc`
-        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=r.counts.float(), dropped=dropped)
+        load = (
+            r.counts.float()
+            if valid is None
+            else expert_counts(r.topk_idx, self.n_experts, valid=valid.reshape(-1))
+        )
+        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=load, dropped=dropped)
         return out_TD.to(x.dtype).view(B, S, D), stats
 
     def _dropless(self, x_TD: torch.Tensor, r, acc: torch.dtype) -> torch.Tensor:

@@ -35,10 +35,12 @@ class MTPModule(nn.Module):
         start: int = 0,
         attn_mask=None,
         keep=None,
+        valid=None,
     ):
         """h_prev, emb_next: (B, T, D) -> (new hidden (B, T, D), normed hidden for the head, MoE stats).
         attn_mask: optional (B, 1, T, S) bool, as Block takes it (rows of different lengths).
-        keep: optional (B, K) long: outputs at those positions only, (B, K, D) (Block.forward)."""
+        keep: optional (B, K) long: outputs at those positions only, (B, K, D) (Block.forward).
+        valid: optional (B, T) bool: the tokens the MoE statistics count (Block.forward)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T, D)
-        h, stats = self.block(x, cos, sin, cache, start, attn_mask, keep)
+        h, stats = self.block(x, cos, sin, cache, start, attn_mask, keep, valid)
         return h, self.norm(h), stats

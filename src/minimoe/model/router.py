@@ -97,13 +97,21 @@ def route(
     return topk_idx_TK, topk_weight_TK * cfg.routed_scaling_factor
 
 
-def expert_counts(topk_idx: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(..., K) expert indices -> (E,) token-slot counts per expert, in `dtype`. A scatter-add rather
-    than bincount: the output is (E,) by construction, which torch.compile can trace as a fixed shape
-    (bincount's size depends on the data)."""
+def expert_counts(
+    topk_idx: torch.Tensor,
+    n_experts: int,
+    dtype: torch.dtype = torch.float32,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(..., K) expert indices -> (E,) token-slot counts per expert, in `dtype`; with `valid` (...) bool,
+    of the valid tokens only. A scatter-add rather than bincount: the output is (E,) by construction,
+    which torch.compile can trace as a fixed shape (bincount's size depends on the data)."""
     idx = topk_idx.reshape(-1)
     counts = torch.zeros(n_experts, dtype=dtype, device=idx.device)
-    return counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=dtype))
+    if valid is None:
+        return counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=dtype))
+    ones = valid[..., None].expand(topk_idx.shape).reshape(-1).to(dtype)
+    return counts.scatter_add_(0, idx, ones)
 
 
 def _normalised(scores: torch.Tensor) -> torch.Tensor:
@@ -111,7 +119,9 @@ def _normalised(scores: torch.Tensor) -> torch.Tensor:
     return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
 
 
-def load_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float) -> torch.Tensor:
+def load_balance_loss(
+    scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float, valid_T: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token-level (batch) balance loss, alpha * sum_i f_i * P_i.
 
     f_i = E / (K * T) * count_i (1.0 everywhere when balanced), P_i = mean over tokens of s_i / sum_j s_j.
@@ -121,17 +131,25 @@ def load_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha:
         scores_TE: (T, E) unbiased scores.
         topk_idx_TK: (T, K) chosen experts.
         alpha: loss weight.
+        valid_T: optional (T,) bool: the tokens that count (T is then their number).
     Returns:
         scalar loss in the scores' dtype.
     """
     T, E = scores_TE.shape
     K = topk_idx_TK.shape[1]
-    f_E = expert_counts(topk_idx_TK, E).to(scores_TE.dtype) * (E / (K * T))
-    P_E = _normalised(scores_TE).mean(dim=0)
+    if valid_T is None:
+        f_E = expert_counts(topk_idx_TK, E).to(scores_TE.dtype) * (E / (K * T))
+        P_E = _normalised(scores_TE).mean(dim=0)
+        return alpha * (f_E * P_E).sum()
+    n = valid_T.sum().clamp(min=1).to(scores_TE.dtype)
+    f_E = expert_counts(topk_idx_TK, E, scores_TE.dtype, valid_T) * E / (K * n)
+    P_E = (_normalised(scores_TE) * valid_T[:, None]).sum(dim=0) / n
     return alpha * (f_E * P_E).sum()
 
 
-def seq_load_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, alpha: float) -> torch.Tensor:
+def seq_load_balance_loss(
+    scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, alpha: float, valid_BS: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sequence-wise balance loss (DeepSeek-V3 eq. 17-20): the token-level loss per sequence, averaged
     over sequences.
 
@@ -139,21 +157,33 @@ def seq_load_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, 
         scores_BSE: (B, S, E) unbiased scores.
         topk_idx_BSK: (B, S, K) chosen experts.
         alpha: loss weight.
+        valid_BS: optional (B, S) bool: the tokens that count (each sequence's S is then its number).
     Returns:
         scalar loss in the scores' dtype.
     """
     B, S, E = scores_BSE.shape
     K = topk_idx_BSK.shape[-1]
     counts_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
-    counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), counts_BE.new_ones(B, S * K))
-    f_BE = counts_BE * (E / (K * S))
-    P_BE = _normalised(scores_BSE).mean(dim=1)
+    if valid_BS is None:
+        counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), counts_BE.new_ones(B, S * K))
+        f_BE = counts_BE * (E / (K * S))
+        P_BE = _normalised(scores_BSE).mean(dim=1)
+        return alpha * (f_BE * P_BE).sum(dim=-1).mean()
+    w_BSK = valid_BS[..., None].expand(B, S, K).to(scores_BSE.dtype)
+    counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), w_BSK.reshape(B, S * K))
+    n_B1 = valid_BS.sum(dim=1, keepdim=True).clamp(min=1).to(scores_BSE.dtype)
+    f_BE = counts_BE * E / (K * n_B1)
+    P_BE = (_normalised(scores_BSE) * valid_BS[..., None]).sum(dim=1) / n_B1
     return alpha * (f_BE * P_BE).sum(dim=-1).mean()
 
 
-def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
-    """ST-MoE router z-loss: coef * mean over tokens of logsumexp(logits)^2. logits_TE: (T, E)."""
-    return coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+def router_z_loss(logits_TE: torch.Tensor, coef: float, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: coef * mean over tokens (the valid ones, with `valid_T` (T,) bool) of
+    logsumexp(logits)^2. logits_TE: (T, E)."""
+    z_T = torch.logsumexp(logits_TE, dim=-1).square()
+    if valid_T is None:
+        return coef * z_T.mean()
+    return coef * (z_T * valid_T).sum() / valid_T.sum().clamp(min=1)
 
 
 def bias_update(load_E: torch.Tensor, speed: float, scoring_func: str) -> torch.Tensor:
@@ -214,11 +244,13 @@ class Router(nn.Module):
             self.e_score_correction_bias = old.to(device=new.device, dtype=torch.float32)
         return self
 
-    def forward(self, x_BSD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> RouterOutput:
         """Route every token.
 
         Args:
             x_BSD: (B, S, D) hidden states.
+            valid_BS: optional (B, S) bool: the tokens the balance and z losses count (every token is
+                routed; `counts` counts them all, for the dispatch).
         Returns:
             RouterOutput with (T, K) indices and weights, T = B * S.
         """
@@ -244,13 +276,14 @@ class Router(nn.Module):
             # the balance and z losses are training terms: without gradients (evaluation reports the
             # cross-entropy; decoding) they are zero rather than a dozen small kernels per layer
             train = torch.is_grad_enabled()
+            valid_T = valid_BS.reshape(B * S) if valid_BS is not None else None
             if train and cfg.aux_loss_alpha > 0:
-                aux = aux + load_balance_loss(scores_TE, topk_idx_TK, cfg.aux_loss_alpha)
+                aux = aux + load_balance_loss(scores_TE, topk_idx_TK, cfg.aux_loss_alpha, valid_T)
             if train and cfg.seq_aux_loss_alpha > 0:
                 aux = aux + seq_load_balance_loss(
-                    scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), cfg.seq_aux_loss_alpha
+                    scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), cfg.seq_aux_loss_alpha, valid_BS
                 )
-            z = router_z_loss(logits_TE, cfg.z_loss_coef) if train and cfg.z_loss_coef > 0 else zero
+            z = router_z_loss(logits_TE, cfg.z_loss_coef, valid_T) if train and cfg.z_loss_coef > 0 else zero
             return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
 
     @torch.no_grad()

@@ -47,6 +47,14 @@ class KVCache:
             c.reorder(index)
 
 
+def reaches_a_target(targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose token reaches a scored target (not -100) at or after it in its
+    row, which is every position a causal model's losses depend on. The padding after a row's last
+    scored target (a fine-tuning batch's) reaches none: the MoE layers' loads and balance losses leave
+    it out."""
+    return (targets != -100).flip(1).cumsum(1).flip(1) > 0
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -59,18 +67,27 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None, keep=None
+        self,
+        x,
+        cos,
+        sin,
+        cache: LayerCache | None = None,
+        start: int = 0,
+        attn_mask=None,
+        keep=None,
+        valid=None,
     ):
         """x (B, T, D) -> (B, T, D) and the MoE stats. keep: optional (B, K) long, the positions of each
         row whose output is wanted (a decode step that needs the cache entries of every position but
-        the output of one): the FFN runs on those only and the output is (B, K, D)."""
+        the output of one): the FFN runs on those only and the output is (B, K, D). valid: optional
+        (B, T) bool, the tokens an MoE layer's statistics count (`MoE.forward`)."""
         a = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn_mask=attn_mask)
         x = x + self.dropout(a)
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, valid if keep is None else None)
         else:
             y, stats = self.mlp(h), None
         return x + self.dropout(y), stats
@@ -131,10 +148,10 @@ class Transformer(nn.Module):
         return per_layer * len(self.layers) * torch.empty((), dtype=dtype).element_size()
 
     # ------------------------------------------------------------------ forward
-    def _run_block(self, block: nn.Module, x, cos, sin, cache, start, attn_mask=None):
+    def _run_block(self, block: nn.Module, x, cos, sin, cache, start, attn_mask=None, valid=None):
         if self.gradient_checkpointing and self.training and cache is None:
-            return checkpoint(block, x, cos, sin, None, 0, attn_mask, use_reentrant=False)
-        return block(x, cos, sin, cache, start, attn_mask)
+            return checkpoint(block, x, cos, sin, None, 0, attn_mask, None, valid, use_reentrant=False)
+        return block(x, cos, sin, cache, start, attn_mask, None, valid)
 
     def forward(
         self,
@@ -178,9 +195,10 @@ class Transformer(nn.Module):
             attn_mask = padding_causal_mask(valid, T, start)  # (B, 1, T, S)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
         stats: dict[int, MoEStats] = {}
+        counted = reaches_a_target(targets) if targets is not None else None
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, st = self._run_block(block, x, cos, sin, layer_cache, start, attn_mask)
+            x, st = self._run_block(block, x, cos, sin, layer_cache, start, attn_mask, counted)
             if st is not None:
                 stats[i] = st
         if cache is not None:
@@ -223,7 +241,8 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
-            h, h_normed, st = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k])
+            rope = self.rope_cos[: T - k], self.rope_sin[: T - k]
+            h, h_normed, st = module(h[:, : T - k], emb, *rope, valid=reaches_a_target(targets[:, k:]))
             if st is not None:
                 stats[self.cfg.num_hidden_layers + k - 1] = st
             if self._fused_head_ok(h_normed):  # MTP logits are never returned
