@@ -4,7 +4,7 @@
     python benchmarks/autocast_parts.py --threads 2
 
 For each part (the attention sub-block, the MoE layer, a dense SwiGLU layer, the fused LM head and
-loss, and the whole model step with AdamW) it times forward + backward in fp32 and under bf16
+loss, and the whole model) it times forward + backward in fp32 and under bf16
 autocast, alternating the two, and prints the CPU time of each and their ratio (median over rounds).
 It answers why one model gains more from bf16 than another: bf16 speeds up the matrix multiplies,
 not the gathers, scatters and casts around them. On a CPU without native bf16 (no AVX-512 BF16 or
@@ -60,8 +60,8 @@ def parts(model: Transformer) -> dict:
         return out.loss
 
     found = {
-        "attention (MLA) + its norm": lambda: moe_block.self_attn(
-            moe_block.input_layernorm(leaf()), cos, sin
+        f"attention ({'MLA' if model.cfg.attn_type == 'mla' else 'GQA/MHA'}) + its norm": lambda: (
+            moe_block.self_attn(moe_block.input_layernorm(leaf()), cos, sin)
         ),
         "MoE layer (8 x 128 top-2 + shared)": lambda: moe_block.mlp(leaf())[0],
         "LM head + cross-entropy (fused)": lambda: linear_cross_entropy(leaf(), model.lm_head.weight, ids()),

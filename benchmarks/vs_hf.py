@@ -45,6 +45,12 @@ LABELS = {
 }
 
 
+def label(r: dict, key: str) -> str:
+    """The row's label, with the prompt length it ran where a short context cut it."""
+    prompt = r.get(f"{key}_prompt")
+    return LABELS[key].replace("prompt 512", f"prompt {prompt}") if prompt else LABELS[key]
+
+
 def bench(argv: list[str]) -> tuple[str, dict]:
     """Run `minimoe bench ... --json` in a fresh process; returns (the command, its JSON)."""
     cmd = ["minimoe", "bench", *argv, "--against", "hf", "--json"]
@@ -68,7 +74,7 @@ def table(cmd: str, r: dict) -> str:
     for k in ROWS:
         if f"{k}_tok_s" in r:
             lines.append(
-                f"| {LABELS[k]} | {r[f'{k}_tok_s']:,.0f} | {r[f'hf_{k}_tok_s']:,.0f} | **{r[f'{k}_ratio']:.2f}x** | "
+                f"| {label(r, k)} | {r[f'{k}_tok_s']:,.0f} | {r[f'hf_{k}_tok_s']:,.0f} | **{r[f'{k}_ratio']:.2f}x** | "
                 f"{r[f'peak_mem_{k}_mib']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} |"
             )
     return "\n".join(lines)
@@ -125,7 +131,7 @@ def fair_table(cmd: str, r: dict) -> str:
             else " | | "
         )
         lines.append(
-            f"| {LABELS[k]} | {r[k + '_tok_s']:,.0f} | **{r[k + '_ratio']:.2f}x** | {comp} | {r['hf_' + k + '_tok_s']:,.0f} |"
+            f"| {label(r, k)} | {r[k + '_tok_s']:,.0f} | **{r[k + '_ratio']:.2f}x** | {comp} | {r['hf_' + k + '_tok_s']:,.0f} |"
         )
     fracs = []
     for k, v in r.items():
@@ -138,7 +144,7 @@ def fair_table(cmd: str, r: dict) -> str:
                 if key.endswith("_compiled")
                 else "minimoe"
             )
-            shape = LABELS[key.removeprefix("hf_").removesuffix("_compiled")].removeprefix("decode, ")
+            shape = label(r, key.removeprefix("hf_").removesuffix("_compiled")).removeprefix("decode, ")
             fracs.append(f"{who} ({shape}) {v:.0%}")
     fracs = "; ".join(fracs)
     lines += [

@@ -337,6 +337,36 @@ def test_bench_groups_measure_their_own_rows():
         assert names == want == measurements(settings), groups
 
 
+def test_a_prompt_cut_by_a_short_context_is_recorded_and_shown():
+    """A decode row whose prompt does not fit the context with its new tokens runs a shorter prompt: the
+    result records the length it ran and the table says it; a prompt that fits records nothing."""
+    from minimoe.bench.measure import BenchSettings, MinimoeSubject, run_bench
+    from minimoe.bench.run import format_table
+
+    rc = build_run_config(
+        None, str(REFERENCE), SMALLER + ["model.max_position_embeddings=24", "train.seq_len=16"]
+    )
+    torch.manual_seed(0)
+    subject = MinimoeSubject(Transformer(rc.model), rc, torch.device("cpu"))
+    settings = BenchSettings(repeats=1, new_tokens=4, decode_shapes={"decode_b1": (1, 8), "decode_b1_p512": (1, 512)},
+                             groups=("decode",))  # fmt: skip
+    out = dict(run_bench([subject], rc, torch.device("cpu"), settings))
+    assert out["decode_b1_p512"]["decode_b1_p512_prompt"] == 20 and "decode_b1_prompt" not in out["decode_b1"]
+    r = {"config": "c", "cpu": "cpu", "device": "cpu", "threads": 1, "dtype": "fp32", "torch": "t",
+         "matmul_peak_gflops": 1.0, "mfu": 0.1, **out["decode_b1"], **out["decode_b1_p512"]}  # fmt: skip
+    table = format_table(r, against=False)
+    assert "| decode_b1_p512 (prompt 20) |" in table and "| decode_b1 |" in table
+
+
+def test_published_bf16_peaks_tell_the_h100_variants_apart(monkeypatch):
+    from minimoe.bench.measure import published_peak_tflops
+
+    for name, want in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert published_peak_tflops(torch.device("cuda")) == want, name
+
+
 @pytest.mark.slow
 def test_fair_comparison_end_to_end(capsys):
     """`minimoe bench --against hf --fair --json`: every measurement for both sides, the settings each

@@ -56,7 +56,11 @@ DECODE_SHAPES = {
     "decode_b8_p512": (8, 512),
 }
 # published dense bf16 tensor-core peaks (TFLOP/s), for GPU MFU next to the measured one
-PUBLISHED_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0, "T4": 65.0}
+# (the first name the device's contains: the PCIe and NVL H100s before the SXM one; the T4 has no bf16
+# tensor cores, so none is given)
+PUBLISHED_BF16_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0,
+}  # fmt: skip
 
 
 @dataclass
@@ -424,12 +428,16 @@ def run_bench(
     pre = torch.randint(0, V, (b, min(p, max_len)), generator=gen).to(device)
     if "compute" in groups:
         yield measure("prefill", lambda s: lambda: s.prefill(pre))
-    for key, (b, p) in settings.decode_shapes.items():
-        p = min(p, max_len - settings.new_tokens)
+    for key, (b, nominal) in settings.decode_shapes.items():
+        p = min(nominal, max_len - settings.new_tokens)  # a short context cuts the prompt: recorded below
+        cut = {f"{key}_prompt": p} if p != nominal else {}
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
         plain, compiled = decode_groups(b)
         if plain in groups:
-            yield measure(key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens))
+            name, out = measure(
+                key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens)
+            )
+            yield name, {**out, **cut}
         if settings.compiled_decode and compiled in groups:
             ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
             name, out = measure(
@@ -439,7 +447,7 @@ def run_bench(
                 ours,
             )  # fmt: skip
             out[f"{key}_compile_s"] = ours[0].static[(b, p + settings.new_tokens)].compile_s
-            yield name, out
+            yield name, {**out, **cut}
 
 
 def mfu(rc: RunConfig, train_tok_s: float, peak_gflops: float) -> float:

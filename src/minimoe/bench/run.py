@@ -139,7 +139,8 @@ def format_table(r: dict, against: bool) -> str:
     ]
     keys = [k[: -len("_tok_s")] for k in r if k.endswith("_tok_s") and f"peak_mem_{k[:-6]}_mib" in r]
     for k in keys:
-        row = f"| {k} | {r[k + '_tok_s']:,.0f} | {r[f'peak_mem_{k}_mib']:,.0f} |"
+        prompt = r.get(f"{M.baseline_key(k)}_prompt")  # a prompt cut to fit a short context
+        row = f"| {k}{f' (prompt {prompt})' if prompt else ''} | {r[k + '_tok_s']:,.0f} | {r[f'peak_mem_{k}_mib']:,.0f} |"
         if against:
             h = M.baseline_key(k)
             row += f" {r[f'hf_{h}_tok_s']:,.0f} | {r[f'hf_peak_mem_{h}_mib']:,.0f} | {r[f'{k}_ratio']:.2f}x |"
