@@ -62,6 +62,11 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _grad_norms(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
+
+
 def _val(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
@@ -270,7 +275,8 @@ def test_expert_parallel_layer_matches_one_process(two_ranks, case):
 
 @pytest.mark.parametrize("name", ["ddp", *SCENARIOS])
 def test_two_ranks_match_one_process(env, two_ranks, name):
-    """Same global batch on 2 ranks and in 1 process: same losses, same validation loss."""
+    """Same global batch on 2 ranks and in 1 process: same losses, same gradient norms (over every
+    rank's shard, of the mean loss), same validation loss."""
     root, corpus = env
     model = PP_MODEL if name == "pp" else []
     one = _one_process(root, corpus, "pp" if name == "pp" else "base", model)
@@ -279,6 +285,10 @@ def test_two_ranks_match_one_process(env, two_ranks, name):
     assert sorted(l2) == [1, 2, 3, 4]
     for s in l1:
         assert l2[s] == pytest.approx(l1[s], abs=TOL), (name, s, l1, l2)
+    g1, g2 = _grad_norms(one), _grad_norms(two)
+    assert sorted(g2) == [1, 2, 3, 4]
+    for s in g1:
+        assert g2[s] == pytest.approx(g1[s], rel=1e-5), (name, s, g1, g2)
     assert _val(two)[4] == pytest.approx(_val(one)[4], abs=TOL)
     if name == "ddp":  # rank 0 alone printed the summary
         assert two_ranks["cli_stdout"].count("checkpoint:") == 1, two_ranks["cli_stdout"]

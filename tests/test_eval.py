@@ -720,3 +720,125 @@ def test_exported_model_gives_the_same_numbers_with_lm_eval_hf(tmp_path, monkeyp
         ours, theirs = resps["minimoe"][t], resps["hf"][t]
         assert len(ours) == len(theirs) == {"mm_mc": 9, "mm_ppl": 3}[t]
         assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-3), t
+
+
+# ---------------------------------------------------------------------- edges of scoring and tasks
+
+
+class _MarkedBytes:
+    """Byte ids, except that "§" is the end-of-text token (id 300)."""
+
+    eos_id = 300
+
+    def encode(self, s: str) -> list[int]:
+        return [self.eos_id if c == "§" else ord(c) for c in s]
+
+
+def test_empty_context_uses_end_of_text_unless_the_continuation_starts_with_it():
+    tok = _MarkedBytes()
+    assert encode_pair(tok, "", "hi") == ([300], [104, 105])
+    assert encode_pair(tok, "  ", "hi") == ([300], [32, 32, 104, 105])  # whitespace-only context
+    assert encode_pair(tok, "", "§hi") == ([300], [104, 105])  # not scored twice
+
+
+def test_choice_normalisations_divide_by_chars_bytes_and_tokens():
+    """acc_norm divides by characters, acc_bytes by UTF-8 bytes, per token by tokens: on choices where
+    the three disagree, each picks its own answer."""
+    from minimoe.eval.tasks import choice_correct
+
+    # per char: -2 vs -1.25 (choice 1); per byte: -1 vs -1.25 (choice 0); per token: -3 vs -5 (choice 0)
+    got = choice_correct([-6.0, -5.0], [2, 1], ["ééé", "abcd"], label=1)
+    assert got == {
+        "accuracy": 1.0,
+        "accuracy_norm": 1.0,
+        "accuracy_per_byte": 0.0,
+        "accuracy_per_token": 0.0,
+    }
+
+
+def test_join_choice_adds_the_delimiter_only_between_non_space_edges():
+    from minimoe.eval.tasks import join_choice
+
+    assert join_choice("Q:", "A") == " A"
+    assert join_choice("Q:", " A") == " A"  # the choice brings its own space
+    assert join_choice("Q: ", "A") == "A"
+    assert join_choice("", "A") == "A"
+    assert join_choice("Q:", "A", delimiter="\n") == "\nA"
+
+
+def test_minimal_pair_ties_count_as_wrong_and_stderr_uses_n_minus_1(tmp_path):
+    """The good sentence must score strictly higher (a tie is a miss), and accuracy_stderr is the
+    sample standard deviation over sqrt(n)."""
+    from minimoe.eval.tasks import stderr_of_mean
+
+    model, _ = unigram_model({ord("a"): 4.0, ord("b"): 2.0})
+    rows = [
+        {"sentence_good": "ab", "sentence_bad": "ba"},  # same tokens: equal under a unigram model
+        {"sentence_good": "aa", "sentence_bad": "bb"},
+        {"sentence_good": "aa", "sentence_bad": "ab"},
+    ]
+    res = evaluate_minimal_pairs(model, Tokenizer.byte(), write_jsonl(tmp_path / "p.jsonl", rows))
+    assert res["accuracy"] == pytest.approx(2 / 3)
+    want = math.sqrt(((0 - 2 / 3) ** 2 + 2 * (1 - 2 / 3) ** 2) / 2) / math.sqrt(3)
+    assert res["accuracy_stderr"] == pytest.approx(want)
+    assert stderr_of_mean([1.0, 2.0, 4.0]) == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))
+
+
+def test_generate_until_cuts_at_the_earliest_stop_and_fits_the_prompt(monkeypatch):
+    """Stops that complete on the same token: the text ends before the one that starts first. A long
+    prompt keeps its last context - max_new_tokens tokens."""
+    import minimoe.infer.generate as gen
+    from minimoe.eval.tasks import generate_until
+
+    tok = Tokenizer.byte()
+    model = random_model()
+    seen = []
+
+    def fake(model, ids, max_new_tokens, **kw):
+        seen.append(list(ids))
+        yield from tok.encode("one two three four")[:max_new_tokens]
+
+    monkeypatch.setattr(gen, "generate_tokens", fake)
+    assert generate_until(model, tok, "go", 30, stop=["e", "two th"]) == "on"
+    assert generate_until(model, tok, "go", 30, stop=["ee", "two three"]) == "one "
+    assert generate_until(model, tok, "go", 30, stop=["zzz"]) == "one two three four"
+    prompt = "".join(chr(97 + i % 26) for i in range(100))
+    generate_until(model, tok, prompt, 10)
+    assert seen[-1] == tok.encode(prompt)[-(64 - 10) :]
+
+
+def test_lm_eval_adapter_requests_directly():
+    """The adapter's three request types against minimoe's own scoring and generation: loglikelihood
+    returns (sum of log-probs, is greedy); rolling sums lm-eval's disjoint windows; generate_until
+    takes `until` as one string or a list and decodes greedily unless do_sample."""
+    from types import SimpleNamespace
+
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from minimoe.eval.lm_eval import MinimoeLM
+    from minimoe.eval.tasks import generate_until
+
+    req = lambda *args: SimpleNamespace(args=args)  # noqa: E731
+    tok = Tokenizer.byte()
+    uni, _ = unigram_model(UNIGRAM_PREFS)
+    lm = MinimoeLM(model=uni, tokenizer=tok, batch_size=2)
+    got = lm.loglikelihood([req("pick", "a"), req("pick", "b"), req("pick", " aa")])
+    want = score_pairs(uni, [encode_pair(tok, "pick", c) for c in ("a", "b", " aa")])
+    assert got == [(s.logprob, s.greedy) for s in want]
+    assert [g for _, g in got] == [True, False, False]
+    out = lm.generate_until([req("x", {"until": "ab", "max_gen_toks": 5}), req("x", {"until": ["a"]})])
+    assert out == ["aaaaa", ""]
+
+    model = random_model()
+    lm = MinimoeLM(model=model, tokenizer=tok, batch_size=3, max_length=16)
+    text = "the cat sat on the mat and the dog ran"
+    ids = tok.encode(text)
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, tok.eos_id, 16, 1)]
+    want = sum(token_logprobs(model, list(c) + list(p))[-len(p) :].sum().item() for c, p in windows)
+    assert lm.loglikelihood_rolling([req(text)]) == [pytest.approx(want, abs=1e-4)]
+    kw = {"until": [], "max_gen_toks": 8, "temperature": 1.0}
+    greedy = generate_until(model, tok, "the", 8, (), 0.0)
+    assert lm.generate_until([req("the", {**kw, "do_sample": False})]) == [greedy]
+    sampled = generate_until(model, tok, "the", 8, (), 1.0, seed=0)
+    assert sampled != greedy
+    assert lm.generate_until([req("the", {**kw, "do_sample": True})]) == [sampled]

@@ -143,6 +143,28 @@ def test_steps_for_budget():
         flops.steps_for_budget(cfg, flops=fpt * per_step * 0.5)
 
 
+def test_mtp_depths_see_fewer_positions_and_budgets_count_accumulation():
+    """MTP depth k sees S - k positions of each sequence; a step spends batch x seq_len x grad_accum
+    tokens, in token and FLOPs budgets alike."""
+    D, H, S = 32, 2, 32
+    attn = D * H * 16 + D * (16 + 8) + 16 * H * (8 + 8) + H * 8 * D
+    moe = 4 * D + 2 * 3 * D * 16 + 3 * D * 16
+    mtp_mm = 2 * D * D + attn + moe + 320 * D
+    pair = 2 * H * (16 + 8)
+    rep = flops.flops_per_token(_hand_cfg(mtp_depth=2), S)
+    assert rep.mtp_matmul_params == 2 * mtp_mm
+    expect = sum((2 * mtp_mm * (S - k) + pair * (S - k) * (S - k + 1) / 2) / S for k in (1, 2))
+    assert rep.forward_mtp == pytest.approx(expect, rel=1e-12)
+
+    cfg = build_run_config(overrides=TINY + ["model.vocab_size=320", "train.grad_accum=3"])
+    per_step = 4 * 32 * 3
+    assert flops.tokens_per_step(cfg) == per_step
+    assert flops.steps_for_budget(cfg, tokens=per_step * 10 + 5) == 10
+    fpt = flops.flops_per_token(cfg.model, 32).train_per_token
+    assert flops.steps_for_budget(cfg, flops=fpt * per_step * 7.5) == 7
+    assert flops.training_flops(cfg, 7) == pytest.approx(fpt * per_step * 7)
+
+
 # ---------------------------------------------------------------- plot
 
 
@@ -460,6 +482,68 @@ def test_t_quantile_beyond_the_table():
     for df, want in ((31, 2.0395134), (40, 2.0210754), (60, 2.0002978), (120, 1.9799304), (1000, 1.9623391)):
         assert lab_report.t975(df) == pytest.approx(want, abs=2e-5), df
     assert lab_report.t975(30) == 2.042
+
+
+def test_mean_std_uses_the_sample_standard_deviation():
+    assert lab_report.mean_std([1.0, 2.0, 3.0]) == "2.0000 ± 1.0000"
+    assert lab_report.mean_std([0.5, None]) == "0.5000" and lab_report.mean_std([None]) == "–"
+
+
+def test_summary_maxvio_batch_is_the_mean_of_the_last_tenth_of_the_rows(tmp_path):
+    """A finished run's summary: the final evaluation's numbers, and MaxVio batch over the last 10%
+    of the logged training rows."""
+    from minimoe.lab.sweep import PlannedRun
+
+    cfg = build_run_config(overrides=TINY + ["model.vocab_size=320", "train.max_steps=20"])
+    run = PlannedRun("v", 1, [], cfg, 1000.0)
+    rows = [{"step": s, "loss": 1.0, "tokens": 128 * s, "max_vio_mean": float(s)} for s in range(1, 21)]
+    rows.append({"step": 20, "tokens": 2560, "val_loss": 2.5, "val_max_vio_global": 0.3})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step_20").mkdir(parents=True)
+    (ckpt / "step_20" / "meta.json").write_text(json.dumps({"step": 20}))
+    (ckpt / "latest").write_text("step_20")
+    s = lab_report.summarize_run(tmp_path, run)
+    assert (s.steps, s.tokens, s.val_loss, s.max_vio_global) == (20, 2560, 2.5, 0.3)
+    assert s.max_vio_batch == pytest.approx((19 + 20) / 2) and s.train_flops == 2560 * 1000.0
+
+
+def test_plan_trains_every_variant_with_each_seed_seed_major(tmp_path):
+    """Each planned run trains with its own seed, and every variant's first seed comes before any
+    variant's second (a sweep cut short still compares all variants)."""
+    sweep_file = tmp_path / "s.yaml"
+    base = json.dumps(TINY + ["model.vocab_size=320"])
+    sweep_file.write_text(
+        f"base:\n  overrides: {base}\nbudget: {{steps: 3}}\nseeds: [5, 7]\n"
+        "variants:\n  a: []\n  b: [train.lr=2e-3]\n"
+    )
+    runs = compare.plan(compare.load_sweep(sweep_file))
+    assert [(r.variant, r.seed, r.cfg.train.seed) for r in runs] == [
+        ("a", 5, 5),
+        ("b", 5, 5),
+        ("a", 7, 7),
+        ("b", 7, 7),
+    ]
+    assert all(r.cfg.train.max_steps == 3 for r in runs)
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_clean(tmp_path, monkeypatch):
+    """A run folder without a checkpoint (an attempt that died early) is trained from scratch: none of
+    what the dead attempt left is kept."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    sweep_file = tmp_path / "s.yaml"
+    base = json.dumps(TINY + ["train.eval_every=100"])
+    sweep_file.write_text(
+        f"base:\n  overrides: {base}\ndata: corpus.txt\nbudget: {{steps: 2}}\nseeds: [1]\nvariants:\n  a: []\n"
+    )
+    dead = tmp_path / "out" / "a" / "seed_1"
+    dead.mkdir(parents=True)
+    (dead / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.0, "tokens": 1}) + "\n")
+    (dead / "stale.txt").write_text("left by the dead attempt")
+    compare.run_sweep(compare.load_sweep(sweep_file), tmp_path / "out", figures=False)
+    steps = [json.loads(x)["step"] for x in (dead / "metrics.jsonl").read_text().splitlines()]
+    assert 99 not in steps and max(steps) == 2 and not (dead / "stale.txt").exists()
 
 
 def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():

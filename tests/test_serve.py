@@ -351,6 +351,9 @@ ERRORS = [
     ("/v1/completions", {"model": NAME, "prompt": ["a"] * 20000, "n": 32, "max_tokens": 500}, 400, "prompt", "too_many_choices"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 65}, 400, "n", "too_many_choices"),
     ("/v1/completions", {"model": NAME, "prompt": ["x" * 100] * 60, "max_tokens": 28}, 400, "max_tokens", "too_many_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "x" * 100, "n": 40, "max_tokens": 20}, 400, "max_tokens", "too_many_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**63}, 400, "seed", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "n": 2, "best_of": 1}, 400, "best_of", "unsupported_parameter"),
 ]  # fmt: skip
 
 
@@ -372,6 +375,93 @@ def test_errors_have_openai_shape_and_server_keeps_serving(server):
     )
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 100
     assert httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"] == NAME
+
+
+def test_zero_max_tokens_and_the_seed_range_ends_are_accepted(server):
+    """max_tokens 0 is a valid request (an empty "length" choice); seeds at both ends of the signed
+    64-bit range are accepted."""
+    r = _post(server, "/v1/completions", {"model": NAME, "prompt": "the", "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == "" and choice["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 0
+    for seed in (-(2**63), 2**63 - 1):
+        body = {"model": NAME, "prompt": "the", "max_tokens": 2, "seed": seed}
+        assert _post(server, "/v1/completions", body).status_code == 200, seed
+
+
+def test_seeded_choices_do_not_depend_on_the_other_prompts(server):
+    """Choice j of every prompt samples with seed + j: a prompt's choices are the same alone or
+    after other prompts in the request."""
+    kw = {"model": NAME, "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 2}
+    both = _post(server, "/v1/completions", {**kw, "prompt": ["the", "a bird"]}).json()["choices"]
+    alone = _post(server, "/v1/completions", {**kw, "prompt": "a bird"}).json()["choices"]
+    assert [c["index"] for c in both] == [0, 1, 2, 3]
+    assert [c["text"] for c in both[2:]] == [c["text"] for c in alone]
+    assert alone[0]["text"] != alone[1]["text"]
+
+
+def test_choices_come_in_index_order_whatever_order_they_finish_in(server):
+    """A plain (non-streamed) answer lists its choices by index even when a later choice finishes
+    first (here: on a stop string early in its text; choice j samples with seed + j)."""
+    kw = {"model": NAME, "prompt": "the", "max_tokens": 20, "temperature": 1.0}
+    text = lambda seed: _post(server, "/v1/completions", {**kw, "seed": seed}).json()["choices"][0]["text"]  # noqa: E731
+    texts = {seed: text(seed) for seed in range(7, 12)}
+    seed, stop = next(
+        (s, texts[s + 1][1:3])
+        for s in range(7, 11)
+        if len(texts[s + 1]) > 3 and texts[s + 1][1:3] not in texts[s]
+    )
+    r = _post(server, "/v1/completions", {**kw, "seed": seed, "n": 2, "stop": stop}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert [c["text"] for c in r["choices"]] == [texts[seed], texts[seed + 1][: texts[seed + 1].index(stop)]]
+
+
+def test_a_body_of_exactly_the_limit_is_read_whole_and_the_key_must_match_exactly(server):
+    """--max-body-bytes is inclusive: a body of exactly 1 MiB is answered, one byte more is a 413.
+    A key with extra characters after the right one is refused."""
+    body = {"model": NAME, "prompt": "the", "max_tokens": 1, "temperature": 0, "user": ""}
+    pad = (1 << 20) - len(json.dumps(body))
+    exact = json.dumps({**body, "user": "u" * pad})
+    assert len(exact) == 1 << 20
+    r = _post(server, "/v1/completions", exact)
+    assert r.status_code == 200, r.text
+    r = _post(server, "/v1/completions", json.dumps({**body, "user": "u" * (pad + 1)}))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    for key in (KEY + "x", KEY[:-1]):
+        r = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 401, key
+
+
+def _stream_chunks(server: str, path: str, body: dict) -> list[str]:
+    """The `data: ` payloads of a streamed response, in order."""
+    with httpx.stream("POST", server + path, json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_stream_chunks_carry_a_null_usage_until_the_last_with_include_usage(server):
+    """With include_usage every chunk has "usage": null and a last chunk with no choices holds the
+    usage, then [DONE]; without it no chunk has a usage field (OpenAI's stream shape)."""
+    for path, body in (
+        ("/v1/completions", {"model": NAME, "prompt": "the", "max_tokens": 5, "temperature": 0}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": "a"}],
+                "max_tokens": 5,
+                "temperature": 0,
+            },
+        ),
+    ):
+        data = _stream_chunks(server, path, {**body, "stream_options": {"include_usage": True}})
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), path
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+        plain = [json.loads(d) for d in _stream_chunks(server, path, body)[:-1]]
+        assert plain and not any("usage" in c for c in plain), path
 
 
 def test_concurrent_clients_get_what_a_lone_request_gets(server):
@@ -1099,6 +1189,45 @@ def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue
     engine.shutdown()
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit([job("d")])
+
+
+def test_engine_end_of_text_finishes_with_stop_and_queue_limits_default_to_half(loaded):
+    """A sampled end-of-text token ends the choice with "stop" (not counted as a completion token);
+    a client may hold half the queue by default, and a refused submit always asks for a retry after
+    at least one second."""
+    from types import SimpleNamespace
+
+    from minimoe.serve.engine import QueueFull
+
+    model, tok = loaded
+    params = JobParams(max_tokens=8, temperature=1.0, seed=3)
+    (finish,) = [
+        e
+        for e in _engine_run(Engine(model, tok), [Job(0, tok.encode("the"), params, lambda e: None)])
+        if isinstance(e, Finish)
+    ]
+    ids = tok.encode(finish.text)
+    k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])  # a token not generated before
+    engine = Engine(model, tok)  # seeded: the same tokens again, the k-th now as end-of-text
+    engine.tokenizer = SimpleNamespace(decode=tok.decode, eos_id=ids[k])
+    (eos,) = [
+        e
+        for e in _engine_run(engine, [Job(0, tok.encode("the"), params, lambda e: None)])
+        if isinstance(e, Finish)
+    ]
+    assert (eos.reason, eos.completion_tokens, eos.text) == ("stop", k, tok.decode(ids[:k]))
+
+    job = lambda client: Job(0, [1], params, lambda e: None, client=client)  # noqa: E731
+    engine = Engine(model, tok, max_active=1, max_queued=4)
+    engine.submit([job("a"), job("a"), job("a")])  # one for the free slot, two waiting: half of 4
+    with pytest.raises(QueueFull, match="from this client"):
+        engine.submit([job("a")])
+    engine.submit([job("b")])
+    engine = Engine(model, tok, max_active=1, max_queued=100, max_queued_per_client=1)
+    with pytest.raises(QueueFull, match="from this client") as e:
+        engine.submit([job("a") for _ in range(3)])  # nothing waits yet, and this is still too many
+    assert e.value.retry_after >= 1
+    engine.close()
 
 
 def test_cancelled_queued_jobs_give_their_places_in_the_queue_back(loaded):
