@@ -1,12 +1,13 @@
-"""Where a run's metric rows go: RUN_DIR/metrics.jsonl always, TensorBoard and wandb when enabled.
-
-Only rank 0 writes; on the other ranks every method is a no-op.
+"""Where a run's metric rows go: RUN_DIR/metrics.jsonl always, TensorBoard and wandb when enabled
+(only rank 0 writes; on the other ranks every method is a no-op), and what a row averages over
+(`LogWindow`, kept in checkpoints).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -79,3 +80,34 @@ def peak_mem_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     except ImportError:  # pragma: no cover - Windows
         return 0.0
+
+
+class LogWindow:
+    """What the optimizer steps since the last logged row add up to (a row logs their mean loss and
+    parts, their tokens per second and expert loads). Checkpoints keep it, so that a run paused or
+    interrupted between two logged rows and resumed logs the rows an uninterrupted run would."""
+
+    def __init__(self, device: torch.device, parts: tuple[str, ...]) -> None:
+        self.device, self.part_names = device, parts
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.parts = {k: torch.zeros((), device=self.device) for k in self.part_names}
+        self.steps, self.tokens, self.start = 0, 0, now
+        self.loads: dict[int, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {
+            "loss": self.loss.item(), "parts": {k: v.item() for k, v in self.parts.items()},
+            "steps": self.steps, "tokens": self.tokens, "seconds": time.perf_counter() - self.start,
+            "loads": {i: v.detach().cpu() for i, v in self.loads.items()},
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset(time.perf_counter() - state["seconds"])
+        self.loss.fill_(state["loss"])
+        for k, v in state["parts"].items():
+            self.parts[k].fill_(v)
+        self.steps, self.tokens = state["steps"], state["tokens"]
+        self.loads = {i: v.to(self.device) for i, v in state["loads"].items()}

@@ -36,7 +36,7 @@ from minimoe.train import state as run_state
 from minimoe.train.balance import add_loads, balance_step, bias_ranges
 from minimoe.train.health import expert_health
 from minimoe.train.interrupt import Interrupt
-from minimoe.train.metrics import MetricWriters, peak_mem_mb
+from minimoe.train.metrics import LogWindow, MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.precision import autocast_context, resolve_precision
 from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
@@ -63,37 +63,6 @@ class TrainResult:
     sample: str | None = None
     is_main: bool = True  # False on ranks > 0 of a distributed run (they print and write nothing)
     train_loss: float | None = None  # the last metrics row's training loss
-
-
-class LogWindow:
-    """What the optimizer steps since the last logged row add up to (a row logs their mean loss and
-    parts, their tokens per second and expert loads). Checkpoints keep it, so that a run paused or
-    interrupted between two logged rows and resumed logs the rows an uninterrupted run would."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset(time.perf_counter())
-
-    def reset(self, now: float) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.parts = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
-        self.steps, self.tokens, self.start = 0, 0, now
-        self.loads: dict[int, torch.Tensor] = {}
-
-    def state_dict(self) -> dict:
-        return {
-            "loss": self.loss.item(), "parts": {k: v.item() for k, v in self.parts.items()},
-            "steps": self.steps, "tokens": self.tokens, "seconds": time.perf_counter() - self.start,
-            "loads": {i: v.detach().cpu() for i, v in self.loads.items()},
-        }  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        self.reset(time.perf_counter() - state["seconds"])
-        self.loss.fill_(state["loss"])
-        for k, v in state["parts"].items():
-            self.parts[k].fill_(v)
-        self.steps, self.tokens = state["steps"], state["tokens"]
-        self.loads = {i: v.to(self.device) for i, v in state["loads"].items()}
 
 
 class Trainer:
@@ -208,7 +177,7 @@ class Trainer:
         self.train_loss: float | None = None
         self.best_val: float | None = None
         self.evals_since_best = 0
-        self.window = LogWindow(self.device)  # the steps since the last logged row
+        self.window = LogWindow(self.device, LOSS_PARTS)  # the steps since the last logged row
         self.monitor = alerts.RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if resume:
