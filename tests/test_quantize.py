@@ -170,6 +170,8 @@ def test_quantized_checkpoint_reloads_and_generates(trained_run, tmp_path, capsy
     # the file on disk shrinks too
     float_size = (Path(meta["path"]) / "model.safetensors").stat().st_size
     assert (out / "model.safetensors").stat().st_size < float_size
+    code, _, err = run_cli(["export", str(out), "--out", str(tmp_path / "hf")], capsys)
+    assert code == 2 and "export the run it was quantized from" in err and not (tmp_path / "hf").exists()
 
 
 def test_quantize_cli_bad_input(trained_run, tmp_path, capsys):  # noqa: F811

@@ -214,6 +214,11 @@ def export_model(
         ExportResult with the chosen format, files, weight bytes and notes.
     """
     cfg: ModelConfig = model.cfg
+    if getattr(model, "quantization", None):
+        raise MinimoeError(
+            "the run holds the int8/int4 weights of `minimoe quantize`, which no Hugging Face format here "
+            "stores; export the run it was quantized from"
+        )
     if fmt is not None and fmt not in formats.ARCHITECTURES:
         raise MinimoeError(f"unknown export format {fmt!r}; choose one of {', '.join(formats.ARCHITECTURES)}")
     if dtype not in DTYPES:
