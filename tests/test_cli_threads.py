@@ -92,7 +92,9 @@ def test_glibc_keeps_freed_memory_so_steps_stop_faulting_in_fresh_pages():
     assert (kept, off) == ("True", "False")
     if faults_default < 200:  # e.g. transparent huge pages always on: few faults to remove
         pytest.skip(f"glibc's default faulted only {faults_default:.0f} times per step here")
-    assert faults_kept < 0.2 * faults_default, (faults_kept, faults_default)
+    # usually 30-45 against 800-2,000 per step; one CI run saw 234 against 1,150, so the bound is loose:
+    # without the setting both sides fault alike
+    assert faults_kept < 0.5 * faults_default, (faults_kept, faults_default)
     assert _faults("1", MALLOC_ARENA_MAX="2")[0] == "False"
     assert _faults("1", GLIBC_TUNABLES="glibc.malloc.trim_threshold=0")[0] == "False"
     assert keep_freed_memory("serve") is False
