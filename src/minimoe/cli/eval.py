@@ -82,6 +82,7 @@ def add_parser(sub) -> None:
         "--stop",
         action="append",
         default=None,
+        type=stop_string,
         help="stop string (repeatable; \\n and \\t mean newline and tab); end-of-text always stops",
     )
     g.add_argument(
@@ -145,9 +146,8 @@ def _options(args) -> dict:
                 raise MinimoeError(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
-        stop = [stop_string(x) for x in args.stop] if args.stop else None
         opts.update(
-            max_new_tokens=args.max_new_tokens, stop=stop, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, stop=args.stop or None, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         )  # fmt: skip
     else:

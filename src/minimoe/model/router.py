@@ -109,9 +109,18 @@ def expert_counts(
     idx = topk_idx.reshape(-1)
     counts = torch.zeros(n_experts, dtype=dtype, device=idx.device)
     if valid is None:
-        return counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=dtype))
-    ones = valid[..., None].expand(topk_idx.shape).reshape(-1).to(dtype)
-    return counts.scatter_add_(0, idx, ones)
+        w = torch.ones_like(idx, dtype=dtype)
+    else:
+        w = valid[..., None].expand(topk_idx.shape).reshape(-1).to(dtype)
+    return counts.scatter_add_(0, idx, w)
+
+
+def _token_mean(x: torch.Tensor, valid: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """x (..., E) averaged over the tokens of `dim`; with `valid` (x's shape but E) bool, over the valid
+    ones only."""
+    if valid is None:
+        return x.mean(dim=dim)
+    return (x * valid[..., None]).sum(dim=dim) / valid.sum(dim=dim).clamp(min=1)[..., None].to(x.dtype)
 
 
 def _normalised(scores: torch.Tensor) -> torch.Tensor:
@@ -137,13 +146,9 @@ def load_balance_loss(
     """
     T, E = scores_TE.shape
     K = topk_idx_TK.shape[1]
-    if valid_T is None:
-        f_E = expert_counts(topk_idx_TK, E).to(scores_TE.dtype) * (E / (K * T))
-        P_E = _normalised(scores_TE).mean(dim=0)
-        return alpha * (f_E * P_E).sum()
-    n = valid_T.sum().clamp(min=1).to(scores_TE.dtype)
-    f_E = expert_counts(topk_idx_TK, E, scores_TE.dtype, valid_T) * E / (K * n)
-    P_E = (_normalised(scores_TE) * valid_T[:, None]).sum(dim=0) / n
+    n = T if valid_T is None else valid_T.sum().clamp(min=1).to(scores_TE.dtype)
+    f_E = expert_counts(topk_idx_TK, E, scores_TE.dtype, valid_T) * (E / (K * n))
+    P_E = _token_mean(_normalised(scores_TE), valid_T, 0)
     return alpha * (f_E * P_E).sum()
 
 
@@ -165,15 +170,13 @@ def seq_load_balance_loss(
     K = topk_idx_BSK.shape[-1]
     counts_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
     if valid_BS is None:
-        counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), counts_BE.new_ones(B, S * K))
-        f_BE = counts_BE * (E / (K * S))
-        P_BE = _normalised(scores_BSE).mean(dim=1)
-        return alpha * (f_BE * P_BE).sum(dim=-1).mean()
-    w_BSK = valid_BS[..., None].expand(B, S, K).to(scores_BSE.dtype)
-    counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), w_BSK.reshape(B, S * K))
-    n_B1 = valid_BS.sum(dim=1, keepdim=True).clamp(min=1).to(scores_BSE.dtype)
-    f_BE = counts_BE * E / (K * n_B1)
-    P_BE = (_normalised(scores_BSE) * valid_BS[..., None]).sum(dim=1) / n_B1
+        w, n = counts_BE.new_ones(B, S * K), S
+    else:
+        w = valid_BS[..., None].expand(B, S, K).reshape(B, S * K).to(counts_BE.dtype)
+        n = valid_BS.sum(dim=1, keepdim=True).clamp(min=1).to(counts_BE.dtype)  # (B, 1)
+    counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), w)
+    f_BE = counts_BE * (E / (K * n))
+    P_BE = _token_mean(_normalised(scores_BSE), valid_BS, 1)
     return alpha * (f_BE * P_BE).sum(dim=-1).mean()
 
 

@@ -105,9 +105,8 @@ def resume(tr) -> None:
                 torch.manual_seed(tr.cfg.train.seed + 1_000_003 * tr.ctx.rank + state["step"])
         tr.step, tr.tokens, tr.elapsed = state["step"], state["tokens"], state["elapsed"]
         tr.best_val, tr.evals_since_best = state["best_val"], state["evals_since_best"]
-        if (
-            "log_window" in state
-        ):  # checkpoints before it: the first row after the resume averages fewer steps
+        # a checkpoint written before the window was kept: the first row after the resume averages fewer steps
+        if "log_window" in state:
             tr.window.load_state_dict(state["log_window"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
