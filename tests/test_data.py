@@ -134,6 +134,26 @@ def test_pretrained_tokenizer_json_built_here(tmp_path):
     assert Tokenizer.load(tmp_path / "saved").hash() == tok.hash()
 
 
+def test_pretrained_truncation_and_padding_are_ignored(tmp_path):
+    # a tokenizer.json saved with truncation/padding on must not cut or pad documents in prepare
+    from tokenizers import Tokenizer as HF
+
+    file = tiny_hf_tokenizer(tmp_path / "tp")
+    hf = HF.from_file(str(file))
+    hf.enable_truncation(max_length=4)
+    hf.enable_padding(pad_id=hf.token_to_id("</s>"), pad_token="</s>", length=16)
+    hf.save(str(file))
+    tok = Tokenizer.load(file.parent)
+    assert tok.pad_token == "</s>"  # still read from the padding settings
+    text = "the cat sat on a mat and ran to the big red house"
+    assert len(tok.encode(text)) == 13 and len(tok.encode("the cat")) == 2
+    (tmp_path / "d.txt").write_text(text + "\n" + EOT + "\nthe dog\n")
+    data = prepare(tmp_path / "d.txt", tok, tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    assert read_split(data, "train").tolist() == tok.encode(text) + [tok.eos_id] + tok.encode("the dog") + [
+        tok.eos_id
+    ]
+
+
 def test_pretrained_without_eos_is_an_error(tmp_path):
     file = tiny_hf_tokenizer(tmp_path / "noeos", eos="[SEP]")
     with pytest.raises(MinimoeError, match="no end-of-text token"):
@@ -194,6 +214,25 @@ def test_split_documents_matches_line_reference():
         assert not cur and [d for d in docs if d.strip()] == reference(text)
 
 
+def test_split_documents_crlf_separators_match_lf(tmp_path):
+    # a file saved with CRLF line ends splits as its LF twin does, each "\n" read as "\r\n"
+    rng = random.Random(1)
+    pieces = ["a", "b", " ", "\n", EOT, "\n" + EOT + "\n", "xy\n\n"]
+    for _ in range(1000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        crlf = text.replace("\n", "\r\n")
+        step = rng.randint(1, 20)
+        docs, cur = [], []
+        for seg, end in split_documents([crlf[i : i + step] for i in range(0, len(crlf), step)], max_chars=7):
+            cur.append(seg)
+            if end:
+                docs.append("".join(cur))
+                cur = []
+        assert [d for d in docs if d.strip()] == [d.replace("\n", "\r\n") for d, _ in split_documents([text])]
+    (tmp_path / "w.txt").write_bytes(b"first story\r\n<|endoftext|>\r\nsecond story\r\n<|endoftext|>\r\n")
+    assert list(open_source(tmp_path / "w.txt").documents()) == ["first story", "second story"]
+
+
 def test_text_file_source(tmp_path):
     docs = write_stories(tmp_path / "s.txt", 5)
     c = open_source(tmp_path / "s.txt")
@@ -252,6 +291,14 @@ def test_jsonl_parquet_and_hf_sources(tmp_path):
     assert hf.content_hash() == open_source(f"hf:{tmp_path / 'd.jsonl'}").content_hash()
     with pytest.raises(MinimoeError, match="must be hf:NAME_OR_PATH"):
         open_source("hf:x?splt=train")
+
+
+def test_jsonl_lone_surrogate_is_one_clear_error(tmp_path):
+    # valid JSON ("\\ud800" is a legal escape) but not encodable text: one sentence, not a traceback
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 half"}\n')
+    for tok in ("byte", "bpe:300"):
+        with pytest.raises(MinimoeError, match="line 2: field 'text' holds an unpaired surrogate"):
+            prepare(tmp_path / "s.jsonl", tok, tmp_path / "o", workers=0, progress=False)
 
 
 def test_hf_source_reads_a_folder_written_by_save_to_disk(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -380,6 +381,28 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
         import_hf(folder, tmp_path / "run")
 
 
+@pytest.mark.parametrize(
+    "name, dropped",
+    [
+        ("deepseek_v3", ["routed_scaling_factor"]),  # DeepseekV3Config: 2.5
+        ("mixtral", ["rope_theta", "rope_parameters", "rms_norm_eps", "num_experts_per_tok"]),  # 1e6, 1e-5, 2
+    ],
+)
+def test_import_reads_keys_missing_from_config_json_as_transformers_does(hf_saved, tmp_path, name, dropped):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_saved[name]
+    lean = tmp_path / "lean"
+    lean.mkdir()
+    c = json.loads((folder / "config.json").read_text())
+    (lean / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in dropped}))
+    save_file(load_file(str(folder / "model.safetensors")), str(lean / "model.safetensors"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(lean), dtype=torch.float32).eval()
+    import_hf(lean, tmp_path / "run", tokenizer="byte")
+    x = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(1))
+    assert (_logits(load_run(tmp_path / "run")[0], x) - _logits(theirs, x)).abs().max().item() <= TOL
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -485,3 +508,28 @@ def test_cli_upcycle_and_errors(llama_dir, tmp_path, capsys):
     )
     assert "does not divide intermediate_size" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "y"), "model.hidden_size=64"]) == 2
+
+
+def _edited_llama(llama_dir, folder, **changes):
+    """A copy of the dense checkpoint whose config.json has `changes`."""
+    shutil.copytree(llama_dir[1], folder)
+    c = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**c, **changes}))
+    return folder
+
+
+def test_cli_upcycle_refuses_weights_the_config_does_not_describe(llama_dir, tmp_path, capsys):
+    bad = _edited_llama(llama_dir, tmp_path / "bad", intermediate_size=48)
+    argv = ["upcycle", str(bad), "--experts", "4", "--top-k", "2", "--tokenizer", "byte"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "weight model.layers.0.mlp.gate_proj.weight has shape (64, 32), the config implies (48, 32)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_upcycle_refuses_yarn_without_truncation(llama_dir, tmp_path):
+    """transformers' YaRN with truncate=false leaves the ramp's ends unrounded: other frequencies."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "truncate": False}
+    bad = _edited_llama(llama_dir, tmp_path / "bad", rope_scaling=yarn)
+    with pytest.raises(MinimoeError, match="YaRN with truncate=false"):
+        upcycle(bad, tmp_path / "run", experts=1, top_k=1, tokenizer="byte")

@@ -236,6 +236,15 @@ def test_import_deepseek_moe_16b_matches_reference(tmp_path, norm_topk_prob):
     assert (_logits(ours) - theirs).abs().max().item() <= TOL
 
 
+# transformers' YaRN without the floor/ceil of the ramp's ends (gives other frequencies than minimoe's)
+YARN_UNTRUNCATED = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "truncate": False,
+}
+
+
 @pytest.mark.parametrize(
     "name, change, match",
     [
@@ -246,6 +255,7 @@ def test_import_deepseek_moe_16b_matches_reference(tmp_path, norm_topk_prob):
         ("olmoe", {"clip_qkv": 8.0}, r"clipped q/k/v \(clip_qkv=8.0\)"),
         ("qwen3_moe", {"use_sliding_window": True}, "sliding-window attention"),
         ("qwen3_moe", {"decoder_sparse_step": 2}, "MoE layers only every decoder_sparse_step layers"),
+        ("qwen3_moe", {"rope_scaling": YARN_UNTRUNCATED}, "YaRN with truncate=false"),
     ],
 )
 def test_import_refuses_what_minimoe_cannot_express(published, tmp_path, name, change, match):

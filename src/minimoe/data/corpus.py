@@ -56,8 +56,14 @@ BUILTIN_SKIP_DIRS = frozenset(
 )
 
 
+# A separator line: "\n<|endoftext|>\n", or with "\r\n" line ends (the "\r" before it is
+# dropped from the document's text), so CRLF files split too.
+_SEP_RE = re.compile(r"\n" + re.escape(EOT) + r"\r?\n")
+_SEP_MAX = len(EOT) + 4
+
+
 def split_documents(chunks: Iterable[str], max_chars: int = SEGMENT_CHARS) -> Iterator[tuple[str, bool]]:
-    """Split a text stream into documents at lines holding just `<|endoftext|>`.
+    """Split a text stream into documents at lines holding just `<|endoftext|>` (LF or CRLF line ends).
 
     Args:
         chunks: consecutive pieces of one file's text.
@@ -66,7 +72,6 @@ def split_documents(chunks: Iterable[str], max_chars: int = SEGMENT_CHARS) -> It
         An iterator of `(text, end_of_document)`. Whitespace-only documents are dropped; a file
         without separator lines is one document, its text unchanged.
     """
-    sep = "\n" + EOT + "\n"
     # A virtual "\n" before the stream and after it lets separators on the first or last line
     # match too; each document then starts with exactly one "\n" that is not its own.
     buf, start, at_doc_start = "\n", 0, True
@@ -74,17 +79,17 @@ def split_documents(chunks: Iterable[str], max_chars: int = SEGMENT_CHARS) -> It
         final = chunk is None
         buf = buf[start:] + ("\n" if final else chunk)
         start = 0
-        while (j := buf.find(sep, start)) >= 0:
-            text = buf[start + 1 if at_doc_start else start : j]
+        while m := _SEP_RE.search(buf, start):
+            text = buf[start + 1 if at_doc_start else start : m.start()].removesuffix("\r")
             if not at_doc_start or text.strip():
                 yield text, True
-            start, at_doc_start = j + len(sep) - 1, True  # keep the "\n": it starts the next doc
+            start, at_doc_start = m.end() - 1, True  # keep the "\n": it starts the next doc
         if final:
             text = buf[start + 1 if at_doc_start else start : -1]
             if not at_doc_start or text.strip():
                 yield text, True
             return
-        while len(buf) - start > max_chars + len(sep):
+        while len(buf) - start > max_chars + _SEP_MAX:
             # No separator in buf[start:], so cutting before a newline cannot split one.
             i = buf.rfind("\n", start + 1, start + max_chars)
             i = start + max_chars if i < 0 else i
@@ -310,6 +315,12 @@ def record_texts(value: Any, where: str, field: str) -> Iterator[tuple[str, bool
         return
     if not isinstance(value, str):
         raise MinimoeError(f"{where}: field '{field}' holds {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer takes
+    except UnicodeEncodeError as e:
+        raise MinimoeError(
+            f"{where}: field '{field}' holds an unpaired surrogate ({value[e.start]!r}), not valid Unicode text"
+        ) from None
     if value.strip():
         yield value, True
 

@@ -92,6 +92,10 @@ class Tokenizer:
             self._specials = {EOT: 256, PAD: 257}
             self.vocab_size = 258
         else:
+            # a tokenizer.json may be saved with truncation or padding on (for some fine-tuning job);
+            # they would cut every document to max_length or pad it with PAD ids, so they are turned off
+            hf.no_truncation()
+            hf.no_padding()
             vocab = hf.get_vocab(with_added_tokens=True)
             # max id + 1, not len(vocab): some tokenizer.json files leave holes in the id range.
             self.vocab_size = max(vocab.values()) + 1

@@ -47,6 +47,10 @@ def _read_rope(c: dict, rp: dict, attn: str) -> tuple[float, dict | None]:
         raise MinimoeError(
             f"RoPE scaling of type {kind!r} has no minimoe equivalent (only YaRN is supported)"
         )
+    if not rp.get("truncate", True):  # transformers then skips the floor/ceil of the ramp's ends
+        raise MinimoeError(
+            "YaRN with truncate=false (an unrounded correction range) has no minimoe equivalent"
+        )
     factor = float(rp.get("factor") or c["max_position_embeddings"] / rp["original_max_position_embeddings"])
     rs = {
         "type": "yarn",
@@ -109,6 +113,17 @@ _NUMERIC = (
 
 
 _NOT_NULL = ("routed_scaling_factor",)
+
+# transformers' defaults (its config classes) for keys a config.json may leave out, where minimoe's
+# fallback would give other logits without a word: DeepseekV3Config routes 8 experts scaled by 2.5 ...
+HF_DEFAULTS = {
+    "deepseek_v3": {"num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4},
+    "glm4_moe": {"num_experts_per_tok": 8, "rms_norm_eps": 1e-5},
+    "mixtral": {"num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6},
+    "qwen2_moe": {"num_experts_per_tok": 4},
+    "qwen3_moe": {"num_experts_per_tok": 8},
+    "olmoe": {"num_experts_per_tok": 8, "rms_norm_eps": 1e-5},
+}
 
 
 def _check_numbers(c: dict) -> None:
@@ -259,6 +274,7 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
     fmt = c.get("model_type")
     if fmt not in FORMATS:
         raise MinimoeError(f"model_type {fmt!r} is not importable; minimoe imports {', '.join(FORMATS)}")
+    c = {**HF_DEFAULTS.get(fmt, {}), **c}
     _check_numbers(c)
     L = int(c["num_hidden_layers"])
     k = int(c.get("num_experts_per_tok") or 1)

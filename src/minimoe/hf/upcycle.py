@@ -7,8 +7,8 @@ expert e is slice e mod G (copies when experts > G). Because SwiGLU is separable
 intermediate dimension, dense(x) = sum of the G slice-MLPs. The router is fresh.
 
 At initialisation the MoE reproduces the dense model exactly when
-- G = 1 and the top-k weights sum to 1 (norm_topk_prob with k > 1, or a single expert): every
-  expert is the same MLP;
+- G = 1 and the top-k weights sum to 1 (norm_topk_prob with k > 1, or a single softmax-scored expert;
+  a sigmoid top-1 weight is sigmoid(score), about 1/2): every expert is the same MLP;
 - G = experts = k and the router is uniform (`router_std=0`) with routed_scaling_factor = G: every
   slice is selected with weight 1.
 Otherwise it starts close to the dense model and training does the rest. Llama's RoPE is the
@@ -147,28 +147,36 @@ def upcycle_state_dict(
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, *shape: int) -> torch.Tensor:
         if name not in dense:
             raise MinimoeError(f"the dense checkpoint has no weight {name}")
+        if tuple(dense[name].shape) != shape:  # a config.json that does not describe these weights
+            raise MinimoeError(
+                f"weight {name} has shape {tuple(dense[name].shape)}, the config implies {shape}"
+            )
         return dense[name].to(torch.float32)
 
-    sd["embed_tokens.weight"] = take("model.embed_tokens.weight")
-    sd["norm.weight"] = take("model.norm.weight")
+    D, V, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.gqa_head_dim, cfg.kv_heads * cfg.gqa_head_dim
+    proj_shapes = dict(q_proj=(q, D), k_proj=(kv, D), v_proj=(kv, D), o_proj=(D, q))
+    sd["embed_tokens.weight"] = take("model.embed_tokens.weight", V, D)
+    sd["norm.weight"] = take("model.norm.weight", D)
     if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = take("lm_head.weight")
+        sd["lm_head.weight"] = take("lm_head.weight", V, D)
     I, E = cfg.moe_intermediate_size, cfg.n_routed_experts
     for i in range(cfg.num_hidden_layers):
         pre, ours = f"model.layers.{i}.", f"layers.{i}."
         for name in ("input_layernorm", "post_attention_layernorm"):
-            sd[f"{ours}{name}.weight"] = take(f"{pre}{name}.weight")
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[f"{ours}self_attn.{proj}.weight"] = take(f"{pre}self_attn.{proj}.weight")
+            sd[f"{ours}{name}.weight"] = take(f"{pre}{name}.weight", D)
+        for proj, shape in proj_shapes.items():
+            sd[f"{ours}self_attn.{proj}.weight"] = take(f"{pre}self_attn.{proj}.weight", *shape)
             bias = dense.get(f"{pre}self_attn.{proj}.bias")
             if bias is not None and bool((bias != 0).any()):
                 raise MinimoeError(
                     f"the dense model has attention biases ({proj}.bias), which minimoe does not have"
                 )
-        gate, up, down = (take(f"{pre}mlp.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
+        gate, up = (take(f"{pre}mlp.{p}.weight", inter, D) for p in ("gate_proj", "up_proj"))
+        down = take(f"{pre}mlp.down_proj.weight", D, inter)
         if not cfg.is_moe_layer(i):
             sd.update(
                 {
