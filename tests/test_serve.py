@@ -330,6 +330,9 @@ ERRORS = [
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x" * CONTEXT}]}, 400, "messages", "context_length_exceeded"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, 400, "max_completion_tokens", "invalid_value"),
+    # errors about chat's budget name the field the request gave it in
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": MAX_TOKENS_LIMIT + 1}, 400, "max_completion_tokens", "invalid_value"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x" * 60}], "max_completion_tokens": 80}, 400, "max_completion_tokens", "context_length_exceeded"),
     # every field checked strictly: overflowing integers, booleans as numbers, invalid Unicode, NaN/inf
     ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**70}, 400, "seed", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": True}, 400, "max_tokens", "invalid_value"),
@@ -388,6 +391,20 @@ def test_zero_max_tokens_and_the_seed_range_ends_are_accepted(server):
     for seed in (-(2**63), 2**63 - 1):
         body = {"model": NAME, "prompt": "the", "max_tokens": 2, "seed": seed}
         assert _post(server, "/v1/completions", body).status_code == 200, seed
+
+
+def test_a_stop_string_longer_than_the_cap_on_stop_strings_is_accepted(server):
+    """The cap on `stop` (16) counts the strings of a list: a lone string of 40 characters is one stop
+    string, on both routes, as it is inside a list."""
+    stop = "y" * 40
+    bodies = {
+        "/v1/completions": {"prompt": "the"},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "the"}]},
+    }
+    for path, body in bodies.items():
+        for given in (stop, [stop]):
+            r = _post(server, path, {"model": NAME, **body, "max_tokens": 2, "stop": given})
+            assert r.status_code == 200, (path, given, r.text)
 
 
 def test_seeded_choices_do_not_depend_on_the_other_prompts(server):
@@ -651,6 +668,55 @@ def test_client_gone_before_a_plain_answer_cancels_it_and_logs_one_line(server_p
     assert "Traceback" not in log and log.count("(choices: 4) was cancelled") == 1
 
 
+def test_client_gone_while_sending_its_body_logs_one_line(server_proc):
+    """A client that hangs up halfway through its body: one log line, not an internal error with a
+    traceback."""
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    sock = socket.create_connection((server_proc.host, server_proc.port), timeout=30)
+    sock.sendall(head.encode() + b'{"model"')
+    time.sleep(0.5)  # the server is reading the body
+    _reset(sock)
+    assert _wait(lambda: "went away while sending its request body" in server_proc.read_log(), 10)
+    log = server_proc.read_log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert log.count("went away while sending its request body") == 1
+
+
+def _trickle(sock: socket.socket, seconds: float) -> float | None:
+    """Send a byte every 0.2 s for up to `seconds`; the seconds until the server closed the connection,
+    or None if it stayed open."""
+    sock.settimeout(0.2)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        try:
+            sock.sendall(b" ")
+            while sock.recv(65536):  # the answer, then b"" once the server has closed
+                pass
+            return time.perf_counter() - t0
+        except TimeoutError:
+            pass
+        except OSError:  # reset by the server
+            return time.perf_counter() - t0
+    return None
+
+
+def test_a_client_trickling_an_unread_body_after_its_answer_is_closed(tight):
+    """A 401, a 404 or a 408 answers without reading the whole body; a client that goes on sending it a
+    byte at a time cannot hold the connection (header and body timeouts of 1 s here)."""
+    key = f"Authorization: Bearer {KEY}\r\n"
+    for path, auth in (("/v1/completions", ""), ("/v1/nothing-here", key), ("/v1/completions", key)):
+        with socket.create_connection((tight.host, tight.port), timeout=30) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 100000\r\n\r\n{{".encode()
+            )
+            closed_after = _trickle(sock, 10)
+        assert closed_after is not None and closed_after < 6, (path, auth)
+    assert "was still sending a request body" in tight.read_log()
+
+
 def test_slow_clients_time_out_and_a_full_queue_is_429(tight):
     # a request head that never completes: the connection is closed (header timeout 1 s)
     with socket.create_connection((tight.host, tight.port), timeout=30) as sock:
@@ -681,6 +747,18 @@ def test_slow_clients_time_out_and_a_full_queue_is_429(tight):
         assert _read_until(sock, b"usage").startswith(b"HTTP/1.1 200")
         sock.close()
     assert _wait(lambda: tight.health()["active_jobs"] == tight.health()["queued_jobs"] == 0)
+
+
+def test_a_request_that_could_never_be_admitted_is_a_400_not_a_429(tight):
+    """One slot and one waiting choice per client: three choices could never be admitted, even on an
+    idle server, so they are refused like too many choices rather than told to retry; two are answered."""
+    assert _wait(lambda: tight.health()["active_jobs"] == tight.health()["queued_jobs"] == 0)
+    body = {"model": NAME, "prompt": "the", "max_tokens": 2, "temperature": 0}
+    r = _post(tight.url, "/v1/completions", {**body, "n": 3})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("n", "too_many_choices") and "limit of 2" in err["message"]
+    assert _post(tight.url, "/v1/completions", {**body, "n": 2}).status_code == 200
 
 
 def test_sigterm_cancels_everything_and_exits_within_5_seconds(run_dir, tmp_path):
@@ -714,6 +792,30 @@ def test_sigterm_cancels_everything_and_exits_within_5_seconds(run_dir, tmp_path
         with pytest.raises(OSError):  # nothing listens any more
             socket.create_connection((srv.host, srv.port), timeout=5)
         assert "Traceback" not in srv.read_log()
+    finally:
+        srv.stop()
+
+
+def test_a_request_read_after_sigterm_is_a_503(run_dir, tmp_path):
+    """A request whose body arrives after SIGTERM (the server is closing, no longer busy) is refused
+    with 503 as the queued ones are, not with a 429 rate-limit error."""
+    srv = Server(run_dir, tmp_path / "stderr.txt", ["--api-key", KEY])
+    try:
+        data = json.dumps({"model": NAME, "prompt": "the", "max_tokens": 2}).encode()
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+            sock.sendall(head.encode() + data[:5])
+            time.sleep(0.5)  # the head has been read; the server waits for the body
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            sock.sendall(data[5:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"shutting down" in answer and b"rate_limit" not in answer
+        srv.proc.wait(timeout=30)
     finally:
         srv.stop()
 

@@ -174,7 +174,7 @@ class Engine:
         client = jobs[0].client
         with self._lock:
             if self._stopping:
-                raise QueueFull("The server is shutting down.", retry_after=5)
+                raise QueueFull("The server is shutting down.", retry_after=5, status=503)
             mine = len(self._queues.get(client, ()))
             free = self.pool.slots - self.active_jobs  # jobs that will not wait long
             if self._queued + len(jobs) > self.max_queued + max(free, 0):

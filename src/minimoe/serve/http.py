@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from minimoe.serve.schemas import APIError, describe_validation_error
@@ -26,7 +27,8 @@ OPEN_PATHS = ("/health",)  # reachable without the API key
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The body, or APIError 413 once it passes `limit` bytes, or 408 when it has not all arrived
-    within `timeout` seconds (a client sending half a body cannot hold the connection).
+    within `timeout` seconds (a client sending half a body cannot hold the connection), or 499 (never
+    delivered; one log line) when the client hangs up before sending all of it.
 
     What follows the limit is read and dropped (up to a bound) rather than left unread: closing a
     connection with unread data makes the kernel reset it, and the client would see a broken
@@ -52,9 +54,17 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         raise APIError(
             408, f"The request body did not arrive within {timeout:g} seconds.", code="request_timeout"
         ) from None
+    except ClientDisconnect:
+        log.info("client %s went away while sending its request body", peer(request))
+        raise APIError(499, "The client closed the connection before sending the whole body.") from None
     if size > limit:
         raise too_large
     return bytes(body)
+
+
+def peer(request: Request) -> str:
+    """The client's host:port, for log lines."""
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
 
 
 def _no_constant(name: str):
@@ -181,7 +191,9 @@ def add_error_handlers(app: FastAPI) -> None:
 def timed_h11(header_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a header read timeout: a connection that has not sent a complete
     request head within `header_timeout` seconds of opening (or of its previous response) is closed,
-    so a client trickling half a header cannot hold it. (uvicorn itself only times out idle
+    so a client trickling half a header cannot hold it. So is one still sending, that long after its
+    answer, a body that was never read (a 401, a 404 or a 408 answers without reading it all): every
+    byte it trickles would restart uvicorn's keep-alive timer. (uvicorn itself only times out idle
     keep-alive connections.)"""
 
     class TimedH11Protocol(H11Protocol):
@@ -202,16 +214,25 @@ def timed_h11(header_timeout: float) -> type[H11Protocol]:
 
         def _timed_out(self) -> None:
             self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            if self.transport.is_closing():
+                return
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            if self.conn.their_state is h11.IDLE:
                 log.info(
                     "%s sent no complete request head within %gs; connection closed", client, header_timeout
+                )
+                self.transport.close()
+            elif self.conn.our_state is h11.DONE:  # answered, and still sending the unread body
+                log.info(
+                    "%s was still sending a request body %gs after its answer; connection closed",
+                    client,
+                    header_timeout,
                 )
                 self.transport.close()
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.conn.their_state is not h11.IDLE:  # a request head has arrived
+            if self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY):  # a request is being answered
                 self._disarm()
 
         def on_response_complete(self) -> None:

@@ -64,8 +64,10 @@ class Job:
 
 
 class QueueFull(Exception):
-    """The engine cannot take more jobs now; retry after `retry_after` seconds."""
+    """The engine cannot take more jobs now; retry after `retry_after` seconds. `status` is the HTTP
+    status to answer with: 429 for a full queue, 503 when the server is shutting down."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, status: int = 429) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status

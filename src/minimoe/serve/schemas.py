@@ -12,7 +12,7 @@ finite, integers must fit their range (a seed is a signed 64-bit integer), so ev
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -75,7 +75,8 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
     n: int | None = Field(None, ge=1, le=128)
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    # the cap counts the strings of a list (on the field it would cap a lone string's length too)
+    stop: Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | str | None = None
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool | None = False
     stream_options: StreamOptions | None = None

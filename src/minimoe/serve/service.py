@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from minimoe.data.chat_template import ChatTemplateError, make_renderer
 from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams, QueueFull
-from minimoe.serve.http import log, until_disconnected
+from minimoe.serve.http import log, peer, until_disconnected
 from minimoe.serve.limits import Limits
 from minimoe.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 from minimoe.serve.sse import Meta, chat_chunks, completion_chunks, sse, usage
@@ -92,32 +92,47 @@ class Service:
         )
 
     def _check_choices(self, n_prompts: int, n: int) -> None:
-        """Before any tokenizing: prompts x n within --max-choices."""
-        cap = self.limits.max_choices
+        """Before any tokenizing: prompts x n within --max-choices, and within what one client may
+        have running and waiting at once (more could never be admitted: a 400, not a 429 to retry)."""
+        engine = self.engine
+        admissible = engine.pool.slots + min(engine.max_queued, engine.max_queued_per_client)
+        cap, flag = self.limits.max_choices, "--max-choices"
+        if admissible < cap:
+            cap, flag = admissible, "--max-active plus --max-queued-per-client"
         _within(
             n_prompts * n,
             cap,
             f"This request asks for {n_prompts * n} completions ({n_prompts} prompts x n={n}), more "
-            f"than this server's limit of {cap} per request (--max-choices).",
+            f"than this server's limit of {cap} per request ({flag}).",
             param="n" if n_prompts == 1 else "prompt",
             code="too_many_choices",
         )
 
-    def _check_request_tokens(self, prompt_lens: list[int], max_tokens: list[int], n: int) -> None:
+    def _check_request_tokens(
+        self, prompt_lens: list[int], max_tokens: list[int], n: int, budget_param: str = "max_tokens"
+    ) -> None:
         total = n * sum(p + m for p, m in zip(prompt_lens, max_tokens))
         cap = self.limits.max_request_tokens
         _within(
             total,
             cap,
-            f"This request asks for {total} tokens in all (prompts plus max_tokens, times n), more "
+            f"This request asks for {total} tokens in all (prompts plus {budget_param}, times n), more "
             f"than this server's limit of {cap} per request (--max-request-tokens).",
-            param="max_tokens",
+            param=budget_param,
             code="too_many_tokens",
         )
 
-    def _max_tokens(self, n_prompt: int, requested: int | None, default: int | None, param: str) -> int:
+    def _max_tokens(
+        self,
+        n_prompt: int,
+        requested: int | None,
+        default: int | None,
+        param: str,
+        budget_param: str = "max_tokens",
+    ) -> int:
         """The completion budget: what was asked, within the server's limit, which must fit in the
-        context with the prompt."""
+        context with the prompt. Errors name the prompt as `param` and the budget as `budget_param`
+        (chat's max_completion_tokens, when that is the one given)."""
         context, cap_prompt, limit = self.context, self.limits.max_prompt_tokens, self.limits.max_tokens
         _within(
             n_prompt,
@@ -137,8 +152,8 @@ class Service:
         _within(
             requested,
             limit,
-            f"max_tokens is {requested}, more than this server's limit of {limit}.",
-            param="max_tokens",
+            f"{budget_param} is {requested}, more than this server's limit of {limit}.",
+            param=budget_param,
             code="invalid_value",
         )
         room = min(context - n_prompt, limit)
@@ -149,7 +164,7 @@ class Service:
             room,
             f"This model's maximum context length is {context} tokens, but {n_prompt + requested} "
             f"were requested ({n_prompt} in the prompt, {requested} for the completion).",
-            param="max_tokens",
+            param=budget_param,
             code="context_length_exceeded",
         )
         return requested
@@ -233,9 +248,10 @@ class Service:
             ids = await asyncio.to_thread(lambda: self._encode(self.render(messages)))
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
-        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        budget = self._max_tokens(len(ids), requested, None, "messages")
-        self._check_request_tokens([len(ids)], [budget], n)
+        given = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        requested = getattr(req, given)
+        budget = self._max_tokens(len(ids), requested, None, "messages", given)
+        self._check_request_tokens([len(ids)], [budget], n, given)
         jobs = self._jobs([ids], [replace(base, max_tokens=budget)], n, _client(request))
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name)
         chunks = partial(chat_chunks, meta, len(jobs), len(ids))
@@ -294,7 +310,8 @@ def _gone() -> JSONResponse:
 
 class Batch:
     """The choices of one request, submitted to the engine at once (all or none); their events
-    arrive on an asyncio queue. Raises APIError 429 (with Retry-After) when the engine's queue is full."""
+    arrive on an asyncio queue. Raises APIError 429 (with Retry-After) when the engine's queue is full,
+    503 when it is shutting down."""
 
     def __init__(self, engine: Engine, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -311,9 +328,10 @@ class Batch:
         try:
             engine.submit(jobs)
         except QueueFull as e:
+            full = e.status == 429
             raise APIError(
-                429, str(e), code="rate_limit_exceeded", type="rate_limit_error",
-                headers={"Retry-After": str(e.retry_after)},
+                e.status, str(e), code="rate_limit_exceeded" if full else None,
+                type="rate_limit_error" if full else None, headers={"Retry-After": str(e.retry_after)},
             ) from None  # fmt: skip
 
     async def events(self) -> AsyncIterator[Delta | Finish]:
@@ -356,11 +374,7 @@ async def collect(batch: Batch, request: Request) -> list[Finish] | None:
             batch.cancel()
     if not run.done() or run.cancelled():
         log.info(
-            "client %s went away; its request (choices: %d) was cancelled", _peer(request), len(batch.jobs)
+            "client %s went away; its request (choices: %d) was cancelled", peer(request), len(batch.jobs)
         )
         return None
     return sorted(run.result(), key=lambda f: f.index)
-
-
-def _peer(request: Request) -> str:
-    return f"{request.client.host}:{request.client.port}" if request.client else "?"
