@@ -842,3 +842,31 @@ def test_lm_eval_adapter_requests_directly():
     sampled = generate_until(model, tok, "the", 8, (), 1.0, seed=0)
     assert sampled != greedy
     assert lm.generate_until([req("the", {**kw, "do_sample": True})]) == [sampled]
+
+
+def test_lm_eval_repeats_draw_different_samples_and_greedy_reads_its_temperature(caplog):
+    """lm-eval hands a task's `repeats` (GSM8K self-consistency: 64) over as copies of one request:
+    sampled, they must not all be the same draw. Request i samples as minimoe's own generation task
+    does with seed + i. A greedy request's `temperature: 0.0` (GSM8K's generation_kwargs) is read, not
+    reported as an ignored argument."""
+    from types import SimpleNamespace
+
+    from minimoe.eval.lm_eval import MinimoeLM
+    from minimoe.eval.tasks import generate_until
+
+    tok = Tokenizer.byte()
+    model = random_model()
+    lm = MinimoeLM(model=model, tokenizer=tok, max_length=32)
+    req = SimpleNamespace(
+        args=("the", {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0})
+    )
+    got = lm.generate_until([req] * 4, disable_tqdm=True)
+    assert got == [generate_until(model, tok, "the", 8, (), 1.0, seed=i) for i in range(4)]
+    assert len(set(got)) > 1
+    gsm8k = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False, "temperature": 0.0}
+    greedy = SimpleNamespace(args=("the", gsm8k))
+    with caplog.at_level("WARNING", logger="minimoe.eval.lm_eval"):
+        assert lm.generate_until([greedy], disable_tqdm=True) == [
+            generate_until(model, tok, "the", 8, ["\n"])
+        ]
+    assert "ignores" not in caplog.text

@@ -357,3 +357,26 @@ def test_qlora_needs_bitsandbytes_and_cuda(base_run, tmp_path, capsys):
     assert main([*argv, "--qlora", "--no-progress", "train.max_steps=1"]) == 2
     err = capsys.readouterr().err
     assert "QLoRA" in err and "use plain LoRA" in err
+
+
+def test_a_quantized_run_is_refused_in_one_sentence(base_run, tmp_path, capsys):
+    """A run written by `minimoe quantize` holds integer weights: full fine-tuning would train only the
+    float embedding, norms and routers and save a run that does not load, and PEFT has no adapter for
+    its layers. sft, lora and an adapter merge all refuse it in one sentence, writing nothing."""
+    from minimoe.finetune.lora import apply_lora, save_adapter
+
+    quantized = tmp_path / "int8"
+    assert main(["quantize", str(base_run / "base"), "--bits", "8", "--out", str(quantized)]) == 0
+    torch.manual_seed(0)
+    adapter = save_adapter(apply_lora(Transformer(ModelConfig(**{**TINY, "mtp_depth": 0}))), tmp_path / "a")
+    capsys.readouterr()
+    data = ["--data", str(base_run / "chat.jsonl"), "--no-progress", "train.max_steps=1"]
+    for i, argv in enumerate(
+        [["sft", *data], ["lora", *data], ["lora", "--adapter", str(adapter), "--merge"]]
+    ):
+        out = tmp_path / f"out{i}"
+        assert main([argv[0], str(quantized), *argv[1:], "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "minimoe quantize" in err and "internal error" not in err
+        assert str(base_run / "base") in err  # names the run to use instead
+        assert not out.exists()

@@ -193,6 +193,17 @@ def test_sampling_respects_filters_and_seed():
     assert len(set(again)) == 1  # same seed, same draw
 
 
+def test_unseeded_sampling_leaves_the_global_generator_alone():
+    """seed=None draws a fresh seed for the call's own generator, never by reseeding torch's global
+    one: the caller's torch.manual_seed still decides every number it draws afterwards."""
+    model = tiny_model()
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    assert len(list(generate_tokens(model, [1, 2, 3], 5, temperature=1.0))) == 5
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
     seen = torch.tensor([[True, True, False, False]])
@@ -1388,6 +1399,23 @@ def test_cli_missing_run_dir_and_bad_prompt_file(tmp_path, cli):
     bad.write_text('{"text": "no prompt field"}\n', encoding="utf-8")
     code, _, err = cli(["generate", str(tmp_path), "--prompt-file", str(bad)])
     assert code == 2 and "'prompt' field" in err
+
+
+def test_cli_prompt_bytes_that_are_not_utf8_are_one_sentence(tmp_path, cli):
+    """Python reads standard input and arguments that are not UTF-8 with lone surrogates in place of
+    the bad bytes (surrogateescape), which the tokenizer cannot encode: like a prompt file, they are
+    refused in one sentence, not an internal error."""
+    from minimoe.hf.load import write_run
+
+    write_run(tmp_path, Transformer(tiny_cfg(vocab_size=320)), Tokenizer.byte(), {"source": "test"})
+    latin1 = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")
+    for argv, stdin, where in [
+        ([], latin1, "standard input"),
+        (["--prompt-file", "-"], latin1, "standard input"),
+        (["--prompt", latin1], None, "--prompt"),
+    ]:
+        code, _, err = cli(["generate", str(tmp_path), "--max-new-tokens", "2", *argv], stdin)
+        assert code == 2 and err.strip().endswith(f"{where} is not UTF-8 text"), err
 
 
 def test_cli_warns_when_a_prompt_is_cut(trained_run, cli):

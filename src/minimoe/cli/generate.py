@@ -56,13 +56,25 @@ def add_parser(sub) -> None:
     add_device_args(p, threads=True)
 
 
+def utf8_text(text: str, where: str) -> str:
+    """`text`, or MinimoeError naming `where` when it came from bytes that are not UTF-8 (Python reads
+    those bytes of standard input and of arguments as lone surrogates, which no tokenizer encodes)."""
+    from minimoe.errors import MinimoeError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MinimoeError(f"{where} is not UTF-8 text") from None
+    return text
+
+
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from a file: JSONL records with a 'prompt' field when the first non-blank line starts
     with '{', else one prompt per non-blank line. '-' reads standard input."""
     from minimoe.errors import MinimoeError
 
     if path == "-":
-        text = sys.stdin.read()
+        text = utf8_text(sys.stdin.read(), "standard input")
     else:
         f = Path(path)
         if f.is_dir():
@@ -123,11 +135,11 @@ def run(args) -> int:
 
     _validate(args)
     set_threads(args.threads)
-    prompts = list(args.prompt or [])
+    prompts = [utf8_text(p, "--prompt") for p in args.prompt or []]
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
-        prompts = ["" if sys.stdin.isatty() else sys.stdin.read()]
+        prompts = ["" if sys.stdin.isatty() else utf8_text(sys.stdin.read(), "standard input")]
     model, tok, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
     if args.quantize:
         if getattr(model, "quantization", None):

@@ -165,19 +165,25 @@ class MinimoeLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Generate from each context until a stop string (`until`), end-of-text or max_gen_toks."""
+        """Generate from each context until a stop string (`until`), end-of-text or max_gen_toks;
+        greedy unless `do_sample`, when request i samples with seed + i (`seed` from the request, else 0)."""
         out = []
-        for r in tqdm(requests, desc="minimoe generate_until", disable=disable_tqdm, leave=False):
+        bar = tqdm(requests, desc="minimoe generate_until", disable=disable_tqdm, leave=False)
+        for i, r in enumerate(bar):
             context, gen_kwargs = r.args
             kw = dict(gen_kwargs or {})
             until = kw.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
             do_sample = bool(kw.pop("do_sample", False))
-            temperature = float(kw.pop("temperature", 0.0) or 0.0) if do_sample else 0.0
+            # read even when greedy: `do_sample: false, temperature: 0.0` (GSM8K) is not an ignored argument
+            temperature = float(kw.pop("temperature", 0.0) or 0.0)
+            temperature = temperature if do_sample else 0.0
             top_k = int(kw.pop("top_k", 0) or 0)
             top_p = float(kw.pop("top_p", 1.0) or 1.0)
-            seed = kw.pop("seed", 0)
+            # request i samples with seed + i: lm-eval hands a task's `repeats` over as copies of one
+            # request, which must draw different samples (self-consistency votes over them)
+            seed = int(kw.pop("seed", 0) or 0) + i
             if kw:
                 log.warning("minimoe ignores generation arguments %s", ", ".join(sorted(kw)))
             # as lm-eval's hf model: the prompt keeps its last max_length - max_gen_toks tokens

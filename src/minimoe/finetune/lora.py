@@ -162,12 +162,14 @@ def merge_saved_adapter(
     Returns:
         The checkpoint directory written.
     """
+    from minimoe.finetune.sft import check_not_quantized
     from minimoe.train.checkpoint import CKPT, load_run, write_run
 
     out = Path(out_dir)
     if (out / CKPT).exists() and any((out / CKPT).iterdir()):
         raise MinimoeError(f"{out} already holds a run; choose another --out")
     model, tok, cfg, meta = load_run(run_dir, which)
+    check_not_quantized(model, meta, "merged with a LoRA adapter")
     if (Path(adapter) / "tokenizer").is_dir():  # the adapter's: the chat template it was trained with
         from minimoe.data import Tokenizer
 

@@ -164,9 +164,14 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
-    """A generator seeded with `seed` (a random seed when None); seeds outside the 64-bit range wrap."""
+    """A generator seeded with `seed` (a random seed when None); seeds outside the 64-bit range wrap.
+    The random seed is the generator's own (`Generator.seed`): `torch.seed()` would reseed the
+    process-wide generator too, and a caller's `torch.manual_seed` would no longer reproduce its run."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed % (1 << 64) if seed is not None else torch.seed())
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed % (1 << 64))
     return g
 
 
