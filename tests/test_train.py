@@ -705,6 +705,25 @@ def test_resume_restores_the_elapsed_clock(tmp_path, corpus):
     assert second.step == 1 and second.elapsed == 12.5
 
 
+def test_a_run_stopped_by_its_clock_refuses_a_plain_resume(tmp_path, corpus):
+    """The trainer stops a little before train.max_minutes (the next step and the final evaluation would
+    not fit), so the elapsed time alone is under the budget: the checkpoint's clock stop refuses a resume
+    with the same budget, and a larger one trains on."""
+    common = ("train.max_steps=6", "train.eval_every=100")
+    first, _ = _tiny_trainer(tmp_path, corpus, "run", *common, "train.max_minutes=1")
+    first.fit(stop_after=1)
+    first.elapsed, first._out_of_time = 55.0, True
+    first.save()
+    with pytest.raises(MinimoeError, match=r"already used 0.9 of its train.max_minutes=1;"):
+        _tiny_trainer(tmp_path, corpus, "run", *common, "train.max_minutes=1", resume=True)
+    second, _ = _tiny_trainer(tmp_path, corpus, "run", *common, "train.max_minutes=2", resume=True)
+    assert second.step == 1 and second.elapsed == 55.0
+    first._out_of_time = False  # saved by a pause: the same budget resumes
+    first.save()
+    third, _ = _tiny_trainer(tmp_path, corpus, "run", *common, "train.max_minutes=1", resume=True)
+    assert third.step == 1
+
+
 def test_trainer_schedules_each_group_from_its_own_peak(tmp_path, corpus):
     """The trainer sets every group's lr to its own base_lr x the schedule: with train.muon_lr the Muon
     group runs at muon_lr, the AdamW groups at train.lr."""

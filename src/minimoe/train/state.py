@@ -8,6 +8,7 @@ group.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -80,6 +81,10 @@ def resume(tr) -> None:
             optim = state.pop("optimizer")
             # written before checkpoints keyed the optimizer state by parameter name
             legacy = any(isinstance(k, int) for k in optim["state"])
+            meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+            # the budget a stop on the clock ran out of (the trainer stops a little before it: the next
+            # step and the final evaluation would not have fitted); older checkpoints name none
+            state["stopped_at_minutes"] = meta.get("max_minutes") if meta.get("out_of_time") else None
         except MinimoeError as e:
             error = str(e)
     error = broadcast_object(error, tr.ctx)
@@ -117,7 +122,10 @@ def resume(tr) -> None:
             f"{tc.max_steps}; resume with train.max_steps={tr.step + tc.max_steps} (or any value "
             f"above {tr.step}) to train further"
         )
-    if tc.max_minutes is not None and tr.elapsed >= tc.max_minutes * 60:
+    stopped_at = state.get("stopped_at_minutes")
+    if tc.max_minutes is not None and (
+        tr.elapsed >= tc.max_minutes * 60 or (stopped_at is not None and tc.max_minutes <= stopped_at)
+    ):
         raise MinimoeError(
             f"the run in {tr.run_dir} has already used {tr.elapsed / 60:.1f} of its "
             f"train.max_minutes={tc.max_minutes:g}; resume with a larger train.max_minutes to train further"
@@ -154,7 +162,7 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
     meta = {
         "step": tr.step, "tokens": tr.tokens, "val_loss": val_loss, "time": time.time(),
         "elapsed_s": tr.elapsed, "clock": tr.cfg.train.clock, "out_of_time": getattr(tr, "_out_of_time", False),
-        **tr.run_info,
+        "max_minutes": tr.cfg.train.max_minutes, **tr.run_info,
     }  # fmt: skip
     return ckpt_lib.save_checkpoint(
         tr.run_dir, tr.step, weights, state, meta, tr.config_text, tr.tokenizer,
