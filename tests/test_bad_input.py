@@ -937,6 +937,67 @@ def test_file_system_errors_naming_a_path_are_user_errors(monkeypatch, capsys, e
     assert capsys.readouterr().err == f"minimoe params: error: {expect}\n"
 
 
+def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
+    """An optional integration that is not installed is the user's to install: one sentence naming the
+    extra, exit 2, not an internal error."""
+    import minimoe.cli.params as params
+
+    def fail(args):
+        raise ModuleNotFoundError("No module named 'rouge_score.scoring'", name="rouge_score.scoring")
+
+    monkeypatch.setattr(params, "run", fail)
+    assert main(["params"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "minimoe params: error: this needs rouge_score (pip install 'minimoe[eval]')\n"
+    )
+
+    def not_optional(args):
+        raise ModuleNotFoundError("No module named 'minimoe.gone'", name="minimoe.gone")
+
+    monkeypatch.setattr(params, "run", not_optional)
+    assert main(["params"]) == 1 and "internal error: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def _without(monkeypatch, *missing: str) -> None:
+    """Make importlib.util.find_spec report `missing` as not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+
+
+def test_commands_name_a_missing_optional_package_before_their_work(ctx: Ctx, monkeypatch, capsys, tmp_path):
+    import minimoe.eval.runner
+
+    def started(*a, **k):
+        raise AssertionError("the evaluation ran before its metrics' packages were checked")
+
+    monkeypatch.setattr(minimoe.eval.runner, "evaluate_run", started)
+    _without(monkeypatch, "sacrebleu", "matplotlib", "datasets")
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text('{"prompt": "a", "reference": "b"}\n')
+    cases = [
+        (["eval", ctx.run, "--task", "generation", "--data", gen], "sacrebleu (pip install 'minimoe[eval]')"),
+        (
+            ["plot", ctx.run, "--out", tmp_path / "p"],
+            "minimoe plot needs matplotlib (pip install 'minimoe[plot]')",
+        ),
+        (["inspect", ctx.run, "--corpus", gen, "--coact-png", tmp_path / "c.png"], "needs matplotlib"),
+        (
+            ["train", "--data", "hf:stories", "--out", tmp_path / "r", *TINY],
+            "needs datasets (pip install 'minimoe[data]')",
+        ),
+    ]
+    for argv, expect in cases:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err, (argv, err)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
 def test_os_error_without_a_path_is_internal(monkeypatch, capsys):
     import minimoe.cli.params as params
 

@@ -401,6 +401,36 @@ def test_one_process_ignores_dist_settings():
     assert par.kind == "single" and par.forward is model and par.dp_size == 1
 
 
+def test_pipeline_checkpoint_keeps_each_parameter_in_its_optimizer_group():
+    """Stages' optimizer states merge into the one-process param groups, also when a stage lacks a
+    group: with Muon, a middle stage of dense blocks has no AdamW matrix (no embedding, head or
+    router), so its norms must not land in the AdamW group with weight decay."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from minimoe.dist.parallel import _merge_stages
+    from minimoe.dist.pipeline import PipelineStageModule, split_layers
+    from minimoe.model.transformer import Transformer
+    from minimoe.train.optim import build_optimizer
+
+    cfg = build_run_config(None, None, PP_MODEL + ["model.first_k_dense_replace=2", "train.optimizer=muon"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    ranges = split_layers(cfg.model.num_hidden_layers, 3)
+    stages = [PipelineStageModule(model, r, i == 0, i == 2) for i, r in enumerate(ranges)]
+    parts = []
+    for stage in stages:
+        opt = build_optimizer(stage, cfg.train, torch.device("cpu"))
+        parts.append(({}, get_optimizer_state_dict(stage, opt)))
+    assert len(parts[1][1]["param_groups"]) == 2  # the middle stage: Muon and the norms
+    _, merged = _merge_stages(parts)
+    whole = get_optimizer_state_dict(model, build_optimizer(model, cfg.train, torch.device("cpu")))
+
+    def groups(osd):
+        return [(g["use_muon"], g["weight_decay"], sorted(g["params"])) for g in osd["param_groups"]]
+
+    assert groups(merged) == groups(whole)
+
+
 def test_the_loop_never_branches_on_the_kind_of_parallelism():
     """The training loop calls Parallel's methods; the pipeline (and every other launch) is Parallel's
     business, so the loop body names none of them."""

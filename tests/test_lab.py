@@ -612,6 +612,24 @@ def test_sweep_file_smoke(sweep_file, tmp_path, monkeypatch):
         assert f"| {v} | 1/1 | 2 |" in text, v
 
 
+def test_report_without_matplotlib_keeps_its_numbers(tmp_path, monkeypatch):
+    """A sweep's report needs no figures: without matplotlib it is written with a note naming the extra,
+    instead of the whole sweep ending in an import error after its runs."""
+    import importlib.util
+
+    _corpus(tmp_path / "corpus.txt")
+    (tmp_path / "s.yaml").write_text(
+        "name: nofig\nbase:\n  overrides: " + json.dumps(TINY) + "\ndata: corpus.txt\n"
+        "budget: {steps: 2}\nseeds: [1]\nvariants:\n  a: []\n  b: [train.lr=1e-3]\n"
+    )
+    sweep = compare.load_sweep(tmp_path / "s.yaml")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+    text = lab_report.write_report(sweep, tmp_path / "out", compare.plan(sweep)).read_text()
+    assert "| a | 0/1 |" in text and "not drawn, they need matplotlib (pip install 'minimoe[plot]')" in text
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
 def test_split_sweep_reuses_reference_runs_and_refuses_another_config(tmp_path, monkeypatch, capsys):
     """Two files of one sweep share its folder: the second reuses the first's reference runs (skipped, and
     paired in its own report), and a reference with another config is refused, not silently reused."""

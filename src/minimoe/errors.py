@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 
 
 class MinimoeError(Exception):
@@ -11,6 +12,29 @@ class MinimoeError(Exception):
 
 class ConfigError(MinimoeError):
     """An invalid or unknown configuration value; the message names the field."""
+
+
+# optional packages -> the extra of pyproject.toml that installs them
+EXTRAS = {
+    "matplotlib": "plot", "datasets": "data", "pyarrow": "data", "transformers": "hf", "peft": "hf",
+    "accelerate": "hf", "lm_eval": "eval", "sacrebleu": "eval", "rouge_score": "eval", "tensorboard": "track",
+    "wandb": "track",
+}  # fmt: skip
+
+
+def missing_package(module: str | None) -> str | None:
+    """What to install for an optional package that is not there ("matplotlib (pip install
+    'minimoe[plot]')"), or None when `module` is none of them."""
+    top = (module or "").partition(".")[0]
+    return f"{top} (pip install 'minimoe[{EXTRAS[top]}]')" if top in EXTRAS else None
+
+
+def require(what: str, *modules: str) -> None:
+    """MinimoeError naming what to install when an optional package `what` needs is missing, so that a
+    command says so before its work rather than after it."""
+    for m in modules:
+        if importlib.util.find_spec(m) is None:
+            raise MinimoeError(f"{what} needs {missing_package(m)}")
 
 
 def one_line(text: str) -> str:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from minimoe.cli.args import add_checkpoint_arg, add_device_args, check_writable, integer, number, stop_string
-from minimoe.errors import MinimoeError, describe_os_error
+from minimoe.errors import MinimoeError, describe_os_error, require
 from minimoe.eval.runner import ROLES, TASK_OPTIONS, TASKS
 
 # the CLI's options that only some tasks read (argparse dest -> tasks), from the library's table
@@ -217,6 +217,8 @@ def run(args) -> int:
     from minimoe.eval.runner import default_results_path, evaluate_run
 
     opts = _options(args)
+    if args.task == "generation":  # found out now, not after generating every answer
+        require("--task generation (BLEU, chrF, ROUGE)", "sacrebleu", "rouge_score")
     if args.out:  # found out now, not after the evaluation
         check_writable(args.out, "--out", "results")
     pred_file = None

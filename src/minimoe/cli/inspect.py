@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from minimoe.cli.args import CHECKPOINTS, add_checkpoint_arg, integer
-from minimoe.errors import MinimoeError, describe_os_error
+from minimoe.errors import MinimoeError, describe_os_error, require
 
 
 def add_parser(sub) -> None:
@@ -98,6 +98,8 @@ def run(args) -> int:
         raise MinimoeError("--html needs --text")
     if args.coact_png and args.corpus is None:
         raise MinimoeError("--coact-png needs --corpus")
+    if args.coact_png:
+        require("--coact-png", "matplotlib")
     if args.top < 1:
         raise MinimoeError(f"--top must be at least 1, got {args.top}")
     model, tokenizer, cfg, _ = load_run(args.run_dir, which=args.checkpoint)

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import NoReturn
 
-from minimoe.errors import MinimoeError, describe_os_error, one_line
+from minimoe.errors import MinimoeError, describe_os_error, missing_package, one_line
 
 
 def _others_load(samples: int = 5, interval_s: float = 0.01) -> float:
@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         if args.debug:
             raise
+        package = missing_package(e.name) if isinstance(e, ModuleNotFoundError) else None
+        if package is not None:  # an optional integration that is not installed
+            sys.stderr.write(f"minimoe {args.command}: error: this needs {package}\n")
+            return 2
         reason = describe_os_error(e) if isinstance(e, OSError) else None
         if reason is not None:  # the file system refused a path the user gave: theirs to fix
             sys.stderr.write(f"minimoe {args.command}: error: {reason}\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from minimoe.cli.args import integer
-from minimoe.errors import MinimoeError
+from minimoe.errors import MinimoeError, require
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def run(args) -> int:
 
     if args.dpi <= 0:
         raise MinimoeError(f"--dpi must be positive, got {args.dpi}")
+    require("minimoe plot", "matplotlib")
     for path in plot_runs(args.run_dirs, args.out, steps=parse_steps(args.steps), dpi=args.dpi):
         print(path)
     return 0

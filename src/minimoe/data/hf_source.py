@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from minimoe.data.corpus import Corpus, record_texts
-from minimoe.errors import MinimoeError
+from minimoe.errors import MinimoeError, require
 
 
 class HFCorpus(Corpus):
@@ -49,6 +49,7 @@ class HFCorpus(Corpus):
         """The loaded dataset split (loaded once per Corpus object)."""
         if self._ds is not None:
             return self._ds
+        require("an hf: data source", "datasets")
         import datasets
 
         split = self.opts.get("split", "train")

@@ -407,19 +407,32 @@ def _param_and_buffer_names(model: nn.Module) -> list[str]:
 
 
 def _merge_stages(parts: list) -> tuple[dict, dict]:
-    """Pipeline stages' (model, optimizer) dicts -> one full pair: states joined, param-group names
-    concatenated in stage order."""
+    """Pipeline stages' (model, optimizer) dicts -> one full pair: states joined, each stage's
+    param-group names added, in stage order, to the group with the same settings. A group's position
+    is no guide: a stage may lack a group (MuonAdamW leaves out empty ones, such as the AdamW matrices
+    of a stage without embedding, head or router)."""
     model_sd: dict = {}
     optim_sd: dict = {"state": {}, "param_groups": []}
+    merged = optim_sd["param_groups"]
     for m_sd, o_sd in parts:
         model_sd.update(m_sd)
         optim_sd["state"].update(o_sd["state"])
-        for gi, group in enumerate(o_sd["param_groups"]):
-            if gi == len(optim_sd["param_groups"]):
-                optim_sd["param_groups"].append({**group, "params": list(group["params"])})
-            else:
-                optim_sd["param_groups"][gi]["params"].extend(group["params"])
+        taken: set[int] = set()  # a stage's groups go to different groups (equal settings: in order)
+        for group in o_sd["param_groups"]:
+            settings = _group_settings(group)
+            gi = next(
+                (i for i, g in enumerate(merged) if i not in taken and _group_settings(g) == settings),
+                len(merged),
+            )
+            if gi == len(merged):
+                merged.append({**group, "params": []})
+            merged[gi]["params"].extend(group["params"])
+            taken.add(gi)
     return model_sd, optim_sd
+
+
+def _group_settings(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def _filter_optim(optim_sd: dict, names: set[str]) -> dict:

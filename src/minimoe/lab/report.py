@@ -3,15 +3,20 @@ standard error, 95% t-interval), the Markdown table and the figures that `minimo
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimoe.errors import missing_package
 from minimoe.lab.flops import tokens_per_step
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 from minimoe.params import count_params
+
+log = logging.getLogger("minimoe.lab")
 
 
 @dataclass
@@ -307,7 +312,11 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
     for r in rows:
         vals = ", ".join(f"seed {k}: {v:.4f}" for k, v in r["val_loss_by_seed"].items()) or "not run yet"
         parts.append(f"- {r['variant']}: {vals}")
-    if figures:
+    if figures and importlib.util.find_spec("matplotlib") is None:  # the numbers need no figures
+        note = f"Figures: not drawn, they need {missing_package('matplotlib')}."
+        log.warning("%s", note)
+        parts += ["", note]
+    elif figures:
         prefix = "" if sweep.report == "report.md" else Path(sweep.report).stem
         names = _report_figures(out_dir, runs, prefix=prefix)
         parts += [""] + [f"![{n}]({n})" for n in names]
