@@ -893,6 +893,13 @@ def test_debug_shows_user_errors_too(capsys):
         main(["params", "--debug", "tiny", "model.num_attention_heads=0"])
 
 
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"minimoe {version('minimoe')}\n"
+
+
 def test_debug_after_the_command_parses_like_before():
     from minimoe.cli.main import build_parser
 

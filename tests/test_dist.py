@@ -387,7 +387,7 @@ def test_unsupported_launches_are_refused(overrides, world, match):
         check_launch(cfg, world)
 
 
-def test_one_process_ignores_dist_settings():
+def test_one_process_ignores_dist_settings(caplog):
     from minimoe.dist.init import DistContext
     from minimoe.dist.parallel import parallelize
     from minimoe.model.transformer import Transformer
@@ -399,6 +399,11 @@ def test_one_process_ignores_dist_settings():
     model = Transformer(cfg.model)
     par = parallelize(model, cfg, DistContext())
     assert par.kind == "single" and par.forward is model and par.dp_size == 1
+    assert "dist.expert_parallel=2 needs several processes" in caplog.text
+    cfg.dist.expert_parallel, cfg.dist.strategy = 1, "fsdp"  # said too, not only the parallel degrees
+    caplog.clear()
+    assert parallelize(model, cfg, DistContext()).forward is model
+    assert "dist.strategy=fsdp needs several processes" in caplog.text
 
 
 def test_pipeline_checkpoint_keeps_each_parameter_in_its_optimizer_group():

@@ -217,9 +217,14 @@ def test_figures_have_the_expected_panels(trained):
     assert heat_axes[0].get_title().startswith("step 2")
 
 
-def test_plot_cli_writes_pngs(trained, tmp_path, capsys):
+def test_plot_cli_writes_pngs(trained, tmp_path, capsys, caplog):
     run, _ = trained
-    assert main(["plot", str(run), "--out", str(tmp_path / "p"), "--steps", "4,10"]) == 0
+    assert main(["plot", str(run), "--out", str(tmp_path / "p"), "--steps", "4,11"]) == 0
+    logged = [r["step"] for r in lab_plot.load_run_data(run, "run").train if "load_frac" in r]
+    assert 4 in logged and 11 not in logged  # the step shown in place of 11 is said
+    assert (
+        "step 11 has no expert loads logged; showing step 10" in caplog.text and "step 4 " not in caplog.text
+    )
     names = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
     assert names == ["expert_load_run.png", "loss_vs_flops.png", "loss_vs_tokens.png", "lr.png", "maxvio.png"]
     assert all((tmp_path / "p" / n).read_bytes()[:4] == b"\x89PNG" for n in names)

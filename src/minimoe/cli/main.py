@@ -108,7 +108,7 @@ COMMANDS_TABLE: dict[str, tuple[str, str, str]] = {
     "quantize": ("minimoe.cli.quantize", "quantize a run's weights to int8 or int4 and check perplexity",
                  "minimoe quantize runs/tiny --bits 8 --out runs/tiny-int8"),
     "compare": ("minimoe.cli.compare", "train variants of a config at equal tokens or FLOPs; write a report",
-                "minimoe compare experiments/2_balancing.yaml --out runs/balancing"),
+                "minimoe compare experiments/2a_balancing.yaml --out runs/balancing"),
     "plot": ("minimoe.cli.plot", "draw loss, learning-rate, MaxVio and expert-load figures to PNG",
              "minimoe plot runs/tiny --out plots/tiny"),
     "inspect": ("minimoe.cli.inspect", "show which experts each token goes to, or routing statistics",
@@ -151,6 +151,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("minimoe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser(commands: list[str] | None = None) -> ArgumentParser:
     """The `minimoe` parser. Only the subcommands in `commands` (default: all) get their options, so
     `minimoe --help` imports no command module and `minimoe train ...` imports one; the others are
@@ -162,6 +171,7 @@ def build_parser(commands: list[str] | None = None) -> ArgumentParser:
         epilog="commands have the same flag for the same thing: --checkpoint best|latest, --device, --out.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"minimoe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, (module, summary, example) in COMMANDS_TABLE.items():
         if commands is None or name in commands:

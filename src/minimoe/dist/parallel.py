@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimoe.config import RunConfig
+from minimoe.config import DistConfig, RunConfig
 from minimoe.dist.init import DistContext, all_gather_object, broadcast_object
 from minimoe.errors import ConfigError
 
@@ -317,9 +317,13 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: DistContext) -> Parallel:
     """
     d = cfg.dist
     if not ctx.distributed:
-        if d.expert_parallel > 1 or d.pipeline_parallel > 1:
+        default = DistConfig()
+        ignored = [k for k in ("strategy", "expert_parallel", "pipeline_parallel") if getattr(d, k) != getattr(default, k)]
+        if ignored:
             log.warning(
-                "dist.expert_parallel/pipeline_parallel need several processes; this one process runs all of it"
+                "%s need%s several processes (a torchrun launch); this one process runs all of it",
+                ", ".join(f"dist.{k}={getattr(d, k)}" for k in ignored),
+                "s" if len(ignored) == 1 else "",
             )
         return Parallel(ctx=ctx, kind="single", model=model, forward=model)
     dp = check_launch(cfg, ctx.world_size)

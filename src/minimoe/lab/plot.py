@@ -7,6 +7,7 @@ all as PNGs. Several runs overlay on one axis, one colour per run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from minimoe.config import RunConfig
 from minimoe.config_yaml import build_run_config
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.lab.flops import flops_per_token
+
+log = logging.getLogger("minimoe.lab")
 
 
 @dataclass
@@ -249,7 +252,8 @@ def layer_label(run: RunData, key: str) -> str:
 
 
 def pick_steps(run: RunData, steps: list[int] | None, n_default: int = 3) -> list[int]:
-    """Logged steps nearest to the requested ones (default: first, middle and last logged step)."""
+    """Logged steps nearest to the requested ones (default: first, middle and last logged step); a step
+    shown in place of another is said in a warning."""
     logged = [r["step"] for r in run.train if "load_frac" in r]
     if not logged:
         return []
@@ -259,6 +263,10 @@ def pick_steps(run: RunData, steps: list[int] | None, n_default: int = 3) -> lis
     out = []
     for s in steps:
         nearest = min(logged, key=lambda x: (abs(x - s), x))
+        if nearest != s:
+            log.warning(
+                "%s: step %d has no expert loads logged; showing step %d, the nearest", run.label, s, nearest
+            )
         if nearest not in out:
             out.append(nearest)
     return out

@@ -344,10 +344,11 @@ class Trainer:
                         row["bias_range"] = self.par.merge_layers(bias_ranges(self.model))
                         for li, e in health["dead_experts"][:3] if self.ctx.is_main else []:
                             log.warning(
-                                "layer %s expert %s received no tokens in the last %d steps",
+                                "layer %s expert %s received no tokens in the last %d step%s",
                                 li,
                                 e,
                                 window.steps,
+                                "" if window.steps == 1 else "s",
                             )
                     self.metrics.log(row)
                     self.train_loss = row["loss"]
