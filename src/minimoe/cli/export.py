@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from minimoe.cli.args import add_checkpoint_arg
+from minimoe.errors import require
 from minimoe.hf.formats import ARCHITECTURES
 
 
@@ -44,6 +45,8 @@ def run(args) -> int:
     from minimoe.hf.export import compare_logits, export_model
     from minimoe.train.checkpoint import load_run
 
+    if args.verify:  # found out before the folder is written
+        require("--verify", "transformers")
     model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
     res = export_model(
         model, tok, args.out, fmt=args.format, shard_size=args.shard_size, dtype=args.dtype,
