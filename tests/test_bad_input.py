@@ -983,7 +983,7 @@ def test_commands_name_a_missing_optional_package_before_their_work(ctx: Ctx, mo
         raise AssertionError("the evaluation ran before its metrics' packages were checked")
 
     monkeypatch.setattr(minimoe.eval.runner, "evaluate_run", started)
-    _without(monkeypatch, "sacrebleu", "matplotlib", "datasets")
+    _without(monkeypatch, "sacrebleu", "matplotlib", "datasets", "transformers")
     gen = tmp_path / "gen.jsonl"
     gen.write_text('{"prompt": "a", "reference": "b"}\n')
     cases = [
@@ -997,12 +997,13 @@ def test_commands_name_a_missing_optional_package_before_their_work(ctx: Ctx, mo
             ["train", "--data", "hf:stories", "--out", tmp_path / "r", *TINY],
             "needs datasets (pip install 'minimoe[data]')",
         ),
+        (["export", ctx.run, "--out", tmp_path / "x", "--verify"], "--verify needs transformers"),
     ]
     for argv, expect in cases:
         assert main([str(a) for a in argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expect in err, (argv, err)
-    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+    assert not any((tmp_path / d).exists() for d in ("p", "r", "x"))
 
 
 def test_os_error_without_a_path_is_internal(monkeypatch, capsys):
