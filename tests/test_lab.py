@@ -17,6 +17,7 @@ from minimoe.lab import compare, flops
 from minimoe.lab import inspect as lab_inspect
 from minimoe.lab import plot as lab_plot
 from minimoe.lab import report as lab_report
+from minimoe.lab.sweep import run_state
 from minimoe.train.checkpoint import find_checkpoint
 from minimoe.train.run import train_from_config
 from tiny import TINY_TRAIN
@@ -423,6 +424,9 @@ def test_compare_time_budget_and_paired_contrasts(tmp_path, monkeypatch, capsys,
             assert speed == pytest.approx(last["tokens"] / last["elapsed_s"])
     assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("skip") == 4  # finished on the clock: not resumed
+    d = out / runs[0].variant / f"seed_{runs[0].seed}"
+    assert run_state(d, runs[0].cfg.train.max_steps, 0.01) == "done"
+    assert run_state(d, runs[0].cfg.train.max_steps, 1.0) == "partial"  # a larger budget resumes it
     report = (out / "report.md").read_text()
     assert (out / "loss_vs_time.png").is_file() and "![loss_vs_time.png]" in report
     row = next(line for line in report.splitlines() if line.startswith("| dense − moe |"))

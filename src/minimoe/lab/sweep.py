@@ -57,7 +57,8 @@ def run_state(run_dir: Path, max_steps: int, max_minutes: float | None = None) -
     except (OSError, ValueError, KeyError):
         return "new"
     # a time budget ends a little early (the trainer stops when the next step and the final evaluation
-    # would not fit) and records it in the checkpoint
-    if max_minutes is not None and (m.get("out_of_time") or m.get("elapsed_s", 0.0) >= max_minutes * 60):
+    # would not fit) and records it in the checkpoint, with the budget it ran out of: a larger one resumes
+    out_of_time = m.get("out_of_time") and m.get("max_minutes", max_minutes) >= (max_minutes or 0)
+    if max_minutes is not None and (out_of_time or m.get("elapsed_s", 0.0) >= max_minutes * 60):
         return "done"
     return "done" if step >= max_steps else "partial"
