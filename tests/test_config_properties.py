@@ -38,8 +38,9 @@ SPACE: dict[str, tuple[list, list]] = {
     "qk_nope_head_dim": ([0, 4, 6], [-2]),
     "qk_rope_head_dim": ([2, 4, 8], [3, 0]),
     "v_head_dim": ([4, 6], [0]),
-    "rope_theta": ([10000.0, 500.0], []),
-    "rope_scaling": ([None, YARN], [{**YARN, "factor": 0.5}, {"type": "linear", "factor": 2.0}, {"type": "yarn"}]),
+    "rope_theta": ([10000.0, 500.0], [0.0, -10.0]),
+    "rope_scaling": ([None, YARN], [{**YARN, "factor": 0.5}, {"type": "linear", "factor": 2.0}, {"type": "yarn"},
+                                    {**YARN, "beta_fast": "x"}]),
     "intermediate_size": ([8, 20, 32], [0]),
     "first_k_dense_replace": ([0, 1], [5, -1]),
     "n_routed_experts": ([0, 2, 4, 6, 8], [-1]),
@@ -66,6 +67,8 @@ SPACE: dict[str, tuple[list, list]] = {
     "tie_word_embeddings": ([True, False], []),
     "dropout": ([0.0, 0.1], [1.0, -0.1]),
     "attn_dropout": ([0.0, 0.1], [1.5]),
+    "rms_norm_eps": ([1e-6, 1e-5], [-1.0]),
+    "initializer_range": ([0.02], [-0.1]),
 }  # fmt: skip
 CORRUPTIBLE = [k for k, (_, bad) in SPACE.items() if bad]
 
@@ -145,6 +148,13 @@ def test_non_positive_sizes_name_the_field(name, value):
         (dict(n_routed_experts=8, n_group=4, topk_group=2, topk_method="greedy"), "topk_method"),
         (dict(attn_type="mla", qk_norm="head"), "qk_norm"),
         (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling"),
+        # each of these used to pass and fail later: a "diverged" run at step 1, or torch's init error
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
+        (dict(initializer_range=-0.1), "initializer_range"),
+        (dict(rope_scaling={"factor": "abc", "original_max_position_embeddings": 4}), "rope_scaling.factor"),
+        (dict(rope_scaling={"factor": 2, "original_max_position_embeddings": "x"}), "rope_scaling.original"),
+        (dict(rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": "x"}), "rope_scaling.mscale_all_dim"),
     ],
 )
 def test_known_invalid_combinations(kw, field):

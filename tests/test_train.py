@@ -131,6 +131,29 @@ def _paused_then_resumed(tmp_path, corpus, common, pause_at):
     return _train(tmp_path / "b", corpus, *common, resume=True)
 
 
+def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path, corpus, monkeypatch):
+    """A row's tokens/s is training throughput: the evaluation and checkpoint before its window
+    (here made to take 1 s each) do not count in the window's time."""
+    from minimoe.train.trainer import Trainer
+
+    evaluate, save = Trainer.evaluate, Trainer.save
+
+    def slow(f):
+        def wrapped(self, *a, **k):
+            time.sleep(1.0)
+            return f(self, *a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(Trainer, "evaluate", slow(evaluate))
+    monkeypatch.setattr(Trainer, "save", slow(save))
+    _train(tmp_path / "run", corpus, "train.max_steps=3", "train.eval_every=2", "train.log_every=1")
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    (after,) = [r for r in rows if r["step"] == 3 and "tokens_per_s" in r]
+    window_s = 128 / after["tokens_per_s"]  # one step of 4 x 32 tokens
+    assert window_s < 1.0, window_s
+
+
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_does(tmp_path, corpus):
     """With a row every 4 steps, a pause at step 6 falls inside a logging window: the resumed run's
     row at step 8 still averages steps 5-8."""
@@ -160,6 +183,23 @@ def test_a_pause_does_not_change_early_stopping(tmp_path, corpus, monkeypatch):
     assert best == (tmp_path / "a" / "checkpoints" / "best").read_text().strip() == "step_00000012"
 
 
+def test_resume_of_an_early_stopped_run_is_refused_until_the_patience_grows(tmp_path, corpus, monkeypatch):
+    """A run that stopped on train.early_stop_patience is finished as it stands: a plain resume says so
+    in one sentence (it used to train one step, save nothing and stop again); a larger patience
+    continues it."""
+    from minimoe.train.trainer import Trainer
+
+    vals = iter([1.0, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(vals), "val_bpb": None})
+    common = ("train.max_steps=20", "train.eval_every=2", "train.early_stop_patience=1")
+    res = _train(tmp_path / "run", corpus, *common)
+    assert (res.stopped, res.step) == ("early_stop", 4)
+    with pytest.raises(MinimoeError, match="stopped early at step 4.*train.early_stop_patience"):
+        _train(tmp_path / "run", corpus, *common, resume=True)
+    res = _train(tmp_path / "run", corpus, *common, "train.early_stop_patience=2", resume=True)
+    assert (res.stopped, res.step) == ("early_stop", 6)
+
+
 def test_overrides_given_at_a_resume_hold_for_the_next(tmp_path, corpus):
     """`--resume RUN train.max_steps=12` on a run that ended at step 8, paused after 2 steps, then a
     plain `--resume RUN`: it continues to step 12, not back to the first run's 8."""
@@ -178,6 +218,28 @@ def test_overrides_given_at_a_resume_hold_for_the_next(tmp_path, corpus):
     assert (first.stopped, first.step) == ("paused", 10)
     res = train_from_config(overrides=[], run_dir=tmp_path / "r", resume=True, progress=False, sample=False)
     assert (res.stopped, res.step) == ("max_steps", 12)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_settings_given_at_a_resume_are_used(tmp_path, corpus, optimizer):
+    """`--resume RUN train.lr=... train.weight_decay=... train.beta2=...`: the resumed steps use the new
+    settings (the checkpoint's optimizer state brought back the old ones, and Muon kept its old lr)."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import Tokenizer, prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    common = (f"train.optimizer={optimizer}", "train.schedule=constant", "train.warmup_steps=0")
+    _train(tmp_path / "r", corpus, "train.max_steps=2", "train.eval_every=100", *common)
+    new = ["train.max_steps=4", "train.lr=1e-5", "train.weight_decay=0", "train.beta2=0.99"]
+    cfg = build_run_config(config_path=str(tmp_path / "r/config.yaml"), overrides=new)
+    tok = Tokenizer.load(tmp_path / "r/tokenizer")
+    data = prepare(corpus, tok, data_cache_dir(cfg.data, None), workers=0, progress=False)
+    tr = Trainer(cfg, tmp_path / "r", data, data.tokenizer(), resume=True, progress=False)
+    tr.fit(stop_after=1)
+    for g in tr.optimizer.param_groups:
+        assert g["lr"] == pytest.approx(1e-5) and g["weight_decay"] == 0.0, g.get("use_muon")
+        assert tuple(g["betas"]) == (0.9, 0.99)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
@@ -262,6 +324,21 @@ def test_cli_train_then_generate(tmp_path, corpus, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert out.startswith("the cat") and len(out) > len("the cat")
+
+
+def test_cli_train_with_pretokenized_val_data_has_no_bpb(tmp_path, corpus, capsys):
+    """Pre-tokenized validation data has no byte count, so no bits per byte: the closing line leaves
+    val_bpb out instead of failing after the run has trained and saved."""
+    import numpy as np
+
+    val = tmp_path / "val.npy"
+    np.save(val, np.frombuffer(corpus.read_bytes()[:3000], dtype=np.uint8).astype(np.uint16))
+    code, out, err = _cli(
+        capsys, "train", "--data", str(corpus), "--val-data", str(val), "--out", str(tmp_path / "run"),
+        "--no-progress", "--no-sample", *TINY, "train.max_steps=2", "train.eval_every=2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "val_loss" in out and "val_bpb" not in out
 
 
 def _one_sentence(code: int, err: str, *words: str) -> None:

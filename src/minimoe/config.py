@@ -4,10 +4,21 @@ TrainConfig and DataConfig, grouped in RunConfig. Reading them from YAML and dot
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from minimoe.errors import ConfigError
+
+# the numeric entries of a YaRN `rope_scaling` mapping (model/rope.py reads them)
+YARN_NUMBERS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 @dataclass
@@ -231,10 +242,21 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout"):
             need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
+        # each would fail later: a non-finite RoPE table or norm (reported as a diverged run), or torch's
+        # error from the weight initialisation
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.rms_norm_eps >= 0, f"rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
+        need(self.initializer_range >= 0, f"initializer_range must be >= 0, got {self.initializer_range}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             need(isinstance(rs, dict), "rope_scaling must be a mapping or null")
             need(rs.get("type", rs.get("rope_type", "yarn")) == "yarn", "rope_scaling type must be 'yarn'")
+            for key in YARN_NUMBERS:
+                v = rs.get(key, 0)
+                need(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                    f"rope_scaling.{key} must be a number, got {v!r}",
+                )
             need(float(rs.get("factor", 0)) >= 1, "rope_scaling.factor must be >= 1")
             need(
                 int(rs.get("original_max_position_embeddings", 0)) > 0,

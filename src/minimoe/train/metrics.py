@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -96,6 +97,16 @@ class LogWindow:
         self.parts = {k: torch.zeros((), device=self.device) for k in self.part_names}
         self.steps, self.tokens, self.start = 0, 0, now
         self.loads: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in this block (an evaluation, a checkpoint) is no training: it leaves the window,
+        so a row's tokens/s counts the training steps' time only."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def state_dict(self) -> dict:
         return {

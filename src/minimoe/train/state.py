@@ -93,12 +93,17 @@ def resume(tr) -> None:
     ckpt, state, legacy = broadcast_object((ckpt, state, legacy), tr.ctx)
     if legacy and tr.ctx.distributed:
         raise MinimoeError(f"checkpoint {ckpt} predates distributed resume; resume it in one process first")
+    # loading the optimizer's state also restores the settings it was saved with; the ones of this run's
+    # config (overrides given with --resume: train.lr, muon_lr, weight_decay, betas) are put back after
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in tr.optimizer.param_groups]
     try:
         if legacy:
             tr.par.load_state(None, weights, None)
             tr.optimizer.load_state_dict(optim)
         else:
             tr.par.load_state(tr.optimizer, weights, optim)
+        for group, own in zip(tr.optimizer.param_groups, settings):
+            group.update(own)
         tr.scaler.load_state_dict(state["scaler"])
         tr.train_windows.load_state_dict(state["loader"])
         ranks = state.get("rng_ranks")
@@ -121,6 +126,12 @@ def resume(tr) -> None:
             f"the run in {tr.run_dir} is already at step {tr.step} and train.max_steps is "
             f"{tc.max_steps}; resume with train.max_steps={tr.step + tc.max_steps} (or any value "
             f"above {tr.step}) to train further"
+        )
+    if tc.early_stop_patience and tr.evals_since_best >= tc.early_stop_patience:
+        raise MinimoeError(
+            f"the run in {tr.run_dir} stopped early at step {tr.step}: {tr.evals_since_best} evaluations "
+            f"without improvement reached train.early_stop_patience={tc.early_stop_patience}; resume with a "
+            "larger train.early_stop_patience (or 0) to train further"
         )
     stopped_at = state.get("stopped_at_minutes")
     if tc.max_minutes is not None and (

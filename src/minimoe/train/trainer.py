@@ -378,7 +378,8 @@ class Trainer:
                 self._out_of_time = out_of_time  # the checkpoint below records a stop on the clock
                 if at_eval:
                     eval_start = clock()
-                    val = self.evaluate()
+                    with window.paused():
+                        val = self.evaluate()
                     loss = val.get("val_loss")  # None without validation: the latest counts as the best
                     improved = loss is None or (counts and (self.best_val is None or loss < self.best_val))
                     if loss is None or not counts:
@@ -393,11 +394,13 @@ class Trainer:
                         bar.note(f"val_loss {loss:.3f}{bpb}")
                     save_start = clock()
                     self._eval_s = save_start - eval_start
-                    last_ckpt = self.save(loss, is_best=improved)
+                    with window.paused():
+                        last_ckpt = self.save(loss, is_best=improved)
                     self._save_s = clock() - save_start
                 elif tc.save_every and self.step % tc.save_every == 0:
                     save_start = clock()
-                    last_ckpt = self.save()
+                    with window.paused():
+                        last_ckpt = self.save()
                     self._save_s = clock() - save_start
                 if interrupt.requested or paused:
                     stopped = "interrupted" if interrupt.requested else "paused"
