@@ -662,3 +662,55 @@ def test_split_sweep_reuses_reference_runs_and_refuses_another_config(tmp_path, 
     (tmp_path / "c.yaml").write_text(common + "report: report_c.md\nvariants:\n  ref: [train.lr=5e-3]\n")
     assert main(["compare", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
     assert "another config (train.lr" in capsys.readouterr().err
+
+
+def test_sweep_file_values_of_the_wrong_type_are_one_sentence(tmp_path, capsys):
+    """A sweep file's contrasts, data paths and base preset/config of the wrong YAML type are refused in
+    one sentence naming the key, not an internal error."""
+    common = "variants: {a: [], b: []}\nbudget: {steps: 3}\n"
+    for extra, key in (
+        ("contrasts: 5\n", "contrasts must be a list"),
+        ("data: 5\n", "data must be"),
+        ("val_data: [x]\n", "val_data must be"),
+        ("base: {preset: [x]}\n", "base.preset must be"),
+        ("base: {config: 5}\n", "base.config must be"),
+    ):
+        (tmp_path / "s.yaml").write_text(common + extra)
+        assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2, extra
+        assert key in capsys.readouterr().err, extra
+
+
+def test_plan_keeps_the_vocab_size_a_base_config_sets(tmp_path, monkeypatch):
+    """As `minimoe train --config`, a sweep keeps the model.vocab_size its base config file sets; only an
+    unset one is fitted to the tokenizer."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    for vocab, want in (("model: {vocab_size: 512}\n", 512), ("model: {hidden_size: 32}\n", 320)):
+        (tmp_path / "base.yaml").write_text(vocab)
+        (tmp_path / "s.yaml").write_text(
+            "base:\n  config: base.yaml\n  overrides: " + json.dumps(TINY) + "\ndata: corpus.txt\n"
+            "budget: {steps: 2}\nseeds: [1]\nvariants:\n  a: []\n"
+        )
+        runs = compare.plan(compare.load_sweep(tmp_path / "s.yaml"))
+        assert runs[0].cfg.model.vocab_size == want, vocab
+
+
+def test_a_rerun_on_other_data_is_refused_not_reported_as_that_data(tmp_path, monkeypatch, capsys):
+    """Finished runs trained on one corpus are not skipped as done (and reported under another data
+    name) when the sweep is rerun on other training or validation data."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    (tmp_path / "other.txt").write_text("another text altogether\n" * 200, encoding="utf-8")
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: " + json.dumps(TINY + ["train.eval_every=100"]) + "\ndata: corpus.txt\n"
+        "budget: {steps: 2}\nseeds: [1]\nvariants:\n  a: []\n"
+    )
+    out = str(tmp_path / "out")
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", out]) == 0
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", out]) == 0
+    assert "skip" in capsys.readouterr().out
+    for opt in ("--data", "--val-data"):
+        assert (
+            main(["compare", str(tmp_path / "s.yaml"), "--out", out, opt, str(tmp_path / "other.txt")]) == 2
+        )
+        assert "trained on other data" in capsys.readouterr().err, opt

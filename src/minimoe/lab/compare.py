@@ -126,6 +126,12 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         raise MinimoeError(
             f"sweep file {path}: unknown key 'base.{bad[0]}' (expected preset, config, overrides)"
         )
+    for key, v in (("base.preset", base.get("preset")), ("base.config", base.get("config")),
+                   ("data", d.get("data")), ("val_data", d.get("val_data"))):  # fmt: skip
+        if v is not None and not isinstance(v, str):
+            raise MinimoeError(f"sweep file {path}: {key} must be a name or a path, got {v!r}")
+    if not isinstance(d.get("contrasts") or [], list):
+        raise MinimoeError(f"sweep file {path}: contrasts must be a list of [variant, reference] pairs")
     contrasts = []
     for c in d.get("contrasts") or []:
         if not (isinstance(c, list) and len(c) == 2 and all(isinstance(v, str) for v in c)):
@@ -189,11 +195,19 @@ def _fitted_vocab(cfg: RunConfig, val_data: str | None) -> int:
     return -(-data.tokenizer().vocab_size // 64) * 64
 
 
+def _sets_vocab(config_path: str | None, overrides: list[str]) -> bool:
+    """Whether the config file or the overrides set model.vocab_size (`minimoe train` keeps it then)."""
+    if any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in overrides):
+        return True
+    return config_path is not None and "vocab_size" in (load_yaml(config_path).get("model") or {})
+
+
 def plan(sweep: Sweep) -> list[PlannedRun]:
     """Resolve every variant x seed: config, training FLOPs per token, and max_steps from the budget.
 
-    The vocabulary is fitted to the tokenizer once (as `minimoe train` does) and pinned with an explicit
-    `model.vocab_size` so that the FLOPs count here is the model that trains.
+    Unless the base config or the overrides set it, the vocabulary is fitted to the tokenizer once (as
+    `minimoe train` does) and pinned with an explicit `model.vocab_size` so that the FLOPs count here is
+    the model that trains.
     """
     _check_sources(sweep)
     data_ov = [f"data.path={sweep.data}"] if sweep.data else []
@@ -205,7 +219,7 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
             cfg = build_run_config(sweep.base_preset, sweep.base_config, base_ov)
         except ConfigError as e:
             raise MinimoeError(f"sweep {sweep.name}, variant '{variant}': {e}") from None
-        if not any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in base_ov):
+        if not _sets_vocab(sweep.base_config, base_ov):
             key = (cfg.data.path, cfg.data.tokenizer, cfg.data.text_field, cfg.data.val_fraction)
             if key not in vocabs:
                 vocabs[key] = _fitted_vocab(cfg, sweep.val_data)
@@ -239,12 +253,27 @@ def _report_file(name, path: Path) -> str:
     return name
 
 
-def _check_same_config(run_dir: Path, r: PlannedRun) -> None:
-    """A run reused from another sweep file must be the run this file plans (model and training alike)."""
+def _source(p: str | None) -> str | None:
+    """A data source as a run's config.yaml records it (training makes paths absolute)."""
+    if p is None or p.startswith("hf:"):
+        return p
+    return str(Path(p).expanduser().resolve())
+
+
+def _check_same_config(run_dir: Path, r: PlannedRun, val_data: str | None = None) -> None:
+    """A run reused from another sweep file must be the run this file plans (model and training alike,
+    on the same training and validation data)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
     d = load_yaml(saved)
+    data = d.get("data") or {}
+    for key, want_src in (("path", r.cfg.data.path), ("val_path", val_data or r.cfg.data.val_path)):
+        if key in data and _source(data[key]) != _source(want_src):
+            raise MinimoeError(
+                f"{run_dir} was trained on other data (data.{key} = {data[key]!r}, this sweep wants "
+                f"{_source(want_src)!r}); use another --out"
+            )
     want = r.cfg.to_dict()
     for section in ("model", "train"):
         theirs = d.get(section) or {}
@@ -297,7 +326,7 @@ def run_sweep(
     todo = []
     for r in runs:
         run_dir = out_dir / r.variant / f"seed_{r.seed}"
-        _check_same_config(run_dir, r)
+        _check_same_config(run_dir, r, sweep.val_data)
         state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
         if state == "done":
             on_event and on_event("skip", r, "already complete")
