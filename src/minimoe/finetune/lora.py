@@ -162,8 +162,7 @@ def merge_saved_adapter(
     Returns:
         The checkpoint directory written.
     """
-    from minimoe.finetune.sft import check_not_quantized
-    from minimoe.train.checkpoint import CKPT, load_run, write_run
+    from minimoe.train.checkpoint import CKPT, check_not_quantized, load_run, write_run
 
     out = Path(out_dir)
     if (out / CKPT).exists() and any((out / CKPT).iterdir()):

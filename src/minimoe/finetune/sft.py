@@ -153,17 +153,6 @@ class ValBatches:
         return batches(self.examples, self.batch_size, self.pad_id, seed=0, epoch=0)
 
 
-def check_not_quantized(model, meta: dict, what: str = "fine-tuned") -> None:
-    """MinimoeError for a run written by `minimoe quantize`: its integer weights take no gradient and
-    are no nn.Linear for LoRA, and a run saved from them would not load."""
-    if getattr(model, "quantization", None):
-        source = meta.get("quantized_from", "the run it was quantized from")
-        raise MinimoeError(
-            f"{meta['path']} holds the int8/int4 weights of `minimoe quantize`, which cannot be {what}; "
-            f"use {source} instead"
-        )
-
-
 def _apply_overrides(cfg, overrides: list[str]) -> None:
     for item in overrides:
         key, eq, value = item.partition("=")
@@ -226,7 +215,7 @@ def finetune(
     if (out / "adapter").exists():
         raise MinimoeError(f"{out} already holds an adapter; choose another --out")
     model, tok, cfg, meta = ckpt_lib.load_run(run_dir, which)
-    check_not_quantized(model, meta)
+    ckpt_lib.check_not_quantized(model, meta)
     if not tok.chat_template:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE  # stored with the new run's tokenizer
     tc = cfg.train

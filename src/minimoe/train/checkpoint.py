@@ -346,6 +346,17 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     return model.to(device).eval(), tokenizer, cfg, meta
 
 
+def check_not_quantized(model, meta: dict, what: str = "fine-tuned") -> None:
+    """MinimoeError for a run written by `minimoe quantize`: its integer weights take no gradient and
+    are no nn.Linear for LoRA, and a run saved from them would not load."""
+    if getattr(model, "quantization", None):
+        source = meta.get("quantized_from", "the run it was quantized from")
+        raise MinimoeError(
+            f"{meta['path']} holds the int8/int4 weights of `minimoe quantize`, which cannot be {what}; "
+            f"use {source} instead"
+        )
+
+
 def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None = None) -> Path:
     """Write `model` as step 0 of a new run directory (Hugging Face import, upcycling, adapter merging).
 
