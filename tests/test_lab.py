@@ -205,6 +205,15 @@ def test_figures_have_the_expected_panels(trained):
     assert fig.get_axes()[0].get_xlabel() != fig_f.get_axes()[0].get_xlabel()
     lr = lab_plot.lr_figure([data])
     assert len(lr.get_axes()) == 1 and lr.get_axes()[0].get_ylabel() == "learning rate"
+    # a sweep's seeds of one variant share a colour and one legend entry (a legend of every run of a
+    # 20-seed sweep squeezed the axes away)
+    seeds = [lab_plot.load_run_data(run, f"{v} (seed {s})") for v in ("x", "y") for s in range(12)]
+    for r in seeds:
+        r.group = r.label.split()[0]
+    fig_s = lab_plot.loss_figure(seeds, "tokens")
+    for ax in fig_s.get_axes():
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x (12 runs)", "y (12 runs)"]
+        assert len(ax.lines) == 24 and len({line.get_color() for line in ax.lines}) == 2
     mv = lab_plot.maxvio_figure([data, twin])
     assert len([a for a in mv.get_axes() if a.get_visible()]) == 2
     labels = [t.get_text() for t in mv.get_axes()[0].get_legend().get_texts()]

@@ -126,15 +126,19 @@ def _colors(n: int) -> list:
 
 
 def _styles(runs: list[RunData]) -> list[tuple]:
-    """(colour, line style) per run: one colour per group, a different dash per run inside a group."""
-    groups = list(dict.fromkeys(r.group or r.label for r in runs))
-    colors = dict(zip(groups, _colors(len(groups))))
+    """(colour, line style, legend label) per run: one colour per group, a different dash per run inside a
+    group, and one legend entry per group of several runs (a sweep's 20 seeds of a variant would
+    otherwise list 20 entries each, and a legend of 40 squeezes the axes away)."""
+    groups = [r.group or r.label for r in runs]
+    colors = dict(zip(dict.fromkeys(groups), _colors(len(set(groups)))))
+    sizes = {g: groups.count(g) for g in groups}
     seen: dict[str, int] = {}
     out = []
-    for r in runs:
-        g = r.group or r.label
-        out.append((colors[g], ("-", "--", ":", "-.")[seen.get(g, 0) % 4]))
-        seen[g] = seen.get(g, 0) + 1
+    for r, g in zip(runs, groups):
+        i = seen.get(g, 0)
+        label = r.label if sizes[g] == 1 else f"{g} ({sizes[g]} runs)" if i == 0 else "_nolegend_"
+        out.append((colors[g], ("-", "--", ":", "-.")[i % 4], label))
+        seen[g] = i + 1
     return out
 
 
@@ -151,7 +155,7 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
         raise ValueError(f"x must be tokens, flops or time, got {x!r}")
     plt = _plt()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for run, (c, ls) in zip(runs, _styles(runs)):
+    for run, (c, ls, label) in zip(runs, _styles(runs)):
         scale = run.train_flops_per_token if x == "flops" else 1.0
         xs = [t * scale for t in run.tokens_at("train")]
         if x == "time":  # an evaluation happens at the end of a logged step: that step's clock
@@ -160,13 +164,13 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
         if run.train:
             # cross-entropy when logged: the total loss adds aux/z/MTP terms that differ between variants
             ys = [r.get("ce", r["loss"]) for r in run.train]
-            ax_t.plot(xs, ys, color=c, ls=ls, lw=1.0, label=run.label, alpha=0.85)
+            ax_t.plot(xs, ys, color=c, ls=ls, lw=1.0, label=label, alpha=0.85)
         if run.evals:
             xv = [t * scale for t in run.tokens_at("eval")]
             if x == "time":
                 xv = [at.get(r["step"], max(at.values(), default=float("nan"))) for r in run.evals]
             ys = [r["val_loss"] for r in run.evals]
-            ax_v.plot(xv, ys, marker="o", color=c, ls=ls, lw=1.5, ms=4, label=run.label)
+            ax_v.plot(xv, ys, marker="o", color=c, ls=ls, lw=1.5, ms=4, label=label)
     xlabel = {
         "tokens": "tokens seen",
         "flops": "training FLOPs (activated parameters + attention)",
@@ -190,9 +194,9 @@ def lr_figure(runs: list[RunData]):
     """Learning rate against optimizer step, one line per run. Returns a Figure with 1 axis."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    for run, (c, ls) in zip(runs, _styles(runs)):
+    for run, (c, ls, label) in zip(runs, _styles(runs)):
         steps, lr = run.series("lr")
-        ax.plot(steps, lr, color=c, ls=ls, label=run.label)
+        ax.plot(steps, lr, color=c, ls=ls, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title("learning-rate schedule")
