@@ -376,32 +376,33 @@ class Trainer:
                 counts = at_eval or out_of_time
                 at_eval = counts or interrupt.requested or paused
                 self._out_of_time = out_of_time  # the checkpoint below records a stop on the clock
-                if at_eval:
-                    eval_start = clock()
-                    with window.paused():
+                # evaluating and saving is no training: the logging window's tokens/s leaves it out
+                with window.paused():
+                    if at_eval:
+                        eval_start = clock()
                         val = self.evaluate()
-                    loss = val.get("val_loss")  # None without validation: the latest counts as the best
-                    improved = loss is None or (counts and (self.best_val is None or loss < self.best_val))
-                    if loss is None or not counts:
-                        pass
-                    elif improved:
-                        self.best_val, self.evals_since_best = loss, 0
-                    else:
-                        self.evals_since_best += 1
-                    if val:
-                        self.metrics.log({"step": self.step, "tokens": self.tokens, **val})
-                        bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
-                        bar.note(f"val_loss {loss:.3f}{bpb}")
-                    save_start = clock()
-                    self._eval_s = save_start - eval_start
-                    with window.paused():
+                        loss = val.get("val_loss")  # None without validation: the latest counts as the best
+                        improved = loss is None or (
+                            counts and (self.best_val is None or loss < self.best_val)
+                        )
+                        if loss is None or not counts:
+                            pass
+                        elif improved:
+                            self.best_val, self.evals_since_best = loss, 0
+                        else:
+                            self.evals_since_best += 1
+                        if val:
+                            self.metrics.log({"step": self.step, "tokens": self.tokens, **val})
+                            bpb = f", val_bpb {val['val_bpb']:.3f}" if val["val_bpb"] is not None else ""
+                            bar.note(f"val_loss {loss:.3f}{bpb}")
+                        save_start = clock()
+                        self._eval_s = save_start - eval_start
                         last_ckpt = self.save(loss, is_best=improved)
-                    self._save_s = clock() - save_start
-                elif tc.save_every and self.step % tc.save_every == 0:
-                    save_start = clock()
-                    with window.paused():
+                        self._save_s = clock() - save_start
+                    elif tc.save_every and self.step % tc.save_every == 0:
+                        save_start = clock()
                         last_ckpt = self.save()
-                    self._save_s = clock() - save_start
+                        self._save_s = clock() - save_start
                 if interrupt.requested or paused:
                     stopped = "interrupted" if interrupt.requested else "paused"
                     break
