@@ -113,8 +113,12 @@ def section_cache(quick: bool) -> str:
                     f"**{r['cache'] / r['recompute']:.1f}x**",
                 ]
             )
+    cfg = model.cfg
+    attention = (
+        "MLA" if cfg.attn_type == "mla" else "GQA" if cfg.kv_heads < cfg.num_attention_heads else "MHA"
+    )
     head = (
-        f"### KV cache vs full recompute\n\n`tiny` preset (MLA, {model.num_params() / 1e6:.1f}M parameters), "
+        f"### KV cache vs full recompute\n\n`tiny` preset ({attention}, {model.num_params() / 1e6:.1f}M parameters), "
         f"random weights, greedy, {n_new} new tokens, prefill included, fp32.\n\n"
     )
     return head + table(["batch", "prompt", "recompute tok/s", "cached tok/s", "speedup"], rows)
@@ -195,6 +199,7 @@ def section_mla(quick: bool) -> str:
 
 def trained_model(args) -> tuple[Transformer, object, str, str]:
     """(model, tokenizer, what it was trained on, held-out source) from --run-dir or a quick training."""
+    from minimoe.errors import MinimoeError
     from minimoe.train.checkpoint import load_run
     from minimoe.train.run import train_from_config
 
@@ -203,7 +208,10 @@ def trained_model(args) -> tuple[Transformer, object, str, str]:
         str(TINYSTORIES / "valid.txt") if have_stories else str(Path(__file__).parents[1] / "src/minimoe")
     )
     if args.run_dir:
-        model, tok, cfg, _ = load_run(args.run_dir)
+        try:
+            model, tok, cfg, _ = load_run(args.run_dir)
+        except MinimoeError as e:  # e.g. no such run on a fresh clone
+            raise SystemExit(f"{Path(sys.argv[0]).name}: {e}") from None
         return model, tok, f"`{args.run_dir}` ({cfg.data.path or 'built-in corpus'})", heldout
     steps = 60 if args.quick else 400
     run = Path(args.work_dir) / f"spec-{'stories' if have_stories else 'builtin'}-{steps}"

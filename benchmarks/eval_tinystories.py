@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the task files")
     ap.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
     args = ap.parse_args()
+    # checked before the task folder is made inside the run
+    for path, what in ((args.run_dir, "the run"), (args.data, "the text (--data)")):
+        if not Path(path).exists():
+            sys.exit(f"eval_tinystories: {what} {path} does not exist")
     out = Path(args.out or Path(args.run_dir) / "eval" / "tinystories_tasks")
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in build_tasks(Path(args.data).read_text(encoding="utf-8"), args.n, args.seed).items():

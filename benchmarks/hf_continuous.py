@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from minimoe.bench import continuous as C
-from minimoe.bench.fair import settings_to_try
+from minimoe.bench.fair import POLICIES, settings_to_try
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "benchmarks" / "configs" / "hf-reference.yaml"
@@ -62,13 +62,20 @@ def make_run(config: Path, overrides: list[str], out: Path) -> Path:
 
 
 def parse_settings(text: str | None) -> list[tuple[str, int]]:
-    """ "PASSIVE/1,ACTIVE/2" -> [("PASSIVE", 1), ("ACTIVE", 2)]; None -> every setting fair.py tries."""
+    """ "PASSIVE/1,unset/2" -> [("PASSIVE", 1), ("unset", 2)] (policies in any case, as `fair.POLICIES`
+    spells them); None -> every setting fair.py tries."""
     if not text:
         return settings_to_try()
+    spelled = {p.upper(): p for p in POLICIES}
     out = []
     for item in text.split(","):
         policy, _, threads = item.strip().partition("/")
-        out.append((policy.upper(), int(threads)))
+        if policy.upper() not in spelled or not threads.isdigit() or int(threads) < 1:
+            raise SystemExit(
+                f"hf_continuous: --settings {item.strip()!r} is not POLICY/THREADS "
+                f"(POLICY one of {', '.join(POLICIES)}; THREADS at least 1)"
+            )
+        out.append((spelled[policy.upper()], int(threads)))
     return out
 
 
@@ -122,7 +129,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     ap.add_argument("--rounds", type=int, default=3, help="timed processes per side (median kept)")
     ap.add_argument("--settings", default=None,
-                    help="settings to try, e.g. 'PASSIVE/1,ACTIVE/2' (default: both policies x 1 thread / every core)")  # fmt: skip
+                    help="settings to try, e.g. 'PASSIVE/1,ACTIVE/2' (default: PASSIVE, ACTIVE and unset x 1 thread / every core)")  # fmt: skip
     ap.add_argument(
         "--quick", action="store_true", help="8 requests of 8-32 tokens, 16 new tokens, one round"
     )
@@ -156,7 +163,10 @@ def main() -> None:
             shown = args.config.resolve()
             shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
             model_line = f"{shown} {' '.join(overrides)}, random weights"
-        model, tokenizer, _, _ = load_run(run)
+        try:
+            model, tokenizer, _, _ = load_run(run)
+        except MinimoeError as e:  # e.g. no such run
+            raise SystemExit(f"hf_continuous: {e}") from None
         why = C.paged_cache_refusal(model.cfg)
         if why is not None:
             raise SystemExit(f"hf_continuous: {why}")

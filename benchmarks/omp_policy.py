@@ -72,6 +72,17 @@ def run(policy: str, busy: bool, batch: int, steps: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def load_sentence(start: float, end: float) -> str:
+    """What the load averages say of the machine: shared where other processes loaded it at the start
+    (the end's includes this script's own runs)."""
+    loads = f"load average {start:.1f} at the start, {end:.1f} at the end"
+    if start >= 0.5:
+        return (
+            f'**The machine was shared** ({loads}: other processes ran, so "as is" was not an idle machine).'
+        )
+    return f"The machine was idle at the start ({loads}, this script's own runs included)."
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -88,8 +99,7 @@ def main() -> None:
         print(f"round {r}: " + ", ".join(f"{k[0]}/{k[1]} {v[-1]:,.0f}" for k, v in tps.items()), flush=True)
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, tiny preset, batch {args.batch} x 256, "
-        f"fp32, {args.rounds} rounds. **The machine was shared** (load average {load0:.1f} at the start, "
-        f'{os.getloadavg()[0]:.1f} at the end: other processes ran, so "as is" was not an idle machine).',
+        f"fp32, {args.rounds} rounds. " + load_sentence(load0, os.getloadavg()[0]),
         "",
         "| load | policy | tokens/s (median) | vs PASSIVE (median of within-round ratios) |",
         "|---|---|---|---|",

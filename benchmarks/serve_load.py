@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests per client")
     ap.add_argument("--server-args", default="", help="extra `minimoe serve` flags, e.g. '--threads 4'")
     args = ap.parse_args()
+    if args.run_dir is not None and not args.run_dir.exists():
+        raise SystemExit(f"serve_load: the run {args.run_dir} does not exist")
     tmp = tempfile.TemporaryDirectory()
     run = args.run_dir or make_run(args.config, Path(tmp.name))
     proc, url = start_server(run, args.server_args.split())

@@ -27,6 +27,15 @@ REQUIRED_KEYS = [
     "device", "threads", "dtype",
 ]  # fmt: skip
 
+# no room for a prompt before `--quick`'s 32 new tokens (refused before anything is timed; a small model all
+# the same)
+NO_ROOM = [
+    "model.num_hidden_layers=2",
+    "train.batch_size=2",
+    "train.seq_len=16",
+    "model.max_position_embeddings=32",
+]
+
 
 def _model(overrides: list[str]) -> Transformer:
     rc = build_run_config(None, str(REFERENCE), overrides)
@@ -169,6 +178,10 @@ def test_bench_table_without_hf(capsys):
         (["bench", "--config", "missing.yaml"], "missing.yaml"),
         (["bench", "--preset", "tiny", "model.mtp_depth=1", "--against", "hf", "--quick"], "mtp_depth"),
         (["bench", "--preset", "tiny", "--against", "hf", "--quick"], "model.attn_type=mla"),  # tiny is MHA
+        (
+            ["bench", "--preset", "tiny", "--quick", *NO_ROOM],
+            "model.max_position_embeddings (32) leaves no room",
+        ),
     ],
 )
 def test_bench_bad_input(argv, message, capsys):
@@ -203,6 +216,10 @@ def test_fair_workers_run_under_the_setting_they_are_given():
         (["bench", "--fair", "--quick"], "--fair compares with transformers: add --against hf"),
         (["bench", "--fair", "--against", "hf", "--threads", "2"], "chooses the threads itself"),
         (["bench", "--fair", "--against", "hf", "model.mtp_depth=1"], "mtp_depth"),
+        (
+            ["bench", "--fair", "--against", "hf", "--config", str(REFERENCE), "--quick", *NO_ROOM],
+            "at least 33",
+        ),
     ],
 )
 def test_fair_bad_input(argv, message, capsys):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from minimoe.config import RunConfig
+from minimoe.errors import MinimoeError
 from minimoe.infer.generate import stream_batch
 from minimoe.infer.sampling import SamplingParams
 from minimoe.infer.slots import SlotPool
@@ -82,6 +83,17 @@ class BenchSettings:
     @classmethod
     def quick(cls) -> BenchSettings:
         return cls(repeats=3, new_tokens=32, prefill_shape=(4, 256))
+
+
+def check_context(rc: RunConfig, settings: BenchSettings) -> None:
+    """Refuse a context with no room for a prompt before the new tokens every decode measurement
+    generates (a longer prompt is cut to fit, `run_bench`), before anything is timed."""
+    max_len, new = rc.model.max_position_embeddings, settings.new_tokens
+    if settings.decode_shapes and max_len <= new:
+        raise MinimoeError(
+            f"model.max_position_embeddings ({max_len}) leaves no room for a prompt before the {new} new "
+            f"tokens of the decode measurements: it must be at least {new + 1}"
+        )
 
 
 # ------------------------------------------------------------------------------------- hardware

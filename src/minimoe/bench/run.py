@@ -51,6 +51,7 @@ def benchmark(
     if rc.train.precision == "auto":  # as M.bench_config: the dtype both sides of a comparison share
         rc.train.precision = "fp32"
     dtype = M.DTYPES[rc.train.precision]
+    M.check_context(rc, settings)
     result: dict = {
         "config": name,
         "device": str(device),

@@ -90,6 +90,7 @@ def run_fair(args) -> int:
     # being measured; with one thread there is no worker to spin.
     torch.set_num_threads(1)
     rc = bench_config(args.preset, args.config, list(args.overrides))  # refuses a bad config here
+    M.check_context(rc, _settings(args))
     from minimoe.bench.hf import hf_twin
     from minimoe.model.transformer import Transformer
 

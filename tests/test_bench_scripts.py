@@ -1,0 +1,92 @@
+"""The scripts in benchmarks/: what their reports say, and that what they cannot run (a run or a text that
+is not there, as on a fresh clone) ends in one sentence, not a traceback.
+
+Correctness only: no test here asserts a timing."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from argparse import Namespace
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """Import benchmarks/NAME.py as a module, the folder on sys.path as the scripts import each other."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def _refusal(argv: list[str]) -> str:
+    """Run a benchmark script that should refuse; its one-line message."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
+    return err
+
+
+def test_decode_cache_table_names_the_attention_it_ran(script, monkeypatch):
+    """`tiny` is MHA since the preset left MLA: the KV-cache table names the model's own attention."""
+    from minimoe.model.transformer import Transformer
+    from minimoe.presets import get_preset
+
+    decode = script("decode")
+    monkeypatch.setattr(decode, "median_rates", lambda fns, repeats: {"cache": 2.0, "recompute": 1.0})
+    assert "`tiny` preset (MHA, " in decode.section_cache(quick=True)
+    mla = replace(get_preset("tiny"), attn_type="mla", mtp_depth=0)
+    monkeypatch.setattr(
+        decode, "random_model", lambda preset, n: Transformer(replace(mla, max_position_embeddings=n))
+    )
+    assert "`tiny` preset (MLA, " in decode.section_cache(quick=True)
+
+
+def test_decode_scripts_refuse_a_missing_run_in_one_sentence(script, tmp_path):
+    """decode.py and engine_decode.py (which loads through decode.py) with --run-dir naming no run."""
+    decode = script("decode")
+    args = Namespace(run_dir=str(tmp_path / "none"), quick=True, work_dir=str(tmp_path / "work"))
+    with pytest.raises(SystemExit) as e:
+        decode.trained_model(args)
+    assert "does not exist" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_eval_tinystories_refuses_a_missing_run_or_text(tmp_path):
+    """Checked before the task folder is written into the run: nothing is made for a run that is not there."""
+    run = tmp_path / "run"
+    err = _refusal([str(BENCHMARKS / "eval_tinystories.py"), str(run), "--data", str(tmp_path / "none.txt")])
+    assert f"the run {run} does not exist" in err and not run.exists()
+    run.mkdir()
+    err = _refusal([str(BENCHMARKS / "eval_tinystories.py"), str(run), "--data", str(tmp_path / "none.txt")])
+    assert "none.txt does not exist" in err and not (run / "eval").exists()
+
+
+def test_serve_load_refuses_a_missing_run(tmp_path):
+    err = _refusal([str(BENCHMARKS / "serve_load.py"), "--run-dir", str(tmp_path / "none")])
+    assert "does not exist" in err
+
+
+def test_hf_continuous_settings_are_spelled_as_the_workers_read_them(script):
+    """ "unset" stays lowercase (fair.omp_env leaves the variable out for it; "UNSET" would reach libgomp as
+    an invalid value); a setting that is not POLICY/THREADS is one sentence."""
+    from minimoe.bench.fair import omp_env
+
+    hf_continuous = script("hf_continuous")
+    settings = hf_continuous.parse_settings("unset/1, passive/2,ACTIVE/1")
+    assert settings == [("unset", 1), ("PASSIVE", 2), ("ACTIVE", 1)]
+    assert "OMP_WAIT_POLICY" not in omp_env(*settings[0])
+    for bad in ("ACTIVE", "fast/1", "PASSIVE/0", "PASSIVE/x"):
+        with pytest.raises(SystemExit, match="is not POLICY/THREADS"):
+            hf_continuous.parse_settings(bad)
+
+
+def test_omp_policy_calls_the_machine_shared_only_when_it_was(script):
+    omp_policy = script("omp_policy")
+    assert "**The machine was shared**" in omp_policy.load_sentence(3.0, 4.0)
+    idle = omp_policy.load_sentence(0.0, 2.0)
+    assert "shared" not in idle and "idle at the start" in idle
