@@ -38,6 +38,12 @@ def timed(fn, bf16: bool) -> float:
     return time.process_time() - t0
 
 
+def moe_name(cfg) -> str:
+    """The MoE layer's row label from its config, e.g. "MoE layer (8 x 128 top-2 + shared)"."""
+    shared = f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
+    return f"MoE layer ({cfg.n_routed_experts} x {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}{shared})"
+
+
 def parts(model: Transformer) -> dict:
     D = model.cfg.hidden_size
     cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
@@ -63,7 +69,7 @@ def parts(model: Transformer) -> dict:
         f"attention ({'MLA' if model.cfg.attn_type == 'mla' else 'GQA/MHA'}) + its norm": lambda: (
             moe_block.self_attn(moe_block.input_layernorm(leaf()), cos, sin)
         ),
-        "MoE layer (8 x 128 top-2 + shared)": lambda: moe_block.mlp(leaf())[0],
+        moe_name(model.cfg): lambda: moe_block.mlp(leaf())[0],
         "LM head + cross-entropy (fused)": lambda: linear_cross_entropy(leaf(), model.lm_head.weight, ids()),
         "whole model, forward + backward": step,
     }

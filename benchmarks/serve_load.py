@@ -59,8 +59,19 @@ def start_server(run: Path, args: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "minimoe", "serve", str(run), "--port", "0", "--model-name", NAME]
     proc = subprocess.Popen(cmd + args + ["--log-level", "warning"], stdout=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    url = lines.get(timeout=120).strip().rsplit(" ", 1)[-1].removesuffix("/v1")
+
+    def read() -> None:
+        for x in proc.stdout:
+            lines.put(x)
+        lines.put(None)  # the server exited (its one-sentence reason went to stderr)
+
+    threading.Thread(target=read, daemon=True).start()
+    first = lines.get(timeout=120)
+    if first is None:
+        raise SystemExit(
+            f"serve_load: `minimoe serve {run}` exited with status {proc.wait()} before it listened"
+        )
+    url = first.strip().rsplit(" ", 1)[-1].removesuffix("/v1")
     deadline = time.time() + 60
     while True:
         try:

@@ -71,6 +71,16 @@ def test_serve_load_refuses_a_missing_run(tmp_path):
     assert "does not exist" in err
 
 
+def test_serve_load_stops_when_the_server_exits_before_it_listens(tmp_path):
+    """A folder that is not a run: `minimoe serve` refuses it, and the load generator says so at once
+    instead of waiting two minutes for an address that never comes."""
+    (tmp_path / "empty").mkdir()
+    argv = [sys.executable, str(BENCHMARKS / "serve_load.py"), "--run-dir", str(tmp_path / "empty")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "exited with status 2 before it listened" in proc.stderr
+
+
 def test_hf_continuous_settings_are_spelled_as_the_workers_read_them(script):
     """ "unset" stays lowercase (fair.omp_env leaves the variable out for it; "UNSET" would reach libgomp as
     an invalid value); a setting that is not POLICY/THREADS is one sentence."""
@@ -90,3 +100,16 @@ def test_omp_policy_calls_the_machine_shared_only_when_it_was(script):
     assert "**The machine was shared**" in omp_policy.load_sentence(3.0, 4.0)
     idle = omp_policy.load_sentence(0.0, 2.0)
     assert "shared" not in idle and "idle at the start" in idle
+
+
+def test_autocast_parts_names_the_moe_layer_it_ran(script):
+    """The MoE row's label comes from the preset measured, not from `tiny`'s shape."""
+    from minimoe.presets import get_preset
+
+    autocast_parts = script("autocast_parts")
+    tiny, small = get_preset("tiny"), get_preset("small")
+    assert autocast_parts.moe_name(tiny) == (
+        f"MoE layer ({tiny.n_routed_experts} x {tiny.moe_intermediate_size} top-{tiny.num_experts_per_tok}"
+        f" + {tiny.n_shared_experts} shared)"
+    )
+    assert autocast_parts.moe_name(small) != autocast_parts.moe_name(tiny)
