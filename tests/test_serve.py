@@ -963,6 +963,37 @@ def test_text_stream_holds_back_partial_stops_and_utf8():
     assert "".join(plain.push(b) for b in b"hello") + plain.flush() == "hello"
 
 
+def test_a_stop_string_with_u_fffd_does_not_match_a_character_split_across_tokens():
+    """U+FFFD at the end of the text stands for the first bytes of a character still being generated:
+    a stop string matches it only once it stays (an invalid byte, or the end of the sequence)."""
+    from types import SimpleNamespace
+
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    stream = TextStream(decode, stop=["\ufffd"])
+    assert "".join(stream.push(b) for b in "café".encode()) + stream.flush() == "café"
+    assert not stream.stopped
+    stream = TextStream(decode, stop=["\ufffd"])
+    assert [stream.push(b) for b in b"ok\xc3"] == ["o", "k", ""] and not stream.stopped
+    assert stream.flush() == "" and stream.stopped and stream.text == "ok"  # it ended inside a character
+
+    # in the engine: token i stands for byte i of "ééé", and the choice finishes with "stop" when the
+    # end of the sequence leaves a U+FFFD that the stop string matches
+    model, tok = _mtp_model()
+    data = "ééé".encode()
+    split = SimpleNamespace(decode=lambda ids: data[: len(ids)].decode("utf-8", errors="replace"), eos_id=-1)
+
+    def finish(max_tokens: int) -> tuple[str, str]:
+        engine = Engine(model, tok)
+        engine.tokenizer = split
+        params = JobParams(max_tokens=max_tokens, temperature=0, stop=("\ufffd",))
+        (f,) = [
+            e for e in _engine_run(engine, [Job(0, [1, 2], params, lambda e: None)]) if isinstance(e, Finish)
+        ]
+        return f.reason, f.text
+
+    assert finish(4) == ("length", "éé") and finish(3) == ("stop", "é")
+
+
 def _engine_run(engine: Engine, jobs: list[Job], timeout: float = 120) -> list:
     """Submit `jobs` (grouped by client, in order) before starting `engine`; every event, in order."""
     events: list = []

@@ -49,22 +49,33 @@ class TextStream:
             return ""
         self.ids.append(token)
         self.text = self._decode(self.ids)
-        if self.stop:
-            # a match cannot start inside text already sent (its start was held back), but look a
-            # little earlier anyway in case decoding changed the tail
-            start = max(0, self.sent - self._longest)
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                self.stopped = True
-                self.text = self.text[: max(min(hits), self.sent)]
-                return self._take(len(self.text))
-        # U+FFFD at the end is usually the first bytes of a character still being generated
+        # U+FFFD at the end is usually the first bytes of a character still being generated: it is
+        # neither shown nor matched against the stop strings until the character is complete
         stable = len(self.text.rstrip("\ufffd"))
+        if self._cut(stable):
+            return self._take(len(self.text))
         return self._take(stable - partial_stop_len(self.text[:stable], self.stop))
 
     def flush(self) -> str:
-        """The sequence ended: return everything not handed out yet."""
+        """The sequence ended: return everything not handed out yet. A U+FFFD at the end is final now,
+        so a stop string may end in it (then `stopped` is set)."""
+        if not self.stopped:
+            self._cut(len(self.text))
         return self._take(len(self.text))
+
+    def _cut(self, end: int) -> bool:
+        """Cut the text before the first stop string that lies within text[:end]; True if one does."""
+        if not self.stop:
+            return False
+        # a match cannot start inside text already sent (its start was held back), but look a
+        # little earlier anyway in case decoding changed the tail
+        start = max(0, self.sent - self._longest)
+        hits = [i for s in self.stop if (i := self.text.find(s, start, end)) >= 0]
+        if not hits:
+            return False
+        self.stopped = True
+        self.text = self.text[: max(min(hits), self.sent)]
+        return True
 
     def _take(self, end: int) -> str:
         if end <= self.sent:

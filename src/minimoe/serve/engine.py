@@ -385,6 +385,8 @@ class Engine:
     def _finish(self, seq: _Seq, reason: str) -> bool:
         job = seq.job
         _post(job, Delta(job.index, seq.stream.flush()))
+        if seq.stream.stopped:  # the flush may cut at a stop string that ends in U+FFFD
+            reason = "stop"
         _post(job, Finish(job.index, reason, seq.count, seq.stream.text))
         return True
 
