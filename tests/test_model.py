@@ -198,6 +198,9 @@ def test_balance_step_moves_every_moe_layer():
 # ---------------------------------------------------------------- config validation
 
 
+YARN_4 = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
 @pytest.mark.parametrize(
     "kw, field",
     [
@@ -210,6 +213,10 @@ def test_balance_step_moves_every_moe_layer():
         (dict(first_k_dense_replace=9), "first_k_dense_replace"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(scoring_func="relu"), "scoring_func"),
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+        (dict(routed_scaling_factor=-2.5), "routed_scaling_factor"),
+        (dict(rope_scaling={**YARN_4, "beta_fast": 0}), "beta_fast"),
+        (dict(rope_scaling={**YARN_4, "beta_slow": -1}), "beta_slow"),
     ],
 )
 def test_invalid_configs_name_the_field(kw, field):
@@ -396,6 +403,24 @@ def test_padding_after_the_last_target_counts_for_no_moe_statistic():
     torch.testing.assert_close(
         router_z_loss(logits, 0.5, valid.reshape(-1)), router_z_loss(logits[valid.reshape(-1)], 0.5)
     )
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_left_padded_row_with_targets_has_the_losses_of_the_row_alone(attn_type):
+    """With an attention_mask, a left-padded row's loss parts equal those of the row run alone: the padding
+    counts for no MoE statistic (it precedes a target but is no token), and the MTP blocks too hide the
+    padded keys, count RoPE positions from the row's first real token and predict nothing from padding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(attn_type=attn_type, mtp_depth=2)).double()
+    row = torch.randint(0, 97, (1, 11))
+    pad = 4
+    x = torch.cat([torch.full((1, pad), 3), row[:, :-1]], 1)
+    y = torch.cat([torch.full((1, pad), -100), row[:, 1:]], 1)
+    mask = (torch.arange(x.shape[1]) >= pad).long()[None]
+    padded = model(x, targets=y, attention_mask=mask).losses
+    alone = model(row[:, :-1], targets=row[:, 1:]).losses
+    for k in ("ce", "aux", "z", "mtp"):
+        torch.testing.assert_close(padded[k], alone[k], msg=k)
 
 
 def test_targets_with_num_logits_to_keep_are_refused():

@@ -181,6 +181,11 @@ class ModelConfig:
                 f"n_routed_experts ({self.n_routed_experts})",
             )
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            # 0 would cut the routed experts and the router off from the loss; a negative factor flips them
+            need(
+                self.routed_scaling_factor > 0,
+                f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}",
+            )
             need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
             need(self.n_group >= 1, f"n_group must be at least 1, got {self.n_group}")
             need(
@@ -262,6 +267,9 @@ class ModelConfig:
                 int(rs.get("original_max_position_embeddings", 0)) > 0,
                 "rope_scaling.original_max_position_embeddings must be positive",
             )
+            # the YaRN ramp's ends are log(original / (2 pi beta)): a beta of 0 divides by zero
+            for key in ("beta_fast", "beta_slow"):
+                need(rs.get(key, 1) > 0, f"rope_scaling.{key} must be positive, got {rs.get(key)}")
         return self
 
 

@@ -183,7 +183,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds max_position_embeddings ({self.cfg.max_position_embeddings})"
             )
-        attn_mask = None
+        attn_mask = real = None
         if attention_mask is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, d/2)
         else:
@@ -193,9 +193,12 @@ class Transformer(nn.Module):
             pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T) real tokens before each
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, T, d/2)
             attn_mask = padding_causal_mask(valid, T, start)  # (B, 1, T, S)
+            real = valid[:, start:]  # (B, T): the new tokens that are not padding
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
         stats: dict[int, MoEStats] = {}
         counted = reaches_a_target(targets) if targets is not None else None
+        if counted is not None and real is not None:
+            counted = counted & real  # left padding reaches a target but is no token
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             x, st = self._run_block(block, x, cos, sin, layer_cache, start, attn_mask, counted)
@@ -218,7 +221,9 @@ class Transformer(nn.Module):
             ce = linear_cross_entropy(h, self.lm_head.weight, targets).float()
         else:
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        mtp = self._mtp_loss(hidden, input_ids, targets, stats) if self.cfg.mtp_depth else zero
+        mtp = (
+            self._mtp_loss(hidden, input_ids, targets, stats, cos, sin, real) if self.cfg.mtp_depth else zero
+        )
         aux = sum((s.aux_loss for s in stats.values()), zero)
         z = sum((s.z_loss for s in stats.values()), zero)
         out.losses = {"ce": ce, "aux": aux, "z": z, "mtp": mtp}
@@ -231,27 +236,33 @@ class Transformer(nn.Module):
         w = getattr(self.lm_head, "weight", None)
         return isinstance(self.lm_head, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == h.dtype
 
-    def _mtp_loss(self, hidden, input_ids, targets, stats) -> torch.Tensor:
+    def _mtp_loss(self, hidden, input_ids, targets, stats, cos, sin, real=None) -> torch.Tensor:
         """Mean over depths of the MTP cross-entropy (unweighted; forward() applies mtp_loss_weight).
-        Depth k sees positions i < T-k: it combines h_i with emb(t_{i+k}) and predicts targets[i+k]."""
+        Depth k sees positions i < T-k: it combines h_i with emb(t_{i+k}) and predicts targets[i+k].
+        Position i keeps the main model's RoPE position (cos, sin: (T, d/2) or (B, T, d/2)); with
+        `real` (B, T) bool (a padded batch), padded keys are hidden and padded positions predict nothing."""
         T = input_ids.shape[1]
         h = hidden
         losses = []
         for k, module in enumerate(self.mtp, start=1):
-            if T - k <= 0:
+            n = T - k
+            if n <= 0:
                 break
-            emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
-            rope = self.rope_cos[: T - k], self.rope_sin[: T - k]
-            h, h_normed, st = module(h[:, : T - k], emb, *rope, valid=reaches_a_target(targets[:, k:]))
+            emb = self.embed_tokens(input_ids[:, k:])  # (B, n, D)
+            rope = cos[..., :n, :], sin[..., :n, :]
+            tgt, mask = targets[:, k:], None  # (B, n)
+            if real is not None:
+                tgt = tgt.masked_fill(~real[:, :n], -100)
+                mask = padding_causal_mask(real[:, :n], n, 0)  # (B, 1, n, n)
+            valid = reaches_a_target(tgt) if real is None else reaches_a_target(tgt) & real[:, :n]
+            h, h_normed, st = module(h[:, :n], emb, *rope, attn_mask=mask, valid=valid)
             if st is not None:
                 stats[self.cfg.num_hidden_layers + k - 1] = st
             if self._fused_head_ok(h_normed):  # MTP logits are never returned
-                losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, targets[:, k:]).float())
+                losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, tgt).float())
             else:
-                logits = self.lm_head(h_normed)  # (B, T-k, V)
-                losses.append(
-                    F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
-                )
+                logits = self.lm_head(h_normed)  # (B, n, V)
+                losses.append(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
         return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
