@@ -723,3 +723,11 @@ def test_a_rerun_on_other_data_is_refused_not_reported_as_that_data(tmp_path, mo
             main(["compare", str(tmp_path / "s.yaml"), "--out", out, opt, str(tmp_path / "other.txt")]) == 2
         )
         assert "trained on other data" in capsys.readouterr().err, opt
+
+
+def test_compare_help_lists_every_sweep_file_key():
+    """`minimoe compare --help` shows the sweep file's format: every key load_sweep accepts is in it."""
+    from minimoe.cli.compare import SWEEP_FORMAT
+
+    missing = [k for k in compare.SWEEP_KEYS if f"\n  {k}:" not in SWEEP_FORMAT]
+    assert missing == []

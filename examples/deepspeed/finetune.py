@@ -20,6 +20,7 @@ install it where it builds (`pip install deepspeed`, CUDA machines).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -82,6 +83,11 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
     args = ap.parse_args()
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit(
+            f"--deepspeed {args.deepspeed} needs DeepSpeed, which is not installed (pip install deepspeed, on a "
+            "CUDA machine); leave out --deepspeed for a one-process run without it"
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

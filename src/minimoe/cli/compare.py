@@ -27,6 +27,8 @@ The sweep file (YAML):
     bias: [model.aux_free_bias=true]
   contrasts:                  # optional: [variant, reference] pairs; default every variant vs the first
     - [bias, none]
+  equivalence: 0.02           # optional: a contrast whose 95% interval lies inside +-0.02 nats of val
+                              # loss is reported as equal (without it, such a contrast stays unresolved)
   report: report.md           # optional: the report's file name (split sweeps sharing a folder)
 
 Relative paths are relative to the sweep file. Run directories are OUT/VARIANT/seed_S. A minutes budget
