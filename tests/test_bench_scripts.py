@@ -113,3 +113,15 @@ def test_autocast_parts_names_the_moe_layer_it_ran(script):
         f" + {tiny.n_shared_experts} shared)"
     )
     assert autocast_parts.moe_name(small) != autocast_parts.moe_name(tiny)
+
+
+def test_text_stream_benchmark_streams_agree(script):
+    """The benchmark's whole-list stream (the old behaviour) and `TextStream` give the same text."""
+    from minimoe.data import Tokenizer
+
+    text_stream = script("text_stream")
+    tok = Tokenizer.byte()
+    ids = tok.encode("naïve café 日本 " * 20)
+    _, old = text_stream.per_push_us(text_stream.WholeListStream, tok.decode, ids)
+    _, new = text_stream.per_push_us(text_stream.TextStream, tok.decode, ids)
+    assert old == new == tok.decode(ids)

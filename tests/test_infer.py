@@ -1151,6 +1151,64 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_prefixes():
     assert out == ["", "é", "!"]
 
 
+def _metaspace_and_wordpiece_decoders(texts: list[str]):
+    """Two HF tokenizers whose decoders need context: SentencePiece-style (Metaspace: a token's leading
+    space depends on whether it opens the text) and WordPiece (tokens joined with spaces, "##" pieces
+    glued on, spaces before punctuation cleaned up)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    meta = HFTokenizer(models.BPE(unk_token="<unk>"))
+    meta.pre_tokenizer, meta.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    meta.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    wp = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer, wp.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    wp.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]"]))
+    return {"metaspace": (meta, meta.decode), "wordpiece": (wp, wp.decode)}
+
+
+def test_text_stream_decodes_a_window_and_gives_the_text_of_every_token():
+    """After every push the stream's text is the decode of all its tokens, for byte tokens (random
+    bytes, invalid UTF-8 included), byte-level BPE and decoders that need context, while each decode
+    covers only the newest tokens: a long sequence does not cost more per token than a short one."""
+    import random
+
+    from minimoe.data.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", "é", "naïve", "日本", "🙂", "!", ".", ",", "?", "don't"]
+    texts = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(30)]
+    byte = Tokenizer.byte()
+    bpe = train_bpe(texts, vocab_size=300)
+    cases = {
+        "byte": (byte, byte.decode),
+        "bpe": (bpe, bpe.decode),
+        **_metaspace_and_wordpiece_decoders(texts),
+    }
+    for name, (tok, decode) in cases.items():
+        for trial in range(6):
+            if name == "byte" and trial % 2:
+                ids = [rng.randrange(256) for _ in range(300)]  # any bytes, invalid UTF-8 included
+            else:
+                text = " ".join(rng.choice(words) for _ in range(120))
+                ids = tok.encode(text) if name in ("byte", "bpe") else tok.encode(text).ids
+            widths: list[int] = []
+
+            def windowed(part: list[int], decode=decode, widths=widths) -> str:
+                widths.append(len(part))
+                return decode(part)
+
+            ts = TextStream(windowed)
+            pieces = []
+            for i, t in enumerate(ids):
+                pieces.append(ts.push(t))
+                assert ts.text == decode(ids[: i + 1]), (name, trial, i)
+            pieces.append(ts.flush())
+            assert "".join(pieces) == decode(ids), (name, trial)
+            if not (name == "byte" and trial % 2):  # valid text settles at every whole character
+                assert max(widths) <= 12, (name, trial, max(widths))
+
+
 class LetterTokenizer:
     """Token i is the letter chr(97 + i % 26); 96 is EOS. Every token decodes to exactly one character."""
 

@@ -199,6 +199,10 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
         if self.kind != "byte":
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        try:  # byte ids only, the common case, without numpy's cost per call (a stream decodes a few ids)
+            return bytes(ids).decode("utf-8", errors="replace")
+        except (ValueError, TypeError):  # special ids or ids outside the vocabulary
+            pass
         arr = np.asarray(ids, dtype=np.int64)
         by_id = {v: k for k, v in self._specials.items()}
         special = np.isin(arr, list(by_id))

@@ -26,8 +26,12 @@ def partial_stop_len(text: str, stops: Sequence[str]) -> int:
 class TextStream:
     """Incremental detokenization with stop strings, for one sequence.
 
-    The whole token list is decoded each time (not just the new token): tokenizers such as
-    SentencePiece's only give the right spaces in context.
+    Each push decodes a short window of the newest tokens, not the whole list, so a long sequence costs
+    the same per token as a short one. The window starts one settled chunk back: the new text is what
+    the window decodes to beyond that chunk's own text, so tokenizers such as SentencePiece's, which
+    only give the right spaces in context, come out as the whole list would. A chunk settles when the
+    text ends in a complete character; a decoder that rewrote the chunk's text (the window does not
+    start with it) gets the whole list decoded instead.
 
     Args:
         decode: token ids -> text (a tokenizer's `decode`).
@@ -42,13 +46,17 @@ class TextStream:
         self.text = ""  # the text so far (final once `stopped` or after `flush`)
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
+        # the decode window: ids[_prefix:_read] is the last settled chunk (its text alone in
+        # `_prefix_text`), and `_settled` the text of ids[:_read]
+        self._prefix = self._read = 0
+        self._prefix_text = self._settled = ""
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now safe to show (maybe ""). No-op once stopped."""
         if self.stopped:
             return ""
         self.ids.append(token)
-        self.text = self._decode(self.ids)
+        self.text = self._extend()
         # U+FFFD at the end is usually the first bytes of a character still being generated: it is
         # neither shown nor matched against the stop strings until the character is complete
         stable = len(self.text.rstrip("\ufffd"))
@@ -62,6 +70,19 @@ class TextStream:
         if not self.stopped:
             self._cut(len(self.text))
         return self._take(len(self.text))
+
+    def _extend(self) -> str:
+        """The text of every id, from a decode of the window (see the class docstring)."""
+        window = self._decode(self.ids[self._prefix :])
+        if window.startswith(self._prefix_text):
+            text = self._settled + window[len(self._prefix_text) :]
+        else:
+            text = self._decode(self.ids)
+        if not text.endswith("\ufffd"):  # ends in a whole character: the new tokens settle
+            self._settled = text
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = self._decode(self.ids[self._prefix : self._read])
+        return text
 
     def _cut(self, end: int) -> bool:
         """Cut the text before the first stop string that lies within text[:end]; True if one does."""
