@@ -165,19 +165,20 @@ def deepseek_moe_forward(t: dict[str, torch.Tensor], c: dict, ids: torch.Tensor)
 def mtp_reference(model, input_ids: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
     """MTP logits of every depth, written out from the DeepSeek-V3 layout: depth k at position i is
     head(norm(Block(eh_proj(cat[enorm(emb(t_{i+k})), hnorm(h_i)])))), where h is the previous depth's
-    block output (the main model's last hidden state, before its final norm, for depth 1) and
-    eh_proj's first D input columns take the embedding (as the released checkpoints store it).
+    block output (for depth 1 the main model's last hidden state after its final norm, as DeepSeek-V3's
+    released modeling code feeds it) and eh_proj's first D input columns take the embedding (as the
+    released checkpoints store it).
 
     Args:
         model: a Transformer with MTP modules.
         input_ids: (B, T) tokens.
-        hidden: (B, T, D) main-model hidden states (ModelOutput.hidden).
+        hidden: (B, T, D) main-model hidden states before the final norm (ModelOutput.hidden).
     Returns:
         one (B, T - k, V) logits tensor per depth k = 1, 2, ...
     """
     T, D = input_ids.shape[1], hidden.shape[-1]
     eps = model.cfg.rms_norm_eps
-    h, out = hidden, []
+    h, out = _rms_norm(hidden, model.norm.weight, eps), []
     for k, m in enumerate(model.mtp, start=1):
         emb = model.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
         w = m.eh_proj.weight  # (D, 2D)

@@ -114,6 +114,9 @@ def test_mtp_matches_hand_written_eh_proj():
     cfg = tiny_cfg(mtp_depth=2)
     model = Transformer(cfg).double().eval()
     with torch.no_grad():
+        # the main model's final norm too: depth 1 reads its output (an RMSNorm with uniform weights
+        # would hide whether h was taken before or after it)
+        model.norm.weight.uniform_(0.5, 1.5)
         for m in model.mtp:
             m.enorm.weight.uniform_(0.5, 1.5)
             m.hnorm.weight.uniform_(0.5, 1.5)
@@ -128,7 +131,7 @@ def test_mtp_matches_hand_written_eh_proj():
     torch.testing.assert_close(out.losses["mtp"], want.float())
     # the module's own outputs, depth 1
     emb = model.embed_tokens(idx[:, 1:])
-    _, normed, _ = model.mtp[0](out.hidden[:, :9], emb, model.rope_cos[:9], model.rope_sin[:9])
+    _, normed, _ = model.mtp[0](model.norm(out.hidden[:, :9]), emb, model.rope_cos[:9], model.rope_sin[:9])
     torch.testing.assert_close(model.lm_head(normed), ref[0])
 
 

@@ -97,13 +97,14 @@ class _Step:
         self, model, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, take: torch.Tensor
     ) -> torch.Tensor:
         """MTP module 0 at these positions, writing `cache`, as in training: position j combines the
-        main hidden state h_j (n, T, D) with the embedding of token j + 1 (`next_ids`, (n, T)). Every
+        main hidden state h_j (n, T, D, before the final norm, which is applied here: model/mtp.py)
+        with the embedding of token j + 1 (`next_ids`, (n, T)). Every
         position writes its cache entry; the block's FFN runs at one position per row, take (n,): its
         normed output (n, D)."""
         emb = model.embed_tokens(next_ids)
         cache_rows = self.cache(cache.layers[0])
         _, h_normed, _ = model.mtp[0](
-            hidden, emb, self.cos, self.sin, cache_rows, self.start, self.mask, keep=take[:, None]
+            model.norm(hidden), emb, self.cos, self.sin, cache_rows, self.start, self.mask, keep=take[:, None]
         )
         return h_normed[:, 0]
 

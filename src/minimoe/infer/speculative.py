@@ -43,14 +43,14 @@ def mtp_step(model, cache: KVCache, hidden: torch.Tensor, next_ids: torch.Tensor
 
     Args:
         cache: the MTP block's cache; the new positions start at cache.pos.
-        hidden: (1, T, D) main-model hidden states (before the final norm) at those positions.
+        hidden: (1, T, D) main-model hidden states (before the final norm, applied here) at those positions.
         next_ids: (1, T) the token following each position.
     """
     start, T = cache.pos, hidden.shape[1]
     cos, sin = model.rope_cos[start : start + T], model.rope_sin[start : start + T]
     emb = model.embed_tokens(next_ids)  # (1, T, D)
     last = torch.full((1, 1), T - 1, dtype=torch.long, device=hidden.device)  # the FFN runs there only
-    _, h_normed, _ = model.mtp[0](hidden, emb, cos, sin, cache.layers[0], start, keep=last)
+    _, h_normed, _ = model.mtp[0](model.norm(hidden), emb, cos, sin, cache.layers[0], start, keep=last)
     cache.pos += T
     return model.lm_head(h_normed[:, 0])  # (1, V)
 

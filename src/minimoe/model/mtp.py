@@ -4,6 +4,9 @@ Depth k predicts token i+k+1 from the depth k-1 hidden state at i and the embedd
 h'_i = Block(eh_proj(cat[enorm(emb(t_{i+k})), hnorm(h_i)])), logits = head(norm(h'_i)).
 Embedding first in the concatenation, as the released checkpoints store it (the paper's
 equation writes the other order). Embedding and output head are shared with the main model.
+Depth 1's h is the main model's last hidden state after its final norm (the tensor its head reads),
+which is what DeepSeek-V3's released modeling code hands its MTP layer and what vLLM and SGLang feed an
+exported module when they speculate with it; depth k > 1 takes depth k-1's block output.
 """
 
 from __future__ import annotations

@@ -221,9 +221,7 @@ class Transformer(nn.Module):
             ce = linear_cross_entropy(h, self.lm_head.weight, targets).float()
         else:
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        mtp = (
-            self._mtp_loss(hidden, input_ids, targets, stats, cos, sin, real) if self.cfg.mtp_depth else zero
-        )
+        mtp = self._mtp_loss(h, input_ids, targets, stats, cos, sin, real) if self.cfg.mtp_depth else zero
         aux = sum((s.aux_loss for s in stats.values()), zero)
         z = sum((s.z_loss for s in stats.values()), zero)
         out.losses = {"ce": ce, "aux": aux, "z": z, "mtp": mtp}
@@ -236,13 +234,14 @@ class Transformer(nn.Module):
         w = getattr(self.lm_head, "weight", None)
         return isinstance(self.lm_head, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == h.dtype
 
-    def _mtp_loss(self, hidden, input_ids, targets, stats, cos, sin, real=None) -> torch.Tensor:
+    def _mtp_loss(self, h_main, input_ids, targets, stats, cos, sin, real=None) -> torch.Tensor:
         """Mean over depths of the MTP cross-entropy (unweighted; forward() applies mtp_loss_weight).
-        Depth k sees positions i < T-k: it combines h_i with emb(t_{i+k}) and predicts targets[i+k].
+        Depth k sees positions i < T-k: it combines h_i with emb(t_{i+k}) and predicts targets[i+k];
+        depth 1's h is the main model's output after its final norm (`h_main`, see model/mtp.py).
         Position i keeps the main model's RoPE position (cos, sin: (T, d/2) or (B, T, d/2)); with
         `real` (B, T) bool (a padded batch), padded keys are hidden and padded positions predict nothing."""
         T = input_ids.shape[1]
-        h = hidden
+        h = h_main
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             n = T - k
@@ -263,7 +262,7 @@ class Transformer(nn.Module):
             else:
                 logits = self.lm_head(h_normed)  # (B, n, V)
                 losses.append(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
-        return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
+        return torch.stack(losses).mean() if losses else h_main.new_zeros((), dtype=torch.float32)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
