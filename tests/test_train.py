@@ -608,6 +608,28 @@ def test_muon_step_matches_torch_muon():
     assert sv.min() > 0.5 and sv.max() < 1.3  # orthogonalised: singular values near 1
 
 
+def test_muon_steps_an_expert_stack_as_its_matrices():
+    """An (E, out, in) expert tensor takes the Muon steps of its E matrices stepped one by one: each is
+    orthogonalised on its own (not the (E * out, in) stack as one matrix) and scaled by
+    0.2 * sqrt(max(out, in)), whatever E (here larger than both)."""
+    from minimoe.train.optim import MuonAdamW
+
+    torch.manual_seed(0)
+    w0 = torch.randn(16, 6, 10)
+    grads = [torch.randn(16, 6, 10) for _ in range(2)]
+    stack = torch.nn.Parameter(w0.clone())
+    mats = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt_stack = MuonAdamW([stack], [], lr=0.02, muon_lr=0.02)
+    opt_mats = MuonAdamW(mats, [], lr=0.02, muon_lr=0.02)
+    for g in grads:
+        stack.grad = g.clone()
+        for m, gm in zip(mats, g):
+            m.grad = gm.clone()
+        opt_stack.step()
+        opt_mats.step()
+    torch.testing.assert_close(stack.detach(), torch.stack([m.detach() for m in mats]), rtol=1e-5, atol=1e-6)
+
+
 def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -662,6 +684,16 @@ def test_schedule_edges_and_floors():
     assert lr_multiplier(100, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(0.1)
     assert lr_multiplier(90, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(0.55)
     assert lr_multiplier(80, 100, "wsd", 10, min_ratio=0.1, decay_fraction=0.2) == pytest.approx(1.0)
+
+
+def test_wsd_decays_over_its_fraction_of_the_steps():
+    """WSD decays over decay_fraction x max_steps steps, also where that product comes out of floating
+    point just under a whole number (0.29 x 100 = 28.999999999999996: 29 steps, not 28)."""
+    for fraction in (0.29, 0.57, 0.2):
+        start = 100 - round(fraction * 100)
+        assert lr_multiplier(start - 1, 100, "wsd", 10, min_ratio=0.1, decay_fraction=fraction) == 1.0
+        got = lr_multiplier(start + 1, 100, "wsd", 10, min_ratio=0.1, decay_fraction=fraction)
+        assert got == pytest.approx(1 - 0.9 / round(fraction * 100)), fraction
 
 
 def test_cosine_scales_the_way_down_to_its_floor():
@@ -755,6 +787,58 @@ def test_grad_accum_averages_micro_batches(tmp_path, corpus):
         rows[name] = next(r for r in map(json.loads, lines) if "loss" in r)
     for key in ("loss", "grad_norm"):
         assert rows["accum"][key] == pytest.approx(rows["whole"][key], rel=1e-4), key
+
+
+def _one_step_grads_and_biases(tmp_path, corpus, name, x, y, accum, *extra):
+    """Train one step on the rows of (x, y), split into `accum` equal micro-batches: the gradients the
+    optimizer receives, the balancing biases after the step and the logged metrics row."""
+    common = ("train.max_steps=1", "train.eval_every=100", "train.grad_clip=0", "train.warmup_steps=0")
+    tr, _ = _tiny_trainer(tmp_path, corpus, name, *common, f"train.batch_size={len(x) // accum}",
+                          f"train.grad_accum={accum}", *extra)  # fmt: skip
+    rows = len(x) // accum
+    tr.train_windows = _FixedBatches([(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)])
+    grads, step = {}, tr.optimizer.step
+
+    def record_then_step(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    tr.optimizer.step = record_then_step
+    tr.fit()
+    biases = {i: m.gate.e_score_correction_bias.clone() for i, m in tr.model.moe_layers().items()}
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return grads, biases, next(r for r in map(json.loads, lines) if "loss" in r)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_grad_accum_step_equals_one_batch_step(tmp_path, corpus, padded):
+    """Two micro-batches of 2 rows give the gradients and the balancing step of one batch of 4 rows: the
+    z-loss and the sequence-wise balance loss count each micro-batch by its rows, and the bias moves
+    once, from the loads of both micro-batches (softmax scoring: the proportional rule sees the loads
+    themselves, not only their signs; the MTP block's router included). Padded: the first micro-batch
+    holds 8 targets, the second 64, and each cross-entropy counts by its share of the targets, as in
+    one batch (the MTP loss, whose targets are the main ones shifted, is left out)."""
+    from minimoe.data import TokenWindows
+
+    extra = ["model.z_loss_coef=0.01", "model.seq_aux_loss_alpha=0.01", "model.scoring_func=softmax",
+             "model.aux_free_bias=true", "model.bias_update_speed=0.01"]  # fmt: skip
+    tr, data = _tiny_trainer(tmp_path, corpus, "data", "train.max_steps=1")
+    x, y = TokenWindows(data, "train", 32, 4, seed=5).batch_at(0)
+    if padded:
+        y = y.clone()
+        y[:2, :28] = -100  # targets only at the end of the first two rows, as in a fine-tuning batch
+        extra.append("model.mtp_depth=0")
+    g1, b1, row1 = _one_step_grads_and_biases(tmp_path, corpus, "whole", x, y, 1, *extra)
+    g2, b2, row2 = _one_step_grads_and_biases(tmp_path, corpus, "accum", x, y, 2, *extra)
+    assert row2["loss"] == pytest.approx(row1["loss"], rel=1e-5)
+    assert row2["z"] == pytest.approx(row1["z"], rel=1e-5)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        assert (g2[n] - g1[n]).norm() <= 1e-5 * g1[n].norm() + 1e-9, n  # float reassociation only
+    assert len(b1) == (1 if padded else 2)  # layer 1 (layer 0 is dense), and the MTP block's
+    for i in b1:
+        assert b1[i].abs().max() > 0, i
+        torch.testing.assert_close(b2[i], b1[i], rtol=1e-5, atol=1e-8, msg=f"layer {i}")
 
 
 def test_resume_restores_the_run_counters(tmp_path, corpus):

@@ -70,6 +70,7 @@ class Parallel:
         self,
         x: torch.Tensor,
         y: torch.Tensor,
+        target_share: float,
         n_micro: int,
         last_micro: bool,
         autocast: Callable[[], contextlib.AbstractContextManager],
@@ -79,23 +80,34 @@ class Parallel:
 
         Args:
             x, y: (B, T) inputs and targets on this rank's device.
-            n_micro: micro-batches per optimizer step (grad_accum): the loss is divided by it.
+            target_share: the micro-batch's share of the step's target tokens (1 / n_micro when every
+                micro-batch holds as many): the weight of its cross-entropy and MTP loss, each a mean over
+                its targets, so the step's gradient is that of one batch holding every micro-batch.
+            n_micro: micro-batches per optimizer step (grad_accum): the aux and z losses, means over
+                the micro-batch's rows or routed tokens, are divided by it.
             last_micro: the last micro-batch of the step (the data-parallel gradient sync happens here).
             autocast: returns the precision context the forward runs in.
             scaler: the fp16 GradScaler (disabled otherwise).
         Returns:
-            ((5,) [loss, ce, aux, z, mtp] of the micro-batch, unscaled and detached; loads {layer: (E,)};
+            ((5,) [loss, ce, aux, z, mtp] of the micro-batch, weighted as in the backward and detached
+            (summed over the step's micro-batches they give the step's losses); loads {layer: (E,)};
             the forward's per-layer MoEStats, {} under pipeline parallelism (the stages sum theirs)).
         """
         if self.pipeline is not None:  # already summed over stages
+            # one weight for all the losses: pipelines train on full windows (target_share = 1 / n_micro)
             with autocast():
-                (ce, aux, z), loads = self.pipeline.train_step(x, y, 1.0 / n_micro)
-            return torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]), loads, {}
+                (ce, aux, z), loads = self.pipeline.train_step(x, y, target_share)
+            vals = torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]) * target_share
+            return vals, loads, {}
         with self.no_sync(last_micro=last_micro):
             with autocast():
                 out = self.step_forward(x, targets=y, return_logits=False)
-            scaler.scale(out.loss / n_micro).backward()
-        vals = torch.stack([out.loss.detach(), *(out.losses[k].detach() for k in LOSS_PARTS)])
+            router = out.losses["aux"] + out.losses["z"]
+            loss = (out.loss - router) * target_share + router / n_micro
+            scaler.scale(loss).backward()
+        weights = torch.tensor([target_share, 1 / n_micro, 1 / n_micro, target_share], device=loss.device)
+        parts = torch.stack([out.losses[k].detach() for k in LOSS_PARTS]) * weights
+        vals = torch.cat([loss.detach()[None], parts])
         return vals, {i: s.load for i, s in out.moe_stats.items()}, out.moe_stats
 
     def reduce_step(

@@ -25,7 +25,8 @@ def lr_multiplier(
     if schedule == "linear":
         return 1.0 - (1 - min_ratio) * progress
     if schedule == "wsd":
-        decay_start = max_steps - int(decay_fraction * max_steps)
+        # rounded before the cut: 0.29 * 100 is 28.999999999999996, and the decay takes 29 steps
+        decay_start = max_steps - int(round(decay_fraction * max_steps, 6))
         if step < decay_start:
             return 1.0
         frac = (step - decay_start) / max(max_steps - decay_start, 1)

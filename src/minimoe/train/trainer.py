@@ -449,23 +449,31 @@ class Trainer:
     def _train_step(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Forward and backward over grad_accum micro-batches.
 
+        Each micro-batch's cross-entropy (and MTP loss) is a mean over its target tokens, so it is
+        weighted by its share of the step's targets: the accumulated gradient is then that of one batch
+        holding every micro-batch (padded fine-tuning batches hold different numbers of targets; full
+        windows weigh 1 / grad_accum each). The aux and z losses weigh 1 / grad_accum (Parallel.micro_step).
+
         Returns:
-            (5,) [loss, ce, aux, z, mtp] averaged over micro-batches and data-parallel ranks, and
-            {layer: (E,) expert loads} summed over micro-batches and ranks.
+            (5,) [loss, ce, aux, z, mtp] averaged over micro-batches (weighted as in the backward) and
+            data-parallel ranks, and {layer: (E,) expert loads} summed over micro-batches and ranks.
         """
         tc = self.cfg.train
         vals = torch.zeros(1 + len(LOSS_PARTS), device=self.device)
         loads: dict[int, torch.Tensor] = {}
         self._step_tokens = 0
-        for micro in range(tc.grad_accum):
-            x, y = next(self.train_windows)
+        batches = [next(self.train_windows) for _ in range(tc.grad_accum)]
+        targets = [int((y != -100).sum()) for _, y in batches]  # the batch source's CPU tensors: no sync
+        total = sum(targets)
+        for micro, ((x, y), n) in enumerate(zip(batches, targets)):
+            share = n / total if total else 1 / tc.grad_accum
             self._step_tokens += x.numel() * self.par.dp_size  # shapes only: no device sync
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             micro_vals, micro_loads, stats = self.par.micro_step(
-                x, y, tc.grad_accum, micro == tc.grad_accum - 1, self._autocast, self.scaler
+                x, y, share, tc.grad_accum, micro == tc.grad_accum - 1, self._autocast, self.scaler
             )
             self.monitor.count_dropped(stats)
-            vals += micro_vals / tc.grad_accum
+            vals += micro_vals
             add_loads(loads, micro_loads)
         return self.par.reduce_step(vals, loads)
 
