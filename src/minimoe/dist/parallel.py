@@ -105,8 +105,8 @@ class Parallel:
             router = out.losses["aux"] + out.losses["z"]
             loss = (out.loss - router) * target_share + router / n_micro
             scaler.scale(loss).backward()
-        weights = torch.tensor([target_share, 1 / n_micro, 1 / n_micro, target_share], device=loss.device)
-        parts = torch.stack([out.losses[k].detach() for k in LOSS_PARTS]) * weights
+        weight = {"ce": target_share, "aux": 1 / n_micro, "z": 1 / n_micro, "mtp": target_share}
+        parts = torch.stack([out.losses[k].detach() * weight[k] for k in LOSS_PARTS])  # no host-to-device copy
         vals = torch.cat([loss.detach()[None], parts])
         return vals, {i: s.load for i, s in out.moe_stats.items()}, out.moe_stats
 
