@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -58,7 +59,11 @@ CASES = {
         rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
     "deepseek_v3_plain": dict(n_shared_experts=0, first_k_dense_replace=0, num_experts_per_tok=1, tie_word_embeddings=True),
-    "deepseek_v2": dict(scoring_func="softmax", norm_topk_prob=False, aux_free_bias=False, n_group=4, topk_group=2),
+    "deepseek_v2": dict(
+        scoring_func="softmax", norm_topk_prob=False, aux_free_bias=False, n_group=4, topk_group=2, routed_scaling_factor=2.0,
+    ),
+    # dense MLA: every layer dense (first_k_dense_replace = num_hidden_layers in config.json)
+    "deepseek_v3_dense": dict(n_routed_experts=0, first_k_dense_replace=0),
     "glm4_moe": dict(
         attn_type="gqa", num_key_value_heads=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, mtp_depth=1,
         rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 0.8},
@@ -118,7 +123,7 @@ def exported(tmp_path_factory, tok):
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_loads_in_transformers_with_same_logits(exported, ids, name):
     model, folder, res = exported[name]
-    assert res.format == name.removesuffix("_plain")
+    assert res.format == name.removesuffix("_plain").removesuffix("_dense")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(hf).__name__ == json.loads((folder / "config.json").read_text())["architectures"][0]
     ours, theirs = _logits(model, ids), _logits(hf, ids)
@@ -148,29 +153,54 @@ def test_export_config_has_deepseek_v3_keys(exported):
 
 
 def test_mtp_layer_holds_its_own_weights_and_copies_of_embedding_and_head():
-    """DeepSeek-V3's hub layout of MTP module 0 (layer num_hidden_layers): enorm, hnorm, eh_proj and
+    """DeepSeek-V3's hub layout of MTP module k (layer num_hidden_layers + k): enorm, hnorm, eh_proj and
     shared_head.norm are that module's tensors, embed_tokens and shared_head.head copies of the model's
-    embedding and (untied) LM head, and its decoder block the module's block."""
+    embedding and (untied) LM head, and its decoder block the module's block; every module has them."""
     from minimoe.hf.export import hub_tensors
 
-    model = _model(**CASES["deepseek_v3"])
+    model = _model(**{**CASES["deepseek_v3"], "mtp_depth": 2})
     sd = model.state_dict()
-    hub, _ = hub_tensors(dict(sd), model.cfg, "deepseek_v3", 1)
+    hub, _ = hub_tensors(dict(sd), model.cfg, "deepseek_v3", 2)
     L = model.cfg.num_hidden_layers
-    want = {
-        "enorm.weight": "mtp.0.enorm.weight",
-        "hnorm.weight": "mtp.0.hnorm.weight",
-        "eh_proj.weight": "mtp.0.eh_proj.weight",
-        "shared_head.norm.weight": "mtp.0.norm.weight",
-        "embed_tokens.weight": "embed_tokens.weight",
-        "shared_head.head.weight": "lm_head.weight",
-        "self_attn.o_proj.weight": "mtp.0.block.self_attn.o_proj.weight",
-        "input_layernorm.weight": "mtp.0.block.input_layernorm.weight",
-    }
     assert not torch.equal(sd["embed_tokens.weight"], sd["lm_head.weight"])
     assert not torch.equal(sd["mtp.0.enorm.weight"], sd["mtp.0.hnorm.weight"])
-    for hub_part, ours in want.items():
-        assert torch.equal(hub[f"model.layers.{L}.{hub_part}"], sd[ours]), hub_part
+    assert not torch.equal(sd["mtp.0.eh_proj.weight"], sd["mtp.1.eh_proj.weight"])
+    for k in range(2):
+        want = {
+            "enorm.weight": f"mtp.{k}.enorm.weight",
+            "hnorm.weight": f"mtp.{k}.hnorm.weight",
+            "eh_proj.weight": f"mtp.{k}.eh_proj.weight",
+            "shared_head.norm.weight": f"mtp.{k}.norm.weight",
+            "embed_tokens.weight": "embed_tokens.weight",
+            "shared_head.head.weight": "lm_head.weight",
+            "self_attn.o_proj.weight": f"mtp.{k}.block.self_attn.o_proj.weight",
+            "input_layernorm.weight": f"mtp.{k}.block.input_layernorm.weight",
+            "mlp.experts.7.down_proj.weight": f"mtp.{k}.block.mlp.experts.down_proj",
+        }
+        for hub_part, ours in want.items():
+            theirs = hub[f"model.layers.{L + k}.{hub_part}"]
+            assert torch.equal(theirs, sd[ours][7] if ".experts.7." in hub_part else sd[ours]), (k, hub_part)
+    assert not [n for n in hub if n.startswith(f"model.layers.{L + 2}.")]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},  # HF: mscale(factor) on cos/sin, minimoe the same
+        {"mscale": 0.707, "mscale_all_dim": 0.707},
+        {"mscale_all_dim": 1.0},  # softmax scale only
+        {"mscale": 0.0, "mscale_all_dim": 1.0},  # HF tests truthiness: the exporter pins attention_factor
+        {"mscale": 1.0, "mscale_all_dim": 0.5},
+    ],
+)
+def test_export_yarn_variants_match_transformers(tmp_path, tok, ids, extra):
+    """MLA + YaRN: the logits agree at positions beyond original_max_position_embeddings for every way
+    of giving mscale / mscale_all_dim."""
+    m = _model(rope_scaling={**YARN, **extra}, max_position_embeddings=128)
+    assert ids.shape[1] > YARN["original_max_position_embeddings"]
+    export_model(m, tok, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
 
 
 def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
@@ -244,6 +274,75 @@ def test_dropless_export_is_explicit(tmp_path, tok, ids):
     m = _model(capacity_factor=1.0)
     res = export_model(m, tok, tmp_path / "hf", dropless=True)
     assert any("dropless" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe"])
+def test_lora_adapter_loads_on_the_exported_model_with_peft(tmp_path, tok, ids, name):
+    """A minimoe LoRA adapter (attention and stacked experts) rewritten by `export_adapter` gives the
+    same logits under `PeftModel.from_pretrained(exported_model)` as on the minimoe model; the adapter
+    as saved matches no module names there and would change nothing."""
+    import copy
+
+    from peft import PeftModel
+
+    from minimoe.finetune.lora import apply_lora, save_adapter
+    from minimoe.hf.export import export_adapter
+
+    model = _model(**CASES[name])
+    base = copy.deepcopy(model)
+    export_model(base, tok, tmp_path / "hf")
+    pm = apply_lora(model, r=2, alpha=6, targets=["attention", "experts"])
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    save_adapter(pm.eval(), tmp_path / "adapter")
+    export_adapter(tmp_path / "adapter", base.cfg, tmp_path / "hf", tmp_path / "hf_adapter")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    theirs = _logits(PeftModel.from_pretrained(hf, tmp_path / "hf_adapter").eval(), ids)
+    ours = _logits(pm, ids)
+    assert (ours - _logits(base, ids)).abs().max() > 1.0  # the adapter changes the logits visibly
+    assert (ours - theirs).abs().max().item() <= TOL
+    pm_mlp = apply_lora(copy.deepcopy(base), r=2, alpha=6, targets=["mlp"])
+    save_adapter(pm_mlp, tmp_path / "mlp_adapter")
+    with pytest.raises(MinimoeError, match="PEFT cannot load"):
+        export_adapter(tmp_path / "mlp_adapter", base.cfg, tmp_path / "hf", tmp_path / "x")
+
+
+def test_cli_export_writes_the_adapter_and_verifies_it(tmp_path, tok, ids, capsys):
+    """`minimoe export RUN --adapter A --verify`: the adapter lands in OUT/adapter under the exported
+    model's names, PEFT loads it there, and the check compares the adapted logits too."""
+    from peft import PeftModel
+
+    from minimoe.finetune.lora import apply_lora, save_adapter
+
+    model = _model(**CASES["deepseek_v3"])
+    write_run(tmp_path / "run", model, tok, {"source": "test"})
+    pm = apply_lora(copy.deepcopy(model), r=2, alpha=6, targets=["attention", "experts"])
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    save_adapter(pm.eval(), tmp_path / "adapter")
+    argv = [
+        "export",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "hf"),
+        "--adapter",
+        str(tmp_path / "adapter"),
+    ]
+    assert main([*argv, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter/ (LoRA adapter, PEFT format)" in out
+    assert float(out.split("(with the adapter):")[1].split()[0]) <= TOL
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(hf, tmp_path / "hf" / "adapter").eval()
+    assert (_logits(adapted, ids) - _logits(pm, ids)).abs().max().item() <= TOL
+    assert (_logits(pm, ids) - _logits(model, ids)).abs().max().item() > 1.0  # the adapter does something
+    # a folder that is not an adapter: one sentence, before anything is written
+    assert main([*argv[:3], str(tmp_path / "hf2"), "--adapter", str(tmp_path / "run")]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
 
 
 # ------------------------------------------------------------------ checkpoints made by transformers
@@ -425,7 +524,7 @@ def test_cli_export_import_generate(tmp_path, tok, capsys):
     )
     out = capsys.readouterr().out
     assert "exported deepseek_v3" in out and "model.safetensors.index.json" in out
-    diff = float(out.split("against transformers:")[1].split()[0])
+    diff = float(out.split("against transformers (model):")[1].split()[0])
     assert diff <= TOL
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     assert (

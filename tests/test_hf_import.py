@@ -384,7 +384,7 @@ def test_cli_export_olmoe_verified_and_refusal(tmp_path, capsys):
     argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "olmoe", "--verify"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "exported olmoe" in out and float(out.split("against transformers:")[1].split()[0]) <= TOL
+    assert "exported olmoe" in out and float(out.split("against transformers (model):")[1].split()[0]) <= TOL
     argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "q3"), "--format", "qwen3_moe"]
     assert main(argv) == 2 and not (tmp_path / "q3").exists()
     err = capsys.readouterr().err.strip()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from minimoe.cli.args import add_checkpoint_arg
-from minimoe.errors import require
+from minimoe.errors import MinimoeError, require
 from minimoe.hf.formats import ARCHITECTURES
 
 
@@ -35,6 +36,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
+        "--adapter",
+        default=None,
+        help="a `minimoe lora` adapter of this run (OUT/adapter) to write beside the model as OUT/adapter, "
+        "renamed for the exported model (peft.PeftModel.from_pretrained loads it there)",
+    )
+    p.add_argument(
         "--verify", action="store_true", help="load the folder with transformers and compare logits"
     )
 
@@ -42,11 +49,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from minimoe.hf.export import compare_logits, export_model
+    from minimoe.hf.export import compare_adapter_logits, compare_logits, export_adapter, export_model
     from minimoe.train.checkpoint import load_run
 
     if args.verify:  # found out before the folder is written
         require("--verify", "transformers")
+    if args.adapter is not None:
+        require("--adapter", "peft")
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise MinimoeError(
+                f"--adapter {args.adapter} holds no adapter_config.json (a `minimoe lora` OUT/adapter)"
+            )
     model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
     res = export_model(
         model, tok, args.out, fmt=args.format, shard_size=args.shard_size, dtype=args.dtype,
@@ -57,6 +70,9 @@ def run(args) -> int:
         print(f"  {f}")
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)
+    if args.adapter is not None:
+        adapter_out = export_adapter(args.adapter, model.cfg, res.out_dir, Path(res.out_dir) / "adapter")
+        print(f"  {adapter_out.name}/ (LoRA adapter, PEFT format)")
     if args.verify:
         ids = torch.randint(
             0,
@@ -64,9 +80,12 @@ def run(args) -> int:
             (2, min(32, model.cfg.max_position_embeddings)),
             generator=torch.Generator().manual_seed(0),
         )
-        diff = compare_logits(model, res.out_dir, ids)
-        print(f"max |logit difference| against transformers: {diff:.2e}")
-        if args.dtype == "float32" and diff > 1e-4:
+        diffs = {"model": compare_logits(model, res.out_dir, ids)}
+        if args.adapter is not None:
+            diffs["with the adapter"] = compare_adapter_logits(model, args.adapter, res.out_dir, ids)
+        for what, diff in diffs.items():
+            print(f"max |logit difference| against transformers ({what}): {diff:.2e}")
+        if args.dtype == "float32" and max(diffs.values()) > 1e-4:
             print("warning: the exported model's logits differ by more than 1e-4", file=sys.stderr)
             return 1
     return 0

@@ -275,9 +275,8 @@ def export_model(
     return ExportResult(out_dir=out, format=fmt, files=files, weight_bytes=nbytes, notes=notes)
 
 
-def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
-    """Max |logit difference| between `model` and the Hugging Face model in `hf_dir` on `input_ids`
-    (B, T), both in fp32 on the CPU. Needs `transformers`."""
+def _load_hf_fp32(hf_dir: str | Path):
+    """The exported model loaded by transformers, fp32, eval mode."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -287,10 +286,136 @@ def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers calls an MTP layer that is not layer 61 "unexpected"
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     finally:
         hf_logging.set_verbosity(level)
+
+
+def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
+    """Max |logit difference| between `model` and the Hugging Face model in `hf_dir` on `input_ids`
+    (B, T), both in fp32 on the CPU (an fp32 copy of `model`). Needs `transformers`."""
+    import copy
+
+    hf = _load_hf_fp32(hf_dir)
     with torch.no_grad():
-        ours = model.float().eval()(input_ids).logits
+        ours = copy.deepcopy(model).float().eval()(input_ids).logits
         theirs = hf(input_ids).logits
     return (ours - theirs).abs().max().item()
+
+
+def compare_adapter_logits(
+    model, adapter_dir: str | Path, hf_dir: str | Path, input_ids: torch.Tensor
+) -> float:
+    """Max |logit difference| between `model` with a saved minimoe adapter and the exported model with
+    the adapter `export_adapter` wrote to hf_dir/adapter, loaded by PEFT (both fp32; `model` is copied)."""
+    import copy
+
+    from peft import PeftModel
+
+    from minimoe.finetune.lora import load_adapter
+
+    ours = load_adapter(copy.deepcopy(model).float(), adapter_dir).eval()
+    theirs = PeftModel.from_pretrained(_load_hf_fp32(hf_dir), str(Path(hf_dir) / "adapter")).eval()
+    with torch.no_grad():
+        return (ours(input_ids).logits - theirs(input_ids).logits).abs().max().item()
+
+
+def export_adapter(
+    adapter_dir: str | Path, cfg: ModelConfig, hf_dir: str | Path, out_dir: str | Path
+) -> Path:
+    """Rewrite a minimoe LoRA adapter (`minimoe lora`'s OUT/adapter) for the model `export_model` wrote
+    to `hf_dir`, so `peft.PeftModel.from_pretrained(hf_model, out_dir)` gives the adapted logits.
+
+    The rewrite is exact. transformers fuses each layer's routed gate and up projections
+    (`experts.gate_up_proj` (E, 2I, D)), so their two rank-r factor pairs become one rank-2r pair per
+    expert (A stacked, B block-diagonal); every other factor pair gets r zero rows / columns and
+    lora_alpha doubles, which keeps the scale alpha / r. MTP adapters are dropped (transformers has no
+    MTP layer). Refused: formats that re-parameterise the experts (routed_scaling_factor folded, a gated
+    shared expert), and dense or shared-expert MLP adapters, which PEFT's loader turns into expert
+    adapters on transformers 5 MoE models.
+
+    Args:
+        adapter_dir: the saved adapter (adapter_config.json + adapter_model.safetensors).
+        cfg: the config of the base model the adapter was trained on.
+        hf_dir: the exported base model.
+        out_dir: the folder to write (PEFT's adapter files).
+    Returns:
+        out_dir.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minimoe.model.transformer import Transformer
+
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    fmt = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
+    if fmt not in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
+        raise MinimoeError(
+            f"a LoRA adapter exports with deepseek_v3, deepseek_v2 or glm4_moe models, not {fmt}"
+        )
+    ours_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+    def factors(pm, prefix: str) -> dict[tuple[str, str | None], str]:
+        """(module path without wrappers, parameter name or None) -> the saved key stem of its factors."""
+        return {
+            (n.removeprefix(prefix).replace(".base_layer", ""), getattr(m, "parameter_name", None)): n
+            for n, m in pm.named_modules()
+            if "default" in getattr(m, "lora_A", {})
+        }
+
+    with torch.device("meta"):
+        ours = factors(get_peft_model(Transformer(cfg), ours_cfg), "base_model.model.")
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)))
+    mlp = sorted(p for p, pname in ours if pname is None and ".mlp." in p and not p.startswith("mtp."))
+    if mlp:
+        raise MinimoeError(
+            f"the adapter adapts {mlp[0]}, which PEFT cannot load on a Hugging Face MoE model (it maps every "
+            "gate/up/down_proj target to the fused experts); train it with --targets attention,experts"
+        )
+    # the adapted linear layers by full name (same inside a layer; transformers prefixes `model.`)
+    linears = sorted(f"model.{p}" for p, pname in ours if pname is None and not p.startswith("mtp."))
+    experts = ["experts.gate_up_proj", "experts.down_proj"] if ours_cfg.target_parameters else None
+    hf_cfg = LoraConfig(
+        r=2 * ours_cfg.r, lora_alpha=2 * ours_cfg.lora_alpha, lora_dropout=0.0, bias="none",
+        target_modules=linears or None, target_parameters=experts,
+    )  # fmt: skip
+    hf_pm = get_peft_model(hf, hf_cfg)
+    want = set(get_peft_model_state_dict(hf_pm))
+
+    def pair(key: tuple[str, str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in ours:
+            raise MinimoeError(f"the adapter has no factors for {key[0]} {key[1] or ''}".rstrip())
+        used.add(key)
+        return saved[f"{ours[key]}.lora_A.weight"], saved[f"{ours[key]}.lora_B.weight"]
+
+    r, E = ours_cfg.r, cfg.n_routed_experts
+    tensors, used = {}, set()
+    for (path, pname), stem in factors(hf_pm, "base_model.model.model.").items():
+        if pname == "gate_up_proj":  # A: (E*2r, D) per expert [A_gate; A_up]; B: (2I, 2r, E) block-diagonal
+            (ag, bg), (au, bu) = pair((path, "gate_proj")), pair((path, "up_proj"))
+            a = torch.cat([ag.view(E, r, -1), au.view(E, r, -1)], 1).reshape(E * 2 * r, -1)
+            inter = bg.shape[0]
+            b = bg.new_zeros(2 * inter, 2 * r, E)
+            b[:inter, :r], b[inter:, r:] = bg.view(inter, r, E), bu.view(inter, r, E)
+            b = b.reshape(2 * inter, 2 * r * E)
+        else:  # zero-padded to rank 2r: per expert for the stacked down_proj, else one pair
+            n = E if pname == "down_proj" else 1
+            a0, b0 = pair((path, "down_proj" if pname == "down_proj" else None))
+            a = torch.cat([a0.view(n, r, -1), torch.zeros_like(a0).view(n, r, -1)], 1).reshape(n * 2 * r, -1)
+            b = torch.cat([b0.view(b0.shape[0], r, n), torch.zeros_like(b0).view(b0.shape[0], r, n)], 1)
+            b = b.reshape(b0.shape[0], 2 * r * n)
+        tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    left = sorted(p for p, _ in set(ours) - used if not p.startswith("mtp."))
+    if left:
+        raise MinimoeError(f"the adapter's factors for {left[0]} have no place in the {fmt} model")
+    if set(tensors) != want:
+        raise MinimoeError(
+            f"PEFT expects adapter tensors {sorted(want - set(tensors))[:1]} that were not written"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg.base_model_name_or_path = str(hf_dir)
+    hf_cfg.save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
