@@ -147,6 +147,18 @@ def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
         assert kept.tolist() == [n, n], top_p
 
 
+def test_top_p_counts_equal_tokens_whose_mass_is_top_p_as_reaching_it():
+    """k of V equal tokens hold k/V of the mass, so top_p k/V keeps exactly k of them, though the
+    floating-point sum of k probabilities of 1/V lands a hair below or above k/V (an fp32 sum of six
+    tenths falls short of 0.6); after top-k, the mass is that of the kept tokens."""
+    for V in range(2, 41):
+        logits = torch.zeros(1, V)
+        for k in range(1, V):
+            assert int(torch.isfinite(filter_logits(logits, top_p=k / V)).sum()) == k, (V, k)
+    logits = torch.tensor([[0.0] * 10 + [-1.0] * 5])
+    assert int(torch.isfinite(filter_logits(logits, top_k=10, top_p=0.6)).sum()) == 6
+
+
 def _reference_probs(row: list[float], params: SamplingParams) -> list[float]:
     """The sampling distribution by its definition, in Python floats: logits / temperature, keep the
     top_k largest, then the smallest prefix (largest first) of what is left whose renormalised mass
@@ -219,6 +231,44 @@ def test_repetition_penalty():
     assert len(set(plain)) < len(plain)
     penalised = list(generate_tokens(model, [1, 2], 30, temperature=0.0, repetition_penalty=1e6))
     assert len(set(penalised + [1, 2])) == len(penalised) + 2
+
+
+def test_repetition_penalty_acts_on_the_raw_logits_before_temperature_and_filters():
+    """Sampling with a penalty draws from the definition: the seen tokens' raw logits divided (positive)
+    or multiplied (negative) by the penalty, then temperature, top-k and top-p."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 30, generator=g, dtype=torch.float64) * 2
+    seen = torch.rand(3, 30, generator=g) < 0.4
+    for params in [
+        SamplingParams(temperature=0.5, repetition_penalty=1.8),
+        SamplingParams(temperature=1.3, top_k=6, top_p=0.8, repetition_penalty=2.5),
+        SamplingParams(temperature=2.0, top_p=0.7, repetition_penalty=0.6),
+    ]:
+        r = params.repetition_penalty
+        penalised = [
+            [(x / r if x > 0 else x * r) if s else x for x, s in zip(row, s_row)]
+            for row, s_row in zip(logits.tolist(), seen.tolist())
+        ]
+        want = torch.tensor([_reference_probs(row, params) for row in penalised], dtype=torch.float64)
+        got = process_logits(logits, params, seen).softmax(-1)
+        assert torch.allclose(got.double(), want, atol=1e-6), params
+
+
+def test_repetition_penalty_counts_the_prompt_in_every_decoder():
+    """The prompt's tokens are seen from the first step: with a huge penalty, plain greedy decoding,
+    one-beam search and greedy speculative decoding never repeat a prompt token (plain greedy without
+    the penalty does), and they agree token for token."""
+    model = tiny_model()
+    prompt = PROMPTS[0] + list(generate_tokens(model, PROMPTS[0], 6, temperature=0.0))
+    assert set(generate_tokens(model, prompt, 14, temperature=0.0)) & set(prompt)
+    kw = dict(temperature=0.0, repetition_penalty=1e6)
+    want = list(generate_tokens(model, prompt, 14, **kw))
+    assert not set(want) & set(prompt) and len(set(want)) == len(want)
+    # beside another prompt in a batch
+    assert collect(stream_batch(model, [prompt, PROMPTS[1]], 14, SamplingParams(**kw)), 2)[0] == want
+    assert list(generate_tokens(model, prompt, 14, speculative=True, **kw)) == want
+    (best,) = beam_search(model, prompt, num_beams=1, max_new_tokens=14, repetition_penalty=1e6)
+    assert best.tokens == want
 
 
 @pytest.mark.parametrize(
@@ -1076,6 +1126,37 @@ def test_speculative_sampling_keeps_the_distribution():
     assert a == list(generate_tokens(model, PROMPTS[1], 16, **kw)) and len(a) == 16
 
 
+def bigram_model(noise: float) -> Transformer:
+    """A model whose blocks add nothing (all their weights 0) and whose head is the embedding: the main
+    model's logits depend on the last token only, and the MTP module's draft for the token after next
+    sees that token plus `noise` times a random mix of the last one, so its guesses are often, but not
+    always, the main model's."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(
+        num_hidden_layers=1, first_k_dense_replace=1, initializer_range=0.5, tie_word_embeddings=True
+    )
+    model = Transformer(cfg)
+    d = model.cfg.hidden_size
+    with torch.no_grad():
+        for p in [*model.layers.parameters(), *model.mtp[0].block.parameters()]:
+            p.zero_()
+        model.mtp[0].eh_proj.weight.copy_(torch.cat([torch.eye(d), noise * torch.randn(d, d)], 1))
+    return model.double().eval()
+
+
+def test_greedy_speculation_with_a_repetition_penalty_equals_greedy():
+    """The penalty sees the prompt, the draft before its bonus token and the corrected token after a
+    rejection: greedy speculative decoding commits plain greedy decoding's tokens, with drafts both
+    accepted and rejected."""
+    model = bigram_model(0.1)
+    stats = GenerationStats()
+    for prompt in PROMPTS:
+        kw = dict(temperature=0.0, repetition_penalty=5.0)
+        want = list(generate_tokens(model, prompt, 20, **kw))
+        assert list(generate_tokens(model, prompt, 20, speculative=True, stats=stats, **kw)) == want
+    assert 0 < stats.accepted < stats.drafted
+
+
 def test_speculative_needs_mtp():
     with pytest.raises(MinimoeError, match="MTP"):
         list(generate_tokens(tiny_model(mtp_depth=0), [1], 4, speculative=True))
@@ -1138,6 +1219,57 @@ def test_length_penalty_prefers_longer_hypotheses():
     short = beam_search(model, PROMPTS[0], 4, 20, length_penalty=0.0, stop_ids=stop)[0]
     long = beam_search(model, PROMPTS[0], 4, 20, length_penalty=3.0, stop_ids=stop)[0]
     assert len(long.tokens) >= len(short.tokens)
+
+
+def reference_beam_search(
+    model, prompt, n, steps, length_penalty, stop
+) -> list[tuple[list[int], float, float]]:
+    """Beam search by its definition (HF's, early_stopping=True), with uncached forwards: each step ranks
+    every (beam, token) extension; of the best 2n, a stop token among the first n ends a hypothesis
+    (scored over its tokens and the stop token) and the others fill the n beams; the search ends when n
+    hypotheses have ended, or at the budget, where the live beams compete too. Returns (tokens,
+    logprob, score), best score first."""
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    done = []
+    for _ in range(steps):
+        cand = []
+        with torch.no_grad():
+            for seq, lp in beams:
+                logp = model(torch.tensor([prompt + seq])).logits[0, -1].double().log_softmax(-1)
+                cand += [(seq, t, lp + float(logp[t])) for t in range(model.cfg.vocab_size)]
+        cand.sort(key=lambda c: -c[2])
+        beams = []
+        for rank, (seq, t, lp) in enumerate(cand[: 2 * n]):
+            if t in stop:
+                if rank < n:
+                    done.append((seq, lp, lp / (len(seq) + 1) ** length_penalty))
+            elif len(beams) < n:
+                beams.append((seq + [t], lp))
+        if len(done) >= n:
+            break
+    else:
+        done += [(seq, lp, lp / len(seq) ** length_penalty) for seq, lp in beams]
+    return sorted(done, key=lambda h: -h[2])[:n]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5, 1.0])
+def test_beam_search_with_stop_tokens_equals_the_reference(length_penalty):
+    """Hypotheses that end on a stop token and ones that run out of budget, ranked by
+    logprob / length ** length_penalty, where the length counts the stop token."""
+    model = tiny_model(seed=3)
+    n, steps = 3, 6
+    kinds = set()
+    for prompt in PROMPTS[:3]:
+        greedy = list(generate_tokens(model, prompt, steps, temperature=0.0))
+        # a few stop tokens, then a quarter of the vocabulary (stop candidates in the top 2n but not the top n)
+        for stop in (tuple(greedy[1:4]), tuple(range(0, model.cfg.vocab_size, 4))):
+            want = reference_beam_search(model, prompt, n, steps, length_penalty, stop)
+            hyps = beam_search(model, prompt, n, steps, length_penalty=length_penalty, stop_ids=stop)
+            assert [h.tokens for h in hyps] == [seq for seq, _, _ in want], stop
+            for h, (_, lp, score) in zip(hyps, want):
+                assert abs(h.logprob - lp) < 1e-6 and abs(h.score - score) < 1e-6
+                kinds.add(h.finished)
+    assert kinds == {True, False}
 
 
 # ----------------------------------------------------------------------------------- stop strings

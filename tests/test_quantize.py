@@ -35,6 +35,8 @@ def test_pack_int4_round_trip():
     packed = pack_int4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 7)
     assert torch.equal(unpack_int4(packed), q)
+    # the stored layout: value + 8 per nibble, element 2i in the low nibble (saved runs depend on it)
+    assert pack_int4(torch.tensor([-8, 7, 0, -1], dtype=torch.int8)).tolist() == [0xF0, 0x78]
 
 
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 16), (4, 64)])
@@ -113,6 +115,20 @@ def test_quantized_model_stays_close(attn_type):
     # ~0.5% / ~8% error per weight; an expert choice that flips near a routing tie adds more
     assert errs[8] < 0.06 and errs[4] < 0.3 and errs[8] < errs[4] / 3
     assert sizes[4] < sizes[8] < before
+
+
+def test_embedding_router_norms_and_a_tied_head_stay_floating_point():
+    """Only Linear and routed-expert weights are quantized: the embedding (and the LM head tied to it),
+    the routers and the norms keep their float values."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(tie_word_embeddings=True)).eval()
+    kept = {
+        k: v.clone() for k, v in model.state_dict().items() if "norm" in k or "gate." in k or "embed" in k
+    }
+    q = quantize_model(copy.deepcopy(model), 4, 16)
+    assert q.lm_head.weight is q.embed_tokens.weight and isinstance(q.lm_head, torch.nn.Linear)
+    after = q.state_dict()
+    assert kept and all(torch.equal(after[k], v) for k, v in kept.items())
 
 
 def test_perplexity_is_exp_of_cross_entropy():

@@ -7,8 +7,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from minimoe.errors import MinimoeError
+
+# fp64 sums of up to ~10^6 probabilities stay well within this of their exact value
+TOP_P_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (always keeps the first)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop_sorted[..., 0] = False  # a top_p below fp32's smallest number rounds to 0 and would drop it too
+        probs = sorted_logits.double().softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (always keeps the first).
+        # The sums run in fp64 and count as reaching top_p within TOP_P_SLACK: a set whose mass is top_p
+        # exactly (six of ten equal tokens for 0.6) sums to a hair either side of it in floating point
+        before = F.pad(probs.cumsum(-1)[..., :-1], (1, 0))
+        drop_sorted = before >= top_p - TOP_P_SLACK
+        drop_sorted[..., 0] = False  # a top_p within TOP_P_SLACK of 0 would drop it too
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
