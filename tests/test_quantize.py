@@ -188,6 +188,12 @@ def test_quantized_checkpoint_reloads_and_generates(trained_run, tmp_path, capsy
     assert (out / "model.safetensors").stat().st_size < float_size
     code, _, err = run_cli(["export", str(out), "--out", str(tmp_path / "hf")], capsys)
     assert code == 2 and "export the run it was quantized from" in err and not (tmp_path / "hf").exists()
+    # training it further is refused before any data is read, naming the run to resume instead
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\n" * 50, encoding="utf-8")
+    code, _, err = run_cli(["train", "--resume", str(out), f"data.path={corpus}"], capsys)
+    assert code == 2 and "cannot be trained further" in err and str(trained_run) in err
+    assert not (out / "checkpoints").exists()
 
 
 def test_quantize_cli_bad_input(trained_run, tmp_path, capsys):  # noqa: F811

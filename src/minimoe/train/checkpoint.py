@@ -357,6 +357,23 @@ def check_not_quantized(model, meta: dict, what: str = "fine-tuned") -> None:
         )
 
 
+def refuse_quantized_resume(run_dir: Path) -> None:
+    """MinimoeError before any data work when the folder to resume was written by `minimoe quantize`
+    (the meta.json beside its config.yaml, or its latest checkpoint's, has `quantization`): integer
+    weights do not train."""
+    ckpt = latest_checkpoint(run_dir) if not (Path(run_dir) / "meta.json").is_file() else Path(run_dir)
+    meta_file = ckpt / "meta.json" if ckpt is not None else None
+    if meta_file is None or not meta_file.is_file():
+        return
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("quantization"):
+        source = meta.get("quantized_from", "the run it was quantized from")
+        raise MinimoeError(
+            f"{run_dir} holds the int8/int4 weights of `minimoe quantize`, which cannot be trained further; "
+            f"resume {source} instead"
+        )
+
+
 def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None = None) -> Path:
     """Write `model` as step 0 of a new run directory (Hugging Face import, upcycling, adapter merging).
 

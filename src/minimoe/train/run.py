@@ -15,6 +15,7 @@ from minimoe.data.corpus import checked_path
 from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
 from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS, TRAIN_DEFAULTS
+from minimoe.train.checkpoint import refuse_quantized_resume
 from minimoe.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def train_from_config(
     if resume:
         if not (run_dir / "config.yaml").exists():
             raise MinimoeError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
+        refuse_quantized_resume(run_dir)
         cfg = build_run_config(config_path=str(run_dir / "config.yaml"), overrides=overrides)
         tokenizer, seed = Tokenizer.load(run_dir / "tokenizer"), None
     else:
