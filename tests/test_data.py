@@ -134,6 +134,18 @@ def test_pretrained_tokenizer_json_built_here(tmp_path):
     assert Tokenizer.load(tmp_path / "saved").hash() == tok.hash()
 
 
+def test_pretrained_chat_template_as_transformers_finds_it(tmp_path):
+    # a list of named templates in tokenizer_config.json: the one named "default"
+    file = tiny_hf_tokenizer(tmp_path / "tiny")
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (file.parent / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert Tokenizer.load(file.parent).chat_template == "D"
+    # chat_template.jinja beside it (where transformers' save_pretrained writes it) comes first
+    (file.parent / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")
+    assert Tokenizer.load(file.parent).chat_template == "{{ messages }}"
+    assert Tokenizer.load(file).chat_template == "{{ messages }}"
+
+
 def test_pretrained_truncation_and_padding_are_ignored(tmp_path):
     # a tokenizer.json saved with truncation/padding on must not cut or pad documents in prepare
     from tokenizers import Tokenizer as HF

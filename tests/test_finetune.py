@@ -91,6 +91,81 @@ def test_multi_turn_masks_every_assistant_turn_only(tok):
     assert ids.tolist() == tok.encode(render(DEFAULT_CHAT_TEMPLATE, msgs, tok))
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        DEFAULT_CHAT_TEMPLATE,
+        "{% for m in messages %}[{{ m.role }}]{{ pad_token }}{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{{ pad_token }}{% endif %}",
+    ],
+)
+def test_served_prompt_is_the_training_prefix(tok, template):
+    """For every assistant turn, the prompt `minimoe serve` gives the model for the conversation so far
+    is exactly what fine-tuning trained on before that turn's answer: same template, generation
+    prompt and special tokens."""
+    pytest.importorskip("fastapi")
+    from minimoe.serve.limits import Limits
+    from minimoe.serve.service import Service
+
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]
+    served_tok = Tokenizer.byte()
+    served_tok.chat_template = template
+    model = Transformer(ModelConfig(**{**TINY, "mtp_depth": 0})).eval()
+    service = Service(model, served_tok, "t", Limits(max_active=1))
+    ids, mask = encode_conversation(tok, msgs, template)
+    starts = np.flatnonzero(mask[1:] & ~mask[:-1]) + 1  # first trained token of each assistant turn
+    assert len(starts) == 2
+    for i, start in zip((2, 4), starts, strict=True):
+        assert service._encode(service.render(msgs[:i])) == ids[:start].tolist()
+
+
+@pytest.mark.parametrize(
+    "template, want",
+    [
+        (  # {% break %} (jinja2's loopcontrols, as transformers enables)
+            "{% for m in messages %}{% if m.role == 'assistant' %}{% break %}{% endif %}{{ m.content }};"
+            "{% endfor %}",
+            "s <b>é</b>;hi;",
+        ),
+        (  # the {% generation %} block transformers uses to mark assistant text
+            "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+            "{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}",
+            "s <b>é</b>hihello<|endoftext|>",
+        ),
+        (  # transformers' tojson: no HTML escaping, keys in order, non-ASCII kept
+            "{{ messages[0] | tojson }}",
+            '{"role": "system", "content": "s <b>é</b>"}',
+        ),
+        (  # tools and documents are passed as none (Mistral's template tests `tools is not none`)
+            "{% if tools is not none %}[TOOLS]{% endif %}{% if documents is none %}{{ messages[1].content }}"
+            "{% endif %}",
+            "hi",
+        ),
+    ],
+)
+def test_templates_render_as_transformers_renders_them(tok, template, want):
+    from minimoe.finetune.chat import render
+
+    msgs = [
+        {"role": "system", "content": "s <b>é</b>"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    assert render(template, msgs, tok) == want
+    try:  # the expected strings are what transformers' apply_chat_template gives
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        return
+    kw = dict(bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    assert render_jinja_template([msgs], chat_template=template, **kw)[0][0] == want
+
+
 def test_packing_keeps_every_trainable_target(tok):
     convs = [_conv(f"question {i}", "answer " * (i % 4 + 1)) for i in range(30)]
     plain, _ = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=200)
@@ -100,6 +175,19 @@ def test_packing_keeps_every_trainable_target(tok):
     assert count(packed) == count(plain)  # nothing truncated, nothing lost at window edges
     X, Y = next(batches(plain, 4, tok.pad_id, seed=0, epoch=0))
     assert X.shape == Y.shape and ((X == tok.pad_id) <= (Y == -100)).all()  # padding never has a target
+
+
+def test_truncation_drops_and_counts_conversations_without_a_target(tok):
+    # the answer of the first lies past seq_len: dropped and counted, not kept with no target
+    convs = [_conv("x" * 100, "yes"), _conv("q", "yes")]
+    examples, dropped = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=48)
+    assert dropped == 1 and len(examples) == 1
+    (x, y), = examples  # fmt: skip
+    assert tok.decode(y[y != -100], skip_special_tokens=False) == "yes<|endoftext|>"
+    # a cut inside an answer keeps its beginning: seq_len inputs, targets shifted by one
+    (x, y), = build_examples(tok, [_conv("q", "a" * 100)], DEFAULT_CHAT_TEMPLATE, seq_len=48)[0]  # fmt: skip
+    ids, mask = encode_conversation(tok, _conv("q", "a" * 100), DEFAULT_CHAT_TEMPLATE)
+    assert x.tolist() == ids[:48].tolist() and y.tolist() == np.where(mask[1:49], ids[1:49], -100).tolist()
 
 
 def test_read_conversations_errors(tmp_path):

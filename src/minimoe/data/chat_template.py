@@ -3,8 +3,10 @@
 
 A tokenizer may carry a chat template (a Jinja string, as in Hugging Face `tokenizer_config.json`).
 It is rendered as transformers renders `chat_template`: jinja2 in a sandbox with `trim_blocks` and
-`lstrip_blocks`, and the variables Hugging Face passes (`messages`, `add_generation_prompt`,
-`bos_token`, `eos_token`, `pad_token`, `raise_exception`, `strftime_now`).
+`lstrip_blocks`, `{% break %}` / `{% continue %}`, the `{% generation %}` block (rendered as its
+body), a `tojson` that neither escapes HTML nor sorts keys, and the variables Hugging Face passes
+(`messages`, `tools` and `documents` as none, `add_generation_prompt`, `bos_token`, `eos_token`,
+`pad_token`, `raise_exception`, `strftime_now`).
 
 Two defaults, for tokenizers without a template:
 - `PLAIN_CHAT_TEMPLATE` suits base models trained on raw text; one `role: content` line per message,
@@ -16,6 +18,7 @@ Two defaults, for tokenizers without a template:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
@@ -46,15 +49,35 @@ def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = T
 def compile_template(template: str):
     """The sandboxed jinja2 template; MinimoeError when jinja2 is missing or the template does not parse."""
     try:
-        from jinja2 import TemplateError
+        from jinja2 import TemplateError, nodes
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise MinimoeError("rendering a chat template needs jinja2 (pip install jinja2)") from None
 
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it): the body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
     def raise_exception(message: str):
         raise ChatTemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' filter: jinja2's own escapes HTML characters and sorts the keys
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+    )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -82,6 +105,8 @@ def render(
     try:
         return compile_template(template).render(
             messages=messages,
+            tools=None,
+            documents=None,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
@@ -94,7 +119,10 @@ def render(
 
 
 def make_renderer(
-    template: str | None, bos_token: str | None = None, eos_token: str | None = None
+    template: str | None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
 ) -> Callable[[list[dict[str, str]]], str]:
     """A function messages -> prompt text with the generation prompt added, from a Jinja chat template
     or (None) the plain default. A template that does not parse, or jinja2 missing, raises
@@ -103,5 +131,6 @@ def make_renderer(
         return render_plain
     compile_template(template)
     return lambda messages: render(
-        template, messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True
-    )
+        template, messages, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+        add_generation_prompt=True,
+    )  # fmt: skip

@@ -322,7 +322,7 @@ def _token_content(v: Any) -> str | None:
 
 def _hf_special_tokens(hf: Any, folder: Path) -> tuple[str, str | None, str | None, str | None]:
     """EOS, BOS, PAD and chat template of a pretrained tokenizer, from the HF config files when
-    present, else by well-known EOS names."""
+    present (EOS else by well-known names)."""
     cfg: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         f = folder / name
@@ -347,8 +347,22 @@ def _hf_special_tokens(hf: Any, folder: Path) -> tuple[str, str | None, str | No
     pad = known(_token_content(cfg.get("pad_token")))
     if pad is None and hf.padding is not None:
         pad = known(hf.padding.get("pad_token"))
-    template = cfg.get("chat_template")
-    return eos, bos, pad, template if isinstance(template, str) else None
+    return eos, bos, pad, _hf_chat_template(cfg.get("chat_template"), folder)
+
+
+def _hf_chat_template(template: Any, folder: Path) -> str | None:
+    """The chat template transformers uses by default: `chat_template.jinja` (where recent transformers
+    save it), else tokenizer_config.json's string, or the one named "default" in its list."""
+    f = folder / "chat_template.jinja"
+    if f.is_file():
+        try:
+            return f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MinimoeError(f"{f} is not UTF-8 text") from None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def train_bpe(

@@ -52,7 +52,9 @@ class Service:
         self.context = model.cfg.max_position_embeddings
         self.created = int(time.time())
         # built now so that a broken template (or missing jinja2) fails at startup
-        self.render = make_renderer(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+        self.render = make_renderer(
+            tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token
+        )
 
     def model_card(self) -> dict[str, Any]:
         return {
