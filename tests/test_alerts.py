@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from minimoe.model.moe import MoE, MoEStats
+from minimoe.model.moe import MoE, MoEStats, capacity_keep, expert_capacity
 from minimoe.train.alerts import Z_BASELINE_MOMENTUM, RoutingMonitor
 from minimoe.train.run import train_from_config
 from minimoe.train.trainer import Trainer
@@ -89,6 +89,35 @@ def test_dropped_pairs_are_summed_over_micro_batches_layers_and_ranks():
     assert fields["dropped"] == {"1": 16, "2": 14}
     assert fields["dropped_frac"] == pytest.approx(30 / 80)
     assert "dropped" not in RoutingMonitor(0, 0, 0, capacity=False).report(NO_REDUCE)[0]
+
+
+def test_dropped_pairs_count_the_tokens_the_loads_count():
+    """A padded batch (a fine-tuning one): `dropped` counts the pairs of the tokens that reach a target,
+    the ones `load` counts, so dropped / routed stays a fraction (padding's dropped pairs made it 2)."""
+    from minimoe.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=64, first_k_dense_replace=1, intermediate_size=64,
+                      n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      capacity_factor=1.0)  # fmt: skip
+    moe = MoE(cfg).train()
+    with torch.no_grad():
+        moe.gate.weight[0] += 1.0  # most tokens pick expert 0, over its capacity
+    x = torch.randn(2, 16, 32) + 1.0
+    valid = torch.zeros(2, 16, dtype=torch.bool)
+    valid[:, :2] = True  # two real tokens per row, then padding
+    _, full = moe(x)
+    _, stats = moe(x, valid)
+    assert int(full.dropped) > int(stats.dropped)  # the padding's pairs are dropped too, not counted
+    # recount the real tokens' pairs over capacity from the routing (padding takes slots as well)
+    r = moe.gate(x)
+    order = torch.sort(r.topk_idx.reshape(-1), stable=True)
+    cap = expert_capacity(1.0, 32, 2, 4)
+    keep = capacity_keep(order.values, r.counts, cap)
+    tok = order.indices // 2
+    assert int(stats.dropped) == int((~keep & valid.reshape(-1)[tok]).sum())
+    assert 0 <= int(stats.dropped) <= stats.load.sum()
 
 
 def test_per_step_work_makes_no_host_sync(monkeypatch):

@@ -154,6 +154,23 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path, corpus
     assert window_s < 1.0, window_s
 
 
+def test_a_checkpoint_inside_a_pause_keeps_only_the_training_time_of_the_window(monkeypatch):
+    """A checkpoint written during an evaluation and save (`LogWindow.paused`) records the window's
+    training seconds, without the evaluation before it, as the row an uninterrupted run logs would."""
+    from minimoe.train import metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    window = metrics.LogWindow(torch.device("cpu"), ())
+    now[0] = 110.0  # 10 s of training steps
+    with window.paused():
+        now[0] = 115.0  # a 5 s evaluation, then the checkpoint
+        state = window.state_dict()
+        now[0] = 116.0
+    assert state["seconds"] == 10.0
+    assert now[0] - window.start == 10.0
+
+
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_does(tmp_path, corpus):
     """With a row every 4 steps, a pause at step 6 falls inside a logging window: the resumed run's
     row at step 8 still averages steps 5-8."""
@@ -164,6 +181,21 @@ def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_does(tmp_path
     assert sorted(full) == sorted(resumed) == [4, 8]
     for s in (4, 8):
         assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
+    rows = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"]
+    vios = [[row["max_vio"] for row in run if "loss" in row] for run in rows]
+    assert vios[1] == vios[0]  # the per-step MaxVio of steps 5 and 6 came back with the window
+
+
+def test_resume_between_logged_rows_keeps_the_windows_dropped_pairs(tmp_path, corpus):
+    """The capacity's dropped pairs of steps 5 and 6 (before a pause at step 6) stay in the row at step 8."""
+    common = ("train.max_steps=8", "train.eval_every=100", "train.log_every=4", "model.capacity_factor=1.0")
+    _train(tmp_path / "a", corpus, *common)
+    _paused_then_resumed(tmp_path, corpus, common, pause_at=6)
+    rows = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"]
+    full, resumed = (
+        [(r["step"], r["dropped"], r["dropped_frac"]) for r in run if "loss" in r] for run in rows
+    )
+    assert resumed == full and full[1][1]["1"] > 0
 
 
 def test_a_pause_does_not_change_early_stopping(tmp_path, corpus, monkeypatch):
@@ -300,6 +332,22 @@ def test_tensorboard_logging(tmp_path, corpus):
     acc.Reload()
     assert {"loss", "lr", "val_loss"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_tensorboard_after_a_resume_from_an_earlier_checkpoint_has_one_curve(tmp_path, corpus):
+    """A run that died after logging steps past its last checkpoint resumes there: TensorBoard, like
+    metrics.jsonl, then holds every step once, not the replayed steps a second time."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, common = tmp_path / "run", ("train.max_steps=6", "train.eval_every=100", "train.save_every=3")
+    _train(run, corpus, *common, "train.tensorboard=true")
+    (run / "checkpoints" / "latest").write_text("step_00000003\n")  # as if it died before step 6's save
+    _train(run, corpus, *common, "train.tensorboard=true", resume=True)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert sorted(_losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------- CLI and bad input
@@ -919,6 +967,32 @@ def test_expert_health_fractions_dead_and_dominant():
     assert h["dominant_experts"] == [[0, 0]]  # 0.75 > 2 x the fair 0.25
     assert h["max_vio"]["3"] == 0.0 and h["max_vio"]["0"] > 0
     assert expert_health({}) == {}
+
+
+def test_logged_max_vio_is_the_mean_of_each_steps_max_vio(tmp_path, corpus, monkeypatch):
+    """MaxVio_batch is a statistic of one training batch: a row over several steps logs its mean over
+    the steps, not the MaxVio of their summed loads (which imbalances in turn cancel out)."""
+    from minimoe.model.moe import max_vio
+    from minimoe.train import trainer as trainer_mod
+
+    per_step: list[dict[int, float]] = []
+    orig = trainer_mod.balance_step
+
+    def balance_step(model, loads):
+        per_step.append({i: max_vio(v).item() for i, v in loads.items()})
+        return orig(model, loads)
+
+    monkeypatch.setattr(trainer_mod, "balance_step", balance_step)
+    _train(tmp_path / "run", corpus, "train.max_steps=8", "train.log_every=4", "train.eval_every=100",
+           "model.bias_update_speed=0.01")  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [4, 8] and len(per_step) == 8
+    for r in rows:
+        steps = per_step[r["step"] - 4 : r["step"]]
+        want = {str(i): sum(s[i] for s in steps) / 4 for i in steps[0]}
+        assert r["max_vio"] == pytest.approx(want, abs=1e-4)
+        assert r["max_vio_mean"] == pytest.approx(sum(want.values()) / len(want), abs=1e-4)
 
 
 def test_pruning_keeps_the_best_checkpoint(tmp_path, corpus):

@@ -35,7 +35,7 @@ class MoEStats:
     aux_loss: torch.Tensor  # scalar, token-level + sequence-wise, already weighted; 0 when off
     z_loss: torch.Tensor  # scalar, already weighted; 0 when off
     load: torch.Tensor  # (E,) float token-slot counts as routed (before capacity), detached
-    dropped: torch.Tensor  # int64 scalar: (token, slot) pairs dropped by the capacity
+    dropped: torch.Tensor  # int64 scalar: pairs the capacity dropped, of the tokens `load` counts
 
 
 def max_vio(load: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class MoE(nn.Module):
             # does not depend on the other rows of its batch (and equals the dropless HF export's)
             y_TD, dropped = self._dropless(x_TD, r, acc), r.counts.new_zeros(())
         else:
-            y_TD, dropped = self._with_capacity(x_TD, r, acc)
+            y_TD, dropped = self._with_capacity(x_TD, r, acc, valid)
         out_TD = y_TD if out_TD is None else out_TD + y_TD  # both in `acc`
         load = (
             r.counts.float()
@@ -142,17 +142,23 @@ class MoE(nn.Module):
         y_PD = self.experts(dispatch(x_TD, rows), rows.counts_E, row_weights(r.topk_weight, rows))
         return combine(y_PD, rows, acc)
 
-    def _with_capacity(self, x_TD: torch.Tensor, r, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _with_capacity(
+        self, x_TD: torch.Tensor, r, acc: torch.dtype, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `capacity` pairs of each expert in token order get a row, the rest are dropped:
-        gather the kept pairs, run the experts, scatter-add their outputs into the tokens."""
+        gather the kept pairs, run the experts, scatter-add their outputs into the tokens. Returns the
+        output and the dropped pairs of the `valid` (B, S) tokens (all without it), as `load` counts."""
         T, K = r.topk_idx.shape
         expert_sorted_N, order_N = torch.sort(r.topk_idx.reshape(-1), stable=True)
         capacity = expert_capacity(self.capacity_factor, T, K, self.n_experts)
         keep_N = capacity_keep(expert_sorted_N, r.counts, capacity)
+        drop_N = ~keep_N
+        if valid is not None:  # padding takes slots too, but its dropped pairs are no statistic
+            drop_N = drop_N & valid.reshape(-1).index_select(0, order_N // K)
         # boolean indexing needs the kept count on the host: one sync, only on the capacity path
         order_N = order_N[keep_N]
         token_N = order_N // K
         w_N = r.topk_weight.reshape(-1).index_select(0, order_N)
         y_ND = self.experts(x_TD.index_select(0, token_N), r.counts.clamp(max=capacity), w_N)
         y_TD = y_ND.new_zeros(T, x_TD.shape[1], dtype=acc).index_add_(0, token_N, y_ND.to(acc))
-        return y_TD, (~keep_N).sum()
+        return y_TD, drop_N.sum()

@@ -4,7 +4,7 @@ z-loss spike (seed "Optimal MoE": "any expert utilized <5%", "rapidly increasing
 
 Each training step only adds to a few small device tensors, so the hot path has no host sync;
 `report()` reads them once, on logging steps. The streaks and the z-loss baseline start afresh when
-a run is resumed.
+a run is resumed; the sums of the logging window in progress come back with the checkpoint.
 """
 
 from __future__ import annotations
@@ -68,6 +68,31 @@ class RoutingMonitor:
             starved = share < self.low_load / load.shape[-1]
             streak = torch.zeros_like(load) if self._streak is None else self._streak
             self._streak = (streak + 1) * starved
+
+    def state_dict(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """The logging window's sums so far, for a checkpoint (every rank must call it: the dropped
+        counts are summed over data-parallel ranks here)."""
+
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        dropped = reduce_sum(self._dropped.clone()) if self._dropped is not None else None
+        return {
+            "load": cpu(self._load), "dropped": cpu(dropped), "z_max": cpu(self._z_max),
+            "z_sum": cpu(self._z_sum), "steps": self._steps, "layers": list(self._layers),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict, device: torch.device, holds_dropped: bool = True) -> None:
+        """Restore the window of `state_dict`. holds_dropped: False on every rank but one, since the
+        saved dropped counts are already the sum over ranks."""
+
+        def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        self._load, self._z_max, self._z_sum = dev(state["load"]), dev(state["z_max"]), dev(state["z_sum"])
+        dropped = dev(state["dropped"])
+        self._dropped = dropped if dropped is None or holds_dropped else torch.zeros_like(dropped)
+        self._steps, self._layers = state["steps"], list(state["layers"])
 
     def report(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> tuple[dict, list[str]]:
         """Fields for this logging step's metrics row and the warnings to log; resets the window.

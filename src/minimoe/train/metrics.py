@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from minimoe.errors import MinimoeError
+from minimoe.model.moe import max_vio
 
 
 class MetricWriters:
@@ -28,8 +29,14 @@ class MetricWriters:
         self.path, self.enabled = Path(path), enabled
         self._writers: list = []
 
-    def open(self, cfg, run_dir: Path) -> None:
-        """Start the writers cfg.train asks for (a missing package is a one-sentence MinimoeError)."""
+    def open(self, cfg, run_dir: Path, step: int = 0) -> None:
+        """Start the writers cfg.train asks for (a missing package is a one-sentence MinimoeError).
+
+        Args:
+            step: the step the run continues from; TensorBoard drops what an earlier session logged
+                after it (a resume from an earlier checkpoint logs those steps again), as
+                `truncate_metrics` does for metrics.jsonl.
+        """
         tc = cfg.train
         if not self.enabled:
             return
@@ -40,7 +47,8 @@ class MetricWriters:
                 raise MinimoeError(
                     "train.tensorboard=true needs tensorboard (pip install tensorboard)"
                 ) from None
-            self._writers.append(("tb", SummaryWriter(str(run_dir / "tb"))))
+            purge = step + 1 if step > 0 else None
+            self._writers.append(("tb", SummaryWriter(str(run_dir / "tb"), purge_step=purge)))
         if tc.wandb:
             try:
                 import wandb  # type: ignore[import-not-found]
@@ -85,11 +93,13 @@ def peak_mem_mb(device: torch.device) -> float:
 
 class LogWindow:
     """What the optimizer steps since the last logged row add up to (a row logs their mean loss and
-    parts, their tokens per second and expert loads). Checkpoints keep it, so that a run paused or
-    interrupted between two logged rows and resumed logs the rows an uninterrupted run would."""
+    parts, their tokens per second, expert loads and mean per-step MaxVio). Checkpoints keep it, so
+    that a run paused or interrupted between two logged rows and resumed logs the rows an
+    uninterrupted run would."""
 
     def __init__(self, device: torch.device, parts: tuple[str, ...]) -> None:
         self.device, self.part_names = device, parts
+        self._paused_at: float | None = None  # when the `paused` block in progress began
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
@@ -97,22 +107,44 @@ class LogWindow:
         self.parts = {k: torch.zeros((), device=self.device) for k in self.part_names}
         self.steps, self.tokens, self.start = 0, 0, now
         self.loads: dict[int, torch.Tensor] = {}
+        self.vio: dict[int, torch.Tensor] = {}  # {layer: sum of the steps' MaxVio (MaxVio_batch)}
+        self.vio_steps = 0
+
+    def add_loads(self, loads: dict[int, torch.Tensor]) -> None:
+        """One optimizer step's {layer: (E,) loads}: summed into the window, and each layer's MaxVio of
+        the step summed for the row's mean (device tensors only, no host sync)."""
+        if not loads:
+            return
+        layers = sorted(loads)
+        vio = max_vio(torch.stack([loads[i] for i in layers]))  # (L,)
+        for i, v in zip(layers, vio):
+            self.loads[i] = self.loads[i] + loads[i] if i in self.loads else loads[i]
+            self.vio[i] = self.vio[i] + v if i in self.vio else v
+        self.vio_steps += 1
+
+    def max_vio(self) -> dict[int, torch.Tensor]:
+        """{layer: mean over the window's steps of that step's MaxVio}; {} before any step."""
+        return {i: v / self.vio_steps for i, v in self.vio.items()} if self.vio_steps else {}
 
     @contextlib.contextmanager
     def paused(self):
         """Time spent in this block (an evaluation, a checkpoint) is no training: it leaves the window,
         so a row's tokens/s counts the training steps' time only."""
-        start = time.perf_counter()
+        start = self._paused_at = time.perf_counter()
         try:
             yield
         finally:
+            self._paused_at = None
             self.start += time.perf_counter() - start
 
     def state_dict(self) -> dict:
+        # inside `paused` (a checkpoint after an evaluation) the window's time stopped when it began
+        end = self._paused_at if self._paused_at is not None else time.perf_counter()
         return {
             "loss": self.loss.item(), "parts": {k: v.item() for k, v in self.parts.items()},
-            "steps": self.steps, "tokens": self.tokens, "seconds": time.perf_counter() - self.start,
+            "steps": self.steps, "tokens": self.tokens, "seconds": end - self.start,
             "loads": {i: v.detach().cpu() for i, v in self.loads.items()},
+            "vio": {i: v.detach().cpu() for i, v in self.vio.items()}, "vio_steps": self.vio_steps,
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -122,3 +154,6 @@ class LogWindow:
             self.parts[k].fill_(v)
         self.steps, self.tokens = state["steps"], state["tokens"]
         self.loads = {i: v.to(self.device) for i, v in state["loads"].items()}
+        # a checkpoint written before the window kept MaxVio: the row averages the steps after it
+        self.vio = {i: v.to(self.device) for i, v in state.get("vio", {}).items()}
+        self.vio_steps = state.get("vio_steps", 0)

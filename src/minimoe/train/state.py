@@ -118,6 +118,8 @@ def resume(tr) -> None:
         # a checkpoint written before the window was kept: the first row after the resume averages fewer steps
         if "log_window" in state:
             tr.window.load_state_dict(state["log_window"])
+        if "routing_window" in state:
+            tr.monitor.load_state_dict(state["routing_window"], tr.device, holds_dropped=tr.ctx.rank == 0)
     except (KeyError, ValueError, RuntimeError) as e:
         raise MinimoeError(f"checkpoint {ckpt} cannot be resumed with this config ({e})") from None
     tc = tr.cfg.train
@@ -150,6 +152,7 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
     writes)."""
     weights, optim = tr.par.gather_state(tr.optimizer)
     rngs = all_gather_object(rng_state(), tr.ctx)
+    routing = tr.monitor.state_dict(tr.par.reduce_sum)  # sums over ranks: before the other ranks return
     if not tr.ctx.is_main:
         return tr.run_dir / ckpt_lib.CKPT / ckpt_lib.step_dir_name(tr.step)
     metadata = None
@@ -167,6 +170,7 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
         "best_val": tr.best_val,
         "evals_since_best": tr.evals_since_best,
         "log_window": tr.window.state_dict(),
+        "routing_window": routing,
     }
     if tr.ctx.distributed:
         state["rng_ranks"] = rngs

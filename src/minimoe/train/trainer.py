@@ -242,7 +242,7 @@ class Trainer:
         tc = self.cfg.train
         session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
-        self.metrics.open(self.cfg, self.run_dir)
+        self.metrics.open(self.cfg, self.run_dir, self.step)
         # token positions in one optimizer step (all ranks); _train_step counts the real batches, which
         # fine-tuning's padded batches can make shorter
         self._step_tokens = tc.batch_size * tc.seq_len * tc.grad_accum
@@ -314,7 +314,7 @@ class Trainer:
                 self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
                 window.loss += step_loss
                 window.steps += 1
-                add_loads(window.loads, step_loads)
+                window.add_loads(step_loads)
                 took = clock() - step_start
                 if session_steps > 0:  # the first step of a session warms up (allocations): not typical
                     step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
@@ -334,7 +334,7 @@ class Trainer:
                         "elapsed_s": clock() - t0,
                         "peak_mem_mb": peak_mem_mb(self.device),
                     }
-                    health = expert_health(window.loads)
+                    health = expert_health(window.loads, step_vio=window.max_vio())
                     fields, warnings = self.monitor.report(self.par.reduce_sum)
                     row.update(fields)  # alerts, dropped pairs
                     for w in warnings if self.ctx.is_main else []:
