@@ -1450,3 +1450,63 @@ def test_engine_frees_prefill_rows_on_cancellation_and_on_a_failed_join(loaded):
     assert len(failures) == 1 and "no room" in failures[0].message
     assert sum(isinstance(e, Finish) for e in events) == 3
     assert engine._prefill.free == engine._prefill.rows and not engine._prefilling
+
+
+def test_end_of_turn_is_the_special_token_after_an_assistant_reply():
+    """ChatML and Llama 3 close a turn with a token that is not EOS; a template that closes it with
+    EOS, or the plain default, adds none."""
+    pytest.importorskip("jinja2")
+    from minimoe.data.chat_template import SFT_CHAT_TEMPLATE, end_of_turn
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>"]
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    llama3 = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+        "<|eot_id|>{% endfor %}"
+    )
+    eos = "<|endoftext|>"
+    assert end_of_turn(chatml, specials, eos_token=eos) == "<|im_end|>"
+    assert end_of_turn(llama3, specials, eos_token=eos) == "<|eot_id|>"
+    assert end_of_turn(SFT_CHAT_TEMPLATE, specials, eos_token=eos) is None  # closes turns with EOS
+    assert end_of_turn(None, specials, eos_token=eos) is None
+    refusing = "{{ raise_exception('no') }}"
+    assert end_of_turn(refusing, specials, eos_token=eos) is None
+
+
+def test_a_chat_reply_ends_at_the_templates_end_of_turn(loaded, monkeypatch):
+    """A template closing turns with a token other than EOS: chat jobs stop at it (finish "stop",
+    the token not in the text); plain completions do not get it."""
+    pytest.importorskip("jinja2")
+    from fastapi.testclient import TestClient
+
+    from minimoe.serve import build_app
+
+    model, tok = loaded
+    seeded = JobParams(max_tokens=12, temperature=1.0, seed=3)
+    alone = _texts(_engine_run(Engine(model, tok), [Job(0, tok.encode("the cat"), seeded, lambda e: None)]))
+    first = tok.encode(alone[0])
+    k = next(i for i in range(1, len(first)) if first[i] not in first[:i])  # a token new at position k
+    # the engine: a choice whose token at k is a stop id ends after k tokens, the stop token left out
+    stop = replace(seeded, stop_ids=(first[k],))
+    events = _engine_run(Engine(model, tok), [Job(0, tok.encode("the cat"), stop, lambda e: None)])
+    (fin,) = [e for e in events if isinstance(e, Finish)]
+    assert (fin.reason, fin.completion_tokens, fin.text) == ("stop", k, tok.decode(first[:k]))
+    # the server: chat jobs carry the end of turn (PAD of the byte tokenizer here), completions do not
+    tok = type(tok).byte()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ pad_token }}{% endfor %}"
+    )
+    submitted: list[Job] = []
+    real_submit = Engine.submit
+    monkeypatch.setattr(
+        Engine, "submit", lambda self, jobs: submitted.extend(jobs) or real_submit(self, jobs)
+    )
+    with TestClient(build_app(model, tok, "t")) as client:
+        chat = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        body = {"model": "t", "prompt": "hi", "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).status_code == 200
+    assert [j.params.stop_ids for j in submitted] == [(tok.pad_id,), ()]

@@ -19,7 +19,7 @@ Two defaults, for tokenizers without a template:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import lru_cache
 
@@ -134,3 +134,33 @@ def make_renderer(
         template, messages, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
         add_generation_prompt=True,
     )  # fmt: skip
+
+
+def end_of_turn(
+    template: str | None,
+    special_tokens: Iterable[str],
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+) -> str | None:
+    """The special token a template closes an assistant turn with, when it is not EOS (ChatML's
+    `<|im_end|>`, Llama 3's `<|eot_id|>`): a chat reply ends there, as transformers' generation config
+    lists it among the EOS ids. None for the plain default, a turn closed by EOS, or no special token.
+    Found by rendering a user turn and an assistant turn and reading what follows the reply."""
+    if template is None:
+        return None
+    marker = "\u2063reply\u2063"  # text no template writes itself
+    try:
+        text = render(
+            template,
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+        )  # fmt: skip
+    except ChatTemplateError:  # a template that refuses this conversation names no end of turn
+        return None
+    if marker not in text:
+        return None
+    tail = text[text.rindex(marker) + len(marker) :]
+    found = [t for t in special_tokens if t and tail.startswith(t)]
+    token = max(found, key=len) if found else None
+    return None if token is None or token == eos_token else token

@@ -215,6 +215,12 @@ class Tokenizer:
         out.append(_utf8(arr[start:]))
         return "".join(out)
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The special tokens' strings and ids (EOS and PAD of the byte kind; a tokenizer.json's added
+        special tokens)."""
+        return dict(self._specials)
+
     def id_to_token(self, i: int) -> str | None:
         """The vocabulary string of id `i` (byte kind: the byte as GPT-2's printable character)."""
         if self.kind == "byte":

@@ -370,7 +370,7 @@ class Engine:
     def _emit(self, seq: _Seq, token: int) -> bool:
         """Hand `token` to its sequence; True when the sequence is finished (and told so)."""
         job = seq.job
-        if token == self.tokenizer.eos_id:
+        if token == self.tokenizer.eos_id or token in job.params.stop_ids:
             return self._finish(seq, "stop")
         seq.count += 1
         self.generated_tokens += 1

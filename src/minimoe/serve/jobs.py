@@ -19,6 +19,7 @@ class JobParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()  # tokens that end the choice besides EOS (a chat's end of turn)
 
 
 @dataclass(frozen=True)

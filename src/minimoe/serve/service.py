@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from minimoe.data.chat_template import ChatTemplateError, make_renderer
+from minimoe.data.chat_template import ChatTemplateError, end_of_turn, make_renderer
 from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams, QueueFull
 from minimoe.serve.http import log, peer, until_disconnected
 from minimoe.serve.limits import Limits
@@ -55,6 +55,12 @@ class Service:
         self.render = make_renderer(
             tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token
         )
+        # a template that closes turns with a token other than EOS: a chat reply ends at it too
+        eot = end_of_turn(
+            tokenizer.chat_template, tokenizer.special_tokens, tokenizer.bos_token, tokenizer.eos_token,
+            tokenizer.pad_token,
+        )  # fmt: skip
+        self.chat_stop_ids = (tokenizer.special_tokens[eot],) if eot is not None else ()
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -254,7 +260,9 @@ class Service:
         requested = getattr(req, given)
         budget = self._max_tokens(len(ids), requested, None, "messages", given)
         self._check_request_tokens([len(ids)], [budget], n, given)
-        jobs = self._jobs([ids], [replace(base, max_tokens=budget)], n, _client(request))
+        jobs = self._jobs(
+            [ids], [replace(base, max_tokens=budget, stop_ids=self.chat_stop_ids)], n, _client(request)
+        )
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name)
         chunks = partial(chat_chunks, meta, len(jobs), len(ids))
         return await self._respond(
