@@ -604,6 +604,107 @@ def test_verdict_is_a_difference_or_an_equivalence_decided_by_the_interval(tmp_p
         assert "equivalence must be a positive margin" in capsys.readouterr().err
 
 
+def _finished_run(run_dir: Path, steps: int, evals: list[tuple[int, float]], vio: float = 0.5) -> None:
+    """A synthetic finished run: one training row per step, the (step, val_loss) evaluations, and a
+    checkpoint at the last step."""
+    rows = [
+        {"step": s, "loss": 3.0, "tokens": 128 * s, "max_vio_mean": vio, "elapsed_s": 0.1 * s}
+        for s in range(1, steps + 1)
+    ]
+    rows += [{"step": s, "tokens": 128 * s, "val_loss": v, "val_bpb": 2 * v} for s, v in evals]
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "checkpoints" / f"step_{steps}").mkdir(parents=True)
+    (run_dir / "checkpoints" / f"step_{steps}" / "meta.json").write_text(json.dumps({"step": steps}))
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{steps}")
+
+
+def _synthetic_sweep(out: Path, final: dict[str, dict[int, float]]):
+    """A steps sweep of MoE variants whose finished runs have these final validation losses (variant ->
+    seed -> loss); each run also has an earlier, lower evaluation (its best, not its final one)."""
+    from minimoe.lab.sweep import PlannedRun, Sweep
+
+    seeds = sorted({s for by_seed in final.values() for s in by_seed})
+    sweep = Sweep(name="syn", path=out / "s.yaml", variants={v: [] for v in final}, seeds=seeds,
+                  budget_kind="steps", budget=4)  # fmt: skip
+    cfg = build_run_config(overrides=TINY + ["model.vocab_size=320", "train.max_steps=4"])
+    runs = [PlannedRun(v, s, [], cfg, 1000.0) for s in seeds for v in final]
+    for v, by_seed in final.items():
+        for s, loss in by_seed.items():
+            _finished_run(out / v / f"seed_{s}", 4, [(2, loss - 0.01 * s), (4, loss)], vio=loss / 10)
+    return sweep, runs
+
+
+def test_contrasts_and_tables_match_a_paired_reference(tmp_path):
+    """The contrast is the per-seed difference of final validation losses on the seeds both variants
+    finished (a seed done by one side only is left out): its mean, sample SE and t(n - 1) interval, as the
+    report's tables print them, against a slow hand computation."""
+    ref = {1: 3.00, 2: 3.30, 3: 2.80, 4: 3.10}
+    var = {1: 2.97, 3: 2.78, 4: 3.05, 5: 2.50}  # seed 2 not done by var, seed 5 not done by ref
+    sweep, runs = _synthetic_sweep(tmp_path, {"ref": ref, "var": var})
+    diffs = [var[s] - ref[s] for s in (1, 3, 4)]
+    mean, sd = sum(diffs) / 3, math.sqrt(sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2)
+    se, t2 = sd / math.sqrt(3), 4.303  # Student's t, 97.5%, 2 degrees of freedom
+    rows = lab_report.report_rows(sweep, tmp_path, runs)
+    c = lab_report.contrast_rows(sweep, rows)[0]
+    st = c["val_loss"]
+    assert (c["variant"], c["reference"], st["n"]) == ("var", "ref", 3)
+    assert st["mean"] == pytest.approx(mean) and st["se"] == pytest.approx(se)
+    assert st["lo"] == pytest.approx(mean - t2 * se) and st["hi"] == pytest.approx(mean + t2 * se)
+    vio = c["max_vio_batch"]  # MaxVio batch is loss / 10 in these runs: paired the same way
+    assert vio["n"] == 3 and vio["mean"] == pytest.approx(mean / 10) and vio["se"] == pytest.approx(se / 10)
+    text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
+    cells = next(line for line in text.splitlines() if line.startswith("| var − ref |")).split(" | ")
+    assert cells[1] == "3"
+    assert cells[2] == f"{mean:+.4f} ± {se:.4f} [{mean - t2 * se:+.4f}, {mean + t2 * se:+.4f}]"
+    table = next(line for line in text.splitlines() if line.startswith("| var | 4/5 |")).split(" | ")
+    assert table[6] == f"{mean:+.4f} ± {sd:.4f}"  # Δ val loss (paired): mean ± std over the same seeds
+    assert table[5] == lab_report.mean_std(list(var.values()))  # final losses, not the best ones
+
+
+def test_a_contrast_of_one_seed_says_it_has_no_interval(tmp_path):
+    """One seed done by both sides has a difference but no spread: the table counts that seed and says
+    there is no interval, instead of reporting 0 seeds."""
+    sweep, runs = _synthetic_sweep(tmp_path, {"ref": {1: 3.0}, "var": {1: 2.9, 2: 2.8}})
+    text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| var − ref |"))
+    assert row.startswith("| var − ref | 1 | 1 seed: no interval (needs 2) | – |"), row
+
+
+def test_a_reused_run_read_with_other_data_settings_is_refused(tmp_path):
+    """A finished run is reused only when its data was read the same way: another tokenizer, text field,
+    glob or validation split is refused, not reported as this sweep's run."""
+    import yaml
+
+    from minimoe.lab.sweep import PlannedRun
+
+    common = TINY + ["model.vocab_size=320", f"data.path={tmp_path / 'corpus.txt'}"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(build_run_config(overrides=common).to_dict()))
+    compare._check_same_config(tmp_path, PlannedRun("a", 1, [], build_run_config(overrides=common), 1.0))
+    for ov in ("data.val_fraction=0.2", "data.text_field=body", "data.glob=*.txt", "data.tokenizer=bpe:512"):
+        planned = PlannedRun("a", 1, [], build_run_config(overrides=common + [ov]), 1.0)
+        with pytest.raises(MinimoeError, match=f"other data \\(data.{ov.split('=')[0][5:]} = "):
+            compare._check_same_config(tmp_path, planned)
+
+
+def test_sweep_seeds_are_integers_not_booleans(tmp_path):
+    (tmp_path / "s.yaml").write_text("variants: {a: []}\nbudget: {steps: 2}\nseeds: [true, 2]\n")
+    with pytest.raises(MinimoeError, match="seeds must be a list of integers"):
+        compare.load_sweep(tmp_path / "s.yaml")
+
+
+def test_time_axis_places_each_evaluation_at_its_own_step(trained):
+    """Against training time, an evaluation at a step with no logged row sits at the clock interpolated
+    between the logged rows around it (not at the run's last logged time)."""
+    data = lab_plot.load_run_data(trained[0], "a")
+    data.train = [
+        {"step": s, "loss": 3.0, "tokens": 128 * s, "elapsed_s": 2.0 * s} for s in range(10, 101, 10)
+    ]
+    data.evals = [{"step": s, "tokens": 128 * s, "val_loss": 3.0} for s in (5, 25, 50, 75, 103)]
+    fig = lab_plot.loss_figure([data], "time")
+    assert list(fig.get_axes()[1].lines[0].get_xdata()) == [20.0, 50.0, 100.0, 150.0, 200.0]
+
+
 @pytest.mark.parametrize(
     "sweep_file", sorted(Path(__file__).parents[1].glob("experiments/**/*.yaml")), ids=lambda p: p.stem
 )

@@ -31,6 +31,7 @@ from minimoe.errors import ConfigError, MinimoeError
 from minimoe.lab.flops import flops_per_token, steps_for_budget
 from minimoe.lab.report import write_report
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
+from minimoe.presets import TOKENIZER_FALLBACKS
 
 SWEEP_KEYS = (
     "name", "description", "base", "data", "val_data", "budget", "seeds", "variants", "contrasts", "equivalence",
@@ -112,7 +113,11 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     if not (math.isfinite(value) and value > 0):
         raise MinimoeError(f"sweep file {path}: budget {kind} must be a positive finite number, got {value}")
     seeds = d.get("seeds", [1337])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise MinimoeError(f"sweep file {path}: seeds must be a list of integers")
     if len(set(seeds)) != len(seeds):
         raise MinimoeError(f"sweep file {path}: seeds repeat")
@@ -260,9 +265,12 @@ def _source(p: str | None) -> str | None:
     return str(Path(p).expanduser().resolve())
 
 
-def _check_same_config(run_dir: Path, r: PlannedRun, val_data: str | None = None) -> None:
+def _check_same_config(
+    run_dir: Path, r: PlannedRun, val_data: str | None = None, preset: str | None = None
+) -> None:
     """A run reused from another sweep file must be the run this file plans (model and training alike,
-    on the same training and validation data)."""
+    on the same training and validation data, read with the same tokenizer; a run may have trained with
+    the preset's fallback tokenizer in place of a named one it did not find)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -273,6 +281,15 @@ def _check_same_config(run_dir: Path, r: PlannedRun, val_data: str | None = None
             raise MinimoeError(
                 f"{run_dir} was trained on other data (data.{key} = {data[key]!r}, this sweep wants "
                 f"{_source(want_src)!r}); use another --out"
+            )
+    # what is read from the sources and how validation is split off (not where the cache is)
+    for key in ("tokenizer", "text_field", "glob", "val_fraction"):
+        want_v = getattr(r.cfg.data, key)
+        fallback = TOKENIZER_FALLBACKS.get(preset) if key == "tokenizer" else None
+        if key in data and data[key] not in (want_v, fallback or want_v):
+            raise MinimoeError(
+                f"{run_dir} was trained on other data (data.{key} = {data[key]!r}, this sweep wants "
+                f"{want_v!r}); use another --out"
             )
     want = r.cfg.to_dict()
     for section in ("model", "train"):
@@ -326,7 +343,7 @@ def run_sweep(
     todo = []
     for r in runs:
         run_dir = out_dir / r.variant / f"seed_{r.seed}"
-        _check_same_config(run_dir, r, sweep.val_data)
+        _check_same_config(run_dir, r, sweep.val_data, sweep.base_preset)
         state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
         if state == "done":
             on_event and on_event("skip", r, "already complete")

@@ -142,6 +142,22 @@ def _styles(runs: list[RunData]) -> list[tuple]:
     return out
 
 
+def _clock_at(timed: list[tuple[int, float]], step: int) -> float:
+    """The run's clock at the end of `step`, from the logged (step, elapsed_s) rows: that row's, else
+    linear in the step between the logged rows around it, else the nearest logged row's (before the first
+    or after the last; nan when none)."""
+    if not timed:
+        return float("nan")
+    after = next((i for i, (s, _) in enumerate(timed) if s >= step), None)
+    if after is None:
+        return timed[-1][1]
+    s1, t1 = timed[after]
+    if s1 == step or after == 0:
+        return t1
+    s0, t0 = timed[after - 1]
+    return t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+
+
 def loss_figure(runs: list[RunData], x: str = "tokens"):
     """Two panels: training loss and validation loss against tokens seen, training FLOPs or training time.
 
@@ -158,8 +174,8 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
     for run, (c, ls, label) in zip(runs, _styles(runs)):
         scale = run.train_flops_per_token if x == "flops" else 1.0
         xs = [t * scale for t in run.tokens_at("train")]
-        if x == "time":  # an evaluation happens at the end of a logged step: that step's clock
-            at = {r["step"]: r["elapsed_s"] for r in run.train if "elapsed_s" in r}
+        if x == "time":
+            timed = [(r["step"], r["elapsed_s"]) for r in run.train if "elapsed_s" in r]
             xs = [r.get("elapsed_s", float("nan")) for r in run.train]
         if run.train:
             # cross-entropy when logged: the total loss adds aux/z/MTP terms that differ between variants
@@ -168,7 +184,7 @@ def loss_figure(runs: list[RunData], x: str = "tokens"):
         if run.evals:
             xv = [t * scale for t in run.tokens_at("eval")]
             if x == "time":
-                xv = [at.get(r["step"], max(at.values(), default=float("nan"))) for r in run.evals]
+                xv = [_clock_at(timed, r["step"]) for r in run.evals]
             ys = [r["val_loss"] for r in run.evals]
             ax_v.plot(xv, ys, marker="o", color=c, ls=ls, lw=1.5, ms=4, label=label)
     xlabel = {

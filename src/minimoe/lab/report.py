@@ -138,6 +138,7 @@ def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
         res = {"variant": a, "reference": b}
         for key in ("val_loss", "val_bpb", "max_vio_batch", "max_vio_global"):
             res[key] = paired_stats(_paired(ra[key + "_by_seed"], rb[key + "_by_seed"]))
+        res["seeds"] = len(_paired(ra["val_loss_by_seed"], rb["val_loss_by_seed"]))
         res["both_moe"] = ra["is_moe"] and rb["is_moe"]
         res["equivalence"] = sweep.equivalence
         out.append(res)
@@ -178,12 +179,18 @@ def _seeds_cell(st: dict | None) -> str:
     return "> 1000" if n is None else str(n)
 
 
+def _loss_cell(c: dict) -> str:
+    if c["val_loss"] is None and c["seeds"] == 1:  # one difference has no spread: no SE, no interval
+        return "1 seed: no interval (needs 2)"
+    return _fmt_stats(c["val_loss"])
+
+
 def contrast_table(contrasts: list[dict]) -> str:
     return _table(
         [
             ("contrast", lambda c: f"{c['variant']} − {c['reference']}"),
-            ("seeds", lambda c: str(c["val_loss"]["n"] if c["val_loss"] else 0)),
-            ("Δ val loss: mean ± SE [95% interval]", lambda c: _fmt_stats(c["val_loss"])),
+            ("seeds", lambda c: str(c["seeds"])),
+            ("Δ val loss: mean ± SE [95% interval]", _loss_cell),
             ("resolved", lambda c: verdict(c["val_loss"], c["equivalence"])),
             ("seeds to resolve at this mean and spread", lambda c: _seeds_cell(c["val_loss"])),
             ("Δ val bpb: mean ± SE [95%]", lambda c: _fmt_stats(c["val_bpb"])),
@@ -297,7 +304,7 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
         markdown_table(rows),
         "",
         "Contrasts, paired by seed: the mean of the per-seed differences, its standard error (std / √n) and "
-        "a 95% Student-t interval. A contrast is resolved when its interval excludes 0 (a difference)"
+        "a 95% Student-t interval (which needs at least 2 seeds done by both). A contrast is resolved when its interval excludes 0 (a difference)"
         + (
             f" or lies inside ±{sweep.equivalence:g} nats (equal to within that margin, the sweep's `equivalence`)."
             if sweep.equivalence is not None
