@@ -75,14 +75,17 @@ def test_prompt_tokens_carry_no_loss(tok):
     assert (seen["logits"].grad[0][~resp] == 0).all()
 
 
+CONVERSATION = (  # a system message and two exchanges
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "bye"},
+    {"role": "assistant", "content": "ciao"},
+)
+
+
 def test_multi_turn_masks_every_assistant_turn_only(tok):
-    msgs = [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "ciao"},
-    ]
+    msgs = [dict(m) for m in CONVERSATION]
     ids, mask = encode_conversation(tok, msgs, DEFAULT_CHAT_TEMPLATE)
     assert tok.decode(ids[mask], skip_special_tokens=False) == "hello<|endoftext|>ciao<|endoftext|>"
     # the pieces tokenized separately give the same ids as the whole rendered text (byte level)
@@ -107,13 +110,7 @@ def test_served_prompt_is_the_training_prefix(tok, template):
     from minimoe.serve.limits import Limits
     from minimoe.serve.service import Service
 
-    msgs = [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "ciao"},
-    ]
+    msgs = [dict(m) for m in CONVERSATION]
     served_tok = Tokenizer.byte()
     served_tok.chat_template = template
     model = Transformer(ModelConfig(**{**TINY, "mtp_depth": 0})).eval()
