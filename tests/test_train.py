@@ -685,6 +685,11 @@ def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):
     _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=2", "train.wandb=true")
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run file `wandb sync` uploads
+    # a resumed session logs to the same W&B run (its offline folder ends with the run's id)
+    _train(tmp_path / "run", corpus, "train.max_steps=4", "train.eval_every=2", resume=True)
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
 
 
 def test_resume_keeps_the_separate_validation_data(tmp_path, corpus):

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -55,7 +56,15 @@ class MetricWriters:
             except ImportError:
                 raise MinimoeError("train.wandb=true needs wandb (pip install wandb)") from None
             os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; `wandb sync` later
-            run = wandb.init(project=tc.wandb_project, dir=str(run_dir), config=cfg.to_dict())
+            # one W&B run per minimoe run: a resumed run continues the id its first session made
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+            if not run_id:
+                run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
+                id_file.write_text(run_id + "\n", encoding="utf-8")
+            run = wandb.init(
+                project=tc.wandb_project, dir=str(run_dir), config=cfg.to_dict(), id=run_id, resume="allow"
+            )
             self._writers.append(("wandb", run))
 
     def log(self, row: dict) -> None:
