@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from minimoe.hf.export import compare_adapter_logits, compare_logits, export_adapter, export_model
+    from minimoe.hf.export import compare_logits, export_adapter, export_model
     from minimoe.train.checkpoint import load_run
 
     if args.verify:  # found out before the folder is written
@@ -82,7 +82,9 @@ def run(args) -> int:
         )
         diffs = {"model": compare_logits(model, res.out_dir, ids)}
         if args.adapter is not None:
-            diffs["with the adapter"] = compare_adapter_logits(model, args.adapter, res.out_dir, ids)
+            from minimoe.finetune.lora import compare_exported_adapter
+
+            diffs["with the adapter"] = compare_exported_adapter(model, args.adapter, res.out_dir, ids)
         for what, diff in diffs.items():
             print(f"max |logit difference| against transformers ({what}): {diff:.2e}")
         if args.dtype == "float32" and max(diffs.values()) > 1e-4:

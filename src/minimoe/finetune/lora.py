@@ -176,3 +176,19 @@ def merge_saved_adapter(
     merged = merge_lora(load_adapter(model, adapter))
     info = {"source": str(Path(meta["path"]).resolve()), "adapter": str(Path(adapter).resolve())}
     return write_run(out, merged, tok, info, run_cfg=cfg)
+
+
+def compare_exported_adapter(
+    model: nn.Module, adapter_dir: str | Path, hf_dir: str | Path, input_ids: torch.Tensor
+) -> float:
+    """Max |logit difference| between `model` with a saved adapter and the exported model with the
+    adapter `minimoe.hf.export.export_adapter` wrote to hf_dir/adapter, loaded by PEFT (both fp32;
+    `model` is copied)."""
+    import copy
+
+    from minimoe.hf.export import load_hf_fp32
+
+    ours = load_adapter(copy.deepcopy(model).float(), adapter_dir).eval()
+    theirs = _peft().PeftModel.from_pretrained(load_hf_fp32(hf_dir), str(Path(hf_dir) / "adapter")).eval()
+    with torch.no_grad():
+        return (ours(input_ids).logits - theirs(input_ids).logits).abs().max().item()

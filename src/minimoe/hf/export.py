@@ -275,7 +275,7 @@ def export_model(
     return ExportResult(out_dir=out, format=fmt, files=files, weight_bytes=nbytes, notes=notes)
 
 
-def _load_hf_fp32(hf_dir: str | Path):
+def load_hf_fp32(hf_dir: str | Path):
     """The exported model loaded by transformers, fp32, eval mode."""
     try:
         from transformers import AutoModelForCausalLM
@@ -296,28 +296,11 @@ def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
     (B, T), both in fp32 on the CPU (an fp32 copy of `model`). Needs `transformers`."""
     import copy
 
-    hf = _load_hf_fp32(hf_dir)
+    hf = load_hf_fp32(hf_dir)
     with torch.no_grad():
         ours = copy.deepcopy(model).float().eval()(input_ids).logits
         theirs = hf(input_ids).logits
     return (ours - theirs).abs().max().item()
-
-
-def compare_adapter_logits(
-    model, adapter_dir: str | Path, hf_dir: str | Path, input_ids: torch.Tensor
-) -> float:
-    """Max |logit difference| between `model` with a saved minimoe adapter and the exported model with
-    the adapter `export_adapter` wrote to hf_dir/adapter, loaded by PEFT (both fp32; `model` is copied)."""
-    import copy
-
-    from peft import PeftModel
-
-    from minimoe.finetune.lora import load_adapter
-
-    ours = load_adapter(copy.deepcopy(model).float(), adapter_dir).eval()
-    theirs = PeftModel.from_pretrained(_load_hf_fp32(hf_dir), str(Path(hf_dir) / "adapter")).eval()
-    with torch.no_grad():
-        return (ours(input_ids).logits - theirs(input_ids).logits).abs().max().item()
 
 
 def export_adapter(

@@ -447,12 +447,9 @@ class Trainer:
         )
 
     def _train_step(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Forward and backward over grad_accum micro-batches.
-
-        Each micro-batch's cross-entropy (and MTP loss) is a mean over its target tokens, so it is
-        weighted by its share of the step's targets: the accumulated gradient is then that of one batch
-        holding every micro-batch (padded fine-tuning batches hold different numbers of targets; full
-        windows weigh 1 / grad_accum each). The aux and z losses weigh 1 / grad_accum (Parallel.micro_step).
+        """Forward and backward over grad_accum micro-batches. Each one's cross-entropy and MTP loss (means
+        over its targets) weigh its share of the step's targets, so the gradient is that of one batch of
+        them all (padded batches differ; full windows weigh 1 / grad_accum); aux and z weigh 1 / grad_accum.
 
         Returns:
             (5,) [loss, ce, aux, z, mtp] averaged over micro-batches (weighted as in the backward) and
