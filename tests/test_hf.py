@@ -632,3 +632,24 @@ def test_upcycle_refuses_yarn_without_truncation(llama_dir, tmp_path):
     bad = _edited_llama(llama_dir, tmp_path / "bad", rope_scaling=yarn)
     with pytest.raises(MinimoeError, match="YaRN with truncate=false"):
         upcycle(bad, tmp_path / "run", experts=1, top_k=1, tokenizer="byte")
+
+
+def test_cli_export_refuses_an_mlp_adapter_before_writing_the_model(tmp_path, tok, capsys):
+    """`minimoe lora`'s default targets include `mlp`, which PEFT cannot load on a transformers MoE model:
+    `minimoe export --adapter` says so in one sentence and leaves --out unwritten."""
+    from minimoe.finetune.lora import apply_lora, save_adapter
+
+    model = _model(**CASES["deepseek_v3"])
+    write_run(tmp_path / "run", model, tok, {"source": "test"})
+    save_adapter(apply_lora(copy.deepcopy(model), r=2, alpha=6, targets=["mlp"]), tmp_path / "adapter")
+    argv = [
+        "export",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "hf"),
+        "--adapter",
+        str(tmp_path / "adapter"),
+    ]
+    assert main(argv) == 2
+    assert "PEFT cannot load" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from minimoe.hf.export import compare_logits, export_adapter, export_model
+    from minimoe.hf.export import check_adapter_exportable, compare_logits, export_adapter, export_model
     from minimoe.train.checkpoint import load_run
 
     if args.verify:  # found out before the folder is written
@@ -61,6 +61,8 @@ def run(args) -> int:
                 f"--adapter {args.adapter} holds no adapter_config.json (a `minimoe lora` OUT/adapter)"
             )
     model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
+    if args.adapter is not None:  # refused before the folder is written
+        check_adapter_exportable(args.adapter, model.cfg)
     res = export_model(
         model, tok, args.out, fmt=args.format, shard_size=args.shard_size, dtype=args.dtype,
         dropless=args.dropless, force=args.force,

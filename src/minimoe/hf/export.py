@@ -303,6 +303,36 @@ def compare_logits(model, hf_dir: str | Path, input_ids: torch.Tensor) -> float:
     return (ours - theirs).abs().max().item()
 
 
+def _lora_factors(pm, prefix: str) -> dict[tuple[str, str | None], str]:
+    """(module path without wrappers, parameter name or None) -> the saved key stem of its factors."""
+    return {
+        (n.removeprefix(prefix).replace(".base_layer", ""), getattr(m, "parameter_name", None)): n
+        for n, m in pm.named_modules()
+        if "default" in getattr(m, "lora_A", {})
+    }
+
+
+def _refuse_mlp_targets(factors: dict[tuple[str, str | None], str]) -> None:
+    mlp = sorted(p for p, pname in factors if pname is None and ".mlp." in p and not p.startswith("mtp."))
+    if mlp:
+        raise MinimoeError(
+            f"the adapter adapts {mlp[0]}, which PEFT cannot load on a Hugging Face MoE model (it maps every "
+            "gate/up/down_proj target to the fused experts); train it with --targets attention,experts"
+        )
+
+
+def check_adapter_exportable(adapter_dir: str | Path, cfg: ModelConfig) -> None:
+    """Raise MinimoeError when `export_adapter` would refuse the adapter for its targets (dense or
+    shared-expert MLP factors), so `minimoe export --adapter` can say so before writing the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from minimoe.model.transformer import Transformer
+
+    lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    with torch.device("meta"):
+        _refuse_mlp_targets(_lora_factors(get_peft_model(Transformer(cfg), lora_cfg), "base_model.model."))
+
+
 def export_adapter(
     adapter_dir: str | Path, cfg: ModelConfig, hf_dir: str | Path, out_dir: str | Path
 ) -> Path:
@@ -340,23 +370,10 @@ def export_adapter(
     ours_cfg = LoraConfig.from_pretrained(str(adapter_dir))
     saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
 
-    def factors(pm, prefix: str) -> dict[tuple[str, str | None], str]:
-        """(module path without wrappers, parameter name or None) -> the saved key stem of its factors."""
-        return {
-            (n.removeprefix(prefix).replace(".base_layer", ""), getattr(m, "parameter_name", None)): n
-            for n, m in pm.named_modules()
-            if "default" in getattr(m, "lora_A", {})
-        }
-
     with torch.device("meta"):
-        ours = factors(get_peft_model(Transformer(cfg), ours_cfg), "base_model.model.")
+        ours = _lora_factors(get_peft_model(Transformer(cfg), ours_cfg), "base_model.model.")
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)))
-    mlp = sorted(p for p, pname in ours if pname is None and ".mlp." in p and not p.startswith("mtp."))
-    if mlp:
-        raise MinimoeError(
-            f"the adapter adapts {mlp[0]}, which PEFT cannot load on a Hugging Face MoE model (it maps every "
-            "gate/up/down_proj target to the fused experts); train it with --targets attention,experts"
-        )
+    _refuse_mlp_targets(ours)
     # the adapted linear layers by full name (same inside a layer; transformers prefixes `model.`)
     linears = sorted(f"model.{p}" for p, pname in ours if pname is None and not p.startswith("mtp."))
     experts = ["experts.gate_up_proj", "experts.down_proj"] if ours_cfg.target_parameters else None
@@ -375,7 +392,7 @@ def export_adapter(
 
     r, E = ours_cfg.r, cfg.n_routed_experts
     tensors, used = {}, set()
-    for (path, pname), stem in factors(hf_pm, "base_model.model.model.").items():
+    for (path, pname), stem in _lora_factors(hf_pm, "base_model.model.model.").items():
         if pname == "gate_up_proj":  # A: (E*2r, D) per expert [A_gate; A_up]; B: (2I, 2r, E) block-diagonal
             (ag, bg), (au, bu) = pair((path, "gate_proj")), pair((path, "up_proj"))
             a = torch.cat([ag.view(E, r, -1), au.view(E, r, -1)], 1).reshape(E * 2 * r, -1)
