@@ -687,6 +687,34 @@ def test_a_reused_run_read_with_other_data_settings_is_refused(tmp_path):
             compare._check_same_config(tmp_path, planned)
 
 
+def test_a_reused_run_may_hold_the_fallback_tokenizer_of_its_base_configs_preset(tmp_path, monkeypatch):
+    """A base config file's `preset:` key names the seed preset its runs train (as in `minimoe train
+    --config`): a finished run that trained that preset's fallback tokenizer (its own was not found) is
+    skipped as done, not refused as trained on other data."""
+    import yaml
+
+    from minimoe.presets import TOKENIZER_FALLBACKS
+
+    _corpus(tmp_path / "corpus.txt")
+    (tmp_path / "base.yaml").write_text("preset: deepseek-mini\nmodel: {vocab_size: 512}\n")
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  config: base.yaml\ndata: corpus.txt\nbudget: {steps: 2}\nseeds: [1]\nvariants:\n  a: []\n"
+    )
+    sweep = compare.load_sweep(tmp_path / "s.yaml")
+    (planned,) = compare.plan(sweep)
+    run = tmp_path / "out" / "a" / "seed_1"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "meta.json").write_text('{"step": 2}')
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    saved = planned.cfg.to_dict()
+    saved["data"]["tokenizer"] = TOKENIZER_FALLBACKS["deepseek-mini"]  # what train_from_config stored
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.setattr(compare, "write_report", lambda *a, **k: tmp_path / "report.md")
+    events = []
+    compare.run_sweep(sweep, tmp_path / "out", on_event=lambda e, r, d: events.append(e), figures=False)
+    assert events == ["skip"]
+
+
 def test_sweep_seeds_are_integers_not_booleans(tmp_path):
     (tmp_path / "s.yaml").write_text("variants: {a: []}\nbudget: {steps: 2}\nseeds: [true, 2]\n")
     with pytest.raises(MinimoeError, match="seeds must be a list of integers"):

@@ -692,6 +692,26 @@ def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
 
 
+def test_wandb_run_id_is_kept_by_a_resume_not_by_a_new_run_in_the_same_folder(tmp_path, monkeypatch):
+    """A session from step 0 (a new run in a folder whose earlier attempt saved no checkpoint) starts its
+    own W&B run; a resumed session continues the id of the run it resumes."""
+    import sys
+    import types
+
+    from minimoe.config_yaml import build_run_config
+    from minimoe.train.metrics import MetricWriters
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = build_run_config("tiny", None, ["train.wandb=true"])
+    for step in (0, 0, 5):
+        MetricWriters(tmp_path / "metrics.jsonl").open(cfg, tmp_path, step)
+    ids = [c["id"] for c in calls]
+    assert ids[0] != ids[1] and ids[2] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+
+
 def test_resume_keeps_the_separate_validation_data(tmp_path, corpus):
     val = tmp_path / "val.txt"
     val.write_text("a completely different validation text, held out from training. " * 30, encoding="utf-8")

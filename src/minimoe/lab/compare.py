@@ -265,6 +265,14 @@ def _source(p: str | None) -> str | None:
     return str(Path(p).expanduser().resolve())
 
 
+def _trained_preset(sweep: Sweep) -> str | None:
+    """The preset the sweep's runs train, whose fallback tokenizer they may have used: the base config
+    file's `preset:` key wins over the base preset (as in `build_run_config` and `train_from_config`)."""
+    if sweep.base_config is not None:
+        return load_yaml(sweep.base_config).get("preset", sweep.base_preset)
+    return sweep.base_preset
+
+
 def _check_same_config(
     run_dir: Path, r: PlannedRun, val_data: str | None = None, preset: str | None = None
 ) -> None:
@@ -343,7 +351,7 @@ def run_sweep(
     todo = []
     for r in runs:
         run_dir = out_dir / r.variant / f"seed_{r.seed}"
-        _check_same_config(run_dir, r, sweep.val_data, sweep.base_preset)
+        _check_same_config(run_dir, r, sweep.val_data, _trained_preset(sweep))
         state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
         if state == "done":
             on_event and on_event("skip", r, "already complete")

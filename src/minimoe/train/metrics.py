@@ -56,9 +56,10 @@ class MetricWriters:
             except ImportError:
                 raise MinimoeError("train.wandb=true needs wandb (pip install wandb)") from None
             os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; `wandb sync` later
-            # one W&B run per minimoe run: a resumed run continues the id its first session made
+            # one W&B run per minimoe run: a resumed run continues the id its first session made; a run
+            # from step 0 makes its own (the folder may hold the id of an attempt that saved no checkpoint)
             id_file = run_dir / "wandb_run_id"
-            run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+            run_id = id_file.read_text(encoding="utf-8").strip() if step > 0 and id_file.is_file() else None
             if not run_id:
                 run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
                 id_file.write_text(run_id + "\n", encoding="utf-8")
