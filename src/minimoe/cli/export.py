@@ -62,7 +62,7 @@ def run(args) -> int:
             )
     model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
     if args.adapter is not None:  # refused before the folder is written
-        check_adapter_exportable(args.adapter, model.cfg)
+        check_adapter_exportable(model, args.adapter, args.format)
     res = export_model(
         model, tok, args.out, fmt=args.format, shard_size=args.shard_size, dtype=args.dtype,
         dropless=args.dropless, force=args.force,

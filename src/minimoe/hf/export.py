@@ -321,16 +321,31 @@ def _refuse_mlp_targets(factors: dict[tuple[str, str | None], str]) -> None:
         )
 
 
-def check_adapter_exportable(adapter_dir: str | Path, cfg: ModelConfig) -> None:
-    """Raise MinimoeError when `export_adapter` would refuse the adapter for its targets (dense or
-    shared-expert MLP factors), so `minimoe export --adapter` can say so before writing the model."""
+ADAPTER_FORMATS = ("deepseek_v3", "deepseek_v2", "glm4_moe")
+
+
+def _refuse_format(fmt: str) -> None:
+    if fmt not in ADAPTER_FORMATS:
+        raise MinimoeError(f"a LoRA adapter exports with {', '.join(ADAPTER_FORMATS)} models, not {fmt}")
+
+
+def check_adapter_exportable(model, adapter_dir: str | Path, fmt: str | None = None) -> None:
+    """Raise MinimoeError when `export_adapter` would refuse the adapter for the format
+    `export_model(model, fmt=fmt)` picks (one that re-parameterises the experts) or for its targets
+    (dense or shared-expert MLP factors), so `minimoe export --adapter` can say so before writing."""
     from peft import LoraConfig, get_peft_model
 
     from minimoe.model.transformer import Transformer
 
+    if fmt is None or fmt in formats.ARCHITECTURES:  # else export_model names the formats
+        fmt, why = formats.choose_format(model.cfg, _bias_nonzero(model.state_dict()), fmt)
+        if why is None:  # else export_model says why the model does not export
+            _refuse_format(fmt)
     lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
     with torch.device("meta"):
-        _refuse_mlp_targets(_lora_factors(get_peft_model(Transformer(cfg), lora_cfg), "base_model.model."))
+        _refuse_mlp_targets(
+            _lora_factors(get_peft_model(Transformer(model.cfg), lora_cfg), "base_model.model.")
+        )
 
 
 def export_adapter(
@@ -363,10 +378,7 @@ def export_adapter(
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     fmt = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
-    if fmt not in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
-        raise MinimoeError(
-            f"a LoRA adapter exports with deepseek_v3, deepseek_v2 or glm4_moe models, not {fmt}"
-        )
+    _refuse_format(fmt)
     ours_cfg = LoraConfig.from_pretrained(str(adapter_dir))
     saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
 
