@@ -1056,3 +1056,27 @@ def test_evaluate_weights_batches_by_their_targets(tmp_path, corpus):
     tr.val_windows = [(x, y)]
     whole = tr.evaluate()["val_loss"]
     assert split == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_checkpoint_from_before_the_mtp_input_moved_is_named_on_load(tmp_path, corpus, caplog):
+    """Checkpoints record that their MTP module reads the hidden state after the final norm; one without
+    the record (an older minimoe's) loads with a one-line warning, for generation and for a resume."""
+    import logging
+
+    from minimoe.train.checkpoint import find_checkpoint, load_run
+
+    run = tmp_path / "run"
+    _train(run, corpus, "train.max_steps=2", "train.eval_every=2", "model.mtp_depth=1")
+    meta_file = find_checkpoint(run, "latest") / "meta.json"
+    assert json.loads(meta_file.read_text())["mtp_input"] == "after_final_norm"
+    with caplog.at_level(logging.WARNING, logger="minimoe.train"):
+        load_run(run)
+    assert "before the final norm" not in caplog.text
+    meta = json.loads(meta_file.read_text())
+    del meta["mtp_input"]
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="minimoe.train"):
+        load_run(run)
+        assert caplog.text.count("before the final norm") == 1
+        _train(run, corpus, "train.max_steps=3", "train.eval_every=3", resume=True)
+    assert caplog.text.count("before the final norm") == 2

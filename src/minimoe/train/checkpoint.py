@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 import re
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from minimoe.config import RunConfig
 
 CKPT = "checkpoints"
+# where the MTP module reads the main model's hidden state, recorded in every checkpoint's meta.json
+MTP_INPUT = "after_final_norm"
+log = logging.getLogger("minimoe.train")
 
 
 def _fsync_file(path: Path) -> None:
@@ -134,6 +138,7 @@ def save_checkpoint(
     _remove_leftovers(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    meta = {**meta, "mtp_input": MTP_INPUT}
     try:
         _write_dir(tmp, model, state, meta, config_text, tokenizer, weights_metadata)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -343,7 +348,20 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
             f"{cfg.model.vocab_size} embeddings (model.vocab_size)"
         )
     meta["path"] = str(ckpt)
+    warn_if_old_mtp(cfg.model, meta, ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta
+
+
+def warn_if_old_mtp(cfg, meta: dict, path) -> None:
+    """A one-line warning for a checkpoint whose MTP module was trained reading the main model's hidden
+    state before its final norm (written before `mtp_input` was recorded): minimoe now feeds it the
+    state after the norm (model/mtp.py), so its drafts are accepted less often until it is trained again."""
+    if cfg.mtp_depth and meta.get("mtp_input") != MTP_INPUT:
+        log.warning(
+            "%s: its MTP module was trained on the hidden state before the final norm (an older minimoe); "
+            "speculative drafts will be accepted less often until the run is trained again",
+            path,
+        )
 
 
 def check_not_quantized(model, meta: dict, what: str = "fine-tuned") -> None:

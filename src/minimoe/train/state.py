@@ -64,6 +64,9 @@ def read_checkpoint(tr) -> tuple[Path, dict, dict]:
     ckpt_lib.check_weights(weights, reference, ckpt)
     if tr.cfg.model.tie_word_embeddings:  # stored once, as save_model does
         weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
+    meta_file = ckpt / "meta.json"
+    if meta_file.is_file():
+        ckpt_lib.warn_if_old_mtp(tr.cfg.model, json.loads(meta_file.read_text(encoding="utf-8")), ckpt)
     return ckpt, weights, ckpt_lib.load_state(ckpt)
 
 
