@@ -1698,3 +1698,17 @@ def test_decode_flops_count_the_activated_matrices(kw):
 
     model = tiny_model(**kw)
     assert decode_flops(model, batch=3) == 2 * 3 * matmul_params(model.cfg)
+
+
+@pytest.mark.parametrize(
+    "attn_type, kv_heads, label", [("mla", None, "MLA latent"), ("gqa", 1, "GQA"), ("gqa", 3, "MHA")]
+)
+def test_generate_stats_name_the_cache_the_model_keeps(attn_type, kv_heads, label, capsys):
+    """`generate --stats` names the attention whose cache it reports: MHA when every head has its keys."""
+    from minimoe.cli.generate import _print_stats
+
+    kw = {} if kv_heads is None else {"num_key_value_heads": kv_heads}
+    model = tiny_model(attn_type, **kw)
+    assert model.cfg.num_attention_heads == 3
+    _print_stats(model, GenerationStats(), 1, 0)
+    assert f"KV cache ({label}" in capsys.readouterr().err

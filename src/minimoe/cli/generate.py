@@ -201,7 +201,10 @@ def run(args) -> int:
 
 def _print_stats(model, stats, n_prompts: int, wbytes: int) -> None:
     cfg = model.cfg
-    kind = "MLA latent, absorbed decode" if cfg.attn_type == "mla" else "GQA keys/values"
+    kind = (
+        "MLA latent, absorbed decode" if cfg.attn_type == "mla"
+        else f"{'GQA' if cfg.kv_heads < cfg.num_attention_heads else 'MHA'} keys/values"
+    )  # fmt: skip
     q = getattr(model, "quantization", None)
     lines = [
         f"stats: {n_prompts} prompt(s), {stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens "
