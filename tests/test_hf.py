@@ -309,6 +309,12 @@ def test_lora_adapter_loads_on_the_exported_model_with_peft(tmp_path, tok, ids, 
         export_adapter(tmp_path / "mlp_adapter", base.cfg, tmp_path / "hf", tmp_path / "x")
 
 
+def _export_adapter_argv(tmp_path) -> list[str]:
+    """`minimoe export RUN --out HF --adapter ADAPTER` for the run and adapter a test wrote in tmp_path."""
+    run, hf, adapter = (str(tmp_path / name) for name in ("run", "hf", "adapter"))
+    return ["export", run, "--out", hf, "--adapter", adapter]
+
+
 def test_cli_export_writes_the_adapter_and_verifies_it(tmp_path, tok, ids, capsys):
     """`minimoe export RUN --adapter A --verify`: the adapter lands in OUT/adapter under the exported
     model's names, PEFT loads it there, and the check compares the adapted logits too."""
@@ -324,14 +330,7 @@ def test_cli_export_writes_the_adapter_and_verifies_it(tmp_path, tok, ids, capsy
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     save_adapter(pm.eval(), tmp_path / "adapter")
-    argv = [
-        "export",
-        str(tmp_path / "run"),
-        "--out",
-        str(tmp_path / "hf"),
-        "--adapter",
-        str(tmp_path / "adapter"),
-    ]
+    argv = _export_adapter_argv(tmp_path)
     assert main([*argv, "--verify"]) == 0
     out = capsys.readouterr().out
     assert "adapter/ (LoRA adapter, PEFT format)" in out
@@ -647,13 +646,6 @@ def test_cli_export_refuses_an_adapter_before_writing_the_model(tmp_path, tok, c
     model = _model(**CASES[case])
     write_run(tmp_path / "run", model, tok, {"source": "test"})
     save_adapter(apply_lora(copy.deepcopy(model), r=2, alpha=6, targets=targets), tmp_path / "adapter")
-    argv = [
-        "export",
-        str(tmp_path / "run"),
-        "--out",
-        str(tmp_path / "hf"),
-        "--adapter",
-        str(tmp_path / "adapter"),
-    ]
+    argv = _export_adapter_argv(tmp_path)
     assert main(argv) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "hf").exists()
