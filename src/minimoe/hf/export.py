@@ -312,13 +312,23 @@ def _lora_factors(pm, prefix: str) -> dict[tuple[str, str | None], str]:
     }
 
 
-def _refuse_mlp_targets(factors: dict[tuple[str, str | None], str]) -> None:
+def _adapter_factors(adapter_dir: str | Path, cfg: ModelConfig):
+    """The saved adapter's LoraConfig and its factors on the minimoe model (`_lora_factors`); MinimoeError
+    for dense or shared-expert MLP targets, which PEFT cannot load on a transformers MoE model."""
+    from peft import LoraConfig, get_peft_model
+
+    from minimoe.model.transformer import Transformer
+
+    lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    with torch.device("meta"):
+        factors = _lora_factors(get_peft_model(Transformer(cfg), lora_cfg), "base_model.model.")
     mlp = sorted(p for p, pname in factors if pname is None and ".mlp." in p and not p.startswith("mtp."))
     if mlp:
         raise MinimoeError(
             f"the adapter adapts {mlp[0]}, which PEFT cannot load on a Hugging Face MoE model (it maps every "
             "gate/up/down_proj target to the fused experts); train it with --targets attention,experts"
         )
+    return lora_cfg, factors
 
 
 ADAPTER_FORMATS = ("deepseek_v3", "deepseek_v2", "glm4_moe")
@@ -333,19 +343,11 @@ def check_adapter_exportable(model, adapter_dir: str | Path, fmt: str | None = N
     """Raise MinimoeError when `export_adapter` would refuse the adapter for the format
     `export_model(model, fmt=fmt)` picks (one that re-parameterises the experts) or for its targets
     (dense or shared-expert MLP factors), so `minimoe export --adapter` can say so before writing."""
-    from peft import LoraConfig, get_peft_model
-
-    from minimoe.model.transformer import Transformer
-
     if fmt is None or fmt in formats.ARCHITECTURES:  # else export_model names the formats
         fmt, why = formats.choose_format(model.cfg, _bias_nonzero(model.state_dict()), fmt)
         if why is None:  # else export_model says why the model does not export
             _refuse_format(fmt)
-    lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
-    with torch.device("meta"):
-        _refuse_mlp_targets(
-            _lora_factors(get_peft_model(Transformer(model.cfg), lora_cfg), "base_model.model.")
-        )
+    _adapter_factors(adapter_dir, model.cfg)
 
 
 def export_adapter(
@@ -374,18 +376,13 @@ def export_adapter(
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minimoe.model.transformer import Transformer
-
     hf_dir, out = Path(hf_dir), Path(out_dir)
     fmt = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
     _refuse_format(fmt)
-    ours_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    ours_cfg, ours = _adapter_factors(adapter_dir, cfg)
     saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-
     with torch.device("meta"):
-        ours = _lora_factors(get_peft_model(Transformer(cfg), ours_cfg), "base_model.model.")
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)))
-    _refuse_mlp_targets(ours)
     # the adapted linear layers by full name (same inside a layer; transformers prefixes `model.`)
     linears = sorted(f"model.{p}" for p, pname in ours if pname is None and not p.startswith("mtp."))
     experts = ["experts.gate_up_proj", "experts.down_proj"] if ours_cfg.target_parameters else None

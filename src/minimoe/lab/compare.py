@@ -349,9 +349,10 @@ def run_sweep(
     out_dir = Path(out_dir)
     runs = plan(sweep)
     todo = []
+    preset = _trained_preset(sweep)
     for r in runs:
         run_dir = out_dir / r.variant / f"seed_{r.seed}"
-        _check_same_config(run_dir, r, sweep.val_data, _trained_preset(sweep))
+        _check_same_config(run_dir, r, sweep.val_data, preset)
         state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
         if state == "done":
             on_event and on_event("skip", r, "already complete")

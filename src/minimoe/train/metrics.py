@@ -16,6 +16,7 @@ import torch
 
 from minimoe.errors import MinimoeError
 from minimoe.model.moe import max_vio
+from minimoe.train.balance import add_loads
 
 
 class MetricWriters:
@@ -126,10 +127,8 @@ class LogWindow:
         if not loads:
             return
         layers = sorted(loads)
-        vio = max_vio(torch.stack([loads[i] for i in layers]))  # (L,)
-        for i, v in zip(layers, vio):
-            self.loads[i] = self.loads[i] + loads[i] if i in self.loads else loads[i]
-            self.vio[i] = self.vio[i] + v if i in self.vio else v
+        add_loads(self.loads, loads)
+        add_loads(self.vio, dict(zip(layers, max_vio(torch.stack([loads[i] for i in layers])))))  # (L,)
         self.vio_steps += 1
 
     def max_vio(self) -> dict[int, torch.Tensor]:

@@ -64,9 +64,6 @@ def read_checkpoint(tr) -> tuple[Path, dict, dict]:
     ckpt_lib.check_weights(weights, reference, ckpt)
     if tr.cfg.model.tie_word_embeddings:  # stored once, as save_model does
         weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
-    meta_file = ckpt / "meta.json"
-    if meta_file.is_file():
-        ckpt_lib.warn_if_old_mtp(tr.cfg.model, json.loads(meta_file.read_text(encoding="utf-8")), ckpt)
     return ckpt, weights, ckpt_lib.load_state(ckpt)
 
 
@@ -85,6 +82,7 @@ def resume(tr) -> None:
             # written before checkpoints keyed the optimizer state by parameter name
             legacy = any(isinstance(k, int) for k in optim["state"])
             meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+            ckpt_lib.warn_if_old_mtp(tr.cfg.model, meta, ckpt)
             # the budget a stop on the clock ran out of (the trainer stops a little before it: the next
             # step and the final evaluation would not have fitted); older checkpoints name none
             state["stopped_at_minutes"] = meta.get("max_minutes") if meta.get("out_of_time") else None
