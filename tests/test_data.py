@@ -118,6 +118,22 @@ def test_bpe_train_round_trip_save_load(bpe_tok, tmp_path):
     assert loaded.hash() != Tokenizer.byte().hash()
 
 
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_encode_offsets_give_the_ids_and_each_tokens_text(kind, bpe_tok):
+    """`encode_offsets` (what fine-tuning masks answers with) gives `encode`'s ids, and each token's
+    span is the text it came from: the bytes of one character share that character."""
+    tok = Tokenizer.byte() if kind == "byte" else bpe_tok
+    for s in SAMPLES:
+        ids, spans = tok.encode_offsets(s)
+        assert ids.tolist() == tok.encode(s) and spans.shape == (len(ids), 2)
+        assert (spans[:, 0] < spans[:, 1]).all() and (np.diff(spans[:, 0]) >= 0).all()
+        # the tokens' spans, merged in order, cover the text exactly
+        covered = "".join(s[a:b] for i, (a, b) in enumerate(spans) if i == 0 or a >= spans[i - 1, 1])
+        assert covered == s
+    ids, spans = Tokenizer.byte().encode_offsets("aé€<|endoftext|>b")
+    assert spans.tolist() == [[0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [2, 3], [3, 16], [16, 17]]
+
+
 def test_pretrained_tokenizer_json_built_here(tmp_path):
     file = tiny_hf_tokenizer(tmp_path / "tiny")
     for p in (file, file.parent):  # the file itself or its folder

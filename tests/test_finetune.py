@@ -122,6 +122,49 @@ def test_served_prompt_is_the_training_prefix(tok, template):
         assert service._encode(service.render(msgs[:i])) == ids[:start].tolist()
 
 
+def _sentencepiece_style(tmp_path, scheme: str) -> Tokenizer:
+    """A small BPE tokenizer with SentencePiece's word-boundary marker (Metaspace), as Llama 2 and
+    Mistral use: each text it encodes starts with a boundary, so pieces encoded apart differ from
+    the whole."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+    hf.decoder = decoders.Metaspace(prepend_scheme=scheme)
+    specials = ["<unk>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=specials, show_progress=False)
+    hf.train_from_iterator(["be brief, hi there, hello, bye and ciao\n"] * 20, trainer=trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    return Tokenizer.load(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("scheme", ["always", "first"])
+def test_conversation_is_tokenized_whole_as_served(tmp_path, scheme):
+    """With a SentencePiece-style tokenizer the tokens fine-tuning puts before each answer are the
+    tokens `minimoe serve` gives the model (the text is tokenized whole, not piece by piece), and the
+    trained tokens are each answer's and its end of turn."""
+    pytest.importorskip("fastapi")
+    from minimoe.finetune.chat import render
+    from minimoe.serve.limits import Limits
+    from minimoe.serve.service import Service
+
+    tok = _sentencepiece_style(tmp_path, scheme)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    msgs = [dict(m) for m in CONVERSATION]
+    ids, mask = encode_conversation(tok, msgs, DEFAULT_CHAT_TEMPLATE)
+    assert ids.tolist() == tok.encode(render(DEFAULT_CHAT_TEMPLATE, msgs, tok))
+    starts = np.flatnonzero(mask[1:] & ~mask[:-1]) + 1
+    ends = np.flatnonzero(mask[:-1] & ~mask[1:]) + 1
+    assert len(starts) == 2 and len(ends) == 1 and mask[-1]
+    answers = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in zip(starts, [*ends, len(ids)])]
+    assert [a.strip() for a in answers] == ["hello<|endoftext|>", "ciao<|endoftext|>"]
+    model = Transformer(ModelConfig(**{**TINY, "vocab_size": tok.vocab_size, "mtp_depth": 0})).eval()
+    service = Service(model, tok, "t", Limits(max_active=1))
+    for i, start in zip((2, 4), starts, strict=True):
+        assert service._encode(service.render(msgs[:i])) == ids[:start].tolist()
+
+
 @pytest.mark.parametrize(
     "template, want",
     [

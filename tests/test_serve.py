@@ -1287,6 +1287,35 @@ def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue
     # one slot: client b's job goes second, not behind all of a's
     events = _engine_run(Engine(model, tok, max_active=1), a + b)
     assert [e.index for e in events if isinstance(e, Finish)] == [0, 3, 1, 2]
+    # one request as large as the pool: by default its client holds all but an eighth of the slots,
+    # so another client's request starts at once instead of after the whole generation
+    many = JobParams(max_tokens=24, temperature=0)
+    a = [Job(i, tok.encode("the"), many, lambda e: None, client="a") for i in range(8)]
+    b = [Job(8, tok.encode("red"), JobParams(max_tokens=2, temperature=0), lambda e: None, client="b")]
+    for cap, b_first in ((None, True), (8, False)):
+        finished: list[int] = []
+        running, done = threading.Event(), threading.Event()
+
+        def post(e, finished=finished, running=running, done=done):
+            running.set()
+            if isinstance(e, Finish):
+                finished.append(e.index)
+                if len(finished) == 9:
+                    done.set()
+
+        for job in a + b:
+            job.post = post
+        engine = Engine(model, tok, max_active=8, max_active_per_client=cap)
+        engine.submit(a)
+        engine.start()
+        try:
+            assert running.wait(60)  # a's sequences are decoding when b arrives
+            engine.submit(b)
+            assert done.wait(120)
+        finally:
+            engine.close()
+        assert sorted(finished) == list(range(9))
+        assert (finished[0] == 8) == b_first and (finished[-1] == 8) != b_first, (cap, finished)
 
     long = JobParams(max_tokens=60, temperature=0)
     jobs = [Job(i, tok.encode("the cat"), long, lambda e: None) for i in range(2)]

@@ -135,11 +135,8 @@ def run_minimoe(
     from minimoe.train.checkpoint import load_run
 
     model, _, _, _ = load_run(run)
-    lim = Limits()  # the server's defaults, passed as minimoe.serve.service passes them
-    engine = Engine(
-        model, TokenIds(model.cfg.vocab_size), lim.max_active, lim.max_queued, lim.max_queued_per_client,
-        lim.prefill_chunk, compile=compile,
-    )  # fmt: skip
+    # the server's defaults
+    engine = Engine.from_limits(model, TokenIds(model.cfg.vocab_size), Limits(), compile=compile)
     engine.warm_up()
     engine.start()
     try:

@@ -55,6 +55,8 @@ def add_parser(sub) -> None:
          "context-sized cache row allocated at start-up"),
         ("--max-queued", integer, "choices waiting for a slot; a request that would go past it gets 429"),
         ("--max-queued-per-client", integer, "of those, the most from one client address (default: half)"),
+        ("--max-active-per-client", integer, "of the cache slots, the most one client address holds at once "
+         "(default: all but an eighth, kept free for other clients)"),
         ("--max-choices", integer, "prompts x n in one request; more is a 400"),
         ("--max-request-tokens", integer, "prompt + completion tokens summed over a request's choices; more is a 400"),
         ("--max-tokens", integer, "the most completion tokens one choice may ask for; more is a 400"),

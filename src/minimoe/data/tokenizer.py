@@ -182,6 +182,31 @@ class Tokenizer:
         encs = fn(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of `text` and each token's (start, end) character span in it, an (N, 2) array.
+
+        A byte token's span is its character's (every byte of a multi-byte character gets the whole
+        character); HF kinds give the spans their tokenizer reports (a token may span nothing).
+        """
+        if self.kind != "byte":
+            enc = self._hf.encode(text, add_special_tokens=False)
+            spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            return np.asarray(enc.ids, dtype=np.int64), spans
+        ids, spans, at = [], [], 0
+        for piece in self._special_re.split(text) if "<|" in text else [text]:
+            if piece in self._specials:
+                ids.append(np.array([self._specials[piece]], dtype=np.int64))
+                spans.append(np.array([[at, at + len(piece)]], dtype=np.int64))
+            elif piece:
+                b = np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)
+                char = at + np.cumsum((b & 0xC0) != 0x80) - 1  # a UTF-8 continuation byte is 10xxxxxx
+                ids.append(b.astype(np.int64))
+                spans.append(np.stack([char, char + 1], axis=1))
+            at += len(piece)
+        if not ids:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+        return np.concatenate(ids), np.concatenate(spans)
+
     def _encode_bytes(self, text: str) -> np.ndarray:
         if "<|" not in text:  # cheap test: no special-token string can be present
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)

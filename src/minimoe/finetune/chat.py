@@ -80,9 +80,12 @@ def render(template: str, messages: list[dict], tokenizer, add_generation_prompt
 def encode_conversation(tokenizer, messages: list[dict], template: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of a rendered conversation and a mask of the tokens the model must learn.
 
-    The text is cut at message boundaries by rendering growing prefixes of the conversation; each
-    assistant turn's own text (after the generation prompt, up to and including the template's
-    end-of-turn) is marked. Pieces are tokenized separately so a boundary never falls inside a token.
+    Each assistant turn's own text (after the generation prompt, up to and including the template's
+    end-of-turn) is found by rendering growing prefixes of the conversation. The whole text is then
+    tokenized at once, as `minimoe serve` tokenizes a prompt, so the tokens before each answer are the
+    ones the model sees when asked for it (tokenizing the pieces separately would differ, e.g. a
+    SentencePiece tokenizer starts every piece with a word boundary). A token is trained when its
+    span overlaps an answer's text, as transformers' assistant-token mask marks it.
 
     Args:
         tokenizer: a minimoe Tokenizer.
@@ -91,30 +94,26 @@ def encode_conversation(tokenizer, messages: list[dict], template: str) -> tuple
     Returns:
         ids (N,) int64 and train_mask (N,) bool.
     """
-    pieces: list[tuple[str, bool]] = []
+    answers: list[tuple[int, int]] = []  # character spans of the trained text
     done = ""
     for i, msg in enumerate(messages):
+        full = render(template, messages[: i + 1], tokenizer)
         if msg["role"] == "assistant":
             header = render(template, messages[:i], tokenizer, add_generation_prompt=True)
-            full = render(template, messages[: i + 1], tokenizer)
             if not header.startswith(done) or not full.startswith(header):
                 raise MinimoeError("the chat template does not render conversations as growing prefixes")
-            pieces += [(header[len(done) :], False), (full[len(header) :], True)]
-        else:
-            full = render(template, messages[: i + 1], tokenizer)
-            if not full.startswith(done):
-                raise MinimoeError("the chat template does not render conversations as growing prefixes")
-            pieces.append((full[len(done) :], False))
+            answers.append((len(header), len(full)))
+        elif not full.startswith(done):
+            raise MinimoeError("the chat template does not render conversations as growing prefixes")
         done = full
-    ids, mask = [], []
-    for text, train in pieces:
-        if text:
-            t = tokenizer.encode_array(text)
-            ids.append(t)
-            mask.append(np.full(t.shape, train))
-    if not ids:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-    return np.concatenate(ids), np.concatenate(mask)
+    ids, spans = tokenizer.encode_offsets(done)
+    s, e = spans[:, 0], spans[:, 1]
+    mask = np.zeros(len(ids), dtype=bool)
+    for a, b in answers:
+        # a token spanning characters overlaps [a, b); one spanning none (a prepended word-boundary
+        # marker, say) belongs to the answer when it sits inside it
+        mask |= np.where(e > s, (s < b) & (e > a), (a <= s) & (s < b))
+    return ids, mask
 
 
 def inputs_and_targets(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

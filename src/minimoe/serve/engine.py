@@ -18,15 +18,18 @@ forward over [last token, draft] per row verifies all drafts at once; each row k
 bonus token when its draft is accepted, else the corrected token. Acceptance is per row: greedy rows
 accept when the draft is the main model's argmax (so they generate exactly what plain greedy does),
 sampled rows use speculative sampling's rule (`verify_draft`), which keeps the main model's
-distribution. The MTP module then runs over the same positions, batched, to draft the next step. Admission is bounded: at most `max_queued` jobs wait (`max_queued_per_client` from one
-client); a submit beyond that raises `QueueFull`, and waiting jobs take free slots round-robin over
-clients, so one client's burst cannot starve another's request.
+distribution. The MTP module then runs over the same positions, batched, to draft the next step.
+
+Admission is bounded: at most `max_queued` jobs wait (`max_queued_per_client` from one client); a
+submit beyond that raises `QueueFull`. Waiting jobs take free slots round-robin over clients, and one
+client holds at most `max_active_per_client` slots (by default all but an eighth), so neither a burst
+of requests nor one request with a large `n` makes another client wait for a whole generation.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from minimoe.infer.speculative import choose_token, verify_draft
 from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
 from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, QueueFull
+from minimoe.serve.limits import Limits
 
 __all__ = ["Delta", "Engine", "Event", "Failure", "Finish", "Job", "JobParams", "QueueFull"]
 
@@ -69,6 +73,8 @@ class Engine:
             no more than max_active or prefill_chunk are allocated).
         max_queued: jobs that may wait for a slot; more are refused with QueueFull.
         max_queued_per_client: of those, the most from one client (default: half of max_queued).
+        max_active_per_client: slots one client may hold at once (default: max_active less an
+            eighth of it, kept for other clients).
         prefill_chunk: prompt token positions prefilled per step at most (padding included).
         speculative: decode self-speculatively with the model's first MTP module (see above).
         compile: decode with the fixed-shape step compiled by torch.compile
@@ -86,6 +92,7 @@ class Engine:
         speculative: bool = False,
         compile: bool = False,
         prefill_rows: int = 8,
+        max_active_per_client: int | None = None,
     ) -> None:
         if speculative and not len(model.mtp):
             raise MinimoeError(
@@ -100,6 +107,7 @@ class Engine:
         self.static = StaticDecode(self.pool) if compile else None
         self.max_queued = max_queued
         self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
+        self.max_active_per_client = min(max_active_per_client or max_active - max_active // 8, max_active)
         self.prefill_chunk = prefill_chunk
         self._lock = threading.Lock()
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # client -> its waiting jobs
@@ -115,6 +123,14 @@ class Engine:
         self.steps = 0
         self.drafted = 0  # speculative: drafts verified ...
         self.accepted = 0  # ... and accepted
+
+    @classmethod
+    def from_limits(cls, model, tokenizer, limits: Limits, **kwargs) -> Engine:
+        """An engine sized by the server's limits (`minimoe serve`'s flags); kwargs as __init__."""
+        return cls(
+            model, tokenizer, limits.max_active, limits.max_queued, limits.max_queued_per_client,
+            limits.prefill_chunk, max_active_per_client=limits.max_active_per_client, **kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ outside the worker
 
@@ -233,11 +249,15 @@ class Engine:
         self.steps += 1
 
     def _admit(self) -> None:
-        """Waiting jobs (clients in turn) take free prefill rows while decode slots remain for them."""
+        """Waiting jobs (clients in turn, each within its share of the slots) take free prefill rows
+        while decode slots remain for them."""
+        held = Counter(s.job.client for s in self._running)
+        held.update(s.job.client for s in self._prefilling.values())
         while self._prefill.free and self.pool.n + len(self._prefilling) < self.pool.slots:
-            job = self._next_job()
+            job = self._next_job(held)
             if job is None:
                 return
+            held[job.client] += 1
             if job.params.max_tokens == 0:
                 _post(job, Finish(job.index, "length", 0, ""))
                 continue
@@ -273,17 +293,24 @@ class Engine:
             finally:
                 self._prefill.release(row)
 
-    def _next_job(self) -> Job | None:
+    def _next_job(self, held: Counter[str]) -> Job | None:
+        """The first live job of the first client in turn that holds fewer than its share of slots."""
         with self._lock:
-            while self._queues:
-                client, jobs = next(iter(self._queues.items()))
-                job = jobs.popleft()
-                self._queued -= 1
+            for client in list(self._queues):
+                if held[client] >= self.max_active_per_client:
+                    continue  # its jobs wait for one of its own sequences to end
+                jobs = self._queues[client]
+                job = None
+                while jobs and job is None:
+                    job = jobs.popleft()
+                    self._queued -= 1
+                    if job.cancelled.is_set():
+                        job = None
                 if jobs:
                     self._queues.move_to_end(client)  # round-robin: this client waits its turn
                 else:
                     del self._queues[client]
-                if not job.cancelled.is_set():
+                if job is not None:
                     return job
         return None
 

@@ -17,6 +17,8 @@ class Limits:
             allocated at start-up.
         max_queued: choices waiting for a slot; a request that would go past it gets 429.
         max_queued_per_client: of those, the most from one client address (default: half).
+        max_active_per_client: of the cache slots, the most one client address holds at once
+            (default: all but an eighth, which stay free for other clients).
         max_choices: prompts x n in one request; more is a 400.
         max_request_tokens: prompt plus completion tokens, summed over a request's choices; more is
             a 400.
@@ -31,6 +33,7 @@ class Limits:
     max_active: int = 64
     max_queued: int = 256
     max_queued_per_client: int | None = None
+    max_active_per_client: int | None = None
     max_choices: int = 64
     max_request_tokens: int = 1 << 17
     max_tokens: int = 4096

@@ -43,10 +43,7 @@ class Service:
         compile: bool = False,
     ) -> None:
         self.limits = limits
-        self.engine = Engine(
-            model, tokenizer, limits.max_active, limits.max_queued, limits.max_queued_per_client,
-            limits.prefill_chunk, speculative=speculative, compile=compile,
-        )  # fmt: skip
+        self.engine = Engine.from_limits(model, tokenizer, limits, speculative=speculative, compile=compile)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context = model.cfg.max_position_embeddings
