@@ -892,6 +892,27 @@ def test_default_template_jinja_equals_python():
     assert make_renderer(PLAIN_CHAT_TEMPLATE)(messages) == render_plain(messages)
 
 
+def test_developer_role_renders_as_system_where_the_template_does_not_name_it(client, loaded):
+    """OpenAI's `developer` message is the system message of a template that knows only system, user
+    and assistant (one that refuses other roles included); a template naming `developer` gets it as is."""
+    pytest.importorskip("jinja2")
+    model, tok = loaded
+    dev = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "the dog"}]
+    sys_ = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the dog"}]
+    strict = (
+        "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m.role) }}{% endif %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    )
+    knows = "{% for m in messages %}{% if m.role == 'developer' %}D:{% endif %}{{ m.content }};{% endfor %}"
+    assert make_renderer(strict)(dev) == make_renderer(strict)(sys_) == "[system]be brief[user]the dog"
+    assert make_renderer(knows)(dev) == "D:be brief;the dog;"
+    assert render_plain(dev) == render_plain(sys_) == make_renderer(PLAIN_CHAT_TEMPLATE)(dev)
+    r = client.chat.completions.create(model=NAME, messages=dev, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == generate_text(
+        model, tok, render_plain(sys_), max_new_tokens=8, temperature=0
+    )
+
+
 # ---------------------------------------------------------------------- CLI
 
 

@@ -8,6 +8,10 @@ body), a `tojson` that neither escapes HTML nor sorts keys, and the variables Hu
 (`messages`, `tools` and `documents` as none, `add_generation_prompt`, `bos_token`, `eos_token`,
 `pad_token`, `raise_exception`, `strftime_now`).
 
+OpenAI's `developer` role (the system message of newer OpenAI models) is rendered as `system` by a
+template that never names it, as llama.cpp and vLLM's Responses API do: most templates know only
+system, user and assistant, and some raise on any other role.
+
 Two defaults, for tokenizers without a template:
 - `PLAIN_CHAT_TEMPLATE` suits base models trained on raw text; one `role: content` line per message,
   then `assistant:` for the reply (no space: the model writes it). It is also rendered in pure
@@ -39,8 +43,16 @@ class ChatTemplateError(MinimoeError):
     """The template refused the messages (its `raise_exception`) or failed while rendering them."""
 
 
+def template_roles(template: str, messages: list[dict]) -> list[dict]:
+    """`messages` with the `developer` role as `system` unless the template names it."""
+    if "developer" in template or not any(m.get("role") == "developer" for m in messages):
+        return messages
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+
+
 def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """PLAIN_CHAT_TEMPLATE without jinja2."""
+    messages = template_roles(PLAIN_CHAT_TEMPLATE, messages)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return text + ("assistant:" if add_generation_prompt else "")
 
@@ -104,7 +116,7 @@ def render(
 
     try:
         return compile_template(template).render(
-            messages=messages,
+            messages=template_roles(template, messages),
             tools=None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
