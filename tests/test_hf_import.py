@@ -269,6 +269,51 @@ def test_import_refuses_what_minimoe_cannot_express(published, tmp_path, name, c
         import_hf(folder, tmp_path / "run", tokenizer="byte")
 
 
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("qwen3_moe", {"mlp_only_layers": ["a"]}, "'mlp_only_layers' must be a list of layer numbers, got"),
+        ("qwen3_moe", {"mlp_only_layers": 3}, "'mlp_only_layers' must be a list of layer numbers, got 3"),
+        ("qwen3_moe", {"partial_rotary_factor": "half"}, "'partial_rotary_factor' must be a number"),
+        ("qwen3_moe", {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": "half"}},
+         "'partial_rotary_factor' must be a number"),
+        ("qwen3_moe", {"decoder_sparse_step": None}, None),  # null: the default, as an absent key
+        ("moonlight", {"moe_layer_freq": None}, None),
+    ],
+)  # fmt: skip
+def test_import_malformed_config_fields_are_one_sentence(published, tmp_path, name, change, match):
+    """A config.json field of the wrong type is one sentence naming it, not a TypeError / ValueError."""
+    hf, source = published[name]
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**HF_LAYOUTS[name][0], **change}))
+    shutil.copy(source / "model.safetensors", folder)
+    if match is None:
+        import_hf(folder, tmp_path / "run", tokenizer="byte")
+        assert (_logits(load_run(tmp_path / "run")[0]) - _logits(hf)).abs().max().item() <= TOL
+        return
+    with pytest.raises(MinimoeError, match=match):
+        import_hf(folder, tmp_path / "run", tokenizer="byte")
+
+
+def test_import_refuses_a_quantized_checkpoint_before_reading_its_weights(tmp_path):
+    """DeepSeek-V3/R1 are published in FP8 with per-block `weight_scale_inv` tensors: the refusal names
+    the quantization, not a scale tensor, and comes before any weight is read (here there are none)."""
+    fp8 = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**MOONLIGHT_16B_A3B, "quantization_config": fp8}))
+    with pytest.raises(
+        MinimoeError, match=r"the checkpoint is quantized \(quantization_config, quant_method='fp8'\)"
+    ):
+        import_hf(folder, tmp_path / "run", tokenizer="byte")
+
+
 # ------------------------------------------------------------------ q/k-norm export
 
 EXPORT_BASE = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,

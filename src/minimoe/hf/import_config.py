@@ -108,7 +108,7 @@ _NUMERIC = (
     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok",
     "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
     "n_group", "topk_group", "routed_scaling_factor", "num_local_experts", "router_aux_loss_coef", "num_experts",
-    "shared_expert_intermediate_size", "decoder_sparse_step", "num_nextn_predict_layers",
+    "shared_expert_intermediate_size", "decoder_sparse_step", "num_nextn_predict_layers", "partial_rotary_factor",
 )  # fmt: skip
 
 
@@ -189,6 +189,8 @@ def _attention(c: dict, fmt: str) -> dict:
     prf = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor"))
     if prf is None:
         prf = 0.5 if fmt == "glm4_moe" else 1.0  # GLM's config default
+    if isinstance(prf, bool) or not isinstance(prf, int | float):
+        raise MinimoeError(f"config.json field 'partial_rotary_factor' must be a number, got {prf!r}")
     need(float(prf) == 1.0, f"partial rotary embeddings (partial_rotary_factor={prf})")
     sliding = c.get("use_sliding_window", c.get("sliding_window") is not None and fmt == "mixtral")
     need(not sliding, "sliding-window attention")
@@ -198,7 +200,7 @@ def _attention(c: dict, fmt: str) -> dict:
 def _deepseek_family(c: dict, fmt: str, L: int, k: int) -> dict:
     """deepseek (DeepSeekMoE), deepseek_v2, deepseek_v3, glm4_moe: DeepSeek's MoE config keys."""
     E = int(c.get("n_routed_experts") or 0)
-    need(int(c.get("moe_layer_freq", 1)) == 1, "MoE layers only every moe_layer_freq layers")
+    need(int(c.get("moe_layer_freq") or 1) == 1, "MoE layers only every moe_layer_freq layers")
     kw = dict(
         n_routed_experts=E,
         n_shared_experts=int(c.get("n_shared_experts") or 0),
@@ -246,8 +248,13 @@ def _softmax_family(c: dict, fmt: str, L: int, k: int) -> dict:
     )
     shared = int(c.get("shared_expert_intermediate_size") or 0) if fmt == "qwen2_moe" else 0
     need(shared % mis == 0, "a shared expert whose width is not a multiple of moe_intermediate_size")
-    only = sorted(int(i) for i in (c.get("mlp_only_layers") or []))
-    need(int(c.get("decoder_sparse_step", 1)) == 1, "MoE layers only every decoder_sparse_step layers")
+    only = c.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise MinimoeError(
+            f"config.json field 'mlp_only_layers' must be a list of layer numbers, got {only!r}"
+        )
+    only = sorted(only)
+    need(int(c.get("decoder_sparse_step") or 1) == 1, "MoE layers only every decoder_sparse_step layers")
     need(only == list(range(len(only))), "dense layers that are not the first ones (mlp_only_layers)")
     return dict(
         n_routed_experts=E,

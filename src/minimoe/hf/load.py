@@ -121,6 +121,14 @@ def import_state_dict(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
 
     hf_dir = Path(hf_dir)
     c = read_config(hf_dir)
+    # FP8 with block scales (DeepSeek-V3/R1 as published), GPTQ, AWQ, ...: refused before any weight is read
+    quant = c.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+        raise MinimoeError(
+            f"the checkpoint is quantized (quantization_config, quant_method={method!r}); minimoe imports "
+            "unquantized bf16/fp16/fp32 weights, so dequantize it first"
+        )
     hub = load_tensors(hf_dir)
     try:
         cfg, fmt, notes = model_config(c, hub)
