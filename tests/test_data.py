@@ -297,6 +297,9 @@ def test_folder_source_glob_skips_binary_and_non_utf8(tmp_path):
         ("**/[ab].py", ["b.py", "a.py"]),
     ]:
         assert [f.name for f in open_source(root, glob=glob).files] == want
+    for glob in ("[z-a]*.py", "[!]"):  # no valid character class: one sentence, not a regex error
+        with pytest.raises(MinimoeError, match="is not a valid pattern"):
+            open_source(root, glob=glob)
 
 
 def test_jsonl_parquet_and_hf_sources(tmp_path):
@@ -515,6 +518,27 @@ def test_stream_split_bpe_learns_nothing_from_the_validation_tail(tmp_path):
     assert any("cat" in t for t in vocab)  # the training text was learned
 
 
+def test_stream_split_bpe_learns_nothing_from_a_tail_that_tokenizes_short(tmp_path):
+    """A tail the tokenizer would compress far better than the text before it: random letters, then
+    words found only in the last 3,000 of 10,000 characters. Trained up to the margin (8,550 characters),
+    the tokenizer learned those words, so the last tenth of the tokens reached back to character 6,819,
+    into the text it had learned from; `prepare` learns again from the text before that tail only."""
+    rng = random.Random(0)
+    head = "".join(rng.choice("abcdefghijklmnopstuy") for _ in range(6000)) + "qwzx vlkj " * 100
+    text = head + "mmoo rrpp " * 300
+    (tmp_path / "book.txt").write_text(text)
+    data = prepare(
+        tmp_path / "book.txt", "bpe:290", tmp_path / "prep", val_fraction=0.1, workers=0, progress=False
+    )
+    assert data.meta["split_mode"] == "stream"
+    tok = data.tokenizer()
+    assert [
+        t for t in tok._hf.get_vocab() if len(t.strip("Ġ")) > 1 and set(t.strip("Ġ")) <= set("morp")
+    ] == []
+    val = tok.decode(read_split(data, "val").tolist())
+    assert text.endswith(val) and "mmoo rrpp" in val
+
+
 def test_prepare_pool_matches_in_process_and_bpe_cache(tmp_path):
     write_stories(tmp_path / "s.txt", 2000, words_per_doc=50)  # > 2 worker tasks of text
     a = prepare(tmp_path / "s.txt", "bpe:300", tmp_path / "a", workers=2, progress=False)
@@ -561,6 +585,13 @@ def test_bad_inputs(tmp_path):
         prepare(tmp_path / "ok.txt", "bpe:x", tmp_path / "o", progress=False)
     with pytest.raises(MinimoeError, match="val_fraction"):
         prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=1.5, progress=False)
+    np.save(tmp_path / "val.npy", np.arange(10))  # ids no tokenizer trained now has made
+    with pytest.raises(
+        MinimoeError, match="val.npy is already tokenized; pass the tokenizer it was made with"
+    ):
+        prepare(
+            tmp_path / "ok.txt", "bpe:300", tmp_path / "o", val_source=tmp_path / "val.npy", progress=False
+        )
     data = prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
     with pytest.raises(MinimoeError, match="has 10 tokens, fewer than one window of seq_len\\+1 = 17"):
         TokenWindows(data, "train", seq_len=16, batch_size=2)

@@ -212,7 +212,10 @@ def _glob_regex(pattern: str) -> re.Pattern:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out) + r"\Z")
+    try:
+        return re.compile("".join(out) + r"\Z")
+    except re.error as e:  # a character class such as [z-a] or [!]
+        raise MinimoeError(f"glob {pattern!r} is not a valid pattern ({e.msg})") from None
 
 
 def _walk(root: Path, glob: str, skip_dirs: frozenset) -> list[Path]:

@@ -267,16 +267,65 @@ def _build(
         mode = "stream"
     assign = (lambda i: int(_is_val(i, val_fraction))) if mode == "document" else (lambda i: 0)
 
+    limit = None
     if tok is None:  # bpe:N, trained on the training documents only
-        if corpus.pretokenized:
-            raise MinimoeError(
-                f"{corpus.name} is already tokenized; pass the tokenizer it was made with, not {spec}"
-            )
+        for c in (corpus, val_corpus):  # ids made with another tokenizer mean nothing to a new one
+            if c is not None and c.pretokenized:
+                raise MinimoeError(
+                    f"{c.name} is already tokenized; pass the tokenizer it was made with, not {spec}"
+                )
         # a stream split's validation tail is cut in tokens, after tokenizing: the tokenizer learns from
         # the text before it, with a margin for a tail that tokenizes shorter than the average
         limit = int(n_chars * (1 - val_fraction) * STREAM_BPE_MARGIN) if mode == "stream" else None
         tok = train_bpe(_train_texts(corpus, assign, limit), _bpe_vocab(spec))
-    tok.save(tmp / "tokenizer")
+    while True:
+        tok.save(tmp / "tokenizer")
+        dtype, writers, stats, max_id = _write_splits(
+            corpus, val_corpus, tok, mode, assign, n_chars, tmp, val_fraction, workers, shard_tokens, progress
+        )
+        if limit is None:
+            break
+        # a tail that tokenizes much shorter than the average reaches back past the margin into the text
+        # the tokenizer learned from: learn again from the text before the tail only, and tokenize again
+        # (the limit shrinks every round)
+        start = n_chars - _split_chars(tmp, tok, writers["val"], dtype)
+        if start >= limit:
+            break
+        for p in tmp.glob("*.bin"):
+            p.unlink()
+        limit = int(start * STREAM_BPE_MARGIN)
+        tok = train_bpe(_train_texts(corpus, assign, limit), _bpe_vocab(spec))
+    for s in SPLITS:
+        stats[s]["shards"] = [{"file": n, "tokens": t} for n, t in writers[s].shards if t > 0]
+    if stats["train"]["tokens"] == 0:
+        raise MinimoeError(f"{corpus.name} contains no text")
+    return {
+        "version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": {
+            "kind": tok.kind,
+            "spec": spec,
+            "hash": tok.hash(),
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+            "pad_id": tok.pad_id,
+        },
+        "dtype": dtype.name,
+        "split_mode": mode,
+        "splits": stats,
+        "documents": stats["train"]["documents"] + stats["val"]["documents"],
+        "max_token_id": max_id,
+        "skipped_files": {
+            c.name: c.skipped for c in (corpus, val_corpus) if c is not None and any(c.skipped.values())
+        },
+    }
+
+
+def _write_splits(
+    corpus, val_corpus, tok, mode, assign, n_chars, tmp, val_fraction, workers, shard_tokens, progress
+) -> tuple[np.dtype, dict, dict, int]:
+    """Tokenize (or copy) the sources into shards under `tmp`; dtype, writers, stats and the largest id."""
     # ids < vocab_size <= 65536 fit in uint16
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
@@ -303,31 +352,17 @@ def _build(
         w.close()
     if mode == "stream":
         move_tail(tmp, tok, writers, stats, val_fraction, dtype)
-    for s in SPLITS:
-        stats[s]["shards"] = [{"file": n, "tokens": t} for n, t in writers[s].shards if t > 0]
-    if stats["train"]["tokens"] == 0:
-        raise MinimoeError(f"{corpus.name} contains no text")
-    return {
-        "version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": {
-            "kind": tok.kind,
-            "spec": spec,
-            "hash": tok.hash(),
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id,
-        },
-        "dtype": dtype.name,
-        "split_mode": mode,
-        "splits": stats,
-        "documents": stats["train"]["documents"] + stats["val"]["documents"],
-        "max_token_id": max_id,
-        "skipped_files": {
-            c.name: c.skipped for c in (corpus, val_corpus) if c is not None and any(c.skipped.values())
-        },
-    }
+    return dtype, writers, stats, max_id
+
+
+def _split_chars(tmp: Path, tok: Tokenizer, writer: ShardWriter, dtype: np.dtype) -> int:
+    """Characters of text that a split's shards decode to (EOS is no text)."""
+    step = 1 << 20
+    n = 0
+    for name, _ in writer.shards:
+        ids = np.fromfile(tmp / name, dtype=dtype)
+        n += sum(len(tok.decode(ids[i : i + step].tolist())) for i in range(0, len(ids), step))
+    return n
 
 
 def _skipped_note(c: Corpus) -> str:
