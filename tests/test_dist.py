@@ -46,6 +46,12 @@ SCENARIOS = {  # name -> overrides of a 4-step 2-rank run, compared with the sam
     "ep": ["dist.expert_parallel=2"],
     "pp": PP_MODEL + ["dist.pipeline_parallel=2", "dist.pp_microbatches=2"],
 }
+# a capacity of one pair per expert and forward: 2 micro-batches of 2 x 32 tokens route 2 x 128 pairs per
+# layer and keep one per expert that got any (2 to 4 of the 4), so a step drops 248 to 252 per layer
+PP_CAPACITY = PP_MODEL + [
+    "dist.pipeline_parallel=2", "dist.pp_microbatches=2", "model.capacity_factor=0.01",
+    "train.max_steps=2", "train.eval_every=100",
+]  # fmt: skip
 RESUME_ON_2 = {  # one-process checkpoints continued on 2 ranks: each way of loading a full state
     "ep": ["dist.expert_parallel=2"],
     "fsdp": ["dist.strategy=fsdp"],
@@ -169,6 +175,7 @@ def _rank_main(rank: int, port: int, root: str, corpus: str, out_json: str) -> N
         base = TINY + [f"data.path={corpus}"]
         for name, extra in SCENARIOS.items():
             train_from_config(overrides=base + STEPS + extra, run_dir=root_p / f"2r-{name}", progress=False)
+        train_from_config(overrides=base + PP_CAPACITY, run_dir=root_p / "2r-pp-capacity", progress=False)
         # checkpoints that change world size: 2 ranks pause at step 4 of 8 (resumed in one process
         # by the test), and one process's paused run continues here on 2 ranks
         for name, extra in (("ep", SCENARIOS["ep"]), ("fsdp", SCENARIOS["fsdp"])):
@@ -302,6 +309,19 @@ def test_two_ranks_match_one_process(env, two_ranks, name):
     assert sd1.keys() == sd2.keys()
     for k in sd1:
         assert torch.allclose(sd1[k], sd2[k], atol=1e-4), k
+
+
+def test_pipeline_counts_the_pairs_a_capacity_dropped(env, two_ranks):
+    """Under pipeline parallelism the metrics count the pairs a capacity dropped in every MoE layer,
+    whichever stage holds it, summed over the pipeline's micro-batches, as one process counts them."""
+    root, _ = env
+    rows = [json.loads(line) for line in (root / "2r-pp-capacity" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert sorted(r["dropped"]) == ["1", "2"], r  # layer 1 on stage 0, layer 2 on stage 1
+        assert all(248 <= d <= 252 for d in r["dropped"].values()), r
+        assert r["dropped_frac"] == pytest.approx(sum(r["dropped"].values()) / (2 * 256))
 
 
 @pytest.mark.parametrize("name", ["ep", "fsdp"])

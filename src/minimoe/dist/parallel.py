@@ -31,6 +31,7 @@ from torch import nn
 from minimoe.config import DistConfig, RunConfig
 from minimoe.dist.init import DistContext, all_gather_object, broadcast_object
 from minimoe.errors import ConfigError
+from minimoe.model.moe import MoEStats
 
 log = logging.getLogger("minimoe.dist")
 
@@ -91,14 +92,16 @@ class Parallel:
         Returns:
             ((5,) [loss, ce, aux, z, mtp] of the micro-batch, weighted as in the backward and detached
             (summed over the step's micro-batches they give the step's losses); loads {layer: (E,)};
-            the forward's per-layer MoEStats, {} under pipeline parallelism (the stages sum theirs)).
+            the forward's per-layer MoEStats (under pipeline parallelism: every layer's loads and
+            dropped pairs, summed over the stages; its losses are zero)).
         """
         if self.pipeline is not None:  # already summed over stages
             # one weight for all the losses: pipelines train on full windows (target_share = 1 / n_micro)
             with autocast():
-                (ce, aux, z), loads = self.pipeline.train_step(x, y, target_share)
+                (ce, aux, z), loads, dropped = self.pipeline.train_step(x, y, target_share)
             vals = torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]) * target_share
-            return vals, loads, {}
+            zero = torch.zeros_like(ce)
+            return vals, loads, {i: MoEStats(zero, zero, loads[i], dropped[i]) for i in loads}
         with self.no_sync(last_micro=last_micro):
             with autocast():
                 out = self.step_forward(x, targets=y, return_logits=False)

@@ -111,6 +111,7 @@ class PipelineStageModule(nn.Module):
     def reset_stats(self) -> None:
         """Clear the per-step sums of routing statistics."""
         self.loads: dict[int, torch.Tensor] = {}
+        self.dropped: dict[int, torch.Tensor] = {}  # pairs a capacity dropped, per layer
         self.aux_sum: torch.Tensor | float = 0.0
         self.z_sum: torch.Tensor | float = 0.0
 
@@ -129,6 +130,7 @@ class PipelineStageModule(nn.Module):
             if st is None:
                 continue
             self.loads[int(i)] = self.loads.get(int(i), 0) + st.load
+            self.dropped[int(i)] = self.dropped.get(int(i), 0) + st.dropped
             self.aux_sum = self.aux_sum + st.aux_loss.detach()
             self.z_sum = self.z_sum + st.z_loss.detach()
             extra = st.aux_loss + st.z_loss
@@ -198,8 +200,11 @@ class PipelineRunner:
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return ce * self.module.loss_scale
 
-    def _stats(self, ce_sum: torch.Tensor, n_forwards: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Sum this stage's numbers over all stages: ([ce, aux, z] means per forward, loads per layer)."""
+    def _stats(
+        self, ce_sum: torch.Tensor, n_forwards: int
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Sum this stage's numbers over all stages: ([ce, aux, z] means per forward, loads per layer,
+        pairs dropped by a capacity per layer)."""
         m, dev = self.module, self.ctx.device
         vals = (
             torch.stack(
@@ -212,25 +217,30 @@ class PipelineRunner:
             / n_forwards
         )
         E = max(self.n_experts, 1)
-        loads_LE = torch.zeros(len(self.moe_ids), E, device=dev)
+        L = len(self.moe_ids)
+        loads_LE = torch.zeros(L, E, device=dev)
+        dropped_L = torch.zeros(L, device=dev)
         for j, i in enumerate(self.moe_ids):
             if i in m.loads:
                 loads_LE[j] = m.loads[i].float()
-        flat = torch.cat([vals, loads_LE.reshape(-1)])
+                dropped_L[j] = m.dropped[i].float()
+        flat = torch.cat([vals, dropped_L, loads_LE.reshape(-1)])
         dist.all_reduce(flat)  # each number lives on exactly one stage; the sum gathers them
-        loads = {i: flat[3 + j * E : 3 + (j + 1) * E] for j, i in enumerate(self.moe_ids)}
-        return flat[:3], loads
+        dropped = {i: flat[3 + j].long() for j, i in enumerate(self.moe_ids)}
+        loads = {i: flat[3 + L + j * E : 3 + L + (j + 1) * E] for j, i in enumerate(self.moe_ids)}
+        return flat[:3], loads, dropped
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, loss_scale: float
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Forward and backward of one batch through all stages; gradients accumulate in the stage.
 
         Args:
             x, y: (B, T) inputs and targets (the same batch on every rank; stages use what they need).
             loss_scale: factor on the loss (1 / grad_accum).
         Returns:
-            ([ce, aux, z] of the batch, identical on every rank; loads {layer: (E,)} summed over stages).
+            ([ce, aux, z] of the batch, identical on every rank; loads {layer: (E,)} and the pairs a
+            capacity dropped {layer: int64 scalar}, summed over micro-batches and stages).
         """
         m = self.module
         m.loss_scale = loss_scale / self.n_micro  # mean over micro-batches, as one batch in one process
@@ -271,4 +281,5 @@ class PipelineRunner:
             ce = torch.zeros((), device=dev)
         else:
             ce = F.cross_entropy(out.float().flatten(0, 1), y.to(dev).flatten(), ignore_index=-100)
-        return self._stats(ce, 1)
+        vals, loads, _ = self._stats(ce, 1)
+        return vals, loads
