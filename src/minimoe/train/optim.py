@@ -160,8 +160,8 @@ def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> 
     if tc.optimizer == "muon":
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):
             raise MinimoeError(
-                "train.optimizer=muon needs whole matrices; it runs in one process or under DDP, not with "
-                "FSDP or expert parallelism (use adamw there)"
+                "train.optimizer=muon needs whole matrices; it runs in one process, under DDP, expert or "
+                "pipeline parallelism, not with FSDP's sharded parameters (use adamw there)"
             )
         names = muon_param_names(model)
         muon, rest = [], []
