@@ -294,6 +294,47 @@ def test_a_step_saved_again_replaces_the_old_files(tmp_path, trained_run):
     assert _leftovers(run) == []
 
 
+def test_a_run_killed_in_its_first_save_trains_again_from_scratch(setup, tmp_path, capsys, trained_run):
+    """A kill during the first save leaves only a `.tmp-*` directory in checkpoints/: nothing to resume,
+    so a new run in the folder is let through (it was refused with advice to --resume, which refuses too),
+    and it keeps none of the dead attempt's metrics rows."""
+    run = _copy_run(trained_run, tmp_path / "run")
+    root = run / ckpt_lib.CKPT
+    for p in list(root.iterdir()):
+        if p.name.startswith("step_"):
+            p.rename(root / f".tmp-{p.name}-12345")
+        else:
+            p.unlink()
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 9, "tokens": 1, "loss": 9.0}) + "\n")
+    code, _, err = _cli(capsys, "train", "--resume", run)
+    assert code == 2 and "no complete checkpoint" in _one_sentence(err)
+    argv = ["train", "--out", run, *setup["overrides"], "train.max_steps=1", "train.eval_every=1"]
+    argv.append("--no-sample")
+    code, _, err = _cli(capsys, *argv)
+    assert code == 0, err
+    assert _latest_step(run) == 1 and _leftovers(run) == []
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 1
+
+
+def test_a_resume_that_changes_the_model_is_refused(tmp_path, capsys, trained_run):
+    """`--resume RUN model.num_experts_per_tok=1` (same weight shapes, another model) is one sentence and
+    leaves the run as it was; a training-only model setting may change."""
+    run = _copy_run(trained_run, tmp_path / "run")
+    config = (run / "config.yaml").read_text()
+    for change in ("model.num_experts_per_tok=1", "model.scoring_func=softmax"):
+        code, _, err = _cli(capsys, "train", "--resume", run, "train.max_steps=3", change, "--no-sample")
+        assert code == 2 and change.split("=")[0] in _one_sentence(err, "trained with")
+        assert (run / "config.yaml").read_text() == config and _latest_step(run) == 2
+    # a training-only setting, and a longer context with YaRN (a context extension continues the run)
+    yarn = "model.rope_scaling={type: yarn, factor: 2.0, original_max_position_embeddings: 64}"
+    extend = ["model.z_loss_coef=0.001", "model.max_position_embeddings=128", yarn]
+    code, _, err = _cli(capsys, "train", "--resume", run, "train.max_steps=3", *extend, "--no-sample")
+    assert code == 0, err
+    assert _latest_step(run) == 3
+
+
 class FileOps:
     """Records os.fsync / os.rename / os.replace in order: the path behind each fsynced descriptor with
     the file's bytes at that moment, and whether `watch` existed at each operation."""

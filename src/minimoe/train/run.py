@@ -115,7 +115,9 @@ def train_from_config(
         cfg = build_run_config(config_path=str(run_dir / "config.yaml"), overrides=overrides)
         tokenizer, seed = Tokenizer.load(run_dir / "tokenizer"), None
     else:
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        # only a complete checkpoint holds a run: what a crash in the first save left (.tmp-* directories)
+        # cannot be resumed, and the first save removes it
+        if any((d / "meta.json").is_file() for d in (run_dir / "checkpoints").glob("step_*")):
             raise MinimoeError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )

@@ -8,6 +8,7 @@ group.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -55,9 +56,35 @@ def check_run_dir_writable(run_dir: Path) -> None:
         raise MinimoeError(f"cannot write to output directory {run_dir} ({e.strerror})") from None
 
 
+# model settings a resume may change: those that only shape training (noise, balancing, losses, kernels),
+# and the context (its length and YaRN scaling, to extend it); any other changes what the weights compute
+TRAINING_ONLY = frozenset({
+    "router_jitter", "bias_update_speed", "aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_coef",
+    "capacity_factor", "moe_impl", "mtp_loss_weight", "dropout", "attn_dropout", "initializer_range",
+    "max_position_embeddings", "rope_scaling",
+})  # fmt: skip
+
+
+def check_same_model(cfg, ckpt: Path) -> None:
+    """MinimoeError naming the first model setting of `cfg` (a RunConfig) that differs from the one
+    checkpoint `ckpt` was trained with, outside TRAINING_ONLY."""
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import dataclass_from_dict, load_yaml
+
+    saved = dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate().model
+    for f in dataclasses.fields(saved):
+        old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
+        if f.name not in TRAINING_ONLY and old != new:
+            raise MinimoeError(
+                f"checkpoint {ckpt} was trained with model.{f.name}={old}, not {new}; a resume continues "
+                "the same model (start a new run for another one)"
+            )
+
+
 def read_checkpoint(tr) -> tuple[Path, dict, dict]:
     """Rank 0: the latest checkpoint's weights (checked against the full model) and state."""
     ckpt = ckpt_lib.find_checkpoint(tr.run_dir, "latest")
+    check_same_model(tr.cfg, ckpt)
     weights = ckpt_lib.read_weights(ckpt)
     with torch.device("meta"):
         reference = Transformer(tr.cfg.model)

@@ -190,6 +190,8 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume and self.ctx.is_main:
             truncate_metrics(self.metrics_path, self.step)
+        elif self.ctx.is_main:  # rows of an attempt here that saved no checkpoint are not this run's
+            self.metrics_path.unlink(missing_ok=True)
         self.metrics = MetricWriters(self.metrics_path, enabled=self.ctx.is_main)
         self._eval_s: float | None = None  # the last evaluation's and checkpoint's wall time
         self._save_s: float | None = None
