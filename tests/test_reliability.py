@@ -4,7 +4,7 @@
   checkpoints back to back and is killed at random moments spread over the save duration; after every
   kill `latest` is one complete saved version (never a mix, never older than the last finished save)
   and a resumed Trainer continues from it. Then the same with a real `python -m minimoe train`.
-- SIGINT: the real CLI saves, exits 0, and the checkpoint resumes.
+- SIGINT and SIGTERM: the real CLI saves, exits 0, and the checkpoint resumes.
 - A full disk during a save: a small tmpfs in a private mount namespace (where the kernel lets an
   unprivileged process make one) and RLIMIT_FSIZE (everywhere).
 - The NaN guard: one bad step is skipped without touching the weights; K in a row stop the run.
@@ -297,7 +297,7 @@ def test_a_step_saved_again_replaces_the_old_files(tmp_path, trained_run):
 def test_a_run_killed_in_its_first_save_trains_again_from_scratch(setup, tmp_path, capsys, trained_run):
     """A kill during the first save leaves only a `.tmp-*` directory in checkpoints/: nothing to resume,
     so a new run in the folder is let through (it was refused with advice to --resume, which refuses too),
-    and it keeps none of the dead attempt's metrics rows."""
+    and it keeps none of the dead attempt's metrics rows or TensorBoard events."""
     run = _copy_run(trained_run, tmp_path / "run")
     root = run / ckpt_lib.CKPT
     for p in list(root.iterdir()):
@@ -307,6 +307,8 @@ def test_a_run_killed_in_its_first_save_trains_again_from_scratch(setup, tmp_pat
             p.unlink()
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 9, "tokens": 1, "loss": 9.0}) + "\n")
+    (run / "tb").mkdir(exist_ok=True)
+    (run / "tb" / "events.out.tfevents.1.dead").write_bytes(b"")  # the dead attempt's TensorBoard log
     code, _, err = _cli(capsys, "train", "--resume", run)
     assert code == 2 and "no complete checkpoint" in _one_sentence(err)
     argv = ["train", "--out", run, *setup["overrides"], "train.max_steps=1", "train.eval_every=1"]
@@ -315,7 +317,7 @@ def test_a_run_killed_in_its_first_save_trains_again_from_scratch(setup, tmp_pat
     assert code == 0, err
     assert _latest_step(run) == 1 and _leftovers(run) == []
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps and max(steps) == 1
+    assert steps and max(steps) == 1 and not (run / "tb").exists()
 
 
 def test_a_resume_that_changes_the_model_is_refused(tmp_path, capsys, trained_run):
@@ -465,7 +467,8 @@ def _latest_step(run: Path) -> int:
 
 def test_cli_train_sigkill_resume_sigint_resume(setup, tmp_path, capsys):
     """A real `python -m minimoe train` saving every step is SIGKILLed mid-run; `--resume` continues
-    (another real process), which a Ctrl-C stops with a checkpoint and exit 0; a last resume ends it."""
+    (another real process), which a Ctrl-C stops with a checkpoint and exit 0; so does a SIGTERM of the
+    next; a last resume ends it."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = [sys.executable, "-m", "minimoe", "train", "--no-progress", "--no-sample"]
@@ -497,6 +500,21 @@ def test_cli_train_sigkill_resume_sigint_resume(setup, tmp_path, capsys):
     stopped = int(out.split()[1])  # "step N (interrupted)"
     assert f"resumed from {run / 'checkpoints' / ckpt_lib.step_dir_name(killed)} at step {killed}" in err
     assert _latest_step(run) == stopped > killed + 1
+
+    # SIGTERM (a batch scheduler's or torchrun's stop) saves and exits as Ctrl-C does
+    proc = subprocess.Popen(
+        train + ["--resume", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(lambda: _latest_step(run) >= stopped + 1, 120, "one more checkpoint", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "(interrupted)" in out and "Traceback" not in err
+    stopped = int(out.split()[1])
+    assert _latest_step(run) == stopped
 
     code, out, err = _cli(
         capsys, "train", "--resume", run, "--no-progress", "--no-sample", f"train.max_steps={stopped + 2}"

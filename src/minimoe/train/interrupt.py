@@ -1,29 +1,34 @@
-"""Ctrl-C during training: the first one asks the loop to stop after the current step (with an
-evaluation and a checkpoint, so the run resumes exactly); a second one stops at once."""
+"""Ctrl-C or SIGTERM during training: the first one asks the loop to stop after the current step (with
+an evaluation and a checkpoint, so the run resumes exactly); a second one stops at once. SIGTERM is what
+a batch scheduler (Slurm, Kubernetes) or torchrun sends before it kills a job, so a job stopped that way
+keeps its last steps too."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class Interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks after the current step."""
+    """Turns the first SIGINT or SIGTERM into a flag the loop checks after the current step."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self._old: dict[int, object] = {}
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # not the main thread
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for sig in SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up immediately
+        if self.requested:  # the second signal: give up immediately
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

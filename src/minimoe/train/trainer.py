@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +191,9 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume and self.ctx.is_main:
             truncate_metrics(self.metrics_path, self.step)
-        elif self.ctx.is_main:  # rows of an attempt here that saved no checkpoint are not this run's
+        elif self.ctx.is_main:  # the logs of an attempt here that saved no checkpoint are not this run's
             self.metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
         self.metrics = MetricWriters(self.metrics_path, enabled=self.ctx.is_main)
         self._eval_s: float | None = None  # the last evaluation's and checkpoint's wall time
         self._save_s: float | None = None
