@@ -14,7 +14,7 @@ import torch
 from ranks import init_gloo, run_ranks  # noqa: E402
 from test_train import TINY, _train  # noqa: E402
 
-from minimoe.train.progress import TrainProgress, truncate_metrics
+from minimoe.train.progress import TrainProgress, start_logs
 
 
 def test_bar_under_a_time_budget_counts_the_clock_and_ends_at_100():
@@ -88,10 +88,10 @@ def test_resume_drops_metrics_rows_after_the_restored_checkpoint(tmp_path, corpu
     assert steps.count(3) == 1 and steps.count(4) == 2  # step 4's train row and its eval row, once each
 
 
-def test_truncate_metrics_skips_a_half_written_row(tmp_path):
+def test_start_logs_of_a_resume_skips_a_half_written_row(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste', encoding="utf-8")
-    truncate_metrics(p, 2)
+    start_logs(tmp_path, 2)
     assert p.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
 
 

@@ -37,7 +37,7 @@ class MetricWriters:
         Args:
             step: the step the run continues from; TensorBoard drops what an earlier session logged
                 after it (a resume from an earlier checkpoint logs those steps again), as
-                `truncate_metrics` does for metrics.jsonl.
+                `start_logs` does for metrics.jsonl.
         """
         tc = cfg.train
         if not self.enabled:

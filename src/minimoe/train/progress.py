@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -49,8 +50,15 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     )
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the metrics rows written after `step` (a resume restarts there), so steps never go back."""
+def start_logs(run_dir: Path, step: int | None) -> None:
+    """Before a run logs into `run_dir`: a resume from `step` drops the metrics rows written after it,
+    so steps never go back (TensorBoard purges its own); a fresh run (`step` None) drops the rows and
+    TensorBoard events an attempt there that saved no checkpoint left, which are not this run's."""
+    path = run_dir / "metrics.jsonl"
+    if step is None:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        return
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

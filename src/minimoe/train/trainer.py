@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from minimoe.train.interrupt import Interrupt
 from minimoe.train.metrics import LogWindow, MetricWriters, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.precision import autocast_context, resolve_precision
-from minimoe.train.progress import TrainProgress, run_summary, truncate_metrics
+from minimoe.train.progress import TrainProgress, run_summary, start_logs
 from minimoe.train.schedule import lr_multiplier
 from minimoe.train.state import check_run_dir_writable
 
@@ -189,11 +188,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_text, encoding="utf-8")
             tokenizer.save(self.run_dir / "tokenizer")
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        if resume and self.ctx.is_main:
-            truncate_metrics(self.metrics_path, self.step)
-        elif self.ctx.is_main:  # the logs of an attempt here that saved no checkpoint are not this run's
-            self.metrics_path.unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+        if self.ctx.is_main:
+            start_logs(self.run_dir, self.step if resume else None)
         self.metrics = MetricWriters(self.metrics_path, enabled=self.ctx.is_main)
         self._eval_s: float | None = None  # the last evaluation's and checkpoint's wall time
         self._save_s: float | None = None
