@@ -242,6 +242,20 @@ def test_read_conversations_errors(tmp_path):
         read_conversations(tmp_path / "missing.jsonl")
 
 
+def test_developer_message_trains_as_system(tmp_path, tok):
+    """SFT data may hold OpenAI's `developer` role (serve takes it): it reads, and it is tokenized as
+    the system message it renders as."""
+    data = tmp_path / "dev.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},'
+        ' {"role": "assistant", "content": "hello"}]}\n'
+    )
+    (msgs,) = read_conversations(data)
+    sys_ = [{**m, "role": "system"} if m["role"] == "developer" else m for m in msgs]
+    got, want = (encode_conversation(tok, m, DEFAULT_CHAT_TEMPLATE) for m in (msgs, sys_))
+    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("sft")

@@ -17,7 +17,7 @@ from minimoe.data.chat_template import SFT_CHAT_TEMPLATE as DEFAULT_CHAT_TEMPLAT
 from minimoe.data.corpus import iter_jsonl
 from minimoe.errors import MinimoeError
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: rendered as system (chat_template)
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
