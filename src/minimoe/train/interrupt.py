@@ -31,4 +31,5 @@ class Interrupt:
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            if old is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(sig, old)
