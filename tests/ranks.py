@@ -70,7 +70,12 @@ def _attempt(fn, args: tuple, nprocs: int, timeout_s: float, tmp: Path) -> tuple
             p.start()
         deadline = time.monotonic() + timeout_s
         while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
-            wait([p.sentinel for p in procs if p.exitcode is None], timeout=deadline - time.monotonic())
+            # a second at a time: a sentinel has been seen to stay silent after its rank exited (the
+            # whole deadline went by in a test run), while the exit code was there to read
+            wait(
+                [p.sentinel for p in procs if p.exitcode is None],
+                timeout=min(1.0, deadline - time.monotonic()),
+            )
             if any(p.exitcode not in (None, 0) for p in procs):  # a rank failed: its peers may wait forever
                 break
     finally:  # also when the test is interrupted: no rank outlives this call
@@ -87,7 +92,7 @@ def _attempt(fn, args: tuple, nprocs: int, timeout_s: float, tmp: Path) -> tuple
     return ("ok" if codes == [0] * nprocs else "hung"), printed
 
 
-def run_ranks(fn, args: tuple = (), nprocs: int = 2, timeout_s: float = 240.0, before=None) -> None:
+def run_ranks(fn, args: tuple = (), nprocs: int = 2, timeout_s: float = 120.0, before=None) -> None:
     """Run fn(rank, port, *args) on `nprocs` spawned ranks; `before()` runs before each start."""
     hung = []
     for attempt in (1, 2):

@@ -58,8 +58,8 @@ RESUME_ON_2 = {  # one-process checkpoints continued on 2 ranks: each way of loa
     "pp": ["dist.pipeline_parallel=2"],
 }
 TOL = 1e-5
-# the first test holds the 2-rank fixture: 2 x 240 s for a hung start of the ranks and 2 x 180 s for
-# torchrun at worst, beyond pytest-timeout's 900 s default
+# the first test holds the 2-rank fixture: 2 x 120 s for a hung start of the ranks and 2 x 180 s for
+# torchrun at worst, plus the runs themselves on a slow host
 pytestmark = pytest.mark.timeout(1200)
 
 
