@@ -486,35 +486,29 @@ def test_cli_train_sigkill_resume_sigint_resume(setup, tmp_path, capsys):
     model, _, _, meta = ckpt_lib.load_run(run, "latest")
     assert meta["step"] == killed >= 3
 
-    proc = subprocess.Popen(
-        train + ["--resume", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        _wait_for(lambda: _latest_step(run) >= killed + 2, 120, "two more checkpoints", proc)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    assert "(interrupted)" in out and "Traceback" not in err
-    stopped = int(out.split()[1])  # "step N (interrupted)"
-    assert f"resumed from {run / 'checkpoints' / ckpt_lib.step_dir_name(killed)} at step {killed}" in err
-    assert _latest_step(run) == stopped > killed + 1
+    def resume_then_stop(sig: signal.Signals, more: int) -> tuple[int, str]:
+        """A real `--resume` stopped by `sig` once it saved `more` checkpoints: (the step it stopped
+        at, its stderr); it must have saved there and exited 0 cleanly."""
+        start = _latest_step(run)
+        proc = subprocess.Popen(
+            train + ["--resume", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            _wait_for(lambda: _latest_step(run) >= start + more, 120, f"{more} more checkpoints", proc)
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err
+        assert "(interrupted)" in out and "Traceback" not in err
+        stopped = int(out.split()[1])  # "step N (interrupted)"
+        assert _latest_step(run) == stopped >= start + more
+        return stopped, err
 
+    stopped, err = resume_then_stop(signal.SIGINT, 2)
+    assert f"resumed from {run / 'checkpoints' / ckpt_lib.step_dir_name(killed)} at step {killed}" in err
     # SIGTERM (a batch scheduler's or torchrun's stop) saves and exits as Ctrl-C does
-    proc = subprocess.Popen(
-        train + ["--resume", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        _wait_for(lambda: _latest_step(run) >= stopped + 1, 120, "one more checkpoint", proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    assert "(interrupted)" in out and "Traceback" not in err
-    stopped = int(out.split()[1])
-    assert _latest_step(run) == stopped
+    stopped, _ = resume_then_stop(signal.SIGTERM, 1)
 
     code, out, err = _cli(
         capsys, "train", "--resume", run, "--no-progress", "--no-sample", f"train.max_steps={stopped + 2}"
