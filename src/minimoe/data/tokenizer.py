@@ -193,11 +193,11 @@ class Tokenizer:
             spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
             return np.asarray(enc.ids, dtype=np.int64), spans
         ids, spans, at = [], [], 0
-        for piece in self._special_re.split(text) if "<|" in text else [text]:
-            if piece in self._specials:
-                ids.append(np.array([self._specials[piece]], dtype=np.int64))
+        for piece, special in self._byte_pieces(text):
+            if special is not None:
+                ids.append(np.array([special], dtype=np.int64))
                 spans.append(np.array([[at, at + len(piece)]], dtype=np.int64))
-            elif piece:
+            else:
                 b = np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)
                 char = at + np.cumsum((b & 0xC0) != 0x80) - 1  # a UTF-8 continuation byte is 10xxxxxx
                 ids.append(b.astype(np.int64))
@@ -207,15 +207,21 @@ class Tokenizer:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
         return np.concatenate(ids), np.concatenate(spans)
 
+    def _byte_pieces(self, text: str) -> Iterator[tuple[str, int | None]]:
+        """The non-empty pieces of `text` for the byte kind, each with its special token's id, or None
+        for plain text (its UTF-8 bytes are its ids): special-token strings split out as HF matches them."""
+        for piece in self._special_re.split(text) if "<|" in text else [text]:
+            if piece:
+                yield piece, self._specials.get(piece)
+
     def _encode_bytes(self, text: str) -> np.ndarray:
         if "<|" not in text:  # cheap test: no special-token string can be present
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-        parts = []
-        for piece in self._special_re.split(text):
-            if piece in self._specials:
-                parts.append(np.array([self._specials[piece]], dtype=np.int64))
-            elif piece:
-                parts.append(np.frombuffer(piece.encode("utf-8"), dtype=np.uint8).astype(np.int64))
+        parts = [
+            np.array([special], dtype=np.int64) if special is not None
+            else np.frombuffer(piece.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+            for piece, special in self._byte_pieces(text)
+        ]  # fmt: skip
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

@@ -126,12 +126,16 @@ HF_DEFAULTS = {
 }
 
 
+def _check_number(key: str, v) -> None:
+    """One sentence when config.json field `key` holds `v`, which is neither null nor a number."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+        raise MinimoeError(f"config.json field {key!r} must be a number, got {v!r}")
+
+
 def _check_numbers(c: dict) -> None:
     """One sentence naming the first config.json field that should be a number and is not."""
     for key in _NUMERIC:
-        v = c.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise MinimoeError(f"config.json field {key!r} must be a number, got {v!r}")
+        _check_number(key, c.get(key))
     for key in _NOT_NULL:  # null where transformers multiplies by the value: neither side can run it
         if key in c and c[key] is None:
             raise MinimoeError(f"config.json field {key!r} must be a number, got null")
@@ -187,10 +191,9 @@ def _attention(c: dict, fmt: str) -> dict:
         )
     need(c.get("clip_qkv") is None, f"clipped q/k/v (clip_qkv={c.get('clip_qkv')})")
     prf = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    _check_number("partial_rotary_factor", prf)  # also where it sits in rope_parameters
     if prf is None:
         prf = 0.5 if fmt == "glm4_moe" else 1.0  # GLM's config default
-    if isinstance(prf, bool) or not isinstance(prf, int | float):
-        raise MinimoeError(f"config.json field 'partial_rotary_factor' must be a number, got {prf!r}")
     need(float(prf) == 1.0, f"partial rotary embeddings (partial_rotary_factor={prf})")
     sliding = c.get("use_sliding_window", c.get("sliding_window") is not None and fmt == "mixtral")
     need(not sliding, "sliding-window attention")

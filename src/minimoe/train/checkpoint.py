@@ -311,6 +311,14 @@ def check_finite(model: torch.nn.Module, ckpt: Path) -> None:
             )
 
 
+def read_config(ckpt: Path) -> RunConfig:
+    """The validated RunConfig a checkpoint directory was written with."""
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import dataclass_from_dict, load_yaml
+
+    return dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
+
+
 def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """Load a model, its tokenizer and config from a run or checkpoint directory. A checkpoint written
     by `minimoe quantize` (meta.json has `quantization`) comes back with its int8/int4 weights.
@@ -318,13 +326,11 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     Returns:
         (model in eval mode, tokenizer, RunConfig, checkpoint meta dict)
     """
-    from minimoe.config import RunConfig
-    from minimoe.config_yaml import dataclass_from_dict, load_yaml
     from minimoe.data import Tokenizer
     from minimoe.model.transformer import Transformer
 
     ckpt = find_checkpoint(path, which)
-    cfg = dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
+    cfg = read_config(ckpt)
     from minimoe.memory import SKIP_ENV, check_fits
     from minimoe.params import count_params
 

@@ -68,10 +68,7 @@ TRAINING_ONLY = frozenset({
 def check_same_model(cfg, ckpt: Path) -> None:
     """MinimoeError naming the first model setting of `cfg` (a RunConfig) that differs from the one
     checkpoint `ckpt` was trained with, outside TRAINING_ONLY."""
-    from minimoe.config import RunConfig
-    from minimoe.config_yaml import dataclass_from_dict, load_yaml
-
-    saved = dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate().model
+    saved = ckpt_lib.read_config(ckpt).model
     for f in dataclasses.fields(saved):
         old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
         if f.name not in TRAINING_ONLY and old != new:
