@@ -322,6 +322,9 @@ def test_jsonl_parquet_and_hf_sources(tmp_path):
     assert hf.content_hash() == open_source(f"hf:{tmp_path / 'd.jsonl'}").content_hash()
     with pytest.raises(MinimoeError, match="must be hf:NAME_OR_PATH"):
         open_source("hf:x?splt=train")
+    for typo in ("hf:x?split", "hf:x?split=train&nme", "hf:x?split="):  # dropped silently before
+        with pytest.raises(MinimoeError, match="must be hf:NAME_OR_PATH"):
+            open_source(typo)
 
 
 def test_jsonl_lone_surrogate_is_one_clear_error(tmp_path):
@@ -673,6 +676,16 @@ def test_eval_windows_cover_split(prepared):
         assert torch.equal(torch.cat([x for x, _ in h]), rows[r::2][: h.num_windows])
     few = EvalWindows(prepared, "val", seq_len=10, batch_size=4, max_batches=2)
     assert len(few) == 2 and few.num_windows == 8
+    # the trainer gives each of W ranks batch_size / W rows and the same max_batches: the ranks
+    # together evaluate the windows one process evaluates, so validation does not grow with W
+    one = torch.cat([x for x, _ in EvalWindows(prepared, "val", seq_len=10, batch_size=4, max_batches=2)])
+    parts = [
+        EvalWindows(prepared, "val", seq_len=10, batch_size=2, max_batches=2, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    assert sum(p.num_windows for p in parts) == len(one)
+    rows = [tuple(x) for p in parts for b, _ in p for x in b.tolist()]
+    assert sorted(rows) == sorted(tuple(x) for x in one.tolist())
 
 
 def test_eval_windows_thinned_evenly_over_the_split(prepared):

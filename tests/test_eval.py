@@ -828,6 +828,9 @@ def test_lm_eval_adapter_requests_directly():
     assert [g for _, g in got] == [True, False, False]
     out = lm.generate_until([req("x", {"until": "ab", "max_gen_toks": 5}), req("x", {"until": ["a"]})])
     assert out == ["aaaaa", ""]
+    # `max_gen_toks: null` in a task's generation_kwargs means the model's default, as absent does
+    short = MinimoeLM(model=uni, tokenizer=tok, max_gen_toks=3)
+    assert short.generate_until([req("x", {"until": ["b"], "max_gen_toks": None})]) == ["aaa"]
 
     model = random_model()
     lm = MinimoeLM(model=model, tokenizer=tok, batch_size=3, max_length=16)

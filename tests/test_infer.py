@@ -646,6 +646,19 @@ def test_static_decode_step_equals_the_pooled_step_and_traces_once(attn_type):
     assert counter.frame_count == 4  # one graph per pair of buckets, all built by warm_up
 
 
+def test_static_decode_past_the_pool_is_one_clear_error():
+    """A row already at max_len gets a sentence, not a bare StopIteration from the bucket search."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode
+
+    pool = SlotPool(tiny_model(), slots=1, max_len=16)
+    prefill_together(pool, [list(range(1, 16))], budget=16)
+    static = StaticDecode(pool, compile=False)
+    static.decode(torch.tensor([1]))  # the 16th and last position
+    with pytest.raises(MinimoeError, match="position 17, past the pool's 16"):
+        static.decode(torch.tensor([1]))
+
+
 def test_warmed_static_decodes_of_different_models_each_run_their_own_graphs():
     """Two warmed steps over models of different widths and depths share the compiled functions (so
     graphs of both sit in one cache); called in turns, each runs its own model's graphs: the greedy

@@ -1298,6 +1298,19 @@ def test_compiled_engines_build_more_graphs_than_dynamos_default_limit_on_their_
     torch._dynamo.reset()
 
 
+def test_engine_zero_token_job_holds_no_slot(loaded):
+    """A max_tokens=0 job finishes at admission; it does not count against its client's slot cap,
+    so the client's next job is admitted in the same pass."""
+    model, tok = loaded
+    zero, some = JobParams(max_tokens=0, temperature=0), JobParams(max_tokens=4, temperature=0)
+    jobs = [Job(0, tok.encode("the"), zero, lambda e: None, client="a")]
+    jobs.append(Job(1, tok.encode("the"), some, lambda e: None, client="a"))
+    engine = Engine(model, tok, max_active=2, max_active_per_client=1)
+    engine.submit(jobs)
+    engine._admit()
+    assert [s.job.index for s in engine._prefilling.values()] == [1]
+
+
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):
     from minimoe.serve.engine import QueueFull
 

@@ -27,9 +27,12 @@ class HFCorpus(Corpus):
 
     def __init__(self, spec: str, text_field: str = "text", cache_dir: str | None = None):
         target, _, query = spec[3:].partition("?")
-        opts = dict(parse_qsl(query))
+        try:  # strict: a part without `=` (a typo such as `?split`) is an error, not dropped
+            opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+        except ValueError:
+            opts = {"": ""}
         unknown = set(opts) - {"name", "split", "revision"}
-        if not target or unknown:
+        if not target or unknown or not all(opts.values()):
             raise MinimoeError(f"data source {spec!r} must be hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]")
         local = Path(target).expanduser()
         if local.is_dir():

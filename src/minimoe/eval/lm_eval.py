@@ -174,7 +174,8 @@ class MinimoeLM(LM):
             kw = dict(gen_kwargs or {})
             until = kw.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            max_new = kw.pop("max_gen_toks", None)  # absent or null: the default
+            max_new = self.max_gen_toks if max_new is None else int(max_new)
             do_sample = bool(kw.pop("do_sample", False))
             # read even when greedy: `do_sample: false, temperature: 0.0` (GSM8K) is not an ignored argument
             temperature = float(kw.pop("temperature", 0.0) or 0.0)

@@ -161,7 +161,10 @@ class StaticDecode:
     def _bucket(self, T: int) -> int:
         """The smallest bucket that holds T more tokens in every row."""
         need = max(self.pool.lengths, default=0) + T
-        return next(L for L in self.buckets if L >= need)
+        fits = [L for L in self.buckets if L >= need]
+        if not fits:
+            raise MinimoeError(f"a row would reach position {need}, past the pool's {self.pool.max_len}")
+        return fits[0]
 
     def _lengths(self, device) -> torch.Tensor:
         return self._padded(torch.tensor(self.pool.lengths, dtype=torch.long, device=device))

@@ -257,10 +257,10 @@ class Engine:
             job = self._next_job(held)
             if job is None:
                 return
-            held[job.client] += 1
-            if job.params.max_tokens == 0:
+            if job.params.max_tokens == 0:  # finished here: it holds no slot
                 _post(job, Finish(job.index, "length", 0, ""))
                 continue
+            held[job.client] += 1
             p = job.params
             sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
             gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
