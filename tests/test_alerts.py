@@ -75,7 +75,7 @@ def test_z_loss_spike_against_the_running_mean_of_earlier_windows():
     (alert,) = fields["alerts"]
     assert alert["kind"] == "z_spike"
     assert alert["z"] == pytest.approx(0.030) and alert["baseline"] == pytest.approx(base)
-    assert len(warnings) == 1 and "z-loss spiked" in warnings[0]
+    assert len(warnings) == 1 and "router z spiked" in warnings[0]
 
 
 def test_dropped_pairs_are_summed_over_micro_batches_layers_and_ranks():
@@ -199,7 +199,7 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
     with caplog.at_level(logging.WARNING, logger="minimoe.train"):
         train_from_config(
             overrides=[*TINY_TRAIN, f"data.path={corpus}", "train.max_steps=6", "train.eval_every=100",
-                       "train.alert_window=3", "model.z_loss_coef=1e-3", "model.capacity_factor=1.0",
+                       "train.alert_window=3", "model.capacity_factor=1.0",
                        "train.lr=1e-4"],
             run_dir=tmp_path / "run", progress=False,
         )  # fmt: skip
@@ -211,19 +211,22 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
         for r in rows
     ]
     assert low == [[], []] + [[(1, 0, s), (2, 0, s)] for s in (3, 4, 5, 6)]
-    # z-loss: a spike where a step's z-loss (one step per window) is over 2 x the running mean before it
+    # router z: a spike where a step's unweighted z-loss (one step per window) is over 2 x the running
+    # mean before it, at the default z_loss_coef of 0 (the model does not train with it)
+    assert all(r["z"] == 0 and r["router_z"] > 0 for r in rows)
     spikes, want, base = {}, [], None
     for r in rows:
-        if base is not None and r["z"] > 2.0 * base:
+        z = r["router_z"]
+        if base is not None and z > 2.0 * base:
             want.append((r["step"], base))
-        base = r["z"] if base is None else Z_BASELINE_MOMENTUM * base + (1 - Z_BASELINE_MOMENTUM) * r["z"]
+        base = z if base is None else Z_BASELINE_MOMENTUM * base + (1 - Z_BASELINE_MOMENTUM) * z
         for a in r["alerts"]:
             if a["kind"] == "z_spike":
                 spikes[r["step"]] = a
     assert sorted(spikes) == [s for s, _ in want] and want[0][0] == 5  # nothing before the 20x scaling
     for step, b in want:
         assert spikes[step]["baseline"] == pytest.approx(b) and spikes[step]["z"] == pytest.approx(
-            rows[step - 1]["z"]
+            rows[step - 1]["router_z"]
         )
     # one micro-batch per step, two MoE layers: each row holds what the layers dropped in its step
     per_step = [seen[i : i + 2] for i in range(0, len(seen), 2)]
@@ -234,7 +237,7 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
     assert min(d for d, _ in seen) >= 4 * 31 * 2 // 4  # three experts hold the pairs of four slots
     warned = [r.getMessage() for r in caplog.records]
     assert sum("expert 0 has received under 0.4" in w for w in warned) == 2  # once per layer
-    assert sum("z-loss spiked" in w for w in warned) == len(want)
+    assert sum("router z spiked" in w for w in warned) == len(want)
 
 
 @pytest.mark.parametrize("key", ["alert_low_load", "alert_window", "alert_z_spike"])

@@ -68,6 +68,11 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _metric(run_dir: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
 def _grad_norms(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
@@ -297,6 +302,9 @@ def test_two_ranks_match_one_process(env, two_ranks, name):
     for s in g1:
         assert g2[s] == pytest.approx(g1[s], rel=1e-5), (name, s, g1, g2)
     assert _val(two)[4] == pytest.approx(_val(one)[4], abs=TOL)
+    # the unweighted router z the spike alert watches: per-rank (or per-micro-batch) means averaged
+    z1, z2 = (_metric(run, "router_z") for run in (one, two))
+    assert min(z1.values()) > 0 and z2 == pytest.approx(z1, rel=1e-4), (name, z1, z2)
     if name == "ddp":  # rank 0 alone printed the summary
         assert two_ranks["cli_stdout"].count("checkpoint:") == 1, two_ranks["cli_stdout"]
     # rank 0 alone wrote the run: one metrics row per step, one checkpoint, the one-process format

@@ -61,6 +61,16 @@ def test_forward_returns_loss_parts_and_stats(attn_type):
         )
     torch.testing.assert_close(out.losses["aux"], aux)
     torch.testing.assert_close(out.losses["z"], z)
+    # the unweighted z (the spike alert's) is measured whatever the coefficient, and trains nothing at 0
+    assert cfg.z_loss_coef > 0
+    torch.testing.assert_close(out.router_z, z / cfg.z_loss_coef)
+    coef, cfg.z_loss_coef = cfg.z_loss_coef, 0.0
+    off = model(idx, targets=targets)
+    cfg.z_loss_coef = coef
+    assert off.losses["z"].item() == 0 and not off.router_z.requires_grad
+    torch.testing.assert_close(off.router_z, out.router_z)
+    with torch.no_grad():
+        assert model(idx, targets=targets).router_z.item() == 0  # evaluation measures no routing loss
     (mtp_logits,) = mtp_reference(model, idx, out.hidden)
     torch.testing.assert_close(
         out.losses["mtp"], F.cross_entropy(mtp_logits.flatten(0, 1), targets[:, 1:].flatten())

@@ -313,9 +313,9 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     # routing alerts (train/alerts.py): an expert under alert_low_load x its fair share 1/E of tokens for
-    # alert_window steps in a row (0.4 = the Optimal MoE seed's 5% at 8 experts), or a step's z-loss above
-    # alert_z_spike x its running mean (the weighted z-loss: silent while model.z_loss_coef is 0); 0 turns
-    # either off
+    # alert_window steps in a row (0.4 = the Optimal MoE seed's 5% at 8 experts), or a step's router z (the
+    # unweighted z-loss, measured whatever model.z_loss_coef is) above alert_z_spike x its running mean; 0
+    # turns either off
     alert_low_load: float = 0.4
     alert_window: int = 100
     alert_z_spike: float = 2.0

@@ -36,6 +36,9 @@ from minimoe.model.moe import MoEStats
 log = logging.getLogger("minimoe.dist")
 
 LOSS_PARTS = ("ce", "aux", "z", "mtp")  # the parts of the training loss, after the total
+# what a step logs after its total loss: those parts, then the unweighted router z (summed over the
+# MoE layers) that the z-spike alert watches whatever model.z_loss_coef is
+LOGGED = (*LOSS_PARTS, "router_z")
 
 
 @dataclass
@@ -98,8 +101,8 @@ class Parallel:
         if self.pipeline is not None:  # already summed over stages
             # one weight for all the losses: pipelines train on full windows (target_share = 1 / n_micro)
             with autocast():
-                (ce, aux, z), loads, dropped = self.pipeline.train_step(x, y, target_share)
-            vals = torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce)]) * target_share
+                (ce, aux, z, router_z), loads, dropped = self.pipeline.train_step(x, y, target_share)
+            vals = torch.stack([ce + aux + z, ce, aux, z, torch.zeros_like(ce), router_z]) * target_share
             zero = torch.zeros_like(ce)
             return vals, loads, {i: MoEStats(zero, zero, loads[i], dropped[i]) for i in loads}
         with self.no_sync(last_micro=last_micro):
@@ -109,7 +112,8 @@ class Parallel:
             loss = (out.loss - router) * target_share + router / n_micro
             scaler.scale(loss).backward()
         weight = {"ce": target_share, "aux": 1 / n_micro, "z": 1 / n_micro, "mtp": target_share}
-        parts = torch.stack([out.losses[k].detach() * weight[k] for k in LOSS_PARTS])  # no host-to-device copy
+        parts = [out.losses[k].detach() * weight[k] for k in LOSS_PARTS]
+        parts = torch.stack([*parts, out.router_z / n_micro])  # no host-to-device copy
         vals = torch.cat([loss.detach()[None], parts])
         return vals, {i: s.load for i, s in out.moe_stats.items()}, out.moe_stats
 

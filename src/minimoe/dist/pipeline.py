@@ -114,6 +114,7 @@ class PipelineStageModule(nn.Module):
         self.dropped: dict[int, torch.Tensor] = {}  # pairs a capacity dropped, per layer
         self.aux_sum: torch.Tensor | float = 0.0
         self.z_sum: torch.Tensor | float = 0.0
+        self.router_z_sum: torch.Tensor | float = 0.0  # the unweighted z the spike alert watches
 
     def moe_layers(self) -> dict:
         return {int(i): b.mlp for i, b in self.layers.items() if b.is_moe}
@@ -133,6 +134,8 @@ class PipelineStageModule(nn.Module):
             self.dropped[int(i)] = self.dropped.get(int(i), 0) + st.dropped
             self.aux_sum = self.aux_sum + st.aux_loss.detach()
             self.z_sum = self.z_sum + st.z_loss.detach()
+            if st.router_z is not None:
+                self.router_z_sum = self.router_z_sum + st.router_z
             extra = st.aux_loss + st.z_loss
             if self.training and extra.requires_grad:
                 x = _AttachLoss.apply(x, extra * self.loss_scale)
@@ -203,8 +206,8 @@ class PipelineRunner:
     def _stats(
         self, ce_sum: torch.Tensor, n_forwards: int
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Sum this stage's numbers over all stages: ([ce, aux, z] means per forward, loads per layer,
-        pairs dropped by a capacity per layer)."""
+        """Sum this stage's numbers over all stages: ([ce, aux, z, router_z] means per forward, loads per
+        layer, pairs dropped by a capacity per layer)."""
         m, dev = self.module, self.ctx.device
         vals = (
             torch.stack(
@@ -212,6 +215,7 @@ class PipelineRunner:
                     ce_sum.float(),
                     torch.as_tensor(m.aux_sum, device=dev).float(),
                     torch.as_tensor(m.z_sum, device=dev).float(),
+                    torch.as_tensor(m.router_z_sum, device=dev).float(),
                 ]
             )
             / n_forwards
@@ -226,9 +230,10 @@ class PipelineRunner:
                 dropped_L[j] = m.dropped[i].float()
         flat = torch.cat([vals, dropped_L, loads_LE.reshape(-1)])
         dist.all_reduce(flat)  # each number lives on exactly one stage; the sum gathers them
-        dropped = {i: flat[3 + j].long() for j, i in enumerate(self.moe_ids)}
-        loads = {i: flat[3 + L + j * E : 3 + L + (j + 1) * E] for j, i in enumerate(self.moe_ids)}
-        return flat[:3], loads, dropped
+        n = len(vals)
+        dropped = {i: flat[n + j].long() for j, i in enumerate(self.moe_ids)}
+        loads = {i: flat[n + L + j * E : n + L + (j + 1) * E] for j, i in enumerate(self.moe_ids)}
+        return flat[:n], loads, dropped
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, loss_scale: float
@@ -239,7 +244,7 @@ class PipelineRunner:
             x, y: (B, T) inputs and targets (the same batch on every rank; stages use what they need).
             loss_scale: factor on the loss (1 / grad_accum).
         Returns:
-            ([ce, aux, z] of the batch, identical on every rank; loads {layer: (E,)} and the pairs a
+            ([ce, aux, z, router_z] of the batch, identical on every rank; loads {layer: (E,)} and the pairs a
             capacity dropped {layer: int64 scalar}, summed over micro-batches and stages).
         """
         m = self.module
@@ -265,7 +270,7 @@ class PipelineRunner:
         """Forward only, one stage after another with send/recv (no micro-batches, any batch size).
 
         Returns:
-            ([ce, aux, z] of the batch on every rank, loads {layer: (E,)}).
+            ([ce, aux, z, router_z] of the batch on every rank, loads {layer: (E,)}).
         """
         m, dev = self.module, self.ctx.device
         m.reset_stats()

@@ -36,6 +36,7 @@ class MoEStats:
     z_loss: torch.Tensor  # scalar, already weighted; 0 when off
     load: torch.Tensor  # (E,) float token-slot counts as routed (before capacity), detached
     dropped: torch.Tensor  # int64 scalar: pairs the capacity dropped, of the tokens `load` counts
+    router_z: torch.Tensor | None = None  # scalar, the unweighted z-loss (detached); 0 in eval
 
 
 def max_vio(load: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ class MoE(nn.Module):
             if valid is None
             else expert_counts(r.topk_idx, self.n_experts, valid=valid.reshape(-1))
         )
-        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=load, dropped=dropped)
+        stats = MoEStats(aux_loss=r.aux_loss, z_loss=r.z_loss, load=load, dropped=dropped, router_z=r.z)
         return out_TD.to(x.dtype).view(B, S, D), stats
 
     def _dropless(self, x_TD: torch.Tensor, r, acc: torch.dtype) -> torch.Tensor:

@@ -180,13 +180,18 @@ def seq_load_balance_loss(
     return alpha * (f_BE * P_BE).sum(dim=-1).mean()
 
 
-def router_z_loss(logits_TE: torch.Tensor, coef: float, valid_T: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss: coef * mean over tokens (the valid ones, with `valid_T` (T,) bool) of
+def router_z(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """The unweighted ST-MoE router z: mean over tokens (the valid ones, with `valid_T` (T,) bool) of
     logsumexp(logits)^2. logits_TE: (T, E)."""
     z_T = torch.logsumexp(logits_TE, dim=-1).square()
     if valid_T is None:
-        return coef * z_T.mean()
-    return coef * (z_T * valid_T).sum() / valid_T.sum().clamp(min=1)
+        return z_T.mean()
+    return (z_T * valid_T).sum() / valid_T.sum().clamp(min=1)
+
+
+def router_z_loss(logits_TE: torch.Tensor, coef: float, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: coef * `router_z`."""
+    return coef * router_z(logits_TE, valid_T)
 
 
 def bias_update(load_E: torch.Tensor, speed: float, scoring_func: str) -> torch.Tensor:
@@ -218,6 +223,7 @@ class RouterOutput(NamedTuple):
     counts: torch.Tensor  # (E,) int64 token-slot counts, before any capacity dropping (exact at any T*K)
     aux_loss: torch.Tensor  # scalar: token-level + sequence-wise, already weighted; 0 when off
     z_loss: torch.Tensor  # scalar, already weighted; 0 when off
+    z: torch.Tensor  # scalar, the unweighted z (detached) whatever z_loss_coef is, for the alert; 0 in eval
 
 
 class Router(nn.Module):
@@ -286,8 +292,13 @@ class Router(nn.Module):
                 aux = aux + seq_load_balance_loss(
                     scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), cfg.seq_aux_loss_alpha, valid_BS
                 )
-            z = router_z_loss(logits_TE, cfg.z_loss_coef, valid_T) if train and cfg.z_loss_coef > 0 else zero
-            return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z)
+            z, z_loss = zero, zero
+            if train and cfg.z_loss_coef > 0:
+                z = router_z(logits_TE, valid_T)
+                z_loss = cfg.z_loss_coef * z
+            elif train:  # watched for spikes even when it is no loss (a logsumexp over (T, E): cheap)
+                z = router_z(logits_TE.detach(), valid_T)
+            return RouterOutput(topk_idx_TK, topk_weight_TK, counts_E, aux, z_loss, z.detach())
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

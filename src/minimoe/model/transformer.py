@@ -30,6 +30,7 @@ class ModelOutput:
         default_factory=dict
     )  # layer index -> stats (MTP: num_hidden_layers + k)
     hidden: torch.Tensor | None = None  # (B, T, D) last hidden state before the final norm
+    router_z: torch.Tensor | None = None  # the unweighted router z summed over MoE layers (with targets)
 
 
 class KVCache:
@@ -225,6 +226,7 @@ class Transformer(nn.Module):
         aux = sum((s.aux_loss for s in stats.values()), zero)
         z = sum((s.z_loss for s in stats.values()), zero)
         out.losses = {"ce": ce, "aux": aux, "z": z, "mtp": mtp}
+        out.router_z = sum((s.router_z for s in stats.values() if s.router_z is not None), zero)
         out.loss = ce + aux + z + self.cfg.mtp_loss_weight * mtp
         return out
 

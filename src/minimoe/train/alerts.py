@@ -53,7 +53,7 @@ class RoutingMonitor:
 
     def observe(self, loads: dict[int, torch.Tensor], z: torch.Tensor) -> None:
         """One optimizer step: {layer: (E,) pairs per expert} summed over micro-batches and ranks, and
-        the step's (weighted) z-loss."""
+        the step's router z (the unweighted z-loss, so the alert works whatever z_loss_coef is)."""
         self._steps += 1
         z = z.detach().float()
         self._z_max = z if self._z_max is None else torch.maximum(self._z_max, z)
@@ -124,7 +124,7 @@ class RoutingMonitor:
             if self.z_spike > 0 and base is not None and base > 0 and z_max > self.z_spike * base:
                 alerts.append({"kind": "z_spike", "z": z_max, "baseline": base})
                 warnings.append(
-                    f"router z-loss spiked to {z_max:.4g}, {z_max / base:.1f} x its running mean {base:.4g}: "
+                    f"router z spiked to {z_max:.4g}, {z_max / base:.1f} x its running mean {base:.4g}: "
                     "routing instability?"
                 )
             m = Z_BASELINE_MOMENTUM

@@ -26,7 +26,7 @@ import yaml
 
 from minimoe.config import RunConfig
 from minimoe.dist.init import DistContext, on_main, resolve_device
-from minimoe.dist.parallel import LOSS_PARTS, parallelize
+from minimoe.dist.parallel import LOGGED, parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.moe import max_vio
 from minimoe.model.transformer import Transformer
@@ -177,7 +177,7 @@ class Trainer:
         self.train_loss: float | None = None
         self.best_val: float | None = None
         self.evals_since_best = 0
-        self.window = LogWindow(self.device, LOSS_PARTS)  # the steps since the last logged row
+        self.window = LogWindow(self.device, LOGGED)  # the steps since the last logged row
         self.monitor = alerts.RoutingMonitor.from_config(cfg)  # starved experts, z-loss spikes, dropped pairs
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if resume:
@@ -276,7 +276,7 @@ class Trainer:
                 lr = tc.lr * mult
                 for g in self.optimizer.param_groups:  # Muon's groups carry their own peak lr
                     g["lr"] = g.get("base_lr", tc.lr) * mult
-                step_vals, step_loads = self._train_step()  # [loss, ce, aux, z, mtp], summed over ranks
+                step_vals, step_loads = self._train_step()  # [loss, *LOGGED], over ranks
                 step_loss = step_vals[0]
                 self.par.finish_grads()
                 self.scaler.unscale_(self.optimizer)
@@ -301,7 +301,7 @@ class Trainer:
                         raise MinimoeError(self._diverged(bad_steps))
                     continue
                 bad_steps = 0
-                for k, v in zip(LOSS_PARTS, step_vals[1:]):
+                for k, v in zip(LOGGED, step_vals[1:]):
                     window.parts[k] += v
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -311,7 +311,7 @@ class Trainer:
                 self.step += 1
                 self.tokens += self._step_tokens
                 window.tokens += self._step_tokens
-                self.monitor.observe(step_loads, step_vals[3])  # device tensors only, no sync
+                self.monitor.observe(step_loads, step_vals[-1])  # router_z: device tensors only, no sync
                 window.loss += step_loss
                 window.steps += 1
                 window.add_loads(step_loads)
@@ -452,11 +452,11 @@ class Trainer:
         them all (padded batches differ; full windows weigh 1 / grad_accum); aux and z weigh 1 / grad_accum.
 
         Returns:
-            (5,) [loss, ce, aux, z, mtp] averaged over micro-batches (weighted as in the backward) and
+            (6,) [loss, ce, aux, z, mtp, router_z] averaged over micro-batches (weighted as in the backward) and
             data-parallel ranks, and {layer: (E,) expert loads} summed over micro-batches and ranks.
         """
         tc = self.cfg.train
-        vals = torch.zeros(1 + len(LOSS_PARTS), device=self.device)
+        vals = torch.zeros(1 + len(LOGGED), device=self.device)
         loads: dict[int, torch.Tensor] = {}
         self._step_tokens = 0
         batches = [next(self.train_windows) for _ in range(tc.grad_accum)]
