@@ -218,6 +218,14 @@ def test_figures_have_the_expected_panels(trained):
     assert len([a for a in mv.get_axes() if a.get_visible()]) == 2
     labels = [t.get_text() for t in mv.get_axes()[0].get_legend().get_texts()]
     assert labels == ["layer 0", "layer 1", "mean over layers"]
+    # the router z per run, with the steps of z-spike alerts marked (one planted in a copy of the rows)
+    spiked = lab_plot.load_run_data(run, "spiked")
+    spiked.train[3] = {**spiked.train[3], "alerts": [{"kind": "z_spike", "z": 1.0, "baseline": 0.1}]}
+    (ax,) = lab_plot.router_z_figure([data, spiked]).get_axes()
+    line, spike_line, marks = ax.lines[0], ax.lines[1], ax.lines[2]
+    assert list(line.get_ydata()) == [r["router_z"] for r in data.train] and min(line.get_ydata()) > 0
+    assert list(marks.get_xdata()) == [spiked.train[3]["step"]] and len(ax.lines) == 3
+    assert list(spike_line.get_xdata()) == [r["step"] for r in data.train]
     hm = lab_plot.load_heatmap_figure(data, [2, 12])
     heat_axes = [a for a in hm.get_axes() if a.get_images()]
     assert len(heat_axes) == 2 and len(hm.get_axes()) == 3  # two steps + colour bar
@@ -236,7 +244,9 @@ def test_plot_cli_writes_pngs(trained, tmp_path, capsys, caplog):
         "step 11 has no expert loads logged; showing step 10" in caplog.text and "step 4 " not in caplog.text
     )
     names = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
-    assert names == ["expert_load_run.png", "loss_vs_flops.png", "loss_vs_tokens.png", "lr.png", "maxvio.png"]
+    assert names == [
+        "expert_load_run.png", "loss_vs_flops.png", "loss_vs_tokens.png", "lr.png", "maxvio.png", "router_z.png"
+    ]  # fmt: skip
     assert all((tmp_path / "p" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -263,6 +263,33 @@ def maxvio_figure(runs: list[RunData]):
     return fig
 
 
+def router_z_figure(runs: list[RunData]):
+    """The router z (the unweighted z-loss: mean squared logsumexp of the router logits, summed over
+    MoE layers; the mean of each logging window) against optimizer step, one line per run that logged
+    it; the steps where the z-spike alert fired are marked. Returns a Figure with 1 axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    for run, (c, ls, label) in zip(runs, _styles(runs)):
+        steps, z = run.series("router_z")
+        if not steps:
+            continue  # a dense run, or one logged before router_z was
+        ax.plot(steps, z, color=c, ls=ls, lw=1, label=label)
+        spikes = [(r["step"], r["router_z"]) for r in run.train if _z_spike(r) and "router_z" in r]
+        if spikes:
+            ax.plot(*zip(*spikes), ls="", marker="v", color=c, ms=7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("router z (mean logsumexp² of router logits)")
+    ax.set_title("router z per logging window (▼ = z-spike alert)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _z_spike(row: dict) -> bool:
+    return any(a.get("kind") == "z_spike" for a in row.get("alerts", []))
+
+
 def layer_label(run: RunData, key: str) -> str:
     """How figures name the MoE layer logged as `key`: blocks after the last layer are MTP modules."""
     i, n = int(key), run.cfg.model.num_hidden_layers
@@ -347,8 +374,8 @@ def plot_runs(
 ) -> list[Path]:
     """Write every figure for these runs as PNGs into `out_dir`.
 
-    Files: loss_vs_tokens.png, loss_vs_flops.png, lr.png, and for MoE runs maxvio.png and one
-    expert_load_<run>.png each.
+    Files: loss_vs_tokens.png, loss_vs_flops.png, lr.png, and for MoE runs maxvio.png, router_z.png
+    (runs that logged it) and one expert_load_<run>.png each.
 
     Args:
         run_dirs: run directories to overlay.
@@ -375,6 +402,8 @@ def plot_runs(
     ]
     if moe_runs(runs):
         figures.append(("maxvio.png", maxvio_figure(runs)))
+        if any(r.series("router_z")[0] for r in runs):
+            figures.append(("router_z.png", router_z_figure(runs)))
         for run in moe_runs(runs):
             figures.append((f"expert_load_{safe_name(run.label)}.png", load_heatmap_figure(run, steps)))
     written = []
