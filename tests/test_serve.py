@@ -303,6 +303,62 @@ def test_openai_client_raises_on_bad_request(client):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
+def test_top_p_zero_keeps_the_most_likely_token(client):
+    """top_p 0 is in OpenAI's range [0, 1]: the nucleus is the most likely token alone, so sampling
+    at any temperature gives the greedy text (it was a 400)."""
+    kw = dict(model=NAME, prompt="the dog", max_tokens=16)
+    greedy = client.completions.create(**kw, temperature=0).choices[0].text
+    for seed in (1, 2):
+        r = client.completions.create(**kw, temperature=1.0, top_p=0, seed=seed)
+        assert r.choices[0].text == greedy
+    msgs = [{"role": "user", "content": "a cat"}]
+    chat = dict(model=NAME, messages=msgs, max_completion_tokens=12)
+    want = client.chat.completions.create(**chat, temperature=0).choices[0].message.content
+    assert client.chat.completions.create(**chat, top_p=0, seed=3).choices[0].message.content == want
+
+
+def test_a_null_prompt_starts_a_new_document(client):
+    """The openai client types `prompt` as possibly None, which OpenAI documents as "no prompt": the
+    model generates as from the start of a document, as for "" (it was a 400)."""
+    kw = dict(model=NAME, max_tokens=8, temperature=0)
+    r = client.completions.create(**kw, prompt=None, echo=True)
+    want = client.completions.create(**kw, prompt="")
+    assert r.choices[0].text == want.choices[0].text
+    assert r.usage.model_dump() == want.usage.model_dump()
+
+
+def test_completion_logprobs_zero_is_refused_not_ignored(client):
+    """Completions' `logprobs: 0` asks for the chosen tokens' logprobs (OpenAI returns them with no
+    alternatives); this server computes none, so it is a 400, not a 200 with "logprobs": null.
+    Chat's `logprobs: false` is the default and is accepted."""
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt="the", max_tokens=2, logprobs=0, stream=stream)
+        assert (e.value.body["param"], e.value.body["code"]) == ("logprobs", "unsupported_parameter")
+    msgs = [{"role": "user", "content": "a"}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=2, logprobs=False)
+    assert r.choices[0].logprobs is None
+
+
+def test_a_tool_choice_that_demands_a_call_is_refused_not_ignored(client):
+    """This server calls no tools: `tool_choice` "required" or a named function (and the deprecated
+    `function_call` naming one) cannot be honoured, so they are a 400 rather than a plain text reply;
+    "none" and "auto" are what it does anyway."""
+    msgs = [{"role": "user", "content": "a"}]
+    named = {"type": "function", "function": {"name": "f"}}
+    for param, value in (
+        ("tool_choice", "required"),
+        ("tool_choice", named),
+        ("function_call", {"name": "f"}),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NAME, messages=msgs, max_tokens=2, **{param: value})
+        assert (e.value.body["param"], e.value.body["code"]) == (param, "unsupported_parameter")
+    for value in ("none", "auto"):
+        r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=2, tool_choice=value)
+        assert r.choices[0].finish_reason == "length"
+
+
 # ---------------------------------------------------------------------- raw HTTP: errors
 
 
@@ -317,7 +373,8 @@ ERRORS = [
     ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "temperature": -0.1}, 400, "temperature", "invalid_value"),
-    ("/v1/completions", {"model": NAME, "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "top_p": -0.1}, 400, "top_p", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 0}, 400, "n", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ""}, 400, "stop", None),
     ("/v1/completions", {"model": NAME, "prompt": "x", "presence_penalty": 1}, 400, "presence_penalty", "unsupported_parameter"),

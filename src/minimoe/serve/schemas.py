@@ -26,6 +26,8 @@ UNSUPPORTED = (
     "suffix",
     "tools",
     "functions",
+    "tool_choice",
+    "function_call",
     "response_format",
 )
 
@@ -72,7 +74,8 @@ class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    # 0 is in OpenAI's range: only the most likely token is left (see `Service._common`)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
     n: int | None = Field(None, ge=1, le=128)
     # the cap counts the strings of a list (on the field it would cap a lone string's length too)
@@ -90,23 +93,30 @@ class _Sampling(BaseModel):
         return tuple(stops)
 
     def unsupported_param(self) -> str | None:
-        """The first parameter given a value minimoe cannot honour (falsy values are defaults)."""
+        """The first parameter given a value minimoe cannot honour (see `_is_set`)."""
         if self.best_of is not None and self.best_of != (self.n or 1):
             return "best_of"
         extra = self.model_extra or {}
-        for name in UNSUPPORTED:
-            value = extra.get(name)
-            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-                continue
-            if value:
-                return name
-        return None
+        return next((name for name in UNSUPPORTED if _is_set(name, extra.get(name))), None)
+
+
+def _is_set(name: str, value: Any) -> bool:
+    """Whether `value` asks for something other than the parameter's default."""
+    if name == "logprobs":
+        # completions' `logprobs: 0` still asks for the chosen tokens' logprobs; chat's default is false
+        return value is not None and value is not False
+    if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+        return False
+    if name in ("tool_choice", "function_call"):
+        return value not in (None, "none", "auto")  # "required" or a named tool demands a call
+    return bool(value)
 
 
 class CompletionRequest(_Sampling):
-    """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or lists of them."""
+    """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or lists of them;
+    required, but null is OpenAI's "no prompt": the model starts a new document (as from "")."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None
     echo: bool | None = False
 
 

@@ -87,11 +87,14 @@ class Service:
             raise APIError(
                 400, f"'{bad}' is not supported by this server.", param=bad, code="unsupported_parameter"
             )
+        top_k, top_p = req.top_k or 0, 1.0 if req.top_p is None else req.top_p
+        if top_p == 0:  # the smallest nucleus is the most likely token alone, which top_k 1 keeps
+            top_k, top_p = 1, 1.0
         return JobParams(
             max_tokens=0,
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
+            top_p=top_p,
             seed=req.seed,
             stop=req.stop_strings(),
         )
@@ -223,9 +226,10 @@ class Service:
     async def completions(self, req: CompletionRequest, request: Request):
         base = self._common(req)
         n = req.n or 1
-        self._check_choices(self._count_prompts(req.prompt), n)
+        prompt = "" if req.prompt is None else req.prompt
+        self._check_choices(self._count_prompts(prompt), n)
         # tokenizing up to a megabyte of text takes a while: off the event loop, so others are answered
-        prompts = await asyncio.to_thread(self._prompts, req.prompt)
+        prompts = await asyncio.to_thread(self._prompts, prompt)
         budgets = [
             self._max_tokens(len(ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
             for ids, _ in prompts
