@@ -277,11 +277,11 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # file, folder, .jsonl, .parquet, .npy/.bin, or hf:NAME; None = built-in corpus
     val_path: str | None = None  # a separate validation source; None = split val_fraction off `path`
-    tokenizer: str = "byte"  # byte | bpe:VOCAB | path to tokenizer.json or folder
+    tokenizer: str = "byte"  # byte, bpe:VOCAB, a tokenizer.json (or folder), or a name: gpt2, hf:ORG/NAME
     text_field: str = "text"
     glob: str = "**/*"
     val_fraction: float = 0.01
-    cache_dir: str | None = None  # None = RUN_DIR/data
+    cache_dir: str | None = None  # shards in DIR/prepared/; None: $MINIMOE_CACHE or ~/.cache/minimoe
     workers: int = 2
 
 
