@@ -870,3 +870,197 @@ def test_compare_help_lists_every_sweep_file_key():
 
     missing = [k for k in compare.SWEEP_KEYS if f"\n  {k}:" not in SWEEP_FORMAT]
     assert missing == []
+
+
+def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path, capsys):
+    """YAML keeps the last of two equal keys: a variant name given twice would silently drop the first
+    variant (and a budget given twice its first value). The sweep file is refused, naming the key."""
+    for text, key in (
+        ("variants:\n  a: [train.lr=1e-3]\n  a: [train.lr=2e-3]\n  b: []\nbudget: {steps: 3}\n", "'a'"),
+        ("variants: {a: [], b: []}\nbudget: {steps: 3, steps: 4}\n", "'steps'"),
+        ("variants: {a: []}\nseeds: [1]\nbudget: {steps: 3}\nseeds: [2]\n", "'seeds'"),
+    ):
+        (tmp_path / "s.yaml").write_text(text)
+        assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2, text
+        err = capsys.readouterr().err
+        assert f"{key} is given twice" in err and err.count("\n") == 1, err
+    # an anchor's merge key and the same variant name under two sections are not repeats
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: &o [train.lr=1e-3]\nvariants:\n  a: *o\n  b: []\nbudget: {steps: 3}\n"
+    )
+    assert list(compare.load_sweep(tmp_path / "s.yaml").variants) == ["a", "b"]
+
+
+def test_a_steps_budget_is_a_whole_number_of_steps(tmp_path, capsys):
+    """`budget: {steps: 2.7}` is not silently trained as 2 steps, nor 0.5 as an error about max_steps;
+    `{minutes: true}` is no budget of 1 minute."""
+    for value in ("2.7", "0.5"):
+        (tmp_path / "s.yaml").write_text(f"variants: {{a: []}}\nbudget: {{steps: {value}}}\n")
+        assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2, value
+        assert "budget steps must be a whole number" in capsys.readouterr().err, value
+    (tmp_path / "s.yaml").write_text("variants: {a: []}\nbudget: {minutes: true}\n")
+    assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2
+    assert "budget minutes must be a number, got True" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text("variants: {a: []}\nbudget: {steps: 3.0}\n")
+    assert compare.load_sweep(tmp_path / "s.yaml").budget == 3
+
+
+def test_a_non_finite_loss_is_reported_not_a_crash(tmp_path):
+    """A seed whose final validation loss is NaN or inf (a diverged run) leaves the report readable: its
+    contrast has no interval and no verdict (it is not resolved), the other contrasts are unchanged."""
+    ref = {1: 3.0, 2: 3.2, 3: 2.9}
+    sweep, runs = _synthetic_sweep(
+        tmp_path, {"ref": ref, "nan": {1: 2.9, 2: float("nan"), 3: 2.8}, "inf": {1: 2.9, 2: float("inf"), 3: 2.8},
+                   "ok": {1: 2.9, 2: 3.1, 3: 2.8}},
+    )  # fmt: skip
+    text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
+    lines = text.splitlines()
+    for v in ("nan", "inf"):
+        row = next(line for line in lines if line.startswith(f"| {v} − ref |"))
+        assert row.startswith(f"| {v} − ref | 3 | not finite: a seed's loss is NaN or inf | – | – |"), row
+        table = next(line for line in lines if line.startswith(f"| {v} | 3/3 |")).split(" | ")
+        assert table[5] == "not finite in 1 of 3 seeds", table
+    ok = next(line for line in lines if line.startswith("| ok − ref |"))
+    assert "yes: lower" in ok
+    assert lab_report.paired_stats([0.1, float("nan"), 0.2]) is None
+
+
+def test_early_stopping_is_refused_in_a_sweep(tmp_path, capsys):
+    """An early-stopped run ends before its budget: the report would never count it and a rerun could not
+    resume it (the trainer refuses), so a sweep that turns early stopping on is refused up front."""
+    base = json.dumps(TINY + ["model.vocab_size=320"])
+    for where in ("base", "variant"):
+        es = "train.early_stop_patience=2"
+        (tmp_path / "s.yaml").write_text(
+            f"base:\n  overrides: {base if where == 'variant' else base[:-1] + ', ' + json.dumps(es) + ']'}\n"
+            f"budget: {{steps: 4}}\nvariants:\n  a: {json.dumps([es]) if where == 'variant' else '[]'}\n"
+        )
+        assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2, where
+        assert "train.early_stop_patience=2 would end runs before the budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_diverged_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys, jobs):
+    """A variant that diverges (the trainer stops it with an error) is reported as failed; the other
+    variants still train and the report is written with them, and compare exits non-zero."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = TINY + ["model.mtp_depth=0", "train.eval_every=100", "train.grad_clip=0", "train.threads=1"]
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: " + json.dumps(base) + "\ndata: corpus.txt\nbudget: {steps: 8}\nseeds: [1]\n"
+        "variants:\n  bad: [train.lr=1e6]\n  good: []\n"
+    )
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out), "--jobs", jobs]) == 1
+    captured = capsys.readouterr()
+    assert "failed bad/seed_1" in captured.out and "training diverged" in captured.out
+    assert "done   good/seed_1" in captured.out
+    assert "1 run failed (bad/seed_1)" in captured.err
+    report = (out / "report.md").read_text()
+    assert "| bad | 0/1 |" in report and "| good | 1/1 |" in report
+    if jobs == "1":  # the variant fixed in the sweep file: its failed run (no checkpoint) trains anew
+        (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text().replace("lr=1e6", "lr=1e-3"))
+        assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+        assert "start  bad/seed_1" in capsys.readouterr().out
+        assert "| bad | 1/1 |" in (out / "report.md").read_text()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_may_have_had_another_config(tmp_path, monkeypatch):
+    """A run that died before its first checkpoint (e.g. a bad setting, since fixed in the sweep file)
+    is started clean with the file's config, not refused as trained with another config."""
+    import yaml
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = json.dumps(TINY + ["train.eval_every=100"])
+    (tmp_path / "s.yaml").write_text(
+        f"base:\n  overrides: {base}\ndata: corpus.txt\nbudget: {{steps: 2}}\nseeds: [1]\nvariants:\n  a: []\n"
+    )
+    sweep = compare.load_sweep(tmp_path / "s.yaml")
+    (planned,) = compare.plan(sweep)
+    dead = tmp_path / "out" / "a" / "seed_1"
+    dead.mkdir(parents=True)
+    old = planned.cfg.to_dict()
+    old["train"]["lr"] = 1e6  # what the file said before its fix
+    (dead / "config.yaml").write_text(yaml.safe_dump(old))
+    compare.run_sweep(sweep, tmp_path / "out", figures=False)
+    assert yaml.safe_load((dead / "config.yaml").read_text())["train"]["lr"] == planned.cfg.train.lr
+    assert run_state(dead, 2) == "done"
+
+
+def test_a_run_killed_while_saving_is_resumed_not_wiped(tmp_path):
+    """A run killed between writing a checkpoint and pointing `latest` at it (no `latest` yet, or one
+    naming a directory renamed away) still holds complete checkpoints, which a resume loads: its state
+    is read from them, not 'new' (which would delete the run folder)."""
+    run = tmp_path / "a" / "seed_1"
+    _finished_run(run, 4, [(4, 3.0)])
+    (run / "checkpoints" / "latest").unlink()
+    assert run_state(run, 4) == "done" and run_state(run, 8) == "partial"
+    (run / "checkpoints" / "latest").write_text("step_9\n")  # a step directory that is not there
+    assert run_state(run, 4) == "done"
+    assert run_state(tmp_path / "nothing", 4) == "new"
+
+
+def test_ctrl_c_stops_the_sweep_not_just_the_run(tmp_path, monkeypatch, capsys):
+    """The trainer turns a Ctrl-C (or SIGTERM) into a checkpoint and a normal return: compare must stop
+    there (exit 130), not report that run as done and start the next one; a rerun resumes it."""
+    import os
+    import signal
+
+    from minimoe.train.interrupt import Interrupt
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: " + json.dumps(TINY + ["train.eval_every=100"]) + "\ndata: corpus.txt\n"
+        "budget: {steps: 4}\nseeds: [1]\nvariants:\n  a: []\n  b: []\n"
+    )
+    enter = Interrupt.__enter__
+
+    def signalled(self):  # a Ctrl-C as training starts
+        enter(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        return self
+
+    monkeypatch.setattr(Interrupt, "__enter__", signalled)
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 130
+    log = capsys.readouterr().out
+    assert "stopped a/seed_1" in log and "done" not in log and "b/seed_1" not in log
+    assert run_state(out / "a" / "seed_1", 4) == "partial"
+    monkeypatch.setattr(Interrupt, "__enter__", enter)
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "resume a/seed_1" in log and log.count("done") == 2
+
+
+def test_ctrl_c_stops_parallel_runs_with_a_checkpoint_each(tmp_path, monkeypatch, capsys):
+    """With --jobs 2 a Ctrl-C (or SIGTERM) sent to compare reaches each training worker once: both save
+    a checkpoint and stop, and compare exits 130, instead of waiting for both runs to train to the end."""
+    import os
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = TINY + ["train.eval_every=100000", "train.threads=1"]
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: " + json.dumps(base) + "\ndata: corpus.txt\n"
+        "budget: {steps: 4000}\nseeds: [1]\nvariants:\n  a: []\n  b: []\n"
+    )
+    out = tmp_path / "out"
+    logs = [out / v / "seed_1" / "metrics.jsonl" for v in ("a", "b")]
+
+    def signal_once_both_train() -> None:  # both trainers have logged a step: they listen for it
+        deadline = time.monotonic() + 120
+        while not all(p.is_file() and p.stat().st_size for p in logs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=signal_once_both_train, daemon=True).start()
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out), "--jobs", "2"]) == 130
+    log = capsys.readouterr().out
+    assert "stopped a/seed_1" in log and "stopped b/seed_1" in log
+    for v in ("a", "b"):
+        assert run_state(out / v / "seed_1", 4000) == "partial"

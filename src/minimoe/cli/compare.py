@@ -91,8 +91,11 @@ def run(args) -> int:
         print(f"report: {write_report(sweep, out, runs)}")
         return 0
     t0 = time.perf_counter()
+    failed = []
 
     def event(kind: str, r, detail: str) -> None:
+        if kind == "failed":
+            failed.append(r.name)
         stamp = f"[{(time.perf_counter() - t0) / 60:5.1f} min]"
         t = r.cfg.train
         limit = f"{t.max_minutes:g} {t.clock} min" if t.max_minutes is not None else f"{t.max_steps} steps"
@@ -100,4 +103,10 @@ def run(args) -> int:
 
     report = run_sweep(sweep, out, on_event=event, jobs=args.jobs)
     print(f"report: {report}")
+    if failed:
+        sys.stderr.write(
+            f"minimoe compare: error: {len(failed)} run{'s' * (len(failed) > 1)} failed ({', '.join(failed)}); "
+            "the report leaves them out\n"
+        )
+        return 1
     return 0

@@ -22,7 +22,9 @@ from __future__ import annotations
 import difflib
 import math
 import shutil
+import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from minimoe.config import RunConfig
@@ -31,6 +33,7 @@ from minimoe.errors import ConfigError, MinimoeError
 from minimoe.lab.flops import flops_per_token, steps_for_budget
 from minimoe.lab.report import write_report
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
+from minimoe.lab.workers import signals_to_workers, worker_signals
 from minimoe.presets import TOKENIZER_FALLBACKS
 
 SWEEP_KEYS = (
@@ -82,6 +85,9 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         d = load_yaml(path)
     except ConfigError as e:
         raise MinimoeError(str(e).replace("config file", "sweep file", 1)) from None
+    repeated = _repeated_key(path)
+    if repeated:
+        raise MinimoeError(f"sweep file {path}: {repeated}; each key must be unique")
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), SWEEP_KEYS, n=1)
@@ -107,11 +113,15 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     if clock not in (None, "wall", "cpu"):
         raise MinimoeError(f"sweep file {path}: budget clock must be wall or cpu, got {clock!r}")
     try:
+        if isinstance(value, bool):  # float(True) is 1.0: `steps: true` is no budget of 1 step
+            raise TypeError
         value = float(value)
     except (TypeError, ValueError):
         raise MinimoeError(f"sweep file {path}: budget {kind} must be a number, got {value!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise MinimoeError(f"sweep file {path}: budget {kind} must be a positive finite number, got {value}")
+    if kind == "steps" and value != int(value):  # int() would train 2.7 as 2 steps, and 0.5 as none
+        raise MinimoeError(f"sweep file {path}: budget steps must be a whole number, got {value:g}")
     seeds = d.get("seeds", [1337])
     if (
         not isinstance(seeds, list)
@@ -180,6 +190,33 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     )
 
 
+def _repeated_key(path: Path) -> str | None:
+    """'KEY is given twice (line N)' for the first mapping key that repeats in its mapping, else None.
+    YAML keeps the last of two equal keys, so a variant name given twice would silently drop a variant."""
+    import yaml
+
+    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    todo, visited = [root] if root is not None else [], set()
+    while todo:
+        node = todo.pop(0)
+        if id(node) in visited:  # an alias shares its anchor's node (and may point back at itself)
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo += node.value
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen = set()
+        for key, value in node.value:
+            # `<<` merges an anchor's mapping: several of them are one merge, not a repeat
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    return f"'{key.value}' is given twice (line {key.start_mark.line + 1})"
+                seen.add(key.value)
+            todo.append(value)
+    return None
+
+
 def _check_sources(sweep: Sweep) -> None:
     for what, p in (("data", sweep.data), ("val_data", sweep.val_data)):
         if p and not p.startswith("hf:") and not Path(p).exists():
@@ -224,6 +261,14 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
             cfg = build_run_config(sweep.base_preset, sweep.base_config, base_ov)
         except ConfigError as e:
             raise MinimoeError(f"sweep {sweep.name}, variant '{variant}': {e}") from None
+        if cfg.train.early_stop_patience:
+            # an early stop ends a run before its budget: the report would never count it (it is not done)
+            # and a rerun could not resume it
+            raise MinimoeError(
+                f"sweep {sweep.name}, variant '{variant}': train.early_stop_patience="
+                f"{cfg.train.early_stop_patience} would end runs before the budget the sweep compares them "
+                "at; set it to 0"
+            )
         if not _sets_vocab(sweep.base_config, base_ov):
             key = (cfg.data.path, cfg.data.tokenizer, cfg.data.text_field, cfg.data.val_fraction)
             if key not in vocabs:
@@ -310,15 +355,16 @@ def _check_same_config(
             )
 
 
-def _train_run(kwargs: dict, train_log_level: int) -> tuple[float, float]:
-    """One run of a sweep (top level, so a worker process can run it): (val_loss, elapsed_s)."""
+def _train_run(kwargs: dict, train_log_level: int) -> tuple[float, float, str]:
+    """One run of a sweep (top level, so a worker process can run it): (val_loss, elapsed_s, why it
+    stopped)."""
     import logging
 
     from minimoe.train.run import train_from_config
 
     logging.getLogger("minimoe.train").setLevel(train_log_level)
     res = train_from_config(**kwargs)
-    return res.val_loss, res.elapsed_s
+    return res.val_loss, res.elapsed_s, res.stopped
 
 
 def run_sweep(
@@ -333,7 +379,10 @@ def run_sweep(
     Args:
         sweep: from load_sweep.
         out_dir: sweep output directory (one run directory per variant x seed).
-        on_event: called with (event, run, detail) for "skip", "start", "resume" and "done".
+        on_event: called with (event, run, detail) for "skip", "start", "resume", "done", "failed" (a
+            run that stopped with an error, e.g. diverged: the other runs still train, the report leaves
+            it out, and a rerun tries it again) and "stopped" (interrupted: the sweep raises
+            KeyboardInterrupt).
         figures: draw the figures (tests may turn them off).
         jobs: runs trained at the same time, each in its own process (give each run
             train.threads=1 and at most one job per core, or they slow each other down).
@@ -352,8 +401,9 @@ def run_sweep(
     preset = _trained_preset(sweep)
     for r in runs:
         run_dir = out_dir / r.variant / f"seed_{r.seed}"
-        _check_same_config(run_dir, r, sweep.val_data, preset)
         state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
+        if state != "new":  # a run without a checkpoint starts clean below, whatever config it had
+            _check_same_config(run_dir, r, sweep.val_data, preset)
         if state == "done":
             on_event and on_event("skip", r, "already complete")
             continue
@@ -372,23 +422,44 @@ def run_sweep(
         todo.append((r, "resume" if state == "partial" else "start", kwargs))
     level = logging.getLogger("minimoe.train").getEffectiveLevel()
 
-    def finished(r: PlannedRun, result: tuple[float, float]) -> None:
-        on_event and on_event("done", r, f"val_loss {result[0]:.4f} in {result[1]:.0f} s")
+    def finished(r: PlannedRun, result: Callable[[], tuple[float, float, str]]) -> bool:
+        """Report how a run ended; True when it was interrupted (and the sweep must stop)."""
+        try:
+            val_loss, elapsed, stopped = result()
+        except MinimoeError as e:  # one diverged variant must not keep every later run from training
+            on_event and on_event("failed", r, str(e))
+            return False
+        if stopped == "interrupted":
+            # the trainer took the Ctrl-C (or SIGTERM) and saved a checkpoint: it was meant for the
+            # sweep, which stops too instead of starting the next run; a rerun resumes this one
+            on_event and on_event("stopped", r, "interrupted; rerun the sweep to resume it")
+            return True
+        on_event and on_event("done", r, f"val_loss {val_loss:.4f} in {elapsed:.0f} s")
+        return False
 
     if jobs == 1:
         for r, kind, kwargs in todo:
             on_event and on_event(kind, r, str(kwargs["run_dir"]))
-            finished(r, _train_run(kwargs, level))
+            if finished(r, partial(_train_run, kwargs, level)):
+                raise KeyboardInterrupt
     elif todo:
+        stop: list[int] = []  # the stop signals received: after one, no new run starts
         # spawn, not fork: a forked child would inherit this process's torch thread pools
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        with (
+            ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=worker_signals) as pool,
+            signals_to_workers(stop),
+        ):
             queue, running = list(todo), {}
-            while queue or running:
-                while queue and len(running) < jobs:
+            while (queue and not stop) or running:
+                while queue and not stop and len(running) < jobs:
                     r, kind, kwargs = queue.pop(0)
                     on_event and on_event(kind, r, str(kwargs["run_dir"]))
                     running[pool.submit(_train_run, kwargs, level)] = r
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    finished(running.pop(fut), fut.result())
+                    if finished(running.pop(fut), fut.result) and not stop:
+                        stop.append(signal.SIGINT)  # a worker saw the signal first
+        if stop:
+            raise KeyboardInterrupt
     return write_report(sweep, out_dir, runs, figures=figures)

@@ -72,6 +72,9 @@ def mean_std(values: list[float | None], fmt: str = ".4f") -> str:
     vals = [v for v in values if v is not None]
     if not vals:
         return "–"
+    bad = sum(not math.isfinite(v) for v in vals)
+    if bad:  # statistics.stdev cannot take NaN or inf (it raises)
+        return f"not finite in {bad} of {len(vals)} seeds"
     if len(vals) == 1:
         return format(vals[0], fmt)
     return f"{statistics.fmean(vals):{fmt}} ± {statistics.stdev(vals):{fmt.replace('+', '')}}"
@@ -85,8 +88,9 @@ T975 = (
 
 
 def paired_stats(diffs: list[float]) -> dict | None:
-    """Mean, standard error and 95% t-interval of per-seed differences; None for fewer than 2."""
-    if len(diffs) < 2:
+    """Mean, standard error and 95% t-interval of per-seed differences; None for fewer than 2, or when
+    one is NaN or inf (a diverged seed: no interval, and so no verdict)."""
+    if len(diffs) < 2 or not all(math.isfinite(d) for d in diffs):
         return None
     n = len(diffs)
     mean = statistics.fmean(diffs)
@@ -182,6 +186,8 @@ def _seeds_cell(st: dict | None) -> str:
 def _loss_cell(c: dict) -> str:
     if c["val_loss"] is None and c["seeds"] == 1:  # one difference has no spread: no SE, no interval
         return "1 seed: no interval (needs 2)"
+    if c["val_loss"] is None and c["seeds"] >= 2:
+        return "not finite: a seed's loss is NaN or inf"
     return _fmt_stats(c["val_loss"])
 
 
@@ -317,7 +323,7 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
         "",
     ]
     for r in rows:
-        vals = ", ".join(f"seed {k}: {v:.4f}" for k, v in r["val_loss_by_seed"].items()) or "not run yet"
+        vals = ", ".join(f"seed {k}: {v:.4f}" for k, v in r["val_loss_by_seed"].items()) or "none done"
         parts.append(f"- {r['variant']}: {vals}")
     if figures and importlib.util.find_spec("matplotlib") is None:  # the numbers need no figures
         note = f"Figures: not drawn, they need {missing_package('matplotlib')}."

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimoe.config import RunConfig
+from minimoe.errors import MinimoeError
 
 
 @dataclass
@@ -47,10 +48,14 @@ class PlannedRun:
 def run_state(run_dir: Path, max_steps: int, max_minutes: float | None = None) -> str:
     """'done' (latest checkpoint at max_steps, or at max_minutes on its clock), 'partial' (a checkpoint
     before that) or 'new'."""
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
+    from minimoe.train.checkpoint import find_checkpoint
+
+    # the checkpoint a resume would load: `latest`, or the newest complete one when a run killed while
+    # saving left `latest` missing or naming no directory (such a run is not new: it must not be wiped)
+    try:
+        meta = find_checkpoint(run_dir) / "meta.json"
+    except MinimoeError:
         return "new"
-    meta = run_dir / "checkpoints" / latest.read_text().strip() / "meta.json"
     try:
         m = json.loads(meta.read_text())
         step = m["step"]
