@@ -725,6 +725,8 @@ CASES += [
     Case("compare-sweep-infinite-steps", lambda c: ["compare", c.sweep(budget={"steps": float("inf")}), "--plan"], "budget steps must be a positive finite number"),
     Case("compare-sweep-infinite-flops", lambda c: ["compare", c.sweep(budget={"flops": float("inf")}), "--plan"], "budget flops must be a positive finite number"),
     Case("compare-sweep-bad-seeds", lambda c: ["compare", c.sweep(seeds="one"), "--plan"], "seeds"),
+    Case("compare-sweep-name-a-path", lambda c: ["compare", c.sweep(name="../up"), "--plan"], "name '../up' cannot be a directory name"),
+    Case("compare-variant-name-a-path", lambda c: ["compare", c.sweep(variants={"a/b": []}), "--plan"], "variant name 'a/b' cannot be"),
     Case("compare-variant-unknown-key", lambda c: ["compare", c.sweep(variants={"a": ["model.n_layer=2"]}), "--plan"], "did you mean 'model.num_hidden_layers'"),
     Case("compare-variant-invalid-model", lambda c: ["compare", c.sweep(variants={"a": ["model.num_experts_per_tok=99"]}), "--plan"], "is larger than n_routed_experts"),
     Case("compare-data-missing", lambda c: ["compare", c.sweep(), "--plan", "--data", c.missing], "missing.txt"),

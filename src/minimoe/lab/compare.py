@@ -97,8 +97,10 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     if not isinstance(variants, dict) or not variants:
         raise MinimoeError(f"sweep file {path} needs a 'variants' mapping of name -> overrides")
     for name in variants:
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        if not _folder_name(name):
             raise MinimoeError(f"sweep file {path}: variant name {name!r} cannot be a directory name")
+    if d.get("name") is not None and not _folder_name(str(d["name"])):  # the default out: runs/sweeps/NAME
+        raise MinimoeError(f"sweep file {path}: name {d['name']!r} cannot be a directory name")
     budget = d.get("budget")
     shape = "{tokens: N}, {flops: F}, {steps: N} or {minutes: M, clock: wall|cpu}"
     if not isinstance(budget, dict):
@@ -187,6 +189,17 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         base_overrides=_override_list(base.get("overrides"), "base.overrides"),
         data=_resolve_path(data, cwd) if data else _resolve_path(d.get("data"), here),
         val_data=_resolve_path(val_data, cwd) if val_data else _resolve_path(d.get("val_data"), here),
+    )
+
+
+def _folder_name(name) -> bool:
+    """Whether `name` is one folder's name (no separator, not hidden, not `..`)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
     )
 
 
