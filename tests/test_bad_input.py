@@ -1088,8 +1088,66 @@ MORE_CASES: list[Case] = [
     # resuming a run that is already past its new max_steps
     Case("train-resume-max-steps-below", lambda c: ["train", "--resume", shutil.copytree(c.w.run, c.tmp / "rs"),
                                                     "--no-progress", "train.max_steps=1"], "already at step 2"),
+    # a resume that would write somewhere other than the user meant, or ignore what they asked for
+    Case("train-resume-with-another-out", lambda c: ["train", "--resume", _run_copy(c, "rs2", lambda s: None),
+                                                     "--out", c.out, "--no-progress", "train.max_steps=4"], "drop --out"),
+    Case("train-resume-another-tokenizer", lambda c: ["train", "--resume", _run_copy(c, "rt", lambda s: None),
+                                                      "--tokenizer", "bpe:300", "--no-progress", "train.max_steps=4"],
+         "was trained with data.tokenizer=byte, not bpe:300"),
+    # a window past the context was cut to it, and the report named the uncut one
+    Case("quantize-seq-len-past-context", lambda c: ["quantize", c.run, *Q, "--out", c.out, "--eval-data", c.text(),
+                                                     "--seq-len", "100000"], "exceeds the model's context (64 tokens)"),
+    # the figures' canvases are allocated whole: a huge --dpi was an allocator failure (exit 1)
+    Case("plot-dpi-too-large", lambda c: ["plot", c.run, "--out", c.out, "--dpi", "12000"], "use --dpi"),
+    # the serving cache is allocated whole at start-up: too many slots was an allocator failure (exit 1)
+    Case("serve-max-active-exceeds-memory", lambda c: ["serve", c.run, "--port", "0", "--max-active", str(10**9)],
+         "a lower --max-active"),
 ]
 # fmt: on
+
+
+def test_resume_of_a_checkpoint_directory_leaves_it_alone(ctx: Ctx, capsys):
+    """`--resume RUN/checkpoints/step_N` (generate takes checkpoint directories) passed for a run, since a
+    checkpoint holds a config.yaml: it rewrote the checkpoint's config.yaml and trained a run inside it."""
+    run = shutil.copytree(ctx.w.run, ctx.tmp / "rc")
+    step = _steps(run)[-1]
+    before = {p.relative_to(step): p.read_bytes() for p in step.rglob("*") if p.is_file()}
+    rc = main(["train", "--resume", str(step), "--no-progress", "--no-sample", "train.max_steps=6"])
+    out, err = capsys.readouterr()
+    expect = f"resume the run that holds it (--resume {run})"
+    _check(Case("train-resume-a-checkpoint", lambda c: [], expect), rc, out, err)
+    assert {p.relative_to(step): p.read_bytes() for p in step.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_another_out_or_tokenizer_leaves_the_run_alone(ctx: Ctx, capsys):
+    run = shutil.copytree(ctx.w.run, ctx.tmp / "rk")
+    config, steps = (run / "config.yaml").read_text(), _steps(run)
+    for extra in (["--out", str(ctx.out)], ["data.tokenizer=bpe:300"]):
+        assert main(["train", "--resume", str(run), "--no-progress", "train.max_steps=4", *extra]) == 2
+    assert (run / "config.yaml").read_text() == config and _steps(run) == steps
+    assert not ctx.out.exists()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("cmd", ["import", "upcycle"])
+def test_a_new_run_does_not_replace_other_files_in_out(ctx: Ctx, capsys, cmd):
+    """import and upcycle wrote config.yaml and tokenizer/ into any folder without a run, replacing a
+    user's own files of those names; a folder holding anything now needs --force, as for export."""
+    mine = ctx.file("mine/config.yaml", "model:\n  hidden_size: 64\n")
+    argv = {"import": ["import", ctx.hf], "upcycle": ["upcycle", ctx.llama, *U]}[cmd]
+    rc = main([str(a) for a in [*argv, "--out", mine.parent]])
+    out, err = capsys.readouterr()
+    _check(
+        Case(f"{cmd}-out-holds-other-files", lambda c: [], "already exists and is not empty"), rc, out, err
+    )
+    assert mine.read_text() == "model:\n  hidden_size: 64\n" and sorted(mine.parent.iterdir()) == [mine]
+    assert main([str(a) for a in [*argv, "--out", mine.parent, "--force"]]) == 0  # asked for: written
+    capsys.readouterr()
+
+
+def test_plot_with_a_refused_dpi_creates_nothing(ctx: Ctx, capsys):
+    assert main(["plot", str(ctx.run), "--out", str(ctx.out), "--dpi", "12000"]) == 2
+    assert "use --dpi" in capsys.readouterr().err and not ctx.out.exists()
 
 
 @pytest.mark.parametrize("case", MORE_CASES, ids=_ids(MORE_CASES))
@@ -1155,3 +1213,24 @@ def test_memory_check_names_both_numbers_and_has_an_override(monkeypatch):
     memory.check_fits(2**29, "cpu", "training this model", "pass --skip-memory-check")  # fits
     monkeypatch.setenv(memory.SKIP_ENV, "1")
     memory.check_fits(2 * 2**30, "cpu", "training this model", "pass --skip-memory-check")  # overridden
+
+
+@pytest.mark.parametrize("name", ["#1.txt", "yes", "on", "- notes.txt", "a: b.txt"])
+def test_a_path_override_is_text_not_yaml(name):
+    """`--data '#1.txt'` became data.path=None (YAML reads a comment): training ran on the built-in corpus
+    and exited 0; 'yes' or '- notes.txt' were 'must be a string' errors for a file that exists."""
+    from minimoe.config_yaml import build_run_config
+
+    cfg = build_run_config(
+        "tiny", None, [f"data.path={name}", f"data.val_path={name}", f"data.cache_dir={name}"]
+    )
+    assert (cfg.data.path, cfg.data.val_path, cfg.data.cache_dir) == (name, name, name)
+    for null in ("null", "None", "~", ""):  # still the built-in corpus
+        assert build_run_config("tiny", None, [f"data.path={null}"]).data.path is None
+
+
+def test_train_reads_a_data_file_named_like_a_yaml_comment(ctx: Ctx, capsys):
+    ctx.file("#1.txt", "the cat sat on the mat\n" * 400)
+    assert main([str(a) for a in _train_on(ctx, "#1.txt")]) == 0
+    assert yaml.safe_load((ctx.out / "config.yaml").read_text())["data"]["path"] == str(ctx.tmp / "#1.txt")
+    capsys.readouterr()

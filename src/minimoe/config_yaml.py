@@ -185,8 +185,11 @@ def set_dotted(cfg: Any, key: str, value: Any) -> None:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        # keep strings that YAML would turn into something else only if the field wants a str
-        value = value if tp is str else parsed
+        # keep strings that YAML would turn into something else only if the field wants a str, or a str
+        # or None (a path: YAML reads '#1.txt' as a comment, so null, and 'yes' as true); _coerce still
+        # reads null and none as None there
+        optional_text = str in typing.get_args(tp) and value.strip() not in ("", "~")
+        value = value if tp is str or optional_text else parsed
     setattr(obj, last, _coerce(value, tp, f"{path}{last}"))
 
 

@@ -51,3 +51,17 @@ def fresh_temp_dir(out: Path, tag: str) -> Path:
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(out)) from None
     return tmp
+
+
+def check_new_run_dir(out: Path, force: bool) -> None:
+    """Refuse to write a new run (import, upcycle) into `out` when it holds a run or other files, unless
+    `force`: the run's config.yaml and tokenizer/ would replace files of the same names there."""
+    if force or not out.is_dir():
+        return
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise MinimoeError(f"{out} already holds a run; choose another --out or pass --force")
+    if any(out.iterdir()):
+        raise MinimoeError(
+            f"{out} already exists and is not empty (a run's config.yaml and tokenizer/ would replace "
+            "files there); choose another --out or pass --force"
+        )

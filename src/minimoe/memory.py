@@ -56,13 +56,20 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     return room
 
 
-def check_fits(need: int, device: torch.device | str, doing: str, override: str) -> None:
+def check_fits(
+    need: int,
+    device: torch.device | str,
+    doing: str,
+    override: str,
+    remedy: str = "choose a smaller model (minimoe params ... --memory estimates it)",
+) -> None:
     """Raise MinimoeError when `need` bytes exceed what `device` has available.
 
     Args:
         need: estimated bytes.
         doing: what needs them, e.g. "training this model (fp32 weights, gradients and AdamW state)".
         override: how the user skips the check, e.g. "--skip-memory-check".
+        remedy: what to change so that it fits.
     """
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return
@@ -70,6 +77,5 @@ def check_fits(need: int, device: torch.device | str, doing: str, override: str)
     if have is not None and need > have:
         raise MinimoeError(
             f"{doing} needs at least {_gib(need)} but {torch.device(device).type} has {_gib(have)} "
-            f"available; choose a smaller model (minimoe params ... --memory estimates it), or {override} "
-            "to try anyway"
+            f"available; {remedy}, or {override} to try anyway"
         )

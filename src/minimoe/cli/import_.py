@@ -18,7 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="byte or a tokenizer folder, when HF_DIR has no tokenizer.json"
     )
-    p.add_argument("--force", action="store_true", help="write into an existing run directory")
+    p.add_argument(
+        "--force", action="store_true", help="write into an existing run directory or a non-empty folder"
+    )
 
 
 def run(args) -> int:

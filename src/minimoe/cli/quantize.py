@@ -49,6 +49,11 @@ def run(args) -> int:
     if getattr(model, "quantization", None):
         raise MinimoeError(f"{meta['path']} is already quantized")
     seq_len = args.seq_len or cfg.train.seq_len
+    # perplexity() would cut a longer window to the context, and the report would name the uncut one
+    if seq_len > cfg.model.max_position_embeddings:
+        raise MinimoeError(
+            f"--seq-len {seq_len} exceeds the model's context ({cfg.model.max_position_embeddings} tokens)"
+        )
     ids = heldout_ids(tok, args.eval_data, args.eval_tokens) if args.eval_data else None
     before = weight_bytes(model)
     ppl_before = perplexity(model, ids, seq_len) if ids is not None else None

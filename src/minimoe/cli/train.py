@@ -48,6 +48,12 @@ def run(args) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.resume and (args.preset or args.config):
         raise MinimoeError("--resume takes its config from the run directory; drop --preset/--config")
+    # a resume writes into RUN_DIR itself: another --out would be ignored, not receive a copy
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise MinimoeError(
+            f"--resume continues the run in {args.resume} itself; drop --out {args.out} (copy the run "
+            "directory first to continue a copy of it)"
+        )
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")

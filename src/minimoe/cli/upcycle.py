@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer folder, when the folder has none")
     p.add_argument("--seed", type=integer, default=0, help="router initialisation seed")
     p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--force", action="store_true", help="write into an existing run directory")
+    p.add_argument(
+        "--force", action="store_true", help="write into an existing run directory or a non-empty folder"
+    )
     p.add_argument("overrides", nargs="*", default=[], help="model.KEY=VALUE overrides")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from minimoe.config import ModelConfig
 from minimoe.errors import MinimoeError
-from minimoe.files import read_json_object
+from minimoe.files import check_new_run_dir, read_json_object
 from minimoe.hf import keymap
 from minimoe.hf.import_config import model_config, need
 from minimoe.train.checkpoint import write_run
@@ -175,15 +175,14 @@ def import_hf(
         hf_dir: the checkpoint folder (config.json + safetensors).
         out_dir: the run directory to create.
         tokenizer: tokenizer spec when the folder has none (`byte` or a path).
-        force: write into an existing run directory.
+        force: write into an existing run directory, or a non-empty folder (replacing its config.yaml, tokenizer/).
     Returns:
         (checkpoint directory, source format, notes).
     """
     from minimoe.model.transformer import Transformer
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not force:
-        raise MinimoeError(f"{out} already holds a run; choose another --out or pass --force")
+    check_new_run_dir(out, force)
     cfg, sd, fmt, notes = import_state_dict(hf_dir)
     tok = _tokenizer(hf_dir, tokenizer)
     if tok.vocab_size > cfg.vocab_size:

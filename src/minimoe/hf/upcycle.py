@@ -24,6 +24,7 @@ import torch
 from minimoe.config import ModelConfig, RunConfig
 from minimoe.config_yaml import set_dotted
 from minimoe.errors import MinimoeError
+from minimoe.files import check_new_run_dir
 from minimoe.hf.import_config import read_rope
 from minimoe.hf.load import _tokenizer, load_tensors, read_config
 from minimoe.train.checkpoint import write_run
@@ -223,7 +224,7 @@ def upcycle(
         tokenizer: tokenizer spec when the folder has no tokenizer.json.
         overrides: dotted `model.KEY=VALUE` overrides.
         seed: router initialisation seed.
-        force: write into an existing run directory.
+        force: write into an existing run directory, or a non-empty folder (replacing its config.yaml, tokenizer/).
     Returns:
         The checkpoint directory written.
     """
@@ -232,8 +233,7 @@ def upcycle(
     dense_dir, out = Path(dense_dir), Path(out_dir)
     if router_std is not None and not 0 <= router_std < float("inf"):  # NaN too
         raise MinimoeError(f"--router-std must be a finite number >= 0, got {router_std}")
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not force:
-        raise MinimoeError(f"{out} already holds a run; choose another --out or pass --force")
+    check_new_run_dir(out, force)
     c = read_config(dense_dir)
     cfg = upcycle_config(c, experts, top_k, granularity, dense_layers, scoring, list(overrides or []))
     tok = _tokenizer(dense_dir, tokenizer)

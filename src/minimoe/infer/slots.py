@@ -135,6 +135,21 @@ def _step_at(
     )
 
 
+def _check_fits(model, slots: int, max_len: int, mtp: bool, prefill_rows: int) -> None:
+    """The pool is allocated whole at start-up: one too large for memory (`serve --max-active`) is one
+    sentence, not an allocator failure."""
+    from minimoe.memory import SKIP_ENV, check_fits
+
+    w = model.embed_tokens.weight
+    per_layer = model.cache_bytes_per_token(w.dtype) // len(model.layers)
+    layers = len(model.layers) + (1 if mtp else 0)  # the MTP block's cache has the same rows
+    need = per_layer * layers * max_len * (slots + prefill_rows)
+    check_fits(
+        need, w.device, f"a KV cache of {slots} slots x {max_len} tokens", f"set {SKIP_ENV}=1",
+        remedy="decode fewer sequences at once (a lower --max-active)",
+    )  # fmt: skip
+
+
 class SlotPool:
     """`slots` preallocated cache rows of `max_len` positions for one model.
 
@@ -156,6 +171,7 @@ class SlotPool:
     ) -> None:
         self.model = model
         self.max_len = max_len or model.cfg.max_position_embeddings
+        _check_fits(model, slots, self.max_len, mtp, prefill_rows)
         self.cache = model.make_cache(slots, self.max_len)
         self.scratch = model.make_cache(prefill_rows, self.max_len)  # where prompts are prefilled
         self.mtp_cache = make_mtp_cache(model, slots, self.max_len) if mtp else None

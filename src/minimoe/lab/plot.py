@@ -369,6 +369,22 @@ def safe_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_") or "run"
 
 
+# the largest image drawn: Agg refuses 2^16 pixels a side, and allocates the whole RGBA canvas up front
+# (so a huge --dpi was an allocator failure, not a message)
+MAX_SIDE_PX = 2**16 - 1
+MAX_PIXELS = 2**28  # 1 GiB of RGBA
+
+
+def check_pixels(figures: list, dpi: int) -> None:
+    """MinimoeError naming the largest --dpi that draws every figure, when `dpi` makes one too large."""
+    limit = dpi
+    for _, fig in figures:
+        w, h = fig.get_size_inches()
+        limit = min(limit, int(MAX_SIDE_PX / max(w, h)), int(math.sqrt(MAX_PIXELS / (w * h))))
+    if limit < dpi:
+        raise MinimoeError(f"--dpi {dpi} makes images too large to draw; use --dpi {limit} or less")
+
+
 def plot_runs(
     run_dirs: list[str | Path], out_dir: str | Path, steps: list[int] | None = None, dpi: int = 110
 ) -> list[Path]:
@@ -390,10 +406,6 @@ def plot_runs(
     paths = [Path(p) for p in run_dirs]
     runs = [load_run_data(p, lab) for p, lab in zip(paths, unique_labels(paths))]
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MinimoeError(f"cannot create output directory {out} ({e.strerror})") from None
     plt = _plt()
     figures = [
         ("loss_vs_tokens.png", loss_figure(runs, "tokens")),
@@ -406,6 +418,15 @@ def plot_runs(
             figures.append(("router_z.png", router_z_figure(runs)))
         for run in moe_runs(runs):
             figures.append((f"expert_load_{safe_name(run.label)}.png", load_heatmap_figure(run, steps)))
+    try:  # before --out is created: a refused --dpi leaves nothing behind
+        check_pixels(figures, dpi)
+        out.mkdir(parents=True, exist_ok=True)
+    except (MinimoeError, OSError) as e:
+        for _, fig in figures:
+            plt.close(fig)
+        if isinstance(e, OSError):
+            raise MinimoeError(f"cannot create output directory {out} ({e.strerror})") from None
+        raise
     written = []
     for name, fig in figures:
         fig.savefig(out / name, dpi=dpi)

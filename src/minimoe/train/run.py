@@ -84,6 +84,17 @@ def _keeps_vocab(seed: str | None, cfg, tokenizer) -> bool:
     return cfg.model.vocab_size - 64 < tokenizer.vocab_size <= cfg.model.vocab_size
 
 
+def _check_same_tokenizer(run_dir: Path, cfg) -> None:
+    """A resume trains on with the tokenizer saved in RUN_DIR/tokenizer, whatever data.tokenizer says: an
+    override of it would be ignored, and config.yaml would then name a tokenizer the run never used."""
+    saved = build_run_config(config_path=str(run_dir / "config.yaml")).data.tokenizer
+    if cfg.data.tokenizer != saved:
+        raise MinimoeError(
+            f"{run_dir} was trained with data.tokenizer={saved}, not {cfg.data.tokenizer}; a resume keeps "
+            "the run's tokenizer (drop --tokenizer/data.tokenizer, or start a new run for another one)"
+        )
+
+
 def train_from_config(
     preset: str | None = None,
     config_path: str | None = None,
@@ -112,7 +123,15 @@ def train_from_config(
         if not (run_dir / "config.yaml").exists():
             raise MinimoeError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
         refuse_quantized_resume(run_dir)
+        # a checkpoint holds a config.yaml too, but resuming "it" would write a run inside the checkpoint
+        if (run_dir / "meta.json").is_file():
+            holder = f" (--resume {run_dir.parent.parent})" if run_dir.parent.name == "checkpoints" else ""
+            raise MinimoeError(
+                f"{run_dir} is a checkpoint, not a run directory; resume the run that holds it{holder}, "
+                "which continues from its latest checkpoint"
+            )
         cfg = build_run_config(config_path=str(run_dir / "config.yaml"), overrides=overrides)
+        _check_same_tokenizer(run_dir, cfg)
         tokenizer, seed = Tokenizer.load(run_dir / "tokenizer"), None
     else:
         # only a complete checkpoint holds a run: what a crash in the first save left (.tmp-* directories)
