@@ -374,6 +374,8 @@ class RunConfig:
             )
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.data.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.data.workers}")
         d = self.dist
         for name in ("expert_parallel", "pipeline_parallel"):
             if getattr(d, name) < 1:

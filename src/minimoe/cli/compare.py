@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from minimoe.errors import MinimoeError
+
 SWEEP_FORMAT = """\
 The sweep file (YAML):
 
@@ -69,6 +71,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     # per-step dead-expert warnings would drown the sweep's own progress lines; the report has MaxVio
     logging.getLogger("minimoe.train").setLevel(logging.ERROR)
+    if args.jobs < 1:
+        raise MinimoeError(f"--jobs must be at least 1, got {args.jobs}")
     sweep = load_sweep(args.sweep, data=args.data, val_data=args.val_data)
     out = Path(args.out or f"runs/sweeps/{sweep.name}")
     if args.plan or args.report_only:

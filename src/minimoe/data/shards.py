@@ -165,8 +165,9 @@ def _pool(tok: Tokenizer, dtype: np.dtype, workers: int):
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
+        # more processes than cores only add start-up and memory (data.workers=100000 would fork that many)
         pool = mp.get_context(method).Pool(
-            workers, initializer=_init_worker, initargs=(tok.payload(), dtype.name)
+            min(workers, os.cpu_count() or 1), initializer=_init_worker, initargs=(tok.payload(), dtype.name)
         )
     finally:
         if old is None:
