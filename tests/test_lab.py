@@ -253,6 +253,26 @@ def test_plot_cli_writes_pngs(trained, tmp_path, capsys, caplog):
     assert main(["plot", str(run), "--steps", "x"]) == 2
 
 
+def test_router_z_figure_leaves_out_dense_runs(trained, tmp_path, monkeypatch):
+    """A dense run logs router_z 0 (it has no router): plot draws the router z of the MoE runs only."""
+    import shutil
+
+    run, _ = trained
+    dense = tmp_path / "dense"
+    shutil.copytree(run, dense)
+    rows = [json.loads(x) for x in (dense / "metrics.jsonl").read_text().splitlines()]
+    moe_keys = ("max_vio", "max_vio_mean", "load_frac")
+    rows = [{k: (0.0 if k == "router_z" else v) for k, v in r.items() if k not in moe_keys} for r in rows]
+    (dense / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    figure = lab_plot.router_z_figure
+    monkeypatch.setattr(
+        lab_plot, "router_z_figure", lambda runs: drawn.append([r.label for r in runs]) or figure(runs)
+    )
+    lab_plot.plot_runs([run, dense], tmp_path / "p")
+    assert drawn == [["run"]] and (tmp_path / "p" / "router_z.png").is_file()
+
+
 # ---------------------------------------------------------------- inspect
 
 

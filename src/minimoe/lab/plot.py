@@ -272,7 +272,7 @@ def router_z_figure(runs: list[RunData]):
     for run, (c, ls, label) in zip(runs, _styles(runs)):
         steps, z = run.series("router_z")
         if not steps:
-            continue  # a dense run, or one logged before router_z was
+            continue  # a run logged before router_z was
         ax.plot(steps, z, color=c, ls=ls, lw=1, label=label)
         spikes = [(r["step"], r["router_z"]) for r in run.train if _z_spike(r) and "router_z" in r]
         if spikes:
@@ -414,8 +414,8 @@ def plot_runs(
     ]
     if moe_runs(runs):
         figures.append(("maxvio.png", maxvio_figure(runs)))
-        if any(r.series("router_z")[0] for r in runs):
-            figures.append(("router_z.png", router_z_figure(runs)))
+        if any(r.series("router_z")[0] for r in moe_runs(runs)):  # a dense run logs 0: no router
+            figures.append(("router_z.png", router_z_figure(moe_runs(runs))))
         for run in moe_runs(runs):
             figures.append((f"expert_load_{safe_name(run.label)}.png", load_heatmap_figure(run, steps)))
     try:  # before --out is created: a refused --dpi leaves nothing behind
