@@ -715,3 +715,62 @@ def test_token_windows_reach_the_last_window_of_a_shard(tmp_path):
         last_targets.update(y[:, -1].tolist())
     assert starts == {0, 1}
     assert int(shard[-1]) in last_targets  # the shard's last token (the EOS) is a target
+
+
+def _three_shards(tmp_path) -> tuple[PreparedData, np.ndarray]:
+    """35 distinct bytes and the EOS: 36 train tokens in three shards of exactly 12."""
+    text = "abcdefghijklmnopqrstuvwxyzABCDEFGHI"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    data = prepare(tmp_path / "t.txt", "byte", tmp_path / "o", val_fraction=0, workers=0, shard_tokens=12,
+                   progress=False)  # fmt: skip
+    shards = [np.asarray(m) for m in data.memmaps("train")]
+    assert [len(s) for s in shards] == [12, 12, 12]
+    return data, np.concatenate(shards)
+
+
+def test_token_windows_map_every_start_to_its_own_shard(tmp_path):
+    """With several shards, each draw is a whole window inside one shard, and every start of every shard
+    is drawn (the first start of shard k + 1 comes right after the last of shard k: no window begins
+    in the short tail of the shard before it)."""
+    data, stream = _three_shards(tmp_path)
+    tw = TokenWindows(data, "train", seq_len=9, batch_size=8, seed=0)
+    starts = set()
+    for _ in range(30):
+        x, y = next(tw)
+        for row, target in zip(x.numpy(), y.numpy()):
+            pos = int(np.flatnonzero(stream == row[0])[0])  # every token is distinct
+            assert pos // 12 == (pos + 9) // 12, pos  # inside one shard
+            assert np.array_equal(row, stream[pos : pos + 9]) and np.array_equal(
+                target, stream[pos + 1 : pos + 10]
+            )
+            starts.add(pos)
+    assert starts == {s * 12 + o for s in range(3) for o in range(3)}
+
+
+def test_eval_windows_of_a_shard_whose_length_is_a_multiple_of_seq_len(tmp_path):
+    """A shard of 12 tokens holds two whole windows of 4 + 1 tokens (starts 0 and 4); the third (start 8)
+    would need a 13th token and is dropped, so every batch is full-length."""
+    data, stream = _three_shards(tmp_path)
+    ev = EvalWindows(data, "train", seq_len=4, batch_size=4)
+    assert ev.num_windows == 6 and ev.num_targets == 24
+    xs, ys = zip(*ev)
+    got = torch.cat(xs).numpy()
+    want = np.stack([stream[s * 12 + o : s * 12 + o + 4] for s in range(3) for o in (0, 4)])
+    assert np.array_equal(got, want)
+    targets = np.stack([stream[s * 12 + o + 1 : s * 12 + o + 5] for s in range(3) for o in (0, 4)])
+    assert np.array_equal(torch.cat(ys).numpy(), targets)
+
+
+def test_eval_windows_give_every_rank_the_same_number_of_rows(tmp_path):
+    """6 windows over 4 ranks: each rank evaluates one window (its batches yield exactly num_windows
+    rows), none evaluates a second one that the others lack."""
+    data, _ = _three_shards(tmp_path)
+    for batch_size in (1, 2, 4):
+        ranks = [
+            EvalWindows(data, "train", seq_len=4, batch_size=batch_size, rank=r, world_size=4)
+            for r in range(4)
+        ]
+        rows = [sum(len(x) for x, _ in ev) for ev in ranks]
+        assert rows == [1, 1, 1, 1] and [ev.num_windows for ev in ranks] == [1, 1, 1, 1], batch_size
+        firsts = [tuple(next(iter(ev))[0][0].tolist()) for ev in ranks]
+        assert len(set(firsts)) == 4  # disjoint windows

@@ -1386,6 +1386,23 @@ def test_text_stream_finds_a_stop_string_that_starts_in_text_already_sent():
     assert ts.push(5) == "" and ts.flush() == "" and "a.b" not in ts.text and "y" not in "".join(sent)
 
 
+def test_text_stream_cuts_at_the_earliest_of_several_stop_strings_in_one_token():
+    """One token can bring several stop strings at once: the text ends before the one that starts
+    first, whatever their order in the list; an empty stop string is no stop at all."""
+    pieces = {0: "ab", 1: "cBdAe", 2: "f"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(pieces[i] for i in ids)
+
+    for stops in (["A", "B"], ["B", "A"], ["dA", "B"]):
+        ts = TextStream(decode, stop=stops)
+        sent = [ts.push(t) for t in (0, 1, 2)] + [ts.flush()]
+        assert ts.stopped and ts.text == "abc" and "".join(sent) == "abc", stops
+    ts = TextStream(decode, stop=["", "Z"])
+    sent = [ts.push(t) for t in (0, 1, 2)] + [ts.flush()]
+    assert not ts.stopped and "".join(sent) == ts.text == "abcBdAef"
+
+
 def test_stop_strings_in_generation():
     tok = LetterTokenizer()
     model = tiny_model()

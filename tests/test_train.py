@@ -914,6 +914,106 @@ def test_grad_accum_step_equals_one_batch_step(tmp_path, corpus, padded):
         torch.testing.assert_close(b2[i], b1[i], rtol=1e-5, atol=1e-8, msg=f"layer {i}")
 
 
+def test_time_limited_schedule_counts_the_warmup_in_steps_then_follows_the_clock():
+    """With train.max_minutes the schedule sees whichever of the step and the elapsed fraction of the time
+    budget (as a step of max_steps) is further along, capped at max_steps; the warmup counts steps only,
+    however much of the time it takes."""
+    from types import SimpleNamespace
+
+    from minimoe.train.trainer import Trainer
+
+    tc = SimpleNamespace(max_minutes=1.0, max_steps=1000, warmup_steps=10)
+
+    def seen(step: int, seconds: float) -> int:
+        tr = SimpleNamespace(cfg=SimpleNamespace(train=tc), step=step, ctx=SimpleNamespace(distributed=False),
+                             _clock=lambda: 100.0 + seconds, elapsed=0.0)  # fmt: skip
+        return Trainer._schedule_step(tr, 100.0)
+
+    assert seen(3, 30.0) == 3 and seen(9, 59.0) == 9  # in the warmup: the step, not the clock's 500 / 983
+    assert seen(10, 30.0) == 500  # half the time gone: half of max_steps
+    assert seen(600, 30.0) == 600  # the steps further along than the clock
+    assert seen(20, 90.0) == 1000  # past the budget: capped
+    tc.max_minutes = None
+    assert seen(5, 1e6) == 5
+
+
+def test_grad_clip_scales_the_gradient_to_the_clip_norm(tmp_path, corpus):
+    """train.grad_clip rescales the whole gradient to that global norm when it is larger (a clip above
+    the norm leaves it alone); the logged grad_norm is the norm before clipping."""
+    from minimoe.data import TokenWindows
+
+    _, data = _tiny_trainer(tmp_path, corpus, "data", "train.max_steps=1")
+    x, y = TokenWindows(data, "train", 32, 4, seed=5).batch_at(0)
+    free, _, row = _one_step_grads_and_biases(tmp_path, corpus, "free", x, y, 1)
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in free.values()))
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    for name, clip, scale in (("tight", norm / 4, 0.25), ("loose", norm * 4, 1.0)):
+        got, _, row = _one_step_grads_and_biases(tmp_path, corpus, name, x, y, 1, f"train.grad_clip={clip}")
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-5), name
+        assert got.keys() == free.keys()
+        for n in free:
+            torch.testing.assert_close(got[n], free[n] * scale, rtol=1e-4, atol=1e-9, msg=f"{name} {n}")
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step(tmp_path, corpus):
+    """The first backward gives the final norm an infinite gradient while the loss stays finite: that
+    step is skipped (nothing reaches the weights, not even through clipping), the next batch takes the
+    one step, and every weight stays finite."""
+    tr, _ = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=1", "train.eval_every=100")
+    calls = {"n": 0}
+
+    def poison_first(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
+
+    tr.model.norm.weight.register_hook(poison_first)
+    res = tr.fit()
+    assert res.step == 1 and calls["n"] == 2  # one skipped backward, then the step
+    for n, p in tr.model.named_parameters():
+        assert torch.isfinite(p).all(), n
+
+
+def test_the_checkpoint_of_a_pause_is_never_marked_best(tmp_path, corpus, monkeypatch):
+    """A pause's evaluation does not count, so its checkpoint does not become the best one even when its
+    validation loss is the lowest: the best stays the step an uninterrupted run picks."""
+    from minimoe.train.trainer import Trainer
+
+    losses = {6: 1.0, 8: 0.5, 12: 1.2, 18: 1.3}
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": losses[self.step], "val_bpb": None})
+    common = ("train.max_steps=18", "train.eval_every=6")
+    _train(tmp_path / "a", corpus, *common)
+    resumed = _paused_then_resumed(tmp_path, corpus, common, pause_at=8)
+    assert resumed.best_val_loss == 1.0
+    for run in "ab":
+        assert (tmp_path / run / "checkpoints" / "best").read_text().strip() == "step_00000006", run
+
+
+def test_a_log_window_comes_back_whole_from_its_state():
+    """A resume between two logged rows restores the window's sums exactly: loss, parts, steps, tokens
+    (the row's tokens/s counts the steps before the pause too), loads, per-step MaxVio and its seconds."""
+    from minimoe.train import metrics
+
+    w = metrics.LogWindow(torch.device("cpu"), ("ce", "aux"))
+    w.reset(time.perf_counter() - 5.0)
+    for step in range(3):
+        w.loss += 1.5 + step
+        w.parts["ce"] += 1.0
+        w.parts["aux"] += 0.25
+        w.steps += 1
+        w.tokens += 128
+        w.add_loads({1: torch.tensor([3.0, 1.0, 0.0, 4.0]) + step, 2: torch.tensor([2.0, 2.0, 2.0, 2.0])})
+    back = metrics.LogWindow(torch.device("cpu"), ("ce", "aux"))
+    back.load_state_dict(w.state_dict())
+    assert (back.steps, back.tokens, back.loss.item()) == (3, 384, pytest.approx(w.loss.item()))
+    assert {k: v.item() for k, v in back.parts.items()} == {k: v.item() for k, v in w.parts.items()}
+    assert back.loads.keys() == w.loads.keys() and all(
+        torch.equal(back.loads[i], w.loads[i]) for i in w.loads
+    )
+    want, got = w.max_vio(), back.max_vio()
+    assert got.keys() == want.keys() == {1, 2} and all(torch.allclose(got[i], want[i]) for i in want)
+    assert back.start == pytest.approx(w.start, abs=0.5)
+
+
 def test_resume_restores_the_run_counters(tmp_path, corpus):
     """Resume brings back the step, tokens and early-stopping state (best val loss, evaluations since)
     exactly as saved."""
