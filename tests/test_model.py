@@ -118,6 +118,26 @@ def test_cached_decoding_matches_full_forward(attn_type, rope_scaling):
     assert cache.pos == 12
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_attention_dropout_is_training_only(attn_type):
+    """attn_dropout drops attention probabilities in training only: in eval the full forward and the
+    cached decode (MLA's absorbed path) equal those of the same weights without dropout."""
+    torch.manual_seed(1)
+    model = Transformer(tiny_cfg(attn_type=attn_type, mtp_depth=0, attn_dropout=0.5)).double()
+    plain = Transformer(tiny_cfg(attn_type=attn_type, mtp_depth=0)).double().eval()
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 97, (2, 8))
+    assert not torch.equal(model(idx).logits, model(idx).logits)  # training: dropout is on
+    model.eval()
+    with torch.no_grad():
+        full = plain(idx).logits
+        torch.testing.assert_close(model(idx).logits, full, rtol=1e-12, atol=1e-12)
+        cache = model.make_cache(2, 8)
+        steps = [model(idx[:, :4], cache=cache).logits]
+        steps += [model(idx[:, t : t + 1], cache=cache).logits for t in range(4, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+
+
 def test_mtp_matches_hand_written_eh_proj():
     # eh_proj(cat[enorm(emb), hnorm(h)]): distinct norm weights, so swapping the halves or the norms fails
     torch.manual_seed(4)
@@ -166,6 +186,32 @@ def test_activation_checkpointing_gives_same_gradients():
     model(idx, targets=idx).loss.backward()
     for a, p in zip(g1, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_activation_checkpointing_keeps_the_padding_out_of_the_moe_statistics():
+    """A padded fine-tuning batch under activation checkpointing: the blocks re-run with the same `valid`
+    mask, so the loads, the balance and z losses and the gradients equal the plain forward's."""
+    torch.manual_seed(3)
+    model = Transformer(tiny_cfg(aux_loss_alpha=0.0)).double()
+    idx = torch.randint(0, 97, (2, 10))
+    y = idx.roll(-1, 1)
+    y[0, 5:] = -100  # the first row's tail reaches no target
+    outs, grads = [], []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        out = model(idx, targets=y)
+        out.loss.backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    plain, ckpt = outs
+    for layer, st in plain.moe_stats.items():
+        torch.testing.assert_close(ckpt.moe_stats[layer].load, st.load, msg=f"layer {layer}")
+    assert plain.moe_stats[1].load.sum() == 2 * (5 + 10)  # top-2 slots of the counted tokens
+    for k in ("aux", "z", "mtp", "ce"):
+        torch.testing.assert_close(ckpt.losses[k], plain.losses[k], msg=k)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_tied_embeddings_share_storage_and_eval_keeps_bias():
@@ -436,6 +482,28 @@ def test_left_padded_row_with_targets_has_the_losses_of_the_row_alone(attn_type)
         torch.testing.assert_close(padded[k], alone[k], msg=k)
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_left_padded_cached_decoding_matches_the_row_alone(attn_type):
+    """Prefill and then decode token by token with a cache and a growing attention_mask: each new token's
+    RoPE position counts the real tokens before it (cached ones included), so the left-padded row's
+    logits equal those of the row run alone without a cache."""
+    torch.manual_seed(2)
+    model = Transformer(tiny_cfg(attn_type=attn_type, mtp_depth=0)).double().eval()
+    pad, n = 3, 9
+    row, other = torch.randint(0, 97, (1, n)), torch.randint(0, 97, (1, pad + n))
+    x = torch.cat([torch.cat([torch.full((1, pad), 5), row], 1), other])
+    mask = torch.ones_like(x)
+    mask[0, :pad] = 0
+    cache = model.make_cache(2, pad + n)
+    prefill = pad + 4
+    steps = [model(x[:, :prefill], cache=cache, attention_mask=mask[:, :prefill]).logits]
+    for t in range(prefill, pad + n):
+        steps.append(model(x[:, t : t + 1], cache=cache, attention_mask=mask[:, : t + 1]).logits)
+    got = torch.cat(steps, 1)
+    torch.testing.assert_close(got[:1, pad:], model(row).logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[1:], model(other).logits, rtol=1e-9, atol=1e-9)
+
+
 def test_targets_with_num_logits_to_keep_are_refused():
     model = Transformer(tiny_cfg())
     idx = torch.randint(0, 97, (2, 8))
@@ -479,3 +547,32 @@ def test_model_loss_without_logits_matches_plain(tie):
     assert g_plain.keys() == g_fused.keys()
     for n in g_plain:
         torch.testing.assert_close(g_fused[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_init_scales_every_output_projection_by_depth():
+    """GPT-2 init: N(0, initializer_range) for matrices, but every projection back into the residual
+    stream (attention o_proj, dense and shared MLP down_proj, the routed experts' stacked down_proj) gets
+    initializer_range / sqrt(2 * num_hidden_layers); norms 1; the balancing bias 0 after a reset."""
+    torch.manual_seed(0)
+    L, std = 4, 0.05
+    model = Transformer(tiny_cfg(num_hidden_layers=L, initializer_range=std, moe_intermediate_size=40))
+    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    for suffix in (
+        "o_proj.weight",
+        "mlp.down_proj.weight",
+        "shared_experts.down_proj.weight",
+        "experts.down_proj",
+    ):
+        assert any(n.endswith(suffix) for n in names), suffix  # every kind is checked below
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        out = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
+        want = std / (2 * L) ** 0.5 if out else std
+        rel = max(0.1, 4 / (2 * p.numel()) ** 0.5)  # 4 standard errors of a sample std; below 1.41x
+        assert p.float().std().item() == pytest.approx(want, rel=rel), name
+    for moe in model.moe_layers().values():
+        moe.gate.e_score_correction_bias.fill_(1.0)
+    model.reset_parameters()
+    assert all((m.gate.e_score_correction_bias == 0).all() for m in model.moe_layers().values())
+    assert all((p == 1).all() for n, p in model.named_parameters() if n.endswith("norm.weight"))

@@ -739,3 +739,62 @@ def test_compiled_moe_training_is_one_graph_and_equals_eager(seed):
         out.update(grads(moe, x))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------- masked statistics
+
+
+def test_watched_router_z_counts_valid_tokens_only():
+    """With z_loss_coef = 0 the router still reports the unweighted z for the spike alert; like the loss
+    it averages over the valid tokens only, equal to the z of the valid tokens run alone."""
+    router = Router(make_cfg(z_loss_coef=0.0)).double()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64) * 3.0
+    valid = torch.tensor([[True, True, False, False, False], [True, False, True, True, False]])
+    router.train()
+    got = router(x, valid).z
+    want = router(x[valid][None]).z
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert router(x).z.item() != pytest.approx(want.item(), rel=1e-6)  # the padding would change it
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_dropped_counts_valid_tokens_only(k):
+    """`dropped` counts the capacity's dropped pairs of the valid tokens only (padding takes slots but is
+    no statistic), against a first-come-first-served loop over the pairs in token order."""
+    moe = make_moe(n_routed_experts=4, num_experts_per_tok=k, n_shared_experts=0, capacity_factor=0.5)
+    moe.train()
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    valid = torch.rand(2, 8) < 0.5
+    T = 16
+    idx = moe.gate(x, valid).topk_idx.tolist()
+    capacity = expert_capacity(0.5, T, k, 4)
+    seen, want = [0] * 4, 0
+    for t in range(T):
+        for e in idx[t]:
+            want += seen[e] >= capacity and bool(valid.view(-1)[t])
+            seen[e] += 1
+    total = sum(max(0, n - capacity) for n in seen)
+    assert 0 < want < total  # some valid and some padded pairs are dropped
+    _, stats = moe(x, valid)
+    assert stats.dropped.item() == want
+    assert moe(x)[1].dropped.item() == total
+
+
+def test_router_jitter_is_multiplicative_and_training_only():
+    """Switch-style jitter multiplies the router input by U(1 - j, 1 + j): a zero input stays zero (its
+    logits are 0, z = log(E)^2, the scores all equal), any other input gets noisy logits in training and
+    exact ones in eval."""
+    torch.manual_seed(0)
+    router = Router(make_cfg(router_jitter=0.5, z_loss_coef=1.0, aux_free_bias=False)).double()
+    router.train()
+    zero = torch.zeros(1, 4, 16, dtype=torch.float64)
+    r = router(zero)
+    torch.testing.assert_close(r.z, torch.tensor(math.log(8) ** 2, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.topk_weight, torch.full((4, 2), 0.5, dtype=torch.float64))
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    assert router(x).z.item() != router(x).z.item()
+    router.eval()
+    with torch.enable_grad():
+        assert router(x).z.item() == router(x).z.item()

@@ -84,8 +84,8 @@ def padding_causal_mask(key_valid: torch.Tensor, t: int, start: int) -> torch.Te
         t: number of new tokens (queries), at absolute cache positions [start, start + t).
         start: tokens already in the cache.
     Returns:
-        (B, 1, T, S) bool, True where a query may attend. A padded query sees only itself, so its
-        softmax stays finite (its output is never read by a real token).
+        (B, 1, T, S) bool, True where a query may attend. A padded query also sees itself (a left-padded
+        one sees only itself), so its softmax stays finite; its output is never read by a real token.
     """
     s = key_valid.shape[1]
     q_pos = torch.arange(start, start + t, device=key_valid.device)[:, None]  # (T, 1)
