@@ -36,6 +36,6 @@ def test_lab_notebook_executes(tmp_path, monkeypatch):
     assert "(sum 1.000)" in text  # routing shares add up
     assert "bits/byte" in text  # evaluated
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 5
+    assert len(images) == 6  # the figures of `plot` (router_z.png among them)
     htmls = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert htmls and "layer 0" in htmls[0]["data"]["text/html"]
