@@ -152,6 +152,17 @@ def test_export_config_has_deepseek_v3_keys(exported):
     assert gen["eos_token_id"] == 256
 
 
+def test_export_special_token_ids_are_the_tokenizers(exported, tok):
+    """config.json and generation_config.json carry the tokenizer's own ids (the byte tokenizer has
+    end-of-text 256, padding 257 and no beginning-of-text token)."""
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (256, 257, None)
+    folder = exported["deepseek_v3"][1]
+    c = json.loads((folder / "config.json").read_text())
+    assert (c["eos_token_id"], c["pad_token_id"], c["bos_token_id"]) == (256, 257, None)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen == {"eos_token_id": 256, "pad_token_id": 257}
+
+
 def test_mtp_layer_holds_its_own_weights_and_copies_of_embedding_and_head():
     """DeepSeek-V3's hub layout of MTP module k (layer num_hidden_layers + k): enorm, hnorm, eh_proj and
     shared_head.norm are that module's tensors, embed_tokens and shared_head.head copies of the model's
@@ -227,6 +238,24 @@ def test_export_import_round_trip(exported, tmp_path, ids, name):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_import_reads_every_mtp_layer_and_clips_first_k_dense_replace(tmp_path, tok):
+    """Two MTP modules round-trip exactly; a first_k_dense_replace beyond the layers (transformers: every
+    layer dense) imports as num_hidden_layers."""
+    from minimoe.hf.import_config import model_config
+
+    m = _model(**{**CASES["deepseek_v3"], "mtp_depth": 2})
+    export_model(m, tok, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    back = load_run(tmp_path / "run")[0]
+    assert back.cfg.mtp_depth == 2
+    ours, theirs = m.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    L = c["num_hidden_layers"]
+    cfg, _, _ = model_config({**c, "first_k_dense_replace": L + 2}, {})
+    assert cfg.first_k_dense_replace == L and not any(cfg.is_moe_layer(i) for i in range(L))
+
+
 def test_sharded_export_loads(tmp_path, tok, ids):
     m = _model(**CASES["deepseek_v3"])
     res = export_model(m, tok, tmp_path / "hf", shard_size="40KB", dtype="float32")
@@ -234,6 +263,16 @@ def test_sharded_export_loads(tmp_path, tok, ids):
     assert len(shards) > 2 and "model.safetensors.index.json" in res.files
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
+    from safetensors import safe_open
+
+    total = 0
+    for shard in shards:  # every tensor sits in the shard the index names; total_size counts their bytes
+        with safe_open(str(tmp_path / "hf" / shard), "pt") as f:
+            for k in f.keys():
+                assert index["weight_map"][k] == shard
+                t = f.get_tensor(k)
+                total += t.numel() * t.element_size()
+    assert index["metadata"]["total_size"] == total == res.weight_bytes and len(index["weight_map"]) > 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
     import_hf(tmp_path / "hf", tmp_path / "run")
@@ -249,6 +288,8 @@ def test_bf16_export_keeps_bias_fp32(tmp_path, tok):
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
         assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert c["torch_dtype"] == c["dtype"] == "bfloat16"  # what the weights on disk are
     assert parse_size("5GB") == 5_000_000_000 and parse_size("2MiB") == 2 * 2**20
 
 
@@ -482,7 +523,7 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
 @pytest.mark.parametrize(
     "name, dropped",
     [
-        ("deepseek_v3", ["routed_scaling_factor"]),  # DeepseekV3Config: 2.5
+        ("deepseek_v3", ["routed_scaling_factor", "norm_topk_prob"]),  # DeepseekV3Config: 2.5, true
         ("mixtral", ["rope_theta", "rope_parameters", "rms_norm_eps", "num_experts_per_tok"]),  # 1e6, 1e-5, 2
     ],
 )

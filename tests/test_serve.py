@@ -271,6 +271,37 @@ def test_n_and_seed(client):
     assert sum(1 for c in chunks if c.choices[0].finish_reason) == 2
 
 
+def test_echo_and_indices_of_several_prompts_times_n(client):
+    """Choice j of prompt i is index i * n + j, and echo puts prompt i in front of each of its choices."""
+    prompts = ["ab", "the cat"]
+    kw = dict(model=NAME, prompt=prompts, n=2, max_tokens=2, temperature=0, echo=True)
+    r = client.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        assert c.text.startswith(prompts[c.index // 2]) and len(c.text) > len(prompts[c.index // 2]), c.text
+    streamed = {i: "" for i in range(4)}
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert [streamed[i] for i in range(4)] == [c.text for c in r.choices]
+
+
+def test_the_request_token_budget_counts_every_choice(client):
+    # 1 prompt token + 100 completion tokens is well within the budget; 40 choices of it are not
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="x", max_tokens=MAX_TOKENS_LIMIT, n=40)
+    assert (e.value.body["param"], e.value.body["code"]) == ("max_tokens", "too_many_tokens")
+    assert f"{40 * (1 + MAX_TOKENS_LIMIT)} tokens" in e.value.body["message"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    msgs = [{"role": "user", "content": "a cat"}]
+    kw = dict(model=NAME, messages=msgs, temperature=0)
+    r = client.chat.completions.create(**kw, max_tokens=30, max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    assert client.chat.completions.create(**kw, max_tokens=30).usage.completion_tokens > 3
+
+
 def test_stop_strings(client):
     kw = dict(model=NAME, prompt="the ball", max_tokens=40, temperature=1.0, seed=11)
     full = client.completions.create(**kw).choices[0].text
@@ -279,6 +310,8 @@ def test_stop_strings(client):
     cut = full.index(stop)
     r = client.completions.create(**kw, stop=[stop, "never-there"])
     assert r.choices[0].text == full[:cut] and r.choices[0].finish_reason == "stop"
+    later = client.completions.create(**kw, stop=["never-there", stop])  # any stop of the list counts
+    assert later.choices[0].text == full[:cut] and later.choices[0].finish_reason == "stop"
     if full.isascii():  # then one character is one token (byte tokenizer)
         assert r.usage.completion_tokens == cut + len(stop)  # generation ends on the stop's last token
     streamed = list(client.completions.create(**kw, stop=stop, stream=True))
@@ -1353,6 +1386,26 @@ def test_compiled_engines_build_more_graphs_than_dynamos_default_limit_on_their_
             engine.warm_up()
             assert _texts(_engine_run(engine, jobs())) == want
     torch._dynamo.reset()
+
+
+def test_engine_samples_what_the_library_samples_with_the_same_parameters(loaded):
+    """Against `generate_tokens`, not against the engine itself: seed, temperature, top_k and top_p
+    reach the sampler as given, and a prompt longer than the context is cut as the library cuts it."""
+    from minimoe.infer.generate import generate_tokens
+
+    model, tok = loaded
+    long_prompt = tok.encode("the cat sat on a mat and the dog ran to the red ball " * 6)
+    assert len(long_prompt) > CONTEXT
+    specs = [
+        (tok.encode("on a mat"), dict(temperature=0.8, top_k=5, top_p=0.9, seed=9), 16),
+        (tok.encode("red"), dict(temperature=1.5, top_k=2, top_p=1.0, seed=4), 16),
+        (tok.encode("the"), dict(temperature=1.0, top_k=0, top_p=0.5, seed=123), 16),
+        (long_prompt, dict(temperature=0, top_k=0, top_p=1.0, seed=None), 8),
+    ]
+    for i, (ids, kw, n) in enumerate(specs):
+        want = tok.decode(list(generate_tokens(model, ids, n, stop_ids=(tok.eos_id,), **kw)))
+        job = Job(i, ids, JobParams(max_tokens=n, **kw), lambda e: None)
+        assert _texts(_engine_run(Engine(model, tok), [job]))[i] == want, (i, kw)
 
 
 def test_engine_zero_token_job_holds_no_slot(loaded):
