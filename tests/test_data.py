@@ -774,3 +774,49 @@ def test_eval_windows_give_every_rank_the_same_number_of_rows(tmp_path):
         assert rows == [1, 1, 1, 1] and [ev.num_windows for ev in ranks] == [1, 1, 1, 1], batch_size
         firsts = [tuple(next(iter(ev))[0][0].tolist()) for ev in ranks]
         assert len(set(firsts)) == 4  # disjoint windows
+
+
+def test_a_document_longer_than_a_segment_gets_one_eos(tmp_path, monkeypatch):
+    """A document read as several segments (over SEGMENT_CHARS) is still one document: one EOS at
+    its end, none between its segments."""
+    from minimoe.data import corpus
+    from minimoe.data.corpus import SEGMENT_CHARS
+
+    monkeypatch.setattr(corpus, "READ_CHARS", 1 << 16)  # read in pieces, so the text is cut into segments
+
+    line = "the cat sat on a mat\n"
+    long_doc = line * (3 * SEGMENT_CHARS // 2 // len(line))  # > 1 segment
+    assert len(long_doc) > SEGMENT_CHARS
+    (tmp_path / "t.txt").write_text(long_doc + EOT + "\nshort one\n", encoding="utf-8")
+    data = prepare(tmp_path / "t.txt", "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    ids = read_split(data, "train")
+    want = list(long_doc.removesuffix("\n").encode()) + [256] + list(b"short one\n") + [256]
+    segs = list(open_source(str(tmp_path / "t.txt")).segments())
+    assert len(segs) > 2 and [end for _, end in segs].count(True) == 2  # the long one is cut
+    assert data.meta["splits"]["train"]["documents"] == 2
+    assert np.count_nonzero(ids == 256) == 2 and ids.tolist() == want
+
+
+@pytest.mark.parametrize("n_docs, mode", [(16, "document"), (15, "stream")])
+def test_split_mode_threshold_is_min_val_docs_inclusive(tmp_path, n_docs, mode):
+    """val_fraction * documents == MIN_VAL_DOCS (8) is enough for a whole-document split."""
+    write_stories(tmp_path / "s.txt", n_docs, words_per_doc=5)
+    data = prepare(tmp_path / "s.txt", "byte", tmp_path / "o", val_fraction=0.5, workers=0, progress=False)
+    assert data.meta["split_mode"] == mode
+    if mode == "document":
+        assert data.meta["splits"]["val"]["documents"] == 8
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(65536, "uint16"), (65537, "uint32")])
+def test_shard_dtype_at_the_uint16_boundary(tmp_path, vocab_size, dtype):
+    """ids < 65536 fit uint16: a vocabulary of exactly 65536 uses it, one more entry needs uint32;
+    the largest id (the EOS, added last) survives the round trip either way."""
+    tiny = 21  # "[UNK]" and the 20 words of tiny_hf_tokenizer
+    big = Tokenizer.load(tiny_hf_tokenizer(tmp_path / "tk", extra=vocab_size - tiny - 1))
+    assert big.vocab_size == vocab_size and big.eos_id == vocab_size - 1
+    write_stories(tmp_path / "s.txt", 3, words_per_doc=5)
+    data = prepare(tmp_path / "s.txt", big, tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    assert data.meta["dtype"] == dtype
+    ids = read_split(data, "train")
+    assert np.count_nonzero(ids == vocab_size - 1) == 3 and ids[-1] == vocab_size - 1
+    assert data.meta["max_token_id"] == vocab_size - 1

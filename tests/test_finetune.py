@@ -522,3 +522,87 @@ def test_a_quantized_run_is_refused_in_one_sentence(base_run, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "minimoe quantize" in err and "internal error" not in err
         assert str(base_run / "base") in err  # names the run to use instead
         assert not out.exists()
+
+
+# Templates that break the growing-prefix rule at each of the two places it is checked: a trailing
+# mark after the last user message that the generation prompt replaces (the header does not extend
+# the text so far), and a mark after the last assistant message that the next user turn drops (a
+# later non-assistant message rewrites earlier text). Either would misplace the answer spans.
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if messages[-1].role == 'user' and not add_generation_prompt %}TRAIL{% endif %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if messages[-1].role == 'assistant' %}!{% endif %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+    ],
+    ids=["header-rewrites-prefix", "user-turn-rewrites-prefix"],
+)
+def test_templates_that_do_not_grow_by_prefixes_are_refused(tok, template):
+    with pytest.raises(MinimoeError, match="growing prefixes"):
+        encode_conversation(tok, [dict(m) for m in CONVERSATION], template)
+
+
+def test_a_token_straddling_the_answer_start_is_trained(tmp_path):
+    """A token whose text is partly header, partly answer overlaps the answer, so it is trained (as
+    transformers' assistant-token mask marks it); tokens wholly in the header or user text are not."""
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    chars = sorted(set("Q:hi\nA:yes"))
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    vocab[":y"] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(":", "y")], unk_token="<unk>"))
+    hf.add_special_tokens([AddedToken("</s>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    t = Tokenizer.load(tmp_path / "tokenizer.json")
+    template = (
+        "{% for m in messages %}{% if m.role == 'user' %}Q:{{ m.content }}\n"
+        "{% else %}A:{{ m.content }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}A:{% endif %}"
+    )
+    ids, mask = encode_conversation(t, _conv("hi", "yes"), template)
+    text = "Q:hi\nA:yes</s>\n"
+    a, b = len("Q:hi\nA:"), len(text)  # the answer's characters
+    got_ids, spans = t.encode_offsets(text)
+    assert ids.tolist() == got_ids.tolist() and t.encode(":y") == [vocab[":y"]]
+    assert vocab[":y"] in ids.tolist()  # the tokenizer does merge across the boundary
+    want = [any(a <= c < b for c in range(int(s), int(e))) for s, e in spans]  # slow reference
+    assert mask.tolist() == want
+    assert mask[ids.tolist().index(vocab[":y"])]
+
+
+class _ZeroWidthMarkers:
+    """The byte tokenizer plus a token spanning no characters (id 300, like a word-boundary marker
+    some HF tokenizers prepend) before every line's first character."""
+
+    def __init__(self, tok):
+        self.tok, self.bos_token, self.eos_token, self.pad_token = (
+            tok,
+            tok.bos_token,
+            tok.eos_token,
+            tok.pad_token,
+        )
+
+    def encode_offsets(self, text):
+        ids, spans = self.tok.encode_offsets(text)
+        out_ids, out_spans = [], []
+        for i, (s, e) in zip(ids.tolist(), spans.tolist()):
+            if s > 0 and text[s - 1] == "\n" and (not out_spans or out_spans[-1][0] != s):
+                out_ids.append(300)
+                out_spans.append((s, s))
+            out_ids.append(i)
+            out_spans.append((s, e))
+        return np.array(out_ids), np.array(out_spans, dtype=np.int64).reshape(-1, 2)
+
+
+def test_a_zero_width_token_at_the_answer_start_is_trained(tok):
+    """A token that spans no characters belongs to the answer when it sits at or after the answer's
+    first character: the marker before "four" is trained, the one before the user's text is not."""
+    ids, mask = encode_conversation(_ZeroWidthMarkers(tok), _conv("What?", "four"), DEFAULT_CHAT_TEMPLATE)
+    markers = np.flatnonzero(ids == 300)
+    assert len(markers) == 2  # "<|user|>\n|What?" and "<|assistant|>\n|four"
+    assert mask.tolist() == [False] * markers[1] + [True] * (len(ids) - markers[1])
+    assert tok.decode(ids[mask & (ids != 300)], skip_special_tokens=False) == "four<|endoftext|>"

@@ -219,3 +219,34 @@ def test_quantize_cli_bad_input(trained_run, tmp_path, capsys):  # noqa: F811
     assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
     code, _, err = run_cli(["generate", str(trained_run), "--prompt", "x", "--quantize", "3"], capsys)
     assert code == 2 and "invalid choice" in err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_follow_the_activation_dtype(bits):
+    """bf16 activations get a bf16 dequantized weight (the fp32 dequantization rounded once), so a
+    bf16 model runs quantized without dtype errors."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 40)
+    ql = QuantLinear.from_float(w, bits, 8)
+    deq = ql.dequantize(dtype=torch.bfloat16)
+    assert deq.dtype == torch.bfloat16
+    torch.testing.assert_close(deq, ql.dequantize().to(torch.bfloat16), rtol=0, atol=0)
+    x = torch.randn(3, 40, dtype=torch.bfloat16)
+    y = ql(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x.float() @ deq.float().T, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_scales_are_per_output_row_even_for_square_weights():
+    """One scale per output row (max |w| / 127), checked row by row against a plain loop, on a square
+    weight whose rows differ in size, so a transposed scale cannot pass by shape."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 16) * torch.logspace(-2, 1, 16)[:, None]
+    q, scale = quantize_tensor(w, 8)
+    assert scale.shape == (16, 1)
+    deq = dequantize_tensor(q, scale, 8, 16)
+    for r in range(16):  # slow reference
+        s = float(w[r].abs().max()) / 127
+        assert abs(float(scale[r, 0]) - s) <= 1e-6 * s
+        assert q[r].tolist() == [max(-127, min(127, round(float(v) / float(scale[r, 0])))) for v in w[r]]
+        assert float((deq[r] - w[r]).abs().max()) <= s / 2 + 1e-7
