@@ -151,10 +151,10 @@ def run(args) -> int:
     resolve_device(args.device, what="--device")
     if not Path(args.run_dir).exists():
         raise MinimoeError(f"run directory {args.run_dir} does not exist")
-    # bind first: a busy port is reported before the model is loaded, and nothing can take the port
-    # between the check and uvicorn's start
     if args.model_name is not None and not args.model_name.strip():
         raise MinimoeError("--model-name must not be empty (clients send it as `model`)")
+    # bind first: a busy port is reported before the model is loaded, and nothing can take the port
+    # between the check and uvicorn's start
     sock = listen(args.host, args.port)
     try:
         model, tokenizer, _, meta = load_run(args.run_dir, args.checkpoint, args.device)

@@ -412,11 +412,12 @@ def plot_runs(
         ("loss_vs_flops.png", loss_figure(runs, "flops")),
         ("lr.png", lr_figure(runs)),
     ]
-    if moe_runs(runs):
+    moe = moe_runs(runs)  # a dense run logs router_z 0: it has no router
+    if moe:
         figures.append(("maxvio.png", maxvio_figure(runs)))
-        if any(r.series("router_z")[0] for r in moe_runs(runs)):  # a dense run logs 0: no router
-            figures.append(("router_z.png", router_z_figure(moe_runs(runs))))
-        for run in moe_runs(runs):
+        if any(r.series("router_z")[0] for r in moe):
+            figures.append(("router_z.png", router_z_figure(moe)))
+        for run in moe:
             figures.append((f"expert_load_{safe_name(run.label)}.png", load_heatmap_figure(run, steps)))
     try:  # before --out is created: a refused --dpi leaves nothing behind
         check_pixels(figures, dpi)
