@@ -410,6 +410,8 @@ ERRORS = [
     ("/v1/completions", {"model": NAME, "prompt": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 0}, 400, "n", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ""}, 400, "stop", None),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "stream": False, "stream_options": {}}, 400, "stream_options", None),
     ("/v1/completions", {"model": NAME, "prompt": "x", "presence_penalty": 1}, 400, "presence_penalty", "unsupported_parameter"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 2, 100000]}, 400, "prompt", None),
     ("/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt", None),

@@ -87,6 +87,12 @@ class Service:
             raise APIError(
                 400, f"'{bad}' is not supported by this server.", param=bad, code="unsupported_parameter"
             )
+        if req.stream_options is not None and not req.stream:  # as OpenAI answers it
+            raise APIError(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
         top_k, top_p = req.top_k or 0, 1.0 if req.top_p is None else req.top_p
         if top_p == 0:  # the smallest nucleus is the most likely token alone, which top_k 1 keeps
             top_k, top_p = 1, 1.0
