@@ -175,7 +175,7 @@ def evaluate_perplexity(
     Returns:
         {"loss" (mean nats per token), "perplexity", "bits_per_byte", "tokens", "bytes",
         "tokens_per_byte", "n" (documents), "window", "stride"} plus, for a folder, "per_file"
-        mapping each file's relative path to the same metrics and "skipped" (binary / non-UTF-8 files).
+        mapping each file's relative path to the same metrics and "skipped" (binary, non-UTF-8 and empty or whitespace-only files).
     """
     from tqdm.auto import tqdm
 
@@ -211,7 +211,7 @@ def evaluate_perplexity(
 
 
 def _score_folder(model, tokenizer, corpus: FolderCorpus, window, stride, batch_size, limit, bar) -> dict:
-    """Score each text file of a folder on its own; binary and non-UTF-8 files are skipped."""
+    """Score each text file of a folder on its own; binary, non-UTF-8 and blank files are skipped."""
     total, per_file, skipped = _Totals(), {}, []
     for f in corpus.files:
         rel = str(f.relative_to(corpus.root)) if corpus.root else f.name
