@@ -408,6 +408,7 @@ CASES += [
     Case("train-config-dir", lambda c: ["train", "--config", c.dir()], "is a directory"),
     Case("train-config-binary", lambda c: ["train", "--config", c.binary("b.yaml")], "not UTF-8"),
     Case("train-config-invalid-yaml", lambda c: ["train", "--config", c.file("b.yaml", "model: [1, 2\n")], "not valid YAML"),
+    Case("train-config-repeated-key", lambda c: ["train", "--config", c.file("b.yaml", "train:\n  lr: 1e-3\n  max_steps: 2\n  lr: 3e-3\n")], "'lr' is given twice (line 4)"),
     Case("train-config-list", lambda c: ["train", "--config", c.file("b.yaml", "- 1\n- 2\n")], "mapping"),
     Case("train-config-unknown-key", lambda c: ["train", "--config", c.file("b.yaml", "model:\n  hiden_size: 32\n")], "did you mean 'model.hidden_size'"),
     Case("train-config-unknown-section", lambda c: ["train", "--config", c.file("b.yaml", "modle:\n  num_hidden_layers: 2\n")], "did you mean 'model'"),

@@ -214,3 +214,31 @@ def test_old_model_keys_are_read_as_their_hugging_face_names(tmp_path, caplog):
         assert got == (3, 4, 2, 2)
         assert (m.max_position_embeddings, m.initializer_range) == (512, 0.01)
     assert "model.n_layers is now called model.num_hidden_layers" in caplog.text
+
+
+def test_a_yaml_key_given_twice_is_refused_but_a_merge_may_be_overridden(tmp_path):
+    """YAML keeps the last of two equal keys, so a config with `lr` twice would train with one of them
+    silently. Equal keys in different mappings, a key that overrides what `<<: *anchor` merged in, and
+    `1` beside `"1"` (an integer and a string) are not repeats."""
+    from minimoe.config_yaml import load_yaml
+
+    path = tmp_path / "c.yaml"
+    for text, key, line in (
+        ("train:\n  lr: 1e-3\n  lr: 3e-3\n", "lr", 3),
+        ("model: {}\ntrain: {}\nmodel: {hidden_size: 8}\n", "model", 3),
+        ("a: &x {k: 1}\nb:\n  <<: *x\n  j: 2\n  j: 3\n", "j", 5),
+        ("- {n: 1}\n- {n: 1, m: 2, n: 3}\n", "n", 2),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_yaml(path)
+        assert (
+            str(e.value)
+            == f"config file {path}: '{key}' is given twice (line {line}); each key must be unique"
+        )
+    path.write_text(
+        "base: &b {lr: 0.001, max_steps: 5}\ntrain:\n  <<: *b\n  lr: 0.002\nmodel: {lr: 1}\nids: {1: a, '1': b}\n"
+    )
+    d = load_yaml(path)
+    assert d["train"] == {"lr": 0.002, "max_steps": 5} and d["model"] == {"lr": 1}
+    assert d["ids"] == {1: "a", "1": "b"}

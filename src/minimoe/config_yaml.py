@@ -193,7 +193,41 @@ def set_dotted(cfg: Any, key: str, value: Any) -> None:
     setattr(obj, last, _coerce(value, tp, f"{path}{last}"))
 
 
+class _RepeatedKey(Exception):
+    """A mapping key given twice, found while a YAML file is composed."""
+
+
+def _refuse_repeated_keys(node) -> None:
+    """Raise _RepeatedKey for the first scalar key that repeats in one mapping node. YAML keeps the
+    last of two equal keys, so `lr` given twice would silently drop one. Merge keys (`<<: *anchor`) are
+    not repeats, and a key a merge brings in may be overridden: only the node's own keys are compared."""
+    import yaml
+
+    seen = set()
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if (key.tag, key.value) in seen:
+            raise _RepeatedKey(f"'{key.value}' is given twice (line {key.start_mark.line + 1})")
+        seen.add((key.tag, key.value))
+
+
+def _safe_load_unique(text: str) -> Any:
+    """yaml.safe_load that refuses a key given twice in one mapping (see `_refuse_repeated_keys`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_mapping_node(self, anchor):
+            node = super().compose_mapping_node(anchor)
+            _refuse_repeated_keys(node)  # checked as composed, before merges are flattened into it
+            return node
+
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; each problem (missing, not UTF-8, invalid, a key given twice,
+    not a mapping) is a ConfigError of one sentence naming the file."""
     import yaml
 
     p = Path(path)
@@ -202,9 +236,11 @@ def load_yaml(path: str | Path) -> dict:
     if p.is_dir():
         raise ConfigError(f"config path {p} is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _safe_load_unique(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except _RepeatedKey as e:
+        raise ConfigError(f"config file {p}: {e}; each key must be unique") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -85,9 +85,6 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         d = load_yaml(path)
     except ConfigError as e:
         raise MinimoeError(str(e).replace("config file", "sweep file", 1)) from None
-    repeated = _repeated_key(path)
-    if repeated:
-        raise MinimoeError(f"sweep file {path}: {repeated}; each key must be unique")
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), SWEEP_KEYS, n=1)
@@ -201,33 +198,6 @@ def _folder_name(name) -> bool:
         and "\\" not in name
         and not name.startswith(".")
     )
-
-
-def _repeated_key(path: Path) -> str | None:
-    """'KEY is given twice (line N)' for the first mapping key that repeats in its mapping, else None.
-    YAML keeps the last of two equal keys, so a variant name given twice would silently drop a variant."""
-    import yaml
-
-    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    todo, visited = [root] if root is not None else [], set()
-    while todo:
-        node = todo.pop(0)
-        if id(node) in visited:  # an alias shares its anchor's node (and may point back at itself)
-            continue
-        visited.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            todo += node.value
-        if not isinstance(node, yaml.MappingNode):
-            continue
-        seen = set()
-        for key, value in node.value:
-            # `<<` merges an anchor's mapping: several of them are one merge, not a repeat
-            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
-                if key.value in seen:
-                    return f"'{key.value}' is given twice (line {key.start_mark.line + 1})"
-                seen.add(key.value)
-            todo.append(value)
-    return None
 
 
 def _check_sources(sweep: Sweep) -> None:
