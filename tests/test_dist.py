@@ -3,6 +3,7 @@ and training run), pipeline parallelism, and checkpoints that resume on another 
 
 Process start and torch import cost a few seconds, so one start of 2 ranks (ranks.py) runs every 2-rank
 scenario in turn and writes what it saw to JSON; the tests compare that with one-process runs made here.
+One start of 4 ranks checks what 2 cannot show: expert parallelism with replicas of each shard.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from minimoe.config import ModelConfig, RunConfig
 from minimoe.config_yaml import build_run_config
 from minimoe.errors import ConfigError, MinimoeError
 from minimoe.train.run import train_from_config
-from tiny import TINY_TRAIN
+from tiny import TINY_MODEL, TINY_TRAIN
 
 TINY = [
     *TINY_TRAIN,
@@ -125,12 +126,15 @@ def _ep_layer_check(rank: int, dtype: torch.dtype, impl: str, dead: list[int]) -
     (y * g[rows]).sum().backward()
     loads = st.load.clone()
     dist.all_reduce(loads)
+    mine = slice(2 * rank, 2 * rank + 2)  # the experts this rank holds
+    remote = st.load.sum() - st.load[mine].sum() + (loads - st.load)[mine].sum()  # rows sent, rows received
     out = {
         "y": (y - y_ref[rows]).abs().max().item(),
         "x_grad": (xl.grad - xr.grad[rows]).abs().max().item(),
         "loads": (loads - st_ref.load).abs().max().item(),
         "sharded": sorted(sharded),
         "dead_load": loads[dead].sum().item(),
+        "bytes_sent": abs(ep.experts.bytes_sent - remote.item() * 16 * x.element_size()),
     }
     lo, hi = 2 * rank, 2 * rank + 2
     for name, p in ep.named_parameters():
@@ -188,6 +192,69 @@ def _rank_main(rank: int, port: int, root: str, corpus: str, out_json: str) -> N
         for name, extra in RESUME_ON_2.items():
             train_from_config(overrides=extra, run_dir=root_p / f"pause1-{name}", resume=True, progress=False)
         result["ok"] = True
+    except Exception:  # noqa: BLE001 - reported to the test instead of a bare spawn failure
+        result["error"] = traceback.format_exc()
+    if rank == 0:
+        Path(out_json).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _ep_replicas_main(rank: int, port: int, out_json: str) -> None:
+    """4 ranks, dist.expert_parallel=2: each expert shard has a replica in the other EP group. One
+    backward of a rank's sequence through `parallelize`'s EP model vs the whole batch in one process:
+    max abs differences of the gradients and the clipping norm, and of the gathered and loaded weights."""
+    import copy
+
+    from minimoe.dist.init import all_gather_object, init_distributed
+    from minimoe.dist.parallel import parallelize
+    from minimoe.model.transformer import Transformer
+
+    torch.set_num_threads(1)
+    init_gloo(rank, port, world_size=4)
+    result = {}
+    try:
+        ctx = init_distributed("cpu")
+        overrides = [*TINY_MODEL, "model.vocab_size=64", "train.seq_len=16", "train.batch_size=4"]
+        cfg = build_run_config(None, None, [*overrides, "dist.expert_parallel=2"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        ref = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randint(0, 64, (2, 4, 16), generator=g)
+        ref(x, targets=y, return_logits=False).loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf"))
+        par = parallelize(model, cfg, ctx)
+        ep_rank = dist.get_rank(par.ep_group)
+        out = par.forward(x[rank : rank + 1], targets=y[rank : rank + 1], return_logits=False)
+        out.loss.backward()
+        par.finish_grads()
+        diffs = {"norm": abs(par.clip_grad_norm(float("inf")).item() - ref_norm.item())}
+        ref_p = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            want = ref_p[name].grad
+            if name in par.expert_params:  # this EP rank's experts
+                n = p.shape[0]
+                want = want[ep_rank * n : (ep_rank + 1) * n]
+            diffs[name] = (p.grad - want).abs().max().item()
+        full, _ = par.gather_state(torch.optim.SGD(model.parameters(), lr=0.0))
+        if ctx.is_main:
+            diffs["gathered"] = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+        new = {k: v + 1 for k, v in ref.state_dict().items()} if ctx.is_main else None
+        par.load_state(None, new, None)
+        for name, p in par.expert_params.items():
+            n = p.shape[0]
+            want = ref_p[name][ep_rank * n : (ep_rank + 1) * n] + 1
+            diffs[f"loaded {name}"] = (p - want).abs().max().item()
+        # the logging reductions: losses averaged, token counts and loads summed over the 4 ranks
+        e = torch.arange(4.0)
+        total, count, loads = par.reduce_eval(float(rank), rank + 1, {1: e * rank})
+        diffs["reduce_eval"] = abs(total - 6) + abs(count - 10) + (loads[1] - 6 * e).abs().max().item()
+        vals, loads = par.reduce_step(torch.tensor([float(rank)]), {1: e.long() * rank})
+        diffs["reduce_step"] = abs(vals.item() - 1.5) + (loads[1] - 6 * e).abs().max().item()
+        result["diffs"] = all_gather_object(diffs, ctx)
+        result["groups"] = all_gather_object(
+            (dist.get_process_group_ranks(par.ep_group), dist.get_process_group_ranks(par.replica_group)), ctx
+        )
     except Exception:  # noqa: BLE001 - reported to the test instead of a bare spawn failure
         result["error"] = traceback.format_exc()
     if rank == 0:
@@ -305,6 +372,10 @@ def test_two_ranks_match_one_process(env, two_ranks, name):
     # the unweighted router z the spike alert watches: per-rank (or per-micro-batch) means averaged
     z1, z2 = (_metric(run, "router_z") for run in (one, two))
     assert min(z1.values()) > 0 and z2 == pytest.approx(z1, rel=1e-4), (name, z1, z2)
+    # routing: loads summed over ranks (training and validation), every layer's bias wherever it lives
+    for key in ("load_frac", "bias_range"):
+        assert _metric(two, key) == _metric(one, key), (name, key)
+    assert _metric(two, "val_max_vio_global") == pytest.approx(_metric(one, "val_max_vio_global"), abs=1e-6)
     if name == "ddp":  # rank 0 alone printed the summary
         assert two_ranks["cli_stdout"].count("checkpoint:") == 1, two_ranks["cli_stdout"]
     # rank 0 alone wrote the run: one metrics row per step, one checkpoint, the one-process format
@@ -371,6 +442,18 @@ def test_export_and_generate_work_on_a_distributed_run(env, two_ranks, capsys):
     assert (root / "hf-ep" / "config.json").exists()
 
 
+def test_expert_parallel_with_replicas_matches_one_process(tmp_path):
+    """dist.expert_parallel=2 on 4 ranks: the shards' replicas (the other EP group) add their gradients,
+    the clipping norm counts each expert once, checkpoints gather and slice by the rank in the EP group."""
+    out = tmp_path / "ranks.json"
+    run_ranks(_ep_replicas_main, args=(str(out),), nprocs=4)
+    result = json.loads(out.read_text())
+    assert "error" not in result, result["error"]
+    assert result["groups"] == [[[0, 1], [0, 2]], [[0, 1], [1, 3]], [[2, 3], [0, 2]], [[2, 3], [1, 3]]]
+    for rank, diffs in enumerate(result["diffs"]):
+        assert max(diffs.values()) < 1e-5, (rank, diffs)
+
+
 # ------------------------------------------------------------------------------------------ config
 
 
@@ -434,10 +517,12 @@ def test_one_process_ignores_dist_settings(caplog):
     assert "dist.strategy=fsdp needs several processes" in caplog.text
 
 
-def test_pipeline_checkpoint_keeps_each_parameter_in_its_optimizer_group():
+@pytest.mark.parametrize("optim", ["train.optimizer=muon", "train.weight_decay=0"])
+def test_pipeline_checkpoint_keeps_each_parameter_in_its_optimizer_group(optim):
     """Stages' optimizer states merge into the one-process param groups, also when a stage lacks a
     group: with Muon, a middle stage of dense blocks has no AdamW matrix (no embedding, head or
-    router), so its norms must not land in the AdamW group with weight decay."""
+    router), so its norms must not land in the AdamW group with weight decay. Without weight decay
+    AdamW's two groups have the same settings: a stage's groups still go to different groups."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from minimoe.dist.parallel import _merge_stages
@@ -445,7 +530,7 @@ def test_pipeline_checkpoint_keeps_each_parameter_in_its_optimizer_group():
     from minimoe.model.transformer import Transformer
     from minimoe.train.optim import build_optimizer
 
-    cfg = build_run_config(None, None, PP_MODEL + ["model.first_k_dense_replace=2", "train.optimizer=muon"])
+    cfg = build_run_config(None, None, PP_MODEL + ["model.first_k_dense_replace=2", optim])
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     ranges = split_layers(cfg.model.num_hidden_layers, 3)
@@ -454,14 +539,22 @@ def test_pipeline_checkpoint_keeps_each_parameter_in_its_optimizer_group():
     for stage in stages:
         opt = build_optimizer(stage, cfg.train, torch.device("cpu"))
         parts.append(({}, get_optimizer_state_dict(stage, opt)))
-    assert len(parts[1][1]["param_groups"]) == 2  # the middle stage: Muon and the norms
+    assert len(parts[1][1]["param_groups"]) == 2  # the middle stage: Muon and the norms (or AdamW's two)
     _, merged = _merge_stages(parts)
     whole = get_optimizer_state_dict(model, build_optimizer(model, cfg.train, torch.device("cpu")))
 
     def groups(osd):
-        return [(g["use_muon"], g["weight_decay"], sorted(g["params"])) for g in osd["param_groups"]]
+        return [(g.get("use_muon"), g["weight_decay"], sorted(g["params"])) for g in osd["param_groups"]]
 
     assert groups(merged) == groups(whole)
+
+
+def test_split_layers_gives_the_extra_blocks_to_the_first_stages():
+    from minimoe.dist.pipeline import split_layers
+
+    assert split_layers(3, 2) == [range(0, 2), range(2, 3)]  # the last stage also runs the LM head
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert split_layers(4, 4) == [range(i, i + 1) for i in range(4)]
 
 
 def test_the_loop_never_branches_on_the_kind_of_parallelism():
