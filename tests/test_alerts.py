@@ -78,6 +78,30 @@ def test_z_loss_spike_against_the_running_mean_of_earlier_windows():
     assert len(warnings) == 1 and "router z spiked" in warnings[0]
 
 
+def test_a_z_spike_is_reported_in_its_own_window_only():
+    m = RoutingMonitor(low_load=0, window=0, z_spike=2.0, capacity=False)
+    kinds = []
+    for z in (1.0, 5.0, 1.0):  # the baseline, a spike over 2 x 1.0, then back under 2 x 2.2
+        m.observe({}, torch.tensor(z))
+        kinds.append([a["kind"] for a in m.report(NO_REDUCE)[0]["alerts"]])
+    assert kinds == [[], ["z_spike"], []]
+
+
+def test_a_restored_window_averages_the_router_z_of_its_steps_before_the_checkpoint():
+    """A checkpoint inside a logging window keeps its z sum and its step count: the resumed monitor's first
+    window mean (its fresh baseline) counts the steps before the checkpoint too."""
+    m = RoutingMonitor(low_load=0, window=0, z_spike=2.0, capacity=False)
+    for _ in range(2):
+        m.observe({}, torch.tensor(1.0))
+    back = RoutingMonitor(low_load=0, window=0, z_spike=2.0, capacity=False)
+    back.load_state_dict(m.state_dict(NO_REDUCE), torch.device("cpu"))
+    back.observe({}, torch.tensor(1.0))
+    assert back.report(NO_REDUCE)[0]["alerts"] == []  # the baseline: 1.0, the mean of 3 steps
+    back.observe({}, torch.tensor(2.5))
+    (alert,) = back.report(NO_REDUCE)[0]["alerts"]
+    assert alert["kind"] == "z_spike" and alert["baseline"] == pytest.approx(1.0)
+
+
 def test_dropped_pairs_are_summed_over_micro_batches_layers_and_ranks():
     m = RoutingMonitor(low_load=0, window=0, z_spike=0, capacity=True)
     zero = torch.zeros(())
@@ -238,6 +262,32 @@ def test_training_writes_alerts_and_dropped_counts(tmp_path, corpus, monkeypatch
     warned = [r.getMessage() for r in caplog.records]
     assert sum("expert 0 has received under 0.4" in w for w in warned) == 2  # once per layer
     assert sum("router z spiked" in w for w in warned) == len(want)
+
+
+def test_a_logging_step_warns_of_at_most_three_experts_without_tokens(tmp_path, corpus, monkeypatch, caplog):
+    """Experts 0 and 1 of both MoE layers shut out by their selection bias: the row lists the four dead
+    experts and the log names the first three."""
+    orig_fit = Trainer.fit
+
+    def fit(self, *a, **k):
+        with torch.no_grad():
+            for moe in self.model.moe_layers().values():
+                moe.gate.e_score_correction_bias[:2] = -1e3
+        return orig_fit(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    with caplog.at_level(logging.WARNING, logger="minimoe.train"):
+        train_from_config(
+            overrides=[*TINY_TRAIN, f"data.path={corpus}", "train.max_steps=2", "train.eval_every=100",
+                       "train.log_every=2"],
+            run_dir=tmp_path / "run", progress=False,
+        )  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dead_experts"] for r in rows if "loss" in r] == [[[1, 0], [1, 1], [2, 0], [2, 1]]]
+    dead = [r.getMessage() for r in caplog.records if "received no tokens" in r.getMessage()]
+    assert dead == [
+        f"layer {li} expert {e} received no tokens in the last 2 steps" for li, e in ((1, 0), (1, 1), (2, 0))
+    ]
 
 
 @pytest.mark.parametrize("key", ["alert_low_load", "alert_window", "alert_z_spike"])

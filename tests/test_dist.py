@@ -564,7 +564,7 @@ def test_the_loop_never_branches_on_the_kind_of_parallelism():
 
     from minimoe.train.trainer import Trainer
 
-    for method in (Trainer.fit, Trainer._train_step, Trainer.evaluate):
+    for method in (Trainer.fit, Trainer._fit, Trainer._train_step, Trainer.evaluate):
         src = inspect.getsource(method)
         for word in ("pipeline", "pipe ", "pipe.", ".kind", "no_sync"):
             assert word not in src, f"Trainer.{method.__name__} mentions {word!r}"

@@ -332,6 +332,16 @@ def test_tensorboard_logging(tmp_path, corpus):
     acc.Reload()
     assert {"loss", "lr", "val_loss"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    # every number of metrics.jsonl (ints such as `tokens` too), at its row's step, with its value
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    want: dict[str, list] = {}
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and k != "step":
+                want.setdefault(k, []).append((r["step"], pytest.approx(v, rel=1e-6)))
+    assert "tokens" in want and set(acc.Tags()["scalars"]) == set(want)
+    for k, series in want.items():
+        assert [(e.step, e.value) for e in acc.Scalars(k)] == series, k
 
 
 def test_tensorboard_after_a_resume_from_an_earlier_checkpoint_has_one_curve(tmp_path, corpus):
@@ -348,6 +358,121 @@ def test_tensorboard_after_a_resume_from_an_earlier_checkpoint_has_one_curve(tmp
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
     assert sorted(_losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_row_averages_the_steps_of_its_window(tmp_path, corpus):
+    """With a row every 2 steps, each row's loss, parts and MaxVio are the mean over its steps of what a
+    run that logs every step says, and the last step, off that grid, gets a row of its own."""
+    common = ("train.max_steps=5", "train.eval_every=100")
+    rows = {}
+    for name, every in (("each", 1), ("two", 2)):
+        _train(tmp_path / name, corpus, *common, f"train.log_every={every}")
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+    assert sorted(rows["two"]) == [2, 4, 5]
+    for step, window in ((2, (1, 2)), (4, (3, 4)), (5, (5,))):
+        row, each = rows["two"][step], [rows["each"][s] for s in window]
+        assert row["tokens"] == each[-1]["tokens"] == step * 128
+        for key in ("loss", "ce", "aux", "mtp", "router_z"):
+            assert row[key] == pytest.approx(sum(r[key] for r in each) / len(each), rel=1e-5), (step, key)
+        for layer, vio in row["max_vio"].items():
+            assert vio == pytest.approx(sum(r["max_vio"][layer] for r in each) / len(each), abs=2e-4)
+
+
+def test_tokens_per_s_is_the_windows_tokens_over_its_training_time(tmp_path, corpus, monkeypatch):
+    """Each training step made to take 2 s more: every row of a run that logs every 2 steps says 256
+    tokens in about 4 s, the later rows too and the row after a pause inside its window (the tokens and
+    seconds of the window's step before the pause come back with the checkpoint)."""
+    from minimoe.train.trainer import Trainer
+
+    real_clock, offset = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    train_step = Trainer._train_step
+
+    def slow_step(self):
+        offset[0] += 2.0
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", slow_step)
+    common = ("train.max_steps=6", "train.eval_every=100", "train.log_every=2")
+    _paused_then_resumed(tmp_path, corpus, common, pause_at=3)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    tps = {r["step"]: r["tokens_per_s"] for r in rows if "loss" in r}
+    assert sorted(tps) == [2, 4, 6]
+    for step, v in tps.items():
+        assert v == pytest.approx(64, rel=0.2), step  # 2 steps x 128 tokens in 4 s (plus the real time)
+
+
+def test_tensorboard_rows_reach_the_event_file_as_they_are_logged(tmp_path):
+    """Each row is flushed as it is logged, so a live TensorBoard, and the event file of a run killed
+    before it closes its writers, hold every logged step (SummaryWriter itself flushes every 2 minutes)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from minimoe.config_yaml import build_run_config
+    from minimoe.train.metrics import MetricWriters
+
+    writers = MetricWriters(tmp_path / "metrics.jsonl")
+    writers.open(build_run_config("tiny", None, ["train.tensorboard=true"]), tmp_path)
+    try:
+        writers.log({"step": 1, "loss": 2.5})
+        acc = EventAccumulator(str(tmp_path / "tb"))
+        acc.Reload()
+        assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.5)]
+    finally:
+        writers.close()
+
+
+def test_a_run_finishes_its_wandb_run_when_it_ends_and_when_it_fails(tmp_path, corpus, monkeypatch):
+    """A run that stops with an error (here it diverges) still finishes its W&B run: in a script,
+    wandb.init while a run is active returns that run, so the next run in the process (a sweep's next
+    one) would log into the failed one."""
+    import sys
+    import types
+
+    from minimoe.model.transformer import Transformer
+
+    runs = []
+
+    def init(**kw):
+        run = types.SimpleNamespace(id=kw["id"], finished=False, log=lambda *a, **k: None)
+        run.finish = lambda: setattr(run, "finished", True)
+        runs.append(run)
+        return run
+
+    monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+    monkeypatch.setattr(sys.modules["wandb"], "init", init, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _train(tmp_path / "ok", corpus, "train.max_steps=2", "train.eval_every=2", "train.wandb=true")
+    assert [r.finished for r in runs] == [True]
+    real = Transformer.forward
+
+    def nan_loss(self, *a, **k):
+        out = real(self, *a, **k)
+        if out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", nan_loss)
+    with pytest.raises(MinimoeError, match="diverged"):
+        _train(tmp_path / "bad", corpus, "train.max_steps=20", "train.wandb=true")
+    assert [r.finished for r in runs] == [True, True]
+
+
+def test_a_fresh_run_starts_its_own_logs_in_a_folder_an_attempt_left(tmp_path, corpus):
+    """A run from step 0 in a folder whose earlier attempt saved no checkpoint: metrics.jsonl and the
+    TensorBoard folder hold this run's rows only."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 7, "loss": 99.0}\n')
+    with SummaryWriter(str(run / "tb")) as old:
+        old.add_scalar("loss", 99.0, 7)
+    _train(run, corpus, "train.max_steps=2", "train.eval_every=2", "train.tensorboard=true")
+    assert sorted(_losses(run)) == [1, 2] and 99.0 not in _losses(run).values()
+    assert len(list((run / "tb").iterdir())) == 1  # this run's event file only
 
 
 # ---------------------------------------------------------------- CLI and bad input
@@ -712,6 +837,24 @@ def test_wandb_run_id_is_kept_by_a_resume_not_by_a_new_run_in_the_same_folder(tm
     assert ids[0] != ids[1] and ids[2] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
 
 
+@pytest.mark.parametrize(("key", "module"), [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_a_missing_logger_is_refused_before_the_run_changes(tmp_path, corpus, monkeypatch, key, module):
+    """train.tensorboard / train.wandb without the package: one sentence, before data preparation, and a
+    refused resume leaves config.yaml as it was (a kept `=true` would refuse every later plain resume)."""
+    import sys
+
+    run = tmp_path / "run"
+    _train(run, corpus, "train.max_steps=2", "train.eval_every=2")
+    config, rows = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
+    monkeypatch.setitem(sys.modules, module, None)  # `import` of it raises ImportError
+    with pytest.raises(MinimoeError, match=rf"^train\.{key}=true needs {key} \(pip install {key}\)$"):
+        _train(run, corpus, "train.max_steps=3", f"train.{key}=true", resume=True)
+    assert (run / "config.yaml").read_text() == config and (run / "metrics.jsonl").read_text() == rows
+    with pytest.raises(MinimoeError, match=f"needs {key}"):
+        _train(tmp_path / "new", corpus, f"train.{key}=true")
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_keeps_the_separate_validation_data(tmp_path, corpus):
     val = tmp_path / "val.txt"
     val.write_text("a completely different validation text, held out from training. " * 30, encoding="utf-8")
@@ -920,14 +1063,12 @@ def test_time_limited_schedule_counts_the_warmup_in_steps_then_follows_the_clock
     however much of the time it takes."""
     from types import SimpleNamespace
 
-    from minimoe.train.trainer import Trainer
+    from minimoe.train.schedule import schedule_step
 
     tc = SimpleNamespace(max_minutes=1.0, max_steps=1000, warmup_steps=10)
 
     def seen(step: int, seconds: float) -> int:
-        tr = SimpleNamespace(cfg=SimpleNamespace(train=tc), step=step, ctx=SimpleNamespace(distributed=False),
-                             _clock=lambda: 100.0 + seconds, elapsed=0.0)  # fmt: skip
-        return Trainer._schedule_step(tr, 100.0)
+        return schedule_step(step, seconds, tc)
 
     assert seen(3, 30.0) == 3 and seen(9, 59.0) == 9  # in the warmup: the step, not the clock's 500 / 983
     assert seen(10, 30.0) == 500  # half the time gone: half of max_steps
@@ -1081,6 +1222,14 @@ def test_find_checkpoint_falls_back_to_the_newest_complete_step(tmp_path):
     assert ckpt_lib.find_checkpoint(tmp_path / "run").name == "step_00000003"
     (root / "latest").write_text("step_00000004\n")  # names a step without meta.json
     assert ckpt_lib.find_checkpoint(tmp_path / "run").name == "step_00000003"
+
+
+def test_peak_memory_is_in_mib():
+    """The CPU's peak resident set (ru_maxrss, KiB on Linux) in MiB: a process that holds torch is well
+    over 50 MiB and under a terabyte."""
+    from minimoe.train.metrics import peak_mem_mb
+
+    assert 50 < peak_mem_mb(torch.device("cpu")) < 2**20
 
 
 def test_expert_health_fractions_dead_and_dominant():

@@ -19,6 +19,26 @@ from minimoe.model.moe import max_vio
 from minimoe.train.balance import add_loads
 
 
+def _import_logger(name: str):
+    """The module of the logger `train.NAME=true` asks for, or its one-sentence MinimoeError."""
+    try:
+        if name == "tensorboard":
+            import torch.utils.tensorboard as module
+        else:
+            import wandb as module  # type: ignore[import-not-found]
+    except ImportError:
+        raise MinimoeError(f"train.{name}=true needs {name} (pip install {name})") from None
+    return module
+
+
+def check_loggers(tc) -> None:
+    """Refuse, before a run prepares data or writes a file, a logger cfg.train asks for whose package
+    is missing (a refused resume must not keep the `=true` in the run's config.yaml)."""
+    for name in ("tensorboard", "wandb"):
+        if getattr(tc, name):
+            _import_logger(name)
+
+
 class MetricWriters:
     """One JSON line per row in `path`, plus the optional TensorBoard / wandb writers.
 
@@ -43,19 +63,11 @@ class MetricWriters:
         if not self.enabled:
             return
         if tc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise MinimoeError(
-                    "train.tensorboard=true needs tensorboard (pip install tensorboard)"
-                ) from None
+            SummaryWriter = _import_logger("tensorboard").SummaryWriter
             purge = step + 1 if step > 0 else None
             self._writers.append(("tb", SummaryWriter(str(run_dir / "tb"), purge_step=purge)))
         if tc.wandb:
-            try:
-                import wandb  # type: ignore[import-not-found]
-            except ImportError:
-                raise MinimoeError("train.wandb=true needs wandb (pip install wandb)") from None
+            wandb = _import_logger("wandb")
             os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; `wandb sync` later
             # one W&B run per minimoe run: a resumed run continues the id its first session made; a run
             # from step 0 makes its own (the folder may hold the id of an attempt that saved no checkpoint)

@@ -16,6 +16,7 @@ from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
 from minimoe.presets import NOTES, SEED_PRESETS, TOKENIZER_FALLBACKS, TRAIN_DEFAULTS
 from minimoe.train.checkpoint import refuse_quantized_resume
+from minimoe.train.metrics import check_loggers
 from minimoe.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def train_from_config(
         cfg = build_run_config(preset, config_path, overrides)
         seed = _seed_preset(preset, config_path, overrides, cfg)
         tokenizer = cfg.data.tokenizer
+    check_loggers(cfg.train)  # a missing tensorboard / wandb is named before data preparation
     if val_source is not None:  # kept in config.yaml, so a resumed run validates on the same data
         cfg.data.val_path = val_source
     # config.yaml keeps absolute paths: --resume works from any working directory

@@ -32,3 +32,14 @@ def lr_multiplier(
         frac = (step - decay_start) / max(max_steps - decay_start, 1)
         return 1.0 - (1 - min_ratio) * min(frac, 1.0)
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def schedule_step(step: int, elapsed_s: float, tc) -> int:
+    """The step the LR schedule sees after `elapsed_s` seconds of a run's clock (TrainConfig `tc`). With
+    train.max_minutes it follows whichever of steps or time is further along (the elapsed fraction of the
+    budget as a step of max_steps), so a run cut by the clock still finishes its decay; the warmup counts
+    steps, whatever the clock says."""
+    if tc.max_minutes is None or step < tc.warmup_steps:
+        return step
+    by_time = int(elapsed_s / (tc.max_minutes * 60) * tc.max_steps)
+    return max(step, min(by_time, tc.max_steps))

@@ -36,11 +36,11 @@ from minimoe.train import state as run_state
 from minimoe.train.balance import add_loads, balance_step, bias_ranges
 from minimoe.train.health import expert_health
 from minimoe.train.interrupt import Interrupt
-from minimoe.train.metrics import LogWindow, MetricWriters, peak_mem_mb
+from minimoe.train.metrics import LogWindow, MetricWriters, check_loggers, peak_mem_mb
 from minimoe.train.optim import build_optimizer
 from minimoe.train.precision import autocast_context, resolve_precision
 from minimoe.train.progress import TrainProgress, run_summary, start_logs
-from minimoe.train.schedule import lr_multiplier
+from minimoe.train.schedule import lr_multiplier, schedule_step
 from minimoe.train.state import check_run_dir_writable
 
 log = logging.getLogger("minimoe.train")
@@ -124,6 +124,7 @@ class Trainer:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {mc.vocab_size}; "
                 f"set model.vocab_size={tokenizer.vocab_size} or larger"
             )
+        check_loggers(tc)  # before a resume writes config.yaml
         self.ctx = ctx if ctx is not None else DistContext(device=resolve_device(tc.device))
         self.device = self.ctx.device
         tc.precision = resolve_precision(tc.precision, self.device)  # config.yaml records what ran
@@ -239,6 +240,12 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train until max_steps (or a time limit, early stop, Ctrl-C). `stop_after` ends this session
         after that many steps with a checkpoint, as an interruption would (resume continues exactly)."""
+        try:
+            return self._fit(stop_after)
+        finally:  # a failed run too: wandb.init in this process would return its open W&B run
+            self.metrics.close()
+
+    def _fit(self, stop_after: int | None) -> TrainResult:
         tc = self.cfg.train
         session_end = self.step + stop_after if stop_after is not None else None
         self.model.train()
@@ -253,11 +260,11 @@ class Trainer:
         # command's start, or the CPU time of this process from here on, which other jobs on a shared
         # machine do not inflate (steps, evaluations and saves are timed on the same clock)
         if tc.clock == "cpu":
-            clock = self._clock = time.process_time
+            clock = time.process_time
             t0 = clock() - self.elapsed
             self.deadline = None  # no wall-clock end: the caller's sample is not squeezed into one
         else:
-            clock = self._clock = time.perf_counter
+            clock = time.perf_counter
             t0 = self.clock_start - self.elapsed
             self.deadline = t0 + tc.max_minutes * 60 if tc.max_minutes is not None else None
         stopped, last_ckpt, val, bad_steps = "max_steps", None, {}, 0
@@ -269,9 +276,11 @@ class Trainer:
         with Interrupt() as interrupt:
             while self.step < tc.max_steps:
                 step_start = clock()
+                # distributed: the clock all ranks agreed on at the end of the last step, so they share the LR
+                now = self.elapsed if self.ctx.distributed else step_start - t0
                 mult = lr_multiplier(
-                    self._schedule_step(t0), tc.max_steps, tc.schedule, tc.warmup_steps, tc.min_lr_ratio,
-                    tc.decay_fraction,
+                    schedule_step(self.step, now, tc), tc.max_steps, tc.schedule, tc.warmup_steps,
+                    tc.min_lr_ratio, tc.decay_fraction,
                 )  # fmt: skip
                 lr = tc.lr * mult
                 for g in self.optimizer.param_groups:  # Muon's groups carry their own peak lr
@@ -413,7 +422,6 @@ class Trainer:
                     stopped = "early_stop"
                     break
         bar.close(self.step, clock() - t0, complete=stopped in ("max_steps", "max_minutes"))
-        self.metrics.close()
         elapsed = clock() - t0
         return TrainResult(
             run_dir=self.run_dir, step=self.step, tokens=self.tokens,
@@ -483,16 +491,3 @@ class Trainer:
         t = torch.tensor([elapsed, float(stop), float(out_of_time)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return t[0].item(), bool(t[1].item() > 0), bool(t[2].item() > 0)
-
-    def _schedule_step(self, t0: float) -> int:
-        """The step the LR schedule sees. With train.max_minutes the schedule follows whichever of steps
-        or wall time is further along, so a run cut by the clock still finishes its decay."""
-        tc = self.cfg.train
-        if tc.max_minutes is None:
-            return self.step
-        # distributed: the clock all ranks agreed on at the end of the last step, so they share the LR
-        if self.step < tc.warmup_steps:  # warmup counts steps, whatever the clock says
-            return self.step
-        now = self.elapsed if self.ctx.distributed else self._clock() - t0
-        by_time = int(now / (tc.max_minutes * 60) * tc.max_steps)
-        return max(self.step, min(by_time, tc.max_steps))
