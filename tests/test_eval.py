@@ -494,6 +494,7 @@ def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
             "line 2 is not valid JSON",
         ),
         ([{"context": "a", "label": 0}], [], "line 1 has no 'choices' field"),
+        ([{"context": "a", "endings": ["b", "c"], "label": 0}], [], "--field choices=NAME"),
         ([{"context": "a", "choices": ["b", "c"], "label": 2}], [], "label 2 is not an index"),
         ([{"context": "a", "choices": ["b", ""], "label": 0}], [], "choice 1 is empty"),
         ([{"context": "a", "choices": ["b", "x" * 80], "label": 0}], [], "longer than the model context (64"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,18 @@ def test_plot_cli_writes_pngs(trained, tmp_path, capsys, caplog):
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["plot", str(run), "--steps", "x"]) == 2
+
+
+def test_plot_of_a_run_that_never_trained_says_so(trained, tmp_path, capsys):
+    """A run directory without metrics.jsonl (`minimoe import` and `upcycle` make such runs) is a run
+    directory: the error says it has logged no training, not that it may not be a run."""
+    run, _ = trained
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    shutil.copy(run / "config.yaml", imported / "config.yaml")
+    assert main(["plot", str(imported), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "no metrics.jsonl" in err and "a run directory?" not in err
 
 
 def test_router_z_figure_leaves_out_dense_runs(trained, tmp_path, monkeypatch):

@@ -105,7 +105,9 @@ def _field(rec: Record, fields: dict[str, str], role: str) -> Any:
     name = fields.get(role, role)
     if name not in rec.data:
         keys = ", ".join(map(str, rec.data)) or "none"
-        raise MinimoeError(f"{rec.where} has no '{name}' field (it has: {keys})")
+        raise MinimoeError(
+            f"{rec.where} has no '{name}' field (it has: {keys}); --field {role}=NAME reads it from another"
+        )
     return rec.data[name]
 
 

@@ -93,6 +93,8 @@ def load_run_data(run_dir: str | Path, label: str | None = None) -> RunData:
         cfg = build_run_config(config_path=str(run_dir / "config.yaml"))
     except ConfigError as e:
         raise MinimoeError(f"{run_dir}/config.yaml is not a valid run config ({e})") from None
+    if not (run_dir / "metrics.jsonl").exists():  # `minimoe import` and `upcycle` write no metrics
+        raise MinimoeError(f"{run_dir} holds no metrics.jsonl: no training has been logged in it yet")
     train, evals = read_metrics(run_dir / "metrics.jsonl")
     if not train and not evals:
         raise MinimoeError(f"{run_dir}/metrics.jsonl has no rows yet")
