@@ -634,6 +634,18 @@ def test_verdict_is_a_difference_or_an_equivalence_decided_by_the_interval(tmp_p
     assert lab_report.verdict(st(-0.0216, 0.0153), 0.02) == "no"  # reaches past the margin
     assert lab_report.verdict(st(-0.02, 0.01), 0.02) == "no"  # touching the margin is not inside it
     assert lab_report.verdict(None, 0.02) == "–"
+    # the "seeds to resolve" planning column is for open contrasts only: a decided one shows "–"
+    rows = [
+        {"variant": v, "reference": "r", "seeds": 10, "val_loss": st(lo, hi), "equivalence": 0.02,
+         "val_bpb": None, "both_moe": False}
+        for v, lo, hi in (("tie", -0.012, 0.007), ("lower", -0.03, -0.001), ("open", -0.0216, 0.0153))
+    ]  # fmt: skip
+    cells = {
+        line.split(" | ")[0][2:]: line.split(" | ")[4]
+        for line in lab_report.contrast_table(rows).splitlines()[2:]
+    }
+    assert cells["tie − r"] == "–" and cells["lower − r"] == "–"
+    assert cells["open − r"] == str(lab_report.seeds_to_resolve(rows[2]["val_loss"]))
     sweep_file = tmp_path / "eq.yaml"
     sweep_file.write_text("variants: {a: [], b: []}\nbudget: {steps: 3}\nequivalence: 0.02\n")
     assert compare.load_sweep(sweep_file).equivalence == 0.02

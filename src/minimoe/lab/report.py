@@ -176,8 +176,11 @@ def verdict(st: dict | None, equivalence: float | None = None) -> str:
     return "no"
 
 
-def _seeds_cell(st: dict | None) -> str:
-    if st is None:
+def _seeds_cell(c: dict) -> str:
+    """The planning number for a contrast not yet resolved; "–" once its interval decides it (a tie
+    within the margin needs no interval that excludes 0)."""
+    st = c["val_loss"]
+    if st is None or verdict(st, c["equivalence"]) != "no":
         return "–"
     n = seeds_to_resolve(st)
     return "> 1000" if n is None else str(n)
@@ -198,7 +201,7 @@ def contrast_table(contrasts: list[dict]) -> str:
             ("seeds", lambda c: str(c["seeds"])),
             ("Δ val loss: mean ± SE [95% interval]", _loss_cell),
             ("resolved", lambda c: verdict(c["val_loss"], c["equivalence"])),
-            ("seeds to resolve at this mean and spread", lambda c: _seeds_cell(c["val_loss"])),
+            ("seeds to resolve at this mean and spread", _seeds_cell),
             ("Δ val bpb: mean ± SE [95%]", lambda c: _fmt_stats(c["val_bpb"])),
             (
                 "Δ MaxVio batch: mean ± SE [95%]",

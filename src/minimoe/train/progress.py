@@ -39,7 +39,8 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     data_part = ""
     if data is not None:
         data_part = f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
-    threads = f"{torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' if n != 1 else ''}"
     if device.type == "cpu":
         threads += f" (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
     return (
