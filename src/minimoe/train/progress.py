@@ -32,15 +32,14 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     tc = cfg.train
     rep = count_params(cfg.model)
     mtp = f" incl. {si(rep.mtp_total)} MTP" if rep.mtp_total else ""
-    budget = f"{tc.max_steps:,} steps"
+    budget = f"{tc.max_steps:,} step{'s' if tc.max_steps != 1 else ''}"
     if tc.max_minutes is not None:
         budget += f" or {tc.max_minutes:g} min, whichever comes first"
     world = f" x {world_size} processes" if world_size > 1 else ""
     data_part = ""
     if data is not None:
         data_part = f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
-    n = torch.get_num_threads()
-    threads = f"{n} thread{'s' if n != 1 else ''}"
+    threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
     if device.type == "cpu":
         threads += f" (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
     return (
