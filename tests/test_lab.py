@@ -114,6 +114,7 @@ def test_matmul_params_equal_the_model_matrices():
         {"attn_type": "gqa", "aux_free_bias": False},
         {"attn_type": "gqa", "num_key_value_heads": 2, "qk_norm": "head"},
         {"attn_type": "gqa", "num_key_value_heads": 2, "qk_norm": "full"},
+        {"attn_type": "gqa", "num_key_value_heads": 1, "qk_norm": "full"},  # H + KV-head norms, not 2 H
     ):
         cfg = _hand_cfg(**kw)
         model = Transformer(cfg)
@@ -1109,3 +1110,139 @@ def test_ctrl_c_stops_parallel_runs_with_a_checkpoint_each(tmp_path, monkeypatch
     assert "stopped a/seed_1" in log and "stopped b/seed_1" in log
     for v in ("a", "b"):
         assert run_state(out / v / "seed_1", 4000) == "partial"
+
+
+def test_layer_stats_match_a_token_by_token_count():
+    """Every number of one layer's statistics against a plain loop over a hand-made routing: T = 6
+    tokens, K = 2 of E = 4 experts, two shared experts. Expert 0 is dominant (5/12 > 1 x 1/E; 3/12 only
+    equals it), expert 3 is chosen once (alive), and the probabilities are not the gate weights."""
+    from collections import Counter
+
+    from minimoe.data import resolve_tokenizer
+
+    tok = resolve_tokenizer("byte")
+    idx = [[0, 1], [0, 2], [1, 0], [0, 2], [3, 0], [2, 1]]
+    ids = [ord(c) for c in "abacab"]
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1], [0.35, 0.45, 0.1, 0.1],
+                          [0.6, 0.1, 0.2, 0.1], [0.3, 0.1, 0.1, 0.5], [0.1, 0.3, 0.5, 0.1]])  # fmt: skip
+    r = lab_inspect.LayerRouting(torch.tensor(idx), torch.full((6, 2), 0.5), probs)
+    st = lab_inspect.layer_stats(r, ids, tok, n_shared=2, top_n=8, dominant_factor=1.0)
+    T, K, E, S = 6, 2, 4, 2
+    count = [sum(row.count(e) for row in idx) for e in range(E)]  # [5, 3, 3, 1]
+    share = [c / (T * K) for c in count]
+    assert st["routed_share"] == pytest.approx(share) and st["token_frac"] == pytest.approx(
+        [c / T for c in count]
+    )
+    assert st["slot_share"]["routed"] == pytest.approx([s * K / (K + S) for s in share])
+    assert (
+        st["slot_share"]["shared"] == pytest.approx([1 / (K + S)] * S)
+        and st["shared_token_frac"] == [1.0] * S
+    )
+    H = [-sum(p * math.log(p) for p in row) for row in probs.tolist()]
+    assert st["entropy"]["mean_token_nats"] == pytest.approx(sum(H) / T)
+    assert st["entropy"]["mean_token_normalised"] == pytest.approx(sum(H) / T / math.log(E))
+    assert st["entropy"]["load_normalised"] == pytest.approx(
+        -sum(s * math.log(s) for s in share) / math.log(E)
+    )
+    assert st["max_vio"] == pytest.approx(max(count) / (sum(count) / E) - 1)
+    both = [[sum(i != j and i in row and j in row for row in idx) / T for j in range(E)] for i in range(E)]
+    assert st["coactivation"] == [pytest.approx(row) for row in both]
+    assert st["dead_experts"] == [] and st["dominant_experts"] == [0]  # 5/12 > 1/4 == 3/12
+    for e in range(E):
+        seen = Counter(t for t, row in zip(ids, idx) if e in row)
+        want = {tok.decode([t]): (n, round(n / ids.count(t), 4)) for t, n in seen.items()}
+        assert {x["token"]: (x["count"], x["frac_of_token"]) for x in st["top_tokens"][e]} == want, e
+
+
+def test_recorded_probabilities_are_the_router_scores_normalised_per_token(trained):
+    """The entropy's probabilities are the router's unbiased scores of the hooked input, normalised to
+    sum to 1 per token (sigmoid scores do not sum to 1 by themselves)."""
+    from minimoe.model.router import router_scores
+    from minimoe.train.checkpoint import load_run
+
+    run, _ = trained
+    model, _, _, _ = load_run(run)
+    x = torch.tensor([list(range(40, 72))])
+    seen = {}
+    gate = lab_inspect.moe_gates(model)[1]
+    h = gate.register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach().clone()))  # returns None
+    try:
+        routing = lab_inspect.route_ids(model, x)
+    finally:
+        h.remove()
+    s = router_scores(
+        seen["x"].reshape(-1, seen["x"].shape[-1]).double() @ gate.weight.double().T, gate.cfg.scoring_func
+    )
+    torch.testing.assert_close(routing[1].probs.double(), s / s.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_an_interval_touching_zero_or_the_margin_does_not_resolve():
+    """Resolution needs the interval to exclude 0 strictly, or to lie strictly inside ±equivalence."""
+    st = lambda lo, hi: {"n": 10, "mean": (lo + hi) / 2, "se": (hi - lo) / 4, "lo": lo, "hi": hi}  # noqa: E731
+    assert lab_report.verdict(st(-0.01, 0.0)) == "no" and lab_report.verdict(st(0.0, 0.01)) == "no"
+    assert lab_report.verdict(st(-0.01, 0.02), 0.02) == "no"  # the upper end touches the margin
+    assert lab_report.verdict(st(-0.01, 0.0199), 0.02) == "yes: equal within ±0.02"
+
+
+def test_summary_maxvio_batch_rounds_the_last_tenth_up_and_takes_the_mean(tmp_path):
+    """25 logged rows: the last ceil(2.5) = 3 of them, averaged (not their median)."""
+    from minimoe.lab.sweep import PlannedRun
+
+    cfg = build_run_config(overrides=TINY + ["model.vocab_size=320", "train.max_steps=25"])
+    vios = [0.0] * 22 + [1.0, 2.0, 6.0]
+    rows = [{"step": s, "loss": 1.0, "tokens": 128 * s, "max_vio_mean": v} for s, v in enumerate(vios, 1)]
+    rows.append({"step": 25, "tokens": 3200, "val_loss": 2.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "checkpoints" / "step_25").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_25" / "meta.json").write_text(json.dumps({"step": 25}))
+    (tmp_path / "checkpoints" / "latest").write_text("step_25")
+    s = lab_report.summarize_run(tmp_path, PlannedRun("v", 1, [], cfg, 1.0))
+    assert s.max_vio_batch == pytest.approx((1.0 + 2.0 + 6.0) / 3)
+
+
+def test_training_flops_include_the_mtp_modules():
+    """An MTP depth adds 3x its forward FLOPs to the training cost, and the budget helpers use it."""
+    S = 32
+    plain, mtp = flops.flops_per_token(_hand_cfg(), S), flops.flops_per_token(_hand_cfg(mtp_depth=1), S)
+    assert mtp.forward_mtp > 0 and mtp.forward_matmul == plain.forward_matmul
+    assert mtp.train_per_token == pytest.approx(plain.train_per_token + 3 * mtp.forward_mtp, rel=1e-12)
+    assert mtp.forward_per_token == pytest.approx(plain.forward_per_token + mtp.forward_mtp, rel=1e-12)
+
+
+def test_t_quantile_table_is_students_to_three_decimals():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 31):
+        assert lab_report.t975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=5e-4), df
+        assert lab_report.t975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=5e-4), df
+
+
+def test_identical_zero_differences_never_resolve_as_a_difference():
+    """Seeds that all differ by exactly 0: a zero-width interval at 0 excludes nothing, and no number of
+    seeds would make it."""
+    st = lab_report.paired_stats([0.0, 0.0, 0.0])
+    assert (st["lo"], st["hi"]) == (0.0, 0.0) and lab_report.verdict(st) == "no"
+    assert lab_report.seeds_to_resolve(st) is None
+
+
+def test_corpus_top_tokens_pair_each_token_with_its_own_routing(trained):
+    """The corpus sample is routed in windows (full ones in batches, the ragged tail alone): each
+    token's expert choices stay paired with that token, as routing every window on its own gives."""
+    from collections import Counter
+
+    from minimoe.train.checkpoint import load_run
+
+    run, data = trained
+    model, tok, _, _ = load_run(run)
+    ids = lab_inspect.corpus_ids(str(data), tok, 100)  # 3 windows of 32 and a tail of 4
+    stats = lab_inspect.corpus_stats(model, tok, ids, seq_len=32, batch_size=1, top_n=100)
+    want = {i: [Counter() for _ in range(4)] for i in (0, 1)}
+    for start in range(0, 100, 32):
+        window = ids[start : start + 32]
+        for i, r in lab_inspect.route_ids(model, torch.tensor([window])).items():
+            for t, row in zip(window, r.topk_idx.tolist()):
+                for e in row:
+                    want[i][e][t] += 1
+    for i in (0, 1):
+        for e in range(4):
+            got = {x["id"]: x["count"] for x in stats["layers"][str(i)]["top_tokens"][e]}
+            assert got == dict(want[i][e]), (i, e)

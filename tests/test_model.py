@@ -576,3 +576,43 @@ def test_init_scales_every_output_projection_by_depth():
     model.reset_parameters()
     assert all((m.gate.e_score_correction_bias == 0).all() for m in model.moe_layers().values())
     assert all((p == 1).all() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_counts_with_tied_weights_and_two_mtp_depths_match_the_real_modules(tie):
+    """Independent count from a real model: every unique tensor once (a tied embedding/head matrix is
+    one matrix, used by every token as the head), MTP depths apart, routed experts scaled by top-k / E;
+    the DeepSeek-V3-style checkpoint stores embedding + head (one matrix when tied) again per MTP depth;
+    the memory estimate covers main + MTP parameters at 4/2 bytes, 4/2 for gradients, 8 for AdamW and
+    4 for the fp32 master copy of a bf16 model."""
+    from minimoe.params import memory_estimate
+
+    cfg = tiny_cfg(mtp_depth=2, tie_word_embeddings=tie, num_hidden_layers=4, first_k_dense_replace=2)
+    model = Transformer(cfg)
+    tensors = dict(model.named_parameters()) | {
+        n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")
+    }  # named_parameters lists a tied matrix once
+    K, E, VD = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.vocab_size * cfg.hidden_size
+    total = sum(t.numel() for n, t in tensors.items() if not n.startswith("mtp."))
+    mtp_total = sum(t.numel() for n, t in tensors.items() if n.startswith("mtp."))
+    routed = sum(t.numel() for n, t in tensors.items() if ".mlp.experts." in n and not n.startswith("mtp."))
+    mtp_routed = sum(t.numel() for n, t in tensors.items() if ".mlp.experts." in n and n.startswith("mtp."))
+    emb = 0 if tie else VD  # tied: the one matrix is the head, which every token multiplies with
+    rep = count_params(cfg)
+    assert rep.total == total and rep.mtp_total == mtp_total
+    assert rep.activated == total - emb - routed * (E - K) // E
+    assert rep.activated_with_embedding == total - routed * (E - K) // E
+    assert rep.mtp_activated == mtp_total - mtp_routed * (E - K) // E
+    assert rep.hf_checkpoint_total == total + mtp_total + 2 * VD * (1 if tie else 2)
+    assert rep.kv_cache_bytes_per_token == {
+        k: v * cfg.num_hidden_layers for k, v in rep.kv_cache_bytes_per_token_per_layer.items()
+    }
+    mem = memory_estimate(cfg, rep, context=10)["by_dtype"]
+    n = total + mtp_total
+    assert mem["fp32"] == {
+        "weights": 4 * n, "gradients": 4 * n, "adamw_state": 8 * n, "training_total": 16 * n,
+        "kv_cache_per_token": rep.kv_cache_bytes_per_token["fp32"],
+        "kv_cache_per_sequence": 10 * rep.kv_cache_bytes_per_token["fp32"],
+    }  # fmt: skip
+    assert mem["bf16"]["weights"] == 2 * n and mem["bf16"]["gradients"] == 2 * n
+    assert mem["bf16"]["adamw_state"] == 12 * n and mem["bf16"]["training_total"] == 16 * n
