@@ -77,7 +77,7 @@ def run(args) -> int:
     bpb = f"  val_bpb {result.val_bpb:.4f}" if result.val_bpb is not None else ""
     print(
         f"step {result.step}  tokens {result.tokens:,}  val_loss {result.val_loss:.4f}{bpb}  "
-        f"{result.tokens_per_s:,.0f} tok/s  {result.elapsed_s / 60:.1f} min  ({result.stopped})"
+        f"{result.tokens_per_s:,.0f} tok/s overall  {result.elapsed_s / 60:.1f} min  ({result.stopped})"
         if result.val_loss is not None
         else f"step {result.step} ({result.stopped})"
     )

@@ -56,7 +56,7 @@ class TrainResult:
     val_loss: float | None
     val_bpb: float | None
     best_val_loss: float | None
-    tokens_per_s: float
+    tokens_per_s: float  # over the whole run clock: data preparation, evaluations, saves (rows: steps only)
     elapsed_s: float
     stopped: str  # "max_steps" | "max_minutes" | "early_stop" | "interrupted" | "paused"
     checkpoint: Path | None
