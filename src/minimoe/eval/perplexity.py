@@ -175,7 +175,8 @@ def evaluate_perplexity(
     Returns:
         {"loss" (mean nats per token), "perplexity", "bits_per_byte", "tokens", "bytes",
         "tokens_per_byte", "n" (documents), "window", "stride"} plus, for a folder, "per_file"
-        mapping each file's relative path to the same metrics and "skipped" (binary, non-UTF-8 and empty or whitespace-only files).
+        mapping each file's relative path to the same metrics and "skipped" (binary, non-UTF-8 and
+        blank files).
     """
     from tqdm.auto import tqdm
 
