@@ -135,6 +135,7 @@ def test_steps_for_budget():
     cfg = build_run_config(overrides=TINY + ["model.vocab_size=320"])
     per_step = 4 * 32
     assert flops.steps_for_budget(cfg, tokens=per_step * 10 + 5) == 10
+    assert flops.steps_for_budget(cfg, tokens=per_step * 11 - 1) == 10  # rounded down, not to nearest
     fpt = flops.flops_per_token(cfg.model, 32).train_per_token
     assert flops.steps_for_budget(cfg, flops=fpt * per_step * 7.5) == 7
     assert flops.training_flops(cfg, 7) == pytest.approx(fpt * per_step * 7)
@@ -586,7 +587,8 @@ def test_plan_trains_every_variant_with_each_seed_seed_major(tmp_path):
         ("a", 7, 7),
         ("b", 7, 7),
     ]
-    assert all(r.cfg.train.max_steps == 3 for r in runs)
+    # the tiny preset's time limit does not cut a steps budget short
+    assert all(r.cfg.train.max_steps == 3 and r.cfg.train.max_minutes is None for r in runs)
 
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_clean(tmp_path, monkeypatch):
@@ -1246,3 +1248,162 @@ def test_corpus_top_tokens_pair_each_token_with_its_own_routing(trained):
         for e in range(4):
             got = {x["id"]: x["count"] for x in stats["layers"][str(i)]["top_tokens"][e]}
             assert got == dict(want[i][e]), (i, e)
+
+
+def test_flops_axis_scales_each_run_by_its_own_training_flops_per_token(trained):
+    """Against training FLOPs, each run's training and validation points sit at its own tokens x its own
+    training FLOPs per token (3 x forward: the backward pass too), not another run's; the training panel
+    draws the cross-entropy (the total loss adds terms that differ between variants)."""
+    data = lab_plot.load_run_data(trained[0], "a")
+    twin = lab_plot.load_run_data(trained[0], "b")
+    twin.train_flops_per_token *= 3  # a wider variant
+    twin.train = [{**r, "loss": r["ce"] + 0.5} for r in twin.train]  # its aux/z/MTP terms add 0.5
+    assert data.train_flops_per_token == pytest.approx(
+        flops.training_flops(data.cfg, 1) / flops.tokens_per_step(data.cfg)
+    )
+    ax_t, ax_v = lab_plot.loss_figure([data, twin], "flops").get_axes()
+    for ax, rows in ((ax_t, "train"), (ax_v, "evals")):
+        for run, line in zip((data, twin), ax.lines):
+            want = [r["tokens"] * run.train_flops_per_token for r in getattr(run, rows)]
+            assert list(line.get_xdata()) == pytest.approx(want), (rows, run.label)
+            if rows == "train":  # the training panel draws the cross-entropy, not the total loss
+                assert list(line.get_ydata()) == [r["ce"] for r in run.train]
+
+
+def test_figures_order_many_layers_by_number_and_share_one_colour_scale(trained):
+    """With 12 layers, heatmap rows and MaxVio lines follow the layer number (not "10" before "2"); the
+    heatmap panels share one colour scale (0 to the largest share of any panel); MTP modules are numbered
+    from 1; the default steps are the first, middle and last logged ones."""
+    data = lab_plot.load_run_data(trained[0], "a")
+    assert lab_plot.pick_steps(data, None) == [2, 8, 12]  # loads logged every 2 steps
+    data.cfg.model.num_hidden_layers = 12
+    rows = []
+    for s in (2, 4):
+        lf = {str(i): [0.1 * s + 0.01 * i, 0.3, 0.3, 0.3] for i in range(12)}
+        rows.append({"step": s, "tokens": 128 * s, "loss": 3.0, "load_frac": lf, "max_vio_mean": 0.1,
+                     "max_vio": {str(i): 0.01 * i for i in range(12)}})  # fmt: skip
+    data.train = rows
+    hm = lab_plot.load_heatmap_figure(data, [2, 4])
+    heat = [a for a in hm.get_axes() if a.get_images()]
+    for ax, row in zip(heat, rows):
+        img = ax.get_images()[0]
+        assert img.get_array()[:, 0].tolist() == pytest.approx(
+            [row["load_frac"][str(i)][0] for i in range(12)]
+        )
+        assert img.get_clim() == pytest.approx((0.0, 0.51))  # step 4's largest share, in both panels
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(12)]
+    (ax,) = [a for a in lab_plot.maxvio_figure([data]).get_axes() if a.get_visible()]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"layer {i}" for i in range(12)] + ["mean over layers"]
+    assert [line.get_ydata()[-1] for line in ax.lines[:12]] == pytest.approx([0.01 * i for i in range(12)])
+    data.cfg.model.num_hidden_layers, data.cfg.model.mtp_depth = 2, 2
+    assert [lab_plot.layer_label(data, k) for k in ("1", "2", "3")] == ["layer 1", "MTP 1", "MTP 2"]
+
+
+def test_load_sweep_reads_paths_clock_and_seeds_as_documented(tmp_path, monkeypatch):
+    """Data paths in the file are relative to the file; --data/--val-data relative to the working
+    directory; a minutes budget without a clock is wall-clock; repeated seeds are refused."""
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    f = tmp_path / "sweeps" / "s.yaml"
+    f.write_text("variants: {a: []}\nbudget: {minutes: 2}\ndata: d.txt\nval_data: v.txt\n")
+    sweep = compare.load_sweep(f)
+    assert (sweep.data, sweep.val_data) == (
+        str(tmp_path / "sweeps" / "d.txt"),
+        str(tmp_path / "sweeps" / "v.txt"),
+    )
+    assert sweep.clock == "wall"
+    sweep = compare.load_sweep(f, data="d2.txt", val_data="v2.txt")
+    assert (sweep.data, sweep.val_data) == (
+        str(tmp_path / "work" / "d2.txt"),
+        str(tmp_path / "work" / "v2.txt"),
+    )
+    f.write_text("variants: {a: []}\nbudget: {steps: 2}\nseeds: [1, 2, 1]\n")
+    with pytest.raises(MinimoeError, match="seeds repeat"):
+        compare.load_sweep(f)
+
+
+def test_run_state_of_a_time_budget_counts_minutes(tmp_path):
+    """A run stopped (not out of time) after 5 s of a 1-minute budget is unfinished: it resumes; one
+    whose clock reached the budget is done."""
+    run = tmp_path / "a" / "seed_1"
+    _finished_run(run, 3, [(3, 3.0)])
+    meta = run / "checkpoints" / "step_3" / "meta.json"
+    meta.write_text(json.dumps({"step": 3, "elapsed_s": 5.0}))
+    assert run_state(run, compare.TIME_BUDGET_MAX_STEPS, 1.0) == "partial"
+    meta.write_text(json.dumps({"step": 3, "elapsed_s": 60.0}))
+    assert run_state(run, compare.TIME_BUDGET_MAX_STEPS, 1.0) == "done"
+
+
+def test_parallel_scheduling_trains_every_run_and_stops_when_a_worker_is_interrupted(tmp_path, monkeypatch):
+    """--jobs 2 (worker processes replaced by threads, training by a stub): a single run to train still
+    trains; a worker whose trainer took a stop signal stops the sweep (no later run starts)."""
+    import concurrent.futures
+    import signal
+
+    monkeypatch.setattr(
+        concurrent.futures,
+        "ProcessPoolExecutor",
+        lambda max_workers, **kw: concurrent.futures.ThreadPoolExecutor(max_workers),
+    )
+    monkeypatch.setattr(compare, "write_report", lambda *a, **k: tmp_path / "report.md")
+    monkeypatch.setattr(
+        compare,
+        "_train_run",
+        lambda kw, level: (
+            1.0,
+            0.0,
+            "interrupted" if Path(kw["run_dir"]).parent.name == "a" else "max_steps",
+        ),
+    )
+    base = json.dumps(TINY + ["model.vocab_size=320"])
+    handler, events = signal.getsignal(signal.SIGINT), []
+    for variants, raises, want in (
+        ("  b: []\n", False, ["start b", "done b"]),
+        ("  a: []\n  b: []\n  c: []\n", True, ["start a", "start b", "stopped a", "done b"]),
+    ):
+        (tmp_path / "s.yaml").write_text(
+            f"base:\n  overrides: {base}\nbudget: {{steps: 3}}\nseeds: [1]\nvariants:\n{variants}"
+        )
+        events.clear()
+        try:
+            compare.run_sweep(
+                compare.load_sweep(tmp_path / "s.yaml"), tmp_path / "out", figures=False, jobs=2,
+                on_event=lambda e, r, d: events.append(f"{e} {r.variant}"),
+            )  # fmt: skip
+            stopped = False
+        except KeyboardInterrupt:
+            stopped = True
+        assert (stopped, sorted(events)) == (raises, sorted(want))
+    assert signal.getsignal(signal.SIGINT) is handler  # the sweep's forwarding handler is gone
+
+
+def test_worker_signals_and_their_forwarding(tmp_path):
+    """A worker leaves the terminal's process group and ignores stop signals while idle; the sweep
+    notes the first stop signal, raises on the second, and restores its own handlers afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\nfrom minimoe.lab.workers import worker_signals\nworker_signals()\n"
+        "print(os.getpgrp() == os.getpid(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN,"
+        " signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env
+    ).stdout
+    assert out.split() == ["True", "True", "True"]
+    from minimoe.lab.workers import signals_to_workers
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop: list[int] = []
+    with signals_to_workers(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
