@@ -272,7 +272,7 @@ def _worker(argv: list[str]) -> dict:
     prefix = "" if args.side == "minimoe" else "hf_"
     settings.groups = tuple(args.groups.split(","))
     for _, values in M.run_bench([subject], rc, device, settings):
-        out.update({k[len(prefix) :]: v for k, v in values.items()})
+        out.update({k.removeprefix(prefix): v for k, v in values.items()})  # `<shape>_prompt` has none
     return out
 
 
