@@ -182,6 +182,40 @@ def test_pretrained_truncation_and_padding_are_ignored(tmp_path):
     ]
 
 
+def test_pretrained_special_tokens_as_transformers_reads_them(tmp_path):
+    """EOS by the documented candidate order; only special added tokens count as special;
+    tokenizer_config.json wins over special_tokens_map.json; a configured token the vocabulary lacks
+    is ignored; PAD from the padding settings, else EOS (never BOS); a payload rebuilds them all."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HF
+
+    file = tiny_hf_tokenizer(tmp_path / "t", eos="<|im_end|>")
+    hf = HF.from_file(str(file))
+    hf.add_special_tokens([AddedToken(EOT, special=True), AddedToken("<pad>", special=True)])
+    hf.add_tokens([AddedToken("<tool>", special=False)])
+    hf.save(str(file))
+    tok = Tokenizer.load(file.parent)
+    assert tok.eos_token == EOT and tok.pad_id == tok.eos_id
+    assert {"<pad>", EOT} <= set(tok.special_tokens) and "<tool>" not in tok.special_tokens
+    (file.parent / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<pad>", "pad_token": "<pad>"})
+    )
+    (file.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tok = Tokenizer.load(file.parent)
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<pad>")
+    (file.parent / "special_tokens_map.json").unlink()
+    (file.parent / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<gone>", "bos_token": "the"})
+    )
+    tok = Tokenizer.load(file.parent)
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == (EOT, "the", EOT)
+    hf.enable_padding(pad_id=hf.token_to_id("<pad>"), pad_token="<pad>")
+    hf.save(str(file))
+    tok = Tokenizer.load(file.parent)
+    assert (tok.bos_token, tok.pad_token) == ("the", "<pad>")
+    assert Tokenizer.from_payload(tok.payload()).metadata() == tok.metadata()
+
+
 def test_pretrained_without_eos_is_an_error(tmp_path):
     file = tiny_hf_tokenizer(tmp_path / "noeos", eos="[SEP]")
     with pytest.raises(MinimoeError, match="no end-of-text token"):

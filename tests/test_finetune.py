@@ -376,6 +376,7 @@ def test_lora_targets_attention_and_stacked_experts(tok):
     assert (adapted - base).abs().max() > 1e-3  # the expert adapters act on the routed experts
     merged = merge_lora(pm)
     assert type(merged) is Transformer
+    assert all(p.requires_grad for p in merged.parameters())  # trainable again, as a plain model
     torch.testing.assert_close(merged(x).logits, adapted, atol=1e-5, rtol=1e-5)
 
 

@@ -32,8 +32,8 @@ from minimoe.config import ModelConfig  # noqa: E402
 from minimoe.data import Tokenizer  # noqa: E402
 from minimoe.errors import MinimoeError  # noqa: E402
 from minimoe.hf.export import export_model, parse_size  # noqa: E402
-from minimoe.hf.load import import_hf  # noqa: E402
-from minimoe.hf.upcycle import upcycle  # noqa: E402
+from minimoe.hf.load import import_hf, load_tensors  # noqa: E402
+from minimoe.hf.upcycle import upcycle, upcycle_config, upcycle_state_dict  # noqa: E402
 from minimoe.model.transformer import Transformer  # noqa: E402
 from minimoe.train.checkpoint import load_run, write_run  # noqa: E402
 
@@ -619,6 +619,36 @@ def test_upcycled_llama_reproduces_dense_logits(llama_dir, tmp_path, kw, exact):
     x = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(2))
     diff = (_logits(moe, x) - _logits(dense, x)).abs().max().item()
     assert diff <= TOL if exact else diff > 0.1
+
+
+def test_upcycle_config_takes_the_dense_checkpoints_fields(llama_dir):
+    """Context length, norm epsilon and KV heads come from config.json (a missing
+    num_key_value_heads means one KV head per query head); --dense-layers keeps leading layers dense;
+    no shared expert is made up; --experts must be a multiple of --granularity."""
+    c = json.loads((llama_dir[1] / "config.json").read_text())
+    c = {**c, "rms_norm_eps": 1e-5}
+    cfg = upcycle_config(c, 4, 2, 2, 1, "softmax", [])
+    assert (cfg.max_position_embeddings, cfg.rms_norm_eps, cfg.num_key_value_heads) == (64, 1e-5, 2)
+    assert (cfg.first_k_dense_replace, cfg.n_shared_experts, cfg.moe_intermediate_size) == (1, 0, 32)
+    c.pop("num_key_value_heads")
+    assert upcycle_config(c, 4, 2, 2, 1, "softmax", []).num_key_value_heads == 4
+    with pytest.raises(MinimoeError, match="multiple of --granularity"):
+        upcycle_config(c, 6, 2, 4, 0, "softmax", [])
+
+
+def test_upcycle_copies_dense_layers_and_seeds_a_fresh_router(llama_dir):
+    """A layer kept dense gets the dense MLP as it is (gate is gate, up is up); an MoE layer's
+    balancing bias starts at zero and its router comes from --seed alone."""
+    dense = load_tensors(llama_dir[1])
+    c = json.loads((llama_dir[1] / "config.json").read_text())
+    cfg = upcycle_config(c, 4, 2, 2, 1, "sigmoid", [])
+    sd = upcycle_state_dict(dense, cfg, 2, 0.02, seed=0)
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        assert torch.equal(sd[f"layers.0.mlp.{p}.weight"], dense[f"model.layers.0.mlp.{p}.weight"].float())
+    assert cfg.aux_free_bias and torch.equal(sd["layers.1.mlp.gate.e_score_correction_bias"], torch.zeros(4))
+    router = "layers.1.mlp.gate.weight"
+    assert torch.equal(upcycle_state_dict(dense, cfg, 2, 0.02, seed=0)[router], sd[router])
+    assert not torch.equal(upcycle_state_dict(dense, cfg, 2, 0.02, seed=1)[router], sd[router])
 
 
 def test_cli_upcycle_and_errors(llama_dir, tmp_path, capsys):

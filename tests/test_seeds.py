@@ -191,6 +191,14 @@ def test_named_tokenizer_lookup_order(clean_env, monkeypatch):
     # a second name of the same tokenizer: SmolLM2 found under its Instruct repo
     _tok_json(root / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "r1")
     assert find_named_tokenizer("smollm2").name == "r1"
+    # HF_HUB_CACHE names the hub cache itself, in place of HF_HOME/hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hub2"))
+    assert find_named_tokenizer("smollm2") is None
+    _tok_json(root / "hub2" / "models--deepseek-ai--deepseek-moe-16b-chat" / "snapshots" / "r2")
+    assert (
+        find_named_tokenizer("deepseek-moe")
+        == root / "hub2" / "models--deepseek-ai--deepseek-moe-16b-chat" / "snapshots" / "r2"
+    )
 
 
 def test_missing_named_tokenizer_is_one_sentence_saying_where_to_put_it(clean_env):
@@ -348,6 +356,27 @@ def test_seed_preset_keeps_its_vocabulary_for_its_own_tokenizer_however_named(
         monkeypatch,
     )
     assert seen["tokenizer"].vocab_size == 50257 and seen["cfg"].model == get_preset("optimal-moe")
+
+
+def test_a_tokenizer_one_padding_step_short_refits_the_vocabulary_exactly(clean_env, text_file, monkeypatch):
+    """A tokenizer of exactly the seed's vocabulary minus 64 is another tokenizer, not the seed's padded:
+    the vocabulary is refitted to its size, a multiple of 64 already, so nothing is added."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    n = get_preset("mymoe").vocab_size - 64
+    vocab = (
+        {w: i for i, w in enumerate(WORDS[:13])}
+        | {f"w{i}": i for i in range(13, n - 1)}
+        | {"<|endoftext|>": n - 1}
+    )
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    (clean_env / "tok").mkdir()
+    hf.save(str(clean_env / "tok" / "tokenizer.json"))
+    argv = ["--preset", "mymoe", "--tokenizer", str(clean_env / "tok"), "--data", str(text_file)]
+    seen = _train([*argv, "--out", str(clean_env / "r"), *COMMON], monkeypatch)
+    assert seen["tokenizer"].vocab_size == n and seen["cfg"].model.vocab_size == n
 
 
 def test_seed_preset_without_its_tokenizer_stops_with_one_sentence(clean_env, text_file, capsys):
