@@ -373,8 +373,14 @@ def test_two_ranks_match_one_process(env, two_ranks, name):
     z1, z2 = (_metric(run, "router_z") for run in (one, two))
     assert min(z1.values()) > 0 and z2 == pytest.approx(z1, rel=1e-4), (name, z1, z2)
     # routing: loads summed over ranks (training and validation), every layer's bias wherever it lives
+    # (every layer present; the values to within a token's share, so that a top-k near-tie decided the
+    # other way by another CPU's rounding does not fail the test)
     for key in ("load_frac", "bias_range"):
-        assert _metric(two, key) == _metric(one, key), (name, key)
+        m1, m2 = _metric(one, key), _metric(two, key)
+        assert {s: sorted(v) for s, v in m2.items()} == {s: sorted(v) for s, v in m1.items()}, (name, key)
+        for s in m1:
+            for layer in m1[s]:
+                assert m2[s][layer] == pytest.approx(m1[s][layer], abs=0.01), (name, key, s, layer)
     assert _metric(two, "val_max_vio_global") == pytest.approx(_metric(one, "val_max_vio_global"), abs=1e-6)
     if name == "ddp":  # rank 0 alone printed the summary
         assert two_ranks["cli_stdout"].count("checkpoint:") == 1, two_ranks["cli_stdout"]

@@ -222,7 +222,11 @@ def _safe_load_unique(text: str) -> Any:
             _refuse_repeated_keys(node)  # checked as composed, before merges are flattened into it
             return node
 
-    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
+    loader = Loader(text)  # what yaml.load does, with a SafeLoader: plain data only
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str | Path) -> dict:
