@@ -1238,3 +1238,36 @@ def test_train_reads_a_data_file_named_like_a_yaml_comment(ctx: Ctx, capsys):
     assert main([str(a) for a in _train_on(ctx, "#1.txt")]) == 0
     assert yaml.safe_load((ctx.out / "config.yaml").read_text())["data"]["path"] == str(ctx.tmp / "#1.txt")
     capsys.readouterr()
+
+
+def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_room(tmp_path, monkeypatch):
+    """/proc/meminfo counts in KiB; under a cgroup v2 limit the room is the limit less the memory in
+    use, where reclaimable page cache (inactive_file) does not count as used."""
+    import minimoe.memory as memory
+
+    real_path = memory.Path
+    meminfo, cg = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal:       8000000 kB\nMemAvailable:    4000000 kB\n")
+    cg.mkdir()
+    (cg / "memory.max").write_text("max\n")
+    fake = {"/proc/meminfo": meminfo, "/sys/fs/cgroup": cg}
+    monkeypatch.setattr(memory, "Path", lambda p: fake.get(str(p)) or real_path(p))
+    assert memory.available_bytes("cpu") == 4_000_000 * 1024  # no limit
+    (cg / "memory.max").write_text(f"{3 * 2**30}\n")
+    (cg / "memory.current").write_text(f"{2 * 2**30}\n")
+    (cg / "memory.stat").write_text(f"anon 7\ninactive_file {2**29}\nactive_file 9\n")
+    assert memory.available_bytes("cpu") == 3 * 2**30 - (2 * 2**30 - 2**29)  # 1.5 GiB, under MemAvailable
+    (cg / "memory.max").write_text(f"{64 * 2**30}\n")
+    assert memory.available_bytes("cpu") == 4_000_000 * 1024  # a limit above MemAvailable
+
+
+def test_a_temp_dir_left_by_a_killed_export_is_emptied(tmp_path):
+    """fresh_temp_dir gives an empty directory even where a killed export or quantize left its
+    temporary one, so none of that attempt's files reach the new output."""
+    from minimoe.files import fresh_temp_dir
+
+    first = fresh_temp_dir(tmp_path / "out", "export")
+    (first / "model.safetensors").write_text("half")
+    again = fresh_temp_dir(tmp_path / "out", "export")
+    assert again == first and again.is_dir() and list(again.iterdir()) == []
+    assert again.parent == tmp_path and again.name != "out"

@@ -97,3 +97,21 @@ def test_params_memory_explains_its_rows(capsys, monkeypatch):
     for part in ("AdamW state: two fp32 moments", "master copy", "bf16 and fp32", "16 bytes per parameter",
                  "KV cache / seq"):  # fmt: skip
         assert part in out, part
+
+
+def test_weight_files_follow_a_umask_other_than_022(tmp_path):
+    """The mode comes from the process umask, not a fixed 0644: under umask 027 the group may read a
+    weight file and others may not."""
+    import os
+
+    from minimoe.files import as_umask_allows
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    f.chmod(0o600)  # as safetensors writes it
+    old = os.umask(0o027)
+    try:
+        as_umask_allows(f)
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o640, oct(f.stat().st_mode)

@@ -1329,3 +1329,89 @@ def test_a_checkpoint_from_before_the_mtp_input_moved_is_named_on_load(tmp_path,
         assert caplog.text.count("before the final norm") == 1
         _train(run, corpus, "train.max_steps=3", "train.eval_every=3", resume=True)
     assert caplog.text.count("before the final norm") == 2
+
+
+def test_rng_state_round_trips_every_stream(tmp_path):
+    """A resume restores the torch, NumPy and Python random streams, through a state file that loads
+    with weights_only=True."""
+    import random
+
+    import numpy as np
+
+    from minimoe.train.state import rng_state, set_rng_state
+
+    torch.save({"rng": rng_state()}, tmp_path / "state.pt")
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and (got[1] == want[1]).all() and got[2] == want[2]
+
+
+def test_loading_a_run_checks_that_its_fp32_weights_fit(tmp_path, corpus, monkeypatch):
+    """load_run refuses, before building the model, a run whose fp32 weights (the MTP module's
+    included) exceed the memory available, and loads one that fits exactly."""
+    import minimoe.memory as memory
+    from minimoe.params import count_params
+
+    run = tmp_path / "run"
+    _train(run, corpus, "train.max_steps=1", "train.eval_every=1", "model.mtp_depth=1")
+    rep = count_params(ckpt_lib.read_config(ckpt_lib.find_checkpoint(run)).model)
+    need = 4 * (rep.total + rep.mtp_total)
+    assert rep.mtp_total > 0
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": need - 1)
+    with pytest.raises(MinimoeError, match=r"\(fp32 weights\) needs at least .*MINIMOE_SKIP_MEMORY_CHECK=1"):
+        ckpt_lib.load_run(run)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": need)
+    ckpt_lib.load_run(run)
+
+
+def test_resume_of_a_run_at_its_max_steps_is_refused(tmp_path, corpus):
+    """A run that reached train.max_steps has nothing left to train: a resume with the same max_steps
+    is refused in one sentence naming a value that trains further."""
+    common = ("train.max_steps=2", "train.eval_every=100")
+    _train(tmp_path / "run", corpus, *common)
+    with pytest.raises(
+        MinimoeError, match=r"already at step 2 and train.max_steps is 2; resume with train.max_steps=4"
+    ):
+        _train(tmp_path / "run", corpus, *common, resume=True)
+
+
+def test_a_save_removes_what_a_killed_save_left(tmp_path):
+    """A `.tmp-*` directory and the pointers' temporary files left by a killed save are removed by the
+    next save, and never taken for a checkpoint."""
+    root = tmp_path / "run" / ckpt_lib.CKPT
+    (root / ".tmp-step_00000002-123").mkdir(parents=True)
+    (root / ".tmp-step_00000002-123" / "meta.json").write_text("{}")
+    (root / ".latest.tmp123").write_text("step_00000002\n")
+    (root / ".best.tmp45").write_text("step_00000002\n")
+    with pytest.raises(MinimoeError, match="holds no complete checkpoint"):
+        ckpt_lib.find_checkpoint(tmp_path / "run")
+    ckpt_lib.save_checkpoint(tmp_path / "run", 1, {"w": torch.zeros(2)}, {"step": 1}, {"step": 1}, "x: 1\n")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_find_checkpoint_without_a_best_pointer_falls_back_to_latest(tmp_path):
+    """A run with no `best` (no evaluation yet) resolves "best" to what `latest` names, even where a
+    newer complete step exists (a kill between its rename and moving `latest`)."""
+    root = tmp_path / "run" / ckpt_lib.CKPT
+    for step in (1, 2, 3):
+        (root / ckpt_lib.step_dir_name(step)).mkdir(parents=True)
+        (root / ckpt_lib.step_dir_name(step) / "meta.json").write_text("{}")
+    (root / "latest").write_text("step_00000002\n")
+    assert ckpt_lib.find_checkpoint(tmp_path / "run", "best").name == "step_00000002"
+    (root / "best").write_text("step_00000001\n")
+    assert ckpt_lib.find_checkpoint(tmp_path / "run", "best").name == "step_00000001"
+
+
+def test_check_weights_names_a_missing_or_unexpected_tensor(tmp_path):
+    """Weights with a tensor the model lacks, or without one it has, are another config's: one sentence
+    naming the tensor, before any is loaded."""
+    model = torch.nn.Linear(2, 3)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt_lib.check_weights(sd, model, tmp_path)
+    with pytest.raises(MinimoeError, match=r"different model config \(unexpected extra\.weight\)"):
+        ckpt_lib.check_weights({**sd, "extra.weight": torch.zeros(1)}, model, tmp_path)
+    with pytest.raises(MinimoeError, match=r"different model config \(missing bias\)"):
+        ckpt_lib.check_weights({"weight": sd["weight"]}, model, tmp_path)
+    with pytest.raises(MinimoeError, match=r"bias: \(4,\) in the file, \(3,\) in the model"):
+        ckpt_lib.check_weights({**sd, "bias": torch.zeros(4)}, model, tmp_path)
