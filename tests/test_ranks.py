@@ -33,7 +33,7 @@ def test_a_failing_rank_fails_the_test_at_once():
 def test_a_hung_start_is_retried_once_then_fails_with_the_stacks():
     starts = []
     with pytest.raises(AssertionError) as e:
-        run_ranks(_one_hangs, timeout_s=12, before=lambda: starts.append(1))  # the hang is dumped 1 s in
+        run_ranks(_one_hangs, timeout_s=8, before=lambda: starts.append(1))  # the hang is dumped 1 s in
     assert len(starts) == 2
     text = str(e.value)
     assert "attempt 1 did not finish" in text and "attempt 2 did not finish" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 import types
@@ -141,11 +142,18 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A config dataclass's field types (resolved once per class: `typing.get_type_hints` evaluates
+    every annotation string, about a millisecond, and a sweep's plan applies thousands of overrides)."""
+    return typing.get_type_hints(cls)
+
+
 def dataclass_from_dict(cls: type, d: dict, where: str = "") -> Any:
     """Build a dataclass from a dict, coercing types and rejecting unknown keys."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = [f.name for f in fields(cls)]
     kwargs = {}
     for k, v in d.items():
@@ -177,7 +185,7 @@ def set_dotted(cfg: Any, key: str, value: Any) -> None:
     names = [f.name for f in fields(obj)]
     if last not in names:
         raise _unknown_key(last, names, path)
-    tp = typing.get_type_hints(type(obj))[last]
+    tp = _hints(type(obj))[last]
     if isinstance(value, str):
         import yaml
 
