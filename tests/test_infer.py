@@ -686,8 +686,8 @@ def test_many_static_decodes_in_one_process_stay_under_dynamo_recompile_limit():
     torch._dynamo.reset()
     model = tiny_model()
     want = greedy_no_cache(model, PROMPTS[0], 6)
-    for slots in (1, 2, 3):
-        for max_len in (20, 64):  # 1 and 2 buckets
+    for slots in (1, 3):  # 1 and 2 row buckets
+        for max_len in (20, 64):  # 1 and 2 position buckets: 9 graphs of the one-token step, past the 8
             static = StaticDecode(SlotPool(model, slots, max_len=max_len), backend="eager")
             static.warm_up()
             assert static_greedy(static, [PROMPTS[0]] * slots, 6).tolist() == [want] * slots
