@@ -688,7 +688,17 @@ def test_state_file_that_would_run_code_is_refused(tmp_path, corpus):
     assert not marker.exists()
 
 
-def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus):
+def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus, monkeypatch):
+    """A run the clock stops: the cosine ran on the clock, the last step is evaluated and saved, and
+    the progress bar is told the run used its budget (it ends at 100%, though the stop comes before
+    the clock runs out: the finish must fit inside the budget)."""
+    from minimoe.train.progress import TrainProgress
+
+    closed = []
+    close = TrainProgress.close
+    monkeypatch.setattr(
+        TrainProgress, "close", lambda bar, *a, **kw: (closed.append(kw), close(bar, *a, **kw))
+    )
     res = _train(
         tmp_path / "run", corpus, "train.max_steps=100000", "train.max_minutes=0.05", "train.eval_every=100000",
         "train.min_lr_ratio=0.1", "train.lr=1e-3",
@@ -698,6 +708,7 @@ def test_time_limit_stops_and_finishes_the_decay(tmp_path, corpus):
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] < 0.3e-3  # the cosine ran on the clock: near its 1e-4 floor at the end, not at the peak
     assert rows[-1]["step"] == res.step and "val_loss" in rows[-1]  # evaluated and saved at the stop
+    assert closed == [{"complete": True}]
 
 
 def test_cpu_clock_limits_by_process_time(tmp_path, corpus, monkeypatch):
