@@ -336,6 +336,21 @@ def test_folder_source_glob_skips_binary_and_non_utf8(tmp_path):
             open_source(root, glob=glob)
 
 
+def test_a_missing_text_field_names_the_settings_that_read_another(tmp_path):
+    """A JSONL line or Parquet file without the text field says how to read another field, in training
+    (data.text_field) and in evaluation (--text-field), as eval's task files do with --field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d.jsonl").write_text('{"story": "once"}\n')
+    pq.write_table(pa.table({"body": ["p1"]}), tmp_path / "d.parquet")
+    for f in ("d.jsonl", "d.parquet"):
+        with pytest.raises(
+            MinimoeError, match=r"\(it has: (story|body)\); data.text_field=NAME .*--text-field"
+        ):
+            list(open_source(tmp_path / f).documents())
+
+
 def test_jsonl_parquet_and_hf_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -860,6 +860,33 @@ def test_split_sweep_reuses_reference_runs_and_refuses_another_config(tmp_path, 
     assert "another config (train.lr" in capsys.readouterr().err
 
 
+def test_a_rerun_of_a_finished_sweep_at_precision_auto_skips_its_runs(tmp_path, monkeypatch, capsys):
+    """The trainer records what `train.precision=auto` became on its device (bf16 or fp32) in config.yaml;
+    rerunning the same sweep file skips those finished runs instead of refusing them as trained with
+    another config (README: "rerunning a sweep continues it")."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: "
+        + json.dumps(TINY + ["train.eval_every=100", "train.precision=auto"])
+        + "\ndata: corpus.txt\nbudget: {steps: 2}\nseeds: [1]\nvariants:\n  a: []\n"
+    )
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    saved = (out / "a" / "seed_1" / "config.yaml").read_text()
+    assert "precision: auto" not in saved  # what ran, resolved for this device
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "skip" in log and "start" not in log
+    # a run that really trained at another precision is still refused
+    (tmp_path / "t.yaml").write_text(
+        (tmp_path / "s.yaml").read_text().replace("precision=auto", "precision=fp16")
+    )
+    assert main(["compare", str(tmp_path / "t.yaml"), "--out", str(out)]) == 2
+    assert "another config (train.precision" in capsys.readouterr().err
+
+
 def test_sweep_file_values_of_the_wrong_type_are_one_sentence(tmp_path, capsys):
     """A sweep file's contrasts, data paths and base preset/config of the wrong YAML type are refused in
     one sentence naming the key, not an internal error."""

@@ -275,6 +275,10 @@ class BuiltinCorpus(FolderCorpus):
         self.params["python"] = ".".join(map(str, sys.version_info[:3]))
 
 
+# what a missing text field's error adds: the two settings that choose another field
+TEXT_FIELD_HINT = "; data.text_field=NAME (minimoe train) or --text-field NAME (minimoe eval) reads another"
+
+
 class JsonlCorpus(Corpus):
     """JSON Lines: one document per record, taken from `text_field`."""
 
@@ -289,7 +293,9 @@ class JsonlCorpus(Corpus):
         for n, rec in iter_jsonl(path):
             if not isinstance(rec, dict) or field not in rec:
                 keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
-                raise MinimoeError(f"{path} line {n} has no '{field}' field (it has: {keys})")
+                raise MinimoeError(
+                    f"{path} line {n} has no '{field}' field (it has: {keys}){TEXT_FIELD_HINT}"
+                )
             yield from record_texts(rec[field], f"{path} line {n}", field)
 
 
@@ -347,7 +353,9 @@ class ParquetCorpus(Corpus):
             raise MinimoeError(f"{path} is not a readable Parquet file ({e})") from None
         names = pf.schema_arrow.names
         if field not in names:
-            raise MinimoeError(f"{path} has no column '{field}' (it has: {', '.join(names)})")
+            raise MinimoeError(
+                f"{path} has no column '{field}' (it has: {', '.join(names)}){TEXT_FIELD_HINT}"
+            )
         for batch in pf.iter_batches(columns=[field], batch_size=1024):
             for value in batch.column(0).to_pylist():
                 yield from record_texts(value, str(path), field)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from minimoe.data.corpus import Corpus, record_texts
+from minimoe.data.corpus import TEXT_FIELD_HINT, Corpus, record_texts
 from minimoe.errors import MinimoeError, require
 
 
@@ -86,6 +86,7 @@ class HFCorpus(Corpus):
         if self.text_field not in ds.column_names:
             raise MinimoeError(
                 f"dataset {self.target!r} has no column '{self.text_field}' (it has: {', '.join(ds.column_names)})"
+                + TEXT_FIELD_HINT
             )
         self._ds = ds
         return ds

@@ -328,6 +328,12 @@ def _check_same_config(
                 f"{want_v!r}); use another --out"
             )
     want = r.cfg.to_dict()
+    if want["train"]["precision"] == "auto" and (d.get("train") or {}).get("precision") != "auto":
+        # the trainer records what auto became on its device (bf16 or fp32)
+        from minimoe.dist.init import resolve_device
+        from minimoe.train.precision import resolve_precision
+
+        want["train"]["precision"] = resolve_precision("auto", resolve_device(r.cfg.train.device))
     for section in ("model", "train"):
         theirs = d.get(section) or {}
         diff = [k for k, v in want[section].items() if k in theirs and theirs[k] != v]
