@@ -75,6 +75,24 @@ def test_start_up_summary_names_size_data_device_and_budget(tmp_path, corpus, ca
         assert part in line, (part, line)
 
 
+def test_start_up_summary_says_when_the_whole_budget_is_warmup():
+    """A short trial of a preset with a long warmup (`tiny`: 100 steps) trains at a rising learning rate
+    only; the start-up line says so, and says nothing when the schedule gets past its warmup."""
+    import torch
+
+    from minimoe.config_yaml import build_run_config
+    from minimoe.train.progress import run_summary
+
+    def line(*overrides):
+        return run_summary(build_run_config("tiny", None, list(overrides)), None, torch.device("cpu"))
+
+    short = line("train.max_steps=40", "train.warmup_steps=100")
+    assert "budget 40 steps" in short
+    assert short.endswith(" (all of it warmup, train.warmup_steps=100: the learning rate only rises)")
+    assert "warmup" in line("train.max_steps=100", "train.warmup_steps=100")
+    assert "warmup" not in line("train.max_steps=101", "train.warmup_steps=100")
+
+
 def test_resume_drops_metrics_rows_after_the_restored_checkpoint(tmp_path, corpus):
     run = tmp_path / "run"
     _train(run, corpus, "train.max_steps=4", "train.eval_every=2", "train.keep_last=5")

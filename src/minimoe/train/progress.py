@@ -35,6 +35,8 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     budget = f"{tc.max_steps:,} step{'s' if tc.max_steps != 1 else ''}"
     if tc.max_minutes is not None:
         budget += f" or {tc.max_minutes:g} min, whichever comes first"
+    if tc.max_steps <= tc.warmup_steps:  # e.g. a short trial of a preset with a long warmup
+        budget += f" (all of it warmup, train.warmup_steps={tc.warmup_steps:,}: the learning rate only rises)"
     world = f" x {world_size} processes" if world_size > 1 else ""
     data_part = ""
     if data is not None:
