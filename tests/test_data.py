@@ -384,6 +384,26 @@ def test_jsonl_lone_surrogate_is_one_clear_error(tmp_path):
             prepare(tmp_path / "s.jsonl", tok, tmp_path / "o", workers=0, progress=False)
 
 
+def test_preparing_a_folder_names_the_files_it_skipped(tmp_path, caplog):
+    """A binary or non-UTF-8 file in a training folder is left out with a warning naming it, once:
+    when the folder is read, not when the prepared data is reused."""
+    import logging
+
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("hello world\n" * 40)
+    (root / "sub" / "blob.bin").write_bytes(b"\x00\x01binary")
+    (root / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="minimoe"):
+        prepare(str(root), "byte", tmp_path / "prep", progress=False, workers=0)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"{root}: 2 binary or non-UTF-8 files skipped: latin.txt, sub/blob.bin"], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="minimoe"):
+        assert prepare(str(root), "byte", tmp_path / "prep", progress=False, workers=0).cached
+    assert not caplog.records
+
+
 def test_hf_source_reads_a_folder_written_by_save_to_disk(tmp_path):
     """`hf:DIR` where DIR is what Dataset.save_to_disk or DatasetDict.save_to_disk wrote (offline)."""
     datasets = pytest.importorskip("datasets")

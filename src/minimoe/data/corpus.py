@@ -121,8 +121,9 @@ class Corpus:
         self.files = files
         self.root = root
         self.params = params or {}
-        # Files skipped while iterating a folder (binary, not UTF-8); filled by segments().
+        # Files skipped while iterating a folder (binary, not UTF-8): counts and paths, filled by segments()
         self.skipped: dict[str, int] = {}
+        self.skipped_files: list[str] = []
 
     def segments(self) -> Iterator[tuple[str, bool]]:
         """`(text, end_of_document)` pairs; see `split_documents`."""
@@ -247,16 +248,18 @@ class FolderCorpus(Corpus):
         super().__init__(name or str(root), files, root=root, params={"glob": glob})
 
     def segments(self) -> Iterator[tuple[str, bool]]:
-        self.skipped = {"binary": 0, "not_utf8": 0}
+        self.skipped, self.skipped_files = {"binary": 0, "not_utf8": 0}, []
         for f in self.files:
             data = f.read_bytes()
             if b"\0" in data:
                 self.skipped["binary"] += 1
+                self.skipped_files.append(f.relative_to(self.root).as_posix())
                 continue
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 self.skipped["not_utf8"] += 1
+                self.skipped_files.append(f.relative_to(self.root).as_posix())
                 continue
             yield from split_documents([text.removeprefix("\ufeff")])
 

@@ -22,6 +22,7 @@ Train/validation split, in order of preference:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +41,8 @@ from minimoe.data.shards import SPLITS, ShardWriter, copy_tokens, move_tail, tok
 from minimoe.data.sources import open_source
 from minimoe.data.tokenizer import Tokenizer, resolve_tokenizer, train_bpe
 from minimoe.errors import MinimoeError
+
+log = logging.getLogger(__name__)
 
 SHARD_TOKENS = 64 * 2**20  # tokens per shard file (128 MiB as uint16)
 # With fewer expected validation documents than this, one document's length would decide the
@@ -225,6 +228,13 @@ def prepare(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    for c in (corpus, val_corpus):
+        if c is not None and c.skipped_files:  # said once, when the folder is read (meta.json counts them)
+            names = ", ".join(c.skipped_files[:5]) + (", ..." if len(c.skipped_files) > 5 else "")
+            n = len(c.skipped_files)
+            log.warning(
+                "%s: %d binary or non-UTF-8 file%s skipped: %s", c.name, n, "s" if n > 1 else "", names
+            )
     return PreparedData(out_dir, meta, cached=False)
 
 
