@@ -224,6 +224,27 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
     )
 
 
+def test_an_exported_run_without_a_template_formats_chat_as_the_server_does(tmp_path):
+    """A pre-training run has no chat template; its export carries the plain one `minimoe serve` uses,
+    so transformers' apply_chat_template gives the server's prompt (it raised before), while minimoe's
+    own tokenizer record keeps none."""
+    from minimoe.data import Tokenizer
+    from minimoe.data.chat_template import render_plain
+    from minimoe.hf.export import write_tokenizer_files
+
+    write_tokenizer_files(Tokenizer.byte(), tmp_path, 64)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]  # fmt: skip
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    got = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (
+        got
+        == render_plain(messages)
+        == "system: Be brief.\nuser: hi\nassistant: hello\nuser: and?\nassistant:"
+    )
+    assert Tokenizer.load(tmp_path).chat_template is None  # what `minimoe import` reads back
+
+
 @pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen2_moe", "mixtral"])
 def test_export_import_round_trip(exported, tmp_path, ids, name):
     model, folder, _ = exported[name]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from minimoe.config import ModelConfig
+from minimoe.data.chat_template import PLAIN_CHAT_TEMPLATE
 from minimoe.errors import MinimoeError
 from minimoe.files import as_umask_allows, fresh_temp_dir
 from minimoe.hf import formats, keymap
@@ -173,8 +174,9 @@ def write_tokenizer_files(tokenizer, out_dir: Path, model_max_length: int) -> li
         "add_bos_token": False,
         "add_eos_token": False,
     }
-    if tokenizer.chat_template:
-        config["chat_template"] = tokenizer.chat_template
+    # a run without a template (pre-training) gets the plain one `minimoe serve` formats its chat with, so
+    # transformers' apply_chat_template gives the prompt the server would
+    config["chat_template"] = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     return ["tokenizer.json", "minimoe_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
