@@ -6,6 +6,7 @@ include invalid values, so both sides are exercised."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -155,6 +156,14 @@ def test_non_positive_sizes_name_the_field(name, value):
         (dict(rope_scaling={"factor": "abc", "original_max_position_embeddings": 4}), "rope_scaling.factor"),
         (dict(rope_scaling={"factor": 2, "original_max_position_embeddings": "x"}), "rope_scaling.original"),
         (dict(rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": "x"}), "rope_scaling.mscale_all_dim"),
+        # the boundaries of the rules above, each one step past what builds
+        (dict(attn_type="gqa", hidden_size=12, num_attention_heads=4), "head_dim"),
+        (dict(num_experts_per_tok=9, n_routed_experts=8), "is larger than n_routed_experts"),
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+        (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
+        (dict(rope_scaling={**YARN, "factor": 0.5}), "rope_scaling.factor"),
+        (dict(rope_scaling={**YARN, "beta_fast": 0}), "rope_scaling.beta_fast"),
+        (dict(rope_scaling={**YARN, "mscale": True}), "rope_scaling.mscale"),
     ],
 )
 def test_known_invalid_combinations(kw, field):
@@ -171,6 +180,7 @@ def test_known_invalid_combinations(kw, field):
         dict(attn_type="mla", qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=12, q_lora_rank=4),
         dict(attn_type="gqa", num_attention_heads=4, num_key_value_heads=1, head_dim=6, hidden_size=12),
         dict(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, capacity_factor=0.5),
+        dict(first_k_dense_replace=2),  # every layer dense (num_hidden_layers is 2)
     ],
 )
 def test_accepted_edge_configs_run(kw):
@@ -242,3 +252,57 @@ def test_a_yaml_key_given_twice_is_refused_but_a_merge_may_be_overridden(tmp_pat
     d = load_yaml(path)
     assert d["train"] == {"lr": 0.002, "max_steps": 5} and d["model"] == {"lr": 1}
     assert d["ids"] == {1: "a", "1": "b"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.seq_len=17", "exceeds model.max_position_embeddings (16)"),
+        ("data.val_fraction=1", "data.val_fraction must be in [0, 1)"),
+        ("dist.expert_parallel=2", "dist.expert_parallel (2) does not divide model.n_routed_experts (5)"),
+        ("train.beta1=1", "train.beta1 must be between"),
+        ("train.keep_last=0", "train.keep_last must be at least 1"),
+        ("train.muon_lr=0", "train.muon_lr must be positive"),
+        ("train.max_steps=true", "train.max_steps must be an integer"),
+        ("train.max_steps=1.5", "train.max_steps must be an integer"),
+        (f"train.max_steps={2**63}", "64-bit"),
+    ],
+)
+def test_run_config_boundaries_are_refused(override, message):
+    """One step past each RunConfig range (and each value of the wrong type) is a ConfigError naming
+    the setting; the same config one step inside builds."""
+    from minimoe.config_yaml import build_run_config
+
+    base = ["model.max_position_embeddings=16", "model.n_routed_experts=5", "train.seq_len=16"]
+    build_run_config(None, None, base)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_run_config(None, None, [*base, override])
+
+
+def test_yaml_values_coerce_to_their_fields(tmp_path):
+    """YAML's quoted strings and nulls reach the fields as the types they name: "1"/"0" booleans,
+    "none" and an empty or "~" override for an optional field, and the `dist` section; an empty file
+    is the defaults, a YAML boolean is no text, and an old model key name is no key elsewhere."""
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import build_run_config, dataclass_from_dict, set_dotted
+
+    m = dataclass_from_dict(ModelConfig, {"tie_word_embeddings": "1", "aux_free_bias": "0"})
+    assert (m.tie_word_embeddings, m.aux_free_bias) == (True, False)
+    assert dataclass_from_dict(ModelConfig, {"q_lora_rank": "none"}).q_lora_rank is None
+    cfg = RunConfig()
+    for value in ("", "~", "none", "null"):
+        cfg.data.path = "x.txt"
+        set_dotted(cfg, "data.path", value)
+        assert cfg.data.path is None, value
+    path = tmp_path / "c.yaml"
+    path.write_text("dist:\n  expert_parallel: 2\n  pp_schedule: gpipe\n")
+    got = build_run_config(None, str(path), [])
+    assert (got.dist.expert_parallel, got.dist.pp_schedule) == (2, "gpipe")
+    path.write_text("")
+    assert build_run_config(None, str(path), []) == RunConfig().validate()
+    path.write_text("data:\n  tokenizer: true\n")  # YAML's true, not the text "true"
+    with pytest.raises(ConfigError, match="data.tokenizer must be a string"):
+        build_run_config(None, str(path), [])
+    # the old model key names are model keys only: another section names the key as given
+    with pytest.raises(ConfigError, match="unknown config key 'train.n_layers'"):
+        set_dotted(RunConfig(), "train.n_layers", "2")

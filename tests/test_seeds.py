@@ -67,6 +67,17 @@ def test_get_preset_returns_independent_copies():
     assert get_preset("deepseek-v3").rope_scaling["factor"] == 40
 
 
+def test_deepseek_v3_preset_routes_as_published():
+    """DeepSeek-V3's routing (HF deepseek-ai/DeepSeek-V3 config.json): top-8 of 256 sigmoid-scored
+    experts from the best 4 of 8 groups, weights renormalised then scaled by 2.5. The parameter counts
+    pinned above do not see these fields."""
+    m = get_preset("deepseek-v3")
+    got = (m.n_routed_experts, m.num_experts_per_tok, m.n_group, m.topk_group, m.routed_scaling_factor)
+    assert got == (256, 8, 8, 4, 2.5)
+    assert (m.scoring_func, m.effective_topk_method, m.norm_topk_prob) == ("sigmoid", "noaux_tc", True)
+    assert m.group_limited
+
+
 def test_seed_presets_carry_recipe_tokenizer_and_notes():
     for name in SEED_PRESETS:
         recipe = TRAIN_DEFAULTS[name]
@@ -118,6 +129,16 @@ def _minimoe_imports(path: Path, skip_function: str | None = None) -> set[str]:
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("minimoe")}
     return out
+
+
+def test_a_yaml_preset_key_wins_over_the_preset_argument(tmp_path):
+    """`build_run_config(preset, config)`: the YAML file's `preset:` key replaces the named preset, model
+    and recipe, and the file's own settings still apply over it."""
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: optimal-moe\ntrain:\n  lr: 1.0e-4\n")
+    cfg = build_run_config("tiny", str(f))
+    assert cfg.model == get_preset("optimal-moe")
+    assert (cfg.train.lr, cfg.train.seq_len, cfg.data.tokenizer) == (1e-4, 512, "gpt2")
 
 
 def test_config_presets_and_yaml_form_no_cycle():

@@ -1538,6 +1538,97 @@ def test_engine_end_of_text_finishes_with_stop_and_queue_limits_default_to_half(
     engine.close()
 
 
+def test_engine_admission_caps_a_clients_slots_across_passes_and_bounds_prefill_rows(loaded):
+    """A client's share of the slots counts its prompts still being prefilled, so a later admission
+    pass gives it no more; by default a client holds all but an eighth of the slots (14 of 16); and
+    prefill rows are never more than the positions prefilled per step, nor prompts admitted than the
+    decode slots left for them."""
+    model, tok = loaded
+    params = JobParams(max_tokens=4, temperature=0)
+
+    def jobs(client: str, k: int) -> list[Job]:
+        return [Job(i, tok.encode("the"), params, lambda e: None, client=client) for i in range(k)]
+
+    engine = Engine(model, tok, max_active=4, prefill_rows=2, max_active_per_client=1)
+    engine.submit(jobs("a", 2))
+    engine._admit()
+    engine._admit()  # a's first prompt is still prefilling: it holds a's one slot
+    assert len(engine._prefilling) == 1 and engine.queued_jobs == 1
+    engine.submit(jobs("b", 1))
+    engine._admit()
+    assert sorted(s.job.client for s in engine._prefilling.values()) == ["a", "b"]
+    engine.close()
+
+    engine = Engine(model, tok, max_active=16, prefill_rows=16)
+    assert engine.max_active_per_client == 14
+    engine.submit(jobs("a", 16))
+    engine._admit()
+    assert len(engine._prefilling) == 14 and engine.queued_jobs == 2
+    engine.close()
+
+    assert Engine(model, tok, max_active=8, prefill_chunk=2, prefill_rows=8)._prefill.rows == 2
+
+    # prompts being prefilled hold decode slots too: with one of two slots decoding, one more is admitted
+    engine = Engine(model, tok, max_active=2, prefill_rows=2)
+    engine.submit(jobs("a", 1))
+    with torch.no_grad():
+        engine._step()  # admitted, prefilled and decoding
+    assert len(engine._running) == 1 and not engine._prefilling
+    engine.submit(jobs("b", 2))
+    engine._admit()
+    assert len(engine._prefilling) == 1 and engine.queued_jobs == 1
+    engine.close()
+
+
+def test_a_job_cancelled_before_its_admission_takes_no_slot(loaded):
+    """A waiting job cancelled after the step dropped the cancelled ones is skipped at admission: the
+    next live job takes the slot, and the queue's count has both gone."""
+    model, tok = loaded
+    params = JobParams(max_tokens=4, temperature=0)
+    jobs = [Job(i, tok.encode("the"), params, lambda e: None, client="a") for i in range(2)]
+    engine = Engine(model, tok, max_active=1)
+    engine.submit(jobs)
+    jobs[0].cancelled.set()
+    engine._admit()
+    assert [s.job.index for s in engine._prefilling.values()] == [1] and engine.queued_jobs == 0
+    engine.close()
+
+
+def test_engine_queue_cap_counts_only_the_slots_still_free(loaded):
+    """A submit may go beyond max_queued by the slots that are free (their jobs will not wait), not
+    by the slots already taken: with the only slot held, one job may wait and the next is refused."""
+    from minimoe.serve.engine import QueueFull
+
+    model, tok = loaded
+    params = JobParams(max_tokens=4, temperature=0)
+    job = lambda client: Job(0, [1], params, lambda e: None, client=client)  # noqa: E731
+    engine = Engine(model, tok, max_active=1, max_queued=1, max_queued_per_client=1)
+    engine.submit([job("a")])
+    engine._admit()  # a holds the slot
+    assert engine.active_jobs == 1 and engine.queued_jobs == 0
+    engine.submit([job("b")])
+    with pytest.raises(QueueFull, match="requests are waiting"):
+        engine.submit([job("c")])
+    engine.close()
+
+
+def test_engine_shutdown_fails_the_queued_jobs_and_empties_the_count(loaded):
+    """A worker stopped before its first step fails every waiting job with one 503 Failure, and the
+    queue's count drops to zero with them."""
+    model, tok = loaded
+    params = JobParams(max_tokens=4, temperature=0)
+    failed: list = []
+    engine = Engine(model, tok, max_active=1)
+    engine.submit([Job(i, [1, 2], params, failed.append, client="a") for i in range(3)])
+    assert engine.queued_jobs == 3
+    engine.shutdown()
+    engine.start()
+    engine.close()
+    assert engine.queued_jobs == 0
+    assert sorted(e.index for e in failed) == [0, 1, 2]
+    assert all(isinstance(e, Failure) and e.status == 503 for e in failed)
+
+
 def test_cancelled_queued_jobs_give_their_places_in_the_queue_back(loaded):
     """Jobs cancelled while waiting leave the queue's count with them: the engine goes idle, and
     the queue takes as many jobs again as before."""

@@ -945,6 +945,45 @@ def test_muon_lr_is_the_peak_of_the_muon_group_only():
         assert g["lr"] == pytest.approx(want) and g["base_lr"] == pytest.approx(want), g["use_muon"]
 
 
+def test_muon_lr_stays_the_peak_of_the_muon_group_while_training(tmp_path, corpus):
+    """The trainer's schedule scales each group's own peak: after a step at a constant schedule the Muon
+    group runs at train.muon_lr and the AdamW groups at train.lr."""
+    tr, _ = _tiny_trainer(
+        tmp_path, corpus, "run", "train.optimizer=muon", "train.lr=1e-3", "train.muon_lr=0.02",
+        "train.schedule=constant", "train.warmup_steps=0", "train.max_steps=1", "train.eval_every=100",
+    )  # fmt: skip
+    tr.fit()
+    groups = tr.optimizer.param_groups
+    assert any(g["use_muon"] for g in groups) and any(not g["use_muon"] for g in groups)
+    for g in groups:
+        assert g["lr"] == pytest.approx(0.02 if g["use_muon"] else 1e-3), g["use_muon"]
+
+
+def test_muon_optimizers_adamw_groups_step_like_torch_adamw():
+    """The AdamW groups of MuonAdamW (embedding, LM head, routers, norms) take torch.optim.AdamW's steps,
+    each with its group's weight decay and the betas in their order."""
+    from minimoe.train.optim import MuonAdamW
+
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(6, 4), torch.randn(4)
+    ours = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    ref = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+
+    def groups(ps):
+        return [{"params": [ps[0]], "weight_decay": 0.5}, {"params": [ps[1]], "weight_decay": 0.0}]
+
+    opt = MuonAdamW([], groups(ours), lr=0.05, muon_lr=0.05, betas=(0.8, 0.9))
+    tref = torch.optim.AdamW(groups(ref), lr=0.05, betas=(0.8, 0.9), eps=1e-8)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        tref.step()
+    for p, q in zip(ours, ref):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_weight_decay_spares_norms_and_biases(optimizer):
     """AdamW decays matrices only: every 1-D parameter (norms, biases) sits in a group with weight decay
