@@ -351,6 +351,53 @@ def test_sft_runs_in_the_training_loop(base_run, tmp_path, monkeypatch, caplog):
     assert meta["tokens"] == sum(sizes) - sizes[2] - sizes[3] < 6 * 8 * 48
 
 
+def test_train_resume_of_a_fine_tuned_or_weights_only_run_says_what_to_do(base_run, tmp_path, capsys):
+    """`minimoe train --resume` cannot continue an SFT run (its batches are conversations) nor a run
+    that holds weights only (upcycle, import, a merged adapter): one sentence naming `minimoe sft`,
+    not a KeyError's name or "its state has no optimizer"."""
+    out = tmp_path / "sft"
+    argv = [
+        "sft",
+        str(base_run / "base"),
+        "--data",
+        str(base_run / "chat.jsonl"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main([*argv, *SEQ_TRAIN, "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    for run, words in (
+        (out, "written by `minimoe sft`"),
+        (base_run / "base", "holds weights without training state"),
+    ):
+        assert main(["train", "--resume", str(run), "--no-progress", "train.max_steps=4"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and f"minimoe sft {run}" in err and len(err.splitlines()) == 1, err
+
+
+def test_ctrl_c_during_sft_says_the_run_was_interrupted(base_run, tmp_path):
+    """SIGINT saves and exits 0 as in pre-training, and the summary says the run stopped early
+    (fine-tuning has no --resume), rather than reading like a finished run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "minimoe", "sft", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"),
+           "--out", str(out), "--no-progress", *SEQ_TRAIN, "train.max_steps=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted at step" in stdout and "of 100000" in stdout and "no --resume" in stdout, stdout
+    assert "saved " in stdout
+
+
 # ------------------------------------------------------------------ LoRA / QLoRA
 
 peft = pytest.importorskip("peft")
@@ -482,6 +529,25 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     template = load_run(out)[1].chat_template
     assert template and load_run(base_run / "base")[1].chat_template != template
     assert m2_tok.chat_template == template
+
+
+def test_a_lora_run_without_merge_is_named_as_an_adapter_by_generate(base_run, tmp_path, capsys):
+    """An unmerged LoRA run holds only OUT/adapter: generate/serve say how to merge it, and a Hugging
+    Face folder is pointed at `minimoe import`, instead of just "holds no complete checkpoint"."""
+    out = tmp_path / "lora"
+    argv = ["lora", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(out)]
+    assert main([*argv, "--rank", "4", "--no-progress", *SEQ_TRAIN, "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    for folder in (out, out / "adapter"):
+        assert main(["generate", str(folder), "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--adapter {out / 'adapter'} --merge" in err and len(err.splitlines()) == 1, err
+        assert str((base_run / "base").resolve()) in err  # the base run the adapter was trained on
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert main(["generate", str(hf), "--prompt", "hi"]) == 2
+    assert f"minimoe import {hf} --out" in capsys.readouterr().err
 
 
 def test_qlora_needs_bitsandbytes_and_cuda(base_run, tmp_path, capsys):

@@ -537,6 +537,9 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
         MinimoeError, match="model_type 'jamba' is not importable; minimoe imports deepseek_v3, "
     ):
         import_hf(other, tmp_path / "run", tokenizer="byte")
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    with pytest.raises(MinimoeError, match="llama is a dense model: `minimoe upcycle DIR"):
+        import_hf(other, tmp_path / "run", tokenizer="byte")  # the command that does take it
     with pytest.raises(MinimoeError, match="no tokenizer.json"):
         import_hf(folder, tmp_path / "run")
 

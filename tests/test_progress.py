@@ -93,6 +93,25 @@ def test_start_up_summary_says_when_the_whole_budget_is_warmup():
     assert "warmup" not in line("train.max_steps=101", "train.warmup_steps=100")
 
 
+def test_start_up_summary_of_a_torchrun_launch_names_the_parallel_layout():
+    """Under torchrun the line says which layout the dist settings chose, so a run started with
+    dist.expert_parallel=2 shows that the experts are sharded, not just "x 2 processes"."""
+    import torch
+
+    from minimoe.config_yaml import build_run_config
+    from minimoe.train.progress import run_summary
+
+    def line(*overrides, world=2):
+        cfg = build_run_config("tiny", None, list(overrides))
+        return run_summary(cfg, None, torch.device("cpu"), world_size=world)
+
+    assert "cpu x 2 processes (DDP), " in line()
+    assert "cpu x 2 processes (DDP, expert parallel 2), " in line("dist.expert_parallel=2")
+    assert "cpu x 2 processes (FSDP), " in line("dist.strategy=fsdp")
+    assert "cpu x 2 processes (pipeline parallel 2), " in line("dist.pipeline_parallel=2")
+    assert "processes" not in line("dist.expert_parallel=2", world=1)
+
+
 def test_resume_drops_metrics_rows_after_the_restored_checkpoint(tmp_path, corpus):
     run = tmp_path / "run"
     _train(run, corpus, "train.max_steps=4", "train.eval_every=2", "train.keep_last=5")

@@ -46,6 +46,11 @@ def report(res) -> None:
         f"{res.steps} steps on {res.examples} sequences ({res.response_tokens:,} response tokens, "
         f"{res.dropped} dropped)  final loss {res.final_loss:.4f}{val}"
     )
+    if res.stopped == "interrupted":  # fine-tuning has no --resume: say that this is all there is
+        print(
+            f"interrupted at step {res.steps} of {res.max_steps}: what was saved holds those steps "
+            "(fine-tuning has no --resume)"
+        )
     if res.checkpoint is not None:
         print(f"saved {res.checkpoint}")
     if res.adapter is not None:

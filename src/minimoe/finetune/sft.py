@@ -40,6 +40,8 @@ class SFTResult:
     val_loss: float | None
     checkpoint: Path | None  # None for an unmerged LoRA run (adapter only)
     adapter: Path | None = None
+    stopped: str = "max_steps"  # the trainer's reason: "interrupted" after Ctrl-C or SIGTERM
+    max_steps: int = 0  # the steps planned
 
 
 def build_examples(
@@ -270,13 +272,16 @@ def finetune(
     res = trainer.fit()
     step, seen, val_loss = res.step, train_batches.response_tokens, res.val_loss
     loss_v = res.train_loss if res.train_loss is not None else float("nan")
+    stop = (res.stopped, tc.max_steps)
     if not lora:
-        return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, res.checkpoint)
+        return SFTResult(
+            out, step, len(train_ex), dropped, seen, loss_v, val_loss, res.checkpoint, None, *stop
+        )
     from minimoe.finetune.lora import merge_lora, save_adapter
 
     adapter = save_adapter(trained, out / "adapter", base=source, tokenizer=tok)
     if not merge:
-        return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter)
+        return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter, *stop)
     model = merge_lora(trained)
     cfg.model = model.cfg
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -285,4 +290,4 @@ def finetune(
     ck = ckpt_lib.save_checkpoint(
         out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True
     )
-    return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, ck, adapter)
+    return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, ck, adapter, *stop)

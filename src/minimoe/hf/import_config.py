@@ -283,7 +283,16 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
     """
     fmt = c.get("model_type")
     if fmt not in FORMATS:
-        raise MinimoeError(f"model_type {fmt!r} is not importable; minimoe imports {', '.join(FORMATS)}")
+        from minimoe.hf.upcycle import DENSE_TYPES
+
+        dense = (
+            f" ({fmt} is a dense model: `minimoe upcycle DIR --experts N --top-k K --out RUN` builds an MoE from it)"
+            if fmt in DENSE_TYPES
+            else ""
+        )
+        raise MinimoeError(
+            f"model_type {fmt!r} is not importable; minimoe imports {', '.join(FORMATS)}{dense}"
+        )
     c = {**HF_DEFAULTS.get(fmt, {}), **c}
     _check_numbers(c)
     L = int(c["num_hidden_layers"])

@@ -218,6 +218,23 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _hint(p: Path) -> str:
+    """What to do with a folder that is not a run but something minimoe writes or reads beside runs."""
+    if (p / "config.json").is_file():
+        return f"; it looks like a Hugging Face folder: make it a run with `minimoe import {p} --out NEW_RUN`"
+    for adapter in (p, p / "adapter"):
+        if (adapter / "minimoe_base.json").is_file():  # the adapter of `minimoe lora` without --merge
+            try:
+                base = json.loads((adapter / "minimoe_base.json").read_text(encoding="utf-8"))["base_run"]
+            except (OSError, ValueError, KeyError, TypeError):
+                base = "BASE_RUN"
+            return (
+                f"; it holds a LoRA adapter ({adapter}): merge it into a run with "
+                f"`minimoe lora {base} --adapter {adapter} --merge --out NEW_RUN`"
+            )
+    return ""
+
+
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     """Resolve a run directory (its `which` checkpoint, falling back to latest) or a checkpoint directory."""
     p = Path(path)
@@ -232,7 +249,9 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     if found is None:
         steps = sorted(d for d in root.glob("step_*") if (d / "meta.json").exists()) if root.exists() else []
         if not steps:
-            raise MinimoeError(f"{p} holds no complete checkpoint (expected {CKPT}/step_*/meta.json)")
+            raise MinimoeError(
+                f"{p} holds no complete checkpoint (expected {CKPT}/step_*/meta.json){_hint(p)}"
+            )
         found = steps[-1]
     return found
 

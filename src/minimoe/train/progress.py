@@ -17,6 +17,16 @@ def si(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _layout(dist) -> str:
+    """How the processes share the work, as the start-up line names it: "DDP, expert parallel 2"."""
+    if dist.pipeline_parallel > 1:
+        return f"pipeline parallel {dist.pipeline_parallel}"
+    parts = [dist.strategy.upper()]
+    if dist.expert_parallel > 1:
+        parts.append(f"expert parallel {dist.expert_parallel}")
+    return ", ".join(parts)
+
+
 def run_summary(cfg, data, device, world_size: int = 1) -> str:
     """One line that says what a run is: parameters, data, device, threads (on the CPU with OpenMP's wait
     policy, which the CLI picks from the other processes' load at start and which moves tokens/s by a
@@ -37,7 +47,7 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
         budget += f" or {tc.max_minutes:g} min, whichever comes first"
     if tc.max_steps <= tc.warmup_steps:  # e.g. a short trial of a preset with a long warmup
         budget += f" (all of it warmup, train.warmup_steps={tc.warmup_steps:,}: the learning rate only rises)"
-    world = f" x {world_size} processes" if world_size > 1 else ""
+    world = f" x {world_size} processes ({_layout(cfg.dist)})" if world_size > 1 else ""
     data_part = ""
     if data is not None:
         data_part = f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "

@@ -91,6 +91,29 @@ def read_checkpoint(tr) -> tuple[Path, dict, dict]:
     return ckpt, weights, ckpt_lib.load_state(ckpt)
 
 
+def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
+    """One sentence when `minimoe train --resume` cannot continue this checkpoint, saying what can."""
+    if meta.get("sft") is not None:  # fine-tuning state has no pre-training data position
+        how = "minimoe lora" if meta["sft"].get("lora") else "minimoe sft"
+        raise MinimoeError(
+            f"checkpoint {ckpt} was written by `{how}`, which `minimoe train --resume` cannot continue: "
+            f"fine-tune it further with `minimoe sft {ckpt.parent.parent} --data CHAT.jsonl --out NEW_RUN` "
+            "(or `minimoe lora`)"
+        )
+    if "optimizer" not in state:
+        origin = next(
+            (cmd for key, cmd in (("upcycled", "minimoe upcycle"), ("format", "minimoe import"),
+                                  ("adapter", "minimoe lora --merge")) if key in meta),
+            None,
+        )  # fmt: skip
+        by = f"was written by `{origin}` and " if origin else ""
+        raise MinimoeError(
+            f"checkpoint {ckpt} cannot be resumed: it {by}holds weights without training state; fine-tune it "
+            f"with `minimoe sft {ckpt.parent.parent} --data CHAT.jsonl --out NEW_RUN` or `minimoe lora` "
+            "(`minimoe train` cannot start from it)"
+        )
+
+
 def resume(tr) -> None:
     """Load the latest checkpoint of tr.run_dir into the trainer `tr` (every rank must call it):
     weights, optimizer, scaler, data position, RNG streams and counters."""
@@ -100,12 +123,11 @@ def resume(tr) -> None:
     if tr.ctx.is_main:
         try:
             ckpt, weights, state = read_checkpoint(tr)
-            if "optimizer" not in state:
-                raise MinimoeError(f"checkpoint {ckpt} cannot be resumed (its state has no optimizer)")
+            meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+            check_resumable(ckpt, meta, state)
             optim = state.pop("optimizer")
             # written before checkpoints keyed the optimizer state by parameter name
             legacy = any(isinstance(k, int) for k in optim["state"])
-            meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
             ckpt_lib.warn_if_old_mtp(tr.cfg.model, meta, ckpt)
             # the budget a stop on the clock ran out of (the trainer stops a little before it: the next
             # step and the final evaluation would not have fitted); older checkpoints name none
