@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from minimoe.cli.main import main  # noqa: E402
 from minimoe.config import ModelConfig  # noqa: E402
 from minimoe.data import Tokenizer  # noqa: E402
+from minimoe.data.chat_template import SFT_CHAT_TEMPLATE  # noqa: E402
 from minimoe.errors import MinimoeError  # noqa: E402
 from minimoe.hf.export import export_model, parse_size  # noqa: E402
 from minimoe.hf.load import import_hf, load_tensors  # noqa: E402
@@ -391,11 +392,23 @@ def test_cli_export_writes_the_adapter_and_verifies_it(tmp_path, tok, ids, capsy
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    save_adapter(pm.eval(), tmp_path / "adapter")
+    tuned = copy.deepcopy(tok)
+    tuned.chat_template = SFT_CHAT_TEMPLATE  # what `minimoe lora` trained the adapter on
+    save_adapter(pm.eval(), tmp_path / "adapter", tokenizer=tuned)
     argv = _export_adapter_argv(tmp_path)
     assert main([*argv, "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "adapter/ (LoRA adapter, PEFT format)" in out
+    assert (
+        "adapter/ (LoRA adapter, PEFT format, with the tokenizer and chat template it was trained with)"
+        in out
+    )
+    # the adapter's folder formats chat as the adapter learned it; the model's folder keeps the base run's
+    chat = [{"role": "user", "content": "hi"}]
+    for folder, want in (
+        (tmp_path / "hf" / "adapter", "<|user|>\nhi<|endoftext|>"),
+        (tmp_path / "hf", "hi<|endoftext|>"),
+    ):
+        assert AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=False) == want, folder
     assert float(out.split("(with the adapter):")[1].split()[0]) <= TOL
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     adapted = PeftModel.from_pretrained(hf, tmp_path / "hf" / "adapter").eval()

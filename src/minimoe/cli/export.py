@@ -49,7 +49,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from minimoe.hf.export import check_adapter_exportable, compare_logits, export_adapter, export_model
+    from minimoe.data import Tokenizer
+    from minimoe.hf.export import (
+        check_adapter_exportable,
+        compare_logits,
+        export_adapter,
+        export_model,
+        write_tokenizer_files,
+    )
     from minimoe.train.checkpoint import load_run
 
     if args.verify:  # found out before the folder is written
@@ -74,7 +81,16 @@ def run(args) -> int:
         print(f"note: {n}", file=sys.stderr)
     if args.adapter is not None:
         adapter_out = export_adapter(args.adapter, model.cfg, res.out_dir, Path(res.out_dir) / "adapter")
-        print(f"  {adapter_out.name}/ (LoRA adapter, PEFT format)")
+        note, trained_with = (
+            "",
+            Path(args.adapter) / "tokenizer",
+        )  # saved by `minimoe lora`: its chat template
+        if trained_with.is_dir():
+            write_tokenizer_files(
+                Tokenizer.load(trained_with), adapter_out, model.cfg.max_position_embeddings
+            )
+            note = ", with the tokenizer and chat template it was trained with"
+        print(f"  {adapter_out.name}/ (LoRA adapter, PEFT format{note})")
     if args.verify:
         ids = torch.randint(
             0,
