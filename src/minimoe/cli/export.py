@@ -81,10 +81,8 @@ def run(args) -> int:
         print(f"note: {n}", file=sys.stderr)
     if args.adapter is not None:
         adapter_out = export_adapter(args.adapter, model.cfg, res.out_dir, Path(res.out_dir) / "adapter")
-        note, trained_with = (
-            "",
-            Path(args.adapter) / "tokenizer",
-        )  # saved by `minimoe lora`: its chat template
+        note = ""
+        trained_with = Path(args.adapter) / "tokenizer"  # saved by `minimoe lora`, with its chat template
         if trained_with.is_dir():
             write_tokenizer_files(
                 Tokenizer.load(trained_with), adapter_out, model.cfg.max_position_embeddings
