@@ -18,6 +18,7 @@ import yaml
 from minimoe.cli.main import main
 from minimoe.config import ModelConfig, RunConfig, TrainConfig
 from minimoe.data import Tokenizer, train_bpe
+from minimoe.data.chat_template import SFT_CHAT_TEMPLATE
 from minimoe.eval import metrics
 from minimoe.eval.perplexity import evaluate_perplexity, rolling_windows, window_pairs
 from minimoe.eval.scoring import encode_pair, score_pairs, token_logprobs
@@ -449,6 +450,65 @@ def test_cli_jsonl_tasks(tmp_path, capsys, unigram_run):
     )  # fmt: skip
     assert res["exact_match"] == 0.0  # generation cut before the stop string: empty
     assert res["settings"]["stop"] == ["aaa", "\n"]  # a shell's "\n" means the newline
+
+
+@pytest.mark.parametrize(
+    "template,prompt,turn_end",
+    [
+        (None, "user: Say a:\nassistant:", ()),  # a pre-training run: the plain lines serve uses
+        (SFT_CHAT_TEMPLATE, "<|user|>\nSay a:<|endoftext|><|assistant|>\n", ()),  # the turn ends at EOS
+        # a template closing turns with another special token: generation stops there too
+        ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ pad_token }}{% endfor %}"
+         "{% if add_generation_prompt %}<assistant>{% endif %}", "<user>Say a:<|pad|><assistant>", (257,)),
+    ],
+)  # fmt: skip
+def test_generation_with_chat_asks_each_prompt_as_a_user_turn(
+    tmp_path, monkeypatch, template, prompt, turn_end
+):
+    """`chat=True`: each prompt goes to the model as serve's chat completions would send it (a user turn
+    in the run's template, the generation prompt added) and stops at the template's end of turn; without
+    it the prompt goes as it is."""
+    import minimoe.eval.tasks as tasks
+
+    tok = Tokenizer.byte()
+    tok.chat_template = template
+    assert tok.special_tokens["<|pad|>"] == tok.pad_id == 257
+    asked = []
+
+    def fake_generate(model, tokenizer, text, *args, stop_ids=(), **kw):
+        asked.append((text, tuple(stop_ids)))
+        return "aaaa"
+
+    monkeypatch.setattr(tasks, "generate_until", fake_generate)
+    data = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Say a:", "reference": "aaaa"}])
+    assert tasks.evaluate_generation(None, tok, data, chat=True)["exact_match"] == 1.0
+    tasks.evaluate_generation(None, tok, data)
+    assert asked == [(prompt, turn_end), ("Say a:", ())]
+
+
+def test_generate_until_stops_at_the_extra_stop_ids():
+    """The end-of-turn ids `chat` adds stop generation as end-of-text does (left out of the text)."""
+    from minimoe.eval.tasks import generate_until
+
+    model, _ = unigram_model(UNIGRAM_PREFS)  # greedy: "aaaa..."
+    tok = Tokenizer.byte()
+    assert generate_until(model, tok, "x", 4) == "aaaa"
+    assert generate_until(model, tok, "x", 4, stop_ids=(tok.encode("a")[0],)) == ""
+
+
+def test_cli_generation_chat_is_recorded_and_only_for_generation(tmp_path, capsys, unigram_run):
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Say a:", "reference": "aaaa"}])
+    res = cli_json(
+        capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4, "--chat"
+    )
+    assert res["settings"]["chat"] is True and res["exact_match"] == 1.0
+    plain = cli_json(capsys, unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4)
+    assert "chat" not in plain["settings"]
+    text = tmp_path / "t.txt"
+    text.write_text("ab" * 50)
+    assert "--chat applies only to --task generation" in cli_error(
+        capsys, unigram_run, "--task", "perplexity", "--data", text, "--chat"
+    )
 
 
 def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):

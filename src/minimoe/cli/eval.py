@@ -86,6 +86,14 @@ def add_parser(sub) -> None:
         help="stop string (repeatable; \\n and \\t mean newline and tab); end-of-text always stops",
     )
     g.add_argument(
+        "--chat",
+        action="store_const",
+        const=True,
+        default=None,
+        help="send each prompt as a user turn in the run's chat template, as serve's chat completions do "
+        "(for a run tuned by `minimoe sft`)",
+    )
+    g.add_argument(
         "--predictions", default=None, help="write each prompt, reference and generation to this JSONL"
     )
     g = p.add_argument_group("output")
@@ -148,7 +156,7 @@ def _options(args) -> dict:
             raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
         opts.update(
             max_new_tokens=args.max_new_tokens, stop=args.stop or None, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
         )  # fmt: skip
     else:
         opts["batch_size"] = args.batch_size or 16

@@ -26,7 +26,7 @@ TASK_OPTIONS: dict[str, tuple[str, ...]] = {
     "text_field": ("perplexity",), "window": ("perplexity",), "stride": ("perplexity",),
     "fields": ("multiple-choice", "minimal-pairs", "generation"), "delimiter": ("multiple-choice",),
     "max_new_tokens": GENERATION, "temperature": GENERATION, "top_k": GENERATION, "top_p": GENERATION,
-    "seed": GENERATION, "stop": GENERATION, "on_prediction": GENERATION,
+    "seed": GENERATION, "stop": GENERATION, "on_prediction": GENERATION, "chat": GENERATION,
 }  # fmt: skip
 
 

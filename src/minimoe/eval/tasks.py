@@ -317,8 +317,10 @@ def generate_until(
     top_p: float = 1.0,
     seed: int | None = 0,
     context: int | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> str:
-    """Generate a continuation of `prompt`, cut before the first stop string (or end-of-text).
+    """Generate a continuation of `prompt`, cut before the first stop string (or end-of-text, or one of
+    `stop_ids`: a chat template's end-of-turn token).
 
     The prompt is cut from the left so that prompt + max_new_tokens fit `context` positions (default:
     the model context; lm-eval's `max_length` where the harness sets one).
@@ -335,7 +337,7 @@ def generate_until(
     produced: list[int] = []
     for t in generate_tokens(
         model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, stop_ids=(tokenizer.eos_id,),
+        seed=seed, stop_ids=(tokenizer.eos_id, *stop_ids),
     ):  # fmt: skip
         produced.append(t)
         if stop:
@@ -360,6 +362,7 @@ def evaluate_generation(
     limit: int | None = None,
     progress: bool = False,
     on_prediction: Callable[[Record, str], None] | None = None,
+    chat: bool = False,
 ) -> dict:
     """Generate for each prompt and score against the references.
 
@@ -370,6 +373,9 @@ def evaluate_generation(
             generation also stops at end-of-text.
         seed: example i samples with seed + i, so results do not depend on order.
         on_prediction: called with each record and its generated text (to save predictions).
+        chat: send each prompt as a user turn in the tokenizer's chat template (the plain `role: content`
+            lines without one), as `minimoe serve`'s chat completions do, and stop at the template's
+            end-of-turn token too: how a chat-tuned run is asked.
     Returns:
         {"bleu", "bleu_brevity_penalty", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "f1",
         "exact_match", "n", "data_sha256"}, "answer_accuracy" when every reference has a "#### answer",
@@ -393,13 +399,23 @@ def evaluate_generation(
                 f"{rec.where}: '{fields.get('reference', 'reference')}' must be a text or a list of texts"
             )
         refs.append(ref_list)
+    turn_ends: tuple[int, ...] = ()
+    if chat:
+        from minimoe.data.chat_template import end_of_turn, make_renderer
+
+        specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+        render = make_renderer(tokenizer.chat_template, *specials)
+        prompts = [render([{"role": "user", "content": p}]) for p in prompts]
+        eot = end_of_turn(tokenizer.chat_template, tokenizer.special_tokens, *specials)
+        turn_ends = (tokenizer.special_tokens[eot],) if eot is not None else ()
     hyps = []
     for i, (rec, prompt) in enumerate(
         tqdm(list(zip(records, prompts)), desc="generation", disable=not progress, leave=False)
     ):
         text = generate_until(
-            model, tokenizer, prompt, max_new_tokens, stop, temperature, top_k, top_p, seed + i
-        )
+            model, tokenizer, prompt, max_new_tokens, stop, temperature, top_k, top_p, seed + i,
+            stop_ids=turn_ends,
+        )  # fmt: skip
         hyps.append(text.strip())
         if on_prediction is not None:
             on_prediction(rec, text)
