@@ -30,6 +30,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
+    p.add_argument(
+        "--init",
+        metavar="RUN_DIR",
+        help="start a new run (--out) from the latest weights, config and tokenizer of RUN_DIR (a run of "
+        "train, upcycle, import, sft or lora --merge), with a fresh optimizer, schedule and data position",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--skip-memory-check",
@@ -54,6 +60,12 @@ def run(args) -> int:
             f"--resume continues the run in {args.resume} itself; drop --out {args.out} (copy the run "
             "directory first to continue a copy of it)"
         )
+    if args.init and args.resume:
+        raise MinimoeError(
+            "--resume continues a run and --init starts a new one from a run's weights; give one"
+        )
+    if args.init and not args.out:
+        raise MinimoeError("--init starts a new run: name its folder with --out")
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
@@ -70,6 +82,7 @@ def run(args) -> int:
         sample=not args.no_sample,
         clock_start=getattr(args, "started", None),
         memory_check=not args.skip_memory_check,
+        init_from=args.init,
     )
     if not result.is_main:
         return 0

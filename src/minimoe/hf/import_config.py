@@ -113,6 +113,7 @@ _NUMERIC = (
 
 
 _NOT_NULL = ("routed_scaling_factor",)
+DENSE_TYPES = ("llama", "mistral", "qwen2")  # dense model types `minimoe upcycle` reads (not importable)
 
 # transformers' defaults (its config classes) for keys a config.json may leave out, where minimoe's
 # fallback would give other logits without a word: DeepseekV3Config routes 8 experts scaled by 2.5 ...
@@ -283,8 +284,6 @@ def model_config(c: dict, hub: dict[str, torch.Tensor]) -> tuple[ModelConfig, st
     """
     fmt = c.get("model_type")
     if fmt not in FORMATS:
-        from minimoe.hf.upcycle import DENSE_TYPES
-
         dense = (
             f" ({fmt} is a dense model: `minimoe upcycle DIR --experts N --top-k K --out RUN` builds an MoE from it)"
             if fmt in DENSE_TYPES

@@ -25,11 +25,10 @@ from minimoe.config import ModelConfig, RunConfig
 from minimoe.config_yaml import set_dotted
 from minimoe.errors import MinimoeError
 from minimoe.files import check_new_run_dir
-from minimoe.hf.import_config import read_rope
+from minimoe.hf.import_config import DENSE_TYPES, read_rope
 from minimoe.hf.load import _tokenizer, load_tensors, read_config
 from minimoe.train.checkpoint import write_run
 
-DENSE_TYPES = ("llama", "mistral", "qwen2")
 # fields fixed by the dense checkpoint and the command's options; overrides may change the rest
 _FIXED = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "attn_type", "intermediate_size",

@@ -438,7 +438,9 @@ def write_run(out: Path, model, tokenizer, info: dict, run_cfg: RunConfig | None
     cfg = model.cfg
     if run_cfg is None:
         train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_position_embeddings))
-        run_cfg = RunConfig(model=cfg, train=train, data=DataConfig())
+        # config.yaml names the tokenizer the run holds (RUN/tokenizer), not the byte default
+        spec = "byte" if tokenizer.kind == "byte" else str((out / "tokenizer").resolve())
+        run_cfg = RunConfig(model=cfg, train=train, data=DataConfig(tokenizer=spec))
     run_cfg.model = cfg
     text = yaml.safe_dump(run_cfg.validate().to_dict(), sort_keys=False)
     out.mkdir(parents=True, exist_ok=True)

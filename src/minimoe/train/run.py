@@ -96,6 +96,38 @@ def _check_same_tokenizer(run_dir: Path, cfg) -> None:
         )
 
 
+def _init_source(init_from: str, overrides: list[str]):
+    """A new run's starting point from the latest checkpoint of `init_from` (a run of train, upcycle,
+    import, sft or a merged lora): its config with the overrides on top, its tokenizer, and its weights
+    in a model built from that config (model.* overrides may change only what holds no weight).
+    Returns (cfg, tokenizer, model, run_info)."""
+    from minimoe.model.transformer import Transformer
+    from minimoe.train.checkpoint import find_checkpoint, load_run
+
+    ckpt = find_checkpoint(checked_path(init_from, "--init"), "latest")
+    refuse_quantized_resume(ckpt)
+    for o in overrides:
+        if o.split("=", 1)[0] in ("data.tokenizer", "model.vocab_size"):
+            raise MinimoeError(
+                f"--init trains on with the tokenizer of {init_from} (its weights' rows are that tokenizer's "
+                f"ids); drop {o.split('=', 1)[0]}"
+            )
+    source, tokenizer, _, meta = load_run(ckpt, device="cpu")
+    # the checkpoint's own settings (its data path, its training recipe), then the overrides
+    cfg = build_run_config(config_path=str(ckpt / "config.yaml"), overrides=overrides)
+    cfg.data.tokenizer = str((ckpt / "tokenizer").resolve())
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError:
+        changed = [o.split("=", 1)[0] for o in overrides if o.startswith("model.")]
+        raise MinimoeError(
+            f"the model of {init_from} does not fit the one {', '.join(changed) or 'the config'} asks for (its "
+            "weights' shapes differ); --init keeps the run's architecture"
+        ) from None
+    return cfg, tokenizer, model, {"init_from": str(ckpt.resolve()), "init_step": meta.get("step")}
+
+
 def train_from_config(
     preset: str | None = None,
     config_path: str | None = None,
@@ -107,12 +139,15 @@ def train_from_config(
     sample: bool = True,
     clock_start: float | None = None,
     memory_check: bool = True,
+    init_from: str | None = None,
 ) -> TrainResult:
     """Train a model and return its TrainResult (with a generated sample when `sample`).
 
     Unless model.vocab_size is set explicitly, it is fitted to the tokenizer (rounded up to 64).
     train.max_minutes counts from `clock_start` (a time.perf_counter() value; default: this call), and
-    covers data preparation, the final evaluation and checkpoint and the sample.
+    covers data preparation, the final evaluation and checkpoint and the sample. `init_from` starts a
+    new run from another run's latest weights, config and tokenizer (fresh optimizer, schedule and data
+    position; the overrides on top): pre-training an upcycled or imported model further.
     """
     from minimoe.data import Tokenizer, prepare
 
@@ -120,6 +155,11 @@ def train_from_config(
         clock_start = time.perf_counter()
     overrides = list(overrides or [])
     run_dir = Path(run_dir)
+    init_model, run_info = None, None
+    if resume and init_from is not None:
+        raise MinimoeError(
+            "--resume continues a run and --init starts a new one from a run's weights; give one"
+        )
     if resume:
         if not (run_dir / "config.yaml").exists():
             raise MinimoeError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
@@ -141,11 +181,19 @@ def train_from_config(
             raise MinimoeError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )
-        if preset is None and config_path is None:
-            preset = "tiny"
-        cfg = build_run_config(preset, config_path, overrides)
-        seed = _seed_preset(preset, config_path, overrides, cfg)
-        tokenizer = cfg.data.tokenizer
+        if init_from is not None:
+            if preset is not None or config_path is not None:
+                raise MinimoeError(
+                    "--init takes its model and config from the run it starts from; drop --preset/--config"
+                )
+            cfg, tokenizer, init_model, run_info = _init_source(init_from, overrides)
+            seed = None
+        else:
+            if preset is None and config_path is None:
+                preset = "tiny"
+            cfg = build_run_config(preset, config_path, overrides)
+            seed = _seed_preset(preset, config_path, overrides, cfg)
+            tokenizer = cfg.data.tokenizer
     check_loggers(cfg.train)  # a missing tensorboard / wandb is named before data preparation
     if val_source is not None:  # kept in config.yaml, so a resumed run validates on the same data
         cfg.data.val_path = val_source
@@ -178,7 +226,7 @@ def train_from_config(
             ),
             ctx,
         )
-        if not resume:
+        if not resume and init_from is None:
             tokenizer = data.tokenizer()
             if not _explicit("model.vocab_size", config_path, overrides) and not _keeps_vocab(
                 seed, cfg, tokenizer
@@ -188,9 +236,12 @@ def train_from_config(
         sampling = sample and cfg.train.sample_tokens > 0
         # a share of a time budget for the sample, which is cut short when the budget runs out
         reserve = min(SAMPLE_RESERVE_S, 0.03 * cfg.train.max_minutes * 60) if cfg.train.max_minutes else 0
+        if init_model is not None:
+            init_model.gradient_checkpointing = cfg.train.activation_checkpointing
         trainer = Trainer(
             cfg, run_dir, data, tokenizer, resume=resume, progress=progress, ctx=ctx,
             clock_start=clock_start, reserve_s=reserve if sampling else 0.0, memory_check=memory_check,
+            model=init_model, run_info=run_info,
         )  # fmt: skip
         result = trainer.fit()
         barrier(ctx)

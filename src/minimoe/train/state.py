@@ -108,9 +108,9 @@ def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
         )  # fmt: skip
         by = f"was written by `{origin}` and " if origin else ""
         raise MinimoeError(
-            f"checkpoint {ckpt} cannot be resumed: it {by}holds weights without training state; fine-tune it "
-            f"with `minimoe sft {ckpt.parent.parent} --data CHAT.jsonl --out NEW_RUN` or `minimoe lora` "
-            "(`minimoe train` cannot start from it)"
+            f"checkpoint {ckpt} cannot be resumed: it {by}holds weights without training state; train a new "
+            f"run from them with `minimoe train --init {ckpt.parent.parent} --out NEW_RUN`, or fine-tune them "
+            f"with `minimoe sft {ckpt.parent.parent} --data CHAT.jsonl --out NEW_RUN`"
         )
 
 
