@@ -72,14 +72,24 @@ print(cli.KEEPS_FREED_MEMORY, (resource.getrusage(resource.RUSAGE_SELF).ru_minfl
 """
 
 
-def _faults(keep: str, **extra: str) -> tuple[str, float]:
+def _run(script: str, keep: str, **extra: str) -> list[str]:
     drop = ("LD_PRELOAD", "GLIBC_TUNABLES")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in drop}
     env.update(MINIMOE_KEEP_FREED_MEMORY=keep, **extra)
-    out = subprocess.run(
-        [sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
+
+
+def _faults(keep: str) -> tuple[str, float]:
+    """(the CLI's setting in a fresh process, page faults per MoE forward + backward after warm-up)."""
+    out = _run(FAULTS, keep)
     return out[0], float(out[1])
+
+
+def _setting(keep: str, **extra: str) -> str:
+    """The CLI's setting in a fresh process (minimoe.cli.main imports no torch)."""
+    return _run("import minimoe.cli.main as cli; print(cli.KEEPS_FREED_MEMORY)", keep, **extra)[0]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -95,6 +105,8 @@ def test_glibc_keeps_freed_memory_so_steps_stop_faulting_in_fresh_pages():
     # usually 30-45 against 800-2,000 per step; one CI run saw 234 against 1,150, so the bound is loose:
     # without the setting both sides fault alike
     assert faults_kept < 0.5 * faults_default, (faults_kept, faults_default)
-    assert _faults("1", MALLOC_ARENA_MAX="2")[0] == "False"
-    assert _faults("1", GLIBC_TUNABLES="glibc.malloc.trim_threshold=0")[0] == "False"
+    # the user's own glibc tuning wins: only the CLI's setting is read (no torch, no steps)
+    assert _setting("1", MALLOC_ARENA_MAX="2") == "False"
+    assert _setting("1", GLIBC_TUNABLES="glibc.malloc.trim_threshold=0") == "False"
+    assert _setting("1") == "True"
     assert keep_freed_memory("serve") is False

@@ -890,15 +890,15 @@ def test_static_greedy_equals_full_recompute(attn_type, seed, prefill_rows):
 @pytest.mark.slow
 def test_compiled_static_decode_in_the_engine_equals_eager():
     """torch.compile (inductor) of the fixed-shape step: greedy tokens identical to the eager engine,
-    logits close. Seven steps stay in the first position bucket (16), so inductor builds two graphs
-    (four rows, then one; a cold compile is about 20 s each on 2 cores): crossing buckets is the
-    eager-backend tests' part."""
+    logits close, as a row leaves (three rows, then two). Five steps stay in one row bucket (4) and one
+    position bucket (16): one inductor graph (a cold compile is about 20 s on 2 cores). Other buckets
+    are the eager-backend tests' part; one row under inductor, the compiled speculative step's."""
     from minimoe.infer.static import StaticDecode
 
     torch._dynamo.reset()
     model = tiny_model()
-    want = _static_run(model, lambda pool: pool, steps=7)
-    got = _static_run(model, lambda pool: StaticDecode(pool), steps=7)
+    want = _static_run(model, lambda pool: pool, steps=5)
+    got = _static_run(model, lambda pool: StaticDecode(pool), steps=5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
