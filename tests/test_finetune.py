@@ -272,9 +272,9 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_cli_sft_learns_the_responses(base_run, tmp_path, capsys):
-    out = tmp_path / "sft"
-    argv = [
+def _sft_argv(base_run, out) -> list[str]:
+    """`minimoe sft` of the base run on the chat file into `out`."""
+    return [
         "sft",
         str(base_run / "base"),
         "--data",
@@ -283,6 +283,11 @@ def test_cli_sft_learns_the_responses(base_run, tmp_path, capsys):
         str(out),
         "--no-progress",
     ]
+
+
+def test_cli_sft_learns_the_responses(base_run, tmp_path, capsys):
+    out = tmp_path / "sft"
+    argv = _sft_argv(base_run, out)
     assert main([*argv, *SEQ_TRAIN, "train.max_steps=20", "--val-data", str(base_run / "chat.jsonl")]) == 0
     losses = _losses(out)
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
@@ -356,15 +361,7 @@ def test_train_resume_of_a_fine_tuned_or_weights_only_run_says_what_to_do(base_r
     that holds weights only (upcycle, import, a merged adapter): one sentence naming `minimoe sft`,
     not a KeyError's name or "its state has no optimizer"."""
     out = tmp_path / "sft"
-    argv = [
-        "sft",
-        str(base_run / "base"),
-        "--data",
-        str(base_run / "chat.jsonl"),
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    argv = _sft_argv(base_run, out)
     assert main([*argv, *SEQ_TRAIN, "train.max_steps=2"]) == 0
     capsys.readouterr()
     for run, words in (
