@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -217,12 +218,22 @@ def test_packing_keeps_every_trainable_target(tok):
     assert X.shape == Y.shape and ((X == tok.pad_id) <= (Y == -100)).all()  # padding never has a target
 
 
-def test_truncation_drops_and_counts_conversations_without_a_target(tok):
+def test_truncation_drops_and_counts_conversations_without_a_target(tok, caplog):
     # the answer of the first lies past seq_len: dropped and counted, not kept with no target
-    convs = [_conv("x" * 100, "yes"), _conv("q", "yes")]
-    examples, dropped = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=48)
-    assert dropped == 1 and len(examples) == 1
-    (x, y), = examples  # fmt: skip
+    convs = [_conv("x" * 100, "yes"), _conv("q", "yes"), _conv("q", "a" * 60)]
+    with caplog.at_level(logging.WARNING, logger="minimoe"):
+        examples, dropped = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=48)
+    assert dropped == 1 and len(examples) == 2
+    # the cut is said once: two conversations cut, one of them dropped
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert (
+        msg.startswith("2 of 3 conversations are longer than train.seq_len=48 tokens") and "1 kept no" in msg
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="minimoe"):
+        build_examples(tok, convs[1:2], DEFAULT_CHAT_TEMPLATE, seq_len=48)
+    assert not caplog.records  # nothing cut, nothing said
+    x, y = examples[0]
     assert tok.decode(y[y != -100], skip_special_tokens=False) == "yes<|endoftext|>"
     # a cut inside an answer keeps its beginning: seq_len inputs, targets shifted by one
     (x, y), = build_examples(tok, [_conv("q", "a" * 100)], DEFAULT_CHAT_TEMPLATE, seq_len=48)[0]  # fmt: skip

@@ -10,6 +10,7 @@ run directory that `minimoe generate`, `eval` and `export` read.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from minimoe.finetune.chat import (
     inputs_and_targets,
     read_conversations,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,12 +74,21 @@ def build_examples(
     out: list[tuple[np.ndarray, np.ndarray]] = []
     dropped = 0
     if not packing:
+        cut = 0
         for ids, mask in encoded:
+            cut += len(ids) > seq_len + 1
             x, y = inputs_and_targets(ids[: seq_len + 1], mask[: seq_len + 1])
             if (y != -100).any():
                 out.append((x, y))
             else:
                 dropped += 1
+        if cut:
+            log.warning(
+                "%d of %d conversations are longer than train.seq_len=%d tokens and were cut there (what "
+                "follows does not train; %d kept no response token and were dropped); a longer "
+                "train.seq_len, up to the model's context, keeps more",
+                cut, len(encoded), seq_len, dropped,
+            )  # fmt: skip
         return out, dropped
     order = np.random.default_rng(seed).permutation(len(encoded))
     ids = np.concatenate([encoded[i][0] for i in order])
