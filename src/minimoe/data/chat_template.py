@@ -176,3 +176,13 @@ def end_of_turn(
     found = [t for t in special_tokens if t and tail.startswith(t)]
     token = max(found, key=len) if found else None
     return None if token is None or token == eos_token else token
+
+
+def chat_renderer(tokenizer) -> tuple[Callable[[list[dict[str, str]]], str], tuple[int, ...]]:
+    """For a Tokenizer: (messages -> prompt text with the generation prompt, from its chat template or
+    the plain default; the token ids a reply also ends at: the template's end-of-turn token, if not EOS).
+    What `minimoe serve`'s chat completions and `minimoe eval --chat` ask a model with."""
+    specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    render = make_renderer(tokenizer.chat_template, *specials)
+    eot = end_of_turn(tokenizer.chat_template, tokenizer.special_tokens, *specials)
+    return render, ((tokenizer.special_tokens[eot],) if eot is not None else ())

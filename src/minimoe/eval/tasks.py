@@ -401,13 +401,10 @@ def evaluate_generation(
         refs.append(ref_list)
     turn_ends: tuple[int, ...] = ()
     if chat:
-        from minimoe.data.chat_template import end_of_turn, make_renderer
+        from minimoe.data.chat_template import chat_renderer
 
-        specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
-        render = make_renderer(tokenizer.chat_template, *specials)
+        render, turn_ends = chat_renderer(tokenizer)
         prompts = [render([{"role": "user", "content": p}]) for p in prompts]
-        eot = end_of_turn(tokenizer.chat_template, tokenizer.special_tokens, *specials)
-        turn_ends = (tokenizer.special_tokens[eot],) if eot is not None else ()
     hyps = []
     for i, (rec, prompt) in enumerate(
         tqdm(list(zip(records, prompts)), desc="generation", disable=not progress, leave=False)

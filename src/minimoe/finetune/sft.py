@@ -9,6 +9,7 @@ run directory that `minimoe generate`, `eval` and `export` read.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -284,16 +285,18 @@ def finetune(
     res = trainer.fit()
     step, seen, val_loss = res.step, train_batches.response_tokens, res.val_loss
     loss_v = res.train_loss if res.train_loss is not None else float("nan")
-    stop = (res.stopped, tc.max_steps)
+    # what every outcome reports; each adds its checkpoint and adapter
+    result = functools.partial(
+        SFTResult, out, step, len(train_ex), dropped, seen, loss_v, val_loss,
+        stopped=res.stopped, max_steps=tc.max_steps,
+    )  # fmt: skip
     if not lora:
-        return SFTResult(
-            out, step, len(train_ex), dropped, seen, loss_v, val_loss, res.checkpoint, None, *stop
-        )
+        return result(res.checkpoint)
     from minimoe.finetune.lora import merge_lora, save_adapter
 
     adapter = save_adapter(trained, out / "adapter", base=source, tokenizer=tok)
     if not merge:
-        return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, None, adapter, *stop)
+        return result(None, adapter)
     model = merge_lora(trained)
     cfg.model = model.cfg
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -302,4 +305,4 @@ def finetune(
     ck = ckpt_lib.save_checkpoint(
         out, step, model.cpu(), {"step": step, "sft": True}, info, text, tok, is_best=True
     )
-    return SFTResult(out, step, len(train_ex), dropped, seen, loss_v, val_loss, ck, adapter, *stop)
+    return result(ck, adapter)

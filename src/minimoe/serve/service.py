@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from minimoe.data.chat_template import ChatTemplateError, end_of_turn, make_renderer
+from minimoe.data.chat_template import ChatTemplateError, chat_renderer
 from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams, QueueFull
 from minimoe.serve.http import log, peer, until_disconnected
 from minimoe.serve.limits import Limits
@@ -48,16 +48,9 @@ class Service:
         self.model_name = model_name
         self.context = model.cfg.max_position_embeddings
         self.created = int(time.time())
-        # built now so that a broken template (or missing jinja2) fails at startup
-        self.render = make_renderer(
-            tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token
-        )
-        # a template that closes turns with a token other than EOS: a chat reply ends at it too
-        eot = end_of_turn(
-            tokenizer.chat_template, tokenizer.special_tokens, tokenizer.bos_token, tokenizer.eos_token,
-            tokenizer.pad_token,
-        )  # fmt: skip
-        self.chat_stop_ids = (tokenizer.special_tokens[eot],) if eot is not None else ()
+        # built now so that a broken template (or missing jinja2) fails at startup; a template that closes
+        # turns with a token other than EOS: a chat reply ends at it too
+        self.render, self.chat_stop_ids = chat_renderer(tokenizer)
 
     def model_card(self) -> dict[str, Any]:
         return {
