@@ -338,9 +338,11 @@ def read_config(ckpt: Path) -> RunConfig:
     return dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
 
 
-def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu", model_cfg=None):
     """Load a model, its tokenizer and config from a run or checkpoint directory. A checkpoint written
     by `minimoe quantize` (meta.json has `quantization`) comes back with its int8/int4 weights.
+    `model_cfg` builds the model from another ModelConfig than the checkpoint's own (one whose changes
+    hold no weight, as `train --init` allows); the weights must fit it.
 
     Returns:
         (model in eval mode, tokenizer, RunConfig, checkpoint meta dict)
@@ -353,9 +355,10 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     from minimoe.memory import SKIP_ENV, check_fits
     from minimoe.params import count_params
 
-    rep = count_params(cfg.model)
+    model_cfg = model_cfg or cfg.model
+    rep = count_params(model_cfg)
     check_fits(4 * (rep.total + rep.mtp_total), "cpu", f"loading {ckpt} (fp32 weights)", f"set {SKIP_ENV}=1")
-    model = Transformer(cfg.model)
+    model = Transformer(model_cfg)
     meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     if meta.get("quantization"):  # written by `minimoe quantize`: integer weights and scales
         from minimoe.infer.quantize import quantize_model
@@ -367,13 +370,13 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     if not tok_dir.exists():
         raise MinimoeError(f"checkpoint {ckpt} has no tokenizer/ directory")
     tokenizer = Tokenizer.load(tok_dir)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
         raise MinimoeError(
             f"checkpoint {ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{cfg.model.vocab_size} embeddings (model.vocab_size)"
+            f"{model_cfg.vocab_size} embeddings (model.vocab_size)"
         )
     meta["path"] = str(ckpt)
-    warn_if_old_mtp(cfg.model, meta, ckpt)
+    warn_if_old_mtp(model_cfg, meta, ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta
 
 

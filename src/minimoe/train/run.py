@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from minimoe.config_yaml import build_run_config, load_yaml
+from minimoe.config_yaml import build_run_config, load_yaml, parse_overrides
 from minimoe.data.corpus import checked_path
 from minimoe.dist.init import barrier, init_distributed, main_first, shutdown
 from minimoe.errors import MinimoeError
@@ -42,7 +42,7 @@ def data_cache_dir(cfg_data, val_source: str | None) -> Path:
 
 
 def _explicit(key: str, config_path: str | None, overrides: list[str]) -> bool:
-    if any(o.split("=", 1)[0].strip() == key for o in overrides):
+    if any(k == key for k, _ in parse_overrides(overrides)):
         return True
     if config_path:
         section, name = key.split(".")
@@ -101,31 +101,33 @@ def _init_source(init_from: str, overrides: list[str]):
     import, sft or a merged lora): its config with the overrides on top, its tokenizer, and its weights
     in a model built from that config (model.* overrides may change only what holds no weight).
     Returns (cfg, tokenizer, model, run_info)."""
+    import torch
+
     from minimoe.model.transformer import Transformer
-    from minimoe.train.checkpoint import find_checkpoint, load_run
+    from minimoe.train.checkpoint import find_checkpoint, load_run, read_config
 
     ckpt = find_checkpoint(checked_path(init_from, "--init"), "latest")
     refuse_quantized_resume(ckpt)
-    for o in overrides:
-        if o.split("=", 1)[0] in ("data.tokenizer", "model.vocab_size"):
+    keys = [k for k, _ in parse_overrides(overrides)]
+    for key in keys:
+        if key in ("data.tokenizer", "model.vocab_size"):
             raise MinimoeError(
                 f"--init trains on with the tokenizer of {init_from} (its weights' rows are that tokenizer's "
-                f"ids); drop {o.split('=', 1)[0]}"
+                f"ids); drop {key}"
             )
-    source, tokenizer, _, meta = load_run(ckpt, device="cpu")
     # the checkpoint's own settings (its data path, its training recipe), then the overrides
     cfg = build_run_config(config_path=str(ckpt / "config.yaml"), overrides=overrides)
     cfg.data.tokenizer = str((ckpt / "tokenizer").resolve())
-    model = Transformer(cfg.model)
-    try:
-        model.load_state_dict(source.state_dict(), strict=True)
-    except RuntimeError:
-        changed = [o.split("=", 1)[0] for o in overrides if o.startswith("model.")]
+    with torch.device("meta"):  # the shapes of both models, without their memory
+        wanted, saved = (Transformer(c).state_dict() for c in (cfg.model, read_config(ckpt).model))
+    if {k: v.shape for k, v in wanted.items()} != {k: v.shape for k, v in saved.items()}:
+        changed = [k for k in keys if k.startswith("model.")]
         raise MinimoeError(
             f"the model of {init_from} does not fit the one {', '.join(changed) or 'the config'} asks for (its "
             "weights' shapes differ); --init keeps the run's architecture"
-        ) from None
-    return cfg, tokenizer, model, {"init_from": str(ckpt.resolve()), "init_step": meta.get("step")}
+        )
+    model, tokenizer, _, meta = load_run(ckpt, device="cpu", model_cfg=cfg.model)
+    return cfg, tokenizer, model.train(), {"init_from": str(ckpt.resolve()), "init_step": meta.get("step")}
 
 
 def train_from_config(
