@@ -72,7 +72,9 @@ def test_weight_files_get_the_umask_permissions(run, tmp_path, capsys):
     files = list(run[0].glob("checkpoints/step_*/model.safetensors"))
     assert main(["export", str(run[0]), "--out", str(tmp_path / "hf")]) == 0
     files += list((tmp_path / "hf").glob("*.safetensors"))
-    assert len(files) >= 2
+    assert main(["quantize", str(run[0]), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    files += list((tmp_path / "q").glob("*.safetensors"))
+    assert len(files) >= 3
     for f in files:
         assert f.stat().st_mode & 0o777 == want, (f, oct(f.stat().st_mode))
     capsys.readouterr()

@@ -140,7 +140,17 @@ def test_perplexity_is_exp_of_cross_entropy():
             torch.nn.functional.cross_entropy(model(w[None, :-1]).logits[0], w[1:])
             for w in (ids[i * 16 : i * 16 + 17] for i in range(4))
         ]
-    assert abs(perplexity(model, ids, 16, batch_size=3) - torch.stack(ces).mean().exp().item()) < 1e-3
+    want = torch.stack(ces).mean().exp().item()
+    assert abs(perplexity(model, ids, 16, batch_size=3) - want) < 1e-3
+    assert abs(perplexity(model, ids, 16, max_windows=99) - want) < 1e-3  # more windows than the text has
+    # windows never run past the model's context (64 positions): 199 tokens give 3 windows of 64
+    long = torch.randint(0, 97, (199,))
+    with torch.no_grad():
+        at_context = [
+            torch.nn.functional.cross_entropy(model(w[None, :-1]).logits[0], w[1:])
+            for w in (long[i * 64 : i * 64 + 65] for i in range(3))
+        ]
+    assert abs(perplexity(model, long, 1000) - torch.stack(at_context).mean().exp().item()) < 1e-3
     with pytest.raises(MinimoeError, match="too short"):
         perplexity(model, ids[:1], 16)
 
@@ -250,3 +260,40 @@ def test_int8_scales_are_per_output_row_even_for_square_weights():
         assert abs(float(scale[r, 0]) - s) <= 1e-6 * s
         assert q[r].tolist() == [max(-127, min(127, round(float(v) / float(scale[r, 0])))) for v in w[r]]
         assert float((deq[r] - w[r]).abs().max()) <= s / 2 + 1e-7
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_and_tiny_weights_quantize_to_finite_values(bits):
+    """An all-zero row (int8) or group (int4), and one far below fp16's normal range, have no scale of
+    0 to divide by: they come back as zeros, and the rest of the tensor as before."""
+    w = torch.randn(4, 32)
+    w[1] = 0.0
+    w[2, :16] = 1e-9
+    q, scale = quantize_tensor(w, bits, group_size=16)
+    back = dequantize_tensor(q, scale, bits, 32)
+    assert torch.isfinite(back).all() and bool((scale > 0).all())
+    assert torch.equal(back[1], torch.zeros(32))
+    assert back[2, :16].abs().max() < 1e-6
+    assert (back[0] - w[0]).abs().max() <= w[0].abs().max() / (254 if bits == 8 else 14) * 1.01
+
+
+def test_int8_kernel_probe_refuses_a_kernel_that_disagrees(monkeypatch):
+    int8_kernel_works.__wrapped__.cache_clear()  # under torch.compiler.disable
+    try:
+        monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, q, s: torch.zeros(x.shape[0], q.shape[0]))
+        assert not int8_kernel_works("cpu", torch.float32)
+    finally:
+        monkeypatch.undo()
+        int8_kernel_works.__wrapped__.cache_clear()  # under torch.compiler.disable
+
+
+def test_heldout_ids_end_each_document_with_eos(tmp_path):
+    from minimoe.data import Tokenizer
+    from minimoe.infer.quantize import heldout_ids
+
+    tok = Tokenizer.byte()
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "cde"}) + "\n", encoding="utf-8")
+    want = tok.encode("ab") + [tok.eos_id] + tok.encode("cde") + [tok.eos_id]
+    assert heldout_ids(tok, src, 100).tolist() == want
+    assert heldout_ids(tok, src, 4).tolist() == want[:4]
