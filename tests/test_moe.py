@@ -628,6 +628,29 @@ def test_trained_experts_operator_equals_autograd_through_the_loop(act, scaled, 
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_expert_operators_fake_shapes_match_their_outputs(act):
+    """What torch.compile traces with: each custom operator's fake implementation gives the shapes and
+    dtypes its real one returns (torch.library.opcheck), with a gate (SwiGLU) and without (GELU)."""
+    from minimoe.model.compiled_experts import selected_experts, trained_experts, trained_experts_backward
+
+    g = torch.Generator().manual_seed(5)
+    counts, E, D, I = torch.tensor([2, 0, 3]), 3, 6, 4
+    x = torch.randn(5, D, generator=g)
+    gate = torch.randn(E, I, D, generator=g) if act == "swiglu" else None
+    up, down, scale = (
+        torch.randn(E, I, D, generator=g),
+        torch.randn(E, D, I, generator=g),
+        torch.rand(5, generator=g),
+    )
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(selected_experts, (x, counts, gate, up, down, scale), test_utils=checks)
+    torch.library.opcheck(trained_experts, (x, counts, gate, up, down, scale), test_utils=checks)
+    pre = trained_experts(x, counts, gate, up, down, scale)[1]
+    args = (torch.randn(5, D, generator=g), x, pre, counts, gate, up, down, scale, True)
+    torch.library.opcheck(trained_experts_backward, args, test_utils=checks)
+
+
 def test_trained_experts_operator_with_frozen_weights_gives_the_row_gradients():
     """Frozen experts (requires_grad off): the operator still gives the rows' and the gate scale's
     gradients of autograd through the loop, and no weight gradient."""
