@@ -313,6 +313,9 @@ def test_folder_source_glob_skips_binary_and_non_utf8(tmp_path):
     (root / "pkg" / "blob.py").write_bytes(b"\x00\x01binary")
     (root / "pkg" / "latin.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
     (root / ".git" / "x.py").write_text("hidden = 1\n")
+    (root / "pkg" / ".secret.py").write_text(
+        "hidden = 2\n"
+    )  # hidden files are left out as hidden folders are
     c = open_source(root)
     assert [f.relative_to(root).as_posix() for f in c.files] == [
         "b.py",
@@ -329,6 +332,8 @@ def test_folder_source_glob_skips_binary_and_non_utf8(tmp_path):
         ("*.py", ["b.py"]),
         ("pkg/*", ["a.py", "blob.py", "latin.py"]),
         ("**/[ab].py", ["b.py", "a.py"]),
+        ("*.p", []),  # a pattern matches a whole name, not its start
+        ("pkg?a.py", []),  # `?` stays within one name
     ]:
         assert [f.name for f in open_source(root, glob=glob).files] == want
     for glob in ("[z-a]*.py", "[!]"):  # no valid character class: one sentence, not a regex error
@@ -428,6 +433,12 @@ def test_token_array_sources(tmp_path):
     np.save(tmp_path / "2d.npy", np.zeros((2, 2), dtype=np.int64))
     with pytest.raises(MinimoeError, match="1-D integers"):
         open_source(tmp_path / "2d.npy").tokens()
+    np.save(tmp_path / "f.npy", np.zeros(4, dtype=np.float32))
+    with pytest.raises(MinimoeError, match="1-D integers"):
+        open_source(tmp_path / "f.npy").tokens()
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 5)
+    with pytest.raises(MinimoeError, match="odd size"):
+        open_source(tmp_path / "odd.bin").tokens()
 
 
 def test_builtin_corpus_finds_stdlib_code():
@@ -436,6 +447,7 @@ def test_builtin_corpus_finds_stdlib_code():
     names = {f.name for f in c.files}
     assert {"os.py", "argparse.py"} <= names
     assert not any(part in ("test", "site-packages", "idlelib") for f in c.files for part in f.parts[-3:-1])
+    assert not any(f.name.startswith("_sysconfigdata") for f in c.files)  # machine-specific tables
     first = next(c.documents())
     assert isinstance(first, str) and first
 
@@ -519,11 +531,18 @@ def test_interrupted_runs_are_not_trusted(tmp_path):
     write_stories(src, 20, seed=9)
     prepare(src, "byte", out, workers=0, progress=False)
     assert not dead.exists() and live.exists()
-    # a folder with someone else's files is never replaced
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("x")
-    with pytest.raises(MinimoeError, match="did not write"):
-        prepare(src, "byte", tmp_path / "mine", workers=0, progress=False)
+    # a folder with someone else's files is never replaced, not even files named like ours
+    for name in ("thesis.tex", "weights.bin", "train_1.bin"):
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_text("x")
+        with pytest.raises(MinimoeError, match="did not write"):
+            prepare(src, "byte", mine, workers=0, progress=False)
+    # meta.json of another format version is not trusted
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "version": meta["version"] + 1}))
+    with pytest.raises(MinimoeError, match="format version"):
+        PreparedData.load(out)
 
 
 def test_prepare_stream_split_explicit_val_and_shards(tmp_path):
@@ -889,3 +908,36 @@ def test_shard_dtype_at_the_uint16_boundary(tmp_path, vocab_size, dtype):
     ids = read_split(data, "train")
     assert np.count_nonzero(ids == vocab_size - 1) == 3 and ids[-1] == vocab_size - 1
     assert data.meta["max_token_id"] == vocab_size - 1
+
+
+def test_long_documents_are_cut_at_their_last_newline_before_the_limit():
+    """A document over max_chars comes out in segments as long as the limit allows, each cut before
+    a newline (not at the first one: many tiny segments would tokenize slowly and cut more tokens)."""
+    text = "".join(f"line {i}\n" for i in range(40))  # 7-8 characters per line
+    segs = list(split_documents([text], max_chars=50))
+    assert "".join(t for t, _ in segs) == text and [e for _, e in segs][-1]
+    for (t, end), (after, _) in zip(segs, segs[1:]):
+        assert not end and 42 <= len(t) <= 50 and after.startswith("\n")
+
+
+def test_byte_order_marks_and_blank_records(tmp_path, monkeypatch):
+    """A UTF-8 byte-order mark at the start of a file is dropped (text files and folders); the same
+    character later in the text is kept, even where a read chunk starts. Whitespace-only JSONL
+    records are no documents. Suffixes are read case-insensitively."""
+    import minimoe.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "READ_CHARS", 4)
+    (tmp_path / "d").mkdir()
+    for f in (tmp_path / "bom.txt", tmp_path / "d" / "bom.txt"):
+        f.write_text("\ufeffabc\ufeffdef", encoding="utf-8")  # the second mark starts the second chunk
+        assert list(open_source(f.parent if f.parent.name == "d" else f).documents()) == ["abc\ufeffdef"]
+    rows = [{"text": "one"}, {"text": "  \n "}, {"text": "two"}]
+    for name in ("r.jsonl", "R.JSONL"):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+        assert list(open_source(tmp_path / name).documents()) == ["one", "two"]
+
+
+def test_the_content_hash_covers_the_text_field(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"a": "x", "b": "y"}) + "\n", encoding="utf-8")
+    assert open_source(f, text_field="a").content_hash() != open_source(f, text_field="b").content_hash()
