@@ -150,6 +150,40 @@ def test_pretrained_tokenizer_json_built_here(tmp_path):
     assert Tokenizer.load(tmp_path / "saved").hash() == tok.hash()
 
 
+def test_pretrained_post_processor_adds_nothing_to_encoded_text(tmp_path):
+    """A tokenizer.json whose post-processor adds a BOS (as Llama's do): minimoe's encodings are the
+    text's own tokens (documents get their separators from data preparation, prompts from the chat
+    template), in every encode path."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers.processors import TemplateProcessing
+
+    file = tiny_hf_tokenizer(tmp_path / "tiny")
+    hf = HF.from_file(str(file))
+    eos = hf.token_to_id("</s>")
+    hf.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", eos)])
+    hf.save(str(file))
+    tok = Tokenizer.load(file)
+    want = [hf.token_to_id(w) for w in ("the", "cat")]
+    assert hf.encode("the cat").ids == [eos, *want]  # the post-processor is there
+    assert tok.encode("the cat") == want and tok.encode_batch(["the cat"]) == [want]
+    assert tok.encode_offsets("the cat")[0].tolist() == want
+
+
+def test_tokenizer_hash_payload_and_byte_edges():
+    """The cache key sees the merges (two BPE tokenizers of one size differ) but not the chat
+    template; a worker's copy from `payload` keeps every setting; byte decoding replaces invalid UTF-8
+    with U+FFFD and `id_to_token` knows no negative id."""
+    a = train_bpe(["the cat sat on the mat"] * 20, vocab_size=270)
+    b = train_bpe(["a dog ran to a red ball"] * 20, vocab_size=270)
+    assert a.vocab_size == b.vocab_size and a.hash() != b.hash()
+    templated = Tokenizer("bpe", a._hf, eos_token=EOT, pad_token="<|pad|>", chat_template="{{ messages }}")
+    assert templated.hash() == a.hash()
+    back = Tokenizer.from_payload(templated.payload())
+    assert back.metadata() == templated.metadata() and back.hash() == templated.hash()
+    byte = Tokenizer.byte()
+    assert byte.decode([104, 0xFF, 105]) == "h\ufffdi" and byte.id_to_token(-1) is None
+
+
 def test_pretrained_chat_template_as_transformers_finds_it(tmp_path):
     # a list of named templates in tokenizer_config.json: the one named "default"
     file = tiny_hf_tokenizer(tmp_path / "tiny")
@@ -238,6 +272,7 @@ def test_resolve_tokenizer_specs_and_errors(tmp_path):
     for spec, msg in [
         ("bpe:many", "integer VOCAB"),
         ("bpe:100", "at least 258"),
+        ("bpe:257", "at least 258"),  # the 256 bytes and both special tokens
         ("sentencepiece", "is not 'byte', 'bpe:VOCAB'"),
         (str(tmp_path / "missing.json"), "is not 'byte'"),
     ]:
@@ -245,6 +280,10 @@ def test_resolve_tokenizer_specs_and_errors(tmp_path):
             resolve_tokenizer(spec, lambda: iter(["some text"]))
     with pytest.raises(MinimoeError, match="no training text"):
         resolve_tokenizer("bpe:300")
+    with pytest.raises(MinimoeError, match="contains no text"):
+        resolve_tokenizer("bpe:300", lambda: iter(["", ""]))  # documents, but not a character
+    assert resolve_tokenizer(" byte\n").kind == "byte"  # a spec read from a file keeps its newline
+    assert resolve_tokenizer("bpe:2_80", lambda: iter(["the cat sat"] * 50)).hash() == tok.hash()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
     with pytest.raises(MinimoeError, match="not a valid Hugging Face tokenizer.json"):

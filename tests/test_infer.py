@@ -34,7 +34,7 @@ from minimoe.infer.sampling import (
     pick_tokens,
     process_logits,
 )
-from minimoe.infer.text import TextStream
+from minimoe.infer.text import TextStream, partial_stop_len
 from minimoe.model.transformer import Transformer
 from reference import greedy_no_cache, mtp_reference, sequence_logprob
 
@@ -533,6 +533,67 @@ def test_slot_pool_speculative_steps_equal_uncached_forward(attn_type):
     assert pool.lengths == [len(s) for s in seqs]
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_slot_pool_decodes_a_rows_last_position(attn_type):
+    """A row of max_len - 1 tokens decodes its last token at position max_len - 1: the step attends
+    over every position of the pool, the new one included, and equals the uncached forward."""
+    from minimoe.infer.slots import SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=2, max_len=16)
+    seq = torch.randint(0, model.cfg.vocab_size, (15,), generator=torch.Generator().manual_seed(6)).tolist()
+    prefill_together(pool, [seq], budget=16)
+    logits = pool.decode(torch.tensor([4]))
+    torch.testing.assert_close(logits[0], model(torch.tensor([seq + [4]])).logits[0, -1])
+    assert pool.lengths == [16]
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_prefill_rows_around_a_finished_one_and_a_later_rows_first_draft(attn_type):
+    """Three prompts in an MTP pool's three prefill rows, the middle one finishing first: the next
+    steps run rows 0 and 2 (a gap, so they are gathered, not a prefix of the rows), and `first_draft`
+    of a row that finished alone (row 1) or of rows with a gap reads and writes those rows' MTP cache.
+    Every prompt's logits and first draft equal the uncached forward and MTP module."""
+    from minimoe.infer.slots import Prefill, SlotPool
+
+    model = tiny_model(attn_type)
+    pool = SlotPool(model, slots=3, max_len=32, mtp=True, prefill_rows=3)
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[3]]  # 9, 1 and 6 tokens
+    pre = Prefill(pool)
+    rows = [pre.add(p) for p in prompts]
+    done = []
+    while len(done) < 3:
+        out = pre.step(6)  # T = 2, then rows 0 and 2 alone
+        finished = sorted(out)
+        done.extend(finished)
+        if not finished:
+            continue
+        tokens = [int(out[r].argmax()) for r in finished]
+        drafts = pre.first_draft(finished, tokens)
+        for r, t, d in zip(finished, tokens, drafts):
+            ids = torch.tensor([prompts[r] + [t]])
+            with torch.no_grad():
+                main = model(ids)
+                ref = mtp_reference(model, ids, main.hidden)[0][0]  # (len + 1 - 1, V)
+            torch.testing.assert_close(out[r][0], main.logits[0, -2])
+            torch.testing.assert_close(d, ref[-1])
+    assert rows == [0, 1, 2] and done == [1, 2, 0]  # row 2 finishes in a step of rows 0 and 2
+
+
+def test_slot_pool_checks_the_memory_of_every_cache_it_allocates(monkeypatch):
+    """The start-up memory check asks for what the pool allocates: the decode rows, the prefill rows
+    and, with `mtp`, both MTP caches."""
+    from minimoe import memory
+    from minimoe.infer.slots import SlotPool
+
+    asked = []
+    monkeypatch.setattr(memory, "check_fits", lambda need, *a, **kw: asked.append(need))
+    model = tiny_model()
+    for mtp in (False, True):
+        pool = SlotPool(model, slots=3, max_len=16, mtp=mtp, prefill_rows=2)
+        assert asked.pop() == pool.nbytes()
+
+
 def _static_run(model, decoder_for, steps: int = 6):
     """Decode three prompts in a 4-slot pool (row 0 leaving at steps 2 and 5: 3, 2, then 1 rows); the
     logits of every step."""
@@ -657,6 +718,16 @@ def test_static_decode_past_the_pool_is_one_clear_error():
     static.decode(torch.tensor([1]))  # the 16th and last position
     with pytest.raises(MinimoeError, match="position 17, past the pool's 16"):
         static.decode(torch.tensor([1]))
+
+
+def test_static_decode_row_buckets_are_one_eight_and_every_slot():
+    """One request alone runs one row and a few run eight, not every slot of a large pool."""
+    from minimoe.infer.slots import SlotPool
+    from minimoe.infer.static import StaticDecode
+
+    model = tiny_model()
+    for slots, want in ((1, [1]), (4, [1, 4]), (12, [1, 8, 12])):
+        assert StaticDecode(SlotPool(model, slots, max_len=16), compile=False).row_buckets == want
 
 
 def test_warmed_static_decodes_of_different_models_each_run_their_own_graphs():
@@ -790,7 +861,7 @@ def test_static_verify_and_draft_equal_the_pooled_ones(attn_type, seed):
 def test_static_two_token_steps_take_the_bucket_that_holds_both(attn_type):
     """A row one position short of the first position bucket (16): its one-token step fits there, its
     verify and draft steps over two tokens do not and take the next bucket, so the second token
-    attends to itself; fixed-shape `speculate` and `draft` equal the pooled ones."""
+    attends to itself; fixed-shape `speculate`, `draft` and `forward` equal the pooled ones."""
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode
 
@@ -810,6 +881,9 @@ def test_static_two_token_steps_take_the_bucket_that_holds_both(attn_type):
     next_ids, take = torch.tensor([[3, 5]]), torch.tensor([1])
     want_draft = pool.draft(want.hidden, next_ids, take)
     torch.testing.assert_close(static.draft(want.hidden, next_ids, take), want_draft)
+    # the two-token forward of a row that samples (then `draft`, deciding on the host) too
+    for got, want in zip(static.forward(tokens), pool.forward(tokens)):
+        torch.testing.assert_close(got, want)
 
 
 def test_greedy_speculation_drafts_from_what_greedy_commits():
@@ -1116,6 +1190,20 @@ def test_speculative_accepts_when_the_draft_is_right():
     assert stats.forward_calls == 6 and stats.drafted == 5
 
 
+def test_speculative_runs_to_the_last_position_and_counts_both_caches():
+    """Near the end of the context, greedy speculative decoding gives plain greedy decoding's tokens
+    up to the last position (60 + 4 = 64), and its stats count the main and MTP caches' bytes, up to
+    the last committed position (every token but the last one is in the cache)."""
+    model = tiny_model()  # max_position_embeddings 64
+    prompt = list(range(1, 61))
+    stats = GenerationStats()
+    out = list(generate_tokens(model, prompt, 50, temperature=0.0, speculative=True, stats=stats))
+    assert out == greedy_no_cache(model, prompt, 4)
+    per_token = model.cache_bytes_per_token(torch.float64) * 4 // 3  # 3 layers and the MTP block
+    assert stats.cache_bytes_allocated == per_token * 64
+    assert stats.cache_bytes_used == per_token * 63
+
+
 def test_speculative_sampling_keeps_the_distribution():
     """Draft d ~ q, accept with min(1, p/q), else resample from max(p - q, 0): the result is ~ p."""
     from minimoe.infer.speculative import verify_draft
@@ -1403,6 +1491,38 @@ def test_text_stream_cuts_at_the_earliest_of_several_stop_strings_in_one_token()
     ts = TextStream(decode, stop=["", "Z"])
     sent = [ts.push(t) for t in (0, 1, 2)] + [ts.flush()]
     assert not ts.stopped and "".join(sent) == ts.text == "abcBdAef"
+
+
+def test_text_stream_holds_back_a_stop_prefix_while_a_character_is_incomplete():
+    """A tail that could start a stop string stays held back while the next character is still being
+    generated (the text ends in U+FFFD): "X" waits until "é" shows whether "Xé" was a stop."""
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    ts = TextStream(decode, stop=["Xé"])
+    sent = [ts.push(b) for b in "abXé!".encode()]
+    assert "".join(sent) == "ab" and ts.stopped and ts.text == "ab"
+
+
+def test_partial_stop_len_keeps_the_longest_prefix_over_all_stop_strings():
+    """A later, shorter stop-string prefix does not shorten what an earlier stop string held back."""
+    assert partial_stop_len("abXY", ["XYZ", "YQ"]) == 2
+    ts = TextStream(lambda ids: "".join(map(chr, ids)), stop=["XYZ", "YQ"])
+    sent = [ts.push(ord(c)) for c in "abXYZ"]
+    assert "".join(sent) == "ab" and ts.text == "ab" and ts.stopped
+
+
+def test_text_stream_holds_back_every_u_fffd_of_an_incomplete_character():
+    """A decoder may spell each pending byte of an incomplete character as its own U+FFFD: all of
+    them are held back, not just the last."""
+    data = "日本".encode()
+
+    def decode(ids: list[int]) -> str:
+        raw = data[: len(ids)]
+        text = raw.decode("utf-8", errors="ignore")
+        return text + "\ufffd" * (len(raw) - len(text.encode()))
+
+    ts = TextStream(decode)
+    sent = [ts.push(i) for i in range(len(data))] + [ts.flush()]
+    assert "\ufffd" not in "".join(sent) and "".join(sent) == "日本"
 
 
 def test_stop_strings_in_generation():

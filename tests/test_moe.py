@@ -258,6 +258,20 @@ def test_bf16_expert_rows_are_summed_in_fp32(seed):
     assert err < 1e-6, err.item()
 
 
+def test_expert_rows_pad_each_expert_to_the_next_multiple_only():
+    """Padded rows, by hand: each expert's pairs in token order, then pad rows (token 0, gate weight
+    0) up to the next multiple of 2; an expert already at a multiple, or with no pairs, gets none."""
+    from minimoe.model.dispatch import expert_rows, row_weights
+
+    idx = torch.tensor([[1, 2], [1, 3], [1, 2], [3, 2]])  # experts 1 and 2: 3 pairs, 3: 2, 0 and 4: none
+    rows = expert_rows(idx, torch.bincount(idx.reshape(-1), minlength=5), multiple=2)
+    assert rows.counts_E.tolist() == [0, 4, 4, 2, 0]
+    assert rows.token_P.tolist() == [0, 1, 2, 0, 0, 2, 3, 0, 1, 3]
+    assert rows.slot_TK.tolist() == [[0, 4], [1, 8], [2, 5], [9, 6]]
+    weights = row_weights(torch.arange(1.0, 9.0).view(4, 2), rows)
+    assert weights.tolist() == [1, 3, 5, 0, 2, 6, 8, 0, 4, 7]
+
+
 # ------------------------------------------------------------------------------- group-limited top-k
 
 

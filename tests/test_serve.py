@@ -449,6 +449,14 @@ ERRORS = [
     ("/v1/completions", {"model": NAME, "prompt": "x" * 100, "n": 40, "max_tokens": 20}, 400, "max_tokens", "too_many_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**63}, 400, "seed", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 2, "best_of": 1}, 400, "best_of", "unsupported_parameter"),
+    # an empty stop string inside a list, a negative top_k, a number as include_usage, stream_options
+    # with "stream": null, token ids below the vocabulary, and a lone surrogate in a key
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ["a", ""]}, 400, "stop", None),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "top_k": -1}, 400, "top_k", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage", "invalid_value"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stream": None, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ("/v1/completions", {"model": NAME, "prompt": [5, -1]}, 400, "prompt", None),
+    ("/v1/completions", '{"model": "tiny-serve", "prompt": "x", "\\ud800": 1}', 400, None, "invalid_value"),
 ]  # fmt: skip
 
 
@@ -540,6 +548,87 @@ def test_a_body_of_exactly_the_limit_is_read_whole_and_the_key_must_match_exactl
     for key in (KEY + "x", KEY[:-1]):
         r = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 401, key
+
+
+def test_token_ids_up_to_the_last_of_the_vocabulary_are_accepted_and_an_empty_list_is_eos(server, loaded):
+    """Token-id prompts: the last id of the vocabulary is fine, one past it is a 400 naming the prompt;
+    an empty list of ids starts from the end-of-text token, as the empty string does."""
+    _, tok = loaded
+    body = {"model": NAME, "max_tokens": 4, "temperature": 0}
+    assert _post(server, "/v1/completions", {**body, "prompt": [tok.vocab_size - 1]}).status_code == 200
+    r = _post(server, "/v1/completions", {**body, "prompt": [tok.vocab_size]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    empty = _post(server, "/v1/completions", {**body, "prompt": [[]]})
+    assert empty.status_code == 200, empty.text
+    want = _post(server, "/v1/completions", {**body, "prompt": ""}).json()
+    assert empty.json()["choices"][0]["text"] == want["choices"][0]["text"]
+    assert empty.json()["usage"] == want["usage"]  # the end-of-text token counts as the prompt
+
+
+def test_every_unsupported_parameter_is_refused_and_its_default_accepted(server):
+    """Each parameter minimoe cannot honour is a 400 naming it when set, on the route that has it; the
+    values that ask for nothing different (best_of equal to n, a "text" response_format) are accepted."""
+    refused = {
+        "logprobs": 1,
+        "top_logprobs": 2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "logit_bias": {"5": 1},
+        "suffix": "end",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "functions": [{"name": "f"}],
+        "tool_choice": "required",
+        "function_call": {"name": "f"},
+        "response_format": {"type": "json_object"},
+    }
+    for param, value in refused.items():
+        r = _post(server, "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1, param: value})
+        assert r.status_code == 400, (param, r.text)
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "unsupported_parameter")
+    msgs = [{"role": "user", "content": "a"}]
+    for extra in ({"best_of": 1}, {"best_of": 2, "n": 2}, {"response_format": {"type": "text"}}):
+        r = _post(server, "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1, **extra})
+        assert r.status_code == 200, (extra, r.text)
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": NAME, "messages": msgs, "max_tokens": 1, "response_format": {"type": "text"}},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_a_405_names_the_allowed_method(server):
+    """`Authorization: bearer KEY` is the same credential (auth schemes are case-insensitive); a 405
+    carries the Allow header."""
+    r = httpx.get(f"{server}/v1/models", headers={"Authorization": f"bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.get(f"{server}/v1/completions", headers=AUTH, timeout=60)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_stream_framing_each_choice_opens_with_the_role_and_closes_with_an_empty_delta(server):
+    """A streamed chat with n=2: each choice's first chunk is the role with empty content, its last an
+    empty delta with the finish reason, and the usage counts both choices; the response is uncached
+    text/event-stream. A streamed completion without echo sends no empty chunk before its text."""
+    body = {"model": NAME, "messages": [{"role": "user", "content": "a"}], "max_tokens": 4, "n": 2}
+    body |= {"temperature": 0, "stream_options": {"include_usage": True}}
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, headers=AUTH, timeout=60
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    *chunks, last = [json.loads(d) for d in data[:-1]]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 2 * 4
+    chunks = [c["choices"][0] for c in chunks]
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[0]["finish_reason"] is None
+        assert mine[-1]["delta"] == {} and mine[-1]["finish_reason"] == "length"
+    data = _stream_chunks(server, "/v1/completions", {"model": NAME, "prompt": "the", "max_tokens": 4})
+    texts = [json.loads(d)["choices"][0] for d in data[:-1]]
+    assert texts[0]["text"] and all(c["text"] or c["finish_reason"] for c in texts)
 
 
 def _stream_chunks(server: str, path: str, body: dict) -> list[str]:
@@ -851,6 +940,82 @@ def test_a_request_that_could_never_be_admitted_is_a_400_not_a_429(tight):
     err = r.json()["error"]
     assert (err["param"], err["code"]) == ("n", "too_many_choices") and "limit of 2" in err["message"]
     assert _post(tight.url, "/v1/completions", {**body, "n": 2}).status_code == 200
+
+
+def test_half_a_body_gets_its_408_within_the_body_timeout(tight):
+    """The body timeout (1 s here) bounds the time from the head to the 408, not just the wait."""
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection((tight.host, tight.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b'{"model"')
+        t0 = time.perf_counter()
+        answer = _read_until(sock, b"request_timeout")
+        waited = time.perf_counter() - t0
+    assert answer.startswith(b"HTTP/1.1 408") and waited < 6, waited
+
+
+class _Engine:
+    """Just enough of an Engine for `Batch`: `submit` raises `error`, if any."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def submit(self, jobs) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_refused_batch_is_a_429_rate_limit_or_a_503_server_error_both_with_retry_after():
+    import asyncio
+
+    from minimoe.serve.engine import QueueFull
+    from minimoe.serve.http import error_response
+    from minimoe.serve.service import Batch
+
+    async def refuse(status: int):
+        job = Job(0, [1], JobParams(max_tokens=1), lambda e: None)
+        with pytest.raises(Exception) as e:
+            Batch(_Engine(QueueFull("no room", retry_after=3, status=status)), [job])
+        return error_response(e.value)
+
+    full, closing = asyncio.run(refuse(429)), asyncio.run(refuse(503))
+    assert full.status_code == 429 and full.headers["retry-after"] == "3"
+    assert json.loads(full.body)["error"] == {
+        "message": "no room",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+    assert closing.status_code == 503 and closing.headers["retry-after"] == "3"
+    assert json.loads(closing.body)["error"]["type"] == "server_error"
+
+
+def test_a_failure_mid_stream_is_an_error_event_with_no_done_and_no_went_away_line(monkeypatch):
+    """An engine failure ends a stream with the error object and no `data: [DONE]`, and is not logged
+    as a client that went away."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from minimoe.serve import sse as sse_module
+    from minimoe.serve.service import Batch
+    from minimoe.serve.sse import Meta, completion_chunks
+
+    lines: list[str] = []
+    monkeypatch.setattr(sse_module, "log", SimpleNamespace(info=lambda msg, *a: lines.append(msg % a)))
+
+    async def run() -> list[str]:
+        job = Job(0, [1], JobParams(max_tokens=4), lambda e: None)
+        batch = Batch(_Engine(), [job])
+        job.post(Delta(0, "hi"))
+        job.post(Failure(0, "the server is shutting down", 503))
+        request = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1", port=9))
+        chunks = completion_chunks(Meta("cmpl-1", "text_completion", NAME), [""], 1, False)
+        response = sse_module.sse(batch, chunks, request)
+        return [part async for part in response.body_iterator]
+
+    parts = asyncio.run(run())
+    assert len(parts) == 2 and json.loads(parts[1][6:])["error"]["message"] == "the server is shutting down"
+    assert not any("[DONE]" in p for p in parts) and all(p.endswith("\n\n") for p in parts)
+    assert lines == []
 
 
 def test_sigterm_cancels_everything_and_exits_within_5_seconds(run_dir, tmp_path):
