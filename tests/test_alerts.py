@@ -59,6 +59,32 @@ def test_starvation_threshold_is_a_fraction_of_the_fair_share():
     assert _low(m.report(NO_REDUCE)) == [(3, 0, 1)]
 
 
+def test_starvation_edges_a_share_at_the_threshold_a_second_episode_and_window_zero():
+    """A share exactly at the threshold is not starved; an expert that recovers and starves again is
+    warned about again; alert_window=0 turns the alert off (as alert_low_load=0 does)."""
+    m = RoutingMonitor(low_load=0.5, window=1, z_spike=0, capacity=False)
+    at = {1: torch.tensor([1.0, 3.0, 2.0, 2.0])}  # expert 0 at 1/8 = 0.5 x the fair share 1/4
+    m.observe(at, torch.tensor(0.0))
+    assert _low(m.report(NO_REDUCE)) == []
+    low, fair = {1: torch.tensor([0.0, 4.0, 2.0, 2.0])}, {1: torch.tensor([2.0, 2.0, 2.0, 2.0])}
+    warned = []
+    for loads in (low, low, fair, low):
+        m.observe(loads, torch.tensor(0.0))
+        warned.append(len(m.report(NO_REDUCE)[1]))
+    assert warned == [1, 0, 0, 1]
+    off = RoutingMonitor(low_load=0.5, window=0, z_spike=0, capacity=False)
+    off.observe(low, torch.tensor(0.0))
+    assert off.report(NO_REDUCE)[0]["alerts"] == []
+
+
+def test_no_z_spike_against_a_zero_baseline():
+    m = RoutingMonitor(low_load=0, window=0, z_spike=2.0, capacity=False)
+    m.observe({}, torch.tensor(0.0))
+    m.report(NO_REDUCE)
+    m.observe({}, torch.tensor(1e-9))
+    assert m.report(NO_REDUCE)[0]["alerts"] == []
+
+
 def test_z_loss_spike_against_the_running_mean_of_earlier_windows():
     m = RoutingMonitor(low_load=0, window=0, z_spike=2.0, capacity=False)
     for z in (0.010, 0.012):  # first window: the baseline, no alert possible
@@ -113,6 +139,23 @@ def test_dropped_pairs_are_summed_over_micro_batches_layers_and_ranks():
     assert fields["dropped"] == {"1": 16, "2": 14}
     assert fields["dropped_frac"] == pytest.approx(30 / 80)
     assert "dropped" not in RoutingMonitor(0, 0, 0, capacity=False).report(NO_REDUCE)[0]
+
+
+def test_a_restored_window_counts_the_dropped_pairs_on_one_rank_only():
+    """The saved dropped counts are already summed over ranks: restored on every rank, only one keeps
+    them, so the next report's sum over ranks counts them once."""
+    zero = torch.zeros(())
+    m = RoutingMonitor(low_load=0, window=0, z_spike=0, capacity=True)
+    m.count_dropped({1: MoEStats(zero, zero, torch.ones(4), torch.tensor(6))})
+    state = m.state_dict(lambda t: t * 2)  # two ranks: 12 dropped in all
+    ranks = []
+    for holds in (True, False):
+        r = RoutingMonitor(low_load=0, window=0, z_spike=0, capacity=True)
+        r.load_state_dict(state, torch.device("cpu"), holds_dropped=holds)
+        r.observe({1: torch.full((4,), 10.0)}, zero)
+        ranks.append(r)
+    per_rank = [r.report(NO_REDUCE)[0]["dropped"]["1"] for r in ranks]  # what report's all-reduce adds
+    assert per_rank == [12, 0]
 
 
 def test_dropped_pairs_count_the_tokens_the_loads_count():
