@@ -20,6 +20,8 @@ from minimoe.eval import metrics
         ("#### 18.0", "18"),
         ("no digits at all", None),
         ("#### none", None),
+        ("first try #### 4\nchecked again #### 5", "5"),  # the last mark's answer
+        ("#### -0.0", "0"),  # minus zero is zero
     ],
 )
 def test_final_answer(text, answer):
@@ -28,6 +30,7 @@ def test_final_answer(text, answer):
 
 def test_answer_match_and_when_it_is_reported():
     assert metrics.answer_match("so she earns 18 dollars", "... #### 18") == 1.0
+    assert metrics.answer_match("I do not know", "#### none") == 0.0  # no number on either side: no match
     assert metrics.answer_match("so she earns 18 dollars, not 20", "#### 18") == 0.0  # the last number counts
     assert metrics.answer_match("no idea", ["#### 3", "#### 4"]) == 0.0
     assert metrics.answer_match("it is 4", ["#### 3", "#### 4"]) == 1.0
@@ -49,3 +52,11 @@ def test_cli_generation_reports_answer_accuracy(tmp_path, capsys):
     argv = ["--task", "generation", "--data", data, "--max-new-tokens", 2]
     res = cli_json(capsys, run, *argv, "--field", "prompt=question", "--field", "reference=answer")
     assert res["answer_accuracy"] == 0.5 and res["exact_match"] == 0.0
+
+
+def test_overlap_metrics_count_repeats_stem_words_and_take_the_best_reference():
+    """SQuAD F1 over word bags (a repeated word counts twice), ROUGE with Porter stemming and the best of
+    several references per example."""
+    assert metrics.token_f1("cat cat", "cat cat dog") == pytest.approx(0.8)  # P 2/2, R 2/3
+    assert metrics.rouge(["cats running"], [["cat run"]])["rouge1"] == pytest.approx(1.0)
+    assert metrics.rouge(["the cat sat"], [["a dog ran", "the cat sat"]])["rougeL"] == pytest.approx(1.0)
