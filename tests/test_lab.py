@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -613,7 +614,9 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_clean(tmp_path, monk
 def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
     """At the observed mean and spread, n seeds resolve and n - 1 do not (the interval's half-width
     t(n-1) sd / sqrt(n) against |mean|); a contrast that already resolves needs no more seeds than it has."""
-    for diffs in ([0.03, -0.02, 0.05, 0.0, 0.04], [-0.01, 0.02, -0.03, -0.02, 0.0, -0.01], [0.2, 0.21, 0.19]):
+    # [0, 1, 2]: mean = sd = 1, where t(n) in place of t(n - 1) would say 6 seeds, not 7
+    for diffs in ([0.03, -0.02, 0.05, 0.0, 0.04], [-0.01, 0.02, -0.03, -0.02, 0.0, -0.01], [0.2, 0.21, 0.19],
+                  [0.0, 1.0, 2.0]):  # fmt: skip
         st = lab_report.paired_stats(diffs)
         n = lab_report.seeds_to_resolve(st)
         sd = st["se"] * math.sqrt(st["n"])
@@ -1227,6 +1230,47 @@ def test_summary_maxvio_batch_rounds_the_last_tenth_up_and_takes_the_mean(tmp_pa
     (tmp_path / "checkpoints" / "latest").write_text("step_25")
     s = lab_report.summarize_run(tmp_path, PlannedRun("v", 1, [], cfg, 1.0))
     assert s.max_vio_batch == pytest.approx((1.0 + 2.0 + 6.0) / 3)
+
+
+def test_summary_speed_leaves_out_the_first_window_and_a_time_budget_reports_the_mean_steps(
+    tmp_path, monkeypatch
+):
+    """A run's tokens/s is the median over its logged windows after the first (which holds start-up);
+    a minutes sweep's steps column is the mean over its finished seeds (the clock decides each)."""
+    from minimoe.lab.sweep import PlannedRun
+
+    cfg = build_run_config(overrides=TINY + ["model.vocab_size=320", "train.max_steps=3"])
+    rows = [
+        {"step": s, "loss": 1.0, "tokens": 128 * s, "tokens_per_s": v}
+        for s, v in ((1, 10), (2, 100), (3, 200))
+    ]
+    rows.append({"step": 3, "tokens": 384, "val_loss": 2.5})
+    (tmp_path / "run" / "checkpoints" / "step_3").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run" / "checkpoints" / "step_3" / "meta.json").write_text(json.dumps({"step": 3}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_3")
+    summary = lab_report.summarize_run(tmp_path / "run", PlannedRun("v", 1, [], cfg, 1.0))
+    assert summary.tokens_per_s == 150
+    sweep, runs = _synthetic_sweep(tmp_path / "syn", {"v": {1: 3.0, 2: 3.1, 3: 3.2}})
+    sweep.budget_kind = "minutes"
+    steps = {1: 10, 2: 13, 3: 14}
+    monkeypatch.setattr(
+        lab_report,
+        "summarize_run",
+        lambda d, r: dataclasses.replace(summary, seed=r.seed, steps=steps[r.seed]),
+    )
+    assert lab_report.report_rows(sweep, tmp_path / "syn", runs)[0]["steps"] == 12  # not the longest, 14
+
+
+def test_human_numbers_keep_three_significant_digits():
+    assert [lab_report._human(n) for n in (999, 1234, 2.5e6, 1.234e9, 7e12)] == [
+        "999", "1.23K", "2.50M", "1.23G", "7.00T"
+    ]  # fmt: skip
+
+
+def test_a_contrast_with_no_seed_in_common_has_an_empty_loss_cell():
+    cells = [lab_report._loss_cell({"val_loss": None, "seeds": n}) for n in (0, 1, 2)]
+    assert cells == ["–", "1 seed: no interval (needs 2)", "not finite: a seed's loss is NaN or inf"]
 
 
 def test_training_flops_include_the_mtp_modules():
