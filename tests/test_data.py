@@ -520,6 +520,7 @@ def test_prepare_writes_shards_meta_and_eos(tmp_path):
     assert m["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in val_docs)
     assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] == sum(len(d) + 1 for d in docs)
     assert m["max_token_id"] == 256
+    assert (m["tokenizer"]["eos_id"], m["tokenizer"]["vocab_size"]) == (tok.eos_id, tok.vocab_size)
     assert PreparedData.load(tmp_path / "out").meta == m
 
 
@@ -713,8 +714,11 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "ok.txt").write_text("some text")
     with pytest.raises(MinimoeError, match="bpe:VOCAB"):
         prepare(tmp_path / "ok.txt", "bpe:x", tmp_path / "o", progress=False)
-    with pytest.raises(MinimoeError, match="val_fraction"):
-        prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=1.5, progress=False)
+    for bad in (1.5, 1.0, -0.1):  # 1.0 would leave no training data
+        with pytest.raises(MinimoeError, match="val_fraction"):
+            prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=bad, progress=False)
+    with pytest.raises(MinimoeError, match="shard_tokens must be positive"):
+        prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", shard_tokens=0, progress=False)
     np.save(tmp_path / "val.npy", np.arange(10))  # ids no tokenizer trained now has made
     with pytest.raises(
         MinimoeError, match="val.npy is already tokenized; pass the tokenizer it was made with"
@@ -980,3 +984,56 @@ def test_the_content_hash_covers_the_text_field(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text(json.dumps({"a": "x", "b": "y"}) + "\n", encoding="utf-8")
     assert open_source(f, text_field="a").content_hash() != open_source(f, text_field="b").content_hash()
+
+
+def test_shard_writer_fills_each_shard_across_writes(tmp_path):
+    """Writes that do not line up with shard boundaries still give full shards of shard_tokens."""
+    from minimoe.data.shards import ShardWriter
+
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=4)
+    for n in (3, 5, 2):
+        w.write(np.arange(n))
+    w.close()
+    assert w.shards == [["train_000.bin", 4], ["train_001.bin", 4], ["train_002.bin", 2]]
+    ids = np.concatenate([np.fromfile(tmp_path / n, dtype=np.uint16) for n, _ in w.shards])
+    assert ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
+
+
+def test_a_pretokenized_val_source_leaves_the_train_bytes_counted(tmp_path):
+    """Bits per byte: text train data keeps its byte count when validation is a token array (whose
+    bytes are unknown)."""
+    (tmp_path / "t.txt").write_text("the cat sat\n", encoding="utf-8")
+    np.array([104, 105, 256], dtype=np.uint16).tofile(tmp_path / "v.bin")
+    data = prepare(
+        tmp_path / "t.txt", "byte", tmp_path / "o", val_source=tmp_path / "v.bin", workers=0, progress=False
+    )
+    assert data.num_bytes("train") == len("the cat sat\n") and data.num_bytes("val") is None
+    assert data.num_tokens("val") == 3 and data.tokens_per_byte("val") is None
+
+
+def test_the_cache_is_keyed_on_shard_size_tokenizer_spec_and_the_val_source(tmp_path):
+    src, val, out = tmp_path / "s.txt", tmp_path / "v.txt", tmp_path / "out"
+    write_stories(src, 20)
+    val.write_text("held out\n")
+    run = lambda **kw: prepare(src, kw.pop("tok", "byte"), out, workers=0, progress=False, **kw)  # noqa: E731
+    assert not run(val_source=val).cached
+    assert run(val_source=val, val_fraction=0.3).cached  # val_fraction means nothing with a val source
+    val.write_text("other text\n")
+    changed = run(val_source=val)
+    assert not changed.cached and read_split(changed, "val").tolist() == list(b"other text\n") + [256]
+    assert not run(val_source=val, shard_tokens=100).cached
+    assert len(PreparedData.load(out).shard_paths("train")) > 1
+    write_stories(src, 200)
+    assert not run(tok="bpe:300").cached
+    assert run(tok="bpe:300").cached and not run(tok="bpe:310").cached
+
+
+def test_document_split_bpe_learns_nothing_from_the_validation_documents(tmp_path):
+    """A document split's tokenizer learns from the training documents only (every 10th is held out)."""
+    docs = ["qwzx vlkj qwzx vlkj." if i % 10 == 9 else "the cat sat on the mat." for i in range(100)]
+    (tmp_path / "s.txt").write_text("".join(d + "\n" + EOT + "\n" for d in docs), encoding="utf-8")
+    data = prepare(tmp_path / "s.txt", "bpe:300", tmp_path / "o", val_fraction=0.1, workers=0, progress=False)
+    assert data.meta["split_mode"] == "document" and data.meta["splits"]["val"]["documents"] == 10
+    vocab = data.tokenizer()._hf.get_vocab()
+    assert [t for t in vocab if len(t.strip("Ġ")) > 1 and set(t.strip("Ġ")) <= set("qwzxvlkj")] == []
+    assert any("cat" in t for t in vocab)

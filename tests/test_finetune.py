@@ -681,3 +681,91 @@ def test_a_zero_width_token_at_the_answer_start_is_trained(tok):
     assert len(markers) == 2  # "<|user|>\n|What?" and "<|assistant|>\n|four"
     assert mask.tolist() == [False] * markers[1] + [True] * (len(ids) - markers[1])
     assert tok.decode(ids[mask & (ids != 300)], skip_special_tokens=False) == "four<|endoftext|>"
+
+
+def test_chat_template_generation_prompt_bos_and_end_of_turn():
+    """The plain default adds `assistant:` only when asked; `bos_token` is the BOS string; the end of
+    turn is the longest special token that starts the text after the reply, and nothing further on."""
+    from minimoe.data.chat_template import end_of_turn, render, render_plain
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert render_plain(msgs, add_generation_prompt=False) == "user: hi\n"
+    assert render_plain(msgs) == "user: hi\nassistant:"
+    bos = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    assert render(bos, msgs, bos_token="<s>", eos_token="</s>") == "<s>hi</s>"
+    closes = "{% for m in messages %}{{ m['content'] }}<|end_of_turn|>{% endfor %}"
+    assert end_of_turn(closes, ["<|end", "<|end_of_turn|>"], eos_token="</s>") == "<|end_of_turn|>"
+    newline = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}<|sep|>"  # a turn closed by text
+    assert end_of_turn(newline, ["<|sep|>", "</s>"], eos_token="</s>") is None
+
+
+def test_packing_keeps_the_last_target_of_the_stream(tok):
+    """A stream two tokens longer than a window ends in a one-token window: its target still trains."""
+    conv = _conv("q", "yes")
+    ids, mask = encode_conversation(tok, conv, DEFAULT_CHAT_TEMPLATE)
+    packed, _ = build_examples(tok, [conv], DEFAULT_CHAT_TEMPLATE, seq_len=len(ids) - 2, packing=True)
+    assert [len(x) for x, _ in packed] == [len(ids) - 2, 1]
+    assert sum(int((y != -100).sum()) for _, y in packed) == int(mask[1:].sum())
+
+
+def test_padded_batches_pad_on_the_right_count_responses_and_resume(tok):
+    """Rows start at column 0 (padding after them); the response tokens handed out are counted; a
+    source loaded from a state goes on with the next batch; validation reads every example once."""
+    from minimoe.finetune.sft import ValBatches
+
+    convs = [_conv("q" * (i + 1), "answer " * (i % 3 + 1)) for i in range(5)]
+    ex, _ = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=64)
+    X, Y = next(batches(ex, 5, tok.pad_id, seed=0, epoch=0))
+    rows = {tuple(x.tolist()): y.tolist() for x, y in ex}
+    for x, y in zip(X.tolist(), Y.tolist()):
+        n = next(n for n in range(len(x), 0, -1) if tuple(x[:n]) in rows)
+        assert y[:n] == rows[tuple(x[:n])] and set(y[n:]) <= {-100}
+    source = PaddedBatches(ex, 2, tok.pad_id, seed=0)
+    ys = [next(source)[1] for _ in range(4)]  # into the second epoch
+    assert source.response_tokens == sum(int((y != -100).sum()) for y in ys)
+    resumed = PaddedBatches(ex, 2, tok.pad_id, seed=0)
+    resumed.load_state_dict(source.state_dict())
+    assert torch.equal(next(resumed)[0], next(source)[0])
+    assert sum(len(x) for x, _ in ValBatches(ex, 2, tok.pad_id)) == len(ex)
+
+
+def test_a_conversation_that_fits_seq_len_plus_one_is_not_reported_cut(tok, caplog):
+    """seq_len inputs take seq_len + 1 tokens: a conversation of exactly that many is whole."""
+    conv = _conv("q", "yes")
+    n = len(encode_conversation(tok, conv, DEFAULT_CHAT_TEMPLATE)[0])
+    with caplog.at_level(logging.WARNING, logger="minimoe"):
+        ((x, y),), _ = build_examples(tok, [conv], DEFAULT_CHAT_TEMPLATE, seq_len=n - 1)
+    assert len(x) == n - 1 and not caplog.records
+
+
+def test_a_zero_width_token_after_the_answer_end_is_not_trained(tok):
+    """A marker at the first character after an answer (the next user turn's) carries no loss."""
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    conv = _conv("a?", "four") + _conv("b?", "five")
+    ids, mask = encode_conversation(_ZeroWidthMarkers(tok), conv, template)
+    assert tok.decode(ids[mask & (ids != 300)]) == "four\nfive\n"
+    markers = np.flatnonzero(
+        ids == 300
+    )  # before every line but the first: "a?", "<|assistant|>", "four", ...
+    assert [bool(mask[i]) for i in markers] == [False, False, True, False, False, False, True]
+
+
+def test_sft_defaults_from_the_data_and_the_source_run(base_run, tmp_path):
+    """Without overrides: a tenth of the source's lr, ceil(batches per epoch * epochs) steps, 10% warmup;
+    the summary counts the training sequences."""
+    from minimoe.finetune.sft import finetune
+
+    out, data = tmp_path / "defaults", tmp_path / "chat.jsonl"
+    long = json.dumps({"prompt": "x" * 100, "response": "yes"})  # its answer lies past seq_len: dropped
+    data.write_text((base_run / "chat.jsonl").read_text() + long + "\n")
+    res = finetune(
+        base_run / "base", data, out, ["train.seq_len=48", "train.batch_size=4"], epochs=1.5, progress=False
+    )
+    cfg, base_cfg = load_run(out)[2], load_run(base_run / "base")[2]
+    # 25 examples in batches of 4: 7 per epoch, 10.5 for 1.5 epochs
+    assert (res.max_steps, res.steps, cfg.train.max_steps, cfg.train.warmup_steps) == (11, 11, 11, 1)
+    assert cfg.train.lr == pytest.approx(base_cfg.train.lr * 0.1)
+    assert (res.examples, res.dropped) == (25, 1)
