@@ -203,16 +203,24 @@ def test_mtp_layer_holds_its_own_weights_and_copies_of_embedding_and_head():
         {"mscale_all_dim": 1.0},  # softmax scale only
         {"mscale": 0.0, "mscale_all_dim": 1.0},  # HF tests truthiness: the exporter pins attention_factor
         {"mscale": 1.0, "mscale_all_dim": 0.5},
+        {"beta_fast": 16.0, "beta_slow": 2.0},  # not transformers' defaults (32, 1)
     ],
 )
 def test_export_yarn_variants_match_transformers(tmp_path, tok, ids, extra):
     """MLA + YaRN: the logits agree at positions beyond original_max_position_embeddings for every way
-    of giving mscale / mscale_all_dim."""
+    of giving mscale / mscale_all_dim, config.json carries every YaRN field as given (the betas only
+    move frequencies at long contexts), and the export imports back with the same logits."""
     m = _model(rope_scaling={**YARN, **extra}, max_position_embeddings=128)
     assert ids.shape[1] > YARN["original_max_position_embeddings"]
     export_model(m, tok, tmp_path / "hf")
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value in {**YARN, **extra}.items():
+        assert c["rope_scaling"][key] == value and (key == "type" or c["rope_parameters"][key] == value), key
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    back = load_run(tmp_path / "run")[0]
+    assert (_logits(back, ids) - _logits(m, ids)).abs().max().item() <= 1e-5
 
 
 def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
@@ -220,6 +228,7 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tok):
     text = "hello <|endoftext|> wörld"
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     assert hf_tok.eos_token_id == tok.eos_id and hf_tok.decode(tok.encode("héllo")) == "héllo"
+    assert hf_tok.model_max_length == exported["deepseek_v3"][0].cfg.max_position_embeddings
     assert (
         hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|endoftext|>"
     )
@@ -246,18 +255,74 @@ def test_an_exported_run_without_a_template_formats_chat_as_the_server_does(tmp_
     assert Tokenizer.load(tmp_path).chat_template is None  # what `minimoe import` reads back
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_export_import_round_trip(exported, tmp_path, ids, name):
-    model, folder, _ = exported[name]
+    model, folder, res = exported[name]
     ckpt, fmt, _ = import_hf(folder, tmp_path / "run")
     back, tok2, cfg, _ = load_run(tmp_path / "run")
-    assert fmt == name and cfg.model.mtp_depth == model.cfg.mtp_depth
+    assert fmt == res.format and cfg.model.mtp_depth == model.cfg.mtp_depth
+    assert cfg.model.tie_word_embeddings == model.cfg.tie_word_embeddings
     assert (
         (_logits(back, ids) - _logits(model, ids)).abs().max().item() <= 5e-5
     )  # fp32 round-off: the weights are equal, the kernels may sum in another order
     if name == "deepseek_v3":  # lossless: every tensor, MTP and balancing bias included
         a, b = model.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(aux_free_bias=False, mtp_depth=1),  # the MTP block gets a zero bias too, as the main layers
+        {**CASES["mixtral"], "n_routed_experts": 4},  # not MixtralConfig's default of 8
+    ],
+)
+def test_export_matches_transformers_and_imports_back_where_defaults_hide_slips(tmp_path, tok, ids, kw):
+    m = _model(**kw)
+    export_model(m, tok, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    back = load_run(tmp_path / "run")[0]
+    assert back.cfg.mtp_depth == m.cfg.mtp_depth
+    assert (_logits(back, ids) - _logits(m, ids)).abs().max().item() <= 1e-5
+
+
+def test_import_of_a_tied_checkpoint_that_also_saves_the_head(exported, tmp_path, ids):
+    """Some tools write lm_head.weight although config.json ties it to the embedding: imported all the same."""
+    from safetensors.torch import load_file, save_file
+
+    model, folder, _ = exported["deepseek_v3_plain"]
+    assert model.cfg.tie_word_embeddings
+    shutil.copytree(folder, tmp_path / "hf")
+    sd = load_file(str(folder / "model.safetensors"))
+    save_file(
+        {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()},
+        str(tmp_path / "hf" / "model.safetensors"),
+    )
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    assert (_logits(load_run(tmp_path / "run")[0], ids) - _logits(model, ids)).abs().max().item() <= 1e-5
+
+
+def test_export_writes_the_routing_keys_vllm_reads(exported):
+    """vLLM and SGLang pick the V3 router by topk_method / scoring_func: noaux_tc and sigmoid for every
+    deepseek_v3 and glm4_moe export, also one without expert groups."""
+    for name in ("deepseek_v3", "deepseek_v3_plain", "glm4_moe"):
+        c = json.loads((exported[name][1] / "config.json").read_text())
+        assert (c["topk_method"], c["scoring_func"]) == ("noaux_tc", "sigmoid"), name
+
+
+def test_import_of_a_config_without_norm_topk_prob_follows_transformers(exported, tmp_path, ids):
+    """Glm4MoeConfig renormalises the top-k weights when config.json does not say (as DeepseekV3Config)."""
+    lean = tmp_path / "lean"
+    shutil.copytree(exported["glm4_moe"][1], lean)
+    c = json.loads((lean / "config.json").read_text())
+    (lean / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k != "norm_topk_prob"}))
+    theirs = AutoModelForCausalLM.from_pretrained(lean, dtype=torch.float32).eval()
+    import_hf(lean, tmp_path / "run")
+    back = load_run(tmp_path / "run")[0]
+    assert back.cfg.norm_topk_prob
+    assert (_logits(back, ids) - _logits(theirs, ids)).abs().max().item() <= TOL
 
 
 def test_import_reads_every_mtp_layer_and_clips_first_k_dense_replace(tmp_path, tok):
@@ -273,6 +338,12 @@ def test_import_reads_every_mtp_layer_and_clips_first_k_dense_replace(tmp_path, 
     ours, theirs = m.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert c["num_nextn_predict_layers"] == 2
+    # a config.json that lists fewer: the layers the checkpoint holds are imported, with a note
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**c, "num_nextn_predict_layers": 1}))
+    _, _, notes = import_hf(tmp_path / "hf", tmp_path / "run2")
+    assert load_run(tmp_path / "run2")[0].cfg.mtp_depth == 2
+    assert notes == ["config.json lists 1 MTP layer(s), the checkpoint holds 2: imported 2"]
     L = c["num_hidden_layers"]
     cfg, _, _ = model_config({**c, "first_k_dense_replace": L + 2}, {})
     assert cfg.first_k_dense_replace == L and not any(cfg.is_moe_layer(i) for i in range(L))
@@ -542,6 +613,11 @@ def test_import_refuses_what_minimoe_cannot_express(hf_saved, tmp_path):
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.raises(MinimoeError, match="shared_expert_gate"):
         import_hf(bad, tmp_path / "run", tokenizer="byte")
+    sd["model.layers.1.mlp.shared_expert_gate.weight"].zero_()
+    sd["model.layers.1.mlp.extra.weight"] = torch.ones(2)  # a weight the config does not describe
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(MinimoeError, match="weight model.layers.1.mlp.extra.weight, which has no place"):
+        import_hf(bad, tmp_path / "run", tokenizer="byte")
     other = tmp_path / "jamba"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "jamba", "num_hidden_layers": 1}))
@@ -663,9 +739,11 @@ def test_upcycle_config_takes_the_dense_checkpoints_fields(llama_dir):
     num_key_value_heads means one KV head per query head); --dense-layers keeps leading layers dense;
     no shared expert is made up; --experts must be a multiple of --granularity."""
     c = json.loads((llama_dir[1] / "config.json").read_text())
-    c = {**c, "rms_norm_eps": 1e-5}
+    rope = {"rope_type": "default", "rope_theta": 5e5}
+    c = {**c, "rms_norm_eps": 1e-5, "rope_parameters": rope, "head_dim": 16, "tie_word_embeddings": True}
     cfg = upcycle_config(c, 4, 2, 2, 1, "softmax", [])
     assert (cfg.max_position_embeddings, cfg.rms_norm_eps, cfg.num_key_value_heads) == (64, 1e-5, 2)
+    assert (cfg.rope_theta, cfg.head_dim, cfg.tie_word_embeddings) == (5e5, 16, True)
     assert (cfg.first_k_dense_replace, cfg.n_shared_experts, cfg.moe_intermediate_size) == (1, 0, 32)
     c.pop("num_key_value_heads")
     assert upcycle_config(c, 4, 2, 2, 1, "softmax", []).num_key_value_heads == 4
@@ -739,6 +817,34 @@ def test_upcycle_refuses_yarn_without_truncation(llama_dir, tmp_path):
     bad = _edited_llama(llama_dir, tmp_path / "bad", rope_scaling=yarn)
     with pytest.raises(MinimoeError, match="YaRN with truncate=false"):
         upcycle(bad, tmp_path / "run", experts=1, top_k=1, tokenizer="byte")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(model_type="mistral", sliding_window=32),
+        dict(model_type="qwen2", sliding_window=32, use_sliding_window=True),
+    ],
+)  # Mistral's window is on unless use_sliding_window says otherwise, Qwen2's off unless it says so
+def test_upcycle_refuses_sliding_windows(llama_dir, tmp_path, changes):
+    bad = _edited_llama(llama_dir, tmp_path / "bad", **changes)
+    with pytest.raises(MinimoeError, match="sliding-window attention"):
+        upcycle(bad, tmp_path / "run", experts=1, top_k=1, tokenizer="byte")
+
+
+def test_upcycle_refuses_nonzero_attention_biases(llama_dir, tmp_path):
+    """Qwen2-style q/k/v biases have no place in minimoe's attention: zero ones are dropped, others refused."""
+    from safetensors.torch import load_file, save_file
+
+    biased = _edited_llama(llama_dir, tmp_path / "biased")
+    sd = load_file(str(biased / "model.safetensors"))
+    sd["model.layers.0.self_attn.k_proj.bias"] = torch.zeros(16)
+    save_file(sd, str(biased / "model.safetensors"))
+    upcycle(biased, tmp_path / "ok", experts=1, top_k=1, tokenizer="byte")
+    sd["model.layers.1.self_attn.q_proj.bias"] = torch.full((32,), 0.1)
+    save_file(sd, str(biased / "model.safetensors"))
+    with pytest.raises(MinimoeError, match=r"attention biases \(q_proj.bias\)"):
+        upcycle(biased, tmp_path / "run", experts=1, top_k=1, tokenizer="byte")
 
 
 @pytest.mark.parametrize(

@@ -252,14 +252,23 @@ YARN_UNTRUNCATED = {
         ("deepseek", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
         ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=true in a deepseek_v2 config"),
         ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+        # transformers renormalises V3's single weight to 1.0, minimoe keeps sigmoid(score) for top-1
+        ("deepseek_v3", {"num_experts_per_tok": 1}, "top-1 routing with norm_topk_prob=true"),
         ("olmoe", {"clip_qkv": 8.0}, r"clipped q/k/v \(clip_qkv=8.0\)"),
+        ("olmoe", {"mlp_bias": True}, r"MLP biases \(mlp_bias=true\)"),
+        ("deepseek_v2", {"attention_bias": True}, r"attention biases \(attention_bias=true\)"),
+        ("qwen3_moe", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ("qwen3_moe", {"use_sliding_window": True}, "sliding-window attention"),
         ("qwen3_moe", {"decoder_sparse_step": 2}, "MoE layers only every decoder_sparse_step layers"),
         ("qwen3_moe", {"rope_scaling": YARN_UNTRUNCATED}, "YaRN with truncate=false"),
     ],
 )
 def test_import_refuses_what_minimoe_cannot_express(published, tmp_path, name, change, match):
-    source = {"deepseek": "deepseek_v2_lite", "deepseek_v2": "deepseek_v2_lite"}.get(name, name)
+    source = {
+        "deepseek": "deepseek_v2_lite",
+        "deepseek_v2": "deepseek_v2_lite",
+        "deepseek_v3": "moonlight",
+    }.get(name, name)
     config, _, _ = HF_LAYOUTS[source]
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -294,6 +303,20 @@ def test_import_malformed_config_fields_are_one_sentence(published, tmp_path, na
         return
     with pytest.raises(MinimoeError, match=match):
         import_hf(folder, tmp_path / "run", tokenizer="byte")
+
+
+def test_import_greedy_config_ignores_its_expert_groups(published, tmp_path):
+    """topk_method greedy routes over all experts whatever n_group / topk_group say (transformers and
+    DeepSeek's code ignore them there): imported as ungrouped routing, not refused."""
+    hf, source = published["deepseek_v2_lite"]
+    folder = tmp_path / "grouped_greedy"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**DEEPSEEK_V2_LITE, "n_group": 4, "topk_group": 2}))
+    shutil.copy(source / "model.safetensors", folder)
+    import_hf(folder, tmp_path / "run", tokenizer="byte")
+    ours = load_run(tmp_path / "run")[0]
+    assert not ours.cfg.group_limited
+    assert (_logits(ours) - _logits(hf)).abs().max().item() <= TOL
 
 
 def test_import_refuses_a_quantized_checkpoint_before_reading_its_weights(tmp_path):

@@ -77,7 +77,13 @@ def _read_rope(c: dict, rp: dict, attn: str) -> tuple[float, dict | None]:
                 else yarn_get_mscale(factor)
             )
             if not math.isclose(float(af), implied, rel_tol=1e-9):
-                raise MinimoeError(f"an MLA YaRN attention_factor of {af} has no minimoe equivalent")
+                # minimoe's cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) whenever both keys
+                # are present, falsy ones too: the exporter pins attention_factor for e.g. mscale=0.0
+                both = ms is not None and ms_all is not None
+                exact = yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all) if both else implied
+                if not math.isclose(float(af), exact, rel_tol=1e-9):
+                    raise MinimoeError(f"an MLA YaRN attention_factor of {af} has no minimoe equivalent")
+                rs["mscale"], rs["mscale_all_dim"] = float(ms), float(ms_all)
         return theta, rs
     # GQA: q.k is scaled by attention_factor^2 (RoPE covers the whole head). minimoe gives
     # mscale(f, m)^2 with mscale = mscale_all_dim = m (cos/sin factor 1, softmax factor mscale^2).
