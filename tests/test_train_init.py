@@ -62,6 +62,18 @@ def test_init_trains_a_new_run_from_a_weights_only_run(tmp_path, corpus):
     assert load_run(new, "latest")[3]["step"] == 3
 
 
+def test_init_builds_the_model_its_overrides_ask_for(tmp_path):
+    """model.* overrides that hold no weight (here a capacity and a bias speed) reach the model the new
+    run trains, not only its config.yaml."""
+    from minimoe.train.run import _init_source
+
+    src = _weights_only_run(tmp_path)
+    cfg, _, model, _ = _init_source(str(src), ["model.capacity_factor=1.5", "model.bias_update_speed=0.01"])
+    assert model.cfg == cfg.model and model.cfg.capacity_factor == 1.5 and model.training
+    moe = next(iter(model.moe_layers().values()))
+    assert moe.capacity_factor == 1.5 and moe.gate.cfg.bias_update_speed == 0.01
+
+
 def test_init_learns_on_from_a_trained_run(tmp_path, corpus):
     """Continued pre-training from a trained run: the first logged loss of the new run is the level
     the source ended at, far below a fresh model's first loss."""
