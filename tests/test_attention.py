@@ -60,7 +60,12 @@ def test_mla_naive_matches_explicit_attention(q_lora_rank, rope_scaling):
 def _explicit_mla(attn, cfg, x, cos, sin, scale):
     """MLA the slow way: per-head q, k, v built by hand, attended with an explicit causal mask."""
     B, T, _ = x.shape
-    q_nope, q_pe = attn._query(x)
+    # queries from the weights (HF layout: q_proj, or q_a_proj -> q_a_layernorm -> q_b_proj; per head
+    # [q_nope | q_pe]), not through attn._query
+    q = attn.q_proj(x) if cfg.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q_nope, q_pe = q.view(B, T, cfg.num_attention_heads, -1).split(
+        [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], -1
+    )
     q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
     c, k_pe = attn.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
     kv = attn.kv_b_proj(attn.kv_a_layernorm(c)).view(B, T, cfg.num_attention_heads, -1)
@@ -236,6 +241,42 @@ def test_yarn_frequencies_match_the_formula():
     assert cos[0, 0].item() == pytest.approx(1.0)
 
 
+def _yarn_inv_freq_by_formula(dim, base, factor, orig, beta_fast, beta_slow) -> list[float]:
+    """transformers' YaRN frequencies (`_compute_yarn_parameters`, truncate=True) one pair at a time: the
+    ramp's ends are floor/ceil of the correction dims, clamped to [0, dim - 1], and a zero-width ramp is
+    widened by 0.001."""
+
+    def corr(rot):
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    out = []
+    for i in range(dim // 2):
+        theta = base ** (-2 * i / dim)
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        out.append(theta * (1 - ramp) + theta / factor * ramp)
+    return out
+
+
+@pytest.mark.parametrize(
+    "dim,orig,betas",
+    [
+        # beta_slow's correction dim (~34.6) lies past the last pair: clamped at dim - 1
+        (64, 1 << 17, (32, 1)),
+        (4, 4096, (32, 1)),  # a small rope dim: the same clamp
+        (8, 4, (32, 1)),  # a context under one turn: both ends clamp to 0, a zero-width ramp
+        (64, 4096, (16, 2)),
+    ],
+)
+def test_yarn_ramp_ends_are_clamped_as_transformers_does(dim, orig, betas):
+    rs = dict(YARN_40, original_max_position_embeddings=orig, beta_fast=betas[0], beta_slow=betas[1])
+    got = yarn_inv_freq(dim, 10000.0, rs)
+    assert torch.isfinite(got).all()
+    assert got.tolist() == pytest.approx(_yarn_inv_freq_by_formula(dim, 10000.0, 40, orig, *betas), rel=1e-12)
+
+
 def test_yarn_attention_factor_scales_the_rope_tables():
     """YaRN's cos/sin factor as HF computes it: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
     when both are given, else mscale(factor); each (cos, sin) pair of the tables has that length. The
@@ -249,6 +290,9 @@ def test_yarn_attention_factor_scales_the_rope_tables():
         ({}, mscale(1.0)),
         ({"mscale": 0.707, "mscale_all_dim": 1.0}, mscale(0.707) / mscale(1.0)),
         ({"mscale": 1.0, "mscale_all_dim": 0.8}, mscale(1.0) / mscale(0.8)),
+        # keys count when present, falsy ones too (DeepSeek's remote code; HF tests truthiness, so the
+        # exporter pins attention_factor for this one)
+        ({"mscale": 0.0, "mscale_all_dim": 1.0}, mscale(0.0) / mscale(1.0)),
     ]
     for extra, factor in cases:
         cos, sin = rope_cos_sin(16, 8, 10000.0, {**rs, **extra})

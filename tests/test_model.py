@@ -165,6 +165,26 @@ def test_mtp_matches_hand_written_eh_proj():
     torch.testing.assert_close(model.lm_head(normed), ref[0])
 
 
+def test_mtp_loss_through_a_head_the_fused_path_cannot_take():
+    """A head that is no plain nn.Linear (quantized, LoRA-wrapped) takes the logits + cross-entropy path
+    for the MTP loss too: each depth scores its own shifted targets, ignored ones left out."""
+    torch.manual_seed(6)
+    model = Transformer(tiny_cfg(mtp_depth=2)).double().eval()
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # same weights, not an nn.Linear
+    idx = torch.randint(0, 97, (2, 10))
+    targets = idx.roll(-1, 1)
+    targets[0, 4] = -100
+    out = model(idx, targets=targets, return_logits=False)
+    ref = mtp_reference(model, idx, out.hidden)
+    want = torch.stack(
+        [
+            F.cross_entropy(lg.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
+            for k, lg in enumerate(ref, start=1)
+        ]
+    ).mean()
+    torch.testing.assert_close(out.losses["mtp"], want.float())
+
+
 def test_mla_cache_bytes_per_token():
     cfg = get_preset("deepseek-v3")
     with torch.device("meta"):
