@@ -63,6 +63,39 @@ def test_stop_decision_keeps_the_finish_inside_the_budget(tmp_path, corpus):
     assert tr._time_for_another_step(4.6, 1.0, False) and not tr._time_for_another_step(4.4, 1.0, False)
 
 
+def test_stop_decision_before_any_timing_stops_when_the_budget_is_spent(tmp_path, corpus):
+    """Before a step was timed, the run goes on only while time is left."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    cfg = build_run_config(overrides=TINY + [f"data.path={corpus}"])
+    data = prepare(corpus, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    tr = Trainer(cfg, tmp_path / "r", data, data.tokenizer(), progress=False)
+    assert tr._time_for_another_step(0.01, None, True)
+    assert not tr._time_for_another_step(0.0, None, False) and not tr._time_for_another_step(
+        -1.0, None, False
+    )
+
+
+def test_stop_decision_estimates_the_first_evaluation_from_one_micro_batch(tmp_path, corpus):
+    """Before the first evaluation its cost is a third of a micro-batch per validation batch: with
+    train.grad_accum=2 a step holds two micro-batches, so 6 batches after a 2 s step cost 2 s."""
+    from minimoe.config_yaml import build_run_config
+    from minimoe.data import prepare
+    from minimoe.train.run import data_cache_dir
+    from minimoe.train.trainer import Trainer
+
+    cfg = build_run_config(
+        overrides=TINY + [f"data.path={corpus}", "train.eval_batches=6", "train.grad_accum=2"]
+    )
+    data = prepare(corpus, "byte", data_cache_dir(cfg.data, None), workers=0, progress=False)
+    tr = Trainer(cfg, tmp_path / "r", data, data.tokenizer(), progress=False, reserve_s=1.0)
+    tr._save_s = 0.5  # the finish: 2 + 0.5 + 1 (reserve) = 3.5 s after a 2 s step
+    assert tr._time_for_another_step(5.6, 2.0, False) and not tr._time_for_another_step(5.4, 2.0, False)
+
+
 def test_start_up_summary_names_size_data_device_and_budget(tmp_path, corpus, caplog, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the CLI picks on a busy machine
     with caplog.at_level(logging.INFO, logger="minimoe.train"):

@@ -403,6 +403,27 @@ def test_tokens_per_s_is_the_windows_tokens_over_its_training_time(tmp_path, cor
         assert v == pytest.approx(64, rel=0.2), step  # 2 steps x 128 tokens in 4 s (plus the real time)
 
 
+def test_tokens_per_s_counts_every_micro_batch(tmp_path, corpus, monkeypatch):
+    """With train.grad_accum=2 a step trains 2 x 128 tokens: a step made to take 4 s more logs about
+    64 tokens/s, and the row's tokens count both micro-batches."""
+    from minimoe.train.trainer import Trainer
+
+    real_clock, offset = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    train_step = Trainer._train_step
+
+    def slow_step(self):
+        offset[0] += 4.0
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", slow_step)
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=100", "train.grad_accum=2")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in (r for r in rows if "loss" in r):
+        assert r["tokens"] == 256 * r["step"]
+        assert r["tokens_per_s"] == pytest.approx(64, rel=0.2), r["step"]
+
+
 def test_tensorboard_rows_reach_the_event_file_as_they_are_logged(tmp_path):
     """Each row is flushed as it is logged, so a live TensorBoard, and the event file of a run killed
     before it closes its writers, hold every logged step (SummaryWriter itself flushes every 2 minutes)."""
@@ -647,6 +668,87 @@ def test_early_stopping(tmp_path, corpus, monkeypatch):
     )
     assert res.stopped == "early_stop" and res.step == 4 and res.best_val_loss == 2.0
     assert (tmp_path / "run/checkpoints/best").read_text().strip() == "step_00000002"
+
+
+def test_an_equal_validation_loss_is_no_improvement(tmp_path, corpus, monkeypatch):
+    """Early stopping counts an evaluation that only matches the best loss as one without improvement,
+    and the best checkpoint stays the first step that reached it."""
+    from minimoe.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": 2.0, "val_bpb": None})
+    res = _train(
+        tmp_path / "run", corpus, "train.max_steps=6", "train.eval_every=1", "train.early_stop_patience=2"
+    )
+    assert (res.stopped, res.step, res.best_val_loss) == ("early_stop", 3, 2.0)
+    assert (tmp_path / "run/checkpoints/best").read_text().strip() == "step_00000001"
+
+
+def test_an_improvement_restarts_the_patience(tmp_path, corpus, monkeypatch):
+    """The patience counts the evaluations since the last improvement, not all the worse ones."""
+    from minimoe.train.trainer import Trainer
+
+    vals = iter([2.0, 2.5, 1.5, 1.8, 1.9, 2.0])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(vals), "val_bpb": None})
+    res = _train(
+        tmp_path / "run", corpus, "train.max_steps=6", "train.eval_every=1", "train.early_stop_patience=2"
+    )
+    assert (res.stopped, res.step, res.best_val_loss) == ("early_stop", 5, 1.5)
+
+
+@pytest.mark.parametrize(("last", "best"), [(1.0, "step_00000003"), (3.0, "step_00000002")])
+def test_the_evaluation_at_a_clock_stop_counts(tmp_path, corpus, monkeypatch, last, best):
+    """When the clock ends a run between two scheduled evaluations, its last evaluation counts: it can
+    become the best checkpoint; a worse one that uses up the patience still reports the clock's stop."""
+    from minimoe.train.trainer import Trainer
+
+    losses = {2: 2.0, 3: last}
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": losses[self.step], "val_bpb": None})
+    monkeypatch.setattr(Trainer, "_time_for_another_step", lambda self, *a: self.step < 3)
+    res = _train(
+        tmp_path / "run", corpus, "train.max_steps=10", "train.max_minutes=60", "train.eval_every=2",
+        "train.early_stop_patience=1",
+    )  # fmt: skip
+    assert (res.stopped, res.step, res.best_val_loss) == ("max_minutes", 3, min(2.0, last))
+    assert (tmp_path / "run/checkpoints/best").read_text().strip() == best
+
+
+def test_a_rows_loss_is_the_loss_optimised(tmp_path, corpus):
+    """A row's loss is the sum the backward takes: cross-entropy, aux and z losses and the MTP loss at
+    model.mtp_loss_weight (the row's mtp column is the unweighted MTP cross-entropy)."""
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=100", "model.aux_loss_alpha=0.01",
+           "model.mtp_loss_weight=0.5")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    for r in (r for r in rows if "loss" in r):
+        assert r["aux"] > 0 and r["mtp"] > 0
+        assert r["loss"] == pytest.approx(r["ce"] + r["aux"] + r["z"] + 0.5 * r["mtp"], rel=1e-5)
+
+
+def test_without_validation_every_evaluation_checkpoint_is_the_best(tmp_path, corpus):
+    """No validation batches (fine-tuning without a validation set): the latest checkpoint counts as
+    the best, and there is no best loss."""
+    tr, data = _tiny_trainer(tmp_path, corpus, "x", "train.max_steps=4", "train.eval_every=2")
+    from minimoe.train.trainer import Trainer
+
+    tr = Trainer(tr.cfg, tmp_path / "run", None, data.tokenizer(), progress=False,
+                 train_batches=tr.train_windows)  # fmt: skip
+    res = tr.fit()
+    assert (res.step, res.val_loss, res.best_val_loss) == (4, None, None)
+    assert (tmp_path / "run/checkpoints/best").read_text().strip() == "step_00000004"
+
+
+def test_an_interrupt_at_a_pause_is_reported_as_an_interrupt(tmp_path, corpus, monkeypatch):
+    """Ctrl-C during the step a pause ends on: the run says it was interrupted."""
+    import minimoe.train.trainer as trainer_mod
+
+    class Asked(trainer_mod.Interrupt):
+        def __enter__(self):
+            self.requested = True
+            return self
+
+    monkeypatch.setattr(trainer_mod, "Interrupt", Asked)
+    tr, _ = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=10", "train.eval_every=100")
+    res = tr.fit(stop_after=1)
+    assert (res.stopped, res.step) == ("interrupted", 1)
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, corpus, monkeypatch):
@@ -1126,6 +1228,56 @@ def test_time_limited_schedule_counts_the_warmup_in_steps_then_follows_the_clock
     assert seen(20, 90.0) == 1000  # past the budget: capped
     tc.max_minutes = None
     assert seen(5, 1e6) == 5
+
+
+def test_a_skipped_steps_losses_stay_out_of_the_row(tmp_path, corpus, monkeypatch):
+    """A step skipped for a non-finite loss adds nothing to the logging window: the next row's loss
+    parts are those of the step that was taken."""
+    from minimoe.model.transformer import Transformer
+
+    real, calls = Transformer.forward, {"n": 0}
+
+    def flaky(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if out.loss is not None and calls["n"] == 2:  # the second batch: NaN in the loss and its parts
+            out.loss = out.loss * float("nan")
+            out.losses = {k: v * float("nan") for k, v in out.losses.items()}
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", flaky)
+    _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=100")
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    for r in (r for r in rows if "loss" in r):
+        assert all(math.isfinite(r[k]) for k in ("loss", "ce", "aux", "z", "mtp", "router_z")), r
+
+
+def test_the_results_train_loss_is_the_last_rows(tmp_path, corpus):
+    """TrainResult.train_loss is the last row's loss: the mean over its window's steps."""
+    res = _train(tmp_path / "run", corpus, "train.max_steps=4", "train.eval_every=100", "train.log_every=4")
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert res.train_loss == [r for r in rows if "loss" in r][-1]["loss"]
+
+
+def test_a_resumed_session_pauses_after_its_own_steps(tmp_path, corpus):
+    """fit(stop_after=n) counts the steps of this session, from where a resume continues."""
+    common = ("train.max_steps=10", "train.eval_every=100")
+    tr, _ = _tiny_trainer(tmp_path, corpus, "run", *common)
+    assert tr.fit(stop_after=2).step == 2
+    tr, _ = _tiny_trainer(tmp_path, corpus, "run", *common, resume=True)
+    res = tr.fit(stop_after=2)
+    assert (res.stopped, res.step) == ("paused", 4)
+
+
+def test_time_limited_schedule_takes_the_step_the_clock_has_reached():
+    """The clock's step is the whole steps of the elapsed fraction: rounded down, not to the nearest."""
+    from types import SimpleNamespace
+
+    from minimoe.train.schedule import schedule_step
+
+    tc = SimpleNamespace(max_minutes=1.0, max_steps=1000, warmup_steps=0)
+    assert schedule_step(0, 29.97, tc) == 499  # 499.5 steps' worth of the budget
 
 
 def test_grad_clip_scales_the_gradient_to_the_clip_norm(tmp_path, corpus):
