@@ -1,6 +1,9 @@
 """Evaluation at its edges: perplexity's --limit and folder totals, the context/continuation token
 split when a BPE merge crosses the boundary, an empty continuation, generation seeds and per-file
-references, when final-answer accuracy is reported, and lm-eval's top_k and stop strings."""
+references, when final-answer accuracy is reported, and lm-eval's top_k and stop strings; the default
+window and stride, documents streamed in rounds, log-softmax chunks, greedy ties, choice ties and
+acc_norm's normaliser, minimal pairs' totals, and lm-eval's context cut, request order and empty
+continuation."""
 
 from __future__ import annotations
 
@@ -110,3 +113,149 @@ def test_lm_eval_generation_honours_top_k_and_every_until_string():
     lm = MinimoeLM(model=uni, tokenizer=tok, max_length=32)
     req = SimpleNamespace(args=("x", {"until": ["zz", "aaa"], "max_gen_toks": 6}))
     assert lm.generate_until([req]) == [""]  # the second stop string cuts too
+
+
+def test_perplexity_defaults_to_one_window_of_the_model_context_without_overlap(tmp_path):
+    model, tok = random_model(), Tokenizer.byte()
+    (tmp_path / "a.txt").write_text("".join(chr(97 + (i * 5) % 26) for i in range(150)))
+    res = evaluate_perplexity(model, tok, tmp_path / "a.txt")
+    assert (res["window"], res["stride"]) == (64, 64)  # the model context, no overlap
+    explicit = evaluate_perplexity(model, tok, tmp_path / "a.txt", window=64, stride=64)
+    assert res["loss"] == pytest.approx(explicit["loss"], rel=1e-6)
+
+
+def test_score_pairs_splits_the_log_softmax_into_chunks_without_mixing_rows(monkeypatch):
+    """A chunk of 3 rows at a time (LOGITS_PER_CHUNK) gives the same scores and greedy flags."""
+    import torch
+
+    from minimoe.eval import scoring
+
+    model = random_model()
+    ctx, greedy = [10, 20, 30], []
+    for _ in range(4):  # a continuation of argmax tokens: greedy
+        greedy.append(int(model(torch.tensor([ctx + greedy])).logits[0, -1].argmax()))
+    pairs = [([1, 2, 3], [4, 5, 6, 7, 8]), (ctx, greedy), ([9], [11, 12]), ([40, 41], [42])]
+    want = score_pairs(model, pairs, batch_size=2)
+    assert [s.greedy for s in want] == [False, True, False, False]
+    monkeypatch.setattr(scoring, "LOGITS_PER_CHUNK", 3 * model.lm_head.weight.shape[0])
+    got = score_pairs(model, pairs, batch_size=2)
+    assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-5)
+    assert [(s.greedy, s.n_tokens) for s in got] == [(s.greedy, s.n_tokens) for s in want]
+
+
+def test_choice_ties_go_to_the_first_choice_under_every_normalisation():
+    from minimoe.eval.tasks import choice_correct
+
+    # raw -3 = -3, per char and byte -1.5 = -1.5, per token -3 = -3: the first choice wins each tie
+    first = choice_correct([-3.0, -3.0, -5.0], [1, 1, 1], ["ab", "cd", "e"], label=0)
+    assert set(first.values()) == {1.0}
+    assert set(choice_correct([-3.0, -3.0, -5.0], [1, 1, 1], ["ab", "cd", "e"], label=1).values()) == {0.0}
+
+
+def test_accuracy_norm_divides_by_the_choice_not_the_delimiter(tmp_path):
+    """lm-eval's acc_norm divides by len(choice): the target delimiter it scores is not counted."""
+    from test_eval import UNIGRAM_PREFS
+
+    from minimoe.eval.tasks import evaluate_multiple_choice
+
+    model, logp = unigram_model(UNIGRAM_PREFS)
+    ll = {c: sum(logp[ord(ch)].item() for ch in " " + c) for c in ("a", "bbb")}  # " a", " bbb"
+    assert ll["a"] / 1 < ll["bbb"] / 3 and ll["a"] / 2 > ll["bbb"] / 4  # the delimiter would flip it
+    rows = [{"context": "Q:", "choices": ["a", "bbb"], "label": 1}]
+    res = evaluate_multiple_choice(model, Tokenizer.byte(), write_jsonl(tmp_path / "mc.jsonl", rows))
+    assert (res["accuracy"], res["accuracy_norm"], res["accuracy_per_byte"]) == (0.0, 1.0, 1.0)
+
+
+def test_minimal_pairs_compare_total_not_mean_log_probability(tmp_path):
+    from minimoe.eval.tasks import evaluate_minimal_pairs
+
+    model, _ = unigram_model({ord("a"): 4.0, ord("b"): 2.0})
+    # "b" and "bb" have the same mean log-prob per token; the total prefers the shorter one
+    rows = [{"sentence_good": "b", "sentence_bad": "bb"}, {"sentence_good": "bb", "sentence_bad": "b"}]
+    res = evaluate_minimal_pairs(model, Tokenizer.byte(), write_jsonl(tmp_path / "p.jsonl", rows))
+    assert res["accuracy"] == 0.5
+
+
+def test_lm_eval_loglikelihood_cuts_the_context_to_max_length():
+    from types import SimpleNamespace
+
+    from minimoe.eval.lm_eval import MinimoeLM
+
+    model, tok = random_model(), Tokenizer.byte()
+    lm = MinimoeLM(model=model, tokenizer=tok, max_length=16)
+    context = "the cat sat on the mat and the dog ran to"
+    ctx, cont = encode_pair(tok, context, " the ball")
+    want = token_logprobs(model, (ctx + cont)[-17:])[-len(cont) :].sum().item()  # the last 16 inputs
+    uncut = token_logprobs(model, ctx + cont)[-len(cont) :].sum().item()
+    assert want != pytest.approx(uncut, abs=1e-3)
+    [(got, _)] = lm.loglikelihood([SimpleNamespace(args=(context, " the ball"))], disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_lm_eval_rolling_answers_each_request_in_order():
+    from types import SimpleNamespace
+
+    from minimoe.eval.lm_eval import MinimoeLM
+
+    lm = MinimoeLM(model=random_model(), tokenizer=Tokenizer.byte(), batch_size=3, max_length=16)
+    texts = ["hi", "the cat sat on the mat and the dog ran", "a middle text"]
+    alone = [lm.loglikelihood_rolling([SimpleNamespace(args=(t,))], True)[0] for t in texts]
+    together = lm.loglikelihood_rolling([SimpleNamespace(args=(t,)) for t in texts], True)
+    assert together == pytest.approx(alone, abs=1e-5) and len(set(alone)) == 3
+
+
+def test_lm_eval_empty_continuation_is_log_one_and_greedy():
+    from types import SimpleNamespace
+
+    from minimoe.eval.lm_eval import MinimoeLM
+
+    lm = MinimoeLM(model=random_model(), tokenizer=Tokenizer.byte())
+    assert lm.loglikelihood([SimpleNamespace(args=("pick", ""))], disable_tqdm=True) == [(0.0, True)]
+
+
+def test_greedy_means_the_argmax_so_ties_go_to_the_lowest_id():
+    """As lm-eval's HF model (`logits.argmax(-1) == continuation`): under a uniform model only token 0
+    is the greedy choice."""
+    import torch
+
+    model = random_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0
+    assert [s.greedy for s in score_pairs(model, [([1], [0]), ([1], [5]), ([1], [0, 0])])] == [
+        True,
+        False,
+        True,
+    ]
+
+
+def test_choice_norm_counts_the_choices_own_whitespace():
+    """acc_norm and acc_bytes divide by len(choice) as given, surrounding spaces included (lm-eval)."""
+    from minimoe.eval.tasks import choice_correct
+
+    # by length as given: -3/3 > -2.2/2 (choice 0); stripped it would be -3/2 < -2.2/2 (choice 1)
+    got = choice_correct([-3.0, -2.2], [1, 1], [" ab", "cd"], label=0)
+    assert (got["accuracy_norm"], got["accuracy_per_byte"]) == (1.0, 1.0)
+
+
+def test_perplexity_streams_documents_in_rounds_without_losing_or_repeating_any(tmp_path, monkeypatch):
+    """Small encode batches and rounds (DOCS_PER_ENCODE, WINDOWS_PER_ROUND) give the totals of one
+    plain forward pass per document."""
+    from minimoe.eval import perplexity
+
+    monkeypatch.setattr(perplexity, "DOCS_PER_ENCODE", 2)
+    monkeypatch.setattr(perplexity, "WINDOWS_PER_ROUND", 3)
+    model, tok = random_model(), Tokenizer.byte()
+    docs = ["one", "doc two", "the third document", "four", "five is last"]
+    (tmp_path / "d.txt").write_text("\n<|endoftext|>\n".join(docs))
+    res = evaluate_perplexity(model, tok, tmp_path / "d.txt", window=8, stride=4)
+    n = sum(len(d) for d in docs)
+    assert (res["n"], res["tokens"], res["bytes"]) == (5, n, n)
+    nll = 0.0
+    for d in docs:  # slow reference: each document is shorter than the model context
+        nll -= token_logprobs(model, [tok.eos_id, *tok.encode(d)]).sum().item()
+    full = evaluate_perplexity(model, tok, tmp_path / "d.txt")  # window 64: one pass per document
+    assert full["loss"] == pytest.approx(nll / n, rel=1e-5)
+    monkeypatch.setattr(perplexity, "WINDOWS_PER_ROUND", 512)
+    assert res["loss"] == pytest.approx(
+        evaluate_perplexity(model, tok, tmp_path / "d.txt", window=8, stride=4)["loss"], rel=1e-6
+    )
