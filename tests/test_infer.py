@@ -159,6 +159,13 @@ def test_top_p_counts_equal_tokens_whose_mass_is_top_p_as_reaching_it():
     assert int(torch.isfinite(filter_logits(logits, top_k=10, top_p=0.6)).sum()) == 6
 
 
+def test_top_p_one_keeps_every_token_however_unlikely():
+    """top_p 1 switches the filter off: a token whose probability is far below any slack (e^-80) stays."""
+    logits = torch.tensor([[40.0, 0.0, -40.0]])
+    assert torch.isfinite(process_logits(logits, SamplingParams(temperature=1.0))).all()
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+
+
 def _reference_probs(row: list[float], params: SamplingParams) -> list[float]:
     """The sampling distribution by its definition, in Python floats: logits / temperature, keep the
     top_k largest, then the smallest prefix (largest first) of what is left whose renormalised mass
@@ -206,6 +213,18 @@ def test_sampling_respects_filters_and_seed():
     assert set(draws) == allowed
     again = [int(pick_tokens(logits, params, None, [torch.Generator().manual_seed(7)])) for _ in range(3)]
     assert len(set(again)) == 1  # same seed, same draw
+
+
+def test_pick_tokens_draws_each_row_from_its_own_distribution():
+    """Sampled tokens follow softmax(logits / temperature) of their own row, the last token included."""
+    want = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.0, 0.0, 0.6]], dtype=torch.float64)
+    params = SamplingParams(temperature=0.5)
+    logits = want.log() * params.temperature
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    counts = torch.zeros(2, 4)
+    for _ in range(2000):
+        counts[torch.arange(2), pick_tokens(logits, params, None, gens)] += 1
+    assert torch.allclose(counts / 2000, want.float(), atol=0.04), counts
 
 
 def test_unseeded_sampling_leaves_the_global_generator_alone():
@@ -1576,6 +1595,99 @@ def test_complete_keeps_prompt_order_in_batches():
     assert all(r.score is not None for r in beams)
 
 
+def test_a_prompt_longer_than_the_context_keeps_its_last_tokens():
+    """A prompt past the context is cut to its last max_position_embeddings - 1 tokens, leaving room
+    for one new token, in every decoder; max_new_tokens 0 generates nothing and runs no forward pass."""
+    model = tiny_model()  # max_position_embeddings 64
+    long = [(7 * i + 3) % 97 for i in range(100)]
+    (want,) = greedy_no_cache(model, long[-63:], 1)
+    assert list(generate_tokens(model, long, 5, temperature=0.0)) == [want]
+    assert collect(stream_batch(model, [long, PROMPTS[0]], 5, GREEDY), 2)[0] == [want]
+    assert beam_search(model, long, num_beams=2, max_new_tokens=5)[0].tokens == [want]
+    tok = LetterTokenizer()
+    text = "".join(chr(97 + t % 26) for t in long)
+    (res,) = complete(model, tok, [text], max_new_tokens=5, temperature=0.0, stop_ids=())
+    (alone,) = complete(model, tok, [text[-63:]], max_new_tokens=5, temperature=0.0, stop_ids=())
+    assert res.token_ids == alone.token_ids and len(res.token_ids) == 1 and res.finish_reason == "length"
+    # its one token is a stop token: it stopped, short of its budget
+    (res,) = complete(model, tok, [text], max_new_tokens=5, temperature=0.0, stop_ids=alone.token_ids)
+    assert res.token_ids == [] and res.finish_reason == "stop"
+    # the repetition penalty sees the kept tokens only: a token that was cut off may come next
+    kept = long[-63:]
+    logits = model(torch.tensor([kept])).logits[0, -1].tolist()
+    penalised = [(x / 1e6 if x > 0 else x * 1e6) if t in kept else x for t, x in enumerate(logits)]
+    nxt = max(range(len(penalised)), key=penalised.__getitem__)
+    assert nxt not in kept
+    got = list(generate_tokens(model, [nxt] * 20 + kept, 5, temperature=0.0, repetition_penalty=1e6))
+    assert got == [nxt]
+    stats = GenerationStats()
+    assert list(generate_tokens(model, [1, 2], 0, temperature=0.0, stats=stats)) == []
+    assert stats.forward_calls == 0 and stats.prompt_tokens == 0
+
+
+class EosShownTokenizer(LetterTokenizer):
+    """A LetterTokenizer whose decode writes the EOS token too (as its letter)."""
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_eos_ends_the_text_by_default_and_is_not_in_it():
+    """The tokenizer's EOS is the default stop token of stream_text, generate_text and complete: the
+    text ends before it, without it, even for a decoder that writes it; "" starts from the EOS token."""
+    model = tiny_model()
+    tok = EosShownTokenizer()
+    kw = dict(max_new_tokens=20, temperature=0.0)
+    full = list(generate_tokens(model, tok.encode("ab"), 20, temperature=0.0))
+    tok.eos_id = full[6]
+    cut = full[: full.index(tok.eos_id)]
+    assert generate_text(model, tok, "ab", **kw) == tok.decode(cut)
+    (res,) = complete(model, tok, ["ab"], **kw)
+    assert res.token_ids == cut and res.text == tok.decode(cut) and res.finish_reason == "stop"
+    (res,) = complete(model, tok, ["ab", "abcd"], batch_size=2, **kw)[:1]
+    assert res.token_ids == cut
+    empty = list(generate_tokens(model, [tok.eos_id], 20, temperature=0.0, stop_ids=(tok.eos_id,)))
+    assert generate_text(model, tok, "", **kw) == tok.decode(empty)
+    assert complete(model, tok, [""], **kw)[0].token_ids == empty
+
+
+def test_complete_with_beams_passes_the_stop_tokens_and_the_repetition_penalty():
+    """complete's beam search ends hypotheses at the EOS token and applies the repetition penalty, as
+    beam_search itself does with them."""
+    model = tiny_model()
+    tok = EosShownTokenizer()
+    ids = tok.encode("ab")
+    free = beam_search(model, ids, 2, 12, repetition_penalty=1e6)[0].tokens
+    assert free != beam_search(model, ids, 2, 12)[0].tokens
+    kw = dict(max_new_tokens=12, num_beams=2, repetition_penalty=1e6)
+    assert complete(model, tok, ["ab"], stop_ids=(), **kw)[0].token_ids == free
+    tok.eos_id = free[4]
+    (want,) = beam_search(model, ids, 2, 12, stop_ids=(tok.eos_id,), repetition_penalty=1e6)[:1]
+    assert want.finished and len(want.tokens) < 12
+    (res,) = complete(model, tok, ["ab"], **kw)
+    assert res.token_ids == want.tokens and res.finish_reason == "stop"
+
+
+def test_complete_stops_each_row_of_a_batch_on_its_own():
+    """In a batch, a row that meets a stop string or a stop token ends alone ("stop"), the others go on
+    to their budget ("length") as they would alone; a seed samples the same text at any batch size."""
+    tok = LetterTokenizer()
+    model = tiny_model()
+    prompts = ["abcdef", "ab", "abcd", "a", "zzzzzzz"]  # batched shortest first: rows and prompts differ
+    for kw in [
+        dict(temperature=0.0, stop=["cf"], stop_ids=()),  # prompts 0 and 2 stop
+        dict(temperature=0.0, stop_ids=(15,)),  # "p": every prompt but 3 stops
+        dict(temperature=1.0, top_k=10, seed=4, stop=["fi"]),  # prompts 0 and 2 stop
+    ]:
+        alone = [complete(model, tok, [p], max_new_tokens=12, **kw)[0] for p in prompts]
+        assert len({r.finish_reason for r in alone}) == 2, kw
+        for batch_size in (2, 5):
+            together = complete(model, tok, prompts, max_new_tokens=12, batch_size=batch_size, **kw)
+            assert [(r.token_ids, r.text, r.finish_reason) for r in together] == [
+                (r.token_ids, r.text, r.finish_reason) for r in alone
+            ], (kw, batch_size)
+
+
 # ----------------------------------------------------------------------------------- CLI (trained)
 
 
@@ -1720,6 +1832,37 @@ def test_cli_generation_options(trained_run, cli):
     assert code == 0 and sampled == again
     code, q8, err = cli(base + ["--quantize", "8", "--stats"])
     assert code == 0 and "(int8)" in err and q8.startswith("the cat")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_cli_flags_reach_complete(trained_run, cli, monkeypatch, batched):
+    """Every generation flag arrives at `complete` under its own name, one prompt at a time or batched."""
+    import minimoe.infer.generate as generate_mod
+
+    calls = []
+    real = generate_mod.complete
+
+    def spy(model, tok, prompts, **kw):
+        calls.append(kw)
+        return real(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(generate_mod, "complete", spy)
+    prompts = ["--prompt", "the cat", "--prompt", "a dog"] if batched else ["--prompt", "the cat"]
+    flags = [
+        "--max-new-tokens", "3", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9",
+        "--repetition-penalty", "1.3", "--seed", "11", "--stop", "xyz", "--batch-size", "4",
+    ]  # fmt: skip
+    code, _, _ = cli(["generate", str(trained_run), *prompts, *flags])
+    assert code == 0 and len(calls) == 1
+    want = dict(
+        max_new_tokens=3, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3, seed=11,
+        stop=["xyz"], num_beams=1, length_penalty=1.0, speculative=False, batch_size=4,
+    )  # fmt: skip
+    assert {k: calls[0][k] for k in want} == want
+    calls.clear()
+    code, _, _ = cli(["generate", str(trained_run), *prompts, "--max-new-tokens", "3", "--beams", "2",
+                      "--length-penalty", "0.3"])  # fmt: skip
+    assert code == 0 and calls[0]["num_beams"] == 2 and calls[0]["length_penalty"] == 0.3
 
 
 @pytest.mark.parametrize(
