@@ -379,10 +379,8 @@ def test_a_row_averages_the_steps_of_its_window(tmp_path, corpus):
             assert vio == pytest.approx(sum(r["max_vio"][layer] for r in each) / len(each), abs=2e-4)
 
 
-def test_tokens_per_s_is_the_windows_tokens_over_its_training_time(tmp_path, corpus, monkeypatch):
-    """Each training step made to take 2 s more: every row of a run that logs every 2 steps says 256
-    tokens in about 4 s, the later rows too and the row after a pause inside its window (the tokens and
-    seconds of the window's step before the pause come back with the checkpoint)."""
+def _slow_steps(monkeypatch, seconds: float) -> None:
+    """Make every training step seem to take `seconds` more on time.perf_counter's clock."""
     from minimoe.train.trainer import Trainer
 
     real_clock, offset = time.perf_counter, [0.0]
@@ -390,10 +388,17 @@ def test_tokens_per_s_is_the_windows_tokens_over_its_training_time(tmp_path, cor
     train_step = Trainer._train_step
 
     def slow_step(self):
-        offset[0] += 2.0
+        offset[0] += seconds
         return train_step(self)
 
     monkeypatch.setattr(Trainer, "_train_step", slow_step)
+
+
+def test_tokens_per_s_is_the_windows_tokens_over_its_training_time(tmp_path, corpus, monkeypatch):
+    """Each training step made to take 2 s more: every row of a run that logs every 2 steps says 256
+    tokens in about 4 s, the later rows too and the row after a pause inside its window (the tokens and
+    seconds of the window's step before the pause come back with the checkpoint)."""
+    _slow_steps(monkeypatch, 2.0)
     common = ("train.max_steps=6", "train.eval_every=100", "train.log_every=2")
     _paused_then_resumed(tmp_path, corpus, common, pause_at=3)
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -406,17 +411,7 @@ def test_tokens_per_s_is_the_windows_tokens_over_its_training_time(tmp_path, cor
 def test_tokens_per_s_counts_every_micro_batch(tmp_path, corpus, monkeypatch):
     """With train.grad_accum=2 a step trains 2 x 128 tokens: a step made to take 4 s more logs about
     64 tokens/s, and the row's tokens count both micro-batches."""
-    from minimoe.train.trainer import Trainer
-
-    real_clock, offset = time.perf_counter, [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
-    train_step = Trainer._train_step
-
-    def slow_step(self):
-        offset[0] += 4.0
-        return train_step(self)
-
-    monkeypatch.setattr(Trainer, "_train_step", slow_step)
+    _slow_steps(monkeypatch, 4.0)
     _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=100", "train.grad_accum=2")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for r in (r for r in rows if "loss" in r):
