@@ -70,36 +70,34 @@ def _read_rope(c: dict, rp: dict, attn: str) -> tuple[float, dict | None]:
             rs["mscale"], rs["mscale_all_dim"] = float(ms), float(ms_all)
         elif ms_all:
             rs["mscale_all_dim"] = float(ms_all)
-        if af is not None:
-            implied = (
-                yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
-                if ms and ms_all
-                else yarn_get_mscale(factor)
-            )
-            if not math.isclose(float(af), implied, rel_tol=1e-9):
-                # minimoe's cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) whenever both keys
-                # are present, falsy ones too: the exporter pins attention_factor for e.g. mscale=0.0
-                both = ms is not None and ms_all is not None
-                exact = yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all) if both else implied
-                if not math.isclose(float(af), exact, rel_tol=1e-9):
-                    raise MinimoeError(f"an MLA YaRN attention_factor of {af} has no minimoe equivalent")
-                rs["mscale"], rs["mscale_all_dim"] = float(ms), float(ms_all)
+        if af is not None and not math.isclose(
+            float(af), _hf_attention_factor(factor, ms, ms_all), rel_tol=1e-9
+        ):
+            # minimoe's cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) whenever both keys are
+            # present, falsy ones too: its exporter pins attention_factor for e.g. mscale=0.0 for transformers
+            both = ms is not None and ms_all is not None
+            if not (both and math.isclose(float(af), _mscale_ratio(factor, ms, ms_all), rel_tol=1e-9)):
+                raise MinimoeError(f"an MLA YaRN attention_factor of {af} has no minimoe equivalent")
+            rs["mscale"], rs["mscale_all_dim"] = float(ms), float(ms_all)
         return theta, rs
     # GQA: q.k is scaled by attention_factor^2 (RoPE covers the whole head). minimoe gives
     # mscale(f, m)^2 with mscale = mscale_all_dim = m (cos/sin factor 1, softmax factor mscale^2).
-    if af is None:
-        af = (
-            yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
-            if ms and ms_all
-            else yarn_get_mscale(factor)
-        )
-    af = float(af)
+    af = float(_hf_attention_factor(factor, ms, ms_all) if af is None else af)
     if factor > 1 and not math.isclose(af, yarn_get_mscale(factor), rel_tol=1e-12):
         m = (af - 1.0) / (0.1 * math.log(factor))
         rs["mscale"] = rs["mscale_all_dim"] = m
     elif factor <= 1 and af != 1.0:
         raise MinimoeError(f"a YaRN attention_factor of {af} with factor {factor} has no minimoe equivalent")
     return theta, rs
+
+
+def _mscale_ratio(factor: float, ms, ms_all) -> float:
+    return yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
+
+
+def _hf_attention_factor(factor: float, ms, ms_all) -> float:
+    """The cos/sin factor transformers derives when config.json gives no attention_factor."""
+    return _mscale_ratio(factor, ms, ms_all) if ms and ms_all else yarn_get_mscale(factor)
 
 
 def need(cond: bool, feature: str) -> None:

@@ -118,7 +118,9 @@ def _init_source(init_from: str, overrides: list[str]):
     # the checkpoint's own settings (its data path, its training recipe), then the overrides
     cfg = build_run_config(config_path=str(ckpt / "config.yaml"), overrides=overrides)
     cfg.data.tokenizer = str((ckpt / "tokenizer").resolve())
-    with torch.device("meta"):  # the shapes of both models, without their memory
+    # the shapes of both models on the meta device, before load_run allocates the new one (its memory check
+    # would otherwise refuse an override that changes a shape for the wrong reason); this refusal names it
+    with torch.device("meta"):
         wanted, saved = (Transformer(c).state_dict() for c in (cfg.model, read_config(ckpt).model))
     if {k: v.shape for k, v in wanted.items()} != {k: v.shape for k, v in saved.items()}:
         changed = [k for k in keys if k.startswith("model.")]
