@@ -1478,3 +1478,81 @@ def test_worker_signals_and_their_forwarding(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _nanogpt_headline():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "experiments" / "nanogpt_headline.py"
+    spec = importlib.util.spec_from_file_location("nanogpt_headline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nanogpt_baseline_is_gpt2_shaped_and_causal():
+    """The plain-nanoGPT baseline has GPT-2's parameters (12 d^2 per layer, learned positions, tied head,
+    bias-free LayerNorms), attends only backwards, and follows nanoGPT's warmup-then-cosine schedule."""
+    ng = _nanogpt_headline()
+    torch.manual_seed(0)
+    m = ng.NanoGPT()
+    L, d, V, T = 6, 192, 256, ng.WINDOW
+    assert sum(p.numel() for p in m.parameters()) == 12 * L * d * d + V * d + T * d + 2 * L * d + d
+    x = torch.randint(0, V, (2, T))
+    y = x.clone()
+    y[:, 70:] = (y[:, 70:] + 1) % V
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    assert torch.equal(a[:, :70], b[:, :70]) and not torch.allclose(a[:, 70:], b[:, 70:])
+    lr = [ng.cosine_lr(it, 1e-3, 1e-4, 100, 1100) for it in (0, 99, 100, 600, 1100, 5000)]
+    assert lr == pytest.approx([1e-3 / 101, 1e-3 * 100 / 101, 1e-3, 5.5e-4, 1e-4, 1e-4])
+
+
+def test_nanogpt_headline_scores_each_window_target_once():
+    """Both models of the headline are scored by one function: consecutive windows of WINDOW targets, each
+    target predicted from the ids before it in its window, a last partial window left out. Checked against a
+    loop over every position with a model whose logits depend on the input id and the position in the window."""
+    ng = _nanogpt_headline()
+    W, V = ng.WINDOW, 11
+    g = torch.Generator().manual_seed(3)
+    table, pos = torch.randn(V, V, generator=g), torch.randn(W, V, generator=g)
+    ids = torch.randint(0, V, (3 * W + 40,), generator=g).numpy()
+    got = ng.held_out_nats(lambda x: table[x] + pos[: x.shape[1]], ids, batch=2)
+    losses = [
+        -torch.log_softmax(table[ids[w * W + p]] + pos[p], -1)[ids[w * W + p + 1]]
+        for w in range(3)
+        for p in range(W)
+    ]
+    assert got == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+
+
+def test_nanogpt_headline_smoke(tmp_path):
+    """The headline script end to end on a generated corpus, two steps per run: both models train side by
+    side, are scored, and the paired report, its figure and the resumable results file are written; a second
+    call resumes (trains nothing) and reports the same seed."""
+    import subprocess
+    import sys
+
+    data = _corpus(tmp_path / "corpus.txt")
+    script = Path(__file__).parents[1] / "experiments" / "nanogpt_headline.py"
+    args = [
+        sys.executable,
+        str(script),
+        "--train",
+        str(data),
+        "--val",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    args += ["--seeds", "1", "--minutes", "1", "--max-steps", "2"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (result,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert result["nanogpt_tokens"] == 2 * 16 * 128 and result["tiny_tokens"] == 2 * 16 * 128
+    assert 1.0 < result["nanogpt"] < 9.0 and 1.0 < result["tiny"] < 9.0  # bits/byte of a barely trained model
+    assert (tmp_path / "out" / "nanogpt_headline.png").stat().st_size > 0
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "training both" not in again.stdout
+    assert f"| 1 | {result['tiny']:.4f} | {result['nanogpt']:.4f} |" in again.stdout
