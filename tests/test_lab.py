@@ -1530,10 +1530,12 @@ def test_nanogpt_headline_smoke(tmp_path):
     """The headline script end to end on a generated corpus, two steps per run: both models train side by
     side, are scored, and the paired report, its figure and the resumable results file are written; a second
     call resumes (trains nothing) and reports the same seed."""
+    import os
     import subprocess
     import sys
 
-    data = _corpus(tmp_path / "corpus.txt")
+    data, val = _corpus(tmp_path / "corpus.txt"), tmp_path / "val.txt"
+    val.write_text(data.read_text()[:3000])
     script = Path(__file__).parents[1] / "experiments" / "nanogpt_headline.py"
     args = [
         sys.executable,
@@ -1541,12 +1543,12 @@ def test_nanogpt_headline_smoke(tmp_path):
         "--train",
         str(data),
         "--val",
-        str(data),
+        str(val),
         "--out",
         str(tmp_path / "out"),
     ]
     args += ["--seeds", "1", "--minutes", "1", "--max-steps", "2"]
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     (result,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
