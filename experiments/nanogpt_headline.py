@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -189,8 +190,12 @@ def run_seed(args, seed: int) -> dict:
         gpt_cmd += ["--max-steps", str(args.max_steps)]
     moe_cmd = minimoe_command(args.train, args.val, moe_dir, seed, args.minutes, args.max_steps)
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in (moe_cmd, gpt_cmd)]
-    if any(p.wait() for p in procs):
-        raise SystemExit(f"seed {seed}: a training run failed (see its output above)")
+    try:
+        if any([p.wait() for p in procs]):
+            raise SystemExit(f"seed {seed}: a training run failed (see its output above)")
+    finally:  # stopped (Ctrl-C, SIGTERM) or failed: no run goes on training alone
+        for p in procs:
+            p.kill()
     torch.set_num_threads(1)
     moe_meta = json.loads(sorted(moe_dir.glob("checkpoints/*/meta.json"))[-1].read_text())
     return {
@@ -261,10 +266,18 @@ def main() -> None:
     done = (
         [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     )
-    for seed in args.seeds:
-        if any(r["seed"] == seed for r in done):
-            continue
-        print(f"seed {seed}: training both, {args.minutes} CPU-minutes each ...", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so run_seed's `finally` stops both runs
+    todo = [s for s in args.seeds if not any(r["seed"] == s for r in done)]
+    start = time.monotonic()
+    for i, seed in enumerate(todo):
+        eta = ""
+        if i:
+            left = (time.monotonic() - start) / i * (len(todo) - i)
+            eta = f", done at about {time.strftime('%H:%M', time.localtime(time.time() + left))}"
+        print(
+            f"seed {seed} ({i + 1} of {len(todo)}): training both, {args.minutes} CPU-minutes each{eta}",
+            flush=True,
+        )
         r = run_seed(args, seed)
         done.append(r)
         with open(results_file, "a") as f:
