@@ -100,3 +100,72 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------- shared value types and exit codes
+
+
+def test_integer_and_number_take_what_torch_takes():
+    import argparse
+
+    from minimoe.cli.args import integer, number
+
+    assert integer(str(2**63 - 1)) == 2**63 - 1 and integer(str(-(2**63))) == -(2**63)
+    assert integer("1_000") == 1000
+    for bad in (str(2**63), str(-(2**63) - 1), "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            integer(bad)
+    assert number("1e-3") == 1e-3
+    for bad in ("inf", "-inf", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            number(bad)
+
+
+def test_stop_string_reads_the_shell_escapes():
+    from minimoe.cli.args import stop_string
+
+    assert stop_string("\\n\\t") == "\n\t" and stop_string("end") == "end"
+
+
+def test_check_writable_leaves_no_probe_and_keeps_an_existing_file(tmp_path):
+    from minimoe.cli.args import check_writable
+    from minimoe.errors import MinimoeError
+
+    new = tmp_path / "sub" / "out.json"
+    check_writable(new, "--out")
+    assert not new.exists()  # the probe is gone: nothing is left if the command then fails
+    old = tmp_path / "old.json"
+    old.write_text("kept")
+    check_writable(old, "--out")
+    assert old.read_text() == "kept"
+    with pytest.raises(MinimoeError, match="is a directory"):
+        check_writable(tmp_path, "--out")
+
+
+def test_exit_codes_without_a_command_and_on_interrupt(monkeypatch, capsys):
+    import minimoe.cli.params as params
+
+    assert main([]) == 2  # no command: the help, as a usage error
+    assert "COMMAND" in capsys.readouterr().out
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(params, "run", interrupted)
+    assert main(["params", "tiny"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_overrides_anywhere_on_the_line_all_apply(monkeypatch):
+    """`minimoe params tiny A=1 --memory B=2`: overrides on both sides of an option reach the command."""
+    import minimoe.cli.params as params
+
+    seen = {}
+    monkeypatch.setattr(params, "run", lambda args: seen.update(overrides=args.overrides))
+    assert main(["params", "tiny", "model.num_hidden_layers=2", "--memory", "model.hidden_size=64"]) == 0
+    assert seen["overrides"] == ["model.num_hidden_layers=2", "model.hidden_size=64"]
+
+
+def test_an_unknown_option_with_a_value_is_not_an_override(capsys):
+    assert main(["params", "tiny", "--lrr=3"]) == 2
+    assert "unrecognized arguments: --lrr=3" in capsys.readouterr().err

@@ -110,3 +110,17 @@ def test_glibc_keeps_freed_memory_so_steps_stop_faulting_in_fresh_pages():
     assert _setting("1", GLIBC_TUNABLES="glibc.malloc.trim_threshold=0") == "False"
     assert _setting("1") == "True"
     assert keep_freed_memory("serve") is False
+
+
+def test_others_load_is_the_median_sample_not_a_spike(monkeypatch):
+    """A process that ran for one of the samples (a short spike) does not make the machine busy."""
+    import io
+
+    import minimoe.cli.main as cli
+
+    running = iter([1, 1, 6, 1, 1])  # procs_running, this process included
+    monkeypatch.setattr(
+        cli, "open", lambda *a, **k: io.StringIO(f"cpu 1 2\nprocs_running {next(running)}\n"), raising=False
+    )
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    assert cli._others_load() == 0.0

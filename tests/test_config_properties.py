@@ -252,6 +252,9 @@ def test_a_yaml_key_given_twice_is_refused_but_a_merge_may_be_overridden(tmp_pat
     d = load_yaml(path)
     assert d["train"] == {"lr": 0.002, "max_steps": 5} and d["model"] == {"lr": 1}
     assert d["ids"] == {1: "a", "1": "b"}
+    # two merges into one mapping (PyYAML's reading of `<<: [*a, *b]` written out) are not a repeat
+    path.write_text("a: &a {lr: 0.001}\nb: &b {max_steps: 5}\ntrain:\n  <<: *a\n  <<: *b\n")
+    assert load_yaml(path)["train"] == {"lr": 0.001, "max_steps": 5}
 
 
 @pytest.mark.parametrize(
@@ -306,3 +309,50 @@ def test_yaml_values_coerce_to_their_fields(tmp_path):
     # the old model key names are model keys only: another section names the key as given
     with pytest.raises(ConfigError, match="unknown config key 'train.n_layers'"):
         set_dotted(RunConfig(), "train.n_layers", "2")
+
+
+def test_text_settings_keep_what_was_typed():
+    """An override of a text setting is the text as typed, not what YAML would read it as (`no` is not
+    false, `0.10` is not the number 0.1)."""
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import build_run_config, set_dotted
+
+    cfg = RunConfig()
+    for key, value in (("train.sample_prompt", "no"), ("data.text_field", "0.10"), ("data.glob", "on")):
+        set_dotted(cfg, key, value)
+        assert getattr(cfg.train if key.startswith("train") else cfg.data, key.split(".")[1]) == value
+    # only the first `=` separates the key: the value may hold more
+    assert build_run_config(None, None, ["train.sample_prompt=x = 1"]).train.sample_prompt == "x = 1"
+
+
+def test_quoted_words_and_digit_groups_coerce_like_yaml_reads_them():
+    """A run's config.yaml is read without YAML's own typing of overrides: a quoted "yes"/"no" or
+    "10_000" there means what it means unquoted."""
+    from minimoe.config import TrainConfig
+    from minimoe.config_yaml import dataclass_from_dict
+
+    m = dataclass_from_dict(ModelConfig, {"tie_word_embeddings": "yes", "aux_free_bias": "no"})
+    assert (m.tie_word_embeddings, m.aux_free_bias) == (True, False)
+    assert dataclass_from_dict(TrainConfig, {"max_steps": "10_000"}).max_steps == 10_000
+
+
+def test_a_mapping_setting_refuses_a_plain_word():
+    from minimoe.config_yaml import build_run_config
+
+    with pytest.raises(ConfigError, match="model.rope_scaling must be a mapping"):
+        build_run_config(None, None, ["model.rope_scaling=yarn"])
+    yarn = "{type: yarn, factor: 4, original_max_position_embeddings: 512}"
+    cfg = build_run_config(None, None, [f"model.rope_scaling={yarn}"])
+    assert cfg.model.rope_scaling == {"type": "yarn", "factor": 4, "original_max_position_embeddings": 512}
+
+
+def test_a_run_config_error_names_the_section(tmp_path):
+    """A run directory's config.yaml is read with `dataclass_from_dict(RunConfig, ...)`: a bad key or
+    value names its section, as in a user's config file."""
+    from minimoe.config import RunConfig
+    from minimoe.config_yaml import dataclass_from_dict
+
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'; did you mean 'train.lr'"):
+        dataclass_from_dict(RunConfig, {"train": {"lrr": 1}})
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+        dataclass_from_dict(RunConfig, {"train": {"max_steps": "lots"}})

@@ -462,6 +462,43 @@ def test_hf_source_reads_a_folder_written_by_save_to_disk(tmp_path):
         list(open_source(f"hf:{tmp_path / 'both'}?split=dev").documents())
 
 
+def test_hf_source_split_column_config_and_identity(tmp_path):
+    """`hf:DIR` options offline: the train split by default, `?name=` picks a config a folder's README
+    declares, data.text_field picks the column (and is part of the prepared data's identity), a
+    missing column is one sentence, hidden files are not the data, and `.JSONL` reads like `.jsonl`."""
+    datasets = pytest.importorskip("datasets")
+
+    rows = {"text": [f"doc {i}" for i in range(1500)], "body": [f"body {i}" for i in range(1500)]}
+    held = {"text": ["held out"], "body": ["held body"]}
+    saved = tmp_path / "dd"
+    datasets.DatasetDict(
+        {"test": datasets.Dataset.from_dict(held), "train": datasets.Dataset.from_dict(rows)}
+    ).save_to_disk(str(saved))
+    spec = f"hf:{saved}"
+    assert list(open_source(spec).documents()) == rows["text"]  # train, every batch of rows
+    assert list(open_source(spec, text_field="body").documents()) == rows["body"]
+    assert open_source(spec, text_field="body").content_hash() != open_source(spec).content_hash()
+    with pytest.raises(MinimoeError, match=r"no column 'story' \(it has: text, body\)"):
+        list(open_source(spec, text_field="story").documents())
+    before = open_source(spec).content_hash()
+    (saved / ".DS_Store").write_bytes(b"finder")
+    assert open_source(spec).content_hash() == before
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "a.jsonl").write_text('{"text": "from a"}\n')
+    (configs / "b.jsonl").write_text('{"text": "from b"}\n')
+    (configs / "README.md").write_text(
+        "---\nconfigs:\n- config_name: first\n  data_files: a.jsonl\n"
+        "- config_name: second\n  data_files: b.jsonl\n---\n"
+    )
+    cache = str(tmp_path / "hf_cache")
+    assert list(open_source(f"hf:{configs}?name=second", cache_dir=cache).documents()) == ["from b"]
+
+    (tmp_path / "UP.JSONL").write_text('{"text": "upper"}\n')
+    assert list(open_source(f"hf:{tmp_path / 'UP.JSONL'}", cache_dir=cache).documents()) == ["upper"]
+
+
 def test_token_array_sources(tmp_path):
     ids = np.arange(300, dtype=np.uint16) % 258
     np.save(tmp_path / "t.npy", ids.astype(np.int32))

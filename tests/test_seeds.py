@@ -99,6 +99,51 @@ def test_seed_presets_carry_recipe_tokenizer_and_notes():
     assert not big.model.norm_topk_prob and big.model.kv_heads == big.model.num_attention_heads == 16
 
 
+def test_deepseek_v3_preset_has_the_published_yarn_scaling():
+    """HF deepseek-ai/DeepSeek-V3 config.json's rope_scaling (REFERENCE.md); the parameter counts
+    pinned above do not see it."""
+    assert get_preset("deepseek-v3").rope_scaling == {
+        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+    }  # fmt: skip
+
+
+def test_deepseek_moe_16b_recipe_is_the_papers_schedule():
+    """DeepSeekMoE paper, section 5.1: 2T tokens in batches of 4608 x 4096 tokens, and the step decay
+    (x0.316 at 80% and 90% of training) run as WSD: linear decay over the last 20% to 0.316^2 x lr."""
+    t = build_run_config("deepseek-moe-16b").train
+    tokens = t.max_steps * t.batch_size * t.grad_accum * t.seq_len
+    assert t.seq_len == 4096 and abs(tokens / 2e12 - 1) < 0.01, tokens
+    assert (t.warmup_steps, t.schedule, t.decay_fraction) == (2000, "wsd", 0.2)
+    assert t.min_lr_ratio == pytest.approx(0.316**2, rel=0.01)
+
+
+def test_mymoe_uses_the_switch_transformer_values_its_notes_name():
+    """NOTES: capacity factor 1.25, router jitter 0.01 and aux loss 0.01 (Switch Transformer), lr 3e-4
+    with 100 warmup steps like the sibling seeds, the document's sequence length 128."""
+    cfg = build_run_config("mymoe")
+    m, t = cfg.model, cfg.train
+    assert (m.capacity_factor, m.router_jitter, m.aux_loss_alpha) == (1.25, 0.01, 0.01)
+    assert (t.lr, t.warmup_steps, t.seq_len) == (3e-4, 100, 128)
+
+
+def test_quickstart_presets_train_a_bpe_of_their_own_vocabulary():
+    """`tiny` and `small` train a BPE on the data: its size must be the model's vocabulary (a smaller
+    one would leave embedding rows untrained, a larger one would not fit), and `tiny` stops at the
+    README's 8 minutes."""
+    for name in ("tiny", "small"):
+        cfg = build_run_config(name)
+        assert cfg.data.tokenizer == f"bpe:{cfg.model.vocab_size}", name
+    assert build_run_config("tiny").train.max_minutes == 8
+
+
+def test_preset_recipes_are_fresh_copies():
+    from minimoe.presets import preset_train_defaults
+
+    preset_train_defaults("tiny")["train.seq_len"] = 7
+    assert build_run_config("tiny").train.seq_len == 128
+
+
 def test_yaml_preset_key_brings_its_recipe(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("preset: optimal-moe\ntrain:\n  lr: 1.0e-4\n")
@@ -139,6 +184,15 @@ def test_a_yaml_preset_key_wins_over_the_preset_argument(tmp_path):
     cfg = build_run_config("tiny", str(f))
     assert cfg.model == get_preset("optimal-moe")
     assert (cfg.train.lr, cfg.train.seq_len, cfg.data.tokenizer) == (1e-4, 512, "gpt2")
+
+
+def test_a_config_file_without_a_preset_key_keeps_the_preset_argument(tmp_path):
+    """`minimoe train --preset tiny --config c.yaml`: the file's settings go over the preset."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1.0e-4\n")
+    cfg = build_run_config("tiny", str(f))
+    assert cfg.model == get_preset("tiny")
+    assert (cfg.train.lr, cfg.train.seq_len, cfg.data.tokenizer) == (1e-4, 128, "bpe:4096")
 
 
 def test_config_presets_and_yaml_form_no_cycle():
