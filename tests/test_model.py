@@ -636,3 +636,32 @@ def test_param_counts_with_tied_weights_and_two_mtp_depths_match_the_real_module
     }  # fmt: skip
     assert mem["bf16"]["weights"] == 2 * n and mem["bf16"]["gradients"] == 2 * n
     assert mem["bf16"]["adamw_state"] == 12 * n and mem["bf16"]["training_total"] == 16 * n
+
+
+def test_balance_step_skips_layers_the_model_does_not_hold():
+    """A pipeline stage holds some MoE layers only: the step's loads of every layer reach each stage,
+    which moves the biases it holds and ignores the rest."""
+    from minimoe.train.balance import balance_step
+
+    model = Transformer(tiny_cfg(bias_update_speed=0.01))
+    held = dict(list(model.moe_layers().items())[:1])
+    (i,) = held
+
+    class Stage:
+        def moe_layers(self):
+            return held
+
+    loads = {j: torch.randperm(6).float() for j in model.moe_layers()}
+    assert len(loads) > 1
+    balance_step(Stage(), loads)  # no KeyError for the layers of other stages
+    assert held[i].gate.e_score_correction_bias.abs().max().item() == pytest.approx(0.01)
+
+
+def test_bias_ranges_are_min_then_max_per_layer():
+    from minimoe.train.balance import bias_ranges
+
+    model = Transformer(tiny_cfg(bias_update_speed=0.01))
+    for i, moe in model.moe_layers().items():
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([0.5, -0.25, 0.0, 0.125, -1.0, 2.0]) * (i + 1))
+    ranges = bias_ranges(model)
+    assert ranges == {str(i): [-1.0 * (i + 1), 2.0 * (i + 1)] for i in model.moe_layers()}

@@ -207,3 +207,12 @@ def test_moe_pads_expert_rows_only_for_low_precision_on_cpu(monkeypatch):
     assert seen[0] == routed and sum(routed) == 300
     assert seen[1] == [(c + 63) // 64 * 64 for c in routed]
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+)
+def test_autocast_context_runs_matmuls_in_the_named_precision(precision, dtype):
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with precision_lib.autocast_context(precision, CPU):
+        assert (a @ b).dtype == dtype

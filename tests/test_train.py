@@ -1612,3 +1612,89 @@ def test_check_weights_names_a_missing_or_unexpected_tensor(tmp_path):
         ckpt_lib.check_weights({"weight": sd["weight"]}, model, tmp_path)
     with pytest.raises(MinimoeError, match=r"bias: \(4,\) in the file, \(3,\) in the model"):
         ckpt_lib.check_weights({**sd, "bias": torch.zeros(4)}, model, tmp_path)
+
+
+def test_expert_health_names_layers_and_holds_the_default_dominance_line():
+    """Dead and dominant experts are reported by their layer index (not the layer's position in the
+    dict), and with the default factor an expert is dominant only over 4x its fair share: exactly 4x
+    (or 3x) is not. A layer that got no tokens reports every expert dead and zero fractions, not NaN."""
+    from minimoe.train.health import expert_health
+
+    h = expert_health({
+        2: torch.tensor([2, 2, 2, 2, 2, 2, 2, 2]),
+        5: torch.tensor([8, 6, 2, 0, 0, 0, 0, 0]),  # 4x and 3x the fair 1/8
+        7: torch.tensor([9, 1, 1, 1, 1, 1, 1, 1]),  # 4.5x
+        9: torch.tensor([0, 0, 0, 0, 0, 0, 0, 0]),
+    })  # fmt: skip
+    assert h["dominant_experts"] == [[7, 0]]
+    assert h["dead_experts"] == [[5, e] for e in range(3, 8)] + [[9, e] for e in range(8)]
+    assert h["load_frac"]["9"] == [0.0] * 8
+    assert json.loads(json.dumps(h, allow_nan=False)) == h  # a metrics row: valid JSON
+
+
+def test_resume_accepts_training_only_model_changes_and_names_any_other(tmp_path, corpus):
+    """A resume may change how the model trains (balancing speed, loss weights) and extend its context;
+    a setting that changes what the weights compute is refused with one sentence naming it."""
+    common = ("train.max_steps=6", "train.eval_every=100")
+    first, _ = _tiny_trainer(tmp_path, corpus, "run", *common)
+    first.fit(stop_after=1)
+    extended, _ = _tiny_trainer(tmp_path, corpus, "run", *common, "model.bias_update_speed=0.01",
+                                "model.z_loss_coef=0.01", "model.max_position_embeddings=128",
+                                resume=True)  # fmt: skip
+    assert extended.step == 1
+    with pytest.raises(MinimoeError, match=r"trained with model\.rope_theta=10000\.0, not 5000\.0"):
+        _tiny_trainer(tmp_path, corpus, "run", *common, "model.rope_theta=5000", resume=True)
+
+
+def test_the_write_probe_leaves_the_output_directory_as_it_was(tmp_path):
+    from minimoe.train.state import check_run_dir_writable
+
+    check_run_dir_writable(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_interrupt_flags_the_first_signal_raises_on_the_second_and_restores_handlers():
+    """SIGTERM (a scheduler's stop) asks the loop to stop as Ctrl-C does; a second signal stops at once;
+    leaving the context puts the previous handlers back."""
+    from minimoe.train.interrupt import Interrupt
+
+    seen: list[int] = []
+    guard = {
+        s: signal.signal(s, lambda signum, frame: seen.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        before = {s: signal.getsignal(s) for s in guard}
+        for first in (signal.SIGTERM, signal.SIGINT):
+            with Interrupt() as interrupt:
+                assert not interrupt.requested
+                os.kill(os.getpid(), first)
+                assert interrupt.requested
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+            assert {s: signal.getsignal(s) for s in before} == before
+        assert seen == []  # no signal got past the trainer's handler
+    finally:
+        for s, old in guard.items():
+            signal.signal(s, old)
+
+
+def test_interrupt_outside_the_main_thread_installs_nothing():
+    """A trainer run in a worker thread (signals can only be handled in the main one) still trains."""
+    import threading
+
+    from minimoe.train.interrupt import Interrupt
+
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            with Interrupt() as interrupt:
+                assert not interrupt.requested
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert errors == []
