@@ -238,7 +238,7 @@ def _figure(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for r in results:
         ax.plot([0, 1], [r["nanogpt"], r["tiny"]], "o-", color="tab:gray", alpha=0.7)
-    ax.set_xticks([0, 1], ["nanoGPT (dense)", "minimoe `tiny` (MoE)"])
+    ax.set_xticks([0, 1], ["nanoGPT (dense, fp32)", "minimoe tiny (MoE)"])
     ax.set_ylabel("held-out bits/byte (lower is better)")
     ax.set_title("same CPU-minutes, paired by seed", fontsize=10)
     fig.tight_layout()
