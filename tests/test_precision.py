@@ -21,20 +21,48 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(
-    "avx512_bf16, amx, want", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]
-)
-def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, avx512_bf16, amx, want):
+    "avx512_bf16, amx, speedup, want",
+    [(True, False, 2.0, "bf16"), (False, True, 2.0, "bf16"), (False, False, 2.0, "fp32"), (True, True, 0.6, "fp32"),
+     (True, False, 1.09, "fp32")],
+)  # fmt: skip
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_faster(
+    monkeypatch, avx512_bf16, amx, speedup, want
+):
+    """auto is bf16 on a CPU that has bf16 instructions and runs bf16 products measurably faster than fp32
+    (a 2-core Intel Xeon with AVX-512 BF16 ran them at 0.6x): the flag alone does not choose it."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(precision_lib, "cpu_bf16_speedup", lambda threads: speedup)
     assert precision_lib.resolve_precision("auto", CPU) == want
     for named in ("fp32", "bf16"):  # a named precision is kept whatever the hardware
         assert precision_lib.resolve_precision(named, CPU) == named
     assert precision_lib.resolve_precision("auto", torch.device("meta")) == "fp32"
 
 
+def test_bf16_speedup_is_timed_at_the_runs_threads(tmp_path, corpus, monkeypatch):
+    """The trainer sets train.threads before auto times bf16 against fp32: the lab's one-thread runs are
+    decided at one thread. The measurement itself is a positive ratio, cached per thread count."""
+    seen = []
+    monkeypatch.setattr(precision_lib, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision_lib, "cpu_bf16_speedup", lambda threads: seen.append(threads) or 0.5)
+    threads = torch.get_num_threads()
+    try:
+        overrides = TINY_TRAIN + [f"data.path={corpus}", "train.max_steps=1", "train.precision=auto"]
+        train_from_config(overrides=overrides + ["train.threads=1"], run_dir=tmp_path / "run", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["precision"] == "fp32"
+    monkeypatch.undo()
+    first = precision_lib.cpu_bf16_speedup(1)
+    assert 0 < first < 100 and precision_lib.cpu_bf16_speedup(1) == first
+
+
 @pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])
 def test_a_run_records_the_precision_auto_chose(tmp_path, corpus, monkeypatch, native, want):
     monkeypatch.setattr(precision_lib, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision_lib, "cpu_bf16_speedup", lambda threads: 2.0)
     overrides = TINY_TRAIN + [f"data.path={corpus}", "train.max_steps=2", "train.precision=auto"]
     res = train_from_config(overrides=overrides, run_dir=tmp_path / "run", progress=False)
     assert res.step == 2 and res.val_loss == res.val_loss  # trained, finite

@@ -127,11 +127,12 @@ class Trainer:
         check_loggers(tc)  # before a resume writes config.yaml
         self.ctx = ctx if ctx is not None else DistContext(device=resolve_device(tc.device))
         self.device = self.ctx.device
-        tc.precision = resolve_precision(tc.precision, self.device)  # config.yaml records what ran
-        if tc.precision == "fp16" and self.device.type != "cuda":
-            raise MinimoeError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        # config.yaml records what ran; auto's choice on a CPU is timed at the run's threads
+        tc.precision = resolve_precision(tc.precision, self.device)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise MinimoeError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
