@@ -41,7 +41,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_faster(
 
 def test_bf16_speedup_is_timed_at_the_runs_threads(tmp_path, corpus, monkeypatch):
     """The trainer sets train.threads before auto times bf16 against fp32: the lab's one-thread runs are
-    decided at one thread. The measurement itself is a positive ratio, cached per thread count."""
+    decided at one thread. The measurement itself runs at the threads it is given, puts the process's back,
+    and is a positive ratio, cached per thread count."""
     seen = []
     monkeypatch.setattr(precision_lib, "native_bf16", lambda device: True)
     monkeypatch.setattr(precision_lib, "cpu_bf16_speedup", lambda threads: seen.append(threads) or 0.5)
@@ -55,8 +56,12 @@ def test_bf16_speedup_is_timed_at_the_runs_threads(tmp_path, corpus, monkeypatch
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["precision"] == "fp32"
     monkeypatch.undo()
+    precision_lib.cpu_bf16_speedup.cache_clear()
+    calls, real = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
     first = precision_lib.cpu_bf16_speedup(1)
-    assert 0 < first < 100 and precision_lib.cpu_bf16_speedup(1) == first
+    assert calls == [1, threads] and torch.get_num_threads() == threads  # timed at 1, the process's put back
+    assert 0 < first < 100 and precision_lib.cpu_bf16_speedup(1) == first and calls == [1, threads]
 
 
 @pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])

@@ -33,6 +33,7 @@ def cpu_bf16_speedup(threads: int) -> float:
     products ran at 0.6x fp32's speed and `tiny` trained at 0.74x, while on an AMD EPYC with the flag bf16
     trained `tiny` at 1.34x (BENCHMARKS.md, "Training throughput at small scale", ratio E)."""
     a, b = torch.randn(1024, 256), torch.randn(256, 512)
+    previous = torch.get_num_threads()
 
     def best(fn) -> float:
         fn()  # oneDNN builds its kernel on first use
@@ -44,7 +45,11 @@ def cpu_bf16_speedup(threads: int) -> float:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    return best(lambda: a @ b) / best(lambda: a.bfloat16() @ b.bfloat16())
+    torch.set_num_threads(threads)
+    try:
+        return best(lambda: a @ b) / best(lambda: a.bfloat16() @ b.bfloat16())
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
