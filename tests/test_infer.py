@@ -652,7 +652,7 @@ def test_static_decode_compiles_and_runs_each_graph_at_one_thread_count(monkeypa
     from minimoe.infer.static import StaticDecode
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    model = tiny_model(mtp_depth=1)
+    model = tiny_model(mtp_depth=1, num_hidden_layers=2)
     # a step of one row (two tokens) is small, one of two rows (four tokens) is not
     monkeypatch.setattr(common, "SINGLE_THREAD_DECODE_FLOPS", common.decode_flops(model, 3))
     saved = torch.get_num_threads()
@@ -774,7 +774,7 @@ def test_many_static_decodes_in_one_process_stay_under_dynamo_recompile_limit():
     from minimoe.infer.static import StaticDecode, static_greedy
 
     torch._dynamo.reset()
-    model = tiny_model()
+    model = tiny_model(num_hidden_layers=2)
     want = greedy_no_cache(model, PROMPTS[0], 6)
     for slots in (1, 3):  # 1 and 2 row buckets
         for max_len in (20, 64):  # 1 and 2 position buckets: 9 graphs of the one-token step, past the 8
@@ -989,7 +989,7 @@ def test_compiled_static_decode_in_the_engine_equals_eager():
     from minimoe.infer.static import StaticDecode
 
     torch._dynamo.reset()
-    model = tiny_model()
+    model = tiny_model(num_hidden_layers=2)  # a dense layer and a MoE layer: a third is compile time
     want = _static_run(model, lambda pool: pool, steps=5)
     got = _static_run(model, lambda pool: StaticDecode(pool), steps=5)
     for a, b in zip(got, want):
@@ -1006,7 +1006,7 @@ def test_compiled_speculative_step_of_one_row_equals_the_eager_one():
     from minimoe.infer.static import StaticDecode
 
     torch._dynamo.reset()
-    model = tiny_model(mtp_depth=1)
+    model = tiny_model(mtp_depth=1, num_hidden_layers=2)
     pools = [SlotPool(model, 1, max_len=16, mtp=True) for _ in range(2)]
     got = []
     for decoder, pool in ((pools[0], pools[0]), (StaticDecode(pools[1]), pools[1])):
