@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,11 +163,11 @@ def score_minimoe(run: Path, val_file: Path) -> float:
     from minimoe.train.checkpoint import load_run
 
     model, tokenizer, _, _ = load_run(run, which="latest")
-    text = val_file.read_text(encoding="utf-8")
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    if len(ids) != len(val_file.read_bytes()):
+    if tokenizer.kind != "byte":
         raise SystemExit(f"{run} was not trained on byte tokens (data.tokenizer=byte)")
-    return held_out_nats(lambda x: model(x).logits, ids)
+    # the file's bytes as they are, as nanoGPT reads them: a document separator written in it
+    # ("<|endoftext|>") is scored as its 13 bytes, though minimoe's byte tokenizer trained on it as one token
+    return held_out_nats(lambda x: model(x).logits, np.frombuffer(val_file.read_bytes(), dtype=np.uint8))
 
 
 def minimoe_command(
@@ -181,6 +182,14 @@ def minimoe_command(
     ]  # fmt: skip
 
 
+def trained(moe_dir: Path, gpt_dir: Path, args) -> bool:
+    """Both runs of a seed finished training (a seed stopped while scoring is scored again, not retrained)."""
+    from minimoe.lab.sweep import run_state
+
+    done = run_state(moe_dir, args.max_steps or 1_000_000, args.minutes) == "done"
+    return done and (gpt_dir / "train.json").exists()
+
+
 def run_seed(args, seed: int) -> dict:
     """Both models of one seed side by side (two processes, one thread each), then both scored."""
     moe_dir, gpt_dir = args.out / f"tiny-{seed}", args.out / f"nanogpt-{seed}"
@@ -189,13 +198,17 @@ def run_seed(args, seed: int) -> dict:
     if args.max_steps:
         gpt_cmd += ["--max-steps", str(args.max_steps)]
     moe_cmd = minimoe_command(args.train, args.val, moe_dir, seed, args.minutes, args.max_steps)
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in (moe_cmd, gpt_cmd)]
-    try:
-        if any([p.wait() for p in procs]):
-            raise SystemExit(f"seed {seed}: a training run failed (see its output above)")
-    finally:  # stopped (Ctrl-C, SIGTERM) or failed: no run goes on training alone
-        for p in procs:
-            p.kill()
+    if not trained(moe_dir, gpt_dir, args):  # a seed stopped while training starts again from scratch
+        print(f"seed {seed}: training both, {args.minutes} CPU-minutes each", flush=True)
+        for d in (moe_dir, gpt_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in (moe_cmd, gpt_cmd)]
+        try:
+            if any([p.wait() for p in procs]):
+                raise SystemExit(f"seed {seed}: a training run failed (see its output above)")
+        finally:  # stopped (Ctrl-C, SIGTERM) or failed: no run goes on training alone
+            for p in procs:
+                p.kill()
     torch.set_num_threads(1)
     moe_meta = json.loads(sorted(moe_dir.glob("checkpoints/*/meta.json"))[-1].read_text())
     return {
@@ -274,10 +287,7 @@ def main() -> None:
         if i:
             left = (time.monotonic() - start) / i * (len(todo) - i)
             eta = f", done at about {time.strftime('%H:%M', time.localtime(time.time() + left))}"
-        print(
-            f"seed {seed} ({i + 1} of {len(todo)}): training both, {args.minutes} CPU-minutes each{eta}",
-            flush=True,
-        )
+        print(f"seed {seed} ({i + 1} of {len(todo)}){eta}", flush=True)
         r = run_seed(args, seed)
         done.append(r)
         with open(results_file, "a") as f:

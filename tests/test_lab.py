@@ -1528,14 +1528,16 @@ def test_nanogpt_headline_scores_each_window_target_once():
 
 def test_nanogpt_headline_smoke(tmp_path):
     """The headline script end to end on a generated corpus, two steps per run: both models train side by
-    side, are scored, and the paired report, its figure and the resumable results file are written; a second
-    call resumes (trains nothing) and reports the same seed."""
+    side, are scored (on the held-out file's bytes as they are, a document separator written in it
+    included), and the paired report, its figure and the resumable results file are written; a second
+    call resumes (trains nothing) and reports the same seed; a seed whose runs finished but whose scores
+    were lost is scored again, not retrained."""
     import os
     import subprocess
     import sys
 
     data, val = _corpus(tmp_path / "corpus.txt"), tmp_path / "val.txt"
-    val.write_text(data.read_text()[:3000])
+    val.write_text(data.read_text()[:1500] + "<|endoftext|>" + data.read_text()[1500:3000])
     script = Path(__file__).parents[1] / "experiments" / "nanogpt_headline.py"
     args = [
         sys.executable,
@@ -1558,3 +1560,7 @@ def test_nanogpt_headline_smoke(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "training both" not in again.stdout
     assert f"| 1 | {result['tiny']:.4f} | {result['nanogpt']:.4f} |" in again.stdout
+    (tmp_path / "out" / "results.jsonl").unlink()
+    rescored = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rescored.returncode == 0 and "training both" not in rescored.stdout
+    assert f"| 1 | {result['tiny']:.4f} | {result['nanogpt']:.4f} |" in rescored.stdout
