@@ -241,6 +241,23 @@ def test_truncation_drops_and_counts_conversations_without_a_target(tok, caplog)
     assert x.tolist() == ids[:48].tolist() and y.tolist() == np.where(mask[1:49], ids[1:49], -100).tolist()
 
 
+def test_read_conversations_prompt_response_lines(tmp_path):
+    """A `{"prompt", "response"}` line becomes a user and an assistant turn, after its `system` message
+    when the line has one."""
+    data = tmp_path / "pr.jsonl"
+    data.write_text(
+        '{"prompt": "q1", "response": "a1"}\n{"system": "be brief", "prompt": "q2", "response": "a2"}\n'
+    )
+    assert read_conversations(data) == [
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+        ],
+    ]
+
+
 def test_read_conversations_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')

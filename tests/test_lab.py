@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,7 +321,10 @@ def test_inspect_numbers_add_up(trained):
 
     # the hooks see exactly what the model's own routing statistics count
     x = torch.tensor([ids[:32], ids[32:64]])
+    model.train()
     routing = lab_inspect.route_ids(model, x)
+    assert model.training  # routed in eval mode, then put back as it was
+    model.eval()
     with torch.no_grad():
         out = model(x)
     for i, st in out.moe_stats.items():
@@ -351,6 +356,72 @@ def test_inspect_text_and_cli(trained, tmp_path, capsys):
     assert "layer 1" in capsys.readouterr().out
     assert main(["inspect", str(run)]) == 2
     assert "--text" in capsys.readouterr().err
+
+
+def test_inspect_windows_documents_and_views(trained, tmp_path):
+    """A text longer than the context is routed window by window; a corpus sample joins its documents
+    with EOS and caps its windows at the context; the HTML page and the terminal view colour each token
+    by its top-1 expert (and write expert ids where colours run out), escape the text, and the
+    co-activation figure leaves the diagonal blank."""
+    from minimoe.train.checkpoint import load_run
+
+    run, _ = trained
+    model, tok, _, _ = load_run(run)
+    L = model.cfg.max_position_embeddings
+    assert lab_inspect.token_strings(tok, [104, 0xC3]) == ["h", "\\xc3"]  # half a character shows its byte
+
+    text = "the cat sat on the mat. " * (2 * L // 24 + 1)
+    tr = lab_inspect.route_text(model, tok, text)
+    ids = tok.encode(text)
+    assert len(ids) > L and tr.layers[1].topk_idx.shape[0] == len(ids)
+    second = lab_inspect.route_ids(model, torch.tensor([ids[L : 2 * L]]))[1]
+    assert torch.equal(tr.layers[1].topk_idx[L : 2 * L], second.topk_idx)
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "ab"}\n{"text": "cd"}\n')
+    assert lab_inspect.corpus_ids(str(docs), tok, 100) == [
+        *tok.encode("ab"),
+        tok.eos_id,
+        *tok.encode("cd"),
+        tok.eos_id,
+    ]
+    wide = lab_inspect.corpus_stats(model, tok, ids, seq_len=10 * L)  # past the context: windows of L
+    assert wide == lab_inspect.corpus_stats(model, tok, ids)
+
+    tr = lab_inspect.route_text(model, tok, "a<b>&c")
+    top1 = [row[0] for row in tr.layers[1].topk_idx.tolist()]
+    page = lab_inspect.text_html(tr)
+    assert "<b>" not in page and "&lt;" in page and "&amp;" in page
+    layer_row = page[page.index("layer 1</div>") :]
+    colours = re.findall(r'style="background:(#[0-9a-f]{6})"', layer_row)[: len(top1)]
+    assert colours == [lab_inspect.expert_color(e, tr.n_experts) for e in top1]
+    pal = lab_inspect.terminal_palette()
+    line = lab_inspect.rich_text_view(tr).renderables[1]  # layer 1
+    assert [str(span.style) for span in line.spans] == [f"black on color({pal[e]})" for e in top1]
+    assert "[" not in line.plain
+    crowded = lab_inspect.TextRouting(tr.tokens, tr.ids, tr.layers, len(pal) + 1, tr.n_shared)
+    assert f"[{top1[0]}]" in lab_inspect.rich_text_view(crowded).renderables[1].plain
+
+    stats = lab_inspect.corpus_stats(model, tok, ids[:200])
+    fig = lab_inspect.coactivation_figure(stats)
+    shown = fig.axes[0].images[0].get_array()
+    assert bool(np.all(np.isnan(np.ma.getdata(shown).diagonal()) | np.ma.getmaskarray(shown).diagonal()))
+
+
+def test_terminal_palette_is_readable_under_black_text():
+    """Every colour of the terminal palette keeps black text readable (WCAG contrast against black at
+    least 4.5:1, WCAG AA) and is not near-white (contrast against white above 1.1:1), all distinct."""
+
+    def rel_luminance(hex_colour: str) -> float:
+        c = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        lin = [x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in c]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    pal = lab_inspect.terminal_palette()
+    assert len(set(pal)) == len(pal) >= 16
+    for idx in pal:
+        lum = rel_luminance(lab_inspect._index_hex(idx))
+        assert (lum + 0.05) / 0.05 >= 4.5 and 1.05 / (lum + 0.05) > 1.1, idx
 
 
 def test_inspect_refuses_a_dense_model(tmp_path):
