@@ -786,3 +786,38 @@ def test_sft_defaults_from_the_data_and_the_source_run(base_run, tmp_path):
     assert (res.max_steps, res.steps, cfg.train.max_steps, cfg.train.warmup_steps) == (11, 11, 11, 1)
     assert cfg.train.lr == pytest.approx(base_cfg.train.lr * 0.1)
     assert (res.examples, res.dropped) == (25, 1)
+    # gradient accumulation: an optimizer step takes two batches, so 10.5 batches are 6 steps
+    accum = ["train.seq_len=48", "train.batch_size=4", "train.grad_accum=2"]
+    assert (
+        finetune(base_run / "base", data, tmp_path / "accum", accum, epochs=1.5, progress=False).max_steps
+        == 6
+    )
+
+
+def test_sft_trains_with_the_dropout_it_is_given(base_run, tmp_path, monkeypatch):
+    """model.dropout and model.attn_dropout overrides reach the loaded model's modules (which were built
+    with the source run's values)."""
+    from minimoe.finetune.sft import finetune
+    from minimoe.train.trainer import Trainer
+
+    seen = {}
+    init = Trainer.__init__
+
+    def spy(self, *args, **kw):
+        seen["dropout"] = {m.p for m in kw["model"].modules() if isinstance(m, torch.nn.Dropout)}
+        seen["attn"] = {blk.self_attn.attn_dropout for blk in kw["model"].layers}
+        init(self, *args, **kw)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    overrides = [*SEQ_TRAIN, "train.max_steps=1", "model.dropout=0.25", "model.attn_dropout=0.125"]
+    finetune(base_run / "base", base_run / "chat.jsonl", tmp_path / "drop", overrides, progress=False)
+    assert seen == {"dropout": {0.25}, "attn": {0.125}}
+
+
+def test_each_epoch_has_its_own_order(tok):
+    """The batches of one epoch come in a seeded order, and the next epoch in another one."""
+    convs = [_conv("q" * (i + 1), "a") for i in range(12)]
+    ex, _ = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=64)
+    firsts = [next(batches(ex, 1, tok.pad_id, seed=0, epoch=e))[0].tolist() for e in range(4)]
+    assert len({str(f) for f in firsts}) > 1
+    assert firsts[0] == next(batches(ex, 1, tok.pad_id, seed=0, epoch=0))[0].tolist()
