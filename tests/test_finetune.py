@@ -814,6 +814,21 @@ def test_sft_trains_with_the_dropout_it_is_given(base_run, tmp_path, monkeypatch
     assert seen == {"dropout": {0.25}, "attn": {0.125}}
 
 
+def test_packing_shuffles_the_conversations_by_seed(tok):
+    """Packing concatenates the conversations in a seeded random order, not the file's."""
+    convs = [_conv("q" * (i + 1), "a") for i in range(12)]
+    in_order = np.concatenate([encode_conversation(tok, c, DEFAULT_CHAT_TEMPLATE)[0] for c in convs])
+
+    def stream(seed: int) -> list[int]:
+        packed, _ = build_examples(tok, convs, DEFAULT_CHAT_TEMPLATE, seq_len=1000, packing=True, seed=seed)
+        ((x, _),) = packed
+        return x.tolist()
+
+    assert stream(0) == stream(0) != stream(1)
+    assert stream(0) != in_order[:-1].tolist()  # not the file's order
+    assert len(stream(0)) == len(in_order) - 1  # every token an input but the stream's last
+
+
 def test_each_epoch_has_its_own_order(tok):
     """The batches of one epoch come in a seeded order, and the next epoch in another one."""
     convs = [_conv("q" * (i + 1), "a") for i in range(12)]
