@@ -179,6 +179,10 @@ def test_conversation_is_tokenized_whole_as_served(tmp_path, scheme):
             "{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}",
             "s <b>é</b>hihello<|endoftext|>",
         ),
+        (  # trim_blocks and lstrip_blocks: a block tag takes its line's indent and newline with it
+            "{% for m in messages %}\n  {% if m.role != 'system' %}\n{{ m.content }}\n  {% endif %}\n{% endfor %}",
+            "hi\nhello\n",
+        ),
         (  # transformers' tojson: no HTML escaping, keys in order, non-ASCII kept
             "{{ messages[0] | tojson }}",
             '{"role": "system", "content": "s <b>é</b>"}',
@@ -452,6 +456,25 @@ def test_lora_targets_attention_and_stacked_experts(tok):
     torch.testing.assert_close(merged(x).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_of_a_dense_model_with_the_default_targets():
+    """A dense model has no stacked experts: the default targets (experts among them) adapt its
+    attention and MLPs."""
+    from minimoe.finetune.lora import apply_lora
+
+    model = Transformer(ModelConfig(**{**TINY, "n_routed_experts": 0})).eval()
+    trainable = [n for n, p in apply_lora(model, r=2).named_parameters() if p.requires_grad]
+    assert any("self_attn" in n for n in trainable) and any("mlp" in n for n in trainable)
+
+
+def test_epochs_must_be_finite_and_positive():
+    from minimoe.cli.sft import check_epochs
+
+    check_epochs(0.5)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(MinimoeError, match="--epochs must be a positive number"):
+            check_epochs(bad)
+
+
 def test_lora_update_is_scaled_by_alpha_over_rank():
     """An adapted linear layer computes W x + (alpha / r) B A x, and merging folds exactly that product
     into W."""
@@ -714,6 +737,8 @@ def test_chat_template_generation_prompt_bos_and_end_of_turn():
     assert end_of_turn(closes, ["<|end", "<|end_of_turn|>"], eos_token="</s>") == "<|end_of_turn|>"
     newline = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}<|sep|>"  # a turn closed by text
     assert end_of_turn(newline, ["<|sep|>", "</s>"], eos_token="</s>") is None
+    refuses = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    assert end_of_turn(refuses + closes, ["<|end_of_turn|>"], eos_token="</s>") is None
 
 
 def test_packing_keeps_the_last_target_of_the_stream(tok):

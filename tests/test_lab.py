@@ -1476,6 +1476,8 @@ def test_run_state_of_a_time_budget_counts_minutes(tmp_path):
     assert run_state(run, compare.TIME_BUDGET_MAX_STEPS, 1.0) == "partial"
     meta.write_text(json.dumps({"step": 3, "elapsed_s": 60.0}))
     assert run_state(run, compare.TIME_BUDGET_MAX_STEPS, 1.0) == "done"
+    meta.write_text("{")  # a checkpoint whose meta cannot be read counts as no checkpoint
+    assert run_state(run, compare.TIME_BUDGET_MAX_STEPS, 1.0) == "new"
 
 
 def test_parallel_scheduling_trains_every_run_and_stops_when_a_worker_is_interrupted(tmp_path, monkeypatch):
