@@ -535,6 +535,8 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
         str(out),
         "--rank",
         "4",
+        "--alpha",
+        "12",
         "--merge",
         "--no-progress",
     ]
@@ -542,7 +544,7 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["target_parameters"]
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 12 and cfg["target_parameters"]
     losses = _losses(out)
     assert losses[-1] < losses[0]
     merged, _, _, meta = load_run(out)
