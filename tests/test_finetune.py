@@ -466,6 +466,25 @@ def test_lora_of_a_dense_model_with_the_default_targets():
     assert any("self_attn" in n for n in trainable) and any("mlp" in n for n in trainable)
 
 
+def test_cli_fine_tuning_reads_the_checkpoint_it_is_given(tmp_path, monkeypatch, capsys):
+    """`--checkpoint latest` reaches the fine-tuning (sft, lora) and the merge of a saved adapter."""
+    import minimoe.finetune.lora as lora
+    import minimoe.finetune.sft as sft
+
+    seen = []
+    done = sft.SFTResult(tmp_path, 0, 0, 0, 0, 0.0, None, None)
+    monkeypatch.setattr(sft, "finetune", lambda *a, **kw: seen.append(kw["which"]) or done)
+    monkeypatch.setattr(
+        lora, "merge_saved_adapter", lambda run, adapter, out, which: seen.append(which) or out
+    )
+    common = ["run", "--out", str(tmp_path / "out"), "--checkpoint", "latest"]
+    assert main(["sft", *common, "--data", "chat.jsonl"]) == 0
+    assert main(["lora", *common, "--data", "chat.jsonl"]) == 0
+    assert main(["lora", *common, "--adapter", "adapter", "--merge"]) == 0
+    assert seen == ["latest"] * 3
+    capsys.readouterr()
+
+
 def test_epochs_must_be_finite_and_positive():
     from minimoe.cli.sft import check_epochs
 
