@@ -12,7 +12,8 @@ settings otherwise (beta2 0.99, warmup 100, min lr 1e-4, weight decay 0.1). Its 
 Each seed trains the two side by side (one thread each, a CPU-time budget each), then both are scored
 here by one function: held-out nats per byte over the validation text in consecutive 128-byte windows.
 A nanoGPT run learns its cosine length from its own speed (its first 50 steps), as minimoe's time budget
-does. Seeds already in the output folder are kept, so a stopped run resumes at its next seed.
+does. Seeds already scored are kept and a seed whose two runs finished is only scored again, so a
+stopped run resumes where it was (a seed stopped while training starts that seed again).
 
     python experiments/nanogpt_headline.py --train runs/data/shakespeare_train90.txt \
         --val runs/data/shakespeare_val10.txt --out runs/nanogpt_headline --seeds 1 2 3 4 5 --minutes 10
