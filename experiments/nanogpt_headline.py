@@ -9,14 +9,17 @@ warmup then cosine to lr / 10, gradient clipping at 1, fp32 as nanoGPT runs on a
 recipe of issue 16's baseline (6 x 192, block 128, batch 16, lr 1e-3) and nanoGPT's shakespeare_char
 settings otherwise (beta2 0.99, warmup 100, min lr 1e-4, weight decay 0.1). Its vocabulary is the 256 bytes.
 
-Each seed trains the two side by side (one thread each, a CPU-time budget each), then both are scored
-here by one function: held-out nats per byte over the validation text in consecutive 128-byte windows.
+Each seed trains the two side by side (one thread each, a CPU-time budget each), or with `--threads 2`
+one after the other, each alone on the machine with two threads and a wall-clock budget (as a user with a
+2-core machine would run either; the order alternates with the seed), then both are scored here by one function: held-out nats per byte over the validation text in consecutive 128-byte windows.
 A nanoGPT run learns its cosine length from its own speed (its first 50 steps), as minimoe's time budget
 does. Seeds already scored are kept and a seed whose two runs finished is only scored again, so a
 stopped run resumes where it was (a seed stopped while training starts that seed again).
 
     python experiments/nanogpt_headline.py --train runs/data/shakespeare_train90.txt \
         --val runs/data/shakespeare_val10.txt --out runs/nanogpt_headline --seeds 1 2 3 4 5 --minutes 10
+    python experiments/nanogpt_headline.py --train runs/data/shakespeare_train90.txt \
+        --val runs/data/shakespeare_val10.txt --out runs/nanogpt_headline_2t --threads 2 --minutes 10
 """
 
 from __future__ import annotations
@@ -92,11 +95,12 @@ def cosine_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) 
 
 
 def train_nanogpt(
-    train_file: Path, out: Path, seed: int, minutes: float, max_iters: int | None = None
+    train_file: Path, out: Path, seed: int, minutes: float, max_iters: int | None = None, threads: int = 1
 ) -> NanoGPT:
-    """nanoGPT's training loop for `minutes` of this process's CPU time (or `max_iters`); logs the train
-    loss every 10 iterations to out/log.csv and writes out/model.pt."""
-    torch.set_num_threads(1)
+    """nanoGPT's training loop for `minutes` of this process's CPU time on one thread, or of wall time on
+    more (or `max_iters`); logs the train loss every 10 iterations to out/log.csv and writes out/model.pt."""
+    torch.set_num_threads(threads)
+    clock = time.process_time if threads == 1 else time.perf_counter
     torch.manual_seed(seed)
     data = np.frombuffer(train_file.read_bytes(), dtype=np.uint8)
     model = NanoGPT()
@@ -114,10 +118,10 @@ def train_nanogpt(
         return x, y
 
     out.mkdir(parents=True, exist_ok=True)
-    rows, it, t0 = [], 0, time.process_time()
+    rows, it, t0 = [], 0, clock()
     X, Y = get_batch()
     while True:
-        spent = time.process_time() - t0
+        spent = clock() - t0
         if spent >= budget or (max_iters is not None and it >= max_iters):
             break
         if it == 50 and max_iters is None:
@@ -134,9 +138,10 @@ def train_nanogpt(
             rows.append((it, round(spent, 2), loss.item()))
         it += 1
     with open(out / "log.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("step", "cpu_s", "train_loss"), *rows])
+        csv.writer(f).writerows([("step", "seconds", "train_loss"), *rows])
     torch.save(model.state_dict(), out / "model.pt")
-    (out / "train.json").write_text(json.dumps({"steps": it, "tokens": it * batch * WINDOW, "cpu_s": spent}))
+    summary = {"steps": it, "tokens": it * batch * WINDOW, "seconds": spent, "threads": threads}
+    (out / "train.json").write_text(json.dumps({**summary, "clock": "cpu" if threads == 1 else "wall"}))
     return model
 
 
@@ -172,13 +177,15 @@ def score_minimoe(run: Path, val_file: Path) -> float:
 
 
 def minimoe_command(
-    train: Path, val: Path, out: Path, seed: int, minutes: float, max_steps: int | None
+    train: Path, val: Path, out: Path, seed: int, minutes: float, max_steps: int | None, threads: int = 1
 ) -> list[str]:
-    """The MoE run: `tiny` as the CLI gives it, on byte tokens, with only budget, thread and logging settings."""
+    """The MoE run: `tiny` as the CLI gives it, on byte tokens, with only budget, thread and logging settings
+    (one thread: a CPU-time budget; more: wall time, counted from the command's start as the CLI does)."""
     return [
         sys.executable, "-m", "minimoe", "train", "--preset", "tiny", "--data", str(train), "--val-data", str(val),
         "--out", str(out), "--no-progress", "--no-sample", "data.tokenizer=byte", "data.workers=1",
-        f"train.seed={seed}", "train.threads=1", "train.clock=cpu", f"train.max_minutes={minutes}",
+        f"train.seed={seed}", f"train.threads={threads}", f"train.clock={'cpu' if threads == 1 else 'wall'}",
+        f"train.max_minutes={minutes}",
         f"train.max_steps={max_steps or 1_000_000}", "train.eval_every=1000000", "train.keep_last=1",
     ]  # fmt: skip
 
@@ -191,29 +198,42 @@ def trained(moe_dir: Path, gpt_dir: Path, args) -> bool:
     return done and (gpt_dir / "train.json").exists()
 
 
+def waves(moe_cmd: list[str], gpt_cmd: list[str], threads: int, seed: int) -> list[list[list[str]]]:
+    """The training commands grouped into waves that run at once: both together on one thread each; on more
+    threads one at a time, each alone on the machine, the order alternating with the seed so that a drift in
+    the host's speed falls on both models alike."""
+    if threads == 1:
+        return [[moe_cmd, gpt_cmd]]
+    return [[moe_cmd], [gpt_cmd]] if seed % 2 else [[gpt_cmd], [moe_cmd]]
+
+
 def run_seed(args, seed: int) -> dict:
-    """Both models of one seed side by side (two processes, one thread each), then both scored."""
+    """Both models of one seed trained (side by side on one thread each, or one after the other on more),
+    then both scored."""
     moe_dir, gpt_dir = args.out / f"tiny-{seed}", args.out / f"nanogpt-{seed}"
     gpt_cmd = [sys.executable, __file__, "--worker", "--train", str(args.train), "--out", str(gpt_dir),
-               "--seeds", str(seed), "--minutes", str(args.minutes)]  # fmt: skip
+               "--seeds", str(seed), "--minutes", str(args.minutes), "--threads", str(args.threads)]  # fmt: skip
     if args.max_steps:
         gpt_cmd += ["--max-steps", str(args.max_steps)]
-    moe_cmd = minimoe_command(args.train, args.val, moe_dir, seed, args.minutes, args.max_steps)
+    moe_cmd = minimoe_command(args.train, args.val, moe_dir, seed, args.minutes, args.max_steps, args.threads)
     if not trained(moe_dir, gpt_dir, args):  # a seed stopped while training starts again from scratch
-        print(f"seed {seed}: training both, {args.minutes} CPU-minutes each", flush=True)
+        budget = "CPU-minutes" if args.threads == 1 else f"minutes on {args.threads} threads, one at a time"
+        print(f"seed {seed}: training both, {args.minutes} {budget} each", flush=True)
         for d in (moe_dir, gpt_dir):
             shutil.rmtree(d, ignore_errors=True)
-        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in (moe_cmd, gpt_cmd)]
-        try:
-            if any([p.wait() for p in procs]):
-                raise SystemExit(f"seed {seed}: a training run failed (see its output above)")
-        finally:  # stopped (Ctrl-C, SIGTERM) or failed: no run goes on training alone
-            for p in procs:
-                p.kill()
+        for wave in waves(moe_cmd, gpt_cmd, args.threads, seed):
+            procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in wave]
+            try:
+                if any([p.wait() for p in procs]):
+                    raise SystemExit(f"seed {seed}: a training run failed (see its output above)")
+            finally:  # stopped (Ctrl-C, SIGTERM) or failed: no run goes on training alone
+                for p in procs:
+                    p.kill()
     torch.set_num_threads(1)
     moe_meta = json.loads(sorted(moe_dir.glob("checkpoints/*/meta.json"))[-1].read_text())
     return {
         "seed": seed,
+        "threads": args.threads,
         "tiny": score_minimoe(moe_dir, args.val) / math.log(2),
         "nanogpt": score_nanogpt(gpt_dir, args.val) / math.log(2),
         "tiny_tokens": moe_meta.get("tokens"),
@@ -239,11 +259,11 @@ def report(results: list[dict], out: Path) -> str:
             f"\nMoE - nanoGPT, paired by seed: {st['mean']:+.4f} ± {st['se']:.4f} bits/byte "
             f"(95% interval [{st['lo']:+.4f}, {st['hi']:+.4f}], {st['n']} seeds; mean = {abs(st['mean']) / st['se']:.1f} SE)"
         )
-    _figure(results, out / "nanogpt_headline.png")
+    _figure(results, out / "nanogpt_headline.png", results[0].get("threads", 1) if results else 1)
     return "\n".join(lines)
 
 
-def _figure(results: list[dict], path: Path) -> None:
+def _figure(results: list[dict], path: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,7 +274,8 @@ def _figure(results: list[dict], path: Path) -> None:
         ax.plot([0, 1], [r["nanogpt"], r["tiny"]], "o-", color="tab:gray", alpha=0.7)
     ax.set_xticks([0, 1], ["nanoGPT (dense, fp32)", "minimoe tiny (MoE)"])
     ax.set_ylabel("held-out bits/byte (lower is better)")
-    ax.set_title("same CPU-minutes, paired by seed", fontsize=10)
+    same = "same CPU-minutes" if threads == 1 else f"same minutes alone on {threads} threads"
+    ax.set_title(f"{same}, paired by seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -266,20 +287,27 @@ def main() -> None:
     ap.add_argument("--val", type=Path)
     ap.add_argument("--out", type=Path, default=Path("runs/nanogpt_headline"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--minutes", type=float, default=10.0, help="CPU-minutes per run")
+    ap.add_argument("--minutes", type=float, default=10.0, help="minutes per run (CPU time on one thread)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="threads per run: 1 runs the two side by side, more in turn"
+    )
     ap.add_argument("--max-steps", type=int, help="stop each run after this many steps too (smoke runs)")
     ap.add_argument(
         "--worker", action="store_true", help=argparse.SUPPRESS
     )  # one nanoGPT run, --out is its folder
     args = ap.parse_args()
     if args.worker:
-        train_nanogpt(args.train, args.out, args.seeds[0], args.minutes, args.max_steps)
+        train_nanogpt(args.train, args.out, args.seeds[0], args.minutes, args.max_steps, args.threads)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.jsonl"
     done = (
         [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     )
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, not {args.threads}")
+    if any(r.get("threads", 1) != args.threads for r in done):
+        raise SystemExit(f"{results_file} holds runs at another thread count; give --out a folder of its own")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so run_seed's `finally` stops both runs
     todo = [s for s in args.seeds if not any(r["seed"] == s for r in done)]
     start = time.monotonic()

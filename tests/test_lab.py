@@ -1637,3 +1637,34 @@ def test_nanogpt_headline_smoke(tmp_path):
     rescored = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert rescored.returncode == 0 and "training both" not in rescored.stdout
     assert f"| 1 | {result['tiny']:.4f} | {result['nanogpt']:.4f} |" in rescored.stdout
+
+
+def test_nanogpt_headline_on_more_threads_runs_each_alone_on_a_wall_clock(tmp_path, monkeypatch):
+    """With --threads 2 the two runs take turns (the order alternating with the seed), each on two threads
+    and a wall-clock budget: minimoe's command says so, nanoGPT's loop sets its threads and times the wall,
+    and a results folder holding runs at another thread count is refused rather than mixed."""
+    import sys
+
+    ng = _nanogpt_headline()
+    moe = ng.minimoe_command(Path("t"), Path("v"), Path("o"), 3, 10.0, None, threads=2)
+    assert "train.threads=2" in moe and "train.clock=wall" in moe
+    one = ng.minimoe_command(Path("t"), Path("v"), Path("o"), 3, 10.0, None)
+    assert "train.threads=1" in one and "train.clock=cpu" in one
+    assert ng.waves(["m"], ["g"], 1, 1) == [[["m"], ["g"]]]
+    assert ng.waves(["m"], ["g"], 2, 1) == [[["m"]], [["g"]]] and ng.waves(["m"], ["g"], 2, 2) == [
+        [["g"]],
+        [["m"]],
+    ]
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(ng.torch, "set_num_threads", seen.append)
+    ng.train_nanogpt(_corpus(tmp_path / "c.txt"), tmp_path / "g", 1, 1.0, max_iters=2, threads=2)
+    assert seen == [2] and torch.get_num_threads() == before
+    summary = json.loads((tmp_path / "g" / "train.json").read_text())
+    assert summary["clock"] == "wall" and summary["threads"] == 2 and summary["steps"] == 2
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.jsonl").write_text(json.dumps({"seed": 1, "threads": 1}) + "\n")
+    argv = ["x", "--train", str(tmp_path / "c.txt"), "--out", str(tmp_path / "out"), "--threads", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="another thread count"):
+        ng.main()
