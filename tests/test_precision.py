@@ -1,6 +1,8 @@
 """Autocast precision: what `train.precision=auto` resolves to, and that the pieces autocast does not
 cover by itself (the fused LM-head loss, the grouped expert GEMMs, CPU attention) run as documented."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,11 +59,22 @@ def test_bf16_speedup_is_timed_at_the_runs_threads(tmp_path, corpus, monkeypatch
     assert saved["train"]["precision"] == "fp32"
     monkeypatch.undo()
     precision_lib.cpu_bf16_speedup.cache_clear()
-    calls, real = [], torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
-    first = precision_lib.cpu_bf16_speedup(1)
-    assert calls == [1, threads] and torch.get_num_threads() == threads  # timed at 1, the process's put back
-    assert 0 < first < 100 and precision_lib.cpu_bf16_speedup(1) == first and calls == [1, threads]
+    timed_at, clock = [], time.perf_counter  # the thread count each reading of the timer's clock saw
+    monkeypatch.setattr(
+        precision_lib.time, "perf_counter", lambda: timed_at.append(torch.get_num_threads()) or clock()
+    )
+    torch.set_num_threads(2)
+    try:
+        first = precision_lib.cpu_bf16_speedup(1)
+        assert len(timed_at) == 12 and set(timed_at) == {
+            1
+        }  # 2 x 3 rounds, each read twice, all at one thread
+        assert torch.get_num_threads() == 2  # and the process's count put back
+        assert (
+            0 < first < 100 and precision_lib.cpu_bf16_speedup(1) == first and len(timed_at) == 12
+        )  # cached
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from minimoe.infer.common import num_threads
+
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512
@@ -33,7 +35,6 @@ def cpu_bf16_speedup(threads: int) -> float:
     products ran at 0.6x fp32's speed and `tiny` trained at 0.74x, while on an AMD EPYC with the flag bf16
     trained `tiny` at 1.34x (BENCHMARKS.md, "Training throughput at small scale", ratio E)."""
     a, b = torch.randn(1024, 256), torch.randn(256, 512)
-    previous = torch.get_num_threads()
 
     def best(fn) -> float:
         fn()  # oneDNN builds its kernel on first use
@@ -45,11 +46,8 @@ def cpu_bf16_speedup(threads: int) -> float:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         return best(lambda: a @ b) / best(lambda: a.bfloat16() @ b.bfloat16())
-    finally:
-        torch.set_num_threads(previous)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
