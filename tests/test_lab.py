@@ -961,6 +961,36 @@ def test_a_rerun_of_a_finished_sweep_at_precision_auto_skips_its_runs(tmp_path, 
     assert "another config (train.precision" in capsys.readouterr().err
 
 
+def test_a_rerun_at_precision_auto_decides_at_the_runs_threads(tmp_path, monkeypatch, capsys):
+    """What auto became is checked at the thread count the run trained with (train.threads), not at the
+    compare process's: where bf16 pays on one thread but not on two, a finished one-thread bf16 run is
+    skipped by a rerun from a two-thread process, not refused as trained with another config."""
+    from minimoe.train import precision as precision_lib
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_lib, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision_lib, "cpu_bf16_speedup", lambda threads: 2.0 if threads == 1 else 0.5)
+    _corpus(tmp_path / "corpus.txt")
+    overrides = TINY + ["train.eval_every=100", "train.precision=auto", "train.threads=1"]
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: "
+        + json.dumps(overrides)
+        + "\ndata: corpus.txt\nbudget: {steps: 2}\nseeds: [1]\n"
+        "variants:\n  a: []\n"
+    )
+    out, threads = tmp_path / "out", torch.get_num_threads()
+    try:
+        assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+        assert "precision: bf16" in (out / "a" / "seed_1" / "config.yaml").read_text()
+        capsys.readouterr()
+        torch.set_num_threads(2)
+        assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    log = capsys.readouterr()
+    assert "skip" in log.out and "start" not in log.out, log.err
+
+
 def test_sweep_file_values_of_the_wrong_type_are_one_sentence(tmp_path, capsys):
     """A sweep file's contrasts, data paths and base preset/config of the wrong YAML type are refused in
     one sentence naming the key, not an internal error."""

@@ -360,17 +360,113 @@ def test_a_null_prompt_starts_a_new_document(client):
     assert r.usage.model_dump() == want.usage.model_dump()
 
 
-def test_completion_logprobs_zero_is_refused_not_ignored(client):
-    """Completions' `logprobs: 0` asks for the chosen tokens' logprobs (OpenAI returns them with no
-    alternatives); this server computes none, so it is a 400, not a 200 with "logprobs": null.
-    Chat's `logprobs: false` is the default and is accepted."""
-    for stream in (False, True):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=NAME, prompt="the", max_tokens=2, logprobs=0, stream=stream)
-        assert (e.value.body["param"], e.value.body["code"]) == ("logprobs", "unsupported_parameter")
+def _model_logprobs(model, ids: list[int], n_new: int) -> torch.Tensor:
+    """Slow reference: (n_new, V) log-softmax of the raw logits that predicted the last n_new of `ids`,
+    from one plain forward over the whole sequence (no cache)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1)[len(ids) - 1 - n_new : len(ids) - 1]
+
+
+def test_completion_logprobs_are_the_models_own(client, loaded):
+    """Completions' `logprobs: k`: one entry per generated token, each the log-probability of the chosen
+    token under the model's raw logits (temperature, top-k and top-p leave it alone), the k most likely
+    tokens besides it, and where its text starts; the same numbers as one plain forward over prompt and
+    output. `logprobs: 0` gives the chosen tokens' alone; without it the choice has none."""
+    model, tok = loaded
+    prompt = tok.encode("the cat")
+    for kw in (dict(temperature=0), dict(temperature=1.5, seed=7, extra_body={"top_k": 3})):
+        r = client.completions.create(model=NAME, prompt="the cat", max_tokens=12, logprobs=3, **kw)
+        choice, lp = r.choices[0], r.choices[0].logprobs
+        out = tok.encode(choice.text)
+        assert len(lp.tokens) == len(out) == r.usage.completion_tokens and "".join(lp.tokens) == choice.text
+        assert lp.text_offset == list(range(len(out)))  # one byte (and character) per token here
+        want = _model_logprobs(model, prompt + out, len(out))
+        assert lp.token_logprobs == pytest.approx(
+            want.gather(1, torch.tensor(out)[:, None])[:, 0].tolist(), abs=1e-4
+        )
+        for j, top in enumerate(lp.top_logprobs):
+            values, ids = want[j].topk(3)
+            expect = {
+                tok.decode([i], skip_special_tokens=False): v for i, v in zip(ids.tolist(), values.tolist())
+            }
+            expect[lp.tokens[j]] = lp.token_logprobs[j]  # the chosen token, listed too
+            assert top.keys() == expect.keys() and list(top.values()) == pytest.approx(
+                list(expect.values()), abs=1e-4
+            )
+            if kw["temperature"] == 0:
+                assert lp.token_logprobs[j] == pytest.approx(values[0].item(), abs=1e-5)
+    alone = client.completions.create(model=NAME, prompt="the cat", max_tokens=4, temperature=0, logprobs=0)
+    assert [set(t) for t in alone.choices[0].logprobs.top_logprobs] == [
+        {t} for t in alone.choices[0].logprobs.tokens
+    ]
+    assert client.completions.create(model=NAME, prompt="a", max_tokens=2).choices[0].logprobs is None
+
+
+def test_chat_logprobs_stream_as_they_answer_whole(client, loaded):
+    """Chat's `logprobs: true` with `top_logprobs`: per token its string, logprob, bytes (which add up to
+    the reply) and alternatives, equal to the model's own; streamed, the chunks carry the same entries in
+    order, for each of n seeded choices. Completions stream theirs the same way."""
+    from minimoe.data.chat_template import chat_renderer
+
+    model, tok = loaded
+    msgs = [{"role": "user", "content": "the dog"}]
+    kw = dict(
+        model=NAME, messages=msgs, max_tokens=10, temperature=1.2, seed=3, n=2, logprobs=True, top_logprobs=2
+    )
+    whole = client.chat.completions.create(**kw)
+    prompt = tok.encode(chat_renderer(tok)[0](msgs))
+    for choice in whole.choices:
+        content = choice.logprobs.content
+        assert b"".join(bytes(c.bytes) for c in content) == choice.message.content.encode()
+        out = [c.bytes[0] for c in content]
+        want = _model_logprobs(model, prompt + out, len(out))
+        assert [c.logprob for c in content] == pytest.approx(
+            want.gather(1, torch.tensor(out)[:, None])[:, 0].tolist(), abs=1e-4
+        )
+        tops = [[tok.encode(bytes(t.bytes).decode()) for t in c.top_logprobs] for c in content]
+        assert tops == [[[i] for i in row] for row in want.topk(2).indices.tolist()]
+    streamed: dict[int, list] = {0: [], 1: []}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.logprobs.content if c.logprobs else []
+    for choice in whole.choices:
+        assert [e.model_dump() for e in streamed[choice.index]] == [
+            e.model_dump() for e in choice.logprobs.content
+        ]
+    bare = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, logprobs=True)
+    assert [c.top_logprobs for c in bare.choices[0].logprobs.content] == [[]] * bare.usage.completion_tokens
+    ckw = dict(model=NAME, prompt="on a", max_tokens=10, temperature=0.9, seed=5, logprobs=2)
+    one = client.completions.create(**ckw).choices[0].logprobs
+    tokens, offsets = [], []
+    for chunk in client.completions.create(**ckw, stream=True):
+        if chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == one.tokens and offsets == one.text_offset
+
+
+def test_logprobs_requests_are_checked(server):
+    """Bad logprobs requests are 400s naming the field: more than 20 alternatives, a boolean where
+    completions take a number, chat's top_logprobs without logprobs, and completions' echo with logprobs
+    (the prompt's own logprobs, which this server does not compute). Chat's `logprobs: false` is
+    the default and is accepted."""
     msgs = [{"role": "user", "content": "a"}]
-    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=2, logprobs=False)
-    assert r.choices[0].logprobs is None
+    cases = [
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ("/v1/chat/completions", {"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": msgs, "logprobs": 1}, "logprobs"),
+    ]
+    for path, body, param in cases:
+        r = _post(server, path, {"model": NAME, "max_tokens": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = _post(
+        server, "/v1/chat/completions", {"model": NAME, "messages": msgs, "max_tokens": 1, "logprobs": False}
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
 
 
 def test_a_tool_choice_that_demands_a_call_is_refused_not_ignored(client):
@@ -569,8 +665,6 @@ def test_every_unsupported_parameter_is_refused_and_its_default_accepted(server)
     """Each parameter minimoe cannot honour is a 400 naming it when set, on the route that has it; the
     values that ask for nothing different (best_of equal to n, a "text" response_format) are accepted."""
     refused = {
-        "logprobs": 1,
-        "top_logprobs": 2,
         "presence_penalty": 0.5,
         "frequency_penalty": 0.5,
         "logit_bias": {"5": 1},
@@ -1008,7 +1102,7 @@ def test_a_failure_mid_stream_is_an_error_event_with_no_done_and_no_went_away_li
         job.post(Delta(0, "hi"))
         job.post(Failure(0, "the server is shutting down", 503))
         request = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1", port=9))
-        chunks = completion_chunks(Meta("cmpl-1", "text_completion", NAME), [""], 1, False)
+        chunks = completion_chunks(Meta("cmpl-1", "text_completion", NAME), [""], 1, None, False)
         response = sse_module.sse(batch, chunks, request)
         return [part async for part in response.body_iterator]
 
@@ -1371,7 +1465,7 @@ def _mtp_model(seed: int = 0):
     return Transformer(cfg).double().eval(), Tokenizer.byte()
 
 
-def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible():
+def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible(monkeypatch):
     """MTP self-speculation in the batching engine: greedy rows generate exactly what the plain engine
     does (drafts accepted or not, rows of different lengths verified in one forward); seeded sampled
     rows generate the same alone as in a batch. Drafts from an oracle (the true greedy continuation,
@@ -1400,7 +1494,9 @@ def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible():
     truth = {
         i: tok.encode(specs[i][0]) + greedy_no_cache(model, tok.encode(specs[i][0]), 20) for i in range(3)
     }
-    set_drafts = oracle._set_drafts
+    from minimoe.serve import engine as engine_module
+
+    set_drafts = engine_module.next_drafts
     calls = [0]
 
     def with_oracle(draft_logits, seqs):
@@ -1412,7 +1508,7 @@ def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible():
             if calls[0] % 2 and at < len(ids):
                 s.draft = ids[at]
 
-    oracle._set_drafts = with_oracle
+    monkeypatch.setattr(engine_module, "next_drafts", with_oracle)
     got = _texts(_engine_run(oracle, jobs()[:3]))
     assert [got[i] for i in range(3)] == [plain[i] for i in range(3)]
     assert oracle.drafted // 4 < oracle.accepted < oracle.drafted
@@ -1438,12 +1534,71 @@ def test_engine_speculative_sampling_draws_what_the_library_draws():
             model, ids, p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, (tok.eos_id,), speculative=True
         ))  # fmt: skip
         engine, got = Engine(model, tok, speculative=True), []
-        engine._emit = lambda seq, t, got=got, emit=engine._emit: got.append(t) or emit(seq, t)
+        engine._emit = lambda seq, t, *lp, got=got, emit=engine._emit: got.append(t) or emit(seq, t, *lp)
         _engine_run(engine, [Job(0, ids, p, lambda e: None)])
         got = got[:-1] if got[-1] == tok.eos_id else got
         assert len(got) == len(want) and got[:-1] == want[:-1], prompt
         accepted += engine.accepted
     assert accepted >= 5
+
+
+def test_engine_logprobs_come_from_the_logits_that_chose_each_token():
+    """In the batching engine each token's logprob entry is read from the logits it was chosen from: the
+    prefill's for the first token, the decode step's after, and in a speculative step the verify
+    forward's first position for a draft or corrected token and its second for the bonus token. Checked
+    against one plain forward over each finished sequence, for greedy and seeded sampled rows batched
+    together, plain and speculative; a job that asks for none gets none, and max_tokens 0 an empty list."""
+    model, tok = _mtp_model()
+    specs = [("the cat", JobParams(max_tokens=14, temperature=0, logprobs=3)),
+             ("a dog ran", JobParams(max_tokens=10, temperature=0.9, top_k=20, seed=3, logprobs=0)),
+             ("r", JobParams(max_tokens=12, temperature=1.0, seed=4, logprobs=5)),
+             ("on a mat", JobParams(max_tokens=6, temperature=0)),
+             ("x", JobParams(max_tokens=0, logprobs=2))]  # fmt: skip
+    for speculative in (False, True):
+        engine = Engine(model, tok, prefill_chunk=3, speculative=speculative)
+        jobs = [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]
+        events = _engine_run(engine, jobs)
+        finishes = {e.index: e for e in events if isinstance(e, Finish)}
+        assert finishes[3].logprobs is None and finishes[4].logprobs == ()
+        streamed = [lp for e in events if isinstance(e, Delta) and e.index == 0 for lp in e.logprobs]
+        assert tuple(streamed) == finishes[0].logprobs
+        for i in range(3):
+            f, k = finishes[i], specs[i][1].logprobs
+            out = [e.token for e in f.logprobs]
+            assert len(out) == f.completion_tokens and tok.decode(out) == f.text
+            want = _model_logprobs(model, tok.encode(specs[i][0]) + out, len(out))
+            got = torch.tensor([e.logprob for e in f.logprobs], dtype=torch.float64)
+            torch.testing.assert_close(got, want.gather(1, torch.tensor(out)[:, None])[:, 0])
+            assert [[t for t, _ in e.top] for e in f.logprobs] == want.topk(k).indices.tolist()
+            assert [e.offset for e in f.logprobs] == [len(tok.decode(out[:j])) for j in range(len(out))]
+        if speculative:
+            assert 0 < engine.accepted < engine.drafted  # both kinds of verify step were read
+
+
+def test_token_bytes_add_up_to_the_text_for_every_kind_of_tokenizer(tmp_path):
+    """`Tokenizer.token_bytes`, what logprobs report per token: the byte kind's id is its byte (half a
+    character stays half: its string is written `bytes:\\xNN`), special tokens are their strings, a
+    byte-level BPE's tokens map back through GPT-2's alphabet, and another decoder's tokens give its text."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from minimoe.data.tokenizer import Tokenizer, train_bpe
+    from minimoe.serve.logprobs import token_string
+
+    byte = Tokenizer.byte()
+    text = "café – naïve <|endoftext|>"
+    assert b"".join(byte.token_bytes(i) for i in byte.encode(text)) == text.encode()
+    assert byte.token_bytes(0xE2) == b"\xe2" and token_string(b"\xe2\x80") == "bytes:\\xe2\\x80"
+    assert token_string("é".encode()) == "é"
+    bpe = train_bpe(iter(["café naïve costs 5€ – the cat sat on a mat"] * 50), vocab_size=300)
+    assert b"".join(bpe.token_bytes(i) for i in bpe.encode(text)) == text.encode()
+    words = HFTokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.add_special_tokens(["<eos>"])
+    (tmp_path / "tokenizer.json").write_text(words.to_str())
+    wl = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert [wl.token_bytes(i) for i in wl.encode("hello world")] == [b"hello", b"world"]
+    assert wl.token_bytes(wl.eos_id) == b"<eos>"
 
 
 def test_engine_with_the_static_decode_step_equals_eager():

@@ -260,6 +260,20 @@ class Tokenizer:
             return {v: k for k, v in self._specials.items()}.get(i)
         return self._hf.id_to_token(i)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` adds to decoded text: part of a character for a byte-level token that
+        splits one, a special token's string; a decoder that is not byte-level gives its own text of it."""
+        if self.kind == "byte" and 0 <= i < 256:
+            return bytes([i])
+        token = self.id_to_token(i)
+        if token is None or token in self._specials:
+            return (token or "").encode()
+        if type(self._hf.decoder).__name__ == "ByteLevel":  # vocabulary strings in GPT-2's byte alphabet
+            inverse = {c: b for b, c in _bytes_to_unicode().items()}
+            if all(c in inverse for c in token):
+                return bytes(inverse[c] for c in token)
+        return self.decode([i], skip_special_tokens=False).encode()
+
     # ------------------------------------------------------------------ persistence
 
     def to_hf_json(self) -> str:

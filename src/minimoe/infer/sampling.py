@@ -126,3 +126,26 @@ def pick_tokens(
     probs = x.softmax(-1)
     assert generators is not None and len(generators) == probs.shape[0]
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: list[int], k: int
+) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """The model's own log-probabilities of chosen tokens: log-softmax of the raw logits, before the
+    repetition penalty, temperature, top-k and top-p that chose them (as OpenAI reports them).
+
+    Args:
+        logits: (B, V) raw next-token logits.
+        tokens: the token chosen in each row.
+        k: how many of each row's most likely tokens to list too.
+    Returns:
+        per row (logprob of its token, ((token, logprob), ...) of the k most likely, most likely first).
+    """
+    lp = torch.log_softmax(logits.float(), -1)  # (B, V)
+    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    if k:
+        values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(tokens)
+    return list(zip(chosen, tops))

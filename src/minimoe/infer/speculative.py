@@ -93,6 +93,34 @@ def verify_draft(draft: int, q: torch.Tensor | None, logits0, params, seen, gen)
     return False, int(torch.multinomial(residual / residual.sum(), 1, generator=gen).item())
 
 
+def verify_rows(logits: torch.Tensor, best: torch.Tensor, rows) -> list[list[int]]:
+    """A batch's verify step: each row's new tokens from the (n, 2, V) logits over [next token, draft]
+    and their argmax `best` (n, 2): [draft, bonus] when its draft is accepted, else [the corrected
+    token]. `rows` are the sequences (each with `sampling`, `draft`, `q` and `gen`); greedy rows read
+    `best` (one host sync for all), sampled rows draw from their own generators, as one sequence does."""
+    out: list[list[int]] = []
+    for row, (tok, bonus), x in zip(rows, best.tolist(), logits):
+        if row.sampling.greedy:
+            out.append([tok, bonus] if tok == row.draft else [tok])
+            continue
+        ok, tok = verify_draft(row.draft, row.q, x[0:1], row.sampling, None, row.gen)
+        out.append([tok, choose_token(x[1:2], row.sampling, None, row.gen)[0]] if ok else [tok])
+    return out
+
+
+def next_drafts(draft_logits: torch.Tensor, rows) -> None:
+    """Set each row's next `draft` (and, sampling, the `q` it was drawn from) from the MTP module's
+    (n, V) logits; greedy rows take their argmax together (one host sync)."""
+    greedy = [i for i, r in enumerate(rows) if r.sampling.greedy]
+    if greedy:
+        index = torch.tensor(greedy, device=draft_logits.device)
+        for i, tok in zip(greedy, draft_logits.index_select(0, index).argmax(-1).tolist()):
+            rows[i].draft = tok
+    for i, row in enumerate(rows):
+        if not row.sampling.greedy:
+            row.draft, row.q = choose_token(draft_logits[i : i + 1], row.sampling, None, row.gen)
+
+
 @torch.no_grad()
 def speculative_tokens(
     model,

@@ -329,11 +329,15 @@ def _check_same_config(
             )
     want = r.cfg.to_dict()
     if want["train"]["precision"] == "auto" and (d.get("train") or {}).get("precision") != "auto":
-        # the trainer records what auto became on its device (bf16 or fp32)
+        # the trainer records what auto became on its device (bf16 or fp32), timed at the run's threads
+        import torch
+
         from minimoe.dist.init import resolve_device
+        from minimoe.infer.common import num_threads
         from minimoe.train.precision import resolve_precision
 
-        want["train"]["precision"] = resolve_precision("auto", resolve_device(r.cfg.train.device))
+        with num_threads(r.cfg.train.threads or torch.get_num_threads()):
+            want["train"]["precision"] = resolve_precision("auto", resolve_device(r.cfg.train.device))
     for section in ("model", "train"):
         theirs = d.get(section) or {}
         diff = [k for k, v in want[section].items() if k in theirs and theirs[k] != v]

@@ -10,7 +10,7 @@ a callback that the worker calls with `Delta`, `Finish` or `Failure` events. Eac
    (`minimoe.infer.slots`): continuous batching, where sequences join after their prefill and leave
    as soon as they finish, with no waiting for the batch to drain.
 Sampling parameters, seeds and stop strings stay per sequence, so a sequence generates what it
-would alone.
+would alone. A job that asks for logprobs gets each token's from the logits that chose it.
 
 With `speculative`, step 3 is self-speculative (DeepSeek-V3 MTP, as in `minimoe.infer.speculative`):
 every sequence carries a draft of its next-but-one token from the model's first MTP module, and one
@@ -32,21 +32,21 @@ import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_threads, fit_prompt, make_generator, release_openmp_threads
-from minimoe.infer.sampling import SamplingParams, process_logits
+from minimoe.infer.sampling import SamplingParams, pick_tokens, token_logprobs
 from minimoe.infer.slots import Prefill, SlotPool
-from minimoe.infer.speculative import choose_token, verify_draft
+from minimoe.infer.speculative import next_drafts, verify_rows
 from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
-from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, QueueFull
+from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, Logprob, QueueFull
 from minimoe.serve.limits import Limits
 
-__all__ = ["Delta", "Engine", "Event", "Failure", "Finish", "Job", "JobParams", "QueueFull"]
+__all__ = ["Delta", "Engine", "Event", "Failure", "Finish", "Job", "JobParams", "Logprob", "QueueFull"]
 
 
 @dataclass
@@ -60,6 +60,7 @@ class _Seq:
     count: int = 0
     draft: int = 0  # speculative: the drafted token after next_token ...
     q: torch.Tensor | None = None  # ... and the (1, V) distribution it was sampled from (sampling only)
+    logprobs: list[Logprob] = field(default_factory=list)  # of the counted tokens, when the job asks
 
 
 class Engine:
@@ -258,7 +259,7 @@ class Engine:
             if job is None:
                 return
             if job.params.max_tokens == 0:  # finished here: it holds no slot
-                _post(job, Finish(job.index, "length", 0, ""))
+                _post(job, Finish(job.index, "length", 0, "", None if job.params.logprobs is None else ()))
                 continue
             held[job.client] += 1
             p = job.params
@@ -275,7 +276,9 @@ class Engine:
             finished = self._prefill.step(self.prefill_chunk)
             rows = sorted(finished)
             seqs = [self._prefilling[r] for r in rows]
-            tokens = self._pick(torch.cat([finished[r] for r in rows]), seqs) if rows else []
+            logits = torch.cat([finished[r] for r in rows]) if rows else None
+            tokens = self._pick(logits, seqs) if rows else []
+            infos = self._logprobs(logits, [[t] for t in tokens], seqs) if rows else []
             drafts = self._prefill.first_draft(rows, tokens) if rows and self.speculative else None
         except Exception as e:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
             self._fail_prefill(f"generation failed: {type(e).__name__}: {e}", 500)
@@ -283,9 +286,9 @@ class Engine:
         for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
             del self._prefilling[row]
             try:
-                if not self._emit(seq, token):
+                if not self._emit(seq, token, infos[i][0]):
                     if drafts is not None:
-                        self._set_drafts(drafts[i : i + 1], [seq])
+                        next_drafts(drafts[i : i + 1], [seq])
                     self.pool.add(seq.prompt_len, src=row)
                     self._running.append(seq)
             except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
@@ -322,10 +325,12 @@ class Engine:
             with decode_threads(self.model, len(self._running)):
                 logits = (self.static or self.pool).decode(tokens)
             picked = self._pick(logits, self._running)
+            infos = self._logprobs(logits, [[t] for t in picked], self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
             return
-        done = [i for i, (seq, tok) in enumerate(zip(self._running, picked)) if self._emit(seq, tok)]
+        seqs = zip(self._running, picked, infos)
+        done = [i for i, (seq, tok, info) in enumerate(seqs) if self._emit(seq, tok, info[0])]
         for i in reversed(done):
             self._remove(i)
 
@@ -342,17 +347,18 @@ class Engine:
                 step = self.static or self.pool
                 if all(s.sampling.greedy for s in running):
                     spec = step.speculate(tokens)
-                    new = self._verify(spec.logits, spec.best, running)
+                    logits, new = spec.logits, verify_rows(spec.logits, spec.best, running)
                     draft_logits = spec.draft_logits  # (n, V)
                 else:
                     logits, hidden = step.forward(tokens)  # (n, 2, V), (n, 2, D)
-                    new = self._verify(logits, logits.argmax(-1), running)
+                    new = verify_rows(logits, logits.argmax(-1), running)
                     # MTP input per row: the committed positions' next tokens; a rejected row's second
                     # position is masked padding (its length advances by one)
                     next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new], device=device)
                     take = torch.tensor([len(t) - 1 for t in new], device=device)
                     draft_logits = step.draft(hidden, next_ids, take)
                 accepted = [len(toks) == 2 for toks in new]
+                infos = self._logprobs(logits, new, running)  # token j of a row: from its logits at j
                 self.pool.advance([len(toks) for toks in new])
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
@@ -360,48 +366,26 @@ class Engine:
         self.drafted += len(running)
         self.accepted += sum(accepted)
         done = []
-        for i, (seq, toks) in enumerate(zip(running, new)):
-            for tok in toks:
-                if self._emit(seq, tok):
+        for i, (seq, toks, info) in enumerate(zip(running, new, infos)):
+            for tok, lp in zip(toks, info):
+                if self._emit(seq, tok, lp):
                     done.append(i)
                     break
-        self._set_drafts(draft_logits, running)
+        next_drafts(draft_logits, running)
         for i in reversed(done):
             self._remove(i)
 
-    def _verify(self, logits: torch.Tensor, best: torch.Tensor, seqs: list[_Seq]) -> list[list[int]]:
-        """Each row's new tokens from the verify step's (n, 2, V) logits and their argmax `best`
-        (n, 2): [draft, bonus] when its draft is accepted, else [the corrected token]. Greedy rows read
-        `best` (one host sync for all); sampled rows draw from their own generators, as
-        `minimoe.infer.speculative` does for one sequence."""
-        out: list[list[int]] = []
-        for seq, (tok, bonus), row in zip(seqs, best.tolist(), logits):
-            if seq.sampling.greedy:
-                out.append([tok, bonus] if tok == seq.draft else [tok])
-                continue
-            ok, tok = verify_draft(seq.draft, seq.q, row[0:1], seq.sampling, None, seq.gen)
-            out.append([tok, choose_token(row[1:2], seq.sampling, None, seq.gen)[0]] if ok else [tok])
-        return out
-
-    def _set_drafts(self, draft_logits: torch.Tensor, seqs: list[_Seq]) -> None:
-        """Each sequence's next draft from the MTP module's (n, V) logits."""
-        greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
-        if greedy:
-            index = torch.tensor(greedy, device=draft_logits.device)
-            for i, tok in zip(greedy, draft_logits.index_select(0, index).argmax(-1).tolist()):
-                seqs[i].draft = tok
-        for i, seq in enumerate(seqs):
-            if not seq.sampling.greedy:
-                seq.draft, seq.q = choose_token(draft_logits[i : i + 1], seq.sampling, None, seq.gen)
-
-    def _emit(self, seq: _Seq, token: int) -> bool:
-        """Hand `token` to its sequence; True when the sequence is finished (and told so)."""
+    def _emit(self, seq: _Seq, token: int, logprob: tuple | None = None) -> bool:
+        """Hand `token` (with its `_logprobs` entry, if asked) to its sequence; True when the sequence is
+        finished (and told so)."""
         job = seq.job
         if token == self.tokenizer.eos_id or token in job.params.stop_ids:
             return self._finish(seq, "stop")
         seq.count += 1
         self.generated_tokens += 1
-        _post(job, Delta(job.index, seq.stream.push(token)))
+        info = () if logprob is None else (Logprob(token, *logprob, offset=len(seq.stream.text)),)
+        seq.logprobs += info
+        _post(job, Delta(job.index, seq.stream.push(token), info))
         if seq.stream.stopped:
             return self._finish(seq, "stop")
         if seq.count >= job.params.max_tokens or seq.prompt_len + seq.count >= self.pool.max_len:
@@ -414,7 +398,8 @@ class Engine:
         _post(job, Delta(job.index, seq.stream.flush()))
         if seq.stream.stopped:  # the flush may cut at a stop string that ends in U+FFFD
             reason = "stop"
-        _post(job, Finish(job.index, reason, seq.count, seq.stream.text))
+        logprobs = None if job.params.logprobs is None else tuple(seq.logprobs)
+        _post(job, Finish(job.index, reason, seq.count, seq.stream.text, logprobs))
         return True
 
     def _pick(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
@@ -426,15 +411,29 @@ class Engine:
         for i, seq in enumerate(seqs):
             groups.setdefault(seq.sampling, []).append(i)
         for params, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            x = process_logits(logits.index_select(0, index), params)
-            if params.greedy:
-                toks = x.argmax(-1).tolist()  # host sync per step: the tokens are streamed
-            else:
-                probs = x.softmax(-1)
-                toks = [int(torch.multinomial(p, 1, generator=seqs[r].gen)) for p, r in zip(probs, rows)]
-            for r, t in zip(rows, toks):
+            x = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            gens = None if params.greedy else [seqs[r].gen for r in rows]
+            # a host sync per group and step: the tokens are streamed
+            for r, t in zip(rows, pick_tokens(x, params, None, gens).tolist()):
                 out[r] = t
+        return out
+
+    def _logprobs(self, logits: torch.Tensor, new: list[list[int]], seqs: list[_Seq]) -> list[list]:
+        """Per sequence, a (logprob, top) entry for each of its `new` tokens (the j-th from its logits at
+        j: (n, V) or (n, 2, V)), or None for each where the job asks for none; one pass for all rows."""
+        out: list[list] = [[None] * len(toks) for toks in new]
+        asked = [
+            (i, j)
+            for i, s in enumerate(seqs)
+            if s.job.params.logprobs is not None
+            for j in range(len(new[i]))
+        ]
+        if asked:
+            rows = logits.reshape(len(seqs), -1, logits.shape[-1])  # (n, positions, V)
+            x = torch.stack([rows[i, j] for i, j in asked])
+            k = max(seqs[i].job.params.logprobs for i, _ in asked)
+            for (i, j), (lp, top) in zip(asked, token_logprobs(x, [new[i][j] for i, j in asked], k)):
+                out[i][j] = (lp, top[: seqs[i].job.params.logprobs])
         return out
 
     def _remove(self, row: int) -> None:
@@ -492,7 +491,7 @@ class Engine:
 
 def _post(job: Job, event: Event) -> None:
     """Hand an event to the job's owner; empty deltas are dropped, a vanished owner cancels the job."""
-    if isinstance(event, Delta) and not event.text:
+    if isinstance(event, Delta) and not event.text and not event.logprobs:
         return
     try:
         job.post(event)

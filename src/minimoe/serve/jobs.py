@@ -1,6 +1,6 @@
 """What a client hands the serving engine (`Job`, with its `JobParams`) and what it gets back: the
-events `Delta`, `Finish` and `Failure`, posted from the engine's worker thread, or `QueueFull` at
-submission."""
+events `Delta`, `Finish` and `Failure` (with a `Logprob` per token when asked), posted from the
+engine's worker thread, or `QueueFull` at submission."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ class JobParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()  # tokens that end the choice besides EOS (a chat's end of turn)
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One generated token's log-probability under the model (raw logits, before sampling's filters),
+    the `top` most likely tokens' ((id, logprob), ...), and where its text starts: the length of the
+    text decoded from the tokens before it (half a character counts as one U+FFFD there)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class Delta:
 
     index: int
     text: str
+    logprobs: tuple[Logprob, ...] = ()  # of the tokens pushed since the last Delta, when asked
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class Finish:
     reason: str
     completion_tokens: int
     text: str
+    logprobs: tuple[Logprob, ...] | None = None  # every counted token's, when asked
 
 
 @dataclass(frozen=True)

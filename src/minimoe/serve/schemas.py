@@ -2,7 +2,7 @@
 
 Fields follow OpenAI's API reference. Unknown fields are accepted and ignored, as OpenAI-compatible
 servers do, except those that would change the output in a way minimoe cannot honour (penalties,
-logprobs, tools, ...): a non-default value for one of them is a 400, not a silent no-op.
+tools, ...): a non-default value for one of them is a 400, not a silent no-op.
 `top_k` is an extension (as in vLLM).
 
 Validation is strict: no coercion (`true` is not the number 1, `"5"` is not 5), numbers must be
@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # parameters minimoe does not implement; a "set" value (see `unsupported_param`) is refused
 UNSUPPORTED = (
-    "logprobs",
-    "top_logprobs",
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
@@ -58,6 +56,7 @@ class APIError(Exception):
 
 INT64 = 1 << 63
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; each is searched for after every token
+MAX_TOP_LOGPROBS = 20  # alternatives per token, at most (OpenAI: 20 for chat, 5 for completions)
 
 
 class StreamOptions(BaseModel):
@@ -102,9 +101,6 @@ class _Sampling(BaseModel):
 
 def _is_set(name: str, value: Any) -> bool:
     """Whether `value` asks for something other than the parameter's default."""
-    if name == "logprobs":
-        # completions' `logprobs: 0` still asks for the chosen tokens' logprobs; chat's default is false
-        return value is not None and value is not False
     if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
         return False
     if name in ("tool_choice", "function_call"):
@@ -118,6 +114,8 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str] | list[int] | list[list[int]] | None
     echo: bool | None = False
+    # each token's logprob and this many alternatives' (0: the chosen token's alone); None: no logprobs
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class TextPart(BaseModel):
@@ -145,6 +143,8 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def describe_validation_error(err: ValidationError) -> APIError:

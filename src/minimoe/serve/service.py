@@ -18,6 +18,7 @@ from minimoe.data.chat_template import ChatTemplateError, chat_renderer
 from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams, QueueFull
 from minimoe.serve.http import log, peer, until_disconnected
 from minimoe.serve.limits import Limits
+from minimoe.serve.logprobs import chat_logprobs, completion_logprobs
 from minimoe.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 from minimoe.serve.sse import Meta, chat_chunks, completion_chunks, sse, usage
 
@@ -224,6 +225,13 @@ class Service:
 
     async def completions(self, req: CompletionRequest, request: Request):
         base = self._common(req)
+        if req.echo and req.logprobs is not None:
+            raise APIError(
+                400,
+                "'echo' with 'logprobs' asks for the prompt's logprobs, which this server does not compute.",
+                param="echo",
+                code="unsupported_parameter",
+            )
         n = req.n or 1
         prompt = "" if req.prompt is None else req.prompt
         self._check_choices(self._count_prompts(prompt), n)
@@ -234,18 +242,22 @@ class Service:
             for ids, _ in prompts
         ]
         self._check_request_tokens([len(ids) for ids, _ in prompts], budgets, n)
-        params = [replace(base, max_tokens=m) for m in budgets]
+        params = [replace(base, max_tokens=m, logprobs=req.logprobs) for m in budgets]
         jobs = self._jobs([ids for ids, _ in prompts], params, n, _client(request))
         echo = [text if req.echo else "" for _, text in prompts for _ in range(n)]
         usage_prompt = sum(len(ids) for ids, _ in prompts)
         meta = Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", self.model_name)
-        chunks = partial(completion_chunks, meta, echo, usage_prompt)
+        render = None if req.logprobs is None else partial(completion_logprobs, tokenizer=self.tokenizer)
+        chunks = partial(completion_chunks, meta, echo, usage_prompt, render)
         return await self._respond(
-            req, request, jobs, meta, usage_prompt, chunks, lambda f: {"text": echo[f.index] + f.text}
+            req, request, jobs, meta, usage_prompt, chunks, render, lambda f: {"text": echo[f.index] + f.text}
         )
 
     async def chat(self, req: ChatCompletionRequest, request: Request):
         base = self._common(req)
+        if req.top_logprobs is not None and not req.logprobs:  # as OpenAI answers it
+            raise APIError(400, "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         n = req.n or 1
         self._check_choices(1, n)
         messages = [
@@ -260,20 +272,16 @@ class Service:
         requested = getattr(req, given)
         budget = self._max_tokens(len(ids), requested, None, "messages", given)
         self._check_request_tokens([len(ids)], [budget], n, given)
-        jobs = self._jobs(
-            [ids], [replace(base, max_tokens=budget, stop_ids=self.chat_stop_ids)], n, _client(request)
-        )
+        params = replace(base, max_tokens=budget, stop_ids=self.chat_stop_ids, logprobs=logprobs)
+        jobs = self._jobs([ids], [params], n, _client(request))
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name)
-        chunks = partial(chat_chunks, meta, len(jobs), len(ids))
-        return await self._respond(
-            req,
-            request,
-            jobs,
-            meta,
-            len(ids),
-            chunks,
-            lambda f: {"message": {"role": "assistant", "content": f.text}},
-        )
+        render = None if logprobs is None else partial(chat_logprobs, tokenizer=self.tokenizer)
+        chunks = partial(chat_chunks, meta, len(jobs), len(ids), render)
+
+        def message(f: Finish) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": f.text}}
+
+        return await self._respond(req, request, jobs, meta, len(ids), chunks, render, message)
 
     async def _respond(
         self,
@@ -283,10 +291,12 @@ class Service:
         meta: Meta,
         prompt_tokens: int,
         chunks: Callable[[bool], Callable],
+        render: Callable | None,
         content: Callable[[Finish], dict[str, Any]],
     ):
         """Submit the jobs and answer: an SSE stream of `chunks(include_usage)`, or, once every choice
-        has finished, the whole body with `content(finish)` in each choice."""
+        has finished, the whole body with `content(finish)` and, when asked, `render(finish.logprobs)`
+        in each choice."""
         batch = Batch(self.engine, jobs)  # submitted now: a full queue is a 429 before any output
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -297,7 +307,12 @@ class Service:
         return {
             **meta.head(),
             "choices": [
-                {"index": f.index, **content(f), "logprobs": None, "finish_reason": f.reason}
+                {
+                    "index": f.index,
+                    **content(f),
+                    "logprobs": None if render is None else render(f.logprobs),
+                    "finish_reason": f.reason,
+                }
                 for f in finishes
             ],
             "usage": usage(prompt_tokens, finishes),

@@ -76,10 +76,14 @@ class _Stream(StreamingResponse):
             self.batch.cancel()
 
 
-def completion_chunks(meta: Meta, echo: list[str], prompt_tokens: int, include_usage: bool):
+def completion_chunks(
+    meta: Meta, echo: list[str], prompt_tokens: int, render: Callable | None, include_usage: bool
+):
+    """The chunks of a streamed completion; `render` gives each delta's logprobs object, when asked."""
+
     async def chunks(events: AsyncIterator) -> AsyncIterator[dict]:
-        def chunk(index: int, text: str, reason: str | None) -> dict:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        def chunk(index: int, text: str, reason: str | None, logprobs=None) -> dict:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
             return {**meta.head(), "choices": [choice], **({"usage": None} if include_usage else {})}
 
         for index, text in enumerate(echo):
@@ -88,7 +92,7 @@ def completion_chunks(meta: Meta, echo: list[str], prompt_tokens: int, include_u
         finishes = []
         async for e in events:
             if isinstance(e, Delta):
-                yield chunk(e.index, e.text, None)
+                yield chunk(e.index, e.text, None, render(e.logprobs) if render else None)
             else:
                 finishes.append(e)
                 yield chunk(e.index, "", e.reason)
@@ -98,10 +102,12 @@ def completion_chunks(meta: Meta, echo: list[str], prompt_tokens: int, include_u
     return chunks
 
 
-def chat_chunks(meta: Meta, n_choices: int, prompt_tokens: int, include_usage: bool):
+def chat_chunks(meta: Meta, n_choices: int, prompt_tokens: int, render: Callable | None, include_usage: bool):
+    """The chunks of a streamed chat completion; `render` gives each delta's logprobs, when asked."""
+
     async def chunks(events: AsyncIterator) -> AsyncIterator[dict]:
-        def chunk(index: int, delta: dict, reason: str | None) -> dict:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return {
                 **meta.head("chat.completion.chunk"),
                 "choices": [choice],
@@ -113,7 +119,7 @@ def chat_chunks(meta: Meta, n_choices: int, prompt_tokens: int, include_usage: b
         finishes = []
         async for e in events:
             if isinstance(e, Delta):
-                yield chunk(e.index, {"content": e.text}, None)
+                yield chunk(e.index, {"content": e.text}, None, render(e.logprobs) if render else None)
             else:
                 finishes.append(e)
                 yield chunk(e.index, {}, e.reason)
