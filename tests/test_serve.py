@@ -1583,13 +1583,21 @@ def test_token_bytes_add_up_to_the_text_for_every_kind_of_tokenizer(tmp_path):
     from tokenizers import models, pre_tokenizers
 
     from minimoe.data.tokenizer import Tokenizer, train_bpe
-    from minimoe.serve.logprobs import token_string
+    from minimoe.serve.jobs import Logprob
+    from minimoe.serve.logprobs import chat_logprobs, completion_logprobs, token_string
 
     byte = Tokenizer.byte()
-    text = "café – naïve <|endoftext|>"
+    text = "café – naïve 日本 <|endoftext|>"  # the BPE below never saw 日本: its bytes stay apart
     assert b"".join(byte.token_bytes(i) for i in byte.encode(text)) == text.encode()
     assert byte.token_bytes(0xE2) == b"\xe2" and token_string(b"\xe2\x80") == "bytes:\\xe2\\x80"
     assert token_string("é".encode()) == "é"
+    entries = tuple(Logprob(t, -1.0, ((t, -1.0),), j) for j, t in enumerate(byte.encode("é!")))
+    chat = chat_logprobs(entries, byte)["content"]
+    assert [c["bytes"] for c in chat] == [[0xC3], [0xA9], [0x21]] and [
+        c["top_logprobs"][0]["bytes"] for c in chat
+    ] == [[0xC3], [0xA9], [0x21]]
+    assert [c["token"] for c in chat] == ["bytes:\\xc3", "bytes:\\xa9", "!"]
+    assert completion_logprobs(entries, byte)["tokens"] == ["bytes:\\xc3", "bytes:\\xa9", "!"]
     bpe = train_bpe(iter(["café naïve costs 5€ – the cat sat on a mat"] * 50), vocab_size=300)
     assert b"".join(bpe.token_bytes(i) for i in bpe.encode(text)) == text.encode()
     words = HFTokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
