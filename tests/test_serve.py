@@ -541,6 +541,7 @@ ERRORS = [
     # admission: prompts x n, and the tokens of the whole request
     ("/v1/completions", {"model": NAME, "prompt": ["a"] * 20000, "n": 32, "max_tokens": 500}, 400, "prompt", "too_many_choices"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 65}, 400, "n", "too_many_choices"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}], "n": 65}, 400, "n", "too_many_choices"),
     ("/v1/completions", {"model": NAME, "prompt": ["x" * 100] * 60, "max_tokens": 28}, 400, "max_tokens", "too_many_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "x" * 100, "n": 40, "max_tokens": 20}, 400, "max_tokens", "too_many_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**63}, 400, "seed", "invalid_value"),
@@ -1195,7 +1196,8 @@ def test_in_process_server_tokenizer_template_and_disconnect(loaded):
     tok = type(tok).byte()
     tok.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
-        "<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+        "<{{ m['role'] }}{% if m['name'] is defined %}:{{ m['name'] }}{% endif %}>{{ m['content'] }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     sock = listen("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(build_app(model, tok, "t"), log_level="warning", lifespan="on"))
@@ -1214,6 +1216,12 @@ def test_in_process_server_tokenizer_template_and_disconnect(loaded):
         assert r.choices[0].message.content == generate_text(
             model, tok, rendered, max_new_tokens=5, temperature=0
         )
+        named = [{"role": "user", "content": "hi", "name": "al"}]  # a message's name reaches the template
+        r = client.chat.completions.create(model="t", messages=named, max_tokens=1, temperature=0)
+        assert r.usage.prompt_tokens == len(tok.encode("<user:al>hi<|endoftext|><assistant>"))
+        parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+        r = client.chat.completions.create(model="t", messages=parts, max_tokens=1, temperature=0)
+        assert r.usage.prompt_tokens == len(tok.encode(rendered))  # text parts join with nothing between
         bad = _post(
             url, "/v1/chat/completions", {"model": "t", "messages": [{"role": "system", "content": "x"}]}
         )
