@@ -753,11 +753,8 @@ def test_stream_chunks_carry_a_null_usage_until_the_last_with_include_usage(serv
         chunks = [json.loads(d) for d in data[:-1]]
         assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), path
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
-        assert (
-            len({c["object"] for c in chunks}) == 1
-            and chunks[0]["object"].endswith("completion.chunk")
-            or (path == "/v1/completions" and {c["object"] for c in chunks} == {"text_completion"})
-        )
+        want_object = "text_completion" if path == "/v1/completions" else "chat.completion.chunk"
+        assert {c["object"] for c in chunks} == {want_object}, path  # the usage chunk's too
         whole = _post(server, path, body).json()["usage"]  # the same counts as the answer in one piece
         assert chunks[-1]["usage"] == whole, path
         plain = [json.loads(d) for d in _stream_chunks(server, path, body)[:-1]]
