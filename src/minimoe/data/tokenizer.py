@@ -51,6 +51,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    """GPT-2's printable character -> byte table, the inverse of `_bytes_to_unicode`."""
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
 def _byte_level_hf():
     """An HF tokenizer that gives exactly the native byte ids: id b for byte b, 256 EOT, 257 PAD."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -126,14 +132,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a tokenizer saved by `save`, or any pretrained `tokenizer.json` (file or folder).
-
-        Args:
-            path: a folder holding `tokenizer.json` (and optionally our metadata or HF's
-                `tokenizer_config.json`), or the `tokenizer.json` file itself.
-        Returns:
-            The tokenizer. Raises MinimoeError if the path is missing or not a tokenizer.
-        """
+        """Load a tokenizer saved by `save`, or any pretrained `tokenizer.json`: the file, or a folder holding
+        it (with our metadata or HF's `tokenizer_config.json` beside it, if any). MinimoeError if it is neither."""
         p = Path(path)
         if not p.exists():
             raise MinimoeError(f"tokenizer path {p} does not exist")
@@ -269,7 +269,7 @@ class Tokenizer:
         if token is None or token in self._specials:
             return (token or "").encode()
         if type(self._hf.decoder).__name__ == "ByteLevel":  # vocabulary strings in GPT-2's byte alphabet
-            inverse = {c: b for b, c in _bytes_to_unicode().items()}
+            inverse = _unicode_to_bytes()
             if all(c in inverse for c in token):
                 return bytes(inverse[c] for c in token)
         return self.decode([i], skip_special_tokens=False).encode()
