@@ -563,6 +563,17 @@ def test_split_layers_gives_the_extra_blocks_to_the_first_stages():
     assert split_layers(4, 4) == [range(i, i + 1) for i in range(4)]
 
 
+def test_sync_expert_grads_counts_an_expert_without_gradient_as_zero():
+    """An expert shard that no token reached on any rank has no gradient: the sync gives it zeros (the
+    optimizer then steps it like every other shard) and divides the others by the world size."""
+    from minimoe.dist.ep import sync_expert_grads
+
+    reached, idle = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
+    reached.grad = torch.full((2, 3), 6.0)
+    sync_expert_grads([reached, idle], None, 3)
+    assert torch.equal(reached.grad, torch.full((2, 3), 2.0)) and torch.equal(idle.grad, torch.zeros(4))
+
+
 def test_the_loop_never_branches_on_the_kind_of_parallelism():
     """The training loop calls Parallel's methods; the pipeline (and every other launch) is Parallel's
     business, so the loop body names none of them."""
