@@ -446,16 +446,91 @@ def test_chat_logprobs_stream_as_they_answer_whole(client, loaded):
     assert tokens == one.tokens and offsets == one.text_offset
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, loaded):
+    """Completions' `echo` with `logprobs: k` (how lm-eval's API models score text): the prompt's tokens
+    come first, the first without a logprob or alternatives, each other one's from the model's logits at
+    the position before it, then the completion's; text offsets run through the echoed prompt into the
+    completion. Two prompts as token ids (prefilled together), `max_tokens` 1 and 0, greedy; streamed,
+    the chunks give the same text and entries. Checked against one plain forward."""
+    model, tok = loaded
+    prompts = [tok.encode("the cat sat on a mat and the dog ran"), tok.encode("a bird sang")]
+    for max_tokens in (1, 0):
+        r = client.completions.create(
+            model=NAME, prompt=prompts, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2
+        )
+        for choice, ids in zip(sorted(r.choices, key=lambda c: c.index), prompts):
+            lp, text = choice.logprobs, tok.decode(ids)
+            assert choice.text.startswith(text) and len(lp.tokens) == len(ids) + max_tokens
+            whole = ids + tok.encode(choice.text[len(text) :])
+            assert [tok.encode(t) for t in lp.tokens] == [[i] for i in whole]
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            want = _model_logprobs(model, whole, len(whole) - 1)
+            assert lp.token_logprobs[1:] == pytest.approx(
+                want.gather(1, torch.tensor(whole[1:])[:, None])[:, 0].tolist(), abs=1e-4
+            )
+            for j, top in enumerate(lp.top_logprobs[1:]):
+                expect = {tok.decode([i]) for i in want[j].topk(2).indices.tolist()} | {lp.tokens[j + 1]}
+                assert set(top) == expect
+            assert lp.text_offset == [len(tok.decode(whole[:j])) for j in range(len(whole))]
+        streamed: dict[int, list] = {0: ["", [], []], 1: ["", [], []]}
+        for chunk in client.completions.create(
+            model=NAME,
+            prompt=prompts,
+            max_tokens=max_tokens,
+            temperature=0,
+            echo=True,
+            logprobs=2,
+            stream=True,
+        ):
+            for c in chunk.choices:
+                streamed[c.index][0] += c.text
+                if c.logprobs:
+                    streamed[c.index][1] += c.logprobs.token_logprobs
+                    streamed[c.index][2] += c.logprobs.text_offset
+        for c in r.choices:
+            assert streamed[c.index] == [c.text, c.logprobs.token_logprobs, c.logprobs.text_offset]
+
+
+def test_lm_eval_scores_through_the_server_as_in_process(server, loaded, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` model (echo with logprobs, token ids, batches of prompts) pointed at
+    `minimoe serve` gives the loglikelihoods and greedy flags that minimoe's own lm-eval model computes in
+    process."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from minimoe.eval.lm_eval import MinimoeLM
+    from minimoe.hf.export import write_tokenizer_files
+
+    model, tok = loaded
+    write_tokenizer_files(tok, tmp_path, CONTEXT)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    api = LocalCompletionsAPI(
+        base_url=f"{server}/v1/completions", model=NAME, tokenizer_backend="huggingface",
+        tokenizer=str(tmp_path), max_length=CONTEXT, batch_size=3, max_retries=1,
+    )  # fmt: skip
+    pairs = [("the cat sat on", " a mat"), ("the dog", " ran to the red ball"), ("a", " bird"),
+             ("the red ball while a bird", " sang"), ("sat", " on the")]  # fmt: skip
+    ids = tok.encode("the dog ran")
+    for _ in range(3):  # the model's own greedy continuation: a pair whose flag is true
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    pairs.append(("the dog ran", tok.decode(ids[-3:])))
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    served = api.loglikelihood(requests, disable_tqdm=True)
+    local = MinimoeLM(model=model, tokenizer=tok).loglikelihood(requests, disable_tqdm=True)
+    assert [g for _, g in served] == [g for _, g in local] and any(g for _, g in local)
+    assert [ll for ll, _ in served] == pytest.approx([ll for ll, _ in local], abs=1e-3)
+
+
 def test_logprobs_requests_are_checked(server):
     """Bad logprobs requests are 400s naming the field: more than 20 alternatives, a boolean where
-    completions take a number, chat's top_logprobs without logprobs, and completions' echo with logprobs
-    (the prompt's own logprobs, which this server does not compute). Chat's `logprobs: false` is
+    completions take a number, and chat's top_logprobs without logprobs. Chat's `logprobs: false` is
     the default and is accepted."""
     msgs = [{"role": "user", "content": "a"}]
     cases = [
         ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
         ("/v1/chat/completions", {"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": msgs, "logprobs": 1}, "logprobs"),
@@ -1585,6 +1660,42 @@ def test_engine_logprobs_come_from_the_logits_that_chose_each_token():
             assert [e.offset for e in f.logprobs] == [len(tok.decode(out[:j])) for j in range(len(out))]
         if speculative:
             assert 0 < engine.accepted < engine.drafted  # both kinds of verify step were read
+
+
+def test_engine_scores_prompts_across_prefill_chunks():
+    """A job with `prompt_logprobs` gets its prompt's entries first: the first token without a logprob,
+    each other one's read from the prefill chunk whose logits predicted it (prompts of 1 to 17 tokens in
+    chunks of 3, prefilled together, a two-byte character split across entries), offsets in the prompt's
+    text, then the completion's entries with offsets after it; at max_tokens 0 the prompt's alone. The
+    entries go out in a delta before the first token's. Plain and speculative, against one forward."""
+    model, tok = _mtp_model()
+    prompts = ["the café by the sea", "r", "a dog ran", "ok"]
+    budgets = [4, 3, 0, 2]
+    for speculative in (False, True):
+        engine = Engine(model, tok, prefill_chunk=3, speculative=speculative)
+        jobs = [Job(i, tok.encode(p), JobParams(max_tokens=m, temperature=0, logprobs=2, prompt_logprobs=i != 3),
+                    lambda e: None) for i, (p, m) in enumerate(zip(prompts, budgets))]  # fmt: skip
+        events = _engine_run(engine, jobs)
+        finishes = {e.index: e for e in events if isinstance(e, Finish)}
+        for i, (prompt, m) in enumerate(zip(prompts, budgets)):
+            ids, f = tok.encode(prompt), finishes[i]
+            n = len(ids) if i != 3 else 0
+            out = [e.token for e in f.logprobs[n:]]
+            assert f.completion_tokens == len(out) <= m and [e.token for e in f.logprobs[:n]] == ids[:n]
+            whole = ids + out
+            want = _model_logprobs(model, whole, len(whole) - 1)[-(n - 1 + len(out)) :] if n else None
+            if n:
+                assert f.logprobs[0].logprob is None and f.logprobs[0].top is None
+                got = torch.tensor([e.logprob for e in f.logprobs[1:]], dtype=torch.float64)
+                torch.testing.assert_close(got, want.gather(1, torch.tensor(whole[1:])[:, None])[:, 0])
+                assert [[t for t, _ in e.top] for e in f.logprobs[1:]] == want.topk(2).indices.tolist()
+                offsets = [len(tok.decode(ids[:j])) for j in range(n)]
+                offsets += [len(tok.decode(ids)) + len(tok.decode(out[:j])) for j in range(len(out))]
+                assert [e.offset for e in f.logprobs] == offsets
+                first = next(e for e in events if isinstance(e, Delta) and e.index == i)
+                assert first.text == "" and first.logprobs == f.logprobs[:n]
+            else:
+                assert [e.offset for e in f.logprobs] == [len(tok.decode(out[:j])) for j in range(len(out))]
 
 
 def test_token_bytes_add_up_to_the_text_for_every_kind_of_tokenizer(tmp_path):

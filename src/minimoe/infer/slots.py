@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from minimoe.infer.sampling import token_logprobs
 from minimoe.infer.speculative import make_mtp_cache
 from minimoe.model.attention import LayerCache
 from minimoe.model.transformer import KVCache
@@ -324,7 +325,9 @@ class Prefill:
     T is at most budget // rows (and at least 1), so a step costs at most `budget` token positions (or
     one per row), padding included, and a long prompt takes several steps. It returns, by row, the (1, V) logits after the last token
     of each prompt that is now complete; `SlotPool.add(len(ids), src=row)` then copies the row into
-    the decode batch and `release(row)` frees it. With an MTP pool, the MTP module's cache is filled
+    the decode batch and `release(row)` frees it. A prompt added with `score=k` also gets the
+    log-probability of each of its tokens after the first and its k most likely alternatives
+    (`scores(row)`), from the logits of the chunk that predicted it. With an MTP pool, the MTP module's cache is filled
     over the same positions (position j with token j + 1), and `first_draft` drafts each finished
     prompt's token after its first new one. Only one Prefill may use a pool at a time.
     """
@@ -335,26 +338,36 @@ class Prefill:
         self.ids: dict[int, list[int]] = {}  # row -> its prompt
         self.done: dict[int, int] = {}  # row -> tokens already fed
         self._last_hidden: dict[int, torch.Tensor] = {}  # finished row -> (D,) at its last prompt token
+        self._score: dict[int, int] = {}  # row -> alternatives to list, for prompts added with a score
+        self._scores: dict[int, list] = {}  # row -> (logprob, top) of its prompt tokens 1.. so far
 
     @property
     def free(self) -> int:
         return self.rows - len(self.ids)
 
-    def add(self, ids: Sequence[int]) -> int:
+    def add(self, ids: Sequence[int], score: int | None = None) -> int:
         """Take a free row for the prompt `ids` (1 to max_len - 1 tokens: room for one new token); its
-        row."""
+        row. `score`: see the class docstring."""
         if not 0 < len(ids) < self.pool.max_len:
             raise ValueError(f"a prompt needs 1 to {self.pool.max_len - 1} tokens, got {len(ids)}")
         row = next((r for r in range(self.rows) if r not in self.ids), None)
         if row is None:
             raise RuntimeError("every prefill row is taken")
         self.ids[row], self.done[row] = list(ids), 0
+        if score is not None:
+            self._score[row], self._scores[row] = score, []
         return row
 
     def release(self, row: int) -> None:
         self.ids.pop(row, None)
         self.done.pop(row, None)
         self._last_hidden.pop(row, None)
+        self._score.pop(row, None)
+        self._scores.pop(row, None)
+
+    def scores(self, row: int) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+        """A finished scored prompt's (logprob, top) for each of its tokens after the first."""
+        return self._scores[row]
 
     def left(self, row: int) -> int:
         return len(self.ids[row]) - self.done[row]
@@ -380,6 +393,10 @@ class Prefill:
             step.mtp(model, x, next_ids, pool.mtp_scratch, torch.zeros_like(next_ids[:, 0]))  # cache only
         finished = []
         for i, (r, k) in enumerate(zip(rows, takes)):
+            if r in self._score:  # position t predicts prompt token done + t + 1, up to the last
+                targets = self.ids[r][self.done[r] + 1 : self.done[r] + 1 + k]
+                logits = model.lm_head(model.norm(x[i, : len(targets)]))
+                self._scores[r] += token_logprobs(logits, targets, self._score[r]) if targets else []
             self.done[r] += k
             if self.left(r) == 0:
                 finished.append((i, r))

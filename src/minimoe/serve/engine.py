@@ -10,7 +10,8 @@ a callback that the worker calls with `Delta`, `Finish` or `Failure` events. Eac
    (`minimoe.infer.slots`): continuous batching, where sequences join after their prefill and leave
    as soon as they finish, with no waiting for the batch to drain.
 Sampling parameters, seeds and stop strings stay per sequence, so a sequence generates what it
-would alone. A job that asks for logprobs gets each token's from the logits that chose it.
+would alone. A job that asks for logprobs gets each token's from the logits that chose it, and its
+prompt's tokens' from the prefill's when it asks for those too.
 
 With `speculative`, step 3 is self-speculative (DeepSeek-V3 MTP, as in `minimoe.infer.speculative`):
 every sequence carries a draft of its next-but-one token from the model's first MTP module, and one
@@ -38,13 +39,14 @@ import torch
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_threads, fit_prompt, make_generator, release_openmp_threads
-from minimoe.infer.sampling import SamplingParams, pick_tokens, token_logprobs
+from minimoe.infer.sampling import SamplingParams, pick_tokens
 from minimoe.infer.slots import Prefill, SlotPool
 from minimoe.infer.speculative import next_drafts, verify_rows
 from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
 from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, Logprob, QueueFull
 from minimoe.serve.limits import Limits
+from minimoe.serve.logprobs import prompt_entries, row_logprobs
 
 __all__ = ["Delta", "Engine", "Event", "Failure", "Finish", "Job", "JobParams", "Logprob", "QueueFull"]
 
@@ -61,6 +63,7 @@ class _Seq:
     draft: int = 0  # speculative: the drafted token after next_token ...
     q: torch.Tensor | None = None  # ... and the (1, V) distribution it was sampled from (sampling only)
     logprobs: list[Logprob] = field(default_factory=list)  # of the counted tokens, when the job asks
+    shift: int = 0  # the prompt's text length when its tokens have entries: where the offsets start
 
 
 class Engine:
@@ -258,7 +261,7 @@ class Engine:
             job = self._next_job(held)
             if job is None:
                 return
-            if job.params.max_tokens == 0:  # finished here: it holds no slot
+            if job.params.max_tokens == 0 and not job.params.prompt_logprobs:  # done here: holds no slot
                 _post(job, Finish(job.index, "length", 0, "", None if job.params.logprobs is None else ()))
                 continue
             held[job.client] += 1
@@ -267,7 +270,7 @@ class Engine:
             gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
             ids = fit_prompt(job.prompt_ids, self.pool.max_len)
             seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids))
-            self._prefilling[self._prefill.add(ids)] = seq
+            self._prefilling[self._prefill.add(ids, p.logprobs if p.prompt_logprobs else None)] = seq
 
     def _prefill_step(self) -> None:
         """One prefill forward over every prefilling prompt; the complete ones pick their first token
@@ -286,7 +289,11 @@ class Engine:
         for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
             del self._prefilling[row]
             try:
-                if not self._emit(seq, token, infos[i][0]):
+                if seq.job.params.prompt_logprobs:
+                    self._score_prompt(seq, row)
+                if seq.job.params.max_tokens == 0:
+                    self._finish(seq, "length")
+                elif not self._emit(seq, token, infos[i][0]):
                     if drafts is not None:
                         next_drafts(drafts[i : i + 1], [seq])
                     self.pool.add(seq.prompt_len, src=row)
@@ -295,6 +302,13 @@ class Engine:
                 _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
             finally:
                 self._prefill.release(row)
+
+    def _score_prompt(self, seq: _Seq, row: int) -> None:
+        """Give the sequence its prompt's entries (posted at once) before its first token's."""
+        ids, scores = self._prefill.ids[row], self._prefill.scores(row)
+        entries, seq.shift = prompt_entries(self.tokenizer.decode, ids, scores)
+        seq.logprobs += entries
+        _post(seq.job, Delta(seq.job.index, "", tuple(entries)))
 
     def _next_job(self, held: Counter[str]) -> Job | None:
         """The first live job of the first client in turn that holds fewer than its share of slots."""
@@ -383,7 +397,7 @@ class Engine:
             return self._finish(seq, "stop")
         seq.count += 1
         self.generated_tokens += 1
-        info = () if logprob is None else (Logprob(token, *logprob, offset=len(seq.stream.text)),)
+        info = () if logprob is None else (Logprob(token, *logprob, offset=seq.shift + len(seq.stream.text)),)
         seq.logprobs += info
         _post(job, Delta(job.index, seq.stream.push(token), info))
         if seq.stream.stopped:
@@ -418,23 +432,9 @@ class Engine:
                 out[r] = t
         return out
 
-    def _logprobs(self, logits: torch.Tensor, new: list[list[int]], seqs: list[_Seq]) -> list[list]:
-        """Per sequence, a (logprob, top) entry for each of its `new` tokens (the j-th from its logits at
-        j: (n, V) or (n, 2, V)), or None for each where the job asks for none; one pass for all rows."""
-        out: list[list] = [[None] * len(toks) for toks in new]
-        asked = [
-            (i, j)
-            for i, s in enumerate(seqs)
-            if s.job.params.logprobs is not None
-            for j in range(len(new[i]))
-        ]
-        if asked:
-            rows = logits.reshape(len(seqs), -1, logits.shape[-1])  # (n, positions, V)
-            x = torch.stack([rows[i, j] for i, j in asked])
-            k = max(seqs[i].job.params.logprobs for i, _ in asked)
-            for (i, j), (lp, top) in zip(asked, token_logprobs(x, [new[i][j] for i, j in asked], k)):
-                out[i][j] = (lp, top[: seqs[i].job.params.logprobs])
-        return out
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, new: list[list[int]], seqs: list[_Seq]) -> list[list]:
+        return row_logprobs(logits, new, [s.job.params.logprobs for s in seqs])
 
     def _remove(self, row: int) -> None:
         self.pool.remove(row)

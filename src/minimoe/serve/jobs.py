@@ -21,17 +21,20 @@ class JobParams:
     stop: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()  # tokens that end the choice besides EOS (a chat's end of turn)
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+    # with logprobs: entries for the prompt's tokens first (echo); the job then runs even at max_tokens 0
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
 class Logprob:
-    """One generated token's log-probability under the model (raw logits, before sampling's filters),
-    the `top` most likely tokens' ((id, logprob), ...), and where its text starts: the length of the
-    text decoded from the tokens before it (half a character counts as one U+FFFD there)."""
+    """One token's log-probability under the model (raw logits, before sampling's filters), the `top`
+    most likely tokens' ((id, logprob), ...), and where its text starts: the length of the text decoded
+    from the tokens before it (half a character counts as one U+FFFD there), counted from the prompt's
+    text when the prompt's tokens have entries too. The prompt's first token has no logprob or top."""
 
     token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None
     offset: int
 
 

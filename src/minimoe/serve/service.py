@@ -225,13 +225,6 @@ class Service:
 
     async def completions(self, req: CompletionRequest, request: Request):
         base = self._common(req)
-        if req.echo and req.logprobs is not None:
-            raise APIError(
-                400,
-                "'echo' with 'logprobs' asks for the prompt's logprobs, which this server does not compute.",
-                param="echo",
-                code="unsupported_parameter",
-            )
         n = req.n or 1
         prompt = "" if req.prompt is None else req.prompt
         self._check_choices(self._count_prompts(prompt), n)
@@ -242,8 +235,12 @@ class Service:
             for ids, _ in prompts
         ]
         self._check_request_tokens([len(ids) for ids, _ in prompts], budgets, n)
-        params = [replace(base, max_tokens=m, logprobs=req.logprobs) for m in budgets]
+        # echo with logprobs: the prompt's tokens get entries too, offsets in the text they decode to
+        scored = bool(req.echo) and req.logprobs is not None
+        params = [replace(base, max_tokens=m, logprobs=req.logprobs, prompt_logprobs=scored) for m in budgets]
         jobs = self._jobs([ids for ids, _ in prompts], params, n, _client(request))
+        if scored:
+            prompts = [(ids, self.tokenizer.decode(ids)) for ids, _ in prompts]
         echo = [text if req.echo else "" for _, text in prompts for _ in range(n)]
         usage_prompt = sum(len(ids) for ids, _ in prompts)
         meta = Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", self.model_name)

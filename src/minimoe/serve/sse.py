@@ -79,20 +79,26 @@ class _Stream(StreamingResponse):
 def completion_chunks(
     meta: Meta, echo: list[str], prompt_tokens: int, render: Callable | None, include_usage: bool
 ):
-    """The chunks of a streamed completion; `render` gives each delta's logprobs object, when asked."""
+    """The chunks of a streamed completion; `render` gives each delta's logprobs object, when asked. An
+    echoed prompt opens its choice, with its tokens' logprobs when asked (the engine's first delta)."""
 
     async def chunks(events: AsyncIterator) -> AsyncIterator[dict]:
         def chunk(index: int, text: str, reason: str | None, logprobs=None) -> dict:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
             return {**meta.head(), "choices": [choice], **({"usage": None} if include_usage else {})}
 
+        held = (
+            {i for i, text in enumerate(echo) if text} if render else set()
+        )  # wait for the prompt's logprobs
         for index, text in enumerate(echo):
-            if text:
+            if text and index not in held:
                 yield chunk(index, text, None)
         finishes = []
         async for e in events:
             if isinstance(e, Delta):
-                yield chunk(e.index, e.text, None, render(e.logprobs) if render else None)
+                head = echo[e.index] if e.index in held else ""
+                held.discard(e.index)
+                yield chunk(e.index, head + e.text, None, render(e.logprobs) if render else None)
             else:
                 finishes.append(e)
                 yield chunk(e.index, "", e.reason)
