@@ -42,7 +42,6 @@ def prompt_entries(decode, ids: list[int], scores: list) -> tuple[list[Logprob],
     for token, score in zip(ids, [(None, None), *scores]):
         entries.append(Logprob(token, *score, offset=len(stream.text)))
         stream.push(token)
-    stream.flush()
     return entries, len(stream.text)
 
 

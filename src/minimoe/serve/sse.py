@@ -87,9 +87,8 @@ def completion_chunks(
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
             return {**meta.head(), "choices": [choice], **({"usage": None} if include_usage else {})}
 
-        held = (
-            {i for i, text in enumerate(echo) if text} if render else set()
-        )  # wait for the prompt's logprobs
+        # with logprobs an echoed prompt waits for its tokens' entries, the engine's first delta
+        held = {i for i, text in enumerate(echo) if text} if render else set()
         for index, text in enumerate(echo):
             if text and index not in held:
                 yield chunk(index, text, None)
