@@ -473,16 +473,11 @@ def test_echo_with_logprobs_scores_the_prompt(client, loaded):
                 assert set(top) == expect
             assert lp.text_offset == [len(tok.decode(whole[:j])) for j in range(len(whole))]
         streamed: dict[int, list] = {0: ["", [], []], 1: ["", [], []]}
-        for chunk in client.completions.create(
-            model=NAME,
-            prompt=prompts,
-            max_tokens=max_tokens,
-            temperature=0,
-            echo=True,
-            logprobs=2,
-            stream=True,
-        ):
+        kw = dict(model=NAME, prompt=prompts, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2)
+        for chunk in client.completions.create(**kw, stream=True):
             for c in chunk.choices:
+                if not streamed[c.index][0]:  # a choice opens with its prompt's text and entries together
+                    assert c.text.startswith(tok.decode(prompts[c.index])) and c.logprobs.tokens
                 streamed[c.index][0] += c.text
                 if c.logprobs:
                     streamed[c.index][1] += c.logprobs.token_logprobs
