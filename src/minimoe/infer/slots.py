@@ -323,13 +323,14 @@ class Prefill:
     `add(ids)` gives a prompt a free prefill row. `step(budget)` feeds every row its next chunk in one
     forward over [rows, T] tokens at the rows' own positions (as `SlotPool.forward` feeds decode rows):
     T is at most budget // rows (and at least 1), so a step costs at most `budget` token positions (or
-    one per row), padding included, and a long prompt takes several steps. It returns, by row, the (1, V) logits after the last token
-    of each prompt that is now complete; `SlotPool.add(len(ids), src=row)` then copies the row into
-    the decode batch and `release(row)` frees it. A prompt added with `score=k` also gets the
-    log-probability of each of its tokens after the first and its k most likely alternatives
-    (`scores(row)`), from the logits of the chunk that predicted it. With an MTP pool, the MTP module's cache is filled
-    over the same positions (position j with token j + 1), and `first_draft` drafts each finished
-    prompt's token after its first new one. Only one Prefill may use a pool at a time.
+    one per row), padding included, and a long prompt takes several steps. It returns, by row, the
+    (1, V) logits after the last token of each prompt that is now complete; `SlotPool.add(len(ids),
+    src=row)` then copies the row into the decode batch and `release(row)` frees it. A prompt added
+    with `score=k` also gets the log-probability of each of its tokens after the first and its k most
+    likely alternatives (`scores(row)`), from the logits of the chunk that predicted it. With an MTP
+    pool, the MTP module's cache is filled over the same positions (position j with token j + 1), and
+    `first_draft` drafts each finished prompt's token after its first new one. Only one Prefill may
+    use a pool at a time.
     """
 
     def __init__(self, pool: SlotPool) -> None:

@@ -56,9 +56,8 @@ def completion_logprobs(entries: tuple[Logprob, ...], tokenizer) -> dict[str, An
     def text(token: int) -> str:
         return token_string(tokenizer.token_bytes(token))
 
-    def top(
-        e: Logprob,
-    ) -> dict[str, float] | None:  # the chosen token listed too; none for the prompt's first
+    def top(e: Logprob) -> dict[str, float] | None:
+        """The alternatives and the chosen token; None for a prompt's first token."""
         return None if e.top is None else {**{text(t): lp for t, lp in e.top}, text(e.token): e.logprob}
 
     return {
