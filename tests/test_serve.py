@@ -489,7 +489,7 @@ def test_echo_with_logprobs_scores_the_prompt(client, loaded):
 def test_lm_eval_scores_through_the_server_as_in_process(server, loaded, tmp_path, monkeypatch):
     """lm-eval's `local-completions` model (echo with logprobs, token ids, batches of prompts) pointed at
     `minimoe serve` gives the loglikelihoods and greedy flags that minimoe's own lm-eval model computes in
-    process."""
+    process, and a perplexity task's rolling loglikelihood over several windows."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
@@ -502,7 +502,7 @@ def test_lm_eval_scores_through_the_server_as_in_process(server, loaded, tmp_pat
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     api = LocalCompletionsAPI(
         base_url=f"{server}/v1/completions", model=NAME, tokenizer_backend="huggingface",
-        tokenizer=str(tmp_path), max_length=CONTEXT, batch_size=3, max_retries=1,
+        tokenizer=str(tmp_path), max_length=MAX_PROMPT_TOKENS + 1, batch_size=3, max_retries=1,
     )  # fmt: skip
     pairs = [("the cat sat on", " a mat"), ("the dog", " ran to the red ball"), ("a", " bird"),
              ("the red ball while a bird", " sang"), ("sat", " on the")]  # fmt: skip
@@ -513,9 +513,16 @@ def test_lm_eval_scores_through_the_server_as_in_process(server, loaded, tmp_pat
     pairs.append(("the dog ran", tok.decode(ids[-3:])))
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     served = api.loglikelihood(requests, disable_tqdm=True)
-    local = MinimoeLM(model=model, tokenizer=tok).loglikelihood(requests, disable_tqdm=True)
+    # lm_eval's API models keep one position for the completion: windows of max_length - 1 tokens
+    local_lm = MinimoeLM(model=model, tokenizer=tok, max_length=MAX_PROMPT_TOKENS)
+    local = local_lm.loglikelihood(requests, disable_tqdm=True)
     assert [g for _, g in served] == [g for _, g in local] and any(g for _, g in local)
     assert [ll for ll, _ in served] == pytest.approx([ll for ll, _ in local], abs=1e-3)
+    # a perplexity task's rolling windows: a text of about three windows
+    text = " ".join(["the cat sat on a mat and the dog ran to the red ball while a bird sang"] * 5)
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    served = api.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert served == pytest.approx(local_lm.loglikelihood_rolling(rolling, disable_tqdm=True), abs=1e-3)
 
 
 def test_logprobs_requests_are_checked(server):
