@@ -1671,15 +1671,19 @@ def test_engine_scores_prompts_across_prefill_chunks():
     text, then the completion's entries with offsets after it; at max_tokens 0 the prompt's alone. The
     entries go out in a delta before the first token's. Plain and speculative, against one forward."""
     model, tok = _mtp_model()
-    prompts = ["the café by the sea", "r", "a dog ran", "ok"]
-    budgets = [4, 3, 0, 2]
+    prompts = ["the café by the sea", "r", "a dog ran", "ok", "a cat"]
+    budgets = [4, 3, 0, 2, 3]
     for speculative in (False, True):
         engine = Engine(model, tok, prefill_chunk=3, speculative=speculative)
         jobs = [Job(i, tok.encode(p), JobParams(max_tokens=m, temperature=0, logprobs=2, prompt_logprobs=i != 3),
                     lambda e: None) for i, (p, m) in enumerate(zip(prompts, budgets))]  # fmt: skip
+        jobs[4] = replace(
+            jobs[4], params=replace(jobs[4].params, logprobs=None)
+        )  # prompt_logprobs alone: no entries
         events = _engine_run(engine, jobs)
         finishes = {e.index: e for e in events if isinstance(e, Finish)}
-        for i, (prompt, m) in enumerate(zip(prompts, budgets)):
+        assert finishes[4].logprobs is None and finishes[4].completion_tokens == 3
+        for i, (prompt, m) in enumerate(zip(prompts[:4], budgets)):
             ids, f = tok.encode(prompt), finishes[i]
             n = len(ids) if i != 3 else 0
             out = [e.token for e in f.logprobs[n:]]

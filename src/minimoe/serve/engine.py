@@ -261,7 +261,7 @@ class Engine:
             job = self._next_job(held)
             if job is None:
                 return
-            if job.params.max_tokens == 0 and not job.params.prompt_logprobs:  # done here: holds no slot
+            if job.params.max_tokens == 0 and not job.params.scores_prompt:  # done here: holds no slot
                 _post(job, Finish(job.index, "length", 0, "", None if job.params.logprobs is None else ()))
                 continue
             held[job.client] += 1
@@ -270,7 +270,7 @@ class Engine:
             gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
             ids = fit_prompt(job.prompt_ids, self.pool.max_len)
             seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids))
-            self._prefilling[self._prefill.add(ids, p.logprobs if p.prompt_logprobs else None)] = seq
+            self._prefilling[self._prefill.add(ids, p.logprobs if p.scores_prompt else None)] = seq
 
     def _prefill_step(self) -> None:
         """One prefill forward over every prefilling prompt; the complete ones pick their first token
@@ -289,7 +289,7 @@ class Engine:
         for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
             del self._prefilling[row]
             try:
-                if seq.job.params.prompt_logprobs:
+                if seq.job.params.scores_prompt:
                     self._score_prompt(seq, row)
                 if seq.job.params.max_tokens == 0:
                     self._finish(seq, "length")

@@ -24,6 +24,11 @@ class JobParams:
     # with logprobs: entries for the prompt's tokens first (echo); the job then runs even at max_tokens 0
     prompt_logprobs: bool = False
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's tokens get entries: `prompt_logprobs` with `logprobs` set."""
+        return self.prompt_logprobs and self.logprobs is not None
+
 
 @dataclass(frozen=True)
 class Logprob:
