@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import struct
@@ -1087,23 +1088,51 @@ def test_slow_clients_time_out_and_a_full_queue_is_429(tight):
         while chunk := sock.recv(65536):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer
-    # one slot, one waiting choice per client, two in all. Client A's first request holds the slot for
-    # 127 steps (a 100-token prompt prefilled one token per step); the rest arrive meanwhile
-    holder = {"model": NAME, "prompt": "x" * 100, "max_tokens": 27, "temperature": 0, "stream": True}
-    holder["stream_options"] = {"include_usage": True}
-    short = {"model": NAME, "prompt": "the", "max_tokens": 3, "temperature": 0}
-    socks = [_raw_request(tight.host, tight.port, holder), _raw_request(tight.host, tight.port, short)]
-    r = _post(tight.url, "/v1/completions", short)  # A's third: over its share of the queue
-    assert r.status_code == 429 and "from this client" in r.json()["error"]["message"], r.text
-    assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
-    socks.append(_raw_request(tight.host, tight.port, short, source="127.0.0.2"))  # client B still gets in
-    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as c3:
-        r = c3.post(f"{tight.url}/v1/completions", json=short, headers=AUTH, timeout=60)
-    assert r.status_code == 429 and "requests are waiting" in r.json()["error"]["message"], r.text
-    for sock in socks:  # all three answered, B's in its turn
+    # one slot, one waiting choice per client, two in all
+    for _ in range(3):
+        socks, refused, full, held = _hold_the_slot_and_fill_the_queue(tight)
+        if held:
+            break
+        for sock in socks:  # a slow moment let the holder finish first: drain, and try again
+            _read_until(sock, b"[DONE]" if sock is socks[0] else b"}}")
+            sock.close()
+    else:
+        pytest.fail("the slot-holding request finished before the queue filled, three times")
+    for answer, says in ((refused, b"from this client"), (full, b"requests are waiting")):
+        assert answer.startswith(b"HTTP/1.1 429") and says in answer, answer
+        assert b'"type":"rate_limit_error"' in answer
+        assert int(re.search(rb"\r\nretry-after: (\d+)\r\n", answer, re.I).group(1)) >= 1
+    for sock in socks[:3]:  # all three admitted ones answered, B's in its turn
         assert _read_until(sock, b"usage").startswith(b"HTTP/1.1 200")
         sock.close()
     assert _wait(lambda: tight.health()["active_jobs"] == tight.health()["queued_jobs"] == 0)
+
+
+def _hold_the_slot_and_fill_the_queue(srv: Server) -> tuple[list[socket.socket], bytes, bytes, bool]:
+    """Client A's first request holds the only slot for 127 steps (a 100-token prompt prefilled one token
+    per step, then 27 tokens); meanwhile A's second waits, A's third is refused (over its share of the
+    queue), client B's waits and client C's is refused (the queue is full), each sent as soon as the
+    server has placed the one before it. Returns the sockets (holder, A's second, B's, then the refused
+    two), the two refusals, and whether the holder was still running when the last one came back."""
+    holder = {"model": NAME, "prompt": "x" * 100, "max_tokens": 27, "temperature": 0, "stream": True}
+    holder["stream_options"] = {"include_usage": True}
+    short = {"model": NAME, "prompt": "the", "max_tokens": 3, "temperature": 0}
+    send = lambda source="": _raw_request(srv.host, srv.port, short, source=source)  # noqa: E731
+    a1 = _raw_request(srv.host, srv.port, holder)
+    placed = _wait(lambda: srv.health()["active_jobs"] == 1, 5)
+    a2 = send()
+    placed = placed and _wait(lambda: srv.health()["queued_jobs"] == 1, 5)
+    a3 = send()
+    refused = _read_until(a3, b"}}")
+    b = send("127.0.0.2")
+    placed = placed and _wait(lambda: srv.health()["queued_jobs"] == 2, 5)
+    c = send("127.0.0.3")
+    full = _read_until(c, b"}}")
+    try:
+        finished = b"usage" in a1.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:  # nothing to read: still prefilling
+        finished = False
+    return [a1, a2, b, a3, c], refused, full, placed and not finished
 
 
 def test_a_request_that_could_never_be_admitted_is_a_400_not_a_429(tight):
