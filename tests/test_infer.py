@@ -981,41 +981,44 @@ def test_static_greedy_equals_full_recompute(attn_type, seed, prefill_rows):
 
 
 @pytest.mark.slow
-def test_compiled_static_decode_in_the_engine_equals_eager():
-    """torch.compile (inductor) of the fixed-shape step: greedy tokens identical to the eager engine,
-    logits close, as a row leaves (three rows, then two). Five steps stay in one row bucket (4) and one
-    position bucket (16): one inductor graph (a cold compile is about 20 s on 2 cores). Other buckets
-    are the eager-backend tests' part; one row under inductor, the compiled speculative step's."""
-    from minimoe.infer.static import StaticDecode
-
-    torch._dynamo.reset()
-    model = tiny_model(num_hidden_layers=2)  # a dense layer and a MoE layer: a third is compile time
-    want = _static_run(model, lambda pool: pool, steps=5)
-    got = _static_run(model, lambda pool: StaticDecode(pool), steps=5)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
-
-
-@pytest.mark.slow
-def test_compiled_speculative_step_of_one_row_equals_the_eager_one():
-    """The compiled CPU step (inductor; its one-row products generated as reductions) of a one-slot
-    pool with an MTP module: the one-call greedy step (the two-token verify and the one-row draft, one
-    graph) gives the eager pool's logits, hidden states, tokens and draft logits."""
+def test_compiled_speculative_step_equals_the_eager_one_as_rows_leave():
+    """torch.compile (inductor; products of up to eight rows generated as reductions) of the fixed-shape
+    greedy speculative step, which holds the verify forward and the MTP draft in one graph, against the
+    eager pool: three rows of different lengths in a 4-slot pool, then two as a row leaves, each row
+    verifying its next token and a draft (8 token rows, the most generated as reductions, padding rows
+    included) with the draft right (the true next token) on alternate rows and steps and wrong on the
+    others: logits and hidden states close, tokens identical, draft logits close. One row bucket and one
+    position bucket: one inductor graph (a cold compile is about 20 s on 2 cores); the other graphs
+    (the one-token step, other buckets) are the eager-backend tests' part."""
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode
 
     torch._dynamo.reset()
-    model = tiny_model(mtp_depth=1, num_hidden_layers=2)
-    pools = [SlotPool(model, 1, max_len=16, mtp=True) for _ in range(2)]
-    got = []
-    for decoder, pool in ((pools[0], pools[0]), (StaticDecode(pools[1]), pools[1])):
-        prefill_together(pool, [PROMPTS[1]], budget=16, tokens=[7])
-        got.append(decoder.speculate(torch.tensor([[7, 30]])))
+    model = tiny_model(mtp_depth=1, num_hidden_layers=2)  # a dense layer and a MoE layer
+    pools = [SlotPool(model, 4, max_len=16, prefill_rows=3, mtp=True) for _ in range(2)]
+    static = StaticDecode(pools[1])
+    for pool in pools:  # the first tokens given: the prefill writes the MTP module's cache for them
+        prefill_together(pool, PROMPTS[:3], budget=12, tokens=[7, 30, 2])
+    nxt = torch.tensor([7, 30, 2])
+    for step in range(3):
+        if step == 1:  # row 0 leaves: the last row moves into it
+            for pool in pools:
+                pool.remove(0)
+            nxt = torch.stack([nxt[2], nxt[1]])
+        true_next = pools[0].forward(nxt.view(-1, 1))[0][:, 0].argmax(-1)  # written, not committed
+        right = (torch.arange(len(nxt)) + step) % 2 == 0
+        tokens = torch.stack([nxt, torch.where(right, true_next, (true_next + 1) % 97)], dim=1)
+        want, got = pools[0].speculate(tokens), static.speculate(tokens)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        assert torch.equal(got.best, want.best)
+        accepted = want.best[:, 0] == tokens[:, 1]
+        assert accepted.tolist() == right.tolist()
+        for pool in pools:
+            pool.advance([2 if a else 1 for a in accepted.tolist()])
+        nxt = torch.where(accepted, want.best[:, 1], want.best[:, 0])
+    assert static._calls == 3 and max(pools[1].lengths) <= 16
     torch._dynamo.reset()
-    for a, b in zip(*got):
-        torch.testing.assert_close(a, b)
-    assert torch.equal(got[0].best, got[1].best)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
