@@ -1093,9 +1093,9 @@ def test_slow_clients_time_out_and_a_full_queue_is_429(tight):
         socks, refused, full, held = _hold_the_slot_and_fill_the_queue(tight)
         if held:
             break
-        for sock in socks:  # a slow moment let the holder finish first: drain, and try again
-            _read_until(sock, b"[DONE]" if sock is socks[0] else b"}}")
+        for sock in socks:  # a slow moment let the holder finish first: hang up (cancels), try again
             sock.close()
+        assert _wait(lambda: tight.health()["active_jobs"] == tight.health()["queued_jobs"] == 0)
     else:
         pytest.fail("the slot-holding request finished before the queue filled, three times")
     for answer, says in ((refused, b"from this client"), (full, b"requests are waiting")):
