@@ -125,3 +125,56 @@ def test_text_stream_benchmark_streams_agree(script):
     _, old = text_stream.per_push_us(text_stream.WholeListStream, tok.decode, ids)
     _, new = text_stream.per_push_us(text_stream.TextStream, tok.decode, ids)
     assert old == new == tok.decode(ids)
+
+
+def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypatch):
+    """benchmarks/mtp_chain.py's two chained drafts per verify step give plain greedy decoding's tokens
+    whatever the drafts: a random model (drafts rejected), one whose blocks are identities so that every
+    draft is right (both kept at every verify), the same with every other second draft spoiled (one
+    kept), and a prompt near the context's end (two positions kept for the drafts)."""
+    import torch
+
+    from minimoe.config import ModelConfig
+    from minimoe.infer.generate import generate_tokens
+    from minimoe.model.transformer import Transformer
+
+    chain = script("mtp_chain")
+    cfg = ModelConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+        kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mtp_depth=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg).double().eval()
+    prompts = [[5, 17, 3], [40, 2, 2, 9, 41, 8], [11], list(range(1, 56))]
+
+    def kept_by_verify(model) -> set[int]:
+        kept: list[int] = []
+        for p in prompts:
+            got = chain.chained_greedy(model, p, 20, kept)
+            want = list(generate_tokens(model, p, 20, temperature=0.0))
+            assert len(got) == min(20, 64 - len(p) - 2) and got == want[: len(got)], p
+        return set(kept)
+
+    assert 0 in kept_by_verify(model)
+    with torch.no_grad():  # every block the identity: each position predicts what its token alone says
+        for name, w in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                w.zero_()
+        eh = model.mtp[0].eh_proj.weight  # the MTP module's input: the embedding's half alone
+        eh.zero_()
+        eh[:, : cfg.hidden_size] = torch.eye(cfg.hidden_size, dtype=eh.dtype)
+    assert kept_by_verify(model) == {2}
+    real, calls = chain._mtp, []
+
+    def spoil_every_other_second_draft(model, cache, hidden, next_ids, start):
+        h, draft = real(model, cache, hidden, next_ids, start)
+        # a second draft: one token past the prompt's call (every verify here keeps a first draft, so the
+        # calls after one have two or three tokens)
+        if start and len(next_ids) == 1:
+            calls.append(1)
+            draft = (draft + len(calls) % 2) % cfg.vocab_size
+        return h, draft
+
+    monkeypatch.setattr(chain, "_mtp", spoil_every_other_second_draft)
+    assert kept_by_verify(model) == {1, 2}
