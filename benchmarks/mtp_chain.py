@@ -24,6 +24,7 @@ import time
 
 import torch
 from decode import prompts_for, trained_model
+from tqdm.auto import tqdm
 
 from minimoe.infer.common import GenerationStats
 from minimoe.infer.generate import generate_tokens
@@ -100,6 +101,7 @@ def section(model, tok, trained_on: str, heldout: str, quick: bool, rounds: int)
     names = list(methods)
     rates: dict[str, list[float]] = {m: [] for m in names}
     same = {m: True for m in names}
+    bar = tqdm(total=rounds * len(prompts), desc="decoding", unit="prompt", file=sys.stderr, leave=False)
     for r in range(rounds):
         seconds, count = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
         for i, prompt in enumerate(prompts):  # prompt by prompt, in turns: the host's drift hits all three
@@ -111,8 +113,10 @@ def section(model, tok, trained_on: str, heldout: str, quick: bool, rounds: int)
                 count[name] += len(outs[name])
             for name in names:
                 same[name] &= outs[name] == outs["plain greedy"]
+            bar.update()
         for name in names:
             rates[name].append(count[name] / seconds[name])
+    bar.close()
     per_verify = {
         "plain greedy": "1",
         "one MTP draft (library)": f"{1 + one_stats.accepted / one_stats.drafted:.2f}",
