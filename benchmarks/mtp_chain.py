@@ -46,11 +46,11 @@ def _mtp(model, cache, hidden, next_ids: list[int], start: int) -> tuple[torch.T
 
 @torch.no_grad()
 def chained_greedy(model, prompt: list[int], budget: int, accepted: list[int] | None = None) -> list[int]:
-    """Greedy decoding of `budget` tokens (fewer where the context ends: two positions are kept for the
-    drafts) with two chained drafts per verify step. `accepted`, if given, gets how many drafts each
-    verify kept (0, 1 or 2)."""
+    """Greedy decoding of `budget` tokens (one fewer than plain decoding where the context ends: the
+    verify feeds a draft past the last token) with two chained drafts per verify step. `accepted`, if
+    given, gets how many drafts each verify kept (0, 1 or 2)."""
     max_len = model.cfg.max_position_embeddings
-    budget = min(budget, max_len - len(prompt) - 2)
+    budget = min(budget, max_len - len(prompt) - 1)
     if budget <= 0:
         return []
     cache, mtp_cache = model.make_cache(1, max_len), make_mtp_cache(model, 1, max_len)
@@ -72,6 +72,8 @@ def chained_greedy(model, prompt: list[int], budget: int, accepted: list[int] | 
         new = best[: a + 1]
         tokens += new
         last = new[-1]
+        if len(tokens) >= budget:
+            break
         h1, draft = _mtp(model, mtp_cache, model.norm(out.hidden[:, : a + 1]), new, committed)
         committed += a + 1
     return tokens[:budget]

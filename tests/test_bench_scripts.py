@@ -128,10 +128,11 @@ def test_text_stream_benchmark_streams_agree(script):
 
 
 def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypatch):
-    """benchmarks/mtp_chain.py's two chained drafts per verify step give plain greedy decoding's tokens
-    whatever the drafts: a random model (drafts rejected), one whose blocks are identities so that every
-    draft is right (both kept at every verify), the same with every other second draft spoiled (one
-    kept), and a prompt near the context's end (two positions kept for the drafts)."""
+    """benchmarks/mtp_chain.py's two chained drafts per verify step: plain greedy decoding's tokens whatever
+    the drafts (the module's own on a random model: rejected; the true tokens with every third spoiled: none,
+    one or both kept), down to a prompt near the context's end; and every draft the module makes is what
+    it gives without a cache over the same inputs (the committed positions' true inputs, and for a second
+    draft the first one's output and the first draft one position on)."""
     import torch
 
     from minimoe.config import ModelConfig
@@ -146,35 +147,48 @@ def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypat
     )  # fmt: skip
     torch.manual_seed(0)
     model = Transformer(cfg).double().eval()
-    prompts = [[5, 17, 3], [40, 2, 2, 9, 41, 8], [11], list(range(1, 56))]
-
-    def kept_by_verify(model) -> set[int]:
-        kept: list[int] = []
-        for p in prompts:
-            got = chain.chained_greedy(model, p, 20, kept)
-            want = list(generate_tokens(model, p, 20, temperature=0.0))
-            assert len(got) == min(20, 64 - len(p) - 2) and got == want[: len(got)], p
-        return set(kept)
-
-    assert 0 in kept_by_verify(model)
-    with torch.no_grad():  # every block the identity: each position predicts what its token alone says
+    with (
+        torch.no_grad()
+    ):  # a final norm that is not all ones (the MTP module reads its output), and attention
+        model.norm.weight.uniform_(0.5, 1.5)  # outputs large enough that the context moves the argmax
         for name, w in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
-                w.zero_()
-        eh = model.mtp[0].eh_proj.weight  # the MTP module's input: the embedding's half alone
-        eh.zero_()
-        eh[:, : cfg.hidden_size] = torch.eye(cfg.hidden_size, dtype=eh.dtype)
-    assert kept_by_verify(model) == {2}
-    real, calls = chain._mtp, []
+            if name.endswith("o_proj.weight"):
+                w.mul_(8)
+    real, calls, state = chain._mtp, [], {}
 
-    def spoil_every_other_second_draft(model, cache, hidden, next_ids, start):
+    def recorded(model, cache, hidden, next_ids, start):
         h, draft = real(model, cache, hidden, next_ids, start)
-        # a second draft: one token past the prompt's call (every verify here keeps a first draft, so the
-        # calls after one have two or three tokens)
-        if start and len(next_ids) == 1:
-            calls.append(1)
-            draft = (draft + len(calls) % 2) % cfg.vocab_size
+        second = bool(calls) and hidden is calls[-1]["h"]  # fed the last call's output: a second draft
+        calls.append({"h": h, "hidden": hidden, "next": list(next_ids), "start": start, "second": second})
+        calls[-1]["own"] = draft
+        if state["oracle"]:
+            seq, at = state["seq"], start + len(next_ids) + 1  # the position this draft is for
+            draft = seq[at] if at < len(seq) else draft
+            draft = (draft + 1) % cfg.vocab_size if len(calls) % 3 == 0 else draft
         return h, draft
 
-    monkeypatch.setattr(chain, "_mtp", spoil_every_other_second_draft)
-    assert kept_by_verify(model) == {1, 2}
+    monkeypatch.setattr(chain, "_mtp", recorded)
+    for state["oracle"], want_kept in ((False, {0}), (True, {0, 1, 2})):
+        kept: list[int] = []
+        for prompt in ([5, 17, 3], [40, 2, 2, 9, 41, 8], [11], list(range(1, 56))):
+            calls.clear()
+            seq = state["seq"] = prompt + list(generate_tokens(model, prompt, 64, temperature=0.0))
+            got = chain.chained_greedy(model, prompt, 20, kept)
+            assert len(got) == min(20, 64 - len(prompt) - 1) and got == seq[len(prompt) :][: len(got)], prompt
+            with torch.no_grad():  # each draft against the module without a cache
+                main = model.norm(model(torch.tensor([seq])).hidden)  # (1, L, D)
+                done = (
+                    0  # positions whose entries are final: each call's positions follow from the ones before
+                )
+                for i, c in enumerate(calls):
+                    end = done + len(c["next"])  # positions [0, end) of the module's input
+                    h_in, ids = main[:, :end].clone(), seq[1 : end + 1]
+                    if c["second"]:  # one position on from the call before: its output, its draft
+                        h_in[:, -1], ids = calls[i - 1]["h"][:, -1], seq[1:end] + c["next"]
+                    else:
+                        done = end
+                    emb = model.embed_tokens(torch.tensor([ids]))
+                    h, out, _ = model.mtp[0](h_in, emb, model.rope_cos[:end], model.rope_sin[:end])
+                    torch.testing.assert_close(c["h"][0, -1], h[0, -1], msg=f"{prompt} {c['start']}")
+                    assert int(model.lm_head(out[0, -1]).argmax()) == c["own"], (prompt, c["start"])
+        assert want_kept <= set(kept), kept

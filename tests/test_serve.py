@@ -1128,10 +1128,13 @@ def _hold_the_slot_and_fill_the_queue(srv: Server) -> tuple[list[socket.socket],
     placed = placed and _wait(lambda: srv.health()["queued_jobs"] == 2, 5)
     c = send("127.0.0.3")
     full = _read_until(c, b"}}")
+    a1.settimeout(0)  # a peek that does not wait (nor consume): has the holder's stream ended?
     try:
-        finished = b"usage" in a1.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:  # nothing to read: still prefilling
+        finished = b"data: [DONE]" in a1.recv(1 << 20, socket.MSG_PEEK)
+    except BlockingIOError:  # nothing to read yet: still prefilling
         finished = False
+    finally:
+        a1.settimeout(60)
     return [a1, a2, b, a3, c], refused, full, placed and not finished
 
 
