@@ -59,10 +59,10 @@ def chained_greedy(model, prompt: list[int], budget: int, accepted: list[int] | 
     tokens = [last]
     # the MTP entries of every prompt position, as the library's prefill writes them
     h1, draft = _mtp(model, mtp_cache, model.norm(out.hidden), prompt[1:] + [last], 0)
-    committed = len(prompt)  # MTP entries below this position are final; the main cache holds them too
+    # both caches' entries below cache.pos are final: the committed tokens, `last` not yet among them
     while len(tokens) < budget:
-        _, draft2 = _mtp(model, mtp_cache, h1, [draft], committed)  # provisional entry at `committed`
         n = cache.pos
+        _, draft2 = _mtp(model, mtp_cache, h1, [draft], n)  # provisional: `last`'s position, one on from h1's
         out = model(torch.tensor([[last, draft, draft2]], device=h1.device), cache=cache)
         best = out.logits[0].argmax(-1).tolist()
         a = 0 if best[0] != draft else 1 if best[1] != draft2 else 2
@@ -74,8 +74,7 @@ def chained_greedy(model, prompt: list[int], budget: int, accepted: list[int] | 
         last = new[-1]
         if len(tokens) >= budget:
             break
-        h1, draft = _mtp(model, mtp_cache, model.norm(out.hidden[:, : a + 1]), new, committed)
-        committed += a + 1
+        h1, draft = _mtp(model, mtp_cache, model.norm(out.hidden[:, : a + 1]), new, n)
     return tokens[:budget]
 
 

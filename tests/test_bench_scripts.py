@@ -147,10 +147,10 @@ def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypat
     )  # fmt: skip
     torch.manual_seed(0)
     model = Transformer(cfg).double().eval()
-    with (
-        torch.no_grad()
-    ):  # a final norm that is not all ones (the MTP module reads its output), and attention
-        model.norm.weight.uniform_(0.5, 1.5)  # outputs large enough that the context moves the argmax
+    # a final norm that is not all ones (the MTP module reads its output), and attention outputs large enough
+    # that the context moves the argmax
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
         for name, w in model.named_parameters():
             if name.endswith("o_proj.weight"):
                 w.mul_(8)
@@ -159,8 +159,7 @@ def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypat
     def recorded(model, cache, hidden, next_ids, start):
         h, draft = real(model, cache, hidden, next_ids, start)
         second = bool(calls) and hidden is calls[-1]["h"]  # fed the last call's output: a second draft
-        calls.append({"h": h, "hidden": hidden, "next": list(next_ids), "start": start, "second": second})
-        calls[-1]["own"] = draft
+        calls.append({"h": h, "next": list(next_ids), "start": start, "second": second, "own": draft})
         if state["oracle"]:
             seq, at = state["seq"], start + len(next_ids) + 1  # the position this draft is for
             draft = seq[at] if at < len(seq) else draft
@@ -177,9 +176,8 @@ def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypat
             assert len(got) == min(20, 64 - len(prompt) - 1) and got == seq[len(prompt) :][: len(got)], prompt
             with torch.no_grad():  # each draft against the module without a cache
                 main = model.norm(model(torch.tensor([seq])).hidden)  # (1, L, D)
-                done = (
-                    0  # positions whose entries are final: each call's positions follow from the ones before
-                )
+                # positions whose entries are final: each call's positions follow from the ones before
+                done = 0
                 for i, c in enumerate(calls):
                     end = done + len(c["next"])  # positions [0, end) of the module's input
                     h_in, ids = main[:, :end].clone(), seq[1 : end + 1]

@@ -1709,9 +1709,8 @@ def test_engine_scores_prompts_across_prefill_chunks():
         engine = Engine(model, tok, prefill_chunk=3, speculative=speculative)
         jobs = [Job(i, tok.encode(p), JobParams(max_tokens=m, temperature=0, logprobs=2, prompt_logprobs=i != 3),
                     lambda e: None) for i, (p, m) in enumerate(zip(prompts, budgets))]  # fmt: skip
-        jobs[4] = replace(
-            jobs[4], params=replace(jobs[4].params, logprobs=None)
-        )  # prompt_logprobs alone: no entries
+        # prompt_logprobs alone: no entries
+        jobs[4] = replace(jobs[4], params=replace(jobs[4].params, logprobs=None))
         events = _engine_run(engine, jobs)
         finishes = {e.index: e for e in events if isinstance(e, Finish)}
         assert finishes[4].logprobs is None and finishes[4].completion_tokens == 3
