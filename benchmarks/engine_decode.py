@@ -10,7 +10,10 @@ Sections:
            benchmarks/decode.py's recipe and kept in --work-dir, or --run-dir), greedy, batch 1
            and 8: tokens/s, acceptance, same tokens;
   compile  the engine's eager decode step vs the compiled static-shape one (`compile=True`):
-           compile time, steady-state tokens/s, same tokens.
+           compile time, steady-state tokens/s, same tokens;
+  choices  one request of n sampled choices of one long prompt, whose choices share one prefill,
+           against the same engine with the sharing rule switched off (every choice prefills the
+           prompt itself): time to every choice's first token, the request's time, same texts.
 Both engines of a row run in this one process and take turns within every repeat (median kept), so
 load from other processes hits both alike: compare the ratios, not the absolute numbers.
 """
@@ -18,6 +21,7 @@ load from other processes hits both alike: compare the ratios, not the absolute 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -30,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import prompts_for, table, trained_model  # noqa: E402
 
-from minimoe.serve.engine import Engine, Finish, Job, JobParams  # noqa: E402
+import minimoe.serve.engine as engine_module  # noqa: E402
+from minimoe.serve.engine import Delta, Engine, Finish, Job, JobParams  # noqa: E402
 from minimoe.serve.limits import Limits  # noqa: E402
 
 
@@ -160,10 +165,85 @@ def section_compile(model, tok, trained_on: str, heldout: str, quick: bool) -> s
     )
 
 
+def run_choices(engine: Engine, prompt: list[int], n: int, max_tokens: int) -> tuple[float, float, list[str]]:
+    """One request of `n` sampled choices (seeds 0..n-1) of `prompt`, submitted to a started engine:
+    (seconds until every choice has its first token, seconds until all are done, texts)."""
+    firsts: dict[int, float] = {}
+    texts: dict[int, str] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def post(e) -> None:
+        with lock:
+            if isinstance(e, Delta) and e.text:
+                firsts.setdefault(e.index, time.perf_counter() - t0)
+            if isinstance(e, Finish):
+                texts[e.index] = e.text
+                if len(texts) == n:
+                    done.set()
+
+    engine.submit([Job(i, prompt, JobParams(max_tokens, temperature=1.0, seed=i), post) for i in range(n)])
+    if not done.wait(1800):
+        raise RuntimeError("the engine did not finish")
+    return max(firsts.values()), time.perf_counter() - t0, [texts[i] for i in range(n)]
+
+
+@contextlib.contextmanager
+def separate_prefills():
+    """The engine's rule for sharing a prefill switched off: every choice prefills its prompt alone."""
+    rule = engine_module._shares_prefill
+    engine_module._shares_prefill = lambda first, job: False
+    try:
+        yield
+    finally:
+        engine_module._shares_prefill = rule
+
+
+def section_choices(model, tok, trained_on: str, heldout: str, quick: bool) -> str:
+    """n choices of one prompt in one request: one shared prefill against one per choice, taking turns."""
+    max_tokens, repeats = (16, 2) if quick else (32, 5)
+    context = model.cfg.max_position_embeddings
+    rows = []
+    for n, length in (
+        (8, min(384, context - max_tokens - 1)),
+        (8, 32),
+        (32, min(128, context - max_tokens - 1)),
+    ):
+        prompt = prompts_for(tok, heldout, 1, length)[0]
+        engine = Engine(model, tok)  # `minimoe serve`'s default limits: 64 slots, 256 positions per step
+        engine.start()
+        times: dict[str, list[tuple[float, float]]] = {"shared": [], "separate": []}
+        texts = {}
+        for _ in range(repeats):
+            for name in times:
+                with separate_prefills() if name == "separate" else contextlib.nullcontext():
+                    first, total, texts[name] = run_choices(engine, prompt, n, max_tokens)
+                times[name].append((first, total))
+        engine.close()
+        med = {k: [statistics.median(t[i] for t in v) for i in (0, 1)] for k, v in times.items()}
+        (fs, ts), (fp, tp) = med["shared"], med["separate"]
+        rows.append([
+            n, length, f"{fp * 1e3:.0f}", f"{fs * 1e3:.0f}", f"**{fp / fs:.2f}x**",
+            f"{tp * 1e3:.0f}", f"{ts * 1e3:.0f}", f"**{tp / ts:.2f}x**",
+            "yes" if texts["shared"] == texts["separate"] else "no",
+        ])  # fmt: skip
+    head = (
+        f"{trained_on}; one request of n choices (temperature 1, a seed each) of one held-out prompt, {max_tokens} "
+        f"tokens each, in an engine at `minimoe serve`'s default limits (64 slots, 256 prompt positions per step), "
+        f"eager, fp32, {torch.get_num_threads()} thread(s), median of {repeats} turns of the two ways."
+    )
+    return head + "\n\n" + table(
+        ["n", "prompt tokens", "all first tokens, separate prefills (ms)", "shared prefill (ms)", "speedup",
+         "request, separate (ms)", "shared (ms)", "speedup", "same texts"],
+        rows,
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
-    p.add_argument("--section", choices=["all", "spec", "compile"], default="all")
+    p.add_argument("--section", choices=["all", "spec", "compile", "choices"], default="all")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--run-dir", default=None, help="a trained run with model.mtp_depth >= 1")
     p.add_argument("--work-dir", default="runs/bench-decode", help="where the trained model is kept")
@@ -175,6 +255,8 @@ def main() -> None:
         print(section_spec(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
     if args.section in ("all", "compile"):
         print(section_compile(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
+    if args.section in ("all", "choices"):
+        print(section_choices(model, tok, trained_on, heldout, args.quick) + "\n", flush=True)
 
 
 if __name__ == "__main__":

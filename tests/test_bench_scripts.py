@@ -190,3 +190,37 @@ def test_mtp_chain_prototype_decodes_what_plain_greedy_decodes(script, monkeypat
                     torch.testing.assert_close(c["h"][0, -1], h[0, -1], msg=f"{prompt} {c['start']}")
                     assert int(model.lm_head(out[0, -1]).argmax()) == c["own"], (prompt, c["start"])
         assert want_kept <= set(kept), kept
+
+
+def test_engine_decode_choices_section_prefills_once_and_once_per_choice(script, monkeypatch, tmp_path):
+    """benchmarks/engine_decode.py's `choices` section: the shared turns prefill each request's prompt
+    once, the separate turns once per choice (the sharing rule switched off, and back on after), and
+    both give the same texts."""
+    import torch
+
+    from minimoe.config import ModelConfig
+    from minimoe.data import Tokenizer
+    from minimoe.infer.slots import Prefill
+    from minimoe.model.transformer import Transformer
+
+    engine_decode = script("engine_decode")
+    rule = engine_decode.engine_module._shares_prefill
+    cfg = ModelConfig(
+        vocab_size=258, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=96,
+        intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    text = tmp_path / "heldout.txt"
+    text.write_text("Once upon a time a little dog ran to the red ball in the park. " * 40)
+    adds = []
+    add = Prefill.add
+    monkeypatch.setattr(
+        Prefill, "add", lambda self, ids, score=None: adds.append(len(ids)) or add(self, ids, score)
+    )
+    report = engine_decode.section_choices(model, Tokenizer.byte(), "random", str(text), quick=True)
+    rows = [line for line in report.splitlines() if line.startswith("| 8 ") or line.startswith("| 32 ")]
+    assert len(rows) == 3 and all(row.endswith("| yes |") for row in rows)
+    # two turns each way per row: 1 + n prefills per pair of turns
+    assert len(adds) == 2 * ((1 + 8) + (1 + 8) + (1 + 32))
+    assert engine_decode.engine_module._shares_prefill is rule

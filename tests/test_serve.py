@@ -1525,6 +1525,11 @@ def _texts(events) -> dict[int, str]:
     return {e.index: e.text for e in events if isinstance(e, Finish)}
 
 
+def _prefilling(engine: Engine) -> list:
+    """The engine's sequences being prefilled, over every prefill row."""
+    return [seq for group in engine._prefilling.values() for seq in group]
+
+
 def test_engine_batches_every_sequence_and_each_equals_alone(loaded):
     model, tok = loaded
     specs = [
@@ -1635,6 +1640,86 @@ def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible(mon
     assert oracle.drafted // 4 < oracle.accepted < oracle.drafted
     with pytest.raises(MinimoeError, match="MTP"):
         Engine(_mtp_model()[0].__class__(replace(model.cfg, mtp_depth=0)), tok, speculative=True)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_choices_of_one_prompt_share_one_prefill_and_each_equals_alone(speculative, monkeypatch):
+    """Jobs of one prompt queued together (a request's n choices) are prefilled once, in one row, and
+    each joins the batch with a copy of it (speculative: each with its own first draft, whose MTP
+    entry depends on its first token, written and copied one sequence at a time). Each generates what
+    it would alone, greedy or sampled, with as many drafts drafted and accepted; a prompt scored for
+    its logprobs takes a row of its own, scored once, and every choice gets its entries. Speculative,
+    every draft's MTP logits equal the ones it gets alone (greedy texts do not show a wrong draft)."""
+    from minimoe.serve import engine as engine_module
+
+    model, tok = _mtp_model()
+    drafts: dict[int, list[torch.Tensor]] = {}  # job -> the MTP logits of each of its drafts, in order
+    set_drafts = engine_module.next_drafts
+
+    def recorded(draft_logits, seqs):
+        for seq, logits in zip(seqs, draft_logits):
+            drafts.setdefault(seq.job.index, []).append(logits.clone())
+        set_drafts(draft_logits, seqs)
+
+    monkeypatch.setattr(engine_module, "next_drafts", recorded)
+    ids = tok.encode("a dog ran to the red ball")
+    params = [JobParams(max_tokens=14, temperature=0)]
+    params += [JobParams(max_tokens=12, temperature=1.0, top_k=20, seed=s) for s in (1, 2, 3)]
+    params += [JobParams(max_tokens=4, temperature=0, logprobs=2, prompt_logprobs=True)] * 2
+
+    def jobs():
+        return [Job(i, ids, p, lambda e: None) for i, p in enumerate(params)]
+
+    engine = Engine(model, tok, prefill_chunk=8, speculative=speculative)
+    rows = []
+    add = engine._prefill.add
+    engine._prefill.add = lambda ids, score=None: rows.append(score) or add(ids, score)
+    got = [e for e in _engine_run(engine, jobs()) if isinstance(e, Finish)]
+    assert rows == [None, 2]  # two prefills: the plain prompt's and the scored one's
+    shared, drafts = drafts, {}
+    alone = []
+    drafted = accepted = 0
+    for job in jobs():
+        one = Engine(model, tok, prefill_chunk=8, speculative=speculative)
+        alone += [e for e in _engine_run(one, [job]) if isinstance(e, Finish)]
+        drafted, accepted = drafted + one.drafted, accepted + one.accepted
+    assert shared.keys() == drafts.keys() == (set(range(len(params))) if speculative else set())
+    for i, want in drafts.items():
+        assert len(shared[i]) == len(want)
+        for a, b in zip(shared[i], want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert sorted(got, key=lambda e: e.index) == alone
+    assert len({e.text for e in alone[1:4]}) > 1  # the seeds drew different texts
+    assert alone[4].logprobs[: len(ids)] == alone[5].logprobs[: len(ids)] and alone[4].logprobs[1].top
+    assert (engine.drafted, engine.accepted) == (drafted, accepted) and (accepted > 0) == speculative
+
+
+def test_a_shared_prefill_keeps_its_row_until_its_last_choice_is_cancelled_and_respects_the_share(loaded):
+    """Cancelling some of the choices that share a prefill row keeps the row for the others; cancelling
+    the last frees it. A client's share of the slots bounds how many choices take one row: the rest
+    wait in the queue (and share a row of their own later)."""
+    model, tok = loaded
+    ids = tok.encode("a dog ran to the red ball")
+    jobs = [Job(i, ids, JobParams(max_tokens=3, temperature=0), lambda e: None) for i in range(3)]
+    engine = Engine(model, tok, max_active=4, prefill_chunk=4, prefill_rows=2)
+    engine.submit(jobs)
+    with torch.no_grad():
+        engine._step()  # all three admitted into one row, 4 of the prompt's tokens prefilled
+        assert len(engine._prefilling) == 1 and len(_prefilling(engine)) == 3 and engine._prefill.free == 1
+        jobs[0].cancelled.set()
+        engine._step()
+        assert [s.job.index for s in _prefilling(engine)] == [1, 2] and engine._prefill.free == 1
+        jobs[1].cancelled.set()
+        jobs[2].cancelled.set()
+        engine._step()
+        assert not engine._prefilling and engine._prefill.free == 2 and engine.active_jobs == 0
+    engine.close()
+
+    engine = Engine(model, tok, max_active=8, max_active_per_client=3)
+    engine.submit([Job(i, ids, JobParams(max_tokens=3, temperature=0), lambda e: None) for i in range(5)])
+    engine._admit()
+    assert [s.job.index for s in _prefilling(engine)] == [0, 1, 2] and engine.queued_jobs == 2
+    engine.close()
 
 
 def test_engine_speculative_sampling_draws_what_the_library_draws():
@@ -1911,7 +1996,7 @@ def test_engine_zero_token_job_holds_no_slot(loaded):
     engine = Engine(model, tok, max_active=2, max_active_per_client=1)
     engine.submit(jobs)
     engine._admit()
-    assert [s.job.index for s in engine._prefilling.values()] == [1]
+    assert [s.job.index for s in _prefilling(engine)] == [1]
 
 
 def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue(loaded):
@@ -2044,17 +2129,18 @@ def test_engine_admission_caps_a_clients_slots_across_passes_and_bounds_prefill_
     engine.submit(jobs("a", 2))
     engine._admit()
     engine._admit()  # a's first prompt is still prefilling: it holds a's one slot
-    assert len(engine._prefilling) == 1 and engine.queued_jobs == 1
+    assert len(_prefilling(engine)) == 1 and engine.queued_jobs == 1
     engine.submit(jobs("b", 1))
     engine._admit()
-    assert sorted(s.job.client for s in engine._prefilling.values()) == ["a", "b"]
+    assert sorted(s.job.client for s in _prefilling(engine)) == ["a", "b"]
     engine.close()
 
     engine = Engine(model, tok, max_active=16, prefill_rows=16)
     assert engine.max_active_per_client == 14
     engine.submit(jobs("a", 16))
     engine._admit()
-    assert len(engine._prefilling) == 14 and engine.queued_jobs == 2
+    assert len(_prefilling(engine)) == 14 and engine.queued_jobs == 2
+    assert len(engine._prefilling) == 1  # one prompt: one prefill row for all 14
     engine.close()
 
     assert Engine(model, tok, max_active=8, prefill_chunk=2, prefill_rows=8)._prefill.rows == 2
@@ -2067,7 +2153,7 @@ def test_engine_admission_caps_a_clients_slots_across_passes_and_bounds_prefill_
     assert len(engine._running) == 1 and not engine._prefilling
     engine.submit(jobs("b", 2))
     engine._admit()
-    assert len(engine._prefilling) == 1 and engine.queued_jobs == 1
+    assert len(_prefilling(engine)) == 1 and engine.queued_jobs == 1
     engine.close()
 
 
@@ -2081,7 +2167,7 @@ def test_a_job_cancelled_before_its_admission_takes_no_slot(loaded):
     engine.submit(jobs)
     jobs[0].cancelled.set()
     engine._admit()
-    assert [s.job.index for s in engine._prefilling.values()] == [1] and engine.queued_jobs == 0
+    assert [s.job.index for s in _prefilling(engine)] == [1] and engine.queued_jobs == 0
     engine.close()
 
 
@@ -2168,7 +2254,8 @@ def test_engine_frees_prefill_rows_on_cancellation_and_on_a_failed_join(loaded):
     assert Engine(model, tok, max_active=1)._prefill.rows == 1
     params = JobParams(max_tokens=3, temperature=0)
     engine = Engine(model, tok, max_active=4, prefill_chunk=4, prefill_rows=2)
-    jobs = [Job(i, tok.encode("a dog ran to the red ball"), params, lambda e: None) for i in range(2)]
+    prompts = ["a dog ran to the red ball", "a cat sat on the mat by me"]  # two prompts: two rows
+    jobs = [Job(i, tok.encode(prompt), params, lambda e: None) for i, prompt in enumerate(prompts)]
     engine.submit(jobs)
     with torch.no_grad():
         engine._step()  # both admitted, 2 of their tokens prefilled each

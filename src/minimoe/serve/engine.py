@@ -3,9 +3,10 @@
 Every choice of every request is a `Job`: a prompt, sampling parameters, the client it came from and
 a callback that the worker calls with `Delta`, `Finish` or `Failure` events. Each step the worker
 1. drops cancelled jobs (a client that went away) from the queue, the prefill and the batch;
-2. prefills waiting prompts, several in one forward (`minimoe.infer.slots.Prefill`), `prefill_chunk`
-   token positions per step at most, so a long prompt delays the running sequences by one chunk per
-   step rather than by its whole length;
+2. admits waiting jobs (`minimoe.serve.admission`) and prefills their prompts, several in one forward
+   (`minimoe.infer.slots.Prefill`), `prefill_chunk` token positions per step at most, so a long prompt
+   delays the running sequences by one chunk per step rather than by its whole length; the choices of
+   one prompt (a request's `n`) share one prefill, and each joins the batch with a copy of its cache;
 3. advances every running sequence by one token in one forward pass over the slot pool
    (`minimoe.infer.slots`): continuous batching, where sequences join after their prefill and leave
    as soon as they finish, with no waiting for the batch to drain.
@@ -30,7 +31,7 @@ of requests nor one request with a large `n` makes another client wait for a who
 from __future__ import annotations
 
 import threading
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from minimoe.infer.slots import Prefill, SlotPool
 from minimoe.infer.speculative import next_drafts, verify_rows
 from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
+from minimoe.serve.admission import Admission
 from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, Logprob, QueueFull
 from minimoe.serve.limits import Limits
 from minimoe.serve.logprobs import prompt_entries, row_logprobs
@@ -109,20 +111,17 @@ class Engine:
         rows = max(1, min(prefill_rows, max_active, prefill_chunk))
         self.pool = SlotPool(model, max_active, mtp=speculative, prefill_rows=rows)
         self.static = StaticDecode(self.pool) if compile else None
-        self.max_queued = max_queued
-        self.max_queued_per_client = max_queued_per_client or max(1, max_queued // 2)
+        self.admission = Admission(max_queued, max_queued_per_client or max(1, max_queued // 2))
         self.max_active_per_client = min(max_active_per_client or max_active - max_active // 8, max_active)
         self.prefill_chunk = prefill_chunk
         self._lock = threading.Lock()
-        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # client -> its waiting jobs
-        self._queued = 0
         self._wake = threading.Event()
         self._tasks: deque[tuple[Callable[[], float], Future]] = deque()  # run by the worker before a step
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._running: list[_Seq] = []  # row i of the pool is _running[i]
         self._prefill = Prefill(self.pool)
-        self._prefilling: dict[int, _Seq] = {}  # prefill row -> its sequence
+        self._prefilling: dict[int, list[_Seq]] = {}  # prefill row -> the sequences of its prompt
         self.generated_tokens = 0  # since start, over all jobs (written by the worker only)
         self.steps = 0
         self.drafted = 0  # speculative: drafts verified ...
@@ -140,11 +139,11 @@ class Engine:
 
     @property
     def active_jobs(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        return len(self._running) + sum(map(len, self._prefilling.values()))
 
     @property
     def queued_jobs(self) -> int:
-        return self._queued
+        return self.admission.queued
 
     def start(self) -> None:
         """Start the worker thread. The calling thread's idle OpenMP workers are let go first
@@ -191,31 +190,10 @@ class Engine:
         """
         if not jobs:
             return
-        client = jobs[0].client
-        with self._lock:
-            if self._stopping:
-                raise QueueFull("The server is shutting down.", retry_after=5, status=503)
-            mine = len(self._queues.get(client, ()))
-            free = self.pool.slots - self.active_jobs  # jobs that will not wait long
-            if self._queued + len(jobs) > self.max_queued + max(free, 0):
-                raise QueueFull(
-                    f"The server is busy: {self._queued} requests are waiting, the limit is "
-                    f"{self.max_queued}; retry later.",
-                    self._retry_after(),
-                )
-            if mine + len(jobs) > self.max_queued_per_client + max(free, 0):
-                raise QueueFull(
-                    f"Too many requests from this client are waiting ({mine}, the limit is "
-                    f"{self.max_queued_per_client}); retry later.",
-                    self._retry_after(),
-                )
-            self._queues.setdefault(client, deque()).extend(jobs)
-            self._queued += len(jobs)
+        if self._stopping:
+            raise QueueFull("The server is shutting down.", retry_after=5, status=503)
+        self.admission.submit(jobs, self.pool.slots - self.active_jobs, self.pool.slots)
         self._wake.set()
-
-    def _retry_after(self) -> int:
-        """Seconds until the queue has drained a slot's worth, roughly (one batch of waiting jobs)."""
-        return 1 + self._queued // max(self.pool.slots, 1)
 
     # ------------------------------------------------------------------ the worker
 
@@ -230,7 +208,7 @@ class Engine:
                             done.set_result(fn())
                         except Exception as e:  # noqa: BLE001 - raised in the thread that asked
                             done.set_exception(e)
-                    if not self._running and not self._prefilling and not self._queued:
+                    if not self._running and not self._prefilling and not self.queued_jobs:
                         self._wake.wait(0.5)
                         continue
                     try:
@@ -254,54 +232,82 @@ class Engine:
 
     def _admit(self) -> None:
         """Waiting jobs (clients in turn, each within its share of the slots) take free prefill rows
-        while decode slots remain for them."""
+        while decode slots remain for them; the choices of one prompt take one row together."""
         held = Counter(s.job.client for s in self._running)
-        held.update(s.job.client for s in self._prefilling.values())
-        while self._prefill.free and self.pool.n + len(self._prefilling) < self.pool.slots:
-            job = self._next_job(held)
-            if job is None:
+        held.update(s.job.client for group in self._prefilling.values() for s in group)
+        while self._prefill.free and (room := self.pool.slots - self.active_jobs) > 0:
+            jobs = self.admission.take(held, self.max_active_per_client, room, _shares_prefill)
+            if not jobs:
                 return
-            if job.params.max_tokens == 0 and not job.params.scores_prompt:  # done here: holds no slot
-                _post(job, Finish(job.index, "length", 0, "", None if job.params.logprobs is None else ()))
-                continue
-            held[job.client] += 1
-            p = job.params
-            sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
-            gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
-            ids = fit_prompt(job.prompt_ids, self.pool.max_len)
-            seq = _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids))
-            self._prefilling[self._prefill.add(ids, p.logprobs if p.scores_prompt else None)] = seq
+            ids = fit_prompt(jobs[0].prompt_ids, self.pool.max_len)  # the same for every one of them
+            group = []
+            for job in jobs:
+                p = job.params
+                if p.max_tokens == 0 and not p.scores_prompt:  # done here: holds no slot
+                    _post(job, Finish(job.index, "length", 0, "", None if p.logprobs is None else ()))
+                    continue
+                held[job.client] += 1
+                sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
+                gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
+                group.append(_Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids)))
+            if group:
+                p = group[0].job.params
+                self._prefilling[self._prefill.add(ids, p.logprobs if p.scores_prompt else None)] = group
 
     def _prefill_step(self) -> None:
-        """One prefill forward over every prefilling prompt; the complete ones pick their first token
-        and join the decode batch."""
+        """One prefill forward over every prefilling prompt; each sequence of a complete one picks its
+        first token and joins the decode batch."""
         try:
             finished = self._prefill.step(self.prefill_chunk)
             rows = sorted(finished)
-            seqs = [self._prefilling[r] for r in rows]
-            logits = torch.cat([finished[r] for r in rows]) if rows else None
-            tokens = self._pick(logits, seqs) if rows else []
-            infos = self._logprobs(logits, [[t] for t in tokens], seqs) if rows else []
-            drafts = self._prefill.first_draft(rows, tokens) if rows and self.speculative else None
+            joining = [(row, seq) for row in rows for seq in self._prefilling[row]]
+            seqs = [seq for _, seq in joining]
+            logits = torch.cat([finished[row] for row, _ in joining]) if joining else None
+            tokens = self._pick(logits, seqs) if joining else []
+            infos = self._logprobs(logits, [[t] for t in tokens], seqs) if joining else []
         except Exception as e:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
             self._fail_prefill(f"generation failed: {type(e).__name__}: {e}", 500)
             return
-        for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
-            del self._prefilling[row]
+        ready = []
+        for (row, seq), token, info in zip(joining, tokens, infos):
             try:
                 if seq.job.params.scores_prompt:
                     self._score_prompt(seq, row)
                 if seq.job.params.max_tokens == 0:
                     self._finish(seq, "length")
-                elif not self._emit(seq, token, infos[i][0]):
-                    if drafts is not None:
-                        next_drafts(drafts[i : i + 1], [seq])
+                elif not self._emit(seq, token, info[0]):
+                    ready.append((row, seq))
+            except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+                _failed(seq, e)
+        self._join(ready)
+        for row in rows:
+            del self._prefilling[row]
+            self._prefill.release(row)
+
+    def _join(self, ready: list[tuple[int, _Seq]]) -> None:
+        """Copy each (prefill row, sequence) into a decode slot. Speculative, a sequence's first draft
+        is written into its row's MTP entry at the prompt's last position (it depends on the sequence's
+        first token) before the row is copied, so the sequences of one row join one per wave."""
+        while ready:
+            wave, later, rows = [], [], set()
+            for row, seq in ready:
+                (later if row in rows else wave).append((row, seq))
+                rows.add(row)
+            ready = later
+            try:
+                if self.speculative:
+                    drafts = self._prefill.first_draft([r for r, _ in wave], [s.next_token for _, s in wave])
+                    next_drafts(drafts, [seq for _, seq in wave])
+            except Exception as e:  # noqa: BLE001 - this wave cannot continue; the others can
+                for _, seq in wave:
+                    _failed(seq, e)
+                continue
+            for row, seq in wave:
+                try:
                     self.pool.add(seq.prompt_len, src=row)
                     self._running.append(seq)
-            except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
-                _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                self._prefill.release(row)
+                except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+                    _failed(seq, e)
 
     def _score_prompt(self, seq: _Seq, row: int) -> None:
         """Give the sequence its prompt's entries (posted at once) before its first token's."""
@@ -309,27 +315,6 @@ class Engine:
         entries, seq.shift = prompt_entries(self.tokenizer.decode, ids, scores)
         seq.logprobs += entries
         _post(seq.job, Delta(seq.job.index, "", tuple(entries)))
-
-    def _next_job(self, held: Counter[str]) -> Job | None:
-        """The first live job of the first client in turn that holds fewer than its share of slots."""
-        with self._lock:
-            for client in list(self._queues):
-                if held[client] >= self.max_active_per_client:
-                    continue  # its jobs wait for one of its own sequences to end
-                jobs = self._queues[client]
-                job = None
-                while jobs and job is None:
-                    job = jobs.popleft()
-                    self._queued -= 1
-                    if job.cancelled.is_set():
-                        job = None
-                if jobs:
-                    self._queues.move_to_end(client)  # round-robin: this client waits its turn
-                else:
-                    del self._queues[client]
-                if job is not None:
-                    return job
-        return None
 
     def _decode(self) -> None:
         device = self.pool.cache.layers[0].a.device
@@ -446,25 +431,19 @@ class Engine:
         for i in reversed(range(len(self._running))):
             if self._running[i].job.cancelled.is_set():
                 self._remove(i)
-        for row, seq in list(self._prefilling.items()):
-            if seq.job.cancelled.is_set():
+        for row, group in list(self._prefilling.items()):
+            group[:] = [seq for seq in group if not seq.job.cancelled.is_set()]
+            if not group:
                 del self._prefilling[row]
                 self._prefill.release(row)
-        with self._lock:
-            for client in list(self._queues):
-                jobs = self._queues[client]
-                kept = deque(j for j in jobs if not j.cancelled.is_set())
-                self._queued -= len(jobs) - len(kept)
-                if kept:
-                    self._queues[client] = kept
-                else:
-                    del self._queues[client]
+        self.admission.drop_cancelled()
 
     def _fail_prefill(self, message: str, status: int) -> None:
         """Fail the prefilling prompts and free their rows."""
-        for row, seq in self._prefilling.items():
+        for row, group in self._prefilling.items():
             self._prefill.release(row)
-            _post(seq.job, Failure(seq.job.index, message, status))
+            for seq in group:
+                _post(seq.job, Failure(seq.job.index, message, status))
         self._prefilling = {}
 
     def _fail_running(self, message: str, status: int) -> None:
@@ -480,13 +459,24 @@ class Engine:
         self._fail_prefill(message, status)
 
     def _fail_all(self, message: str, status: int) -> None:
-        with self._lock:
-            jobs = [job for q in self._queues.values() for job in q]
-            self._queues.clear()
-            self._queued = 0
+        jobs = self.admission.close()
         self._fail_current(message, status)
         for job in jobs:
             _post(job, Failure(job.index, message, status))
+
+
+def _shares_prefill(first: Job, job: Job) -> bool:
+    """Whether `job` can take `first`'s prefill: the same prompt, scored for the same alternatives."""
+    a, b = first.params, job.params
+    scores = (a.scores_prompt, a.logprobs if a.scores_prompt else None)
+    return job.prompt_ids == first.prompt_ids and scores == (
+        b.scores_prompt,
+        b.logprobs if b.scores_prompt else None,
+    )
+
+
+def _failed(seq: _Seq, e: Exception) -> None:
+    _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
 
 
 def _post(job: Job, event: Event) -> None:

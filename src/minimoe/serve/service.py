@@ -103,7 +103,9 @@ class Service:
         """Before any tokenizing: prompts x n within --max-choices, and within what one client may
         have running and waiting at once (more could never be admitted: a 400, not a 429 to retry)."""
         engine = self.engine
-        admissible = engine.pool.slots + min(engine.max_queued, engine.max_queued_per_client)
+        admissible = engine.pool.slots + min(
+            engine.admission.max_queued, engine.admission.max_queued_per_client
+        )
         cap, flag = self.limits.max_choices, "--max-choices"
         if admissible < cap:
             cap, flag = admissible, "--max-active plus --max-queued-per-client"
