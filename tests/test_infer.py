@@ -987,9 +987,10 @@ def test_compiled_speculative_step_equals_the_eager_one_as_rows_leave():
     eager pool: three rows of different lengths in a 4-slot pool, then two as a row leaves, each row
     verifying its next token and a draft (8 token rows, the most generated as reductions, padding rows
     included) with the draft right (the true next token) on alternate rows and steps and wrong on the
-    others: logits and hidden states close, tokens identical, draft logits close. One row bucket and one
-    position bucket: one inductor graph (a cold compile is about 20 s on 2 cores); the other graphs
-    (the one-token step, other buckets) are the eager-backend tests' part."""
+    others: logits and hidden states close, tokens identical, draft logits close. Then one row decodes
+    two tokens through the one-token step (one-row reductions), against the pool's. Two inductor graphs
+    (a cold compile is about 20 s each on 2 cores); the others (other buckets) are the eager-backend
+    tests' part."""
     from minimoe.infer.slots import SlotPool
     from minimoe.infer.static import StaticDecode
 
@@ -1018,6 +1019,15 @@ def test_compiled_speculative_step_equals_the_eager_one_as_rows_leave():
             pool.advance([2 if a else 1 for a in accepted.tolist()])
         nxt = torch.where(accepted, want.best[:, 1], want.best[:, 0])
     assert static._calls == 3 and max(pools[1].lengths) <= 16
+    # the one-token step of one row (one-row reductions: the row bucket of 1), as plain decoding runs it
+    for pool in pools:
+        pool.remove(1)
+    nxt = nxt[:1]
+    for _ in range(2):
+        want, got = pools[0].decode(nxt), static.decode(nxt)
+        torch.testing.assert_close(got, want)
+        assert pools[0].lengths == pools[1].lengths
+        nxt = want.argmax(-1)
     torch._dynamo.reset()
 
 
