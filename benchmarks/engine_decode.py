@@ -186,7 +186,12 @@ def run_choices(engine: Engine, prompt: list[int], n: int, max_tokens: int) -> t
     engine.submit([Job(i, prompt, JobParams(max_tokens, temperature=1.0, seed=i), post) for i in range(n)])
     if not done.wait(1800):
         raise RuntimeError("the engine did not finish")
-    return max(firsts.values()), time.perf_counter() - t0, [texts[i] for i in range(n)]
+    total = time.perf_counter() - t0
+    return (
+        max(firsts.values(), default=total),
+        total,
+        [texts[i] for i in range(n)],
+    )  # (none: every choice ended at once)
 
 
 @contextlib.contextmanager

@@ -1488,7 +1488,8 @@ def test_a_stop_string_with_u_fffd_does_not_match_a_character_split_across_token
 
 
 def _engine_run(engine: Engine, jobs: list[Job], timeout: float = 120) -> list:
-    """Submit `jobs` (grouped by client, in order) before starting `engine`; every event, in order."""
+    """Submit `jobs` (grouped by client, in order) before starting `engine`; every event, in order, once
+    every job has finished or failed."""
     events: list = []
     lock = threading.Lock()
     done = threading.Event()
@@ -1498,7 +1499,7 @@ def _engine_run(engine: Engine, jobs: list[Job], timeout: float = 120) -> list:
         def post(e):
             with lock:
                 events.append(e)
-                if sum(isinstance(x, Finish) for x in events) == len(jobs):
+                if sum(isinstance(x, (Finish, Failure)) for x in events) == len(jobs):
                     done.set()
             posts[id(job)](e)
 
@@ -1666,6 +1667,7 @@ def test_choices_of_one_prompt_share_one_prefill_and_each_equals_alone(speculati
     params = [JobParams(max_tokens=14, temperature=0)]
     params += [JobParams(max_tokens=12, temperature=1.0, top_k=20, seed=s) for s in (1, 2, 3)]
     params += [JobParams(max_tokens=4, temperature=0, logprobs=2, prompt_logprobs=True)] * 2
+    params += [JobParams(max_tokens=3, temperature=0, logprobs=3, prompt_logprobs=True)]  # other alternatives
 
     def jobs():
         return [Job(i, ids, p, lambda e: None) for i, p in enumerate(params)]
@@ -1675,7 +1677,7 @@ def test_choices_of_one_prompt_share_one_prefill_and_each_equals_alone(speculati
     add = engine._prefill.add
     engine._prefill.add = lambda ids, score=None: rows.append(score) or add(ids, score)
     got = [e for e in _engine_run(engine, jobs()) if isinstance(e, Finish)]
-    assert rows == [None, 2]  # two prefills: the plain prompt's and the scored one's
+    assert rows == [None, 2, 3]  # the plain prompt's prefill, and one per scoring
     shared, drafts = drafts, {}
     alone = []
     drafted = accepted = 0
@@ -1720,6 +1722,100 @@ def test_a_shared_prefill_keeps_its_row_until_its_last_choice_is_cancelled_and_r
     engine._admit()
     assert [s.job.index for s in _prefilling(engine)] == [0, 1, 2] and engine.queued_jobs == 2
     engine.close()
+
+
+def test_shared_prefills_count_every_choice_against_the_slots_the_share_and_the_queue(loaded):
+    """Choices sharing a row each count as a slot taken (room), against their client's share with the
+    slots it already holds, and in the queue's count, a cancelled one among them included."""
+    model, tok = loaded
+    params = JobParams(max_tokens=4, temperature=0)
+
+    def jobs(client: str, k: int, prompt: str = "the cat") -> list[Job]:
+        return [Job(i, tok.encode(prompt), params, lambda e: None, client=client) for i in range(k)]
+
+    engine = Engine(model, tok, max_active=4)
+    engine.submit(jobs("a", 3))
+    engine.submit(jobs("b", 3))
+    engine._admit()
+    assert [s.job.client for s in _prefilling(engine)] == ["a"] * 3 + ["b"]
+    assert len(engine._prefilling) == 2 and engine.queued_jobs == 2
+    engine.close()
+
+    engine = Engine(model, tok, max_active=8, max_active_per_client=3)
+    engine.submit(jobs("a", 1, "a dog"))
+    with torch.no_grad():
+        engine._step()  # prefilled and decoding: a holds one slot
+    assert len(engine._running) == 1
+    engine.submit(jobs("a", 4))
+    engine._admit()
+    assert len(_prefilling(engine)) == 2 and engine.queued_jobs == 2
+    engine.close()
+
+    engine = Engine(model, tok, max_active=8)
+    waiting = jobs("a", 3)
+    engine.submit(waiting)
+    waiting[1].cancelled.set()  # after the step's sweep of cancelled jobs: met by the admission itself
+    engine._admit()
+    assert [s.job.index for s in _prefilling(engine)] == [0, 2] and engine.queued_jobs == 0
+    engine.close()
+
+
+def test_every_choice_of_a_shared_prefill_hears_of_its_failure(monkeypatch):
+    """A failed prefill, a failed first draft and a failure while a group is admitted each reach every
+    choice they concern (one Failure each), the other prompts' choices finishing."""
+    model, tok = _mtp_model()
+    params = JobParams(max_tokens=4, temperature=0)
+
+    def jobs() -> list[Job]:
+        two = [tok.encode("the cat"), tok.encode("a dog ran")]
+        return [Job(2 * i + j, ids, params, lambda e: None) for i, ids in enumerate(two) for j in range(2)]
+
+    def failures(engine: Engine) -> list[int]:
+        return sorted(e.index for e in _engine_run(engine, jobs(), timeout=60) if isinstance(e, Failure))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    engine = Engine(model, tok)
+    monkeypatch.setattr(engine._prefill, "step", boom)
+    assert failures(engine) == [0, 1, 2, 3]
+    engine = Engine(model, tok, speculative=True)
+    monkeypatch.setattr(engine._prefill, "first_draft", boom)
+    assert failures(engine) == [0, 1, 2, 3]
+    engine = Engine(model, tok, speculative=True)
+    first_draft, calls = engine._prefill.first_draft, []
+
+    def once(rows, tokens):  # the first wave (a choice of each prompt) fails, the second joins
+        calls.append(len(rows))
+        return boom() if len(calls) == 1 else first_draft(rows, tokens)
+
+    monkeypatch.setattr(engine._prefill, "first_draft", once)
+    assert failures(engine) == [0, 2] and calls == [2, 2]
+
+    import minimoe.serve.engine as engine_module
+
+    sampled = JobParams(max_tokens=4, temperature=1.0, seed=1)
+    monkeypatch.setattr(engine_module, "make_generator", boom)
+    engine = Engine(model, tok)
+    got = _engine_run(engine, [Job(i, tok.encode("the cat"), sampled, lambda e: None) for i in range(3)] + [
+        Job(3, tok.encode("the cat"), params, lambda e: None, client="b")], timeout=60)  # fmt: skip
+    assert sorted(e.index for e in got if isinstance(e, Failure)) == [0, 1, 2]
+    assert [e.index for e in got if isinstance(e, Finish)] == [3]
+
+
+def test_a_closed_admission_refuses_with_503_and_hands_back_what_waited():
+    from minimoe.serve.admission import Admission
+    from minimoe.serve.jobs import QueueFull
+
+    admission = Admission(max_queued=4, max_queued_per_client=2)
+    waiting = [Job(i, [1], JobParams(max_tokens=1), lambda e: None) for i in range(2)]
+    admission.submit(waiting, free=0, slots=1)
+    with pytest.raises(QueueFull, match="from this client"):
+        admission.submit(waiting[:1], free=0, slots=1)
+    assert admission.close() == waiting and admission.queued == 0
+    with pytest.raises(QueueFull, match="shutting down") as e:
+        admission.submit(waiting[:1], free=8, slots=1)
+    assert e.value.status == 503
 
 
 def test_engine_speculative_sampling_draws_what_the_library_draws():

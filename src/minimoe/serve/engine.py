@@ -239,20 +239,31 @@ class Engine:
             jobs = self.admission.take(held, self.max_active_per_client, room, _shares_prefill)
             if not jobs:
                 return
-            ids = fit_prompt(jobs[0].prompt_ids, self.pool.max_len)  # the same for every one of them
-            group = []
+            live = []
             for job in jobs:
                 p = job.params
                 if p.max_tokens == 0 and not p.scores_prompt:  # done here: holds no slot
                     _post(job, Finish(job.index, "length", 0, "", None if p.logprobs is None else ()))
-                    continue
-                held[job.client] += 1
-                sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
-                gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
-                group.append(_Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, len(ids)))
-            if group:
-                p = group[0].job.params
+                else:
+                    live.append(job)
+            if not live:
+                continue
+            try:
+                ids = fit_prompt(live[0].prompt_ids, self.pool.max_len)  # the same for every one of them
+                group = [self._new_seq(job, len(ids)) for job in live]
+                p = live[0].params
                 self._prefilling[self._prefill.add(ids, p.logprobs if p.scores_prompt else None)] = group
+            except Exception as e:  # noqa: BLE001 - these jobs cannot start; the queue's others can
+                for job in live:
+                    _failed(job, e)
+                continue
+            held.update(job.client for job in live)
+
+    def _new_seq(self, job: Job, prompt_len: int) -> _Seq:
+        p = job.params
+        sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
+        gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
+        return _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, prompt_len)
 
     def _prefill_step(self) -> None:
         """One prefill forward over every prefilling prompt; each sequence of a complete one picks its
@@ -278,7 +289,7 @@ class Engine:
                 elif not self._emit(seq, token, info[0]):
                     ready.append((row, seq))
             except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
-                _failed(seq, e)
+                _failed(seq.job, e)
         self._join(ready)
         for row in rows:
             del self._prefilling[row]
@@ -300,14 +311,14 @@ class Engine:
                     next_drafts(drafts, [seq for _, seq in wave])
             except Exception as e:  # noqa: BLE001 - this wave cannot continue; the others can
                 for _, seq in wave:
-                    _failed(seq, e)
+                    _failed(seq.job, e)
                 continue
             for row, seq in wave:
                 try:
                     self.pool.add(seq.prompt_len, src=row)
                     self._running.append(seq)
                 except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
-                    _failed(seq, e)
+                    _failed(seq.job, e)
 
     def _score_prompt(self, seq: _Seq, row: int) -> None:
         """Give the sequence its prompt's entries (posted at once) before its first token's."""
@@ -475,8 +486,8 @@ def _shares_prefill(first: Job, job: Job) -> bool:
     )
 
 
-def _failed(seq: _Seq, e: Exception) -> None:
-    _post(seq.job, Failure(seq.job.index, f"generation failed: {type(e).__name__}: {e}"))
+def _failed(job: Job, e: Exception) -> None:
+    _post(job, Failure(job.index, f"generation failed: {type(e).__name__}: {e}"))
 
 
 def _post(job: Job, event: Event) -> None:
