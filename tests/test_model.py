@@ -665,3 +665,55 @@ def test_bias_ranges_are_min_then_max_per_layer():
         moe.gate.e_score_correction_bias.copy_(torch.tensor([0.5, -0.25, 0.0, 0.125, -1.0, 2.0]) * (i + 1))
     ranges = bias_ranges(model)
     assert ranges == {str(i): [-1.0 * (i + 1), 2.0 * (i + 1)] for i in model.moe_layers()}
+
+
+def test_a_bf16_model_without_autocast_normalises_and_scores_in_fp32():
+    """Weights in bf16 and no autocast (model.to(torch.bfloat16)): RMSNorm normalises in fp32, casts back
+    and then scales (HF's order: bit-identical to it, and an fp32 weight gives fp32); the plain head's
+    cross-entropy, the main one's and the MTP module's, is taken on fp32 logits."""
+    from minimoe.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 40, generator=g) * 3).to(torch.bfloat16)
+    norm = RMSNorm(40)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+
+    def hf(w):
+        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+
+    assert norm(x).dtype == torch.float32
+    torch.testing.assert_close(norm(x), hf(norm.weight), rtol=1e-6, atol=1e-6)
+    norm = norm.to(torch.bfloat16)
+    assert torch.equal(norm(x), hf(norm.weight))
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(mtp_depth=1)).to(torch.bfloat16)
+    model._fused_head_ok = lambda h: False  # the plain head (a quantized or LoRA-wrapped one takes it)
+    logits = []
+    model.lm_head.register_forward_hook(lambda m, args, out: logits.append(out))
+    idx = torch.randint(0, 97, (2, 12))
+    out = model(idx, targets=idx.roll(-1, 1), return_logits=False)
+    main, mtp = logits
+    assert main.dtype == torch.bfloat16
+    want = F.cross_entropy(main.float().flatten(0, 1), idx.roll(-1, 1).flatten())
+    torch.testing.assert_close(out.losses["ce"], want, rtol=1e-6, atol=1e-6)
+    want = F.cross_entropy(mtp.float().flatten(0, 1), idx.roll(-1, 1)[:, 1:].flatten())
+    torch.testing.assert_close(out.losses["mtp"], want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_bf16_model_decodes_from_the_latent_cache_with_an_fp32_softmax(monkeypatch):
+    """MLA's absorbed path (a cached decoding step) of a bf16 model without autocast takes its softmax in
+    fp32, as HF does, from the bf16 scores."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(attn_type="mla", mtp_depth=0)).to(torch.bfloat16).eval()
+    idx = torch.randint(0, 97, (1, 40))
+    cache = model.make_cache(1, 64)
+    seen = []
+    softmax = torch.softmax
+    with torch.no_grad():
+        model(idx[:, :39], cache=cache)
+        monkeypatch.setattr(torch, "softmax", lambda t, *a, **k: seen.append(t.dtype) or softmax(t, *a, **k))
+        out = model(idx[:, 39:], cache=cache)
+    assert out.logits.dtype == torch.bfloat16
+    assert len(seen) >= len(model.layers) and set(seen) == {torch.float32}

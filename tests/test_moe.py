@@ -258,6 +258,26 @@ def test_bf16_expert_rows_are_summed_in_fp32(seed):
     assert err < 1e-6, err.item()
 
 
+def test_a_bf16_layer_sums_its_expert_rows_in_fp32_without_autocast():
+    """A layer whose weights are bf16 (model.to(torch.bfloat16), no autocast) sums each token's K expert
+    rows in fp32 and rounds once, as HF does: its bf16 output is the fp64 sum of the rows the experts
+    returned, rounded to bf16, in all but a few elements (double rounding); a bf16 sum differs in most."""
+    from minimoe.model.dispatch import expert_rows
+    from minimoe.model.experts import pad_multiple
+
+    moe = make_moe(torch.bfloat16, seed=0, num_experts_per_tok=6, n_shared_experts=0)
+    seen = {}
+    moe.gate.register_forward_hook(lambda m, args, out: seen.__setitem__("route", out))
+    moe.experts.register_forward_hook(lambda m, args, out: seen.__setitem__("rows", out))
+    x = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    y, _ = moe(x)
+    r, y_PD = seen["route"], seen["rows"]
+    assert y.dtype == y_PD.dtype == torch.bfloat16
+    rows = expert_rows(r.topk_idx, r.counts, pad_multiple(y_PD, 40 * 6, moe.n_experts))
+    want = sum(y_PD.double().index_select(0, rows.slot_TK[:, k]) for k in range(6)).view(2, 20, 16)
+    assert (y != want.to(torch.bfloat16)).float().mean() < 0.02
+
+
 def test_expert_rows_pad_each_expert_to_the_next_multiple_only():
     """Padded rows, by hand: each expert's pairs in token order, then pad rows (token 0, gate weight
     0) up to the next multiple of 2; an expert already at a multiple, or with no pairs, gets none."""

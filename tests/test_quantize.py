@@ -247,6 +247,24 @@ def test_quantized_weights_follow_the_activation_dtype(bits):
     torch.testing.assert_close(y.float(), x.float() @ deq.float().T, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_bf16_mla_model_decodes_from_its_cache(bits):
+    """A bf16 MLA model, quantized: cached decoding reads kv_b_proj's weight for the absorbed attention
+    (dequantized) in the activations' dtype, and gives the uncached forward's logits up to bf16 rounding."""
+    from minimoe.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(tiny_cfg("mla", mtp_depth=0)).to(torch.bfloat16).eval(), bits, 8)
+    idx = torch.randint(0, 97, (1, 20))
+    cache = model.make_cache(1, 32)
+    with torch.no_grad():
+        model(idx[:, :19], cache=cache)
+        step = model(idx[:, 19:], cache=cache).logits[:, -1]
+        full = model(idx).logits[:, -1]
+    assert step.dtype == torch.bfloat16
+    torch.testing.assert_close(step.float(), full.float(), rtol=5e-2, atol=5e-2)
+
+
 def test_int8_scales_are_per_output_row_even_for_square_weights():
     """One scale per output row (max |w| / 127), checked row by row against a plain loop, on a square
     weight whose rows differ in size, so a transposed scale cannot pass by shape."""

@@ -289,7 +289,8 @@ class MLAttention(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         r = self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
+        # in the activations' dtype: a quantized kv_b_proj hands back its weight dequantized in fp32
+        w = self.kv_b_proj.weight.to(q_nope.dtype).view(H, self.nope + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, v, r)
         q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk)  # (H, BT, r)
         q_lat = q_lat.transpose(0, 1).reshape(B, T * H, r)  # rows (t, h)
