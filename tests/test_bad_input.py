@@ -549,6 +549,7 @@ CASES += [
     Case("export-out-under-file", lambda c: ["export", c.run, "--out", c.under_file()], "plain_file"),
     Case("export-out-unwritable", lambda c: ["export", c.run, "--out", c.readonly()], "minimoe export: error: permission denied for {ro}", nonroot=True, exact=True),
     Case("export-format-choice", lambda c: ["export", c.run, "--out", c.out, "--format", "gpt2"], "invalid choice: 'gpt2'"),
+    Case("export-out-inside-the-run", lambda c: ["export", c.run, "--out", c.run / "hf", "--force"], "overlaps the run"),
     Case("export-format-cannot-express", lambda c: ["export", c.run, "--out", c.out, "--format", "mixtral"], "mixtral"),
     Case("import-missing", lambda c: ["import", c.missing, "--out", c.out], "missing.txt"),
     Case("import-a-file", lambda c: ["import", c.text(), "--out", c.out], "is not a directory"),
@@ -729,6 +730,8 @@ CASES += [
     Case("compare-sweep-infinite-flops", lambda c: ["compare", c.sweep(budget={"flops": float("inf")}), "--plan"], "budget flops must be a positive finite number"),
     Case("compare-sweep-bad-seeds", lambda c: ["compare", c.sweep(seeds="one"), "--plan"], "seeds"),
     Case("compare-jobs-zero", lambda c: ["compare", c.sweep(), "--plan", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+    Case("compare-report-only-no-runs", lambda c: ["compare", c.sweep(), "--report-only", "--out", c.tmp / "typo"], "holds no run of this sweep"),
+    Case("compare-out-a-file", lambda c: ["compare", c.sweep(), "--out", c.file("afile", "x")], "exists and is not a directory"),
     Case("compare-sweep-name-a-path", lambda c: ["compare", c.sweep(name="../up"), "--plan"], "name '../up' cannot be a directory name"),
     Case("compare-variant-name-a-path", lambda c: ["compare", c.sweep(variants={"a/b": []}), "--plan"], "variant name 'a/b' cannot be"),
     Case("compare-variant-unknown-key", lambda c: ["compare", c.sweep(variants={"a": ["model.n_layer=2"]}), "--plan"], "did you mean 'model.num_hidden_layers'"),
@@ -842,6 +845,21 @@ def test_good_inputs_work(ctx: Ctx, capsys):
     assert main(["upcycle", str(ctx.llama), *U, "--out", str(ctx.out / "upcycled")]) == 0
     assert main(["compare", str(ctx.sweep()), "--plan"]) == 0
     capsys.readouterr()
+
+
+def test_export_with_force_never_deletes_the_run_it_exports(ctx: Ctx, capsys):
+    """`export RUN --out RUN --force` (or a folder holding the run) is refused before anything is written:
+    --force would otherwise replace the run's own folder with the export."""
+    import shutil
+
+    run = ctx.tmp / "copy" / "run"
+    shutil.copytree(ctx.run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run, run.parent):
+        assert main(["export", str(run), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "overlaps the run" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 # ---------------------------------------------------------------- real processes

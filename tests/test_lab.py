@@ -354,6 +354,20 @@ def test_inspect_text_and_cli(trained, tmp_path, capsys):
     assert "expert 0:" in html_path.read_text()
     assert main(["inspect", str(run), "--text", "the cat"]) == 0  # rich terminal view
     assert "layer 1" in capsys.readouterr().out
+    # a name without the suffix: the figure gets it, and the terminal view names the file written
+    argv = [
+        "inspect",
+        str(run),
+        "--corpus",
+        str(data),
+        "--max-tokens",
+        "100",
+        "--coact-png",
+        str(tmp_path / "co2"),
+    ]
+    assert main(argv) == 0
+    assert f"co-activation: {tmp_path / 'co2.png'}" in capsys.readouterr().out.replace("\n", "")
+    assert (tmp_path / "co2.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["inspect", str(run)]) == 2
     assert "--text" in capsys.readouterr().err
 

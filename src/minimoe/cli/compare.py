@@ -92,8 +92,15 @@ def run(args) -> int:
                     f"FLOPs/token {r.train_flops_per_token:,.0f}  total FLOPs {r.train_flops_per_token * tokens:.3g}"
                 )
             return 0
+        if not any((out / r.variant / f"seed_{r.seed}").is_dir() for r in runs):
+            raise MinimoeError(
+                f"{out} holds no run of this sweep (train them with `minimoe compare {args.sweep}`, or name "
+                "their folder with --out)"
+            )
         print(f"report: {write_report(sweep, out, runs)}")
         return 0
+    if out.exists() and not out.is_dir():  # found out before any run starts
+        raise MinimoeError(f"--out {out} exists and is not a directory")
     t0 = time.perf_counter()
     failed = []
 

@@ -67,6 +67,9 @@ def run(args) -> int:
             raise MinimoeError(
                 f"--adapter {args.adapter} holds no adapter_config.json (a `minimoe lora` OUT/adapter)"
             )
+    run, out = Path(args.run_dir).resolve(), Path(args.out).resolve()
+    if out == run or run in out.parents or out in run.parents:  # --force would delete the run
+        raise MinimoeError(f"--out {args.out} overlaps the run {args.run_dir}; export to a folder outside it")
     model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
     if args.adapter is not None:  # refused before the folder is written
         check_adapter_exportable(model, args.adapter, args.format)

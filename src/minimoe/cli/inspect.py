@@ -135,7 +135,7 @@ def run(args) -> int:
         if not args.json:
             _print_corpus(console, stats, cfg.model.num_hidden_layers)
             if args.coact_png:
-                console.print(f"co-activation: {args.coact_png}")
+                console.print(f"co-activation: {out['coactivation_png']}")
     if args.json:
         print(json.dumps(out))
     return 0

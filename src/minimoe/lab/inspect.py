@@ -465,6 +465,8 @@ def save_coactivation(stats: dict, path: str | Path) -> Path:
     from minimoe.lab.plot import _plt
 
     path = Path(path)
+    if not path.suffix:  # matplotlib would add it, and the caller would name a file that is not there
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = coactivation_figure(stats)
     fig.savefig(path, dpi=110)
