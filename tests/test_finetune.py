@@ -543,7 +543,7 @@ def test_lora_default_targets_every_documented_projection(attn_type):
     assert not [n for n in adapted if any(f in n + "." for f in frozen)], adapted
 
 
-def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
+def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path, capsys):
     out = tmp_path / "lora"
     data = ["--data", str(base_run / "chat.jsonl")]
     argv = [
@@ -598,6 +598,10 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path):
     template = load_run(out)[1].chat_template
     assert template and load_run(base_run / "base")[1].chat_template != template
     assert m2_tok.chat_template == template
+    # the adapter merged into other weights (the fine-tuned run, not its base): refused in one sentence
+    assert main(["lora", str(out), "--adapter", str(adapter), "--merge", "--out", str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on other weights" in err and not (tmp_path / "m3").exists()
 
 
 def test_a_lora_run_without_merge_is_named_as_an_adapter_by_generate(base_run, tmp_path, capsys):
@@ -882,3 +886,20 @@ def test_each_epoch_has_its_own_order(tok):
     firsts = [next(batches(ex, 1, tok.pad_id, seed=0, epoch=e))[0].tolist() for e in range(4)]
     assert len({str(f) for f in firsts}) > 1
     assert firsts[0] == next(batches(ex, 1, tok.pad_id, seed=0, epoch=0))[0].tolist()
+
+
+def test_base_fingerprint_tells_weights_apart_and_ignores_the_adapter():
+    """The fingerprint an adapter records of its base: a tensor small enough to be read whole changes it
+    wherever one of its values changes; PEFT's wrapping and the LoRA weights leave it as it was."""
+    from minimoe.finetune.lora import apply_lora, base_fingerprint
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    before = base_fingerprint(model)
+    assert base_fingerprint(apply_lora(Transformer(ModelConfig(**TINY)), r=2)) != before  # other weights
+    torch.manual_seed(0)
+    assert base_fingerprint(apply_lora(Transformer(ModelConfig(**TINY)), r=2)) == before
+    norm = model.norm.weight
+    with torch.no_grad():
+        norm[norm.numel() // 2] += 0.5
+    assert base_fingerprint(model) != before

@@ -488,6 +488,16 @@ def test_cli_export_writes_the_adapter_and_verifies_it(tmp_path, tok, ids, capsy
     # a folder that is not an adapter: one sentence, before anything is written
     assert main([*argv[:3], str(tmp_path / "hf2"), "--adapter", str(tmp_path / "run")]) == 2
     assert "holds no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
+    # an adapter trained on other weights (another run of the same shape): refused before anything is written
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.layers[0].self_attn.o_proj.weight.mul_(1.01)
+    write_run(tmp_path / "other", other, tok, {"source": "test"})
+    assert (
+        main(["export", str(tmp_path / "other"), "--out", str(tmp_path / "hf3"), "--adapter", argv[-1]]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "was trained on other weights" in err and not (tmp_path / "hf3").exists()
 
 
 # ------------------------------------------------------------------ checkpoints made by transformers

@@ -72,6 +72,9 @@ def run(args) -> int:
         raise MinimoeError(f"--out {args.out} overlaps the run {args.run_dir}; export to a folder outside it")
     model, tok, _, _ = load_run(args.run_dir, args.checkpoint)
     if args.adapter is not None:  # refused before the folder is written
+        from minimoe.finetune.lora import check_adapter_base
+
+        check_adapter_base(model, args.adapter)
         check_adapter_exportable(model, args.adapter, args.format)
     res = export_model(
         model, tok, args.out, fmt=args.format, shard_size=args.shard_size, dtype=args.dtype,

@@ -16,6 +16,7 @@ bf16 with their LoRA factors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -126,10 +127,45 @@ def save_adapter(peft_model, directory: str | Path, base: str | None = None, tok
     tokenizer it was trained with (its chat template), which a later merge gives the merged run."""
     d = Path(directory)
     peft_model.save_pretrained(str(d))
-    (d / "minimoe_base.json").write_text(json.dumps({"base_run": base}, indent=2), encoding="utf-8")
+    info = {"base_run": base, "base_fingerprint": base_fingerprint(peft_model)}
+    (d / "minimoe_base.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(d / "tokenizer")
     return d
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's own weights (LoRA's left out, under whatever names PEFT gave the base
+    weights): which weights an adapter was trained on. Each tensor is sampled (about 1,024 values), so
+    it costs little even for a large model."""
+    parts = []
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes()
+        parts.append((tuple(p.shape), sample))
+    h = hashlib.sha256()
+    for shape, sample in sorted(parts):
+        h.update(repr(shape).encode())
+        h.update(sample)
+    return h.hexdigest()[:16]
+
+
+def check_adapter_base(model: nn.Module, directory: str | Path) -> None:
+    """MinimoeError when the adapter in `directory` was trained on weights other than `model`'s (another
+    run, or another checkpoint of it). Adapters saved before the fingerprint was recorded pass."""
+    try:
+        info = json.loads((Path(directory) / "minimoe_base.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    want = info.get("base_fingerprint") if isinstance(info, dict) else None
+    if want and want != base_fingerprint(model):
+        trained_on = info.get("base_run") or "another run"
+        raise MinimoeError(
+            f"the adapter {directory} was trained on other weights ({trained_on}); give the run and "
+            "--checkpoint it was trained on"
+        )
 
 
 def load_adapter(model: nn.Module, directory: str | Path):
@@ -169,6 +205,7 @@ def merge_saved_adapter(
         raise MinimoeError(f"{out} already holds a run; choose another --out")
     model, tok, cfg, meta = load_run(run_dir, which)
     check_not_quantized(model, meta, "merged with a LoRA adapter")
+    check_adapter_base(model, adapter)
     if (Path(adapter) / "tokenizer").is_dir():  # the adapter's: the chat template it was trained with
         from minimoe.data import Tokenizer
 
