@@ -578,6 +578,7 @@ CASES += [
 # ---- params
 CASES += [
     Case("params-config-missing", lambda c: ["params", c.tmp / "nope.yaml"], "does not exist"),
+    Case("params-target-and-preset", lambda c: ["params", "tiny", "--preset", "small"], "give either tiny or --preset small, not both"),
     Case("params-config-dir", lambda c: ["params", c.dir("cfg.yaml")], "is a directory"),
     Case("params-config-binary", lambda c: ["params", c.binary("b.yaml")], "not UTF-8"),
     Case("params-config-invalid-yaml", lambda c: ["params", c.file("b.yaml", "model: {num_hidden_layers: 2\n")], "not valid YAML"),
@@ -730,6 +731,7 @@ CASES += [
     Case("compare-sweep-infinite-flops", lambda c: ["compare", c.sweep(budget={"flops": float("inf")}), "--plan"], "budget flops must be a positive finite number"),
     Case("compare-sweep-bad-seeds", lambda c: ["compare", c.sweep(seeds="one"), "--plan"], "seeds"),
     Case("compare-jobs-zero", lambda c: ["compare", c.sweep(), "--plan", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+    Case("compare-contrast-with-itself", lambda c: ["compare", c.sweep(contrasts=[["a", "a"]]), "--plan"], "compares a variant with itself"),
     Case("compare-report-only-no-runs", lambda c: ["compare", c.sweep(), "--report-only", "--out", c.tmp / "typo"], "holds no run of this sweep"),
     Case("compare-out-a-file", lambda c: ["compare", c.sweep(), "--out", c.file("afile", "x")], "exists and is not a directory"),
     Case("compare-sweep-name-a-path", lambda c: ["compare", c.sweep(name="../up"), "--plan"], "name '../up' cannot be a directory name"),

@@ -59,6 +59,8 @@ def run(args) -> int:
     if target and "=" in target:  # `minimoe params --preset x model.k=v`: first override lands here
         overrides.insert(0, target)
         target = None
+    if target and preset is not None:
+        raise MinimoeError(f"give either {target} or --preset {preset}, not both")
     if target:
         if target in PRESETS or not (target.endswith((".yaml", ".yml")) or Path(target).exists()):
             preset = target

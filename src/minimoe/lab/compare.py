@@ -153,6 +153,8 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
         missing = [v for v in c if v not in variants]
         if missing:
             raise MinimoeError(f"sweep file {path}: contrast names an unknown variant '{missing[0]}'")
+        if c[0] == c[1]:
+            raise MinimoeError(f"sweep file {path}: contrast [{c[0]}, {c[1]}] compares a variant with itself")
         contrasts.append((c[0], c[1]))
     equivalence = d.get("equivalence")
     if equivalence is not None:
