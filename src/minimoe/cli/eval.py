@@ -148,10 +148,10 @@ def _options(args) -> dict:
     if args.task == "generation":
         if args.temperature is not None and not 0 <= args.temperature < math.inf:  # NaN too
             raise MinimoeError(f"--temperature must be >= 0, got {args.temperature}")
-        for dest in ("max_new_tokens", "top_k"):
-            value = getattr(args, dest)
-            if value is not None and value < 0:
-                raise MinimoeError(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:  # before any work starts
+            raise MinimoeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.top_k is not None and args.top_k < 0:
+            raise MinimoeError(f"--top-k must be >= 0, got {args.top_k}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise MinimoeError(f"--top-p must be in (0, 1], got {args.top_p}")
         opts.update(
