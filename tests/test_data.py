@@ -729,6 +729,11 @@ def test_prepare_pretokenized_and_uint32(tmp_path):
     with pytest.raises(MinimoeError, match="holds token id 300 but the tokenizer has 258"):
         np.array([1, 300], dtype=np.uint16).tofile(tmp_path / "big.bin")
         prepare(tmp_path / "big.bin", "byte", tmp_path / "b", workers=0, progress=False)
+    with pytest.raises(
+        MinimoeError, match="holds token id 258 but the tokenizer has 258"
+    ):  # one past the last
+        np.array([1, 258], dtype=np.uint16).tofile(tmp_path / "edge.bin")
+        prepare(tmp_path / "edge.bin", "byte", tmp_path / "e", workers=0, progress=False)
     big = Tokenizer.load(tiny_hf_tokenizer(tmp_path / "tk", extra=70000))
     write_stories(tmp_path / "s.txt", 10)
     data = prepare(tmp_path / "s.txt", big, tmp_path / "c", val_fraction=0, workers=0, progress=False)
@@ -790,6 +795,8 @@ def test_token_windows_deterministic_and_real(prepared):
     for _ in range(3):
         (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, xc)
+    # neighbouring seeds are not the same stream shifted by a step
+    assert not torch.equal(a.batch_at(1)[0], c.batch_at(0)[0])
     assert xa.shape == (4, 32) and xa.dtype == torch.int64 and xa.is_contiguous()
     assert torch.equal(xa[:, 1:], ya[:, :-1])
     shards = [np.asarray(m) for m in prepared.memmaps("train")]
@@ -1074,3 +1081,22 @@ def test_document_split_bpe_learns_nothing_from_the_validation_documents(tmp_pat
     vocab = data.tokenizer()._hf.get_vocab()
     assert [t for t in vocab if len(t.strip("Ġ")) > 1 and set(t.strip("Ġ")) <= set("qwzxvlkj")] == []
     assert any("cat" in t for t in vocab)
+
+
+def test_a_prepared_folder_refuses_a_tokenizer_swapped_for_another_of_its_size(prepared, tmp_path):
+    """The shards' tokenizer is checked against the hash meta.json records when it is read: another
+    tokenizer of the same vocabulary size put in its place (after the folder's files were checked) is
+    refused, not used to decode the shards."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.dir, copy)
+    data = PreparedData.load(copy)  # opened while complete: its files' sizes are checked here
+    size = prepared.tokenizer().vocab_size
+    words = Tokenizer.load(tiny_hf_tokenizer(tmp_path / "w0")).vocab_size
+    other = Tokenizer.load(tiny_hf_tokenizer(tmp_path / "w", extra=size - words))  # a word-level one
+    shutil.rmtree(copy / "tokenizer")
+    other.save(copy / "tokenizer")
+    assert Tokenizer.load(copy / "tokenizer").vocab_size == size
+    with pytest.raises(MinimoeError, match="is not the one the shards were made with"):
+        data.tokenizer()

@@ -820,3 +820,26 @@ def test_no_code_path_unpickles_or_trusts_remote_code():
         if hits:
             bad[str(path.relative_to(SRC))] = hits
     assert bad == {}
+
+
+def test_a_pointer_or_config_written_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
+    """`atomic_write_text` (the `latest` / `best` pointers, config.yaml) writes beside the file and renames:
+    a write that fails (here the disk fills up at fsync) leaves the old content whole and no stray file."""
+    import errno
+
+    from minimoe.train import checkpoint
+
+    path = tmp_path / "latest"
+    path.write_text("step_00000010", encoding="utf-8")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.atomic_write_text(path, "step_00000020")
+    assert path.read_text(encoding="utf-8") == "step_00000010"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+    monkeypatch.undo()
+    checkpoint.atomic_write_text(path, "step_00000020")
+    assert path.read_text(encoding="utf-8") == "step_00000020" and len(list(tmp_path.iterdir())) == 1

@@ -1498,10 +1498,22 @@ def test_evaluate_weights_batches_by_their_targets(tmp_path, corpus):
     tr, data = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=1")
     x, y = TokenWindows(data, "train", 32, 4, seed=2).batch_at(0)
     tr.val_windows = [(x[:1], y[:1]), (x[1:], y[1:])]
-    split = tr.evaluate()["val_loss"]
+    split = tr.evaluate()
+    assert tr.model.training  # a mid-run evaluation hands the model back in training mode
     tr.val_windows = [(x, y)]
-    whole = tr.evaluate()["val_loss"]
-    assert split == pytest.approx(whole, rel=1e-5)
+    whole = tr.evaluate()
+    assert split["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    # the global MaxVio of the summed loads of every batch, not of the last batch's
+    assert split["val_max_vio_global"] == pytest.approx(whole["val_max_vio_global"], rel=1e-5)
+    tr.val_windows = [(x[1:], y[1:])]  # the last batch alone has another MaxVio
+    assert tr.evaluate()["val_max_vio_global"] != pytest.approx(whole["val_max_vio_global"], rel=1e-3)
+    # padded batches (fine-tuning's): weighted by the targets that carry a loss, not by positions
+    y_pad = y.clone()
+    y_pad[0, 4:] = -100  # row 0 keeps 4 targets, the other rows all 32
+    tr.val_windows = [(x[:1], y_pad[:1]), (x[1:], y_pad[1:])]
+    split = tr.evaluate()["val_loss"]
+    tr.val_windows = [(x, y_pad)]
+    assert split == pytest.approx(tr.evaluate()["val_loss"], rel=1e-5)
 
 
 def test_a_checkpoint_from_before_the_mtp_input_moved_is_named_on_load(tmp_path, corpus, caplog):
