@@ -1710,3 +1710,17 @@ def test_interrupt_outside_the_main_thread_installs_nothing():
     t.start()
     t.join()
     assert errors == []
+
+
+def test_the_time_check_keeps_room_for_the_final_evaluation_and_checkpoint(tmp_path, corpus):
+    """Another step is taken only if the step, then the final evaluation and checkpoint and the reserve
+    still fit in the time left; with a periodic evaluation due now, that evaluation and checkpoint count
+    twice (now, and again at the end)."""
+    tr, _ = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=1")
+    tr._eval_s, tr._save_s, tr.reserve_s = 2.0, 1.0, 0.5  # finish: 3.5 s
+    assert tr._time_for_another_step(10.0, None, at_eval=False)  # nothing measured: any time left will do
+    assert not tr._time_for_another_step(0.0, None, at_eval=False)
+    assert tr._time_for_another_step(4.5, 1.0, at_eval=False)  # 1 + 3.5
+    assert not tr._time_for_another_step(4.4, 1.0, at_eval=False)
+    assert tr._time_for_another_step(8.0, 1.0, at_eval=True)  # 1 + 2 x 3.5
+    assert not tr._time_for_another_step(7.9, 1.0, at_eval=True)
