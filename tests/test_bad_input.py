@@ -550,6 +550,7 @@ CASES += [
     Case("export-out-under-file", lambda c: ["export", c.run, "--out", c.under_file()], "plain_file"),
     Case("export-out-unwritable", lambda c: ["export", c.run, "--out", c.readonly()], "minimoe export: error: permission denied for {ro}", nonroot=True, exact=True),
     Case("export-format-choice", lambda c: ["export", c.run, "--out", c.out, "--format", "gpt2"], "invalid choice: 'gpt2'"),
+    Case("export-out-a-file-force", lambda c: ["export", c.run, "--out", c.file("afile", "x"), "--force"], "afile is a file; --out names the folder"),
     Case("export-out-inside-the-run", lambda c: ["export", c.run, "--out", c.run / "hf", "--force"], "overlaps the run"),
     Case("export-format-cannot-express", lambda c: ["export", c.run, "--out", c.out, "--format", "mixtral"], "mixtral"),
     Case("import-missing", lambda c: ["import", c.missing, "--out", c.out], "missing.txt"),

@@ -257,7 +257,9 @@ def export_model(
     }
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():  # --force replaces a folder, never a file
+        raise MinimoeError(f"{out} is a file; --out names the folder to create")
+    if out.exists() and any(out.iterdir()) and not force:
         raise MinimoeError(f"{out} already exists and is not empty; choose another --out or pass --force")
     tmp = fresh_temp_dir(out, "export")
     try:
