@@ -251,8 +251,7 @@ class Engine:
             try:
                 ids = fit_prompt(live[0].prompt_ids, self.pool.max_len)  # the same for every one of them
                 group = [self._new_seq(job, len(ids)) for job in live]
-                p = live[0].params
-                self._prefilling[self._prefill.add(ids, p.logprobs if p.scores_prompt else None)] = group
+                self._prefilling[self._prefill.add(ids, live[0].params.prompt_score)] = group
             except Exception as e:  # noqa: BLE001 - these jobs cannot start; the queue's others can
                 for job in live:
                     _failed(job, e)
@@ -279,11 +278,11 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
             self._fail_prefill(f"generation failed: {type(e).__name__}: {e}", 500)
             return
-        ready = []
+        ready, entries = [], {}  # entries: row -> its prompt's (entries, shift), made once for its choices
         for (row, seq), token, info in zip(joining, tokens, infos):
             try:
                 if seq.job.params.scores_prompt:
-                    self._score_prompt(seq, row)
+                    self._score_prompt(seq, row, entries)
                 if seq.job.params.max_tokens == 0:
                     self._finish(seq, "length")
                 elif not self._emit(seq, token, info[0]):
@@ -320,10 +319,14 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
                     _failed(seq.job, e)
 
-    def _score_prompt(self, seq: _Seq, row: int) -> None:
-        """Give the sequence its prompt's entries (posted at once) before its first token's."""
-        ids, scores = self._prefill.ids[row], self._prefill.scores(row)
-        entries, seq.shift = prompt_entries(self.tokenizer.decode, ids, scores)
+    def _score_prompt(self, seq: _Seq, row: int, made: dict[int, tuple]) -> None:
+        """Give the sequence its prompt's entries (posted at once) before its first token's; `made`
+        keeps each row's entries for the other choices that share its prompt."""
+        if row not in made:
+            made[row] = prompt_entries(
+                self.tokenizer.decode, self._prefill.ids[row], self._prefill.scores(row)
+            )
+        entries, seq.shift = made[row]
         seq.logprobs += entries
         _post(seq.job, Delta(seq.job.index, "", tuple(entries)))
 
@@ -478,12 +481,7 @@ class Engine:
 
 def _shares_prefill(first: Job, job: Job) -> bool:
     """Whether `job` can take `first`'s prefill: the same prompt, scored for the same alternatives."""
-    a, b = first.params, job.params
-    scores = (a.scores_prompt, a.logprobs if a.scores_prompt else None)
-    return job.prompt_ids == first.prompt_ids and scores == (
-        b.scores_prompt,
-        b.logprobs if b.scores_prompt else None,
-    )
+    return job.prompt_ids == first.prompt_ids and job.params.prompt_score == first.params.prompt_score
 
 
 def _failed(job: Job, e: Exception) -> None:

@@ -29,6 +29,11 @@ class JobParams:
         """Whether the prompt's tokens get entries: `prompt_logprobs` with `logprobs` set."""
         return self.prompt_logprobs and self.logprobs is not None
 
+    @property
+    def prompt_score(self) -> int | None:
+        """The alternatives each prompt token is scored with (`Prefill.add`'s `score`); None: not scored."""
+        return self.logprobs if self.scores_prompt else None
+
 
 @dataclass(frozen=True)
 class Logprob:
