@@ -769,10 +769,24 @@ def test_bad_inputs(tmp_path):
             tmp_path / "ok.txt", "bpe:300", tmp_path / "o", val_source=tmp_path / "val.npy", progress=False
         )
     data = prepare(tmp_path / "ok.txt", "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
-    with pytest.raises(MinimoeError, match="has 10 tokens, fewer than one window of seq_len\\+1 = 17"):
+    # the message names the text the user gave, not the prepared folder in the cache
+    with pytest.raises(
+        MinimoeError,
+        match="^the train split of .*ok.txt has 10 tokens, fewer than one window of seq_len\\+1 = 17; give more text or a smaller train.seq_len$",
+    ):
         TokenWindows(data, "train", seq_len=16, batch_size=2)
     with pytest.raises(MinimoeError, match="no validation split"):
         EvalWindows(data, "val", seq_len=4)
+    held = prepare(tmp_path / "ok.txt", "byte", tmp_path / "h", val_fraction=0.5, workers=0, progress=False)
+    with pytest.raises(
+        MinimoeError,
+        match="^the val split of .*ok.txt \\(held out from it\\) has .*give more text, a validation file or",
+    ):
+        EvalWindows(held, "val", seq_len=16)
+    (tmp_path / "v.txt").write_text("short")
+    own = prepare(tmp_path / "ok.txt", "byte", tmp_path / "v", val_source=tmp_path / "v.txt", progress=False)
+    with pytest.raises(MinimoeError, match="^the val split of .*v.txt has"):
+        EvalWindows(own, "val", seq_len=16)
     assert not list(tmp_path.glob(".o.tmp-*"))  # failed runs leave no temp folders
 
 

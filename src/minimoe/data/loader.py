@@ -39,8 +39,10 @@ def _open(
     maps = data.memmaps(split)
     # Windows never cross a shard boundary, so a window must fit inside one shard.
     if not any(len(m) >= seq_len + 1 for m in maps):
+        fix = "more text, a validation file" if split == "val" else "more text"
         raise MinimoeError(
-            f"the {split} split of {data.dir} has {n} tokens, fewer than one window of seq_len+1 = {seq_len + 1}"
+            f"{data.describe_split(split)} has {n} tokens, fewer than one window of seq_len+1 = "
+            f"{seq_len + 1}; give {fix} or a smaller train.seq_len"
         )
     return data, maps
 

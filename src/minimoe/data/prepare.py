@@ -87,6 +87,18 @@ class PreparedData:
     def num_tokens(self, split: str) -> int:
         return int(self.meta["splits"][split]["tokens"])
 
+    def describe_split(self, split: str) -> str:
+        """What `split` was made from, for messages: "the val split of notes.txt (held out from it)",
+        or the prepared folder where meta.json names no source."""
+        sources = self.meta.get("sources") or {}
+        own = sources.get(split) if split == "val" else sources.get("train")
+        if own:
+            return f"the {split} split of {own.get('name')}"
+        train = sources.get("train")
+        if split == "val" and train:
+            return f"the val split of {train.get('name')} (held out from it)"
+        return f"the {split} split of {self.dir}"
+
     def num_bytes(self, split: str) -> int | None:
         """UTF-8 bytes of the text behind `split` (None when unknown: pre-tokenized train data)."""
         return self.meta["splits"][split]["bytes"]
