@@ -4,6 +4,7 @@
     python benchmarks/train_small.py --write        # also rewrites its section of BENCHMARKS.md
     python benchmarks/train_small.py --quick        # fewer, shorter turns (a smoke run)
     python benchmarks/train_small.py --threads 1    # one thread per model, as the lab's sweeps run
+    python benchmarks/train_small.py --muon         # also the tiny MoE with train.optimizer=muon (M)
 
 Ratio A: the `tiny` preset (MoE) against a dense SwiGLU model with the same training FLOPs per token,
 both trained by minimoe's Trainer. Ratio B: minimoe's Trainer on a dense nanoGPT-shaped model
@@ -44,6 +45,7 @@ from minimoe.config_yaml import build_run_config  # noqa: E402
 from minimoe.data import prepare  # noqa: E402
 from minimoe.lab.flops import flops_per_token  # noqa: E402
 from minimoe.lab.report import t975  # noqa: E402
+from minimoe.train.optim import newton_schulz  # noqa: E402
 from minimoe.train.precision import resolve_precision  # noqa: E402
 from minimoe.train.trainer import Trainer  # noqa: E402
 
@@ -118,6 +120,21 @@ class ReferenceSubject:
         return self.loop.run(steps)
 
 
+def newton_schulz_ms(optimizer, rounds: int) -> dict[str, float]:
+    """Milliseconds of one step's Newton-Schulz iterations over the optimizer's Muon matrices, fp32 and
+    bf16 taking turns (median over rounds)."""
+    mats = [torch.randn_like(p) for g in optimizer.param_groups if g["use_muon"] for p in g["params"]]
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for r in range(rounds + 1):
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            t0 = time.perf_counter()
+            for m in mats:
+                newton_schulz(m, dtype=dtype)
+            if r > 0:
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def measure(subjects: dict, pairs: dict, rounds: int, steps: dict) -> dict:
     tps = {k: [] for k in subjects}
     for r in range(rounds + 1):  # round 0 warms up
@@ -168,6 +185,7 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
     for key, what in (
         ("B32", "B32: minimoe Trainer in fp32 / the same loop (the machinery alone) | |"),
         ("E", f"E: `tiny` MoE at train.precision=auto ({auto}) / fp32 (same Trainer) | |"),
+        ("M", "M: `tiny` MoE with train.optimizer=muon / adamw (same Trainer) | |"),
     ):
         if key in res["ratios"]:
             r = res["ratios"][key]
@@ -192,6 +210,12 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
         "",
         "Median tokens/s, for orientation only: " + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()) + ".",
     ]
+    if "ns_ms" in res:
+        ms32, msbf = res["ns_ms"]["fp32"], res["ns_ms"]["bf16"]
+        lines.append(
+            f"Muon's Newton-Schulz iteration over the `tiny` MoE's Muon matrices, one optimizer step: "
+            f"{ms32:.1f} ms in fp32, {msbf:.1f} ms in bf16 ({ms32 / msbf:.2f}x; a bf16 run uses bf16)."
+        )
     if "compile_s" in res:
         lines.append(
             f"The first (warm-up) turn of the compiled tiny MoE took {res['compile_s']:.0f} s more than the "
@@ -237,6 +261,7 @@ def main() -> None:
     p.add_argument(
         "--compile", action="store_true", help="also time the tiny MoE under torch.compile (ratio C)"
     )
+    p.add_argument("--muon", action="store_true", help="also time the tiny MoE trained with Muon (ratio M)")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 2
@@ -277,7 +302,15 @@ def main() -> None:
             )
             steps["minimoe dense compiled"] = nano_steps
             pairs["D"] = ("minimoe dense compiled", "reference loop")
+        if args.muon:
+            subjects["tiny MoE Muon"] = TrainerSubject(
+                "tiny MoE Muon", "tiny", common_a + ["train.optimizer=muon"], data, tmp
+            )
+            steps["tiny MoE Muon"] = args.steps
+            pairs["M"] = ("tiny MoE Muon", "tiny MoE")
         res = measure(subjects, pairs, args.rounds, steps)
+        if args.muon:
+            res["ns_ms"] = newton_schulz_ms(subjects["tiny MoE Muon"].trainer.optimizer, args.rounds)
         if args.compile:
             res["compile_s"] = subjects["tiny MoE compiled"].walls[0] - moe.walls[0]
             res["compile_s_dense"] = subjects["minimoe dense compiled"].walls[0] - nano.walls[0]

@@ -383,6 +383,33 @@ def test_train_small_leaves_the_warm_up_round_out(script, capsys):
     assert (median, lo, hi) == (2.5, 2.0, 3.0)
 
 
+def test_train_small_times_newton_schulz_over_the_muon_matrices_in_both_dtypes(script, monkeypatch):
+    import torch
+
+    from minimoe.train.optim import MuonAdamW
+
+    train_small = script("train_small")
+    seen = []
+    monkeypatch.setattr(train_small, "newton_schulz", lambda m, dtype=None: seen.append((m.shape, dtype)))
+    hidden, embedding = torch.nn.Parameter(torch.zeros(3, 4, 5)), torch.nn.Parameter(torch.zeros(7, 2))
+    opt = MuonAdamW([hidden], [{"params": [embedding], "weight_decay": 0.0}], lr=1.0, muon_lr=1.0)
+    ms = train_small.newton_schulz_ms(opt, rounds=2)
+    assert set(ms) == {"fp32", "bf16"}
+    # a warm-up round and two counted ones, each dtype in turn, over the Muon matrices only
+    assert seen == [((3, 4, 5), None), ((3, 4, 5), torch.bfloat16)] * 3
+    res = {
+        "ratios": {k: (0.9, 0.8, 1.0, (0.85, 0.95)) for k in ("A", "B", "M")},
+        "tokens_per_s": {"tiny MoE": 1.0},
+        "ns_ms": {"fp32": 30.0, "bf16": 12.0},
+    }
+    text = train_small.table(res, Namespace(rounds=2, steps=2), (0.0, 0.0))
+    assert (
+        "| M: `tiny` MoE with train.optimizer=muon / adamw (same Trainer) | 0.90x | 0.80 | 1.00 | 0.85-0.95 |"
+        in text
+    )
+    assert "30.0 ms in fp32, 12.0 ms in bf16 (2.50x" in text
+
+
 def test_moe_layer_times_after_the_warm_up_and_keeps_the_fastest(script):
     moe_layer = script("moe_layer")
     n = [0]

@@ -887,6 +887,24 @@ def test_muon_step_matches_torch_muon():
     assert torch.allclose(batched, torch.stack([newton_schulz(m) for m in stack]), atol=1e-6)
     sv = torch.linalg.svdvals(batched[0])
     assert sv.min() > 0.5 and sv.max() < 1.3  # orthogonalised: singular values near 1
+    # in bf16 (what a bf16 run uses): computed in bf16, returned in the input's dtype, the same step
+    # as torch's within bf16's rounding
+    in_bf16 = newton_schulz(stack, dtype=torch.bfloat16)
+    assert in_bf16.dtype == torch.float32
+    assert torch.equal(in_bf16, newton_schulz(stack.bfloat16()).float())
+    assert not torch.equal(in_bf16, batched)
+    ours = torch.nn.Parameter(w0.clone())
+    opt = MuonAdamW([ours], [], lr=0.02, muon_lr=0.02, ns_dtype=torch.bfloat16)
+    for g in grads:
+        ours.grad = g.clone()
+        opt.step()
+    assert (ours - ref).norm() < 0.02 * step
+
+
+@pytest.mark.parametrize("precision, ns_dtype", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_muon_orthogonalises_in_bf16_when_training_does(precision, ns_dtype):
+    _, opt = _muon_model_and_opt(f"train.precision={precision}")
+    assert opt.ns_dtype == ns_dtype
 
 
 def test_muon_steps_an_expert_stack_as_its_matrices():

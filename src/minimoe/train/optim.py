@@ -8,9 +8,9 @@ The token embedding, the LM head, the router, norms and biases stay on AdamW. Th
 0.2 * sqrt(max(out, in)) (Moonlight's rule), which gives it about the RMS of an AdamW update, so Muon
 can share AdamW's learning rate; `train.muon_lr` sets its own.
 
-The Newton-Schulz iteration here runs in the parameter's dtype (fp32 on the CPU) and batched over the
-leading dimensions; torch.optim.Muon runs it in bf16 on 2-D matrices only, which is slow on CPUs without
-bf16 matrix units and cannot take expert tensors. tests/test_train.py checks one step against it.
+The Newton-Schulz iteration here is batched over the leading dimensions (torch.optim.Muon takes 2-D
+matrices only, so not expert tensors) and runs in bf16 when training does (bf16 autocast), as
+torch.optim.Muon's always does, and in fp32 otherwise. tests/test_train.py checks steps against it.
 """
 
 from __future__ import annotations
@@ -54,19 +54,23 @@ def muon_param_names(model: nn.Module) -> set[str]:
     }
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Approximately orthogonalise each matrix of g (..., m, n): the quintic iteration of Muon, which maps
-    the singular values into about [0.7, 1.2] and keeps the singular vectors. Batched over leading dims."""
+    the singular values into about [0.7, 1.2] and keeps the singular vectors. Batched over leading dims,
+    computed in `dtype` (default g's; torch.optim.Muon and the reference Muon use bf16) and returned in
+    g's dtype."""
     a, b, c = NS_COEFFICIENTS
-    x = g
-    transposed = g.size(-2) > g.size(-1)
+    x = g.reshape(-1, *g.shape[-2:]).to(dtype or g.dtype)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if transposed else x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if transposed else x).reshape(g.shape).to(g.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -89,8 +93,10 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         muon_weight_decay: float = 0.1,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum, ns_steps=ns_steps)
+        self.ns_dtype = ns_dtype  # the Newton-Schulz iteration's dtype; None: the parameter's
         groups = [
             {"params": muon_params, "use_muon": True, "lr": muon_lr, "base_lr": muon_lr,
              "weight_decay": muon_weight_decay}
@@ -122,7 +128,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
-            update = newton_schulz(p.grad.add(buf, alpha=mu), group["ns_steps"])
+            update = newton_schulz(p.grad.add(buf, alpha=mu), group["ns_steps"], dtype=self.ns_dtype)
             scale = 0.2 * math.sqrt(max(p.size(-2), p.size(-1)))
             p.mul_(1 - lr * wd)
             p.add_(update, alpha=-lr * scale)
@@ -180,6 +186,9 @@ def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> 
         return MuonAdamW(
             muon, adamw_groups, lr=tc.lr, muon_lr=tc.muon_lr if tc.muon_lr is not None else tc.lr,
             betas=betas, muon_weight_decay=tc.weight_decay,
+            # under bf16 autocast the iteration runs in bf16 too, as the reference Muon's does: 2x faster
+            # on the CPU at `tiny`'s matrices (BENCHMARKS.md); fp32 and fp16 runs keep it in fp32
+            ns_dtype=torch.bfloat16 if tc.precision == "bf16" else None,
         )  # fmt: skip
     groups = param_groups(model, tc.weight_decay)
     if tc.optimizer == "adamw8bit":
