@@ -895,9 +895,13 @@ def test_muon_step_matches_torch_muon():
     assert not torch.equal(in_bf16, batched)
     ours = torch.nn.Parameter(w0.clone())
     opt = MuonAdamW([ours], [], lr=0.02, muon_lr=0.02, ns_dtype=torch.bfloat16)
-    for g in grads:
+    for i, g in enumerate(grads):
         ours.grad = g.clone()
         opt.step()
+        if i == 0:  # the first step by hand: momentum buffer = g, nesterov update g + 0.95 g, in bf16
+            scale = 0.2 * math.sqrt(40)
+            update = newton_schulz(g * 1.95, dtype=torch.bfloat16)
+            torch.testing.assert_close(ours.detach(), w0 * (1 - 0.02 * 0.1) - 0.02 * scale * update)
     assert (ours - ref).norm() < 0.02 * step
 
 
