@@ -75,6 +75,7 @@ def common(steps: int) -> list[str]:
     return [
         "data.tokenizer=byte", "train.max_steps=1000000", "train.max_minutes=null", "train.eval_every=1000000",
         "train.eval_batches=1", f"train.log_every={steps}", "train.keep_last=1", "train.sample_tokens=0",
+        "train.optimizer=adamw",  # A, B and E compare models and precisions under one optimizer; M adds Muon
     ]  # fmt: skip
 
 

@@ -354,6 +354,16 @@ def test_bench_groups_measure_their_own_rows():
         assert names == want == measurements(settings), groups
 
 
+def test_bench_trains_both_sides_with_adamw_whatever_the_recipe():
+    """`minimoe bench --preset tiny` (a recipe with Muon): both sides take AdamW steps, as the table says."""
+    from minimoe.bench.measure import MinimoeSubject
+
+    rc = build_run_config("tiny", None, ["model.vocab_size=512"])
+    assert rc.train.optimizer == "muon"
+    subject = MinimoeSubject(Transformer(rc.model), rc, torch.device("cpu"))
+    assert type(subject.optimizer) is torch.optim.AdamW
+
+
 def test_a_prompt_cut_by_a_short_context_is_recorded_and_shown():
     """A decode row whose prompt does not fit the context with its new tokens runs a shorter prompt: the
     result records the length it ran and the table says it; a prompt that fits records nothing."""

@@ -844,6 +844,37 @@ def test_sft_defaults_from_the_data_and_the_source_run(base_run, tmp_path):
     )
 
 
+def test_lora_trains_with_adamw_and_a_full_fine_tune_keeps_the_runs_optimizer(
+    base_run, tmp_path, monkeypatch
+):
+    """A run trained with Muon (the `tiny` recipe): a full fine-tune keeps Muon, LoRA's adapters train
+    with AdamW unless train.optimizer is given."""
+    import shutil
+
+    from minimoe.finetune.sft import finetune
+    from minimoe.train.trainer import Trainer
+
+    src = tmp_path / "muon-run"
+    shutil.copytree(base_run / "base", src)
+    for config in src.rglob("config.yaml"):  # the run's and its checkpoint's
+        assert "optimizer: adamw" in config.read_text()
+        config.write_text(config.read_text().replace("optimizer: adamw", "optimizer: muon"))
+    seen = []
+    init = Trainer.__init__
+
+    def spy(self, cfg, *args, **kw):
+        seen.append(cfg.train.optimizer)
+        init(self, cfg, *args, **kw)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    data, steps = base_run / "chat.jsonl", [*SEQ_TRAIN, "train.max_steps=1"]
+    finetune(src, data, tmp_path / "full", steps, progress=False)
+    finetune(src, data, tmp_path / "lora", steps, lora={"r": 2}, merge=False, progress=False)
+    muon = [*steps, "train.optimizer=muon"]
+    finetune(src, data, tmp_path / "lora-muon", muon, lora={"r": 2}, merge=False, progress=False)
+    assert seen == ["muon", "adamw", "muon"]
+
+
 def test_sft_trains_with_the_dropout_it_is_given(base_run, tmp_path, monkeypatch):
     """model.dropout and model.attn_dropout overrides reach the loaded model's modules (which were built
     with the source run's values)."""

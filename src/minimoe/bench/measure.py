@@ -17,7 +17,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -242,7 +242,9 @@ class Subject:
 
     def __init__(self, model, rc: RunConfig, device: torch.device):
         self.model, self.rc, self.device = model, rc, device
-        self.optimizer = build_optimizer(model, rc.train, device)  # the trainer's AdamW, for both
+        # the trainer's AdamW for both sides, whatever the preset's recipe (Muon's split of the parameters
+        # knows minimoe's modules only)
+        self.optimizer = build_optimizer(model, replace(rc.train, optimizer="adamw"), device)
         for g in self.optimizer.param_groups:
             g["lr"] = 1e-5  # tiny steps: the weights stay close to where the logits were checked
 

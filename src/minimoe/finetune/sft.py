@@ -238,7 +238,10 @@ def finetune(
     explicit = {o.split("=", 1)[0].strip() for o in overrides or []}
     # the source run's pretraining budget and plumbing do not carry over: one batch per step, a metrics
     # row per step, no time limit, no compilation, unless given here
-    for key, value in (("grad_accum", 1), ("log_every", 1), ("max_minutes", None), ("compile", False)):
+    # LoRA's adapters train with AdamW (Muon orthogonalises whole hidden matrices; a full fine-tune keeps
+    # the run's optimizer, as Moonlight fine-tunes a Muon-trained model with Muon)
+    carried = [("grad_accum", 1), ("log_every", 1), ("max_minutes", None), ("compile", False)]
+    for key, value in carried + ([("optimizer", "adamw")] if lora else []):
         if f"train.{key}" not in explicit:
             setattr(tc, key, value)
     _apply_overrides(cfg, list(overrides or []))
