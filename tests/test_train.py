@@ -108,7 +108,7 @@ def test_resume_is_exact(tmp_path, corpus, optimizer):
     cfg.model.vocab_size = 320
     first = Trainer(cfg, tmp_path / "b", data, data.tokenizer(), progress=False).fit(stop_after=4)
     assert first.stopped == "paused" and first.step == 4
-    _train(tmp_path / "b", corpus, resume=True)
+    _train(tmp_path / "b", corpus, f"train.optimizer={optimizer}", resume=True)  # TINY names adamw
     resumed = _losses(tmp_path / "b")
     assert sorted(resumed) == list(range(1, 9))
     for s in range(1, 9):
