@@ -91,7 +91,7 @@ class PreparedData:
         """What `split` was made from, for messages: "the val split of notes.txt (held out from it)",
         or the prepared folder where meta.json names no source."""
         sources = self.meta.get("sources") or {}
-        own = sources.get(split) if split == "val" else sources.get("train")
+        own = sources.get(split)
         if own:
             return f"the {split} split of {own.get('name')}"
         train = sources.get("train")
