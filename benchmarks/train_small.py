@@ -45,7 +45,7 @@ from minimoe.config_yaml import build_run_config  # noqa: E402
 from minimoe.data import prepare  # noqa: E402
 from minimoe.lab.flops import flops_per_token  # noqa: E402
 from minimoe.lab.report import t975  # noqa: E402
-from minimoe.train.optim import newton_schulz  # noqa: E402
+from minimoe.train.optim import newton_schulz, newton_schulz_many  # noqa: E402
 from minimoe.train.precision import resolve_precision  # noqa: E402
 from minimoe.train.trainer import Trainer  # noqa: E402
 
@@ -122,15 +122,20 @@ class ReferenceSubject:
 
 
 def newton_schulz_ms(optimizer, rounds: int) -> dict[str, float]:
-    """Milliseconds of one step's Newton-Schulz iterations over the optimizer's Muon matrices, fp32 and
-    bf16 taking turns (median over rounds)."""
+    """Milliseconds of one step's Newton-Schulz iterations over the optimizer's Muon matrices (median over
+    rounds, the ways taking turns): stacked by shape as the optimizer runs them, in fp32 and in bf16, and in
+    bf16 one matrix at a time (as the optimizer ran them before 2026-12-07, 13:30)."""
     mats = [torch.randn_like(p) for g in optimizer.param_groups if g["use_muon"] for p in g["params"]]
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    ways = {
+        "fp32": lambda: newton_schulz_many(mats),
+        "bf16": lambda: newton_schulz_many(mats, dtype=torch.bfloat16),
+        "bf16_each": lambda: [newton_schulz(m, dtype=torch.bfloat16) for m in mats],
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
     for r in range(rounds + 1):
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for name, way in ways.items():
             t0 = time.perf_counter()
-            for m in mats:
-                newton_schulz(m, dtype=dtype)
+            way()
             if r > 0:
                 times[name].append(1e3 * (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
@@ -212,10 +217,12 @@ def table(res: dict, args, load: tuple[float, float]) -> str:
         "Median tokens/s, for orientation only: " + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()) + ".",
     ]
     if "ns_ms" in res:
-        ms32, msbf = res["ns_ms"]["fp32"], res["ns_ms"]["bf16"]
+        ms32, msbf, each = res["ns_ms"]["fp32"], res["ns_ms"]["bf16"], res["ns_ms"]["bf16_each"]
         lines.append(
-            f"Muon's Newton-Schulz iteration over the `tiny` MoE's Muon matrices, one optimizer step: "
-            f"{ms32:.1f} ms in fp32, {msbf:.1f} ms in bf16 ({ms32 / msbf:.2f}x; a bf16 run uses bf16)."
+            f"Muon's Newton-Schulz iteration over the `tiny` MoE's Muon matrices, one optimizer step, the "
+            f"matrices stacked by shape as the optimizer runs them: {ms32:.1f} ms in fp32, {msbf:.1f} ms in "
+            f"bf16 ({ms32 / msbf:.2f}x; a bf16 run uses bf16); one matrix at a time in bf16 {each:.1f} ms "
+            f"({each / msbf:.2f}x the stacked time)."
         )
     if "compile_s" in res:
         lines.append(

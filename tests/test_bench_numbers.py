@@ -390,17 +390,29 @@ def test_train_small_times_newton_schulz_over_the_muon_matrices_in_both_dtypes(s
 
     train_small = script("train_small")
     seen = []
-    monkeypatch.setattr(train_small, "newton_schulz", lambda m, dtype=None: seen.append((m.shape, dtype)))
+    monkeypatch.setattr(
+        train_small, "newton_schulz", lambda m, dtype=None: seen.append(("each", m.shape, dtype))
+    )
+    monkeypatch.setattr(
+        train_small,
+        "newton_schulz_many",
+        lambda ms, dtype=None: seen.append(("many", [m.shape for m in ms], dtype)),
+    )
     hidden, embedding = torch.nn.Parameter(torch.zeros(3, 4, 5)), torch.nn.Parameter(torch.zeros(7, 2))
-    opt = MuonAdamW([hidden], [{"params": [embedding], "weight_decay": 0.0}], lr=1.0, muon_lr=1.0)
+    second = torch.nn.Parameter(torch.zeros(4, 5))
+    opt = MuonAdamW([hidden, second], [{"params": [embedding], "weight_decay": 0.0}], lr=1.0, muon_lr=1.0)
     ms = train_small.newton_schulz_ms(opt, rounds=2)
-    assert set(ms) == {"fp32", "bf16"}
-    # a warm-up round and two counted ones, each dtype in turn, over the Muon matrices only
-    assert seen == [((3, 4, 5), None), ((3, 4, 5), torch.bfloat16)] * 3
+    assert set(ms) == {"fp32", "bf16", "bf16_each"}
+    # a warm-up round and two counted ones, each way in turn, over the Muon matrices only: stacked (as the
+    # optimizer runs them) in both dtypes, and one at a time in bf16
+    shapes = [(3, 4, 5), (4, 5)]
+    one_round = [("many", shapes, None), ("many", shapes, torch.bfloat16)]
+    one_round += [("each", s, torch.bfloat16) for s in shapes]
+    assert seen == one_round * 3
     res = {
         "ratios": {k: (0.9, 0.8, 1.0, (0.85, 0.95)) for k in ("A", "B", "M")},
         "tokens_per_s": {"tiny MoE": 1.0},
-        "ns_ms": {"fp32": 30.0, "bf16": 12.0},
+        "ns_ms": {"fp32": 30.0, "bf16": 12.0, "bf16_each": 24.0},
     }
     text = train_small.table(res, Namespace(rounds=2, steps=2), (0.0, 0.0))
     assert (
@@ -408,6 +420,7 @@ def test_train_small_times_newton_schulz_over_the_muon_matrices_in_both_dtypes(s
         in text
     )
     assert "30.0 ms in fp32, 12.0 ms in bf16 (2.50x" in text
+    assert "one matrix at a time in bf16 24.0 ms (2.00x the stacked time)" in text
 
 
 def test_moe_layer_times_after_the_warm_up_and_keeps_the_fastest(script):

@@ -115,6 +115,26 @@ def test_resume_is_exact(tmp_path, corpus, optimizer):
         assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
 
 
+@pytest.mark.parametrize("trained, resumed", [("muon", "adamw"), ("adamw", "muon")])
+def test_resume_with_another_optimizer_is_refused_naming_the_setting(tmp_path, corpus, trained, resumed):
+    """One optimizer's state cannot continue as another's: the refusal names train.optimizer, both
+    values and the way to train on with the other (--init), and leaves the checkpoint as it was."""
+    _train(tmp_path / "a", corpus, "train.max_steps=2", "train.eval_every=100", f"train.optimizer={trained}")
+    ckpts = sorted(f for f in (tmp_path / "a").rglob("*") if f.is_file() and "checkpoint" in str(f))
+    assert ckpts
+    before = [c.read_bytes() for c in ckpts]
+    with pytest.raises(MinimoeError) as e:
+        _train(tmp_path / "a", corpus, "train.max_steps=4", f"train.optimizer={resumed}", resume=True)
+    msg = str(e.value)
+    assert f"was trained with train.optimizer={trained}" in msg
+    assert f"config says train.optimizer={resumed}: resume with train.optimizer={trained}" in msg
+    assert "minimoe train --init" in msg
+    assert [c.read_bytes() for c in ckpts] == before
+    # with the optimizer it trained with, it resumes
+    res = _train(tmp_path / "a", corpus, "train.max_steps=4", f"train.optimizer={trained}", resume=True)
+    assert res.step == 4
+
+
 def _paused_then_resumed(tmp_path, corpus, common, pause_at):
     """Train `common` in tmp_path / "b" for `pause_at` steps (a pause: what Ctrl-C does), then resume
     it to the end; the resumed run's result."""
@@ -931,6 +951,44 @@ def test_muon_steps_an_expert_stack_as_its_matrices():
         opt_stack.step()
         opt_mats.step()
     torch.testing.assert_close(stack.detach(), torch.stack([m.detach() for m in mats]), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_steps_many_matrices_together_as_each_alone():
+    """The optimizer stacks every matrix of one shape (tall ones transposed) into one batched iteration:
+    a step over parameters of mixed shapes, with shapes shared across parameters and an expert stack, in
+    fp32 and bf16, equals each parameter stepped by an optimizer of its own."""
+    from minimoe.train.optim import MuonAdamW, newton_schulz, newton_schulz_many
+
+    torch.manual_seed(0)
+    shapes = [(6, 10), (10, 6), (3, 6, 10), (3, 10, 6), (6, 10), (8, 8), (12, 5)]
+    w0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    for ns_dtype in (None, torch.bfloat16):
+        together = [torch.nn.Parameter(w.clone()) for w in w0]
+        alone = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = MuonAdamW(together, [], lr=0.02, muon_lr=0.02, ns_dtype=ns_dtype)
+        opts = [MuonAdamW([p], [], lr=0.02, muon_lr=0.02, ns_dtype=ns_dtype) for p in alone]
+        for step in grads:
+            for p, q, g in zip(together, alone, step):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            for o in opts:
+                o.step()
+        for p, q in zip(together, alone):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    # a tall matrix steps as torch.optim.Muon steps it (scaled by its larger side, not its last)
+    ref = torch.nn.Parameter(w0[1].clone())
+    tref = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in grads:
+        ref.grad = step[1].clone()
+        tref.step()
+    assert (together[1] - ref).norm() < 0.02 * (ref - w0[1]).norm()
+    # a tall matrix is orthogonalised as the transpose of its transpose, in the input's shape
+    tall = torch.randn(12, 5)
+    out = newton_schulz_many([tall, tall.T.clone()])
+    assert out[0].shape == (12, 5)
+    torch.testing.assert_close(out[0], out[1].T)
+    torch.testing.assert_close(out[0], newton_schulz(tall))
 
 
 def test_wandb_offline_logging(tmp_path, corpus, monkeypatch):

@@ -114,6 +114,19 @@ def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
         )
 
 
+def check_same_optimizer(ckpt: Path, optim: dict, optimizer: str) -> None:
+    """One sentence when the checkpoint's optimizer state is Muon's and the run's optimizer is not, or the
+    reverse: one optimizer's moments cannot continue as another's."""
+    saved_muon = any(g.get("use_muon") for g in optim.get("param_groups", []))
+    if saved_muon != (optimizer == "muon"):
+        saved = "muon" if saved_muon else "adamw"
+        raise MinimoeError(
+            f"checkpoint {ckpt} was trained with train.optimizer={saved}, and this run's config says "
+            f"train.optimizer={optimizer}: resume with train.optimizer={saved}, or start a new run from its "
+            f"weights with `minimoe train --init {ckpt.parent.parent} --out NEW_RUN train.optimizer={optimizer}`"
+        )
+
+
 def resume(tr) -> None:
     """Load the latest checkpoint of tr.run_dir into the trainer `tr` (every rank must call it):
     weights, optimizer, scaler, data position, RNG streams and counters."""
@@ -126,6 +139,7 @@ def resume(tr) -> None:
             meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
             check_resumable(ckpt, meta, state)
             optim = state.pop("optimizer")
+            check_same_optimizer(ckpt, optim, tr.cfg.train.optimizer)
             # written before checkpoints keyed the optimizer state by parameter name
             legacy = any(isinstance(k, int) for k in optim["state"])
             ckpt_lib.warn_if_old_mtp(tr.cfg.model, meta, ckpt)
