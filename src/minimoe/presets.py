@@ -95,7 +95,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, object]] = {
         "data.tokenizer": "bpe:4096",
         # Muon for the hidden matrices, AdamW for the rest: 0.085 nats/byte lower than AdamW after 5
         # CPU-minutes on the children's books, and lower on Shakespeare too, although its Newton-Schulz
-        # iterations cost about a quarter of the steps (docs/RESULTS.md, r7 and the Muon headline)
+        # iterations cost about a fifth of the steps (docs/RESULTS.md, r7 and the Muon headline; BENCHMARKS.md, M)
         "train.optimizer": "muon",
     },
     "small": {"train.seq_len": 512, "train.batch_size": 16, "data.tokenizer": "bpe:16384"},
