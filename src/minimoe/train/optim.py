@@ -71,8 +71,8 @@ def newton_schulz_many(
     """`newton_schulz` of each tensor, with the matrices of every tensor that share a shape (tall ones
     transposed) stacked into one batched iteration: a model's many small matrices (`tiny` has 100, mostly
     experts' 128 x 192) then make a few large batched products, which two CPU threads share out, instead
-    of a hundred small ones that a second thread barely speeds up (1.8x faster at `tiny`'s matrices on two
-    threads; benchmarks/train_small.py --muon). Each matrix is still orthogonalised on its own."""
+    of a hundred small ones that a second thread barely speeds up (1.5-1.8x faster at `tiny`'s matrices on
+    two threads; benchmarks/train_small.py --muon). Each matrix is still orthogonalised on its own."""
     a, b, c = NS_COEFFICIENTS
     mats = [g.reshape(-1, *g.shape[-2:]) for g in tensors]
     mats = [m.mT if m.size(-2) > m.size(-1) else m for m in mats]

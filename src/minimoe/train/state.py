@@ -116,8 +116,9 @@ def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
 
 def check_same_optimizer(ckpt: Path, optim: dict, optimizer: str) -> None:
     """One sentence when the checkpoint's optimizer state is Muon's and the run's optimizer is not, or the
-    reverse: one optimizer's moments cannot continue as another's."""
-    saved_muon = any(g.get("use_muon") for g in optim.get("param_groups", []))
+    reverse: one optimizer's moments cannot continue as another's. Every group of MuonAdamW's carries
+    `use_muon` (True or False), so a Muon state is told apart even where its Muon group was empty."""
+    saved_muon = any("use_muon" in g for g in optim.get("param_groups", []))
     if saved_muon != (optimizer == "muon"):
         saved = "muon" if saved_muon else "adamw"
         raise MinimoeError(
