@@ -516,6 +516,22 @@ def test_compare_equal_flops_sweep(tmp_path, monkeypatch, capsys):
     assert "| dense | 0/1 |" in partial and "| moe | 1/1 |" in partial
     meta.write_text(json.dumps(m))
 
+    # the report names the code that trained the runs (checkpoints record it), and which runs each version
+    # trained where they differ
+    from minimoe.provenance import code_label, code_version
+
+    assert f"Code: every run was trained by {code_label(code_version())}." in report
+    other = {**m["code"], "commit": "0123456789abcdef", "modified": False}
+    meta.write_text(json.dumps({**m, "code": other}))
+    assert main(["compare", str(sweep_file), "--out", str(out), "--report-only"]) == 0
+    mixed = (out / "report.md").read_text()
+    assert (
+        f"Code: the runs were trained by 2 versions; {code_label(code_version())}: moe/3; "
+        "commit 0123456789: dense/3." in mixed
+    )
+    assert "Under a time budget" not in mixed  # a FLOPs budget: the code's speed does not enter
+    meta.write_text(json.dumps(m))
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("variants: {a: []}\nbudget: {hours: 3}\n")
     assert main(["compare", str(bad)]) == 2

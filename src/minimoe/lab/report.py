@@ -15,6 +15,7 @@ from minimoe.errors import missing_package
 from minimoe.lab.flops import tokens_per_step
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 from minimoe.params import count_params
+from minimoe.provenance import code_label
 
 log = logging.getLogger("minimoe.lab")
 
@@ -31,6 +32,7 @@ class RunSummary:
     max_vio_global: float | None  # validation set, mean over layers
     max_vio_batch: float | None  # training batches, mean over the last 10% of logged rows
     tokens_per_s: float | None
+    code: str | None = None  # the code that trained it (minimoe.provenance.code_label), None if unrecorded
 
 
 def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
@@ -64,7 +66,43 @@ def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
         max_vio_global=last.get("val_max_vio_global"),
         max_vio_batch=statistics.fmean(vios) if vios else None,
         tokens_per_s=statistics.median(speeds) if speeds else None,
+        code=_run_code(run_dir),
     )
+
+
+def _run_code(run_dir: Path) -> str | None:
+    """The code label its latest checkpoint recorded (None without one, or one saved before the record)."""
+    import json
+
+    from minimoe.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8")) if ckpt else {}
+    except (OSError, ValueError):
+        return None
+    return code_label(meta.get("code"))
+
+
+def code_note(rows: list[dict], time_budget: bool) -> str:
+    """One paragraph naming the code that trained the report's runs; where it differs between runs, which
+    runs each version trained (under a time budget a faster version trains more: not like for like)."""
+    by_code: dict[str | None, list[str]] = {}
+    for r in rows:
+        for seed, code in r["code_by_seed"].items():
+            by_code.setdefault(code, []).append(f"{r['variant']}/{seed}")
+    if not by_code:
+        return ""
+    names = {c: c or "code not recorded (checkpoints before 2026-12-07)" for c in by_code}
+    if len(by_code) == 1:
+        return f"Code: every run was trained by {names[next(iter(by_code))]}."
+    parts = [f"{names[c]}: {', '.join(runs)}" for c, runs in by_code.items()]
+    warn = (
+        " Under a time budget a faster version trains further in the same minutes: compare runs of one version."
+        if time_budget
+        else ""
+    )
+    return f"Code: the runs were trained by {len(by_code)} versions; " + "; ".join(parts) + "." + warn
 
 
 def mean_std(values: list[float | None], fmt: str = ".4f") -> str:
@@ -252,6 +290,7 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
                 "max_vio_global": [s.max_vio_global for s in done],
                 "max_vio_batch": [s.max_vio_batch for s in done],
                 "tokens_per_s": [s.tokens_per_s for s in done],
+                "code_by_seed": {s.seed: s.code for s in done},
                 "is_moe": cfg.model.n_routed_experts > 0,
             }
         )
@@ -328,6 +367,9 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
     for r in rows:
         vals = ", ".join(f"seed {k}: {v:.4f}" for k, v in r["val_loss_by_seed"].items()) or "none done"
         parts.append(f"- {r['variant']}: {vals}")
+    note = code_note(rows, sweep.budget_kind == "minutes")
+    if note:
+        parts += ["", note]
     if figures and importlib.util.find_spec("matplotlib") is None:  # the numbers need no figures
         note = f"Figures: not drawn, they need {missing_package('matplotlib')}."
         log.warning("%s", note)

@@ -33,6 +33,7 @@ from torch import nn
 
 from minimoe.errors import MinimoeError
 from minimoe.files import as_umask_allows
+from minimoe.provenance import code_version
 
 if TYPE_CHECKING:
     from minimoe.config import RunConfig
@@ -138,7 +139,7 @@ def save_checkpoint(
     _remove_leftovers(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    meta = {**meta, "mtp_input": MTP_INPUT}
+    meta = {**meta, "mtp_input": MTP_INPUT, "code": code_version()}
     try:
         _write_dir(tmp, model, state, meta, config_text, tokenizer, weights_metadata)
     except (OSError, RuntimeError, SafetensorError) as e:

@@ -1,0 +1,54 @@
+"""Which code trained a run: minimoe's version, its git commit when minimoe runs from a checkout (and
+whether its source differed from that commit), and torch's version. Checkpoints record it in meta.json;
+`minimoe compare` reports it, since runs trained by different code do not compare under a time budget."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def _git(src: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10)
+
+
+@functools.cache
+def code_version() -> dict[str, object]:
+    """{"minimoe": version, "commit": sha or None, "modified": bool or None, "torch": version} of the code
+    running now (read once per process)."""
+    try:
+        version = metadata.version("minimoe")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"minimoe": version, **git_state(Path(__file__).resolve().parent), "torch": torch.__version__}
+
+
+def git_state(src: Path) -> dict[str, object]:
+    """{"commit": sha, "modified": bool} of the package folder `src`: read only where its `__init__.py` is
+    tracked by the repository around it (not an installed copy that sits inside some other repository);
+    "modified" says whether the folder's tracked files differ from the commit. Both None otherwise."""
+    state: dict[str, object] = {"commit": None, "modified": None}
+    try:
+        if _git(src, "ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return state
+        head = _git(src, "rev-parse", "HEAD")
+        if head.returncode == 0:
+            state["commit"] = head.stdout.strip()
+            state["modified"] = _git(src, "diff", "--quiet", "HEAD", "--", ".").returncode != 0
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        pass
+    return state
+
+
+def code_label(info: dict | None) -> str | None:
+    """A short name for `code_version()`'s record: "commit 1a2b3c4d5e" (", modified"), or "minimoe 0.1.0"
+    without a commit; None for a run that recorded none (trained before checkpoints recorded it)."""
+    if not info:
+        return None
+    if info.get("commit"):
+        return f"commit {str(info['commit'])[:10]}" + (", modified" if info.get("modified") else "")
+    return f"minimoe {info.get('minimoe')}"

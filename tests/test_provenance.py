@@ -1,0 +1,84 @@
+"""Which code trained a run: minimoe.provenance, and the lab report's note on it."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from minimoe.lab.report import code_note
+from minimoe.provenance import code_label, code_version, git_state
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+
+
+def _git(repo, *args):
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+@needs_git
+def test_git_state_reads_the_commit_only_where_the_package_is_tracked(tmp_path):
+    pkg = tmp_path / "repo" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    assert git_state(pkg) == {"commit": None, "modified": None}  # not in a repository
+    _git(tmp_path / "repo", "init", "-q")
+    (tmp_path / "repo" / "other.txt").write_text("o\n")
+    _git(tmp_path / "repo", "add", "other.txt")
+    _git(tmp_path / "repo", "commit", "-qm", "other")
+    # inside a repository that does not track the package (an installed copy in someone's project)
+    assert git_state(pkg) == {"commit": None, "modified": None}
+    _git(tmp_path / "repo", "add", "pkg/__init__.py")
+    _git(tmp_path / "repo", "commit", "-qm", "pkg")
+    head = subprocess.run(
+        ["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert git_state(pkg) == {"commit": head, "modified": False}
+    (tmp_path / "repo" / "other.txt").write_text("changed outside the package\n")
+    assert git_state(pkg)["modified"] is False
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert git_state(pkg) == {"commit": head, "modified": True}
+
+
+def test_code_version_and_its_label():
+    import torch
+
+    info = code_version()
+    assert info["torch"] == torch.__version__ and info["minimoe"]
+    assert code_label({"commit": "0123456789abcdef", "modified": True}) == "commit 0123456789, modified"
+    assert code_label({"commit": None, "minimoe": "0.1.0"}) == "minimoe 0.1.0"
+    assert code_label(None) is None
+
+
+def test_a_checkpoint_records_the_code_that_wrote_it(tmp_path):
+    import json
+
+    import torch
+
+    from minimoe.train.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {}, {"step": 1}, "model: {}\n", None)
+    assert json.loads((ckpt / "meta.json").read_text())["code"] == json.loads(json.dumps(code_version()))
+
+
+def test_the_report_note_names_each_version_and_warns_under_a_time_budget():
+    rows = [
+        {"variant": "moe", "code_by_seed": {1: "commit aaaaaaaaaa", 2: "commit bbbbbbbbbb, modified"}},
+        {"variant": "dense", "code_by_seed": {1: "commit aaaaaaaaaa", 2: None}},
+    ]
+    note = code_note(rows, time_budget=True)
+    assert note.startswith("Code: the runs were trained by 3 versions; commit aaaaaaaaaa: moe/1, dense/1; ")
+    assert (
+        "commit bbbbbbbbbb, modified: moe/2; code not recorded (checkpoints before 2026-12-07): dense/2."
+        in note
+    )
+    assert note.endswith("compare runs of one version.")
+    assert "time budget" not in code_note(rows, time_budget=False)
+    same = [
+        {"variant": "a", "code_by_seed": {1: "commit aaaaaaaaaa"}},
+        {"variant": "b", "code_by_seed": {1: "commit aaaaaaaaaa"}},
+    ]
+    assert code_note(same, time_budget=True) == "Code: every run was trained by commit aaaaaaaaaa."
+    assert code_note([{"variant": "a", "code_by_seed": {}}], time_budget=True) == ""
