@@ -266,6 +266,7 @@ def test_a_yaml_key_given_twice_is_refused_but_a_merge_may_be_overridden(tmp_pat
         ("train.beta1=1", "train.beta1 must be between"),
         ("train.keep_last=0", "train.keep_last must be at least 1"),
         ("train.muon_lr=0", "train.muon_lr must be positive"),
+        ("train.muon_ns_steps=0", "train.muon_ns_steps must be at least 1"),
         ("train.max_steps=true", "train.max_steps must be an integer"),
         ("train.max_steps=1.5", "train.max_steps must be an integer"),
         (f"train.max_steps={2**63}", "64-bit"),

@@ -858,6 +858,26 @@ def _muon_model_and_opt(*extra):
     return model, build_optimizer(model, cfg.train, torch.device("cpu"))
 
 
+def test_muon_ns_steps_sets_the_iterations_of_the_step():
+    """train.muon_ns_steps reaches the Newton-Schulz iteration: a first step by hand with that many."""
+    from minimoe.train.optim import newton_schulz
+
+    model, opt = _muon_model_and_opt("train.muon_ns_steps=2", "train.precision=fp32")
+    (group,) = [g for g in opt.param_groups if g["use_muon"]]
+    assert group["ns_steps"] == 2
+    p = group["params"][0]
+    w0, g = p.detach().clone(), torch.randn_like(p)
+    for q in model.parameters():
+        q.grad = None
+    p.grad = g.clone()
+    opt.step()
+    lr, wd = group["lr"], group["weight_decay"]
+    scale = 0.2 * math.sqrt(max(p.size(-2), p.size(-1)))
+    want = w0 * (1 - lr * wd) - lr * scale * newton_schulz(g * 1.95, steps=2)
+    torch.testing.assert_close(p.detach(), want)
+    assert not torch.allclose(newton_schulz(g * 1.95, steps=2), newton_schulz(g * 1.95))
+
+
 def test_muon_trains_the_hidden_matrices_and_adamw_the_rest():
     from minimoe.train.optim import muon_param_names
 

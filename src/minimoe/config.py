@@ -304,6 +304,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     muon_lr: float | None = None  # optimizer=muon: peak lr of the hidden matrices (None = train.lr)
+    muon_ns_steps: int = 5  # optimizer=muon: Newton-Schulz iterations per step (Muon's and torch's 5)
     # autocast dtype; the weights and AdamW state stay fp32. auto = bf16 where the hardware multiplies bf16
     # natively (CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32 (train/trainer.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -368,6 +369,8 @@ class RunConfig:
         _check_train_ranges(t)
         if t.muon_lr is not None and t.muon_lr <= 0:
             raise ConfigError(f"train.muon_lr must be positive, got {t.muon_lr}")
+        if t.muon_ns_steps < 1:
+            raise ConfigError(f"train.muon_ns_steps must be at least 1, got {t.muon_ns_steps}")
         if t.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings ({self.model.max_position_embeddings})"

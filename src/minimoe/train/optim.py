@@ -210,7 +210,7 @@ def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> 
         ]
         return MuonAdamW(
             muon, adamw_groups, lr=tc.lr, muon_lr=tc.muon_lr if tc.muon_lr is not None else tc.lr,
-            betas=betas, muon_weight_decay=tc.weight_decay,
+            betas=betas, muon_weight_decay=tc.weight_decay, ns_steps=tc.muon_ns_steps,
             # under bf16 autocast the iteration runs in bf16 too, as the reference Muon's does: 2.0x faster
             # at `tiny`'s matrices on two CPU threads (benchmarks/train_small.py --muon); fp32 and fp16 runs
             # keep it in fp32
