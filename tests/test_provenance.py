@@ -71,7 +71,7 @@ def test_the_report_note_names_each_version_and_warns_under_a_time_budget():
     note = code_note(rows, time_budget=True)
     assert note.startswith("Code: the runs were trained by 3 versions; commit aaaaaaaaaa: moe/1, dense/1; ")
     assert (
-        "commit bbbbbbbbbb, modified: moe/2; code not recorded (checkpoints before 2026-12-07): dense/2."
+        "commit bbbbbbbbbb, modified: moe/2; code not recorded (checkpoints written before minimoe recorded it): dense/2."
         in note
     )
     assert note.endswith("compare runs of one version.")

@@ -93,7 +93,7 @@ def code_note(rows: list[dict], time_budget: bool) -> str:
             by_code.setdefault(code, []).append(f"{r['variant']}/{seed}")
     if not by_code:
         return ""
-    names = {c: c or "code not recorded (checkpoints before 2026-12-07)" for c in by_code}
+    names = {c: c or "code not recorded (checkpoints written before minimoe recorded it)" for c in by_code}
     if len(by_code) == 1:
         return f"Code: every run was trained by {names[next(iter(by_code))]}."
     parts = [f"{names[c]}: {', '.join(runs)}" for c, runs in by_code.items()]
