@@ -135,6 +135,20 @@ def test_resume_with_another_optimizer_is_refused_naming_the_setting(tmp_path, c
     assert res.step == 4
 
 
+def test_a_muon_state_is_told_by_its_groups_key_whatever_their_contents(tmp_path):
+    """MuonAdamW leaves out an empty group, so a Muon state may hold only its AdamW groups (use_muon False)
+    or only its Muon group; either is Muon's, and a state without the key is AdamW's."""
+    from minimoe.train.state import check_same_optimizer
+
+    for groups in ([{"use_muon": False}], [{"use_muon": True}], [{"use_muon": True}, {"use_muon": False}]):
+        check_same_optimizer(tmp_path, {"param_groups": groups}, "muon")
+        with pytest.raises(MinimoeError, match="trained with train.optimizer=muon"):
+            check_same_optimizer(tmp_path, {"param_groups": groups}, "adamw")
+    check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, "adamw")
+    with pytest.raises(MinimoeError, match="trained with train.optimizer=adamw"):
+        check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, "muon")
+
+
 def _paused_then_resumed(tmp_path, corpus, common, pause_at):
     """Train `common` in tmp_path / "b" for `pause_at` steps (a pause: what Ctrl-C does), then resume
     it to the end; the resumed run's result."""
