@@ -4,6 +4,7 @@ standard error, 95% t-interval), the Markdown table and the figures that `minimo
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import statistics
@@ -72,8 +73,6 @@ def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
 
 def _run_code(run_dir: Path) -> str | None:
     """The code label its latest checkpoint recorded (None without one, or one saved before the record)."""
-    import json
-
     from minimoe.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
