@@ -13,7 +13,7 @@ needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs the gi
 
 def _git(repo, *args):
     subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
         check=True, capture_output=True,
     )  # fmt: skip
 

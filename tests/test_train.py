@@ -147,6 +147,11 @@ def test_a_muon_state_is_told_by_its_groups_key_whatever_their_contents(tmp_path
     check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, "adamw")
     with pytest.raises(MinimoeError, match="trained with train.optimizer=adamw"):
         check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, "muon")
+    # the checkpoint's own config names which AdamW
+    with pytest.raises(
+        MinimoeError, match="trained with train.optimizer=adamw8bit.*resume with train.optimizer=adamw8bit"
+    ):
+        check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, "muon", "adamw8bit")
 
 
 def _paused_then_resumed(tmp_path, corpus, common, pause_at):

@@ -5,6 +5,7 @@ whether its source differed from that commit), and torch's version. Checkpoints 
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -13,13 +14,15 @@ import torch
 
 
 def _git(src: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10)
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE")}  # -C decides
+    return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10, env=env)
 
 
 @functools.cache
 def code_version() -> dict[str, object]:
     """{"minimoe": version, "commit": sha or None, "modified": bool or None, "torch": version} of the code
-    running now (read once per process)."""
+    running now (read once per process: the trainer reads it when it starts, before its clock does, so
+    files edited during a run do not change what the run records)."""
     try:
         version = metadata.version("minimoe")
     except metadata.PackageNotFoundError:
@@ -38,7 +41,8 @@ def git_state(src: Path) -> dict[str, object]:
         head = _git(src, "rev-parse", "HEAD")
         if head.returncode == 0:
             state["commit"] = head.stdout.strip()
-            state["modified"] = _git(src, "diff", "--quiet", "HEAD", "--", ".").returncode != 0
+            diff = _git(src, "diff", "--quiet", "HEAD", "--", ".").returncode
+            state["modified"] = {0: False, 1: True}.get(diff)  # another code: git failed, so unknown
     except (OSError, subprocess.SubprocessError):  # no git, or it hung
         pass
     return state

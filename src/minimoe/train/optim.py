@@ -81,7 +81,8 @@ def newton_schulz_many(
         by_shape.setdefault(tuple(m.shape[-2:]), []).append(i)
     out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for idx in by_shape.values():
-        x = torch.cat([mats[i].to(dtype or mats[i].dtype) for i in idx])
+        x = [mats[i].to(dtype or mats[i].dtype) for i in idx]
+        x = torch.cat(x) if len(x) > 1 else x[0]  # never written in place: the steps below make new tensors
         x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
         for _ in range(steps):
             gram = x @ x.mT
@@ -151,12 +152,17 @@ class MuonAdamW(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
-        updates = newton_schulz_many(
-            torch._foreach_add(grads, bufs, alpha=mu), group["ns_steps"], dtype=self.ns_dtype
-        )
-        torch._foreach_mul_(updates, [-lr * 0.2 * math.sqrt(max(p.size(-2), p.size(-1))) for p in params])
-        torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, updates)
+        # one shape at a time, so the copies the iteration needs are those of one shape's matrices, not all
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(sorted(p.shape[-2:])), []).append(i)
+        for idx in by_shape.values():
+            ps = [params[i] for i in idx]
+            nesterov = torch._foreach_add([grads[i] for i in idx], [bufs[i] for i in idx], alpha=mu)
+            updates = newton_schulz_many(nesterov, group["ns_steps"], dtype=self.ns_dtype)
+            torch._foreach_mul_(updates, [-lr * 0.2 * math.sqrt(max(p.size(-2), p.size(-1))) for p in ps])
+            torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, updates)
 
     def _adamw_group(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -114,18 +114,27 @@ def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
         )
 
 
-def check_same_optimizer(ckpt: Path, optim: dict, optimizer: str) -> None:
+def check_same_optimizer(ckpt: Path, optim: dict, optimizer: str, saved_name: str | None = None) -> None:
     """One sentence when the checkpoint's optimizer state is Muon's and the run's optimizer is not, or the
     reverse: one optimizer's moments cannot continue as another's. Every group of MuonAdamW's carries
-    `use_muon` (True or False), so a Muon state is told apart even where its Muon group was empty."""
+    `use_muon` (True or False), so a Muon state is told apart even where its Muon group was empty;
+    `saved_name` (the checkpoint's train.optimizer, where its config names one) names an AdamW state."""
     saved_muon = any("use_muon" in g for g in optim.get("param_groups", []))
     if saved_muon != (optimizer == "muon"):
-        saved = "muon" if saved_muon else "adamw"
+        saved = "muon" if saved_muon else saved_name if saved_name in ("adamw", "adamw8bit") else "adamw"
         raise MinimoeError(
             f"checkpoint {ckpt} was trained with train.optimizer={saved}, and this run's config says "
             f"train.optimizer={optimizer}: resume with train.optimizer={saved}, or start a new run from its "
             f"weights with `minimoe train --init {ckpt.parent.parent} --out NEW_RUN train.optimizer={optimizer}`"
         )
+
+
+def _saved_optimizer(ckpt: Path) -> str | None:
+    """train.optimizer of the checkpoint's own config (None where it cannot be read)."""
+    try:
+        return ckpt_lib.read_config(ckpt).train.optimizer
+    except (OSError, ValueError, TypeError, MinimoeError):
+        return None
 
 
 def resume(tr) -> None:
@@ -140,7 +149,7 @@ def resume(tr) -> None:
             meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
             check_resumable(ckpt, meta, state)
             optim = state.pop("optimizer")
-            check_same_optimizer(ckpt, optim, tr.cfg.train.optimizer)
+            check_same_optimizer(ckpt, optim, tr.cfg.train.optimizer, _saved_optimizer(ckpt))
             # written before checkpoints keyed the optimizer state by parameter name
             legacy = any(isinstance(k, int) for k in optim["state"])
             ckpt_lib.warn_if_old_mtp(tr.cfg.model, meta, ckpt)

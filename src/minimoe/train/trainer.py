@@ -30,6 +30,7 @@ from minimoe.dist.parallel import LOGGED, parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.moe import max_vio
 from minimoe.model.transformer import Transformer
+from minimoe.provenance import code_version
 from minimoe.train import alerts
 from minimoe.train import checkpoint as ckpt_lib
 from minimoe.train import state as run_state
@@ -163,6 +164,7 @@ class Trainer:
         if tc.compile and self.par.forward is not None:
             self.par.step_forward = torch.compile(self.par.forward)
         self.optimizer = build_optimizer(self.model, tc, self.device)
+        code_version()  # which code this run is, read before the clock starts (checkpoints record it)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
         B, rank, world = tc.batch_size // self.par.dp_size, self.par.dp_rank, self.par.dp_size
         if train_batches is None:
