@@ -996,7 +996,7 @@ def test_muon_steps_many_matrices_together_as_each_alone():
     """The optimizer stacks every matrix of one shape (tall ones transposed) into one batched iteration:
     a step over parameters of mixed shapes, with shapes shared across parameters and an expert stack, in
     fp32 and bf16, equals each parameter stepped by an optimizer of its own."""
-    from minimoe.train.optim import MuonAdamW, newton_schulz, newton_schulz_many
+    from minimoe.train.optim import MuonAdamW, by_matrix_shape, newton_schulz, newton_schulz_many
 
     torch.manual_seed(0)
     shapes = [(6, 10), (10, 6), (3, 6, 10), (3, 10, 6), (6, 10), (8, 8), (12, 5)]
@@ -1022,6 +1022,8 @@ def test_muon_steps_many_matrices_together_as_each_alone():
         ref.grad = step[1].clone()
         tref.step()
     assert (together[1] - ref).norm() < 0.02 * (ref - w0[1]).norm()
+    # the batches: every tensor whose matrices share a shape once tall ones are transposed, expert stacks too
+    assert by_matrix_shape([torch.empty(s) for s in shapes]) == [[0, 1, 2, 3, 4], [5], [6]]
     # a tall matrix is orthogonalised as the transpose of its transpose, in the input's shape
     tall = torch.randn(12, 5)
     out = newton_schulz_many([tall, tall.T.clone()])

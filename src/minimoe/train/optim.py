@@ -55,6 +55,15 @@ def muon_param_names(model: nn.Module) -> set[str]:
     }
 
 
+def by_matrix_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `tensors` grouped by the shape of their matrices, tall ones as their transposes: the
+    tensors whose matrices one batched Newton-Schulz iteration can take together."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(sorted(t.shape[-2:])), []).append(i)
+    return list(groups.values())
+
+
 def newton_schulz(
     g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -76,11 +85,8 @@ def newton_schulz_many(
     a, b, c = NS_COEFFICIENTS
     mats = [g.reshape(-1, *g.shape[-2:]) for g in tensors]
     mats = [m.mT if m.size(-2) > m.size(-1) else m for m in mats]
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, m in enumerate(mats):
-        by_shape.setdefault(tuple(m.shape[-2:]), []).append(i)
     out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for idx in by_shape.values():
+    for idx in by_matrix_shape(tensors):
         x = [mats[i].to(dtype or mats[i].dtype) for i in idx]
         x = torch.cat(x) if len(x) > 1 else x[0]  # never written in place: the steps below make new tensors
         x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
@@ -153,10 +159,7 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         # one shape at a time, so the copies the iteration needs are those of one shape's matrices, not all
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(tuple(sorted(p.shape[-2:])), []).append(i)
-        for idx in by_shape.values():
+        for idx in by_matrix_shape(params):
             ps = [params[i] for i in idx]
             nesterov = torch._foreach_add([grads[i] for i in idx], [bufs[i] for i in idx], alpha=mu)
             updates = newton_schulz_many(nesterov, group["ns_steps"], dtype=self.ns_dtype)

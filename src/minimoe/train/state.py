@@ -65,10 +65,10 @@ TRAINING_ONLY = frozenset({
 })  # fmt: skip
 
 
-def check_same_model(cfg, ckpt: Path) -> None:
+def check_same_model(cfg, saved_cfg, ckpt: Path) -> None:
     """MinimoeError naming the first model setting of `cfg` (a RunConfig) that differs from the one
-    checkpoint `ckpt` was trained with, outside TRAINING_ONLY."""
-    saved = ckpt_lib.read_config(ckpt).model
+    checkpoint `ckpt` was trained with (`saved_cfg`, its RunConfig), outside TRAINING_ONLY."""
+    saved = saved_cfg.model
     for f in dataclasses.fields(saved):
         old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
         if f.name not in TRAINING_ONLY and old != new:
@@ -78,17 +78,19 @@ def check_same_model(cfg, ckpt: Path) -> None:
             )
 
 
-def read_checkpoint(tr) -> tuple[Path, dict, dict]:
-    """Rank 0: the latest checkpoint's weights (checked against the full model) and state."""
+def read_checkpoint(tr) -> tuple[Path, object, dict, dict]:
+    """Rank 0: the latest checkpoint, the RunConfig it was trained with, its weights (checked against the
+    full model) and state."""
     ckpt = ckpt_lib.find_checkpoint(tr.run_dir, "latest")
-    check_same_model(tr.cfg, ckpt)
+    saved_cfg = ckpt_lib.read_config(ckpt)
+    check_same_model(tr.cfg, saved_cfg, ckpt)
     weights = ckpt_lib.read_weights(ckpt)
     with torch.device("meta"):
         reference = Transformer(tr.cfg.model)
     ckpt_lib.check_weights(weights, reference, ckpt)
     if tr.cfg.model.tie_word_embeddings:  # stored once, as save_model does
         weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
-    return ckpt, weights, ckpt_lib.load_state(ckpt)
+    return ckpt, saved_cfg, weights, ckpt_lib.load_state(ckpt)
 
 
 def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
@@ -129,14 +131,6 @@ def check_same_optimizer(ckpt: Path, optim: dict, optimizer: str, saved_name: st
         )
 
 
-def _saved_optimizer(ckpt: Path) -> str | None:
-    """train.optimizer of the checkpoint's own config (None where it cannot be read)."""
-    try:
-        return ckpt_lib.read_config(ckpt).train.optimizer
-    except (OSError, ValueError, TypeError, MinimoeError):
-        return None
-
-
 def resume(tr) -> None:
     """Load the latest checkpoint of tr.run_dir into the trainer `tr` (every rank must call it):
     weights, optimizer, scaler, data position, RNG streams and counters."""
@@ -145,11 +139,11 @@ def resume(tr) -> None:
     legacy = False
     if tr.ctx.is_main:
         try:
-            ckpt, weights, state = read_checkpoint(tr)
+            ckpt, saved_cfg, weights, state = read_checkpoint(tr)
             meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
             check_resumable(ckpt, meta, state)
             optim = state.pop("optimizer")
-            check_same_optimizer(ckpt, optim, tr.cfg.train.optimizer, _saved_optimizer(ckpt))
+            check_same_optimizer(ckpt, optim, tr.cfg.train.optimizer, saved_cfg.train.optimizer)
             # written before checkpoints keyed the optimizer state by parameter name
             legacy = any(isinstance(k, int) for k in optim["state"])
             ckpt_lib.warn_if_old_mtp(tr.cfg.model, meta, ckpt)
