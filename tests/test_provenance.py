@@ -38,8 +38,37 @@ def test_git_state_reads_the_commit_only_where_the_package_is_tracked(tmp_path):
     assert git_state(pkg) == {"commit": head, "modified": False}
     (tmp_path / "repo" / "other.txt").write_text("changed outside the package\n")
     assert git_state(pkg)["modified"] is False
+    (tmp_path / "repo" / ".gitignore").write_text("__pycache__/\n")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "mod.pyc").write_bytes(b"ignored")
+    assert git_state(pkg)["modified"] is False  # ignored files are not the code
+    (pkg / "new_module.py").write_text("y = 1\n")  # a module added but not committed yet
+    assert git_state(pkg) == {"commit": head, "modified": True}
+    (pkg / "new_module.py").unlink()
     (pkg / "__init__.py").write_text("x = 2\n")
     assert git_state(pkg) == {"commit": head, "modified": True}
+
+
+@needs_git
+def test_git_state_says_unknown_where_git_status_fails(tmp_path, monkeypatch):
+    import minimoe.provenance as provenance
+
+    pkg = tmp_path / "repo" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    _git(tmp_path / "repo", "init", "-q")
+    _git(tmp_path / "repo", "add", "pkg/__init__.py")
+    _git(tmp_path / "repo", "commit", "-qm", "pkg")
+    real = provenance._git
+
+    def failing_status(src, *args):
+        if "status" in args:  # e.g. a damaged index: exit 128
+            return subprocess.CompletedProcess(args, 128, "", "fatal: index file corrupt")
+        return real(src, *args)
+
+    monkeypatch.setattr(provenance, "_git", failing_status)
+    state = git_state(pkg)
+    assert state["commit"] and state["modified"] is None
 
 
 def test_code_version_and_its_label():

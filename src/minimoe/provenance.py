@@ -33,7 +33,8 @@ def code_version() -> dict[str, object]:
 def git_state(src: Path) -> dict[str, object]:
     """{"commit": sha, "modified": bool} of the package folder `src`: read only where its `__init__.py` is
     tracked by the repository around it (not an installed copy that sits inside some other repository);
-    "modified" says whether the folder's tracked files differ from the commit. Both None otherwise."""
+    "modified" says whether the folder's files differ from the commit (a tracked file changed, or a new file
+    that git does not ignore). Both None otherwise."""
     state: dict[str, object] = {"commit": None, "modified": None}
     try:
         if _git(src, "ls-files", "--error-unmatch", "__init__.py").returncode != 0:
@@ -41,8 +42,11 @@ def git_state(src: Path) -> dict[str, object]:
         head = _git(src, "rev-parse", "HEAD")
         if head.returncode == 0:
             state["commit"] = head.stdout.strip()
-            diff = _git(src, "diff", "--quiet", "HEAD", "--", ".").returncode
-            state["modified"] = {0: False, 1: True}.get(diff)  # another code: git failed, so unknown
+            # tracked files changed or new files not ignored (a module added but not committed yet)
+            status = _git(
+                src, "--no-optional-locks", "status", "--porcelain", "--untracked-files=all", "--", "."
+            )
+            state["modified"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):  # no git, or it hung
         pass
     return state
