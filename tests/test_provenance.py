@@ -111,3 +111,44 @@ def test_the_report_note_names_each_version_and_warns_under_a_time_budget():
     ]
     assert code_note(same, time_budget=True) == "Code: every run was trained by commit aaaaaaaaaa."
     assert code_note([{"variant": "a", "code_by_seed": {}}], time_budget=True) == ""
+
+
+def test_history_continues_only_where_the_code_changed(monkeypatch):
+    import minimoe.provenance as provenance
+
+    old, new = {"commit": "a" * 40, "modified": False}, {"commit": "b" * 40, "modified": True}
+    monkeypatch.setattr(provenance, "code_version", lambda: new)
+    assert provenance.continue_history({"code": new}, 7) == [{"from_step": 0, "code": new}]
+    history = provenance.continue_history({"code": old}, 7)  # a checkpoint from before the history
+    assert history == [{"from_step": 0, "code": old}, {"from_step": 7, "code": new}]
+    assert provenance.continue_history({"code_history": history, "code": new}, 9) == history
+    assert provenance.continue_history({}, 5) == [{"from_step": 5, "code": new}]
+    meta = {"code_history": history, "code": new}
+    assert provenance.history_label(meta) == "commit aaaaaaaaaa to step 7, then commit bbbbbbbbbb, modified"
+    assert provenance.history_label({"code_history": history[:1], "code": old}) == "commit aaaaaaaaaa"
+    assert provenance.history_label({"code": old}) == "commit aaaaaaaaaa"
+
+
+def test_a_run_resumed_under_other_code_records_both(tmp_path, corpus):
+    import json
+
+    from test_train import _train
+
+    from minimoe.lab.report import _run_code
+
+    run = tmp_path / "run"
+    _train(run, corpus, "train.max_steps=2")
+    meta_file = run / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["code_history"] == [{"from_step": 0, "code": meta["code"]}]
+    earlier = {**meta["code"], "commit": "0123456789abcdef", "modified": False}
+    meta_file.write_text(
+        json.dumps({**meta, "code": earlier, "code_history": [{"from_step": 0, "code": earlier}]})
+    )
+    _train(run, corpus, "train.max_steps=4", resume=True)
+    resumed = json.loads((run / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert resumed["code_history"] == [
+        {"from_step": 0, "code": earlier},
+        {"from_step": 2, "code": meta["code"]},
+    ]
+    assert _run_code(run) == f"commit 0123456789 to step 2, then {code_label(meta['code'])}"

@@ -1,6 +1,7 @@
 """Which code trained a run: minimoe's version, its git commit when minimoe runs from a checkout (and
 whether its source differed from that commit), and torch's version. Checkpoints record it in meta.json;
-`minimoe compare` reports it, since runs trained by different code do not compare under a time budget."""
+`minimoe compare` reports it, since runs trained by different code do not compare under a time budget. A
+run resumed under other code keeps the history: each version with the step it took over from."""
 
 from __future__ import annotations
 
@@ -60,3 +61,26 @@ def code_label(info: dict | None) -> str | None:
     if info.get("commit"):
         return f"commit {str(info['commit'])[:10]}" + (", modified" if info.get("modified") else "")
     return f"minimoe {info.get('minimoe')}"
+
+
+def continue_history(meta: dict, step: int) -> list[dict]:
+    """The code history of a run resumed at `step` from a checkpoint with `meta` (meta.json): its
+    `code_history`, or its single `code` record where it kept no history (a checkpoint without either
+    starts one at `step`), then `code_version()` from `step` where the code is not the same."""
+    history = list(
+        meta.get("code_history") or ([{"from_step": 0, "code": meta["code"]}] if meta.get("code") else [])
+    )
+    if not history or history[-1]["code"] != code_version():
+        history.append({"from_step": step, "code": code_version()})
+    return history
+
+
+def history_label(meta: dict) -> str | None:
+    """`code_label` of the code that wrote the checkpoint with `meta`; where the run was resumed under other
+    code, every version in turn: "commit aaaaaaaaaa to step 500, then commit bbbbbbbbbb"."""
+    history = meta.get("code_history") or []
+    if len(history) < 2:
+        return code_label(meta.get("code"))
+    parts = [code_label(h["code"]) or "code not recorded" for h in history]
+    ends = [h["from_step"] for h in history[1:]]
+    return ", then ".join([f"{p} to step {e}" for p, e in zip(parts, ends)] + parts[-1:])

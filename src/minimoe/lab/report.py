@@ -16,7 +16,7 @@ from minimoe.errors import missing_package
 from minimoe.lab.flops import tokens_per_step
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 from minimoe.params import count_params
-from minimoe.provenance import code_label
+from minimoe.provenance import history_label
 
 log = logging.getLogger("minimoe.lab")
 
@@ -33,7 +33,7 @@ class RunSummary:
     max_vio_global: float | None  # validation set, mean over layers
     max_vio_batch: float | None  # training batches, mean over the last 10% of logged rows
     tokens_per_s: float | None
-    code: str | None = None  # the code that trained it (minimoe.provenance.code_label), None if unrecorded
+    code: str | None = None  # the code that trained it (minimoe.provenance.history_label), None if unrecorded
 
 
 def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
@@ -72,7 +72,8 @@ def summarize_run(run_dir: Path, r: PlannedRun) -> RunSummary | None:
 
 
 def _run_code(run_dir: Path) -> str | None:
-    """The code label its latest checkpoint recorded (None without one, or one saved before the record)."""
+    """The code label its latest checkpoint recorded, every version in turn where the run was resumed under
+    other code (None without a checkpoint, or one saved before the record)."""
     from minimoe.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
@@ -80,7 +81,7 @@ def _run_code(run_dir: Path) -> str | None:
         meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8")) if ckpt else {}
     except (OSError, ValueError):
         return None
-    return code_label(meta.get("code"))
+    return history_label(meta)
 
 
 def code_note(rows: list[dict], time_budget: bool) -> str:

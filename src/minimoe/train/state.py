@@ -22,6 +22,7 @@ import torch
 from minimoe.dist.init import all_gather_object, broadcast_object
 from minimoe.errors import MinimoeError
 from minimoe.model.transformer import Transformer
+from minimoe.provenance import continue_history
 from minimoe.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("minimoe.train")
@@ -150,6 +151,7 @@ def resume(tr) -> None:
             # the budget a stop on the clock ran out of (the trainer stops a little before it: the next
             # step and the final evaluation would not have fitted); older checkpoints name none
             state["stopped_at_minutes"] = meta.get("max_minutes") if meta.get("out_of_time") else None
+            state["code_history"] = continue_history(meta, state["step"])  # this code from here on
         except MinimoeError as e:
             error = str(e)
     error = broadcast_object(error, tr.ctx)
@@ -179,6 +181,7 @@ def resume(tr) -> None:
             if tr.ctx.rank > 0:  # saved by another number of ranks: a fresh stream per rank
                 torch.manual_seed(tr.cfg.train.seed + 1_000_003 * tr.ctx.rank + state["step"])
         tr.step, tr.tokens, tr.elapsed = state["step"], state["tokens"], state["elapsed"]
+        tr.code_history = state["code_history"]
         tr.best_val, tr.evals_since_best = state["best_val"], state["evals_since_best"]
         # a checkpoint written before the window was kept: the first row after the resume averages fewer steps
         if "log_window" in state:
@@ -242,7 +245,7 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
     meta = {
         "step": tr.step, "tokens": tr.tokens, "val_loss": val_loss, "time": time.time(),
         "elapsed_s": tr.elapsed, "clock": tr.cfg.train.clock, "out_of_time": getattr(tr, "_out_of_time", False),
-        "max_minutes": tr.cfg.train.max_minutes, **tr.run_info,
+        "max_minutes": tr.cfg.train.max_minutes, "code_history": tr.code_history, **tr.run_info,
     }  # fmt: skip
     return ckpt_lib.save_checkpoint(
         tr.run_dir, tr.step, weights, state, meta, tr.config_text, tr.tokenizer,

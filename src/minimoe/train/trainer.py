@@ -164,7 +164,8 @@ class Trainer:
         if tc.compile and self.par.forward is not None:
             self.par.step_forward = torch.compile(self.par.forward)
         self.optimizer = build_optimizer(self.model, tc, self.device)
-        code_version()  # which code this run is, read before the clock starts (checkpoints record it)
+        # which code this run is, read before the clock starts (checkpoints record it; a resume extends it)
+        self.code_history = [{"from_step": 0, "code": code_version()}]
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
         B, rank, world = tc.batch_size // self.par.dp_size, self.par.dp_rank, self.par.dp_size
         if train_batches is None:
