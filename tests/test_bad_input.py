@@ -548,7 +548,7 @@ CASES += [
     Case("export-shard-size-zero", lambda c: ["export", c.run, "--out", c.out, "--shard-size", "0MB"], "shard"),
     Case("export-out-not-empty", lambda c: ["export", c.run, "--out", c.file("exists/x.txt", "x").parent], "exists"),
     Case("export-out-under-file", lambda c: ["export", c.run, "--out", c.under_file()], "plain_file"),
-    Case("export-out-unwritable", lambda c: ["export", c.run, "--out", c.readonly()], "minimoe export: error: permission denied for {ro}", nonroot=True, exact=True),
+    Case("export-out-unwritable", lambda c: ["export", c.run, "--out", c.readonly()], "minimoe export: error: cannot create {ro} (permission denied for {ro})", nonroot=True, exact=True),
     Case("export-format-choice", lambda c: ["export", c.run, "--out", c.out, "--format", "gpt2"], "invalid choice: 'gpt2'"),
     Case("export-out-a-file-force", lambda c: ["export", c.run, "--out", c.file("afile", "x"), "--force"], "afile is a file; --out names the folder"),
     Case("export-out-inside-the-run", lambda c: ["export", c.run, "--out", c.run / "hf", "--force"], "overlaps the run"),
@@ -651,7 +651,7 @@ CASES += [
     Case("quantize-incompatible-config", lambda c: ["quantize", c.run_incompat, *Q, "--out", c.out], "different model config"),
     Case("quantize-out-holds-run", lambda c: ["quantize", c.run, *Q, "--out", c.run], "run"),
     Case("quantize-out-under-file", lambda c: ["quantize", c.run, *Q, "--out", c.under_file()], "plain_file"),
-    Case("quantize-out-unwritable", lambda c: ["quantize", c.run, *Q, "--out", c.readonly()], "minimoe quantize: error: permission denied for {ro}", nonroot=True, exact=True),
+    Case("quantize-out-unwritable", lambda c: ["quantize", c.run, *Q, "--out", c.readonly()], "minimoe quantize: error: cannot create {ro} (permission denied for {ro})", nonroot=True, exact=True),
 ]
 
 # ---- sft / lora
@@ -742,6 +742,8 @@ CASES += [
     Case("compare-variant-invalid-model", lambda c: ["compare", c.sweep(variants={"a": ["model.num_experts_per_tok=99"]}), "--plan"], "is larger than n_routed_experts"),
     Case("compare-data-missing", lambda c: ["compare", c.sweep(), "--plan", "--data", c.missing], "missing.txt"),
     Case("compare-out-under-file", lambda c: ["compare", c.sweep(), "--report-only", "--out", c.under_file()], "plain_file"),
+    # refused once, before the first run (not once per run, every run failing, then the report)
+    Case("compare-out-unwritable", lambda c: ["compare", c.sweep(), "--out", c.readonly()], "minimoe compare: error: cannot create the sweep's output directory {ro} (permission denied for {ro})", nonroot=True, exact=True),
 ]
 
 # ---- inspect
@@ -1293,3 +1295,20 @@ def test_a_temp_dir_left_by_a_killed_export_is_emptied(tmp_path):
     again = fresh_temp_dir(tmp_path / "out", "export")
     assert again == first and again.is_dir() and list(again.iterdir()) == []
     assert again.parent == tmp_path and again.name != "out"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_on_a_file_system_without_new_entries_is_named_as_such():
+    """mkdir in /proc fails with "no such file": said as a place that takes no new directories, naming the
+    path the user chose (not the temporary one beside it), not as a path that does not exist."""
+    from minimoe.errors import MinimoeError
+    from minimoe.files import fresh_temp_dir, make_dir
+
+    with pytest.raises(MinimoeError) as e:
+        fresh_temp_dir(Path("/proc/minimoe-out"), "export")
+    assert (
+        str(e.value)
+        == "cannot create /proc/minimoe-out (the file system at /proc does not allow creating minimoe-out there)"
+    )
+    with pytest.raises(MinimoeError, match=r"^cannot create --out /proc/x/y \(the file system at /proc/x"):
+        make_dir(Path("/proc/x/y"), "--out /proc/x/y")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -40,16 +41,31 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
+def make_dir(path: Path, what: str, name_as: Path | None = None) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)`, with one sentence naming `what` (e.g. "--out runs/x") when
+    the file system refuses it. Creating a directory fails with "no such file" where its file system takes
+    no new entries (/proc, /sys): said as such, not as a path that does not exist. An error names
+    `name_as` where given (the path the user chose, for a temporary directory beside it)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from minimoe.errors import describe_os_error
+
+        shown = name_as or path
+        if e.errno == errno.ENOENT:
+            reason = f"the file system at {shown.parent} does not allow creating {shown.name} there"
+        else:
+            reason = describe_os_error(OSError(e.errno, e.strerror, str(shown))) or e.strerror
+        raise MinimoeError(f"cannot create {what} ({reason})") from None
+
+
 def fresh_temp_dir(out: Path, tag: str) -> Path:
     """An empty directory beside `out`, to be renamed onto it once complete. An error creating it names
     `out`, the path the user chose, not the temporary one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, str(out))
     tmp = out.parent / f".{out.name}.tmp-{tag}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(out)) from None
+    make_dir(tmp, str(out), name_as=out)
     return tmp
 
 

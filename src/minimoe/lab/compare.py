@@ -30,6 +30,7 @@ from pathlib import Path
 from minimoe.config import RunConfig
 from minimoe.config_yaml import build_run_config, load_yaml
 from minimoe.errors import ConfigError, MinimoeError
+from minimoe.files import make_dir
 from minimoe.lab.flops import flops_per_token, steps_for_budget
 from minimoe.lab.report import write_report
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
@@ -391,6 +392,7 @@ def run_sweep(
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
     out_dir = Path(out_dir)
+    make_dir(out_dir, f"the sweep's output directory {out_dir}")  # before any run, not once per run
     runs = plan(sweep)
     todo = []
     preset = _trained_preset(sweep)
