@@ -105,6 +105,24 @@ def test_training_on_cuda_picks_bf16_and_learns(tmp_path):
     )  # ln 256 = 5.5 untrained
 
 
+def test_a_muon_run_on_cuda_resumes(tmp_path):
+    """A checkpoint is read onto the CPU; the AdamW groups' step counters must reach the parameters'
+    device before the fused kernel runs (torch's load_state_dict moves them only for fused groups)."""
+    from minimoe.train.run import train_from_config
+    from tiny import TINY_TRAIN
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat and the dog ran to the red ball. " * 200)
+    overrides = [o for o in TINY_TRAIN if not o.startswith("train.optimizer")]
+    run = tmp_path / "run"
+    common = overrides + [f"data.path={corpus}", f"train.device={CUDA.type}", "train.optimizer=muon"]
+    train_from_config("tiny", None, common + ["train.max_steps=3"], run, progress=False, sample=False)
+    result = train_from_config(
+        "tiny", None, common + ["train.max_steps=6"], run, progress=False, sample=False, resume=True
+    )
+    assert result.step == 6 and result.train_loss is not None
+
+
 def prefilled(model, slots: int = 4, mtp: bool = False):
     """A pool on the model's device with the first three prompts prefilled into its rows."""
     from minimoe.infer.slots import Prefill, SlotPool

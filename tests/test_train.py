@@ -1202,6 +1202,37 @@ def test_muon_optimizers_adamw_groups_step_like_torch_adamw():
         assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
 
 
+def test_muon_optimizers_adamw_groups_continue_a_loaded_state():
+    """A loaded state's AdamW step counters, which torch's load_state_dict leaves where they were read (the
+    CPU, while the parameters may be on a GPU) and as saved, are brought to the parameter's device as fp32
+    before the fused kernel runs, and the steps continue as if never saved."""
+    import copy
+
+    from minimoe.train.optim import MuonAdamW
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4))]
+    opt = MuonAdamW([], [{"params": ps}], lr=0.05, muon_lr=0.05)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # state_dict shares the moments with `opt`
+    saved["state"][0]["step"] = saved["state"][0]["step"].double()  # as an older writer might hold it
+    again = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    loaded = MuonAdamW([], [{"params": again}], lr=0.05, muon_lr=0.05)
+    loaded.load_state_dict(saved)
+    g = [torch.randn_like(p) for p in ps]
+    for p, q, gi in zip(ps, again, g):
+        p.grad, q.grad = gi.clone(), gi.clone()
+    opt.step()
+    loaded.step()
+    for p, q in zip(ps, again):
+        assert torch.equal(p, q)
+        st = loaded.state[q]["step"]
+        assert st.dtype == torch.float32 and st.device == q.device and float(st) == 3
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_weight_decay_spares_norms_and_biases(optimizer):
     """AdamW decays matrices only: every 1-D parameter (norms, biases) sits in a group with weight decay

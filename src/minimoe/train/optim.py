@@ -179,6 +179,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 )  # fused kernels: on p's device
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+            elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+                # a loaded state: load_state_dict leaves "step" where the checkpoint was read (the CPU)
+                # unless the group says fused, which this optimizer's groups and old checkpoints do not
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
