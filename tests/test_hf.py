@@ -209,13 +209,25 @@ def test_mtp_layer_holds_its_own_weights_and_copies_of_embedding_and_head():
 def test_export_yarn_variants_match_transformers(tmp_path, tok, ids, extra):
     """MLA + YaRN: the logits agree at positions beyond original_max_position_embeddings for every way
     of giving mscale / mscale_all_dim, config.json carries every YaRN field as given (the betas only
-    move frequencies at long contexts), and the export imports back with the same logits."""
+    move frequencies at long contexts; mscale solved where vLLM would read the keys as given otherwise:
+    mscale_all_dim alone), vLLM's reading of the cos/sin factor is minimoe's, and the export imports back
+    with the same logits."""
+    from minimoe.model.rope import yarn_attention_factor, yarn_get_mscale
+
     m = _model(rope_scaling={**YARN, **extra}, max_position_embeddings=128)
     assert ids.shape[1] > YARN["original_max_position_embeddings"]
     export_model(m, tok, tmp_path / "hf")
     c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    solved = extra.keys() == {"mscale_all_dim"}
     for key, value in {**YARN, **extra}.items():
         assert c["rope_scaling"][key] == value and (key == "type" or c["rope_parameters"][key] == value), key
+    assert ("mscale" in c["rope_scaling"]) == ("mscale" in extra or solved)
+    # vLLM's DeepseekScalingRotaryEmbedding: mscale(f, mscale) / mscale(f, mscale_all_dim), absent keys 1 and 0
+    rs, f = c["rope_scaling"], YARN["factor"]
+    vllm = yarn_get_mscale(f, rs.get("mscale", 1)) / yarn_get_mscale(f, rs.get("mscale_all_dim", 0))
+    assert vllm == pytest.approx(yarn_attention_factor({**YARN, **extra}), rel=1e-12)
+    if solved:
+        assert vllm != pytest.approx(yarn_get_mscale(f, 1) / yarn_get_mscale(f, extra["mscale_all_dim"]))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
     import_hf(tmp_path / "hf", tmp_path / "run")

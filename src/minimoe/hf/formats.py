@@ -125,11 +125,20 @@ def rope_config(cfg: ModelConfig, fmt: str) -> dict:
     }
     ours = yarn_attention_factor(rs)  # what minimoe multiplies cos/sin by
     if cfg.attn_type == "mla":
-        # DeepSeek YaRN keys, read the same way by HF's deepseek_v2/v3 and by vLLM
+        # DeepSeek YaRN keys. The softmax factor, mscale(f, mscale_all_dim)^2 where truthy, reads alike
+        # everywhere; the cos/sin factor does not: HF takes mscale(f, mscale) / mscale(f, mscale_all_dim)
+        # where both are truthy (else mscale(f), or attention_factor where given), vLLM always takes the
+        # ratio with absent keys as mscale=1, mscale_all_dim=0 (and ignores attention_factor). Where the
+        # keys as they are would give vLLM another factor than minimoe's, mscale is solved for it.
         for key in ("mscale", "mscale_all_dim"):
             if key in rs:
                 d[key] = float(rs[key])
-        ms, ms_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        ms_all = float(d.get("mscale_all_dim", 0.0))
+        vllm = yarn_get_mscale(factor, d.get("mscale", 1.0)) / yarn_get_mscale(factor, ms_all)
+        if factor > 1 and not math.isclose(vllm, ours, rel_tol=0, abs_tol=1e-12):
+            d["mscale"] = (ours * yarn_get_mscale(factor, ms_all) - 1) / (0.1 * math.log(factor))
+            d["mscale_all_dim"] = ms_all
+        ms, ms_all = d.get("mscale"), d.get("mscale_all_dim")
         hf = (
             yarn_get_mscale(factor, ms) / yarn_get_mscale(factor, ms_all)
             if ms and ms_all
