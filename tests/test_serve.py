@@ -527,12 +527,12 @@ def test_lm_eval_scores_through_the_server_as_in_process(server, loaded, tmp_pat
 
 
 def test_logprobs_requests_are_checked(server):
-    """Bad logprobs requests are 400s naming the field: more than 20 alternatives, a boolean where
-    completions take a number, and chat's top_logprobs without logprobs. Chat's `logprobs: false` is
-    the default and is accepted."""
+    """Bad logprobs requests are 400s naming the field: more alternatives than OpenAI allows (5 for
+    completions, 20 for chat), a boolean where completions take a number, and chat's top_logprobs without
+    logprobs. Chat's `logprobs: false` is the default and is accepted, as are the limits themselves."""
     msgs = [{"role": "user", "content": "a"}]
     cases = [
-        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
         ("/v1/chat/completions", {"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -545,6 +545,14 @@ def test_logprobs_requests_are_checked(server):
         server, "/v1/chat/completions", {"model": NAME, "messages": msgs, "max_tokens": 1, "logprobs": False}
     )
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
+    limits = [
+        ("/v1/completions", {"prompt": "x", "logprobs": 5, "stop": "b" * 256}),
+        ("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 20}),
+    ]
+    for path, body in limits:
+        r = _post(server, path, {"model": NAME, "max_tokens": 1, **body})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", (body, r.text)
+        assert len(r.json()["choices"][0]["logprobs"]["content" if "messages" in body else "tokens"]) == 1
 
 
 def test_a_tool_choice_that_demands_a_call_is_refused_not_ignored(client):
@@ -627,6 +635,9 @@ ERRORS = [
     # an empty stop string inside a list, a negative top_k, a number as include_usage, stream_options
     # with "stream": null, token ids below the vocabulary, and a lone surrogate in a key
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ["a", ""]}, 400, "stop", None),
+    # each stop string is matched against the text's tail after every token: a length cap
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ["a", "b" * 257]}, 400, "stop", None),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stop": "b" * 257}, 400, "stop", None),
     ("/v1/completions", {"model": NAME, "prompt": "x", "top_k": -1}, 400, "top_k", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage", "invalid_value"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stream": None, "stream_options": {"include_usage": True}}, 400, "stream_options", None),

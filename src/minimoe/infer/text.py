@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 def partial_stop_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of some stop string."""
     best = 0
+    last = text[-1:]
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
+            if s[k - 1] == last and text.endswith(s[:k]):  # the cheap test first: most k fail it
                 best = k
                 break
     return best

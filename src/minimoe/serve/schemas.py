@@ -56,7 +56,9 @@ class APIError(Exception):
 
 INT64 = 1 << 63
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; each is searched for after every token
-MAX_TOP_LOGPROBS = 20  # alternatives per token, at most (OpenAI: 20 for chat, 5 for completions)
+MAX_STOP_LENGTH = 256  # characters per stop string: each is matched against the text's tail per token
+MAX_TOP_LOGPROBS = 20  # chat's alternatives per token, at most (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5  # completions' (OpenAI's limit for the legacy endpoint)
 
 
 class StreamOptions(BaseModel):
@@ -89,6 +91,12 @@ class _Sampling(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(s == "" for s in stops):
             raise APIError(400, "Stop strings must not be empty.", param="stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            longest = max(len(s) for s in stops)
+            raise APIError(
+                400, f"Stop strings must be at most {MAX_STOP_LENGTH} characters long (got {longest}).",
+                param="stop",
+            )  # fmt: skip
         return tuple(stops)
 
     def unsupported_param(self) -> str | None:
@@ -115,7 +123,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] | None
     echo: bool | None = False
     # each token's logprob and this many alternatives' (0: the chosen token's alone); None: no logprobs
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
 class TextPart(BaseModel):

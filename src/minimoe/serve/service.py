@@ -4,6 +4,7 @@ the OpenAI response bodies of both routes (streamed ones are built in `sse.py`).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from functools import partial
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from minimoe.data.chat_template import ChatTemplateError, chat_renderer
 from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams, QueueFull
@@ -303,19 +304,30 @@ class Service:
         finishes = await collect(batch, request)
         if finishes is None:
             return _gone()
-        return {
-            **meta.head(),
-            "choices": [
-                {
-                    "index": f.index,
-                    **content(f),
-                    "logprobs": None if render is None else render(f.logprobs),
-                    "finish_reason": f.reason,
-                }
-                for f in finishes
-            ],
-            "usage": usage(prompt_tokens, finishes),
-        }
+
+        def body() -> bytes:
+            return _json_bytes({
+                **meta.head(),
+                "choices": [
+                    {
+                        "index": f.index,
+                        **content(f),
+                        "logprobs": None if render is None else render(f.logprobs),
+                        "finish_reason": f.reason,
+                    }
+                    for f in finishes
+                ],
+                "usage": usage(prompt_tokens, finishes),
+            })  # fmt: skip
+
+        # many choices' logprobs take a while to render and serialize: off the event loop, so that other
+        # clients' streams and /health go on meanwhile (FastAPI would encode a returned dict on it)
+        return Response(await asyncio.to_thread(body), media_type="application/json")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """`obj` as JSONResponse writes it (UTF-8, compact, NaN refused)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def _nowhere(event) -> None:
