@@ -1109,7 +1109,7 @@ def test_slow_clients_time_out_and_a_full_queue_is_429(tight):
         assert _wait(lambda: tight.health()["active_jobs"] == tight.health()["queued_jobs"] == 0)
     else:
         pytest.fail("the slot-holding request finished before the queue filled, three times")
-    for answer, says in ((refused, b"from this client"), (full, b"requests are waiting")):
+    for answer, says in ((refused, b"this client's limit"), (full, b"completions are waiting")):
         assert answer.startswith(b"HTTP/1.1 429") and says in answer, answer
         assert b'"type":"rate_limit_error"' in answer
         assert int(re.search(rb"\r\nretry-after: (\d+)\r\n", answer, re.I).group(1)) >= 1
@@ -1821,8 +1821,11 @@ def test_a_closed_admission_refuses_with_503_and_hands_back_what_waited():
     admission = Admission(max_queued=4, max_queued_per_client=2)
     waiting = [Job(i, [1], JobParams(max_tokens=1), lambda e: None) for i in range(2)]
     admission.submit(waiting, free=0, slots=1)
-    with pytest.raises(QueueFull, match="from this client"):
+    with pytest.raises(QueueFull, match="this client's limit of 2 waiting completions"):
         admission.submit(waiting[:1], free=0, slots=1)
+    with pytest.raises(QueueFull, match="this client's limit of 2 waiting completions"):
+        admission.check("", 1, free=0, slots=1)
+    admission.check("", 1, free=1, slots=1)  # a free slot: it would not wait
     assert admission.close() == waiting and admission.queued == 0
     with pytest.raises(QueueFull, match="shutting down") as e:
         admission.submit(waiting[:1], free=8, slots=1)
@@ -2171,15 +2174,25 @@ def test_engine_takes_clients_in_turn_cancels_within_a_step_and_bounds_its_queue
     engine = Engine(model, tok, max_active=1, max_queued=2, max_queued_per_client=1)
     job = lambda client: Job(0, [1], params, lambda e: None, client=client)  # noqa: E731
     engine.submit([job("a"), job("a")])  # one takes the free slot, one waits
-    with pytest.raises(QueueFull, match="from this client") as e:
+    with pytest.raises(QueueFull, match="this client's limit of 1 waiting completions") as e:
         engine.submit([job("a")])
     assert e.value.retry_after >= 1
+    with pytest.raises(
+        QueueFull, match=r"limit of 1 waiting completions \(2 waiting now, 1 more asked for\)"
+    ):
+        engine.check_room("a", 1)  # the same answer, asked before a request's prompts are tokenized
+    engine.check_room("a", 0)
+    engine.check_room("b", 1)
     engine.submit([job("b")])
-    with pytest.raises(QueueFull, match="requests are waiting"):
+    with pytest.raises(QueueFull, match="completions are waiting"):
+        engine.check_room("c", 1)
+    with pytest.raises(QueueFull, match="completions are waiting"):
         engine.submit([job("c")])
     engine.shutdown()
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit([job("d")])
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.check_room("d", 0)
 
 
 def test_engine_end_of_text_finishes_with_stop_and_queue_limits_default_to_half(loaded):
@@ -2211,11 +2224,11 @@ def test_engine_end_of_text_finishes_with_stop_and_queue_limits_default_to_half(
     job = lambda client: Job(0, [1], params, lambda e: None, client=client)  # noqa: E731
     engine = Engine(model, tok, max_active=1, max_queued=4)
     engine.submit([job("a"), job("a"), job("a")])  # one for the free slot, two waiting: half of 4
-    with pytest.raises(QueueFull, match="from this client"):
+    with pytest.raises(QueueFull, match="this client's limit"):
         engine.submit([job("a")])
     engine.submit([job("b")])
     engine = Engine(model, tok, max_active=1, max_queued=100, max_queued_per_client=1)
-    with pytest.raises(QueueFull, match="from this client") as e:
+    with pytest.raises(QueueFull, match="this client's limit of 1 waiting completions") as e:
         engine.submit([job("a") for _ in range(3)])  # nothing waits yet, and this is still too many
     assert e.value.retry_after >= 1
     engine.close()
@@ -2291,7 +2304,7 @@ def test_engine_queue_cap_counts_only_the_slots_still_free(loaded):
     engine._admit()  # a holds the slot
     assert engine.active_jobs == 1 and engine.queued_jobs == 0
     engine.submit([job("b")])
-    with pytest.raises(QueueFull, match="requests are waiting"):
+    with pytest.raises(QueueFull, match="completions are waiting"):
         engine.submit([job("c")])
     engine.close()
 
@@ -2461,3 +2474,36 @@ def test_a_chat_reply_ends_at_the_templates_end_of_turn(loaded, monkeypatch):
         body = {"model": "t", "prompt": "hi", "max_tokens": 2}
         assert client.post("/v1/completions", json=body).status_code == 200
     assert [j.params.stop_ids for j in submitted] == [(tok.pad_id,), ()]
+
+
+def test_a_full_queue_is_answered_before_the_prompt_is_tokenized(loaded, monkeypatch):
+    """A 429 costs the server no tokenizing or template rendering of the (up to a megabyte) prompt:
+    the queue's room is asked first, then the submit decides again."""
+    from fastapi.testclient import TestClient
+
+    from minimoe.serve import build_app
+    from minimoe.serve.jobs import QueueFull
+
+    model, tok = loaded
+    tok = type(tok).byte()
+    encoded: list[str] = []
+    real_encode = tok.encode
+    monkeypatch.setattr(
+        tok, "encode", lambda text, *a, **k: encoded.append(text) or real_encode(text, *a, **k)
+    )
+    asked: list[int] = []
+
+    def full(self, client, count):
+        asked.append(count)
+        raise QueueFull("The server is busy: 9 completions are waiting, the limit is 9; retry later.", 3)
+
+    monkeypatch.setattr(Engine, "check_room", full)
+    with TestClient(build_app(model, tok, "t")) as client:
+        for path, body in (
+            ("/v1/completions", {"prompt": ["a" * 5000, "b"], "n": 3}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 5000}], "n": 2}),
+        ):
+            r = client.post(path, json={"model": "t", "max_tokens": 2, **body})
+            assert r.status_code == 429 and r.headers["retry-after"] == "3", r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+    assert asked == [6, 2] and encoded == []

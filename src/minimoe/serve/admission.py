@@ -46,24 +46,33 @@ class Admission:
         """
         client = jobs[0].client
         with self._lock:
-            if self._closed:
-                raise QueueFull("The server is shutting down.", retry_after=5, status=503)
-            mine = len(self._queues.get(client, ()))
-            free = max(free, 0)
-            if self._queued + len(jobs) > self.max_queued + free:
-                raise QueueFull(
-                    f"The server is busy: {self._queued} requests are waiting, the limit is "
-                    f"{self.max_queued}; retry later.",
-                    self.retry_after(slots),
-                )
-            if mine + len(jobs) > self.max_queued_per_client + free:
-                raise QueueFull(
-                    f"Too many requests from this client are waiting ({mine}, the limit is "
-                    f"{self.max_queued_per_client}); retry later.",
-                    self.retry_after(slots),
-                )
+            self._refuse(client, len(jobs), free, slots)
             self._queues.setdefault(client, deque()).extend(jobs)
             self._queued += len(jobs)
+
+    def check(self, client: str, count: int, free: int, slots: int) -> None:
+        """Raise QueueFull now where `submit` would refuse `count` jobs of `client`: a request refused
+        before its prompts are tokenized (`submit`, later, decides)."""
+        with self._lock:
+            self._refuse(client, count, free, slots)
+
+    def _refuse(self, client: str, count: int, free: int, slots: int) -> None:
+        if self._closed:
+            raise QueueFull("The server is shutting down.", retry_after=5, status=503)
+        mine = len(self._queues.get(client, ()))
+        free = max(free, 0)
+        if self._queued + count > self.max_queued + free:
+            raise QueueFull(
+                f"The server is busy: {self._queued} completions are waiting, the limit is "
+                f"{self.max_queued}; retry later.",
+                self.retry_after(slots),
+            )
+        if mine + count > self.max_queued_per_client + free:
+            raise QueueFull(
+                f"This request would pass this client's limit of {self.max_queued_per_client} waiting "
+                f"completions ({mine} waiting now, {count} more asked for); retry later.",
+                self.retry_after(slots),
+            )
 
     def take(
         self, held: Counter[str], share: int, room: int, shares_prefill: Callable[[Job, Job], bool]

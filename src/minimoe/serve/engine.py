@@ -183,17 +183,18 @@ class Engine:
             self._thread = None
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue the jobs of one request, all or none (thread-safe).
+        """Queue the jobs of one request, all or none (thread-safe); QueueFull where the queue, or this
+        client's share of it, cannot take them all."""
+        if jobs:
+            self.check_room(jobs[0].client, 0)
+            self.admission.submit(jobs, self.pool.slots - self.active_jobs, self.pool.slots)
+            self._wake.set()
 
-        Raises:
-            QueueFull: the queue, or this client's share of it, cannot take them all.
-        """
-        if not jobs:
-            return
+    def check_room(self, client: str, count: int) -> None:
+        """Raise QueueFull now where `count` jobs of `client` would be refused (`submit` decides)."""
         if self._stopping:
             raise QueueFull("The server is shutting down.", retry_after=5, status=503)
-        self.admission.submit(jobs, self.pool.slots - self.active_jobs, self.pool.slots)
-        self._wake.set()
+        self.admission.check(client, count, self.pool.slots - self.active_jobs, self.pool.slots)
 
     # ------------------------------------------------------------------ the worker
 

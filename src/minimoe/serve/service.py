@@ -119,6 +119,14 @@ class Service:
             code="too_many_choices",
         )
 
+    def _check_room(self, request: Request, count: int) -> None:
+        """The queue's 429 before the prompts are tokenized or rendered (up to a megabyte each), not
+        after; the submit that follows decides again."""
+        try:
+            self.engine.check_room(_client(request), count)
+        except QueueFull as e:
+            raise _refused(e) from None
+
     def _check_request_tokens(
         self, prompt_lens: list[int], max_tokens: list[int], n: int, budget_param: str = "max_tokens"
     ) -> None:
@@ -231,6 +239,7 @@ class Service:
         n = req.n or 1
         prompt = "" if req.prompt is None else req.prompt
         self._check_choices(self._count_prompts(prompt), n)
+        self._check_room(request, self._count_prompts(prompt) * n)
         # tokenizing up to a megabyte of text takes a while: off the event loop, so others are answered
         prompts = await asyncio.to_thread(self._prompts, prompt)
         budgets = [
@@ -260,6 +269,7 @@ class Service:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         n = req.n or 1
         self._check_choices(1, n)
+        self._check_room(request, n)
         messages = [
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
             for m in req.messages
@@ -330,6 +340,15 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
+def _refused(e: QueueFull) -> APIError:
+    """The engine's refusal as an answer: 429 with Retry-After (503 while shutting down)."""
+    full = e.status == 429
+    return APIError(
+        e.status, str(e), code="rate_limit_exceeded" if full else None,
+        type="rate_limit_error" if full else None, headers={"Retry-After": str(e.retry_after)},
+    )  # fmt: skip
+
+
 def _nowhere(event) -> None:
     raise RuntimeError("job events before the batch was connected")
 
@@ -364,11 +383,7 @@ class Batch:
         try:
             engine.submit(jobs)
         except QueueFull as e:
-            full = e.status == 429
-            raise APIError(
-                e.status, str(e), code="rate_limit_exceeded" if full else None,
-                type="rate_limit_error" if full else None, headers={"Retry-After": str(e.retry_after)},
-            ) from None  # fmt: skip
+            raise _refused(e) from None
 
     async def events(self) -> AsyncIterator[Delta | Finish]:
         """The jobs' events until each has finished; a failure raises APIError with its status.
