@@ -726,6 +726,7 @@ CASES += [
     Case("compare-sweep-unknown-key", lambda c: ["compare", c.sweep(extra="variant: {}\n"), "--plan"], "did you mean 'variants'"),
     Case("compare-sweep-bad-budget", lambda c: ["compare", c.sweep(budget={"hours": 3}), "--plan"], "budget"),
     Case("compare-sweep-clock-without-minutes", lambda c: ["compare", c.sweep(budget={"steps": 3, "clock": "cpu"}), "--plan"], "clock goes with a minutes budget"),
+    Case("compare-cpu-clock-on-two-threads", lambda c: ["compare", c.sweep(budget={"minutes": 3, "clock": "cpu"}, variants={"a": ["train.threads=2"]}), "--plan"], "runs on train.threads=2 would not be charged alike; add train.threads=1"),
     Case("compare-sweep-bad-clock", lambda c: ["compare", c.sweep(budget={"minutes": 3, "clock": "gpu"}), "--plan"], "clock must be wall or cpu"),
     Case("compare-sweep-bad-report", lambda c: ["compare", c.sweep(extra="report: ../r.md\n"), "--plan"], "report must be a file name"),
     Case("compare-sweep-negative-budget", lambda c: ["compare", c.sweep(budget={"tokens": -3}), "--plan"], "budget tokens must be a positive finite number"),

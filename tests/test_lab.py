@@ -1728,3 +1728,46 @@ def test_nanogpt_headline_on_more_threads_runs_each_alone_on_a_wall_clock(tmp_pa
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit, match="another thread count"):
         ng.main()
+
+
+def test_plan_decides_precision_auto_once_and_pins_it(tmp_path, monkeypatch):
+    """train.precision=auto is timed once per device and thread count when the sweep is planned, and every
+    run gets the answer as an explicit setting: two runs timing it in their own processes at once (or on a
+    busy machine) could decide differently, one training in bf16 and the other in fp32."""
+    from minimoe.train import precision as precision_lib
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_lib, "native_bf16", lambda device: True)
+    answers = iter([2.0, 0.5, 0.5, 0.5])  # bf16 pays at the first timing only
+    timed: list[int] = []
+    monkeypatch.setattr(
+        precision_lib, "cpu_bf16_speedup", lambda threads: timed.append(threads) or next(answers)
+    )
+    _corpus(tmp_path / "corpus.txt")
+    overrides = TINY + ["train.precision=auto", "train.threads=1"]
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: " + json.dumps(overrides) + "\ndata: corpus.txt\nbudget: {steps: 2}\n"
+        "seeds: [1, 2]\nvariants:\n  a: []\n  b: [model.n_routed_experts=0]\n"
+    )
+    runs = compare.plan(compare.load_sweep(tmp_path / "s.yaml"))
+    assert timed == [1] and len(runs) == 4
+    assert {r.cfg.train.precision for r in runs} == {"bf16"}
+    assert all("train.precision=bf16" in r.overrides for r in runs)
+
+
+def test_plan_prepares_the_data_even_where_the_sweep_sets_the_vocabulary(tmp_path, monkeypatch):
+    """The tokenizer's training and the tokenizing happen when the sweep is planned, not inside the first
+    run's clock (a time budget would charge them to that run alone), also where model.vocab_size is set
+    and no vocabulary needs fitting."""
+    from minimoe.train.run import data_cache_dir
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    overrides = TINY + ["model.vocab_size=320"]
+    (tmp_path / "s.yaml").write_text(
+        "base:\n  overrides: " + json.dumps(overrides) + "\ndata: corpus.txt\nbudget: {steps: 2}\n"
+        "seeds: [1]\nvariants:\n  a: []\n"
+    )
+    (run,) = compare.plan(compare.load_sweep(tmp_path / "s.yaml"))
+    cache = Path(data_cache_dir(run.cfg.data, None))
+    assert run.cfg.model.vocab_size == 320 and cache.is_dir() and any(cache.iterdir())

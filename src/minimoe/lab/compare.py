@@ -223,6 +223,19 @@ def _fitted_vocab(cfg: RunConfig, val_data: str | None) -> int:
     return -(-data.tokenizer().vocab_size // 64) * 64
 
 
+def _auto_precision(cfg: RunConfig) -> str:
+    """What train.precision=auto becomes for runs of `cfg` (bf16 or fp32 on a CPU, by a timing), decided
+    at the runs' thread count."""
+    import torch
+
+    from minimoe.dist.init import resolve_device
+    from minimoe.infer.common import num_threads
+    from minimoe.train.precision import resolve_precision
+
+    with num_threads(cfg.train.threads or torch.get_num_threads()):
+        return resolve_precision("auto", resolve_device(cfg.train.device))
+
+
 def _sets_vocab(config_path: str | None, overrides: list[str]) -> bool:
     """Whether the config file or the overrides set model.vocab_size (`minimoe train` keeps it then)."""
     if any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in overrides):
@@ -233,13 +246,17 @@ def _sets_vocab(config_path: str | None, overrides: list[str]) -> bool:
 def plan(sweep: Sweep) -> list[PlannedRun]:
     """Resolve every variant x seed: config, training FLOPs per token, and max_steps from the budget.
 
-    Unless the base config or the overrides set it, the vocabulary is fitted to the tokenizer once (as
-    `minimoe train` does) and pinned with an explicit `model.vocab_size` so that the FLOPs count here is
-    the model that trains.
+    The data is prepared (tokenizer trained, text tokenized) once per source here, before any run's
+    clock starts, so no run pays for it. Unless the base config or the overrides set it, the vocabulary
+    is fitted to the tokenizer (as `minimoe train` does) and pinned with an explicit `model.vocab_size`,
+    so that the FLOPs count here is the model that trains. `train.precision=auto` is decided here, once
+    per device and thread count, and pinned: runs timed in their own processes (two at a time, on a busy
+    machine) could otherwise decide differently and not compare.
     """
     _check_sources(sweep)
     data_ov = [f"data.path={sweep.data}"] if sweep.data else []
     vocabs: dict[tuple, int] = {}  # (data source, tokenizer) -> fitted vocab size
+    precisions: dict[tuple, str] = {}  # (device, threads) -> what auto is there
     out = []
     for variant, ov in sweep.variants.items():
         base_ov = sweep.base_overrides + ov + data_ov
@@ -255,11 +272,32 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
                 f"{cfg.train.early_stop_patience} would end runs before the budget the sweep compares them "
                 "at; set it to 0"
             )
-        if not _sets_vocab(sweep.base_config, base_ov):
-            key = (cfg.data.path, cfg.data.tokenizer, cfg.data.text_field, cfg.data.val_fraction)
-            if key not in vocabs:
-                vocabs[key] = _fitted_vocab(cfg, sweep.val_data)
+        if sweep.budget_kind == "minutes" and sweep.clock == "cpu" and cfg.train.threads != 1:
+            raise MinimoeError(
+                f"sweep {sweep.name}, variant '{variant}': a CPU-clock budget counts the CPU time of every "
+                f"thread of a run, OpenMP workers spinning between products included, so runs on "
+                f"train.threads={cfg.train.threads} would not be charged alike; add train.threads=1 to the "
+                "base overrides (and run several at a time with --jobs)"
+            )
+        key = (cfg.data.path, cfg.data.tokenizer, cfg.data.text_field, cfg.data.val_fraction)
+        fitted = not _sets_vocab(sweep.base_config, base_ov)
+        if key not in vocabs:
+            try:
+                vocabs[key] = _fitted_vocab(cfg, sweep.val_data)  # prepares the data, before any run
+            except MinimoeError:
+                if fitted:
+                    raise
+                # a set vocabulary needs nothing from here: the runs prepare what they train on (a seed
+                # preset whose tokenizer is missing trains its stated fallback), and say what is wrong
+                vocabs[key] = cfg.model.vocab_size
+        if fitted:
             base_ov = base_ov + [f"model.vocab_size={vocabs[key]}"]
+            cfg = build_run_config(sweep.base_preset, sweep.base_config, base_ov)
+        if cfg.train.precision == "auto":
+            where = (cfg.train.device, cfg.train.threads)
+            if where not in precisions:
+                precisions[where] = _auto_precision(cfg)
+            base_ov = base_ov + [f"train.precision={precisions[where]}"]
             cfg = build_run_config(sweep.base_preset, sweep.base_config, base_ov)
         fpt = flops_per_token(cfg.model, cfg.train.seq_len).train_per_token
         if sweep.budget_kind == "steps":
@@ -330,17 +368,7 @@ def _check_same_config(
                 f"{run_dir} was trained on other data (data.{key} = {data[key]!r}, this sweep wants "
                 f"{want_v!r}); use another --out"
             )
-    want = r.cfg.to_dict()
-    if want["train"]["precision"] == "auto" and (d.get("train") or {}).get("precision") != "auto":
-        # the trainer records what auto became on its device (bf16 or fp32), timed at the run's threads
-        import torch
-
-        from minimoe.dist.init import resolve_device
-        from minimoe.infer.common import num_threads
-        from minimoe.train.precision import resolve_precision
-
-        with num_threads(r.cfg.train.threads or torch.get_num_threads()):
-            want["train"]["precision"] = resolve_precision("auto", resolve_device(r.cfg.train.device))
+    want = r.cfg.to_dict()  # train.precision as `plan` pinned it, where the sweep says auto
     for section in ("model", "train"):
         theirs = d.get(section) or {}
         diff = [k for k, v in want[section].items() if k in theirs and theirs[k] != v]
