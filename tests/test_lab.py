@@ -817,7 +817,7 @@ def test_contrasts_and_tables_match_a_paired_reference(tmp_path):
     assert vio["n"] == 3 and vio["mean"] == pytest.approx(mean / 10) and vio["se"] == pytest.approx(se / 10)
     text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
     cells = next(line for line in text.splitlines() if line.startswith("| var − ref |")).split(" | ")
-    assert cells[1] == "3"
+    assert cells[1] == "3 (of 5; not 2, 5)"  # the sweep's seeds 1-5: 2 and 5 have no pair
     assert cells[2] == f"{mean:+.4f} ± {se:.4f} [{mean - t2 * se:+.4f}, {mean + t2 * se:+.4f}]"
     table = next(line for line in text.splitlines() if line.startswith("| var | 4/5 |")).split(" | ")
     assert table[6] == f"{mean:+.4f} ± {sd:.4f}"  # Δ val loss (paired): mean ± std over the same seeds
@@ -830,7 +830,7 @@ def test_a_contrast_of_one_seed_says_it_has_no_interval(tmp_path):
     sweep, runs = _synthetic_sweep(tmp_path, {"ref": {1: 3.0}, "var": {1: 2.9, 2: 2.8}})
     text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| var − ref |"))
-    assert row.startswith("| var − ref | 1 | 1 seed: no interval (needs 2) | – |"), row
+    assert row.startswith("| var − ref | 1 (of 2; not 2) | 1 seed: no interval (needs 2) | – |"), row
 
 
 def test_a_reused_run_read_with_other_data_settings_is_refused(tmp_path):

@@ -181,6 +181,12 @@ def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
         for key in ("val_loss", "val_bpb", "max_vio_batch", "max_vio_global"):
             res[key] = paired_stats(_paired(ra[key + "_by_seed"], rb[key + "_by_seed"]))
         res["seeds"] = len(_paired(ra["val_loss_by_seed"], rb["val_loss_by_seed"]))
+        # seeds of the sweep without a pair (a run not finished, failed or diverged): the verdict stands
+        # on the others, which may not be a random subset (a variant that diverges on its hardest seeds)
+        res["unpaired"] = [
+            s for s in sweep.seeds
+            if any(r["val_loss_by_seed"].get(s) is None for r in (ra, rb))
+        ]  # fmt: skip
         res["both_moe"] = ra["is_moe"] and rb["is_moe"]
         res["equivalence"] = sweep.equivalence
         out.append(res)
@@ -224,6 +230,14 @@ def _seeds_cell(c: dict) -> str:
     return "> 1000" if n is None else str(n)
 
 
+def _pairs_cell(c: dict) -> str:
+    """The seeds paired, and which of the sweep's seeds have no pair yet: "3 (of 5; not 2, 4)"."""
+    if not c.get("unpaired"):
+        return str(c["seeds"])
+    missing = ", ".join(str(s) for s in c["unpaired"])
+    return f"{c['seeds']} (of {c['seeds'] + len(c['unpaired'])}; not {missing})"
+
+
 def _loss_cell(c: dict) -> str:
     if c["val_loss"] is None and c["seeds"] == 1:  # one difference has no spread: no SE, no interval
         return "1 seed: no interval (needs 2)"
@@ -236,7 +250,7 @@ def contrast_table(contrasts: list[dict]) -> str:
     return _table(
         [
             ("contrast", lambda c: f"{c['variant']} − {c['reference']}"),
-            ("seeds", lambda c: str(c["seeds"])),
+            ("seeds", _pairs_cell),
             ("Δ val loss: mean ± SE [95% interval]", _loss_cell),
             ("resolved", lambda c: verdict(c["val_loss"], c["equivalence"])),
             ("seeds to resolve at this mean and spread", _seeds_cell),
