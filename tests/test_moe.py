@@ -299,7 +299,8 @@ def test_expert_rows_pad_each_expert_to_the_next_multiple_only():
 @pytest.mark.parametrize("n_group,topk_group,k", [(4, 2, 3), (4, 1, 2), (8, 3, 4), (1, 1, 4)])
 def test_group_limited_topk_matches_brute_force(topk_method, n_group, topk_group, k):
     torch.manual_seed(1)
-    # shift negative: with biased scores below 0, HF's 0.0 mask would pick experts of dropped groups
+    # shift negative: with biased scores below 0, a 0.0 mask (older DeepSeek/HF code) would pick experts
+    # of dropped groups
     choice = torch.rand(64, 16, dtype=torch.float64) - 0.7
     idx = group_limited_topk(choice, k, n_group, topk_group, topk_method)
     for t in range(choice.shape[0]):

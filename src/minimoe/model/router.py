@@ -59,8 +59,9 @@ def group_limited_topk(
         keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
         keep_TG.scatter_(1, group_TG.topk(topk_group, dim=-1).indices, True)
         keep_TE = keep_TG.repeat_interleave(E // n_group, dim=1)  # (T, E)
-        # HF DeepseekV3 masks unselected groups with 0.0, not -inf: with negative biased scores it can
-        # then pick an expert from a dropped group. -inf keeps the selection inside the kept groups.
+        # -inf keeps the selection inside the kept groups. A 0.0 mask (DeepSeek's remote code before its
+        # 2025 fix, and transformers' DeepseekV3 before it followed; 5.23, tested here, masks with -inf)
+        # lets a negatively biased score lose to a dropped group's expert.
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
     return choice_TE.topk(k, dim=-1).indices
 
