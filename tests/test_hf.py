@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 
@@ -119,6 +120,23 @@ def exported(tmp_path_factory, tok):
         m = _model(**kw)
         out[name] = (m, root / name, export_model(m, tok, root / name))
     return out
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_checkpoint_count_is_what_the_export_writes(tmp_path, tok, tie):
+    """`minimoe params`' count of a DeepSeek-V3 checkpoint (main model, MTP layers and the embedding and
+    head copies each MTP layer stores) is the number of values the export writes, tied or not."""
+    from safetensors import safe_open
+
+    from minimoe.params import count_params
+
+    m = _model(**{**CASES["deepseek_v3"], "tie_word_embeddings": tie, "mtp_depth": 2})
+    export_model(m, tok, tmp_path / "hf")
+    written = 0
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            written += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    assert count_params(m.cfg).hf_checkpoint_total == written
 
 
 @pytest.mark.parametrize("name", list(CASES))

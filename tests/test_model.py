@@ -623,7 +623,7 @@ def test_param_counts_with_tied_weights_and_two_mtp_depths_match_the_real_module
     assert rep.activated == total - emb - routed * (E - K) // E
     assert rep.activated_with_embedding == total - routed * (E - K) // E
     assert rep.mtp_activated == mtp_total - mtp_routed * (E - K) // E
-    assert rep.hf_checkpoint_total == total + mtp_total + 2 * VD * (1 if tie else 2)
+    assert rep.hf_checkpoint_total == total + mtp_total + 2 * VD * 2  # each MTP layer: embedding and head
     assert rep.kv_cache_bytes_per_token == {
         k: v * cfg.num_hidden_layers for k, v in rep.kv_cache_bytes_per_token_per_layer.items()
     }

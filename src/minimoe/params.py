@@ -135,8 +135,9 @@ def count_params(cfg: ModelConfig) -> ParamReport:
     mtp_comps, mtp_act = _tally([("layers." + n.split("block.", 1)[-1], t, k) for n, t, k in mtp], cfg)
     total = sum(comps.values())
     emb = comps["embedding"]
-    # a DeepSeek-V3 checkpoint's MTP layer stores embed_tokens and shared_head.head again
-    emb_and_head = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    # a DeepSeek-V3 checkpoint's MTP layer stores embed_tokens and shared_head.head again, both, tied or
+    # not (vLLM's MTP layer loads shared_head.head)
+    emb_and_head = 2 * cfg.vocab_size * cfg.hidden_size
     mtp_total = sum(mtp_comps.values())
     per_layer_numbers = model.layers[0].self_attn.cache_numbers_per_token()
     kv_layer = {name: per_layer_numbers * size for name, size in (("fp32", 4), ("bf16", 2), ("int8", 1))}
