@@ -122,6 +122,20 @@ def exported(tmp_path_factory, tok):
     return out
 
 
+def test_the_latent_norms_keep_their_own_epsilon(tmp_path, tok, ids):
+    """MLA's latent norms (q_a_layernorm, kv_a_layernorm) use 1e-6 whatever rms_norm_eps says, as
+    transformers builds them: with a model eps of 1e-2 and small latents the eps shows in the logits, so
+    a latent norm built with the model's eps would not match the exported model in transformers."""
+    m = _model(**{**CASES["deepseek_v3"], "rms_norm_eps": 1e-2})
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.self_attn.q_a_proj.weight.mul_(0.01)  # latents' mean square ~1e-4: eps 1e-2 would dominate
+            layer.self_attn.kv_a_proj_with_mqa.weight.mul_(0.01)
+    export_model(m, tok, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert (_logits(m, ids) - _logits(hf, ids)).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_the_checkpoint_count_is_what_the_export_writes(tmp_path, tok, tie):
     """`minimoe params`' count of a DeepSeek-V3 checkpoint (main model, MTP layers and the embedding and

@@ -352,6 +352,36 @@ def test_deepseek_v3_published_counts():
     assert rep.hf_checkpoint_total == 684_489_845_504  # "671B + 14B = 685B"
 
 
+def test_v2_lite_olmoe_and_mixtral_published_counts():
+    """REFERENCE.md's other published sizes, each under the convention that reproduces it: V2-Lite (MLA
+    without a low-rank q, softmax, greedy) without the embedding lookup; OLMoE (q/k norms over the whole
+    projection, 64 experts top-8) and Mixtral (GQA, 8 experts top-2, no shared expert) with it."""
+    gqa = dict(attn_type="gqa", n_shared_experts=0, first_k_dense_replace=0, n_group=1, topk_group=1)
+    moe = dict(scoring_func="softmax", aux_free_bias=False, mtp_depth=0, tie_word_embeddings=False)
+    v2_lite = ModelConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1, **moe,
+    )  # fmt: skip
+    olmoe = ModelConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, moe_intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False, qk_norm="full", **gqa, **moe,
+    )  # fmt: skip
+    mixtral = ModelConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, moe_intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, n_routed_experts=8,
+        num_experts_per_tok=2, **gqa, **moe,
+    )  # fmt: skip
+    rep = count_params(v2_lite)
+    assert (rep.total, rep.activated) == (15_706_484_224, 2_451_435_008)
+    rep = count_params(olmoe)
+    assert (rep.total, rep.activated_with_embedding) == (6_919_161_856, 1_282_017_280)
+    rep = count_params(mixtral)
+    assert (rep.total, rep.activated_with_embedding) == (46_702_792_704, 12_879_925_248)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_counts_on_meta(name):
     rep = count_params(get_preset(name))
