@@ -643,6 +643,9 @@ ERRORS = [
     ("/v1/completions", {"model": NAME, "prompt": "x", "stream": None, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ("/v1/completions", {"model": NAME, "prompt": [5, -1]}, 400, "prompt", None),
     ("/v1/completions", '{"model": "tiny-serve", "prompt": "x", "\\ud800": 1}', 400, None, "invalid_value"),
+    # a refused value is echoed cut short, not whole
+    ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": "9" * 100_000}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": "m" * 100_000, "prompt": "x"}, 404, "model", "model_not_found"),
 ]  # fmt: skip
 
 
@@ -654,6 +657,7 @@ def test_errors_have_openai_shape_and_server_keeps_serving(server):
         assert set(err) == {"message", "type", "param", "code"}
         assert err["type"] == "invalid_request_error" and err["message"].endswith(".")
         assert (err["param"], err["code"]) == (param, code), (body, err)
+        assert len(err["message"]) < 400, err["message"][:500]
     r = httpx.get(f"{server}/v1/nothing-here", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(f"{server}/v1/completions", headers=AUTH)

@@ -168,7 +168,13 @@ def describe_validation_error(err: ValidationError) -> APIError:
             400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
         )
     got = e.get("input")
-    shown = repr(got) if not isinstance(got, dict | list) or len(repr(got)) < 60 else type(got).__name__
+    shown = brief(got) if not isinstance(got, dict | list) or len(repr(got)) < 60 else type(got).__name__
     return APIError(
         400, f"Invalid value for '{param}': {e['msg']} (got {shown}).", param=param, code="invalid_value"
     )
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: an error echoes what it refused, not a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

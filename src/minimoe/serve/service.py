@@ -20,7 +20,7 @@ from minimoe.serve.engine import Delta, Engine, Failure, Finish, Job, JobParams,
 from minimoe.serve.http import log, peer, until_disconnected
 from minimoe.serve.limits import Limits
 from minimoe.serve.logprobs import chat_logprobs, completion_logprobs
-from minimoe.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+from minimoe.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, brief
 from minimoe.serve.sse import Meta, chat_chunks, completion_chunks, sse, usage
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
@@ -67,7 +67,7 @@ class Service:
         if name != self.model_name:
             raise APIError(
                 404,
-                f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                f"The model {brief(name, 80)} does not exist; this server serves '{self.model_name}'.",
                 param=param,
                 code="model_not_found",
             )
