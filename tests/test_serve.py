@@ -295,6 +295,21 @@ def test_the_request_token_budget_counts_every_choice(client):
     assert f"{40 * (1 + MAX_TOKENS_LIMIT)} tokens" in e.value.body["message"]
 
 
+def test_a_chat_without_a_budget_fits_its_default_to_the_request_cap(client):
+    """Chat's default budget is the rest of the context; with many choices it shrinks to what the
+    per-request token cap leaves each (most clients send no max_tokens), instead of a 400 naming a
+    max_tokens the client never sent. A prompt too long for n choices even so names n."""
+    msgs = [{"role": "user", "content": "a"}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, n=40, temperature=1.0, seed=1)
+    prompt = r.usage.prompt_tokens
+    assert len(r.choices) == 40 and r.usage.completion_tokens <= 40 * (MAX_REQUEST_TOKENS // 40 - prompt)
+    assert MAX_REQUEST_TOKENS // 40 - prompt < min(CONTEXT - prompt, MAX_TOKENS_LIMIT)  # it did shrink
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x" * 85}], n=40)
+    assert (e.value.body["param"], e.value.body["code"]) == ("n", "too_many_tokens")
+    assert "the prompt and one completion token, times n=40" in e.value.body["message"]
+
+
 def test_max_completion_tokens_wins_over_max_tokens(client):
     msgs = [{"role": "user", "content": "a cat"}]
     kw = dict(model=NAME, messages=msgs, temperature=0)

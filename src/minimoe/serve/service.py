@@ -135,8 +135,13 @@ class Service:
         _within(
             total,
             cap,
-            f"This request asks for {total} tokens in all (prompts plus {budget_param}, times n), more "
-            f"than this server's limit of {cap} per request (--max-request-tokens).",
+            f"This request asks for {total} tokens in all ("
+            + (
+                "the prompt and one completion token"
+                if budget_param == "n"
+                else f"prompts plus {budget_param}"
+            )
+            + f", times n={n}), more than this server's limit of {cap} per request (--max-request-tokens).",
             param=budget_param,
             code="too_many_tokens",
         )
@@ -281,7 +286,9 @@ class Service:
         given = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         requested = getattr(req, given)
         budget = self._max_tokens(len(ids), requested, None, "messages", given)
-        self._check_request_tokens([len(ids)], [budget], n, given)
+        if requested is None:  # the default, the rest of the context, shrinks to fit the request's cap
+            budget = min(budget, max(self.limits.max_request_tokens // n - len(ids), 1))
+        self._check_request_tokens([len(ids)], [budget], n, given if requested is not None else "n")
         params = replace(base, max_tokens=budget, stop_ids=self.chat_stop_ids, logprobs=logprobs)
         jobs = self._jobs([ids], [params], n, _client(request))
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name)
