@@ -244,7 +244,7 @@ class Engine:
             for job in jobs:
                 p = job.params
                 if p.max_tokens == 0 and not p.scores_prompt:  # done here: holds no slot
-                    _post(job, Finish(job.index, "length", 0, "", None if p.logprobs is None else ()))
+                    job.send(Finish(job.index, "length", 0, "", None if p.logprobs is None else ()))
                 else:
                     live.append(job)
             if not live:
@@ -255,7 +255,7 @@ class Engine:
                 self._prefilling[self._prefill.add(ids, live[0].params.prompt_score)] = group
             except Exception as e:  # noqa: BLE001 - these jobs cannot start; the queue's others can
                 for job in live:
-                    _failed(job, e)
+                    job.fail(e)
                 continue
             held.update(job.client for job in live)
 
@@ -289,7 +289,7 @@ class Engine:
                 elif not self._emit(seq, token, info[0]):
                     ready.append((row, seq))
             except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
-                _failed(seq.job, e)
+                seq.job.fail(e)
         self._join(ready)
         for row in rows:
             del self._prefilling[row]
@@ -311,14 +311,14 @@ class Engine:
                     next_drafts(drafts, [seq for _, seq in wave])
             except Exception as e:  # noqa: BLE001 - this wave cannot continue; the others can
                 for _, seq in wave:
-                    _failed(seq.job, e)
+                    seq.job.fail(e)
                 continue
             for row, seq in wave:
                 try:
                     self.pool.add(seq.prompt_len, src=row)
                     self._running.append(seq)
                 except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
-                    _failed(seq.job, e)
+                    seq.job.fail(e)
 
     def _score_prompt(self, seq: _Seq, row: int, made: dict[int, tuple]) -> None:
         """Give the sequence its prompt's entries (posted at once) before its first token's; `made`
@@ -329,7 +329,7 @@ class Engine:
             )
         entries, seq.shift = made[row]
         seq.logprobs += entries
-        _post(seq.job, Delta(seq.job.index, "", tuple(entries)))
+        seq.job.send(Delta(seq.job.index, "", tuple(entries)))
 
     def _decode(self) -> None:
         device = self.pool.cache.layers[0].a.device
@@ -399,7 +399,7 @@ class Engine:
         self.generated_tokens += 1
         info = () if logprob is None else (Logprob(token, *logprob, offset=seq.shift + len(seq.stream.text)),)
         seq.logprobs += info
-        _post(job, Delta(job.index, seq.stream.push(token), info))
+        job.send(Delta(job.index, seq.stream.push(token), info))
         if seq.stream.stopped:
             return self._finish(seq, "stop")
         if seq.count >= job.params.max_tokens or seq.prompt_len + seq.count >= self.pool.max_len:
@@ -409,11 +409,11 @@ class Engine:
 
     def _finish(self, seq: _Seq, reason: str) -> bool:
         job = seq.job
-        _post(job, Delta(job.index, seq.stream.flush()))
+        job.send(Delta(job.index, seq.stream.flush()))
         if seq.stream.stopped:  # the flush may cut at a stop string that ends in U+FFFD
             reason = "stop"
         logprobs = None if job.params.logprobs is None else tuple(seq.logprobs)
-        _post(job, Finish(job.index, reason, seq.count, seq.stream.text, logprobs))
+        job.send(Finish(job.index, reason, seq.count, seq.stream.text, logprobs))
         return True
 
     def _pick(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
@@ -458,7 +458,7 @@ class Engine:
         for row, group in self._prefilling.items():
             self._prefill.release(row)
             for seq in group:
-                _post(seq.job, Failure(seq.job.index, message, status))
+                seq.job.send(Failure(seq.job.index, message, status))
         self._prefilling = {}
 
     def _fail_running(self, message: str, status: int) -> None:
@@ -466,7 +466,7 @@ class Engine:
         running, self._running = self._running, []
         self.pool.lengths = []
         for seq in running:
-            _post(seq.job, Failure(seq.job.index, message, status))
+            seq.job.send(Failure(seq.job.index, message, status))
 
     def _fail_current(self, message: str, status: int) -> None:
         """Fail the running sequences and the prefilling ones (the queue stays)."""
@@ -477,23 +477,9 @@ class Engine:
         jobs = self.admission.close()
         self._fail_current(message, status)
         for job in jobs:
-            _post(job, Failure(job.index, message, status))
+            job.send(Failure(job.index, message, status))
 
 
 def _shares_prefill(first: Job, job: Job) -> bool:
     """Whether `job` can take `first`'s prefill: the same prompt, scored for the same alternatives."""
     return job.prompt_ids == first.prompt_ids and job.params.prompt_score == first.params.prompt_score
-
-
-def _failed(job: Job, e: Exception) -> None:
-    _post(job, Failure(job.index, f"generation failed: {type(e).__name__}: {e}"))
-
-
-def _post(job: Job, event: Event) -> None:
-    """Hand an event to the job's owner; empty deltas are dropped, a vanished owner cancels the job."""
-    if isinstance(event, Delta) and not event.text and not event.logprobs:
-        return
-    try:
-        job.post(event)
-    except Exception:  # noqa: BLE001 - e.g. the request's event loop is gone (server shutting down)
-        job.cancelled.set()

@@ -91,6 +91,19 @@ class Job:
     client: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
+    def send(self, event: Event) -> None:
+        """Hand `event` to the job's owner; an empty Delta is dropped, a vanished owner cancels the job."""
+        if isinstance(event, Delta) and not event.text and not event.logprobs:
+            return
+        try:
+            self.post(event)
+        except Exception:  # noqa: BLE001 - e.g. the request's event loop is gone (server shutting down)
+            self.cancelled.set()
+
+    def fail(self, e: Exception) -> None:
+        """A Failure (500) naming the exception that stopped this job."""
+        self.send(Failure(self.index, f"generation failed: {type(e).__name__}: {e}"))
+
 
 class QueueFull(Exception):
     """The engine cannot take more jobs now; retry after `retry_after` seconds. `status` is the HTTP
