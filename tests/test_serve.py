@@ -2526,3 +2526,21 @@ def test_a_full_queue_is_answered_before_the_prompt_is_tokenized(loaded, monkeyp
             assert r.status_code == 429 and r.headers["retry-after"] == "3", r.text
             assert r.json()["error"]["type"] == "rate_limit_error"
     assert asked == [6, 2] and encoded == []
+
+
+def test_one_clients_long_prompts_leave_a_prefill_row_for_others(loaded):
+    """Prefill rows are shared like decode slots: one client holds at most all but a quarter of them, so
+    a client arriving behind another's long prompts starts its prefill at once, not after them."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_active=16, prefill_rows=4, prefill_chunk=8)
+    assert engine.row_share == 3
+    params = JobParams(max_tokens=2)
+    long_prompt = tok.encode("x" * 100)
+    engine.submit([Job(i, long_prompt + [i], params, lambda e: None, client="a") for i in range(4)])
+    engine._admit()
+    assert sorted(g[0].job.client for g in engine._prefilling.values()) == ["a", "a", "a"]
+    engine.submit([Job(0, tok.encode("hi"), params, lambda e: None, client="b")])
+    engine._admit()  # the free row is b's, though a's fourth prompt queued first
+    assert sorted(g[0].job.client for g in engine._prefilling.values()) == ["a", "a", "a", "b"]
+    assert engine.queued_jobs == 1
+    engine.close()

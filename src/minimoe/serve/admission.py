@@ -2,7 +2,8 @@
 
 `submit` queues a request's jobs, all or none, within two caps (every client's jobs, and one
 client's), or raises `QueueFull`. The engine's worker then takes jobs with `take`: clients in turn
-(round-robin), skipping a client that already holds its share of the decode slots, and with the first
+(round-robin), skipping a client that already holds its share of the decode slots or of the prefill
+rows (so a client's long prompts leave a row for others'), and with the first
 job the jobs queued right after it that can share its prefill (a request's `n` choices of one
 prompt), so that one prompt is prefilled once however many choices it has. Thread-safe: clients
 submit from their own threads while the worker takes.
@@ -75,16 +76,23 @@ class Admission:
             )
 
     def take(
-        self, held: Counter[str], share: int, room: int, shares_prefill: Callable[[Job, Job], bool]
+        self,
+        held: Counter[str],
+        share: int,
+        room: int,
+        shares_prefill: Callable[[Job, Job], bool],
+        rows_held: Counter[str] | None = None,
+        row_share: int | None = None,
     ) -> list[Job]:
         """The next live jobs to admit: the first one of the first client in turn that holds fewer
-        than `share` slots (`held`: slots per client), then, while `room` slots and its share allow,
-        the live jobs queued right after it for which `shares_prefill(first, job)`; [] when none is
-        waiting. Cancelled jobs met on the way leave the queue."""
+        than `share` slots (`held`: slots per client) and fewer than `row_share` prefill rows
+        (`rows_held`), then, while `room` slots and its share allow, the live jobs queued right after it
+        for which `shares_prefill(first, job)`; [] when none is waiting. Cancelled jobs met on the way
+        leave the queue."""
         with self._lock:
             for client in list(self._queues):
-                if held[client] >= share:
-                    continue  # its jobs wait for one of its own sequences to end
+                if held[client] >= share or (row_share is not None and rows_held[client] >= row_share):
+                    continue  # its jobs wait for one of its own sequences (or prompts) to end
                 jobs = self._queues[client]
                 first = self._pop_live(jobs)
                 taken = [] if first is None else [first]

@@ -109,6 +109,7 @@ class Engine:
         self.speculative = speculative
         # more prefill rows than decode slots or than positions per step could never all be used
         rows = max(1, min(prefill_rows, max_active, prefill_chunk))
+        self.row_share = rows - rows // 4  # prefill rows one client may hold: a quarter kept for others
         self.pool = SlotPool(model, max_active, mtp=speculative, prefill_rows=rows)
         self.static = StaticDecode(self.pool) if compile else None
         self.admission = Admission(max_queued, max_queued_per_client or max(1, max_queued // 2))
@@ -236,8 +237,11 @@ class Engine:
         while decode slots remain for them; the choices of one prompt take one row together."""
         held = Counter(s.job.client for s in self._running)
         held.update(s.job.client for group in self._prefilling.values() for s in group)
+        rows = Counter(group[0].job.client for group in self._prefilling.values())
         while self._prefill.free and (room := self.pool.slots - self.active_jobs) > 0:
-            jobs = self.admission.take(held, self.max_active_per_client, room, _shares_prefill)
+            jobs = self.admission.take(
+                held, self.max_active_per_client, room, _shares_prefill, rows, self.row_share
+            )
             if not jobs:
                 return
             live = []
@@ -258,6 +262,7 @@ class Engine:
                     job.fail(e)
                 continue
             held.update(job.client for job in live)
+            rows[live[0].client] += 1
 
     def _new_seq(self, job: Job, prompt_len: int) -> _Seq:
         p = job.params
