@@ -1572,7 +1572,11 @@ def test_engine_batches_every_sequence_and_each_equals_alone(loaded):
     ]
 
     def jobs():
-        return [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]
+        # two clients: one alone holds at most 3 of the 4 prefill rows
+        return [
+            Job(i, tok.encode(p), params, lambda e: None, client=str(i % 2))
+            for i, (p, params) in enumerate(specs)
+        ]
 
     # prefill_chunk 4: the longer prompts are prefilled over several steps, between decode steps
     alone = [_texts(_engine_run(Engine(model, tok, prefill_chunk=4), [job]))[job.index] for job in jobs()]
