@@ -122,6 +122,57 @@ def exported(tmp_path_factory, tok):
     return out
 
 
+def test_the_exported_mtp_layer_predicts_in_transformers_as_in_minimoe(exported, ids):
+    """An external check of the MTP module: transformers' own `MtpLayer` (its DeepSeek-V3 decoder layer as
+    the block, enorm/hnorm/eh_proj and shared_head.norm as the post-norm), loaded from the exported layer
+    L, fed the main model's last hidden state and the next token's embedding, gives the depth-1 loss
+    minimoe's model computes."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers.modeling_layers import MtpLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    model, folder, _ = exported["deepseek_v3"]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    L = model.cfg.num_hidden_layers
+    layer = MtpLayer(hf.config, DeepseekV3DecoderLayer, DeepseekV3RMSNorm, layer_idx=L).eval()
+    stored = {}
+    for f in folder.glob("*.safetensors"):
+        stored.update(load_file(f))
+    prefix, own = f"model.layers.{L}.", {}
+    for key, t in stored.items():
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        if rest.split(".")[0] in ("enorm", "hnorm", "eh_proj"):
+            own[rest] = t
+        elif rest.startswith("shared_head.norm."):
+            own["post_norm." + rest.removeprefix("shared_head.norm.")] = t
+        elif not rest.startswith(("embed_tokens.", "shared_head.head.", "mlp.experts.")):
+            own["mtp_block." + rest] = t
+    # the hub's per-expert matrices, stacked as transformers' experts hold them (gate and up in one)
+    E = model.cfg.n_routed_experts
+    expert = [
+        {p: stored[f"{prefix}mlp.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
+        for e in range(E)
+    ]
+    own["mtp_block.mlp.experts.gate_up_proj"] = torch.stack(
+        [torch.cat([w["gate_proj"], w["up_proj"]]) for w in expert]
+    )
+    own["mtp_block.mlp.experts.down_proj"] = torch.stack([w["down_proj"] for w in expert])
+    layer.load_state_dict(own, strict=True)
+    x, y = ids[:, :-1], ids[:, 1:]
+    T = x.shape[1]
+    with torch.no_grad():
+        ours = model(x, targets=y).losses["mtp"]
+        h = hf.model(x).last_hidden_state  # after the final norm, what minimoe's depth 1 reads
+        position_ids = torch.arange(T - 1).unsqueeze(0)
+        rope = hf.model.rotary_emb(h, position_ids)
+        out = layer(hf.model.embed_tokens(x[:, 1:]), h[:, :-1], rope, None, position_ids, None)
+        theirs = F.cross_entropy(hf.lm_head(out).flatten(0, 1), y[:, 1:].flatten())
+    assert abs(ours.item() - theirs.item()) <= TOL
+
+
 def test_the_latent_norms_keep_their_own_epsilon(tmp_path, tok, ids):
     """MLA's latent norms (q_a_layernorm, kv_a_layernorm) use 1e-6 whatever rms_norm_eps says, as
     transformers builds them: with a model eps of 1e-2 and small latents the eps shows in the logits, so
