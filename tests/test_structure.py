@@ -1,5 +1,6 @@
-"""The package's shape: no import cycles between modules, no module over 500 lines, and `model/`
-independent of the layers above it (docs/ARCHITECTURE.md)."""
+"""The package's shape (docs/ARCHITECTURE.md): no import cycles between modules, no module over 500
+lines, every package importing only from its own layer or the layers below it, and `model/` independent
+of the layers above it."""
 
 import ast
 from pathlib import Path
