@@ -1886,13 +1886,15 @@ def test_engine_logprobs_come_from_the_logits_that_chose_each_token():
     prefill's for the first token, the decode step's after, and in a speculative step the verify
     forward's first position for a draft or corrected token and its second for the bonus token. Checked
     against one plain forward over each finished sequence, for greedy and seeded sampled rows batched
-    together, plain and speculative; a job that asks for none gets none, and max_tokens 0 an empty list."""
+    together, plain and speculative; a job that asks for none gets none, and max_tokens 0 an empty list. A
+    streamed job gets the same entries in its deltas and none kept for its Finish."""
     model, tok = _mtp_model()
     specs = [("the cat", JobParams(max_tokens=14, temperature=0, logprobs=3)),
              ("a dog ran", JobParams(max_tokens=10, temperature=0.9, top_k=20, seed=3, logprobs=0)),
              ("r", JobParams(max_tokens=12, temperature=1.0, seed=4, logprobs=5)),
              ("on a mat", JobParams(max_tokens=6, temperature=0)),
-             ("x", JobParams(max_tokens=0, logprobs=2))]  # fmt: skip
+             ("x", JobParams(max_tokens=0, logprobs=2)),
+             ("the cat", JobParams(max_tokens=14, temperature=0, logprobs=3, streamed=True))]  # fmt: skip
     for speculative in (False, True):
         engine = Engine(model, tok, prefill_chunk=3, speculative=speculative)
         jobs = [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]
@@ -1901,6 +1903,8 @@ def test_engine_logprobs_come_from_the_logits_that_chose_each_token():
         assert finishes[3].logprobs is None and finishes[4].logprobs == ()
         streamed = [lp for e in events if isinstance(e, Delta) and e.index == 0 for lp in e.logprobs]
         assert tuple(streamed) == finishes[0].logprobs
+        as_streamed = [lp for e in events if isinstance(e, Delta) and e.index == 5 for lp in e.logprobs]
+        assert tuple(as_streamed) == finishes[0].logprobs and finishes[5].logprobs == ()
         for i in range(3):
             f, k = finishes[i], specs[i][1].logprobs
             out = [e.token for e in f.logprobs]
@@ -2548,3 +2552,24 @@ def test_one_clients_long_prompts_leave_a_prefill_row_for_others(loaded):
     assert sorted(g[0].job.client for g in engine._prefilling.values()) == ["a", "a", "a", "b"]
     assert engine.queued_jobs == 1
     engine.close()
+
+
+def test_a_streamed_request_keeps_no_logprobs_for_its_finish(loaded, monkeypatch):
+    """A streamed choice's logprobs go out with each chunk; its jobs are marked streamed, so the engine
+    keeps no list of them for a Finish nobody reads (up to --max-request-tokens entries of 20 alternatives)."""
+    from fastapi.testclient import TestClient
+
+    from minimoe.serve import build_app
+
+    model, tok = loaded
+    submitted: list[Job] = []
+    real_submit = Engine.submit
+    monkeypatch.setattr(
+        Engine, "submit", lambda self, jobs: submitted.extend(jobs) or real_submit(self, jobs)
+    )
+    with TestClient(build_app(model, type(tok).byte(), "t")) as client:
+        for stream in (True, False):
+            body = {"model": "t", "prompt": "hi", "max_tokens": 3, "logprobs": 1, "stream": stream}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and ("token_logprobs" in r.text), r.text[:300]
+    assert [j.params.streamed for j in submitted] == [True, False]

@@ -333,7 +333,7 @@ class Engine:
                 self.tokenizer.decode, self._prefill.ids[row], self._prefill.scores(row)
             )
         entries, seq.shift = made[row]
-        seq.logprobs += entries
+        seq.logprobs += () if seq.job.params.streamed else tuple(entries)
         seq.job.send(Delta(seq.job.index, "", tuple(entries)))
 
     def _decode(self) -> None:
@@ -403,7 +403,7 @@ class Engine:
         seq.count += 1
         self.generated_tokens += 1
         info = () if logprob is None else (Logprob(token, *logprob, offset=seq.shift + len(seq.stream.text)),)
-        seq.logprobs += info
+        seq.logprobs += () if job.params.streamed else info
         job.send(Delta(job.index, seq.stream.push(token), info))
         if seq.stream.stopped:
             return self._finish(seq, "stop")

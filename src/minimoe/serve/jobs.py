@@ -23,6 +23,8 @@ class JobParams:
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     # with logprobs: entries for the prompt's tokens first (echo); the job then runs even at max_tokens 0
     prompt_logprobs: bool = False
+    # the owner reads each Delta's logprobs as they come: the Finish carries none (the engine keeps no list)
+    streamed: bool = False
 
     @property
     def scores_prompt(self) -> bool:
@@ -65,7 +67,7 @@ class Finish:
     reason: str
     completion_tokens: int
     text: str
-    logprobs: tuple[Logprob, ...] | None = None  # every counted token's, when asked
+    logprobs: tuple[Logprob, ...] | None = None  # every counted token's, when asked (none when streamed)
 
 
 @dataclass(frozen=True)

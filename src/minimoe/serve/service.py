@@ -98,6 +98,7 @@ class Service:
             top_p=top_p,
             seed=req.seed,
             stop=req.stop_strings(),
+            streamed=bool(req.stream),
         )
 
     def _check_choices(self, n_prompts: int, n: int) -> None:
