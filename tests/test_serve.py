@@ -2573,3 +2573,34 @@ def test_a_streamed_request_keeps_no_logprobs_for_its_finish(loaded, monkeypatch
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 200 and ("token_logprobs" in r.text), r.text[:300]
     assert [j.params.streamed for j in submitted] == [True, False]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_an_error_in_one_sequences_text_fails_that_sequence_only(monkeypatch, speculative):
+    """A sequence whose text cannot be made (its detokenizer raises, say) gets a Failure; the sequences
+    decoded beside it in the same steps finish with what they get alone."""
+    from minimoe.infer.text import TextStream
+
+    model, tok = _mtp_model()
+    real_push = TextStream.push
+
+    def push(self, token):
+        if "BOOM" in self.stop and len(self.ids) >= 2:
+            raise ValueError("cannot decode")
+        return real_push(self, token)
+
+    specs = [("the cat", JobParams(max_tokens=8, temperature=0)),
+             ("a dog", JobParams(max_tokens=8, temperature=0, stop=("BOOM",))),
+             ("on a mat", JobParams(max_tokens=8, temperature=1.0, seed=2))]  # fmt: skip
+    alone = [_texts(_engine_run(Engine(model, tok, speculative=speculative), [Job(0, tok.encode(p), params, lambda e: None)]))[0]
+             for p, params in specs[::2]]  # fmt: skip
+    monkeypatch.setattr(TextStream, "push", push)
+    engine = Engine(model, tok, speculative=speculative)
+    events = _engine_run(
+        engine, [Job(i, tok.encode(p), params, lambda e: None) for i, (p, params) in enumerate(specs)]
+    )
+    failures = [e for e in events if isinstance(e, Failure)]
+    assert [f.index for f in failures] == [1] and "cannot decode" in failures[0].message
+    texts = _texts(events)
+    assert [texts[0], texts[2]] == alone
+    assert engine.active_jobs == 0 and engine.pool.n == 0

@@ -396,7 +396,14 @@ class Engine:
 
     def _emit(self, seq: _Seq, token: int, logprob: tuple | None = None) -> bool:
         """Hand `token` (with its `_logprobs` entry, if asked) to its sequence; True when the sequence is
-        finished (and told so)."""
+        finished or failed (and told so): an error in one sequence's text fails it, not the batch."""
+        try:
+            return self._push(seq, token, logprob)
+        except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+            seq.job.fail(e)
+            return True
+
+    def _push(self, seq: _Seq, token: int, logprob: tuple | None) -> bool:
         job = seq.job
         if token == self.tokenizer.eos_id or token in job.params.stop_ids:
             return self._finish(seq, "stop")
