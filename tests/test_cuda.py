@@ -105,6 +105,34 @@ def test_training_on_cuda_picks_bf16_and_learns(tmp_path):
     )  # ln 256 = 5.5 untrained
 
 
+@pytest.mark.skipif(CUDA.type != "cuda", reason="the fp16 GradScaler runs on CUDA only")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fp16_training_clips_the_unscaled_gradients(tmp_path, optimizer):
+    """Under fp16 the GradScaler multiplies the loss by 2^16: the gradients are unscaled before they are
+    clipped, so the logged norms are the model's own (a clip before the unscale would log norms around
+    65,536 times larger and clip every step to nothing), and the run learns."""
+    import json
+
+    from minimoe.train.run import train_from_config
+    from tiny import TINY_TRAIN
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat and the dog ran to the red ball. " * 300)
+    overrides = [
+        o for o in TINY_TRAIN if not o.startswith(("train.precision", "train.optimizer", "train.log_every"))
+    ]
+    run = tmp_path / "run"
+    result = train_from_config(
+        "tiny", None, overrides + [f"data.path={corpus}", "train.device=cuda", "train.precision=fp16",
+        f"train.optimizer={optimizer}", "train.max_steps=60", "train.log_every=5", "train.lr=3e-3"],
+        run, progress=False, sample=False,
+    )  # fmt: skip
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"grad_norm"' in x]
+    norms = [r["grad_norm"] for r in rows if r["grad_norm"] == r["grad_norm"]]
+    assert norms and max(norms) < 1e3, norms
+    assert result.step == 60 and result.train_loss < 4.0
+
+
 def test_a_muon_run_on_cuda_resumes(tmp_path):
     """A checkpoint is read onto the CPU; the AdamW groups' step counters must reach the parameters'
     device before the fused kernel runs (torch's load_state_dict moves them only for fused groups)."""
