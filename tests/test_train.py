@@ -897,6 +897,27 @@ def test_muon_ns_steps_sets_the_iterations_of_the_step():
     assert not torch.allclose(newton_schulz(g * 1.95, steps=2), newton_schulz(g * 1.95))
 
 
+def test_muon_experts_false_leaves_the_routed_experts_to_adamw():
+    """train.muon_experts=false: the routed experts' stacks (main layers and MTP) join AdamW's decayed group;
+    the shared experts, attention and dense layers stay on Muon."""
+    model, opt = _muon_model_and_opt("train.muon_experts=false", "model.n_shared_experts=1")
+    on_muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    decayed = {
+        id(p) for g in opt.param_groups if not g["use_muon"] and g["weight_decay"] > 0 for p in g["params"]
+    }
+    routed = {n for n, _ in model.named_parameters() if ".mlp.experts." in n}
+    assert routed and any(n.startswith("mtp.") for n in routed)
+    for n, p in model.named_parameters():
+        if n in routed:
+            assert id(p) in decayed and id(p) not in on_muon, n
+        elif ".shared_experts." in n or "self_attn.q_proj" in n or n == "layers.0.mlp.gate_proj.weight":
+            assert id(p) in on_muon, n
+    _, default = _muon_model_and_opt("model.n_shared_experts=1")
+    assert len([p for g in default.param_groups if g["use_muon"] for p in g["params"]]) == len(on_muon) + len(
+        routed
+    )
+
+
 def test_muon_trains_the_hidden_matrices_and_adamw_the_rest():
     from minimoe.train.optim import muon_param_names
 

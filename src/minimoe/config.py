@@ -305,6 +305,9 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     muon_lr: float | None = None  # optimizer=muon: peak lr of the hidden matrices (None = train.lr)
     muon_ns_steps: int = 5  # optimizer=muon: Newton-Schulz iterations per step (Muon's and torch's 5)
+    # optimizer=muon: the routed experts' matrices on Muon (True) or on AdamW (False; their iteration is most
+    # of a MoE's Muon cost, though few tokens reach each expert per step)
+    muon_experts: bool = True
     # autocast dtype; the weights and AdamW state stay fp32. auto = bf16 where the hardware multiplies bf16
     # natively (CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32 (train/trainer.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

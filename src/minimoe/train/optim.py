@@ -208,6 +208,8 @@ def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> 
                 "pipeline parallelism, not with FSDP's sharded parameters (use adamw there)"
             )
         names = muon_param_names(model)
+        if not tc.muon_experts:  # the routed experts' stacks (not the shared experts) go to AdamW
+            names = {n for n in names if ".mlp.experts." not in n}
         muon, rest = [], []
         seen = set()
         for n, p in model.named_parameters():
