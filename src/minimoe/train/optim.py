@@ -131,6 +131,15 @@ class MuonAdamW(torch.optim.Optimizer):
             groups.append({**g, "use_muon": False, "lr": lr, "base_lr": lr})
         super().__init__([g for g in groups if g["params"]], defaults)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then the AdamW step counters on their parameters' device as fp32, as the fused kernel
+        takes them: torch leaves "step" where the state was read (the CPU) unless the saved group says
+        fused, which this optimizer's groups, old checkpoints' included, do not."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -179,10 +188,6 @@ class MuonAdamW(torch.optim.Optimizer):
                 )  # fused kernels: on p's device
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            elif state["step"].device != p.device or state["step"].dtype != torch.float32:
-                # a loaded state: load_state_dict leaves "step" where the checkpoint was read (the CPU)
-                # unless the group says fused, which this optimizer's groups and old checkpoints do not
-                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
