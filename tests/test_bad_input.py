@@ -630,6 +630,8 @@ CASES += [
     Case("serve-max-active-zero", lambda c: ["serve", c.run, "--port", "0", "--max-active", "0"], "--max-active must be >= 1"),
     Case("serve-device-unknown", lambda c: ["serve", c.run, "--port", "0", "--device", "tpu9"], "--device 'tpu9'"),
     Case("serve-log-level-choice", lambda c: ["serve", c.run, "--log-level", "loud"], "invalid choice: 'loud'"),
+    Case("serve-forwarded-not-an-address", lambda c: ["serve", c.run, "--forwarded-allow-ips", "127.0.0.1,proxy"], "'proxy' is not an IP address or network"),
+    Case("serve-forwarded-empty", lambda c: ["serve", c.run, "--forwarded-allow-ips", " , "], "got nothing"),
 ]
 
 # ---- quantize

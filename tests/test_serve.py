@@ -163,6 +163,7 @@ def tight(run_dir, tmp_path_factory) -> Server:
     """A server with one cache slot, a queue of two (one per client) and 1 s read timeouts."""
     args = ["--api-key", KEY, "--max-active", "1", "--max-queued", "2", "--max-queued-per-client", "1"]
     args += ["--header-timeout", "1", "--body-timeout", "1", "--prefill-chunk", "1"]
+    args += ["--forwarded-allow-ips", "127.0.0.1"]  # a reverse proxy on 127.0.0.1; 127.0.0.2 is a client
     srv = Server(run_dir, tmp_path_factory.mktemp("tight-log") / "stderr.txt", args)
     yield srv
     srv.stop()
@@ -966,12 +967,14 @@ def test_limits_refuse_in_openai_shape_and_the_server_keeps_serving(server, clie
 
 
 def _raw_request(
-    host: str, port: int, body: dict, path: str = "/v1/completions", source: str = ""
+    host: str, port: int, body: dict, path: str = "/v1/completions", source: str = "", forwarded: str = ""
 ) -> socket.socket:
-    """A socket that has sent one complete POST (from the loopback address `source`, if given)."""
+    """A socket that has sent one complete POST (from the loopback address `source`, if given; with
+    `X-Forwarded-For: forwarded`, if given)."""
     data = json.dumps(body)
+    extra = f"X-Forwarded-For: {forwarded}\r\n" if forwarded else ""
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n{extra}"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     sock = socket.create_connection((host, port), timeout=60, source_address=(source, 0) if source else None)
@@ -1043,15 +1046,19 @@ def test_amplification_request_is_refused_before_any_work(server_proc, client):
 
 
 def test_client_gone_before_a_plain_answer_cancels_it_and_logs_one_line(server_proc):
-    """A non-streaming request whose client hangs up: its choices stop within a step, not at max_tokens."""
+    """A non-streaming request whose client hangs up: its choices stop within a step, not at max_tokens.
+    The line names the address that connected: without --forwarded-allow-ips no peer is a trusted
+    proxy, so the request's X-Forwarded-For is not taken as its client (uvicorn's own default would)."""
     before = server_proc.health()["generated_tokens"]
     req = {"model": NAME, "prompt": "the", "max_tokens": MAX_TOKENS_LIMIT, "n": 4, "temperature": 0}
-    sock = _raw_request(server_proc.host, server_proc.port, req)
+    sock = _raw_request(server_proc.host, server_proc.port, req, forwarded="10.0.0.7")
     assert _wait(lambda: server_proc.health()["active_jobs"] > 0)
+    port = sock.getsockname()[1]
     _reset(sock)
     assert _wait(lambda: server_proc.health()["active_jobs"] == 0)
     assert server_proc.health()["generated_tokens"] - before < 4 * MAX_TOKENS_LIMIT // 2
-    assert _wait(lambda: "went away; its request (choices: 4) was cancelled" in server_proc.read_log(), 10)
+    line = f"client 127.0.0.1:{port} went away; its request (choices: 4) was cancelled"
+    assert _wait(lambda: line in server_proc.read_log(), 10), server_proc.read_log()[-2000:]
     log = server_proc.read_log()
     assert "Traceback" not in log and log.count("(choices: 4) was cancelled") == 1
 
@@ -1144,11 +1151,9 @@ def _hold_the_slot_and_fill_the_queue(srv: Server) -> tuple[list[socket.socket],
     queue), client B's waits and client C's is refused (the queue is full), each sent as soon as the
     server has placed the one before it. Returns the sockets (holder, A's second, B's, then the refused
     two), the two refusals, and whether the holder was still running when the last one came back."""
-    holder = {"model": NAME, "prompt": "x" * 100, "max_tokens": 27, "temperature": 0, "stream": True}
-    holder["stream_options"] = {"include_usage": True}
     short = {"model": NAME, "prompt": "the", "max_tokens": 3, "temperature": 0}
     send = lambda source="": _raw_request(srv.host, srv.port, short, source=source)  # noqa: E731
-    a1 = _raw_request(srv.host, srv.port, holder)
+    a1 = _raw_request(srv.host, srv.port, _SLOT_HOLDER)
     placed = _wait(lambda: srv.health()["active_jobs"] == 1, 5)
     a2 = send()
     placed = placed and _wait(lambda: srv.health()["queued_jobs"] == 1, 5)
@@ -1158,14 +1163,56 @@ def _hold_the_slot_and_fill_the_queue(srv: Server) -> tuple[list[socket.socket],
     placed = placed and _wait(lambda: srv.health()["queued_jobs"] == 2, 5)
     c = send("127.0.0.3")
     full = _read_until(c, b"}}")
-    a1.settimeout(0)  # a peek that does not wait (nor consume): has the holder's stream ended?
+    return [a1, a2, b, a3, c], refused, full, placed and not _finished(a1)
+
+
+# holds `tight`'s one slot for 127 steps: a 100-token prompt prefilled one token per step, then 27 tokens
+_SLOT_HOLDER = {"model": NAME, "prompt": "x" * 100, "max_tokens": 27, "temperature": 0, "stream": True}
+_SLOT_HOLDER["stream_options"] = {"include_usage": True}
+
+
+def _finished(stream: socket.socket) -> bool:
+    """Whether a streamed answer has ended, by a peek that neither waits nor consumes."""
+    stream.settimeout(0)
     try:
-        finished = b"data: [DONE]" in a1.recv(1 << 20, socket.MSG_PEEK)
+        return b"data: [DONE]" in stream.recv(1 << 20, socket.MSG_PEEK)
     except BlockingIOError:  # nothing to read yet: still prefilling
-        finished = False
+        return False
     finally:
-        a1.settimeout(60)
-    return [a1, a2, b, a3, c], refused, full, placed and not finished
+        stream.settimeout(60)
+
+
+def test_clients_behind_a_trusted_proxy_count_apart_and_others_cannot_claim_an_address(tight):
+    """The server trusts X-Forwarded-For from 127.0.0.1 only (one slot, one waiting choice per client,
+    two in all). Through the proxy, a second client's request waits beside the first client's; from
+    127.0.0.2 the header is ignored, so a second request is over that address's share however it
+    names itself."""
+    short = {"model": NAME, "prompt": "the", "max_tokens": 3, "temperature": 0}
+    cases = (  # (source, X-Forwarded-For) of two requests sent while the slot is held; the second's fate
+        (("", ""), ("", "10.0.0.7"), "waits"),  # the proxy's own request, then a client's through it
+        (("127.0.0.2", "10.0.0.7"), ("127.0.0.2", "10.0.0.8"), "refused"),
+    )
+    for first, second, fate in cases:
+        for _ in range(3):
+            holder = _raw_request(tight.host, tight.port, _SLOT_HOLDER)
+            placed = _wait(lambda: tight.health()["active_jobs"] == 1, 5)
+            socks = [holder, _raw_request(tight.host, tight.port, short, source=first[0], forwarded=first[1])]
+            placed = placed and _wait(lambda: tight.health()["queued_jobs"] == 1, 5)
+            socks.append(_raw_request(tight.host, tight.port, short, source=second[0], forwarded=second[1]))
+            if fate == "waits":
+                outcome = _wait(lambda: tight.health()["queued_jobs"] == 2, 5)
+            else:
+                answer = _read_until(socks[-1], b"}}")
+                outcome = answer.startswith(b"HTTP/1.1 429") and b"this client's limit" in answer
+            held = placed and not _finished(holder)
+            for sock in socks:  # hang up: cancels what is still running or waiting
+                sock.close()
+            assert _wait(lambda: tight.health()["active_jobs"] == tight.health()["queued_jobs"] == 0)
+            if held:
+                break
+        else:
+            pytest.fail("the slot-holding request finished before the others were placed, three times")
+        assert outcome, (first, second, fate)
 
 
 def test_a_request_that_could_never_be_admitted_is_a_400_not_a_429(tight):

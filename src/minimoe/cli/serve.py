@@ -78,6 +78,15 @@ def add_parser(sub) -> None:
         help=argparse.SUPPRESS,
     )  # the old name of --max-tokens
     p.add_argument(
+        "--forwarded-allow-ips",
+        type=proxy_list,
+        default=None,
+        metavar="ADDRS",
+        help="comma-separated addresses or networks (10.0.0.0/8; * for any) of reverse proxies whose "
+        "X-Forwarded-For header names the client that the per-client limits count (default: none; "
+        "clients are told apart by the address that connects)",
+    )
+    p.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
@@ -109,6 +118,22 @@ def listen(host: str, port: int) -> socket.socket:
             ) from None
         raise MinimoeError(f"cannot listen on {host}:{port} ({e.strerror})") from None
     return sock
+
+
+def proxy_list(text: str) -> list[str]:
+    """`--forwarded-allow-ips` (as uvicorn and gunicorn name it): comma-separated IP addresses or networks, or `*`."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected addresses or networks separated by commas, got nothing")
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{item!r} is not an IP address or network (10.0.0.1, 10.0.0.0/8, ::1, or * for any)"
+                ) from None
+    return items
 
 
 def resolve_api_key(flag: str | None, environ=os.environ) -> str | None:
@@ -185,7 +210,7 @@ def run(args) -> int:
                 flush=True,
             )
         try:
-            run_server(app, sock, args.log_level)
+            run_server(app, sock, args.log_level, args.forwarded_allow_ips)
         except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
             pass
         print("server stopped", flush=True)

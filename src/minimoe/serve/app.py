@@ -120,12 +120,16 @@ def app_from_run(
     return build_app(model, tokenizer, model_name or Path(run_dir).resolve().name, **kw)
 
 
-def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
+def run_server(
+    app: FastAPI, sock: socket.socket, log_level: str = "info", trusted_proxies: list[str] | None = None
+) -> None:
     """Serve `app` on a listening socket until SIGINT or SIGTERM.
 
     On the signal the server stops accepting, the engine fails every queued and running request at
     once (503, or an error event on a stream), and open connections get SHUTDOWN_GRACE_S seconds to
     take their answers before they are closed, so the process exits within a few seconds.
+    `trusted_proxies` (addresses or networks, "*" for any): connections from these name their client
+    in `X-Forwarded-For`; by default no peer is trusted, so no client can claim another's address.
     """
     import uvicorn
 
@@ -141,6 +145,15 @@ def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> No
 
     config = uvicorn.Config(
         app, log_level=log_level, lifespan="on", http=timed_h11(limits.header_timeout),
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **proxy_settings(trusted_proxies),
     )  # fmt: skip
     Server(config).run(sockets=[sock])
+
+
+def proxy_settings(trusted_proxies: list[str] | None) -> dict[str, Any]:
+    """uvicorn's proxy options: `X-Forwarded-For` read only from `trusted_proxies` (uvicorn's own
+    default trusts 127.0.0.1 and ::1, or $FORWARDED_ALLOW_IPS, so that any local client could count
+    as many clients against the per-client limits)."""
+    if not trusted_proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(trusted_proxies)}
