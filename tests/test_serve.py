@@ -2651,3 +2651,73 @@ def test_an_error_in_one_sequences_text_fails_that_sequence_only(monkeypatch, sp
     texts = _texts(events)
     assert [texts[0], texts[2]] == alone
     assert engine.active_jobs == 0 and engine.pool.n == 0
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_sequence_whose_logits_are_not_numbers_fails_alone_and_leaves_a_clean_slot(speculative):
+    """A sequence the model breaks on (NaN from its prompt, or from its third token on, here poisoned
+    through the embedding, so its cache holds NaN too) gets a Failure naming it; the sequences decoded
+    beside it, and the one that takes its cache slot or prefill row afterwards, generate what they
+    generate alone (greedy and seeded sampling)."""
+    model, tok = _mtp_model()
+    poisoned = ord("Z")
+    decoding: list[Engine] = []  # the engine in its decode step, while it is in one
+    struck: list[bool] = []  # one entry per decode forward that poisoned job 1
+
+    def embed(module, args, out):
+        nan = args[0] == poisoned  # a poisoned prompt
+        if decoding:  # rows are the running sequences: job 1's from its third token on
+            rows = [s.job.index == 1 and s.count >= 2 for s in decoding[0]._running]
+            nan = nan | torch.tensor(rows)[:, None]
+            struck.extend(filter(None, rows))
+        return out.masked_fill(nan[..., None], float("nan"))
+
+    def decode_step(engine: Engine):
+        step = engine._decode_speculative if speculative else engine._decode
+
+        def run():
+            decoding.append(engine)
+            try:
+                step()
+            finally:
+                decoding.clear()
+
+        return run
+
+    def head(module, args, out):
+        return out.index_fill(-1, torch.tensor([poisoned]), float("-inf"))  # never generated
+
+    hooks = [model.embed_tokens.register_forward_hook(embed), model.lm_head.register_forward_hook(head)]
+    try:
+        greedy, sampled = (
+            JobParams(max_tokens=10, temperature=0),
+            JobParams(max_tokens=10, temperature=1.0, seed=3),
+        )
+        # the broken two sample: a NaN row left in the batch would fail every row's draw
+        specs = [("Z" * 12, sampled), ("a dog", sampled), ("the cat sat", greedy), ("on a mat", sampled)]
+        jobs = [
+            Job(i, tok.encode(p), params, lambda e: None, client=str(i))
+            for i, (p, params) in enumerate(specs)
+        ]
+        alone = [
+            _texts(_engine_run(Engine(model, tok, speculative=speculative), [job]))[job.index]
+            for job in jobs[2:]
+        ]
+        # two slots and one prefill row: the poisoned prompt's row is reused by every later prompt, and
+        # job 1's slot by job 2 or 3
+        engine = Engine(model, tok, max_active=2, prefill_rows=1, speculative=speculative)
+        setattr(engine, "_decode_speculative" if speculative else "_decode", decode_step(engine))
+        jobs = [
+            Job(i, tok.encode(p), params, lambda e: None, client=str(i))
+            for i, (p, params) in enumerate(specs)
+        ]
+        events = _engine_run(engine, jobs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    failures = sorted((e.index, e.message) for e in events if isinstance(e, Failure))
+    assert [i for i, _ in failures] == [0, 1] and all("not a number" in m for _, m in failures), failures
+    got = _texts(events)
+    assert [got[2], got[3]] == alone and len(set(alone)) == 2
+    assert struck  # job 1 failed while decoding, not at its prefill
+    assert engine.active_jobs == 0 and engine.pool.n == 0

@@ -40,7 +40,7 @@ import torch
 
 from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_threads, fit_prompt, make_generator, release_openmp_threads
-from minimoe.infer.sampling import SamplingParams, pick_tokens
+from minimoe.infer.sampling import SamplingParams
 from minimoe.infer.slots import Prefill, SlotPool
 from minimoe.infer.speculative import next_drafts, verify_rows
 from minimoe.infer.static import StaticDecode
@@ -49,6 +49,7 @@ from minimoe.serve.admission import Admission
 from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, Logprob, QueueFull
 from minimoe.serve.limits import Limits
 from minimoe.serve.logprobs import prompt_entries, row_logprobs
+from minimoe.serve.rows import pick, quarantine
 
 __all__ = ["Delta", "Engine", "Event", "Failure", "Finish", "Job", "JobParams", "Logprob", "QueueFull"]
 
@@ -279,13 +280,16 @@ class Engine:
             joining = [(row, seq) for row in rows for seq in self._prefilling[row]]
             seqs = [seq for _, seq in joining]
             logits = torch.cat([finished[row] for row, _ in joining]) if joining else None
-            tokens = self._pick(logits, seqs) if joining else []
+            broken = quarantine(logits, seqs) if joining else frozenset()
+            tokens = pick(logits, seqs) if joining else []
             infos = self._logprobs(logits, [[t] for t in tokens], seqs) if joining else []
         except Exception as e:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
             self._fail_prefill(f"generation failed: {type(e).__name__}: {e}", 500)
             return
         ready, entries = [], {}  # entries: row -> its prompt's (entries, shift), made once for its choices
-        for (row, seq), token, info in zip(joining, tokens, infos):
+        for i, ((row, seq), token, info) in enumerate(zip(joining, tokens, infos)):
+            if i in broken:
+                continue
             try:
                 if seq.job.params.scores_prompt:
                     self._score_prompt(seq, row, entries)
@@ -343,13 +347,14 @@ class Engine:
             # one step, not held between steps (the compiled step sets its own count inside: StaticDecode)
             with decode_threads(self.model, len(self._running)):
                 logits = (self.static or self.pool).decode(tokens)
-            picked = self._pick(logits, self._running)
+            broken = quarantine(logits, self._running)
+            picked = pick(logits, self._running)
             infos = self._logprobs(logits, [[t] for t in picked], self._running)
         except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
             self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
             return
         seqs = zip(self._running, picked, infos)
-        done = [i for i, (seq, tok, info) in enumerate(seqs) if self._emit(seq, tok, info[0])]
+        done = [i for i, (seq, tok, info) in enumerate(seqs) if i in broken or self._emit(seq, tok, info[0])]
         for i in reversed(done):
             self._remove(i)
 
@@ -366,16 +371,19 @@ class Engine:
                 step = self.static or self.pool
                 if all(s.sampling.greedy for s in running):
                     spec = step.speculate(tokens)
-                    logits, new = spec.logits, verify_rows(spec.logits, spec.best, running)
-                    draft_logits = spec.draft_logits  # (n, V)
+                    logits, draft_logits = spec.logits, spec.draft_logits  # (n, 2, V), (n, V)
+                    broken = quarantine(logits, running)
+                    new = verify_rows(logits, spec.best, running)
                 else:
                     logits, hidden = step.forward(tokens)  # (n, 2, V), (n, 2, D)
+                    broken = quarantine(logits, running)
                     new = verify_rows(logits, logits.argmax(-1), running)
                     # MTP input per row: the committed positions' next tokens; a rejected row's second
                     # position is masked padding (its length advances by one)
                     next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new], device=device)
                     take = torch.tensor([len(t) - 1 for t in new], device=device)
                     draft_logits = step.draft(hidden, next_ids, take)
+                broken = quarantine(draft_logits, running, broken)  # the next drafts are sampled from these
                 accepted = [len(toks) == 2 for toks in new]
                 infos = self._logprobs(logits, new, running)  # token j of a row: from its logits at j
                 self.pool.advance([len(toks) for toks in new])
@@ -386,6 +394,9 @@ class Engine:
         self.accepted += sum(accepted)
         done = []
         for i, (seq, toks, info) in enumerate(zip(running, new, infos)):
+            if i in broken:
+                done.append(i)
+                continue
             for tok, lp in zip(toks, info):
                 if self._emit(seq, tok, lp):
                     done.append(i)
@@ -427,22 +438,6 @@ class Engine:
         logprobs = None if job.params.logprobs is None else tuple(seq.logprobs)
         job.send(Finish(job.index, reason, seq.count, seq.stream.text, logprobs))
         return True
-
-    def _pick(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        """One token per row of (n, V) logits, each with its sequence's own parameters and generator.
-        Rows with the same parameters are filtered together; each sampled row draws from its own
-        generator, so it draws what it would alone."""
-        out = [0] * len(seqs)
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, seq in enumerate(seqs):
-            groups.setdefault(seq.sampling, []).append(i)
-        for params, rows in groups.items():
-            x = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            gens = None if params.greedy else [seqs[r].gen for r in rows]
-            # a host sync per group and step: the tokens are streamed
-            for r, t in zip(rows, pick_tokens(x, params, None, gens).tolist()):
-                out[r] = t
-        return out
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, new: list[list[int]], seqs: list[_Seq]) -> list[list]:
