@@ -155,6 +155,7 @@ class World:
     run_bigtok: Path  # tokenizer swapped for one with 400 tokens
     run_badcfg: Path  # checkpoint config.yaml is binary
     run_badtok: Path  # minimoe_tokenizer.json is binary
+    run_badmeta: Path  # meta.json cut short, as a disk that filled up leaves it
     run_nomtp: Path  # an upcycled GQA run without MTP modules
     hf: Path  # the run exported as a DeepSeek-V3 folder
     hf_trunc: Path
@@ -212,6 +213,10 @@ def world(tmp_path_factory) -> World:
         run_badcfg=copy("run_badcfg", each_step(lambda s: (s / "config.yaml").write_bytes(BINARY))),
         run_badtok=copy(
             "run_badtok", each_step(lambda s: (s / "tokenizer/minimoe_tokenizer.json").write_bytes(BINARY))
+        ),
+        run_badmeta=copy(
+            "run_badmeta",
+            each_step(lambda s: (s / "meta.json").write_text((s / "meta.json").read_text()[:40])),
         ),
         run_nomtp=root / "run_nomtp",
         hf=root / "hf",
@@ -448,6 +453,7 @@ CASES += [
     Case("train-resume-missing", lambda c: ["train", "--resume", c.missing], "no config.yaml"),
     Case("train-resume-a-file", lambda c: ["train", "--resume", c.text()], "no config.yaml"),
     Case("train-resume-truncated", lambda c: ["train", "--resume", c.run_trunc, "--no-progress", "--no-sample"], "corrupt or truncated"),
+    Case("train-resume-damaged-meta", lambda c: ["train", "--resume", c.run_badmeta, "--no-progress", "--no-sample"], "meta.json is not valid JSON"),
     Case("train-out-holds-run", lambda c: T(c, out=c.run), "already holds a run"),
     Case("train-data-missing", lambda c: ["train", "--data", c.missing, *TINY], "missing.txt"),
     Case("train-data-empty-dir", lambda c: ["train", "--data", c.dir(), "--out", c.out, *TINY], "adir"),
@@ -470,6 +476,7 @@ CASES += [
     Case("generate-run-is-file", lambda c: ["generate", c.text(), "--prompt", "a"], "not a run or checkpoint directory"),
     Case("generate-run-empty-dir", lambda c: ["generate", c.dir(), "--prompt", "a"], "no complete checkpoint"),
     Case("generate-truncated-safetensors", lambda c: ["generate", c.run_trunc, "--prompt", "a"], "corrupt or truncated"),
+    Case("generate-damaged-meta", lambda c: ["generate", c.run_badmeta, "--prompt", "a"], "is damaged"),
     Case("generate-incompatible-config", lambda c: ["generate", c.run_incompat, "--prompt", "a"], "different model config"),
     Case("generate-tokenizer-larger-than-vocab", lambda c: ["generate", c.run_bigtok, "--prompt", "a"], "400 tokens"),
     Case("generate-binary-config", lambda c: ["generate", c.run_badcfg, "--prompt", "a"], "not UTF-8"),
@@ -542,6 +549,7 @@ CASES += [
 CASES += [
     Case("export-run-missing", lambda c: ["export", c.missing, "--out", c.out], "does not exist"),
     Case("export-truncated-safetensors", lambda c: ["export", c.run_trunc, "--out", c.out], "corrupt or truncated"),
+    Case("export-damaged-meta", lambda c: ["export", c.run_badmeta, "--out", c.out], "is damaged"),
     Case("export-incompatible-config", lambda c: ["export", c.run_incompat, "--out", c.out], "different model config"),
     Case("export-tokenizer-larger-than-vocab", lambda c: ["export", c.run_bigtok, "--out", c.out], "400 tokens"),
     Case("export-shard-size-abc", lambda c: ["export", c.run, "--out", c.out, "--shard-size", "abc"], "shard"),

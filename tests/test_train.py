@@ -152,6 +152,13 @@ def test_a_muon_state_is_told_by_its_groups_key_whatever_their_contents(tmp_path
         MinimoeError, match="trained with train.optimizer=adamw8bit.*resume with train.optimizer=adamw8bit"
     ):
         check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, "muon", "adamw8bit")
+    # and torch's AdamW from bitsandbytes' 8-bit one (each would load the other's state, then fail to step)
+    for saved, asked in (("adamw", "adamw8bit"), ("adamw8bit", "adamw")):
+        with pytest.raises(
+            MinimoeError, match=f"trained with train.optimizer={saved}, .* says train.optimizer={asked}"
+        ):
+            check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, asked, saved)
+        check_same_optimizer(tmp_path, {"param_groups": [{"weight_decay": 0.1}]}, saved, saved)
 
 
 def _paused_then_resumed(tmp_path, corpus, common, pause_at):
@@ -783,6 +790,42 @@ def test_an_interrupt_at_a_pause_is_reported_as_an_interrupt(tmp_path, corpus, m
     tr, _ = _tiny_trainer(tmp_path, corpus, "run", "train.max_steps=10", "train.eval_every=100")
     res = tr.fit(stop_after=1)
     assert (res.stopped, res.step) == ("interrupted", 1)
+
+
+def test_an_interrupt_saves_before_its_evaluation(tmp_path, corpus, monkeypatch):
+    """Ctrl-C or SIGTERM: the checkpoint is written before the evaluation at the stop (whose loss is
+    logged only), since a scheduler kills a process some seconds after its SIGTERM; a stop on the
+    schedule's evaluation step saves after it, with the loss that picks the best checkpoint."""
+    import minimoe.train.trainer as trainer_mod
+
+    class Asked(trainer_mod.Interrupt):
+        def __enter__(self):
+            self.requested = True
+            return self
+
+    seen = []
+    real = trainer_mod.Trainer.evaluate
+
+    def evaluate(self):
+        saved = ckpt_lib.latest_checkpoint(self.run_dir)
+        seen.append((self.step, saved.name if saved else None))
+        return real(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer_mod, "Interrupt", Asked)
+    for every, saved_first in ((100, "step_00000001"), (1, None)):
+        seen.clear()
+        tr, _ = _tiny_trainer(
+            tmp_path, corpus, f"run{every}", "train.max_steps=10", f"train.eval_every={every}"
+        )
+        res = tr.fit()
+        assert (res.stopped, res.step, seen) == ("interrupted", 1, [(1, saved_first)])
+        rows = [
+            json.loads(line) for line in (tmp_path / f"run{every}/metrics.jsonl").read_text().splitlines()
+        ]
+        assert any("val_loss" in r for r in rows)  # the evaluation is still logged
+        meta = json.loads((ckpt_lib.latest_checkpoint(tmp_path / f"run{every}") / "meta.json").read_text())
+        assert meta["step"] == 1
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, corpus, monkeypatch):
@@ -1727,6 +1770,27 @@ def test_rng_state_round_trips_every_stream(tmp_path):
     set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], want[0]) and (got[1] == want[1]).all() and got[2] == want[2]
+
+
+def test_gpu_rng_state_is_the_training_devices_own(monkeypatch):
+    """Training on a GPU, the checkpoint holds that GPU's stream only, and it is restored into the GPU
+    the resumed run trains on: a run saved where 8 GPUs were visible resumes where 1 is, and a
+    checkpoint of the older format (one state per visible GPU) restores its own GPU's entry or none.
+    (torch.cuda's two calls are stood in for: they record which device they were asked about.)"""
+    from minimoe.train.state import rng_state, set_rng_state
+
+    got, put = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: got.append(device) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: put.append((int(s[0]), device)))
+    cpu = rng_state(torch.device("cpu"))
+    assert "cuda" not in cpu and not got
+    state = rng_state(torch.device("cuda", 3))
+    assert got == [torch.device("cuda", 3)] and int(state["cuda"][0]) == 7
+    set_rng_state(state, torch.device("cuda", 0))  # resumed on another GPU: its stream continues there
+    set_rng_state(cpu | {"cuda": [torch.tensor([i]) for i in range(8)]}, torch.device("cuda", 1))
+    set_rng_state(cpu | {"cuda": [torch.tensor([5])]}, torch.device("cuda", 2))  # not visible then
+    set_rng_state(state, torch.device("cpu"))  # resumed on the CPU: nothing to restore
+    assert put == [(7, torch.device("cuda", 0)), (1, torch.device("cuda", 1))]
 
 
 def test_loading_a_run_checks_that_its_fp32_weights_fit(tmp_path, corpus, monkeypatch):

@@ -277,6 +277,8 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
     """
     from safetensors.torch import save_model
 
+    from minimoe.train.checkpoint import read_meta
+
     src, out = Path(source_ckpt), Path(out)
     if not getattr(model, "quantization", None):
         raise MinimoeError("the model is not quantized; call quantize_model first")
@@ -288,7 +290,7 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
         as_umask_allows(tmp / "model.safetensors")
         shutil.copy2(src / "config.yaml", tmp / "config.yaml")
         shutil.copytree(src / "tokenizer", tmp / "tokenizer")
-        meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))
+        meta = read_meta(src)
         meta.pop("path", None)
         meta.update(quantization=dict(model.quantization), quantized_from=str(src.resolve()))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")

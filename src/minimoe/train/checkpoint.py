@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows
+from minimoe.files import as_umask_allows, read_json_object
 from minimoe.provenance import code_version
 
 if TYPE_CHECKING:
@@ -339,6 +339,14 @@ def read_config(ckpt: Path) -> RunConfig:
     return dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
 
 
+def read_meta(ckpt: Path) -> dict:
+    """A checkpoint's meta.json, or one sentence saying it is damaged."""
+    try:
+        return read_json_object(ckpt / "meta.json")
+    except MinimoeError as e:
+        raise MinimoeError(f"checkpoint {ckpt} is damaged: {e}; resume or load an earlier one") from None
+
+
 def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu", model_cfg=None):
     """Load a model, its tokenizer and config from a run or checkpoint directory. A checkpoint written
     by `minimoe quantize` (meta.json has `quantization`) comes back with its int8/int4 weights.
@@ -360,7 +368,7 @@ def load_run(path: str | Path, which: str = "best", device: str | torch.device =
     rep = count_params(model_cfg)
     check_fits(4 * (rep.total + rep.mtp_total), "cpu", f"loading {ckpt} (fp32 weights)", f"set {SKIP_ENV}=1")
     model = Transformer(model_cfg)
-    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    meta = read_meta(ckpt)
     if meta.get("quantization"):  # written by `minimoe quantize`: integer weights and scales
         from minimoe.infer.quantize import quantize_model
 
@@ -412,7 +420,7 @@ def refuse_quantized_resume(run_dir: Path) -> None:
     meta_file = ckpt / "meta.json" if ckpt is not None else None
     if meta_file is None or not meta_file.is_file():
         return
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta = read_meta(meta_file.parent)
     if meta.get("quantization"):
         source = meta.get("quantized_from", "the run it was quantized from")
         raise MinimoeError(

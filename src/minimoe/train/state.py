@@ -9,7 +9,6 @@ group.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -28,23 +27,35 @@ from minimoe.train import checkpoint as ckpt_lib
 log = logging.getLogger("minimoe.train")
 
 
-def rng_state() -> dict:
-    """RNG states as tensors and plain Python values, so they load with torch.load(weights_only=True)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """RNG states as tensors and plain Python values, so they load with torch.load(weights_only=True):
+    the CPU's, NumPy's, Python's and, training on a GPU, that GPU's (only the one this process trains
+    on, so that a run resumes on a machine with fewer GPUs, or on another one of them)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     np_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
     state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s streams; the GPU's into `device` when this process trains on one. Older
+    checkpoints hold a list, one state per GPU that was visible: the entry of `device`'s index, where
+    the list has one."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(cuda):
+            return  # saved where this GPU was not visible: its stream starts afresh
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -118,13 +129,16 @@ def check_resumable(ckpt: Path, meta: dict, state: dict) -> None:
 
 
 def check_same_optimizer(ckpt: Path, optim: dict, optimizer: str, saved_name: str | None = None) -> None:
-    """One sentence when the checkpoint's optimizer state is Muon's and the run's optimizer is not, or the
-    reverse: one optimizer's moments cannot continue as another's. Every group of MuonAdamW's carries
-    `use_muon` (True or False), so a Muon state is told apart even where its Muon group was empty;
-    `saved_name` (the checkpoint's train.optimizer, where its config names one) names an AdamW state."""
+    """One sentence when the checkpoint's optimizer state is not the run's optimizer's: one optimizer's
+    moments cannot continue as another's. Every group of MuonAdamW's carries `use_muon` (True or False),
+    so a Muon state is told apart even where its Muon group was empty; `saved_name` (the checkpoint's
+    train.optimizer, where its config names one) tells torch's AdamW from bitsandbytes' 8-bit one, whose
+    states differ (`exp_avg` against quantized `state1`) though either would load the other's."""
     saved_muon = any("use_muon" in g for g in optim.get("param_groups", []))
-    if saved_muon != (optimizer == "muon"):
-        saved = "muon" if saved_muon else saved_name if saved_name in ("adamw", "adamw8bit") else "adamw"
+    adamws = ("adamw", "adamw8bit")
+    other_adamw = not saved_muon and saved_name in adamws and optimizer in adamws and saved_name != optimizer
+    if saved_muon != (optimizer == "muon") or other_adamw:
+        saved = "muon" if saved_muon else saved_name if saved_name in adamws else "adamw"
         raise MinimoeError(
             f"checkpoint {ckpt} was trained with train.optimizer={saved}, and this run's config says "
             f"train.optimizer={optimizer}: resume with train.optimizer={saved}, or start a new run from its "
@@ -141,7 +155,7 @@ def resume(tr) -> None:
     if tr.ctx.is_main:
         try:
             ckpt, saved_cfg, weights, state = read_checkpoint(tr)
-            meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+            meta = ckpt_lib.read_meta(ckpt)
             check_resumable(ckpt, meta, state)
             optim = state.pop("optimizer")
             check_same_optimizer(ckpt, optim, tr.cfg.train.optimizer, saved_cfg.train.optimizer)
@@ -175,9 +189,9 @@ def resume(tr) -> None:
         tr.train_windows.load_state_dict(state["loader"])
         ranks = state.get("rng_ranks")
         if ranks is not None and len(ranks) == tr.ctx.world_size:
-            set_rng_state(ranks[tr.ctx.rank])
+            set_rng_state(ranks[tr.ctx.rank], tr.device)
         else:
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], tr.device)
             if tr.ctx.rank > 0:  # saved by another number of ranks: a fresh stream per rank
                 torch.manual_seed(tr.cfg.train.seed + 1_000_003 * tr.ctx.rank + state["step"])
         tr.step, tr.tokens, tr.elapsed = state["step"], state["tokens"], state["elapsed"]
@@ -219,7 +233,7 @@ def save(tr, val_loss: float | None = None, is_best: bool = False) -> Path:
     """Write the trainer `tr`'s checkpoint in the one-process format (every rank must call it; rank 0
     writes)."""
     weights, optim = tr.par.gather_state(tr.optimizer)
-    rngs = all_gather_object(rng_state(), tr.ctx)
+    rngs = all_gather_object(rng_state(tr.device), tr.ctx)
     routing = tr.monitor.state_dict(tr.par.reduce_sum)  # sums over ranks: before the other ranks return
     if not tr.ctx.is_main:
         return tr.run_dir / ckpt_lib.CKPT / ckpt_lib.step_dir_name(tr.step)

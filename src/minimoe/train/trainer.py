@@ -305,11 +305,8 @@ class Trainer:
                     bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.update()  # ends the iteration unscale_ began (a no-op without fp16)
-                    log.warning(
-                        "step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                        self.step + 1,
-                        bad_steps,
-                    )
+                    log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                                self.step + 1, bad_steps)  # fmt: skip
                     if bad_steps >= MAX_BAD_STEPS:
                         raise MinimoeError(self._diverged(bad_steps))
                     continue
@@ -356,13 +353,8 @@ class Trainer:
                         row.update(health)
                         row["bias_range"] = self.par.merge_layers(bias_ranges(self.model))
                         for li, e in health["dead_experts"][:3] if self.ctx.is_main else []:
-                            log.warning(
-                                "layer %s expert %s received no tokens in the last %d step%s",
-                                li,
-                                e,
-                                window.steps,
-                                "" if window.steps == 1 else "s",
-                            )
+                            log.warning("layer %s expert %s received no tokens in the last %d step%s",
+                                        li, e, window.steps, "" if window.steps == 1 else "s")  # fmt: skip
                     self.metrics.log(row)
                     self.train_loss = row["loss"]
                     bar.note(
@@ -392,6 +384,11 @@ class Trainer:
                 # evaluating and saving is no training: the logging window's tokens/s leaves it out
                 with window.paused():
                     if at_eval:
+                        # a stop asked for saves before its evaluation (logged only): a scheduler kills a
+                        # process some seconds after its SIGTERM (torchrun and Slurm: 30)
+                        urgent = interrupt.requested and not counts
+                        if urgent:
+                            last_ckpt = self.save(is_best=self.val_windows is None)
                         eval_start = clock()
                         val = self.evaluate()
                         loss = val.get("val_loss")  # None without validation: the latest counts as the best
@@ -410,7 +407,8 @@ class Trainer:
                             bar.note(f"val_loss {loss:.3f}{bpb}")
                         save_start = clock()
                         self._eval_s = save_start - eval_start
-                        last_ckpt = self.save(loss, is_best=improved)
+                        if not urgent:
+                            last_ckpt = self.save(loss, is_best=improved)
                         self._save_s = clock() - save_start
                     elif tc.save_every and self.step % tc.save_every == 0:
                         save_start = clock()
