@@ -185,6 +185,34 @@ def test_mtp_loss_through_a_head_the_fused_path_cannot_take():
     torch.testing.assert_close(out.losses["mtp"], want.float())
 
 
+@pytest.mark.parametrize("head", ["fused", "plain"])
+def test_an_mtp_depth_without_targets_adds_nothing_rather_than_nan(head):
+    """A fine-tuning window whose only scored target is its first: the main loss has it, depth 1 has no
+    target (its targets start one position later). Its loss is 0 and every gradient finite, on the fused
+    head and on the plain one (a head that is no nn.Linear), where a mean over nothing would be NaN and
+    the step skipped."""
+    torch.manual_seed(7)
+    model = Transformer(tiny_cfg(mtp_depth=1)).double()
+    if head == "plain":
+        model.lm_head = torch.nn.Sequential(model.lm_head)
+    idx = torch.randint(0, 97, (2, 10))
+    targets = torch.full_like(idx, -100)
+    targets[0, 0] = 5
+    out = model(idx, targets=targets, return_logits=False)
+    assert out.losses["mtp"].item() == 0.0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # with a target at depth 1, its mean is the one F.cross_entropy takes
+    targets[1, 6] = 9
+    model.zero_grad()
+    out = model(idx, targets=targets, return_logits=False)
+    (want,) = [
+        F.cross_entropy(lg.flatten(0, 1), targets[:, 1:].flatten())
+        for lg in mtp_reference(model, idx, out.hidden)
+    ]
+    torch.testing.assert_close(out.losses["mtp"], want.float())
+
+
 def test_mla_cache_bytes_per_token():
     cfg = get_preset("deepseek-v3")
     with torch.device("meta"):

@@ -54,14 +54,14 @@ def _chunks(h_ND, w_VD, target_N, valid_N, grad_h_ND, grad_w_VD, mm_dtype=None) 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, w_VD, target_N, ignore_index: int, mm_dtype):
+    def forward(ctx, h_ND, w_VD, target_N, ignore_index: int, mm_dtype, none_is_zero: bool = False):
         valid_N = target_N != ignore_index
-        n_valid = valid_N.sum()
+        n_valid = valid_N.sum().clamp(min=1) if none_is_zero else valid_N.sum()
         grad_h = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w_VD) if ctx.needs_input_grad[1] else None
         total = _chunks(h_ND, w_VD, target_N, valid_N, grad_h, grad_w, mm_dtype)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
-        return total / n_valid  # mean over valid targets; NaN when none, as F.cross_entropy
+        return total / n_valid  # mean over valid targets; NaN when none (as F.cross_entropy) or 0
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -73,11 +73,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    none_is_zero: bool = False,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of logits `h @ weight.T` without materialising them.
 
@@ -85,6 +90,7 @@ def linear_cross_entropy(
         h: (..., D) final hidden states (after the final norm).
         weight: (V, D) LM head weight.
         targets: (...) class ids; `ignore_index` marks positions that do not count.
+        none_is_zero: with no position that counts, 0 (and no gradient) rather than F.cross_entropy's NaN.
     Returns:
         scalar loss in h's dtype promoted to at least fp32; differentiable in h and weight.
 
@@ -99,6 +105,7 @@ def linear_cross_entropy(
         mm_dtype = h.dtype  # the softmax still runs in fp32; the gradients come back in h's dtype
     with torch.autocast(device, enabled=False):  # the chunks cast for themselves
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(h_ND, weight, target_N, ignore_index, mm_dtype)
+            return _LinearCrossEntropy.apply(h_ND, weight, target_N, ignore_index, mm_dtype, none_is_zero)
         valid_N = target_N != ignore_index
-        return _chunks(h_ND, weight, target_N, valid_N, None, None, mm_dtype) / valid_N.sum()
+        count = valid_N.sum().clamp(min=1) if none_is_zero else valid_N.sum()
+        return _chunks(h_ND, weight, target_N, valid_N, None, None, mm_dtype) / count

@@ -259,11 +259,16 @@ class Transformer(nn.Module):
             h, h_normed, st = module(h[:, :n], emb, *rope, attn_mask=mask, valid=valid)
             if st is not None:
                 stats[self.cfg.num_hidden_layers + k - 1] = st
+            # a depth may have no target where the main loss has some (a fine-tuning window whose only
+            # answer token is its first): its loss is 0 then, not the NaN of a mean over nothing
             if self._fused_head_ok(h_normed):  # MTP logits are never returned
-                losses.append(linear_cross_entropy(h_normed, self.lm_head.weight, tgt).float())
+                losses.append(
+                    linear_cross_entropy(h_normed, self.lm_head.weight, tgt, none_is_zero=True).float()
+                )
             else:
-                logits = self.lm_head(h_normed)  # (B, n, V)
-                losses.append(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
+                logits = self.lm_head(h_normed).float().flatten(0, 1)  # (B * n, V)
+                ce = F.cross_entropy(logits, tgt.flatten(), ignore_index=-100, reduction="sum")
+                losses.append(ce / (tgt != -100).sum().clamp(min=1))
         return torch.stack(losses).mean() if losses else h_main.new_zeros((), dtype=torch.float32)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
