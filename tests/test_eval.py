@@ -557,7 +557,22 @@ def test_cli_trained_model_prefers_the_corpus(tmp_path, capsys, monkeypatch):
         ([{"context": "a", "endings": ["b", "c"], "label": 0}], [], "--field choices=NAME"),
         ([{"context": "a", "choices": ["b", "c"], "label": 2}], [], "label 2 is not an index"),
         ([{"context": "a", "choices": ["b", ""], "label": 0}], [], "choice 1 is empty"),
-        ([{"context": "a", "choices": ["b", "x" * 80], "label": 0}], [], "longer than the model context (64"),
+        # the run trained on 32 tokens: the default context; 81 tokens fit no context of the model's 64
+        (
+            [{"context": "a", "choices": ["b", "x" * 40], "label": 0}],
+            [],
+            "longer than the 32 tokens the model reads",
+        ),
+        (
+            [{"context": "a", "choices": ["b", "x" * 80], "label": 0}],
+            ["--context", "64"],
+            "longer than the 64 tokens",
+        ),
+        (
+            [{"context": "a", "choices": ["b", "c"], "label": 0}],
+            ["--context", "65"],
+            "between 1 and the model context (64), got 65",
+        ),
         ([{"context": "a", "choices": ["b", "c"], "label": 0}], ["--window", "8"], "--window applies only"),
         ([{"context": "a", "choices": ["b", "c"], "label": 0}], ["--field", "prompt=x"], "does not apply"),
     ],
@@ -571,9 +586,53 @@ def test_cli_bad_multiple_choice_input(tmp_path, capsys, unigram_run, rows, extr
     assert message in err and "Traceback" not in err
 
 
+def test_no_task_reads_past_the_runs_training_length_unless_asked(tmp_path, capsys, monkeypatch):
+    """The run trained on 32 tokens of a 64-position model: multiple choice and minimal pairs score, and
+    generation reads, at most 32 positions by default (as perplexity's windows and the lm-eval adapter
+    do), so a long context loses its start; `--context 64` reads them all."""
+    import minimoe.eval.scoring as scoring
+    import minimoe.eval.tasks as tasks
+
+    run = save_run(random_model(3), tmp_path / "run")
+    read = []
+    real_score, real_generate = scoring.score_pairs, tasks.generate_until
+
+    def score_pairs(model, pairs, batch_size=16, max_len=None, on_batch=None):
+        read.append(max_len)
+        return real_score(model, pairs, batch_size, max_len, on_batch)
+
+    def generate_until(*args, context=None, **kw):
+        read.append(context)
+        return real_generate(*args, context=context, **kw)
+
+    monkeypatch.setattr(tasks, "score_pairs", score_pairs)
+    monkeypatch.setattr(tasks, "generate_until", generate_until)
+    long = "the cat sat on the mat and the dog ran to the red ball "  # 55 bytes
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"context": long, "choices": [" a", " b"], "label": 0}])
+    mp = write_jsonl(tmp_path / "mp.jsonl", [{"sentence_good": "a cat", "sentence_bad": "cat a"}])
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": long, "reference": "x"}])
+    cases = [("multiple-choice", mc), ("minimal-pairs", mp), ("generation", gen)]
+    for task, data in cases:
+        cli_json(
+            capsys,
+            run,
+            "--task",
+            task,
+            "--data",
+            data,
+            *(["--max-new-tokens", "4"] if task == "generation" else []),
+        )
+    assert read == [32, 32, 32]
+    default = cli_json(capsys, run, "--task", "multiple-choice", "--data", mc)
+    whole = cli_json(capsys, run, "--task", "multiple-choice", "--data", mc, "--context", "64")
+    assert (
+        read[-2:] == [32, 64] and default["settings"]["context"] == 32 and whole["settings"]["context"] == 64
+    )
+
+
 def test_cli_bad_input_other_tasks(tmp_path, capsys, unigram_run):
     long = write_jsonl(tmp_path / "long.jsonl", [{"sentence_good": "a" * 70, "sentence_bad": "b"}])
-    assert "line 1: 'sentence_good' is 70 tokens, longer than the model context" in cli_error(
+    assert "line 1: 'sentence_good' is 70 tokens, longer than the 32 tokens the model reads" in cli_error(
         capsys, unigram_run, "--task", "minimal-pairs", "--data", long
     )
     missing = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "x"}])

@@ -60,6 +60,13 @@ def add_parser(sub) -> None:
     )
     g = p.add_argument_group("JSONL tasks")
     g.add_argument(
+        "--context",
+        type=integer,
+        default=None,
+        help="tokens the model reads per example, prompt and answer together; longer contexts lose their "
+        "start (default: the run's train.seq_len, past which no position was trained)",
+    )
+    g.add_argument(
         "--field",
         action="append",
         default=[],
@@ -128,7 +135,7 @@ def _options(args) -> dict:
         if getattr(args, dest) is not None and args.task not in tasks:
             flag = "--" + dest.replace("_", "-")
             raise MinimoeError(f"{flag} applies only to --task {' / '.join(tasks)}")
-    for dest in ("batch_size", "window", "stride", "limit"):
+    for dest in ("batch_size", "window", "stride", "limit", "context"):
         value = getattr(args, dest)
         if value is not None and value <= 0:
             raise MinimoeError(f"--{dest.replace('_', '-')} must be positive, got {value}")
@@ -144,7 +151,7 @@ def _options(args) -> dict:
         if args.field:
             raise MinimoeError("--field does not apply to --task perplexity (use --text-field)")
         return opts
-    opts["fields"] = _fields(args)
+    opts.update(fields=_fields(args), context=args.context)
     if args.task == "generation":
         if args.temperature is not None and not 0 <= args.temperature < math.inf:  # NaN too
             raise MinimoeError(f"--temperature must be >= 0, got {args.temperature}")

@@ -24,6 +24,7 @@ ROLES = {
 GENERATION = ("generation",)
 TASK_OPTIONS: dict[str, tuple[str, ...]] = {
     "text_field": ("perplexity",), "window": ("perplexity",), "stride": ("perplexity",),
+    "context": ("multiple-choice", "minimal-pairs", "generation"),
     "fields": ("multiple-choice", "minimal-pairs", "generation"), "delimiter": ("multiple-choice",),
     "max_new_tokens": GENERATION, "temperature": GENERATION, "top_k": GENERATION, "top_p": GENERATION,
     "seed": GENERATION, "stop": GENERATION, "on_prediction": GENERATION, "chat": GENERATION,
@@ -88,9 +89,10 @@ def evaluate_run(
     model = model.to(DTYPES[dtype]).eval()
     t0 = time.perf_counter()
     opts = {k: v for k, v in options.items() if v is not None}
+    # positions past the training length were never trained: by default no task reads beyond it
+    trained = min(cfg.train.seq_len, cfg.model.max_position_embeddings)
+    opts.setdefault("window" if task == "perplexity" else "context", trained)
     if task == "perplexity":
-        # positions past the training length were never trained: by default read windows of that length
-        opts.setdefault("window", min(cfg.train.seq_len, cfg.model.max_position_embeddings))
         res = perplexity.evaluate_perplexity(model, tok, str(data), progress=progress, **opts)
         res["data_sha256"] = _source_hash(data, opts.get("text_field", "text"))
     elif task == "multiple-choice":

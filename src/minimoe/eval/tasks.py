@@ -143,7 +143,8 @@ def stderr_of_mean(xs: Sequence[float]) -> float:
 def _check_fits(n_tokens: int, ctx: int, where: str, what: str) -> None:
     if n_tokens > ctx:
         raise MinimoeError(
-            f"{where}: {what} is {n_tokens} tokens, longer than the model context ({ctx} tokens)"
+            f"{where}: {what} is {n_tokens} tokens, longer than the {ctx} tokens the model reads (the context: "
+            "by default the run's train.seq_len, at most its model context)"
         )
 
 
@@ -208,6 +209,7 @@ def evaluate_multiple_choice(
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
+    context: int | None = None,
 ) -> dict:
     """Accuracy of picking the most likely choice.
 
@@ -219,6 +221,9 @@ def evaluate_multiple_choice(
         batch_size: sequences per forward pass.
         limit: the first `limit` examples of each file.
         progress: a progress bar on stderr.
+        context: tokens the model reads per sequence (contexts are cut from the left to fit; default:
+            the model context; `evaluate_run` passes the run's training length, past which no position
+            was trained).
     Returns:
         {"accuracy", "accuracy_norm" (lm-eval acc_norm: by characters), "accuracy_per_byte"
         (lm-eval acc_bytes), "accuracy_per_token", "accuracy_stderr", "n", "data_sha256"}, plus
@@ -226,7 +231,7 @@ def evaluate_multiple_choice(
     """
     fields = fields or {}
     data = load_records(path, limit)
-    ctx_len = model_context(model)
+    ctx_len = _context(model, context)
     examples, pairs = [], []
     for rec in data.records:
         context, choices, label = multiple_choice_example(rec, fields)
@@ -235,7 +240,7 @@ def evaluate_multiple_choice(
             _check_fits(len(cont_ids), ctx_len, rec.where, f"choice {j}")
             pairs.append((ctx_ids, cont_ids))
         examples.append((choices, label))
-    scores = _score(model, pairs, batch_size, progress, "multiple choice")
+    scores = _score(model, pairs, batch_size, ctx_len, progress, "multiple choice")
     values, i = [], 0
     for choices, label in examples:
         sc = scores[i : i + len(choices)]
@@ -255,11 +260,21 @@ def _summary(data: TaskData, values: list[dict[str, float]], main: str) -> dict:
     return out
 
 
-def _score(model, pairs, batch_size: int, progress: bool, desc: str):
+def _score(model, pairs, batch_size: int, max_len: int, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
     with tqdm(total=len(pairs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
-        return score_pairs(model, pairs, batch_size=batch_size, on_batch=bar.update)
+        return score_pairs(model, pairs, batch_size=batch_size, max_len=max_len, on_batch=bar.update)
+
+
+def _context(model, context: int | None) -> int:
+    """The tokens a task reads per sequence: `context`, at most the model's."""
+    ctx = model_context(model)
+    if context is not None and not 1 <= context <= ctx:
+        raise MinimoeError(
+            f"the context (--context) must be between 1 and the model context ({ctx}), got {context}"
+        )
+    return context or ctx
 
 
 # ---------------------------------------------------------------------- minimal pairs
@@ -273,6 +288,7 @@ def evaluate_minimal_pairs(
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
+    context: int | None = None,
 ) -> dict:
     """BLiMP-style accuracy: how often the good sentence is more probable than the bad one.
 
@@ -288,7 +304,7 @@ def evaluate_minimal_pairs(
     fields = fields or {}
     data = load_records(path, limit)
     records = data.records
-    ctx_len = model_context(model)
+    ctx_len = _context(model, context)
     pairs = []
     for rec in records:
         for role in ("sentence_good", "sentence_bad"):
@@ -296,7 +312,7 @@ def evaluate_minimal_pairs(
             # the whole sentence is scored, so it cannot be cut to fit
             _check_fits(len(ids[1]), ctx_len, rec.where, f"'{fields.get(role, role)}'")
             pairs.append(ids)
-    scores = _score(model, pairs, batch_size, progress, "minimal pairs")
+    scores = _score(model, pairs, batch_size, ctx_len, progress, "minimal pairs")
     values = [
         {"accuracy": float(scores[2 * i].logprob > scores[2 * i + 1].logprob)} for i in range(len(records))
     ]
@@ -363,6 +379,7 @@ def evaluate_generation(
     progress: bool = False,
     on_prediction: Callable[[Record, str], None] | None = None,
     chat: bool = False,
+    context: int | None = None,
 ) -> dict:
     """Generate for each prompt and score against the references.
 
@@ -376,6 +393,8 @@ def evaluate_generation(
         chat: send each prompt as a user turn in the tokenizer's chat template (the plain `role: content`
             lines without one), as `minimoe serve`'s chat completions do, and stop at the template's
             end-of-turn token too: how a chat-tuned run is asked.
+        context: prompt + generated tokens at most (prompts are cut from the left; default: the model
+            context).
     Returns:
         {"bleu", "bleu_brevity_penalty", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "f1",
         "exact_match", "n", "data_sha256"}, "answer_accuracy" when every reference has a "#### answer",
@@ -411,7 +430,7 @@ def evaluate_generation(
     ):
         text = generate_until(
             model, tokenizer, prompt, max_new_tokens, stop, temperature, top_k, top_p, seed + i,
-            stop_ids=turn_ends,
+            context=context, stop_ids=turn_ends,
         )  # fmt: skip
         hyps.append(text.strip())
         if on_prediction is not None:
