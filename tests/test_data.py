@@ -1086,6 +1086,48 @@ def test_the_cache_is_keyed_on_shard_size_tokenizer_spec_and_the_val_source(tmp_
     assert run(tok="bpe:300").cached and not run(tok="bpe:310").cached
 
 
+def test_a_validation_file_inside_the_training_folder_is_not_trained_on(tmp_path):
+    """`val_source` inside the training folder (through a `..` path or a symbolic link) is validation
+    only: its files leave the training folder's file list, which the prepared data's identity covers.
+    Sources that leave no training data are one sentence."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("the cat sat on the mat\n", encoding="utf-8")
+    (root / "held_out.txt").write_text("qwzx held out vlkj\n", encoding="utf-8")
+    val = root / "sub" / ".." / "held_out.txt"
+    data = prepare(root, "byte", tmp_path / "o", val_source=val, workers=0, progress=False)
+    assert bytes(read_split(data, "train")[:-1].astype(np.uint8)) == b"the cat sat on the mat\n"
+    assert read_split(data, "val").tolist() == list(b"qwzx held out vlkj\n") + [256]
+    assert [f[0] for f in data.meta["sources"]["train"]["files"]] == ["a.txt"]
+    assert prepare(root, "byte", tmp_path / "o", val_source=val, workers=0, progress=False).cached
+    (root / "held_out.txt").write_text("other held out\n", encoding="utf-8")
+    data = prepare(root, "byte", tmp_path / "o", val_source=val, workers=0, progress=False)
+    assert not data.cached and data.num_tokens("train") == len("the cat sat on the mat\n") + 1
+    (tmp_path / "outside.txt").write_text("linked held out\n", encoding="utf-8")
+    (root / "link.txt").symlink_to(tmp_path / "outside.txt")  # the same file under another name
+    data = prepare(
+        root, "byte", tmp_path / "l", val_source=tmp_path / "outside.txt", workers=0, progress=False
+    )
+    assert [f[0] for f in data.meta["sources"]["train"]["files"]] == ["a.txt", "held_out.txt"]
+    (root / "sub" / "v.txt").write_text("only validation\n", encoding="utf-8")
+    for train, held, msg in [
+        (root / "a.txt", root / "a.txt", r"^the training data and the validation data are the same file"),
+        (root / "a.txt", root, r"^the training data .*a.txt is one of the validation files of"),
+        (
+            root / "sub",
+            root / "sub" / "v.txt",
+            r"^the training folder .*sub holds nothing but the validation",
+        ),
+        (
+            f"hf:{root}",
+            root / "a.txt",
+            r"^the validation data .*a.txt is inside the training data .* read whole",
+        ),
+    ]:
+        with pytest.raises(MinimoeError, match=msg):
+            prepare(train, "byte", tmp_path / "x", val_source=held, workers=0, progress=False)
+
+
 def test_document_split_bpe_learns_nothing_from_the_validation_documents(tmp_path):
     """A document split's tokenizer learns from the training documents only (every 10th is held out)."""
     docs = ["qwzx vlkj qwzx vlkj." if i % 10 == 9 else "the cat sat on the mat." for i in range(100)]

@@ -13,7 +13,8 @@ format version and every file it lists has exactly the listed size. Re-running w
 sources (same content), tokenizer and split parameters returns the existing data untouched.
 
 Train/validation split, in order of preference:
-- `val_source` given: all of it is validation (e.g. a held-out file);
+- `val_source` given: all of it is validation (e.g. a held-out file), and its files are left out of
+  a training folder that holds them;
 - enough documents (val_fraction * documents >= MIN_VAL_DOCS): whole documents, spread evenly
   (document i is validation when floor((i+1) f) > floor(i f)), so no document is cut;
 - otherwise the last val_fraction of the token stream (one long book, tinyshakespeare).
@@ -21,6 +22,7 @@ Train/validation split, in order of preference:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from minimoe.data.cache import FORMAT_VERSION, check_ours, clean_stale, lock, read_trusted, write_json_atomic
-from minimoe.data.corpus import Corpus
+from minimoe.data.corpus import Corpus, FolderCorpus
 from minimoe.data.shards import SPLITS, ShardWriter, copy_tokens, move_tail, tokenize_corpus
 from minimoe.data.sources import open_source
 from minimoe.data.tokenizer import Tokenizer, resolve_tokenizer, train_bpe
@@ -180,6 +182,8 @@ def prepare(
         if val_source is None
         else open_source(val_source, text_field=text_field, glob=glob, cache_dir=hf_cache_dir)
     )
+    if val_corpus is not None:
+        corpus = _leave_out_val_files(corpus, val_corpus)
     spec = tokenizer.strip() if isinstance(tokenizer, str) else None
     tok: Tokenizer | None
     if spec is not None and (spec == "bpe" or spec.startswith("bpe:")):
@@ -257,6 +261,44 @@ def _bpe_vocab(spec: str) -> int:
         raise MinimoeError(
             f"tokenizer spec {spec!r} must be bpe:VOCAB with an integer VOCAB, e.g. bpe:4096"
         ) from None
+
+
+def _leave_out_val_files(corpus: Corpus, val_corpus: Corpus) -> Corpus:
+    """The training corpus without the validation source's files, so held-out text is never trained on.
+
+    Paths are compared resolved (symlinks, `..`). A folder that shares files comes back as a copy
+    listing the rest; its file list is what `describe()` and `content_hash()` cover, so the prepared
+    data's identity follows the files left.
+    Raises MinimoeError where nothing can be left out: both sources are one file, the training source
+    is a single file inside the validation data, or `datasets` reads the training folder whole.
+    """
+    val_files = {f.resolve() for f in val_corpus.files}
+    shared = [f for f in corpus.files if f.resolve() in val_files]
+    if not shared:
+        return corpus
+    if not isinstance(corpus, FolderCorpus):
+        if len(corpus.files) == 1 and len(val_files) == 1:
+            raise MinimoeError(
+                f"the training data and the validation data are the same file ({shared[0]}); "
+                "give validation data held out from the training data"
+            )
+        if len(corpus.files) == 1:
+            raise MinimoeError(
+                f"the training data {corpus.name} is one of the validation files of {val_corpus.name}; "
+                "give validation data held out from the training data"
+            )
+        raise MinimoeError(
+            f"the validation data {val_corpus.name} is inside the training data {corpus.name}, which is "
+            "read whole; move the validation files out of the training folder"
+        )
+    corpus = copy.copy(corpus)
+    corpus.files = [f for f in corpus.files if f.resolve() not in val_files]
+    if not corpus.files:
+        raise MinimoeError(
+            f"the training folder {corpus.name} holds nothing but the validation data {val_corpus.name}; "
+            "give training files besides the validation files"
+        )
+    return corpus
 
 
 def _content_hash(corpus: Corpus, val_corpus: Corpus | None) -> str:
