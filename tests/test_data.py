@@ -420,6 +420,58 @@ def test_jsonl_parquet_and_hf_sources(tmp_path):
             open_source(typo)
 
 
+def test_a_folder_of_jsonl_files_yields_their_text_values(tmp_path):
+    """Sharded JSONL in a folder: each record's text field is a document, not the file's JSON markup."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    (root / "part-0.jsonl").write_text('{"text": "first doc", "id": 1}\n{"text": "second doc", "id": 2}\n')
+    (root / "part-1.jsonl").write_text('{"text": "third doc", "id": 3}\n')
+    assert list(open_source(root).documents()) == ["first doc", "second doc", "third doc"]
+    data = prepare(root, "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    train = read_split(data, "train")
+    assert bytes(train[train != 256].astype(np.uint8)) == b"first docsecond docthird doc"
+
+
+def test_a_folder_reads_each_file_by_its_suffix_and_json_files_as_records(tmp_path):
+    """In a folder, .jsonl/.ndjson/.json and .parquet files give their text field (data.text_field),
+    other files their text. A .json file holds JSON Lines or one JSON array of records (a string item
+    is its text), as the Hugging Face json builder reads it; other JSON is one sentence. The text field
+    is part of a record folder's identity only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    (root / "a.json").write_text(json.dumps([{"body": "array one"}, {"body": "array two"}], indent=2))
+    (root / "b.ndjson").write_text('{"body": "nd line"}\n')
+    pq.write_table(pa.table({"body": ["parquet row"]}), root / "c.parquet")
+    (root / "d.txt").write_text("plain text\n")
+    assert list(open_source(root, text_field="body").documents()) == [
+        "array one",
+        "array two",
+        "nd line",
+        "parquet row",
+        "plain text\n",
+    ]
+    assert open_source(root, text_field="body").content_hash() != open_source(root).content_hash()
+    with pytest.raises(MinimoeError, match=r"a.json record 1 has no 'text' field .*data.glob=PATTERN"):
+        list(open_source(root).documents())
+    (tmp_path / "lines.json").write_text('{"text": "l1"}\n{"text": "l2"}\n')
+    (tmp_path / "strings.json").write_text('\n  ["s1", "s2"]')
+    assert list(open_source(tmp_path / "lines.json").documents()) == ["l1", "l2"]
+    assert list(open_source(tmp_path / "strings.json").documents()) == ["s1", "s2"]
+    (tmp_path / "object.json").write_text('{\n  "text": "one record"\n}\n')
+    with pytest.raises(MinimoeError, match="line 1 is not valid JSON .*JSON Lines or one JSON array"):
+        list(open_source(tmp_path / "object.json").documents())
+    (tmp_path / "broken.json").write_text('[{"text": "x"},')
+    with pytest.raises(MinimoeError, match=r"broken.json is not valid JSON \(line 1:"):
+        list(open_source(tmp_path / "broken.json").documents())
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "x.md").write_text("# x\n")
+    assert open_source(texts).describe()["params"] == {"glob": "**/*"}
+
+
 def test_jsonl_lone_surrogate_is_one_clear_error(tmp_path):
     # valid JSON ("\\ud800" is a legal escape) but not encodable text: one sentence, not a traceback
     (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 half"}\n')

@@ -273,6 +273,19 @@ def test_perplexity_sources_and_per_file(tmp_path):
     assert res3["loss"] == pytest.approx(res["loss"], abs=1e-6)
 
 
+def test_perplexity_of_a_folder_scores_record_files_by_their_text_field(tmp_path):
+    """A .jsonl file in a folder is scored on its records' text, as when given alone, not its markup."""
+    model, _ = unigram_model({ord("a"): 3.0})
+    tok = Tokenizer.byte()
+    (tmp_path / "f").mkdir()
+    write_jsonl(tmp_path / "f" / "r.jsonl", [{"body": "aaaa"}, {"body": "abab"}])
+    (tmp_path / "f" / "t.txt").write_text("abba")
+    res = evaluate_perplexity(model, tok, tmp_path / "f", text_field="body")
+    alone = evaluate_perplexity(model, tok, tmp_path / "f" / "r.jsonl", text_field="body")
+    assert res["per_file"]["r.jsonl"]["loss"] == pytest.approx(alone["loss"], abs=1e-6)
+    assert (res["per_file"]["r.jsonl"]["bytes"], res["n"], res["bytes"]) == (8, 3, 12)
+
+
 # ---------------------------------------------------------------------- tasks
 
 

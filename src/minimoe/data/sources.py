@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minimoe.data.corpus import (
-    TEXT_SUFFIXES_JSONL,
+    JSON_SUFFIXES,
     TOKEN_SUFFIXES,
     BuiltinCorpus,
     Corpus,
@@ -28,9 +28,9 @@ def open_source(
     """Open a document source.
 
     Args:
-        spec: None (built-in corpus), a text file, a folder, a .jsonl/.ndjson or .parquet file,
+        spec: None (built-in corpus), a text file, a folder, a .jsonl/.ndjson/.json or .parquet file,
             a .npy/.bin token array, `hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]`, or a Corpus.
-        text_field: the text field of JSONL/Parquet/datasets records.
+        text_field: the text field of JSON/Parquet/datasets records, in a folder's files too.
         glob: which files of a folder to read.
         cache_dir: the `datasets` cache for `hf:` sources (None = its default).
     Returns:
@@ -46,9 +46,9 @@ def open_source(
         return HFCorpus(spec, text_field=text_field, cache_dir=cache_dir)
     path = checked_path(spec)
     if path.is_dir():
-        return FolderCorpus(path, glob)
+        return FolderCorpus(path, glob, text_field=text_field)
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES_JSONL:
+    if suffix in JSON_SUFFIXES:
         return JsonlCorpus(path, text_field)
     if suffix == ".parquet":
         return ParquetCorpus(path, text_field)

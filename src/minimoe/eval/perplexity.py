@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from minimoe.data.corpus import Corpus, FolderCorpus, TextFileCorpus
+from minimoe.data.corpus import RECORD_SUFFIXES, Corpus, FolderCorpus, TextFileCorpus
 from minimoe.data.sources import open_source
 from minimoe.errors import MinimoeError
 from minimoe.eval.scoring import model_context, prefix_id, score_pairs
@@ -165,8 +165,9 @@ def evaluate_perplexity(
     Args:
         model: a Transformer in eval mode.
         tokenizer: its tokenizer.
-        source: a text file, a folder of text files, a .jsonl/.parquet file (field `text_field`),
-            `hf:...`, or a Corpus (see `minimoe.data.open_source`).
+        source: a text file, a folder (its JSON and Parquet files read by `text_field`), a
+            .jsonl/.json/.parquet file (field `text_field`), `hf:...`, or a Corpus (see
+            `minimoe.data.open_source`).
         window: input tokens per window (default and maximum: the model context).
         stride: tokens between window starts (default: window, i.e. no overlap).
         batch_size: windows per forward pass.
@@ -212,10 +213,20 @@ def evaluate_perplexity(
 
 
 def _score_folder(model, tokenizer, corpus: FolderCorpus, window, stride, batch_size, limit, bar) -> dict:
-    """Score each text file of a folder on its own; binary, non-UTF-8 and blank files are skipped."""
+    """Score each file of a folder on its own, record files (JSON, Parquet) by their text field as when
+    given alone; binary, non-UTF-8 and blank text files are skipped."""
     total, per_file, skipped = _Totals(), {}, []
     for f in corpus.files:
         rel = str(f.relative_to(corpus.root)) if corpus.root else f.name
+        if f.suffix.lower() in RECORD_SUFFIXES:
+            tot = _score_corpus(
+                model, tokenizer, open_source(f, corpus.text_field), window, stride, batch_size, limit, bar
+            )
+            per_file[rel] = tot.result()
+            _add(total, tot)
+            if bar is not None:  # the bar counts file bytes; the records' text is fewer
+                bar.update(max(0, f.stat().st_size - tot.bytes))
+            continue
         data = f.read_bytes()
         try:
             text_ok = b"\0" not in data and bool(data.decode("utf-8").strip())
@@ -228,10 +239,14 @@ def _score_folder(model, tokenizer, corpus: FolderCorpus, window, stride, batch_
             continue
         tot = _score_corpus(model, tokenizer, TextFileCorpus(f), window, stride, batch_size, limit, bar)
         per_file[rel] = tot.result()
-        for k in ("nll", "tokens", "bytes", "documents"):
-            setattr(total, k, getattr(total, k) + getattr(tot, k))
+        _add(total, tot)
     if total.documents == 0:
         raise MinimoeError(f"{corpus.name} contains no text files")
     res = total.result()
     res.update(per_file=per_file, skipped=skipped)
     return res
+
+
+def _add(total: _Totals, tot: _Totals) -> None:
+    for k in ("nll", "tokens", "bytes", "documents"):
+        setattr(total, k, getattr(total, k) + getattr(tot, k))
