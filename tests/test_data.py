@@ -551,6 +551,17 @@ def test_hf_source_split_column_config_and_identity(tmp_path):
     assert list(open_source(f"hf:{tmp_path / 'UP.JSONL'}", cache_dir=cache).documents()) == ["upper"]
 
 
+def test_hf_source_expands_the_home_folder_of_a_local_folder(tmp_path, monkeypatch):
+    """`hf:~/folder` reads the local folder, as `hf:~/file.jsonl` reads the local file."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.jsonl").write_text('{"text": "from a"}\n{"text": "from a too"}\n')
+    cache = str(tmp_path / "hf_cache")
+    assert list(open_source("hf:~/docs/a.jsonl", cache_dir=cache).documents()) == ["from a", "from a too"]
+    assert list(open_source("hf:~/docs", cache_dir=cache).documents()) == ["from a", "from a too"]
+
+
 def test_token_array_sources(tmp_path):
     ids = np.arange(300, dtype=np.uint16) % 258
     np.save(tmp_path / "t.npy", ids.astype(np.int32))

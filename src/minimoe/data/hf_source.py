@@ -71,9 +71,10 @@ class HFCorpus(Corpus):
                     if split not in ds:
                         raise MinimoeError(f"{self.local} has no split {split!r} (it has: {', '.join(ds)})")
                     ds = ds[split]
-            else:
+            else:  # a local folder by its expanded path (datasets reads "~/x" as a hub name), or a hub name
+                where = str(self.local) if self.local is not None else self.target
                 ds = datasets.load_dataset(
-                    self.target, self.opts.get("name"), revision=self.opts.get("revision"), **kwargs
+                    where, self.opts.get("name"), revision=self.opts.get("revision"), **kwargs
                 )
         except MinimoeError:
             raise
