@@ -1101,6 +1101,33 @@ def test_byte_order_marks_and_blank_records(tmp_path, monkeypatch):
         assert list(open_source(tmp_path / name).documents()) == ["one", "two"]
 
 
+def test_jsonl_files_starting_with_a_byte_order_mark_are_read(tmp_path):
+    """A UTF-8 byte-order mark before the first JSON line is dropped, as in text files: in training data
+    (a file, a folder, a .json file), eval task files, chat data and generate's prompt files."""
+    from minimoe.cli.generate import read_prompt_file
+    from minimoe.eval.tasks import load_records
+    from minimoe.finetune.chat import read_conversations
+
+    bom = "\ufeff"
+    (tmp_path / "d").mkdir()
+    for f in (tmp_path / "t.jsonl", tmp_path / "d" / "t.jsonl", tmp_path / "t.json"):
+        f.write_text(bom + '{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+        assert list(open_source(f.parent if f.parent.name == "d" else f).documents()) == ["one", "two"]
+    (tmp_path / "mc.jsonl").write_text(bom + '{"context": "c", "choices": ["a", "b"], "label": 1}\n')
+    assert [r.data for r in load_records(tmp_path / "mc.jsonl").records] == [
+        {"context": "c", "choices": ["a", "b"], "label": 1}
+    ]
+    (tmp_path / "chat.jsonl").write_text(bom + '{"prompt": "hi", "response": "hello"}\n')
+    assert [[m["content"] for m in c] for c in read_conversations(tmp_path / "chat.jsonl")] == [
+        ["hi", "hello"]
+    ]
+    (tmp_path / "p.jsonl").write_text(bom + '{"prompt": "once"}\n')
+    (tmp_path / "p.txt").write_text(bom + "once\n")
+    assert (
+        read_prompt_file(str(tmp_path / "p.jsonl")) == read_prompt_file(str(tmp_path / "p.txt")) == ["once"]
+    )
+
+
 def test_the_content_hash_covers_the_text_field(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text(json.dumps({"a": "x", "b": "y"}) + "\n", encoding="utf-8")

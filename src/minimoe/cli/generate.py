@@ -82,7 +82,7 @@ def read_prompt_file(path: str) -> list[str]:
         if not f.is_file():
             raise MinimoeError(f"prompt file {f} does not exist")
         try:
-            text = f.read_text(encoding="utf-8")
+            text = f.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of a prompt
         except UnicodeDecodeError:
             raise MinimoeError(f"prompt file {f} is not UTF-8 text") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]

@@ -357,14 +357,15 @@ def json_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def iter_jsonl(path: Path, name: str | None = None, note: str = "") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line of a JSON Lines file.
+    """(line number, parsed value) for each non-blank line of a JSON Lines file (a leading UTF-8
+    byte-order mark is dropped). Training data, eval task files and chat data all read through it.
 
     Raises MinimoeError naming the file (as `name`, default its path) and line for invalid JSON (`note`
     appended), and the file for bytes that are not UTF-8. Callers check the shape of each value themselves.
     """
     name = name or str(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is not JSON, as in text files
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
