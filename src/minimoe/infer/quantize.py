@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows, fresh_temp_dir
+from minimoe.files import as_umask_allows, fresh_temp_dir, read_json_object
 from minimoe.model.expert_kernels import loop_experts
 from minimoe.model.experts import GroupedExperts
 
@@ -277,8 +277,6 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
     """
     from safetensors.torch import save_model
 
-    from minimoe.train.checkpoint import read_meta
-
     src, out = Path(source_ckpt), Path(out)
     if not getattr(model, "quantization", None):
         raise MinimoeError("the model is not quantized; call quantize_model first")
@@ -290,7 +288,7 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
         as_umask_allows(tmp / "model.safetensors")
         shutil.copy2(src / "config.yaml", tmp / "config.yaml")
         shutil.copytree(src / "tokenizer", tmp / "tokenizer")
-        meta = read_meta(src)
+        meta = read_json_object(src / "meta.json")
         meta.pop("path", None)
         meta.update(quantization=dict(model.quantization), quantized_from=str(src.resolve()))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
