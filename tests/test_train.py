@@ -1349,6 +1349,17 @@ def _tiny_trainer(tmp_path, corpus, name, *extra, **kw):
     return Trainer(cfg, tmp_path / name, data, data.tokenizer(), progress=False, **kw), data
 
 
+def test_a_run_prepared_without_validation_trains_and_keeps_its_latest_as_best(tmp_path, corpus):
+    """data.val_fraction=0 (no validation split, none asked for): the run trains, logs no validation
+    loss, and its latest checkpoint counts as the best, where it used to stop at its start with a
+    message asking for the validation split it was told not to make."""
+    res = _train(tmp_path / "run", corpus, "train.max_steps=2", "train.eval_every=1", "data.val_fraction=0")
+    assert (res.step, res.val_loss, res.best_val_loss) == (2, None, None)
+    assert (tmp_path / "run/checkpoints/best").read_text().strip() == "step_00000002"
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("val_loss" in r for r in rows)
+
+
 def test_grad_accum_averages_micro_batches(tmp_path, corpus):
     """One step over a batch of 4 rows equals one step over 2 micro-batches of 2 rows: the same logged
     loss and gradient norm (the loss is divided by grad_accum for the backward and for the log)."""

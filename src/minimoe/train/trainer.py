@@ -172,7 +172,9 @@ class Trainer:
             train_batches = TokenWindows(
                 data, "train", tc.seq_len, B, seed=tc.seed, rank=rank, world_size=world
             )
-        if val_batches is None and data is not None:
+        if (
+            val_batches is None and data is not None and data.meta.get("split_mode") != "none"
+        ):  # val_fraction=0
             val_batches = EvalWindows(
                 data, "val", tc.seq_len, B, max_batches=tc.eval_batches, rank=rank, world_size=world
             )
