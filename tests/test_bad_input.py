@@ -1133,6 +1133,9 @@ MORE_CASES: list[Case] = [
     Case("train-resume-another-tokenizer", lambda c: ["train", "--resume", _run_copy(c, "rt", lambda s: None),
                                                       "--tokenizer", "bpe:300", "--no-progress", "train.max_steps=4"],
          "was trained with data.tokenizer=byte, not bpe:300"),
+    Case("train-resume-another-seed", lambda c: ["train", "--resume", _run_copy(c, "rseed", lambda s: None),
+                                                 "--no-progress", "train.max_steps=4", "train.seed=12345"],
+         "not 12345; a resume continues the run's data order"),
     # a window past the context was cut to it, and the report named the uncut one
     Case("quantize-seq-len-past-context", lambda c: ["quantize", c.run, *Q, "--out", c.out, "--eval-data", c.text(),
                                                      "--seq-len", "100000"], "exceeds the model's context (64 tokens)"),

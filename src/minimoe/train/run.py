@@ -85,14 +85,20 @@ def _keeps_vocab(seed: str | None, cfg, tokenizer) -> bool:
     return cfg.model.vocab_size - 64 < tokenizer.vocab_size <= cfg.model.vocab_size
 
 
-def _check_same_tokenizer(run_dir: Path, cfg) -> None:
-    """A resume trains on with the tokenizer saved in RUN_DIR/tokenizer, whatever data.tokenizer says: an
-    override of it would be ignored, and config.yaml would then name a tokenizer the run never used."""
-    saved = build_run_config(config_path=str(run_dir / "config.yaml")).data.tokenizer
-    if cfg.data.tokenizer != saved:
+def _check_resume_keeps(run_dir: Path, cfg) -> None:
+    """A resume trains on with the tokenizer saved in RUN_DIR/tokenizer and the data order and random
+    streams its checkpoint holds, whatever data.tokenizer or train.seed say: an override of either would
+    be ignored, and config.yaml would then name a tokenizer or seed the run never used."""
+    saved = build_run_config(config_path=str(run_dir / "config.yaml"))
+    if cfg.data.tokenizer != saved.data.tokenizer:
         raise MinimoeError(
-            f"{run_dir} was trained with data.tokenizer={saved}, not {cfg.data.tokenizer}; a resume keeps "
-            "the run's tokenizer (drop --tokenizer/data.tokenizer, or start a new run for another one)"
+            f"{run_dir} was trained with data.tokenizer={saved.data.tokenizer}, not {cfg.data.tokenizer}; a "
+            "resume keeps the run's tokenizer (drop --tokenizer/data.tokenizer, or start a new run for another one)"
+        )
+    if cfg.train.seed != saved.train.seed:
+        raise MinimoeError(
+            f"{run_dir} was trained with train.seed={saved.train.seed}, not {cfg.train.seed}; a resume continues "
+            "the run's data order and random streams (drop train.seed, or start a new run for another seed)"
         )
 
 
@@ -176,7 +182,7 @@ def train_from_config(
                 "which continues from its latest checkpoint"
             )
         cfg = build_run_config(config_path=str(run_dir / "config.yaml"), overrides=overrides)
-        _check_same_tokenizer(run_dir, cfg)
+        _check_resume_keeps(run_dir, cfg)
         tokenizer, seed = Tokenizer.load(run_dir / "tokenizer"), None
     else:
         # only a complete checkpoint holds a run: what a crash in the first save left (.tmp-* directories)
