@@ -903,7 +903,9 @@ def test_sweep_file_smoke(sweep_file, tmp_path, monkeypatch):
     files parse, their variants build and train; the real sweeps are not run in CI)."""
     monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
     data = _corpus(tmp_path / "corpus.txt")
-    sweep = compare.load_sweep(sweep_file, data=str(data), val_data=str(data))
+    val = tmp_path / "valid.txt"  # a copy: the same file as both is refused
+    val.write_bytes(data.read_bytes())
+    sweep = compare.load_sweep(sweep_file, data=str(data), val_data=str(val))
     sweep.budget_kind, sweep.budget, sweep.seeds = "steps", 2, sweep.seeds[:1]
     sweep.base_overrides += [
         "train.eval_batches=1",
