@@ -919,6 +919,31 @@ def test_each_epoch_has_its_own_order(tok):
     assert firsts[0] == next(batches(ex, 1, tok.pad_id, seed=0, epoch=0))[0].tolist()
 
 
+def test_a_qlora_adapter_records_the_base_as_loaded_so_it_merges_later(base_run, tmp_path, monkeypatch):
+    """QLoRA casts the base to bf16 (and quantizes it, on CUDA) before the adapter trains: the adapter
+    records the fingerprint of the weights as loaded, so `lora --adapter --merge` on the fp32 base run
+    accepts it. (Without CUDA and bitsandbytes the quantization is stood in for by the bf16 cast alone,
+    which changes the fingerprint just as well.)"""
+    import minimoe.finetune.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "qlora_available", lambda: None)
+    monkeypatch.setattr(lora_mod, "_quantize_linears", lambda model, regex: None)
+    out = tmp_path / "q"
+    argv = ["lora", str(base_run / "base"), "--data", str(base_run / "chat.jsonl"), "--out", str(out)]
+    assert main([*argv, "--qlora", "--rank", "4", "--no-progress", *SEQ_TRAIN, "train.max_steps=2"]) == 0
+    merge = [
+        "lora",
+        str(base_run / "base"),
+        "--adapter",
+        str(out / "adapter"),
+        "--merge",
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert main(merge) == 0
+    assert load_run(tmp_path / "m")[0] is not None
+
+
 def test_base_fingerprint_tells_weights_apart_and_ignores_the_adapter():
     """The fingerprint an adapter records of its base: a tensor small enough to be read whole changes it
     wherever one of its values changes; PEFT's wrapping and the LoRA weights leave it as it was."""

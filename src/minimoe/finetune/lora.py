@@ -122,12 +122,16 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=TARGETS, q
         raise MinimoeError(f"PEFT could not place LoRA adapters ({e})") from None
 
 
-def save_adapter(peft_model, directory: str | Path, base: str | None = None, tokenizer=None) -> Path:
+def save_adapter(
+    peft_model, directory: str | Path, base: str | None = None, tokenizer=None, fingerprint: str | None = None
+) -> Path:
     """Write the adapter (PEFT's adapter_config.json + adapter_model.safetensors), the base run, and the
-    tokenizer it was trained with (its chat template), which a later merge gives the merged run."""
+    tokenizer it was trained with (its chat template), which a later merge gives the merged run.
+    `fingerprint`: `base_fingerprint` of the base as it was loaded, taken before `apply_lora` (QLoRA
+    casts and quantizes the weights it trains on; a merge loads them as saved); default: the model's."""
     d = Path(directory)
     peft_model.save_pretrained(str(d))
-    info = {"base_run": base, "base_fingerprint": base_fingerprint(peft_model)}
+    info = {"base_run": base, "base_fingerprint": fingerprint or base_fingerprint(peft_model)}
     (d / "minimoe_base.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(d / "tokenizer")

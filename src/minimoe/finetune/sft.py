@@ -270,10 +270,11 @@ def finetune(
             m.p = cfg.model.dropout
     for blk in model.layers:
         blk.self_attn.attn_dropout = cfg.model.attn_dropout
-    trained = model
+    trained, fingerprint = model, None
     if lora:
-        from minimoe.finetune.lora import apply_lora
+        from minimoe.finetune.lora import apply_lora, base_fingerprint
 
+        fingerprint = base_fingerprint(model)  # the weights as a merge loads them: QLoRA changes these
         trained = apply_lora(model, **lora)
     source = str(Path(meta["path"]).resolve())
     info = {"source": source, "sft": {"data": str(Path(data).resolve()), "packing": packing, "lora": lora}}
@@ -297,7 +298,7 @@ def finetune(
         return result(res.checkpoint)
     from minimoe.finetune.lora import merge_lora, save_adapter
 
-    adapter = save_adapter(trained, out / "adapter", base=source, tokenizer=tok)
+    adapter = save_adapter(trained, out / "adapter", base=source, tokenizer=tok, fingerprint=fingerprint)
     if not merge:
         return result(None, adapter)
     model = merge_lora(trained)
