@@ -135,6 +135,58 @@ def broadcast_object(obj, ctx: DistContext, src: int = 0):
     return box[0]
 
 
+@dataclass(frozen=True)
+class _TensorSlot:
+    """Where a tensor stood in a state that `broadcast_state` sends: the order it is sent in, its shape
+    and dtype."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def broadcast_state(state, ctx: DistContext, src: int = 0):
+    """Rank `src`'s state (nested dicts, lists and tuples of tensors and plain values, such as a model's
+    and an optimizer's full state dicts) on every rank; others pass anything (None).
+
+    The structure goes as one small pickle; the tensors one at a time with `dist.broadcast`, on the GPU
+    under NCCL, and arrive on the CPU. `broadcast_object` would pickle the whole state, put that copy
+    on every rank's GPU under NCCL and unpickle it there: several times the state's size per rank.
+    """
+    if not ctx.distributed:
+        return state
+    tensors: list[torch.Tensor] = []
+
+    def strip(x):
+        if torch.is_tensor(x):
+            tensors.append(x)
+            return _TensorSlot(len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
+        if type(x) in (list, tuple):
+            return type(x)(strip(v) for v in x)
+        return x
+
+    skeleton = broadcast_object(strip(state) if ctx.rank == src else None, ctx, src)
+    device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+
+    def fill(x):
+        if isinstance(x, _TensorSlot):
+            if ctx.rank == src:
+                dist.broadcast(tensors[x.index].to(device).contiguous(), src)
+                return tensors[x.index]
+            t = torch.empty(x.shape, dtype=x.dtype, device=device)
+            dist.broadcast(t, src)
+            return t.cpu()
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if type(x) in (list, tuple):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    return fill(skeleton)
+
+
 def all_gather_object(obj, ctx: DistContext) -> list:
     """Every rank's `obj`, in rank order."""
     if not ctx.distributed:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from minimoe.config import DistConfig, RunConfig
-from minimoe.dist.init import DistContext, all_gather_object, broadcast_object
+from minimoe.dist.init import DistContext, all_gather_object, broadcast_state
 from minimoe.errors import ConfigError
 from minimoe.model.moe import MoEStats
 
@@ -259,7 +259,7 @@ class Parallel:
             set_optimizer_state_dict,
         )
 
-        model_sd, optim_sd = broadcast_object((model_sd, optim_sd), self.ctx)
+        model_sd, optim_sd = broadcast_state((model_sd, optim_sd), self.ctx)
         if self.kind == "pipeline":
             own = set(_param_and_buffer_names(self.model))
             model_sd = {k: v for k, v in model_sd.items() if k in own}
