@@ -19,6 +19,7 @@ from minimoe.cli.main import main
 from minimoe.config import ModelConfig, RunConfig, TrainConfig
 from minimoe.data import Tokenizer, train_bpe
 from minimoe.data.chat_template import SFT_CHAT_TEMPLATE
+from minimoe.errors import MinimoeError
 from minimoe.eval import metrics
 from minimoe.eval.perplexity import evaluate_perplexity, rolling_windows, window_pairs
 from minimoe.eval.scoring import encode_pair, score_pairs, token_logprobs
@@ -463,6 +464,57 @@ def test_cli_jsonl_tasks(tmp_path, capsys, unigram_run):
     )  # fmt: skip
     assert res["exact_match"] == 0.0  # generation cut before the stop string: empty
     assert res["settings"]["stop"] == ["aaa", "\n"]  # a shell's "\n" means the newline
+
+
+def test_cli_failed_generation_keeps_the_previous_predictions(tmp_path, capsys, unigram_run, monkeypatch):
+    """--predictions was opened with "w" before the model loaded: a run that failed emptied the previous
+    predictions. Rows now go to a temporary file that replaces FILE only when the evaluation succeeds."""
+    import minimoe.eval.tasks as tasks
+
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Say a:", "reference": "aaaa"}] * 2)
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("previous\n")
+    calls = []
+
+    def fail_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MinimoeError("the second example failed")
+        return "aaaa"
+
+    monkeypatch.setattr(tasks, "generate_until", fail_second)
+    argv = [unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4, "--predictions", preds]
+    assert "the second example failed" in cli_error(capsys, *argv)
+    assert preds.read_text() == "previous\n" and sorted(tmp_path.iterdir()) == [gen, preds, unigram_run]
+    monkeypatch.undo()
+    cli_json(capsys, *argv)
+    assert [json.loads(line)["generation"] for line in preds.read_text().splitlines()] == ["aaaa"] * 2
+    assert sorted(tmp_path.iterdir()) == [gen, preds, unigram_run]
+
+
+def test_cli_predictions_onto_the_task_data_are_refused_before_any_work(
+    tmp_path, capsys, unigram_run, monkeypatch
+):
+    """--predictions equal to --data (or inside a --data folder) replaced the task data with generations;
+    it is refused in one sentence before the run loads, and the data stays as it was."""
+    import minimoe.eval.runner
+
+    def started(*a, **k):
+        raise AssertionError("the evaluation ran before --predictions was checked")
+
+    monkeypatch.setattr(minimoe.eval.runner, "evaluate_run", started)
+    gen = write_jsonl(tmp_path / "tasks/gen.jsonl", [{"prompt": "Say a:", "reference": "aaaa"}])
+    before = gen.read_text()
+    (tmp_path / "link.jsonl").symlink_to(gen)
+    for data, preds, message in [
+        (gen, gen, "is the --data file itself"),
+        (gen, tmp_path / "link.jsonl", "is the --data file itself"),  # a link to it writes the data
+        (gen.parent, gen, "is inside the --data folder"),
+        (gen.parent, gen.parent / "sub/new.jsonl", "is inside the --data folder"),
+    ]:
+        err = cli_error(capsys, unigram_run, "--task", "generation", "--data", data, "--predictions", preds)
+        assert f"--predictions {preds} {message}" in err
+        assert gen.read_text() == before and sorted(gen.parent.iterdir()) == [gen]
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,14 @@ pairs or generation metrics of a trained run; a table on stdout (or `--json`) an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from minimoe.cli.args import add_checkpoint_arg, add_device_args, check_writable, integer, number, stop_string
 from minimoe.errors import MinimoeError, describe_os_error, require
@@ -228,6 +232,68 @@ def _print_table(res: dict, out_path: Path | None) -> None:
         console.print(f"results written to {out_path}")
 
 
+def _check_predictions_path(predictions: str, data: str) -> None:
+    """Refuse a --predictions file that is the --data file or lies inside the --data folder: writing it
+    would replace the examples being evaluated (or add a file to the task)."""
+    source = Path(data).expanduser()
+    if not source.exists():
+        return  # the evaluation names the missing data
+    source, target = source.resolve(), Path(os.path.realpath(predictions))
+    if target == source:
+        raise MinimoeError(f"--predictions {predictions} is the --data file itself; choose another file")
+    if source.is_dir() and target.is_relative_to(source):
+        raise MinimoeError(
+            f"--predictions {predictions} is inside the --data folder {data}; choose a file outside it"
+        )
+
+
+@contextlib.contextmanager
+def _predictions_writer(path: str | None) -> Iterator[Callable[[Any, str], None] | None]:
+    """A function writing one prediction row, or None without `path`.
+
+    Rows go to a temporary file beside `path` (where a symbolic link points), which replaces `path` only
+    when the block ends without an error and is removed otherwise: a failed or interrupted evaluation
+    leaves the previous predictions as they were. The temporary file is opened on entry, so a path that
+    cannot be written is reported before the model loads.
+    """
+    if path is None:
+        yield None
+        return
+    dest = Path(os.path.realpath(path))  # os.path: a symbolic link loop is a path, not an error
+    if dest.is_dir():
+        raise MinimoeError(f"cannot write predictions ({path} is a directory); choose another --predictions")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        f = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise _cannot_write_predictions(e, path) from None
+
+    def save(rec, text: str) -> None:
+        try:
+            f.write(json.dumps({"file": rec.file, "line": rec.line, **rec.data, "generation": text}) + "\n")
+        except OSError as e:
+            raise _cannot_write_predictions(e, path) from None
+
+    try:
+        yield save
+        try:
+            f.flush()
+            os.fsync(f.fileno())  # the rows reach the disk before the rename makes them the file
+            f.close()
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise _cannot_write_predictions(e, path) from None
+    finally:
+        f.close()
+        tmp.unlink(missing_ok=True)  # gone already once renamed
+
+
+def _cannot_write_predictions(e: OSError, path: str) -> MinimoeError:
+    """The error of a failed write, naming the user's path rather than the temporary file beside it."""
+    reason = describe_os_error(OSError(e.errno, e.strerror, path)) or e.strerror
+    return MinimoeError(f"cannot write predictions ({reason})")
+
+
 def run(args) -> int:
     from minimoe.eval.runner import default_results_path, evaluate_run
 
@@ -236,27 +302,16 @@ def run(args) -> int:
         require("--task generation (BLEU, chrF, ROUGE)", "sacrebleu", "rouge_score")
     if args.out:  # found out now, not after the evaluation
         check_writable(args.out, "--out", "results")
-    pred_file = None
-    if args.task == "generation" and args.predictions:
-        try:
-            pred_file = open(args.predictions, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise MinimoeError(f"cannot write predictions ({describe_os_error(e) or e.strerror})") from None
-
-        def save(rec, text: str) -> None:
-            pred_file.write(
-                json.dumps({"file": rec.file, "line": rec.line, **rec.data, "generation": text}) + "\n"
-            )
-
-        opts["on_prediction"] = save
-    try:
+    predictions = args.predictions if args.task == "generation" else None
+    if predictions:
+        _check_predictions_path(predictions, args.data)
+    with _predictions_writer(predictions) as save:
+        if save is not None:
+            opts["on_prediction"] = save
         res = evaluate_run(
             args.run_dir, args.task, args.data, checkpoint=args.checkpoint, device=args.device,
             dtype=args.dtype, progress=not args.no_progress, **opts,
         )  # fmt: skip
-    finally:
-        if pred_file is not None:
-            pred_file.close()
     res = _finite(res)
     out_path = Path(args.out) if args.out else default_results_path(res)
     try:
