@@ -3,7 +3,7 @@ split when a BPE merge crosses the boundary, an empty continuation, generation s
 references, when final-answer accuracy is reported, and lm-eval's top_k and stop strings; the default
 window and stride, documents streamed in rounds, log-softmax chunks, greedy ties, choice ties and
 acc_norm's normaliser, minimal pairs' totals, and lm-eval's context cut, request order and empty
-continuation."""
+continuation; the hidden files and folders a task folder leaves out."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from minimoe.data import Tokenizer, train_bpe
 from minimoe.eval import metrics
 from minimoe.eval.perplexity import evaluate_perplexity
 from minimoe.eval.scoring import Score, encode_pair, score_pairs, token_logprobs
-from minimoe.eval.tasks import evaluate_generation, generate_until
+from minimoe.eval.tasks import evaluate_generation, generate_until, load_records, task_files
 
 
 def test_perplexity_limit_scores_exactly_the_first_documents(tmp_path):
@@ -259,3 +259,27 @@ def test_perplexity_streams_documents_in_rounds_without_losing_or_repeating_any(
     assert res["loss"] == pytest.approx(
         evaluate_perplexity(model, tok, tmp_path / "d.txt", window=8, stride=4)["loss"], rel=1e-6
     )
+
+
+def test_task_folders_leave_out_hidden_files_and_folders_as_training_folders_do(tmp_path):
+    """A task folder read every .jsonl under it, so Jupyter's .ipynb_checkpoints/*-checkpoint.jsonl
+    copies were evaluated a second time. Hidden files and folders are now left out by the rule training
+    data folders (FolderCorpus) follow."""
+    from minimoe.data.corpus import FolderCorpus
+
+    row = {"prompt": "p", "reference": "aaaa"}
+    for name in (
+        "a.jsonl",
+        "sub/b.jsonl",
+        ".ipynb_checkpoints/a-checkpoint.jsonl",
+        "sub/.c.jsonl",
+        ".git/x/d.jsonl",
+    ):
+        write_jsonl(tmp_path / "f" / name, [row])
+    files, root = task_files(tmp_path / "f")
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.jsonl", "sub/b.jsonl"]
+    assert files == FolderCorpus(tmp_path / "f").files
+    assert [r.file for r in load_records(tmp_path / "f").records] == ["a.jsonl", "sub/b.jsonl"]
+    model, _ = unigram_model({ord("a"): 5.0})
+    res = evaluate_generation(model, Tokenizer.byte(), tmp_path / "f", max_new_tokens=4)
+    assert res["n"] == 2 and set(res["per_file"]) == {"a.jsonl", "sub/b.jsonl"}

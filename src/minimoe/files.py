@@ -1,4 +1,5 @@
-"""File-system helpers shared by the writers of checkpoints, exports and quantized runs."""
+"""File-system helpers shared across the package: writing checkpoints, exports and quantized runs, and
+listing the files of a data folder."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from minimoe.errors import MinimoeError
@@ -81,3 +83,17 @@ def check_new_run_dir(out: Path, force: bool) -> None:
             f"{out} already exists and is not empty (a run's config.yaml and tokenizer/ would replace "
             "files there); choose another --out or pass --force"
         )
+
+
+def visible_files(root: Path, skip_dirs: frozenset = frozenset()) -> Iterator[tuple[str, Path]]:
+    """(relative '/'-separated path, path) of each file under `root` in walk order, leaving out hidden
+    names (starting with '.') and folders named in `skip_dirs`. Training data folders and eval task
+    folders read their files through it, so both skip the same copies (.ipynb_checkpoints, .git); hidden
+    folders are pruned while walking, so a .git or .venv inside costs nothing."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        for name in filenames:
+            if not name.startswith("."):
+                yield prefix + name, Path(dirpath) / name

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 import sys
 import sysconfig
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from minimoe.errors import MinimoeError, require
+from minimoe.files import visible_files
 
 EOT = "<|endoftext|>"
 # Documents longer than this many characters are tokenized in pieces cut at a newline.
@@ -225,17 +225,10 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 def _walk(root: Path, glob: str, skip_dirs: frozenset) -> list[Path]:
-    """Files under `root` matching `glob`, sorted by relative path. Hidden names and `skip_dirs`
-    are pruned while walking, so a .git or .venv inside the folder costs nothing."""
+    """Files under `root` matching `glob`, sorted by relative path; hidden names and `skip_dirs` are left
+    out (`visible_files`)."""
     match = _glob_regex(glob.removeprefix("./")).match
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
-        rel = Path(dirpath).relative_to(root).as_posix()
-        prefix = "" if rel == "." else rel + "/"
-        for f in filenames:
-            if not f.startswith(".") and match(prefix + f):
-                found.append((prefix + f, Path(dirpath) / f))
+    found = [(rel, path) for rel, path in visible_files(root, skip_dirs) if match(rel)]
     return [p for _, p in sorted(found) if p.is_file()]
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from minimoe.data.corpus import iter_jsonl
 from minimoe.errors import MinimoeError
 from minimoe.eval.scoring import encode_pair, model_context, score_pairs
+from minimoe.files import visible_files
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -48,7 +49,8 @@ class Record:
 
 
 def task_files(path: str | Path) -> tuple[list[Path], Path | None]:
-    """The .jsonl files of a task: the file itself, or those under a folder (sorted).
+    """The .jsonl files of a task: the file itself, or those under a folder (sorted). A folder's hidden
+    files and folders (.ipynb_checkpoints copies, .git) are left out, as training data folders leave them.
 
     Returns:
         (files, root) where root is the folder (None for a single file).
@@ -58,7 +60,7 @@ def task_files(path: str | Path) -> tuple[list[Path], Path | None]:
         raise MinimoeError(f"task data {p} does not exist")
     if p.is_file():
         return [p], None
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in JSONL_SUFFIXES)
+    files = sorted(f for _, f in visible_files(p) if f.suffix.lower() in JSONL_SUFFIXES and f.is_file())
     if not files:
         raise MinimoeError(f"folder {p} holds no .jsonl files")
     return files, p
