@@ -1235,6 +1235,23 @@ def test_eval_out_is_checked_before_the_evaluation(ctx: Ctx, capsys, monkeypatch
     _check(Case("eval-out-first", lambda c: [], "cannot write results"), rc, out, err)
 
 
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_quantize_out_is_checked_before_the_model_loads(ctx: Ctx, capsys, monkeypatch, kind):
+    """An existing --out was refused only by save_quantized, after loading, quantizing and both
+    perplexity passes; the same rule now runs before the run is loaded."""
+    import minimoe.train.checkpoint
+
+    def loaded(*a, **k):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    monkeypatch.setattr(minimoe.train.checkpoint, "load_run", loaded)
+    out = ctx.file("taken/x.txt", "x").parent if kind == "folder" else ctx.file("taken.bin", "x")
+    rc = main([str(a) for a in ["quantize", ctx.run, *Q, "--eval-data", ctx.text(), "--out", out]])
+    stdout, err = capsys.readouterr()
+    expect = f"{out} already exists and is not an empty directory; choose another --out"
+    _check(Case("quantize-out-first", lambda c: [], expect), rc, stdout, err)
+
+
 def test_resume_from_another_directory(ctx: Ctx, capsys, monkeypatch):
     """config.yaml stores the data path absolute, so a relative --data still resolves after a cd."""
     ctx.file("rel.txt", "the cat sat on the mat\n" * 400)

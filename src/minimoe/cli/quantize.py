@@ -30,6 +30,7 @@ def run(args) -> int:
     from minimoe.errors import MinimoeError
     from minimoe.infer.quantize import (
         check_quant_args,
+        check_quantized_out,
         heldout_ids,
         perplexity,
         quantize_model,
@@ -45,6 +46,7 @@ def run(args) -> int:
     if args.seq_len is not None and args.seq_len < 2:
         raise MinimoeError(f"--seq-len must be at least 2, got {args.seq_len}")
     resolve_device(args.device, what="--device")
+    check_quantized_out(args.out)  # before any work: loading, quantizing, the perplexity passes
     model, tok, cfg, meta = load_run(args.run_dir, args.checkpoint, args.device)
     if getattr(model, "quantization", None):
         raise MinimoeError(f"{meta['path']} is already quantized")

@@ -261,6 +261,14 @@ def perplexity(
     return math.exp(total / count)
 
 
+def check_quantized_out(out: str | Path) -> None:
+    """Refuse an `out` that exists and is not an empty directory: `save_quantized` writes a new checkpoint
+    and replaces nothing. The CLI asks before loading the model, so the refusal costs no work."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinimoeError(f"{out} already exists and is not an empty directory; choose another --out")
+
+
 def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -> Path:
     """Write a quantized model as a checkpoint directory that `load_run` reads back.
 
@@ -280,8 +288,7 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
     src, out = Path(source_ckpt), Path(out)
     if not getattr(model, "quantization", None):
         raise MinimoeError("the model is not quantized; call quantize_model first")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MinimoeError(f"{out} already exists and is not an empty directory; choose another --out")
+    check_quantized_out(out)
     tmp = fresh_temp_dir(out, "quantize")
     try:
         save_model(model, str(tmp / "model.safetensors"))
