@@ -448,6 +448,29 @@ def test_checkpoint_file_operations_are_ordered_for_crash_safety(trained_run, tm
     assert _leftovers(run) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fsynced paths from /proc/self/fd")
+@pytest.mark.parametrize("writer", ["quantize", "export"])
+def test_quantized_and_exported_folders_are_fsynced_before_their_rename(
+    trained_run, tmp_path, monkeypatch, writer
+):
+    """save_quantized and export_model renamed their temporary folder into place without an fsync: a power
+    loss could leave zero-length files in a folder `load_run` (or from_pretrained) trusts. Every file and
+    directory is now fsynced before the rename, and the parent directory after it, as checkpoints are."""
+    from minimoe.hf.export import export_model
+    from minimoe.infer.quantize import quantize_model, save_quantized
+
+    model, tok, _, meta = ckpt_lib.load_run(trained_run, "latest")
+    out = tmp_path / "out"
+    with monkeypatch.context() as mp:
+        ops = FileOps(mp, out)
+        if writer == "quantize":
+            save_quantized(quantize_model(model, 8), meta["path"], out)
+        else:
+            export_model(model, tok, out, shard_size="40KB")  # several shards and an index
+    _check_published(ops, tmp_path, out)
+    assert len([f for f in out.rglob("*") if f.is_file()]) >= 4
+
+
 def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while not pred():

@@ -1,5 +1,5 @@
-"""File-system helpers shared across the package: writing checkpoints, exports and quantized runs, and
-listing the files of a data folder."""
+"""File-system helpers shared across the package: writing checkpoints, exports and quantized runs
+durably, and listing the files of a data folder."""
 
 from __future__ import annotations
 
@@ -30,6 +30,31 @@ def as_umask_allows(path: str | Path) -> None:
     """Give `path` the permissions a plain open() would (0644 under the usual umask 022): safetensors
     writes its files 0600, which other users and tools that serve the folder could not read."""
     os.chmod(path, 0o666 & ~current_umask())
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries to the disk: a new or renamed file's name lives in its directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory deepest first, then `root`: what a folder
+    written under a temporary name needs before the rename that publishes it, so that a power loss cannot
+    leave a folder readers trust holding empty or missing files."""
+    entries = sorted(root.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts)))
+    for p in entries:
+        (fsync_dir if p.is_dir() else fsync_file)(p)
+    fsync_dir(root)
 
 
 def read_json_object(path: Path) -> dict:

@@ -4,8 +4,8 @@ files, generation_config.json.
 
 The format is chosen by `minimoe.hf.formats` (DeepSeek-V3 for sigmoid-routed MLA models). Exact
 re-parameterisations (below) keep the logits identical; anything a format cannot express is
-refused with one sentence. Writing goes to a temporary folder that is renamed into place, so an
-interrupted export never leaves a half-written model behind.
+refused with one sentence. Writing goes to a temporary folder that is fsynced and renamed into place,
+so an interrupted export or a power loss never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from minimoe.config import ModelConfig
 from minimoe.data.chat_template import PLAIN_CHAT_TEMPLATE
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows, fresh_temp_dir
+from minimoe.files import as_umask_allows, fresh_temp_dir, fsync_dir, fsync_tree
 from minimoe.hf import formats, keymap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -269,12 +269,14 @@ def export_model(
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2))
         files += ["config.json", "generation_config.json"]
         files += write_tokenizer_files(tokenizer, tmp, cfg.max_position_embeddings)
+        fsync_tree(tmp)  # on the disk before the rename, so a power loss leaves no empty files behind
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out.parent)
     nbytes = sum(t.numel() * t.element_size() for t in hub.values())
     return ExportResult(out_dir=out, format=fmt, files=files, weight_bytes=nbytes, notes=notes)
 

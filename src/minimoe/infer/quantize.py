@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows, fresh_temp_dir, read_json_object
+from minimoe.files import as_umask_allows, fresh_temp_dir, fsync_dir, fsync_tree, read_json_object
 from minimoe.model.expert_kernels import loop_experts
 from minimoe.model.experts import GroupedExperts
 
@@ -274,7 +274,8 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
 
     The directory holds model.safetensors (integer weights and scales), the source checkpoint's
     config.yaml and tokenizer/, and its meta.json plus `quantization` and `quantized_from`. It is
-    written to a temporary sibling and renamed, so a failure leaves nothing half-written.
+    written to a temporary sibling, fsynced and renamed, so a failure or a power loss leaves nothing
+    half-written.
 
     Args:
         model: a model returned by quantize_model.
@@ -299,12 +300,14 @@ def save_quantized(model: nn.Module, source_ckpt: str | Path, out: str | Path) -
         meta.pop("path", None)
         meta.update(quantization=dict(model.quantization), quantized_from=str(src.resolve()))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        fsync_tree(tmp)  # on the disk before the rename: load_run trusts a folder with meta.json
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out.parent)
     return out
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from minimoe.errors import MinimoeError
-from minimoe.files import as_umask_allows, read_json_object
+from minimoe.files import as_umask_allows, fsync_dir, fsync_tree, read_json_object
 from minimoe.provenance import code_version
 
 if TYPE_CHECKING:
@@ -42,19 +42,6 @@ CKPT = "checkpoints"
 # where the MTP module reads the main model's hidden state, recorded in every checkpoint's meta.json
 MTP_INPUT = "after_final_norm"
 log = logging.getLogger("minimoe.train")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,7 +56,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # what a crash mid-save leaves in checkpoints/: never trusted, removed by the next save
@@ -156,7 +143,7 @@ def save_checkpoint(
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     try:
         atomic_write_text(root / "latest", final.name + "\n")
         if is_best:
@@ -185,11 +172,7 @@ def _write_dir(tmp: Path, model, state: dict, meta: dict, config_text: str, toke
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    # every file, then every directory deepest first: a file's name lives in its directory (tokenizer/)
-    entries = sorted(tmp.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts)))
-    for p in entries:
-        (_fsync_dir if p.is_dir() else _fsync_file)(p)
-    _fsync_dir(tmp)
+    fsync_tree(tmp)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
