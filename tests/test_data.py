@@ -560,6 +560,12 @@ def test_hf_source_expands_the_home_folder_of_a_local_folder(tmp_path, monkeypat
     cache = str(tmp_path / "hf_cache")
     assert list(open_source("hf:~/docs/a.jsonl", cache_dir=cache).documents()) == ["from a", "from a too"]
     assert list(open_source("hf:~/docs", cache_dir=cache).documents()) == ["from a", "from a too"]
+    # a hidden folder's copy is neither read by datasets nor part of the source's identity
+    (tmp_path / "docs" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "docs" / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_text('{"text": "old"}\n')
+    source = open_source("hf:~/docs", cache_dir=cache)
+    assert [p.name for p in source.files] == ["a.jsonl"]
+    assert list(source.documents()) == ["from a", "from a too"]
 
 
 def test_token_array_sources(tmp_path):

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 from minimoe.data.corpus import TEXT_FIELD_HINT, Corpus, record_texts
 from minimoe.errors import MinimoeError, require
+from minimoe.files import visible_files
 
 
 class HFCorpus(Corpus):
@@ -36,7 +37,8 @@ class HFCorpus(Corpus):
             raise MinimoeError(f"data source {spec!r} must be hf:NAME_OR_PATH[?name=CONFIG&split=SPLIT]")
         local = Path(target).expanduser()
         if local.is_dir():
-            files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+            # as datasets resolves a local folder: hidden files and folders left out
+            files = sorted(p for _, p in visible_files(local))
             root: Path | None = local
         elif local.is_file():
             files, root = [local], None
