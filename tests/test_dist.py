@@ -171,6 +171,13 @@ def _paused_run(run_dir: Path, overrides: list[str], steps: int, ctx=None) -> No
     Trainer(cfg, run_dir, data, data.tokenizer(), progress=False, ctx=ctx).fit(stop_after=steps)
 
 
+def _holds_weights(x) -> bool:
+    """Whether `x` holds a model state dict's tensors (the embedding's, by its name)."""
+    if isinstance(x, dict):
+        return torch.is_tensor(x.get("embed_tokens.weight")) or any(map(_holds_weights, x.values()))
+    return isinstance(x, list | tuple) and any(map(_holds_weights, x))
+
+
 def _broadcast_state_check(ctx) -> dict:
     """`broadcast_state` of a nested state (every dtype a checkpoint holds, a non-contiguous tensor, a
     scalar, plain values): what each rank received equals rank 0's, and the one pickle it sends (the
@@ -247,8 +254,20 @@ def _rank_main(rank: int, port: int, root: str, corpus: str, out_json: str) -> N
         # by the test), and one process's paused run continues here on 2 ranks
         for name, extra in (("ep", SCENARIOS["ep"]), ("fsdp", SCENARIOS["fsdp"])):
             _paused_run(root_p / f"pause2-{name}", base + ["train.max_steps=8"] + extra, 4, ctx)
-        for name, extra in RESUME_ON_2.items():
-            train_from_config(overrides=extra, run_dir=root_p / f"pause1-{name}", resume=True, progress=False)
+        import minimoe.dist.init as dist_init
+
+        pickled, real = [], dist_init.broadcast_object  # what the resumes below send as pickles
+        dist_init.broadcast_object = lambda obj, ctx, src=0: (
+            pickled.append(real(obj, ctx, src)) or pickled[-1]
+        )
+        try:
+            for name, extra in RESUME_ON_2.items():
+                train_from_config(
+                    overrides=extra, run_dir=root_p / f"pause1-{name}", resume=True, progress=False
+                )
+        finally:
+            dist_init.broadcast_object = real
+        result["pickled_weights"] = any(map(_holds_weights, pickled))
         # the same 2 ranks pause and resume, against the same run uninterrupted
         train_from_config(overrides=base + NOISY, run_dir=root_p / "2r-noisy-full", progress=False)
         _paused_run(root_p / "2r-noisy-paused", base + NOISY, 4, ctx)
@@ -500,6 +519,7 @@ def test_broadcast_state_sends_tensors_apart_from_the_structure(two_ranks):
     goes through the pickle (under NCCL a pickle of the whole state would be put on every GPU)."""
     check = two_ranks["broadcast_state"]
     assert check == {"equal": [True, True], "pickled_tensors": 0}
+    assert two_ranks["pickled_weights"] is False  # the resumes on 2 ranks sent no weight as a pickle
 
 
 @pytest.mark.parametrize("name", list(RESUME_ON_2))
