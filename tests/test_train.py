@@ -825,7 +825,9 @@ def test_an_interrupt_saves_before_its_evaluation(tmp_path, corpus, monkeypatch)
         ]
         assert any("val_loss" in r for r in rows)  # the evaluation is still logged
         meta = json.loads((ckpt_lib.latest_checkpoint(tmp_path / f"run{every}") / "meta.json").read_text())
-        assert meta["step"] == 1
+        assert meta["step"] == 1 and meta["val_loss"] == [r for r in rows if "val_loss" in r][-1]["val_loss"]
+        # an evaluation at a stop asked for does not choose the best checkpoint; the schedule's does
+        assert (tmp_path / f"run{every}/checkpoints/best").exists() == (every == 1)
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, corpus, monkeypatch):

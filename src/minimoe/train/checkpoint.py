@@ -322,6 +322,14 @@ def read_config(ckpt: Path) -> RunConfig:
     return dataclass_from_dict(RunConfig, load_yaml(ckpt / "config.yaml")).validate()
 
 
+def record_val_loss(ckpt: Path, val_loss: float) -> None:
+    """Write the validation loss of a checkpoint evaluated after it was saved (a stop asked for saves
+    first) into its meta.json, replaced whole."""
+    meta = read_meta(ckpt)
+    meta["val_loss"] = val_loss
+    atomic_write_text(ckpt / "meta.json", json.dumps(meta, indent=2))
+
+
 def read_meta(ckpt: Path) -> dict:
     """A checkpoint's meta.json, or one sentence saying it is damaged."""
     try:

@@ -411,6 +411,8 @@ class Trainer:
                         self._eval_s = save_start - eval_start
                         if not urgent:
                             last_ckpt = self.save(loss, is_best=improved)
+                        elif loss is not None and last_ckpt is not None and self.ctx.is_main:
+                            ckpt_lib.record_val_loss(last_ckpt, loss)  # evaluated after its save
                         self._save_s = clock() - save_start
                     elif tc.save_every and self.step % tc.save_every == 0:
                         save_start = clock()
