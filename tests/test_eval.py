@@ -652,9 +652,10 @@ def test_cli_bad_multiple_choice_input(tmp_path, capsys, unigram_run, rows, extr
 
 
 def test_no_task_reads_past_the_runs_training_length_unless_asked(tmp_path, capsys, monkeypatch):
-    """The run trained on 32 tokens of a 64-position model: multiple choice and minimal pairs score, and
-    generation reads, at most 32 positions by default (as perplexity's windows and the lm-eval adapter
-    do), so a long context loses its start; `--context 64` reads them all."""
+    """The run trained on 32 tokens of a 64-position model: multiple choice and minimal pairs score at
+    most 32 positions by default (as perplexity's windows and the lm-eval adapter do), so a long context
+    loses its start; `--context 64` reads them all. Generation reads the model's context, as `minimoe
+    generate` does, so a budget past the training length is no error; `--context` sets it there too."""
     import minimoe.eval.scoring as scoring
     import minimoe.eval.tasks as tasks
 
@@ -687,7 +688,10 @@ def test_no_task_reads_past_the_runs_training_length_unless_asked(tmp_path, caps
             data,
             *(["--max-new-tokens", "4"] if task == "generation" else []),
         )
-    assert read == [32, 32, 32]
+    assert read == [32, 32, None]  # generation: the model's context, as `minimoe generate`
+    # with --max-new-tokens past the training length (the default, 64, is the whole context here)
+    cli_json(capsys, run, "--task", "generation", "--data", gen, "--max-new-tokens", "40", "--context", "48")
+    assert read[-1] == 48
     default = cli_json(capsys, run, "--task", "multiple-choice", "--data", mc)
     whole = cli_json(capsys, run, "--task", "multiple-choice", "--data", mc, "--context", "64")
     assert (

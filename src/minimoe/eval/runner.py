@@ -89,9 +89,11 @@ def evaluate_run(
     model = model.to(DTYPES[dtype]).eval()
     t0 = time.perf_counter()
     opts = {k: v for k, v in options.items() if v is not None}
-    # positions past the training length were never trained: by default no task reads beyond it
+    # positions past the training length were never trained: by default no scoring task reads beyond it
+    # (generation asks for its own length, and reads the model's context as `generate` does)
     trained = min(cfg.train.seq_len, cfg.model.max_position_embeddings)
-    opts.setdefault("window" if task == "perplexity" else "context", trained)
+    if task != "generation":
+        opts.setdefault("window" if task == "perplexity" else "context", trained)
     if task == "perplexity":
         res = perplexity.evaluate_perplexity(model, tok, str(data), progress=progress, **opts)
         res["data_sha256"] = _source_hash(data, opts.get("text_field", "text"))

@@ -396,7 +396,7 @@ def evaluate_generation(
             lines without one), as `minimoe serve`'s chat completions do, and stop at the template's
             end-of-turn token too: how a chat-tuned run is asked.
         context: prompt + generated tokens at most (prompts are cut from the left; default: the model
-            context).
+            context, as `minimoe generate` reads).
     Returns:
         {"bleu", "bleu_brevity_penalty", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "f1",
         "exact_match", "n", "data_sha256"}, "answer_accuracy" when every reference has a "#### answer",
@@ -432,7 +432,7 @@ def evaluate_generation(
     ):
         text = generate_until(
             model, tokenizer, prompt, max_new_tokens, stop, temperature, top_k, top_p, seed + i,
-            context=context, stop_ids=turn_ends,
+            context=context and _context(model, context), stop_ids=turn_ends,
         )  # fmt: skip
         hyps.append(text.strip())
         if on_prediction is not None:
