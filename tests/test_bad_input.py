@@ -640,6 +640,7 @@ CASES += [
     Case("serve-log-level-choice", lambda c: ["serve", c.run, "--log-level", "loud"], "invalid choice: 'loud'"),
     Case("serve-forwarded-not-an-address", lambda c: ["serve", c.run, "--forwarded-allow-ips", "127.0.0.1,proxy"], "'proxy' is not an IP address or network"),
     Case("serve-forwarded-empty", lambda c: ["serve", c.run, "--forwarded-allow-ips", " , "], "got nothing"),
+    Case("serve-forwarded-host-bits", lambda c: ["serve", c.run, "--forwarded-allow-ips", "10.0.0.1/8"], "the network is 10.0.0.0/8"),
 ]
 
 # ---- quantize

@@ -1182,6 +1182,25 @@ def _finished(stream: socket.socket) -> bool:
         stream.settimeout(60)
 
 
+@pytest.mark.parametrize(
+    "given, trusted, untrusted",
+    [("127.0.0.1", "127.0.0.1", "127.0.0.2"), ("10.0.0.0/8,::1", "10.1.2.3", "11.0.0.1"),
+     ("10.0.0.5, *", "192.168.1.1", None), ("fd00::/8", "fd00::7", "fe80::1")],
+)  # fmt: skip
+def test_forwarded_allow_ips_are_trusted_by_uvicorn_as_given(given, trusted, untrusted):
+    """What `--forwarded-allow-ips` accepts is what uvicorn's own proxy middleware then trusts (its
+    networks parse strictly, and "*" means any only alone)."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from minimoe.cli.serve import proxy_list
+    from minimoe.serve.app import proxy_settings
+
+    settings = proxy_settings(proxy_list(given))
+    hosts = ProxyHeadersMiddleware(None, settings["forwarded_allow_ips"]).trusted_hosts
+    assert settings["proxy_headers"] and trusted in hosts
+    assert untrusted is None or untrusted not in hosts
+
+
 def test_clients_behind_a_trusted_proxy_count_apart_and_others_cannot_claim_an_address(tight):
     """The server trusts X-Forwarded-For from 127.0.0.1 only (one slot, one waiting choice per client,
     two in all). Through the proxy, a second client's request waits beside the first client's; from

@@ -125,14 +125,19 @@ def proxy_list(text: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         raise argparse.ArgumentTypeError("expected addresses or networks separated by commas, got nothing")
+    if "*" in items:  # uvicorn reads * as "any" only alone
+        return ["*"]
     for item in items:
-        if item != "*":
+        try:
+            ipaddress.ip_network(item)  # strict, as uvicorn parses it: 10.0.0.1/8 would match nothing
+        except ValueError:
             try:
-                ipaddress.ip_network(item, strict=False)
+                net = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise argparse.ArgumentTypeError(
                     f"{item!r} is not an IP address or network (10.0.0.1, 10.0.0.0/8, ::1, or * for any)"
                 ) from None
+            raise argparse.ArgumentTypeError(f"{item!r} has host bits set; the network is {net}") from None
     return items
 
 
