@@ -1222,6 +1222,20 @@ def test_speculative_accepts_when_the_draft_is_right():
     assert stats.forward_calls == 6 and stats.drafted == 5
 
 
+def test_speculative_prefill_computes_the_last_positions_logits_only():
+    """The prompt's forward feeds every position's hidden state to the MTP prefill but reads only the
+    last position's logits: the head runs on that one (a (P, V) tensor would be gigabytes at a large
+    vocabulary and a long prompt)."""
+    model = tiny_model()
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        next(iter(generate_tokens(model, list(range(1, 41)), 4, temperature=0.0, speculative=True)))
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, 1, model.cfg.vocab_size), shapes
+
+
 def test_speculative_runs_to_the_last_position_and_counts_both_caches():
     """Near the end of the context, greedy speculative decoding gives plain greedy decoding's tokens
     up to the last position (60 + 4 = 64), and its stats count the main and MTP caches' bytes, up to

@@ -2740,3 +2740,36 @@ def test_a_sequence_whose_logits_are_not_numbers_fails_alone_and_leaves_a_clean_
     assert [got[2], got[3]] == alone and len(set(alone)) == 2
     assert struck  # job 1 failed while decoding, not at its prefill
     assert engine.active_jobs == 0 and engine.pool.n == 0
+
+
+def test_a_first_draft_that_is_not_a_number_fails_its_sequence_alone():
+    """Speculative: the MTP module's first draft of a sequence (made as it joins the batch) is NaN for
+    one sampled sequence; that one fails, the others of its wave finish as they do alone."""
+    model, tok = _mtp_model()
+    sampled = [JobParams(max_tokens=8, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    prompts = ["the cat", "a dog", "on a mat"]
+
+    def jobs():
+        return [
+            Job(i, tok.encode(p), params, lambda e: None)
+            for i, (p, params) in enumerate(zip(prompts, sampled))
+        ]
+
+    alone = [_texts(_engine_run(Engine(model, tok, speculative=True), [job]))[job.index] for job in jobs()]
+    engine = Engine(model, tok, speculative=True, prefill_rows=3)
+    real = engine._prefill.first_draft
+
+    def first_draft(rows, tokens):
+        drafts = real(rows, tokens)
+        for i, row in enumerate(rows):  # job 1's row
+            if any(seq.job.index == 1 for seq in engine._prefilling[row]):
+                drafts[i] = float("nan")
+        return drafts
+
+    engine._prefill.first_draft = first_draft
+    events = _engine_run(engine, jobs())
+    failures = [e for e in events if isinstance(e, Failure)]
+    assert [f.index for f in failures] == [1] and "not a number" in failures[0].message
+    got = _texts(events)
+    assert [got[0], got[2]] == [alone[0], alone[2]]
+    assert engine.active_jobs == 0 and engine.pool.n == 0

@@ -165,7 +165,8 @@ def speculative_tokens(
     t0 = time.perf_counter()
     cache, mtp_cache = model.make_cache(1, P + budget), make_mtp_cache(model, 1, P + budget)
     prompt = torch.tensor([ids], device=device)
-    out = model(prompt, cache=cache)  # all positions' hidden states feed the MTP prefill
+    # all positions' hidden states feed the MTP prefill; only the last one's logits are read
+    out = model(prompt, cache=cache, num_logits_to_keep=1)
     last, _ = choose_token(out.logits[:, -1], params, seen, gen)
     seen = _seen_with(seen, last)
     stats.prompt_tokens += P

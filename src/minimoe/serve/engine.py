@@ -317,7 +317,9 @@ class Engine:
             try:
                 if self.speculative:
                     drafts = self._prefill.first_draft([r for r, _ in wave], [s.next_token for _, s in wave])
+                    broken = quarantine(drafts, [seq for _, seq in wave])
                     next_drafts(drafts, [seq for _, seq in wave])
+                    wave = [pair for i, pair in enumerate(wave) if i not in broken]
             except Exception as e:  # noqa: BLE001 - this wave cannot continue; the others can
                 for _, seq in wave:
                     seq.job.fail(e)

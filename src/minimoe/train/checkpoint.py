@@ -335,7 +335,10 @@ def read_meta(ckpt: Path) -> dict:
     try:
         return read_json_object(ckpt / "meta.json")
     except MinimoeError as e:
-        raise MinimoeError(f"checkpoint {ckpt} is damaged: {e}; resume or load an earlier one") from None
+        raise MinimoeError(
+            f"checkpoint {ckpt} is damaged: {e}; to resume from or load an earlier checkpoint of the run "
+            "instead, write its folder name (step_...) into the run's checkpoints/latest"
+        ) from None
 
 
 def load_run(path: str | Path, which: str = "best", device: str | torch.device = "cpu", model_cfg=None):
