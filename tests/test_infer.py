@@ -2020,6 +2020,14 @@ def test_decode_flops_count_the_activated_matrices(kw):
 
     model = tiny_model(**kw)
     assert decode_flops(model, batch=3) == 2 * 3 * matmul_params(model.cfg)
+    # int8 and int4 weights are buffers, not parameters: the same matrices, the same count
+    import copy
+
+    from minimoe.infer.quantize import quantize_model
+
+    for bits in (8, 4):
+        quantized = quantize_model(copy.deepcopy(model), bits, group_size=16)
+        assert decode_flops(quantized, batch=3) == 2 * 3 * matmul_params(model.cfg), bits
 
 
 @pytest.mark.parametrize(

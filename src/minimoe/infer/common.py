@@ -115,6 +115,11 @@ def decode_flops(model, batch: int) -> float:
             n += p.numel() * share
         elif p.dim() == 2:
             n += p.numel()
+    for name, m in model.named_modules():  # int8/int4 weights (`QuantTensor`): buffers, counted as the matrix
+        q = getattr(m, "qweight", None)
+        if q is not None and not name.startswith("mtp.") and "embed_tokens" not in name:
+            entries = q[..., 0].numel() * m.in_features
+            n += entries * share if q.dim() == 3 else entries
     return 2.0 * n * batch
 
 
