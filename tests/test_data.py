@@ -454,7 +454,8 @@ def test_a_folder_reads_each_file_by_its_suffix_and_json_files_as_records(tmp_pa
         "plain text\n",
     ]
     assert open_source(root, text_field="body").content_hash() != open_source(root).content_hash()
-    with pytest.raises(MinimoeError, match=r"a.json record 1 has no 'text' field .*data.glob=PATTERN"):
+    # without the field, a.json holds no records and is text; b.ndjson is JSON Lines, records always
+    with pytest.raises(MinimoeError, match=r"b.ndjson line 1 has no 'text' field .*data.glob=PATTERN"):
         list(open_source(root).documents())
     (tmp_path / "lines.json").write_text('{"text": "l1"}\n{"text": "l2"}\n')
     (tmp_path / "strings.json").write_text('\n  ["s1", "s2"]')
@@ -470,6 +471,37 @@ def test_a_folder_reads_each_file_by_its_suffix_and_json_files_as_records(tmp_pa
     texts.mkdir()
     (texts / "x.md").write_text("# x\n")
     assert open_source(texts).describe()["params"] == {"glob": "**/*"}
+
+
+def test_a_folder_reads_ordinary_json_files_as_text_and_record_json_files_as_records(tmp_path):
+    """A folder of code holds ordinary JSON (package.json, tsconfig.json): it is text, as any other file,
+    while a .json file of records (JSON Lines or one array of objects with the text field, or strings)
+    still gives its text values. Only a .json file given alone must hold records."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "main.py").write_text("print('hi')\n")
+    package = json.dumps({"name": "demo", "version": "1.0.0", "scripts": {"test": "jest"}}, indent=2) + "\n"
+    (code / "package.json").write_text(package)
+    (code / "tsconfig.json").write_text('{"compilerOptions": {"strict": true}}\n')  # one line, no text field
+    (code / "words.json").write_text("[1, 2, 3]\n")  # an array, but not of records
+    assert list(open_source(code).documents()) == [
+        "print('hi')\n",
+        package,
+        '{"compilerOptions": {"strict": true}}\n',
+        "[1, 2, 3]\n",
+    ]
+    data = prepare(code, "byte", tmp_path / "o", val_fraction=0, workers=0, progress=False)
+    train = read_split(data, "train")
+    assert package.encode() in bytes(train[train != 256].astype(np.uint8))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    first = "x" * 70000  # a first record longer than the part of the file read to classify it
+    (docs / "a.json").write_text(json.dumps([{"text": first}, {"text": "two"}]))
+    (docs / "b.json").write_text('\ufeff{"text": "l1", "id": 1}\n{"text": "l2"}\n')
+    (docs / "c.json").write_text('  ["s1", "s2"]')
+    assert list(open_source(docs).documents()) == [first, "two", "l1", "l2", "s1", "s2"]
+    with pytest.raises(MinimoeError, match="package.json line 1 is not valid JSON"):
+        list(open_source(code / "package.json").documents())
 
 
 def test_jsonl_lone_surrogate_is_one_clear_error(tmp_path):

@@ -287,6 +287,19 @@ def test_perplexity_of_a_folder_scores_record_files_by_their_text_field(tmp_path
     assert (res["per_file"]["r.jsonl"]["bytes"], res["n"], res["bytes"]) == (8, 3, 12)
 
 
+def test_perplexity_of_a_folder_scores_ordinary_json_files_as_text(tmp_path):
+    """A package.json in a folder of code is text, scored as the file's bytes, not refused as bad records."""
+    model, _ = unigram_model({ord("a"): 3.0})
+    tok = Tokenizer.byte()
+    (tmp_path / "f").mkdir()
+    package = json.dumps({"name": "a", "private": True}, indent=2)
+    (tmp_path / "f" / "package.json").write_text(package)
+    (tmp_path / "f" / "m.py").write_text("abba")
+    res = evaluate_perplexity(model, tok, tmp_path / "f")
+    assert res["per_file"]["package.json"]["bytes"] == len(package)
+    assert res["bytes"] == len(package) + 4
+
+
 # ---------------------------------------------------------------------- tasks
 
 

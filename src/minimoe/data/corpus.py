@@ -2,7 +2,7 @@
 arrays, and the built-in corpus (the Python standard library's own source).
 
 `open_source(spec)` (in `sources.py`) returns a `Corpus`. A folder reads each file by its suffix: JSON
-records and Parquet rows give their text field, other files are text. A text corpus yields *segments*
+records and Parquet rows give their text field, other files (ordinary JSON too) are text. A text corpus yields *segments*
 `(text, end_of_document)`: documents over `SEGMENT_CHARS` are cut at a newline into several segments,
 so one huge file is tokenized in parallel and never held in memory whole; EOS goes only after the last
 segment.
@@ -24,17 +24,21 @@ from typing import Any
 
 import numpy as np
 
-from minimoe.errors import MinimoeError, require
+from minimoe.data.records import (
+    FOLDER_HINT,
+    RECORD_SUFFIXES,
+    TEXT_FIELD_HINT,
+    folder_file_is_records,
+    json_segments,
+    parquet_segments,
+)
+from minimoe.errors import MinimoeError
 from minimoe.files import visible_files
 
 EOT = "<|endoftext|>"
 # Documents longer than this many characters are tokenized in pieces cut at a newline.
 SEGMENT_CHARS = 1 << 20
 READ_CHARS = 1 << 22
-# JSON records, one document per record's text field: JSON Lines, and .json files that hold JSON Lines or
-# one JSON array of records (the two forms the Hugging Face json builder reads)
-JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
-RECORD_SUFFIXES = (*JSON_SUFFIXES, ".parquet")  # files whose documents are records, not the file's text
 TOKEN_SUFFIXES = (".npy", ".bin")
 
 # Built-in corpus: stdlib *.py minus tests, GUI/demo code, vendored or deprecated trees and
@@ -234,8 +238,9 @@ def _walk(root: Path, glob: str, skip_dirs: frozenset) -> list[Path]:
 
 class FolderCorpus(Corpus):
     """Files under a folder matching a glob, in sorted order, each read by its suffix: JSON records and
-    Parquet rows (RECORD_SUFFIXES) give their `text_field`, as the same file alone would; other files are
-    text, where binary and non-UTF-8 files are skipped and counted in `skipped`. Hidden files and
+    Parquet rows give their `text_field`, as the same file alone would; other files are text, where
+    binary and non-UTF-8 files are skipped and counted in `skipped`. A .json file is records only when
+    it holds records (`folder_file_is_records`); ordinary JSON beside code is text. Hidden files and
     folders (names starting with '.') are left out."""
 
     kind = "folder"
@@ -251,19 +256,17 @@ class FolderCorpus(Corpus):
         files = _walk(root, glob, skip_dirs)
         params = {"glob": glob}
         if any(f.suffix.lower() in RECORD_SUFFIXES for f in files):
-            params["text_field"] = text_field  # what the records' documents are made of
+            # what the records' documents are made of, and whether a .json file holds records at all
+            params["text_field"] = text_field
         super().__init__(name or str(root), files, root=root, params=params)
         self.text_field = text_field
 
     def segments(self) -> Iterator[tuple[str, bool]]:
         self.skipped, self.skipped_files = {"binary": 0, "not_utf8": 0}, []
         for f in self.files:
-            suffix = f.suffix.lower()
-            if suffix in JSON_SUFFIXES:
-                yield from json_segments(f, self.text_field, TEXT_FIELD_HINT + FOLDER_HINT)
-                continue
-            if suffix == ".parquet":
-                yield from parquet_segments(f, self.text_field, TEXT_FIELD_HINT + FOLDER_HINT)
+            if folder_file_is_records(f, self.text_field):
+                read = parquet_segments if f.suffix.lower() == ".parquet" else json_segments
+                yield from read(f, self.text_field, TEXT_FIELD_HINT + FOLDER_HINT)
                 continue
             data = f.read_bytes()
             if b"\0" in data:
@@ -293,12 +296,6 @@ class BuiltinCorpus(FolderCorpus):
         self.params["python"] = ".".join(map(str, sys.version_info[:3]))
 
 
-# what a missing text field's error adds: the two settings that choose another field
-TEXT_FIELD_HINT = "; data.text_field=NAME (minimoe train) or --text-field NAME (minimoe eval) reads another"
-# and, for a file inside a folder, how to leave it out instead
-FOLDER_HINT = ", or data.glob=PATTERN reads only the folder's files that match"
-
-
 class JsonlCorpus(Corpus):
     """JSON records (JSON Lines, or a .json array of records): one document per record, from `text_field`."""
 
@@ -312,79 +309,6 @@ class JsonlCorpus(Corpus):
         return json_segments(self.files[0], self.text_field)
 
 
-def json_segments(path: Path, field: str, hint: str = TEXT_FIELD_HINT) -> Iterator[tuple[str, bool]]:
-    """The `field` text of every record of a JSON data file (see `json_records`), as segments."""
-    for where, rec in json_records(path):
-        if not isinstance(rec, dict) or field not in rec:
-            keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
-            raise MinimoeError(f"{where} has no '{field}' field (it has: {keys}){hint}")
-        yield from record_texts(rec[field], where, field)
-
-
-def json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each record of a JSON data file, `where` naming the file and line or record.
-
-    JSON Lines; a .json file starting with `[` is one JSON array of records instead, read whole as the
-    Hugging Face json builder reads it (a string item is the record {"text": item}).
-    """
-    if path.suffix.lower() != ".json":
-        for n, rec in iter_jsonl(path):
-            yield f"{path} line {n}", rec
-        return
-    with open(path, "rb") as f:
-        array = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
-    if not array:
-        note = "; a .json data file holds JSON Lines or one JSON array of records"
-        for n, rec in iter_jsonl(path, note=note):
-            yield f"{path} line {n}", rec
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            items = json.loads(f.read().removeprefix("\ufeff"))
-    except UnicodeDecodeError:
-        raise MinimoeError(f"{path} is not UTF-8 text; convert it to UTF-8 first") from None
-    except json.JSONDecodeError as e:
-        raise MinimoeError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    for i, item in enumerate(items, 1):
-        yield f"{path} record {i}", {"text": item} if isinstance(item, str) else item
-
-
-def iter_jsonl(path: Path, name: str | None = None, note: str = "") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line of a JSON Lines file (a leading UTF-8
-    byte-order mark is dropped). Training data, eval task files and chat data all read through it.
-
-    Raises MinimoeError naming the file (as `name`, default its path) and line for invalid JSON (`note`
-    appended), and the file for bytes that are not UTF-8. Callers check the shape of each value themselves.
-    """
-    name = name or str(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is not JSON, as in text files
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MinimoeError(f"{name} line {n} is not valid JSON ({e.msg}){note}") from None
-    except UnicodeDecodeError:
-        raise MinimoeError(f"{name} is not UTF-8 text; convert it to UTF-8 first") from None
-
-
-def record_texts(value: Any, where: str, field: str) -> Iterator[tuple[str, bool]]:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise MinimoeError(f"{where}: field '{field}' holds {type(value).__name__}, not text")
-    try:
-        value.encode("utf-8")  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer takes
-    except UnicodeEncodeError as e:
-        raise MinimoeError(
-            f"{where}: field '{field}' holds an unpaired surrogate ({value[e.start]!r}), not valid Unicode text"
-        ) from None
-    if value.strip():
-        yield value, True
-
-
 class ParquetCorpus(Corpus):
     """Parquet: one document per row, from the string column `text_field` (read in batches)."""
 
@@ -396,23 +320,6 @@ class ParquetCorpus(Corpus):
 
     def segments(self) -> Iterator[tuple[str, bool]]:
         return parquet_segments(self.files[0], self.text_field)
-
-
-def parquet_segments(path: Path, field: str, hint: str = TEXT_FIELD_HINT) -> Iterator[tuple[str, bool]]:
-    """The `field` column of a Parquet file, one document per row, read in batches."""
-    require("a Parquet data file", "pyarrow")
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
-        raise MinimoeError(f"{path} is not a readable Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise MinimoeError(f"{path} has no column '{field}' (it has: {', '.join(names)}){hint}")
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            yield from record_texts(value, str(path), field)
 
 
 class TokenArrayCorpus(Corpus):

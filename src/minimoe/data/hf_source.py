@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from minimoe.data.corpus import TEXT_FIELD_HINT, Corpus, record_texts
+from minimoe.data.corpus import Corpus
+from minimoe.data.records import TEXT_FIELD_HINT, record_texts
 from minimoe.errors import MinimoeError, require
 from minimoe.files import visible_files
 

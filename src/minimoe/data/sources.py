@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from minimoe.data.corpus import (
-    JSON_SUFFIXES,
     TOKEN_SUFFIXES,
     BuiltinCorpus,
     Corpus,
@@ -17,6 +16,7 @@ from minimoe.data.corpus import (
     TokenArrayCorpus,
     checked_path,
 )
+from minimoe.data.records import JSON_SUFFIXES
 
 
 def open_source(

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from minimoe.data.corpus import RECORD_SUFFIXES, Corpus, FolderCorpus, TextFileCorpus
+from minimoe.data.corpus import Corpus, FolderCorpus, TextFileCorpus
+from minimoe.data.records import folder_file_is_records
 from minimoe.data.sources import open_source
 from minimoe.errors import MinimoeError
 from minimoe.eval.scoring import model_context, prefix_id, score_pairs
@@ -214,11 +215,12 @@ def evaluate_perplexity(
 
 def _score_folder(model, tokenizer, corpus: FolderCorpus, window, stride, batch_size, limit, bar) -> dict:
     """Score each file of a folder on its own, record files (JSON, Parquet) by their text field as when
-    given alone; binary, non-UTF-8 and blank text files are skipped."""
+    given alone, ordinary JSON as text (`folder_file_is_records`); binary, non-UTF-8 and blank text
+    files are skipped."""
     total, per_file, skipped = _Totals(), {}, []
     for f in corpus.files:
         rel = str(f.relative_to(corpus.root)) if corpus.root else f.name
-        if f.suffix.lower() in RECORD_SUFFIXES:
+        if folder_file_is_records(f, corpus.text_field):
             tot = _score_corpus(
                 model, tokenizer, open_source(f, corpus.text_field), window, stride, batch_size, limit, bar
             )

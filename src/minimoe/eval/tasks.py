@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe.data.corpus import iter_jsonl
+from minimoe.data.records import iter_jsonl
 from minimoe.errors import MinimoeError
 from minimoe.eval.scoring import encode_pair, model_context, score_pairs
 from minimoe.files import visible_files

@@ -14,7 +14,7 @@ import numpy as np
 
 from minimoe.data import chat_template
 from minimoe.data.chat_template import SFT_CHAT_TEMPLATE as DEFAULT_CHAT_TEMPLATE  # noqa: F401 (sft.py)
-from minimoe.data.corpus import iter_jsonl
+from minimoe.data.records import iter_jsonl
 from minimoe.errors import MinimoeError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: rendered as system (chat_template)
