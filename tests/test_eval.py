@@ -505,6 +505,66 @@ def test_cli_failed_generation_keeps_the_previous_predictions(tmp_path, capsys, 
     assert sorted(tmp_path.iterdir()) == [gen, preds, unigram_run]
 
 
+def test_cli_predictions_to_a_fifo_or_pipe_are_written_to_it(tmp_path, capsys, unigram_run):
+    """A FIFO or /dev/fd/N (a pipe, as /dev/stdout is when piped) is written directly: a temporary file
+    renamed onto it would replace the FIFO by a regular file, and cannot sit beside /dev/fd/N at all."""
+    import stat
+
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Say a:", "reference": "aaaa"}] * 2)
+    argv = [unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4, "--predictions"]
+
+    def drain(fd: int) -> list[str]:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        os.close(fd)
+        return [json.loads(line)["generation"] for line in b"".join(chunks).decode().splitlines()]
+
+    fifo = tmp_path / "preds.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open now, so opening the FIFO to write never waits
+    cli_json(capsys, *argv, fifo)
+    assert drain(reader) == ["aaaa"] * 2 and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(tmp_path.iterdir()) == [gen, fifo, unigram_run]
+    r, w = os.pipe()
+    try:
+        cli_json(capsys, *argv, f"/dev/fd/{w}")
+    finally:
+        os.close(w)
+    assert drain(r) == ["aaaa"] * 2
+
+
+def test_cli_predictions_write_failure_is_one_sentence_and_leaves_no_temp_file(
+    tmp_path, capsys, unigram_run, monkeypatch
+):
+    """A failed flush (a full disk, a file size limit) raised again from the cleanup's close(), so a raw OSError
+    hid the sentence and the temporary file beside FILE stayed; now it is one sentence and no file."""
+    import builtins
+    import errno
+
+    import minimoe.cli.eval as cli_eval
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_failing(file, mode="r", *args, **kw):
+        f = builtins.open(file, mode, *args, **kw)
+        if "w" in mode and Path(file).parent == tmp_path:  # the predictions file or its temporary file
+            f.flush = disk_full
+        return f
+
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Say a:", "reference": "aaaa"}] * 2)
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("previous\n")
+    monkeypatch.setattr(cli_eval, "open", open_failing, raising=False)
+    argv = [unigram_run, "--task", "generation", "--data", gen, "--max-new-tokens", 4, "--predictions", preds]
+    err = cli_error(capsys, *argv)
+    assert (
+        err == f"minimoe eval: error: cannot write predictions (no space left on the device holding {preds})"
+    )
+    assert preds.read_text() == "previous\n" and sorted(tmp_path.iterdir()) == [gen, preds, unigram_run]
+
+
 def test_cli_predictions_onto_the_task_data_are_refused_before_any_work(
     tmp_path, capsys, unigram_run, monkeypatch
 ):

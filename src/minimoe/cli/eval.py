@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,8 +254,9 @@ def _predictions_writer(path: str | None) -> Iterator[Callable[[Any, str], None]
 
     Rows go to a temporary file beside `path` (where a symbolic link points), which replaces `path` only
     when the block ends without an error and is removed otherwise: a failed or interrupted evaluation
-    leaves the previous predictions as they were. The temporary file is opened on entry, so a path that
-    cannot be written is reported before the model loads.
+    leaves the previous predictions as they were. A `path` that exists and is not a regular file
+    (/dev/stdout, /dev/fd/N, a FIFO) is written directly: a rename would replace it by a regular file.
+    The file is opened on entry, so a path that cannot be written is reported before the model loads.
     """
     if path is None:
         yield None
@@ -262,9 +264,13 @@ def _predictions_writer(path: str | None) -> Iterator[Callable[[Any, str], None]
     dest = Path(os.path.realpath(path))  # os.path: a symbolic link loop is a path, not an error
     if dest.is_dir():
         raise MinimoeError(f"cannot write predictions ({path} is a directory); choose another --predictions")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
-        f = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        direct = not stat.S_ISREG(os.stat(path).st_mode)  # /dev/fd/N resolves to no path: stat `path`
+    except OSError:
+        direct = False  # a new file (or one the open below reports)
+    tmp = None if direct else dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        f = open(path if direct else tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError as e:
         raise _cannot_write_predictions(e, path) from None
 
@@ -278,14 +284,18 @@ def _predictions_writer(path: str | None) -> Iterator[Callable[[Any, str], None]
         yield save
         try:
             f.flush()
-            os.fsync(f.fileno())  # the rows reach the disk before the rename makes them the file
-            f.close()
-            os.replace(tmp, dest)
+            if tmp is not None:
+                os.fsync(f.fileno())  # the rows reach the disk before the rename makes them the file
+                f.close()
+                os.replace(tmp, dest)
         except OSError as e:
             raise _cannot_write_predictions(e, path) from None
     finally:
-        f.close()
-        tmp.unlink(missing_ok=True)  # gone already once renamed
+        # after a failed write, close() fails to flush the same rows again: the error is reported already
+        with contextlib.suppress(OSError):
+            f.close()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # gone already once renamed
 
 
 def _cannot_write_predictions(e: OSError, path: str) -> MinimoeError:
