@@ -1804,6 +1804,22 @@ def test_cli_prompts_from_file_jsonl_and_stdin(trained_run, tmp_path, capsys, mo
     assert out4 == out2
 
 
+def test_cli_prompts_from_stdin_drop_a_byte_order_mark(trained_run, capsys, monkeypatch):
+    """JSONL piped in with a UTF-8 byte-order mark is read as JSONL, as a prompt file with one is: the mark
+    hid the '{' and the JSON lines were taken as plain prompts. A piped single prompt drops it too."""
+    base = [str(trained_run), "--max-new-tokens", "1", "--temperature", "0", "--output", "jsonl"]
+    jsonl = '{"prompt": "the cat"}\n{"prompt": "a dog"}\n'
+    code, out, err = run_cli(["generate", *base, "--prompt-file", "-"], capsys, "\ufeff" + jsonl, monkeypatch)
+    assert code == 0, err
+    assert [json.loads(x)["prompt"] for x in out.splitlines()] == ["the cat", "a dog"]
+    code, out, err = run_cli(
+        ["generate", *base, "--prompt-file", "-"], capsys, "\ufeffthe cat\n", monkeypatch
+    )
+    assert code == 0 and [json.loads(x)["prompt"] for x in out.splitlines()] == ["the cat"], err
+    code, out, err = run_cli(["generate", *base], capsys, "\ufeffthe cat", monkeypatch)  # one prompt, piped
+    assert code == 0 and [json.loads(x)["prompt"] for x in out.splitlines()] == ["the cat"], err
+
+
 @pytest.fixture()
 def cli(capsys, monkeypatch):
     return lambda argv, stdin=None: run_cli(argv, capsys, stdin, monkeypatch)

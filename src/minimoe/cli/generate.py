@@ -68,13 +68,19 @@ def utf8_text(text: str, where: str) -> str:
     return text
 
 
+def read_stdin() -> str:
+    """Standard input's text without a leading UTF-8 byte-order mark, as prompt files are read: the mark
+    is not part of a prompt, and before a JSONL '{' it made the JSON lines plain prompts."""
+    return utf8_text(sys.stdin.read(), "standard input").removeprefix("\ufeff")
+
+
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from a file: JSONL records with a 'prompt' field when the first non-blank line starts
-    with '{', else one prompt per non-blank line. '-' reads standard input."""
+    with '{', else one prompt per non-blank line. '-' reads standard input (`read_stdin`)."""
     from minimoe.errors import MinimoeError
 
     if path == "-":
-        text = utf8_text(sys.stdin.read(), "standard input")
+        text = read_stdin()
     else:
         f = Path(path)
         if f.is_dir():
@@ -139,7 +145,7 @@ def run(args) -> int:
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
-        prompts = ["" if sys.stdin.isatty() else utf8_text(sys.stdin.read(), "standard input")]
+        prompts = ["" if sys.stdin.isatty() else read_stdin()]
     model, tok, _, meta = load_run(args.run_dir, args.checkpoint, args.device)
     if args.quantize:
         if getattr(model, "quantization", None):
