@@ -1150,6 +1150,44 @@ def test_early_stopping_is_refused_in_a_sweep(tmp_path, capsys):
         assert "train.early_stop_patience=2 would end runs before the budget" in capsys.readouterr().err
 
 
+def test_a_sweep_without_validation_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """A sweep compares validation losses: runs with no val_data and data.val_fraction=0 (in the base or a
+    variant) would all train, then the sweep failed on their missing loss; it is refused at plan time in
+    one sentence, before any run trains. With val_data it plans."""
+    import minimoe.train.run
+
+    def trained(*a, **k):
+        raise AssertionError("a run trained before the sweep was refused")
+
+    monkeypatch.setattr(minimoe.train.run, "train_from_config", trained)
+    monkeypatch.setattr(compare, "_fitted_vocab", lambda cfg, val_data: 320)  # nothing to prepare here
+    _corpus(tmp_path / "corpus.txt")
+    base = TINY + ["model.vocab_size=320"]
+    no_val = "data.val_fraction=0"
+    for base_ov, variant_ov in ((base + [no_val], []), (base, [no_val])):
+        (tmp_path / "s.yaml").write_text(
+            f"base:\n  overrides: {json.dumps(base_ov)}\ndata: corpus.txt\nbudget: {{steps: 2}}\nseeds: [1]\n"
+            f"variants:\n  ref: []\n  a: {json.dumps(variant_ov)}\n"
+        )
+        for argv in (["--plan"], ["--out", str(tmp_path / "out")]):
+            assert main(["compare", str(tmp_path / "s.yaml"), *argv]) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "a sweep compares validation losses" in err, err
+            assert "give val_data or set data.val_fraction above 0" in err, err
+            assert not any((tmp_path / "out").glob("*"))  # no run folder: nothing started
+    monkeypatch.undo()
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "val.txt")
+    sweep = compare.load_sweep(tmp_path / "s.yaml", val_data=str(tmp_path / "val.txt"))
+    assert [r.variant for r in compare.plan(sweep)] == ["ref", "a"]
+    # a run that still ends without a validation loss is reported as such, not a TypeError
+    events = []
+    monkeypatch.setattr(compare, "_train_run", lambda kwargs, level: (None, 1.0, "max_steps"))
+    monkeypatch.setattr(compare, "write_report", lambda *a, **k: tmp_path / "report.md")
+    compare.run_sweep(sweep, tmp_path / "out", on_event=lambda *e: events.append((e[0], e[2])), figures=False)
+    assert ("done", "no val_loss in 1 s") in events, events
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_diverged_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys, jobs):
     """A variant that diverges (the trainer stops it with an error) is reported as failed; the other

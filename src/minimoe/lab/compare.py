@@ -272,6 +272,13 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
                 f"{cfg.train.early_stop_patience} would end runs before the budget the sweep compares them "
                 "at; set it to 0"
             )
+        if not (sweep.val_data or cfg.data.val_path) and cfg.data.val_fraction == 0:
+            # such runs train without validation (the trainer allows it) and leave nothing to compare
+            raise MinimoeError(
+                f"sweep {sweep.name}, variant '{variant}': a sweep compares validation losses, but with no "
+                "val_data and data.val_fraction=0 these runs have none; give val_data or set "
+                "data.val_fraction above 0"
+            )
         if sweep.budget_kind == "minutes" and sweep.clock == "cpu" and cfg.train.threads != 1:
             raise MinimoeError(
                 f"sweep {sweep.name}, variant '{variant}': a CPU-clock budget counts the CPU time of every "
@@ -459,7 +466,8 @@ def run_sweep(
             # sweep, which stops too instead of starting the next run; a rerun resumes this one
             on_event and on_event("stopped", r, "interrupted; rerun the sweep to resume it")
             return True
-        on_event and on_event("done", r, f"val_loss {val_loss:.4f} in {elapsed:.0f} s")
+        loss = "no val_loss" if val_loss is None else f"val_loss {val_loss:.4f}"
+        on_event and on_event("done", r, f"{loss} in {elapsed:.0f} s")
         return False
 
     if jobs == 1:
