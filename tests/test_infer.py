@@ -34,7 +34,7 @@ from minimoe.infer.sampling import (
     pick_tokens,
     process_logits,
 )
-from minimoe.infer.text import TextStream, partial_stop_len
+from minimoe.infer.text import CONTEXT_IDS, TextStream, partial_stop_len
 from minimoe.model.transformer import Transformer
 from reference import greedy_no_cache, mtp_reference, sequence_logprob
 
@@ -1437,6 +1437,10 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_prefixes():
     assert out == ["", "é", "!"]
 
 
+CONTEXT_EOS = "<|endoftext|>"
+CONTEXT_TEXTS = ["hello hi there, be brief. don't go, bye and ciao!"] * 20
+
+
 def _metaspace_and_wordpiece_decoders(texts: list[str]):
     """Two HF tokenizers whose decoders need context: SentencePiece-style (Metaspace: a token's leading
     space depends on whether it opens the text) and WordPiece (tokens joined with spaces, "##" pieces
@@ -1446,17 +1450,44 @@ def _metaspace_and_wordpiece_decoders(texts: list[str]):
 
     meta = HFTokenizer(models.BPE(unk_token="<unk>"))
     meta.pre_tokenizer, meta.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    meta.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    specials = ["<unk>", CONTEXT_EOS]
+    meta.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=120, special_tokens=specials, show_progress=False)
+    )
     wp = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.pre_tokenizer, wp.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
-    wp.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]"]))
+    specials = ["[UNK]", CONTEXT_EOS]
+    wp.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials, show_progress=False)
+    )
     return {"metaspace": (meta, meta.decode), "wordpiece": (wp, wp.decode)}
 
 
+def context_tokenizers(texts: list[str] = CONTEXT_TEXTS) -> dict[str, Tokenizer]:
+    """minimoe Tokenizers over the Metaspace and WordPiece tokenizers above (EOS `<|endoftext|>`)."""
+    return {
+        name: Tokenizer("pretrained", hf, eos_token=CONTEXT_EOS)
+        for name, (hf, _) in _metaspace_and_wordpiece_decoders(texts).items()
+    }
+
+
+def text_after(decode, prompt: list[int], new: list[int]) -> str:
+    """What `new` adds to the text of `prompt`: the completion's text as `decode(prompt + new)` has it.
+    No prompt, or one whose text ends inside a character, leaves `new` decoded alone."""
+    head = decode(prompt)
+    if not prompt or head.endswith("\ufffd"):
+        return decode(new)
+    whole = decode(prompt + new)
+    assert whole.startswith(head), (head, whole)
+    return whole[len(head) :]
+
+
 def test_text_stream_decodes_a_window_and_gives_the_text_of_every_token():
-    """After every push the stream's text is the decode of all its tokens, for byte tokens (random
-    bytes, invalid UTF-8 included), byte-level BPE and decoders that need context, while each decode
-    covers only the newest tokens: a long sequence does not cost more per token than a short one."""
+    """After every push the stream's text is what its tokens add to the prompt's text (the decode of
+    prompt and tokens beyond the prompt's own), for byte tokens (random bytes, invalid UTF-8 included),
+    byte-level BPE and decoders that need context; a byte-level decoder's text is its tokens' own, as
+    without a prompt. Each decode covers only the newest tokens: a long sequence does not cost more per
+    token than a short one."""
     import random
 
     from minimoe.data.tokenizer import train_bpe
@@ -1478,21 +1509,90 @@ def test_text_stream_decodes_a_window_and_gives_the_text_of_every_token():
             else:
                 text = " ".join(rng.choice(words) for _ in range(120))
                 ids = tok.encode(text) if name in ("byte", "bpe") else tok.encode(text).ids
+            k = 0 if trial == 0 else rng.randrange(1, 40)  # the first trial has no prompt
+            prompt, new = ids[:k], ids[k:]
             widths: list[int] = []
 
             def windowed(part: list[int], decode=decode, widths=widths) -> str:
                 widths.append(len(part))
                 return decode(part)
 
-            ts = TextStream(windowed)
+            ts = TextStream(windowed, context=prompt)
             pieces = []
-            for i, t in enumerate(ids):
+            for i, t in enumerate(new):
                 pieces.append(ts.push(t))
-                assert ts.text == decode(ids[: i + 1]), (name, trial, i)
+                assert ts.text == text_after(decode, prompt, new[: i + 1]), (name, trial, i)
+                if name in ("byte", "bpe"):
+                    assert ts.text == decode(new[: i + 1]), (name, trial, i)
             pieces.append(ts.flush())
-            assert "".join(pieces) == decode(ids), (name, trial)
+            assert "".join(pieces) == text_after(decode, prompt, new), (name, trial)
             if not (name == "byte" and trial % 2):  # valid text settles at every whole character
-                assert max(widths) <= 12, (name, trial, max(widths))
+                assert max(widths) <= 12 + CONTEXT_IDS, (name, trial, max(widths))
+                assert max(widths[len(widths) // 2 :]) <= 12, (name, trial)  # the context long gone
+
+
+def test_text_stream_gives_the_space_between_prompt_and_completion():
+    """SentencePiece (Metaspace) and WordPiece decoders drop the space before the first token they
+    decode: with the prompt as context the completion's text keeps it, for every split of a text into
+    prompt and completion; a stop string that begins with that space matches at the completion's
+    start. Without a prompt (or one of special tokens only, which decode to nothing) the text is the
+    tokens' own. Special tokens among the new ones, which the decoder skips, change nothing: the token
+    after them still gets its space, or glues on as a WordPiece "##" piece."""
+    for name, tok in context_tokenizers().items():
+        ids = tok.encode("hello hi there, be brief. don't go")
+        joiner = [i for i in range(tok.vocab_size) if (tok.id_to_token(i) or "").startswith("##")][:1]
+        assert joiner or name == "metaspace"
+        for k in range(len(ids) + 1):
+            prompt = ids[:k]
+            skipped = [t for i in ids[k:] for t in (i, tok.eos_id)]
+            for new in (ids[k:], skipped, ids[k:] + [tok.eos_id, *joiner]):
+                want = text_after(tok.decode, prompt, new)
+                for context in (prompt, [tok.eos_id] * 3 + prompt):
+                    ts = TextStream(tok.decode, context=context)
+                    pieces = [ts.push(t) for t in new] + [ts.flush()]
+                    assert "".join(pieces) == ts.text == want, (name, k, new)
+        hello = tok.encode("hello")
+        rest = tok.encode("hello hi there")[len(hello) :]
+        ts = TextStream(tok.decode, context=hello)
+        assert "".join([ts.push(t) for t in rest] + [ts.flush()]) == " hi there", name
+        for context in ((), [tok.eos_id]):
+            ts = TextStream(tok.decode, context=context)
+            assert "".join([ts.push(t) for t in rest] + [ts.flush()]) == "hi there", name
+        for stop, text in ((" hi", ""), (" there", " hi"), ("hi", " ")):
+            ts = TextStream(tok.decode, stop=[stop], context=hello)
+            sent = [ts.push(t) for t in rest] + [ts.flush()]
+            assert ts.stopped and "".join(sent) == ts.text == text, (name, stop)
+
+
+def test_text_stream_decodes_the_whole_list_after_the_prompt_when_a_decoder_rewrites_text():
+    """A decoder that rewrites text already decoded (here "a ." becomes "a.") makes the window's text
+    differ from its settled chunk's: the stream then decodes all its tokens after the prompt's, so the
+    text still continues the prompt (its space kept)."""
+    pieces = {0: "\u2581hi", 1: "\u2581a\u2581", 2: "."}
+
+    def decode(ids: list[int]) -> str:  # SentencePiece-style, with a clean-up before "."
+        return "".join(pieces[i] for i in ids).replace("\u2581", " ").replace(" .", ".").removeprefix(" ")
+
+    ts = TextStream(decode, context=[0])
+    assert ts.push(1) == " a "
+    ts.push(2)
+    ts.flush()
+    assert ts.text == text_after(decode, [0], [1, 2]) == " a."
+
+
+def test_a_prompt_ending_inside_a_character_leaves_the_tokens_text_their_own():
+    """A byte prompt cut inside a character gives no context (its text ends in U+FFFD): the completion's
+    bytes decode alone, as without a prompt, so its text is what it was before contexts existed."""
+    tok = Tokenizer.byte()
+    data = "aé日🙂".encode()
+    for k in range(1, len(data)):
+        for c in range(k, len(data) + 1):
+            prompt, new = list(data[:k]), list(data[k:c]) + list(b"ok")
+            ts = TextStream(tok.decode, stop=["\ufffdo"], context=prompt)
+            sent = "".join([ts.push(t) for t in new] + [ts.flush()])
+            alone = TextStream(tok.decode, stop=["\ufffdo"])
+            assert sent == "".join([alone.push(t) for t in new] + [alone.flush()]), (k, c)
+            assert (ts.text, ts.stopped) == (alone.text, alone.stopped), (k, c)
 
 
 class LetterTokenizer:
@@ -1584,6 +1684,47 @@ def test_stop_strings_in_generation():
     assert res.text == cut and res.finish_reason == "stop"
     (res,) = complete(model, tok, ["ab"], max_new_tokens=30, temperature=0.0, stop_ids=())
     assert res.text == full and res.finish_reason == "length" and len(res.token_ids) == 30
+
+
+def test_generated_text_continues_the_prompt_for_decoders_that_need_context():
+    """stream_text, generate_text and complete (batched, beam search, speculative) give the text that the
+    new tokens add to the prompt's, with the space SentencePiece and WordPiece decoders put between
+    them; a stop string that begins with that space ends the completion at its start."""
+    for name, tok in context_tokenizers().items():
+        model = tiny_model(vocab_size=tok.vocab_size)
+        prompts = ["hello", "hi there,", "be brief. don't", "bye and"]
+        kw = dict(max_new_tokens=10, temperature=0.0, stop_ids=())
+        batched = complete(model, tok, prompts, batch_size=3, **kw)
+        spaced = []
+        for prompt, res in zip(prompts, batched, strict=True):
+            ids = tok.encode(prompt)
+            want = text_after(tok.decode, ids, res.token_ids)
+            assert res.text == want and len(res.token_ids) == 10, (name, prompt)
+            assert "".join(stream_text(model, tok, prompt, **kw)) == want, (name, prompt)
+            assert generate_text(model, tok, prompt, **kw) == want, (name, prompt)
+            (spec,) = complete(model, tok, [prompt], speculative=True, **kw)
+            assert (spec.text, spec.token_ids) == (want, res.token_ids), (name, prompt)
+            (beam,) = complete(model, tok, [prompt], num_beams=2, **kw)
+            assert beam.text == text_after(tok.decode, ids, beam.token_ids), (name, prompt)
+            if want.startswith(" ") and len(want) > 1:
+                spaced.append((prompt, want))
+        assert spaced, name  # a completion that opens with a space, to stop at
+        for prompt, want in spaced:
+            stop = want[:2]
+            assert "".join(stream_text(model, tok, prompt, stop=[stop], **kw)) == "", (name, prompt)
+            for extra in ({}, {"num_beams": 2}, {"speculative": True}):
+                if (
+                    extra
+                    and text_after(
+                        tok.decode,
+                        tok.encode(prompt),
+                        complete(model, tok, [prompt], **extra, **kw)[0].token_ids,
+                    )
+                    != want
+                ):
+                    continue
+                (res,) = complete(model, tok, [prompt], stop=[stop], **extra, **kw)
+                assert (res.text, res.finish_reason) == ("", "stop"), (name, prompt, extra)
 
 
 def test_complete_gives_a_short_prompt_its_budget_beside_one_that_fills_the_context():

@@ -1692,6 +1692,52 @@ def _mtp_model(seed: int = 0, context: int = 64):
     return Transformer(cfg).double().eval(), Tokenizer.byte()
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_engine_text_continues_the_prompt_for_a_sentencepiece_tokenizer(speculative):
+    """With a SentencePiece-style (Metaspace) tokenizer, whose decoder drops the space before the first
+    token it decodes, each choice's text is what its tokens add to the prompt's text, space included
+    (as decode(prompt + tokens) has it), and the deltas add up to it; the logprob entries' offsets
+    count in that text (from the prompt's text when the prompt's tokens have entries too); a stop
+    string that begins with the space ends the choice at its start. A prompt of EOS only (an empty
+    prompt) gives the tokens' own text."""
+    from test_infer import context_tokenizers, text_after
+
+    tok = context_tokenizers()["metaspace"]
+    base = _mtp_model()[0]
+    torch.manual_seed(0)
+    model = base.__class__(replace(base.cfg, vocab_size=tok.vocab_size)).double().eval()
+    prompts = [tok.encode(p) for p in ("hello", "hi there,", "be brief. don't", "bye and")] + [[tok.eos_id]]
+    specs = [(ids, JobParams(max_tokens=10, temperature=0, logprobs=0)) for ids in prompts]
+    specs += [(prompts[1], JobParams(max_tokens=10, temperature=1.0, seed=s, logprobs=0)) for s in (1, 2)]
+    specs += [(prompts[0], JobParams(max_tokens=10, temperature=0, logprobs=0, prompt_logprobs=True))]
+
+    def run(specs) -> list:
+        jobs = [Job(i, list(ids), params, lambda e: None) for i, (ids, params) in enumerate(specs)]
+        return _engine_run(Engine(model, tok, max_active=4, prefill_chunk=8, speculative=speculative), jobs)
+
+    events = run(specs)
+    finishes = {e.index: e for e in events if isinstance(e, Finish)}
+    spaced = []
+    for i, (ids, params) in enumerate(specs):
+        f = finishes[i]
+        head = len(tok.decode(ids)) if params.prompt_logprobs else 0
+        entries = f.logprobs[len(ids) :] if params.prompt_logprobs else f.logprobs
+        new = [e.token for e in entries]
+        assert f.text == text_after(tok.decode, ids, new), i
+        if ids == [tok.eos_id]:
+            assert f.text == tok.decode(new)
+        assert "".join(e.text for e in events if isinstance(e, Delta) and e.index == i) == f.text, i
+        assert [e.offset for e in entries] == [
+            head + len(text_after(tok.decode, ids, new[:j])) for j in range(len(new))
+        ]
+        if f.text.startswith(" ") and len(f.text) > 1 and params.temperature == 0:
+            spaced.append((ids, params, f.text))
+    assert len(spaced) >= 2  # completions that open with a space, to stop at
+    cut = [(ids, replace(params, stop=(text[:2],))) for ids, params, text in spaced]
+    for f in (e for e in run(cut) if isinstance(e, Finish)):
+        assert (f.reason, f.text) == ("stop", ""), f.index
+
+
 def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible(monkeypatch):
     """MTP self-speculation in the batching engine: greedy rows generate exactly what the plain engine
     does (drafts accepted or not, rows of different lengths verified in one forward); seeded sampled

@@ -191,7 +191,7 @@ def stream_text(model, tokenizer, prompt: str, stop: Sequence[str] = (), **kw) -
     """
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
     kw.setdefault("stop_ids", (tokenizer.eos_id,))
-    ts = TextStream(tokenizer.decode, stop)
+    ts = TextStream(tokenizer.decode, stop, context=ids if prompt else ())  # continues the prompt
     for t in generate_tokens(model, ids, **kw):
         piece = ts.push(t)
         if piece:
@@ -265,6 +265,8 @@ def complete(
         raise MinimoeError("speculative decoding and beam search cannot be combined")
     stop_ids = tuple(stop_ids) if stop_ids is not None else (tokenizer.eos_id,)
     encoded = [tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts]
+    # each text continues its prompt's (a SentencePiece decoder gives the space between them from it)
+    contexts = [ids if p else () for p, ids in zip(prompts, encoded)]
     results = [Completion(prompt=p) for p in prompts]
     emit = on_text or (lambda i, piece: None)
 
@@ -273,7 +275,7 @@ def complete(
             best = beam_search(
                 model, ids, num_beams, max_new_tokens, length_penalty, stop_ids, repetition_penalty, stats
             )[0]
-            ts = TextStream(tokenizer.decode, stop)
+            ts = TextStream(tokenizer.decode, stop, contexts[i])
             for t in best.tokens:
                 ts.push(t)
                 if ts.stopped:
@@ -297,7 +299,7 @@ def complete(
             groups.append([i])
     for group in groups:
         budget = own[group[0]]
-        streams = {i: TextStream(tokenizer.decode, stop) for i in group}
+        streams = {i: TextStream(tokenizer.decode, stop, contexts[i]) for i in group}
         cancelled: set[int] = set()
         if speculative:
             steps = ([t] for t in generate_tokens(

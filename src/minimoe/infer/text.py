@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+# prompt ids a stream decodes its first tokens after: enough for a decoder that looks back one word
+# (SentencePiece's space, WordPiece's joins and clean-ups) even past a few special tokens it skips
+CONTEXT_IDS = 8
+
 
 def partial_stop_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of some stop string."""
@@ -31,15 +35,27 @@ class TextStream:
     the same per token as a short one. The window starts one settled chunk back: the new text is what
     the window decodes to beyond that chunk's own text, so tokenizers such as SentencePiece's, which
     only give the right spaces in context, come out as the whole list would. A chunk settles when the
-    text ends in a complete character; a decoder that rewrote the chunk's text (the window does not
-    start with it) gets the whole list decoded instead.
+    text ends in a complete character and the chunk added to it (tokens that add nothing, such as
+    special tokens the decoder skips, wait in the window for the next one); a decoder that rewrote the
+    chunk's text (the window does not start with it) gets the whole list decoded instead.
+
+    The first chunk is the prompt's last few ids (`context`), as vLLM and TGI detokenize: the text is
+    what the prompt and the new ids decode to beyond the prompt's own text, so a SentencePiece or
+    WordPiece decoder, which drops the space before the first token it decodes, gives the space between
+    prompt and completion. A byte-level decoder's text is the same with or without it. A prompt whose
+    text ends inside a character (U+FFFD), or a decode of prompt and ids that does not start with the
+    prompt's text, leaves the new ids decoded alone, as without a context.
 
     Args:
         decode: token ids -> text (a tokenizer's `decode`).
         stop: strings that end the text (cut just before the first one that appears).
+        context: the prompt's ids (only the last `CONTEXT_IDS` are decoded); empty: the text is the
+            new ids' own (the text of a completion with no prompt).
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), context: Sequence[int] = ()
+    ) -> None:
         self._decode = decode
         self.stop = tuple(s for s in stop if s)
         self._longest = max((len(s) for s in self.stop), default=0)
@@ -47,10 +63,14 @@ class TextStream:
         self.text = ""  # the text so far (final once `stopped` or after `flush`)
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
-        # the decode window: ids[_prefix:_read] is the last settled chunk (its text alone in
-        # `_prefix_text`), and `_settled` the text of ids[:_read]
-        self._prefix = self._read = 0
-        self._prefix_text = self._settled = ""
+        self._context = list(context[-CONTEXT_IDS:])
+        self._context_text = decode(self._context) if self._context else ""
+        if self._context_text.endswith("\ufffd"):  # the prompt ends inside a character: no use as context
+            self._context, self._context_text = [], ""
+        # the decode window over context + ids: [_prefix:_read] is the last settled chunk (its text alone
+        # in `_prefix_text`, the context's at first), and `_settled` the text of ids up to _read
+        self._prefix, self._read = 0, len(self._context)
+        self._prefix_text, self._settled = self._context_text, ""
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now safe to show (maybe ""). No-op once stopped."""
@@ -74,16 +94,36 @@ class TextStream:
 
     def _extend(self) -> str:
         """The text of every id, from a decode of the window (see the class docstring)."""
-        window = self._decode(self.ids[self._prefix :])
+        window = self._decode(self._ids(self._prefix))
         if window.startswith(self._prefix_text):
             text = self._settled + window[len(self._prefix_text) :]
         else:
-            text = self._decode(self.ids)
-        if not text.endswith("\ufffd"):  # ends in a whole character: the new tokens settle
+            text = self._whole()
+        # ends in a whole character and adds to the text: the new tokens settle. Tokens that add
+        # nothing (special tokens the decoder skips) stay in the window with the chunk before them,
+        # which the next token's text depends on (a WordPiece "##" piece glues onto it)
+        if not text.endswith("\ufffd") and text != self._settled:
             self._settled = text
-            self._prefix, self._read = self._read, len(self.ids)
-            self._prefix_text = self._decode(self.ids[self._prefix : self._read])
+            self._prefix, self._read = self._read, len(self._context) + len(self.ids)
+            self._prefix_text = self._decode(self._ids(self._prefix, self._read))
         return text
+
+    def _ids(self, start: int, end: int | None = None) -> list[int]:
+        """(context + ids)[start:end], without copying the whole list."""
+        n = len(self._context)
+        end = n + len(self.ids) if end is None else end
+        if start >= n:
+            return self.ids[start - n : end - n]
+        return self._context[start:end] + self.ids[: max(end - n, 0)]
+
+    def _whole(self) -> str:
+        """The text of every id from one decode of them all, after the context where it decodes as a
+        prefix of the whole."""
+        if self._context:
+            whole = self._decode(self._context + self.ids)
+            if whole.startswith(self._context_text):
+                return whole[len(self._context_text) :]
+        return self._decode(self.ids)
 
     def _cut(self, end: int) -> bool:
         """Cut the text before the first stop string that lies within text[:end]; True if one does."""

@@ -269,7 +269,8 @@ class Engine:
         p = job.params
         sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
         gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
-        return _Seq(job, TextStream(self.tokenizer.decode, p.stop), sampling, gen, prompt_len)
+        stream = TextStream(self.tokenizer.decode, p.stop, context=job.prompt_ids)  # continues the prompt
+        return _Seq(job, stream, sampling, gen, prompt_len)
 
     def _prefill_step(self) -> None:
         """One prefill forward over every prefilling prompt; each sequence of a complete one picks its
