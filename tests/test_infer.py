@@ -307,17 +307,33 @@ def test_negative_max_new_tokens():
 # --------------------------------------------------------------------- cached, batched, streaming
 
 
-@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
-def test_cached_generation_matches_uncached(attn_type):
-    model = tiny_model(attn_type)
+# YaRN over a 16-position original context, DeepSeek-V3's way (mscale_all_dim: the softmax scale too), so the
+# cached, batched (left-padded) and speculative paths read positions past the original context
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.707,
+}
+ROPE = [("mla", None), ("gqa", None), ("mla", YARN), ("gqa", YARN)]
+
+
+@pytest.mark.parametrize("attn_type, rope_scaling", ROPE)
+def test_cached_generation_matches_uncached(attn_type, rope_scaling):
+    model = tiny_model(attn_type, rope_scaling=rope_scaling)
     for prompt in PROMPTS[:2]:
         want = greedy_no_cache(model, prompt, 20)
         assert list(generate_tokens(model, prompt, 20, temperature=0.0)) == want
+    if rope_scaling:  # past the original 16 positions, with the MTP drafts too
+        prompt = list(range(1, 21))
+        want = greedy_no_cache(model, prompt, 12)
+        assert list(generate_tokens(model, prompt, 12, temperature=0.0, speculative=True)) == want
 
 
-@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
-def test_batched_equals_single(attn_type):
-    model = tiny_model(attn_type)
+@pytest.mark.parametrize("attn_type, rope_scaling", ROPE)
+def test_batched_equals_single(attn_type, rope_scaling):
+    model = tiny_model(attn_type, rope_scaling=rope_scaling)
     single = [list(generate_tokens(model, p, 16, temperature=0.0)) for p in PROMPTS]
     assert collect(stream_batch(model, PROMPTS, 16, GREEDY), len(PROMPTS)) == single
     # a stop token makes rows finish at different steps (dropped from the batch and the cache)
