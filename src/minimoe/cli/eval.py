@@ -69,7 +69,8 @@ def add_parser(sub) -> None:
         type=integer,
         default=None,
         help="tokens the model reads per example, prompt and answer together; longer contexts lose their "
-        "start (default: the run's train.seq_len, past which no position was trained)",
+        "start (default: the run's train.seq_len, past which no position was trained, for multiple choice "
+        "and minimal pairs; the model's context for generation)",
     )
     g.add_argument(
         "--field",

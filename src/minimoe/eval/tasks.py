@@ -236,9 +236,9 @@ def evaluate_multiple_choice(
     ctx_len = _context(model, context)
     examples, pairs = [], []
     for rec in data.records:
-        context, choices, label = multiple_choice_example(rec, fields)
+        prefix, choices, label = multiple_choice_example(rec, fields)  # (`context` is the token budget)
         for j, c in enumerate(choices):
-            ctx_ids, cont_ids = encode_pair(tokenizer, context, join_choice(context, c, delimiter))
+            ctx_ids, cont_ids = encode_pair(tokenizer, prefix, join_choice(prefix, c, delimiter))
             _check_fits(len(cont_ids), ctx_len, rec.where, f"choice {j}")
             pairs.append((ctx_ids, cont_ids))
         examples.append((choices, label))

@@ -411,10 +411,9 @@ def refuse_quantized_resume(run_dir: Path) -> None:
     (the meta.json beside its config.yaml, or its latest checkpoint's, has `quantization`): integer
     weights do not train."""
     ckpt = latest_checkpoint(run_dir) if not (Path(run_dir) / "meta.json").is_file() else Path(run_dir)
-    meta_file = ckpt / "meta.json" if ckpt is not None else None
-    if meta_file is None or not meta_file.is_file():
+    if ckpt is None or not (ckpt / "meta.json").is_file():
         return
-    meta = read_meta(meta_file.parent)
+    meta = read_meta(ckpt)
     if meta.get("quantization"):
         source = meta.get("quantized_from", "the run it was quantized from")
         raise MinimoeError(

@@ -172,9 +172,8 @@ class Trainer:
             train_batches = TokenWindows(
                 data, "train", tc.seq_len, B, seed=tc.seed, rank=rank, world_size=world
             )
-        if (
-            val_batches is None and data is not None and data.meta.get("split_mode") != "none"
-        ):  # val_fraction=0
+        held_out = data is not None and data.meta.get("split_mode") != "none"  # none: val_fraction=0
+        if val_batches is None and held_out:
             val_batches = EvalWindows(
                 data, "val", tc.seq_len, B, max_batches=tc.eval_batches, rank=rank, world_size=world
             )
