@@ -236,7 +236,7 @@ def _broadcast_state_check(ctx) -> dict:
 def _rank_main(rank: int, port: int, root: str, corpus: str, out_json: str) -> None:
     torch.set_num_threads(1)
     init_gloo(rank, port)
-    from minimoe.dist.init import init_distributed
+    from minimoe.dist.init import all_gather_object, init_distributed
 
     root_p, result = Path(root), {}
     try:
@@ -247,8 +247,23 @@ def _rank_main(rank: int, port: int, root: str, corpus: str, out_json: str) -> N
             "rank1-idle": _ep_layer_check(rank, torch.float64, "loop", dead=[2, 3]),
         }
         base = TINY + [f"data.path={corpus}"]
-        for name, extra in SCENARIOS.items():
-            train_from_config(overrides=base + STEPS + extra, run_dir=root_p / f"2r-{name}", progress=False)
+        from minimoe.model.transformer import Transformer
+
+        built, real_init = {}, Transformer.__init__  # scenario -> parameter elements built off "meta"
+
+        def counted_init(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            built.setdefault(name, []).append(sum(p.numel() for p in self.parameters() if not p.is_meta))
+
+        Transformer.__init__ = counted_init
+        try:
+            for name, extra in SCENARIOS.items():
+                train_from_config(
+                    overrides=base + STEPS + extra, run_dir=root_p / f"2r-{name}", progress=False
+                )
+        finally:
+            Transformer.__init__ = real_init
+        result["built"] = all_gather_object(built, ctx)
         train_from_config(overrides=base + PP_CAPACITY, run_dir=root_p / "2r-pp-capacity", progress=False)
         # checkpoints that change world size: 2 ranks pause at step 4 of 8 (resumed in one process
         # by the test), and one process's paused run continues here on 2 ranks
@@ -432,6 +447,17 @@ def test_expert_parallel_layer_matches_one_process(two_ranks, case):
     assert res["loads"] == 0 and res["dead_load"] == 0  # global counts, dead experts really unused
     diffs = {k: v for k, v in res.items() if k not in ("sharded", "loads", "dead_load")}
     assert max(diffs.values()) < tol, diffs
+
+
+def test_fsdp_builds_the_full_model_on_rank_0_alone(two_ranks):
+    """Under FSDP rank 1 builds its model on the meta device (its shards come from rank 0), so a model
+    that fits a rank only in shards can be trained; the other launches build it everywhere."""
+    rank0, rank1 = two_ranks["built"]
+    full = rank0["ep"][0]  # the same model, built whole by both ranks under expert parallelism
+    assert full > 0 and rank1["ep"] == [full] and rank1["pp"][0] > 0
+    # (a model built on "meta" for its shapes alone may follow: rank 0 checks a checkpoint against one)
+    assert rank0["fsdp"][0] == full and not any(rank0["fsdp"][1:])
+    assert rank1["fsdp"] and not any(rank1["fsdp"])
 
 
 @pytest.mark.parametrize("name", ["ddp", *SCENARIOS])

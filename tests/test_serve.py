@@ -2788,6 +2788,31 @@ def test_a_sequence_whose_logits_are_not_numbers_fails_alone_and_leaves_a_clean_
     assert engine.active_jobs == 0 and engine.pool.n == 0
 
 
+def test_quarantine_checks_every_tensor_of_a_tuple_in_one_pass():
+    """The greedy speculative step checks its verify logits and its next drafts together: a row that is
+    not a number in either tensor fails once, and is zeroed in both; the other rows are untouched."""
+    from minimoe.serve.rows import quarantine
+
+    class _Seq:
+        def __init__(self):
+            self.job = self
+            self.errors = []
+
+        def fail(self, error):
+            self.errors.append(error)
+
+    seqs = [_Seq() for _ in range(3)]
+    logits, drafts = torch.randn(3, 2, 5), torch.randn(3, 5)
+    drafts[1, 2] = float("nan")
+    logits[2, 1, 0] = float("inf")
+    keep = logits[0].clone(), drafts[0].clone()
+    assert quarantine((logits, drafts), seqs) == {1, 2}
+    assert [len(s.errors) for s in seqs] == [0, 1, 1]
+    assert not logits[1:].any() and not drafts[1:].any()
+    assert torch.equal(logits[0], keep[0]) and torch.equal(drafts[0], keep[1])
+    assert quarantine((logits, drafts), seqs, frozenset({1, 2})) == {1, 2}  # clean now: nothing new
+
+
 def test_a_first_draft_that_is_not_a_number_fails_its_sequence_alone():
     """Speculative: the MTP module's first draft of a sequence (made as it joins the batch) is NaN for
     one sampled sequence; that one fails, the others of its wave finish as they do alone."""

@@ -320,15 +320,34 @@ def check_launch(cfg: RunConfig, world_size: int) -> int:
     return dp
 
 
-def parallelize(model: nn.Module, cfg: RunConfig, ctx: DistContext) -> Parallel:
-    """Wrap or shard a freshly built Transformer for this launch.
+def build_model(factory: Callable[[], nn.Module], cfg: RunConfig, ctx: DistContext) -> nn.Module:
+    """The model this launch trains, built by `factory` from the same seed on every rank.
 
-    Every rank must build `model` identically (same seed) before calling. In one process the model is
-    returned untouched, and dist.* settings that need several processes are ignored with a warning
-    (so a distributed run resumes in one process as it is).
+    Under FSDP only rank 0 builds the weights; the other ranks build the model on the meta device (no
+    memory), and `parallelize` fills their shards from rank 0's, so no rank but 0 ever holds it whole.
+    """
+    d = cfg.dist
+    if (
+        ctx.distributed
+        and not ctx.is_main
+        and d.strategy == "fsdp"
+        and d.pipeline_parallel == 1
+        and d.expert_parallel == 1
+    ):
+        with torch.device("meta"):
+            return factory()
+    return factory()
+
+
+def parallelize(model: nn.Module, cfg: RunConfig, ctx: DistContext) -> Parallel:
+    """Wrap or shard a freshly built Transformer for this launch, on ctx.device.
+
+    Every rank must build `model` identically (same seed; `build_model`) before calling. In one process
+    the model is only moved to the device, and dist.* settings that need several processes are ignored
+    with a warning (so a distributed run resumes in one process as it is).
 
     Args:
-        model: the Transformer, on ctx.device (pipeline: anywhere; only the stage is moved).
+        model: the Transformer, anywhere (a pipeline moves only its stage, FSDP each rank's shards).
         cfg: the run config (dist section).
         ctx: from init_distributed.
     Returns:
@@ -344,6 +363,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: DistContext) -> Parallel:
                 ", ".join(f"dist.{k}={getattr(d, k)}" for k in ignored),
                 "s" if len(ignored) == 1 else "",
             )
+        model = model.to(ctx.device)
         return Parallel(ctx=ctx, kind="single", model=model, forward=model)
     dp = check_launch(cfg, ctx.world_size)
     if d.pipeline_parallel > 1:
@@ -351,8 +371,15 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: DistContext) -> Parallel:
 
         runner = PipelineRunner(model, cfg, ctx)
         return Parallel(ctx=ctx, kind="pipeline", model=runner.module, forward=None, pipeline=runner)
+    if d.strategy == "fsdp":
+        from minimoe.dist.fsdp import apply_fsdp
+
+        bf16 = ctx.device.type == "cuda" and cfg.train.precision == "bf16"
+        apply_fsdp(model, ctx, bf16_params=bf16)
+        return Parallel(ctx=ctx, kind="fsdp", model=model, forward=model, dp_rank=ctx.rank, dp_size=dp)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    model = model.to(ctx.device)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     if d.expert_parallel > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -371,12 +398,6 @@ def parallelize(model: nn.Module, cfg: RunConfig, ctx: DistContext) -> Parallel:
             ctx=ctx, kind="ep", model=model, forward=wrapped, dp_rank=ctx.rank, dp_size=dp,
             expert_params=expert_params, ep_group=ep_group, replica_group=replica_group,
         )  # fmt: skip
-    if d.strategy == "fsdp":
-        from minimoe.dist.fsdp import apply_fsdp
-
-        bf16 = ctx.device.type == "cuda" and cfg.train.precision == "bf16"
-        apply_fsdp(model, ctx, bf16_params=bf16)
-        return Parallel(ctx=ctx, kind="fsdp", model=model, forward=model, dp_rank=ctx.rank, dp_size=dp)
     # Buffers (the balancing bias) stay equal on every rank by construction: no per-step broadcast.
     # Every parameter takes part in every step (an expert without tokens still gets a zero gradient
     # through the stacked weights), so find_unused_parameters stays off.

@@ -375,7 +375,7 @@ class Engine:
                 if all(s.sampling.greedy for s in running):
                     spec = step.speculate(tokens)
                     logits, draft_logits = spec.logits, spec.draft_logits  # (n, 2, V), (n, V)
-                    broken = quarantine(logits, running)
+                    broken = quarantine((logits, draft_logits), running)  # the next drafts come from these
                     new = verify_rows(logits, spec.best, running)
                 else:
                     logits, hidden = step.forward(tokens)  # (n, 2, V), (n, 2, D)
@@ -386,7 +386,7 @@ class Engine:
                     next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new], device=device)
                     take = torch.tensor([len(t) - 1 for t in new], device=device)
                     draft_logits = step.draft(hidden, next_ids, take)
-                broken = quarantine(draft_logits, running, broken)  # the next drafts are sampled from these
+                    broken = quarantine(draft_logits, running, broken)
                 accepted = [len(toks) == 2 for toks in new]
                 infos = self._logprobs(logits, new, running)  # token j of a row: from its logits at j
                 self.pool.advance([len(toks) for toks in new])

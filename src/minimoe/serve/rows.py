@@ -27,21 +27,25 @@ def pick(logits: torch.Tensor, seqs) -> list[int]:
     return out
 
 
-def quarantine(logits: torch.Tensor, seqs, broken: frozenset[int] = frozenset()) -> frozenset[int]:
-    """Fail the sequences whose rows of `logits` ((n, V) or (n, k, V)) hold a NaN or +inf (or are all
-    -inf): no token can be sampled from them. Their rows are zeroed in place, so that the batch's
-    sampling and logprobs go on for the others. `broken` rows were failed before (not again).
+def quarantine(
+    logits: torch.Tensor | tuple[torch.Tensor, ...], seqs, broken: frozenset[int] = frozenset()
+) -> frozenset[int]:
+    """Fail the sequences whose rows of `logits` ((n, V) or (n, k, V), or a tuple of such tensors with n
+    rows each, checked together) hold a NaN or +inf (or are all -inf): no token can be sampled from
+    them. Their rows are zeroed in place, so that the batch's sampling and logprobs go on for the
+    others. `broken` rows were failed before (not again).
 
     Returns:
         The indices of every failed row: `broken` and the new ones. One host sync.
     """
-    bad = ~torch.isfinite(logits.amax(-1))  # NaN propagates; +inf, or -inf for a row of -inf only
-    if bad.dim() > 1:
-        bad = bad.flatten(1).any(-1)
+    parts = logits if isinstance(logits, tuple) else (logits,)
+    # NaN propagates through amax; +inf, or -inf for a row of -inf only
+    bad = torch.stack([(~torch.isfinite(x.amax(-1))).reshape(len(x), -1).any(-1) for x in parts]).any(0)
     if not bool(bad.any()):
         return broken
     rows = bad.nonzero().flatten().tolist()
-    logits[rows] = 0
+    for x in parts:
+        x[rows] = 0
     error = MinimoeError("the model's output for this sequence is not a number (NaN or inf)")
     for r in rows:
         if r not in broken:

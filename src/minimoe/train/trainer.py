@@ -26,7 +26,7 @@ import yaml
 
 from minimoe.config import RunConfig
 from minimoe.dist.init import DistContext, on_main, resolve_device
-from minimoe.dist.parallel import LOGGED, parallelize
+from minimoe.dist.parallel import LOGGED, build_model, parallelize
 from minimoe.errors import MinimoeError
 from minimoe.model.moe import max_vio
 from minimoe.model.transformer import Transformer
@@ -152,11 +152,9 @@ class Trainer:
             need = memory_estimate(mc)["by_dtype"]["fp32"]["training_total"]
             check_fits(need, self.device, "training this model (fp32 weights, gradients and AdamW state)",
                        "pass --skip-memory-check")  # fmt: skip
-        if model is None:  # every rank builds the same full model from the same seed, then keeps its part
-            model = Transformer(mc)
+        if model is None:  # the same model from the same seed on every rank; each keeps its part
+            model = build_model(lambda: Transformer(mc), cfg, self.ctx)
             model.gradient_checkpointing = tc.activation_checkpointing
-        if cfg.dist.pipeline_parallel == 1 or not self.ctx.distributed:
-            model = model.to(self.device)  # a pipeline moves only its stage
         self.par = parallelize(model, cfg, self.ctx)
         self.model = self.par.model
         if self.ctx.distributed:  # dropout and router jitter: a different stream per rank
