@@ -2073,8 +2073,9 @@ def test_token_bytes_add_up_to_the_text_for_every_kind_of_tokenizer(tmp_path):
     """`Tokenizer.token_bytes`, what logprobs report per token: the byte kind's id is its byte (half a
     character stays half: its string is written `bytes:\\xNN`), special tokens are their strings, a
     byte-level BPE's tokens map back through GPT-2's alphabet, and another decoder's tokens give its text."""
+    from test_infer import context_tokenizers, text_after
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
 
     from minimoe.data.tokenizer import Tokenizer, train_bpe
     from minimoe.serve.jobs import Logprob
@@ -2099,8 +2100,32 @@ def test_token_bytes_add_up_to_the_text_for_every_kind_of_tokenizer(tmp_path):
     words.add_special_tokens(["<eos>"])
     (tmp_path / "tokenizer.json").write_text(words.to_str())
     wl = Tokenizer.load(tmp_path / "tokenizer.json")
-    assert [wl.token_bytes(i) for i in wl.encode("hello world")] == [b"hello", b"world"]
+    # a decoder that joins tokens with spaces: each adds its space inside a text
+    assert [wl.token_bytes(i) for i in wl.encode("hello world")] == [b" hello", b" world"]
     assert wl.token_bytes(wl.eos_id) == b"<eos>"
+    # SentencePiece (Metaspace) and WordPiece: a completion's token strings add up to its text, the
+    # space before a word included (alone, "▁there" decodes to "there", and "hi" as WordPiece's too)
+    for name, tok in context_tokenizers().items():
+        prompt, new = tok.encode("hello"), tok.encode("hi there, bye!")
+        got = b"".join(tok.token_bytes(i) for i in new).decode()
+        assert got == text_after(tok.decode, prompt, new) == " hi there, bye!", name
+    # SentencePiece's byte fallback: a character outside the vocabulary as its UTF-8 bytes, one per token
+    fallback = HFTokenizer(
+        models.BPE(
+            {"<unk>": 0, "▁": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}, [], byte_fallback=True
+        )
+    )
+    fallback.pre_tokenizer = pre_tokenizers.Metaspace()
+    fallback.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    fallback.add_special_tokens(["<eos>"])
+    (tmp_path / "tokenizer.json").write_text(fallback.to_str())
+    fb = Tokenizer.load(tmp_path / "tokenizer.json")
+    ids = fb.encode("日")
+    assert [fb.token_bytes(i) for i in ids] == [b" ", b"\xe6", b"\x97", b"\xa5"], [
+        fb.id_to_token(i) for i in ids
+    ]
 
 
 def test_engine_with_the_static_decode_step_equals_eager():

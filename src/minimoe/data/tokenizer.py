@@ -74,9 +74,8 @@ def _byte_level_hf():
 class Tokenizer:
     """One tokenizer interface over the byte, trained-BPE and pretrained kinds.
 
-    Build one with `Tokenizer.byte()`, `train_bpe(...)`, `Tokenizer.load(path)` or
-    `resolve_tokenizer(spec)`. `eos_id` is always set (documents are separated by it);
-    `pad_id` falls back to `eos_id`; `bos_id` may be None.
+    Build one with `Tokenizer.byte()`, `train_bpe(...)`, `Tokenizer.load(path)` or `resolve_tokenizer(spec)`.
+    `eos_id` is always set (documents are separated by it); `pad_id` falls back to `eos_id`; `bos_id` may be None.
     """
 
     def __init__(
@@ -261,8 +260,9 @@ class Tokenizer:
         return self._hf.id_to_token(i)
 
     def token_bytes(self, i: int) -> bytes:
-        """The bytes token `i` adds to decoded text: part of a character for a byte-level token that
-        splits one, a special token's string; a decoder that is not byte-level gives its own text of it."""
+        """The bytes token `i` adds to decoded text: part of a character for a byte-level (or byte-fallback
+        `<0xNN>`) token that splits one, a special token's string; another decoder's text of it after a
+        plain token (SentencePiece's and WordPiece's decoders drop or add a space by position)."""
         if self.kind == "byte" and 0 <= i < 256:
             return bytes([i])
         token = self.id_to_token(i)
@@ -272,7 +272,11 @@ class Tokenizer:
             inverse = _unicode_to_bytes()
             if all(c in inverse for c in token):
                 return bytes(inverse[c] for c in token)
-        return self.decode([i], skip_special_tokens=False).encode()
+        if re.fullmatch("<0x[0-9A-F]{2}>", token) and getattr(self._hf.model, "byte_fallback", False):
+            return bytes([int(token[3:5], 16)])
+        a = self.encode("a")[-1:]  # a plain token: what `i` adds after it is its text inside a text
+        head, both = self.decode(a, False), self.decode(a + [i], False)
+        return (both[len(head) :] if a and both.startswith(head) else self.decode([i], False)).encode()
 
     # ------------------------------------------------------------------ persistence
 
