@@ -2130,6 +2130,17 @@ def test_small_cpu_decoding_runs_on_one_thread_and_restores_the_count(monkeypatc
         # the decode steps ran on one thread; the caller's code between them never saw that
         assert in_forward[1:] and set(in_forward[1:]) == {1}
         assert between and set(between) == {2} and torch.get_num_threads() == 2
+        # MTP self-speculation and beam search: their decode steps too
+        from minimoe.infer.speculative import speculative_tokens
+
+        for decode in (
+            lambda: speculative_tokens(model, [1, 2, 3], 6, SamplingParams(temperature=0.0)),
+            lambda: iter([beam_search(model, [1, 2, 3], num_beams=2, max_new_tokens=4)]),
+        ):
+            in_forward.clear()
+            between = [torch.get_num_threads() for _ in decode()]
+            assert len(in_forward) > 2 and set(in_forward[1:]) == {1}  # after the prompt's forward
+            assert between and set(between) == {2} and torch.get_num_threads() == 2
         # a big enough step (here: a huge batch) keeps the thread pool
         with decode_threads(model, batch=10**9):
             assert torch.get_num_threads() == 2

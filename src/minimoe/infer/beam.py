@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.common import GenerationStats, fit_prompt, seen_mask
+from minimoe.infer.common import GenerationStats, decode_threads, fit_prompt, seen_mask
 from minimoe.infer.sampling import apply_repetition_penalty
 
 
@@ -124,7 +124,8 @@ def beam_search(
             seen = seen.index_select(0, index)
             seen[torch.arange(len(keep_tok), device=device), toks] = True
         beam_lp = torch.tensor(keep_lp, dtype=torch.float64, device=device)
-        logits = model(toks.view(-1, 1), cache=cache, num_logits_to_keep=1).logits[:, -1]
+        with decode_threads(model, len(keep_tok)):  # a small step on one thread
+            logits = model(toks.view(-1, 1), cache=cache, num_logits_to_keep=1).logits[:, -1]
         if stats is not None:
             stats.forward_calls += 1
             stats.note_cache(cache)

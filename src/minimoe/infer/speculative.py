@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from minimoe.errors import MinimoeError
-from minimoe.infer.common import GenerationStats, fit_prompt, make_generator
+from minimoe.infer.common import GenerationStats, decode_threads, fit_prompt, make_generator
 from minimoe.infer.sampling import SamplingParams, process_logits
 from minimoe.model.transformer import KVCache
 
@@ -186,7 +186,8 @@ def speculative_tokens(
             use_draft = budget - produced >= 2
             draft, q = choose_token(draft_logits, params, seen, gen) if use_draft else (None, None)
             inp = [last, draft] if use_draft else [last]
-            out = model(torch.tensor([inp], device=device), cache=cache)
+            with decode_threads(model, len(inp)):  # a small step on one thread (never across a yield)
+                out = model(torch.tensor([inp], device=device), cache=cache)
             stats.forward_calls += 1
             if use_draft:
                 stats.drafted += 1
@@ -217,6 +218,7 @@ def speculative_tokens(
                 yield t
             last = new[-1]
             if produced < budget:
-                draft_logits = mtp_step(model, mtp_cache, hidden, torch.tensor([new], device=device))
+                with decode_threads(model, len(new)):
+                    draft_logits = mtp_step(model, mtp_cache, hidden, torch.tensor([new], device=device))
     finally:
         stats.decode_s += time.perf_counter() - t0
