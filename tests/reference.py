@@ -33,12 +33,14 @@ def brute_force_group_topk(
     return sorted(allowed, key=lambda e: -choice[e])[:k]
 
 
-def moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
-    """Dropless MoE forward one token at a time, with per-expert (unstacked) weights.
+def moe_reference(moe, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """MoE forward one token at a time, with per-expert (unstacked) weights: dropless, or with each expert
+    taking its first `capacity` tokens in token order (first come, first served) and dropping the rest.
 
     Args:
         moe: a minimoe.model.moe.MoE (uses its gate, experts and shared_experts weights).
         x: (B, S, D).
+        capacity: pairs each expert keeps (None: every pair).
     Returns:
         (B, S, D), differentiable with respect to x and every weight.
     """
@@ -49,7 +51,7 @@ def moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
     gates = moe.experts.gate_proj.unbind(0) if moe.experts.gate_proj is not None else None
     bias = gate.e_score_correction_bias
     B, S, D = x.shape
-    rows = []
+    rows, taken = [], [0] * len(ups)
     for x_t in x.reshape(B * S, D):
         logits = gate.weight.to(dt) @ x_t.to(dt)
         scores = logits.softmax(-1) if gate.cfg.scoring_func == "softmax" else logits.sigmoid()
@@ -67,6 +69,9 @@ def moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
             weights = [w / total for w in weights]
         y_t = torch.zeros_like(x_t)
         for e, w in zip(chosen, weights):
+            taken[e] += 1
+            if capacity is not None and taken[e] > capacity:
+                continue  # dropped: the expert is full
             h = F.gelu(ups[e] @ x_t) if gates is None else F.silu(gates[e] @ x_t) * (ups[e] @ x_t)
             y_t = y_t + (w * gate.cfg.routed_scaling_factor).to(x.dtype) * (downs[e] @ h)
         if moe.shared_experts is not None:
