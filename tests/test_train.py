@@ -35,6 +35,34 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def test_a_minutes_budget_that_ends_in_the_warmup_is_warned_about(tmp_path, corpus, caplog):
+    """Warmup counts steps: a train.max_minutes run too short for it never decays its learning rate, and
+    the first logged row says so once (at the speed of its steps so far); a warmup that fits is not."""
+    from types import SimpleNamespace
+
+    from minimoe.train.schedule import warmup_overrun
+
+    tc = SimpleNamespace(max_minutes=1.0, warmup_steps=100)
+    assert "ends near step 70, inside its 100 warmup" in warmup_overrun(10, 6.0, 0.9, tc)[0]
+    assert "less than a warmup after" in warmup_overrun(10, 6.0, 0.4, tc)[0]  # step 145
+    assert warmup_overrun(10, 6.0, 0.2, tc) == [] and warmup_overrun(10, 6.0, None, tc) == []
+    assert warmup_overrun(100, 6.0, 0.6, tc) == []  # warmed up already
+    assert warmup_overrun(10, 6.0, 0.6, SimpleNamespace(max_minutes=None, warmup_steps=100)) == []
+    budget = (
+        "train.max_steps=100000",
+        "train.max_minutes=0.05",
+        "train.eval_every=100000",
+        "train.log_every=2",
+    )
+    with caplog.at_level("WARNING", logger="minimoe"):
+        _train(tmp_path / "short", corpus, *budget, "train.warmup_steps=100000")
+    assert sum("warmup steps, so the learning rate barely decays" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="minimoe"):
+        _train(tmp_path / "fits", corpus, *budget, "train.warmup_steps=1")
+    assert not any("warmup steps" in r.message for r in caplog.records)
+
+
 def test_training_learns_and_logs(tmp_path, corpus):
     res = _train(tmp_path / "run", corpus, "train.max_steps=30", "train.eval_every=15", "train.lr=1e-2")
     assert res.step == 30 and res.stopped == "max_steps"

@@ -41,7 +41,7 @@ from minimoe.train.metrics import LogWindow, MetricWriters, check_loggers, peak_
 from minimoe.train.optim import build_optimizer
 from minimoe.train.precision import autocast_context, resolve_precision
 from minimoe.train.progress import TrainProgress, run_summary, start_logs
-from minimoe.train.schedule import lr_multiplier, schedule_step
+from minimoe.train.schedule import lr_multiplier, schedule_step, warmup_overrun
 from minimoe.train.state import check_run_dir_writable
 
 log = logging.getLogger("minimoe.train")
@@ -345,6 +345,8 @@ class Trainer:
                     }
                     health = expert_health(window.loads, step_vio=window.max_vio())
                     fields, warnings = self.monitor.report(self.par.reduce_sum)
+                    if session_steps <= tc.log_every + 1:  # the session's first row with a step speed
+                        warnings += warmup_overrun(self.step, row["elapsed_s"], step_s, tc)
                     row.update(fields)  # alerts, dropped pairs
                     for w in warnings if self.ctx.is_main else []:
                         log.warning("step %d: %s", self.step, w)
