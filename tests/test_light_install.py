@@ -73,6 +73,11 @@ assert main({train!r}) == 0
 assert main(["generate", "run", "--prompt", "the", "--max-new-tokens", "4"]) == 0
 assert main(["eval", "run", "--task", "perplexity", "--data", "t.txt", "--no-progress", "--json"]) == 0
 assert main(["export", "run", "--out", "hf"]) == 0
+import contextlib, io
+err = io.StringIO()
+with contextlib.redirect_stderr(err):  # the missing extra is named before the (missing) data is read
+    assert main(["lora", "run", "--data", "missing.jsonl", "--out", "lora"]) == 2
+assert "LoRA needs peft (pip install 'minimoe[hf]')" in err.getvalue(), err.getvalue()
 from minimoe.serve import app_from_run
 app = app_from_run("run")
 print("ROUTES", sorted(r.path for r in app.routes if r.path.startswith("/v1")))

@@ -25,8 +25,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from minimoe.errors import MinimoeError
+    from minimoe.errors import MinimoeError, require
     from minimoe.finetune.sft import finetune
+
+    require("LoRA", "peft")  # before the data is read
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.adapter:
