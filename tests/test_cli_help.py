@@ -169,3 +169,13 @@ def test_overrides_anywhere_on_the_line_all_apply(monkeypatch):
 def test_an_unknown_option_with_a_value_is_not_an_override(capsys):
     assert main(["params", "tiny", "--lrr=3"]) == 2
     assert "unrecognized arguments: --lrr=3" in capsys.readouterr().err
+
+
+def test_a_bad_command_line_names_its_command_like_its_other_errors(capsys):
+    """argparse's refusals carry the command's prefix (`minimoe eval: error:`), as the command's own
+    errors do; before a command is known, the program's."""
+    assert main(["eval", "runs/x", "--task", "perplexity"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minimoe eval: error: the following arguments are required: --data"), err
+    assert main(["trian"]) == 2
+    assert capsys.readouterr().err.startswith("minimoe: error: argument COMMAND: invalid choice: 'trian'")

@@ -120,8 +120,9 @@ COMMANDS = {name: module for name, (module, _, _) in COMMANDS_TABLE.items()}
 
 
 def _refuse(prog: str, message: str) -> NoReturn:
-    """A bad command line as one sentence naming the help to read, exit 2."""
-    sys.stderr.write(f"minimoe: error: {message} (see '{prog} --help')\n")
+    """A bad command line as one sentence naming the help to read, exit 2 (`prog`: "minimoe COMMAND" once
+    the command is known, as every other error of that command is prefixed)."""
+    sys.stderr.write(f"{prog}: error: {message} (see '{prog} --help')\n")
     sys.exit(2)
 
 
