@@ -104,8 +104,19 @@ def test_start_up_summary_names_size_data_device_and_budget(tmp_path, corpus, ca
     assert len(lines) == 1, caplog.text
     line = lines[0]
     for part in ("parameters", "activated per token", "train +", "val tokens", "cpu", "1 thread (OMP", "fp32",
-                 "(OMP_WAIT_POLICY=PASSIVE)", "budget 1 step or 5 min"):  # fmt: skip
+                 "(OMP_WAIT_POLICY=PASSIVE)", "budget 1 step or 5 min",
+                 "val tokens (the last 1% of the text)"):  # one document: the stream's tail  # fmt: skip
         assert part in line, (part, line)
+    # enough documents: whole ones held out, counted
+    docs = tmp_path / "docs.txt"
+    docs.write_text(
+        "\n<|endoftext|>\n".join(f"story {i} of the cat and the dog" for i in range(1000)), "utf-8"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="minimoe.train"):
+        _train(tmp_path / "docs", docs, "train.max_steps=1", "train.eval_every=1")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert "val tokens (10 held-out documents)" in line, line
 
 
 def test_start_up_summary_says_when_the_whole_budget_is_warmup():

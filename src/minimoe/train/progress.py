@@ -50,7 +50,14 @@ def run_summary(cfg, data, device, world_size: int = 1) -> str:
     world = f" x {world_size} processes ({_layout(cfg.dist)})" if world_size > 1 else ""
     data_part = ""
     if data is not None:
-        data_part = f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens; "
+        held_out = {  # how the validation split was made (prepare.py), so a small or odd one shows
+            "document": f" ({data.meta['splits']['val']['documents']:,} held-out documents)",
+            "stream": f" (the last {cfg.data.val_fraction:.0%} of the text)",
+            "none": " (none: data.val_fraction=0)",
+        }.get(data.meta.get("split_mode"), "")
+        data_part = (
+            f"data {si(data.num_tokens('train'))} train + {si(data.num_tokens('val'))} val tokens{held_out}; "
+        )
     threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
     if device.type == "cpu":
         threads += f" (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
