@@ -103,9 +103,10 @@ def test_start_up_summary_names_size_data_device_and_budget(tmp_path, corpus, ca
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
     assert len(lines) == 1, caplog.text
     line = lines[0]
+    # the corpus is one document: validation is the stream's tail
     for part in ("parameters", "activated per token", "train +", "val tokens", "cpu", "1 thread (OMP", "fp32",
                  "(OMP_WAIT_POLICY=PASSIVE)", "budget 1 step or 5 min",
-                 "val tokens (the last 1% of the text)"):  # one document: the stream's tail  # fmt: skip
+                 "val tokens (the last 1% of the text)"):  # fmt: skip
         assert part in line, (part, line)
     # enough documents: whole ones held out, counted
     docs = tmp_path / "docs.txt"
