@@ -560,6 +560,9 @@ def test_cli_lora_saves_adapter_and_merges(base_run, tmp_path, capsys):
         "--no-progress",
     ]
     assert main([*argv, *SEQ_TRAIN, "train.max_steps=12"]) == 0
+    printed = capsys.readouterr().out
+    assert "saved the merged model in " in printed and f"adapter in {out / 'adapter'}" in printed, printed
+    assert "response tokens trained on, repeats over epochs counted" in printed
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     cfg = json.loads((adapter / "adapter_config.json").read_text())

@@ -43,16 +43,16 @@ def check_epochs(epochs: float) -> None:
 def report(res) -> None:
     val = f"  val_loss {res.val_loss:.4f}" if res.val_loss is not None else ""
     print(
-        f"{res.steps} steps on {res.examples} sequences ({res.response_tokens:,} response tokens, "
-        f"{res.dropped} dropped)  final loss {res.final_loss:.4f}{val}"
+        f"{res.steps} steps on {res.examples} sequences ({res.response_tokens:,} response tokens trained on, "
+        f"repeats over epochs counted; {res.dropped} dropped)  final loss {res.final_loss:.4f}{val}"
     )
     if res.stopped == "interrupted":  # fine-tuning has no --resume: say that this is all there is
         print(
             f"interrupted at step {res.steps} of {res.max_steps}: what was saved holds those steps "
             "(fine-tuning has no --resume)"
         )
-    if res.checkpoint is not None:
-        print(f"saved {res.checkpoint}")
+    if res.checkpoint is not None:  # with LoRA: the base with the adapter merged into its weights
+        print(f"saved {'the merged model in ' if res.adapter is not None else ''}{res.checkpoint}")
     if res.adapter is not None:
         print(f"adapter in {res.adapter}")
 
