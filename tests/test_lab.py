@@ -21,6 +21,7 @@ from minimoe.lab import compare, flops
 from minimoe.lab import inspect as lab_inspect
 from minimoe.lab import plot as lab_plot
 from minimoe.lab import report as lab_report
+from minimoe.lab import runs as lab_runs
 from minimoe.lab.sweep import run_state
 from minimoe.train.checkpoint import find_checkpoint
 from minimoe.train.run import train_from_config
@@ -615,7 +616,7 @@ def test_compare_jobs_train_in_parallel_processes_with_the_same_results(tmp_path
     assert main(["compare", str(sweep_file), "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
     log = capsys.readouterr().out
     assert log.count("start") == 4 and log.count("done") == 4
-    compare.run_sweep(sweep, tmp_path / "seq", figures=False)
+    lab_runs.run_sweep(sweep, tmp_path / "seq", figures=False)
     rows = {d: lab_report.report_rows(sweep, tmp_path / d, runs) for d in ("par", "seq")}
     for a, b in zip(rows["par"], rows["seq"]):
         assert a["val_loss_by_seed"] == b["val_loss_by_seed"] and len(a["val_loss_by_seed"]) == 2
@@ -707,7 +708,7 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_clean(tmp_path, monk
     dead.mkdir(parents=True)
     (dead / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.0, "tokens": 1}) + "\n")
     (dead / "stale.txt").write_text("left by the dead attempt")
-    compare.run_sweep(compare.load_sweep(sweep_file), tmp_path / "out", figures=False)
+    lab_runs.run_sweep(compare.load_sweep(sweep_file), tmp_path / "out", figures=False)
     steps = [json.loads(x)["step"] for x in (dead / "metrics.jsonl").read_text().splitlines()]
     assert 99 not in steps and max(steps) == 2 and not (dead / "stale.txt").exists()
 
@@ -842,11 +843,11 @@ def test_a_reused_run_read_with_other_data_settings_is_refused(tmp_path):
 
     common = TINY + ["model.vocab_size=320", f"data.path={tmp_path / 'corpus.txt'}"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(build_run_config(overrides=common).to_dict()))
-    compare._check_same_config(tmp_path, PlannedRun("a", 1, [], build_run_config(overrides=common), 1.0))
+    lab_runs._check_same_config(tmp_path, PlannedRun("a", 1, [], build_run_config(overrides=common), 1.0))
     for ov in ("data.val_fraction=0.2", "data.text_field=body", "data.glob=*.txt", "data.tokenizer=bpe:512"):
         planned = PlannedRun("a", 1, [], build_run_config(overrides=common + [ov]), 1.0)
         with pytest.raises(MinimoeError, match=f"other data \\(data.{ov.split('=')[0][5:]} = "):
-            compare._check_same_config(tmp_path, planned)
+            lab_runs._check_same_config(tmp_path, planned)
 
 
 def test_a_reused_run_may_hold_the_fallback_tokenizer_of_its_base_configs_preset(tmp_path, monkeypatch):
@@ -871,9 +872,9 @@ def test_a_reused_run_may_hold_the_fallback_tokenizer_of_its_base_configs_preset
     saved = planned.cfg.to_dict()
     saved["data"]["tokenizer"] = TOKENIZER_FALLBACKS["deepseek-mini"]  # what train_from_config stored
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    monkeypatch.setattr(compare, "write_report", lambda *a, **k: tmp_path / "report.md")
+    monkeypatch.setattr(lab_runs, "write_report", lambda *a, **k: tmp_path / "report.md")
     events = []
-    compare.run_sweep(sweep, tmp_path / "out", on_event=lambda e, r, d: events.append(e), figures=False)
+    lab_runs.run_sweep(sweep, tmp_path / "out", on_event=lambda e, r, d: events.append(e), figures=False)
     assert events == ["skip"]
 
 
@@ -917,7 +918,7 @@ def test_sweep_file_smoke(sweep_file, tmp_path, monkeypatch):
         # the variant's compiled step is what it measures; here only that it builds and trains (inductor
         # would spend minutes compiling two steps), so torch.compile hands the function back
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    report = compare.run_sweep(sweep, tmp_path / "out", figures=False)
+    report = lab_runs.run_sweep(sweep, tmp_path / "out", figures=False)
     text = report.read_text()
     for v in sweep.variants:
         assert f"| {v} | 1/1 | 2 |" in text, v
@@ -1182,9 +1183,11 @@ def test_a_sweep_without_validation_is_refused_before_any_run(tmp_path, monkeypa
     assert [r.variant for r in compare.plan(sweep)] == ["ref", "a"]
     # a run that still ends without a validation loss is reported as such, not a TypeError
     events = []
-    monkeypatch.setattr(compare, "_train_run", lambda kwargs, level: (None, 1.0, "max_steps"))
-    monkeypatch.setattr(compare, "write_report", lambda *a, **k: tmp_path / "report.md")
-    compare.run_sweep(sweep, tmp_path / "out", on_event=lambda *e: events.append((e[0], e[2])), figures=False)
+    monkeypatch.setattr(lab_runs, "_train_run", lambda kwargs, level: (None, 1.0, "max_steps"))
+    monkeypatch.setattr(lab_runs, "write_report", lambda *a, **k: tmp_path / "report.md")
+    lab_runs.run_sweep(
+        sweep, tmp_path / "out", on_event=lambda *e: events.append((e[0], e[2])), figures=False
+    )
     assert ("done", "no val_loss in 1 s") in events, events
 
 
@@ -1232,7 +1235,7 @@ def test_a_run_that_died_before_its_first_checkpoint_may_have_had_another_config
     old = planned.cfg.to_dict()
     old["train"]["lr"] = 1e6  # what the file said before its fix
     (dead / "config.yaml").write_text(yaml.safe_dump(old))
-    compare.run_sweep(sweep, tmp_path / "out", figures=False)
+    lab_runs.run_sweep(sweep, tmp_path / "out", figures=False)
     assert yaml.safe_load((dead / "config.yaml").read_text())["train"]["lr"] == planned.cfg.train.lr
     assert run_state(dead, 2) == "done"
 
@@ -1610,9 +1613,9 @@ def test_parallel_scheduling_trains_every_run_and_stops_when_a_worker_is_interru
         "ProcessPoolExecutor",
         lambda max_workers, **kw: concurrent.futures.ThreadPoolExecutor(max_workers),
     )
-    monkeypatch.setattr(compare, "write_report", lambda *a, **k: tmp_path / "report.md")
+    monkeypatch.setattr(lab_runs, "write_report", lambda *a, **k: tmp_path / "report.md")
     monkeypatch.setattr(
-        compare,
+        lab_runs,
         "_train_run",
         lambda kw, level: (
             1.0,
@@ -1631,7 +1634,7 @@ def test_parallel_scheduling_trains_every_run_and_stops_when_a_worker_is_interru
         )
         events.clear()
         try:
-            compare.run_sweep(
+            lab_runs.run_sweep(
                 compare.load_sweep(tmp_path / "s.yaml"), tmp_path / "out", figures=False, jobs=2,
                 on_event=lambda e, r, d: events.append(f"{e} {r.variant}"),
             )  # fmt: skip

@@ -66,7 +66,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from minimoe.lab.compare import load_sweep, plan, run_sweep, write_report
+    from minimoe.lab.compare import load_sweep, plan
+    from minimoe.lab.report import write_report
+    from minimoe.lab.runs import run_sweep
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     # per-step dead-expert warnings would drown the sweep's own progress lines; the report has MaxVio
