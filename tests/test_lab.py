@@ -967,6 +967,38 @@ def test_split_sweep_reuses_reference_runs_and_refuses_another_config(tmp_path, 
     assert "another config (train.lr" in capsys.readouterr().err
 
 
+def test_a_second_compare_on_a_folder_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    """A sweep holds its output folder's lock while it trains and while it writes its report: a second
+    `compare` there (which would delete or share the first one's run folders), or a --report-only, is
+    refused with one sentence; --plan reads only and still runs. The lock ends with the sweep: a rerun
+    afterwards is not blocked."""
+    import fcntl
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = json.dumps(TINY + ["train.eval_every=100"])
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(
+        f"base:\n  overrides: {base}\ndata: corpus.txt\nbudget: {{steps: 2}}\nseeds: [1]\nvariants:\n  a: []\n"
+    )
+    out = tmp_path / "out"
+    assert main(["compare", str(sweep_file), "--out", str(out)]) == 0
+    assert main(["compare", str(sweep_file), "--out", str(out)]) == 0  # the first one's lock is gone
+    assert "skip   a/seed_1" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    with open(out / lab_runs.LOCK_FILE, "a") as held:  # another process's sweep, as flock sees it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for extra in ([], ["--report-only"]):
+            (out / "report.md").write_text("kept")
+            assert main(["compare", str(sweep_file), "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"minimoe compare: error: another `minimoe compare` is running on {out}")
+            assert err.count("\n") == 1 and (out / "report.md").read_text() == "kept"
+        assert main(["compare", str(sweep_file), "--out", str(out), "--plan"]) == 0
+    (out / "report.md").write_text(report)
+    assert run_state(out / "a" / "seed_1", 2) == "done"
+
+
 def test_a_rerun_of_a_finished_sweep_at_precision_auto_skips_its_runs(tmp_path, monkeypatch, capsys):
     """The trainer records what `train.precision=auto` became on its device (bf16 or fp32) in config.yaml;
     rerunning the same sweep file skips those finished runs instead of refusing them as trained with

@@ -67,8 +67,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from minimoe.lab.compare import load_sweep, plan
-    from minimoe.lab.report import write_report
-    from minimoe.lab.runs import run_sweep
+    from minimoe.lab.runs import report_only, run_sweep
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     # per-step dead-expert warnings would drown the sweep's own progress lines; the report has MaxVio
@@ -99,7 +98,7 @@ def run(args) -> int:
                 f"{out} holds no run of this sweep (train them with `minimoe compare {args.sweep}`, or name "
                 "their folder with --out)"
             )
-        print(f"report: {write_report(sweep, out, runs)}")
+        print(f"report: {report_only(sweep, out, runs)}")
         return 0
     if out.exists() and not out.is_dir():  # found out before any run starts
         raise MinimoeError(f"--out {out} exists and is not a directory")

@@ -8,9 +8,11 @@ have been trained with the config the sweep plans for it (`_check_same_config`),
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +24,34 @@ from minimoe.lab.report import write_report
 from minimoe.lab.sweep import PlannedRun, Sweep, run_state
 from minimoe.lab.workers import signals_to_workers, worker_signals
 from minimoe.presets import TOKENIZER_FALLBACKS
+
+LOCK_FILE = ".compare.lock"  # in the sweep's output folder (a variant's name cannot start with a dot)
+
+
+@contextlib.contextmanager
+def sweep_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for this process while it trains runs there or writes their report: an exclusive
+    flock on OUT/.compare.lock, so a second `minimoe compare` on the folder (which would delete the run
+    folders this one is writing, or train the same runs into them) is refused. The OS drops the lock when
+    the process ends, a crash or a kill included; the file stays. No lock where the OS has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = out_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MinimoeError(
+                f"another `minimoe compare` is running on {out_dir} (it holds {path}); wait for it to end "
+                "or give another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _source(p: str | None) -> str | None:
@@ -95,7 +125,8 @@ def run_sweep(
     figures: bool = True,
     jobs: int = 1,
 ) -> Path:
-    """Train every planned run that is not finished yet, then write OUT/report.md and figures.
+    """Train every planned run that is not finished yet, then write OUT/report.md and figures. The sweep
+    holds OUT's lock (`sweep_lock`) throughout: a second sweep on the same folder is refused.
 
     Args:
         sweep: from load_sweep.
@@ -110,15 +141,35 @@ def run_sweep(
     Returns:
         the report path.
     """
-    import logging
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
     out_dir = Path(out_dir)
     make_dir(out_dir, f"the sweep's output directory {out_dir}")  # before any run, not once per run
-    runs = plan(sweep)
+    with sweep_lock(out_dir):
+        runs = plan(sweep)
+        _train_runs(sweep, out_dir, runs, on_event, jobs)
+        return write_report(sweep, out_dir, runs, figures=figures)
+
+
+def report_only(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: bool = True) -> Path:
+    """Rewrite the report from the runs already in `out_dir` (`minimoe compare --report-only`), holding
+    the folder's lock as run_sweep does: refused while a sweep trains there."""
+    with sweep_lock(out_dir):
+        return write_report(sweep, out_dir, runs, figures=figures)
+
+
+def _train_runs(
+    sweep: Sweep,
+    out_dir: Path,
+    runs: list[PlannedRun],
+    on_event: Callable[[str, PlannedRun, str], None] | None,
+    jobs: int,
+) -> None:
+    """run_sweep's training: every run not done yet, `jobs` at a time."""
+    import logging
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     todo = []
     preset = _trained_preset(sweep)
     for r in runs:
@@ -185,4 +236,3 @@ def run_sweep(
                         stop.append(signal.SIGINT)  # a worker saw the signal first
         if stop:
             raise KeyboardInterrupt
-    return write_report(sweep, out_dir, runs, figures=figures)
