@@ -999,6 +999,32 @@ def test_a_second_compare_on_a_folder_in_use_is_refused(tmp_path, monkeypatch, c
     assert run_state(out / "a" / "seed_1", 2) == "done"
 
 
+def test_report_only_refuses_runs_trained_with_another_config(tmp_path, monkeypatch, capsys):
+    """--report-only checks the runs it reports as a rerun does: after the sweep file changed (another
+    budget, another width for one variant), the old runs are refused with one sentence, and the report
+    they made is not overwritten with numbers the file no longer describes."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = json.dumps(TINY + ["train.eval_every=100"])
+    common = f"base:\n  overrides: {base}\ndata: corpus.txt\nseeds: [1]\n"
+    (tmp_path / "s.yaml").write_text(
+        common + "budget: {steps: 3}\nvariants:\n  moe: []\n  dense: [model.n_routed_experts=0]\n"
+    )
+    (tmp_path / "s2.yaml").write_text(
+        common + "budget: {steps: 2}\nvariants:\n  moe: []\n"
+        "  dense: [model.n_routed_experts=0, model.intermediate_size=256]\n"
+    )
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "s2.yaml"), "--out", str(out), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another config (train.max_steps = 3, this sweep wants 2)" in err
+    assert err.count("\n") == 1 and (out / "report.md").read_text() == report
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out), "--report-only"]) == 0
+
+
 def test_a_rerun_of_a_finished_sweep_at_precision_auto_skips_its_runs(tmp_path, monkeypatch, capsys):
     """The trainer records what `train.precision=auto` became on its device (bf16 or fp32) in config.yaml;
     rerunning the same sweep file skips those finished runs instead of refusing them as trained with

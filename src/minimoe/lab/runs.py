@@ -153,8 +153,14 @@ def run_sweep(
 
 def report_only(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: bool = True) -> Path:
     """Rewrite the report from the runs already in `out_dir` (`minimoe compare --report-only`), holding
-    the folder's lock as run_sweep does: refused while a sweep trains there."""
+    the folder's lock as run_sweep does: refused while a sweep trains there. A run there trained with
+    another config than the sweep plans is refused as a rerun refuses it, not reported as this sweep's."""
+    preset = _trained_preset(sweep)
     with sweep_lock(out_dir):
+        for r in runs:
+            run_dir = out_dir / r.variant / f"seed_{r.seed}"
+            if run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes) != "new":
+                _check_same_config(run_dir, r, sweep.val_data, preset)
         return write_report(sweep, out_dir, runs, figures=figures)
 
 
