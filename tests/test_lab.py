@@ -1142,6 +1142,34 @@ def test_compare_help_lists_every_sweep_file_key():
     assert missing == []
 
 
+def test_a_section_given_as_one_override_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """An override that names a whole section (`model=5`, a mapping as the value of `model`) is refused
+    with one sentence wherever overrides are read; a sweep file's nested mapping of overrides is read as
+    the dotted keys it spells."""
+    with pytest.raises(MinimoeError, match=r"config key 'model' is a section; give model.FIELD=value"):
+        build_run_config(overrides=["model={'hidden_size': 64}"])
+    assert main(["train", "--preset", "tiny", "train=5"]) == 2
+    assert capsys.readouterr().err == (
+        "minimoe train: error: config key 'train' is a section; give train.FIELD=value\n"
+    )
+    (tmp_path / "s.yaml").write_text(
+        "base: {overrides: {train: {seq_len: 32}}}\nbudget: {steps: 2}\n"
+        "variants:\n  a: {model: {hidden_size: 64, vocab_size: 320}}\n  b: {model.hidden_size: 32}\n"
+    )
+    sweep = compare.load_sweep(tmp_path / "s.yaml")
+    assert sweep.base_overrides == ["train.seq_len=32"]
+    assert sweep.variants == {
+        "a": ["model.hidden_size=64", "model.vocab_size=320"],
+        "b": ["model.hidden_size=32"],
+    }
+    for value in ("5", "null", "{}"):
+        (tmp_path / "s.yaml").write_text(f"budget: {{steps: 2}}\nvariants:\n  a: {{model: {value}}}\n")
+        assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2
+        assert capsys.readouterr().err.endswith(
+            "variant 'a': config key 'model' is a section; give model.FIELD=value\n"
+        )
+
+
 def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path, capsys):
     """YAML keeps the last of two equal keys: a variant name given twice would silently drop the first
     variant (and a budget given twice its first value). The sweep file is refused, naming the key."""

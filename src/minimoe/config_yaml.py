@@ -186,6 +186,8 @@ def set_dotted(cfg: Any, key: str, value: Any) -> None:
     if last not in names:
         raise _unknown_key(last, names, path)
     tp = _hints(type(obj))[last]
+    if dataclasses.is_dataclass(tp):  # `model=5` or `model={...}` would replace the whole section
+        raise ConfigError(f"config key '{path}{last}' is a section; give {path}{last}.FIELD=value")
     if isinstance(value, str):
         import yaml
 

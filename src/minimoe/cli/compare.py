@@ -27,6 +27,7 @@ The sweep file (YAML):
   variants:                   # name -> dotted overrides applied on top of the base
     none: [model.aux_free_bias=false]
     bias: [model.aux_free_bias=true]
+    wide: {model: {hidden_size: 256}}  # a mapping (nested or dotted keys) does too
   contrasts:                  # optional: [variant, reference] pairs; default every variant vs the first
     - [bias, none]
   equivalence: 0.02           # optional: a contrast whose 95% interval lies inside +-0.02 nats of val

@@ -39,11 +39,25 @@ TIME_BUDGET_MAX_STEPS = 1_000_000  # a minutes budget stops on the clock; this o
 def _override_list(value, where: str) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, dict):  # {model.hidden_size: 128} reads better in YAML for some
-        return [f"{k}={_yaml_scalar(v)}" for k, v in value.items()]
+    if isinstance(
+        value, dict
+    ):  # {model.hidden_size: 128} or {model: {hidden_size: 128}} read better for some
+        return _flatten(value)
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
         raise MinimoeError(f"{where} must be a list of dotted key=value overrides")
     return list(value)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    """Dotted overrides of a mapping, nested mappings flattened: {model: {hidden_size: 64}} gives
+    model.hidden_size=64."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={_yaml_scalar(v)}")
+    return out
 
 
 def _yaml_scalar(v) -> str:
