@@ -1303,6 +1303,50 @@ def test_a_diverged_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys, j
         assert "| bad | 1/1 |" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_an_unexpected_error_in_one_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys, jobs):
+    """A run that raises something other than a MinimoeError (a RuntimeError from torch, say) is reported
+    as failed with the error's type and message; the later runs still train and the report is written.
+    A KeyboardInterrupt still stops the sweep. (--jobs 2: worker processes replaced by threads.)"""
+    import concurrent.futures
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        concurrent.futures,
+        "ProcessPoolExecutor",
+        lambda max_workers, **kw: concurrent.futures.ThreadPoolExecutor(max_workers),
+    )
+    _corpus(tmp_path / "corpus.txt")
+    base = json.dumps(TINY + ["train.eval_every=100", "train.threads=1"])
+    (tmp_path / "s.yaml").write_text(
+        f"base:\n  overrides: {base}\ndata: corpus.txt\nbudget: {{steps: 2}}\nseeds: [1]\n"
+        "variants:\n  bad: []\n  good: []\n"
+    )
+    real, error = lab_runs._train_run, RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    def train(kwargs, level):
+        if Path(kwargs["run_dir"]).parent.name == "bad":
+            raise error
+        return real(kwargs, level)
+
+    monkeypatch.setattr(lab_runs, "_train_run", train)
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out), "--jobs", jobs]) == 1
+    captured = capsys.readouterr()
+    assert (
+        "failed bad/seed_1  (2 steps)  RuntimeError: CUDA out of memory. Tried to allocate 2 GiB\n"
+        in captured.out
+    )
+    assert "done   good/seed_1" in captured.out and "1 run failed (bad/seed_1)" in captured.err
+    report = (out / "report.md").read_text()
+    assert "| bad | 0/1 |" in report and "| good | 1/1 |" in report
+    if jobs == "1":
+        error = KeyboardInterrupt()
+        shutil.rmtree(out)
+        assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 130
+        assert "good" not in capsys.readouterr().out and not (out / "report.md").exists()
+
+
 def test_a_run_that_died_before_its_first_checkpoint_may_have_had_another_config(tmp_path, monkeypatch):
     """A run that died before its first checkpoint (e.g. a bad setting, since fixed in the sweep file)
     is started clean with the file's config, not refused as trained with another config."""

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from minimoe.config_yaml import load_yaml
-from minimoe.errors import ConfigError, MinimoeError
+from minimoe.errors import ConfigError, MinimoeError, one_line
 from minimoe.files import make_dir
 from minimoe.lab.compare import plan
 from minimoe.lab.report import write_report
@@ -132,8 +132,8 @@ def run_sweep(
         sweep: from load_sweep.
         out_dir: sweep output directory (one run directory per variant x seed).
         on_event: called with (event, run, detail) for "skip", "start", "resume", "done", "failed" (a
-            run that stopped with an error, e.g. diverged: the other runs still train, the report leaves
-            it out, and a rerun tries it again) and "stopped" (interrupted: the sweep raises
+            run that stopped with an error, e.g. diverged or out of memory: the other runs still train,
+            the report leaves it out, and a rerun tries it again) and "stopped" (interrupted: the sweep raises
             KeyboardInterrupt).
         figures: draw the figures (tests may turn them off).
         jobs: runs trained at the same time, each in its own process (give each run
@@ -205,8 +205,13 @@ def _train_runs(
         """Report how a run ended; True when it was interrupted (and the sweep must stop)."""
         try:
             val_loss, elapsed, stopped = result()
-        except MinimoeError as e:  # one diverged variant must not keep every later run from training
-            on_event and on_event("failed", r, str(e))
+        except Exception as e:  # noqa: BLE001 - one run's error (it diverged, a CUDA out-of-memory, a
+            # kernel error in one variant) must not keep every later run from training or the report from
+            # being written; KeyboardInterrupt and SystemExit still stop the sweep
+            if not isinstance(e, MinimoeError):
+                logging.getLogger("minimoe.lab").debug("%s failed", r.name, exc_info=True)
+            detail = str(e) if isinstance(e, MinimoeError) else f"{type(e).__name__}: {e}"
+            on_event and on_event("failed", r, one_line(detail))
             return False
         if stopped == "interrupted":
             # the trainer took the Ctrl-C (or SIGTERM) and saved a checkpoint: it was meant for the
