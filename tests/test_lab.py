@@ -825,6 +825,30 @@ def test_contrasts_and_tables_match_a_paired_reference(tmp_path):
     assert table[5] == lab_report.mean_std(list(var.values()))  # final losses, not the best ones
 
 
+def test_a_verdict_on_fewer_seeds_than_the_sweep_has_is_provisional(tmp_path):
+    """A verdict resting on the seeds that survived is marked provisional, naming how many of the sweep's
+    seeds it rests on and why the others are missing: a run that failed (its folder holds the marker
+    the sweep writes) is told apart from one not finished. A contrast of every seed is not marked."""
+    from minimoe.lab.sweep import FAILED_MARKER
+
+    ref = {1: 3.00, 2: 3.30, 3: 2.80, 4: 3.10, 5: 3.20}
+    sweep, runs = _synthetic_sweep(
+        tmp_path,
+        {"ref": ref, "var": {s: ref[s] - 0.1 - 0.001 * s for s in (1, 2, 3)},
+         "all": {s: ref[s] - 0.1 - 0.001 * s for s in ref}},
+    )  # fmt: skip
+    (tmp_path / "var" / "seed_4").mkdir()
+    (tmp_path / "var" / "seed_4" / FAILED_MARKER).write_text("training diverged\n")
+    text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
+    cells = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if " − ref |" in line}
+    assert cells["| var − ref"][3] == "yes: lower (provisional: 3 of 5 seeds; 1 failed, 1 not finished)"
+    assert cells["| all − ref"][3] == "yes: lower"
+    (tmp_path / "var" / "seed_5" / FAILED_MARKER).parent.mkdir()
+    (tmp_path / "var" / "seed_5" / FAILED_MARKER).write_text("RuntimeError: out of memory\n")
+    text = lab_report.write_report(sweep, tmp_path, runs, figures=False).read_text()
+    assert "| yes: lower (provisional: 3 of 5 seeds; 2 failed) |" in text
+
+
 def test_a_contrast_of_one_seed_says_it_has_no_interval(tmp_path):
     """One seed done by both sides has a difference but no spread: the table counts that seed and says
     there is no interval, instead of reporting 0 seeds."""
@@ -1340,6 +1364,7 @@ def test_an_unexpected_error_in_one_run_does_not_stop_the_sweep(tmp_path, monkey
     assert "done   good/seed_1" in captured.out and "1 run failed (bad/seed_1)" in captured.err
     report = (out / "report.md").read_text()
     assert "| bad | 0/1 |" in report and "| good | 1/1 |" in report
+    assert (out / "bad" / "seed_1" / "failed").read_text().startswith("RuntimeError: CUDA out of memory.")
     if jobs == "1":
         error = KeyboardInterrupt()
         shutil.rmtree(out)

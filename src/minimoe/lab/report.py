@@ -14,7 +14,7 @@ from pathlib import Path
 
 from minimoe.errors import missing_package
 from minimoe.lab.flops import tokens_per_step
-from minimoe.lab.sweep import PlannedRun, Sweep, run_state
+from minimoe.lab.sweep import FAILED_MARKER, PlannedRun, Sweep, run_state
 from minimoe.params import count_params
 from minimoe.provenance import history_label
 
@@ -187,6 +187,7 @@ def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
             s for s in sweep.seeds
             if any(r["val_loss_by_seed"].get(s) is None for r in (ra, rb))
         ]  # fmt: skip
+        res["failed"] = [s for s in res["unpaired"] if s in ra["failed_seeds"] or s in rb["failed_seeds"]]
         res["both_moe"] = ra["is_moe"] and rb["is_moe"]
         res["equivalence"] = sweep.equivalence
         out.append(res)
@@ -218,6 +219,19 @@ def verdict(st: dict | None, equivalence: float | None = None) -> str:
     if equivalence is not None and -equivalence < st["lo"] and st["hi"] < equivalence:
         return f"yes: equal within ±{equivalence:g}"
     return "no"
+
+
+def _verdict_cell(c: dict) -> str:
+    """The verdict, marked provisional where it rests on fewer seeds than the sweep has: the seeds left
+    out (failed, or not finished yet) need not be a random subset, as when a variant fails on its hardest
+    seeds."""
+    v = verdict(c["val_loss"], c["equivalence"])
+    if not v.startswith("yes") or not c.get("unpaired"):
+        return v
+    failed = len(c.get("failed", []))
+    rest = len(c["unpaired"]) - failed
+    why = [f"{failed} failed"] * bool(failed) + [f"{rest} not finished"] * bool(rest)
+    return f"{v} (provisional: {c['seeds']} of {c['seeds'] + len(c['unpaired'])} seeds; {', '.join(why)})"
 
 
 def _seeds_cell(c: dict) -> str:
@@ -252,7 +266,7 @@ def contrast_table(contrasts: list[dict]) -> str:
             ("contrast", lambda c: f"{c['variant']} − {c['reference']}"),
             ("seeds", _pairs_cell),
             ("Δ val loss: mean ± SE [95% interval]", _loss_cell),
-            ("resolved", lambda c: verdict(c["val_loss"], c["equivalence"])),
+            ("resolved", _verdict_cell),
             ("seeds to resolve at this mean and spread", _seeds_cell),
             ("Δ val bpb: mean ± SE [95%]", lambda c: _fmt_stats(c["val_bpb"])),
             (
@@ -278,6 +292,11 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
         vr = [r for r in runs if r.variant == variant]
         sums = [summarize_run(out_dir / variant / f"seed_{r.seed}", r) for r in vr]
         done = [s for s in sums if s is not None]
+        failed = [
+            r.seed
+            for r, s in zip(vr, sums)
+            if s is None and (out_dir / variant / f"seed_{r.seed}" / FAILED_MARKER).is_file()
+        ]
         cfg = vr[0].cfg
         rep = count_params(cfg.model)
         steps = cfg.train.max_steps
@@ -287,6 +306,7 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
             {
                 "variant": variant,
                 "seeds_done": len(done),
+                "failed_seeds": failed,  # its last attempt stopped with an error (not merely unfinished)
                 "seeds": len(vr),
                 "steps": steps,
                 "tokens": steps * tokens_per_step(cfg),
@@ -371,7 +391,9 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
             f" or lies inside ±{sweep.equivalence:g} nats (equal to within that margin, the sweep's `equivalence`)."
             if sweep.equivalence is not None
             else "."
-        ),
+        )
+        + " A verdict that rests on fewer seeds than the sweep has (runs failed or not finished) is marked "
+        "provisional: the seeds left out need not be a random subset (a variant may fail on its hardest seeds).",
         "",
         contrast_table(contrast_rows(sweep, rows)),
         "",

@@ -21,7 +21,7 @@ from minimoe.errors import ConfigError, MinimoeError, one_line
 from minimoe.files import make_dir
 from minimoe.lab.compare import plan
 from minimoe.lab.report import write_report
-from minimoe.lab.sweep import PlannedRun, Sweep, run_state
+from minimoe.lab.sweep import FAILED_MARKER, PlannedRun, Sweep, run_state
 from minimoe.lab.workers import signals_to_workers, worker_signals
 from minimoe.presets import TOKENIZER_FALLBACKS
 
@@ -201,6 +201,10 @@ def _train_runs(
         todo.append((r, "resume" if state == "partial" else "start", kwargs))
     level = logging.getLogger("minimoe.train").getEffectiveLevel()
 
+    def starting(r: PlannedRun, kind: str, kwargs: dict) -> None:
+        (kwargs["run_dir"] / FAILED_MARKER).unlink(missing_ok=True)  # an earlier attempt's
+        on_event and on_event(kind, r, str(kwargs["run_dir"]))
+
     def finished(r: PlannedRun, result: Callable[[], tuple[float, float, str]]) -> bool:
         """Report how a run ended; True when it was interrupted (and the sweep must stop)."""
         try:
@@ -210,8 +214,12 @@ def _train_runs(
             # being written; KeyboardInterrupt and SystemExit still stop the sweep
             if not isinstance(e, MinimoeError):
                 logging.getLogger("minimoe.lab").debug("%s failed", r.name, exc_info=True)
-            detail = str(e) if isinstance(e, MinimoeError) else f"{type(e).__name__}: {e}"
-            on_event and on_event("failed", r, one_line(detail))
+            detail = one_line(str(e) if isinstance(e, MinimoeError) else f"{type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):  # the report tells a failed run from one not run yet
+                run_dir = out_dir / r.variant / f"seed_{r.seed}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / FAILED_MARKER).write_text(detail + "\n", encoding="utf-8")
+            on_event and on_event("failed", r, detail)
             return False
         if stopped == "interrupted":
             # the trainer took the Ctrl-C (or SIGTERM) and saved a checkpoint: it was meant for the
@@ -224,7 +232,7 @@ def _train_runs(
 
     if jobs == 1:
         for r, kind, kwargs in todo:
-            on_event and on_event(kind, r, str(kwargs["run_dir"]))
+            starting(r, kind, kwargs)
             if finished(r, partial(_train_run, kwargs, level)):
                 raise KeyboardInterrupt
     elif todo:
@@ -239,7 +247,7 @@ def _train_runs(
             while (queue and not stop) or running:
                 while queue and not stop and len(running) < jobs:
                     r, kind, kwargs = queue.pop(0)
-                    on_event and on_event(kind, r, str(kwargs["run_dir"]))
+                    starting(r, kind, kwargs)
                     running[pool.submit(_train_run, kwargs, level)] = r
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:

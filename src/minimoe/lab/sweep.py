@@ -10,6 +10,8 @@ from pathlib import Path
 from minimoe.config import RunConfig
 from minimoe.errors import MinimoeError
 
+FAILED_MARKER = "failed"  # in a run directory: its last attempt stopped with this error (a rerun removes it)
+
 
 @dataclass
 class Sweep:
