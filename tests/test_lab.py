@@ -849,6 +849,31 @@ def test_a_verdict_on_fewer_seeds_than_the_sweep_has_is_provisional(tmp_path):
     assert "| yes: lower (provisional: 3 of 5 seeds; 2 failed) |" in text
 
 
+def test_a_contrast_across_tokenizers_is_decided_on_bits_per_byte(tmp_path, monkeypatch):
+    """Nats per token do not compare across tokenizers: a contrast between a byte-level and a BPE variant
+    is decided (verdict, seeds to resolve) on validation bits per byte, and the table and a note say so."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    base = json.dumps(TINY + ["train.eval_every=100", "model.mtp_depth=0"])
+    (tmp_path / "s.yaml").write_text(
+        f"base:\n  overrides: {base}\ndata: corpus.txt\nbudget: {{tokens: 384}}\nseeds: [1, 2]\n"
+        "variants:\n  byte: []\n  bpe: [data.tokenizer=bpe:320]\n"
+    )
+    sweep = compare.load_sweep(tmp_path / "s.yaml")
+    text = lab_runs.run_sweep(sweep, tmp_path / "out", figures=False).read_text()
+    rows = lab_report.report_rows(sweep, tmp_path / "out", compare.plan(sweep))
+    (c,) = lab_report.contrast_rows(sweep, rows)
+    assert c["measure"] == "val_bpb" and c["val_bpb"]["n"] == 2
+    bpb = lab_report.verdict(c["val_bpb"])
+    resolve = "–" if bpb != "no" else str(lab_report.seeds_to_resolve(c["val_bpb"]) or "> 1000")
+    row = next(line for line in text.splitlines() if line.startswith("| bpe − byte |"))
+    assert row.startswith(
+        f"| bpe − byte | 2 | tokenizers differ: see Δ val bpb | {bpb} (on val bpb: the tokenizers differ) | {resolve} |"
+    ), row
+    assert "(bpe − byte) are decided on validation bits per byte" in text
+    assert "At an equal budget of tokens, such variants also train on different amounts of text" in text
+
+
 def test_a_contrast_of_one_seed_says_it_has_no_interval(tmp_path):
     """One seed done by both sides has a difference but no spread: the table counts that seed and says
     there is no interval, instead of reporting 0 seeds."""

@@ -177,7 +177,9 @@ def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
     out = []
     for a, b in pairs:
         ra, rb = by_name[a], by_name[b]
-        res = {"variant": a, "reference": b}
+        # nats per token do not compare across tokenizers: bits per byte of the same text do
+        measure = "val_loss" if ra.get("tokenizer") == rb.get("tokenizer") else "val_bpb"
+        res = {"variant": a, "reference": b, "measure": measure}
         for key in ("val_loss", "val_bpb", "max_vio_batch", "max_vio_global"):
             res[key] = paired_stats(_paired(ra[key + "_by_seed"], rb[key + "_by_seed"]))
         res["seeds"] = len(_paired(ra["val_loss_by_seed"], rb["val_loss_by_seed"]))
@@ -189,7 +191,7 @@ def contrast_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
         ]  # fmt: skip
         res["failed"] = [s for s in res["unpaired"] if s in ra["failed_seeds"] or s in rb["failed_seeds"]]
         res["both_moe"] = ra["is_moe"] and rb["is_moe"]
-        res["equivalence"] = sweep.equivalence
+        res["equivalence"] = sweep.equivalence if measure == "val_loss" else None  # a margin in nats
         out.append(res)
     return out
 
@@ -225,19 +227,26 @@ def _verdict_cell(c: dict) -> str:
     """The verdict, marked provisional where it rests on fewer seeds than the sweep has: the seeds left
     out (failed, or not finished yet) need not be a random subset, as when a variant fails on its hardest
     seeds."""
-    v = verdict(c["val_loss"], c["equivalence"])
-    if not v.startswith("yes") or not c.get("unpaired"):
-        return v
-    failed = len(c.get("failed", []))
-    rest = len(c["unpaired"]) - failed
-    why = [f"{failed} failed"] * bool(failed) + [f"{rest} not finished"] * bool(rest)
-    return f"{v} (provisional: {c['seeds']} of {c['seeds'] + len(c['unpaired'])} seeds; {', '.join(why)})"
+    v = verdict(c[_measure(c)], c["equivalence"])
+    if v.startswith("yes") and c.get("unpaired"):
+        failed = len(c.get("failed", []))
+        rest = len(c["unpaired"]) - failed
+        why = [f"{failed} failed"] * bool(failed) + [f"{rest} not finished"] * bool(rest)
+        v += f" (provisional: {c['seeds']} of {c['seeds'] + len(c['unpaired'])} seeds; {', '.join(why)})"
+    if v != "–" and _measure(c) == "val_bpb":
+        v += " (on val bpb: the tokenizers differ)"
+    return v
+
+
+def _measure(c: dict) -> str:
+    """What a contrast's verdict and seed count are decided on: val_loss, or val_bpb across tokenizers."""
+    return c.get("measure", "val_loss")
 
 
 def _seeds_cell(c: dict) -> str:
     """The planning number for a contrast not yet resolved; "–" once its interval decides it (a tie
     within the margin needs no interval that excludes 0)."""
-    st = c["val_loss"]
+    st = c[_measure(c)]
     if st is None or verdict(st, c["equivalence"]) != "no":
         return "–"
     n = seeds_to_resolve(st)
@@ -253,6 +262,8 @@ def _pairs_cell(c: dict) -> str:
 
 
 def _loss_cell(c: dict) -> str:
+    if _measure(c) == "val_bpb":
+        return "tokenizers differ: see Δ val bpb"
     if c["val_loss"] is None and c["seeds"] == 1:  # one difference has no spread: no SE, no interval
         return "1 seed: no interval (needs 2)"
     if c["val_loss"] is None and c["seeds"] >= 2:
@@ -326,6 +337,7 @@ def report_rows(sweep: Sweep, out_dir: Path, runs: list[PlannedRun]) -> list[dic
                 "tokens_per_s": [s.tokens_per_s for s in done],
                 "code_by_seed": {s.seed: s.code for s in done},
                 "is_moe": cfg.model.n_routed_experts > 0,
+                "tokenizer": cfg.data.tokenizer,
             }
         )
     # paired by seed against the first variant: a seed fixes the data order, and much of the
@@ -361,6 +373,7 @@ def markdown_table(rows: list[dict]) -> str:
 def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: bool = True) -> Path:
     """Write OUT/report.md (table, noise note, per-seed numbers, figures) and return its path."""
     rows = report_rows(sweep, out_dir, runs)
+    contrasts = contrast_rows(sweep, rows)
     budget = {
         "tokens": f"{sweep.budget:,.0f} training tokens",
         "flops": f"{sweep.budget:.3g} training FLOPs (6 x activated matmul parameters + causal attention, per token)",
@@ -394,8 +407,9 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
         )
         + " A verdict that rests on fewer seeds than the sweep has (runs failed or not finished) is marked "
         "provisional: the seeds left out need not be a random subset (a variant may fail on its hardest seeds).",
+        *_tokenizer_note(sweep, contrasts),
         "",
-        contrast_table(contrast_rows(sweep, rows)),
+        contrast_table(contrasts),
         "",
         "Per seed (final validation loss):",
         "",
@@ -418,6 +432,24 @@ def write_report(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: b
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out
+
+
+def _tokenizer_note(sweep: Sweep, contrasts: list[dict]) -> list[str]:
+    """A paragraph for contrasts between variants that read the data with different tokenizers."""
+    across = [f"{c['variant']} − {c['reference']}" for c in contrasts if _measure(c) == "val_bpb"]
+    if not across:
+        return []
+    text = (
+        f"Contrasts between variants with different tokenizers ({', '.join(across)}) are decided on validation "
+        "bits per byte, and their seeds to resolve counted on it: nats per token do not compare across "
+        "tokenizers."
+    )
+    if sweep.budget_kind != "minutes":
+        text += (
+            f" At an equal budget of {'training FLOPs' if sweep.budget_kind == 'flops' else sweep.budget_kind}, such "
+            "variants also train on different amounts of text (a token holds more bytes under one tokenizer)."
+        )
+    return ["", text]
 
 
 def _report_figures(out_dir: Path, runs: list[PlannedRun], prefix: str = "") -> list[str]:
