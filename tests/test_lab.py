@@ -874,6 +874,23 @@ def test_a_contrast_across_tokenizers_is_decided_on_bits_per_byte(tmp_path, monk
     assert "At an equal budget of tokens, such variants also train on different amounts of text" in text
 
 
+def test_report_figures_draw_the_finished_runs_the_tables_count(tmp_path, monkeypatch):
+    """The figures draw the runs the tables count: a run stopped half-way (or failed) is left out of the
+    loss curves too."""
+    sweep, runs = _synthetic_sweep(tmp_path, {"ref": {1: 3.0, 2: 3.1}, "var": {1: 2.9}})
+    _finished_run(tmp_path / "var" / "seed_2", 2, [(2, 2.5)])  # checkpoint at step 2 of 4: not finished
+    import types
+
+    drawn = []  # what the figures get (the synthetic runs have no config.yaml to read)
+    monkeypatch.setattr(
+        lab_plot, "load_run_data", lambda d, label: drawn.append(label) or types.SimpleNamespace(group=None)
+    )
+    monkeypatch.setattr(lab_plot, "loss_figure", lambda data, x: lab_plot._plt().figure())
+    monkeypatch.setattr(lab_plot, "moe_runs", lambda data: [])
+    assert lab_report._report_figures(tmp_path, runs)
+    assert sorted(drawn) == ["ref (seed 1)", "ref (seed 2)", "var (seed 1)"]
+
+
 def test_a_contrast_of_one_seed_says_it_has_no_interval(tmp_path):
     """One seed done by both sides has a difference but no spread: the table counts that seed and says
     there is no interval, instead of reporting 0 seeds."""

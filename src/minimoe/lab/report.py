@@ -453,14 +453,16 @@ def _tokenizer_note(sweep: Sweep, contrasts: list[dict]) -> list[str]:
 
 
 def _report_figures(out_dir: Path, runs: list[PlannedRun], prefix: str = "") -> list[str]:
-    """Overlaid loss curves (every seed; one colour per variant) and MaxVio (first seed of each MoE
-    variant); returns file names in out_dir."""
+    """Overlaid loss curves (every finished seed, as in the tables; one colour per variant) and MaxVio
+    (first finished seed of each MoE variant); returns file names in out_dir."""
     from minimoe.lab.plot import _plt, load_run_data, loss_figure, maxvio_figure, moe_runs
 
     data = []
     for r in sorted(runs, key=lambda r: list(dict.fromkeys(x.variant for x in runs)).index(r.variant)):
         d = out_dir / r.variant / f"seed_{r.seed}"
-        if (d / "metrics.jsonl").is_file():
+        if (d / "metrics.jsonl").is_file() and run_state(
+            d, r.cfg.train.max_steps, r.cfg.train.max_minutes
+        ) == "done":
             run = load_run_data(d, f"{r.variant} (seed {r.seed})")
             run.group = r.variant
             data.append(run)
