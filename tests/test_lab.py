@@ -1236,6 +1236,26 @@ def test_a_section_given_as_one_override_is_one_sentence(tmp_path, monkeypatch, 
         )
 
 
+def test_a_variants_own_data_source_beside_the_sweeps_is_refused(tmp_path, monkeypatch, capsys):
+    """The sweep's `data` (or `val_data`) would replace a variant's or the base's own data.path (or
+    data.val_path) without a word: such a file is refused with one sentence. A directory given as the
+    sweep file is named as the sweep file."""
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    _corpus(tmp_path / "corpus.txt")
+    _corpus(tmp_path / "val.txt")
+    for key, extra in (("data.path", ""), ("data.val_path", "val_data: val.txt\n")):
+        (tmp_path / "s.yaml").write_text(
+            f"data: corpus.txt\n{extra}budget: {{steps: 2}}\nvariants:\n  b: [{key}=nowhere.txt]\n  a: []\n"
+        )
+        assert main(["compare", str(tmp_path / "s.yaml"), "--plan"]) == 2
+        err = capsys.readouterr().err
+        assert f"variant 'b': {key}=nowhere.txt conflicts with the sweep's " in err and err.count("\n") == 1
+    assert main(["compare", str(tmp_path), "--plan"]) == 2
+    assert capsys.readouterr().err == (
+        f"minimoe compare: error: sweep file {tmp_path} is a directory, not a YAML file\n"
+    )
+
+
 def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path, capsys):
     """YAML keeps the last of two equal keys: a variant name given twice would silently drop the first
     variant (and a budget given twice its first value). The sweep file is refused, naming the key."""

@@ -90,7 +90,9 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     try:
         d = load_yaml(path)
     except ConfigError as e:
-        raise MinimoeError(str(e).replace("config file", "sweep file", 1)) from None
+        raise MinimoeError(
+            str(e).replace("config file", "sweep file", 1).replace("config path", "sweep file", 1)
+        ) from None
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), SWEEP_KEYS, n=1)
@@ -264,6 +266,16 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
     precisions: dict[tuple, str] = {}  # (device, threads) -> what auto is there
     out = []
     for variant, ov in sweep.variants.items():
+        for key, source, what in (
+            ("data.path", sweep.data, "data"),
+            ("data.val_path", sweep.val_data, "val_data"),
+        ):
+            given = [o for o in sweep.base_overrides + ov if o.split("=", 1)[0].strip() == key]
+            if source and given:  # the sweep's source would replace it without a word
+                raise MinimoeError(
+                    f"sweep {sweep.name}, variant '{variant}': {given[0]} conflicts with the sweep's {what} "
+                    f"({source}); give the data in one place"
+                )
         base_ov = sweep.base_overrides + ov + data_ov
         try:
             cfg = build_run_config(sweep.base_preset, sweep.base_config, base_ov)
