@@ -1347,7 +1347,8 @@ def test_a_sweep_without_validation_is_refused_before_any_run(tmp_path, monkeypa
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and "a sweep compares validation losses" in err, err
             assert "give val_data or set data.val_fraction above 0" in err, err
-            assert not any((tmp_path / "out").glob("*"))  # no run folder: nothing started
+            # no run folder (the sweep's lock file aside): nothing started
+            assert not any(p.name != lab_runs.LOCK_FILE for p in (tmp_path / "out").glob("*"))
     monkeypatch.undo()
     monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
     _corpus(tmp_path / "val.txt")
