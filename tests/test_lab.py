@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -1433,6 +1434,51 @@ def test_an_unexpected_error_in_one_run_does_not_stop_the_sweep(tmp_path, monkey
         shutil.rmtree(out)
         assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(out)]) == 130
         assert "good" not in capsys.readouterr().out and not (out / "report.md").exists()
+
+
+def test_a_worker_killed_from_outside_stops_the_sweep_with_one_sentence(tmp_path, monkeypatch, capsys):
+    """A worker process killed mid-run (the out-of-memory killer) breaks the pool: its run is reported
+    failed, and the next run that cannot start stops the sweep with one sentence (exit 2, not an internal
+    error), so that a rerun continues it. (Worker processes replaced by threads; the kill by its error.)"""
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        broken, submitted = False, threading.Semaphore(0)
+
+        def submit(self, fn, *args):
+            if Pool.broken:
+                raise BrokenProcessPool("A child process terminated abruptly")
+            Pool.submitted.release()
+            return super().submit(fn, *args)
+
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        concurrent.futures, "ProcessPoolExecutor", lambda max_workers, **kw: Pool(max_workers)
+    )
+    _corpus(tmp_path / "corpus.txt")
+    base = json.dumps(TINY + ["train.eval_every=100", "train.threads=1"])
+    (tmp_path / "s.yaml").write_text(
+        f"base:\n  overrides: {base}\ndata: corpus.txt\nbudget: {{steps: 2}}\nseeds: [1, 2]\n"
+        "variants:\n  a: []\n  b: []\n"
+    )
+    real = lab_runs._train_run
+
+    def train(kwargs, level):
+        if Path(kwargs["run_dir"]).parent.name == "a" and Path(kwargs["run_dir"]).name == "seed_1":
+            for _ in range(2):  # dies once both workers have their runs, as a killed worker does mid-run
+                Pool.submitted.acquire()
+            Pool.broken = True
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+        return real(kwargs, level)
+
+    monkeypatch.setattr(lab_runs, "_train_run", train)
+    assert main(["compare", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--jobs", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "failed a/seed_1" in captured.out, captured.out
+    assert "a worker process of the sweep died" in captured.err and "rerun the sweep" in captured.err
+    assert "so a/seed_2 cannot run" in captured.err, captured.err
+    assert "internal error" not in captured.err
 
 
 def test_a_run_that_died_before_its_first_checkpoint_may_have_had_another_config(tmp_path, monkeypatch):

@@ -175,6 +175,7 @@ def _train_runs(
     import logging
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     todo = []
     preset = _trained_preset(sweep)
@@ -248,7 +249,13 @@ def _train_runs(
                 while queue and not stop and len(running) < jobs:
                     r, kind, kwargs = queue.pop(0)
                     starting(r, kind, kwargs)
-                    running[pool.submit(_train_run, kwargs, level)] = r
+                    try:
+                        running[pool.submit(_train_run, kwargs, level)] = r
+                    except BrokenProcessPool:  # a worker was killed (the system's out-of-memory killer)
+                        raise MinimoeError(
+                            f"a worker process of the sweep died (killed from outside, e.g. for want of "
+                            f"memory), so {r.name} cannot run; rerun the sweep to continue it"
+                        ) from None
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     if finished(running.pop(fut), fut.result) and not stop:
