@@ -2869,3 +2869,87 @@ def test_a_first_draft_that_is_not_a_number_fails_its_sequence_alone():
     got = _texts(events)
     assert [got[0], got[2]] == [alone[0], alone[2]]
     assert engine.active_jobs == 0 and engine.pool.n == 0
+
+
+# ---------------------------------------------------------------------- in-process servers
+
+
+class _InProcess:
+    """`build_app(model, tok, "t", **kw)` served by uvicorn on a thread (loopback, a free port)."""
+
+    def __init__(self, model, tok, **kw) -> None:
+        from minimoe.cli.serve import listen
+        from minimoe.serve import build_app
+
+        self.app = build_app(model, tok, "t", **kw)
+        self.sock = listen("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> _InProcess:
+        self.thread.start()
+        assert _wait(lambda: self.server.started, 60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=30).json()
+
+
+def test_a_body_being_parsed_does_not_hold_up_other_clients(loaded, monkeypatch):
+    """Parsing and checking a request body (a second for a megabyte of small nodes) happens off the
+    event loop: while one body is held mid-parse, /health is answered. On the loop, /health would wait
+    for the parse to end (here: for the test to let it go, which it does only afterwards)."""
+    import minimoe.serve.app as app_module
+
+    real, entered, release = app_module.parse_json, threading.Event(), threading.Event()
+
+    def slow_parse(raw, cls):
+        entered.set()
+        release.wait(30)
+        return real(raw, cls)
+
+    monkeypatch.setattr(app_module, "parse_json", slow_parse)
+    model, tok = loaded
+    with _InProcess(model, tok) as srv, ThreadPoolExecutor(1) as pool:
+        body = {"model": "t", "prompt": "the", "max_tokens": 2, "temperature": 0}
+        posted = pool.submit(httpx.post, f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert entered.wait(30)
+        try:
+            assert httpx.get(f"{srv.url}/health", timeout=20).json()["status"] == "ok"
+        finally:
+            release.set()
+        assert posted.result().status_code == 200
+
+
+def test_the_unicode_check_walks_a_body_only_when_it_could_hold_a_lone_surrogate(monkeypatch):
+    """A lone surrogate is refused whether an escape or its own (surrogatepass-decoded) UTF-8 bytes
+    spell it, and in a UTF-16 body too; a body with neither is not walked at all."""
+    from minimoe.serve import http
+    from minimoe.serve.schemas import APIError, CompletionRequest
+
+    def refused(raw: bytes) -> str | None:
+        with pytest.raises(APIError) as e:
+            http.parse_json(raw, CompletionRequest)
+        return e.value.body()["error"]["param"]
+
+    assert refused(b'{"model": "m", "prompt": ["a", "\\udc00"]}') == "prompt.1"
+    assert refused(b'{"model": "m", "prompt": "\xed\xa0\x80"}') == "prompt"
+    assert refused('{"model": "m", "prompt": "\\ud800"}'.encode("utf-16-le")) == "prompt"
+    assert refused(b'{"model": "m", "prompt": "x", "x": {"\\uDBFF": 1}}') == "x"
+    pair = http.parse_json(b'{"model": "m", "prompt": "\\ud83d\\ude00 \\\\ud800"}', CompletionRequest)
+    assert pair.prompt == "\U0001f600 \\ud800"  # a pair, and an escaped backslash: both valid
+
+    def walked(value) -> bool:
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(http, "_has_bad_text", walked)
+    body = {"model": "m", "prompt": [[1, 2]] * 1000, "x": [["\u00e9\\u00e9 \U0001f600"]] * 1000}
+    assert http.parse_json(json.dumps(body, ensure_ascii=False).encode(), CompletionRequest).model == "m"

@@ -20,6 +20,7 @@ carries `Authorization: Bearer KEY`. A client that hangs up, streaming or not, c
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,7 +97,10 @@ def build_app(
         return service.model_card()
 
     async def parse(request: Request, cls):
-        return parse_json(await read_body(request, limits.max_body_bytes, limits.body_timeout), cls)
+        raw = await read_body(request, limits.max_body_bytes, limits.body_timeout)
+        # a megabyte of many small nodes takes a second to parse and check: off the event loop, so
+        # that other clients' streams and /health go on meanwhile
+        return await asyncio.to_thread(parse_json, raw, cls)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

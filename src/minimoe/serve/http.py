@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 
 import h11
 from fastapi import FastAPI, Request
@@ -71,31 +72,72 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a valid JSON number")
 
 
-def _check_text(value, path: str) -> None:
-    """APIError(400) naming the first string in `value` that is not valid Unicode (a lone surrogate
-    such as "\\ud800", which JSON escapes can spell but no tokenizer can encode)."""
-    stack = [(value, path)]
+# what can spell a lone surrogate in a UTF-8 body: a \uD800-\uDFFF escape, or a surrogate's own three
+# bytes (json.loads decodes bytes with "surrogatepass"); a body without either needs no walk
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _is_bad(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _has_bad_text(value) -> bool:
+    """Whether some string (a key or a value) in `value` is not valid Unicode: a walk without paths."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if any(map(_is_bad, v)):
+                return True
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif _is_bad(v):
+            return True
+    return False
+
+
+def _bad_text_path(value) -> str:
+    """Where the first string in `value` that is not valid Unicode is (built only once one is known)."""
+    stack = [(value, "")]
     while stack:
         v, where = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(
-                    400,
-                    f"'{where}' holds a string that is not valid Unicode (a lone surrogate).",
-                    param=where or None,
-                    code="invalid_value",
-                ) from None
-        elif isinstance(v, dict):
+        if isinstance(v, dict):
             stack.extend((x, f"{where}.{k}" if where else str(k)) for k, x in v.items())
             stack.extend((k, where) for k in v)
         elif isinstance(v, list):
             stack.extend((x, f"{where}.{i}" if where else str(i)) for i, x in enumerate(v))
+        elif _is_bad(v):
+            return where
+    return ""
+
+
+def _check_text(value, raw: bytes) -> None:
+    """APIError(400) naming the first string in `value` (parsed from `raw`) that is not valid Unicode (a
+    lone surrogate such as "\\ud800", which JSON escapes can spell but no tokenizer can encode). Cheap for
+    the common body: the tree is walked only when `raw` holds what could spell one."""
+    if json.detect_encoding(raw) == "utf-8" and not _MAYBE_SURROGATE.search(raw):
+        return
+    if not _has_bad_text(value):
+        return
+    where = _bad_text_path(value)
+    raise APIError(
+        400,
+        f"'{where}' holds a string that is not valid Unicode (a lone surrogate).",
+        param=where or None,
+        code="invalid_value",
+    )
 
 
 def parse_json(raw: bytes, cls):
-    """The request body as `cls`, or an APIError 400 naming what is wrong."""
+    """The request body as `cls`, or an APIError 400 naming what is wrong. A body of many nodes takes a
+    while to parse and check: callers on the event loop run this in a worker thread (`app.parse`)."""
     try:
         # NaN and Infinity are not JSON; 1e999 parses to inf, refused by the models' finite fields
         data = json.loads(raw, parse_constant=_no_constant)
@@ -112,7 +154,7 @@ def parse_json(raw: bytes, cls):
         raise APIError(400, f"The request body is not valid JSON ({e}).", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    _check_text(data, "")
+    _check_text(data, raw)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
