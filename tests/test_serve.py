@@ -1781,7 +1781,10 @@ def test_engine_speculative_equals_plain_greedy_and_sampling_is_reproducible(mon
             if calls[0] % 2 and at < len(ids):
                 s.draft = ids[at]
 
-    monkeypatch.setattr(engine_module, "next_drafts", with_oracle)
+    from minimoe.serve import speculative_step
+
+    monkeypatch.setattr(engine_module, "next_drafts", with_oracle)  # the first drafts, as rows join
+    monkeypatch.setattr(speculative_step, "next_drafts", with_oracle)  # the drafts of every step
     got = _texts(_engine_run(oracle, jobs()[:3]))
     assert [got[i] for i in range(3)] == [plain[i] for i in range(3)]
     assert oracle.drafted // 4 < oracle.accepted < oracle.drafted
@@ -1808,7 +1811,10 @@ def test_choices_of_one_prompt_share_one_prefill_and_each_equals_alone(speculati
             drafts.setdefault(seq.job.index, []).append(logits.clone())
         set_drafts(draft_logits, seqs)
 
-    monkeypatch.setattr(engine_module, "next_drafts", recorded)
+    from minimoe.serve import speculative_step
+
+    monkeypatch.setattr(engine_module, "next_drafts", recorded)  # the first drafts, as rows join
+    monkeypatch.setattr(speculative_step, "next_drafts", recorded)  # the drafts of every step
     ids = tok.encode("a dog ran to the red ball")
     params = [JobParams(max_tokens=14, temperature=0)]
     params += [JobParams(max_tokens=12, temperature=1.0, top_k=20, seed=s) for s in (1, 2, 3)]
@@ -2953,3 +2959,85 @@ def test_the_unicode_check_walks_a_body_only_when_it_could_hold_a_lone_surrogate
     monkeypatch.setattr(http, "_has_bad_text", walked)
     body = {"model": "m", "prompt": [[1, 2]] * 1000, "x": [["\u00e9\\u00e9 \U0001f600"]] * 1000}
     assert http.parse_json(json.dumps(body, ensure_ascii=False).encode(), CompletionRequest).model == "m"
+
+
+def _recording_log(monkeypatch, module) -> list[tuple[str, bool]]:
+    """Replace `module.log` with one that records (line, whether it carried a traceback)."""
+    from types import SimpleNamespace
+
+    lines: list[tuple[str, bool]] = []
+
+    def record(traceback: bool):
+        return lambda msg, *a, **kw: lines.append((msg % a, traceback and sys.exc_info()[0] is not None))
+
+    fake = SimpleNamespace(info=record(False), error=record(False), exception=record(True))
+    monkeypatch.setattr(module, "log", fake, raising=False)
+    return lines
+
+
+def test_a_failing_engine_logs_each_failure_and_health_says_degraded(loaded, monkeypatch):
+    """Every failed step is one log line with its traceback; /health counts them and says "degraded"
+    after 3 in a row, "ok" again after a step that worked."""
+    import minimoe.serve.engine as engine_module
+
+    lines = _recording_log(monkeypatch, engine_module)
+    model, tok = loaded
+    with _InProcess(model, tok) as srv:
+        engine = srv.app.state.service.engine
+
+        def boom(tokens):
+            raise RuntimeError("boom")
+
+        engine.pool.decode = boom
+        body = {"model": "t", "prompt": "the", "max_tokens": 3, "temperature": 0}
+        for i in range(1, 4):
+            r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 500 and "RuntimeError: boom" in r.json()["error"]["message"]
+            health = srv.health()
+            assert health["failed_steps"] == i and health["status"] == ("degraded" if i == 3 else "ok")
+        assert lines == [("engine: a decode step failed", True)] * 3
+        del engine.pool.decode
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert srv.health()["status"] == "ok" and srv.health()["failed_steps"] == 3
+
+
+def test_after_a_failed_step_the_engine_rebuilds_its_state_rather_than_trusting_it(loaded, monkeypatch):
+    """A step that fails halfway (in the prefill, or anywhere in the step) may leave the worker's
+    bookkeeping inconsistent, here a prefill row held by no prompt: the next request is still served,
+    since the state is rebuilt. Without the rebuild the engine's only prefill row stays taken."""
+    import minimoe.serve.engine as engine_module
+
+    lines = _recording_log(monkeypatch, engine_module)
+    model, tok = loaded
+    params = JobParams(max_tokens=3, temperature=0)
+
+    def leak_then_fail(engine: Engine) -> None:
+        engine._prefill.ids[1], engine._prefill.done[1] = [1], 0  # a row no prompt holds
+        raise RuntimeError("half done")
+
+    def fails_at(call: int, real, engine: Engine):
+        calls = []
+
+        def patched(*args):
+            calls.append(1)
+            return leak_then_fail(engine) if len(calls) == call else real(*args)
+
+        return patched
+
+    for where in ("prefill", "step"):
+        engine = Engine(model, tok, max_active=1)
+        if where == "prefill":
+            engine._prefill.step = fails_at(1, engine._prefill.step, engine)
+        else:  # the second step, the first prompt's sequence running
+            engine._drop_cancelled = fails_at(2, engine._drop_cancelled, engine)
+        jobs = [Job(0, tok.encode("the cat"), params, lambda e: None, client="a")]
+        jobs.append(Job(1, tok.encode("a dog"), params, lambda e: None, client="b"))
+        events = _engine_run(engine, jobs, timeout=30)
+        assert [e.index for e in events if isinstance(e, Failure)] == [0], where
+        assert [e.index for e in events if isinstance(e, Finish)] == [1], where
+        assert engine.failed_steps == 1 and engine.failing_steps == 0
+    assert [line for line, traceback in lines if traceback] == [
+        "engine: a prefill step failed",
+        "engine: an engine step failed",
+    ]

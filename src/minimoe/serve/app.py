@@ -81,10 +81,12 @@ def build_app(
     async def health() -> dict[str, Any]:
         engine = service.engine
         return {
-            "status": "ok",
+            # "degraded": the engine's last steps each failed (every error is logged with its traceback)
+            "status": "degraded" if engine.degraded else "ok",
             "active_jobs": engine.active_jobs,
             "queued_jobs": engine.queued_jobs,
             "generated_tokens": engine.generated_tokens,
+            "failed_steps": engine.failed_steps,
         }
 
     @app.get("/v1/models")

@@ -14,13 +14,7 @@ Sampling parameters, seeds and stop strings stay per sequence, so a sequence gen
 would alone. A job that asks for logprobs gets each token's from the logits that chose it, and its
 prompt's tokens' from the prefill's when it asks for those too.
 
-With `speculative`, step 3 is self-speculative (DeepSeek-V3 MTP, as in `minimoe.infer.speculative`):
-every sequence carries a draft of its next-but-one token from the model's first MTP module, and one
-forward over [last token, draft] per row verifies all drafts at once; each row keeps the draft and a
-bonus token when its draft is accepted, else the corrected token. Acceptance is per row: greedy rows
-accept when the draft is the main model's argmax (so they generate exactly what plain greedy does),
-sampled rows use speculative sampling's rule (`verify_draft`), which keeps the main model's
-distribution. The MTP module then runs over the same positions, batched, to draft the next step.
+With `speculative`, step 3 is self-speculative (`minimoe.serve.speculative_step`).
 
 Admission is bounded: at most `max_queued` jobs wait (`max_queued_per_client` from one client); a
 submit beyond that raises `QueueFull`. Waiting jobs take free slots round-robin over clients, and one
@@ -30,11 +24,12 @@ of requests nor one request with a large `n` makes another client wait for a who
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
@@ -42,7 +37,7 @@ from minimoe.errors import MinimoeError
 from minimoe.infer.common import decode_threads, fit_prompt, make_generator, release_openmp_threads
 from minimoe.infer.sampling import SamplingParams
 from minimoe.infer.slots import Prefill, SlotPool
-from minimoe.infer.speculative import next_drafts, verify_rows
+from minimoe.infer.speculative import next_drafts
 from minimoe.infer.static import StaticDecode
 from minimoe.infer.text import TextStream
 from minimoe.serve.admission import Admission
@@ -50,26 +45,16 @@ from minimoe.serve.jobs import Delta, Event, Failure, Finish, Job, JobParams, Lo
 from minimoe.serve.limits import Limits
 from minimoe.serve.logprobs import prompt_entries, row_logprobs
 from minimoe.serve.rows import pick, quarantine
+from minimoe.serve.sequence import Seq
+from minimoe.serve.speculative_step import SpeculativeStep
+
+log = logging.getLogger("uvicorn.error")  # the server's log (uvicorn's, as `minimoe.serve.http` uses)
+DEGRADED_AFTER = 3  # steps failing in a row before /health says "degraded"
 
 __all__ = ["Delta", "Engine", "Event", "Failure", "Finish", "Job", "JobParams", "Logprob", "QueueFull"]
 
 
-@dataclass
-class _Seq:
-    job: Job
-    stream: TextStream
-    sampling: SamplingParams
-    gen: torch.Generator | None
-    prompt_len: int = 0
-    next_token: int = 0  # sampled, not yet written to the cache
-    count: int = 0
-    draft: int = 0  # speculative: the drafted token after next_token ...
-    q: torch.Tensor | None = None  # ... and the (1, V) distribution it was sampled from (sampling only)
-    logprobs: list[Logprob] = field(default_factory=list)  # of the counted tokens, when the job asks
-    shift: int = 0  # the prompt's text length when its tokens have entries: where the offsets start
-
-
-class Engine:
+class Engine(SpeculativeStep):
     """The model's single worker thread.
 
     Args:
@@ -121,10 +106,13 @@ class Engine:
         self._tasks: deque[tuple[Callable[[], float], Future]] = deque()  # run by the worker before a step
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._running: list[_Seq] = []  # row i of the pool is _running[i]
+        self._running: list[Seq] = []  # row i of the pool is _running[i]
         self._prefill = Prefill(self.pool)
-        self._prefilling: dict[int, list[_Seq]] = {}  # prefill row -> the sequences of its prompt
+        self._prefilling: dict[int, list[Seq]] = {}  # prefill row -> the sequences of its prompt
         self.generated_tokens = 0  # since start, over all jobs (written by the worker only)
+        self.failed_steps = 0  # steps in which an error was caught (each logged with its traceback) ...
+        self.failing_steps = 0  # ... and how many of them in a row, up to the last step
+        self._step_errors = 0
         self.steps = 0
         self.drafted = 0  # speculative: drafts verified ...
         self.accepted = 0  # ... and accepted
@@ -146,6 +134,11 @@ class Engine:
     @property
     def queued_jobs(self) -> int:
         return self.admission.queued
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the last DEGRADED_AFTER steps or more each failed (each error is in the log)."""
+        return self.failing_steps >= DEGRADED_AFTER
 
     def start(self) -> None:
         """Start the worker thread. The calling thread's idle OpenMP workers are let go first
@@ -214,10 +207,14 @@ class Engine:
                     if not self._running and not self._prefilling and not self.queued_jobs:
                         self._wake.wait(0.5)
                         continue
+                    self._step_errors = 0
                     try:
                         self._step()
-                    except Exception as e:  # noqa: BLE001 - a bug must not leave later requests hanging
-                        self._fail_current(f"generation failed: {type(e).__name__}: {e}", 500)
+                    except Exception:  # noqa: BLE001 - a bug must not leave later requests hanging
+                        self._fail_current(self._caught("an engine step"), 500)
+                        self._reset()
+                    self.failed_steps += self._step_errors > 0
+                    self.failing_steps = self.failing_steps + 1 if self._step_errors else 0
         finally:
             self._fail_all("The server is shutting down; the request was not completed.", 503)
             with self._lock:
@@ -259,18 +256,19 @@ class Engine:
                 group = [self._new_seq(job, len(ids)) for job in live]
                 self._prefilling[self._prefill.add(ids, live[0].params.prompt_score)] = group
             except Exception as e:  # noqa: BLE001 - these jobs cannot start; the queue's others can
+                self._caught("admitting a prompt")
                 for job in live:
                     job.fail(e)
                 continue
             held.update(job.client for job in live)
             rows[live[0].client] += 1
 
-    def _new_seq(self, job: Job, prompt_len: int) -> _Seq:
+    def _new_seq(self, job: Job, prompt_len: int) -> Seq:
         p = job.params
         sampling = SamplingParams(p.temperature, p.top_k, p.top_p)
         gen = None if sampling.greedy else make_generator(p.seed, self.pool.cache.layers[0].a.device)
         stream = TextStream(self.tokenizer.decode, p.stop, context=job.prompt_ids)  # continues the prompt
-        return _Seq(job, stream, sampling, gen, prompt_len)
+        return Seq(job, stream, sampling, gen, prompt_len)
 
     def _prefill_step(self) -> None:
         """One prefill forward over every prefilling prompt; each sequence of a complete one picks its
@@ -284,8 +282,8 @@ class Engine:
             broken = quarantine(logits, seqs) if joining else frozenset()
             tokens = pick(logits, seqs) if joining else []
             infos = self._logprobs(logits, [[t] for t in tokens], seqs) if joining else []
-        except Exception as e:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
-            self._fail_prefill(f"generation failed: {type(e).__name__}: {e}", 500)
+        except Exception:  # noqa: BLE001 - the prefill failed; its prompts cannot continue
+            self._fail_prefill(self._caught("a prefill step"), 500)
             return
         ready, entries = [], {}  # entries: row -> its prompt's (entries, shift), made once for its choices
         for i, ((row, seq), token, info) in enumerate(zip(joining, tokens, infos)):
@@ -295,17 +293,18 @@ class Engine:
                 if seq.job.params.scores_prompt:
                     self._score_prompt(seq, row, entries)
                 if seq.job.params.max_tokens == 0:
-                    self._finish(seq, "length")
+                    seq.finish("length")
                 elif not self._emit(seq, token, info[0]):
                     ready.append((row, seq))
             except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+                self._caught("a sequence's first token")
                 seq.job.fail(e)
         self._join(ready)
         for row in rows:
             del self._prefilling[row]
             self._prefill.release(row)
 
-    def _join(self, ready: list[tuple[int, _Seq]]) -> None:
+    def _join(self, ready: list[tuple[int, Seq]]) -> None:
         """Copy each (prefill row, sequence) into a decode slot. Speculative, a sequence's first draft
         is written into its row's MTP entry at the prompt's last position (it depends on the sequence's
         first token) before the row is copied, so the sequences of one row join one per wave."""
@@ -322,6 +321,7 @@ class Engine:
                     next_drafts(drafts, [seq for _, seq in wave])
                     wave = [pair for i, pair in enumerate(wave) if i not in broken]
             except Exception as e:  # noqa: BLE001 - this wave cannot continue; the others can
+                self._caught("a first draft")
                 for _, seq in wave:
                     seq.job.fail(e)
                 continue
@@ -330,9 +330,10 @@ class Engine:
                     self.pool.add(seq.prompt_len, src=row)
                     self._running.append(seq)
                 except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+                    self._caught("a sequence joining the batch")
                     seq.job.fail(e)
 
-    def _score_prompt(self, seq: _Seq, row: int, made: dict[int, tuple]) -> None:
+    def _score_prompt(self, seq: Seq, row: int, made: dict[int, tuple]) -> None:
         """Give the sequence its prompt's entries (posted at once) before its first token's; `made`
         keeps each row's entries for the other choices that share its prompt."""
         if row not in made:
@@ -353,97 +354,29 @@ class Engine:
             broken = quarantine(logits, self._running)
             picked = pick(logits, self._running)
             infos = self._logprobs(logits, [[t] for t in picked], self._running)
-        except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
-            self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
+        except Exception:  # noqa: BLE001 - the batch failed; its sequences cannot continue
+            self._fail_running(self._caught("a decode step"), 500)
             return
         seqs = zip(self._running, picked, infos)
         done = [i for i, (seq, tok, info) in enumerate(seqs) if i in broken or self._emit(seq, tok, info[0])]
         for i in reversed(done):
             self._remove(i)
 
-    def _decode_speculative(self) -> None:
-        """One verify forward over [next token, draft] of every row, then one batched MTP step. When
-        every row is greedy, acceptance is decided between them on the device (`speculate`: one call,
-        one compiled graph with the static step); a row that samples accepts on the host, between
-        `forward` and `draft`."""
-        running = self._running
-        device = self.pool.cache.layers[0].a.device
-        tokens = torch.tensor([[s.next_token, s.draft] for s in running], device=device)  # (n, 2)
-        try:
-            with decode_threads(self.model, 2 * len(running)):
-                step = self.static or self.pool
-                if all(s.sampling.greedy for s in running):
-                    spec = step.speculate(tokens)
-                    logits, draft_logits = spec.logits, spec.draft_logits  # (n, 2, V), (n, V)
-                    broken = quarantine((logits, draft_logits), running)  # the next drafts come from these
-                    new = verify_rows(logits, spec.best, running)
-                else:
-                    logits, hidden = step.forward(tokens)  # (n, 2, V), (n, 2, D)
-                    broken = quarantine(logits, running)
-                    new = verify_rows(logits, logits.argmax(-1), running)
-                    # MTP input per row: the committed positions' next tokens; a rejected row's second
-                    # position is masked padding (its length advances by one)
-                    next_ids = torch.tensor([t if len(t) == 2 else t * 2 for t in new], device=device)
-                    take = torch.tensor([len(t) - 1 for t in new], device=device)
-                    draft_logits = step.draft(hidden, next_ids, take)
-                    broken = quarantine(draft_logits, running, broken)
-                accepted = [len(toks) == 2 for toks in new]
-                infos = self._logprobs(logits, new, running)  # token j of a row: from its logits at j
-                self.pool.advance([len(toks) for toks in new])
-        except Exception as e:  # noqa: BLE001 - the batch failed; its sequences cannot continue
-            self._fail_running(f"generation failed: {type(e).__name__}: {e}", 500)
-            return
-        self.drafted += len(running)
-        self.accepted += sum(accepted)
-        done = []
-        for i, (seq, toks, info) in enumerate(zip(running, new, infos)):
-            if i in broken:
-                done.append(i)
-                continue
-            for tok, lp in zip(toks, info):
-                if self._emit(seq, tok, lp):
-                    done.append(i)
-                    break
-        next_drafts(draft_logits, running)
-        for i in reversed(done):
-            self._remove(i)
-
-    def _emit(self, seq: _Seq, token: int, logprob: tuple | None = None) -> bool:
+    def _emit(self, seq: Seq, token: int, logprob: tuple | None = None) -> bool:
         """Hand `token` (with its `_logprobs` entry, if asked) to its sequence; True when the sequence is
         finished or failed (and told so): an error in one sequence's text fails it, not the batch."""
         try:
-            return self._push(seq, token, logprob)
+            before = seq.count
+            done = seq.push(token, logprob, self.tokenizer.eos_id, self.pool.max_len)
+            self.generated_tokens += seq.count - before
+            return done
         except Exception as e:  # noqa: BLE001 - this sequence cannot continue; the others can
+            self._caught("a sequence's token")
             seq.job.fail(e)
             return True
 
-    def _push(self, seq: _Seq, token: int, logprob: tuple | None) -> bool:
-        job = seq.job
-        if token == self.tokenizer.eos_id or token in job.params.stop_ids:
-            return self._finish(seq, "stop")
-        seq.count += 1
-        self.generated_tokens += 1
-        info = () if logprob is None else (Logprob(token, *logprob, offset=seq.shift + len(seq.stream.text)),)
-        seq.logprobs += () if job.params.streamed else info
-        job.send(Delta(job.index, seq.stream.push(token), info))
-        if seq.stream.stopped:
-            return self._finish(seq, "stop")
-        if seq.count >= job.params.max_tokens or seq.prompt_len + seq.count >= self.pool.max_len:
-            return self._finish(seq, "length")
-        seq.next_token = token
-        return False
-
-    def _finish(self, seq: _Seq, reason: str) -> bool:
-        job = seq.job
-        job.send(Delta(job.index, seq.stream.flush()))
-        if seq.stream.stopped:  # the flush may cut at a stop string that ends in U+FFFD
-            reason = "stop"
-        logprobs = None if job.params.logprobs is None else tuple(seq.logprobs)
-        job.send(Finish(job.index, reason, seq.count, seq.stream.text, logprobs))
-        return True
-
     @staticmethod
-    def _logprobs(logits: torch.Tensor, new: list[list[int]], seqs: list[_Seq]) -> list[list]:
+    def _logprobs(logits: torch.Tensor, new: list[list[int]], seqs: list[Seq]) -> list[list]:
         return row_logprobs(logits, new, [s.job.params.logprobs for s in seqs])
 
     def _remove(self, row: int) -> None:
@@ -464,12 +397,13 @@ class Engine:
         self.admission.drop_cancelled()
 
     def _fail_prefill(self, message: str, status: int) -> None:
-        """Fail the prefilling prompts and free their rows."""
-        for row, group in self._prefilling.items():
-            self._prefill.release(row)
+        """Fail the prefilling prompts; their rows are freed by a new Prefill (the failed step may have
+        left the old one's bookkeeping half-updated)."""
+        prefilling, self._prefilling = self._prefilling, {}
+        self._prefill = Prefill(self.pool)
+        for group in prefilling.values():
             for seq in group:
                 seq.job.send(Failure(seq.job.index, message, status))
-        self._prefilling = {}
 
     def _fail_running(self, message: str, status: int) -> None:
         """Fail the running sequences and empty the pool."""
@@ -477,6 +411,21 @@ class Engine:
         self.pool.lengths = []
         for seq in running:
             seq.job.send(Failure(seq.job.index, message, status))
+
+    def _caught(self, what: str) -> str:
+        """Log the exception being handled, with its traceback, and count it against this step; the
+        message its jobs fail with."""
+        e = sys.exc_info()[1]
+        log.exception("engine: %s failed", what)
+        self._step_errors += 1
+        return f"generation failed: {type(e).__name__}: {e}"
+
+    def _reset(self) -> None:
+        """After a step failed at an unknown point (its sequences failed): the state the next steps rely
+        on is rebuilt empty, not trusted."""
+        self._running, self._prefilling = [], {}
+        self.pool.lengths = []
+        self._prefill = Prefill(self.pool)
 
     def _fail_current(self, message: str, status: int) -> None:
         """Fail the running sequences and the prefilling ones (the queue stays)."""
