@@ -3,6 +3,7 @@ streaming response that carries them (`data: {json}` per chunk, then `data: [DON
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from minimoe.serve.http import log
+from minimoe.serve.http import log, peer
 from minimoe.serve.jobs import Delta, Finish
 from minimoe.serve.schemas import APIError
 
@@ -49,31 +50,54 @@ def sse(batch, chunks: Callable, request: Request) -> StreamingResponse:
             return
         finally:  # also when the client goes away mid-stream (this generator is cancelled or closed)
             batch.cancel()
-            if not batch.finished and not batch.failed:
-                peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
-                log.info(
-                    "client %s went away mid-stream; its request (choices: %d) was cancelled",
-                    peer,
-                    len(batch.jobs),
-                )
         yield "data: [DONE]\n\n"
 
-    return _Stream(batch, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _Stream(
+        batch, request, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+class _ClientGone(Exception):
+    pass
 
 
 class _Stream(StreamingResponse):
-    """A StreamingResponse that cancels its batch however it ends, even when the client left before
-    the body generator started (then the generator's own cleanup never runs)."""
+    """A StreamingResponse that cancels its batch and closes its body generator however it ends, and
+    logs one line when the client went away first: also when it left before the generator started, or
+    while a write to it was blocked (a client not reading). uvicorn then drops every later write
+    without a word, so after a write that had to wait, and before the last one, the stream asks whether
+    the client is still there, and stops if not."""
 
-    def __init__(self, batch, *args, **kw) -> None:
+    def __init__(self, batch, request: Request, *args, **kw) -> None:
         super().__init__(*args, **kw)
-        self.batch = batch
+        self.batch, self.request = batch, request
 
     async def __call__(self, scope, receive, send) -> None:
+        loop, blocked, gone = asyncio.get_running_loop(), False, False
+
+        async def send_while_there(message) -> None:
+            nonlocal blocked, gone
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if (blocked or last) and await self.request.is_disconnected():
+                gone = True
+                raise _ClientGone
+            t0 = loop.time()
+            await send(message)
+            blocked = loop.time() - t0 > 0.005  # it waited for the client to read
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_while_there)
+        except _ClientGone:
+            pass
         finally:
+            await self.body_iterator.aclose()  # now, wherever it is suspended: not at garbage collection
             self.batch.cancel()
+            if gone or not (self.batch.finished or self.batch.failed):
+                log.info(
+                    "client %s went away mid-stream; its request (choices: %d) was cancelled",
+                    peer(self.request),
+                    len(self.batch.jobs),
+                )
 
 
 def completion_chunks(
