@@ -3041,3 +3041,116 @@ def test_after_a_failed_step_the_engine_rebuilds_its_state_rather_than_trusting_
         "engine: a prefill step failed",
         "engine: an engine step failed",
     ]
+
+
+def test_a_stream_whose_client_leaves_during_a_blocked_write_is_closed_and_logged_once(monkeypatch):
+    """The whole answer was generated while a write to a client that does not read was blocked; the
+    client then goes away. The stream stops, its body generator is closed at once (not at garbage
+    collection) and one line says the client went away, though every choice had finished. The ASGI
+    server here acts as uvicorn does: a write waits while the client's buffer is full, and once the
+    client has gone writes return at once and are dropped."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from minimoe.serve import sse as sse_module
+    from minimoe.serve.service import Batch
+    from minimoe.serve.sse import Meta, completion_chunks
+
+    lines = _recording_log(monkeypatch, sse_module)
+
+    async def run():
+        writable, disconnected, sent = asyncio.Event(), asyncio.Event(), []
+
+        async def send(message) -> None:
+            if sent and not disconnected.is_set():  # the head goes out; the body waits
+                await writable.wait()
+            if not disconnected.is_set():
+                sent.append(message)
+
+        async def receive() -> dict:
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        job = Job(0, [1], JobParams(max_tokens=50), lambda e: None)
+        batch = Batch(_Engine(), [job])
+        for i in range(50):
+            job.post(Delta(0, f"t{i} "))
+        job.post(Finish(0, "length", 50, "", None))
+        request = SimpleNamespace(
+            client=SimpleNamespace(host="127.0.0.1", port=9),
+            is_disconnected=lambda: asyncio.sleep(0, disconnected.is_set()),
+        )
+        chunks = completion_chunks(Meta("cmpl-1", "text_completion", NAME), [""], 1, None, False)
+        response = sse_module.sse(batch, chunks, request)
+        task = asyncio.create_task(response({"type": "http"}, receive, send))
+        await asyncio.sleep(0.2)  # every event is queued; the first body write is blocked
+        assert len(sent) == 1 and not task.done()
+        disconnected.set()  # the client resets the connection: uvicorn wakes the blocked write
+        writable.set()
+        await asyncio.wait_for(task, 10)
+        return response, len(sent)
+
+    response, sent = asyncio.run(run())
+    assert sent == 1 and response.body_iterator.ag_frame is None  # closed
+    assert lines == [
+        ("client 127.0.0.1:9 went away mid-stream; its request (choices: 1) was cancelled", False)
+    ]
+
+
+def test_a_streaming_client_that_stops_reading_and_leaves_is_logged(run_dir, tmp_path):
+    """A raw socket with a small receive buffer asks for a stream of some 10 MB (more than the kernel's
+    and uvicorn's buffers hold), reads nothing until the whole answer has been generated (the server is
+    blocked writing it), then resets the connection: one log line says it went away."""
+    srv = Server(run_dir, tmp_path / "stderr.txt", ["--api-key", KEY, "--max-request-tokens", "100000"])
+    try:
+        body = {"model": NAME, "messages": [{"role": "user", "content": "the"}], "max_tokens": 100, "n": 64}
+        body.update(temperature=0, logprobs=True, top_logprobs=20, stream=True)
+        data = json.dumps(body)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)
+        sock.connect((srv.host, srv.port))
+        sock.sendall((head + data).encode())
+        assert _wait(lambda: srv.health()["active_jobs"] > 0)
+        assert _wait(lambda: srv.health()["active_jobs"] == 0, 120)  # generated; unread
+        time.sleep(0.5)
+        _reset(sock)
+        line = "went away mid-stream; its request (choices: 64) was cancelled"
+        assert _wait(lambda: line in srv.read_log(), 10), srv.read_log()[-2000:]
+        assert srv.read_log().count(line) == 1 and "Traceback" not in srv.read_log()
+    finally:
+        srv.stop()
+
+
+def test_a_streamed_completion_of_two_choices_counts_both_in_its_usage(server):
+    """Streamed with n=2 and include_usage, a completion's usage equals the one of the same request
+    answered whole (every choice's tokens, not the last one's)."""
+    body = {"model": NAME, "prompt": "the", "max_tokens": 7, "n": 2, "temperature": 1.0, "seed": 5}
+    data = _stream_chunks(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    usage = json.loads(data[-2])["usage"]
+    whole = _post(server, "/v1/completions", body).json()["usage"]
+    assert usage == whole and usage["completion_tokens"] == 14
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(server):
+    """A stop string whose last character comes with the max_tokens-th token: finish_reason "stop" and
+    the text cut before it, streamed or not (the stop string is checked before the token budget)."""
+    body = {"model": NAME, "prompt": "the", "max_tokens": 40, "temperature": 0, "logprobs": 0}
+    full = _post(server, "/v1/completions", body).json()["choices"][0]
+    text, offsets = full["text"], full["logprobs"]["text_offset"]
+    k = 10
+    end = offsets[k]  # where token k starts: the first k tokens make text[:end]
+    stop = next(text[i:end] for i in range(end - 1, -1, -1) if text.find(text[i:end]) == i)
+    assert stop and end <= len(text)
+    capped = {**body, "max_tokens": k, "stop": stop}
+    del capped["logprobs"]
+    r = _post(server, "/v1/completions", capped).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == text[: end - len(stop)]
+    assert r["usage"]["completion_tokens"] == k
+    chunks = [json.loads(d) for d in _stream_chunks(server, "/v1/completions", capped)[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text[: end - len(stop)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
