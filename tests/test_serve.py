@@ -3154,3 +3154,24 @@ def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(server):
     chunks = [json.loads(d) for d in _stream_chunks(server, "/v1/completions", capped)[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == text[: end - len(stop)]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_messages_without_content_with_tool_calls_or_with_non_text_parts_are_refused(server):
+    def refused(messages: list) -> dict:
+        r = _post(server, "/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 1})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    for role in ("user", "system"):
+        err = refused([{"role": role}])
+        assert err["param"] == "messages.0.content" and err["code"] == "missing_required_parameter"
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    err = refused([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}])
+    assert err["param"] == "messages.1.tool_calls" and "tool calls are not supported" in err["message"]
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    err = refused([{"role": "user", "content": [{"type": "text", "text": "a"}, image]}])
+    assert err["param"] == "messages.0.content.1" and "only text parts" in err["message"]
+    assert "'image_url'" in err["message"] and err["type"] == "invalid_request_error"
+    ok = _post(server, "/v1/chat/completions", {"model": NAME, "max_tokens": 1, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}]}, {"role": "assistant", "content": "b"}]})  # fmt: skip
+    assert ok.status_code == 200, ok.text

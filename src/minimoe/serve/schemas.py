@@ -126,23 +126,50 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
+class ContentPart(BaseModel):
+    """One part of a message's content list; only text parts are supported (`Message.check`)."""
 
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def check(self, i: int) -> None:
+        """APIError(400) for what this server cannot take as message `i`: tool calls (the model would
+        never see them), a content part that is not text, or no content."""
+        extra = self.model_extra or {}
+        where = f"messages.{i}"
+        for field in ("tool_calls", "function_call"):
+            if extra.get(field):
+                raise APIError(
+                    400, f"'{where}.{field}': tool calls are not supported by this server.",
+                    param=f"{where}.{field}", code="unsupported_parameter",
+                )  # fmt: skip
+        if self.content is None:
+            raise APIError(
+                400, f"Missing required parameter: '{where}.content'.",
+                param=f"{where}.content", code="missing_required_parameter",
+            )  # fmt: skip
+        for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"'{where}.content.{j}' is a {brief(part.type, 40)} part; only text parts "
+                    "(with their 'text') are supported by this server.",
+                    param=f"{where}.content.{j}", code="invalid_value",
+                )  # fmt: skip
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text or "" for p in self.content)
         return self.content or ""
 
 

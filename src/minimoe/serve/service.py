@@ -274,6 +274,8 @@ class Service:
             raise APIError(400, "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         n = req.n or 1
+        for i, m in enumerate(req.messages):
+            m.check(i)
         self._check_choices(1, n)
         self._check_room(request, n)
         messages = [
