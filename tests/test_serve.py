@@ -3175,3 +3175,21 @@ def test_chat_messages_without_content_with_tool_calls_or_with_non_text_parts_ar
     ok = _post(server, "/v1/chat/completions", {"model": NAME, "max_tokens": 1, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "a"}]}, {"role": "assistant", "content": "b"}]})  # fmt: skip
     assert ok.status_code == 200, ok.text
+
+
+def test_an_idle_keep_alive_connection_is_closed_as_idle_not_as_a_slow_request_head(tight):
+    """With --header-timeout below uvicorn's 5 s keep-alive, an idle connection is closed after the
+    header timeout, and a log line (if any) says it was idle, not that its request head was late."""
+    with socket.create_connection((tight.host, tight.port), timeout=30) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        _read_until(sock, b'"failed_steps"')
+        t0 = time.perf_counter()
+        sock.settimeout(10)
+        while sock.recv(65536):  # the rest of the answer, then b"" once the server closes
+            pass
+        assert time.perf_counter() - t0 < 6
+    time.sleep(0.5)
+    mine = [line for line in tight.read_log().splitlines() if f"127.0.0.1:{port} " in line]
+    assert not any("request head" in line for line in mine), mine
+    assert all("idle connection closed" in line for line in mine), mine

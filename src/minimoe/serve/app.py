@@ -34,6 +34,7 @@ from minimoe.serve.schemas import ChatCompletionRequest, CompletionRequest
 from minimoe.serve.service import Service
 
 SHUTDOWN_GRACE_S = 2  # after SIGTERM, open connections get this long before they are closed
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long (or --header-timeout, if less)
 
 
 def build_app(
@@ -152,6 +153,8 @@ def run_server(
     config = uvicorn.Config(
         app, log_level=log_level, lifespan="on", http=timed_h11(limits.header_timeout),
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **proxy_settings(trusted_proxies),
+        # uvicorn's idle keep-alive timeout (5 s by default) within the header timeout, which covers it
+        timeout_keep_alive=min(KEEP_ALIVE_S, limits.header_timeout),
     )  # fmt: skip
     Server(config).run(sockets=[sock])
 

@@ -260,9 +260,11 @@ def timed_h11(header_timeout: float) -> type[H11Protocol]:
                 return
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             if self.conn.their_state is h11.IDLE:
-                log.info(
-                    "%s sent no complete request head within %gs; connection closed", client, header_timeout
-                )
+                if self.conn.trailing_data[0]:  # part of a request head
+                    what = "sent no complete request head within %gs; connection closed"
+                else:  # not a byte of a next request: an idle keep-alive connection (or a silent one)
+                    what = "sent nothing for %gs; idle connection closed"
+                log.info("%s " + what, client, header_timeout)
                 self.transport.close()
             elif self.conn.our_state is h11.DONE:  # answered, and still sending the unread body
                 log.info(
