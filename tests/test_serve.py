@@ -3193,3 +3193,13 @@ def test_an_idle_keep_alive_connection_is_closed_as_idle_not_as_a_slow_request_h
     mine = [line for line in tight.read_log().splitlines() if f"127.0.0.1:{port} " in line]
     assert not any("request head" in line for line in mine), mine
     assert all("idle connection closed" in line for line in mine), mine
+
+
+def test_clients_are_keyed_by_ipv4_address_and_ipv6_64_network():
+    from minimoe.serve.service import client_key
+
+    assert client_key("203.0.113.7") == "203.0.113.7" != client_key("203.0.113.8")
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:203.0.113.7") == "203.0.113.7"  # IPv4 on a dual-stack socket
+    assert client_key("::1") == "::/64" and client_key("testclient") == "testclient"

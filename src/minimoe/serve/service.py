@@ -4,6 +4,7 @@ the OpenAI response bodies of both routes (streamed ones are built in `sse.py`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 import uuid
@@ -364,8 +365,22 @@ def _nowhere(event) -> None:
 
 
 def _client(request: Request) -> str:
-    """Who a request counts against for per-client fairness: the peer address."""
-    return request.client.host if request.client else ""
+    """Who a request counts against for per-client fairness (`client_key` of the peer address)."""
+    return client_key(request.client.host) if request.client else ""
+
+
+def client_key(host: str) -> str:
+    """An IPv4 address as it is; an IPv6 address by its /64 network, which one client usually holds
+    whole (so it cannot count as many clients); anything else (a name) as it is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d is an IPv4 client on a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def _gone() -> JSONResponse:
