@@ -1503,7 +1503,7 @@ def test_serve_cli_errors(run_dir, tmp_path, capsys):
     for flag in ("--max-body-bytes", "--max-tokens", "--max-prompt-tokens", "--max-active", "--max-choices"):
         assert main(["serve", str(run_dir), "--port", "0", flag, "0"]) == 2
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
-    for flag in ("--header-timeout", "--body-timeout"):
+    for flag in ("--header-timeout", "--body-timeout", "--write-timeout"):
         assert main(["serve", str(run_dir), "--port", "0", flag, "nan"]) == 2
         assert f"{flag} must be > 0, got nan" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--port", "0", "--api-key", ""]) == 2
@@ -3174,3 +3174,56 @@ def test_clients_are_keyed_by_ipv4_address_and_ipv6_64_network():
     assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
     assert client_key("::ffff:203.0.113.7") == "203.0.113.7"  # IPv4 on a dual-stack socket
     assert client_key("::1") == "::/64" and client_key("testclient") == "testclient"
+
+
+def test_a_client_that_reads_nothing_of_its_answer_loses_its_connection_after_the_write_timeout(caplog):
+    """The server's protocol with --write-timeout: a transport whose buffer stays full (writing paused: the
+    client reads nothing) for that long is aborted, dropping the unsent answer, and one line says so; a
+    client that reads again in time (writing resumed) keeps its connection. The abort reaches the request
+    as a disconnect, which cancels it (tested above)."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from minimoe.serve.http import timed_h11
+
+    class Transport:
+        aborted = closed = False
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.9", 4242), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+        def is_closing(self):
+            return self.aborted or self.closed
+
+        def abort(self):
+            self.aborted = True
+
+        def close(self):
+            self.closed = True
+
+        def write(self, data):
+            pass
+
+    async def connection(pause_for: float) -> Transport:
+        protocol_class = timed_h11(header_timeout=30.0, write_timeout=0.2)
+        config = uvicorn.Config(app=lambda scope, receive, send: None, log_config=None)  # logs propagate
+        config.load()
+        protocol = protocol_class(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        transport = Transport()
+        protocol.connection_made(transport)
+        protocol.pause_writing()
+        await asyncio.sleep(pause_for)
+        if not transport.aborted:
+            protocol.resume_writing()
+        await asyncio.sleep(0.4)  # past the timeout after the resume too
+        protocol.connection_lost(None)
+        return transport
+
+    with caplog.at_level("INFO", logger="uvicorn.error"):
+        assert asyncio.run(connection(1.0)).aborted
+        assert caplog.text.count("127.0.0.9:4242 read nothing of its answer for 0.2s; connection closed") == 1
+        caplog.clear()
+        assert not asyncio.run(connection(0.05)).aborted
+        assert "read nothing" not in caplog.text

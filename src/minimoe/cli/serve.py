@@ -64,6 +64,8 @@ def add_parser(sub) -> None:
         ("--max-body-bytes", integer, "larger request bodies get a 413"),
         ("--header-timeout", float, "seconds a connection may take to send its request head"),
         ("--body-timeout", float, "seconds a request may take to send its body (then 408)"),
+        ("--write-timeout", float, "seconds a client may read nothing of its answer while the server waits "
+         "to write it; then its connection is closed and its request cancelled"),
         ("--prefill-chunk", integer, "prompt tokens prefilled per step, between decode steps"),
     ]  # fmt: skip
     for flag, kind, text in limits:

@@ -151,7 +151,7 @@ def run_server(
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        app, log_level=log_level, lifespan="on", http=timed_h11(limits.header_timeout),
+        app, log_level=log_level, lifespan="on", http=timed_h11(limits.header_timeout, limits.write_timeout),
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **proxy_settings(trusted_proxies),
         # uvicorn's idle keep-alive timeout (5 s by default) within the header timeout, which covers it
         timeout_keep_alive=min(KEEP_ALIVE_S, limits.header_timeout),

@@ -230,16 +230,40 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=500)
 
 
-def timed_h11(header_timeout: float) -> type[H11Protocol]:
+def timed_h11(header_timeout: float, write_timeout: float = 60.0) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a header read timeout: a connection that has not sent a complete
     request head within `header_timeout` seconds of opening (or of its previous response) is closed,
     so a client trickling half a header cannot hold it. So is one still sending, that long after its
     answer, a body that was never read (a 401, a 404 or a 408 answers without reading it all): every
     byte it trickles would restart uvicorn's keep-alive timer. (uvicorn itself only times out idle
-    keep-alive connections.)"""
+    keep-alive connections.) And a write timeout: a client that reads nothing of its answer for
+    `write_timeout` seconds while the server waits to write (the socket's buffers full) loses its
+    connection, so that the server does not hold its unread answer, or keep generating it, for ever."""
 
     class TimedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:  # the transport's buffer is full: the client is not reading
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(write_timeout, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._stop_write_timer()
+
+        def _stop_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_stalled(self) -> None:
+            self._write_timer = None
+            if not self.transport.is_closing():
+                client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+                log.info("%s read nothing of its answer for %gs; connection closed", client, write_timeout)
+                self.transport.abort()  # drops the unsent bytes; the request sees its client gone
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -286,6 +310,7 @@ def timed_h11(header_timeout: float) -> type[H11Protocol]:
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self._stop_write_timer()
             super().connection_lost(exc)
 
     return TimedH11Protocol

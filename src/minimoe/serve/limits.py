@@ -27,6 +27,8 @@ class Limits:
         max_body_bytes: larger request bodies get a 413.
         header_timeout: seconds a connection may take to send a complete request head.
         body_timeout: seconds a request may take to send its body (then 408).
+        write_timeout: seconds a client may read nothing of its answer while the server waits to write
+            it; then its connection is closed (and its request cancelled).
         prefill_chunk: prompt tokens prefilled per engine step, between decode steps.
     """
 
@@ -41,6 +43,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    write_timeout: float = 60.0
     prefill_chunk: int = 256
 
     def validate(self) -> Limits:
