@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -41,10 +40,10 @@ sys.path.insert(0, str(HERE))
 
 from ref_gpt import GPTConfig, ReferenceLoop  # noqa: E402
 
+from minimoe.bench.ratios import interval  # noqa: E402, F401 (the rounds' interval, also for tests)
 from minimoe.config_yaml import build_run_config  # noqa: E402
 from minimoe.data import prepare  # noqa: E402
 from minimoe.lab.flops import flops_per_token  # noqa: E402
-from minimoe.lab.report import t975  # noqa: E402
 from minimoe.train.optim import newton_schulz, newton_schulz_many  # noqa: E402
 from minimoe.train.precision import resolve_precision  # noqa: E402
 from minimoe.train.trainer import Trainer  # noqa: E402
@@ -154,17 +153,6 @@ def measure(subjects: dict, pairs: dict, rounds: int, steps: dict) -> dict:
         ratios = [x / y for x, y in zip(tps[a], tps[b])]
         out["ratios"][name] = (statistics.median(ratios), min(ratios), max(ratios), interval(ratios))
     return out
-
-
-def interval(ratios: list[float]) -> tuple[float, float]:
-    """95% Student-t interval of the geometric mean of per-round ratios (the rounds are the samples)."""
-    logs = [math.log(r) for r in ratios]
-    n = len(logs)
-    if n < 2:
-        return (ratios[0], ratios[0])
-    half = t975(n - 1) * statistics.stdev(logs) / math.sqrt(n)
-    m = statistics.mean(logs)
-    return (math.exp(m - half), math.exp(m + half))
 
 
 def table(res: dict, args, load: tuple[float, float]) -> str:

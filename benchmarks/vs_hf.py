@@ -9,8 +9,9 @@
     python benchmarks/vs_hf.py --fair --from-json ref.json [small.json]   # tables from saved results
 
 Every table comes from one `minimoe bench --against hf --json` process, in which both models take turns
-within every repeat: compare the ratios, not the absolute numbers (other load on the machine moves
-both). The bf16 line measures the matmul peak in bf16 and fp32 in this process, which bounds what
+within every repeat (with `--fair`: processes taking turns, 3 rounds for every config): each ratio is
+the median of the repeats' (rounds') ratios, shown with their min-max and 95% interval. Compare the
+ratios, not the absolute numbers (other load on the machine moves both). The bf16 line measures the matmul peak in bf16 and fp32 in this process, which bounds what
 bf16 autocast can gain on this CPU.
 """
 
@@ -28,11 +29,13 @@ import torch
 
 from minimoe.bench.fair import BATCHED, COMPILED, COMPUTE
 from minimoe.bench.measure import HFSubject, MinimoeSubject, matmul_peak_gflops
+from minimoe.bench.ratios import spread
 from minimoe.config_yaml import build_run_config
 from minimoe.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "benchmarks/configs/hf-reference.yaml"
+ROUNDS = 3  # `--fair` rounds of every tabled config (each a process per side)
 SECTION = "## minimoe vs Hugging Face transformers (`minimoe bench`)"
 ROWS = ["train", "prefill", "decode_b1", "decode_b8", "decode_b1_p512", "decode_b8_p512"]
 LABELS = {
@@ -61,12 +64,24 @@ def bench(argv: list[str]) -> tuple[str, dict]:
     return " ".join(cmd), json.loads(out.stdout)
 
 
+def ratio(r: dict, key: str) -> str:
+    """A row's ratio: the median of its rounds' ratios, then their min-max and 95% interval."""
+    return f"**{r[f'{key}_ratio']:.2f}x**{spread(r, f'{key}_ratio')}"
+
+
+RATIOS = (
+    "Each ratio is the median of the ratios of the rounds in which the two sides took turns (in-process: "
+    "the repeats; `--fair`: the processes), then their min-max and, from 3 rounds, the 95% interval of "
+    "their geometric mean."
+)
+
+
 def table(cmd: str, r: dict) -> str:
     lines = [
         f"`{cmd}`: {r['config']}, batch {r['batch'][0]} x {r['batch'][1]}, {r['dtype']}, {r['threads']} threads on "
         f"{r.get('gpu') or r['cpu']} ({r['cores']} cores), torch {r['torch']}, transformers {r.get('transformers')}, "
         f"{r['date']}. Matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; training MFU minimoe "
-        f"{r['mfu']:.1%}, HF {r['hf_mfu']:.1%}; max logit difference {r['logits_max_abs_diff']:.1e}.",
+        f"{r['mfu']:.1%}, HF {r['hf_mfu']:.1%}; max logit difference {r['logits_max_abs_diff']:.1e}. {RATIOS}",
         "",
         "| measurement | minimoe tok/s | HF tok/s | minimoe / HF | peak MiB minimoe | peak MiB HF |",
         "|---|---:|---:|---:|---:|---:|",
@@ -74,7 +89,7 @@ def table(cmd: str, r: dict) -> str:
     for k in ROWS:
         if f"{k}_tok_s" in r:
             lines.append(
-                f"| {label(r, k)} | {r[f'{k}_tok_s']:,.0f} | {r[f'hf_{k}_tok_s']:,.0f} | **{r[f'{k}_ratio']:.2f}x** | "
+                f"| {label(r, k)} | {r[f'{k}_tok_s']:,.0f} | {r[f'hf_{k}_tok_s']:,.0f} | {ratio(r, k)} | "
                 f"{r[f'peak_mem_{k}_mib']:,.0f} | {r[f'hf_peak_mem_{k}_mib']:,.0f} |"
             )
     return "\n".join(lines)
@@ -116,7 +131,9 @@ def fair_table(cmd: str, r: dict) -> str:
         f"thread(s){compiled}; transformers {st['hf']['omp_wait_policy']}, {st['hf']['threads']} thread(s). "
         "The ceiling's bandwidth is read with every core. "
         f"transformers alone (its own process, batch 1, prompt 32): {r['hf_alone_decode_b1_tok_s']:,.0f} "
-        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}." + _compute_settings(st),
+        f"tok/s; the bench's HF side / alone = {r['hf_alone_ratio']:.2f}."
+        + _compute_settings(st)
+        + f" {RATIOS}",
         "",
         "| measurement | minimoe tok/s | minimoe / HF | compiled decode tok/s | compiled / HF | compile s | HF tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -126,12 +143,12 @@ def fair_table(cmd: str, r: dict) -> str:
             continue
         c = f"{k}_compiled"
         comp = (
-            f"{r[c + '_tok_s']:,.0f} | **{r[c + '_ratio']:.2f}x** | {r[k + '_compile_s']:.0f}"
+            f"{r[c + '_tok_s']:,.0f} | {ratio(r, c)} | {r[k + '_compile_s']:.0f}"
             if c + "_tok_s" in r
             else " | | "
         )
         lines.append(
-            f"| {label(r, k)} | {r[k + '_tok_s']:,.0f} | **{r[k + '_ratio']:.2f}x** | {comp} | {r['hf_' + k + '_tok_s']:,.0f} |"
+            f"| {label(r, k)} | {r[k + '_tok_s']:,.0f} | {ratio(r, k)} | {comp} | {r['hf_' + k + '_tok_s']:,.0f} |"
         )
     fracs = []
     for k, v in r.items():
@@ -319,10 +336,11 @@ def main_fair(args) -> None:
         runs = [(base, json.loads(f.read_text())) for f in args.from_json]
     else:
         common = ["--fair", "--compiled-decode", "--no-progress"] + (["--quick"] if args.quick else [])
-        runs = [bench(["--config", REFERENCE, *common])]
+        runs = [bench(["--config", REFERENCE, "--rounds", str(ROUNDS), *common])]
         if not args.quick:
+            # three rounds, as the reference config's: a ratio of one round has no spread to show
             runs.append(bench(["--preset", "small", "model.mtp_depth=0", "train.batch_size=8", "--repeats", "3",
-                               "--rounds", "1", *common]))  # fmt: skip
+                               "--rounds", str(ROUNDS), *common]))  # fmt: skip
     r0 = runs[0][1]
     parts = [f"### {r0['date']}: {r0['cpu']}, each side at its own best setting (`--fair`)"]
     parts += [fair_table(cmd if "--config" in cmd or "--preset" in cmd else f"{cmd} ({r['config']})", r)

@@ -198,7 +198,7 @@ def test_benchmark_ratios_mfu_and_ceiling_fractions(monkeypatch):
     def fake_run_bench(subjects, rc, device, settings, on_step=None):
         for key, (ours, theirs) in rates.items():
             yield key, {f"{key}_tok_s": ours, f"hf_{key}_tok_s": theirs, f"peak_mem_{key}_mib": 1.0,
-                        f"hf_peak_mem_{key}_mib": 2.0}  # fmt: skip
+                        f"hf_peak_mem_{key}_mib": 2.0, f"{key}_rates": [ours], f"hf_{key}_rates": [theirs]}  # fmt: skip
 
     monkeypatch.setattr(hf, "hf_twin", lambda model: model)
     monkeypatch.setattr(hf, "max_logit_diff", lambda *a: 0.0)
@@ -217,6 +217,69 @@ def test_benchmark_ratios_mfu_and_ceiling_fractions(monkeypatch):
     assert r["decode_b1_ceiling_fraction"] == pytest.approx(6.0 / ceiling)
     assert r["hf_decode_b1_ceiling_fraction"] == pytest.approx(4.0 / ceiling)
     assert "decode_b8_ceiling_fraction" not in r
+
+
+def test_benchmark_ratio_is_the_median_of_the_ratios_of_its_repeats(monkeypatch):
+    """Each ratio is taken within a repeat (the sides took turns in it), then the median over repeats, with
+    the min-max and the 95% interval of the repeats' ratios beside it: not the ratio of the two sides'
+    medians, which pairs one side's repeat with another repeat of the other."""
+    import minimoe.bench.hf as hf
+    import minimoe.bench.run as run
+    from minimoe.bench.ratios import interval
+
+    ours, theirs = [10.0, 20.0, 30.0], [10.0, 40.0, 10.0]  # medians 20 and 10; per repeat 1, 0.5, 3
+
+    def fake_run_bench(subjects, rc, device, settings, on_step=None):
+        for key in ("train", "decode_b1"):
+            yield key, {f"{key}_tok_s": 20.0, f"hf_{key}_tok_s": 10.0, f"peak_mem_{key}_mib": 1.0,
+                        f"hf_peak_mem_{key}_mib": 1.0, f"{key}_rates": ours, f"hf_{key}_rates": theirs}  # fmt: skip
+
+    monkeypatch.setattr(hf, "hf_twin", lambda model: model)
+    monkeypatch.setattr(hf, "max_logit_diff", lambda *a: 0.0)
+    monkeypatch.setattr(M, "run_bench", fake_run_bench)
+    monkeypatch.setattr(M, "matmul_peak_gflops", lambda *a: 10.0)
+    monkeypatch.setattr(run, "machine_bandwidth_gib_s", lambda device, dtype: 2.0)
+    r = run.benchmark(_rc(), "ref", M.BenchSettings(repeats=3), against="hf")
+    assert r["train_ratio"] == 1.0 and r["train_ratios"] == [1.0, 0.5, 3.0]
+    assert (r["train_ratio_min"], r["train_ratio_max"]) == (0.5, 3.0)
+    assert r["train_ratio_ci95"] == pytest.approx(list(interval([1.0, 0.5, 3.0])))
+    assert not any(k.endswith("_rates") for k in r)  # the per-repeat rates are not reported, their ratios are
+    assert "| train | 20 | 1 | 10 | 1 | 1.00x (0.50-3.00, 95% " in run.format_table(r, against=True)
+
+
+def test_ratio_spread_has_an_interval_from_three_rounds():
+    from minimoe.bench.ratios import add_ratio, spread
+
+    r: dict = {}
+    add_ratio(r, "x_ratio", [2.0, 1.0])
+    assert r == {"x_ratio": 1.5, "x_ratios": [2.0, 1.0], "x_ratio_min": 1.0, "x_ratio_max": 2.0}
+    assert spread(r, "x_ratio") == " (1.00-2.00, 2 rounds)" and spread({"x_ratio": 1.0}, "x_ratio") == ""
+    add_ratio(r, "x_ratio", [2.0, 1.0, 1.5])
+    assert spread(r, "x_ratio").startswith(" (1.00-2.00, 95% ") and spread(r, "x_ratio").endswith(
+        ", 3 rounds)"
+    )
+
+
+def test_run_bench_reports_every_repeats_rate_in_order(monkeypatch):
+    """`run_bench` keeps each side's tokens/s of every repeat (the rounds its ratios are taken in), besides
+    their median."""
+    clock = Clock()
+    monkeypatch.setattr(M.time, "perf_counter", clock)
+    seconds = {"minimoe": iter([9.0, 1.0, 2.0, 4.0]), "hf": iter([9.0, 4.0, 1.0, 2.0])}
+
+    class Timed(FakeSubject):
+        def train_step(self, x, y):
+            clock.now += next(seconds[self.name])
+            return 8
+
+        def prefill(self, x):
+            clock.now += 1.0
+            return 1
+
+    settings = M.BenchSettings(repeats=3, prefill_shape=(1, 4), decode_shapes={}, groups=("compute",))
+    out = dict(M.run_bench([Timed("minimoe"), Timed("hf")], _rc(), torch.device("cpu"), settings))["train"]
+    assert out["train_rates"] == [8.0, 4.0, 2.0] and out["hf_train_rates"] == [2.0, 8.0, 4.0]
+    assert out["train_tok_s"] == out["hf_train_tok_s"] == 4.0
 
 
 def test_the_ceiling_bandwidth_is_read_with_every_core(monkeypatch):
@@ -280,9 +343,36 @@ def test_fair_keeps_the_median_of_the_rounds_and_checks_transformers_alone_at_it
     monkeypatch.setattr(fair.subprocess, "run", fake_run)
     r = fair.fair_compare(["--config", "c.yaml"], rounds=3, settings=[("PASSIVE", 1), ("ACTIVE", 2)])
     assert r["settings"]["minimoe"]["threads"] == 1 and r["settings"]["hf"]["threads"] == 2
-    assert r["decode_b1_tok_s"] == 20.0 and r["hf_decode_b1_tok_s"] == 4.0 and r["decode_b1_ratio"] == 5.0
+    assert r["decode_b1_tok_s"] == 20.0 and r["hf_decode_b1_tok_s"] == 4.0
+    assert r["decode_b1_ratios"] == [10.0, 6.0, 5.0] and r["decode_b1_ratio"] == 6.0  # the rounds' median
     assert r["hf_alone_decode_b1_tok_s"] == 2.0 and r["hf_alone_ratio"] == 2.0
     assert len(envs) == 1 and envs[0]["OMP_NUM_THREADS"] == "2" and envs[0]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_fair_ratio_is_the_median_of_the_ratios_of_its_rounds(monkeypatch):
+    """A fair ratio is taken within each round (a minimoe process over the HF process that took turns with
+    it), then the median over rounds, with the rounds' min-max and 95% interval."""
+    import minimoe.bench.fair as fair
+
+    round_of = {"minimoe": iter([10.0, 20.0, 30.0]), "hf": iter([10.0, 40.0, 10.0])}
+
+    def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
+        task, side = args[0], args[1]
+        if task == "bandwidth":
+            return {"bandwidth_gib_s": 1.0}
+        if task == "probe":
+            return {"decode_b1_tok_s": 1.0, "decode_b8_tok_s": 1.0, "prefill_tok_s": 1.0}
+        return {"decode_b1_tok_s": next(round_of[side])}
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 10.0}), ""
+
+    monkeypatch.setattr(fair, "run_worker", fake_worker)
+    monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
+    r = fair.fair_compare(["--config", "c.yaml"], rounds=3, settings=[("PASSIVE", 1)])
+    assert r["decode_b1_tok_s"] == 20.0 and r["hf_decode_b1_tok_s"] == 10.0
+    assert r["decode_b1_ratio"] == 1.0 and r["decode_b1_ratios"] == [1.0, 0.5, 3.0]
+    assert (r["decode_b1_ratio_min"], r["decode_b1_ratio_max"]) == (0.5, 3.0) and "decode_b1_ratio_ci95" in r
 
 
 def test_transformers_alone_warms_up_then_times_every_new_token(monkeypatch, capsys):
@@ -455,6 +545,45 @@ def test_vs_hf_tables_hold_their_numbers(script):
     assert "| decode, batch 1, prompt 32 | 30 | **1.50x** | 80 | **4.00x** | 7 | 20 |" in vs_hf.fair_table(
         "cmd", r
     )
+
+
+def test_vs_hf_tables_show_each_ratios_spread(script):
+    vs_hf = script("vs_hf")
+    r = {"config": "c", "batch": [2, 8], "dtype": "fp32", "threads": 1, "cpu": "x", "cores": 2, "torch": "t",
+         "date": "d", "matmul_peak_gflops": 1.0, "mfu": 0.1, "hf_mfu": 0.05, "logits_max_abs_diff": 0.0,
+         "decode_b1_tok_s": 30.0, "hf_decode_b1_tok_s": 20.0, "peak_mem_decode_b1_mib": 300.0,
+         "hf_peak_mem_decode_b1_mib": 200.0, "decode_b1_compiled_tok_s": 80.0, "decode_b1_compile_s": 7.0,
+         "settings": {"minimoe": {"omp_wait_policy": "PASSIVE", "threads": 1},
+                      "hf": {"omp_wait_policy": "ACTIVE", "threads": 1}},
+         "hf_alone_decode_b1_tok_s": 20.0, "hf_alone_ratio": 1.0, "decode_ceiling_tok_s": 100.0,
+         "matvec_bandwidth_gib_s": 1.0}  # fmt: skip
+    from minimoe.bench.ratios import add_ratio
+
+    add_ratio(r, "decode_b1_ratio", [1.5, 1.4, 1.6])
+    add_ratio(r, "decode_b1_compiled_ratio", [4.0, 3.0, 5.0])
+    assert "| decode, batch 1, prompt 32 | 30 | 20 | **1.50x** (1.40-1.60, 95% " in vs_hf.table("cmd", r)
+    row = next(
+        line for line in vs_hf.fair_table("cmd", r).splitlines() if line.startswith("| decode, batch 1")
+    )
+    assert "| **1.50x** (1.40-1.60, 95% " in row and "| **4.00x** (3.00-5.00, 95% " in row
+
+
+def test_vs_hf_runs_every_tabled_fair_config_over_three_rounds(script, monkeypatch, capsys):
+    vs_hf = script("vs_hf")
+    commands = []
+
+    def fake_bench(argv):
+        commands.append(argv)
+        return "cmd", {"date": "d", "cpu": "x", "config": "c"}
+
+    monkeypatch.setattr(vs_hf, "bench", fake_bench)
+    monkeypatch.setattr(vs_hf, "fair_table", lambda cmd, r: "")
+    for quick in (False, True):
+        commands.clear()
+        vs_hf.main_fair(Namespace(from_json=None, quick=quick, write=False))
+        assert len(commands) == (1 if quick else 2)
+        for argv in commands:
+            assert "--rounds" in argv and int(argv[argv.index("--rounds") + 1]) >= 3, argv
 
 
 def test_decode_without_cache_counts_every_sequence(script):

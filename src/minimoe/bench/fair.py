@@ -13,7 +13,9 @@ runtime starts, so a fair comparison needs processes:
    its own;
 2. measure: each side runs the suite in its own processes at its settings (one process for the
    measurements that share a setting; the compiled decode in processes of its own); the sides take
-   turns `rounds` times (process after process) and the median of each measurement is kept;
+   turns `rounds` times (process after process), the median of each side's measurement is kept, and
+   each ratio is the median of the rounds' ratios (a round's minimoe process over its HF process), with
+   their min-max and, from 3 rounds, their 95% interval (`minimoe.bench.ratios`);
 3. check: transformers alone, in a process that imports only torch and transformers, loads the same
    weights (saved by the HF side) and times `generate` at batch 1, prompt 32 at the HF side's
    setting; its tokens/s should be close to the HF side's decode_b1 (`hf_alone_ratio` near 1).
@@ -31,6 +33,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+from minimoe.bench.ratios import add_ratio, per_round
 
 POLICIES = ("PASSIVE", "ACTIVE", "unset")  # unset: the OpenMP runtime's default (libgomp: spin, then sleep)
 SIDES = ("minimoe", "hf")
@@ -131,9 +135,9 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         rounds: processes per side in step 2 (median kept).
         settings: the (policy, threads) pairs to try (default `settings_to_try()`).
     Returns:
-        the `minimoe bench --json` keys for both sides ({key}_tok_s, hf_{key}_tok_s, {key}_ratio,
-        peak memory), plus `settings`, `probes`, `hf_alone_decode_b1_tok_s`, `hf_alone_ratio` and
-        `bandwidth_gib_s` (the memory's read rate before the probes and after the measurements).
+        the `minimoe bench --json` keys for both sides ({key}_tok_s, hf_{key}_tok_s, {key}_ratio with
+        its per-round ratios and spread, peak memory), plus `settings`, `probes`,
+        `hf_alone_decode_b1_tok_s`, `hf_alone_ratio` and `bandwidth_gib_s` (the memory's read rate before the probes and after the measurements).
     """
     settings = settings or settings_to_try()
     result: dict = {"settings": {}, "probes": {}}
@@ -196,7 +200,11 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
     from minimoe.bench.measure import baseline_key
 
     for key in [k[: -len("_tok_s")] for k in runs["minimoe"][0] if k.endswith("_tok_s")]:
-        result[f"{key}_ratio"] = result[f"{key}_tok_s"] / result[f"hf_{baseline_key(key)}_tok_s"]
+        # the ratio of each round (the sides' processes took turns in it), their median and spread
+        ours = [run[f"{key}_tok_s"] for run in runs["minimoe"]]
+        add_ratio(
+            result, f"{key}_ratio", per_round(ours, [run[f"{baseline_key(key)}_tok_s"] for run in runs["hf"]])
+        )
     result["hf_alone_decode_b1_tok_s"] = alone
     result["hf_alone_ratio"] = result["hf_decode_b1_tok_s"] / alone
     return result
@@ -272,7 +280,8 @@ def _worker(argv: list[str]) -> dict:
     prefix = "" if args.side == "minimoe" else "hf_"
     settings.groups = tuple(args.groups.split(","))
     for _, values in M.run_bench([subject], rc, device, settings):
-        out.update({k.removeprefix(prefix): v for k, v in values.items()})  # `<shape>_prompt` has none
+        # `<shape>_prompt` has no prefix; the per-repeat rates stay in the process (a round is a process here)
+        out.update({k.removeprefix(prefix): v for k, v in values.items() if not k.endswith("_rates")})
     return out
 
 

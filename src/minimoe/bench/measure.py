@@ -2,27 +2,24 @@
 side by side with its Hugging Face twin, every number taken in the same process run.
 
 Each measurement runs once to warm up, then `repeats` times with the subjects (minimoe, hf) taking
-turns within every repeat, and keeps the median: a burst of load from another process hits both
-alike, so the ratios hold even where the absolute numbers drift. MFU is training FLOPs per token
+turns within every repeat, and keeps each side's median and its rate of every repeat: a ratio is taken
+within each repeat (`minimoe.bench.ratios`), where a burst of load from another process hits both alike,
+and reported as the median over repeats with its spread. MFU is training FLOPs per token
 (`minimoe.lab.flops`, the 6N + attention count) times tokens/s over the matmul peak that the same
 run measures first on the same device, dtype and thread count.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minimoe.bench.machine import PeakMemory, largest_cache_bytes, machine_info  # noqa: F401 (re-exported)
 from minimoe.config import RunConfig
 from minimoe.errors import MinimoeError
 from minimoe.infer.generate import stream_batch
@@ -134,19 +131,6 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 102
     return _best_rate(lambda: F.linear(a, b), 2.0 * size**3, repeats, device) / 1e9
 
 
-def largest_cache_bytes(device: torch.device) -> int:
-    """The largest cache between the device's cores and its memory: a GPU's L2, a CPU's last-level cache
-    as Linux lists it (per core complex where an L3 is split), 0 where unknown."""
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        with contextlib.suppress(ValueError):
-            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
-    return max(sizes, default=0)
-
-
 def matvec_bandwidth_gib_s(
     device: torch.device, dtype: torch.dtype, mib: int | None = None, repeats: int = 5
 ) -> float:
@@ -177,58 +161,6 @@ def decode_ceiling_tok_s(rc: RunConfig, bandwidth_gib_s: float) -> float:
 
     itemsize = torch.finfo(DTYPES[rc.train.precision]).bits // 8
     return bandwidth_gib_s * 2**30 / (count_params(rc.model).activated * itemsize)
-
-
-class PeakMemory:
-    """Peak memory of a block in MiB: allocated bytes on CUDA; resident set on Linux (the kernel's
-    high-water mark, reset through /proc/self/clear_refs), else the process's lifetime maximum."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mib = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            with contextlib.suppress(OSError):
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.mib = max(self.mib, torch.cuda.max_memory_allocated(self.device) / 2**20)
-            return
-        try:
-            with open("/proc/self/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            self.mib = max(self.mib, int(hwm.split()[1]) / 1024)
-        except (OSError, StopIteration):
-            import resource
-
-            self.mib = max(self.mib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
-def machine_info(device: torch.device) -> dict:
-    """CPU model, core count, GPU name and library versions, for the report."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    return info
 
 
 # ------------------------------------------------------------------------------------- subjects
@@ -360,7 +292,16 @@ class HFSubject(Subject):
 def _median_rates(
     fns: dict[str, Callable[[], int]], repeats: int, device: torch.device, mem: dict[str, PeakMemory]
 ) -> dict[str, float]:
-    """Warm each fn up once, then run them in turn `repeats` times; median tokens/s per name."""
+    """Median tokens/s per name of `_rates`."""
+    return {k: statistics.median(v) for k, v in _rates(fns, repeats, device, mem).items()}
+
+
+def _rates(
+    fns: dict[str, Callable[[], int]], repeats: int, device: torch.device, mem: dict[str, PeakMemory]
+) -> dict[str, list[float]]:
+    """Warm each fn up once, then run them in turn `repeats` times (a, b, a, b, ...: repeat i of every fn
+    is one round); tokens/s per name, one per repeat in order. The device is synchronised before the
+    clock is read, so a GPU's queued kernels are timed, not only their launches."""
     for name, fn in fns.items():
         with mem[name]:
             fn()
@@ -373,7 +314,7 @@ def _median_rates(
                 n = fn()
                 _sync(device)
             rates[name].append(n / (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return rates
 
 
 def measurements(settings: BenchSettings) -> list[str]:
@@ -402,8 +343,9 @@ def run_bench(
 ) -> Iterator[tuple[str, dict]]:
     """Measure every subject; yields (measurement, {key: value}) as each finishes.
 
-    Keys are `{measurement}_tok_s` for minimoe and `hf_{measurement}_tok_s` for the twin, plus
-    `peak_mem_{measurement}_mib` (and the hf_ form). `on_step(measurement)` is called after every call.
+    Keys are `{measurement}_tok_s` (the median over repeats) and `{measurement}_rates` (tokens/s of every
+    repeat, in order) for minimoe and `hf_{measurement}_...` for the twin, plus `peak_mem_{measurement}_mib`
+    (and the hf_ form). `on_step(measurement)` is called after every call.
     """
     gen = torch.Generator().manual_seed(0)
     V, tc = rc.model.vocab_size, rc.train
@@ -421,16 +363,23 @@ def run_bench(
     def prefix(s: Subject) -> str:
         return "" if s.name == "minimoe" else f"{s.name}_"
 
-    def measure(
-        key: str, make: Callable[[Subject], Callable[[], int]], only: list[Subject] | None = None
-    ) -> tuple[str, dict]:
-        them = subjects if only is None else only
-        mem = {s.name: PeakMemory(device) for s in them}
-        rates = _median_rates({s.name: tick(key, make(s)) for s in them}, settings.repeats, device, mem)
-        out = {}
-        for s in them:
-            out[f"{prefix(s)}{key}_tok_s"] = rates[s.name]
-            out[f"{prefix(s)}peak_mem_{key}_mib"] = mem[s.name].mib
+    def timed(runs: list[tuple[Subject, str, Callable[[], int]]]) -> dict[str, dict]:
+        """Time (subject, measurement, fn) runs in turns, one round per repeat; {name: its keys}, each with
+        `<name>_rates`, its tokens/s per round, besides the median `<name>_tok_s`."""
+        names = {f"{prefix(s)}{key}": (s, key, fn) for s, key, fn in runs}
+        mem = {n: PeakMemory(device) for n in names}
+        fns = {n: tick(key, fn) for n, (_, key, fn) in names.items()}
+        rates = _rates(fns, settings.repeats, device, mem)
+        return {
+            n: {f"{n}_tok_s": statistics.median(rates[n]), f"{n}_rates": rates[n],
+                f"{prefix(s)}peak_mem_{key}_mib": mem[n].mib}
+            for n, (s, key, _) in names.items()
+        }  # fmt: skip
+
+    def measure(key: str, make: Callable[[Subject], Callable[[], int]]) -> tuple[str, dict]:
+        out: dict = {}
+        for values in timed([(s, key, make(s)) for s in subjects]).values():
+            out.update(values)
         return key, out
 
     groups = settings.groups
@@ -442,26 +391,22 @@ def run_bench(
     pre = torch.randint(0, V, (b, min(p, max_len)), generator=gen).to(device)
     if "compute" in groups:
         yield measure("prefill", lambda s: lambda: s.prefill(pre))
+    new = settings.new_tokens
     for key, (b, nominal) in settings.decode_shapes.items():
-        p = min(nominal, max_len - settings.new_tokens)  # a short context cuts the prompt: recorded below
+        p = min(nominal, max_len - new)  # a short context cuts the prompt: recorded below
         cut = {f"{key}_prompt": p} if p != nominal else {}
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
         plain, compiled = decode_groups(b)
         if plain in groups:
-            name, out = measure(
-                key, lambda s, prompts=prompts: lambda: s.decode(prompts, settings.new_tokens)
-            )
+            name, out = measure(key, lambda s, p=prompts: lambda: s.decode(p, new))
             yield name, {**out, **cut}
         if settings.compiled_decode and compiled in groups:
             ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
-            name, out = measure(
-                f"{key}_compiled",
-                lambda s, prompts=prompts: lambda: s.decode_compiled(prompts, settings.new_tokens,
-                                                                     settings.compile_backend),
-                ours,
-            )  # fmt: skip
-            out[f"{key}_compile_s"] = ours[0].static[(b, p + settings.new_tokens)].compile_s
-            yield name, {**out, **cut}
+            backend = settings.compile_backend
+            out = timed([(s, f"{key}_compiled", lambda s=s, p=prompts, c=backend: s.decode_compiled(p, new, c))
+                         for s in ours])[f"{key}_compiled"]  # fmt: skip
+            out[f"{key}_compile_s"] = ours[0].static[(b, p + new)].compile_s
+            yield f"{key}_compiled", {**out, **cut}
 
 
 def mfu(rc: RunConfig, train_tok_s: float, peak_gflops: float) -> float:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from minimoe.bench import measure as M
+from minimoe.bench.ratios import add_ratio, per_round, spread
 from minimoe.config import RunConfig
 from minimoe.infer.common import num_threads
 
@@ -40,8 +41,10 @@ def benchmark(
         on_step: called with a measurement's name after each timed run.
         on_note: called with a sentence worth showing (e.g. no bf16 arithmetic in hardware).
     Returns:
-        One flat dict: machine and config facts, `<measurement>_tok_s` and `peak_mem_<measurement>_mib`
-        (and `hf_...` and `<measurement>_ratio` when compared), `matmul_peak_gflops`, `mfu`.
+        One flat dict: machine and config facts, `<measurement>_tok_s` (the median over repeats) and
+        `peak_mem_<measurement>_mib` (and `hf_...` when compared, with `<measurement>_ratio`: the median of
+        the per-repeat ratios, and their spread as `minimoe.bench.ratios.add_ratio` writes it),
+        `matmul_peak_gflops`, `mfu`.
     """
     from minimoe.dist.init import resolve_device
     from minimoe.model.transformer import Transformer
@@ -88,10 +91,13 @@ def benchmark(
                 "measurement to be slower than fp32"
             )
     step("matmul peak")
+    rates: dict[str, list[float]] = {}  # tokens/s of every repeat, by measurement
     for key, values in M.run_bench(subjects, rc, device, settings, on_step=step):
+        rates.update({k: values.pop(k) for k in [k for k in values if k.endswith("_rates")]})
         result.update(values)
-        if against:
-            result[f"{key}_ratio"] = values[f"{key}_tok_s"] / result[f"hf_{M.baseline_key(key)}_tok_s"]
+        if against:  # the ratio of every repeat (the sides took turns in it), their median and spread
+            theirs = rates[f"hf_{M.baseline_key(key)}_rates"]
+            add_ratio(result, f"{key}_ratio", per_round(rates[f"{key}_rates"], theirs))
     add_decode_ceiling(result, rc, device, dtype, (bandwidth,))
     result["mfu"] = M.mfu(rc, result["train_tok_s"], result["matmul_peak_gflops"])
     if against:
@@ -144,8 +150,14 @@ def format_table(r: dict, against: bool) -> str:
         row = f"| {k}{f' (prompt {prompt})' if prompt else ''} | {r[k + '_tok_s']:,.0f} | {r[f'peak_mem_{k}_mib']:,.0f} |"
         if against:
             h = M.baseline_key(k)
-            row += f" {r[f'hf_{h}_tok_s']:,.0f} | {r[f'hf_peak_mem_{h}_mib']:,.0f} | {r[f'{k}_ratio']:.2f}x |"
+            ratio = f"{r[f'{k}_ratio']:.2f}x{spread(r, f'{k}_ratio')}"
+            row += f" {r[f'hf_{h}_tok_s']:,.0f} | {r[f'hf_peak_mem_{h}_mib']:,.0f} | {ratio} |"
         lines.append(row)
+    if against and any(k.endswith("_ratio_min") for k in r):
+        lines.append(
+            "\nminimoe / hf: the median of the ratios of the rounds in which the two sides took turns, with their "
+            "min-max and, from 3 rounds, the 95% interval of their geometric mean"
+        )
     if "decode_ceiling_tok_s" in r:
         fracs = ", ".join(
             f"{k.removesuffix('_ceiling_fraction')} {v:.0%}"
