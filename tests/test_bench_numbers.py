@@ -73,6 +73,26 @@ def test_median_rates_leave_the_warm_up_out_and_keep_the_median(monkeypatch):
     assert all(next(it, None) is None for it in seconds.values())  # one warm-up call, then 3 timed
 
 
+def test_median_rates_take_turns_within_every_repeat(monkeypatch):
+    """After one warm-up call each, the subjects take turns: a, b, a, b, ... (repeat i of every subject is
+    one round, timed under the same load), not every repeat of one before the other's."""
+    clock = Clock()
+    monkeypatch.setattr(M.time, "perf_counter", clock)
+    calls = []
+
+    def fn(name: str):
+        def run() -> int:
+            calls.append(name)
+            clock.now += 1.0
+            return 1
+
+        return run
+
+    cpu = torch.device("cpu")
+    M._median_rates({k: fn(k) for k in "ab"}, 3, cpu, {k: M.PeakMemory(cpu) for k in "ab"})
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+
+
 def test_best_rate_is_the_best_batch(monkeypatch):
     """The matmul peak and the bandwidth are the best of their timed batches (the others were slowed by
     something else), each batch `n` calls long, n from the second (untimed) call."""
@@ -373,6 +393,30 @@ def test_fair_ratio_is_the_median_of_the_ratios_of_its_rounds(monkeypatch):
     assert r["decode_b1_tok_s"] == 20.0 and r["hf_decode_b1_tok_s"] == 10.0
     assert r["decode_b1_ratio"] == 1.0 and r["decode_b1_ratios"] == [1.0, 0.5, 3.0]
     assert (r["decode_b1_ratio_min"], r["decode_b1_ratio_max"]) == (0.5, 3.0) and "decode_b1_ratio_ci95" in r
+
+
+def test_fair_sides_take_turns_process_by_process(monkeypatch):
+    """Every round runs each suite's process once, minimoe's then transformers', before the next round: not
+    every round of one side before the other's."""
+    import minimoe.bench.fair as fair
+
+    order = []
+
+    def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
+        if args[0] == "bandwidth":
+            return {"bandwidth_gib_s": 1.0}
+        if args[0] == "probe":
+            return {"decode_b1_tok_s": 1.0, "decode_b8_tok_s": 1.0, "prefill_tok_s": 1.0}
+        order.append(args[1])
+        return {"decode_b1_tok_s": 1.0}
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 1.0}), ""
+
+    monkeypatch.setattr(fair, "run_worker", fake_worker)
+    monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
+    fair.fair_compare(["--config", "c.yaml"], rounds=3, settings=[("PASSIVE", 1)])
+    assert order == ["minimoe", "hf"] * 3
 
 
 def test_transformers_alone_warms_up_then_times_every_new_token(monkeypatch, capsys):
