@@ -202,6 +202,53 @@ def test_progress_steps_match_the_calls_of_a_run():
         assert 1 + len(calls) == steps_of(settings, against), against  # 1: the matmul peak
 
 
+class FakeMinimoe(M.MinimoeSubject):
+    """minimoe's side with a compiled decode, counting as `FakeSubject` does and logging its calls."""
+
+    def __init__(self, log: list) -> None:
+        self.name, self.log, self.static = "minimoe", log, {}
+
+    def decode(self, prompts, new_tokens):
+        self.log.append("minimoe")
+        return prompts.shape[0] * new_tokens
+
+    def decode_compiled(self, prompts, new_tokens, backend="inductor"):
+        self.log.append("minimoe compiled")
+        self.static[(prompts.shape[0], prompts.shape[1] + new_tokens)] = types.SimpleNamespace(compile_s=1.0)
+        return prompts.shape[0] * new_tokens
+
+
+class LoggedHF(FakeSubject):
+    def __init__(self, log: list) -> None:
+        super().__init__("hf")
+        self.log = log
+
+    def decode(self, prompts, new_tokens):
+        self.log.append("hf")
+        return prompts.shape[0] * new_tokens
+
+
+@pytest.mark.parametrize("groups", [("decode", "compiled"), ("compiled",)])
+def test_compiled_decode_takes_turns_with_the_other_sides_plain_decode(groups):
+    """The compiled decode's ratio is taken against transformers' plain decode of the same repeats: the
+    three (or, without the plain rows, the two) decodes take turns within every repeat, and the compiled
+    row comes with the HF rates it is divided by; the progress bar counts every call."""
+    from minimoe.bench.run import steps_of
+
+    log: list = []
+    settings = M.BenchSettings(repeats=2, new_tokens=2, decode_shapes={"decode_b1": (1, 4)}, groups=groups,
+                               compiled_decode=True)  # fmt: skip
+    steps: list = []
+    out = dict(
+        M.run_bench([FakeMinimoe(log), LoggedHF(log)], _rc(), torch.device("cpu"), settings, steps.append)
+    )
+    turn = (["minimoe"] if "decode" in groups else []) + ["hf", "minimoe compiled"]
+    assert log == turn * 3  # the warm-up, then two repeats
+    assert len(out["decode_b1_compiled"]["hf_decode_b1_rates"]) == 2
+    assert list(out) == (["decode_b1"] if "decode" in groups else []) + ["decode_b1_compiled"]
+    assert 1 + len(steps) == steps_of(settings, "hf")
+
+
 def test_benchmark_ratios_mfu_and_ceiling_fractions(monkeypatch):
     """`benchmark`'s derived numbers: ratios minimoe / hf, each side's MFU from its own training rate, the
     published-peak MFU, and the batch-1 ceiling fraction of both sides (not of batch 8)."""

@@ -69,7 +69,8 @@ class BenchSettings:
     peak_size: int = 1024  # matmul peak: square matrices of this side
     decode_shapes: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DECODE_SHAPES))
     # also time minimoe's compiled fixed-shape decode step (`minimoe serve --compile`) at every decode
-    # shape, as `<shape>_compiled`; its ratio is taken against the other side's plain decode
+    # shape, as `<shape>_compiled`; its ratio is taken against the other side's plain decode, the two
+    # taking turns within every repeat
     compiled_decode: bool = False
     compile_backend: str = "inductor"  # "eager" only traces (tests)
     # the measurements to run (the fair bench runs each group at a setting of its own): "compute" training
@@ -345,7 +346,8 @@ def run_bench(
 
     Keys are `{measurement}_tok_s` (the median over repeats) and `{measurement}_rates` (tokens/s of every
     repeat, in order) for minimoe and `hf_{measurement}_...` for the twin, plus `peak_mem_{measurement}_mib`
-    (and the hf_ form). `on_step(measurement)` is called after every call.
+    (and the hf_ form); a compiled decode's keys come with the other side's plain decode of the same
+    rounds. `on_step(measurement)` is called after every call.
     """
     gen = torch.Generator().manual_seed(0)
     V, tc = rc.model.vocab_size, rc.train
@@ -397,16 +399,28 @@ def run_bench(
         cut = {f"{key}_prompt": p} if p != nominal else {}
         prompts = torch.randint(0, V, (b, p), generator=gen).to(device)
         plain, compiled = decode_groups(b)
+        with_compiled = settings.compiled_decode and compiled in groups
+        ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
+        # the compiled decode takes turns with the plain ones in the same rounds: the other side's plain
+        # decode is its ratio's denominator (timed for that alone where the plain group is not run)
+        plains = (
+            subjects if plain in groups else [s for s in subjects if s not in ours] if with_compiled else []
+        )
+        runs = [(s, key, lambda s=s, p=prompts: s.decode(p, new)) for s in plains]
+        if with_compiled:
+            compile_backend = settings.compile_backend
+            runs += [(s, f"{key}_compiled", lambda s=s, p=prompts, c=compile_backend: s.decode_compiled(p, new, c))
+                     for s in ours]  # fmt: skip
+        if not runs:
+            continue
+        out = timed(runs)
+        others = {k: v for s in plains if s not in ours for k, v in out[f"{prefix(s)}{key}"].items()}
         if plain in groups:
-            name, out = measure(key, lambda s, p=prompts: lambda: s.decode(p, new))
-            yield name, {**out, **cut}
-        if settings.compiled_decode and compiled in groups:
-            ours = [s for s in subjects if isinstance(s, MinimoeSubject)]
-            backend = settings.compile_backend
-            out = timed([(s, f"{key}_compiled", lambda s=s, p=prompts, c=backend: s.decode_compiled(p, new, c))
-                         for s in ours])[f"{key}_compiled"]  # fmt: skip
-            out[f"{key}_compile_s"] = ours[0].static[(b, p + new)].compile_s
-            yield f"{key}_compiled", {**out, **cut}
+            yield key, {**{k: v for s in ours for k, v in out[key].items()}, **others, **cut}
+        if with_compiled:
+            values = {**out[f"{key}_compiled"], **others, **cut}
+            values[f"{key}_compile_s"] = ours[0].static[(b, p + new)].compile_s
+            yield f"{key}_compiled", values
 
 
 def mfu(rc: RunConfig, train_tok_s: float, peak_gflops: float) -> float:

@@ -19,7 +19,10 @@ from minimoe.infer.common import num_threads
 def steps_of(settings: M.BenchSettings, against: str | None = None) -> int:
     """How many times `benchmark` calls on_step (for a progress bar)."""
     subjects = 2 if against else 1
-    timed = sum(1 if k.endswith("_compiled") else subjects for k in M.measurements(settings))
+    names = M.measurements(settings)
+    # a compiled decode takes turns with the other side's plain decode, counted with it where that is run
+    timed = sum(1 if k.endswith("_compiled") else subjects for k in names)
+    timed += sum(subjects - 1 for k in names if k.endswith("_compiled") and M.baseline_key(k) not in names)
     return 1 + timed * (settings.repeats + 1)
 
 
