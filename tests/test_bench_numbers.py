@@ -381,7 +381,8 @@ def test_format_table_columns_hold_their_numbers():
 
 def test_fair_keeps_the_median_of_the_rounds_and_checks_transformers_alone_at_its_setting(monkeypatch):
     """The sides' numbers are the median over rounds (not the first round's); transformers alone runs
-    under the HF side's setting, and hf_alone_ratio is the bench's HF side over it."""
+    under the HF side's setting in every round, and hf_alone_ratio is the median over rounds of the bench's
+    HF side over it."""
     import minimoe.bench.fair as fair
 
     round_of = {"minimoe": iter([10.0, 30.0, 20.0]), "hf": iter([1.0, 5.0, 4.0])}
@@ -413,7 +414,10 @@ def test_fair_keeps_the_median_of_the_rounds_and_checks_transformers_alone_at_it
     assert r["decode_b1_tok_s"] == 20.0 and r["hf_decode_b1_tok_s"] == 4.0
     assert r["decode_b1_ratios"] == [10.0, 6.0, 5.0] and r["decode_b1_ratio"] == 6.0  # the rounds' median
     assert r["hf_alone_decode_b1_tok_s"] == 2.0 and r["hf_alone_ratio"] == 2.0
-    assert len(envs) == 1 and envs[0]["OMP_NUM_THREADS"] == "2" and envs[0]["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert r["hf_alone_ratios"] == [0.5, 2.5, 2.0]  # the bench's HF side over the alone process of each round
+    assert len(envs) == 3 and all(
+        e["OMP_NUM_THREADS"] == "2" and e["OMP_WAIT_POLICY"] == "ACTIVE" for e in envs
+    )
 
 
 def test_fair_ratio_is_the_median_of_the_ratios_of_its_rounds(monkeypatch):
@@ -466,9 +470,55 @@ def test_fair_sides_take_turns_process_by_process(monkeypatch):
     assert order == ["minimoe", "hf"] * 3
 
 
+@pytest.mark.parametrize("quick,repeats,cut", [(True, None, None), (False, 4, 20)])
+def test_transformers_alone_runs_next_to_the_hf_side_in_every_round_as_its_decode_b1_row(
+    monkeypatch, quick, repeats, cut
+):
+    """In every round, right after the HF side's process, transformers alone decodes with the bench's own
+    settings: its new tokens and repeats (`--quick`, `--repeats`), and its decode_b1 prompt (cut where a
+    short context cut the bench's)."""
+    import minimoe.bench.fair as fair
+
+    order = []
+
+    def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
+        if args[0] == "bandwidth":
+            return {"bandwidth_gib_s": 1.0}
+        if args[0] == "probe":
+            return {"decode_b1_tok_s": 1.0, "decode_b8_tok_s": 1.0, "prefill_tok_s": 1.0}
+        order.append(args[1])
+        return {"decode_b1_tok_s": 4.0, **({"decode_b1_prompt": cut} if cut else {})}
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 2.0}), ""
+
+    def fake_run(cmd, env=None, **kw):
+        order.append(("alone", *cmd[-3:]))  # new tokens, repeats, prompt
+        return Done()
+
+    monkeypatch.setattr(fair, "run_worker", fake_worker)
+    monkeypatch.setattr(fair.subprocess, "run", fake_run)
+    base = [
+        "--config",
+        "c.yaml",
+        *(["--quick"] if quick else []),
+        *(["--repeats", str(repeats)] if repeats else []),
+    ]
+    r = fair.fair_compare(base, rounds=3, settings=[("PASSIVE", 1)])
+    want = M.BenchSettings.quick() if quick else M.BenchSettings()
+    alone = (
+        "alone",
+        str(want.new_tokens),
+        str(repeats or want.repeats),
+        str(cut or M.DECODE_SHAPES["decode_b1"][1]),
+    )
+    assert order == ["minimoe", "hf", alone] * 3
+    assert r["hf_alone_ratios"] == [2.0] * 3 and r["hf_alone_ratio"] == 2.0
+
+
 def test_transformers_alone_warms_up_then_times_every_new_token(monkeypatch, capsys):
-    """fair.HF_ALONE (run with a stand-in transformers): one untimed generate, then `repeats` timed ones,
-    each counting only the new tokens, the median kept."""
+    """fair.HF_ALONE (run with a stand-in transformers): one untimed generate, then `repeats` timed ones
+    of a batch-1 prompt of the length asked, each counting only the new tokens, the median kept."""
     import minimoe.bench.fair as fair
 
     calls = []
@@ -488,9 +538,9 @@ def test_transformers_alone_warms_up_then_times_every_new_token(monkeypatch, cap
     monkeypatch.setitem(sys.modules, "transformers", stub)
     clock = iter(float(t) for t in range(100))
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))  # one second per timed generate
-    monkeypatch.setattr(sys, "argv", ["-c", "dir", "8", "3"])
+    monkeypatch.setattr(sys, "argv", ["-c", "dir", "8", "3", "5"])
     exec(fair.HF_ALONE, {"__name__": "__main__"})
-    assert len(calls) == 1 + 3
+    assert calls == [(1, 5)] * (1 + 3)
     assert json.loads(capsys.readouterr().out) == {"decode_b1_tok_s": 8.0}
 
 

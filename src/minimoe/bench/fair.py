@@ -16,9 +16,11 @@ runtime starts, so a fair comparison needs processes:
    turns `rounds` times (process after process), the median of each side's measurement is kept, and
    each ratio is the median of the rounds' ratios (a round's minimoe process over its HF process), with
    their min-max and, from 3 rounds, their 95% interval (`minimoe.bench.ratios`);
-3. check: transformers alone, in a process that imports only torch and transformers, loads the same
-   weights (saved by the HF side) and times `generate` at batch 1, prompt 32 at the HF side's
-   setting; its tokens/s should be close to the HF side's decode_b1 (`hf_alone_ratio` near 1).
+3. check: in every round, right after the HF side's batch-1 decode process, transformers alone, in a
+   process that imports only torch and transformers, loads the same weights (saved by the HF side) and
+   times `generate` at batch 1 at the HF side's setting, with the prompt length, new tokens and repeats
+   of the bench's decode_b1 row; the bench's HF side over it, per round (`hf_alone_ratio`, the median
+   with its spread), should be near 1.
 
 Every process builds the same random weights from the config's seed. `python -m minimoe.bench.fair`
 is the worker each process runs (one JSON line on stdout).
@@ -52,8 +54,8 @@ HF_ALONE = """
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-new, repeats = int(sys.argv[2]), int(sys.argv[3])
-ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+new, repeats, prompt = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
 kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
           use_cache=True, eos_token_id=None, pad_token_id=0)
 rates = []
@@ -66,6 +68,33 @@ with torch.no_grad():
 rates.sort()
 print(json.dumps({"decode_b1_tok_s": rates[len(rates) // 2]}))
 """
+
+
+def bench_settings(quick: bool, repeats: int | None = None):
+    """The `BenchSettings` a worker measures with (`--quick`, `--repeats N`)."""
+    from minimoe.bench.measure import BenchSettings
+
+    settings = BenchSettings.quick() if quick else BenchSettings()
+    if repeats:
+        settings.repeats = repeats
+    return settings
+
+
+def settings_of(base: list[str]):
+    """The `BenchSettings` of the workers that `base` (fair_compare's worker arguments) starts."""
+    repeats = int(base[base.index("--repeats") + 1]) if "--repeats" in base else None
+    return bench_settings("--quick" in base, repeats)
+
+
+def hf_alone(saved: str, setting: dict, prompt: int, new_tokens: int, repeats: int) -> float:
+    """Batch-1 decode tokens/s of transformers alone (`HF_ALONE`) on the model saved in `saved`, under the
+    HF side's `setting` ({"omp_wait_policy", "threads"})."""
+    cmd = [sys.executable, "-c", HF_ALONE, saved, str(new_tokens), str(repeats), str(prompt)]
+    env = omp_env(setting["omp_wait_policy"], setting["threads"])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"transformers alone failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["decode_b1_tok_s"]
 
 
 def settings_to_try(cores: int | None = None) -> list[tuple[str, int]]:
@@ -137,7 +166,9 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
     Returns:
         the `minimoe bench --json` keys for both sides ({key}_tok_s, hf_{key}_tok_s, {key}_ratio with
         its per-round ratios and spread, peak memory), plus `settings`, `probes`,
-        `hf_alone_decode_b1_tok_s`, `hf_alone_ratio` and `bandwidth_gib_s` (the memory's read rate before the probes and after the measurements).
+        `hf_alone_decode_b1_tok_s` (the median over rounds), `hf_alone_ratio` (with its per-round ratios and
+        spread) and `bandwidth_gib_s` (the memory's read rate before the probes and after the
+        measurements).
     """
     settings = settings or settings_to_try()
     result: dict = {"settings": {}, "probes": {}}
@@ -171,6 +202,10 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         for k, (setting, them) in enumerate(by_setting.items()):
             suites[name if k == 0 else f"{name} ({'+'.join(them)})"] = (side, args, ",".join(them), setting)
     runs: dict[str, list[dict]] = {name: [] for name in suites}
+    from minimoe.bench.measure import DECODE_SHAPES, baseline_key
+
+    bench = settings_of(plain)  # transformers alone decodes as the bench's decode_b1 row does
+    alone: list[float] = []  # its tokens/s in every round
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for name, (side, args, groups, (policy, threads)) in suites.items():
@@ -178,35 +213,27 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
                 runs[name].append(
                     run_worker(["suite", side, *args, "--groups", groups, *extra], policy, threads)
                 )
+                if name == "hf":  # the HF side's batch-1 decode process: transformers alone next to it
+                    prompt = runs["hf"][-1].get("decode_b1_prompt", DECODE_SHAPES["decode_b1"][1])
+                    alone.append(
+                        hf_alone(tmp, result["settings"]["hf"], prompt, bench.new_tokens, bench.repeats)
+                    )
         for name in [n for n in suites if n not in SIDES]:  # join each side's other processes to its own
             for own, other in zip(runs[suites[name][0]], runs.pop(name)):
                 own.update(other)
         result["bandwidth_gib_s"].append(bandwidth())
-        s = result["settings"]["hf"]
-        new = "32" if "--quick" in base else "64"
-        cmd = [sys.executable, "-c", HF_ALONE, tmp, new, "3"]
-        proc = subprocess.run(
-            cmd, env=omp_env(s["omp_wait_policy"], s["threads"]), capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"transformers alone failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-            )
-        alone = json.loads(proc.stdout.strip().splitlines()[-1])["decode_b1_tok_s"]
     for side in SIDES:
         prefix = "" if side == "minimoe" else "hf_"
         for key in runs[side][0]:
             result[prefix + key] = statistics.median(run[key] for run in runs[side])
-    from minimoe.bench.measure import baseline_key
-
     for key in [k[: -len("_tok_s")] for k in runs["minimoe"][0] if k.endswith("_tok_s")]:
         # the ratio of each round (the sides' processes took turns in it), their median and spread
         ours = [run[f"{key}_tok_s"] for run in runs["minimoe"]]
         add_ratio(
             result, f"{key}_ratio", per_round(ours, [run[f"{baseline_key(key)}_tok_s"] for run in runs["hf"]])
         )
-    result["hf_alone_decode_b1_tok_s"] = alone
-    result["hf_alone_ratio"] = result["hf_decode_b1_tok_s"] / alone
+    result["hf_alone_decode_b1_tok_s"] = statistics.median(alone)
+    add_ratio(result, "hf_alone_ratio", per_round([run["decode_b1_tok_s"] for run in runs["hf"]], alone))
     return result
 
 
@@ -254,9 +281,7 @@ def _worker(argv: list[str]) -> dict:
         subject = M.HFSubject(hf, rc, device)
     else:
         subject = M.MinimoeSubject(model, rc, device)
-    settings = M.BenchSettings.quick() if args.quick else M.BenchSettings()
-    if args.repeats:
-        settings.repeats = args.repeats
+    settings = bench_settings(args.quick, args.repeats)
     settings.compiled_decode = args.compiled_decode and args.side == "minimoe"
     if args.task == "probe":
         mem = {subject.name: M.PeakMemory(device)}

@@ -72,6 +72,7 @@ def run_fair(args) -> int:
     from minimoe.bench import measure as M
     from minimoe.bench.fair import COMPUTE, SIDES, fair_compare
     from minimoe.bench.measure import bench_config
+    from minimoe.bench.ratios import spread
     from minimoe.bench.run import add_decode_ceiling, format_table
 
     if args.against != "hf":
@@ -126,7 +127,8 @@ def run_fair(args) -> int:
             f"{k} OMP_WAIT_POLICY={v['omp_wait_policy']} threads={v['threads']}" for k, v in st.items()
         )
         + f"\ntransformers alone (its own process, decode batch 1): {result['hf_alone_decode_b1_tok_s']:,.0f} tok/s; "
-        f"the bench's HF side / alone = {result['hf_alone_ratio']:.2f}"
+        f"the bench's HF side / alone = {result['hf_alone_ratio']:.2f}{spread(result, 'hf_alone_ratio')} "
+        "(the median of the rounds' ratios, each alone process next to the HF side's of its round)"
     )
     return 0
 
