@@ -107,6 +107,47 @@ def test_best_rate_is_the_best_batch(monkeypatch):
     assert M._best_rate(fn, 3.0, 3, torch.device("cpu")) == pytest.approx(2 * 3.0 / 0.5)
 
 
+def _unsynced_clock_reads(events: list[str]) -> int:
+    """Clock reads that follow a call with no device sync between them (on a GPU those time the kernel
+    launches only)."""
+    bad, last = 0, None
+    for e in events:
+        if e in ("call", "sync"):
+            last = e
+        elif e == "clock":
+            bad += last == "call"
+            last = None
+    return bad
+
+
+def test_the_clock_is_read_after_the_device_is_synchronised(monkeypatch):
+    """On a CUDA device every clock read that ends a timed call comes after a device sync (kernels run
+    asynchronously): in the repeats of a measurement and in the matmul peak's and bandwidth's batches."""
+    events: list[str] = []
+    now = [0.0]
+
+    def clock() -> float:
+        events.append("clock")
+        return now[0]
+
+    def fn() -> int:
+        events.append("call")
+        now[0] += 0.1
+        return 1
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(M.time, "perf_counter", clock)
+    cpu = torch.device("cpu")
+    M._median_rates({"a": fn, "b": fn}, 3, cuda, {k: M.PeakMemory(cpu) for k in "ab"})
+    assert events.count("call") == 8 and events.count("clock") == 12
+    assert _unsynced_clock_reads(events) == 0, events
+    events.clear()
+    M._best_rate(fn, 1.0, 3, cuda)
+    assert events.count("clock") == 2 + 6 and _unsynced_clock_reads(events) == 0, events
+    assert _unsynced_clock_reads(["call", "clock", "call", "sync", "clock"]) == 1  # what it catches
+
+
 def test_every_subject_counts_the_tokens_it_processed():
     """Training and prefill count every token of the (B, T) batch, a decode the new tokens of every
     sequence (not the prompt's, not one row's), on both sides."""
