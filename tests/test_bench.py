@@ -245,6 +245,7 @@ def test_fair_parent_holds_no_openmp_worker_while_others_measure(monkeypatch, ca
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(fair, "fair_compare", fake_compare)
+    torch.set_num_threads(2)  # (the tests run on one thread: the parent must drop to one itself)
     try:
         code = main(["bench", "--config", str(REFERENCE), "--against", "hf", "--fair", "--quick", "--json",
                      "--no-progress", *SMALLER])  # fmt: skip
