@@ -78,7 +78,8 @@ RATIOS = (
 
 def table(cmd: str, r: dict) -> str:
     lines = [
-        f"`{cmd}`: {r['config']}, batch {r['batch'][0]} x {r['batch'][1]}, {r['dtype']}, {r['threads']} threads on "
+        f"`{cmd}`: {r['config']}, batch {r['batch'][0]} x {r['batch'][1]}, {r['dtype']}, {r['threads']} threads"
+        f"{', OMP_WAIT_POLICY=' + r['omp_wait_policy'] if 'omp_wait_policy' in r else ''} on "
         f"{r.get('gpu') or r['cpu']} ({r['cores']} cores), torch {r['torch']}, transformers {r.get('transformers')}, "
         f"{r['date']}. Matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; training MFU minimoe "
         f"{r['mfu']:.1%}, HF {r['hf_mfu']:.1%}; max logit difference {r['logits_max_abs_diff']:.1e}. {RATIOS}",

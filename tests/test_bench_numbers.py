@@ -355,6 +355,31 @@ def test_benchmark_ratio_is_the_median_of_the_ratios_of_its_repeats(monkeypatch)
     assert "| train | 20 | 1 | 10 | 1 | 1.00x (0.50-3.00, 95% " in run.format_table(r, against=True)
 
 
+@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE", None])
+def test_benchmark_records_the_openmp_wait_policy_it_ran_under(monkeypatch, script, policy):
+    """The in-process result and both tables name the OpenMP wait policy and thread count the process ran
+    under (the policy moves the decode ratios)."""
+    import minimoe.bench.run as run
+
+    def fake_run_bench(subjects, rc, device, settings, on_step=None):
+        yield "train", {"train_tok_s": 1.0, "peak_mem_train_mib": 1.0, "train_rates": [1.0]}
+
+    if policy:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    else:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(M, "run_bench", fake_run_bench)
+    monkeypatch.setattr(M, "matmul_peak_gflops", lambda *a: 10.0)
+    monkeypatch.setattr(run, "machine_bandwidth_gib_s", lambda device, dtype: 2.0)
+    r = run.benchmark(_rc(), "ref", M.BenchSettings())
+    want = policy or "unset"
+    assert r["omp_wait_policy"] == want and r["threads"] == torch.get_num_threads()
+    assert f"{r['threads']} threads, OMP_WAIT_POLICY={want}, fp32)" in run.format_table(r, against=False)
+    head = {k: v for k, v in r.items() if not k.startswith("train")}  # vs_hf's header only
+    head.update(hf_mfu=0.1, logits_max_abs_diff=0.0)
+    assert f"{r['threads']} threads, OMP_WAIT_POLICY={want} on " in script("vs_hf").table("cmd", head)
+
+
 def test_ratio_spread_has_an_interval_from_three_rounds():
     from minimoe.bench.ratios import add_ratio, spread
 

@@ -62,6 +62,9 @@ def benchmark(
         "config": name,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        # the OpenMP wait policy this process started under (the CLI picks it from the machine's load; it
+        # moves the in-process decode ratios: BENCHMARKS.md), "unset" for the runtime's default
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "dtype": rc.train.precision,
         "batch": [rc.train.batch_size, rc.train.seq_len],
         **M.machine_info(device),
@@ -136,8 +139,9 @@ def add_decode_ceiling(
 
 def format_table(r: dict, against: bool) -> str:
     """The result as a Markdown table: one row per measurement, ratios when compared."""
+    policy = f", OMP_WAIT_POLICY={r['omp_wait_policy']}" if "omp_wait_policy" in r else ""
     lines = [
-        f"{r['config']} on {r.get('gpu') or r['cpu']} ({r['device']}, {r['threads']} threads, {r['dtype']}), "
+        f"{r['config']} on {r.get('gpu') or r['cpu']} ({r['device']}, {r['threads']} threads{policy}, {r['dtype']}), "
         f"torch {r['torch']}"
         + (f", transformers {r['transformers']}" if against and "transformers" in r else ""),
         f"matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; training MFU {r['mfu']:.1%}"
