@@ -582,6 +582,30 @@ def test_transformers_alone_runs_next_to_the_hf_side_in_every_round_as_its_decod
     assert r["hf_alone_ratios"] == [2.0] * 3 and r["hf_alone_ratio"] == 2.0
 
 
+def test_a_worker_that_ran_under_another_setting_is_refused(monkeypatch):
+    """A fair worker reports the OpenMP wait policy and thread count it really ran under; one that differs
+    from the setting it was given stops the comparison (its numbers would be another setting's)."""
+    import minimoe.bench.fair as fair
+
+    answer = {}
+
+    class Done:
+        returncode, stderr = 0, ""
+
+        @property
+        def stdout(self):
+            return json.dumps({"decode_b1_tok_s": 1.0, **answer})
+
+    monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
+    for ran in ({}, {"omp_wait_policy": "PASSIVE", "threads": 1}):
+        answer = ran
+        assert fair.run_worker(["suite", "hf"], "PASSIVE", 1)["decode_b1_tok_s"] == 1.0
+    for ran in ({"omp_wait_policy": "PASSIVE", "threads": 2}, {"omp_wait_policy": "unset", "threads": 1}):
+        answer = ran
+        with pytest.raises(RuntimeError, match="ran under"):
+            fair.run_worker(["suite", "hf"], "PASSIVE", 1)
+
+
 def test_transformers_alone_warms_up_then_times_every_new_token(monkeypatch, capsys):
     """fair.HF_ALONE (run with a stand-in transformers): one untimed generate, then `repeats` timed ones
     of a batch-1 prompt of the length asked, each counting only the new tokens, the median kept."""
@@ -841,6 +865,7 @@ def test_fair_worker_names_the_hf_side_prompt_cut_by_a_short_context():
                             "model.max_position_embeddings=40", "train.seq_len=16"])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    assert set(out) == {"decode_b1_tok_s", "peak_mem_decode_b1_mib", "decode_b1_prompt",
+    assert out["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "unset") and out["threads"] == 1
+    assert set(out) == {"omp_wait_policy", "threads", "decode_b1_tok_s", "peak_mem_decode_b1_mib", "decode_b1_prompt",
                         "decode_b1_p512_tok_s", "peak_mem_decode_b1_p512_mib", "decode_b1_p512_prompt"}  # fmt: skip
     assert out["decode_b1_prompt"] == out["decode_b1_p512_prompt"] == 8

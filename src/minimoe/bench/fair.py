@@ -40,6 +40,7 @@ from minimoe.bench.ratios import add_ratio, per_round
 
 POLICIES = ("PASSIVE", "ACTIVE", "unset")  # unset: the OpenMP runtime's default (libgomp: spin, then sleep)
 SIDES = ("minimoe", "hf")
+RAN_UNDER = ("omp_wait_policy", "threads")  # a worker's answer: the setting it really ran under
 COMPILED = "minimoe compiled"  # the settings and probes of minimoe's compiled decode step (--compiled-decode)
 # A side's settings: its name alone for the batch-1 decode rows, with a suffix for the others
 BATCHED = " batch 8"  # decode rows of several sequences (a batch-8 decode probe)
@@ -118,13 +119,21 @@ def run_worker(
     timeout: float = 3600,
     module: str = "minimoe.bench.fair",
 ) -> dict:
-    """Run `python -m MODULE WORKER_ARGS --threads N` under the setting; its JSON answer (last line)."""
+    """Run `python -m MODULE WORKER_ARGS --threads N` under the setting; its JSON answer (last line). An
+    answer that names the setting it ran under (`omp_wait_policy`, `threads`) must name this one."""
     cmd = [sys.executable, "-m", module, *worker_args, "--threads", str(threads)]
     proc = subprocess.run(cmd, env=omp_env(policy, threads), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the benchmark process failed ({' '.join(worker_args[:2])}): {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    ran = {k: answer[k] for k in RAN_UNDER if k in answer}
+    if ran and ran != {"omp_wait_policy": policy, "threads": threads}:
+        raise RuntimeError(
+            f"the benchmark process ({' '.join(worker_args[:2])}) ran under {ran}, not the setting it was given "
+            f"(OMP_WAIT_POLICY={policy}, {threads} threads)"
+        )
+    return answer
 
 
 def choose_setting(
@@ -224,7 +233,7 @@ def fair_compare(base: list[str], rounds: int = 3, settings: list[tuple[str, int
         result["bandwidth_gib_s"].append(bandwidth())
     for side in SIDES:
         prefix = "" if side == "minimoe" else "hf_"
-        for key in runs[side][0]:
+        for key in [k for k in runs[side][0] if k not in RAN_UNDER]:  # (checked by run_worker)
             result[prefix + key] = statistics.median(run[key] for run in runs[side])
     for key in [k[: -len("_tok_s")] for k in runs["minimoe"][0] if k.endswith("_tok_s")]:
         # the ratio of each round (the sides' processes took turns in it), their median and spread
@@ -283,6 +292,11 @@ def _worker(argv: list[str]) -> dict:
         subject = M.MinimoeSubject(model, rc, device)
     settings = bench_settings(args.quick, args.repeats)
     settings.compiled_decode = args.compiled_decode and args.side == "minimoe"
+    # what the process really ran under, so that `run_worker` can check the setting took effect
+    ran_under = {
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "threads": torch.get_num_threads(),
+    }
     if args.task == "probe":
         mem = {subject.name: M.PeakMemory(device)}
         gen, out = torch.Generator().manual_seed(0), {}
@@ -298,10 +312,8 @@ def _worker(argv: list[str]) -> dict:
             x = torch.randint(0, rc.model.vocab_size, M.BenchSettings.quick().prefill_shape, generator=gen)
             prefill = {subject.name: lambda: subject.prefill(x)}
             out["prefill_tok_s"] = M._median_rates(prefill, settings.repeats, device, mem)[subject.name]
-        # what the process really ran under, so a caller can check the setting took effect
-        return {**out, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-                "threads": torch.get_num_threads()}  # fmt: skip
-    out = {}
+        return {**out, **ran_under}
+    out = dict(ran_under)
     prefix = "" if args.side == "minimoe" else "hf_"
     settings.groups = tuple(args.groups.split(","))
     for _, values in M.run_bench([subject], rc, device, settings):
