@@ -661,8 +661,8 @@ def test_param_counts_with_tied_weights_and_two_mtp_depths_match_the_real_module
     """Independent count from a real model: every unique tensor once (a tied embedding/head matrix is
     one matrix, used by every token as the head), MTP depths apart, routed experts scaled by top-k / E;
     the DeepSeek-V3-style checkpoint stores embedding + head (one matrix when tied) again per MTP depth;
-    the memory estimate covers main + MTP parameters at 4/2 bytes, 4/2 for gradients, 8 for AdamW and
-    4 for the fp32 master copy of a bf16 model."""
+    the memory estimate covers main + MTP parameters at 4/2 bytes, 4/2 for gradients, 4 for the fp32
+    master copy of a bf16 model, and the optimizer state the real optimizers hold (AdamW, Muon)."""
     from minimoe.params import memory_estimate
 
     cfg = tiny_cfg(mtp_depth=2, tie_word_embeddings=tie, num_hidden_layers=4, first_k_dense_replace=2)
@@ -687,13 +687,34 @@ def test_param_counts_with_tied_weights_and_two_mtp_depths_match_the_real_module
     }
     mem = memory_estimate(cfg, rep, context=10)["by_dtype"]
     n = total + mtp_total
+    trained = sum(p.numel() for p in model.parameters())  # AdamW's moments: parameters, not the bias buffers
     assert mem["fp32"] == {
-        "weights": 4 * n, "gradients": 4 * n, "adamw_state": 8 * n, "training_total": 16 * n,
+        "weights": 4 * n, "gradients": 4 * n, "optimizer_state": 8 * trained, "training_total": 8 * n + 8 * trained,
         "kv_cache_per_token": rep.kv_cache_bytes_per_token["fp32"],
         "kv_cache_per_sequence": 10 * rep.kv_cache_bytes_per_token["fp32"],
     }  # fmt: skip
     assert mem["bf16"]["weights"] == 2 * n and mem["bf16"]["gradients"] == 2 * n
-    assert mem["bf16"]["adamw_state"] == 12 * n and mem["bf16"]["training_total"] == 16 * n
+    assert mem["bf16"]["optimizer_state"] == 8 * trained + 4 * n
+    assert mem["bf16"]["training_total"] == 8 * n + 8 * trained
+    # the optimizer's state as the real optimizers hold it, built on this model and stepped once
+    from types import SimpleNamespace
+
+    from minimoe.train.optim import build_optimizer
+
+    for name, experts in (("muon", True), ("muon", False), ("adamw", True)):
+        tc = SimpleNamespace(optimizer=name, muon_experts=experts, lr=1e-3, muon_lr=None, weight_decay=0.1,
+                             beta1=0.9, beta2=0.95, muon_ns_steps=1, precision="fp32", fused_optimizer=False)  # fmt: skip
+        optimizer = build_optimizer(model, tc, torch.device("cpu"))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        held = sum(
+            t.numel() * t.element_size()
+            for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0
+        )  # fmt: skip
+        got = memory_estimate(cfg, rep, 10, name, experts)["by_dtype"]["fp32"]["optimizer_state"]
+        assert got == held, (name, experts, got, held)
+        model.zero_grad(set_to_none=True)
 
 
 def test_balance_step_skips_layers_the_model_does_not_hold():

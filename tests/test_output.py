@@ -96,8 +96,9 @@ def test_params_memory_explains_its_rows(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     assert main(["params", "tiny", "--memory"]) == 0
     out = capsys.readouterr().out
-    for part in ("AdamW state: two fp32 moments", "master copy", "bf16 and fp32", "16 bytes per parameter",
-                 "KV cache / seq"):  # fmt: skip
+    # tiny's recipe trains with Muon: its table says so
+    for part in ("optimizer state: AdamW's two fp32 moments", "Muon's one", "master copy", "bf16 and fp32",
+                 "KV cache / seq", "train.optimizer=muon"):  # fmt: skip
         assert part in out, part
 
 

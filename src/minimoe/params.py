@@ -83,13 +83,9 @@ def _repeats(name: str, n_dense: int, n_moe: int, mtp_depth: int, small_dense: i
     return 1
 
 
-def count_params(cfg: ModelConfig) -> ParamReport:
-    """Count parameters of `cfg` exactly without allocating (meta device).
-
-    Layers of one kind are identical, so a model with at most one dense layer, one MoE layer and one MTP
-    module is built and each of its layers counted as many times as the full model has it: the count
-    takes the same time for 4 layers or a million.
-    """
+def _reduced_model(cfg: ModelConfig):
+    """The model of `cfg` with at most one dense layer, one MoE layer and one MTP module, on the meta
+    device, and a function giving how many of the full model's layers each of its tensors stands for."""
     import copy
 
     from minimoe.model.transformer import Transformer
@@ -116,6 +112,17 @@ def count_params(cfg: ModelConfig) -> ParamReport:
             f"(hidden_size {cfg.hidden_size}, intermediate sizes {cfg.intermediate_size} / "
             f"{cfg.moe_intermediate_size}, vocab_size {cfg.vocab_size})"
         ) from None
+    return model, lambda name: _repeats(name, n_dense, n_moe, cfg.mtp_depth, small.first_k_dense_replace)
+
+
+def count_params(cfg: ModelConfig) -> ParamReport:
+    """Count parameters of `cfg` exactly without allocating (meta device).
+
+    Layers of one kind are identical, so a model with at most one dense layer, one MoE layer and one MTP
+    module is built and each of its layers counted as many times as the full model has it: the count
+    takes the same time for 4 layers or a million.
+    """
+    model, repeats = _reduced_model(cfg)
     seen: set[int] = set()
     main, mtp = [], []
     tensors = list(model.named_parameters(remove_duplicate=False)) + [
@@ -125,7 +132,7 @@ def count_params(cfg: ModelConfig) -> ParamReport:
         if id(t) in seen:  # tied embedding/head counted once (as the head)
             continue
         seen.add(id(t))
-        times = _repeats(name, n_dense, n_moe, cfg.mtp_depth, small.first_k_dense_replace)
+        times = repeats(name)
         (mtp if name.startswith("mtp.") else main).append((name.removeprefix("mtp."), t, times))
     if cfg.tie_word_embeddings:
         # named_parameters lists embed_tokens first; credit the shared matrix to the head, which every
@@ -154,24 +161,53 @@ def count_params(cfg: ModelConfig) -> ParamReport:
     )
 
 
-def memory_estimate(cfg: ModelConfig, report: ParamReport | None = None, context: int | None = None) -> dict:
-    """Bytes for weights, gradients and AdamW state (two fp32 moments) per weight dtype, and the KV cache
-    for one sequence of `context` tokens (default max_position_embeddings)."""
+def optimizer_state_bytes(cfg: ModelConfig, optimizer: str = "adamw", muon_experts: bool = True) -> int:
+    """Bytes of optimizer state for every parameter of `cfg` (main and MTP): AdamW's two fp32 moments (8
+    per parameter); Muon's one fp32 momentum (4) for the matrices it trains (`muon_param_names`; the routed
+    experts' too unless `muon_experts` is False) and AdamW's 8 for the rest; bitsandbytes' AdamW8bit two
+    8-bit moments (2) for tensors of 4,096 elements or more, its default, and 8 for smaller ones."""
+    from minimoe.train.optim import muon_param_names
+
+    model, repeats = _reduced_model(cfg)
+    muon = muon_param_names(model) if optimizer == "muon" else set()
+    if not muon_experts:
+        muon = {n for n in muon if ".mlp.experts." not in n}
+    total = 0
+    for name, p in model.named_parameters():  # a tied matrix once
+        per = 8
+        if name in muon:
+            per = 4
+        elif optimizer == "adamw8bit" and p.numel() >= 4096:
+            per = 2
+        total += per * p.numel() * repeats(name)
+    return total
+
+
+def memory_estimate(
+    cfg: ModelConfig,
+    report: ParamReport | None = None,
+    context: int | None = None,
+    optimizer: str = "adamw",
+    muon_experts: bool = True,
+) -> dict:
+    """Bytes for weights, gradients and `optimizer`'s state (`optimizer_state_bytes`; train.optimizer's
+    names) per weight dtype, and the KV cache for one sequence of `context` tokens (default
+    max_position_embeddings)."""
     report = report or count_params(cfg)
     n = report.total + report.mtp_total
     context = context or cfg.max_position_embeddings
+    state = optimizer_state_bytes(cfg, optimizer, muon_experts)
     out = {}
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         weights = n * size
         grads = n * size
-        adam = n * 8  # exp_avg + exp_avg_sq in fp32
         master = n * 4 if size < 4 else 0  # fp32 master weights for bf16 training
         out[dtype] = {
             "weights": weights,
             "gradients": grads,
-            "adamw_state": adam + master,
-            "training_total": weights + grads + adam + master,
+            "optimizer_state": state + master,
+            "training_total": weights + grads + state + master,
             "kv_cache_per_token": report.kv_cache_bytes_per_token[dtype],
             "kv_cache_per_sequence": report.kv_cache_bytes_per_token[dtype] * context,
         }
-    return {"context": context, "by_dtype": out}
+    return {"context": context, "optimizer": optimizer, "by_dtype": out}

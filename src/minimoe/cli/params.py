@@ -14,12 +14,14 @@ from minimoe.presets import NOTES, PRESETS
 MEMORY_NOTES = """\
 weights: each parameter (main model + MTP) at 4 bytes (fp32) or 2 (bf16).
 gradients: one per weight, in the weights' dtype.
-AdamW state: two fp32 moments, 8 bytes per parameter; bf16 adds an fp32
-  master copy of the weights, 4 bytes.
-training total: weights + gradients + AdamW state for one process, without
+optimizer state: AdamW's two fp32 moments, 8 bytes per parameter; Muon's one
+  fp32 momentum, 4 bytes, for the hidden matrices it trains (AdamW's 8 for the
+  rest); AdamW8bit's two 8-bit moments, 2 bytes, for tensors of 4,096 elements
+  or more. bf16 adds an fp32 master copy of the weights, 4 bytes.
+training total: weights + gradients + optimizer state for one process, without
   activations (those grow with batch x sequence length). The bf16 and fp32
-  totals are equal: 2+2+8+4 = 4+4+8 = 16 bytes per parameter; bf16 saves
-  activation memory and time, not optimizer state.
+  totals are equal (2+2+4 = 4+4 bytes per parameter besides the optimizer's);
+  bf16 saves activation memory and time, not optimizer state.
 KV cache / seq: what one sequence of that many tokens adds when generating."""
 
 
@@ -28,7 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("target", nargs="?", help=f"a preset ({', '.join(PRESETS)}) or a YAML config file")
     p.add_argument("--preset", help="preset name (alternative to the positional argument)")
     p.add_argument(
-        "--memory", action="store_true", help="add bytes of weights, gradients, AdamW state, KV cache"
+        "--memory",
+        action="store_true",
+        help="add bytes of weights, gradients, optimizer state (train.optimizer's), KV cache",
     )
     p.add_argument(
         "--context", type=integer, default=None, help="tokens per sequence for the KV-cache estimate"
@@ -70,13 +74,14 @@ def run(args) -> int:
         preset = "tiny"
     if args.context is not None and args.context < 1:
         raise MinimoeError(f"--context must be at least 1 token, got {args.context}")
-    cfg = build_run_config(preset=preset, config_path=config, overrides=overrides).model
+    run = build_run_config(preset=preset, config_path=config, overrides=overrides)
+    cfg = run.model
     rep = count_params(cfg)
     out = {"name": preset or config, **rep.to_dict()}
     if preset in NOTES:  # where a seed preset departs from its document
         out["notes"] = NOTES[preset]
     if args.memory:
-        out["memory"] = memory_estimate(cfg, rep, args.context)
+        out["memory"] = memory_estimate(cfg, rep, args.context, run.train.optimizer, run.train.muon_experts)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -119,15 +124,17 @@ def run(args) -> int:
             console.print(f"  - {note}", highlight=False)
     if args.memory:
         m = out["memory"]
-        mt = Table(title=f"memory (AdamW, one sequence of {m['context']:,} tokens)")
-        for col in ("dtype", "weights", "gradients", "AdamW state", "training total", "KV cache / seq"):
+        mt = Table(
+            title=f"memory (train.optimizer={m['optimizer']}, one sequence of {m['context']:,} tokens)"
+        )
+        for col in ("dtype", "weights", "gradients", "optimizer state", "training total", "KV cache / seq"):
             mt.add_column(col, justify="right")
         for dt, d in m["by_dtype"].items():
             mt.add_row(
                 dt,
                 _bytes(d["weights"]),
                 _bytes(d["gradients"]),
-                _bytes(d["adamw_state"]),
+                _bytes(d["optimizer_state"]),
                 _bytes(d["training_total"]),
                 _bytes(d["kv_cache_per_sequence"]),
             )

@@ -148,10 +148,10 @@ class Trainer:
             from minimoe.memory import check_fits
             from minimoe.params import memory_estimate
 
-            # AdamW keeps fp32 weights under bf16 autocast too: the fp32 row is the one that applies
-            need = memory_estimate(mc)["by_dtype"]["fp32"]["training_total"]
-            check_fits(need, self.device, "training this model (fp32 weights, gradients and AdamW state)",
-                       "pass --skip-memory-check")  # fmt: skip
+            # fp32 weights under bf16 autocast too: the fp32 row is the one that applies
+            need = memory_estimate(mc, None, None, tc.optimizer, tc.muon_experts)["by_dtype"]["fp32"]
+            check_fits(need["training_total"], self.device, "training this model (fp32 weights, gradients and "
+                       f"{tc.optimizer} state)", "pass --skip-memory-check")  # fmt: skip
         if model is None:  # the same model from the same seed on every rank; each keeps its part
             model = build_model(lambda: Transformer(mc), cfg, self.ctx)
             model.gradient_checkpointing = tc.activation_checkpointing
