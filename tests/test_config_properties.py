@@ -164,6 +164,10 @@ def test_non_positive_sizes_name_the_field(name, value):
         (dict(rope_scaling={**YARN, "factor": 0.5}), "rope_scaling.factor"),
         (dict(rope_scaling={**YARN, "beta_fast": 0}), "rope_scaling.beta_fast"),
         (dict(rope_scaling={**YARN, "mscale": True}), "rope_scaling.mscale"),
+        # a misspelt key kept its default silently; a crossed ramp inverted it; a second type was ignored
+        (dict(rope_scaling={**YARN, "beta_fst": 64}), "no key 'beta_fst'"),
+        (dict(rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 32}), "must be larger than beta_slow"),
+        (dict(rope_scaling={**YARN, "type": "yarn", "rope_type": "linear"}), "rope_scaling rope_type"),
     ],
 )
 def test_known_invalid_combinations(kw, field):
@@ -310,6 +314,23 @@ def test_yaml_values_coerce_to_their_fields(tmp_path):
     # the old model key names are model keys only: another section names the key as given
     with pytest.raises(ConfigError, match="unknown config key 'train.n_layers'"):
         set_dotted(RunConfig(), "train.n_layers", "2")
+
+
+def test_integers_written_with_an_exponent_and_a_second_preset(tmp_path):
+    """YAML 1.1 reads 1e5 (no dot) as text: an integer setting takes it as the number it spells (1.5e0
+    is refused); a file's `preset:` replaces the command line's whole recipe, not just its model."""
+    from minimoe.config_yaml import build_run_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 1e5\n  seed: 2E3\nmodel:\n  rope_scaling: null\n")
+    got = build_run_config(None, str(path), [])
+    assert (got.train.max_steps, got.train.seed) == (100_000, 2000)
+    path.write_text("train:\n  max_steps: 1.5e0\n")
+    with pytest.raises(ConfigError, match="must be an integer"):
+        build_run_config(None, str(path), [])
+    path.write_text("preset: small\n")
+    assert build_run_config("tiny", str(path), []) == build_run_config("small", None, [])
+    assert build_run_config("tiny", None, []).train.optimizer == "muon"  # what must not leak into small
 
 
 def test_text_settings_keep_what_was_typed():

@@ -255,7 +255,13 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             need(isinstance(rs, dict), "rope_scaling must be a mapping or null")
-            need(rs.get("type", rs.get("rope_type", "yarn")) == "yarn", "rope_scaling type must be 'yarn'")
+            unknown = sorted(set(rs) - {"type", "rope_type", *YARN_NUMBERS})
+            if unknown:  # a misspelt key would leave its default in place, silently
+                raise ConfigError(
+                    f"rope_scaling has no key {unknown[0]!r} (it takes {', '.join(YARN_NUMBERS)})"
+                )
+            for key in ("type", "rope_type"):  # either spelling, and both when both are given
+                need(rs.get(key, "yarn") == "yarn", f"rope_scaling {key} must be 'yarn', got {rs.get(key)!r}")
             for key in YARN_NUMBERS:
                 v = rs.get(key, 0)
                 need(
@@ -270,6 +276,8 @@ class ModelConfig:
             # the YaRN ramp's ends are log(original / (2 pi beta)): a beta of 0 divides by zero
             for key in ("beta_fast", "beta_slow"):
                 need(rs.get(key, 1) > 0, f"rope_scaling.{key} must be positive, got {rs.get(key)}")
+            fast, slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)  # the ramp runs from fast to slow
+            need(fast > slow, f"rope_scaling.beta_fast ({fast}) must be larger than beta_slow ({slow})")
         return self
 
 

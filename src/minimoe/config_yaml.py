@@ -58,6 +58,13 @@ def _to_int(value: Any, where: str) -> int:
             return int(value.replace("_", ""))
         except ValueError:
             pass
+        try:  # 1e5: YAML 1.1 reads an exponent without a dot as text
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if number.is_integer():
+                return int(number)
     raise ConfigError(f"{where} must be an integer, got {value!r}")
 
 
@@ -283,7 +290,9 @@ def build_run_config(
     `preset`), then dotted overrides; validated."""
     cfg = RunConfig()
 
-    def use_preset(name: str) -> None:
+    def use_preset(name: str) -> None:  # the whole recipe: a second preset leaves nothing of the first
+        fresh = RunConfig()
+        cfg.train, cfg.data, cfg.dist = fresh.train, fresh.data, fresh.dist
         cfg.model = get_preset(name)
         for k, v in preset_train_defaults(name).items():
             set_dotted(cfg, k, v)
