@@ -219,7 +219,8 @@ def test_mla_cache_bytes_per_token():
         model = Transformer(cfg)
     assert model.cache_bytes_per_token(torch.bfloat16) == (512 + 64) * 2 * 61
     rep = count_params(cfg)
-    assert rep.kv_cache_bytes_per_token_per_layer["bf16"] == 1152  # REFERENCE: (512 + 64) x 2
+    assert rep.kv_cache_bytes_per_token_per_layer == {"bf16": 1152, "fp32": 2304}  # REFERENCE: (512 + 64) x 2
+    assert rep.kv_cache_bytes_per_token["fp32"] == model.cache_bytes_per_token(torch.float32)
 
 
 def test_activation_checkpointing_gives_same_gradients():

@@ -147,7 +147,8 @@ def count_params(cfg: ModelConfig) -> ParamReport:
     emb_and_head = 2 * cfg.vocab_size * cfg.hidden_size
     mtp_total = sum(mtp_comps.values())
     per_layer_numbers = model.layers[0].self_attn.cache_numbers_per_token()
-    kv_layer = {name: per_layer_numbers * size for name, size in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    # the dtypes a cache is kept in (the model's: fp32 or bf16; there is no quantized KV cache)
+    kv_layer = {name: per_layer_numbers * size for name, size in (("fp32", 4), ("bf16", 2))}
     return ParamReport(
         total=total,
         activated=act,
