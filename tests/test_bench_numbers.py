@@ -512,12 +512,9 @@ def test_fair_ratio_is_the_median_of_the_ratios_of_its_rounds(monkeypatch):
     assert (r["decode_b1_ratio_min"], r["decode_b1_ratio_max"]) == (0.5, 3.0) and "decode_b1_ratio_ci95" in r
 
 
-def test_fair_sides_take_turns_process_by_process(monkeypatch):
-    """Every round runs each suite's process once, minimoe's then transformers', before the next round: not
-    every round of one side before the other's."""
-    import minimoe.bench.fair as fair
-
-    order = []
+def _suite_recorder(order: list, result: dict):
+    """A stand-in for fair.run_worker: fixed bandwidth and probe readings, and each suite process's side
+    appended to `order` before it returns `result`."""
 
     def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
         if args[0] == "bandwidth":
@@ -525,12 +522,22 @@ def test_fair_sides_take_turns_process_by_process(monkeypatch):
         if args[0] == "probe":
             return {"decode_b1_tok_s": 1.0, "decode_b8_tok_s": 1.0, "prefill_tok_s": 1.0}
         order.append(args[1])
-        return {"decode_b1_tok_s": 1.0}
+        return dict(result)
+
+    return fake_worker
+
+
+def test_fair_sides_take_turns_process_by_process(monkeypatch):
+    """Every round runs each suite's process once, minimoe's then transformers', before the next round: not
+    every round of one side before the other's."""
+    import minimoe.bench.fair as fair
+
+    order = []
 
     class Done:
         returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 1.0}), ""
 
-    monkeypatch.setattr(fair, "run_worker", fake_worker)
+    monkeypatch.setattr(fair, "run_worker", _suite_recorder(order, {"decode_b1_tok_s": 1.0}))
     monkeypatch.setattr(fair.subprocess, "run", lambda *a, **k: Done())
     fair.fair_compare(["--config", "c.yaml"], rounds=3, settings=[("PASSIVE", 1)])
     assert order == ["minimoe", "hf"] * 3
@@ -546,14 +553,9 @@ def test_transformers_alone_runs_next_to_the_hf_side_in_every_round_as_its_decod
     import minimoe.bench.fair as fair
 
     order = []
-
-    def fake_worker(args, policy, threads, timeout=3600, module="minimoe.bench.fair"):
-        if args[0] == "bandwidth":
-            return {"bandwidth_gib_s": 1.0}
-        if args[0] == "probe":
-            return {"decode_b1_tok_s": 1.0, "decode_b8_tok_s": 1.0, "prefill_tok_s": 1.0}
-        order.append(args[1])
-        return {"decode_b1_tok_s": 4.0, **({"decode_b1_prompt": cut} if cut else {})}
+    fake_worker = _suite_recorder(
+        order, {"decode_b1_tok_s": 4.0, **({"decode_b1_prompt": cut} if cut else {})}
+    )
 
     class Done:
         returncode, stdout, stderr = 0, json.dumps({"decode_b1_tok_s": 2.0}), ""
