@@ -42,24 +42,22 @@ def test_a_minutes_budget_that_ends_in_the_warmup_is_warned_about(tmp_path, corp
 
     from minimoe.train.schedule import warmup_overrun
 
-    tc = SimpleNamespace(max_minutes=1.0, warmup_steps=100)
+    tc = SimpleNamespace(max_minutes=1.0, warmup_steps=100, max_steps=10**6)
     assert "ends near step 70, inside its 100 warmup" in warmup_overrun(10, 6.0, 0.9, tc)[0]
     assert "less than a warmup after" in warmup_overrun(10, 6.0, 0.4, tc)[0]  # step 145
     assert warmup_overrun(10, 6.0, 0.2, tc) == [] and warmup_overrun(10, 6.0, None, tc) == []
     assert warmup_overrun(100, 6.0, 0.6, tc) == []  # warmed up already
     assert warmup_overrun(10, 6.0, 0.6, SimpleNamespace(max_minutes=None, warmup_steps=100)) == []
-    budget = (
-        "train.max_steps=100000",
-        "train.max_minutes=0.05",
-        "train.eval_every=100000",
-        "train.log_every=2",
-    )
+    tc.max_steps = 150  # the steps end it before the clock: step 150, less than a warmup after it
+    assert "ends near step 150, less than a warmup after" in warmup_overrun(10, 6.0, 0.2, tc)[0]
+    # a run that the clock cannot end first: its steps decide, whatever the host's speed (no timing here)
+    budget = ("train.max_steps=12", "train.max_minutes=30", "train.eval_every=100000", "train.log_every=2")
     with caplog.at_level("WARNING", logger="minimoe"):
-        _train(tmp_path / "short", corpus, *budget, "train.warmup_steps=100000")
-    assert sum("warmup steps, so the learning rate barely decays" in r.message for r in caplog.records) == 1
+        _train(tmp_path / "short", corpus, *budget, "train.warmup_steps=10")
+    assert sum("ends near step 12, less than a warmup after" in r.message for r in caplog.records) == 1
     caplog.clear()
     with caplog.at_level("WARNING", logger="minimoe"):
-        _train(tmp_path / "fits", corpus, *budget, "train.warmup_steps=1")
+        _train(tmp_path / "fits", corpus, *budget, "train.warmup_steps=2")
     assert not any("warmup steps" in r.message for r in caplog.records)
 
 

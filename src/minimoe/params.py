@@ -162,13 +162,29 @@ def count_params(cfg: ModelConfig) -> ParamReport:
     )
 
 
+def muon_param_names(model: torch.nn.Module) -> set[str]:
+    """Names of the hidden matrices Muon trains: parameters of two or more dimensions, except the token
+    embedding, the LM head (tied or not) and routers (their logits feed a top-k, not a hidden state)."""
+    from minimoe.model.router import Router
+
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    skip = set()
+    for attr in ("embed_tokens", "lm_head"):
+        mod = getattr(model, attr, None)
+        if mod is not None:
+            skip.update(id(p) for p in mod.parameters())
+    return {
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.dim() >= 2 and id(p) not in routers and id(p) not in skip
+    }
+
+
 def optimizer_state_bytes(cfg: ModelConfig, optimizer: str = "adamw", muon_experts: bool = True) -> int:
     """Bytes of optimizer state for every parameter of `cfg` (main and MTP): AdamW's two fp32 moments (8
     per parameter); Muon's one fp32 momentum (4) for the matrices it trains (`muon_param_names`; the routed
     experts' too unless `muon_experts` is False) and AdamW's 8 for the rest; bitsandbytes' AdamW8bit two
     8-bit moments (2) for tensors of 4,096 elements or more, its default, and 8 for smaller ones."""
-    from minimoe.train.optim import muon_param_names
-
     model, repeats = _reduced_model(cfg)
     muon = muon_param_names(model) if optimizer == "muon" else set()
     if not muon_experts:

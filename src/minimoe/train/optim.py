@@ -24,6 +24,7 @@ from torch import nn
 
 from minimoe.config import TrainConfig
 from minimoe.errors import MinimoeError
+from minimoe.params import muon_param_names
 
 # the quintic Newton-Schulz coefficients of Keller Jordan's Muon (also torch.optim.Muon's defaults)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -35,24 +36,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def muon_param_names(model: nn.Module) -> set[str]:
-    """Names of the hidden matrices Muon trains: parameters of two or more dimensions, except the token
-    embedding, the LM head (tied or not) and routers (their logits feed a top-k, not a hidden state)."""
-    from minimoe.model.router import Router
-
-    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
-    skip = set()
-    for attr in ("embed_tokens", "lm_head"):
-        mod = getattr(model, attr, None)
-        if mod is not None:
-            skip.update(id(p) for p in mod.parameters())
-    return {
-        n
-        for n, p in model.named_parameters()
-        if p.requires_grad and p.dim() >= 2 and id(p) not in routers and id(p) not in skip
-    }
 
 
 def by_matrix_shape(tensors: list[torch.Tensor]) -> list[list[int]]:

@@ -47,11 +47,12 @@ def schedule_step(step: int, elapsed_s: float, tc) -> int:
 
 def warmup_overrun(step: int, elapsed_s: float, step_s: float | None, tc) -> list[str]:
     """A warning (a list of zero or one) when a train.max_minutes run, at the speed of its steps so far
-    (`step_s` seconds each), ends inside its warmup or less than one warmup after it: its learning rate then
+    (`step_s` seconds each; or at train.max_steps, if sooner), ends inside its warmup or less than one
+    warmup after it: its learning rate then
     never reaches its peak, or its decay is squeezed into the few steps left (the warmup counts steps)."""
     if tc.max_minutes is None or not tc.warmup_steps or step_s is None or step >= tc.warmup_steps:
         return []
-    steps = step + max(tc.max_minutes * 60 - elapsed_s, 0.0) / max(step_s, 1e-9)
+    steps = min(step + max(tc.max_minutes * 60 - elapsed_s, 0.0) / max(step_s, 1e-9), tc.max_steps)
     if steps >= 2 * tc.warmup_steps:
         return []
     where = "inside" if steps < tc.warmup_steps else "less than a warmup after"
