@@ -113,8 +113,13 @@ def _train_run(kwargs: dict, train_log_level: int) -> tuple[float, float, str]:
 
     from minimoe.train.run import train_from_config
 
-    logging.getLogger("minimoe.train").setLevel(train_log_level)
-    res = train_from_config(**kwargs)
+    logger = logging.getLogger("minimoe.train")
+    level = logger.level  # put back after a run in this process (--jobs 1); a worker's ends with it
+    logger.setLevel(train_log_level)
+    try:
+        res = train_from_config(**kwargs)
+    finally:
+        logger.setLevel(level)
     return res.val_loss, res.elapsed_s, res.stopped
 
 
