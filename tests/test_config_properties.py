@@ -296,6 +296,11 @@ def test_yaml_values_coerce_to_their_fields(tmp_path):
 
     m = dataclass_from_dict(ModelConfig, {"tie_word_embeddings": "1", "aux_free_bias": "0"})
     assert (m.tie_word_embeddings, m.aux_free_bias) == (True, False)
+    m = dataclass_from_dict(ModelConfig, {"tie_word_embeddings": 1, "aux_free_bias": 0})  # unquoted
+    assert (m.tie_word_embeddings, m.aux_free_bias) == (True, False)
+    assert build_run_config("tiny", None, ["model.tie_word_embeddings=1"]).model.tie_word_embeddings is True
+    with pytest.raises(ConfigError, match="must be true or false, got 2"):
+        dataclass_from_dict(ModelConfig, {"tie_word_embeddings": 2})
     assert dataclass_from_dict(ModelConfig, {"q_lora_rank": "none"}).q_lora_rank is None
     cfg = RunConfig()
     for value in ("", "~", "none", "null"):

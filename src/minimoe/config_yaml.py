@@ -115,6 +115,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
+        if type(value) is int and value in (0, 1):  # `key=1` on the command line, or 1 in YAML
+            return bool(value)
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is int:
         return _in_int64(_to_int(value, where), where)
