@@ -251,19 +251,24 @@ def timed_h11(header_timeout: float, write_timeout: float = 60.0) -> type[H11Pro
 
         def resume_writing(self) -> None:
             super().resume_writing()
-            self._stop_write_timer()
-
-        def _stop_write_timer(self) -> None:
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
+            self._cancel("_write_timer")
 
         def _write_stalled(self) -> None:
             self._write_timer = None
             if not self.transport.is_closing():
-                client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-                log.info("%s read nothing of its answer for %gs; connection closed", client, write_timeout)
+                log.info("%s read nothing of its answer for %gs; connection closed", self._who, write_timeout)
                 self.transport.abort()  # drops the unsent bytes; the request sees its client gone
+
+        def _cancel(self, timer: str) -> None:
+            """Cancel the timer held in attribute `timer`, if one is set."""
+            handle = getattr(self, timer)
+            if handle is not None:
+                handle.cancel()
+                setattr(self, timer, None)
+
+        @property
+        def _who(self) -> str:
+            return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -274,15 +279,13 @@ def timed_h11(header_timeout: float, write_timeout: float = 60.0) -> type[H11Pro
             self._header_timer = self.loop.call_later(header_timeout, self._timed_out)
 
         def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            self._cancel("_header_timer")
 
         def _timed_out(self) -> None:
             self._header_timer = None
             if self.transport.is_closing():
                 return
-            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            client = self._who
             if self.conn.their_state is h11.IDLE:
                 if self.conn.trailing_data[0]:  # part of a request head
                     what = "sent no complete request head within %gs; connection closed"
@@ -310,7 +313,7 @@ def timed_h11(header_timeout: float, write_timeout: float = 60.0) -> type[H11Pro
 
         def connection_lost(self, exc) -> None:
             self._disarm()
-            self._stop_write_timer()
+            self._cancel("_write_timer")
             super().connection_lost(exc)
 
     return TimedH11Protocol
