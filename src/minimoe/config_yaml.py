@@ -248,30 +248,30 @@ def _safe_load_unique(text: str) -> Any:
         loader.dispose()
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
     """A YAML file's top-level mapping; each problem (missing, not UTF-8, invalid, a key given twice,
-    not a mapping) is a ConfigError of one sentence naming the file."""
+    not a mapping) is a ConfigError of one sentence naming the file as `what` ("sweep file", ...)."""
     import yaml
 
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"{what} {p} does not exist")
     if p.is_dir():
-        raise ConfigError(f"config path {p} is a directory, not a YAML file")
+        raise ConfigError(f"{what} {p} is a directory, not a YAML file")
     try:
         data = _safe_load_unique(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+        raise ConfigError(f"{what} {p} is not UTF-8 text") from None
     except _RepeatedKey as e:
-        raise ConfigError(f"config file {p}: {e}; each key must be unique") from None
+        raise ConfigError(f"{what} {p}: {e}; each key must be unique") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p} is not valid YAML{at}") from None
+        raise ConfigError(f"{what} {p} is not valid YAML{at}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raise ConfigError(f"{what} {p} must hold a mapping at the top level")
     return data
 
 

@@ -39,9 +39,8 @@ TIME_BUDGET_MAX_STEPS = 1_000_000  # a minutes budget stops on the clock; this o
 def _override_list(value, where: str) -> list[str]:
     if value is None:
         return []
-    if isinstance(
-        value, dict
-    ):  # {model.hidden_size: 128} or {model: {hidden_size: 128}} read better for some
+    # {model.hidden_size: 128} or {model: {hidden_size: 128}} read better for some
+    if isinstance(value, dict):
         return _flatten(value)
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
         raise MinimoeError(f"{where} must be a list of dotted key=value overrides")
@@ -88,11 +87,9 @@ def load_sweep(path: str | Path, data: str | None = None, val_data: str | None =
     """
     path = Path(path)
     try:
-        d = load_yaml(path)
+        d = load_yaml(path, "sweep file")
     except ConfigError as e:
-        raise MinimoeError(
-            str(e).replace("config file", "sweep file", 1).replace("config path", "sweep file", 1)
-        ) from None
+        raise MinimoeError(str(e)) from None
     unknown = [k for k in d if k not in SWEEP_KEYS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), SWEEP_KEYS, n=1)
