@@ -163,10 +163,18 @@ def report_only(sweep: Sweep, out_dir: Path, runs: list[PlannedRun], figures: bo
     preset = _trained_preset(sweep)
     with sweep_lock(out_dir):
         for r in runs:
-            run_dir = out_dir / r.variant / f"seed_{r.seed}"
-            if run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes) != "new":
-                _check_same_config(run_dir, r, sweep.val_data, preset)
+            _checked_state(out_dir, r, sweep, preset)
         return write_report(sweep, out_dir, runs, figures=figures)
+
+
+def _checked_state(out_dir: Path, r: PlannedRun, sweep: Sweep, preset: str | None) -> tuple[Path, str]:
+    """(run folder, `run_state`) of a planned run, after checking that a run found there (one with a
+    checkpoint) was trained with the config the sweep plans; one without starts clean, whatever it had."""
+    run_dir = out_dir / r.variant / f"seed_{r.seed}"
+    state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
+    if state != "new":
+        _check_same_config(run_dir, r, sweep.val_data, preset)
+    return run_dir, state
 
 
 def _train_runs(
@@ -185,10 +193,7 @@ def _train_runs(
     todo = []
     preset = _trained_preset(sweep)
     for r in runs:
-        run_dir = out_dir / r.variant / f"seed_{r.seed}"
-        state = run_state(run_dir, r.cfg.train.max_steps, r.cfg.train.max_minutes)
-        if state != "new":  # a run without a checkpoint starts clean below, whatever config it had
-            _check_same_config(run_dir, r, sweep.val_data, preset)
+        run_dir, state = _checked_state(out_dir, r, sweep, preset)
         if state == "done":
             on_event and on_event("skip", r, "already complete")
             continue
